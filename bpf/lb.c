@@ -1,0 +1,252 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Socket-level load balancing of Kubernetes Services.
+ *
+ * connect4 (TCP, connected UDP) and sendmsg4 (unconnected UDP) rewrite the
+ * destination of a socket from a Service frontend (VIP, port, protocol) to one
+ * of its backends, so packets leave the socket already addressed to a pod and
+ * need no NAT or conntrack. recvmsg4 and getpeername4 undo the rewrite for what
+ * the application sees, so replies and peer names show the VIP.
+ *
+ * Map layout (written by internal/dataplane/ebpf, make-before-break):
+ *   kbp_services  frontend -> {service id, backend count}
+ *   kbp_slots     {service id, slot 0..count-1} -> backend id
+ *   kbp_backends  backend id -> {address, port, protocol}
+ *   kbp_revnat    {socket cookie, backend address, port} -> frontend
+ *   kbp_stats     per-CPU event counters (nothing here logs)
+ *
+ * Map sizes below are placeholders: the loader sets them from its flags.
+ */
+#include "include/kbp.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+struct svc_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct svc_value {
+	__u32 id;
+	__u32 count; /* 0: the service exists and refuses connections */
+};
+
+struct slot_key {
+	__u32 svc_id;
+	__u32 slot;
+};
+
+struct backend_value {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct revnat_key {
+	__u64 cookie;
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+struct revnat_value {
+	__be32 addr;
+	__be16 port;
+	__u16 pad;
+};
+
+enum stat_index {
+	STAT_CONNECT_TRANSLATED = 0,
+	STAT_SENDMSG_TRANSLATED = 1,
+	STAT_REFUSED_NO_BACKEND = 2,
+	STAT_REFUSED_MISSING_SLOT = 3,
+	STAT_REVNAT_TRANSLATED = 4,
+	STAT_REVNAT_UPDATE_FAILED = 5,
+	STAT_MAX = 8,
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct svc_key);
+	__type(value, struct svc_value);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct slot_key);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct backend_value);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_backends SEC(".maps");
+
+/* LRU: entries of closed sockets age out instead of needing a delete. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct revnat_key);
+	__type(value, struct revnat_value);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, enum stat_index);
+	__type(value, __u64);
+	__uint(max_entries, STAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_stats SEC(".maps");
+
+static __always_inline void count_event(enum stat_index index)
+{
+	__u64 *counter = bpf_map_lookup_elem(&kbp_stats, &index);
+
+	if (counter)
+		*counter += 1;
+}
+
+/* Refuse the call with ECONNREFUSED instead of the EPERM a plain 0 gives. */
+static __always_inline int refuse(enum stat_index reason)
+{
+	count_event(reason);
+	bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
+/*
+ * The slot a socket uses. TCP picks uniformly at random per connection. UDP
+ * keeps one backend per socket while the backend set is unchanged, so that a
+ * client's datagrams to a Service go to one peer (DNS resolvers expect the
+ * answer from where they sent the question): the socket cookie is hashed
+ * (Knuth's multiplicative hash spreads sequential cookies) and reduced.
+ */
+static __always_inline __u32 pick_slot(struct bpf_sock_addr *ctx, __u8 proto, __u32 count)
+{
+	__u64 cookie;
+	__u32 h;
+
+	if (proto == IPPROTO_TCP)
+		return bpf_get_prandom_u32() % count;
+	cookie = bpf_get_socket_cookie(ctx);
+	h = (__u32)(cookie ^ (cookie >> 32)) * 2654435761U;
+	return h % count;
+}
+
+static __always_inline void remember_frontend(struct bpf_sock_addr *ctx,
+					      const struct backend_value *backend,
+					      const struct svc_key *frontend)
+{
+	struct revnat_key key = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.addr = backend->addr,
+		.port = backend->port,
+	};
+	struct revnat_value value = {
+		.addr = frontend->addr,
+		.port = frontend->port,
+	};
+	struct revnat_value *old = bpf_map_lookup_elem(&kbp_revnat, &key);
+
+	/* A UDP socket calls sendmsg per datagram: write only on change. */
+	if (old && old->addr == value.addr && old->port == value.port)
+		return;
+	if (bpf_map_update_elem(&kbp_revnat, &key, &value, BPF_ANY) < 0)
+		count_event(STAT_REVNAT_UPDATE_FAILED);
+}
+
+static __always_inline int translate(struct bpf_sock_addr *ctx, enum stat_index translated_event)
+{
+	struct svc_key frontend = {};
+	struct svc_value *svc;
+	struct slot_key slot = {};
+	struct backend_value *backend;
+	__u32 *backend_id;
+	__u32 count;
+	__u8 proto = ctx->protocol;
+
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 1;
+	frontend.addr = ctx->user_ip4;
+	frontend.port = (__be16)ctx->user_port;
+	frontend.proto = proto;
+	svc = bpf_map_lookup_elem(&kbp_services, &frontend);
+	if (!svc)
+		return 1; /* not a Service: leave the call alone */
+
+	/* Read once: the reconciler may change it under us. */
+	count = *(volatile __u32 *)&svc->count;
+	if (count == 0)
+		return refuse(STAT_REFUSED_NO_BACKEND);
+	slot.svc_id = svc->id;
+	slot.slot = pick_slot(ctx, proto, count);
+	backend_id = bpf_map_lookup_elem(&kbp_slots, &slot);
+	if (!backend_id)
+		return refuse(STAT_REFUSED_MISSING_SLOT);
+	backend = bpf_map_lookup_elem(&kbp_backends, backend_id);
+	if (!backend)
+		return refuse(STAT_REFUSED_MISSING_SLOT);
+
+	remember_frontend(ctx, backend, &frontend);
+	ctx->user_ip4 = backend->addr;
+	ctx->user_port = (__u32)backend->port;
+	count_event(translated_event);
+	return 1;
+}
+
+/* Shows the application the frontend it asked for instead of the backend. */
+static __always_inline int reverse_translate(struct bpf_sock_addr *ctx)
+{
+	struct revnat_key key = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.addr = ctx->user_ip4,
+		.port = (__be16)ctx->user_port,
+	};
+	struct revnat_value *frontend = bpf_map_lookup_elem(&kbp_revnat, &key);
+
+	if (frontend) {
+		ctx->user_ip4 = frontend->addr;
+		ctx->user_port = (__u32)frontend->port;
+		count_event(STAT_REVNAT_TRANSLATED);
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int kbp_connect4(struct bpf_sock_addr *ctx)
+{
+	return translate(ctx, STAT_CONNECT_TRANSLATED);
+}
+
+/* Runs only for sendmsg() with an address, that is unconnected UDP. */
+SEC("cgroup/sendmsg4")
+int kbp_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return translate(ctx, STAT_SENDMSG_TRANSLATED);
+}
+
+SEC("cgroup/recvmsg4")
+int kbp_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return reverse_translate(ctx);
+}
+
+SEC("cgroup/getpeername4")
+int kbp_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return reverse_translate(ctx);
+}

@@ -1,0 +1,98 @@
+// Package model is the proxy's picture of what the datapath must serve: service
+// ports, their frontends and the backends chosen for them. It is pure Go: it
+// takes Kubernetes API objects at its edge and hands out its own types, so the
+// datapaths never see client-go or API types and the model never sees a kernel.
+package model
+
+import (
+	"fmt"
+	"net/netip"
+)
+
+// Protocol is an IP protocol number as the kernel uses it.
+type Protocol uint8
+
+const (
+	TCP Protocol = 6
+	UDP Protocol = 17
+)
+
+func (p Protocol) String() string {
+	switch p {
+	case TCP:
+		return "TCP"
+	case UDP:
+		return "UDP"
+	default:
+		return fmt.Sprintf("proto-%d", uint8(p))
+	}
+}
+
+// ServiceName identifies a Service object.
+type ServiceName struct {
+	Namespace string
+	Name      string
+}
+
+func (n ServiceName) String() string { return n.Namespace + "/" + n.Name }
+
+// ServicePortName identifies one port of a Service. The protocol is part of
+// it: TCP and UDP on the same port number are different service ports.
+type ServicePortName struct {
+	ServiceName
+	Port     string // the port's name in the Service spec; "" for a single unnamed port
+	Protocol Protocol
+}
+
+func (n ServicePortName) String() string {
+	return fmt.Sprintf("%s:%s/%s", n.ServiceName, n.Port, n.Protocol)
+}
+
+// Frontend is an address clients connect to: (IP, port, protocol).
+type Frontend struct {
+	IP       netip.Addr
+	Port     uint16
+	Protocol Protocol
+}
+
+func (f Frontend) String() string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(f.IP, f.Port), f.Protocol)
+}
+
+// Backend is one endpoint a frontend forwards to. Its protocol is the
+// frontend's.
+type Backend struct {
+	IP   netip.Addr
+	Port uint16
+}
+
+func (b Backend) String() string { return netip.AddrPortFrom(b.IP, b.Port).String() }
+
+// Compare orders backends by address, then port.
+func (b Backend) Compare(o Backend) int {
+	if c := b.IP.Compare(o.IP); c != 0 {
+		return c
+	}
+	return int(b.Port) - int(o.Port)
+}
+
+// ServicePort is one port of a Service as the datapath serves it: its
+// ClusterIP frontend and the backends chosen for it by the endpoint selection
+// rules (ready endpoints, else serving-and-terminating ones). Backends are
+// sorted and unique; an empty list means the frontend refuses connections.
+type ServicePort struct {
+	Name      ServicePortName
+	ClusterIP Frontend
+	Backends  []Backend
+}
+
+// Snapshot is the desired state handed to a datapath in one sync.
+//
+// A full snapshot lists every service to serve; anything a datapath serves
+// that is not in it must go. A partial snapshot lists only the services that
+// changed since the previous snapshot; a changed service that is gone, or has
+// nothing left to serve, maps to an empty slice.
+type Snapshot struct {
+	Full     bool
+	Services map[ServiceName][]ServicePort
+}
