@@ -1,0 +1,62 @@
+package ebpf
+
+import (
+	"encoding/binary"
+	"net/netip"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+// The programs compare addresses and ports exactly as the kernel hands them
+// over in struct bpf_sock_addr: in network byte order. The generated structs
+// hold them in integer fields that cilium/ebpf copies in host order, so the
+// network-order bytes are loaded as a host-order integer here.
+
+func addrToBPF(ip netip.Addr) uint32 {
+	b := ip.As4()
+	return binary.NativeEndian.Uint32(b[:])
+}
+
+func addrFromBPF(v uint32) netip.Addr {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
+}
+
+func portToBPF(p uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], p)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func portFromBPF(v uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], v)
+	return binary.BigEndian.Uint16(b[:])
+}
+
+func frontendKey(f model.Frontend) lbSvcKey {
+	return lbSvcKey{Addr: addrToBPF(f.IP), Port: portToBPF(f.Port), Proto: uint8(f.Protocol)}
+}
+
+func frontendFromKey(k lbSvcKey) model.Frontend {
+	return model.Frontend{IP: addrFromBPF(k.Addr), Port: portFromBPF(k.Port), Protocol: model.Protocol(k.Proto)}
+}
+
+// backendKey identifies a backend entry: the same pod address and port under
+// another protocol is another backend.
+type backendKey struct {
+	model.Backend
+	Protocol model.Protocol
+}
+
+func (b backendKey) value() lbBackendValue {
+	return lbBackendValue{Addr: addrToBPF(b.IP), Port: portToBPF(b.Port), Proto: uint8(b.Protocol)}
+}
+
+func backendKeyFromValue(v lbBackendValue) backendKey {
+	return backendKey{
+		Backend:  model.Backend{IP: addrFromBPF(v.Addr), Port: portFromBPF(v.Port)},
+		Protocol: model.Protocol(v.Proto),
+	}
+}

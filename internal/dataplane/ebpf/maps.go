@@ -1,0 +1,81 @@
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// Map is the access the reconciler needs to one BPF map. The kernel
+// implementation wraps *ebpf.Map; tests use a fake that records operations
+// and injects failures.
+type Map[K comparable, V any] interface {
+	Update(key K, value V) error
+	// Delete removes key; deleting a missing key is not an error, so that a
+	// retried sync can repeat deletes.
+	Delete(key K) error
+	// Iterate calls fn for each entry, in no particular order.
+	Iterate(fn func(K, V) error) error
+}
+
+// Maps are the load-balancing maps the reconciler writes.
+type Maps struct {
+	Services Map[lbSvcKey, lbSvcValue]
+	Slots    Map[lbSlotKey, uint32]
+	Backends Map[uint32, lbBackendValue]
+}
+
+// ErrMapFull is wrapped by updates that failed because a map is at capacity.
+var ErrMapFull = errors.New("BPF map is full")
+
+// kernelMap adapts a loaded map. capacityFlag names the command-line flag that
+// sizes it, so that a full map tells the user what to raise.
+type kernelMap[K comparable, V any] struct {
+	m            *ebpf.Map
+	name         string
+	capacityFlag string
+}
+
+func newKernelMap[K comparable, V any](m *ebpf.Map, name, capacityFlag string) *kernelMap[K, V] {
+	return &kernelMap[K, V]{m: m, name: name, capacityFlag: capacityFlag}
+}
+
+func (k *kernelMap[K, V]) Update(key K, value V) error {
+	err := k.m.Update(&key, &value, ebpf.UpdateAny)
+	if err == nil {
+		return nil
+	}
+	// Hash maps answer E2BIG when max_entries is reached.
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOMEM) {
+		return fmt.Errorf("updating %s: %w: all %d entries are in use; raise --%s",
+			k.name, ErrMapFull, k.m.MaxEntries(), k.capacityFlag)
+	}
+	return fmt.Errorf("updating %s: %w", k.name, err)
+}
+
+func (k *kernelMap[K, V]) Delete(key K) error {
+	err := k.m.Delete(&key)
+	if err == nil || errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	}
+	return fmt.Errorf("deleting from %s: %w", k.name, err)
+}
+
+func (k *kernelMap[K, V]) Iterate(fn func(K, V) error) error {
+	var (
+		key   K
+		value V
+	)
+	it := k.m.Iterate()
+	for it.Next(&key, &value) {
+		if err := fn(key, value); err != nil {
+			return err
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading %s: %w", k.name, err)
+	}
+	return nil
+}

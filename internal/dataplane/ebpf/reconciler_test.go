@@ -1,0 +1,341 @@
+package ebpf
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+var update = flag.Bool("update", false, "rewrite golden files in testdata/")
+
+func checkGolden(t *testing.T, name, got string) {
+	t.Helper()
+	path := filepath.Join("testdata", name)
+	if *update {
+		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("reading golden file (run with -update to create it): %v", err)
+	}
+	if got != string(want) {
+		t.Errorf("%s differs from golden file (run with -update if the change is intended)\n--- got\n%s\n--- want\n%s", path, got, want)
+	}
+}
+
+// servicePort builds a model.ServicePort for tests; backends are "ip:port".
+func servicePort(ns, name, portName string, proto model.Protocol, vip string, backends ...string) model.ServicePort {
+	fe := netip.MustParseAddrPort(vip)
+	sp := model.ServicePort{
+		Name:      model.ServicePortName{ServiceName: model.ServiceName{Namespace: ns, Name: name}, Port: portName, Protocol: proto},
+		ClusterIP: model.Frontend{IP: fe.Addr(), Port: fe.Port(), Protocol: proto},
+	}
+	for _, b := range backends {
+		ap := netip.MustParseAddrPort(b)
+		sp.Backends = append(sp.Backends, model.Backend{IP: ap.Addr(), Port: ap.Port()})
+	}
+	slices.SortFunc(sp.Backends, model.Backend.Compare)
+	return sp
+}
+
+func snapshot(full bool, ports ...model.ServicePort) *model.Snapshot {
+	s := &model.Snapshot{Full: full, Services: make(map[model.ServiceName][]model.ServicePort)}
+	for _, p := range ports {
+		s.Services[p.Name.ServiceName] = append(s.Services[p.Name.ServiceName], p)
+	}
+	return s
+}
+
+// withDeleted adds services that are gone to a partial snapshot.
+func withDeleted(s *model.Snapshot, names ...model.ServiceName) *model.Snapshot {
+	for _, n := range names {
+		s.Services[n] = nil
+	}
+	return s
+}
+
+// checkNoHoles asserts invariant 3 of DESIGN.md on the fake maps' current
+// contents: every slot a program can pick exists and names an existing
+// backend of the right protocol.
+func checkNoHoles(f *fakeMaps) error {
+	for k, v := range f.services.entries {
+		for slot := uint32(0); slot < v.Count; slot++ {
+			id, ok := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
+			if !ok {
+				return fmt.Errorf("service %s: slot %d of %d missing", frontendFromKey(k), slot, v.Count)
+			}
+			b, ok := f.backends.entries[id]
+			if !ok {
+				return fmt.Errorf("service %s: slot %d names missing backend %d", frontendFromKey(k), slot, id)
+			}
+			if b.Proto != k.Proto {
+				return fmt.Errorf("service %s: slot %d names backend of protocol %d", frontendFromKey(k), slot, b.Proto)
+			}
+		}
+	}
+	return nil
+}
+
+// watchHoles makes every map operation check for holes, so a test fails on
+// the exact operation that would let a racing connect find one.
+func watchHoles(t *testing.T, f *fakeMaps) {
+	t.Helper()
+	var failed bool
+	verify := func() {
+		if err := checkNoHoles(f); err != nil && !failed {
+			failed = true
+			t.Errorf("hole after %q: %v", f.log[len(f.log)-1], err)
+		}
+	}
+	f.onOp = verify
+}
+
+func TestReconcilerLifecycle(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	watchHoles(t, f)
+	r := newReconciler(f.maps(), 16, 64)
+
+	web := func(backends ...string) model.ServicePort {
+		return servicePort("default", "web", "http", model.TCP, "10.96.0.10:80", backends...)
+	}
+	dnsUDP := servicePort("kube-system", "dns", "dns", model.UDP, "10.96.0.53:53", "10.244.0.5:53", "10.244.1.5:53")
+	dnsTCP := servicePort("kube-system", "dns", "dns-tcp", model.TCP, "10.96.0.53:53", "10.244.0.5:53", "10.244.1.5:53")
+	threeWeb := web("10.244.0.2:8080", "10.244.0.3:8080", "10.244.1.2:8080")
+
+	steps := []struct {
+		name string
+		snap *model.Snapshot
+	}{
+		{"add web and dns (TCP and UDP on one port)", snapshot(true, threeWeb, dnsUDP, dnsTCP)},
+		{"scale web 3 to 5", snapshot(false, web("10.244.0.2:8080", "10.244.0.3:8080", "10.244.1.2:8080", "10.244.1.3:8080", "10.244.1.4:8080"))},
+		{"scale web 5 to 2, dropping a middle slot", snapshot(false, web("10.244.0.2:8080", "10.244.1.4:8080"))},
+		{"replace one web endpoint", snapshot(false, web("10.244.0.2:8080", "10.244.2.9:8080"))},
+		{"web without endpoints refuses", snapshot(false, web())},
+		{"web back to 3", snapshot(false, threeWeb)},
+		{"delete dns", withDeleted(snapshot(false), dnsUDP.Name.ServiceName)},
+		{"full sync of unchanged state writes nothing", snapshot(true, threeWeb)},
+	}
+	var out strings.Builder
+	for _, step := range steps {
+		if err := r.sync(step.snap); err != nil {
+			t.Fatalf("%s: %v", step.name, err)
+		}
+		fmt.Fprintf(&out, "## %s\n# operations, in order\n", step.name)
+		for _, op := range f.takeLog() {
+			fmt.Fprintln(&out, op)
+		}
+		fmt.Fprintf(&out, "# maps\n%s\n", f.dump())
+	}
+
+	// A restarted proxy adopts the pinned maps and rewrites nothing.
+	before := f.dump()
+	restarted := newReconciler(f.maps(), 16, 64)
+	if err := restarted.sync(snapshot(true, threeWeb)); err != nil {
+		t.Fatalf("restart: %v", err)
+	}
+	if ops := f.takeLog(); len(ops) != 0 {
+		t.Errorf("restart adoption wrote to the maps: %q", ops)
+	}
+	if after := f.dump(); after != before {
+		t.Errorf("restart changed the maps:\n%s\nwas\n%s", after, before)
+	}
+	// ...and keeps allocating ids that do not collide.
+	if err := restarted.sync(snapshot(false, dnsUDP)); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(&out, "## restart, adopt, then add dns back\n# operations, in order\n")
+	for _, op := range f.takeLog() {
+		fmt.Fprintln(&out, op)
+	}
+	fmt.Fprintf(&out, "# maps\n%s", f.dump())
+	checkGolden(t, "lifecycle.golden", out.String())
+}
+
+func TestReconcilerPartialSyncTouchesOnlyChangedService(t *testing.T) {
+	f := newFakeMaps(1024, 4096)
+	r := newReconciler(f.maps(), 1024, 4096)
+	var all []model.ServicePort
+	for i := range 100 {
+		all = append(all, servicePort("ns", fmt.Sprintf("svc-%d", i), "", model.TCP,
+			fmt.Sprintf("10.96.%d.%d:80", i/256, i%256), fmt.Sprintf("10.244.%d.1:80", i), fmt.Sprintf("10.244.%d.2:80", i)))
+	}
+	if err := r.sync(snapshot(true, all...)); err != nil {
+		t.Fatal(err)
+	}
+	f.takeLog()
+
+	changed := all[42]
+	changed.Backends = append(slices.Clone(changed.Backends), model.Backend{IP: netip.MustParseAddr("10.244.42.3"), Port: 80})
+	if err := r.sync(snapshot(false, changed)); err != nil {
+		t.Fatal(err)
+	}
+	ops := f.takeLog()
+	// One new backend, its slot, the new count.
+	if len(ops) != 3 {
+		t.Fatalf("one added endpoint took %d operations, want 3:\n%s", len(ops), strings.Join(ops, "\n"))
+	}
+	for _, want := range []string{"update backends", "update slots", "update services"} {
+		if !slices.ContainsFunc(ops, func(op string) bool { return strings.HasPrefix(op, want) }) {
+			t.Errorf("missing %q in %q", want, ops)
+		}
+	}
+}
+
+func TestReconcilerFullMapKeepsServingWhatFits(t *testing.T) {
+	f := newFakeMaps(2, 64)
+	watchHoles(t, f)
+	r := newReconciler(f.maps(), 2, 64)
+	a := servicePort("ns", "a", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80")
+	b := servicePort("ns", "b", "", model.TCP, "10.96.0.2:80", "10.244.0.2:80")
+	c := servicePort("ns", "c", "", model.TCP, "10.96.0.3:80", "10.244.0.3:80")
+
+	err := r.sync(snapshot(true, a, b, c))
+	if !errors.Is(err, ErrMapFull) {
+		t.Fatalf("sync of 3 services into 2 entries: got %v, want ErrMapFull", err)
+	}
+	if !strings.Contains(err.Error(), "--"+FlagMaxServices) {
+		t.Errorf("error %q does not name the flag to raise", err)
+	}
+	if !strings.Contains(err.Error(), "ns/c") {
+		t.Errorf("error %q does not name the service that did not fit", err)
+	}
+	for _, fe := range []model.Frontend{a.ClusterIP, b.ClusterIP} {
+		if _, ok := f.services.entries[frontendKey(fe)]; !ok {
+			t.Errorf("%s fitted but is not served", fe)
+		}
+	}
+	if len(f.services.entries) != 2 {
+		t.Errorf("services map holds %d entries, want 2", len(f.services.entries))
+	}
+	// The leftover backend of the failed service is not leaked.
+	if err := r.sync(snapshot(true, a, b)); err != nil {
+		t.Fatalf("sync of what fits: %v", err)
+	}
+	if len(f.backends.entries) != 2 || len(f.slots.entries) != 2 {
+		t.Errorf("after dropping c: %d backends, %d slots; want 2 and 2\n%s", len(f.backends.entries), len(f.slots.entries), f.dump())
+	}
+}
+
+func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	watchHoles(t, f)
+	r := newReconciler(f.maps(), 16, 64)
+	three := servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80")
+	if err := r.sync(snapshot(true, three)); err != nil {
+		t.Fatal(err)
+	}
+	five := servicePort("ns", "web", "", model.TCP, "10.96.0.1:80",
+		"10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80", "10.244.0.4:80", "10.244.0.5:80")
+
+	// The last new slot fails: the count must stay 3 and nothing dangle.
+	injected := errors.New("injected failure")
+	f.slots.failUpdate = func(k lbSlotKey, _ uint32) error {
+		if k.Slot == 4 {
+			return injected
+		}
+		return nil
+	}
+	if err := r.sync(snapshot(false, five)); !errors.Is(err, injected) {
+		t.Fatalf("got %v, want the injected failure", err)
+	}
+	if got := f.services.entries[frontendKey(three.ClusterIP)].Count; got != 3 {
+		t.Errorf("count after failed scale-up = %d, want 3 (unchanged)", got)
+	}
+
+	f.slots.failUpdate = nil
+	if err := r.sync(snapshot(true, five)); err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	if got := f.services.entries[frontendKey(three.ClusterIP)].Count; got != 5 {
+		t.Errorf("count after retry = %d, want 5", got)
+	}
+	if len(f.backends.entries) != 5 || len(f.slots.entries) != 5 {
+		t.Errorf("after retry: %d backends, %d slots, want 5 and 5\n%s", len(f.backends.entries), len(f.slots.entries), f.dump())
+	}
+}
+
+// A proxy killed half-way through a sync leaves debris; the next one must
+// adopt what is right and clean up the rest.
+func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	r := newReconciler(f.maps(), 16, 64)
+	web := servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80", "10.244.0.2:80")
+	if err := r.sync(snapshot(true, web)); err != nil {
+		t.Fatal(err)
+	}
+	svcID := f.services.entries[frontendKey(web.ClusterIP)].Id
+	// Debris: a slot past the count (interrupted shrink), slots of a service
+	// whose entry was never written (interrupted create), a backend nothing
+	// references (interrupted delete).
+	f.slots.entries[lbSlotKey{SvcId: svcID, Slot: 7}] = 1
+	f.slots.entries[lbSlotKey{SvcId: 99, Slot: 0}] = 1
+	f.backends.entries[42] = backendKey{Backend: model.Backend{IP: netip.MustParseAddr("10.244.9.9"), Port: 80}, Protocol: model.TCP}.value()
+	f.takeLog()
+
+	restarted := newReconciler(f.maps(), 16, 64)
+	if err := restarted.sync(snapshot(true, web)); err != nil {
+		t.Fatal(err)
+	}
+	checkGolden(t, "restore-leftovers.golden", strings.Join(f.takeLog(), "\n")+"\n# maps\n"+f.dump())
+}
+
+func TestLayoutSlots(t *testing.T) {
+	tests := []struct {
+		name string
+		old  []uint32
+		want []uint32
+		out  []uint32
+	}{
+		{"new service", nil, []uint32{1, 2, 3}, []uint32{1, 2, 3}},
+		{"unchanged", []uint32{3, 1, 2}, []uint32{1, 2, 3}, []uint32{3, 1, 2}},
+		{"grow keeps places", []uint32{3, 1}, []uint32{1, 2, 3}, []uint32{3, 1, 2}},
+		{"shrink moves survivor from a surplus slot into a hole", []uint32{1, 2, 3}, []uint32{1, 3}, []uint32{1, 3}},
+		{"replace in place", []uint32{1, 2, 3}, []uint32{1, 4, 3}, []uint32{1, 4, 3}},
+		{"to empty", []uint32{1, 2}, nil, []uint32{}},
+		{"holes from restore are refilled", []uint32{0, 2}, []uint32{1, 2}, []uint32{1, 2}},
+		{"duplicates collapse", nil, []uint32{5, 5, 6}, []uint32{5, 6}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := layoutSlots(tt.old, tt.want)
+			if !slices.Equal(got, tt.out) {
+				t.Errorf("layoutSlots(%v, %v) = %v, want %v", tt.old, tt.want, got, tt.out)
+			}
+		})
+	}
+}
+
+func TestIDAllocator(t *testing.T) {
+	a := newIDAllocator(3)
+	a.reserve(2)
+	var got []uint32
+	for range 2 {
+		id, err := a.allocate()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got = append(got, id)
+	}
+	// Next-fit continues after the highest restored id, then wraps.
+	if !slices.Equal(got, []uint32{3, 1}) {
+		t.Errorf("allocated %v, want [3 1]", got)
+	}
+	if _, err := a.allocate(); err == nil {
+		t.Error("allocating past the maximum succeeded")
+	}
+	a.release(3)
+	if id, err := a.allocate(); err != nil || id != 3 {
+		t.Errorf("after release: got %d, %v; want 3", id, err)
+	}
+}
