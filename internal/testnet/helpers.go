@@ -1,0 +1,256 @@
+package testnet
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// helperEnv marks a re-executed test binary as a helper process.
+const helperEnv = "KBP_TESTNET_HELPER"
+
+// Main runs the test binary as a helper process when it was started as one,
+// and runs the tests otherwise. Packages using Helper call it from TestMain;
+// extra adds helpers of their own, by name.
+func Main(m *testing.M, extra map[string]func(args []string) error) {
+	if os.Getenv(helperEnv) == "1" {
+		os.Exit(runHelper(os.Args[1:], extra))
+	}
+	os.Exit(m.Run())
+}
+
+// Helper returns the command line that runs this test binary as a helper:
+//
+//	serve NAME tcp:PORT|udp:PORT...   answer each request with NAME
+//	tcp ADDR N                        N connects, one result line each
+//	udp ADDR N [connected]            N requests on one socket
+//	loop ADDR                         connect until killed, a line each
+//
+// Result lines are "ok NAME peer=ADDR" or "err MESSAGE".
+func Helper(args ...string) []string {
+	exe, err := os.Executable()
+	if err != nil {
+		panic(err)
+	}
+	return append([]string{"env", helperEnv + "=1", exe}, args...)
+}
+
+const ioTimeout = 2 * time.Second
+
+func runHelper(args []string, extra map[string]func(args []string) error) int {
+	if len(args) < 1 {
+		fmt.Fprintln(os.Stderr, "helper: missing arguments")
+		return 2
+	}
+	var err error
+	switch fn, ok := extra[args[0]]; {
+	case ok:
+		err = fn(args[1:])
+	case len(args) < 2:
+		err = errors.New("missing arguments")
+	default:
+		err = builtinHelper(args)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "helper:", err)
+		return 1
+	}
+	return 0
+}
+
+func builtinHelper(args []string) error {
+	var err error
+	switch args[0] {
+	case "serve":
+		err = serve(args[1], args[2:])
+	case "tcp":
+		err = repeat(args[2:], func() string { return tcpRequest(args[1]) })
+	case "udp":
+		err = udpRequests(args[1], args[2:])
+	case "loop":
+		err = loop(args[1])
+	default:
+		err = fmt.Errorf("unknown helper %q", args[0])
+	}
+	return err
+}
+
+// serve answers TCP connections with a minimal HTTP response (so curl works)
+// and UDP datagrams with a datagram, each carrying name.
+func serve(name string, listens []string) error {
+	for _, l := range listens {
+		proto, port, ok := strings.Cut(l, ":")
+		if !ok {
+			return fmt.Errorf("bad listen spec %q", l)
+		}
+		switch proto {
+		case "tcp":
+			ln, err := net.Listen("tcp4", ":"+port)
+			if err != nil {
+				return err
+			}
+			go serveTCP(ln, name)
+		case "udp":
+			pc, err := net.ListenPacket("udp4", ":"+port)
+			if err != nil {
+				return err
+			}
+			go serveUDP(pc, name)
+		default:
+			return fmt.Errorf("bad protocol in %q", l)
+		}
+	}
+	fmt.Println("ready")
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+	<-sig
+	return nil
+}
+
+func serveTCP(ln net.Listener, name string) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(ioTimeout))
+			// Read the request up to its blank line, so that closing the
+			// socket does not reset it under an unread request.
+			r := bufio.NewReader(c)
+			for {
+				line, err := r.ReadString('\n')
+				if err != nil || strings.TrimSpace(line) == "" {
+					break
+				}
+			}
+			body := name + "\n"
+			fmt.Fprintf(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+		}()
+	}
+}
+
+func serveUDP(pc net.PacketConn, name string) {
+	buf := make([]byte, 2048)
+	for {
+		_, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return
+		}
+		_, _ = pc.WriteTo([]byte(name), from)
+	}
+}
+
+func repeat(args []string, once func() string) error {
+	n := 1
+	if len(args) > 0 {
+		var err error
+		if n, err = strconv.Atoi(args[0]); err != nil {
+			return err
+		}
+	}
+	for range n {
+		fmt.Println(once())
+	}
+	return nil
+}
+
+func tcpRequest(addr string) string {
+	c, err := net.DialTimeout("tcp4", addr, ioTimeout)
+	if err != nil {
+		return "err " + errText(err)
+	}
+	defer c.Close()
+	// Go fills RemoteAddr from getpeername(2) after connecting.
+	peer := c.RemoteAddr().String()
+	_ = c.SetDeadline(time.Now().Add(ioTimeout))
+	if _, err := io.WriteString(c, "GET / HTTP/1.0\r\n\r\n"); err != nil {
+		return "err " + errText(err)
+	}
+	resp, err := io.ReadAll(c)
+	if err != nil {
+		return "err " + errText(err)
+	}
+	_, body, ok := strings.Cut(string(resp), "\r\n\r\n")
+	if !ok {
+		return fmt.Sprintf("err malformed response %q", resp)
+	}
+	return fmt.Sprintf("ok %s peer=%s", strings.TrimSpace(body), peer)
+}
+
+func udpRequests(addr string, args []string) error {
+	raddr, err := net.ResolveUDPAddr("udp4", addr)
+	if err != nil {
+		return err
+	}
+	connected := len(args) > 1 && args[1] == "connected"
+	var conn *net.UDPConn
+	if connected {
+		conn, err = net.DialUDP("udp4", nil, raddr)
+	} else {
+		conn, err = net.ListenUDP("udp4", nil)
+	}
+	if err != nil {
+		fmt.Println("err " + errText(err))
+		return nil
+	}
+	defer conn.Close()
+	return repeat(args, func() string {
+		_ = conn.SetDeadline(time.Now().Add(ioTimeout))
+		if connected {
+			_, err = conn.Write([]byte("hello"))
+		} else {
+			_, err = conn.WriteTo([]byte("hello"), raddr)
+		}
+		if err != nil {
+			return "err " + errText(err)
+		}
+		buf := make([]byte, 2048)
+		n, from, err := conn.ReadFromUDP(buf)
+		if err != nil {
+			return "err " + errText(err)
+		}
+		peer := from.String()
+		if connected {
+			peer = conn.RemoteAddr().String()
+		}
+		return fmt.Sprintf("ok %s peer=%s from=%s", buf[:n], peer, from)
+	})
+}
+
+// loop connects over and over until SIGTERM, then exits 0.
+func loop(addr string) error {
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	fmt.Println("ready")
+	for {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		fmt.Println(tcpRequest(addr))
+	}
+}
+
+func errText(err error) string {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno.Error()
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return "timeout"
+	}
+	return err.Error()
+}

@@ -1,0 +1,282 @@
+// Package testnet builds throw-away test topologies on the real kernel: a
+// "node" network namespace, pods as network namespaces with a veth to it, and
+// a cgroup of the test's own for programs to attach to. Everything carries a
+// random suffix, has no route out of the namespaces, and is removed when the
+// test ends, also when it fails.
+//
+// Client processes run in the test's cgroup (so socket programs attached to
+// it see them) and in a pod's network namespace; they are joined to the
+// cgroup at clone time, before they run any code.
+package testnet
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/cgroups"
+)
+
+// Net is one test's topology.
+type Net struct {
+	t      testing.TB
+	Prefix string
+	// Node is the node's network namespace; pods route through it.
+	Node string
+	// Cgroup is the test's cgroup v2 directory.
+	Cgroup string
+
+	mu    sync.Mutex
+	pods  []*Pod
+	procs []*exec.Cmd
+}
+
+// Pod is a network namespace with one address, reachable from every other pod.
+type Pod struct {
+	net  *Net
+	Name string
+	NS   string
+	IP   netip.Addr
+}
+
+// PodGateway is the node's address on every pod link, as CNI plugins that
+// route per pod do it.
+const PodGateway = "10.244.255.254"
+
+// Require skips tests that need root; everywhere else they are real tests.
+func Require(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces, cgroups and BPF (make test runs as root)")
+	}
+}
+
+// New creates the node namespace and the test's cgroup.
+func New(t testing.TB) *Net {
+	t.Helper()
+	Require(t)
+	n := &Net{t: t, Prefix: "kbp" + randomSuffix()}
+	n.Node = n.Prefix + "-node"
+	t.Cleanup(n.cleanup)
+
+	mount, err := cgroups.Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Cgroup = filepath.Join(mount, n.Prefix)
+	if err := os.Mkdir(n.Cgroup, 0o755); err != nil {
+		t.Fatalf("creating test cgroup: %v", err)
+	}
+	n.mustRun("ip", "netns", "add", n.Node)
+	n.mustRun("ip", "-n", n.Node, "link", "set", "lo", "up")
+	n.mustRun("ip", "netns", "exec", n.Node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	return n
+}
+
+// AddPod creates a pod namespace with address ip, linked to the node.
+func (n *Net) AddPod(name, ip string) *Pod {
+	n.t.Helper()
+	n.mu.Lock()
+	idx := len(n.pods)
+	n.mu.Unlock()
+	p := &Pod{net: n, Name: name, NS: n.Prefix + "-" + name, IP: netip.MustParseAddr(ip)}
+	hostIf := fmt.Sprintf("veth%d", idx)
+	n.mustRun("ip", "netns", "add", p.NS)
+	n.mu.Lock()
+	n.pods = append(n.pods, p)
+	n.mu.Unlock()
+	n.mustRun("ip", "-n", n.Node, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", p.NS)
+	n.mustRun("ip", "-n", n.Node, "addr", "add", PodGateway+"/32", "dev", hostIf)
+	n.mustRun("ip", "-n", n.Node, "link", "set", hostIf, "up")
+	n.mustRun("ip", "-n", n.Node, "route", "add", ip+"/32", "dev", hostIf)
+	n.mustRun("ip", "-n", p.NS, "link", "set", "lo", "up")
+	n.mustRun("ip", "-n", p.NS, "addr", "add", ip+"/32", "dev", "eth0")
+	n.mustRun("ip", "-n", p.NS, "link", "set", "eth0", "up")
+	n.mustRun("ip", "-n", p.NS, "route", "add", PodGateway, "dev", "eth0", "scope", "link")
+	// Everything, the service range included, goes to the node, which has
+	// routes to pods only: an untranslated VIP dies there.
+	n.mustRun("ip", "-n", p.NS, "route", "add", "default", "via", PodGateway, "dev", "eth0")
+	return p
+}
+
+// Command prepares a command in the pod's network namespace. Clients (the
+// ones socket programs must see) go in the test's cgroup; servers do not.
+func (p *Pod) Command(ctx context.Context, inCgroup bool, args ...string) *exec.Cmd {
+	full := append([]string{"--net=/run/netns/" + p.NS, "--"}, args...)
+	cmd := exec.CommandContext(ctx, "nsenter", full...)
+	cmd.WaitDelay = 5 * time.Second
+	if inCgroup {
+		fd, err := unix.Open(p.net.Cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			p.net.t.Fatalf("opening cgroup: %v", err)
+		}
+		p.net.t.Cleanup(func() { unix.Close(fd) })
+		cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	}
+	return cmd
+}
+
+// Output runs a client command in the pod and returns its output; a failure
+// is returned with stderr for the test to judge.
+func (p *Pod) Output(ctx context.Context, args ...string) (string, error) {
+	cmd := p.Command(ctx, true, args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out), fmt.Errorf("%s in %s: %w: %s", strings.Join(args, " "), p.Name, err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), nil
+}
+
+// Start starts a long-running process in the pod (outside the test cgroup
+// unless inCgroup) and waits until it prints its first line, which servers
+// print once they listen. The process is killed when the test ends.
+func (p *Pod) Start(inCgroup bool, args ...string) *exec.Cmd {
+	p.net.t.Helper()
+	cmd := p.Command(context.Background(), inCgroup, args...)
+	ready := make(chan string, 1)
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		p.net.t.Fatal(err)
+	}
+	cmd.Stdout = pw
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		p.net.t.Fatalf("starting %v in %s: %v", args, p.Name, err)
+	}
+	pw.Close()
+	p.net.track(cmd)
+	go func() {
+		defer pr.Close()
+		var line []byte
+		buf := make([]byte, 1)
+		for {
+			n, err := pr.Read(buf)
+			if n == 1 && buf[0] == '\n' {
+				break
+			}
+			if n == 1 {
+				line = append(line, buf[0])
+			}
+			if err != nil {
+				break
+			}
+		}
+		ready <- string(line)
+		// Keep draining so the process never blocks on a full pipe.
+		_, _ = bytes.NewBuffer(nil).ReadFrom(pr)
+	}()
+	select {
+	case line := <-ready:
+		if !strings.HasPrefix(line, "ready") {
+			p.net.t.Fatalf("%v in %s did not start: %q", args, p.Name, line)
+		}
+	case <-time.After(30 * time.Second):
+		p.net.t.Fatalf("%v in %s printed nothing in 30s", args, p.Name)
+	}
+	return cmd
+}
+
+func (n *Net) track(cmd *exec.Cmd) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.procs = append(n.procs, cmd)
+}
+
+// Stop kills a process started with Start and waits for it.
+func Stop(cmd *exec.Cmd) {
+	if cmd.Process == nil || cmd.ProcessState != nil {
+		return
+	}
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+}
+
+func (n *Net) cleanup() {
+	n.mu.Lock()
+	procs, pods := n.procs, n.pods
+	n.mu.Unlock()
+	for _, cmd := range procs {
+		Stop(cmd)
+	}
+	for _, p := range pods {
+		n.run("ip", "netns", "del", p.NS)
+	}
+	n.run("ip", "netns", "del", n.Node)
+	if n.Cgroup != "" {
+		removeCgroup(n.t, n.Cgroup)
+	}
+}
+
+// removeCgroup kills whatever is left in the cgroup and removes it.
+func removeCgroup(t testing.TB, dir string) {
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return
+	}
+	_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644)
+	var err error
+	for range 100 {
+		if err = unix.Rmdir(dir); err == nil || errors.Is(err, unix.ENOENT) {
+			return
+		}
+		// EBUSY while killed processes are still exiting.
+		time.Sleep(50 * time.Millisecond)
+	}
+	t.Errorf("removing cgroup %s: %v", dir, err)
+}
+
+func (n *Net) mustRun(args ...string) {
+	n.t.Helper()
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		n.t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+func (n *Net) run(args ...string) {
+	if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+		n.t.Logf("cleanup: %s: %v: %s", strings.Join(args, " "), err, out)
+	}
+}
+
+// BPFFS returns a pin directory on a private bpffs: its parent is a fresh
+// directory that the datapath under test mounts a bpffs on, as it does on a
+// node where none is mounted. The mount is removed when the test ends, which
+// also drops any pin left in it.
+func BPFFS(t testing.TB) string {
+	t.Helper()
+	Require(t)
+	mnt := filepath.Join(t.TempDir(), "bpffs")
+	if err := os.Mkdir(mnt, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		var st unix.Statfs_t
+		if unix.Statfs(mnt, &st) == nil && uint32(st.Type) == uint32(unix.BPF_FS_MAGIC) {
+			if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+				t.Errorf("unmounting test bpffs: %v", err)
+			}
+		}
+	})
+	return filepath.Join(mnt, "kube-bpf-proxy")
+}
+
+func randomSuffix() string {
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
