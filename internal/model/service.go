@@ -1,0 +1,178 @@
+package model
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/klog/v2"
+)
+
+// Resources named in skip reports.
+const (
+	ResourceService       = "Service"
+	ResourceEndpointSlice = "EndpointSlice"
+)
+
+// Reasons a piece of an API object is skipped. They are stable: metrics use
+// them as label values. Each names the piece that was dropped; the rest of the
+// object is still used.
+const (
+	// ReasonInvalidClusterIP: a Service ClusterIP that does not parse, or is
+	// the unspecified address. The Service is dropped if no usable IPv4
+	// ClusterIP remains.
+	ReasonInvalidClusterIP = "invalid-cluster-ip"
+	// ReasonInvalidPort: a Service port outside 1..65535. That port is dropped.
+	ReasonInvalidPort = "invalid-port"
+	// ReasonUnsupportedProtocol: a Service port whose protocol is neither TCP
+	// nor UDP (SCTP in practice). That port is dropped.
+	ReasonUnsupportedProtocol = "unsupported-protocol"
+	// ReasonDuplicatePort: a Service port with the same (name, protocol) or
+	// the same (port, protocol) as an earlier one, or an EndpointSlice port
+	// with the same (name, protocol) as an earlier one in that slice. API
+	// validation forbids both; the later one is dropped.
+	ReasonDuplicatePort = "duplicate-port"
+	// ReasonInvalidEndpointIP: an endpoint with no address, or whose first
+	// address is not a valid IPv4 address. That endpoint is dropped.
+	ReasonInvalidEndpointIP = "invalid-endpoint-ip"
+	// ReasonInvalidEndpointPort: an EndpointSlice port with no port number or
+	// one outside 1..65535. That slice port is dropped, so the service port it
+	// names gets no backends from that slice.
+	ReasonInvalidEndpointPort = "invalid-endpoint-port"
+)
+
+// Reasons lists every skip reason, for pre-initialising metric label values.
+var Reasons = []string{
+	ReasonInvalidClusterIP,
+	ReasonInvalidPort,
+	ReasonUnsupportedProtocol,
+	ReasonDuplicatePort,
+	ReasonInvalidEndpointIP,
+	ReasonInvalidEndpointPort,
+}
+
+// ReportFunc is told about every skipped piece of an API object: resource is
+// ResourceService or ResourceEndpointSlice, reason one of the Reason*
+// constants.
+type ReportFunc func(resource, reason string)
+
+// servicePortSpec is one proxyable port of a Service, before endpoints are
+// known.
+type servicePortSpec struct {
+	name     ServicePortName
+	frontend Frontend
+}
+
+// serviceInfo is what the model keeps of a Service: its proxyable ports,
+// sorted by name then protocol. It is immutable once built.
+type serviceInfo struct {
+	ports []servicePortSpec
+}
+
+// convertService turns a Service into its proxyable ports. It returns nil for
+// a Service the proxy does not serve: headless, ExternalName, without a
+// ClusterIP, IPv6-only, or without a usable port. Malformed pieces are
+// reported and logged, and only they are skipped.
+func convertService(svc *v1.Service, report ReportFunc) *serviceInfo {
+	if svc == nil {
+		return nil
+	}
+	if svc.Spec.Type == v1.ServiceTypeExternalName {
+		return nil
+	}
+	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
+
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	var vip netip.Addr
+	sawIPv6 := false
+	for _, s := range ips {
+		if s == v1.ClusterIPNone {
+			return nil // headless: clients resolve endpoints through DNS
+		}
+		ip, err := netip.ParseAddr(s)
+		if err != nil || ip.IsUnspecified() || ip.Zone() != "" {
+			report(ResourceService, ReasonInvalidClusterIP)
+			klog.ErrorS(err, "Ignoring malformed ClusterIP", "service", klog.KObj(svc), "clusterIP", s)
+			continue
+		}
+		if !ip.Is4() {
+			sawIPv6 = true
+			continue
+		}
+		if !vip.IsValid() {
+			vip = ip
+		}
+	}
+	if !vip.IsValid() {
+		if sawIPv6 {
+			// Only IPv4 is served for now; a dual-stack Service is served
+			// on its IPv4 ClusterIP.
+			klog.V(2).InfoS("Ignoring Service without an IPv4 ClusterIP", "service", klog.KObj(svc), "clusterIPs", ips)
+		}
+		return nil
+	}
+
+	info := &serviceInfo{ports: make([]servicePortSpec, 0, len(svc.Spec.Ports))}
+	for i := range svc.Spec.Ports {
+		p := &svc.Spec.Ports[i]
+		proto, ok := protocolFrom(p.Protocol)
+		if !ok {
+			report(ResourceService, ReasonUnsupportedProtocol)
+			msg := "Skipping service port: unsupported protocol, only TCP and UDP are served"
+			if p.Protocol == v1.ProtocolSCTP {
+				msg = "Skipping service port: SCTP is not supported"
+			}
+			klog.InfoS(msg, "service", klog.KObj(svc), "port", p.Name, "protocol", p.Protocol)
+			continue
+		}
+		if p.Port < 1 || p.Port > 65535 {
+			report(ResourceService, ReasonInvalidPort)
+			klog.ErrorS(nil, "Skipping service port with invalid port number", "service", klog.KObj(svc), "port", p.Name, "number", p.Port)
+			continue
+		}
+		sp := servicePortSpec{
+			name:     ServicePortName{ServiceName: name, Port: p.Name, Protocol: proto},
+			frontend: Frontend{IP: vip, Port: uint16(p.Port), Protocol: proto},
+		}
+		if slices.ContainsFunc(info.ports, func(o servicePortSpec) bool {
+			return o.name == sp.name || o.frontend == sp.frontend
+		}) {
+			report(ResourceService, ReasonDuplicatePort)
+			klog.ErrorS(nil, "Skipping duplicate service port", "service", klog.KObj(svc), "port", p.Name, "number", p.Port, "protocol", proto)
+			continue
+		}
+		info.ports = append(info.ports, sp)
+	}
+	if len(info.ports) == 0 {
+		return nil
+	}
+	slices.SortFunc(info.ports, func(a, b servicePortSpec) int {
+		return comparePortNames(a.name, b.name)
+	})
+	return info
+}
+
+// comparePortNames orders the ports of one service: by name, then protocol.
+func comparePortNames(a, b ServicePortName) int {
+	if c := cmp.Compare(a.Port, b.Port); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.Protocol, b.Protocol)
+}
+
+// protocolFrom maps an API protocol to ours; the API defaults an empty
+// protocol to TCP.
+func protocolFrom(p v1.Protocol) (Protocol, bool) {
+	switch p {
+	case v1.ProtocolTCP, "":
+		return TCP, true
+	case v1.ProtocolUDP:
+		return UDP, true
+	default:
+		return 0, false
+	}
+}

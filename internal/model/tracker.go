@@ -1,0 +1,288 @@
+package model
+
+import (
+	"sync"
+
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+)
+
+// Tracker turns a stream of Service and EndpointSlice events into snapshots
+// of desired state. The watch handlers feed it; the sync loop drains it. It is
+// safe for concurrent use.
+//
+// For each service it keeps the ports computed from the objects seen so far
+// ("after") and, for a service changed since the last snapshot, the ports
+// the last snapshot handed out ("before"). A change is pending while the two
+// differ, so a change reverted before the next snapshot is no change at all.
+//
+// Every update recomputes only the one service it touches (two when an
+// EndpointSlice moves between services), in time proportional to the size of
+// that service; a partial snapshot costs time proportional to the number of
+// changed services.
+type Tracker struct {
+	onSkipped ReportFunc
+
+	mu sync.Mutex
+	// services holds the proxyable Services, by name.
+	services map[ServiceName]*serviceInfo
+	// slices holds the usable EndpointSlices, by namespace/name.
+	slices map[sliceKey]*sliceInfo
+	// byService indexes slices by the Service they belong to, then by
+	// slice name. A slice may be here before its Service exists.
+	byService map[ServiceName]map[string]*sliceInfo
+	// ports holds every service's current ports ("after"); services with
+	// no proxyable port are absent. The slices stored here are never
+	// mutated, only replaced.
+	ports map[ServiceName][]ServicePort
+	// pending holds, for each service whose ports differ from the last
+	// snapshot, its ports in that snapshot ("before"); nil if it was absent.
+	pending map[ServiceName][]ServicePort
+	// scratch is reused by computePorts to avoid allocating per update.
+	scratch []candidate
+}
+
+type sliceKey struct {
+	namespace, name string
+}
+
+// TrackerOption configures a Tracker.
+type TrackerOption func(*Tracker)
+
+// WithOnSkipped sets a function told about every malformed or unsupported
+// piece of an API object the Tracker skips, each time the object is
+// converted (that is, on every upsert). It is called without the Tracker's
+// lock held, possibly from several goroutines at once. resource is ResourceService or ResourceEndpointSlice, reason
+// one of the Reason* constants.
+func WithOnSkipped(f func(resource, reason string)) TrackerOption {
+	return func(t *Tracker) { t.onSkipped = f }
+}
+
+// NewTracker returns an empty Tracker.
+func NewTracker(opts ...TrackerOption) *Tracker {
+	t := &Tracker{
+		services:  make(map[ServiceName]*serviceInfo),
+		slices:    make(map[sliceKey]*sliceInfo),
+		byService: make(map[ServiceName]map[string]*sliceInfo),
+		ports:     make(map[ServiceName][]ServicePort),
+		pending:   make(map[ServiceName][]ServicePort),
+	}
+	for _, o := range opts {
+		o(t)
+	}
+	if t.onSkipped == nil {
+		t.onSkipped = func(string, string) {}
+	}
+	return t
+}
+
+// UpsertService records an added or updated Service. It returns whether the
+// desired state may have changed, that is whether a sync is worth running.
+func (t *Tracker) UpsertService(svc *v1.Service) bool {
+	if svc == nil {
+		return false
+	}
+	// Convert before locking: it depends only on the object, and reports go
+	// out without the lock held.
+	info := convertService(svc, t.onSkipped)
+	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
+
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if info == nil {
+		delete(t.services, name)
+	} else {
+		t.services[name] = info
+	}
+	return t.recompute(name)
+}
+
+// DeleteService records a deleted Service. The watch handler unwraps
+// tombstones (cache.DeletedFinalStateUnknown) before calling it.
+func (t *Tracker) DeleteService(svc *v1.Service) bool {
+	if svc == nil {
+		return false
+	}
+	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
+
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.services, name)
+	return t.recompute(name)
+}
+
+// UpsertEndpointSlice records an added or updated EndpointSlice, including
+// one whose service-name label changed.
+func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
+	if s == nil {
+		return false
+	}
+	info := convertSlice(s, t.onSkipped)
+	key := sliceKey{namespace: s.Namespace, name: s.Name}
+
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	changed := false
+	if old, ok := t.slices[key]; ok && (info == nil || old.service != info.service) {
+		// The slice left its Service (label changed or removed, or it is no
+		// longer usable): that Service loses its endpoints.
+		t.unindex(key, old.service)
+		changed = t.recompute(old.service)
+	}
+	if info == nil {
+		return changed
+	}
+	t.slices[key] = info
+	idx := t.byService[info.service]
+	if idx == nil {
+		idx = make(map[string]*sliceInfo)
+		t.byService[info.service] = idx
+	}
+	idx[key.name] = info
+	return t.recompute(info.service) || changed
+}
+
+// DeleteEndpointSlice records a deleted EndpointSlice. The watch handler
+// unwraps tombstones before calling it. Only the namespace and name are used.
+func (t *Tracker) DeleteEndpointSlice(s *discoveryv1.EndpointSlice) bool {
+	if s == nil {
+		return false
+	}
+	key := sliceKey{namespace: s.Namespace, name: s.Name}
+
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	old, ok := t.slices[key]
+	if !ok {
+		return false
+	}
+	t.unindex(key, old.service)
+	return t.recompute(old.service)
+}
+
+// unindex forgets a stored slice. Callers hold t.mu.
+func (t *Tracker) unindex(key sliceKey, svc ServiceName) {
+	delete(t.slices, key)
+	if idx := t.byService[svc]; idx != nil {
+		delete(idx, key.name)
+		if len(idx) == 0 {
+			delete(t.byService, svc)
+		}
+	}
+}
+
+// recompute refreshes one service's ports and its pending state, and
+// reports whether its ports changed. Callers hold t.mu.
+func (t *Tracker) recompute(name ServiceName) bool {
+	idx := t.byService[name]
+	ports := computePorts(t.services[name], func(f func(*sliceInfo)) {
+		for _, s := range idx {
+			f(s)
+		}
+	}, &t.scratch)
+
+	old := t.ports[name]
+	if equalPorts(old, ports) {
+		return false
+	}
+	before, isPending := t.pending[name]
+	if !isPending {
+		before = old
+	}
+	if len(ports) == 0 {
+		delete(t.ports, name)
+	} else {
+		t.ports[name] = ports
+	}
+	switch {
+	case equalPorts(before, ports):
+		delete(t.pending, name) // back to what the last snapshot said
+	case !isPending:
+		t.pending[name] = before
+	}
+	return true
+}
+
+// Pending reports whether a partial snapshot would list any service.
+func (t *Tracker) Pending() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.pending) > 0
+}
+
+// Snapshot returns the desired state and clears the pending changes. A full
+// snapshot lists every service with at least one proxyable port; a partial
+// one lists the services whose ports changed since the previous snapshot,
+// full or not, with nil for a service that is gone or has nothing left to
+// serve. The snapshot shares no memory with the Tracker: the caller may read
+// and even modify it without locking.
+func (t *Tracker) Snapshot(full bool) *Snapshot {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+
+	snap := &Snapshot{Full: full}
+	if full {
+		snap.Services = make(map[ServiceName][]ServicePort, len(t.ports))
+		c := &copier{}
+		for _, ports := range t.ports {
+			c.reserve(ports)
+		}
+		for name, ports := range t.ports {
+			snap.Services[name] = c.copy(ports)
+		}
+	} else {
+		snap.Services = make(map[ServiceName][]ServicePort, len(t.pending))
+		c := &copier{}
+		for name := range t.pending {
+			c.reserve(t.ports[name])
+		}
+		for name := range t.pending {
+			snap.Services[name] = c.copy(t.ports[name]) // nil when gone
+		}
+	}
+	// A fresh map rather than clear(): a Go map never shrinks, and
+	// iterating or clearing one that once held every service (after the
+	// initial load) costs time proportional to that peak, not to the few
+	// services a partial snapshot lists.
+	t.pending = make(map[ServiceName][]ServicePort)
+	return snap
+}
+
+// copier deep-copies port lists into two arenas, so that a snapshot of 50k
+// services costs a handful of allocations rather than 100k.
+type copier struct {
+	np, nb   int
+	ports    []ServicePort
+	backends []Backend
+}
+
+// reserve counts ports for the arenas; call it for every list before the
+// first copy.
+func (c *copier) reserve(ports []ServicePort) {
+	c.np += len(ports)
+	for i := range ports {
+		c.nb += len(ports[i].Backends)
+	}
+}
+
+func (c *copier) copy(ports []ServicePort) []ServicePort {
+	if len(ports) == 0 {
+		return nil
+	}
+	if c.ports == nil {
+		c.ports = make([]ServicePort, 0, c.np)
+		c.backends = make([]Backend, 0, c.nb)
+	}
+	start := len(c.ports)
+	for _, p := range ports {
+		if n := len(p.Backends); n > 0 {
+			b := len(c.backends)
+			c.backends = append(c.backends, p.Backends...)
+			// Cap each piece so an append by the reader reallocates
+			// instead of overwriting its neighbour.
+			p.Backends = c.backends[b : b+n : b+n]
+		}
+		c.ports = append(c.ports, p)
+	}
+	return c.ports[start:len(c.ports):len(c.ports)]
+}
