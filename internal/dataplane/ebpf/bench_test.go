@@ -1,0 +1,111 @@
+package ebpf
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"syscall"
+	"testing"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+// scaleSnapshot is n services with per endpoints each, all distinct.
+func scaleSnapshot(n, per int) *model.Snapshot {
+	snap := &model.Snapshot{Full: true, Services: make(map[model.ServiceName][]model.ServicePort, n)}
+	for i := range n {
+		name := model.ServiceName{Namespace: "bench", Name: fmt.Sprintf("svc-%d", i)}
+		sp := model.ServicePort{
+			Name: model.ServicePortName{ServiceName: name, Port: "http", Protocol: model.TCP},
+			ClusterIP: model.Frontend{
+				IP:   netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}),
+				Port: 80, Protocol: model.TCP,
+			},
+		}
+		for j := range per {
+			k := i*per + j
+			sp.Backends = append(sp.Backends, model.Backend{
+				IP:   netip.AddrFrom4([4]byte{10, byte(128 + k>>16), byte(k >> 8), byte(k)}),
+				Port: 8080,
+			})
+		}
+		snap.Services[name] = []model.ServicePort{sp}
+	}
+	return snap
+}
+
+func benchConfig(b *testing.B) Config {
+	n := testnet.New(b)
+	return Config{
+		BPFFSPath:   testnet.BPFFS(b),
+		CgroupPath:  n.Cgroup,
+		MaxServices: DefaultMaxServices,
+		MaxBackends: DefaultMaxBackends,
+		MaxSockets:  DefaultMaxRevNAT,
+	}
+}
+
+func maxRSSMiB() float64 {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return float64(ru.Maxrss) / 1024 // Linux reports KiB
+}
+
+// BenchmarkKernelFullSync programs 10k services x 10 endpoints into empty
+// kernel maps (at the default capacities) per iteration.
+func BenchmarkKernelFullSync(b *testing.B) {
+	cfg := benchConfig(b)
+	snap := scaleSnapshot(10000, 10)
+	ctx := context.Background()
+	for b.Loop() {
+		b.StopTimer()
+		dp, err := New(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		if err := dp.Sync(ctx, snap); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		dp.Close()
+		if err := Cleanup(cfg.BPFFSPath); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
+}
+
+// BenchmarkKernelOneEndpointChange replaces one endpoint of one service at
+// 10k x 10, the common case of a pod being replaced.
+func BenchmarkKernelOneEndpointChange(b *testing.B) {
+	cfg := benchConfig(b)
+	dp, err := New(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { dp.Close(); _ = Cleanup(cfg.BPFFSPath) })
+	snap := scaleSnapshot(10000, 10)
+	ctx := context.Background()
+	if err := dp.Sync(ctx, snap); err != nil {
+		b.Fatal(err)
+	}
+	name := model.ServiceName{Namespace: "bench", Name: "svc-4242"}
+	orig := snap.Services[name][0]
+	changed := orig
+	changed.Backends = append([]model.Backend{{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080}}, orig.Backends[1:]...)
+	variants := [2]*model.Snapshot{
+		{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
+		{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},
+	}
+	i := 0
+	for b.Loop() {
+		if err := dp.Sync(ctx, variants[i%2]); err != nil {
+			b.Fatal(err)
+		}
+		i++
+	}
+	b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
+}
