@@ -1,0 +1,272 @@
+package healthz
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	clocktesting "k8s.io/utils/clock/testing"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
+)
+
+var t0 = time.Date(2026, 1, 2, 3, 4, 5, 123456789, time.UTC)
+
+const timeout = 2 * time.Minute
+
+type action int
+
+const (
+	queue action = iota
+	update
+	step
+)
+
+type op struct {
+	action action
+	d      time.Duration // for step
+}
+
+func TestProxyHealth(t *testing.T) {
+	tests := []struct {
+		name            string
+		ops             []op
+		wantOK          bool
+		wantLastUpdated time.Duration // offset from t0; -1 for never
+	}{
+		{name: "fresh", wantOK: true, wantLastUpdated: -1},
+		{name: "fresh after a long time", ops: []op{{step, time.Hour}}, wantOK: true, wantLastUpdated: -1},
+		{
+			name:   "queued at start, timeout not reached",
+			ops:    []op{{queue, 0}, {step, timeout - time.Nanosecond}},
+			wantOK: true, wantLastUpdated: -1,
+		},
+		{
+			name:   "queued at start, first sync never done",
+			ops:    []op{{queue, 0}, {step, timeout}},
+			wantOK: false, wantLastUpdated: -1,
+		},
+		{
+			name:   "first sync done in time",
+			ops:    []op{{queue, 0}, {step, time.Second}, {update, 0}, {step, time.Hour}},
+			wantOK: true, wantLastUpdated: time.Second,
+		},
+		{
+			name:   "later queued updates do not move the oldest",
+			ops:    []op{{queue, 0}, {step, time.Minute}, {queue, 0}, {step, time.Minute}, {queue, 0}},
+			wantOK: false, wantLastUpdated: -1,
+		},
+		{
+			name: "sync after timeout recovers",
+			ops: []op{
+				{queue, 0}, {step, 3 * time.Minute},
+				{update, 0},
+			},
+			wantOK: true, wantLastUpdated: 3 * time.Minute,
+		},
+		{
+			name: "queued after a sync, stuck since",
+			ops: []op{
+				{queue, 0}, {update, 0}, {step, time.Hour},
+				{queue, 0}, {step, timeout},
+			},
+			wantOK: false, wantLastUpdated: 0,
+		},
+		{
+			name: "syncs keep up with a stream of changes",
+			ops: []op{
+				{queue, 0}, {step, time.Minute}, {update, 0},
+				{queue, 0}, {step, time.Minute}, {update, 0},
+				{queue, 0}, {step, time.Minute},
+			},
+			wantOK: true, wantLastUpdated: 2 * time.Minute,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			clk := clocktesting.NewFakePassiveClock(t0)
+			h := NewProxyHealth(timeout, clk)
+			for _, o := range tc.ops {
+				switch o.action {
+				case queue:
+					h.QueuedUpdate()
+				case update:
+					h.Updated()
+				case step:
+					clk.SetTime(clk.Now().Add(o.d))
+				}
+			}
+			ok, last, now := h.Healthy()
+			if ok != tc.wantOK {
+				t.Errorf("Healthy() ok = %v, want %v", ok, tc.wantOK)
+			}
+			wantLast := time.Time{}
+			if tc.wantLastUpdated >= 0 {
+				wantLast = t0.Add(tc.wantLastUpdated)
+			}
+			if !last.Equal(wantLast) {
+				t.Errorf("lastUpdated = %v, want %v", last, wantLast)
+			}
+			if !now.Equal(clk.Now()) {
+				t.Errorf("currentTime = %v, want %v", now, clk.Now())
+			}
+		})
+	}
+}
+
+func TestHandler(t *testing.T) {
+	clk := clocktesting.NewFakePassiveClock(t0)
+	h := NewProxyHealth(timeout, clk)
+	srv := httptest.NewServer(Handler(h))
+	t.Cleanup(srv.Close)
+
+	type check struct {
+		method, path string
+		wantCode     int
+	}
+	probes := func(code int) []check {
+		return []check{
+			{http.MethodGet, "/healthz", code},
+			{http.MethodGet, "/livez", code},
+			{http.MethodHead, "/healthz", code},
+		}
+	}
+	tests := []struct {
+		name            string
+		before          func()
+		checks          []check
+		wantLastUpdated time.Time
+	}{
+		{
+			name:   "healthy at start",
+			before: func() {},
+			checks: probes(http.StatusOK),
+		},
+		{
+			name:   "first sync pending, within timeout",
+			before: func() { h.QueuedUpdate(); clk.SetTime(t0.Add(time.Minute)) },
+			checks: probes(http.StatusOK),
+		},
+		{
+			name:   "first sync pending past timeout",
+			before: func() { clk.SetTime(t0.Add(timeout)) },
+			checks: probes(http.StatusServiceUnavailable),
+		},
+		{
+			name:            "synced",
+			before:          func() { clk.SetTime(t0.Add(timeout + time.Second)); h.Updated() },
+			checks:          probes(http.StatusOK),
+			wantLastUpdated: t0.Add(timeout + time.Second),
+		},
+		{
+			name:            "stuck again",
+			before:          func() { h.QueuedUpdate(); clk.SetTime(clk.Now().Add(timeout)) },
+			checks:          probes(http.StatusServiceUnavailable),
+			wantLastUpdated: t0.Add(timeout + time.Second),
+		},
+		{
+			name:   "unknown paths and methods",
+			before: func() {},
+			checks: []check{
+				{http.MethodGet, "/", http.StatusNotFound},
+				{http.MethodGet, "/healthz/", http.StatusNotFound},
+				{http.MethodGet, "/readyz", http.StatusNotFound},
+				{http.MethodPost, "/healthz", http.StatusMethodNotAllowed},
+			},
+		},
+	}
+	// The cases run in order: each one moves the same health state on.
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.before()
+			for _, c := range tc.checks {
+				req, err := http.NewRequest(c.method, srv.URL+c.path, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				resp, err := srv.Client().Do(req)
+				if err != nil {
+					t.Fatalf("%s %s: %v", c.method, c.path, err)
+				}
+				var body map[string]string
+				decodeErr := json.NewDecoder(resp.Body).Decode(&body)
+				_ = resp.Body.Close()
+				if resp.StatusCode != c.wantCode {
+					t.Errorf("%s %s: status %d, want %d", c.method, c.path, resp.StatusCode, c.wantCode)
+				}
+				if c.wantCode != http.StatusOK && c.wantCode != http.StatusServiceUnavailable {
+					continue
+				}
+				if got := resp.Header.Get("Content-Type"); got != "application/json" {
+					t.Errorf("%s %s: Content-Type %q", c.method, c.path, got)
+				}
+				if got := resp.Header.Get("X-Content-Type-Options"); got != "nosniff" {
+					t.Errorf("%s %s: X-Content-Type-Options %q", c.method, c.path, got)
+				}
+				if c.method == http.MethodHead {
+					continue
+				}
+				if decodeErr != nil {
+					t.Fatalf("%s %s: decoding body: %v", c.method, c.path, decodeErr)
+				}
+				want := map[string]string{
+					"lastUpdated": tc.wantLastUpdated.Format(time.RFC3339Nano),
+					"currentTime": clk.Now().Format(time.RFC3339Nano),
+				}
+				if len(body) != len(want) || body["lastUpdated"] != want["lastUpdated"] || body["currentTime"] != want["currentTime"] {
+					t.Errorf("%s %s: body %v, want %v", c.method, c.path, body, want)
+				}
+			}
+		})
+	}
+}
+
+func TestServedUntilCancel(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	errc := make(chan error, 1)
+	go func() { errc <- httpserve.Serve(ctx, "healthz", ln, Handler(NewProxyHealth(timeout, nil))) }()
+
+	resp, err := http.Get("http://" + ln.Addr().String() + "/livez")
+	if err != nil {
+		t.Fatalf("GET /livez: %v", err)
+	}
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /livez: status %d, want 200", resp.StatusCode)
+	}
+
+	cancel()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Errorf("Serve returned %v after cancel, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("server did not stop after its context was cancelled")
+	}
+}
+
+func TestListenAndServeStopsOnCancel(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	errc := make(chan error, 1)
+	go func() { errc <- ListenAndServe(ctx, "127.0.0.1:0", NewProxyHealth(timeout, nil)) }()
+	cancel()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Errorf("ListenAndServe returned %v after cancel, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("ListenAndServe did not return after its context was cancelled")
+	}
+}

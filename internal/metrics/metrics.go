@@ -1,0 +1,240 @@
+// Package metrics defines the proxy's Prometheus metrics.
+//
+// Everything is registered on a registry the caller passes in; nothing uses
+// the default registry. The kubeproxy_* metrics keep kube-proxy's names,
+// types and buckets so that existing dashboards and alerts work unchanged;
+// the kubebpfproxy_* metrics are this proxy's own.
+package metrics
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/klog/v2"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
+)
+
+// Values of the kind label of the sync metrics.
+const (
+	// SyncKindFull is a sync that rewrites the whole datapath state (the
+	// first one, and the one after a failed apply).
+	SyncKindFull = "full"
+	// SyncKindPartial is a sync that writes only what changed.
+	SyncKindPartial = "partial"
+)
+
+// Metrics holds the proxy's collectors. The fields may be used directly; the
+// Record methods cover the common cases.
+type Metrics struct {
+	// SyncProxyRulesDuration observes how long each sync took, failed or
+	// not.
+	SyncProxyRulesDuration prometheus.Histogram
+	// SyncProxyRulesLastTimestamp is the Unix time of the last successful
+	// sync.
+	SyncProxyRulesLastTimestamp prometheus.Gauge
+	// SyncProxyRulesLastQueuedTimestamp is the Unix time of the last change
+	// queued for a sync.
+	SyncProxyRulesLastQueuedTimestamp prometheus.Gauge
+
+	// SyncsTotal counts sync attempts by kind (SyncKindFull, SyncKindPartial).
+	SyncsTotal *prometheus.CounterVec
+	// SyncFailuresTotal counts failed sync attempts by kind.
+	SyncFailuresTotal *prometheus.CounterVec
+	// SkippedObjectsTotal counts Services and EndpointSlices (or parts of
+	// them) ignored as malformed, by resource and reason. Both labels must
+	// come from small fixed sets, never from object names.
+	SkippedObjectsTotal *prometheus.CounterVec
+	// Services is the number of service ports programmed in the datapath.
+	Services prometheus.Gauge
+	// Backends is the number of backends programmed in the datapath.
+	Backends prometheus.Gauge
+}
+
+// New creates the collectors and registers them on reg. It panics if reg
+// already holds collectors with the same names (calling New twice on one
+// registry is a programming error). A nil reg registers nothing, which suits
+// tests of other packages.
+func New(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		SyncProxyRulesDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kubeproxy_sync_proxy_rules_duration_seconds",
+			Help:    "Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
+		}),
+		SyncProxyRulesLastTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+			Help: "Unix time at which the datapath was last synced successfully.",
+		}),
+		SyncProxyRulesLastQueuedTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+			Help: "Unix time at which the last Service or EndpointSlice change was queued for a datapath sync.",
+		}),
+		SyncsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kubebpfproxy_syncs_total",
+			Help: "Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).",
+		}, []string{"kind"}),
+		SyncFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kubebpfproxy_sync_failures_total",
+			Help: "Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.",
+		}, []string{"kind"}),
+		SkippedObjectsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kubebpfproxy_skipped_objects_total",
+			Help: "Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.",
+		}, []string{"resource", "reason"}),
+		Services: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kubebpfproxy_services",
+			Help: "Service ports currently programmed in the datapath.",
+		}),
+		Backends: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kubebpfproxy_backends",
+			Help: "Backends currently programmed in the datapath.",
+		}),
+	}
+	// Export both kinds from the start, so that rate() and absence alerts
+	// see a zero rather than no series.
+	for _, kind := range []string{SyncKindFull, SyncKindPartial} {
+		m.SyncsTotal.WithLabelValues(kind)
+		m.SyncFailuresTotal.WithLabelValues(kind)
+	}
+	if reg != nil {
+		reg.MustRegister(
+			m.SyncProxyRulesDuration,
+			m.SyncProxyRulesLastTimestamp,
+			m.SyncProxyRulesLastQueuedTimestamp,
+			m.SyncsTotal,
+			m.SyncFailuresTotal,
+			m.SkippedObjectsTotal,
+			m.Services,
+			m.Backends,
+		)
+	}
+	return m
+}
+
+// RecordSync records one sync attempt of the given kind that took elapsed and
+// ended at end, with its result.
+func (m *Metrics) RecordSync(kind string, elapsed time.Duration, end time.Time, err error) {
+	m.SyncProxyRulesDuration.Observe(elapsed.Seconds())
+	m.SyncsTotal.WithLabelValues(kind).Inc()
+	if err != nil {
+		m.SyncFailuresTotal.WithLabelValues(kind).Inc()
+		return
+	}
+	m.SyncProxyRulesLastTimestamp.Set(unixSeconds(end))
+}
+
+// RecordQueued records that a change was queued for a sync at t.
+func (m *Metrics) RecordQueued(t time.Time) {
+	m.SyncProxyRulesLastQueuedTimestamp.Set(unixSeconds(t))
+}
+
+// RecordSkipped counts one object of resource left out for reason.
+func (m *Metrics) RecordSkipped(resource, reason string) {
+	m.SkippedObjectsTotal.WithLabelValues(resource, reason).Inc()
+}
+
+// SetProgrammed records how many service ports and backends the datapath
+// holds after a sync.
+func (m *Metrics) SetProgrammed(services, backends int) {
+	m.Services.Set(float64(services))
+	m.Backends.Set(float64(backends))
+}
+
+func unixSeconds(t time.Time) float64 {
+	return float64(t.UnixNano()) / float64(time.Second)
+}
+
+// datapathEventsCollector exports the eBPF datapath's event counters, read at
+// scrape time.
+type datapathEventsCollector struct {
+	read func() (map[string]uint64, error)
+	desc *prometheus.Desc
+}
+
+// NewDatapathEventsCollector returns a collector that calls read on every
+// scrape and exports each entry as kubebpfproxy_datapath_events_total with
+// the key as its event label. read sums the per-CPU counters; the values must
+// only grow while the maps exist (a reset, e.g. after --cleanup, is handled
+// by Prometheus like any counter reset). A read error is reported as an
+// invalid metric: the scrape then reports the error (with Handler, the other
+// metrics are still served) instead of exporting made-up values.
+func NewDatapathEventsCollector(read func() (map[string]uint64, error)) prometheus.Collector {
+	return &datapathEventsCollector{
+		read: read,
+		desc: prometheus.NewDesc(
+			"kubebpfproxy_datapath_events_total",
+			"Events counted by the eBPF datapath, such as connections translated to a backend or refused for lack of one, by event.",
+			[]string{"event"}, nil,
+		),
+	}
+}
+
+func (c *datapathEventsCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.desc
+}
+
+func (c *datapathEventsCollector) Collect(ch chan<- prometheus.Metric) {
+	events, err := c.read()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(c.desc, fmt.Errorf("reading datapath event counters: %w", err))
+		return
+	}
+	// Sorted only to make the output stable; the registry sorts too.
+	for _, name := range slices.Sorted(func(yield func(string) bool) {
+		for k := range events {
+			if !yield(k) {
+				return
+			}
+		}
+	}) {
+		m, err := prometheus.NewConstMetric(c.desc, prometheus.CounterValue, float64(events[name]), name)
+		if err != nil {
+			m = prometheus.NewInvalidMetric(c.desc, err)
+		}
+		ch <- m
+	}
+}
+
+// NewRegistry returns a fresh registry holding the standard Go runtime and
+// process collectors, for New and NewDatapathEventsCollector to add to.
+func NewRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	return reg
+}
+
+// Handler serves the metrics gathered from g on GET /metrics; other paths are
+// 404. A collector that fails is logged and left out of the scrape, while the
+// other metrics are still served.
+func Handler(g prometheus.Gatherer) http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{
+		ErrorHandling: promhttp.ContinueOnError,
+		ErrorLog:      promLogger{},
+	}))
+	return mux
+}
+
+// ListenAndServe serves Handler(g) on addr until ctx is cancelled; see
+// httpserve.ListenAndServe.
+func ListenAndServe(ctx context.Context, addr string, g prometheus.Gatherer) error {
+	return httpserve.ListenAndServe(ctx, "metrics", addr, Handler(g))
+}
+
+// promLogger sends promhttp's error log to klog.
+type promLogger struct{}
+
+func (promLogger) Println(v ...any) {
+	klog.ErrorS(nil, "Serving metrics", "detail", strings.TrimSpace(fmt.Sprintln(v...)))
+}

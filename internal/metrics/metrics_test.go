@@ -1,0 +1,430 @@
+package metrics
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
+)
+
+func TestNewRegistersFamilies(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	// Vectors without children are not gathered; give each one a child.
+	m.RecordSkipped("EndpointSlice", "InvalidAddress")
+
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("Gather: %v", err)
+	}
+	got := map[string]*dto.MetricFamily{}
+	for _, f := range families {
+		got[f.GetName()] = f
+	}
+
+	tests := []struct {
+		name   string
+		typ    dto.MetricType
+		labels []string
+	}{
+		{"kubeproxy_sync_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
+		{"kubeproxy_sync_proxy_rules_last_timestamp_seconds", dto.MetricType_GAUGE, nil},
+		{"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", dto.MetricType_GAUGE, nil},
+		{"kubebpfproxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
+		{"kubebpfproxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
+		{"kubebpfproxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
+		{"kubebpfproxy_services", dto.MetricType_GAUGE, nil},
+		{"kubebpfproxy_backends", dto.MetricType_GAUGE, nil},
+	}
+	if len(got) != len(tests) {
+		t.Errorf("gathered %d families, want %d", len(got), len(tests))
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			f, ok := got[tc.name]
+			if !ok {
+				t.Fatalf("not registered")
+			}
+			if f.GetType() != tc.typ {
+				t.Errorf("type %v, want %v", f.GetType(), tc.typ)
+			}
+			if f.GetHelp() == "" {
+				t.Error("no help text")
+			}
+			for _, metric := range f.GetMetric() {
+				var names []string
+				for _, l := range metric.GetLabel() {
+					names = append(names, l.GetName())
+				}
+				if !slices.Equal(names, tc.labels) {
+					t.Errorf("labels %v, want %v", names, tc.labels)
+				}
+			}
+		})
+	}
+
+	problems, err := testutil.GatherAndLint(reg)
+	if err != nil {
+		t.Fatalf("GatherAndLint: %v", err)
+	}
+	for _, p := range problems {
+		t.Errorf("lint: %s: %s", p.Metric, p.Text)
+	}
+}
+
+func TestSyncDurationBuckets(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := New(reg)
+	m.SyncProxyRulesDuration.Observe(0.003)
+
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx := slices.IndexFunc(families, func(f *dto.MetricFamily) bool {
+		return f.GetName() == "kubeproxy_sync_proxy_rules_duration_seconds"
+	})
+	if idx < 0 {
+		t.Fatal("histogram not gathered")
+	}
+	buckets := families[idx].GetMetric()[0].GetHistogram().GetBucket()
+	if len(buckets) != 15 {
+		t.Fatalf("%d buckets, want 15", len(buckets))
+	}
+	want := 0.001
+	for i, b := range buckets {
+		if b.GetUpperBound() != want {
+			t.Errorf("bucket %d: upper bound %v, want %v", i, b.GetUpperBound(), want)
+		}
+		want *= 2
+	}
+}
+
+func TestRecord(t *testing.T) {
+	end := time.Date(2026, 1, 2, 3, 4, 5, 500_000_000, time.UTC)
+	endSeconds := "1.7673230455e+09"
+
+	tests := []struct {
+		name   string
+		record func(m *Metrics)
+		names  []string
+		want   string
+	}{
+		{
+			name:   "nothing recorded",
+			record: func(*Metrics) {},
+			names:  []string{"kubebpfproxy_syncs_total", "kubebpfproxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
+			want: `
+# HELP kubebpfproxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
+# TYPE kubebpfproxy_sync_failures_total counter
+kubebpfproxy_sync_failures_total{kind="full"} 0
+kubebpfproxy_sync_failures_total{kind="partial"} 0
+# HELP kubebpfproxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
+# TYPE kubebpfproxy_syncs_total counter
+kubebpfproxy_syncs_total{kind="full"} 0
+kubebpfproxy_syncs_total{kind="partial"} 0
+# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
+# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
+kubeproxy_sync_proxy_rules_last_timestamp_seconds 0
+`,
+		},
+		{
+			name: "successful and failed syncs",
+			record: func(m *Metrics) {
+				m.RecordSync(SyncKindFull, 3*time.Millisecond, end, nil)
+				m.RecordSync(SyncKindPartial, time.Millisecond, end.Add(time.Second), errors.New("map full"))
+				m.RecordSync(SyncKindFull, 2*time.Millisecond, end.Add(2*time.Second), errors.New("map full"))
+			},
+			names: []string{"kubebpfproxy_syncs_total", "kubebpfproxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
+			want: `
+# HELP kubebpfproxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
+# TYPE kubebpfproxy_sync_failures_total counter
+kubebpfproxy_sync_failures_total{kind="full"} 1
+kubebpfproxy_sync_failures_total{kind="partial"} 1
+# HELP kubebpfproxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
+# TYPE kubebpfproxy_syncs_total counter
+kubebpfproxy_syncs_total{kind="full"} 2
+kubebpfproxy_syncs_total{kind="partial"} 1
+# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
+# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
+kubeproxy_sync_proxy_rules_last_timestamp_seconds ` + endSeconds + `
+`,
+		},
+		{
+			name:   "queued",
+			record: func(m *Metrics) { m.RecordQueued(end) },
+			names:  []string{"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds"},
+			want: `
+# HELP kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds Unix time at which the last Service or EndpointSlice change was queued for a datapath sync.
+# TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge
+kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds ` + endSeconds + `
+`,
+		},
+		{
+			name: "skipped objects and programmed state",
+			record: func(m *Metrics) {
+				m.RecordSkipped("Service", "InvalidClusterIP")
+				m.RecordSkipped("Service", "InvalidClusterIP")
+				m.RecordSkipped("EndpointSlice", "MissingServiceName")
+				m.SetProgrammed(3, 7)
+			},
+			names: []string{"kubebpfproxy_skipped_objects_total", "kubebpfproxy_services", "kubebpfproxy_backends"},
+			want: `
+# HELP kubebpfproxy_backends Backends currently programmed in the datapath.
+# TYPE kubebpfproxy_backends gauge
+kubebpfproxy_backends 7
+# HELP kubebpfproxy_services Service ports currently programmed in the datapath.
+# TYPE kubebpfproxy_services gauge
+kubebpfproxy_services 3
+# HELP kubebpfproxy_skipped_objects_total Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.
+# TYPE kubebpfproxy_skipped_objects_total counter
+kubebpfproxy_skipped_objects_total{reason="InvalidClusterIP",resource="Service"} 2
+kubebpfproxy_skipped_objects_total{reason="MissingServiceName",resource="EndpointSlice"} 1
+`,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := prometheus.NewRegistry()
+			m := New(reg)
+			tc.record(m)
+			if err := testutil.GatherAndCompare(reg, strings.NewReader(tc.want), tc.names...); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+}
+
+func TestRecordSyncObservesDuration(t *testing.T) {
+	m := New(prometheus.NewRegistry())
+	m.RecordSync(SyncKindFull, 3*time.Millisecond, time.Unix(0, 0), nil)
+	m.RecordSync(SyncKindPartial, 5*time.Millisecond, time.Unix(0, 0), errors.New("boom"))
+	if n := testutil.CollectAndCount(m.SyncProxyRulesDuration); n != 1 {
+		t.Fatalf("%d histogram series, want 1", n)
+	}
+	var out dto.Metric
+	if err := m.SyncProxyRulesDuration.(prometheus.Metric).Write(&out); err != nil {
+		t.Fatal(err)
+	}
+	if got := out.GetHistogram().GetSampleCount(); got != 2 {
+		t.Errorf("sample count %d, want 2 (failed syncs are timed too)", got)
+	}
+	if got, want := out.GetHistogram().GetSampleSum(), 0.008; got < want-1e-9 || got > want+1e-9 {
+		t.Errorf("sample sum %v, want %v", got, want)
+	}
+}
+
+func TestNewNilRegisterer(t *testing.T) {
+	m := New(nil)
+	m.RecordSync(SyncKindFull, time.Millisecond, time.Now(), nil)
+	m.SetProgrammed(1, 1)
+}
+
+func TestNewTwicePanics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	New(reg)
+	defer func() {
+		if recover() == nil {
+			t.Error("second New on the same registry did not panic")
+		}
+	}()
+	New(reg)
+}
+
+func TestDatapathEventsCollector(t *testing.T) {
+	tests := []struct {
+		name    string
+		events  map[string]uint64
+		err     error
+		want    string
+		wantErr string
+	}{
+		{
+			name:   "counters",
+			events: map[string]uint64{"connect_translated": 42, "connect_refused": 3, "sendmsg_translated": 1 << 40},
+			want: `
+# HELP kubebpfproxy_datapath_events_total Events counted by the eBPF datapath, such as connections translated to a backend or refused for lack of one, by event.
+# TYPE kubebpfproxy_datapath_events_total counter
+kubebpfproxy_datapath_events_total{event="connect_refused"} 3
+kubebpfproxy_datapath_events_total{event="connect_translated"} 42
+kubebpfproxy_datapath_events_total{event="sendmsg_translated"} 1.099511627776e+12
+`,
+		},
+		{
+			name:   "no events",
+			events: map[string]uint64{},
+			want:   "",
+		},
+		{
+			name:    "read error",
+			err:     errors.New("map lookup: operation not permitted"),
+			wantErr: "reading datapath event counters: map lookup: operation not permitted",
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			reads := 0
+			c := NewDatapathEventsCollector(func() (map[string]uint64, error) {
+				reads++
+				return tc.events, tc.err
+			})
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(c)
+
+			err := testutil.GatherAndCompare(reg, strings.NewReader(tc.want))
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Errorf("unexpected error: %v", err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Errorf("error %v, want one containing %q", err, tc.wantErr)
+			}
+			if reads != 1 {
+				t.Errorf("read called %d times for one scrape, want 1", reads)
+			}
+		})
+	}
+}
+
+func scrape(t *testing.T, h http.Handler, path string) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, httptest.NewRequest(http.MethodGet, path, nil))
+	return rec.Code, rec.Body.String()
+}
+
+func TestHandler(t *testing.T) {
+	tests := []struct {
+		name        string
+		readErr     error
+		path        string
+		wantCode    int
+		wantLines   []string
+		absentLines []string
+	}{
+		{
+			name:     "all metrics",
+			path:     "/metrics",
+			wantCode: http.StatusOK,
+			wantLines: []string{
+				"kubebpfproxy_services 2",
+				`kubebpfproxy_datapath_events_total{event="connect_translated"} 5`,
+				"# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
+			},
+		},
+		{
+			name:        "a failing collector does not fail the scrape",
+			readErr:     errors.New("map gone"),
+			path:        "/metrics",
+			wantCode:    http.StatusOK,
+			wantLines:   []string{"kubebpfproxy_services 2"},
+			absentLines: []string{"kubebpfproxy_datapath_events_total{"},
+		},
+		{
+			name:     "unknown path",
+			path:     "/",
+			wantCode: http.StatusNotFound,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := prometheus.NewRegistry()
+			m := New(reg)
+			m.SetProgrammed(2, 4)
+			reg.MustRegister(NewDatapathEventsCollector(func() (map[string]uint64, error) {
+				return map[string]uint64{"connect_translated": 5}, tc.readErr
+			}))
+
+			code, body := scrape(t, Handler(reg), tc.path)
+			if code != tc.wantCode {
+				t.Fatalf("status %d, want %d; body:\n%s", code, tc.wantCode, body)
+			}
+			lines := strings.Split(body, "\n")
+			for _, want := range tc.wantLines {
+				if !slices.Contains(lines, want) {
+					t.Errorf("missing line %q in:\n%s", want, body)
+				}
+			}
+			for _, absent := range tc.absentLines {
+				if strings.Contains(body, absent) {
+					t.Errorf("unexpected %q in:\n%s", absent, body)
+				}
+			}
+		})
+	}
+}
+
+func TestNewRegistry(t *testing.T) {
+	reg := NewRegistry()
+	New(reg)
+	for _, name := range []string{"go_goroutines", "process_start_time_seconds"} {
+		n, err := testutil.GatherAndCount(reg, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		// process_* metrics need procfs, which every supported platform has.
+		if n != 1 {
+			t.Errorf("%s: %d series, want 1", name, n)
+		}
+	}
+}
+
+func TestServedUntilCancel(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	New(reg).SetProgrammed(1, 1)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	errc := make(chan error, 1)
+	go func() { errc <- httpserve.Serve(ctx, "metrics", ln, Handler(reg)) }()
+
+	resp, err := http.Get("http://" + ln.Addr().String() + "/metrics")
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "kubebpfproxy_services 1") {
+		t.Errorf("GET /metrics: status %d, body:\n%s", resp.StatusCode, body)
+	}
+
+	cancel()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Errorf("Serve returned %v after cancel, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("server did not stop after its context was cancelled")
+	}
+}
+
+func TestListenAndServeStopsOnCancel(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- ListenAndServe(ctx, "127.0.0.1:0", prometheus.NewRegistry()) }()
+	cancel()
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Errorf("ListenAndServe returned %v after cancel, want nil", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("ListenAndServe did not return after its context was cancelled")
+	}
+}
