@@ -22,10 +22,17 @@ const helperEnv = "KBP_TESTNET_HELPER"
 // and runs the tests otherwise. Packages using Helper call it from TestMain;
 // extra adds helpers of their own, by name.
 func Main(m *testing.M, extra map[string]func(args []string) error) {
+	RunHelperIfRequested(extra)
+	os.Exit(m.Run())
+}
+
+// RunHelperIfRequested runs the process as a helper and exits if it was
+// started as one; otherwise it returns. Programs other than tests that use
+// Helper call it first thing in main.
+func RunHelperIfRequested(extra map[string]func(args []string) error) {
 	if os.Getenv(helperEnv) == "1" {
 		os.Exit(runHelper(os.Args[1:], extra))
 	}
-	os.Exit(m.Run())
 }
 
 // Helper returns the command line that runs this test binary as a helper:

@@ -23,7 +23,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -31,9 +30,21 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/cgroups"
 )
 
+// T is what testnet needs of a test: *testing.T and *testing.B satisfy it,
+// and so can a demo program that is not a test.
+type T interface {
+	Helper()
+	Fatalf(format string, args ...any)
+	Errorf(format string, args ...any)
+	Logf(format string, args ...any)
+	Skip(args ...any)
+	Cleanup(func())
+	TempDir() string
+}
+
 // Net is one test's topology.
 type Net struct {
-	t      testing.TB
+	t      T
 	Prefix string
 	// Node is the node's network namespace; pods route through it.
 	Node string
@@ -58,7 +69,7 @@ type Pod struct {
 const PodGateway = "10.244.255.254"
 
 // Require skips tests that need root; everywhere else they are real tests.
-func Require(t testing.TB) {
+func Require(t T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for network namespaces, cgroups and BPF (make test runs as root)")
@@ -66,7 +77,7 @@ func Require(t testing.TB) {
 }
 
 // New creates the node namespace and the test's cgroup.
-func New(t testing.TB) *Net {
+func New(t T) *Net {
 	t.Helper()
 	Require(t)
 	n := &Net{t: t, Prefix: "kbp" + randomSuffix()}
@@ -75,7 +86,7 @@ func New(t testing.TB) *Net {
 
 	mount, err := cgroups.Cgroup2Mount()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v", err)
 	}
 	n.Cgroup = filepath.Join(mount, n.Prefix)
 	if err := os.Mkdir(n.Cgroup, 0o755); err != nil {
@@ -152,7 +163,7 @@ func (p *Pod) Start(inCgroup bool, args ...string) *exec.Cmd {
 	ready := make(chan string, 1)
 	pr, pw, err := os.Pipe()
 	if err != nil {
-		p.net.t.Fatal(err)
+		p.net.t.Fatalf("%v", err)
 	}
 	cmd.Stdout = pw
 	cmd.Stderr = os.Stderr
@@ -224,7 +235,7 @@ func (n *Net) cleanup() {
 }
 
 // removeCgroup kills whatever is left in the cgroup and removes it.
-func removeCgroup(t testing.TB, dir string) {
+func removeCgroup(t T, dir string) {
 	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
 		return
 	}
@@ -257,12 +268,12 @@ func (n *Net) run(args ...string) {
 // directory that the datapath under test mounts a bpffs on, as it does on a
 // node where none is mounted. The mount is removed when the test ends, which
 // also drops any pin left in it.
-func BPFFS(t testing.TB) string {
+func BPFFS(t T) string {
 	t.Helper()
 	Require(t)
 	mnt := filepath.Join(t.TempDir(), "bpffs")
 	if err := os.Mkdir(mnt, 0o700); err != nil {
-		t.Fatal(err)
+		t.Fatalf("%v", err)
 	}
 	t.Cleanup(func() {
 		var st unix.Statfs_t

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the build, the tests and the demo use, if any
+# is missing. Go itself is expected on the PATH (Go 1.26).
+set -o errexit -o nounset -o pipefail
+
+packages=(
+  clang llvm          # regenerating the BPF objects (make verify)
+  bpftool             # inspecting attached programs in tests and the demo
+  iproute2            # network namespaces and veth pairs for test pods
+  util-linux          # nsenter
+  dnsutils            # dig
+  dnsmasq-base        # a DNS server behind a ClusterIP (no system service)
+  curl
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "Installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v go >/dev/null; then
+  if [ -x /usr/local/go/bin/go ]; then
+    echo "go is in /usr/local/go/bin: add it to PATH" >&2
+  else
+    echo "Go 1.26 is needed: https://go.dev/doc/install" >&2
+  fi
+  exit 1
+fi

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every test. Kernel tests (BPF programs in a cgroup of their own, pods as
+# network namespaces) need root; CI runs this as root.
+set -o errexit -o nounset -o pipefail
+cd "$(dirname "$0")/.."
+hack/deps.sh
+hack/verify.sh
+if [ "$(id -u)" != 0 ]; then
+  echo "warning: not root, the kernel tests will be skipped" >&2
+fi
+echo "--- go test"
+# -p 1: the kernel tests of several packages would otherwise share 2 cores
+# with dozens of helper processes; they are correct in parallel, just slow.
+go test -count=1 -p 1 -timeout 20m ./...
+echo "--- go test -race (packages without kernel tests)"
+go test -count=1 -race ./internal/model/... ./internal/runner/... ./internal/healthz/... \
+  ./internal/metrics/... ./internal/watch/... ./internal/httpserve/...

@@ -1,0 +1,183 @@
+// Command kube-bpf-proxy replaces kube-proxy on a Kubernetes node: it watches
+// Services and EndpointSlices and load-balances them in the kernel, with eBPF
+// programs at socket level (--mode=ebpf, the default) or with kube-proxy-style
+// iptables rules (--mode=iptables).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/cgroups"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/proxy"
+)
+
+const usageLine = "usage: kube-bpf-proxy [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [flags]"
+
+type options struct {
+	mode               string
+	kubeconfig         string
+	hostnameOverride   string
+	cgroupPath         string
+	bpffsPath          string
+	cleanup            bool
+	maxServices        uint
+	maxBackends        uint
+	maxSockets         uint
+	minSyncPeriod      time.Duration
+	syncPeriod         time.Duration
+	healthzBindAddress string
+	metricsBindAddress string
+}
+
+func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("kube-bpf-proxy", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, usageLine)
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&o.mode, "mode", "ebpf", "datapath: ebpf (socket-level load balancing) or iptables (kube-proxy's rules)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; empty means the in-cluster configuration")
+	fs.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name; default $NODE_NAME, then the hostname")
+	fs.StringVar(&o.cgroupPath, "cgroup-path", "", "cgroup v2 directory the eBPF programs attach to; default the cgroup2 mount root, which covers every socket on the node")
+	fs.StringVar(&o.bpffsPath, "bpffs-path", "/sys/fs/bpf/kube-bpf-proxy", "directory on a bpffs for pinned maps and links; bpffs is mounted on its parent if missing")
+	fs.BoolVar(&o.cleanup, "cleanup", false, "remove every map, link, program and pin this binary owns, then exit")
+	fs.UintVar(&o.maxServices, ebpf.FlagMaxServices, ebpf.DefaultMaxServices, "capacity of the eBPF service map, in service ports (one per Service port and protocol)")
+	fs.UintVar(&o.maxBackends, ebpf.FlagMaxBackends, ebpf.DefaultMaxBackends, "capacity of the eBPF backend and slot maps, in backend references summed over all service ports")
+	fs.UintVar(&o.maxSockets, ebpf.FlagMaxRevNAT, ebpf.DefaultMaxRevNAT, "sockets whose replies and peer name are shown as the Service address; the least recently used is forgotten first")
+	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 100*time.Millisecond, "least time between two datapath syncs; changes arriving faster are batched (eBPF map updates are cheap, so this is short)")
+	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
+	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of /healthz and /livez")
+	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of /metrics")
+	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
+	klog.InitFlags(klogFlags)
+	for _, name := range []string{"v", "vmodule", "logtostderr"} {
+		fs.Var(klogFlags.Lookup(name).Value, name, klogFlags.Lookup(name).Usage)
+	}
+	return fs
+}
+
+// run is main without the exit, for tests: 0 on success, 1 on failure, 2 on
+// a usage error.
+func run(ctx context.Context, args []string, stderr io.Writer) int {
+	var o options
+	fs := newFlagSet(&o, stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "unexpected argument %q\n%s\n", fs.Arg(0), usageLine)
+		return 2
+	}
+	switch o.mode {
+	case "ebpf":
+	case "iptables":
+		fmt.Fprintln(stderr, "--mode=iptables is not yet implemented in this version; use --mode=ebpf")
+		return 1
+	default:
+		fmt.Fprintf(stderr, "unknown --mode %q: want ebpf or iptables\n%s\n", o.mode, usageLine)
+		return 2
+	}
+
+	if o.cleanup {
+		if err := ebpf.Cleanup(o.bpffsPath); err != nil {
+			klog.ErrorS(err, "Cleanup failed")
+			return 1
+		}
+		klog.InfoS("Removed the eBPF datapath", "path", o.bpffsPath)
+		return 0
+	}
+	if err := runProxy(ctx, o); err != nil {
+		klog.ErrorS(err, "kube-bpf-proxy failed")
+		return 1
+	}
+	return 0
+}
+
+func runProxy(ctx context.Context, o options) error {
+	nodeName, err := nodeName(o.hostnameOverride)
+	if err != nil {
+		return err
+	}
+	cgroupPath := o.cgroupPath
+	if cgroupPath == "" {
+		if cgroupPath, err = cgroups.Cgroup2Mount(); err != nil {
+			return err
+		}
+	}
+	restCfg, err := clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+	if err != nil {
+		return fmt.Errorf("loading Kubernetes client configuration: %w", err)
+	}
+	restCfg.UserAgent = "kube-bpf-proxy"
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		return fmt.Errorf("creating Kubernetes client: %w", err)
+	}
+
+	dp, err := ebpf.New(ebpf.Config{
+		BPFFSPath:   o.bpffsPath,
+		CgroupPath:  cgroupPath,
+		MaxServices: uint32(o.maxServices),
+		MaxBackends: uint32(o.maxBackends),
+		MaxSockets:  uint32(o.maxSockets),
+	})
+	if err != nil {
+		return fmt.Errorf("starting the eBPF datapath: %w", err)
+	}
+	// Closing releases our handles only; the pinned datapath keeps serving
+	// until the next start takes it over.
+	defer dp.Close()
+
+	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "node", nodeName, "cgroup", cgroupPath, "bpffs", o.bpffsPath)
+	return proxy.Run(ctx, client, dp, proxy.Config{
+		NodeName:           nodeName,
+		MinSyncPeriod:      o.minSyncPeriod,
+		SyncPeriod:         o.syncPeriod,
+		RetryPeriod:        time.Second,
+		HealthzBindAddress: o.healthzBindAddress,
+		MetricsBindAddress: o.metricsBindAddress,
+	})
+}
+
+// nodeName follows kube-proxy: the flag, then $NODE_NAME (set from the
+// downward API in the DaemonSet), then the hostname, lower-cased.
+func nodeName(override string) (string, error) {
+	name := override
+	if name == "" {
+		name = os.Getenv("NODE_NAME")
+	}
+	if name == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return "", fmt.Errorf("finding the node name (pass --hostname-override): %w", err)
+		}
+		name = h
+	}
+	return strings.ToLower(strings.TrimSpace(name)), nil
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	code := run(ctx, os.Args[1:], os.Stderr)
+	stop()
+	klog.Flush()
+	os.Exit(code)
+}
