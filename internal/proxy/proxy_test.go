@@ -32,6 +32,7 @@ type recordingDataplane struct {
 	snaps    []*model.Snapshot
 	failNext int
 	synced   chan struct{}
+	read     int // snapshots handed out by next
 }
 
 func newRecordingDataplane() *recordingDataplane {
@@ -51,7 +52,7 @@ func (r *recordingDataplane) Sync(_ context.Context, s *model.Snapshot) error {
 
 func (r *recordingDataplane) Close() error { return nil }
 
-// next waits for the next sync and returns its snapshot.
+// next waits for the next sync and returns its snapshot, in order.
 func (r *recordingDataplane) next(t *testing.T) *model.Snapshot {
 	t.Helper()
 	select {
@@ -61,7 +62,8 @@ func (r *recordingDataplane) next(t *testing.T) *model.Snapshot {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.snaps[len(r.snaps)-1]
+	r.read++
+	return r.snaps[r.read-1]
 }
 
 func service(ns, name, clusterIP string, ports ...v1.ServicePort) *v1.Service {
@@ -240,7 +242,7 @@ func TestProxierFailedSyncIsRetriedInFull(t *testing.T) {
 		t.Fatal(err)
 	}
 	if failed := dp.next(t); failed.Full {
-		t.Fatal("the change was synced in full, want partial")
+		t.Fatalf("the change was synced in full, want partial: %+v; all: %d", failed, len(dp.snaps))
 	}
 	retry := dp.next(t)
 	if !retry.Full {
