@@ -43,7 +43,7 @@ func (d *demo) Fatalf(format string, args ...any) {
 	d.teardown()
 	os.Exit(1)
 }
-func (d *demo) Skip(args ...any)  { d.Fatalf("%s", fmt.Sprint(args...)) }
+func (d *demo) Skip(args ...any) { d.Fatalf("%s", fmt.Sprint(args...)) }
 func (d *demo) Cleanup(f func()) { d.cleanups = append(d.cleanups, f) }
 func (d *demo) TempDir() string {
 	dir, err := os.MkdirTemp("", "kbp-demo-")

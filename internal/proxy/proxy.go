@@ -34,7 +34,7 @@ type Config struct {
 	// full one. Health turns bad when a change waits twice this long.
 	SyncPeriod time.Duration
 	// RetryPeriod is how soon a failed sync is retried (as a full sync).
-	RetryPeriod            time.Duration
+	RetryPeriod        time.Duration
 	HealthzBindAddress string
 	MetricsBindAddress string
 }
