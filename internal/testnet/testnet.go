@@ -14,6 +14,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -290,4 +291,23 @@ func randomSuffix() string {
 	b := make([]byte, 3)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// AttachedPrograms counts the BPF programs attached directly to a cgroup, as
+// bpftool reports them.
+func AttachedPrograms(t T, cgroup string) int {
+	t.Helper()
+	out, err := exec.Command("bpftool", "-j", "cgroup", "show", cgroup).Output()
+	if err != nil {
+		t.Fatalf("bpftool cgroup show %s: %v", cgroup, err)
+	}
+	// bpftool prints nothing at all, not [], for a cgroup without programs.
+	if len(bytes.TrimSpace(out)) == 0 {
+		return 0
+	}
+	var progs []json.RawMessage
+	if err := json.Unmarshal(out, &progs); err != nil {
+		t.Fatalf("bpftool output %q: %v", out, err)
+	}
+	return len(progs)
 }

@@ -487,16 +487,8 @@ func TestKernelKill9KeepsServingAndCleanupRemovesAll(t *testing.T) {
 	if _, err := os.Stat(s.cfg.BPFFSPath); !os.IsNotExist(err) {
 		t.Errorf("pin directory still there after cleanup: %v", err)
 	}
-	out, err := exec.Command("bpftool", "-j", "cgroup", "show", s.net.Cgroup).CombinedOutput()
-	if err != nil {
-		t.Fatalf("bpftool: %v: %s", err, out)
-	}
-	var attached []map[string]any
-	if err := json.Unmarshal(out, &attached); err != nil {
-		t.Fatalf("bpftool output %q: %v", out, err)
-	}
-	if len(attached) != 0 {
-		t.Errorf("programs still attached after cleanup:\n%s", out)
+	if got := testnet.AttachedPrograms(t, s.net.Cgroup); got != 0 {
+		t.Errorf("%d programs still attached after cleanup", got)
 	}
 	// And the VIP is no longer translated: it dies in the namespaces.
 	if l := s.run(t, "tcp", vip+":80", "1")[0]; strings.HasPrefix(l, "ok ") {

@@ -1,0 +1,236 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+// The test binary doubles as kube-bpf-proxy itself, so the tests run the real
+// main: flags, signals and exit codes included.
+const runMainEnv = "KBP_TEST_RUN_MAIN"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(runMainEnv) == "1" {
+		os.Args = append([]string{"kube-bpf-proxy"}, os.Args[1:]...)
+		main()
+		return
+	}
+	testnet.Main(m, nil)
+}
+
+func TestUsageErrors(t *testing.T) {
+	tests := []struct {
+		name     string
+		args     []string
+		wantCode int
+		wantErr  string
+	}{
+		{"unknown flag", []string{"--bogus"}, 2, "usage: kube-bpf-proxy"},
+		{"unknown mode", []string{"--mode=ipvs"}, 2, `unknown --mode "ipvs"`},
+		{"stray argument", []string{"proxy"}, 2, `unexpected argument "proxy"`},
+		{"bad duration", []string{"--sync-period=soon"}, 2, "usage: kube-bpf-proxy"},
+		{"iptables mode not yet built", []string{"--mode=iptables"}, 1, "not yet implemented"},
+		{"cleanup of nothing succeeds", []string{"--cleanup", "--bpffs-path=" + filepath.Join(t.TempDir(), "none")}, 0, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			code := run(context.Background(), tt.args, &stderr)
+			if code != tt.wantCode || !strings.Contains(stderr.String(), tt.wantErr) {
+				t.Errorf("run(%q) = %d, stderr %q; want %d and %q", tt.args, code, stderr.String(), tt.wantCode, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestNodeName(t *testing.T) {
+	t.Setenv("NODE_NAME", "Node-From-Env")
+	if got, _ := nodeName("Flag-Node"); got != "flag-node" {
+		t.Errorf("with flag: %q", got)
+	}
+	if got, _ := nodeName(""); got != "node-from-env" {
+		t.Errorf("from env: %q", got)
+	}
+	t.Setenv("NODE_NAME", "")
+	host, _ := os.Hostname()
+	if got, _ := nodeName(""); got != strings.ToLower(host) {
+		t.Errorf("from hostname: %q, want %q", got, host)
+	}
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+// unreachableKubeconfig points at a loopback port nobody listens on: the
+// informers never sync, which is what these tests want to watch.
+func unreachableKubeconfig(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	cfg := `apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:1", insecure-skip-tls-verify: true}}]
+users: [{name: none, user: {token: none}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+`
+	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+type binary struct {
+	cmd     *exec.Cmd
+	healthz string
+	metrics string
+	stderr  bytes.Buffer
+}
+
+func startBinary(t *testing.T, args ...string) *binary {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &binary{healthz: freeAddr(t), metrics: freeAddr(t)}
+	args = append(args, "--healthz-bind-address="+b.healthz, "--metrics-bind-address="+b.metrics)
+	b.cmd = exec.Command(exe, args...)
+	b.cmd.Env = append(os.Environ(), runMainEnv+"=1")
+	b.cmd.Stderr = &b.stderr
+	if err := b.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { testnet.Stop(b.cmd) })
+	return b
+}
+
+func (b *binary) wait(t *testing.T, timeout time.Duration) int {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- b.cmd.Wait() }()
+	select {
+	case <-done:
+		return b.cmd.ProcessState.ExitCode()
+	case <-time.After(timeout):
+		t.Fatalf("kube-bpf-proxy did not exit within %v; log:\n%s", timeout, b.stderr.String())
+		return -1
+	}
+}
+
+// eventually polls cond (the process's startup is not ours to time) for up
+// to 30s.
+func eventually(t *testing.T, what string, cond func() (bool, string)) {
+	t.Helper()
+	var last string
+	for range 300 {
+		var ok bool
+		if ok, last = cond(); ok {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("%s: never happened; last: %s", what, last)
+}
+
+func httpGet(url string) (int, string) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+func TestBinaryLifecycle(t *testing.T) {
+	n := testnet.New(t)
+	bpffs := testnet.BPFFS(t)
+	args := []string{
+		"--kubeconfig=" + unreachableKubeconfig(t), "--hostname-override=test-node",
+		"--cgroup-path=" + n.Cgroup, "--bpffs-path=" + bpffs,
+		"--sync-period=200ms", "--bpf-max-services=64", "--bpf-max-backends=256", "--bpf-max-sockets=256",
+	}
+	pinned := func() (bool, string) {
+		_, err := os.Stat(filepath.Join(bpffs, "links", "getpeername4"))
+		return err == nil, fmt.Sprint(err)
+	}
+
+	first := startBinary(t, args...)
+	eventually(t, "programs pinned", pinned)
+	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 4 {
+		t.Errorf("%d programs attached to the test cgroup, want 4", got)
+	}
+	// The API never answers, so the first sync never happens: once a queued
+	// sync is overdue (2 x --sync-period), health says so.
+	eventually(t, "healthz 503 while never synced", func() (bool, string) {
+		code, body := httpGet("http://" + first.healthz + "/healthz")
+		return code == http.StatusServiceUnavailable && strings.Contains(body, "lastUpdated"), fmt.Sprint(code, body)
+	})
+	eventually(t, "metrics served", func() (bool, string) {
+		code, body := httpGet("http://" + first.metrics + "/metrics")
+		return code == http.StatusOK && strings.Contains(body, "kubeproxy_sync_proxy_rules_duration_seconds"), fmt.Sprint(code)
+	})
+
+	// kill -9: the datapath stays attached and pinned.
+	if err := first.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	first.wait(t, 10*time.Second)
+	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 4 {
+		t.Errorf("after kill -9: %d programs attached, want 4", got)
+	}
+
+	// A restart takes the pinned links over (updating them in place), and
+	// SIGTERM ends it cleanly, leaving the datapath serving.
+	second := startBinary(t, args...)
+	eventually(t, "restarted proxy serves metrics", func() (bool, string) {
+		code, _ := httpGet("http://" + second.metrics + "/metrics")
+		return code == http.StatusOK, fmt.Sprint(code)
+	})
+	if err := second.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := second.wait(t, 5*time.Second); code != 0 {
+		t.Errorf("exit status after SIGTERM = %d, want 0; log:\n%s", code, second.stderr.String())
+	}
+	if !strings.Contains(second.stderr.String(), "Updated pinned program link") && !strings.Contains(second.stderr.String(), "Starting kube-bpf-proxy") {
+		t.Errorf("restart log lacks the start line:\n%s", second.stderr.String())
+	}
+	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 4 {
+		t.Errorf("after SIGTERM: %d programs attached, want 4 (the datapath must outlive the process)", got)
+	}
+	if ok, _ := pinned(); !ok {
+		t.Error("pins gone after SIGTERM")
+	}
+
+	cleanup := startBinary(t, "--cleanup", "--bpffs-path="+bpffs)
+	if code := cleanup.wait(t, 10*time.Second); code != 0 {
+		t.Fatalf("--cleanup exit status %d; log:\n%s", code, cleanup.stderr.String())
+	}
+	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 0 {
+		t.Errorf("after --cleanup: %d programs attached, want 0", got)
+	}
+	if _, err := os.Stat(bpffs); !os.IsNotExist(err) {
+		t.Errorf("after --cleanup the pin directory is still there: %v", err)
+	}
+}
