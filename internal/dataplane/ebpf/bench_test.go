@@ -109,3 +109,22 @@ func BenchmarkKernelOneEndpointChange(b *testing.B) {
 	}
 	b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
 }
+
+// BenchmarkKernelRestore reads 10k x 10 back from the kernel maps, as a
+// restarted proxy does, and as a full sync does to repair drift.
+func BenchmarkKernelRestore(b *testing.B) {
+	cfg := benchConfig(b)
+	dp, err := New(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { dp.Close(); _ = Cleanup(cfg.BPFFSPath) })
+	if err := dp.Sync(context.Background(), scaleSnapshot(10000, 10)); err != nil {
+		b.Fatal(err)
+	}
+	for b.Loop() {
+		if err := dp.rec.restore(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -250,7 +250,7 @@ func Cleanup(dir string) error {
 		err := os.Remove(path)
 		switch {
 		case err == nil:
-			klog.InfoS("Removed", "pin", path)
+			klog.V(2).InfoS("Removed", "pin", path)
 		case !errors.Is(err, os.ErrNotExist):
 			errs = append(errs, err)
 		}

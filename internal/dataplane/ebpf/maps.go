@@ -63,7 +63,36 @@ func (k *kernelMap[K, V]) Delete(key K) error {
 	return fmt.Errorf("deleting from %s: %w", k.name, err)
 }
 
+// iterateBatch is how many entries one BPF_MAP_LOOKUP_BATCH call reads.
+const iterateBatch = 4096
+
+// Iterate reads the map in batches (Linux 5.6+), one system call per
+// iterateBatch entries instead of two per entry: restoring 10k services x 10
+// backends goes from most of a second to a few tens of milliseconds.
 func (k *kernelMap[K, V]) Iterate(fn func(K, V) error) error {
+	keys := make([]K, iterateBatch)
+	values := make([]V, iterateBatch)
+	var cursor ebpf.MapBatchCursor
+	for first := true; ; first = false {
+		n, err := k.m.BatchLookup(&cursor, keys, values, nil)
+		if first && errors.Is(err, ebpf.ErrNotSupported) {
+			return k.iterateOneByOne(fn)
+		}
+		for i := range n {
+			if err := fn(keys[i], values[i]); err != nil {
+				return err
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil // the end
+		}
+		if err != nil {
+			return fmt.Errorf("reading %s: %w", k.name, err)
+		}
+	}
+}
+
+func (k *kernelMap[K, V]) iterateOneByOne(fn func(K, V) error) error {
 	var (
 		key   K
 		value V
