@@ -7,10 +7,13 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
@@ -494,4 +497,54 @@ func TestKernelKill9KeepsServingAndCleanupRemovesAll(t *testing.T) {
 	if l := s.run(t, "tcp", vip+":80", "1")[0]; strings.HasPrefix(l, "ok ") {
 		t.Errorf("VIP still served after cleanup: %q", l)
 	}
+}
+
+func TestKernelCapacityChangeResizesPinnedMaps(t *testing.T) {
+	s := newKernelSetup(t, 2)
+	snap := snapshot(true, servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...))
+	s.sync(t, snap)
+	s.dp.Close()
+
+	// Too small for what is in use: refused, naming the flag, and the old
+	// datapath keeps serving.
+	small := s.cfg
+	small.MaxBackends = 1
+	if _, err := New(small); err == nil || !strings.Contains(err.Error(), "--"+FlagMaxBackends) {
+		t.Fatalf("New with too small a backend map: %v, want an error naming --%s", err, FlagMaxBackends)
+	}
+	if got := tally(s.run(t, "tcp", vip+":80", "5")); got["ok pod-0"]+got["ok pod-1"] != 5 {
+		t.Fatalf("after refused resize: %v", got)
+	}
+
+	// Larger: the maps are migrated, nothing needs rewriting, traffic flows.
+	s.cfg.MaxServices *= 2
+	s.cfg.MaxBackends *= 2
+	s.cfg.MaxSockets *= 2
+	counting := &countingMaps{}
+	resized := s.open(t)
+	resized.rec.maps = counting.wrap(resized.rec.maps)
+	if err := resized.Sync(context.Background(), snap); err != nil {
+		t.Fatal(err)
+	}
+	if counting.ops != 0 {
+		t.Errorf("resized maps needed %d writes, want 0 (entries must be carried over)", counting.ops)
+	}
+	for name, want := range map[string]uint32{lbMapKbpServices: s.cfg.MaxServices, lbMapKbpBackends: s.cfg.MaxBackends, lbMapKbpRevnat: s.cfg.MaxSockets} {
+		if got := pinnedCapacity(t, s.cfg.BPFFSPath, name); got != want {
+			t.Errorf("pinned %s holds %d entries, want %d", name, got, want)
+		}
+	}
+	if got := tally(s.run(t, "tcp", vip+":80", "10")); got["ok pod-0"]+got["ok pod-1"] != 10 {
+		t.Fatalf("after resize: %v", got)
+	}
+}
+
+func pinnedCapacity(t *testing.T, dir, name string) uint32 {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	return m.MaxEntries()
 }

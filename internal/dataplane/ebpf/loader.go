@@ -86,12 +86,17 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 	spec.Maps[lbMapKbpSlots].MaxEntries = cfg.MaxBackends
 	spec.Maps[lbMapKbpBackends].MaxEntries = cfg.MaxBackends
 	spec.Maps[lbMapKbpRevnat].MaxEntries = cfg.MaxSockets
-	if err := checkPinnedMaps(spec, cfg.BPFFSPath); err != nil {
+	resized, err := resizePinnedMaps(spec, cfg.BPFFSPath)
+	if err != nil {
 		return nil, err
 	}
+	defer closeMaps(resized) // the collection holds clones
 
 	k := &kernelObjects{}
-	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: cfg.BPFFSPath}}
+	opts := &ebpf.CollectionOptions{
+		Maps:            ebpf.MapOptions{PinPath: cfg.BPFFSPath},
+		MapReplacements: resized,
+	}
 	if err := spec.LoadAndAssign(&k.objs, opts); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
@@ -118,6 +123,9 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 			return nil, err
 		}
 		k.links = append(k.links, l)
+	}
+	if err := pinResized(resized, cfg.BPFFSPath); err != nil {
+		return nil, err
 	}
 	return k, nil
 }
@@ -169,32 +177,98 @@ func attach(p program, prog *ebpf.Program, cfg Config, cgroupID uint64) (link.Li
 	}
 }
 
-// checkPinnedMaps turns a pinned map that no longer matches its spec (most
-// often: a capacity flag changed) into an error that says what to do,
-// instead of the loader's generic incompatibility error.
-func checkPinnedMaps(spec *ebpf.CollectionSpec, dir string) error {
+// resizePinnedMaps handles pinned maps that differ from their spec in
+// capacity only (a --bpf-max-* flag changed): each gets a new map of the
+// new size holding the old one's entries, to be used when the programs are
+// loaded and pinned in its place once they are attached. The datapath keeps
+// serving from the old map until the programs are swapped. Any other
+// difference means a pin from an incompatible version.
+func resizePinnedMaps(spec *ebpf.CollectionSpec, dir string) (_ map[string]*ebpf.Map, err error) {
+	resized := make(map[string]*ebpf.Map)
+	defer func() {
+		if err != nil {
+			closeMaps(resized)
+		}
+	}()
 	for _, m := range mapNames {
 		pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, m.name), nil)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
 		if err != nil {
-			return fmt.Errorf("opening pinned map %s: %w", m.name, err)
+			return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
 		}
-		err = spec.Maps[m.name].Compatible(pinned)
-		have := pinned.MaxEntries()
+		fresh, err := resized1(spec.Maps[m.name], pinned, m.flag)
 		pinned.Close()
-		if err == nil {
-			continue
+		if err != nil {
+			return nil, err
 		}
-		if have != spec.Maps[m.name].MaxEntries && m.flag != "" {
-			return fmt.Errorf("pinned map %s holds %d entries but --%s asks for %d: start with the old value, "+
-				"or run --cleanup first (Service traffic through this node is interrupted until the next start)",
-				m.name, have, m.flag, spec.Maps[m.name].MaxEntries)
+		if fresh != nil {
+			resized[m.name] = fresh
 		}
-		return fmt.Errorf("pinned map %s was made by an incompatible version (%v): run --cleanup, then start again", m.name, err)
+	}
+	return resized, nil
+}
+
+// resized1 returns nil if pinned fits want as it is, else a resized copy.
+func resized1(want *ebpf.MapSpec, pinned *ebpf.Map, flag string) (*ebpf.Map, error) {
+	if want.Compatible(pinned) == nil {
+		return nil, nil
+	}
+	sameButSize := want.Copy()
+	sameButSize.MaxEntries = pinned.MaxEntries()
+	if err := sameButSize.Compatible(pinned); err != nil || flag == "" {
+		return nil, fmt.Errorf("pinned map %s was made by an incompatible version (%v): run --cleanup, then start again", want.Name, err)
+	}
+	fresh := want.Copy()
+	fresh.Pinning = ebpf.PinNone
+	m, err := ebpf.NewMap(fresh)
+	if err != nil {
+		return nil, fmt.Errorf("creating %s with %d entries (--%s): %w", want.Name, want.MaxEntries, flag, err)
+	}
+	var (
+		key, value []byte
+		copied     int
+	)
+	it := pinned.Iterate()
+	for it.Next(&key, &value) {
+		if err := m.Update(key, value, ebpf.UpdateAny); err != nil {
+			m.Close()
+			if errors.Is(err, unix.E2BIG) {
+				return nil, fmt.Errorf("--%s=%d is too small for the %s entries already in use: raise it", flag, want.MaxEntries, want.Name)
+			}
+			return nil, fmt.Errorf("copying %s: %w", want.Name, err)
+		}
+		copied++
+	}
+	if err := it.Err(); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("reading pinned %s: %w", want.Name, err)
+	}
+	klog.InfoS("Resizing pinned map", "map", want.Name, "flag", "--"+flag,
+		"from", pinned.MaxEntries(), "to", want.MaxEntries, "entries", copied)
+	return m, nil
+}
+
+// pinResized puts resized maps in place of the old pins. Programs already
+// use them; the old maps go when their pins do.
+func pinResized(resized map[string]*ebpf.Map, dir string) error {
+	for name, m := range resized {
+		path := filepath.Join(dir, name)
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("unpinning the old %s: %w", name, err)
+		}
+		if err := m.Pin(path); err != nil {
+			return fmt.Errorf("pinning the resized %s: %w", name, err)
+		}
 	}
 	return nil
+}
+
+func closeMaps(maps map[string]*ebpf.Map) {
+	for _, m := range maps {
+		m.Close()
+	}
 }
 
 // ensureBPFFS makes dir, mounting a bpffs on its parent first when neither
