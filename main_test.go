@@ -177,8 +177,8 @@ func TestBinaryLifecycle(t *testing.T) {
 
 	first := startBinary(t, args...)
 	eventually(t, "programs pinned", pinned)
-	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 4 {
-		t.Errorf("%d programs attached to the test cgroup, want 4", got)
+	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 5 {
+		t.Errorf("%d programs attached to the test cgroup, want 5", got)
 	}
 	// The API never answers, so the first sync never happens: once a queued
 	// sync is overdue (2 x --sync-period), health says so.
@@ -196,8 +196,8 @@ func TestBinaryLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	first.wait(t, 10*time.Second)
-	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 4 {
-		t.Errorf("after kill -9: %d programs attached, want 4", got)
+	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 5 {
+		t.Errorf("after kill -9: %d programs attached, want 5", got)
 	}
 
 	// A restart takes the pinned links over (updating them in place), and
@@ -216,8 +216,8 @@ func TestBinaryLifecycle(t *testing.T) {
 	if !strings.Contains(second.stderr.String(), "Updated pinned program link") && !strings.Contains(second.stderr.String(), "Starting kube-bpf-proxy") {
 		t.Errorf("restart log lacks the start line:\n%s", second.stderr.String())
 	}
-	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 4 {
-		t.Errorf("after SIGTERM: %d programs attached, want 4 (the datapath must outlive the process)", got)
+	if got := testnet.AttachedPrograms(t, n.Cgroup); got != 5 {
+		t.Errorf("after SIGTERM: %d programs attached, want 5 (the datapath must outlive the process)", got)
 	}
 	if ok, _ := pinned(); !ok {
 		t.Error("pins gone after SIGTERM")

@@ -12,7 +12,8 @@
  *   kbp_services  frontend -> {service id, backend count}
  *   kbp_slots     {service id, slot 0..count-1} -> backend id
  *   kbp_backends  backend id -> {address, port, protocol}
- *   kbp_revnat    {socket cookie, backend address, port} -> frontend
+ *   kbp_revnat    {socket cookie, backend address, port} -> frontend,
+ *                 deleted by sock_release when a connected socket closes
  *   kbp_stats     per-CPU event counters (nothing here logs)
  *
  * Map sizes below are placeholders: the loader sets them from its flags.
@@ -249,4 +250,24 @@ SEC("cgroup/getpeername4")
 int kbp_getpeername4(struct bpf_sock_addr *ctx)
 {
 	return reverse_translate(ctx);
+}
+
+/*
+ * A connected socket's reverse entry is keyed by its peer, so it can be
+ * deleted when the socket goes: the LRU then holds live sockets (and the
+ * peers of unconnected UDP sockets) instead of letting a busy node's closed
+ * connections push out the entries of long-lived ones.
+ */
+SEC("cgroup/sock_release")
+int kbp_sock_release(struct bpf_sock *sk)
+{
+	struct revnat_key key = {};
+
+	if (sk->family != AF_INET || sk->dst_ip4 == 0)
+		return 1;
+	key.cookie = bpf_get_socket_cookie(sk);
+	key.addr = sk->dst_ip4;
+	key.port = sk->dst_port;
+	bpf_map_delete_elem(&kbp_revnat, &key);
+	return 1;
 }

@@ -17,6 +17,7 @@ typedef unsigned long long __u64;
 typedef __u16 __be16;
 typedef __u32 __be32;
 
+#define AF_INET 2
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define ECONNREFUSED 111
@@ -45,6 +46,22 @@ struct bpf_sock_addr {
 	__u64 sk;
 };
 
+/* The context of cgroup/sock_release (fields up to those we read). */
+struct bpf_sock {
+	__u32 bound_dev_if;
+	__u32 family;
+	__u32 type;
+	__u32 protocol;
+	__u32 mark;
+	__u32 priority;
+	__u32 src_ip4;
+	__u32 src_ip6[4];
+	__u32 src_port;   /* host byte order */
+	__be16 dst_port;  /* network byte order; 16 bits wide since Linux 5.17 */
+	__u16 pad_dst_port;
+	__u32 dst_ip4;    /* network byte order */
+};
+
 /* BTF-style map definitions, as understood by libbpf and cilium/ebpf. */
 #define __uint(name, val) int (*name)[val]
 #define __type(name, val) typeof(val) *name
@@ -56,6 +73,7 @@ struct bpf_sock_addr {
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value,
 				   __u64 flags) = (void *)2;
+static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static __u32 (*bpf_get_prandom_u32)(void) = (void *)7;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;
 /* Since Linux 5.18: lets a cgroup program that denies a call choose the errno. */

@@ -548,3 +548,41 @@ func pinnedCapacity(t *testing.T, dir, name string) uint32 {
 	defer m.Close()
 	return m.MaxEntries()
 }
+
+func TestKernelReverseEntriesGoWithTheirSocket(t *testing.T) {
+	s := newKernelSetup(t, 2)
+	s.sync(t, snapshot(true,
+		servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...),
+		servicePort("default", "dns", "dns", model.UDP, vip+":53", s.backends(5353, s.pods...)...)))
+	entries := func() int {
+		n := 0
+		var (
+			k lbRevnatKey
+			v lbRevnatValue
+		)
+		it := s.dp.kernel.objs.KbpRevnat.Iterate()
+		for it.Next(&k, &v) {
+			n++
+		}
+		if err := it.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+
+	// The helper has exited, so its sockets are released: 20 TCP
+	// connections and a connected UDP socket leave nothing behind.
+	if got := tally(s.run(t, "tcp", vip+":80", "20")); got["ok pod-0"]+got["ok pod-1"] != 20 {
+		t.Fatalf("tcp: %v", got)
+	}
+	s.run(t, "udp", vip+":53", "3", "connected")
+	if n := entries(); n != 0 {
+		t.Errorf("%d reverse entries left by closed connected sockets, want 0", n)
+	}
+	// An unconnected socket has no peer to key on at release: its entry
+	// stays until the LRU needs the room.
+	s.run(t, "udp", vip+":53", "3")
+	if n := entries(); n != 1 {
+		t.Errorf("%d reverse entries after one unconnected UDP socket, want 1", n)
+	}
+}

@@ -81,6 +81,7 @@ const (
 	lbProgKbpGetpeername4 = "kbp_getpeername4"
 	lbProgKbpRecvmsg4     = "kbp_recvmsg4"
 	lbProgKbpSendmsg4     = "kbp_sendmsg4"
+	lbProgKbpSockRelease  = "kbp_sock_release"
 )
 
 // loadLb returns the embedded CollectionSpec for lb.
@@ -129,6 +130,7 @@ type lbProgramSpecs struct {
 	KbpGetpeername4 *ebpf.ProgramSpec `ebpf:"kbp_getpeername4"`
 	KbpRecvmsg4     *ebpf.ProgramSpec `ebpf:"kbp_recvmsg4"`
 	KbpSendmsg4     *ebpf.ProgramSpec `ebpf:"kbp_sendmsg4"`
+	KbpSockRelease  *ebpf.ProgramSpec `ebpf:"kbp_sock_release"`
 }
 
 // lbMapSpecs contains maps before they are loaded into the kernel.
@@ -199,6 +201,7 @@ type lbPrograms struct {
 	KbpGetpeername4 *ebpf.Program `ebpf:"kbp_getpeername4"`
 	KbpRecvmsg4     *ebpf.Program `ebpf:"kbp_recvmsg4"`
 	KbpSendmsg4     *ebpf.Program `ebpf:"kbp_sendmsg4"`
+	KbpSockRelease  *ebpf.Program `ebpf:"kbp_sock_release"`
 }
 
 func (p *lbPrograms) Close() error {
@@ -207,6 +210,7 @@ func (p *lbPrograms) Close() error {
 		p.KbpGetpeername4,
 		p.KbpRecvmsg4,
 		p.KbpSendmsg4,
+		p.KbpSockRelease,
 	)
 }
 

@@ -38,6 +38,7 @@ var programs = []program{
 	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(o *lbObjects) *ebpf.Program { return o.KbpSendmsg4 }},
 	{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, func(o *lbObjects) *ebpf.Program { return o.KbpRecvmsg4 }},
 	{"getpeername4", ebpf.AttachCgroupInet4GetPeername, func(o *lbObjects) *ebpf.Program { return o.KbpGetpeername4 }},
+	{"sock_release", ebpf.AttachCgroupInetSockRelease, func(o *lbObjects) *ebpf.Program { return o.KbpSockRelease }},
 }
 
 // mapNames are the maps we pin, with the flag that sizes each.
