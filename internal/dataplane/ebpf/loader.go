@@ -317,8 +317,9 @@ func cgroupID(path string) (uint64, error) {
 
 // Cleanup removes every pin this binary owns under dir: unpinning the links
 // detaches the programs (nothing else holds them), unpinning the maps frees
-// them. Other files under dir are left alone. Cleaning an absent datapath
-// succeeds.
+// them. Other files directly under dir are left alone, so a --bpffs-path
+// pointed at a shared directory by mistake loses nothing of others'.
+// Cleaning an absent datapath succeeds.
 func Cleanup(dir string) error {
 	var errs []error
 	remove := func(path string) {
@@ -330,8 +331,14 @@ func Cleanup(dir string) error {
 			errs = append(errs, err)
 		}
 	}
-	for _, p := range programs {
-		remove(filepath.Join(dir, linksDir, p.name))
+	// Every link pin goes, also those of programs another version had:
+	// links/ is ours alone.
+	entries, err := os.ReadDir(filepath.Join(dir, linksDir))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	for _, e := range entries {
+		remove(filepath.Join(dir, linksDir, e.Name()))
 	}
 	remove(filepath.Join(dir, linksDir))
 	for _, m := range mapNames {
