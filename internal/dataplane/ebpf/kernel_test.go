@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -595,5 +596,38 @@ func TestKernelReverseEntriesGoWithTheirSocket(t *testing.T) {
 	s.run(t, "udp", vip+":53", "3")
 	if n := entries(); n != 1 {
 		t.Errorf("%d reverse entries after one unconnected UDP socket, want 1", n)
+	}
+}
+
+// The slot map holds one entry per backend of each service port, so two
+// services sharing two backends need four: with room for two, the kernel
+// refuses the update, the error names the flag, and what fitted is served.
+func TestKernelFullMapNamesFlagAndKeepsServing(t *testing.T) {
+	n := testnet.New(t)
+	client := n.AddPod("client", "10.244.0.100")
+	var pods []*testnet.Pod
+	for i := range 2 {
+		p := n.AddPod(fmt.Sprintf("pod-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
+		p.Start(false, testnet.Helper("serve", p.Name, "tcp:8080")...)
+		pods = append(pods, p)
+	}
+	s := &kernelSetup{net: n, client: client, pods: pods, cfg: Config{
+		BPFFSPath: testnet.BPFFS(t), CgroupPath: n.Cgroup, MaxServices: 8, MaxBackends: 2, MaxSockets: 64,
+	}}
+	s.dp = s.open(t)
+	backends := s.backends(8080, pods...)
+	err := s.dp.Sync(context.Background(), snapshot(true,
+		servicePort("default", "a", "http", model.TCP, "10.96.0.1:80", backends...),
+		servicePort("default", "b", "http", model.TCP, "10.96.0.2:80", backends...)))
+	if !errors.Is(err, ErrMapFull) || !strings.Contains(err.Error(), "raise --"+FlagMaxBackends) || !strings.Contains(err.Error(), "default/b") {
+		t.Fatalf("sync into a full slot map: %v; want ErrMapFull naming --%s and default/b", err, FlagMaxBackends)
+	}
+	t.Logf("the error a user sees: %v", err)
+	if got := tally(s.run(t, "tcp", "10.96.0.1:80", "6")); got["ok pod-0"]+got["ok pod-1"] != 6 {
+		t.Errorf("the service that fitted is not served: %v", got)
+	}
+	// b was never made visible: its VIP is not translated at all.
+	if l := s.run(t, "tcp", "10.96.0.2:80", "1")[0]; strings.HasPrefix(l, "ok ") {
+		t.Errorf("the service that did not fit answers: %q", l)
 	}
 }
