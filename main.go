@@ -148,7 +148,6 @@ func runProxy(ctx context.Context, o options) error {
 
 	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "node", nodeName, "cgroup", cgroupPath, "bpffs", o.bpffsPath)
 	return proxy.Run(ctx, client, dp, proxy.Config{
-		NodeName:           nodeName,
 		MinSyncPeriod:      o.minSyncPeriod,
 		SyncPeriod:         o.syncPeriod,
 		RetryPeriod:        time.Second,

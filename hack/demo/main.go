@@ -108,7 +108,7 @@ func main() {
 	step("Starting the proxy pipeline against an in-memory API (the local cluster comes with the next milestone)")
 	api := fake.NewClientset()
 	go func() {
-		if err := proxy.Run(ctx, api, dp, proxy.Config{NodeName: "demo-node", MinSyncPeriod: 100 * time.Millisecond,
+		if err := proxy.Run(ctx, api, dp, proxy.Config{MinSyncPeriod: 100 * time.Millisecond,
 			SyncPeriod: 30 * time.Second, RetryPeriod: time.Second,
 			HealthzBindAddress: "127.0.0.1:0", MetricsBindAddress: "127.0.0.1:0"}); err != nil {
 			d.Errorf("proxy: %v", err)

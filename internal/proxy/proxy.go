@@ -26,7 +26,6 @@ import (
 
 // Config holds the settings of a running proxy, independent of the mode.
 type Config struct {
-	NodeName string
 	// MinSyncPeriod is the least time between two syncs: changes arriving
 	// faster are batched.
 	MinSyncPeriod time.Duration

@@ -115,7 +115,7 @@ func start(t *testing.T, client *fake.Clientset, dp interface {
 	r := &running{cancel: cancel, done: make(chan error, 1), healthz: freeAddr(t), metrics: freeAddr(t)}
 	go func() {
 		r.done <- Run(ctx, client, dp, Config{
-			NodeName: "node-a", MinSyncPeriod: 0, SyncPeriod: time.Hour, RetryPeriod: 0,
+			MinSyncPeriod: 0, SyncPeriod: time.Hour, RetryPeriod: 0,
 			HealthzBindAddress: r.healthz, MetricsBindAddress: r.metrics,
 		})
 	}()
