@@ -84,8 +84,7 @@ func main() {
 	var dns []string
 	for i := range 2 {
 		p := net.AddPod(fmt.Sprintf("dns-%d", i), fmt.Sprintf("10.244.2.%d", i+1))
-		p.Start(false, "sh", "-c", `echo ready; exec dnsmasq --keep-in-foreground --no-resolv --no-hosts --conf-file=/dev/null \
-			--user=root --pid-file= --port=53 --address=/web.default.svc.cluster.local/10.96.0.10 --log-facility=/dev/null`)
+		p.StartDNS("web.default.svc.cluster.local", "10.96.0.10")
 		dns = append(dns, p.IP.String())
 		d.Logf("%s at %s running dnsmasq on :53", p.Name, p.IP)
 	}
@@ -107,20 +106,29 @@ func main() {
 
 	step("Starting the proxy pipeline against an in-memory API (the local cluster comes with the next milestone)")
 	api := fake.NewClientset()
+	proxyDone := make(chan struct{})
 	go func() {
+		defer close(proxyDone)
 		if err := proxy.Run(ctx, api, dp, proxy.Config{MinSyncPeriod: 100 * time.Millisecond,
 			SyncPeriod: 30 * time.Second, RetryPeriod: time.Second,
 			HealthzBindAddress: "127.0.0.1:0", MetricsBindAddress: "127.0.0.1:0"}); err != nil {
 			d.Errorf("proxy: %v", err)
 		}
 	}()
+	// Cleanups run last first: the proxy stops before the datapath closes.
+	d.Cleanup(func() { cancel(); <-proxyDone })
 
 	step("Creating Service default/web (10.96.0.10:80 -> 3 pods :8080) and kube-system/dns (10.96.0.53:53 UDP+TCP -> 2 pods)")
 	apply(ctx, d, api, service("default", "web", "10.96.0.10", port("http", v1.ProtocolTCP, 80, 8080)),
 		slice("default", "web", []v1.ServicePort{port("http", v1.ProtocolTCP, 80, 8080)}, web...))
 	dnsPorts := []v1.ServicePort{port("dns", v1.ProtocolUDP, 53, 53), port("dns-tcp", v1.ProtocolTCP, 53, 53)}
 	apply(ctx, d, api, service("kube-system", "dns", "10.96.0.53", dnsPorts...), slice("kube-system", "dns", dnsPorts, dns...))
+	// Each change reaches the datapath with the next sync: wait for both.
 	waitFor(d, func() bool { out, _ := curl(ctx, client); return strings.HasPrefix(out, "web-") })
+	waitFor(d, func() bool {
+		out, err := client.Output(ctx, "dig", "@10.96.0.53", "web.default.svc.cluster.local", "+short", "+tries=1", "+timeout=1")
+		return err == nil && strings.TrimSpace(out) == "10.96.0.10"
+	})
 
 	step("curl http://10.96.0.10/ from the client pod, 6 times: each connect() picks a backend in the kernel")
 	for range 6 {
@@ -170,7 +178,6 @@ func main() {
 	}
 
 	step("Tearing down: programs, pins, namespaces and cgroup")
-	cancel()
 	d.teardown()
 	fmt.Println("\nDone. Run `make test` for the full test suite.")
 }
@@ -203,14 +210,15 @@ func errSuffix(err error) string {
 	return ""
 }
 
+// waitFor polls cond until the datapath has caught up with the last change.
 func waitFor(d *demo, cond func() bool) {
-	for range 100 {
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
 		if cond() {
 			return
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	d.Fatalf("the datapath did not converge within 10s")
+	d.Fatalf("the datapath did not converge within 30s")
 }
 
 func show(d *demo, args ...string) {

@@ -311,3 +311,39 @@ func AttachedPrograms(t T, cgroup string) int {
 	}
 	return len(progs)
 }
+
+// StartListener starts a third-party server in the pod (outside the test
+// cgroup) and waits until it listens on proto ("tcp" or "udp") port, for
+// servers that cannot say when they are ready.
+func (p *Pod) StartListener(proto string, port int, args ...string) *exec.Cmd {
+	p.net.t.Helper()
+	cmd := p.Command(context.Background(), false, args...)
+	cmd.Stdout = os.Stderr
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		p.net.t.Fatalf("starting %v in %s: %v", args, p.Name, err)
+	}
+	p.net.track(cmd)
+	flag := "-Hlnt"
+	if proto == "udp" {
+		flag = "-Hlnu"
+	}
+	for range 300 {
+		out, err := exec.Command("nsenter", "--net=/run/netns/"+p.NS, "--", "ss", flag, fmt.Sprintf("sport = :%d", port)).Output()
+		if err == nil && len(bytes.TrimSpace(out)) > 0 {
+			return cmd
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	p.net.t.Fatalf("%v in %s did not listen on %s port %d within 30s", args, p.Name, proto, port)
+	return nil
+}
+
+// StartDNS runs dnsmasq in the pod on port 53 (UDP and TCP), answering name
+// with ip and nothing else, and waits until it listens.
+func (p *Pod) StartDNS(name, ip string) *exec.Cmd {
+	p.net.t.Helper()
+	return p.StartListener("udp", 53, "dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+		"--conf-file=/dev/null", "--user=root", "--pid-file=", "--port=53", "--log-facility=/dev/null",
+		"--address=/"+name+"/"+ip)
+}

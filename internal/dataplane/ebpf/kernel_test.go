@@ -180,8 +180,7 @@ func TestKernelDigThroughClusterIP(t *testing.T) {
 	var dnsPods []*testnet.Pod
 	for i := range 2 {
 		p := s.net.AddPod(fmt.Sprintf("dns-%d", i), fmt.Sprintf("10.244.2.%d", i+1))
-		p.Start(false, "sh", "-c", `echo ready; exec dnsmasq --keep-in-foreground --no-resolv --no-hosts --conf-file=/dev/null \
-			--user=root --pid-file= --port=53 --address=/web.kbp.test/10.96.7.7 --log-facility=/dev/null`)
+		p.StartDNS("web.kbp.test", "10.96.7.7")
 		dnsPods = append(dnsPods, p)
 	}
 	s.sync(t, snapshot(true,
