@@ -230,32 +230,6 @@ func selectBackends(cands []candidate) []Backend {
 	return out
 }
 
-// ServicePorts computes a Service's ports from the Service and the
-// EndpointSlices that belong to it, as the Tracker does, without tracking.
-// Slices that name another Service are ignored. report may be nil.
-func ServicePorts(svc *v1.Service, endpointSlices []*discoveryv1.EndpointSlice, report ReportFunc) []ServicePort {
-	if report == nil {
-		report = func(string, string) {}
-	}
-	info := convertService(svc, report)
-	if info == nil {
-		return nil
-	}
-	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
-	infos := make([]*sliceInfo, 0, len(endpointSlices))
-	for _, s := range endpointSlices {
-		if si := convertSlice(s, report); si != nil && si.service == name {
-			infos = append(infos, si)
-		}
-	}
-	var scratch []candidate
-	return computePorts(info, func(f func(*sliceInfo)) {
-		for _, si := range infos {
-			f(si)
-		}
-	}, &scratch)
-}
-
 // equalPorts reports whether two computed port lists are the same.
 func equalPorts(a, b []ServicePort) bool {
 	return slices.EqualFunc(a, b, func(x, y ServicePort) bool {

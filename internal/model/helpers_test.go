@@ -238,3 +238,37 @@ func deepEqualPorts(a, b []ServicePort) bool {
 	}
 	return true
 }
+
+// servicePorts computes a Service's ports from the Service and the
+// EndpointSlices that belong to it, as the Tracker does, without tracking:
+// the conversion tests' entry point. Slices that name another Service are
+// ignored. report may be nil.
+func servicePorts(svc *v1.Service, endpointSlices []*discoveryv1.EndpointSlice, report ReportFunc) []ServicePort {
+	if report == nil {
+		report = func(string, string) {}
+	}
+	info := convertService(svc, report)
+	if info == nil {
+		return nil
+	}
+	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
+	infos := make([]*sliceInfo, 0, len(endpointSlices))
+	for _, s := range endpointSlices {
+		if si := convertSlice(s, report); si != nil && si.service == name {
+			infos = append(infos, si)
+		}
+	}
+	var scratch []candidate
+	return computePorts(info, func(f func(*sliceInfo)) {
+		for _, si := range infos {
+			f(si)
+		}
+	}, &scratch)
+}
+
+// hasPending reports whether a partial snapshot would list any service.
+func (t *Tracker) hasPending() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.pending) > 0
+}

@@ -42,16 +42,6 @@ const (
 	ReasonInvalidEndpointPort = "invalid-endpoint-port"
 )
 
-// Reasons lists every skip reason, for pre-initialising metric label values.
-var Reasons = []string{
-	ReasonInvalidClusterIP,
-	ReasonInvalidPort,
-	ReasonUnsupportedProtocol,
-	ReasonDuplicatePort,
-	ReasonInvalidEndpointIP,
-	ReasonInvalidEndpointPort,
-}
-
 // ReportFunc is told about every skipped piece of an API object: resource is
 // ResourceService or ResourceEndpointSlice, reason one of the Reason*
 // constants.

@@ -411,7 +411,7 @@ func TestServicePorts(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			rec := &recorder{}
-			got := ServicePorts(tc.svc, tc.slices, rec.report)
+			got := servicePorts(tc.svc, tc.slices, rec.report)
 			checkPorts(t, got, tc.want)
 			checkReports(t, rec, tc.wantReports)
 		})
@@ -420,16 +420,6 @@ func TestServicePorts(t *testing.T) {
 
 func TestServicePortsNilReport(t *testing.T) {
 	// A nil report function must not crash on malformed input.
-	got := ServicePorts(newSvc("a", "10.0.0.1", withPorts(svcPort("x", v1.ProtocolSCTP, 1), svcPort("y", v1.ProtocolTCP, 0))), nil, nil)
+	got := servicePorts(newSvc("a", "10.0.0.1", withPorts(svcPort("x", v1.ProtocolSCTP, 1), svcPort("y", v1.ProtocolTCP, 0))), nil, nil)
 	checkPorts(t, got, nil)
-}
-
-func TestReasonsListed(t *testing.T) {
-	seen := map[string]bool{}
-	for _, r := range Reasons {
-		if seen[r] {
-			t.Errorf("reason %q listed twice", r)
-		}
-		seen[r] = true
-	}
 }

@@ -203,13 +203,6 @@ func (t *Tracker) recompute(name ServiceName) bool {
 	return true
 }
 
-// Pending reports whether a partial snapshot would list any service.
-func (t *Tracker) Pending() bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return len(t.pending) > 0
-}
-
 // Snapshot returns the desired state and clears the pending changes. A full
 // snapshot lists every service with at least one proxyable port; a partial
 // one lists the services whose ports changed since the previous snapshot,

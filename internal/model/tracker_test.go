@@ -303,12 +303,12 @@ func TestTracker(t *testing.T) {
 			tr := NewTracker()
 			apply(t, tr, tc.before)
 			tr.Snapshot(true)
-			if tr.Pending() {
-				t.Fatalf("Pending() after a full snapshot = true")
+			if tr.hasPending() {
+				t.Fatalf("hasPending() after a full snapshot = true")
 			}
 			apply(t, tr, tc.changes)
-			if got := tr.Pending(); got != tc.wantPending {
-				t.Errorf("Pending() = %v, want %v", got, tc.wantPending)
+			if got := tr.hasPending(); got != tc.wantPending {
+				t.Errorf("hasPending() = %v, want %v", got, tc.wantPending)
 			}
 			partial := tr.Snapshot(false)
 			if partial.Full {
@@ -319,8 +319,8 @@ func TestTracker(t *testing.T) {
 				want = services{}
 			}
 			checkServices(t, "partial snapshot", partial.Services, want)
-			if tr.Pending() {
-				t.Errorf("Pending() after a snapshot = true")
+			if tr.hasPending() {
+				t.Errorf("hasPending() after a snapshot = true")
 			}
 			if again := tr.Snapshot(false); len(again.Services) != 0 {
 				t.Errorf("second partial snapshot not empty:%s", dumpServices(again.Services))
@@ -340,8 +340,8 @@ func TestTrackerFullSnapshotClearsPending(t *testing.T) {
 	tr := NewTracker()
 	tr.UpsertService(newSvc("a", "10.0.0.1", withPorts(svcPort("http", v1.ProtocolTCP, 80))))
 	tr.Snapshot(true)
-	if tr.Pending() {
-		t.Errorf("Pending() after full snapshot = true")
+	if tr.hasPending() {
+		t.Errorf("hasPending() after full snapshot = true")
 	}
 	if s := tr.Snapshot(false); len(s.Services) != 0 {
 		t.Errorf("partial after full not empty:%s", dumpServices(s.Services))
@@ -474,7 +474,7 @@ func TestTrackerConcurrent(t *testing.T) {
 	go func() {
 		defer wg.Done()
 		for i := range 200 {
-			tr.Pending()
+			tr.hasPending()
 			tr.Snapshot(i%10 == 0)
 		}
 	}()

@@ -10,6 +10,7 @@
 package testnet
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -17,6 +18,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -175,23 +177,11 @@ func (p *Pod) Start(inCgroup bool, args ...string) *exec.Cmd {
 	p.net.track(cmd)
 	go func() {
 		defer pr.Close()
-		var line []byte
-		buf := make([]byte, 1)
-		for {
-			n, err := pr.Read(buf)
-			if n == 1 && buf[0] == '\n' {
-				break
-			}
-			if n == 1 {
-				line = append(line, buf[0])
-			}
-			if err != nil {
-				break
-			}
-		}
-		ready <- string(line)
+		r := bufio.NewReader(pr)
+		line, _ := r.ReadString('\n')
+		ready <- strings.TrimSuffix(line, "\n")
 		// Keep draining so the process never blocks on a full pipe.
-		_, _ = bytes.NewBuffer(nil).ReadFrom(pr)
+		_, _ = io.Copy(io.Discard, r)
 	}()
 	select {
 	case line := <-ready:

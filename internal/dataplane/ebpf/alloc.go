@@ -48,5 +48,3 @@ func (a *idAllocator) allocate() (uint32, error) {
 }
 
 func (a *idAllocator) release(id uint32) { delete(a.used, id) }
-
-func (a *idAllocator) inUse() int { return len(a.used) }

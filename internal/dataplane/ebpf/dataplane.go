@@ -33,9 +33,9 @@ func New(cfg Config) (*Dataplane, error) {
 		return nil, err
 	}
 	maps := Maps{
-		Services: newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices, FlagMaxServices),
-		Slots:    newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots, FlagMaxBackends),
-		Backends: newKernelMap[uint32, lbBackendValue](k.objs.KbpBackends, lbMapKbpBackends, FlagMaxBackends),
+		Services: newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices),
+		Slots:    newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
+		Backends: newKernelMap[uint32, lbBackendValue](k.objs.KbpBackends, lbMapKbpBackends),
 	}
 	rec := newReconciler(maps, cfg.MaxServices, cfg.MaxBackends)
 	if err := rec.restore(); err != nil {

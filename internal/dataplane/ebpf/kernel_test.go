@@ -34,8 +34,9 @@ type kernelSetup struct {
 }
 
 // newKernelSetup builds a node, a client pod and n server pods named pod-0..,
-// each serving its name on TCP 8080, UDP 5353 and TCP 5353 answering too.
-func newKernelSetup(t *testing.T, servers int) *kernelSetup {
+// each serving its name on TCP 8080 and 9090 and UDP 5353, and loads the
+// datapath with small maps, which configure may change.
+func newKernelSetup(t *testing.T, servers int, configure ...func(*Config)) *kernelSetup {
 	t.Helper()
 	n := testnet.New(t)
 	s := &kernelSetup{net: n}
@@ -45,6 +46,9 @@ func newKernelSetup(t *testing.T, servers int) *kernelSetup {
 		MaxServices: 1024,
 		MaxBackends: 4096,
 		MaxSockets:  4096,
+	}
+	for _, c := range configure {
+		c(&s.cfg)
 	}
 	s.client = n.AddPod("client", "10.244.0.100")
 	for i := range servers {
@@ -602,19 +606,8 @@ func TestKernelReverseEntriesGoWithTheirSocket(t *testing.T) {
 // services sharing two backends need four: with room for two, the kernel
 // refuses the update, the error names the flag, and what fitted is served.
 func TestKernelFullMapNamesFlagAndKeepsServing(t *testing.T) {
-	n := testnet.New(t)
-	client := n.AddPod("client", "10.244.0.100")
-	var pods []*testnet.Pod
-	for i := range 2 {
-		p := n.AddPod(fmt.Sprintf("pod-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
-		p.Start(false, testnet.Helper("serve", p.Name, "tcp:8080")...)
-		pods = append(pods, p)
-	}
-	s := &kernelSetup{net: n, client: client, pods: pods, cfg: Config{
-		BPFFSPath: testnet.BPFFS(t), CgroupPath: n.Cgroup, MaxServices: 8, MaxBackends: 2, MaxSockets: 64,
-	}}
-	s.dp = s.open(t)
-	backends := s.backends(8080, pods...)
+	s := newKernelSetup(t, 2, func(c *Config) { c.MaxBackends = 2 })
+	backends := s.backends(8080, s.pods...)
 	err := s.dp.Sync(context.Background(), snapshot(true,
 		servicePort("default", "a", "http", model.TCP, "10.96.0.1:80", backends...),
 		servicePort("default", "b", "http", model.TCP, "10.96.0.2:80", backends...)))

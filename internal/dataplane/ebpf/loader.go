@@ -41,13 +41,28 @@ var programs = []program{
 	{"sock_release", ebpf.AttachCgroupInetSockRelease, func(o *lbObjects) *ebpf.Program { return o.KbpSockRelease }},
 }
 
-// mapNames are the maps we pin, with the flag that sizes each.
-var mapNames = []struct{ name, flag string }{
-	{lbMapKbpServices, FlagMaxServices},
-	{lbMapKbpSlots, FlagMaxBackends},
-	{lbMapKbpBackends, FlagMaxBackends},
-	{lbMapKbpRevnat, FlagMaxRevNAT},
-	{lbMapKbpStats, ""},
+// pinnedMaps are the maps we pin, with the flag that sizes each and the
+// capacity it gives. The stats map has a fixed size set in lb.c.
+var pinnedMaps = []struct {
+	name     string
+	flag     string
+	capacity func(Config) uint32
+}{
+	{lbMapKbpServices, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }},
+	{lbMapKbpSlots, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
+	{lbMapKbpBackends, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
+	{lbMapKbpRevnat, FlagMaxRevNAT, func(c Config) uint32 { return c.MaxSockets }},
+	{lbMapKbpStats, "", nil},
+}
+
+// capacityFlag names the flag that sizes a map.
+func capacityFlag(name string) string {
+	for _, m := range pinnedMaps {
+		if m.name == name {
+			return m.flag
+		}
+	}
+	return ""
 }
 
 const linksDir = "links"
@@ -83,10 +98,11 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 	if err != nil {
 		return nil, err
 	}
-	spec.Maps[lbMapKbpServices].MaxEntries = cfg.MaxServices
-	spec.Maps[lbMapKbpSlots].MaxEntries = cfg.MaxBackends
-	spec.Maps[lbMapKbpBackends].MaxEntries = cfg.MaxBackends
-	spec.Maps[lbMapKbpRevnat].MaxEntries = cfg.MaxSockets
+	for _, m := range pinnedMaps {
+		if m.capacity != nil {
+			spec.Maps[m.name].MaxEntries = m.capacity(cfg)
+		}
+	}
 	resized, err := resizePinnedMaps(spec, cfg.BPFFSPath)
 	if err != nil {
 		return nil, err
@@ -191,7 +207,7 @@ func resizePinnedMaps(spec *ebpf.CollectionSpec, dir string) (_ map[string]*ebpf
 			closeMaps(resized)
 		}
 	}()
-	for _, m := range mapNames {
+	for _, m := range pinnedMaps {
 		pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, m.name), nil)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
@@ -341,7 +357,7 @@ func Cleanup(dir string) error {
 		remove(filepath.Join(dir, linksDir, e.Name()))
 	}
 	remove(filepath.Join(dir, linksDir))
-	for _, m := range mapNames {
+	for _, m := range pinnedMaps {
 		remove(filepath.Join(dir, m.name))
 	}
 	remove(dir)

@@ -30,16 +30,16 @@ type Maps struct {
 // ErrMapFull is wrapped by updates that failed because a map is at capacity.
 var ErrMapFull = errors.New("BPF map is full")
 
-// kernelMap adapts a loaded map. capacityFlag names the command-line flag that
-// sizes it, so that a full map tells the user what to raise.
+// kernelMap adapts a loaded map. It knows the command-line flag that sizes
+// it, so that a full map tells the user what to raise.
 type kernelMap[K comparable, V any] struct {
 	m            *ebpf.Map
 	name         string
 	capacityFlag string
 }
 
-func newKernelMap[K comparable, V any](m *ebpf.Map, name, capacityFlag string) *kernelMap[K, V] {
-	return &kernelMap[K, V]{m: m, name: name, capacityFlag: capacityFlag}
+func newKernelMap[K comparable, V any](m *ebpf.Map, name string) *kernelMap[K, V] {
+	return &kernelMap[K, V]{m: m, name: name, capacityFlag: capacityFlag(name)}
 }
 
 func (k *kernelMap[K, V]) Update(key K, value V) error {

@@ -335,17 +335,18 @@ func (r *reconciler) ensureBackends(backends []model.Backend, proto model.Protoc
 	return ids, nil
 }
 
-// retarget moves backend reference counts from the old slot set to the new.
+// retarget moves backend reference counts from the old slot set to the new,
+// in time linear in the size of the service.
 func (r *reconciler) retarget(oldSlots, newSlots []uint32) {
-	oldSet := uniqueIDs(oldSlots)
-	newSet := uniqueIDs(newSlots)
-	for _, id := range newSet {
-		if !slices.Contains(oldSet, id) {
+	inOld := idSet(oldSlots)
+	inNew := idSet(newSlots)
+	for id := range inNew {
+		if !inOld[id] {
 			r.backends[r.backendKeys[id]].refs++
 		}
 	}
-	for _, id := range oldSet {
-		if slices.Contains(newSet, id) {
+	for id := range inOld {
+		if inNew[id] {
 			continue
 		}
 		b := r.backends[r.backendKeys[id]]
@@ -450,6 +451,17 @@ func layoutSlots(old, want []uint32) []uint32 {
 		placed[id] = true
 	}
 	return out
+}
+
+// idSet returns the non-zero ids as a set.
+func idSet(ids []uint32) map[uint32]bool {
+	set := make(map[uint32]bool, len(ids))
+	for _, id := range ids {
+		if id != 0 {
+			set[id] = true
+		}
+	}
+	return set
 }
 
 // uniqueIDs returns the non-zero ids in order of first appearance.

@@ -339,3 +339,29 @@ func TestIDAllocator(t *testing.T) {
 		t.Errorf("after release: got %d, %v; want 3", id, err)
 	}
 }
+
+// BenchmarkReconcilerOneChangeLargeService replaces one endpoint of a
+// service with 5000 (fake maps: the reconciler's own cost, no kernel).
+func BenchmarkReconcilerOneChangeLargeService(b *testing.B) {
+	f := newFakeMaps(16, 20000)
+	r := newReconciler(f.maps(), 16, 20000)
+	var backends []string
+	for i := range 5000 {
+		backends = append(backends, fmt.Sprintf("10.%d.%d.%d:80", 128+i>>16, (i>>8)&255, i&255))
+	}
+	orig := servicePort("ns", "big", "", model.TCP, "10.96.0.1:80", backends...)
+	if err := r.sync(snapshot(true, orig)); err != nil {
+		b.Fatal(err)
+	}
+	changed := orig
+	changed.Backends = append([]model.Backend{{IP: netip.MustParseAddr("10.250.0.1"), Port: 80}}, orig.Backends[1:]...)
+	variants := [2]*model.Snapshot{snapshot(false, changed), snapshot(false, orig)}
+	i := 0
+	for b.Loop() {
+		if err := r.sync(variants[i%2]); err != nil {
+			b.Fatal(err)
+		}
+		f.takeLog()
+		i++
+	}
+}
