@@ -47,10 +47,16 @@ func (k *kernelMap[K, V]) Update(key K, value V) error {
 	if err == nil {
 		return nil
 	}
-	// Hash maps answer E2BIG when max_entries is reached.
-	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOMEM) {
+	// Hash maps answer E2BIG when max_entries is reached. ENOMEM is another
+	// matter: our maps allocate entries on demand (BPF_F_NO_PREALLOC), and
+	// the kernel could not, which a bigger capacity would not fix.
+	switch {
+	case errors.Is(err, unix.E2BIG):
 		return fmt.Errorf("updating %s: %w: all %d entries are in use; raise --%s",
 			k.name, ErrMapFull, k.m.MaxEntries(), k.capacityFlag)
+	case errors.Is(err, unix.ENOMEM):
+		return fmt.Errorf("updating %s: the kernel could not allocate memory for the entry "+
+			"(check the memory limit of this process's cgroup): %w", k.name, err)
 	}
 	return fmt.Errorf("updating %s: %w", k.name, err)
 }
