@@ -1,0 +1,92 @@
+package iptables
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+// UDP has no connection to end, so conntrack keeps a flow's translation for
+// as long as packets keep coming (30 s after the last one by default). A DNS
+// client that retries from one source port would stay pinned to a backend
+// that is gone, or, if its first packets left before the Service had
+// endpoints, to no translation at all. Those entries must be deleted.
+//
+// staleUDP maps each UDP frontend whose backends changed to the backends it
+// has now (none if it is gone). A flow to such a frontend is stale unless
+// it is translated to one of them.
+type staleUDP map[netip.AddrPort]map[netip.AddrPort]bool
+
+func addrPort(ip net.IP, port uint16) netip.AddrPort {
+	a, _ := netip.AddrFromSlice(ip)
+	return netip.AddrPortFrom(a.Unmap(), port)
+}
+
+// MatchConntrackFlow implements netlink.CustomConntrackFilter.
+func (s staleUDP) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+	if flow.Forward.Protocol != unix.IPPROTO_UDP {
+		return false
+	}
+	backends, ok := s[addrPort(flow.Forward.DstIP, flow.Forward.DstPort)]
+	if !ok {
+		return false
+	}
+	// The reply's source is where the flow really goes: a backend when it
+	// was translated, the frontend itself when it was not.
+	return !backends[addrPort(flow.Reverse.SrcIP, flow.Reverse.SrcPort)]
+}
+
+// add records a UDP service port's frontend and its backends now.
+func (s staleUDP) add(fe model.Frontend, now []model.Backend) {
+	set := make(map[netip.AddrPort]bool, len(now))
+	for _, b := range now {
+		set[netip.AddrPortFrom(b.IP, b.Port)] = true
+	}
+	s[netip.AddrPortFrom(fe.IP, fe.Port)] = set
+}
+
+// conntrack deletes flows from the kernel's connection tracking table.
+type conntrack interface {
+	deleteStale(staleUDP) (uint, error)
+	Close()
+}
+
+type netlinkConntrack struct{ h *netlink.Handle }
+
+// openConntrack opens a netfilter netlink socket in the network namespace
+// at nsPath, or in this process's if it is empty.
+func openConntrack(nsPath string) (*netlinkConntrack, error) {
+	if nsPath == "" {
+		h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
+		if err != nil {
+			return nil, fmt.Errorf("opening conntrack netlink socket: %w", err)
+		}
+		return &netlinkConntrack{h}, nil
+	}
+	ns, err := netns.GetFromPath(nsPath)
+	if err != nil {
+		return nil, fmt.Errorf("opening network namespace %s: %w", nsPath, err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_NETFILTER)
+	if err != nil {
+		return nil, fmt.Errorf("opening conntrack netlink socket in %s: %w", nsPath, err)
+	}
+	return &netlinkConntrack{h}, nil
+}
+
+func (c *netlinkConntrack) deleteStale(s staleUDP) (uint, error) {
+	n, err := c.h.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, s)
+	if err != nil {
+		return n, fmt.Errorf("deleting stale UDP conntrack entries: %w", err)
+	}
+	return n, nil
+}
+
+func (c *netlinkConntrack) Close() { c.h.Close() }

@@ -1,0 +1,252 @@
+package iptables
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+// largeClusterEndpoints is kube-proxy's threshold (all endpoints of all
+// services) above which it leaves the per-endpoint comments out: at that
+// size they make iptables-restore's input markedly larger and slower to
+// apply, and nobody reads a hundred thousand of them.
+const largeClusterEndpoints = 1000
+
+// ruleOptions are the node-wide settings that shape the rules.
+type ruleOptions struct {
+	// masqMark is the fwmark bit that asks KUBE-POSTROUTING to masquerade,
+	// formatted as kube-proxy does (0x4000 for bit 14).
+	masqMark string
+	// clusterCIDR, when valid, is the pods' range: traffic to a ClusterIP
+	// from outside it is masqueraded so replies come back through this node.
+	clusterCIDR netip.Prefix
+	// masqueradeAll masquerades every ClusterIP connection.
+	masqueradeAll bool
+}
+
+// renderInput is what one sync writes.
+type renderInput struct {
+	// services is every service port served after this sync, in a stable
+	// order. The top-level chains list them all on every sync.
+	services []model.ServicePort
+	// rewrite says whose per-service chains are written; the rest are
+	// left as they are in the kernel (a partial sync).
+	rewrite func(model.ServiceName) bool
+	// stale are per-service nat chains to flush and delete.
+	stale []string
+	// missingJumps are jumps from built-in chains to ours that the tables
+	// lack; they are inserted in the same transaction.
+	missingJumps []jump
+}
+
+// renderStats counts what a sync's rules add up to, skipped ones included,
+// as kube-proxy's iptables_total metrics do.
+type renderStats struct {
+	natRules, filterRules int
+	natChainsWritten      int
+	natRulesWritten       int
+}
+
+// lines accumulates iptables-restore input, one rule per line.
+type lines struct {
+	buf   *bytes.Buffer
+	count int
+}
+
+func (l *lines) write(words ...string) {
+	for i, w := range words {
+		if i > 0 {
+			l.buf.WriteByte(' ')
+		}
+		l.buf.WriteString(w)
+	}
+	l.buf.WriteByte('\n')
+	l.count++
+}
+
+func chainLine(name string) string { return ":" + name + " - [0:0]" }
+
+func quote(comment string) string { return `"` + comment + `"` }
+
+// probability is the chance that the i-th of n remaining endpoints is
+// picked, so that the cascade of statistic matches picks each of the n
+// with equal probability. kube-proxy prints ten decimals.
+func probability(remaining int) string {
+	return fmt.Sprintf("%0.10f", 1.0/float64(remaining))
+}
+
+// render writes the iptables-restore input for one sync into buf: the
+// filter table, then the nat table, each in one COMMIT. Chains named in the
+// input are flushed and rewritten; with --noflush nothing else is touched.
+func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
+	var st renderStats
+	endpoints := 0
+	for _, sp := range in.services {
+		endpoints += len(sp.Backends)
+	}
+	comments := endpoints <= largeClusterEndpoints
+
+	// filter: connections to a ClusterIP without endpoints are rejected with
+	// icmp-port-unreachable (REJECT's default), so clients fail at once
+	// with ECONNREFUSED instead of timing out.
+	buf.WriteString("*filter\n")
+	filter := lines{buf: buf}
+	for _, c := range filterTopChains {
+		buf.WriteString(chainLine(c) + "\n")
+	}
+	filter.write("-A", chainForward, "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
+	filter.write("-A", chainForward, "-m", "comment", "--comment", quote("kubernetes forwarding rules"),
+		"-m", "mark", "--mark", opts.masqMark+"/"+opts.masqMark, "-j", "ACCEPT")
+	filter.write("-A", chainForward, "-m", "comment", "--comment", quote("kubernetes forwarding conntrack rule"),
+		"-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
+	for _, sp := range in.services {
+		if len(sp.Backends) > 0 {
+			continue
+		}
+		proto := protocol(sp.Name.Protocol)
+		filter.write("-A", chainServices, "-m", "comment", "--comment", quote(portName(sp.Name)+" has no endpoints"),
+			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", strconv.Itoa(int(sp.ClusterIP.Port)),
+			"-j", "REJECT")
+	}
+	writeJumps(buf, "filter", in.missingJumps)
+	buf.WriteString("COMMIT\n")
+	st.filterRules = filter.count
+
+	// nat: chain declarations first (each flushes its chain), then rules,
+	// then deletions, so that a chain is deleted only after the rules that
+	// jumped to it are gone.
+	buf.WriteString("*nat\n")
+	for _, c := range natTopChains {
+		buf.WriteString(chainLine(c) + "\n")
+	}
+	var rules bytes.Buffer
+	nat := lines{buf: &rules}
+	nat.write("-A", chainPostrouting, "-m", "mark", "!", "--mark", opts.masqMark+"/"+opts.masqMark, "-j", "RETURN")
+	// Clear the mark so a packet that traverses the stack again is not
+	// masqueraded twice.
+	nat.write("-A", chainPostrouting, "-j", "MARK", "--xor-mark", opts.masqMark)
+	nat.write("-A", chainPostrouting, "-m", "comment", "--comment", quote("kubernetes service traffic requiring SNAT"),
+		"-j", "MASQUERADE", "--random-fully")
+	nat.write("-A", chainMarkMasq, "-j", "MARK", "--or-mark", opts.masqMark)
+
+	var skipped lines // counts rules of unchanged services without writing them
+	skipped.buf = &bytes.Buffer{}
+	for _, sp := range in.services {
+		if len(sp.Backends) == 0 {
+			continue
+		}
+		name := portName(sp.Name)
+		proto := protocol(sp.Name.Protocol)
+		svcChain := serviceChain(sp.Name)
+		match := []string{"-m", "comment", "--comment", quote(name + " cluster IP"),
+			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", strconv.Itoa(int(sp.ClusterIP.Port))}
+		nat.write(append(append([]string{"-A", chainServices}, match...), "-j", svcChain)...)
+
+		out := &nat
+		if !in.rewrite(sp.Name.ServiceName) {
+			skipped.buf.Reset()
+			out = &skipped
+		} else {
+			buf.WriteString(chainLine(svcChain) + "\n")
+			st.natChainsWritten++
+		}
+		switch {
+		case opts.masqueradeAll:
+			out.write(append(append([]string{"-A", svcChain}, match...), "-j", chainMarkMasq)...)
+		case opts.clusterCIDR.IsValid():
+			// Traffic from outside the pod range (a node, or a client
+			// routed to the service range from outside) is masqueraded so
+			// that replies return through this node's conntrack.
+			out.write(append(append([]string{"-A", svcChain}, match...), "!", "-s", opts.clusterCIDR.String(), "-j", chainMarkMasq)...)
+		}
+		n := len(sp.Backends)
+		for i, b := range sp.Backends {
+			sepChain := endpointChain(sp.Name, b)
+			r := []string{"-A", svcChain}
+			if comments {
+				r = append(r, "-m", "comment", "--comment", quote(name+" -> "+b.String()))
+			}
+			if i < n-1 {
+				r = append(r, "-m", "statistic", "--mode", "random", "--probability", probability(n-i))
+			}
+			out.write(append(r, "-j", sepChain)...)
+		}
+		for _, b := range sp.Backends {
+			sepChain := endpointChain(sp.Name, b)
+			if out == &nat {
+				buf.WriteString(chainLine(sepChain) + "\n")
+				st.natChainsWritten++
+			}
+			r := []string{"-A", sepChain}
+			if comments {
+				r = append(r, "-m", "comment", "--comment", quote(name))
+			}
+			// Hairpin: a pod reaching itself through the Service is
+			// masqueraded, or its own reply would bypass the DNAT.
+			out.write(append(r, "-s", b.IP.String(), "-j", chainMarkMasq)...)
+			out.write(append(r, "-m", proto, "-p", proto, "-j", "DNAT", "--to-destination", b.String())...)
+		}
+	}
+	nat.write("-A", chainServices, "-m", "comment", "--comment", quote("kubernetes service nodeports; NOTE: this must be the last rule in this chain"),
+		"-m", "addrtype", "--dst-type", "LOCAL", "-j", chainNodePorts)
+
+	for _, c := range in.stale {
+		buf.WriteString(chainLine(c) + "\n")
+	}
+	buf.Write(rules.Bytes())
+	for _, c := range in.stale {
+		buf.WriteString("-X " + c + "\n")
+	}
+	writeJumps(buf, "nat", in.missingJumps)
+	buf.WriteString("COMMIT\n")
+	st.natRulesWritten = nat.count
+	st.natRules = nat.count + skipped.count
+	return st
+}
+
+// writeJumps inserts a table's missing jumps at the top of their built-in
+// chains, as kube-proxy does, so that other software's rules there come
+// after ours.
+func writeJumps(buf *bytes.Buffer, table string, missing []jump) {
+	for _, j := range missing {
+		if j.table != table {
+			continue
+		}
+		rule := j.rule()
+		for i, w := range rule {
+			if w == "--comment" {
+				rule[i+1] = quote(rule[i+1])
+			}
+		}
+		buf.WriteString("-I " + j.from + " 1 " + strings.Join(rule, " ") + "\n")
+	}
+}
+
+// chainsOf lists the nat chains a service port's rules live in.
+func chainsOf(sp model.ServicePort) []string {
+	if len(sp.Backends) == 0 {
+		return nil
+	}
+	out := []string{serviceChain(sp.Name)}
+	for _, b := range sp.Backends {
+		out = append(out, endpointChain(sp.Name, b))
+	}
+	return out
+}
+
+// chainsInSave lists the chains an iptables-save dump of one table declares.
+func chainsInSave(save []byte) []string {
+	var out []string
+	for _, line := range strings.Split(string(save), "\n") {
+		if strings.HasPrefix(line, ":") {
+			if name, _, ok := strings.Cut(line[1:], " "); ok {
+				out = append(out, name)
+			}
+		}
+	}
+	return out
+}

@@ -1,0 +1,230 @@
+package iptables
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+
+// goldenCase is a set of API objects, taken through the model as the
+// proxy does, and the options the rules are rendered with.
+type goldenCase struct {
+	name     string
+	services []*v1.Service
+	slices   []*discoveryv1.EndpointSlice
+	opts     ruleOptions
+	// firstSync renders what a first sync on a clean node writes: the
+	// jumps from the built-in chains too.
+	firstSync bool
+}
+
+var defaultOpts = ruleOptions{masqMark: "0x00004000", clusterCIDR: netip.MustParsePrefix("10.244.0.0/16")}
+
+var tcp, udp = v1.ProtocolTCP, v1.ProtocolUDP
+
+func goldenCases() []goldenCase {
+	manyEndpoints := apitest.ReadyRange("10.244", 12)
+	return []goldenCase{
+		{
+			name: "multi-port",
+			services: []*v1.Service{apitest.Service("default", "web", "10.96.0.10",
+				apitest.Port("http", tcp, 80, 8080), apitest.Port("https", tcp, 443, 8443), apitest.Port("dns", udp, 53, 5353))},
+			slices: []*discoveryv1.EndpointSlice{apitest.Slice("default", "web", "web-1",
+				[]discoveryv1.EndpointPort{apitest.SlicePort("http", tcp, 8080), apitest.SlicePort("https", tcp, 8443), apitest.SlicePort("dns", udp, 5353)},
+				apitest.Ready("10.244.1.1"), apitest.Ready("10.244.2.1"))},
+			opts:      defaultOpts,
+			firstSync: true,
+		},
+		{
+			name:     "no-endpoints",
+			services: []*v1.Service{apitest.Service("default", "empty", "10.96.0.20", apitest.Port("http", tcp, 80, 8080), apitest.Port("dns", udp, 53, 53))},
+			opts:     defaultOpts,
+		},
+		{
+			// Only terminating endpoints: the model falls back to the
+			// ones still serving, as kube-proxy does.
+			name:     "terminating-only",
+			services: []*v1.Service{apitest.Service("default", "draining", "10.96.0.30", apitest.Port("", tcp, 80, 8080))},
+			slices: []*discoveryv1.EndpointSlice{apitest.Slice("default", "draining", "draining-1",
+				[]discoveryv1.EndpointPort{apitest.SlicePort("", tcp, 8080)},
+				apitest.Terminating("10.244.3.1"), apitest.Terminating("10.244.3.2"))},
+			opts: defaultOpts,
+		},
+		{
+			name:     "many-endpoints",
+			services: []*v1.Service{apitest.Service("default", "big", "10.96.0.40", apitest.Port("", tcp, 80, 80))},
+			slices: []*discoveryv1.EndpointSlice{apitest.Slice("default", "big", "big-1",
+				[]discoveryv1.EndpointPort{apitest.SlicePort("", tcp, 80)}, manyEndpoints...)},
+			opts: defaultOpts,
+		},
+		{
+			// A pod reaching itself through its Service is masqueraded by
+			// its KUBE-SEP chain; with --masquerade-all every connection is.
+			name:     "hairpin-masquerade-all",
+			services: []*v1.Service{apitest.Service("kube-system", "self", "10.96.0.50", apitest.Port("", tcp, 80, 8080))},
+			slices: []*discoveryv1.EndpointSlice{apitest.Slice("kube-system", "self", "self-1",
+				[]discoveryv1.EndpointPort{apitest.SlicePort("", tcp, 8080)}, apitest.Ready("10.244.0.100"))},
+			opts: ruleOptions{masqMark: "0x00004000", masqueradeAll: true},
+		},
+	}
+}
+
+func snapshotOf(t testing.TB, services []*v1.Service, slices []*discoveryv1.EndpointSlice) *model.Snapshot {
+	t.Helper()
+	tr := model.NewTracker(model.WithOnSkipped(func(resource, reason string) {
+		t.Fatalf("the model skipped a %s: %s", resource, reason)
+	}))
+	for _, s := range services {
+		tr.UpsertService(s)
+	}
+	for _, s := range slices {
+		tr.UpsertEndpointSlice(s)
+	}
+	return tr.Snapshot(true)
+}
+
+func renderCase(t testing.TB, c goldenCase) []byte {
+	t.Helper()
+	in := renderInput{
+		services: flatten(snapshotOf(t, c.services, c.slices).Services),
+		rewrite:  func(model.ServiceName) bool { return true },
+	}
+	if c.firstSync {
+		in.missingJumps = jumps
+	}
+	var buf bytes.Buffer
+	render(&buf, c.opts, in)
+	return buf.Bytes()
+}
+
+func TestRenderGolden(t *testing.T) {
+	for _, c := range goldenCases() {
+		t.Run(c.name, func(t *testing.T) {
+			got := renderCase(t, c)
+			path := filepath.Join("testdata", c.name+".golden")
+			if *update {
+				if err := os.WriteFile(path, got, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test -update to create it)", err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("rendered rules differ from %s (go test -update rewrites it after review):\n--- got\n%s", path, got)
+			}
+		})
+	}
+}
+
+// The cascade picks each of n endpoints with probability 1/n: endpoint i
+// is reached when the i earlier matches failed and its own succeeds.
+func TestProbabilityCascadeIsUniform(t *testing.T) {
+	for _, n := range []int{1, 2, 3, 7, 10, 100} {
+		remaining := 1.0
+		for i := range n {
+			p := 1.0
+			if i < n-1 {
+				p = parseFloat(t, probability(n-i))
+			}
+			if got := remaining * p; got < 1/float64(n)-1e-9 || got > 1/float64(n)+1e-9 {
+				t.Errorf("n=%d: endpoint %d picked with probability %v, want %v", n, i, got, 1/float64(n))
+			}
+			remaining *= 1 - p
+		}
+	}
+}
+
+func parseFloat(t *testing.T, s string) float64 {
+	t.Helper()
+	var f float64
+	if _, err := fmt.Sscan(s, &f); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// Chain names are kube-proxy's: the same Service gets the same chain in
+// both proxies, which lets an operator diff their rules.
+func TestChainNamesMatchKubeProxy(t *testing.T) {
+	name := model.ServicePortName{ServiceName: model.ServiceName{Namespace: "ns1", Name: "svc1"}, Port: "p80", Protocol: model.TCP}
+	for _, c := range []struct{ got, want string }{
+		// From kube-proxy's iptables proxier tests (ns1/svc1:p80, tcp;
+		// endpoint 10.180.0.1:80).
+		{serviceChain(name), "KUBE-SVC-XPGD46QRK7WJZT7O"},
+		{endpointChain(name, model.Backend{IP: netip.MustParseAddr("10.180.0.1"), Port: 80}), "KUBE-SEP-SXIVWICOYRO3J4NJ"},
+	} {
+		if c.got != c.want {
+			t.Errorf("chain %s, want %s", c.got, c.want)
+		}
+	}
+}
+
+// Above kube-proxy's large-cluster threshold the per-endpoint comments go,
+// the per-service ones stay.
+func TestLargeClusterDropsEndpointComments(t *testing.T) {
+	svc := apitest.Service("default", "huge", "10.96.1.1", apitest.Port("", tcp, 80, 80))
+	slice := apitest.Slice("default", "huge", "huge-1", []discoveryv1.EndpointPort{apitest.SlicePort("", tcp, 80)},
+		apitest.ReadyRange("10.245", largeClusterEndpoints+1)...)
+	out := string(renderCase(t, goldenCase{services: []*v1.Service{svc}, slices: []*discoveryv1.EndpointSlice{slice}, opts: defaultOpts}))
+	if strings.Contains(out, "default/huge -> ") {
+		t.Errorf("per-endpoint comments rendered above the threshold")
+	}
+	if !strings.Contains(out, `"default/huge cluster IP"`) {
+		t.Errorf("service comment missing")
+	}
+	if got := strings.Count(out, "-j DNAT"); got != largeClusterEndpoints+1 {
+		t.Errorf("%d DNAT rules, want %d", got, largeClusterEndpoints+1)
+	}
+}
+
+// A partial sync writes only the changed services' chains, but the whole
+// of KUBE-SERVICES, which lists every service.
+func TestPartialRenderWritesOnlyChangedChains(t *testing.T) {
+	snap := snapshotOf(t, []*v1.Service{
+		apitest.Service("default", "a", "10.96.0.1", apitest.Port("", tcp, 80, 80)),
+		apitest.Service("default", "b", "10.96.0.2", apitest.Port("", tcp, 80, 80)),
+	}, []*discoveryv1.EndpointSlice{
+		apitest.Slice("default", "a", "a-1", []discoveryv1.EndpointPort{apitest.SlicePort("", tcp, 80)}, apitest.Ready("10.244.1.1")),
+		apitest.Slice("default", "b", "b-1", []discoveryv1.EndpointPort{apitest.SlicePort("", tcp, 80)}, apitest.Ready("10.244.1.2")),
+	})
+	services := flatten(snap.Services)
+	var buf bytes.Buffer
+	st := render(&buf, defaultOpts, renderInput{
+		services: services,
+		rewrite:  func(n model.ServiceName) bool { return n.Name == "b" },
+		stale:    []string{"KUBE-SEP-OLDOLDOLDOLDOLDO"},
+	})
+	out := buf.String()
+	a, b := services[0], services[1]
+	if strings.Contains(out, ":"+serviceChain(a.Name)) || strings.Contains(out, "-A "+serviceChain(a.Name)) {
+		t.Errorf("unchanged service a's chain was written:\n%s", out)
+	}
+	if !strings.Contains(out, "-j "+serviceChain(a.Name)) {
+		t.Errorf("KUBE-SERVICES lost unchanged service a:\n%s", out)
+	}
+	if !strings.Contains(out, ":"+serviceChain(b.Name)+" - [0:0]") || !strings.Contains(out, ":"+endpointChain(b.Name, b.Backends[0])) {
+		t.Errorf("changed service b's chains not written:\n%s", out)
+	}
+	if !strings.Contains(out, ":KUBE-SEP-OLDOLDOLDOLDOLDO - [0:0]\n") || !strings.Contains(out, "-X KUBE-SEP-OLDOLDOLDOLDOLDO\n") {
+		t.Errorf("stale chain not flushed and deleted:\n%s", out)
+	}
+	// Rules counted as kube-proxy's metrics count them: skipped ones too.
+	if st.natRules <= st.natRulesWritten {
+		t.Errorf("natRules %d, written %d: the skipped service's rules are not counted", st.natRules, st.natRulesWritten)
+	}
+}

@@ -1,0 +1,253 @@
+package iptables
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The two iptables backends of iptables 1.8: the same rules and commands,
+// programmed through nf_tables or through the legacy x_tables interface.
+const (
+	BackendNFT    = "nft"
+	BackendLegacy = "legacy"
+	BackendAuto   = "auto"
+)
+
+// tool runs one backend's iptables commands, optionally in another network
+// namespace.
+type tool struct {
+	backend string
+	// netns, if set, is the path of the network namespace the commands
+	// run in (through nsenter, which switches only that namespace).
+	netns string
+	// env is added to the commands' environment (XTABLES_LOCKFILE).
+	env []string
+	// lockWait bounds how long a command waits for the xtables lock that
+	// serialises every iptables user on the node.
+	lockWait time.Duration
+}
+
+func (t *tool) command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	bin := "iptables-" + t.backend
+	if name != "" {
+		bin += "-" + name
+	}
+	if t.netns != "" {
+		args = append([]string{"--net=" + t.netns, "--", bin}, args...)
+		bin = "nsenter"
+	}
+	cmd := exec.CommandContext(ctx, bin, args...)
+	if len(t.env) > 0 {
+		cmd.Env = append(os.Environ(), t.env...)
+	}
+	return cmd
+}
+
+func (t *tool) waitArgs() []string {
+	secs := int((t.lockWait + time.Second - 1) / time.Second)
+	if secs < 1 {
+		secs = 1
+	}
+	return []string{"-w", strconv.Itoa(secs)}
+}
+
+// available reports whether this backend's commands are installed.
+func (t *tool) available() bool {
+	_, err := exec.LookPath("iptables-" + t.backend + "-restore")
+	return err == nil
+}
+
+var failedLine = regexp.MustCompile(`line (\d+) failed`)
+
+// restore applies input with iptables-restore --noflush: each table is
+// replaced in one transaction at its COMMIT, and chains the input does not
+// declare are left alone.
+func (t *tool) restore(ctx context.Context, input []byte) error {
+	args := append([]string{"--noflush", "--counters"}, t.waitArgs()...)
+	cmd := t.command(ctx, "restore", args...)
+	cmd.Stdin = bytes.NewReader(input)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		msg := strings.TrimSpace(stderr.String())
+		// iptables-restore names only the line number; the line itself is
+		// what an operator needs.
+		if m := failedLine.FindStringSubmatch(msg); m != nil {
+			if n, _ := strconv.Atoi(m[1]); n > 0 {
+				if all := strings.Split(string(input), "\n"); n <= len(all) {
+					msg += fmt.Sprintf(" (line %d: %s)", n, all[n-1])
+				}
+			}
+		}
+		if strings.Contains(msg, "xtables lock") {
+			msg += "; another program held the xtables lock for longer than the wait"
+		}
+		return fmt.Errorf("iptables-%s-restore: %w: %s", t.backend, err, msg)
+	}
+	return nil
+}
+
+// save dumps the tables (all of them if none is named).
+func (t *tool) save(ctx context.Context, table string) ([]byte, error) {
+	var args []string
+	if table != "" {
+		args = []string{"-t", table}
+	}
+	cmd := t.command(ctx, "save", args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("iptables-%s-save: %w: %s", t.backend, err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+// savedTable is one table of an iptables-save dump.
+type savedTable struct {
+	chains []string
+	rules  []string // "-A CHAIN ..." lines, as restore syntax
+}
+
+func parseSave(out []byte) map[string]*savedTable {
+	tables := make(map[string]*savedTable)
+	var cur *savedTable
+	for _, line := range strings.Split(string(out), "\n") {
+		switch {
+		case strings.HasPrefix(line, "*"):
+			cur = &savedTable{}
+			tables[line[1:]] = cur
+		case cur == nil:
+		case strings.HasPrefix(line, ":"):
+			if name, _, ok := strings.Cut(line[1:], " "); ok {
+				cur.chains = append(cur.chains, name)
+			}
+		case strings.HasPrefix(line, "-A "):
+			cur.rules = append(cur.rules, line)
+		}
+	}
+	return tables
+}
+
+func (st *savedTable) hasJump(j jump) bool {
+	if st == nil {
+		return false
+	}
+	for _, r := range st.rules {
+		if strings.HasPrefix(r, "-A "+j.from+" ") && (strings.HasSuffix(r, " -j "+j.to) || strings.Contains(r, " -j "+j.to+" ")) &&
+			strings.Contains(r, `--comment "`+j.comment+`"`) {
+			return true
+		}
+	}
+	return false
+}
+
+// missingJumps lists the jumps a dump lacks.
+func missingJumps(tables map[string]*savedTable) []jump {
+	var out []jump
+	for _, j := range jumps {
+		if !tables[j.table].hasJump(j) {
+			out = append(out, j)
+		}
+	}
+	return out
+}
+
+// cleanupInput is an iptables-restore input that removes everything this
+// mode owns from a dump: the jumps into our chains, then the chains.
+func cleanupInput(tables map[string]*savedTable) []byte {
+	var buf bytes.Buffer
+	for _, name := range []string{"filter", "nat", "mangle"} {
+		st := tables[name]
+		if st == nil {
+			continue
+		}
+		var owned []string
+		for _, c := range st.chains {
+			if ownedChain(c) {
+				owned = append(owned, c)
+			}
+		}
+		var dels []string
+		for _, r := range st.rules {
+			chain, _, _ := strings.Cut(strings.TrimPrefix(r, "-A "), " ")
+			if ownedChain(chain) {
+				continue // goes with its chain
+			}
+			if i := strings.LastIndex(r, " -j "); i >= 0 {
+				target, _, _ := strings.Cut(r[i+4:], " ")
+				if ownedChain(target) {
+					dels = append(dels, "-D"+strings.TrimPrefix(r, "-A"))
+				}
+			}
+		}
+		if len(owned) == 0 && len(dels) == 0 {
+			continue
+		}
+		buf.WriteString("*" + name + "\n")
+		for _, d := range dels {
+			buf.WriteString(d + "\n")
+		}
+		for _, c := range owned {
+			buf.WriteString(chainLine(c) + "\n")
+		}
+		for _, c := range owned {
+			buf.WriteString("-X " + c + "\n")
+		}
+		buf.WriteString("COMMIT\n")
+	}
+	return buf.Bytes()
+}
+
+// hints are chains kubelet (and kube-proxy's image) create so that other
+// programs can tell which backend the node uses.
+var hints = []string{"KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"}
+
+// detectBackend picks the backend the node already uses, as kube-proxy's
+// image does with its iptables wrapper: the one holding kubelet's hint
+// chains; failing that, the one holding more rules; nft when both are
+// empty, as on any recent distribution.
+func detectBackend(ctx context.Context, base tool) (string, error) {
+	counts := map[string]int{}
+	for _, b := range []string{BackendNFT, BackendLegacy} {
+		t := base
+		t.backend = b
+		if !t.available() {
+			counts[b] = -1
+			continue
+		}
+		out, err := t.save(ctx, "")
+		if err != nil {
+			// Legacy tables may be unsupported by the kernel; that
+			// backend is not in use then.
+			counts[b] = -1
+			continue
+		}
+		for _, st := range parseSave(out) {
+			for _, c := range st.chains {
+				for _, h := range hints {
+					if c == h {
+						return b, nil
+					}
+				}
+			}
+			counts[b] += len(st.rules)
+		}
+	}
+	switch {
+	case counts[BackendNFT] < 0 && counts[BackendLegacy] < 0:
+		return "", errors.New("neither iptables-nft-restore nor iptables-legacy-restore works here: install iptables 1.8 or later")
+	case counts[BackendLegacy] > counts[BackendNFT]:
+		return BackendLegacy, nil
+	default:
+		return BackendNFT, nil
+	}
+}
