@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -21,7 +22,9 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/cgroups"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/proxy"
 )
 
@@ -41,6 +44,12 @@ type options struct {
 	syncPeriod         time.Duration
 	healthzBindAddress string
 	metricsBindAddress string
+
+	iptablesBackend string
+	clusterCIDR     string
+	masqueradeAll   bool
+	masqueradeBit   int
+	xtablesLockWait time.Duration
 }
 
 func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
@@ -59,10 +68,15 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.UintVar(&o.maxServices, ebpf.FlagMaxServices, ebpf.DefaultMaxServices, "capacity of the eBPF service map, in service ports (one per Service port and protocol)")
 	fs.UintVar(&o.maxBackends, ebpf.FlagMaxBackends, ebpf.DefaultMaxBackends, "capacity of the eBPF backend and slot maps, in backend references summed over all service ports")
 	fs.UintVar(&o.maxSockets, ebpf.FlagMaxRevNAT, ebpf.DefaultMaxRevNAT, "sockets whose replies and peer name are shown as the Service address; the least recently used is forgotten first")
-	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 100*time.Millisecond, "least time between two datapath syncs; changes arriving faster are batched (eBPF map updates are cheap, so this is short)")
+	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 0, "least time between two datapath syncs; changes arriving faster are batched (default 100ms in ebpf mode, where map updates are cheap; 1s in iptables mode, as kube-proxy)")
 	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
 	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of /healthz and /livez")
 	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of /metrics")
+	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
+	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode: the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
+	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode: masquerade all ClusterIP traffic")
+	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", 14, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
+	fs.DurationVar(&o.xtablesLockWait, "iptables-lock-wait", 5*time.Second, "iptables mode: how long to wait for the xtables lock that serialises iptables users on the node")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	for _, name := range []string{"v", "vmodule", "logtostderr"} {
@@ -86,22 +100,20 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "unexpected argument %q\n%s\n", fs.Arg(0), usageLine)
 		return 2
 	}
-	switch o.mode {
-	case "ebpf":
-	case "iptables":
-		fmt.Fprintln(stderr, "--mode=iptables is not yet implemented in this version; use --mode=ebpf")
-		return 1
-	default:
-		fmt.Fprintf(stderr, "unknown --mode %q: want ebpf or iptables\n%s\n", o.mode, usageLine)
+	if err := o.validate(); err != nil {
+		fmt.Fprintf(stderr, "%v\n%s\n", err, usageLine)
 		return 2
 	}
 
 	if o.cleanup {
-		if err := ebpf.Cleanup(o.bpffsPath); err != nil {
+		// Both modes, whichever was running: this is how a node goes back
+		// to kube-proxy or to nothing.
+		err := errors.Join(ebpf.Cleanup(o.bpffsPath), iptables.Cleanup(ctx, o.iptablesConfig()))
+		if err != nil {
 			klog.ErrorS(err, "Cleanup failed")
 			return 1
 		}
-		klog.InfoS("Removed the eBPF datapath", "path", o.bpffsPath)
+		klog.InfoS("Removed both datapaths", "bpffs", o.bpffsPath)
 		return 0
 	}
 	if err := runProxy(ctx, o); err != nil {
@@ -111,16 +123,87 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	return 0
 }
 
+func (o *options) validate() error {
+	switch o.mode {
+	case "ebpf":
+		if o.minSyncPeriod == 0 {
+			o.minSyncPeriod = 100 * time.Millisecond
+		}
+	case "iptables":
+		if o.minSyncPeriod == 0 {
+			o.minSyncPeriod = time.Second
+		}
+	default:
+		return fmt.Errorf("unknown --mode %q: want ebpf or iptables", o.mode)
+	}
+	switch o.iptablesBackend {
+	case iptables.BackendAuto, iptables.BackendNFT, iptables.BackendLegacy:
+	default:
+		return fmt.Errorf("unknown --iptables-backend %q: want auto, nft or legacy", o.iptablesBackend)
+	}
+	if o.clusterCIDR != "" {
+		p, err := netip.ParsePrefix(o.clusterCIDR)
+		if err != nil || !p.Addr().Is4() {
+			return fmt.Errorf("--cluster-cidr %q: want an IPv4 CIDR such as 10.244.0.0/16", o.clusterCIDR)
+		}
+	}
+	if o.masqueradeBit < 0 || o.masqueradeBit > 31 {
+		return fmt.Errorf("--iptables-masquerade-bit %d: want 0 to 31", o.masqueradeBit)
+	}
+	return nil
+}
+
+func (o options) iptablesConfig() iptables.Config {
+	cfg := iptables.Config{
+		Backend:       o.iptablesBackend,
+		MasqueradeAll: o.masqueradeAll,
+		MasqueradeBit: o.masqueradeBit,
+		LockWait:      o.xtablesLockWait,
+	}
+	if o.clusterCIDR != "" {
+		cfg.ClusterCIDR = netip.MustParsePrefix(o.clusterCIDR).Masked()
+	}
+	return cfg
+}
+
+// newDataplane starts the mode's datapath, wrapped so that the other mode's
+// leftovers go once it serves.
+func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, error) {
+	if o.mode == "iptables" {
+		dp, err := iptables.New(ctx, o.iptablesConfig())
+		if err != nil {
+			return nil, fmt.Errorf("starting the iptables datapath: %w", err)
+		}
+		klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "backend", dp.Backend())
+		return dataplane.WithHandover(dp, "ebpf", func(context.Context) error { return ebpf.Cleanup(o.bpffsPath) }), nil
+	}
+	cgroupPath := o.cgroupPath
+	if cgroupPath == "" {
+		var err error
+		if cgroupPath, err = cgroups.Cgroup2Mount(); err != nil {
+			return nil, err
+		}
+	}
+	dp, err := ebpf.New(ebpf.Config{
+		BPFFSPath:   o.bpffsPath,
+		CgroupPath:  cgroupPath,
+		MaxServices: uint32(o.maxServices),
+		MaxBackends: uint32(o.maxBackends),
+		MaxSockets:  uint32(o.maxSockets),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("starting the eBPF datapath: %w", err)
+	}
+	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath)
+	return dataplane.WithHandover(dp, "iptables", func(ctx context.Context) error {
+		return iptables.Cleanup(ctx, o.iptablesConfig())
+	}), nil
+}
+
 func runProxy(ctx context.Context, o options) error {
 	nodeName, err := nodeName(o.hostnameOverride)
 	if err != nil {
 		return err
-	}
-	cgroupPath := o.cgroupPath
-	if cgroupPath == "" {
-		if cgroupPath, err = cgroups.Cgroup2Mount(); err != nil {
-			return err
-		}
 	}
 	restCfg, err := clientcmd.BuildConfigFromFlags("", o.kubeconfig)
 	if err != nil {
@@ -132,21 +215,14 @@ func runProxy(ctx context.Context, o options) error {
 		return fmt.Errorf("creating Kubernetes client: %w", err)
 	}
 
-	dp, err := ebpf.New(ebpf.Config{
-		BPFFSPath:   o.bpffsPath,
-		CgroupPath:  cgroupPath,
-		MaxServices: uint32(o.maxServices),
-		MaxBackends: uint32(o.maxBackends),
-		MaxSockets:  uint32(o.maxSockets),
-	})
+	dp, err := newDataplane(ctx, o)
 	if err != nil {
-		return fmt.Errorf("starting the eBPF datapath: %w", err)
+		return err
 	}
-	// Closing releases our handles only; the pinned datapath keeps serving
-	// until the next start takes it over.
+	// Closing releases our handles only; the datapath (pinned programs or
+	// rules) keeps serving until the next start takes it over.
 	defer dp.Close()
-
-	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "node", nodeName, "cgroup", cgroupPath, "bpffs", o.bpffsPath)
+	klog.InfoS("Proxying for node", "node", nodeName)
 	return proxy.Run(ctx, client, dp, proxy.Config{
 		MinSyncPeriod:      o.minSyncPeriod,
 		SyncPeriod:         o.syncPeriod,

@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
@@ -42,8 +44,9 @@ func TestUsageErrors(t *testing.T) {
 		{"unknown mode", []string{"--mode=ipvs"}, 2, `unknown --mode "ipvs"`},
 		{"stray argument", []string{"proxy"}, 2, `unexpected argument "proxy"`},
 		{"bad duration", []string{"--sync-period=soon"}, 2, "usage: kube-bpf-proxy"},
-		{"iptables mode not yet built", []string{"--mode=iptables"}, 1, "not yet implemented"},
-		{"cleanup of nothing succeeds", []string{"--cleanup", "--bpffs-path=" + filepath.Join(t.TempDir(), "none")}, 0, ""},
+		{"unknown iptables backend", []string{"--mode=iptables", "--iptables-backend=ipfw"}, 2, `unknown --iptables-backend "ipfw"`},
+		{"bad cluster CIDR", []string{"--mode=iptables", "--cluster-cidr=10.244.0.0"}, 2, "--cluster-cidr"},
+		{"masquerade bit out of range", []string{"--iptables-masquerade-bit=32"}, 2, "want 0 to 31"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -108,12 +111,23 @@ type binary struct {
 
 func startBinary(t *testing.T, args ...string) *binary {
 	t.Helper()
+	return startBinaryIn(t, "", args...)
+}
+
+// startBinaryIn starts the binary in the network namespace netns (by name;
+// "" is the test's own), where iptables rules are its to write and remove.
+func startBinaryIn(t *testing.T, netns string, args ...string) *binary {
+	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
 	b := &binary{healthz: freeAddr(t), metrics: freeAddr(t)}
 	args = append(args, "--healthz-bind-address="+b.healthz, "--metrics-bind-address="+b.metrics)
+	if netns != "" {
+		args = append([]string{"--net=/run/netns/" + netns, "--", exe}, args...)
+		exe = "nsenter"
+	}
 	b.cmd = exec.Command(exe, args...)
 	b.cmd.Env = append(os.Environ(), runMainEnv+"=1")
 	b.cmd.Stderr = &b.stderr
@@ -223,7 +237,21 @@ func TestBinaryLifecycle(t *testing.T) {
 		t.Error("pins gone after SIGTERM")
 	}
 
-	cleanup := startBinary(t, "--cleanup", "--bpffs-path="+bpffs)
+	// --cleanup removes both modes: rules of the iptables mode are put in
+	// the node namespace first (the binary runs there, never in this
+	// machine's own).
+	ipt, err := iptables.New(context.Background(), iptables.Config{Backend: iptables.BackendNFT, NetNS: "/run/netns/" + n.Node})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ipt.Close()
+	if err := ipt.Sync(context.Background(), &model.Snapshot{Full: true}); err != nil {
+		t.Fatal(err)
+	}
+	if save := iptablesSave(t, n.Node); !strings.Contains(save, "KUBE-SERVICES") {
+		t.Fatalf("no iptables rules to clean up:\n%s", save)
+	}
+	cleanup := startBinaryIn(t, n.Node, "--cleanup", "--bpffs-path="+bpffs)
 	if code := cleanup.wait(t, 10*time.Second); code != 0 {
 		t.Fatalf("--cleanup exit status %d; log:\n%s", code, cleanup.stderr.String())
 	}
@@ -232,5 +260,42 @@ func TestBinaryLifecycle(t *testing.T) {
 	}
 	if _, err := os.Stat(bpffs); !os.IsNotExist(err) {
 		t.Errorf("after --cleanup the pin directory is still there: %v", err)
+	}
+	if save := iptablesSave(t, n.Node); strings.Contains(save, "KUBE-") {
+		t.Errorf("after --cleanup iptables rules are left:\n%s", save)
+	}
+	// Cleaning a clean node succeeds.
+	again := startBinaryIn(t, n.Node, "--cleanup", "--bpffs-path="+bpffs)
+	if code := again.wait(t, 10*time.Second); code != 0 {
+		t.Errorf("--cleanup of a clean node: exit status %d; log:\n%s", code, again.stderr.String())
+	}
+}
+
+func iptablesSave(t *testing.T, netns string) string {
+	t.Helper()
+	out, err := exec.Command("nsenter", "--net=/run/netns/"+netns, "--", "iptables-nft-save").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
+}
+
+// In iptables mode the binary picks the node's backend and stops cleanly;
+// it writes no rule before the first sync, which never comes here.
+func TestBinaryIptablesMode(t *testing.T) {
+	n := testnet.New(t)
+	b := startBinaryIn(t, n.Node, "--mode=iptables", "--kubeconfig="+unreachableKubeconfig(t),
+		"--hostname-override=test-node", "--cluster-cidr=10.244.0.0/16")
+	eventually(t, "iptables mode started", func() (bool, string) {
+		return strings.Contains(b.stderr.String(), `backend="nft"`), b.stderr.String()
+	})
+	if err := b.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := b.wait(t, 5*time.Second); code != 0 {
+		t.Errorf("exit status after SIGTERM = %d, want 0; log:\n%s", code, b.stderr.String())
+	}
+	if save := iptablesSave(t, n.Node); strings.Contains(save, "KUBE-") {
+		t.Errorf("rules written before any sync:\n%s", save)
 	}
 }

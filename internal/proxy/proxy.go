@@ -48,6 +48,18 @@ type eventSource interface {
 	Events() (map[string]uint64, error)
 }
 
+// innermost unwraps datapaths wrapped by others (dataplane.Handover), whose
+// optional methods the wrapper does not carry.
+func innermost(dp dataplane.Dataplane) dataplane.Dataplane {
+	for {
+		u, ok := dp.(interface{ Unwrap() dataplane.Dataplane })
+		if !ok {
+			return dp
+		}
+		dp = u.Unwrap()
+	}
+}
+
 // Proxier turns informer events into datapath syncs. It implements
 // watch.Handler.
 type Proxier struct {
@@ -122,7 +134,7 @@ func (p *Proxier) sync(ctx context.Context) error {
 	err := p.dp.Sync(ctx, snap)
 	end := time.Now()
 	p.metrics.RecordSync(kind, end.Sub(start), end, err)
-	if c, ok := p.dp.(counter); ok {
+	if c, ok := innermost(p.dp).(counter); ok {
 		p.metrics.SetProgrammed(c.Counts())
 	}
 	if err != nil {
@@ -149,7 +161,7 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 
 	reg := metrics.NewRegistry()
 	m := metrics.New(reg)
-	if src, ok := dp.(eventSource); ok {
+	if src, ok := innermost(dp).(eventSource); ok {
 		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
 	}
 	health := healthz.NewProxyHealth(2*cfg.SyncPeriod, nil)

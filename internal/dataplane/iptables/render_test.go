@@ -228,3 +228,5 @@ func TestPartialRenderWritesOnlyChangedChains(t *testing.T) {
 		t.Errorf("natRules %d, written %d: the skipped service's rules are not counted", st.natRules, st.natRulesWritten)
 	}
 }
+
+func mustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }

@@ -1,0 +1,267 @@
+package iptables
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+func TestMain(m *testing.M) { testnet.Main(m, nil) }
+
+var backends = []string{BackendNFT, BackendLegacy}
+
+// nodeNS is a network namespace of the test's own: every rule goes there,
+// never into this machine's.
+func nodeNS(t *testing.T) string {
+	t.Helper()
+	return "/run/netns/" + testnet.New(t).Node
+}
+
+func inNS(ns string, args ...string) *exec.Cmd {
+	return exec.Command("nsenter", append([]string{"--net=" + ns, "--"}, args...)...)
+}
+
+func saveTables(t *testing.T, ns, backend string) string {
+	t.Helper()
+	out, err := inNS(ns, "iptables-"+backend+"-save").Output()
+	if err != nil {
+		t.Fatalf("iptables-%s-save: %v", backend, err)
+	}
+	return string(out)
+}
+
+// Every golden file is input the real iptables-restore accepts, with both
+// backends, into a node's empty tables.
+func TestKernelRestoreAcceptsGoldens(t *testing.T) {
+	ns := nodeNS(t)
+	goldens, err := filepath.Glob("testdata/*.golden")
+	if err != nil || len(goldens) == 0 {
+		t.Fatalf("no golden files: %v", err)
+	}
+	for _, b := range backends {
+		for _, g := range goldens {
+			t.Run(b+"/"+filepath.Base(g), func(t *testing.T) {
+				data, err := os.ReadFile(g)
+				if err != nil {
+					t.Fatal(err)
+				}
+				cmd := inNS(ns, "iptables-"+b+"-restore", "--test", "--noflush")
+				cmd.Stdin = bytes.NewReader(data)
+				if out, err := cmd.CombinedOutput(); err != nil {
+					t.Fatalf("iptables-%s-restore --test rejected %s: %v\n%s", b, g, err, out)
+				}
+			})
+		}
+	}
+}
+
+func sp(name, port string, proto model.Protocol, fe string, backends ...string) model.ServicePort {
+	p := model.ServicePort{
+		Name:      model.ServicePortName{ServiceName: model.ServiceName{Namespace: "default", Name: name}, Port: port, Protocol: proto},
+		ClusterIP: model.Frontend{IP: mustAddrPort(fe).Addr(), Port: mustAddrPort(fe).Port(), Protocol: proto},
+	}
+	for _, b := range backends {
+		ap := mustAddrPort(b)
+		p.Backends = append(p.Backends, model.Backend{IP: ap.Addr(), Port: ap.Port()})
+	}
+	return p
+}
+
+func snap(full bool, ports ...model.ServicePort) *model.Snapshot {
+	s := &model.Snapshot{Full: full, Services: map[model.ServiceName][]model.ServicePort{}}
+	for _, p := range ports {
+		s.Services[p.Name.ServiceName] = append(s.Services[p.Name.ServiceName], p)
+	}
+	return s
+}
+
+func open(t *testing.T, cfg Config) *Dataplane {
+	t.Helper()
+	d, err := New(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	return d
+}
+
+func mustSync(t *testing.T, d *Dataplane, s *model.Snapshot) {
+	t.Helper()
+	if err := d.Sync(context.Background(), s); err != nil {
+		t.Fatalf("sync: %v", err)
+	}
+}
+
+// perServiceChains lists the KUBE-SVC/SEP chains of a save dump.
+func perServiceChains(save string) []string {
+	var out []string
+	for _, c := range chainsInSave([]byte(save)) {
+		if isPerServiceChain(c) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func TestKernelPartialSyncsAndStaleChains(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b, func(t *testing.T) {
+			ns := nodeNS(t)
+			cfg := Config{Backend: b, NetNS: ns}
+			d := open(t, cfg)
+			a := sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.1:8080", "10.244.1.2:8080")
+			bb := sp("b", "dns", model.UDP, "10.96.0.2:53", "10.244.1.3:53")
+			mustSync(t, d, snap(true, a, bb))
+			if got := len(perServiceChains(saveTables(t, ns, b))); got != 5 {
+				t.Fatalf("%d per-service chains after the first sync, want 5 (2 SVC + 3 SEP)", got)
+			}
+
+			// One endpoint of a replaced: its old SEP chain goes, b is untouched.
+			a2 := sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.1:8080", "10.244.1.9:8080")
+			mustSync(t, d, snap(false, a2))
+			save := saveTables(t, ns, b)
+			if strings.Contains(save, endpointChain(a.Name, a.Backends[1])) {
+				t.Errorf("removed endpoint's chain still there")
+			}
+			if !strings.Contains(save, "--to-destination 10.244.1.9:8080") || !strings.Contains(save, "--to-destination 10.244.1.3:53") {
+				t.Errorf("new endpoint or untouched service missing:\n%s", save)
+			}
+
+			// a loses all endpoints: its chains go, a REJECT takes their place.
+			mustSync(t, d, snap(false, sp("a", "http", model.TCP, "10.96.0.1:80")))
+			save = saveTables(t, ns, b)
+			if strings.Contains(save, serviceChain(a.Name)) {
+				t.Errorf("chain of a service without endpoints still there")
+			}
+			if !strings.Contains(save, `"default/a:http has no endpoints"`) || !strings.Contains(save, "-j REJECT") {
+				t.Errorf("no REJECT for a:\n%s", save)
+			}
+
+			// A new process converges by a full sync: b deleted meanwhile.
+			d.Close()
+			d2 := open(t, cfg)
+			mustSync(t, d2, snap(true, sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.1:8080")))
+			mustSync(t, d2, snap(true, sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.1:8080")))
+			save = saveTables(t, ns, b)
+			if got := perServiceChains(save); len(got) != 2 {
+				t.Errorf("per-service chains after restart: %v, want a's two", got)
+			}
+			// Jumps are inserted once, however many full syncs run.
+			if n := strings.Count(save, `-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`); n != 1 {
+				t.Errorf("%d PREROUTING jumps, want 1:\n%s", n, save)
+			}
+		})
+	}
+}
+
+// A partial sync without a full one before it is refused: the rules in
+// the kernel are unknown, and writing only the changed services would
+// drop the others from KUBE-SERVICES.
+func TestPartialFirstIsRefused(t *testing.T) {
+	d := &Dataplane{}
+	if err := d.Sync(context.Background(), snap(false)); err == nil {
+		t.Fatal("partial sync accepted before any full sync")
+	}
+}
+
+// iptables-legacy serialises every writer with a flock on the xtables lock.
+// A holder longer than the wait makes the sync fail and leaves the old
+// rules in force; a shorter one is waited for.
+func TestKernelHonoursXtablesLock(t *testing.T) {
+	ns := nodeNS(t)
+	lock := filepath.Join(t.TempDir(), "xtables.lock")
+	cfg := Config{Backend: BackendLegacy, NetNS: ns, LockFile: lock, LockWait: time.Second}
+	d := open(t, cfg)
+	old := sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.1:8080")
+	mustSync(t, d, snap(true, old))
+
+	fd, err := unix.Open(lock, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	err = d.Sync(context.Background(), snap(true, sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.2:8080")))
+	if err == nil || !strings.Contains(err.Error(), "xtables lock") {
+		t.Fatalf("sync while another program holds the lock: %v, want an error naming the lock", err)
+	}
+	t.Logf("the error a user sees: %v", err)
+	if save := saveTables(t, ns, BackendLegacy); !strings.Contains(save, "--to-destination 10.244.1.1:8080") {
+		t.Errorf("the previous rules are not in force after the failed sync:\n%s", save)
+	}
+
+	// Released half-way through the wait: the sync waits and succeeds.
+	go func() {
+		time.Sleep(300 * time.Millisecond)
+		_ = unix.Flock(fd, unix.LOCK_UN)
+	}()
+	mustSync(t, d, snap(true, sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.2:8080")))
+	if save := saveTables(t, ns, BackendLegacy); !strings.Contains(save, "--to-destination 10.244.1.2:8080") {
+		t.Errorf("the sync after the lock was released did not apply:\n%s", save)
+	}
+}
+
+func TestKernelAutoPicksTheBackendInUse(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		setup []string
+		want  string
+	}{
+		{"empty node", nil, BackendNFT},
+		{"kubelet hint in legacy", []string{"iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"}, BackendLegacy},
+		{"kubelet hint in nft", []string{"iptables-nft", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"}, BackendNFT},
+		{"only legacy rules", []string{"iptables-legacy", "-A", "FORWARD", "-s", "192.0.2.1", "-j", "ACCEPT"}, BackendLegacy},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ns := nodeNS(t)
+			if c.setup != nil {
+				if out, err := inNS(ns, c.setup...).CombinedOutput(); err != nil {
+					t.Fatalf("%v: %v: %s", c.setup, err, out)
+				}
+			}
+			if got := open(t, Config{Backend: BackendAuto, NetNS: ns}).Backend(); got != c.want {
+				t.Errorf("auto picked %s, want %s", got, c.want)
+			}
+		})
+	}
+}
+
+// Cleanup removes our chains and jumps from both backends and nothing else.
+func TestKernelCleanupRemovesBothBackendsOnly(t *testing.T) {
+	ns := nodeNS(t)
+	for _, b := range backends {
+		mustSync(t, open(t, Config{Backend: b, NetNS: ns}), snap(true,
+			sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.1:8080"), sp("e", "", model.TCP, "10.96.0.3:80")))
+		if out, err := inNS(ns, "iptables-"+b, "-A", "FORWARD", "-s", "192.0.2.1", "-m", "comment", "--comment", "not ours", "-j", "ACCEPT").CombinedOutput(); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+	}
+	if err := Cleanup(context.Background(), Config{NetNS: ns}); err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range backends {
+		save := saveTables(t, ns, b)
+		if strings.Contains(save, "KUBE-") {
+			t.Errorf("%s: rules of ours left after cleanup:\n%s", b, save)
+		}
+		if !strings.Contains(save, `"not ours"`) {
+			t.Errorf("%s: cleanup removed a rule that is not ours:\n%s", b, save)
+		}
+	}
+	// Nothing left: a second cleanup is a no-op, not an error.
+	if err := Cleanup(context.Background(), Config{NetNS: ns}); err != nil {
+		t.Fatal(err)
+	}
+}
