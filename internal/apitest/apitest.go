@@ -5,11 +5,15 @@ package apitest
 
 import (
 	"fmt"
+	"net/netip"
+	"slices"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // Service is a ClusterIP Service with the given ports.
@@ -69,4 +73,37 @@ func ReadyRange(base string, n int) []discoveryv1.Endpoint {
 		out[i] = Ready(fmt.Sprintf("%s.%d.%d", base, i/250, i%250+1))
 	}
 	return out
+}
+
+// ServicePort is a model service port with frontend vip ("ip:port") and
+// backends ("ip:port" each), sorted as the model sorts them.
+func ServicePort(ns, name, port string, proto model.Protocol, vip string, backends ...string) model.ServicePort {
+	fe := netip.MustParseAddrPort(vip)
+	sp := model.ServicePort{
+		Name:      model.ServicePortName{ServiceName: model.ServiceName{Namespace: ns, Name: name}, Port: port, Protocol: proto},
+		ClusterIP: model.Frontend{IP: fe.Addr(), Port: fe.Port(), Protocol: proto},
+	}
+	for _, b := range backends {
+		ap := netip.MustParseAddrPort(b)
+		sp.Backends = append(sp.Backends, model.Backend{IP: ap.Addr(), Port: ap.Port()})
+	}
+	slices.SortFunc(sp.Backends, model.Backend.Compare)
+	return sp
+}
+
+// Snapshot is a model snapshot of the given service ports.
+func Snapshot(full bool, ports ...model.ServicePort) *model.Snapshot {
+	s := &model.Snapshot{Full: full, Services: make(map[model.ServiceName][]model.ServicePort)}
+	for _, p := range ports {
+		s.Services[p.Name.ServiceName] = append(s.Services[p.Name.ServiceName], p)
+	}
+	return s
+}
+
+// Deleted marks services as gone in a partial snapshot.
+func Deleted(s *model.Snapshot, names ...model.ServiceName) *model.Snapshot {
+	for _, n := range names {
+		s.Services[n] = nil
+	}
+	return s
 }

@@ -200,12 +200,30 @@ func udpRequests(addr string, args []string) error {
 	if err != nil {
 		return err
 	}
-	connected := len(args) > 1 && args[1] == "connected"
+	// Options after the count: "connected" connects the socket;
+	// "lport=N" binds it to local port N, so that successive clients are
+	// one flow for conntrack.
+	connected := false
+	var laddr *net.UDPAddr
+	for _, a := range args[min(1, len(args)):] {
+		switch {
+		case a == "connected":
+			connected = true
+		case strings.HasPrefix(a, "lport="):
+			port, err := strconv.Atoi(strings.TrimPrefix(a, "lport="))
+			if err != nil {
+				return err
+			}
+			laddr = &net.UDPAddr{Port: port}
+		default:
+			return fmt.Errorf("unknown udp option %q", a)
+		}
+	}
 	var conn *net.UDPConn
 	if connected {
-		conn, err = net.DialUDP("udp4", nil, raddr)
+		conn, err = net.DialUDP("udp4", laddr, raddr)
 	} else {
-		conn, err = net.ListenUDP("udp4", nil)
+		conn, err = net.ListenUDP("udp4", laddr)
 	}
 	if err != nil {
 		fmt.Println("err " + errText(err))

@@ -65,6 +65,8 @@ type Pod struct {
 	Name string
 	NS   string
 	IP   netip.Addr
+	// HostIf is the node's end of the pod's veth.
+	HostIf string
 }
 
 // PodGateway is the node's address on every pod link, as CNI plugins that
@@ -98,7 +100,24 @@ func New(t T) *Net {
 	n.mustRun("ip", "netns", "add", n.Node)
 	n.mustRun("ip", "-n", n.Node, "link", "set", "lo", "up")
 	n.mustRun("ip", "netns", "exec", n.Node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	// The node answers a REJECT with an ICMP error per attempt; the
+	// default per-client limit (one a second after a burst of six) would
+	// turn refusals into timeouts in tests that refuse many times.
+	n.mustRun("ip", "netns", "exec", n.Node, "sysctl", "-qw", "net.ipv4.icmp_ratelimit=0")
 	return n
+}
+
+// RouteToPod sends the node's traffic for prefix to pod p, which owns no
+// address in it: such packets are dropped there without an answer, as on a
+// network where the address leads nowhere.
+func (n *Net) RouteToPod(prefix string, p *Pod) {
+	n.t.Helper()
+	n.mustRun("ip", "-n", n.Node, "route", "add", prefix, "dev", p.HostIf)
+}
+
+// NodeCommand prepares a command in the node's network namespace.
+func (n *Net) NodeCommand(ctx context.Context, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=/run/netns/" + n.Node, "--"}, args...)...)
 }
 
 // AddPod creates a pod namespace with address ip, linked to the node.
@@ -107,8 +126,8 @@ func (n *Net) AddPod(name, ip string) *Pod {
 	n.mu.Lock()
 	idx := len(n.pods)
 	n.mu.Unlock()
-	p := &Pod{net: n, Name: name, NS: n.Prefix + "-" + name, IP: netip.MustParseAddr(ip)}
 	hostIf := fmt.Sprintf("veth%d", idx)
+	p := &Pod{net: n, Name: name, NS: n.Prefix + "-" + name, IP: netip.MustParseAddr(ip), HostIf: hostIf}
 	n.mustRun("ip", "netns", "add", p.NS)
 	n.mu.Lock()
 	n.pods = append(n.pods, p)

@@ -12,6 +12,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
@@ -66,24 +67,10 @@ func TestKernelRestoreAcceptsGoldens(t *testing.T) {
 }
 
 func sp(name, port string, proto model.Protocol, fe string, backends ...string) model.ServicePort {
-	p := model.ServicePort{
-		Name:      model.ServicePortName{ServiceName: model.ServiceName{Namespace: "default", Name: name}, Port: port, Protocol: proto},
-		ClusterIP: model.Frontend{IP: mustAddrPort(fe).Addr(), Port: mustAddrPort(fe).Port(), Protocol: proto},
-	}
-	for _, b := range backends {
-		ap := mustAddrPort(b)
-		p.Backends = append(p.Backends, model.Backend{IP: ap.Addr(), Port: ap.Port()})
-	}
-	return p
+	return apitest.ServicePort("default", name, port, proto, fe, backends...)
 }
 
-func snap(full bool, ports ...model.ServicePort) *model.Snapshot {
-	s := &model.Snapshot{Full: full, Services: map[model.ServiceName][]model.ServicePort{}}
-	for _, p := range ports {
-		s.Services[p.Name.ServiceName] = append(s.Services[p.Name.ServiceName], p)
-	}
-	return s
-}
+var snap = apitest.Snapshot
 
 func open(t *testing.T, cfg Config) *Dataplane {
 	t.Helper()

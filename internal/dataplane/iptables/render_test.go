@@ -228,5 +228,3 @@ func TestPartialRenderWritesOnlyChangedChains(t *testing.T) {
 		t.Errorf("natRules %d, written %d: the skipped service's rules are not counted", st.natRules, st.natRulesWritten)
 	}
 }
-
-func mustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }

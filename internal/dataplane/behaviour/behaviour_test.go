@@ -1,0 +1,517 @@
+package behaviour
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+func TestMain(m *testing.M) { testnet.Main(m, nil) }
+
+// mode is one datapath under test.
+type mode struct {
+	name string
+	// open starts a new instance of the datapath for the node of n, as a
+	// new proxy process would; instances of one test share state in the
+	// kernel (pins, rules).
+	open func(t *testing.T, s *setup) dataplane.Dataplane
+	// cleanup removes the datapath, as --cleanup does.
+	cleanup func(s *setup) error
+	// leftovers describes what of the datapath is left on the node, ""
+	// if nothing.
+	leftovers func(t *testing.T, s *setup) string
+	// socketLevel is true for the eBPF mode, which decides at connect()
+	// and sendmsg() rather than per packet.
+	socketLevel bool
+}
+
+func ebpfMode() mode {
+	return mode{
+		name:        "ebpf",
+		socketLevel: true,
+		open: func(t *testing.T, s *setup) dataplane.Dataplane {
+			t.Helper()
+			dp, err := ebpf.New(s.ebpfConfig())
+			if err != nil {
+				t.Fatalf("loading the eBPF datapath: %v", err)
+			}
+			t.Cleanup(func() { dp.Close() })
+			return dp
+		},
+		cleanup: func(s *setup) error { return ebpf.Cleanup(s.bpffs) },
+		leftovers: func(t *testing.T, s *setup) string {
+			var left []string
+			if n := testnet.AttachedPrograms(t, s.net.Cgroup); n > 0 {
+				left = append(left, fmt.Sprintf("%d programs attached", n))
+			}
+			if _, err := os.Stat(s.bpffs); err == nil {
+				left = append(left, "pin directory "+s.bpffs)
+			}
+			return strings.Join(left, ", ")
+		},
+	}
+}
+
+func iptablesMode(backend string) mode {
+	return mode{
+		name: "iptables-" + backend,
+		open: func(t *testing.T, s *setup) dataplane.Dataplane {
+			t.Helper()
+			cfg := s.iptablesConfig()
+			cfg.Backend = backend
+			dp, err := iptables.New(context.Background(), cfg)
+			if err != nil {
+				t.Fatalf("starting the iptables datapath: %v", err)
+			}
+			t.Cleanup(func() { dp.Close() })
+			return dp
+		},
+		cleanup: func(s *setup) error { return iptables.Cleanup(context.Background(), s.iptablesConfig()) },
+		leftovers: func(t *testing.T, s *setup) string {
+			var left []string
+			for _, b := range []string{iptables.BackendNFT, iptables.BackendLegacy} {
+				out, err := s.net.NodeCommand(context.Background(), "iptables-"+b+"-save").Output()
+				if err != nil {
+					t.Fatalf("iptables-%s-save: %v", b, err)
+				}
+				if strings.Contains(string(out), "KUBE-") {
+					left = append(left, b+" rules:\n"+string(out))
+				}
+			}
+			return strings.Join(left, "\n")
+		},
+	}
+}
+
+var modes = []mode{ebpfMode(), iptablesMode(iptables.BackendNFT), iptablesMode(iptables.BackendLegacy)}
+
+// forEachMode runs a scenario once per mode, each in a topology of its own.
+func forEachMode(t *testing.T, scenario func(t *testing.T, m mode)) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) { scenario(t, m) })
+	}
+}
+
+// setup is one scenario's topology: a node, a client pod, n server pods
+// named pod-0.. serving their name on TCP 8080 and 9090 and UDP 5353.
+type setup struct {
+	net    *testnet.Net
+	bpffs  string
+	client *testnet.Pod
+	pods   []*testnet.Pod
+	dp     dataplane.Dataplane
+}
+
+func newSetup(t *testing.T, m mode, servers int) *setup {
+	t.Helper()
+	n := testnet.New(t)
+	s := &setup{net: n, bpffs: testnet.BPFFS(t)}
+	s.client = n.AddPod("client", "10.244.0.100")
+	// The service range leads on to "the network", as a node's default
+	// route does: a namespace that drops what it gets. A packet must be
+	// routable to reach the FORWARD chain, where iptables REJECTs
+	// Services without endpoints; an untranslated VIP times out there.
+	s.net.RouteToPod(serviceCIDR, n.AddPod("world", "10.244.254.1"))
+	for i := range servers {
+		p := n.AddPod(fmt.Sprintf("pod-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
+		p.Start(false, testnet.Helper("serve", p.Name, "tcp:8080", "udp:5353", "tcp:9090")...)
+		s.pods = append(s.pods, p)
+	}
+	// Whatever a scenario leaves, nothing of either mode outlives it.
+	t.Cleanup(func() {
+		if err := ebpf.Cleanup(s.bpffs); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	s.dp = m.open(t, s)
+	return s
+}
+
+func (s *setup) ebpfConfig() ebpf.Config {
+	return ebpf.Config{BPFFSPath: s.bpffs, CgroupPath: s.net.Cgroup, MaxServices: 1024, MaxBackends: 4096, MaxSockets: 4096}
+}
+
+func (s *setup) iptablesConfig() iptables.Config {
+	return iptables.Config{NetNS: "/run/netns/" + s.net.Node, ClusterCIDR: podCIDR}
+}
+
+func (s *setup) backends(port int, pods ...*testnet.Pod) []string {
+	var out []string
+	for _, p := range pods {
+		out = append(out, fmt.Sprintf("%s:%d", p.IP, port))
+	}
+	return out
+}
+
+func (s *setup) sync(t *testing.T, snap *model.Snapshot) {
+	t.Helper()
+	if err := s.dp.Sync(context.Background(), snap); err != nil {
+		t.Fatalf("sync: %v", err)
+	}
+}
+
+// run runs a helper client in the client pod and returns its result lines.
+func (s *setup) run(t *testing.T, args ...string) []string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := s.client.Output(ctx, testnet.Helper(args...)...)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return strings.Split(strings.TrimSpace(out), "\n")
+}
+
+const (
+	vip         = "10.96.0.10"
+	serviceCIDR = "10.96.0.0/16"
+)
+
+var (
+	webName = model.ServiceName{Namespace: "default", Name: "web"}
+	podCIDR = mustPrefix("10.244.0.0/16")
+)
+
+func web(backends ...string) model.ServicePort {
+	return apitest.ServicePort("default", "web", "http", model.TCP, vip+":80", backends...)
+}
+
+func dns(backends ...string) model.ServicePort {
+	return apitest.ServicePort("kube-system", "dns", "dns", model.UDP, vip+":53", backends...)
+}
+
+func TestTCPSpreadsOverBackendsAndPeerIsTheVIP(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 3)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...)))
+
+		lines := s.run(t, "tcp", vip+":80", "60")
+		got := testnet.Tally(lines)
+		for _, p := range s.pods {
+			if got["ok "+p.Name] == 0 {
+				t.Errorf("no connection reached %s in 60: %v", p.Name, got)
+			}
+		}
+		if len(got) != 3 {
+			t.Errorf("results other than the three backends: %v", got)
+		}
+		// getpeername() answers the VIP: the eBPF mode translates it back
+		// in getpeername4, the iptables mode never changes the socket.
+		for _, l := range lines {
+			if !strings.HasSuffix(l, "peer="+vip+":80") {
+				t.Fatalf("getpeername did not return the VIP: %q", l)
+			}
+		}
+	})
+}
+
+func TestUDPOneBackendPerSocketRepliesFromTheVIP(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 3)
+		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...)))
+		for _, kind := range []string{"unconnected", "connected"} {
+			t.Run(kind, func(t *testing.T) {
+				args := []string{"udp", vip + ":53", "10"}
+				if kind == "connected" {
+					args = append(args, "connected")
+				}
+				lines := s.run(t, args...)
+				// One backend per socket: conntrack keeps the flow's
+				// translation; the eBPF mode hashes the socket.
+				if got := testnet.Tally(lines); len(got) != 1 {
+					t.Errorf("answers of one socket came from %d places, want 1: %v", len(got), got)
+				}
+				for _, l := range lines {
+					if !strings.HasPrefix(l, "ok pod-") || !strings.Contains(l, "from="+vip+":53") {
+						t.Errorf("reply does not come from the VIP: %q", l)
+					}
+				}
+			})
+		}
+		seen := map[string]bool{}
+		for range 20 {
+			for k := range testnet.Tally(s.run(t, "udp", vip+":53", "1")) {
+				seen[k] = true
+			}
+		}
+		if len(seen) < 2 {
+			t.Errorf("20 sockets all used one backend: %v", seen)
+		}
+	})
+}
+
+func TestDigThroughClusterIP(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 0)
+		var dnsPods []*testnet.Pod
+		for i := range 2 {
+			p := s.net.AddPod(fmt.Sprintf("dns-%d", i), fmt.Sprintf("10.244.2.%d", i+1))
+			p.StartDNS("web.kbp.test", "10.96.7.7")
+			dnsPods = append(dnsPods, p)
+		}
+		s.sync(t, apitest.Snapshot(true,
+			apitest.ServicePort("kube-system", "dns", "dns", model.UDP, vip+":53", s.backends(53, dnsPods...)...),
+			apitest.ServicePort("kube-system", "dns", "dns-tcp", model.TCP, vip+":53", s.backends(53, dnsPods...)...)))
+		for _, transport := range []string{"+notcp", "+tcp"} {
+			for range 5 {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				out, err := s.client.Output(ctx, "dig", "@"+vip, "web.kbp.test", "A", transport, "+tries=1", "+timeout=2")
+				cancel()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if strings.Contains(out, "unexpected source") {
+					t.Fatalf("dig %s saw the backend's address:\n%s", transport, out)
+				}
+				if !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, "10.96.7.7") || !strings.Contains(out, "SERVER: "+vip+"#53") {
+					t.Fatalf("dig %s did not get the answer from the VIP:\n%s", transport, out)
+				}
+			}
+		}
+	})
+}
+
+func TestSamePortTCPAndUDPAreDifferentServices(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 2)
+		s.sync(t, apitest.Snapshot(true,
+			apitest.ServicePort("default", "mixed", "tcp", model.TCP, vip+":53", s.backends(9090, s.pods[0])...),
+			apitest.ServicePort("default", "mixed", "udp", model.UDP, vip+":53", s.backends(5353, s.pods[1])...)))
+		if got := testnet.Tally(s.run(t, "tcp", vip+":53", "5")); got["ok pod-0"] != 5 {
+			t.Errorf("TCP to :53 went elsewhere than pod-0:9090: %v", got)
+		}
+		if got := testnet.Tally(s.run(t, "udp", vip+":53", "5")); got["ok pod-1"] != 5 {
+			t.Errorf("UDP to :53 went elsewhere than pod-1:5353: %v", got)
+		}
+	})
+}
+
+// A Service without endpoints refuses at once instead of timing out.
+func TestNoEndpointsRefusesAtOnce(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 0)
+		s.sync(t, apitest.Snapshot(true,
+			apitest.ServicePort("default", "empty", "http", model.TCP, vip+":80"),
+			apitest.ServicePort("default", "empty", "dns", model.UDP, vip+":53")))
+
+		expect := func(args []string, want string, n int) {
+			t.Helper()
+			lines := s.run(t, args...)
+			if len(lines) != n {
+				t.Errorf("%v: %d results %q, want %d", args, len(lines), lines, n)
+			}
+			for _, l := range lines {
+				if l != want {
+					t.Errorf("%v: got %q, want %q", args, l, want)
+				}
+			}
+		}
+		// TCP: connect() fails with ECONNREFUSED in both modes (the eBPF
+		// program sets it; iptables REJECTs with icmp-port-unreachable).
+		expect([]string{"tcp", vip + ":80", "3"}, "err connection refused", 3)
+		if m.socketLevel {
+			// connect() of a UDP socket is refused, which ends the
+			// client; so is every sendmsg() of an unconnected one.
+			expect([]string{"udp", vip + ":53", "3", "connected"}, "err connection refused", 1)
+			expect([]string{"udp", vip + ":53", "3"}, "err connection refused", 3)
+			return
+		}
+		// Differs by nature: iptables acts on packets. A UDP connect()
+		// sends nothing and succeeds; the REJECT's ICMP error then fails
+		// each read of the connected socket. Linux reports ICMP errors
+		// only to connected UDP sockets (or with IP_RECVERR), so an
+		// unconnected one waits out its own timeout, as with kube-proxy.
+		expect([]string{"udp", vip + ":53", "3", "connected"}, "err connection refused", 3)
+		t.Log("iptables: an unconnected UDP socket is not told of the REJECT and times out (Linux reports ICMP errors only to connected sockets)")
+		expect([]string{"udp", vip + ":53", "1"}, "err timeout", 1)
+	})
+}
+
+// Endpoints change while a client connects in a loop: no connect fails.
+func TestChurnLosesNoConnect(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 3)
+		all := s.backends(8080, s.pods...)
+		s.sync(t, apitest.Snapshot(true, web(all...)))
+		loop := s.client.StartLoop(vip + ":80")
+		defer loop.Stop()
+
+		for round := range 3 {
+			testnet.AssertAllOK(t, fmt.Sprintf("round %d with 3", round), loop.Take(20), "pod-0", "pod-1", "pod-2")
+			s.sync(t, apitest.Snapshot(false, web(all[1])))
+			// Connects under way during the sync may still reach a
+			// removed backend; none may fail. Then only pod-1 answers.
+			testnet.AssertAllOK(t, fmt.Sprintf("round %d, scaling to 1", round), loop.Settle(), "pod-0", "pod-1", "pod-2")
+			testnet.AssertAllOK(t, fmt.Sprintf("round %d with 1", round), loop.Take(20), "pod-1")
+			s.sync(t, apitest.Snapshot(false, web(all...)))
+			testnet.AssertAllOK(t, fmt.Sprintf("round %d, scaling to 3", round), loop.Settle(), "pod-0", "pod-1", "pod-2")
+		}
+
+		// A deleted Service is no longer known: the VIP dies in the
+		// namespaces. Re-creating it serves again.
+		s.sync(t, apitest.Deleted(apitest.Snapshot(false), webName))
+		loop.Settle()
+		if l := loop.Take(1); strings.HasPrefix(l[0], "ok ") {
+			t.Errorf("deleted Service still served: %q", l[0])
+		}
+		s.sync(t, apitest.Snapshot(false, web(all...)))
+		loop.Settle()
+		testnet.AssertAllOK(t, "re-created", loop.Take(20), "pod-0", "pod-1", "pod-2")
+	})
+}
+
+// The datapath keeps serving while the proxy is down, and a new process
+// converges on what changed meanwhile.
+func TestRestartKeepsServingAndConverges(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 2)
+		other := apitest.ServicePort("default", "other", "http", model.TCP, "10.96.0.11:80", s.backends(9090, s.pods[0])...)
+		gone := apitest.ServicePort("default", "gone", "http", model.TCP, "10.96.0.12:80", s.backends(9090, s.pods[1])...)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...), gone))
+		loop := s.client.StartLoop(vip + ":80")
+		s.dp.Close()
+		testnet.AssertAllOK(t, "while down", loop.Take(30), "pod-0", "pod-1")
+
+		s.dp = m.open(t, s)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods[1])...), other))
+		loop.Settle()
+		testnet.AssertAllOK(t, "after restart", loop.Take(20), "pod-1")
+		loop.Stop()
+		if got := testnet.Tally(s.run(t, "tcp", "10.96.0.11:80", "3")); got["ok pod-0"] != 3 {
+			t.Errorf("service created while down: %v", got)
+		}
+		if l := s.run(t, "tcp", "10.96.0.12:80", "1")[0]; strings.HasPrefix(l, "ok ") {
+			t.Errorf("service deleted while down still served: %q", l)
+		}
+	})
+}
+
+func TestCleanupRemovesEverything(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 1)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...), dns()))
+		if left := m.leftovers(t, s); left == "" {
+			t.Fatal("nothing of the datapath found before cleanup: the check cannot fail")
+		}
+		s.dp.Close()
+		if err := m.cleanup(s); err != nil {
+			t.Fatal(err)
+		}
+		if left := m.leftovers(t, s); left != "" {
+			t.Errorf("left after cleanup: %s", left)
+		}
+		if l := s.run(t, "tcp", vip+":80", "1")[0]; strings.HasPrefix(l, "ok ") {
+			t.Errorf("VIP still served after cleanup: %q", l)
+		}
+	})
+}
+
+// A pod reaching itself through its own Service.
+func TestHairpin(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 0)
+		s.client.Start(false, testnet.Helper("serve", "client", "tcp:8080")...)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.client)...)))
+		// iptables DNATs the packet back out to the pod it came from, so it
+		// must also masquerade it (KUBE-SEP's -s rule), or the pod would
+		// see its own address as the source and drop the packet. The eBPF
+		// mode connects the socket to the pod's own address directly.
+		if got := testnet.Tally(s.run(t, "tcp", vip+":80", "5")); got["ok client"] != 5 {
+			t.Errorf("pod through its own Service: %v", got)
+		}
+	})
+}
+
+// A UDP client that keeps its source port (as resolvers retrying do) must
+// follow endpoint changes: in iptables mode that needs the conntrack
+// entries of removed backends deleted; the eBPF mode picks a backend at
+// every sendmsg() of an unconnected socket.
+func TestUDPFlowFollowsRemovedBackend(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 2)
+		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...)))
+		const lport = "lport=40053"
+		first := testnet.Tally(s.run(t, "udp", vip+":53", "3", lport))
+		var used, other *testnet.Pod
+		switch {
+		case first["ok pod-0"] == 3:
+			used, other = s.pods[0], s.pods[1]
+		case first["ok pod-1"] == 3:
+			used, other = s.pods[1], s.pods[0]
+		default:
+			t.Fatalf("first requests: %v, want all three from one pod", first)
+		}
+		s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, other)...)))
+		if got := testnet.Tally(s.run(t, "udp", vip+":53", "3", lport)); got["ok "+other.Name] != 3 {
+			t.Errorf("after %s was removed, the same flow got %v, want %s only", used.Name, got, other.Name)
+		}
+	})
+}
+
+// A UDP client whose first packets left before its Service had endpoints
+// (here: before it existed, routed on to the network, which drops them) must reach
+// the first endpoint once there is one: in iptables mode the untranslated
+// conntrack entry would otherwise keep the flow off the DNAT rules for as
+// long as the client keeps sending.
+func TestUDPFlowReachesFirstEndpoint(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 1)
+		s.sync(t, apitest.Snapshot(true))
+		const lport = "lport=40054"
+		if got := s.run(t, "udp", vip+":53", "1", lport); got[0] != "err timeout" {
+			t.Fatalf("before the Service exists: %q, want a timeout", got)
+		}
+		s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, s.pods[0])...)))
+		if got := testnet.Tally(s.run(t, "udp", vip+":53", "3", lport)); got["ok pod-0"] != 3 {
+			t.Errorf("the flow that started before the first endpoint: %v, want pod-0 only", got)
+		}
+	})
+}
+
+// Switching modes is make-before-break: the new mode serves before the old
+// one is removed, a client connecting in a loop sees no failure, and
+// nothing of the old mode is left.
+func TestModeSwitchBothWays(t *testing.T) {
+	for _, c := range []struct{ from, to mode }{
+		{ebpfMode(), iptablesMode(iptables.BackendNFT)},
+		{iptablesMode(iptables.BackendNFT), ebpfMode()},
+		{iptablesMode(iptables.BackendLegacy), ebpfMode()},
+	} {
+		t.Run(c.from.name+"-to-"+c.to.name, func(t *testing.T) {
+			s := newSetup(t, c.from, 2)
+			snap := apitest.Snapshot(true, web(s.backends(8080, s.pods...)...))
+			s.sync(t, snap)
+			loop := s.client.StartLoop(vip + ":80")
+			defer loop.Stop()
+			testnet.AssertAllOK(t, "before", loop.Take(20), "pod-0", "pod-1")
+			s.dp.Close()
+
+			// What main does: the new mode, wrapped to remove the old one
+			// once it serves.
+			s.dp = dataplane.WithHandover(c.to.open(t, s), c.from.name, func(context.Context) error { return c.from.cleanup(s) })
+			s.sync(t, snap)
+			testnet.AssertAllOK(t, "across the switch", loop.Settle(), "pod-0", "pod-1")
+			testnet.AssertAllOK(t, "after", loop.Take(20), "pod-0", "pod-1")
+			if left := c.from.leftovers(t, s); left != "" {
+				t.Errorf("left of %s after switching to %s: %s", c.from.name, c.to.name, left)
+			}
+			if left := c.to.leftovers(t, s); left == "" {
+				t.Errorf("nothing of %s found after switching to it", c.to.name)
+			}
+		})
+	}
+}
+
+func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }
