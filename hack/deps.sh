@@ -7,7 +7,8 @@ packages=(
   clang llvm          # regenerating the BPF objects (make verify)
   bpftool             # inspecting attached programs in tests and the demo
   iproute2            # network namespaces and veth pairs for test pods
-  util-linux          # nsenter
+  util-linux          # nsenter, flock
+  iptables            # --mode=iptables: iptables-nft and iptables-legacy (restore, save)
   dnsutils            # dig
   dnsmasq-base        # a DNS server behind a ClusterIP (no system service)
   curl

@@ -107,3 +107,29 @@ func Deleted(s *model.Snapshot, names ...model.ServiceName) *model.Snapshot {
 	}
 	return s
 }
+
+// ScaleSnapshot is a full snapshot of n single-port TCP services with per
+// endpoints each, all distinct: the benchmarks' cluster (10.96.0.0/16 for
+// frontends, 10.128.0.0/10 for backends).
+func ScaleSnapshot(n, per int) *model.Snapshot {
+	snap := &model.Snapshot{Full: true, Services: make(map[model.ServiceName][]model.ServicePort, n)}
+	for i := range n {
+		name := model.ServiceName{Namespace: "bench", Name: fmt.Sprintf("svc-%d", i)}
+		sp := model.ServicePort{
+			Name: model.ServicePortName{ServiceName: name, Port: "http", Protocol: model.TCP},
+			ClusterIP: model.Frontend{
+				IP:   netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}),
+				Port: 80, Protocol: model.TCP,
+			},
+		}
+		for j := range per {
+			k := i*per + j
+			sp.Backends = append(sp.Backends, model.Backend{
+				IP:   netip.AddrFrom4([4]byte{10, byte(128 + k>>16), byte(k >> 8), byte(k)}),
+				Port: 8080,
+			})
+		}
+		snap.Services[name] = []model.ServicePort{sp}
+	}
+	return snap
+}

@@ -2,38 +2,16 @@ package ebpf
 
 import (
 	"context"
-	"fmt"
 	"net/netip"
 	"syscall"
 	"testing"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
-// scaleSnapshot is n services with per endpoints each, all distinct.
-func scaleSnapshot(n, per int) *model.Snapshot {
-	snap := &model.Snapshot{Full: true, Services: make(map[model.ServiceName][]model.ServicePort, n)}
-	for i := range n {
-		name := model.ServiceName{Namespace: "bench", Name: fmt.Sprintf("svc-%d", i)}
-		sp := model.ServicePort{
-			Name: model.ServicePortName{ServiceName: name, Port: "http", Protocol: model.TCP},
-			ClusterIP: model.Frontend{
-				IP:   netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}),
-				Port: 80, Protocol: model.TCP,
-			},
-		}
-		for j := range per {
-			k := i*per + j
-			sp.Backends = append(sp.Backends, model.Backend{
-				IP:   netip.AddrFrom4([4]byte{10, byte(128 + k>>16), byte(k >> 8), byte(k)}),
-				Port: 8080,
-			})
-		}
-		snap.Services[name] = []model.ServicePort{sp}
-	}
-	return snap
-}
+var scaleSnapshot = apitest.ScaleSnapshot
 
 func benchConfig(b *testing.B) Config {
 	n := testnet.New(b)

@@ -1,0 +1,120 @@
+package iptables
+
+import (
+	"bytes"
+	"context"
+	"net/netip"
+	"syscall"
+	"testing"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+// The benchmarks' cluster is the eBPF benchmarks' (apitest.ScaleSnapshot):
+// 10k Services x 10 endpoints, so `make bench` puts the modes side by side.
+const benchServices, benchEndpoints = 10000, 10
+
+func maxRSSMiB() float64 {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return float64(ru.Maxrss) / 1024 // Linux reports KiB
+}
+
+// BenchmarkRender is the Go side of a full sync: the restore input for 10k
+// x 10, without applying it.
+func BenchmarkRender(b *testing.B) {
+	in := renderInput{services: flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services), rewrite: func(model.ServiceName) bool { return true }}
+	var buf bytes.Buffer
+	var st renderStats
+	for b.Loop() {
+		buf.Reset()
+		st = render(&buf, defaultOpts, in)
+	}
+	b.ReportMetric(float64(buf.Len())/(1<<20), "input-MiB")
+	b.ReportMetric(float64(st.natRules+st.filterRules), "rules")
+}
+
+func benchDataplane(b *testing.B, backend string) (*Dataplane, Config) {
+	cfg := Config{Backend: backend, NetNS: "/run/netns/" + testnet.New(b).Node, ClusterCIDR: netip.MustParsePrefix("10.128.0.0/10")}
+	d, err := New(context.Background(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { d.Close() })
+	return d, cfg
+}
+
+// BenchmarkKernelFullSync renders and applies 10k x 10 into empty tables.
+func BenchmarkKernelFullSync(b *testing.B) {
+	for _, backend := range backends {
+		b.Run(backend, func(b *testing.B) {
+			d, cfg := benchDataplane(b, backend)
+			snap := apitest.ScaleSnapshot(benchServices, benchEndpoints)
+			ctx := context.Background()
+			for b.Loop() {
+				if err := d.Sync(ctx, snap); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				if err := Cleanup(ctx, cfg); err != nil {
+					b.Fatal(err)
+				}
+				d.applied = nil
+				b.StartTimer()
+			}
+			b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
+		})
+	}
+}
+
+// BenchmarkKernelFullResync is the periodic full sync (every
+// --sync-period) with 10k x 10 already in place: read back, rewrite all.
+func BenchmarkKernelFullResync(b *testing.B) {
+	for _, backend := range backends {
+		b.Run(backend, func(b *testing.B) {
+			d, _ := benchDataplane(b, backend)
+			snap := apitest.ScaleSnapshot(benchServices, benchEndpoints)
+			ctx := context.Background()
+			if err := d.Sync(ctx, snap); err != nil {
+				b.Fatal(err)
+			}
+			for b.Loop() {
+				if err := d.Sync(ctx, snap); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkKernelOneEndpointChange replaces one endpoint of one Service at
+// 10k x 10: a partial sync, which still rewrites KUBE-SERVICES whole.
+func BenchmarkKernelOneEndpointChange(b *testing.B) {
+	for _, backend := range backends {
+		b.Run(backend, func(b *testing.B) {
+			d, _ := benchDataplane(b, backend)
+			snap := apitest.ScaleSnapshot(benchServices, benchEndpoints)
+			ctx := context.Background()
+			if err := d.Sync(ctx, snap); err != nil {
+				b.Fatal(err)
+			}
+			name := model.ServiceName{Namespace: "bench", Name: "svc-4242"}
+			orig := snap.Services[name][0]
+			changed := orig
+			changed.Backends = append([]model.Backend{{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080}}, orig.Backends[1:]...)
+			variants := [2]*model.Snapshot{
+				{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
+				{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},
+			}
+			i := 0
+			for b.Loop() {
+				if err := d.Sync(ctx, variants[i%2]); err != nil {
+					b.Fatal(err)
+				}
+				i++
+			}
+		})
+	}
+}
