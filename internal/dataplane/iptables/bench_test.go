@@ -3,7 +3,11 @@ package iptables
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -14,7 +18,31 @@ import (
 
 // The benchmarks' cluster is the eBPF benchmarks' (apitest.ScaleSnapshot):
 // 10k Services x 10 endpoints, so `make bench` puts the modes side by side.
+// KBP_BENCH_SERVICES_<BACKEND> (NFT, LEGACY) sets another count: with
+// iptables-nft 1.8.9, restore --noflush grows faster than linearly with
+// the number of chains, and one full sync at 10k takes many minutes.
 const benchServices, benchEndpoints = 10000, 10
+
+func servicesFor(b *testing.B, backend string) int {
+	env := "KBP_BENCH_SERVICES_" + strings.ToUpper(backend)
+	v := os.Getenv(env)
+	if v == "" {
+		return benchServices
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		b.Fatalf("%s=%q: want a positive count", env, v)
+	}
+	return n
+}
+
+// eachBackend runs a benchmark per backend, named by backend and size.
+func eachBackend(b *testing.B, fn func(b *testing.B, backend string, services int)) {
+	for _, backend := range backends {
+		n := servicesFor(b, backend)
+		b.Run(fmt.Sprintf("%s/services=%d", backend, n), func(b *testing.B) { fn(b, backend, n) })
+	}
+}
 
 func maxRSSMiB() float64 {
 	var ru syscall.Rusage
@@ -48,73 +76,67 @@ func benchDataplane(b *testing.B, backend string) (*Dataplane, Config) {
 
 // BenchmarkKernelFullSync renders and applies 10k x 10 into empty tables.
 func BenchmarkKernelFullSync(b *testing.B) {
-	for _, backend := range backends {
-		b.Run(backend, func(b *testing.B) {
-			d, cfg := benchDataplane(b, backend)
-			snap := apitest.ScaleSnapshot(benchServices, benchEndpoints)
-			ctx := context.Background()
-			for b.Loop() {
-				if err := d.Sync(ctx, snap); err != nil {
-					b.Fatal(err)
-				}
-				b.StopTimer()
-				if err := Cleanup(ctx, cfg); err != nil {
-					b.Fatal(err)
-				}
-				d.applied = nil
-				b.StartTimer()
+	eachBackend(b, func(b *testing.B, backend string, services int) {
+		d, cfg := benchDataplane(b, backend)
+		snap := apitest.ScaleSnapshot(services, benchEndpoints)
+		ctx := context.Background()
+		for b.Loop() {
+			if err := d.Sync(ctx, snap); err != nil {
+				b.Fatal(err)
 			}
-			b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
-		})
-	}
+			b.StopTimer()
+			if err := Cleanup(ctx, cfg); err != nil {
+				b.Fatal(err)
+			}
+			d.applied = nil
+			b.StartTimer()
+		}
+		b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
+	})
 }
 
 // BenchmarkKernelFullResync is the periodic full sync (every
 // --sync-period) with 10k x 10 already in place: read back, rewrite all.
 func BenchmarkKernelFullResync(b *testing.B) {
-	for _, backend := range backends {
-		b.Run(backend, func(b *testing.B) {
-			d, _ := benchDataplane(b, backend)
-			snap := apitest.ScaleSnapshot(benchServices, benchEndpoints)
-			ctx := context.Background()
+	eachBackend(b, func(b *testing.B, backend string, services int) {
+		d, _ := benchDataplane(b, backend)
+		snap := apitest.ScaleSnapshot(services, benchEndpoints)
+		ctx := context.Background()
+		if err := d.Sync(ctx, snap); err != nil {
+			b.Fatal(err)
+		}
+		for b.Loop() {
 			if err := d.Sync(ctx, snap); err != nil {
 				b.Fatal(err)
 			}
-			for b.Loop() {
-				if err := d.Sync(ctx, snap); err != nil {
-					b.Fatal(err)
-				}
-			}
-		})
-	}
+		}
+	})
 }
 
 // BenchmarkKernelOneEndpointChange replaces one endpoint of one Service at
 // 10k x 10: a partial sync, which still rewrites KUBE-SERVICES whole.
 func BenchmarkKernelOneEndpointChange(b *testing.B) {
-	for _, backend := range backends {
-		b.Run(backend, func(b *testing.B) {
-			d, _ := benchDataplane(b, backend)
-			snap := apitest.ScaleSnapshot(benchServices, benchEndpoints)
-			ctx := context.Background()
-			if err := d.Sync(ctx, snap); err != nil {
+	eachBackend(b, func(b *testing.B, backend string, services int) {
+		d, _ := benchDataplane(b, backend)
+		snap := apitest.ScaleSnapshot(services, benchEndpoints)
+		ctx := context.Background()
+		if err := d.Sync(ctx, snap); err != nil {
+			b.Fatal(err)
+		}
+		name := model.ServiceName{Namespace: "bench", Name: fmt.Sprintf("svc-%d", services/2)}
+		orig := snap.Services[name][0]
+		changed := orig
+		changed.Backends = append([]model.Backend{{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080}}, orig.Backends[1:]...)
+		variants := [2]*model.Snapshot{
+			{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
+			{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},
+		}
+		i := 0
+		for b.Loop() {
+			if err := d.Sync(ctx, variants[i%2]); err != nil {
 				b.Fatal(err)
 			}
-			name := model.ServiceName{Namespace: "bench", Name: "svc-4242"}
-			orig := snap.Services[name][0]
-			changed := orig
-			changed.Backends = append([]model.Backend{{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080}}, orig.Backends[1:]...)
-			variants := [2]*model.Snapshot{
-				{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
-				{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},
-			}
-			i := 0
-			for b.Loop() {
-				if err := d.Sync(ctx, variants[i%2]); err != nil {
-					b.Fatal(err)
-				}
-				i++
-			}
-		})
-	}
+			i++
+		}
+	})
 }
