@@ -133,3 +133,18 @@ func ScaleSnapshot(n, per int) *model.Snapshot {
 	}
 	return snap
 }
+
+// EndpointChange returns two partial snapshots for the service port of
+// service name in snap (from ScaleSnapshot): one replacing its first
+// endpoint, one putting it back. Alternating them is the common change of a
+// pod being replaced.
+func EndpointChange(snap *model.Snapshot, name model.ServiceName) [2]*model.Snapshot {
+	orig := snap.Services[name][0]
+	changed := orig
+	changed.Backends = append(slices.Clone(orig.Backends[1:]), model.Backend{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080})
+	slices.SortFunc(changed.Backends, model.Backend.Compare)
+	return [2]*model.Snapshot{
+		{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
+		{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},
+	}
+}

@@ -2,7 +2,6 @@ package ebpf
 
 import (
 	"context"
-	"net/netip"
 	"syscall"
 	"testing"
 
@@ -70,14 +69,7 @@ func BenchmarkKernelOneEndpointChange(b *testing.B) {
 	if err := dp.Sync(ctx, snap); err != nil {
 		b.Fatal(err)
 	}
-	name := model.ServiceName{Namespace: "bench", Name: "svc-4242"}
-	orig := snap.Services[name][0]
-	changed := orig
-	changed.Backends = append([]model.Backend{{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080}}, orig.Backends[1:]...)
-	variants := [2]*model.Snapshot{
-		{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
-		{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},
-	}
+	variants := apitest.EndpointChange(snap, model.ServiceName{Namespace: "bench", Name: "svc-4242"})
 	i := 0
 	for b.Loop() {
 		if err := dp.Sync(ctx, variants[i%2]); err != nil {

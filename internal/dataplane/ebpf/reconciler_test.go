@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
@@ -35,35 +36,12 @@ func checkGolden(t *testing.T, name, got string) {
 }
 
 // servicePort builds a model.ServicePort for tests; backends are "ip:port".
-func servicePort(ns, name, portName string, proto model.Protocol, vip string, backends ...string) model.ServicePort {
-	fe := netip.MustParseAddrPort(vip)
-	sp := model.ServicePort{
-		Name:      model.ServicePortName{ServiceName: model.ServiceName{Namespace: ns, Name: name}, Port: portName, Protocol: proto},
-		ClusterIP: model.Frontend{IP: fe.Addr(), Port: fe.Port(), Protocol: proto},
-	}
-	for _, b := range backends {
-		ap := netip.MustParseAddrPort(b)
-		sp.Backends = append(sp.Backends, model.Backend{IP: ap.Addr(), Port: ap.Port()})
-	}
-	slices.SortFunc(sp.Backends, model.Backend.Compare)
-	return sp
-}
-
-func snapshot(full bool, ports ...model.ServicePort) *model.Snapshot {
-	s := &model.Snapshot{Full: full, Services: make(map[model.ServiceName][]model.ServicePort)}
-	for _, p := range ports {
-		s.Services[p.Name.ServiceName] = append(s.Services[p.Name.ServiceName], p)
-	}
-	return s
-}
-
-// withDeleted adds services that are gone to a partial snapshot.
-func withDeleted(s *model.Snapshot, names ...model.ServiceName) *model.Snapshot {
-	for _, n := range names {
-		s.Services[n] = nil
-	}
-	return s
-}
+// The test builders are apitest's, under the names these tests use.
+var (
+	servicePort = apitest.ServicePort
+	snapshot    = apitest.Snapshot
+	withDeleted = apitest.Deleted
+)
 
 // checkNoHoles asserts invariant 3 of DESIGN.md on the fake maps' current
 // contents: every slot a program can pick exists and names an existing

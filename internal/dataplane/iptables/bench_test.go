@@ -123,14 +123,7 @@ func BenchmarkKernelOneEndpointChange(b *testing.B) {
 		if err := d.Sync(ctx, snap); err != nil {
 			b.Fatal(err)
 		}
-		name := model.ServiceName{Namespace: "bench", Name: fmt.Sprintf("svc-%d", services/2)}
-		orig := snap.Services[name][0]
-		changed := orig
-		changed.Backends = append([]model.Backend{{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080}}, orig.Backends[1:]...)
-		variants := [2]*model.Snapshot{
-			{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
-			{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},
-		}
+		variants := apitest.EndpointChange(snap, model.ServiceName{Namespace: "bench", Name: fmt.Sprintf("svc-%d", services/2)})
 		i := 0
 		for b.Loop() {
 			if err := d.Sync(ctx, variants[i%2]); err != nil {
