@@ -37,6 +37,14 @@ type Metrics struct {
 	// SyncProxyRulesDuration observes how long each sync took, failed or
 	// not.
 	SyncProxyRulesDuration prometheus.Histogram
+	// SyncFullProxyRulesDuration and SyncPartialProxyRulesDuration split
+	// SyncProxyRulesDuration by kind, as kube-proxy does: the two kinds cost
+	// orders of magnitude apart, in the iptables mode above all.
+	SyncFullProxyRulesDuration    prometheus.Histogram
+	SyncPartialProxyRulesDuration prometheus.Histogram
+	// IptablesRules is the number of rules per table after the last
+	// iptables sync, unchanged ones included (iptables mode only).
+	IptablesRules *prometheus.GaugeVec
 	// SyncProxyRulesLastTimestamp is the Unix time of the last successful
 	// sync.
 	SyncProxyRulesLastTimestamp prometheus.Gauge
@@ -69,6 +77,20 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help:    "Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
 		}),
+		SyncFullProxyRulesDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kubeproxy_sync_full_proxy_rules_duration_seconds",
+			Help:    "Time taken by each full sync of the datapath (the first, the periodic ones and those after a failure), in seconds.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
+		}),
+		SyncPartialProxyRulesDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+			Help:    "Time taken by each partial sync of the datapath (changed Services only), in seconds.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
+		}),
+		IptablesRules: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kubeproxy_sync_proxy_rules_iptables_total",
+			Help: "Rules of the iptables mode per table after the last sync, those a partial sync left unchanged included.",
+		}, []string{"table"}),
 		SyncProxyRulesLastTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
 			Help: "Unix time at which the datapath was last synced successfully.",
@@ -107,6 +129,9 @@ func New(reg prometheus.Registerer) *Metrics {
 	if reg != nil {
 		reg.MustRegister(
 			m.SyncProxyRulesDuration,
+			m.SyncFullProxyRulesDuration,
+			m.SyncPartialProxyRulesDuration,
+			m.IptablesRules,
 			m.SyncProxyRulesLastTimestamp,
 			m.SyncProxyRulesLastQueuedTimestamp,
 			m.SyncsTotal,
@@ -123,12 +148,25 @@ func New(reg prometheus.Registerer) *Metrics {
 // ended at end, with its result.
 func (m *Metrics) RecordSync(kind string, elapsed time.Duration, end time.Time, err error) {
 	m.SyncProxyRulesDuration.Observe(elapsed.Seconds())
+	if kind == SyncKindFull {
+		m.SyncFullProxyRulesDuration.Observe(elapsed.Seconds())
+	} else {
+		m.SyncPartialProxyRulesDuration.Observe(elapsed.Seconds())
+	}
 	m.SyncsTotal.WithLabelValues(kind).Inc()
 	if err != nil {
 		m.SyncFailuresTotal.WithLabelValues(kind).Inc()
 		return
 	}
 	m.SyncProxyRulesLastTimestamp.Set(unixSeconds(end))
+}
+
+// SetIptablesRules records the rules per table ("nat", "filter") after an
+// iptables sync.
+func (m *Metrics) SetIptablesRules(counts map[string]int) {
+	for table, n := range counts {
+		m.IptablesRules.WithLabelValues(table).Set(float64(n))
+	}
 }
 
 // RecordQueued records that a change was queued for a sync at t.
@@ -171,7 +209,7 @@ func NewDatapathEventsCollector(read func() (map[string]uint64, error)) promethe
 		read: read,
 		desc: prometheus.NewDesc(
 			"kubebpfproxy_datapath_events_total",
-			"Events counted by the eBPF datapath, such as connections translated to a backend or refused for lack of one, by event.",
+			"Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.",
 			[]string{"event"}, nil,
 		),
 	}

@@ -24,6 +24,7 @@ func TestNewRegistersFamilies(t *testing.T) {
 	m := New(reg)
 	// Vectors without children are not gathered; give each one a child.
 	m.RecordSkipped("EndpointSlice", "InvalidAddress")
+	m.SetIptablesRules(map[string]int{"nat": 9})
 
 	families, err := reg.Gather()
 	if err != nil {
@@ -40,6 +41,9 @@ func TestNewRegistersFamilies(t *testing.T) {
 		labels []string
 	}{
 		{"kubeproxy_sync_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
+		{"kubeproxy_sync_full_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
+		{"kubeproxy_sync_partial_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
+		{"kubeproxy_sync_proxy_rules_iptables_total", dto.MetricType_GAUGE, []string{"table"}},
 		{"kubeproxy_sync_proxy_rules_last_timestamp_seconds", dto.MetricType_GAUGE, nil},
 		{"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", dto.MetricType_GAUGE, nil},
 		{"kubebpfproxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
@@ -80,6 +84,9 @@ func TestNewRegistersFamilies(t *testing.T) {
 		t.Fatalf("GatherAndLint: %v", err)
 	}
 	for _, p := range problems {
+		if p.Metric == "kubeproxy_sync_proxy_rules_iptables_total" {
+			continue // kube-proxy's name, a gauge with a _total suffix, kept for its dashboards
+		}
 		t.Errorf("lint: %s: %s", p.Metric, p.Text)
 	}
 }
@@ -224,6 +231,16 @@ func TestRecordSyncObservesDuration(t *testing.T) {
 	if got, want := out.GetHistogram().GetSampleSum(), 0.008; got < want-1e-9 || got > want+1e-9 {
 		t.Errorf("sample sum %v, want %v", got, want)
 	}
+	// Each kind's own histogram has its own sync only.
+	for h, want := range map[prometheus.Histogram]float64{m.SyncFullProxyRulesDuration: 0.003, m.SyncPartialProxyRulesDuration: 0.005} {
+		var one dto.Metric
+		if err := h.(prometheus.Metric).Write(&one); err != nil {
+			t.Fatal(err)
+		}
+		if got := one.GetHistogram().GetSampleSum(); one.GetHistogram().GetSampleCount() != 1 || got < want-1e-9 || got > want+1e-9 {
+			t.Errorf("%s: %d samples summing to %v, want one of %v", h.Desc(), one.GetHistogram().GetSampleCount(), got, want)
+		}
+	}
 }
 
 func TestNewNilRegisterer(t *testing.T) {
@@ -255,7 +272,7 @@ func TestDatapathEventsCollector(t *testing.T) {
 			name:   "counters",
 			events: map[string]uint64{"connect_translated": 42, "connect_refused": 3, "sendmsg_translated": 1 << 40},
 			want: `
-# HELP kubebpfproxy_datapath_events_total Events counted by the eBPF datapath, such as connections translated to a backend or refused for lack of one, by event.
+# HELP kubebpfproxy_datapath_events_total Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.
 # TYPE kubebpfproxy_datapath_events_total counter
 kubebpfproxy_datapath_events_total{event="connect_refused"} 3
 kubebpfproxy_datapath_events_total{event="connect_translated"} 42

@@ -43,6 +43,11 @@ type counter interface {
 	Counts() (services, backends int)
 }
 
+// ruleCounter is implemented by the iptables datapath.
+type ruleCounter interface {
+	RuleCounts() map[string]int
+}
+
 // eventSource is implemented by datapaths that count what they do.
 type eventSource interface {
 	Events() (map[string]uint64, error)
@@ -136,6 +141,9 @@ func (p *Proxier) sync(ctx context.Context) error {
 	p.metrics.RecordSync(kind, end.Sub(start), end, err)
 	if c, ok := innermost(p.dp).(counter); ok {
 		p.metrics.SetProgrammed(c.Counts())
+	}
+	if r, ok := innermost(p.dp).(ruleCounter); ok && err == nil {
+		p.metrics.SetIptablesRules(r.RuleCounts())
 	}
 	if err != nil {
 		// What changed is no longer in the tracker: only a full sync

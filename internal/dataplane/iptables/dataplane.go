@@ -77,6 +77,8 @@ type Dataplane struct {
 	// sync a full one that reads the tables back.
 	applied map[model.ServiceName][]model.ServicePort
 	buf     bytes.Buffer
+	// rules counts the rules per table after the last successful sync.
+	rules map[string]int
 
 	mu     sync.Mutex
 	events map[string]uint64
@@ -205,6 +207,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	klog.V(3).InfoS("Applied iptables rules", "full", full, "natChainsWritten", st.natChainsWritten,
 		"natRulesWritten", st.natRulesWritten, "natRules", st.natRules, "filterRules", st.filterRules, "staleChains", len(in.stale))
 
+	d.rules = map[string]int{"nat": st.natRules, "filter": st.filterRules}
 	stale := d.staleUDP(snap, full, next)
 	d.applied = next
 	if len(stale) > 0 {
@@ -287,6 +290,9 @@ func (d *Dataplane) Events() (map[string]uint64, error) {
 	defer d.mu.Unlock()
 	return maps.Clone(d.events), nil
 }
+
+// RuleCounts reports the rules per table after the last successful sync.
+func (d *Dataplane) RuleCounts() map[string]int { return maps.Clone(d.rules) }
 
 // Counts reports the service ports and backend references applied.
 func (d *Dataplane) Counts() (services, backends int) {

@@ -123,6 +123,13 @@ func TestKernelPartialSyncsAndStaleChains(t *testing.T) {
 			if !strings.Contains(save, "--to-destination 10.244.1.9:8080") || !strings.Contains(save, "--to-destination 10.244.1.3:53") {
 				t.Errorf("new endpoint or untouched service missing:\n%s", save)
 			}
+			// The rule count (for kube-proxy's iptables_total metric)
+			// includes the rules the partial sync left as they were.
+			for table, n := range d.RuleCounts() {
+				if got := strings.Count(parseSaveTable(t, save, table), "\n-A KUBE-"); got != n {
+					t.Errorf("%s: counted %d rules, the table holds %d", table, n, got)
+				}
+			}
 
 			// a loses all endpoints: its chains go, a REJECT takes their place.
 			mustSync(t, d, snap(false, sp("a", "http", model.TCP, "10.96.0.1:80")))
@@ -251,4 +258,15 @@ func TestKernelCleanupRemovesBothBackendsOnly(t *testing.T) {
 	if err := Cleanup(context.Background(), Config{NetNS: ns}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// parseSaveTable is the part of a save dump for one table.
+func parseSaveTable(t *testing.T, save, table string) string {
+	t.Helper()
+	_, rest, ok := strings.Cut(save, "*"+table+"\n")
+	if !ok {
+		t.Fatalf("no table %s in:\n%s", table, save)
+	}
+	body, _, _ := strings.Cut(rest, "COMMIT")
+	return "\n" + body
 }
