@@ -10,15 +10,23 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
 // TestKernelPipelineConvergesAcrossRestart runs the whole pipeline (informers,
-// tracker, runner, eBPF maps) against real programs: a Service becomes
-// reachable; while the proxy is down a Service is deleted and another
-// created; the next start adopts the pinned datapath and converges.
+// tracker, runner, datapath) against the real kernel in both modes: a
+// Service becomes reachable; while the proxy is down a Service is deleted
+// and another created; the next start takes the datapath over and converges.
 func TestKernelPipelineConvergesAcrossRestart(t *testing.T) {
+	for _, mode := range []string{"ebpf", "iptables"} {
+		t.Run(mode, func(t *testing.T) { testPipelineConvergesAcrossRestart(t, mode) })
+	}
+}
+
+func testPipelineConvergesAcrossRestart(t *testing.T, mode string) {
 	n := testnet.New(t)
 	client := n.AddPod("client", "10.244.0.100")
 	var ips []string
@@ -37,7 +45,13 @@ func TestKernelPipelineConvergesAcrossRestart(t *testing.T) {
 		slice("default", "old-1", "old", "http", 8080, ips[0]),
 	)
 	startProxy := func() *running {
-		dp, err := ebpf.New(cfg)
+		var dp dataplane.Dataplane
+		var err error
+		if mode == "ebpf" {
+			dp, err = ebpf.New(cfg)
+		} else {
+			dp, err = iptables.New(context.Background(), iptables.Config{Backend: iptables.BackendNFT, NetNS: "/run/netns/" + n.Node})
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
