@@ -9,10 +9,12 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
@@ -23,7 +25,9 @@ import (
 	"k8s.io/klog/v2"
 	"k8s.io/utils/ptr"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/proxy"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
@@ -74,6 +78,9 @@ func main() {
 	step("Building the topology: a node namespace, a client pod, 3 web pods and 2 DNS pods (no route out)")
 	net := testnet.New(d)
 	client := net.AddPod("client", "10.244.0.100")
+	// The service range leads on to "the network", as a node's default route
+	// does: here a namespace that drops everything it gets.
+	net.RouteToPod("10.96.0.0/16", net.AddPod("world", "10.244.254.1"))
 	var web []string
 	for i := range 3 {
 		p := net.AddPod(fmt.Sprintf("web-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
@@ -96,8 +103,10 @@ func main() {
 	if err != nil {
 		d.Fatalf("%v", err)
 	}
+	// A restart closes the datapath once; teardown may close it again.
+	closeEBPF := sync.OnceFunc(func() { dp.Close() })
 	d.Cleanup(func() {
-		dp.Close()
+		closeEBPF()
 		if err := ebpf.Cleanup(bpffs); err != nil {
 			d.Errorf("cleanup: %v", err)
 		}
@@ -106,17 +115,7 @@ func main() {
 
 	step("Starting the proxy pipeline against an in-memory API (the local cluster comes with the next milestone)")
 	api := fake.NewClientset()
-	proxyDone := make(chan struct{})
-	go func() {
-		defer close(proxyDone)
-		if err := proxy.Run(ctx, api, dp, proxy.Config{MinSyncPeriod: 100 * time.Millisecond,
-			SyncPeriod: 30 * time.Second, RetryPeriod: time.Second,
-			HealthzBindAddress: "127.0.0.1:0", MetricsBindAddress: "127.0.0.1:0"}); err != nil {
-			d.Errorf("proxy: %v", err)
-		}
-	}()
-	// Cleanups run last first: the proxy stops before the datapath closes.
-	d.Cleanup(func() { cancel(); <-proxyDone })
+	stopEBPF := runProxy(ctx, d, api, dp)
 
 	step("Creating Service default/web (10.96.0.10:80 -> 3 pods :8080) and kube-system/dns (10.96.0.53:53 UDP+TCP -> 2 pods)")
 	apply(ctx, d, api, service("default", "web", "10.96.0.10", port("http", v1.ProtocolTCP, 80, 8080)),
@@ -161,7 +160,7 @@ func main() {
 	_ = api.CoreV1().Services("default").Delete(ctx, "web", metav1.DeleteOptions{})
 	_ = api.DiscoveryV1().EndpointSlices("default").Delete(ctx, "web", metav1.DeleteOptions{})
 	waitFor(d, func() bool { return connect(ctx, d, client) != "err connection refused" })
-	d.Logf("connect(): %s (the demo node has no route for the service range)", connect(ctx, d, client))
+	d.Logf("connect(): %s (the demo's service range leads to a namespace that drops everything)", connect(ctx, d, client))
 
 	step("Datapath counters (per-CPU, summed; the same numbers /metrics exports)")
 	events, err := dp.Events()
@@ -177,9 +176,69 @@ func main() {
 		d.Logf("%-28s %d", n, events[n])
 	}
 
-	step("Tearing down: programs, pins, namespaces and cgroup")
+	step("Restarting the proxy with --mode=iptables: kube-proxy's rules in the node namespace; the eBPF programs go once the rules serve")
+	// As the process exiting would: the pinned programs keep serving.
+	stopEBPF()
+	closeEBPF()
+	apply(ctx, d, api, service("default", "web", "10.96.0.10", port("http", v1.ProtocolTCP, 80, 8080)),
+		slice("default", "web", []v1.ServicePort{port("http", v1.ProtocolTCP, 80, 8080)}, web...))
+	iptCfg := iptables.Config{Backend: iptables.BackendAuto, NetNS: "/run/netns/" + net.Node, ClusterCIDR: netip.MustParsePrefix("10.244.0.0/16")}
+	ipt, err := iptables.New(ctx, iptCfg)
+	if err != nil {
+		d.Fatalf("%v", err)
+	}
+	d.Cleanup(func() {
+		ipt.Close()
+		if err := iptables.Cleanup(context.Background(), iptCfg); err != nil {
+			d.Errorf("cleanup: %v", err)
+		}
+	})
+	d.Logf("iptables backend: %s (auto: the one the node already uses)", ipt.Backend())
+	runProxy(ctx, d, api, dataplane.WithHandover(ipt, "ebpf", func(context.Context) error { return ebpf.Cleanup(bpffs) }))
+	waitFor(d, func() bool { out, _ := curl(ctx, client); return strings.HasPrefix(out, "web-") })
+	waitFor(d, func() bool { return testnet.AttachedPrograms(d, net.Cgroup) == 0 })
+	d.Logf("eBPF programs attached to the demo cgroup now: %d", testnet.AttachedPrograms(d, net.Cgroup))
+	save, err := net.NodeCommand(ctx, "iptables-"+ipt.Backend()+"-save", "-t", "nat").Output()
+	if err != nil {
+		d.Fatalf("iptables-save: %v", err)
+	}
+	for _, l := range strings.Split(string(save), "\n") {
+		if strings.Contains(l, "default/web") {
+			d.Logf("%s", l)
+		}
+	}
+	for range 6 {
+		out, err := curl(ctx, client)
+		d.Logf("answered by %s%v", out, errSuffix(err))
+	}
+
+	step("iptables mode, zero endpoints: REJECT with icmp-port-unreachable, so connect() is refused too")
+	apply(ctx, d, api, nil, slice("default", "web", []v1.ServicePort{port("http", v1.ProtocolTCP, 80, 8080)}))
+	waitFor(d, func() bool { return connect(ctx, d, client) == "err connection refused" })
+	d.Logf("connect(): %s", connect(ctx, d, client))
+
+	step("Tearing down: rules, programs, pins, namespaces and cgroup")
 	d.teardown()
 	fmt.Println("\nDone. Run `make test` for the full test suite.")
+}
+
+// runProxy runs the proxy pipeline on dp until the returned function (or
+// the demo's teardown) stops it.
+func runProxy(ctx context.Context, d *demo, api *fake.Clientset, dp dataplane.Dataplane) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := proxy.Run(ctx, api, dp, proxy.Config{MinSyncPeriod: 100 * time.Millisecond,
+			SyncPeriod: 30 * time.Second, RetryPeriod: time.Second,
+			HealthzBindAddress: "127.0.0.1:0", MetricsBindAddress: "127.0.0.1:0"}); err != nil {
+			d.Errorf("proxy: %v", err)
+		}
+	}()
+	stop = func() { cancel(); <-done }
+	// Cleanups run last first: the proxy stops before its datapath closes.
+	d.Cleanup(stop)
+	return stop
 }
 
 func curl(ctx context.Context, client *testnet.Pod) (string, error) {

@@ -112,7 +112,7 @@ func New(t T) *Net {
 // network where the address leads nowhere.
 func (n *Net) RouteToPod(prefix string, p *Pod) {
 	n.t.Helper()
-	n.mustRun("ip", "-n", n.Node, "route", "add", prefix, "dev", p.HostIf)
+	n.mustRun("ip", "-n", n.Node, "route", "add", prefix, "via", p.IP.String(), "dev", p.HostIf, "onlink")
 }
 
 // NodeCommand prepares a command in the node's network namespace.
