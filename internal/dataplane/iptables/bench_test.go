@@ -64,6 +64,20 @@ func BenchmarkRender(b *testing.B) {
 	b.ReportMetric(float64(st.natRules+st.filterRules), "rules")
 }
 
+// BenchmarkRenderPartial is the Go side of a one-Service partial sync at 10k
+// x 10: KUBE-SERVICES whole, one Service's chains.
+func BenchmarkRenderPartial(b *testing.B) {
+	changed := model.ServiceName{Namespace: "bench", Name: "svc-4242"}
+	in := renderInput{services: flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services),
+		rewrite: func(n model.ServiceName) bool { return n == changed }}
+	var buf bytes.Buffer
+	for b.Loop() {
+		buf.Reset()
+		render(&buf, defaultOpts, in)
+	}
+	b.ReportMetric(float64(buf.Len())/(1<<20), "input-MiB")
+}
+
 func benchDataplane(b *testing.B, backend string) (*Dataplane, Config) {
 	cfg := Config{Backend: backend, NetNS: "/run/netns/" + testnet.New(b).Node, ClusterCIDR: netip.MustParsePrefix("10.128.0.0/10")}
 	d, err := New(context.Background(), cfg)

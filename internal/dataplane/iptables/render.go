@@ -58,6 +58,7 @@ type lines struct {
 }
 
 func (l *lines) write(words ...string) {
+	l.count++
 	for i, w := range words {
 		if i > 0 {
 			l.buf.WriteByte(' ')
@@ -65,7 +66,6 @@ func (l *lines) write(words ...string) {
 		l.buf.WriteString(w)
 	}
 	l.buf.WriteByte('\n')
-	l.count++
 }
 
 func chainLine(name string) string { return ":" + name + " - [0:0]" }
@@ -124,6 +124,9 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 		buf.WriteString(chainLine(c) + "\n")
 	}
 	var rules bytes.Buffer
+	// Roughly what each service and endpoint takes, so that the buffer
+	// does not regrow (and re-copy) tens of MiB at 10k Services.
+	rules.Grow(250*len(in.services) + 400*endpoints)
 	nat := lines{buf: &rules}
 	nat.write("-A", chainPostrouting, "-m", "mark", "!", "--mark", opts.masqMark+"/"+opts.masqMark, "-j", "RETURN")
 	// Clear the mark so a packet that traverses the stack again is not
@@ -133,8 +136,11 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 		"-j", "MASQUERADE", "--random-fully")
 	nat.write("-A", chainMarkMasq, "-j", "MARK", "--or-mark", opts.masqMark)
 
-	var skipped lines // counts rules of unchanged services without writing them
-	skipped.buf = &bytes.Buffer{}
+	masqRules := 0
+	if opts.masqueradeAll || opts.clusterCIDR.IsValid() {
+		masqRules = 1
+	}
+	skipped := 0 // rules of unchanged services, counted but not written
 	for _, sp := range in.services {
 		if len(sp.Backends) == 0 {
 			continue
@@ -146,26 +152,30 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", strconv.Itoa(int(sp.ClusterIP.Port))}
 		nat.write(append(append([]string{"-A", chainServices}, match...), "-j", svcChain)...)
 
-		out := &nat
+		n := len(sp.Backends)
 		if !in.rewrite(sp.Name.ServiceName) {
-			skipped.buf.Reset()
-			out = &skipped
-		} else {
-			buf.WriteString(chainLine(svcChain) + "\n")
-			st.natChainsWritten++
+			// A partial sync leaves this service's chains as they are.
+			skipped += masqRules + 3*n
+			continue
 		}
+		sepChains := make([]string, n)
+		buf.WriteString(chainLine(svcChain) + "\n")
+		for i, b := range sp.Backends {
+			sepChains[i] = endpointChain(sp.Name, b)
+			buf.WriteString(chainLine(sepChains[i]) + "\n")
+		}
+		st.natChainsWritten += 1 + n
+
 		switch {
 		case opts.masqueradeAll:
-			out.write(append(append([]string{"-A", svcChain}, match...), "-j", chainMarkMasq)...)
+			nat.write(append(append([]string{"-A", svcChain}, match...), "-j", chainMarkMasq)...)
 		case opts.clusterCIDR.IsValid():
 			// Traffic from outside the pod range (a node, or a client
 			// routed to the service range from outside) is masqueraded so
 			// that replies return through this node's conntrack.
-			out.write(append(append([]string{"-A", svcChain}, match...), "!", "-s", opts.clusterCIDR.String(), "-j", chainMarkMasq)...)
+			nat.write(append(append([]string{"-A", svcChain}, match...), "!", "-s", opts.clusterCIDR.String(), "-j", chainMarkMasq)...)
 		}
-		n := len(sp.Backends)
 		for i, b := range sp.Backends {
-			sepChain := endpointChain(sp.Name, b)
 			r := []string{"-A", svcChain}
 			if comments {
 				r = append(r, "-m", "comment", "--comment", quote(name+" -> "+b.String()))
@@ -173,22 +183,17 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 			if i < n-1 {
 				r = append(r, "-m", "statistic", "--mode", "random", "--probability", probability(n-i))
 			}
-			out.write(append(r, "-j", sepChain)...)
+			nat.write(append(r, "-j", sepChains[i])...)
 		}
-		for _, b := range sp.Backends {
-			sepChain := endpointChain(sp.Name, b)
-			if out == &nat {
-				buf.WriteString(chainLine(sepChain) + "\n")
-				st.natChainsWritten++
-			}
-			r := []string{"-A", sepChain}
+		for i, b := range sp.Backends {
+			r := []string{"-A", sepChains[i]}
 			if comments {
 				r = append(r, "-m", "comment", "--comment", quote(name))
 			}
 			// Hairpin: a pod reaching itself through the Service is
 			// masqueraded, or its own reply would bypass the DNAT.
-			out.write(append(r, "-s", b.IP.String(), "-j", chainMarkMasq)...)
-			out.write(append(r, "-m", proto, "-p", proto, "-j", "DNAT", "--to-destination", b.String())...)
+			nat.write(append(r, "-s", b.IP.String(), "-j", chainMarkMasq)...)
+			nat.write(append(r, "-m", proto, "-p", proto, "-j", "DNAT", "--to-destination", b.String())...)
 		}
 	}
 	nat.write("-A", chainServices, "-m", "comment", "--comment", quote("kubernetes service nodeports; NOTE: this must be the last rule in this chain"),
@@ -204,7 +209,7 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 	writeJumps(buf, "nat", in.missingJumps)
 	buf.WriteString("COMMIT\n")
 	st.natRulesWritten = nat.count
-	st.natRules = nat.count + skipped.count
+	st.natRules = nat.count + skipped
 	return st
 }
 
