@@ -486,6 +486,7 @@ func TestUDPFlowReachesFirstEndpoint(t *testing.T) {
 func TestModeSwitchBothWays(t *testing.T) {
 	for _, c := range []struct{ from, to mode }{
 		{ebpfMode(), iptablesMode(iptables.BackendNFT)},
+		{ebpfMode(), iptablesMode(iptables.BackendLegacy)},
 		{iptablesMode(iptables.BackendNFT), ebpfMode()},
 		{iptablesMode(iptables.BackendLegacy), ebpfMode()},
 	} {
