@@ -92,7 +92,9 @@ func builtinHelper(args []string) error {
 }
 
 // serve answers TCP connections with a minimal HTTP response (so curl works)
-// and UDP datagrams with a datagram, each carrying name.
+// and UDP datagrams with a datagram, each carrying name. A "tcp-src"
+// listener adds the client address it sees ("NAME src=IP"), to show where
+// a connection was masqueraded.
 func serve(name string, listens []string) error {
 	for _, l := range listens {
 		proto, port, ok := strings.Cut(l, ":")
@@ -100,12 +102,12 @@ func serve(name string, listens []string) error {
 			return fmt.Errorf("bad listen spec %q", l)
 		}
 		switch proto {
-		case "tcp":
+		case "tcp", "tcp-src":
 			ln, err := net.Listen("tcp4", ":"+port)
 			if err != nil {
 				return err
 			}
-			go serveTCP(ln, name)
+			go serveTCP(ln, name, proto == "tcp-src")
 		case "udp":
 			pc, err := net.ListenPacket("udp4", ":"+port)
 			if err != nil {
@@ -123,7 +125,7 @@ func serve(name string, listens []string) error {
 	return nil
 }
 
-func serveTCP(ln net.Listener, name string) {
+func serveTCP(ln net.Listener, name string, withSrc bool) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -142,6 +144,10 @@ func serveTCP(ln net.Listener, name string) {
 				}
 			}
 			body := name + "\n"
+			if withSrc {
+				host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
+				body = name + " src=" + host + "\n"
+			}
 			fmt.Fprintf(c, "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
 		}()
 	}

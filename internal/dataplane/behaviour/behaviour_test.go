@@ -434,6 +434,44 @@ func TestHairpin(t *testing.T) {
 	})
 }
 
+// ClusterIP traffic from outside the cluster CIDR is masqueraded in the
+// iptables mode, so that the reply comes back through the node that
+// translated it; pod-to-pod traffic keeps its source. The eBPF mode
+// connects the socket to the pod directly: nothing is translated on the
+// way, so nothing needs masquerading and every pod sees the real client.
+func TestMasqueradeFromOutsideClusterCIDR(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 1)
+		s.pods[0].Start(false, testnet.Helper("serve", "pod-0", "tcp-src:8081")...)
+		outside := s.net.AddPod("outside", "192.168.77.1")
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8081, s.pods[0])...)))
+		seen := func(client *testnet.Pod) string {
+			t.Helper()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			out, err := client.Output(ctx, testnet.Helper("tcp", vip+":80", "1")...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			f := strings.Fields(out)
+			if len(f) < 3 || f[0] != "ok" || !strings.HasPrefix(f[2], "src=") {
+				t.Fatalf("from %s: %q", client.Name, out)
+			}
+			return strings.TrimPrefix(f[2], "src=")
+		}
+		if got := seen(s.client); got != s.client.IP.String() {
+			t.Errorf("a pod in the cluster CIDR was seen as %s, want its own address %s", got, s.client.IP)
+		}
+		want := testnet.PodGateway // the node's address towards the backend
+		if m.socketLevel {
+			want = outside.IP.String()
+		}
+		if got := seen(outside); got != want {
+			t.Errorf("a client outside the cluster CIDR was seen as %s, want %s", got, want)
+		}
+	})
+}
+
 // A UDP client that keeps its source port (as resolvers retrying do) must
 // follow endpoint changes: in iptables mode that needs the conntrack
 // entries of removed backends deleted; the eBPF mode picks a backend at
