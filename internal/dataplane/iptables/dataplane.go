@@ -136,23 +136,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
 	}
 	full := snap.Full
-	next := make(map[model.ServiceName][]model.ServicePort, len(d.applied))
-	if snap.Full {
-		for name, ports := range snap.Services {
-			if len(ports) > 0 {
-				next[name] = ports
-			}
-		}
-	} else {
-		maps.Copy(next, d.applied)
-		for name, ports := range snap.Services {
-			if len(ports) == 0 {
-				delete(next, name)
-			} else {
-				next[name] = ports
-			}
-		}
-	}
+	next := nextState(d.applied, snap)
 	services := flatten(next)
 
 	in := renderInput{services: services, rewrite: func(model.ServiceName) bool { return true }}
@@ -223,6 +207,22 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		}
 	}
 	return nil
+}
+
+// nextState is what the kernel holds once snap is applied over applied.
+func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Snapshot) map[model.ServiceName][]model.ServicePort {
+	next := make(map[model.ServiceName][]model.ServicePort, len(applied))
+	if !snap.Full {
+		maps.Copy(next, applied)
+	}
+	for name, ports := range snap.Services {
+		if len(ports) == 0 {
+			delete(next, name)
+		} else {
+			next[name] = ports
+		}
+	}
+	return next
 }
 
 // staleUDP collects the UDP frontends whose flows may point where they no

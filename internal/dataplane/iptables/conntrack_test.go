@@ -1,0 +1,87 @@
+package iptables
+
+import (
+	"net"
+	"testing"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+func flow(proto uint8, dst string, dport uint16, replySrc string, sport uint16) *netlink.ConntrackFlow {
+	return &netlink.ConntrackFlow{
+		Forward: netlink.IPTuple{Protocol: proto, SrcIP: net.ParseIP("10.244.0.100"), SrcPort: 40000, DstIP: net.ParseIP(dst), DstPort: dport},
+		Reverse: netlink.IPTuple{Protocol: proto, SrcIP: net.ParseIP(replySrc), SrcPort: sport, DstIP: net.ParseIP("10.244.0.100"), DstPort: 40000},
+	}
+}
+
+func TestStaleUDPMatchesOnlyFlowsOffTheCurrentBackends(t *testing.T) {
+	s := make(staleUDP)
+	dns := sp("dns", "dns", model.UDP, "10.96.0.10:53", "10.244.1.1:5353")
+	s.add(dns.ClusterIP, dns.Backends)
+	s.add(sp("gone", "", model.UDP, "10.96.0.11:53").ClusterIP, nil)
+	for _, c := range []struct {
+		name string
+		flow *netlink.ConntrackFlow
+		want bool
+	}{
+		{"translated to the current backend", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.1.1", 5353), false},
+		{"translated to a removed backend", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.1.2", 5353), true},
+		{"same pod, old target port", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.1.1", 53), true},
+		{"never translated (began before the first endpoint)", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.96.0.10", 53), true},
+		{"to a Service that is gone", flow(unix.IPPROTO_UDP, "10.96.0.11", 53, "10.244.1.7", 53), true},
+		{"TCP to the same frontend", flow(unix.IPPROTO_TCP, "10.96.0.10", 53, "10.244.1.2", 5353), false},
+		{"UDP to a frontend that did not change", flow(unix.IPPROTO_UDP, "10.96.0.12", 53, "10.244.1.2", 53), false},
+	} {
+		if got := s.MatchConntrackFlow(c.flow); got != c.want {
+			t.Errorf("%s: stale = %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+// Which UDP frontends a sync checks: those whose backends changed,
+// appeared or went away; on a full sync, all of them.
+func TestStaleUDPFrontendsOfASync(t *testing.T) {
+	a := sp("a", "dns", model.UDP, "10.96.0.1:53", "10.244.1.1:53")
+	aMoved := sp("a", "dns", model.UDP, "10.96.0.1:53", "10.244.1.2:53")
+	b := sp("b", "dns", model.UDP, "10.96.0.2:53", "10.244.1.3:53")
+	c := sp("c", "http", model.TCP, "10.96.0.3:80", "10.244.1.4:80")
+	d := &Dataplane{applied: snap(true, a, b, c).Services}
+	frontends := func(s staleUDP) []string {
+		var out []string
+		for fe := range s {
+			out = append(out, fe.String())
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name string
+		snap *model.Snapshot
+		want []string
+	}{
+		{"a's backend replaced", snap(false, aMoved), []string{"10.96.0.1:53"}},
+		{"a unchanged in a partial sync", snap(false, a), nil},
+		{"b deleted", apitest.Deleted(snap(false), b.Name.ServiceName), []string{"10.96.0.2:53"}},
+		{"TCP only", snap(false, c), nil},
+		{"full sync checks every UDP frontend", snap(true, a, b, c), []string{"10.96.0.1:53", "10.96.0.2:53"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := frontends(d.staleUDP(tc.snap, tc.snap.Full, nextState(d.applied, tc.snap)))
+			if len(got) != len(tc.want) {
+				t.Fatalf("checked %v, want %v", got, tc.want)
+			}
+			for _, w := range tc.want {
+				found := false
+				for _, g := range got {
+					found = found || g == w
+				}
+				if !found {
+					t.Errorf("checked %v, want %v", got, tc.want)
+				}
+			}
+		})
+	}
+}
