@@ -47,6 +47,7 @@ type options struct {
 
 	iptablesBackend string
 	clusterCIDR     string
+	clusterPrefix   netip.Prefix // clusterCIDR parsed by validate
 	masqueradeAll   bool
 	masqueradeBit   int
 	xtablesLockWait time.Duration
@@ -146,6 +147,7 @@ func (o *options) validate() error {
 		if err != nil || !p.Addr().Is4() {
 			return fmt.Errorf("--cluster-cidr %q: want an IPv4 CIDR such as 10.244.0.0/16", o.clusterCIDR)
 		}
+		o.clusterPrefix = p.Masked()
 	}
 	if o.masqueradeBit < 0 || o.masqueradeBit > 31 {
 		return fmt.Errorf("--iptables-masquerade-bit %d: want 0 to 31", o.masqueradeBit)
@@ -154,16 +156,13 @@ func (o *options) validate() error {
 }
 
 func (o options) iptablesConfig() iptables.Config {
-	cfg := iptables.Config{
+	return iptables.Config{
 		Backend:       o.iptablesBackend,
+		ClusterCIDR:   o.clusterPrefix,
 		MasqueradeAll: o.masqueradeAll,
 		MasqueradeBit: o.masqueradeBit,
 		LockWait:      o.xtablesLockWait,
 	}
-	if o.clusterCIDR != "" {
-		cfg.ClusterCIDR = netip.MustParsePrefix(o.clusterCIDR).Masked()
-	}
-	return cfg
 }
 
 // newDataplane starts the mode's datapath, wrapped so that the other mode's

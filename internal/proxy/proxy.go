@@ -70,6 +70,8 @@ func innermost(dp dataplane.Dataplane) dataplane.Dataplane {
 type Proxier struct {
 	tracker *model.Tracker
 	dp      dataplane.Dataplane
+	// inner is dp unwrapped, for the optional counters it may implement.
+	inner   dataplane.Dataplane
 	health  *healthz.ProxyHealth
 	metrics *metrics.Metrics
 	runner  *runner.Runner
@@ -89,6 +91,7 @@ var _ watch.Handler = (*Proxier)(nil)
 func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config) *Proxier {
 	p := &Proxier{
 		dp:       dp,
+		inner:    innermost(dp),
 		health:   health,
 		metrics:  m,
 		cfg:      cfg,
@@ -139,10 +142,10 @@ func (p *Proxier) sync(ctx context.Context) error {
 	err := p.dp.Sync(ctx, snap)
 	end := time.Now()
 	p.metrics.RecordSync(kind, end.Sub(start), end, err)
-	if c, ok := innermost(p.dp).(counter); ok {
+	if c, ok := p.inner.(counter); ok {
 		p.metrics.SetProgrammed(c.Counts())
 	}
-	if r, ok := innermost(p.dp).(ruleCounter); ok && err == nil {
+	if r, ok := p.inner.(ruleCounter); ok && err == nil {
 		p.metrics.SetIptablesRules(r.RuleCounts())
 	}
 	if err != nil {

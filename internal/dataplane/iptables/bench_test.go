@@ -53,7 +53,8 @@ func maxRSSMiB() float64 {
 // BenchmarkRender is the Go side of a full sync: the restore input for 10k
 // x 10, without applying it.
 func BenchmarkRender(b *testing.B) {
-	in := renderInput{services: flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services), rewrite: func(model.ServiceName) bool { return true }}
+	services := flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services)
+	in := renderInput{services: services, chains: chainsToWrite(services, all)}
 	var buf bytes.Buffer
 	var st renderStats
 	for b.Loop() {
@@ -68,8 +69,8 @@ func BenchmarkRender(b *testing.B) {
 // x 10: KUBE-SERVICES whole, one Service's chains.
 func BenchmarkRenderPartial(b *testing.B) {
 	changed := model.ServiceName{Namespace: "bench", Name: "svc-4242"}
-	in := renderInput{services: flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services),
-		rewrite: func(n model.ServiceName) bool { return n == changed }}
+	services := flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services)
+	in := renderInput{services: services, chains: chainsToWrite(services, func(n model.ServiceName) bool { return n == changed })}
 	var buf bytes.Buffer
 	for b.Loop() {
 		buf.Reset()

@@ -34,17 +34,13 @@ var (
 	filterTopChains = []string{chainServices, chainExternalServices, chainForward, chainNodePorts, chainProxyFirewall}
 )
 
-// jump is a rule in a built-in chain that sends traffic into ours. These
-// cannot be written with iptables-restore --noflush without duplicating
-// them, so they are checked and inserted one by one.
+// jump is a rule in a built-in chain that sends traffic into ours. An
+// --noflush restore cannot rewrite a built-in chain without touching other
+// software's rules there, so a full sync looks for each jump in the tables
+// it read back and inserts only the missing ones.
 type jump struct {
 	table, from, to, comment string
 	extra                    []string
-}
-
-func (j jump) rule() []string {
-	r := append([]string{"-m", "comment", "--comment", j.comment}, j.extra...)
-	return append(r, "-j", j.to)
 }
 
 var ctNew = []string{"-m", "conntrack", "--ctstate", "NEW"}

@@ -69,7 +69,7 @@ func TestStaleUDPFrontendsOfASync(t *testing.T) {
 		{"full sync checks every UDP frontend", snap(true, a, b, c), []string{"10.96.0.1:53", "10.96.0.2:53"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := frontends(d.staleUDP(tc.snap, tc.snap.Full, nextState(d.applied, tc.snap)))
+			got := frontends(d.staleUDP(tc.snap, nextState(d.applied, tc.snap)))
 			if len(got) != len(tc.want) {
 				t.Fatalf("checked %v, want %v", got, tc.want)
 			}

@@ -90,8 +90,9 @@ var _ dataplane.Dataplane = (*Dataplane)(nil)
 // the first Sync writes the rules.
 func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 	cfg = cfg.withDefaults()
-	if cfg.MasqueradeBit < 0 || cfg.MasqueradeBit > 31 {
-		return nil, fmt.Errorf("masquerade bit %d out of range 0..31", cfg.MasqueradeBit)
+	bit := cfg.MasqueradeBit
+	if bit < 0 || bit > 31 {
+		return nil, fmt.Errorf("masquerade bit %d out of range 0..31", bit)
 	}
 	backend := cfg.Backend
 	switch backend {
@@ -118,7 +119,7 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 		ct:   ct,
 		opts: ruleOptions{
 			// kube-proxy formats the mark with %#08x.
-			masqMark:      fmt.Sprintf("%#08x", 1<<cfg.MasqueradeBit),
+			masqMark:      fmt.Sprintf("%#08x", 1<<bit),
 			clusterCIDR:   cfg.ClusterCIDR,
 			masqueradeAll: cfg.MasqueradeAll,
 		},
@@ -135,12 +136,19 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		// Only a full snapshot says what else must be served.
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
 	}
-	full := snap.Full
 	next := nextState(d.applied, snap)
 	services := flatten(next)
-
-	in := renderInput{services: services, rewrite: func(model.ServiceName) bool { return true }}
-	if full {
+	in := renderInput{services: services, chains: chainsToWrite(services, func(n model.ServiceName) bool {
+		_, changed := snap.Services[n]
+		return snap.Full || changed
+	})}
+	written := make(map[string]bool)
+	for _, chains := range in.chains {
+		for _, c := range chains {
+			written[c] = true
+		}
+	}
+	if snap.Full {
 		// Read the tables back: chains left by a previous process or a
 		// failed sync are deleted, and jumps someone removed come back.
 		save, err := d.tool.save(ctx, "")
@@ -148,32 +156,20 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 			return d.failed("reading the current rules", err)
 		}
 		tables := parseSave(save)
-		active := make(map[string]bool)
-		for _, sp := range services {
-			for _, c := range chainsOf(sp) {
-				active[c] = true
-			}
-		}
 		if nat := tables["nat"]; nat != nil {
 			for _, c := range nat.chains {
-				if isPerServiceChain(c) && !active[c] {
+				if isPerServiceChain(c) && !written[c] {
 					in.stale = append(in.stale, c)
 				}
 			}
 		}
 		in.missingJumps = missingJumps(tables)
 	} else {
-		in.rewrite = func(n model.ServiceName) bool { _, changed := snap.Services[n]; return changed }
+		// Only the changed services' chains can have gone stale.
 		for name := range snap.Services {
-			keep := make(map[string]bool)
-			for _, sp := range next[name] {
-				for _, c := range chainsOf(sp) {
-					keep[c] = true
-				}
-			}
 			for _, sp := range d.applied[name] {
 				for _, c := range chainsOf(sp) {
-					if !keep[c] {
+					if !written[c] {
 						in.stale = append(in.stale, c)
 					}
 				}
@@ -188,11 +184,11 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		d.count("iptables_restore_failed", 1)
 		return d.failed(fmt.Sprintf("applying %d nat and %d filter rules", st.natRulesWritten, st.filterRules), err)
 	}
-	klog.V(3).InfoS("Applied iptables rules", "full", full, "natChainsWritten", st.natChainsWritten,
+	klog.V(3).InfoS("Applied iptables rules", "full", snap.Full, "natChainsWritten", st.natChainsWritten,
 		"natRulesWritten", st.natRulesWritten, "natRules", st.natRules, "filterRules", st.filterRules, "staleChains", len(in.stale))
 
 	d.rules = map[string]int{"nat": st.natRules, "filter": st.filterRules}
-	stale := d.staleUDP(snap, full, next)
+	stale := d.staleUDP(snap, next)
 	d.applied = next
 	if len(stale) > 0 {
 		n, err := d.ct.deleteStale(stale)
@@ -228,7 +224,8 @@ func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Sn
 // staleUDP collects the UDP frontends whose flows may point where they no
 // longer should: those whose backends changed, appeared or went away. A
 // full sync checks every UDP frontend, old and new.
-func (d *Dataplane) staleUDP(snap *model.Snapshot, full bool, next map[model.ServiceName][]model.ServicePort) staleUDP {
+func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]model.ServicePort) staleUDP {
+	full := snap.Full
 	names := make(map[model.ServiceName]bool)
 	if full {
 		for n := range next {

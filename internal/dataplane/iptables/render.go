@@ -33,9 +33,11 @@ type renderInput struct {
 	// services is every service port served after this sync, in a stable
 	// order. The top-level chains list them all on every sync.
 	services []model.ServicePort
-	// rewrite says whose per-service chains are written; the rest are
-	// left as they are in the kernel (a partial sync).
-	rewrite func(model.ServiceName) bool
+	// chains, index-aligned with services, names the nat chains of each
+	// service port whose rules this sync writes (see chainsToWrite); a nil
+	// entry leaves that service port's chains as they are in the kernel (a
+	// partial sync, or a port without endpoints, which has none).
+	chains [][]string
 	// stale are per-service nat chains to flush and delete.
 	stale []string
 	// missingJumps are jumps from built-in chains to ours that the tables
@@ -141,30 +143,34 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 		masqRules = 1
 	}
 	skipped := 0 // rules of unchanged services, counted but not written
-	for _, sp := range in.services {
+	for i, sp := range in.services {
 		if len(sp.Backends) == 0 {
 			continue
 		}
 		name := portName(sp.Name)
 		proto := protocol(sp.Name.Protocol)
-		svcChain := serviceChain(sp.Name)
+		chains := in.chains[i]
+		var svcChain string
+		if chains != nil {
+			svcChain = chains[0]
+		} else {
+			svcChain = serviceChain(sp.Name)
+		}
 		match := []string{"-m", "comment", "--comment", quote(name + " cluster IP"),
 			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", strconv.Itoa(int(sp.ClusterIP.Port))}
 		nat.write(append(append([]string{"-A", chainServices}, match...), "-j", svcChain)...)
 
 		n := len(sp.Backends)
-		if !in.rewrite(sp.Name.ServiceName) {
+		if chains == nil {
 			// A partial sync leaves this service's chains as they are.
 			skipped += masqRules + 3*n
 			continue
 		}
-		sepChains := make([]string, n)
-		buf.WriteString(chainLine(svcChain) + "\n")
-		for i, b := range sp.Backends {
-			sepChains[i] = endpointChain(sp.Name, b)
-			buf.WriteString(chainLine(sepChains[i]) + "\n")
+		for _, c := range chains {
+			buf.WriteString(chainLine(c) + "\n")
 		}
-		st.natChainsWritten += 1 + n
+		st.natChainsWritten += len(chains)
+		sepChains := chains[1:]
 
 		switch {
 		case opts.masqueradeAll:
@@ -221,17 +227,27 @@ func writeJumps(buf *bytes.Buffer, table string, missing []jump) {
 		if j.table != table {
 			continue
 		}
-		rule := j.rule()
-		for i, w := range rule {
-			if w == "--comment" {
-				rule[i+1] = quote(rule[i+1])
-			}
-		}
-		buf.WriteString("-I " + j.from + " 1 " + strings.Join(rule, " ") + "\n")
+		rule := append([]string{"-m", "comment", "--comment", quote(j.comment)}, j.extra...)
+		buf.WriteString("-I " + j.from + " 1 " + strings.Join(append(rule, "-j", j.to), " ") + "\n")
 	}
 }
 
-// chainsOf lists the nat chains a service port's rules live in.
+// chainsToWrite names the chains of the service ports whose rules a sync
+// writes (those rewrite selects), index-aligned with services; the others
+// get nil. Each name is a SHA-256, so a sync computes them once, for both
+// rendering and finding the chains no longer needed.
+func chainsToWrite(services []model.ServicePort, rewrite func(model.ServiceName) bool) [][]string {
+	out := make([][]string, len(services))
+	for i, sp := range services {
+		if rewrite(sp.Name.ServiceName) {
+			out[i] = chainsOf(sp)
+		}
+	}
+	return out
+}
+
+// chainsOf lists the nat chains a service port's rules live in: its
+// KUBE-SVC chain, then a KUBE-SEP chain per backend, in backend order.
 func chainsOf(sp model.ServicePort) []string {
 	if len(sp.Backends) == 0 {
 		return nil
@@ -239,19 +255,6 @@ func chainsOf(sp model.ServicePort) []string {
 	out := []string{serviceChain(sp.Name)}
 	for _, b := range sp.Backends {
 		out = append(out, endpointChain(sp.Name, b))
-	}
-	return out
-}
-
-// chainsInSave lists the chains an iptables-save dump of one table declares.
-func chainsInSave(save []byte) []string {
-	var out []string
-	for _, line := range strings.Split(string(save), "\n") {
-		if strings.HasPrefix(line, ":") {
-			if name, _, ok := strings.Cut(line[1:], " "); ok {
-				out = append(out, name)
-			}
-		}
 	}
 	return out
 }

@@ -17,6 +17,9 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
+// all selects every service for rewriting, as a full sync does.
+func all(model.ServiceName) bool { return true }
+
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 
 // goldenCase is a set of API objects, taken through the model as the
@@ -98,10 +101,8 @@ func snapshotOf(t testing.TB, services []*v1.Service, slices []*discoveryv1.Endp
 
 func renderCase(t testing.TB, c goldenCase) []byte {
 	t.Helper()
-	in := renderInput{
-		services: flatten(snapshotOf(t, c.services, c.slices).Services),
-		rewrite:  func(model.ServiceName) bool { return true },
-	}
+	services := flatten(snapshotOf(t, c.services, c.slices).Services)
+	in := renderInput{services: services, chains: chainsToWrite(services, all)}
 	if c.firstSync {
 		in.missingJumps = jumps
 	}
@@ -206,7 +207,7 @@ func TestPartialRenderWritesOnlyChangedChains(t *testing.T) {
 	var buf bytes.Buffer
 	st := render(&buf, defaultOpts, renderInput{
 		services: services,
-		rewrite:  func(n model.ServiceName) bool { return n.Name == "b" },
+		chains:   chainsToWrite(services, func(n model.ServiceName) bool { return n.Name == "b" }),
 		stale:    []string{"KUBE-SEP-OLDOLDOLDOLDOLDO"},
 	})
 	out := buf.String()

@@ -36,10 +36,7 @@ type tool struct {
 }
 
 func (t *tool) command(ctx context.Context, name string, args ...string) *exec.Cmd {
-	bin := "iptables-" + t.backend
-	if name != "" {
-		bin += "-" + name
-	}
+	bin := "iptables-" + t.backend + "-" + name // iptables-nft-restore, ...
 	if t.netns != "" {
 		args = append([]string{"--net=" + t.netns, "--", bin}, args...)
 		bin = "nsenter"
