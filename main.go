@@ -76,7 +76,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
 	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode: the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
 	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode: masquerade all ClusterIP traffic")
-	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", 14, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
+	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", iptables.DefaultMasqueradeBit, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
 	fs.DurationVar(&o.xtablesLockWait, "iptables-lock-wait", 5*time.Second, "iptables mode: how long to wait for the xtables lock that serialises iptables users on the node")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
@@ -160,7 +160,7 @@ func (o options) iptablesConfig() iptables.Config {
 		Backend:       o.iptablesBackend,
 		ClusterCIDR:   o.clusterPrefix,
 		MasqueradeAll: o.masqueradeAll,
-		MasqueradeBit: o.masqueradeBit,
+		MasqueradeBit: &o.masqueradeBit,
 		LockWait:      o.xtablesLockWait,
 	}
 }

@@ -23,6 +23,10 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
+// DefaultMasqueradeBit is kube-proxy's (and kubelet's) masquerade mark bit,
+// 0x4000.
+const DefaultMasqueradeBit = 14
+
 // Config is how the iptables datapath is set up.
 type Config struct {
 	// Backend is BackendNFT, BackendLegacy or BackendAuto (the one the
@@ -33,9 +37,10 @@ type Config struct {
 	ClusterCIDR netip.Prefix
 	// MasqueradeAll masquerades all ClusterIP traffic.
 	MasqueradeAll bool
-	// MasqueradeBit is the fwmark bit marking traffic to masquerade
-	// (kube-proxy's default is 14).
-	MasqueradeBit int
+	// MasqueradeBit is the fwmark bit (0 to 31) marking traffic to
+	// masquerade; nil means DefaultMasqueradeBit. A pointer, as in
+	// kube-proxy's configuration, because bit 0 is a valid choice.
+	MasqueradeBit *int
 	// LockWait bounds the wait for the xtables lock.
 	LockWait time.Duration
 	// LockFile overrides the xtables lock's path (/run/xtables.lock).
@@ -49,8 +54,9 @@ func (c Config) withDefaults() Config {
 	if c.Backend == "" {
 		c.Backend = BackendAuto
 	}
-	if c.MasqueradeBit == 0 {
-		c.MasqueradeBit = 14
+	if c.MasqueradeBit == nil {
+		bit := DefaultMasqueradeBit
+		c.MasqueradeBit = &bit
 	}
 	if c.LockWait == 0 {
 		c.LockWait = 5 * time.Second
@@ -90,7 +96,7 @@ var _ dataplane.Dataplane = (*Dataplane)(nil)
 // the first Sync writes the rules.
 func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 	cfg = cfg.withDefaults()
-	bit := cfg.MasqueradeBit
+	bit := *cfg.MasqueradeBit
 	if bit < 0 || bit > 31 {
 		return nil, fmt.Errorf("masquerade bit %d out of range 0..31", bit)
 	}

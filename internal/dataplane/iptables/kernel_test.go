@@ -266,3 +266,17 @@ func TestKernelCleanupRemovesBothBackendsOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Bit 0 is a valid masquerade bit, not "unset".
+func TestMasqueradeBitZeroIsKept(t *testing.T) {
+	ns := nodeNS(t)
+	zero := 0
+	for _, c := range []struct {
+		bit  *int
+		want string
+	}{{nil, "0x00004000"}, {&zero, "0x00000001"}} {
+		if got := open(t, Config{Backend: BackendNFT, NetNS: ns, MasqueradeBit: c.bit}).opts.masqMark; got != c.want {
+			t.Errorf("masquerade bit %v: mark %s, want %s", c.bit, got, c.want)
+		}
+	}
+}
