@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -30,9 +29,7 @@ func testPipelineConvergesAcrossRestart(t *testing.T, mode string) {
 	n := testnet.New(t)
 	client := n.AddPod("client", "10.244.0.100")
 	var ips []string
-	for i := range 2 {
-		p := n.AddPod(fmt.Sprintf("pod-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
-		p.Start(false, testnet.Helper("serve", p.Name, "tcp:8080")...)
+	for _, p := range n.AddServers(2) {
 		ips = append(ips, p.IP.String())
 	}
 	cfg := ebpf.Config{BPFFSPath: testnet.BPFFS(t), CgroupPath: n.Cgroup, MaxServices: 64, MaxBackends: 256, MaxSockets: 256}

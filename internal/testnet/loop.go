@@ -3,6 +3,7 @@ package testnet
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
@@ -87,6 +88,42 @@ func (l *Loop) Stop() {
 	_ = l.cmd.Process.Signal(os.Interrupt)
 	<-l.done
 	_ = l.cmd.Wait()
+}
+
+// AddServers adds n pods named pod-0.. at 10.244.1.1.., each serving its
+// name on TCP 8080 and 9090 and UDP 5353: the backends most tests use.
+func (n *Net) AddServers(count int) []*Pod {
+	n.t.Helper()
+	var pods []*Pod
+	for i := range count {
+		p := n.AddPod(fmt.Sprintf("pod-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
+		p.Start(false, Helper("serve", p.Name, "tcp:8080", "udp:5353", "tcp:9090")...)
+		pods = append(pods, p)
+	}
+	return pods
+}
+
+// Backends lists the pods' addresses with port, as "ip:port".
+func Backends(port int, pods ...*Pod) []string {
+	var out []string
+	for _, p := range pods {
+		out = append(out, fmt.Sprintf("%s:%d", p.IP, port))
+	}
+	return out
+}
+
+// Results runs a helper client (Helper's arguments: "tcp ADDR N", ...) in
+// the pod and returns its result lines; a client that cannot run fails the
+// test.
+func (p *Pod) Results(args ...string) []string {
+	p.net.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	out, err := p.Output(ctx, Helper(args...)...)
+	if err != nil {
+		p.net.t.Fatalf("%v", err)
+	}
+	return strings.Split(strings.TrimSpace(out), "\n")
 }
 
 // Tally counts result lines by their first two words ("ok pod-1"); other

@@ -124,11 +124,7 @@ func newSetup(t *testing.T, m mode, servers int) *setup {
 	// routable to reach the FORWARD chain, where iptables REJECTs
 	// Services without endpoints; an untranslated VIP times out there.
 	s.net.RouteToPod(serviceCIDR, n.AddPod("world", "10.244.254.1"))
-	for i := range servers {
-		p := n.AddPod(fmt.Sprintf("pod-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
-		p.Start(false, testnet.Helper("serve", p.Name, "tcp:8080", "udp:5353", "tcp:9090")...)
-		s.pods = append(s.pods, p)
-	}
+	s.pods = n.AddServers(servers)
 	// Whatever a scenario leaves, nothing of either mode outlives it.
 	t.Cleanup(func() {
 		if err := ebpf.Cleanup(s.bpffs); err != nil {
@@ -148,11 +144,7 @@ func (s *setup) iptablesConfig() iptables.Config {
 }
 
 func (s *setup) backends(port int, pods ...*testnet.Pod) []string {
-	var out []string
-	for _, p := range pods {
-		out = append(out, fmt.Sprintf("%s:%d", p.IP, port))
-	}
-	return out
+	return testnet.Backends(port, pods...)
 }
 
 func (s *setup) sync(t *testing.T, snap *model.Snapshot) {
@@ -165,13 +157,7 @@ func (s *setup) sync(t *testing.T, snap *model.Snapshot) {
 // run runs a helper client in the client pod and returns its result lines.
 func (s *setup) run(t *testing.T, args ...string) []string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	out, err := s.client.Output(ctx, testnet.Helper(args...)...)
-	if err != nil {
-		t.Fatalf("%v", err)
-	}
-	return strings.Split(strings.TrimSpace(out), "\n")
+	return s.client.Results(args...)
 }
 
 const (
@@ -447,12 +433,7 @@ func TestMasqueradeFromOutsideClusterCIDR(t *testing.T) {
 		s.sync(t, apitest.Snapshot(true, web(s.backends(8081, s.pods[0])...)))
 		seen := func(client *testnet.Pod) string {
 			t.Helper()
-			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			defer cancel()
-			out, err := client.Output(ctx, testnet.Helper("tcp", vip+":80", "1")...)
-			if err != nil {
-				t.Fatal(err)
-			}
+			out := client.Results("tcp", vip+":80", "1")[0]
 			f := strings.Fields(out)
 			if len(f) < 3 || f[0] != "ok" || !strings.HasPrefix(f[2], "src=") {
 				t.Fatalf("from %s: %q", client.Name, out)

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -49,11 +48,7 @@ func newKernelSetup(t *testing.T, servers int, configure ...func(*Config)) *kern
 		c(&s.cfg)
 	}
 	s.client = n.AddPod("client", "10.244.0.100")
-	for i := range servers {
-		p := n.AddPod(fmt.Sprintf("pod-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
-		p.Start(false, testnet.Helper("serve", p.Name, "tcp:8080", "udp:5353", "tcp:9090")...)
-		s.pods = append(s.pods, p)
-	}
+	s.pods = n.AddServers(servers)
 	s.dp = s.open(t)
 	return s
 }
@@ -74,11 +69,7 @@ func (s *kernelSetup) open(t *testing.T) *Dataplane {
 }
 
 func (s *kernelSetup) backends(port int, pods ...*testnet.Pod) []string {
-	var out []string
-	for _, p := range pods {
-		out = append(out, fmt.Sprintf("%s:%d", p.IP, port))
-	}
-	return out
+	return testnet.Backends(port, pods...)
 }
 
 func (s *kernelSetup) sync(t *testing.T, snap *model.Snapshot) {
@@ -91,13 +82,7 @@ func (s *kernelSetup) sync(t *testing.T, snap *model.Snapshot) {
 // run runs a helper client in the client pod and returns its result lines.
 func (s *kernelSetup) run(t *testing.T, args ...string) []string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	out, err := s.client.Output(ctx, testnet.Helper(args...)...)
-	if err != nil {
-		t.Fatalf("%v", err)
-	}
-	return strings.Split(strings.TrimSpace(out), "\n")
+	return s.client.Results(args...)
 }
 
 const vip = "10.96.0.10"

@@ -89,6 +89,17 @@ func benchDataplane(b *testing.B, backend string) (*Dataplane, Config) {
 	return d, cfg
 }
 
+// syncedBenchDataplane is a datapath holding the benchmark cluster of the
+// given size, and that cluster's snapshot.
+func syncedBenchDataplane(b *testing.B, backend string, services int) (*Dataplane, *model.Snapshot) {
+	d, _ := benchDataplane(b, backend)
+	snap := apitest.ScaleSnapshot(services, benchEndpoints)
+	if err := d.Sync(context.Background(), snap); err != nil {
+		b.Fatal(err)
+	}
+	return d, snap
+}
+
 // BenchmarkKernelFullSync renders and applies 10k x 10 into empty tables.
 func BenchmarkKernelFullSync(b *testing.B) {
 	eachBackend(b, func(b *testing.B, backend string, services int) {
@@ -114,12 +125,8 @@ func BenchmarkKernelFullSync(b *testing.B) {
 // --sync-period) with 10k x 10 already in place: read back, rewrite all.
 func BenchmarkKernelFullResync(b *testing.B) {
 	eachBackend(b, func(b *testing.B, backend string, services int) {
-		d, _ := benchDataplane(b, backend)
-		snap := apitest.ScaleSnapshot(services, benchEndpoints)
+		d, snap := syncedBenchDataplane(b, backend, services)
 		ctx := context.Background()
-		if err := d.Sync(ctx, snap); err != nil {
-			b.Fatal(err)
-		}
 		for b.Loop() {
 			if err := d.Sync(ctx, snap); err != nil {
 				b.Fatal(err)
@@ -132,12 +139,8 @@ func BenchmarkKernelFullResync(b *testing.B) {
 // 10k x 10: a partial sync, which still rewrites KUBE-SERVICES whole.
 func BenchmarkKernelOneEndpointChange(b *testing.B) {
 	eachBackend(b, func(b *testing.B, backend string, services int) {
-		d, _ := benchDataplane(b, backend)
-		snap := apitest.ScaleSnapshot(services, benchEndpoints)
+		d, snap := syncedBenchDataplane(b, backend, services)
 		ctx := context.Background()
-		if err := d.Sync(ctx, snap); err != nil {
-			b.Fatal(err)
-		}
 		variants := apitest.EndpointChange(snap, model.ServiceName{Namespace: "bench", Name: fmt.Sprintf("svc-%d", services/2)})
 		i := 0
 		for b.Loop() {
