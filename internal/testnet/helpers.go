@@ -259,7 +259,10 @@ func udpRequests(addr string, args []string) error {
 	})
 }
 
-// loop connects over and over until SIGTERM, then exits 0.
+// loop connects over and over until SIGTERM, then exits 0. Each result
+// ends with " start=" and the Unix nanosecond time its connect began, so
+// that a test can tell results of connects begun before a change from
+// those begun after it.
 func loop(addr string) error {
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
@@ -270,7 +273,8 @@ func loop(addr string) error {
 			return nil
 		default:
 		}
-		fmt.Println(tcpRequest(addr))
+		start := time.Now()
+		fmt.Printf("%s start=%d\n", tcpRequest(addr), start.UnixNano())
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -74,13 +75,43 @@ func (l *Loop) Take(n int) []string {
 	}
 }
 
-// Settle returns what the loop reported up to and including the connect
-// under way when it was called: every later result comes from a connect
-// that started after the caller's last change.
+// Settle returns the results of the connects begun before it was called,
+// waiting for the one under way: every later result comes from a connect
+// that began after the caller's last change. It goes by each result's start
+// time, not by arrival: the result of a connect that ended just before the
+// call may still be in the pipe while the next one, begun before the
+// change, is under way.
 func (l *Loop) Settle() []string {
 	l.t.Helper()
-	before := l.Take(0)
-	return append(before, l.Take(1)...)
+	mark := time.Now().UnixNano()
+	deadline := time.Now().Add(30 * time.Second)
+	var out []string
+	for {
+		l.mu.Lock()
+		for len(l.lines) > 0 {
+			if startOf(l.lines[0]) >= mark {
+				l.mu.Unlock()
+				return out
+			}
+			out = append(out, l.lines[0])
+			l.lines = l.lines[1:]
+		}
+		l.mu.Unlock()
+		if time.Now().After(deadline) {
+			l.t.Fatalf("connect loop began no connect in the 30s after the change")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// startOf is the start time a loop result carries; 0 if it has none.
+func startOf(line string) int64 {
+	i := strings.LastIndex(line, " start=")
+	if i < 0 {
+		return 0
+	}
+	n, _ := strconv.ParseInt(line[i+len(" start="):], 10, 64)
+	return n
 }
 
 // Stop ends the loop and waits for it.
