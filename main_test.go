@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -74,16 +73,6 @@ func TestNodeName(t *testing.T) {
 	}
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 // unreachableKubeconfig points at a loopback port nobody listens on: the
 // informers never sync, which is what these tests want to watch.
 func unreachableKubeconfig(t *testing.T) string {
@@ -122,7 +111,7 @@ func startBinaryIn(t *testing.T, netns string, args ...string) *binary {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &binary{healthz: freeAddr(t), metrics: freeAddr(t)}
+	b := &binary{healthz: testnet.FreeAddr(t), metrics: testnet.FreeAddr(t)}
 	args = append(args, "--healthz-bind-address="+b.healthz, "--metrics-bind-address="+b.metrics)
 	if netns != "" {
 		args = append([]string{"--net=/run/netns/" + netns, "--", exe}, args...)

@@ -72,21 +72,12 @@ type Metrics struct {
 // tests of other packages.
 func New(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
-		SyncProxyRulesDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "kubeproxy_sync_proxy_rules_duration_seconds",
-			Help:    "Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds.",
-			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
-		}),
-		SyncFullProxyRulesDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "kubeproxy_sync_full_proxy_rules_duration_seconds",
-			Help:    "Time taken by each full sync of the datapath (the first, the periodic ones and those after a failure), in seconds.",
-			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
-		}),
-		SyncPartialProxyRulesDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "kubeproxy_sync_partial_proxy_rules_duration_seconds",
-			Help:    "Time taken by each partial sync of the datapath (changed Services only), in seconds.",
-			Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
-		}),
+		SyncProxyRulesDuration: syncHistogram("kubeproxy_sync_proxy_rules_duration_seconds",
+			"Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds."),
+		SyncFullProxyRulesDuration: syncHistogram("kubeproxy_sync_full_proxy_rules_duration_seconds",
+			"Time taken by each full sync of the datapath (the first, the periodic ones and those after a failure), in seconds."),
+		SyncPartialProxyRulesDuration: syncHistogram("kubeproxy_sync_partial_proxy_rules_duration_seconds",
+			"Time taken by each partial sync of the datapath (changed Services only), in seconds."),
 		IptablesRules: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kubeproxy_sync_proxy_rules_iptables_total",
 			Help: "Rules of the iptables mode per table after the last sync, those a partial sync left unchanged included.",
@@ -142,6 +133,16 @@ func New(reg prometheus.Registerer) *Metrics {
 		)
 	}
 	return m
+}
+
+// syncHistogram is a sync-duration histogram with kube-proxy's buckets:
+// 1 ms doubling up to about 16 s.
+func syncHistogram(name, help string) prometheus.Histogram {
+	return prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    name,
+		Help:    help,
+		Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
+	})
 }
 
 // RecordSync records one sync attempt of the given kind that took elapsed and

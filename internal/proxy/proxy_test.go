@@ -89,16 +89,6 @@ func slice(ns, name, svc, portName string, port int32, ips ...string) *discovery
 	return s
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 type running struct {
 	cancel  context.CancelFunc
 	done    chan error
@@ -112,7 +102,7 @@ func start(t *testing.T, client *fake.Clientset, dp interface {
 }) *running {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &running{cancel: cancel, done: make(chan error, 1), healthz: freeAddr(t), metrics: freeAddr(t)}
+	r := &running{cancel: cancel, done: make(chan error, 1), healthz: testnet.FreeAddr(t), metrics: testnet.FreeAddr(t)}
 	go func() {
 		r.done <- Run(ctx, client, dp, Config{
 			MinSyncPeriod: 0, SyncPeriod: time.Hour, RetryPeriod: 0,
@@ -259,12 +249,12 @@ func TestProxierHealthzUnhealthyWhileSyncsFail(t *testing.T) {
 	dp.failNext = 1 << 30
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	healthz := freeAddr(t)
+	healthz := testnet.FreeAddr(t)
 	done := make(chan error, 1)
 	go func() {
 		done <- Run(ctx, client, dp, Config{
 			MinSyncPeriod: 10 * time.Millisecond, SyncPeriod: 50 * time.Millisecond, RetryPeriod: 10 * time.Millisecond,
-			HealthzBindAddress: healthz, MetricsBindAddress: freeAddr(t),
+			HealthzBindAddress: healthz, MetricsBindAddress: testnet.FreeAddr(t),
 		})
 	}()
 	dp.next(t)
@@ -294,7 +284,7 @@ func TestRunFailsWhenAddressIsTaken(t *testing.T) {
 	}
 	defer ln.Close()
 	err = Run(context.Background(), fake.NewClientset(), newRecordingDataplane(), Config{
-		SyncPeriod: time.Hour, HealthzBindAddress: ln.Addr().String(), MetricsBindAddress: freeAddr(t),
+		SyncPeriod: time.Hour, HealthzBindAddress: ln.Addr().String(), MetricsBindAddress: testnet.FreeAddr(t),
 	})
 	if err == nil || !strings.Contains(err.Error(), "healthz") {
 		t.Errorf("Run with a taken healthz address: %v, want an error naming healthz", err)
