@@ -12,6 +12,7 @@ packages=(
   dnsutils            # dig
   dnsmasq-base        # a DNS server behind a ClusterIP (no system service)
   curl
+  etcd-server         # the local cluster's etcd (make demo, end-to-end tests)
 )
 
 missing=()

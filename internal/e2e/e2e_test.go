@@ -1,0 +1,588 @@
+// Package e2e runs the kube-bpf-proxy binary against a real control plane
+// (internal/localcluster: etcd, kube-apiserver and kube-controller-manager
+// at the pinned Kubernetes version, two simulated nodes), in both modes. The
+// proxy authenticates as the manifests' ServiceAccount, bound only to the
+// manifests' ClusterRole, and keeps only the capabilities the DaemonSet
+// grants: a pass proves the RBAC and the capability list are sufficient.
+// Every assertion is about what a client in a pod on each node sees.
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+func TestMain(m *testing.M) { testnet.Main(m, nil) }
+
+// repoRoot is where the manifests and hack/ are, from this package's
+// directory (go test's working directory).
+const repoRoot = "../.."
+
+// env is one cluster shared by every scenario of both modes.
+type env struct {
+	c       *localcluster.Cluster
+	binary  string
+	kubecfg string // the proxy's: the manifests' ServiceAccount
+	caps    []string
+	clients []*localcluster.Pod // one per node
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	testnet.Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	kubeBin := kubeBinaries(t)
+	tmp := t.TempDir()
+	binary := filepath.Join(tmp, "kube-bpf-proxy")
+	if out, err := exec.Command("go", "build", "-o", binary, repoRoot).CombinedOutput(); err != nil {
+		t.Fatalf("building kube-bpf-proxy: %v\n%s", err, out)
+	}
+	dir := filepath.Join(tmp, "cluster")
+	c, err := localcluster.Up(ctx, localcluster.Options{Dir: dir, KubeBin: kubeBin, Progress: t.Logf})
+	if err != nil {
+		t.Fatalf("starting the local cluster: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			dumpLogs(t, dir)
+		}
+		if err := localcluster.Down(dir); err != nil {
+			t.Errorf("taking the cluster down: %v", err)
+		}
+	})
+	e := &env{c: c, binary: binary}
+
+	// The proxy's identity and capabilities come from manifests/.
+	if _, err := c.Kubectl(ctx, "apply", "-k", filepath.Join(repoRoot, "manifests/overlays/ebpf")); err != nil {
+		t.Fatalf("applying the manifests: %v", err)
+	}
+	if e.kubecfg, err = c.ServiceAccountKubeconfig(ctx, "kube-system", "kube-bpf-proxy", 2*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if e.caps, err = localcluster.DaemonSetCapabilities(filepath.Join(repoRoot, "manifests/base/daemonset.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	for _, node := range []string{"node1", "node2"} {
+		p, err := c.AddPod(ctx, localcluster.PodSpec{Name: "client-" + node, Node: node,
+			Command: testnet.Helper("serve", "client-"+node, "tcp:80"), ReadyLine: "ready"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		e.clients = append(e.clients, p)
+	}
+	return e
+}
+
+// kubeBinaries returns the Kubernetes binaries' directory: $KUBE_BIN, or
+// what hack/kube-build.sh builds (minutes the first time, then cached).
+func kubeBinaries(t *testing.T) string {
+	if d := os.Getenv("KUBE_BIN"); d != "" {
+		return d
+	}
+	out, err := exec.Command(filepath.Join(repoRoot, "hack/kube-build.sh")).Output()
+	if err != nil {
+		t.Fatalf("hack/kube-build.sh: %v", err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	return lines[len(lines)-1]
+}
+
+func dumpLogs(t *testing.T, dir string) {
+	logs, _ := filepath.Glob(filepath.Join(dir, "logs", "*.log"))
+	for _, l := range logs {
+		if !strings.Contains(l, "kube-bpf-proxy") && !strings.Contains(l, "controller-manager") {
+			continue
+		}
+		b, _ := os.ReadFile(l)
+		if len(b) > 6000 {
+			b = b[len(b)-6000:]
+		}
+		t.Logf("--- tail of %s:\n%s", l, b)
+	}
+}
+
+func TestEndToEnd(t *testing.T) {
+	e := newEnv(t)
+	for _, mode := range []string{"ebpf", "iptables"} {
+		t.Run(mode, func(t *testing.T) {
+			e.startProxies(t, mode)
+			ns := e.namespace(t, mode)
+			t.Run("ServiceFollowsPods", func(t *testing.T) { e.serviceFollowsPods(t, ns) })
+			t.Run("PortChange", func(t *testing.T) { e.portChange(t, ns) })
+			t.Run("DeletedService", func(t *testing.T) { e.deletedService(t, ns) })
+			t.Run("ChurnUnderLoad", func(t *testing.T) { e.churnUnderLoad(t, ns) })
+			t.Run("KillDashNine", func(t *testing.T) { e.killDashNine(t, ns, mode) })
+			t.Run("APIServerDown", func(t *testing.T) { e.apiServerDown(t, ns) })
+			t.Run("SIGTERM", func(t *testing.T) { e.sigterm(t, ns) })
+			e.cleanupProxies(t, mode)
+		})
+	}
+}
+
+func (e *env) startProxies(t *testing.T, mode string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, n := range e.c.Nodes {
+		if err := e.c.StartProxy(ctx, n.Name, e.proxyOptions(mode)); err != nil {
+			t.Fatalf("starting the proxy on %s: %v", n.Name, err)
+		}
+	}
+}
+
+func (e *env) proxyOptions(mode string) localcluster.ProxyOptions {
+	return localcluster.ProxyOptions{Binary: e.binary, Kubeconfig: e.kubecfg, Mode: mode, Capabilities: e.caps}
+}
+
+// cleanupProxies stops both proxies and runs --cleanup, then checks the
+// nodes hold nothing of either mode.
+func (e *env) cleanupProxies(t *testing.T, mode string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, n := range e.c.Nodes {
+		if e.c.ProxyRunning(n.Name) {
+			if _, err := e.c.SignalProxy(n.Name, syscall.SIGTERM, 10*time.Second); err != nil {
+				t.Error(err)
+			}
+		}
+		if err := e.c.CleanupProxy(ctx, n.Name, e.binary); err != nil {
+			t.Error(err)
+		}
+		if got := testnet.AttachedPrograms(t, n.Cgroup); got != 0 {
+			t.Errorf("%s mode: %d programs still attached on %s after --cleanup", mode, got, n.Name)
+		}
+		for _, save := range []string{"iptables-nft-save", "iptables-legacy-save"} {
+			out, err := exec.Command("ip", "netns", "exec", n.NetNS, save).CombinedOutput()
+			if err != nil {
+				t.Errorf("%s on %s: %v: %s", save, n.Name, err, out)
+			}
+			if strings.Contains(string(out), "KUBE-") {
+				t.Errorf("%s mode: %s on %s still lists KUBE- rules after --cleanup:\n%s", mode, save, n.Name, out)
+			}
+		}
+	}
+}
+
+// namespace creates a Kubernetes namespace for one mode's scenarios.
+func (e *env) namespace(t *testing.T, name string) string {
+	t.Helper()
+	_, err := e.c.Client.CoreV1().Namespaces().Create(context.Background(),
+		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+// --- scenarios
+
+// A new Service with a selector becomes reachable from both nodes; pods
+// added, made unready, made ready again and deleted are followed.
+func (e *env) serviceFollowsPods(t *testing.T, ns string) {
+	ctx := context.Background()
+	e.addWeb(t, ns, "a-1", "node1", "a")
+	e.addWeb(t, ns, "a-2", "node2", "a")
+	vip := e.createService(t, ns, "a", 80)
+	e.expectBackends(t, vip+":80", "a-1", "a-2")
+
+	e.addWeb(t, ns, "a-3", "node2", "a")
+	e.expectBackends(t, vip+":80", "a-1", "a-2", "a-3")
+
+	if err := e.c.SetPodReady(ctx, ns, "a-1", false); err != nil {
+		t.Fatal(err)
+	}
+	e.expectBackends(t, vip+":80", "a-2", "a-3")
+
+	if err := e.c.DeletePod(ctx, ns, "a-2", time.Second); err != nil {
+		t.Fatal(err)
+	}
+	e.expectBackends(t, vip+":80", "a-3")
+
+	if err := e.c.SetPodReady(ctx, ns, "a-1", true); err != nil {
+		t.Fatal(err)
+	}
+	e.expectBackends(t, vip+":80", "a-1", "a-3")
+}
+
+// A Service whose port changes serves the new port and no longer the old.
+func (e *env) portChange(t *testing.T, ns string) {
+	ctx := context.Background()
+	e.addWeb(t, ns, "p-1", "node1", "p")
+	e.addWeb(t, ns, "p-2", "node2", "p")
+	vip := e.createService(t, ns, "p", 80)
+	e.expectBackends(t, vip+":80", "p-1", "p-2")
+
+	svc, err := e.c.Client.CoreV1().Services(ns).Get(ctx, "p", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.Spec.Ports[0].Port = 8081
+	svc.Spec.Ports[0].TargetPort = intstr.FromInt32(8080)
+	if _, err := e.c.Client.CoreV1().Services(ns).Update(ctx, svc, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.expectBackends(t, vip+":8081", "p-1", "p-2")
+	e.expectUnserved(t, vip+":80")
+}
+
+// A deleted Service is no longer served.
+func (e *env) deletedService(t *testing.T, ns string) {
+	e.addWeb(t, ns, "d-1", "node2", "d")
+	vip := e.createService(t, ns, "d", 80)
+	e.expectBackends(t, vip+":80", "d-1")
+	if err := e.c.Client.CoreV1().Services(ns).Delete(context.Background(), "d", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	e.expectUnserved(t, vip+":80")
+}
+
+// A client connecting in a loop on each node sees zero failures while
+// endpoints churn: readiness flips, pods deleted (after a drain, as a pod
+// with a pre-stop delay) and added.
+func (e *env) churnUnderLoad(t *testing.T, ns string) {
+	ctx := context.Background()
+	for i, node := range []string{"node1", "node2", "node1"} {
+		e.addWeb(t, ns, fmt.Sprintf("c-%d", i+1), node, "c")
+	}
+	vip := e.createService(t, ns, "c", 80)
+	e.expectBackends(t, vip+":80", "c-1", "c-2", "c-3")
+	loops := e.startLoops(t, vip+":80")
+
+	for round := range 3 {
+		for _, p := range []string{"c-1", "c-2"} {
+			if err := e.c.SetPodReady(ctx, ns, p, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+		time.Sleep(1500 * time.Millisecond)
+		for _, p := range []string{"c-1", "c-2"} {
+			if err := e.c.SetPodReady(ctx, ns, p, true); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Replace c-3 by a new pod on the other node.
+		old, next := "c-3", fmt.Sprintf("c-3r%d", round)
+		if round > 0 {
+			old = fmt.Sprintf("c-3r%d", round-1)
+		}
+		e.addWeb(t, ns, next, []string{"node2", "node1"}[round%2], "c")
+		if err := e.c.DeletePod(ctx, ns, old, 3*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.expectBackends(t, vip+":80", "c-1", "c-2", "c-3r2")
+	for _, l := range loops {
+		l.assertAllOK(t, "churn")
+	}
+}
+
+// kill -9 of the proxy mid-traffic loses no connection; changes made while
+// it is down (a pod unready, a pod added, a new Service) are applied by the
+// restarted proxy.
+func (e *env) killDashNine(t *testing.T, ns, mode string) {
+	ctx := context.Background()
+	e.addWeb(t, ns, "k-1", "node1", "k")
+	e.addWeb(t, ns, "k-2", "node2", "k")
+	vip := e.createService(t, ns, "k", 80)
+	e.expectBackends(t, vip+":80", "k-1", "k-2")
+	loops := e.startLoops(t, vip+":80")
+
+	for _, n := range e.c.Nodes {
+		if _, err := e.c.SignalProxy(n.Name, syscall.SIGKILL, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// While no proxy runs: the old datapath serves on, the API moves on.
+	if err := e.c.SetPodReady(ctx, ns, "k-1", false); err != nil {
+		t.Fatal(err)
+	}
+	e.addWeb(t, ns, "k-3", "node2", "k")
+	e.addWeb(t, ns, "k2-1", "node1", "k2")
+	vip2 := e.createService(t, ns, "k2", 80)
+	time.Sleep(2 * time.Second)
+	for _, l := range loops {
+		l.assertAllOK(t, "proxy killed")
+	}
+
+	e.startProxies(t, mode)
+	e.expectBackends(t, vip+":80", "k-2", "k-3")
+	e.expectBackends(t, vip2+":80", "k2-1")
+	for _, l := range loops {
+		l.assertAllOK(t, "after the restart")
+	}
+}
+
+// The API server stopped for 30 s: the datapath keeps serving; when it is
+// back, the proxy reconnects and follows changes again.
+func (e *env) apiServerDown(t *testing.T, ns string) {
+	ctx := context.Background()
+	e.addWeb(t, ns, "s-1", "node1", "s")
+	e.addWeb(t, ns, "s-2", "node2", "s")
+	vip := e.createService(t, ns, "s", 80)
+	e.expectBackends(t, vip+":80", "s-1", "s-2")
+	loops := e.startLoops(t, vip+":80")
+
+	if err := e.c.StopAPIServer(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(30 * time.Second)
+	for _, n := range e.c.Nodes {
+		if !e.c.ProxyRunning(n.Name) {
+			t.Errorf("the proxy on %s exited while the API server was down; see %s", n.Name, e.c.ProxyLog(n.Name))
+		}
+	}
+	for _, l := range loops {
+		l.assertAllOK(t, "API server down")
+	}
+	if err := e.c.StartAPIServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.addWeb(t, ns, "s-3", "node2", "s")
+	if err := e.c.SetPodReady(ctx, ns, "s-1", false); err != nil {
+		t.Fatal(err)
+	}
+	e.expectBackends(t, vip+":80", "s-2", "s-3")
+	for _, l := range loops {
+		l.assertAllOK(t, "API server back")
+	}
+}
+
+// SIGTERM stops the proxy within 5 s, and the datapath it leaves serves on.
+func (e *env) sigterm(t *testing.T, ns string) {
+	e.addWeb(t, ns, "t-1", "node2", "t")
+	vip := e.createService(t, ns, "t", 80)
+	e.expectBackends(t, vip+":80", "t-1")
+	for _, n := range e.c.Nodes {
+		took, err := e.c.SignalProxy(n.Name, syscall.SIGTERM, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("%s: the proxy exited %s after SIGTERM", n.Name, took.Round(time.Millisecond))
+		b, _ := os.ReadFile(e.c.ProxyLog(n.Name))
+		if i := strings.LastIndex(string(b), "\n"+"E"); i >= 0 && strings.Contains(string(b[i:]), "shut") {
+			t.Errorf("%s: error while shutting down: %s", n.Name, b[i:])
+		}
+	}
+	e.expectBackends(t, vip+":80", "t-1")
+}
+
+// --- helpers
+
+func (e *env) addWeb(t *testing.T, ns, name, node, app string) {
+	t.Helper()
+	_, err := e.c.AddPod(context.Background(), localcluster.PodSpec{
+		Namespace: ns, Name: name, Node: node, Labels: map[string]string{"app": app},
+		Command:   testnet.Helper("serve", name, "tcp:80", "tcp:8080"),
+		ReadyLine: "ready",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// createService creates a ClusterIP Service selecting app and returns its
+// ClusterIP.
+func (e *env) createService(t *testing.T, ns, app string, port int32) string {
+	t.Helper()
+	svc, err := e.c.Client.CoreV1().Services(ns).Create(context.Background(), &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: app},
+		Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"app": app},
+			Ports:    []corev1.ServicePort{{Name: "http", Port: port, TargetPort: intstr.FromInt32(80), Protocol: corev1.ProtocolTCP}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svc.Spec.ClusterIP
+}
+
+// connects makes n connections from the client pod and returns one result
+// line each ("ok NAME peer=ADDR" or "err MESSAGE").
+func connects(ctx context.Context, client *localcluster.Pod, addr string, n int) ([]string, error) {
+	out, err := client.Output(ctx, testnet.Helper("tcp", addr, fmt.Sprint(n))...)
+	if err != nil {
+		return nil, err
+	}
+	return strings.Split(strings.TrimSpace(out), "\n"), nil
+}
+
+// backends returns the sorted set of pods that answered, and the failures.
+func backends(lines []string) (names, errs []string) {
+	seen := map[string]bool{}
+	for _, l := range lines {
+		f := strings.Fields(l)
+		if len(f) >= 2 && f[0] == "ok" {
+			seen[f[1]] = true
+		} else {
+			errs = append(errs, l)
+		}
+	}
+	for n := range seen {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names, errs
+}
+
+// expectBackends waits until, from a client on each node, connections to
+// addr reach exactly the pods want (every one of them over 20 connects) and
+// nothing fails.
+func (e *env) expectBackends(t *testing.T, addr string, want ...string) {
+	t.Helper()
+	sort.Strings(want)
+	for _, client := range e.clients {
+		var last string
+		ok := eventually(30*time.Second, func() bool {
+			lines, err := connects(context.Background(), client, addr, 20)
+			if err != nil {
+				last = err.Error()
+				return false
+			}
+			names, errs := backends(lines)
+			last = fmt.Sprintf("backends %v, failures %v", names, errs)
+			return slices.Equal(names, want) && len(errs) == 0
+		})
+		if !ok {
+			t.Fatalf("from %s to %s: want backends %v, last seen %s", client.Name, addr, want, last)
+		}
+	}
+}
+
+// expectUnserved waits until no connection to addr reaches a backend from
+// either node.
+func (e *env) expectUnserved(t *testing.T, addr string) {
+	t.Helper()
+	for _, client := range e.clients {
+		var last string
+		ok := eventually(30*time.Second, func() bool {
+			lines, err := connects(context.Background(), client, addr, 3)
+			if err != nil {
+				last = err.Error()
+				return false
+			}
+			names, errs := backends(lines)
+			last = fmt.Sprintf("backends %v, failures %v", names, errs)
+			return len(names) == 0
+		})
+		if !ok {
+			t.Fatalf("from %s: %s is still served: %s", client.Name, addr, last)
+		}
+	}
+}
+
+func eventually(timeout time.Duration, ok func() bool) bool {
+	deadline := time.Now().Add(timeout)
+	for {
+		if ok() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// loop is a client connecting to a Service again and again, recording every
+// result.
+type loop struct {
+	client string
+	cmd    *exec.Cmd
+	mu     sync.Mutex
+	lines  []string
+}
+
+// startLoops starts a connect loop in the client pod of each node; they stop
+// when the test ends.
+func (e *env) startLoops(t *testing.T, addr string) []*loop {
+	t.Helper()
+	var loops []*loop
+	for _, client := range e.clients {
+		cmd, done, err := client.Command(context.Background(), testnet.Helper("loop", addr)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := &loop{client: client.Name, cmd: cmd}
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		done()
+		ready := make(chan struct{})
+		go func() {
+			sc := bufio.NewScanner(stdout)
+			first := true
+			for sc.Scan() {
+				if first {
+					close(ready)
+					first = false
+					continue
+				}
+				l.mu.Lock()
+				l.lines = append(l.lines, sc.Text())
+				l.mu.Unlock()
+			}
+		}()
+		t.Cleanup(func() {
+			_ = cmd.Process.Signal(syscall.SIGTERM)
+			_ = cmd.Wait()
+		})
+		select {
+		case <-ready:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("connect loop in %s did not start", client.Name)
+		}
+		loops = append(loops, l)
+	}
+	return loops
+}
+
+// assertAllOK fails the test if any connect so far failed, and requires
+// the loop to have made progress.
+func (l *loop) assertAllOK(t *testing.T, phase string) {
+	t.Helper()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	failed := 0
+	var first string
+	for _, line := range l.lines {
+		if !strings.HasPrefix(line, "ok ") {
+			if failed == 0 {
+				first = line
+			}
+			failed++
+		}
+	}
+	if failed > 0 {
+		t.Errorf("%s: %d of %d connects from %s failed, the first: %q", phase, failed, len(l.lines), l.client, first)
+	}
+	if len(l.lines) == 0 {
+		t.Errorf("%s: the connect loop in %s made no connection", phase, l.client)
+	}
+	t.Logf("%s: %d connects from %s, %d failed", phase, len(l.lines), l.client, failed)
+}

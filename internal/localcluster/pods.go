@@ -1,0 +1,316 @@
+package localcluster
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net/netip"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/util/retry"
+	"k8s.io/utils/ptr"
+)
+
+// PodSpec describes a pod to add.
+type PodSpec struct {
+	Namespace string
+	Name      string
+	Node      string
+	Labels    map[string]string
+	// Ports are the container's ports, for Services with named target
+	// ports.
+	Ports []corev1.ContainerPort
+	// Command is the pod's process.
+	Command []string
+	// ReadyLine, if set, is a line the process prints once it serves; the
+	// pod becomes Ready only then.
+	ReadyLine string
+	// NotReady creates the pod Running but not Ready.
+	NotReady bool
+}
+
+// Pod is a pod of the local cluster.
+type Pod struct {
+	Namespace string
+	Name      string
+	Node      string
+	NetNS     string
+	IP        netip.Addr
+	cgroup    string
+}
+
+func podKey(namespace, name string) string { return namespace + "/" + name }
+
+// AddPod creates the pod's namespace and veth, starts its process in the
+// node's cgroup, creates the Pod object bound to the node and writes its
+// status (Running, its IP, Ready unless spec.NotReady) through the status
+// subresource, as the node's kubelet would.
+func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
+	if spec.Namespace == "" {
+		spec.Namespace = "default"
+	}
+	var p *pod
+	var node *NodeInfo
+	err := withState(c.Dir, func(st *state) error {
+		var err error
+		if node, err = st.node(spec.Node); err != nil {
+			return err
+		}
+		key := podKey(spec.Namespace, spec.Name)
+		if st.Pods[key] != nil {
+			return fmt.Errorf("pod %s exists", key)
+		}
+		prefix := netip.MustParsePrefix(node.PodCIDR)
+		host := node.NextHost
+		node.NextHost++
+		ip := prefix.Addr().As4()
+		ip[3] = byte(host)
+		if host > 250 {
+			return fmt.Errorf("node %s has no pod address left", node.Name)
+		}
+		p = &pod{
+			Namespace: spec.Namespace, Name: spec.Name, Node: node.Name,
+			NetNS:  fmt.Sprintf("%s-%s-%d", st.Name, node.Name, host),
+			IP:     netip.AddrFrom4(ip).String(),
+			HostIf: fmt.Sprintf("pod%d", host),
+		}
+		st.Pods[key] = p
+		if err := addNetNS(st, p.NetNS); err != nil {
+			return err
+		}
+		if err := runAll(
+			[]string{"ip", "-n", node.NetNS, "link", "add", p.HostIf, "type", "veth", "peer", "name", "eth0", "netns", p.NetNS},
+			[]string{"ip", "-n", node.NetNS, "addr", "add", podGateway + "/32", "dev", p.HostIf},
+			[]string{"ip", "-n", node.NetNS, "link", "set", p.HostIf, "up"},
+			[]string{"ip", "-n", node.NetNS, "route", "add", p.IP + "/32", "dev", p.HostIf},
+			[]string{"ip", "-n", p.NetNS, "addr", "add", p.IP + "/32", "dev", "eth0"},
+			[]string{"ip", "-n", p.NetNS, "link", "set", "eth0", "up"},
+			[]string{"ip", "-n", p.NetNS, "route", "add", podGateway, "dev", "eth0", "scope", "link"},
+			[]string{"ip", "-n", p.NetNS, "route", "add", "default", "via", podGateway, "dev", "eth0"},
+		); err != nil {
+			return err
+		}
+		if len(spec.Command) > 0 {
+			p.Proc = &proc{
+				NetNS: p.NetNS, Cgroup: node.Cgroup, Args: spec.Command,
+				Log: filepath.Join(c.Dir, "logs", fmt.Sprintf("pod-%s-%s.log", spec.Namespace, spec.Name)),
+			}
+			if err := p.Proc.start(); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("pod %s/%s: %w", spec.Namespace, spec.Name, err)
+	}
+	if spec.ReadyLine != "" && p.Proc != nil {
+		if err := p.Proc.waitForLine(spec.ReadyLine, 30*time.Second); err != nil {
+			return nil, fmt.Errorf("pod %s/%s: %w", spec.Namespace, spec.Name, err)
+		}
+	}
+	if err := c.createPodObject(ctx, spec, p, node); err != nil {
+		return nil, fmt.Errorf("pod %s/%s: %w", spec.Namespace, spec.Name, err)
+	}
+	return c.podFrom(p, node), nil
+}
+
+func (c *Cluster) podFrom(p *pod, node *NodeInfo) *Pod {
+	return &Pod{Namespace: p.Namespace, Name: p.Name, Node: p.Node, NetNS: p.NetNS,
+		IP: netip.MustParseAddr(p.IP), cgroup: node.Cgroup}
+}
+
+func (c *Cluster) createPodObject(ctx context.Context, spec PodSpec, p *pod, node *NodeInfo) error {
+	obj := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: spec.Name, Namespace: spec.Namespace, Labels: spec.Labels},
+		Spec: corev1.PodSpec{
+			NodeName:                      node.Name,
+			AutomountServiceAccountToken:  ptr.To(false),
+			TerminationGracePeriodSeconds: ptr.To[int64](30),
+			Containers: []corev1.Container{{
+				Name: "app", Image: "kube-bpf-proxy.local/netns-process", Ports: spec.Ports,
+			}},
+		},
+	}
+	var created *corev1.Pod
+	// Pod admission needs the namespace's default ServiceAccount, which the
+	// controller manager creates shortly after the namespace.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var err error
+		created, err = c.Client.CoreV1().Pods(spec.Namespace).Create(ctx, obj, metav1.CreateOptions{})
+		if err == nil {
+			break
+		}
+		if !apierrors.IsForbidden(err) || !strings.Contains(err.Error(), "serviceaccount") || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	now := metav1.Now()
+	created.Status = corev1.PodStatus{
+		Phase:     corev1.PodRunning,
+		HostIP:    node.IP,
+		HostIPs:   []corev1.HostIP{{IP: node.IP}},
+		PodIP:     p.IP,
+		PodIPs:    []corev1.PodIP{{IP: p.IP}},
+		StartTime: &now,
+		Conditions: []corev1.PodCondition{
+			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
+			{Type: corev1.PodInitialized, Status: corev1.ConditionTrue, LastTransitionTime: now},
+		},
+		ContainerStatuses: []corev1.ContainerStatus{{
+			Name: "app", Image: obj.Spec.Containers[0].Image, Started: ptr.To(true),
+			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}},
+		}},
+	}
+	setReady(&created.Status, !spec.NotReady, now)
+	_, err := c.Client.CoreV1().Pods(spec.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{})
+	return err
+}
+
+// setReady sets the Ready and ContainersReady conditions, moving their
+// lastTransitionTime only when the status changes, as the kubelet does.
+func setReady(s *corev1.PodStatus, ready bool, now metav1.Time) {
+	status := corev1.ConditionFalse
+	if ready {
+		status = corev1.ConditionTrue
+	}
+	for _, t := range []corev1.PodConditionType{corev1.ContainersReady, corev1.PodReady} {
+		found := false
+		for i := range s.Conditions {
+			if s.Conditions[i].Type == t {
+				found = true
+				if s.Conditions[i].Status != status {
+					s.Conditions[i].Status, s.Conditions[i].LastTransitionTime = status, now
+				}
+			}
+		}
+		if !found {
+			s.Conditions = append(s.Conditions, corev1.PodCondition{Type: t, Status: status, LastTransitionTime: now})
+		}
+	}
+	for i := range s.ContainerStatuses {
+		s.ContainerStatuses[i].Ready = ready
+	}
+}
+
+// SetPodReady flips a pod's readiness through the status subresource, as
+// the kubelet does when a readiness probe changes its mind. The process keeps
+// running either way.
+func (c *Cluster) SetPodReady(ctx context.Context, namespace, name string, ready bool) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		p, err := c.Client.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		setReady(&p.Status, ready, metav1.Now())
+		_, err = c.Client.CoreV1().Pods(namespace).UpdateStatus(ctx, p, metav1.UpdateOptions{})
+		return err
+	})
+}
+
+// DeletePod deletes a pod as the API and a kubelet together do: a graceful
+// delete marks it terminating (its endpoint turns terminating in the
+// slices); the process keeps serving for drain, as an application with a
+// pre-stop delay does; then it gets SIGTERM, the object is removed and the
+// namespace goes.
+func (c *Cluster) DeletePod(ctx context.Context, namespace, name string, drain time.Duration) error {
+	obj, err := c.Client.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return err
+	}
+	if err := c.Client.CoreV1().Pods(namespace).Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+		return err
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(drain):
+	}
+	var p *pod
+	err = withState(c.Dir, func(st *state) error {
+		p = st.Pods[podKey(namespace, name)]
+		if p == nil {
+			return nil
+		}
+		if p.Proc != nil {
+			if err := p.Proc.stop(10 * time.Second); err != nil {
+				return err
+			}
+		}
+		if err := run("ip", "netns", "del", p.NetNS); err != nil {
+			return err
+		}
+		delete(st.Pods, podKey(namespace, name))
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	err = c.Client.CoreV1().Pods(namespace).Delete(ctx, name, metav1.DeleteOptions{
+		GracePeriodSeconds: ptr.To[int64](0),
+		Preconditions:      &metav1.Preconditions{UID: ptr.To(types.UID(obj.UID))},
+	})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
+// Pod returns a pod added to the cluster.
+func (c *Cluster) Pod(namespace, name string) (*Pod, error) {
+	st, err := readState(c.Dir)
+	if err != nil {
+		return nil, err
+	}
+	p := st.Pods[podKey(namespace, name)]
+	if p == nil {
+		return nil, fmt.Errorf("no pod %s/%s", namespace, name)
+	}
+	node, err := st.node(p.Node)
+	if err != nil {
+		return nil, err
+	}
+	return c.podFrom(p, node), nil
+}
+
+// Command prepares a client command in the pod: its network namespace and
+// its node's cgroup (so the node's socket programs see it, as they see
+// every pod on a real node).
+func (p *Pod) Command(ctx context.Context, args ...string) (*exec.Cmd, func(), error) {
+	fd, err := unix.Open(p.cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening cgroup %s: %w", p.cgroup, err)
+	}
+	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + netnsPath(p.NetNS), "--"}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	cmd.WaitDelay = 5 * time.Second
+	return cmd, func() { unix.Close(fd) }, nil
+}
+
+// Output runs a client command in the pod and returns its output; a failure
+// carries stderr.
+func (p *Pod) Output(ctx context.Context, args ...string) (string, error) {
+	cmd, done, err := p.Command(ctx, args...)
+	if err != nil {
+		return "", err
+	}
+	defer done()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out), fmt.Errorf("%s in pod %s: %w: %s", strings.Join(args, " "), p.Name, err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), nil
+}

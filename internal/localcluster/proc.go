@@ -1,0 +1,176 @@
+package localcluster
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// proc is a process the cluster started, recorded with enough to restart it
+// and to be sure a later kill reaches that process and not one that reused
+// its PID.
+type proc struct {
+	PID int `json:"pid"`
+	// StartTime is field 22 of /proc/PID/stat: the PID's identity.
+	StartTime string   `json:"startTime"`
+	NetNS     string   `json:"netns"`
+	Cgroup    string   `json:"cgroup"`
+	Args      []string `json:"args"`
+	Env       []string `json:"env,omitempty"`
+	Log       string   `json:"log"`
+}
+
+// start runs p.Args in network namespace p.NetNS and cgroup p.Cgroup,
+// detached from the caller (its own session, output to p.Log), so it
+// outlives a CLI invocation. It joins the cgroup at clone time, before it
+// runs any code.
+func (p *proc) start() error {
+	logf, err := os.OpenFile(p.Log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cgfd, err := unix.Open(p.Cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening cgroup %s: %w", p.Cgroup, err)
+	}
+	defer unix.Close(cgfd)
+	args := append([]string{"--net=" + netnsPath(p.NetNS), "--"}, p.Args...)
+	cmd := exec.Command("nsenter", args...)
+	cmd.Env = append(os.Environ(), p.Env...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true, CgroupFD: cgfd}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("starting %s: %w", p.Args[0], err)
+	}
+	p.PID = cmd.Process.Pid
+	p.StartTime = startTime(p.PID)
+	// Reap it if it dies while this process lives; once this process is
+	// gone, init does.
+	go func() { _ = cmd.Wait() }()
+	return nil
+}
+
+// alive reports whether the recorded process is still running.
+func (p *proc) alive() bool {
+	if p == nil || p.PID == 0 {
+		return false
+	}
+	st := startTime(p.PID)
+	return st != "" && st == p.StartTime && !zombie(p.PID)
+}
+
+// signal sends sig to the recorded process if it is still the one started.
+func (p *proc) signal(sig syscall.Signal) error {
+	if !p.alive() {
+		return nil
+	}
+	return syscall.Kill(p.PID, sig)
+}
+
+// stop sends SIGTERM, waits up to grace for the process to exit, then
+// kills it.
+func (p *proc) stop(grace time.Duration) error {
+	if err := p.signal(syscall.SIGTERM); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(grace)
+	for p.alive() {
+		if time.Now().After(deadline) {
+			_ = p.signal(syscall.SIGKILL)
+			for i := 0; p.alive() && i < 100; i++ {
+				time.Sleep(20 * time.Millisecond)
+			}
+			if p.alive() {
+				return fmt.Errorf("process %d (%s) survived SIGKILL", p.PID, p.Args[0])
+			}
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil
+}
+
+// waitForLine waits until the process's log has a line containing s.
+func (p *proc) waitForLine(s string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		b, _ := os.ReadFile(p.Log)
+		if strings.Contains(string(b), s) {
+			return nil
+		}
+		if !p.alive() {
+			return fmt.Errorf("%s exited; see %s", filepath.Base(p.Args[0]), p.Log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("%s did not print %q in %s; see %s", filepath.Base(p.Args[0]), s, timeout, p.Log)
+}
+
+func startTime(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	// The command name (field 2) may hold spaces; fields after its closing
+	// parenthesis are plain.
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	if i < 0 {
+		return ""
+	}
+	f := strings.Fields(s[i+1:])
+	if len(f) < 20 {
+		return ""
+	}
+	return f[19] // field 22 overall
+}
+
+func zombie(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i >= 0 && len(s) > i+2 && s[i+2] == 'Z'
+}
+
+// killCgroup kills every process in a cgroup subtree and removes its
+// directories, deepest first.
+func killCgroup(dir string) error {
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644)
+	var dirs []string
+	_ = filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, path)
+		}
+		return nil
+	})
+	var errs []error
+	for i := len(dirs) - 1; i >= 0; i-- {
+		var err error
+		for range 200 {
+			if err = unix.Rmdir(dirs[i]); err == nil || errors.Is(err, unix.ENOENT) {
+				err = nil
+				break
+			}
+			// EBUSY while the killed processes are still exiting.
+			time.Sleep(25 * time.Millisecond)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("removing cgroup %s: %w", dirs[i], err))
+		}
+	}
+	return errors.Join(errs...)
+}
