@@ -357,11 +357,17 @@ func (e *env) apiServerDown(t *testing.T, ns string) {
 	if err := e.c.StartAPIServer(ctx); err != nil {
 		t.Fatal(err)
 	}
+	back := time.Now()
 	e.addWeb(t, ns, "s-3", "node2", "s")
 	if err := e.c.SetPodReady(ctx, ns, "s-1", false); err != nil {
 		t.Fatal(err)
 	}
-	e.expectBackends(t, vip+":80", "s-2", "s-3")
+	// client-go's reflectors retry a refused watch with a jittered
+	// exponential backoff (0.8 s doubling to 30 s, up to twice that with
+	// jitter): after a 30 s outage the proxy reconnects up to a minute
+	// after the API server is back, as kube-proxy does.
+	e.expectBackendsWithin(t, 90*time.Second, vip+":80", "s-2", "s-3")
+	t.Logf("caught up %s after the API server was back", time.Since(back).Round(100*time.Millisecond))
 	for _, l := range loops {
 		l.assertAllOK(t, "API server back")
 	}
@@ -450,10 +456,15 @@ func backends(lines []string) (names, errs []string) {
 // nothing fails.
 func (e *env) expectBackends(t *testing.T, addr string, want ...string) {
 	t.Helper()
+	e.expectBackendsWithin(t, 30*time.Second, addr, want...)
+}
+
+func (e *env) expectBackendsWithin(t *testing.T, timeout time.Duration, addr string, want ...string) {
+	t.Helper()
 	sort.Strings(want)
 	for _, client := range e.clients {
 		var last string
-		ok := eventually(30*time.Second, func() bool {
+		ok := eventually(timeout, func() bool {
 			lines, err := connects(context.Background(), client, addr, 20)
 			if err != nil {
 				last = err.Error()

@@ -422,14 +422,15 @@ func (c *Cluster) createNode(ctx context.Context, n NodeInfo) error {
 	return err
 }
 
-// StopAPIServer stops kube-apiserver (SIGTERM); StartAPIServer starts it
-// again with the same flags. The rest of the cluster keeps running.
+// StopAPIServer stops kube-apiserver: SIGTERM, then SIGKILL after 5 s (its
+// graceful shutdown waits up to a minute for watches to drain). The rest of
+// the cluster keeps running; StartAPIServer starts it again.
 func (c *Cluster) StopAPIServer() error {
 	p, err := c.proc("kube-apiserver")
 	if err != nil {
 		return err
 	}
-	return p.stop(30 * time.Second)
+	return p.stop(5 * time.Second)
 }
 
 // StartAPIServer restarts a stopped kube-apiserver and waits until it is

@@ -3,10 +3,13 @@ package localcluster
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -110,18 +113,45 @@ func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		}
 		return nil
 	})
+	if err == nil && spec.ReadyLine != "" && p.Proc != nil {
+		err = p.Proc.waitForLine(spec.ReadyLine, 30*time.Second)
+	}
+	if err == nil {
+		err = c.createPodObject(ctx, spec, p, node)
+	}
+	if err != nil && p != nil {
+		// Leave no half-made pod behind: the name can be used again.
+		if rerr := c.removePod(spec.Namespace, spec.Name); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("pod %s/%s: %w", spec.Namespace, spec.Name, err)
 	}
-	if spec.ReadyLine != "" && p.Proc != nil {
-		if err := p.Proc.waitForLine(spec.ReadyLine, 30*time.Second); err != nil {
-			return nil, fmt.Errorf("pod %s/%s: %w", spec.Namespace, spec.Name, err)
-		}
-	}
-	if err := c.createPodObject(ctx, spec, p, node); err != nil {
-		return nil, fmt.Errorf("pod %s/%s: %w", spec.Namespace, spec.Name, err)
-	}
 	return c.podFrom(p, node), nil
+}
+
+// removePod stops the pod's process and removes its namespace and record.
+func (c *Cluster) removePod(namespace, name string) error {
+	return withState(c.Dir, func(st *state) error {
+		p := st.Pods[podKey(namespace, name)]
+		if p == nil {
+			return nil
+		}
+		if p.Proc != nil {
+			if err := p.Proc.stop(10 * time.Second); err != nil {
+				return err
+			}
+		}
+		if _, err := os.Stat(netnsPath(p.NetNS)); err == nil {
+			if err := run("ip", "netns", "del", p.NetNS); err != nil {
+				return err
+			}
+		}
+		st.Namespaces = slices.DeleteFunc(st.Namespaces, func(ns string) bool { return ns == p.NetNS })
+		delete(st.Pods, podKey(namespace, name))
+		return nil
+	})
 }
 
 func (c *Cluster) podFrom(p *pod, node *NodeInfo) *Pod {
@@ -237,24 +267,7 @@ func (c *Cluster) DeletePod(ctx context.Context, namespace, name string, drain t
 		return ctx.Err()
 	case <-time.After(drain):
 	}
-	var p *pod
-	err = withState(c.Dir, func(st *state) error {
-		p = st.Pods[podKey(namespace, name)]
-		if p == nil {
-			return nil
-		}
-		if p.Proc != nil {
-			if err := p.Proc.stop(10 * time.Second); err != nil {
-				return err
-			}
-		}
-		if err := run("ip", "netns", "del", p.NetNS); err != nil {
-			return err
-		}
-		delete(st.Pods, podKey(namespace, name))
-		return nil
-	})
-	if err != nil {
+	if err := c.removePod(namespace, name); err != nil {
 		return err
 	}
 	err = c.Client.CoreV1().Pods(namespace).Delete(ctx, name, metav1.DeleteOptions{
