@@ -1,5 +1,5 @@
 # Every target delegates to a script in hack/; see README.md.
-.PHONY: all build test unit verify generate bench demo deps clean
+.PHONY: all build test unit verify generate bench demo demo-up demo-down deps clean
 
 all: build
 
@@ -23,8 +23,17 @@ generate:
 bench:
 	hack/bench.sh
 
+# A local two-node cluster (real kube-apiserver and controllers) running the
+# proxy: the whole tour, then everything removed.
 demo:
 	hack/demo.sh
+
+# The same cluster left running, with the kubeconfig printed; demo-down removes it.
+demo-up:
+	hack/demo.sh --keep
+
+demo-down:
+	hack/demo.sh --down
 
 deps:
 	hack/deps.sh

@@ -1,13 +1,27 @@
 #!/usr/bin/env bash
-# The newcomer's first command: installs what it needs, then shows the eBPF
-# datapath serving a ClusterIP to curl and dig in throw-away namespaces.
+# The newcomer's first command: installs what it needs, builds the proxy and
+# (once, cached outside the repo) the Kubernetes control plane, then shows
+# kube-bpf-proxy on a local two-node cluster in both modes.
+#
+#   hack/demo.sh           the tour, then everything is removed   (make demo)
+#   hack/demo.sh --keep    leave the cluster running               (make demo-up)
+#   hack/demo.sh --down    remove it                               (make demo-down)
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-  echo "make demo needs root (network namespaces, cgroups, BPF): run it with sudo" >&2
+  echo "the demo needs root (network namespaces, cgroups, BPF): run it with sudo" >&2
   exit 1
 fi
-hack/deps.sh
 mkdir -p _output
+if [ "${1:-}" != --down ]; then
+  hack/deps.sh
+  echo "==> Building Kubernetes control-plane binaries (once; cached in ${KBP_CACHE:-/var/cache/kube-bpf-proxy})"
+  hack/kube-build.sh > _output/kube-build.log 2>&1 || { cat _output/kube-build.log; echo "building Kubernetes failed (log: _output/kube-build.log)" >&2; exit 1; }
+  KUBE_BIN="$(tail -n 1 _output/kube-build.log)"
+  export KUBE_BIN
+  echo "    $KUBE_BIN"
+  echo "==> Building kube-bpf-proxy"
+  hack/build.sh
+fi
 go build -o _output/demo ./hack/demo
-exec _output/demo
+exec _output/demo "$@"

@@ -12,13 +12,23 @@
 # and points each staging module at its published v0.Y.Z release.
 #
 #   KUBE_VERSION  the Kubernetes release (default v1.36.3)
-#   KBP_CACHE     the cache root (default /var/cache/kube-bpf-proxy)
+#   KBP_CACHE     the cache root (default /var/cache/kube-bpf-proxy for root,
+#                 ~/.cache/kube-bpf-proxy otherwise)
 set -o errexit -o nounset -o pipefail
 
 version="${KUBE_VERSION:-v1.36.3}"
-cache="${KBP_CACHE:-/var/cache/kube-bpf-proxy}"
+if [ "$(id -u)" = 0 ]; then
+  cache="${KBP_CACHE:-/var/cache/kube-bpf-proxy}"
+else
+  cache="${KBP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-bpf-proxy}"
+fi
 dir="$cache/kubernetes-$version"
 commands=(kube-apiserver kube-controller-manager kubectl)
+
+# One build at a time: a second caller waits and then finds the binaries.
+mkdir -p "$cache"
+exec 9>"$cache/kubernetes-$version.lock"
+flock 9
 
 have_all() {
   for c in "${commands[@]}"; do [ -x "$dir/bin/$c" ] || return 1; done

@@ -5,9 +5,15 @@ set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
 hack/deps.sh
 hack/verify.sh
+mkdir -p _output
 if [ "$(id -u)" != 0 ]; then
   echo "warning: not root, the kernel tests will be skipped" >&2
 fi
+echo "--- Kubernetes control plane for the end-to-end tests (built once, cached)"
+hack/kube-build.sh > _output/kube-build.log 2>&1 || { cat _output/kube-build.log; echo "building Kubernetes failed" >&2; exit 1; }
+KUBE_BIN="$(tail -n 1 _output/kube-build.log)"
+export KUBE_BIN
+echo "$KUBE_BIN"
 echo "--- go test"
 # -p 1: the kernel tests of several packages would otherwise share 2 cores
 # with dozens of helper processes; they are correct in parallel, just slow.
@@ -15,7 +21,6 @@ go test -count=1 -p 1 -timeout 20m ./...
 echo "--- go test -race (packages without kernel tests)"
 go test -count=1 -race ./internal/model/... ./internal/runner/... ./internal/healthz/... \
   ./internal/metrics/... ./internal/watch/... ./internal/httpserve/...
-mkdir -p _output
 echo "--- make demo (the README's first command, end to end)"
 hack/demo.sh > _output/demo.log 2>&1 || { cat _output/demo.log; echo "make demo failed" >&2; exit 1; }
-grep -E '^(==>|    answered by|Done)' _output/demo.log
+grep -E '^(==>|\s+answered by|Done)' _output/demo.log

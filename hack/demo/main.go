@@ -1,248 +1,219 @@
-// Command demo shows kube-bpf-proxy's eBPF datapath for real on one machine:
-// pods are network namespaces, the programs attach to a cgroup of the demo's
-// own, and the proxy's pipeline (informers, model, runner, BPF maps) runs
-// against an in-memory API server stand-in, in which the demo plays the
-// EndpointSlice controller. Nothing leaves the namespaces it creates, and
-// everything is removed at the end, also on failure.
+// Command demo shows kube-bpf-proxy on a real, local Kubernetes control
+// plane (internal/localcluster): kube-apiserver, etcd and
+// kube-controller-manager with two simulated nodes in network namespaces of
+// their own. The proxy runs on both nodes as the DaemonSet would run it,
+// with the manifests' ServiceAccount and capabilities; the real EndpointSlice
+// controller builds the slices it serves. Nothing leaves the namespaces the
+// cluster makes.
+//
+//	demo            the whole tour, then everything is removed
+//	demo --keep     set up (cluster, proxies in ebpf mode, the web Service) and leave it running
+//	demo --down     remove what --keep left
 package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/exec"
-	"sort"
+	"os/signal"
+	"path/filepath"
 	"strings"
-	"sync"
+	"syscall"
 	"time"
 
-	v1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/intstr"
-	"k8s.io/client-go/kubernetes/fake"
-	"k8s.io/klog/v2"
-	"k8s.io/utils/ptr"
-
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/proxy"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
-// demo implements testnet.T for a program: failures end it after cleanup.
+// webService is what a user would apply: a Service in front of pods
+// labelled app=web serving HTTP on 8080.
+const webService = `apiVersion: v1
+kind: Service
+metadata:
+  name: web
+  namespace: default
+spec:
+  selector:
+    app: web
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+`
+
 type demo struct {
-	cleanups []func()
+	ctx    context.Context
+	c      *localcluster.Cluster
+	dir    string
+	binary string
+	step   string
 }
-
-func (d *demo) Helper()                         {}
-func (d *demo) Logf(format string, args ...any) { fmt.Printf("    "+format+"\n", args...) }
-func (d *demo) Errorf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "demo: "+format+"\n", args...)
-}
-func (d *demo) Fatalf(format string, args ...any) {
-	fmt.Fprintf(os.Stderr, "demo failed: "+format+"\n", args...)
-	d.teardown()
-	os.Exit(1)
-}
-func (d *demo) Skip(args ...any) { d.Fatalf("%s", fmt.Sprint(args...)) }
-func (d *demo) Cleanup(f func()) { d.cleanups = append(d.cleanups, f) }
-func (d *demo) TempDir() string {
-	dir, err := os.MkdirTemp("", "kbp-demo-")
-	if err != nil {
-		d.Fatalf("%v", err)
-	}
-	d.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
-}
-
-func (d *demo) teardown() {
-	for i := len(d.cleanups) - 1; i >= 0; i-- {
-		d.cleanups[i]()
-	}
-	d.cleanups = nil
-}
-
-func step(format string, args ...any) { fmt.Printf("\n==> "+format+"\n", args...) }
 
 func main() {
 	testnet.RunHelperIfRequested(nil)
-	klog.InitFlags(nil) // quiet unless -v is given
-	d := &demo{}
-	defer d.teardown()
-	ctx, cancel := context.WithCancel(context.Background())
-	d.Cleanup(cancel)
+	keep := flag.Bool("keep", false, "leave the cluster and the proxies running (make demo-up)")
+	down := flag.Bool("down", false, "remove the cluster --keep left (make demo-down)")
+	dir := flag.String("dir", "_output/demo-cluster", "cluster directory")
+	kubeBin := flag.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries (hack/kube-build.sh)")
+	binary := flag.String("binary", "_output/kube-bpf-proxy", "the kube-bpf-proxy binary")
+	flag.Parse()
 
-	step("Building the topology: a node namespace, a client pod, 3 web pods and 2 DNS pods (no route out)")
-	net := testnet.New(d)
-	client := net.AddPod("client", "10.244.0.100")
-	// The service range leads on to "the network", as a node's default route
-	// does: here a namespace that drops everything it gets.
-	net.RouteToPod("10.96.0.0/16", net.AddPod("world", "10.244.254.1"))
-	var web []string
-	for i := range 3 {
-		p := net.AddPod(fmt.Sprintf("web-%d", i), fmt.Sprintf("10.244.1.%d", i+1))
-		p.Start(false, testnet.Helper("serve", p.Name, "tcp:8080")...)
-		web = append(web, p.IP.String())
-		d.Logf("%s at %s serving HTTP on :8080", p.Name, p.IP)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	bin, _ := filepath.Abs(*binary)
+	d := &demo{ctx: ctx, dir: *dir, binary: bin}
+	if *down {
+		d.teardown()
+		fmt.Println("Done: the demo cluster is gone.")
+		return
 	}
-	var dns []string
-	for i := range 2 {
-		p := net.AddPod(fmt.Sprintf("dns-%d", i), fmt.Sprintf("10.244.2.%d", i+1))
-		p.StartDNS("web.default.svc.cluster.local", "10.96.0.10")
-		dns = append(dns, p.IP.String())
-		d.Logf("%s at %s running dnsmasq on :53", p.Name, p.IP)
+	d.up(*kubeBin)
+	if *keep {
+		d.printAccess()
+		return
 	}
-
-	step("Loading the eBPF datapath into the demo's cgroup %s", net.Cgroup)
-	bpffs := testnet.BPFFS(d)
-	dp, err := ebpf.New(ebpf.Config{BPFFSPath: bpffs, CgroupPath: net.Cgroup,
-		MaxServices: ebpf.DefaultMaxServices, MaxBackends: ebpf.DefaultMaxBackends, MaxSockets: ebpf.DefaultMaxRevNAT})
-	if err != nil {
-		d.Fatalf("%v", err)
-	}
-	// A restart closes the datapath once; teardown may close it again.
-	closeEBPF := sync.OnceFunc(func() { dp.Close() })
-	d.Cleanup(func() {
-		closeEBPF()
-		if err := ebpf.Cleanup(bpffs); err != nil {
-			d.Errorf("cleanup: %v", err)
-		}
-	})
-	show(d, "bpftool", "cgroup", "show", net.Cgroup)
-
-	step("Starting the proxy pipeline against an in-memory API (the local cluster comes with the next milestone)")
-	api := fake.NewClientset()
-	stopEBPF := runProxy(ctx, d, api, dp)
-
-	step("Creating Service default/web (10.96.0.10:80 -> 3 pods :8080) and kube-system/dns (10.96.0.53:53 UDP+TCP -> 2 pods)")
-	apply(ctx, d, api, service("default", "web", "10.96.0.10", port("http", v1.ProtocolTCP, 80, 8080)),
-		slice("default", "web", []v1.ServicePort{port("http", v1.ProtocolTCP, 80, 8080)}, web...))
-	dnsPorts := []v1.ServicePort{port("dns", v1.ProtocolUDP, 53, 53), port("dns-tcp", v1.ProtocolTCP, 53, 53)}
-	apply(ctx, d, api, service("kube-system", "dns", "10.96.0.53", dnsPorts...), slice("kube-system", "dns", dnsPorts, dns...))
-	// Each change reaches the datapath with the next sync: wait for both.
-	waitFor(d, func() bool { out, _ := curl(ctx, client); return strings.HasPrefix(out, "web-") })
-	waitFor(d, func() bool {
-		out, err := client.Output(ctx, "dig", "@10.96.0.53", "web.default.svc.cluster.local", "+short", "+tries=1", "+timeout=1")
-		return err == nil && strings.TrimSpace(out) == "10.96.0.10"
-	})
-
-	step("curl http://10.96.0.10/ from the client pod, 6 times: each connect() picks a backend in the kernel")
-	for range 6 {
-		out, err := curl(ctx, client)
-		d.Logf("answered by %s%v", out, errSuffix(err))
-	}
-
-	step("dig @10.96.0.53 web.default.svc.cluster.local: UDP goes to a dnsmasq pod, the reply comes back from the VIP")
-	for _, transport := range []string{"+notcp", "+tcp"} {
-		out, err := client.Output(ctx, "dig", "@10.96.0.53", "web.default.svc.cluster.local", transport, "+tries=1", "+timeout=2")
-		if err != nil {
-			d.Fatalf("dig: %v", err)
-		}
-		for _, l := range strings.Split(out, "\n") {
-			if strings.Contains(l, "IN\tA") && !strings.HasPrefix(l, ";") || strings.HasPrefix(l, ";; SERVER") {
-				d.Logf("%s  %s", transport, strings.TrimSpace(l))
-			}
-		}
-	}
-
-	step("Scaling web to zero endpoints: connect() is refused at once (ECONNREFUSED), no timeout")
-	apply(ctx, d, api, nil, slice("default", "web", []v1.ServicePort{port("http", v1.ProtocolTCP, 80, 8080)}))
-	waitFor(d, func() bool { return connect(ctx, d, client) == "err connection refused" })
-	start := time.Now()
-	_, err = curl(ctx, client)
-	d.Logf("%v (after %v)", err, time.Since(start).Round(time.Millisecond))
-	d.Logf("connect(): %s", connect(ctx, d, client))
-
-	step("Deleting Service web: the VIP is no longer translated and dies inside the demo namespaces")
-	_ = api.CoreV1().Services("default").Delete(ctx, "web", metav1.DeleteOptions{})
-	_ = api.DiscoveryV1().EndpointSlices("default").Delete(ctx, "web", metav1.DeleteOptions{})
-	waitFor(d, func() bool { return connect(ctx, d, client) != "err connection refused" })
-	d.Logf("connect(): %s (the demo's service range leads to a namespace that drops everything)", connect(ctx, d, client))
-
-	step("Datapath counters (per-CPU, summed; the same numbers /metrics exports)")
-	events, err := dp.Events()
-	if err != nil {
-		d.Fatalf("%v", err)
-	}
-	names := make([]string, 0, len(events))
-	for n := range events {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		d.Logf("%-28s %d", n, events[n])
-	}
-
-	step("Restarting the proxy with --mode=iptables: kube-proxy's rules in the node namespace; the eBPF programs go once the rules serve")
-	// As the process exiting would: the pinned programs keep serving.
-	stopEBPF()
-	closeEBPF()
-	apply(ctx, d, api, service("default", "web", "10.96.0.10", port("http", v1.ProtocolTCP, 80, 8080)),
-		slice("default", "web", []v1.ServicePort{port("http", v1.ProtocolTCP, 80, 8080)}, web...))
-	iptCfg := iptables.Config{Backend: iptables.BackendAuto, NetNS: "/run/netns/" + net.Node, ClusterCIDR: netip.MustParsePrefix("10.244.0.0/16")}
-	ipt, err := iptables.New(ctx, iptCfg)
-	if err != nil {
-		d.Fatalf("%v", err)
-	}
-	d.Cleanup(func() {
-		ipt.Close()
-		if err := iptables.Cleanup(context.Background(), iptCfg); err != nil {
-			d.Errorf("cleanup: %v", err)
-		}
-	})
-	d.Logf("iptables backend: %s (auto: the one the node already uses)", ipt.Backend())
-	runProxy(ctx, d, api, dataplane.WithHandover(ipt, "ebpf", func(context.Context) error { return ebpf.Cleanup(bpffs) }))
-	waitFor(d, func() bool { out, _ := curl(ctx, client); return strings.HasPrefix(out, "web-") })
-	waitFor(d, func() bool { return testnet.AttachedPrograms(d, net.Cgroup) == 0 })
-	d.Logf("eBPF programs attached to the demo cgroup now: %d", testnet.AttachedPrograms(d, net.Cgroup))
-	save, err := net.NodeCommand(ctx, "iptables-"+ipt.Backend()+"-save", "-t", "nat").Output()
-	if err != nil {
-		d.Fatalf("iptables-save: %v", err)
-	}
-	for _, l := range strings.Split(string(save), "\n") {
-		if strings.Contains(l, "default/web") {
-			d.Logf("%s", l)
-		}
-	}
-	for range 6 {
-		out, err := curl(ctx, client)
-		d.Logf("answered by %s%v", out, errSuffix(err))
-	}
-
-	step("iptables mode, zero endpoints: REJECT with icmp-port-unreachable, so connect() is refused too")
-	apply(ctx, d, api, nil, slice("default", "web", []v1.ServicePort{port("http", v1.ProtocolTCP, 80, 8080)}))
-	waitFor(d, func() bool { return connect(ctx, d, client) == "err connection refused" })
-	d.Logf("connect(): %s", connect(ctx, d, client))
-
-	step("Tearing down: rules, programs, pins, namespaces and cgroup")
+	d.tour()
+	d.begin("Tearing down: proxies (--cleanup), cluster processes, namespaces, cgroups, bpffs mounts")
 	d.teardown()
-	fmt.Println("\nDone. Run `make test` for the full test suite.")
+	fmt.Println("\nDone. `make demo-up` keeps a cluster running to explore; `make test` runs every test.")
 }
 
-// runProxy runs the proxy pipeline on dp until the returned function (or
-// the demo's teardown) stops it.
-func runProxy(ctx context.Context, d *demo, api *fake.Clientset, dp dataplane.Dataplane) (stop func()) {
-	ctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := proxy.Run(ctx, api, dp, proxy.Config{MinSyncPeriod: 100 * time.Millisecond,
-			SyncPeriod: 30 * time.Second, RetryPeriod: time.Second,
-			HealthzBindAddress: "127.0.0.1:0", MetricsBindAddress: "127.0.0.1:0"}); err != nil {
-			d.Errorf("proxy: %v", err)
+// begin starts a step: its title is printed and named again if it fails.
+func (d *demo) begin(format string, args ...any) {
+	d.step = fmt.Sprintf(format, args...)
+	fmt.Printf("\n==> %s\n", d.step)
+}
+
+func (d *demo) logf(format string, args ...any) { fmt.Printf("    "+format+"\n", args...) }
+
+// fail reports the failed step and where its logs are, removes everything,
+// and exits.
+func (d *demo) fail(err error) {
+	fmt.Fprintf(os.Stderr, "\ndemo failed at step %q:\n  %v\n", d.step, err)
+	if d.c != nil {
+		fmt.Fprintf(os.Stderr, "  logs of every process of the cluster: %s\n", filepath.Join(d.c.Dir, "logs"))
+	}
+	d.teardown()
+	os.Exit(1)
+}
+
+func (d *demo) check(err error) {
+	if err != nil {
+		d.fail(err)
+	}
+}
+
+func (d *demo) up(kubeBin string) {
+	d.begin("Starting a local Kubernetes cluster: etcd, kube-apiserver and kube-controller-manager %s, two nodes", kubeVersion(kubeBin))
+	c, err := localcluster.Up(d.ctx, localcluster.Options{Dir: d.dir, KubeBin: kubeBin,
+		Progress: func(f string, a ...any) { d.logf(f, a...) }})
+	d.c = c
+	d.check(err)
+	d.kubectl("get", "nodes", "-o", "wide")
+
+	d.begin("Applying manifests/overlays/ebpf: ServiceAccount, ClusterRole (read Services, EndpointSlices, Nodes), DaemonSet")
+	d.kubectl("apply", "-k", "manifests/overlays/ebpf")
+	d.logf("(no kubelet runs here, so the DaemonSet makes no pods: the demo runs the same binary on each node itself)")
+
+	d.startProxies("ebpf")
+
+	d.begin("Creating Service default/web (port 80 -> 8080) and 3 web pods over both nodes, plus a client pod on each node")
+	cmd := d.c.KubectlCommand(d.ctx, d.c.AdminKubeconfig, "apply", "-f", "-")
+	cmd.Stdin = strings.NewReader(webService)
+	out, err := cmd.CombinedOutput()
+	d.check(errWith(err, out))
+	d.logf("%s", strings.TrimSpace(string(out)))
+	for i, node := range []string{"node1", "node2", "node2"} {
+		name := fmt.Sprintf("web-%d", i+1)
+		d.addPod(name, node, map[string]string{"app": "web"})
+	}
+	for _, node := range []string{"node1", "node2"} {
+		d.addPod("client-"+node, node, nil)
+	}
+	d.kubectl("get", "pods", "-o", "wide")
+	d.waitServed("web-")
+	d.kubectl("get", "endpointslices", "-l", "kubernetes.io/service-name=web")
+}
+
+func (d *demo) tour() {
+	d.begin("curl http://web/ (the ClusterIP) from a pod on each node: each connect() picks a backend in the kernel")
+	d.curlFromEachNode(4)
+
+	d.begin("Zero endpoints (every web pod unready): connect() is refused at once, not a timeout")
+	d.setWebReady(false)
+	d.waitRefused()
+	d.showRefusal()
+
+	d.begin("Restarting the proxies with --mode=iptables (SIGTERM: the eBPF datapath keeps serving until the rules do)")
+	d.setWebReady(true)
+	d.waitServed("web-")
+	for _, n := range d.c.Nodes {
+		took, err := d.c.SignalProxy(n.Name, syscall.SIGTERM, 5*time.Second)
+		d.check(err)
+		d.logf("%s: kube-bpf-proxy (ebpf) exited %s after SIGTERM", n.Name, took.Round(time.Millisecond))
+	}
+	d.startProxies("iptables")
+	d.waitServed("web-")
+	for _, n := range d.c.Nodes {
+		d.waitFor("the eBPF programs to go from "+n.Name, func() bool { return attached(n.Cgroup) == 0 })
+		d.logf("%s: eBPF programs attached now: %d", n.Name, attached(n.Cgroup))
+	}
+	n1 := d.c.Nodes[0]
+	save, err := exec.Command("ip", "netns", "exec", n1.NetNS, "iptables-nft-save", "-t", "nat").Output()
+	d.check(err)
+	d.logf("kube-proxy's rules for default/web in node1's nat table:")
+	for _, l := range strings.Split(string(save), "\n") {
+		if strings.Contains(l, "default/web") && (strings.HasPrefix(l, "-A KUBE-SERVICES") || strings.HasPrefix(l, "-A KUBE-SVC")) {
+			d.logf("  %s", l)
 		}
-	}()
-	stop = func() { cancel(); <-done }
-	// Cleanups run last first: the proxy stops before its datapath closes.
-	d.Cleanup(stop)
-	return stop
+	}
+
+	d.begin("curl http://web/ again, now through iptables DNAT")
+	d.curlFromEachNode(4)
+
+	d.begin("iptables mode, zero endpoints: a REJECT rule answers, so connect() is refused too")
+	d.setWebReady(false)
+	d.waitRefused()
+	d.showRefusal()
 }
 
-func curl(ctx context.Context, client *testnet.Pod) (string, error) {
-	out, err := client.Output(ctx, "curl", "-sS", "--max-time", "2", "http://10.96.0.10/")
+func (d *demo) startProxies(mode string) {
+	d.begin("Running kube-bpf-proxy --mode=%s on node1 and node2 (the DaemonSet's ServiceAccount and capabilities)", mode)
+	kc, err := d.c.ServiceAccountKubeconfig(d.ctx, "kube-system", "kube-bpf-proxy", 24*time.Hour)
+	d.check(err)
+	caps, err := localcluster.DaemonSetCapabilities("manifests/base/daemonset.yaml")
+	d.check(err)
+	for _, n := range d.c.Nodes {
+		err := d.c.StartProxy(d.ctx, n.Name, localcluster.ProxyOptions{Binary: d.binary, Kubeconfig: kc, Mode: mode, Capabilities: caps})
+		d.check(err)
+		d.logf("%s: synced (log %s)", n.Name, d.c.ProxyLog(n.Name))
+	}
+}
+
+func (d *demo) addPod(name, node string, labels map[string]string) {
+	p, err := d.c.AddPod(d.ctx, localcluster.PodSpec{Name: name, Node: node, Labels: labels,
+		Command:   testnet.Helper("serve", name+" on "+node, "tcp:8080"),
+		ReadyLine: "ready"})
+	d.check(err)
+	d.logf("pod %s on %s at %s", p.Name, p.Node, p.IP)
+}
+
+func (d *demo) webVIP() string {
+	out, err := d.c.Kubectl(d.ctx, "get", "service", "web", "-o", "jsonpath={.spec.clusterIP}")
+	d.check(err)
+	return strings.TrimSpace(out)
+}
+
+func (d *demo) client(node string) *localcluster.Pod {
+	p, err := d.c.Pod("default", "client-"+node)
+	d.check(err)
+	return p
+}
+
+func (d *demo) curl(node string) (string, error) {
+	out, err := d.client(node).Output(d.ctx, "curl", "-sS", "--max-time", "2", "http://"+d.webVIP()+"/")
 	if err != nil {
 		if i := strings.Index(err.Error(), "curl:"); i >= 0 {
 			return "", fmt.Errorf("%s", strings.TrimSpace(err.Error()[i:]))
@@ -252,80 +223,137 @@ func curl(ctx context.Context, client *testnet.Pod) (string, error) {
 	return strings.TrimSpace(out), nil
 }
 
-// connect makes one TCP connect to the web VIP with the test helper, which
-// reports the errno, unlike curl.
-func connect(ctx context.Context, d *demo, client *testnet.Pod) string {
-	out, err := client.Output(ctx, testnet.Helper("tcp", "10.96.0.10:80", "1")...)
-	if err != nil {
-		d.Fatalf("%v", err)
+func (d *demo) curlFromEachNode(n int) {
+	for _, node := range []string{"node1", "node2"} {
+		d.logf("from client-%s: curl http://%s/", node, d.webVIP())
+		for range n {
+			out, err := d.curl(node)
+			if err != nil {
+				d.logf("  %v", err)
+				continue
+			}
+			d.logf("  answered by %s", out)
+		}
 	}
+}
+
+func (d *demo) setWebReady(ready bool) {
+	for i := range 3 {
+		d.check(d.c.SetPodReady(d.ctx, "default", fmt.Sprintf("web-%d", i+1), ready))
+	}
+	d.logf("web-1, web-2, web-3 Ready=%v (written through the pods' status, as a kubelet would)", ready)
+}
+
+// connect is one TCP connect to the web VIP by the test helper, which
+// names the errno, unlike curl.
+func (d *demo) connect(node string) string {
+	out, err := d.client(node).Output(d.ctx, testnet.Helper("tcp", d.webVIP()+":80", "1")...)
+	d.check(err)
 	return strings.TrimSpace(out)
 }
 
-func errSuffix(err error) string {
+func (d *demo) waitServed(prefix string) {
+	for _, node := range []string{"node1", "node2"} {
+		d.waitFor("web to answer from "+node, func() bool { out, _ := d.curl(node); return strings.HasPrefix(out, prefix) })
+	}
+}
+
+func (d *demo) waitRefused() {
+	for _, node := range []string{"node1", "node2"} {
+		d.waitFor("a refusal on "+node, func() bool { return d.connect(node) == "err connection refused" })
+	}
+}
+
+func (d *demo) showRefusal() {
+	for _, node := range []string{"node1", "node2"} {
+		start := time.Now()
+		_, err := d.curl(node)
+		d.logf("from client-%s: %v (after %v)", node, err, time.Since(start).Round(time.Millisecond))
+	}
+}
+
+func (d *demo) waitFor(what string, ok func() bool) {
+	deadline := time.Now().Add(90 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			d.fail(fmt.Errorf("waited 90s for %s", what))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func (d *demo) kubectl(args ...string) {
+	out, err := d.c.Kubectl(d.ctx, args...)
+	d.check(err)
+	d.logf("$ kubectl %s", strings.Join(args, " "))
+	for _, l := range strings.Split(strings.TrimRight(out, "\n"), "\n") {
+		d.logf("%s", l)
+	}
+}
+
+func (d *demo) printAccess() {
+	fmt.Printf("\nThe demo cluster is up, kube-bpf-proxy (ebpf) serves on both nodes.\n")
+	fmt.Printf("  kubeconfig: %s\n", d.c.AdminKubeconfig)
+	fmt.Printf("  the API server (%s) lives in network namespace %s, so run kubectl there:\n", d.c.Server, d.c.Nodes[0].NetNS)
+	fmt.Printf("    sudo ip netns exec %s kubectl --kubeconfig %s get endpointslices\n", d.c.Nodes[0].NetNS, d.c.AdminKubeconfig)
+	fmt.Printf("  or through the helper (same kubectl version as the API server):\n")
+	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh kubectl get pods -o wide\n", d.dir)
+	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh exec client-node1 -- curl -s http://%s/\n", d.dir, d.webVIP())
+	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh add-pod web-4 --node node1 --labels app=web\n", d.dir)
+	fmt.Printf("  logs: %s\n", filepath.Join(d.c.Dir, "logs"))
+	fmt.Printf("  remove it all: sudo make demo-down\n")
+}
+
+// teardown removes the proxies' datapaths and the cluster; it is safe on a
+// half-made or absent cluster.
+func (d *demo) teardown() {
+	c, err := localcluster.Open(d.dir)
 	if err != nil {
-		return " (error: " + err.Error() + ")"
-	}
-	return ""
-}
-
-// waitFor polls cond until the datapath has caught up with the last change.
-func waitFor(d *demo, cond func() bool) {
-	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
-		if cond() {
-			return
+		if d.c == nil {
+			return // nothing was made
 		}
-		time.Sleep(100 * time.Millisecond)
+		c = d.c
 	}
-	d.Fatalf("the datapath did not converge within 30s")
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for _, n := range c.Nodes {
+		if c.ProxyRunning(n.Name) {
+			_, _ = c.SignalProxy(n.Name, syscall.SIGTERM, 10*time.Second)
+		}
+		if err := c.CleanupProxy(ctx, n.Name, d.binary); err != nil {
+			fmt.Fprintln(os.Stderr, "demo: teardown:", err)
+		}
+	}
+	if err := localcluster.Down(c.Dir); err != nil {
+		fmt.Fprintln(os.Stderr, "demo: teardown:", err)
+	}
 }
 
-func show(d *demo, args ...string) {
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+func attached(cgroup string) int {
+	out, err := exec.Command("bpftool", "cgroup", "show", cgroup).Output()
 	if err != nil {
-		d.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
+		return -1
 	}
-	for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		d.Logf("%s", l)
-	}
-}
-
-func port(name string, proto v1.Protocol, port, target int32) v1.ServicePort {
-	return v1.ServicePort{Name: name, Protocol: proto, Port: port, TargetPort: intstr.FromInt32(target)}
-}
-
-func service(ns, name, ip string, ports ...v1.ServicePort) *v1.Service {
-	return &v1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
-		Spec: v1.ServiceSpec{Type: v1.ServiceTypeClusterIP, ClusterIP: ip, ClusterIPs: []string{ip}, Ports: ports}}
-}
-
-// slice is the EndpointSlice the controller would write for a Service
-// whose ports are ports, with ready endpoints at ips.
-func slice(ns, svc string, ports []v1.ServicePort, ips ...string) *discoveryv1.EndpointSlice {
-	s := &discoveryv1.EndpointSlice{
-		ObjectMeta:  metav1.ObjectMeta{Namespace: ns, Name: svc, Labels: map[string]string{discoveryv1.LabelServiceName: svc}},
-		AddressType: discoveryv1.AddressTypeIPv4,
-	}
-	for _, p := range ports {
-		s.Ports = append(s.Ports, discoveryv1.EndpointPort{Name: ptr.To(p.Name), Port: ptr.To(p.TargetPort.IntVal), Protocol: ptr.To(p.Protocol)})
-	}
-	for _, ip := range ips {
-		s.Endpoints = append(s.Endpoints, discoveryv1.Endpoint{Addresses: []string{ip},
-			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}})
-	}
-	return s
-}
-
-// apply creates or updates a Service and its EndpointSlice.
-func apply(ctx context.Context, d *demo, api *fake.Clientset, svc *v1.Service, s *discoveryv1.EndpointSlice) {
-	if svc != nil {
-		if _, err := api.CoreV1().Services(svc.Namespace).Create(ctx, svc, metav1.CreateOptions{}); err != nil {
-			d.Fatalf("creating Service: %v", err)
+	n := 0
+	for _, l := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(l); len(f) > 1 && f[0] != "ID" {
+			n++
 		}
 	}
-	if _, err := api.DiscoveryV1().EndpointSlices(s.Namespace).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
-		if _, err := api.DiscoveryV1().EndpointSlices(s.Namespace).Create(ctx, s, metav1.CreateOptions{}); err != nil {
-			d.Fatalf("writing EndpointSlice: %v", err)
-		}
+	return n
+}
+
+func kubeVersion(kubeBin string) string {
+	out, err := exec.Command(filepath.Join(kubeBin, "kube-apiserver"), "--version").Output()
+	if err != nil {
+		return "(version unknown)"
 	}
+	return strings.TrimPrefix(strings.TrimSpace(string(out)), "Kubernetes ")
+}
+
+func errWith(err error, out []byte) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
 }

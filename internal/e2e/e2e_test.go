@@ -47,28 +47,14 @@ type env struct {
 
 func newEnv(t *testing.T) *env {
 	t.Helper()
-	testnet.Require(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	c := newCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	kubeBin := kubeBinaries(t)
-	tmp := t.TempDir()
-	binary := filepath.Join(tmp, "kube-bpf-proxy")
+	binary := filepath.Join(t.TempDir(), "kube-bpf-proxy")
 	if out, err := exec.Command("go", "build", "-o", binary, repoRoot).CombinedOutput(); err != nil {
 		t.Fatalf("building kube-bpf-proxy: %v\n%s", err, out)
 	}
-	dir := filepath.Join(tmp, "cluster")
-	c, err := localcluster.Up(ctx, localcluster.Options{Dir: dir, KubeBin: kubeBin, Progress: t.Logf})
-	if err != nil {
-		t.Fatalf("starting the local cluster: %v", err)
-	}
-	t.Cleanup(func() {
-		if t.Failed() {
-			dumpLogs(t, dir)
-		}
-		if err := localcluster.Down(dir); err != nil {
-			t.Errorf("taking the cluster down: %v", err)
-		}
-	})
+	var err error
 	e := &env{c: c, binary: binary}
 
 	// The proxy's identity and capabilities come from manifests/.
@@ -90,6 +76,31 @@ func newEnv(t *testing.T) *env {
 		e.clients = append(e.clients, p)
 	}
 	return e
+}
+
+// newCluster starts a local cluster that is taken down when the test ends
+// (with the logs of the proxies and the controller manager printed if it
+// failed).
+func newCluster(t *testing.T) *localcluster.Cluster {
+	t.Helper()
+	testnet.Require(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	kubeBin := kubeBinaries(t)
+	dir := filepath.Join(t.TempDir(), "cluster")
+	c, err := localcluster.Up(ctx, localcluster.Options{Dir: dir, KubeBin: kubeBin, Progress: t.Logf})
+	if err != nil {
+		t.Fatalf("starting the local cluster: %v", err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			dumpLogs(t, dir)
+		}
+		if err := localcluster.Down(dir); err != nil {
+			t.Errorf("taking the cluster down: %v", err)
+		}
+	})
+	return c
 }
 
 // kubeBinaries returns the Kubernetes binaries' directory: $KUBE_BIN, or
@@ -530,7 +541,11 @@ func (e *env) startLoops(t *testing.T, addr string) []*loop {
 	t.Helper()
 	var loops []*loop
 	for _, client := range e.clients {
-		cmd, done, err := client.Command(context.Background(), testnet.Helper("loop", addr)...)
+		// A pause between connects keeps the rate near 300 a second: an
+		// unthrottled loop makes over 2000, and over the 80 s of the API
+		// outage scenario its TIME_WAIT conntrack entries (kept 120 s) in
+		// iptables mode approach the node's nf_conntrack_max.
+		cmd, done, err := client.Command(context.Background(), testnet.Helper("loop", addr, "2ms")...)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -40,7 +40,7 @@ func RunHelperIfRequested(extra map[string]func(args []string) error) {
 //	serve NAME tcp:PORT|udp:PORT...   answer each request with NAME
 //	tcp ADDR N                        N connects, one result line each
 //	udp ADDR N [connected]            N requests on one socket
-//	loop ADDR                         connect until killed, a line each
+//	loop ADDR [PAUSE]                 connect until killed, a line each, PAUSE between connects
 //
 // Result lines are "ok NAME peer=ADDR" or "err MESSAGE".
 func Helper(args ...string) []string {
@@ -84,7 +84,7 @@ func builtinHelper(args []string) error {
 	case "udp":
 		err = udpRequests(args[1], args[2:])
 	case "loop":
-		err = loop(args[1])
+		err = loop(args[1], args[2:])
 	default:
 		err = fmt.Errorf("unknown helper %q", args[0])
 	}
@@ -263,7 +263,14 @@ func udpRequests(addr string, args []string) error {
 // ends with " start=" and the Unix nanosecond time its connect began, so
 // that a test can tell results of connects begun before a change from
 // those begun after it.
-func loop(addr string) error {
+func loop(addr string, args []string) error {
+	var pause time.Duration
+	if len(args) > 0 {
+		var err error
+		if pause, err = time.ParseDuration(args[0]); err != nil {
+			return err
+		}
+	}
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	fmt.Println("ready")
@@ -275,6 +282,7 @@ func loop(addr string) error {
 		}
 		start := time.Now()
 		fmt.Printf("%s start=%d\n", tcpRequest(addr), start.UnixNano())
+		time.Sleep(pause)
 	}
 }
 
