@@ -295,7 +295,8 @@ func (d *demo) printAccess() {
 	fmt.Printf("\nThe demo cluster is up, kube-bpf-proxy (ebpf) serves on both nodes.\n")
 	fmt.Printf("  kubeconfig: %s\n", d.c.AdminKubeconfig)
 	fmt.Printf("  the API server (%s) lives in network namespace %s, so run kubectl there:\n", d.c.Server, d.c.Nodes[0].NetNS)
-	fmt.Printf("    sudo ip netns exec %s kubectl --kubeconfig %s get endpointslices\n", d.c.Nodes[0].NetNS, d.c.AdminKubeconfig)
+	fmt.Printf("    sudo ip netns exec %s %s --kubeconfig %s get endpointslices\n", d.c.Nodes[0].NetNS,
+		filepath.Join(d.c.KubeBin, "kubectl"), d.c.AdminKubeconfig)
 	fmt.Printf("  or through the helper (same kubectl version as the API server):\n")
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh kubectl get pods -o wide\n", d.dir)
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh exec client-node1 -- curl -s http://%s/\n", d.dir, d.webVIP())
