@@ -573,9 +573,9 @@ type loop struct {
 	// connect. It is a measured difference between the datapaths, kept
 	// visible in the log, not hidden.
 	timeoutsPer1000 int
-	cmd    *exec.Cmd
-	mu     sync.Mutex
-	lines  []string
+	cmd             *exec.Cmd
+	mu              sync.Mutex
+	lines           []string
 }
 
 // startLoops starts a connect loop in the client pod of each node, pausing
