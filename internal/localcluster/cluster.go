@@ -143,12 +143,15 @@ func create(st *state, dir, name string) error {
 			Cgroup:   filepath.Join(st.Cgroup, fmt.Sprintf("node%d", i+1)),
 			NextHost: 10,
 		}
-		// The proxy mounts a bpffs here itself if none is, as on a node
-		// without one; down unmounts it.
+		// The node's bpffs, mounted as systemd mounts /sys/fs/bpf on a real
+		// node: the DaemonSet's proxy has no capability to mount one.
 		n.BPFFS = filepath.Join(dir, n.Name, "bpffs")
-		st.Mounts = append(st.Mounts, n.BPFFS)
 		if err := os.MkdirAll(n.BPFFS, 0o700); err != nil {
 			return err
+		}
+		st.Mounts = append(st.Mounts, n.BPFFS)
+		if err := unix.Mount("bpffs", n.BPFFS, "bpf", 0, "mode=0700"); err != nil {
+			return fmt.Errorf("mounting bpffs on %s: %w", n.BPFFS, err)
 		}
 		if err := os.Mkdir(n.Cgroup, 0o755); err != nil {
 			return fmt.Errorf("creating node cgroup: %w", err)
