@@ -17,8 +17,12 @@ import (
 	"syscall"
 	"time"
 
+	v1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/client-go/tools/events"
 	"k8s.io/klog/v2"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/cgroups"
@@ -222,6 +226,8 @@ func runProxy(ctx context.Context, o options) error {
 	// rules) keeps serving until the next start takes it over.
 	defer dp.Close()
 	klog.InfoS("Proxying for node", "node", nodeName)
+	stopEvents := announce(ctx, client, nodeName, o.mode)
+	defer stopEvents()
 	return proxy.Run(ctx, client, dp, proxy.Config{
 		MinSyncPeriod:      o.minSyncPeriod,
 		SyncPeriod:         o.syncPeriod,
@@ -229,6 +235,24 @@ func runProxy(ctx context.Context, o options) error {
 		HealthzBindAddress: o.healthzBindAddress,
 		MetricsBindAddress: o.metricsBindAddress,
 	})
+}
+
+// announce records a "Starting" Event on this node's Node object, as
+// kube-proxy does, so that `kubectl describe node` and `kubectl get events`
+// show which proxy, in which mode, serves the node. The Event is sent in the
+// background; the returned function flushes and stops the sender.
+func announce(ctx context.Context, client kubernetes.Interface, nodeName, mode string) (stop func()) {
+	b := events.NewBroadcaster(&events.EventSinkImpl{Interface: client.EventsV1()})
+	if err := b.StartRecordingToSinkWithContext(ctx); err != nil {
+		klog.ErrorS(err, "Not recording Events")
+		return func() {}
+	}
+	// Node references carry the node's name as their UID, as kubelet's
+	// and kube-proxy's do, so the Events attach to the Node.
+	node := &v1.ObjectReference{Kind: "Node", Name: nodeName, UID: types.UID(nodeName)}
+	b.NewRecorder(scheme.Scheme, "kube-bpf-proxy").Eventf(node, nil, v1.EventTypeNormal,
+		"Starting", "StartKubeBPFProxy", "kube-bpf-proxy started in %s mode", mode)
+	return b.Shutdown
 }
 
 // nodeName follows kube-proxy: the flag, then $NODE_NAME (set from the

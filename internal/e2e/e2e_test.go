@@ -171,9 +171,34 @@ func (e *env) startProxies(t *testing.T, mode string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	since := time.Now().Add(-time.Second).Truncate(time.Second)
 	for _, n := range e.c.Nodes {
 		if err := e.c.StartProxy(ctx, n.Name, e.proxyOptions(mode)); err != nil {
 			t.Fatalf("starting the proxy on %s: %v", n.Name, err)
+		}
+	}
+	// Each start is announced on its Node, with the ServiceAccount's
+	// Events permission.
+	for _, n := range e.c.Nodes {
+		var last string
+		ok := eventually(30*time.Second, func() bool {
+			list, err := e.c.Client.EventsV1().Events("default").List(ctx, metav1.ListOptions{
+				FieldSelector: "regarding.kind=Node,regarding.name=" + n.Name + ",reason=Starting"})
+			if err != nil {
+				last = err.Error()
+				return false
+			}
+			for _, ev := range list.Items {
+				last = fmt.Sprintf("%s %q at %s", ev.ReportingController, ev.Note, ev.EventTime.Time)
+				if ev.ReportingController == "kube-bpf-proxy" && ev.Note == "kube-bpf-proxy started in "+mode+" mode" &&
+					!ev.EventTime.Time.Before(since) {
+					return true
+				}
+			}
+			return false
+		})
+		if !ok {
+			t.Errorf("no Starting Event for this start of the proxy on %s; last seen: %s", n.Name, last)
 		}
 	}
 }
