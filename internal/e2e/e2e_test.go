@@ -110,6 +110,9 @@ func newCluster(t *testing.T) *localcluster.Cluster {
 		if err := localcluster.Down(dir); err != nil {
 			t.Errorf("taking the cluster down: %v", err)
 		}
+		if keepOnFailure() {
+			os.RemoveAll(dir) // made outside t.TempDir
+		}
 	})
 	return c
 }
