@@ -15,7 +15,7 @@ fi
 if [ "${1:-}" = up ]; then
   hack/deps.sh
 fi
-KUBE_BIN="$(hack/kube-build.sh | tail -n 1)"
+KUBE_BIN="$(hack/kube-build.sh)"
 export KUBE_BIN
 mkdir -p _output
 go build -o _output/cluster ./hack/cluster

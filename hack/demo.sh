@@ -16,8 +16,8 @@ mkdir -p _output
 if [ "${1:-}" != --down ]; then
   hack/deps.sh
   echo "==> Building Kubernetes control-plane binaries (once; cached in ${KBP_CACHE:-/var/cache/kube-bpf-proxy})"
-  hack/kube-build.sh > _output/kube-build.log 2>&1 || { cat _output/kube-build.log; echo "building Kubernetes failed (log: _output/kube-build.log)" >&2; exit 1; }
-  KUBE_BIN="$(tail -n 1 _output/kube-build.log)"
+  # Its standard output is the binaries' directory; the build log goes to stderr.
+  KUBE_BIN="$(hack/kube-build.sh 2> _output/kube-build.log)" || { cat _output/kube-build.log; echo "building Kubernetes failed (log: _output/kube-build.log)" >&2; exit 1; }
   export KUBE_BIN
   echo "    $KUBE_BIN"
   echo "==> Building kube-bpf-proxy"

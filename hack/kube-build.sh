@@ -3,7 +3,8 @@
 # (kube-apiserver, kube-controller-manager) and a kubectl of the same version
 # (Debian's is 1.20) from the Go module proxy, once,
 # into a cache outside the repository. A second run finds them and returns at
-# once. Prints the directory holding the binaries on its last line.
+# once. Prints the directory holding the binaries on standard output, and
+# nothing else there: the build's own output goes to standard error.
 #
 # k8s.io/kubernetes cannot be built with a plain `go install module@version`:
 # its go.mod replaces every k8s.io staging module with a directory of its own

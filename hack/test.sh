@@ -10,8 +10,8 @@ if [ "$(id -u)" != 0 ]; then
   echo "warning: not root, the kernel tests will be skipped" >&2
 fi
 echo "--- Kubernetes control plane for the end-to-end tests (built once, cached)"
-hack/kube-build.sh > _output/kube-build.log 2>&1 || { cat _output/kube-build.log; echo "building Kubernetes failed" >&2; exit 1; }
-KUBE_BIN="$(tail -n 1 _output/kube-build.log)"
+# Its standard output is the binaries' directory; the build log goes to stderr.
+KUBE_BIN="$(hack/kube-build.sh 2> _output/kube-build.log)" || { cat _output/kube-build.log; echo "building Kubernetes failed" >&2; exit 1; }
 export KUBE_BIN
 echo "$KUBE_BIN"
 echo "--- go test"

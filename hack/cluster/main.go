@@ -121,7 +121,7 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		}
 		p, err := c.AddPod(ctx, localcluster.PodSpec{
 			Namespace: *namespace, Name: pos[0], Node: *node, Labels: parseLabels(*labels),
-			Command:   ServeCommand(pos[0]),
+			Command:   serveCommand(pos[0]),
 			ReadyLine: "ready",
 		})
 		if err != nil {
@@ -164,16 +164,11 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		}
 		switch pos[0] {
 		case "start":
-			kc, err := c.ServiceAccountKubeconfig(ctx, "kube-system", "kube-bpf-proxy", 24*time.Hour)
-			if err != nil {
-				return fmt.Errorf("%w (apply manifests/overlays/%s first)", err, *mode)
-			}
-			// The capabilities the DaemonSet grants, and no more.
-			caps, err := localcluster.DaemonSetCapabilities("manifests/base/daemonset.yaml")
+			o, err := c.DaemonSetProxyOptions(ctx, "manifests", bin, *mode, 24*time.Hour)
 			if err != nil {
 				return err
 			}
-			return c.StartProxy(ctx, *node, localcluster.ProxyOptions{Binary: bin, Kubeconfig: kc, Mode: *mode, Capabilities: caps})
+			return c.StartProxy(ctx, *node, o)
 		case "stop":
 			_, err := c.SignalProxy(*node, syscall.SIGTERM, 10*time.Second)
 			return err
@@ -185,9 +180,9 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 	return fmt.Errorf("unknown command %q", name)
 }
 
-// ServeCommand is a pod process answering each TCP connection (HTTP, for
+// serveCommand is a pod process answering each TCP connection (HTTP, for
 // curl) and UDP datagram with name.
-func ServeCommand(name string) []string {
+func serveCommand(name string) []string {
 	return testnet.Helper("serve", name, "tcp:80", "tcp:8080", "udp:5353")
 }
 

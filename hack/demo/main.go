@@ -49,6 +49,9 @@ type demo struct {
 	dir    string
 	binary string
 	step   string
+	// vip is web's ClusterIP; clients holds the client pod of each node.
+	vip     string
+	clients map[string]*localcluster.Pod
 }
 
 func main() {
@@ -125,12 +128,16 @@ func (d *demo) up(kubeBin string) {
 	out, err := cmd.CombinedOutput()
 	d.check(errWith(err, out))
 	d.logf("%s", strings.TrimSpace(string(out)))
+	vip, err := d.c.Kubectl(d.ctx, "get", "service", "web", "-o", "jsonpath={.spec.clusterIP}")
+	d.check(err)
+	d.vip = strings.TrimSpace(vip)
 	for i, node := range []string{"node1", "node2", "node2"} {
 		name := fmt.Sprintf("web-%d", i+1)
 		d.addPod(name, node, map[string]string{"app": "web"})
 	}
+	d.clients = map[string]*localcluster.Pod{}
 	for _, node := range []string{"node1", "node2"} {
-		d.addPod("client-"+node, node, nil)
+		d.clients[node] = d.addPod("client-"+node, node, nil)
 	}
 	d.kubectl("get", "pods", "-o", "wide")
 	d.waitServed("web-")
@@ -157,8 +164,14 @@ func (d *demo) tour() {
 	d.startProxies("iptables")
 	d.waitServed("web-")
 	for _, n := range d.c.Nodes {
-		d.waitFor("the eBPF programs to go from "+n.Name, func() bool { return attached(n.Cgroup) == 0 })
-		d.logf("%s: eBPF programs attached now: %d", n.Name, attached(n.Cgroup))
+		var count int
+		d.waitFor("the eBPF programs to go from "+n.Name, func() bool {
+			var err error
+			count, err = testnet.CountAttachedPrograms(n.Cgroup)
+			d.check(err)
+			return count == 0
+		})
+		d.logf("%s: eBPF programs attached now: %d", n.Name, count)
 	}
 	n1 := d.c.Nodes[0]
 	save, err := exec.Command("ip", "netns", "exec", n1.NetNS, "iptables-nft-save", "-t", "nat").Output()
@@ -181,39 +194,25 @@ func (d *demo) tour() {
 
 func (d *demo) startProxies(mode string) {
 	d.begin("Running kube-bpf-proxy --mode=%s on node1 and node2 (the DaemonSet's ServiceAccount and capabilities)", mode)
-	kc, err := d.c.ServiceAccountKubeconfig(d.ctx, "kube-system", "kube-bpf-proxy", 24*time.Hour)
-	d.check(err)
-	caps, err := localcluster.DaemonSetCapabilities("manifests/base/daemonset.yaml")
+	o, err := d.c.DaemonSetProxyOptions(d.ctx, "manifests", d.binary, mode, 24*time.Hour)
 	d.check(err)
 	for _, n := range d.c.Nodes {
-		err := d.c.StartProxy(d.ctx, n.Name, localcluster.ProxyOptions{Binary: d.binary, Kubeconfig: kc, Mode: mode, Capabilities: caps})
-		d.check(err)
+		d.check(d.c.StartProxy(d.ctx, n.Name, o))
 		d.logf("%s: synced (log %s)", n.Name, d.c.ProxyLog(n.Name))
 	}
 }
 
-func (d *demo) addPod(name, node string, labels map[string]string) {
+func (d *demo) addPod(name, node string, labels map[string]string) *localcluster.Pod {
 	p, err := d.c.AddPod(d.ctx, localcluster.PodSpec{Name: name, Node: node, Labels: labels,
 		Command:   testnet.Helper("serve", name+" on "+node, "tcp:8080"),
 		ReadyLine: "ready"})
 	d.check(err)
 	d.logf("pod %s on %s at %s", p.Name, p.Node, p.IP)
-}
-
-func (d *demo) webVIP() string {
-	out, err := d.c.Kubectl(d.ctx, "get", "service", "web", "-o", "jsonpath={.spec.clusterIP}")
-	d.check(err)
-	return strings.TrimSpace(out)
-}
-
-func (d *demo) client(node string) *localcluster.Pod {
-	p, err := d.c.Pod("default", "client-"+node)
-	d.check(err)
 	return p
 }
 
 func (d *demo) curl(node string) (string, error) {
-	out, err := d.client(node).Output(d.ctx, "curl", "-sS", "--max-time", "2", "http://"+d.webVIP()+"/")
+	out, err := d.clients[node].Output(d.ctx, "curl", "-sS", "--max-time", "2", "http://"+d.vip+"/")
 	if err != nil {
 		if i := strings.Index(err.Error(), "curl:"); i >= 0 {
 			return "", fmt.Errorf("%s", strings.TrimSpace(err.Error()[i:]))
@@ -225,7 +224,7 @@ func (d *demo) curl(node string) (string, error) {
 
 func (d *demo) curlFromEachNode(n int) {
 	for _, node := range []string{"node1", "node2"} {
-		d.logf("from client-%s: curl http://%s/", node, d.webVIP())
+		d.logf("from client-%s: curl http://%s/", node, d.vip)
 		for range n {
 			out, err := d.curl(node)
 			if err != nil {
@@ -247,7 +246,7 @@ func (d *demo) setWebReady(ready bool) {
 // connect is one TCP connect to the web VIP by the test helper, which
 // names the errno, unlike curl.
 func (d *demo) connect(node string) string {
-	out, err := d.client(node).Output(d.ctx, testnet.Helper("tcp", d.webVIP()+":80", "1")...)
+	out, err := d.clients[node].Output(d.ctx, testnet.Helper("tcp", d.vip+":80", "1")...)
 	d.check(err)
 	return strings.TrimSpace(out)
 }
@@ -299,7 +298,7 @@ func (d *demo) printAccess() {
 		filepath.Join(d.c.KubeBin, "kubectl"), d.c.AdminKubeconfig)
 	fmt.Printf("  or through the helper (same kubectl version as the API server):\n")
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh kubectl get pods -o wide\n", d.dir)
-	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh exec client-node1 -- curl -s http://%s/\n", d.dir, d.webVIP())
+	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh exec client-node1 -- curl -s http://%s/\n", d.dir, d.vip)
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh add-pod web-4 --node node1 --labels app=web\n", d.dir)
 	fmt.Printf("  logs: %s\n", filepath.Join(d.c.Dir, "logs"))
 	fmt.Printf("  remove it all: sudo make demo-down\n")
@@ -328,20 +327,6 @@ func (d *demo) teardown() {
 	if err := localcluster.Down(c.Dir); err != nil {
 		fmt.Fprintln(os.Stderr, "demo: teardown:", err)
 	}
-}
-
-func attached(cgroup string) int {
-	out, err := exec.Command("bpftool", "cgroup", "show", cgroup).Output()
-	if err != nil {
-		return -1
-	}
-	n := 0
-	for _, l := range strings.Split(string(out), "\n") {
-		if f := strings.Fields(l); len(f) > 1 && f[0] != "ID" {
-			n++
-		}
-	}
-	return n
 }
 
 func kubeVersion(kubeBin string) string {

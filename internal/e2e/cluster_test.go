@@ -89,7 +89,7 @@ func TestLocalCluster(t *testing.T) {
 		t.Fatal("the deleted pod's endpoint stayed")
 	}
 
-	cgroup := cgroupOf(t, c)
+	cgroup := c.Cgroup
 	if err := localcluster.Down(dir); err != nil {
 		t.Fatal(err)
 	}
@@ -119,10 +119,4 @@ func clusterNetNS(t *testing.T, prefix string) []string {
 		}
 	}
 	return names
-}
-
-// cgroupOf is the cluster's cgroup: the parent of a node's.
-func cgroupOf(t *testing.T, c *localcluster.Cluster) string {
-	t.Helper()
-	return filepath.Dir(c.Nodes[0].Cgroup)
 }

@@ -8,7 +8,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
@@ -17,7 +16,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -38,10 +36,10 @@ const repoRoot = "../.."
 
 // env is one cluster shared by every scenario of both modes.
 type env struct {
-	c       *localcluster.Cluster
-	binary  string
-	kubecfg string // the proxy's: the manifests' ServiceAccount
-	caps    []string
+	c *localcluster.Cluster
+	// proxy runs the binary as manifests/ deploys it; the mode is set per
+	// start.
+	proxy   localcluster.ProxyOptions
 	clients []*localcluster.Pod // one per node
 }
 
@@ -54,19 +52,18 @@ func newEnv(t *testing.T) *env {
 	if out, err := exec.Command("go", "build", "-o", binary, repoRoot).CombinedOutput(); err != nil {
 		t.Fatalf("building kube-bpf-proxy: %v\n%s", err, out)
 	}
-	var err error
-	e := &env{c: c, binary: binary}
+	e := &env{c: c}
 
 	// The proxy's identity and capabilities come from manifests/.
 	if _, err := c.Kubectl(ctx, "apply", "-k", filepath.Join(repoRoot, "manifests/overlays/ebpf")); err != nil {
 		t.Fatalf("applying the manifests: %v", err)
 	}
-	if e.kubecfg, err = c.ServiceAccountKubeconfig(ctx, "kube-system", "kube-bpf-proxy", 2*time.Hour); err != nil {
+	var err error
+	if e.proxy, err = c.DaemonSetProxyOptions(ctx, filepath.Join(repoRoot, "manifests"), binary, "ebpf", 2*time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	if e.caps, err = localcluster.DaemonSetCapabilities(filepath.Join(repoRoot, "manifests/base/daemonset.yaml")); err != nil {
-		t.Fatal(err)
-	}
+	// Each sync logged, for the log tails a failure prints.
+	e.proxy.Args = []string{"--v=2"}
 	for _, node := range []string{"node1", "node2"} {
 		p, err := c.AddPod(ctx, localcluster.PodSpec{Name: "client-" + node, Node: node,
 			Command: testnet.Helper("serve", "client-"+node, "tcp:80"), ReadyLine: "ready"})
@@ -131,8 +128,7 @@ func kubeBinaries(t *testing.T) string {
 	if err != nil {
 		t.Fatalf("hack/kube-build.sh: %v", err)
 	}
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	return lines[len(lines)-1]
+	return strings.TrimSpace(string(out))
 }
 
 func dumpLogs(t *testing.T, dir string) {
@@ -207,9 +203,9 @@ func (e *env) startProxies(t *testing.T, mode string) {
 }
 
 func (e *env) proxyOptions(mode string) localcluster.ProxyOptions {
-	return localcluster.ProxyOptions{Binary: e.binary, Kubeconfig: e.kubecfg, Mode: mode, Capabilities: e.caps,
-		// Each sync logged, for the log tails a failure prints.
-		Args: []string{"--v=2"}}
+	o := e.proxy
+	o.Mode = mode
+	return o
 }
 
 // cleanupProxies stops both proxies and runs --cleanup, then checks the
@@ -224,7 +220,7 @@ func (e *env) cleanupProxies(t *testing.T, mode string) {
 				t.Error(err)
 			}
 		}
-		if err := e.c.CleanupProxy(ctx, n.Name, e.binary); err != nil {
+		if err := e.c.CleanupProxy(ctx, n.Name, e.proxy.Binary); err != nil {
 			t.Error(err)
 		}
 		if got := testnet.AttachedPrograms(t, n.Cgroup); got != 0 {
@@ -535,42 +531,38 @@ func (e *env) expectBackends(t *testing.T, addr string, want ...string) {
 func (e *env) expectBackendsWithin(t *testing.T, timeout time.Duration, addr string, want ...string) {
 	t.Helper()
 	sort.Strings(want)
-	for _, client := range e.clients {
-		var last string
-		ok := eventually(timeout, func() bool {
-			lines, err := connects(context.Background(), client, addr, 20)
-			if err != nil {
-				last = err.Error()
-				return false
-			}
-			names, errs := backends(lines)
-			last = fmt.Sprintf("backends %v, failures %v", names, errs)
-			return slices.Equal(names, want) && len(errs) == 0
-		})
-		if !ok {
-			t.Fatalf("from %s to %s: want backends %v, last seen %s", client.Name, addr, want, last)
-		}
-	}
+	e.expectFromEachClient(t, timeout, addr, 20, "want backends "+fmt.Sprint(want), func(names, errs []string) bool {
+		return slices.Equal(names, want) && len(errs) == 0
+	})
 }
 
 // expectUnserved waits until no connection to addr reaches a backend from
 // either node.
 func (e *env) expectUnserved(t *testing.T, addr string) {
 	t.Helper()
+	e.expectFromEachClient(t, 30*time.Second, addr, 3, "want no backend", func(names, _ []string) bool {
+		return len(names) == 0
+	})
+}
+
+// expectFromEachClient waits until n connects to addr from the client of
+// each node give results ok accepts, or fails the test saying what it
+// wanted and saw last.
+func (e *env) expectFromEachClient(t *testing.T, timeout time.Duration, addr string, n int, want string, ok func(names, errs []string) bool) {
+	t.Helper()
 	for _, client := range e.clients {
 		var last string
-		ok := eventually(30*time.Second, func() bool {
-			lines, err := connects(context.Background(), client, addr, 3)
+		if !eventually(timeout, func() bool {
+			lines, err := connects(context.Background(), client, addr, n)
 			if err != nil {
 				last = err.Error()
 				return false
 			}
 			names, errs := backends(lines)
 			last = fmt.Sprintf("backends %v, failures %v", names, errs)
-			return len(names) == 0
-		})
-		if !ok {
-			t.Fatalf("from %s: %s is still served: %s", client.Name, addr, last)
+			return ok(names, errs)
+		}) {
+			t.Fatalf("from %s to %s: %s, last seen %s", client.Name, addr, want, last)
 		}
 	}
 }
@@ -588,9 +580,9 @@ func eventually(timeout time.Duration, ok func() bool) bool {
 	}
 }
 
-// loop is a client connecting to a Service again and again, recording every
-// result.
-type loop struct {
+// clientLoop is a client pod connecting to a Service again and again.
+type clientLoop struct {
+	*testnet.Loop
 	client string
 	// timeoutsPer1000 is how many connects per thousand may time out
 	// (never be refused or reset). Zero but for the iptables mode's long
@@ -601,9 +593,6 @@ type loop struct {
 	// connect. It is a measured difference between the datapaths, kept
 	// visible in the log, not hidden.
 	timeoutsPer1000 int
-	cmd             *exec.Cmd
-	mu              sync.Mutex
-	lines           []string
 }
 
 // startLoops starts a connect loop in the client pod of each node, pausing
@@ -611,62 +600,29 @@ type loop struct {
 // over 2000 connects a second: in iptables mode their TIME_WAIT conntrack
 // entries (kept 120 s) then approach the node's nf_conntrack_max within a
 // minute, which no real client does.
-func (e *env) startLoops(t *testing.T, addr string, pause time.Duration) []*loop {
+func (e *env) startLoops(t *testing.T, addr string, pause time.Duration) []*clientLoop {
 	t.Helper()
-	var loops []*loop
+	var loops []*clientLoop
 	for _, client := range e.clients {
 		cmd, done, err := client.Command(context.Background(), testnet.Helper("loop", addr, pause.String())...)
 		if err != nil {
 			t.Fatal(err)
 		}
-		l := &loop{client: client.Name, cmd: cmd}
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
+		l := testnet.StartLoopCommand(t, cmd)
 		done()
-		ready := make(chan struct{})
-		go func() {
-			sc := bufio.NewScanner(stdout)
-			first := true
-			for sc.Scan() {
-				if first {
-					close(ready)
-					first = false
-					continue
-				}
-				l.mu.Lock()
-				l.lines = append(l.lines, sc.Text())
-				l.mu.Unlock()
-			}
-		}()
-		t.Cleanup(func() {
-			_ = cmd.Process.Signal(syscall.SIGTERM)
-			_ = cmd.Wait()
-		})
-		select {
-		case <-ready:
-		case <-time.After(10 * time.Second):
-			t.Fatalf("connect loop in %s did not start", client.Name)
-		}
-		loops = append(loops, l)
+		loops = append(loops, &clientLoop{Loop: l, client: client.Name})
 	}
 	return loops
 }
 
-// assertAllOK fails the test if any connect so far failed, and requires
-// the loop to have made progress.
-func (l *loop) assertAllOK(t *testing.T, phase string) {
+// assertAllOK fails the test if a connect begun since the last check
+// failed, and requires the loop to have made progress.
+func (l *clientLoop) assertAllOK(t *testing.T, phase string) {
 	t.Helper()
-	l.mu.Lock()
-	defer l.mu.Unlock()
+	lines := l.Settle()
 	failed, timeouts := 0, 0
 	var first string
-	for _, line := range l.lines {
+	for _, line := range lines {
 		if !strings.HasPrefix(line, "ok ") {
 			if failed == 0 {
 				first = line
@@ -678,13 +634,13 @@ func (l *loop) assertAllOK(t *testing.T, phase string) {
 			}
 		}
 	}
-	allowed := len(l.lines) * l.timeoutsPer1000 / 1000
+	allowed := len(lines) * l.timeoutsPer1000 / 1000
 	if failed > timeouts || timeouts > allowed {
 		t.Errorf("%s: %d of %d connects from %s failed (%d allowed timeouts), the first: %q",
-			phase, failed, len(l.lines), l.client, allowed, first)
+			phase, failed, len(lines), l.client, allowed, first)
 	}
-	if len(l.lines) == 0 {
+	if len(lines) == 0 {
 		t.Errorf("%s: the connect loop in %s made no connection", phase, l.client)
 	}
-	t.Logf("%s: %d connects from %s, %d failed", phase, len(l.lines), l.client, failed)
+	t.Logf("%s: %d connects from %s, %d failed", phase, len(lines), l.client, failed)
 }

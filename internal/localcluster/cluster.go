@@ -29,7 +29,6 @@ import (
 
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
@@ -58,6 +57,9 @@ type Cluster struct {
 	Name    string
 	KubeBin string
 	Nodes   []NodeInfo
+	// Cgroup is the cluster's cgroup: control-plane, system (the
+	// proxies) and one per node (its pods) are its children.
+	Cgroup string
 	// Server is the API server's URL, reachable from the nodes' namespaces
 	// (and from this process through Client).
 	Server string
@@ -183,6 +185,7 @@ func Open(dir string) (*Cluster, error) {
 		Dir:             dir,
 		Name:            st.Name,
 		Nodes:           st.Nodes,
+		Cgroup:          st.Cgroup,
 		Server:          "https://" + st.Nodes[0].IP + ":6443",
 		AdminKubeconfig: filepath.Join(dir, "admin.kubeconfig"),
 	}
@@ -324,18 +327,10 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 func (c *Cluster) controlPlaneProc(name string, args []string) *proc {
 	return &proc{
 		NetNS:  c.Nodes[0].NetNS,
-		Cgroup: filepath.Join(c.cgroup(), "control-plane"),
+		Cgroup: filepath.Join(c.Cgroup, "control-plane"),
 		Args:   args,
 		Log:    filepath.Join(c.Dir, "logs", name+".log"),
 	}
-}
-
-func (c *Cluster) cgroup() string {
-	st, err := readState(c.Dir)
-	if err != nil {
-		return ""
-	}
-	return st.Cgroup
 }
 
 // startProc starts p and records it under name.
@@ -500,7 +495,7 @@ func Down(dir string) error {
 	var errs []error
 	err := withState(dir, func(st *state) error {
 		if st.Cgroup != "" {
-			if err := killCgroup(st.Cgroup); err != nil {
+			if err := cgroups.Remove(st.Cgroup); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -508,9 +503,6 @@ func Down(dir string) error {
 			if err := unmountBPF(m); err != nil {
 				errs = append(errs, err)
 			}
-		}
-		for _, p := range st.Pods {
-			st.Namespaces = append(st.Namespaces, p.NetNS)
 		}
 		for _, ns := range st.Namespaces {
 			if _, err := os.Stat(netnsPath(ns)); err == nil {
@@ -544,6 +536,3 @@ func unmountBPF(path string) error {
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
-
-// IsNotFound reports whether err is the API's NotFound.
-func IsNotFound(err error) bool { return apierrors.IsNotFound(err) }

@@ -1,7 +1,6 @@
 package localcluster
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -23,7 +22,6 @@ type proc struct {
 	NetNS     string   `json:"netns"`
 	Cgroup    string   `json:"cgroup"`
 	Args      []string `json:"args"`
-	Env       []string `json:"env,omitempty"`
 	Log       string   `json:"log"`
 }
 
@@ -44,7 +42,6 @@ func (p *proc) start() error {
 	defer unix.Close(cgfd)
 	args := append([]string{"--net=" + netnsPath(p.NetNS), "--"}, p.Args...)
 	cmd := exec.Command("nsenter", args...)
-	cmd.Env = append(os.Environ(), p.Env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true, CgroupFD: cgfd}
 	if err := cmd.Start(); err != nil {
@@ -81,21 +78,27 @@ func (p *proc) stop(grace time.Duration) error {
 	if err := p.signal(syscall.SIGTERM); err != nil {
 		return err
 	}
-	deadline := time.Now().Add(grace)
-	for p.alive() {
-		if time.Now().After(deadline) {
-			_ = p.signal(syscall.SIGKILL)
-			for i := 0; p.alive() && i < 100; i++ {
-				time.Sleep(20 * time.Millisecond)
-			}
-			if p.alive() {
-				return fmt.Errorf("process %d (%s) survived SIGKILL", p.PID, p.Args[0])
-			}
-			return nil
-		}
-		time.Sleep(20 * time.Millisecond)
+	if p.waitExit(grace) {
+		return nil
+	}
+	_ = p.signal(syscall.SIGKILL)
+	if !p.waitExit(2 * time.Second) {
+		return fmt.Errorf("process %d (%s) survived SIGKILL", p.PID, p.Args[0])
 	}
 	return nil
+}
+
+// waitExit waits up to timeout for the process to be gone and reports
+// whether it is.
+func (p *proc) waitExit(timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for p.alive() {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	return true
 }
 
 // waitForLine waits until the process's log has a line containing s.
@@ -141,36 +144,4 @@ func zombie(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i >= 0 && len(s) > i+2 && s[i+2] == 'Z'
-}
-
-// killCgroup kills every process in a cgroup subtree and removes its
-// directories, deepest first.
-func killCgroup(dir string) error {
-	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644)
-	var dirs []string
-	_ = filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
-		if err == nil && d.IsDir() {
-			dirs = append(dirs, path)
-		}
-		return nil
-	})
-	var errs []error
-	for i := len(dirs) - 1; i >= 0; i-- {
-		var err error
-		for range 200 {
-			if err = unix.Rmdir(dirs[i]); err == nil || errors.Is(err, unix.ENOENT) {
-				err = nil
-				break
-			}
-			// EBUSY while the killed processes are still exiting.
-			time.Sleep(25 * time.Millisecond)
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("removing cgroup %s: %w", dirs[i], err))
-		}
-	}
-	return errors.Join(errs...)
 }

@@ -40,10 +40,10 @@ const (
 
 func proxyName(node string) string { return "kube-bpf-proxy-" + node }
 
-// ProxyArgs returns the command line the node's proxy runs with: the
+// proxyArgs returns the command line the node's proxy runs with: the
 // node's name, its cgroup (where its pods' sockets are) and bpffs, and the
 // cluster's pod range.
-func (c *Cluster) ProxyArgs(node string, o ProxyOptions) ([]string, error) {
+func (c *Cluster) proxyArgs(node string, o ProxyOptions) ([]string, error) {
 	n, err := c.Node(node)
 	if err != nil {
 		return nil, err
@@ -74,14 +74,14 @@ func (c *Cluster) ProxyArgs(node string, o ProxyOptions) ([]string, error) {
 // runs it on a node (host network), and waits until /healthz reports its
 // first sync.
 func (c *Cluster) StartProxy(ctx context.Context, node string, o ProxyOptions) error {
-	args, err := c.ProxyArgs(node, o)
+	args, err := c.proxyArgs(node, o)
 	if err != nil {
 		return err
 	}
 	n, _ := c.Node(node)
 	p := &proc{
 		NetNS:  n.NetNS,
-		Cgroup: filepath.Join(c.cgroup(), "system"),
+		Cgroup: filepath.Join(c.Cgroup, "system"),
 		Args:   args,
 		Log:    filepath.Join(c.Dir, "logs", proxyName(node)+".log"),
 	}
@@ -132,11 +132,8 @@ func (c *Cluster) SignalProxy(node string, sig syscall.Signal, timeout time.Dura
 	if err := p.signal(sig); err != nil {
 		return 0, err
 	}
-	for p.alive() {
-		if time.Since(start) > timeout {
-			return time.Since(start), fmt.Errorf("kube-bpf-proxy on %s still running %s after %s; see %s", node, timeout, sig, p.Log)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if !p.waitExit(timeout) {
+		return time.Since(start), fmt.Errorf("kube-bpf-proxy on %s still running %s after %s; see %s", node, timeout, sig, p.Log)
 	}
 	return time.Since(start), nil
 }
@@ -159,6 +156,23 @@ func (c *Cluster) CleanupProxy(ctx context.Context, node, binary string) error {
 		return fmt.Errorf("kube-bpf-proxy --cleanup on %s: %w: %s", node, err, strings.TrimSpace(string(out)))
 	}
 	return nil
+}
+
+// DaemonSetProxyOptions returns options that run binary as manifests/
+// deploys it (manifestsDir is that directory, whose overlay must have been
+// applied): with a TokenRequest token of the DaemonSet's ServiceAccount, so
+// that the proxy has exactly the ClusterRole's rights, and with only the
+// DaemonSet's capabilities.
+func (c *Cluster) DaemonSetProxyOptions(ctx context.Context, manifestsDir, binary, mode string, ttl time.Duration) (ProxyOptions, error) {
+	kc, err := c.ServiceAccountKubeconfig(ctx, "kube-system", "kube-bpf-proxy", ttl)
+	if err != nil {
+		return ProxyOptions{}, fmt.Errorf("%w (apply %s first)", err, filepath.Join(manifestsDir, "overlays", mode))
+	}
+	caps, err := DaemonSetCapabilities(filepath.Join(manifestsDir, "base", "daemonset.yaml"))
+	if err != nil {
+		return ProxyOptions{}, err
+	}
+	return ProxyOptions{Binary: binary, Kubeconfig: kc, Mode: mode, Capabilities: caps}, nil
 }
 
 // DaemonSetCapabilities reads the capabilities the DaemonSet manifest at

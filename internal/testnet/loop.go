@@ -25,10 +25,16 @@ type Loop struct {
 
 // StartLoop starts a TCP connect loop to addr in pod p.
 func (p *Pod) StartLoop(addr string) *Loop {
-	t := p.net.t
+	p.net.t.Helper()
+	return StartLoopCommand(p.net.t, p.Command(context.Background(), true, Helper("loop", addr)...))
+}
+
+// StartLoopCommand starts cmd, a prepared "loop" helper (see Helper) in
+// some client's namespace, and collects its results. It returns once the
+// loop is under way; the loop is stopped when the test ends.
+func StartLoopCommand(t T, cmd *exec.Cmd) *Loop {
 	t.Helper()
-	l := &Loop{t: t, done: make(chan struct{})}
-	l.cmd = p.Command(context.Background(), true, Helper("loop", addr)...)
+	l := &Loop{t: t, cmd: cmd, done: make(chan struct{})}
 	out, err := l.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatalf("%v", err)
@@ -52,7 +58,13 @@ func (p *Pod) StartLoop(addr string) *Loop {
 			l.mu.Unlock()
 		}
 	}()
-	<-ready
+	select {
+	case <-ready:
+	case <-l.done:
+		t.Fatalf("connect loop %v exited before it began", cmd.Args)
+	case <-time.After(30 * time.Second):
+		t.Fatalf("connect loop %v did not begin in 30s", cmd.Args)
+	}
 	return l
 }
 

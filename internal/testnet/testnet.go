@@ -16,7 +16,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
@@ -240,25 +239,10 @@ func (n *Net) cleanup() {
 	}
 	n.run("ip", "netns", "del", n.Node)
 	if n.Cgroup != "" {
-		removeCgroup(n.t, n.Cgroup)
-	}
-}
-
-// removeCgroup kills whatever is left in the cgroup and removes it.
-func removeCgroup(t T, dir string) {
-	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
-		return
-	}
-	_ = os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644)
-	var err error
-	for range 100 {
-		if err = unix.Rmdir(dir); err == nil || errors.Is(err, unix.ENOENT) {
-			return
+		if err := cgroups.Remove(n.Cgroup); err != nil {
+			n.t.Errorf("%v", err)
 		}
-		// EBUSY while killed processes are still exiting.
-		time.Sleep(50 * time.Millisecond)
 	}
-	t.Errorf("removing cgroup %s: %v", dir, err)
 }
 
 func (n *Net) mustRun(args ...string) {
@@ -306,19 +290,28 @@ func randomSuffix() string {
 // bpftool reports them.
 func AttachedPrograms(t T, cgroup string) int {
 	t.Helper()
+	n, err := CountAttachedPrograms(cgroup)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	return n
+}
+
+// CountAttachedPrograms is AttachedPrograms for callers without a T.
+func CountAttachedPrograms(cgroup string) (int, error) {
 	out, err := exec.Command("bpftool", "-j", "cgroup", "show", cgroup).Output()
 	if err != nil {
-		t.Fatalf("bpftool cgroup show %s: %v", cgroup, err)
+		return 0, fmt.Errorf("bpftool cgroup show %s: %w", cgroup, err)
 	}
 	// bpftool prints nothing at all, not [], for a cgroup without programs.
 	if len(bytes.TrimSpace(out)) == 0 {
-		return 0
+		return 0, nil
 	}
 	var progs []json.RawMessage
 	if err := json.Unmarshal(out, &progs); err != nil {
-		t.Fatalf("bpftool output %q: %v", out, err)
+		return 0, fmt.Errorf("bpftool output %q: %w", out, err)
 	}
-	return len(progs)
+	return len(progs), nil
 }
 
 // StartListener starts a third-party server in the pod (outside the test
