@@ -88,6 +88,20 @@ func ServicePort(ns, name, port string, proto model.Protocol, vip string, backen
 		sp.Backends = append(sp.Backends, model.Backend{IP: ap.Addr(), Port: ap.Port()})
 	}
 	slices.SortFunc(sp.Backends, model.Backend.Compare)
+	sp.Serving = sp.Backends // every serving endpoint is used
+	return sp
+}
+
+// WithServing returns sp with other serving endpoints ("ip:port" each)
+// than its backends: endpoints that still serve but take no new
+// connections (terminating, or not ready) are among them.
+func WithServing(sp model.ServicePort, serving ...string) model.ServicePort {
+	sp.Serving = nil
+	for _, b := range serving {
+		ap := netip.MustParseAddrPort(b)
+		sp.Serving = append(sp.Serving, model.Backend{IP: ap.Addr(), Port: ap.Port()})
+	}
+	slices.SortFunc(sp.Serving, model.Backend.Compare)
 	return sp
 }
 
@@ -129,6 +143,7 @@ func ScaleSnapshot(n, per int) *model.Snapshot {
 				Port: 8080,
 			})
 		}
+		sp.Serving = sp.Backends
 		snap.Services[name] = []model.ServicePort{sp}
 	}
 	return snap
@@ -143,6 +158,7 @@ func EndpointChange(snap *model.Snapshot, name model.ServiceName) [2]*model.Snap
 	changed := orig
 	changed.Backends = append(slices.Clone(orig.Backends[1:]), model.Backend{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080})
 	slices.SortFunc(changed.Backends, model.Backend.Compare)
+	changed.Serving = changed.Backends
 	return [2]*model.Snapshot{
 		{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
 		{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},

@@ -23,6 +23,9 @@ type sliceEndpoint struct {
 	ip netip.Addr
 	// ready: the endpoint takes new connections.
 	ready bool
+	// serving: the endpoint answers, ready or not; established flows to it
+	// are kept.
+	serving bool
 	// fallback: serving and terminating, used only when no endpoint of the
 	// service port is ready.
 	fallback bool
@@ -118,15 +121,13 @@ func convertSlice(s *discoveryv1.EndpointSlice, report ReportFunc) *sliceInfo {
 			klog.ErrorS(err, "Skipping endpoint with invalid IPv4 address", "endpointSlice", klog.KObj(s), "address", ep.Addresses[0])
 			continue
 		}
-		// Unknown readiness means ready, unknown serving means as ready,
-		// unknown terminating means not terminating, as in the API docs.
+		// Unknown readiness or serving means true, unknown terminating
+		// means false: kube-proxy's reading (its EndpointSliceCache), which
+		// is what the API documents for consumers.
 		ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
-		serving := ready
-		if ep.Conditions.Serving != nil {
-			serving = *ep.Conditions.Serving
-		}
+		serving := ep.Conditions.Serving == nil || *ep.Conditions.Serving
 		terminating := ep.Conditions.Terminating != nil && *ep.Conditions.Terminating
-		info.endpoints = append(info.endpoints, sliceEndpoint{ip: ip, ready: ready, fallback: serving && terminating})
+		info.endpoints = append(info.endpoints, sliceEndpoint{ip: ip, ready: ready, serving: serving, fallback: serving && terminating})
 	}
 	return info
 }
@@ -135,6 +136,7 @@ func convertSlice(s *discoveryv1.EndpointSlice, report ReportFunc) *sliceInfo {
 type candidate struct {
 	b        Backend
 	ready    bool
+	serving  bool
 	fallback bool
 }
 
@@ -172,7 +174,7 @@ func computePorts(svc *serviceInfo, visit func(func(*sliceInfo)), scratch *[]can
 			matched = true
 			port := s.ports[idx].port
 			for _, ep := range s.endpoints {
-				cands = append(cands, candidate{b: Backend{IP: ep.ip, Port: port}, ready: ep.ready, fallback: ep.fallback})
+				cands = append(cands, candidate{b: Backend{IP: ep.ip, Port: port}, ready: ep.ready, serving: ep.serving, fallback: ep.fallback})
 			}
 		})
 		if sawSlice && !matched && klog.V(2).Enabled() {
@@ -181,17 +183,20 @@ func computePorts(svc *serviceInfo, visit func(func(*sliceInfo)), scratch *[]can
 			// object: just no backends.
 			klog.V(2).InfoS("No EndpointSlice port matches service port", "servicePort", spec.name)
 		}
-		out[i] = ServicePort{Name: spec.name, ClusterIP: spec.frontend, Backends: selectBackends(cands)}
+		backends, serving := selectBackends(cands)
+		out[i] = ServicePort{Name: spec.name, ClusterIP: spec.frontend, Backends: backends, Serving: serving}
 		*scratch = cands[:0]
 	}
 	return out
 }
 
 // selectBackends merges duplicate candidates and applies endpoint selection.
-// It sorts cands in place and returns a new slice, nil when empty.
-func selectBackends(cands []candidate) []Backend {
+// It returns the backends for new connections and the serving endpoints
+// (the same slice when they are equal), each new and nil when empty. It
+// sorts cands in place.
+func selectBackends(cands []candidate) (backends, serving []Backend) {
 	if len(cands) == 0 {
-		return nil
+		return nil, nil
 	}
 	slices.SortFunc(cands, func(a, b candidate) int { return a.b.Compare(b.b) })
 	// Merge duplicates in place.
@@ -200,6 +205,7 @@ func selectBackends(cands []candidate) []Backend {
 	for i, c := range cands {
 		if i > 0 && c.b == cands[n-1].b {
 			cands[n-1].ready = cands[n-1].ready || c.ready
+			cands[n-1].serving = cands[n-1].serving || c.serving
 			cands[n-1].fallback = cands[n-1].fallback || c.fallback
 		} else {
 			cands[n] = c
@@ -212,27 +218,46 @@ func selectBackends(cands []candidate) []Backend {
 	if anyReady {
 		use = func(c candidate) bool { return c.ready }
 	}
-	count := 0
+	// A ready endpoint whose serving condition says false is one the API
+	// should never show; it is used as kube-proxy uses it, and counts as
+	// serving for established flows since it takes new ones.
+	inServing := func(c candidate) bool { return c.serving || use(c) }
+	nUse, nServing := 0, 0
 	for _, c := range cands {
 		if use(c) {
-			count++
+			nUse++
+		}
+		if inServing(c) {
+			nServing++
 		}
 	}
-	if count == 0 {
-		return nil
-	}
-	out := make([]Backend, 0, count)
-	for _, c := range cands {
-		if use(c) {
-			out = append(out, c.b)
+	if nUse > 0 {
+		backends = make([]Backend, 0, nUse)
+		for _, c := range cands {
+			if use(c) {
+				backends = append(backends, c.b)
+			}
 		}
 	}
-	return out
+	switch {
+	case nServing == nUse:
+		// Every serving endpoint is used: the common case, one slice.
+		serving = backends
+	case nServing > 0:
+		serving = make([]Backend, 0, nServing)
+		for _, c := range cands {
+			if inServing(c) {
+				serving = append(serving, c.b)
+			}
+		}
+	}
+	return backends, serving
 }
 
 // equalPorts reports whether two computed port lists are the same.
 func equalPorts(a, b []ServicePort) bool {
 	return slices.EqualFunc(a, b, func(x, y ServicePort) bool {
-		return x.Name == y.Name && x.ClusterIP == y.ClusterIP && slices.Equal(x.Backends, y.Backends)
+		return x.Name == y.Name && x.ClusterIP == y.ClusterIP &&
+			slices.Equal(x.Backends, y.Backends) && slices.Equal(x.Serving, y.Serving)
 	})
 }

@@ -127,18 +127,32 @@ func portName(svc, port string, proto Protocol) ServicePortName {
 
 func svcName(name string) ServiceName { return ServiceName{Namespace: testNS, Name: name} }
 
-// sp builds an expected ServicePort; backends are "ip:port" strings.
+// sp builds an expected ServicePort; backends are "ip:port" strings. Its
+// serving endpoints are its backends; withServing says otherwise.
 func sp(svc, port string, proto Protocol, frontend string, backends ...string) ServicePort {
 	fe := netip.MustParseAddrPort(frontend)
 	p := ServicePort{
 		Name:      portName(svc, port, proto),
 		ClusterIP: Frontend{IP: fe.Addr(), Port: fe.Port(), Protocol: proto},
+		Backends:  parseBackends(backends),
 	}
-	for _, b := range backends {
-		ap := netip.MustParseAddrPort(b)
-		p.Backends = append(p.Backends, Backend{IP: ap.Addr(), Port: ap.Port()})
-	}
+	p.Serving = p.Backends
 	return p
+}
+
+// withServing sets the serving endpoints of an expected ServicePort.
+func withServing(p ServicePort, serving ...string) ServicePort {
+	p.Serving = parseBackends(serving)
+	return p
+}
+
+func parseBackends(addrs []string) []Backend {
+	var out []Backend
+	for _, b := range addrs {
+		ap := netip.MustParseAddrPort(b)
+		out = append(out, Backend{IP: ap.Addr(), Port: ap.Port()})
+	}
+	return out
 }
 
 // --- Reports ---
@@ -184,6 +198,9 @@ func dumpPorts(ports []ServicePort) string {
 		fmt.Fprintf(&b, "\n  %s %s -> %v", p.Name, p.ClusterIP, p.Backends)
 		if p.Backends != nil && len(p.Backends) == 0 {
 			b.WriteString(" (empty, not nil)")
+		}
+		if !slices.Equal(p.Serving, p.Backends) || (p.Serving == nil) != (p.Backends == nil) {
+			fmt.Fprintf(&b, " serving %v", p.Serving)
 		}
 	}
 	return b.String()
@@ -232,7 +249,8 @@ func deepEqualPorts(a, b []ServicePort) bool {
 	}
 	for i := range a {
 		if a[i].Name != b[i].Name || a[i].ClusterIP != b[i].ClusterIP ||
-			(a[i].Backends == nil) != (b[i].Backends == nil) || !slices.Equal(a[i].Backends, b[i].Backends) {
+			(a[i].Backends == nil) != (b[i].Backends == nil) || !slices.Equal(a[i].Backends, b[i].Backends) ||
+			(a[i].Serving == nil) != (b[i].Serving == nil) || !slices.Equal(a[i].Serving, b[i].Serving) {
 			return false
 		}
 	}

@@ -129,7 +129,10 @@ func TestServicePorts(t *testing.T) {
 				)),
 				newSlice("a-2", "a", httpSlicePort, withEndpoints(endpoint("10.1.0.6", no, yes, yes))),
 			},
-			want: []ServicePort{sp("a", "http", TCP, "10.0.0.1:80", "10.1.0.1:8080", "10.1.0.6:8080")},
+			// Serving endpoints keep their established flows, used or
+			// not.
+			want: []ServicePort{withServing(sp("a", "http", TCP, "10.0.0.1:80", "10.1.0.1:8080", "10.1.0.6:8080"),
+				"10.1.0.1:8080", "10.1.0.4:8080", "10.1.0.5:8080", "10.1.0.6:8080")},
 		},
 		{
 			name: "some ready: terminating endpoints ignored",
@@ -138,15 +141,27 @@ func TestServicePorts(t *testing.T) {
 				newSlice("a-1", "a", httpSlicePort, withEndpoints(endpoint("10.1.0.1", no, yes, yes))),
 				newSlice("a-2", "a", httpSlicePort, withEndpoints(readyEP("10.1.0.2"))),
 			},
-			want: []ServicePort{sp("a", "http", TCP, "10.0.0.1:80", "10.1.0.2:8080")},
+			// The draining endpoint still serves its established flows.
+			want: []ServicePort{withServing(sp("a", "http", TCP, "10.0.0.1:80", "10.1.0.2:8080"), "10.1.0.1:8080", "10.1.0.2:8080")},
 		},
 		{
 			name: "none ready nor serving-terminating: no backends",
 			svc:  newSvc("a", "10.0.0.1", httpPort),
 			slices: []*discoveryv1.EndpointSlice{
-				newSlice("a-1", "a", httpSlicePort, withEndpoints(endpoint("10.1.0.1", no, no, yes), endpoint("10.1.0.2", no, unknown, unknown))),
+				newSlice("a-1", "a", httpSlicePort, withEndpoints(endpoint("10.1.0.1", no, no, yes), endpoint("10.1.0.2", no, no, unknown))),
 			},
 			want: []ServicePort{sp("a", "http", TCP, "10.0.0.1:80")},
+		},
+		{
+			// kube-proxy reads an unset serving condition as true, like an
+			// unset ready: not ready and not terminating, such an endpoint
+			// takes no new connections but keeps its flows.
+			name: "not ready, unknown serving, not terminating: serving only",
+			svc:  newSvc("a", "10.0.0.1", httpPort),
+			slices: []*discoveryv1.EndpointSlice{
+				newSlice("a-1", "a", httpSlicePort, withEndpoints(endpoint("10.1.0.2", no, unknown, unknown))),
+			},
+			want: []ServicePort{withServing(sp("a", "http", TCP, "10.0.0.1:80"), "10.1.0.2:8080")},
 		},
 		{
 			name: "nil conditions: ready",
@@ -157,15 +172,18 @@ func TestServicePorts(t *testing.T) {
 					endpoint("10.1.0.2", no, yes, yes), // fallback only, ignored since 10.1.0.1 is ready
 				)),
 			},
-			want: []ServicePort{sp("a", "http", TCP, "10.0.0.1:80", "10.1.0.1:8080")},
+			want: []ServicePort{withServing(sp("a", "http", TCP, "10.0.0.1:80", "10.1.0.1:8080"), "10.1.0.1:8080", "10.1.0.2:8080")},
 		},
 		{
-			name: "not ready, unknown serving follows ready: not a fallback",
+			// A hand-written slice of a draining pod: kube-proxy reads the
+			// unset serving condition as true, so it is the terminating
+			// fallback when nothing is ready.
+			name: "not ready, unknown serving, terminating: the fallback",
 			svc:  newSvc("a", "10.0.0.1", httpPort),
 			slices: []*discoveryv1.EndpointSlice{
 				newSlice("a-1", "a", httpSlicePort, withEndpoints(endpoint("10.1.0.1", no, unknown, yes))),
 			},
-			want: []ServicePort{sp("a", "http", TCP, "10.0.0.1:80")},
+			want: []ServicePort{sp("a", "http", TCP, "10.0.0.1:80", "10.1.0.1:8080")},
 		},
 		{
 			name: "endpoint with several addresses uses the first",

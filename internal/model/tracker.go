@@ -255,6 +255,9 @@ func (c *copier) reserve(ports []ServicePort) {
 	c.np += len(ports)
 	for i := range ports {
 		c.nb += len(ports[i].Backends)
+		if !sameSlice(ports[i].Serving, ports[i].Backends) {
+			c.nb += len(ports[i].Serving)
+		}
 	}
 }
 
@@ -268,14 +271,33 @@ func (c *copier) copy(ports []ServicePort) []ServicePort {
 	}
 	start := len(c.ports)
 	for _, p := range ports {
-		if n := len(p.Backends); n > 0 {
-			b := len(c.backends)
-			c.backends = append(c.backends, p.Backends...)
-			// Cap each piece so an append by the reader reallocates
-			// instead of overwriting its neighbour.
-			p.Backends = c.backends[b : b+n : b+n]
+		shared := sameSlice(p.Serving, p.Backends)
+		p.Backends = c.piece(p.Backends)
+		if shared {
+			p.Serving = p.Backends
+		} else {
+			p.Serving = c.piece(p.Serving)
 		}
 		c.ports = append(c.ports, p)
 	}
 	return c.ports[start:len(c.ports):len(c.ports)]
+}
+
+// piece copies bs into the backend arena; nil stays nil.
+func (c *copier) piece(bs []Backend) []Backend {
+	n := len(bs)
+	if n == 0 {
+		return nil
+	}
+	b := len(c.backends)
+	c.backends = append(c.backends, bs...)
+	// Cap each piece so an append by the reader reallocates instead of
+	// overwriting its neighbour.
+	return c.backends[b : b+n : b+n]
+}
+
+// sameSlice reports whether a and b are the same slice (same array, same
+// length), as Serving and Backends are when every serving endpoint is used.
+func sameSlice(a, b []Backend) bool {
+	return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0])
 }

@@ -449,6 +449,30 @@ func TestTrackerSnapshotNotAliased(t *testing.T) {
 	}
 }
 
+// Serving endpoints that differ from the backends are copied on their own;
+// equal ones stay one slice in the snapshot, as in the tracker.
+func TestTrackerSnapshotCopiesServing(t *testing.T) {
+	ports := withPorts(svcPort("dns", v1.ProtocolUDP, 53))
+	slicePorts := withSlicePorts(slicePortOf("dns", v1.ProtocolUDP, 5353))
+	tr := NewTracker()
+	tr.UpsertService(newSvc("a", "10.0.0.1", ports))
+	tr.UpsertService(newSvc("b", "10.0.0.2", ports))
+	tr.UpsertEndpointSlice(newSlice("a-1", "a", slicePorts, withEndpoints(readyEP("10.1.0.1"))))
+	tr.UpsertEndpointSlice(newSlice("b-1", "b", slicePorts, withEndpoints(readyEP("10.2.0.1"), endpoint("10.2.0.2", no, yes, yes))))
+	want := services{
+		svcName("a"): {sp("a", "dns", UDP, "10.0.0.1:53", "10.1.0.1:5353")},
+		svcName("b"): {withServing(sp("b", "dns", UDP, "10.0.0.2:53", "10.2.0.1:5353"), "10.2.0.1:5353", "10.2.0.2:5353")},
+	}
+	snap := tr.Snapshot(true)
+	checkServices(t, "snapshot", snap.Services, want)
+	if a := snap.Services[svcName("a")][0]; !sameSlice(a.Serving, a.Backends) {
+		t.Errorf("equal serving endpoints and backends were copied twice")
+	}
+	snap.Services[svcName("b")][0].Serving[1].Port = 1
+	snap.Services[svcName("a")][0].Serving[0].Port = 1
+	checkServices(t, "next snapshot after the reader's changes", tr.Snapshot(true).Services, want)
+}
+
 // TestTrackerConcurrent exercises the lock; run with -race.
 func TestTrackerConcurrent(t *testing.T) {
 	tr := NewTracker()

@@ -83,7 +83,16 @@ func (b Backend) Compare(o Backend) int {
 type ServicePort struct {
 	Name      ServicePortName
 	ClusterIP Frontend
-	Backends  []Backend
+	// Backends take new connections.
+	Backends []Backend
+	// Serving lists every endpoint whose serving condition holds, chosen for
+	// new connections or not (a terminating pod still draining, a pod that
+	// serves but is not ready): sorted, unique, nil when empty. Flows and
+	// sockets already established to one of them are left alone, as
+	// kube-proxy keeps UDP conntrack entries to serving endpoints; those to
+	// any other backend are stale. It aliases Backends when the two are
+	// equal, which is the common case.
+	Serving []Backend
 }
 
 // Snapshot is the desired state handed to a datapath in one sync.

@@ -18,9 +18,9 @@ import (
 // that is gone, or, if its first packets left before the Service had
 // endpoints, to no translation at all. Those entries must be deleted.
 //
-// staleUDP maps each UDP frontend whose backends changed to the backends it
-// has now (none if it is gone). A flow to such a frontend is stale unless
-// it is translated to one of them.
+// staleUDP maps each UDP frontend to check to its serving endpoints now
+// (see Dataplane.staleUDP for which). A flow to such a frontend is stale
+// unless it is translated to one of them.
 type staleUDP map[netip.AddrPort]map[netip.AddrPort]bool
 
 func addrPort(ip net.IP, port uint16) netip.AddrPort {
@@ -42,7 +42,8 @@ func (s staleUDP) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	return !backends[addrPort(flow.Reverse.SrcIP, flow.Reverse.SrcPort)]
 }
 
-// add records a UDP service port's frontend and its backends now.
+// add records a UDP service port's frontend and the endpoints whose flows
+// are kept.
 func (s staleUDP) add(fe model.Frontend, now []model.Backend) {
 	set := make(map[netip.AddrPort]bool, len(now))
 	for _, b := range now {

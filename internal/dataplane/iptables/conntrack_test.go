@@ -18,23 +18,24 @@ func flow(proto uint8, dst string, dport uint16, replySrc string, sport uint16) 
 	}
 }
 
-func TestStaleUDPMatchesOnlyFlowsOffTheCurrentBackends(t *testing.T) {
+func TestStaleUDPMatchesOnlyFlowsOffTheServingEndpoints(t *testing.T) {
 	s := make(staleUDP)
-	dns := sp("dns", "dns", model.UDP, "10.96.0.10:53", "10.244.1.1:5353")
-	s.add(dns.ClusterIP, dns.Backends)
-	s.add(sp("gone", "", model.UDP, "10.96.0.11:53").ClusterIP, nil)
+	// 10.244.1.3 is terminating and still serving: no new flows, but its
+	// own are kept, as kube-proxy keeps them.
+	dns := apitest.WithServing(sp("dns", "dns", model.UDP, "10.96.0.10:53", "10.244.1.1:5353"), "10.244.1.1:5353", "10.244.1.3:5353")
+	s.add(dns.ClusterIP, dns.Serving)
 	for _, c := range []struct {
 		name string
 		flow *netlink.ConntrackFlow
 		want bool
 	}{
 		{"translated to the current backend", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.1.1", 5353), false},
+		{"translated to a draining endpoint", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.1.3", 5353), false},
 		{"translated to a removed backend", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.1.2", 5353), true},
 		{"same pod, old target port", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.244.1.1", 53), true},
 		{"never translated (began before the first endpoint)", flow(unix.IPPROTO_UDP, "10.96.0.10", 53, "10.96.0.10", 53), true},
-		{"to a Service that is gone", flow(unix.IPPROTO_UDP, "10.96.0.11", 53, "10.244.1.7", 53), true},
 		{"TCP to the same frontend", flow(unix.IPPROTO_TCP, "10.96.0.10", 53, "10.244.1.2", 5353), false},
-		{"UDP to a frontend that did not change", flow(unix.IPPROTO_UDP, "10.96.0.12", 53, "10.244.1.2", 53), false},
+		{"UDP to a frontend not checked", flow(unix.IPPROTO_UDP, "10.96.0.12", 53, "10.244.1.2", 53), false},
 	} {
 		if got := s.MatchConntrackFlow(c.flow); got != c.want {
 			t.Errorf("%s: stale = %v, want %v", c.name, got, c.want)
@@ -42,13 +43,20 @@ func TestStaleUDPMatchesOnlyFlowsOffTheCurrentBackends(t *testing.T) {
 	}
 }
 
-// Which UDP frontends a sync checks: those whose backends changed,
-// appeared or went away; on a full sync, all of them.
+// Which UDP frontends a sync checks: those whose serving endpoints changed
+// or that are new, if they have any; on a full sync, all that have any.
+// As kube-proxy, a frontend left without serving endpoints, or deleted,
+// keeps its flows.
 func TestStaleUDPFrontendsOfASync(t *testing.T) {
 	a := sp("a", "dns", model.UDP, "10.96.0.1:53", "10.244.1.1:53")
 	aMoved := sp("a", "dns", model.UDP, "10.96.0.1:53", "10.244.1.2:53")
+	// a's endpoint stops taking new flows but still serves (terminating):
+	// its flows stay, nothing to check.
+	aDraining := apitest.WithServing(sp("a", "dns", model.UDP, "10.96.0.1:53"), "10.244.1.1:53")
+	aEmpty := sp("a", "dns", model.UDP, "10.96.0.1:53")
 	b := sp("b", "dns", model.UDP, "10.96.0.2:53", "10.244.1.3:53")
 	c := sp("c", "http", model.TCP, "10.96.0.3:80", "10.244.1.4:80")
+	e := sp("e", "dns", model.UDP, "10.96.0.5:53", "10.244.1.5:53")
 	d := &Dataplane{applied: snap(true, a, b, c).Services}
 	frontends := func(s staleUDP) []string {
 		var out []string
@@ -64,7 +72,10 @@ func TestStaleUDPFrontendsOfASync(t *testing.T) {
 	}{
 		{"a's backend replaced", snap(false, aMoved), []string{"10.96.0.1:53"}},
 		{"a unchanged in a partial sync", snap(false, a), nil},
-		{"b deleted", apitest.Deleted(snap(false), b.Name.ServiceName), []string{"10.96.0.2:53"}},
+		{"a's endpoint draining", snap(false, aDraining), nil},
+		{"a left without endpoints", snap(false, aEmpty), nil},
+		{"b deleted", apitest.Deleted(snap(false), b.Name.ServiceName), nil},
+		{"new service e", snap(false, e), []string{"10.96.0.5:53"}},
 		{"TCP only", snap(false, c), nil},
 		{"full sync checks every UDP frontend", snap(true, a, b, c), []string{"10.96.0.1:53", "10.96.0.2:53"}},
 	} {

@@ -227,46 +227,37 @@ func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Sn
 	return next
 }
 
-// staleUDP collects the UDP frontends whose flows may point where they no
-// longer should: those whose backends changed, appeared or went away. A
-// full sync checks every UDP frontend, old and new.
+// staleUDP collects the UDP frontends that may have stale flows after this
+// sync, each with the endpoints whose flows are kept. It follows upstream
+// kube-proxy v1.36 (pkg/proxy/conntrack): a flow to a frontend is stale
+// unless its reply comes from a serving endpoint, ready or not, terminating
+// or not (a draining pod keeps its flows, as its TCP connections keep
+// going); a frontend with no serving endpoint is left alone, and so are
+// the flows of a deleted Service, which age out. A frontend is checked when
+// its serving endpoints changed or it is new (flows sent before it existed
+// were never translated); a full sync checks every one.
 func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]model.ServicePort) staleUDP {
 	full := snap.Full
-	names := make(map[model.ServiceName]bool)
+	var names []model.ServiceName
 	if full {
-		for n := range next {
-			names[n] = true
-		}
-		for n := range d.applied {
-			names[n] = true
-		}
+		names = slices.Collect(maps.Keys(next))
 	} else {
-		for n := range snap.Services {
-			names[n] = true
-		}
+		names = slices.Collect(maps.Keys(snap.Services))
 	}
 	out := make(staleUDP)
-	for name := range names {
-		now := make(map[model.Frontend][]model.Backend)
-		for _, sp := range next[name] {
-			if sp.Name.Protocol == model.UDP {
-				now[sp.ClusterIP] = sp.Backends
-			}
-		}
+	for _, name := range names {
 		before := make(map[model.Frontend][]model.Backend)
 		for _, sp := range d.applied[name] {
 			if sp.Name.Protocol == model.UDP {
-				before[sp.ClusterIP] = sp.Backends
+				before[sp.ClusterIP] = sp.Serving
 			}
 		}
-		for fe, backends := range now {
-			if prev, ok := before[fe]; full || !ok || !slices.Equal(prev, backends) {
-				out.add(fe, backends)
+		for _, sp := range next[name] {
+			if sp.Name.Protocol != model.UDP || len(sp.Serving) == 0 {
+				continue
 			}
-		}
-		for fe := range before {
-			if _, ok := now[fe]; !ok {
-				out.add(fe, nil)
+			if prev, ok := before[sp.ClusterIP]; full || !ok || !slices.Equal(prev, sp.Serving) {
+				out.add(sp.ClusterIP, sp.Serving)
 			}
 		}
 	}
