@@ -43,46 +43,11 @@ var (
 	withDeleted = apitest.Deleted
 )
 
-// checkNoHoles asserts invariant 3 of DESIGN.md on the fake maps' current
-// contents: every slot a program can pick exists and names an existing
-// backend of the right protocol.
-func checkNoHoles(f *fakeMaps) error {
-	for k, v := range f.services.entries {
-		for slot := uint32(0); slot < v.Count; slot++ {
-			id, ok := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
-			if !ok {
-				return fmt.Errorf("service %s: slot %d of %d missing", frontendFromKey(k), slot, v.Count)
-			}
-			b, ok := f.backends.entries[id]
-			if !ok {
-				return fmt.Errorf("service %s: slot %d names missing backend %d", frontendFromKey(k), slot, id)
-			}
-			if b.Proto != k.Proto {
-				return fmt.Errorf("service %s: slot %d names backend of protocol %d", frontendFromKey(k), slot, b.Proto)
-			}
-		}
-	}
-	return nil
-}
-
-// watchHoles makes every map operation check for holes, so a test fails on
-// the exact operation that would let a racing connect find one.
-func watchHoles(t *testing.T, f *fakeMaps) {
-	t.Helper()
-	var failed bool
-	verify := func() {
-		if err := checkNoHoles(f); err != nil && !failed {
-			failed = true
-			t.Errorf("hole after %q: %v", f.log[len(f.log)-1], err)
-		}
-	}
-	f.onOp = verify
-}
-
 func TestReconcilerLifecycle(t *testing.T) {
 	f := newFakeMaps(16, 64)
 	watchHoles(t, f)
-	r := newReconciler(f.maps(), 16, 64)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
 
 	web := func(backends ...string) model.ServicePort {
 		return servicePort("default", "web", "http", model.TCP, "10.96.0.10:80", backends...)
@@ -118,7 +83,7 @@ func TestReconcilerLifecycle(t *testing.T) {
 
 	// A restarted proxy adopts the pinned maps and rewrites nothing.
 	before := f.dump()
-	restarted := newReconciler(f.maps(), 16, 64)
+	restarted := newReconciler(f.maps(), f.grace(), 16, 64)
 	if err := restarted.sync(snapshot(true, threeWeb)); err != nil {
 		t.Fatalf("restart: %v", err)
 	}
@@ -142,7 +107,7 @@ func TestReconcilerLifecycle(t *testing.T) {
 
 func TestReconcilerPartialSyncTouchesOnlyChangedService(t *testing.T) {
 	f := newFakeMaps(1024, 4096)
-	r := newReconciler(f.maps(), 1024, 4096)
+	r := newReconciler(f.maps(), f.grace(), 1024, 4096)
 	var all []model.ServicePort
 	for i := range 100 {
 		all = append(all, servicePort("ns", fmt.Sprintf("svc-%d", i), "", model.TCP,
@@ -173,7 +138,7 @@ func TestReconcilerPartialSyncTouchesOnlyChangedService(t *testing.T) {
 func TestReconcilerFullMapKeepsServingWhatFits(t *testing.T) {
 	f := newFakeMaps(2, 64)
 	watchHoles(t, f)
-	r := newReconciler(f.maps(), 2, 64)
+	r := newReconciler(f.maps(), f.grace(), 2, 64)
 	a := servicePort("ns", "a", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80")
 	b := servicePort("ns", "b", "", model.TCP, "10.96.0.2:80", "10.244.0.2:80")
 	c := servicePort("ns", "c", "", model.TCP, "10.96.0.3:80", "10.244.0.3:80")
@@ -208,7 +173,7 @@ func TestReconcilerFullMapKeepsServingWhatFits(t *testing.T) {
 func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 	f := newFakeMaps(16, 64)
 	watchHoles(t, f)
-	r := newReconciler(f.maps(), 16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
 	three := servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80")
 	if err := r.sync(snapshot(true, three)); err != nil {
 		t.Fatal(err)
@@ -218,8 +183,8 @@ func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 
 	// The last new slot fails: the count must stay 3 and nothing dangle.
 	injected := errors.New("injected failure")
-	f.slots.failUpdate = func(k lbSlotKey, _ uint32) error {
-		if k.Slot == 4 {
+	f.fail = func(op fakeOp) error {
+		if k, ok := op.key.(lbSlotKey); ok && op.kind == "update" && k.Slot == 4 {
 			return injected
 		}
 		return nil
@@ -231,7 +196,7 @@ func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 		t.Errorf("count after failed scale-up = %d, want 3 (unchanged)", got)
 	}
 
-	f.slots.failUpdate = nil
+	f.fail = nil
 	if err := r.sync(snapshot(true, five)); err != nil {
 		t.Fatalf("retry: %v", err)
 	}
@@ -247,7 +212,7 @@ func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 // adopt what is right and clean up the rest.
 func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
 	f := newFakeMaps(16, 64)
-	r := newReconciler(f.maps(), 16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
 	web := servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80", "10.244.0.2:80")
 	if err := r.sync(snapshot(true, web)); err != nil {
 		t.Fatal(err)
@@ -261,7 +226,7 @@ func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
 	f.backends.entries[42] = backendKey{Backend: model.Backend{IP: netip.MustParseAddr("10.244.9.9"), Port: 80}, Protocol: model.TCP}.value()
 	f.takeLog()
 
-	restarted := newReconciler(f.maps(), 16, 64)
+	restarted := newReconciler(f.maps(), f.grace(), 16, 64)
 	if err := restarted.sync(snapshot(true, web)); err != nil {
 		t.Fatal(err)
 	}
@@ -322,7 +287,7 @@ func TestIDAllocator(t *testing.T) {
 // service with 5000 (fake maps: the reconciler's own cost, no kernel).
 func BenchmarkReconcilerOneChangeLargeService(b *testing.B) {
 	f := newFakeMaps(16, 20000)
-	r := newReconciler(f.maps(), 16, 20000)
+	r := newReconciler(f.maps(), f.grace(), 16, 20000)
 	var backends []string
 	for i := range 5000 {
 		backends = append(backends, fmt.Sprintf("10.%d.%d.%d:80", 128+i>>16, (i>>8)&255, i&255))
