@@ -172,6 +172,39 @@ func TestReconcilerFullMapKeepsServingWhatFits(t *testing.T) {
 	}
 }
 
+// A sync that replaces and adds backends into a slot map with room for only
+// some of them fails for that port, which keeps serving its old backends:
+// retried, it fails the same way without losing any.
+func TestReconcilerFullSlotMapLeavesPortAsItWas(t *testing.T) {
+	f := newFakeMaps(16, 7)
+	watchHoles(t, f)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 16, 7)
+	web := func(b ...string) model.ServicePort {
+		return servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", b...)
+	}
+	// other shares web's backends, so the slot map fills before the backend
+	// map: 6 of 7 slots, 3 of 7 backends.
+	other := servicePort("ns", "other", "", model.TCP, "10.96.0.2:80", "10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80")
+	if err := r.sync(snapshot(true, other, web("10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80"))); err != nil {
+		t.Fatal(err)
+	}
+	before := served(f)
+	// Replace one, add two: three slots to write, one free.
+	grown := web("10.244.0.1:80", "10.244.0.4:80", "10.244.0.3:80", "10.244.0.5:80", "10.244.0.6:80")
+	for retry := range 3 {
+		err := r.sync(snapshot(true, other, grown))
+		failed, only := dataplane.OnlyServicesFailed(err)
+		if !only || len(failed) != 1 || failed[0].Service != grown.Name || failed[0].Reason != dataplane.ReasonMapFull {
+			t.Fatalf("try %d: got %v, want a SyncError for %s alone, %s", retry, err, grown.Name, dataplane.ReasonMapFull)
+		}
+		checkCopy(t, r, f)
+		if got := served(f); got != before {
+			t.Fatalf("try %d: serving\n%swant, as before\n%s", retry, got, before)
+		}
+	}
+}
+
 // A removed service frees its entries and id only after the grace period,
 // at the end of the sync: what did not fit before then gets a second chance
 // in the same sync.
