@@ -47,7 +47,6 @@ type rcuGracePeriod struct {
 	membarrier bool
 	outer      *ebpf.Map
 	inner      *ebpf.Map
-	sleep      time.Duration
 }
 
 // fallbackSleep stands in for a grace period on a kernel that offers no way
@@ -61,13 +60,14 @@ func newRCUGracePeriod() *rcuGracePeriod {
 	outer, inner, err := newMapInMap()
 	if err == nil {
 		g.outer, g.inner = outer, inner
-	} else if !g.membarrier {
-		g.sleep = fallbackSleep
-		klog.InfoS("This kernel offers no way to wait for running BPF programs (membarrier and map-in-map updates failed): "+
-			"deletions wait a fixed time instead", "wait", g.sleep, "err", err)
+	} else {
+		klog.InfoS("Cannot wait for running BPF programs with a map-in-map update", "err", err)
 	}
-	klog.V(2).InfoS("Waiting for running BPF programs before deletions", "membarrier", g.membarrier,
-		"mapInMap", g.outer != nil, "sleep", g.sleep)
+	if !g.membarrier && g.outer == nil {
+		klog.InfoS("This kernel offers no way to wait for running BPF programs: deletions wait a fixed time instead",
+			"wait", fallbackSleep)
+	}
+	klog.V(2).InfoS("Waiting for running BPF programs before deletions", "membarrier", g.membarrier, "mapInMap", g.outer != nil)
 	return g
 }
 
@@ -92,17 +92,15 @@ func (g *rcuGracePeriod) wait() error {
 		if errno == 0 {
 			return nil
 		}
-		if g.outer == nil {
-			return fmt.Errorf("membarrier(MEMBARRIER_CMD_GLOBAL): %w", errno)
-		}
+		klog.V(2).InfoS("membarrier(MEMBARRIER_CMD_GLOBAL) failed, waiting another way", "err", errno)
 	}
 	if g.outer != nil {
 		if err := g.outer.Put(uint32(0), g.inner); err != nil {
-			return fmt.Errorf("waiting for running BPF programs (map-in-map update): %w", err)
+			return fmt.Errorf("map-in-map update: %w", err)
 		}
 		return nil
 	}
-	time.Sleep(g.sleep)
+	time.Sleep(fallbackSleep)
 	return nil
 }
 

@@ -63,9 +63,9 @@ type reconciler struct {
 	withHidden map[uint32]*appliedService
 
 	// backends maps each backend to the id slots are pointed at. A restart
-	// may find more ids holding one backend (a sync that died between
-	// writing a backend and recording it): dupIDs keeps the others, which
-	// stay as long as a slot holds them.
+	// may find more ids holding one backend (debris of another process, two
+	// proxies overlapping in an upgrade for one): dupIDs keeps the others,
+	// which stay as long as a slot holds them.
 	backends    map[backendKey]uint32
 	dupIDs      map[backendKey][]uint32
 	backendKeys map[uint32]backendKey
