@@ -4,6 +4,7 @@ import (
 	"context"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
@@ -56,7 +57,9 @@ func BenchmarkKernelFullSync(b *testing.B) {
 }
 
 // BenchmarkKernelOneEndpointChange replaces one endpoint of one service at
-// 10k x 10, the common case of a pod being replaced.
+// 10k x 10, the common case of a pod being replaced. Each sync writes the
+// new backend and its slot, the change connects see, then waits one grace
+// period before it deletes the old backend: grace-ns/op is that wait.
 func BenchmarkKernelOneEndpointChange(b *testing.B) {
 	cfg := benchConfig(b)
 	dp, err := New(cfg)
@@ -70,6 +73,8 @@ func BenchmarkKernelOneEndpointChange(b *testing.B) {
 		b.Fatal(err)
 	}
 	variants := apitest.EndpointChange(snap, model.ServiceName{Namespace: "bench", Name: "svc-4242"})
+	grace := &timedGrace{gracePeriod: dp.rec.grace}
+	dp.rec.grace = grace
 	i := 0
 	for b.Loop() {
 		if err := dp.Sync(ctx, variants[i%2]); err != nil {
@@ -77,7 +82,21 @@ func BenchmarkKernelOneEndpointChange(b *testing.B) {
 		}
 		i++
 	}
+	b.ReportMetric(float64(grace.total.Nanoseconds())/float64(i), "grace-ns/op")
 	b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
+}
+
+// timedGrace adds up the time spent waiting for grace periods.
+type timedGrace struct {
+	gracePeriod
+	total time.Duration
+}
+
+func (g *timedGrace) wait() error {
+	start := time.Now()
+	err := g.gracePeriod.wait()
+	g.total += time.Since(start)
+	return err
 }
 
 // BenchmarkKernelRestore reads 10k x 10 back from the kernel maps, as a
@@ -96,5 +115,32 @@ func BenchmarkKernelRestore(b *testing.B) {
 		if err := dp.rec.restore(); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkKernelGracePeriod is what one wait costs in each way the kernel
+// offers; a sync with deletions pays it once.
+func BenchmarkKernelGracePeriod(b *testing.B) {
+	outer, inner, err := newMapInMap()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer outer.Close()
+	defer inner.Close()
+	ways := []struct {
+		name string
+		g    *rcuGracePeriod
+	}{
+		{"membarrier", &rcuGracePeriod{membarrier: true}},
+		{"map-in-map", &rcuGracePeriod{outer: outer, inner: inner}},
+	}
+	for _, w := range ways {
+		b.Run(w.name, func(b *testing.B) {
+			for b.Loop() {
+				if err := w.g.wait(); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

@@ -17,6 +17,7 @@ import (
 type Dataplane struct {
 	mu     sync.Mutex
 	kernel *kernelObjects
+	grace  *rcuGracePeriod
 	rec    *reconciler
 }
 
@@ -37,14 +38,18 @@ func New(cfg Config) (*Dataplane, error) {
 		Slots:    newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
 		Backends: newKernelMap[uint32, lbBackendValue](k.objs.KbpBackends, lbMapKbpBackends),
 	}
-	rec := newReconciler(maps, cfg.MaxServices, cfg.MaxBackends)
+	grace := newRCUGracePeriod()
+	rec := newReconciler(maps, grace, cfg.MaxServices, cfg.MaxBackends)
 	if err := rec.restore(); err != nil {
 		k.Close()
+		grace.Close()
 		return nil, fmt.Errorf("reading pinned maps: %w", err)
 	}
-	return &Dataplane{kernel: k, rec: rec}, nil
+	return &Dataplane{kernel: k, grace: grace, rec: rec}, nil
 }
 
+// Sync applies snap. When it applies it only in part it returns a
+// *dataplane.SyncError: each port in its Services was left as it was.
 func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -92,5 +97,5 @@ func (d *Dataplane) Events() (map[string]uint64, error) {
 func (d *Dataplane) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.kernel.Close()
+	return errors.Join(d.kernel.Close(), d.grace.Close())
 }

@@ -3,57 +3,48 @@ package ebpf
 import (
 	"fmt"
 	"maps"
+	"slices"
 	"sort"
 	"strings"
+	"testing"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
-// fakeMap is an in-memory Map with a capacity, an operation log and failure
-// injection, so reconciler logic is tested without a kernel.
+// fakeMap is an in-memory Map with a capacity; its writes and deletes go
+// through fakeMaps, which logs them and injects failures.
 type fakeMap[K comparable, V any] struct {
 	name     string
 	capacity int
 	entries  map[K]V
-	log      *[]string
-	onOp     *func()
+	parent   *fakeMaps
 	// describe renders an entry for the log; value is nil for deletes.
 	describe func(K, *V) string
-	// failUpdate, when set, is asked before each update; a non-nil error is
-	// returned instead of writing.
-	failUpdate func(K, V) error
-}
-
-func newFakeMap[K comparable, V any](name string, capacity int, log *[]string, onOp *func()) *fakeMap[K, V] {
-	return &fakeMap[K, V]{name: name, capacity: capacity, entries: make(map[K]V), log: log, onOp: onOp}
 }
 
 func (f *fakeMap[K, V]) Update(k K, v V) error {
-	if f.failUpdate != nil {
-		if err := f.failUpdate(k, v); err != nil {
-			return err
-		}
+	op := f.parent.begin("update", f.name, f.describe(k, &v), k)
+	if err := f.parent.injected(op); err != nil {
+		return err
 	}
 	if _, ok := f.entries[k]; !ok && len(f.entries) >= f.capacity {
 		return fmt.Errorf("updating %s: %w", f.name, ErrMapFull)
 	}
 	f.entries[k] = v
-	*f.log = append(*f.log, fmt.Sprintf("update %s %s", f.name, f.describe(k, &v)))
-	f.afterOp()
+	f.parent.done(op)
 	return nil
 }
 
 func (f *fakeMap[K, V]) Delete(k K) error {
+	op := f.parent.begin("delete", f.name, f.describe(k, nil), k)
+	if err := f.parent.injected(op); err != nil {
+		return err
+	}
 	if _, ok := f.entries[k]; ok {
 		delete(f.entries, k)
-		*f.log = append(*f.log, fmt.Sprintf("delete %s %s", f.name, f.describe(k, nil)))
-		f.afterOp()
+		f.parent.done(op)
 	}
 	return nil
-}
-
-func (f *fakeMap[K, V]) afterOp() {
-	if *f.onOp != nil {
-		(*f.onOp)()
-	}
 }
 
 func (f *fakeMap[K, V]) Iterate(fn func(K, V) error) error {
@@ -65,32 +56,48 @@ func (f *fakeMap[K, V]) Iterate(fn func(K, V) error) error {
 	return nil
 }
 
+// fakeOp is one write, delete or grace period the reconciler asked for.
+type fakeOp struct {
+	// n counts the operations asked for, failed ones included, from 1.
+	n    int
+	kind string // "update", "delete" or "grace period"
+	// mapName and key say what an update or delete was for.
+	mapName string
+	key     any
+	text    string
+}
+
 type fakeMaps struct {
 	services *fakeMap[lbSvcKey, lbSvcValue]
 	slots    *fakeMap[lbSlotKey, uint32]
 	backends *fakeMap[uint32, lbBackendValue]
 	log      []string
-	// onOp runs after every write or delete.
-	onOp func()
+	ops      int
+	// fail, when set, is asked before each operation; a non-nil error is
+	// returned instead of carrying it out.
+	fail func(fakeOp) error
+	// onOp runs after every operation that changed the maps, and after
+	// every grace period.
+	onOp []func(fakeOp)
 }
 
 func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 	f := &fakeMaps{}
-	f.services = newFakeMap[lbSvcKey, lbSvcValue]("services", maxServices, &f.log, &f.onOp)
+	f.services = &fakeMap[lbSvcKey, lbSvcValue]{name: "services", capacity: maxServices, entries: make(map[lbSvcKey]lbSvcValue), parent: f}
 	f.services.describe = func(k lbSvcKey, v *lbSvcValue) string {
 		if v == nil {
 			return frontendFromKey(k).String()
 		}
 		return fmt.Sprintf("%s id=%d count=%d", frontendFromKey(k), v.Id, v.Count)
 	}
-	f.slots = newFakeMap[lbSlotKey, uint32]("slots", maxBackends, &f.log, &f.onOp)
+	f.slots = &fakeMap[lbSlotKey, uint32]{name: "slots", capacity: maxBackends, entries: make(map[lbSlotKey]uint32), parent: f}
 	f.slots.describe = func(k lbSlotKey, v *uint32) string {
 		if v == nil {
 			return fmt.Sprintf("svc=%d slot=%d", k.SvcId, k.Slot)
 		}
 		return fmt.Sprintf("svc=%d slot=%d backend=%d", k.SvcId, k.Slot, *v)
 	}
-	f.backends = newFakeMap[uint32, lbBackendValue]("backends", maxBackends, &f.log, &f.onOp)
+	f.backends = &fakeMap[uint32, lbBackendValue]{name: "backends", capacity: maxBackends, entries: make(map[uint32]lbBackendValue), parent: f}
 	f.backends.describe = func(id uint32, v *lbBackendValue) string {
 		if v == nil {
 			return fmt.Sprint(id)
@@ -99,6 +106,64 @@ func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 		return fmt.Sprintf("%d %s/%s", id, k.Backend, k.Protocol)
 	}
 	return f
+}
+
+func (f *fakeMaps) begin(kind, mapName, desc string, key any) fakeOp {
+	f.ops++
+	text := kind
+	if mapName != "" {
+		text = fmt.Sprintf("%s %s %s", kind, mapName, desc)
+	}
+	return fakeOp{n: f.ops, kind: kind, mapName: mapName, key: key, text: text}
+}
+
+func (f *fakeMaps) injected(op fakeOp) error {
+	if f.fail == nil {
+		return nil
+	}
+	return f.fail(op)
+}
+
+func (f *fakeMaps) done(op fakeOp) {
+	f.log = append(f.log, op.text)
+	for _, hook := range f.onOp {
+		hook(op)
+	}
+}
+
+// failNth fails the nth operation asked for.
+func failNth(n int) func(fakeOp) error {
+	return func(op fakeOp) error {
+		if op.n == n {
+			return fmt.Errorf("injected failure of operation %d (%s)", op.n, op.text)
+		}
+		return nil
+	}
+}
+
+// failFrom fails the nth operation and every one after it.
+func failFrom(n int) func(fakeOp) error {
+	return func(op fakeOp) error {
+		if op.n >= n {
+			return fmt.Errorf("injected failure of operation %d (%s)", op.n, op.text)
+		}
+		return nil
+	}
+}
+
+// grace is a gracePeriod that logs itself among the map operations, and
+// can be failed like them.
+func (f *fakeMaps) grace() gracePeriod { return fakeGrace{f} }
+
+type fakeGrace struct{ f *fakeMaps }
+
+func (g fakeGrace) wait() error {
+	op := g.f.begin("grace period", "", "", nil)
+	if err := g.f.injected(op); err != nil {
+		return err
+	}
+	g.f.done(op)
+	return nil
 }
 
 func (f *fakeMaps) maps() Maps {
@@ -135,5 +200,185 @@ func dumpMaps(services map[lbSvcKey]lbSvcValue, slots map[lbSlotKey]uint32, back
 		lines = append(lines, fmt.Sprintf("backend %d %s/%s", id, k.Backend, k.Protocol))
 	}
 	sort.Strings(lines)
+	return strings.Join(lines, "\n") + "\n"
+}
+
+// checkNoHoles asserts invariant 3 of DESIGN.md on the fake maps' current
+// contents: every slot a program can pick exists and names an existing
+// backend of the right protocol.
+func checkNoHoles(f *fakeMaps) error {
+	for k, v := range f.services.entries {
+		for slot := uint32(0); slot < v.Count; slot++ {
+			id, ok := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
+			if !ok {
+				return fmt.Errorf("service %s: slot %d of %d missing", frontendFromKey(k), slot, v.Count)
+			}
+			b, ok := f.backends.entries[id]
+			if !ok {
+				return fmt.Errorf("service %s: slot %d names missing backend %d", frontendFromKey(k), slot, id)
+			}
+			if b.Proto != k.Proto {
+				return fmt.Errorf("service %s: slot %d names backend of protocol %d", frontendFromKey(k), slot, b.Proto)
+			}
+		}
+	}
+	return nil
+}
+
+// watchHoles makes every map operation check for holes, so a test fails on
+// the exact operation that would let a connect find one.
+func watchHoles(t *testing.T, f *fakeMaps) {
+	t.Helper()
+	var failed bool
+	f.onOp = append(f.onOp, func(op fakeOp) {
+		if err := checkNoHoles(f); err != nil && !failed {
+			failed = true
+			t.Errorf("hole after %q: %v", op.text, err)
+		}
+	})
+}
+
+// watchReaders models programs racing the reconciler. A program run reads a
+// service entry, then one of its slots, then that slot's backend, each at
+// any moment after the one before, and may still be running until a grace
+// period has passed since it began. So whatever a program could reach at
+// any moment since the last grace period may still be looked up: deleting
+// it fails the test, on the operation that did.
+func watchReaders(t *testing.T, f *fakeMaps) {
+	t.Helper()
+	slots := make(map[lbSlotKey]bool)
+	backends := make(map[uint32]bool)
+	observe := func() {
+		for _, v := range f.services.entries {
+			for slot := range v.Count {
+				slots[lbSlotKey{SvcId: v.Id, Slot: slot}] = true
+			}
+		}
+		for k := range slots {
+			if id, ok := f.slots.entries[k]; ok {
+				backends[id] = true
+			}
+		}
+	}
+	// Programs that began before the watch may have read anything there:
+	// a restarted proxy cannot know when its predecessor hid what it finds.
+	for k, id := range f.slots.entries {
+		slots[k] = true
+		backends[id] = true
+	}
+	observe()
+	var failed bool
+	f.onOp = append(f.onOp, func(op fakeOp) {
+		switch {
+		case op.kind == "grace period":
+			clear(slots)
+			clear(backends)
+		case op.kind == "delete" && op.mapName == "slots" && slots[op.key.(lbSlotKey)],
+			op.kind == "delete" && op.mapName == "backends" && backends[op.key.(uint32)]:
+			if !failed {
+				failed = true
+				t.Errorf("%q deletes what a program begun since the last grace period may still look up", op.text)
+			}
+		}
+		observe()
+	})
+}
+
+// checkCopy fails the test unless the reconciler's copy is exactly what the
+// fake maps hold, with each backend id's references and the ids in use
+// counted to match.
+func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
+	t.Helper()
+	services := make(map[lbSvcKey]lbSvcValue)
+	slots := make(map[lbSlotKey]uint32)
+	backends := make(map[uint32]lbBackendValue)
+	refs := make(map[uint32]int)
+	svcIDs := make(map[uint32]struct{})
+	addSlots := func(svc *appliedService) {
+		svcIDs[svc.id] = struct{}{}
+		for i, id := range svc.slots {
+			if id != 0 {
+				slots[lbSlotKey{SvcId: svc.id, Slot: uint32(i)}] = id
+				refs[id]++
+			}
+		}
+		for slot, id := range svc.hidden {
+			slots[lbSlotKey{SvcId: svc.id, Slot: slot}] = id
+			refs[id]++
+		}
+		if len(svc.hidden) > 0 && r.withHidden[svc.id] != svc {
+			t.Errorf("service id %d has hidden slots but is not indexed as such", svc.id)
+		}
+	}
+	for fe, svc := range r.services {
+		services[frontendKey(fe)] = lbSvcValue{Id: svc.id, Count: uint32(len(svc.slots))}
+		addSlots(svc)
+	}
+	for id, svc := range r.detached {
+		if id != svc.id || len(svc.slots) != 0 {
+			t.Errorf("detached service id %d has live slots %v", id, svc.slots)
+		}
+		addSlots(svc)
+	}
+	backendIDs := make(map[uint32]struct{})
+	for id, key := range r.backendKeys {
+		backends[id] = key.value()
+		backendIDs[id] = struct{}{}
+	}
+	for id := range refs {
+		backendIDs[id] = struct{}{}
+	}
+	if got, want := dumpMaps(services, slots, backends), f.dump(); got != want {
+		t.Errorf("the reconciler's copy differs from the maps\n--- copy\n%s--- maps\n%s", got, want)
+	}
+	if !maps.Equal(refs, r.refs) {
+		t.Errorf("reference counts %v, the slots hold %v", r.refs, refs)
+	}
+	if !maps.Equal(svcIDs, r.svcIDs.used) {
+		t.Errorf("service ids in use %v, want %v", slices.Sorted(maps.Keys(r.svcIDs.used)), slices.Sorted(maps.Keys(svcIDs)))
+	}
+	if !maps.Equal(backendIDs, r.backendIDs.used) {
+		t.Errorf("backend ids in use %v, want %v", slices.Sorted(maps.Keys(r.backendIDs.used)), slices.Sorted(maps.Keys(backendIDs)))
+	}
+	for key, id := range r.backends {
+		if r.backendKeys[id] != key {
+			t.Errorf("backend %s is pointed at id %d, which holds %s", key.Backend, id, r.backendKeys[id].Backend)
+		}
+	}
+}
+
+// liveSet lists the backends programs pick from for fe, sorted; ok is
+// false when fe is not a service.
+func liveSet(f *fakeMaps, fe model.Frontend) (backends []string, ok bool) {
+	v, ok := f.services.entries[frontendKey(fe)]
+	if !ok {
+		return nil, false
+	}
+	for slot := range v.Count {
+		id := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
+		b, found := f.backends.entries[id]
+		if !found {
+			backends = append(backends, fmt.Sprintf("<hole at slot %d>", slot))
+			continue
+		}
+		backends = append(backends, backendKeyFromValue(b).Backend.String())
+	}
+	slices.Sort(backends)
+	return backends, true
+}
+
+// served renders what the maps serve, without ids: each frontend and the
+// backends in its live slots, then how many entries each map holds, which
+// is more than that when garbage is left.
+func served(f *fakeMaps) string {
+	var lines []string
+	for k := range f.services.entries {
+		fe := frontendFromKey(k)
+		set, _ := liveSet(f, fe)
+		lines = append(lines, fmt.Sprintf("%s -> %s", fe, strings.Join(set, " ")))
+	}
+	sort.Strings(lines)
+	lines = append(lines, fmt.Sprintf("entries: %d services, %d slots, %d backends",
+		len(f.services.entries), len(f.slots.entries), len(f.backends.entries)))
 	return strings.Join(lines, "\n") + "\n"
 }

@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -344,4 +346,123 @@ func TestKernelFullMapNamesFlagAndKeepsServing(t *testing.T) {
 	if l := s.run(t, "tcp", "10.96.0.2:80", "1")[0]; strings.HasPrefix(l, "ok ") {
 		t.Errorf("the service that did not fit answers: %q", l)
 	}
+}
+
+// A Service shrinks, grows and changes backends in a tight loop while two
+// clients connect in a loop: no connect may fail, and no program may find a
+// slot or backend missing. A connect that read the old count, or a slot's
+// old backend, a moment before an update must still find what it read,
+// which only the grace period before each deletion ensures.
+func TestKernelChurnNeverLosesAConnect(t *testing.T) {
+	s := newKernelSetup(t, 8)
+	all := s.backends(8080, s.pods...)
+	rng := rand.New(rand.NewPCG(1, 2))
+	web := func(n int) model.ServicePort {
+		picked := slices.Clone(all)
+		rng.Shuffle(len(picked), func(i, j int) { picked[i], picked[j] = picked[j], picked[i] })
+		return servicePort("default", "web", "http", model.TCP, vip+":80", picked[:n]...)
+	}
+	s.sync(t, snapshot(true, web(6)))
+	loops := []*testnet.Loop{s.client.StartLoop(vip + ":80"), s.client.StartLoop(vip + ":80")}
+
+	// Hundreds of syncs between 1 and 6 backends, each a random subset of 8
+	// (so most also replace backends), for as long as it takes the clients
+	// to make thousands of connects.
+	const minSyncs, minConnects = 500, 5000
+	var results []string
+	syncs := 0
+	for syncs < minSyncs || len(results) < minConnects {
+		s.sync(t, snapshot(false, web(1+rng.IntN(6))))
+		syncs++
+		if syncs%50 == 0 {
+			for _, l := range loops {
+				results = append(results, l.Take(1)...)
+			}
+		}
+	}
+	for _, l := range loops {
+		l.Stop()
+		results = append(results, l.Take(0)...)
+	}
+	failed := 0
+	for _, l := range results {
+		if !strings.HasPrefix(l, "ok pod-") {
+			if failed < 5 {
+				t.Errorf("connect failed: %q", l)
+			}
+			failed++
+		}
+	}
+	events, err := s.dp.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d syncs, %d connects, %d failed; events %v", syncs, len(results), failed, events)
+	if events["refused_missing_slot"] != 0 {
+		t.Errorf("%d connects found a slot or backend missing, want 0", events["refused_missing_slot"])
+	}
+}
+
+// A proxy killed at the wrong moment can leave two backend ids holding one
+// backend, a slot pointing at the second. A restart must move the slot to
+// the id it keeps before it deletes the other: the slot never dangles.
+func TestKernelRestartResolvesDuplicateBackend(t *testing.T) {
+	s := newKernelSetup(t, 2)
+	snap := snapshot(true, servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...))
+	s.sync(t, snap)
+	s.dp.Close()
+
+	// Debris: backend id 100 holds what slot 0's backend holds, and slot 0
+	// points at it.
+	slots := openPinned(t, s.cfg.BPFFSPath, lbMapKbpSlots)
+	backends := openPinned(t, s.cfg.BPFFSPath, lbMapKbpBackends)
+	svcID := uint32(1)
+	key := lbSlotKey{SvcId: svcID, Slot: 0}
+	var id uint32
+	if err := slots.Lookup(&key, &id); err != nil {
+		t.Fatalf("reading slot 0 of service id %d: %v", svcID, err)
+	}
+	var b lbBackendValue
+	if err := backends.Lookup(&id, &b); err != nil {
+		t.Fatal(err)
+	}
+	dup := uint32(100)
+	if err := backends.Put(&dup, &b); err != nil {
+		t.Fatal(err)
+	}
+	if err := slots.Put(&key, &dup); err != nil {
+		t.Fatal(err)
+	}
+
+	restarted := s.open(t)
+	loop := s.client.StartLoop(vip + ":80")
+	if err := restarted.Sync(context.Background(), snap); err != nil {
+		t.Fatal(err)
+	}
+	testnet.AssertAllOK(t, "during the restart's sync", loop.Settle(), "pod-0", "pod-1")
+	testnet.AssertAllOK(t, "after it", loop.Take(50), "pod-0", "pod-1")
+	loop.Stop()
+	events, err := restarted.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if events["refused_missing_slot"] != 0 {
+		t.Errorf("%d connects found a slot or backend missing, want 0", events["refused_missing_slot"])
+	}
+	if _, n := restarted.Counts(); n != 2 {
+		t.Errorf("%d backends left, want 2: the duplicate must go once nothing holds it", n)
+	}
+	if err := slots.Lookup(&key, &id); err != nil || id == dup {
+		t.Errorf("slot 0 holds %d (%v), want the kept id", id, err)
+	}
+}
+
+func openPinned(t *testing.T, dir, name string) *ebpf.Map {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
 }

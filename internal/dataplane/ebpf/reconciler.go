@@ -3,72 +3,95 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 
 	"k8s.io/klog/v2"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
-// appliedService is what the kernel holds for one frontend.
+// appliedService is what the kernel holds under one service id: the count
+// in its frontend's entry, and every slot entry of the id.
 type appliedService struct {
 	id uint32
-	// slots[i] is the backend id in slot i; len(slots) is the count the
-	// programs read. 0 marks a slot found missing or dangling at restore,
-	// which the next sync rewrites.
+	// name is the service port last applied under this id, for errors; it
+	// is unknown for what a restart found.
+	name model.ServicePortName
+	// slots[i] is the backend id slot i holds; len(slots) is the count the
+	// programs read. 0 marks a slot missing from the kernel (found so at
+	// restore), which the next sync fills.
 	slots []uint32
-	// stale lists slot numbers at or past the count that are still in the
-	// kernel, left by a shrink that was interrupted; programs never read them.
-	stale []uint32
+	// hidden are slot entries no new program run can reach: at or past the
+	// count, or every slot once the frontend's entry is gone (slot number ->
+	// backend id). They are deleted one grace period after they were hidden.
+	hidden map[uint32]uint32
 }
 
-type appliedBackend struct {
-	id   uint32
-	refs int // services whose slots hold this backend
-}
-
-// reconciler owns the contents of the load-balancing maps. It keeps a copy of
-// what it wrote, diffs each snapshot against it and writes only the
-// difference, in an order that never lets a program find a hole:
+// reconciler owns the contents of the load-balancing maps. It keeps a copy
+// of them, exactly as the kernel holds them whatever write fails, diffs each
+// snapshot against it and writes only the difference, in an order that never
+// lets a program find a hole:
 //
 //  1. backends are written before any slot points at them;
 //  2. a service's slots are written before its count grows to cover them;
-//  3. a shrink writes the new count before deleting the surplus slots;
-//  4. a backend is deleted only once no slot references it.
+//  3. each service port changes all or nothing: writes that can fail for
+//     capacity (new keys) come first, while still invisible; overwrites of
+//     live entries come last and are undone if one fails;
+//  4. nothing a program could have read is deleted until an RCU grace period
+//     has passed since the write that hid it (a lower count, a deleted
+//     frontend, an overwritten slot): a connect that read the old count or
+//     the old backend id a moment before still finds what it read. One
+//     sync hides everything first, waits once, then deletes.
 //
 // Retained backends keep their slot, so one endpoint change costs a couple of
 // map writes whatever the size of the service.
 type reconciler struct {
 	maps        Maps
+	grace       gracePeriod
 	maxServices uint32
 	maxBackends uint32
 
-	services    map[model.Frontend]*appliedService
-	backends    map[backendKey]*appliedBackend
-	backendKeys map[uint32]backendKey
-	svcIDs      *idAllocator
-	backendIDs  *idAllocator
+	// services are the frontends in the kernel's service map.
+	services map[model.Frontend]*appliedService
+	// detached are service ids with slot entries but no frontend entry: a
+	// removed service whose slots await their grace period, a creation that
+	// failed before its entry was written, or what a restart found so.
+	detached map[uint32]*appliedService
+	// withHidden indexes the services and detached ids that have hidden slots.
+	withHidden map[uint32]*appliedService
 
-	// unreferenced holds backend ids whose reference count reached zero in
-	// this sync (or that were found unreferenced at restore): candidates for
-	// deletion once every service has been updated.
+	// backends maps each backend to the id slots are pointed at. A restart
+	// may find more ids holding one backend (debris of another process, two
+	// proxies overlapping in an upgrade for one): dupIDs keeps the others,
+	// which stay as long as a slot holds them.
+	backends    map[backendKey]uint32
+	dupIDs      map[backendKey][]uint32
+	backendKeys map[uint32]backendKey
+	// refs counts, per backend id, the slot entries in the kernel, live or
+	// hidden, that hold it. An id is deleted only at zero.
+	refs map[uint32]int
+	// unreferenced holds backend ids whose count reached zero, or that were
+	// written or found without one: candidates for deletion.
 	unreferenced map[uint32]struct{}
-	// orphanSlots are slots of service ids that have no service entry,
-	// found at restore (a creation interrupted before its count was written).
-	orphanSlots []lbSlotKey
+
+	svcIDs     *idAllocator
+	backendIDs *idAllocator
 
 	// owners records the frontends each Service had at the last sync, so
 	// that a partial snapshot can remove frontends its services dropped.
 	owners map[model.ServiceName][]model.Frontend
 
-	// reload asks the next sync to re-read the maps first: after a failed
-	// write the copy above may no longer match the kernel.
+	// reload asks the next sync to read the maps first: on start, and after
+	// reading them failed half-way.
 	reload bool
 }
 
-func newReconciler(maps Maps, maxServices, maxBackends uint32) *reconciler {
+func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32) *reconciler {
 	return &reconciler{
 		maps:        maps,
+		grace:       grace,
 		maxServices: maxServices,
 		maxBackends: maxBackends,
 		owners:      make(map[model.ServiceName][]model.Frontend),
@@ -77,34 +100,44 @@ func newReconciler(maps Maps, maxServices, maxBackends uint32) *reconciler {
 }
 
 // restore rebuilds the reconciler's copy from the maps, as a restarted proxy
-// finds them pinned, including the leftovers of a sync that died half-way.
+// finds them pinned, including the leftovers of a sync that died half-way:
+// every entry is recorded as what it is, and whatever no program can reach
+// is hidden already, to be deleted after the next grace period.
 func (r *reconciler) restore() error {
 	r.services = make(map[model.Frontend]*appliedService)
-	r.backends = make(map[backendKey]*appliedBackend)
+	r.detached = make(map[uint32]*appliedService)
+	r.withHidden = make(map[uint32]*appliedService)
+	r.backends = make(map[backendKey]uint32)
+	r.dupIDs = make(map[backendKey][]uint32)
 	r.backendKeys = make(map[uint32]backendKey)
+	r.refs = make(map[uint32]int)
+	r.unreferenced = make(map[uint32]struct{})
 	r.svcIDs = newIDAllocator(r.maxServices)
 	r.backendIDs = newIDAllocator(r.maxBackends)
-	r.unreferenced = make(map[uint32]struct{})
-	r.orphanSlots = nil
 
 	err := r.maps.Backends.Iterate(func(id uint32, v lbBackendValue) error {
 		key := backendKeyFromValue(v)
 		r.backendIDs.reserve(id)
 		r.backendKeys[id] = key
-		if existing, dup := r.backends[key]; dup {
-			// Two ids for one backend: keep the lower, let the other go
-			// once nothing points at it.
-			if id > existing.id {
-				r.unreferenced[id] = struct{}{}
-				return nil
-			}
-			r.unreferenced[existing.id] = struct{}{}
+		kept, dup := r.backends[key]
+		switch {
+		case !dup:
+			r.backends[key] = id
+		case id < kept:
+			// Slots are pointed at the lowest id; the others go once
+			// nothing holds them.
+			r.backends[key] = id
+			r.dupIDs[key] = append(r.dupIDs[key], kept)
+		default:
+			r.dupIDs[key] = append(r.dupIDs[key], id)
 		}
-		r.backends[key] = &appliedBackend{id: id}
 		return nil
 	})
 	if err != nil {
 		return err
+	}
+	for _, ids := range r.dupIDs {
+		slices.Sort(ids)
 	}
 
 	byID := make(map[uint32]*appliedService)
@@ -120,14 +153,24 @@ func (r *reconciler) restore() error {
 	}
 
 	err = r.maps.Slots.Iterate(func(k lbSlotKey, backendID uint32) error {
-		svc, ok := byID[k.SvcId]
-		switch {
-		case !ok:
-			r.orphanSlots = append(r.orphanSlots, k)
-		case k.Slot >= uint32(len(svc.slots)):
-			svc.stale = append(svc.stale, k.Slot)
-		default:
+		svc := byID[k.SvcId]
+		if svc == nil {
+			// Slots without a frontend: an interrupted removal or creation.
+			svc = &appliedService{id: k.SvcId}
+			byID[k.SvcId] = svc
+			r.detached[k.SvcId] = svc
+			r.svcIDs.reserve(k.SvcId)
+		}
+		if k.Slot < uint32(len(svc.slots)) {
 			svc.slots[k.Slot] = backendID
+		} else {
+			r.hide(svc, k.Slot, backendID)
+		}
+		if backendID != 0 {
+			r.refs[backendID]++
+			// A slot naming a missing backend keeps the id from reuse
+			// until it is rewritten.
+			r.backendIDs.reserve(backendID)
 		}
 		return nil
 	})
@@ -135,39 +178,24 @@ func (r *reconciler) restore() error {
 		return err
 	}
 
-	for _, svc := range r.services {
-		slices.Sort(svc.stale)
-		for i, id := range svc.slots {
-			key, ok := r.backendKeys[id]
-			if !ok {
-				svc.slots[i] = 0 // dangling: rewritten by the next sync
-				continue
-			}
-			// Resolve duplicates to the id that was kept.
-			svc.slots[i] = r.backends[key].id
-		}
-		for _, id := range uniqueIDs(svc.slots) {
-			r.backends[r.backendKeys[id]].refs++
+	for id := range r.backendKeys {
+		if r.refs[id] == 0 {
+			r.unreferenced[id] = struct{}{}
 		}
 	}
-	for _, b := range r.backends {
-		if b.refs == 0 {
-			r.unreferenced[b.id] = struct{}{}
-		}
-	}
-	slices.SortFunc(r.orphanSlots, compareSlotKeys)
 	r.reload = false
 	klog.V(2).InfoS("Read BPF load-balancing maps", "services", len(r.services),
-		"backends", len(r.backendKeys), "orphanSlots", len(r.orphanSlots))
+		"backends", len(r.backendKeys), "detachedServiceIDs", len(r.detached), "withHiddenSlots", len(r.withHidden))
 	return nil
 }
 
-// sync applies a snapshot. Services that fail are left as they were in the
-// kernel and reported in the returned error; the others are applied.
+// sync applies a snapshot. Service ports that fail are left as they were in
+// the kernel and reported in the returned *dataplane.SyncError; the others
+// are applied.
 func (r *reconciler) sync(snap *model.Snapshot) error {
 	if r.reload {
 		if err := r.restore(); err != nil {
-			return fmt.Errorf("reading BPF maps: %w", err)
+			return &dataplane.SyncError{Err: fmt.Errorf("reading BPF maps: %w", err)}
 		}
 	}
 
@@ -203,11 +231,11 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 	}
 	slices.SortFunc(remove, compareFrontends)
 
-	var errs []error
-	// Removals first: they free ids and map entries that additions may need.
+	var failed []*dataplane.ServiceError
 	for _, fe := range remove {
+		name := r.services[fe].name
 		if err := r.removeService(fe); err != nil {
-			errs = append(errs, fmt.Errorf("removing frontend %s: %w", fe, err))
+			failed = append(failed, serviceError(name, fe, fmt.Errorf("removing: %w", err)))
 		}
 	}
 	frontends := make([]model.Frontend, 0, len(desired))
@@ -215,14 +243,33 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		frontends = append(frontends, fe)
 	}
 	slices.SortFunc(frontends, compareFrontends)
+	var full []*dataplane.ServiceError
 	for _, fe := range frontends {
-		if err := r.applyService(desired[fe]); err != nil {
-			errs = append(errs, fmt.Errorf("service port %s (%s): %w", desired[fe].Name, fe, err))
+		p := desired[fe]
+		if err := r.applyService(p); err != nil {
+			se := serviceError(p.Name, fe, err)
+			if se.Reason == dataplane.ReasonMapFull {
+				full = append(full, se)
+			} else {
+				failed = append(failed, se)
+			}
 		}
 	}
-	if err := r.collectGarbage(); err != nil {
-		errs = append(errs, err)
+	freed, gcErr := r.collectGarbage()
+	if len(full) > 0 && freed {
+		// Removals and shrinks free entries and ids only after their grace
+		// period: what did not fit gets a second chance once they are gone.
+		retried := full
+		full = nil
+		for _, se := range retried {
+			if err := r.applyService(desired[se.Frontend]); err != nil {
+				full = append(full, serviceError(se.Service, se.Frontend, err))
+			}
+		}
+		_, err := r.collectGarbage()
+		gcErr = errors.Join(gcErr, err)
 	}
+	failed = append(failed, full...)
 
 	if snap.Full {
 		clear(r.owners)
@@ -239,83 +286,46 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		r.owners[name] = fes
 	}
 
-	if len(errs) > 0 {
-		r.reload = true
-		return errors.Join(errs...)
+	if len(failed) == 0 && gcErr == nil {
+		return nil
 	}
-	return nil
+	slices.SortFunc(failed, func(a, b *dataplane.ServiceError) int { return compareFrontends(a.Frontend, b.Frontend) })
+	if gcErr != nil {
+		gcErr = fmt.Errorf("collecting garbage: %w", gcErr)
+	}
+	return &dataplane.SyncError{Services: failed, Err: gcErr}
 }
 
+func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dataplane.ServiceError {
+	reason := dataplane.ReasonWriteFailed
+	if errors.Is(err, ErrMapFull) {
+		reason = dataplane.ReasonMapFull
+	}
+	return &dataplane.ServiceError{Service: name, Frontend: fe, Reason: reason, Err: err}
+}
 func (r *reconciler) applyService(p *model.ServicePort) error {
 	fe := p.ClusterIP
 	ids, err := r.ensureBackends(p.Backends, fe.Protocol)
 	if err != nil {
 		return err
 	}
-
-	cur := r.services[fe]
-	isNew := cur == nil
-	if isNew {
-		id, err := r.svcIDs.allocate()
-		if err != nil {
-			return fmt.Errorf("%w: no free service id (%v); raise --%s", ErrMapFull, err, FlagMaxServices)
-		}
-		cur = &appliedService{id: id}
+	svc := r.services[fe]
+	if svc == nil {
+		return r.createService(p, uniqueIDs(ids))
 	}
-	newSlots := layoutSlots(cur.slots, ids)
-
-	// Slots first: past the current count they are invisible, below it each
-	// write swaps one valid backend for another.
-	for i, id := range newSlots {
-		if i < len(cur.slots) && cur.slots[i] == id {
-			continue
-		}
-		if err := r.maps.Slots.Update(lbSlotKey{SvcId: cur.id, Slot: uint32(i)}, id); err != nil {
-			if isNew {
-				r.svcIDs.release(cur.id)
-			}
-			return err
-		}
-	}
-	if isNew || len(newSlots) != len(cur.slots) {
-		v := lbSvcValue{Id: cur.id, Count: uint32(len(newSlots))}
-		if err := r.maps.Services.Update(frontendKey(fe), v); err != nil {
-			if isNew {
-				r.svcIDs.release(cur.id)
-			}
-			return err
-		}
-	}
-	// The count now excludes the surplus: delete it.
-	for i := len(newSlots); i < len(cur.slots); i++ {
-		if err := r.maps.Slots.Delete(lbSlotKey{SvcId: cur.id, Slot: uint32(i)}); err != nil {
-			return err
-		}
-	}
-	for _, slot := range cur.stale {
-		if int(slot) < len(newSlots) {
-			continue // overwritten above
-		}
-		if err := r.maps.Slots.Delete(lbSlotKey{SvcId: cur.id, Slot: slot}); err != nil {
-			return err
-		}
-	}
-
-	r.retarget(cur.slots, newSlots)
-	cur.slots = newSlots
-	cur.stale = nil
-	r.services[fe] = cur
-	return nil
+	svc.name = p.Name
+	return r.updateService(fe, svc, layoutSlots(svc.slots, ids))
 }
 
 // ensureBackends returns the ids of the given backends, writing entries for
-// the ones the kernel does not have yet.
+// the ones the kernel does not have yet. New entries are invisible until a
+// slot points at them.
 func (r *reconciler) ensureBackends(backends []model.Backend, proto model.Protocol) ([]uint32, error) {
 	ids := make([]uint32, 0, len(backends))
 	for _, b := range backends {
 		key := backendKey{Backend: b, Protocol: proto}
-		if ab := r.backends[key]; ab != nil {
-			ids = append(ids, ab.id)
+		if id, ok := r.backends[key]; ok {
+			ids = append(ids, id)
 			continue
 		}
 		id, err := r.backendIDs.allocate()
@@ -326,94 +336,292 @@ func (r *reconciler) ensureBackends(backends []model.Backend, proto model.Protoc
 			r.backendIDs.release(id)
 			return nil, err
 		}
-		r.backends[key] = &appliedBackend{id: id}
+		r.backends[key] = id
 		r.backendKeys[id] = key
-		// Unreferenced until a service takes it; collected if none does.
+		// Unreferenced until a slot takes it; collected if none does.
 		r.unreferenced[id] = struct{}{}
 		ids = append(ids, id)
 	}
 	return ids, nil
 }
 
-// retarget moves backend reference counts from the old slot set to the new,
-// in time linear in the size of the service.
-func (r *reconciler) retarget(oldSlots, newSlots []uint32) {
-	inOld := idSet(oldSlots)
-	inNew := idSet(newSlots)
-	for id := range inNew {
-		if !inOld[id] {
-			r.backends[r.backendKeys[id]].refs++
+// createService writes a new service port: its slots under a fresh id, then
+// the frontend's entry, the one write that makes it visible.
+func (r *reconciler) createService(p *model.ServicePort, ids []uint32) error {
+	id, err := r.svcIDs.allocate()
+	if err != nil {
+		return fmt.Errorf("%w: no free service id (%v); raise --%s", ErrMapFull, err, FlagMaxServices)
+	}
+	// Until the frontend's entry exists the id's slots are detached, and
+	// collected if the entry cannot be written.
+	svc := &appliedService{id: id, name: p.Name}
+	r.detached[id] = svc
+	for i, b := range ids {
+		if err := r.setSlot(svc, uint32(i), b); err != nil {
+			return err
 		}
 	}
-	for id := range inOld {
-		if inNew[id] {
+	if err := r.setCount(p.ClusterIP, svc, len(ids)); err != nil {
+		return err
+	}
+	delete(r.detached, id)
+	r.services[p.ClusterIP] = svc
+	return nil
+}
+
+// slotWrite is an overwrite of a live slot, kept to undo it.
+type slotWrite struct {
+	slot uint32
+	old  uint32
+}
+
+// updateService moves a service port from its slots to want, all or
+// nothing as far as the kernel allows.
+func (r *reconciler) updateService(fe model.Frontend, svc *appliedService, want []uint32) error {
+	n0, n1 := len(svc.slots), len(want)
+	live := min(n0, n1)
+	// A live slot that is missing or names no backend is a hole already
+	// (found so at restore): filling it only helps, and is never undone.
+	for i := range live {
+		if want[i] != svc.slots[i] && !r.isBackend(svc.slots[i]) {
+			if err := r.setSlot(svc, uint32(i), want[i]); err != nil {
+				return err
+			}
+		}
+	}
+	// Slots past the count are invisible: these writes, of new keys and
+	// so the ones that fail when the map is full, go first.
+	for i := n0; i < n1; i++ {
+		if id, ok := svc.hidden[uint32(i)]; ok && id == want[i] {
 			continue
 		}
-		b := r.backends[r.backendKeys[id]]
-		b.refs--
-		if b.refs == 0 {
-			r.unreferenced[id] = struct{}{}
+		if err := r.setSlot(svc, uint32(i), want[i]); err != nil {
+			return err
 		}
+	}
+	// Live slots, each write swapping one valid backend for another. A full
+	// hash map still takes the overwrite of an existing key (hashtab.c's
+	// alloc_htab_elem skips the max_entries check when it replaces an
+	// element), but our maps allocate on update (BPF_F_NO_PREALLOC), which
+	// can fail: then the overwrites made so far are undone.
+	var done []slotWrite
+	for i := range live {
+		old := svc.slots[i]
+		if old == want[i] {
+			continue
+		}
+		if err := r.setSlot(svc, uint32(i), want[i]); err != nil {
+			return r.undo(svc, done, err)
+		}
+		done = append(done, slotWrite{slot: uint32(i), old: old})
+	}
+	// The count last: it shows the new slots, or hides the surplus.
+	if n1 != n0 {
+		if err := r.setCount(fe, svc, n1); err != nil {
+			return r.undo(svc, done, err)
+		}
+	}
+	return nil
+}
+
+// undo puts back the live slots a failed update overwrote. A write that
+// fails here too leaves its slot on the new backend, valid and recorded as
+// such: the port then serves a mix of its old and new backends until a
+// later sync completes it.
+func (r *reconciler) undo(svc *appliedService, done []slotWrite, cause error) error {
+	var errs []error
+	for _, w := range slices.Backward(done) {
+		if err := r.setSlot(svc, w.slot, w.old); err != nil {
+			errs = append(errs, fmt.Errorf("restoring slot %d: %w", w.slot, err))
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%w; undoing the slots already written failed too, the port serves a mix of old and new backends: %w",
+			cause, errors.Join(errs...))
+	}
+	return cause
+}
+
+// setSlot points a slot of svc at a backend id, and records it once the
+// kernel has taken it: the copy stays the kernel's whatever fails.
+func (r *reconciler) setSlot(svc *appliedService, slot, id uint32) error {
+	if err := r.maps.Slots.Update(lbSlotKey{SvcId: svc.id, Slot: slot}, id); err != nil {
+		return err
+	}
+	var old uint32
+	if slot < uint32(len(svc.slots)) {
+		old, svc.slots[slot] = svc.slots[slot], id
+	} else {
+		old = svc.hidden[slot]
+		r.hide(svc, slot, id)
+	}
+	r.ref(id)
+	r.unref(old)
+	return nil
+}
+
+// setCount writes the frontend's entry of svc with count n: the write that
+// shows the slots below n to programs, and hides those past it.
+func (r *reconciler) setCount(fe model.Frontend, svc *appliedService, n int) error {
+	if err := r.maps.Services.Update(frontendKey(fe), lbSvcValue{Id: svc.id, Count: uint32(n)}); err != nil {
+		return err
+	}
+	r.recount(svc, n)
+	return nil
+}
+
+// recount records that programs now read n slots of svc.
+func (r *reconciler) recount(svc *appliedService, n int) {
+	for i := n; i < len(svc.slots); i++ {
+		if id := svc.slots[i]; id != 0 {
+			r.hide(svc, uint32(i), id)
+		}
+	}
+	if n < len(svc.slots) {
+		svc.slots = svc.slots[:n:n]
+	}
+	for i := uint32(len(svc.slots)); i < uint32(n); i++ {
+		id := svc.hidden[i] // written before the count, by the callers' order
+		delete(svc.hidden, i)
+		svc.slots = append(svc.slots, id)
+	}
+	if len(svc.hidden) == 0 {
+		delete(r.withHidden, svc.id)
 	}
 }
 
+func (r *reconciler) hide(svc *appliedService, slot, id uint32) {
+	if svc.hidden == nil {
+		svc.hidden = make(map[uint32]uint32)
+	}
+	svc.hidden[slot] = id
+	r.withHidden[svc.id] = svc
+}
+
+func (r *reconciler) ref(id uint32) {
+	if id != 0 {
+		r.refs[id]++
+	}
+}
+
+func (r *reconciler) unref(id uint32) {
+	if id == 0 {
+		return
+	}
+	if r.refs[id]--; r.refs[id] <= 0 {
+		delete(r.refs, id)
+		r.unreferenced[id] = struct{}{}
+	}
+}
+
+func (r *reconciler) isBackend(id uint32) bool {
+	_, ok := r.backendKeys[id]
+	return ok
+}
+
+// removeService deletes a frontend's entry, the write that hides its slots
+// from new program runs; they, and the id, go after the grace period.
 func (r *reconciler) removeService(fe model.Frontend) error {
-	cur := r.services[fe]
-	// The frontend goes first: from then on no program reads its slots.
+	svc := r.services[fe]
 	if err := r.maps.Services.Delete(frontendKey(fe)); err != nil {
 		return err
 	}
-	for i := range cur.slots {
-		if err := r.maps.Slots.Delete(lbSlotKey{SvcId: cur.id, Slot: uint32(i)}); err != nil {
-			return err
-		}
-	}
-	for _, slot := range cur.stale {
-		if err := r.maps.Slots.Delete(lbSlotKey{SvcId: cur.id, Slot: slot}); err != nil {
-			return err
-		}
-	}
-	r.retarget(cur.slots, nil)
-	r.svcIDs.release(cur.id)
 	delete(r.services, fe)
+	r.recount(svc, 0)
+	r.detached[svc.id] = svc
 	return nil
 }
 
-// collectGarbage deletes what no service references any more: backends last,
-// after every slot that pointed at them is gone.
-func (r *reconciler) collectGarbage() error {
-	for _, k := range r.orphanSlots {
-		if err := r.maps.Slots.Delete(k); err != nil {
-			return fmt.Errorf("removing orphaned slot: %w", err)
+// needsGrace reports whether collecting garbage will delete anything from
+// the kernel.
+func (r *reconciler) needsGrace() bool {
+	if len(r.withHidden) > 0 {
+		return true
+	}
+	for id := range r.unreferenced {
+		if r.refs[id] == 0 && r.isBackend(id) {
+			return true
 		}
 	}
-	r.orphanSlots = nil
-	ids := make([]uint32, 0, len(r.unreferenced))
-	for id := range r.unreferenced {
-		ids = append(ids, id)
+	return false
+}
+
+// collectGarbage deletes what no program can reach any more, after one grace
+// period that began once all of it was hidden: hidden slots, then the
+// backends no slot holds. Entries it fails to delete stay recorded, and are
+// retried by the next sync. It reports whether it freed entries or ids.
+func (r *reconciler) collectGarbage() (freed bool, err error) {
+	if r.needsGrace() {
+		if err := r.grace.wait(); err != nil {
+			return false, fmt.Errorf("waiting for running BPF programs before deleting: %w", err)
+		}
 	}
-	slices.Sort(ids)
-	for _, id := range ids {
-		key, ok := r.backendKeys[id]
-		if !ok {
+	var errs []error
+	for _, svcID := range slices.Sorted(maps.Keys(r.withHidden)) {
+		svc := r.withHidden[svcID]
+		for _, slot := range slices.Sorted(maps.Keys(svc.hidden)) {
+			if err := r.maps.Slots.Delete(lbSlotKey{SvcId: svcID, Slot: slot}); err != nil {
+				errs = append(errs, fmt.Errorf("deleting slot %d of service id %d: %w", slot, svcID, err))
+				continue
+			}
+			id := svc.hidden[slot]
+			delete(svc.hidden, slot)
+			r.unref(id)
+			freed = true
+		}
+		if len(svc.hidden) == 0 {
+			delete(r.withHidden, svcID)
+		}
+	}
+	for id, svc := range r.detached {
+		if len(svc.hidden) == 0 {
+			delete(r.detached, id)
+			r.svcIDs.release(id)
+			freed = true
+		}
+	}
+	for _, id := range slices.Sorted(maps.Keys(r.unreferenced)) {
+		if r.refs[id] > 0 {
 			delete(r.unreferenced, id)
 			continue
 		}
-		if b := r.backends[key]; b.id == id && b.refs > 0 {
+		key, ok := r.backendKeys[id]
+		if !ok {
+			// A missing backend a restored slot named, held by none now.
 			delete(r.unreferenced, id)
+			r.backendIDs.release(id)
 			continue
 		}
 		if err := r.maps.Backends.Delete(id); err != nil {
-			return fmt.Errorf("removing unused backend %s: %w", key.Backend, err)
+			errs = append(errs, fmt.Errorf("deleting unused backend %s: %w", key.Backend, err))
+			continue
 		}
-		if r.backends[key].id == id {
-			delete(r.backends, key)
-		}
-		delete(r.backendKeys, id)
-		r.backendIDs.release(id)
+		r.forgetBackend(id, key)
 		delete(r.unreferenced, id)
+		freed = true
 	}
-	return nil
+	return freed, errors.Join(errs...)
+}
+
+// forgetBackend records the deletion of a backend id.
+func (r *reconciler) forgetBackend(id uint32, key backendKey) {
+	delete(r.backendKeys, id)
+	r.backendIDs.release(id)
+	others := r.dupIDs[key]
+	if r.backends[key] == id {
+		delete(r.backends, key)
+		if len(others) > 0 {
+			// Another id still holds the backend: slots are pointed at it.
+			r.backends[key], others = others[0], others[1:]
+		}
+	} else {
+		others = slices.DeleteFunc(others, func(o uint32) bool { return o == id })
+	}
+	if len(others) == 0 {
+		delete(r.dupIDs, key)
+	} else {
+		r.dupIDs[key] = others
+	}
 }
 
 // counts reports what the maps hold, for metrics.
@@ -453,17 +661,6 @@ func layoutSlots(old, want []uint32) []uint32 {
 	return out
 }
 
-// idSet returns the non-zero ids as a set.
-func idSet(ids []uint32) map[uint32]bool {
-	set := make(map[uint32]bool, len(ids))
-	for _, id := range ids {
-		if id != 0 {
-			set[id] = true
-		}
-	}
-	return set
-}
-
 // uniqueIDs returns the non-zero ids in order of first appearance.
 func uniqueIDs(ids []uint32) []uint32 {
 	out := make([]uint32, 0, len(ids))
@@ -485,13 +682,6 @@ func compareFrontends(a, b model.Frontend) int {
 		return int(a.Port) - int(b.Port)
 	}
 	return int(a.Protocol) - int(b.Protocol)
-}
-
-func compareSlotKeys(a, b lbSlotKey) int {
-	if a.SvcId != b.SvcId {
-		return int(a.SvcId) - int(b.SvcId)
-	}
-	return int(a.Slot) - int(b.Slot)
 }
 
 func sortedServiceNames(m map[model.ServiceName][]model.ServicePort) []model.ServiceName {

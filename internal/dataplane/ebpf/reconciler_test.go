@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
@@ -43,46 +44,11 @@ var (
 	withDeleted = apitest.Deleted
 )
 
-// checkNoHoles asserts invariant 3 of DESIGN.md on the fake maps' current
-// contents: every slot a program can pick exists and names an existing
-// backend of the right protocol.
-func checkNoHoles(f *fakeMaps) error {
-	for k, v := range f.services.entries {
-		for slot := uint32(0); slot < v.Count; slot++ {
-			id, ok := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
-			if !ok {
-				return fmt.Errorf("service %s: slot %d of %d missing", frontendFromKey(k), slot, v.Count)
-			}
-			b, ok := f.backends.entries[id]
-			if !ok {
-				return fmt.Errorf("service %s: slot %d names missing backend %d", frontendFromKey(k), slot, id)
-			}
-			if b.Proto != k.Proto {
-				return fmt.Errorf("service %s: slot %d names backend of protocol %d", frontendFromKey(k), slot, b.Proto)
-			}
-		}
-	}
-	return nil
-}
-
-// watchHoles makes every map operation check for holes, so a test fails on
-// the exact operation that would let a racing connect find one.
-func watchHoles(t *testing.T, f *fakeMaps) {
-	t.Helper()
-	var failed bool
-	verify := func() {
-		if err := checkNoHoles(f); err != nil && !failed {
-			failed = true
-			t.Errorf("hole after %q: %v", f.log[len(f.log)-1], err)
-		}
-	}
-	f.onOp = verify
-}
-
 func TestReconcilerLifecycle(t *testing.T) {
 	f := newFakeMaps(16, 64)
 	watchHoles(t, f)
-	r := newReconciler(f.maps(), 16, 64)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
 
 	web := func(backends ...string) model.ServicePort {
 		return servicePort("default", "web", "http", model.TCP, "10.96.0.10:80", backends...)
@@ -118,7 +84,7 @@ func TestReconcilerLifecycle(t *testing.T) {
 
 	// A restarted proxy adopts the pinned maps and rewrites nothing.
 	before := f.dump()
-	restarted := newReconciler(f.maps(), 16, 64)
+	restarted := newReconciler(f.maps(), f.grace(), 16, 64)
 	if err := restarted.sync(snapshot(true, threeWeb)); err != nil {
 		t.Fatalf("restart: %v", err)
 	}
@@ -142,7 +108,7 @@ func TestReconcilerLifecycle(t *testing.T) {
 
 func TestReconcilerPartialSyncTouchesOnlyChangedService(t *testing.T) {
 	f := newFakeMaps(1024, 4096)
-	r := newReconciler(f.maps(), 1024, 4096)
+	r := newReconciler(f.maps(), f.grace(), 1024, 4096)
 	var all []model.ServicePort
 	for i := range 100 {
 		all = append(all, servicePort("ns", fmt.Sprintf("svc-%d", i), "", model.TCP,
@@ -173,21 +139,21 @@ func TestReconcilerPartialSyncTouchesOnlyChangedService(t *testing.T) {
 func TestReconcilerFullMapKeepsServingWhatFits(t *testing.T) {
 	f := newFakeMaps(2, 64)
 	watchHoles(t, f)
-	r := newReconciler(f.maps(), 2, 64)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 2, 64)
 	a := servicePort("ns", "a", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80")
 	b := servicePort("ns", "b", "", model.TCP, "10.96.0.2:80", "10.244.0.2:80")
 	c := servicePort("ns", "c", "", model.TCP, "10.96.0.3:80", "10.244.0.3:80")
 
 	err := r.sync(snapshot(true, a, b, c))
-	if !errors.Is(err, ErrMapFull) {
-		t.Fatalf("sync of 3 services into 2 entries: got %v, want ErrMapFull", err)
+	failed, only := dataplane.OnlyServicesFailed(err)
+	if !only || len(failed) != 1 || failed[0].Service != c.Name || failed[0].Reason != dataplane.ReasonMapFull {
+		t.Fatalf("sync of 3 services into 2 entries: got %v, want a SyncError with %s alone, for %s", err, c.Name, dataplane.ReasonMapFull)
 	}
-	if !strings.Contains(err.Error(), "--"+FlagMaxServices) {
-		t.Errorf("error %q does not name the flag to raise", err)
+	if !errors.Is(err, ErrMapFull) || !strings.Contains(err.Error(), "--"+FlagMaxServices) {
+		t.Errorf("error %q is not ErrMapFull naming the flag to raise", err)
 	}
-	if !strings.Contains(err.Error(), "ns/c") {
-		t.Errorf("error %q does not name the service that did not fit", err)
-	}
+	t.Logf("the error a user sees: %v", err)
 	for _, fe := range []model.Frontend{a.ClusterIP, b.ClusterIP} {
 		if _, ok := f.services.entries[frontendKey(fe)]; !ok {
 			t.Errorf("%s fitted but is not served", fe)
@@ -196,6 +162,7 @@ func TestReconcilerFullMapKeepsServingWhatFits(t *testing.T) {
 	if len(f.services.entries) != 2 {
 		t.Errorf("services map holds %d entries, want 2", len(f.services.entries))
 	}
+	checkCopy(t, r, f)
 	// The leftover backend of the failed service is not leaked.
 	if err := r.sync(snapshot(true, a, b)); err != nil {
 		t.Fatalf("sync of what fits: %v", err)
@@ -205,10 +172,67 @@ func TestReconcilerFullMapKeepsServingWhatFits(t *testing.T) {
 	}
 }
 
+// A sync that replaces and adds backends into a slot map with room for only
+// some of them fails for that port, which keeps serving its old backends:
+// retried, it fails the same way without losing any.
+func TestReconcilerFullSlotMapLeavesPortAsItWas(t *testing.T) {
+	f := newFakeMaps(16, 7)
+	watchHoles(t, f)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 16, 7)
+	web := func(b ...string) model.ServicePort {
+		return servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", b...)
+	}
+	// other shares web's backends, so the slot map fills before the backend
+	// map: 6 of 7 slots, 3 of 7 backends.
+	other := servicePort("ns", "other", "", model.TCP, "10.96.0.2:80", "10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80")
+	if err := r.sync(snapshot(true, other, web("10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80"))); err != nil {
+		t.Fatal(err)
+	}
+	before := served(f)
+	// Replace one, add two: three slots to write, one free.
+	grown := web("10.244.0.1:80", "10.244.0.4:80", "10.244.0.3:80", "10.244.0.5:80", "10.244.0.6:80")
+	for retry := range 3 {
+		err := r.sync(snapshot(true, other, grown))
+		failed, only := dataplane.OnlyServicesFailed(err)
+		if !only || len(failed) != 1 || failed[0].Service != grown.Name || failed[0].Reason != dataplane.ReasonMapFull {
+			t.Fatalf("try %d: got %v, want a SyncError for %s alone, %s", retry, err, grown.Name, dataplane.ReasonMapFull)
+		}
+		checkCopy(t, r, f)
+		if got := served(f); got != before {
+			t.Fatalf("try %d: serving\n%swant, as before\n%s", retry, got, before)
+		}
+	}
+}
+
+// A removed service frees its entries and id only after the grace period,
+// at the end of the sync: what did not fit before then gets a second chance
+// in the same sync.
+func TestReconcilerRemovalMakesRoomInTheSameSync(t *testing.T) {
+	f := newFakeMaps(2, 4)
+	watchHoles(t, f)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 2, 4)
+	a := servicePort("ns", "a", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80", "10.244.0.2:80")
+	b := servicePort("ns", "b", "", model.TCP, "10.96.0.2:80", "10.244.0.3:80")
+	c := servicePort("ns", "c", "", model.TCP, "10.96.0.3:80", "10.244.0.4:80", "10.244.0.5:80")
+	if err := r.sync(snapshot(true, a, b)); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.sync(snapshot(true, b, c)); err != nil {
+		t.Fatalf("replacing a by c at capacity: %v", err)
+	}
+	checkCopy(t, r, f)
+	want := "10.96.0.2:80/TCP -> 10.244.0.3:80\n10.96.0.3:80/TCP -> 10.244.0.4:80 10.244.0.5:80\nentries: 2 services, 3 slots, 3 backends\n"
+	if got := served(f); got != want {
+		t.Errorf("serving\n%swant\n%s", got, want)
+	}
+}
+
 func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 	f := newFakeMaps(16, 64)
 	watchHoles(t, f)
-	r := newReconciler(f.maps(), 16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
 	three := servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80", "10.244.0.2:80", "10.244.0.3:80")
 	if err := r.sync(snapshot(true, three)); err != nil {
 		t.Fatal(err)
@@ -218,8 +242,8 @@ func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 
 	// The last new slot fails: the count must stay 3 and nothing dangle.
 	injected := errors.New("injected failure")
-	f.slots.failUpdate = func(k lbSlotKey, _ uint32) error {
-		if k.Slot == 4 {
+	f.fail = func(op fakeOp) error {
+		if k, ok := op.key.(lbSlotKey); ok && op.kind == "update" && k.Slot == 4 {
 			return injected
 		}
 		return nil
@@ -231,7 +255,7 @@ func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 		t.Errorf("count after failed scale-up = %d, want 3 (unchanged)", got)
 	}
 
-	f.slots.failUpdate = nil
+	f.fail = nil
 	if err := r.sync(snapshot(true, five)); err != nil {
 		t.Fatalf("retry: %v", err)
 	}
@@ -244,10 +268,11 @@ func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 }
 
 // A proxy killed half-way through a sync leaves debris; the next one must
-// adopt what is right and clean up the rest.
+// adopt what is right and clean up the rest, deleting nothing before a grace
+// period: the killed proxy may have hidden it a moment ago.
 func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
 	f := newFakeMaps(16, 64)
-	r := newReconciler(f.maps(), 16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
 	web := servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80", "10.244.0.2:80")
 	if err := r.sync(snapshot(true, web)); err != nil {
 		t.Fatal(err)
@@ -260,12 +285,93 @@ func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
 	f.slots.entries[lbSlotKey{SvcId: 99, Slot: 0}] = 1
 	f.backends.entries[42] = backendKey{Backend: model.Backend{IP: netip.MustParseAddr("10.244.9.9"), Port: 80}, Protocol: model.TCP}.value()
 	f.takeLog()
+	watchHoles(t, f)
+	watchReaders(t, f)
 
-	restarted := newReconciler(f.maps(), 16, 64)
+	restarted := newReconciler(f.maps(), f.grace(), 16, 64)
 	if err := restarted.sync(snapshot(true, web)); err != nil {
 		t.Fatal(err)
 	}
+	checkCopy(t, restarted, f)
 	checkGolden(t, "restore-leftovers.golden", strings.Join(f.takeLog(), "\n")+"\n# maps\n"+f.dump())
+}
+
+// A proxy killed between writing a backend and recording it can leave two
+// ids holding one backend, a slot on either. The copy records the id each
+// slot really holds: a sync moves slots to the id it keeps before deleting
+// the other, and an id a slot still holds is never deleted.
+func TestReconcilerRestoreDuplicateBackends(t *testing.T) {
+	web := servicePort("ns", "web", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80", "10.244.0.2:80")
+	other := servicePort("ns", "other", "", model.TCP, "10.96.0.2:80", "10.244.0.3:80")
+	otherGrown := servicePort("ns", "other", "", model.TCP, "10.96.0.2:80", "10.244.0.3:80", "10.244.0.4:80")
+	api := servicePort("ns", "api", "", model.TCP, "10.96.0.3:80", "10.244.0.1:80")
+	webSlot0 := lbSlotKey{SvcId: 1, Slot: 0}
+
+	tests := []struct {
+		name  string
+		syncs []*model.Snapshot
+		check func(t *testing.T, f *fakeMaps)
+		want  string
+	}{
+		{
+			name:  "a full sync moves the slot to the kept id, then deletes the duplicates",
+			syncs: []*model.Snapshot{snapshot(true, web, other)},
+			check: func(t *testing.T, f *fakeMaps) {
+				if id := f.slots.entries[webSlot0]; id != 1 {
+					t.Errorf("web's slot 0 holds id %d, want the kept id 1", id)
+				}
+			},
+			want: "10.96.0.1:80/TCP -> 10.244.0.1:80 10.244.0.2:80\n10.96.0.2:80/TCP -> 10.244.0.3:80\n" +
+				"entries: 2 services, 3 slots, 3 backends\n",
+		},
+		{
+			name: "a sync without the holder keeps the id it holds, and uses it",
+			syncs: []*model.Snapshot{
+				snapshot(false, otherGrown), // id 1 is unreferenced and goes; 7 stays
+				snapshot(false, api),        // takes 10.244.0.1:80 as id 7
+				snapshot(true, web, otherGrown, api),
+			},
+			check: func(t *testing.T, f *fakeMaps) {
+				if id := f.slots.entries[webSlot0]; id != 7 {
+					t.Errorf("web's slot 0 holds id %d, want 7, the only id left for its backend", id)
+				}
+				if _, ok := f.backends.entries[1]; ok {
+					t.Errorf("unreferenced id 1 was kept")
+				}
+			},
+			want: "10.96.0.1:80/TCP -> 10.244.0.1:80 10.244.0.2:80\n10.96.0.2:80/TCP -> 10.244.0.3:80 10.244.0.4:80\n" +
+				"10.96.0.3:80/TCP -> 10.244.0.1:80\nentries: 3 services, 5 slots, 4 backends\n",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFakeMaps(16, 64)
+			r := newReconciler(f.maps(), f.grace(), 16, 64)
+			if err := r.sync(snapshot(true, web, other)); err != nil {
+				t.Fatal(err)
+			}
+			// Ids 1, 2, 3 hold 10.244.0.1, .2 and .3. Debris: id 7 holds
+			// 10.244.0.1 too and web's slot 0 points at it; id 8 holds
+			// 10.244.0.3 too and nothing points at it.
+			f.backends.entries[7] = f.backends.entries[1]
+			f.slots.entries[webSlot0] = 7
+			f.backends.entries[8] = f.backends.entries[3]
+			watchHoles(t, f)
+			watchReaders(t, f)
+
+			restarted := newReconciler(f.maps(), f.grace(), 16, 64)
+			for i, snap := range tt.syncs {
+				if err := restarted.sync(snap); err != nil {
+					t.Fatalf("sync %d: %v", i, err)
+				}
+				checkCopy(t, restarted, f)
+			}
+			tt.check(t, f)
+			if got := served(f); got != tt.want {
+				t.Errorf("serving\n%swant\n%s", got, tt.want)
+			}
+		})
+	}
 }
 
 func TestLayoutSlots(t *testing.T) {
@@ -322,7 +428,7 @@ func TestIDAllocator(t *testing.T) {
 // service with 5000 (fake maps: the reconciler's own cost, no kernel).
 func BenchmarkReconcilerOneChangeLargeService(b *testing.B) {
 	f := newFakeMaps(16, 20000)
-	r := newReconciler(f.maps(), 16, 20000)
+	r := newReconciler(f.maps(), f.grace(), 16, 20000)
 	var backends []string
 	for i := range 5000 {
 		backends = append(backends, fmt.Sprintf("10.%d.%d.%d:80", 128+i>>16, (i>>8)&255, i&255))
