@@ -1,17 +1,98 @@
 package sockdiag
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
+
+func TestMain(m *testing.M) {
+	testnet.Main(m, map[string]func([]string) error{"netns-probe": netnsProbe})
+}
+
+// netnsProbe is a helper process: it opens sock_diag sockets in its own
+// network namespace and in the one at args[0], and prints what happened.
+func netnsProbe(args []string) error {
+	c, err := OpenIn("/proc/self/ns/net")
+	if err != nil {
+		fmt.Printf("own: %v\n", err)
+	} else {
+		socks, err := c.ConnectedUDP()
+		c.Close()
+		fmt.Printf("own: %d sockets, %v\n", len(socks), err)
+	}
+	c, err = OpenIn(args[0])
+	switch {
+	case errors.Is(err, unix.EPERM):
+		fmt.Printf("other: EPERM: %v\n", err)
+	case err != nil:
+		fmt.Printf("other: %v\n", err)
+	default:
+		c.Close()
+		fmt.Println("other: opened")
+	}
+	return nil
+}
+
+// Without CAP_SYS_ADMIN, as in a container that is not granted it, another
+// namespace cannot be entered and the error says why; the process's own
+// namespace needs no setns and still works.
+func TestKernelWithoutSysAdmin(t *testing.T) {
+	n := testnet.New(t)
+	other := n.AddPod("other", "10.244.0.1")
+	probe := func(drop bool) string {
+		t.Helper()
+		args := []string{"nsenter", "--net=/run/netns/" + n.Node, "--"}
+		if drop {
+			// Root keeps exactly its bounding set across exec.
+			args = append(args, "setpriv", "--bounding-set=-sys_admin", "--inh-caps=-all", "--")
+		}
+		args = append(args, testnet.Helper("netns-probe", "/run/netns/"+other.NS)...)
+		out, err := exec.CommandContext(context.Background(), args[0], args[1:]...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("%v: %v: %s", args, err, out)
+		}
+		return string(out)
+	}
+	with, without := probe(false), probe(true)
+	if !strings.Contains(with, "own: 0 sockets, <nil>") || !strings.Contains(with, "other: opened") {
+		t.Errorf("with CAP_SYS_ADMIN:\n%s", with)
+	}
+	if !strings.Contains(without, "own: 0 sockets, <nil>") || !strings.Contains(without, "other: EPERM") ||
+		!strings.Contains(without, "CAP_SYS_ADMIN") {
+		t.Errorf("without CAP_SYS_ADMIN:\n%s", without)
+	}
+	t.Logf("without CAP_SYS_ADMIN:\n%s", without)
+}
+
+// BenchmarkKernelListNamespace is what the cleanup costs per network
+// namespace with nothing to destroy: enter it, open a sock_diag socket,
+// dump both families, close.
+func BenchmarkKernelListNamespace(b *testing.B) {
+	n := testnet.New(b)
+	ns := "/run/netns/" + n.Node
+	for b.Loop() {
+		c, err := OpenIn(ns)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := c.ConnectedUDP(); err != nil {
+			b.Fatal(err)
+		}
+		c.Close()
+	}
+}
 
 // inNetNS runs fn on a thread inside the network namespace at path.
 // Sockets fn makes stay there.
