@@ -107,12 +107,13 @@ func (c *udpSocketCleaner) forget() {
 func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]bool) udpCheck {
 	check := make(udpCheck)
 	claimed := make(map[model.Frontend]bool)
-	prev := c.serving
 	if snap.Full || c.serving == nil {
 		c.serving = make(map[model.Frontend][]model.Backend)
 		c.owners = make(map[model.ServiceName][]model.Frontend)
 	}
 	for _, name := range sortedServiceNames(snap.Services) {
+		// What a partial snapshot's Service had; a full sync checks
+		// every frontend anyway.
 		before := make(map[model.Frontend][]model.Backend)
 		if !snap.Full {
 			for _, fe := range c.owners[name] {
@@ -120,12 +121,6 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 				delete(c.serving, fe)
 			}
 			delete(c.owners, name)
-		} else {
-			for _, sp := range snap.Services[name] {
-				if old, ok := prev[sp.ClusterIP]; ok {
-					before[sp.ClusterIP] = old
-				}
-			}
 		}
 		var fes []model.Frontend
 		for _, sp := range snap.Services[name] {
@@ -137,16 +132,12 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 				continue // by an earlier Service, as the reconciler keeps it
 			}
 			claimed[fe] = true
-			old, had := before[fe]
 			if failed[fe] {
-				// Left as it was in the kernel: so is our record, and
-				// the sync that applies it checks it.
-				if had {
-					c.serving[fe] = old
-					fes = append(fes, fe)
-				}
+				// Left as it was in the kernel, and unknown here: the
+				// sync that applies it checks it as new.
 				continue
 			}
+			old, had := before[fe]
 			c.serving[fe] = sp.Serving
 			fes = append(fes, fe)
 			if len(sp.Serving) == 0 {

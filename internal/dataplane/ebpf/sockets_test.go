@@ -200,8 +200,8 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 	}
 }
 
-// A port that failed keeps its old record, so the sync that applies it
-// checks it, partial or not.
+// A port that failed is forgotten, so the sync that applies it checks it,
+// partial or not.
 func TestPlanChecksAFailedPortOnceApplied(t *testing.T) {
 	c := newUDPSocketCleaner(nil, nil, newEventCounts())
 	c.plan(snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53")), nil)
