@@ -156,6 +156,13 @@ func (n *Net) AddPod(name, ip string) *Pod {
 	return p
 }
 
+// HostNetwork is a pod with hostNetwork: its processes run in the node's
+// network namespace, with the node's address towards pods as their own.
+// Its clients go in the test's cgroup like any other.
+func (n *Net) HostNetwork() *Pod {
+	return &Pod{net: n, Name: "host", NS: n.Node, IP: netip.MustParseAddr(PodGateway)}
+}
+
 // Command prepares a command in the pod's network namespace. Clients (the
 // ones socket programs must see) go in the test's cgroup; servers do not.
 func (p *Pod) Command(ctx context.Context, inCgroup bool, args ...string) *exec.Cmd {

@@ -106,48 +106,66 @@ func allAnswered(t *testing.T, phase string, rs []testnet.ResolverResult, by ...
 	}
 }
 
-// A CoreDNS rollout under a resolver holding one connected socket: two
-// backends; two new ones join (surge); the old ones terminate, serving
-// while they drain, then leave the endpoints and vanish. Twice, so that
-// every backend is replaced and the socket that replaced the first one is
-// replaced too. Each replaced socket may cost its client one query.
+// A CoreDNS rollout under resolvers holding one connected socket each, in
+// a pod and in a hostNetwork pod (the node's namespace): two backends; two
+// new ones join (surge); the old ones terminate, serving while they drain,
+// then leave the endpoints and vanish. Twice, so that every backend is
+// replaced and the sockets that replaced the first ones are replaced too.
+// Each replaced socket may cost its client one query.
 func TestUDPConnectedClientFollowsRollout(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 6)
 		void := s.net.AddPod("void", "10.244.253.1")
 		waves := [][]*testnet.Pod{s.pods[0:2], s.pods[2:4], s.pods[4:6]}
 		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, waves[0]...)...)))
-		r := s.client.StartResolver(vip + ":53")
-		defer r.Stop()
-		allAnswered(t, "before the rollout", parseResolverResults(t, r.Take(10)), waves[0]...)
+		clients := []*testnet.Pod{s.client, s.net.HostNetwork()}
+		resolvers := make([]*testnet.Loop, len(clients))
+		for i, c := range clients {
+			resolvers[i] = c.StartResolver(vip + ":53")
+			defer resolvers[i].Stop()
+		}
+		each := func(fn func(name string, r *testnet.Loop)) {
+			for i, r := range resolvers {
+				fn(clients[i].Name, r)
+			}
+		}
+		each(func(client string, r *testnet.Loop) {
+			allAnswered(t, client+", before the rollout", parseResolverResults(t, r.Take(10)), waves[0]...)
+		})
 
 		for wave := 1; wave < len(waves); wave++ {
 			old, next := waves[wave-1], waves[wave]
 			both := append(slices.Clone(old), next...)
-			phase := func(what string) string { return fmt.Sprintf("wave %d, %s", wave, what) }
+			phase := func(client, what string) string { return fmt.Sprintf("%s, wave %d, %s", client, wave, what) }
 
 			s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, both...)...)))
-			allAnswered(t, phase("surge"), parseResolverResults(t, append(r.Settle(), r.Take(10)...)), both...)
+			each(func(client string, r *testnet.Loop) {
+				allAnswered(t, phase(client, "surge"), parseResolverResults(t, append(r.Settle(), r.Take(10)...)), both...)
+			})
 
 			// Terminating but serving: new sockets go to the new pods,
-			// the established one drains where it is.
+			// the established ones drain where they are.
 			s.sync(t, apitest.Snapshot(false, apitest.WithServing(dns(s.backends(5353, next...)...), s.backends(5353, both...)...)))
-			allAnswered(t, phase("drain"), parseResolverResults(t, append(r.Settle(), r.Take(10)...)), both...)
+			each(func(client string, r *testnet.Loop) {
+				allAnswered(t, phase(client, "drain"), parseResolverResults(t, append(r.Settle(), r.Take(10)...)), both...)
+			})
 
 			s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, next...)...)))
 			s.vanish(t, void, old...)
-			results := parseResolverResults(t, r.Settle())
-			results = append(results, untilServed(t, phase("after the old pods left"), r, next, 5, 20)...)
-			if f := failures(results); len(f) > 1 {
-				t.Errorf("%s: %d failed queries for one replaced socket, want at most 1:\n%s",
-					phase("after the old pods left"), len(f), resultLines(results))
-			}
+			each(func(client string, r *testnet.Loop) {
+				results := parseResolverResults(t, r.Settle())
+				results = append(results, untilServed(t, phase(client, "after the old pods left"), r, next, 5, 20)...)
+				if f := failures(results); len(f) > 1 {
+					t.Errorf("%s: %d failed queries for one replaced socket, want at most 1:\n%s",
+						phase(client, "after the old pods left"), len(f), resultLines(results))
+				}
+			})
 		}
 		if m.socketLevel {
-			// One socket replaced per wave, the client's: pods' servers
-			// hold unconnected sockets only.
-			if got := datapathEvents(t, s)["udp_sockets_destroyed"]; got != 2 {
-				t.Errorf("udp_sockets_destroyed = %d, want 2", got)
+			// One socket replaced per client and wave: the servers hold
+			// unconnected sockets only.
+			if got := datapathEvents(t, s)["udp_sockets_destroyed"]; got != 4 {
+				t.Errorf("udp_sockets_destroyed = %d, want 4", got)
 			}
 		}
 	})
