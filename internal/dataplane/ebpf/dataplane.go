@@ -7,8 +7,8 @@
 // connect4 translates a connected UDP socket once, at connect(): the socket
 // then sends to that one backend for as long as it lives. iptables mode
 // re-balances such a flow when kube-proxy deletes its conntrack entries;
-// here the socket itself must go. After each sync that applied (make-
-// before-break: the new backends are in the maps first), for every UDP
+// here the socket itself must go. After each sync that applied (the new
+// backends are in the maps first: make-before-break), for every UDP
 // frontend that is new or whose serving endpoints changed (every one on a
 // full sync) and that has a serving endpoint, the Dataplane destroys the
 // connected UDP sockets, AF_INET and AF_INET6 (v4-mapped peers), that
@@ -42,11 +42,13 @@
 //     socket), and destroys by exact id and cookie, so a socket that closed
 //     and whose port was reused is never hit. The revnat lookup is one map
 //     read per connected UDP socket, in user space.
-//   - An iterator (iter/udp, bpf_sock_destroy, Linux 6.5+) could do the
-//     whole match in the kernel, under the socket lock, but it is a
-//     tracing program: it needs CAP_BPF and CAP_PERFMON, kernel BTF and a
-//     CO-RE build of a second object; it is attached per network namespace
-//     like a netlink socket; and 6.5 leaves out most nodes in service.
+//   - An iterator (iter/udp calling bpf_sock_destroy, Linux 6.5+) could do
+//     the whole match in the kernel, kbp_revnat lookup included, under the
+//     socket lock. But it is a tracing program: it needs CAP_BPF and
+//     CAP_PERFMON, kernel BTF and a CO-RE build of a second object; it
+//     walks the network namespace of the process that creates it, so it
+//     needs setns(2) per pod all the same; and 6.5 leaves out most nodes
+//     in service today.
 //
 // Either way, reaching a pod's namespace takes setns(2), which needs
 // CAP_SYS_ADMIN. Without it the proxy says so once and still cleans the
@@ -55,10 +57,11 @@
 // succeed regardless. Failures are logged and counted, never fail the sync:
 // the next full sync checks every frontend again.
 //
-// One race remains with sock_diag: a socket that disconnects between the
-// dump and the destroy request could be found unconnected by the kernel's
-// lookup and aborted, changing its source port. An application must
-// disconnect (connect(AF_UNSPEC)) in that window of microseconds for it.
+// One race remains with sock_diag, harmless: a socket that disconnects
+// (connect(AF_UNSPEC)) between the dump and the destroy request is either
+// unhashed by that, if its port was chosen by the kernel, and not found; or,
+// bound by the application, found and aborted: one spurious ECONNABORTED,
+// and it keeps its port, which a bind()ed socket does across an abort.
 package ebpf
 
 import (
