@@ -330,9 +330,15 @@ func (h kernelSocketHost) netNamespaces() ([]string, error) {
 		for _, e := range entries {
 			path := filepath.Join(dir, e.Name())
 			id, ok, err := sockdiag.Namespace(path)
+			if err == nil && !ok {
+				// A runtime's placeholder for a sandbox being set up; or,
+				// if every pod's is one, a directory mounted into this
+				// container without the host's later mounts.
+				klog.V(2).InfoS("Skipping a file that is not a mounted network namespace "+
+					"(mount the directory with mountPropagation: HostToContainer)", "path", path)
+			}
 			if err != nil || !ok || seen[id] {
-				// Gone meanwhile, or a runtime's placeholder not yet
-				// mounted, or a namespace already listed.
+				// Gone meanwhile, not a namespace, or one already listed.
 				continue
 			}
 			seen[id] = true
