@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 
@@ -14,6 +16,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/sockdiag"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
 // fakeNetNS is one network namespace's sockets.
@@ -447,4 +450,33 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 			t.Errorf("after a failed sync: opened %v, destroyed %v", host.opened, host.destroyed)
 		}
 	})
+}
+
+// The node's namespace comes first, and each namespace once however many
+// links lead to it; files that are not mounted namespaces are skipped.
+func TestKernelSocketHostListsEachNamespaceOnce(t *testing.T) {
+	n := testnet.New(t)
+	pod := n.AddPod("a", "10.244.0.1")
+	dir := t.TempDir()
+	for name, target := range map[string]string{
+		"1-pod":      "/run/netns/" + pod.NS,
+		"2-same-pod": "/run/netns/" + pod.NS,
+		"3-node":     "/run/netns/" + n.Node,
+		"4-dangling": "/run/netns/" + n.Prefix + "-gone",
+	} {
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "5-placeholder"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	host := kernelSocketHost{nodeNetNS: "/run/netns/" + n.Node, dirs: []string{dir, filepath.Join(dir, "missing")}}
+	got, err := host.netNamespaces()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"/run/netns/" + n.Node, filepath.Join(dir, "1-pod")}; !slices.Equal(got, want) {
+		t.Errorf("namespaces %v, want %v", got, want)
+	}
 }
