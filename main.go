@@ -44,6 +44,7 @@ type options struct {
 	maxServices        uint
 	maxBackends        uint
 	maxSockets         uint
+	netnsDirs          string
 	minSyncPeriod      time.Duration
 	syncPeriod         time.Duration
 	healthzBindAddress string
@@ -73,6 +74,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.UintVar(&o.maxServices, ebpf.FlagMaxServices, ebpf.DefaultMaxServices, "capacity of the eBPF service map, in service ports (one per Service port and protocol)")
 	fs.UintVar(&o.maxBackends, ebpf.FlagMaxBackends, ebpf.DefaultMaxBackends, "capacity of the eBPF backend and slot maps, in backend references summed over all service ports")
 	fs.UintVar(&o.maxSockets, ebpf.FlagMaxRevNAT, ebpf.DefaultMaxRevNAT, "sockets whose replies and peer name are shown as the Service address; the least recently used is forgotten first")
+	fs.StringVar(&o.netnsDirs, "netns-dir", strings.Join(ebpf.DefaultNetNSDirs, ","), "ebpf mode: comma-separated directories where the container runtime pins pods' network namespaces; connected UDP sockets there whose backend stopped serving are destroyed (entering them needs CAP_SYS_ADMIN); empty: the node's namespace only")
 	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 0, "least time between two datapath syncs; changes arriving faster are batched (default 100ms in ebpf mode, where map updates are cheap; 1s in iptables mode, as kube-proxy)")
 	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
 	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of /healthz and /livez")
@@ -193,6 +195,7 @@ func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, error) {
 		MaxServices: uint32(o.maxServices),
 		MaxBackends: uint32(o.maxBackends),
 		MaxSockets:  uint32(o.maxSockets),
+		NetNSDirs:   splitList(o.netnsDirs),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting the eBPF datapath: %w", err)
@@ -270,6 +273,17 @@ func nodeName(override string) (string, error) {
 		name = h
 	}
 	return strings.ToLower(strings.TrimSpace(name)), nil
+}
+
+// splitList splits a comma-separated flag value, dropping empty items.
+func splitList(s string) []string {
+	var out []string
+	for _, item := range strings.Split(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
 }
 
 func main() {

@@ -90,6 +90,14 @@ func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		if err := addNetNS(st, p.NetNS); err != nil {
 			return err
 		}
+		// The node's proxy finds its pods' sockets here, and no one
+		// else's: what /run/netns is on a real node.
+		if err := os.MkdirAll(podNetNSDir(c.Dir, node.Name), 0o755); err != nil {
+			return err
+		}
+		if err := os.Symlink(netnsPath(p.NetNS), filepath.Join(podNetNSDir(c.Dir, node.Name), p.NetNS)); err != nil {
+			return err
+		}
 		if err := runAll(
 			[]string{"ip", "-n", node.NetNS, "link", "add", p.HostIf, "type", "veth", "peer", "name", "eth0", "netns", p.NetNS},
 			[]string{"ip", "-n", node.NetNS, "addr", "add", podGateway + "/32", "dev", p.HostIf},
@@ -149,10 +157,16 @@ func (c *Cluster) removePod(namespace, name string) error {
 			}
 		}
 		st.Namespaces = slices.DeleteFunc(st.Namespaces, func(ns string) bool { return ns == p.NetNS })
+		if err := os.Remove(filepath.Join(podNetNSDir(c.Dir, p.Node), p.NetNS)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
 		delete(st.Pods, podKey(namespace, name))
 		return nil
 	})
 }
+
+// podNetNSDir holds links to the network namespaces of a node's pods.
+func podNetNSDir(dir, node string) string { return filepath.Join(dir, "netns", node) }
 
 func (c *Cluster) podFrom(p *pod, node *NodeInfo) *Pod {
 	return &Pod{Namespace: p.Namespace, Name: p.Name, Node: p.Node, NetNS: p.NetNS,

@@ -41,8 +41,8 @@ const (
 func proxyName(node string) string { return "kube-bpf-proxy-" + node }
 
 // proxyArgs returns the command line the node's proxy runs with: the
-// node's name, its cgroup (where its pods' sockets are) and bpffs, and the
-// cluster's pod range.
+// node's name, its cgroup (where its pods' sockets are), bpffs and pods'
+// network namespaces, and the cluster's pod range.
 func (c *Cluster) proxyArgs(node string, o ProxyOptions) ([]string, error) {
 	n, err := c.Node(node)
 	if err != nil {
@@ -64,6 +64,7 @@ func (c *Cluster) proxyArgs(node string, o ProxyOptions) ([]string, error) {
 		"--hostname-override=" + n.Name,
 		"--cgroup-path=" + n.Cgroup,
 		"--bpffs-path=" + filepath.Join(n.BPFFS, "kube-bpf-proxy"),
+		"--netns-dir=" + podNetNSDir(c.Dir, n.Name),
 		"--cluster-cidr=" + ClusterCIDR,
 		"--healthz-bind-address=" + ProxyHealthzAddr,
 		"--metrics-bind-address=" + ProxyMetricsAddr,

@@ -32,7 +32,8 @@ func testPipelineConvergesAcrossRestart(t *testing.T, mode string) {
 	for _, p := range n.AddServers(2) {
 		ips = append(ips, p.IP.String())
 	}
-	cfg := ebpf.Config{BPFFSPath: testnet.BPFFS(t), CgroupPath: n.Cgroup, MaxServices: 64, MaxBackends: 256, MaxSockets: 256}
+	cfg := ebpf.Config{BPFFSPath: testnet.BPFFS(t), CgroupPath: n.Cgroup, MaxServices: 64, MaxBackends: 256, MaxSockets: 256,
+		NodeNetNS: "/run/netns/" + n.Node, NetNSDirs: []string{n.PodNetNSDir}}
 	t.Cleanup(func() { _ = ebpf.Cleanup(cfg.BPFFSPath) })
 
 	api := fake.NewClientset(

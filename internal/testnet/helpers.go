@@ -41,6 +41,7 @@ func RunHelperIfRequested(extra map[string]func(args []string) error) {
 //	tcp ADDR N                        N connects, one result line each
 //	udp ADDR N [connected]            N requests on one socket
 //	loop ADDR [PAUSE]                 connect until killed, a line each, PAUSE between connects
+//	resolve ADDR [OPTION...]          query over one long-lived UDP socket until killed (see resolve)
 //
 // Result lines are "ok NAME peer=ADDR" or "err MESSAGE".
 func Helper(args ...string) []string {
@@ -85,6 +86,8 @@ func builtinHelper(args []string) error {
 		err = udpRequests(args[1], args[2:])
 	case "loop":
 		err = loop(args[1], args[2:])
+	case "resolve":
+		err = resolve(args[1], args[2:])
 	default:
 		err = fmt.Errorf("unknown helper %q", args[0])
 	}

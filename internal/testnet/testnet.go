@@ -52,6 +52,10 @@ type Net struct {
 	Node string
 	// Cgroup is the test's cgroup v2 directory.
 	Cgroup string
+	// PodNetNSDir holds a link to each pod's network namespace, as a
+	// node's /run/netns holds its pods': a datapath looking for pods'
+	// sockets is pointed here, and finds no other test's.
+	PodNetNSDir string
 
 	mu    sync.Mutex
 	pods  []*Pod
@@ -96,6 +100,10 @@ func New(t T) *Net {
 	if err := os.Mkdir(n.Cgroup, 0o755); err != nil {
 		t.Fatalf("creating test cgroup: %v", err)
 	}
+	n.PodNetNSDir = filepath.Join(t.TempDir(), "netns")
+	if err := os.Mkdir(n.PodNetNSDir, 0o755); err != nil {
+		t.Fatalf("%v", err)
+	}
 	n.mustRun("ip", "netns", "add", n.Node)
 	n.mustRun("ip", "-n", n.Node, "link", "set", "lo", "up")
 	n.mustRun("ip", "netns", "exec", n.Node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -131,6 +139,9 @@ func (n *Net) AddPod(name, ip string) *Pod {
 	n.mu.Lock()
 	n.pods = append(n.pods, p)
 	n.mu.Unlock()
+	if err := os.Symlink("/run/netns/"+p.NS, filepath.Join(n.PodNetNSDir, p.NS)); err != nil {
+		n.t.Fatalf("%v", err)
+	}
 	n.mustRun("ip", "-n", n.Node, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", p.NS)
 	n.mustRun("ip", "-n", n.Node, "addr", "add", PodGateway+"/32", "dev", hostIf)
 	n.mustRun("ip", "-n", n.Node, "link", "set", hostIf, "up")
@@ -143,6 +154,13 @@ func (n *Net) AddPod(name, ip string) *Pod {
 	// routes to pods only: an untranslated VIP dies there.
 	n.mustRun("ip", "-n", p.NS, "route", "add", "default", "via", PodGateway, "dev", "eth0")
 	return p
+}
+
+// HostNetwork is a pod with hostNetwork: its processes run in the node's
+// network namespace, with the node's address towards pods as their own.
+// Its clients go in the test's cgroup like any other.
+func (n *Net) HostNetwork() *Pod {
+	return &Pod{net: n, Name: "host", NS: n.Node, IP: netip.MustParseAddr(PodGateway)}
 }
 
 // Command prepares a command in the pod's network namespace. Clients (the

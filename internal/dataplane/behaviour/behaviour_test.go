@@ -136,7 +136,8 @@ func newSetup(t *testing.T, m mode, servers int) *setup {
 }
 
 func (s *setup) ebpfConfig() ebpf.Config {
-	return ebpf.Config{BPFFSPath: s.bpffs, CgroupPath: s.net.Cgroup, MaxServices: 1024, MaxBackends: 4096, MaxSockets: 4096}
+	return ebpf.Config{BPFFSPath: s.bpffs, CgroupPath: s.net.Cgroup, MaxServices: 1024, MaxBackends: 4096, MaxSockets: 4096,
+		NodeNetNS: "/run/netns/" + s.net.Node, NetNSDirs: []string{s.net.PodNetNSDir}}
 }
 
 func (s *setup) iptablesConfig() iptables.Config {

@@ -21,6 +21,8 @@ func benchConfig(b *testing.B) Config {
 		MaxServices: DefaultMaxServices,
 		MaxBackends: DefaultMaxBackends,
 		MaxSockets:  DefaultMaxRevNAT,
+		NodeNetNS:   "/run/netns/" + n.Node,
+		NetNSDirs:   []string{n.PodNetNSDir},
 	}
 }
 

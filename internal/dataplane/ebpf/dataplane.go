@@ -1,6 +1,67 @@
 // Package ebpf is the socket-level eBPF datapath: it loads and attaches the
 // programs in bpf/, keeps their maps pinned, and reconciles model snapshots
 // into them.
+//
+// # Connected UDP sockets
+//
+// connect4 translates a connected UDP socket once, at connect(): the socket
+// then sends to that one backend for as long as it lives. iptables mode
+// re-balances such a flow when kube-proxy deletes its conntrack entries;
+// here the socket itself must go. After each sync that applied (the new
+// backends are in the maps first: make-before-break), for every UDP
+// frontend that is new or whose serving endpoints changed (every one on a
+// full sync) and that has a serving endpoint, the Dataplane destroys the
+// connected UDP sockets, AF_INET and AF_INET6 (v4-mapped peers), that
+//
+//   - our programs translated from that frontend to a backend that no
+//     longer serves: kbp_revnat, keyed by socket cookie and backend, names
+//     the frontend; a socket connected to a pod IP directly has no entry
+//     and is not ours to touch; or
+//   - are connected to the frontend's VIP:port itself, untranslated
+//     (connected before the Service existed).
+//
+// These are kube-proxy v1.36's rules for UDP conntrack entries
+// (pkg/proxy/conntrack): sockets to a terminating endpoint that still
+// serves are left to drain, and a deleted Service's sockets are left
+// alone. The owner of a destroyed socket gets ECONNABORTED from its
+// pending or next receive (EDESTADDRREQ from a send); resolvers then open a
+// new socket, which connect4 sends to a serving backend. Unconnected
+// sockets are never destroyed: they are re-balanced at each sendmsg()
+// anyway, and destroying one would silently change its source port.
+// Sockets are looked for in the node's network namespace and in each pod
+// namespace pinned under Config.NetNSDirs.
+//
+// The sockets are found and destroyed with sock_diag netlink requests
+// (package sockdiag) rather than a BPF socket iterator calling the
+// bpf_sock_destroy kfunc:
+//
+//   - sock_diag SOCK_DESTROY destroys UDP sockets since Linux 4.9 with
+//     CONFIG_INET_DIAG_DESTROY; it needs CAP_NET_ADMIN in the socket's
+//     namespace, which the proxy already has. The kernel filters the dump
+//     by family, protocol and state (TCP_ESTABLISHED is a connected UDP
+//     socket), and destroys by exact id and cookie, so a socket that closed
+//     and whose port was reused is never hit. The revnat lookup is one map
+//     read per connected UDP socket, in user space.
+//   - An iterator (iter/udp calling bpf_sock_destroy, Linux 6.5+) could do
+//     the whole match in the kernel, kbp_revnat lookup included, under the
+//     socket lock. But it is a tracing program: it needs CAP_BPF and
+//     CAP_PERFMON, kernel BTF and a CO-RE build of a second object; it
+//     walks the network namespace of the process that creates it, so it
+//     needs setns(2) per pod all the same; and 6.5 leaves out most nodes
+//     in service today.
+//
+// Either way, reaching a pod's namespace takes setns(2), which needs
+// CAP_SYS_ADMIN. Without it the proxy says so once and still cleans the
+// node's own namespace (hostNetwork pods). On a kernel that can destroy no
+// socket the proxy says so once and counts each skipped cleanup; syncs
+// succeed regardless. Failures are logged and counted, never fail the sync:
+// the next full sync checks every frontend again.
+//
+// One race remains with sock_diag, harmless: a socket that disconnects
+// (connect(AF_UNSPEC)) between the dump and the destroy request is either
+// unhashed by that, if its port was chosen by the kernel, and not found; or,
+// bound by the application, found and aborted: one spurious ECONNABORTED,
+// and it keeps its port, which a bind()ed socket does across an abort.
 package ebpf
 
 import (
@@ -15,10 +76,13 @@ import (
 
 // Dataplane is the eBPF implementation of dataplane.Dataplane.
 type Dataplane struct {
-	mu     sync.Mutex
-	kernel *kernelObjects
-	grace  *rcuGracePeriod
-	rec    *reconciler
+	mu      sync.Mutex
+	kernel  *kernelObjects
+	grace   *rcuGracePeriod
+	rec     *reconciler
+	sockets *udpSocketCleaner
+	// events are what user space counts, next to the programs' counters.
+	events *eventCounts
 }
 
 var _ dataplane.Dataplane = (*Dataplane)(nil)
@@ -45,7 +109,16 @@ func New(cfg Config) (*Dataplane, error) {
 		grace.Close()
 		return nil, fmt.Errorf("reading pinned maps: %w", err)
 	}
-	return &Dataplane{kernel: k, grace: grace, rec: rec}, nil
+	events := newEventCounts(eventUDPSocketsDestroyed, eventUDPSocketDestroyFailed,
+		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip)
+	host := kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs}
+	return &Dataplane{
+		kernel:  k,
+		grace:   grace,
+		rec:     rec,
+		sockets: newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events),
+		events:  events,
+	}, nil
 }
 
 // Sync applies snap. When it applies it only in part it returns a
@@ -56,7 +129,30 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	return d.rec.sync(snap)
+	err := d.rec.sync(snap)
+	d.afterSync(snap, err)
+	return err
+}
+
+// afterSync destroys the connected UDP sockets the sync left stale, once
+// the maps hold the new backends. After a sync that failed only for some
+// service ports, those keep their old state in the kernel and are skipped;
+// after one that failed as a whole nothing is done, and the next, full,
+// sync checks everything.
+func (d *Dataplane) afterSync(snap *model.Snapshot, err error) {
+	var failed map[model.Frontend]bool
+	if err != nil {
+		services, only := dataplane.OnlyServicesFailed(err)
+		if !only {
+			d.sockets.forget()
+			return
+		}
+		failed = make(map[model.Frontend]bool, len(services))
+		for _, s := range services {
+			failed[s.Frontend] = true
+		}
+	}
+	d.sockets.clean(d.sockets.plan(snap, failed))
 }
 
 // Counts reports the service ports and backends the maps hold.
@@ -90,6 +186,7 @@ func (d *Dataplane) Events() (map[string]uint64, error) {
 		}
 		out[name] = sum
 	}
+	d.events.copyTo(out)
 	return out, nil
 }
 

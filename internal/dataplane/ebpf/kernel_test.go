@@ -45,6 +45,8 @@ func newKernelSetup(t *testing.T, servers int, configure ...func(*Config)) *kern
 		MaxServices: 1024,
 		MaxBackends: 4096,
 		MaxSockets:  4096,
+		NodeNetNS:   "/run/netns/" + n.Node,
+		NetNSDirs:   []string{n.PodNetNSDir},
 	}
 	for _, c := range configure {
 		c(&s.cfg)

@@ -24,6 +24,15 @@ type Config struct {
 	MaxServices uint32
 	MaxBackends uint32
 	MaxSockets  uint32
+	// NodeNetNS is the node's network namespace, as a path to its nsfs
+	// file, where connected UDP sockets of removed backends are destroyed
+	// (see sockets.go); empty means this process's own, which is the
+	// node's in the DaemonSet (hostNetwork). Tests name their own.
+	NodeNetNS string
+	// NetNSDirs are directories of pinned pod network namespaces whose
+	// sockets are destroyed likewise (DefaultNetNSDirs on a node); none if
+	// empty. Tests name a directory of their own pods' namespaces only.
+	NetNSDirs []string
 }
 
 // program is one of our socket programs and where it hooks.

@@ -1,0 +1,397 @@
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/sockdiag"
+)
+
+// DefaultNetNSDirs is where containerd and CRI-O pin pods' network
+// namespaces (bind mounts of nsfs files).
+var DefaultNetNSDirs = []string{"/run/netns"}
+
+// Events counted by the socket cleanup, next to the programs' counters.
+const (
+	eventUDPSocketsDestroyed     = "udp_sockets_destroyed"
+	eventUDPSocketDestroyFailed  = "udp_socket_destroy_failed"
+	eventUDPSocketsUnsupported   = "udp_socket_cleanup_unsupported"
+	eventUDPSocketsNamespaceSkip = "udp_socket_cleanup_netns_skipped"
+)
+
+// udpCheck maps each UDP frontend (VIP:port) whose connected sockets must be
+// checked to its serving endpoints: a socket we translated from it to any
+// other backend, or connected to the frontend itself, is stale.
+type udpCheck map[netip.AddrPort]map[netip.AddrPort]bool
+
+func (c udpCheck) add(fe model.Frontend, serving []model.Backend) {
+	set := make(map[netip.AddrPort]bool, len(serving))
+	for _, b := range serving {
+		set[netip.AddrPortFrom(b.IP, b.Port)] = true
+	}
+	c[netip.AddrPortFrom(fe.IP, fe.Port)] = set
+}
+
+// socketTable is one network namespace's UDP sockets, as sockdiag.Conn
+// gives them; tests use a fake.
+type socketTable interface {
+	ConnectedUDP() ([]sockdiag.Socket, error)
+	DestroyUDP(sockdiag.Socket) error
+	UDPDestroySupported() (bool, error)
+	Close() error
+}
+
+// socketHost finds the network namespaces to look in and opens their
+// socket tables.
+type socketHost interface {
+	// netNamespaces lists the namespaces, the node's first, each once.
+	netNamespaces() ([]string, error)
+	open(ns string) (socketTable, error)
+}
+
+// revnatLookup tells which frontend our programs translated a socket's
+// connect() from, as kbp_revnat records it: ok is false for a socket we
+// did not translate (connected to a pod IP directly, say).
+type revnatLookup func(cookie uint64, backend netip.AddrPort) (frontend netip.AddrPort, ok bool, err error)
+
+// udpSocketCleaner destroys connected UDP sockets left pointing at a backend
+// that no longer serves, the socket-level counterpart of kube-proxy's UDP
+// conntrack cleanup (see the package documentation).
+type udpSocketCleaner struct {
+	host   socketHost
+	revnat revnatLookup
+	events *eventCounts
+
+	// serving is each applied UDP frontend's serving endpoints as of the
+	// last sync, nil when unknown (at start, after a failed sync); owners
+	// are the UDP frontends of each Service, for partial snapshots.
+	serving map[model.Frontend][]model.Backend
+	owners  map[model.ServiceName][]model.Frontend
+
+	// probed is set once the kernel has been asked whether it can destroy
+	// UDP sockets; unsupported is its answer.
+	probed      bool
+	unsupported bool
+	// noPodNamespaces is set once entering a pod's namespace was refused
+	// for want of CAP_SYS_ADMIN; capabilities do not come back.
+	noPodNamespaces bool
+}
+
+func newUDPSocketCleaner(host socketHost, revnat revnatLookup, events *eventCounts) *udpSocketCleaner {
+	return &udpSocketCleaner{host: host, revnat: revnat, events: events}
+}
+
+// forget drops what the cleaner knows of the applied state, after a sync
+// that failed as a whole: the next (full) sync checks every UDP frontend.
+func (c *udpSocketCleaner) forget() {
+	c.serving = nil
+	c.owners = nil
+}
+
+// plan records the UDP frontends of a sync that was applied, except those
+// that failed, and returns those to check. As kube-proxy's conntrack cleanup
+// (pkg/proxy/conntrack, v1.36): a frontend is checked when its serving
+// endpoints changed or it is new (a socket may have connected to its VIP
+// before it existed), every one on a full sync; one without a serving
+// endpoint is left alone, and so are the sockets of a deleted Service.
+func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]bool) udpCheck {
+	check := make(udpCheck)
+	claimed := make(map[model.Frontend]bool)
+	if snap.Full || c.serving == nil {
+		c.serving = make(map[model.Frontend][]model.Backend)
+		c.owners = make(map[model.ServiceName][]model.Frontend)
+	}
+	for _, name := range sortedServiceNames(snap.Services) {
+		// What a partial snapshot's Service had; a full sync checks
+		// every frontend anyway.
+		before := make(map[model.Frontend][]model.Backend)
+		if !snap.Full {
+			for _, fe := range c.owners[name] {
+				before[fe] = c.serving[fe]
+				delete(c.serving, fe)
+			}
+			delete(c.owners, name)
+		}
+		var fes []model.Frontend
+		for _, sp := range snap.Services[name] {
+			fe := sp.ClusterIP
+			if fe.Protocol != model.UDP {
+				continue
+			}
+			if claimed[fe] {
+				continue // by an earlier Service, as the reconciler keeps it
+			}
+			claimed[fe] = true
+			if failed[fe] {
+				// Left as it was in the kernel, and unknown here: the
+				// sync that applies it checks it as new.
+				continue
+			}
+			old, had := before[fe]
+			c.serving[fe] = sp.Serving
+			fes = append(fes, fe)
+			if len(sp.Serving) == 0 {
+				continue
+			}
+			if snap.Full || !had || !slices.Equal(old, sp.Serving) {
+				check.add(fe, sp.Serving)
+			}
+		}
+		if len(fes) > 0 {
+			c.owners[name] = fes
+		}
+	}
+	return check
+}
+
+// match tells whether a connected UDP socket is stale for check, and why.
+func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket) (frontend netip.AddrPort, reason string, err error) {
+	// An AF_INET6 socket talking IPv4 has a v4-mapped peer; our programs
+	// key it by the IPv4 address.
+	peer := netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port())
+	if !peer.Addr().Is4() || peer.Port() == 0 {
+		return netip.AddrPort{}, "", nil
+	}
+	if _, ok := check[peer]; ok {
+		// Connected to the VIP itself: it connected before the Service
+		// existed (or outside our cgroup) and was never translated.
+		return peer, "connected to the frontend untranslated", nil
+	}
+	fe, ok, err := c.revnat(s.Cookie, peer)
+	if err != nil || !ok {
+		return netip.AddrPort{}, "", err
+	}
+	if serving, checked := check[fe]; checked && !serving[peer] {
+		return fe, "backend no longer serving", nil
+	}
+	return netip.AddrPort{}, "", nil
+}
+
+// clean destroys the connected UDP sockets that check finds stale, in the
+// node's network namespace and every pod's. Failures are logged and
+// counted, never returned: the datapath is in place, and the next full
+// sync checks again.
+func (c *udpSocketCleaner) clean(check udpCheck) {
+	if len(check) == 0 {
+		return
+	}
+	if c.unsupported {
+		c.events.add(eventUDPSocketsUnsupported, 1)
+		return
+	}
+	namespaces, err := c.host.netNamespaces()
+	if err != nil {
+		klog.ErrorS(err, "Listing network namespaces for the UDP socket cleanup; checking the node's only")
+		c.events.add(eventUDPSocketDestroyFailed, 1)
+	}
+	var destroyed, failed, skipped int
+	defer func() {
+		c.events.add(eventUDPSocketsDestroyed, uint64(destroyed))
+		c.events.add(eventUDPSocketDestroyFailed, uint64(failed))
+		c.events.add(eventUDPSocketsNamespaceSkip, uint64(skipped))
+		if destroyed > 0 || failed > 0 {
+			klog.V(2).InfoS("Destroyed connected UDP sockets of backends no longer serving", "sockets", destroyed,
+				"failed", failed, "frontends", len(check), "netns", len(namespaces))
+		}
+	}()
+	for i, ns := range namespaces {
+		pod := i > 0
+		if pod && c.noPodNamespaces {
+			skipped++
+			continue
+		}
+		t, err := c.host.open(ns)
+		if err != nil {
+			if pod && errors.Is(err, unix.EPERM) {
+				c.noPodNamespaces = true
+				klog.ErrorS(err, "Cannot enter pods' network namespaces without CAP_SYS_ADMIN: "+
+					"connected UDP sockets in pods keep sending to removed backends until they reconnect; "+
+					"only the node's own sockets are cleaned up. Grant CAP_SYS_ADMIN to fix this")
+				skipped++
+				continue
+			}
+			if pod && errors.Is(err, os.ErrNotExist) {
+				continue // the pod went away meanwhile
+			}
+			klog.ErrorS(err, "Opening a network namespace for the UDP socket cleanup", "netns", ns)
+			failed++
+			continue
+		}
+		if !c.probed {
+			c.probed = true
+			ok, err := t.UDPDestroySupported()
+			if err != nil {
+				klog.ErrorS(err, "Probing whether the kernel can destroy UDP sockets; assuming it can")
+			}
+			if err == nil && !ok {
+				c.unsupported = true
+				t.Close()
+				klog.InfoS("This kernel cannot destroy sockets (it lacks CONFIG_INET_DIAG_DESTROY, or is older than Linux 4.9): " +
+					"connected UDP sockets keep sending to removed backends until their application reconnects")
+				c.events.add(eventUDPSocketsUnsupported, 1)
+				return
+			}
+		}
+		d, f := c.cleanNamespace(ns, t, check)
+		t.Close()
+		destroyed += d
+		failed += f
+		if c.unsupported {
+			return
+		}
+	}
+}
+
+// cleanNamespace destroys the stale sockets of one namespace.
+func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpCheck) (destroyed, failed int) {
+	socks, err := t.ConnectedUDP()
+	if err != nil {
+		if errors.Is(err, sockdiag.ErrNotSupported) {
+			c.unsupported = true
+			klog.InfoS("This kernel cannot list UDP sockets: connected UDP sockets keep sending to removed backends "+
+				"until their application reconnects", "err", err)
+			c.events.add(eventUDPSocketsUnsupported, 1)
+			return 0, 0
+		}
+		klog.ErrorS(err, "Listing connected UDP sockets", "netns", ns)
+		return 0, 1
+	}
+	for _, s := range socks {
+		fe, reason, err := c.match(check, s)
+		if err != nil {
+			klog.ErrorS(err, "Looking up a socket's frontend", "netns", ns, "socket", s)
+			failed++
+			continue
+		}
+		if reason == "" {
+			continue
+		}
+		err = t.DestroyUDP(s)
+		switch {
+		case err == nil:
+			destroyed++
+			klog.V(3).InfoS("Destroyed connected UDP socket", "netns", ns, "socket", s, "frontend", fe, "reason", reason)
+		case sockdiag.IsGone(err):
+			// Closed meanwhile (or its addresses reused by another
+			// socket, which the cookie kept us from hitting).
+		case errors.Is(err, sockdiag.ErrNotSupported):
+			c.unsupported = true
+			klog.InfoS("This kernel cannot destroy UDP sockets: connected UDP sockets keep sending to removed backends "+
+				"until their application reconnects", "err", err)
+			c.events.add(eventUDPSocketsUnsupported, 1)
+			return destroyed, failed
+		default:
+			klog.ErrorS(err, "Destroying a connected UDP socket", "netns", ns, "frontend", fe)
+			failed++
+		}
+	}
+	return destroyed, failed
+}
+
+// kernelSocketHost finds sockets in the node's namespace and in the pods'
+// namespaces pinned in the given directories.
+type kernelSocketHost struct {
+	nodeNetNS string
+	dirs      []string
+}
+
+func (h kernelSocketHost) netNamespaces() ([]string, error) {
+	node := h.nodeNetNS
+	if node == "" {
+		node = "/proc/self/ns/net"
+	}
+	out := []string{node}
+	seen := make(map[sockdiag.NamespaceID]bool)
+	id, ok, err := sockdiag.Namespace(node)
+	if err != nil || !ok {
+		return out, fmt.Errorf("node network namespace %s: not a namespace file (%v)", node, err)
+	}
+	seen[id] = true
+	var errs []error
+	for _, dir := range h.dirs {
+		entries, err := os.ReadDir(dir)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // no pod has been given a namespace there yet
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, e := range entries {
+			path := filepath.Join(dir, e.Name())
+			id, ok, err := sockdiag.Namespace(path)
+			if err == nil && !ok {
+				// A runtime's placeholder for a sandbox being set up; or,
+				// if every pod's is one, a directory mounted into this
+				// container without the host's later mounts.
+				klog.V(2).InfoS("Skipping a file that is not a mounted network namespace "+
+					"(mount the directory with mountPropagation: HostToContainer)", "path", path)
+			}
+			if err != nil || !ok || seen[id] {
+				// Gone meanwhile, not a namespace, or one already listed.
+				continue
+			}
+			seen[id] = true
+			out = append(out, path)
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+func (h kernelSocketHost) open(ns string) (socketTable, error) {
+	return sockdiag.OpenIn(ns)
+}
+
+// kernelRevnat looks sockets up in the kbp_revnat map.
+func kernelRevnat(m *ebpf.Map) revnatLookup {
+	return func(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
+		key := lbRevnatKey{Cookie: cookie, Addr: addrToBPF(backend.Addr()), Port: portToBPF(backend.Port())}
+		var v lbRevnatValue
+		err := m.Lookup(&key, &v)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return netip.AddrPort{}, false, nil
+		}
+		if err != nil {
+			return netip.AddrPort{}, false, fmt.Errorf("looking up %s in kbp_revnat: %w", backend, err)
+		}
+		return netip.AddrPortFrom(addrFromBPF(v.Addr), portFromBPF(v.Port)), true, nil
+	}
+}
+
+// eventCounts are events counted in user space, for Events.
+type eventCounts struct {
+	mu sync.Mutex
+	m  map[string]uint64
+}
+
+func newEventCounts(names ...string) *eventCounts {
+	e := &eventCounts{m: make(map[string]uint64)}
+	for _, n := range names {
+		e.m[n] = 0
+	}
+	return e
+}
+
+func (e *eventCounts) add(name string, n uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.m[name] += n
+}
+
+func (e *eventCounts) copyTo(out map[string]uint64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for k, v := range e.m {
+		out[k] = v
+	}
+}

@@ -1,0 +1,482 @@
+package ebpf
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/sockdiag"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+// fakeNetNS is one network namespace's sockets.
+type fakeNetNS struct {
+	sockets []sockdiag.Socket
+	openErr error
+	listErr error
+	// destroyErr fails the destroy of the socket with that cookie.
+	destroyErr map[uint64]error
+}
+
+// fakeSocketHost records what the cleanup opened and destroyed.
+type fakeSocketHost struct {
+	names       []string // the node's first
+	ns          map[string]*fakeNetNS
+	unsupported bool
+	listErr     error
+
+	opened    []string
+	destroyed []string // "ns cookie"
+}
+
+func newFakeSocketHost(names ...string) *fakeSocketHost {
+	h := &fakeSocketHost{names: names, ns: make(map[string]*fakeNetNS)}
+	for _, n := range names {
+		h.ns[n] = &fakeNetNS{}
+	}
+	return h
+}
+
+func (h *fakeSocketHost) netNamespaces() ([]string, error) {
+	if h.listErr != nil {
+		return h.names[:1], h.listErr
+	}
+	return h.names, nil
+}
+
+func (h *fakeSocketHost) open(ns string) (socketTable, error) {
+	h.opened = append(h.opened, ns)
+	if err := h.ns[ns].openErr; err != nil {
+		return nil, err
+	}
+	return &fakeTable{host: h, name: ns}, nil
+}
+
+type fakeTable struct {
+	host *fakeSocketHost
+	name string
+}
+
+func (t *fakeTable) ConnectedUDP() ([]sockdiag.Socket, error) {
+	ns := t.host.ns[t.name]
+	return slices.Clone(ns.sockets), ns.listErr
+}
+
+func (t *fakeTable) DestroyUDP(s sockdiag.Socket) error {
+	ns := t.host.ns[t.name]
+	if err := ns.destroyErr[s.Cookie]; err != nil {
+		return err
+	}
+	t.host.destroyed = append(t.host.destroyed, fmt.Sprintf("%s %d", t.name, s.Cookie))
+	ns.sockets = slices.DeleteFunc(ns.sockets, func(o sockdiag.Socket) bool { return o.Cookie == s.Cookie })
+	return nil
+}
+
+func (t *fakeTable) UDPDestroySupported() (bool, error) { return !t.host.unsupported, nil }
+func (t *fakeTable) Close() error                       { return nil }
+
+// fakeRevnat is kbp_revnat: {cookie, backend} -> frontend.
+type fakeRevnat map[string]netip.AddrPort
+
+func (f fakeRevnat) record(cookie uint64, backend, frontend string) {
+	f[fmt.Sprintf("%d %s", cookie, backend)] = netip.MustParseAddrPort(frontend)
+}
+
+func (f fakeRevnat) lookup(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
+	fe, ok := f[fmt.Sprintf("%d %s", cookie, backend)]
+	return fe, ok, nil
+}
+
+func udpSocket(cookie uint64, remote string) sockdiag.Socket {
+	return sockdiag.Socket{Family: unix.AF_INET, Local: netip.MustParseAddrPort("10.244.0.100:40000"),
+		Remote: netip.MustParseAddrPort(remote), Cookie: cookie}
+}
+
+const (
+	dnsVIP   = "10.96.0.10:53"
+	otherVIP = "10.96.0.11:53"
+)
+
+func dnsPort(backends ...string) model.ServicePort {
+	return servicePort("kube-system", "dns", "dns", model.UDP, dnsVIP, backends...)
+}
+
+func checkKeys(c udpCheck) []string {
+	var out []string
+	for fe, serving := range c {
+		var s []string
+		for b := range serving {
+			s = append(s, b.String())
+		}
+		slices.Sort(s)
+		out = append(out, fmt.Sprintf("%s %v", fe, s))
+	}
+	slices.Sort(out)
+	return out
+}
+
+func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
+	tcp := servicePort("default", "web", "http", model.TCP, "10.96.0.12:80", "10.244.1.1:8080")
+	other := servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.1:8125")
+	for _, tc := range []struct {
+		name   string
+		before *model.Snapshot // applied first; nil for none
+		snap   *model.Snapshot
+		failed []model.Frontend
+		want   []string
+	}{
+		{
+			name:   "full sync checks every UDP frontend with a serving endpoint",
+			before: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp),
+			snap: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp,
+				servicePort("default", "empty", "udp", model.UDP, "10.96.0.13:53")),
+			want: []string{"10.96.0.10:53 [10.244.1.1:53]", "10.96.0.11:53 [10.244.3.1:8125]"},
+		},
+		{
+			name:   "partial sync without a UDP change checks nothing",
+			before: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp),
+			snap:   snapshot(false, dnsPort("10.244.1.1:53"), servicePort("default", "web", "http", model.TCP, "10.96.0.12:80")),
+		},
+		{
+			name:   "a removed endpoint",
+			before: snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other),
+			snap:   snapshot(false, dnsPort("10.244.1.2:53")),
+			want:   []string{"10.96.0.10:53 [10.244.1.2:53]"},
+		},
+		{
+			name:   "an endpoint going terminating while it serves keeps its sockets",
+			before: snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53")),
+			snap:   snapshot(false, apitest.WithServing(dnsPort("10.244.1.2:53"), "10.244.1.1:53", "10.244.1.2:53")),
+		},
+		{
+			name:   "an added endpoint",
+			before: snapshot(true, dnsPort("10.244.1.1:53")),
+			snap:   snapshot(false, dnsPort("10.244.1.1:53", "10.244.1.2:53")),
+			want:   []string{"10.96.0.10:53 [10.244.1.1:53 10.244.1.2:53]"},
+		},
+		{
+			name: "a new frontend: sockets may have connected to its VIP before",
+			snap: snapshot(false, dnsPort("10.244.1.1:53")),
+			want: []string{"10.96.0.10:53 [10.244.1.1:53]"},
+		},
+		{
+			name:   "a frontend losing its last serving endpoint is left alone",
+			before: snapshot(true, dnsPort("10.244.1.1:53")),
+			snap:   snapshot(false, dnsPort()),
+		},
+		{
+			name:   "a deleted Service is left alone",
+			before: snapshot(true, dnsPort("10.244.1.1:53")),
+			snap:   withDeleted(snapshot(false), model.ServiceName{Namespace: "kube-system", Name: "dns"}),
+		},
+		{
+			name:   "a port that failed is skipped",
+			before: snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other),
+			snap:   snapshot(true, dnsPort("10.244.1.2:53"), other),
+			failed: []model.Frontend{dnsPort().ClusterIP},
+			want:   []string{"10.96.0.11:53 [10.244.3.1:8125]"},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newUDPSocketCleaner(nil, nil, newEventCounts())
+			if tc.before != nil {
+				c.plan(tc.before, nil)
+			}
+			failed := make(map[model.Frontend]bool)
+			for _, fe := range tc.failed {
+				failed[fe] = true
+			}
+			if got := checkKeys(c.plan(tc.snap, failed)); !slices.Equal(got, tc.want) {
+				t.Errorf("checked %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// A port that failed is forgotten, so the sync that applies it checks it,
+// partial or not.
+func TestPlanChecksAFailedPortOnceApplied(t *testing.T) {
+	c := newUDPSocketCleaner(nil, nil, newEventCounts())
+	c.plan(snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53")), nil)
+	shrunk := snapshot(false, dnsPort("10.244.1.2:53"))
+	if got := c.plan(shrunk, map[model.Frontend]bool{dnsPort().ClusterIP: true}); len(got) != 0 {
+		t.Fatalf("checked a failed port: %v", checkKeys(got))
+	}
+	if got := checkKeys(c.plan(shrunk, nil)); !slices.Equal(got, []string{"10.96.0.10:53 [10.244.1.2:53]"}) {
+		t.Errorf("the retry checked %v", got)
+	}
+	if got := c.plan(shrunk, nil); len(got) != 0 {
+		t.Errorf("an unchanged port checked again: %v", checkKeys(got))
+	}
+}
+
+// After a sync that failed as a whole, nothing is known: the next sync
+// checks what it carries.
+func TestPlanAfterForgetChecksEverything(t *testing.T) {
+	c := newUDPSocketCleaner(nil, nil, newEventCounts())
+	c.plan(snapshot(true, dnsPort("10.244.1.1:53")), nil)
+	c.forget()
+	if got := c.plan(snapshot(false, dnsPort("10.244.1.1:53")), nil); len(got) != 1 {
+		t.Errorf("checked %v after forgetting, want the frontend", checkKeys(got))
+	}
+}
+
+func TestMatch(t *testing.T) {
+	check := make(udpCheck)
+	check.add(dnsPort().ClusterIP, dnsPort("10.244.1.2:53", "10.244.1.3:53").Serving)
+	revnat := fakeRevnat{}
+	revnat.record(1, "10.244.1.1:53", dnsVIP)   // translated to a removed backend
+	revnat.record(2, "10.244.1.2:53", dnsVIP)   // translated to a serving one
+	revnat.record(3, "10.244.1.1:53", otherVIP) // from a frontend not checked
+	revnat.record(4, "10.244.1.1:53", dnsVIP)
+	for _, tc := range []struct {
+		name   string
+		s      sockdiag.Socket
+		reason string
+	}{
+		{"translated to a backend no longer serving", udpSocket(1, "10.244.1.1:53"), "backend no longer serving"},
+		{"translated to a serving backend", udpSocket(2, "10.244.1.2:53"), ""},
+		{"translated from a frontend not checked", udpSocket(3, "10.244.1.1:53"), ""},
+		{"connected to the VIP", udpSocket(5, dnsVIP), "connected to the frontend untranslated"},
+		{"connected to the VIP on another port", udpSocket(5, "10.96.0.10:54"), ""},
+		{"connected to the removed pod directly", udpSocket(6, "10.244.1.1:53"), ""},
+		{"IPv6 socket translated, v4-mapped", sockdiag.Socket{Family: unix.AF_INET6, Cookie: 4,
+			Local: netip.MustParseAddrPort("[::ffff:10.244.0.100]:40000"), Remote: netip.MustParseAddrPort("[::ffff:10.244.1.1]:53")},
+			"backend no longer serving"},
+		{"IPv6 socket connected to the v4-mapped VIP", sockdiag.Socket{Family: unix.AF_INET6, Cookie: 7,
+			Local: netip.MustParseAddrPort("[::ffff:10.244.0.100]:40000"), Remote: netip.MustParseAddrPort("[::ffff:10.96.0.10]:53")},
+			"connected to the frontend untranslated"},
+		{"IPv6 peer", sockdiag.Socket{Family: unix.AF_INET6, Cookie: 8,
+			Local: netip.MustParseAddrPort("[fd00::1]:40000"), Remote: netip.MustParseAddrPort("[fd00::2]:53")}, ""},
+		{"no peer (unconnected)", sockdiag.Socket{Family: unix.AF_INET, Cookie: 1,
+			Local: netip.MustParseAddrPort("0.0.0.0:40000"), Remote: netip.MustParseAddrPort("0.0.0.0:0")}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newUDPSocketCleaner(nil, revnat.lookup, newEventCounts())
+			_, reason, err := c.match(check, tc.s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if reason != tc.reason {
+				t.Errorf("reason %q, want %q", reason, tc.reason)
+			}
+		})
+	}
+}
+
+// cleanerSetup is a cleaner over a node and two pods; pod-a's client was
+// translated to 10.244.1.1:53, which is removed.
+type cleanerSetup struct {
+	host   *fakeSocketHost
+	events *eventCounts
+	c      *udpSocketCleaner
+	check  udpCheck
+}
+
+func newCleanerSetup() *cleanerSetup {
+	s := &cleanerSetup{host: newFakeSocketHost("node", "pod-a", "pod-b"), events: newEventCounts()}
+	revnat := fakeRevnat{}
+	revnat.record(1, "10.244.1.1:53", dnsVIP)
+	revnat.record(2, "10.244.1.1:53", dnsVIP)
+	revnat.record(3, "10.244.1.1:53", dnsVIP)
+	s.host.ns["node"].sockets = []sockdiag.Socket{udpSocket(1, "10.244.1.1:53")}
+	s.host.ns["pod-a"].sockets = []sockdiag.Socket{udpSocket(2, "10.244.1.1:53"), udpSocket(9, "10.244.1.2:53")}
+	s.host.ns["pod-b"].sockets = []sockdiag.Socket{udpSocket(3, "10.244.1.1:53")}
+	s.c = newUDPSocketCleaner(s.host, revnat.lookup, s.events)
+	s.check = make(udpCheck)
+	s.check.add(dnsPort().ClusterIP, dnsPort("10.244.1.2:53").Serving)
+	return s
+}
+
+func (s *cleanerSetup) counts() map[string]uint64 {
+	out := make(map[string]uint64)
+	s.events.copyTo(out)
+	for k, v := range out {
+		if v == 0 {
+			delete(out, k)
+		}
+	}
+	return out
+}
+
+func TestCleanDestroysStaleSocketsInEveryNamespace(t *testing.T) {
+	s := newCleanerSetup()
+	s.c.clean(s.check)
+	if want := []string{"node 1", "pod-a 2", "pod-b 3"}; !slices.Equal(s.host.destroyed, want) {
+		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
+	}
+	if got := s.counts(); got[eventUDPSocketsDestroyed] != 3 || len(got) != 1 {
+		t.Errorf("events %v, want 3 sockets destroyed and nothing else", got)
+	}
+}
+
+func TestCleanWithNothingToCheckOpensNothing(t *testing.T) {
+	s := newCleanerSetup()
+	s.c.clean(udpCheck{})
+	if len(s.host.opened) != 0 {
+		t.Errorf("opened %v for nothing to check", s.host.opened)
+	}
+}
+
+// Without CAP_SYS_ADMIN the pods' namespaces cannot be entered: the node's
+// own sockets are still handled, and the pods are not tried again.
+func TestCleanWithoutSysAdminHandlesTheNode(t *testing.T) {
+	s := newCleanerSetup()
+	eperm := fmt.Errorf("entering network namespace (needs CAP_SYS_ADMIN): %w", unix.EPERM)
+	s.host.ns["pod-a"].openErr = eperm
+	s.host.ns["pod-b"].openErr = eperm
+	s.c.clean(s.check)
+	s.c.clean(s.check)
+	if want := []string{"node 1"}; !slices.Equal(s.host.destroyed, want) {
+		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
+	}
+	if want := []string{"node", "pod-a", "node"}; !slices.Equal(s.host.opened, want) {
+		t.Errorf("opened %v, want %v: one refusal is enough", s.host.opened, want)
+	}
+	if got := s.counts(); got[eventUDPSocketsNamespaceSkip] != 4 || got[eventUDPSocketDestroyFailed] != 0 {
+		t.Errorf("events %v, want both pods skipped twice and no failure", got)
+	}
+}
+
+func TestCleanOnAKernelThatCannotDestroy(t *testing.T) {
+	s := newCleanerSetup()
+	s.host.unsupported = true
+	s.c.clean(s.check)
+	s.c.clean(s.check)
+	if len(s.host.destroyed) != 0 {
+		t.Errorf("destroyed %v", s.host.destroyed)
+	}
+	if want := []string{"node"}; !slices.Equal(s.host.opened, want) {
+		t.Errorf("opened %v, want the node's namespace once, to probe", s.host.opened)
+	}
+	if got := s.counts(); got[eventUDPSocketsUnsupported] != 2 || len(got) != 1 {
+		t.Errorf("events %v, want two skipped cleanups counted", got)
+	}
+}
+
+func TestCleanCountsFailuresAndGoesOn(t *testing.T) {
+	s := newCleanerSetup()
+	s.host.ns["node"].destroyErr = map[uint64]error{1: fmt.Errorf("destroying: %w", unix.ENOMEM)}
+	// Closed between the dump and the destroy: not a failure.
+	s.host.ns["pod-a"].destroyErr = map[uint64]error{2: fmt.Errorf("destroying: %w", unix.ENOENT)}
+	s.host.ns["pod-b"].listErr = errors.New("dump failed")
+	s.c.clean(s.check)
+	if len(s.host.destroyed) != 0 {
+		t.Errorf("destroyed %v", s.host.destroyed)
+	}
+	if got := s.counts(); got[eventUDPSocketDestroyFailed] != 2 || len(got) != 1 {
+		t.Errorf("events %v, want 2 failures (a destroy, a dump)", got)
+	}
+}
+
+func TestCleanWhenThePodsCannotBeListed(t *testing.T) {
+	s := newCleanerSetup()
+	s.host.listErr = errors.New("reading /run/netns: permission denied")
+	s.c.clean(s.check)
+	if want := []string{"node 1"}; !slices.Equal(s.host.destroyed, want) {
+		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
+	}
+}
+
+// The Dataplane acts after a sync that applied, skips the ports of one
+// that applied in part, and does nothing after one that failed.
+func TestDataplaneCleansAfterSync(t *testing.T) {
+	newDP := func() (*Dataplane, *fakeSocketHost) {
+		host := newFakeSocketHost("node")
+		revnat := fakeRevnat{}
+		revnat.record(1, "10.244.1.1:53", dnsVIP)
+		revnat.record(2, "10.244.3.1:8125", otherVIP)
+		host.ns["node"].sockets = []sockdiag.Socket{udpSocket(1, "10.244.1.1:53"), udpSocket(2, "10.244.3.1:8125")}
+		events := newEventCounts()
+		f := newFakeMaps(64, 256)
+		return &Dataplane{
+			rec:     newReconciler(f.maps(), f.grace(), 64, 256),
+			sockets: newUDPSocketCleaner(host, revnat.lookup, events),
+			events:  events,
+		}, host
+	}
+	initial := snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"),
+		servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.1:8125", "10.244.3.2:8125"))
+	shrunk := snapshot(false, dnsPort("10.244.1.2:53"),
+		servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.2:8125"))
+
+	t.Run("applied", func(t *testing.T) {
+		dp, host := newDP()
+		if err := dp.Sync(context.Background(), initial); err != nil {
+			t.Fatal(err)
+		}
+		if len(host.destroyed) != 0 {
+			t.Fatalf("destroyed %v with every backend serving", host.destroyed)
+		}
+		host.opened = nil
+		if err := dp.Sync(context.Background(), snapshot(false, servicePort("default", "web", "http", model.TCP, "10.96.0.12:80", "10.244.1.1:8080"))); err != nil {
+			t.Fatal(err)
+		}
+		if len(host.opened) != 0 {
+			t.Errorf("a sync without a UDP change looked at sockets in %v", host.opened)
+		}
+		if err := dp.Sync(context.Background(), shrunk); err != nil {
+			t.Fatal(err)
+		}
+		if want := []string{"node 1", "node 2"}; !slices.Equal(host.destroyed, want) {
+			t.Errorf("destroyed %v, want %v", host.destroyed, want)
+		}
+	})
+	t.Run("applied but for one port", func(t *testing.T) {
+		dp, host := newDP()
+		dp.afterSync(initial, nil)
+		dp.afterSync(shrunk, &dataplane.SyncError{Services: []*dataplane.ServiceError{
+			{Service: dnsPort().Name, Frontend: dnsPort().ClusterIP, Reason: dataplane.ReasonMapFull, Err: ErrMapFull}}})
+		if want := []string{"node 2"}; !slices.Equal(host.destroyed, want) {
+			t.Errorf("destroyed %v, want %v: the failed port keeps its old backends", host.destroyed, want)
+		}
+	})
+	t.Run("failed", func(t *testing.T) {
+		dp, host := newDP()
+		dp.afterSync(initial, nil)
+		host.opened = nil
+		dp.afterSync(shrunk, errors.New("reading BPF maps: boom"))
+		if len(host.opened) != 0 || len(host.destroyed) != 0 {
+			t.Errorf("after a failed sync: opened %v, destroyed %v", host.opened, host.destroyed)
+		}
+	})
+}
+
+// The node's namespace comes first, and each namespace once however many
+// links lead to it; files that are not mounted namespaces are skipped.
+func TestKernelSocketHostListsEachNamespaceOnce(t *testing.T) {
+	n := testnet.New(t)
+	pod := n.AddPod("a", "10.244.0.1")
+	dir := t.TempDir()
+	for name, target := range map[string]string{
+		"1-pod":      "/run/netns/" + pod.NS,
+		"2-same-pod": "/run/netns/" + pod.NS,
+		"3-node":     "/run/netns/" + n.Node,
+		"4-dangling": "/run/netns/" + n.Prefix + "-gone",
+	} {
+		if err := os.Symlink(target, filepath.Join(dir, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(dir, "5-placeholder"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	host := kernelSocketHost{nodeNetNS: "/run/netns/" + n.Node, dirs: []string{dir, filepath.Join(dir, "missing")}}
+	got, err := host.netNamespaces()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"/run/netns/" + n.Node, filepath.Join(dir, "1-pod")}; !slices.Equal(got, want) {
+		t.Errorf("namespaces %v, want %v", got, want)
+	}
+}

@@ -1,0 +1,185 @@
+package testnet
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// resolve is a long-lived DNS-style client, the "resolve" helper:
+//
+//	resolve ADDR [unconnected] [timeout=DUR] [pause=DUR]
+//
+// It queries ADDR over one UDP socket in a loop until SIGTERM, as stub
+// resolvers do (c-ares in nginx, HAProxy, Envoy; statsd clients): the
+// socket is connected once (or, with "unconnected", sends each query with
+// sendto) and kept. On an error the socket reports (a read or write error:
+// refused, aborted, no destination) the client says so, closes it and sends
+// the next query from a new socket through ADDR again, as c-ares does. A
+// timeout is only reported: the next query goes out on the same socket, as
+// c-ares retries a lone nameserver, so a socket whose peer vanished
+// silently keeps timing out.
+//
+// It prints "ready", then one line per query:
+//
+//	ok NAME gen=G lport=P from=ADDR start=NS
+//	err MESSAGE gen=G lport=P start=NS
+//
+// NAME is the answering backend's, G counts the sockets used (1 for the
+// first), P is the socket's local port and NS the Unix nanosecond time
+// the query began (see Loop.Settle).
+func resolve(addr string, args []string) error {
+	raddr, err := net.ResolveUDPAddr("udp4", addr)
+	if err != nil {
+		return err
+	}
+	connected := true
+	timeout, pause := ioTimeout, 20*time.Millisecond
+	for _, a := range args {
+		k, v, _ := strings.Cut(a, "=")
+		switch k {
+		case "unconnected":
+			connected = false
+		case "timeout":
+			if timeout, err = time.ParseDuration(v); err != nil {
+				return err
+			}
+		case "pause":
+			if pause, err = time.ParseDuration(v); err != nil {
+				return err
+			}
+		default:
+			return fmt.Errorf("unknown resolve option %q", a)
+		}
+	}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	fmt.Println("ready")
+
+	var (
+		conn *net.UDPConn
+		gen  int
+	)
+	defer func() {
+		if conn != nil {
+			conn.Close()
+		}
+	}()
+	buf := make([]byte, 2048)
+	for {
+		select {
+		case <-stop:
+			return nil
+		default:
+		}
+		start := time.Now()
+		if conn == nil {
+			gen++
+			if connected {
+				conn, err = net.DialUDP("udp4", nil, raddr)
+			} else {
+				conn, err = net.ListenUDP("udp4", nil)
+			}
+			if err != nil {
+				conn = nil
+				fmt.Printf("err %s gen=%d lport=0 start=%d\n", errText(err), gen, start.UnixNano())
+				time.Sleep(pause)
+				continue
+			}
+		}
+		lport := conn.LocalAddr().(*net.UDPAddr).Port
+		_ = conn.SetDeadline(start.Add(timeout))
+		if connected {
+			_, err = conn.Write([]byte("query"))
+		} else {
+			_, err = conn.WriteTo([]byte("query"), raddr)
+		}
+		var (
+			n    int
+			from *net.UDPAddr
+		)
+		if err == nil {
+			n, from, err = conn.ReadFromUDP(buf)
+		}
+		switch {
+		case err == nil:
+			fmt.Printf("ok %s gen=%d lport=%d from=%s start=%d\n", buf[:n], gen, lport, from, start.UnixNano())
+		case isTimeout(err):
+			fmt.Printf("err timeout gen=%d lport=%d start=%d\n", gen, lport, start.UnixNano())
+		default:
+			fmt.Printf("err %s gen=%d lport=%d start=%d\n", errText(err), gen, lport, start.UnixNano())
+			conn.Close()
+			conn = nil
+		}
+		time.Sleep(pause)
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// StartResolver starts the "resolve" helper (see resolve) in pod p with the
+// given options; its results are collected as a Loop's.
+func (p *Pod) StartResolver(addr string, options ...string) *Loop {
+	p.net.t.Helper()
+	args := append([]string{"resolve", addr}, options...)
+	return StartLoopCommand(p.net.t, p.Command(context.Background(), true, Helper(args...)...))
+}
+
+// ResolverResult is one line of the "resolve" helper.
+type ResolverResult struct {
+	// Backend is the name of the server that answered; "" for a failure.
+	Backend string
+	// Err is the failure ("timeout", "connection refused", ...); "" for
+	// an answer.
+	Err string
+	// Gen numbers the client's sockets, from 1; LPort is the socket's
+	// local port.
+	Gen, LPort int
+	// From is where the answer came from as the client saw it.
+	From string
+	Line string
+}
+
+// ParseResolverResult parses a line of the "resolve" helper.
+func ParseResolverResult(line string) (ResolverResult, error) {
+	r := ResolverResult{Line: line}
+	status, rest, _ := strings.Cut(line, " ")
+	i := strings.Index(rest, " gen=")
+	if i < 0 {
+		return r, fmt.Errorf("resolver result without a generation: %q", line)
+	}
+	switch status {
+	case "ok":
+		r.Backend = rest[:i]
+	case "err":
+		r.Err = rest[:i]
+	default:
+		return r, fmt.Errorf("resolver result %q", line)
+	}
+	for _, f := range strings.Fields(rest[i:]) {
+		k, v, _ := strings.Cut(f, "=")
+		var err error
+		switch k {
+		case "gen":
+			r.Gen, err = strconv.Atoi(v)
+		case "lport":
+			r.LPort, err = strconv.Atoi(v)
+		case "from":
+			r.From = v
+		}
+		if err != nil {
+			return r, fmt.Errorf("resolver result %q: %w", line, err)
+		}
+	}
+	return r, nil
+}
