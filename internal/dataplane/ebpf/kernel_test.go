@@ -308,11 +308,15 @@ func TestKernelReverseEntriesGoWithTheirSocket(t *testing.T) {
 	}
 
 	// The helper has exited, so its sockets are released: 20 TCP
-	// connections and a connected UDP socket leave nothing behind.
-	if got := testnet.Tally(s.run(t, "tcp", vip+":80", "20")); got["ok pod-0"]+got["ok pod-1"] != 20 {
-		t.Fatalf("tcp: %v", got)
+	// connections and a connected UDP socket, from AF_INET and from
+	// AF_INET6 sockets, leave nothing behind.
+	for _, args := range [][]string{{"tcp", vip + ":80", "20"}, {"tcp6", mappedVIP + ":80", "20"}} {
+		if got := testnet.Tally(s.run(t, args...)); got["ok pod-0"]+got["ok pod-1"] != 20 {
+			t.Fatalf("%v: %v", args, got)
+		}
 	}
 	s.run(t, "udp", vip+":53", "3", "connected")
+	s.run(t, "udp6", mappedVIP+":53", "3", "connected")
 	if n := entries(); n != 0 {
 		t.Errorf("%d reverse entries left by closed connected sockets, want 0", n)
 	}
