@@ -220,7 +220,7 @@ func TestBinaryLifecycle(t *testing.T) {
 	if code := second.wait(t, 5*time.Second); code != 0 {
 		t.Errorf("exit status after SIGTERM = %d, want 0; log:\n%s", code, second.stderr.String())
 	}
-	if !strings.Contains(second.stderr.String(), "Updated pinned program link") && !strings.Contains(second.stderr.String(), "Starting kube-bpf-proxy") {
+	if !strings.Contains(second.stderr.String(), "Programs in place") && !strings.Contains(second.stderr.String(), "Starting kube-bpf-proxy") {
 		t.Errorf("restart log lacks the start line:\n%s", second.stderr.String())
 	}
 	if got := testnet.AttachedPrograms(t, n.Cgroup); got != attachedPrograms {

@@ -184,20 +184,27 @@ func holdDatapath(args []string) error {
 	select {}
 }
 
+// holdArgs is the command line of a holdDatapath helper with the setup's
+// configuration that serves ports.
+func (s *kernelSetup) holdArgs(t *testing.T, ports ...model.ServicePort) []string {
+	t.Helper()
+	path := t.TempDir() + "/in.json"
+	data, err := json.Marshal(map[string]any{"Config": s.cfg, "Services": ports})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return testnet.Helper("hold", path)
+}
+
 func TestKernelKill9KeepsServingAndCleanupRemovesAll(t *testing.T) {
 	s := newKernelSetup(t, 2)
 	s.dp.Close()
 	hold := func(ports ...model.ServicePort) *exec.Cmd {
 		t.Helper()
-		path := t.TempDir() + "/in.json"
-		data, err := json.Marshal(map[string]any{"Config": s.cfg, "Services": ports})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return s.client.Start(false, testnet.Helper("hold", path)...)
+		return s.client.Start(false, s.holdArgs(t, ports...)...)
 	}
 	web := servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...)
 	proc := hold(web)
