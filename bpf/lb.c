@@ -214,31 +214,31 @@ static __always_inline const struct backend_value *choose_backend(struct bpf_soc
 
 	*verdict = 1;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return 0;
+		return NULL;
 	frontend.addr = addr;
 	frontend.port = (__be16)ctx->user_port;
 	frontend.proto = proto;
 	svc = bpf_map_lookup_elem(&kbp_services, &frontend);
 	if (!svc)
-		return 0; /* not a Service: leave the call alone */
+		return NULL; /* not a Service: leave the call alone */
 
 	/* Read once: the reconciler may change it under us. */
 	count = *(volatile __u32 *)&svc->count;
 	if (count == 0) {
 		*verdict = refuse(STAT_REFUSED_NO_BACKEND);
-		return 0;
+		return NULL;
 	}
 	slot.svc_id = svc->id;
 	slot.slot = pick_slot(ctx, proto, count);
 	backend_id = bpf_map_lookup_elem(&kbp_slots, &slot);
 	if (!backend_id) {
 		*verdict = refuse(STAT_REFUSED_MISSING_SLOT);
-		return 0;
+		return NULL;
 	}
 	backend = bpf_map_lookup_elem(&kbp_backends, backend_id);
 	if (!backend) {
 		*verdict = refuse(STAT_REFUSED_MISSING_SLOT);
-		return 0;
+		return NULL;
 	}
 	remember_frontend(ctx, backend, &frontend);
 	return backend;
