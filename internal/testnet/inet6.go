@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -78,7 +79,7 @@ func peerText(fd int) (string, error) {
 func inet6Options(args []string, allowed ...string) (map[string]bool, error) {
 	opts := map[string]bool{}
 	for _, a := range args[min(1, len(args)):] {
-		if !strings.Contains(" "+strings.Join(allowed, " ")+" ", " "+a+" ") {
+		if !slices.Contains(allowed, a) {
 			return nil, fmt.Errorf("unknown option %q (have %v)", a, allowed)
 		}
 		opts[a] = true
