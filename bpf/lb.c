@@ -8,12 +8,36 @@
  * need no NAT or conntrack. recvmsg4 and getpeername4 undo the rewrite for what
  * the application sees, so replies and peer names show the VIP.
  *
+ * AF_INET6 sockets (IPV6_V6ONLY off, as Java's are by default) reach an IPv4
+ * Service as ::ffff:VIP. Which hook runs, as measured with per-program run
+ * counts on Linux 6.18 (ebpf.TestKernelHooksPerPath checks it):
+ *   TCP connect(::ffff:VIP)         connect6; tcp_v6_connect then calls
+ *                                   tcp_v4_connect directly, no connect4
+ *   UDP connect(::ffff:VIP)         connect6
+ *   UDP sendto(::ffff:VIP)          sendmsg4, not sendmsg6: udpv6_sendmsg
+ *                                   hands a v4-mapped destination to
+ *                                   udp_sendmsg as a sockaddr_in
+ *   UDP send() when connected       sendmsg4 as well, with the peer (the
+ *                                   backend already): not a Service, a miss
+ *   recvfrom(), getpeername()       recvmsg6, getpeername6, showing ::ffff:
+ *   connect/sendto(sockaddr_in)     connect4, sendmsg4: the IPv4 path
+ * So connect6, recvmsg6 and getpeername6 handle v4-mapped addresses (the
+ * backend stays v4-mapped) and there is no sendmsg6 program: the kernel never
+ * shows it a v4-mapped destination, and refuses one it writes (ENOTSUPP).
+ * This holds on every kernel these programs load on (bpf_set_retval needs
+ * 5.18): udpv6_sendmsg sent v4-mapped destinations to udp_sendmsg before the
+ * sendmsg hooks came (4.18), and the *6 hooks we use exist since 4.17
+ * (connect6), 5.2 (recvmsg6) and 5.8 (getpeername6). Anything that is not
+ * v4-mapped is real IPv6 and passes untouched.
+ *
  * Map layout (written by internal/dataplane/ebpf, make-before-break):
  *   kbp_services  frontend -> {service id, backend count}
  *   kbp_slots     {service id, slot 0..count-1} -> backend id
  *   kbp_backends  backend id -> {address, port, protocol}
  *   kbp_revnat    {socket cookie, backend address, port} -> frontend,
- *                 deleted by sock_release when a connected socket closes
+ *                 deleted by sock_release when a connected socket closes;
+ *                 one entry format for AF_INET and AF_INET6 sockets, keyed
+ *                 by the IPv4 address
  *   kbp_stats     per-CPU event counters (nothing here logs)
  *
  * Map sizes below are placeholders: the loader sets them from its flags.
@@ -170,7 +194,15 @@ static __always_inline void remember_frontend(struct bpf_sock_addr *ctx,
 		count_event(STAT_REVNAT_UPDATE_FAILED);
 }
 
-static __always_inline int translate(struct bpf_sock_addr *ctx, enum stat_index translated_event)
+/*
+ * The backend a socket headed for IPv4 frontend addr (and the port and
+ * protocol in ctx) goes to instead, remembered for the reverse translation;
+ * NULL leaves the call alone. *verdict is the program's return value: 0 when
+ * the Service refuses the call. The caller rewrites the address, because
+ * only it may touch the address field of its family.
+ */
+static __always_inline const struct backend_value *choose_backend(struct bpf_sock_addr *ctx,
+								    __be32 addr, int *verdict)
 {
 	struct svc_key frontend = {};
 	struct svc_value *svc;
@@ -180,49 +212,123 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, enum stat_index 
 	__u32 count;
 	__u8 proto = ctx->protocol;
 
+	*verdict = 1;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return 1;
-	frontend.addr = ctx->user_ip4;
+		return NULL;
+	frontend.addr = addr;
 	frontend.port = (__be16)ctx->user_port;
 	frontend.proto = proto;
 	svc = bpf_map_lookup_elem(&kbp_services, &frontend);
 	if (!svc)
-		return 1; /* not a Service: leave the call alone */
+		return NULL; /* not a Service: leave the call alone */
 
 	/* Read once: the reconciler may change it under us. */
 	count = *(volatile __u32 *)&svc->count;
-	if (count == 0)
-		return refuse(STAT_REFUSED_NO_BACKEND);
+	if (count == 0) {
+		*verdict = refuse(STAT_REFUSED_NO_BACKEND);
+		return NULL;
+	}
 	slot.svc_id = svc->id;
 	slot.slot = pick_slot(ctx, proto, count);
 	backend_id = bpf_map_lookup_elem(&kbp_slots, &slot);
-	if (!backend_id)
-		return refuse(STAT_REFUSED_MISSING_SLOT);
+	if (!backend_id) {
+		*verdict = refuse(STAT_REFUSED_MISSING_SLOT);
+		return NULL;
+	}
 	backend = bpf_map_lookup_elem(&kbp_backends, backend_id);
-	if (!backend)
-		return refuse(STAT_REFUSED_MISSING_SLOT);
-
+	if (!backend) {
+		*verdict = refuse(STAT_REFUSED_MISSING_SLOT);
+		return NULL;
+	}
 	remember_frontend(ctx, backend, &frontend);
-	ctx->user_ip4 = backend->addr;
-	ctx->user_port = (__u32)backend->port;
-	count_event(translated_event);
-	return 1;
+	return backend;
 }
 
-/* Shows the application the frontend it asked for instead of the backend. */
-static __always_inline int reverse_translate(struct bpf_sock_addr *ctx)
+/*
+ * The frontend a socket asked for, given the IPv4 backend address (and the
+ * port in ctx) it was rewritten to; NULL if it was not rewritten.
+ */
+static __always_inline const struct revnat_value *frontend_of(struct bpf_sock_addr *ctx,
+								__be32 addr)
 {
 	struct revnat_key key = {
 		.cookie = bpf_get_socket_cookie(ctx),
-		.addr = ctx->user_ip4,
+		.addr = addr,
 		.port = (__be16)ctx->user_port,
 	};
-	struct revnat_value *frontend = bpf_map_lookup_elem(&kbp_revnat, &key);
+	const struct revnat_value *frontend = bpf_map_lookup_elem(&kbp_revnat, &key);
+
+	if (frontend)
+		count_event(STAT_REVNAT_TRANSLATED);
+	return frontend;
+}
+
+static __always_inline int translate4(struct bpf_sock_addr *ctx, enum stat_index translated_event)
+{
+	int verdict;
+	const struct backend_value *backend = choose_backend(ctx, ctx->user_ip4, &verdict);
+
+	if (backend) {
+		ctx->user_ip4 = backend->addr;
+		ctx->user_port = (__u32)backend->port;
+		count_event(translated_event);
+	}
+	return verdict;
+}
+
+/* Shows the application the frontend it asked for instead of the backend. */
+static __always_inline int reverse_translate4(struct bpf_sock_addr *ctx)
+{
+	const struct revnat_value *frontend = frontend_of(ctx, ctx->user_ip4);
 
 	if (frontend) {
 		ctx->user_ip4 = frontend->addr;
 		ctx->user_port = (__u32)frontend->port;
-		count_event(STAT_REVNAT_TRANSLATED);
+	}
+	return 1;
+}
+
+/*
+ * An IPv4 address as an AF_INET6 socket carries it, ::ffff:a.b.c.d
+ * (RFC 4291 2.5.5.2). Everything else is real IPv6 and left alone.
+ */
+static __always_inline int is_v4_mapped(__u32 w0, __u32 w1, __u32 w2)
+{
+	return w0 == 0 && w1 == 0 && w2 == kbp_htonl(0x0000ffff);
+}
+
+static __always_inline int user_ip6_is_v4_mapped(struct bpf_sock_addr *ctx)
+{
+	return is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]);
+}
+
+/* The backend stays v4-mapped: only the IPv4 part of the address changes. */
+static __always_inline int translate6(struct bpf_sock_addr *ctx, enum stat_index translated_event)
+{
+	int verdict;
+	const struct backend_value *backend;
+
+	if (!user_ip6_is_v4_mapped(ctx))
+		return 1;
+	backend = choose_backend(ctx, ctx->user_ip6[3], &verdict);
+	if (backend) {
+		ctx->user_ip6[3] = backend->addr;
+		ctx->user_port = (__u32)backend->port;
+		count_event(translated_event);
+	}
+	return verdict;
+}
+
+static __always_inline int reverse_translate6(struct bpf_sock_addr *ctx)
+{
+	const struct revnat_value *frontend;
+
+	if (!user_ip6_is_v4_mapped(ctx))
+		return 1;
+	frontend = frontend_of(ctx, ctx->user_ip6[3]);
+	if (frontend) {
+		ctx->user_ip6[3] = frontend->addr;
+		ctx->user_port = (__u32)frontend->port;
 	}
 	return 1;
 }
@@ -230,43 +336,80 @@ static __always_inline int reverse_translate(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int kbp_connect4(struct bpf_sock_addr *ctx)
 {
-	return translate(ctx, STAT_CONNECT_TRANSLATED);
+	return translate4(ctx, STAT_CONNECT_TRANSLATED);
 }
 
 /* Runs only for sendmsg() with an address, that is unconnected UDP. */
 SEC("cgroup/sendmsg4")
 int kbp_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return translate(ctx, STAT_SENDMSG_TRANSLATED);
+	return translate4(ctx, STAT_SENDMSG_TRANSLATED);
 }
 
 SEC("cgroup/recvmsg4")
 int kbp_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	return reverse_translate(ctx);
+	return reverse_translate4(ctx);
 }
 
 SEC("cgroup/getpeername4")
 int kbp_getpeername4(struct bpf_sock_addr *ctx)
 {
-	return reverse_translate(ctx);
+	return reverse_translate4(ctx);
+}
+
+SEC("cgroup/connect6")
+int kbp_connect6(struct bpf_sock_addr *ctx)
+{
+	return translate6(ctx, STAT_CONNECT_TRANSLATED);
+}
+
+SEC("cgroup/recvmsg6")
+int kbp_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return reverse_translate6(ctx);
+}
+
+SEC("cgroup/getpeername6")
+int kbp_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return reverse_translate6(ctx);
 }
 
 /*
  * A connected socket's reverse entry is keyed by its peer, so it can be
  * deleted when the socket goes: the LRU then holds live sockets (and the
  * peers of unconnected UDP sockets) instead of letting a busy node's closed
- * connections push out the entries of long-lived ones.
+ * connections push out the entries of long-lived ones. An AF_INET6 socket
+ * connected to an IPv4 peer has it v4-mapped.
  */
 SEC("cgroup/sock_release")
 int kbp_sock_release(struct bpf_sock *sk)
 {
 	struct revnat_key key = {};
+	/*
+	 * Volatile loads, each where it is written: clang otherwise merges the
+	 * loads of the two branches into one load through a computed pointer,
+	 * which the verifier refuses for the context.
+	 */
+	__u32 family = sk->family;
+	__be32 peer = *(volatile __u32 *)&sk->dst_ip4;
+	__u32 w0 = *(volatile __u32 *)&sk->dst_ip6[0];
+	__u32 w1 = *(volatile __u32 *)&sk->dst_ip6[1];
+	__u32 w2 = *(volatile __u32 *)&sk->dst_ip6[2];
+	__u32 w3 = *(volatile __u32 *)&sk->dst_ip6[3];
 
-	if (sk->family != AF_INET || sk->dst_ip4 == 0)
+	if (family == AF_INET6) {
+		if (!is_v4_mapped(w0, w1, w2))
+			return 1;
+		peer = w3;
+	} else if (family != AF_INET) {
+		return 1;
+	}
+	if (peer == 0)
 		return 1;
 	key.cookie = bpf_get_socket_cookie(sk);
-	key.addr = sk->dst_ip4;
+	key.addr = peer;
 	key.port = sk->dst_port;
 	bpf_map_delete_elem(&kbp_revnat, &key);
 	return 1;

@@ -17,10 +17,20 @@ typedef unsigned long long __u64;
 typedef __u16 __be16;
 typedef __u32 __be32;
 
+#define NULL ((void *)0)
+
 #define AF_INET 2
+#define AF_INET6 10
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define ECONNREFUSED 111
+
+/* Byte order: the programs compare addresses, which are big-endian, with constants. */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define kbp_htonl(x) __builtin_bswap32(x)
+#else
+#define kbp_htonl(x) (x)
+#endif
 
 /* Map types and flags (include/uapi/linux/bpf.h). */
 #define BPF_MAP_TYPE_HASH 1
@@ -32,7 +42,11 @@ typedef __u32 __be32;
 /* libbpf's pinning convention: the loader pins the map under its name. */
 #define LIBBPF_PIN_BY_NAME 1
 
-/* The context of cgroup/connect4, sendmsg4, recvmsg4 and getpeername4. */
+/*
+ * The context of the cgroup/connect, sendmsg, recvmsg and getpeername hooks.
+ * The kernel lets the *4 programs access user_ip4 only and the *6 programs
+ * user_ip6 only (the verifier refuses the other).
+ */
 struct bpf_sock_addr {
 	__u32 user_family;
 	__u32 user_ip4;    /* network byte order */
@@ -60,6 +74,7 @@ struct bpf_sock {
 	__be16 dst_port;  /* network byte order; 16 bits wide since Linux 5.17 */
 	__u16 pad_dst_port;
 	__u32 dst_ip4;    /* network byte order */
+	__u32 dst_ip6[4]; /* network byte order */
 };
 
 /* BTF-style map definitions, as understood by libbpf and cilium/ebpf. */

@@ -37,13 +37,19 @@ func RunHelperIfRequested(extra map[string]func(args []string) error) {
 
 // Helper returns the command line that runs this test binary as a helper:
 //
-//	serve NAME tcp:PORT|udp:PORT...   answer each request with NAME
+//	serve NAME tcp:PORT|udp:PORT...   answer each request with NAME (tcp6:, udp6: on IPv6)
 //	tcp ADDR N                        N connects, one result line each
 //	udp ADDR N [connected]            N requests on one socket
 //	loop ADDR [PAUSE]                 connect until killed, a line each, PAUSE between connects
 //	resolve ADDR [OPTION...]          query over one long-lived UDP socket until killed (see resolve)
+//	tcp6 ADDR N [inet4addr]           tcp from AF_INET6 sockets with IPV6_V6ONLY=0, as Java's are
+//	udp6 ADDR N [connected] [inet4addr]  udp from one such socket
 //
-// Result lines are "ok NAME peer=ADDR" or "err MESSAGE".
+// Result lines are "ok NAME peer=ADDR" or "err MESSAGE"; UDP ones add
+// from=ADDR, where the answer came from. The AF_INET6 clients take ADDR
+// as [::ffff:10.96.0.10]:80 for an IPv4 peer and print addresses that way;
+// inet4addr passes the socket a sockaddr_in of the IPv4 address instead,
+// which the kernel also accepts.
 func Helper(args ...string) []string {
 	exe, err := os.Executable()
 	if err != nil {
@@ -88,6 +94,10 @@ func builtinHelper(args []string) error {
 		err = loop(args[1], args[2:])
 	case "resolve":
 		err = resolve(args[1], args[2:])
+	case "tcp6":
+		err = tcp6Requests(args[1], args[2:])
+	case "udp6":
+		err = udp6Requests(args[1], args[2:])
 	default:
 		err = fmt.Errorf("unknown helper %q", args[0])
 	}
@@ -104,15 +114,17 @@ func serve(name string, listens []string) error {
 		if !ok {
 			return fmt.Errorf("bad listen spec %q", l)
 		}
-		switch proto {
-		case "tcp", "tcp-src":
-			ln, err := net.Listen("tcp4", ":"+port)
+		// tcp6 and udp6 listen on IPv6 only, the others on IPv4.
+		network := map[string]string{"tcp": "tcp4", "tcp-src": "tcp4", "tcp6": "tcp6", "udp": "udp4", "udp6": "udp6"}[proto]
+		switch network {
+		case "tcp4", "tcp6":
+			ln, err := net.Listen(network, ":"+port)
 			if err != nil {
 				return err
 			}
 			go serveTCP(ln, name, proto == "tcp-src")
-		case "udp":
-			pc, err := net.ListenPacket("udp4", ":"+port)
+		case "udp4", "udp6":
+			pc, err := net.ListenPacket(network, ":"+port)
 			if err != nil {
 				return err
 			}

@@ -188,20 +188,27 @@ func holdDatapath(args []string) error {
 	select {}
 }
 
+// holdArgs is the command line of a holdDatapath helper with the setup's
+// configuration that serves ports.
+func (s *kernelSetup) holdArgs(t *testing.T, ports ...model.ServicePort) []string {
+	t.Helper()
+	path := t.TempDir() + "/in.json"
+	data, err := json.Marshal(map[string]any{"Config": s.cfg, "Services": ports})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return testnet.Helper("hold", path)
+}
+
 func TestKernelKill9KeepsServingAndCleanupRemovesAll(t *testing.T) {
 	s := newKernelSetup(t, 2)
 	s.dp.Close()
 	hold := func(ports ...model.ServicePort) *exec.Cmd {
 		t.Helper()
-		path := t.TempDir() + "/in.json"
-		data, err := json.Marshal(map[string]any{"Config": s.cfg, "Services": ports})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, data, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return s.client.Start(false, testnet.Helper("hold", path)...)
+		return s.client.Start(false, s.holdArgs(t, ports...)...)
 	}
 	web := servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...)
 	proc := hold(web)
@@ -312,11 +319,15 @@ func TestKernelReverseEntriesGoWithTheirSocket(t *testing.T) {
 	}
 
 	// The helper has exited, so its sockets are released: 20 TCP
-	// connections and a connected UDP socket leave nothing behind.
-	if got := testnet.Tally(s.run(t, "tcp", vip+":80", "20")); got["ok pod-0"]+got["ok pod-1"] != 20 {
-		t.Fatalf("tcp: %v", got)
+	// connections and a connected UDP socket, from AF_INET and from
+	// AF_INET6 sockets, leave nothing behind.
+	for _, args := range [][]string{{"tcp", vip + ":80", "20"}, {"tcp6", mappedVIP + ":80", "20"}} {
+		if got := testnet.Tally(s.run(t, args...)); got["ok pod-0"]+got["ok pod-1"] != 20 {
+			t.Fatalf("%v: %v", args, got)
+		}
 	}
 	s.run(t, "udp", vip+":53", "3", "connected")
+	s.run(t, "udp6", mappedVIP+":53", "3", "connected")
 	if n := entries(); n != 0 {
 		t.Errorf("%d reverse entries left by closed connected sockets, want 0", n)
 	}

@@ -78,8 +78,11 @@ const (
 	lbMapKbpSlots         = "kbp_slots"
 	lbMapKbpStats         = "kbp_stats"
 	lbProgKbpConnect4     = "kbp_connect4"
+	lbProgKbpConnect6     = "kbp_connect6"
 	lbProgKbpGetpeername4 = "kbp_getpeername4"
+	lbProgKbpGetpeername6 = "kbp_getpeername6"
 	lbProgKbpRecvmsg4     = "kbp_recvmsg4"
+	lbProgKbpRecvmsg6     = "kbp_recvmsg6"
 	lbProgKbpSendmsg4     = "kbp_sendmsg4"
 	lbProgKbpSockRelease  = "kbp_sock_release"
 )
@@ -127,8 +130,11 @@ type lbSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbProgramSpecs struct {
 	KbpConnect4     *ebpf.ProgramSpec `ebpf:"kbp_connect4"`
+	KbpConnect6     *ebpf.ProgramSpec `ebpf:"kbp_connect6"`
 	KbpGetpeername4 *ebpf.ProgramSpec `ebpf:"kbp_getpeername4"`
+	KbpGetpeername6 *ebpf.ProgramSpec `ebpf:"kbp_getpeername6"`
 	KbpRecvmsg4     *ebpf.ProgramSpec `ebpf:"kbp_recvmsg4"`
+	KbpRecvmsg6     *ebpf.ProgramSpec `ebpf:"kbp_recvmsg6"`
 	KbpSendmsg4     *ebpf.ProgramSpec `ebpf:"kbp_sendmsg4"`
 	KbpSockRelease  *ebpf.ProgramSpec `ebpf:"kbp_sock_release"`
 }
@@ -198,8 +204,11 @@ type lbVariables struct {
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbPrograms struct {
 	KbpConnect4     *ebpf.Program `ebpf:"kbp_connect4"`
+	KbpConnect6     *ebpf.Program `ebpf:"kbp_connect6"`
 	KbpGetpeername4 *ebpf.Program `ebpf:"kbp_getpeername4"`
+	KbpGetpeername6 *ebpf.Program `ebpf:"kbp_getpeername6"`
 	KbpRecvmsg4     *ebpf.Program `ebpf:"kbp_recvmsg4"`
+	KbpRecvmsg6     *ebpf.Program `ebpf:"kbp_recvmsg6"`
 	KbpSendmsg4     *ebpf.Program `ebpf:"kbp_sendmsg4"`
 	KbpSockRelease  *ebpf.Program `ebpf:"kbp_sock_release"`
 }
@@ -207,8 +216,11 @@ type lbPrograms struct {
 func (p *lbPrograms) Close() error {
 	return _LbClose(
 		p.KbpConnect4,
+		p.KbpConnect6,
 		p.KbpGetpeername4,
+		p.KbpGetpeername6,
 		p.KbpRecvmsg4,
+		p.KbpRecvmsg6,
 		p.KbpSendmsg4,
 		p.KbpSockRelease,
 	)

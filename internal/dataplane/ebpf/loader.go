@@ -33,6 +33,10 @@ type Config struct {
 	// sockets are destroyed likewise (DefaultNetNSDirs on a node); none if
 	// empty. Tests name a directory of their own pods' namespaces only.
 	NetNSDirs []string
+
+	// ops does the steps of the program swap; nil is the kernel. Tests
+	// set it to fail a step.
+	ops swapOps
 }
 
 // program is one of our socket programs and where it hooks.
@@ -47,6 +51,9 @@ var programs = []program{
 	{"sendmsg4", ebpf.AttachCGroupUDP4Sendmsg, func(o *lbObjects) *ebpf.Program { return o.KbpSendmsg4 }},
 	{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, func(o *lbObjects) *ebpf.Program { return o.KbpRecvmsg4 }},
 	{"getpeername4", ebpf.AttachCgroupInet4GetPeername, func(o *lbObjects) *ebpf.Program { return o.KbpGetpeername4 }},
+	{"connect6", ebpf.AttachCGroupInet6Connect, func(o *lbObjects) *ebpf.Program { return o.KbpConnect6 }},
+	{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, func(o *lbObjects) *ebpf.Program { return o.KbpRecvmsg6 }},
+	{"getpeername6", ebpf.AttachCgroupInet6GetPeername, func(o *lbObjects) *ebpf.Program { return o.KbpGetpeername6 }},
 	{"sock_release", ebpf.AttachCgroupInetSockRelease, func(o *lbObjects) *ebpf.Program { return o.KbpSockRelease }},
 }
 
@@ -92,9 +99,9 @@ func (k *kernelObjects) Close() error {
 }
 
 // load loads the programs, opens or creates the pinned maps, and attaches
-// the programs to the cgroup. Links found pinned from an earlier run are
-// updated in place, which swaps the program atomically: at no moment is the
-// cgroup without one.
+// the programs to the cgroup, replacing the links an earlier run pinned. The
+// swap is all or nothing, and at no moment is a hook without a program (see
+// swap).
 func load(cfg Config) (_ *kernelObjects, err error) {
 	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 	if err := rlimit.RemoveMemlock(); err != nil {
@@ -112,128 +119,46 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 			spec.Maps[m.name].MaxEntries = m.capacity(cfg)
 		}
 	}
-	resized, err := resizePinnedMaps(spec, cfg.BPFFSPath)
+	if err := checkCgroup2(cfg.CgroupPath); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(filepath.Join(cfg.BPFFSPath, linksDir), 0o700); err != nil {
+		return nil, fmt.Errorf("creating links directory: %w", err)
+	}
+
+	k := &kernelObjects{}
+	sw := newSwap(cfg.ops)
+	defer func() {
+		if err != nil {
+			err = sw.rollback(err)
+			k.Close()
+		}
+		sw.release()
+	}()
+	maps, err := sw.openMaps(spec, cfg.BPFFSPath)
 	if err != nil {
 		return nil, err
 	}
-	defer closeMaps(resized) // the collection holds clones
-
-	k := &kernelObjects{}
-	opts := &ebpf.CollectionOptions{
-		Maps:            ebpf.MapOptions{PinPath: cfg.BPFFSPath},
-		MapReplacements: resized,
-	}
-	if err := spec.LoadAndAssign(&k.objs, opts); err != nil {
+	// Every map is given, so the collection pins none itself.
+	if err := spec.LoadAndAssign(&k.objs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
 		var verr *ebpf.VerifierError
 		if errors.As(err, &verr) {
 			return nil, fmt.Errorf("loading BPF programs: %+v", verr)
 		}
 		return nil, fmt.Errorf("loading BPF programs and maps: %w", err)
 	}
-	defer func() {
-		if err != nil {
-			k.Close()
-		}
-	}()
-
-	cgroupID, err := cgroupID(cfg.CgroupPath)
-	if err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(filepath.Join(cfg.BPFFSPath, linksDir), 0o700); err != nil {
-		return nil, fmt.Errorf("creating links directory: %w", err)
-	}
 	for _, p := range programs {
-		l, err := attach(p, p.prog(&k.objs), cfg, cgroupID)
+		l, err := sw.attachProgram(p, p.prog(&k.objs), cfg)
 		if err != nil {
 			return nil, err
 		}
 		k.links = append(k.links, l)
 	}
-	if err := pinResized(resized, cfg.BPFFSPath); err != nil {
+	if err := sw.commit(); err != nil {
 		return nil, err
 	}
+	klog.InfoS("Programs in place", "cgroup", cfg.CgroupPath, "programs", len(k.links), "replaced", len(sw.replaced))
 	return k, nil
-}
-
-func attach(p program, prog *ebpf.Program, cfg Config, cgroupID uint64) (link.Link, error) {
-	pin := filepath.Join(cfg.BPFFSPath, linksDir, p.name)
-	old, err := link.LoadPinnedLink(pin, nil)
-	switch {
-	case err == nil:
-		info, infoErr := old.Info()
-		if infoErr == nil && info.Cgroup() != nil && info.Cgroup().CgroupId == cgroupID {
-			if err := old.Update(prog); err != nil {
-				old.Close()
-				return nil, fmt.Errorf("updating pinned %s link to the new program: %w", p.name, err)
-			}
-			klog.V(2).InfoS("Updated pinned program link", "program", p.name, "cgroup", cfg.CgroupPath)
-			return old, nil
-		}
-		// Attached to another cgroup (the flag changed) or to one that is
-		// gone: attach anew first, then drop the old link.
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: cfg.CgroupPath, Attach: p.attach, Program: prog})
-		if err != nil {
-			old.Close()
-			return nil, fmt.Errorf("attaching %s to %s: %w", p.name, cfg.CgroupPath, err)
-		}
-		if err := old.Unpin(); err != nil {
-			klog.ErrorS(err, "Removing stale link pin", "pin", pin)
-		}
-		old.Close()
-		if err := l.Pin(pin); err != nil {
-			l.Close()
-			return nil, fmt.Errorf("pinning %s link: %w", p.name, err)
-		}
-		klog.InfoS("Moved program to a new cgroup", "program", p.name, "cgroup", cfg.CgroupPath)
-		return l, nil
-	case errors.Is(err, os.ErrNotExist):
-		l, err := link.AttachCgroup(link.CgroupOptions{Path: cfg.CgroupPath, Attach: p.attach, Program: prog})
-		if err != nil {
-			return nil, fmt.Errorf("attaching %s to %s: %w", p.name, cfg.CgroupPath, err)
-		}
-		if err := l.Pin(pin); err != nil {
-			l.Close()
-			return nil, fmt.Errorf("pinning %s link (the kernel needs bpf_link support for cgroups, Linux 5.7+): %w", p.name, err)
-		}
-		klog.InfoS("Attached program", "program", p.name, "cgroup", cfg.CgroupPath)
-		return l, nil
-	default:
-		return nil, fmt.Errorf("opening pinned %s link: %w", p.name, err)
-	}
-}
-
-// resizePinnedMaps handles pinned maps that differ from their spec in
-// capacity only (a --bpf-max-* flag changed): each gets a new map of the
-// new size holding the old one's entries, to be used when the programs are
-// loaded and pinned in its place once they are attached. The datapath keeps
-// serving from the old map until the programs are swapped. Any other
-// difference means a pin from an incompatible version.
-func resizePinnedMaps(spec *ebpf.CollectionSpec, dir string) (_ map[string]*ebpf.Map, err error) {
-	resized := make(map[string]*ebpf.Map)
-	defer func() {
-		if err != nil {
-			closeMaps(resized)
-		}
-	}()
-	for _, m := range pinnedMaps {
-		pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, m.name), nil)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
-		}
-		fresh, err := resized1(spec.Maps[m.name], pinned, m.flag)
-		pinned.Close()
-		if err != nil {
-			return nil, err
-		}
-		if fresh != nil {
-			resized[m.name] = fresh
-		}
-	}
-	return resized, nil
 }
 
 // resized1 returns nil if pinned fits want as it is, else a resized copy.
@@ -276,27 +201,6 @@ func resized1(want *ebpf.MapSpec, pinned *ebpf.Map, flag string) (*ebpf.Map, err
 	return m, nil
 }
 
-// pinResized puts resized maps in place of the old pins. Programs already
-// use them; the old maps go when their pins do.
-func pinResized(resized map[string]*ebpf.Map, dir string) error {
-	for name, m := range resized {
-		path := filepath.Join(dir, name)
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return fmt.Errorf("unpinning the old %s: %w", name, err)
-		}
-		if err := m.Pin(path); err != nil {
-			return fmt.Errorf("pinning the resized %s: %w", name, err)
-		}
-	}
-	return nil
-}
-
-func closeMaps(maps map[string]*ebpf.Map) {
-	for _, m := range maps {
-		m.Close()
-	}
-}
-
 // ensureBPFFS makes dir, mounting a bpffs on its parent first when neither
 // is on one (a fresh node, or one whose runtime does not mount it).
 func ensureBPFFS(dir string) error {
@@ -324,20 +228,16 @@ func onBPFFS(path string) bool {
 	return unix.Statfs(path, &st) == nil && uint32(st.Type) == uint32(unix.BPF_FS_MAGIC)
 }
 
-// cgroupID is the kernel's id of a cgroup v2 directory: its inode number.
-func cgroupID(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0, fmt.Errorf("cgroup %s: %w", path, err)
-	}
+// checkCgroup2 fails unless path is a cgroup v2 directory.
+func checkCgroup2(path string) error {
 	var fs unix.Statfs_t
 	if err := unix.Statfs(path, &fs); err != nil {
-		return 0, fmt.Errorf("cgroup %s: %w", path, err)
+		return fmt.Errorf("cgroup %s: %w", path, err)
 	}
 	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return 0, fmt.Errorf("%s is not a cgroup v2 directory; pass --cgroup-path", path)
+		return fmt.Errorf("%s is not a cgroup v2 directory; pass --cgroup-path", path)
 	}
-	return st.Ino, nil
+	return nil
 }
 
 // Cleanup removes every pin this binary owns under dir: unpinning the links
@@ -363,11 +263,21 @@ func Cleanup(dir string) error {
 		errs = append(errs, err)
 	}
 	for _, e := range entries {
-		remove(filepath.Join(dir, linksDir, e.Name()))
+		path := filepath.Join(dir, linksDir, e.Name())
+		// Detached first: the kernel releases a link whose last pin goes
+		// in a work item, so its program could still run for a moment
+		// after the pin is gone; Cleanup returns when none does.
+		if l, err := link.LoadPinnedLink(path, nil); err == nil {
+			if err := detach(l); err != nil {
+				errs = append(errs, fmt.Errorf("detaching %s: %w", path, err))
+			}
+		}
+		remove(path)
 	}
 	remove(filepath.Join(dir, linksDir))
 	for _, m := range pinnedMaps {
 		remove(filepath.Join(dir, m.name))
+		remove(filepath.Join(dir, m.name+pinSuffix))
 	}
 	remove(dir)
 	return errors.Join(errs...)
