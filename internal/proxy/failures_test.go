@@ -14,8 +14,10 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	v1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/events"
 	clocktesting "k8s.io/utils/clock/testing"
 
@@ -547,5 +549,49 @@ func TestProxierUnservedFeatureMetric(t *testing.T) {
 	h.p.OnServiceDelete(np)
 	if got := gauge(); got != 0 {
 		t.Errorf("node-port Services %v after delete, want 0", got)
+	}
+}
+
+// TestProxierEventsReachTheAPI uses client-go's real events.k8s.io
+// recorder, as main does: the Warning lands in the Service's namespace,
+// regarding the Service by UID (which kubectl describe matches on).
+func TestProxierEventsReachTheAPI(t *testing.T) {
+	client := fake.NewClientset()
+	b := events.NewBroadcaster(&events.EventSinkImpl{Interface: client.EventsV1()})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := b.StartRecordingToSinkWithContext(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Shutdown)
+
+	h := newProxierHarness(t)
+	h.p.events = b.NewRecorder(scheme.Scheme, "kube-bpf-proxy")
+	big := service("shop", "big", "10.96.0.11", tcpPort("http", 80, 8080))
+	big.UID = "uid-big"
+	h.p.OnServiceUpsert(big)
+	h.dp.fail(model.ServicePortName{ServiceName: model.ServiceName{Namespace: "shop", Name: "big"}, Port: "http", Protocol: model.TCP}, mapFullMsg)
+	h.syncOK()
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		list, err := client.EventsV1().Events("shop").List(ctx, metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(list.Items) > 0 {
+			e := list.Items[0]
+			r := e.Regarding
+			if len(list.Items) != 1 || r.Kind != "Service" || r.Name != "big" || r.Namespace != "shop" || r.UID != "uid-big" ||
+				e.Type != v1.EventTypeWarning || e.Reason != eventReasonNotProgrammed || e.ReportingController != "kube-bpf-proxy" ||
+				!strings.Contains(e.Note, "raise --bpf-max-services") {
+				t.Errorf("events %+v", list.Items)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no Event within 30s")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
