@@ -184,6 +184,7 @@ func (p *Proxier) uid(name model.ServiceName) types.UID {
 	defer p.uidsMu.Unlock()
 	return p.uids[name]
 }
+
 func (p *Proxier) OnEndpointSliceUpsert(s *discoveryv1.EndpointSlice) {
 	p.changed(p.tracker.UpsertEndpointSlice(s))
 }
@@ -231,14 +232,13 @@ func (p *Proxier) sync(ctx context.Context) error {
 	err := p.dp.Sync(ctx, snap)
 	end := p.clock.Now()
 
-	portErrs, applied := dataplane.OnlyServicesFailed(err)
-	applied = applied || err == nil
-	if !applied {
-		portErrs = failedPorts(err)
-	}
+	portErrs, onlyPorts := dataplane.OnlyServicesFailed(err)
+	applied := err == nil || onlyPorts
 	var syncErr error
 	if !applied {
 		syncErr = err
+		// A sync failing as a whole may still name ports that failed.
+		portErrs = failedPorts(err)
 	}
 	p.metrics.RecordSync(kind, end.Sub(start), end, syncErr)
 	if c, ok := p.inner.(counter); ok {
