@@ -229,7 +229,7 @@ func runProxy(ctx context.Context, o options) error {
 	// rules) keeps serving until the next start takes it over.
 	defer dp.Close()
 	klog.InfoS("Proxying for node", "node", nodeName)
-	stopEvents := announce(ctx, client, nodeName, o.mode)
+	recorder, stopEvents := announce(ctx, client, nodeName, o.mode)
 	defer stopEvents()
 	return proxy.Run(ctx, client, dp, proxy.Config{
 		MinSyncPeriod:      o.minSyncPeriod,
@@ -237,25 +237,30 @@ func runProxy(ctx context.Context, o options) error {
 		RetryPeriod:        time.Second,
 		HealthzBindAddress: o.healthzBindAddress,
 		MetricsBindAddress: o.metricsBindAddress,
+		Recorder:           recorder,
+		NodeName:           nodeName,
 	})
 }
 
 // announce records a "Starting" Event on this node's Node object, as
 // kube-proxy does, so that `kubectl describe node` and `kubectl get events`
-// show which proxy, in which mode, serves the node. The Event is sent in the
-// background; the returned function flushes and stops the sender.
-func announce(ctx context.Context, client kubernetes.Interface, nodeName, mode string) (stop func()) {
+// show which proxy, in which mode, serves the node. It returns the recorder,
+// for the proxy's Events on Services (nil if Events cannot be recorded).
+// Events are sent in the background; the returned function flushes and
+// stops the sender.
+func announce(ctx context.Context, client kubernetes.Interface, nodeName, mode string) (events.EventRecorder, func()) {
 	b := events.NewBroadcaster(&events.EventSinkImpl{Interface: client.EventsV1()})
 	if err := b.StartRecordingToSinkWithContext(ctx); err != nil {
 		klog.ErrorS(err, "Not recording Events")
-		return func() {}
+		return nil, func() {}
 	}
+	recorder := b.NewRecorder(scheme.Scheme, "kube-bpf-proxy")
 	// Node references carry the node's name as their UID, as kubelet's
 	// and kube-proxy's do, so the Events attach to the Node.
 	node := &v1.ObjectReference{Kind: "Node", Name: nodeName, UID: types.UID(nodeName)}
-	b.NewRecorder(scheme.Scheme, "kube-bpf-proxy").Eventf(node, nil, v1.EventTypeNormal,
+	recorder.Eventf(node, nil, v1.EventTypeNormal,
 		"Starting", "StartKubeBPFProxy", "kube-bpf-proxy started in %s mode", mode)
-	return b.Shutdown
+	return recorder, b.Shutdown
 }
 
 // nodeName follows kube-proxy: the flag, then $NODE_NAME (set from the

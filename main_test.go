@@ -193,6 +193,11 @@ func TestBinaryLifecycle(t *testing.T) {
 		code, body := httpGet("http://" + first.healthz + "/healthz")
 		return code == http.StatusServiceUnavailable && strings.Contains(body, "lastUpdated"), fmt.Sprint(code, body)
 	})
+	// The liveness probe's endpoint stays good: a restart cannot bring the
+	// API server back, and the pinned datapath serves meanwhile.
+	if code, body := httpGet("http://" + first.healthz + "/livez"); code != http.StatusOK {
+		t.Errorf("/livez = %d %s while the API server is unreachable, want 200", code, body)
+	}
 	eventually(t, "metrics served", func() (bool, string) {
 		code, body := httpGet("http://" + first.metrics + "/metrics")
 		return code == http.StatusOK && strings.Contains(body, "kubeproxy_sync_proxy_rules_duration_seconds"), fmt.Sprint(code)

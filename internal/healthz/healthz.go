@@ -1,12 +1,27 @@
 // Package healthz serves kube-proxy compatible health endpoints.
 //
-// The proxy is healthy unless a change has been waiting for longer than a
-// timeout without a successful sync of the datapath since. The sync loop calls
-// QueuedUpdate whenever a Service or EndpointSlice change is recorded (and once
-// at start, so that a proxy that never completes its first sync turns
-// unhealthy), and Updated after every successful sync. /healthz and /livez
-// answer 200 when healthy and 503 otherwise, with the same JSON body as
-// kube-proxy, so existing probes and dashboards keep working.
+// /healthz says whether the datapath is being kept up to date, as
+// kube-proxy's does: the proxy is healthy unless a change has been waiting
+// for longer than a timeout without a sync that brought the datapath up to
+// date since. The sync loop calls QueuedUpdate whenever a Service or
+// EndpointSlice change is recorded (and once at start, so that a proxy that
+// never completes its first sync turns unhealthy), and Updated after every
+// sync that applied the desired state (one that left out only service ports
+// that failed one by one, a full map for instance, counts).
+//
+// /livez says whether the process is worth restarting, which is narrower.
+// A restart costs little (the datapath is pinned and keeps serving), but it
+// cannot fix what lies outside the process: an unreachable API server, a
+// map too small for the cluster, a kernel or another program refusing our
+// writes. Restarting for those only adds a CrashLoopBackOff delay to the
+// recovery. So /livez fails only when the sync loop is stuck: it has
+// started, a change waits, and no sync attempt (successful or not) has
+// ended for the timeout. The loop calls SyncLoopStarted when it starts and
+// SyncFailed after each failed attempt. Before the loop starts (while the
+// informers wait for the API server) the proxy is live.
+//
+// Both answer 200 or 503 with the same JSON body as kube-proxy, so existing
+// probes and dashboards keep working.
 package healthz
 
 import (
@@ -35,6 +50,10 @@ type ProxyHealth struct {
 	// lastUpdated is when the last successful sync finished; zero before the
 	// first one.
 	lastUpdated time.Time
+	// loopStarted is set once the sync loop runs; lastAttempt is when it
+	// started or last ended a sync attempt, whatever its outcome.
+	loopStarted bool
+	lastAttempt time.Time
 }
 
 // NewProxyHealth returns a ProxyHealth that reports unhealthy once a queued
@@ -66,6 +85,27 @@ func (h *ProxyHealth) Updated() {
 	defer h.mu.Unlock()
 	h.oldestQueued = time.Time{}
 	h.lastUpdated = now
+	h.lastAttempt = now
+}
+
+// SyncFailed records a sync attempt that ended without bringing the
+// datapath up to date: the queued changes still wait (for /healthz), but the
+// sync loop is alive (for /livez).
+func (h *ProxyHealth) SyncFailed() {
+	now := h.clock.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.lastAttempt = now
+}
+
+// SyncLoopStarted records that the sync loop runs: from now on /livez
+// expects its attempts to end.
+func (h *ProxyHealth) SyncLoopStarted() {
+	now := h.clock.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.loopStarted = true
+	h.lastAttempt = now
 }
 
 // Healthy reports whether no change has been pending for timeout or longer,
@@ -78,18 +118,42 @@ func (h *ProxyHealth) Healthy() (ok bool, lastUpdated, currentTime time.Time) {
 	return ok, h.lastUpdated, currentTime
 }
 
+// Live reports whether the sync loop is not stuck: it has not started yet,
+// nothing waits for it, or it has ended an attempt (or started) less than
+// timeout ago, or the change waiting was queued less than timeout ago. It
+// returns lastUpdated and currentTime as Healthy does.
+func (h *ProxyHealth) Live() (ok bool, lastUpdated, currentTime time.Time) {
+	currentTime = h.clock.Now()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	since := h.oldestQueued
+	if h.lastAttempt.After(since) {
+		since = h.lastAttempt
+	}
+	ok = !h.loopStarted || h.oldestQueued.IsZero() || currentTime.Sub(since) < h.timeout
+	return ok, h.lastUpdated, currentTime
+}
+
 // status is the response body, field for field kube-proxy's.
 type status struct {
 	LastUpdated string `json:"lastUpdated"`
 	CurrentTime string `json:"currentTime"`
 }
 
-// Handler serves GET (and HEAD) /healthz and /livez from h. Other paths are
-// 404, other methods 405.
+// Handler serves GET (and HEAD) /healthz from h.Healthy and /livez from
+// h.Live. Other paths are 404, other methods 405.
 func Handler(h *ProxyHealth) http.Handler {
 	mux := http.NewServeMux()
-	serve := func(w http.ResponseWriter, _ *http.Request) {
-		ok, lastUpdated, currentTime := h.Healthy()
+	// A GET pattern also matches HEAD.
+	mux.HandleFunc("GET /healthz", serveStatus(h.Healthy))
+	mux.HandleFunc("GET /livez", serveStatus(h.Live))
+	return mux
+}
+
+// serveStatus answers 200 or 503 as check says, with kube-proxy's body.
+func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time)) http.HandlerFunc {
+	return func(w http.ResponseWriter, _ *http.Request) {
+		ok, lastUpdated, currentTime := check()
 		body, err := json.Marshal(status{
 			LastUpdated: lastUpdated.Format(time.RFC3339Nano),
 			CurrentTime: currentTime.Format(time.RFC3339Nano),
@@ -110,10 +174,6 @@ func Handler(h *ProxyHealth) http.Handler {
 			klog.V(4).InfoS("Writing health response", "err", err)
 		}
 	}
-	// A GET pattern also matches HEAD.
-	mux.HandleFunc("GET /healthz", serve)
-	mux.HandleFunc("GET /livez", serve)
-	return mux
 }
 
 // ListenAndServe serves Handler(h) on addr until ctx is cancelled; see

@@ -23,6 +23,8 @@ type action int
 const (
 	queue action = iota
 	update
+	fail      // SyncFailed
+	loopStart // SyncLoopStarted
 	step
 )
 
@@ -36,29 +38,30 @@ func TestProxyHealth(t *testing.T) {
 		name            string
 		ops             []op
 		wantOK          bool
+		wantLive        bool
 		wantLastUpdated time.Duration // offset from t0; -1 for never
 	}{
-		{name: "fresh", wantOK: true, wantLastUpdated: -1},
-		{name: "fresh after a long time", ops: []op{{step, time.Hour}}, wantOK: true, wantLastUpdated: -1},
+		{name: "fresh", wantOK: true, wantLive: true, wantLastUpdated: -1},
+		{name: "fresh after a long time", ops: []op{{step, time.Hour}}, wantOK: true, wantLive: true, wantLastUpdated: -1},
 		{
 			name:   "queued at start, timeout not reached",
 			ops:    []op{{queue, 0}, {step, timeout - time.Nanosecond}},
-			wantOK: true, wantLastUpdated: -1,
+			wantOK: true, wantLive: true, wantLastUpdated: -1,
 		},
 		{
 			name:   "queued at start, first sync never done",
 			ops:    []op{{queue, 0}, {step, timeout}},
-			wantOK: false, wantLastUpdated: -1,
+			wantOK: false, wantLive: true, wantLastUpdated: -1,
 		},
 		{
 			name:   "first sync done in time",
 			ops:    []op{{queue, 0}, {step, time.Second}, {update, 0}, {step, time.Hour}},
-			wantOK: true, wantLastUpdated: time.Second,
+			wantOK: true, wantLive: true, wantLastUpdated: time.Second,
 		},
 		{
 			name:   "later queued updates do not move the oldest",
 			ops:    []op{{queue, 0}, {step, time.Minute}, {queue, 0}, {step, time.Minute}, {queue, 0}},
-			wantOK: false, wantLastUpdated: -1,
+			wantOK: false, wantLive: true, wantLastUpdated: -1,
 		},
 		{
 			name: "sync after timeout recovers",
@@ -66,7 +69,7 @@ func TestProxyHealth(t *testing.T) {
 				{queue, 0}, {step, 3 * time.Minute},
 				{update, 0},
 			},
-			wantOK: true, wantLastUpdated: 3 * time.Minute,
+			wantOK: true, wantLive: true, wantLastUpdated: 3 * time.Minute,
 		},
 		{
 			name: "queued after a sync, stuck since",
@@ -74,7 +77,7 @@ func TestProxyHealth(t *testing.T) {
 				{queue, 0}, {update, 0}, {step, time.Hour},
 				{queue, 0}, {step, timeout},
 			},
-			wantOK: false, wantLastUpdated: 0,
+			wantOK: false, wantLive: true, wantLastUpdated: 0,
 		},
 		{
 			name: "syncs keep up with a stream of changes",
@@ -83,7 +86,58 @@ func TestProxyHealth(t *testing.T) {
 				{queue, 0}, {step, time.Minute}, {update, 0},
 				{queue, 0}, {step, time.Minute},
 			},
-			wantOK: true, wantLastUpdated: 2 * time.Minute,
+			wantOK: true, wantLive: true, wantLastUpdated: 2 * time.Minute,
+		},
+		{
+			name:   "loop started, first sync attempt never ends",
+			ops:    []op{{queue, 0}, {loopStart, 0}, {step, timeout}},
+			wantOK: false, wantLive: false, wantLastUpdated: -1,
+		},
+		{
+			name:   "waiting for the informers is not stuck: the loop's clock starts with it",
+			ops:    []op{{queue, 0}, {step, 10 * timeout}, {loopStart, 0}, {step, timeout - time.Nanosecond}},
+			wantOK: false, wantLive: true, wantLastUpdated: -1,
+		},
+		{
+			name: "every sync fails: unhealthy but live",
+			ops: []op{
+				{queue, 0}, {loopStart, 0},
+				{step, time.Minute}, {fail, 0},
+				{step, time.Minute}, {fail, 0},
+				{step, time.Minute}, {fail, 0},
+				{step, timeout - time.Nanosecond},
+			},
+			wantOK: false, wantLive: true, wantLastUpdated: -1,
+		},
+		{
+			name: "a failed sync, then the next attempt never ends",
+			ops: []op{
+				{queue, 0}, {loopStart, 0},
+				{step, time.Minute}, {fail, 0},
+				{step, timeout},
+			},
+			wantOK: false, wantLive: false, wantLastUpdated: -1,
+		},
+		{
+			name:   "idle loop with nothing waiting",
+			ops:    []op{{queue, 0}, {loopStart, 0}, {update, 0}, {step, time.Hour}},
+			wantOK: true, wantLive: true, wantLastUpdated: 0,
+		},
+		{
+			name: "change queued after a long idle time, never synced",
+			ops: []op{
+				{queue, 0}, {loopStart, 0}, {update, 0}, {step, time.Hour},
+				{queue, 0}, {step, timeout},
+			},
+			wantOK: false, wantLive: false, wantLastUpdated: 0,
+		},
+		{
+			name: "change queued after a long idle time, within the timeout",
+			ops: []op{
+				{queue, 0}, {loopStart, 0}, {update, 0}, {step, time.Hour},
+				{queue, 0}, {step, timeout - time.Nanosecond},
+			},
+			wantOK: true, wantLive: true, wantLastUpdated: 0,
 		},
 	}
 	for _, tc := range tests {
@@ -96,6 +150,10 @@ func TestProxyHealth(t *testing.T) {
 					h.QueuedUpdate()
 				case update:
 					h.Updated()
+				case fail:
+					h.SyncFailed()
+				case loopStart:
+					h.SyncLoopStarted()
 				case step:
 					clk.SetTime(clk.Now().Add(o.d))
 				}
@@ -103,6 +161,13 @@ func TestProxyHealth(t *testing.T) {
 			ok, last, now := h.Healthy()
 			if ok != tc.wantOK {
 				t.Errorf("Healthy() ok = %v, want %v", ok, tc.wantOK)
+			}
+			live, liveLast, liveNow := h.Live()
+			if live != tc.wantLive {
+				t.Errorf("Live() ok = %v, want %v", live, tc.wantLive)
+			}
+			if !liveLast.Equal(last) || !liveNow.Equal(now) {
+				t.Errorf("Live() times %v, %v differ from Healthy()'s %v, %v", liveLast, liveNow, last, now)
 			}
 			wantLast := time.Time{}
 			if tc.wantLastUpdated >= 0 {
@@ -128,13 +193,15 @@ func TestHandler(t *testing.T) {
 		method, path string
 		wantCode     int
 	}
-	probes := func(code int) []check {
+	probes := func(healthz, livez int) []check {
 		return []check{
-			{http.MethodGet, "/healthz", code},
-			{http.MethodGet, "/livez", code},
-			{http.MethodHead, "/healthz", code},
+			{http.MethodGet, "/healthz", healthz},
+			{http.MethodGet, "/livez", livez},
+			{http.MethodHead, "/healthz", healthz},
+			{http.MethodHead, "/livez", livez},
 		}
 	}
+	ok, unavailable := http.StatusOK, http.StatusServiceUnavailable
 	tests := []struct {
 		name            string
 		before          func()
@@ -144,29 +211,39 @@ func TestHandler(t *testing.T) {
 		{
 			name:   "healthy at start",
 			before: func() {},
-			checks: probes(http.StatusOK),
+			checks: probes(ok, ok),
 		},
 		{
 			name:   "first sync pending, within timeout",
 			before: func() { h.QueuedUpdate(); clk.SetTime(t0.Add(time.Minute)) },
-			checks: probes(http.StatusOK),
+			checks: probes(ok, ok),
 		},
 		{
-			name:   "first sync pending past timeout",
+			name:   "first sync pending past timeout, sync loop not started: unhealthy, live",
 			before: func() { clk.SetTime(t0.Add(timeout)) },
-			checks: probes(http.StatusServiceUnavailable),
+			checks: probes(unavailable, ok),
+		},
+		{
+			name:   "sync loop started, its first attempt stuck",
+			before: func() { h.SyncLoopStarted(); clk.SetTime(clk.Now().Add(timeout)) },
+			checks: probes(unavailable, unavailable),
+		},
+		{
+			name:   "a failed attempt: unhealthy, live",
+			before: func() { h.SyncFailed() },
+			checks: probes(unavailable, ok),
 		},
 		{
 			name:            "synced",
-			before:          func() { clk.SetTime(t0.Add(timeout + time.Second)); h.Updated() },
-			checks:          probes(http.StatusOK),
-			wantLastUpdated: t0.Add(timeout + time.Second),
+			before:          func() { clk.SetTime(clk.Now().Add(time.Second)); h.Updated() },
+			checks:          probes(ok, ok),
+			wantLastUpdated: t0.Add(2*timeout + time.Second),
 		},
 		{
 			name:            "stuck again",
 			before:          func() { h.QueuedUpdate(); clk.SetTime(clk.Now().Add(timeout)) },
-			checks:          probes(http.StatusServiceUnavailable),
-			wantLastUpdated: t0.Add(timeout + time.Second),
+			checks:          probes(unavailable, unavailable),
+			wantLastUpdated: t0.Add(2*timeout + time.Second),
 		},
 		{
 			name:   "unknown paths and methods",

@@ -54,8 +54,19 @@ type Metrics struct {
 
 	// SyncsTotal counts sync attempts by kind (SyncKindFull, SyncKindPartial).
 	SyncsTotal *prometheus.CounterVec
-	// SyncFailuresTotal counts failed sync attempts by kind.
+	// SyncFailuresTotal counts failed sync attempts by kind. A sync that
+	// applied everything but some service ports that failed one by one is
+	// not a failed sync: those ports are counted by ServicePortFailuresTotal.
 	SyncFailuresTotal *prometheus.CounterVec
+	// ServicePortsNotProgrammed is the number of service ports the datapath
+	// could not program and is retrying, by reason (dataplane.Reason*).
+	ServicePortsNotProgrammed *prometheus.GaugeVec
+	// ServicePortFailuresTotal counts failed attempts to program one service
+	// port, by reason: each retry that fails again counts.
+	ServicePortFailuresTotal *prometheus.CounterVec
+	// UnservedFeatureServices is the number of Services that ask for a
+	// feature the proxy does not serve yet (model.Feature), by feature.
+	UnservedFeatureServices *prometheus.GaugeVec
 	// SkippedObjectsTotal counts Services and EndpointSlices (or parts of
 	// them) ignored as malformed, by resource and reason. Both labels must
 	// come from small fixed sets, never from object names.
@@ -98,6 +109,18 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "kubebpfproxy_sync_failures_total",
 			Help: "Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.",
 		}, []string{"kind"}),
+		ServicePortsNotProgrammed: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kubebpfproxy_service_ports_not_programmed",
+			Help: "Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.",
+		}, []string{"reason"}),
+		ServicePortFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kubebpfproxy_service_port_failures_total",
+			Help: "Failed attempts to program a single service port, by reason; each failed retry counts.",
+		}, []string{"reason"}),
+		UnservedFeatureServices: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kubebpfproxy_unserved_feature_services",
+			Help: "Services that ask for a feature not served yet, by feature: only their ClusterIP is served.",
+		}, []string{"feature"}),
 		SkippedObjectsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kubebpfproxy_skipped_objects_total",
 			Help: "Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.",
@@ -127,6 +150,9 @@ func New(reg prometheus.Registerer) *Metrics {
 			m.SyncProxyRulesLastQueuedTimestamp,
 			m.SyncsTotal,
 			m.SyncFailuresTotal,
+			m.ServicePortsNotProgrammed,
+			m.ServicePortFailuresTotal,
+			m.UnservedFeatureServices,
 			m.SkippedObjectsTotal,
 			m.Services,
 			m.Backends,
@@ -178,6 +204,44 @@ func (m *Metrics) RecordQueued(t time.Time) {
 // RecordSkipped counts one object of resource left out for reason.
 func (m *Metrics) RecordSkipped(resource, reason string) {
 	m.SkippedObjectsTotal.WithLabelValues(resource, reason).Inc()
+}
+
+// InitServicePortReasons exports the service port failure metrics at zero
+// for each reason, so that alerts see a zero rather than no series.
+func (m *Metrics) InitServicePortReasons(reasons []string) {
+	for _, r := range reasons {
+		m.ServicePortsNotProgrammed.WithLabelValues(r)
+		m.ServicePortFailuresTotal.WithLabelValues(r)
+	}
+}
+
+// RecordServicePortFailure counts one failed attempt to program a service
+// port.
+func (m *Metrics) RecordServicePortFailure(reason string) {
+	m.ServicePortFailuresTotal.WithLabelValues(reason).Inc()
+}
+
+// SetServicePortsNotProgrammed records how many service ports wait for a
+// retry, by reason. Reasons absent from byReason keep their value: pass
+// every reason, with its zeros.
+func (m *Metrics) SetServicePortsNotProgrammed(byReason map[string]int) {
+	for r, n := range byReason {
+		m.ServicePortsNotProgrammed.WithLabelValues(r).Set(float64(n))
+	}
+}
+
+// InitUnservedFeatures exports the unserved feature gauge at zero for each
+// feature.
+func (m *Metrics) InitUnservedFeatures(features []string) {
+	for _, f := range features {
+		m.UnservedFeatureServices.WithLabelValues(f)
+	}
+}
+
+// AddUnservedFeatureServices adds delta (+1 or -1) to the Services using
+// feature.
+func (m *Metrics) AddUnservedFeatureServices(feature string, delta int) {
+	m.UnservedFeatureServices.WithLabelValues(feature).Add(float64(delta))
 }
 
 // SetProgrammed records how many service ports and backends the datapath

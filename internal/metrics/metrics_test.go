@@ -25,6 +25,8 @@ func TestNewRegistersFamilies(t *testing.T) {
 	// Vectors without children are not gathered; give each one a child.
 	m.RecordSkipped("EndpointSlice", "InvalidAddress")
 	m.SetIptablesRules(map[string]int{"nat": 9})
+	m.InitServicePortReasons([]string{"map-full"})
+	m.InitUnservedFeatures([]string{"node-port"})
 
 	families, err := reg.Gather()
 	if err != nil {
@@ -49,6 +51,9 @@ func TestNewRegistersFamilies(t *testing.T) {
 		{"kubebpfproxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
 		{"kubebpfproxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
 		{"kubebpfproxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
+		{"kubebpfproxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"reason"}},
+		{"kubebpfproxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"reason"}},
+		{"kubebpfproxy_unserved_feature_services", dto.MetricType_GAUGE, []string{"feature"}},
 		{"kubebpfproxy_services", dto.MetricType_GAUGE, nil},
 		{"kubebpfproxy_backends", dto.MetricType_GAUGE, nil},
 	}
@@ -199,6 +204,44 @@ kubebpfproxy_services 3
 # TYPE kubebpfproxy_skipped_objects_total counter
 kubebpfproxy_skipped_objects_total{reason="InvalidClusterIP",resource="Service"} 2
 kubebpfproxy_skipped_objects_total{reason="MissingServiceName",resource="EndpointSlice"} 1
+`,
+		},
+		{
+			name: "service port failures",
+			record: func(m *Metrics) {
+				m.InitServicePortReasons([]string{"map-full", "write-failed"})
+				m.RecordServicePortFailure("map-full")
+				m.RecordServicePortFailure("map-full")
+				m.SetServicePortsNotProgrammed(map[string]int{"map-full": 3, "write-failed": 0})
+				m.SetServicePortsNotProgrammed(map[string]int{"map-full": 1})
+			},
+			names: []string{"kubebpfproxy_service_ports_not_programmed", "kubebpfproxy_service_port_failures_total"},
+			want: `
+# HELP kubebpfproxy_service_port_failures_total Failed attempts to program a single service port, by reason; each failed retry counts.
+# TYPE kubebpfproxy_service_port_failures_total counter
+kubebpfproxy_service_port_failures_total{reason="map-full"} 2
+kubebpfproxy_service_port_failures_total{reason="write-failed"} 0
+# HELP kubebpfproxy_service_ports_not_programmed Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.
+# TYPE kubebpfproxy_service_ports_not_programmed gauge
+kubebpfproxy_service_ports_not_programmed{reason="map-full"} 1
+kubebpfproxy_service_ports_not_programmed{reason="write-failed"} 0
+`,
+		},
+		{
+			name: "unserved features",
+			record: func(m *Metrics) {
+				m.InitUnservedFeatures([]string{"node-port", "external-ips"})
+				m.AddUnservedFeatureServices("node-port", 1)
+				m.AddUnservedFeatureServices("node-port", 1)
+				m.AddUnservedFeatureServices("external-ips", 1)
+				m.AddUnservedFeatureServices("external-ips", -1)
+			},
+			names: []string{"kubebpfproxy_unserved_feature_services"},
+			want: `
+# HELP kubebpfproxy_unserved_feature_services Services that ask for a feature not served yet, by feature: only their ClusterIP is served.
+# TYPE kubebpfproxy_unserved_feature_services gauge
+kubebpfproxy_unserved_feature_services{feature="external-ips"} 0
+kubebpfproxy_unserved_feature_services{feature="node-port"} 2
 `,
 		},
 	}

@@ -55,9 +55,11 @@ type servicePortSpec struct {
 }
 
 // serviceInfo is what the model keeps of a Service: its proxyable ports,
-// sorted by name then protocol. It is immutable once built.
+// sorted by name then protocol, and what it asks for that is not served. It
+// is immutable once built.
 type serviceInfo struct {
-	ports []servicePortSpec
+	ports    []servicePortSpec
+	unserved features
 }
 
 // convertService turns a Service into its proxyable ports. It returns nil for
@@ -143,6 +145,7 @@ func convertService(svc *v1.Service, report ReportFunc) *serviceInfo {
 	slices.SortFunc(info.ports, func(a, b servicePortSpec) int {
 		return comparePortNames(a.name, b.name)
 	})
+	info.unserved = unservedFeatures(svc)
 	return info
 }
 

@@ -5,6 +5,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/klog/v2"
 )
 
 // Tracker turns a stream of Service and EndpointSlice events into snapshots
@@ -21,7 +22,8 @@ import (
 // that service; a partial snapshot costs time proportional to the number of
 // changed services.
 type Tracker struct {
-	onSkipped ReportFunc
+	onSkipped  ReportFunc
+	onUnserved func(f Feature, delta int)
 
 	mu sync.Mutex
 	// services holds the proxyable Services, by name.
@@ -38,6 +40,9 @@ type Tracker struct {
 	// pending holds, for each service whose ports differ from the last
 	// snapshot, its ports in that snapshot ("before"); nil if it was absent.
 	pending map[ServiceName][]ServicePort
+	// requeued holds services the next partial snapshot lists whether or
+	// not their ports changed (Requeue).
+	requeued map[ServiceName]struct{}
 	// scratch is reused by computePorts to avoid allocating per update.
 	scratch []candidate
 }
@@ -58,6 +63,16 @@ func WithOnSkipped(f func(resource, reason string)) TrackerOption {
 	return func(t *Tracker) { t.onSkipped = f }
 }
 
+// WithOnUnservedFeature sets a function told when a served Service starts
+// using a Feature the proxy does not serve yet (delta +1), and when it stops
+// using it, is deleted or is no longer served at all (delta -1): the sum of
+// the deltas for a Feature is the number of Services using it now. It is
+// called without the Tracker's lock held, possibly from several goroutines
+// at once, so the calls for one Feature may arrive in any order.
+func WithOnUnservedFeature(f func(feature Feature, delta int)) TrackerOption {
+	return func(t *Tracker) { t.onUnserved = f }
+}
+
 // NewTracker returns an empty Tracker.
 func NewTracker(opts ...TrackerOption) *Tracker {
 	t := &Tracker{
@@ -66,12 +81,16 @@ func NewTracker(opts ...TrackerOption) *Tracker {
 		byService: make(map[ServiceName]map[string]*sliceInfo),
 		ports:     make(map[ServiceName][]ServicePort),
 		pending:   make(map[ServiceName][]ServicePort),
+		requeued:  make(map[ServiceName]struct{}),
 	}
 	for _, o := range opts {
 		o(t)
 	}
 	if t.onSkipped == nil {
 		t.onSkipped = func(string, string) {}
+	}
+	if t.onUnserved == nil {
+		t.onUnserved = func(Feature, int) {}
 	}
 	return t
 }
@@ -88,13 +107,43 @@ func (t *Tracker) UpsertService(svc *v1.Service) bool {
 	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
 
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	old := t.services[name]
 	if info == nil {
 		delete(t.services, name)
 	} else {
 		t.services[name] = info
 	}
-	return t.recompute(name)
+	changed := t.recompute(name)
+	t.mu.Unlock()
+
+	gained := t.reportUnserved(old, info)
+	if gained != 0 {
+		// Once per Service, and again only when it asks for more: not on
+		// every update, which would repeat it for each endpoint change.
+		klog.InfoS("Service uses features that are not served yet; only its ClusterIP is served",
+			"service", klog.KObj(svc), "features", info.unserved.strings())
+	}
+	return changed
+}
+
+// reportUnserved tells onUnserved how a Service's unserved features changed
+// from old to cur (either may be nil), and returns those it gained.
+func (t *Tracker) reportUnserved(old, cur *serviceInfo) (gained features) {
+	var before, after features
+	if old != nil {
+		before = old.unserved
+	}
+	if cur != nil {
+		after = cur.unserved
+	}
+	gained = after &^ before
+	for _, f := range gained.list() {
+		t.onUnserved(f, 1)
+	}
+	for _, f := range (before &^ after).list() {
+		t.onUnserved(f, -1)
+	}
+	return gained
 }
 
 // DeleteService records a deleted Service. The watch handler unwraps
@@ -106,9 +155,13 @@ func (t *Tracker) DeleteService(svc *v1.Service) bool {
 	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
 
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	old := t.services[name]
 	delete(t.services, name)
-	return t.recompute(name)
+	changed := t.recompute(name)
+	t.mu.Unlock()
+
+	t.reportUnserved(old, nil)
+	return changed
 }
 
 // UpsertEndpointSlice records an added or updated EndpointSlice, including
@@ -203,11 +256,23 @@ func (t *Tracker) recompute(name ServiceName) bool {
 	return true
 }
 
+// Requeue makes the next partial snapshot list the named services with
+// their current ports (nil for one that is gone), whether or not they change
+// meanwhile: the datapath failed to apply them and retries. A full snapshot
+// lists everything anyway; either kind clears the request.
+func (t *Tracker) Requeue(names ...ServiceName) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, n := range names {
+		t.requeued[n] = struct{}{}
+	}
+}
+
 // Snapshot returns the desired state and clears the pending changes. A full
 // snapshot lists every service with at least one proxyable port; a partial
 // one lists the services whose ports changed since the previous snapshot,
-// full or not, with nil for a service that is gone or has nothing left to
-// serve. The snapshot shares no memory with the Tracker: the caller may read
+// full or not, and those requeued, with nil for a service that is gone or
+// has nothing left to serve. The snapshot shares no memory with the Tracker: the caller may read
 // and even modify it without locking.
 func (t *Tracker) Snapshot(full bool) *Snapshot {
 	t.mu.Lock()
@@ -224,13 +289,23 @@ func (t *Tracker) Snapshot(full bool) *Snapshot {
 			snap.Services[name] = c.copy(ports)
 		}
 	} else {
-		snap.Services = make(map[ServiceName][]ServicePort, len(t.pending))
+		snap.Services = make(map[ServiceName][]ServicePort, len(t.pending)+len(t.requeued))
 		c := &copier{}
 		for name := range t.pending {
 			c.reserve(t.ports[name])
 		}
+		for name := range t.requeued {
+			if _, ok := t.pending[name]; !ok {
+				c.reserve(t.ports[name])
+			}
+		}
 		for name := range t.pending {
 			snap.Services[name] = c.copy(t.ports[name]) // nil when gone
+		}
+		for name := range t.requeued {
+			if _, ok := snap.Services[name]; !ok {
+				snap.Services[name] = c.copy(t.ports[name])
+			}
 		}
 	}
 	// A fresh map rather than clear(): a Go map never shrinks, and
@@ -238,6 +313,9 @@ func (t *Tracker) Snapshot(full bool) *Snapshot {
 	// initial load) costs time proportional to that peak, not to the few
 	// services a partial snapshot lists.
 	t.pending = make(map[ServiceName][]ServicePort)
+	if len(t.requeued) > 0 {
+		t.requeued = make(map[ServiceName]struct{})
+	}
 	return snap
 }
 

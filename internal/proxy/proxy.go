@@ -8,13 +8,17 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/events"
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/healthz"
@@ -32,10 +36,27 @@ type Config struct {
 	// SyncPeriod is the most time between two syncs; each periodic sync is a
 	// full one. Health turns bad when a change waits twice this long.
 	SyncPeriod time.Duration
-	// RetryPeriod is how soon a failed sync is retried (as a full sync).
+	// RetryPeriod is how soon a failed sync is retried (as a full sync), and
+	// the first delay before service ports that failed on their own are
+	// retried (doubling at each retry that fails again, up to SyncPeriod).
 	RetryPeriod        time.Duration
 	HealthzBindAddress string
 	MetricsBindAddress string
+	// Recorder records Events on the Services whose ports the datapath
+	// cannot program; nil records none.
+	Recorder events.EventRecorder
+	// NodeName names this node in those Events: every node's proxy
+	// reports on the same Service.
+	NodeName string
+}
+
+// Option configures a Proxier.
+type Option func(*Proxier)
+
+// WithClock makes the Proxier read time and schedule retries through c
+// instead of the real clock. Tests pass a fake clock.
+func WithClock(c clock.WithDelayedExecution) Option {
+	return func(p *Proxier) { p.clock = c }
 }
 
 // counter is implemented by datapaths that can say how much they hold.
@@ -76,35 +97,94 @@ type Proxier struct {
 	metrics *metrics.Metrics
 	runner  *runner.Runner
 	cfg     Config
+	clock   clock.WithDelayedExecution
+	events  events.EventRecorder
 
 	synced   atomic.Bool
 	syncedCh chan struct{}
 
-	// Touched only from sync, which the runner never runs concurrently.
+	// uids holds each Service's UID, for Events to point at the object
+	// (kubectl describe matches them by UID).
+	uidsMu sync.Mutex
+	uids   map[model.ServiceName]types.UID
+
+	// Touched only from sync, which the runner never runs concurrently,
+	// and from Run once the runner has returned.
 	needFull bool
 	lastFull time.Time
+	// failures holds the service ports the datapath could not program.
+	failures map[model.ServicePortName]*portFailure
+	retry    retryState
 }
 
 var _ watch.Handler = (*Proxier)(nil)
 
 // NewProxier builds a proxier syncing into dp.
-func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config) *Proxier {
+func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config, opts ...Option) *Proxier {
 	p := &Proxier{
 		dp:       dp,
 		inner:    innermost(dp),
 		health:   health,
 		metrics:  m,
 		cfg:      cfg,
+		clock:    clock.RealClock{},
+		events:   cfg.Recorder,
 		syncedCh: make(chan struct{}),
+		uids:     make(map[model.ServiceName]types.UID),
 		needFull: true,
+		failures: make(map[model.ServicePortName]*portFailure),
 	}
-	p.tracker = model.NewTracker(model.WithOnSkipped(m.RecordSkipped))
-	p.runner = runner.New("sync", p.sync, cfg.MinSyncPeriod, cfg.SyncPeriod, cfg.RetryPeriod)
+	for _, o := range opts {
+		o(p)
+	}
+	if p.events == nil {
+		p.events = noEvents{}
+	}
+	m.InitServicePortReasons(portFailureReasons)
+	var features []string
+	for _, f := range model.UnservedFeatures() {
+		features = append(features, string(f))
+	}
+	m.InitUnservedFeatures(features)
+	p.tracker = model.NewTracker(
+		model.WithOnSkipped(m.RecordSkipped),
+		model.WithOnUnservedFeature(func(f model.Feature, delta int) { m.AddUnservedFeatureServices(string(f), delta) }),
+	)
+	p.runner = runner.New("sync", p.sync, cfg.MinSyncPeriod, cfg.SyncPeriod, cfg.RetryPeriod, runner.WithClock(p.clock))
 	return p
 }
 
-func (p *Proxier) OnServiceUpsert(svc *v1.Service) { p.changed(p.tracker.UpsertService(svc)) }
-func (p *Proxier) OnServiceDelete(svc *v1.Service) { p.changed(p.tracker.DeleteService(svc)) }
+func (p *Proxier) OnServiceUpsert(svc *v1.Service) {
+	p.setUID(svc, svc.UID)
+	p.changed(p.tracker.UpsertService(svc))
+}
+
+func (p *Proxier) OnServiceDelete(svc *v1.Service) {
+	p.setUID(svc, "")
+	p.changed(p.tracker.DeleteService(svc))
+}
+
+// setUID records a Service's UID, or forgets it if uid is empty.
+func (p *Proxier) setUID(svc *v1.Service, uid types.UID) {
+	if svc == nil {
+		return
+	}
+	name := model.ServiceName{Namespace: svc.Namespace, Name: svc.Name}
+	p.uidsMu.Lock()
+	defer p.uidsMu.Unlock()
+	if uid == "" {
+		delete(p.uids, name)
+	} else {
+		p.uids[name] = uid
+	}
+}
+
+func (p *Proxier) uid(name model.ServiceName) types.UID {
+	p.uidsMu.Lock()
+	defer p.uidsMu.Unlock()
+	return p.uids[name]
+}
+
 func (p *Proxier) OnEndpointSliceUpsert(s *discoveryv1.EndpointSlice) {
 	p.changed(p.tracker.UpsertEndpointSlice(s))
 }
@@ -125,33 +205,55 @@ func (p *Proxier) changed(changed bool) {
 		return
 	}
 	p.health.QueuedUpdate()
-	p.metrics.RecordQueued(time.Now())
+	p.metrics.RecordQueued(p.clock.Now())
 	p.runner.Trigger()
 }
 
 // sync hands the datapath a snapshot: full the first time, after a failure,
-// and once per SyncPeriod; otherwise only what changed.
+// and once per SyncPeriod; otherwise only what changed, plus the services
+// whose ports failed on their own once their retry is due.
+//
+// A sync that applied everything but such ports is progress: health says
+// the datapath is kept up to date, and the failed ports are reported and
+// retried with a backoff without resyncing everything. Any other error
+// fails the sync as a whole, and the next one is full.
 func (p *Proxier) sync(ctx context.Context) error {
-	start := time.Now()
+	start := p.clock.Now()
 	full := p.needFull || start.Sub(p.lastFull) >= p.cfg.SyncPeriod
 	kind := metrics.SyncKindPartial
 	if full {
 		kind = metrics.SyncKindFull
 	}
+	retrying := p.retry.due(start)
+	if retrying && !full {
+		p.tracker.Requeue(p.failedServices()...)
+	}
 	snap := p.tracker.Snapshot(full)
 	err := p.dp.Sync(ctx, snap)
-	end := time.Now()
-	p.metrics.RecordSync(kind, end.Sub(start), end, err)
+	end := p.clock.Now()
+
+	portErrs, onlyPorts := dataplane.OnlyServicesFailed(err)
+	applied := err == nil || onlyPorts
+	var syncErr error
+	if !applied {
+		syncErr = err
+		// A sync failing as a whole may still name ports that failed.
+		portErrs = failedPorts(err)
+	}
+	p.metrics.RecordSync(kind, end.Sub(start), end, syncErr)
 	if c, ok := p.inner.(counter); ok {
 		p.metrics.SetProgrammed(c.Counts())
 	}
-	if r, ok := p.inner.(ruleCounter); ok && err == nil {
+	if r, ok := p.inner.(ruleCounter); ok && applied {
 		p.metrics.SetIptablesRules(r.RuleCounts())
 	}
-	if err != nil {
+	p.recordPortResults(snap, portErrs, applied)
+	p.scheduleRetry(end, retrying || full)
+	if !applied {
 		// What changed is no longer in the tracker: only a full sync
 		// brings it back.
 		p.needFull = true
+		p.health.SyncFailed()
 		return fmt.Errorf("%s sync: %w", kind, err)
 	}
 	p.needFull = false
@@ -159,7 +261,8 @@ func (p *Proxier) sync(ctx context.Context) error {
 		p.lastFull = start
 	}
 	p.health.Updated()
-	klog.V(2).InfoS("Synced datapath", "kind", kind, "services", len(snap.Services), "elapsed", end.Sub(start))
+	klog.V(2).InfoS("Synced datapath", "kind", kind, "services", len(snap.Services),
+		"failedServicePorts", len(portErrs), "elapsed", end.Sub(start))
 	return nil
 }
 
@@ -201,7 +304,9 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	spawn("sync runner", func() error {
 		select {
 		case <-p.syncedCh:
+			p.health.SyncLoopStarted()
 			p.runner.Run(ctx)
+			p.retry.stop()
 		case <-ctx.Done():
 		}
 		return nil
