@@ -20,7 +20,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	testnet.Main(m, map[string]func([]string) error{"hold": holdDatapath})
+	testnet.Main(m, map[string]func([]string) error{"hold": holdDatapath, "ensure-bpffs": ensureBPFFSHelper})
 }
 
 // kernelSetup is one test's topology with the datapath attached to its cgroup.

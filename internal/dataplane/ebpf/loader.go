@@ -201,33 +201,6 @@ func resized1(want *ebpf.MapSpec, pinned *ebpf.Map, flag string) (*ebpf.Map, err
 	return m, nil
 }
 
-// ensureBPFFS makes dir, mounting a bpffs on its parent first when neither
-// is on one (a fresh node, or one whose runtime does not mount it).
-func ensureBPFFS(dir string) error {
-	if onBPFFS(dir) {
-		return nil
-	}
-	parent := filepath.Dir(dir)
-	if !onBPFFS(parent) {
-		if err := os.MkdirAll(parent, 0o755); err != nil {
-			return fmt.Errorf("creating bpffs mount point %s: %w", parent, err)
-		}
-		if err := unix.Mount("bpffs", parent, "bpf", 0, "mode=0700"); err != nil {
-			return fmt.Errorf("mounting bpffs on %s (or pass --bpffs-path on a mounted bpffs): %w", parent, err)
-		}
-		klog.InfoS("Mounted bpffs, it was not mounted", "path", parent)
-	}
-	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("creating %s: %w", dir, err)
-	}
-	return nil
-}
-
-func onBPFFS(path string) bool {
-	var st unix.Statfs_t
-	return unix.Statfs(path, &st) == nil && uint32(st.Type) == uint32(unix.BPF_FS_MAGIC)
-}
-
 // checkCgroup2 fails unless path is a cgroup v2 directory.
 func checkCgroup2(path string) error {
 	var fs unix.Statfs_t
