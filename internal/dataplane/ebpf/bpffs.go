@@ -67,11 +67,16 @@ func mountWouldBeVisible(path string) error {
 	if err != nil {
 		return err
 	}
-	return checkMountVisible(path, m, inInitialMountNamespace())
+	initial, known := inInitialMountNamespace()
+	return checkMountVisible(path, m, initial, known)
 }
 
-func checkMountVisible(path string, m mountEntry, initialNS bool) error {
-	if m.shared || initialNS {
+// checkMountVisible decides for mountWouldBeVisible. When the namespace is
+// unknown (PID 1's namespace cannot be read, as in some sandboxes), only a
+// slave mount is refused: it is how a container sees a hostPath volume
+// with HostToContainer propagation, which the DaemonSet's bpffs volume has.
+func checkMountVisible(path string, m mountEntry, initialNS, known bool) error {
+	if m.shared || (known && initialNS) || (!known && !m.slave) {
 		return nil
 	}
 	how := "is private to this mount namespace"
@@ -85,22 +90,25 @@ func checkMountVisible(path string, m mountEntry, initialNS bool) error {
 }
 
 // inInitialMountNamespace reports whether this process shares the mount
-// namespace of the node's init: in the initial PID namespace (one entry in
-// NSpid) and in the mount namespace of PID 1. When it cannot tell, it says
-// no.
-func inInitialMountNamespace() bool {
+// namespace of the node's init, and whether it could tell: in a PID
+// namespace of a container (more than one entry in NSpid) it does not; in
+// the initial PID namespace it does if it shares PID 1's mount namespace.
+func inInitialMountNamespace() (initial, known bool) {
 	status, err := os.ReadFile("/proc/self/status")
 	if err != nil {
-		return false
+		return false, false
 	}
 	for _, line := range strings.Split(string(status), "\n") {
 		if rest, ok := strings.CutPrefix(line, "NSpid:"); ok && len(strings.Fields(rest)) != 1 {
-			return false // a PID namespace of a container: PID 1 is not the node's init
+			return false, true // PID 1 here is the container's init, not the node's
 		}
 	}
 	self, err1 := os.Readlink("/proc/self/ns/mnt")
 	init, err2 := os.Readlink("/proc/1/ns/mnt")
-	return err1 == nil && err2 == nil && self == init
+	if err1 != nil || err2 != nil {
+		return false, false
+	}
+	return self == init, true
 }
 
 // mountEntry is what mountinfo says of one mount.
