@@ -11,11 +11,13 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // resolve is a long-lived DNS-style client, the "resolve" helper:
 //
-//	resolve ADDR [unconnected] [timeout=DUR] [pause=DUR]
+//	resolve ADDR [unconnected] [inet6] [timeout=DUR] [pause=DUR]
 //
 // It queries ADDR over one UDP socket in a loop until SIGTERM, as stub
 // resolvers do (c-ares in nginx, HAProxy, Envoy; statsd clients): the
@@ -25,7 +27,9 @@ import (
 // the next query from a new socket through ADDR again, as c-ares does. A
 // timeout is only reported: the next query goes out on the same socket, as
 // c-ares retries a lone nameserver, so a socket whose peer vanished
-// silently keeps timing out.
+// silently keeps timing out. With "inet6" the sockets are AF_INET6 ones
+// that reach IPv4 as ::ffff:a.b.c.d (ADDR like [::ffff:10.96.0.10]:53), as
+// Java's are.
 //
 // It prints "ready", then one line per query:
 //
@@ -36,17 +40,19 @@ import (
 // first), P is the socket's local port and NS the Unix nanosecond time
 // the query began (see Loop.Settle).
 func resolve(addr string, args []string) error {
-	raddr, err := net.ResolveUDPAddr("udp4", addr)
+	raddr, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return err
 	}
-	connected := true
+	connected, inet6 := true, false
 	timeout, pause := ioTimeout, 20*time.Millisecond
 	for _, a := range args {
 		k, v, _ := strings.Cut(a, "=")
 		switch k {
 		case "unconnected":
 			connected = false
+		case "inet6":
+			inet6 = true
 		case "timeout":
 			if timeout, err = time.ParseDuration(v); err != nil {
 				return err
@@ -82,9 +88,12 @@ func resolve(addr string, args []string) error {
 		start := time.Now()
 		if conn == nil {
 			gen++
-			if connected {
+			switch {
+			case inet6:
+				conn, err = inet6UDPConn(addr, connected)
+			case connected:
 				conn, err = net.DialUDP("udp4", nil, raddr)
-			} else {
+			default:
 				conn, err = net.ListenUDP("udp4", nil)
 			}
 			if err != nil {
@@ -120,6 +129,33 @@ func resolve(addr string, args []string) error {
 		}
 		time.Sleep(pause)
 	}
+}
+
+// inet6UDPConn is a UDP socket of family AF_INET6 with IPV6_V6ONLY off,
+// connected to addr (a v4-mapped address) if connected, handed to Go's
+// net package for its deadlines.
+func inet6UDPConn(addr string, connected bool) (*net.UDPConn, error) {
+	fd, err := inet6Socket(unix.SOCK_DGRAM)
+	if err != nil {
+		return nil, err
+	}
+	if connected {
+		sa, err := inet6Sockaddr(addr, false)
+		if err == nil {
+			err = unix.Connect(fd, sa)
+		}
+		if err != nil {
+			unix.Close(fd)
+			return nil, err
+		}
+	}
+	f := os.NewFile(uintptr(fd), "udp6")
+	defer f.Close() // FileConn holds a duplicate
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.UDPConn), nil
 }
 
 func isTimeout(err error) bool {

@@ -107,7 +107,8 @@ func allAnswered(t *testing.T, phase string, rs []testnet.ResolverResult, by ...
 }
 
 // A CoreDNS rollout under resolvers holding one connected socket each, in
-// a pod and in a hostNetwork pod (the node's namespace): two backends; two
+// a pod (AF_INET, and AF_INET6 reaching the VIP as ::ffff:VIP, as Java
+// does) and in a hostNetwork pod (the node's namespace): two backends; two
 // new ones join (surge); the old ones terminate, serving while they drain,
 // then leave the endpoints and vanish. Twice, so that every backend is
 // replaced and the sockets that replaced the first ones are replaced too.
@@ -118,15 +119,23 @@ func TestUDPConnectedClientFollowsRollout(t *testing.T) {
 		void := s.net.AddPod("void", "10.244.253.1")
 		waves := [][]*testnet.Pod{s.pods[0:2], s.pods[2:4], s.pods[4:6]}
 		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, waves[0]...)...)))
-		clients := []*testnet.Pod{s.client, s.net.HostNetwork()}
+		clients := []struct {
+			name string
+			pod  *testnet.Pod
+			args []string
+		}{
+			{"client", s.client, []string{vip + ":53"}},
+			{"client (AF_INET6)", s.client, []string{"[::ffff:" + vip + "]:53", "inet6"}},
+			{"host network", s.net.HostNetwork(), []string{vip + ":53"}},
+		}
 		resolvers := make([]*testnet.Loop, len(clients))
 		for i, c := range clients {
-			resolvers[i] = c.StartResolver(vip + ":53")
+			resolvers[i] = c.pod.StartResolver(c.args[0], c.args[1:]...)
 			defer resolvers[i].Stop()
 		}
 		each := func(fn func(name string, r *testnet.Loop)) {
 			for i, r := range resolvers {
-				fn(clients[i].Name, r)
+				fn(clients[i].name, r)
 			}
 		}
 		each(func(client string, r *testnet.Loop) {
@@ -164,8 +173,8 @@ func TestUDPConnectedClientFollowsRollout(t *testing.T) {
 		if m.socketLevel {
 			// One socket replaced per client and wave: the servers hold
 			// unconnected sockets only.
-			if got := datapathEvents(t, s)["udp_sockets_destroyed"]; got != 4 {
-				t.Errorf("udp_sockets_destroyed = %d, want 4", got)
+			if got, want := datapathEvents(t, s)["udp_sockets_destroyed"], uint64(len(clients)*(len(waves)-1)); got != want {
+				t.Errorf("udp_sockets_destroyed = %d, want %d", got, want)
 			}
 		}
 	})
