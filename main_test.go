@@ -58,6 +58,44 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
+// Without --kubeconfig the binary needs the API server's address in its
+// environment, as the manifests' ConfigMap sets it; left empty (or never set)
+// it exits at once saying what to set, instead of dialling the kubelet's
+// ClusterIP and timing out on a node without Service rules.
+func TestInClusterAddressMissing(t *testing.T) {
+	kubelet := []string{"KUBERNETES_SERVICE_PORT=443", "KUBERNETES_PORT=tcp://10.96.0.1:443", "KUBERNETES_PORT_443_TCP_ADDR=10.96.0.1"}
+	tests := []struct {
+		name string
+		env  []string
+		want []string
+	}{
+		{"the ConfigMap left empty", append([]string{"KUBERNETES_SERVICE_HOST="}, kubelet...),
+			[]string{"KUBERNETES_SERVICE_HOST is empty", "ConfigMap kube-system/kube-bpf-proxy-apiserver"}},
+		{"port left empty", []string{"KUBERNETES_SERVICE_HOST=192.0.2.10", "KUBERNETES_SERVICE_PORT="},
+			[]string{"KUBERNETES_SERVICE_PORT is empty", "ConfigMap kube-system/kube-bpf-proxy-apiserver"}},
+		{"outside a pod", nil, []string{"KUBERNETES_SERVICE_HOST is not set", "pass --kubeconfig"}},
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cmd := exec.Command(exe, "--hostname-override=test-node")
+			cmd.Env = append([]string{runMainEnv + "=1", "PATH=" + os.Getenv("PATH")}, tt.env...)
+			out, err := cmd.CombinedOutput()
+			if cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 1 {
+				t.Fatalf("exit: %v, want status 1; output:\n%s", err, out)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(string(out), w) {
+					t.Errorf("output does not say %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+}
+
 func TestNodeName(t *testing.T) {
 	t.Setenv("NODE_NAME", "Node-From-Env")
 	if got, _ := nodeName("Flag-Node"); got != "flag-node" {
