@@ -164,7 +164,14 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		}
 		switch pos[0] {
 		case "start":
-			o, err := c.DaemonSetProxyOptions(ctx, "manifests", bin, *mode, 24*time.Hour)
+			// As a user installs it: an overlay of the mode's with the
+			// API server's address, applied; then the DaemonSet's pod.
+			overlay, err := c.ApplyOverlay(ctx, "manifests", *mode)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("applied %s\n", filepath.Join(overlay, "kustomization.yaml"))
+			o, err := c.DaemonSetProxyOptions(ctx, bin)
 			if err != nil {
 				return err
 			}

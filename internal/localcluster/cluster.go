@@ -186,7 +186,7 @@ func Open(dir string) (*Cluster, error) {
 		Name:            st.Name,
 		Nodes:           st.Nodes,
 		Cgroup:          st.Cgroup,
-		Server:          "https://" + st.Nodes[0].IP + ":6443",
+		Server:          "https://" + st.Nodes[0].IP + ":" + apiServerPort,
 		AdminKubeconfig: filepath.Join(dir, "admin.kubeconfig"),
 	}
 	if p := st.Procs["kube-apiserver"]; p != nil {
@@ -273,7 +273,7 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 	f := func(name string) string { return filepath.Join(c.Dir, name) }
 	api := c.controlPlaneProc("kube-apiserver", []string{filepath.Join(c.KubeBin, "kube-apiserver"),
 		"--etcd-servers=http://127.0.0.1:2379",
-		"--advertise-address=" + n1.IP, "--bind-address=0.0.0.0", "--secure-port=6443",
+		"--advertise-address=" + n1.IP, "--bind-address=0.0.0.0", "--secure-port=" + apiServerPort,
 		"--tls-cert-file=" + f("apiserver.crt"), "--tls-private-key-file=" + f("apiserver.key"),
 		"--client-ca-file=" + f("ca.crt"),
 		"--token-auth-file=" + f("tokens.csv"),
@@ -471,12 +471,9 @@ func (c *Cluster) KubectlCommand(ctx context.Context, kubeconfig string, args ..
 // ServiceAccountKubeconfig writes a kubeconfig for a ServiceAccount, with a
 // token from the TokenRequest API, and returns its path.
 func (c *Cluster) ServiceAccountKubeconfig(ctx context.Context, namespace, name string, ttl time.Duration) (string, error) {
-	secs := int64(ttl.Seconds())
-	tr, err := c.Client.CoreV1().ServiceAccounts(namespace).CreateToken(ctx, name, &authenticationv1.TokenRequest{
-		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &secs},
-	}, metav1.CreateOptions{})
+	token, err := c.requestToken(ctx, namespace, name, ttl)
 	if err != nil {
-		return "", fmt.Errorf("requesting a token for %s/%s: %w", namespace, name, err)
+		return "", err
 	}
 	ca, err := os.ReadFile(filepath.Join(c.Dir, "ca.crt"))
 	if err != nil {
@@ -484,7 +481,20 @@ func (c *Cluster) ServiceAccountKubeconfig(ctx context.Context, namespace, name 
 	}
 	path := filepath.Join(c.Dir, fmt.Sprintf("sa-%s-%s.kubeconfig", namespace, name))
 	user := "system:serviceaccount:" + namespace + ":" + name
-	return path, os.WriteFile(path, []byte(kubeconfig(c.Server, string(ca), user, tr.Status.Token)), 0o600)
+	return path, os.WriteFile(path, []byte(kubeconfig(c.Server, string(ca), user, token)), 0o600)
+}
+
+// requestToken returns a token of a ServiceAccount from the TokenRequest
+// API, as the kubelet gets one for a pod.
+func (c *Cluster) requestToken(ctx context.Context, namespace, name string, ttl time.Duration) (string, error) {
+	secs := int64(ttl.Seconds())
+	tr, err := c.Client.CoreV1().ServiceAccounts(namespace).CreateToken(ctx, name, &authenticationv1.TokenRequest{
+		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &secs},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("requesting a token for %s/%s: %w", namespace, name, err)
+	}
+	return tr.Status.Token, nil
 }
 
 // Down removes everything the cluster in dir made: processes (its cgroup
