@@ -221,7 +221,11 @@ func runProxy(ctx context.Context, o options) error {
 	defer cancel()
 	// Only reports: the informers retry on their own, but a dial into a
 	// ClusterIP nobody serves would otherwise show as bare timeouts.
-	klog.InfoS("Connecting to the API server", "server", target.Server, "kubeconfig", target.Kubeconfig)
+	config := "in-cluster"
+	if target.Kubeconfig != "" {
+		config = target.Kubeconfig
+	}
+	klog.InfoS("Connecting to the API server", "server", target.Server, "config", config)
 	go apiserver.Probe(ctx, client.Discovery().RESTClient(), target, apiserver.ProbeTimeout, 5*time.Second)
 
 	dp, err := newDataplane(ctx, o)

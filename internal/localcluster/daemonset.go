@@ -542,7 +542,7 @@ func mountScript(staging, saDir string, mounts []mount) string {
 	}
 	lines = append(lines, "mount -n --move "+q(staging)+" /run",
 		// A container starts in / with no PWD of the shell's.
-		`cd /`, `exec env -u PWD "$@"`)
+		`cd /`, `exec env -u PWD -u OLDPWD "$@"`)
 	return strings.Join(lines, "\n")
 }
 
