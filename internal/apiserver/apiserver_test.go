@@ -196,8 +196,15 @@ func TestProbeAnswered(t *testing.T) {
 			}))
 			defer srv.Close()
 			ctx, log := loggingContext(t)
+			// Bounded, so that a Probe that never takes the answer for
+			// one fails instead of hanging.
+			ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			defer cancel()
 			Probe(ctx, restClient(t, srv.URL), Target{Server: srv.URL, ServiceClusterIP: tt.clusterIP}, ProbeTimeout, time.Millisecond)
 			out := log.String()
+			if ctx.Err() != nil || strings.Contains(out, "Cannot reach") {
+				t.Fatalf("an answer (HTTP %d) was not taken for one:\n%s", tt.status, out)
+			}
 			if tt.wantLog == "" {
 				if strings.Contains(out, "\nE") || strings.HasPrefix(out, "E") {
 					t.Errorf("an answering API server logged an error:\n%s", out)
