@@ -11,6 +11,9 @@
 //	cluster exec POD [--namespace NS] -- CMD...  a client command in the pod (in its node's cgroup)
 //	cluster kubectl ARGS...                      kubectl as admin, in the API server's namespace
 //	cluster proxy start|stop|cleanup --node N [--mode ebpf|iptables]
+//	                                             start applies an overlay of manifests/overlays/MODE that
+//	                                             sets the API server's address (in DIR/overlays/MODE), then
+//	                                             runs the proxy as that DaemonSet's pod on node N
 //
 // --dir DIR, before the command, picks the cluster directory (default
 // $KBP_CLUSTER_DIR, then _output/cluster).

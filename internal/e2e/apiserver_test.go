@@ -40,6 +40,8 @@ const kubernetesClusterIP = "10.96.0.1"
 func (e *env) freshNodes(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	// The modes' scenarios start their own.
+	defer e.stopProxies(t)
 	for _, n := range e.c.Nodes {
 		if got := testnet.AttachedPrograms(t, n.Cgroup); got != 0 {
 			t.Fatalf("%s is not fresh: %d programs attached", n.Name, got)
@@ -128,7 +130,6 @@ func (e *env) freshNodes(t *testing.T) {
 	if out := logSince(e.c, node, from); !strings.Contains(out, warning) {
 		t.Errorf("no warning that the ClusterIP will fail after a reboot:\n%s", out)
 	}
-	e.stopProxies(t)
 }
 
 // kubernetesService checks that a pod on each node reaches the API server

@@ -4,7 +4,8 @@
 // controller builds the slices the proxy reads) in the first node's
 // namespace; pods as network namespaces with a veth to their node and a real
 // process inside, with Pod objects whose status is written through the
-// status subresource, as a kubelet would.
+// status subresource, as a kubelet would. kube-bpf-proxy runs on a node as
+// the kubelet would run its DaemonSet's pod (daemonset.go, proxy.go).
 //
 // Everything it creates (namespaces, cgroups, processes, bpffs mounts) is
 // recorded in the cluster directory as it is made, so Down removes all of it,
