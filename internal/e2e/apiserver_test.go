@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apiserver"
@@ -114,6 +115,7 @@ func (e *env) freshNodes(t *testing.T) {
 	// As the manifests deploy it.
 	e.startProxies(t, "ebpf")
 	e.kubernetesService(t)
+	e.mountsAsDeployed(t, node)
 
 	// The kubelet's ClusterIP again, now served by this node's datapath:
 	// the proxy's own sockets, in a cgroup under the node's, go through its
@@ -129,6 +131,45 @@ func (e *env) freshNodes(t *testing.T) {
 	warning, _, _ := strings.Cut(apiserver.ClusterIPWarning, ": after a reboot")
 	if out := logSince(e.c, node, from); !strings.Contains(out, warning) {
 		t.Errorf("no warning that the ClusterIP will fail after a reboot:\n%s", out)
+	}
+}
+
+// mountsAsDeployed checks what the proxy sees of the node through the ebpf
+// overlay's mounts: the ServiceAccount volume where client-go reads it, and
+// in /run/netns the namespace of a pod created after the proxy started
+// (HostToContainer), as closing UDP sockets inside pods needs.
+func (e *env) mountsAsDeployed(t *testing.T, node string) {
+	ctx := context.Background()
+	root, err := e.c.ProxyRoot(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"token", "ca.crt", "namespace"} {
+		if _, err := os.Stat(filepath.Join(root, "run/secrets/kubernetes.io/serviceaccount", f)); err != nil {
+			t.Errorf("the proxy on %s has no ServiceAccount %s: %v", node, f, err)
+		}
+	}
+	p, err := e.c.AddPod(ctx, localcluster.PodSpec{Name: "after-proxy", Node: node,
+		Command: testnet.Helper("serve", "after-proxy", "tcp:80"), ReadyLine: "ready"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The name alone shows through any bind of the directory; the
+	// namespace mounted on it shows only where mounts propagate.
+	var onNode, seen unix.Stat_t
+	if err := unix.Stat(filepath.Join("/run/netns", p.NetNS), &onNode); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Stat(filepath.Join(root, "run/netns", p.NetNS), &seen); err != nil ||
+		seen.Dev != onNode.Dev || seen.Ino != onNode.Ino {
+		t.Errorf("the network namespace of a pod made after the proxy started is not in its /run/netns (%v; dev:inode %d:%d there, %d:%d on the node)",
+			err, seen.Dev, seen.Ino, onNode.Dev, onNode.Ino)
+	}
+	if err := e.c.DeletePod(ctx, p.Namespace, p.Name, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "run/netns", p.NetNS)); !os.IsNotExist(err) {
+		t.Errorf("a deleted pod's namespace is still in the proxy's /run/netns: %v", err)
 	}
 }
 

@@ -202,6 +202,19 @@ func (c *Cluster) SignalProxy(node string, sig syscall.Signal, timeout time.Dura
 	return time.Since(start), nil
 }
 
+// ProxyRoot returns the file system as the node's running proxy sees it
+// (/proc/PID/root: paths below it resolve in the proxy's mount namespace).
+func (c *Cluster) ProxyRoot(node string) (string, error) {
+	p, err := c.proc(proxyName(node))
+	if err != nil {
+		return "", err
+	}
+	if !p.alive() {
+		return "", fmt.Errorf("kube-bpf-proxy on %s is not running", node)
+	}
+	return fmt.Sprintf("/proc/%d/root", p.PID), nil
+}
+
 // ProxyLog returns the node's proxy log path.
 func (c *Cluster) ProxyLog(node string) string {
 	return filepath.Join(c.Dir, "logs", proxyName(node)+".log")
