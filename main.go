@@ -21,10 +21,10 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/events"
 	"k8s.io/klog/v2"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apiserver"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/cgroups"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
@@ -66,7 +66,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 		fs.PrintDefaults()
 	}
 	fs.StringVar(&o.mode, "mode", "ebpf", "datapath: ebpf (socket-level load balancing) or iptables (kube-proxy's rules)")
-	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; empty means the in-cluster configuration")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; empty means the in-cluster configuration, whose $KUBERNETES_SERVICE_HOST and $KUBERNETES_SERVICE_PORT must be the API server's own address, not the kubernetes Service's ClusterIP")
 	fs.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name; default $NODE_NAME, then the hostname")
 	fs.StringVar(&o.cgroupPath, "cgroup-path", "", "cgroup v2 directory the eBPF programs attach to; default the cgroup2 mount root, which covers every socket on the node")
 	fs.StringVar(&o.bpffsPath, "bpffs-path", "/sys/fs/bpf/kube-bpf-proxy", "directory on a bpffs for pinned maps and links; bpffs is mounted on its parent if missing")
@@ -211,15 +211,25 @@ func runProxy(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	restCfg, err := clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+	restCfg, target, err := apiserver.Config(o.kubeconfig, os.LookupEnv)
 	if err != nil {
-		return fmt.Errorf("loading Kubernetes client configuration: %w", err)
+		return err
 	}
 	restCfg.UserAgent = "kube-bpf-proxy"
 	client, err := kubernetes.NewForConfig(restCfg)
 	if err != nil {
 		return fmt.Errorf("creating Kubernetes client: %w", err)
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	// Only reports: the informers retry on their own, but a dial into a
+	// ClusterIP nobody serves would otherwise show as bare timeouts.
+	config := "in-cluster"
+	if target.Kubeconfig != "" {
+		config = target.Kubeconfig
+	}
+	klog.InfoS("Connecting to the API server", "server", target.Server, "config", config)
+	go apiserver.Probe(ctx, client.Discovery().RESTClient(), target, apiserver.ProbeTimeout, 5*time.Second)
 
 	dp, err := newDataplane(ctx, o)
 	if err != nil {

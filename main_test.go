@@ -58,6 +58,44 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
+// Without --kubeconfig the binary needs the API server's address in its
+// environment, as the manifests' ConfigMap sets it; left empty (or never set)
+// it exits at once saying what to set, instead of dialling the kubelet's
+// ClusterIP and timing out on a node without Service rules.
+func TestInClusterAddressMissing(t *testing.T) {
+	kubelet := []string{"KUBERNETES_SERVICE_PORT=443", "KUBERNETES_PORT=tcp://10.96.0.1:443", "KUBERNETES_PORT_443_TCP_ADDR=10.96.0.1"}
+	tests := []struct {
+		name string
+		env  []string
+		want []string
+	}{
+		{"the ConfigMap left empty", append([]string{"KUBERNETES_SERVICE_HOST="}, kubelet...),
+			[]string{"KUBERNETES_SERVICE_HOST is empty", "ConfigMap kube-system/kube-bpf-proxy-apiserver"}},
+		{"port left empty", []string{"KUBERNETES_SERVICE_HOST=192.0.2.10", "KUBERNETES_SERVICE_PORT="},
+			[]string{"KUBERNETES_SERVICE_PORT is empty", "ConfigMap kube-system/kube-bpf-proxy-apiserver"}},
+		{"outside a pod", nil, []string{"KUBERNETES_SERVICE_HOST is not set", "pass --kubeconfig"}},
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cmd := exec.Command(exe, "--hostname-override=test-node")
+			cmd.Env = append([]string{runMainEnv + "=1", "PATH=" + os.Getenv("PATH")}, tt.env...)
+			out, err := cmd.CombinedOutput()
+			if cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 1 {
+				t.Fatalf("exit: %v, want status 1; output:\n%s", err, out)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(string(out), w) {
+					t.Errorf("output does not say %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+}
+
 func TestNodeName(t *testing.T) {
 	t.Setenv("NODE_NAME", "Node-From-Env")
 	if got, _ := nodeName("Flag-Node"); got != "flag-node" {
@@ -295,5 +333,54 @@ func TestBinaryIptablesMode(t *testing.T) {
 	}
 	if save := iptablesSave(t, n.Node); strings.Contains(save, "KUBE-") {
 		t.Errorf("rules written before any sync:\n%s", save)
+	}
+}
+
+// The ebpf overlay grants no NET_RAW, which iptables-legacy needs to read
+// tables that exist. --cleanup (and the ebpf mode's handover) must then say
+// that legacy rules remain and what to do, not report success; with
+// NET_RAW, as the iptables overlay grants it, they go.
+func TestCleanupOfLegacyRulesNeedsNetRaw(t *testing.T) {
+	n := testnet.New(t)
+	bpffs := testnet.BPFFS(t)
+	legacy := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command("nsenter", append([]string{"--net=/run/netns/" + n.Node, "--", "iptables-legacy"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("iptables-legacy %v: %v: %s", args, err, out)
+		}
+		return string(out)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanup := func(caps string) (int, string) {
+		cmd := exec.Command("nsenter", "--net=/run/netns/"+n.Node, "--", "setpriv", "--bounding-set="+caps, "--inh-caps=-all", "--",
+			exe, "--cleanup", "--bpffs-path="+bpffs)
+		cmd.Env = append(os.Environ(), runMainEnv+"=1")
+		out, _ := cmd.CombinedOutput()
+		return cmd.ProcessState.ExitCode(), string(out)
+	}
+	// A node without legacy tables needs no NET_RAW at all.
+	if code, out := cleanup("-all,+bpf,+net_admin,+sys_admin"); code != 0 {
+		t.Errorf("--cleanup without NET_RAW and without legacy tables: exit %d:\n%s", code, out)
+	}
+	// What an upstream kube-proxy on an iptables-legacy node leaves.
+	legacy("-t", "nat", "-N", "KUBE-SERVICES")
+	legacy("-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES")
+	code, out := cleanup("-all,+bpf,+net_admin,+sys_admin") // the ebpf overlay's
+	if code != 1 || !strings.Contains(out, "CAP_NET_RAW") {
+		t.Errorf("--cleanup without NET_RAW over legacy rules: exit %d, want 1 with a message naming CAP_NET_RAW:\n%s", code, out)
+	}
+	if !strings.Contains(legacy("-t", "nat", "-S"), "KUBE-SERVICES") {
+		t.Fatal("the legacy rules went without NET_RAW: the check above cannot fail")
+	}
+	code, out = cleanup("-all,+bpf,+net_admin,+net_raw") // the iptables overlay's
+	if code != 0 {
+		t.Fatalf("--cleanup with NET_RAW: exit %d:\n%s", code, out)
+	}
+	if left := legacy("-t", "nat", "-S"); strings.Contains(left, "KUBE-") {
+		t.Errorf("legacy rules left after --cleanup with NET_RAW:\n%s", left)
 	}
 }

@@ -11,6 +11,9 @@
 //	cluster exec POD [--namespace NS] -- CMD...  a client command in the pod (in its node's cgroup)
 //	cluster kubectl ARGS...                      kubectl as admin, in the API server's namespace
 //	cluster proxy start|stop|cleanup --node N [--mode ebpf|iptables]
+//	                                             start applies an overlay of manifests/overlays/MODE that
+//	                                             sets the API server's address (in DIR/overlays/MODE), then
+//	                                             runs the proxy as that DaemonSet's pod on node N
 //
 // --dir DIR, before the command, picks the cluster directory (default
 // $KBP_CLUSTER_DIR, then _output/cluster).
@@ -164,7 +167,14 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		}
 		switch pos[0] {
 		case "start":
-			o, err := c.DaemonSetProxyOptions(ctx, "manifests", bin, *mode, 24*time.Hour)
+			// As a user installs it: an overlay of the mode's with the
+			// API server's address, applied; then the DaemonSet's pod.
+			overlay, err := c.ApplyOverlay(ctx, "manifests", *mode)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("applied %s\n", filepath.Join(overlay, "kustomization.yaml"))
+			o, err := c.DaemonSetProxyOptions(ctx, bin)
 			if err != nil {
 				return err
 			}

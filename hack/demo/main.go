@@ -116,10 +116,6 @@ func (d *demo) up(kubeBin string) {
 	d.check(err)
 	d.kubectl("get", "nodes", "-o", "wide")
 
-	d.begin("Applying manifests/overlays/ebpf: ServiceAccount, ClusterRole (read Services, EndpointSlices, Nodes), DaemonSet")
-	d.kubectl("apply", "-k", "manifests/overlays/ebpf")
-	d.logf("(no kubelet runs here, so the DaemonSet makes no pods: the demo runs the same binary on each node itself)")
-
 	d.startProxies("ebpf")
 
 	d.begin("Creating Service default/web (port 80 -> 8080) and 3 web pods over both nodes, plus a client pod on each node")
@@ -193,8 +189,22 @@ func (d *demo) tour() {
 }
 
 func (d *demo) startProxies(mode string) {
-	d.begin("Running kube-bpf-proxy --mode=%s on node1 and node2 (the DaemonSet's ServiceAccount and capabilities)", mode)
-	o, err := d.c.DaemonSetProxyOptions(d.ctx, "manifests", d.binary, mode, 24*time.Hour)
+	d.begin("Installing manifests/overlays/%s as a user does: an overlay of your own that sets the API server's address", mode)
+	overlay, err := d.c.ApplyOverlay(d.ctx, "manifests", mode)
+	d.check(err)
+	file := filepath.Join(overlay, "kustomization.yaml")
+	b, err := os.ReadFile(file)
+	d.check(err)
+	d.logf("$ cat %s", file)
+	for _, l := range strings.Split(strings.TrimRight(string(b), "\n"), "\n") {
+		d.logf("%s", l)
+	}
+	d.logf("$ kubectl apply -k %s   (ServiceAccount, ClusterRole, the address's ConfigMap, DaemonSet)", overlay)
+
+	d.begin("Running kube-bpf-proxy --mode=%s on node1 and node2 as the DaemonSet's pod would run", mode)
+	d.logf("(no kubelet runs here, so the DaemonSet makes no pods: the demo runs the same binary on each node as a kubelet would,")
+	d.logf(" with the ServiceAccount's token, the container's environment, args, mounts and capabilities, in the node's cgroup)")
+	o, err := d.c.DaemonSetProxyOptions(d.ctx, d.binary)
 	d.check(err)
 	for _, n := range d.c.Nodes {
 		d.check(d.c.StartProxy(d.ctx, n.Name, o))

@@ -19,6 +19,9 @@ type Handover struct {
 	other   string
 	cleanup func(context.Context) error
 	done    bool
+	// lastErr is the last cleanup failure logged: a failure that repeats
+	// (a capability the process lacks, say) is logged once, not per sync.
+	lastErr string
 }
 
 // WithHandover wraps dp so that cleanup (of the mode named other) runs after
@@ -35,7 +38,12 @@ func (h *Handover) Sync(ctx context.Context, snap *model.Snapshot) error {
 	}
 	if !h.done {
 		if err := h.cleanup(ctx); err != nil {
-			klog.ErrorS(err, "Removing the previous datapath mode failed; retrying after the next sync", "mode", h.other)
+			if msg := err.Error(); msg != h.lastErr {
+				h.lastErr = msg
+				klog.ErrorS(err, "Removing the previous datapath mode failed; retrying after each sync", "mode", h.other)
+			} else {
+				klog.V(2).InfoS("Removing the previous datapath mode failed again", "mode", h.other, "err", err)
+			}
 		} else {
 			h.done = true
 			klog.V(2).InfoS("No datapath of the other mode is left", "mode", h.other)

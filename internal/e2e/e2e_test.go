@@ -1,10 +1,14 @@
 // Package e2e runs the kube-bpf-proxy binary against a real control plane
 // (internal/localcluster: etcd, kube-apiserver and kube-controller-manager
 // at the pinned Kubernetes version, two simulated nodes), in both modes. The
-// proxy authenticates as the manifests' ServiceAccount, bound only to the
-// manifests' ClusterRole, and keeps only the capabilities the DaemonSet
-// grants: a pass proves the RBAC and the capability list are sufficient.
-// Every assertion is about what a client in a pod on each node sees.
+// manifests are installed as a user installs them (an overlay of their own
+// that sets the API server's address), and the proxy runs as the kubelet
+// would run the applied DaemonSet's pod: the ServiceAccount's token and CA
+// mounted where the kubelet mounts them, the kubelet's environment, the
+// container's args, hostPath mounts and capabilities, in a cgroup under the
+// node's. A pass proves the manifests, their RBAC and their capability list
+// are sufficient. Every assertion is about what a client in a pod on each
+// node sees.
 package e2e
 
 import (
@@ -34,12 +38,14 @@ func TestMain(m *testing.M) { testnet.Main(m, nil) }
 // directory (go test's working directory).
 const repoRoot = "../.."
 
+// manifestsDir is the manifests' directory, from this package's.
+var manifestsDir = filepath.Join(repoRoot, "manifests")
+
 // env is one cluster shared by every scenario of both modes.
 type env struct {
 	c *localcluster.Cluster
-	// proxy runs the binary as manifests/ deploys it; the mode is set per
-	// start.
-	proxy   localcluster.ProxyOptions
+	// binary is the kube-bpf-proxy under test.
+	binary  string
 	clients []*localcluster.Pod // one per node
 }
 
@@ -52,18 +58,7 @@ func newEnv(t *testing.T) *env {
 	if out, err := exec.Command("go", "build", "-o", binary, repoRoot).CombinedOutput(); err != nil {
 		t.Fatalf("building kube-bpf-proxy: %v\n%s", err, out)
 	}
-	e := &env{c: c}
-
-	// The proxy's identity and capabilities come from manifests/.
-	if _, err := c.Kubectl(ctx, "apply", "-k", filepath.Join(repoRoot, "manifests/overlays/ebpf")); err != nil {
-		t.Fatalf("applying the manifests: %v", err)
-	}
-	var err error
-	if e.proxy, err = c.DaemonSetProxyOptions(ctx, filepath.Join(repoRoot, "manifests"), binary, "ebpf", 2*time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	// Each sync logged, for the log tails a failure prints.
-	e.proxy.Args = []string{"--v=2"}
+	e := &env{c: c, binary: binary}
 	for _, node := range []string{"node1", "node2"} {
 		p, err := c.AddPod(ctx, localcluster.PodSpec{Name: "client-" + node, Node: node,
 			Command: testnet.Helper("serve", "client-"+node, "tcp:80"), ReadyLine: "ready"})
@@ -147,10 +142,13 @@ func dumpLogs(t *testing.T, dir string) {
 
 func TestEndToEnd(t *testing.T) {
 	e := newEnv(t)
+	// First, while no proxy has ever run on the nodes.
+	t.Run("FreshNodes", e.freshNodes)
 	for _, mode := range []string{"ebpf", "iptables"} {
 		t.Run(mode, func(t *testing.T) {
 			e.startProxies(t, mode)
 			ns := e.namespace(t, mode)
+			t.Run("KubernetesService", e.kubernetesService)
 			t.Run("ServiceFollowsPods", func(t *testing.T) { e.serviceFollowsPods(t, ns) })
 			t.Run("PortChange", func(t *testing.T) { e.portChange(t, ns) })
 			t.Run("DeletedService", func(t *testing.T) { e.deletedService(t, ns) })
@@ -166,13 +164,17 @@ func TestEndToEnd(t *testing.T) {
 	}
 }
 
+// startProxies installs the manifests for mode, as a user does (an overlay
+// of their own that sets the API server's address), and starts the proxy on
+// each node as a pod of the applied DaemonSet.
 func (e *env) startProxies(t *testing.T, mode string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	o := e.proxyOptions(t, mode)
 	since := time.Now().Add(-time.Second).Truncate(time.Second)
 	for _, n := range e.c.Nodes {
-		if err := e.c.StartProxy(ctx, n.Name, e.proxyOptions(mode)); err != nil {
+		if err := e.c.StartProxy(ctx, n.Name, o); err != nil {
 			t.Fatalf("starting the proxy on %s: %v", n.Name, err)
 		}
 	}
@@ -202,9 +204,24 @@ func (e *env) startProxies(t *testing.T, mode string) {
 	}
 }
 
-func (e *env) proxyOptions(mode string) localcluster.ProxyOptions {
-	o := e.proxy
-	o.Mode = mode
+// proxyOptions applies the user's overlay for mode and returns options
+// that run the proxy as a pod of its DaemonSet.
+func (e *env) proxyOptions(t *testing.T, mode string) localcluster.ProxyOptions {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if _, err := e.c.ApplyOverlay(ctx, manifestsDir, mode); err != nil {
+		t.Fatal(err)
+	}
+	o, err := e.c.DaemonSetProxyOptions(ctx, e.binary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := o.Mode(); got != mode {
+		t.Fatalf("the applied DaemonSet runs mode %q, want %q", got, mode)
+	}
+	// Each sync logged, for the log tails a failure prints.
+	o.Args = []string{"--v=2"}
 	return o
 }
 
@@ -220,7 +237,7 @@ func (e *env) cleanupProxies(t *testing.T, mode string) {
 				t.Error(err)
 			}
 		}
-		if err := e.c.CleanupProxy(ctx, n.Name, e.proxy.Binary); err != nil {
+		if err := e.c.CleanupProxy(ctx, n.Name, e.binary); err != nil {
 			t.Error(err)
 		}
 		if got := testnet.AttachedPrograms(t, n.Cgroup); got != 0 {
@@ -448,14 +465,16 @@ func (e *env) sigterm(t *testing.T, ns string) {
 	vip := e.createService(t, ns, "t", 80)
 	e.expectBackends(t, vip+":80", "t-1")
 	for _, n := range e.c.Nodes {
+		from := logSize(e.c, n.Name)
 		took, err := e.c.SignalProxy(n.Name, syscall.SIGTERM, 5*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Logf("%s: the proxy exited %s after SIGTERM", n.Name, took.Round(time.Millisecond))
-		b, _ := os.ReadFile(e.c.ProxyLog(n.Name))
-		if i := strings.LastIndex(string(b), "\n"+"E"); i >= 0 && strings.Contains(string(b[i:]), "shut") {
-			t.Errorf("%s: error while shutting down: %s", n.Name, b[i:])
+		for _, line := range strings.Split(logSince(e.c, n.Name, from), "\n") {
+			if strings.HasPrefix(line, "E") {
+				t.Errorf("%s: error while shutting down: %s", n.Name, line)
+			}
 		}
 	}
 	e.expectBackends(t, vip+":80", "t-1")

@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"context"
+	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -10,24 +13,28 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/yaml"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
 )
 
 // TestManifests renders each overlay with kubectl kustomize, has the real
 // API server validate it (--dry-run=server, with admission), checks the
-// DaemonSet is what the README promises, and checks the RBAC as the
+// DaemonSet is what the README promises, that the overlays differ exactly in
+// mode, capabilities and mounts, that the API server's address comes from
+// the ConfigMap a user's overlay sets, and checks the RBAC as the
 // ServiceAccount itself, with a token of its own.
 func TestManifests(t *testing.T) {
 	c := newCluster(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 
-	rendered := map[string]string{}
+	rendered := map[string][]string{}
+	daemonSets := map[string]*appsv1.DaemonSet{}
 	for _, mode := range []string{"ebpf", "iptables"} {
-		out, err := c.Kubectl(ctx, "kustomize", filepath.Join(repoRoot, "manifests/overlays", mode))
+		out, err := c.Kubectl(ctx, "kustomize", filepath.Join(manifestsDir, "overlays", mode))
 		if err != nil {
 			t.Fatal(err)
 		}
-		rendered[mode] = out
 		cmd := c.KubectlCommand(ctx, c.AdminKubeconfig, "apply", "--dry-run=server", "-f", "-")
 		cmd.Stdin = strings.NewReader(out)
 		if b, err := cmd.CombinedOutput(); err != nil {
@@ -35,15 +42,42 @@ func TestManifests(t *testing.T) {
 		} else if !strings.Contains(string(b), "daemonset.apps/kube-bpf-proxy created (server dry run)") {
 			t.Fatalf("overlay %s: unexpected dry run output:\n%s", mode, b)
 		}
+		rendered[mode] = strings.Split(out, "\n---\n")
 		ds := daemonSetIn(t, out)
+		daemonSets[mode] = ds
 		args := ds.Spec.Template.Spec.Containers[0].Args
 		if args[0] != "--mode="+mode {
 			t.Errorf("overlay %s: first argument %q, want --mode=%s", mode, args[0], mode)
 		}
 		checkDaemonSet(t, mode, ds)
+		// As shipped, the address is empty: the proxy refuses to start
+		// until the user's overlay sets it (TestEndToEnd/FreshNodes).
+		checkAPIServerConfigMap(t, mode, out, "")
 	}
-	if strings.ReplaceAll(rendered["ebpf"], "--mode=ebpf", "--mode=iptables") != rendered["iptables"] {
-		t.Errorf("the overlays differ in more than --mode")
+	checkOverlaysDiffer(t, rendered, daemonSets)
+
+	// A user's overlay (the README's) merges the address into the same
+	// ConfigMap; its new name (a hash of the data) rolls the DaemonSet.
+	user := filepath.Join(c.Dir, "user-overlay")
+	if err := os.MkdirAll(user, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	base, err := filepath.Abs(filepath.Join(manifestsDir, "overlays", "ebpf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if base, err = filepath.Rel(user, base); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(user, "kustomization.yaml"), []byte(c.Overlay(base, "ebpf")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := c.Kubectl(ctx, "kustomize", user)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if name := checkAPIServerConfigMap(t, "user's", out, c.Nodes[0].IP); name == apiServerConfigMapName(t, rendered["ebpf"]) {
+		t.Errorf("the user's overlay keeps the ConfigMap's name %s: changing the address would not roll the DaemonSet", name)
 	}
 
 	// RBAC, as the ServiceAccount (not impersonated): apply for real, then
@@ -120,6 +154,11 @@ func checkDaemonSet(t *testing.T, mode string, ds *appsv1.DaemonSet) {
 	if spec.PriorityClassName != "system-node-critical" {
 		fail("not system-node-critical")
 	}
+	// Cluster DNS is a Service: the proxy must resolve the API server's
+	// name without it.
+	if spec.DNSPolicy != corev1.DNSDefault {
+		fail("resolving names with dnsPolicy " + string(spec.DNSPolicy) + ", not the node's resolver (Default)")
+	}
 	if len(spec.Tolerations) != 1 || spec.Tolerations[0].Operator != corev1.TolerationOpExists || spec.Tolerations[0].Key != "" {
 		fail("does not tolerate every taint")
 	}
@@ -136,8 +175,8 @@ func checkDaemonSet(t *testing.T, mode string, ds *appsv1.DaemonSet) {
 	if !nodeName {
 		fail("without NODE_NAME from spec.nodeName")
 	}
-	if p := ctr.LivenessProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/healthz" || p.HTTPGet.Port.IntValue() != 10256 {
-		fail("without a liveness probe on :10256/healthz")
+	if p := ctr.LivenessProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/livez" || p.HTTPGet.Port.IntValue() != 10256 {
+		fail("without a liveness probe on :10256/livez")
 	}
 	sc := ctr.SecurityContext
 	if sc == nil || sc.Privileged == nil || *sc.Privileged || sc.Capabilities == nil ||
@@ -165,9 +204,148 @@ func checkDaemonSet(t *testing.T, mode string, ds *appsv1.DaemonSet) {
 			fail("does not mount the node's " + host + " at " + inside)
 		}
 	}
-	for _, a := range []string{"--cgroup-path=/host/sys/fs/cgroup", "--bpffs-path=/sys/fs/bpf/kube-bpf-proxy"} {
+	// /metrics where a kube-proxy scrape job looks (README, "Metrics").
+	metricsPort := false
+	for _, p := range ctr.Ports {
+		metricsPort = metricsPort || (p.Name == "metrics" && p.ContainerPort == 10249)
+	}
+	if !metricsPort {
+		fail("without the metrics port 10249")
+	}
+	for _, a := range []string{"--cgroup-path=/host/sys/fs/cgroup", "--bpffs-path=/sys/fs/bpf/kube-bpf-proxy", "--metrics-bind-address=0.0.0.0:10249"} {
 		if !strings.Contains(strings.Join(ctr.Args, " "), a) {
 			fail("without " + a)
 		}
+	}
+}
+
+// checkAPIServerConfigMap checks the rendered manifests carry the API
+// server's ConfigMap in kube-system with the address host and a port, and
+// that the proxy container takes its environment from it, with nothing
+// declared in env to override it. It returns the ConfigMap's name.
+func checkAPIServerConfigMap(t *testing.T, overlay, rendered, host string) string {
+	t.Helper()
+	var cm *corev1.ConfigMap
+	for _, doc := range strings.Split(rendered, "\n---\n") {
+		if !strings.Contains(doc, "kind: ConfigMap") {
+			continue
+		}
+		m := &corev1.ConfigMap{}
+		if err := yaml.NewYAMLOrJSONDecoder(strings.NewReader(doc), 4096).Decode(m); err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasPrefix(m.Name, localcluster.APIServerConfigMap+"-") {
+			cm = m
+		}
+	}
+	if cm == nil {
+		t.Errorf("overlay %s: no ConfigMap %s", overlay, localcluster.APIServerConfigMap)
+		return ""
+	}
+	want := map[string]string{"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": "6443"}
+	if cm.Namespace != "kube-system" || !reflect.DeepEqual(cm.Data, want) {
+		t.Errorf("overlay %s: ConfigMap %s/%s holds %v, want %v in kube-system", overlay, cm.Namespace, cm.Name, cm.Data, want)
+	}
+	ctr := daemonSetIn(t, rendered).Spec.Template.Spec.Containers[0]
+	if len(ctr.EnvFrom) != 1 || ctr.EnvFrom[0].ConfigMapRef == nil || ctr.EnvFrom[0].ConfigMapRef.Name != cm.Name ||
+		ctr.EnvFrom[0].Prefix != "" || (ctr.EnvFrom[0].ConfigMapRef.Optional != nil && *ctr.EnvFrom[0].ConfigMapRef.Optional) {
+		t.Errorf("overlay %s: the container's envFrom %+v is not exactly ConfigMap %s, required", overlay, ctr.EnvFrom, cm.Name)
+	}
+	for _, e := range ctr.Env {
+		if _, ok := want[e.Name]; ok {
+			t.Errorf("overlay %s: env declares %s, overriding the ConfigMap", overlay, e.Name)
+		}
+	}
+	return cm.Name
+}
+
+func apiServerConfigMapName(t *testing.T, docs []string) string {
+	t.Helper()
+	for _, doc := range docs {
+		for _, line := range strings.Split(doc, "\n") {
+			if name, ok := strings.CutPrefix(strings.TrimSpace(line), "name: "+localcluster.APIServerConfigMap+"-"); ok && strings.Contains(doc, "kind: ConfigMap") {
+				return localcluster.APIServerConfigMap + "-" + name
+			}
+		}
+	}
+	t.Fatal("no API server ConfigMap rendered")
+	return ""
+}
+
+// checkOverlaysDiffer checks the two overlays render the same objects but
+// for the DaemonSet's mode, capabilities, args and mounts, and those
+// exactly: the ebpf mode adds SYS_ADMIN, --netns-dir=/run/netns and the
+// node's /run/netns (read-only, HostToContainer), for closing UDP sockets
+// inside pods' namespaces; the iptables mode adds NET_RAW, which
+// iptables-legacy needs.
+func checkOverlaysDiffer(t *testing.T, rendered map[string][]string, ds map[string]*appsv1.DaemonSet) {
+	t.Helper()
+	for _, mode := range []string{"ebpf", "iptables"} {
+		if len(rendered[mode]) != len(rendered["ebpf"]) {
+			t.Fatalf("overlay %s renders %d objects, ebpf %d", mode, len(rendered[mode]), len(rendered["ebpf"]))
+		}
+	}
+	for i, doc := range rendered["ebpf"] {
+		if !strings.Contains(doc, "kind: DaemonSet") && doc != rendered["iptables"][i] {
+			t.Errorf("the overlays differ outside the DaemonSet:\n%s\n---- and ----\n%s", doc, rendered["iptables"][i])
+		}
+	}
+	caps := map[string][]corev1.Capability{
+		"ebpf":     {"BPF", "NET_ADMIN", "SYS_ADMIN"},
+		"iptables": {"BPF", "NET_ADMIN", "NET_RAW"},
+	}
+	normal := map[string]*appsv1.DaemonSet{}
+	for mode, d := range ds {
+		d = d.DeepCopy()
+		spec := &d.Spec.Template.Spec
+		ctr := &spec.Containers[0]
+		if got := slices.Sorted(slices.Values(ctr.SecurityContext.Capabilities.Add)); !slices.Equal(got, caps[mode]) {
+			t.Errorf("overlay %s adds capabilities %v, want %v", mode, got, caps[mode])
+		}
+		var netns []corev1.VolumeMount
+		ctr.VolumeMounts = slices.DeleteFunc(ctr.VolumeMounts, func(m corev1.VolumeMount) bool {
+			if m.MountPath == "/run/netns" {
+				netns = append(netns, m)
+			}
+			return m.MountPath == "/run/netns"
+		})
+		var netnsVolumes []corev1.Volume
+		spec.Volumes = slices.DeleteFunc(spec.Volumes, func(v corev1.Volume) bool {
+			if v.HostPath != nil && v.HostPath.Path == "/run/netns" {
+				netnsVolumes = append(netnsVolumes, v)
+				return true
+			}
+			return false
+		})
+		switch mode {
+		case "ebpf":
+			if len(netns) != 1 || !netns[0].ReadOnly || netns[0].MountPropagation == nil ||
+				*netns[0].MountPropagation != corev1.MountPropagationHostToContainer ||
+				len(netnsVolumes) != 1 || netnsVolumes[0].Name != netns[0].Name {
+				t.Errorf("overlay ebpf: /run/netns mounts %+v of volumes %+v, want the node's /run/netns once, read-only, HostToContainer", netns, netnsVolumes)
+			}
+		default:
+			if len(netns)+len(netnsVolumes) > 0 {
+				t.Errorf("overlay %s mounts /run/netns, which only the ebpf mode needs", mode)
+			}
+		}
+		var netnsArgs []string
+		ctr.Args = slices.DeleteFunc(ctr.Args, func(a string) bool {
+			if strings.HasPrefix(a, "--netns-dir") {
+				netnsArgs = append(netnsArgs, a)
+				return true
+			}
+			return false
+		})
+		if want := map[string][]string{"ebpf": {"--netns-dir=/run/netns"}}[mode]; !slices.Equal(netnsArgs, want) {
+			t.Errorf("overlay %s: --netns-dir args %q, want %q", mode, netnsArgs, want)
+		}
+		ctr.Args[0] = ""
+		ctr.SecurityContext.Capabilities.Add = nil
+		normal[mode] = d
+	}
+	if !reflect.DeepEqual(normal["ebpf"], normal["iptables"]) {
+		t.Errorf("the overlays' DaemonSets differ in more than mode, capabilities and mounts:\nebpf:     %+v\niptables: %+v",
+			normal["ebpf"].Spec.Template.Spec, normal["iptables"].Spec.Template.Spec)
 	}
 }

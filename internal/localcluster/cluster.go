@@ -4,7 +4,8 @@
 // controller builds the slices the proxy reads) in the first node's
 // namespace; pods as network namespaces with a veth to their node and a real
 // process inside, with Pod objects whose status is written through the
-// status subresource, as a kubelet would.
+// status subresource, as a kubelet would. kube-bpf-proxy runs on a node as
+// the kubelet would run its DaemonSet's pod (daemonset.go, proxy.go).
 //
 // Everything it creates (namespaces, cgroups, processes, bpffs mounts) is
 // recorded in the cluster directory as it is made, so Down removes all of it,
@@ -155,6 +156,19 @@ func create(st *state, dir, name string) error {
 		if err := unix.Mount("bpffs", n.BPFFS, "bpf", 0, "mode=0700"); err != nil {
 			return fmt.Errorf("mounting bpffs on %s: %w", n.BPFFS, err)
 		}
+		// A shared mount, as iproute2 makes /run/netns, so that a pod's
+		// namespace bound here later reaches the proxy's mount namespace.
+		n.NetNSDir = filepath.Join(dir, n.Name, "netns")
+		if err := os.MkdirAll(n.NetNSDir, 0o755); err != nil {
+			return err
+		}
+		st.Mounts = append(st.Mounts, n.NetNSDir)
+		if err := unix.Mount(n.NetNSDir, n.NetNSDir, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("binding %s: %w", n.NetNSDir, err)
+		}
+		if err := unix.Mount("", n.NetNSDir, "", unix.MS_SHARED, ""); err != nil {
+			return fmt.Errorf("sharing %s: %w", n.NetNSDir, err)
+		}
 		if err := os.Mkdir(n.Cgroup, 0o755); err != nil {
 			return fmt.Errorf("creating node cgroup: %w", err)
 		}
@@ -186,7 +200,7 @@ func Open(dir string) (*Cluster, error) {
 		Name:            st.Name,
 		Nodes:           st.Nodes,
 		Cgroup:          st.Cgroup,
-		Server:          "https://" + st.Nodes[0].IP + ":6443",
+		Server:          "https://" + st.Nodes[0].IP + ":" + apiServerPort,
 		AdminKubeconfig: filepath.Join(dir, "admin.kubeconfig"),
 	}
 	if p := st.Procs["kube-apiserver"]; p != nil {
@@ -273,7 +287,7 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 	f := func(name string) string { return filepath.Join(c.Dir, name) }
 	api := c.controlPlaneProc("kube-apiserver", []string{filepath.Join(c.KubeBin, "kube-apiserver"),
 		"--etcd-servers=http://127.0.0.1:2379",
-		"--advertise-address=" + n1.IP, "--bind-address=0.0.0.0", "--secure-port=6443",
+		"--advertise-address=" + n1.IP, "--bind-address=0.0.0.0", "--secure-port=" + apiServerPort,
 		"--tls-cert-file=" + f("apiserver.crt"), "--tls-private-key-file=" + f("apiserver.key"),
 		"--client-ca-file=" + f("ca.crt"),
 		"--token-auth-file=" + f("tokens.csv"),
@@ -471,12 +485,9 @@ func (c *Cluster) KubectlCommand(ctx context.Context, kubeconfig string, args ..
 // ServiceAccountKubeconfig writes a kubeconfig for a ServiceAccount, with a
 // token from the TokenRequest API, and returns its path.
 func (c *Cluster) ServiceAccountKubeconfig(ctx context.Context, namespace, name string, ttl time.Duration) (string, error) {
-	secs := int64(ttl.Seconds())
-	tr, err := c.Client.CoreV1().ServiceAccounts(namespace).CreateToken(ctx, name, &authenticationv1.TokenRequest{
-		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &secs},
-	}, metav1.CreateOptions{})
+	token, err := c.requestToken(ctx, namespace, name, ttl)
 	if err != nil {
-		return "", fmt.Errorf("requesting a token for %s/%s: %w", namespace, name, err)
+		return "", err
 	}
 	ca, err := os.ReadFile(filepath.Join(c.Dir, "ca.crt"))
 	if err != nil {
@@ -484,7 +495,20 @@ func (c *Cluster) ServiceAccountKubeconfig(ctx context.Context, namespace, name 
 	}
 	path := filepath.Join(c.Dir, fmt.Sprintf("sa-%s-%s.kubeconfig", namespace, name))
 	user := "system:serviceaccount:" + namespace + ":" + name
-	return path, os.WriteFile(path, []byte(kubeconfig(c.Server, string(ca), user, tr.Status.Token)), 0o600)
+	return path, os.WriteFile(path, []byte(kubeconfig(c.Server, string(ca), user, token)), 0o600)
+}
+
+// requestToken returns a token of a ServiceAccount from the TokenRequest
+// API, as the kubelet gets one for a pod.
+func (c *Cluster) requestToken(ctx context.Context, namespace, name string, ttl time.Duration) (string, error) {
+	secs := int64(ttl.Seconds())
+	tr, err := c.Client.CoreV1().ServiceAccounts(namespace).CreateToken(ctx, name, &authenticationv1.TokenRequest{
+		Spec: authenticationv1.TokenRequestSpec{ExpirationSeconds: &secs},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		return "", fmt.Errorf("requesting a token for %s/%s: %w", namespace, name, err)
+	}
+	return tr.Status.Token, nil
 }
 
 // Down removes everything the cluster in dir made: processes (its cgroup
@@ -500,7 +524,7 @@ func Down(dir string) error {
 			}
 		}
 		for _, m := range st.Mounts {
-			if err := unmountBPF(m); err != nil {
+			if err := unmountAll(m); err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -523,13 +547,17 @@ func Down(dir string) error {
 	return errors.Join(errs...)
 }
 
-func unmountBPF(path string) error {
+// unmountAll detaches whatever is mounted on path, mounts stacked on it
+// and below it included.
+func unmountAll(path string) error {
 	for {
-		var st unix.Statfs_t
-		if unix.Statfs(path, &st) != nil || uint32(st.Type) != uint32(unix.BPF_FS_MAGIC) {
-			return nil
-		}
-		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
+		err := unix.Unmount(path, unix.MNT_DETACH)
+		switch {
+		case err == nil:
+			continue
+		case errors.Is(err, unix.EINVAL), errors.Is(err, unix.ENOENT):
+			return nil // not (or no longer) a mount point
+		default:
 			return fmt.Errorf("unmounting %s: %w", path, err)
 		}
 	}

@@ -26,6 +26,9 @@ const (
 	ServiceCIDR = "10.96.0.0/16"
 	// ClusterCIDR holds every node's pod CIDR.
 	ClusterCIDR = "10.244.0.0/16"
+	// apiServerPort is kube-apiserver's --secure-port, on the first node's
+	// InternalIP, as kubeadm sets it up.
+	apiServerPort = "6443"
 )
 
 func netnsPath(name string) string { return "/run/netns/" + name }

@@ -90,12 +90,9 @@ func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		if err := addNetNS(st, p.NetNS); err != nil {
 			return err
 		}
-		// The node's proxy finds its pods' sockets here, and no one
-		// else's: what /run/netns is on a real node.
-		if err := os.MkdirAll(podNetNSDir(c.Dir, node.Name), 0o755); err != nil {
-			return err
-		}
-		if err := os.Symlink(netnsPath(p.NetNS), filepath.Join(podNetNSDir(c.Dir, node.Name), p.NetNS)); err != nil {
+		// The node's /run/netns, where its proxy finds its pods'
+		// sockets, holds this pod's namespace, and no other node's.
+		if err := bindNetNS(node, p.NetNS); err != nil {
 			return err
 		}
 		if err := runAll(
@@ -151,22 +148,48 @@ func (c *Cluster) removePod(namespace, name string) error {
 				return err
 			}
 		}
+		if node, err := st.node(p.Node); err == nil {
+			if err := unbindNetNS(node, p.NetNS); err != nil {
+				return err
+			}
+		}
 		if _, err := os.Stat(netnsPath(p.NetNS)); err == nil {
 			if err := run("ip", "netns", "del", p.NetNS); err != nil {
 				return err
 			}
 		}
 		st.Namespaces = slices.DeleteFunc(st.Namespaces, func(ns string) bool { return ns == p.NetNS })
-		if err := os.Remove(filepath.Join(podNetNSDir(c.Dir, p.Node), p.NetNS)); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return err
-		}
 		delete(st.Pods, podKey(namespace, name))
 		return nil
 	})
 }
 
-// podNetNSDir holds links to the network namespaces of a node's pods.
-func podNetNSDir(dir, node string) string { return filepath.Join(dir, "netns", node) }
+// bindNetNS pins a pod's network namespace in its node's /run/netns.
+func bindNetNS(node *NodeInfo, netns string) error {
+	target := filepath.Join(node.NetNSDir, netns)
+	f, err := os.OpenFile(target, os.O_CREATE|os.O_RDONLY, 0o444)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	if err := unix.Mount(netnsPath(netns), target, "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("pinning %s in %s: %w", netns, node.NetNSDir, err)
+	}
+	return nil
+}
+
+// unbindNetNS undoes bindNetNS; the namespace goes once iproute2's pin
+// goes too.
+func unbindNetNS(node *NodeInfo, netns string) error {
+	target := filepath.Join(node.NetNSDir, netns)
+	if err := unmountAll(target); err != nil {
+		return err
+	}
+	if err := os.Remove(target); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
 
 func (c *Cluster) podFrom(p *pod, node *NodeInfo) *Pod {
 	return &Pod{Namespace: p.Namespace, Name: p.Name, Node: p.Node, NetNS: p.NetNS,

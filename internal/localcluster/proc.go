@@ -22,7 +22,9 @@ type proc struct {
 	NetNS     string   `json:"netns"`
 	Cgroup    string   `json:"cgroup"`
 	Args      []string `json:"args"`
-	Log       string   `json:"log"`
+	// Env is the process's whole environment; nil inherits this one's.
+	Env []string `json:"env,omitempty"`
+	Log string   `json:"log"`
 }
 
 // start runs p.Args in network namespace p.NetNS and cgroup p.Cgroup,
@@ -43,6 +45,7 @@ func (p *proc) start() error {
 	args := append([]string{"--net=" + netnsPath(p.NetNS), "--"}, p.Args...)
 	cmd := exec.Command("nsenter", args...)
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = p.Env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true, CgroupFD: cgfd}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting %s: %w", p.Args[0], err)

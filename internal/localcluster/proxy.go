@@ -2,6 +2,7 @@ package localcluster
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -13,22 +14,22 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
-	"sigs.k8s.io/yaml"
 )
 
-// ProxyOptions say how to run kube-bpf-proxy on a node.
+// ProxyOptions say how to run kube-bpf-proxy on a node: as a pod of a
+// DaemonSet (DaemonSetProxyOptions reads the applied one).
 type ProxyOptions struct {
-	// Binary is the kube-bpf-proxy binary.
+	// Binary is the kube-bpf-proxy binary: the image's entrypoint.
 	Binary string
-	// Kubeconfig is the proxy's identity (see ServiceAccountKubeconfig).
-	Kubeconfig string
-	// Mode is ebpf or iptables.
-	Mode string
-	// Args are extra flags.
+	// DaemonSet is the DaemonSet whose pod the proxy runs as: its
+	// container's args, env and envFrom, capabilities, ServiceAccount and
+	// hostPath mounts.
+	DaemonSet *appsv1.DaemonSet
+	// Args are extra flags, after the container's.
 	Args []string
-	// Capabilities, if set, are the only ones the proxy keeps (as in a
-	// container that drops ALL and adds these), e.g. "BPF", "NET_ADMIN".
-	Capabilities []string
+	// TokenTTL is the life of the ServiceAccount token (default 24 h):
+	// nothing renews it, unlike a kubelet.
+	TokenTTL time.Duration
 }
 
 // Proxy addresses inside each node's namespace (each node has a loopback of
@@ -40,59 +41,121 @@ const (
 
 func proxyName(node string) string { return "kube-bpf-proxy-" + node }
 
-// proxyArgs returns the command line the node's proxy runs with: the
-// node's name, its cgroup (where its pods' sockets are), bpffs and pods'
-// network namespaces, and the cluster's pod range.
-func (c *Cluster) proxyArgs(node string, o ProxyOptions) ([]string, error) {
+// proxyProc prepares the node's proxy as the kubelet would run the
+// DaemonSet's pod there, in a cgroup under the node's (where the proxy's
+// own sockets meet its programs, as on a node whose cgroup root they
+// attach to):
+//
+//	nsenter --net=NODE                         hostNetwork
+//	unshare --mount --propagation slave        the container's mount namespace
+//	sh -c MOUNTS                               ServiceAccount volume and hostPath mounts
+//	setpriv --bounding-set=... --no-new-privs  its capabilities
+//	kube-bpf-proxy ARGS                        the container's args ($(VAR) expanded)
+//
+// with the environment the kubelet gives the container.
+func (c *Cluster) proxyProc(ctx context.Context, node string, o ProxyOptions) (*proc, error) {
 	n, err := c.Node(node)
 	if err != nil {
 		return nil, err
 	}
-	var prefix []string
-	if len(o.Capabilities) > 0 {
-		// Root keeps exactly its bounding set across exec: the container
-		// runtime's "drop ALL, add these".
-		set := "-all"
-		for _, c := range o.Capabilities {
-			set += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
-		}
-		prefix = []string{"setpriv", "--bounding-set=" + set, "--inh-caps=-all", "--"}
+	if o.DaemonSet == nil {
+		return nil, fmt.Errorf("no DaemonSet to run the proxy as")
 	}
-	return append(prefix, append([]string{o.Binary,
-		"--mode=" + o.Mode,
-		"--kubeconfig=" + o.Kubeconfig,
-		"--hostname-override=" + n.Name,
-		"--cgroup-path=" + n.Cgroup,
-		"--bpffs-path=" + filepath.Join(n.BPFFS, "kube-bpf-proxy"),
-		"--netns-dir=" + podNetNSDir(c.Dir, n.Name),
-		"--cluster-cidr=" + ClusterCIDR,
-		"--healthz-bind-address=" + ProxyHealthzAddr,
-		"--metrics-bind-address=" + ProxyMetricsAddr,
-	}, o.Args...)...), nil
+	ctr, err := container(o.DaemonSet)
+	if err != nil {
+		return nil, err
+	}
+	if len(ctr.Command) > 0 {
+		return nil, fmt.Errorf("the proxy container's command %q replaces the image's entrypoint, which is not simulated", ctr.Command)
+	}
+	if real, err := filepath.EvalSymlinks("/var/run"); err != nil || real != "/run" {
+		return nil, fmt.Errorf("this machine's /var/run is not a link to /run, where the ServiceAccount volume is mounted (%q, %v)", real, err)
+	}
+	env, err := c.podEnv(ctx, o.DaemonSet, ctr, n)
+	if err != nil {
+		return nil, err
+	}
+	saDir := ""
+	if at := o.DaemonSet.Spec.Template.Spec.AutomountServiceAccountToken; at == nil || *at {
+		ttl := o.TokenTTL
+		if ttl == 0 {
+			ttl = 24 * time.Hour
+		}
+		if saDir, err = c.serviceAccountVolume(ctx, o.DaemonSet, n, ttl); err != nil {
+			return nil, err
+		}
+	}
+	mounts, rewrite, err := podMounts(o.DaemonSet, ctr, n)
+	if err != nil {
+		return nil, err
+	}
+	staging := filepath.Join(c.Dir, n.Name, "proxy-run")
+	if err := os.MkdirAll(staging, 0o755); err != nil {
+		return nil, err
+	}
+	vars := envMap(env)
+	args := make([]string, 0, len(ctr.Args)+len(o.Args))
+	for _, a := range ctr.Args {
+		args = append(args, expand(a, vars))
+	}
+	args = append(rewriteArgs(args, rewrite), o.Args...)
+
+	cmd := []string{"unshare", "--mount", "--propagation", "slave", "--",
+		"sh", "-c", mountScript(staging, saDir, mounts), "sh"}
+	cmd = append(cmd, capabilityPrefix(ctr)...)
+	cmd = append(cmd, o.Binary)
+	cmd = append(cmd, args...)
+
+	cgroup := filepath.Join(n.Cgroup, "kube-bpf-proxy")
+	if err := os.Mkdir(cgroup, 0o755); err != nil && !os.IsExist(err) {
+		return nil, fmt.Errorf("creating the proxy's cgroup: %w", err)
+	}
+	return &proc{
+		NetNS:  n.NetNS,
+		Cgroup: cgroup,
+		Args:   cmd,
+		Env:    env,
+		Log:    c.ProxyLog(node),
+	}, nil
 }
 
-// StartProxy runs kube-bpf-proxy in the node's namespace, as the DaemonSet
-// runs it on a node (host network), and waits until /healthz reports its
-// first sync.
+// LaunchProxy starts kube-bpf-proxy on the node as a pod of o.DaemonSet
+// (see proxyProc) and returns at once.
+func (c *Cluster) LaunchProxy(ctx context.Context, node string, o ProxyOptions) error {
+	p, err := c.proxyProc(ctx, node, o)
+	if err != nil {
+		return fmt.Errorf("preparing kube-bpf-proxy on %s: %w", node, err)
+	}
+	return c.startProc(proxyName(node), p)
+}
+
+// StartProxy launches the node's proxy and waits for its first successful
+// sync.
 func (c *Cluster) StartProxy(ctx context.Context, node string, o ProxyOptions) error {
-	args, err := c.proxyArgs(node, o)
+	if err := c.LaunchProxy(ctx, node, o); err != nil {
+		return err
+	}
+	p, err := c.proc(proxyName(node))
 	if err != nil {
 		return err
 	}
-	n, _ := c.Node(node)
-	p := &proc{
-		NetNS:  n.NetNS,
-		Cgroup: filepath.Join(c.Cgroup, "system"),
-		Args:   args,
-		Log:    filepath.Join(c.Dir, "logs", proxyName(node)+".log"),
-	}
-	if err := c.startProc(proxyName(node), p); err != nil {
-		return err
-	}
 	return c.waitFor(ctx, p, 60*time.Second, "kube-bpf-proxy's first sync on "+node, func() bool {
-		code, _, _ := c.ProxyGet(ctx, node, ProxyHealthzAddr, "/healthz")
-		return code == http.StatusOK
+		return c.ProxySynced(ctx, node)
 	})
+}
+
+// ProxySynced reports whether the node's proxy has completed a sync: its
+// /healthz names a last update. (Its status code is no sign: /healthz is
+// 200 until a change has waited twice --sync-period, first sync or not.)
+func (c *Cluster) ProxySynced(ctx context.Context, node string) bool {
+	code, body, err := c.ProxyGet(ctx, node, ProxyHealthzAddr, "/healthz")
+	if err != nil || code != http.StatusOK {
+		return false
+	}
+	var status struct {
+		LastUpdated time.Time `json:"lastUpdated"`
+	}
+	return json.Unmarshal([]byte(body), &status) == nil && !status.LastUpdated.IsZero()
 }
 
 // ProxyGet fetches path from one of the node's proxy endpoints and returns
@@ -139,6 +202,19 @@ func (c *Cluster) SignalProxy(node string, sig syscall.Signal, timeout time.Dura
 	return time.Since(start), nil
 }
 
+// ProxyRoot returns the file system as the node's running proxy sees it
+// (/proc/PID/root: paths below it resolve in the proxy's mount namespace).
+func (c *Cluster) ProxyRoot(node string) (string, error) {
+	p, err := c.proc(proxyName(node))
+	if err != nil {
+		return "", err
+	}
+	if !p.alive() {
+		return "", fmt.Errorf("kube-bpf-proxy on %s is not running", node)
+	}
+	return fmt.Sprintf("/proc/%d/root", p.PID), nil
+}
+
 // ProxyLog returns the node's proxy log path.
 func (c *Cluster) ProxyLog(node string) string {
 	return filepath.Join(c.Dir, "logs", proxyName(node)+".log")
@@ -157,49 +233,4 @@ func (c *Cluster) CleanupProxy(ctx context.Context, node, binary string) error {
 		return fmt.Errorf("kube-bpf-proxy --cleanup on %s: %w: %s", node, err, strings.TrimSpace(string(out)))
 	}
 	return nil
-}
-
-// DaemonSetProxyOptions returns options that run binary as manifests/
-// deploys it (manifestsDir is that directory, whose overlay must have been
-// applied): with a TokenRequest token of the DaemonSet's ServiceAccount, so
-// that the proxy has exactly the ClusterRole's rights, and with only the
-// DaemonSet's capabilities.
-func (c *Cluster) DaemonSetProxyOptions(ctx context.Context, manifestsDir, binary, mode string, ttl time.Duration) (ProxyOptions, error) {
-	kc, err := c.ServiceAccountKubeconfig(ctx, "kube-system", "kube-bpf-proxy", ttl)
-	if err != nil {
-		return ProxyOptions{}, fmt.Errorf("%w (apply %s first)", err, filepath.Join(manifestsDir, "overlays", mode))
-	}
-	caps, err := DaemonSetCapabilities(filepath.Join(manifestsDir, "base", "daemonset.yaml"))
-	if err != nil {
-		return ProxyOptions{}, err
-	}
-	return ProxyOptions{Binary: binary, Kubeconfig: kc, Mode: mode, Capabilities: caps}, nil
-}
-
-// DaemonSetCapabilities reads the capabilities the DaemonSet manifest at
-// path gives the proxy container, so that the proxy runs here with exactly
-// what it gets on a cluster.
-func DaemonSetCapabilities(path string) ([]string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var ds appsv1.DaemonSet
-	if err := yaml.UnmarshalStrict(b, &ds); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	for _, c := range ds.Spec.Template.Spec.Containers {
-		if c.Name != "kube-bpf-proxy" || c.SecurityContext == nil || c.SecurityContext.Capabilities == nil {
-			continue
-		}
-		var caps []string
-		for _, c := range c.SecurityContext.Capabilities.Add {
-			caps = append(caps, string(c))
-		}
-		if len(caps) == 0 {
-			break
-		}
-		return caps, nil
-	}
-	return nil, fmt.Errorf("%s: no capabilities added to the kube-bpf-proxy container", path)
 }

@@ -39,6 +39,10 @@ type NodeInfo struct {
 	Cgroup string `json:"cgroup"`
 	// BPFFS is a bpffs mount of the node's own, for the proxy's pins.
 	BPFFS string `json:"bpffs"`
+	// NetNSDir is the node's /run/netns: a shared mount holding a bind of
+	// each of its pods' network namespaces, and no one else's, as a
+	// container runtime pins them on a real node.
+	NetNSDir string `json:"netnsDir"`
 	// NextHost is the host part of the next pod address.
 	NextHost int `json:"nextHost"`
 }

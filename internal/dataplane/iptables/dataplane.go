@@ -14,6 +14,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -333,7 +334,15 @@ func Cleanup(ctx context.Context, cfg Config) error {
 			continue
 		}
 		save, err := t.save(ctx, "")
-		if err != nil {
+		switch {
+		case err != nil && b == BackendLegacy && strings.Contains(err.Error(), "Permission denied"):
+			// iptables-legacy reads a namespace without legacy tables
+			// from /proc alone; tables it must open a raw socket for.
+			errs = append(errs, fmt.Errorf("this node has iptables-legacy tables, which cannot be read "+
+				"without CAP_NET_RAW, so rules kube-proxy or this proxy's iptables mode may have left there stay. "+
+				"Run `kube-bpf-proxy --cleanup` once with NET_RAW (as the iptables overlay grants it): %w", err))
+			continue
+		case err != nil:
 			// No legacy tables in this kernel: nothing of ours there.
 			klog.V(2).InfoS("Skipping iptables backend in cleanup", "backend", b, "err", err)
 			continue

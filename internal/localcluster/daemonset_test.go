@@ -1,0 +1,210 @@
+package localcluster
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"testing"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/utils/ptr"
+)
+
+var kubernetesService = &corev1.Service{
+	ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "kubernetes"},
+	Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.1",
+		Ports: []corev1.ServicePort{{Name: "https", Port: 443, Protocol: corev1.ProtocolTCP}}},
+}
+
+func proxyDaemonSet(env []corev1.EnvVar, envFrom ...corev1.EnvFromSource) *appsv1.DaemonSet {
+	return &appsv1.DaemonSet{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "kube-bpf-proxy"},
+		Spec: appsv1.DaemonSetSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
+			EnableServiceLinks: ptr.To(true),
+			Containers:         []corev1.Container{{Name: proxyContainer, Env: env, EnvFrom: envFrom}},
+		}}},
+	}
+}
+
+func apiServerConfigMap(host string) *corev1.ConfigMap {
+	return &corev1.ConfigMap{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "kube-bpf-proxy-apiserver-abc"},
+		Data:       map[string]string{"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": "6443"},
+	}
+}
+
+var fromConfigMap = corev1.EnvFromSource{ConfigMapRef: &corev1.ConfigMapEnvSource{
+	LocalObjectReference: corev1.LocalObjectReference{Name: "kube-bpf-proxy-apiserver-abc"}}}
+
+var nodeNameEnv = corev1.EnvVar{Name: "NODE_NAME", ValueFrom: &corev1.EnvVarSource{
+	FieldRef: &corev1.ObjectFieldSelector{FieldPath: "spec.nodeName"}}}
+
+// The proxy's environment is the kubelet's: service links for
+// default/kubernetes (and the pod's namespace's Services), overridden by
+// what the container declares, envFrom first and env over it.
+func TestPodEnv(t *testing.T) {
+	dns := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "kube-dns"},
+		Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.10", Ports: []corev1.ServicePort{
+			{Name: "dns", Port: 53, Protocol: corev1.ProtocolUDP}, {Name: "dns-tcp", Port: 53, Protocol: corev1.ProtocolTCP}}},
+	}
+	node := NodeInfo{Name: "node2", IP: "172.30.0.12"}
+	tests := []struct {
+		name    string
+		ds      *appsv1.DaemonSet
+		objects []runtime.Object
+		want    map[string]string
+		absent  []string
+		wantErr string
+	}{
+		{
+			name:    "the kubelet's variables alone",
+			ds:      proxyDaemonSet([]corev1.EnvVar{nodeNameEnv}),
+			objects: []runtime.Object{kubernetesService, dns},
+			want: map[string]string{
+				"KUBERNETES_SERVICE_HOST":       "10.96.0.1",
+				"KUBERNETES_SERVICE_PORT":       "443",
+				"KUBERNETES_SERVICE_PORT_HTTPS": "443",
+				"KUBERNETES_PORT":               "tcp://10.96.0.1:443",
+				"KUBERNETES_PORT_443_TCP_ADDR":  "10.96.0.1",
+				"KUBE_DNS_SERVICE_HOST":         "10.96.0.10",
+				"KUBE_DNS_PORT":                 "udp://10.96.0.10:53",
+				"KUBE_DNS_PORT_53_TCP":          "tcp://10.96.0.10:53",
+				"NODE_NAME":                     "node2",
+				"HOSTNAME":                      "node2",
+				"PATH":                          imagePath,
+			},
+		},
+		{
+			name: "service links off: default/kubernetes still",
+			ds: func() *appsv1.DaemonSet {
+				d := proxyDaemonSet(nil)
+				d.Spec.Template.Spec.EnableServiceLinks = ptr.To(false)
+				return d
+			}(),
+			objects: []runtime.Object{kubernetesService, dns},
+			want:    map[string]string{"KUBERNETES_SERVICE_HOST": "10.96.0.1"},
+			absent:  []string{"KUBE_DNS_SERVICE_HOST"},
+		},
+		{
+			name:    "the manifests' ConfigMap overrides the link's host and port only",
+			ds:      proxyDaemonSet([]corev1.EnvVar{nodeNameEnv}, fromConfigMap),
+			objects: []runtime.Object{kubernetesService, apiServerConfigMap("172.30.0.11")},
+			want: map[string]string{
+				"KUBERNETES_SERVICE_HOST": "172.30.0.11",
+				"KUBERNETES_SERVICE_PORT": "6443",
+				"KUBERNETES_PORT":         "tcp://10.96.0.1:443",
+				"NODE_NAME":               "node2",
+			},
+		},
+		{
+			name:    "an empty value is a value",
+			ds:      proxyDaemonSet(nil, fromConfigMap),
+			objects: []runtime.Object{kubernetesService, apiServerConfigMap("")},
+			want:    map[string]string{"KUBERNETES_SERVICE_HOST": ""},
+		},
+		{
+			name: "env over envFrom, with references expanded",
+			ds: proxyDaemonSet([]corev1.EnvVar{
+				{Name: "KUBERNETES_SERVICE_HOST", Value: "192.0.2.1"},
+				{Name: "ADDR", Value: "$(KUBERNETES_SERVICE_HOST):$(KUBERNETES_SERVICE_PORT) $$(NODE_NAME) $(UNKNOWN)"},
+				{Name: "HOST_IP", ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: "status.hostIP"}}},
+			}, fromConfigMap),
+			objects: []runtime.Object{kubernetesService, apiServerConfigMap("172.30.0.11")},
+			want: map[string]string{
+				"KUBERNETES_SERVICE_HOST": "192.0.2.1",
+				"ADDR":                    "192.0.2.1:6443 $(NODE_NAME) $(UNKNOWN)",
+				"HOST_IP":                 "172.30.0.12",
+			},
+		},
+		{
+			name:    "a missing ConfigMap keeps the container from starting",
+			ds:      proxyDaemonSet(nil, fromConfigMap),
+			objects: []runtime.Object{kubernetesService},
+			wantErr: "ConfigMap kube-system/kube-bpf-proxy-apiserver-abc",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := &Cluster{Client: fake.NewClientset(tt.objects...)}
+			ctr, err := container(tt.ds)
+			if err != nil {
+				t.Fatal(err)
+			}
+			env, err := c.podEnv(context.Background(), tt.ds, ctr, node)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("podEnv() error %v, want one naming %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := envMap(env)
+			for k, v := range tt.want {
+				if g, ok := got[k]; !ok || g != v {
+					t.Errorf("%s = %q (set: %v), want %q", k, g, ok, v)
+				}
+			}
+			for _, k := range tt.absent {
+				if _, ok := got[k]; ok {
+					t.Errorf("%s is set, want it absent", k)
+				}
+			}
+			if !slices.IsSorted(env) {
+				t.Errorf("environment not sorted: %v", env)
+			}
+		})
+	}
+}
+
+func TestRewriteArgs(t *testing.T) {
+	rewrite := map[string]string{"/host/sys/fs/cgroup": "/sys/fs/cgroup/unified/kbp1/node1"}
+	got := rewriteArgs([]string{"--mode=ebpf", "--cgroup-path=/host/sys/fs/cgroup", "--x=/host/sys/fs/cgroup/sub",
+		"--y=/host/sys/fs/cgroupfoo", "/host/sys/fs/cgroup"}, rewrite)
+	want := []string{"--mode=ebpf", "--cgroup-path=/sys/fs/cgroup/unified/kbp1/node1", "--x=/sys/fs/cgroup/unified/kbp1/node1/sub",
+		"--y=/host/sys/fs/cgroupfoo", "/sys/fs/cgroup/unified/kbp1/node1"}
+	if !slices.Equal(got, want) {
+		t.Errorf("rewriteArgs() = %q, want %q", got, want)
+	}
+}
+
+func TestNodePath(t *testing.T) {
+	n := NodeInfo{Cgroup: "/cg/kbp/node1", BPFFS: "/c/node1/bpffs", NetNSDir: "/c/node1/netns"}
+	for in, want := range map[string]string{
+		"/sys/fs/cgroup":      "/cg/kbp/node1",
+		"/sys/fs/bpf":         "/c/node1/bpffs",
+		"/sys/fs/bpf/kbp":     "/c/node1/bpffs/kbp",
+		"/sys/fs/bpfx":        "/sys/fs/bpfx",
+		"/run/xtables.lock":   "/run/xtables.lock",
+		"/run/netns":          "/c/node1/netns",
+		"/run/netns/x":        "/c/node1/netns/x",
+		"/lib/modules":        "/lib/modules",
+		"/sys/fs/cgroup/misc": "/cg/kbp/node1/misc",
+	} {
+		if got := n.nodePath(in); got != want {
+			t.Errorf("nodePath(%s) = %s, want %s", in, got, want)
+		}
+	}
+}
+
+func TestCapabilityPrefix(t *testing.T) {
+	ctr := &corev1.Container{SecurityContext: &corev1.SecurityContext{
+		Privileged:               ptr.To(false),
+		AllowPrivilegeEscalation: ptr.To(false),
+		Capabilities:             &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}, Add: []corev1.Capability{"BPF", "NET_ADMIN", "CAP_SYS_ADMIN"}},
+	}}
+	want := []string{"setpriv", "--bounding-set=-all,+bpf,+net_admin,+sys_admin", "--inh-caps=-all", "--no-new-privs", "--"}
+	if got := capabilityPrefix(ctr); !slices.Equal(got, want) {
+		t.Errorf("capabilityPrefix() = %q, want %q", got, want)
+	}
+	ctr.SecurityContext.Privileged = ptr.To(true)
+	if got := capabilityPrefix(ctr); got != nil {
+		t.Errorf("privileged: capabilityPrefix() = %q, want nothing", got)
+	}
+}
