@@ -90,6 +90,8 @@ enum stat_index {
 	STAT_REFUSED_MISSING_SLOT = 3,
 	STAT_REVNAT_TRANSLATED = 4,
 	STAT_REVNAT_UPDATE_FAILED = 5,
+	STAT_LOOKUP_RACED = 6,
+	STAT_REFUSED_MISSING_BACKEND = 7,
 	STAT_MAX = 8,
 };
 
@@ -145,6 +147,68 @@ static __always_inline void count_event(enum stat_index index)
 		*counter += 1;
 }
 
+/*
+ * Reading a value the reconciler may be overwriting at this moment: a
+ * service's entry when its count changes, a slot when its backend is
+ * replaced. Two kernel behaviours make a plain lookup unsafe there:
+ *
+ *  - An update of an existing key links the new element at the head of its
+ *    bucket and then unlinks the old one: a lookup walking the bucket past
+ *    the head, before the old element, when it is unlinked misses both.
+ *  - The old element is freed at once and its memory may go to the very
+ *    next update, of any key (bpf_mem_alloc since Linux 6.1; the per-CPU
+ *    spare element of preallocated maps before): a value read through the
+ *    pointer a lookup returned may by then be another key's.
+ *
+ * Measured on Linux 6.18 while slots were overwritten as fast as user space
+ * can: backend lookups keyed by a pointer into a slot's value missed about
+ * once in 25k connects, the key changing between hashing and comparing. So
+ * the value is copied with one aligned load as soon as it is found, and the
+ * key is looked up again: the second walk starts after any link of a new
+ * element, and when the two copies differ the second, newer one is used.
+ * When only the first lookup finds the key it was deleted meanwhile, which
+ * the reconciler does only a grace period after hiding it: the first copy
+ * is still the one the caller may use. One more lookup per call, tens of
+ * nanoseconds.
+ */
+static __always_inline int read_value64(void *map, const void *key, __u64 *out)
+{
+	__u64 *first = bpf_map_lookup_elem(map, key);
+	__u64 *again;
+	__u64 copy = 0;
+
+	if (first)
+		copy = *(volatile __u64 *)first;
+	again = bpf_map_lookup_elem(map, key);
+	if (!again) {
+		*out = copy;
+		return first != 0;
+	}
+	*out = *(volatile __u64 *)again;
+	if (!first || *out != copy)
+		count_event(STAT_LOOKUP_RACED);
+	return 1;
+}
+
+static __always_inline int read_value32(void *map, const void *key, __u32 *out)
+{
+	__u32 *first = bpf_map_lookup_elem(map, key);
+	__u32 *again;
+	__u32 copy = 0;
+
+	if (first)
+		copy = *(volatile __u32 *)first;
+	again = bpf_map_lookup_elem(map, key);
+	if (!again) {
+		*out = copy;
+		return first != 0;
+	}
+	*out = *(volatile __u32 *)again;
+	if (!first || *out != copy)
+		count_event(STAT_LOOKUP_RACED);
+	return 1;
+}
+
 /* Refuse the call with ECONNREFUSED instead of the EPERM a plain 0 gives. */
 static __always_inline int refuse(enum stat_index reason)
 {
@@ -194,54 +258,67 @@ static __always_inline void remember_frontend(struct bpf_sock_addr *ctx,
 		count_event(STAT_REVNAT_UPDATE_FAILED);
 }
 
+/* The map values as single 64-bit words, for read_value64. */
+union svc_word {
+	__u64 word;
+	struct svc_value value;
+};
+
+union backend_word {
+	__u64 word;
+	struct backend_value value;
+};
+
 /*
  * The backend a socket headed for IPv4 frontend addr (and the port and
- * protocol in ctx) goes to instead, remembered for the reverse translation;
- * NULL leaves the call alone. *verdict is the program's return value: 0 when
- * the Service refuses the call. The caller rewrites the address, because
- * only it may touch the address field of its family.
+ * protocol in ctx) goes to instead, copied into *backend and remembered for
+ * the reverse translation; 0 leaves the call alone. *verdict is the
+ * program's return value: 0 when the Service refuses the call. The caller
+ * rewrites the address, because only it may touch the address field of its
+ * family.
  */
-static __always_inline const struct backend_value *choose_backend(struct bpf_sock_addr *ctx,
-								    __be32 addr, int *verdict)
+static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr,
+					  struct backend_value *backend, int *verdict)
 {
 	struct svc_key frontend = {};
-	struct svc_value *svc;
+	union svc_word svc;
 	struct slot_key slot = {};
-	struct backend_value *backend;
-	__u32 *backend_id;
-	__u32 count;
+	union backend_word found;
+	__u64 *word;
+	__u32 backend_id;
 	__u8 proto = ctx->protocol;
 
 	*verdict = 1;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return NULL;
+		return 0;
 	frontend.addr = addr;
 	frontend.port = (__be16)ctx->user_port;
 	frontend.proto = proto;
-	svc = bpf_map_lookup_elem(&kbp_services, &frontend);
-	if (!svc)
-		return NULL; /* not a Service: leave the call alone */
-
-	/* Read once: the reconciler may change it under us. */
-	count = *(volatile __u32 *)&svc->count;
-	if (count == 0) {
+	if (!read_value64(&kbp_services, &frontend, &svc.word))
+		return 0; /* not a Service: leave the call alone */
+	if (svc.value.count == 0) {
 		*verdict = refuse(STAT_REFUSED_NO_BACKEND);
-		return NULL;
+		return 0;
 	}
-	slot.svc_id = svc->id;
-	slot.slot = pick_slot(ctx, proto, count);
-	backend_id = bpf_map_lookup_elem(&kbp_slots, &slot);
-	if (!backend_id) {
+	slot.svc_id = svc.value.id;
+	slot.slot = pick_slot(ctx, proto, svc.value.count);
+	if (!read_value32(&kbp_slots, &slot, &backend_id)) {
 		*verdict = refuse(STAT_REFUSED_MISSING_SLOT);
-		return NULL;
+		return 0;
 	}
-	backend = bpf_map_lookup_elem(&kbp_backends, backend_id);
-	if (!backend) {
-		*verdict = refuse(STAT_REFUSED_MISSING_SLOT);
-		return NULL;
+	/*
+	 * Backends are written once and deleted a grace period after the
+	 * last slot naming them went: one lookup, keyed by our own copy.
+	 */
+	word = bpf_map_lookup_elem(&kbp_backends, &backend_id);
+	if (!word) {
+		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND);
+		return 0;
 	}
+	found.word = *(volatile __u64 *)word;
+	*backend = found.value;
 	remember_frontend(ctx, backend, &frontend);
-	return backend;
+	return 1;
 }
 
 /*
@@ -266,11 +343,11 @@ static __always_inline const struct revnat_value *frontend_of(struct bpf_sock_ad
 static __always_inline int translate4(struct bpf_sock_addr *ctx, enum stat_index translated_event)
 {
 	int verdict;
-	const struct backend_value *backend = choose_backend(ctx, ctx->user_ip4, &verdict);
+	struct backend_value backend;
 
-	if (backend) {
-		ctx->user_ip4 = backend->addr;
-		ctx->user_port = (__u32)backend->port;
+	if (choose_backend(ctx, ctx->user_ip4, &backend, &verdict)) {
+		ctx->user_ip4 = backend.addr;
+		ctx->user_port = (__u32)backend.port;
 		count_event(translated_event);
 	}
 	return verdict;
@@ -306,14 +383,13 @@ static __always_inline int user_ip6_is_v4_mapped(struct bpf_sock_addr *ctx)
 static __always_inline int translate6(struct bpf_sock_addr *ctx, enum stat_index translated_event)
 {
 	int verdict;
-	const struct backend_value *backend;
+	struct backend_value backend;
 
 	if (!user_ip6_is_v4_mapped(ctx))
 		return 1;
-	backend = choose_backend(ctx, ctx->user_ip6[3], &verdict);
-	if (backend) {
-		ctx->user_ip6[3] = backend->addr;
-		ctx->user_port = (__u32)backend->port;
+	if (choose_backend(ctx, ctx->user_ip6[3], &backend, &verdict)) {
+		ctx->user_ip6[3] = backend.addr;
+		ctx->user_port = (__u32)backend.port;
 		count_event(translated_event);
 	}
 	return verdict;

@@ -164,12 +164,14 @@ func (d *Dataplane) Counts() (services, backends int) {
 
 // eventNames name the per-CPU counters of bpf/lb.c for metrics.
 var eventNames = map[lbStatIndex]string{
-	lbStatIndexSTAT_CONNECT_TRANSLATED:   "connect_translated",
-	lbStatIndexSTAT_SENDMSG_TRANSLATED:   "sendmsg_translated",
-	lbStatIndexSTAT_REFUSED_NO_BACKEND:   "refused_no_backend",
-	lbStatIndexSTAT_REFUSED_MISSING_SLOT: "refused_missing_slot",
-	lbStatIndexSTAT_REVNAT_TRANSLATED:    "reverse_translated",
-	lbStatIndexSTAT_REVNAT_UPDATE_FAILED: "reverse_entry_update_failed",
+	lbStatIndexSTAT_CONNECT_TRANSLATED:      "connect_translated",
+	lbStatIndexSTAT_SENDMSG_TRANSLATED:      "sendmsg_translated",
+	lbStatIndexSTAT_REFUSED_NO_BACKEND:      "refused_no_backend",
+	lbStatIndexSTAT_REFUSED_MISSING_SLOT:    "refused_missing_slot",
+	lbStatIndexSTAT_REVNAT_TRANSLATED:       "reverse_translated",
+	lbStatIndexSTAT_REVNAT_UPDATE_FAILED:    "reverse_entry_update_failed",
+	lbStatIndexSTAT_LOOKUP_RACED:            "lookup_raced_with_update",
+	lbStatIndexSTAT_REFUSED_MISSING_BACKEND: "refused_missing_backend",
 }
 
 // Events sums the datapath's per-CPU event counters.

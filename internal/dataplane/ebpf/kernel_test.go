@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -478,4 +479,75 @@ func openPinned(t *testing.T, dir, name string) *ebpf.Map {
 	}
 	t.Cleanup(func() { m.Close() })
 	return m
+}
+
+// The reconciler overwrites live entries in place: a service's entry when
+// its count changes, a slot when its backend is replaced. The kernel's hash
+// map links the new element before unlinking the old, and a lookup walking
+// the bucket at that moment can miss both, so the programs look again
+// (lookup_past_overwrite). Here the service's entry and its slots are
+// overwritten as fast as user space can while two clients connect, with
+// other entries in the maps so that buckets hold chains: no connect may be
+// refused, or leave untranslated and time out.
+func TestKernelOverwritesNeverMissALookup(t *testing.T) {
+	s := newKernelSetup(t, 2)
+	web := servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...)
+	s.sync(t, snapshot(true, web))
+	fe := web.ClusterIP
+	svc := s.dp.rec.services[fe]
+	ids := slices.Clone(svc.slots)
+	// Fillers under ids no service uses, so that buckets hold chains
+	// (the maps hold 4096 slots and 1024 services here).
+	for i := range uint32(3000) {
+		if err := s.dp.rec.maps.Slots.Update(lbSlotKey{SvcId: 1 << 20, Slot: i}, ids[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range uint32(900) {
+		other := model.Frontend{IP: netip.AddrFrom4([4]byte{10, 97, byte(i >> 8), byte(i)}), Port: 80, Protocol: model.TCP}
+		if err := s.dp.rec.maps.Services.Update(frontendKey(other), lbSvcValue{Id: 1 << 20, Count: 0}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	loops := []*testnet.Loop{s.client.StartLoop(vip + ":80"), s.client.StartLoop(vip + ":80")}
+	var results []string
+	rounds := 0
+	for len(results) < 20000 {
+		for i := range 200 {
+			for slot := range uint32(len(ids)) {
+				if err := s.dp.rec.maps.Slots.Update(lbSlotKey{SvcId: svc.id, Slot: slot}, ids[(i+int(slot))%len(ids)]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := s.dp.rec.maps.Services.Update(frontendKey(fe), lbSvcValue{Id: svc.id, Count: uint32(len(ids))}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		rounds += 200
+		for _, l := range loops {
+			results = append(results, l.Take(1)...)
+		}
+	}
+	for _, l := range loops {
+		l.Stop()
+		results = append(results, l.Take(0)...)
+	}
+	failed := 0
+	for _, l := range results {
+		if !strings.HasPrefix(l, "ok pod-") {
+			if failed < 5 {
+				t.Errorf("connect failed: %q", l)
+			}
+			failed++
+		}
+	}
+	events, err := s.dp.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d rounds of overwrites, %d connects, %d failed; lookups that met an overwrite and looked again: %d; events %v",
+		rounds, len(results), failed, events["lookup_raced_with_update"], events)
+	if events["refused_missing_slot"] != 0 {
+		t.Errorf("%d connects found a slot missing, want 0", events["refused_missing_slot"])
+	}
 }

@@ -45,13 +45,15 @@ type lbSlotKey struct {
 type lbStatIndex uint32
 
 const (
-	lbStatIndexSTAT_CONNECT_TRANSLATED   lbStatIndex = 0
-	lbStatIndexSTAT_SENDMSG_TRANSLATED   lbStatIndex = 1
-	lbStatIndexSTAT_REFUSED_NO_BACKEND   lbStatIndex = 2
-	lbStatIndexSTAT_REFUSED_MISSING_SLOT lbStatIndex = 3
-	lbStatIndexSTAT_REVNAT_TRANSLATED    lbStatIndex = 4
-	lbStatIndexSTAT_REVNAT_UPDATE_FAILED lbStatIndex = 5
-	lbStatIndexSTAT_MAX                  lbStatIndex = 8
+	lbStatIndexSTAT_CONNECT_TRANSLATED      lbStatIndex = 0
+	lbStatIndexSTAT_SENDMSG_TRANSLATED      lbStatIndex = 1
+	lbStatIndexSTAT_REFUSED_NO_BACKEND      lbStatIndex = 2
+	lbStatIndexSTAT_REFUSED_MISSING_SLOT    lbStatIndex = 3
+	lbStatIndexSTAT_REVNAT_TRANSLATED       lbStatIndex = 4
+	lbStatIndexSTAT_REVNAT_UPDATE_FAILED    lbStatIndex = 5
+	lbStatIndexSTAT_LOOKUP_RACED            lbStatIndex = 6
+	lbStatIndexSTAT_REFUSED_MISSING_BACKEND lbStatIndex = 7
+	lbStatIndexSTAT_MAX                     lbStatIndex = 8
 )
 
 type lbSvcKey struct {
