@@ -325,19 +325,27 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
  * The frontend a socket asked for, given the IPv4 backend address (and the
  * port in ctx) it was rewritten to; NULL if it was not rewritten.
  */
-static __always_inline const struct revnat_value *frontend_of(struct bpf_sock_addr *ctx,
-								__be32 addr)
+static __always_inline int frontend_of(struct bpf_sock_addr *ctx, __be32 addr,
+				       struct revnat_value *frontend)
 {
 	struct revnat_key key = {
 		.cookie = bpf_get_socket_cookie(ctx),
 		.addr = addr,
 		.port = (__be16)ctx->user_port,
 	};
-	const struct revnat_value *frontend = bpf_map_lookup_elem(&kbp_revnat, &key);
+	/* One copy: an LRU element may be recycled under us. */
+	union revnat_word {
+		__u64 word;
+		struct revnat_value value;
+	} found;
+	__u64 *word = bpf_map_lookup_elem(&kbp_revnat, &key);
 
-	if (frontend)
-		count_event(STAT_REVNAT_TRANSLATED);
-	return frontend;
+	if (!word)
+		return 0;
+	found.word = *(volatile __u64 *)word;
+	*frontend = found.value;
+	count_event(STAT_REVNAT_TRANSLATED);
+	return 1;
 }
 
 static __always_inline int translate4(struct bpf_sock_addr *ctx, enum stat_index translated_event)
@@ -356,11 +364,11 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx, enum stat_index
 /* Shows the application the frontend it asked for instead of the backend. */
 static __always_inline int reverse_translate4(struct bpf_sock_addr *ctx)
 {
-	const struct revnat_value *frontend = frontend_of(ctx, ctx->user_ip4);
+	struct revnat_value frontend;
 
-	if (frontend) {
-		ctx->user_ip4 = frontend->addr;
-		ctx->user_port = (__u32)frontend->port;
+	if (frontend_of(ctx, ctx->user_ip4, &frontend)) {
+		ctx->user_ip4 = frontend.addr;
+		ctx->user_port = (__u32)frontend.port;
 	}
 	return 1;
 }
@@ -397,14 +405,13 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, enum stat_index
 
 static __always_inline int reverse_translate6(struct bpf_sock_addr *ctx)
 {
-	const struct revnat_value *frontend;
+	struct revnat_value frontend;
 
 	if (!user_ip6_is_v4_mapped(ctx))
 		return 1;
-	frontend = frontend_of(ctx, ctx->user_ip6[3]);
-	if (frontend) {
-		ctx->user_ip6[3] = frontend->addr;
-		ctx->user_port = (__u32)frontend->port;
+	if (frontend_of(ctx, ctx->user_ip6[3], &frontend)) {
+		ctx->user_ip6[3] = frontend.addr;
+		ctx->user_port = (__u32)frontend.port;
 	}
 	return 1;
 }
