@@ -149,6 +149,9 @@ func TestEndToEnd(t *testing.T) {
 			e.startProxies(t, mode)
 			ns := e.namespace(t, mode)
 			t.Run("KubernetesService", e.kubernetesService)
+			if mode == "ebpf" {
+				t.Run("OneServiceTooBig", func(t *testing.T) { e.oneServiceTooBig(t, ns) })
+			}
 			t.Run("ServiceFollowsPods", func(t *testing.T) { e.serviceFollowsPods(t, ns) })
 			t.Run("PortChange", func(t *testing.T) { e.portChange(t, ns) })
 			t.Run("DeletedService", func(t *testing.T) { e.deletedService(t, ns) })
