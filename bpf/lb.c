@@ -171,43 +171,29 @@ static __always_inline void count_event(enum stat_index index)
  * is still the one the caller may use. One more lookup per call, tens of
  * nanoseconds.
  */
-static __always_inline int read_value64(void *map, const void *key, __u64 *out)
-{
-	__u64 *first = bpf_map_lookup_elem(map, key);
-	__u64 *again;
-	__u64 copy = 0;
-
-	if (first)
-		copy = *(volatile __u64 *)first;
-	again = bpf_map_lookup_elem(map, key);
-	if (!again) {
-		*out = copy;
-		return first != 0;
-	}
-	*out = *(volatile __u64 *)again;
-	if (!first || *out != copy)
-		count_event(STAT_LOOKUP_RACED);
-	return 1;
+#define DEFINE_READ_VALUE(name, type)						\
+static __always_inline int name(void *map, const void *key, type *out)		\
+{										\
+	type *first = bpf_map_lookup_elem(map, key);				\
+	type *again;								\
+	type copy = 0;								\
+										\
+	if (first)								\
+		copy = *(volatile type *)first;					\
+	again = bpf_map_lookup_elem(map, key);					\
+	if (!again) {								\
+		*out = copy;							\
+		return first != 0;						\
+	}									\
+	*out = *(volatile type *)again;						\
+	if (!first || *out != copy)						\
+		count_event(STAT_LOOKUP_RACED);					\
+	return 1;								\
 }
 
-static __always_inline int read_value32(void *map, const void *key, __u32 *out)
-{
-	__u32 *first = bpf_map_lookup_elem(map, key);
-	__u32 *again;
-	__u32 copy = 0;
-
-	if (first)
-		copy = *(volatile __u32 *)first;
-	again = bpf_map_lookup_elem(map, key);
-	if (!again) {
-		*out = copy;
-		return first != 0;
-	}
-	*out = *(volatile __u32 *)again;
-	if (!first || *out != copy)
-		count_event(STAT_LOOKUP_RACED);
-	return 1;
-}
+/* For 8-byte values (a service's entry) and 4-byte ones (a slot's). */
+DEFINE_READ_VALUE(read_value64, __u64)
+DEFINE_READ_VALUE(read_value32, __u32)
 
 /* Refuse the call with ECONNREFUSED instead of the EPERM a plain 0 gives. */
 static __always_inline int refuse(enum stat_index reason)

@@ -68,6 +68,16 @@ type Backend struct {
 
 func (b Backend) String() string { return netip.AddrPortFrom(b.IP, b.Port).String() }
 
+// AddrPortSet returns the backends as a set of address:port pairs, for
+// matching flows and sockets against them.
+func AddrPortSet(backends []Backend) map[netip.AddrPort]bool {
+	set := make(map[netip.AddrPort]bool, len(backends))
+	for _, b := range backends {
+		set[netip.AddrPortFrom(b.IP, b.Port)] = true
+	}
+	return set
+}
+
 // Compare orders backends by address, then port.
 func (b Backend) Compare(o Backend) int {
 	if c := b.IP.Compare(o.IP); c != 0 {

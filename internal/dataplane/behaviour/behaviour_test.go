@@ -179,28 +179,52 @@ func dns(backends ...string) model.ServicePort {
 	return apitest.ServicePort("kube-system", "dns", "dns", model.UDP, vip+":53", backends...)
 }
 
+// socketFamily is how a client reaches the VIP: an AF_INET socket by its
+// address, an AF_INET6 one (IPV6_V6ONLY off, as Java's by default) as
+// ::ffff:VIP, which runs the kernel's *6 socket hooks. The iptables modes see
+// IPv4 packets either way; the eBPF mode must translate in both.
+type socketFamily struct {
+	name     string
+	tcp, udp string // the testnet client helpers
+	vip      string // the VIP as the socket names it, and as replies show it
+}
+
+var families = []socketFamily{
+	{"AF_INET", "tcp", "udp", vip},
+	{"AF_INET6", "tcp6", "udp6", mappedVIP},
+}
+
+// forEachFamily runs a check once per socket family.
+func forEachFamily(t *testing.T, check func(t *testing.T, f socketFamily)) {
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) { check(t, f) })
+	}
+}
+
 func TestTCPSpreadsOverBackendsAndPeerIsTheVIP(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 3)
 		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...)))
-
-		lines := s.run(t, "tcp", vip+":80", "60")
-		got := testnet.Tally(lines)
-		for _, p := range s.pods {
-			if got["ok "+p.Name] == 0 {
-				t.Errorf("no connection reached %s in 60: %v", p.Name, got)
+		forEachFamily(t, func(t *testing.T, f socketFamily) {
+			lines := s.run(t, f.tcp, f.vip+":80", "60")
+			got := testnet.Tally(lines)
+			for _, p := range s.pods {
+				if got["ok "+p.Name] == 0 {
+					t.Errorf("no connection reached %s in 60: %v", p.Name, got)
+				}
 			}
-		}
-		if len(got) != 3 {
-			t.Errorf("results other than the three backends: %v", got)
-		}
-		// getpeername() answers the VIP: the eBPF mode translates it back
-		// in getpeername4, the iptables mode never changes the socket.
-		for _, l := range lines {
-			if !strings.HasSuffix(l, "peer="+vip+":80") {
-				t.Fatalf("getpeername did not return the VIP: %q", l)
+			if len(got) != 3 {
+				t.Errorf("results other than the three backends: %v", got)
 			}
-		}
+			// getpeername() answers the VIP: the eBPF mode translates it
+			// back in getpeername4/6, the iptables mode never changes the
+			// socket.
+			for _, l := range lines {
+				if !strings.HasSuffix(l, "peer="+f.vip+":80") {
+					t.Fatalf("getpeername did not return the VIP: %q", l)
+				}
+			}
+		})
 	})
 }
 
@@ -208,9 +232,9 @@ func TestUDPOneBackendPerSocketRepliesFromTheVIP(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 3)
 		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...)))
-		for _, kind := range []string{"unconnected", "connected"} {
-			t.Run(kind, func(t *testing.T) {
-				args := []string{"udp", vip + ":53", "10"}
+		forEachFamily(t, func(t *testing.T, f socketFamily) {
+			for _, kind := range []string{"unconnected", "connected"} {
+				args := []string{f.udp, f.vip + ":53", "10"}
 				if kind == "connected" {
 					args = append(args, "connected")
 				}
@@ -218,24 +242,24 @@ func TestUDPOneBackendPerSocketRepliesFromTheVIP(t *testing.T) {
 				// One backend per socket: conntrack keeps the flow's
 				// translation; the eBPF mode hashes the socket.
 				if got := testnet.Tally(lines); len(got) != 1 {
-					t.Errorf("answers of one socket came from %d places, want 1: %v", len(got), got)
+					t.Errorf("%s: answers of one socket came from %d places, want 1: %v", kind, len(got), got)
 				}
 				for _, l := range lines {
-					if !strings.HasPrefix(l, "ok pod-") || !strings.Contains(l, "from="+vip+":53") {
-						t.Errorf("reply does not come from the VIP: %q", l)
+					if !strings.HasPrefix(l, "ok pod-") || !strings.HasSuffix(l, "peer="+f.vip+":53 from="+f.vip+":53") {
+						t.Errorf("%s: reply does not come from the VIP: %q", kind, l)
 					}
 				}
-			})
-		}
-		seen := map[string]bool{}
-		for range 20 {
-			for k := range testnet.Tally(s.run(t, "udp", vip+":53", "1")) {
-				seen[k] = true
 			}
-		}
-		if len(seen) < 2 {
-			t.Errorf("20 sockets all used one backend: %v", seen)
-		}
+			seen := map[string]bool{}
+			for range 20 {
+				for k := range testnet.Tally(s.run(t, f.udp, f.vip+":53", "1")) {
+					seen[k] = true
+				}
+			}
+			if len(seen) < 2 {
+				t.Errorf("20 sockets all used one backend: %v", seen)
+			}
+		})
 	})
 }
 
@@ -292,37 +316,38 @@ func TestNoEndpointsRefusesAtOnce(t *testing.T) {
 		s.sync(t, apitest.Snapshot(true,
 			apitest.ServicePort("default", "empty", "http", model.TCP, vip+":80"),
 			apitest.ServicePort("default", "empty", "dns", model.UDP, vip+":53")))
-
-		expect := func(args []string, want string, n int) {
-			t.Helper()
-			lines := s.run(t, args...)
-			if len(lines) != n {
-				t.Errorf("%v: %d results %q, want %d", args, len(lines), lines, n)
-			}
-			for _, l := range lines {
-				if l != want {
-					t.Errorf("%v: got %q, want %q", args, l, want)
+		forEachFamily(t, func(t *testing.T, f socketFamily) {
+			expect := func(args []string, want string, n int) {
+				t.Helper()
+				lines := s.run(t, args...)
+				if len(lines) != n {
+					t.Errorf("%v: %d results %q, want %d", args, len(lines), lines, n)
+				}
+				for _, l := range lines {
+					if l != want {
+						t.Errorf("%v: got %q, want %q", args, l, want)
+					}
 				}
 			}
-		}
-		// TCP: connect() fails with ECONNREFUSED in both modes (the eBPF
-		// program sets it; iptables REJECTs with icmp-port-unreachable).
-		expect([]string{"tcp", vip + ":80", "3"}, "err connection refused", 3)
-		if m.socketLevel {
-			// connect() of a UDP socket is refused, which ends the
-			// client; so is every sendmsg() of an unconnected one.
-			expect([]string{"udp", vip + ":53", "3", "connected"}, "err connection refused", 1)
-			expect([]string{"udp", vip + ":53", "3"}, "err connection refused", 3)
-			return
-		}
-		// Differs by nature: iptables acts on packets. A UDP connect()
-		// sends nothing and succeeds; the REJECT's ICMP error then fails
-		// each read of the connected socket. Linux reports ICMP errors
-		// only to connected UDP sockets (or with IP_RECVERR), so an
-		// unconnected one waits out its own timeout, as with kube-proxy.
-		expect([]string{"udp", vip + ":53", "3", "connected"}, "err connection refused", 3)
-		t.Log("iptables: an unconnected UDP socket is not told of the REJECT and times out (Linux reports ICMP errors only to connected sockets)")
-		expect([]string{"udp", vip + ":53", "1"}, "err timeout", 1)
+			// TCP: connect() fails with ECONNREFUSED in both modes (the eBPF
+			// program sets it; iptables REJECTs with icmp-port-unreachable).
+			expect([]string{f.tcp, f.vip + ":80", "3"}, "err connection refused", 3)
+			if m.socketLevel {
+				// connect() of a UDP socket is refused, which ends the
+				// client; so is every sendmsg() of an unconnected one.
+				expect([]string{f.udp, f.vip + ":53", "3", "connected"}, "err connection refused", 1)
+				expect([]string{f.udp, f.vip + ":53", "3"}, "err connection refused", 3)
+				return
+			}
+			// Differs by nature: iptables acts on packets. A UDP connect()
+			// sends nothing and succeeds; the REJECT's ICMP error then fails
+			// each read of the connected socket. Linux reports ICMP errors
+			// only to connected UDP sockets (or with IP_RECVERR), so an
+			// unconnected one waits out its own timeout, as with kube-proxy.
+			expect([]string{f.udp, f.vip + ":53", "3", "connected"}, "err connection refused", 3)
+			t.Log("iptables: an unconnected UDP socket is not told of the REJECT and times out (Linux reports ICMP errors only to connected sockets)")
+			expect([]string{f.udp, f.vip + ":53", "1"}, "err timeout", 1)
+		})
 	})
 }
 

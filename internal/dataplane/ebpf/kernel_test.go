@@ -394,24 +394,12 @@ func TestKernelChurnNeverLosesAConnect(t *testing.T) {
 			}
 		}
 	}
-	for _, l := range loops {
-		l.Stop()
-		results = append(results, l.Take(0)...)
-	}
-	failed := 0
-	for _, l := range results {
-		if !strings.HasPrefix(l, "ok pod-") {
-			if failed < 5 {
-				t.Errorf("connect failed: %q", l)
-			}
-			failed++
-		}
-	}
+	connects, failed := stopAndCountFailures(t, loops, results)
 	events, err := s.dp.Events()
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("%d syncs, %d connects, %d failed; events %v", syncs, len(results), failed, events)
+	t.Logf("%d syncs, %d connects, %d failed; events %v", syncs, connects, failed, events)
 	if events["refused_missing_slot"] != 0 {
 		t.Errorf("%d connects found a slot or backend missing, want 0", events["refused_missing_slot"])
 	}
@@ -528,11 +516,27 @@ func TestKernelOverwritesNeverMissALookup(t *testing.T) {
 			results = append(results, l.Take(1)...)
 		}
 	}
+	connects, failed := stopAndCountFailures(t, loops, results)
+	events, err := s.dp.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d rounds of overwrites, %d connects, %d failed; lookups that met an overwrite and looked again: %d",
+		rounds, connects, failed, events["lookup_raced_with_update"])
+	if events["refused_missing_slot"] != 0 {
+		t.Errorf("%d connects found a slot missing, want 0", events["refused_missing_slot"])
+	}
+}
+
+// stopAndCountFailures stops connect loops, adds their last results to
+// results and fails the test for each that did not reach a pod (naming the
+// first five).
+func stopAndCountFailures(t *testing.T, loops []*testnet.Loop, results []string) (connects, failed int) {
+	t.Helper()
 	for _, l := range loops {
 		l.Stop()
 		results = append(results, l.Take(0)...)
 	}
-	failed := 0
 	for _, l := range results {
 		if !strings.HasPrefix(l, "ok pod-") {
 			if failed < 5 {
@@ -541,13 +545,5 @@ func TestKernelOverwritesNeverMissALookup(t *testing.T) {
 			failed++
 		}
 	}
-	events, err := s.dp.Events()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("%d rounds of overwrites, %d connects, %d failed; lookups that met an overwrite and looked again: %d; events %v",
-		rounds, len(results), failed, events["lookup_raced_with_update"], events)
-	if events["refused_missing_slot"] != 0 {
-		t.Errorf("%d connects found a slot missing, want 0", events["refused_missing_slot"])
-	}
+	return len(results), failed
 }

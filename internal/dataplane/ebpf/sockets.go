@@ -35,11 +35,7 @@ const (
 type udpCheck map[netip.AddrPort]map[netip.AddrPort]bool
 
 func (c udpCheck) add(fe model.Frontend, serving []model.Backend) {
-	set := make(map[netip.AddrPort]bool, len(serving))
-	for _, b := range serving {
-		set[netip.AddrPortFrom(b.IP, b.Port)] = true
-	}
-	c[netip.AddrPortFrom(fe.IP, fe.Port)] = set
+	c[netip.AddrPortFrom(fe.IP, fe.Port)] = model.AddrPortSet(serving)
 }
 
 // socketTable is one network namespace's UDP sockets, as sockdiag.Conn

@@ -45,11 +45,7 @@ func (s staleUDP) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 // add records a UDP service port's frontend and the endpoints whose flows
 // are kept.
 func (s staleUDP) add(fe model.Frontend, now []model.Backend) {
-	set := make(map[netip.AddrPort]bool, len(now))
-	for _, b := range now {
-		set[netip.AddrPortFrom(b.IP, b.Port)] = true
-	}
-	s[netip.AddrPortFrom(fe.IP, fe.Port)] = set
+	s[netip.AddrPortFrom(fe.IP, fe.Port)] = model.AddrPortSet(now)
 }
 
 // conntrack deletes flows from the kernel's connection tracking table.
