@@ -113,13 +113,13 @@ func tcp6Request(sa unix.Sockaddr) string {
 	if err != nil {
 		return "err " + sysErrText(err)
 	}
-	if _, err := unix.Write(fd, []byte("GET / HTTP/1.0\r\n\r\n")); err != nil {
+	if _, err := ignoringEINTR(func() (int, error) { return unix.Write(fd, []byte("GET / HTTP/1.0\r\n\r\n")) }); err != nil {
 		return "err " + sysErrText(err)
 	}
 	var resp []byte
 	buf := make([]byte, 4096)
 	for {
-		n, err := unix.Read(fd, buf)
+		n, err := ignoringEINTR(func() (int, error) { return unix.Read(fd, buf) })
 		if err != nil {
 			return "err " + sysErrText(err)
 		}
@@ -201,15 +201,19 @@ func udp6Requests(addr string, args []string) error {
 	return repeat(args, func() string {
 		var err error
 		if opts["connected"] {
-			_, err = unix.Write(fd, []byte("hello"))
+			_, err = ignoringEINTR(func() (int, error) { return unix.Write(fd, []byte("hello")) })
 		} else {
-			err = unix.Sendto(fd, []byte("hello"), 0, sa)
+			_, err = ignoringEINTR(func() (int, error) { return 0, unix.Sendto(fd, []byte("hello"), 0, sa) })
 		}
 		if err != nil {
 			return "err " + sysErrText(err)
 		}
 		buf := make([]byte, 2048)
-		n, from, err := unix.Recvfrom(fd, buf, 0)
+		var from unix.Sockaddr
+		n, err := ignoringEINTR(func() (n int, err error) {
+			n, from, err = unix.Recvfrom(fd, buf, 0)
+			return n, err
+		})
 		if err != nil {
 			return "err " + sysErrText(err)
 		}
@@ -221,6 +225,19 @@ func udp6Requests(addr string, args []string) error {
 		}
 		return fmt.Sprintf("ok %s peer=%s from=%s", buf[:n], peer, sockaddrText(from))
 	})
+}
+
+// ignoringEINTR calls fn again while it fails with EINTR. A blocking
+// socket call with SO_RCVTIMEO or SO_SNDTIMEO set is not restarted after a
+// signal (socket(7)), and the Go runtime sends its threads signals (SIGURG,
+// to preempt goroutines) at any time.
+func ignoringEINTR[T any](fn func() (T, error)) (T, error) {
+	for {
+		v, err := fn()
+		if !errors.Is(err, unix.EINTR) {
+			return v, err
+		}
+	}
 }
 
 // sysErrText is errText for system call errors: a read or write past
