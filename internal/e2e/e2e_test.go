@@ -279,6 +279,9 @@ func (e *env) serviceFollowsPods(t *testing.T, ns string) {
 	e.addWeb(t, ns, "a-2", "node2", "a")
 	vip := e.createService(t, ns, "a", 80)
 	e.expectBackends(t, vip+":80", "a-1", "a-2")
+	// The same Service from AF_INET6 sockets, through the hooks the
+	// deployed proxy attaches for them.
+	e.expectBackends(t, "[::ffff:"+vip+"]:80", "a-1", "a-2")
 
 	e.addWeb(t, ns, "a-3", "node2", "a")
 	e.expectBackends(t, vip+":80", "a-1", "a-2", "a-3")
@@ -522,9 +525,15 @@ func (e *env) createService(t *testing.T, ns, app string, port int32) string {
 }
 
 // connects makes n connections from the client pod and returns one result
-// line each ("ok NAME peer=ADDR" or "err MESSAGE").
+// line each ("ok NAME peer=ADDR" or "err MESSAGE"): from AF_INET sockets,
+// or, for an address in brackets ([::ffff:VIP]:PORT), from AF_INET6 ones as
+// Java makes them.
 func connects(ctx context.Context, client *localcluster.Pod, addr string, n int) ([]string, error) {
-	out, err := client.Output(ctx, testnet.Helper("tcp", addr, fmt.Sprint(n))...)
+	helper := "tcp"
+	if strings.HasPrefix(addr, "[") {
+		helper = "tcp6"
+	}
+	out, err := client.Output(ctx, testnet.Helper(helper, addr, fmt.Sprint(n))...)
 	if err != nil {
 		return nil, err
 	}

@@ -391,16 +391,31 @@ func TestRestartKeepsServingAndConverges(t *testing.T) {
 		s := newSetup(t, m, 2)
 		other := apitest.ServicePort("default", "other", "http", model.TCP, "10.96.0.11:80", s.backends(9090, s.pods[0])...)
 		gone := apitest.ServicePort("default", "gone", "http", model.TCP, "10.96.0.12:80", s.backends(9090, s.pods[1])...)
-		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...), gone))
+		udp := dns(s.backends(5353, s.pods...)...)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...), gone, udp))
 		loop := s.client.StartLoop(vip + ":80")
+		// A socket that lives across the restart, as a resolver's does: it
+		// keeps its backend and its replies keep showing the VIP.
+		resolver := s.client.StartResolver(vip + ":53")
+		defer resolver.Stop()
 		s.dp.Close()
 		testnet.AssertAllOK(t, "while down", loop.Take(30), "pod-0", "pod-1")
 
 		s.dp = m.open(t, s)
-		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods[1])...), other))
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods[1])...), other, udp))
 		loop.Settle()
 		testnet.AssertAllOK(t, "after restart", loop.Take(20), "pod-1")
 		loop.Stop()
+		resolver.Settle()
+		for _, l := range resolver.Take(10) {
+			r, err := testnet.ParseResolverResult(l)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Backend == "" || r.Gen != 1 || r.From != vip+":53" {
+				t.Errorf("a resolver's socket across the restart: %q, want answers from the VIP on its first socket", l)
+			}
+		}
 		if got := testnet.Tally(s.run(t, "tcp", "10.96.0.11:80", "3")); got["ok pod-0"] != 3 {
 			t.Errorf("service created while down: %v", got)
 		}
