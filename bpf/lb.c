@@ -244,7 +244,10 @@ static __always_inline void remember_frontend(struct bpf_sock_addr *ctx,
 		count_event(STAT_REVNAT_UPDATE_FAILED);
 }
 
-/* The map values as single 64-bit words, for read_value64. */
+/*
+ * The map values as single 64-bit words: each is copied in one aligned load
+ * (see read_value64).
+ */
 union svc_word {
 	__u64 word;
 	struct svc_value value;
@@ -253,6 +256,11 @@ union svc_word {
 union backend_word {
 	__u64 word;
 	struct backend_value value;
+};
+
+union revnat_word {
+	__u64 word;
+	struct revnat_value value;
 };
 
 /*
@@ -309,7 +317,8 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 
 /*
  * The frontend a socket asked for, given the IPv4 backend address (and the
- * port in ctx) it was rewritten to; NULL if it was not rewritten.
+ * port in ctx) it was rewritten to, copied into *frontend; 0 if it was not
+ * rewritten.
  */
 static __always_inline int frontend_of(struct bpf_sock_addr *ctx, __be32 addr,
 				       struct revnat_value *frontend)
@@ -320,10 +329,7 @@ static __always_inline int frontend_of(struct bpf_sock_addr *ctx, __be32 addr,
 		.port = (__be16)ctx->user_port,
 	};
 	/* One copy: an LRU element may be recycled under us. */
-	union revnat_word {
-		__u64 word;
-		struct revnat_value value;
-	} found;
+	union revnat_word found;
 	__u64 *word = bpf_map_lookup_elem(&kbp_revnat, &key);
 
 	if (!word)

@@ -17,8 +17,6 @@ typedef unsigned long long __u64;
 typedef __u16 __be16;
 typedef __u32 __be32;
 
-#define NULL ((void *)0)
-
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6

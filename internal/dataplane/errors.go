@@ -19,6 +19,9 @@ const (
 	ReasonWriteFailed = "write-failed"
 )
 
+// Reasons lists every Reason* constant, for metrics that export each one.
+var Reasons = []string{ReasonMapFull, ReasonWriteFailed}
+
 // ServiceError is a failure confined to one service port: the datapath
 // left that port as it was before the sync (its old backends, or absent if
 // it is new) and went on with the others.

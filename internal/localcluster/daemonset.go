@@ -3,6 +3,7 @@ package localcluster
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -261,7 +262,7 @@ func serviceLinks(services []corev1.Service) map[string]string {
 			if proto == "" {
 				proto = string(corev1.ProtocolTCP)
 			}
-			url := strings.ToLower(proto) + "://" + joinHostPort(ip, port)
+			url := strings.ToLower(proto) + "://" + net.JoinHostPort(ip, port)
 			if i == 0 {
 				env[prefix+"_PORT"] = url
 			}
@@ -392,9 +393,9 @@ type mount struct {
 }
 
 // nodePath maps a hostPath on a real node onto the simulated node: its
-// cgroup2 root and its bpffs are the node's own; everything else is the
-// machine's (its xtables lock, kernel modules and network namespaces, which
-// hold both nodes' and every pod's).
+// cgroup2 root, its bpffs and its /run/netns (its own pods' namespaces)
+// are the node's own; everything else is the machine's (its xtables lock
+// and kernel modules).
 func (n NodeInfo) nodePath(p string) string {
 	for root, node := range map[string]string{"/sys/fs/cgroup": n.Cgroup, "/sys/fs/bpf": n.BPFFS, "/run/netns": n.NetNSDir} {
 		if rest, ok := strings.CutPrefix(p, root); ok && (rest == "" || rest[0] == '/') {

@@ -2,14 +2,12 @@ package localcluster
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"os/exec"
-	"runtime"
 	"strings"
 
-	"github.com/vishvananda/netns"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/netnsenter"
 )
 
 // The cluster's addresses. Nodes sit on one link (their InternalIPs) and a
@@ -123,47 +121,19 @@ func addNetNS(st *state, name string) error {
 // dialIn returns a dialer whose sockets live in network namespace ns: the
 // API server listens inside the first node's namespace, with no route to it
 // from the machine's own, and a socket keeps the namespace it was created
-// in. The dial runs on a thread of its own, switched into ns and back.
+// in.
 func dialIn(ns string) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		type result struct {
-			c   net.Conn
-			err error
-		}
-		done := make(chan result, 1)
-		go func() {
-			runtime.LockOSThread()
-			orig, err := netns.Get()
-			if err != nil {
-				runtime.UnlockOSThread()
-				done <- result{err: err}
-				return
-			}
-			defer orig.Close()
-			target, err := netns.GetFromPath(netnsPath(ns))
-			if err != nil {
-				runtime.UnlockOSThread()
-				done <- result{err: err}
-				return
-			}
-			defer target.Close()
-			if err := netns.Set(target); err != nil {
-				runtime.UnlockOSThread()
-				done <- result{err: err}
-				return
-			}
+		var c net.Conn
+		err := netnsenter.Do(netnsPath(ns), func() (err error) {
 			var d net.Dialer
-			c, err := d.DialContext(ctx, network, addr)
-			if rerr := netns.Set(orig); rerr != nil {
-				// Leave the thread locked: it exits with this goroutine
-				// instead of serving others in the wrong namespace.
-				done <- result{c, errors.Join(err, rerr)}
-				return
-			}
-			runtime.UnlockOSThread()
-			done <- result{c, err}
-		}()
-		r := <-done
-		return r.c, r.err
+			c, err = d.DialContext(ctx, network, addr)
+			return err
+		})
+		if err != nil && c != nil {
+			c.Close()
+			c = nil
+		}
+		return c, err
 	}
 }

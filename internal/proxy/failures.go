@@ -30,8 +30,8 @@ const (
 const reasonOther = "other"
 
 // portFailureReasons are the label values of the service port failure
-// metrics.
-var portFailureReasons = []string{dataplane.ReasonMapFull, dataplane.ReasonWriteFailed, reasonOther}
+// metrics: the datapath's reasons, and reasonOther.
+var portFailureReasons = append(slices.Clone(dataplane.Reasons), reasonOther)
 
 func reasonLabel(reason string) string {
 	if slices.Contains(portFailureReasons, reason) {

@@ -286,17 +286,27 @@ func loop(addr string, args []string) error {
 			return err
 		}
 	}
+	untilStopped(pause, func() {
+		start := time.Now()
+		fmt.Printf("%s start=%d\n", tcpRequest(addr), start.UnixNano())
+	})
+	return nil
+}
+
+// untilStopped prints "ready", then calls once over and over, pausing
+// between calls, until SIGTERM or SIGINT: the body of the helpers that run
+// until a test stops them.
+func untilStopped(pause time.Duration, once func()) {
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
 	fmt.Println("ready")
 	for {
 		select {
 		case <-stop:
-			return nil
+			return
 		default:
 		}
-		start := time.Now()
-		fmt.Printf("%s start=%d\n", tcpRequest(addr), start.UnixNano())
+		once()
 		time.Sleep(pause)
 	}
 }

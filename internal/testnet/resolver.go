@@ -2,14 +2,11 @@ package testnet
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"os"
-	"os/signal"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -65,10 +62,6 @@ func resolve(addr string, args []string) error {
 			return fmt.Errorf("unknown resolve option %q", a)
 		}
 	}
-	stop := make(chan os.Signal, 1)
-	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
-	fmt.Println("ready")
-
 	var (
 		conn *net.UDPConn
 		gen  int
@@ -79,12 +72,7 @@ func resolve(addr string, args []string) error {
 		}
 	}()
 	buf := make([]byte, 2048)
-	for {
-		select {
-		case <-stop:
-			return nil
-		default:
-		}
+	untilStopped(pause, func() {
 		start := time.Now()
 		if conn == nil {
 			gen++
@@ -99,8 +87,7 @@ func resolve(addr string, args []string) error {
 			if err != nil {
 				conn = nil
 				fmt.Printf("err %s gen=%d lport=0 start=%d\n", errText(err), gen, start.UnixNano())
-				time.Sleep(pause)
-				continue
+				return
 			}
 		}
 		lport := conn.LocalAddr().(*net.UDPAddr).Port
@@ -120,15 +107,16 @@ func resolve(addr string, args []string) error {
 		switch {
 		case err == nil:
 			fmt.Printf("ok %s gen=%d lport=%d from=%s start=%d\n", buf[:n], gen, lport, from, start.UnixNano())
-		case isTimeout(err):
+		case errText(err) == "timeout":
+			// Retried on the same socket, as c-ares does.
 			fmt.Printf("err timeout gen=%d lport=%d start=%d\n", gen, lport, start.UnixNano())
 		default:
 			fmt.Printf("err %s gen=%d lport=%d start=%d\n", errText(err), gen, lport, start.UnixNano())
 			conn.Close()
 			conn = nil
 		}
-		time.Sleep(pause)
-	}
+	})
+	return nil
 }
 
 // inet6UDPConn is a UDP socket of family AF_INET6 with IPV6_V6ONLY off,
@@ -156,11 +144,6 @@ func inet6UDPConn(addr string, connected bool) (*net.UDPConn, error) {
 		return nil, err
 	}
 	return c.(*net.UDPConn), nil
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // StartResolver starts the "resolve" helper (see resolve) in pod p with the

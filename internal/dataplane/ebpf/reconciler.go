@@ -199,19 +199,7 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		}
 	}
 
-	desired := make(map[model.Frontend]*model.ServicePort)
-	for _, name := range sortedServiceNames(snap.Services) {
-		ports := snap.Services[name]
-		for i := range ports {
-			p := &ports[i]
-			if other, dup := desired[p.ClusterIP]; dup {
-				klog.InfoS("Frontend claimed twice, keeping the first", "frontend", p.ClusterIP,
-					"servicePort", p.Name, "kept", other.Name)
-				continue
-			}
-			desired[p.ClusterIP] = p
-		}
-	}
+	desired := claimFrontends(snap, true)
 
 	var remove []model.Frontend
 	if snap.Full {
@@ -294,6 +282,29 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		gcErr = fmt.Errorf("collecting garbage: %w", gcErr)
 	}
 	return &dataplane.SyncError{Services: failed, Err: gcErr}
+}
+
+// claimFrontends maps each frontend of snap to the service port that serves
+// it: two ports claiming one frontend (a Service whose ClusterIP was reused
+// before the old one's deletion arrived) are resolved the same way by
+// everything that reads a snapshot, the first in name order keeping it.
+func claimFrontends(snap *model.Snapshot, logDuplicates bool) map[model.Frontend]*model.ServicePort {
+	claimed := make(map[model.Frontend]*model.ServicePort)
+	for _, name := range sortedServiceNames(snap.Services) {
+		ports := snap.Services[name]
+		for i := range ports {
+			p := &ports[i]
+			if other, dup := claimed[p.ClusterIP]; dup {
+				if logDuplicates {
+					klog.InfoS("Frontend claimed twice, keeping the first", "frontend", p.ClusterIP,
+						"servicePort", p.Name, "kept", other.Name)
+				}
+				continue
+			}
+			claimed[p.ClusterIP] = p
+		}
+	}
+	return claimed
 }
 
 func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dataplane.ServiceError {

@@ -68,11 +68,10 @@ type udpSocketCleaner struct {
 	revnat revnatLookup
 	events *eventCounts
 
-	// serving is each applied UDP frontend's serving endpoints as of the
-	// last sync, nil when unknown (at start, after a failed sync); owners
-	// are the UDP frontends of each Service, for partial snapshots.
-	serving map[model.Frontend][]model.Backend
-	owners  map[model.ServiceName][]model.Frontend
+	// serving holds, for each Service, the serving endpoints of each of
+	// its applied UDP frontends as of the last sync; nil when unknown (at
+	// start, after a failed sync).
+	serving map[model.ServiceName]map[model.Frontend][]model.Backend
 
 	// probed is set once the kernel has been asked whether it can destroy
 	// UDP sockets; unsupported is its answer.
@@ -91,7 +90,6 @@ func newUDPSocketCleaner(host socketHost, revnat revnatLookup, events *eventCoun
 // that failed as a whole: the next (full) sync checks every UDP frontend.
 func (c *udpSocketCleaner) forget() {
 	c.serving = nil
-	c.owners = nil
 }
 
 // plan records the UDP frontends of a sync that was applied, except those
@@ -102,49 +100,38 @@ func (c *udpSocketCleaner) forget() {
 // endpoint is left alone, and so are the sockets of a deleted Service.
 func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]bool) udpCheck {
 	check := make(udpCheck)
-	claimed := make(map[model.Frontend]bool)
 	if snap.Full || c.serving == nil {
-		c.serving = make(map[model.Frontend][]model.Backend)
-		c.owners = make(map[model.ServiceName][]model.Frontend)
+		c.serving = make(map[model.ServiceName]map[model.Frontend][]model.Backend)
 	}
-	for _, name := range sortedServiceNames(snap.Services) {
-		// What a partial snapshot's Service had; a full sync checks
-		// every frontend anyway.
-		before := make(map[model.Frontend][]model.Backend)
-		if !snap.Full {
-			for _, fe := range c.owners[name] {
-				before[fe] = c.serving[fe]
-				delete(c.serving, fe)
-			}
-			delete(c.owners, name)
-		}
-		var fes []model.Frontend
-		for _, sp := range snap.Services[name] {
+	claimed := claimFrontends(snap, false)
+	for name, ports := range snap.Services {
+		// What a partial snapshot's Service had; a full sync checks every
+		// frontend anyway.
+		before := c.serving[name]
+		now := make(map[model.Frontend][]model.Backend)
+		for i := range ports {
+			sp := &ports[i]
 			fe := sp.ClusterIP
-			if fe.Protocol != model.UDP {
-				continue
+			if fe.Protocol != model.UDP || claimed[fe] != sp {
+				continue // not UDP, or served by another Service
 			}
-			if claimed[fe] {
-				continue // by an earlier Service, as the reconciler keeps it
-			}
-			claimed[fe] = true
 			if failed[fe] {
 				// Left as it was in the kernel, and unknown here: the
 				// sync that applies it checks it as new.
 				continue
 			}
-			old, had := before[fe]
-			c.serving[fe] = sp.Serving
-			fes = append(fes, fe)
+			now[fe] = sp.Serving
 			if len(sp.Serving) == 0 {
 				continue
 			}
-			if snap.Full || !had || !slices.Equal(old, sp.Serving) {
+			if old, had := before[fe]; snap.Full || !had || !slices.Equal(old, sp.Serving) {
 				check.add(fe, sp.Serving)
 			}
 		}
-		if len(fes) > 0 {
-			c.owners[name] = fes
+		if len(now) == 0 {
+			delete(c.serving, name)
+		} else {
+			c.serving[name] = now
 		}
 	}
 	return check

@@ -24,8 +24,9 @@ import (
 // program is attached beside it through a new link, and the old link goes
 // only when the swap commits. Updating in place would need the previous
 // program to undo with, and a restarted process can open a program it did
-// not load only by id, which takes CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID;
-// the DaemonSet grants BPF, NET_ADMIN and NET_RAW only). Until the commit,
+// not load only by id, which takes CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID): the
+// manifests' base grants BPF and NET_ADMIN only, and an operator may drop
+// the SYS_ADMIN the ebpf overlay adds for another purpose. Until the commit,
 // each hook runs the old program and then the new one, both reading the
 // same entries (the resized maps are copies): the first to act translates,
 // and the second finds a backend where it looks for a Service, or a VIP
