@@ -44,10 +44,13 @@ func (e *env) oneServiceTooBig(t *testing.T, ns string) {
 	e.expectBackends(t, vip+":80", "b-1", "b-2")
 
 	// A selectorless Service whose hand-written slice has more endpoints
-	// than the maps hold.
+	// than the maps hold. Its ClusterIP, from the band the API server
+	// allocates last, sorts before every other Service's, so the proxies
+	// try it first in each sync: what it wrote before failing would starve
+	// the Services created after it.
 	big, err := e.c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: "big"},
-		Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{
+		Spec: corev1.ServiceSpec{ClusterIP: "10.96.0.200", Ports: []corev1.ServicePort{{
 			Name: "http", Port: 80, TargetPort: intstr.FromInt32(8080), Protocol: corev1.ProtocolTCP}}},
 	}, metav1.CreateOptions{})
 	if err != nil {

@@ -48,3 +48,6 @@ func (a *idAllocator) allocate() (uint32, error) {
 }
 
 func (a *idAllocator) release(id uint32) { delete(a.used, id) }
+
+// free reports how many ids allocate can still hand out.
+func (a *idAllocator) free() int { return max(int(a.max)-len(a.used), 0) }

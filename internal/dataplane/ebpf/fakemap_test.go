@@ -331,6 +331,9 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	if got, want := dumpMaps(services, slots, backends), f.dump(); got != want {
 		t.Errorf("the reconciler's copy differs from the maps\n--- copy\n%s--- maps\n%s", got, want)
 	}
+	if r.slotEntries != len(slots) {
+		t.Errorf("slot entries counted %d, the copy holds %d", r.slotEntries, len(slots))
+	}
 	if !maps.Equal(refs, r.refs) {
 		t.Errorf("reference counts %v, the slots hold %v", r.refs, refs)
 	}

@@ -362,6 +362,30 @@ func TestKernelFullMapNamesFlagAndKeepsServing(t *testing.T) {
 	}
 }
 
+// A Service with more endpoints than the maps hold, whose ClusterIP sorts
+// first, takes nothing from a Service that gets its endpoint in the same
+// sync: the small one serves, whichever way the sync comes.
+func TestKernelTooBigServiceDoesNotStarveOthers(t *testing.T) {
+	s := newKernelSetup(t, 1, func(c *Config) { c.MaxBackends = 4 })
+	var many []string
+	for i := range 6 {
+		many = append(many, fmt.Sprintf("10.244.9.%d:8080", i+1))
+	}
+	big := servicePort("default", "big", "http", model.TCP, "10.96.0.1:80", many...)
+	small := servicePort("default", "small", "http", model.TCP, "10.96.0.2:80")
+	s.sync(t, snapshot(true, small))
+	small.Backends = servicePort("", "", "", model.TCP, "10.96.0.2:80", s.backends(8080, s.pods...)...).Backends
+	for _, full := range []bool{false, true} {
+		err := s.dp.Sync(context.Background(), snapshot(full, big, small))
+		if !errors.Is(err, ErrMapFull) || !strings.Contains(err.Error(), "default/big") || strings.Contains(err.Error(), "default/small") {
+			t.Fatalf("full=%v: sync: %v; want ErrMapFull for default/big alone", full, err)
+		}
+		if got := testnet.Tally(s.run(t, "tcp", "10.96.0.2:80", "4")); got["ok pod-0"] != 4 {
+			t.Fatalf("full=%v: the Service that fits is not served: %v", full, got)
+		}
+	}
+}
+
 // A Service shrinks, grows and changes backends in a tight loop while two
 // clients connect in a loop: no connect may fail, and no program may find a
 // slot or backend missing. A connect that read the old count, or a slot's

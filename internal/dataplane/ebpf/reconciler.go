@@ -75,6 +75,10 @@ type reconciler struct {
 	// unreferenced holds backend ids whose count reached zero, or that were
 	// written or found without one: candidates for deletion.
 	unreferenced map[uint32]struct{}
+	// slotEntries counts the slot entries recorded above, live (non-zero)
+	// or hidden: what the slot map holds, for admitting a port before it
+	// writes anything.
+	slotEntries int
 
 	svcIDs     *idAllocator
 	backendIDs *idAllocator
@@ -112,6 +116,7 @@ func (r *reconciler) restore() error {
 	r.backendKeys = make(map[uint32]backendKey)
 	r.refs = make(map[uint32]int)
 	r.unreferenced = make(map[uint32]struct{})
+	r.slotEntries = 0
 	r.svcIDs = newIDAllocator(r.maxServices)
 	r.backendIDs = newIDAllocator(r.maxBackends)
 
@@ -163,8 +168,12 @@ func (r *reconciler) restore() error {
 		}
 		if k.Slot < uint32(len(svc.slots)) {
 			svc.slots[k.Slot] = backendID
+			if backendID != 0 {
+				r.slotEntries++
+			}
 		} else {
 			r.hide(svc, k.Slot, backendID)
+			r.slotEntries++
 		}
 		if backendID != 0 {
 			r.refs[backendID]++
@@ -316,11 +325,14 @@ func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dat
 }
 func (r *reconciler) applyService(p *model.ServicePort) error {
 	fe := p.ClusterIP
-	ids, err := r.ensureBackends(p.Backends, fe.Protocol)
-	if err != nil {
+	svc := r.services[fe]
+	ids, missing := r.knownBackends(p.Backends, fe.Protocol)
+	if err := r.admit(svc, len(ids), missing); err != nil {
 		return err
 	}
-	svc := r.services[fe]
+	if err := r.writeBackends(p.Backends, fe.Protocol, ids); err != nil {
+		return err
+	}
 	if svc == nil {
 		return r.createService(p, uniqueIDs(ids))
 	}
@@ -328,32 +340,92 @@ func (r *reconciler) applyService(p *model.ServicePort) error {
 	return r.updateService(fe, svc, layoutSlots(svc.slots, ids))
 }
 
-// ensureBackends returns the ids of the given backends, writing entries for
-// the ones the kernel does not have yet. New entries are invisible until a
-// slot points at them.
-func (r *reconciler) ensureBackends(backends []model.Backend, proto model.Protocol) ([]uint32, error) {
-	ids := make([]uint32, 0, len(backends))
-	for _, b := range backends {
+// knownBackends returns the ids the kernel has for the given backends, 0
+// for each it has not, and how many those are.
+func (r *reconciler) knownBackends(backends []model.Backend, proto model.Protocol) (ids []uint32, missing int) {
+	ids = make([]uint32, len(backends))
+	for i, b := range backends {
+		id, ok := r.backends[backendKey{Backend: b, Protocol: proto}]
+		if !ok {
+			missing++
+		}
+		ids[i] = id
+	}
+	return ids, missing
+}
+
+// admit refuses a port whose new entries cannot all fit in what the maps
+// have free, before it writes any: entries written by a port that then
+// fails stay until a grace period has passed, and would be taken from the
+// ports after it, whose ClusterIPs happen to sort later, on every retry.
+// svc is what the kernel holds for the port's frontend, nil if nothing; the
+// port wants n backends, of which newBackends the kernel has not. The model
+// merges duplicate backends; were one listed twice, the counts would only
+// err on the safe side.
+func (r *reconciler) admit(svc *appliedService, n, newBackends int) error {
+	if free := r.backendIDs.free(); newBackends > free {
+		return fmt.Errorf("%w: the port needs %d new backend entries, %d of %d are free; raise --%s",
+			ErrMapFull, newBackends, free, r.maxBackends, FlagMaxBackends)
+	}
+	// Slots: every backend for a new port; for an existing one, the keys
+	// its update creates (see updateService): slots past the count not
+	// held hidden already, and live slots found missing.
+	newSlots := 0
+	if svc == nil {
+		if r.svcIDs.free() == 0 {
+			return fmt.Errorf("%w: all %d service ids are in use; raise --%s", ErrMapFull, r.maxServices, FlagMaxServices)
+		}
+		newSlots = n
+	} else {
+		n0 := len(svc.slots)
+		for i := range min(n0, n) {
+			if svc.slots[i] == 0 {
+				newSlots++
+			}
+		}
+		for i := n0; i < n; i++ {
+			if _, ok := svc.hidden[uint32(i)]; !ok {
+				newSlots++
+			}
+		}
+	}
+	// The slot map has --bpf-max-backends entries too (loader.go).
+	if free := int(r.maxBackends) - r.slotEntries; newSlots > free {
+		return fmt.Errorf("%w: the port needs %d new slot entries, %d of %d are free; raise --%s",
+			ErrMapFull, newSlots, max(free, 0), r.maxBackends, FlagMaxBackends)
+	}
+	return nil
+}
+
+// writeBackends writes an entry for each backend whose id is 0 in ids, and
+// puts its new id there. New entries are invisible until a slot points at
+// them.
+func (r *reconciler) writeBackends(backends []model.Backend, proto model.Protocol, ids []uint32) error {
+	for i, b := range backends {
+		if ids[i] != 0 {
+			continue
+		}
 		key := backendKey{Backend: b, Protocol: proto}
 		if id, ok := r.backends[key]; ok {
-			ids = append(ids, id)
+			// Listed twice, and written for the first.
+			ids[i] = id
 			continue
 		}
 		id, err := r.backendIDs.allocate()
 		if err != nil {
-			return nil, fmt.Errorf("%w: no free backend id (%v); raise --%s", ErrMapFull, err, FlagMaxBackends)
+			return fmt.Errorf("%w: no free backend id (%v); raise --%s", ErrMapFull, err, FlagMaxBackends)
 		}
 		if err := r.maps.Backends.Update(id, key.value()); err != nil {
 			r.backendIDs.release(id)
-			return nil, err
+			return err
 		}
 		r.backends[key] = id
 		r.backendKeys[id] = key
 		// Unreferenced until a slot takes it; collected if none does.
 		r.unreferenced[id] = struct{}{}
-		ids = append(ids, id)
+		ids[i] = id
 	}
-	return ids, nil
+	return nil
 }
 
 // createService writes a new service port: its slots under a fresh id, then
@@ -460,11 +532,16 @@ func (r *reconciler) setSlot(svc *appliedService, slot, id uint32) error {
 		return err
 	}
 	var old uint32
+	existed := false
 	if slot < uint32(len(svc.slots)) {
 		old, svc.slots[slot] = svc.slots[slot], id
+		existed = old != 0
 	} else {
-		old = svc.hidden[slot]
+		old, existed = svc.hidden[slot]
 		r.hide(svc, slot, id)
+	}
+	if !existed {
+		r.slotEntries++
 	}
 	r.ref(id)
 	r.unref(old)
@@ -577,6 +654,7 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 			}
 			id := svc.hidden[slot]
 			delete(svc.hidden, slot)
+			r.slotEntries--
 			r.unref(id)
 			freed = true
 		}

@@ -449,3 +449,62 @@ func BenchmarkReconcilerOneChangeLargeService(b *testing.B) {
 		i++
 	}
 }
+
+// A port too big for the maps is refused before it writes anything: it
+// takes no capacity from the ports after it, in this sync or the next. One
+// Service with more endpoints than --bpf-max-backends must not starve a
+// Service created beside it (seen in the e2e when its ClusterIP sorted
+// first: each retry filled the backend ids, and the small Service, already
+// created with no endpoints, refused connections for good).
+func TestReconcilerTooBigPortTakesNothingFromOthers(t *testing.T) {
+	var big []string
+	for i := range 10 {
+		big = append(big, fmt.Sprintf("10.244.1.%d:80", i+1))
+	}
+	cases := []struct {
+		name string
+		// big sorts before small, so is tried first.
+		big, small model.ServicePort
+	}{
+		{"backends", servicePort("ns", "big", "", model.TCP, "10.96.0.1:80", big...),
+			servicePort("ns", "small", "", model.TCP, "10.96.0.2:80", "10.244.0.1:80")},
+		// Backends shared with another port: only the slot map overflows.
+		{"slots", servicePort("ns", "big", "", model.TCP, "10.96.0.1:80", big[:6]...),
+			servicePort("ns", "small", "", model.TCP, "10.96.0.2:80", "10.244.0.1:80")},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newFakeMaps(16, 8)
+			watchHoles(t, f)
+			watchReaders(t, f)
+			r := newReconciler(f.maps(), f.grace(), 16, 8)
+			var base []model.ServicePort
+			if tc.name == "slots" {
+				base = append(base, servicePort("ns", "shared", "", model.TCP, "10.96.0.9:80", big[:6]...))
+			}
+			empty := tc.small
+			empty.Backends = nil
+			if err := r.sync(snapshot(true, append(base, empty)...)); err != nil {
+				t.Fatal(err)
+			}
+			for _, full := range []bool{false, true, false, true} {
+				err := r.sync(snapshot(full, append(base, tc.big, tc.small)...))
+				failed, only := dataplane.OnlyServicesFailed(err)
+				if !only || len(failed) != 1 || failed[0].Service != tc.big.Name || failed[0].Reason != dataplane.ReasonMapFull {
+					t.Fatalf("full=%v: got %v, want a SyncError for %s alone, %s", full, err, tc.big.Name, dataplane.ReasonMapFull)
+				}
+				if !strings.Contains(err.Error(), "--"+FlagMaxBackends) {
+					t.Errorf("error %q does not name --%s", err, FlagMaxBackends)
+				}
+				checkCopy(t, r, f)
+				if got, _ := liveSet(f, tc.small.ClusterIP); !slices.Equal(got, []string{"10.244.0.1:80"}) {
+					t.Fatalf("full=%v: %s serves %v, want its one backend\n%s", full, tc.small.ClusterIP, got, served(f))
+				}
+				if _, ok := f.services.entries[frontendKey(tc.big.ClusterIP)]; ok {
+					t.Errorf("full=%v: %s is in the services map", full, tc.big.ClusterIP)
+				}
+			}
+			t.Logf("the error a user sees: %v", r.sync(snapshot(true, append(base, tc.big, tc.small)...)))
+		})
+	}
+}
