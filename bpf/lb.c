@@ -39,6 +39,10 @@
  *                 one entry format for AF_INET and AF_INET6 sockets, keyed
  *                 by the IPv4 address
  *   kbp_stats     per-CPU event counters (nothing here logs)
+ *   kbp_svc_stats service id -> per-CPU counters of that service port;
+ *                 user space creates a zeroed entry before the id's
+ *                 frontend appears and deletes it when the id is freed,
+ *                 programs only look up and add
  *
  * Map sizes below are placeholders: the loader sets them from its flags.
  */
@@ -81,6 +85,19 @@ struct revnat_value {
 	__be32 addr;
 	__be16 port;
 	__u16 pad;
+};
+
+/*
+ * What happened to one service port, per CPU. User space sums the CPUs.
+ * Each counter is incremented without atomics: a program runs on one CPU
+ * and migration is disabled while it does, so only two runs interleaving
+ * on one CPU (preemptible RCU) could lose an increment, as for kbp_stats.
+ */
+struct svc_stats {
+	__u64 connections; /* connect4/connect6 translated: TCP, connected UDP */
+	__u64 datagrams;   /* sendmsg4 translated: unconnected UDP */
+	__u64 refused;     /* every refusal: no backend, missing slot or backend */
+	__u64 reverse;     /* recvmsg and getpeername shown the frontend */
 };
 
 enum stat_index {
@@ -139,6 +156,19 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kbp_stats SEC(".maps");
 
+/*
+ * Not preallocated: a per-CPU entry costs 32 bytes on every possible CPU,
+ * so only the service ids in use take memory (--bpf-max-services sizes it).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, __u32);
+	__type(value, struct svc_stats);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_svc_stats SEC(".maps");
+
 static __always_inline void count_event(enum stat_index index)
 {
 	__u64 *counter = bpf_map_lookup_elem(&kbp_stats, &index);
@@ -195,9 +225,25 @@ static __always_inline int name(void *map, const void *key, type *out)		\
 DEFINE_READ_VALUE(read_value64, __u64)
 DEFINE_READ_VALUE(read_value32, __u32)
 
-/* Refuse the call with ECONNREFUSED instead of the EPERM a plain 0 gives. */
-static __always_inline int refuse(enum stat_index reason)
+/*
+ * The counters of service id svc_id; NULL if it has none, which happens only
+ * when user space could not create them or a restarted proxy has not yet.
+ */
+static __always_inline struct svc_stats *svc_stats_of(__u32 svc_id)
 {
+	return bpf_map_lookup_elem(&kbp_svc_stats, &svc_id);
+}
+
+/*
+ * Refuse the call with ECONNREFUSED instead of the EPERM a plain 0 gives,
+ * counted globally by reason and on the service.
+ */
+static __always_inline int refuse(enum stat_index reason, __u32 svc_id)
+{
+	struct svc_stats *stats = svc_stats_of(svc_id);
+
+	if (stats)
+		stats->refused += 1;
 	count_event(reason);
 	bpf_set_retval(-ECONNREFUSED);
 	return 0;
@@ -269,15 +315,18 @@ union revnat_word {
  * the reverse translation; 0 leaves the call alone. *verdict is the
  * program's return value: 0 when the Service refuses the call. The caller
  * rewrites the address, because only it may touch the address field of its
- * family.
+ * family. A translation is counted as translated_event, and on the service
+ * as a connection or, for sendmsg, a datagram.
  */
 static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr,
-					  struct backend_value *backend, int *verdict)
+					  struct backend_value *backend, int *verdict,
+					  enum stat_index translated_event)
 {
 	struct svc_key frontend = {};
 	union svc_word svc;
 	struct slot_key slot = {};
 	union backend_word found;
+	struct svc_stats *stats;
 	__u64 *word;
 	__u32 backend_id;
 	__u8 proto = ctx->protocol;
@@ -291,13 +340,13 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	if (!read_value64(&kbp_services, &frontend, &svc.word))
 		return 0; /* not a Service: leave the call alone */
 	if (svc.value.count == 0) {
-		*verdict = refuse(STAT_REFUSED_NO_BACKEND);
+		*verdict = refuse(STAT_REFUSED_NO_BACKEND, svc.value.id);
 		return 0;
 	}
 	slot.svc_id = svc.value.id;
 	slot.slot = pick_slot(ctx, proto, svc.value.count);
 	if (!read_value32(&kbp_slots, &slot, &backend_id)) {
-		*verdict = refuse(STAT_REFUSED_MISSING_SLOT);
+		*verdict = refuse(STAT_REFUSED_MISSING_SLOT, svc.value.id);
 		return 0;
 	}
 	/*
@@ -306,13 +355,48 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	 */
 	word = bpf_map_lookup_elem(&kbp_backends, &backend_id);
 	if (!word) {
-		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND);
+		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND, svc.value.id);
 		return 0;
 	}
 	found.word = *(volatile __u64 *)word;
 	*backend = found.value;
 	remember_frontend(ctx, backend, &frontend);
+	count_event(translated_event);
+	stats = svc_stats_of(svc.value.id);
+	if (stats) {
+		if (translated_event == STAT_SENDMSG_TRANSLATED)
+			stats->datagrams += 1;
+		else
+			stats->connections += 1;
+	}
 	return 1;
+}
+
+/*
+ * Counts a reverse translation on the service now serving frontend. The
+ * reverse entry names the frontend, not the service id, so this costs one
+ * more lookup, only for translated sockets; a frontend no longer a Service
+ * is counted globally only. The id is read in one load: a frontend keeps
+ * its id while it exists (only the count in its entry changes), and the
+ * rare lookup that races an overwrite of the entry (see read_value64) at
+ * worst leaves one reverse translation uncounted per service.
+ */
+static __always_inline void count_reverse(struct bpf_sock_addr *ctx,
+					  const struct revnat_value *frontend)
+{
+	struct svc_key key = {
+		.addr = frontend->addr,
+		.port = frontend->port,
+		.proto = (__u8)ctx->protocol,
+	};
+	struct svc_value *svc = bpf_map_lookup_elem(&kbp_services, &key);
+	struct svc_stats *stats;
+
+	if (!svc)
+		return;
+	stats = svc_stats_of(*(volatile __u32 *)&svc->id);
+	if (stats)
+		stats->reverse += 1;
 }
 
 /*
@@ -337,6 +421,7 @@ static __always_inline int frontend_of(struct bpf_sock_addr *ctx, __be32 addr,
 	found.word = *(volatile __u64 *)word;
 	*frontend = found.value;
 	count_event(STAT_REVNAT_TRANSLATED);
+	count_reverse(ctx, frontend);
 	return 1;
 }
 
@@ -345,10 +430,9 @@ static __always_inline int translate4(struct bpf_sock_addr *ctx, enum stat_index
 	int verdict;
 	struct backend_value backend;
 
-	if (choose_backend(ctx, ctx->user_ip4, &backend, &verdict)) {
+	if (choose_backend(ctx, ctx->user_ip4, &backend, &verdict, translated_event)) {
 		ctx->user_ip4 = backend.addr;
 		ctx->user_port = (__u32)backend.port;
-		count_event(translated_event);
 	}
 	return verdict;
 }
@@ -387,10 +471,9 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, enum stat_index
 
 	if (!user_ip6_is_v4_mapped(ctx))
 		return 1;
-	if (choose_backend(ctx, ctx->user_ip6[3], &backend, &verdict)) {
+	if (choose_backend(ctx, ctx->user_ip6[3], &backend, &verdict, translated_event)) {
 		ctx->user_ip6[3] = backend.addr;
 		ctx->user_port = (__u32)backend.port;
-		count_event(translated_event);
 	}
 	return verdict;
 }

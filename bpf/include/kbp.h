@@ -32,6 +32,7 @@ typedef __u32 __be32;
 
 /* Map types and flags (include/uapi/linux/bpf.h). */
 #define BPF_MAP_TYPE_HASH 1
+#define BPF_MAP_TYPE_PERCPU_HASH 5
 #define BPF_MAP_TYPE_PERCPU_ARRAY 6
 #define BPF_MAP_TYPE_LRU_HASH 9
 #define BPF_F_NO_PREALLOC (1U << 0)

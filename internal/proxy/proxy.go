@@ -278,6 +278,10 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	if src, ok := innermost(dp).(eventSource); ok {
 		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
 	}
+	// The eBPF datapath's per Service port counters and map fill.
+	if src, ok := innermost(dp).(metrics.DatapathCounters); ok {
+		reg.MustRegister(metrics.NewDatapathCountersCollector(src))
+	}
 	health := healthz.NewProxyHealth(2*cfg.SyncPeriod, nil)
 	// Queued from the start: a proxy that never completes its first sync
 	// turns unhealthy.

@@ -69,6 +69,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"time"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
@@ -83,6 +84,8 @@ type Dataplane struct {
 	sockets *udpSocketCleaner
 	// events are what user space counts, next to the programs' counters.
 	events *eventCounts
+	// revnat caches how many entries the reverse map holds.
+	revnat revnatCount
 }
 
 var _ dataplane.Dataplane = (*Dataplane)(nil)
@@ -101,6 +104,7 @@ func New(cfg Config) (*Dataplane, error) {
 		Services: newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices),
 		Slots:    newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
 		Backends: newKernelMap[uint32, lbBackendValue](k.objs.KbpBackends, lbMapKbpBackends),
+		Stats:    newPerCPUMap(k.objs.KbpSvcStats, lbMapKbpSvcStats),
 	}
 	grace := newRCUGracePeriod()
 	rec := newReconciler(maps, grace, cfg.MaxServices, cfg.MaxBackends)
@@ -118,6 +122,10 @@ func New(cfg Config) (*Dataplane, error) {
 		rec:     rec,
 		sockets: newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events),
 		events:  events,
+		revnat: revnatCount{
+			count: func() (int, error) { return countEntries[lbRevnatKey, lbRevnatValue](k.objs.KbpRevnat) },
+			now:   time.Now,
+		},
 	}, nil
 }
 
@@ -190,6 +198,93 @@ func (d *Dataplane) Events() (map[string]uint64, error) {
 	}
 	d.events.copyTo(out)
 	return out, nil
+}
+
+// ServicePortCounters reads the counters of every service port the maps
+// hold whose name is known (after a restart, names come with the first
+// sync), summed over CPUs. One batched walk of the counters map, whatever
+// the number of ports.
+func (d *Dataplane) ServicePortCounters() ([]dataplane.ServicePortCounters, error) {
+	d.mu.Lock()
+	names := d.rec.namedIDs()
+	stats := d.rec.maps.Stats
+	d.mu.Unlock()
+	out := make([]dataplane.ServicePortCounters, 0, len(names))
+	// The walk runs without the lock, so that a scrape never delays a
+	// sync: an id released and reused meanwhile shows the new port's
+	// counts under the old name for one scrape at worst.
+	err := stats.Iterate(func(id uint32, v lbSvcStats) error {
+		if name, ok := names[id]; ok {
+			out = append(out, dataplane.ServicePortCounters{
+				Name:                name,
+				Connections:         v.Connections,
+				Datagrams:           v.Datagrams,
+				Refused:             v.Refused,
+				ReverseTranslations: v.Reverse,
+			})
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// MapUsage reports the entries in use and the capacity of each map: the
+// reconciler's exact counts for the maps it writes, and a count of the
+// reverse map's keys (see revnatCount).
+func (d *Dataplane) MapUsage() ([]dataplane.MapUsage, error) {
+	revnat, err := d.revnat.get()
+	if err != nil {
+		return nil, fmt.Errorf("counting %s entries: %w", lbMapKbpRevnat, err)
+	}
+	d.mu.Lock()
+	services, slots, backends, stats := d.rec.entries()
+	d.mu.Unlock()
+	o := &d.kernel.objs
+	usage := func(name string, entries int, m interface{ MaxEntries() uint32 }) dataplane.MapUsage {
+		return dataplane.MapUsage{Map: name, Entries: entries, Capacity: int(m.MaxEntries())}
+	}
+	return []dataplane.MapUsage{
+		usage("services", services, o.KbpServices),
+		usage("slots", slots, o.KbpSlots),
+		usage("backends", backends, o.KbpBackends),
+		usage("revnat", revnat, o.KbpRevnat),
+		usage("service_stats", stats, o.KbpSvcStats),
+	}, nil
+}
+
+// revnatCountTTL is how long a count of the reverse map is reused. The map
+// is an LRU the programs write: no one holds an exact count, and counting
+// walks every key (256k by default, a few milliseconds), which a scrape
+// every few seconds by several Prometheus servers should not repeat.
+const revnatCountTTL = 5 * time.Second
+
+// revnatCount caches the count of the reverse map's entries.
+type revnatCount struct {
+	count func() (int, error)
+	now   func() time.Time
+
+	mu   sync.Mutex
+	n    int
+	when time.Time
+	ok   bool
+}
+
+func (c *revnatCount) get() (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	now := c.now()
+	if c.ok && now.Sub(c.when) < revnatCountTTL {
+		return c.n, nil
+	}
+	n, err := c.count()
+	if err != nil {
+		return 0, err
+	}
+	c.n, c.when, c.ok = n, now, true
+	return n, nil
 }
 
 // Close releases this process's handles; pins keep the datapath serving.

@@ -71,6 +71,7 @@ type fakeMaps struct {
 	services *fakeMap[lbSvcKey, lbSvcValue]
 	slots    *fakeMap[lbSlotKey, uint32]
 	backends *fakeMap[uint32, lbBackendValue]
+	stats    *fakeMap[uint32, lbSvcStats]
 	log      []string
 	ops      int
 	// fail, when set, is asked before each operation; a non-nil error is
@@ -105,7 +106,19 @@ func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 		k := backendKeyFromValue(*v)
 		return fmt.Sprintf("%d %s/%s", id, k.Backend, k.Protocol)
 	}
+	// The kernel's counters map has --bpf-max-services entries.
+	f.stats = &fakeMap[uint32, lbSvcStats]{name: "stats", capacity: maxServices, entries: make(map[uint32]lbSvcStats), parent: f}
+	f.stats.describe = func(id uint32, v *lbSvcStats) string {
+		if v == nil {
+			return fmt.Sprintf("svc=%d", id)
+		}
+		return fmt.Sprintf("svc=%d %s", id, statsText(*v))
+	}
 	return f
+}
+
+func statsText(v lbSvcStats) string {
+	return fmt.Sprintf("connections=%d datagrams=%d refused=%d reverse=%d", v.Connections, v.Datagrams, v.Refused, v.Reverse)
 }
 
 func (f *fakeMaps) begin(kind, mapName, desc string, key any) fakeOp {
@@ -167,7 +180,7 @@ func (g fakeGrace) wait() error {
 }
 
 func (f *fakeMaps) maps() Maps {
-	return Maps{Services: f.services, Slots: f.slots, Backends: f.backends}
+	return Maps{Services: f.services, Slots: f.slots, Backends: f.backends, Stats: f.stats}
 }
 
 // takeLog returns and clears the operation log.
@@ -180,10 +193,10 @@ func (f *fakeMaps) takeLog() []string {
 // dump renders the maps sorted and resolved, one entry a line, for golden
 // files: each frontend with its count and the backend address in each slot.
 func (f *fakeMaps) dump() string {
-	return dumpMaps(f.services.entries, f.slots.entries, f.backends.entries)
+	return dumpMaps(f.services.entries, f.slots.entries, f.backends.entries, f.stats.entries)
 }
 
-func dumpMaps(services map[lbSvcKey]lbSvcValue, slots map[lbSlotKey]uint32, backends map[uint32]lbBackendValue) string {
+func dumpMaps(services map[lbSvcKey]lbSvcValue, slots map[lbSlotKey]uint32, backends map[uint32]lbBackendValue, stats map[uint32]lbSvcStats) string {
 	var lines []string
 	for k, v := range services {
 		lines = append(lines, fmt.Sprintf("service %s id=%d count=%d", frontendFromKey(k), v.Id, v.Count))
@@ -198,6 +211,9 @@ func dumpMaps(services map[lbSvcKey]lbSvcValue, slots map[lbSlotKey]uint32, back
 	for id, b := range backends {
 		k := backendKeyFromValue(b)
 		lines = append(lines, fmt.Sprintf("backend %d %s/%s", id, k.Backend, k.Protocol))
+	}
+	for id, v := range stats {
+		lines = append(lines, fmt.Sprintf("stats   svc=%d %s", id, statsText(v)))
 	}
 	sort.Strings(lines)
 	return strings.Join(lines, "\n") + "\n"
@@ -240,16 +256,18 @@ func watchHoles(t *testing.T, f *fakeMaps) {
 
 // watchReaders models programs racing the reconciler. A program run reads a
 // service entry, then one of its slots, then that slot's backend, each at
-// any moment after the one before, and may still be running until a grace
-// period has passed since it began. So whatever a program could reach at
+// any moment after the one before, and adds to the service id's counters;
+// it may still be running until a grace period has passed since it began. So whatever a program could reach at
 // any moment since the last grace period may still be looked up: deleting
 // it fails the test, on the operation that did.
 func watchReaders(t *testing.T, f *fakeMaps) {
 	t.Helper()
 	slots := make(map[lbSlotKey]bool)
 	backends := make(map[uint32]bool)
+	ids := make(map[uint32]bool)
 	observe := func() {
 		for _, v := range f.services.entries {
+			ids[v.Id] = true
 			for slot := range v.Count {
 				slots[lbSlotKey{SvcId: v.Id, Slot: slot}] = true
 			}
@@ -266,6 +284,9 @@ func watchReaders(t *testing.T, f *fakeMaps) {
 		slots[k] = true
 		backends[id] = true
 	}
+	for id := range f.stats.entries {
+		ids[id] = true
+	}
 	observe()
 	var failed bool
 	f.onOp = append(f.onOp, func(op fakeOp) {
@@ -273,8 +294,10 @@ func watchReaders(t *testing.T, f *fakeMaps) {
 		case op.kind == "grace period":
 			clear(slots)
 			clear(backends)
+			clear(ids)
 		case op.kind == "delete" && op.mapName == "slots" && slots[op.key.(lbSlotKey)],
-			op.kind == "delete" && op.mapName == "backends" && backends[op.key.(uint32)]:
+			op.kind == "delete" && op.mapName == "backends" && backends[op.key.(uint32)],
+			op.kind == "delete" && op.mapName == "stats" && ids[op.key.(uint32)]:
 			if !failed {
 				failed = true
 				t.Errorf("%q deletes what a program begun since the last grace period may still look up", op.text)
@@ -294,8 +317,20 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	backends := make(map[uint32]lbBackendValue)
 	refs := make(map[uint32]int)
 	svcIDs := make(map[uint32]struct{})
+	// The copy records which counter entries exist, not their values,
+	// which programs change: the fake's values are taken as they are.
+	stats := make(map[uint32]lbSvcStats)
+	for id := range r.statsOrphans {
+		stats[id] = f.stats.entries[id]
+		if _, used := r.svcIDs.used[id]; used {
+			t.Errorf("service id %d is in use and its counters are to be deleted as an orphan", id)
+		}
+	}
 	addSlots := func(svc *appliedService) {
 		svcIDs[svc.id] = struct{}{}
+		if svc.stats {
+			stats[svc.id] = f.stats.entries[svc.id]
+		}
 		for i, id := range svc.slots {
 			if id != 0 {
 				slots[lbSlotKey{SvcId: svc.id, Slot: uint32(i)}] = id
@@ -328,8 +363,11 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	for id := range refs {
 		backendIDs[id] = struct{}{}
 	}
-	if got, want := dumpMaps(services, slots, backends), f.dump(); got != want {
+	if got, want := dumpMaps(services, slots, backends, stats), f.dump(); got != want {
 		t.Errorf("the reconciler's copy differs from the maps\n--- copy\n%s--- maps\n%s", got, want)
+	}
+	if _, _, _, n := r.entries(); n != len(stats) {
+		t.Errorf("counter entries counted %d, the copy holds %d", n, len(stats))
 	}
 	if r.slotEntries != len(slots) {
 		t.Errorf("slot entries counted %d, the copy holds %d", r.slotEntries, len(slots))

@@ -160,6 +160,7 @@ func (c *countingMaps) wrap(m Maps) Maps {
 		Services: countingMap[lbSvcKey, lbSvcValue]{m.Services, &c.ops},
 		Slots:    countingMap[lbSlotKey, uint32]{m.Slots, &c.ops},
 		Backends: countingMap[uint32, lbBackendValue]{m.Backends, &c.ops},
+		Stats:    countingMap[uint32, lbSvcStats]{m.Stats, &c.ops},
 	}
 }
 

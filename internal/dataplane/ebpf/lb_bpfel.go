@@ -64,6 +64,14 @@ type lbSvcKey struct {
 	Pad   uint8
 }
 
+type lbSvcStats struct {
+	_           structs.HostLayout
+	Connections uint64
+	Datagrams   uint64
+	Refused     uint64
+	Reverse     uint64
+}
+
 type lbSvcValue struct {
 	_     structs.HostLayout
 	Id    uint32
@@ -79,6 +87,7 @@ const (
 	lbMapKbpServices      = "kbp_services"
 	lbMapKbpSlots         = "kbp_slots"
 	lbMapKbpStats         = "kbp_stats"
+	lbMapKbpSvcStats      = "kbp_svc_stats"
 	lbProgKbpConnect4     = "kbp_connect4"
 	lbProgKbpConnect6     = "kbp_connect6"
 	lbProgKbpGetpeername4 = "kbp_getpeername4"
@@ -150,6 +159,7 @@ type lbMapSpecs struct {
 	KbpServices *ebpf.MapSpec `ebpf:"kbp_services"`
 	KbpSlots    *ebpf.MapSpec `ebpf:"kbp_slots"`
 	KbpStats    *ebpf.MapSpec `ebpf:"kbp_stats"`
+	KbpSvcStats *ebpf.MapSpec `ebpf:"kbp_svc_stats"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -183,6 +193,7 @@ type lbMaps struct {
 	KbpServices *ebpf.Map `ebpf:"kbp_services"`
 	KbpSlots    *ebpf.Map `ebpf:"kbp_slots"`
 	KbpStats    *ebpf.Map `ebpf:"kbp_stats"`
+	KbpSvcStats *ebpf.Map `ebpf:"kbp_svc_stats"`
 }
 
 func (m *lbMaps) Close() error {
@@ -192,6 +203,7 @@ func (m *lbMaps) Close() error {
 		m.KbpServices,
 		m.KbpSlots,
 		m.KbpStats,
+		m.KbpSvcStats,
 	)
 }
 

@@ -69,6 +69,9 @@ var pinnedMaps = []struct {
 	{lbMapKbpBackends, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
 	{lbMapKbpRevnat, FlagMaxRevNAT, func(c Config) uint32 { return c.MaxSockets }},
 	{lbMapKbpStats, "", nil},
+	// One entry per service id, and ids go up to --bpf-max-services. A
+	// datapath pinned by a version without it gets it created at start.
+	{lbMapKbpSvcStats, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }},
 }
 
 // capacityFlag names the flag that sizes a map.
@@ -177,28 +180,45 @@ func resized1(want *ebpf.MapSpec, pinned *ebpf.Map, flag string) (*ebpf.Map, err
 	if err != nil {
 		return nil, fmt.Errorf("creating %s with %d entries (--%s): %w", want.Name, want.MaxEntries, flag, err)
 	}
-	var (
-		key, value []byte
-		copied     int
-	)
-	it := pinned.Iterate()
-	for it.Next(&key, &value) {
-		if err := m.Update(key, value, ebpf.UpdateAny); err != nil {
-			m.Close()
-			if errors.Is(err, unix.E2BIG) {
-				return nil, fmt.Errorf("--%s=%d is too small for the %s entries already in use: raise it", flag, want.MaxEntries, want.Name)
-			}
-			return nil, fmt.Errorf("copying %s: %w", want.Name, err)
-		}
-		copied++
+	var copied int
+	if want.Type == ebpf.PerCPUHash {
+		copied, err = copyEntries[[]lbSvcStats](m, pinned)
+	} else {
+		copied, err = copyEntries[[]byte](m, pinned)
 	}
-	if err := it.Err(); err != nil {
+	if err != nil {
 		m.Close()
-		return nil, fmt.Errorf("reading pinned %s: %w", want.Name, err)
+		if errors.Is(err, unix.E2BIG) {
+			return nil, fmt.Errorf("--%s=%d is too small for the %s entries already in use: raise it", flag, want.MaxEntries, want.Name)
+		}
+		return nil, fmt.Errorf("copying %s: %w", want.Name, err)
 	}
 	klog.InfoS("Resizing pinned map", "map", want.Name, "flag", "--"+flag,
 		"from", pinned.MaxEntries(), "to", want.MaxEntries, "entries", copied)
 	return m, nil
+}
+
+// copyEntries copies every entry of from into to. V is how a value is read
+// and written: raw bytes, except for a per-CPU map, whose value cilium/ebpf
+// reads and writes as a slice of one value per possible CPU (kbp_svc_stats
+// is the only per-CPU map that is resized).
+func copyEntries[V any](to, from *ebpf.Map) (int, error) {
+	var (
+		key    []byte
+		value  V
+		copied int
+	)
+	it := from.Iterate()
+	for it.Next(&key, &value) {
+		if err := to.Update(key, value, ebpf.UpdateAny); err != nil {
+			return copied, err
+		}
+		copied++
+	}
+	if err := it.Err(); err != nil {
+		return copied, fmt.Errorf("reading the pinned map: %w", err)
+	}
+	return copied, nil
 }
 
 // checkCgroup2 fails unless path is a cgroup v2 directory.

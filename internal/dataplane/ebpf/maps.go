@@ -25,6 +25,10 @@ type Maps struct {
 	Services Map[lbSvcKey, lbSvcValue]
 	Slots    Map[lbSlotKey, uint32]
 	Backends Map[uint32, lbBackendValue]
+	// Stats holds one entry of counters per service id in use, summed
+	// over CPUs (see perCPUMap). The reconciler only creates entries at
+	// zero and deletes them.
+	Stats Map[uint32, lbSvcStats]
 }
 
 // ErrMapFull is wrapped by updates that failed because a map is at capacity.
@@ -113,4 +117,114 @@ func (k *kernelMap[K, V]) iterateOneByOne(fn func(K, V) error) error {
 		return fmt.Errorf("reading %s: %w", k.name, err)
 	}
 	return nil
+}
+
+// perCPUMap adapts a per-CPU hash map of service counters as if it held one
+// value per key: Iterate reports the sum over CPUs, and Update writes the
+// value on the first CPU and zero on the others, so the sum is the value.
+type perCPUMap struct {
+	kernelMap[uint32, lbSvcStats]
+}
+
+func newPerCPUMap(m *ebpf.Map, name string) *perCPUMap {
+	return &perCPUMap{kernelMap[uint32, lbSvcStats]{m: m, name: name, capacityFlag: capacityFlag(name)}}
+}
+
+func (p *perCPUMap) Update(key uint32, value lbSvcStats) error {
+	// cilium/ebpf zeroes the CPUs past the slice's length.
+	err := p.m.Update(&key, []lbSvcStats{value}, ebpf.UpdateAny)
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, unix.E2BIG) {
+		return fmt.Errorf("updating %s: %w: all %d entries are in use; raise --%s",
+			p.name, ErrMapFull, p.m.MaxEntries(), p.capacityFlag)
+	}
+	return fmt.Errorf("updating %s: %w", p.name, err)
+}
+
+// Iterate reads the map in batches, as kernelMap.Iterate does: a per-CPU
+// batch holds each key's values for every possible CPU one after another.
+func (p *perCPUMap) Iterate(fn func(uint32, lbSvcStats) error) error {
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", p.name, err)
+	}
+	keys := make([]uint32, iterateBatch)
+	values := make([]lbSvcStats, iterateBatch*cpus)
+	var cursor ebpf.MapBatchCursor
+	for first := true; ; first = false {
+		n, err := p.m.BatchLookup(&cursor, keys, values, nil)
+		if first && errors.Is(err, ebpf.ErrNotSupported) {
+			return p.iterateOneByOne(fn)
+		}
+		for i := range n {
+			if err := fn(keys[i], sumStats(values[i*cpus:(i+1)*cpus])); err != nil {
+				return err
+			}
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("reading %s: %w", p.name, err)
+		}
+	}
+}
+
+func (p *perCPUMap) iterateOneByOne(fn func(uint32, lbSvcStats) error) error {
+	var (
+		key    uint32
+		values []lbSvcStats
+	)
+	it := p.m.Iterate()
+	for it.Next(&key, &values) {
+		if err := fn(key, sumStats(values)); err != nil {
+			return err
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("reading %s: %w", p.name, err)
+	}
+	return nil
+}
+
+func sumStats(perCPU []lbSvcStats) lbSvcStats {
+	var sum lbSvcStats
+	for _, v := range perCPU {
+		sum.Connections += v.Connections
+		sum.Datagrams += v.Datagrams
+		sum.Refused += v.Refused
+		sum.Reverse += v.Reverse
+	}
+	return sum
+}
+
+// countEntries counts the keys of m in batches, values read and dropped.
+func countEntries[K, V any](m *ebpf.Map) (int, error) {
+	keys := make([]K, iterateBatch)
+	values := make([]V, iterateBatch)
+	var cursor ebpf.MapBatchCursor
+	total := 0
+	for first := true; ; first = false {
+		n, err := m.BatchLookup(&cursor, keys, values, nil)
+		if first && errors.Is(err, ebpf.ErrNotSupported) {
+			var (
+				k K
+				v V
+			)
+			it := m.Iterate()
+			for it.Next(&k, &v) {
+				total++
+			}
+			return total, it.Err()
+		}
+		total += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
 }

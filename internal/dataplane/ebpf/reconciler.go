@@ -27,6 +27,10 @@ type appliedService struct {
 	// count, or every slot once the frontend's entry is gone (slot number ->
 	// backend id). They are deleted one grace period after they were hidden.
 	hidden map[uint32]uint32
+	// stats records that the id's entry in the counters map exists. It is
+	// created, at zero, before the frontend's entry, and deleted when the
+	// id is released, so that an id handed out again counts from zero.
+	stats bool
 }
 
 // reconciler owns the contents of the load-balancing maps. It keeps a copy
@@ -83,6 +87,11 @@ type reconciler struct {
 	svcIDs     *idAllocator
 	backendIDs *idAllocator
 
+	// statsOrphans are counter entries found at restore for ids nothing
+	// else holds (a proxy killed between releasing an id and deleting
+	// them), deleted with the next garbage.
+	statsOrphans map[uint32]struct{}
+
 	// owners records the frontends each Service had at the last sync, so
 	// that a partial snapshot can remove frontends its services dropped.
 	owners map[model.ServiceName][]model.Frontend
@@ -117,6 +126,7 @@ func (r *reconciler) restore() error {
 	r.refs = make(map[uint32]int)
 	r.unreferenced = make(map[uint32]struct{})
 	r.slotEntries = 0
+	r.statsOrphans = make(map[uint32]struct{})
 	r.svcIDs = newIDAllocator(r.maxServices)
 	r.backendIDs = newIDAllocator(r.maxBackends)
 
@@ -192,9 +202,48 @@ func (r *reconciler) restore() error {
 			r.unreferenced[id] = struct{}{}
 		}
 	}
+	if err := r.restoreStats(byID); err != nil {
+		return err
+	}
 	r.reload = false
 	klog.V(2).InfoS("Read BPF load-balancing maps", "services", len(r.services),
 		"backends", len(r.backendKeys), "detachedServiceIDs", len(r.detached), "withHiddenSlots", len(r.withHidden))
+	return nil
+}
+
+// restoreStats matches the counter entries to the ids restored in byID:
+// kept where they exist, so that counters survive a restart; created at
+// zero for each frontend's id that has none (a datapath pinned by a
+// version without counters); and entries of ids nothing holds are left for
+// the garbage collection. An entry that cannot be created is created by
+// the sync that next applies its port.
+func (r *reconciler) restoreStats(byID map[uint32]*appliedService) error {
+	err := r.maps.Stats.Iterate(func(id uint32, _ lbSvcStats) error {
+		if svc := byID[id]; svc != nil {
+			svc.stats = true
+		} else {
+			r.statsOrphans[id] = struct{}{}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	created := 0
+	for _, svc := range r.services {
+		if svc.stats {
+			continue
+		}
+		if err := r.maps.Stats.Update(svc.id, lbSvcStats{}); err != nil {
+			klog.ErrorS(err, "Creating the counters of a restored service id; retried at the next sync", "id", svc.id)
+			continue
+		}
+		svc.stats = true
+		created++
+	}
+	if created > 0 {
+		klog.InfoS("Created the counters of restored service ports that had none", "servicePorts", created)
+	}
 	return nil
 }
 
@@ -336,8 +385,27 @@ func (r *reconciler) applyService(p *model.ServicePort) error {
 	if svc == nil {
 		return r.createService(p, uniqueIDs(ids))
 	}
+	r.resetStatsIfNew(svc, p.Name)
 	svc.name = p.Name
 	return r.updateService(fe, svc, layoutSlots(svc.slots, ids))
+}
+
+// resetStatsIfNew zeroes the counters of svc when the frontend now belongs
+// to another service port (a ClusterIP reused at once), so that the new
+// port does not inherit the old one's counts, and creates them if svc has
+// none. A name unknown since a restart is no change: counters survive
+// restarts. Counters are not worth failing a port for: a write that fails
+// is logged, and retried by the next sync if the entry is missing.
+func (r *reconciler) resetStatsIfNew(svc *appliedService, name model.ServicePortName) {
+	renamed := svc.name != (model.ServicePortName{}) && svc.name != name
+	if svc.stats && !renamed {
+		return
+	}
+	if err := r.maps.Stats.Update(svc.id, lbSvcStats{}); err != nil {
+		klog.ErrorS(err, "Resetting the counters of a service port", "servicePort", name, "id", svc.id)
+		return
+	}
+	svc.stats = true
 }
 
 // knownBackends returns the ids the kernel has for the given backends, 0
@@ -439,6 +507,13 @@ func (r *reconciler) createService(p *model.ServicePort, ids []uint32) error {
 	// collected if the entry cannot be written.
 	svc := &appliedService{id: id, name: p.Name}
 	r.detached[id] = svc
+	// Counters at zero before anything can count on them; the write
+	// replaces an entry an earlier holder of the id left.
+	delete(r.statsOrphans, id)
+	if err := r.maps.Stats.Update(id, lbSvcStats{}); err != nil {
+		return err
+	}
+	svc.stats = true
 	for i, b := range ids {
 		if err := r.setSlot(svc, uint32(i), b); err != nil {
 			return err
@@ -623,8 +698,16 @@ func (r *reconciler) removeService(fe model.Frontend) error {
 // needsGrace reports whether collecting garbage will delete anything from
 // the kernel.
 func (r *reconciler) needsGrace() bool {
-	if len(r.withHidden) > 0 {
+	if len(r.withHidden) > 0 || len(r.statsOrphans) > 0 {
 		return true
+	}
+	// A program that read a removed frontend's id may still add to the
+	// id's counters: deleting them under it could make the add land in
+	// whatever entry reuses the memory.
+	for _, svc := range r.detached {
+		if svc.stats && len(svc.hidden) == 0 {
+			return true
+		}
 	}
 	for id := range r.unreferenced {
 		if r.refs[id] == 0 && r.isBackend(id) {
@@ -662,12 +745,28 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 			delete(r.withHidden, svcID)
 		}
 	}
-	for id, svc := range r.detached {
-		if len(svc.hidden) == 0 {
-			delete(r.detached, id)
-			r.svcIDs.release(id)
-			freed = true
+	for _, id := range slices.Sorted(maps.Keys(r.detached)) {
+		svc := r.detached[id]
+		if len(svc.hidden) > 0 {
+			continue
 		}
+		if svc.stats {
+			if err := r.maps.Stats.Delete(id); err != nil {
+				errs = append(errs, fmt.Errorf("deleting the counters of service id %d: %w", id, err))
+				continue
+			}
+			svc.stats = false
+		}
+		delete(r.detached, id)
+		r.svcIDs.release(id)
+		freed = true
+	}
+	for _, id := range slices.Sorted(maps.Keys(r.statsOrphans)) {
+		if err := r.maps.Stats.Delete(id); err != nil {
+			errs = append(errs, fmt.Errorf("deleting the counters of unused service id %d: %w", id, err))
+			continue
+		}
+		delete(r.statsOrphans, id)
 	}
 	for _, id := range slices.Sorted(maps.Keys(r.unreferenced)) {
 		if r.refs[id] > 0 {
@@ -716,6 +815,36 @@ func (r *reconciler) forgetBackend(id uint32, key backendKey) {
 // counts reports what the maps hold, for metrics.
 func (r *reconciler) counts() (services, backends int) {
 	return len(r.services), len(r.backendKeys)
+}
+
+// entries reports how many entries each map the reconciler writes holds, as
+// recorded in its copy, which is exactly what the kernel holds.
+func (r *reconciler) entries() (services, slots, backends, stats int) {
+	stats = len(r.statsOrphans)
+	for _, svc := range r.services {
+		if svc.stats {
+			stats++
+		}
+	}
+	for _, svc := range r.detached {
+		if svc.stats {
+			stats++
+		}
+	}
+	return len(r.services), r.slotEntries, len(r.backendKeys), stats
+}
+
+// namedIDs maps the id of each service port held, whose name is known, to
+// its name: all of them once a sync has applied the ports, none of those a
+// restart found before that.
+func (r *reconciler) namedIDs() map[uint32]model.ServicePortName {
+	out := make(map[uint32]model.ServicePortName, len(r.services))
+	for _, svc := range r.services {
+		if svc.name != (model.ServicePortName{}) {
+			out[svc.id] = svc.name
+		}
+	}
+	return out
 }
 
 // layoutSlots places the wanted backend ids into slots, keeping every

@@ -279,11 +279,16 @@ func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
 	}
 	svcID := f.services.entries[frontendKey(web.ClusterIP)].Id
 	// Debris: a slot past the count (interrupted shrink), slots of a service
-	// whose entry was never written (interrupted create), a backend nothing
-	// references (interrupted delete).
+	// whose entry was never written (interrupted create) and its counters,
+	// a backend nothing references (interrupted delete), counters of an id
+	// nothing holds (interrupted release). The live port's counters are
+	// kept as they are.
 	f.slots.entries[lbSlotKey{SvcId: svcID, Slot: 7}] = 1
 	f.slots.entries[lbSlotKey{SvcId: 99, Slot: 0}] = 1
 	f.backends.entries[42] = backendKey{Backend: model.Backend{IP: netip.MustParseAddr("10.244.9.9"), Port: 80}, Protocol: model.TCP}.value()
+	f.stats.entries[99] = lbSvcStats{Refused: 1}
+	f.stats.entries[77] = lbSvcStats{Connections: 2}
+	f.stats.entries[svcID] = lbSvcStats{Connections: 5, Reverse: 3}
 	f.takeLog()
 	watchHoles(t, f)
 	watchReaders(t, f)
