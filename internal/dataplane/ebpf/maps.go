@@ -200,7 +200,8 @@ func sumStats(perCPU []lbSvcStats) lbSvcStats {
 	return sum
 }
 
-// countEntries counts the keys of m in batches, values read and dropped.
+// countEntries counts the keys of m, a map whose values are one V each
+// (not per-CPU), in batches, values read and dropped.
 func countEntries[K, V any](m *ebpf.Map) (int, error) {
 	keys := make([]K, iterateBatch)
 	values := make([]V, iterateBatch)
