@@ -2,6 +2,7 @@ package ebpf
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -9,8 +10,11 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
@@ -147,6 +151,32 @@ func TestKernelCountsPerServicePort(t *testing.T) {
 	}
 	if c := portCounters(t, s.dp)[idle.Name]; c != (dataplane.ServicePortCounters{Name: idle.Name}) {
 		t.Errorf("a Service nobody used counted %+v", c)
+	}
+
+	// As the proxy exports them: the ports used, not the idle one.
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(metrics.NewDatapathCountersCollector(s.dp))
+	if n, err := testutil.GatherAndCount(reg, "kube_bpf_proxy_service_connections_translated_total"); err != nil || n != 4 {
+		t.Errorf("%d connection series (%v), want 4: web, dns, and the two empty ports, not idle", n, err)
+	}
+	want := fmt.Sprintf(`
+# HELP kube_bpf_proxy_service_refused_total Connects and datagrams to a Service port refused with ECONNREFUSED because it had no backend, by Service port.
+# TYPE kube_bpf_proxy_service_refused_total counter
+kube_bpf_proxy_service_refused_total{namespace="default",port="dns",protocol="UDP",service="empty"} 3
+kube_bpf_proxy_service_refused_total{namespace="default",port="http",protocol="TCP",service="empty"} 3
+kube_bpf_proxy_service_refused_total{namespace="default",port="http",protocol="TCP",service="web"} 0
+kube_bpf_proxy_service_refused_total{namespace="kube-system",port="dns",protocol="UDP",service="dns"} 0
+# HELP kube_bpf_proxy_bpf_map_entries Entries in use in each eBPF map; compare with kube_bpf_proxy_bpf_map_capacity.
+# TYPE kube_bpf_proxy_bpf_map_entries gauge
+kube_bpf_proxy_bpf_map_entries{map="backends"} 4
+kube_bpf_proxy_bpf_map_entries{map="revnat"} %d
+kube_bpf_proxy_bpf_map_entries{map="service_stats"} 5
+kube_bpf_proxy_bpf_map_entries{map="services"} 5
+kube_bpf_proxy_bpf_map_entries{map="slots"} 6
+`, s.dp.revnat.n)
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
+		"kube_bpf_proxy_service_refused_total", "kube_bpf_proxy_bpf_map_entries"); err != nil {
+		t.Error(err)
 	}
 }
 
