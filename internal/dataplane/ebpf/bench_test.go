@@ -2,9 +2,16 @@ package ebpf
 
 import (
 	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
@@ -144,5 +151,124 @@ func BenchmarkKernelGracePeriod(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// BenchmarkKernelCountersCost measures what a change to the programs costs
+// per call, against a baseline build of them, in one run: the connect4,
+// getpeername4, sendmsg4 and recvmsg4 links are switched between the two
+// builds (bpf_link_update, in place) before each batch of TCP connects and
+// unconnected UDP requests from a client pod, the builds alternating, and each program's run time comes from the kernel's BPF run
+// statistics, which count only the program. The baseline is an object file
+// of an earlier lb.c, loaded against this datapath's maps:
+//
+//	git show REV:internal/dataplane/ebpf/lb_bpfel.o > /tmp/base.o
+//	KBP_BASELINE_OBJ=/tmp/base.o go test -run - -bench KernelCountersCost ./internal/dataplane/ebpf
+//
+// Each iteration is one batch of 200 connects and 200 UDP requests per
+// build.
+func BenchmarkKernelCountersCost(b *testing.B) {
+	path := os.Getenv("KBP_BASELINE_OBJ")
+	if path == "" {
+		b.Skip("set KBP_BASELINE_OBJ to a baseline lb_bpfel.o")
+	}
+	s := newKernelSetup(b, 2)
+	s.sync(b, snapshot(true, servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...),
+		servicePort("default", "dns", "dns", model.UDP, vip+":53", s.backends(5353, s.pods...)...)))
+	spec, err := ebpf.LoadCollectionSpec(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	o := &s.dp.kernel.objs
+	replacements := map[string]*ebpf.Map{}
+	for name, m := range map[string]*ebpf.Map{lbMapKbpServices: o.KbpServices, lbMapKbpSlots: o.KbpSlots,
+		lbMapKbpBackends: o.KbpBackends, lbMapKbpRevnat: o.KbpRevnat, lbMapKbpStats: o.KbpStats, lbMapKbpSvcStats: o.KbpSvcStats} {
+		if ms, ok := spec.Maps[name]; ok {
+			ms.MaxEntries = m.MaxEntries()
+			ms.Pinning = ebpf.PinNone
+			replacements[name] = m
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replacements})
+	if err != nil {
+		b.Fatalf("loading the baseline: %v", err)
+	}
+	defer coll.Close()
+	stats, err := ebpf.EnableStats(uint32(unix.BPF_STATS_RUN_TIME))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer stats.Close()
+
+	type hook struct {
+		name string
+		link interface{ Update(*ebpf.Program) error }
+		// progs[0] is the baseline, progs[1] this build.
+		progs [2]*ebpf.Program
+		// ns and runs add up each build's runs.
+		ns, runs [2]uint64
+		// deltas are this build's ns/run minus the baseline's, per round:
+		// their median is robust to rounds that other load slowed.
+		deltas []float64
+	}
+	var hooks []*hook
+	for i, p := range programs {
+		if !slices.Contains([]string{"connect4", "getpeername4", "sendmsg4", "recvmsg4"}, p.name) {
+			continue
+		}
+		base := coll.Programs["kbp_"+p.name]
+		if base == nil {
+			b.Fatalf("the baseline has no kbp_%s", p.name)
+		}
+		hooks = append(hooks, &hook{name: p.name, link: s.dp.kernel.links[i], progs: [2]*ebpf.Program{base, p.prog(o)}})
+	}
+	runStats := func(p *ebpf.Program) (ns, runs uint64) {
+		st, err := p.Stats()
+		if err != nil {
+			b.Fatal(err)
+		}
+		return uint64(st.Runtime), st.RunCount
+	}
+	round := 0
+	for b.Loop() {
+		perRun := make([][2]float64, len(hooks))
+		for k := range 2 {
+			build := (round + k) % 2 // alternate which build goes first
+			var ns0, runs0 []uint64
+			for _, h := range hooks {
+				if err := h.link.Update(h.progs[build]); err != nil {
+					b.Fatal(err)
+				}
+				ns, runs := runStats(h.progs[build])
+				ns0, runs0 = append(ns0, ns), append(runs0, runs)
+			}
+			if got := testnet.Tally(s.run(b, "tcp", vip+":80", "200")); got["ok pod-0"]+got["ok pod-1"] != 200 {
+				b.Fatalf("connects: %v", got)
+			}
+			for _, l := range s.run(b, "udp", vip+":53", "200") {
+				if !strings.HasPrefix(l, "ok pod-") {
+					b.Fatalf("udp: %q", l)
+				}
+			}
+			for i, h := range hooks {
+				ns, runs := runStats(h.progs[build])
+				h.ns[build] += ns - ns0[i]
+				h.runs[build] += runs - runs0[i]
+				perRun[i][build] = float64(ns-ns0[i]) / float64(max(runs-runs0[i], 1))
+			}
+		}
+		for i, h := range hooks {
+			h.deltas = append(h.deltas, perRun[i][1]-perRun[i][0])
+		}
+		round++
+	}
+	for _, h := range hooks {
+		for build, name := range []string{"baseline", "this"} {
+			if h.runs[build] > 0 {
+				b.ReportMetric(float64(h.ns[build])/float64(h.runs[build]), fmt.Sprintf("%s-%s-ns/run", h.name, name))
+			}
+		}
+		slices.Sort(h.deltas)
+		b.ReportMetric(h.deltas[len(h.deltas)/2], h.name+"-median-delta-ns/run")
 	}
 }

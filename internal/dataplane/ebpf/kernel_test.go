@@ -36,7 +36,7 @@ type kernelSetup struct {
 // newKernelSetup builds a node, a client pod and n server pods named pod-0..,
 // each serving its name on TCP 8080 and 9090 and UDP 5353, and loads the
 // datapath with small maps, which configure may change.
-func newKernelSetup(t *testing.T, servers int, configure ...func(*Config)) *kernelSetup {
+func newKernelSetup(t testing.TB, servers int, configure ...func(*Config)) *kernelSetup {
 	t.Helper()
 	n := testnet.New(t)
 	s := &kernelSetup{net: n}
@@ -58,7 +58,7 @@ func newKernelSetup(t *testing.T, servers int, configure ...func(*Config)) *kern
 	return s
 }
 
-func (s *kernelSetup) open(t *testing.T) *Dataplane {
+func (s *kernelSetup) open(t testing.TB) *Dataplane {
 	t.Helper()
 	dp, err := New(s.cfg)
 	if err != nil {
@@ -77,7 +77,7 @@ func (s *kernelSetup) backends(port int, pods ...*testnet.Pod) []string {
 	return testnet.Backends(port, pods...)
 }
 
-func (s *kernelSetup) sync(t *testing.T, snap *model.Snapshot) {
+func (s *kernelSetup) sync(t testing.TB, snap *model.Snapshot) {
 	t.Helper()
 	if err := s.dp.Sync(context.Background(), snap); err != nil {
 		t.Fatalf("sync: %v", err)
@@ -85,7 +85,7 @@ func (s *kernelSetup) sync(t *testing.T, snap *model.Snapshot) {
 }
 
 // run runs a helper client in the client pod and returns its result lines.
-func (s *kernelSetup) run(t *testing.T, args ...string) []string {
+func (s *kernelSetup) run(t testing.TB, args ...string) []string {
 	t.Helper()
 	return s.client.Results(args...)
 }
