@@ -151,6 +151,7 @@ func TestEndToEnd(t *testing.T) {
 			t.Run("KubernetesService", e.kubernetesService)
 			if mode == "ebpf" {
 				t.Run("OneServiceTooBig", func(t *testing.T) { e.oneServiceTooBig(t, ns) })
+				t.Run("DatapathCounters", func(t *testing.T) { e.datapathCounters(t, ns) })
 			}
 			t.Run("ServiceFollowsPods", func(t *testing.T) { e.serviceFollowsPods(t, ns) })
 			t.Run("PortChange", func(t *testing.T) { e.portChange(t, ns) })
