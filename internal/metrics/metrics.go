@@ -3,7 +3,7 @@
 // Everything is registered on a registry the caller passes in; nothing uses
 // the default registry. The kubeproxy_* metrics keep kube-proxy's names,
 // types and buckets so that existing dashboards and alerts work unchanged;
-// the kubebpfproxy_* metrics are this proxy's own.
+// the kube_bpf_proxy_* metrics are this proxy's own.
 package metrics
 
 import (
@@ -102,35 +102,35 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Unix time at which the last Service or EndpointSlice change was queued for a datapath sync.",
 		}),
 		SyncsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kubebpfproxy_syncs_total",
+			Name: "kube_bpf_proxy_syncs_total",
 			Help: "Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).",
 		}, []string{"kind"}),
 		SyncFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kubebpfproxy_sync_failures_total",
+			Name: "kube_bpf_proxy_sync_failures_total",
 			Help: "Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.",
 		}, []string{"kind"}),
 		ServicePortsNotProgrammed: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "kubebpfproxy_service_ports_not_programmed",
+			Name: "kube_bpf_proxy_service_ports_not_programmed",
 			Help: "Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.",
 		}, []string{"reason"}),
 		ServicePortFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kubebpfproxy_service_port_failures_total",
+			Name: "kube_bpf_proxy_service_port_failures_total",
 			Help: "Failed attempts to program a single service port, by reason; each failed retry counts.",
 		}, []string{"reason"}),
 		UnservedFeatureServices: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "kubebpfproxy_unserved_feature_services",
+			Name: "kube_bpf_proxy_unserved_feature_services",
 			Help: "Services that ask for a feature not served yet, by feature: only their ClusterIP is served.",
 		}, []string{"feature"}),
 		SkippedObjectsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kubebpfproxy_skipped_objects_total",
+			Name: "kube_bpf_proxy_skipped_objects_total",
 			Help: "Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.",
 		}, []string{"resource", "reason"}),
 		Services: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "kubebpfproxy_services",
+			Name: "kube_bpf_proxy_services",
 			Help: "Service ports currently programmed in the datapath.",
 		}),
 		Backends: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "kubebpfproxy_backends",
+			Name: "kube_bpf_proxy_backends",
 			Help: "Backends currently programmed in the datapath.",
 		}),
 	}
@@ -263,7 +263,7 @@ type datapathEventsCollector struct {
 }
 
 // NewDatapathEventsCollector returns a collector that calls read on every
-// scrape and exports each entry as kubebpfproxy_datapath_events_total with
+// scrape and exports each entry as kube_bpf_proxy_datapath_events_total with
 // the key as its event label. read sums the per-CPU counters; the values must
 // only grow while the maps exist (a reset, e.g. after --cleanup, is handled
 // by Prometheus like any counter reset). A read error is reported as an
@@ -273,7 +273,7 @@ func NewDatapathEventsCollector(read func() (map[string]uint64, error)) promethe
 	return &datapathEventsCollector{
 		read: read,
 		desc: prometheus.NewDesc(
-			"kubebpfproxy_datapath_events_total",
+			"kube_bpf_proxy_datapath_events_total",
 			"Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.",
 			[]string{"event"}, nil,
 		),

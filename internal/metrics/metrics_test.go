@@ -48,14 +48,14 @@ func TestNewRegistersFamilies(t *testing.T) {
 		{"kubeproxy_sync_proxy_rules_iptables_total", dto.MetricType_GAUGE, []string{"table"}},
 		{"kubeproxy_sync_proxy_rules_last_timestamp_seconds", dto.MetricType_GAUGE, nil},
 		{"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", dto.MetricType_GAUGE, nil},
-		{"kubebpfproxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
-		{"kubebpfproxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
-		{"kubebpfproxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
-		{"kubebpfproxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"reason"}},
-		{"kubebpfproxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"reason"}},
-		{"kubebpfproxy_unserved_feature_services", dto.MetricType_GAUGE, []string{"feature"}},
-		{"kubebpfproxy_services", dto.MetricType_GAUGE, nil},
-		{"kubebpfproxy_backends", dto.MetricType_GAUGE, nil},
+		{"kube_bpf_proxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
+		{"kube_bpf_proxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
+		{"kube_bpf_proxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
+		{"kube_bpf_proxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"reason"}},
+		{"kube_bpf_proxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"reason"}},
+		{"kube_bpf_proxy_unserved_feature_services", dto.MetricType_GAUGE, []string{"feature"}},
+		{"kube_bpf_proxy_services", dto.MetricType_GAUGE, nil},
+		{"kube_bpf_proxy_backends", dto.MetricType_GAUGE, nil},
 	}
 	if len(got) != len(tests) {
 		t.Errorf("gathered %d families, want %d", len(got), len(tests))
@@ -137,16 +137,16 @@ func TestRecord(t *testing.T) {
 		{
 			name:   "nothing recorded",
 			record: func(*Metrics) {},
-			names:  []string{"kubebpfproxy_syncs_total", "kubebpfproxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
+			names:  []string{"kube_bpf_proxy_syncs_total", "kube_bpf_proxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
 			want: `
-# HELP kubebpfproxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
-# TYPE kubebpfproxy_sync_failures_total counter
-kubebpfproxy_sync_failures_total{kind="full"} 0
-kubebpfproxy_sync_failures_total{kind="partial"} 0
-# HELP kubebpfproxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
-# TYPE kubebpfproxy_syncs_total counter
-kubebpfproxy_syncs_total{kind="full"} 0
-kubebpfproxy_syncs_total{kind="partial"} 0
+# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
+# TYPE kube_bpf_proxy_sync_failures_total counter
+kube_bpf_proxy_sync_failures_total{kind="full"} 0
+kube_bpf_proxy_sync_failures_total{kind="partial"} 0
+# HELP kube_bpf_proxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
+# TYPE kube_bpf_proxy_syncs_total counter
+kube_bpf_proxy_syncs_total{kind="full"} 0
+kube_bpf_proxy_syncs_total{kind="partial"} 0
 # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
 # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
 kubeproxy_sync_proxy_rules_last_timestamp_seconds 0
@@ -159,16 +159,16 @@ kubeproxy_sync_proxy_rules_last_timestamp_seconds 0
 				m.RecordSync(SyncKindPartial, time.Millisecond, end.Add(time.Second), errors.New("map full"))
 				m.RecordSync(SyncKindFull, 2*time.Millisecond, end.Add(2*time.Second), errors.New("map full"))
 			},
-			names: []string{"kubebpfproxy_syncs_total", "kubebpfproxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
+			names: []string{"kube_bpf_proxy_syncs_total", "kube_bpf_proxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
 			want: `
-# HELP kubebpfproxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
-# TYPE kubebpfproxy_sync_failures_total counter
-kubebpfproxy_sync_failures_total{kind="full"} 1
-kubebpfproxy_sync_failures_total{kind="partial"} 1
-# HELP kubebpfproxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
-# TYPE kubebpfproxy_syncs_total counter
-kubebpfproxy_syncs_total{kind="full"} 2
-kubebpfproxy_syncs_total{kind="partial"} 1
+# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
+# TYPE kube_bpf_proxy_sync_failures_total counter
+kube_bpf_proxy_sync_failures_total{kind="full"} 1
+kube_bpf_proxy_sync_failures_total{kind="partial"} 1
+# HELP kube_bpf_proxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
+# TYPE kube_bpf_proxy_syncs_total counter
+kube_bpf_proxy_syncs_total{kind="full"} 2
+kube_bpf_proxy_syncs_total{kind="partial"} 1
 # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
 # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
 kubeproxy_sync_proxy_rules_last_timestamp_seconds ` + endSeconds + `
@@ -192,18 +192,18 @@ kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds ` + endSeconds + `
 				m.RecordSkipped("EndpointSlice", "MissingServiceName")
 				m.SetProgrammed(3, 7)
 			},
-			names: []string{"kubebpfproxy_skipped_objects_total", "kubebpfproxy_services", "kubebpfproxy_backends"},
+			names: []string{"kube_bpf_proxy_skipped_objects_total", "kube_bpf_proxy_services", "kube_bpf_proxy_backends"},
 			want: `
-# HELP kubebpfproxy_backends Backends currently programmed in the datapath.
-# TYPE kubebpfproxy_backends gauge
-kubebpfproxy_backends 7
-# HELP kubebpfproxy_services Service ports currently programmed in the datapath.
-# TYPE kubebpfproxy_services gauge
-kubebpfproxy_services 3
-# HELP kubebpfproxy_skipped_objects_total Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.
-# TYPE kubebpfproxy_skipped_objects_total counter
-kubebpfproxy_skipped_objects_total{reason="InvalidClusterIP",resource="Service"} 2
-kubebpfproxy_skipped_objects_total{reason="MissingServiceName",resource="EndpointSlice"} 1
+# HELP kube_bpf_proxy_backends Backends currently programmed in the datapath.
+# TYPE kube_bpf_proxy_backends gauge
+kube_bpf_proxy_backends 7
+# HELP kube_bpf_proxy_services Service ports currently programmed in the datapath.
+# TYPE kube_bpf_proxy_services gauge
+kube_bpf_proxy_services 3
+# HELP kube_bpf_proxy_skipped_objects_total Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.
+# TYPE kube_bpf_proxy_skipped_objects_total counter
+kube_bpf_proxy_skipped_objects_total{reason="InvalidClusterIP",resource="Service"} 2
+kube_bpf_proxy_skipped_objects_total{reason="MissingServiceName",resource="EndpointSlice"} 1
 `,
 		},
 		{
@@ -215,16 +215,16 @@ kubebpfproxy_skipped_objects_total{reason="MissingServiceName",resource="Endpoin
 				m.SetServicePortsNotProgrammed(map[string]int{"map-full": 3, "write-failed": 0})
 				m.SetServicePortsNotProgrammed(map[string]int{"map-full": 1})
 			},
-			names: []string{"kubebpfproxy_service_ports_not_programmed", "kubebpfproxy_service_port_failures_total"},
+			names: []string{"kube_bpf_proxy_service_ports_not_programmed", "kube_bpf_proxy_service_port_failures_total"},
 			want: `
-# HELP kubebpfproxy_service_port_failures_total Failed attempts to program a single service port, by reason; each failed retry counts.
-# TYPE kubebpfproxy_service_port_failures_total counter
-kubebpfproxy_service_port_failures_total{reason="map-full"} 2
-kubebpfproxy_service_port_failures_total{reason="write-failed"} 0
-# HELP kubebpfproxy_service_ports_not_programmed Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.
-# TYPE kubebpfproxy_service_ports_not_programmed gauge
-kubebpfproxy_service_ports_not_programmed{reason="map-full"} 1
-kubebpfproxy_service_ports_not_programmed{reason="write-failed"} 0
+# HELP kube_bpf_proxy_service_port_failures_total Failed attempts to program a single service port, by reason; each failed retry counts.
+# TYPE kube_bpf_proxy_service_port_failures_total counter
+kube_bpf_proxy_service_port_failures_total{reason="map-full"} 2
+kube_bpf_proxy_service_port_failures_total{reason="write-failed"} 0
+# HELP kube_bpf_proxy_service_ports_not_programmed Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.
+# TYPE kube_bpf_proxy_service_ports_not_programmed gauge
+kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 1
+kube_bpf_proxy_service_ports_not_programmed{reason="write-failed"} 0
 `,
 		},
 		{
@@ -236,12 +236,12 @@ kubebpfproxy_service_ports_not_programmed{reason="write-failed"} 0
 				m.AddUnservedFeatureServices("external-ips", 1)
 				m.AddUnservedFeatureServices("external-ips", -1)
 			},
-			names: []string{"kubebpfproxy_unserved_feature_services"},
+			names: []string{"kube_bpf_proxy_unserved_feature_services"},
 			want: `
-# HELP kubebpfproxy_unserved_feature_services Services that ask for a feature not served yet, by feature: only their ClusterIP is served.
-# TYPE kubebpfproxy_unserved_feature_services gauge
-kubebpfproxy_unserved_feature_services{feature="external-ips"} 0
-kubebpfproxy_unserved_feature_services{feature="node-port"} 2
+# HELP kube_bpf_proxy_unserved_feature_services Services that ask for a feature not served yet, by feature: only their ClusterIP is served.
+# TYPE kube_bpf_proxy_unserved_feature_services gauge
+kube_bpf_proxy_unserved_feature_services{feature="external-ips"} 0
+kube_bpf_proxy_unserved_feature_services{feature="node-port"} 2
 `,
 		},
 	}
@@ -315,11 +315,11 @@ func TestDatapathEventsCollector(t *testing.T) {
 			name:   "counters",
 			events: map[string]uint64{"connect_translated": 42, "connect_refused": 3, "sendmsg_translated": 1 << 40},
 			want: `
-# HELP kubebpfproxy_datapath_events_total Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.
-# TYPE kubebpfproxy_datapath_events_total counter
-kubebpfproxy_datapath_events_total{event="connect_refused"} 3
-kubebpfproxy_datapath_events_total{event="connect_translated"} 42
-kubebpfproxy_datapath_events_total{event="sendmsg_translated"} 1.099511627776e+12
+# HELP kube_bpf_proxy_datapath_events_total Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.
+# TYPE kube_bpf_proxy_datapath_events_total counter
+kube_bpf_proxy_datapath_events_total{event="connect_refused"} 3
+kube_bpf_proxy_datapath_events_total{event="connect_translated"} 42
+kube_bpf_proxy_datapath_events_total{event="sendmsg_translated"} 1.099511627776e+12
 `,
 		},
 		{
@@ -378,8 +378,8 @@ func TestHandler(t *testing.T) {
 			path:     "/metrics",
 			wantCode: http.StatusOK,
 			wantLines: []string{
-				"kubebpfproxy_services 2",
-				`kubebpfproxy_datapath_events_total{event="connect_translated"} 5`,
+				"kube_bpf_proxy_services 2",
+				`kube_bpf_proxy_datapath_events_total{event="connect_translated"} 5`,
 				"# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
 			},
 		},
@@ -388,8 +388,8 @@ func TestHandler(t *testing.T) {
 			readErr:     errors.New("map gone"),
 			path:        "/metrics",
 			wantCode:    http.StatusOK,
-			wantLines:   []string{"kubebpfproxy_services 2"},
-			absentLines: []string{"kubebpfproxy_datapath_events_total{"},
+			wantLines:   []string{"kube_bpf_proxy_services 2"},
+			absentLines: []string{"kube_bpf_proxy_datapath_events_total{"},
 		},
 		{
 			name:     "unknown path",
@@ -459,7 +459,7 @@ func TestServedUntilCancel(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	_ = resp.Body.Close()
-	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "kubebpfproxy_services 1") {
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "kube_bpf_proxy_services 1") {
 		t.Errorf("GET /metrics: status %d, body:\n%s", resp.StatusCode, body)
 	}
 

@@ -494,16 +494,16 @@ func TestProxierHealthzThroughPartialFailures(t *testing.T) {
 	}
 	_, text := get(t, "http://"+metricsAddr+"/metrics")
 	for _, want := range []string{
-		`kubebpfproxy_service_ports_not_programmed{reason="map-full"} 1`,
-		`kubebpfproxy_sync_failures_total{kind="full"} 0`,
-		`kubebpfproxy_sync_failures_total{kind="partial"} 0`,
-		`kubebpfproxy_unserved_feature_services{feature="node-port"} 0`,
+		`kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 1`,
+		`kube_bpf_proxy_sync_failures_total{kind="full"} 0`,
+		`kube_bpf_proxy_sync_failures_total{kind="partial"} 0`,
+		`kube_bpf_proxy_unserved_feature_services{feature="node-port"} 0`,
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
-	if !strings.Contains(text, `kubebpfproxy_service_port_failures_total{reason="map-full"} `) {
+	if !strings.Contains(text, `kube_bpf_proxy_service_port_failures_total{reason="map-full"} `) {
 		t.Error("/metrics lacks the failure counter")
 	}
 
@@ -512,7 +512,7 @@ func TestProxierHealthzThroughPartialFailures(t *testing.T) {
 	deadline := time.After(30 * time.Second)
 	for {
 		_, text = get(t, "http://"+metricsAddr+"/metrics")
-		if strings.Contains(text, `kubebpfproxy_service_ports_not_programmed{reason="map-full"} 0`) {
+		if strings.Contains(text, `kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 0`) {
 			break
 		}
 		select {
