@@ -24,7 +24,8 @@ func TestNewRegistersFamilies(t *testing.T) {
 	m := New(reg)
 	// Vectors without children are not gathered; give each one a child.
 	m.RecordSkipped("EndpointSlice", "InvalidAddress")
-	m.SetIptablesRules(map[string]int{"nat": 9})
+	m.SetIptablesRules(map[string]int{"nat": 9}, map[string]int{"nat": 3})
+	m.InitIptables()
 	m.InitServicePortReasons([]string{"map-full"})
 	m.InitUnservedFeatures([]string{"node-port"})
 
@@ -42,12 +43,25 @@ func TestNewRegistersFamilies(t *testing.T) {
 		typ    dto.MetricType
 		labels []string
 	}{
-		{"kubeproxy_sync_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
-		{"kubeproxy_sync_full_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
-		{"kubeproxy_sync_partial_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
-		{"kubeproxy_sync_proxy_rules_iptables_total", dto.MetricType_GAUGE, []string{"table"}},
-		{"kubeproxy_sync_proxy_rules_last_timestamp_seconds", dto.MetricType_GAUGE, nil},
-		{"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", dto.MetricType_GAUGE, nil},
+		// kube-proxy v1.36's names, types and label names
+		// (pkg/proxy/metrics/metrics.go).
+		{"kubeproxy_sync_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_sync_full_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_sync_partial_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_iptables_total", dto.MetricType_GAUGE, []string{"ip_family", "table"}},
+		{"kubeproxy_sync_proxy_rules_iptables_last", dto.MetricType_GAUGE, []string{"ip_family", "table"}},
+		{"kubeproxy_sync_proxy_rules_iptables_restore_failures_total", dto.MetricType_COUNTER, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", dto.MetricType_COUNTER, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_last_timestamp_seconds", dto.MetricType_GAUGE, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", dto.MetricType_GAUGE, []string{"ip_family"}},
+		{"kubeproxy_network_programming_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_no_local_endpoints_total", dto.MetricType_GAUGE, []string{"ip_family", "traffic_policy"}},
+		{"kubeproxy_sync_proxy_rules_endpoint_changes_pending", dto.MetricType_GAUGE, nil},
+		{"kubeproxy_sync_proxy_rules_endpoint_changes_total", dto.MetricType_COUNTER, nil},
+		{"kubeproxy_sync_proxy_rules_service_changes_pending", dto.MetricType_GAUGE, nil},
+		{"kubeproxy_sync_proxy_rules_service_changes_total", dto.MetricType_COUNTER, nil},
+		{"kubeproxy_proxy_healthz_total", dto.MetricType_COUNTER, []string{"code"}},
+		{"kubeproxy_proxy_livez_total", dto.MetricType_COUNTER, []string{"code"}},
 		{"kube_bpf_proxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
 		{"kube_bpf_proxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
 		{"kube_bpf_proxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
@@ -89,8 +103,8 @@ func TestNewRegistersFamilies(t *testing.T) {
 		t.Fatalf("GatherAndLint: %v", err)
 	}
 	for _, p := range problems {
-		if p.Metric == "kubeproxy_sync_proxy_rules_iptables_total" {
-			continue // kube-proxy's name, a gauge with a _total suffix, kept for its dashboards
+		if p.Metric == "kubeproxy_sync_proxy_rules_iptables_total" || p.Metric == "kubeproxy_sync_proxy_rules_no_local_endpoints_total" {
+			continue // kube-proxy's names, gauges with a _total suffix, kept for its dashboards
 		}
 		t.Errorf("lint: %s: %s", p.Metric, p.Text)
 	}
@@ -149,7 +163,7 @@ kube_bpf_proxy_syncs_total{kind="full"} 0
 kube_bpf_proxy_syncs_total{kind="partial"} 0
 # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
 # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
-kubeproxy_sync_proxy_rules_last_timestamp_seconds 0
+kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 0
 `,
 		},
 		{
@@ -171,7 +185,7 @@ kube_bpf_proxy_syncs_total{kind="full"} 2
 kube_bpf_proxy_syncs_total{kind="partial"} 1
 # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
 # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
-kubeproxy_sync_proxy_rules_last_timestamp_seconds ` + endSeconds + `
+kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} ` + endSeconds + `
 `,
 		},
 		{
@@ -181,7 +195,7 @@ kubeproxy_sync_proxy_rules_last_timestamp_seconds ` + endSeconds + `
 			want: `
 # HELP kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds Unix time at which the last Service or EndpointSlice change was queued for a datapath sync.
 # TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge
-kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds ` + endSeconds + `
+kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"} ` + endSeconds + `
 `,
 		},
 		{
@@ -261,7 +275,7 @@ func TestRecordSyncObservesDuration(t *testing.T) {
 	m := New(prometheus.NewRegistry())
 	m.RecordSync(SyncKindFull, 3*time.Millisecond, time.Unix(0, 0), nil)
 	m.RecordSync(SyncKindPartial, 5*time.Millisecond, time.Unix(0, 0), errors.New("boom"))
-	if n := testutil.CollectAndCount(m.SyncProxyRulesDuration); n != 1 {
+	if n := testutil.CollectAndCount(m.SyncProxyRulesDuration.(prometheus.Collector)); n != 1 {
 		t.Fatalf("%d histogram series, want 1", n)
 	}
 	var out dto.Metric
@@ -275,13 +289,13 @@ func TestRecordSyncObservesDuration(t *testing.T) {
 		t.Errorf("sample sum %v, want %v", got, want)
 	}
 	// Each kind's own histogram has its own sync only.
-	for h, want := range map[prometheus.Histogram]float64{m.SyncFullProxyRulesDuration: 0.003, m.SyncPartialProxyRulesDuration: 0.005} {
+	for h, want := range map[prometheus.Observer]float64{m.SyncFullProxyRulesDuration: 0.003, m.SyncPartialProxyRulesDuration: 0.005} {
 		var one dto.Metric
 		if err := h.(prometheus.Metric).Write(&one); err != nil {
 			t.Fatal(err)
 		}
 		if got := one.GetHistogram().GetSampleSum(); one.GetHistogram().GetSampleCount() != 1 || got < want-1e-9 || got > want+1e-9 {
-			t.Errorf("%s: %d samples summing to %v, want one of %v", h.Desc(), one.GetHistogram().GetSampleCount(), got, want)
+			t.Errorf("%s: %d samples summing to %v, want one of %v", h.(prometheus.Metric).Desc(), one.GetHistogram().GetSampleCount(), got, want)
 		}
 	}
 }

@@ -112,6 +112,7 @@ type proxierHarness struct {
 	clk    *clocktesting.FakeClock
 	health *healthz.ProxyHealth
 	m      *metrics.Metrics
+	reg    *prometheus.Registry
 	rec    *events.FakeRecorder
 }
 
@@ -126,9 +127,10 @@ func newProxierHarness(t *testing.T) *proxierHarness {
 		t:   t,
 		dp:  newScriptedDataplane(),
 		clk: clocktesting.NewFakeClock(t0),
-		m:   metrics.New(prometheus.NewRegistry()),
+		reg: prometheus.NewRegistry(),
 		rec: events.NewFakeRecorder(1000),
 	}
+	h.m = metrics.New(h.reg)
 	h.health = healthz.NewProxyHealth(2*harnessSyncPeriod, h.clk)
 	h.health.QueuedUpdate()
 	h.p = NewProxier(h.dp, h.m, h.health, Config{

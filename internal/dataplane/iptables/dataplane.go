@@ -84,8 +84,9 @@ type Dataplane struct {
 	// sync a full one that reads the tables back.
 	applied map[model.ServiceName][]model.ServicePort
 	buf     bytes.Buffer
-	// rules counts the rules per table after the last successful sync.
-	rules map[string]int
+	// rules counts the rules per table after the last successful sync,
+	// and written those that sync wrote.
+	rules, written map[string]int
 
 	mu     sync.Mutex
 	events map[string]uint64
@@ -195,6 +196,8 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		"natRulesWritten", st.natRulesWritten, "natRules", st.natRules, "filterRules", st.filterRules, "staleChains", len(in.stale))
 
 	d.rules = map[string]int{"nat": st.natRules, "filter": st.filterRules}
+	// The filter table is rewritten whole at every sync, as kube-proxy's.
+	d.written = map[string]int{"nat": st.natRulesWritten, "filter": st.filterRules}
 	stale := d.staleUDP(snap, next)
 	d.applied = next
 	if len(stale) > 0 {
@@ -288,6 +291,17 @@ func (d *Dataplane) Events() (map[string]uint64, error) {
 
 // RuleCounts reports the rules per table after the last successful sync.
 func (d *Dataplane) RuleCounts() map[string]int { return maps.Clone(d.rules) }
+
+// RulesWritten reports the rules per table the last successful sync wrote.
+func (d *Dataplane) RulesWritten() map[string]int { return maps.Clone(d.written) }
+
+// RestoreFailures reports how many iptables-restore runs of the syncs have
+// failed since the datapath was created.
+func (d *Dataplane) RestoreFailures() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.events["iptables_restore_failed"]
+}
 
 // Counts reports the service ports and backend references applied.
 func (d *Dataplane) Counts() (services, backends int) {
