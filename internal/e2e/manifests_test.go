@@ -111,7 +111,9 @@ func TestManifests(t *testing.T) {
 		{"delete", "nodes", false},
 		{"delete", "events", false},
 		{"update", "services", false},
-		{"patch", "nodes", false},
+		{"patch", "nodes", true}, // the mode label
+		{"update", "nodes", false},
+		{"patch", "nodes/status", false},
 		{"create", "serviceaccounts/token", false},
 	} {
 		out, err := c.KubectlAs(ctx, sa, "auth", "can-i", q.verb, q.resource, "--all-namespaces")

@@ -82,3 +82,21 @@ func (m *Metrics) HealthCounts() (healthz, livez func(code int)) {
 	}
 	return count(m.ProxyHealthzTotal), count(m.ProxyLivezTotal)
 }
+
+// RegisterInfo registers kube_bpf_proxy_info, always 1, whose labels say
+// which mode serves this node, with which iptables backend ("none" in the
+// ebpf mode), and which build: a dashboard joins any series to it to split
+// by mode.
+func RegisterInfo(reg prometheus.Registerer, mode, iptablesBackend, version string) {
+	info := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "kube_bpf_proxy_info",
+		Help: "Always 1; its labels say the datapath mode, the iptables backend (none in ebpf mode) and the version running.",
+		ConstLabels: prometheus.Labels{
+			"mode":             mode,
+			"iptables_backend": iptablesBackend,
+			"version":          version,
+		},
+	})
+	info.Set(1)
+	reg.MustRegister(info)
+}

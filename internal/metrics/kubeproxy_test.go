@@ -166,3 +166,16 @@ kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"} 3
 		t.Error(err)
 	}
 }
+
+func TestRegisterInfo(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	RegisterInfo(reg, "iptables", "nft", "v0.3.0")
+	want := `
+# HELP kube_bpf_proxy_info Always 1; its labels say the datapath mode, the iptables backend (none in ebpf mode) and the version running.
+# TYPE kube_bpf_proxy_info gauge
+kube_bpf_proxy_info{iptables_backend="nft",mode="iptables",version="v0.3.0"} 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+}

@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -48,6 +49,13 @@ type Config struct {
 	// NodeName names this node in those Events: every node's proxy
 	// reports on the same Service.
 	NodeName string
+	// Registry receives the proxy's metrics, next to what the caller put
+	// there (client-go's, the info series); nil means a fresh one with the
+	// Go and process collectors.
+	Registry *prometheus.Registry
+	// AfterFirstSync, if set, runs once in its own goroutine after the
+	// first sync that programmed the datapath.
+	AfterFirstSync func()
 }
 
 // Option configures a Proxier.
@@ -102,8 +110,9 @@ type Proxier struct {
 	clock   clock.WithDelayedExecution
 	events  events.EventRecorder
 
-	synced   atomic.Bool
-	syncedCh chan struct{}
+	synced    atomic.Bool
+	syncedCh  chan struct{}
+	firstSync sync.Once
 
 	// uids holds each Service's UID, for Events to point at the object
 	// (kubectl describe matches them by UID).
@@ -289,6 +298,9 @@ func (p *Proxier) sync(ctx context.Context) error {
 		p.lastFull = start
 	}
 	p.health.Updated()
+	if p.cfg.AfterFirstSync != nil {
+		p.firstSync.Do(func() { go p.cfg.AfterFirstSync() })
+	}
 	klog.V(2).InfoS("Synced datapath", "kind", kind, "services", len(snap.Services),
 		"failedServicePorts", len(portErrs), "elapsed", end.Sub(start))
 	return nil
@@ -336,7 +348,10 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	reg := metrics.NewRegistry()
+	reg := cfg.Registry
+	if reg == nil {
+		reg = metrics.NewRegistry()
+	}
 	m := metrics.New(reg)
 	if src, ok := innermost(dp).(eventSource); ok {
 		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
