@@ -205,6 +205,7 @@ func (e *env) startProxies(t *testing.T, mode string) {
 			t.Errorf("no Starting Event for this start of the proxy on %s; last seen: %s", n.Name, last)
 		}
 	}
+	e.expectModeShown(t, mode)
 }
 
 // proxyOptions applies the user's overlay for mode and returns options
@@ -275,6 +276,7 @@ func (e *env) namespace(t *testing.T, name string) string {
 // added, made unready, made ready again and deleted are followed.
 func (e *env) serviceFollowsPods(t *testing.T, ns string) {
 	ctx := context.Background()
+	programmed := e.programmingCounts(t)
 	e.addWeb(t, ns, "a-1", "node1", "a")
 	e.addWeb(t, ns, "a-2", "node2", "a")
 	vip := e.createService(t, ns, "a", 80)
@@ -300,6 +302,8 @@ func (e *env) serviceFollowsPods(t *testing.T, ns string) {
 		t.Fatal(err)
 	}
 	e.expectBackends(t, vip+":80", "a-1", "a-3")
+	// Each node measured how long these changes took to program.
+	e.expectProgrammingRose(t, programmed)
 }
 
 // A Service whose port changes serves the new port and no longer the old.

@@ -135,11 +135,13 @@ func TestIptablesSeries(t *testing.T) {
 	names := []string{
 		"kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
 		"kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
+		"kubeproxy_conntrack_reconciler_deleted_entries_total",
 	}
 	reg := prometheus.NewRegistry()
 	m := New(reg)
 	m.AddIptablesRestoreFailures(1)
 	m.RecordSync(SyncKindPartial, time.Millisecond, time.Now(), errBoom)
+	m.RecordConntrackCleanup(time.Millisecond, 2)
 	for _, n := range names {
 		if f := gather(t, reg, n); f != nil {
 			t.Errorf("%s exported outside the iptables mode", n)
@@ -150,6 +152,9 @@ func TestIptablesSeries(t *testing.T) {
 	m = New(reg)
 	m.InitIptables()
 	want := `
+# HELP kubeproxy_conntrack_reconciler_deleted_entries_total Stale UDP conntrack entries deleted after syncs.
+# TYPE kubeproxy_conntrack_reconciler_deleted_entries_total counter
+kubeproxy_conntrack_reconciler_deleted_entries_total{ip_family="IPv4"} 5
 # HELP kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total Failed partial syncs of the iptables mode, each followed by a full one.
 # TYPE kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total counter
 kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total{ip_family="IPv4"} 1
@@ -159,6 +164,7 @@ kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family="IPv4"} 3
 `
 	m.AddIptablesRestoreFailures(2)
 	m.AddIptablesRestoreFailures(1)
+	m.RecordConntrackCleanup(time.Millisecond, 5)
 	m.RecordSync(SyncKindPartial, time.Millisecond, time.Now(), errBoom)
 	m.RecordSync(SyncKindFull, time.Millisecond, time.Now(), errBoom)
 	m.RecordSync(SyncKindPartial, time.Millisecond, time.Now(), nil)

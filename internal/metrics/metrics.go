@@ -59,6 +59,11 @@ type Metrics struct {
 	// IptablesPartialRestoreFailures counts failed partial syncs in the
 	// iptables mode, each followed by a full one; nil until InitIptables.
 	IptablesPartialRestoreFailures prometheus.Counter
+	// ConntrackCleanupDuration and ConntrackCleanupDeleted time the stale
+	// UDP conntrack cleanups of the iptables mode and count the entries
+	// they deleted; nil until InitIptables.
+	ConntrackCleanupDuration prometheus.Observer
+	ConntrackCleanupDeleted  prometheus.Counter
 	// SyncProxyRulesLastTimestamp is the Unix time of the last successful
 	// sync.
 	SyncProxyRulesLastTimestamp prometheus.Gauge
@@ -106,6 +111,8 @@ type Metrics struct {
 	// Vectors whose children appear only in the iptables mode, as kube-proxy
 	// registers these only there.
 	iptablesRestoreFailuresVec, iptablesPartialRestoreFailuresVec *prometheus.CounterVec
+	conntrackDurationVec                                          *prometheus.HistogramVec
+	conntrackDeletedVec                                           *prometheus.CounterVec
 }
 
 // New creates the collectors and registers them on reg. It panics if reg
@@ -147,6 +154,12 @@ func New(reg prometheus.Registerer) *Metrics {
 		Name: "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
 		Help: "Failed partial syncs of the iptables mode, each followed by a full one.",
 	}, []string{"ip_family"})
+	conntrackDuration := syncHistogram("kubeproxy_conntrack_reconciler_sync_duration_seconds",
+		"Time taken by each cleanup of stale UDP conntrack entries after a sync, in seconds.")
+	conntrackDeleted := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "kubeproxy_conntrack_reconciler_deleted_entries_total",
+		Help: "Stale UDP conntrack entries deleted after syncs.",
+	}, []string{"ip_family"})
 	m := &Metrics{
 		SyncProxyRulesDuration:        syncDuration.With(family),
 		SyncFullProxyRulesDuration:    syncFullDuration.With(family),
@@ -160,6 +173,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			Help: "Rules of the iptables mode per table written by the last sync.",
 		}, []string{"table", "ip_family"}),
 		iptablesRestoreFailuresVec:        restoreFailures,
+		conntrackDurationVec:              conntrackDuration,
+		conntrackDeletedVec:               conntrackDeleted,
 		iptablesPartialRestoreFailuresVec: partialRestoreFailures,
 		SyncProxyRulesLastTimestamp:       lastTimestamp.With(family),
 		SyncProxyRulesLastQueuedTimestamp: lastQueued.With(family),
@@ -233,6 +248,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			m.IptablesRulesLast,
 			restoreFailures,
 			partialRestoreFailures,
+			conntrackDuration,
+			conntrackDeleted,
 			lastTimestamp,
 			lastQueued,
 			programming,
@@ -269,6 +286,18 @@ func syncHistogram(name, help string) *prometheus.HistogramVec {
 func (m *Metrics) InitIptables() {
 	m.IptablesRestoreFailures = m.iptablesRestoreFailuresVec.WithLabelValues(IPFamily)
 	m.IptablesPartialRestoreFailures = m.iptablesPartialRestoreFailuresVec.WithLabelValues(IPFamily)
+	m.ConntrackCleanupDuration = m.conntrackDurationVec.WithLabelValues(IPFamily)
+	m.ConntrackCleanupDeleted = m.conntrackDeletedVec.WithLabelValues(IPFamily)
+}
+
+// RecordConntrackCleanup records one stale UDP conntrack cleanup of the
+// iptables mode, as kube-proxy's conntrack reconciler metrics.
+func (m *Metrics) RecordConntrackCleanup(took time.Duration, deleted uint) {
+	if m.ConntrackCleanupDuration == nil {
+		return
+	}
+	m.ConntrackCleanupDuration.Observe(took.Seconds())
+	m.ConntrackCleanupDeleted.Add(float64(deleted))
 }
 
 // AddIptablesRestoreFailures counts n failed iptables-restore runs.

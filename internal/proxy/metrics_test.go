@@ -7,9 +7,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
@@ -152,4 +154,72 @@ func gatherValues(h *proxierHarness, names []string) (string, error) {
 		fmt.Fprintf(&b, "%s %v\n", n, vals[n])
 	}
 	return b.String(), nil
+}
+
+// iptablesLike is a scripted datapath that reports what the iptables one
+// does.
+type iptablesLike struct {
+	*scriptedDataplane
+	restoreFailures uint64
+	cleanupRan      bool
+	cleanupDeleted  uint
+}
+
+func (d *iptablesLike) RuleCounts() map[string]int   { return map[string]int{"nat": 40, "filter": 4} }
+func (d *iptablesLike) RulesWritten() map[string]int { return map[string]int{"nat": 7, "filter": 4} }
+func (d *iptablesLike) RestoreFailures() uint64      { return d.restoreFailures }
+func (d *iptablesLike) LastConntrackCleanup() (bool, time.Duration, uint) {
+	return d.cleanupRan, time.Millisecond, d.cleanupDeleted
+}
+
+// In the iptables mode the proxy feeds kube-proxy's iptables series from
+// the datapath: restore failures as they grow, failed partial syncs, the
+// rule counts and the conntrack cleanups.
+func TestIptablesMetrics(t *testing.T) {
+	h := newProxierHarness(t)
+	dp := &iptablesLike{scriptedDataplane: h.dp}
+	h.reg = prometheus.NewRegistry()
+	h.m = metrics.New(h.reg)
+	h.p = NewProxier(dp, h.m, h.health, Config{SyncPeriod: harnessSyncPeriod, RetryPeriod: harnessRetryPeriod}, WithClock(h.clk))
+	h.p.OnSynced()
+	t.Cleanup(h.p.retry.stop)
+	names := []string{
+		`kubeproxy_sync_proxy_rules_iptables_restore_failures_total`,
+		`kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total`,
+		`kubeproxy_sync_proxy_rules_iptables_total`,
+		`kubeproxy_sync_proxy_rules_iptables_last`,
+		`kubeproxy_conntrack_reconciler_deleted_entries_total`,
+	}
+	check := func(what, want string) {
+		t.Helper()
+		got, err := gatherValues(h, names)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Errorf("%s:\n%swant\n%s", what, got, want)
+		}
+	}
+	check("before any sync", `kubeproxy_sync_proxy_rules_iptables_restore_failures_total 0
+kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total 0
+kubeproxy_sync_proxy_rules_iptables_total 0
+kubeproxy_sync_proxy_rules_iptables_last 0
+kubeproxy_conntrack_reconciler_deleted_entries_total 0
+`)
+	h.p.OnServiceUpsert(service("default", "web", "10.96.0.10", tcpPort("http", 80, 8080)))
+	dp.cleanupRan, dp.cleanupDeleted = true, 3
+	h.syncOK()
+	h.p.OnServiceUpsert(service("default", "web", "10.96.0.10", tcpPort("http", 81, 8080)))
+	dp.cleanupRan = false
+	dp.restoreFailures = 2
+	h.dp.failWhole(errors.New("iptables-restore: boom"))
+	if _, err := h.sync(); err == nil {
+		t.Fatal("sync succeeded, want the scripted failure")
+	}
+	check("after a failed partial sync", `kubeproxy_sync_proxy_rules_iptables_restore_failures_total 2
+kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total 1
+kubeproxy_sync_proxy_rules_iptables_total 40
+kubeproxy_sync_proxy_rules_iptables_last 7
+kubeproxy_conntrack_reconciler_deleted_entries_total 3
+`)
 }

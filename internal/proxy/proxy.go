@@ -77,6 +77,7 @@ type iptablesStats interface {
 	RuleCounts() map[string]int
 	RulesWritten() map[string]int
 	RestoreFailures() uint64
+	LastConntrackCleanup() (ran bool, took time.Duration, deleted uint)
 }
 
 // eventSource is implemented by datapaths that count what they do.
@@ -281,6 +282,9 @@ func (p *Proxier) sync(ctx context.Context) error {
 		p.restoreFailures = n
 		if applied {
 			p.metrics.SetIptablesRules(r.RuleCounts(), r.RulesWritten())
+		}
+		if ran, took, deleted := r.LastConntrackCleanup(); ran {
+			p.metrics.RecordConntrackCleanup(took, deleted)
 		}
 	}
 	p.recordProgramming(end, snap, portErrs, applied)

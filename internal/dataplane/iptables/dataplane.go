@@ -87,6 +87,8 @@ type Dataplane struct {
 	// rules counts the rules per table after the last successful sync,
 	// and written those that sync wrote.
 	rules, written map[string]int
+	// cleanup is the last sync's conntrack cleanup, if it ran one.
+	cleanup conntrackCleanup
 
 	mu     sync.Mutex
 	events map[string]uint64
@@ -138,8 +140,24 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 // Backend is the iptables backend in use, "nft" or "legacy".
 func (d *Dataplane) Backend() string { return d.tool.backend }
 
+// conntrackCleanup describes the stale UDP conntrack cleanup of one sync.
+type conntrackCleanup struct {
+	ran     bool
+	took    time.Duration
+	deleted uint
+}
+
+// LastConntrackCleanup reports whether the last sync cleaned up stale UDP
+// conntrack entries (only a sync that changed the serving endpoints of a UDP
+// Service does, as in kube-proxy), how long that took and how many entries
+// it deleted, for kube-proxy's conntrack reconciler metrics.
+func (d *Dataplane) LastConntrackCleanup() (ran bool, took time.Duration, deleted uint) {
+	return d.cleanup.ran, d.cleanup.took, d.cleanup.deleted
+}
+
 // Sync implements dataplane.Dataplane.
 func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
+	d.cleanup = conntrackCleanup{}
 	if !snap.Full && d.applied == nil {
 		// Only a full snapshot says what else must be served.
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
@@ -201,7 +219,9 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	stale := d.staleUDP(snap, next)
 	d.applied = next
 	if len(stale) > 0 {
+		start := time.Now()
 		n, err := d.ct.deleteStale(stale)
+		d.cleanup = conntrackCleanup{ran: true, took: time.Since(start), deleted: n}
 		d.count("conntrack_entries_deleted", uint64(n))
 		if err != nil {
 			d.count("conntrack_cleanup_failed", 1)
