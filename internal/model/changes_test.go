@@ -77,9 +77,9 @@ func TestChangeCounts(t *testing.T) {
 }
 
 // Snapshots carry the trigger times of the EndpointSlice changes they are
-// the first to include, only those after the Tracker started, and a
-// deleted slice drops its Service's times (its annotation dates from an
-// earlier update).
+// the first to include, only those after the Tracker started and that
+// change what is served, and a deleted slice drops its Service's times
+// (its annotation dates from an earlier update).
 func TestTriggerTimes(t *testing.T) {
 	start := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 	at := func(d time.Duration) string { return start.Add(d).Format(time.RFC3339Nano) }
@@ -108,6 +108,9 @@ func TestTriggerTimes(t *testing.T) {
 		t.Errorf("second snapshot's TriggerTimes = %v, want none: the first took them", got)
 	}
 
+	// An update that changes nothing served (a new version, the same
+	// endpoints) triggers no sync: its wait is not programming latency.
+	tr.UpsertEndpointSlice(newSlice("b-1", "b", sp, withEndpoints(readyEP("10.2.0.2")), withVersion("5a"), withTrigger(at(6*time.Second))))
 	tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(readyEP("10.1.0.4")), withVersion("6"), withTrigger(at(4*time.Second))))
 	tr.UpsertEndpointSlice(newSlice("b-1", "b", sp, withEndpoints(readyEP("10.2.0.3")), withVersion("7"), withTrigger(at(5*time.Second))))
 	tr.DeleteEndpointSlice(newSlice("a-1", "a", withVersion("6")))

@@ -233,7 +233,7 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.sliceEvent(key, s)
+	trigger, hasTrigger := t.sliceEvent(key, s)
 	changed := false
 	if old, ok := t.slices[key]; ok && (info == nil || old.service != info.service) {
 		// The slice left its Service (label changed or removed, or it is no
@@ -251,7 +251,16 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 		t.byService[info.service] = idx
 	}
 	idx[key.name] = info
-	return t.recompute(info.service) || changed
+	if t.recompute(info.service) {
+		// Only a change that alters what is served is measured: one that
+		// does not (a hostname, a zone) triggers no sync, and the next
+		// periodic one would report its wait as programming latency.
+		if hasTrigger {
+			t.triggers[info.service] = append(t.triggers[info.service], trigger)
+		}
+		changed = true
+	}
+	return changed
 }
 
 // DeleteEndpointSlice records a deleted EndpointSlice. The watch handler
@@ -303,14 +312,14 @@ func countedSlice(s *discoveryv1.EndpointSlice) (ServiceName, bool) {
 	return svc, ok && s.AddressType == discoveryv1.AddressTypeIPv4
 }
 
-// sliceEvent counts an added or updated EndpointSlice and keeps its trigger
-// time. Callers hold t.mu.
-func (t *Tracker) sliceEvent(key sliceKey, s *discoveryv1.EndpointSlice) {
-	svc, ok := countedSlice(s)
-	if !ok {
+// sliceEvent counts an added or updated EndpointSlice, and returns its
+// trigger time if this event changed the slice and the change was
+// triggered after the Tracker started. Callers hold t.mu.
+func (t *Tracker) sliceEvent(key sliceKey, s *discoveryv1.EndpointSlice) (time.Time, bool) {
+	if _, ok := countedSlice(s); !ok {
 		// Not ours (any more): a later delete is no change.
 		delete(t.sliceVersions, key)
-		return
+		return time.Time{}, false
 	}
 	t.counts.EndpointChanges++
 	prev, known := t.sliceVersions[key]
@@ -319,12 +328,13 @@ func (t *Tracker) sliceEvent(key sliceKey, s *discoveryv1.EndpointSlice) {
 	// resourceVersion: no change, as kube-proxy compares the objects. A
 	// slice without one (a test's) always counts.
 	if known && prev == s.ResourceVersion && prev != "" {
-		return
+		return time.Time{}, false
 	}
 	t.counts.PendingEndpointChanges++
 	if at, ok := triggerTime(s); ok && at.After(t.startTime) {
-		t.triggers[svc] = append(t.triggers[svc], at)
+		return at, true
 	}
+	return time.Time{}, false
 }
 
 // sliceDeleted counts a deleted EndpointSlice. Callers hold t.mu.
