@@ -113,7 +113,6 @@ func TestManifests(t *testing.T) {
 		{"update", "services", false},
 		{"patch", "nodes", true}, // the mode label
 		{"update", "nodes", false},
-		{"patch", "nodes/status", false},
 		{"create", "serviceaccounts/token", false},
 	} {
 		out, err := c.KubectlAs(ctx, sa, "auth", "can-i", q.verb, q.resource, "--all-namespaces")
