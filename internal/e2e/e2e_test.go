@@ -29,6 +29,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
@@ -241,8 +242,15 @@ func (e *env) cleanupProxies(t *testing.T, mode string) {
 				t.Error(err)
 			}
 		}
-		if err := e.c.CleanupProxy(ctx, n.Name, e.binary); err != nil {
+		// With a kubeconfig, as an operator runs it on a node, --cleanup
+		// also takes the node's mode label away.
+		if err := e.c.CleanupProxy(ctx, n.Name, e.binary, "--kubeconfig="+e.c.AdminKubeconfig, "--hostname-override="+n.Name); err != nil {
 			t.Error(err)
+		}
+		if node, err := e.c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{}); err != nil {
+			t.Error(err)
+		} else if v, ok := node.Labels[nodelabel.Label]; ok {
+			t.Errorf("%s mode: Node %s still has label %s=%s after --cleanup", mode, n.Name, nodelabel.Label, v)
 		}
 		if got := testnet.AttachedPrograms(t, n.Cgroup); got != 0 {
 			t.Errorf("%s mode: %d programs still attached on %s after --cleanup", mode, got, n.Name)
