@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/events"
+	clientmetrics "k8s.io/client-go/tools/metrics"
 	"k8s.io/klog/v2"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apiserver"
@@ -29,10 +30,13 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/proxy"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/version"
 )
 
-const usageLine = "usage: kube-bpf-proxy [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [flags]"
+const usageLine = "usage: kube-bpf-proxy [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [--version] [flags]"
 
 type options struct {
 	mode               string
@@ -41,6 +45,7 @@ type options struct {
 	cgroupPath         string
 	bpffsPath          string
 	cleanup            bool
+	version            bool
 	maxServices        uint
 	maxBackends        uint
 	maxSockets         uint
@@ -70,7 +75,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name; default $NODE_NAME, then the hostname")
 	fs.StringVar(&o.cgroupPath, "cgroup-path", "", "cgroup v2 directory the eBPF programs attach to; default the cgroup2 mount root, which covers every socket on the node")
 	fs.StringVar(&o.bpffsPath, "bpffs-path", "/sys/fs/bpf/kube-bpf-proxy", "directory on a bpffs for pinned maps and links; bpffs is mounted on its parent if missing")
-	fs.BoolVar(&o.cleanup, "cleanup", false, "remove every map, link, program and pin this binary owns, then exit")
+	fs.BoolVar(&o.cleanup, "cleanup", false, "remove every map, link, program and pin this binary owns, and this node's kube-bpf-proxy.io/mode label if the API server is configured and reachable, then exit")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.UintVar(&o.maxServices, ebpf.FlagMaxServices, ebpf.DefaultMaxServices, "capacity of the eBPF service map, in service ports (one per Service port and protocol)")
 	fs.UintVar(&o.maxBackends, ebpf.FlagMaxBackends, ebpf.DefaultMaxBackends, "capacity of the eBPF backend and slot maps, in backend references summed over all service ports")
 	fs.UintVar(&o.maxSockets, ebpf.FlagMaxRevNAT, ebpf.DefaultMaxRevNAT, "sockets whose replies and peer name are shown as the Service address; the least recently used is forgotten first")
@@ -94,7 +100,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 
 // run is main without the exit, for tests: 0 on success, 1 on failure, 2 on
 // a usage error.
-func run(ctx context.Context, args []string, stderr io.Writer) int {
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	var o options
 	fs := newFlagSet(&o, stderr)
 	if err := fs.Parse(args); err != nil {
@@ -107,6 +113,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "unexpected argument %q\n%s\n", fs.Arg(0), usageLine)
 		return 2
 	}
+	if o.version {
+		fmt.Fprintln(stdout, "kube-bpf-proxy", version.Get())
+		return 0
+	}
 	if err := o.validate(); err != nil {
 		fmt.Fprintf(stderr, "%v\n%s\n", err, usageLine)
 		return 2
@@ -116,6 +126,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		// Both modes, whichever was running: this is how a node goes back
 		// to kube-proxy or to nothing.
 		err := errors.Join(ebpf.Cleanup(o.bpffsPath), iptables.Cleanup(ctx, o.iptablesConfig()))
+		removeModeLabel(ctx, o)
 		if err != nil {
 			klog.ErrorS(err, "Cleanup failed")
 			return 1
@@ -172,21 +183,22 @@ func (o options) iptablesConfig() iptables.Config {
 }
 
 // newDataplane starts the mode's datapath, wrapped so that the other mode's
-// leftovers go once it serves.
-func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, error) {
+// leftovers go once it serves. It also returns the iptables backend in use,
+// "none" in the ebpf mode.
+func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, string, error) {
 	if o.mode == "iptables" {
 		dp, err := iptables.New(ctx, o.iptablesConfig())
 		if err != nil {
-			return nil, fmt.Errorf("starting the iptables datapath: %w", err)
+			return nil, "", fmt.Errorf("starting the iptables datapath: %w", err)
 		}
-		klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "backend", dp.Backend())
-		return dataplane.WithHandover(dp, "ebpf", func(context.Context) error { return ebpf.Cleanup(o.bpffsPath) }), nil
+		klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "backend", dp.Backend(), "version", version.Get())
+		return dataplane.WithHandover(dp, "ebpf", func(context.Context) error { return ebpf.Cleanup(o.bpffsPath) }), dp.Backend(), nil
 	}
 	cgroupPath := o.cgroupPath
 	if cgroupPath == "" {
 		var err error
 		if cgroupPath, err = cgroups.Cgroup2Mount(); err != nil {
-			return nil, err
+			return nil, "", err
 		}
 	}
 	dp, err := ebpf.New(ebpf.Config{
@@ -198,12 +210,12 @@ func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, error) {
 		NetNSDirs:   splitList(o.netnsDirs),
 	})
 	if err != nil {
-		return nil, fmt.Errorf("starting the eBPF datapath: %w", err)
+		return nil, "", fmt.Errorf("starting the eBPF datapath: %w", err)
 	}
-	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath)
+	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath, "version", version.Get())
 	return dataplane.WithHandover(dp, "iptables", func(ctx context.Context) error {
 		return iptables.Cleanup(ctx, o.iptablesConfig())
-	}), nil
+	}), "none", nil
 }
 
 func runProxy(ctx context.Context, o options) error {
@@ -216,6 +228,11 @@ func runProxy(ctx context.Context, o options) error {
 		return err
 	}
 	restCfg.UserAgent = "kube-bpf-proxy"
+	// client-go's request metrics (rest_client_*), on our registry. Its
+	// Register holds once per process, and must come before the client
+	// exists: the transport metrics are fed when it is built.
+	reg := metrics.NewRegistry()
+	clientmetrics.Register(metrics.NewRESTClient(reg).Options())
 	client, err := kubernetes.NewForConfig(restCfg)
 	if err != nil {
 		return fmt.Errorf("creating Kubernetes client: %w", err)
@@ -231,10 +248,11 @@ func runProxy(ctx context.Context, o options) error {
 	klog.InfoS("Connecting to the API server", "server", target.Server, "config", config)
 	go apiserver.Probe(ctx, client.Discovery().RESTClient(), target, apiserver.ProbeTimeout, 5*time.Second)
 
-	dp, err := newDataplane(ctx, o)
+	dp, backend, err := newDataplane(ctx, o)
 	if err != nil {
 		return err
 	}
+	metrics.RegisterInfo(reg, o.mode, backend, version.Get())
 	// Closing releases our handles only; the datapath (pinned programs or
 	// rules) keeps serving until the next start takes it over.
 	defer dp.Close()
@@ -249,7 +267,46 @@ func runProxy(ctx context.Context, o options) error {
 		MetricsBindAddress: o.metricsBindAddress,
 		Recorder:           recorder,
 		NodeName:           nodeName,
+		Registry:           reg,
+		// The label says what serves the node, so it is written once
+		// this mode does; in the background, as the datapath never
+		// waits for the API server.
+		AfterFirstSync: func() {
+			_ = nodelabel.Record(ctx, client, nodeName, o.mode, nodelabel.DefaultBackoff)
+		},
 	})
+}
+
+// removeModeLabel takes this node's mode label away on --cleanup, if an API
+// server is configured and answers within a few seconds: a node cleaned up
+// has no mode. Cleanup goes on whatever happens here; it is mostly run
+// where no credentials are at hand, and a stale label misleads only the
+// probe's mode label until a proxy starts again.
+func removeModeLabel(ctx context.Context, o options) {
+	node, err := nodeName(o.hostnameOverride)
+	if err != nil {
+		klog.InfoS("Not removing the Node's mode label", "reason", err)
+		return
+	}
+	restCfg, _, err := apiserver.Config(o.kubeconfig, os.LookupEnv)
+	if err != nil {
+		klog.InfoS("Not removing the Node's mode label: no API server configured", "node", node, "label", nodelabel.Label, "reason", err)
+		return
+	}
+	restCfg.UserAgent = "kube-bpf-proxy"
+	restCfg.Timeout = 10 * time.Second
+	client, err := kubernetes.NewForConfig(restCfg)
+	if err != nil {
+		klog.InfoS("Not removing the Node's mode label", "node", node, "reason", err)
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := nodelabel.Remove(ctx, client, node); err != nil {
+		klog.InfoS("Could not remove the Node's mode label; the next proxy to start rewrites it", "node", node, "err", err)
+		return
+	}
+	klog.InfoS("Removed the Node's mode label", "node", node, "label", nodelabel.Label)
 }
 
 // announce records a "Starting" Event on this node's Node object, as
@@ -303,7 +360,7 @@ func splitList(s string) []string {
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	code := run(ctx, os.Args[1:], os.Stderr)
+	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
 	klog.Flush()
 	os.Exit(code)

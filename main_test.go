@@ -50,11 +50,21 @@ func TestUsageErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stderr bytes.Buffer
-			code := run(context.Background(), tt.args, &stderr)
+			code := run(context.Background(), tt.args, io.Discard, &stderr)
 			if code != tt.wantCode || !strings.Contains(stderr.String(), tt.wantErr) {
 				t.Errorf("run(%q) = %d, stderr %q; want %d and %q", tt.args, code, stderr.String(), tt.wantCode, tt.wantErr)
 			}
 		})
+	}
+}
+
+func TestVersion(t *testing.T) {
+	var stdout, stderr bytes.Buffer
+	if code := run(context.Background(), []string{"--version"}, &stdout, &stderr); code != 0 {
+		t.Fatalf("--version exited %d: %s", code, stderr.String())
+	}
+	if v, ok := strings.CutPrefix(strings.TrimSpace(stdout.String()), "kube-bpf-proxy "); !ok || v == "" {
+		t.Errorf("--version printed %q, want \"kube-bpf-proxy <version>\"", stdout.String())
 	}
 }
 

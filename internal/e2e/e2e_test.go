@@ -29,6 +29,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
@@ -206,6 +207,7 @@ func (e *env) startProxies(t *testing.T, mode string) {
 			t.Errorf("no Starting Event for this start of the proxy on %s; last seen: %s", n.Name, last)
 		}
 	}
+	e.expectModeShown(t, mode)
 }
 
 // proxyOptions applies the user's overlay for mode and returns options
@@ -241,8 +243,15 @@ func (e *env) cleanupProxies(t *testing.T, mode string) {
 				t.Error(err)
 			}
 		}
-		if err := e.c.CleanupProxy(ctx, n.Name, e.binary); err != nil {
+		// With a kubeconfig, as an operator runs it on a node, --cleanup
+		// also takes the node's mode label away.
+		if err := e.c.CleanupProxy(ctx, n.Name, e.binary, "--kubeconfig="+e.c.AdminKubeconfig, "--hostname-override="+n.Name); err != nil {
 			t.Error(err)
+		}
+		if node, err := e.c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{}); err != nil {
+			t.Error(err)
+		} else if v, ok := node.Labels[nodelabel.Label]; ok {
+			t.Errorf("%s mode: Node %s still has label %s=%s after --cleanup", mode, n.Name, nodelabel.Label, v)
 		}
 		if got := testnet.AttachedPrograms(t, n.Cgroup); got != 0 {
 			t.Errorf("%s mode: %d programs still attached on %s after --cleanup", mode, got, n.Name)
@@ -276,6 +285,7 @@ func (e *env) namespace(t *testing.T, name string) string {
 // added, made unready, made ready again and deleted are followed.
 func (e *env) serviceFollowsPods(t *testing.T, ns string) {
 	ctx := context.Background()
+	programmed := e.programmingCounts(t)
 	e.addWeb(t, ns, "a-1", "node1", "a")
 	e.addWeb(t, ns, "a-2", "node2", "a")
 	vip := e.createService(t, ns, "a", 80)
@@ -301,6 +311,8 @@ func (e *env) serviceFollowsPods(t *testing.T, ns string) {
 		t.Fatal(err)
 	}
 	e.expectBackends(t, vip+":80", "a-1", "a-3")
+	// Each node measured how long these changes took to program.
+	e.expectProgrammingRose(t, programmed)
 }
 
 // A Service whose port changes serves the new port and no longer the old.

@@ -111,7 +111,8 @@ func TestManifests(t *testing.T) {
 		{"delete", "nodes", false},
 		{"delete", "events", false},
 		{"update", "services", false},
-		{"patch", "nodes", false},
+		{"patch", "nodes", true}, // the mode label
+		{"update", "nodes", false},
 		{"create", "serviceaccounts/token", false},
 	} {
 		out, err := c.KubectlAs(ctx, sa, "auth", "can-i", q.verb, q.resource, "--all-namespaces")

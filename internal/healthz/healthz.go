@@ -140,18 +140,37 @@ type status struct {
 	CurrentTime string `json:"currentTime"`
 }
 
+// HandlerOption configures Handler.
+type HandlerOption func(*handlerConfig)
+
+type handlerConfig struct {
+	healthz, livez func(code int)
+}
+
+// WithCounts makes the handler tell healthz and livez the status code of
+// every /healthz and /livez answer (200 or 503), for kube-proxy's
+// kubeproxy_proxy_healthz_total and kubeproxy_proxy_livez_total.
+func WithCounts(healthz, livez func(code int)) HandlerOption {
+	return func(c *handlerConfig) { c.healthz, c.livez = healthz, livez }
+}
+
 // Handler serves GET (and HEAD) /healthz from h.Healthy and /livez from
 // h.Live. Other paths are 404, other methods 405.
-func Handler(h *ProxyHealth) http.Handler {
+func Handler(h *ProxyHealth, opts ...HandlerOption) http.Handler {
+	c := handlerConfig{healthz: func(int) {}, livez: func(int) {}}
+	for _, o := range opts {
+		o(&c)
+	}
 	mux := http.NewServeMux()
 	// A GET pattern also matches HEAD.
-	mux.HandleFunc("GET /healthz", serveStatus(h.Healthy))
-	mux.HandleFunc("GET /livez", serveStatus(h.Live))
+	mux.HandleFunc("GET /healthz", serveStatus(h.Healthy, c.healthz))
+	mux.HandleFunc("GET /livez", serveStatus(h.Live, c.livez))
 	return mux
 }
 
-// serveStatus answers 200 or 503 as check says, with kube-proxy's body.
-func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time)) http.HandlerFunc {
+// serveStatus answers 200 or 503 as check says, with kube-proxy's body,
+// and tells count the code.
+func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time), count func(code int)) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) {
 		ok, lastUpdated, currentTime := check()
 		body, err := json.Marshal(status{
@@ -165,11 +184,12 @@ func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time)) htt
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
-		if ok {
-			w.WriteHeader(http.StatusOK)
-		} else {
-			w.WriteHeader(http.StatusServiceUnavailable)
+		code := http.StatusOK
+		if !ok {
+			code = http.StatusServiceUnavailable
 		}
+		count(code)
+		w.WriteHeader(code)
 		if _, err := w.Write(body); err != nil {
 			klog.V(4).InfoS("Writing health response", "err", err)
 		}
@@ -178,6 +198,6 @@ func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time)) htt
 
 // ListenAndServe serves Handler(h) on addr until ctx is cancelled; see
 // httpserve.ListenAndServe.
-func ListenAndServe(ctx context.Context, addr string, h *ProxyHealth) error {
-	return httpserve.ListenAndServe(ctx, "healthz", addr, Handler(h))
+func ListenAndServe(ctx context.Context, addr string, h *ProxyHealth, opts ...HandlerOption) error {
+	return httpserve.ListenAndServe(ctx, "healthz", addr, Handler(h, opts...))
 }

@@ -3,9 +3,12 @@ package healthz
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"sync"
 	"testing"
 	"time"
 
@@ -186,7 +189,18 @@ func TestProxyHealth(t *testing.T) {
 func TestHandler(t *testing.T) {
 	clk := clocktesting.NewFakePassiveClock(t0)
 	h := NewProxyHealth(timeout, clk)
-	srv := httptest.NewServer(Handler(h))
+	// counted and want hold the answers counted per "path code", as
+	// kube-proxy's kubeproxy_proxy_{healthz,livez}_total count them.
+	var mu sync.Mutex
+	counted, want := map[string]int{}, map[string]int{}
+	counter := func(path string) func(int) {
+		return func(code int) {
+			mu.Lock()
+			defer mu.Unlock()
+			counted[fmt.Sprintf("%s %d", path, code)]++
+		}
+	}
+	srv := httptest.NewServer(Handler(h, WithCounts(counter("/healthz"), counter("/livez"))))
 	t.Cleanup(srv.Close)
 
 	type check struct {
@@ -261,6 +275,9 @@ func TestHandler(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			tc.before()
 			for _, c := range tc.checks {
+				if c.wantCode == http.StatusOK || c.wantCode == http.StatusServiceUnavailable {
+					want[fmt.Sprintf("%s %d", c.path, c.wantCode)]++
+				}
 				req, err := http.NewRequest(c.method, srv.URL+c.path, nil)
 				if err != nil {
 					t.Fatal(err)
@@ -299,6 +316,11 @@ func TestHandler(t *testing.T) {
 				}
 			}
 		})
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if !maps.Equal(counted, want) {
+		t.Errorf("answers counted %v, want %v", counted, want)
 	}
 }
 

@@ -221,14 +221,16 @@ func (c *Cluster) ProxyLog(node string) string {
 }
 
 // CleanupProxy runs `kube-bpf-proxy --cleanup` in the node's namespace, as
-// an operator does on a node the proxy leaves.
-func (c *Cluster) CleanupProxy(ctx context.Context, node, binary string) error {
+// an operator does on a node the proxy leaves, with extra flags if given
+// (a --kubeconfig lets it remove the Node's mode label too).
+func (c *Cluster) CleanupProxy(ctx context.Context, node, binary string, extra ...string) error {
 	n, err := c.Node(node)
 	if err != nil {
 		return err
 	}
-	out, err := exec.CommandContext(ctx, "nsenter", "--net="+netnsPath(n.NetNS), "--", binary, "--cleanup",
-		"--cgroup-path="+n.Cgroup, "--bpffs-path="+filepath.Join(n.BPFFS, "kube-bpf-proxy")).CombinedOutput()
+	args := append([]string{"--net=" + netnsPath(n.NetNS), "--", binary, "--cleanup",
+		"--cgroup-path=" + n.Cgroup, "--bpffs-path=" + filepath.Join(n.BPFFS, "kube-bpf-proxy")}, extra...)
+	out, err := exec.CommandContext(ctx, "nsenter", args...).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("kube-bpf-proxy --cleanup on %s: %w: %s", node, err, strings.TrimSpace(string(out)))
 	}

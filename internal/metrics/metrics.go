@@ -3,7 +3,7 @@
 // Everything is registered on a registry the caller passes in; nothing uses
 // the default registry. The kubeproxy_* metrics keep kube-proxy's names,
 // types and buckets so that existing dashboards and alerts work unchanged;
-// the kubebpfproxy_* metrics are this proxy's own.
+// the kube_bpf_proxy_* metrics are this proxy's own.
 package metrics
 
 import (
@@ -31,26 +31,57 @@ const (
 	SyncKindPartial = "partial"
 )
 
+// IPFamily is the value of kube-proxy's ip_family label: this proxy serves
+// IPv4 only, so every series carries it, as a single-stack IPv4 kube-proxy's
+// do.
+const IPFamily = "IPv4"
+
 // Metrics holds the proxy's collectors. The fields may be used directly; the
 // Record methods cover the common cases.
 type Metrics struct {
 	// SyncProxyRulesDuration observes how long each sync took, failed or
 	// not.
-	SyncProxyRulesDuration prometheus.Histogram
+	SyncProxyRulesDuration prometheus.Observer
 	// SyncFullProxyRulesDuration and SyncPartialProxyRulesDuration split
 	// SyncProxyRulesDuration by kind, as kube-proxy does: the two kinds cost
 	// orders of magnitude apart, in the iptables mode above all.
-	SyncFullProxyRulesDuration    prometheus.Histogram
-	SyncPartialProxyRulesDuration prometheus.Histogram
+	SyncFullProxyRulesDuration    prometheus.Observer
+	SyncPartialProxyRulesDuration prometheus.Observer
 	// IptablesRules is the number of rules per table after the last
 	// iptables sync, unchanged ones included (iptables mode only).
 	IptablesRules *prometheus.GaugeVec
+	// IptablesRulesLast is the number of rules per table the last iptables
+	// sync wrote (iptables mode only).
+	IptablesRulesLast *prometheus.GaugeVec
+	// IptablesRestoreFailures counts failed iptables-restore runs of the
+	// syncs; nil until InitIptables (iptables mode only).
+	IptablesRestoreFailures prometheus.Counter
+	// IptablesPartialRestoreFailures counts failed partial syncs in the
+	// iptables mode, each followed by a full one; nil until InitIptables.
+	IptablesPartialRestoreFailures prometheus.Counter
+	// ConntrackCleanupDuration and ConntrackCleanupDeleted time the stale
+	// UDP conntrack cleanups of the iptables mode and count the entries
+	// they deleted; nil until InitIptables.
+	ConntrackCleanupDuration prometheus.Observer
+	ConntrackCleanupDeleted  prometheus.Counter
 	// SyncProxyRulesLastTimestamp is the Unix time of the last successful
 	// sync.
 	SyncProxyRulesLastTimestamp prometheus.Gauge
 	// SyncProxyRulesLastQueuedTimestamp is the Unix time of the last change
 	// queued for a sync.
 	SyncProxyRulesLastQueuedTimestamp prometheus.Gauge
+	// NetworkProgrammingDuration observes, for each EndpointSlice change,
+	// the time from the change that triggered it (its
+	// last-change-trigger-time annotation) to the sync that programmed it.
+	NetworkProgrammingDuration prometheus.Observer
+	// NoLocalEndpoints is kube-proxy's count of Services with a Local
+	// traffic policy and no local endpoint, by traffic_policy. Traffic
+	// policies are not served yet, so it stays 0.
+	NoLocalEndpoints *prometheus.GaugeVec
+	// ProxyHealthzTotal and ProxyLivezTotal count the answers of /healthz
+	// and /livez by HTTP status code.
+	ProxyHealthzTotal *prometheus.CounterVec
+	ProxyLivezTotal   *prometheus.CounterVec
 
 	// SyncsTotal counts sync attempts by kind (SyncKindFull, SyncKindPartial).
 	SyncsTotal *prometheus.CounterVec
@@ -75,6 +106,13 @@ type Metrics struct {
 	Services prometheus.Gauge
 	// Backends is the number of backends programmed in the datapath.
 	Backends prometheus.Gauge
+
+	changes *changesCollector
+	// Vectors whose children appear only in the iptables mode, as kube-proxy
+	// registers these only there.
+	iptablesRestoreFailuresVec, iptablesPartialRestoreFailuresVec *prometheus.CounterVec
+	conntrackDurationVec                                          *prometheus.HistogramVec
+	conntrackDeletedVec                                           *prometheus.CounterVec
 }
 
 // New creates the collectors and registers them on reg. It panics if reg
@@ -82,72 +120,143 @@ type Metrics struct {
 // registry is a programming error). A nil reg registers nothing, which suits
 // tests of other packages.
 func New(reg prometheus.Registerer) *Metrics {
+	family := prometheus.Labels{"ip_family": IPFamily}
+	syncDuration := syncHistogram("kubeproxy_sync_proxy_rules_duration_seconds",
+		"Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds.")
+	syncFullDuration := syncHistogram("kubeproxy_sync_full_proxy_rules_duration_seconds",
+		"Time taken by each full sync of the datapath (the first, the periodic ones and those after a failure), in seconds.")
+	syncPartialDuration := syncHistogram("kubeproxy_sync_partial_proxy_rules_duration_seconds",
+		"Time taken by each partial sync of the datapath (changed Services only), in seconds.")
+	lastTimestamp := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+		Help: "Unix time at which the datapath was last synced successfully.",
+	}, []string{"ip_family"})
+	lastQueued := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+		Help: "Unix time at which the last Service or EndpointSlice change was queued for a datapath sync.",
+	}, []string{"ip_family"})
+	programming := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "kubeproxy_network_programming_duration_seconds",
+		Help: "Time from a change to a Pod or Service (an EndpointSlice's last-change-trigger-time) to the sync that programmed it, in seconds.",
+		// kube-proxy's buckets: 0.25 s, 0.5 s, then 1 s steps to 59 s,
+		// 5 s steps to 115 s, 30 s steps to 5 min.
+		Buckets: slices.Concat(
+			prometheus.LinearBuckets(0.25, 0.25, 2),
+			prometheus.LinearBuckets(1, 1, 59),
+			prometheus.LinearBuckets(60, 5, 12),
+			prometheus.LinearBuckets(120, 30, 7)),
+	}, []string{"ip_family"})
+	restoreFailures := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "kubeproxy_sync_proxy_rules_iptables_restore_failures_total",
+		Help: "Failed iptables-restore runs of the iptables mode's syncs.",
+	}, []string{"ip_family"})
+	partialRestoreFailures := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total",
+		Help: "Failed partial syncs of the iptables mode, each followed by a full one.",
+	}, []string{"ip_family"})
+	conntrackDuration := syncHistogram("kubeproxy_conntrack_reconciler_sync_duration_seconds",
+		"Time taken by each cleanup of stale UDP conntrack entries after a sync, in seconds.")
+	conntrackDeleted := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "kubeproxy_conntrack_reconciler_deleted_entries_total",
+		Help: "Stale UDP conntrack entries deleted after syncs.",
+	}, []string{"ip_family"})
 	m := &Metrics{
-		SyncProxyRulesDuration: syncHistogram("kubeproxy_sync_proxy_rules_duration_seconds",
-			"Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds."),
-		SyncFullProxyRulesDuration: syncHistogram("kubeproxy_sync_full_proxy_rules_duration_seconds",
-			"Time taken by each full sync of the datapath (the first, the periodic ones and those after a failure), in seconds."),
-		SyncPartialProxyRulesDuration: syncHistogram("kubeproxy_sync_partial_proxy_rules_duration_seconds",
-			"Time taken by each partial sync of the datapath (changed Services only), in seconds."),
+		SyncProxyRulesDuration:        syncDuration.With(family),
+		SyncFullProxyRulesDuration:    syncFullDuration.With(family),
+		SyncPartialProxyRulesDuration: syncPartialDuration.With(family),
 		IptablesRules: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kubeproxy_sync_proxy_rules_iptables_total",
 			Help: "Rules of the iptables mode per table after the last sync, those a partial sync left unchanged included.",
-		}, []string{"table"}),
-		SyncProxyRulesLastTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
-			Help: "Unix time at which the datapath was last synced successfully.",
-		}),
-		SyncProxyRulesLastQueuedTimestamp: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
-			Help: "Unix time at which the last Service or EndpointSlice change was queued for a datapath sync.",
-		}),
+		}, []string{"table", "ip_family"}),
+		IptablesRulesLast: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kubeproxy_sync_proxy_rules_iptables_last",
+			Help: "Rules of the iptables mode per table written by the last sync.",
+		}, []string{"table", "ip_family"}),
+		iptablesRestoreFailuresVec:        restoreFailures,
+		conntrackDurationVec:              conntrackDuration,
+		conntrackDeletedVec:               conntrackDeleted,
+		iptablesPartialRestoreFailuresVec: partialRestoreFailures,
+		SyncProxyRulesLastTimestamp:       lastTimestamp.With(family),
+		SyncProxyRulesLastQueuedTimestamp: lastQueued.With(family),
+		NetworkProgrammingDuration:        programming.With(family),
+		NoLocalEndpoints: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
+			Help: "Services with a Local traffic policy and no local endpoint, by traffic policy; always 0: Local traffic policies are not served yet.",
+		}, []string{"traffic_policy", "ip_family"}),
+		ProxyHealthzTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kubeproxy_proxy_healthz_total",
+			Help: "Answers of /healthz, by HTTP status code.",
+		}, []string{"code"}),
+		ProxyLivezTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kubeproxy_proxy_livez_total",
+			Help: "Answers of /livez, by HTTP status code.",
+		}, []string{"code"}),
 		SyncsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kubebpfproxy_syncs_total",
+			Name: "kube_bpf_proxy_syncs_total",
 			Help: "Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).",
 		}, []string{"kind"}),
 		SyncFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kubebpfproxy_sync_failures_total",
+			Name: "kube_bpf_proxy_sync_failures_total",
 			Help: "Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.",
 		}, []string{"kind"}),
 		ServicePortsNotProgrammed: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "kubebpfproxy_service_ports_not_programmed",
+			Name: "kube_bpf_proxy_service_ports_not_programmed",
 			Help: "Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.",
 		}, []string{"reason"}),
 		ServicePortFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kubebpfproxy_service_port_failures_total",
+			Name: "kube_bpf_proxy_service_port_failures_total",
 			Help: "Failed attempts to program a single service port, by reason; each failed retry counts.",
 		}, []string{"reason"}),
 		UnservedFeatureServices: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "kubebpfproxy_unserved_feature_services",
+			Name: "kube_bpf_proxy_unserved_feature_services",
 			Help: "Services that ask for a feature not served yet, by feature: only their ClusterIP is served.",
 		}, []string{"feature"}),
 		SkippedObjectsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "kubebpfproxy_skipped_objects_total",
+			Name: "kube_bpf_proxy_skipped_objects_total",
 			Help: "Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.",
 		}, []string{"resource", "reason"}),
 		Services: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "kubebpfproxy_services",
+			Name: "kube_bpf_proxy_services",
 			Help: "Service ports currently programmed in the datapath.",
 		}),
 		Backends: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "kubebpfproxy_backends",
+			Name: "kube_bpf_proxy_backends",
 			Help: "Backends currently programmed in the datapath.",
 		}),
+		changes: newChangesCollector(),
 	}
-	// Export both kinds from the start, so that rate() and absence alerts
-	// see a zero rather than no series.
+	// Export every label value from the start, so that rate() and absence
+	// alerts see a zero rather than no series. (kube-proxy creates its
+	// children on first use; a zero is what a query over them means.)
 	for _, kind := range []string{SyncKindFull, SyncKindPartial} {
 		m.SyncsTotal.WithLabelValues(kind)
 		m.SyncFailuresTotal.WithLabelValues(kind)
 	}
+	for _, policy := range []string{"internal", "external"} {
+		m.NoLocalEndpoints.WithLabelValues(policy, IPFamily)
+	}
+	for _, code := range []string{"200", "503"} {
+		m.ProxyHealthzTotal.WithLabelValues(code)
+		m.ProxyLivezTotal.WithLabelValues(code)
+	}
 	if reg != nil {
 		reg.MustRegister(
-			m.SyncProxyRulesDuration,
-			m.SyncFullProxyRulesDuration,
-			m.SyncPartialProxyRulesDuration,
+			syncDuration,
+			syncFullDuration,
+			syncPartialDuration,
 			m.IptablesRules,
-			m.SyncProxyRulesLastTimestamp,
-			m.SyncProxyRulesLastQueuedTimestamp,
+			m.IptablesRulesLast,
+			restoreFailures,
+			partialRestoreFailures,
+			conntrackDuration,
+			conntrackDeleted,
+			lastTimestamp,
+			lastQueued,
+			programming,
+			m.NoLocalEndpoints,
+			m.ProxyHealthzTotal,
+			m.ProxyLivezTotal,
+			m.changes,
 			m.SyncsTotal,
 			m.SyncFailuresTotal,
 			m.ServicePortsNotProgrammed,
@@ -163,12 +272,39 @@ func New(reg prometheus.Registerer) *Metrics {
 
 // syncHistogram is a sync-duration histogram with kube-proxy's buckets:
 // 1 ms doubling up to about 16 s.
-func syncHistogram(name, help string) prometheus.Histogram {
-	return prometheus.NewHistogram(prometheus.HistogramOpts{
+func syncHistogram(name, help string) *prometheus.HistogramVec {
+	return prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    name,
 		Help:    help,
 		Buckets: prometheus.ExponentialBuckets(0.001, 2, 15),
-	})
+	}, []string{"ip_family"})
+}
+
+// InitIptables exports the series kube-proxy has only in its iptables mode,
+// at zero. Call it once, before the first sync, when the datapath is
+// iptables.
+func (m *Metrics) InitIptables() {
+	m.IptablesRestoreFailures = m.iptablesRestoreFailuresVec.WithLabelValues(IPFamily)
+	m.IptablesPartialRestoreFailures = m.iptablesPartialRestoreFailuresVec.WithLabelValues(IPFamily)
+	m.ConntrackCleanupDuration = m.conntrackDurationVec.WithLabelValues(IPFamily)
+	m.ConntrackCleanupDeleted = m.conntrackDeletedVec.WithLabelValues(IPFamily)
+}
+
+// RecordConntrackCleanup records one stale UDP conntrack cleanup of the
+// iptables mode, as kube-proxy's conntrack reconciler metrics.
+func (m *Metrics) RecordConntrackCleanup(took time.Duration, deleted uint) {
+	if m.ConntrackCleanupDuration == nil {
+		return
+	}
+	m.ConntrackCleanupDuration.Observe(took.Seconds())
+	m.ConntrackCleanupDeleted.Add(float64(deleted))
+}
+
+// AddIptablesRestoreFailures counts n failed iptables-restore runs.
+func (m *Metrics) AddIptablesRestoreFailures(n uint64) {
+	if m.IptablesRestoreFailures != nil && n > 0 {
+		m.IptablesRestoreFailures.Add(float64(n))
+	}
 }
 
 // RecordSync records one sync attempt of the given kind that took elapsed and
@@ -183,16 +319,24 @@ func (m *Metrics) RecordSync(kind string, elapsed time.Duration, end time.Time, 
 	m.SyncsTotal.WithLabelValues(kind).Inc()
 	if err != nil {
 		m.SyncFailuresTotal.WithLabelValues(kind).Inc()
+		// kube-proxy's iptables mode counts every failed partial sync
+		// here, whatever failed in it: each one falls back to a full sync.
+		if kind == SyncKindPartial && m.IptablesPartialRestoreFailures != nil {
+			m.IptablesPartialRestoreFailures.Inc()
+		}
 		return
 	}
 	m.SyncProxyRulesLastTimestamp.Set(unixSeconds(end))
 }
 
 // SetIptablesRules records the rules per table ("nat", "filter") after an
-// iptables sync.
-func (m *Metrics) SetIptablesRules(counts map[string]int) {
-	for table, n := range counts {
-		m.IptablesRules.WithLabelValues(table).Set(float64(n))
+// iptables sync: all of them, and those the sync wrote.
+func (m *Metrics) SetIptablesRules(total, written map[string]int) {
+	for table, n := range total {
+		m.IptablesRules.WithLabelValues(table, IPFamily).Set(float64(n))
+	}
+	for table, n := range written {
+		m.IptablesRulesLast.WithLabelValues(table, IPFamily).Set(float64(n))
 	}
 }
 
@@ -263,7 +407,7 @@ type datapathEventsCollector struct {
 }
 
 // NewDatapathEventsCollector returns a collector that calls read on every
-// scrape and exports each entry as kubebpfproxy_datapath_events_total with
+// scrape and exports each entry as kube_bpf_proxy_datapath_events_total with
 // the key as its event label. read sums the per-CPU counters; the values must
 // only grow while the maps exist (a reset, e.g. after --cleanup, is handled
 // by Prometheus like any counter reset). A read error is reported as an
@@ -273,7 +417,7 @@ func NewDatapathEventsCollector(read func() (map[string]uint64, error)) promethe
 	return &datapathEventsCollector{
 		read: read,
 		desc: prometheus.NewDesc(
-			"kubebpfproxy_datapath_events_total",
+			"kube_bpf_proxy_datapath_events_total",
 			"Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.",
 			[]string{"event"}, nil,
 		),

@@ -24,7 +24,8 @@ func TestNewRegistersFamilies(t *testing.T) {
 	m := New(reg)
 	// Vectors without children are not gathered; give each one a child.
 	m.RecordSkipped("EndpointSlice", "InvalidAddress")
-	m.SetIptablesRules(map[string]int{"nat": 9})
+	m.SetIptablesRules(map[string]int{"nat": 9}, map[string]int{"nat": 3})
+	m.InitIptables()
 	m.InitServicePortReasons([]string{"map-full"})
 	m.InitUnservedFeatures([]string{"node-port"})
 
@@ -42,20 +43,35 @@ func TestNewRegistersFamilies(t *testing.T) {
 		typ    dto.MetricType
 		labels []string
 	}{
-		{"kubeproxy_sync_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
-		{"kubeproxy_sync_full_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
-		{"kubeproxy_sync_partial_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, nil},
-		{"kubeproxy_sync_proxy_rules_iptables_total", dto.MetricType_GAUGE, []string{"table"}},
-		{"kubeproxy_sync_proxy_rules_last_timestamp_seconds", dto.MetricType_GAUGE, nil},
-		{"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", dto.MetricType_GAUGE, nil},
-		{"kubebpfproxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
-		{"kubebpfproxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
-		{"kubebpfproxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
-		{"kubebpfproxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"reason"}},
-		{"kubebpfproxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"reason"}},
-		{"kubebpfproxy_unserved_feature_services", dto.MetricType_GAUGE, []string{"feature"}},
-		{"kubebpfproxy_services", dto.MetricType_GAUGE, nil},
-		{"kubebpfproxy_backends", dto.MetricType_GAUGE, nil},
+		// kube-proxy v1.36's names, types and label names
+		// (pkg/proxy/metrics/metrics.go).
+		{"kubeproxy_sync_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_sync_full_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_sync_partial_proxy_rules_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_iptables_total", dto.MetricType_GAUGE, []string{"ip_family", "table"}},
+		{"kubeproxy_sync_proxy_rules_iptables_last", dto.MetricType_GAUGE, []string{"ip_family", "table"}},
+		{"kubeproxy_sync_proxy_rules_iptables_restore_failures_total", dto.MetricType_COUNTER, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", dto.MetricType_COUNTER, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_last_timestamp_seconds", dto.MetricType_GAUGE, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", dto.MetricType_GAUGE, []string{"ip_family"}},
+		{"kubeproxy_network_programming_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_conntrack_reconciler_sync_duration_seconds", dto.MetricType_HISTOGRAM, []string{"ip_family"}},
+		{"kubeproxy_conntrack_reconciler_deleted_entries_total", dto.MetricType_COUNTER, []string{"ip_family"}},
+		{"kubeproxy_sync_proxy_rules_no_local_endpoints_total", dto.MetricType_GAUGE, []string{"ip_family", "traffic_policy"}},
+		{"kubeproxy_sync_proxy_rules_endpoint_changes_pending", dto.MetricType_GAUGE, nil},
+		{"kubeproxy_sync_proxy_rules_endpoint_changes_total", dto.MetricType_COUNTER, nil},
+		{"kubeproxy_sync_proxy_rules_service_changes_pending", dto.MetricType_GAUGE, nil},
+		{"kubeproxy_sync_proxy_rules_service_changes_total", dto.MetricType_COUNTER, nil},
+		{"kubeproxy_proxy_healthz_total", dto.MetricType_COUNTER, []string{"code"}},
+		{"kubeproxy_proxy_livez_total", dto.MetricType_COUNTER, []string{"code"}},
+		{"kube_bpf_proxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
+		{"kube_bpf_proxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
+		{"kube_bpf_proxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
+		{"kube_bpf_proxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"reason"}},
+		{"kube_bpf_proxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"reason"}},
+		{"kube_bpf_proxy_unserved_feature_services", dto.MetricType_GAUGE, []string{"feature"}},
+		{"kube_bpf_proxy_services", dto.MetricType_GAUGE, nil},
+		{"kube_bpf_proxy_backends", dto.MetricType_GAUGE, nil},
 	}
 	if len(got) != len(tests) {
 		t.Errorf("gathered %d families, want %d", len(got), len(tests))
@@ -89,8 +105,8 @@ func TestNewRegistersFamilies(t *testing.T) {
 		t.Fatalf("GatherAndLint: %v", err)
 	}
 	for _, p := range problems {
-		if p.Metric == "kubeproxy_sync_proxy_rules_iptables_total" {
-			continue // kube-proxy's name, a gauge with a _total suffix, kept for its dashboards
+		if p.Metric == "kubeproxy_sync_proxy_rules_iptables_total" || p.Metric == "kubeproxy_sync_proxy_rules_no_local_endpoints_total" {
+			continue // kube-proxy's names, gauges with a _total suffix, kept for its dashboards
 		}
 		t.Errorf("lint: %s: %s", p.Metric, p.Text)
 	}
@@ -137,19 +153,19 @@ func TestRecord(t *testing.T) {
 		{
 			name:   "nothing recorded",
 			record: func(*Metrics) {},
-			names:  []string{"kubebpfproxy_syncs_total", "kubebpfproxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
+			names:  []string{"kube_bpf_proxy_syncs_total", "kube_bpf_proxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
 			want: `
-# HELP kubebpfproxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
-# TYPE kubebpfproxy_sync_failures_total counter
-kubebpfproxy_sync_failures_total{kind="full"} 0
-kubebpfproxy_sync_failures_total{kind="partial"} 0
-# HELP kubebpfproxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
-# TYPE kubebpfproxy_syncs_total counter
-kubebpfproxy_syncs_total{kind="full"} 0
-kubebpfproxy_syncs_total{kind="partial"} 0
+# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
+# TYPE kube_bpf_proxy_sync_failures_total counter
+kube_bpf_proxy_sync_failures_total{kind="full"} 0
+kube_bpf_proxy_sync_failures_total{kind="partial"} 0
+# HELP kube_bpf_proxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
+# TYPE kube_bpf_proxy_syncs_total counter
+kube_bpf_proxy_syncs_total{kind="full"} 0
+kube_bpf_proxy_syncs_total{kind="partial"} 0
 # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
 # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
-kubeproxy_sync_proxy_rules_last_timestamp_seconds 0
+kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 0
 `,
 		},
 		{
@@ -159,19 +175,19 @@ kubeproxy_sync_proxy_rules_last_timestamp_seconds 0
 				m.RecordSync(SyncKindPartial, time.Millisecond, end.Add(time.Second), errors.New("map full"))
 				m.RecordSync(SyncKindFull, 2*time.Millisecond, end.Add(2*time.Second), errors.New("map full"))
 			},
-			names: []string{"kubebpfproxy_syncs_total", "kubebpfproxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
+			names: []string{"kube_bpf_proxy_syncs_total", "kube_bpf_proxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
 			want: `
-# HELP kubebpfproxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
-# TYPE kubebpfproxy_sync_failures_total counter
-kubebpfproxy_sync_failures_total{kind="full"} 1
-kubebpfproxy_sync_failures_total{kind="partial"} 1
-# HELP kubebpfproxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
-# TYPE kubebpfproxy_syncs_total counter
-kubebpfproxy_syncs_total{kind="full"} 2
-kubebpfproxy_syncs_total{kind="partial"} 1
+# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
+# TYPE kube_bpf_proxy_sync_failures_total counter
+kube_bpf_proxy_sync_failures_total{kind="full"} 1
+kube_bpf_proxy_sync_failures_total{kind="partial"} 1
+# HELP kube_bpf_proxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
+# TYPE kube_bpf_proxy_syncs_total counter
+kube_bpf_proxy_syncs_total{kind="full"} 2
+kube_bpf_proxy_syncs_total{kind="partial"} 1
 # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
 # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
-kubeproxy_sync_proxy_rules_last_timestamp_seconds ` + endSeconds + `
+kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} ` + endSeconds + `
 `,
 		},
 		{
@@ -181,7 +197,7 @@ kubeproxy_sync_proxy_rules_last_timestamp_seconds ` + endSeconds + `
 			want: `
 # HELP kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds Unix time at which the last Service or EndpointSlice change was queued for a datapath sync.
 # TYPE kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds gauge
-kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds ` + endSeconds + `
+kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"} ` + endSeconds + `
 `,
 		},
 		{
@@ -192,18 +208,18 @@ kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds ` + endSeconds + `
 				m.RecordSkipped("EndpointSlice", "MissingServiceName")
 				m.SetProgrammed(3, 7)
 			},
-			names: []string{"kubebpfproxy_skipped_objects_total", "kubebpfproxy_services", "kubebpfproxy_backends"},
+			names: []string{"kube_bpf_proxy_skipped_objects_total", "kube_bpf_proxy_services", "kube_bpf_proxy_backends"},
 			want: `
-# HELP kubebpfproxy_backends Backends currently programmed in the datapath.
-# TYPE kubebpfproxy_backends gauge
-kubebpfproxy_backends 7
-# HELP kubebpfproxy_services Service ports currently programmed in the datapath.
-# TYPE kubebpfproxy_services gauge
-kubebpfproxy_services 3
-# HELP kubebpfproxy_skipped_objects_total Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.
-# TYPE kubebpfproxy_skipped_objects_total counter
-kubebpfproxy_skipped_objects_total{reason="InvalidClusterIP",resource="Service"} 2
-kubebpfproxy_skipped_objects_total{reason="MissingServiceName",resource="EndpointSlice"} 1
+# HELP kube_bpf_proxy_backends Backends currently programmed in the datapath.
+# TYPE kube_bpf_proxy_backends gauge
+kube_bpf_proxy_backends 7
+# HELP kube_bpf_proxy_services Service ports currently programmed in the datapath.
+# TYPE kube_bpf_proxy_services gauge
+kube_bpf_proxy_services 3
+# HELP kube_bpf_proxy_skipped_objects_total Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.
+# TYPE kube_bpf_proxy_skipped_objects_total counter
+kube_bpf_proxy_skipped_objects_total{reason="InvalidClusterIP",resource="Service"} 2
+kube_bpf_proxy_skipped_objects_total{reason="MissingServiceName",resource="EndpointSlice"} 1
 `,
 		},
 		{
@@ -215,16 +231,16 @@ kubebpfproxy_skipped_objects_total{reason="MissingServiceName",resource="Endpoin
 				m.SetServicePortsNotProgrammed(map[string]int{"map-full": 3, "write-failed": 0})
 				m.SetServicePortsNotProgrammed(map[string]int{"map-full": 1})
 			},
-			names: []string{"kubebpfproxy_service_ports_not_programmed", "kubebpfproxy_service_port_failures_total"},
+			names: []string{"kube_bpf_proxy_service_ports_not_programmed", "kube_bpf_proxy_service_port_failures_total"},
 			want: `
-# HELP kubebpfproxy_service_port_failures_total Failed attempts to program a single service port, by reason; each failed retry counts.
-# TYPE kubebpfproxy_service_port_failures_total counter
-kubebpfproxy_service_port_failures_total{reason="map-full"} 2
-kubebpfproxy_service_port_failures_total{reason="write-failed"} 0
-# HELP kubebpfproxy_service_ports_not_programmed Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.
-# TYPE kubebpfproxy_service_ports_not_programmed gauge
-kubebpfproxy_service_ports_not_programmed{reason="map-full"} 1
-kubebpfproxy_service_ports_not_programmed{reason="write-failed"} 0
+# HELP kube_bpf_proxy_service_port_failures_total Failed attempts to program a single service port, by reason; each failed retry counts.
+# TYPE kube_bpf_proxy_service_port_failures_total counter
+kube_bpf_proxy_service_port_failures_total{reason="map-full"} 2
+kube_bpf_proxy_service_port_failures_total{reason="write-failed"} 0
+# HELP kube_bpf_proxy_service_ports_not_programmed Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.
+# TYPE kube_bpf_proxy_service_ports_not_programmed gauge
+kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 1
+kube_bpf_proxy_service_ports_not_programmed{reason="write-failed"} 0
 `,
 		},
 		{
@@ -236,12 +252,12 @@ kubebpfproxy_service_ports_not_programmed{reason="write-failed"} 0
 				m.AddUnservedFeatureServices("external-ips", 1)
 				m.AddUnservedFeatureServices("external-ips", -1)
 			},
-			names: []string{"kubebpfproxy_unserved_feature_services"},
+			names: []string{"kube_bpf_proxy_unserved_feature_services"},
 			want: `
-# HELP kubebpfproxy_unserved_feature_services Services that ask for a feature not served yet, by feature: only their ClusterIP is served.
-# TYPE kubebpfproxy_unserved_feature_services gauge
-kubebpfproxy_unserved_feature_services{feature="external-ips"} 0
-kubebpfproxy_unserved_feature_services{feature="node-port"} 2
+# HELP kube_bpf_proxy_unserved_feature_services Services that ask for a feature not served yet, by feature: only their ClusterIP is served.
+# TYPE kube_bpf_proxy_unserved_feature_services gauge
+kube_bpf_proxy_unserved_feature_services{feature="external-ips"} 0
+kube_bpf_proxy_unserved_feature_services{feature="node-port"} 2
 `,
 		},
 	}
@@ -261,7 +277,7 @@ func TestRecordSyncObservesDuration(t *testing.T) {
 	m := New(prometheus.NewRegistry())
 	m.RecordSync(SyncKindFull, 3*time.Millisecond, time.Unix(0, 0), nil)
 	m.RecordSync(SyncKindPartial, 5*time.Millisecond, time.Unix(0, 0), errors.New("boom"))
-	if n := testutil.CollectAndCount(m.SyncProxyRulesDuration); n != 1 {
+	if n := testutil.CollectAndCount(m.SyncProxyRulesDuration.(prometheus.Collector)); n != 1 {
 		t.Fatalf("%d histogram series, want 1", n)
 	}
 	var out dto.Metric
@@ -275,13 +291,13 @@ func TestRecordSyncObservesDuration(t *testing.T) {
 		t.Errorf("sample sum %v, want %v", got, want)
 	}
 	// Each kind's own histogram has its own sync only.
-	for h, want := range map[prometheus.Histogram]float64{m.SyncFullProxyRulesDuration: 0.003, m.SyncPartialProxyRulesDuration: 0.005} {
+	for h, want := range map[prometheus.Observer]float64{m.SyncFullProxyRulesDuration: 0.003, m.SyncPartialProxyRulesDuration: 0.005} {
 		var one dto.Metric
 		if err := h.(prometheus.Metric).Write(&one); err != nil {
 			t.Fatal(err)
 		}
 		if got := one.GetHistogram().GetSampleSum(); one.GetHistogram().GetSampleCount() != 1 || got < want-1e-9 || got > want+1e-9 {
-			t.Errorf("%s: %d samples summing to %v, want one of %v", h.Desc(), one.GetHistogram().GetSampleCount(), got, want)
+			t.Errorf("%s: %d samples summing to %v, want one of %v", h.(prometheus.Metric).Desc(), one.GetHistogram().GetSampleCount(), got, want)
 		}
 	}
 }
@@ -315,11 +331,11 @@ func TestDatapathEventsCollector(t *testing.T) {
 			name:   "counters",
 			events: map[string]uint64{"connect_translated": 42, "connect_refused": 3, "sendmsg_translated": 1 << 40},
 			want: `
-# HELP kubebpfproxy_datapath_events_total Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.
-# TYPE kubebpfproxy_datapath_events_total counter
-kubebpfproxy_datapath_events_total{event="connect_refused"} 3
-kubebpfproxy_datapath_events_total{event="connect_translated"} 42
-kubebpfproxy_datapath_events_total{event="sendmsg_translated"} 1.099511627776e+12
+# HELP kube_bpf_proxy_datapath_events_total Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.
+# TYPE kube_bpf_proxy_datapath_events_total counter
+kube_bpf_proxy_datapath_events_total{event="connect_refused"} 3
+kube_bpf_proxy_datapath_events_total{event="connect_translated"} 42
+kube_bpf_proxy_datapath_events_total{event="sendmsg_translated"} 1.099511627776e+12
 `,
 		},
 		{
@@ -378,8 +394,8 @@ func TestHandler(t *testing.T) {
 			path:     "/metrics",
 			wantCode: http.StatusOK,
 			wantLines: []string{
-				"kubebpfproxy_services 2",
-				`kubebpfproxy_datapath_events_total{event="connect_translated"} 5`,
+				"kube_bpf_proxy_services 2",
+				`kube_bpf_proxy_datapath_events_total{event="connect_translated"} 5`,
 				"# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
 			},
 		},
@@ -388,8 +404,8 @@ func TestHandler(t *testing.T) {
 			readErr:     errors.New("map gone"),
 			path:        "/metrics",
 			wantCode:    http.StatusOK,
-			wantLines:   []string{"kubebpfproxy_services 2"},
-			absentLines: []string{"kubebpfproxy_datapath_events_total{"},
+			wantLines:   []string{"kube_bpf_proxy_services 2"},
+			absentLines: []string{"kube_bpf_proxy_datapath_events_total{"},
 		},
 		{
 			name:     "unknown path",
@@ -459,7 +475,7 @@ func TestServedUntilCancel(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	_ = resp.Body.Close()
-	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "kubebpfproxy_services 1") {
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "kube_bpf_proxy_services 1") {
 		t.Errorf("GET /metrics: status %d, body:\n%s", resp.StatusCode, body)
 	}
 

@@ -1,7 +1,9 @@
 package model
 
 import (
+	"slices"
 	"sync"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -45,6 +47,49 @@ type Tracker struct {
 	requeued map[ServiceName]struct{}
 	// scratch is reused by computePorts to avoid allocating per update.
 	scratch []candidate
+
+	// What follows feeds kube-proxy's change metrics, with its semantics
+	// (pkg/proxy/servicechangetracker.go, endpointschangetracker.go).
+
+	// startTime is when the Tracker was created: trigger times before it
+	// are changes made before the proxy ran, whose latency it cannot
+	// measure.
+	startTime time.Time
+	// counts holds the totals and the pending endpoint changes.
+	counts ChangeCounts
+	// serviceChanged holds, for each Service whose own object changed
+	// since the last snapshot, what the model kept of it then (nil if it
+	// was absent or not served). Like kube-proxy's, a change reverted
+	// before the next snapshot drops out.
+	serviceChanged map[ServiceName]*serviceInfo
+	// sliceVersions holds the resourceVersion of every EndpointSlice of
+	// our address family that names its Service, to tell a change from a
+	// resync or a repeated event.
+	sliceVersions map[sliceKey]string
+	// triggers holds, per Service, the last-change-trigger-time of each
+	// EndpointSlice change since the last snapshot (only those after
+	// startTime).
+	triggers map[ServiceName][]time.Time
+}
+
+// ChangeCounts counts the Service and EndpointSlice changes the Tracker has
+// seen, as kube-proxy's kubeproxy_sync_proxy_rules_*_changes_* metrics do.
+type ChangeCounts struct {
+	// ServiceChanges counts every Service event (add, update, delete),
+	// changed or not.
+	ServiceChanges uint64
+	// EndpointChanges counts every event of an IPv4 EndpointSlice that
+	// names its Service, changed or not.
+	EndpointChanges uint64
+	// PendingServices is the number of Services whose own object changed
+	// what the proxy serves from it (ports, ClusterIP, the features it asks
+	// for) since the last snapshot; a change reverted meanwhile does not
+	// count.
+	PendingServices int
+	// PendingEndpointChanges is the number of EndpointSlice events since
+	// the last snapshot that changed a slice (new, updated or deleted): one
+	// per event, so a slice updated twice counts twice.
+	PendingEndpointChanges int
 }
 
 type sliceKey struct {
@@ -73,15 +118,26 @@ func WithOnUnservedFeature(f func(feature Feature, delta int)) TrackerOption {
 	return func(t *Tracker) { t.onUnserved = f }
 }
 
+// WithStartTime sets when the proxy started, for the trigger times the
+// snapshots carry: an EndpointSlice change triggered before it is not
+// measured. The default is the time NewTracker is called.
+func WithStartTime(start time.Time) TrackerOption {
+	return func(t *Tracker) { t.startTime = start }
+}
+
 // NewTracker returns an empty Tracker.
 func NewTracker(opts ...TrackerOption) *Tracker {
 	t := &Tracker{
-		services:  make(map[ServiceName]*serviceInfo),
-		slices:    make(map[sliceKey]*sliceInfo),
-		byService: make(map[ServiceName]map[string]*sliceInfo),
-		ports:     make(map[ServiceName][]ServicePort),
-		pending:   make(map[ServiceName][]ServicePort),
-		requeued:  make(map[ServiceName]struct{}),
+		services:       make(map[ServiceName]*serviceInfo),
+		slices:         make(map[sliceKey]*sliceInfo),
+		byService:      make(map[ServiceName]map[string]*sliceInfo),
+		ports:          make(map[ServiceName][]ServicePort),
+		pending:        make(map[ServiceName][]ServicePort),
+		requeued:       make(map[ServiceName]struct{}),
+		startTime:      time.Now(),
+		serviceChanged: make(map[ServiceName]*serviceInfo),
+		sliceVersions:  make(map[sliceKey]string),
+		triggers:       make(map[ServiceName][]time.Time),
 	}
 	for _, o := range opts {
 		o(t)
@@ -113,6 +169,7 @@ func (t *Tracker) UpsertService(svc *v1.Service) bool {
 	} else {
 		t.services[name] = info
 	}
+	t.serviceEvent(name, old, info)
 	changed := t.recompute(name)
 	t.mu.Unlock()
 
@@ -157,6 +214,7 @@ func (t *Tracker) DeleteService(svc *v1.Service) bool {
 	t.mu.Lock()
 	old := t.services[name]
 	delete(t.services, name)
+	t.serviceEvent(name, old, nil)
 	changed := t.recompute(name)
 	t.mu.Unlock()
 
@@ -175,6 +233,7 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	trigger, hasTrigger := t.sliceEvent(key, s)
 	changed := false
 	if old, ok := t.slices[key]; ok && (info == nil || old.service != info.service) {
 		// The slice left its Service (label changed or removed, or it is no
@@ -192,7 +251,16 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 		t.byService[info.service] = idx
 	}
 	idx[key.name] = info
-	return t.recompute(info.service) || changed
+	if t.recompute(info.service) {
+		// Only a change that alters what is served is measured: one that
+		// does not (a hostname, a zone) triggers no sync, and the next
+		// periodic one would report its wait as programming latency.
+		if hasTrigger {
+			t.triggers[info.service] = append(t.triggers[info.service], trigger)
+		}
+		changed = true
+	}
+	return changed
 }
 
 // DeleteEndpointSlice records a deleted EndpointSlice. The watch handler
@@ -205,12 +273,113 @@ func (t *Tracker) DeleteEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	t.sliceDeleted(key, s)
 	old, ok := t.slices[key]
 	if !ok {
 		return false
 	}
 	t.unindex(key, old.service)
 	return t.recompute(old.service)
+}
+
+// serviceEvent counts a Service event that took the model's view of it from
+// old to cur (either may be nil). Callers hold t.mu.
+func (t *Tracker) serviceEvent(name ServiceName, old, cur *serviceInfo) {
+	t.counts.ServiceChanges++
+	before, isPending := t.serviceChanged[name]
+	if !isPending {
+		before = old
+	}
+	switch {
+	case equalServiceInfo(before, cur):
+		delete(t.serviceChanged, name)
+	case !isPending:
+		t.serviceChanged[name] = before
+	}
+}
+
+func equalServiceInfo(a, b *serviceInfo) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return a.unserved == b.unserved && slices.Equal(a.ports, b.ports)
+}
+
+// countedSlice reports whether kube-proxy would count an event of s: an IPv4
+// slice that names its Service (kube-proxy ignores the others outright).
+func countedSlice(s *discoveryv1.EndpointSlice) (ServiceName, bool) {
+	svc, ok := serviceOfSlice(s)
+	return svc, ok && s.AddressType == discoveryv1.AddressTypeIPv4
+}
+
+// sliceEvent counts an added or updated EndpointSlice, and returns its
+// trigger time if this event changed the slice and the change was
+// triggered after the Tracker started. Callers hold t.mu.
+func (t *Tracker) sliceEvent(key sliceKey, s *discoveryv1.EndpointSlice) (time.Time, bool) {
+	if _, ok := countedSlice(s); !ok {
+		// Not ours (any more): a later delete is no change.
+		delete(t.sliceVersions, key)
+		return time.Time{}, false
+	}
+	t.counts.EndpointChanges++
+	prev, known := t.sliceVersions[key]
+	t.sliceVersions[key] = s.ResourceVersion
+	// An informer resync or a repeated event carries the same
+	// resourceVersion: no change, as kube-proxy compares the objects. A
+	// slice without one (a test's) always counts.
+	if known && prev == s.ResourceVersion && prev != "" {
+		return time.Time{}, false
+	}
+	t.counts.PendingEndpointChanges++
+	if at, ok := triggerTime(s); ok && at.After(t.startTime) {
+		return at, true
+	}
+	return time.Time{}, false
+}
+
+// sliceDeleted counts a deleted EndpointSlice. Callers hold t.mu.
+func (t *Tracker) sliceDeleted(key sliceKey, s *discoveryv1.EndpointSlice) {
+	if _, known := t.sliceVersions[key]; !known {
+		if _, ok := countedSlice(s); ok {
+			t.counts.EndpointChanges++
+		}
+		return
+	}
+	delete(t.sliceVersions, key)
+	t.counts.EndpointChanges++
+	t.counts.PendingEndpointChanges++
+	// The annotation of a deleted slice dates from its last update, not
+	// from the deletion: kube-proxy drops the Service's pending trigger
+	// times rather than report a latency it cannot know.
+	if svc, ok := serviceOfSlice(s); ok {
+		delete(t.triggers, svc)
+	}
+}
+
+// triggerTime reads the endpoints.kubernetes.io/last-change-trigger-time
+// annotation the EndpointSlice controller sets: when the change (a Pod or
+// Service update) that led to this version of the slice happened.
+func triggerTime(s *discoveryv1.EndpointSlice) (time.Time, bool) {
+	v, ok := s.Annotations[v1.EndpointsLastChangeTriggerTime]
+	if !ok {
+		return time.Time{}, false
+	}
+	at, err := time.Parse(time.RFC3339Nano, v)
+	if err != nil {
+		klog.V(2).InfoS("Ignoring malformed trigger time annotation", "endpointSlice", klog.KObj(s),
+			"annotation", v1.EndpointsLastChangeTriggerTime, "value", v, "err", err)
+		return time.Time{}, false
+	}
+	return at, true
+}
+
+// ChangeCounts returns the change counters; see ChangeCounts.
+func (t *Tracker) ChangeCounts() ChangeCounts {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c := t.counts
+	c.PendingServices = len(t.serviceChanged)
+	return c
 }
 
 // unindex forgets a stored slice. Callers hold t.mu.
@@ -316,6 +485,17 @@ func (t *Tracker) Snapshot(full bool) *Snapshot {
 	if len(t.requeued) > 0 {
 		t.requeued = make(map[ServiceName]struct{})
 	}
+	// Like kube-proxy, the pending changes are handed to this sync whether
+	// or not it succeeds; the trigger times go with the snapshot, and its
+	// caller decides when they are programmed.
+	if len(t.triggers) > 0 {
+		snap.TriggerTimes = t.triggers
+		t.triggers = make(map[ServiceName][]time.Time)
+	}
+	if len(t.serviceChanged) > 0 {
+		t.serviceChanged = make(map[ServiceName]*serviceInfo)
+	}
+	t.counts.PendingEndpointChanges = 0
 	return snap
 }
 

@@ -7,6 +7,7 @@ package model
 import (
 	"fmt"
 	"net/netip"
+	"time"
 )
 
 // Protocol is an IP protocol number as the kernel uses it.
@@ -114,4 +115,11 @@ type ServicePort struct {
 type Snapshot struct {
 	Full     bool
 	Services map[ServiceName][]ServicePort
+	// TriggerTimes holds, per Service, the last-change-trigger-time of
+	// each EndpointSlice change this snapshot is the first to include
+	// (only changes made after the Tracker started that changed what is
+	// served); nil if none. The
+	// proxy observes now minus each one once the snapshot is programmed,
+	// as kube-proxy's network programming latency. Datapaths ignore it.
+	TriggerTimes map[ServiceName][]time.Time
 }

@@ -112,6 +112,7 @@ type proxierHarness struct {
 	clk    *clocktesting.FakeClock
 	health *healthz.ProxyHealth
 	m      *metrics.Metrics
+	reg    *prometheus.Registry
 	rec    *events.FakeRecorder
 }
 
@@ -126,9 +127,10 @@ func newProxierHarness(t *testing.T) *proxierHarness {
 		t:   t,
 		dp:  newScriptedDataplane(),
 		clk: clocktesting.NewFakeClock(t0),
-		m:   metrics.New(prometheus.NewRegistry()),
+		reg: prometheus.NewRegistry(),
 		rec: events.NewFakeRecorder(1000),
 	}
+	h.m = metrics.New(h.reg)
 	h.health = healthz.NewProxyHealth(2*harnessSyncPeriod, h.clk)
 	h.health.QueuedUpdate()
 	h.p = NewProxier(h.dp, h.m, h.health, Config{
@@ -494,16 +496,16 @@ func TestProxierHealthzThroughPartialFailures(t *testing.T) {
 	}
 	_, text := get(t, "http://"+metricsAddr+"/metrics")
 	for _, want := range []string{
-		`kubebpfproxy_service_ports_not_programmed{reason="map-full"} 1`,
-		`kubebpfproxy_sync_failures_total{kind="full"} 0`,
-		`kubebpfproxy_sync_failures_total{kind="partial"} 0`,
-		`kubebpfproxy_unserved_feature_services{feature="node-port"} 0`,
+		`kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 1`,
+		`kube_bpf_proxy_sync_failures_total{kind="full"} 0`,
+		`kube_bpf_proxy_sync_failures_total{kind="partial"} 0`,
+		`kube_bpf_proxy_unserved_feature_services{feature="node-port"} 0`,
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
-	if !strings.Contains(text, `kubebpfproxy_service_port_failures_total{reason="map-full"} `) {
+	if !strings.Contains(text, `kube_bpf_proxy_service_port_failures_total{reason="map-full"} `) {
 		t.Error("/metrics lacks the failure counter")
 	}
 
@@ -512,7 +514,7 @@ func TestProxierHealthzThroughPartialFailures(t *testing.T) {
 	deadline := time.After(30 * time.Second)
 	for {
 		_, text = get(t, "http://"+metricsAddr+"/metrics")
-		if strings.Contains(text, `kubebpfproxy_service_ports_not_programmed{reason="map-full"} 0`) {
+		if strings.Contains(text, `kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 0`) {
 			break
 		}
 		select {

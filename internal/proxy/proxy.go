@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -48,6 +49,13 @@ type Config struct {
 	// NodeName names this node in those Events: every node's proxy
 	// reports on the same Service.
 	NodeName string
+	// Registry receives the proxy's metrics, next to what the caller put
+	// there (client-go's, the info series); nil means a fresh one with the
+	// Go and process collectors.
+	Registry *prometheus.Registry
+	// AfterFirstSync, if set, runs once in its own goroutine after the
+	// first sync that programmed the datapath.
+	AfterFirstSync func()
 }
 
 // Option configures a Proxier.
@@ -64,9 +72,12 @@ type counter interface {
 	Counts() (services, backends int)
 }
 
-// ruleCounter is implemented by the iptables datapath.
-type ruleCounter interface {
+// iptablesStats is implemented by the iptables datapath.
+type iptablesStats interface {
 	RuleCounts() map[string]int
+	RulesWritten() map[string]int
+	RestoreFailures() uint64
+	LastConntrackCleanup() (ran bool, took time.Duration, deleted uint)
 }
 
 // eventSource is implemented by datapaths that count what they do.
@@ -100,8 +111,9 @@ type Proxier struct {
 	clock   clock.WithDelayedExecution
 	events  events.EventRecorder
 
-	synced   atomic.Bool
-	syncedCh chan struct{}
+	synced    atomic.Bool
+	syncedCh  chan struct{}
+	firstSync sync.Once
 
 	// uids holds each Service's UID, for Events to point at the object
 	// (kubectl describe matches them by UID).
@@ -115,7 +127,20 @@ type Proxier struct {
 	// failures holds the service ports the datapath could not program.
 	failures map[model.ServicePortName]*portFailure
 	retry    retryState
+	// triggers holds the trigger times of changes handed to syncs that
+	// did not program them (a failed sync, a port that failed), observed
+	// once a sync does.
+	triggers map[model.ServiceName][]time.Time
+	// restoreFailures is the datapath's iptables-restore failure count
+	// already added to the metric.
+	restoreFailures uint64
 }
+
+// maxRetainedTriggers bounds the trigger times kept across failing syncs:
+// a datapath failing for hours under churn would otherwise grow them
+// without limit. Past it the newest are dropped, so the latencies that
+// are kept are the longest ones.
+const maxRetainedTriggers = 1 << 16
 
 var _ watch.Handler = (*Proxier)(nil)
 
@@ -133,6 +158,7 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		uids:     make(map[model.ServiceName]types.UID),
 		needFull: true,
 		failures: make(map[model.ServicePortName]*portFailure),
+		triggers: make(map[model.ServiceName][]time.Time),
 	}
 	for _, o := range opts {
 		o(p)
@@ -149,7 +175,13 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 	p.tracker = model.NewTracker(
 		model.WithOnSkipped(m.RecordSkipped),
 		model.WithOnUnservedFeature(func(f model.Feature, delta int) { m.AddUnservedFeatureServices(string(f), delta) }),
+		// Changes triggered before the proxy started are not its latency.
+		model.WithStartTime(p.clock.Now()),
 	)
+	m.SetChangeSource(p.tracker.ChangeCounts)
+	if _, ok := p.inner.(iptablesStats); ok {
+		m.InitIptables()
+	}
 	p.runner = runner.New("sync", p.sync, cfg.MinSyncPeriod, cfg.SyncPeriod, cfg.RetryPeriod, runner.WithClock(p.clock))
 	return p
 }
@@ -244,9 +276,18 @@ func (p *Proxier) sync(ctx context.Context) error {
 	if c, ok := p.inner.(counter); ok {
 		p.metrics.SetProgrammed(c.Counts())
 	}
-	if r, ok := p.inner.(ruleCounter); ok && applied {
-		p.metrics.SetIptablesRules(r.RuleCounts())
+	if r, ok := p.inner.(iptablesStats); ok {
+		n := r.RestoreFailures()
+		p.metrics.AddIptablesRestoreFailures(n - p.restoreFailures)
+		p.restoreFailures = n
+		if applied {
+			p.metrics.SetIptablesRules(r.RuleCounts(), r.RulesWritten())
+		}
+		if ran, took, deleted := r.LastConntrackCleanup(); ran {
+			p.metrics.RecordConntrackCleanup(took, deleted)
+		}
 	}
+	p.recordProgramming(end, snap, portErrs, applied)
 	p.recordPortResults(snap, portErrs, applied)
 	p.scheduleRetry(end, retrying || full)
 	if !applied {
@@ -261,9 +302,47 @@ func (p *Proxier) sync(ctx context.Context) error {
 		p.lastFull = start
 	}
 	p.health.Updated()
+	if p.cfg.AfterFirstSync != nil {
+		p.firstSync.Do(func() { go p.cfg.AfterFirstSync() })
+	}
 	klog.V(2).InfoS("Synced datapath", "kind", kind, "services", len(snap.Services),
 		"failedServicePorts", len(portErrs), "elapsed", end.Sub(start))
 	return nil
+}
+
+// recordProgramming observes kube-proxy's network programming latency for
+// the changes this sync programmed, and keeps the times of those it did not
+// for a later sync. kube-proxy itself drops them when a sync fails, so its
+// histogram never shows the time a failing datapath added; here a change
+// counts once it is programmed, as the metric's definition says.
+func (p *Proxier) recordProgramming(now time.Time, snap *model.Snapshot, portErrs []*dataplane.ServiceError, applied bool) {
+	kept := 0
+	for _, times := range p.triggers {
+		kept += len(times)
+	}
+	for name, times := range snap.TriggerTimes {
+		if n := min(len(times), maxRetainedTriggers-kept); n > 0 {
+			p.triggers[name] = append(p.triggers[name], times[:n]...)
+			kept += n
+		}
+	}
+	if !applied || len(p.triggers) == 0 {
+		return
+	}
+	// A Service with a port that failed on its own is not programmed yet:
+	// its times wait for the retry that programs it.
+	failed := make(map[model.ServiceName]bool, len(portErrs))
+	for _, e := range portErrs {
+		failed[e.Service.ServiceName] = true
+	}
+	done := make(map[model.ServiceName][]time.Time, len(p.triggers))
+	for name, times := range p.triggers {
+		if !failed[name] {
+			done[name] = times
+			delete(p.triggers, name)
+		}
+	}
+	p.metrics.ObserveNetworkProgramming(now, done)
 }
 
 // Run runs the proxy until ctx ends: the health and metrics servers, the
@@ -273,7 +352,10 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	reg := metrics.NewRegistry()
+	reg := cfg.Registry
+	if reg == nil {
+		reg = metrics.NewRegistry()
+	}
 	m := metrics.New(reg)
 	if src, ok := innermost(dp).(eventSource); ok {
 		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
@@ -302,7 +384,9 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 			errs <- err
 		}()
 	}
-	spawn("healthz server", func() error { return healthz.ListenAndServe(ctx, cfg.HealthzBindAddress, health) })
+	spawn("healthz server", func() error {
+		return healthz.ListenAndServe(ctx, cfg.HealthzBindAddress, health, healthz.WithCounts(m.HealthCounts()))
+	})
 	spawn("metrics server", func() error { return metrics.ListenAndServe(ctx, cfg.MetricsBindAddress, reg) })
 	spawn("watch", func() error { return watch.Run(ctx, client, p, 0) })
 	spawn("sync runner", func() error {

@@ -84,8 +84,11 @@ type Dataplane struct {
 	// sync a full one that reads the tables back.
 	applied map[model.ServiceName][]model.ServicePort
 	buf     bytes.Buffer
-	// rules counts the rules per table after the last successful sync.
-	rules map[string]int
+	// rules counts the rules per table after the last successful sync,
+	// and written those that sync wrote.
+	rules, written map[string]int
+	// cleanup is the last sync's conntrack cleanup, if it ran one.
+	cleanup conntrackCleanup
 
 	mu     sync.Mutex
 	events map[string]uint64
@@ -137,8 +140,24 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 // Backend is the iptables backend in use, "nft" or "legacy".
 func (d *Dataplane) Backend() string { return d.tool.backend }
 
+// conntrackCleanup describes the stale UDP conntrack cleanup of one sync.
+type conntrackCleanup struct {
+	ran     bool
+	took    time.Duration
+	deleted uint
+}
+
+// LastConntrackCleanup reports whether the last sync cleaned up stale UDP
+// conntrack entries (only a sync that changed the serving endpoints of a UDP
+// Service does, as in kube-proxy), how long that took and how many entries
+// it deleted, for kube-proxy's conntrack reconciler metrics.
+func (d *Dataplane) LastConntrackCleanup() (ran bool, took time.Duration, deleted uint) {
+	return d.cleanup.ran, d.cleanup.took, d.cleanup.deleted
+}
+
 // Sync implements dataplane.Dataplane.
 func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
+	d.cleanup = conntrackCleanup{}
 	if !snap.Full && d.applied == nil {
 		// Only a full snapshot says what else must be served.
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
@@ -195,10 +214,14 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		"natRulesWritten", st.natRulesWritten, "natRules", st.natRules, "filterRules", st.filterRules, "staleChains", len(in.stale))
 
 	d.rules = map[string]int{"nat": st.natRules, "filter": st.filterRules}
+	// The filter table is rewritten whole at every sync, as kube-proxy's.
+	d.written = map[string]int{"nat": st.natRulesWritten, "filter": st.filterRules}
 	stale := d.staleUDP(snap, next)
 	d.applied = next
 	if len(stale) > 0 {
+		start := time.Now()
 		n, err := d.ct.deleteStale(stale)
+		d.cleanup = conntrackCleanup{ran: true, took: time.Since(start), deleted: n}
 		d.count("conntrack_entries_deleted", uint64(n))
 		if err != nil {
 			d.count("conntrack_cleanup_failed", 1)
@@ -288,6 +311,17 @@ func (d *Dataplane) Events() (map[string]uint64, error) {
 
 // RuleCounts reports the rules per table after the last successful sync.
 func (d *Dataplane) RuleCounts() map[string]int { return maps.Clone(d.rules) }
+
+// RulesWritten reports the rules per table the last successful sync wrote.
+func (d *Dataplane) RulesWritten() map[string]int { return maps.Clone(d.written) }
+
+// RestoreFailures reports how many iptables-restore runs of the syncs have
+// failed since the datapath was created.
+func (d *Dataplane) RestoreFailures() uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.events["iptables_restore_failed"]
+}
 
 // Counts reports the service ports and backend references applied.
 func (d *Dataplane) Counts() (services, backends int) {

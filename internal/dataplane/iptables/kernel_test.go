@@ -137,6 +137,13 @@ func TestKernelPartialSyncsAndStaleChains(t *testing.T) {
 					t.Errorf("%s: counted %d rules, the table holds %d", table, n, got)
 				}
 			}
+			// kube-proxy's iptables_last: what this sync wrote. The
+			// partial sync left b's chains alone, and rewrote the filter
+			// table.
+			written, total := d.RulesWritten(), d.RuleCounts()
+			if written["nat"] <= 0 || written["nat"] >= total["nat"] || written["filter"] != total["filter"] {
+				t.Errorf("rules written by the partial sync %v, want fewer nat rules than in the table %v and every filter rule", written, total)
+			}
 
 			// a loses all endpoints: its chains go, a REJECT takes their place.
 			mustSync(t, d, snap(false, sp("a", "http", model.TCP, "10.96.0.1:80")))

@@ -1,0 +1,102 @@
+package metrics
+
+import (
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+// changesCollector exports kube-proxy's change counters from the change
+// tracker, read at scrape time: the tracker keeps them under its own lock,
+// so a scrape never sees a pending count out of step with its total.
+type changesCollector struct {
+	source atomic.Pointer[func() model.ChangeCounts]
+
+	endpointPending, endpointTotal, servicePending, serviceTotal *prometheus.Desc
+}
+
+func newChangesCollector() *changesCollector {
+	return &changesCollector{
+		endpointPending: prometheus.NewDesc("kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+			"EndpointSlice events that changed a slice since the last sync.", nil, nil),
+		endpointTotal: prometheus.NewDesc("kubeproxy_sync_proxy_rules_endpoint_changes_total",
+			"EndpointSlice events seen, changed or not.", nil, nil),
+		servicePending: prometheus.NewDesc("kubeproxy_sync_proxy_rules_service_changes_pending",
+			"Services whose served spec changed since the last sync.", nil, nil),
+		serviceTotal: prometheus.NewDesc("kubeproxy_sync_proxy_rules_service_changes_total",
+			"Service events seen, changed or not.", nil, nil),
+	}
+}
+
+func (c *changesCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.endpointPending
+	ch <- c.endpointTotal
+	ch <- c.servicePending
+	ch <- c.serviceTotal
+}
+
+func (c *changesCollector) Collect(ch chan<- prometheus.Metric) {
+	var counts model.ChangeCounts
+	if f := c.source.Load(); f != nil {
+		counts = (*f)()
+	}
+	ch <- prometheus.MustNewConstMetric(c.endpointPending, prometheus.GaugeValue, float64(counts.PendingEndpointChanges))
+	ch <- prometheus.MustNewConstMetric(c.endpointTotal, prometheus.CounterValue, float64(counts.EndpointChanges))
+	ch <- prometheus.MustNewConstMetric(c.servicePending, prometheus.GaugeValue, float64(counts.PendingServices))
+	ch <- prometheus.MustNewConstMetric(c.serviceTotal, prometheus.CounterValue, float64(counts.ServiceChanges))
+}
+
+// SetChangeSource makes the change counters read f at each scrape; until
+// it is called they are 0.
+func (m *Metrics) SetChangeSource(f func() model.ChangeCounts) {
+	m.changes.source.Store(&f)
+}
+
+// ObserveNetworkProgramming records, for each trigger time, the time from it
+// to now: the changes it stands for are programmed now.
+func (m *Metrics) ObserveNetworkProgramming(now time.Time, triggers map[model.ServiceName][]time.Time) {
+	for _, times := range triggers {
+		for _, t := range times {
+			m.NetworkProgrammingDuration.Observe(now.Sub(t).Seconds())
+		}
+	}
+}
+
+// HealthCounts returns the functions that count /healthz and /livez answers
+// by HTTP status code, for healthz.WithCounts.
+func (m *Metrics) HealthCounts() (healthz, livez func(code int)) {
+	count := func(v *prometheus.CounterVec) func(int) {
+		return func(code int) {
+			switch code {
+			case 200:
+				v.WithLabelValues("200").Inc()
+			case 503:
+				v.WithLabelValues("503").Inc()
+			default:
+				// Not an answer of the check; kube-proxy counts only these two.
+			}
+		}
+	}
+	return count(m.ProxyHealthzTotal), count(m.ProxyLivezTotal)
+}
+
+// RegisterInfo registers kube_bpf_proxy_info, always 1, whose labels say
+// which mode serves this node, with which iptables backend ("none" in the
+// ebpf mode), and which build: a dashboard joins any series to it to split
+// by mode.
+func RegisterInfo(reg prometheus.Registerer, mode, iptablesBackend, version string) {
+	info := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "kube_bpf_proxy_info",
+		Help: "Always 1; its labels say the datapath mode, the iptables backend (none in ebpf mode) and the version running.",
+		ConstLabels: prometheus.Labels{
+			"mode":             mode,
+			"iptables_backend": iptablesBackend,
+			"version":          version,
+		},
+	})
+	info.Set(1)
+	reg.MustRegister(info)
+}

@@ -1,0 +1,121 @@
+package model
+
+import (
+	"reflect"
+	"testing"
+	"time"
+
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+)
+
+func withVersion(rv string) sliceOpt {
+	return func(s *discoveryv1.EndpointSlice) { s.ResourceVersion = rv }
+}
+
+func withTrigger(at string) sliceOpt {
+	return func(s *discoveryv1.EndpointSlice) {
+		s.Annotations = map[string]string{v1.EndpointsLastChangeTriggerTime: at}
+	}
+}
+
+func checkCounts(t *testing.T, tr *Tracker, want ChangeCounts) {
+	t.Helper()
+	if got := tr.ChangeCounts(); got != want {
+		t.Errorf("ChangeCounts() = %+v, want %+v", got, want)
+	}
+}
+
+// The change counters follow kube-proxy's: every event counts in the total,
+// pending counts Services whose served spec differs from the last snapshot
+// and EndpointSlice events that changed a slice, and a snapshot resets both
+// pending counts.
+func TestChangeCounts(t *testing.T) {
+	httpPort := withPorts(svcPort("http", v1.ProtocolTCP, 80))
+	sp := withSlicePorts(slicePortOf("http", v1.ProtocolTCP, 8080))
+	tr := NewTracker()
+	checkCounts(t, tr, ChangeCounts{})
+
+	// Services: a new one is pending; a metadata-only update counts in the
+	// total only; a change reverted before the snapshot drops out.
+	tr.UpsertService(newSvc("a", "10.0.0.1", httpPort))
+	tr.UpsertService(newSvc("a", "10.0.0.1", httpPort, func(s *v1.Service) { s.Labels = map[string]string{"x": "y"} }))
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 2, PendingServices: 1})
+	tr.Snapshot(false)
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 2})
+	tr.UpsertService(newSvc("a", "10.0.0.9", httpPort))
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 3, PendingServices: 1})
+	tr.UpsertService(newSvc("a", "10.0.0.1", httpPort))
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 4})
+	// A Service the proxy does not serve counts in the total, as in
+	// kube-proxy, which counts every Service event.
+	tr.UpsertService(newSvc("h", v1.ClusterIPNone, httpPort))
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 5})
+	tr.DeleteService(newSvc("a", "10.0.0.1", httpPort))
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 6, PendingServices: 1})
+	tr.Snapshot(true)
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 6})
+
+	// EndpointSlices: one pending change per event that changed a slice,
+	// none for a resync (same resourceVersion).
+	tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(readyEP("10.1.0.1")), withVersion("1")))
+	tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(readyEP("10.1.0.1")), withVersion("1")))
+	tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(readyEP("10.1.0.2")), withVersion("2")))
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 6, EndpointChanges: 3, PendingEndpointChanges: 2})
+	tr.Snapshot(false)
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 6, EndpointChanges: 3})
+	tr.DeleteEndpointSlice(newSlice("a-1", "a", withVersion("2")))
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 6, EndpointChanges: 4, PendingEndpointChanges: 1})
+	// Deleting it again (a repeated event) is no change; slices kube-proxy
+	// ignores (IPv6, or no service-name label) count nowhere.
+	tr.DeleteEndpointSlice(newSlice("a-1", "a", withVersion("2")))
+	tr.UpsertEndpointSlice(newSlice("a-6", "a", withAddressType(discoveryv1.AddressTypeIPv6)))
+	tr.UpsertEndpointSlice(newSlice("orphan", ""))
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 6, EndpointChanges: 5, PendingEndpointChanges: 1})
+	tr.Snapshot(true)
+	checkCounts(t, tr, ChangeCounts{ServiceChanges: 6, EndpointChanges: 5})
+}
+
+// Snapshots carry the trigger times of the EndpointSlice changes they are
+// the first to include, only those after the Tracker started and that
+// change what is served, and a deleted slice drops its Service's times
+// (its annotation dates from an earlier update).
+func TestTriggerTimes(t *testing.T) {
+	start := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	at := func(d time.Duration) string { return start.Add(d).Format(time.RFC3339Nano) }
+	tr := NewTracker(WithStartTime(start))
+	tr.UpsertService(newSvc("a", "10.0.0.1", withPorts(svcPort("http", v1.ProtocolTCP, 80))))
+	tr.UpsertService(newSvc("b", "10.0.0.2", withPorts(svcPort("http", v1.ProtocolTCP, 80))))
+	sp := withSlicePorts(slicePortOf("http", v1.ProtocolTCP, 8080))
+
+	tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(readyEP("10.1.0.1")), withVersion("1"), withTrigger(at(-time.Second))))
+	tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(readyEP("10.1.0.2")), withVersion("2"), withTrigger(at(time.Second))))
+	// A resync of the same version, a malformed annotation: nothing.
+	tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(readyEP("10.1.0.2")), withVersion("2"), withTrigger(at(time.Second))))
+	tr.UpsertEndpointSlice(newSlice("a-2", "a", sp, withEndpoints(readyEP("10.1.0.3")), withVersion("3"), withTrigger("yesterday")))
+	tr.UpsertEndpointSlice(newSlice("b-1", "b", sp, withEndpoints(readyEP("10.2.0.1")), withVersion("4"), withTrigger(at(2*time.Second))))
+	tr.UpsertEndpointSlice(newSlice("b-1", "b", sp, withEndpoints(readyEP("10.2.0.2")), withVersion("5"), withTrigger(at(3*time.Second))))
+
+	snap := tr.Snapshot(false)
+	want := map[ServiceName][]time.Time{
+		svcName("a"): {start.Add(time.Second)},
+		svcName("b"): {start.Add(2 * time.Second), start.Add(3 * time.Second)},
+	}
+	if !reflect.DeepEqual(snap.TriggerTimes, want) {
+		t.Errorf("first snapshot's TriggerTimes = %v, want %v", snap.TriggerTimes, want)
+	}
+	if got := tr.Snapshot(false).TriggerTimes; got != nil {
+		t.Errorf("second snapshot's TriggerTimes = %v, want none: the first took them", got)
+	}
+
+	// An update that changes nothing served (a new version, the same
+	// endpoints) triggers no sync: its wait is not programming latency.
+	tr.UpsertEndpointSlice(newSlice("b-1", "b", sp, withEndpoints(readyEP("10.2.0.2")), withVersion("5a"), withTrigger(at(6*time.Second))))
+	tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(readyEP("10.1.0.4")), withVersion("6"), withTrigger(at(4*time.Second))))
+	tr.UpsertEndpointSlice(newSlice("b-1", "b", sp, withEndpoints(readyEP("10.2.0.3")), withVersion("7"), withTrigger(at(5*time.Second))))
+	tr.DeleteEndpointSlice(newSlice("a-1", "a", withVersion("6")))
+	want = map[ServiceName][]time.Time{svcName("b"): {start.Add(5 * time.Second)}}
+	if got := tr.Snapshot(true).TriggerTimes; !reflect.DeepEqual(got, want) {
+		t.Errorf("TriggerTimes after a delete = %v, want %v", got, want)
+	}
+}
