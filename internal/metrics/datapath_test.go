@@ -200,8 +200,8 @@ func TestDatapathCountersCollectorReadErrors(t *testing.T) {
 				t.Errorf("gather error %v, want one containing %q", err, tc.wantErr)
 			}
 			families := scrapeFamilies(t, reg)
-			for _, name := range append(tc.served, "kubebpfproxy_services") {
-				if families[name] == nil && families[strings.Replace(name, "kubebpfproxy_", "kube_bpf_proxy_", 1)] == nil {
+			for _, name := range append(tc.served, "kube_bpf_proxy_services") {
+				if families[name] == nil {
 					t.Errorf("%s not served", name)
 				}
 			}
