@@ -1,6 +1,8 @@
 package probe
 
 import (
+	"math"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 )
@@ -31,10 +33,16 @@ const (
 func Buckets() []float64 {
 	var b []float64
 	for us := 25; us <= 200; us += 25 {
-		b = append(b, float64(us)*1e-6)
+		b = append(b, float64(us)/1e6)
 	}
-	for v := 200e-6 * 1.25; v < 10; v *= 1.25 {
-		b = append(b, v)
+	// Rounded to four significant digits, so the le labels read well.
+	for k := 1; ; k++ {
+		v := 200e-6 * math.Pow(1.25, float64(k))
+		if v >= 10 {
+			break
+		}
+		scale := math.Pow(10, math.Floor(math.Log10(v))-3)
+		b = append(b, math.Round(v/scale)*scale)
 	}
 	return append(b, 10)
 }
