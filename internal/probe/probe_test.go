@@ -191,7 +191,9 @@ func TestClientAndServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	cliDone := make(chan error, 1)
-	go func() { cliDone <- serveClient(ctx, o, identity{pod: "client-a", namespace: "probe", node: "node-a"}, cs) }()
+	go func() {
+		cliDone <- serveClient(ctx, o, identity{pod: "client-a", namespace: "probe", node: "node-a"}, cs)
+	}()
 	addr := fmt.Sprintf("127.0.0.1:%d", cliMetrics)
 
 	seen := func(mode, protocol string) func() bool {
