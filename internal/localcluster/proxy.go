@@ -124,6 +124,13 @@ func (c *Cluster) ProxySynced(ctx context.Context, node string) bool {
 // ProxyGet fetches path from one of the node's proxy endpoints and returns
 // the status code and body.
 func (c *Cluster) ProxyGet(ctx context.Context, node, addr, path string) (int, string, error) {
+	return c.NodeGet(ctx, node, addr, path)
+}
+
+// NodeGet fetches http://addr/path from the node's network namespace (a
+// pod's address, as Prometheus or a kubelet probe reaches it; the node's
+// loopback) over a new connection and returns the status code and body.
+func (c *Cluster) NodeGet(ctx context.Context, node, addr, path string) (int, string, error) {
 	n, err := c.Node(node)
 	if err != nil {
 		return 0, "", err
@@ -132,7 +139,11 @@ func (c *Cluster) ProxyGet(ctx context.Context, node, addr, path string) (int, s
 		Transport: &http.Transport{DialContext: dialIn(n.NetNS), DisableKeepAlives: true},
 		Timeout:   2 * time.Second,
 	}
-	resp, err := client.Get("http://" + addr + path)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return 0, "", err
 	}

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // WorkloadPod is a pod of a workload (a Deployment's or a DaemonSet's pod
@@ -73,4 +74,55 @@ func (c *Cluster) AddWorkloadPod(ctx context.Context, w WorkloadPod) (*Pod, erro
 		Command: cmd, Env: env,
 		ReadyLine: w.ReadyLine, NotReady: w.NotReady,
 	})
+}
+
+// StartDeployment runs the replicas of the Deployment the API server holds
+// as pods spread over the nodes in turn, as the scheduler places them under
+// a topology spread constraint over hostnames with maxSkew 1 (no scheduler
+// or ReplicaSet controller runs here). Pods are named NAME-NODE-I. Each
+// becomes Ready once its process logs readyLine (if set).
+func (c *Cluster) StartDeployment(ctx context.Context, namespace, name, binary, readyLine string) ([]*Pod, error) {
+	d, err := c.Client.AppsV1().Deployments(namespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("reading Deployment %s/%s (apply its manifests first): %w", namespace, name, err)
+	}
+	replicas := 1
+	if d.Spec.Replicas != nil {
+		replicas = int(*d.Spec.Replicas)
+	}
+	var pods []*Pod
+	for i := range replicas {
+		node := c.Nodes[i%len(c.Nodes)].Name
+		p, err := c.AddWorkloadPod(ctx, WorkloadPod{
+			Namespace: namespace, Name: fmt.Sprintf("%s-%s-%d", name, node, i/len(c.Nodes)), Node: node,
+			Template: &d.Spec.Template, Binary: binary, ReadyLine: readyLine,
+		})
+		if err != nil {
+			return pods, err
+		}
+		pods = append(pods, p)
+	}
+	return pods, nil
+}
+
+// StartDaemonSet runs a pod of the DaemonSet the API server holds on every
+// node, named NAME-NODE. It is for DaemonSets on the pod network; the
+// proxy's own (hostNetwork) runs with StartProxy.
+func (c *Cluster) StartDaemonSet(ctx context.Context, namespace, name, binary, readyLine string) ([]*Pod, error) {
+	ds, err := c.Client.AppsV1().DaemonSets(namespace).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("reading DaemonSet %s/%s (apply its manifests first): %w", namespace, name, err)
+	}
+	var pods []*Pod
+	for _, n := range c.Nodes {
+		p, err := c.AddWorkloadPod(ctx, WorkloadPod{
+			Namespace: namespace, Name: name + "-" + n.Name, Node: n.Name,
+			Template: &ds.Spec.Template, Binary: binary, ReadyLine: readyLine,
+		})
+		if err != nil {
+			return pods, err
+		}
+		pods = append(pods, p)
+	}
+	return pods, nil
 }
