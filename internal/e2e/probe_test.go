@@ -37,6 +37,7 @@ func (e *env) probeScenario(t *testing.T, mode string) {
 	if _, err := e.c.Kubectl(ctx, "apply", "-k", filepath.Join(manifestsDir, "probe")); err != nil {
 		t.Fatal(err)
 	}
+	e.checkProbeRBAC(t, ctx)
 	e.ensureModeLabel(t, ctx, mode)
 	servers, err := e.c.StartDeployment(ctx, probeNamespace, "probe-server", e.binary, "Probe server ready")
 	t.Cleanup(func() { e.removePods(t, servers) })
@@ -118,6 +119,51 @@ func (e *env) probeScenario(t *testing.T, mode string) {
 			}) {
 				t.Errorf("client %s: %g refused %s probes counted with no ready server, want at least 3", client.Name, last, protocol)
 			}
+		}
+	}
+}
+
+// checkProbeRBAC asks the API server, with the client's and the server's
+// own ServiceAccount tokens, what they may do: the client reads its one
+// Service and Nodes, nothing else; the server nothing.
+func (e *env) checkProbeRBAC(t *testing.T, ctx context.Context) {
+	t.Helper()
+	client, err := e.c.ServiceAccountKubeconfig(ctx, probeNamespace, "probe-client", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := e.c.ServiceAccountKubeconfig(ctx, probeNamespace, "probe-server", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range []struct {
+		kubeconfig string
+		args       []string
+		allowed    bool
+	}{
+		{client, []string{"get", "services/probe-server", "-n", probeNamespace}, true},
+		{client, []string{"list", "services/probe-server", "-n", probeNamespace}, true},
+		{client, []string{"watch", "services/probe-server", "-n", probeNamespace}, true},
+		{client, []string{"get", "nodes/node1"}, true},
+		{client, []string{"watch", "nodes"}, true},
+		{client, []string{"list", "services", "-n", probeNamespace}, false},
+		{client, []string{"get", "services/other", "-n", probeNamespace}, false},
+		{client, []string{"get", "services/kubernetes", "-n", "default"}, false},
+		{client, []string{"update", "services/probe-server", "-n", probeNamespace}, false},
+		{client, []string{"patch", "nodes/node1"}, false},
+		{client, []string{"list", "pods", "-n", probeNamespace}, false},
+		{client, []string{"list", "endpointslices.discovery.k8s.io", "-n", probeNamespace}, false},
+		{client, []string{"get", "secrets", "-n", probeNamespace}, false},
+		{server, []string{"get", "services/probe-server", "-n", probeNamespace}, false},
+		{server, []string{"get", "nodes/node1"}, false},
+	} {
+		out, err := e.c.KubectlAs(ctx, q.kubeconfig, append([]string{"auth", "can-i"}, q.args...)...)
+		// The answer is the last line, after any warning (kubectl warns
+		// that nodes are not namespaced); can-i exits 1 for "no".
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		got := strings.TrimSpace(lines[len(lines)-1])
+		if (got == "yes") != q.allowed || (got != "yes" && got != "no") {
+			t.Errorf("can %s %s? got %q (err %v), want allowed=%v", filepath.Base(q.kubeconfig), q.args, got, err, q.allowed)
 		}
 	}
 }

@@ -124,6 +124,7 @@ func serveClient(ctx context.Context, o clientOptions, id identity, cs kubernete
 	c := &client{o: o, id: id, m: newClientMetrics(reg)}
 	none := NoMode
 	c.mode.Store(&none)
+	c.zeroErrors(none)
 	c.http = &http.Client{
 		Transport: &http.Transport{
 			// A new connection for every request, so that every request
@@ -240,8 +241,20 @@ func (c *client) setNode(obj any) {
 	}
 	if old := c.mode.Load(); *old != mode {
 		klog.InfoS("Proxy mode of this node", "node", c.id.node, "mode", mode)
+		c.zeroErrors(mode)
 	}
 	c.mode.Store(&mode)
+}
+
+// zeroErrors makes the error series of mode exist at 0, so that a rate()
+// over them (an alert, a dashboard's error panel) answers 0 rather than
+// nothing before the first error.
+func (c *client) zeroErrors(mode string) {
+	for _, protocol := range []string{"tcp", "udp"} {
+		for _, kind := range []string{KindRefused, KindTimeout, KindReset, KindOther} {
+			c.m.errors.WithLabelValues(c.id.node, mode, protocol, kind)
+		}
+	}
 }
 
 // loop probes until ctx ends.

@@ -217,6 +217,9 @@ func TestClientAndServer(t *testing.T) {
 	if n := count(s, metricErrors, nil); n != 0 {
 		t.Errorf("%g errors counted against a serving server", n)
 	}
+	if n := len(s[metricErrors].GetMetric()); n != 8 {
+		t.Errorf("%d error series, want 8 at zero (2 protocols, 4 kinds) for mode none", n)
+	}
 	if count(s, metricSquared, map[string]string{"protocol": "tcp"}) <= 0 {
 		t.Errorf("squared round trips not counted")
 	}
