@@ -134,8 +134,12 @@ func (s *server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 // serveTCPEcho echoes each connection's bytes back until the client closes
 // it or ctx ends.
 func (s *server) serveTCPEcho(ctx context.Context, ln net.Listener) error {
+	// Whatever ends the loop, the open connections are closed (cancel)
+	// before waiting for their goroutines (deferred calls run last first).
 	var conns sync.WaitGroup
 	defer conns.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	for {
