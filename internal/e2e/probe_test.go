@@ -169,22 +169,29 @@ func (e *env) checkProbeRBAC(t *testing.T, ctx context.Context) {
 }
 
 // ensureModeLabel makes sure each Node carries the proxy's mode label. The
-// proxy records it itself once it does (metric contract); until then the
-// test sets it, as the proxy would.
+// proxy records it itself once it does (metric contract): a label naming
+// another mode is then an error. Until it does, the test sets the label, as
+// the proxy would, and removes it at the end, so that a label found here
+// was always written by a proxy.
 func (e *env) ensureModeLabel(t *testing.T, ctx context.Context, mode string) {
 	t.Helper()
 	for _, n := range e.c.Nodes {
-		node, err := e.c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, ok := node.Labels[probe.ModeLabel]
+		var got string
+		var ok bool
+		// The proxy may write it just after its first sync.
+		eventually(5*time.Second, func() bool {
+			node, err := e.c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			if err != nil {
+				return false
+			}
+			got, ok = node.Labels[probe.ModeLabel]
+			return ok && got == mode
+		})
 		if ok && got == mode {
 			continue
 		}
 		if ok {
-			// Some proxy wrote a mode, and it is not the one running.
-			t.Logf("Node %s is labelled %s=%s while its proxy runs %s: setting it", n.Name, probe.ModeLabel, got, mode)
+			t.Errorf("Node %s is labelled %s=%s while its proxy runs %s", n.Name, probe.ModeLabel, got, mode)
 		} else {
 			t.Logf("Node %s has no %s label (the proxy does not record its mode yet): the test sets it", n.Name, probe.ModeLabel)
 		}
@@ -192,6 +199,12 @@ func (e *env) ensureModeLabel(t *testing.T, ctx context.Context, mode string) {
 		if _, err := e.c.Client.CoreV1().Nodes().Patch(ctx, n.Name, types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
 			t.Fatal(err)
 		}
+		t.Cleanup(func() {
+			patch := fmt.Sprintf(`{"metadata":{"labels":{%q:null}}}`, probe.ModeLabel)
+			if _, err := e.c.Client.CoreV1().Nodes().Patch(context.Background(), n.Name, types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+				t.Errorf("removing the mode label of %s: %v", n.Name, err)
+			}
+		})
 	}
 }
 

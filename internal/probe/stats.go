@@ -128,6 +128,9 @@ func Summarize(before, after []Scrape) ([]Summary, error) {
 	}
 	out := make([]Summary, 0, len(acc))
 	for k, a := range acc {
+		if a.count == 0 && a.errors == 0 {
+			continue // series at zero only: a mode no probe ran in
+		}
 		out = append(out, a.summary(k))
 	}
 	sort.Slice(out, func(i, j int) bool {

@@ -73,6 +73,8 @@ func TestSummarize(t *testing.T) {
 		b.observe("node2", "node1", "iptables", "tcp", time.Duration(ms)*time.Millisecond, 1)
 	}
 	a.m.errors.WithLabelValues("node1", "ebpf", "tcp", KindRefused).Add(3)
+	// Zeroed series of a mode no probe ran in: no row.
+	(&client{id: identity{node: "node1"}, m: a.m}).zeroErrors(NoMode)
 	after := []Scrape{b.scrape(t), a.scrape(t)} // order does not matter
 
 	got, err := Summarize(before, after)
