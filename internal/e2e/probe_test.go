@@ -34,9 +34,20 @@ const (
 func (e *env) probeScenario(t *testing.T, mode string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	if _, err := e.c.Kubectl(ctx, "apply", "-k", filepath.Join(manifestsDir, "probe")); err != nil {
+	dir := filepath.Join(manifestsDir, "probe")
+	if _, err := e.c.Kubectl(ctx, "apply", "-k", dir); err != nil {
 		t.Fatal(err)
 	}
+	// Last (cleanups run in reverse), once the pods are gone: the later
+	// scenarios see no trace of the probe, and the next mode installs it
+	// anew.
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if _, err := e.c.Kubectl(ctx, "delete", "-k", dir, "--wait=true", "--timeout=90s"); err != nil {
+			t.Errorf("uninstalling the probe: %v", err)
+		}
+	})
 	e.checkProbeRBAC(t, ctx)
 	e.ensureModeLabel(t, ctx, mode)
 	servers, err := e.c.StartDeployment(ctx, probeNamespace, "probe-server", e.binary, "Probe server ready")
