@@ -25,10 +25,11 @@ import (
 	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/klog/v2"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apiserver"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
 )
 
@@ -106,7 +107,7 @@ type client struct {
 }
 
 func runClient(ctx context.Context, o clientOptions, id identity) error {
-	restCfg, _, err := apiserver.Config(o.kubeconfig, os.LookupEnv)
+	restCfg, err := restConfig(o.kubeconfig)
 	if err != nil {
 		return err
 	}
@@ -116,6 +117,25 @@ func runClient(ctx context.Context, o clientOptions, id identity) error {
 		return fmt.Errorf("creating Kubernetes client: %w", err)
 	}
 	return serveClient(ctx, o, id, cs)
+}
+
+// restConfig loads the kubeconfig if one is given, else the in-cluster
+// configuration. Unlike the proxy, the probe is an ordinary pod: it reaches
+// the API server through the kubernetes Service's ClusterIP, as the
+// kubelet's service links point it, which some proxy must already serve.
+func restConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig != "" {
+		cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("loading --kubeconfig %s: %w", kubeconfig, err)
+		}
+		return cfg, nil
+	}
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("loading the in-cluster configuration (run in a pod with its ServiceAccount token mounted, or pass --kubeconfig): %w", err)
+	}
+	return cfg, nil
 }
 
 // serveClient is runClient with its API client given.

@@ -38,6 +38,7 @@ func TestMainErrors(t *testing.T) {
 		{"bad jitter", []string{"client", "--jitter=1"}, full, 2, "--jitter"},
 		{"no downward API", []string{"server"}, map[string]string{}, 1, "POD_NAME, POD_NAMESPACE, NODE_NAME not set"},
 		{"node name missing", []string{"client"}, map[string]string{EnvPodName: "p", EnvPodNamespace: "ns", EnvNodeName: " "}, 1, "NODE_NAME not set"},
+		{"client outside a pod", []string{"client"}, full, 1, ""},
 		{"server port taken", []string{"server", "--http-bind-address=256.0.0.1:1"}, full, 1, ""},
 	}
 	for _, tt := range tests {
