@@ -327,8 +327,10 @@ func (c *client) probeHTTP(ctx context.Context, t *target, mode string) {
 		return
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	resp.Body.Close()
+	// The round trip ends with the last byte of the answer; closing the
+	// connection (a FIN sent in the background) is not part of it.
 	end := time.Now()
+	resp.Body.Close()
 	if err != nil {
 		c.failed(ctx, "tcp", mode, err)
 		return
