@@ -32,11 +32,12 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/proxy"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/version"
 )
 
-const usageLine = "usage: kube-bpf-proxy [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [--version] [flags]"
+const usageLine = "usage: kube-bpf-proxy [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [--version] [flags]\n       kube-bpf-proxy probe server|client [flags]"
 
 type options struct {
 	mode               string
@@ -101,6 +102,11 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 // run is main without the exit, for tests: 0 on success, 1 on failure, 2 on
 // a usage error.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 && args[0] == "probe" {
+		// The latency probe ships in the proxy's image as a subcommand
+		// with flags of its own.
+		return probe.Main(ctx, args[1:], stderr, os.LookupEnv)
+	}
 	var o options
 	fs := newFlagSet(&o, stderr)
 	if err := fs.Parse(args); err != nil {

@@ -42,6 +42,8 @@ func TestUsageErrors(t *testing.T) {
 		{"unknown flag", []string{"--bogus"}, 2, "usage: kube-bpf-proxy"},
 		{"unknown mode", []string{"--mode=ipvs"}, 2, `unknown --mode "ipvs"`},
 		{"stray argument", []string{"proxy"}, 2, `unexpected argument "proxy"`},
+		{"probe without a role", []string{"probe"}, 2, "usage: kube-bpf-proxy probe server|client"},
+		{"probe flag for the proxy", []string{"probe", "client", "--mode=ebpf"}, 2, "usage: kube-bpf-proxy probe client"},
 		{"bad duration", []string{"--sync-period=soon"}, 2, "usage: kube-bpf-proxy"},
 		{"unknown iptables backend", []string{"--mode=iptables", "--iptables-backend=ipfw"}, 2, `unknown --iptables-backend "ipfw"`},
 		{"bad cluster CIDR", []string{"--mode=iptables", "--cluster-cidr=10.244.0.0"}, 2, "--cluster-cidr"},

@@ -150,6 +150,7 @@ func TestEndToEnd(t *testing.T) {
 			e.startProxies(t, mode)
 			ns := e.namespace(t, mode)
 			t.Run("KubernetesService", e.kubernetesService)
+			t.Run("Probe", func(t *testing.T) { e.probeScenario(t, mode) })
 			if mode == "ebpf" {
 				t.Run("OneServiceTooBig", func(t *testing.T) { e.oneServiceTooBig(t, ns) })
 				t.Run("DatapathCounters", func(t *testing.T) { e.datapathCounters(t, ns) })

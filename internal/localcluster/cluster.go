@@ -5,7 +5,9 @@
 // namespace; pods as network namespaces with a veth to their node and a real
 // process inside, with Pod objects whose status is written through the
 // status subresource, as a kubelet would. kube-bpf-proxy runs on a node as
-// the kubelet would run its DaemonSet's pod (daemonset.go, proxy.go).
+// the kubelet would run its DaemonSet's pod (daemonset.go, proxy.go), and so
+// do the pods of other workloads, on the pod network, with their
+// ServiceAccount's in-cluster credentials (container.go, workload.go).
 //
 // Everything it creates (namespaces, cgroups, processes, bpffs mounts) is
 // recorded in the cluster directory as it is made, so Down removes all of it,

@@ -128,14 +128,27 @@ func (o ProxyOptions) Mode() string {
 	return mode
 }
 
+// podRef is a pod whose container the kubelet is about to start: the
+// workload's pod template, the pod's name and its node.
+type podRef struct {
+	namespace, name string
+	spec            *corev1.PodSpec
+	ctr             *corev1.Container
+	node            NodeInfo
+}
+
+// daemonSetPod is the DaemonSet's pod on node n, named as the proxy's.
+func daemonSetPod(ds *appsv1.DaemonSet, ctr *corev1.Container, n NodeInfo) podRef {
+	return podRef{namespace: ds.Namespace, name: proxyName(n.Name), spec: &ds.Spec.Template.Spec, ctr: ctr, node: n}
+}
+
 // podEnv is what the kubelet computes for the container: its envFrom, its
 // env (downward API and ConfigMap references resolved), the service links,
 // and the image's and runtime's few variables. kubelet's
 // makeEnvironmentVariables is the model: envFrom first, env over it, and a
 // service link only where the container declares no variable of that name.
-func (c *Cluster) podEnv(ctx context.Context, ds *appsv1.DaemonSet, ctr *corev1.Container, n NodeInfo) ([]string, error) {
-	ns := ds.Namespace
-	spec := ds.Spec.Template.Spec
+func (c *Cluster) podEnv(ctx context.Context, pr podRef) ([]string, error) {
+	ns, spec, ctr, n := pr.namespace, pr.spec, pr.ctr, pr.node
 	services, err := c.serviceLinkServices(ctx, ns, spec.EnableServiceLinks == nil || *spec.EnableServiceLinks)
 	if err != nil {
 		return nil, err
@@ -178,7 +191,7 @@ func (c *Cluster) podEnv(ctx context.Context, ds *appsv1.DaemonSet, ctr *corev1.
 		case e.ValueFrom == nil:
 			declared[e.Name] = expand(e.Value, declared, links)
 		case e.ValueFrom.FieldRef != nil:
-			v, err := fieldValue(e.ValueFrom.FieldRef.FieldPath, ns, n)
+			v, err := fieldValue(e.ValueFrom.FieldRef.FieldPath, pr)
 			if err != nil {
 				return nil, fmt.Errorf("env %s: %w", e.Name, err)
 			}
@@ -205,8 +218,12 @@ func (c *Cluster) podEnv(ctx context.Context, ds *appsv1.DaemonSet, ctr *corev1.
 		}
 	}
 	// The image's PATH and HOME, and the runtime's HOSTNAME (the node's,
-	// with hostNetwork), under what the pod declares.
-	all := map[string]string{"PATH": imagePath, "HOME": "/root", "HOSTNAME": n.Name}
+	// with hostNetwork, else the pod's), under what the pod declares.
+	hostname := pr.name
+	if spec.HostNetwork {
+		hostname = n.Name
+	}
+	all := map[string]string{"PATH": imagePath, "HOME": "/root", "HOSTNAME": hostname}
 	for k, v := range links {
 		all[k] = v
 	}
@@ -283,19 +300,32 @@ func joinHostPort(host, port string) string {
 	return host + ":" + port
 }
 
-// fieldValue resolves a downward-API field of the proxy's pod on node n.
-func fieldValue(path, namespace string, n NodeInfo) (string, error) {
+// fieldValue resolves a downward-API field of the pod.
+func fieldValue(path string, pr podRef) (string, error) {
 	switch path {
 	case "spec.nodeName":
-		return n.Name, nil
+		return pr.node.Name, nil
 	case "metadata.namespace":
-		return namespace, nil
+		return pr.namespace, nil
 	case "metadata.name":
-		return proxyName(n.Name), nil
-	case "status.hostIP", "status.podIP": // hostNetwork: the pod has the node's address
-		return n.IP, nil
+		return pr.name, nil
+	case "spec.serviceAccountName":
+		return serviceAccountName(pr.spec), nil
+	case "status.hostIP":
+		return pr.node.IP, nil
+	case "status.podIP":
+		if pr.spec.HostNetwork { // the pod has the node's address
+			return pr.node.IP, nil
+		}
 	}
 	return "", fmt.Errorf("field %s is not simulated", path)
+}
+
+func serviceAccountName(spec *corev1.PodSpec) string {
+	if spec.ServiceAccountName == "" {
+		return "default"
+	}
+	return spec.ServiceAccountName
 }
 
 // expand replaces $(NAME) with the variable's value, as the kubelet does in
@@ -350,41 +380,37 @@ func envMap(env []string) map[string]string {
 }
 
 // serviceAccountVolume writes what the kubelet projects into
-// /var/run/secrets/kubernetes.io/serviceaccount: a TokenRequest token of the
-// pod's ServiceAccount, the cluster's CA from the namespace's
-// kube-root-ca.crt ConfigMap, and the namespace. It returns the directory.
-func (c *Cluster) serviceAccountVolume(ctx context.Context, ds *appsv1.DaemonSet, n NodeInfo, ttl time.Duration) (string, error) {
-	ns, sa := ds.Namespace, ds.Spec.Template.Spec.ServiceAccountName
-	if sa == "" {
-		sa = "default"
-	}
+// /var/run/secrets/kubernetes.io/serviceaccount into dir: a TokenRequest
+// token of the pod's ServiceAccount, the cluster's CA from the namespace's
+// kube-root-ca.crt ConfigMap, and the namespace.
+func (c *Cluster) serviceAccountVolume(ctx context.Context, pr podRef, dir string, ttl time.Duration) error {
+	ns, sa := pr.namespace, serviceAccountName(pr.spec)
 	token, err := c.requestToken(ctx, ns, sa, ttl)
 	if err != nil {
-		return "", err
+		return err
 	}
 	rootCA, err := c.Client.CoreV1().ConfigMaps(ns).Get(ctx, "kube-root-ca.crt", metav1.GetOptions{})
 	if err != nil {
-		return "", fmt.Errorf("reading ConfigMap %s/kube-root-ca.crt: %w", ns, err)
+		return fmt.Errorf("reading ConfigMap %s/kube-root-ca.crt: %w", ns, err)
 	}
-	dir := filepath.Join(c.Dir, n.Name, "serviceaccount")
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", err
+		return err
 	}
 	for name, content := range map[string]string{"token": token, "ca.crt": rootCA.Data["ca.crt"], "namespace": ns} {
 		// Written whole and renamed, as the kubelet's atomic writer does:
-		// a running proxy re-reads the token.
+		// a running process re-reads the token.
 		tmp := filepath.Join(dir, "."+name+".tmp")
 		if err := os.WriteFile(tmp, []byte(content), 0o644); err != nil {
-			return "", err
+			return err
 		}
 		if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-			return "", err
+			return err
 		}
 	}
-	return dir, nil
+	return nil
 }
 
-// mount is one bind mount of the proxy's private mount namespace.
+// mount is one bind mount of the container's private mount namespace.
 type mount struct {
 	source, target string
 	readOnly       bool
@@ -411,9 +437,10 @@ func (n NodeInfo) nodePath(p string) string {
 // machine outside /run (the DaemonSet's /host/sys/fs/cgroup) would have to
 // be created in the machine's own file system, so the args name the node's
 // path instead.
-func podMounts(ds *appsv1.DaemonSet, ctr *corev1.Container, n NodeInfo) (mounts []mount, rewrite map[string]string, err error) {
+func podMounts(pr podRef) (mounts []mount, rewrite map[string]string, err error) {
+	ctr, n := pr.ctr, pr.node
 	volumes := map[string]corev1.Volume{}
-	for _, v := range ds.Spec.Template.Spec.Volumes {
+	for _, v := range pr.spec.Volumes {
 		volumes[v.Name] = v
 	}
 	rewrite = map[string]string{}
@@ -552,7 +579,9 @@ func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''
 // capabilityPrefix runs what follows with only the container's
 // capabilities, as a runtime does for root with "drop: [ALL], add: [...]":
 // the bounding set is exactly the added ones, and allowPrivilegeEscalation:
-// false sets no_new_privs.
+// false sets no_new_privs; a runAsUser other than root runs it as that user
+// (and runAsGroup, by default the user's id: the image has no passwd entry
+// to take a group from), with no supplementary groups.
 func capabilityPrefix(ctr *corev1.Container) []string {
 	sc := ctr.SecurityContext
 	if sc == nil || (sc.Privileged != nil && *sc.Privileged) {
@@ -569,8 +598,26 @@ func capabilityPrefix(ctr *corev1.Container) []string {
 	if sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation {
 		prefix = append(prefix, "--no-new-privs")
 	}
+	if uid, gid, ok := runAs(ctr); ok {
+		prefix = append(prefix, fmt.Sprintf("--reuid=%d", uid), fmt.Sprintf("--regid=%d", gid), "--clear-groups")
+	}
 	if len(prefix) == 0 {
 		return nil
 	}
 	return append(append([]string{"setpriv"}, prefix...), "--")
+}
+
+// runAs returns the user and group a container's securityContext runs it
+// as, when that is not root. Only the container's own securityContext is
+// read: the pod-level one is not simulated.
+func runAs(ctr *corev1.Container) (uid, gid int64, ok bool) {
+	sc := ctr.SecurityContext
+	if sc == nil || sc.RunAsUser == nil || *sc.RunAsUser == 0 {
+		return 0, 0, false
+	}
+	uid, gid = *sc.RunAsUser, *sc.RunAsUser
+	if sc.RunAsGroup != nil {
+		gid = *sc.RunAsGroup
+	}
+	return uid, gid, true
 }

@@ -25,6 +25,7 @@ func proxyDaemonSet(env []corev1.EnvVar, envFrom ...corev1.EnvFromSource) *appsv
 		ObjectMeta: metav1.ObjectMeta{Namespace: "kube-system", Name: "kube-bpf-proxy"},
 		Spec: appsv1.DaemonSetSpec{Template: corev1.PodTemplateSpec{Spec: corev1.PodSpec{
 			EnableServiceLinks: ptr.To(true),
+			HostNetwork:        true,
 			Containers:         []corev1.Container{{Name: proxyContainer, Env: env, EnvFrom: envFrom}},
 		}}},
 	}
@@ -135,7 +136,7 @@ func TestPodEnv(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			env, err := c.podEnv(context.Background(), tt.ds, ctr, node)
+			env, err := c.podEnv(context.Background(), daemonSetPod(tt.ds, ctr, node))
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("podEnv() error %v, want one naming %q", err, tt.wantErr)
@@ -203,8 +204,47 @@ func TestCapabilityPrefix(t *testing.T) {
 	if got := capabilityPrefix(ctr); !slices.Equal(got, want) {
 		t.Errorf("capabilityPrefix() = %q, want %q", got, want)
 	}
+	ctr.SecurityContext.RunAsUser = ptr.To[int64](65534)
+	want = append(want[:len(want)-1], "--reuid=65534", "--regid=65534", "--clear-groups", "--")
+	if got := capabilityPrefix(ctr); !slices.Equal(got, want) {
+		t.Errorf("runAsUser: capabilityPrefix() = %q, want %q", got, want)
+	}
+	ctr.SecurityContext.RunAsGroup = ptr.To[int64](1000)
+	want[len(want)-3] = "--regid=1000"
+	if got := capabilityPrefix(ctr); !slices.Equal(got, want) {
+		t.Errorf("runAsGroup: capabilityPrefix() = %q, want %q", got, want)
+	}
 	ctr.SecurityContext.Privileged = ptr.To(true)
 	if got := capabilityPrefix(ctr); got != nil {
 		t.Errorf("privileged: capabilityPrefix() = %q, want nothing", got)
+	}
+}
+
+// A workload's pod on the pod network: the downward API names the pod, not
+// the proxy, HOSTNAME is the pod's name, and its address is not known when
+// its environment is computed.
+func TestPodEnvWorkloadPod(t *testing.T) {
+	c := &Cluster{Client: fake.NewClientset(kubernetesService)}
+	field := func(name, path string) corev1.EnvVar {
+		return corev1.EnvVar{Name: name, ValueFrom: &corev1.EnvVarSource{FieldRef: &corev1.ObjectFieldSelector{FieldPath: path}}}
+	}
+	spec := &corev1.PodSpec{ServiceAccountName: "probe-client", Containers: []corev1.Container{{Name: "probe",
+		Env: []corev1.EnvVar{field("POD_NAME", "metadata.name"), field("POD_NAMESPACE", "metadata.namespace"),
+			field("NODE_NAME", "spec.nodeName"), field("SA", "spec.serviceAccountName")}}}}
+	pr := podRef{namespace: "probe", name: "probe-client-node1", spec: spec, ctr: &spec.Containers[0], node: NodeInfo{Name: "node1", IP: "172.30.0.11"}}
+	env, err := c.podEnv(context.Background(), pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := envMap(env)
+	for k, v := range map[string]string{"POD_NAME": "probe-client-node1", "POD_NAMESPACE": "probe", "NODE_NAME": "node1",
+		"SA": "probe-client", "HOSTNAME": "probe-client-node1", "KUBERNETES_SERVICE_HOST": "10.96.0.1"} {
+		if got[k] != v {
+			t.Errorf("%s = %q, want %q", k, got[k], v)
+		}
+	}
+	spec.Containers[0].Env = append(spec.Containers[0].Env, field("IP", "status.podIP"))
+	if _, err := c.podEnv(context.Background(), pr); err == nil || !strings.Contains(err.Error(), "status.podIP") {
+		t.Errorf("status.podIP of a pod-network pod: err %v, want one naming the field", err)
 	}
 }

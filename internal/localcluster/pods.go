@@ -34,6 +34,8 @@ type PodSpec struct {
 	Ports []corev1.ContainerPort
 	// Command is the pod's process.
 	Command []string
+	// Env is the process's whole environment; nil inherits this one's.
+	Env []string
 	// ReadyLine, if set, is a line the process prints once it serves; the
 	// pod becomes Ready only then.
 	ReadyLine string
@@ -109,7 +111,7 @@ func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		}
 		if len(spec.Command) > 0 {
 			p.Proc = &proc{
-				NetNS: p.NetNS, Cgroup: node.Cgroup, Args: spec.Command,
+				NetNS: p.NetNS, Cgroup: node.Cgroup, Args: spec.Command, Env: spec.Env,
 				Log: filepath.Join(c.Dir, "logs", fmt.Sprintf("pod-%s-%s.log", spec.Namespace, spec.Name)),
 			}
 			if err := p.Proc.start(); err != nil {

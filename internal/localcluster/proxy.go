@@ -42,17 +42,10 @@ const (
 func proxyName(node string) string { return "kube-bpf-proxy-" + node }
 
 // proxyProc prepares the node's proxy as the kubelet would run the
-// DaemonSet's pod there, in a cgroup under the node's (where the proxy's
-// own sockets meet its programs, as on a node whose cgroup root they
-// attach to):
-//
-//	nsenter --net=NODE                         hostNetwork
-//	unshare --mount --propagation slave        the container's mount namespace
-//	sh -c MOUNTS                               ServiceAccount volume and hostPath mounts
-//	setpriv --bounding-set=... --no-new-privs  its capabilities
-//	kube-bpf-proxy ARGS                        the container's args ($(VAR) expanded)
-//
-// with the environment the kubelet gives the container.
+// DaemonSet's pod there (hostNetwork: in the node's network namespace; see
+// containerCommand), in a cgroup under the node's (where the proxy's own
+// sockets meet its programs, as on a node whose cgroup root they attach
+// to).
 func (c *Cluster) proxyProc(ctx context.Context, node string, o ProxyOptions) (*proc, error) {
 	n, err := c.Node(node)
 	if err != nil {
@@ -65,47 +58,17 @@ func (c *Cluster) proxyProc(ctx context.Context, node string, o ProxyOptions) (*
 	if err != nil {
 		return nil, err
 	}
-	if len(ctr.Command) > 0 {
-		return nil, fmt.Errorf("the proxy container's command %q replaces the image's entrypoint, which is not simulated", ctr.Command)
-	}
-	if real, err := filepath.EvalSymlinks("/var/run"); err != nil || real != "/run" {
-		return nil, fmt.Errorf("this machine's /var/run is not a link to /run, where the ServiceAccount volume is mounted (%q, %v)", real, err)
-	}
-	env, err := c.podEnv(ctx, o.DaemonSet, ctr, n)
+	cmd, env, err := c.containerCommand(ctx, containerRun{
+		pod:       daemonSetPod(o.DaemonSet, ctr, n),
+		binary:    o.Binary,
+		extraArgs: o.Args,
+		tokenTTL:  o.TokenTTL,
+		saDir:     filepath.Join(c.Dir, n.Name, "serviceaccount"),
+		staging:   filepath.Join(c.Dir, n.Name, "proxy-run"),
+	})
 	if err != nil {
 		return nil, err
 	}
-	saDir := ""
-	if at := o.DaemonSet.Spec.Template.Spec.AutomountServiceAccountToken; at == nil || *at {
-		ttl := o.TokenTTL
-		if ttl == 0 {
-			ttl = 24 * time.Hour
-		}
-		if saDir, err = c.serviceAccountVolume(ctx, o.DaemonSet, n, ttl); err != nil {
-			return nil, err
-		}
-	}
-	mounts, rewrite, err := podMounts(o.DaemonSet, ctr, n)
-	if err != nil {
-		return nil, err
-	}
-	staging := filepath.Join(c.Dir, n.Name, "proxy-run")
-	if err := os.MkdirAll(staging, 0o755); err != nil {
-		return nil, err
-	}
-	vars := envMap(env)
-	args := make([]string, 0, len(ctr.Args)+len(o.Args))
-	for _, a := range ctr.Args {
-		args = append(args, expand(a, vars))
-	}
-	args = append(rewriteArgs(args, rewrite), o.Args...)
-
-	cmd := []string{"unshare", "--mount", "--propagation", "slave", "--",
-		"sh", "-c", mountScript(staging, saDir, mounts), "sh"}
-	cmd = append(cmd, capabilityPrefix(ctr)...)
-	cmd = append(cmd, o.Binary)
-	cmd = append(cmd, args...)
-
 	cgroup := filepath.Join(n.Cgroup, "kube-bpf-proxy")
 	if err := os.Mkdir(cgroup, 0o755); err != nil && !os.IsExist(err) {
 		return nil, fmt.Errorf("creating the proxy's cgroup: %w", err)
@@ -161,6 +124,13 @@ func (c *Cluster) ProxySynced(ctx context.Context, node string) bool {
 // ProxyGet fetches path from one of the node's proxy endpoints and returns
 // the status code and body.
 func (c *Cluster) ProxyGet(ctx context.Context, node, addr, path string) (int, string, error) {
+	return c.NodeGet(ctx, node, addr, path)
+}
+
+// NodeGet fetches http://addr/path from the node's network namespace (a
+// pod's address, as Prometheus or a kubelet probe reaches it; the node's
+// loopback) over a new connection and returns the status code and body.
+func (c *Cluster) NodeGet(ctx context.Context, node, addr, path string) (int, string, error) {
 	n, err := c.Node(node)
 	if err != nil {
 		return 0, "", err
@@ -169,7 +139,11 @@ func (c *Cluster) ProxyGet(ctx context.Context, node, addr, path string) (int, s
 		Transport: &http.Transport{DialContext: dialIn(n.NetNS), DisableKeepAlives: true},
 		Timeout:   2 * time.Second,
 	}
-	resp, err := client.Get("http://" + addr + path)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		return 0, "", err
 	}
