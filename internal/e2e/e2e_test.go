@@ -47,6 +47,9 @@ type env struct {
 	// binary is the kube-bpf-proxy under test.
 	binary  string
 	clients []*localcluster.Pod // one per node
+	// probeTargets are the latency probe's pods, scraped by the cluster's
+	// Prometheus as job kube-bpf-proxy-probe.
+	probeTargets []localcluster.ScrapeTarget
 }
 
 func newEnv(t *testing.T) *env {
@@ -144,10 +147,15 @@ func TestEndToEnd(t *testing.T) {
 	e := newEnv(t)
 	// First, while no proxy has ever run on the nodes.
 	t.Run("FreshNodes", e.freshNodes)
+	e.startPrometheus(t)
 	for _, mode := range []string{"ebpf", "iptables"} {
 		t.Run(mode, func(t *testing.T) {
+			started := time.Now()
 			e.startProxies(t, mode)
 			ns := e.namespace(t, mode)
+			// First: the kubernetes-mixin's panels read the last minutes,
+			// and the alerts must be silent on fresh proxies.
+			t.Run("Monitoring", func(t *testing.T) { e.monitoring(t, ns, mode, started) })
 			t.Run("KubernetesService", e.kubernetesService)
 			if mode == "ebpf" {
 				t.Run("OneServiceTooBig", func(t *testing.T) { e.oneServiceTooBig(t, ns) })
