@@ -401,4 +401,3 @@ func (c *Cluster) StartForwarder(name string, args []string) error {
 	return c.startProc(name, &proc{Cgroup: cgroup, Args: args,
 		Log: filepath.Join(c.Dir, "logs", name+".log")})
 }
-
