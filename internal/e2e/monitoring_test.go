@@ -139,6 +139,18 @@ func (e *env) monitoring(t *testing.T, ns, mode string, since time.Time) {
 			t.Fatal(err)
 		}
 	}
+	// Gone after the scenario: the next ones (a map sized for a few
+	// Services among them) start from what they expect.
+	t.Cleanup(func() {
+		for _, svc := range []string{"mon", "mon-empty"} {
+			_ = e.c.Client.CoreV1().Services(ns).Delete(context.Background(), svc, metav1.DeleteOptions{})
+		}
+		for _, p := range []string{"mon-1", "mon-2"} {
+			if err := e.c.DeletePod(context.Background(), ns, p, 0); err != nil {
+				t.Errorf("deleting pod %s: %v", p, err)
+			}
+		}
+	})
 	before := map[string]float64{}
 	counters := counterChecks(ns, mode)
 	for _, c := range counters {
@@ -213,6 +225,41 @@ func (e *env) monitoring(t *testing.T, ns, mode string, since time.Time) {
 			})
 		}
 	}
+	for _, d := range ds {
+		for _, v := range d.Variables {
+			t.Run("Variable/"+d.Title+"/"+v.Name, func(t *testing.T) {
+				e.checkVariable(t, api, v, mode)
+			})
+		}
+	}
+	// The probe: a histogram for every client node / server node pair,
+	// once its pods are scrape targets (env.probeTargets).
+	t.Run("ProbePairs", func(t *testing.T) {
+		c := seriesCheck{name: "probe pairs",
+			expr: fmt.Sprintf(`count by (client_node, server_node) (kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe", mode=%q})`, mode)}
+		pending := pendingIn(c.expr)
+		var pairs []string
+		ok := eventually(within(pending, 30*time.Second), func() bool {
+			s, err := api.Query(ctx, c.expr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pairs = nil
+			for _, x := range s {
+				pairs = append(pairs, x.Labels["client_node"]+"->"+x.Labels["server_node"])
+			}
+			slices.Sort(pairs)
+			return slices.Equal(pairs, []string{"node1->node1", "node1->node2", "node2->node1", "node2->node2"})
+		})
+		switch {
+		case pending != "" && ok:
+			t.Errorf("%s returns every pair, but reads a pending metric (%s): remove it from pendingMetrics", c.expr, pending)
+		case pending != "":
+			t.Logf("waiting for %s: %s gives pairs %v", pending, c.expr, pairs)
+		case !ok:
+			t.Errorf("%s: want the four node pairs, got %v", c.expr, pairs)
+		}
+	})
 	for _, a := range monitoring.Alerts() {
 		t.Run("Alert/"+a.Name, func(t *testing.T) {
 			e.checkExpr(t, api, a.Signal, slices.Contains(a.FedIn, mode), false)
@@ -252,6 +299,29 @@ func (e *env) checkExpr(t *testing.T, api *localcluster.PrometheusAPI, expr stri
 		t.Logf("waiting for %s: %s returns no data yet", pending, expr)
 	case fed && !ok:
 		t.Errorf("%s: no data, though the test's traffic feeds it", expr)
+	}
+}
+
+// checkVariable requires a dashboard's label_values() variable to offer
+// this mode (for mode) or some value (the others).
+func (e *env) checkVariable(t *testing.T, api *localcluster.PrometheusAPI, v monitoring.Variable, mode string) {
+	sel := monitoring.Substitute(v.Selector, mode, "1m")
+	pending := pendingIn(sel)
+	var got []string
+	var err error
+	ok := eventually(within(pending, 10*time.Second), func() bool {
+		got, err = api.LabelValues(context.Background(), v.Label, sel)
+		return err == nil && len(got) > 0 && (v.Name != "mode" || slices.Contains(got, mode))
+	})
+	switch {
+	case err != nil:
+		t.Errorf("label_values(%s, %s): %v", sel, v.Label, err)
+	case pending != "" && ok:
+		t.Errorf("label_values(%s, %s) = %v, but reads a pending metric (%s): remove it from pendingMetrics", sel, v.Label, got, pending)
+	case pending != "":
+		t.Logf("waiting for %s: label_values(%s, %s) = %v", pending, sel, v.Label, got)
+	case !ok:
+		t.Errorf("label_values(%s, %s) = %v, want values (the mode %s for mode)", sel, v.Label, got, mode)
 	}
 }
 

@@ -33,12 +33,19 @@ type Query struct {
 	FedIn []string
 }
 
+// Variable is a template variable filled from label_values(Selector,
+// Label).
+type Variable struct {
+	Name, Selector, Label string
+}
+
 // Dashboard is a rendered dashboard and its queries.
 type Dashboard struct {
-	File    string // file name under manifests/monitoring/dashboards
-	Title   string
-	JSON    []byte
-	Queries []Query
+	File      string // file name under manifests/monitoring/dashboards
+	Title     string
+	JSON      []byte
+	Queries   []Query
+	Variables []Variable
 }
 
 // Template variables the expressions use. Grafana replaces them; a test
@@ -79,15 +86,26 @@ func Dashboards() ([]Dashboard, error) {
 		if err != nil {
 			return nil, fmt.Errorf("rendering dashboard %s: %w", b.file, err)
 		}
-		out = append(out, Dashboard{File: b.file, Title: *built.Title, JSON: append(j, '\n'), Queries: b.queries})
+		out = append(out, Dashboard{File: b.file, Title: *built.Title, JSON: append(j, '\n'), Queries: b.queries, Variables: b.variables})
 	}
 	return out, nil
 }
 
 // board collects a dashboard's queries as its panels are made.
 type board struct {
-	file    string
-	queries []Query
+	file      string
+	queries   []Query
+	variables []Variable
+}
+
+// labelValues is a query variable reading label's values on the series of
+// selector.
+func (b *board) labelValues(name, label, selector string) *dashboard.QueryVariableBuilder {
+	b.variables = append(b.variables, Variable{Name: name, Selector: selector, Label: label})
+	return dashboard.NewQueryVariableBuilder(name).Datasource(datasource).
+		Query(dashboard.StringOrMap{String: ptr(fmt.Sprintf("label_values(%s, %s)", selector, label))}).
+		Refresh(dashboard.VariableRefreshOnTimeRangeChanged).Sort(dashboard.VariableSortAlphabeticalAsc).
+		Multi(true).IncludeAll(true)
 }
 
 // target is one query of a panel.
@@ -145,12 +163,10 @@ func (b *board) stat(title, desc, unit string, span uint32, ts ...target) *stat.
 		Targets(b.targets(title, ts))
 }
 
-func modeVariable(query string) *dashboard.QueryVariableBuilder {
-	return dashboard.NewQueryVariableBuilder("mode").Label("Mode").
+func (b *board) modeVariable(selector string) *dashboard.QueryVariableBuilder {
+	return b.labelValues("mode", "mode", selector).Label("Mode").
 		Description("The proxy's datapath: ebpf or iptables. Select both to see them side by side.").
-		Datasource(datasource).Query(dashboard.StringOrMap{String: ptr(query)}).
-		Refresh(dashboard.VariableRefreshOnTimeRangeChanged).Sort(dashboard.VariableSortAlphabeticalAsc).
-		Multi(true).IncludeAll(true).AllValue(".*")
+		AllValue(".*")
 }
 
 func datasourceVariable() *dashboard.DatasourceVariableBuilder {
@@ -188,12 +204,9 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 		Tags([]string{"kube-bpf-proxy", "kubernetes", "kube-proxy"}).
 		Refresh("30s").Time("now-1h", "now").Tooltip(dashboard.DashboardCursorSyncCrosshair).
 		WithVariable(datasourceVariable()).
-		WithVariable(modeVariable(`label_values(kube_bpf_proxy_info{job="kube-proxy"}, mode)`)).
-		WithVariable(dashboard.NewQueryVariableBuilder("instance").Label("Node").
-			Datasource(datasource).
-			Query(dashboard.StringOrMap{String: ptr(`label_values(kube_bpf_proxy_info{job="kube-proxy", mode=~"$mode"}, instance)`)}).
-			Refresh(dashboard.VariableRefreshOnTimeRangeChanged).Sort(dashboard.VariableSortAlphabeticalAsc).
-			Multi(true).IncludeAll(true).AllValue(".+"))
+		WithVariable(b.modeVariable(`kube_bpf_proxy_info{job="kube-proxy"}`)).
+		WithVariable(b.labelValues("instance", "instance", `kube_bpf_proxy_info{job="kube-proxy", mode=~"$mode"}`).
+			Label("Node").AllValue(".+"))
 
 	d = d.WithRow(dashboard.NewRowBuilder("Overview")).
 		WithPanel(b.stat("Proxies up", "Proxies scraped successfully, by mode (kube_bpf_proxy_info is 1 for each running proxy).", "none", 6,
@@ -294,12 +307,9 @@ func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 		Tags([]string{"kube-bpf-proxy", "kubernetes", "latency"}).
 		Refresh("30s").Time("now-1h", "now").Tooltip(dashboard.DashboardCursorSyncCrosshair).
 		WithVariable(datasourceVariable()).
-		WithVariable(modeVariable(`label_values(kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe"}, mode)`)).
-		WithVariable(dashboard.NewQueryVariableBuilder("protocol").Label("Protocol").
-			Datasource(datasource).
-			Query(dashboard.StringOrMap{String: ptr(`label_values(kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe"}, protocol)`)}).
-			Refresh(dashboard.VariableRefreshOnTimeRangeChanged).Sort(dashboard.VariableSortAlphabeticalAsc).
-			Multi(true).IncludeAll(true).AllValue(".+"))
+		WithVariable(b.modeVariable(`kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe"}`)).
+		WithVariable(b.labelValues("protocol", "protocol", `kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe"}`).
+			Label("Protocol").AllValue(".+"))
 
 	d = d.WithRow(dashboard.NewRowBuilder("Round trip")).
 		WithPanel(b.timeseries("Round trip, mean", "Mean time of one request through the ClusterIP (new connection, request, whole answer), by mode: rate of the histogram's sum over rate of its count.", "s", 12,
