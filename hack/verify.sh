@@ -17,7 +17,7 @@ fi
 
 echo "--- dashboards and rules"
 go run ./hack/dashboards -out "$scratch/generated" >/dev/null
-for f in $(cd "$scratch/generated" && find . -type f); do
+for f in $(cd "$scratch/generated" && find . -type f -printf '%P\n'); do
   if ! cmp -s "$scratch/generated/$f" "manifests/monitoring/$f"; then
     echo "manifests/monitoring/$f is stale: run 'go run ./hack/dashboards' and commit the result." >&2
     exit 1
