@@ -53,16 +53,20 @@ type Dashboard struct {
 const (
 	// RateInterval is Grafana's $__rate_interval.
 	RateInterval = "$__rate_interval"
+	// Range is Grafana's $__range: the dashboard's whole time range.
+	Range = "$__range"
 	modeVar      = "$mode"
 	instanceVar  = "$instance"
 	protocolVar  = "$protocol"
 )
 
 // Substitute replaces the dashboards' variables in expr as Grafana would
-// with mode and instance selected and ranges of window.
+// with mode and every instance and protocol selected, and window as both
+// the rate interval and the dashboard's range.
 func Substitute(expr, mode, window string) string {
 	r := []struct{ old, new string }{
 		{RateInterval, window},
+		{Range, window},
 		{modeVar, mode},
 		{instanceVar, ".+"},
 		{protocolVar, ".+"},
@@ -333,21 +337,21 @@ func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 	d = d.WithRow(dashboard.NewRowBuilder("Distribution and node pairs, per mode")).
 		WithPanel(heatmap.NewPanelBuilder().Title("Round trip distribution ($mode)").
 			Description("Round trips per bucket over time, one panel per selected mode.").
-			Datasource(datasource).Span(12).Height(10).Repeat("mode").
+			Datasource(datasource).Span(24).Height(10).Repeat("mode").
 			Calculate(false).Unit("s").
 			Targets(b.targets("Round trip distribution ($mode)", []target{{
 				expr:   fmt.Sprintf(`sum by (le) (increase(%s_bucket{%s}[%s]))`, rt, probeSel, RateInterval),
 				legend: "{{le}}", fedIn: bothModes, heatmap: true,
 			}}))).
 		WithPanel(table.NewPanelBuilder().Title("Mean round trip, client node x server node ($mode)").
-			Description("Mean round trip over the interval for each pair of client node (rows) and server node (columns), one table per selected mode.").
-			Datasource(datasource).Span(12).Height(10).Repeat("mode").Unit("s").
+			Description("Mean round trip over the dashboard's time range for each pair of client node (rows) and server node (columns), one table per selected mode.").
+			Datasource(datasource).Span(24).Height(8).Repeat("mode").Unit("s").
 			WithTransformation(dashboard.DataTransformerConfig{Id: "groupingToMatrix", Options: map[string]any{
 				"rowField": "client_node", "columnField": "server_node", "valueField": "Value",
 			}}).
 			Targets(b.targets("Mean round trip, client node x server node ($mode)", []target{{
-				expr: fmt.Sprintf(`sum by (client_node, server_node) (%s) / sum by (client_node, server_node) (%s)`,
-					rate(rt+"_sum", probeSel), rate(rt+"_count", probeSel)),
+				expr: fmt.Sprintf(`sum by (client_node, server_node) (increase(%s_sum{%s}[%s])) / sum by (client_node, server_node) (increase(%s_count{%s}[%s]))`,
+					rt, probeSel, Range, rt, probeSel, Range),
 				fedIn: bothModes, table: true,
 			}})))
 

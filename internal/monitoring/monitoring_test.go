@@ -105,10 +105,10 @@ func TestDashboards(t *testing.T) {
 	}
 }
 
-// The PromQL of the standard deviation is the exact one of the contract.
+// Substitute replaces every variable the expressions use.
 func TestSubstitute(t *testing.T) {
-	got := Substitute(`rate(x{mode=~"$mode", instance=~"$instance", protocol=~"$protocol"}[$__rate_interval])`, "ebpf", "90s")
-	want := `rate(x{mode=~"ebpf", instance=~".+", protocol=~".+"}[90s])`
+	got := Substitute(`rate(x{mode=~"$mode", instance=~"$instance", protocol=~"$protocol"}[$__rate_interval]) / increase(y[$__range])`, "ebpf", "90s")
+	want := `rate(x{mode=~"ebpf", instance=~".+", protocol=~".+"}[90s]) / increase(y[90s])`
 	if got != want {
 		t.Errorf("got %s, want %s", got, want)
 	}
