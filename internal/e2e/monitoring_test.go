@@ -106,6 +106,7 @@ func (e *env) startPrometheus(t *testing.T) {
 func (e *env) monitoring(t *testing.T, ns, mode string, since time.Time) {
 	ctx := context.Background()
 	api := e.c.PrometheusAPI()
+	defer api.Close()
 	e.promtoolChecks(t)
 
 	// Both proxies scraped, as kube-proxy with the node as instance.

@@ -108,6 +108,7 @@ func (c *Cluster) StartPrometheus(ctx context.Context, o PrometheusOptions) erro
 		return err
 	}
 	api := c.PrometheusAPI()
+	defer api.Close()
 	return c.waitFor(ctx, p, 60*time.Second, "Prometheus to be ready", func() bool {
 		return api.Ready(ctx) == nil
 	})
@@ -202,6 +203,9 @@ func (c *Cluster) PrometheusAPI() *PrometheusAPI {
 		},
 	}
 }
+
+// Close releases the client's idle connections.
+func (p *PrometheusAPI) Close() { p.client.CloseIdleConnections() }
 
 // Ready returns nil once Prometheus serves queries.
 func (p *PrometheusAPI) Ready(ctx context.Context) error {
