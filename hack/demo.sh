@@ -24,4 +24,6 @@ if [ "${1:-}" != --down ]; then
   hack/build.sh
 fi
 go build -o _output/demo ./hack/demo
+# --keep runs hack/cluster's forwarder to Prometheus.
+go build -o _output/cluster ./hack/cluster
 exec _output/demo "$@"

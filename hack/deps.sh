@@ -13,6 +13,7 @@ packages=(
   dnsmasq-base        # a DNS server behind a ClusterIP (no system service)
   curl
   etcd-server         # the local cluster's etcd (make demo, end-to-end tests)
+  prometheus          # Prometheus and promtool: the monitoring checks, make demo-up
 )
 
 missing=()

@@ -14,6 +14,10 @@ echo "--- Kubernetes control plane for the end-to-end tests (built once, cached)
 KUBE_BIN="$(hack/kube-build.sh 2> _output/kube-build.log)" || { cat _output/kube-build.log; echo "building Kubernetes failed" >&2; exit 1; }
 export KUBE_BIN
 echo "$KUBE_BIN"
+echo "--- upstream promtool, with Kubernetes discovery (built once, cached)"
+PROMTOOL_UPSTREAM="$(hack/promtool-build.sh 2> _output/promtool-build.log)" || { cat _output/promtool-build.log; echo "building promtool failed" >&2; exit 1; }
+export PROMTOOL_UPSTREAM
+echo "$PROMTOOL_UPSTREAM"
 echo "--- go test"
 # -p 1: the kernel tests of several packages would otherwise share 2 cores
 # with dozens of helper processes; they are correct in parallel, just slow.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Fails if the committed BPF objects differ from what bpf/ generates, if any
+# Fails if the committed BPF objects differ from what bpf/ generates, if the
+# committed dashboards and rules differ from what hack/dashboards writes, if any
 # Go file is not gofmt'ed, or if go vet finds anything.
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,15 @@ if ! diff -r -q internal/dataplane/ebpf "$scratch/internal/dataplane/ebpf"; then
   echo "The committed BPF objects are stale: run 'make generate' and commit the result." >&2
   exit 1
 fi
+
+echo "--- dashboards and rules"
+go run ./hack/dashboards -out "$scratch/generated" >/dev/null
+for f in $(cd "$scratch/generated" && find . -type f -printf '%P\n'); do
+  if ! cmp -s "$scratch/generated/$f" "manifests/monitoring/$f"; then
+    echo "manifests/monitoring/$f is stale: run 'go run ./hack/dashboards' and commit the result." >&2
+    exit 1
+  fi
+done
 
 echo "--- gofmt"
 unformatted=$(gofmt -l $(git ls-files '*.go'))

@@ -10,6 +10,11 @@
 //	cluster delete-pod NAME [--namespace NS] [--drain 2s]
 //	cluster exec POD [--namespace NS] -- CMD...  a client command in the pod (in its node's cgroup)
 //	cluster kubectl ARGS...                      kubectl as admin, in the API server's namespace
+//	cluster prometheus                           start Prometheus in node1's namespace (on 127.0.0.1:9090
+//	                                             there), scraping both proxies as job kube-proxy
+//	cluster forward [--listen 127.0.0.1:9090] [--to 127.0.0.1:9090] [--node node1]
+//	                                             forward connections to --listen on this machine's loopback
+//	                                             to --to inside the node's namespace, until interrupted
 //	cluster proxy start|stop|cleanup --node N [--mode ebpf|iptables]
 //	                                             start applies an overlay of manifests/overlays/MODE that
 //	                                             sets the API server's address (in DIR/overlays/MODE), then
@@ -49,7 +54,7 @@ func main() {
 		dir, args = args[1], args[2:]
 	}
 	if len(args) < 1 {
-		fmt.Fprintln(os.Stderr, "usage: cluster up|down|add-pod|ready|delete-pod|exec|kubectl|proxy ... (see hack/cluster/main.go)")
+		fmt.Fprintln(os.Stderr, "usage: cluster up|down|add-pod|ready|delete-pod|exec|kubectl|prometheus|forward|proxy ... (see hack/cluster/main.go)")
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -74,6 +79,8 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 	drain := fs.Duration("drain", 2*time.Second, "how long a deleted pod keeps serving")
 	mode := fs.String("mode", "ebpf", "proxy mode")
 	binary := fs.String("binary", "_output/kube-bpf-proxy", "kube-bpf-proxy binary")
+	listen := fs.String("listen", "127.0.0.1:9090", "forward: address to listen on, in this machine's network namespace")
+	to := fs.String("to", localcluster.PrometheusAddr, "forward: address to connect to, inside the node's namespace")
 	// kubectl and exec pass everything on.
 	if name == "kubectl" {
 		c, err := localcluster.Open(*dir)
@@ -157,6 +164,17 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		defer done()
 		cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, os.Stdout, os.Stderr
 		return cmd.Run()
+	case "prometheus":
+		if err := c.StartPrometheus(ctx, localcluster.PrometheusOptions{
+			RuleFiles: []string{"manifests/monitoring/prometheus/kube-bpf-proxy-rules.yaml"},
+		}); err != nil {
+			return err
+		}
+		fmt.Printf("Prometheus listens on %s in %s; from this machine: cluster forward --listen 127.0.0.1:9090\n",
+			localcluster.PrometheusAddr, c.Nodes[0].NetNS)
+		return nil
+	case "forward":
+		return c.Forward(ctx, *listen, *node, *to)
 	case "proxy":
 		if err := need(1); err != nil {
 			return err

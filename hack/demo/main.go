@@ -7,14 +7,17 @@
 // cluster makes.
 //
 //	demo            the whole tour, then everything is removed
-//	demo --keep     set up (cluster, proxies in ebpf mode, the web Service) and leave it running
+//	demo --keep     set up (cluster, proxies in ebpf mode, the web Service, Prometheus with a
+//	                forwarder on 127.0.0.1:9090) and leave it running
 //	demo --down     remove what --keep left
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -52,6 +55,8 @@ type demo struct {
 	// vip is web's ClusterIP; clients holds the client pod of each node.
 	vip     string
 	clients map[string]*localcluster.Pod
+	// promURL is Prometheus's address from this machine (--keep).
+	promURL string
 }
 
 func main() {
@@ -61,6 +66,8 @@ func main() {
 	dir := flag.String("dir", "_output/demo-cluster", "cluster directory")
 	kubeBin := flag.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries (hack/kube-build.sh)")
 	binary := flag.String("binary", "_output/kube-bpf-proxy", "the kube-bpf-proxy binary")
+	clusterBinary := flag.String("cluster-binary", "_output/cluster", "hack/cluster's binary, whose forward command --keep runs")
+	promListen := flag.String("prometheus-listen", envOr("KBP_PROMETHEUS_LISTEN", "127.0.0.1:9090"), "--keep: where Prometheus is reachable from this machine (a forwarder into node1's namespace)")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -74,6 +81,8 @@ func main() {
 	}
 	d.up(*kubeBin)
 	if *keep {
+		cb, _ := filepath.Abs(*clusterBinary)
+		d.startPrometheus(cb, *promListen)
 		d.printAccess()
 		return
 	}
@@ -300,6 +309,27 @@ func (d *demo) kubectl(args ...string) {
 	}
 }
 
+// startPrometheus starts Prometheus in node1's namespace, scraping both
+// proxies (job kube-proxy) and evaluating the shipped alerting rules, and a
+// forwarder on this machine's loopback into it: a way in, no route out.
+func (d *demo) startPrometheus(clusterBinary, listen string) {
+	d.begin("Starting Prometheus (Debian's) in %s, scraping both proxies as job kube-proxy, with a forwarder on %s", d.c.Nodes[0].NetNS, listen)
+	d.check(d.c.StartPrometheus(d.ctx, localcluster.PrometheusOptions{
+		RuleFiles: []string{"manifests/monitoring/prometheus/kube-bpf-proxy-rules.yaml"},
+	}))
+	d.check(d.c.StartForwarder("forward-prometheus", []string{clusterBinary, "--dir", d.c.Dir, "forward",
+		"--listen", listen, "--to", localcluster.PrometheusAddr, "--node", d.c.Nodes[0].Name}))
+	d.promURL = "http://" + listen
+	d.waitFor("Prometheus through the forwarder on "+listen, func() bool {
+		resp, err := http.Get(d.promURL + "/-/ready")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
 func (d *demo) printAccess() {
 	fmt.Printf("\nThe demo cluster is up, kube-bpf-proxy (ebpf) serves on both nodes.\n")
 	fmt.Printf("  kubeconfig: %s\n", d.c.AdminKubeconfig)
@@ -310,6 +340,15 @@ func (d *demo) printAccess() {
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh kubectl get pods -o wide\n", d.dir)
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh exec client-node1 -- curl -s http://%s/\n", d.dir, d.vip)
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh add-pod web-4 --node node1 --labels app=web\n", d.dir)
+	if d.promURL != "" {
+		fmt.Printf("  Prometheus: %s (in %s, forwarded to this machine's loopback; jobs kube-proxy and kube-bpf-proxy-probe, the shipped alerting rules)\n",
+			d.promURL, d.c.Nodes[0].NetNS)
+		fmt.Printf("  Grafana dashboards: in your Grafana, add %s as a Prometheus data source, then Dashboards > New > Import:\n", d.promURL)
+		files, _ := filepath.Glob("manifests/monitoring/dashboards/*.json")
+		for _, f := range files {
+			fmt.Printf("    %-55s %s\n", f, dashboardTitle(f))
+		}
+	}
 	fmt.Printf("  logs: %s\n", filepath.Join(d.c.Dir, "logs"))
 	fmt.Printf("  remove it all: sudo make demo-down\n")
 }
@@ -352,4 +391,26 @@ func errWith(err error, out []byte) error {
 		return nil
 	}
 	return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
+}
+
+// dashboardTitle reads a dashboard JSON's title, for the import lines.
+func dashboardTitle(file string) string {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return ""
+	}
+	var d struct {
+		Title string `json:"title"`
+	}
+	if json.Unmarshal(b, &d) != nil {
+		return ""
+	}
+	return fmt.Sprintf("%q", d.Title)
+}
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
 }

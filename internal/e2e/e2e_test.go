@@ -48,6 +48,9 @@ type env struct {
 	// binary is the kube-bpf-proxy under test.
 	binary  string
 	clients []*localcluster.Pod // one per node
+	// probeTargets are the latency probe's pods, scraped by the cluster's
+	// Prometheus as job kube-bpf-proxy-probe.
+	probeTargets []localcluster.ScrapeTarget
 }
 
 func newEnv(t *testing.T) *env {
@@ -145,10 +148,15 @@ func TestEndToEnd(t *testing.T) {
 	e := newEnv(t)
 	// First, while no proxy has ever run on the nodes.
 	t.Run("FreshNodes", e.freshNodes)
+	e.startPrometheus(t)
 	for _, mode := range []string{"ebpf", "iptables"} {
 		t.Run(mode, func(t *testing.T) {
+			started := time.Now()
 			e.startProxies(t, mode)
 			ns := e.namespace(t, mode)
+			// First: the kubernetes-mixin's panels read the last minutes,
+			// and the alerts must be silent on fresh proxies.
+			t.Run("Monitoring", func(t *testing.T) { e.monitoring(t, ns, mode, started) })
 			t.Run("KubernetesService", e.kubernetesService)
 			t.Run("Probe", func(t *testing.T) { e.probeScenario(t, mode) })
 			if mode == "ebpf" {

@@ -545,6 +545,7 @@ func Down(dir string) error {
 	if len(errs) == 0 {
 		_ = os.Remove(filepath.Join(dir, stateFile))
 		_ = os.RemoveAll(filepath.Join(dir, "etcd"))
+		_ = os.RemoveAll(filepath.Join(dir, "prometheus"))
 	}
 	return errors.Join(errs...)
 }

@@ -27,7 +27,7 @@ type proc struct {
 	Log string   `json:"log"`
 }
 
-// start runs p.Args in network namespace p.NetNS and cgroup p.Cgroup,
+// start runs p.Args in network namespace p.NetNS (if set) and cgroup p.Cgroup,
 // detached from the caller (its own session, output to p.Log), so it
 // outlives a CLI invocation. It joins the cgroup at clone time, before it
 // runs any code.
@@ -42,8 +42,12 @@ func (p *proc) start() error {
 		return fmt.Errorf("opening cgroup %s: %w", p.Cgroup, err)
 	}
 	defer unix.Close(cgfd)
-	args := append([]string{"--net=" + netnsPath(p.NetNS), "--"}, p.Args...)
-	cmd := exec.Command("nsenter", args...)
+	// Without a namespace it runs in this process's own (a forwarder
+	// listening on the machine's loopback).
+	cmd := exec.Command(p.Args[0], p.Args[1:]...)
+	if p.NetNS != "" {
+		cmd = exec.Command("nsenter", append([]string{"--net=" + netnsPath(p.NetNS), "--"}, p.Args...)...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = p.Env
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, UseCgroupFD: true, CgroupFD: cgfd}
