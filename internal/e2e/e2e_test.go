@@ -48,9 +48,6 @@ type env struct {
 	// binary is the kube-bpf-proxy under test.
 	binary  string
 	clients []*localcluster.Pod // one per node
-	// probeTargets are the latency probe's pods, scraped by the cluster's
-	// Prometheus as job kube-bpf-proxy-probe.
-	probeTargets []localcluster.ScrapeTarget
 }
 
 func newEnv(t *testing.T) *env {
@@ -155,10 +152,14 @@ func TestEndToEnd(t *testing.T) {
 			e.startProxies(t, mode)
 			ns := e.namespace(t, mode)
 			// First: the kubernetes-mixin's panels read the last minutes,
-			// and the alerts must be silent on fresh proxies.
-			t.Run("Monitoring", func(t *testing.T) { e.monitoring(t, ns, mode, started) })
+			// and the alerts must be silent on fresh proxies. The probe
+			// runs meanwhile, scraped like the proxies.
+			t.Run("Probe", func(t *testing.T) {
+				d := e.deployProbe(t, mode)
+				t.Run("Monitoring", func(t *testing.T) { e.monitoring(t, ns, mode, started) })
+				t.Run("Measurements", func(t *testing.T) { e.probeScenario(t, mode, d) })
+			})
 			t.Run("KubernetesService", e.kubernetesService)
-			t.Run("Probe", func(t *testing.T) { e.probeScenario(t, mode) })
 			if mode == "ebpf" {
 				t.Run("OneServiceTooBig", func(t *testing.T) { e.oneServiceTooBig(t, ns) })
 				t.Run("DatapathCounters", func(t *testing.T) { e.datapathCounters(t, ns) })

@@ -22,24 +22,28 @@ const (
 	probeMetricsPort = "9090"
 )
 
-// probeScenario deploys the latency probe from manifests/probe as a user
-// does (kubectl apply -k), runs the Deployment's servers spread over both
-// nodes and a client of the DaemonSet on each node, as the kubelet would
-// run them (the client with its ServiceAccount's in-cluster credentials,
-// reaching the API server through the kubernetes Service), and checks what
-// the clients export: round trips for every client-node/server-node pair
-// and both protocols with the proxies' mode, no error, and refusals counted
-// once the Service has no ready endpoint.
-func (e *env) probeScenario(t *testing.T, mode string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+// probeDeployment is the latency probe running in the cluster: servers of
+// the Deployment spread over both nodes, a client of the DaemonSet on each.
+type probeDeployment struct {
+	servers, clients []*localcluster.Pod
+}
+
+// deployProbe installs the latency probe from manifests/probe as a user
+// does (kubectl apply -k) and runs the Deployment's servers and the
+// DaemonSet's clients as the kubelet would run them (the clients with
+// their ServiceAccount's in-cluster credentials, reaching the API server
+// through the kubernetes Service). The cluster's Prometheus scrapes every
+// probe pod as job kube-bpf-proxy-probe until t ends; then the probe is
+// uninstalled, so that what follows sees no trace of it.
+func (e *env) deployProbe(t *testing.T, mode string) *probeDeployment {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	dir := filepath.Join(manifestsDir, "probe")
 	if _, err := e.c.Kubectl(ctx, "apply", "-k", dir); err != nil {
 		t.Fatal(err)
 	}
-	// Last (cleanups run in reverse), once the pods are gone: the later
-	// scenarios see no trace of the probe, and the next mode installs it
-	// anew.
+	// Last (cleanups run in reverse), once the pods are gone.
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
@@ -49,16 +53,44 @@ func (e *env) probeScenario(t *testing.T, mode string) {
 	})
 	e.checkProbeRBAC(t, ctx)
 	e.ensureModeLabel(t, ctx, mode)
-	servers, err := e.c.StartDeployment(ctx, probeNamespace, "probe-server", e.binary, "Probe server ready")
-	t.Cleanup(func() { e.removePods(t, servers) })
+	var d probeDeployment
+	var err error
+	d.servers, err = e.c.StartDeployment(ctx, probeNamespace, "probe-server", e.binary, "Probe server ready")
+	t.Cleanup(func() { e.removePods(t, d.servers) })
 	if err != nil {
 		t.Fatal(err)
 	}
-	clients, err := e.c.StartDaemonSet(ctx, probeNamespace, "probe-client", e.binary, "Probe client ready")
-	t.Cleanup(func() { e.removePods(t, clients) })
+	d.clients, err = e.c.StartDaemonSet(ctx, probeNamespace, "probe-client", e.binary, "Probe client ready")
+	t.Cleanup(func() { e.removePods(t, d.clients) })
 	if err != nil {
 		t.Fatal(err)
 	}
+	var targets []localcluster.ScrapeTarget
+	for _, p := range append(append([]*localcluster.Pod{}, d.clients...), d.servers...) {
+		targets = append(targets, localcluster.ScrapeTarget{
+			Address: net.JoinHostPort(p.IP.String(), probeMetricsPort),
+			Labels:  map[string]string{"instance": p.Name, "pod": p.Name, "node": p.Node, "namespace": p.Namespace},
+		})
+	}
+	if err := e.c.SetProbeTargets(targets); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := e.c.SetProbeTargets(nil); err != nil {
+			t.Errorf("removing the probe's scrape targets: %v", err)
+		}
+	})
+	return &d
+}
+
+// probeScenario checks what the probe's clients export: round trips for
+// every client-node/server-node pair and both protocols with the proxies'
+// mode, no error, and refusals counted once the Service has no ready
+// endpoint (which it leaves so: the probe goes with the mode).
+func (e *env) probeScenario(t *testing.T, mode string, d *probeDeployment) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	servers, clients := d.servers, d.clients
 	nodes := make([]string, 0, len(e.c.Nodes))
 	for _, n := range e.c.Nodes {
 		nodes = append(nodes, n.Name)

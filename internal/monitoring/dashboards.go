@@ -283,8 +283,13 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 	return b, d
 }
 
-// probeSel selects the probe's series of the selected modes and protocols.
-const probeSel = `job="kube-bpf-proxy-probe", mode=~"$mode", protocol=~"$protocol"`
+// probeSel selects the probe's series of the selected modes and protocols;
+// tcpPhaseSel the connect and first-byte histograms, which are TCP's only
+// and carry no protocol label.
+const (
+	probeSel    = `job="kube-bpf-proxy-probe", mode=~"$mode", protocol=~"$protocol"`
+	tcpPhaseSel = `job="kube-bpf-proxy-probe", mode=~"$mode"`
+)
 
 func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 	b := &board{file: "kube-bpf-proxy-probe.json"}
@@ -292,11 +297,17 @@ func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 		return fmt.Sprintf(`rate(%s{%s}[%s])`, metric, sel, RateInterval)
 	}
 	// mean is sum over count of a histogram, by the given labels.
+	sel := func(h string) string {
+		if h == "kube_bpf_proxy_probe_connect_seconds" || h == "kube_bpf_proxy_probe_first_byte_seconds" {
+			return tcpPhaseSel
+		}
+		return probeSel
+	}
 	mean := func(h, by string) string {
-		return fmt.Sprintf(`sum by (%s) (%s) / sum by (%s) (%s)`, by, rate(h+"_sum", probeSel), by, rate(h+"_count", probeSel))
+		return fmt.Sprintf(`sum by (%s) (%s) / sum by (%s) (%s)`, by, rate(h+"_sum", sel(h)), by, rate(h+"_count", sel(h)))
 	}
 	quantile := func(q, h, by string) string {
-		return fmt.Sprintf(`histogram_quantile(%s, sum by (%s, le) (%s))`, q, by, rate(h+"_bucket", probeSel))
+		return fmt.Sprintf(`histogram_quantile(%s, sum by (%s, le) (%s))`, q, by, rate(h+"_bucket", sel(h)))
 	}
 	const rt = "kube_bpf_proxy_probe_round_trip_seconds"
 	// The variance is E[x²] - E[x]², both from counters (the squared sum
