@@ -7,8 +7,8 @@
 // cluster makes.
 //
 //	demo            the whole tour, then everything is removed
-//	demo --keep     set up (cluster, proxies in ebpf mode, the web Service, Prometheus with a
-//	                forwarder on 127.0.0.1:9090) and leave it running
+//	demo --keep     set up (cluster, proxies in ebpf mode, the web Service, the latency probe,
+//	                Prometheus with a forwarder on 127.0.0.1:9090) and leave it running
 //	demo --down     remove what --keep left
 package main
 
@@ -26,7 +26,11 @@ import (
 	"syscall"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
@@ -46,6 +50,10 @@ spec:
     targetPort: 8080
 `
 
+// probeWindow is how long the probe measures each mode: at the manifests'
+// 5 probes a second per client, about 150 requests per node and protocol.
+const probeWindow = 30 * time.Second
+
 type demo struct {
 	ctx    context.Context
 	c      *localcluster.Cluster
@@ -57,6 +65,10 @@ type demo struct {
 	clients map[string]*localcluster.Pod
 	// promURL is Prometheus's address from this machine (--keep).
 	promURL string
+	// probeClients and probeServers are the latency probe's pods;
+	// measured holds its results per mode, for the closing table.
+	probeClients, probeServers []*localcluster.Pod
+	measured                   []probe.Summary
 }
 
 func main() {
@@ -87,6 +99,7 @@ func main() {
 		return
 	}
 	d.tour()
+	d.printMeasurements()
 	d.begin("Tearing down: proxies (--cleanup), cluster processes, namespaces, cgroups, bpffs mounts")
 	d.teardown()
 	fmt.Println("\nDone. `make demo-up` keeps a cluster running to explore; `make test` runs every test.")
@@ -147,11 +160,97 @@ func (d *demo) up(kubeBin string) {
 	d.kubectl("get", "pods", "-o", "wide")
 	d.waitServed("web-")
 	d.kubectl("get", "endpointslices", "-l", "kubernetes.io/service-name=web")
+	d.deployProbe()
+}
+
+// deployProbe installs manifests/probe as a user would and runs its pods:
+// 12 servers behind Service kube-bpf-proxy-probe/probe-server, spread over
+// the nodes, and a client on each node probing the ClusterIP over a new
+// connection per request.
+func (d *demo) deployProbe() {
+	d.begin("Installing the latency probe (kubectl apply -k manifests/probe): 12 servers behind a Service, a client on each node")
+	out, err := d.c.Kubectl(d.ctx, "apply", "-k", "manifests/probe")
+	d.check(err)
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		d.logf("%s", l)
+	}
+	d.probeServers, err = d.c.StartDeployment(d.ctx, probeNamespace, "probe-server", d.binary, "Probe server ready")
+	d.check(err)
+	d.probeClients, err = d.c.StartDaemonSet(d.ctx, probeNamespace, "probe-client", d.binary, "Probe client ready")
+	d.check(err)
+	for _, p := range d.probeClients {
+		d.logf("client %s on %s, metrics at %s:%s", p.Name, p.Node, p.IP, probeMetricsPort)
+	}
+}
+
+const (
+	probeNamespace   = "kube-bpf-proxy-probe"
+	probeMetricsPort = "9090"
+)
+
+// scrapeProbeClients reads every probe client's /metrics.
+func (d *demo) scrapeProbeClients() []probe.Scrape {
+	var scrapes []probe.Scrape
+	for _, p := range d.probeClients {
+		code, body, err := d.c.NodeGet(d.ctx, p.Node, p.IP.String()+":"+probeMetricsPort, "/metrics")
+		if err == nil && code != 200 {
+			err = fmt.Errorf("GET /metrics of %s: status %d", p.Name, code)
+		}
+		d.check(err)
+		s, err := probe.ParseScrape(strings.NewReader(body))
+		d.check(err)
+		scrapes = append(scrapes, s)
+	}
+	return scrapes
+}
+
+// measure lets the probe run for window with the proxies in mode, and keeps
+// what it measured in that mode for the closing table.
+func (d *demo) measure(mode string, window time.Duration) {
+	d.begin("Measuring for %s with the latency probe: ClusterIP round trips from both nodes, %s mode", window, mode)
+	// The clients label each request with their node's mode label, which
+	// the proxies write after their first sync: requests made before it
+	// changed count for the other mode, and are left out of this one's row.
+	for _, n := range d.c.Nodes {
+		d.waitFor(n.Name+"'s label "+nodelabel.Label+"="+mode, func() bool {
+			node, err := d.c.Client.CoreV1().Nodes().Get(d.ctx, n.Name, metav1.GetOptions{})
+			return err == nil && node.Labels[nodelabel.Label] == mode
+		})
+	}
+	time.Sleep(2 * time.Second) // the clients' watch of their Node
+	before := d.scrapeProbeClients()
+	select {
+	case <-d.ctx.Done():
+		d.fail(d.ctx.Err())
+	case <-time.After(window):
+	}
+	sums, err := probe.Summarize(before, d.scrapeProbeClients())
+	d.check(err)
+	for _, s := range sums {
+		if s.Mode == mode {
+			d.measured = append(d.measured, s)
+			d.logf("%s %s: %d requests, %d errors, mean %s", s.Mode, s.Protocol, s.Requests, s.Errors, s.Mean.Round(time.Microsecond))
+		}
+	}
+}
+
+// printMeasurements is the closing table: the probe's round trips through
+// the ClusterIP in each mode.
+func (d *demo) printMeasurements() {
+	d.begin("Round trips through the ClusterIP measured by the latency probe, per mode (new TCP connection + HTTP GET; UDP request/reply)")
+	var b strings.Builder
+	d.check(probe.WriteTable(&b, d.measured))
+	for _, l := range strings.Split(strings.TrimRight(b.String(), "\n"), "\n") {
+		d.logf("%s", l)
+	}
+	d.logf("99%% CI: the mean's 99%% confidence interval (mean ± 2.576·σ/√n); p50/p99 interpolated in the histogram's buckets.")
+	d.logf("Both nodes and all servers share this machine's CPUs: compare the modes' ratios, not absolute numbers.")
 }
 
 func (d *demo) tour() {
 	d.begin("curl http://web/ (the ClusterIP) from a pod on each node: each connect() picks a backend in the kernel")
 	d.curlFromEachNode(4)
+	d.measure("ebpf", probeWindow)
 
 	d.begin("Zero endpoints (every web pod unready): connect() is refused at once, not a timeout")
 	d.setWebReady(false)
@@ -190,6 +289,7 @@ func (d *demo) tour() {
 
 	d.begin("curl http://web/ again, now through iptables DNAT")
 	d.curlFromEachNode(4)
+	d.measure("iptables", probeWindow)
 
 	d.begin("iptables mode, zero endpoints: a REJECT rule answers, so connect() is refused too")
 	d.setWebReady(false)
@@ -314,8 +414,16 @@ func (d *demo) kubectl(args ...string) {
 // forwarder on this machine's loopback into it: a way in, no route out.
 func (d *demo) startPrometheus(clusterBinary, listen string) {
 	d.begin("Starting Prometheus (Debian's) in %s, scraping both proxies as job kube-proxy, with a forwarder on %s", d.c.Nodes[0].NetNS, listen)
+	var probeTargets []localcluster.ScrapeTarget
+	for _, p := range append(append([]*localcluster.Pod{}, d.probeClients...), d.probeServers...) {
+		probeTargets = append(probeTargets, localcluster.ScrapeTarget{
+			Address: p.IP.String() + ":" + probeMetricsPort,
+			Labels:  map[string]string{"instance": p.Name, "pod": p.Name, "node": p.Node, "namespace": p.Namespace},
+		})
+	}
 	d.check(d.c.StartPrometheus(d.ctx, localcluster.PrometheusOptions{
-		RuleFiles: []string{"manifests/monitoring/prometheus/kube-bpf-proxy-rules.yaml"},
+		RuleFiles:    []string{"manifests/monitoring/prometheus/kube-bpf-proxy-rules.yaml"},
+		ProbeTargets: probeTargets,
 	}))
 	d.check(d.c.StartForwarder("forward-prometheus", []string{clusterBinary, "--dir", d.c.Dir, "forward",
 		"--listen", listen, "--to", localcluster.PrometheusAddr, "--node", d.c.Nodes[0].Name}))
