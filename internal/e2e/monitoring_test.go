@@ -21,29 +21,6 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
-// pendingMetrics are the metric contract's series that this branch does
-// not export yet, with who adds them. An expression reading one of them
-// must still parse and run, but need not return data; once it does, the
-// test fails until the name is removed here, so the list stays true.
-var pendingMetrics = map[string]string{}
-
-// pendingIn returns who adds the pending metrics expr reads ("" if none).
-func pendingIn(expr string) string {
-	var who []string
-	for _, n := range monitoring.MetricNames(expr) {
-		for _, suffix := range []string{"", "_bucket", "_count", "_sum"} {
-			base, ok := strings.CutSuffix(n, suffix)
-			if !ok {
-				continue
-			}
-			if w, ok := pendingMetrics[base]; ok && !slices.Contains(who, base+": "+w) {
-				who = append(who, base+": "+w)
-			}
-		}
-	}
-	return strings.Join(who, ", ")
-}
-
 // startPrometheus starts the cluster's Prometheus (Debian's) with the
 // shipped alerting rules, scraping both proxies every second.
 func (e *env) startPrometheus(t *testing.T) {
@@ -51,7 +28,7 @@ func (e *env) startPrometheus(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	err := e.c.StartPrometheus(ctx, localcluster.PrometheusOptions{
-		RuleFiles:    []string{filepath.Join(repoRoot, monitoring.Dir, monitoring.RulesFile)},
+		RuleFiles: []string{filepath.Join(repoRoot, monitoring.Dir, monitoring.RulesFile)},
 	})
 	if err != nil {
 		t.Fatalf("starting Prometheus: %v (log %s)", err, e.c.PrometheusLog())
@@ -154,18 +131,12 @@ func (e *env) monitoring(t *testing.T, ns, mode string, since time.Time) {
 	}
 	for _, c := range counters {
 		t.Run("Rises/"+c.name, func(t *testing.T) {
-			pending := pendingIn(c.expr)
 			var got float64
-			ok := eventually(within(pending, 20*time.Second), func() bool {
+			ok := eventually(20*time.Second, func() bool {
 				got = e.value(t, api, c.expr)
 				return got-before[c.name] >= c.atLeast
 			})
-			switch {
-			case pending != "" && ok:
-				t.Errorf("%s rose, but reads a pending metric (%s): remove it from pendingMetrics", c.expr, pending)
-			case pending != "":
-				t.Logf("waiting for %s: %s did not rise (%v -> %v)", pending, c.expr, before[c.name], got)
-			case !ok:
+			if !ok {
 				t.Errorf("%s: want a rise of at least %v with the traffic, got %v -> %v", c.expr, c.atLeast, before[c.name], got)
 			}
 		})
@@ -197,9 +168,8 @@ func (e *env) monitoring(t *testing.T, ns, mode string, since time.Time) {
 	t.Run("ProbePairs", func(t *testing.T) {
 		c := seriesCheck{name: "probe pairs",
 			expr: fmt.Sprintf(`count by (client_node, server_node) (kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe", mode=%q})`, mode)}
-		pending := pendingIn(c.expr)
 		var pairs []string
-		ok := eventually(within(pending, 30*time.Second), func() bool {
+		ok := eventually(30*time.Second, func() bool {
 			s, err := api.Query(ctx, c.expr)
 			if err != nil {
 				t.Fatal(err)
@@ -211,12 +181,7 @@ func (e *env) monitoring(t *testing.T, ns, mode string, since time.Time) {
 			slices.Sort(pairs)
 			return slices.Equal(pairs, []string{"node1->node1", "node1->node2", "node2->node1", "node2->node2"})
 		})
-		switch {
-		case pending != "" && ok:
-			t.Errorf("%s returns every pair, but reads a pending metric (%s): remove it from pendingMetrics", c.expr, pending)
-		case pending != "":
-			t.Logf("waiting for %s: %s gives pairs %v", pending, c.expr, pairs)
-		case !ok:
+		if !ok {
 			t.Errorf("%s: want the four node pairs, got %v", c.expr, pairs)
 		}
 	})
@@ -243,16 +208,15 @@ func (e *env) monitoring(t *testing.T, ns, mode string, since time.Time) {
 }
 
 // checkExpr evaluates expr: it must parse and run; if fed, it must return
-// data (unless it reads a pending metric); if silent, it must return none.
+// data; if silent, it must return none.
 func (e *env) checkExpr(t *testing.T, api *localcluster.PrometheusAPI, expr string, fed, silent bool) {
 	t.Helper()
-	pending := pendingIn(expr)
 	var s []localcluster.Sample
 	var err error
 	// Rates need two scrapes after the traffic; a few seconds at most.
 	wait := time.Duration(0)
 	if fed {
-		wait = within(pending, 10*time.Second)
+		wait = 10 * time.Second
 	}
 	ok := eventually(wait, func() bool {
 		s, err = api.Query(context.Background(), expr)
@@ -263,10 +227,6 @@ func (e *env) checkExpr(t *testing.T, api *localcluster.PrometheusAPI, expr stri
 		t.Errorf("%s: %v", expr, err)
 	case silent && len(s) > 0:
 		t.Errorf("%s: a healthy cluster fires this alert: %v", expr, s)
-	case fed && pending != "" && ok:
-		t.Errorf("%s returns data, but reads a pending metric (%s): remove it from pendingMetrics", expr, pending)
-	case fed && pending != "":
-		t.Logf("waiting for %s: %s returns no data yet", pending, expr)
 	case fed && !ok:
 		t.Errorf("%s: no data, though the test's traffic feeds it", expr)
 	}
@@ -276,33 +236,18 @@ func (e *env) checkExpr(t *testing.T, api *localcluster.PrometheusAPI, expr stri
 // this mode (for mode) or some value (the others).
 func (e *env) checkVariable(t *testing.T, api *localcluster.PrometheusAPI, v monitoring.Variable, mode string) {
 	sel := monitoring.Substitute(v.Selector, mode, "1m")
-	pending := pendingIn(sel)
 	var got []string
 	var err error
-	ok := eventually(within(pending, 10*time.Second), func() bool {
+	ok := eventually(10*time.Second, func() bool {
 		got, err = api.LabelValues(context.Background(), v.Label, sel)
 		return err == nil && len(got) > 0 && (v.Name != "mode" || slices.Contains(got, mode))
 	})
 	switch {
 	case err != nil:
 		t.Errorf("label_values(%s, %s): %v", sel, v.Label, err)
-	case pending != "" && ok:
-		t.Errorf("label_values(%s, %s) = %v, but reads a pending metric (%s): remove it from pendingMetrics", sel, v.Label, got, pending)
-	case pending != "":
-		t.Logf("waiting for %s: label_values(%s, %s) = %v", pending, sel, v.Label, got)
 	case !ok:
 		t.Errorf("label_values(%s, %s) = %v, want values (the mode %s for mode)", sel, v.Label, got, mode)
 	}
-}
-
-// within is how long to wait for a check to hold: long enough for rates to
-// see two scrapes after the traffic, and no wait at all for a check that
-// reads a pending metric (there are dozens; each runs once).
-func within(pending string, d time.Duration) time.Duration {
-	if pending != "" {
-		return 0
-	}
-	return d
 }
 
 // instances returns the sorted instance labels of s.
@@ -366,23 +311,14 @@ func seriesChecks(mode string) []seriesCheck {
 // checkSeries requires c's expression to return one sample per node,
 // with c's labels.
 func (e *env) checkSeries(t *testing.T, api *localcluster.PrometheusAPI, c seriesCheck) {
-	pending := pendingIn(c.expr)
 	var s []localcluster.Sample
 	var err error
-	ok := eventually(within(pending, 10*time.Second), func() bool {
+	ok := eventually(10*time.Second, func() bool {
 		s, err = api.Query(context.Background(), c.expr)
 		return err == nil && slices.Equal(slices.Compact(instances(s)), []string{"node1", "node2"})
 	})
 	if err != nil {
 		t.Fatalf("%s: %v", c.expr, err)
-	}
-	if pending != "" {
-		if ok {
-			t.Errorf("%s returns data, but reads a pending metric (%s): remove it from pendingMetrics", c.expr, pending)
-		} else {
-			t.Logf("waiting for %s: %s", pending, c.expr)
-		}
-		return
 	}
 	if !ok {
 		t.Fatalf("%s: want series for instances node1 and node2, got %v", c.expr, s)
@@ -507,16 +443,12 @@ func mixinPanels(t *testing.T) []mixinPanel {
 // (from at least one target: the API request rate panel has one target
 // per status class, and no request answered 5xx).
 func (e *env) checkMixinPanel(t *testing.T, api *localcluster.PrometheusAPI, p mixinPanel, window string) {
-	var pending []string
 	shown := false
 	for _, q := range p.targets {
 		expr := strings.NewReplacer("$cluster", "", "$instance", ".+", "$__rate_interval", window).Replace(q)
-		if w := pendingIn(expr); w != "" {
-			pending = append(pending, w)
-		}
 		var s []localcluster.Sample
 		var err error
-		wait := within(pendingIn(expr), 10*time.Second)
+		wait := 10 * time.Second
 		if shown {
 			wait = 0 // one target with data is enough
 		}
@@ -530,12 +462,7 @@ func (e *env) checkMixinPanel(t *testing.T, api *localcluster.PrometheusAPI, p m
 			t.Errorf("%s: %v", expr, err)
 		}
 	}
-	switch {
-	case len(pending) > 0 && shown:
-		t.Errorf("panel %q shows data, but reads pending metrics (%s): remove them from pendingMetrics", p.title, strings.Join(pending, ", "))
-	case len(pending) > 0:
-		t.Logf("waiting for %s: panel %q shows no data yet", strings.Join(pending, ", "), p.title)
-	case !shown:
+	if !shown {
 		t.Errorf("panel %q of the kubernetes-mixin proxy dashboard shows no data for job=\"kube-proxy\": %v", p.title, p.targets)
 	}
 }

@@ -54,10 +54,10 @@ const (
 	// RateInterval is Grafana's $__rate_interval.
 	RateInterval = "$__rate_interval"
 	// Range is Grafana's $__range: the dashboard's whole time range.
-	Range = "$__range"
-	modeVar      = "$mode"
-	instanceVar  = "$instance"
-	protocolVar  = "$protocol"
+	Range       = "$__range"
+	modeVar     = "$mode"
+	instanceVar = "$instance"
+	protocolVar = "$protocol"
 )
 
 // Substitute replaces the dashboards' variables in expr as Grafana would
