@@ -1,8 +1,6 @@
 package monitoring
 
 import (
-	"strings"
-
 	"sigs.k8s.io/yaml"
 )
 
@@ -192,19 +190,4 @@ func prometheusRule() ([]byte, error) {
 		return nil, err
 	}
 	return append([]byte(generatedNote), b...), nil
-}
-
-// MetricNames returns the identifiers in expr that look like metric
-// names, for tests that need to know which series an expression reads.
-func MetricNames(expr string) []string {
-	var names []string
-	f := strings.FieldsFunc(expr, func(r rune) bool {
-		return !(r == '_' || r == ':' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9')
-	})
-	for _, w := range f {
-		if strings.Contains(w, "_") {
-			names = append(names, w)
-		}
-	}
-	return names
 }
