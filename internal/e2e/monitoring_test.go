@@ -190,11 +190,13 @@ func (e *env) monitoring(t *testing.T, ns, mode string, since time.Time) {
 		t.Run("Alert/"+a.Name, func(t *testing.T) {
 			e.checkExpr(t, api, a.Signal, slices.Contains(a.FedIn, mode), false)
 			// A healthy cluster raises no alert, over the time since this
-			// mode's proxies started: the scenarios of the mode before
-			// (an API server outage's slow network programming, the
-			// probe's refusals with no server ready) are meant, and the
-			// instances are the same nodes.
-			expr := alertRange.ReplaceAllString(a.Expr(), "["+window+"]")
+			// mode's proxies started and not a moment more: the scenarios
+			// of the mode before (an API server outage's slow network
+			// programming, the probe's refusals with no server ready) are
+			// meant, and its proxies' series are the same series (same
+			// job and instance), so any overlap would bring them in.
+			sinceStart := fmt.Sprintf("%dms", time.Since(since).Milliseconds())
+			expr := alertRange.ReplaceAllString(a.Expr(), "["+sinceStart+"]")
 			s, err := api.Query(ctx, expr)
 			if err != nil {
 				t.Fatalf("%s: %v", expr, err)
