@@ -91,7 +91,7 @@ func (e *env) oneServiceTooBig(t *testing.T, ns string) {
 		t.Errorf("no Warning Event on Service big naming --bpf-max-backends; last seen: %s", last)
 	}
 	const gauge = `kube_bpf_proxy_service_ports_not_programmed{reason="map-full"}`
-	e.expectMetric(t, gauge, "1")
+	e.expectMetric(t, gauge, 1)
 
 	// Longer than a health timeout (2 x --sync-period) with the Service
 	// still failing: both endpoints stay good on both nodes.
@@ -124,7 +124,7 @@ func (e *env) oneServiceTooBig(t *testing.T, ns string) {
 	if err := e.c.Client.CoreV1().Services(ns).Delete(ctx, "big", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	e.expectMetric(t, gauge, "0")
+	e.expectMetric(t, gauge, 0)
 }
 
 // startProxiesWith starts both proxies as the manifests deploy them, with
@@ -144,26 +144,7 @@ func (e *env) startProxiesWith(t *testing.T, mode string, args ...string) {
 
 // expectMetric waits until series (a name with its labels, as /metrics
 // prints it) has value on both nodes.
-func (e *env) expectMetric(t *testing.T, series, value string) {
+func (e *env) expectMetric(t *testing.T, series string, value float64) {
 	t.Helper()
-	for _, n := range e.c.Nodes {
-		var last string
-		if !eventually(30*time.Second, func() bool {
-			_, body, err := e.c.ProxyGet(context.Background(), n.Name, localcluster.ProxyMetricsAddr, "/metrics")
-			if err != nil {
-				last = err.Error()
-				return false
-			}
-			for _, line := range strings.Split(body, "\n") {
-				if v, ok := strings.CutPrefix(line, series+" "); ok {
-					last = line
-					return v == value
-				}
-			}
-			last = series + " absent"
-			return false
-		}) {
-			t.Errorf("on %s: want %s %s, last seen %s", n.Name, series, value, last)
-		}
-	}
+	e.expectMetricWhere(t, series, fmt.Sprint(value), func(v float64) bool { return v == value })
 }

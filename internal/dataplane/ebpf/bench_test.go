@@ -111,15 +111,7 @@ func (g *timedGrace) wait() error {
 // BenchmarkKernelRestore reads 10k x 10 back from the kernel maps, as a
 // restarted proxy does, and as a full sync does to repair drift.
 func BenchmarkKernelRestore(b *testing.B) {
-	cfg := benchConfig(b)
-	dp, err := New(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { dp.Close(); _ = Cleanup(cfg.BPFFSPath) })
-	if err := dp.Sync(context.Background(), scaleSnapshot(10000, 10)); err != nil {
-		b.Fatal(err)
-	}
+	dp := benchDatapath(b, 10000, 10)
 	for b.Loop() {
 		if err := dp.rec.restore(); err != nil {
 			b.Fatal(err)
@@ -271,4 +263,20 @@ func BenchmarkKernelCountersCost(b *testing.B) {
 		slices.Sort(h.deltas)
 		b.ReportMetric(h.deltas[len(h.deltas)/2], h.name+"-median-delta-ns/run")
 	}
+}
+
+// benchDatapath loads a datapath for b, removed when b ends, holding
+// services x backends.
+func benchDatapath(b *testing.B, services, backends int) *Dataplane {
+	b.Helper()
+	cfg := benchConfig(b)
+	dp, err := New(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { dp.Close(); _ = Cleanup(cfg.BPFFSPath) })
+	if err := dp.Sync(context.Background(), scaleSnapshot(services, backends)); err != nil {
+		b.Fatal(err)
+	}
+	return dp
 }

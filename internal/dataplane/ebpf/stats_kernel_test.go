@@ -1,7 +1,6 @@
 package ebpf
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -405,15 +404,7 @@ func TestKernelMapUsageMatchesMaps(t *testing.T) {
 
 // What a scrape costs on a busy node: the counters of 10k service ports.
 func BenchmarkKernelServicePortCounters(b *testing.B) {
-	cfg := benchConfig(b)
-	dp, err := New(cfg)
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { dp.Close(); _ = Cleanup(cfg.BPFFSPath) })
-	if err := dp.Sync(context.Background(), scaleSnapshot(10000, 10)); err != nil {
-		b.Fatal(err)
-	}
+	dp := benchDatapath(b, 10000, 10)
 	for b.Loop() {
 		list, err := dp.ServicePortCounters()
 		if err != nil || len(list) != 10000 {
