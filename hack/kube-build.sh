@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the Kubernetes control-plane binaries the local cluster runs
-# (kube-apiserver, kube-controller-manager) and a kubectl of the same version
+# (kube-apiserver, kube-controller-manager), upstream kube-proxy for the
+# benchmark's side-by-side runs, and a kubectl of the same version
 # (Debian's is 1.20) from the Go module proxy, once,
 # into a cache outside the repository. A second run finds them and returns at
 # once. Prints the directory holding the binaries on standard output, and
@@ -24,7 +25,7 @@ else
   cache="${KBP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kube-bpf-proxy}"
 fi
 dir="$cache/kubernetes-$version"
-commands=(kube-apiserver kube-controller-manager kubectl)
+commands=(kube-apiserver kube-controller-manager kubectl kube-proxy)
 
 # One build at a time: a second caller waits and then finds the binaries.
 mkdir -p "$cache"
