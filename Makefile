@@ -1,5 +1,5 @@
 # Every target delegates to a script in hack/; see README.md.
-.PHONY: all build test unit verify generate bench demo demo-up demo-down deps clean
+.PHONY: all build test unit verify generate bench microbench demo demo-up demo-down deps clean
 
 all: build
 
@@ -20,8 +20,14 @@ verify:
 generate:
 	hack/generate.sh
 
+# Every datapath side by side on a local cluster, report in _output/bench
+# (about 30 minutes); QUICK=1 for the reduced run the tests make (5 minutes).
 bench:
-	hack/bench.sh
+	QUICK="$(QUICK)" hack/bench.sh
+
+# The Go micro-benchmarks of the reconcilers and the change tracker.
+microbench:
+	hack/microbench.sh
 
 # A local two-node cluster (real kube-apiserver and controllers) running the
 # proxy: the whole tour, then everything removed.

@@ -1,18 +1,34 @@
 #!/usr/bin/env bash
-# Benchmarks, reported as measured in one run (needs root: kernel maps,
-# iptables in test namespaces). Both modes program the same 10k Services x
-# 10 endpoints (apitest.ScaleSnapshot), so their numbers sit side by side.
+# make bench: every datapath side by side on a local cluster (see
+# internal/bench and BENCHMARKS.md): direct pod IPs, kube-bpf-proxy's ebpf
+# and iptables (nft, legacy) modes and upstream kube-proxy's iptables and
+# nftables modes, at 0, 1k, 10k and 50k background Services. About 30
+# minutes on 2 cores; QUICK=1 runs the reduced matrix the tests run (about
+# 5 minutes). Needs root: network namespaces, cgroups, BPF, iptables in the
+# nodes' namespaces. Extra arguments go to the benchmark (`--help`).
 #
-# iptables-nft 1.8.9's restore --noflush grows faster than linearly with the
-# number of chains: one full sync of 10k x 10 takes many minutes. The nft
-# backend is therefore measured at 1000 Services unless
-# KBP_BENCH_SERVICES_NFT says otherwise (10000 to measure it at full size).
+#   hack/bench.sh                       the full run, report in _output/bench
+#   QUICK=1 hack/bench.sh               the quick run, report in _output/bench-quick
+#   hack/bench.sh --sizes=0,10000 --contenders=direct,ebpf
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null; then
+    exec sudo -E "$0" "$@"
+  fi
+  echo "make bench needs root (network namespaces, cgroups, BPF): run it as root" >&2
+  exit 1
+fi
 hack/deps.sh
-export KBP_BENCH_SERVICES_NFT="${KBP_BENCH_SERVICES_NFT:-1000}"
-go test -run '^$' -bench . -benchtime "${BENCHTIME:-5x}" -timeout 60m \
-  ./internal/dataplane/ebpf/ ./internal/model/
-# An iptables sync at this size takes seconds: fewer rounds.
-go test -run '^$' -bench . -benchtime "${IPTABLES_BENCHTIME:-2x}" -timeout 60m \
-  ./internal/dataplane/iptables/
+mkdir -p _output
+echo "==> Kubernetes control plane and upstream kube-proxy (built once, cached in ${KBP_CACHE:-/var/cache/kube-bpf-proxy})"
+KUBE_BIN="$(hack/kube-build.sh 2> _output/kube-build.log)" || { cat _output/kube-build.log; echo "building Kubernetes failed (log: _output/kube-build.log)" >&2; exit 1; }
+echo "    $KUBE_BIN"
+echo "==> Building kube-bpf-proxy and the benchmark"
+hack/build.sh
+go build -o _output/bench ./hack/bench
+args=(--kube-bin "$KUBE_BIN")
+if [ -n "${QUICK:-}" ] && [ "${QUICK}" != 0 ]; then
+  args+=(--quick)
+fi
+exec _output/bench "${args[@]}" "$@"

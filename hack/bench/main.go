@@ -1,0 +1,163 @@
+// Command bench is `make bench` (see internal/bench): every datapath side
+// by side on a local cluster, with a markdown report, CSV samples and SVG
+// plots.
+//
+//	bench [flags]                 measure and write the report
+//	bench report DIR              rebuild DIR's report from its results.json
+//	bench down [DIR]              remove the cluster --keep left running
+//	bench server [flags]          the server every server pod runs
+//	bench client WORKLOAD [flags] a client workload, run in a client pod
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/load"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/report"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/results"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+func main() {
+	testnet.RunHelperIfRequested(nil)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string) error {
+	if len(args) > 0 {
+		switch args[0] {
+		case "server":
+			return load.ServerMain(ctx, args[1:], os.Stdout)
+		case "client":
+			return load.ClientMain(ctx, args[1:], os.Stdout)
+		case "down":
+			dir := "_output/bench-cluster"
+			if len(args) > 1 {
+				dir = args[1]
+			}
+			return localcluster.Down(dir)
+		case "report":
+			if len(args) != 2 {
+				return errors.New("usage: bench report DIR")
+			}
+			r, err := report.Load(args[1])
+			if err != nil {
+				return err
+			}
+			return report.Write(args[1], r)
+		}
+	}
+	return measure(ctx, args)
+}
+
+func measure(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	quick := fs.Bool("quick", false, "the reduced run the tests make (make bench QUICK=1): every contender and workload at 0 and 500 Services, few samples, about 5 minutes")
+	out := fs.String("out", "", "report directory (default _output/bench, or _output/bench-quick with --quick)")
+	clusterDir := fs.String("cluster-dir", "_output/bench-cluster", "the local cluster's directory")
+	kubeBin := fs.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries and upstream kube-proxy (hack/kube-build.sh prints it)")
+	binary := fs.String("binary", "_output/kube-bpf-proxy", "the kube-bpf-proxy binary")
+	manifests := fs.String("manifests", "manifests", "the repository's manifests directory")
+	contenders := fs.String("contenders", "", "comma-separated contenders (default all: "+strings.Join(results.AllContenders, ",")+")")
+	sizes := fs.String("sizes", "", "comma-separated background Service counts, ascending (default 0,1000,10000,50000; quick 0,500)")
+	endpoints := fs.Int("endpoints", 0, "endpoints of each background Service (default 10)")
+	keep := fs.Bool("keep", false, "leave the cluster running afterwards (remove it with: bench down)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	cfg := bench.FullConfig()
+	if *quick {
+		cfg = bench.QuickConfig()
+	}
+	if *contenders != "" {
+		cfg.Contenders = strings.Split(*contenders, ",")
+	}
+	if *sizes != "" {
+		cfg.Sizes = nil
+		for _, s := range strings.Split(*sizes, ",") {
+			n, err := strconv.Atoi(strings.TrimSpace(s))
+			if err != nil {
+				return fmt.Errorf("--sizes: %q is not a number", s)
+			}
+			cfg.Sizes = append(cfg.Sizes, n)
+		}
+	}
+	if *endpoints > 0 {
+		cfg.EndpointsPerService = *endpoints
+	}
+	if *out == "" {
+		*out = "_output/bench"
+		if *quick {
+			*out = "_output/bench-quick"
+		}
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	abs := func(p string) string {
+		a, err := filepath.Abs(p)
+		if err != nil {
+			return p
+		}
+		return a
+	}
+	cfg.ClusterDir, cfg.OutDir, cfg.KubeBin = abs(*clusterDir), abs(*out), *kubeBin
+	cfg.Binary, cfg.Self, cfg.ManifestsDir = abs(*binary), self, abs(*manifests)
+	cfg.Keep = *keep
+	cfg.Progress = os.Stderr
+	cfg.Command = commandLine(*quick, args)
+
+	start := time.Now()
+	_, err = bench.Run(ctx, cfg)
+	fmt.Fprintf(os.Stderr, "\nreport: %s (%s)\n", filepath.Join(cfg.OutDir, "report.md"), time.Since(start).Round(time.Second))
+	return err
+}
+
+// commandLine is the command a reader runs to measure the same: make's,
+// with the flags given.
+func commandLine(quick bool, args []string) string {
+	var extra []string
+	for i := 0; i < len(args); i++ {
+		a := strings.TrimLeft(args[i], "-")
+		switch {
+		case a == "quick" || strings.HasPrefix(a, "kube-bin="):
+			continue
+		case a == "kube-bin":
+			i++ // and its value
+			continue
+		}
+		extra = append(extra, args[i])
+	}
+	cmd := "make bench"
+	if quick {
+		cmd += " QUICK=1"
+	}
+	if len(extra) > 0 {
+		cmd = "hack/bench.sh " + strings.Join(extra, " ")
+		if quick {
+			cmd = "QUICK=1 " + cmd
+		}
+	}
+	return cmd
+}

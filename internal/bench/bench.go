@@ -1,0 +1,178 @@
+// Package bench is `make bench`: every datapath the project is judged
+// against, in the same local cluster (internal/localcluster: a real
+// control plane, two nodes and their pods as network namespaces), measured
+// side by side in one run.
+//
+// A run walks the Service counts in ascending order; at each, the
+// background Services are created through the API, and then each contender
+// (direct, our two modes, upstream kube-proxy's two) is started on nodes
+// that hold nothing, measured, stopped and cleaned away, in an order that
+// rotates from one size to the next. Inside a cell, every latency
+// workload alternates the pod IP and the ClusterIP sample by sample, and
+// every rate workload alternates them phase by phase, because on a shared
+// 2-core machine only comparisons made at the same moment are stable
+// (DESIGN.md, "Benchmarks").
+package bench
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/results"
+)
+
+// Config is what a run measures and how hard.
+type Config struct {
+	// ClusterDir is the local cluster's directory (created; removed at
+	// the end unless Keep).
+	ClusterDir string
+	// OutDir receives the report, its CSV files and plots.
+	OutDir string
+	// KubeBin holds the Kubernetes binaries, kube-proxy among them.
+	KubeBin string
+	// Binary is kube-bpf-proxy; Self is this benchmark's own binary, run
+	// in the pods as server and clients.
+	Binary, Self string
+	// ManifestsDir is the repository's manifests/ (the overlays the
+	// contenders of ours are deployed from).
+	ManifestsDir string
+	// Command is the command line, for the report.
+	Command string
+	Quick   bool
+	Keep    bool
+
+	Contenders []string
+	Sizes      []int
+	// EndpointsPerService is each background Service's endpoint count.
+	EndpointsPerService int
+	// Repetitions of each workload in a cell.
+	Repetitions int
+	// LatencyPairs is the number of (direct, service) sample pairs per
+	// repetition of a latency workload.
+	LatencyPairs int
+	// RatePhase and RatePhases shape the rate workloads: phases alternate
+	// direct and service, RatePhases per repetition.
+	RatePhase  time.Duration
+	RatePhases int
+	// ConnectWorkers is each client pod's number of connecting workers in
+	// the connection-rate workload.
+	ConnectWorkers int
+	// BatchServices is the number of Services created with the proxies
+	// running to time how soon all are served.
+	BatchServices int
+	// EndpointChanges is the number of timed endpoint changes per cell.
+	EndpointChanges int
+	// SyncTimeout bounds a cold start at a size: a contender that has not
+	// served every Service by then is reported as not reaching the size
+	// and is not tried at larger ones.
+	SyncTimeout func(size int) time.Duration
+	// Progress receives the progress line; nil for none.
+	Progress io.Writer
+}
+
+// FullConfig is `make bench`: the issue's matrix within about 30 minutes
+// on 2 cores.
+func FullConfig() Config {
+	return Config{
+		Contenders:          results.AllContenders,
+		Sizes:               []int{0, 1000, 10000, 50000},
+		EndpointsPerService: 10,
+		Repetitions:         3,
+		LatencyPairs:        1000,
+		RatePhase:           500 * time.Millisecond,
+		RatePhases:          4,
+		ConnectWorkers:      4,
+		BatchServices:       1000,
+		EndpointChanges:     20,
+		SyncTimeout: func(size int) time.Duration {
+			return 30*time.Second + time.Duration(size)*4*time.Millisecond
+		},
+	}
+}
+
+// QuickConfig is `make bench QUICK=1`, what the tests run: every
+// contender and every workload, at small sizes and few samples, within
+// about 5 minutes.
+func QuickConfig() Config {
+	c := FullConfig()
+	c.Quick = true
+	c.Sizes = []int{0, 500}
+	c.Repetitions = 2
+	c.LatencyPairs = 200
+	c.RatePhase = 250 * time.Millisecond
+	c.RatePhases = 2
+	c.BatchServices = 100
+	c.EndpointChanges = 4
+	return c
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	if len(c.Contenders) == 0 {
+		errs = append(errs, errors.New("no contender"))
+	}
+	known := map[string]bool{}
+	for _, n := range results.AllContenders {
+		known[n] = true
+	}
+	for _, n := range c.Contenders {
+		if !known[n] {
+			errs = append(errs, fmt.Errorf("unknown contender %q (known: %s)", n, strings.Join(results.AllContenders, ", ")))
+		}
+	}
+	if len(c.Sizes) == 0 {
+		errs = append(errs, errors.New("no Service count"))
+	}
+	for _, s := range c.Sizes {
+		if s < 0 || s > 60000 {
+			errs = append(errs, fmt.Errorf("Service count %d: the local cluster's service range (/16) holds at most 60000 besides the benchmark's own", s))
+		}
+	}
+	if !sort.IntsAreSorted(c.Sizes) {
+		errs = append(errs, errors.New("Service counts must ascend: each size adds Services to the one before"))
+	}
+	if c.Repetitions < 1 || c.LatencyPairs < 1 || c.RatePhases < 2 || c.RatePhase <= 0 {
+		errs = append(errs, errors.New("repetitions and latency pairs must be at least 1, rate phases at least 2 (one per target)"))
+	}
+	if c.RatePhases%2 != 0 {
+		errs = append(errs, errors.New("rate phases must be even: they alternate direct and service"))
+	}
+	for name, p := range map[string]string{"cluster dir": c.ClusterDir, "output dir": c.OutDir, "Kubernetes binaries": c.KubeBin, "kube-bpf-proxy binary": c.Binary, "benchmark binary": c.Self, "manifests": c.ManifestsDir} {
+		if p == "" {
+			errs = append(errs, fmt.Errorf("no %s given", name))
+			continue
+		}
+		if _, err := os.Stat(p); err != nil && name != "cluster dir" && name != "output dir" {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// order returns the contenders in the order they are measured at the i-th
+// size: rotated by one per size, so that no contender always follows the
+// same one (a proxy's leftovers, or its warm caches, would then always
+// favour or hurt the same neighbour).
+func order(contenders []string, i int) []string {
+	out := make([]string, 0, len(contenders))
+	for j := range contenders {
+		out = append(out, contenders[(i+j)%len(contenders)])
+	}
+	return out
+}
+
+// Run measures cfg's matrix and writes the report. The run's results are
+// returned even when it fails part-way, with what was measured until then.
+func Run(ctx context.Context, cfg Config) (*results.Run, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("benchmark configuration: %w", err)
+	}
+	r := &runner{cfg: cfg}
+	return r.run(ctx)
+}
