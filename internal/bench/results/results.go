@@ -86,9 +86,9 @@ type Machine struct {
 
 // Topology is the cluster the run measured.
 type Topology struct {
-	Nodes         int `json:"nodes"`
-	ClientPods    int `json:"clientPods"`
-	ServerPods    int `json:"serverPods"`
+	Nodes      int `json:"nodes"`
+	ClientPods int `json:"clientPods"`
+	ServerPods int `json:"serverPods"`
 	// EndpointsPerService is the number of endpoints of each background
 	// Service.
 	EndpointsPerService int `json:"endpointsPerService"`
