@@ -149,7 +149,7 @@ func (r *runner) setUp(ctx context.Context) error {
 		return err
 	}
 	r.c = c
-	if r.api, err = fastClient(c); err != nil {
+	if r.api, err = BulkClient(c.Config); err != nil {
 		return err
 	}
 	for _, ns := range []string{benchNamespace, backgroundNamespace} {

@@ -12,23 +12,9 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/rest"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/results"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
 )
-
-// fastClient is the cluster's admin client made for bulk writes: protobuf
-// (as kube-proxy and the controllers talk) and no client-side rate limit,
-// so that creating 50k Services is bound by the API server alone.
-func fastClient(c *localcluster.Cluster) (kubernetes.Interface, error) {
-	cfg := rest.CopyConfig(c.Config)
-	cfg.ContentType = "application/vnd.kubernetes.protobuf"
-	cfg.AcceptContentTypes = "application/vnd.kubernetes.protobuf,application/json"
-	cfg.QPS, cfg.Burst = 5000, 10000
-	return kubernetes.NewForConfig(cfg)
-}
 
 // flushConntrack empties each node's connection tracking table, so that
 // one cell's entries (TIME_WAIT ones live two minutes) do not fill or
