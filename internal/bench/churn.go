@@ -25,12 +25,29 @@ func ChurnOne(ctx context.Context, c kubernetes.Interface, ns string, i int, add
 	if err != nil {
 		return fmt.Errorf("slice %s: %w", name, err)
 	}
-	next := addrs[0]
+	// The next address after the current one that the slice does not
+	// hold yet: an endpoint moves, none is duplicated.
+	inSlice := map[string]bool{}
+	for _, e := range s.Endpoints {
+		for _, a := range e.Addresses {
+			inSlice[a] = true
+		}
+	}
+	start := 0
 	for j, a := range addrs {
 		if a == cur {
-			next = addrs[(j+len(s.Endpoints))%len(addrs)]
+			start = j
+		}
+	}
+	next := netip.Addr{}
+	for k := 1; k <= len(addrs); k++ {
+		if a := addrs[(start+k)%len(addrs)]; !inSlice[a.String()] {
+			next = a
 			break
 		}
+	}
+	if !next.IsValid() {
+		return nil // every address is in use: nothing can move
 	}
 	s.Endpoints[0].Addresses = []string{next.String()}
 	if _, err := c.DiscoveryV1().EndpointSlices(ns).Update(ctx, s, metav1.UpdateOptions{}); err != nil {
