@@ -66,8 +66,11 @@ type Config struct {
 	// BatchServices is the number of Services created with the proxies
 	// running to time how soon all are served.
 	BatchServices int
-	// EndpointChanges is the number of timed endpoint changes per cell.
-	EndpointChanges int
+	// EndpointChanges is the number of timed endpoint changes per cell;
+	// fewer are made if they take longer than EndpointChangeBudget in all
+	// (a datapath whose sync takes tens of seconds at 50k Services).
+	EndpointChanges      int
+	EndpointChangeBudget time.Duration
 	// SyncTimeout bounds a cold start at a size: a contender that has not
 	// served every Service by then is reported as not reaching the size
 	// and is not tried at larger ones.
@@ -80,16 +83,17 @@ type Config struct {
 // on 2 cores.
 func FullConfig() Config {
 	return Config{
-		Contenders:          results.AllContenders,
-		Sizes:               []int{0, 1000, 10000, 50000},
-		EndpointsPerService: 10,
-		Repetitions:         3,
-		LatencyPairs:        1000,
-		RatePhase:           500 * time.Millisecond,
-		RatePhases:          4,
-		ConnectWorkers:      4,
-		BatchServices:       1000,
-		EndpointChanges:     20,
+		Contenders:           results.AllContenders,
+		Sizes:                []int{0, 1000, 10000, 50000},
+		EndpointsPerService:  10,
+		Repetitions:          3,
+		LatencyPairs:         1000,
+		RatePhase:            500 * time.Millisecond,
+		RatePhases:           4,
+		ConnectWorkers:       4,
+		BatchServices:        1000,
+		EndpointChanges:      20,
+		EndpointChangeBudget: 45 * time.Second,
 		SyncTimeout: func(size int) time.Duration {
 			return 30*time.Second + time.Duration(size)*4*time.Millisecond
 		},
@@ -109,6 +113,7 @@ func QuickConfig() Config {
 	c.RatePhases = 2
 	c.BatchServices = 100
 	c.EndpointChanges = 4
+	c.EndpointChangeBudget = 20 * time.Second
 	return c
 }
 

@@ -280,7 +280,11 @@ func (r *runner) endpointChanges(ctx context.Context) ([]time.Duration, error) {
 		cur = 1
 	}
 	var out []time.Duration
+	begin := time.Now()
 	for range r.cfg.EndpointChanges {
+		if time.Since(begin) > r.cfg.EndpointChangeBudget && len(out) > 0 {
+			break
+		}
 		to := r.churnPods[1-cur]
 		// A pause like a real cluster's gaps between changes, so that each
 		// change is timed on its own and not batched with the one before.
