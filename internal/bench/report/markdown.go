@@ -111,12 +111,12 @@ func writeHeader(m *mdWriter, r *results.Run, ix *index) {
 		sizes[i] = sizeLabel(s)
 	}
 	m.f("- Contenders: %s; background Services: %s\n\n", strings.Join(ix.contenders, ", "), strings.Join(sizes, ", "))
-	m.f("%s", "**How to read.** Every ratio is service/direct measured in the same cell (one contender at one number of background Services): " +
-		"latency samples alternate the pod IP (direct) and the ClusterIP (service) sample by sample, rate phases alternate target phase by phase, " +
-		"so both sides of a ratio saw the same machine at the same time. The ratio shown is of the pooled samples; \"spread\" is the min–max of the " +
-		"same ratio taken per repetition. Comparisons across cells (to kube-proxy, \"direct under rules\", across sizes) are between different cells " +
-		"and carry that run-to-run noise (~±5% here). Lower is better for latency and CPU, higher for rates. Latencies are in microseconds; " +
-		"percentiles interpolate linearly between order statistics; ± is the half-width of the 99% confidence interval of the mean " +
+	m.f("%s", "**How to read.** Every ratio is service/direct measured in the same cell (one contender at one number of background Services): "+
+		"latency samples alternate the pod IP (direct) and the ClusterIP (service) sample by sample, rate phases alternate target phase by phase, "+
+		"so both sides of a ratio saw the same machine at the same time. The ratio shown is of the pooled samples; \"spread\" is the min–max of the "+
+		"same ratio taken per repetition. Comparisons across cells (to kube-proxy, \"direct under rules\", across sizes) are between different cells "+
+		"and carry that run-to-run noise (~±5% here). Lower is better for latency and CPU, higher for rates. Latencies are in microseconds; "+
+		"percentiles interpolate linearly between order statistics; ± is the half-width of the 99% confidence interval of the mean "+
 		"(normal approximation, z=2.576); stddev uses n-1.\n\n")
 }
 
