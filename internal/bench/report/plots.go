@@ -45,6 +45,15 @@ var contenderColors = map[string]color.RGBA{
 	results.KubeProxyNFTables: {0, 158, 115, 255},
 }
 
+// labelOf is a contender's legend label: the direct contender's figures
+// are of the pod IP (it has no service path).
+func labelOf(contender string) string {
+	if contender == results.Direct {
+		return contender + " (pod IP)"
+	}
+	return contender
+}
+
 func colorOf(contender string) color.Color {
 	if c, ok := contenderColors[contender]; ok {
 		return c
@@ -54,33 +63,67 @@ func colorOf(contender string) color.Color {
 
 // Plot sizes.
 const (
-	plotW = 20 * vg.Centimeter
+	plotW = 18 * vg.Centimeter
 	plotH = 12 * vg.Centimeter
 )
 
 func newPlot(title, x, y string) *plot.Plot {
 	p := plot.New()
 	p.Title.Text = title
+	p.Title.Padding = 3 * vg.Millimeter
 	p.X.Label.Text = x
 	p.Y.Label.Text = y
-	p.Legend.Top = true
 	p.Add(plotter.NewGrid())
 	return p
 }
 
-// savePlots saves one or more plots side by side in one SVG file.
-func savePlots(path string, w vg.Length, ps ...*plot.Plot) error {
-	c := vgsvg.New(w, plotH)
+// legendKey is one legend entry: a label in its contender's colour.
+type legendKey struct {
+	label string
+	color color.Color
+}
+
+// keys collects legend entries once each, in the order first added.
+type keys []legendKey
+
+func (k *keys) add(label string, c color.Color) {
+	for _, e := range *k {
+		if e.label == label {
+			return
+		}
+	}
+	*k = append(*k, legendKey{label, c})
+}
+
+// legendW is the strip right of the plots that holds the legend: inside
+// the data area it would hide data, whatever corner it took.
+const legendW = 5 * vg.Centimeter
+
+// savePlots saves one or more plots side by side, w wide together, in one
+// SVG file, with one legend for all of them on the right (the colours are
+// the same in every panel).
+func savePlots(path string, w vg.Length, ks keys, ps ...*plot.Plot) error {
+	c := vgsvg.New(w+legendW, plotH)
 	dc := draw.New(c)
+	area := draw.Crop(dc, 0, -legendW, 0, 0)
 	if len(ps) == 1 {
-		ps[0].Draw(dc)
+		ps[0].Draw(area)
 	} else {
 		tiles := draw.Tiles{Rows: 1, Cols: len(ps), PadX: vg.Centimeter, PadTop: 2 * vg.Millimeter, PadBottom: 2 * vg.Millimeter, PadLeft: 2 * vg.Millimeter, PadRight: 2 * vg.Millimeter}
-		canvases := plot.Align([][]*plot.Plot{ps}, tiles, dc)
+		canvases := plot.Align([][]*plot.Plot{ps}, tiles, area)
 		for i, p := range ps {
 			p.Draw(canvases[0][i])
 		}
 	}
+	leg := plot.NewLegend()
+	leg.Top, leg.Left = true, true
+	leg.YOffs = -vg.Centimeter
+	leg.TextStyle.Font.Size = vg.Points(11)
+	for _, k := range ks {
+		leg.Add(k.label, &plotter.Line{LineStyle: draw.LineStyle{Color: k.color, Width: vg.Points(4)}})
+	}
+	leg.Draw(draw.Crop(dc, w+4*vg.Millimeter, 0, 0, 0))
+
 	f, err := os.Create(path)
 	if err != nil {
 		return fmt.Errorf("creating plot %s: %w", path, err)
@@ -116,10 +159,10 @@ func writePlots(dir string, ix *index) (plotFiles, error) {
 		{"connect-vs-services.svg", &pf.connectVsServices, connectVsServicesPlot},
 		{"histogram-tcp-crr.svg", &pf.histogram, histogramPlot},
 		{"connect-rate.svg", &pf.connectRate, func(p string, ix *index) (bool, error) {
-			return ratePlot(p, ix, "new connections per second (service; pod IP for direct)", "connections/s", connectRateValue)
+			return ratePlot(p, ix, "new connections per second, service path", "connections/s", connectRateValue)
 		}},
 		{"cpu-per-connection.svg", &pf.cpuPerConnection, func(p string, ix *index) (bool, error) {
-			return ratePlot(p, ix, "node CPU per 10k connections (service; pod IP for direct)", "CPU seconds per 10k connections", nodeCPUPer10k)
+			return ratePlot(p, ix, "node CPU per 10k connections, service path", "node CPU seconds per 10k connections", nodeCPUPer10k)
 		}},
 		{"control-plane.svg", &pf.controlPlane, controlPlanePlot},
 	}
@@ -172,7 +215,7 @@ func latencySeries(ix *index, size int, workload string) []series {
 		}
 		s, label := l.service, ct
 		if ct == results.Direct {
-			s, label = l.direct, ct+" (pod IP)"
+			s, label = l.direct, labelOf(ct)
 		}
 		if len(s) == 0 {
 			continue
@@ -195,10 +238,9 @@ func cdfPlot(path string, ix *index, size int) (bool, error) {
 	for _, s := range ss {
 		xmax = math.Max(xmax, quantileSorted(s.samples, 0.999))
 	}
-	p := newPlot(fmt.Sprintf("tcp-connect latency CDF through the ClusterIP, %s Services (cut at the largest p99.9)", sizeLabel(size)),
+	p := newPlot(fmt.Sprintf("tcp-connect latency CDF, service path, %s Services (cut at the largest p99.9)", sizeLabel(size)),
 		"connect latency (µs)", "fraction of samples ≤ x")
-	p.Legend.Left = false
-	p.Legend.Top = false
+	var ks keys
 	for _, s := range ss {
 		l, err := plotter.NewLine(cdfPoints(s.samples, xmax))
 		if err != nil {
@@ -207,10 +249,10 @@ func cdfPlot(path string, ix *index, size int) (bool, error) {
 		l.Color = s.color
 		l.Width = vg.Points(1.5)
 		p.Add(l)
-		p.Legend.Add(s.label, l)
+		ks.add(s.label, s.color)
 	}
 	p.Y.Min, p.Y.Max = 0, 1
-	return true, savePlots(path, plotW, p)
+	return true, savePlots(path, plotW, ks, p)
 }
 
 // sizeAxis sets a log X axis over the run's sizes. 0 Services cannot sit
@@ -240,13 +282,13 @@ func sizeAxis(p *plot.Plot, sizes []int) func(int) float64 {
 		p.X.Min = x(sizes[0]) / 1.5
 		p.X.Max = x(sizes[len(sizes)-1]) * 1.5
 	}
-	p.X.Label.Text = "background Services (log scale; 0 drawn one decade left)"
+	p.X.Label.Text = "background Services (log scale)"
 	return x
 }
 
 // addSizeLines adds one line with points per contender; value returns
 // false where the contender has no figure at that size.
-func addSizeLines(p *plot.Plot, ix *index, contenders []string, value func(ct string, size int) (float64, bool)) (bool, error) {
+func addSizeLines(p *plot.Plot, ix *index, ks *keys, contenders []string, value func(ct string, size int) (float64, bool)) (bool, error) {
 	x := sizeAxis(p, ix.sizes)
 	have := false
 	for _, ct := range contenders {
@@ -267,7 +309,7 @@ func addSizeLines(p *plot.Plot, ix *index, contenders []string, value func(ct st
 		l.Color, pts.Color = colorOf(ct), colorOf(ct)
 		l.Width = vg.Points(1.5)
 		p.Add(l, pts)
-		p.Legend.Add(ct, l, pts)
+		ks.add(labelOf(ct), colorOf(ct))
 	}
 	p.Y.Min = 0
 	return have, nil
@@ -275,13 +317,14 @@ func addSizeLines(p *plot.Plot, ix *index, contenders []string, value func(ct st
 
 func connectVsServicesPlot(path string, ix *index) (bool, error) {
 	var ps []*plot.Plot
+	var ks keys
 	have := false
 	for _, q := range []struct {
 		name string
 		get  func(Summary) float64
 	}{{"p50", func(s Summary) float64 { return s.P50 }}, {"p99", func(s Summary) float64 { return s.P99 }}} {
-		p := newPlot("tcp-connect "+q.name+" through the ClusterIP (pod IP for direct)", "", "connect latency (µs)")
-		ok, err := addSizeLines(p, ix, ix.contenders, func(ct string, size int) (float64, bool) {
+		p := newPlot("tcp-connect "+q.name+", service path", "", "connect latency (µs)")
+		ok, err := addSizeLines(p, ix, &ks, ix.contenders, func(ct string, size int) (float64, bool) {
 			c, _ := ix.cell(ct, size)
 			if c == nil {
 				return 0, false
@@ -305,7 +348,7 @@ func connectVsServicesPlot(path string, ix *index) (bool, error) {
 	if !have {
 		return false, nil
 	}
-	return true, savePlots(path, 2*plotW, ps...)
+	return true, savePlots(path, 2*plotW*4/5, ks, ps...)
 }
 
 // histogramSize is the largest size at which most (at least half) of the
@@ -343,9 +386,9 @@ func histogramPlot(path string, ix *index) (bool, error) {
 	}
 	const bins = 60
 	width := (hi - lo) / bins
-	p := newPlot(fmt.Sprintf("tcp-crr round trip through the ClusterIP, %s Services (pod IP for direct; cut at the largest p99)", sizeLabel(size)),
+	p := newPlot(fmt.Sprintf("tcp-crr round trip, service path, %s Services (cut at the largest p99)", sizeLabel(size)),
 		"connect + request + response + close (µs)", "fraction of samples per bin")
-	p.Legend.Left = false
+	var ks keys
 	for _, s := range ss {
 		counts := make([]float64, bins)
 		for _, v := range s.samples {
@@ -368,10 +411,10 @@ func histogramPlot(path string, ix *index) (bool, error) {
 		l.Color = s.color
 		l.Width = vg.Points(1.5)
 		p.Add(l)
-		p.Legend.Add(s.label, l)
+		ks.add(s.label, s.color)
 	}
 	p.Y.Min = 0
-	return true, savePlots(path, plotW, p)
+	return true, savePlots(path, plotW, ks, p)
 }
 
 func connectRateValue(ix *index, ct string, size int) (float64, bool) {
@@ -395,7 +438,7 @@ func connectRateValue(ix *index, ct string, size int) (float64, bool) {
 // tables say why).
 func ratePlot(path string, ix *index, title, ylabel string, value func(*index, string, int) (float64, bool)) (bool, error) {
 	p := newPlot(title, "background Services", ylabel)
-	p.Legend.Left = false
+	var ks keys
 	n := len(ix.contenders)
 	barW := vg.Length(math.Min(12, 120/float64(n*len(ix.sizes)+1))) * vg.Millimeter / 2
 	have := false
@@ -419,7 +462,7 @@ func ratePlot(path string, ix *index, title, ylabel string, value func(*index, s
 		b.LineStyle.Width = 0
 		b.Offset = vg.Length(float64(i)-float64(n-1)/2) * barW
 		p.Add(b)
-		p.Legend.Add(ct, b)
+		ks.add(labelOf(ct), colorOf(ct))
 	}
 	if !have {
 		return false, nil
@@ -430,7 +473,7 @@ func ratePlot(path string, ix *index, title, ylabel string, value func(*index, s
 	}
 	p.NominalX(labels...)
 	p.Y.Min = 0
-	return true, savePlots(path, plotW, p)
+	return true, savePlots(path, plotW, ks, p)
 }
 
 func controlPlanePlot(path string, ix *index) (bool, error) {
@@ -473,10 +516,11 @@ func controlPlanePlot(path string, ix *index) (bool, error) {
 		}},
 	}
 	var ps []*plot.Plot
+	var ks keys
 	have := false
 	for _, pn := range panels {
 		p := newPlot(pn.title, "", pn.y)
-		ok, err := addSizeLines(p, ix, cts, pn.get)
+		ok, err := addSizeLines(p, ix, &ks, cts, pn.get)
 		if err != nil {
 			return false, err
 		}
@@ -486,5 +530,5 @@ func controlPlanePlot(path string, ix *index) (bool, error) {
 	if !have {
 		return false, nil
 	}
-	return true, savePlots(path, 3*plotW*2/3, ps...)
+	return true, savePlots(path, 2*plotW, ks, ps...)
 }
