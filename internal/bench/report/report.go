@@ -118,23 +118,19 @@ const (
 
 func ff(v float64) string { return strconv.FormatFloat(v, 'g', -1, 64) }
 
-// orderedCells is every cell in report order: sizes ascending, then
-// contenders in order.
-func (ix *index) orderedCells() []*results.Cell {
-	var out []*results.Cell
-	for _, size := range ix.sizes {
-		for _, ct := range ix.contenders {
-			if c, ok := ix.cells[cellKey{ct, size}]; ok {
-				out = append(out, c)
-			}
-		}
+// csvCells is every cell of the run, in the order the run recorded them
+// (raw data: nothing is merged or dropped).
+func (ix *index) csvCells() []*results.Cell {
+	out := make([]*results.Cell, len(ix.run.Cells))
+	for i := range ix.run.Cells {
+		out[i] = &ix.run.Cells[i]
 	}
 	return out
 }
 
 func latencyRows(ix *index) [][]string {
 	rows := [][]string{latencyHeader}
-	for _, c := range ix.orderedCells() {
+	for _, c := range ix.csvCells() {
 		size := strconv.Itoa(c.Size)
 		for _, p := range c.Latency {
 			for ri, rep := range p.Reps {
@@ -154,7 +150,7 @@ func latencyRows(ix *index) [][]string {
 
 func rateRows(ix *index) [][]string {
 	rows := [][]string{ratesHeader}
-	for _, c := range ix.orderedCells() {
+	for _, c := range ix.csvCells() {
 		for _, ph := range c.Rates {
 			rows = append(rows, []string{c.Contender, strconv.Itoa(c.Size), ph.Workload, strconv.Itoa(ph.Rep), ph.Target,
 				ff(ph.Seconds), strconv.FormatInt(ph.Ops, 10), strconv.FormatInt(ph.Errors, 10), ff(ph.NodeCPUSeconds), ff(ph.ProxyCPUSeconds)})
@@ -165,7 +161,7 @@ func rateRows(ix *index) [][]string {
 
 func controlPlaneRows(ix *index) [][]string {
 	rows := [][]string{controlPlaneHeader}
-	for _, c := range ix.orderedCells() {
+	for _, c := range ix.csvCells() {
 		row := func(metric string, i int, sec float64) {
 			rows = append(rows, []string{c.Contender, strconv.Itoa(c.Size), metric, strconv.Itoa(i), ff(sec)})
 		}
@@ -196,7 +192,7 @@ func controlPlaneRows(ix *index) [][]string {
 
 func cellRows(ix *index) [][]string {
 	rows := [][]string{cellsHeader}
-	for _, c := range ix.orderedCells() {
+	for _, c := range ix.csvCells() {
 		rows = append(rows, []string{c.Contender, strconv.Itoa(c.Size), c.Skipped, ff(c.Elapsed.Seconds()),
 			strconv.FormatInt(c.Proxy.RSSBytes, 10), ff(c.Proxy.CPUSeconds)})
 	}

@@ -288,3 +288,29 @@ func TestLoadMissing(t *testing.T) {
 		t.Fatal("Load of an empty directory succeeded")
 	}
 }
+
+func TestWriteEmptyRun(t *testing.T) {
+	// A run that measured nothing (every cell failed before measuring)
+	// still gets a report saying so, and no plots.
+	r := &results.Run{
+		Contenders: []string{results.Direct, results.EBPF},
+		Sizes:      []int{0},
+		Cells:      []results.Cell{{Contender: results.EBPF, Size: 0, Skipped: "proxy did not start", Elapsed: time.Second}},
+	}
+	dir := t.TempDir()
+	if err := Write(dir, r); err != nil {
+		t.Fatalf("Write: %v", err)
+	}
+	md, err := os.ReadFile(filepath.Join(dir, ReportFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"| direct | 0 | no cell recorded |", "did not reach 0: proxy did not start", "| ebpf proxy RSS at 10k Services below 100 MiB | 10k: no cell recorded | not measured |"} {
+		if !strings.Contains(string(md), want) {
+			t.Errorf("report.md lacks %q", want)
+		}
+	}
+	if svgs, _ := filepath.Glob(filepath.Join(dir, "*.svg")); len(svgs) != 0 {
+		t.Errorf("plots without data: %v", svgs)
+	}
+}
