@@ -23,10 +23,35 @@ type index struct {
 	contenders []string
 	sizes      []int
 	cells      map[cellKey]*results.Cell
+	// latencies caches latencyOf: the tables, targets and plots ask for
+	// the same cell's workload several times, and each answer sorts
+	// every sample.
+	latencies map[latencyKey]latencyEntry
+}
+
+type latencyKey struct {
+	cell     *results.Cell
+	workload string
+}
+
+type latencyEntry struct {
+	l  latency
+	ok bool
+}
+
+// latency is latencyOf, computed once per cell and workload.
+func (ix *index) latency(c *results.Cell, workload string) (latency, bool) {
+	k := latencyKey{c, workload}
+	if e, ok := ix.latencies[k]; ok {
+		return e.l, e.ok
+	}
+	l, ok := latencyOf(c, workload)
+	ix.latencies[k] = latencyEntry{l, ok}
+	return l, ok
 }
 
 func newIndex(r *results.Run) *index {
-	ix := &index{run: r, cells: make(map[cellKey]*results.Cell)}
+	ix := &index{run: r, cells: make(map[cellKey]*results.Cell), latencies: make(map[latencyKey]latencyEntry)}
 	seenC := make(map[string]bool)
 	seenS := make(map[int]bool)
 	for _, c := range r.Contenders {

@@ -145,7 +145,7 @@ func writeLatency(m *mdWriter, ix *index, plots plotFiles) {
 					rows = append(rows, []string{ct, why, "", "", "", "", "", "", "", "", "", "", "", "", ""})
 					continue
 				}
-				l, ok := latencyOf(c, w)
+				l, ok := ix.latency(c, w)
 				if !ok {
 					rows = append(rows, []string{ct, "not measured", "", "", "", "", "", "", "", "", "", "", "", "", ""})
 					continue
@@ -189,7 +189,7 @@ func latencyP50(ix *index, contender string, size int, workload string) float64 
 	if c == nil {
 		return 0
 	}
-	l, ok := latencyOf(c, workload)
+	l, ok := ix.latency(c, workload)
 	if !ok {
 		return 0
 	}

@@ -209,7 +209,7 @@ func latencySeries(ix *index, size int, workload string) []series {
 		if c == nil {
 			continue
 		}
-		l, ok := latencyOf(c, workload)
+		l, ok := ix.latency(c, workload)
 		if !ok {
 			continue
 		}
@@ -329,7 +329,7 @@ func connectVsServicesPlot(path string, ix *index) (bool, error) {
 			if c == nil {
 				return 0, false
 			}
-			l, ok := latencyOf(c, results.TCPConnect)
+			l, ok := ix.latency(c, results.TCPConnect)
 			if !ok {
 				return 0, false
 			}

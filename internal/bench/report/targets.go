@@ -84,7 +84,7 @@ func targets(ix *index) []target {
 				j.fail(sizeLabel(size), why)
 				continue
 			}
-			l, ok := latencyOf(c, results.TCPConnect)
+			l, ok := ix.latency(c, results.TCPConnect)
 			if !ok || !l.P50OK || !l.P99OK {
 				j.missing(sizeLabel(size), "no tcp-connect samples")
 				continue
@@ -279,7 +279,7 @@ func connectP50(ix *index, contender string, size int) float64 {
 	if c == nil {
 		return 0
 	}
-	l, ok := latencyOf(c, results.TCPConnect)
+	l, ok := ix.latency(c, results.TCPConnect)
 	if !ok {
 		return 0
 	}
@@ -296,8 +296,8 @@ func directUnderRules(ix *index, contender string, size int, workload string) (f
 	if c == nil || d == nil {
 		return 0, false
 	}
-	lc, ok1 := latencyOf(c, workload)
-	ld, ok2 := latencyOf(d, workload)
+	lc, ok1 := ix.latency(c, workload)
+	ld, ok2 := ix.latency(d, workload)
 	if !ok1 || !ok2 {
 		return 0, false
 	}
