@@ -6,7 +6,13 @@
 // measuring again.
 package results
 
-import "time"
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"strconv"
+	"time"
+)
 
 // Contender names, in the order a run measures them.
 const (
@@ -195,6 +201,56 @@ type Histogram struct {
 	Sum     float64   `json:"sum"`
 	Bounds  []float64 `json:"bounds"`
 	Buckets []uint64  `json:"buckets"`
+}
+
+// histogramJSON is Histogram's JSON form. encoding/json refuses +Inf, and
+// every histogram's last bound is +Inf: bounds are written as strings the
+// way Prometheus writes its "le" label ("0.005", "+Inf").
+type histogramJSON struct {
+	Count   uint64   `json:"count"`
+	Sum     float64  `json:"sum"`
+	Bounds  []string `json:"bounds"`
+	Buckets []uint64 `json:"buckets"`
+}
+
+// MarshalJSON writes the bounds as strings (see histogramJSON).
+func (h Histogram) MarshalJSON() ([]byte, error) {
+	j := histogramJSON{Count: h.Count, Sum: h.Sum, Buckets: h.Buckets}
+	if h.Bounds != nil {
+		j.Bounds = make([]string, len(h.Bounds))
+	}
+	for i, b := range h.Bounds {
+		switch {
+		case math.IsInf(b, 1):
+			j.Bounds[i] = "+Inf"
+		case math.IsInf(b, -1):
+			j.Bounds[i] = "-Inf"
+		default:
+			j.Bounds[i] = strconv.FormatFloat(b, 'g', -1, 64)
+		}
+	}
+	return json.Marshal(j)
+}
+
+// UnmarshalJSON reads what MarshalJSON wrote.
+func (h *Histogram) UnmarshalJSON(data []byte) error {
+	var j histogramJSON
+	if err := json.Unmarshal(data, &j); err != nil {
+		return err
+	}
+	*h = Histogram{Count: j.Count, Sum: j.Sum, Buckets: j.Buckets}
+	if j.Bounds != nil {
+		h.Bounds = make([]float64, len(j.Bounds))
+	}
+	for i, s := range j.Bounds {
+		// ParseFloat accepts "+Inf" and "-Inf".
+		b, err := strconv.ParseFloat(s, 64)
+		if err != nil {
+			return fmt.Errorf("histogram bound %q: %w", s, err)
+		}
+		h.Bounds[i] = b
+	}
+	return nil
 }
 
 // ProxyUsage is the proxies' own resource use in the cell.
