@@ -287,6 +287,44 @@ func TestWorkloads(t *testing.T) {
 	})
 }
 
+// TestStopsOnSIGTERM: a workload far from done stops promptly when
+// signalled, fails, and prints no partial result.
+func TestStopsOnSIGTERM(t *testing.T) {
+	tp := newTopology(t)
+	for _, args := range [][]string{
+		{"crr", "--targets", addr(serverIP, EchoPort) + "," + addr(serviceIP, EchoPort), "--count", "10000000"},
+		{"rate", "--workload", "stream", "--targets", addr(serverIP, SinkPort), "--phase", "1m", "--phases", "2"},
+		{"poll", "--targets", addr(serverIP, 7999), "--timeout", "1m"},
+	} {
+		t.Run(args[0], func(t *testing.T) {
+			cmd := tp.client.Command(context.Background(), true, testnet.Helper(append([]string{"bench-client"}, args...)...)...)
+			var stdout, stderr strings.Builder
+			cmd.Stdout, cmd.Stderr = &stdout, &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() { done <- cmd.Wait() }()
+			time.Sleep(300 * time.Millisecond)
+			sent := time.Now()
+			if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case err := <-done:
+				if err == nil || stdout.Len() != 0 {
+					t.Errorf("%v on SIGTERM: exit %v, stdout %q; want a failure and no result", args, err, stdout.String())
+				}
+				t.Logf("%v stopped %v after SIGTERM: %s", args[0], time.Since(sent), strings.TrimSpace(stderr.String()))
+			case <-time.After(5 * time.Second):
+				_ = cmd.Process.Kill()
+				<-done
+				t.Errorf("%v still running 5 s after SIGTERM", args)
+			}
+		})
+	}
+}
+
 func checkPhases(t *testing.T, r *RateResult, workload string, targets []string) {
 	t.Helper()
 	if r.Workload != workload {
