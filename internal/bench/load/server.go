@@ -68,7 +68,7 @@ func parseServerFlags(args []string) (serverConfig, error) {
 //
 // The server is on the measured path: it logs and counts nothing per
 // request. The echo ports, which the latency workloads time, use blocking
-// system calls on threads of their own (see echoTCP and echoUDP); the sink
+// system calls on threads of their own (see acceptEcho and echoUDP); the sink
 // and name ports use Go's poller, a goroutine per connection.
 func ServerMain(ctx context.Context, args []string, stdout io.Writer) error {
 	cfg, err := parseServerFlags(args)
