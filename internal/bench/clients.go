@@ -143,11 +143,11 @@ func (r *runner) poll(ctx context.Context, p path, targets []string, timeout tim
 	var last time.Time
 	var missing []string
 	for _, t := range res.Targets {
-		if t.FirstSuccess == 0 {
+		if t.FirstSuccessNanos == 0 {
 			missing = append(missing, t.Address)
 			continue
 		}
-		if at := time.Unix(0, t.FirstSuccess); at.After(last) {
+		if at := time.Unix(0, t.FirstSuccessNanos); at.After(last) {
 			last = at
 		}
 	}
