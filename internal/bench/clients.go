@@ -92,7 +92,7 @@ func (r *runner) rate(ctx context.Context, workload string, rep int, viaService 
 		pidList = append(pidList, strconv.Itoa(pid))
 	}
 	// Time for every client process to start before the first phase.
-	startAt := time.Now().Add(time.Second)
+	startAt := time.Now().Add(1500 * time.Millisecond)
 	res := make([]load.RateResult, len(r.paths))
 	var fns []func() error
 	for i, p := range r.paths {
