@@ -9,6 +9,7 @@ packages=(
   iproute2            # network namespaces and veth pairs for test pods
   util-linux          # nsenter, flock
   iptables            # --mode=iptables: iptables-nft and iptables-legacy (restore, save)
+  nftables            # nft: upstream kube-proxy's nftables mode in make bench
   dnsutils            # dig
   dnsmasq-base        # a DNS server behind a ClusterIP (no system service)
   curl
