@@ -154,8 +154,14 @@ func nodeLeftovers(ctx context.Context, c *localcluster.Cluster, node string) ([
 		if err != nil {
 			return nil, err
 		}
-		if n := strings.Count(out, "KUBE-"); n > 0 {
-			left = append(left, fmt.Sprintf("%d KUBE- mentions in %s", n, save))
+		var kube []string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "KUBE-") {
+				kube = append(kube, l)
+			}
+		}
+		if len(kube) > 0 {
+			left = append(left, fmt.Sprintf("%s lists %q", save, kube))
 		}
 	}
 	out, err := c.NodeOutput(ctx, node, "nft", "list", "tables")
@@ -174,7 +180,13 @@ func nodeLeftovers(ctx context.Context, c *localcluster.Cluster, node string) ([
 		return nil, err
 	}
 	// Pins are files; an empty directory --cleanup leaves holds nothing.
-	err = filepath.WalkDir(n.BPFFS, func(path string, d fs.DirEntry, err error) error {
+	// Only the proxy's directory is looked at: the kernel shows
+	// maps.debug and progs.debug at the root of every bpffs mount (its
+	// preloaded iterators).
+	err = filepath.WalkDir(filepath.Join(n.BPFFS, "kube-bpf-proxy"), func(path string, d fs.DirEntry, err error) error {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}

@@ -118,6 +118,12 @@ func TestContenders(t *testing.T) {
 		t.Fatalf("the server pod at %s is not reachable directly: %s", direct, got)
 	}
 
+	// What kube-proxy may write machine-wide: nf_conntrack_max (only
+	// from the initial namespace; --conntrack-max-per-core=0 keeps it
+	// away) and the conntrack hash size.
+	machineSysctls := []string{"/proc/sys/net/netfilter/nf_conntrack_max", "/sys/module/nf_conntrack/parameters/hashsize"}
+	machineBefore := readFiles(t, machineSysctls)
+
 	o := ContenderOptions{Binary: e.binary, KubeProxy: e.kubeProxy, ManifestsDir: filepath.Join(repoRoot, "manifests")}
 	for _, name := range results.AllContenders {
 		t.Run(name, func(t *testing.T) {
@@ -155,10 +161,31 @@ func TestContenders(t *testing.T) {
 				}
 				t.Logf("%s: the last of 50 Services served %s after Start", name, time.Since(started).Round(10*time.Millisecond))
 				e.checkRunning(ctx, t, k)
+				for _, n := range e.c.Nodes {
+					out, err := e.c.NodeOutput(ctx, n.Name, "sh", "-c", "grep -H . /proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established "+
+						"/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait /proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal "+
+						"/proc/sys/net/ipv4/conf/all/route_localnet")
+					if err != nil {
+						t.Error(err)
+					}
+					t.Logf("%s: sysctls in %s's namespace:\n%s", name, n.Name, out)
+				}
+			}
+			if after := readFiles(t, machineSysctls); fmt.Sprint(after) != fmt.Sprint(machineBefore) {
+				t.Errorf("%s changed the machine's %v from %v to %v", name, machineSysctls, machineBefore, after)
 			}
 			stopped = true
 			if err := k.Stop(ctx); err != nil {
 				t.Fatal(err)
+			}
+			for _, n := range e.c.Nodes {
+				out, err := e.c.NodeOutput(ctx, n.Name, "cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established",
+					"/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait", "/proc/sys/net/ipv4/conf/all/route_localnet")
+				if err != nil {
+					t.Error(err)
+				} else if got := strings.Fields(out); fmt.Sprint(got) != "[432000 60 0]" {
+					t.Errorf("after Stop, %s's conntrack timeouts and route_localnet are %v, want a new namespace's [432000 60 0]", n.Name, got)
+				}
 			}
 			if len(k.PIDs()) != 0 {
 				t.Errorf("after Stop: PIDs %v", k.PIDs())
@@ -189,13 +216,15 @@ func (e *benchEnv) checkRunning(ctx context.Context, t *testing.T, k Contender) 
 		} else if want := map[bool]string{true: "kube-proxy", false: "kube-bpf-proxy"}[strings.HasPrefix(k.Name(), "kube-proxy")]; filepath.Base(exe) != want {
 			t.Errorf("PID %d on %s runs %s, want %s", pid, n.Name, exe, want)
 		}
-		code, body, err := e.c.NodeGet(ctx, n.Name, k.MetricsAddr(), "/metrics")
-		if err != nil || code != 200 {
-			t.Errorf("GET /metrics on %s at %s: %d %v", n.Name, k.MetricsAddr(), code, err)
-			continue
-		}
-		if !strings.Contains(body, "kubeproxy_sync_proxy_rules_duration_seconds") {
-			t.Errorf("/metrics on %s has no kubeproxy_sync_proxy_rules_duration_seconds", n.Name)
+		// The histogram has a sample (and so a series) once the node's
+		// proxy has synced, which the client on node1 does not wait for.
+		var last string
+		if !eventually(30*time.Second, func() bool {
+			code, body, err := e.c.NodeGet(ctx, n.Name, k.MetricsAddr(), "/metrics")
+			last = fmt.Sprintf("status %d, error %v", code, err)
+			return err == nil && code == 200 && strings.Contains(body, "kubeproxy_sync_proxy_rules_duration_seconds_count")
+		}) {
+			t.Errorf("GET /metrics on %s at %s: no kubeproxy_sync_proxy_rules_duration_seconds (last: %s)", n.Name, k.MetricsAddr(), last)
 		}
 	}
 }
@@ -289,6 +318,20 @@ func TestPopulate(t *testing.T) {
 		}
 		t.Logf("Populate: %d Services x 10 endpoints in %s", size, time.Since(start).Round(time.Millisecond))
 	}
+}
+
+// readFiles returns the contents of files (sysctls).
+func readFiles(t *testing.T, files []string) []string {
+	t.Helper()
+	var out []string
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, strings.TrimSpace(string(b)))
+	}
+	return out
 }
 
 func eventually(timeout time.Duration, ok func() bool) bool {

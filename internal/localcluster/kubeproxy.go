@@ -256,6 +256,69 @@ func (c *Cluster) CleanupKubeProxy(ctx context.Context, node, binary, mode strin
 			errs = append(errs, fmt.Errorf("kube-proxy --cleanup (PATH of %s mode) on %s: %w: %s", m, node, err, lastLines(string(out), 10)))
 		}
 	}
+	if mode == KubeProxyIptables {
+		if err := c.removeKubeFirewall(ctx, n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	// Both modes set these two timeouts (--conntrack-tcp-timeout-*: 24 h
+	// and 1 h); they are the node namespace's own. Back to a new
+	// namespace's values (the kernel's nf_conntrack_proto_tcp defaults:
+	// 5 days and 60 s), so that the next contender on the node meets
+	// what it would on a fresh one.
+	for file, value := range map[string]string{
+		"/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established": "432000",
+		"/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait":  "60",
+	} {
+		cmd := exec.CommandContext(ctx, "nsenter", "--net="+netnsPath(n.NetNS), "--", "sh", "-c", "echo "+value+" > "+file)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("resetting %s on %s: %w: %s", file, node, err, strings.TrimSpace(string(out))))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeKubeFirewall removes what the iptables mode makes and its
+// --cleanup leaves (v1.36): the filter table's KUBE-FIREWALL chain, which
+// drops packets to 127.0.0.0/8 from elsewhere, and the jumps to it from
+// INPUT and OUTPUT (it guards route_localnet=1, which it sets for NodePorts
+// on localhost); and route_localnet itself, back to the kernel's default.
+// Both are the node namespace's own.
+func (c *Cluster) removeKubeFirewall(ctx context.Context, n NodeInfo) error {
+	dir, err := c.legacyIptablesDir()
+	if err != nil {
+		return err
+	}
+	in := func(args ...string) error {
+		out, err := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + netnsPath(n.NetNS), "--"}, args...)...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%s on %s: %w: %s", strings.Join(args, " "), n.Name, err, strings.TrimSpace(string(out)))
+		}
+		return nil
+	}
+	var errs []error
+	for _, cmd := range []string{"iptables", "ip6tables"} {
+		ipt := filepath.Join(dir, cmd)
+		if in(ipt, "-w", "-t", "filter", "-S", "KUBE-FIREWALL") != nil {
+			continue // no such chain
+		}
+		for _, from := range []string{"INPUT", "OUTPUT"} {
+			// Once per jump; a bounded loop in case of duplicates.
+			for range 10 {
+				if in(ipt, "-w", "-t", "filter", "-D", from, "-j", "KUBE-FIREWALL") != nil {
+					break
+				}
+			}
+		}
+		for _, op := range []string{"-F", "-X"} {
+			if err := in(ipt, "-w", "-t", "filter", op, "KUBE-FIREWALL"); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := in("sh", "-c", "echo 0 > /proc/sys/net/ipv4/conf/all/route_localnet"); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
 }
 
