@@ -307,6 +307,9 @@ func TestPopulate(t *testing.T) {
 	if n := os.Getenv("KBP_BENCH_SCALE"); n != "" {
 		var size int
 		fmt.Sscan(n, &size)
+		// Its own time: 10k Services take minutes on 2 shared cores.
+		ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
+		defer cancel()
 		start := time.Now()
 		if _, err := Populate(ctx, bulk, "bench-scale", size, 10, []netip.Addr{
 			netip.MustParseAddr("10.244.2.1"), netip.MustParseAddr("10.244.2.2"), netip.MustParseAddr("10.244.2.3"),
