@@ -10,6 +10,7 @@ packages=(
   util-linux          # nsenter, flock
   iptables            # --mode=iptables: iptables-nft and iptables-legacy (restore, save)
   conntrack           # make bench: each cell's connections flushed from the nodes' tables
+  nftables            # nft: upstream kube-proxy's nftables mode in make bench
   dnsutils            # dig
   dnsmasq-base        # a DNS server behind a ClusterIP (no system service)
   curl

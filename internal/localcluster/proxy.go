@@ -152,6 +152,24 @@ func (c *Cluster) NodeGet(ctx context.Context, node, addr, path string) (int, st
 	return resp.StatusCode, string(b), err
 }
 
+// NodeOutput runs a command in the node's network namespace (with this
+// process's mount namespace and environment) and returns its standard
+// output; a failure carries its standard error.
+func (c *Cluster) NodeOutput(ctx context.Context, node string, args ...string) (string, error) {
+	n, err := c.Node(node)
+	if err != nil {
+		return "", err
+	}
+	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + netnsPath(n.NetNS), "--"}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return string(out), fmt.Errorf("%s on %s: %w: %s", strings.Join(args, " "), node, err, strings.TrimSpace(stderr.String()))
+	}
+	return string(out), nil
+}
+
 // ProxyRunning reports whether the node's proxy process is alive.
 func (c *Cluster) ProxyRunning(node string) bool {
 	p, err := c.proc(proxyName(node))
