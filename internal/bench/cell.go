@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
@@ -31,7 +32,7 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 
 	r.prog.begin(name, size, "start on clean nodes, until every Service is served")
 	ct, err := NewContender(r.c, name, ContenderOptions{
-		Binary: r.cfg.Binary, KubeProxy: r.cfg.KubeBin + "/kube-proxy", ManifestsDir: r.cfg.ManifestsDir,
+		Binary: r.cfg.Binary, KubeProxy: filepath.Join(r.cfg.KubeBin, "kube-proxy"), ManifestsDir: r.cfg.ManifestsDir,
 		ExtraArgs: ourArgsFor(name, size+r.cfg.BatchServices, r.cfg.EndpointsPerService),
 	})
 	if err != nil {

@@ -91,8 +91,9 @@ func (r *runner) rate(ctx context.Context, workload string, rep int, viaService 
 	for _, pid := range pids {
 		pidList = append(pidList, strconv.Itoa(pid))
 	}
-	// Time for every client process to start before the first phase.
-	startAt := time.Now().Add(1500 * time.Millisecond)
+	// Time for every client process to start before the first phase (the
+	// client fails, rather than measure a short phase, if it starts late).
+	startAt := time.Now().Add(time.Second)
 	res := make([]load.RateResult, len(r.paths))
 	var fns []func() error
 	for i, p := range r.paths {

@@ -20,13 +20,16 @@ type progress struct {
 	tty   bool
 	start time.Time
 	step  string
+	// steps done of max, for the estimate on a line of its own (the bar
+	// keeps no state while it is invisible).
+	doneSteps, max int
 }
 
 // newProgress counts steps: the run's work is planned as that many steps
 // of roughly comparable length, and the estimate is the mean step so far
 // times the steps left.
 func newProgress(w io.Writer, steps int) *progress {
-	p := &progress{w: w, start: time.Now()}
+	p := &progress{w: w, start: time.Now(), max: steps}
 	if w == nil {
 		w = io.Discard
 		p.w = w
@@ -51,18 +54,21 @@ func (p *progress) begin(contender string, size int, what string) {
 	p.step = fmt.Sprintf("%-19s %6d Services  %s", contender, size, what)
 	p.bar.Describe(p.step)
 	if !p.tty {
-		st := p.bar.State()
+		elapsed := time.Since(p.start)
 		left := "?"
-		if st.CurrentNum > 0 {
-			left = (time.Duration(st.SecondsLeft * float64(time.Second))).Round(time.Second).String()
+		if p.doneSteps > 0 {
+			left = (elapsed / time.Duration(p.doneSteps) * time.Duration(p.max-p.doneSteps)).Round(time.Second).String()
 		}
 		fmt.Fprintf(p.w, "[%s elapsed, ~%s left, step %d/%d] %s\n",
-			time.Since(p.start).Round(time.Second), left, st.CurrentNum+1, st.Max, p.step)
+			elapsed.Round(time.Second), left, p.doneSteps+1, p.max, p.step)
 	}
 }
 
 // done counts n steps done.
-func (p *progress) done(n int) { _ = p.bar.Add(n) }
+func (p *progress) done(n int) {
+	p.doneSteps += n
+	_ = p.bar.Add(n)
+}
 
 // note prints a line that stays (a finding worth seeing while it runs).
 func (p *progress) note(format string, args ...any) {

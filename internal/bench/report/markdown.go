@@ -256,6 +256,19 @@ func writeControlPlane(m *mdWriter, ix *index, plots plotFiles) {
 	if plots.controlPlane != "" {
 		m.f("![control-plane latency against Service count](%s)\n\n", plots.controlPlane)
 	}
+	if len(ix.run.Bulk) > 0 {
+		m.f("### The background Services growing, a proxy running\n\n")
+		m.f("Each growth of the background Services, created through the API with the contender's proxies running on both nodes: the creation's wall time, and the time from its end until a client on node1 first reached the last Service created.\n\n")
+		var rows [][]string
+		for _, b := range ix.run.Bulk {
+			served := secs(b.Served)
+			if b.TimedOut {
+				served = "not served after " + served
+			}
+			rows = append(rows, []string{b.Contender, sizeLabel(b.From) + " → " + sizeLabel(b.To), fmt.Sprint(b.To - b.From), secs(b.Creating), served})
+		}
+		m.table([]string{"contender", "Services", "created", "creation took", "last served after"}, rows)
+	}
 	for _, size := range ix.sizes {
 		m.f("### %s Services\n\n", sizeLabel(size))
 		var rows [][]string

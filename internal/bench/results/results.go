@@ -75,6 +75,24 @@ type Run struct {
 	Contenders []string `json:"contenders"`
 	Sizes      []int    `json:"sizes"`
 	Cells      []Cell   `json:"cells"`
+	// Bulk holds each growth of the background Services that was made
+	// with a contender's proxies running (ebpf's, when it is in the run).
+	Bulk []BulkCreate `json:"bulk,omitempty"`
+}
+
+// BulkCreate is the background Services growing from From to To with
+// Contender's proxies running: how long the creation took through the
+// API, and how long after it finished a client first reached the last
+// Service created.
+type BulkCreate struct {
+	Contender string        `json:"contender"`
+	From      int           `json:"from"`
+	To        int           `json:"to"`
+	Creating  time.Duration `json:"creating"`
+	Served    time.Duration `json:"served"`
+	// TimedOut says the client never reached it; Served is then how long
+	// it waited.
+	TimedOut bool `json:"timedOut,omitempty"`
 }
 
 // Machine describes where the run happened.
