@@ -91,7 +91,7 @@ func FullConfig() Config {
 		RatePhase:            500 * time.Millisecond,
 		RatePhases:           4,
 		ConnectWorkers:       4,
-		BatchServices:        1000,
+		BatchServices:        200,
 		EndpointChanges:      20,
 		EndpointChangeBudget: 45 * time.Second,
 		SyncTimeout: func(size int) time.Duration {

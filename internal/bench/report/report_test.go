@@ -154,7 +154,7 @@ func TestWriteAndLoad(t *testing.T) {
 		"ebpf: an endpoint change observed by a client within 50 ms at p99":     metNo,
 		"at 10k Services: kube-proxy-iptables tcp-connect p50 / ebpf p50 ≥ 1.5": metYes,
 		"ebpf cold node serves every Service within 2 s of the proxy's start":   metNotMeasured,
-		"ebpf: Services served within 2 s of their creation finishing":           metYes,
+		"ebpf: Services served within 2 s of their creation finishing":          metYes,
 	} {
 		if got := verdict(goal); got != want {
 			t.Errorf("target %q: met = %q, want %q", goal, got, want)
