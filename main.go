@@ -21,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/events"
 	clientmetrics "k8s.io/client-go/tools/metrics"
 	"k8s.io/klog/v2"
@@ -56,6 +57,10 @@ type options struct {
 	healthzBindAddress string
 	metricsBindAddress string
 
+	kubeAPIContentType string
+	kubeAPIQPS         float64 // the flag package has no float32
+	kubeAPIBurst       int
+
 	iptablesBackend string
 	clusterCIDR     string
 	clusterPrefix   netip.Prefix // clusterCIDR parsed by validate
@@ -86,6 +91,10 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
 	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of /healthz and /livez")
 	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of /metrics")
+	conn := apiserver.DefaultConnection()
+	fs.StringVar(&o.kubeAPIContentType, apiserver.FlagContentType, conn.ContentType, "encoding of the API requests and answers: "+apiserver.ContentTypeProtobuf+" (as kube-proxy; much cheaper to decode, which matters when a node starts with many Services) or "+apiserver.ContentTypeJSON+"; JSON stays accepted in answers either way")
+	fs.Float64Var(&o.kubeAPIQPS, apiserver.FlagQPS, float64(conn.QPS), "sustained API requests per second the proxy allows itself (its informers' lists and watches, Events, the Node label); 0: client-go's default, negative: no limit")
+	fs.IntVar(&o.kubeAPIBurst, apiserver.FlagBurst, conn.Burst, "API requests the proxy may send at once above --"+apiserver.FlagQPS+"; at least 1 while that is above 0")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
 	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode: the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
 	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode: masquerade all ClusterIP traffic")
@@ -175,7 +184,23 @@ func (o *options) validate() error {
 	if o.masqueradeBit < 0 || o.masqueradeBit > 31 {
 		return fmt.Errorf("--iptables-masquerade-bit %d: want 0 to 31", o.masqueradeBit)
 	}
-	return nil
+	return o.connection().Validate()
+}
+
+func (o options) connection() apiserver.Connection {
+	return apiserver.Connection{ContentType: o.kubeAPIContentType, QPS: float32(o.kubeAPIQPS), Burst: o.kubeAPIBurst}
+}
+
+// clientConfig returns the configuration every API client of the proxy is
+// built from, and where it points. lookupEnv is os.LookupEnv outside tests.
+func clientConfig(o options, lookupEnv func(string) (string, bool)) (*rest.Config, apiserver.Target, error) {
+	cfg, target, err := apiserver.Config(o.kubeconfig, lookupEnv)
+	if err != nil {
+		return nil, apiserver.Target{}, err
+	}
+	cfg.UserAgent = "kube-bpf-proxy"
+	o.connection().Apply(cfg)
+	return cfg, target, nil
 }
 
 func (o options) iptablesConfig() iptables.Config {
@@ -229,11 +254,10 @@ func runProxy(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	restCfg, target, err := apiserver.Config(o.kubeconfig, os.LookupEnv)
+	restCfg, target, err := clientConfig(o, os.LookupEnv)
 	if err != nil {
 		return err
 	}
-	restCfg.UserAgent = "kube-bpf-proxy"
 	// client-go's request metrics (rest_client_*), on our registry. Its
 	// Register holds once per process, and must come before the client
 	// exists: the transport metrics are fed when it is built.
@@ -294,12 +318,11 @@ func removeModeLabel(ctx context.Context, o options) {
 		klog.InfoS("Not removing the Node's mode label", "reason", err)
 		return
 	}
-	restCfg, _, err := apiserver.Config(o.kubeconfig, os.LookupEnv)
+	restCfg, _, err := clientConfig(o, os.LookupEnv)
 	if err != nil {
 		klog.InfoS("Not removing the Node's mode label: no API server configured", "node", node, "label", nodelabel.Label, "reason", err)
 		return
 	}
-	restCfg.UserAgent = "kube-bpf-proxy"
 	restCfg.Timeout = 10 * time.Second
 	client, err := kubernetes.NewForConfig(restCfg)
 	if err != nil {

@@ -48,6 +48,11 @@ func TestUsageErrors(t *testing.T) {
 		{"unknown iptables backend", []string{"--mode=iptables", "--iptables-backend=ipfw"}, 2, `unknown --iptables-backend "ipfw"`},
 		{"bad cluster CIDR", []string{"--mode=iptables", "--cluster-cidr=10.244.0.0"}, 2, "--cluster-cidr"},
 		{"masquerade bit out of range", []string{"--iptables-masquerade-bit=32"}, 2, "want 0 to 31"},
+		{"empty content type", []string{"--kube-api-content-type="}, 2, "--kube-api-content-type is empty: want application/vnd.kubernetes.protobuf"},
+		{"unknown content type", []string{"--kube-api-content-type=application/yaml"}, 2, `unknown --kube-api-content-type "application/yaml"`},
+		{"negative burst", []string{"--kube-api-burst=-1"}, 2, "--kube-api-burst -1: want 0 or more"},
+		{"no burst with a rate limit", []string{"--kube-api-burst=0"}, 2, "--kube-api-burst 0: want at least 1 while --kube-api-qps is above 0"},
+		{"QPS not a number", []string{"--kube-api-qps=fast"}, 2, "usage: kube-bpf-proxy"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -1,7 +1,9 @@
 package model
 
 import (
+	"fmt"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 
@@ -117,5 +119,129 @@ func TestTriggerTimes(t *testing.T) {
 	want = map[ServiceName][]time.Time{svcName("b"): {start.Add(5 * time.Second)}}
 	if got := tr.Snapshot(true).TriggerTimes; !reflect.DeepEqual(got, want) {
 		t.Errorf("TriggerTimes after a delete = %v, want %v", got, want)
+	}
+}
+
+// An EndpointSlice may arrive before its Service (they come from separate
+// informers). Its change is programmed by the sync that programs the
+// Service's arrival, so that snapshot, and no earlier one, carries its
+// trigger time; the rule that a change altering nothing served carries
+// none still holds, and a Service known but not served keeps nothing.
+func TestTriggerTimesSliceBeforeService(t *testing.T) {
+	start := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	at := func(s int) time.Time { return start.Add(time.Duration(s) * time.Second) }
+	httpPort := withPorts(svcPort("http", v1.ProtocolTCP, 80))
+	sp := withSlicePorts(slicePortOf("http", v1.ProtocolTCP, 8080))
+	upsert := func(tr *Tracker, rv string, trigger int, eps ...discoveryv1.Endpoint) {
+		tr.UpsertEndpointSlice(newSlice("a-1", "a", sp, withEndpoints(eps...), withVersion(rv), withTrigger(at(trigger).Format(time.RFC3339Nano))))
+	}
+	named := func(h string, ep discoveryv1.Endpoint) discoveryv1.Endpoint {
+		ep.Hostname = &h
+		return ep
+	}
+	tests := []struct {
+		name string
+		// before runs before the Service "a" is added as served.
+		before func(tr *Tracker)
+		// want is the trigger times of the snapshot after "a" is added.
+		want []time.Time
+	}{{
+		name:   "one change",
+		before: func(tr *Tracker) { upsert(tr, "1", 1, readyEP("10.1.0.1")) },
+		want:   []time.Time{at(1)},
+	}, {
+		name: "two changes",
+		before: func(tr *Tracker) {
+			upsert(tr, "1", 1, readyEP("10.1.0.1"))
+			upsert(tr, "2", 2, readyEP("10.1.0.2"))
+		},
+		want: []time.Time{at(1), at(2)},
+	}, {
+		name: "a resync and a change of nothing served add nothing",
+		before: func(tr *Tracker) {
+			upsert(tr, "1", 1, readyEP("10.1.0.1"))
+			upsert(tr, "1", 1, readyEP("10.1.0.1"))
+			upsert(tr, "2", 2, named("pod-1", readyEP("10.1.0.1")))
+		},
+		want: []time.Time{at(1)},
+	}, {
+		name: "the slice was deleted meanwhile",
+		before: func(tr *Tracker) {
+			upsert(tr, "1", 1, readyEP("10.1.0.1"))
+			tr.DeleteEndpointSlice(newSlice("a-1", "a", withVersion("1")))
+		},
+	}, {
+		name: "a Service of that name was deleted meanwhile",
+		before: func(tr *Tracker) {
+			upsert(tr, "1", 1, readyEP("10.1.0.1"))
+			tr.DeleteService(newSvc("a", "10.0.0.1", httpPort))
+		},
+	}, {
+		name: "it arrived unserved first",
+		before: func(tr *Tracker) {
+			upsert(tr, "1", 1, readyEP("10.1.0.1"))
+			tr.UpsertService(newSvc("a", "", withType(v1.ServiceTypeExternalName)))
+			upsert(tr, "2", 2, readyEP("10.1.0.2"))
+		},
+	}, {
+		name: "at most maxAwaitingTriggers",
+		before: func(tr *Tracker) {
+			for i := range maxAwaitingTriggers + 3 {
+				upsert(tr, fmt.Sprint(i), 1, readyEP(fmt.Sprintf("10.1.0.%d", i)))
+			}
+		},
+		want: slices.Repeat([]time.Time{at(1)}, maxAwaitingTriggers),
+	}}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := NewTracker(WithStartTime(start))
+			tc.before(tr)
+			// A sync for another reason before the Service arrives
+			// programs nothing of it.
+			tr.UpsertService(newSvc("b", "10.0.0.2", httpPort))
+			if got := tr.Snapshot(false).TriggerTimes; got != nil {
+				t.Errorf("TriggerTimes before the Service arrived = %v, want none", got)
+			}
+			if !tr.UpsertService(newSvc("a", "10.0.0.1", httpPort)) {
+				t.Fatal("adding the Service changed nothing")
+			}
+			var want map[ServiceName][]time.Time
+			if tc.want != nil {
+				want = map[ServiceName][]time.Time{svcName("a"): tc.want}
+			}
+			if got := tr.Snapshot(false).TriggerTimes; !reflect.DeepEqual(got, want) {
+				t.Errorf("TriggerTimes when the Service arrived = %v, want %v", got, want)
+			}
+			// Once known, the old rule: a change of nothing served
+			// carries no time, a change of endpoints does.
+			upsert(tr, "x", 10, named("pod-9", readyEP("10.1.0.9")))
+			tr.Snapshot(false)
+			upsert(tr, "y", 11, named("pod-8", readyEP("10.1.0.9")))
+			if got := tr.Snapshot(false).TriggerTimes; got != nil {
+				t.Errorf("TriggerTimes after a change of nothing served = %v, want none", got)
+			}
+		})
+	}
+}
+
+// A headless Service's slices (common: every StatefulSet has one) keep no
+// trigger times, neither for a snapshot nor waiting for a Service that is
+// already there.
+func TestTriggerTimesUnservedService(t *testing.T) {
+	start := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	tr := NewTracker(WithStartTime(start))
+	tr.UpsertService(newSvc("h", v1.ClusterIPNone, withPorts(svcPort("http", v1.ProtocolTCP, 80))))
+	sp := withSlicePorts(slicePortOf("http", v1.ProtocolTCP, 8080))
+	for i := range 3 {
+		tr.UpsertEndpointSlice(newSlice("h-1", "h", sp, withEndpoints(readyEP(fmt.Sprintf("10.1.0.%d", i))),
+			withVersion(fmt.Sprint(i)), withTrigger(start.Add(time.Second).Format(time.RFC3339Nano))))
+	}
+	if got := tr.Snapshot(false).TriggerTimes; got != nil {
+		t.Errorf("TriggerTimes = %v, want none", got)
+	}
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if len(tr.awaiting) != 0 {
+		t.Errorf("awaiting = %v, want empty: the Service is known", tr.awaiting)
 	}
 }

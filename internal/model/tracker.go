@@ -30,6 +30,10 @@ type Tracker struct {
 	mu sync.Mutex
 	// services holds the proxyable Services, by name.
 	services map[ServiceName]*serviceInfo
+	// unservedServices holds the Services that exist but are not served
+	// (headless, ExternalName, no IPv4 ClusterIP): with services, it tells
+	// a slice's Service that is not known yet from one never served.
+	unservedServices map[ServiceName]struct{}
 	// slices holds the usable EndpointSlices, by namespace/name.
 	slices map[sliceKey]*sliceInfo
 	// byService indexes slices by the Service they belong to, then by
@@ -70,7 +74,22 @@ type Tracker struct {
 	// EndpointSlice change since the last snapshot (only those after
 	// startTime).
 	triggers map[ServiceName][]time.Time
+	// awaiting holds the trigger times of EndpointSlice changes whose
+	// Service is not known yet: Services and EndpointSlices come from
+	// separate informers, so a slice may arrive first. The change is
+	// programmed by the sync that programs the Service's arrival, so the
+	// times move to triggers then; none goes out with a snapshot before,
+	// or an unrelated sync would observe them. At most
+	// maxAwaitingTriggers per Service.
+	awaiting map[ServiceName][]time.Time
 }
+
+// maxAwaitingTriggers bounds the trigger times kept for one Service that is
+// not known yet. A slice normally precedes its Service by one informer's
+// delay, with a change or two; slices of a Service that never comes (their
+// own controller's, or left behind by a deleted Service) must not grow it
+// without end.
+const maxAwaitingTriggers = 64
 
 // ChangeCounts counts the Service and EndpointSlice changes the Tracker has
 // seen, as kube-proxy's kubeproxy_sync_proxy_rules_*_changes_* metrics do.
@@ -128,16 +147,18 @@ func WithStartTime(start time.Time) TrackerOption {
 // NewTracker returns an empty Tracker.
 func NewTracker(opts ...TrackerOption) *Tracker {
 	t := &Tracker{
-		services:       make(map[ServiceName]*serviceInfo),
-		slices:         make(map[sliceKey]*sliceInfo),
-		byService:      make(map[ServiceName]map[string]*sliceInfo),
-		ports:          make(map[ServiceName][]ServicePort),
-		pending:        make(map[ServiceName][]ServicePort),
-		requeued:       make(map[ServiceName]struct{}),
-		startTime:      time.Now(),
-		serviceChanged: make(map[ServiceName]*serviceInfo),
-		sliceVersions:  make(map[sliceKey]string),
-		triggers:       make(map[ServiceName][]time.Time),
+		services:         make(map[ServiceName]*serviceInfo),
+		unservedServices: make(map[ServiceName]struct{}),
+		slices:           make(map[sliceKey]*sliceInfo),
+		byService:        make(map[ServiceName]map[string]*sliceInfo),
+		ports:            make(map[ServiceName][]ServicePort),
+		pending:          make(map[ServiceName][]ServicePort),
+		requeued:         make(map[ServiceName]struct{}),
+		startTime:        time.Now(),
+		serviceChanged:   make(map[ServiceName]*serviceInfo),
+		sliceVersions:    make(map[sliceKey]string),
+		triggers:         make(map[ServiceName][]time.Time),
+		awaiting:         make(map[ServiceName][]time.Time),
 	}
 	for _, o := range opts {
 		o(t)
@@ -166,11 +187,22 @@ func (t *Tracker) UpsertService(svc *v1.Service) bool {
 	old := t.services[name]
 	if info == nil {
 		delete(t.services, name)
+		t.unservedServices[name] = struct{}{}
 	} else {
 		t.services[name] = info
+		delete(t.unservedServices, name)
 	}
 	t.serviceEvent(name, old, info)
 	changed := t.recompute(name)
+	if times, ok := t.awaiting[name]; ok {
+		// The Service has arrived: if this programs it, the slice changes
+		// that came first are programmed with it; if not (it is not
+		// served, or has nothing to serve), no sync ever programs them.
+		delete(t.awaiting, name)
+		if changed {
+			t.triggers[name] = append(t.triggers[name], times...)
+		}
+	}
 	t.mu.Unlock()
 
 	gained := t.reportUnserved(old, info)
@@ -214,6 +246,10 @@ func (t *Tracker) DeleteService(svc *v1.Service) bool {
 	t.mu.Lock()
 	old := t.services[name]
 	delete(t.services, name)
+	delete(t.unservedServices, name)
+	// A delete whose add this Tracker never saw: the slice changes that
+	// waited for that Service will never be programmed.
+	delete(t.awaiting, name)
 	t.serviceEvent(name, old, nil)
 	changed := t.recompute(name)
 	t.mu.Unlock()
@@ -235,7 +271,8 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 	defer t.mu.Unlock()
 	trigger, hasTrigger := t.sliceEvent(key, s)
 	changed := false
-	if old, ok := t.slices[key]; ok && (info == nil || old.service != info.service) {
+	old, hadOld := t.slices[key]
+	if hadOld && (info == nil || old.service != info.service) {
 		// The slice left its Service (label changed or removed, or it is no
 		// longer usable): that Service loses its endpoints.
 		t.unindex(key, old.service)
@@ -259,8 +296,31 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 			t.triggers[info.service] = append(t.triggers[info.service], trigger)
 		}
 		changed = true
+	} else if hasTrigger && t.serviceUnknown(info.service) && !(hadOld && equalSliceInfo(old, info)) {
+		// Nothing is served before the Service arrives, so recompute
+		// cannot tell; by the same rule, a change is kept only if what
+		// the model keeps of the slice changed (a new slice, or new
+		// ports or endpoints), since only such a change is programmed
+		// when the Service arrives.
+		if times := t.awaiting[info.service]; len(times) < maxAwaitingTriggers {
+			t.awaiting[info.service] = append(times, trigger)
+		}
 	}
 	return changed
+}
+
+// serviceUnknown reports whether the Tracker has seen no Service of that
+// name, served or not. Callers hold t.mu.
+func (t *Tracker) serviceUnknown(name ServiceName) bool {
+	if _, ok := t.services[name]; ok {
+		return false
+	}
+	_, unserved := t.unservedServices[name]
+	return !unserved
+}
+
+func equalSliceInfo(a, b *sliceInfo) bool {
+	return a.service == b.service && slices.Equal(a.ports, b.ports) && slices.Equal(a.endpoints, b.endpoints)
 }
 
 // DeleteEndpointSlice records a deleted EndpointSlice. The watch handler
@@ -353,6 +413,7 @@ func (t *Tracker) sliceDeleted(key sliceKey, s *discoveryv1.EndpointSlice) {
 	// times rather than report a latency it cannot know.
 	if svc, ok := serviceOfSlice(s); ok {
 		delete(t.triggers, svc)
+		delete(t.awaiting, svc)
 	}
 }
 

@@ -118,7 +118,8 @@ type Snapshot struct {
 	// TriggerTimes holds, per Service, the last-change-trigger-time of
 	// each EndpointSlice change this snapshot is the first to include
 	// (only changes made after the Tracker started that changed what is
-	// served); nil if none. The
+	// served; a change to a slice that came before its Service is
+	// included with the Service's arrival); nil if none. The
 	// proxy observes now minus each one once the snapshot is programmed,
 	// as kube-proxy's network programming latency. Datapaths ignore it.
 	TriggerTimes map[ServiceName][]time.Time

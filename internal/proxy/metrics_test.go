@@ -223,3 +223,24 @@ kubeproxy_sync_proxy_rules_iptables_last 7
 kubeproxy_conntrack_reconciler_deleted_entries_total 3
 `)
 }
+
+// TestNetworkProgrammingSliceBeforeService: Services and EndpointSlices come
+// from separate informers, so a slice can arrive before its Service. Its
+// change is observed once, by the sync that programs the Service, and not
+// by an unrelated sync before.
+func TestNetworkProgrammingSliceBeforeService(t *testing.T) {
+	h := newProxierHarness(t) // started at t0
+	h.p.OnServiceUpsert(service("default", "other", "10.96.0.12", tcpPort("http", 80, 8080)))
+	h.p.OnEndpointSliceUpsert(triggered(slice("default", "web-1", "web", "http", 8080, "10.244.0.2"), "1", t0.Add(time.Second)))
+	h.clk.SetTime(t0.Add(2 * time.Second))
+	h.syncOK()
+	h.checkProgramming("before the Service arrived", 0, 0)
+
+	h.p.OnServiceUpsert(service("default", "web", "10.96.0.10", tcpPort("http", 80, 8080)))
+	h.clk.SetTime(t0.Add(4 * time.Second))
+	h.syncOK()
+	h.checkProgramming("after the sync that programmed the Service", 1, 3)
+	h.clk.Step(time.Second)
+	h.syncOK()
+	h.checkProgramming("after another sync", 1, 3)
+}
