@@ -349,3 +349,23 @@ func eventually(timeout time.Duration, ok func() bool) bool {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// TestBackgroundClusterIP: the background's addresses stay inside the
+// cluster's service range, above the static band and distinct.
+func TestBackgroundClusterIP(t *testing.T) {
+	cidr := netip.MustParsePrefix(localcluster.ServiceCIDR)
+	seen := map[netip.Addr]bool{}
+	for _, i := range []int{0, 1, 255, 256, 59999} {
+		a := backgroundClusterIP(i)
+		if !cidr.Contains(a) || seen[a] {
+			t.Errorf("Service %d: %s (in %s: %v, repeated: %v)", i, a, cidr, cidr.Contains(a), seen[a])
+		}
+		seen[a] = true
+	}
+	if got := backgroundClusterIP(0).String(); got != "10.96.4.0" {
+		t.Errorf("first address %s, want 10.96.4.0 (above the static band)", got)
+	}
+	if got := backgroundClusterIP(59999).String(); got != "10.96.238.95" {
+		t.Errorf("last address %s, want 10.96.238.95", got)
+	}
+}
