@@ -418,19 +418,8 @@ func histogramPlot(path string, ix *index) (bool, error) {
 }
 
 func connectRateValue(ix *index, ct string, size int) (float64, bool) {
-	c, _ := ix.cell(ct, size)
-	if c == nil {
-		return 0, false
-	}
-	r, ok := rateOf(c, results.ConnectRate)
-	if !ok {
-		return 0, false
-	}
-	side := r.Service
-	if ct == results.Direct {
-		side = r.Direct
-	}
-	return side.rate(), side.Seconds > 0
+	side, ok := connectRateShown(ix, ct, size)
+	return side.rate(), ok && side.Seconds > 0
 }
 
 // ratePlot draws grouped bars: one group per size, one bar per contender

@@ -319,17 +319,27 @@ func directUnderRules(ix *index, contender string, size int, workload string) (f
 // through the service (through the pod IP for the direct contender, which
 // has no service phases).
 func nodeCPUPer10k(ix *index, contender string, size int) (float64, bool) {
-	c, _ := ix.cell(contender, size)
-	if c == nil {
-		return 0, false
-	}
-	r, ok := rateOf(c, results.ConnectRate)
+	side, ok := connectRateShown(ix, contender, size)
 	if !ok {
 		return 0, false
 	}
-	side := r.Service
-	if contender == results.Direct {
-		side = r.Direct
-	}
 	return per(side.NodeCPU, side.Ops, 1e4)
+}
+
+// connectRateShown is the side of a cell's connection-rate workload the
+// report shows for its contender: through the service, or through the pod
+// IP for the direct contender, which has no service phases.
+func connectRateShown(ix *index, contender string, size int) (rateSide, bool) {
+	c, _ := ix.cell(contender, size)
+	if c == nil {
+		return rateSide{}, false
+	}
+	r, ok := rateOf(c, results.ConnectRate)
+	if !ok {
+		return rateSide{}, false
+	}
+	if contender == results.Direct {
+		return r.Direct, true
+	}
+	return r.Service, true
 }
