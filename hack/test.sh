@@ -24,7 +24,8 @@ echo "--- go test"
 go test -count=1 -p 1 -timeout 20m ./...
 echo "--- go test -race (packages without kernel tests)"
 go test -count=1 -race ./internal/model/... ./internal/runner/... ./internal/healthz/... \
-  ./internal/metrics/... ./internal/watch/... ./internal/httpserve/... ./internal/nodelabel/... ./internal/version/...
+  ./internal/metrics/... ./internal/watch/... ./internal/httpserve/... ./internal/nodelabel/... ./internal/version/... \
+  ./internal/bench/report/... ./internal/bench/results/...
 echo "--- make demo (the README's first command, end to end)"
 hack/demo.sh > _output/demo.log 2>&1 || { cat _output/demo.log; echo "make demo failed" >&2; exit 1; }
 grep -E '^(==>|\s+answered by|Done)' _output/demo.log
