@@ -97,7 +97,7 @@ func (k *keys) add(label string, c color.Color) {
 
 // legendW is the strip right of the plots that holds the legend: inside
 // the data area it would hide data, whatever corner it took.
-const legendW = 5 * vg.Centimeter
+const legendW = 6.5 * vg.Centimeter
 
 // savePlots saves one or more plots side by side, w wide together, in one
 // SVG file, with one legend for all of them on the right (the colours are
@@ -118,7 +118,7 @@ func savePlots(path string, w vg.Length, ks keys, ps ...*plot.Plot) error {
 	leg := plot.NewLegend()
 	leg.Top, leg.Left = true, true
 	leg.YOffs = -vg.Centimeter
-	leg.TextStyle.Font.Size = vg.Points(11)
+	leg.TextStyle.Font.Size = vg.Points(10)
 	for _, k := range ks {
 		leg.Add(k.label, &plotter.Line{LineStyle: draw.LineStyle{Color: k.color, Width: vg.Points(4)}})
 	}
@@ -239,7 +239,11 @@ func cdfPlot(path string, ix *index, size int) (bool, error) {
 		xmax = math.Max(xmax, quantileSorted(s.samples, 0.999))
 	}
 	p := newPlot(fmt.Sprintf("tcp-connect latency CDF, service path, %s Services (cut at the largest p99.9)", sizeLabel(size)),
-		"connect latency (µs)", "fraction of samples ≤ x")
+		"connect latency (µs, log scale)", "fraction of samples ≤ x")
+	// Log X: the bodies of the curves, where the contenders differ by
+	// microseconds, and their tails, milliseconds out, both stay readable.
+	p.X.Scale = plot.LogScale{}
+	p.X.Tick.Marker = plot.LogTicks{Prec: -1}
 	var ks keys
 	for _, s := range ss {
 		l, err := plotter.NewLine(cdfPoints(s.samples, xmax))
