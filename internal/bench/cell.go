@@ -73,6 +73,9 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 		return cell
 	}
 	if viaService {
+		if l := ct.LaunchedAt(); !l.IsZero() {
+			started = l // applying the manifests is not the proxy's start
+		}
 		timeout := r.cfg.SyncTimeout(size)
 		served, err := r.coldStart(ctx, started, timeout)
 		cell.ControlPlane.ColdStart = served

@@ -40,6 +40,9 @@ type Contender interface {
 	// MetricsAddr is where /metrics is served inside each node's network
 	// namespace ("" for direct).
 	MetricsAddr() string
+	// LaunchedAt is when Start began launching the proxies, after the
+	// one-time steps before (applying the manifests); zero for direct.
+	LaunchedAt() time.Time
 }
 
 // ContenderOptions are what the contenders run.
@@ -113,9 +116,15 @@ func NewContender(c *localcluster.Cluster, name string, o ContenderOptions) (Con
 type contenderBase struct {
 	c    *localcluster.Cluster
 	name string
+	// launched is when Start began launching the proxies, after what an
+	// operator does once (applying the manifests): a cold start is timed
+	// from there.
+	launched time.Time
 }
 
 func (b contenderBase) Name() string { return b.name }
+
+func (b contenderBase) LaunchedAt() time.Time { return b.launched }
 
 // eachNode runs f for every node and joins the errors: a failure on one
 // node must not leave the other one running.
@@ -251,6 +260,7 @@ func (p *oursContender) Start(ctx context.Context) error {
 		return fmt.Errorf("%s: the applied DaemonSet runs mode %q, want %q", p.name, got, p.mode)
 	}
 	o.Args = p.args
+	p.launched = time.Now()
 	var started []string
 	for _, n := range p.c.Nodes {
 		if err := p.c.LaunchProxy(ctx, n.Name, o); err != nil {
@@ -300,6 +310,7 @@ type kubeProxyContender struct {
 }
 
 func (k *kubeProxyContender) Start(ctx context.Context) error {
+	k.launched = time.Now()
 	var started []string
 	for _, n := range k.c.Nodes {
 		if err := k.c.StartKubeProxy(ctx, n.Name, localcluster.KubeProxyOptions{Binary: k.binary, Mode: k.mode}); err != nil {
