@@ -112,18 +112,28 @@ func (r *runner) rate(ctx context.Context, workload string, rep int, viaService 
 	if err := parallel(fns...); err != nil {
 		return nil, err
 	}
-	// Sum the clients' work phase by phase; the machine's CPU time is the
-	// same window seen by each, so it is taken from the first client.
+	// Sum the clients' work phase by phase. The phase's length and the
+	// machine's CPU time are the same window seen by each client: they
+	// are taken from the client whose phase ran longest (a client whose
+	// phase was missed, its transaction before outlasting it, ran none
+	// of it and counts no work in it).
 	var out []results.RatePhase
-	for k, ph := range res[0].Phases {
-		rp := results.RatePhase{Workload: workload, Rep: rep, Target: ph.Target, Seconds: ph.Seconds,
-			NodeCPUSeconds: ph.NodeCPUSeconds, ProxyCPUSeconds: ph.ProxyCPUSeconds}
-		for _, cr := range res {
+	for k := range res[0].Phases {
+		var rp results.RatePhase
+		for i, cr := range res {
 			if k >= len(cr.Phases) {
-				return out, errors.New("the clients measured different phases")
+				return out, fmt.Errorf("the clients measured different phases (%s: %d)", r.paths[i].client.Name, len(cr.Phases))
 			}
-			rp.Ops += cr.Phases[k].Ops
-			rp.Errors += cr.Phases[k].Errors
+			ph := cr.Phases[k]
+			if ph.Seconds > rp.Seconds {
+				rp = results.RatePhase{Workload: workload, Rep: rep, Target: ph.Target, Seconds: ph.Seconds,
+					NodeCPUSeconds: ph.NodeCPUSeconds, ProxyCPUSeconds: ph.ProxyCPUSeconds, Ops: rp.Ops, Errors: rp.Errors}
+			}
+			rp.Ops += ph.Ops
+			rp.Errors += ph.Errors
+		}
+		if rp.Seconds == 0 {
+			continue // every client missed it
 		}
 		out = append(out, rp)
 	}

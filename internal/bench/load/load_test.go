@@ -3,12 +3,16 @@ package load
 import (
 	"context"
 	"encoding/json"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/results"
 )
@@ -143,5 +147,63 @@ func TestLatencyResultRep(t *testing.T) {
 	}
 	if _, ok := r.Rep(results.TCPRR); ok {
 		t.Errorf("Rep(tcp-rr) found a series that is not there")
+	}
+}
+
+// TestRateMissedPhase: an operation still running when its phase ends
+// completes (up to --timeout) and may outlast the next phase; that phase
+// is recorded as missed, with nothing counted, and the run goes on: one
+// slow connection must not cost a cell its whole rate measurement.
+func TestRateMissedPhase(t *testing.T) {
+	// Loopback of this process's own namespace: a server that accepts and
+	// never answers, so every transaction waits out its timeout.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	addr := netip.MustParseAddrPort(l.Addr().String())
+	res, err := runRate(context.Background(), rateConfig{
+		workload: RateConnect, targets: []target{{name: results.TargetDirect, addr: addr}},
+		workers: 1, phase: 100 * time.Millisecond, phases: 4, timeout: 250 * time.Millisecond,
+		startAt: time.Now().Add(50 * time.Millisecond), procRoot: "/proc",
+	})
+	if err != nil {
+		t.Fatalf("an overrun phase failed the run: %v", err)
+	}
+	if len(res.Phases) != 4 {
+		t.Fatalf("%d phases, want 4", len(res.Phases))
+	}
+	missed := 0
+	for _, p := range res.Phases {
+		if p.Missed {
+			missed++
+			if p.Ops != 0 || p.Seconds != 0 {
+				t.Errorf("missed phase %d counts %d ops over %.3f s", p.Index, p.Ops, p.Seconds)
+			}
+		}
+	}
+	if missed == 0 || res.Phases[0].Missed {
+		t.Errorf("phases %+v: want a later one missed after phase 0's 250 ms transaction", res.Phases)
 	}
 }

@@ -71,6 +71,11 @@ type PhaseResult struct {
 	// ProxyCPUSeconds is the --proxy-pids' summed utime+stime over
 	// Seconds, seconds; a PID gone at the phase's start or end counts 0.
 	ProxyCPUSeconds float64 `json:"proxyCpuSeconds"`
+	// Missed says the phase never ran: an operation of the phase before
+	// (one still running at its end always completes, up to --timeout)
+	// outlasted this whole phase. Its Seconds and Ops are 0, so sums of
+	// ops over seconds stay right; the other clients' same phase ran.
+	Missed bool `json:"missed,omitempty"`
 	// ProxyGone is set when one of the --proxy-pids was gone.
 	ProxyGone bool `json:"proxyGone,omitempty"`
 }
@@ -192,7 +197,12 @@ func runRate(ctx context.Context, c rateConfig) (*RateResult, error) {
 			return nil, fmt.Errorf("rate stopped before phase %d: %w", k, err)
 		}
 		if !time.Now().Before(end) {
-			return nil, fmt.Errorf("phase %d ended at %s before it could start (--start-at in the past, or the phase before overran by more than a phase)", k, end.Format(time.RFC3339Nano))
+			if k == 0 {
+				return nil, fmt.Errorf("phase 0 ended at %s before it could start: --start-at is in the past", end.Format(time.RFC3339Nano))
+			}
+			res.Phases = append(res.Phases, PhaseResult{Index: k, Target: t.name, Address: t.addr.String(), Missed: true,
+				FirstError: "missed: the phase before overran it"})
+			continue
 		}
 		before, err := takeCPUSnapshot(c.procRoot, c.pids)
 		if err != nil {
