@@ -20,7 +20,7 @@ verify:
 generate:
 	hack/generate.sh
 
-# Every datapath side by side on a local cluster, report in _output/bench
+# Every datapath side by side on a local cluster, report in _output/bench-report
 # (about 30 minutes); QUICK=1 for the reduced run the tests make (5 minutes).
 bench:
 	QUICK="$(QUICK)" hack/bench.sh

@@ -7,7 +7,7 @@
 # 5 minutes). Needs root: network namespaces, cgroups, BPF, iptables in the
 # nodes' namespaces. Extra arguments go to the benchmark (`--help`).
 #
-#   hack/bench.sh                       the full run, report in _output/bench
+#   hack/bench.sh                       the full run, report in _output/bench-report
 #   QUICK=1 hack/bench.sh               the quick run, report in _output/bench-quick
 #   hack/bench.sh --sizes=0,10000 --contenders=direct,ebpf
 set -o errexit -o nounset -o pipefail

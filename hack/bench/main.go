@@ -73,7 +73,7 @@ func run(ctx context.Context, args []string) error {
 func measure(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	quick := fs.Bool("quick", false, "the reduced run the tests make (make bench QUICK=1): every contender and workload at 0 and 500 Services, few samples, about 5 minutes")
-	out := fs.String("out", "", "report directory (default _output/bench, or _output/bench-quick with --quick)")
+	out := fs.String("out", "", "report directory (default _output/bench-report, or _output/bench-quick with --quick)")
 	clusterDir := fs.String("cluster-dir", "_output/bench-cluster", "the local cluster's directory")
 	kubeBin := fs.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries and upstream kube-proxy (hack/kube-build.sh prints it)")
 	binary := fs.String("binary", "_output/kube-bpf-proxy", "the kube-bpf-proxy binary")
@@ -109,7 +109,7 @@ func measure(ctx context.Context, args []string) error {
 		cfg.EndpointsPerService = *endpoints
 	}
 	if *out == "" {
-		*out = "_output/bench"
+		*out = "_output/bench-report"
 		if *quick {
 			*out = "_output/bench-quick"
 		}
