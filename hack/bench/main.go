@@ -79,7 +79,7 @@ func measure(ctx context.Context, args []string) error {
 	binary := fs.String("binary", "_output/kube-bpf-proxy", "the kube-bpf-proxy binary")
 	manifests := fs.String("manifests", "manifests", "the repository's manifests directory")
 	contenders := fs.String("contenders", "", "comma-separated contenders (default all: "+strings.Join(results.AllContenders, ",")+")")
-	sizes := fs.String("sizes", "", "comma-separated background Service counts, ascending (default 0,1000,10000,50000; quick 0,500)")
+	sizes := fs.String("sizes", "", "comma-separated background Service counts, ascending (default 0,1000,10000; quick 0,500; 50000 takes about an hour more here, creating the Services)")
 	endpoints := fs.Int("endpoints", 0, "endpoints of each background Service (default 10)")
 	keep := fs.Bool("keep", false, "leave the cluster running afterwards (remove it with: bench down)")
 	if err := fs.Parse(args); err != nil {

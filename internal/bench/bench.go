@@ -83,8 +83,12 @@ type Config struct {
 // on 2 cores.
 func FullConfig() Config {
 	return Config{
-		Contenders:           results.AllContenders,
-		Sizes:                []int{0, 1000, 10000, 50000},
+		Contenders: results.AllContenders,
+		// 50k is a flag away (--sizes=0,1000,10000,50000): the API server
+		// here creates Services ever slower as they accumulate (255 a
+		// second into an empty cluster, 48 between 1k and 10k, 15 past
+		// 20k), so 50k alone takes about an hour on 2 cores.
+		Sizes:                []int{0, 1000, 10000},
 		EndpointsPerService:  10,
 		Repetitions:          3,
 		LatencyPairs:         1000,
