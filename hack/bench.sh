@@ -2,9 +2,9 @@
 # make bench: every datapath side by side on a local cluster (see
 # internal/bench and BENCHMARKS.md): direct pod IPs, kube-bpf-proxy's ebpf
 # and iptables (nft, legacy) modes and upstream kube-proxy's iptables and
-# nftables modes, at 0, 1k, 10k and 50k background Services. About 30
-# minutes on 2 cores; QUICK=1 runs the reduced matrix the tests run (about
-# 5 minutes). Needs root: network namespaces, cgroups, BPF, iptables in the
+# nftables modes, at 0, 1k and 10k background Services (--sizes adds 50k).
+# About 30 minutes on 2 cores; QUICK=1 runs the reduced matrix the tests run
+# (about 5 minutes). Needs root: network namespaces, cgroups, BPF, iptables in the
 # nodes' namespaces. Extra arguments go to the benchmark (`--help`).
 #
 #   hack/bench.sh                       the full run, report in _output/bench-report

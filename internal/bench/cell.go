@@ -60,7 +60,7 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 		if err := stop(); err != nil {
 			r.prog.note("%s at %d: stopping: %v", name, size, err)
 			if cell.Skipped == "" {
-				cell.Skipped = "stopping failed (measurements kept): " + err.Error()
+				cell.Incomplete = strings.TrimPrefix(cell.Incomplete+"; ", "; ") + "stopping: " + err.Error()
 			}
 		}
 	}()
@@ -123,7 +123,7 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 	r.prog.done(1)
 	if err := errors.Join(errs...); err != nil {
 		// Measured in part: what was measured stays, the reason is said.
-		cell.Skipped = "incomplete: " + err.Error()
+		cell.Incomplete = err.Error()
 		r.prog.note("%s at %d: %v", name, size, err)
 	}
 	return cell

@@ -129,6 +129,9 @@ func checkCell(t *testing.T, run *results.Run, c results.Cell) {
 		t.Errorf("%s: %s", id, c.Skipped)
 		return
 	}
+	if c.Incomplete != "" {
+		t.Errorf("%s: incomplete: %s", id, c.Incomplete)
+	}
 	direct := c.Contender == results.Direct
 	workloads := map[string]bool{}
 	for _, p := range c.Latency {

@@ -123,7 +123,7 @@ func (c *Cluster) kubeProxyProc(ctx context.Context, node string, o KubeProxyOpt
 		NetNS:  n.NetNS,
 		Cgroup: cgroup,
 		Args:   args,
-		Env:    []string{"PATH=" + path, "HOME=/root", "HOSTNAME=" + n.Name},
+		Env:    []string{"PATH=" + path, "HOME=/root", "HOSTNAME=" + n.Name, xtablesLockEnv(c, n)},
 		Log:    c.KubeProxyLog(node),
 	}, nil
 }
@@ -250,7 +250,7 @@ func (c *Cluster) CleanupKubeProxy(ctx context.Context, node, binary, mode strin
 			return err
 		}
 		cmd := exec.CommandContext(ctx, "nsenter", "--net="+netnsPath(n.NetNS), "--", binary, "--cleanup")
-		cmd.Env = []string{"PATH=" + path, "HOME=/root"}
+		cmd.Env = []string{"PATH=" + path, "HOME=/root", xtablesLockEnv(c, n)}
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("kube-proxy --cleanup (PATH of %s mode) on %s: %w: %s", m, node, err, lastLines(string(out), 10)))
@@ -335,4 +335,14 @@ func lastLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// xtablesLockEnv gives the node's kube-proxy an xtables lock of its own, as
+// a real node has (its own /run): the simulated nodes share this machine's
+// /run/xtables.lock, and at 10k Services one node's restore held it past
+// the other's 5 s wait, so that node's every sync failed ("Can't lock
+// /run/xtables.lock") and it never served. iptables reads the path from
+// XTABLES_LOCKFILE.
+func xtablesLockEnv(c *Cluster, n NodeInfo) string {
+	return "XTABLES_LOCKFILE=" + filepath.Join(c.Dir, n.Name, "xtables.lock")
 }

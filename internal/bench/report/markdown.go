@@ -318,7 +318,7 @@ func writeControlPlane(m *mdWriter, ix *index, plots plotFiles) {
 }
 
 func writeSkipped(m *mdWriter, ix *index) {
-	m.f("## Skipped and missing cells\n\n")
+	m.f("## Skipped, missing and incomplete cells\n\n")
 	var rows [][]string
 	for _, size := range ix.sizes {
 		for _, ct := range ix.contenders {
@@ -328,6 +328,8 @@ func writeSkipped(m *mdWriter, ix *index) {
 				rows = append(rows, []string{ct, sizeLabel(size), "no cell recorded", ""})
 			case c.Skipped != "":
 				rows = append(rows, []string{ct, sizeLabel(size), "did not reach " + sizeLabel(size) + ": " + c.Skipped, secs(c.Elapsed)})
+			case c.Incomplete != "":
+				rows = append(rows, []string{ct, sizeLabel(size), "measured, but incomplete: " + c.Incomplete, secs(c.Elapsed)})
 			}
 		}
 	}

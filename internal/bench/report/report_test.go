@@ -344,3 +344,38 @@ func TestBulkCreationJudged(t *testing.T) {
 		t.Errorf("report.md does not list the growth:\n%s", md)
 	}
 }
+
+// TestIncompleteCellKeepsItsData: a cell measured but with a failed step
+// is shown with its measurements, and listed with the step that failed.
+func TestIncompleteCellKeepsItsData(t *testing.T) {
+	r := syntheticRun(t)
+	var cell *results.Cell
+	for i := range r.Cells {
+		if r.Cells[i].Contender == results.IptablesLegacy && r.Cells[i].Skipped == "" {
+			cell = &r.Cells[i]
+			break
+		}
+	}
+	if cell == nil {
+		t.Fatal("no iptables-legacy cell in the synthetic run")
+	}
+	cell.Incomplete = "endpoint changes: never observed"
+	dir := t.TempDir()
+	if err := Write(dir, r); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, ReportFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	md := string(b)
+	if !strings.Contains(md, "measured, but incomplete: endpoint changes: never observed") {
+		t.Error("the incomplete cell is not listed with its reason")
+	}
+	for _, line := range strings.Split(md, "\n") {
+		if strings.HasPrefix(line, "| iptables-legacy | service |") {
+			return // its latency rows are shown
+		}
+	}
+	t.Error("the incomplete cell's measurements are not shown")
+}

@@ -133,6 +133,10 @@ type Cell struct {
 	// except Elapsed and ControlPlane.ColdStart, which say how far it
 	// got.
 	Skipped string `json:"skipped,omitempty"`
+	// Incomplete, if set, says which steps of a cell that was measured
+	// failed (an endpoint change never observed, say); what was measured
+	// is kept and shown.
+	Incomplete string `json:"incomplete,omitempty"`
 	// Elapsed is the cell's wall time, set-up included.
 	Elapsed time.Duration `json:"elapsed"`
 	// Latency holds the latency workloads, each measured alternating the
