@@ -178,11 +178,9 @@ func (r *runner) coldStart(ctx context.Context, started time.Time, timeout time.
 func (r *runner) latency(ctx context.Context, viaService bool) ([]results.Paired, error) {
 	p := r.paths[0]
 	byWorkload := map[string]*results.Paired{}
-	var order []string
 	add := func(w string, rep results.Rep) {
 		if byWorkload[w] == nil {
 			byWorkload[w] = &results.Paired{Workload: w}
-			order = append(order, w)
 		}
 		byWorkload[w].Reps = append(byWorkload[w].Reps, rep)
 	}
@@ -210,7 +208,6 @@ func (r *runner) latency(ctx context.Context, viaService bool) ([]results.Paired
 			out = append(out, *byWorkload[w])
 		}
 	}
-	_ = order
 	return out, errors.Join(errs...)
 }
 

@@ -450,11 +450,9 @@ func processUsage(pid int) (rssBytes int64, cpuSeconds float64, err error) {
 
 func describeMachine(cfg Config) results.Machine {
 	m := results.Machine{CPUs: runtime.NumCPU(), GoVersion: runtime.Version()}
-	var uts [65]byte
 	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
 		m.Kernel = strings.TrimSpace(string(b))
 	}
-	_ = uts
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {
 			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {

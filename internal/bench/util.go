@@ -10,10 +10,9 @@ import (
 	"strings"
 
 	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/results"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
 )
 
 // flushConntrack empties each node's connection tracking table, so that
@@ -38,10 +37,9 @@ func isEmptyFlush(out string) bool {
 // summed over labels; an absent histogram is nil without error (a proxy
 // that has not observed any yet may not export it).
 func parseHistogram(r io.Reader, name string) (*results.Histogram, error) {
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(r)
+	fams, err := probe.ParseScrape(r)
 	if err != nil {
-		return nil, fmt.Errorf("parsing metrics: %w", err)
+		return nil, err
 	}
 	f, ok := fams[name]
 	if !ok {

@@ -147,14 +147,24 @@ func alternate(ctx context.Context, workload string, ts []target, f latencyFlags
 	return res, nil
 }
 
-func runCRR(ctx context.Context, args []string) (*LatencyResult, error) {
+// parseLatencyFlags parses the flags every latency workload shares, plus
+// the workload's own that extra registers, and checks the targets.
+func parseLatencyFlags(workload string, args []string, extra func(*flag.FlagSet)) (latencyFlags, []target, error) {
 	var f latencyFlags
-	fs := newFlagSet("client " + WorkloadCRR)
+	fs := newFlagSet("client " + workload)
 	f.register(fs)
+	if extra != nil {
+		extra(fs)
+	}
 	if err := parseFlags(fs, args); err != nil {
-		return nil, err
+		return f, nil, err
 	}
 	ts, err := f.check(fs)
+	return f, ts, err
+}
+
+func runCRR(ctx context.Context, args []string) (*LatencyResult, error) {
+	f, ts, err := parseLatencyFlags(WorkloadCRR, args, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -165,13 +175,7 @@ func runCRR(ctx context.Context, args []string) (*LatencyResult, error) {
 }
 
 func runRR(ctx context.Context, args []string) (*LatencyResult, error) {
-	var f latencyFlags
-	fs := newFlagSet("client " + WorkloadRR)
-	f.register(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return nil, err
-	}
-	ts, err := f.check(fs)
+	f, ts, err := parseLatencyFlags(WorkloadRR, args, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -223,15 +227,12 @@ func runRR(ctx context.Context, args []string) (*LatencyResult, error) {
 const udpDatagramSize = 16
 
 func runUDP(ctx context.Context, args []string) (*LatencyResult, error) {
-	var f latencyFlags
 	var mode string
-	fs := newFlagSet("client " + WorkloadUDP)
-	f.register(fs)
-	fs.StringVar(&mode, "socket", "connected", "connected (one connect()ed socket per target) or unconnected (one socket, sendto each target)")
-	if err := parseFlags(fs, args); err != nil {
-		return nil, err
-	}
-	ts, err := f.check(fs)
+	var fs *flag.FlagSet // for the usage errors below
+	f, ts, err := parseLatencyFlags(WorkloadUDP, args, func(set *flag.FlagSet) {
+		fs = set
+		fs.StringVar(&mode, "socket", "connected", "connected (one connect()ed socket per target) or unconnected (one socket, sendto each target)")
+	})
 	if err != nil {
 		return nil, err
 	}
