@@ -3,6 +3,7 @@ package model
 import (
 	"net/netip"
 	"slices"
+	"strings"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -29,6 +30,30 @@ type sliceEndpoint struct {
 	// fallback: serving and terminating, used only when no endpoint of the
 	// service port is ready.
 	fallback bool
+	// local: the endpoint is on this node (its nodeName is ours).
+	local bool
+	// zoneHints and nodeHints are the endpoint's hints.forZones and
+	// hints.forNodes, each name wrapped in hintSep so that a lookup is one
+	// strings.Contains and the struct stays comparable; "" for none.
+	zoneHints, nodeHints string
+}
+
+// hintSep wraps each hint name; it cannot occur in a zone or node name.
+const hintSep = "\x00"
+
+func hintSet(names []string) string {
+	var b strings.Builder
+	for _, n := range names {
+		if n == "" {
+			continue
+		}
+		b.WriteString(hintSep + n + hintSep)
+	}
+	return b.String()
+}
+
+func hasHint(set, name string) bool {
+	return name != "" && strings.Contains(set, hintSep+name+hintSep)
 }
 
 // sliceInfo is what the model keeps of an EndpointSlice. It is immutable
@@ -53,7 +78,7 @@ func serviceOfSlice(s *discoveryv1.EndpointSlice) (ServiceName, bool) {
 // returns nil for a slice the proxy does not use: without a service-name
 // label, or not of address type IPv4. Malformed pieces are reported and
 // logged, and only they are skipped.
-func convertSlice(s *discoveryv1.EndpointSlice, report ReportFunc) *sliceInfo {
+func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, report ReportFunc) *sliceInfo {
 	if s == nil {
 		return nil
 	}
@@ -127,7 +152,20 @@ func convertSlice(s *discoveryv1.EndpointSlice, report ReportFunc) *sliceInfo {
 		ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
 		serving := ep.Conditions.Serving == nil || *ep.Conditions.Serving
 		terminating := ep.Conditions.Terminating != nil && *ep.Conditions.Terminating
-		info.endpoints = append(info.endpoints, sliceEndpoint{ip: ip, ready: ready, serving: serving, fallback: serving && terminating})
+		e := sliceEndpoint{ip: ip, ready: ready, serving: serving, fallback: serving && terminating,
+			local: nodeName != "" && ep.NodeName != nil && *ep.NodeName == nodeName}
+		if ep.Hints != nil {
+			zones := make([]string, 0, len(ep.Hints.ForZones))
+			for _, z := range ep.Hints.ForZones {
+				zones = append(zones, z.Name)
+			}
+			nodes := make([]string, 0, len(ep.Hints.ForNodes))
+			for _, n := range ep.Hints.ForNodes {
+				nodes = append(nodes, n.Name)
+			}
+			e.zoneHints, e.nodeHints = hintSet(zones), hintSet(nodes)
+		}
+		info.endpoints = append(info.endpoints, e)
 	}
 	return info
 }
@@ -138,6 +176,17 @@ type candidate struct {
 	ready    bool
 	serving  bool
 	fallback bool
+	local    bool
+	// zoneHints and nodeHints as in sliceEndpoint.
+	zoneHints, nodeHints string
+}
+
+// Topology is where this node is, as endpoint selection needs it: its name
+// (an endpoint whose nodeName is the same is local) and its zone (the
+// topology.kubernetes.io/zone label), for topology hints.
+type Topology struct {
+	NodeName string
+	Zone     string
 }
 
 // computePorts builds a service's ports from its spec and the slices that
@@ -149,13 +198,8 @@ type candidate struct {
 // candidate if any copy is serving and terminating: a copy only ever adds
 // reasons to use an endpoint, which is right while the EndpointSlice
 // controller moves an endpoint between slices and both copies are briefly
-// visible.
-//
-// Endpoint selection follows kube-proxy: the ready endpoints; if none is
-// ready, the serving and terminating ones, so that connections keep working
-// during a rolling update that has taken every endpoint out of readiness;
-// else none, and the frontend refuses connections.
-func computePorts(svc *serviceInfo, visit func(func(*sliceInfo)), scratch *[]candidate) []ServicePort {
+// visible. Its hints are those of the first copy in address order.
+func computePorts(svc *serviceInfo, visit func(func(*sliceInfo)), topo Topology, scratch *[]candidate) []ServicePort {
 	if svc == nil {
 		return nil
 	}
@@ -174,7 +218,8 @@ func computePorts(svc *serviceInfo, visit func(func(*sliceInfo)), scratch *[]can
 			matched = true
 			port := s.ports[idx].port
 			for _, ep := range s.endpoints {
-				cands = append(cands, candidate{b: Backend{IP: ep.ip, Port: port}, ready: ep.ready, serving: ep.serving, fallback: ep.fallback})
+				cands = append(cands, candidate{b: Backend{IP: ep.ip, Port: port}, ready: ep.ready, serving: ep.serving,
+					fallback: ep.fallback, local: ep.local, zoneHints: ep.zoneHints, nodeHints: ep.nodeHints})
 			}
 		})
 		if sawSlice && !matched && klog.V(2).Enabled() {
@@ -183,81 +228,179 @@ func computePorts(svc *serviceInfo, visit func(func(*sliceInfo)), scratch *[]can
 			// object: just no backends.
 			klog.V(2).InfoS("No EndpointSlice port matches service port", "servicePort", spec.name)
 		}
-		backends, serving := selectBackends(cands)
-		out[i] = ServicePort{Name: spec.name, ClusterIP: spec.frontend, Backends: backends, Serving: serving}
+		sp := ServicePort{Name: spec.name, ClusterIP: spec.frontend, InternalLocal: svc.internalLocal,
+			Affinity: svc.affinity, External: svc.external}
+		sp.External.NodePort = spec.nodePort
+		if sp.External.HealthCheckNodePort != 0 && !sp.External.Accessible() {
+			sp.External.HealthCheckNodePort = 0
+		}
+		if !sp.External.Accessible() {
+			// kube-proxy's external policy applies only to a port
+			// reachable from outside.
+			sp.External = External{}
+		}
+		selectBackends(&sp, mergeCandidates(cands), topo)
+		out[i] = sp
 		*scratch = cands[:0]
 	}
 	return out
 }
 
-// selectBackends merges duplicate candidates and applies endpoint selection.
-// It returns the backends for new connections and the serving endpoints
-// (the same slice when they are equal), each new and nil when empty. It
-// sorts cands in place.
-func selectBackends(cands []candidate) (backends, serving []Backend) {
-	if len(cands) == 0 {
-		return nil, nil
-	}
+// mergeCandidates sorts cands by backend and merges duplicates in place.
+func mergeCandidates(cands []candidate) []candidate {
 	slices.SortFunc(cands, func(a, b candidate) int { return a.b.Compare(b.b) })
-	// Merge duplicates in place.
 	n := 0
-	anyReady := false
 	for i, c := range cands {
 		if i > 0 && c.b == cands[n-1].b {
-			cands[n-1].ready = cands[n-1].ready || c.ready
-			cands[n-1].serving = cands[n-1].serving || c.serving
-			cands[n-1].fallback = cands[n-1].fallback || c.fallback
+			m := &cands[n-1]
+			m.ready = m.ready || c.ready
+			m.serving = m.serving || c.serving
+			m.fallback = m.fallback || c.fallback
+			m.local = m.local || c.local
 		} else {
 			cands[n] = c
 			n++
 		}
-		anyReady = anyReady || c.ready
 	}
-	cands = cands[:n]
-	use := func(c candidate) bool { return c.fallback }
-	if anyReady {
-		use = func(c candidate) bool { return c.ready }
-	}
-	// A ready endpoint whose serving condition says false is one the API
-	// should never show; it is used as kube-proxy uses it, and counts as
-	// serving for established flows since it takes new ones.
-	inServing := func(c candidate) bool { return c.serving || use(c) }
-	nUse, nServing := 0, 0
+	return cands[:n]
+}
+
+// Topology modes, as kube-proxy names them.
+const (
+	topologyNone     = ""
+	topologySameZone = "PreferSameZone"
+	topologySameNode = "PreferSameNode"
+)
+
+// topologyMode decides which hints the Cluster endpoints follow, as
+// kube-proxy does: node hints when every ready endpoint has one and one
+// names this node; else zone hints when every ready endpoint has one and
+// one names this node's zone; else none, and every ready endpoint is used.
+// Hints are followed whatever the Service asks for: the EndpointSlice
+// controller writes them only for a Service that asks (trafficDistribution,
+// or the topology-mode annotation).
+func topologyMode(cands []candidate, topo Topology) string {
+	anyReady := false
+	allNode, forNode := true, false
+	allZone, forZone := true, false
 	for _, c := range cands {
-		if use(c) {
-			nUse++
+		if !c.ready {
+			continue
 		}
-		if inServing(c) {
-			nServing++
+		anyReady = true
+		if c.nodeHints == "" {
+			allNode = false
+		} else if hasHint(c.nodeHints, topo.NodeName) {
+			forNode = true
 		}
-	}
-	if nUse > 0 {
-		backends = make([]Backend, 0, nUse)
-		for _, c := range cands {
-			if use(c) {
-				backends = append(backends, c.b)
-			}
+		if c.zoneHints == "" {
+			allZone = false
+		} else if hasHint(c.zoneHints, topo.Zone) {
+			forZone = true
 		}
 	}
 	switch {
-	case nServing == nUse:
-		// Every serving endpoint is used: the common case, one slice.
-		serving = backends
-	case nServing > 0:
-		serving = make([]Backend, 0, nServing)
+	case !anyReady:
+		return topologyNone
+	case allNode && forNode:
+		return topologySameNode
+	case allZone && forZone:
+		return topologySameZone
+	}
+	return topologyNone
+}
+
+func availableForTopology(c candidate, mode string, topo Topology) bool {
+	switch mode {
+	case topologySameNode:
+		return hasHint(c.nodeHints, topo.NodeName)
+	case topologySameZone:
+		return hasHint(c.zoneHints, topo.Zone)
+	}
+	return true
+}
+
+// selectBackends fills sp's backend lists from the merged candidates,
+// following kube-proxy's CategorizeEndpoints:
+//
+//   - Cluster (when a policy uses it): the ready endpoints the topology
+//     hints leave; if none, every serving and terminating endpoint, so
+//     that connections keep working during a rolling update that has taken
+//     every endpoint out of readiness (topology is not considered then);
+//   - Local (when a policy uses it): this node's ready endpoints; if none,
+//     this node's serving and terminating ones;
+//   - Backends: Local under internalTrafficPolicy Local, else Cluster;
+//   - Serving: every endpoint that is serving or ready.
+func selectBackends(sp *ServicePort, cands []candidate, topo Topology) {
+	sp.Backends, sp.Serving, sp.Cluster, sp.Local, sp.HasEndpoints = nil, nil, nil, nil, false
+	if len(cands) == 0 {
+		return
+	}
+	pick := func(use func(candidate) bool) []Backend {
+		var out []Backend
 		for _, c := range cands {
-			if inServing(c) {
-				serving = append(serving, c.b)
+			if use(c) {
+				out = append(out, c.b)
 			}
 		}
+		return out
 	}
-	return backends, serving
+	anyReady, anyFallback, localReady, localFallback := false, false, false, false
+	for _, c := range cands {
+		anyReady = anyReady || c.ready
+		anyFallback = anyFallback || (!c.ready && c.fallback)
+		localReady = localReady || (c.local && c.ready)
+		localFallback = localFallback || (c.local && !c.ready && c.fallback)
+	}
+	if sp.UsesCluster() {
+		mode := topologyMode(cands, topo)
+		sp.Cluster = pick(func(c candidate) bool { return c.ready && availableForTopology(c, mode, topo) })
+		if sp.Cluster == nil {
+			sp.Cluster = pick(func(c candidate) bool { return c.fallback })
+		}
+		sp.HasEndpoints = sp.Cluster != nil
+	}
+	if sp.UsesLocal() {
+		sp.HasEndpoints = sp.HasEndpoints || anyReady || anyFallback
+		switch {
+		case localReady:
+			sp.Local = pick(func(c candidate) bool { return c.local && c.ready })
+		case localFallback:
+			sp.Local = pick(func(c candidate) bool { return c.local && c.fallback })
+		}
+	}
+	if sp.InternalLocal {
+		sp.Backends = sp.Local
+	} else {
+		sp.Backends = sp.Cluster
+	}
+	// Alias equal lists, which is the common case and what the copier
+	// and the datapaths' comparisons rely on to stay cheap.
+	if sp.Cluster != nil && slices.Equal(sp.Cluster, sp.Backends) {
+		sp.Cluster = sp.Backends
+	}
+	if sp.Local != nil && slices.Equal(sp.Local, sp.Backends) {
+		sp.Local = sp.Backends
+	}
+	// A ready endpoint whose serving condition says false is one the API
+	// should never show; it counts as serving for established flows since
+	// it takes new ones.
+	sp.Serving = pick(func(c candidate) bool { return c.serving || c.ready })
+	if slices.Equal(sp.Serving, sp.Backends) {
+		sp.Serving = sp.Backends
+	}
 }
 
 // equalPorts reports whether two computed port lists are the same.
 func equalPorts(a, b []ServicePort) bool {
-	return slices.EqualFunc(a, b, func(x, y ServicePort) bool {
-		return x.Name == y.Name && x.ClusterIP == y.ClusterIP &&
-			slices.Equal(x.Backends, y.Backends) && slices.Equal(x.Serving, y.Serving)
-	})
+	return slices.EqualFunc(a, b, EqualServicePort)
+}
+
+// EqualServicePort reports whether two service ports are served the same.
+func EqualServicePort(x, y ServicePort) bool {
+	return x.Name == y.Name && x.ClusterIP == y.ClusterIP &&
+		slices.Equal(x.Backends, y.Backends) && slices.Equal(x.Serving, y.Serving) &&
+		slices.Equal(x.Cluster, y.Cluster) && slices.Equal(x.Local, y.Local) &&
+		x.HasEndpoints == y.HasEndpoints && x.InternalLocal == y.InternalLocal &&
+		x.Affinity == y.Affinity && x.External.Equal(y.External)
 }

@@ -272,7 +272,7 @@ func servicePorts(svc *v1.Service, endpointSlices []*discoveryv1.EndpointSlice, 
 	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
 	infos := make([]*sliceInfo, 0, len(endpointSlices))
 	for _, s := range endpointSlices {
-		if si := convertSlice(s, report); si != nil && si.service == name {
+		if si := convertSlice(s, testNode, report); si != nil && si.service == name {
 			infos = append(infos, si)
 		}
 	}
@@ -281,7 +281,7 @@ func servicePorts(svc *v1.Service, endpointSlices []*discoveryv1.EndpointSlice, 
 		for _, si := range infos {
 			f(si)
 		}
-	}, &scratch)
+	}, Topology{NodeName: testNode, Zone: testZone}, &scratch)
 }
 
 // hasPending reports whether a partial snapshot would list any service.
@@ -290,3 +290,9 @@ func (t *Tracker) hasPending() bool {
 	defer t.mu.Unlock()
 	return len(t.pending) > 0
 }
+
+// testNode and testZone are where buildPorts computes from.
+const (
+	testNode = "node-a"
+	testZone = "zone-a"
+)

@@ -4,6 +4,8 @@ import (
 	"cmp"
 	"net/netip"
 	"slices"
+	"strings"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	"k8s.io/klog/v2"
@@ -52,15 +54,24 @@ type ReportFunc func(resource, reason string)
 type servicePortSpec struct {
 	name     ServicePortName
 	frontend Frontend
+	nodePort uint16
 }
 
 // serviceInfo is what the model keeps of a Service: its proxyable ports,
 // sorted by name then protocol, and what it asks for that is not served. It
 // is immutable once built.
 type serviceInfo struct {
-	ports    []servicePortSpec
+	ports         []servicePortSpec
+	internalLocal bool
+	affinity      time.Duration
+	// external is shared by every port; each port adds its node port.
+	external External
 	unserved features
 }
+
+// DefaultAffinityTimeout is the API's default ClientIP affinity timeout,
+// used if a Service somehow lacks one.
+const DefaultAffinityTimeout = 10800 * time.Second
 
 // convertService turns a Service into its proxyable ports. It returns nil for
 // a Service the proxy does not serve: headless, ExternalName, without a
@@ -130,6 +141,12 @@ func convertService(svc *v1.Service, report ReportFunc) *serviceInfo {
 			name:     ServicePortName{ServiceName: name, Port: p.Name, Protocol: proto},
 			frontend: Frontend{IP: vip, Port: uint16(p.Port), Protocol: proto},
 		}
+		if p.NodePort > 0 && p.NodePort <= 65535 {
+			sp.nodePort = uint16(p.NodePort)
+		} else if p.NodePort != 0 {
+			report(ResourceService, ReasonInvalidPort)
+			klog.ErrorS(nil, "Ignoring invalid node port", "service", klog.KObj(svc), "port", p.Name, "nodePort", p.NodePort)
+		}
 		if slices.ContainsFunc(info.ports, func(o servicePortSpec) bool {
 			return o.name == sp.name || o.frontend == sp.frontend
 		}) {
@@ -146,7 +163,84 @@ func convertService(svc *v1.Service, report ReportFunc) *serviceInfo {
 		return comparePortNames(a.name, b.name)
 	})
 	info.unserved = unservedFeatures(svc)
+	info.internalLocal = svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == v1.ServiceInternalTrafficPolicyLocal
+	if svc.Spec.SessionAffinity == v1.ServiceAffinityClientIP {
+		info.affinity = DefaultAffinityTimeout
+		if c := svc.Spec.SessionAffinityConfig; c != nil && c.ClientIP != nil && c.ClientIP.TimeoutSeconds != nil && *c.ClientIP.TimeoutSeconds > 0 {
+			info.affinity = time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
+		}
+	}
+	info.external = externalOf(svc)
 	return info
+}
+
+// externalOf reads what makes a Service reachable from outside, for IPv4,
+// as kube-proxy's service port info does: addresses of the other family and
+// ones that do not parse are ignored (validation rejects the latter).
+func externalOf(svc *v1.Service) External {
+	var e External
+	for _, s := range svc.Spec.ExternalIPs {
+		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() && !ip.IsUnspecified() {
+			e.ExternalIPs = append(e.ExternalIPs, ip)
+		}
+	}
+	for _, ing := range svc.Status.LoadBalancer.Ingress {
+		// An ingress of ipMode Proxy is reached through the load
+		// balancer, which forwards to node ports: kube-proxy serves
+		// nothing for it.
+		if ing.IP == "" || (ing.IPMode != nil && *ing.IPMode != v1.LoadBalancerIPModeVIP) {
+			continue
+		}
+		if ip, err := netip.ParseAddr(ing.IP); err == nil && ip.Is4() && !ip.IsUnspecified() {
+			e.LoadBalancerIPs = append(e.LoadBalancerIPs, ip)
+		}
+	}
+	e.ExternalIPs = sortedUnique(e.ExternalIPs)
+	e.LoadBalancerIPs = sortedUnique(e.LoadBalancerIPs)
+	e.SourceRanges = sourceRanges(svc.Spec.LoadBalancerSourceRanges)
+	// kube-proxy's ExternalPolicyLocal: only a Service reachable from
+	// outside has an external policy.
+	reachable := svc.Spec.Type == v1.ServiceTypeNodePort || svc.Spec.Type == v1.ServiceTypeLoadBalancer || len(svc.Spec.ExternalIPs) > 0
+	e.PolicyLocal = reachable && svc.Spec.ExternalTrafficPolicy == v1.ServiceExternalTrafficPolicyLocal
+	if e.PolicyLocal && svc.Spec.Type == v1.ServiceTypeLoadBalancer {
+		if p := svc.Spec.HealthCheckNodePort; p > 0 && p <= 65535 {
+			e.HealthCheckNodePort = uint16(p)
+		} else {
+			klog.ErrorS(nil, "Service has no health check node port", "service", klog.KObj(svc))
+		}
+	}
+	return e
+}
+
+func sortedUnique(ips []netip.Addr) []netip.Addr {
+	slices.SortFunc(ips, netip.Addr.Compare)
+	return slices.Compact(ips)
+}
+
+// sourceRanges returns the IPv4 loadBalancerSourceRanges, masked, sorted and
+// unique; nil when they allow every source. As in kube-proxy, ranges of the
+// other family and ranges that do not parse are ignored, and a zero-length
+// prefix (0.0.0.0/0) allows every source, as no range does. Validation lets
+// whitespace around a range through; kube-proxy trims it.
+func sourceRanges(ranges []string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, r := range ranges {
+		p, err := netip.ParsePrefix(strings.TrimSpace(r))
+		if err != nil || !p.Addr().Is4() {
+			continue
+		}
+		if p.Bits() == 0 {
+			return nil
+		}
+		out = append(out, p.Masked())
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return slices.Compact(out)
 }
 
 // comparePortNames orders the ports of one service: by name, then protocol.

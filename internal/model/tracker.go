@@ -26,8 +26,13 @@ import (
 type Tracker struct {
 	onSkipped  ReportFunc
 	onUnserved func(f Feature, delta int)
+	// nodeName is this node's: endpoints on it are local. Fixed for the
+	// Tracker's life, since slices are converted with it.
+	nodeName string
 
 	mu sync.Mutex
+	// zone is this node's zone label, for topology hints (SetZone).
+	zone string
 	// services holds the proxyable Services, by name.
 	services map[ServiceName]*serviceInfo
 	// unservedServices holds the Services that exist but are not served
@@ -135,6 +140,32 @@ func WithOnSkipped(f func(resource, reason string)) TrackerOption {
 // at once, so the calls for one Feature may arrive in any order.
 func WithOnUnservedFeature(f func(feature Feature, delta int)) TrackerOption {
 	return func(t *Tracker) { t.onUnserved = f }
+}
+
+// WithNodeName names the node the proxy runs on: endpoints whose nodeName
+// is this one are local, for the Local traffic policies and node hints.
+// Without it no endpoint is local.
+func WithNodeName(name string) TrackerOption {
+	return func(t *Tracker) { t.nodeName = name }
+}
+
+// SetZone records this node's topology.kubernetes.io/zone label ("" for
+// none), for zone hints, and recomputes every service when it changed. It
+// returns whether the desired state changed.
+func (t *Tracker) SetZone(zone string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if zone == t.zone {
+		return false
+	}
+	t.zone = zone
+	changed := false
+	for name := range t.services {
+		if t.recompute(name) {
+			changed = true
+		}
+	}
+	return changed
 }
 
 // WithStartTime sets when the proxy started, for the trigger times the
@@ -264,7 +295,7 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 	if s == nil {
 		return false
 	}
-	info := convertSlice(s, t.onSkipped)
+	info := convertSlice(s, t.nodeName, t.onSkipped)
 	key := sliceKey{namespace: s.Namespace, name: s.Name}
 
 	t.mu.Lock()
@@ -462,7 +493,7 @@ func (t *Tracker) recompute(name ServiceName) bool {
 		for _, s := range idx {
 			f(s)
 		}
-	}, &t.scratch)
+	}, Topology{NodeName: t.nodeName, Zone: t.zone}, &t.scratch)
 
 	old := t.ports[name]
 	if equalPorts(old, ports) {
@@ -568,14 +599,22 @@ type copier struct {
 	backends []Backend
 }
 
+// aliases lists a port's backend lists other than Backends, which alias
+// it when equal.
+func aliases(p *ServicePort) [3]*[]Backend {
+	return [3]*[]Backend{&p.Serving, &p.Cluster, &p.Local}
+}
+
 // reserve counts ports for the arenas; call it for every list before the
 // first copy.
 func (c *copier) reserve(ports []ServicePort) {
 	c.np += len(ports)
 	for i := range ports {
 		c.nb += len(ports[i].Backends)
-		if !sameSlice(ports[i].Serving, ports[i].Backends) {
-			c.nb += len(ports[i].Serving)
+		for _, l := range aliases(&ports[i]) {
+			if !sameSlice(*l, ports[i].Backends) {
+				c.nb += len(*l)
+			}
 		}
 	}
 }
@@ -590,12 +629,19 @@ func (c *copier) copy(ports []ServicePort) []ServicePort {
 	}
 	start := len(c.ports)
 	for _, p := range ports {
-		shared := sameSlice(p.Serving, p.Backends)
-		p.Backends = c.piece(p.Backends)
-		if shared {
-			p.Serving = p.Backends
-		} else {
-			p.Serving = c.piece(p.Serving)
+		orig := p.Backends
+		p.Backends = c.piece(orig)
+		for _, l := range aliases(&p) {
+			if sameSlice(*l, orig) {
+				*l = p.Backends
+			} else {
+				*l = c.piece(*l)
+			}
+		}
+		if p.External.Accessible() {
+			p.External.ExternalIPs = slices.Clone(p.External.ExternalIPs)
+			p.External.LoadBalancerIPs = slices.Clone(p.External.LoadBalancerIPs)
+			p.External.SourceRanges = slices.Clone(p.External.SourceRanges)
 		}
 		c.ports = append(c.ports, p)
 	}
@@ -616,7 +662,7 @@ func (c *copier) piece(bs []Backend) []Backend {
 }
 
 // sameSlice reports whether a and b are the same slice (same array, same
-// length), as Serving and Backends are when every serving endpoint is used.
+// length), as the lists aliasing Backends are.
 func sameSlice(a, b []Backend) bool {
 	return len(a) == len(b) && (len(a) == 0 || &a[0] == &b[0])
 }

@@ -7,6 +7,7 @@ package model
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 )
 
@@ -88,13 +89,18 @@ func (b Backend) Compare(o Backend) int {
 }
 
 // ServicePort is one port of a Service as the datapath serves it: its
-// ClusterIP frontend and the backends chosen for it by the endpoint selection
-// rules (ready endpoints, else serving-and-terminating ones). Backends are
-// sorted and unique; an empty list means the frontend refuses connections.
+// frontends and the backends chosen for each kind of traffic by kube-proxy's
+// endpoint selection rules (ready endpoints, else serving-and-terminating
+// ones; topology hints; traffic policies). Every backend list is sorted and
+// unique; nil means none.
 type ServicePort struct {
 	Name      ServicePortName
 	ClusterIP Frontend
-	// Backends take new connections.
+	// Backends take new connections to the ClusterIP: the internal
+	// traffic policy's endpoints (Cluster when InternalLocal is false,
+	// Local when it is true). Empty means the ClusterIP refuses
+	// connections (no endpoint anywhere) or drops them (InternalLocal
+	// with endpoints on other nodes only, see HasEndpoints).
 	Backends []Backend
 	// Serving lists every endpoint whose serving condition holds, chosen for
 	// new connections or not (a terminating pod still draining, a pod that
@@ -104,6 +110,85 @@ type ServicePort struct {
 	// any other backend are stale. It aliases Backends when the two are
 	// equal, which is the common case.
 	Serving []Backend
+	// Cluster holds the endpoints of the Cluster traffic policy, topology
+	// hints applied (kube-proxy's clusterEndpoints); Local this node's
+	// endpoints (its localEndpoints). Each is filled only when the port's
+	// policies use it (UsesCluster, UsesLocal), and aliases Backends when
+	// equal to it.
+	Cluster []Backend
+	Local   []Backend
+	// HasEndpoints: the service port has a usable endpoint somewhere in
+	// the cluster. kube-proxy rejects traffic to a port without one, and
+	// drops traffic a Local policy cannot serve on this node when there is
+	// one elsewhere (the client retries, another node may serve it).
+	HasEndpoints bool
+	// InternalLocal: internalTrafficPolicy Local.
+	InternalLocal bool
+	// Affinity is the ClientIP session affinity timeout; zero means no
+	// affinity.
+	Affinity time.Duration
+	// External holds the port's frontends reachable from outside the
+	// cluster; its zero value means none.
+	External External
+}
+
+// External is what makes a service port reachable from outside the
+// cluster, for one IP family.
+type External struct {
+	// NodePort is the port opened on the node's addresses; 0 for none.
+	NodePort uint16
+	// ExternalIPs are spec.externalIPs, sorted and unique.
+	ExternalIPs []netip.Addr
+	// LoadBalancerIPs are the status ingress IPs of ipMode VIP (or unset),
+	// sorted and unique; an ipMode Proxy ingress is reached through the
+	// load balancer, which forwards to node ports.
+	LoadBalancerIPs []netip.Addr
+	// SourceRanges are loadBalancerSourceRanges, sorted and unique; nil
+	// allows every source. They filter load balancer IP traffic only.
+	SourceRanges []netip.Prefix
+	// PolicyLocal: externalTrafficPolicy Local. External traffic goes to
+	// this node's endpoints only and keeps its source address; traffic
+	// from the node or its pods still goes to the cluster's endpoints.
+	PolicyLocal bool
+	// HealthCheckNodePort is served with this node's local endpoint count
+	// when PolicyLocal; 0 for none.
+	HealthCheckNodePort uint16
+}
+
+// Equal reports whether two External are the same.
+func (e External) Equal(o External) bool {
+	return e.NodePort == o.NodePort && e.PolicyLocal == o.PolicyLocal && e.HealthCheckNodePort == o.HealthCheckNodePort &&
+		slices.Equal(e.ExternalIPs, o.ExternalIPs) && slices.Equal(e.LoadBalancerIPs, o.LoadBalancerIPs) &&
+		slices.Equal(e.SourceRanges, o.SourceRanges)
+}
+
+// Accessible reports whether the port has any external frontend.
+func (e External) Accessible() bool {
+	return e.NodePort != 0 || len(e.ExternalIPs) > 0 || len(e.LoadBalancerIPs) > 0
+}
+
+// UsesCluster reports whether any traffic to the port goes to Cluster
+// endpoints: the ClusterIP's under internalTrafficPolicy Cluster, or
+// external traffic, whose sources inside the cluster are always sent to
+// them (kube-proxy's "short circuit").
+func (sp *ServicePort) UsesCluster() bool {
+	return !sp.InternalLocal || sp.External.Accessible()
+}
+
+// UsesLocal reports whether any traffic to the port goes to this node's
+// endpoints only.
+func (sp *ServicePort) UsesLocal() bool {
+	return sp.InternalLocal || (sp.External.PolicyLocal && sp.External.Accessible())
+}
+
+// ExternalBackends are the endpoints for traffic arriving from outside the
+// node at an external frontend: Local under externalTrafficPolicy Local,
+// else Cluster.
+func (sp *ServicePort) ExternalBackends() []Backend {
+	if sp.External.PolicyLocal {
+		return sp.Local
+	}
+	return sp.Cluster
 }
 
 // Snapshot is the desired state handed to a datapath in one sync.
@@ -123,4 +208,32 @@ type Snapshot struct {
 	// proxy observes now minus each one once the snapshot is programmed,
 	// as kube-proxy's network programming latency. Datapaths ignore it.
 	TriggerTimes map[ServiceName][]time.Time
+	// Node is what the datapath needs to know of this node, in every
+	// snapshot, full or partial. When it changes the next snapshot is a
+	// full one.
+	Node NodeInfo
+}
+
+// NodeInfo is what the datapaths need to know of the node they run on.
+type NodeInfo struct {
+	// NodePortAddresses are the node's IPv4 addresses node ports are
+	// served on: those matching --nodeport-addresses, or with none given
+	// every address of the node but loopback ones, sorted. A loopback
+	// address is here only when --nodeport-addresses names it.
+	NodePortAddresses []netip.Addr
+	// AllLocalAddresses: --nodeport-addresses was not given, so node
+	// ports are served on whatever address is local when a packet
+	// arrives (iptables: -m addrtype --dst-type LOCAL, as kube-proxy).
+	AllLocalAddresses bool
+	// ServiceCIDRs are the cluster's Service IP ranges (IPv4), from the
+	// ServiceCIDR objects, or the flag when they cannot be read; sorted.
+	// Traffic to an address in them that is no Service's is refused, as
+	// kube-proxy does; nil refuses nothing.
+	ServiceCIDRs []netip.Prefix
+}
+
+// Equal reports whether two NodeInfo are the same.
+func (n NodeInfo) Equal(o NodeInfo) bool {
+	return n.AllLocalAddresses == o.AllLocalAddresses && slices.Equal(n.NodePortAddresses, o.NodePortAddresses) &&
+		slices.Equal(n.ServiceCIDRs, o.ServiceCIDRs)
 }
