@@ -225,6 +225,9 @@ type NodeInfo struct {
 	// ports are served on whatever address is local when a packet
 	// arrives (iptables: -m addrtype --dst-type LOCAL, as kube-proxy).
 	AllLocalAddresses bool
+	// LocalAddresses are every IPv4 address of the node, loopback
+	// included, sorted: an external IP is local when it is one of them.
+	LocalAddresses []netip.Addr
 	// ServiceCIDRs are the cluster's Service IP ranges (IPv4), from the
 	// ServiceCIDR objects, or the flag when they cannot be read; sorted.
 	// Traffic to an address in them that is no Service's is refused, as
@@ -235,5 +238,6 @@ type NodeInfo struct {
 // Equal reports whether two NodeInfo are the same.
 func (n NodeInfo) Equal(o NodeInfo) bool {
 	return n.AllLocalAddresses == o.AllLocalAddresses && slices.Equal(n.NodePortAddresses, o.NodePortAddresses) &&
+		slices.Equal(n.LocalAddresses, o.LocalAddresses) &&
 		slices.Equal(n.ServiceCIDRs, o.ServiceCIDRs)
 }
