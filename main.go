@@ -32,6 +32,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/proxy"
@@ -60,6 +61,11 @@ type options struct {
 	kubeAPIContentType string
 	kubeAPIQPS         float64 // the flag package has no float32
 	kubeAPIBurst       int
+
+	nodePortAddresses string
+	nodePorts         nodeinfo.Selector // nodePortAddresses parsed by validate
+	serviceCIDRs      string
+	serviceRanges     []netip.Prefix // serviceCIDRs parsed by validate
 
 	iptablesBackend string
 	clusterCIDR     string
@@ -95,6 +101,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.kubeAPIContentType, apiserver.FlagContentType, conn.ContentType, "encoding of the API requests and answers: "+apiserver.ContentTypeProtobuf+" (as kube-proxy; much cheaper to decode, which matters when a node starts with many Services) or "+apiserver.ContentTypeJSON+"; JSON stays accepted in answers either way")
 	fs.Float64Var(&o.kubeAPIQPS, apiserver.FlagQPS, float64(conn.QPS), "sustained API requests per second the proxy allows itself (its informers' lists and watches, Events, the Node label); 0: client-go's default, negative: no limit")
 	fs.IntVar(&o.kubeAPIBurst, apiserver.FlagBurst, conn.Burst, "API requests the proxy may send at once above --"+apiserver.FlagQPS+"; at least 1 while that is above 0")
+	fs.StringVar(&o.nodePortAddresses, "nodeport-addresses", "", "comma-separated CIDRs of the node addresses node ports are served on, or \"primary\" for the node's primary address (its first InternalIP); default every address of the node, loopback excepted in ebpf mode (name 127.0.0.0/8 to serve node ports on 127.0.0.1 there)")
+	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated IPv4 Service ranges, used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
 	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode: the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
 	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode: masquerade all ClusterIP traffic")
@@ -180,6 +188,21 @@ func (o *options) validate() error {
 			return fmt.Errorf("--cluster-cidr %q: want an IPv4 CIDR such as 10.244.0.0/16", o.clusterCIDR)
 		}
 		o.clusterPrefix = p.Masked()
+	}
+	sel, err := nodeinfo.ParseSelector(splitList(o.nodePortAddresses))
+	if err != nil {
+		return err
+	}
+	o.nodePorts = sel
+	o.serviceRanges = nil
+	for _, c := range splitList(o.serviceCIDRs) {
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return fmt.Errorf("--service-cluster-ip-range %q: want CIDRs such as 10.96.0.0/12", c)
+		}
+		if p.Addr().Is4() {
+			o.serviceRanges = append(o.serviceRanges, p.Masked())
+		}
 	}
 	if o.masqueradeBit < 0 || o.masqueradeBit > 31 {
 		return fmt.Errorf("--iptables-masquerade-bit %d: want 0 to 31", o.masqueradeBit)
@@ -297,7 +320,12 @@ func runProxy(ctx context.Context, o options) error {
 		MetricsBindAddress: o.metricsBindAddress,
 		Recorder:           recorder,
 		NodeName:           nodeName,
-		Registry:           reg,
+		Node: nodeinfo.New(nodeinfo.Config{
+			NodeName:     nodeName,
+			NodePorts:    o.nodePorts,
+			ServiceCIDRs: o.serviceRanges,
+		}),
+		Registry: reg,
 		// The label says what serves the node, so it is written once
 		// this mode does; in the background, as the datapath never
 		// waits for the API server.

@@ -25,6 +25,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/healthz"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/runner"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/watch"
 )
@@ -53,6 +54,10 @@ type Config struct {
 	// there (client-go's, the info series); nil means a fresh one with the
 	// Go and process collectors.
 	Registry *prometheus.Registry
+	// Node tells every sync what the datapath needs to know of this node
+	// (addresses, zone, Service ranges); nil means nothing: no node port
+	// is served on any address and no endpoint is local.
+	Node *nodeinfo.Source
 	// AfterFirstSync, if set, runs once in its own goroutine after the
 	// first sync that programmed the datapath.
 	AfterFirstSync func()
@@ -124,6 +129,9 @@ type Proxier struct {
 	// and from Run once the runner has returned.
 	needFull bool
 	lastFull time.Time
+	// node is what the last applied sync was told of the node; a change
+	// makes the next sync a full one.
+	node model.NodeInfo
 	// failures holds the service ports the datapath could not program.
 	failures map[model.ServicePortName]*portFailure
 	retry    retryState
@@ -177,6 +185,7 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		model.WithOnUnservedFeature(func(f model.Feature, delta int) { m.AddUnservedFeatureServices(string(f), delta) }),
 		// Changes triggered before the proxy started are not its latency.
 		model.WithStartTime(p.clock.Now()),
+		model.WithNodeName(cfg.NodeName),
 	)
 	m.SetChangeSource(p.tracker.ChangeCounts)
 	if _, ok := p.inner.(iptablesStats); ok {
@@ -224,6 +233,14 @@ func (p *Proxier) OnEndpointSliceDelete(s *discoveryv1.EndpointSlice) {
 	p.changed(p.tracker.DeleteEndpointSlice(s))
 }
 
+// nodeChanged follows a change of the node's zone, primary address or the
+// Service ranges: the zone changes which endpoints topology hints select,
+// the rest is read by the next sync, which it makes a full one.
+func (p *Proxier) nodeChanged() {
+	p.tracker.SetZone(p.cfg.Node.Zone())
+	p.changed(true)
+}
+
 // OnSynced lets syncs begin: before both caches are complete, a sync could
 // remove Services whose objects simply had not arrived yet.
 func (p *Proxier) OnSynced() {
@@ -251,7 +268,11 @@ func (p *Proxier) changed(changed bool) {
 // fails the sync as a whole, and the next one is full.
 func (p *Proxier) sync(ctx context.Context) error {
 	start := p.clock.Now()
-	full := p.needFull || start.Sub(p.lastFull) >= p.cfg.SyncPeriod
+	var node model.NodeInfo
+	if p.cfg.Node != nil {
+		node = p.cfg.Node.Info()
+	}
+	full := p.needFull || start.Sub(p.lastFull) >= p.cfg.SyncPeriod || !node.Equal(p.node)
 	kind := metrics.SyncKindPartial
 	if full {
 		kind = metrics.SyncKindFull
@@ -261,6 +282,7 @@ func (p *Proxier) sync(ctx context.Context) error {
 		p.tracker.Requeue(p.failedServices()...)
 	}
 	snap := p.tracker.Snapshot(full)
+	snap.Node = node
 	err := p.dp.Sync(ctx, snap)
 	end := p.clock.Now()
 
@@ -298,6 +320,7 @@ func (p *Proxier) sync(ctx context.Context) error {
 		return fmt.Errorf("%s sync: %w", kind, err)
 	}
 	p.needFull = false
+	p.node = node
 	if full {
 		p.lastFull = start
 	}
@@ -389,6 +412,12 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	})
 	spawn("metrics server", func() error { return metrics.ListenAndServe(ctx, cfg.MetricsBindAddress, reg) })
 	spawn("watch", func() error { return watch.Run(ctx, client, p, 0) })
+	if cfg.Node != nil {
+		spawn("node watch", func() error {
+			cfg.Node.Run(ctx, client, p.nodeChanged)
+			return nil
+		})
+	}
 	spawn("sync runner", func() error {
 		select {
 		case <-p.syncedCh:

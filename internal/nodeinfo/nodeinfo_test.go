@@ -1,0 +1,102 @@
+package nodeinfo
+
+import (
+	"net/netip"
+	"slices"
+	"testing"
+
+	v1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+func addrs(ss ...string) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range ss {
+		out = append(out, netip.MustParseAddr(s))
+	}
+	return out
+}
+
+func TestSelectorChoose(t *testing.T) {
+	local := addrs("10.0.0.5", "127.0.0.1", "192.168.1.2")
+	primary := netip.MustParseAddr("192.168.1.2")
+	for _, tc := range []struct {
+		flag []string
+		want []netip.Addr
+		all  bool
+	}{
+		{nil, addrs("10.0.0.5", "192.168.1.2"), true},
+		{[]string{"127.0.0.0/8"}, addrs("127.0.0.1"), false},
+		{[]string{"10.0.0.0/8", " 127.0.0.1/32 "}, addrs("10.0.0.5", "127.0.0.1"), false},
+		{[]string{"primary"}, addrs("192.168.1.2"), false},
+		{[]string{"fd00::/8"}, nil, false},
+	} {
+		sel, err := ParseSelector(tc.flag)
+		if err != nil {
+			t.Fatalf("%v: %v", tc.flag, err)
+		}
+		if got := sel.Choose(local, primary); !slices.Equal(got, tc.want) {
+			t.Errorf("%v: chose %v, want %v", tc.flag, got, tc.want)
+		}
+		if sel.All() != tc.all {
+			t.Errorf("%v: All() = %v", tc.flag, sel.All())
+		}
+	}
+	for _, bad := range [][]string{{"10.0.0.0"}, {"primary", "10.0.0.0/8"}, {"nodes"}} {
+		if _, err := ParseSelector(bad); err == nil {
+			t.Errorf("%v accepted", bad)
+		}
+	}
+}
+
+func TestSourceFollowsNodeAndServiceCIDRs(t *testing.T) {
+	local := addrs("10.0.0.5", "127.0.0.1", "192.168.1.2")
+	s := New(Config{NodeName: "n1", NodePorts: Selector{Primary: true},
+		LocalAddresses: func() ([]netip.Addr, error) { return local, nil },
+		ServiceCIDRs:   []netip.Prefix{netip.MustParsePrefix("10.96.0.0/12")}})
+	info := s.Info()
+	if len(info.NodePortAddresses) != 0 {
+		t.Errorf("primary unknown yet, but node ports served on %v", info.NodePortAddresses)
+	}
+	if !slices.Equal(info.LocalAddresses, local) || info.AllLocalAddresses {
+		t.Errorf("info %+v", info)
+	}
+	if got := info.ServiceCIDRs; len(got) != 1 || got[0].String() != "10.96.0.0/12" {
+		t.Errorf("configured service ranges not used before the API's: %v", got)
+	}
+	node := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1", Labels: map[string]string{v1.LabelTopologyZone: "z1"}},
+		Status: v1.NodeStatus{Addresses: []v1.NodeAddress{
+			{Type: v1.NodeHostName, Address: "n1"},
+			{Type: v1.NodeExternalIP, Address: "10.0.0.5"},
+			{Type: v1.NodeInternalIP, Address: "fd00::1"},
+			{Type: v1.NodeInternalIP, Address: "192.168.1.2"},
+		}}}
+	if !s.setNode(node) {
+		t.Fatal("first node seen: no change reported")
+	}
+	if s.setNode(node.DeepCopy()) {
+		t.Error("same node reported as a change")
+	}
+	if s.Zone() != "z1" {
+		t.Errorf("zone %q", s.Zone())
+	}
+	if got := s.Info().NodePortAddresses; !slices.Equal(got, addrs("192.168.1.2")) {
+		t.Errorf("primary node port addresses %v, want the InternalIP", got)
+	}
+	cidr := func(name string, cidrs ...string) any {
+		return &networkingv1.ServiceCIDR{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: networkingv1.ServiceCIDRSpec{CIDRs: cidrs}}
+	}
+	if !s.setServiceCIDRs([]any{cidr("b", "10.100.0.0/16", "fd00:10::/108"), cidr("a", "10.96.0.1/12")}) {
+		t.Fatal("ServiceCIDRs: no change reported")
+	}
+	if got := s.Info().ServiceCIDRs; len(got) != 2 || got[0].String() != "10.96.0.0/12" || got[1].String() != "10.100.0.0/16" {
+		t.Errorf("service ranges %v", got)
+	}
+	if s.setServiceCIDRs([]any{cidr("a", "10.96.0.0/12"), cidr("b", "10.100.0.0/16")}) {
+		t.Error("same ranges reported as a change")
+	}
+	if !s.setServiceCIDRs(nil) || s.Info().ServiceCIDRs != nil {
+		t.Error("every ServiceCIDR gone: ranges not emptied")
+	}
+}
