@@ -183,8 +183,11 @@ func (sp *ServicePort) UsesLocal() bool {
 
 // ExternalBackends are the endpoints for traffic arriving from outside the
 // node at an external frontend: Local under externalTrafficPolicy Local,
-// else Cluster.
+// else Cluster; nil for a port without external frontends.
 func (sp *ServicePort) ExternalBackends() []Backend {
+	if !sp.External.Accessible() {
+		return nil
+	}
 	if sp.External.PolicyLocal {
 		return sp.Local
 	}
