@@ -181,7 +181,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		NetworkProgrammingDuration:        programming.With(family),
 		NoLocalEndpoints: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
-			Help: "Services with a Local traffic policy and no local endpoint, by traffic policy; always 0: Local traffic policies are not served yet.",
+			Help: "Service ports with a Local traffic policy and no endpoint on this node while the Service has some elsewhere, by traffic policy: their traffic from outside the node (external), or to the ClusterIP (internal), is dropped.",
 		}, []string{"traffic_policy", "ip_family"}),
 		ProxyHealthzTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kubeproxy_proxy_healthz_total",
@@ -372,6 +372,12 @@ func (m *Metrics) SetServicePortsNotProgrammed(byReason map[string]int) {
 	for r, n := range byReason {
 		m.ServicePortsNotProgrammed.WithLabelValues(r).Set(float64(n))
 	}
+}
+
+// SetNoLocalEndpoints sets kube-proxy's no-local-endpoints gauges.
+func (m *Metrics) SetNoLocalEndpoints(internal, external int) {
+	m.NoLocalEndpoints.WithLabelValues("internal", IPFamily).Set(float64(internal))
+	m.NoLocalEndpoints.WithLabelValues("external", IPFamily).Set(float64(external))
 }
 
 // InitUnservedFeatures exports the unserved feature gauge at zero for each

@@ -332,7 +332,7 @@ func availableForTopology(c candidate, mode string, topo Topology) bool {
 //   - Backends: Local under internalTrafficPolicy Local, else Cluster;
 //   - Serving: every endpoint that is serving or ready.
 func selectBackends(sp *ServicePort, cands []candidate, topo Topology) {
-	sp.Backends, sp.Serving, sp.Cluster, sp.Local, sp.HasEndpoints = nil, nil, nil, nil, false
+	sp.Backends, sp.Serving, sp.Cluster, sp.Local, sp.HasEndpoints, sp.LocalTerminating = nil, nil, nil, nil, false, false
 	if len(cands) == 0 {
 		return
 	}
@@ -367,6 +367,7 @@ func selectBackends(sp *ServicePort, cands []candidate, topo Topology) {
 			sp.Local = pick(func(c candidate) bool { return c.local && c.ready })
 		case localFallback:
 			sp.Local = pick(func(c candidate) bool { return c.local && c.fallback })
+			sp.LocalTerminating = true
 		}
 	}
 	if sp.InternalLocal {
@@ -400,7 +401,7 @@ func equalPorts(a, b []ServicePort) bool {
 func EqualServicePort(x, y ServicePort) bool {
 	return x.Name == y.Name && x.ClusterIP == y.ClusterIP &&
 		slices.Equal(x.Backends, y.Backends) && slices.Equal(x.Serving, y.Serving) &&
-		slices.Equal(x.Cluster, y.Cluster) && slices.Equal(x.Local, y.Local) &&
+		slices.Equal(x.Cluster, y.Cluster) && slices.Equal(x.Local, y.Local) && x.LocalTerminating == y.LocalTerminating &&
 		x.HasEndpoints == y.HasEndpoints && x.InternalLocal == y.InternalLocal &&
 		x.Affinity == y.Affinity && x.External.Equal(y.External)
 }

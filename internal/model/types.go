@@ -117,6 +117,10 @@ type ServicePort struct {
 	// equal to it.
 	Cluster []Backend
 	Local   []Backend
+	// LocalTerminating: Local holds this node's serving and terminating
+	// endpoints, as none of its endpoints is ready. The health check node
+	// port counts only ready ones.
+	LocalTerminating bool
 	// HasEndpoints: the service port has a usable endpoint somewhere in
 	// the cluster. kube-proxy rejects traffic to a port without one, and
 	// drops traffic a Local policy cannot serve on this node when there is

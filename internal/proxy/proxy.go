@@ -129,6 +129,8 @@ type Proxier struct {
 	// and from Run once the runner has returned.
 	needFull bool
 	lastFull time.Time
+	// local follows every Service's Local traffic policies.
+	local localPolicies
 	// node is what the last applied sync was told of the node; a change
 	// makes the next sync a full one.
 	node model.NodeInfo
@@ -167,6 +169,7 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		needFull: true,
 		failures: make(map[model.ServicePortName]*portFailure),
 		triggers: make(map[model.ServiceName][]time.Time),
+		local:    make(localPolicies),
 	}
 	for _, o := range opts {
 		o(p)
@@ -321,6 +324,8 @@ func (p *Proxier) sync(ctx context.Context) error {
 	}
 	p.needFull = false
 	p.node = node
+	p.local.apply(snap)
+	p.metrics.SetNoLocalEndpoints(p.local.totals())
 	if full {
 		p.lastFull = start
 	}
