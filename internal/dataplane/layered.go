@@ -1,0 +1,66 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+// Layered is the eBPF mode's datapath: socket-level load balancing for
+// every socket on the node (Primary), and per-packet rules (Packets) for
+// what no socket on the node sent: packets arriving from outside at a node
+// port, an external IP or a load balancer IP, which the socket hooks never
+// see. Both are given every snapshot; each writes only its part.
+//
+// Their writes do not overlap and neither reads the other, so their order
+// matters only for make-before-break: the socket layer first, since a
+// connection it translates never reaches the rules.
+type Layered struct {
+	Primary Dataplane
+	Packets Dataplane
+}
+
+var _ Dataplane = (*Layered)(nil)
+
+// Sync implements Dataplane. Service ports that failed in either layer are
+// reported together; a layer failing as a whole fails the sync, after the
+// other layer has still been given the snapshot (it keeps its part up to
+// date; the caller's next full sync repeats it, which is idempotent).
+func (l *Layered) Sync(ctx context.Context, snap *model.Snapshot) error {
+	errPrimary := l.Primary.Sync(ctx, snap)
+	errPackets := l.Packets.Sync(ctx, snap)
+	if errPrimary == nil && errPackets == nil {
+		return nil
+	}
+	merged := &SyncError{}
+	var whole []error
+	for _, c := range []struct {
+		layer string
+		err   error
+	}{{"socket layer", errPrimary}, {"packet layer", errPackets}} {
+		if c.err == nil {
+			continue
+		}
+		if ports, ok := OnlyServicesFailed(c.err); ok {
+			merged.Services = append(merged.Services, ports...)
+			continue
+		}
+		var se *SyncError
+		if errors.As(c.err, &se) {
+			merged.Services = append(merged.Services, se.Services...)
+		}
+		whole = append(whole, fmt.Errorf("%s: %w", c.layer, c.err))
+	}
+	merged.Err = errors.Join(whole...)
+	return merged
+}
+
+// Close closes both layers; each keeps serving.
+func (l *Layered) Close() error {
+	return errors.Join(l.Primary.Close(), l.Packets.Close())
+}
+
+// Unwrap returns the socket layer, whose counters the proxy exports.
+func (l *Layered) Unwrap() Dataplane { return l.Primary }

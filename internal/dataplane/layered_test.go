@@ -1,0 +1,83 @@
+package dataplane
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+type fakeLayer struct {
+	err    error
+	synced int
+	closed bool
+}
+
+func (f *fakeLayer) Sync(context.Context, *model.Snapshot) error { f.synced++; return f.err }
+func (f *fakeLayer) Close() error                                { f.closed = true; return nil }
+
+func TestLayeredMergesFailures(t *testing.T) {
+	port := func(name string) *ServiceError {
+		return &ServiceError{Service: model.ServicePortName{Port: name}, Reason: ReasonMapFull, Err: errors.New("full")}
+	}
+	whole := errors.New("iptables-restore failed")
+	for _, tc := range []struct {
+		name                string
+		primary, packets    error
+		wantPorts           int
+		wantOnlyPorts, want bool
+	}{
+		{name: "both fine"},
+		{name: "ports of each layer", primary: &SyncError{Services: []*ServiceError{port("a")}},
+			packets: &SyncError{Services: []*ServiceError{port("b")}}, wantPorts: 2, wantOnlyPorts: true, want: true},
+		{name: "packet layer failed as a whole", primary: &SyncError{Services: []*ServiceError{port("a")}},
+			packets: whole, wantPorts: 1, want: true},
+		{name: "socket layer failed as a whole", primary: whole, want: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, k := &fakeLayer{err: tc.primary}, &fakeLayer{err: tc.packets}
+			l := &Layered{Primary: p, Packets: k}
+			err := l.Sync(context.Background(), &model.Snapshot{Full: true})
+			if p.synced != 1 || k.synced != 1 {
+				t.Errorf("layers synced %d and %d times, want once each", p.synced, k.synced)
+			}
+			if (err != nil) != tc.want {
+				t.Fatalf("err %v", err)
+			}
+			if err == nil {
+				return
+			}
+			ports, only := OnlyServicesFailed(err)
+			if only != tc.wantOnlyPorts {
+				t.Errorf("only ports failed: %v (%v)", only, err)
+			}
+			if only && len(ports) != tc.wantPorts {
+				t.Errorf("%d ports reported, want %d", len(ports), tc.wantPorts)
+			}
+			if !only && tc.wantPorts > 0 && len(failedPortsOf(err)) != tc.wantPorts {
+				t.Errorf("ports lost from a whole failure: %v", err)
+			}
+			if !only && !errors.Is(err, whole) {
+				t.Errorf("whole failure not wrapped: %v", err)
+			}
+		})
+	}
+	p, k := &fakeLayer{}, &fakeLayer{}
+	l := &Layered{Primary: p, Packets: k}
+	l.Close()
+	if !p.closed || !k.closed {
+		t.Error("Close did not close both layers")
+	}
+	if l.Unwrap() != p {
+		t.Error("Unwrap is not the socket layer")
+	}
+}
+
+func failedPortsOf(err error) []*ServiceError {
+	var se *SyncError
+	if errors.As(err, &se) {
+		return se.Services
+	}
+	return nil
+}
