@@ -70,6 +70,9 @@ type Pod struct {
 	IP   netip.Addr
 	// HostIf is the node's end of the pod's veth.
 	HostIf string
+	// outside: a client machine outside the cluster (AddOutside), whose
+	// processes never run in the test's cgroup.
+	outside bool
 }
 
 // PodGateway is the node's address on every pod link, as CNI plugins that
@@ -169,7 +172,7 @@ func (p *Pod) Command(ctx context.Context, inCgroup bool, args ...string) *exec.
 	full := append([]string{"--net=/run/netns/" + p.NS, "--"}, args...)
 	cmd := exec.CommandContext(ctx, "nsenter", full...)
 	cmd.WaitDelay = 5 * time.Second
-	if inCgroup {
+	if inCgroup && !p.outside {
 		fd, err := unix.Open(p.net.Cgroup, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {
 			p.net.t.Fatalf("opening cgroup: %v", err)
