@@ -89,6 +89,10 @@ func ServicePort(ns, name, port string, proto model.Protocol, vip string, backen
 	}
 	slices.SortFunc(sp.Backends, model.Backend.Compare)
 	sp.Serving = sp.Backends // every serving endpoint is used
+	// internalTrafficPolicy Cluster, no external frontend: the ClusterIP's
+	// backends are the Cluster policy's, as the model computes them.
+	sp.Cluster = sp.Backends
+	sp.HasEndpoints = len(sp.Backends) > 0
 	return sp
 }
 
@@ -144,6 +148,8 @@ func ScaleSnapshot(n, per int) *model.Snapshot {
 			})
 		}
 		sp.Serving = sp.Backends
+		sp.Cluster = sp.Backends
+		sp.HasEndpoints = per > 0
 		snap.Services[name] = []model.ServicePort{sp}
 	}
 	return snap
@@ -159,6 +165,7 @@ func EndpointChange(snap *model.Snapshot, name model.ServiceName) [2]*model.Snap
 	changed.Backends = append(slices.Clone(orig.Backends[1:]), model.Backend{IP: netip.MustParseAddr("10.250.0.1"), Port: 8080})
 	slices.SortFunc(changed.Backends, model.Backend.Compare)
 	changed.Serving = changed.Backends
+	changed.Cluster = changed.Backends
 	return [2]*model.Snapshot{
 		{Services: map[model.ServiceName][]model.ServicePort{name: {changed}}},
 		{Services: map[model.ServiceName][]model.ServicePort{name: {orig}}},
