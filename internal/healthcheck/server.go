@@ -116,6 +116,11 @@ type instance struct {
 	all     bool
 	ips     []netip.Addr
 	servers []*http.Server
+	// listeners are closed by close itself: http.Server.Close closes
+	// only those its Serve goroutine has registered, and one that has not
+	// run yet closes its listener whenever it does, which would make
+	// reopening the port at once fail with EADDRINUSE.
+	listeners []net.Listener
 }
 
 // New returns a Server with nothing open that listens on every address of
@@ -257,6 +262,7 @@ func (s *Server) listen(name model.ServiceName, port uint16) (*instance, error) 
 		}
 		lns = append(lns, ln)
 	}
+	inst.listeners = lns
 	handler := s.handler(name)
 	for _, ln := range lns {
 		srv := &http.Server{Handler: handler, ReadHeaderTimeout: readHeaderTimeout}
@@ -279,6 +285,10 @@ func (s *Server) listen(name model.ServiceName, port uint16) (*instance, error) 
 func (inst *instance) close() {
 	for _, srv := range inst.servers {
 		_ = srv.Close()
+	}
+	for _, ln := range inst.listeners {
+		// Closed already unless its server had not started.
+		_ = ln.Close()
 	}
 }
 
