@@ -168,12 +168,13 @@ func (s *Server) SetAddresses(all bool, ips []netip.Addr) {
 
 // SyncServices makes the open ports exactly ports: it closes the ports of
 // Services not in it (or whose port or addresses changed), then opens the
-// missing ones. A port that cannot be opened (another process holds it,
-// an address is gone) leaves that Service unserved and the others
-// untouched; it is reported with a Warning Event on the Service, logged,
-// and tried again at the next call, as kube-proxy does at each sync. The
-// returned error names every such Service; it is for the log: the
-// datapath is not affected, and the next call retries anyway.
+// missing ones (a zero port is no port). A port that cannot be opened
+// (another process holds it, an address is gone) leaves that Service
+// unserved and the others untouched; it is reported with a Warning Event
+// on the Service, logged, and tried again at the next call, as kube-proxy
+// does at each sync. The returned error names every such Service; it is
+// for the log: the datapath is not affected, and the next call retries
+// anyway.
 func (s *Server) SyncServices(ports map[model.ServiceName]uint16) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -192,10 +193,10 @@ func (s *Server) SyncServices(ports map[model.ServiceName]uint16) error {
 	}
 	var errs []error
 	for _, name := range sortedNames(ports) {
-		if s.open[name] != nil {
+		port := ports[name]
+		if s.open[name] != nil || port == 0 {
 			continue
 		}
-		port := ports[name]
 		klog.V(2).InfoS("Opening health check node port", "service", name, "port", port)
 		inst, err := s.listen(name, port)
 		if err != nil {
