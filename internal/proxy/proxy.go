@@ -22,6 +22,7 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/healthcheck"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/healthz"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
@@ -131,6 +132,9 @@ type Proxier struct {
 	lastFull time.Time
 	// local follows every Service's Local traffic policies.
 	local localPolicies
+	// healthChecks serves the health check node ports of
+	// externalTrafficPolicy Local; nil serves none (tests).
+	healthChecks *healthcheck.Server
 	// node is what the last applied sync was told of the node; a change
 	// makes the next sync a full one.
 	node model.NodeInfo
@@ -326,6 +330,16 @@ func (p *Proxier) sync(ctx context.Context) error {
 	p.node = node
 	p.local.apply(snap)
 	p.metrics.SetNoLocalEndpoints(p.local.totals())
+	if p.healthChecks != nil {
+		// As kube-proxy, after a sync that applied: a load balancer is
+		// told a node serves once its datapath does.
+		ports, local := p.local.healthChecks()
+		p.healthChecks.SetAddresses(node.AllLocalAddresses, node.NodePortAddresses)
+		if err := p.healthChecks.SyncServices(ports); err != nil {
+			klog.ErrorS(err, "Some health check node ports are not served; retrying after each sync")
+		}
+		p.healthChecks.SyncEndpoints(local)
+	}
 	if full {
 		p.lastFull = start
 	}
@@ -397,6 +411,16 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	// turns unhealthy.
 	health.QueuedUpdate()
 	p := NewProxier(dp, m, health, cfg)
+	p.healthChecks = healthcheck.New(healthcheck.Config{
+		NodeName:   cfg.NodeName,
+		Recorder:   cfg.Recorder,
+		ServiceUID: p.uid,
+		Healthy: func() bool {
+			ok, _, _ := health.Healthy()
+			return ok
+		},
+	})
+	defer p.healthChecks.Close()
 
 	errs := make(chan error, 4)
 	running := 0
