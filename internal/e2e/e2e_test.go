@@ -168,6 +168,8 @@ func TestEndToEnd(t *testing.T) {
 			t.Run("PortChange", func(t *testing.T) { e.portChange(t, ns) })
 			t.Run("DeletedService", func(t *testing.T) { e.deletedService(t, ns) })
 			t.Run("ChurnUnderLoad", func(t *testing.T) { e.churnUnderLoad(t, ns) })
+			t.Run("ExternalUnderChurn", func(t *testing.T) { e.externalUnderChurn(t, ns) })
+			t.Run("ExternalTrafficLocal", func(t *testing.T) { e.externalTrafficLocal(t, ns) })
 			t.Run("KillDashNine", func(t *testing.T) { e.killDashNine(t, ns, mode) })
 			t.Run("APIServerDown", func(t *testing.T) { e.apiServerDown(t, ns) })
 			t.Run("SIGTERM", func(t *testing.T) { e.sigterm(t, ns) })

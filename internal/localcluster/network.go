@@ -137,3 +137,22 @@ func dialIn(ns string) func(ctx context.Context, network, addr string) (net.Conn
 		return c, err
 	}
 }
+
+// WANNetNS is the namespace standing for the network outside the cluster:
+// a client there is a machine outside, whose packets reach a node through
+// its wan0 link (WANAddress) with no socket program of any node seeing
+// them.
+func (c *Cluster) WANNetNS() string { return c.Name + "-wan" }
+
+// WANAddress is a node's address on the wan link; "" for an unknown node.
+func (c *Cluster) WANAddress(node string) string {
+	for i, n := range c.Nodes {
+		if n.Name == node {
+			return fmt.Sprintf("172.31.0.%d", 11+i)
+		}
+	}
+	return ""
+}
+
+// WANClientAddress is the address a client in WANNetNS connects from.
+const WANClientAddress = "172.31.0.1"
