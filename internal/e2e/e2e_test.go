@@ -170,6 +170,7 @@ func TestEndToEnd(t *testing.T) {
 			t.Run("ChurnUnderLoad", func(t *testing.T) { e.churnUnderLoad(t, ns) })
 			t.Run("ExternalUnderChurn", func(t *testing.T) { e.externalUnderChurn(t, ns) })
 			t.Run("ExternalTrafficLocal", func(t *testing.T) { e.externalTrafficLocal(t, ns) })
+			t.Run("TrafficDistribution", func(t *testing.T) { e.trafficDistribution(t, ns) })
 			t.Run("KillDashNine", func(t *testing.T) { e.killDashNine(t, ns, mode) })
 			t.Run("APIServerDown", func(t *testing.T) { e.apiServerDown(t, ns) })
 			t.Run("SIGTERM", func(t *testing.T) { e.sigterm(t, ns) })

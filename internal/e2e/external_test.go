@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -295,4 +296,58 @@ func (e *env) externalTrafficLocal(t *testing.T, ns string) {
 	e.expectFromOutside(t, lbLocal+":80", "h-2 through node2", func(lines []string) bool { return answeredBy(lines, "h-2") })
 	// Inside the cluster the Service still answers from either node.
 	e.expectBackends(t, lbLocal+":80", "h-2")
+}
+
+// expectFrom waits until 20 connects from one client reach exactly the
+// pods want.
+func (e *env) expectFrom(t *testing.T, client *localcluster.Pod, addr string, want ...string) {
+	t.Helper()
+	slices.Sort(want)
+	var last string
+	if !eventually(30*time.Second, func() bool {
+		lines, err := connects(context.Background(), client, addr, 20)
+		if err != nil {
+			last = err.Error()
+			return false
+		}
+		names, errs := backends(lines)
+		last = fmt.Sprintf("backends %v, failures %v", names, errs)
+		return slices.Equal(names, want) && len(errs) == 0
+	}) {
+		t.Fatalf("from %s to %s: want %v, last seen %s", client.Name, addr, want, last)
+	}
+}
+
+// trafficDistribution: the real EndpointSlice controller writes zone (and
+// node) hints, and each node's proxy, knowing its zone from its Node's
+// label, keeps its clients in their zone; when a zone loses its endpoints
+// they go to the others (kube-proxy's fallback).
+func (e *env) trafficDistribution(t *testing.T, ns string) {
+	ctx := context.Background()
+	for _, dist := range []string{corev1.ServiceTrafficDistributionPreferSameZone, corev1.ServiceTrafficDistributionPreferSameNode} {
+		app := strings.ToLower(dist)
+		e.addWeb(t, ns, app+"-1", "node1", app)
+		e.addWeb(t, ns, app+"-2", "node2", app)
+		d := dist
+		svc, err := e.c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+			ObjectMeta: metav1.ObjectMeta{Name: app},
+			Spec: corev1.ServiceSpec{
+				Selector:            map[string]string{"app": app},
+				TrafficDistribution: &d,
+				Ports:               []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(80), Protocol: corev1.ProtocolTCP}},
+			},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := svc.Spec.ClusterIP + ":80"
+		// node1 is in zone-a, node2 in zone-b: one node per zone.
+		e.expectFrom(t, e.clients[0], addr, app+"-1")
+		e.expectFrom(t, e.clients[1], addr, app+"-2")
+		if err := e.c.DeletePod(ctx, ns, app+"-1", 0); err != nil {
+			t.Fatal(err)
+		}
+		e.expectFrom(t, e.clients[0], addr, app+"-2")
+		e.expectFrom(t, e.clients[1], addr, app+"-2")
+	}
 }
