@@ -337,3 +337,23 @@ func TestUnknownPortAndUnallocatedAddress(t *testing.T) {
 		}
 	})
 }
+
+// A packet for a ClusterIP that no socket on the node sent (a machine that
+// routes the Service range to the node, a VM guest with its own kernel):
+// kube-proxy translates it per packet, masquerading sources outside the
+// cluster CIDR. The eBPF mode decides at connect() on the node's sockets
+// only; its packet layer serves external frontends, not ClusterIPs, so
+// such a packet is not translated and dies where the Service range leads.
+func TestClusterIPRoutedFromOutside(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 2)
+		outside := s.net.AddOutside("outside", outsideIP)
+		s.sync(t, snapshotOn(node(), web(s.backends(8080, s.pods...)...)))
+		lines := outside.Results("tcp", vip+":80", "2")
+		if m.socketLevel {
+			expectFail(t, "eBPF mode: ClusterIP from outside", lines)
+			return
+		}
+		expectOK(t, "iptables mode: ClusterIP from outside", lines, names(s.pods)...)
+	})
+}
