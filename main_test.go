@@ -353,10 +353,10 @@ func TestBinaryIptablesMode(t *testing.T) {
 	}
 }
 
-// The ebpf overlay grants no NET_RAW, which iptables-legacy needs to read
-// tables that exist. --cleanup (and the ebpf mode's handover) must then say
-// that legacy rules remain and what to do, not report success; with
-// NET_RAW, as the iptables overlay grants it, they go.
+// Without NET_RAW (a DaemonSet that drops it) iptables-legacy cannot read
+// tables that exist. --cleanup must then say that legacy rules remain and
+// what to do, not report success; with NET_RAW, as the manifests grant it,
+// they go.
 func TestCleanupOfLegacyRulesNeedsNetRaw(t *testing.T) {
 	n := testnet.New(t)
 	bpffs := testnet.BPFFS(t)

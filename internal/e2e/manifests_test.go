@@ -277,8 +277,8 @@ func apiServerConfigMapName(t *testing.T, docs []string) string {
 // for the DaemonSet's mode, capabilities, args and mounts, and those
 // exactly: the ebpf mode adds SYS_ADMIN, --netns-dir=/run/netns and the
 // node's /run/netns (read-only, HostToContainer), for closing UDP sockets
-// inside pods' namespaces; the iptables mode adds NET_RAW, which
-// iptables-legacy needs.
+// inside pods' namespaces. Both modes have NET_RAW, which iptables-legacy
+// needs: the ebpf mode writes the rules for traffic from outside.
 func checkOverlaysDiffer(t *testing.T, rendered map[string][]string, ds map[string]*appsv1.DaemonSet) {
 	t.Helper()
 	for _, mode := range []string{"ebpf", "iptables"} {
@@ -292,7 +292,7 @@ func checkOverlaysDiffer(t *testing.T, rendered map[string][]string, ds map[stri
 		}
 	}
 	caps := map[string][]corev1.Capability{
-		"ebpf":     {"BPF", "NET_ADMIN", "SYS_ADMIN"},
+		"ebpf":     {"BPF", "NET_ADMIN", "NET_RAW", "SYS_ADMIN"},
 		"iptables": {"BPF", "NET_ADMIN", "NET_RAW"},
 	}
 	normal := map[string]*appsv1.DaemonSet{}
