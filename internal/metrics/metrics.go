@@ -75,8 +75,7 @@ type Metrics struct {
 	// last-change-trigger-time annotation) to the sync that programmed it.
 	NetworkProgrammingDuration prometheus.Observer
 	// NoLocalEndpoints is kube-proxy's count of Services with a Local
-	// traffic policy and no local endpoint, by traffic_policy. Traffic
-	// policies are not served yet, so it stays 0.
+	// traffic policy and no local endpoint, by traffic_policy.
 	NoLocalEndpoints *prometheus.GaugeVec
 	// ProxyHealthzTotal and ProxyLivezTotal count the answers of /healthz
 	// and /livez by HTTP status code.
@@ -95,9 +94,6 @@ type Metrics struct {
 	// ServicePortFailuresTotal counts failed attempts to program one service
 	// port, by reason: each retry that fails again counts.
 	ServicePortFailuresTotal *prometheus.CounterVec
-	// UnservedFeatureServices is the number of Services that ask for a
-	// feature the proxy does not serve yet (model.Feature), by feature.
-	UnservedFeatureServices *prometheus.GaugeVec
 	// SkippedObjectsTotal counts Services and EndpointSlices (or parts of
 	// them) ignored as malformed, by resource and reason. Both labels must
 	// come from small fixed sets, never from object names.
@@ -207,10 +203,6 @@ func New(reg prometheus.Registerer) *Metrics {
 			Name: "kube_bpf_proxy_service_port_failures_total",
 			Help: "Failed attempts to program a single service port, by reason; each failed retry counts.",
 		}, []string{"reason"}),
-		UnservedFeatureServices: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "kube_bpf_proxy_unserved_feature_services",
-			Help: "Services that ask for a feature not served yet, by feature: only their ClusterIP is served.",
-		}, []string{"feature"}),
 		SkippedObjectsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_skipped_objects_total",
 			Help: "Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.",
@@ -261,7 +253,6 @@ func New(reg prometheus.Registerer) *Metrics {
 			m.SyncFailuresTotal,
 			m.ServicePortsNotProgrammed,
 			m.ServicePortFailuresTotal,
-			m.UnservedFeatureServices,
 			m.SkippedObjectsTotal,
 			m.Services,
 			m.Backends,
@@ -378,20 +369,6 @@ func (m *Metrics) SetServicePortsNotProgrammed(byReason map[string]int) {
 func (m *Metrics) SetNoLocalEndpoints(internal, external int) {
 	m.NoLocalEndpoints.WithLabelValues("internal", IPFamily).Set(float64(internal))
 	m.NoLocalEndpoints.WithLabelValues("external", IPFamily).Set(float64(external))
-}
-
-// InitUnservedFeatures exports the unserved feature gauge at zero for each
-// feature.
-func (m *Metrics) InitUnservedFeatures(features []string) {
-	for _, f := range features {
-		m.UnservedFeatureServices.WithLabelValues(f)
-	}
-}
-
-// AddUnservedFeatureServices adds delta (+1 or -1) to the Services using
-// feature.
-func (m *Metrics) AddUnservedFeatureServices(feature string, delta int) {
-	m.UnservedFeatureServices.WithLabelValues(feature).Add(float64(delta))
 }
 
 // SetProgrammed records how many service ports and backends the datapath

@@ -27,7 +27,6 @@ func TestNewRegistersFamilies(t *testing.T) {
 	m.SetIptablesRules(map[string]int{"nat": 9}, map[string]int{"nat": 3})
 	m.InitIptables()
 	m.InitServicePortReasons([]string{"map-full"})
-	m.InitUnservedFeatures([]string{"node-port"})
 
 	families, err := reg.Gather()
 	if err != nil {
@@ -69,7 +68,6 @@ func TestNewRegistersFamilies(t *testing.T) {
 		{"kube_bpf_proxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
 		{"kube_bpf_proxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"reason"}},
 		{"kube_bpf_proxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"reason"}},
-		{"kube_bpf_proxy_unserved_feature_services", dto.MetricType_GAUGE, []string{"feature"}},
 		{"kube_bpf_proxy_services", dto.MetricType_GAUGE, nil},
 		{"kube_bpf_proxy_backends", dto.MetricType_GAUGE, nil},
 	}
@@ -241,23 +239,6 @@ kube_bpf_proxy_service_port_failures_total{reason="write-failed"} 0
 # TYPE kube_bpf_proxy_service_ports_not_programmed gauge
 kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 1
 kube_bpf_proxy_service_ports_not_programmed{reason="write-failed"} 0
-`,
-		},
-		{
-			name: "unserved features",
-			record: func(m *Metrics) {
-				m.InitUnservedFeatures([]string{"node-port", "external-ips"})
-				m.AddUnservedFeatureServices("node-port", 1)
-				m.AddUnservedFeatureServices("node-port", 1)
-				m.AddUnservedFeatureServices("external-ips", 1)
-				m.AddUnservedFeatureServices("external-ips", -1)
-			},
-			names: []string{"kube_bpf_proxy_unserved_feature_services"},
-			want: `
-# HELP kube_bpf_proxy_unserved_feature_services Services that ask for a feature not served yet, by feature: only their ClusterIP is served.
-# TYPE kube_bpf_proxy_unserved_feature_services gauge
-kube_bpf_proxy_unserved_feature_services{feature="external-ips"} 0
-kube_bpf_proxy_unserved_feature_services{feature="node-port"} 2
 `,
 		},
 	}

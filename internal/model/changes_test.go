@@ -245,3 +245,63 @@ func TestTriggerTimesUnservedService(t *testing.T) {
 		t.Errorf("awaiting = %v, want empty: the Service is known", tr.awaiting)
 	}
 }
+
+// Every part of a Service the model keeps is its served spec, as every field
+// of kube-proxy's service port info is: a change to any one of them makes
+// the Service pending, reverting it drops it, and a change to anything else
+// (labels, trafficDistribution, whose hints come with the EndpointSlices)
+// does not count.
+func TestChangeCountsServedSpec(t *testing.T) {
+	base := func(s *v1.Service) {
+		s.Spec.Type = v1.ServiceTypeLoadBalancer
+		s.Spec.Ports = []v1.ServicePort{{Name: "http", Protocol: v1.ProtocolTCP, Port: 80, NodePort: 30080}}
+		s.Spec.ExternalIPs = []string{"192.0.2.20"}
+		s.Spec.LoadBalancerSourceRanges = []string{"198.51.100.0/24"}
+		s.Status.LoadBalancer.Ingress = []v1.LoadBalancerIngress{{IP: "203.0.113.10"}}
+	}
+	tests := []struct {
+		name    string
+		change  svcOpt
+		pending bool
+	}{
+		{name: "port", change: func(s *v1.Service) { s.Spec.Ports[0].Port = 81 }, pending: true},
+		{name: "node port", change: func(s *v1.Service) { s.Spec.Ports[0].NodePort = 30081 }, pending: true},
+		{name: "session affinity", change: func(s *v1.Service) { s.Spec.SessionAffinity = v1.ServiceAffinityClientIP }, pending: true},
+		{name: "affinity timeout", change: func(s *v1.Service) {
+			s.Spec.SessionAffinity = v1.ServiceAffinityClientIP
+			s.Spec.SessionAffinityConfig = &v1.SessionAffinityConfig{ClientIP: &v1.ClientIPConfig{TimeoutSeconds: ptr(int32(60))}}
+		}, pending: true},
+		{name: "internalTrafficPolicy Local", change: func(s *v1.Service) {
+			s.Spec.InternalTrafficPolicy = ptr(v1.ServiceInternalTrafficPolicyLocal)
+		}, pending: true},
+		{name: "externalTrafficPolicy Local", change: func(s *v1.Service) {
+			s.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+			s.Spec.HealthCheckNodePort = 31000
+		}, pending: true},
+		{name: "externalIPs", change: func(s *v1.Service) { s.Spec.ExternalIPs = append(s.Spec.ExternalIPs, "192.0.2.21") }, pending: true},
+		{name: "load balancer IP", change: func(s *v1.Service) { s.Status.LoadBalancer.Ingress[0].IP = "203.0.113.11" }, pending: true},
+		{name: "source ranges", change: func(s *v1.Service) { s.Spec.LoadBalancerSourceRanges = nil }, pending: true},
+		{name: "labels", change: func(s *v1.Service) { s.Labels = map[string]string{"v": "2"} }},
+		{name: "trafficDistribution", change: func(s *v1.Service) {
+			s.Spec.TrafficDistribution = ptr(v1.ServiceTrafficDistributionPreferClose)
+		}},
+		{name: "an ingress of ipMode Proxy", change: func(s *v1.Service) {
+			s.Status.LoadBalancer.Ingress = append(s.Status.LoadBalancer.Ingress, v1.LoadBalancerIngress{IP: "203.0.113.12", IPMode: ptr(v1.LoadBalancerIPModeProxy)})
+		}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := NewTracker()
+			tr.UpsertService(newSvc("a", "10.0.0.1", base))
+			tr.Snapshot(true)
+			tr.UpsertService(newSvc("a", "10.0.0.1", base, tc.change))
+			want := ChangeCounts{ServiceChanges: 2}
+			if tc.pending {
+				want.PendingServices = 1
+			}
+			checkCounts(t, tr, want)
+			tr.UpsertService(newSvc("a", "10.0.0.1", base))
+			checkCounts(t, tr, ChangeCounts{ServiceChanges: 3})
+		})
+	}
+}

@@ -58,15 +58,14 @@ type servicePortSpec struct {
 }
 
 // serviceInfo is what the model keeps of a Service: its proxyable ports,
-// sorted by name then protocol, and what it asks for that is not served. It
-// is immutable once built.
+// sorted by name then protocol, its traffic policies, session affinity and
+// external frontends. It is immutable once built.
 type serviceInfo struct {
 	ports         []servicePortSpec
 	internalLocal bool
 	affinity      time.Duration
 	// external is shared by every port; each port adds its node port.
 	external External
-	unserved features
 }
 
 // DefaultAffinityTimeout is the API's default ClientIP affinity timeout,
@@ -162,7 +161,6 @@ func convertService(svc *v1.Service, report ReportFunc) *serviceInfo {
 	slices.SortFunc(info.ports, func(a, b servicePortSpec) int {
 		return comparePortNames(a.name, b.name)
 	})
-	info.unserved = unservedFeatures(svc)
 	info.internalLocal = svc.Spec.InternalTrafficPolicy != nil && *svc.Spec.InternalTrafficPolicy == v1.ServiceInternalTrafficPolicyLocal
 	if svc.Spec.SessionAffinity == v1.ServiceAffinityClientIP {
 		info.affinity = DefaultAffinityTimeout

@@ -24,8 +24,7 @@ import (
 // that service; a partial snapshot costs time proportional to the number of
 // changed services.
 type Tracker struct {
-	onSkipped  ReportFunc
-	onUnserved func(f Feature, delta int)
+	onSkipped ReportFunc
 	// nodeName is this node's: endpoints on it are local. Fixed for the
 	// Tracker's life, since slices are converted with it.
 	nodeName string
@@ -106,9 +105,10 @@ type ChangeCounts struct {
 	// names its Service, changed or not.
 	EndpointChanges uint64
 	// PendingServices is the number of Services whose own object changed
-	// what the proxy serves from it (ports, ClusterIP, the features it asks
-	// for) since the last snapshot; a change reverted meanwhile does not
-	// count.
+	// what the proxy serves from it (ports and node ports, ClusterIP,
+	// traffic policies, session affinity, external and load balancer IPs,
+	// source ranges, health check node port) since the last snapshot; a
+	// change reverted meanwhile does not count.
 	PendingServices int
 	// PendingEndpointChanges is the number of EndpointSlice events since
 	// the last snapshot that changed a slice (new, updated or deleted): one
@@ -130,16 +130,6 @@ type TrackerOption func(*Tracker)
 // one of the Reason* constants.
 func WithOnSkipped(f func(resource, reason string)) TrackerOption {
 	return func(t *Tracker) { t.onSkipped = f }
-}
-
-// WithOnUnservedFeature sets a function told when a served Service starts
-// using a Feature the proxy does not serve yet (delta +1), and when it stops
-// using it, is deleted or is no longer served at all (delta -1): the sum of
-// the deltas for a Feature is the number of Services using it now. It is
-// called without the Tracker's lock held, possibly from several goroutines
-// at once, so the calls for one Feature may arrive in any order.
-func WithOnUnservedFeature(f func(feature Feature, delta int)) TrackerOption {
-	return func(t *Tracker) { t.onUnserved = f }
 }
 
 // WithNodeName names the node the proxy runs on: endpoints whose nodeName
@@ -197,9 +187,6 @@ func NewTracker(opts ...TrackerOption) *Tracker {
 	if t.onSkipped == nil {
 		t.onSkipped = func(string, string) {}
 	}
-	if t.onUnserved == nil {
-		t.onUnserved = func(Feature, int) {}
-	}
 	return t
 }
 
@@ -235,35 +222,7 @@ func (t *Tracker) UpsertService(svc *v1.Service) bool {
 		}
 	}
 	t.mu.Unlock()
-
-	gained := t.reportUnserved(old, info)
-	if gained != 0 {
-		// Once per Service, and again only when it asks for more: not on
-		// every update, which would repeat it for each endpoint change.
-		klog.InfoS("Service uses features that are not served yet; only its ClusterIP is served",
-			"service", klog.KObj(svc), "features", info.unserved.strings())
-	}
 	return changed
-}
-
-// reportUnserved tells onUnserved how a Service's unserved features changed
-// from old to cur (either may be nil), and returns those it gained.
-func (t *Tracker) reportUnserved(old, cur *serviceInfo) (gained features) {
-	var before, after features
-	if old != nil {
-		before = old.unserved
-	}
-	if cur != nil {
-		after = cur.unserved
-	}
-	gained = after &^ before
-	for _, f := range gained.list() {
-		t.onUnserved(f, 1)
-	}
-	for _, f := range (before &^ after).list() {
-		t.onUnserved(f, -1)
-	}
-	return gained
 }
 
 // DeleteService records a deleted Service. The watch handler unwraps
@@ -284,8 +243,6 @@ func (t *Tracker) DeleteService(svc *v1.Service) bool {
 	t.serviceEvent(name, old, nil)
 	changed := t.recompute(name)
 	t.mu.Unlock()
-
-	t.reportUnserved(old, nil)
 	return changed
 }
 
@@ -393,7 +350,8 @@ func equalServiceInfo(a, b *serviceInfo) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
-	return a.unserved == b.unserved && slices.Equal(a.ports, b.ports)
+	return a.internalLocal == b.internalLocal && a.affinity == b.affinity &&
+		a.external.Equal(b.external) && slices.Equal(a.ports, b.ports)
 }
 
 // countedSlice reports whether kube-proxy would count an event of s: an IPv4

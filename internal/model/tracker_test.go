@@ -584,3 +584,37 @@ func benchObjects(n, eps int) ([]*v1.Service, []*discoveryv1.EndpointSlice) {
 	}
 	return svcs, slices
 }
+
+func TestTrackerRequeue(t *testing.T) {
+	httpPort := withPorts(svcPort("http", v1.ProtocolTCP, 80))
+	tr := NewTracker()
+	tr.UpsertService(newSvc("a", "10.0.0.1", httpPort))
+	tr.UpsertService(newSvc("b", "10.0.0.2", httpPort))
+	tr.Snapshot(true)
+
+	aPorts := []ServicePort{sp("a", "http", TCP, "10.0.0.1:80")}
+	bPorts := []ServicePort{sp("b", "http", TCP, "10.0.0.2:80")}
+
+	// A requeued service is listed although nothing changed, next to a
+	// changed one; a requeued service that is gone is listed as nil.
+	tr.Requeue(svcName("a"), svcName("gone"))
+	tr.UpsertService(newSvc("b", "10.0.0.2", httpPort, withPorts(svcPort("dns", v1.ProtocolUDP, 53))))
+	checkServices(t, "partial after Requeue", tr.Snapshot(false).Services, services{
+		svcName("a"):    aPorts,
+		svcName("gone"): nil,
+		svcName("b"):    {sp("b", "dns", UDP, "10.0.0.2:53"), bPorts[0]},
+	})
+	checkServices(t, "the next partial", tr.Snapshot(false).Services, services{})
+
+	// A change reverted before the snapshot still leaves a requeued
+	// service listed: the datapath may hold neither version.
+	tr.Requeue(svcName("a"))
+	tr.UpsertService(newSvc("a", "10.0.0.9", httpPort))
+	tr.UpsertService(newSvc("a", "10.0.0.1", httpPort))
+	checkServices(t, "requeued and reverted", tr.Snapshot(false).Services, services{svcName("a"): aPorts})
+
+	// A full snapshot serves the request.
+	tr.Requeue(svcName("a"))
+	tr.Snapshot(true)
+	checkServices(t, "partial after a full", tr.Snapshot(false).Services, services{})
+}

@@ -266,11 +266,9 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 			t(gauge("kube_bpf_proxy_service_ports_not_programmed", "instance, reason"), "{{instance}} {{reason}}", bothModes))).
 		WithPanel(b.timeseries("Service port failures", "Failed attempts to program one Service port, per second, by reason; each failed retry counts.", "ops", 8,
 			t(rateBy("kube_bpf_proxy_service_port_failures_total", "instance, reason"), "{{instance}} {{reason}}", bothModes))).
-		WithPanel(b.timeseries("Skipped objects", "Services and EndpointSlices (or parts of them) left out as malformed, by resource and reason, over the interval.", "none", 8,
+		WithPanel(b.timeseries("Skipped objects", "Services and EndpointSlices (or parts of them) left out as malformed, by resource and reason, over the interval.", "none", 12,
 			t(fmt.Sprintf(`sum by (resource, reason) (increase(kube_bpf_proxy_skipped_objects_total{%s}[%s])%s)`, proxySel, RateInterval, byMode), "{{resource}} {{reason}}", nil))).
-		WithPanel(b.timeseries("Services asking for unserved features", "Services using a feature the proxy does not serve yet (only their ClusterIP is served), by feature.", "none", 8,
-			t(gauge("kube_bpf_proxy_unserved_feature_services", "feature"), "{{feature}}", bothModes))).
-		WithPanel(b.timeseries("iptables restore failures", "iptables-restore runs that failed, whole and partial, per second (iptables mode).", "ops", 8,
+		WithPanel(b.timeseries("iptables restore failures", "iptables-restore runs that failed, whole and partial, per second (iptables mode).", "ops", 12,
 			t(rateBy("kubeproxy_sync_proxy_rules_iptables_restore_failures_total", "instance, mode"), "{{instance}} restore", []string{"iptables"}),
 			t(rateBy("kubeproxy_sync_proxy_rules_iptables_partial_restore_failures_total", "instance, mode"), "{{instance}} partial restore", []string{"iptables"})))
 

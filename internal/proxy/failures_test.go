@@ -499,7 +499,6 @@ func TestProxierHealthzThroughPartialFailures(t *testing.T) {
 		`kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 1`,
 		`kube_bpf_proxy_sync_failures_total{kind="full"} 0`,
 		`kube_bpf_proxy_sync_failures_total{kind="partial"} 0`,
-		`kube_bpf_proxy_unserved_feature_services{feature="node-port"} 0`,
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("/metrics lacks %q", want)
@@ -533,24 +532,6 @@ func TestProxierHealthzThroughPartialFailures(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Errorf("Run: %v", err)
-	}
-}
-
-func TestProxierUnservedFeatureMetric(t *testing.T) {
-	h := newProxierHarness(t)
-	np := service("default", "np", "10.96.0.12", tcpPort("http", 80, 8080))
-	np.Spec.Type = v1.ServiceTypeNodePort
-	np.Spec.Ports[0].NodePort = 30080
-	h.p.OnServiceUpsert(np)
-	gauge := func() float64 {
-		return testutil.ToFloat64(h.m.UnservedFeatureServices.WithLabelValues(string(model.FeatureNodePort)))
-	}
-	if got := gauge(); got != 1 {
-		t.Errorf("node-port Services %v, want 1", got)
-	}
-	h.p.OnServiceDelete(np)
-	if got := gauge(); got != 0 {
-		t.Errorf("node-port Services %v after delete, want 0", got)
 	}
 }
 

@@ -182,14 +182,8 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		p.events = noEvents{}
 	}
 	m.InitServicePortReasons(portFailureReasons)
-	var features []string
-	for _, f := range model.UnservedFeatures() {
-		features = append(features, string(f))
-	}
-	m.InitUnservedFeatures(features)
 	p.tracker = model.NewTracker(
 		model.WithOnSkipped(m.RecordSkipped),
-		model.WithOnUnservedFeature(func(f model.Feature, delta int) { m.AddUnservedFeatureServices(string(f), delta) }),
 		// Changes triggered before the proxy started are not its latency.
 		model.WithStartTime(p.clock.Now()),
 		model.WithNodeName(cfg.NodeName),
