@@ -23,7 +23,7 @@ type nfacct struct {
 const (
 	nfacctNew = 0
 	nfacctGet = 1
-	nfacctDel = 2
+	nfacctDel = 3 // 2 is GET_CTRZERO
 
 	nfacctAttrName    = 1
 	nfacctAttrPackets = 2
