@@ -216,7 +216,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	if rewriteAll {
 		opts.localhostNodePorts = d.localhostFor(snap.Node)
 	}
-	in := renderInput{services: services, node: snap.Node, full: snap.Full,
+	in := renderInput{services: services, node: snap.Node, canary: snap.Full && !opts.externalOnly,
 		chains: chainsToWrite(services, opts.externalOnly, func(n model.ServiceName) bool {
 			if rewriteAll {
 				return true

@@ -73,8 +73,10 @@ type renderInput struct {
 	// iptables-save prints them): both fixed in the same transaction.
 	missingJumps []jump
 	staleJumps   []savedRule
-	// full: a full sync, which also makes sure the canary chains exist.
-	full bool
+	// canary: make sure the canary chains exist (a full sync of the
+	// iptables mode; the external-only mode is no kube-proxy and makes
+	// none, nor the mangle table they would need).
+	canary bool
 	// createFirewall: KUBE-FIREWALL does not exist and is not written
 	// (localhost node ports are off), but jumps to it are inserted.
 	createFirewall bool
@@ -150,7 +152,7 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 	r := &renderer{opts: opts, in: &in, comments: endpoints <= largeClusterEndpoints, args: make([]string, 0, 64)}
 	var st renderStats
 
-	if in.full {
+	if in.canary {
 		// Only the canary lives in mangle.
 		buf.WriteString("*mangle\n" + chainLine(chainCanary) + "\nCOMMIT\n")
 	}
@@ -163,7 +165,7 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 	for _, c := range filterTopChains {
 		buf.WriteString(chainLine(c) + "\n")
 	}
-	if in.full {
+	if in.canary {
 		buf.WriteString(chainLine(chainCanary) + "\n")
 	}
 	if opts.localhostNodePorts {
@@ -185,7 +187,7 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 	for _, c := range natTopChains {
 		natDecls.WriteString(chainLine(c) + "\n")
 	}
-	if in.full {
+	if in.canary {
 		natDecls.WriteString(chainLine(chainCanary) + "\n")
 	}
 	// Roughly what each service and endpoint takes, so that the buffer
@@ -238,7 +240,7 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 	st.natRulesWritten = r.nat.count
 	st.natRules = r.nat.count + r.skipped
 	st.natChainsWritten = strings.Count(natDecls.String(), "\n") - 1 - len(natTopChains)
-	if in.full {
+	if in.canary {
 		st.natChainsWritten--
 	}
 	return st

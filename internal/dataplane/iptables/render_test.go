@@ -159,7 +159,7 @@ func renderCase(t testing.TB, c goldenCase) []byte {
 	in := renderInput{services: services, node: node, chains: chainsToWrite(services, c.opts.externalOnly, all)}
 	if c.firstSync {
 		in.missingJumps = jumpsFor(c.opts.externalOnly)
-		in.full = true
+		in.canary = !c.opts.externalOnly
 	}
 	var buf bytes.Buffer
 	st := render(&buf, c.opts, in)
