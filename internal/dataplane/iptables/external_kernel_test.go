@@ -244,7 +244,9 @@ func TestKernelUDPNodePortStaleFlows(t *testing.T) {
 	dns := func() *v1.Service {
 		return service("default", "dns", "10.96.0.53", []v1.ServicePort{apitest.Port("dns", udp, 53, 5353)}, nodePorts(30053))
 	}
-	dnsSlice := func(ep discoveryv1.Endpoint) *discoveryv1.EndpointSlice { return slice("default", "dns", "dns", udp, 5353, ep) }
+	dnsSlice := func(ep discoveryv1.Endpoint) *discoveryv1.EndpointSlice {
+		return slice("default", "dns", "dns", udp, 5353, ep)
+	}
 	send := func() string {
 		t.Helper()
 		l := e.client.Results("udp", extNodeIP+":30053", "1", "lport=40053")[0]

@@ -226,9 +226,9 @@ func fidelityVariants() []fidelityVariant {
 			// kube-proxy as kubeadm runs it.
 			name:    "defaults",
 			backend: BackendNFT,
-			args: []string{"--cluster-cidr=" + localcluster.ClusterCIDR},
-			cfg:  Config{ClusterCIDR: clusterCIDR},
-			node: all,
+			args:    []string{"--cluster-cidr=" + localcluster.ClusterCIDR},
+			cfg:     Config{ClusterCIDR: clusterCIDR},
+			node:    all,
 		},
 		{
 			// Node ports on listed addresses, 127.0.0.1 among them; no
@@ -236,18 +236,18 @@ func fidelityVariants() []fidelityVariant {
 			// pods), everything masqueraded.
 			name:    "nodeport-addresses-masquerade-all",
 			backend: BackendNFT,
-			args: []string{"--nodeport-addresses=127.0.0.0/8,172.29.0.0/16", "--masquerade-all"},
-			cfg:  Config{MasqueradeAll: true},
-			node: listed,
+			args:    []string{"--nodeport-addresses=127.0.0.0/8,172.29.0.0/16", "--masquerade-all"},
+			cfg:     Config{MasqueradeAll: true},
+			node:    listed,
 		},
 		{
 			// No node ports on localhost: no route_localnet, an empty
 			// KUBE-FIREWALL for kubelet.
 			name:    "no-localhost-nodeports",
 			backend: BackendNFT,
-			args: []string{"--cluster-cidr=" + localcluster.ClusterCIDR, "--iptables-localhost-nodeports=false"},
-			cfg:  Config{ClusterCIDR: clusterCIDR, LocalhostNodePorts: &off},
-			node: all,
+			args:    []string{"--cluster-cidr=" + localcluster.ClusterCIDR, "--iptables-localhost-nodeports=false"},
+			cfg:     Config{ClusterCIDR: clusterCIDR, LocalhostNodePorts: &off},
+			node:    all,
 		},
 		{
 			// The legacy backend (x_tables), as on nodes that still use
