@@ -54,7 +54,7 @@ func maxRSSMiB() float64 {
 // x 10, without applying it.
 func BenchmarkRender(b *testing.B) {
 	services := flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services)
-	in := renderInput{services: services, chains: chainsToWrite(services, all)}
+	in := renderInput{services: services, node: benchNode, chains: chainsToWrite(services, false, all)}
 	var buf bytes.Buffer
 	var st renderStats
 	for b.Loop() {
@@ -70,7 +70,7 @@ func BenchmarkRender(b *testing.B) {
 func BenchmarkRenderPartial(b *testing.B) {
 	changed := model.ServiceName{Namespace: "bench", Name: "svc-4242"}
 	services := flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services)
-	in := renderInput{services: services, chains: chainsToWrite(services, func(n model.ServiceName) bool { return n == changed })}
+	in := renderInput{services: services, node: benchNode, chains: chainsToWrite(services, false, func(n model.ServiceName) bool { return n == changed })}
 	var buf bytes.Buffer
 	for b.Loop() {
 		buf.Reset()
@@ -151,3 +151,7 @@ func BenchmarkKernelOneEndpointChange(b *testing.B) {
 		}
 	})
 }
+
+// benchNode serves node ports on every local address, as kube-proxy by
+// default.
+var benchNode = model.NodeInfo{AllLocalAddresses: true}

@@ -18,15 +18,27 @@ const (
 	chainMarkMasq         = "KUBE-MARK-MASQ"
 	chainForward          = "KUBE-FORWARD"
 	chainProxyFirewall    = "KUBE-PROXY-FIREWALL"
+	// chainCanary is kube-proxy's canary: an empty chain in mangle, nat
+	// and filter whose disappearance tells that someone flushed the
+	// tables (our periodic full syncs repair that; the chain is there so
+	// that tools which look for it find kube-proxy's structure).
+	chainCanary = "KUBE-PROXY-CANARY"
+	// chainFirewall is kubelet's chain, which kube-proxy writes too: it
+	// guards route_localnet (needed for node ports on 127.0.0.1) by
+	// dropping packets to 127.0.0.0/8 that come from elsewhere.
+	chainFirewall = "KUBE-FIREWALL"
 
-	prefixServiceChain  = "KUBE-SVC-"
+	prefixServiceChain  = "KUBE-SVC-" // Cluster policy endpoints
+	prefixLocalChain    = "KUBE-SVL-" // Local policy endpoints
+	prefixExternalChain = "KUBE-EXT-" // external frontends: masquerade, short-circuit
+	prefixFirewallChain = "KUBE-FW-"  // loadBalancerSourceRanges
 	prefixEndpointChain = "KUBE-SEP-"
 )
 
-// Prefixes of per-service chains, ours and those of the features kube-proxy
-// adds on top (external traffic, firewalls, local-only policies): any of
-// them left in a table is stale once no rule of ours names it.
-var perServicePrefixes = []string{prefixServiceChain, prefixEndpointChain, "KUBE-EXT-", "KUBE-SVL-", "KUBE-FW-", "KUBE-XLB-"}
+// Prefixes of per-service chains, ours and kube-proxy's older ones
+// (KUBE-XLB- until v1.24): any of them left in a table is stale once no rule
+// of ours names it.
+var perServicePrefixes = []string{prefixServiceChain, prefixEndpointChain, prefixExternalChain, prefixLocalChain, prefixFirewallChain, "KUBE-XLB-"}
 
 // Top-level chains, declared (and so flushed and rewritten) on every sync.
 var (
@@ -43,10 +55,24 @@ type jump struct {
 	extra                    []string
 }
 
+// rule is the jump as iptables-save prints it (and as restore takes it
+// after -A or -I): kube-proxy puts its extra matches before the comment.
+func (j jump) rule() string {
+	var b strings.Builder
+	for _, w := range j.extra {
+		b.WriteString(w + " ")
+	}
+	if j.comment != "" {
+		b.WriteString(`-m comment --comment "` + j.comment + `" `)
+	}
+	b.WriteString("-j " + j.to)
+	return b.String()
+}
+
 var ctNew = []string{"-m", "conntrack", "--ctstate", "NEW"}
 
 // jumps are kube-proxy's, in the same built-in chains with the same
-// comments.
+// comments, in the order kube-proxy prepends them.
 var jumps = []jump{
 	{"filter", "INPUT", chainExternalServices, "kubernetes externally-visible service portals", ctNew},
 	{"filter", "FORWARD", chainExternalServices, "kubernetes externally-visible service portals", ctNew},
@@ -62,6 +88,22 @@ var jumps = []jump{
 	{"nat", "POSTROUTING", chainPostrouting, "kubernetes postrouting rules", nil},
 }
 
+// firewallJumps are kubelet's jumps to KUBE-FIREWALL, which kube-proxy
+// ensures after its own (so they come first in INPUT and OUTPUT).
+var firewallJumps = []jump{
+	{"filter", "INPUT", chainFirewall, "", nil},
+	{"filter", "OUTPUT", chainFirewall, "", nil},
+}
+
+// jumpsFor lists the jumps a mode makes: the external-only mode guards no
+// localhost node ports, so it leaves KUBE-FIREWALL to kubelet.
+func jumpsFor(externalOnly bool) []jump {
+	if externalOnly {
+		return jumps
+	}
+	return append(append([]jump(nil), jumps...), firewallJumps...)
+}
+
 // portName is the service port's name as kube-proxy prints it and hashes
 // it: "namespace/name:port", or "namespace/name" for an unnamed port.
 func portName(n model.ServicePortName) string {
@@ -73,20 +115,23 @@ func portName(n model.ServicePortName) string {
 
 func protocol(p model.Protocol) string { return strings.ToLower(p.String()) }
 
-// hashed derives a chain name as kube-proxy does: the first 16 characters
-// of the base32 SHA-256 of what identifies the chain. The same Service gets
-// the same chain names from both proxies, which makes their rules diffable.
-func hashed(prefix string, parts ...string) string {
-	sum := sha256.Sum256([]byte(strings.Join(parts, "")))
-	return prefix + base32.StdEncoding.EncodeToString(sum[:])[:16]
+// hashOf is kube-proxy's chain-name hash: the first 16 characters of the
+// base32 SHA-256 of what identifies the chain. The same Service gets the
+// same chain names from both proxies, which makes their rules diffable.
+func hashOf(s string) string {
+	sum := sha256.Sum256([]byte(s))
+	return base32.StdEncoding.EncodeToString(sum[:])[:16]
 }
 
-func serviceChain(n model.ServicePortName) string {
-	return hashed(prefixServiceChain, portName(n), protocol(n.Protocol))
-}
+// portHash is the suffix every per-port chain of a service port shares
+// (KUBE-SVC-, KUBE-SVL-, KUBE-EXT-, KUBE-FW-): the hash of its name and
+// protocol.
+func portHash(n model.ServicePortName) string { return hashOf(portName(n) + protocol(n.Protocol)) }
+
+func serviceChain(n model.ServicePortName) string { return prefixServiceChain + portHash(n) }
 
 func endpointChain(n model.ServicePortName, b model.Backend) string {
-	return hashed(prefixEndpointChain, portName(n), protocol(n.Protocol), b.String())
+	return prefixEndpointChain + hashOf(portName(n)+protocol(n.Protocol)+b.String())
 }
 
 func isPerServiceChain(name string) bool {
@@ -99,10 +144,12 @@ func isPerServiceChain(name string) bool {
 }
 
 // ownedChain reports whether a chain is one this mode creates (and so one
-// cleanup removes).
+// cleanup removes). KUBE-FIREWALL is not: kubelet makes it too, and it
+// guards route_localnet, which stays set (cleanup removes it only when it
+// is empty, see cleanupInput).
 func ownedChain(name string) bool {
 	switch name {
-	case chainServices, chainExternalServices, chainNodePorts, chainPostrouting, chainMarkMasq, chainForward, chainProxyFirewall:
+	case chainServices, chainExternalServices, chainNodePorts, chainPostrouting, chainMarkMasq, chainForward, chainProxyFirewall, chainCanary:
 		return true
 	}
 	return isPerServiceChain(name)

@@ -18,10 +18,36 @@ import (
 // that is gone, or, if its first packets left before the Service had
 // endpoints, to no translation at all. Those entries must be deleted.
 //
-// staleUDP maps each UDP frontend to check to its serving endpoints now
-// (see Dataplane.staleUDP for which). A flow to such a frontend is stale
-// unless it is translated to one of them.
-type staleUDP map[netip.AddrPort]map[netip.AddrPort]bool
+// staleUDP lists the UDP frontends to check (see Dataplane.staleUDP for
+// which), each with its serving endpoints now. A flow to such a frontend
+// is stale unless it is translated to one of them.
+type staleUDP struct {
+	// byAddr holds ClusterIPs, external IPs and load balancer IPs.
+	byAddr map[netip.AddrPort]map[netip.AddrPort]bool
+	// byNodePort holds node ports, which answer on any of local.
+	byNodePort map[uint16]map[netip.AddrPort]bool
+	// local are the node's addresses; nil means any destination counts as
+	// one, as kube-proxy matches node port flows by port alone.
+	local map[netip.Addr]bool
+}
+
+func newStaleUDP() *staleUDP {
+	return &staleUDP{byAddr: make(map[netip.AddrPort]map[netip.AddrPort]bool), byNodePort: make(map[uint16]map[netip.AddrPort]bool)}
+}
+
+func (s *staleUDP) empty() bool { return len(s.byAddr) == 0 && len(s.byNodePort) == 0 }
+
+// frontends lists what is checked, for tests and logs.
+func (s *staleUDP) frontends() []string {
+	var out []string
+	for fe := range s.byAddr {
+		out = append(out, fe.String())
+	}
+	for p := range s.byNodePort {
+		out = append(out, fmt.Sprintf("nodeport %d", p))
+	}
+	return out
+}
 
 func addrPort(ip net.IP, port uint16) netip.AddrPort {
 	a, _ := netip.AddrFromSlice(ip)
@@ -29,28 +55,37 @@ func addrPort(ip net.IP, port uint16) netip.AddrPort {
 }
 
 // MatchConntrackFlow implements netlink.CustomConntrackFilter.
-func (s staleUDP) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
+func (s *staleUDP) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	if flow.Forward.Protocol != unix.IPPROTO_UDP {
 		return false
 	}
-	backends, ok := s[addrPort(flow.Forward.DstIP, flow.Forward.DstPort)]
+	dst := addrPort(flow.Forward.DstIP, flow.Forward.DstPort)
+	backends, ok := s.byAddr[dst]
 	if !ok {
-		return false
+		backends, ok = s.byNodePort[dst.Port()]
+		if !ok || (s.local != nil && !s.local[dst.Addr()]) {
+			return false
+		}
 	}
 	// The reply's source is where the flow really goes: a backend when it
 	// was translated, the frontend itself when it was not.
 	return !backends[addrPort(flow.Reverse.SrcIP, flow.Reverse.SrcPort)]
 }
 
-// add records a UDP service port's frontend and the endpoints whose flows
-// are kept.
-func (s staleUDP) add(fe model.Frontend, now []model.Backend) {
-	s[netip.AddrPortFrom(fe.IP, fe.Port)] = model.AddrPortSet(now)
+// add records a UDP frontend and the endpoints whose flows are kept.
+func (s *staleUDP) add(fe model.Frontend, now map[netip.AddrPort]bool) {
+	s.byAddr[netip.AddrPortFrom(fe.IP, fe.Port)] = now
+}
+
+// addNodePort records a UDP node port and the endpoints whose flows are
+// kept.
+func (s *staleUDP) addNodePort(port uint16, now map[netip.AddrPort]bool) {
+	s.byNodePort[port] = now
 }
 
 // conntrack deletes flows from the kernel's connection tracking table.
 type conntrack interface {
-	deleteStale(staleUDP) (uint, error)
+	deleteStale(*staleUDP) (uint, error)
 	Close()
 }
 
@@ -78,7 +113,7 @@ func openConntrack(nsPath string) (*netlinkConntrack, error) {
 	return &netlinkConntrack{h}, nil
 }
 
-func (c *netlinkConntrack) deleteStale(s staleUDP) (uint, error) {
+func (c *netlinkConntrack) deleteStale(s *staleUDP) (uint, error) {
 	n, err := c.h.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, s)
 	if err != nil {
 		return n, fmt.Errorf("deleting stale UDP conntrack entries: %w", err)

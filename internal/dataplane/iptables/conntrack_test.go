@@ -19,11 +19,11 @@ func flow(proto uint8, dst string, dport uint16, replySrc string, sport uint16) 
 }
 
 func TestStaleUDPMatchesOnlyFlowsOffTheServingEndpoints(t *testing.T) {
-	s := make(staleUDP)
+	s := newStaleUDP()
 	// 10.244.1.3 is terminating and still serving: no new flows, but its
 	// own are kept, as kube-proxy keeps them.
 	dns := apitest.WithServing(sp("dns", "dns", model.UDP, "10.96.0.10:53", "10.244.1.1:5353"), "10.244.1.1:5353", "10.244.1.3:5353")
-	s.add(dns.ClusterIP, dns.Serving)
+	s.add(dns.ClusterIP, model.AddrPortSet(dns.Serving))
 	for _, c := range []struct {
 		name string
 		flow *netlink.ConntrackFlow
@@ -58,13 +58,7 @@ func TestStaleUDPFrontendsOfASync(t *testing.T) {
 	c := sp("c", "http", model.TCP, "10.96.0.3:80", "10.244.1.4:80")
 	e := sp("e", "dns", model.UDP, "10.96.0.5:53", "10.244.1.5:53")
 	d := &Dataplane{applied: snap(true, a, b, c).Services}
-	frontends := func(s staleUDP) []string {
-		var out []string
-		for fe := range s {
-			out = append(out, fe.String())
-		}
-		return out
-	}
+	frontends := func(s *staleUDP) []string { return s.frontends() }
 	for _, tc := range []struct {
 		name string
 		snap *model.Snapshot
@@ -80,7 +74,7 @@ func TestStaleUDPFrontendsOfASync(t *testing.T) {
 		{"full sync checks every UDP frontend", snap(true, a, b, c), []string{"10.96.0.1:53", "10.96.0.2:53"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := frontends(d.staleUDP(tc.snap, nextState(d.applied, tc.snap)))
+			got := frontends(d.staleUDP(tc.snap, nextState(d.applied, tc.snap, false)))
 			if len(got) != len(tc.want) {
 				t.Fatalf("checked %v, want %v", got, tc.want)
 			}

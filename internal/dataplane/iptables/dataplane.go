@@ -49,6 +49,18 @@ type Config struct {
 	// NetNS is the path of the network namespace to program; empty means
 	// this process's. Tests program a namespace of their own.
 	NetNS string
+	// LocalhostNodePorts serves node ports on 127.0.0.0/8 too when the
+	// node port addresses include loopback (always, without
+	// --nodeport-addresses), as kube-proxy's --iptables-localhost-nodeports:
+	// it sets route_localnet in the namespace and guards it with
+	// KUBE-FIREWALL. nil means true, kube-proxy's default.
+	LocalhostNodePorts *bool
+	// ExternalOnly renders only what serves the external frontends of the
+	// service ports that have one (node ports, external IPs, load balancer
+	// IPs), nothing that matches a ClusterIP, and no localhost node ports:
+	// the eBPF mode runs it for packets from outside the node, which its
+	// socket hooks never see.
+	ExternalOnly bool
 }
 
 func (c Config) withDefaults() Config {
@@ -61,6 +73,10 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LockWait == 0 {
 		c.LockWait = 5 * time.Second
+	}
+	if c.LocalhostNodePorts == nil {
+		on := true
+		c.LocalhostNodePorts = &on
 	}
 	return c
 }
@@ -78,12 +94,23 @@ type Dataplane struct {
 	tool tool
 	opts ruleOptions
 	ct   conntrack
+	// nfacct is nil where the kernel has no nfnetlink_acct.
+	nfacct *nfacct
+	netns  string
+	// localhostNodePorts is the configured wish; whether this node gets
+	// them depends on its node port addresses and on route_localnet.
+	localhostNodePorts bool
+	// localnetFailed: route_localnet could not be set (a read-only
+	// /proc/sys), so node ports are not served on 127.0.0.0/8.
+	localnetFailed bool
 
 	// applied is what the kernel holds since the last successful sync;
 	// nil when unknown (at start, after a failure), which makes the next
 	// sync a full one that reads the tables back.
 	applied map[model.ServiceName][]model.ServicePort
-	buf     bytes.Buffer
+	// node is the node the applied rules were rendered for.
+	node model.NodeInfo
+	buf  bytes.Buffer
 	// rules counts the rules per table after the last successful sync,
 	// and written those that sync wrote.
 	rules, written map[string]int
@@ -124,17 +151,35 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Dataplane{
-		tool: t,
-		ct:   ct,
+	d := &Dataplane{
+		tool:  t,
+		ct:    ct,
+		netns: cfg.NetNS,
 		opts: ruleOptions{
 			// kube-proxy formats the mark with %#08x.
 			masqMark:      fmt.Sprintf("%#08x", 1<<bit),
 			clusterCIDR:   cfg.ClusterCIDR,
 			masqueradeAll: cfg.MasqueradeAll,
+			externalOnly:  cfg.ExternalOnly,
 		},
-		events: make(map[string]uint64),
-	}, nil
+		localhostNodePorts: *cfg.LocalhostNodePorts && !cfg.ExternalOnly,
+		events:             make(map[string]uint64),
+	}
+	// As kube-proxy: with conntrack told to be liberal, only
+	// out-of-window RSTs are INVALID, and INVALID packets are let through.
+	// A namespace without conntrack's sysctls has the default, strict.
+	if v, err := readSysctl(cfg.NetNS, sysctlTCPBeLiberal); err == nil && v != 0 {
+		d.opts.conntrackLiberal = true
+		klog.InfoS("nf_conntrack_tcp_be_liberal is set: not dropping INVALID packets")
+	}
+	if !cfg.ExternalOnly {
+		// The eBPF mode's external datapath is not kube-proxy: it keeps
+		// no kube-proxy counters.
+		if d.nfacct, err = openNFAcct(cfg.NetNS); err != nil {
+			klog.InfoS("Counting INVALID and localhost node port packets is not possible", "err", err)
+		}
+	}
+	return d, nil
 }
 
 // Backend is the iptables backend in use, "nft" or "legacy".
@@ -162,19 +207,36 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		// Only a full snapshot says what else must be served.
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
 	}
-	next := nextState(d.applied, snap)
+	next := nextState(d.applied, snap, d.opts.externalOnly)
 	services := flatten(next)
-	in := renderInput{services: services, chains: chainsToWrite(services, func(n model.ServiceName) bool {
-		_, changed := snap.Services[n]
-		return snap.Full || changed
-	})}
+	// The node shapes rules of every port (the firewall chains' view of
+	// the node's addresses): if it changed, everything is rewritten.
+	rewriteAll := snap.Full || !snap.Node.Equal(d.node)
+	opts := d.opts
+	if rewriteAll {
+		opts.localhostNodePorts = d.localhostFor(snap.Node)
+	}
+	in := renderInput{services: services, node: snap.Node, canary: snap.Full && !opts.externalOnly,
+		chains: chainsToWrite(services, opts.externalOnly, func(n model.ServiceName) bool {
+			if rewriteAll {
+				return true
+			}
+			_, changed := snap.Services[n]
+			return changed
+		})}
 	written := make(map[string]bool)
-	for _, chains := range in.chains {
-		for _, c := range chains {
+	for _, pc := range in.chains {
+		for _, c := range pc.names() {
 			written[c] = true
 		}
 	}
 	if snap.Full {
+		if d.nfacct != nil {
+			// As kube-proxy: a counter that cannot be made is left out of
+			// the rules that would count in it.
+			opts.nfacctInvalid = d.ensureCounter(nfacctInvalidDropped)
+			opts.nfacctLocalhost = d.ensureCounter(nfacctLocalhostNodePorts)
+		}
 		// Read the tables back: chains left by a previous process or a
 		// failed sync are deleted, and jumps someone removed come back.
 		save, err := d.tool.save(ctx, "")
@@ -189,12 +251,17 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 				}
 			}
 		}
-		in.missingJumps = missingJumps(tables)
+		in.missingJumps, in.staleJumps = checkJumps(tables, jumpsFor(opts.externalOnly))
+		if !opts.externalOnly && !opts.localhostNodePorts {
+			// kube-proxy makes sure KUBE-FIREWALL exists for kubelet's
+			// jumps, without touching what kubelet keeps in it.
+			in.createFirewall = !tables["filter"].hasChain(chainFirewall)
+		}
 	} else {
 		// Only the changed services' chains can have gone stale.
 		for name := range snap.Services {
-			for _, sp := range d.applied[name] {
-				for _, c := range chainsOf(sp) {
+			for i := range d.applied[name] {
+				for _, c := range chainsOf(&d.applied[name][i], opts.externalOnly).names() {
 					if !written[c] {
 						in.stale = append(in.stale, c)
 					}
@@ -205,7 +272,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	}
 
 	d.buf.Reset()
-	st := render(&d.buf, d.opts, in)
+	st := render(&d.buf, opts, in)
 	if err := d.tool.restore(ctx, d.buf.Bytes()); err != nil {
 		d.count("iptables_restore_failed", 1)
 		return d.failed(fmt.Sprintf("applying %d nat and %d filter rules", st.natRulesWritten, st.filterRules), err)
@@ -213,12 +280,14 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	klog.V(3).InfoS("Applied iptables rules", "full", snap.Full, "natChainsWritten", st.natChainsWritten,
 		"natRulesWritten", st.natRulesWritten, "natRules", st.natRules, "filterRules", st.filterRules, "staleChains", len(in.stale))
 
+	d.opts = opts
 	d.rules = map[string]int{"nat": st.natRules, "filter": st.filterRules}
 	// The filter table is rewritten whole at every sync, as kube-proxy's.
 	d.written = map[string]int{"nat": st.natRulesWritten, "filter": st.filterRules}
 	stale := d.staleUDP(snap, next)
 	d.applied = next
-	if len(stale) > 0 {
+	d.node = snap.Node
+	if !stale.empty() {
 		start := time.Now()
 		n, err := d.ct.deleteStale(stale)
 		d.cleanup = conntrackCleanup{ran: true, took: time.Since(start), deleted: n}
@@ -235,13 +304,55 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	return nil
 }
 
+// localhostFor decides whether node ports answer on 127.0.0.0/8 on this
+// node, as kube-proxy does: when configured, and when the node port
+// addresses include loopback (all of them do without
+// --nodeport-addresses). That needs route_localnet; where it cannot be set
+// (a read-only /proc/sys), node ports stay off localhost and the log says
+// why.
+func (d *Dataplane) localhostFor(node model.NodeInfo) bool {
+	if !d.localhostNodePorts {
+		return false
+	}
+	if !node.AllLocalAddresses && !slices.ContainsFunc(node.NodePortAddresses, isLoopback4) {
+		return false
+	}
+	if err := ensureSysctl(d.netns, sysctlRouteLocalnet, 1); err != nil {
+		if !d.localnetFailed {
+			klog.ErrorS(err, "Cannot serve node ports on 127.0.0.1: route_localnet cannot be set. "+
+				"Make /proc/sys writable for the proxy, or pass --iptables-localhost-nodeports=false or a --nodeport-addresses without 127.0.0.0/8")
+		}
+		d.localnetFailed = true
+		return false
+	}
+	if d.localnetFailed {
+		klog.InfoS("route_localnet is set now: serving node ports on 127.0.0.1")
+	}
+	d.localnetFailed = false
+	return true
+}
+
+// ensureCounter makes sure an nfacct counter exists.
+func (d *Dataplane) ensureCounter(name string) bool {
+	if err := d.nfacct.ensure(name); err != nil {
+		klog.ErrorS(err, "Cannot create nfacct counter; its metric will not count", "counter", name)
+		return false
+	}
+	return true
+}
+
 // nextState is what the kernel holds once snap is applied over applied.
-func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Snapshot) map[model.ServiceName][]model.ServicePort {
+// In the external-only mode, ports without an external frontend are not
+// served.
+func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Snapshot, externalOnly bool) map[model.ServiceName][]model.ServicePort {
 	next := make(map[model.ServiceName][]model.ServicePort, len(applied))
 	if !snap.Full {
 		maps.Copy(next, applied)
 	}
 	for name, ports := range snap.Services {
+		if externalOnly && slices.ContainsFunc(ports, notExternal) {
+			ports = slices.DeleteFunc(slices.Clone(ports), notExternal)
+		}
 		if len(ports) == 0 {
 			delete(next, name)
 		} else {
@@ -251,16 +362,21 @@ func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Sn
 	return next
 }
 
+func notExternal(sp model.ServicePort) bool { return !sp.External.Accessible() }
+
 // staleUDP collects the UDP frontends that may have stale flows after this
 // sync, each with the endpoints whose flows are kept. It follows upstream
-// kube-proxy v1.36 (pkg/proxy/conntrack): a flow to a frontend is stale
-// unless its reply comes from a serving endpoint, ready or not, terminating
-// or not (a draining pod keeps its flows, as its TCP connections keep
-// going); a frontend with no serving endpoint is left alone, and so are
-// the flows of a deleted Service, which age out. A frontend is checked when
-// its serving endpoints changed or it is new (flows sent before it existed
-// were never translated); a full sync checks every one.
-func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]model.ServicePort) staleUDP {
+// kube-proxy v1.36 (pkg/proxy/conntrack): a flow to a frontend (ClusterIP,
+// external IP, load balancer IP or node port) is stale unless its reply
+// comes from a serving endpoint, ready or not, terminating or not, on any
+// node (a draining pod keeps its flows, as its TCP connections keep going);
+// a port with no serving endpoint is left alone, and so are the flows of a
+// deleted Service, which age out. A port's frontends are checked when its
+// serving endpoints changed, or a frontend is new (flows sent before it
+// existed were never translated: a Service gaining its first endpoints, or
+// a new node port); a full sync checks every one. The external-only mode
+// does not translate ClusterIPs, so it leaves their flows alone.
+func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]model.ServicePort) *staleUDP {
 	full := snap.Full
 	var names []model.ServiceName
 	if full {
@@ -268,24 +384,60 @@ func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]
 	} else {
 		names = slices.Collect(maps.Keys(snap.Services))
 	}
-	out := make(staleUDP)
+	out := newStaleUDP()
+	if snap.Node.LocalAddresses != nil {
+		out.local = make(map[netip.Addr]bool, len(snap.Node.LocalAddresses))
+		for _, a := range snap.Node.LocalAddresses {
+			out.local[a] = true
+		}
+	}
 	for _, name := range names {
-		before := make(map[model.Frontend][]model.Backend)
-		for _, sp := range d.applied[name] {
+		before := make(map[model.ServicePortName]*model.ServicePort)
+		for i, sp := range d.applied[name] {
 			if sp.Name.Protocol == model.UDP {
-				before[sp.ClusterIP] = sp.Serving
+				before[sp.Name] = &d.applied[name][i]
 			}
 		}
-		for _, sp := range next[name] {
+		for i := range next[name] {
+			sp := &next[name][i]
 			if sp.Name.Protocol != model.UDP || len(sp.Serving) == 0 {
 				continue
 			}
-			if prev, ok := before[sp.ClusterIP]; full || !ok || !slices.Equal(prev, sp.Serving) {
-				out.add(sp.ClusterIP, sp.Serving)
+			prev := before[sp.Name]
+			changed := full || prev == nil || !slices.Equal(prev.Serving, sp.Serving)
+			var serving map[netip.AddrPort]bool
+			check := func(isNew bool) bool {
+				if !changed && !isNew {
+					return false
+				}
+				if serving == nil {
+					serving = model.AddrPortSet(sp.Serving)
+				}
+				return true
+			}
+			if !d.opts.externalOnly && check(prev == nil || prev.ClusterIP != sp.ClusterIP) {
+				out.add(sp.ClusterIP, serving)
+			}
+			for _, ips := range [][]netip.Addr{sp.External.ExternalIPs, sp.External.LoadBalancerIPs} {
+				for _, ip := range ips {
+					fe := model.Frontend{IP: ip, Port: sp.ClusterIP.Port, Protocol: model.UDP}
+					if check(prev == nil || !hasFrontend(prev, fe)) {
+						out.add(fe, serving)
+					}
+				}
+			}
+			if np := sp.External.NodePort; np != 0 && check(prev == nil || prev.External.NodePort != np) {
+				out.addNodePort(np, serving)
 			}
 		}
 	}
 	return out
+}
+
+// hasFrontend reports whether a port served an external frontend.
+func hasFrontend(sp *model.ServicePort, fe model.Frontend) bool {
+	return sp.ClusterIP.Port == fe.Port &&
+		(slices.Contains(sp.External.ExternalIPs, fe.IP) || slices.Contains(sp.External.LoadBalancerIPs, fe.IP))
 }
 
 // failed forgets what the kernel holds, so the next sync reads it back.
@@ -334,9 +486,32 @@ func (d *Dataplane) Counts() (services, backends int) {
 	return services, backends
 }
 
-// Close releases the conntrack socket; the rules stay and keep serving.
+// NFAcctPackets reports the packets kube-proxy's nfacct counters have
+// counted: INVALID packets dropped in KUBE-FORWARD
+// (kubeproxy_iptables_ct_state_invalid_dropped_packets_total) and packets
+// accepted to node ports on 127.0.0.0/8
+// (kubeproxy_iptables_localhost_nodeports_accepted_packets_total). ok is
+// false where the kernel has no nfacct, or the counters are not in use.
+func (d *Dataplane) NFAcctPackets() (invalidDropped, localhostNodePorts uint64, ok bool) {
+	if d.nfacct == nil || !d.opts.nfacctInvalid {
+		return 0, 0, false
+	}
+	var err error
+	if invalidDropped, err = d.nfacct.packets(nfacctInvalidDropped); err != nil {
+		return 0, 0, false
+	}
+	if d.opts.nfacctLocalhost {
+		localhostNodePorts, _ = d.nfacct.packets(nfacctLocalhostNodePorts)
+	}
+	return invalidDropped, localhostNodePorts, true
+}
+
+// Close releases the netlink sockets; the rules stay and keep serving.
 func (d *Dataplane) Close() error {
 	d.ct.Close()
+	if d.nfacct != nil {
+		d.nfacct.Close()
+	}
 	return nil
 }
 
@@ -357,8 +532,11 @@ func flatten(services map[model.ServiceName][]model.ServicePort) []model.Service
 }
 
 // Cleanup removes every rule and chain of this mode, from both backends,
-// in the network namespace cfg names. Having nothing to remove is not an
-// error.
+// in the network namespace cfg names, and the nfacct counters the iptables
+// mode makes (unless cfg.ExternalOnly: that mode makes none). Having
+// nothing to remove is not an error. As kube-proxy's cleanup, it leaves
+// KUBE-FIREWALL when it holds its rule, and route_localnet as it is: the
+// rule guards the sysctl, and kubelet keeps the same chain.
 func Cleanup(ctx context.Context, cfg Config) error {
 	cfg = cfg.withDefaults()
 	var errs []error
@@ -390,6 +568,18 @@ func Cleanup(ctx context.Context, cfg Config) error {
 			continue
 		}
 		klog.InfoS("Removed the iptables rules", "backend", b)
+	}
+	if !cfg.ExternalOnly {
+		// Once no rule counts in them (kube-proxy's own, if it runs, keep
+		// theirs: a counter in use is not deleted).
+		if n, err := openNFAcct(cfg.NetNS); err == nil {
+			for _, c := range []string{nfacctInvalidDropped, nfacctLocalhostNodePorts} {
+				if err := n.remove(c); err != nil {
+					errs = append(errs, err)
+				}
+			}
+			n.Close()
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -16,16 +16,42 @@ import (
 // apply, and nobody reads a hundred thousand of them.
 const largeClusterEndpoints = 1000
 
+// kube-proxy's nfacct counters (pkg/proxy/metrics), by the same names so
+// that tools reading them keep working.
+const (
+	nfacctInvalidDropped     = "ct_state_invalid_dropped_pkts"
+	nfacctLocalhostNodePorts = "localhost_nps_accepted_pkts"
+)
+
 // ruleOptions are the node-wide settings that shape the rules.
 type ruleOptions struct {
 	// masqMark is the fwmark bit that asks KUBE-POSTROUTING to masquerade,
 	// formatted as kube-proxy does (0x4000 for bit 14).
 	masqMark string
 	// clusterCIDR, when valid, is the pods' range: traffic to a ClusterIP
-	// from outside it is masqueraded so replies come back through this node.
+	// from outside it is masqueraded so replies come back through this
+	// node, and pods' traffic to an external frontend of an
+	// externalTrafficPolicy Local service goes to every endpoint, as if it
+	// had gone out to the load balancer and come back.
 	clusterCIDR netip.Prefix
 	// masqueradeAll masquerades every ClusterIP connection.
 	masqueradeAll bool
+	// externalOnly renders only the service ports with an external
+	// frontend, and nothing that matches a ClusterIP: the eBPF mode's
+	// socket hooks serve those, and run this for packets from outside.
+	externalOnly bool
+	// localhostNodePorts: node ports answer on 127.0.0.0/8 too, which
+	// needs route_localnet, which KUBE-FIREWALL guards (kube-proxy's
+	// --iptables-localhost-nodeports, effective for this node).
+	localhostNodePorts bool
+	// conntrackLiberal: nf_conntrack_tcp_be_liberal is set, so only
+	// out-of-window RSTs are INVALID, and kube-proxy does not drop INVALID
+	// packets.
+	conntrackLiberal bool
+	// nfacctInvalid and nfacctLocalhost: kube-proxy's nfacct counters
+	// exist, so the INVALID drop and the localhost node port rules count
+	// their packets in them.
+	nfacctInvalid, nfacctLocalhost bool
 }
 
 // renderInput is what one sync writes.
@@ -37,13 +63,27 @@ type renderInput struct {
 	// service port whose rules this sync writes (see chainsToWrite); a nil
 	// entry leaves that service port's chains as they are in the kernel (a
 	// partial sync, or a port without endpoints, which has none).
-	chains [][]string
+	chains []*portChains
+	// node is this node, as the snapshot describes it.
+	node model.NodeInfo
 	// stale are per-service nat chains to flush and delete.
 	stale []string
 	// missingJumps are jumps from built-in chains to ours that the tables
-	// lack; they are inserted in the same transaction.
+	// lack, and staleJumps older forms of ours ("table" and "-A ..." as
+	// iptables-save prints them): both fixed in the same transaction.
 	missingJumps []jump
+	staleJumps   []savedRule
+	// canary: make sure the canary chains exist (a full sync of the
+	// iptables mode; the external-only mode is no kube-proxy and makes
+	// none, nor the mangle table they would need).
+	canary bool
+	// createFirewall: KUBE-FIREWALL does not exist and is not written
+	// (localhost node ports are off), but jumps to it are inserted.
+	createFirewall bool
 }
+
+// savedRule is one rule of an iptables-save dump.
+type savedRule struct{ table, rule string }
 
 // renderStats counts what a sync's rules add up to, skipped ones included,
 // as kube-proxy's iptables_total metrics do.
@@ -81,154 +121,483 @@ func probability(remaining int) string {
 	return fmt.Sprintf("%0.10f", 1.0/float64(remaining))
 }
 
+// renderer writes one sync's input.
+type renderer struct {
+	opts ruleOptions
+	in   *renderInput
+	// comments: per-endpoint comments are written (not a large cluster).
+	comments    bool
+	filter, nat lines
+	// chainDecls gets the nat chain declarations, which must precede the
+	// rules that name them.
+	chainDecls *bytes.Buffer
+	// skipped counts the nat rules of unchanged services, left as they are.
+	skipped int
+	// args is reused for building rules.
+	args []string
+	// probabilities caches probability(n).
+	probabilities []string
+}
+
 // render writes the iptables-restore input for one sync into buf: the
-// filter table, then the nat table, each in one COMMIT. Chains named in the
-// input are flushed and rewritten; with --noflush nothing else is touched.
+// filter table, then the nat table, each in one COMMIT (and at a full sync
+// the mangle table's canary). Chains named in the input are flushed and
+// rewritten; with --noflush nothing else is touched.
 func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
-	var st renderStats
 	endpoints := 0
-	for _, sp := range in.services {
-		endpoints += len(sp.Backends)
+	for i := range in.services {
+		sp := &in.services[i]
+		endpoints += max(len(sp.Serving), len(sp.Backends), len(sp.Cluster), len(sp.Local))
 	}
-	comments := endpoints <= largeClusterEndpoints
+	r := &renderer{opts: opts, in: &in, comments: endpoints <= largeClusterEndpoints, args: make([]string, 0, 64)}
+	var st renderStats
+
+	if in.canary {
+		// Only the canary lives in mangle.
+		buf.WriteString("*mangle\n" + chainLine(chainCanary) + "\nCOMMIT\n")
+	}
 
 	// filter: connections to a ClusterIP without endpoints are rejected with
 	// icmp-port-unreachable (REJECT's default), so clients fail at once
 	// with ECONNREFUSED instead of timing out.
 	buf.WriteString("*filter\n")
-	filter := lines{buf: buf}
+	r.filter = lines{buf: buf}
 	for _, c := range filterTopChains {
 		buf.WriteString(chainLine(c) + "\n")
 	}
-	filter.write("-A", chainForward, "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP")
-	filter.write("-A", chainForward, "-m", "comment", "--comment", quote("kubernetes forwarding rules"),
-		"-m", "mark", "--mark", opts.masqMark+"/"+opts.masqMark, "-j", "ACCEPT")
-	filter.write("-A", chainForward, "-m", "comment", "--comment", quote("kubernetes forwarding conntrack rule"),
-		"-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
-	for _, sp := range in.services {
-		if len(sp.Backends) > 0 {
-			continue
-		}
-		proto := protocol(sp.Name.Protocol)
-		filter.write("-A", chainServices, "-m", "comment", "--comment", quote(portName(sp.Name)+" has no endpoints"),
-			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", strconv.Itoa(int(sp.ClusterIP.Port)),
-			"-j", "REJECT")
+	if in.canary {
+		buf.WriteString(chainLine(chainCanary) + "\n")
 	}
-	writeJumps(buf, "filter", in.missingJumps)
-	buf.WriteString("COMMIT\n")
-	st.filterRules = filter.count
+	if opts.localhostNodePorts {
+		// route_localnet lets packets to 127.0.0.0/8 arrive from outside
+		// the node (kubernetes issue 90259): drop those that were not
+		// translated to a node port's endpoint.
+		buf.WriteString(chainLine(chainFirewall) + "\n")
+		r.filter.write("-A", chainFirewall, "-m", "comment", "--comment", quote("block incoming localnet connections"),
+			"-d", "127.0.0.0/8", "!", "-s", "127.0.0.0/8", "-m", "conntrack", "!", "--ctstate", "RELATED,ESTABLISHED,DNAT", "-j", "DROP")
+	} else if in.createFirewall {
+		buf.WriteString(chainLine(chainFirewall) + "\n")
+	}
 
 	// nat: chain declarations first (each flushes its chain), then rules,
 	// then deletions, so that a chain is deleted only after the rules that
-	// jumped to it are gone.
-	buf.WriteString("*nat\n")
+	// jumped to it are gone. Filter rules are written straight into buf.
+	var natDecls, natRules bytes.Buffer
+	natDecls.WriteString("*nat\n")
 	for _, c := range natTopChains {
-		buf.WriteString(chainLine(c) + "\n")
+		natDecls.WriteString(chainLine(c) + "\n")
 	}
-	var rules bytes.Buffer
+	if in.canary {
+		natDecls.WriteString(chainLine(chainCanary) + "\n")
+	}
 	// Roughly what each service and endpoint takes, so that the buffer
 	// does not regrow (and re-copy) tens of MiB at 10k Services.
-	rules.Grow(250*len(in.services) + 400*endpoints)
-	nat := lines{buf: &rules}
-	nat.write("-A", chainPostrouting, "-m", "mark", "!", "--mark", opts.masqMark+"/"+opts.masqMark, "-j", "RETURN")
+	natRules.Grow(300*len(in.services) + 400*endpoints)
+	r.chainDecls = &natDecls
+	r.nat = lines{buf: &natRules}
+	r.nat.write("-A", chainPostrouting, "-m", "mark", "!", "--mark", opts.masqMark+"/"+opts.masqMark, "-j", "RETURN")
 	// Clear the mark so a packet that traverses the stack again is not
 	// masqueraded twice.
-	nat.write("-A", chainPostrouting, "-j", "MARK", "--xor-mark", opts.masqMark)
-	nat.write("-A", chainPostrouting, "-m", "comment", "--comment", quote("kubernetes service traffic requiring SNAT"),
+	r.nat.write("-A", chainPostrouting, "-j", "MARK", "--xor-mark", opts.masqMark)
+	r.nat.write("-A", chainPostrouting, "-m", "comment", "--comment", quote("kubernetes service traffic requiring SNAT"),
 		"-j", "MASQUERADE", "--random-fully")
-	nat.write("-A", chainMarkMasq, "-j", "MARK", "--or-mark", opts.masqMark)
+	r.nat.write("-A", chainMarkMasq, "-j", "MARK", "--or-mark", opts.masqMark)
 
-	masqRules := 0
-	if opts.masqueradeAll || opts.clusterCIDR.IsValid() {
-		masqRules = 1
+	for i := range in.services {
+		r.port(&in.services[i], in.chains[i])
 	}
-	skipped := 0 // rules of unchanged services, counted but not written
-	for i, sp := range in.services {
-		if len(sp.Backends) == 0 {
-			continue
-		}
-		name := portName(sp.Name)
-		proto := protocol(sp.Name.Protocol)
-		chains := in.chains[i]
-		var svcChain string
-		if chains != nil {
-			svcChain = chains[0]
-		} else {
-			svcChain = serviceChain(sp.Name)
-		}
-		match := []string{"-m", "comment", "--comment", quote(name + " cluster IP"),
-			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", strconv.Itoa(int(sp.ClusterIP.Port))}
-		nat.write(append(append([]string{"-A", chainServices}, match...), "-j", svcChain)...)
+	r.nodePortsJumps()
 
-		n := len(sp.Backends)
-		if chains == nil {
-			// A partial sync leaves this service's chains as they are.
-			skipped += masqRules + 3*n
-			continue
+	// kube-proxy's KUBE-FORWARD: drop what conntrack finds INVALID (unless
+	// it is told to be liberal), which would otherwise reach a pod
+	// untranslated and get it to reset the connection; accept what is to
+	// be masqueraded, and its replies, whatever FORWARD's policy.
+	if !opts.conntrackLiberal {
+		rule := []string{"-A", chainForward, "-m", "conntrack", "--ctstate", "INVALID"}
+		if opts.nfacctInvalid {
+			rule = append(rule, "-m", "nfacct", "--nfacct-name", nfacctInvalidDropped)
 		}
-		for _, c := range chains {
-			buf.WriteString(chainLine(c) + "\n")
-		}
-		st.natChainsWritten += len(chains)
-		sepChains := chains[1:]
-
-		switch {
-		case opts.masqueradeAll:
-			nat.write(append(append([]string{"-A", svcChain}, match...), "-j", chainMarkMasq)...)
-		case opts.clusterCIDR.IsValid():
-			// Traffic from outside the pod range (a node, or a client
-			// routed to the service range from outside) is masqueraded so
-			// that replies return through this node's conntrack.
-			nat.write(append(append([]string{"-A", svcChain}, match...), "!", "-s", opts.clusterCIDR.String(), "-j", chainMarkMasq)...)
-		}
-		for i, b := range sp.Backends {
-			r := []string{"-A", svcChain}
-			if comments {
-				r = append(r, "-m", "comment", "--comment", quote(name+" -> "+b.String()))
-			}
-			if i < n-1 {
-				r = append(r, "-m", "statistic", "--mode", "random", "--probability", probability(n-i))
-			}
-			nat.write(append(r, "-j", sepChains[i])...)
-		}
-		for i, b := range sp.Backends {
-			r := []string{"-A", sepChains[i]}
-			if comments {
-				r = append(r, "-m", "comment", "--comment", quote(name))
-			}
-			// Hairpin: a pod reaching itself through the Service is
-			// masqueraded, or its own reply would bypass the DNAT.
-			nat.write(append(r, "-s", b.IP.String(), "-j", chainMarkMasq)...)
-			nat.write(append(r, "-m", proto, "-p", proto, "-j", "DNAT", "--to-destination", b.String())...)
-		}
+		r.filter.write(append(rule, "-j", "DROP")...)
 	}
-	nat.write("-A", chainServices, "-m", "comment", "--comment", quote("kubernetes service nodeports; NOTE: this must be the last rule in this chain"),
-		"-m", "addrtype", "--dst-type", "LOCAL", "-j", chainNodePorts)
+	r.filter.write("-A", chainForward, "-m", "comment", "--comment", quote("kubernetes forwarding rules"),
+		"-m", "mark", "--mark", opts.masqMark+"/"+opts.masqMark, "-j", "ACCEPT")
+	r.filter.write("-A", chainForward, "-m", "comment", "--comment", quote("kubernetes forwarding conntrack rule"),
+		"-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
+	writeJumps(buf, "filter", in.missingJumps, in.staleJumps)
+	buf.WriteString("COMMIT\n")
+	st.filterRules = r.filter.count
 
+	buf.Write(natDecls.Bytes())
 	for _, c := range in.stale {
 		buf.WriteString(chainLine(c) + "\n")
 	}
-	buf.Write(rules.Bytes())
+	buf.Write(natRules.Bytes())
 	for _, c := range in.stale {
 		buf.WriteString("-X " + c + "\n")
 	}
-	writeJumps(buf, "nat", in.missingJumps)
+	writeJumps(buf, "nat", in.missingJumps, in.staleJumps)
 	buf.WriteString("COMMIT\n")
-	st.natRulesWritten = nat.count
-	st.natRules = nat.count + skipped
+	st.natRulesWritten = r.nat.count
+	st.natRules = r.nat.count + r.skipped
+	st.natChainsWritten = strings.Count(natDecls.String(), "\n") - 1 - len(natTopChains)
+	if in.canary {
+		st.natChainsWritten--
+	}
 	return st
 }
 
-// writeJumps inserts a table's missing jumps at the top of their built-in
-// chains, as kube-proxy does, so that other software's rules there come
-// after ours.
-func writeJumps(buf *bytes.Buffer, table string, missing []jump) {
-	for _, j := range missing {
-		if j.table != table {
+// rule starts a rule in r.args.
+func (r *renderer) rule(words ...string) []string {
+	r.args = append(r.args[:0], words...)
+	return r.args
+}
+
+func (r *renderer) probability(n int) string {
+	for len(r.probabilities) <= n {
+		r.probabilities = append(r.probabilities, probability(max(len(r.probabilities), 1)))
+	}
+	return r.probabilities[n]
+}
+
+// port writes one service port's rules: its lines in the top-level chains
+// of both tables always, its own chains when pc says so.
+func (r *renderer) port(sp *model.ServicePort, pc *portChains) {
+	opts := r.opts
+	if opts.externalOnly && !sp.External.Accessible() {
+		return
+	}
+	v := viewOf(sp, opts.externalOnly)
+	name := portName(sp.Name)
+	proto := protocol(sp.Name.Protocol)
+	port := strconv.Itoa(int(sp.ClusterIP.Port))
+	ext := &sp.External
+
+	// The chains this port's top-level rules jump to.
+	var chains *portChains
+	if pc != nil {
+		chains = pc
+	} else if v.hasEndpoints {
+		hash := portHash(sp.Name)
+		chains = &portChains{}
+		if v.usesCluster {
+			chains.svc = prefixServiceChain + hash
+		}
+		if v.usesLocal {
+			chains.svl = prefixLocalChain + hash
+		}
+		chains.ext = prefixExternalChain + hash
+		chains.fw = prefixFirewallChain + hash
+	}
+	internalChain := ""
+	if chains != nil {
+		internalChain = chains.svc
+		if sp.InternalLocal {
+			internalChain = chains.svl
+		}
+	}
+
+	// What traffic without endpoints meets.
+	var internalTarget, internalComment, externalTarget, externalComment string
+	switch {
+	case !v.hasEndpoints:
+		internalTarget, externalTarget = "REJECT", "REJECT"
+		internalComment = quote(name + " has no endpoints")
+		externalComment = internalComment
+	default:
+		if !v.hasInternal {
+			internalTarget, internalComment = "DROP", quote(name+" has no local endpoints")
+		}
+		if !v.hasExternal {
+			externalTarget, externalComment = "DROP", quote(name+" has no local endpoints")
+		}
+	}
+
+	// The ClusterIP.
+	if !opts.externalOnly {
+		if v.hasInternal {
+			r.nat.write("-A", chainServices, "-m", "comment", "--comment", quote(name+" cluster IP"),
+				"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", port, "-j", internalChain)
+		} else {
+			r.filter.write("-A", chainServices, "-m", "comment", "--comment", internalComment,
+				"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", port, "-j", internalTarget)
+		}
+	}
+	// External IPs.
+	for _, ip := range ext.ExternalIPs {
+		if v.hasEndpoints {
+			r.nat.write("-A", chainServices, "-m", "comment", "--comment", quote(name+" external IP"),
+				"-m", proto, "-p", proto, "-d", ip.String(), "--dport", port, "-j", chains.ext)
+		}
+		if !v.hasExternal {
+			// No endpoints at all (REJECT), or none for traffic from
+			// outside (DROP what the EXT chain did not short-circuit).
+			r.filter.write("-A", chainExternalServices, "-m", "comment", "--comment", externalComment,
+				"-m", proto, "-p", proto, "-d", ip.String(), "--dport", port, "-j", externalTarget)
+		}
+	}
+	// Load balancer IPs: through the firewall chain when source ranges
+	// restrict them; what it lets through is DNATed, so what reaches
+	// KUBE-PROXY-FIREWALL untranslated was refused.
+	lbChain := ""
+	if chains != nil {
+		lbChain = chains.ext
+		if v.usesFW {
+			lbChain = chains.fw
+		}
+	}
+	for _, ip := range ext.LoadBalancerIPs {
+		if v.hasEndpoints {
+			r.nat.write("-A", chainServices, "-m", "comment", "--comment", quote(name+" loadbalancer IP"),
+				"-m", proto, "-p", proto, "-d", ip.String(), "--dport", port, "-j", lbChain)
+		}
+		if v.usesFW {
+			r.filter.write("-A", chainProxyFirewall, "-m", "comment", "--comment", quote(name+" traffic not accepted by "+chains.fw),
+				"-m", proto, "-p", proto, "-d", ip.String(), "--dport", port, "-j", "DROP")
+		}
+	}
+	if !v.hasExternal {
+		for _, ip := range ext.LoadBalancerIPs {
+			r.filter.write("-A", chainExternalServices, "-m", "comment", "--comment", externalComment,
+				"-m", proto, "-p", proto, "-d", ip.String(), "--dport", port, "-j", externalTarget)
+		}
+	}
+	// The node port, on whichever addresses KUBE-SERVICES sends to
+	// KUBE-NODEPORTS. Node ports are not subject to the source ranges.
+	if ext.NodePort != 0 {
+		nodePort := strconv.Itoa(int(ext.NodePort))
+		if v.hasEndpoints {
+			if opts.localhostNodePorts && opts.nfacctLocalhost {
+				r.nat.write("-A", chainNodePorts, "-m", "comment", "--comment", quote(name), "-m", proto, "-p", proto,
+					"-d", "127.0.0.0/8", "--dport", nodePort, "-m", "nfacct", "--nfacct-name", nfacctLocalhostNodePorts, "-j", chains.ext)
+			}
+			r.nat.write("-A", chainNodePorts, "-m", "comment", "--comment", quote(name), "-m", proto, "-p", proto,
+				"--dport", nodePort, "-j", chains.ext)
+		}
+		if !v.hasExternal {
+			r.filter.write("-A", chainExternalServices, "-m", "comment", "--comment", externalComment,
+				"-m", "addrtype", "--dst-type", "LOCAL", "-m", proto, "-p", proto, "--dport", nodePort, "-j", externalTarget)
+		}
+	}
+	// The health check node port answers whether or not this node has
+	// endpoints: that is what it is asked.
+	if ext.HealthCheckNodePort != 0 {
+		r.filter.write("-A", chainNodePorts, "-m", "comment", "--comment", quote(name+" health check node port"),
+			"-m", "tcp", "-p", "tcp", "--dport", strconv.Itoa(int(ext.HealthCheckNodePort)), "-j", "ACCEPT")
+	}
+
+	if pc == nil {
+		// A partial sync leaves this port's chains as they are; count
+		// their rules all the same, as kube-proxy's metrics do.
+		r.skipped += v.chainRules(opts, &r.in.node)
+		return
+	}
+	r.portChains(&v, pc, name, proto, port)
+}
+
+// portChains writes the port's own chains.
+func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port string) {
+	opts := r.opts
+	sp := v.sp
+	ext := &sp.External
+	for _, c := range pc.names() {
+		r.chainDecls.WriteString(chainLine(c) + "\n")
+	}
+
+	// ClusterIP traffic from outside the pods' range (the node, or a
+	// client routed to the service range) is masqueraded so that replies
+	// come back through this node.
+	if v.hasInternal && !opts.externalOnly && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
+		internalChain := pc.svc
+		if sp.InternalLocal {
+			internalChain = pc.svl
+		}
+		args := r.rule("-A", internalChain, "-m", "comment", "--comment", quote(name+" cluster IP"),
+			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", port)
+		if !opts.masqueradeAll {
+			args = append(args, "!", "-s", opts.clusterCIDR.String())
+		}
+		r.nat.write(append(args, "-j", chainMarkMasq)...)
+	}
+
+	if v.usesExt {
+		if !ext.PolicyLocal {
+			// Endpoints may be on other nodes: masquerade, or their
+			// replies would not come back through this node.
+			r.nat.write("-A", pc.ext, "-m", "comment", "--comment", quote("masquerade traffic for "+name+" external destinations"),
+				"-j", chainMarkMasq)
+		} else {
+			// Local endpoints only: the client's address is kept. Pods
+			// of this node reach every endpoint, as if they had gone
+			// out to the load balancer and come back; so does the node
+			// itself, masqueraded, as its source would be the external
+			// address, which is local.
+			if opts.clusterCIDR.IsValid() {
+				r.nat.write("-A", pc.ext, "-m", "comment", "--comment", quote("pod traffic for "+name+" external destinations"),
+					"-s", opts.clusterCIDR.String(), "-j", pc.svc)
+			}
+			r.nat.write("-A", pc.ext, "-m", "comment", "--comment", quote("masquerade LOCAL traffic for "+name+" external destinations"),
+				"-m", "addrtype", "--src-type", "LOCAL", "-j", chainMarkMasq)
+			r.nat.write("-A", pc.ext, "-m", "comment", "--comment", quote("route LOCAL traffic for "+name+" external destinations"),
+				"-m", "addrtype", "--src-type", "LOCAL", "-j", pc.svc)
+		}
+		if v.hasExternal {
+			policy := pc.svc
+			if ext.PolicyLocal {
+				policy = pc.svl
+			}
+			r.nat.write("-A", pc.ext, "-j", policy)
+		}
+	}
+
+	if v.usesFW {
+		comment := quote(name + " loadbalancer IP")
+		for _, cidr := range ext.SourceRanges {
+			r.nat.write("-A", pc.fw, "-m", "comment", "--comment", comment, "-s", cidr.String(), "-j", pc.ext)
+		}
+		if v.allowFromNode(&r.in.node) {
+			for _, ip := range ext.LoadBalancerIPs {
+				r.nat.write("-A", pc.fw, "-m", "comment", "--comment", comment, "-s", ip.String(), "-j", pc.ext)
+			}
+		}
+		// What falls through was not DNATed: KUBE-PROXY-FIREWALL drops it.
+		r.nat.write("-A", pc.fw, "-m", "comment", "--comment", quote("other traffic to "+name+" will be dropped by KUBE-PROXY-FIREWALL"))
+	}
+
+	if v.usesCluster {
+		r.policyChain(v, pc, pc.svc, pc.subset(v.cluster), name)
+	}
+	if v.usesLocal {
+		r.policyChain(v, pc, pc.svl, pc.subset(v.local), name)
+	}
+
+	affinity := sp.Affinity > 0
+	for i, b := range pc.eps {
+		sep := pc.seps[i]
+		args := r.rule("-A", sep)
+		if r.comments {
+			args = append(args, "-m", "comment", "--comment", quote(name))
+		}
+		n := len(args)
+		// Hairpin: a pod reaching itself through the Service is
+		// masqueraded, or its own reply would bypass the DNAT.
+		r.nat.write(append(args, "-s", b.IP.String(), "-j", chainMarkMasq)...)
+		args = args[:n]
+		if affinity {
+			// Remember the client's address for this endpoint.
+			args = append(args, "-m", "recent", "--name", sep, "--set")
+		}
+		r.nat.write(append(args, "-m", proto, "-p", proto, "-j", "DNAT", "--to-destination", pc.text[i])...)
+	}
+}
+
+// policyChain writes a KUBE-SVC or KUBE-SVL chain over the endpoints
+// pc.eps[idx...]: with session affinity, first a jump to the endpoint a
+// client used within the timeout, then the cascade of random matches that
+// picks each endpoint with equal probability.
+func (r *renderer) policyChain(v *portView, pc *portChains, chain string, idx []int, name string) {
+	if v.sp.Affinity > 0 {
+		seconds := strconv.Itoa(int(v.sp.Affinity.Seconds()))
+		for _, i := range idx {
+			args := r.rule("-A", chain)
+			if r.comments {
+				args = append(args, "-m", "comment", "--comment", quote(name+" -> "+pc.text[i]))
+			}
+			r.nat.write(append(args, "-m", "recent", "--name", pc.seps[i], "--rcheck", "--seconds", seconds, "--reap", "-j", pc.seps[i])...)
+		}
+	}
+	n := len(idx)
+	for k, i := range idx {
+		args := r.rule("-A", chain)
+		if r.comments {
+			args = append(args, "-m", "comment", "--comment", quote(name+" -> "+pc.text[i]))
+		}
+		if k < n-1 {
+			args = append(args, "-m", "statistic", "--mode", "random", "--probability", r.probability(n-k))
+		}
+		r.nat.write(append(args, "-j", pc.seps[i])...)
+	}
+}
+
+// nodePortsJumps ends KUBE-SERVICES with the jump to KUBE-NODEPORTS for
+// packets to the node's own addresses: any local address, or each of the
+// listed ones (--nodeport-addresses). 127.0.0.0/8 only with localhost node
+// ports.
+func (r *renderer) nodePortsJumps() {
+	const comment = `"kubernetes service nodeports; NOTE: this must be the last rule in this chain"`
+	node := &r.in.node
+	if node.AllLocalAddresses {
+		args := r.rule("-A", chainServices, "-m", "comment", "--comment", comment, "-m", "addrtype", "--dst-type", "LOCAL")
+		if !r.opts.localhostNodePorts {
+			args = append(args, "!", "-d", "127.0.0.0/8")
+		}
+		r.nat.write(append(args, "-j", chainNodePorts)...)
+		return
+	}
+	for _, ip := range node.NodePortAddresses {
+		if isLoopback4(ip) && !r.opts.localhostNodePorts {
 			continue
 		}
-		rule := append([]string{"-m", "comment", "--comment", quote(j.comment)}, j.extra...)
-		buf.WriteString("-I " + j.from + " 1 " + strings.Join(append(rule, "-j", j.to), " ") + "\n")
+		r.nat.write("-A", chainServices, "-m", "comment", "--comment", comment, "-d", ip.String(), "-j", chainNodePorts)
+	}
+}
+
+// chainRules counts the rules portChains writes for the port, without
+// writing them (a partial sync skips unchanged ports, but kube-proxy's rule
+// count metric includes them).
+func (v *portView) chainRules(opts ruleOptions, node *model.NodeInfo) int {
+	if !v.hasEndpoints {
+		return 0
+	}
+	sp := v.sp
+	n := 0
+	if v.hasInternal && !opts.externalOnly && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
+		n++
+	}
+	if v.usesExt {
+		if sp.External.PolicyLocal {
+			n += 2
+			if opts.clusterCIDR.IsValid() {
+				n++
+			}
+		} else {
+			n++
+		}
+		if v.hasExternal {
+			n++
+		}
+	}
+	if v.usesFW {
+		n += len(sp.External.SourceRanges) + 1
+		if v.allowFromNode(node) {
+			n += len(sp.External.LoadBalancerIPs)
+		}
+	}
+	perEndpoint := 1
+	if sp.Affinity > 0 {
+		perEndpoint = 2
+	}
+	if v.usesCluster {
+		n += perEndpoint * len(v.cluster)
+	}
+	if v.usesLocal {
+		n += perEndpoint * len(v.local)
+	}
+	return n + 2*len(v.reachable())
+}
+
+// writeJumps fixes a table's jumps from built-in chains: older forms of
+// ours are deleted, and missing ones inserted at the top of their chains,
+// as kube-proxy does, so that other software's rules there come after ours.
+func writeJumps(buf *bytes.Buffer, table string, missing []jump, stale []savedRule) {
+	for _, s := range stale {
+		if s.table == table {
+			buf.WriteString("-D" + strings.TrimPrefix(s.rule, "-A") + "\n")
+		}
+	}
+	for _, j := range missing {
+		if j.table == table {
+			buf.WriteString("-I " + j.from + " 1 " + j.rule() + "\n")
+		}
 	}
 }
 
@@ -236,25 +605,12 @@ func writeJumps(buf *bytes.Buffer, table string, missing []jump) {
 // writes (those rewrite selects), index-aligned with services; the others
 // get nil. Each name is a SHA-256, so a sync computes them once, for both
 // rendering and finding the chains no longer needed.
-func chainsToWrite(services []model.ServicePort, rewrite func(model.ServiceName) bool) [][]string {
-	out := make([][]string, len(services))
-	for i, sp := range services {
-		if rewrite(sp.Name.ServiceName) {
-			out[i] = chainsOf(sp)
+func chainsToWrite(services []model.ServicePort, externalOnly bool, rewrite func(model.ServiceName) bool) []*portChains {
+	out := make([]*portChains, len(services))
+	for i := range services {
+		if rewrite(services[i].Name.ServiceName) {
+			out[i] = chainsOf(&services[i], externalOnly)
 		}
-	}
-	return out
-}
-
-// chainsOf lists the nat chains a service port's rules live in: its
-// KUBE-SVC chain, then a KUBE-SEP chain per backend, in backend order.
-func chainsOf(sp model.ServicePort) []string {
-	if len(sp.Backends) == 0 {
-		return nil
-	}
-	out := []string{serviceChain(sp.Name)}
-	for _, b := range sp.Backends {
-		out = append(out, endpointChain(sp.Name, b))
 	}
 	return out
 }

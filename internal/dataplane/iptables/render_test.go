@@ -23,23 +23,45 @@ func all(model.ServiceName) bool { return true }
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 
 // goldenCase is a set of API objects, taken through the model as the
-// proxy does, and the options the rules are rendered with.
+// proxy does on testNode, and the options the rules are rendered with.
 type goldenCase struct {
 	name     string
 	services []*v1.Service
 	slices   []*discoveryv1.EndpointSlice
 	opts     ruleOptions
+	// node is the node's description; the zero value means defaultNode.
+	node *model.NodeInfo
 	// firstSync renders what a first sync on a clean node writes: the
-	// jumps from the built-in chains too.
+	// jumps from the built-in chains and the canary chains too.
 	firstSync bool
 }
 
-var defaultOpts = ruleOptions{masqMark: "0x00004000", clusterCIDR: netip.MustParsePrefix("10.244.0.0/16")}
+// defaultOpts are kube-proxy's defaults with --cluster-cidr set, on a
+// kernel with nfacct: localhost node ports, the nfacct counters.
+var defaultOpts = ruleOptions{masqMark: "0x00004000", clusterCIDR: netip.MustParsePrefix("10.244.0.0/16"),
+	localhostNodePorts: true, nfacctInvalid: true, nfacctLocalhost: true}
+
+// defaultNode is a node with one address, without --nodeport-addresses.
+var defaultNode = model.NodeInfo{
+	AllLocalAddresses: true,
+	NodePortAddresses: []netip.Addr{netip.MustParseAddr("172.29.0.2")},
+	LocalAddresses:    []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("172.29.0.2")},
+}
 
 var tcp, udp = v1.ProtocolTCP, v1.ProtocolUDP
 
 func goldenCases() []goldenCase {
 	manyEndpoints := apitest.ReadyRange("10.244", 12)
+	kinds, kindSlices := kindsOfServices()
+	listed := model.NodeInfo{
+		NodePortAddresses: []netip.Addr{netip.MustParseAddr("172.29.0.2")},
+		LocalAddresses:    defaultNode.LocalAddresses,
+	}
+	withLoopback := listed
+	withLoopback.NodePortAddresses = []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("172.29.0.2")}
+	externalOnly := defaultOpts
+	externalOnly.externalOnly, externalOnly.localhostNodePorts, externalOnly.nfacctInvalid, externalOnly.nfacctLocalhost = true, false, false, false
+	plain := ruleOptions{masqMark: "0x00004000", conntrackLiberal: true}
 	return []goldenCase{
 		{
 			name: "multi-port",
@@ -67,6 +89,8 @@ func goldenCases() []goldenCase {
 			opts: defaultOpts,
 		},
 		{
+			// Endpoints in kube-proxy's order: by text, 10.244.0.10
+			// before 10.244.0.2.
 			name:     "many-endpoints",
 			services: []*v1.Service{apitest.Service("default", "big", "10.96.0.40", apitest.Port("", tcp, 80, 80))},
 			slices: []*discoveryv1.EndpointSlice{apitest.Slice("default", "big", "big-1",
@@ -82,12 +106,36 @@ func goldenCases() []goldenCase {
 				[]discoveryv1.EndpointPort{apitest.SlicePort("", tcp, 8080)}, apitest.Ready("10.244.0.100"))},
 			opts: ruleOptions{masqMark: "0x00004000", masqueradeAll: true},
 		},
+		{
+			// Every kind of Service, as kube-proxy renders them by
+			// default (TestKernelFidelity compares these with it).
+			name: "every-kind", services: kinds, slices: kindSlices, opts: defaultOpts, firstSync: true,
+		},
+		{
+			// Without --cluster-cidr nothing is masqueraded by source and
+			// pods are not short-circuited; conntrack liberal: no
+			// INVALID drop; no nfacct; no localhost node ports.
+			name: "every-kind-plain", services: kinds, slices: kindSlices, opts: plain,
+		},
+		{
+			// --nodeport-addresses: one jump per listed address.
+			name: "nodeport-addresses", services: kinds[2:3], slices: kindSlices[1:2], opts: plain, node: &listed,
+		},
+		{
+			// --nodeport-addresses with 127.0.0.0/8: localhost node ports.
+			name: "nodeport-addresses-loopback", services: kinds[2:3], slices: kindSlices[1:2], opts: defaultOpts, node: &withLoopback,
+		},
+		{
+			// The eBPF mode's external datapath: only ports with an
+			// external frontend, nothing matching a ClusterIP.
+			name: "external-only", services: kinds, slices: kindSlices, opts: externalOnly, firstSync: true,
+		},
 	}
 }
 
 func snapshotOf(t testing.TB, services []*v1.Service, slices []*discoveryv1.EndpointSlice) *model.Snapshot {
 	t.Helper()
-	tr := model.NewTracker(model.WithOnSkipped(func(resource, reason string) {
+	tr := model.NewTracker(model.WithNodeName(testNode), model.WithOnSkipped(func(resource, reason string) {
 		t.Fatalf("the model skipped a %s: %s", resource, reason)
 	}))
 	for _, s := range services {
@@ -101,14 +149,52 @@ func snapshotOf(t testing.TB, services []*v1.Service, slices []*discoveryv1.Endp
 
 func renderCase(t testing.TB, c goldenCase) []byte {
 	t.Helper()
-	services := flatten(snapshotOf(t, c.services, c.slices).Services)
-	in := renderInput{services: services, chains: chainsToWrite(services, all)}
+	snap := snapshotOf(t, c.services, c.slices)
+	node := defaultNode
+	if c.node != nil {
+		node = *c.node
+	}
+	next := nextState(nil, snap, c.opts.externalOnly)
+	services := flatten(next)
+	in := renderInput{services: services, node: node, chains: chainsToWrite(services, c.opts.externalOnly, all)}
 	if c.firstSync {
-		in.missingJumps = jumps
+		in.missingJumps = jumpsFor(c.opts.externalOnly)
+		in.canary = !c.opts.externalOnly
 	}
 	var buf bytes.Buffer
-	render(&buf, c.opts, in)
+	st := render(&buf, c.opts, in)
+	// The rule counts are what was written.
+	filterRules, natRules := countRules(buf.String())
+	if st.filterRules != filterRules || st.natRules != natRules || st.natRulesWritten != natRules {
+		t.Errorf("counted %d filter and %d (%d written) nat rules, rendered %d and %d", st.filterRules, st.natRules, st.natRulesWritten, filterRules, natRules)
+	}
+	// And what a partial sync that leaves every port's chains counts
+	// for them, without rendering them, is the same.
+	in.chains = make([]*portChains, len(services))
+	var partial bytes.Buffer
+	if st2 := render(&partial, c.opts, in); st2.natRules != st.natRules {
+		t.Errorf("a partial sync counts %d nat rules, a full one %d", st2.natRules, st.natRules)
+	}
 	return buf.Bytes()
+}
+
+// countRules counts the rules of a restore input per table.
+func countRules(input string) (filter, nat int) {
+	table := ""
+	for _, l := range strings.Split(input, "\n") {
+		switch {
+		case strings.HasPrefix(l, "*"):
+			table = l[1:]
+		case strings.HasPrefix(l, "-A "):
+			switch table {
+			case "filter":
+				filter++
+			case "nat":
+				nat++
+			}
+		}
+	}
+	return filter, nat
 }
 
 func TestRenderGolden(t *testing.T) {
@@ -207,7 +293,7 @@ func TestPartialRenderWritesOnlyChangedChains(t *testing.T) {
 	var buf bytes.Buffer
 	st := render(&buf, defaultOpts, renderInput{
 		services: services,
-		chains:   chainsToWrite(services, func(n model.ServiceName) bool { return n.Name == "b" }),
+		chains:   chainsToWrite(services, false, func(n model.ServiceName) bool { return n.Name == "b" }),
 		stale:    []string{"KUBE-SEP-OLDOLDOLDOLDOLDO"},
 	})
 	out := buf.String()

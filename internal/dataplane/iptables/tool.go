@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -134,28 +135,39 @@ func parseSave(out []byte) map[string]*savedTable {
 	return tables
 }
 
-func (st *savedTable) hasJump(j jump) bool {
-	if st == nil {
-		return false
-	}
-	for _, r := range st.rules {
-		if strings.HasPrefix(r, "-A "+j.from+" ") && (strings.HasSuffix(r, " -j "+j.to) || strings.Contains(r, " -j "+j.to+" ")) &&
-			strings.Contains(r, `--comment "`+j.comment+`"`) {
-			return true
-		}
-	}
-	return false
+func (st *savedTable) hasChain(name string) bool {
+	return st != nil && slices.Contains(st.chains, name)
 }
 
-// missingJumps lists the jumps a dump lacks.
-func missingJumps(tables map[string]*savedTable) []jump {
-	var out []jump
-	for _, j := range jumps {
-		if !tables[j.table].hasJump(j) {
-			out = append(out, j)
+// checkJumps compares a dump's jumps from built-in chains with ours: those
+// missing, and older forms of ours to delete (the same chain, target and
+// comment, other matches or another order: before issue 12 the comment came
+// first). A jump is found by its exact text as iptables-save prints it.
+func checkJumps(tables map[string]*savedTable, want []jump) (missing []jump, stale []savedRule) {
+	for _, j := range want {
+		st := tables[j.table]
+		exact := "-A " + j.from + " " + j.rule()
+		found := false
+		if st != nil {
+			for _, r := range st.rules {
+				switch {
+				case r == exact:
+					if found {
+						// A duplicate: kube-proxy's or an older ours.
+						stale = append(stale, savedRule{j.table, r})
+					}
+					found = true
+				case j.comment != "" && strings.HasPrefix(r, "-A "+j.from+" ") && strings.HasSuffix(r, " -j "+j.to) &&
+					strings.Contains(r, `--comment "`+j.comment+`"`):
+					stale = append(stale, savedRule{j.table, r})
+				}
+			}
+		}
+		if !found {
+			missing = append(missing, j)
 		}
 	}
-	return out
+	return missing, stale
 }
 
 // cleanupInput is an iptables-restore input that removes everything this
@@ -167,21 +179,28 @@ func cleanupInput(tables map[string]*savedTable) []byte {
 		if st == nil {
 			continue
 		}
+		// An empty KUBE-FIREWALL is ours (the iptables mode makes it for
+		// kubelet's jumps when node ports stay off localhost); kubelet's,
+		// and ours with its rule, guard route_localnet and stay.
+		owns := ownedChain
+		if name == "filter" && st.hasChain(chainFirewall) && !st.hasRulesIn(chainFirewall) {
+			owns = func(c string) bool { return c == chainFirewall || ownedChain(c) }
+		}
 		var owned []string
 		for _, c := range st.chains {
-			if ownedChain(c) {
+			if owns(c) {
 				owned = append(owned, c)
 			}
 		}
 		var dels []string
 		for _, r := range st.rules {
 			chain, _, _ := strings.Cut(strings.TrimPrefix(r, "-A "), " ")
-			if ownedChain(chain) {
+			if owns(chain) {
 				continue // goes with its chain
 			}
 			if i := strings.LastIndex(r, " -j "); i >= 0 {
 				target, _, _ := strings.Cut(r[i+4:], " ")
-				if ownedChain(target) {
+				if owns(target) {
 					dels = append(dels, "-D"+strings.TrimPrefix(r, "-A"))
 				}
 			}
@@ -202,6 +221,15 @@ func cleanupInput(tables map[string]*savedTable) []byte {
 		buf.WriteString("COMMIT\n")
 	}
 	return buf.Bytes()
+}
+
+func (st *savedTable) hasRulesIn(chain string) bool {
+	for _, r := range st.rules {
+		if strings.HasPrefix(r, "-A "+chain+" ") {
+			return true
+		}
+	}
+	return false
 }
 
 // hints are chains kubelet (and kube-proxy's image) create so that other
