@@ -237,8 +237,8 @@ func (o options) iptablesConfig() iptables.Config {
 }
 
 // newDataplane starts the mode's datapath, wrapped so that the other mode's
-// leftovers go once it serves. It also returns the iptables backend in use,
-// "none" in the ebpf mode.
+// leftovers go once it serves. It also returns the iptables backend in use
+// (in the ebpf mode, the packet layer's).
 func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, string, error) {
 	if o.mode == "iptables" {
 		dp, err := iptables.New(ctx, o.iptablesConfig())
@@ -266,10 +266,23 @@ func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, string, 
 	if err != nil {
 		return nil, "", fmt.Errorf("starting the eBPF datapath: %w", err)
 	}
-	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath, "version", version.Get())
-	return dataplane.WithHandover(dp, "iptables", func(ctx context.Context) error {
-		return iptables.Cleanup(ctx, o.iptablesConfig())
-	}), "none", nil
+	// Packets no socket on the node sent (from outside, to a node port,
+	// an external or load balancer IP) are served per packet, by the
+	// iptables rules of those frontends only.
+	packetsCfg := o.iptablesConfig()
+	packetsCfg.ExternalOnly = true
+	packets, err := iptables.New(ctx, packetsCfg)
+	if err != nil {
+		dp.Close()
+		return nil, "", fmt.Errorf("starting the packet layer (iptables rules for traffic from outside the node): %w", err)
+	}
+	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath,
+		"packetLayerBackend", packets.Backend(), "version", version.Get())
+	layered := &dataplane.Layered{Primary: dp, Packets: packets}
+	return dataplane.WithHandover(layered, "iptables", func(ctx context.Context) error {
+		// The packet layer's full syncs take over its own backend.
+		return iptables.CleanupExcept(ctx, o.iptablesConfig(), packets.Backend())
+	}), packets.Backend(), nil
 }
 
 func runProxy(ctx context.Context, o options) error {

@@ -90,9 +90,11 @@ func (e *env) expectModeShown(t *testing.T, mode string) {
 		if !ok {
 			return "no kube_bpf_proxy_info", false
 		}
-		backendNone := strings.Contains(line, `iptables_backend="none"`)
+		// Both modes name their iptables backend: the ebpf mode writes
+		// the rules for traffic from outside the node.
+		backendNamed := strings.Contains(line, `iptables_backend="nft"`) || strings.Contains(line, `iptables_backend="legacy"`)
 		return line, strings.Contains(line, `mode="`+mode+`"`) && strings.HasSuffix(line, "} 1") &&
-			!strings.Contains(line, `version=""`) && backendNone == (mode == "ebpf")
+			!strings.Contains(line, `version=""`) && backendNamed
 	})
 	e.expectScrape(t, `rest_client_requests_total{code="200",...}`, func(body string) (string, bool) {
 		line, ok := seriesLine(body, `rest_client_requests_total{code="200"`)

@@ -275,10 +275,9 @@ type seriesCheck struct {
 }
 
 func seriesChecks(mode string) []seriesCheck {
-	backend := "none"
-	if mode == "iptables" {
-		backend = "*"
-	}
+	// Both modes write iptables rules (the ebpf mode for traffic from
+	// outside), so both name a backend.
+	backend := "*"
 	checks := []seriesCheck{
 		{name: "info", expr: `kube_bpf_proxy_info{job="kube-proxy"}`,
 			labels: map[string]string{"mode": mode, "iptables_backend": backend, "version": "*"}},

@@ -84,8 +84,8 @@ func (m *Metrics) HealthCounts() (healthz, livez func(code int)) {
 }
 
 // RegisterInfo registers kube_bpf_proxy_info, always 1, whose labels say
-// which mode serves this node, with which iptables backend ("none" in the
-// ebpf mode), and which build: a dashboard joins any series to it to split
+// which mode serves this node, with which iptables backend (in the ebpf
+// mode, its packet layer's), and which build: a dashboard joins any series to it to split
 // by mode.
 func RegisterInfo(reg prometheus.Registerer, mode, iptablesBackend, version string) {
 	info := prometheus.NewGauge(prometheus.GaugeOpts{

@@ -538,9 +538,20 @@ func flatten(services map[model.ServiceName][]model.ServicePort) []model.Service
 // KUBE-FIREWALL when it holds its rule, and route_localnet as it is: the
 // rule guards the sysctl, and kubelet keeps the same chain.
 func Cleanup(ctx context.Context, cfg Config) error {
+	return CleanupExcept(ctx, cfg, "")
+}
+
+// CleanupExcept is Cleanup leaving backend keep alone: the eBPF mode's
+// packet layer takes over the backend it writes with its first full sync,
+// which deletes every chain it does not need (what the iptables mode or
+// kube-proxy left there), so removing them first would only open a gap.
+func CleanupExcept(ctx context.Context, cfg Config, keep string) error {
 	cfg = cfg.withDefaults()
 	var errs []error
 	for _, b := range []string{BackendNFT, BackendLegacy} {
+		if b == keep {
+			continue
+		}
 		t := cfg.tool(b)
 		if !t.available() {
 			continue
