@@ -2,6 +2,7 @@ package behaviour
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -32,6 +33,13 @@ type mode struct {
 	// leftovers describes what of the datapath is left on the node, ""
 	// if nothing.
 	leftovers func(t *testing.T, s *setup) string
+	// distinct describes what only this mode leaves on the node (both
+	// write iptables rules: the eBPF mode for traffic from outside), ""
+	// if nothing: programs and pins, or ClusterIP rules.
+	distinct func(t *testing.T, s *setup) string
+	// takeover removes what the other mode left, as main's handover does
+	// once this mode serves.
+	takeover func(s *setup) error
 	// socketLevel is true for the eBPF mode, which decides at connect()
 	// and sendmsg() rather than per packet.
 	socketLevel bool
@@ -41,27 +49,53 @@ func ebpfMode() mode {
 	return mode{
 		name:        "ebpf",
 		socketLevel: true,
+		// As the proxy runs it: the socket layer, and iptables rules for
+		// packets from outside the node at external frontends.
 		open: func(t *testing.T, s *setup) dataplane.Dataplane {
 			t.Helper()
 			dp, err := ebpf.New(s.ebpfConfig())
 			if err != nil {
 				t.Fatalf("loading the eBPF datapath: %v", err)
 			}
-			t.Cleanup(func() { dp.Close() })
-			return dp
-		},
-		cleanup: func(s *setup) error { return ebpf.Cleanup(s.bpffs) },
-		leftovers: func(t *testing.T, s *setup) string {
-			var left []string
-			if n := testnet.AttachedPrograms(t, s.net.Cgroup); n > 0 {
-				left = append(left, fmt.Sprintf("%d programs attached", n))
+			cfg := s.iptablesConfig()
+			cfg.ExternalOnly = true
+			packets, err := iptables.New(context.Background(), cfg)
+			if err != nil {
+				dp.Close()
+				t.Fatalf("starting the packet layer: %v", err)
 			}
-			if _, err := os.Stat(s.bpffs); err == nil {
-				left = append(left, "pin directory "+s.bpffs)
+			s.packetsBackend = packets.Backend()
+			l := &dataplane.Layered{Primary: dp, Packets: packets}
+			t.Cleanup(func() { l.Close() })
+			return l
+		},
+		takeover: func(s *setup) error {
+			return iptables.CleanupExcept(context.Background(), s.iptablesConfig(), s.packetsBackend)
+		},
+		cleanup: func(s *setup) error {
+			return errors.Join(ebpf.Cleanup(s.bpffs), iptables.Cleanup(context.Background(), s.iptablesConfig()))
+		},
+		distinct: func(t *testing.T, s *setup) string { return bpfLeftovers(t, s) },
+		leftovers: func(t *testing.T, s *setup) string {
+			left := iptablesLeftovers(t, s)
+			if b := bpfLeftovers(t, s); b != "" {
+				left = append(left, b)
 			}
 			return strings.Join(left, ", ")
 		},
 	}
+}
+
+// bpfLeftovers describes the eBPF mode's programs and pins left, "" if none.
+func bpfLeftovers(t *testing.T, s *setup) string {
+	var left []string
+	if n := testnet.AttachedPrograms(t, s.net.Cgroup); n > 0 {
+		left = append(left, fmt.Sprintf("%d programs attached", n))
+	}
+	if _, err := os.Stat(s.bpffs); err == nil {
+		left = append(left, "pin directory "+s.bpffs)
+	}
+	return strings.Join(left, ", ")
 }
 
 func iptablesMode(backend string) mode {
@@ -80,19 +114,36 @@ func iptablesMode(backend string) mode {
 		},
 		cleanup: func(s *setup) error { return iptables.Cleanup(context.Background(), s.iptablesConfig()) },
 		leftovers: func(t *testing.T, s *setup) string {
+			return strings.Join(iptablesLeftovers(t, s), "\n")
+		},
+		distinct: func(t *testing.T, s *setup) string {
 			var left []string
-			for _, b := range []string{iptables.BackendNFT, iptables.BackendLegacy} {
-				out, err := s.net.NodeCommand(context.Background(), "iptables-"+b+"-save").Output()
-				if err != nil {
-					t.Fatalf("iptables-%s-save: %v", b, err)
-				}
-				if strings.Contains(string(out), "KUBE-") {
-					left = append(left, b+" rules:\n"+string(out))
+			for _, l := range iptablesLeftovers(t, s) {
+				// The ClusterIP rules: the eBPF mode's packet layer
+				// writes none.
+				if strings.Contains(l, " cluster IP\"") {
+					left = append(left, l)
 				}
 			}
 			return strings.Join(left, "\n")
 		},
+		takeover: func(s *setup) error { return ebpf.Cleanup(s.bpffs) },
 	}
+}
+
+// iptablesLeftovers lists the KUBE- rules of either backend in the node.
+func iptablesLeftovers(t *testing.T, s *setup) []string {
+	var left []string
+	for _, b := range []string{iptables.BackendNFT, iptables.BackendLegacy} {
+		out, err := s.net.NodeCommand(context.Background(), "iptables-"+b+"-save").Output()
+		if err != nil {
+			t.Fatalf("iptables-%s-save: %v", b, err)
+		}
+		if strings.Contains(string(out), "KUBE-") {
+			left = append(left, b+" rules:\n"+string(out))
+		}
+	}
+	return left
 }
 
 var modes = []mode{ebpfMode(), iptablesMode(iptables.BackendNFT), iptablesMode(iptables.BackendLegacy)}
@@ -107,11 +158,13 @@ func forEachMode(t *testing.T, scenario func(t *testing.T, m mode)) {
 // setup is one scenario's topology: a node, a client pod, n server pods
 // named pod-0.. serving their name on TCP 8080 and 9090 and UDP 5353.
 type setup struct {
-	net    *testnet.Net
-	bpffs  string
-	client *testnet.Pod
-	pods   []*testnet.Pod
-	dp     dataplane.Dataplane
+	// packetsBackend is the eBPF mode's packet layer's iptables backend.
+	packetsBackend string
+	net            *testnet.Net
+	bpffs          string
+	client         *testnet.Pod
+	pods           []*testnet.Pod
+	dp             dataplane.Dataplane
 }
 
 func newSetup(t *testing.T, m mode, servers int) *setup {
@@ -561,14 +614,14 @@ func TestModeSwitchBothWays(t *testing.T) {
 
 			// What main does: the new mode, wrapped to remove the old one
 			// once it serves.
-			s.dp = dataplane.WithHandover(c.to.open(t, s), c.from.name, func(context.Context) error { return c.from.cleanup(s) })
+			s.dp = dataplane.WithHandover(c.to.open(t, s), c.from.name, func(context.Context) error { return c.to.takeover(s) })
 			s.sync(t, snap)
 			testnet.AssertAllOK(t, "across the switch", loop.Settle(), "pod-0", "pod-1")
 			testnet.AssertAllOK(t, "after", loop.Take(20), "pod-0", "pod-1")
-			if left := c.from.leftovers(t, s); left != "" {
+			if left := c.from.distinct(t, s); left != "" {
 				t.Errorf("left of %s after switching to %s: %s", c.from.name, c.to.name, left)
 			}
-			if left := c.to.leftovers(t, s); left == "" {
+			if left := c.to.distinct(t, s); left == "" {
 				t.Errorf("nothing of %s found after switching to it", c.to.name)
 			}
 		})
