@@ -2,6 +2,8 @@ package iptables
 
 import (
 	"net"
+	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -88,5 +90,73 @@ func TestStaleUDPFrontendsOfASync(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// udpExternal is a UDP service port with every kind of external frontend.
+func udpExternal(nodePort uint16, backends ...string) model.ServicePort {
+	s := sp("x", "dns", model.UDP, "10.96.0.9:53", backends...)
+	s.External = model.External{NodePort: nodePort,
+		ExternalIPs:     []netip.Addr{netip.MustParseAddr("192.0.2.1")},
+		LoadBalancerIPs: []netip.Addr{netip.MustParseAddr("198.51.100.1")}}
+	return s
+}
+
+// As kube-proxy, a UDP port's external frontends are checked with its
+// ClusterIP: external IPs and load balancer IPs by address, the node port
+// by port. A new frontend is checked even if the endpoints did not change
+// (flows sent to it before were never translated). The external-only mode
+// does not translate ClusterIPs, so it leaves their flows alone.
+func TestStaleUDPExternalFrontends(t *testing.T) {
+	all := []string{"10.96.0.9:53", "192.0.2.1:53", "198.51.100.1:53", "nodeport 30053"}
+	for _, tc := range []struct {
+		name         string
+		applied      model.ServicePort
+		next         model.ServicePort
+		externalOnly bool
+		want         []string
+	}{
+		{"endpoints arrive", udpExternal(30053), udpExternal(30053, "10.244.1.1:53"), false, all},
+		{"unchanged", udpExternal(30053, "10.244.1.1:53"), udpExternal(30053, "10.244.1.1:53"), false, nil},
+		{"new node port", udpExternal(30053, "10.244.1.1:53"), udpExternal(30054, "10.244.1.1:53"), false, []string{"nodeport 30054"}},
+		{"external only", udpExternal(30053), udpExternal(30053, "10.244.1.1:53"), true, all[1:]},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := &Dataplane{applied: snap(true, tc.applied).Services}
+			d.opts.externalOnly = tc.externalOnly
+			s := snap(false, tc.next)
+			got := d.staleUDP(s, nextState(d.applied, s, tc.externalOnly)).frontends()
+			slices.Sort(got)
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("checked %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// A node port flow is one sent to the port on one of the node's addresses;
+// the same port on another address is someone else's flow.
+func TestStaleUDPNodePortFlows(t *testing.T) {
+	s := newStaleUDP()
+	s.addNodePort(30053, model.AddrPortSet([]model.Backend{{IP: netip.MustParseAddr("10.244.1.1"), Port: 53}}))
+	s.local = map[netip.Addr]bool{netip.MustParseAddr("192.168.77.1"): true}
+	for _, c := range []struct {
+		name string
+		flow *netlink.ConntrackFlow
+		want bool
+	}{
+		{"to the endpoint", flow(unix.IPPROTO_UDP, "192.168.77.1", 30053, "10.244.1.1", 53), false},
+		{"never translated", flow(unix.IPPROTO_UDP, "192.168.77.1", 30053, "192.168.77.1", 30053), true},
+		{"to a gone endpoint", flow(unix.IPPROTO_UDP, "192.168.77.1", 30053, "10.244.1.9", 53), true},
+		{"the same port elsewhere", flow(unix.IPPROTO_UDP, "8.8.8.8", 30053, "8.8.8.8", 30053), false},
+	} {
+		if got := s.MatchConntrackFlow(c.flow); got != c.want {
+			t.Errorf("%s: stale = %v, want %v", c.name, got, c.want)
+		}
+	}
+	// Without the node's addresses, as kube-proxy: by port alone.
+	s.local = nil
+	if !s.MatchConntrackFlow(flow(unix.IPPROTO_UDP, "8.8.8.8", 30053, "8.8.8.8", 30053)) {
+		t.Errorf("without the node's addresses, a flow to the node port elsewhere is kept")
 	}
 }
