@@ -73,6 +73,7 @@ type options struct {
 	masqueradeAll   bool
 	masqueradeBit   int
 	xtablesLockWait time.Duration
+	localhostNPs    bool
 }
 
 func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
@@ -107,6 +108,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode: the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
 	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode: masquerade all ClusterIP traffic")
 	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", iptables.DefaultMasqueradeBit, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
+	fs.BoolVar(&o.localhostNPs, "iptables-localhost-nodeports", true, "iptables mode: also serve node ports on 127.0.0.0/8 when the node port addresses include it (all do without --nodeport-addresses), as kube-proxy: sets net.ipv4.conf.all.route_localnet=1, guarded by KUBE-FIREWALL (needs a writable /proc/sys)")
 	fs.DurationVar(&o.xtablesLockWait, "iptables-lock-wait", 5*time.Second, "iptables mode: how long to wait for the xtables lock that serialises iptables users on the node")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
@@ -233,6 +235,9 @@ func (o options) iptablesConfig() iptables.Config {
 		MasqueradeAll: o.masqueradeAll,
 		MasqueradeBit: &o.masqueradeBit,
 		LockWait:      o.xtablesLockWait,
+		// The ebpf mode's packet layer never serves them: ExternalOnly
+		// turns them off.
+		LocalhostNodePorts: &o.localhostNPs,
 	}
 }
 

@@ -100,3 +100,41 @@ func RegisterInfo(reg prometheus.Registerer, mode, iptablesBackend, version stri
 	info.Set(1)
 	reg.MustRegister(info)
 }
+
+// NFAcctSource reads kube-proxy's nfacct packet counters: the packets the
+// iptables rules dropped as conntrack INVALID, and those accepted on node
+// ports of 127.0.0.1; ok is false when they cannot be read.
+type NFAcctSource func() (invalidDropped, localhostNodePorts uint64, ok bool)
+
+// nfacctCollector exports kube-proxy's two nfacct counters, read from the
+// kernel at scrape time as kube-proxy reads them.
+type nfacctCollector struct {
+	read                     NFAcctSource
+	invalidDropped, accepted *prometheus.Desc
+}
+
+// NewNFAcctCollector returns a collector of kube-proxy's nfacct counters
+// (iptables mode).
+func NewNFAcctCollector(read NFAcctSource) prometheus.Collector {
+	return &nfacctCollector{
+		read: read,
+		invalidDropped: prometheus.NewDesc("kubeproxy_iptables_ct_state_invalid_dropped_packets_total",
+			"Packets dropped by the iptables rules because conntrack marked them INVALID.", nil, nil),
+		accepted: prometheus.NewDesc("kubeproxy_iptables_localhost_nodeports_accepted_packets_total",
+			"Packets accepted on node ports of the loopback interface.", nil, nil),
+	}
+}
+
+func (c *nfacctCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.invalidDropped
+	ch <- c.accepted
+}
+
+func (c *nfacctCollector) Collect(ch chan<- prometheus.Metric) {
+	invalid, accepted, ok := c.read()
+	if !ok {
+		return
+	}
+	ch <- prometheus.MustNewConstMetric(c.invalidDropped, prometheus.CounterValue, float64(invalid))
+	ch <- prometheus.MustNewConstMetric(c.accepted, prometheus.CounterValue, float64(accepted))
+}

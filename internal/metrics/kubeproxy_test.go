@@ -185,3 +185,23 @@ kube_bpf_proxy_info{iptables_backend="nft",mode="iptables",version="v0.3.0"} 1
 		t.Error(err)
 	}
 }
+
+func TestNFAcctCollector(t *testing.T) {
+	ok := true
+	c := NewNFAcctCollector(func() (uint64, uint64, bool) { return 7, 2, ok })
+	want := `
+# HELP kubeproxy_iptables_ct_state_invalid_dropped_packets_total Packets dropped by the iptables rules because conntrack marked them INVALID.
+# TYPE kubeproxy_iptables_ct_state_invalid_dropped_packets_total counter
+kubeproxy_iptables_ct_state_invalid_dropped_packets_total 7
+# HELP kubeproxy_iptables_localhost_nodeports_accepted_packets_total Packets accepted on node ports of the loopback interface.
+# TYPE kubeproxy_iptables_localhost_nodeports_accepted_packets_total counter
+kubeproxy_iptables_localhost_nodeports_accepted_packets_total 2
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want)); err != nil {
+		t.Error(err)
+	}
+	ok = false
+	if n := testutil.CollectAndCount(c); n != 0 {
+		t.Errorf("unreadable counters exported %d series", n)
+	}
+}

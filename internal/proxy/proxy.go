@@ -396,6 +396,12 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	if src, ok := innermost(dp).(eventSource); ok {
 		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
 	}
+	// kube-proxy's nfacct counters (iptables mode).
+	if src, ok := innermost(dp).(interface {
+		NFAcctPackets() (uint64, uint64, bool)
+	}); ok {
+		reg.MustRegister(metrics.NewNFAcctCollector(src.NFAcctPackets))
+	}
 	// The eBPF datapath's per Service port counters and map fill.
 	if src, ok := innermost(dp).(metrics.DatapathCounters); ok {
 		reg.MustRegister(metrics.NewDatapathCountersCollector(src))
