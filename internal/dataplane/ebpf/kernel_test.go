@@ -505,7 +505,7 @@ func TestKernelOverwritesNeverMissALookup(t *testing.T) {
 	web := servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...)
 	s.sync(t, snapshot(true, web))
 	fe := web.ClusterIP
-	svc := s.dp.rec.services[fe]
+	svc := s.dp.rec.frontends[fe].group
 	ids := slices.Clone(svc.slots)
 	// Fillers under ids no service uses, so that buckets hold chains
 	// (the maps hold 4096 slots and 1024 services here).

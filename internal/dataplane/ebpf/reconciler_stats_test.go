@@ -191,9 +191,10 @@ func TestReconcilerEntriesMatchMaps(t *testing.T) {
 		servicePort("default", "empty", "http", model.TCP, "10.96.0.12:80"))); err != nil {
 		t.Fatal(err)
 	}
-	services, slots, backends, stats := r.entries()
-	want := [4]int{len(f.services.entries), len(f.slots.entries), len(f.backends.entries), len(f.stats.entries)}
-	if got := [4]int{services, slots, backends, stats}; got != want || got != [4]int{3, 4, 3, 3} {
-		t.Errorf("entries (services, slots, backends, stats) %v, the maps hold %v, want [3 4 3 3]", got, want)
+	e := r.entries()
+	want := [6]int{len(f.services.entries), len(f.slots.entries), len(f.backends.entries), len(f.stats.entries),
+		len(f.matches.entries), len(f.clusterIPs.entries)}
+	if got := [6]int{e.frontends, e.slots, e.backends, e.stats, e.matches, e.clusterIPs}; got != want || got != [6]int{3, 4, 3, 3, 0, 3} {
+		t.Errorf("entries (frontends, slots, backends, stats, matches, ClusterIPs) %v, the maps hold %v, want [3 4 3 3 0 3]", got, want)
 	}
 }
