@@ -363,6 +363,8 @@ func (r *reconciler) restoreStats() error {
 type portToApply struct {
 	port      *model.ServicePort
 	frontends []socketFrontend
+	// drop are the frontends the port held and no longer claims.
+	drop []model.Frontend
 }
 
 // sync applies a snapshot. Service ports that fail are left as they were in
@@ -384,26 +386,25 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 	claims := claimFrontends(snap, true)
 	var ports []portToApply
 	byClusterIP := make(map[model.Frontend]portToApply)
+	owned := make(map[model.ServiceName][]model.Frontend)
 	for _, name := range sortedServiceNames(snap.Services) {
 		for i := range snap.Services[name] {
 			p := &snap.Services[name][i]
-			fes := claimedFrontends(p, &snap.Node, claims)
-			if len(fes) == 0 {
-				continue
+			fes := slices.DeleteFunc(claimedFrontends(p, &snap.Node, claims), func(f socketFrontend) bool {
+				return r.heldElsewhere(snap, p, f)
+			})
+			for _, f := range fes {
+				owned[name] = append(owned[name], f.Frontend)
 			}
-			ports = append(ports, portToApply{port: p, frontends: fes})
+			if len(fes) > 0 {
+				ports = append(ports, portToApply{port: p, frontends: fes})
+			}
 		}
 	}
 	// By ClusterIP, so that what fits when maps fill up does not depend
 	// on names; the sort is stable, a ClusterIP claimed twice keeps name
 	// order.
 	slices.SortStableFunc(ports, func(a, b portToApply) int { return compareFrontends(a.port.ClusterIP, b.port.ClusterIP) })
-	for _, p := range ports {
-		if _, dup := byClusterIP[p.port.ClusterIP]; !dup {
-			byClusterIP[p.port.ClusterIP] = p
-		}
-	}
-
 	var remove []model.Frontend
 	if snap.Full {
 		for fe := range r.frontends {
@@ -425,19 +426,52 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 			}
 		}
 	}
+	// A frontend goes with the port that held it: in that port's update
+	// if it is still there, else with the rest of the port's frontends
+	// (by id when the port is unknown, after a restart).
 	slices.SortFunc(remove, compareFrontends)
+	index := make(map[model.ServicePortName]int)
+	for i, p := range ports {
+		index[p.port.Name] = i
+	}
+	type gone struct {
+		name model.ServicePortName
+		id   uint32
+	}
+	var goneOrder []gone
+	goneFrontends := make(map[gone][]model.Frontend)
+	for _, fe := range remove {
+		g := r.frontends[fe].group
+		if i, ok := index[g.name]; ok && g.name != (model.ServicePortName{}) {
+			ports[i].drop = append(ports[i].drop, fe)
+			continue
+		}
+		key := gone{name: g.name}
+		if g.name == (model.ServicePortName{}) {
+			key.id = g.id
+		}
+		if _, seen := goneFrontends[key]; !seen {
+			goneOrder = append(goneOrder, key)
+		}
+		goneFrontends[key] = append(goneFrontends[key], fe)
+	}
+	for _, p := range ports {
+		if _, dup := byClusterIP[p.port.ClusterIP]; !dup {
+			byClusterIP[p.port.ClusterIP] = p
+		}
+	}
 
 	var failed []*dataplane.ServiceError
-	for _, fe := range remove {
-		name := r.frontends[fe].group.name
-		if err := r.removeFrontend(fe); err != nil {
-			failed = append(failed, serviceError(name, fe, fmt.Errorf("removing: %w", err)))
+	for _, key := range goneOrder {
+		fes := goneFrontends[key]
+		if err := r.removePort(fes); err != nil {
+			failed = append(failed, serviceError(key.name, fes[0], fmt.Errorf("removing: %w", err)))
 		}
 	}
 	clear(r.assigned)
 	var full []*dataplane.ServiceError
 	for _, p := range ports {
-		if err := r.applyPort(p.port, p.frontends); err != nil {
+		if err := r.applyPort(p.port, p.frontends, p.drop); err != nil {
 			se := serviceError(p.port.Name, p.port.ClusterIP, err)
 			if se.Reason == dataplane.ReasonMapFull {
 				full = append(full, se)
@@ -454,7 +488,7 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		full = nil
 		for _, se := range retried {
 			p := byClusterIP[se.Frontend]
-			if err := r.applyPort(p.port, p.frontends); err != nil {
+			if err := r.applyPort(p.port, p.frontends, p.drop); err != nil {
 				full = append(full, serviceError(se.Service, se.Frontend, err))
 			}
 		}
@@ -466,17 +500,11 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 	if snap.Full {
 		clear(r.owners)
 	}
-	for name, ports := range snap.Services {
-		var fes []model.Frontend
-		for i := range ports {
-			for _, f := range claimedFrontends(&ports[i], &snap.Node, claims) {
-				fes = append(fes, f.Frontend)
-			}
-		}
-		if len(fes) == 0 {
-			delete(r.owners, name)
-		} else {
+	for name := range snap.Services {
+		if fes := owned[name]; len(fes) > 0 {
 			r.owners[name] = fes
+		} else {
+			delete(r.owners, name)
 		}
 	}
 	r.node, r.nodeKnown = snap.Node, true
@@ -496,6 +524,28 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 	return &dataplane.SyncError{Services: failed, Err: errors.Join(errs...)}
 }
 
+// heldElsewhere reports whether external frontend f, which a partial snap
+// gives to p, stays with the port of another Service that holds it: two
+// Services may name one external IP and port, and which serves it must not
+// depend on which changed last. A full sync gives it to the first in name
+// order. A ClusterIP is always taken over: the API gives each to one
+// Service, so its holder is one whose deletion has not arrived yet.
+func (r *reconciler) heldElsewhere(snap *model.Snapshot, p *model.ServicePort, f socketFrontend) bool {
+	if snap.Full || f.kind == 0 {
+		return false
+	}
+	cur := r.frontends[f.Frontend]
+	if cur == nil || cur.group.name == (model.ServicePortName{}) {
+		return false
+	}
+	holder := cur.group.name.ServiceName
+	if holder == p.Name.ServiceName {
+		return false
+	}
+	_, inSnapshot := snap.Services[holder]
+	return !inSnapshot
+}
+
 func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dataplane.ServiceError {
 	reason := dataplane.ReasonWriteFailed
 	if errors.Is(err, ErrMapFull) {
@@ -505,8 +555,9 @@ func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dat
 }
 
 // applyPort brings a service port's service ids, and the frontends it
-// claims, to what p wants, all or nothing (see reconciler).
-func (r *reconciler) applyPort(p *model.ServicePort, fes []socketFrontend) error {
+// claims, to what p wants, all or nothing (see reconciler); drop are
+// frontends the port served and no longer claims, deleted with it.
+func (r *reconciler) applyPort(p *model.ServicePort, fes []socketFrontend, drop []model.Frontend) error {
 	plans := groupsOf(p, fes)
 	proto := p.ClusterIP.Protocol
 	// Each plan keeps the id one of its frontends has, the ClusterIP's
@@ -529,6 +580,20 @@ func (r *reconciler) applyPort(p *model.ServicePort, fes []socketFrontend) error
 	if err := r.admit(plans, groups, ids, proto); err != nil {
 		return err
 	}
+	// Whatever happens below, the copy records which slots programs see
+	// and which match entries are to go, for every id the port touched.
+	touched := make(map[*appliedGroup]bool)
+	defer func() {
+		for _, g := range groups {
+			if g != nil {
+				touched[g] = true
+			}
+		}
+		for g := range touched {
+			r.recount(g)
+			r.checkMatches(g)
+		}
+	}()
 
 	// Invisible writes, each kept whatever fails after it: backends, new
 	// ids with their counters, slots past the count, match entries of
@@ -572,14 +637,45 @@ func (r *reconciler) applyPort(p *model.ServicePort, fes []socketFrontend) error
 	}
 
 	// Visible writes, undone if one fails.
-	touched := make(map[*appliedGroup]bool)
 	var log undoLog
 	err := r.showPort(plans, groups, wants, &log, touched)
+	if err == nil {
+		err = r.dropFrontends(drop, &log, touched)
+	}
 	if err != nil {
 		err = r.undo(log, err)
 	}
-	for _, g := range groups {
-		touched[g] = true
+	return err
+}
+
+// dropFrontends deletes the entries of frontends a port no longer has,
+// logging each for undo; their groups are added to touched.
+func (r *reconciler) dropFrontends(drop []model.Frontend, log *undoLog, touched map[*appliedGroup]bool) error {
+	for _, fe := range drop {
+		cur := r.frontends[fe]
+		if cur == nil {
+			continue
+		}
+		prev := *cur
+		touched[cur.group] = true
+		if err := r.deleteFrontend(fe); err != nil {
+			return err
+		}
+		*log = append(*log, portUndo{"restoring frontend " + fe.String(),
+			func() error { return r.setFrontend(fe, prev.group, prev.count, prev.flags) }})
+	}
+	return nil
+}
+
+// removePort deletes the frontends of a service port that is gone, all or
+// nothing: the writes that hide its ids' slots, which go with the ids
+// after the grace period.
+func (r *reconciler) removePort(fes []model.Frontend) error {
+	touched := make(map[*appliedGroup]bool)
+	var log undoLog
+	err := r.dropFrontends(fes, &log, touched)
+	if err != nil {
+		err = r.undo(log, err)
 	}
 	for g := range touched {
 		r.recount(g)
@@ -972,19 +1068,6 @@ func (r *reconciler) deleteFrontend(fe model.Frontend) error {
 		delete(cur.group.frontends, fe)
 		delete(r.frontends, fe)
 	}
-	return nil
-}
-
-// removeFrontend deletes a frontend no port claims any more; its id's
-// slots, once no frontend shows them, and the id go after the grace
-// period.
-func (r *reconciler) removeFrontend(fe model.Frontend) error {
-	g := r.frontends[fe].group
-	if err := r.deleteFrontend(fe); err != nil {
-		return err
-	}
-	r.recount(g)
-	r.checkMatches(g)
 	return nil
 }
 
