@@ -78,7 +78,7 @@ type fakeMaps struct {
 	// ranges is an array: every index exists, zero until written.
 	ranges *fakeMap[uint32, lbSvcRange]
 	log    []string
-	ops      int
+	ops    int
 	// fail, when set, is asked before each operation; a non-nil error is
 	// returned instead of carrying it out.
 	fail func(fakeOp) error
