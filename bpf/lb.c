@@ -190,6 +190,9 @@ enum range_kind {
 	RANGE_CLUSTER_IPS = 2,
 };
 
+/* Entries of kbp_svc_ranges. */
+#define MAX_SVC_RANGES 16
+
 struct node_config {
 	__u64 netns_cookie;
 };
@@ -329,7 +332,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, struct svc_range);
-	__uint(max_entries, 16);
+	__uint(max_entries, MAX_SVC_RANGES);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kbp_svc_ranges SEC(".maps");
 
@@ -514,7 +517,7 @@ static __always_inline enum stat_index refusal_of(__be32 addr)
 	__u32 host = kbp_htonl(addr);
 	__u32 i;
 
-	for (i = 0; i < 16; i++) {
+	for (i = 0; i < MAX_SVC_RANGES; i++) {
 		union range_word r;
 		__u64 *word = bpf_map_lookup_elem(&kbp_svc_ranges, &i);
 		__u32 mask;
