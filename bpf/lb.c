@@ -552,9 +552,12 @@ static __always_inline int in_node_netns(struct bpf_sock_addr *ctx)
 {
 	__u32 zero = 0;
 	struct node_config *node = bpf_map_lookup_elem(&kbp_node, &zero);
+	__u64 cookie;
 
-	return node && node->netns_cookie != 0 &&
-	       node->netns_cookie == bpf_get_netns_cookie(ctx);
+	if (!node)
+		return 0;
+	cookie = *(volatile __u64 *)&node->netns_cookie;
+	return cookie != 0 && cookie == bpf_get_netns_cookie(ctx);
 }
 
 /*
