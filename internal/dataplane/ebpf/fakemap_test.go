@@ -474,11 +474,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 		if len(g.hidden) > 0 && r.withHidden[id] != g {
 			t.Errorf("service id %d has hidden slots but is not indexed as such", id)
 		}
-		stale := false
-		for b := range g.matches {
-			stale = stale || g.staleMatch(b, g.affinity())
-		}
-		if stale && r.staleMatches[id] != g {
+		if len(g.staleMatches()) > 0 && r.staleMatches[id] != g {
 			t.Errorf("service id %d has match entries to delete but is not indexed as such", id)
 		}
 	}
@@ -490,10 +486,35 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	for id := range refs {
 		backendIDs[id] = struct{}{}
 	}
-	for ip := range r.clusterIPs {
+	for ip := range r.vips.set {
 		c.clusterIPs[addrToBPF(ip)] = 0
 	}
-	for i, v := range r.ranges {
+	vipRefs := make(map[netip.Addr]int)
+	for fe, fr := range r.frontends {
+		if fr.flags&kindFlags == 0 {
+			vipRefs[fe.IP]++
+		}
+	}
+	if !maps.Equal(vipRefs, r.vips.vipRefs) {
+		t.Errorf("ClusterIP frontends counted %v, the frontends are %v", r.vips.vipRefs, vipRefs)
+	}
+	// The set holds what the frontends need, but for the addresses a
+	// failed write left to the next sync.
+	for ip := range vipRefs {
+		if _, ok := r.vips.set[ip]; !ok {
+			if _, dirty := r.vips.dirty[ip]; !dirty {
+				t.Errorf("ClusterIP %s is served, missing from the set, and not to be written", ip)
+			}
+		}
+	}
+	for ip := range r.vips.set {
+		if _, ok := vipRefs[ip]; !ok {
+			if _, dirty := r.vips.dirty[ip]; !dirty {
+				t.Errorf("%s is in the ClusterIP set, no ClusterIP, and not to be deleted", ip)
+			}
+		}
+	}
+	for i, v := range r.vips.ranges {
 		c.ranges[uint32(i)] = v
 	}
 	if got, want := dumpMaps(c), f.dump(); got != want {

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"net/netip"
 	"slices"
 
 	"k8s.io/klog/v2"
@@ -73,10 +72,27 @@ func (g *appliedGroup) affinity() bool {
 	return false
 }
 
-// staleMatch reports whether the group's match entry for backend id is to
-// go: the group has no affinity, or the backend left its live slots.
-func (g *appliedGroup) staleMatch(id uint32, affinity bool) bool {
-	return !affinity || !slices.Contains(g.slots, id)
+// staleMatches returns the backend ids whose match entries are to go: all
+// when the group has no affinity, else those that left its live slots.
+func (g *appliedGroup) staleMatches() []uint32 {
+	if len(g.matches) == 0 {
+		return nil
+	}
+	var live map[uint32]bool
+	if g.affinity() {
+		live = make(map[uint32]bool, len(g.slots))
+		for _, id := range g.slots {
+			live[id] = true
+		}
+	}
+	var out []uint32
+	for id := range g.matches {
+		if !live[id] {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // reconciler owns the contents of the load-balancing maps. It keeps a copy
@@ -155,13 +171,9 @@ type reconciler struct {
 	// group serves one port.
 	assigned map[uint32]bool
 
-	// clusterIPs and ranges are what the ClusterIP set and the Service
-	// range array hold (ranges is indexed as the array).
-	clusterIPs map[netip.Addr]struct{}
-	ranges     [maxRanges]lbSvcRange
-	// rangesDropped is set once the Service CIDRs were too many for the
-	// array, which is logged once.
-	rangesDropped bool
+	// vips is what the ClusterIP set and the Service ranges hold and
+	// need (rejects.go).
+	vips clusterIPState
 
 	// node is the node as of the last sync, if nodeKnown: what the
 	// external frontends were computed from.
@@ -218,8 +230,6 @@ func (r *reconciler) restore() error {
 	r.svcIDs = newIDAllocator(r.maxServices)
 	r.backendIDs = newIDAllocator(r.maxBackends)
 	r.assigned = make(map[uint32]bool)
-	r.clusterIPs = make(map[netip.Addr]struct{})
-	r.ranges = [maxRanges]lbSvcRange{}
 	r.nodeKnown = false
 
 	err := r.maps.Backends.Iterate(func(id uint32, v lbBackendValue) error {
@@ -1015,23 +1025,16 @@ func (r *reconciler) setMatch(g *appliedGroup, id, timeout uint32) error {
 
 // checkMatches indexes g if it has match entries to delete.
 func (r *reconciler) checkMatches(g *appliedGroup) {
-	affinity := g.affinity()
-	for id := range g.matches {
-		if g.staleMatch(id, affinity) {
-			r.staleMatches[g.id] = g
-			return
-		}
+	if len(g.staleMatches()) > 0 {
+		r.staleMatches[g.id] = g
+	} else {
+		delete(r.staleMatches, g.id)
 	}
-	delete(r.staleMatches, g.id)
 }
 
 // dropStaleMatches deletes the match entries of g that are to go.
 func (r *reconciler) dropStaleMatches(g *appliedGroup) error {
-	affinity := g.affinity()
-	for _, id := range slices.Sorted(maps.Keys(g.matches)) {
-		if !g.staleMatch(id, affinity) {
-			continue
-		}
+	for _, id := range g.staleMatches() {
 		if err := r.maps.Matches.Delete(matchKey(g.id, id)); err != nil {
 			return fmt.Errorf("deleting the affinity entry of backend %d of service id %d: %w", id, g.id, err)
 		}
@@ -1049,8 +1052,15 @@ func (r *reconciler) setFrontend(fe model.Frontend, g *appliedGroup, n int, flag
 	if err := r.maps.Services.Update(frontendKey(fe), svcValue(g.id, n, flags)); err != nil {
 		return err
 	}
-	if cur := r.frontends[fe]; cur != nil && cur.group != g {
+	cur := r.frontends[fe]
+	if cur != nil && cur.group != g {
 		delete(cur.group.frontends, fe)
+	}
+	if cur != nil && cur.flags&kindFlags == 0 {
+		r.vipRef(fe.IP, -1)
+	}
+	if flags&kindFlags == 0 {
+		r.vipRef(fe.IP, 1)
 	}
 	f := &appliedFrontend{group: g, count: n, flags: flags}
 	r.frontends[fe] = f
@@ -1067,6 +1077,9 @@ func (r *reconciler) deleteFrontend(fe model.Frontend) error {
 	if cur := r.frontends[fe]; cur != nil {
 		delete(cur.group.frontends, fe)
 		delete(r.frontends, fe)
+		if cur.flags&kindFlags == 0 {
+			r.vipRef(fe.IP, -1)
+		}
 	}
 	return nil
 }
@@ -1277,7 +1290,7 @@ func (r *reconciler) entries() mapEntries {
 		backends:   len(r.backendKeys),
 		stats:      len(r.statsOrphans),
 		matches:    r.matchEntries,
-		clusterIPs: len(r.clusterIPs),
+		clusterIPs: len(r.vips.set),
 	}
 	for _, g := range r.groups {
 		if g.stats {

@@ -19,100 +19,168 @@ import (
 // in one of the ranges; a ClusterIP outside every Service CIDR known (or
 // with none known) gets a range that holds it, the last, which refuses
 // only the ClusterIPs themselves.
+//
+// The set follows the ClusterIP frontends as they are written and deleted
+// (vipRefs), so that a sync touches only the addresses it changed.
 
-// restoreRejects reads the ClusterIP set and the Service ranges.
+// clusterIPState is what the reconciler knows of the ClusterIP set and the
+// Service ranges.
+type clusterIPState struct {
+	// vipRefs counts the ClusterIP frontends in the frontend map by
+	// address: the set must hold each address counted.
+	vipRefs map[netip.Addr]int
+	// dirty are the addresses whose count changed since the set was last
+	// written; all, after a restore.
+	dirty map[netip.Addr]struct{}
+	// set is what the ClusterIP set holds.
+	set map[netip.Addr]struct{}
+	// kept are the Service CIDRs in the range array, and outside counts
+	// the addresses of the set none of them holds.
+	kept    []netip.Prefix
+	outside int
+	// ranges is what the range array holds.
+	ranges [maxRanges]lbSvcRange
+	// dropped is set once the Service CIDRs were too many for the
+	// array, which is logged once.
+	dropped bool
+}
+
+// vipRef records that a ClusterIP frontend on ip was written (delta 1) or
+// deleted (-1).
+func (r *reconciler) vipRef(ip netip.Addr, delta int) {
+	if r.vips.vipRefs[ip] += delta; r.vips.vipRefs[ip] <= 0 {
+		delete(r.vips.vipRefs, ip)
+	}
+	r.vips.dirty[ip] = struct{}{}
+}
+
+// restoreRejects reads the ClusterIP set and the Service ranges. The
+// frontends are read first: every address either counts is checked by the
+// next sync.
 func (r *reconciler) restoreRejects() error {
+	v := &r.vips
+	*v = clusterIPState{vipRefs: make(map[netip.Addr]int), dirty: make(map[netip.Addr]struct{}), set: make(map[netip.Addr]struct{})}
+	for fe, f := range r.frontends {
+		if f.flags&kindFlags == 0 {
+			r.vipRef(fe.IP, 1)
+		}
+	}
 	err := r.maps.ClusterIPs.Iterate(func(ip uint32, _ uint32) error {
-		r.clusterIPs[addrFromBPF(ip)] = struct{}{}
+		addr := addrFromBPF(ip)
+		v.set[addr] = struct{}{}
+		v.dirty[addr] = struct{}{}
 		return nil
 	})
 	if err != nil {
 		return err
 	}
-	return r.maps.Ranges.Iterate(func(i uint32, v lbSvcRange) error {
+	// Unknown until the first sync says which CIDRs the ranges are to
+	// hold: it compares them with none and counts outside afresh.
+	v.kept = nil
+	return r.maps.Ranges.Iterate(func(i uint32, rg lbSvcRange) error {
 		if i < maxRanges {
-			r.ranges[i] = v
+			v.ranges[i] = rg
 		}
 		return nil
 	})
 }
 
-// syncRejects writes the ClusterIP set and the Service ranges the applied
-// frontends and node need, and deletes what they no longer need. Nothing
-// in them is a reference to another entry: their order does not matter,
-// and a change is seen by a racing connect either way.
+// syncRejects writes the ClusterIP set and the Service ranges that the
+// applied frontends and the node's Service CIDRs need. Nothing in them is a
+// reference to another entry: their order does not matter, and a change is
+// seen by a racing connect either way. Addresses that fail stay to be
+// written by the next sync.
 func (r *reconciler) syncRejects(node *model.NodeInfo) error {
-	want := make(map[netip.Addr]struct{})
-	for fe, f := range r.frontends {
-		if f.flags&kindFlags == 0 {
-			want[fe.IP] = struct{}{}
-		}
+	v := &r.vips
+	kept := r.keptCIDRs(node.ServiceCIDRs)
+	recount := v.kept == nil || !slices.Equal(kept, v.kept)
+	covered := func(ip netip.Addr) bool {
+		return slices.ContainsFunc(kept, func(p netip.Prefix) bool { return p.Contains(ip) })
 	}
 	var errs []error
+	dirty := slices.SortedFunc(maps.Keys(v.dirty), netip.Addr.Compare)
 	// Deletes first: a set at capacity makes room for a new Service's
 	// ClusterIP in the sync that removes an old one.
-	for _, ip := range slices.SortedFunc(maps.Keys(r.clusterIPs), netip.Addr.Compare) {
-		if _, ok := want[ip]; ok {
+	for _, ip := range dirty {
+		if _, have := v.set[ip]; !have || v.vipRefs[ip] > 0 {
 			continue
 		}
 		if err := r.maps.ClusterIPs.Delete(addrToBPF(ip)); err != nil {
 			errs = append(errs, fmt.Errorf("deleting ClusterIP %s: %w", ip, err))
 			continue
 		}
-		delete(r.clusterIPs, ip)
+		delete(v.set, ip)
+		if !covered(ip) {
+			v.outside--
+		}
 	}
-	for _, ip := range slices.SortedFunc(maps.Keys(want), netip.Addr.Compare) {
-		if _, ok := r.clusterIPs[ip]; ok {
+	for _, ip := range dirty {
+		_, have := v.set[ip]
+		if need := v.vipRefs[ip] > 0; have == need {
+			delete(v.dirty, ip)
 			continue
+		}
+		if have {
+			continue // its delete failed above
 		}
 		if err := r.maps.ClusterIPs.Update(addrToBPF(ip), 0); err != nil {
 			errs = append(errs, fmt.Errorf("adding ClusterIP %s: %w", ip, err))
 			continue
 		}
-		r.clusterIPs[ip] = struct{}{}
+		v.set[ip] = struct{}{}
+		delete(v.dirty, ip)
+		if !covered(ip) {
+			v.outside++
+		}
 	}
-	ranges := r.rangesFor(node.ServiceCIDRs, r.clusterIPs)
-	for i := range ranges {
-		if ranges[i] == r.ranges[i] {
+	if recount {
+		v.kept = kept
+		v.outside = 0
+		for ip := range v.set {
+			if !covered(ip) {
+				v.outside++
+			}
+		}
+	}
+	var want [maxRanges]lbSvcRange
+	for i, p := range kept {
+		want[i] = rangeValue(p, rangeServiceCIDR)
+	}
+	if v.outside > 0 {
+		want[len(kept)] = rangeValue(netip.PrefixFrom(netip.IPv4Unspecified(), 0), rangeClusterIPs)
+	}
+	for i := range want {
+		if want[i] == v.ranges[i] {
 			continue
 		}
-		if err := r.maps.Ranges.Update(uint32(i), ranges[i]); err != nil {
+		if err := r.maps.Ranges.Update(uint32(i), want[i]); err != nil {
 			errs = append(errs, fmt.Errorf("writing Service range %d: %w", i, err))
 			continue
 		}
-		r.ranges[i] = ranges[i]
+		v.ranges[i] = want[i]
 	}
 	return errors.Join(errs...)
 }
 
-// rangesFor lays out the Service range array: the IPv4 Service CIDRs in
-// order, then, if a ClusterIP lies outside all of them, 0.0.0.0/0 for the
-// ClusterIPs only; the rest ends the list. CIDRs past what the array holds
-// are left out (said once in the log): their addresses are then refused
-// only if they are ClusterIPs.
-func (r *reconciler) rangesFor(cidrs []netip.Prefix, clusterIPs map[netip.Addr]struct{}) [maxRanges]lbSvcRange {
-	var out [maxRanges]lbSvcRange
-	var kept []netip.Prefix
+// keptCIDRs are the IPv4 Service CIDRs the range array holds, in order,
+// leaving room for the range of ClusterIPs outside them. CIDRs past what
+// the array holds are left out (said once in the log): their addresses
+// are then refused only if they are ClusterIPs.
+func (r *reconciler) keptCIDRs(cidrs []netip.Prefix) []netip.Prefix {
+	kept := []netip.Prefix{}
 	for _, p := range cidrs {
 		if !p.Addr().Is4() {
 			continue
 		}
 		if len(kept) == maxRanges-1 {
-			if !r.rangesDropped {
-				r.rangesDropped = true
+			if !r.vips.dropped {
+				r.vips.dropped = true
 				klog.InfoS("More Service CIDRs than the datapath holds: unallocated addresses of the others are not refused",
 					"held", kept, "cidrs", cidrs)
 			}
 			break
 		}
-		out[len(kept)] = rangeValue(p, rangeServiceCIDR)
 		kept = append(kept, p.Masked())
 	}
-	for ip := range clusterIPs {
-		if !slices.ContainsFunc(kept, func(p netip.Prefix) bool { return p.Contains(ip) }) {
-			out[len(kept)] = rangeValue(netip.PrefixFrom(netip.IPv4Unspecified(), 0), rangeClusterIPs)
-			break
-		}
-	}
-	return out
+	return kept
 }
