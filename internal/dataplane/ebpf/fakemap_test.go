@@ -437,18 +437,24 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	}
 	for fe, fr := range r.frontends {
 		c.services[frontendKey(fe)] = svcValue(fr.group.id, fr.count, fr.flags)
-		if g := r.groups[fr.group.id]; g != fr.group || g.frontends[fe] != fr {
+		if g := r.groups[fr.group.id]; g != fr.group || fr.fe != fe || !slices.Contains(g.frontends, fr) {
 			t.Errorf("frontend %s names service id %d, which does not list it", fe, fr.group.id)
 		}
+	}
+	if len(r.detached) > len(r.groups) {
+		t.Errorf("%d detached service ids, %d in all", len(r.detached), len(r.groups))
 	}
 	for id, g := range r.groups {
 		if id != g.id {
 			t.Errorf("service id %d is recorded under %d", g.id, id)
 		}
-		for fe, fr := range g.frontends {
-			if r.frontends[fe] != fr {
-				t.Errorf("service id %d lists frontend %s, which names another", id, fe)
+		for _, fr := range g.frontends {
+			if r.frontends[fr.fe] != fr {
+				t.Errorf("service id %d lists frontend %s, which names another", id, fr.fe)
 			}
+		}
+		if (r.detached[id] == g) != g.detached() {
+			t.Errorf("service id %d is detached: %v, indexed as such: %v", id, g.detached(), r.detached[id] == g)
 		}
 		if len(g.slots) != g.liveCount() {
 			t.Errorf("service id %d has %d live slots, its frontends' highest count is %d", id, len(g.slots), g.liveCount())

@@ -15,6 +15,7 @@ import (
 // appliedFrontend is what the kernel holds for one frontend: the service id
 // its entry names, and the count and flags in the entry's count word.
 type appliedFrontend struct {
+	fe    model.Frontend
 	group *appliedGroup
 	count int
 	flags uint32
@@ -28,8 +29,10 @@ type appliedGroup struct {
 	id uint32
 	// name is the service port last applied under this id, for errors and
 	// counters; it is unknown for what a restart found.
-	name      model.ServicePortName
-	frontends map[model.Frontend]*appliedFrontend
+	name model.ServicePortName
+	// frontends are those whose entries name the id, in no order: a
+	// ClusterIP and a few node addresses' or external IPs' at most.
+	frontends []*appliedFrontend
 	// slots[i] is the backend id slot i holds; len(slots) is the highest
 	// count in the frontends' entries, so every slot a program may pick.
 	// 0 marks a slot missing from the kernel (found so at restore), which
@@ -131,6 +134,9 @@ type reconciler struct {
 	// port whose slots await their grace period, a creation that failed
 	// before a frontend was written, or what a restart found so).
 	groups map[uint32]*appliedGroup
+	// detached indexes the groups no frontend names: what the garbage
+	// collection looks at, without walking every id.
+	detached map[uint32]*appliedGroup
 	// withHidden indexes the groups that have hidden slots.
 	withHidden map[uint32]*appliedGroup
 	// staleMatches indexes the groups with match entries to delete.
@@ -204,8 +210,9 @@ func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32
 func (r *reconciler) group(id uint32) *appliedGroup {
 	g := r.groups[id]
 	if g == nil {
-		g = &appliedGroup{id: id, frontends: make(map[model.Frontend]*appliedFrontend), matches: make(map[uint32]uint32)}
+		g = &appliedGroup{id: id}
 		r.groups[id] = g
+		r.detached[id] = g
 		r.svcIDs.reserve(id)
 	}
 	return g
@@ -218,6 +225,8 @@ func (r *reconciler) group(id uint32) *appliedGroup {
 func (r *reconciler) restore() error {
 	r.frontends = make(map[model.Frontend]*appliedFrontend)
 	r.groups = make(map[uint32]*appliedGroup)
+	r.detached = make(map[uint32]*appliedGroup)
+	r.vips = newClusterIPState()
 	r.withHidden = make(map[uint32]*appliedGroup)
 	r.staleMatches = make(map[uint32]*appliedGroup)
 	r.backends = make(map[backendKey]uint32)
@@ -259,10 +268,7 @@ func (r *reconciler) restore() error {
 
 	err = r.maps.Services.Iterate(func(k lbSvcKey, v lbSvcValue) error {
 		g := r.group(v.Id)
-		f := &appliedFrontend{group: g, count: countOf(v), flags: flagsOf(v)}
-		fe := frontendFromKey(k)
-		r.frontends[fe] = f
-		g.frontends[fe] = f
+		r.attach(&appliedFrontend{fe: frontendFromKey(k), group: g, count: countOf(v), flags: flagsOf(v)})
 		return nil
 	})
 	if err != nil {
@@ -293,6 +299,9 @@ func (r *reconciler) restore() error {
 
 	err = r.maps.Matches.Iterate(func(k lbMatchKey, timeout uint32) error {
 		g := r.group(k.SvcId)
+		if g.matches == nil {
+			g.matches = make(map[uint32]uint32)
+		}
 		g.matches[k.BackendId] = timeout
 		r.matchEntries++
 		r.holdRestored(k.BackendId)
@@ -478,7 +487,8 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 			failed = append(failed, serviceError(key.name, fes[0], fmt.Errorf("removing: %w", err)))
 		}
 	}
-	clear(r.assigned)
+	// A new map: clearing one sized by the last full sync costs as much.
+	r.assigned = make(map[uint32]bool)
 	var full []*dataplane.ServiceError
 	for _, p := range ports {
 		if err := r.applyPort(p.port, p.frontends, p.drop); err != nil {
@@ -800,8 +810,9 @@ func (r *reconciler) newGroup(name model.ServicePortName) (*appliedGroup, error)
 	if err != nil {
 		return nil, fmt.Errorf("%w: no free service id (%v); raise --%s", ErrMapFull, err, FlagMaxServices)
 	}
-	g := &appliedGroup{id: id, name: name, frontends: make(map[model.Frontend]*appliedFrontend), matches: make(map[uint32]uint32)}
+	g := &appliedGroup{id: id, name: name}
 	r.groups[id] = g
+	r.detached[id] = g
 	// The write replaces an entry an earlier holder of the id left.
 	delete(r.statsOrphans, id)
 	if err := r.maps.Stats.Update(id, lbSvcStats{}); err != nil {
@@ -1015,6 +1026,9 @@ func (r *reconciler) setMatch(g *appliedGroup, id, timeout uint32) error {
 	if err := r.maps.Matches.Update(matchKey(g.id, id), timeout); err != nil {
 		return err
 	}
+	if g.matches == nil {
+		g.matches = make(map[uint32]uint32)
+	}
 	if _, existed := g.matches[id]; !existed {
 		r.matchEntries++
 		r.ref(id)
@@ -1052,20 +1066,36 @@ func (r *reconciler) setFrontend(fe model.Frontend, g *appliedGroup, n int, flag
 	if err := r.maps.Services.Update(frontendKey(fe), svcValue(g.id, n, flags)); err != nil {
 		return err
 	}
-	cur := r.frontends[fe]
-	if cur != nil && cur.group != g {
-		delete(cur.group.frontends, fe)
+	r.forget(fe)
+	r.attach(&appliedFrontend{fe: fe, group: g, count: n, flags: flags})
+	return nil
+}
+
+// attach records f as its frontend's entry.
+func (r *reconciler) attach(f *appliedFrontend) {
+	r.frontends[f.fe] = f
+	f.group.frontends = append(f.group.frontends, f)
+	delete(r.detached, f.group.id)
+	if f.flags&kindFlags == 0 {
+		r.vipRef(f.fe.IP, 1)
 	}
-	if cur != nil && cur.flags&kindFlags == 0 {
+}
+
+// forget records that fe has no entry (any more).
+func (r *reconciler) forget(fe model.Frontend) {
+	cur := r.frontends[fe]
+	if cur == nil {
+		return
+	}
+	delete(r.frontends, fe)
+	g := cur.group
+	g.frontends = slices.DeleteFunc(g.frontends, func(f *appliedFrontend) bool { return f == cur })
+	if cur.group.detached() {
+		r.detached[cur.group.id] = cur.group
+	}
+	if cur.flags&kindFlags == 0 {
 		r.vipRef(fe.IP, -1)
 	}
-	if flags&kindFlags == 0 {
-		r.vipRef(fe.IP, 1)
-	}
-	f := &appliedFrontend{group: g, count: n, flags: flags}
-	r.frontends[fe] = f
-	g.frontends[fe] = f
-	return nil
 }
 
 // deleteFrontend deletes the entry of fe, the write that hides it from new
@@ -1074,13 +1104,7 @@ func (r *reconciler) deleteFrontend(fe model.Frontend) error {
 	if err := r.maps.Services.Delete(frontendKey(fe)); err != nil {
 		return err
 	}
-	if cur := r.frontends[fe]; cur != nil {
-		delete(cur.group.frontends, fe)
-		delete(r.frontends, fe)
-		if cur.flags&kindFlags == 0 {
-			r.vipRef(fe.IP, -1)
-		}
-	}
+	r.forget(fe)
 	return nil
 }
 
@@ -1147,8 +1171,8 @@ func (r *reconciler) needsGrace() bool {
 	// A program that read a removed frontend's id may still add to the
 	// id's counters: deleting them under it could make the add land in
 	// whatever entry reuses the memory.
-	for _, g := range r.groups {
-		if g.detached() && g.stats && len(g.hidden) == 0 && len(g.matches) == 0 {
+	for _, g := range r.detached {
+		if g.stats && len(g.hidden) == 0 && len(g.matches) == 0 {
 			return true
 		}
 	}
@@ -1198,9 +1222,9 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 			delete(r.withHidden, svcID)
 		}
 	}
-	for _, id := range slices.Sorted(maps.Keys(r.groups)) {
-		g := r.groups[id]
-		if !g.detached() || len(g.hidden) > 0 || len(g.matches) > 0 {
+	for _, id := range slices.Sorted(maps.Keys(r.detached)) {
+		g := r.detached[id]
+		if len(g.hidden) > 0 || len(g.matches) > 0 {
 			continue
 		}
 		if g.stats {
@@ -1211,6 +1235,7 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 			g.stats = false
 		}
 		delete(r.groups, id)
+		delete(r.detached, id)
 		r.svcIDs.release(id)
 		freed = true
 	}
@@ -1241,7 +1266,22 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 		delete(r.unreferenced, id)
 		freed = true
 	}
+	r.unreferenced = emptied(r.unreferenced)
+	r.detached = emptied(r.detached)
+	r.withHidden = emptied(r.withHidden)
+	r.staleMatches = emptied(r.staleMatches)
+	r.statsOrphans = emptied(r.statsOrphans)
 	return freed, errors.Join(errs...)
+}
+
+// emptied returns m, or a new map if m is empty: the indexes above are
+// walked by every sync, and walking a map costs what it once held (a
+// full sync puts every id and backend in some), not what it holds.
+func emptied[K comparable, V any](m map[K]V) map[K]V {
+	if len(m) == 0 {
+		return make(map[K]V)
+	}
+	return m
 }
 
 // forgetBackend records the deletion of a backend id.

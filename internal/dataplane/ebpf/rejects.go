@@ -54,17 +54,16 @@ func (r *reconciler) vipRef(ip netip.Addr, delta int) {
 	r.vips.dirty[ip] = struct{}{}
 }
 
-// restoreRejects reads the ClusterIP set and the Service ranges. The
-// frontends are read first: every address either counts is checked by the
-// next sync.
+// newClusterIPState is the state before restoreRejects, which follows the
+// restore of the frontends, each of which counted its ClusterIP.
+func newClusterIPState() clusterIPState {
+	return clusterIPState{vipRefs: make(map[netip.Addr]int), dirty: make(map[netip.Addr]struct{}), set: make(map[netip.Addr]struct{})}
+}
+
+// restoreRejects reads the ClusterIP set and the Service ranges. Every
+// address the frontends or the set has is checked by the next sync.
 func (r *reconciler) restoreRejects() error {
 	v := &r.vips
-	*v = clusterIPState{vipRefs: make(map[netip.Addr]int), dirty: make(map[netip.Addr]struct{}), set: make(map[netip.Addr]struct{})}
-	for fe, f := range r.frontends {
-		if f.flags&kindFlags == 0 {
-			r.vipRef(fe.IP, 1)
-		}
-	}
 	err := r.maps.ClusterIPs.Iterate(func(ip uint32, _ uint32) error {
 		addr := addrFromBPF(ip)
 		v.set[addr] = struct{}{}
@@ -133,6 +132,7 @@ func (r *reconciler) syncRejects(node *model.NodeInfo) error {
 			v.outside++
 		}
 	}
+	v.dirty = emptied(v.dirty)
 	if recount {
 		v.kept = kept
 		v.outside = 0
