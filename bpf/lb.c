@@ -18,7 +18,8 @@
  *                                   hands a v4-mapped destination to
  *                                   udp_sendmsg as a sockaddr_in
  *   UDP send() when connected       sendmsg4 as well, with the peer (the
- *                                   backend already): not a Service, a miss
+ *                                   backend already): not a Service, a miss,
+ *                                   and no Service address: let through
  *   recvfrom(), getpeername()       recvmsg6, getpeername6, showing ::ffff:
  *   connect/sendto(sockaddr_in)     connect4, sendmsg4: the IPv4 path
  * So connect6, recvmsg6 and getpeername6 handle v4-mapped addresses (the
@@ -28,7 +29,9 @@
  * 5.18): udpv6_sendmsg sent v4-mapped destinations to udp_sendmsg before the
  * sendmsg hooks came (4.18), and the *6 hooks we use exist since 4.17
  * (connect6), 5.2 (recvmsg6) and 5.8 (getpeername6). Anything that is not
- * v4-mapped is real IPv6 and passes untouched.
+ * v4-mapped is real IPv6 and passes untouched. The other helpers used came
+ * before 5.18 too: bpf_get_netns_cookie for these programs in 5.7,
+ * bpf_ktime_get_coarse_ns in 5.11.
  *
  * Map layout (written by internal/dataplane/ebpf, make-before-break):
  *   kbp_services  frontend -> {service id, count word}. A frontend is a
@@ -206,7 +209,7 @@ struct node_config {
 struct svc_stats {
 	__u64 connections; /* connect4/connect6 translated: TCP, connected UDP */
 	__u64 datagrams;   /* sendmsg4 translated: unconnected UDP */
-	__u64 refused;     /* every refusal: no backend, missing slot or backend */
+	__u64 refused;     /* every refusal: no (local) backend, missing slot or backend */
 	__u64 reverse;     /* recvmsg and getpeername shown the frontend */
 };
 
