@@ -34,12 +34,16 @@
  * bpf_ktime_get_coarse_ns in 5.11.
  *
  * Map layout (written by internal/dataplane/ebpf, make-before-break):
- *   kbp_services  frontend -> {service id, count word}. A frontend is a
+ *   kbp_services  frontend -> {id word, backend count}. A frontend is a
  *                 ClusterIP, a NodePort on a node address, a local
  *                 external IP or a LoadBalancer IP (see "Frontends").
- *                 The count word holds the backend count in its low 24
- *                 bits and flags (enum svc_flag) in its high 8, so that
- *                 both come in the one load that reads the entry.
+ *                 The id word holds the service id in its low 24 bits
+ *                 and flags (enum svc_flag) in its high 8, so that all
+ *                 come in the one load that reads the entry. (Flags there
+ *                 rather than in the count: a binary from before them,
+ *                 started over these maps, reads an unknown id, and its
+ *                 first sync serves the ClusterIPs under it again; a
+ *                 count it reads must be one.)
  *   kbp_slots     {service id, slot 0..count-1} -> backend id
  *   kbp_backends  backend id -> {address, port, protocol}
  *   kbp_revnat    {socket cookie, backend address, port} -> frontend,
@@ -91,21 +95,18 @@ struct svc_key {
 };
 
 struct svc_value {
+	/* The service id in the bits of SVC_ID_MASK, enum svc_flag above. */
 	__u32 id;
-	/*
-	 * The backend count (0: the service exists and refuses connections)
-	 * in the bits of SVC_COUNT_MASK, enum svc_flag in the others.
-	 */
-	__u32 count;
+	__u32 count; /* 0: the service exists and refuses connections */
 };
 
 /*
- * The high bits of a frontend's count word. The first two are the service
+ * The high bits of a frontend's id word. The first two are the service
  * id's, written alike in each of its frontends; the others say what kind
  * of frontend the entry is.
  */
 enum svc_flag {
-	SVC_COUNT_MASK = 0x00ffffff,
+	SVC_ID_MASK = 0x00ffffff,
 	/* Session affinity: reuse the client's last backend (kbp_affinity). */
 	SVC_F_AFFINITY = 1 << 24,
 	/*
@@ -649,7 +650,7 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	struct svc_stats *stats;
 	enum stat_index reason;
 	__u64 *word;
-	__u32 backend_id, count, flags, now = 0;
+	__u32 svc_id, backend_id, flags, now = 0;
 	__u8 proto = ctx->protocol;
 
 	*verdict = 1;
@@ -664,11 +665,11 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 			*verdict = refuse(reason, 0);
 		return 0; /* not a Service: leave the call alone */
 	}
-	count = svc.value.count & SVC_COUNT_MASK;
-	flags = svc.value.count & ~SVC_COUNT_MASK;
+	svc_id = svc.value.id & SVC_ID_MASK;
+	flags = svc.value.id & ~SVC_ID_MASK;
 	if ((flags & SVC_F_NODE_NETNS_ONLY) && !in_node_netns(ctx))
 		return 0; /* a pod's own loopback */
-	if (count == 0) {
+	if (svc.value.count == 0) {
 		/*
 		 * internalTrafficPolicy Local with endpoints on other nodes
 		 * only: kube-proxy drops the packet, and the client retries
@@ -679,19 +680,19 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 		reason = STAT_REFUSED_NO_BACKEND;
 		if (flags & SVC_F_NO_LOCAL_ENDPOINT)
 			reason = STAT_REFUSED_NO_LOCAL_ENDPOINT;
-		*verdict = refuse(reason, svc.value.id);
+		*verdict = refuse(reason, svc_id);
 		return 0;
 	}
 	if (flags & SVC_F_AFFINITY) {
 		affinity.netns_cookie = bpf_get_netns_cookie(ctx);
-		affinity.svc_id = svc.value.id;
+		affinity.svc_id = svc_id;
 		now = now_seconds();
 	}
 	if (!(flags & SVC_F_AFFINITY) || !affinity_backend(&affinity, now, &backend_id)) {
-		slot.svc_id = svc.value.id;
-		slot.slot = pick_slot(ctx, proto, count);
+		slot.svc_id = svc_id;
+		slot.slot = pick_slot(ctx, proto, svc.value.count);
 		if (!read_value32(&kbp_slots, &slot, &backend_id)) {
-			*verdict = refuse(STAT_REFUSED_MISSING_SLOT, svc.value.id);
+			*verdict = refuse(STAT_REFUSED_MISSING_SLOT, svc_id);
 			return 0;
 		}
 		if (flags & SVC_F_AFFINITY)
@@ -704,7 +705,7 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	 */
 	word = bpf_map_lookup_elem(&kbp_backends, &backend_id);
 	if (!word) {
-		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND, svc.value.id);
+		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND, svc_id);
 		return 0;
 	}
 	found.word = *(volatile __u64 *)word;
@@ -715,7 +716,7 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 		count_event(STAT_NODEPORT_TRANSLATED);
 	else if (flags & SVC_F_EXTERNAL)
 		count_event(STAT_EXTERNAL_TRANSLATED);
-	stats = svc_stats_of(svc.value.id);
+	stats = svc_stats_of(svc_id);
 	if (stats) {
 		if (translated_event == STAT_SENDMSG_TRANSLATED)
 			stats->datagrams += 1;
@@ -747,7 +748,7 @@ static __always_inline void count_reverse(struct bpf_sock_addr *ctx,
 
 	if (!svc)
 		return;
-	stats = svc_stats_of(*(volatile __u32 *)&svc->id);
+	stats = svc_stats_of(*(volatile __u32 *)&svc->id & SVC_ID_MASK);
 	if (stats)
 		stats->reverse += 1;
 }

@@ -98,8 +98,8 @@ func New(cfg Config) (*Dataplane, error) {
 	if cfg.MaxServices == 0 || cfg.MaxBackends == 0 || cfg.MaxSockets == 0 {
 		return nil, errors.New("map capacities must be positive")
 	}
-	if cfg.MaxBackends > uint32(maxCount) {
-		return nil, fmt.Errorf("--%s=%d is more than the datapath can count (%d)", FlagMaxBackends, cfg.MaxBackends, maxCount)
+	if cfg.MaxServices > maxServiceIDs {
+		return nil, fmt.Errorf("--%s=%d is more service ids than the datapath holds (%d)", FlagMaxServices, cfg.MaxServices, maxServiceIDs)
 	}
 	k, err := load(cfg)
 	if err != nil {

@@ -145,7 +145,7 @@ func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 
 // svcValueText renders a frontend's entry: its id, count and flags.
 func svcValueText(v lbSvcValue) string {
-	text := fmt.Sprintf("id=%d count=%d", v.Id, countOf(v))
+	text := fmt.Sprintf("id=%d count=%d", idOf(v), countOf(v))
 	for _, fl := range []struct {
 		bit  uint32
 		name string
@@ -299,7 +299,7 @@ func dumpMaps(c fakeContents) string {
 func checkNoHoles(f *fakeMaps) error {
 	for k, v := range f.services.entries {
 		for slot := range uint32(countOf(v)) {
-			id, ok := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
+			id, ok := f.slots.entries[lbSlotKey{SvcId: idOf(v), Slot: slot}]
 			if !ok {
 				return fmt.Errorf("service %s: slot %d of %d missing", frontendFromKey(k), slot, countOf(v))
 			}
@@ -317,7 +317,7 @@ func checkNoHoles(f *fakeMaps) error {
 		// An affinity entry may name any backend a match entry of the id
 		// names.
 		for m := range f.matches.entries {
-			if m.SvcId != v.Id {
+			if m.SvcId != idOf(v) {
 				continue
 			}
 			b, ok := f.backends.entries[m.BackendId]
@@ -361,13 +361,13 @@ func watchReaders(t *testing.T, f *fakeMaps) {
 	ids := make(map[uint32]bool)
 	observe := func() {
 		for _, v := range f.services.entries {
-			ids[v.Id] = true
+			ids[idOf(v)] = true
 			for slot := range uint32(countOf(v)) {
-				slots[lbSlotKey{SvcId: v.Id, Slot: slot}] = true
+				slots[lbSlotKey{SvcId: idOf(v), Slot: slot}] = true
 			}
 			if flagsOf(v)&svcFlagAffinity != 0 {
 				for m := range f.matches.entries {
-					if m.SvcId == v.Id {
+					if m.SvcId == idOf(v) {
 						backends[m.BackendId] = true
 					}
 				}
@@ -559,7 +559,7 @@ func liveSet(f *fakeMaps, fe model.Frontend) (backends []string, ok bool) {
 		return nil, false
 	}
 	for slot := range uint32(countOf(v)) {
-		id := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
+		id := f.slots.entries[lbSlotKey{SvcId: idOf(v), Slot: slot}]
 		b, found := f.backends.entries[id]
 		if !found {
 			backends = append(backends, fmt.Sprintf("<hole at slot %d>", slot))

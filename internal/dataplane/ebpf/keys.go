@@ -61,11 +61,11 @@ func backendKeyFromValue(v lbBackendValue) backendKey {
 	}
 }
 
-// The high bits of a frontend's count word, as enum svc_flag in bpf/lb.c
+// The high bits of a frontend's id word, as enum svc_flag in bpf/lb.c
 // defines them (TestSvcFlagsMatchLbC keeps the two in step): the service
 // id's flags, then the frontend's kind.
 const (
-	svcCountMask           uint32 = 0x00ffffff
+	svcIDMask              uint32 = 0x00ffffff
 	svcFlagAffinity        uint32 = 1 << 24
 	svcFlagNoLocalEndpoint uint32 = 1 << 25
 	svcFlagNodePort        uint32 = 1 << 26
@@ -78,8 +78,8 @@ const (
 	kindFlags = svcFlagNodePort | svcFlagExternal | svcFlagNodeNetNSOnly
 )
 
-// maxCount is the most backends one service id can have: the count's bits.
-const maxCount = int(svcCountMask)
+// maxServiceIDs is the most service ids the id word holds.
+const maxServiceIDs = svcIDMask
 
 // Kinds of a Service range entry, enum range_kind in bpf/lb.c.
 const (
@@ -89,12 +89,13 @@ const (
 )
 
 func svcValue(id uint32, count int, flags uint32) lbSvcValue {
-	return lbSvcValue{Id: id, Count: uint32(count)&svcCountMask | flags&^svcCountMask}
+	return lbSvcValue{Id: id&svcIDMask | flags&^svcIDMask, Count: uint32(count)}
 }
 
-// countOf and flagsOf split a frontend entry's count word.
-func countOf(v lbSvcValue) int    { return int(v.Count & svcCountMask) }
-func flagsOf(v lbSvcValue) uint32 { return v.Count &^ svcCountMask }
+// idOf and flagsOf split a frontend entry's id word; countOf is its count.
+func idOf(v lbSvcValue) uint32    { return v.Id & svcIDMask }
+func flagsOf(v lbSvcValue) uint32 { return v.Id &^ svcIDMask }
+func countOf(v lbSvcValue) int    { return int(v.Count) }
 
 func matchKey(svcID, backendID uint32) lbMatchKey {
 	return lbMatchKey{SvcId: svcID, BackendId: backendID}

@@ -27,7 +27,7 @@ func TestSvcFlagsMatchLbC(t *testing.T) {
 		defined[string(m[1])] = v
 	}
 	for name, want := range map[string]uint64{
-		"SVC_COUNT_MASK":          uint64(svcCountMask),
+		"SVC_ID_MASK":             uint64(svcIDMask),
 		"SVC_F_AFFINITY":          uint64(svcFlagAffinity),
 		"SVC_F_NO_LOCAL_ENDPOINT": uint64(svcFlagNoLocalEndpoint),
 		"SVC_F_NODEPORT":          uint64(svcFlagNodePort),

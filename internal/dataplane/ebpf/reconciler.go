@@ -267,7 +267,7 @@ func (r *reconciler) restore() error {
 	}
 
 	err = r.maps.Services.Iterate(func(k lbSvcKey, v lbSvcValue) error {
-		g := r.group(v.Id)
+		g := r.group(idOf(v))
 		r.attach(&appliedFrontend{fe: frontendFromKey(k), group: g, count: countOf(v), flags: flagsOf(v)})
 		return nil
 	})
@@ -884,9 +884,6 @@ func (r *reconciler) admit(plans []groupPlan, groups []*appliedGroup, ids [][]ui
 			}
 		}
 		n := len(ids[i])
-		if n > maxCount {
-			return fmt.Errorf("%w: %d backends are more than one service id holds (%d)", ErrMapFull, n, maxCount)
-		}
 		// Slots: every backend for a new id; for an existing one, the keys
 		// its update creates: slots past the count not held hidden
 		// already, and live slots found missing.
