@@ -18,7 +18,8 @@
  *                                   hands a v4-mapped destination to
  *                                   udp_sendmsg as a sockaddr_in
  *   UDP send() when connected       sendmsg4 as well, with the peer (the
- *                                   backend already): not a Service, a miss
+ *                                   backend already): not a Service, a miss,
+ *                                   and no Service address: let through
  *   recvfrom(), getpeername()       recvmsg6, getpeername6, showing ::ffff:
  *   connect/sendto(sockaddr_in)     connect4, sendmsg4: the IPv4 path
  * So connect6, recvmsg6 and getpeername6 handle v4-mapped addresses (the
@@ -28,10 +29,21 @@
  * 5.18): udpv6_sendmsg sent v4-mapped destinations to udp_sendmsg before the
  * sendmsg hooks came (4.18), and the *6 hooks we use exist since 4.17
  * (connect6), 5.2 (recvmsg6) and 5.8 (getpeername6). Anything that is not
- * v4-mapped is real IPv6 and passes untouched.
+ * v4-mapped is real IPv6 and passes untouched. The other helpers used came
+ * before 5.18 too: bpf_get_netns_cookie for these programs in 5.7,
+ * bpf_ktime_get_coarse_ns in 5.11.
  *
  * Map layout (written by internal/dataplane/ebpf, make-before-break):
- *   kbp_services  frontend -> {service id, backend count}
+ *   kbp_services  frontend -> {id word, backend count}. A frontend is a
+ *                 ClusterIP, a NodePort on a node address, a local
+ *                 external IP or a LoadBalancer IP (see "Frontends").
+ *                 The id word holds the service id in its low 24 bits
+ *                 and flags (enum svc_flag) in its high 8, so that all
+ *                 come in the one load that reads the entry. (Flags there
+ *                 rather than in the count: a binary from before them,
+ *                 started over these maps, reads an unknown id, and its
+ *                 first sync serves the ClusterIPs under it again; a
+ *                 count it reads must be one.)
  *   kbp_slots     {service id, slot 0..count-1} -> backend id
  *   kbp_backends  backend id -> {address, port, protocol}
  *   kbp_revnat    {socket cookie, backend address, port} -> frontend,
@@ -43,6 +55,31 @@
  *                 user space creates a zeroed entry before the id's
  *                 frontend appears and deletes it when the id is freed,
  *                 programs only look up and add
+ *   kbp_affinity  {client netns cookie, service id} -> {backend id, last
+ *                 use}: session affinity, written by the programs (LRU)
+ *   kbp_aff_match {service id, backend id} -> affinity timeout, for each
+ *                 backend of a service id with affinity: what an affinity
+ *                 entry may still be used for
+ *   kbp_cluster_ips  the ClusterIPs (any port), and
+ *   kbp_svc_ranges   the Service CIDRs: a connect to a ClusterIP on a port
+ *                 it does not serve, or to an address of the Service range
+ *                 that is no ClusterIP, is refused (see refusal_of)
+ *   kbp_node      the node's network namespace cookie
+ *
+ * Frontends. A service id stands for a set of frontends that share one
+ * backend list: a service port's ClusterIP, and its external frontends as
+ * sockets on the node reach them, which go to the port's Cluster endpoints
+ * even under externalTrafficPolicy Local (kube-proxy's short circuit for
+ * traffic from the node and its pods). Under internalTrafficPolicy Local
+ * the two lists differ and the port has two ids. External frontends served
+ * here are NodePorts on the node addresses chosen for them, external IPs
+ * that are the node's own (an external IP elsewhere is the network's to
+ * route, and the node's stack applies the iptables rules for it: the
+ * CVE-2020-8554 guard) and LoadBalancer IPs without source ranges (with
+ * ranges the source address decides, which a socket does not have at
+ * connect(): the iptables rules serve those). A loopback NodePort frontend
+ * is the node's loopback: it is served to the node's own sockets only, a
+ * pod's 127.0.0.1 being the pod's.
  *
  * Map sizes below are placeholders: the loader sets them from its flags.
  */
@@ -58,8 +95,30 @@ struct svc_key {
 };
 
 struct svc_value {
+	/* The service id in the bits of SVC_ID_MASK, enum svc_flag above. */
 	__u32 id;
 	__u32 count; /* 0: the service exists and refuses connections */
+};
+
+/*
+ * The high bits of a frontend's id word. The first two are the service
+ * id's, written alike in each of its frontends; the others say what kind
+ * of frontend the entry is.
+ */
+enum svc_flag {
+	SVC_ID_MASK = 0x00ffffff,
+	/* Session affinity: reuse the client's last backend (kbp_affinity). */
+	SVC_F_AFFINITY = 1 << 24,
+	/*
+	 * With count 0: this node has no endpoint for the port's
+	 * internalTrafficPolicy Local, others have (see choose_backend).
+	 */
+	SVC_F_NO_LOCAL_ENDPOINT = 1 << 25,
+	SVC_F_NODEPORT = 1 << 26,
+	/* An external IP or a LoadBalancer IP. */
+	SVC_F_EXTERNAL = 1 << 27,
+	/* Served to sockets in the node's network namespace only. */
+	SVC_F_NODE_NETNS_ONLY = 1 << 28,
 };
 
 struct slot_key {
@@ -88,6 +147,61 @@ struct revnat_value {
 };
 
 /*
+ * Session affinity is keyed by the client's network namespace: at
+ * connect() a socket has no source address yet (it is chosen by the route
+ * to the backend, which is what the program is choosing), and a pod has
+ * one address, so its namespace stands for the client IP kube-proxy keys
+ * on. The node's own processes (hostNetwork pods included) share the
+ * node's namespace, and so one affinity, as they share the node's
+ * addresses for kube-proxy.
+ */
+struct affinity_key {
+	__u64 netns_cookie;
+	__u32 svc_id;
+	__u32 pad;
+};
+
+struct affinity_value {
+	__u32 backend_id;
+	/* Seconds of CLOCK_MONOTONIC at the last connect that used it. */
+	__u32 last_used;
+};
+
+struct match_key {
+	__u32 svc_id;
+	__u32 backend_id;
+};
+
+/*
+ * One range of Service addresses, in kbp_svc_ranges. Entries are used in
+ * index order up to the first RANGE_END.
+ */
+struct svc_range {
+	__be32 net;
+	__u8 bits; /* prefix length */
+	__u8 kind; /* enum range_kind */
+	__u16 pad;
+};
+
+enum range_kind {
+	RANGE_END = 0,
+	/* A Service CIDR: an address in it that is no ClusterIP is refused. */
+	RANGE_SERVICE_CIDR = 1,
+	/*
+	 * ClusterIPs may lie here, outside every Service CIDR known (or
+	 * none is known): only the ClusterIPs themselves are refused.
+	 */
+	RANGE_CLUSTER_IPS = 2,
+};
+
+/* Entries of kbp_svc_ranges. */
+#define MAX_SVC_RANGES 16
+
+struct node_config {
+	__u64 netns_cookie;
+};
+
+/*
  * What happened to one service port, per CPU. User space sums the CPUs.
  * Each counter is incremented without atomics: a program runs on one CPU
  * and migration is disabled while it does, so only two runs interleaving
@@ -96,10 +210,14 @@ struct revnat_value {
 struct svc_stats {
 	__u64 connections; /* connect4/connect6 translated: TCP, connected UDP */
 	__u64 datagrams;   /* sendmsg4 translated: unconnected UDP */
-	__u64 refused;     /* every refusal: no backend, missing slot or backend */
+	__u64 refused;     /* every refusal: no (local) backend, missing slot or backend */
 	__u64 reverse;     /* recvmsg and getpeername shown the frontend */
 };
 
+/*
+ * New indexes go at the end: the pinned counters keep their meaning
+ * across versions, and the map grows (the loader copies it).
+ */
 enum stat_index {
 	STAT_CONNECT_TRANSLATED = 0,
 	STAT_SENDMSG_TRANSLATED = 1,
@@ -109,7 +227,14 @@ enum stat_index {
 	STAT_REVNAT_UPDATE_FAILED = 5,
 	STAT_LOOKUP_RACED = 6,
 	STAT_REFUSED_MISSING_BACKEND = 7,
-	STAT_MAX = 8,
+	/* Translations (connects and datagrams) by kind of frontend. */
+	STAT_NODEPORT_TRANSLATED = 8,
+	STAT_EXTERNAL_TRANSLATED = 9,
+	STAT_AFFINITY_HIT = 10,
+	STAT_REFUSED_UNKNOWN_PORT = 11,
+	STAT_REFUSED_UNALLOCATED = 12,
+	STAT_REFUSED_NO_LOCAL_ENDPOINT = 13,
+	STAT_MAX = 14,
 };
 
 struct {
@@ -168,6 +293,60 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kbp_svc_stats SEC(".maps");
+
+/*
+ * LRU: a client namespace that goes, or stops using a Service, leaves an
+ * entry that ages out; when the map is full the least recently used
+ * affinity is forgotten, the client then picks a backend afresh.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct match_key);
+	__type(value, __u32); /* the affinity timeout in seconds */
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_aff_match SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __be32);
+	__type(value, __u32); /* unused */
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_cluster_ips SEC(".maps");
+
+/*
+ * An array read in full by every connect that is no Service's: most
+ * clusters have one Service CIDR per family, so the walk ends after two
+ * entries, each an inlined array access and a compare. A hash lookup (a
+ * set of the ClusterIPs) or an LPM trie walk costs more, and would be
+ * paid by every connect to anything but a Service.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct svc_range);
+	__uint(max_entries, MAX_SVC_RANGES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_svc_ranges SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct node_config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp_node SEC(".maps");
 
 static __always_inline void count_event(enum stat_index index)
 {
@@ -236,12 +415,15 @@ static __always_inline struct svc_stats *svc_stats_of(__u32 svc_id)
 
 /*
  * Refuse the call with ECONNREFUSED instead of the EPERM a plain 0 gives,
- * counted globally by reason and on the service.
+ * counted globally by reason and on the service, if there is one (svc_id
+ * 0 is none).
  */
 static __always_inline int refuse(enum stat_index reason, __u32 svc_id)
 {
-	struct svc_stats *stats = svc_stats_of(svc_id);
+	struct svc_stats *stats = 0;
 
+	if (svc_id)
+		stats = svc_stats_of(svc_id);
 	if (stats)
 		stats->refused += 1;
 	count_event(reason);
@@ -309,14 +491,152 @@ union revnat_word {
 	struct revnat_value value;
 };
 
+union affinity_word {
+	__u64 word;
+	struct affinity_value value;
+};
+
+union range_word {
+	__u64 word;
+	struct svc_range value;
+};
+
+/*
+ * Why a connect to IPv4 address addr (in network order), which is no
+ * frontend, is refused, as kube-proxy refuses it: a ClusterIP on a port
+ * its Service does not have (STAT_REFUSED_UNKNOWN_PORT), or an address of
+ * a Service CIDR that is no ClusterIP (STAT_REFUSED_UNALLOCATED); STAT_MAX
+ * lets it through. The ranges are walked in order: the Service CIDRs,
+ * then, if some ClusterIP lies outside them, a range that holds it. The
+ * ClusterIP set is looked up only for an address in a range.
+ *
+ * The reconciler writes an entry in place, which a program may read while
+ * it changes (an array's update copies into the element): each entry is
+ * read in one load, so it is one range or the other, and a change of the
+ * ranges (rare: a ServiceCIDR added or removed) may decide one connect by
+ * the old ranges or a mix of old and new.
+ */
+static __always_inline enum stat_index refusal_of(__be32 addr)
+{
+	__u32 host = kbp_htonl(addr);
+	__u32 i;
+
+	for (i = 0; i < MAX_SVC_RANGES; i++) {
+		union range_word r;
+		__u64 *word = bpf_map_lookup_elem(&kbp_svc_ranges, &i);
+		__u32 mask;
+
+		if (!word)
+			break;
+		r.word = *(volatile __u64 *)word;
+		if (r.value.kind == RANGE_END)
+			break;
+		if (r.value.bits == 0)
+			mask = 0;
+		else if (r.value.bits >= 32)
+			mask = ~0U;
+		else
+			mask = ~0U << (32 - r.value.bits);
+		if ((host & mask) != (kbp_htonl(r.value.net) & mask))
+			continue;
+		if (bpf_map_lookup_elem(&kbp_cluster_ips, &addr))
+			return STAT_REFUSED_UNKNOWN_PORT;
+		if (r.value.kind == RANGE_SERVICE_CIDR)
+			return STAT_REFUSED_UNALLOCATED;
+		return STAT_MAX;
+	}
+	return STAT_MAX;
+}
+
+/*
+ * Whether the socket is in the node's own network namespace, where its
+ * loopback is the node's. The cookie is written once, at start.
+ */
+static __always_inline int in_node_netns(struct bpf_sock_addr *ctx)
+{
+	__u32 zero = 0;
+	struct node_config *node = bpf_map_lookup_elem(&kbp_node, &zero);
+	__u64 cookie;
+
+	if (!node)
+		return 0;
+	cookie = *(volatile __u64 *)&node->netns_cookie;
+	return cookie != 0 && cookie == bpf_get_netns_cookie(ctx);
+}
+
+/*
+ * Seconds of CLOCK_MONOTONIC, from the clock the kernel reads at each tick
+ * (Linux 5.11): affinity timeouts are whole seconds, which a 32-bit count
+ * holds for 136 years.
+ */
+static __always_inline __u32 now_seconds(void)
+{
+	return (__u32)(bpf_ktime_get_coarse_ns() / 1000000000ULL);
+}
+
+static __always_inline void remember_affinity(const struct affinity_key *key,
+					      __u32 backend_id, __u32 now)
+{
+	struct affinity_value value = {
+		.backend_id = backend_id,
+		.last_used = now,
+	};
+
+	/* Failing leaves the client without affinity for this connect only. */
+	bpf_map_update_elem(&kbp_affinity, key, &value, BPF_ANY);
+}
+
+/*
+ * The backend the client of key used last, copied into *backend_id, if it
+ * is still a backend of the service id (its match entry exists) and was
+ * used within the service's timeout: kube-proxy's `recent --rcheck
+ * --seconds T --reap`, to the second. The entry's time is refreshed, as
+ * kube-proxy's `recent --set` does at each new connection; within one
+ * second it is not rewritten. 0 if there is none to use.
+ *
+ * The affinity entry is copied in one load (an LRU element may be
+ * recycled under us), and so is the timeout: a match entry is overwritten
+ * only when the timeout changes, and a read that races it uses the old or
+ * the new timeout, or misses and picks afresh. The backend id stays
+ * valid: the reconciler deletes a backend only a grace period after the
+ * last match entry naming it went.
+ */
+static __always_inline int affinity_backend(const struct affinity_key *key, __u32 now,
+					    __u32 *backend_id)
+{
+	union affinity_word found;
+	struct match_key match = {};
+	__u32 *entry;
+	__u32 timeout;
+	__u64 *word = bpf_map_lookup_elem(&kbp_affinity, key);
+
+	if (!word)
+		return 0;
+	found.word = *(volatile __u64 *)word;
+	match.svc_id = key->svc_id;
+	match.backend_id = found.value.backend_id;
+	entry = bpf_map_lookup_elem(&kbp_aff_match, &match);
+	if (!entry)
+		return 0;
+	timeout = *(volatile __u32 *)entry;
+	if (now - found.value.last_used > timeout)
+		return 0;
+	*backend_id = found.value.backend_id;
+	if (found.value.last_used != now)
+		remember_affinity(key, found.value.backend_id, now);
+	count_event(STAT_AFFINITY_HIT);
+	return 1;
+}
+
 /*
  * The backend a socket headed for IPv4 frontend addr (and the port and
  * protocol in ctx) goes to instead, copied into *backend and remembered for
  * the reverse translation; 0 leaves the call alone. *verdict is the
- * program's return value: 0 when the Service refuses the call. The caller
+ * program's return value: 0 when the call is refused. The caller
  * rewrites the address, because only it may touch the address field of its
- * family. A translation is counted as translated_event, and on the service
- * as a connection or, for sendmsg, a datagram.
+ * family. A translation is counted as translated_event, by the kind of its
+ * frontend, and on the service as a connection or, for sendmsg, a
+ * datagram.
  */
 static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr,
 					  struct backend_value *backend, int *verdict,
@@ -325,10 +645,12 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	struct svc_key frontend = {};
 	union svc_word svc;
 	struct slot_key slot = {};
+	struct affinity_key affinity = {};
 	union backend_word found;
 	struct svc_stats *stats;
+	enum stat_index reason;
 	__u64 *word;
-	__u32 backend_id;
+	__u32 svc_id, backend_id, flags, now = 0;
 	__u8 proto = ctx->protocol;
 
 	*verdict = 1;
@@ -337,32 +659,64 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	frontend.addr = addr;
 	frontend.port = (__be16)ctx->user_port;
 	frontend.proto = proto;
-	if (!read_value64(&kbp_services, &frontend, &svc.word))
+	if (!read_value64(&kbp_services, &frontend, &svc.word)) {
+		reason = refusal_of(addr);
+		if (reason != STAT_MAX)
+			*verdict = refuse(reason, 0);
 		return 0; /* not a Service: leave the call alone */
+	}
+	svc_id = svc.value.id & SVC_ID_MASK;
+	flags = svc.value.id & ~SVC_ID_MASK;
+	if ((flags & SVC_F_NODE_NETNS_ONLY) && !in_node_netns(ctx))
+		return 0; /* a pod's own loopback */
 	if (svc.value.count == 0) {
-		*verdict = refuse(STAT_REFUSED_NO_BACKEND, svc.value.id);
+		/*
+		 * internalTrafficPolicy Local with endpoints on other nodes
+		 * only: kube-proxy drops the packet, and the client retries
+		 * until it times out. A socket can be told at once, and is;
+		 * the reason is counted apart, since the Service does have
+		 * endpoints.
+		 */
+		reason = STAT_REFUSED_NO_BACKEND;
+		if (flags & SVC_F_NO_LOCAL_ENDPOINT)
+			reason = STAT_REFUSED_NO_LOCAL_ENDPOINT;
+		*verdict = refuse(reason, svc_id);
 		return 0;
 	}
-	slot.svc_id = svc.value.id;
-	slot.slot = pick_slot(ctx, proto, svc.value.count);
-	if (!read_value32(&kbp_slots, &slot, &backend_id)) {
-		*verdict = refuse(STAT_REFUSED_MISSING_SLOT, svc.value.id);
-		return 0;
+	if (flags & SVC_F_AFFINITY) {
+		affinity.netns_cookie = bpf_get_netns_cookie(ctx);
+		affinity.svc_id = svc_id;
+		now = now_seconds();
+	}
+	if (!(flags & SVC_F_AFFINITY) || !affinity_backend(&affinity, now, &backend_id)) {
+		slot.svc_id = svc_id;
+		slot.slot = pick_slot(ctx, proto, svc.value.count);
+		if (!read_value32(&kbp_slots, &slot, &backend_id)) {
+			*verdict = refuse(STAT_REFUSED_MISSING_SLOT, svc_id);
+			return 0;
+		}
+		if (flags & SVC_F_AFFINITY)
+			remember_affinity(&affinity, backend_id, now);
 	}
 	/*
 	 * Backends are written once and deleted a grace period after the
-	 * last slot naming them went: one lookup, keyed by our own copy.
+	 * last slot or match entry naming them went: one lookup, keyed by
+	 * our own copy.
 	 */
 	word = bpf_map_lookup_elem(&kbp_backends, &backend_id);
 	if (!word) {
-		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND, svc.value.id);
+		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND, svc_id);
 		return 0;
 	}
 	found.word = *(volatile __u64 *)word;
 	*backend = found.value;
 	remember_frontend(ctx, backend, &frontend);
 	count_event(translated_event);
-	stats = svc_stats_of(svc.value.id);
+	if (flags & SVC_F_NODEPORT)
+		count_event(STAT_NODEPORT_TRANSLATED);
+	else if (flags & SVC_F_EXTERNAL)
+		count_event(STAT_EXTERNAL_TRANSLATED);
+	stats = svc_stats_of(svc_id);
 	if (stats) {
 		if (translated_event == STAT_SENDMSG_TRANSLATED)
 			stats->datagrams += 1;
@@ -394,7 +748,7 @@ static __always_inline void count_reverse(struct bpf_sock_addr *ctx,
 
 	if (!svc)
 		return;
-	stats = svc_stats_of(*(volatile __u32 *)&svc->id);
+	stats = svc_stats_of(*(volatile __u32 *)&svc->id & SVC_ID_MASK);
 	if (stats)
 		stats->reverse += 1;
 }

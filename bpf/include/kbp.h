@@ -32,6 +32,7 @@ typedef __u32 __be32;
 
 /* Map types and flags (include/uapi/linux/bpf.h). */
 #define BPF_MAP_TYPE_HASH 1
+#define BPF_MAP_TYPE_ARRAY 2
 #define BPF_MAP_TYPE_PERCPU_HASH 5
 #define BPF_MAP_TYPE_PERCPU_ARRAY 6
 #define BPF_MAP_TYPE_LRU_HASH 9
@@ -90,6 +91,10 @@ static long (*bpf_map_update_elem)(void *map, const void *key, const void *value
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static __u32 (*bpf_get_prandom_u32)(void) = (void *)7;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;
+/* Since Linux 5.7 for these programs; NULL would be the initial namespace's. */
+static __u64 (*bpf_get_netns_cookie)(void *ctx) = (void *)122;
+/* Since Linux 5.11: CLOCK_MONOTONIC as of the last tick, without reading a clock. */
+static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
 /* Since Linux 5.18: lets a cgroup program that denies a call choose the errno. */
 static int (*bpf_set_retval)(int retval) = (void *)187;
 

@@ -3,6 +3,7 @@ package ebpf
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strings"
@@ -157,15 +158,21 @@ func BenchmarkKernelGracePeriod(b *testing.B) {
 //	git show REV:internal/dataplane/ebpf/lb_bpfel.o > /tmp/base.o
 //	KBP_BASELINE_OBJ=/tmp/base.o go test -run - -bench KernelCountersCost ./internal/dataplane/ebpf
 //
-// Each iteration is one batch of 200 connects and 200 UDP requests per
-// build.
+// Each iteration is one batch of 200 connects and 200 UDP requests to
+// Services per build, and one of 200 connects to a pod directly, which is
+// no Service's: its metrics are named <hook>-direct-...
+//
+// A baseline whose maps differ from this build's is loaded with its own
+// copy of each map it has and this build lacks, or has in another shape.
 func BenchmarkKernelCountersCost(b *testing.B) {
 	path := os.Getenv("KBP_BASELINE_OBJ")
 	if path == "" {
 		b.Skip("set KBP_BASELINE_OBJ to a baseline lb_bpfel.o")
 	}
 	s := newKernelSetup(b, 2)
-	s.sync(b, snapshot(true, servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...),
+	// The Service CIDR is known, as it is on a node: connects that are no
+	// Service's are checked against it.
+	s.sync(b, onNode(kernelNode, true, servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...),
 		servicePort("default", "dns", "dns", model.UDP, vip+":53", s.backends(5353, s.pods...)...)))
 	spec, err := ebpf.LoadCollectionSpec(path)
 	if err != nil {
@@ -174,12 +181,17 @@ func BenchmarkKernelCountersCost(b *testing.B) {
 	o := &s.dp.kernel.objs
 	replacements := map[string]*ebpf.Map{}
 	for name, m := range map[string]*ebpf.Map{lbMapKbpServices: o.KbpServices, lbMapKbpSlots: o.KbpSlots,
-		lbMapKbpBackends: o.KbpBackends, lbMapKbpRevnat: o.KbpRevnat, lbMapKbpStats: o.KbpStats, lbMapKbpSvcStats: o.KbpSvcStats} {
+		lbMapKbpBackends: o.KbpBackends, lbMapKbpRevnat: o.KbpRevnat, lbMapKbpStats: o.KbpStats, lbMapKbpSvcStats: o.KbpSvcStats,
+		lbMapKbpAffinity: o.KbpAffinity, lbMapKbpAffMatch: o.KbpAffMatch, lbMapKbpClusterIps: o.KbpClusterIps,
+		lbMapKbpSvcRanges: o.KbpSvcRanges, lbMapKbpNode: o.KbpNode} {
 		if ms, ok := spec.Maps[name]; ok {
 			ms.MaxEntries = m.MaxEntries()
 			ms.Pinning = ebpf.PinNone
 			replacements[name] = m
 		}
+	}
+	for _, ms := range spec.Maps {
+		ms.Pinning = ebpf.PinNone
 	}
 	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{MapReplacements: replacements})
 	if err != nil {
@@ -197,11 +209,6 @@ func BenchmarkKernelCountersCost(b *testing.B) {
 		link interface{ Update(*ebpf.Program) error }
 		// progs[0] is the baseline, progs[1] this build.
 		progs [2]*ebpf.Program
-		// ns and runs add up each build's runs.
-		ns, runs [2]uint64
-		// deltas are this build's ns/run minus the baseline's, per round:
-		// their median is robust to rounds that other load slowed.
-		deltas []float64
 	}
 	var hooks []*hook
 	for i, p := range programs {
@@ -221,19 +228,15 @@ func BenchmarkKernelCountersCost(b *testing.B) {
 		}
 		return uint64(st.Runtime), st.RunCount
 	}
-	round := 0
-	for b.Loop() {
-		perRun := make([][2]float64, len(hooks))
-		for k := range 2 {
-			build := (round + k) % 2 // alternate which build goes first
-			var ns0, runs0 []uint64
-			for _, h := range hooks {
-				if err := h.link.Update(h.progs[build]); err != nil {
-					b.Fatal(err)
-				}
-				ns, runs := runStats(h.progs[build])
-				ns0, runs0 = append(ns0, ns), append(runs0, runs)
-			}
+	// Each workload is measured apart: connects to Services, and connects
+	// to a pod directly, which is no Service's (most of what a node
+	// connects to), so that the cost a change adds to the path every
+	// other connect takes shows on its own.
+	workloads := []struct {
+		name string // "" for the Services, as the metrics were named first
+		run  func()
+	}{
+		{"", func() {
 			if got := testnet.Tally(s.run(b, "tcp", vip+":80", "200")); got["ok pod-0"]+got["ok pod-1"] != 200 {
 				b.Fatalf("connects: %v", got)
 			}
@@ -242,26 +245,71 @@ func BenchmarkKernelCountersCost(b *testing.B) {
 					b.Fatalf("udp: %q", l)
 				}
 			}
-			for i, h := range hooks {
-				ns, runs := runStats(h.progs[build])
-				h.ns[build] += ns - ns0[i]
-				h.runs[build] += runs - runs0[i]
-				perRun[i][build] = float64(ns-ns0[i]) / float64(max(runs-runs0[i], 1))
+		}},
+		{"direct", func() {
+			if got := testnet.Tally(s.run(b, "tcp", s.pods[0].IP.String()+":8080", "200")); got["ok pod-0"] != 200 {
+				b.Fatalf("direct connects: %v", got)
 			}
+		}},
+	}
+	type stat struct {
+		// ns and runs add up each build's runs.
+		ns, runs [2]uint64
+		// deltas are this build's ns/run minus the baseline's, per round:
+		// their median is robust to rounds that other load slowed.
+		deltas []float64
+	}
+	measured := make(map[string]*stat) // by hook and workload
+	key := func(h *hook, workload string) string {
+		if workload == "" {
+			return h.name
 		}
-		for i, h := range hooks {
-			h.deltas = append(h.deltas, perRun[i][1]-perRun[i][0])
+		return h.name + "-" + workload
+	}
+	round := 0
+	for b.Loop() {
+		for _, w := range workloads {
+			perRun := make([][2]float64, len(hooks))
+			for k := range 2 {
+				build := (round + k) % 2 // alternate which build goes first
+				var ns0, runs0 []uint64
+				for _, h := range hooks {
+					if err := h.link.Update(h.progs[build]); err != nil {
+						b.Fatal(err)
+					}
+					ns, runs := runStats(h.progs[build])
+					ns0, runs0 = append(ns0, ns), append(runs0, runs)
+				}
+				w.run()
+				for i, h := range hooks {
+					ns, runs := runStats(h.progs[build])
+					st := measured[key(h, w.name)]
+					if st == nil {
+						st = &stat{}
+						measured[key(h, w.name)] = st
+					}
+					st.ns[build] += ns - ns0[i]
+					st.runs[build] += runs - runs0[i]
+					perRun[i][build] = float64(ns-ns0[i]) / float64(max(runs-runs0[i], 1))
+				}
+			}
+			for i, h := range hooks {
+				st := measured[key(h, w.name)]
+				st.deltas = append(st.deltas, perRun[i][1]-perRun[i][0])
+			}
 		}
 		round++
 	}
-	for _, h := range hooks {
-		for build, name := range []string{"baseline", "this"} {
-			if h.runs[build] > 0 {
-				b.ReportMetric(float64(h.ns[build])/float64(h.runs[build]), fmt.Sprintf("%s-%s-ns/run", h.name, name))
-			}
+	for _, name := range slices.Sorted(maps.Keys(measured)) {
+		st := measured[name]
+		if st.runs[0] == 0 || st.runs[1] == 0 {
+			continue // a hook the workload does not run
 		}
-		slices.Sort(h.deltas)
-		b.ReportMetric(h.deltas[len(h.deltas)/2], h.name+"-median-delta-ns/run")
+		for build, which := range []string{"baseline", "this"} {
+			b.ReportMetric(float64(st.ns[build])/float64(st.runs[build]), fmt.Sprintf("%s-%s-ns/run", name, which))
+		}
+		slices.Sort(st.deltas)
+		b.ReportMetric(st.deltas[len(st.deltas)/2], name+"-median-delta-ns/run")
 	}
 }
 

@@ -84,8 +84,9 @@ type Dataplane struct {
 	sockets *udpSocketCleaner
 	// events are what user space counts, next to the programs' counters.
 	events *eventCounts
-	// revnat caches how many entries the reverse map holds.
-	revnat revnatCount
+	// revnat and affinity cache how many entries the reverse map and the
+	// affinity map hold.
+	revnat, affinity lruCount
 }
 
 var _ dataplane.Dataplane = (*Dataplane)(nil)
@@ -93,21 +94,30 @@ var _ dataplane.Dataplane = (*Dataplane)(nil)
 // New loads and attaches the datapath, adopting whatever an earlier run left
 // pinned. Until the first Sync, the adopted state keeps serving.
 func New(cfg Config) (*Dataplane, error) {
+	cfg = cfg.withDefaults()
 	if cfg.MaxServices == 0 || cfg.MaxBackends == 0 || cfg.MaxSockets == 0 {
 		return nil, errors.New("map capacities must be positive")
+	}
+	if cfg.MaxServices > maxServiceIDs {
+		return nil, fmt.Errorf("--%s=%d is more service ids than the datapath holds (%d)", FlagMaxServices, cfg.MaxServices, maxServiceIDs)
 	}
 	k, err := load(cfg)
 	if err != nil {
 		return nil, err
 	}
+	writeNodeNetNS(k.objs.KbpNode, cfg.NodeNetNS)
 	maps := Maps{
-		Services: newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices),
-		Slots:    newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
-		Backends: newKernelMap[uint32, lbBackendValue](k.objs.KbpBackends, lbMapKbpBackends),
-		Stats:    newPerCPUMap(k.objs.KbpSvcStats, lbMapKbpSvcStats),
+		Services:   newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices),
+		Slots:      newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
+		Backends:   newKernelMap[uint32, lbBackendValue](k.objs.KbpBackends, lbMapKbpBackends),
+		Stats:      newPerCPUMap(k.objs.KbpSvcStats, lbMapKbpSvcStats),
+		Matches:    newKernelMap[lbMatchKey, uint32](k.objs.KbpAffMatch, lbMapKbpAffMatch),
+		ClusterIPs: newKernelMap[uint32, uint32](k.objs.KbpClusterIps, lbMapKbpClusterIps),
+		Ranges:     newKernelMap[uint32, lbSvcRange](k.objs.KbpSvcRanges, lbMapKbpSvcRanges),
 	}
 	grace := newRCUGracePeriod()
 	rec := newReconciler(maps, grace, cfg.MaxServices, cfg.MaxBackends)
+	rec.maxFrontends = cfg.MaxFrontends
 	if err := rec.restore(); err != nil {
 		k.Close()
 		grace.Close()
@@ -122,8 +132,12 @@ func New(cfg Config) (*Dataplane, error) {
 		rec:     rec,
 		sockets: newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events),
 		events:  events,
-		revnat: revnatCount{
+		revnat: lruCount{
 			count: func() (int, error) { return countEntries[lbRevnatKey, lbRevnatValue](k.objs.KbpRevnat) },
+			now:   time.Now,
+		},
+		affinity: lruCount{
+			count: func() (int, error) { return countEntries[lbAffinityKey, lbAffinityValue](k.objs.KbpAffinity) },
 			now:   time.Now,
 		},
 	}, nil
@@ -180,6 +194,20 @@ var eventNames = map[lbStatIndex]string{
 	lbStatIndexSTAT_REVNAT_UPDATE_FAILED:    "reverse_entry_update_failed",
 	lbStatIndexSTAT_LOOKUP_RACED:            "lookup_raced_with_update",
 	lbStatIndexSTAT_REFUSED_MISSING_BACKEND: "refused_missing_backend",
+	// Of the connects and datagrams translated, those to a NodePort and
+	// to an external IP or LoadBalancer IP, from a socket on the node.
+	lbStatIndexSTAT_NODEPORT_TRANSLATED: "nodeport_translated",
+	lbStatIndexSTAT_EXTERNAL_TRANSLATED: "external_translated",
+	// Connects and datagrams sent to the backend a client used last
+	// (session affinity).
+	lbStatIndexSTAT_AFFINITY_HIT: "affinity_hit",
+	// Refused as kube-proxy refuses them: a ClusterIP on a port its
+	// Service does not have, an address of the Service CIDRs that is no
+	// ClusterIP, and internalTrafficPolicy Local without an endpoint on
+	// this node (which kube-proxy drops).
+	lbStatIndexSTAT_REFUSED_UNKNOWN_PORT:      "refused_unknown_port",
+	lbStatIndexSTAT_REFUSED_UNALLOCATED:       "refused_unallocated_address",
+	lbStatIndexSTAT_REFUSED_NO_LOCAL_ENDPOINT: "refused_no_local_endpoint",
 }
 
 // Events sums the datapath's per-CPU event counters.
@@ -202,67 +230,86 @@ func (d *Dataplane) Events() (map[string]uint64, error) {
 
 // ServicePortCounters reads the counters of every service port the maps
 // hold whose name is known (after a restart, names come with the first
-// sync), summed over CPUs. One batched walk of the counters map, whatever
-// the number of ports.
+// sync), summed over CPUs and over the port's service ids (a port has two
+// under internalTrafficPolicy Local with external frontends). One batched
+// walk of the counters map, whatever the number of ports.
 func (d *Dataplane) ServicePortCounters() ([]dataplane.ServicePortCounters, error) {
 	d.mu.Lock()
 	names := d.rec.namedIDs()
 	stats := d.rec.maps.Stats
 	d.mu.Unlock()
-	out := make([]dataplane.ServicePortCounters, 0, len(names))
+	byName := make(map[model.ServicePortName]*dataplane.ServicePortCounters, len(names))
+	var out []*dataplane.ServicePortCounters
 	// The walk runs without the lock, so that a scrape never delays a
 	// sync: an id released and reused meanwhile shows the new port's
 	// counts under the old name for one scrape at worst.
 	err := stats.Iterate(func(id uint32, v lbSvcStats) error {
-		if name, ok := names[id]; ok {
-			out = append(out, dataplane.ServicePortCounters{
-				Name:                name,
-				Connections:         v.Connections,
-				Datagrams:           v.Datagrams,
-				Refused:             v.Refused,
-				ReverseTranslations: v.Reverse,
-			})
+		name, ok := names[id]
+		if !ok {
+			return nil
 		}
+		c := byName[name]
+		if c == nil {
+			c = &dataplane.ServicePortCounters{Name: name}
+			byName[name] = c
+			out = append(out, c)
+		}
+		c.Connections += v.Connections
+		c.Datagrams += v.Datagrams
+		c.Refused += v.Refused
+		c.ReverseTranslations += v.Reverse
 		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	return out, nil
+	list := make([]dataplane.ServicePortCounters, len(out))
+	for i, c := range out {
+		list[i] = *c
+	}
+	return list, nil
 }
 
 // MapUsage reports the entries in use and the capacity of each map: the
 // reconciler's exact counts for the maps it writes, and a count of the
-// reverse map's keys (see revnatCount).
+// keys of the maps the programs write (see lruCount).
 func (d *Dataplane) MapUsage() ([]dataplane.MapUsage, error) {
 	revnat, err := d.revnat.get()
 	if err != nil {
 		return nil, fmt.Errorf("counting %s entries: %w", lbMapKbpRevnat, err)
 	}
+	affinity, err := d.affinity.get()
+	if err != nil {
+		return nil, fmt.Errorf("counting %s entries: %w", lbMapKbpAffinity, err)
+	}
 	d.mu.Lock()
-	services, slots, backends, stats := d.rec.entries()
+	e := d.rec.entries()
 	d.mu.Unlock()
 	o := &d.kernel.objs
 	usage := func(name string, entries int, m interface{ MaxEntries() uint32 }) dataplane.MapUsage {
 		return dataplane.MapUsage{Map: name, Entries: entries, Capacity: int(m.MaxEntries())}
 	}
 	return []dataplane.MapUsage{
-		usage("services", services, o.KbpServices),
-		usage("slots", slots, o.KbpSlots),
-		usage("backends", backends, o.KbpBackends),
+		usage("services", e.frontends, o.KbpServices),
+		usage("slots", e.slots, o.KbpSlots),
+		usage("backends", e.backends, o.KbpBackends),
 		usage("revnat", revnat, o.KbpRevnat),
-		usage("service_stats", stats, o.KbpSvcStats),
+		usage("service_stats", e.stats, o.KbpSvcStats),
+		usage("affinity", affinity, o.KbpAffinity),
+		usage("affinity_match", e.matches, o.KbpAffMatch),
+		usage("cluster_ips", e.clusterIPs, o.KbpClusterIps),
 	}, nil
 }
 
-// revnatCountTTL is how long a count of the reverse map is reused. The map
-// is an LRU the programs write: no one holds an exact count, and counting
-// walks every key (256k by default, a few milliseconds), which a scrape
-// every few seconds by several Prometheus servers should not repeat.
+// revnatCountTTL is how long a count of the reverse map (or the affinity
+// map) is reused. The map is an LRU the programs write: no one holds an
+// exact count, and counting walks every key (256k by default, a few
+// milliseconds), which a scrape every few seconds by several Prometheus
+// servers should not repeat.
 const revnatCountTTL = 5 * time.Second
 
-// revnatCount caches the count of the reverse map's entries.
-type revnatCount struct {
+// lruCount caches the count of an LRU map's entries.
+type lruCount struct {
 	count func() (int, error)
 	now   func() time.Time
 
@@ -272,7 +319,7 @@ type revnatCount struct {
 	ok   bool
 }
 
-func (c *revnatCount) get() (int, error) {
+func (c *lruCount) get() (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := c.now()

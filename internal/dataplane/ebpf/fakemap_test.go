@@ -3,6 +3,7 @@ package ebpf
 import (
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"sort"
 	"strings"
@@ -68,12 +69,16 @@ type fakeOp struct {
 }
 
 type fakeMaps struct {
-	services *fakeMap[lbSvcKey, lbSvcValue]
-	slots    *fakeMap[lbSlotKey, uint32]
-	backends *fakeMap[uint32, lbBackendValue]
-	stats    *fakeMap[uint32, lbSvcStats]
-	log      []string
-	ops      int
+	services   *fakeMap[lbSvcKey, lbSvcValue]
+	slots      *fakeMap[lbSlotKey, uint32]
+	backends   *fakeMap[uint32, lbBackendValue]
+	stats      *fakeMap[uint32, lbSvcStats]
+	matches    *fakeMap[lbMatchKey, uint32]
+	clusterIPs *fakeMap[uint32, uint32]
+	// ranges is an array: every index exists, zero until written.
+	ranges *fakeMap[uint32, lbSvcRange]
+	log    []string
+	ops    int
 	// fail, when set, is asked before each operation; a non-nil error is
 	// returned instead of carrying it out.
 	fail func(fakeOp) error
@@ -82,14 +87,16 @@ type fakeMaps struct {
 	onOp []func(fakeOp)
 }
 
+// newFakeMaps sizes the maps as the loader does for a reconciler made
+// with these capacities (the frontend map holds four per service port).
 func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 	f := &fakeMaps{}
-	f.services = &fakeMap[lbSvcKey, lbSvcValue]{name: "services", capacity: maxServices, entries: make(map[lbSvcKey]lbSvcValue), parent: f}
+	f.services = &fakeMap[lbSvcKey, lbSvcValue]{name: "services", capacity: 4 * maxServices, entries: make(map[lbSvcKey]lbSvcValue), parent: f}
 	f.services.describe = func(k lbSvcKey, v *lbSvcValue) string {
 		if v == nil {
 			return frontendFromKey(k).String()
 		}
-		return fmt.Sprintf("%s id=%d count=%d", frontendFromKey(k), v.Id, v.Count)
+		return fmt.Sprintf("%s %s", frontendFromKey(k), svcValueText(*v))
 	}
 	f.slots = &fakeMap[lbSlotKey, uint32]{name: "slots", capacity: maxBackends, entries: make(map[lbSlotKey]uint32), parent: f}
 	f.slots.describe = func(k lbSlotKey, v *uint32) string {
@@ -114,7 +121,48 @@ func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 		}
 		return fmt.Sprintf("svc=%d %s", id, statsText(*v))
 	}
+	f.matches = &fakeMap[lbMatchKey, uint32]{name: "matches", capacity: maxBackends, entries: make(map[lbMatchKey]uint32), parent: f}
+	f.matches.describe = func(k lbMatchKey, v *uint32) string {
+		if v == nil {
+			return fmt.Sprintf("svc=%d backend=%d", k.SvcId, k.BackendId)
+		}
+		return fmt.Sprintf("svc=%d backend=%d timeout=%d", k.SvcId, k.BackendId, *v)
+	}
+	f.clusterIPs = &fakeMap[uint32, uint32]{name: "cluster_ips", capacity: maxServices, entries: make(map[uint32]uint32), parent: f}
+	f.clusterIPs.describe = func(ip uint32, _ *uint32) string { return addrFromBPF(ip).String() }
+	f.ranges = &fakeMap[uint32, lbSvcRange]{name: "ranges", capacity: maxRanges, entries: make(map[uint32]lbSvcRange), parent: f}
+	f.ranges.describe = func(i uint32, v *lbSvcRange) string {
+		if v == nil {
+			return fmt.Sprint(i)
+		}
+		return fmt.Sprintf("%d %s", i, rangeText(*v))
+	}
+	for i := range uint32(maxRanges) {
+		f.ranges.entries[i] = lbSvcRange{}
+	}
 	return f
+}
+
+// svcValueText renders a frontend's entry: its id, count and flags.
+func svcValueText(v lbSvcValue) string {
+	text := fmt.Sprintf("id=%d count=%d", idOf(v), countOf(v))
+	for _, fl := range []struct {
+		bit  uint32
+		name string
+	}{
+		{svcFlagAffinity, "affinity"}, {svcFlagNoLocalEndpoint, "no-local-endpoint"}, {svcFlagNodePort, "nodeport"},
+		{svcFlagExternal, "external"}, {svcFlagNodeNetNSOnly, "node-netns-only"},
+	} {
+		if flagsOf(v)&fl.bit != 0 {
+			text += " " + fl.name
+		}
+	}
+	return text
+}
+
+func rangeText(v lbSvcRange) string {
+	kind := map[uint8]string{rangeEnd: "end", rangeServiceCIDR: "service-cidr", rangeClusterIPs: "cluster-ips"}[v.Kind]
+	return fmt.Sprintf("%s %s", netip.PrefixFrom(addrFromBPF(v.Net), int(v.Bits)), kind)
 }
 
 func statsText(v lbSvcStats) string {
@@ -180,7 +228,8 @@ func (g fakeGrace) wait() error {
 }
 
 func (f *fakeMaps) maps() Maps {
-	return Maps{Services: f.services, Slots: f.slots, Backends: f.backends, Stats: f.stats}
+	return Maps{Services: f.services, Slots: f.slots, Backends: f.backends, Stats: f.stats,
+		Matches: f.matches, ClusterIPs: f.clusterIPs, Ranges: f.ranges}
 }
 
 // takeLog returns and clears the operation log.
@@ -193,27 +242,52 @@ func (f *fakeMaps) takeLog() []string {
 // dump renders the maps sorted and resolved, one entry a line, for golden
 // files: each frontend with its count and the backend address in each slot.
 func (f *fakeMaps) dump() string {
-	return dumpMaps(f.services.entries, f.slots.entries, f.backends.entries, f.stats.entries)
+	return dumpMaps(fakeContents{f.services.entries, f.slots.entries, f.backends.entries, f.stats.entries,
+		f.matches.entries, f.clusterIPs.entries, f.ranges.entries})
 }
 
-func dumpMaps(services map[lbSvcKey]lbSvcValue, slots map[lbSlotKey]uint32, backends map[uint32]lbBackendValue, stats map[uint32]lbSvcStats) string {
+// fakeContents are the entries of each map.
+type fakeContents struct {
+	services   map[lbSvcKey]lbSvcValue
+	slots      map[lbSlotKey]uint32
+	backends   map[uint32]lbBackendValue
+	stats      map[uint32]lbSvcStats
+	matches    map[lbMatchKey]uint32
+	clusterIPs map[uint32]uint32
+	ranges     map[uint32]lbSvcRange
+}
+
+func dumpMaps(c fakeContents) string {
 	var lines []string
-	for k, v := range services {
-		lines = append(lines, fmt.Sprintf("service %s id=%d count=%d", frontendFromKey(k), v.Id, v.Count))
+	for k, v := range c.services {
+		lines = append(lines, fmt.Sprintf("service %s %s", frontendFromKey(k), svcValueText(v)))
 	}
-	for k, id := range slots {
-		addr := "<missing backend>"
-		if b, ok := backends[id]; ok {
-			addr = backendKeyFromValue(b).Backend.String()
+	addr := func(id uint32) string {
+		if b, ok := c.backends[id]; ok {
+			return backendKeyFromValue(b).Backend.String()
 		}
-		lines = append(lines, fmt.Sprintf("slot    svc=%d slot=%d backend=%d %s", k.SvcId, k.Slot, id, addr))
+		return "<missing backend>"
 	}
-	for id, b := range backends {
+	for k, id := range c.slots {
+		lines = append(lines, fmt.Sprintf("slot    svc=%d slot=%d backend=%d %s", k.SvcId, k.Slot, id, addr(id)))
+	}
+	for id, b := range c.backends {
 		k := backendKeyFromValue(b)
 		lines = append(lines, fmt.Sprintf("backend %d %s/%s", id, k.Backend, k.Protocol))
 	}
-	for id, v := range stats {
+	for id, v := range c.stats {
 		lines = append(lines, fmt.Sprintf("stats   svc=%d %s", id, statsText(v)))
+	}
+	for k, timeout := range c.matches {
+		lines = append(lines, fmt.Sprintf("match   svc=%d backend=%d %s timeout=%d", k.SvcId, k.BackendId, addr(k.BackendId), timeout))
+	}
+	for ip := range c.clusterIPs {
+		lines = append(lines, fmt.Sprintf("clusterip %s", addrFromBPF(ip)))
+	}
+	for i, v := range c.ranges {
+		if v != (lbSvcRange{}) {
+			lines = append(lines, fmt.Sprintf("range   %d %s", i, rangeText(v)))
+		}
 	}
 	sort.Strings(lines)
 	return strings.Join(lines, "\n") + "\n"
@@ -224,10 +298,10 @@ func dumpMaps(services map[lbSvcKey]lbSvcValue, slots map[lbSlotKey]uint32, back
 // backend of the right protocol.
 func checkNoHoles(f *fakeMaps) error {
 	for k, v := range f.services.entries {
-		for slot := uint32(0); slot < v.Count; slot++ {
-			id, ok := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
+		for slot := range uint32(countOf(v)) {
+			id, ok := f.slots.entries[lbSlotKey{SvcId: idOf(v), Slot: slot}]
 			if !ok {
-				return fmt.Errorf("service %s: slot %d of %d missing", frontendFromKey(k), slot, v.Count)
+				return fmt.Errorf("service %s: slot %d of %d missing", frontendFromKey(k), slot, countOf(v))
 			}
 			b, ok := f.backends.entries[id]
 			if !ok {
@@ -235,6 +309,23 @@ func checkNoHoles(f *fakeMaps) error {
 			}
 			if b.Proto != k.Proto {
 				return fmt.Errorf("service %s: slot %d names backend of protocol %d", frontendFromKey(k), slot, b.Proto)
+			}
+		}
+		if flagsOf(v)&svcFlagAffinity == 0 {
+			continue
+		}
+		// An affinity entry may name any backend a match entry of the id
+		// names.
+		for m := range f.matches.entries {
+			if m.SvcId != idOf(v) {
+				continue
+			}
+			b, ok := f.backends.entries[m.BackendId]
+			if !ok {
+				return fmt.Errorf("service %s: match entry names missing backend %d", frontendFromKey(k), m.BackendId)
+			}
+			if b.Proto != k.Proto {
+				return fmt.Errorf("service %s: match entry names backend of protocol %d", frontendFromKey(k), b.Proto)
 			}
 		}
 	}
@@ -255,11 +346,14 @@ func watchHoles(t *testing.T, f *fakeMaps) {
 }
 
 // watchReaders models programs racing the reconciler. A program run reads a
-// service entry, then one of its slots, then that slot's backend, each at
-// any moment after the one before, and adds to the service id's counters;
-// it may still be running until a grace period has passed since it began. So whatever a program could reach at
-// any moment since the last grace period may still be looked up: deleting
-// it fails the test, on the operation that did.
+// service entry, then one of its slots, or with affinity one of its match
+// entries, then the backend it names, each at any moment after the one
+// before, and adds to the service id's counters; it may still be running
+// until a grace period has passed since it began. So whatever a program
+// could reach at any moment since the last grace period may still be
+// looked up: deleting it fails the test, on the operation that did. (A
+// match entry itself may go at any time: a program that misses it picks a
+// slot instead.)
 func watchReaders(t *testing.T, f *fakeMaps) {
 	t.Helper()
 	slots := make(map[lbSlotKey]bool)
@@ -267,9 +361,16 @@ func watchReaders(t *testing.T, f *fakeMaps) {
 	ids := make(map[uint32]bool)
 	observe := func() {
 		for _, v := range f.services.entries {
-			ids[v.Id] = true
-			for slot := range v.Count {
-				slots[lbSlotKey{SvcId: v.Id, Slot: slot}] = true
+			ids[idOf(v)] = true
+			for slot := range uint32(countOf(v)) {
+				slots[lbSlotKey{SvcId: idOf(v), Slot: slot}] = true
+			}
+			if flagsOf(v)&svcFlagAffinity != 0 {
+				for m := range f.matches.entries {
+					if m.SvcId == idOf(v) {
+						backends[m.BackendId] = true
+					}
+				}
 			}
 		}
 		for k := range slots {
@@ -283,6 +384,9 @@ func watchReaders(t *testing.T, f *fakeMaps) {
 	for k, id := range f.slots.entries {
 		slots[k] = true
 		backends[id] = true
+	}
+	for m := range f.matches.entries {
+		backends[m.BackendId] = true
 	}
 	for id := range f.stats.entries {
 		ids[id] = true
@@ -312,68 +416,127 @@ func watchReaders(t *testing.T, f *fakeMaps) {
 // counted to match.
 func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	t.Helper()
-	services := make(map[lbSvcKey]lbSvcValue)
-	slots := make(map[lbSlotKey]uint32)
-	backends := make(map[uint32]lbBackendValue)
+	c := fakeContents{
+		services:   make(map[lbSvcKey]lbSvcValue),
+		slots:      make(map[lbSlotKey]uint32),
+		backends:   make(map[uint32]lbBackendValue),
+		stats:      make(map[uint32]lbSvcStats),
+		matches:    make(map[lbMatchKey]uint32),
+		clusterIPs: make(map[uint32]uint32),
+		ranges:     make(map[uint32]lbSvcRange),
+	}
 	refs := make(map[uint32]int)
 	svcIDs := make(map[uint32]struct{})
 	// The copy records which counter entries exist, not their values,
 	// which programs change: the fake's values are taken as they are.
-	stats := make(map[uint32]lbSvcStats)
 	for id := range r.statsOrphans {
-		stats[id] = f.stats.entries[id]
+		c.stats[id] = f.stats.entries[id]
 		if _, used := r.svcIDs.used[id]; used {
 			t.Errorf("service id %d is in use and its counters are to be deleted as an orphan", id)
 		}
 	}
-	addSlots := func(svc *appliedService) {
-		svcIDs[svc.id] = struct{}{}
-		if svc.stats {
-			stats[svc.id] = f.stats.entries[svc.id]
+	for fe, fr := range r.frontends {
+		c.services[frontendKey(fe)] = svcValue(fr.group.id, fr.count, fr.flags)
+		if g := r.groups[fr.group.id]; g != fr.group || fr.fe != fe || !slices.Contains(g.frontends, fr) {
+			t.Errorf("frontend %s names service id %d, which does not list it", fe, fr.group.id)
 		}
-		for i, id := range svc.slots {
-			if id != 0 {
-				slots[lbSlotKey{SvcId: svc.id, Slot: uint32(i)}] = id
-				refs[id]++
+	}
+	if len(r.detached) > len(r.groups) {
+		t.Errorf("%d detached service ids, %d in all", len(r.detached), len(r.groups))
+	}
+	for id, g := range r.groups {
+		if id != g.id {
+			t.Errorf("service id %d is recorded under %d", g.id, id)
+		}
+		for _, fr := range g.frontends {
+			if r.frontends[fr.fe] != fr {
+				t.Errorf("service id %d lists frontend %s, which names another", id, fr.fe)
 			}
 		}
-		for slot, id := range svc.hidden {
-			slots[lbSlotKey{SvcId: svc.id, Slot: slot}] = id
-			refs[id]++
+		if (r.detached[id] == g) != g.detached() {
+			t.Errorf("service id %d is detached: %v, indexed as such: %v", id, g.detached(), r.detached[id] == g)
 		}
-		if len(svc.hidden) > 0 && r.withHidden[svc.id] != svc {
-			t.Errorf("service id %d has hidden slots but is not indexed as such", svc.id)
+		if len(g.slots) != g.liveCount() {
+			t.Errorf("service id %d has %d live slots, its frontends' highest count is %d", id, len(g.slots), g.liveCount())
 		}
-	}
-	for fe, svc := range r.services {
-		services[frontendKey(fe)] = lbSvcValue{Id: svc.id, Count: uint32(len(svc.slots))}
-		addSlots(svc)
-	}
-	for id, svc := range r.detached {
-		if id != svc.id || len(svc.slots) != 0 {
-			t.Errorf("detached service id %d has live slots %v", id, svc.slots)
+		svcIDs[id] = struct{}{}
+		if g.stats {
+			c.stats[id] = f.stats.entries[id]
 		}
-		addSlots(svc)
+		for i, b := range g.slots {
+			if b != 0 {
+				c.slots[lbSlotKey{SvcId: id, Slot: uint32(i)}] = b
+				refs[b]++
+			}
+		}
+		for slot, b := range g.hidden {
+			c.slots[lbSlotKey{SvcId: id, Slot: slot}] = b
+			refs[b]++
+		}
+		for b, timeout := range g.matches {
+			c.matches[matchKey(id, b)] = timeout
+			refs[b]++
+		}
+		if len(g.hidden) > 0 && r.withHidden[id] != g {
+			t.Errorf("service id %d has hidden slots but is not indexed as such", id)
+		}
+		if len(g.staleMatches()) > 0 && r.staleMatches[id] != g {
+			t.Errorf("service id %d has match entries to delete but is not indexed as such", id)
+		}
 	}
 	backendIDs := make(map[uint32]struct{})
 	for id, key := range r.backendKeys {
-		backends[id] = key.value()
+		c.backends[id] = key.value()
 		backendIDs[id] = struct{}{}
 	}
 	for id := range refs {
 		backendIDs[id] = struct{}{}
 	}
-	if got, want := dumpMaps(services, slots, backends, stats), f.dump(); got != want {
+	for ip := range r.vips.set {
+		c.clusterIPs[addrToBPF(ip)] = 0
+	}
+	vipRefs := make(map[netip.Addr]int)
+	for fe, fr := range r.frontends {
+		if fr.flags&kindFlags == 0 {
+			vipRefs[fe.IP]++
+		}
+	}
+	if !maps.Equal(vipRefs, r.vips.vipRefs) {
+		t.Errorf("ClusterIP frontends counted %v, the frontends are %v", r.vips.vipRefs, vipRefs)
+	}
+	// The set holds what the frontends need, but for the addresses a
+	// failed write left to the next sync.
+	for ip := range vipRefs {
+		if _, ok := r.vips.set[ip]; !ok {
+			if _, dirty := r.vips.dirty[ip]; !dirty {
+				t.Errorf("ClusterIP %s is served, missing from the set, and not to be written", ip)
+			}
+		}
+	}
+	for ip := range r.vips.set {
+		if _, ok := vipRefs[ip]; !ok {
+			if _, dirty := r.vips.dirty[ip]; !dirty {
+				t.Errorf("%s is in the ClusterIP set, no ClusterIP, and not to be deleted", ip)
+			}
+		}
+	}
+	for i, v := range r.vips.ranges {
+		c.ranges[uint32(i)] = v
+	}
+	if got, want := dumpMaps(c), f.dump(); got != want {
 		t.Errorf("the reconciler's copy differs from the maps\n--- copy\n%s--- maps\n%s", got, want)
 	}
-	if _, _, _, n := r.entries(); n != len(stats) {
-		t.Errorf("counter entries counted %d, the copy holds %d", n, len(stats))
+	if n := r.entries().stats; n != len(c.stats) {
+		t.Errorf("counter entries counted %d, the copy holds %d", n, len(c.stats))
 	}
-	if r.slotEntries != len(slots) {
-		t.Errorf("slot entries counted %d, the copy holds %d", r.slotEntries, len(slots))
+	if r.slotEntries != len(c.slots) {
+		t.Errorf("slot entries counted %d, the copy holds %d", r.slotEntries, len(c.slots))
+	}
+	if r.matchEntries != len(c.matches) {
+		t.Errorf("match entries counted %d, the copy holds %d", r.matchEntries, len(c.matches))
 	}
 	if !maps.Equal(refs, r.refs) {
-		t.Errorf("reference counts %v, the slots hold %v", r.refs, refs)
+		t.Errorf("reference counts %v, the slots and match entries hold %v", r.refs, refs)
 	}
 	if !maps.Equal(svcIDs, r.svcIDs.used) {
 		t.Errorf("service ids in use %v, want %v", slices.Sorted(maps.Keys(r.svcIDs.used)), slices.Sorted(maps.Keys(svcIDs)))
@@ -395,8 +558,8 @@ func liveSet(f *fakeMaps, fe model.Frontend) (backends []string, ok bool) {
 	if !ok {
 		return nil, false
 	}
-	for slot := range v.Count {
-		id := f.slots.entries[lbSlotKey{SvcId: v.Id, Slot: slot}]
+	for slot := range uint32(countOf(v)) {
+		id := f.slots.entries[lbSlotKey{SvcId: idOf(v), Slot: slot}]
 		b, found := f.backends.entries[id]
 		if !found {
 			backends = append(backends, fmt.Sprintf("<hole at slot %d>", slot))

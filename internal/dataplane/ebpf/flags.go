@@ -3,9 +3,11 @@ package ebpf
 // Names of the command-line flags that size the maps, so that errors about a
 // full map can say which one to raise.
 const (
-	FlagMaxServices = "bpf-max-services"
-	FlagMaxBackends = "bpf-max-backends"
-	FlagMaxRevNAT   = "bpf-max-sockets"
+	FlagMaxServices  = "bpf-max-services"
+	FlagMaxBackends  = "bpf-max-backends"
+	FlagMaxRevNAT    = "bpf-max-sockets"
+	FlagMaxFrontends = "bpf-max-frontends"
+	FlagMaxAffinity  = "bpf-max-affinity"
 )
 
 // Defaults hold 64k service ports and 256k backends.
@@ -16,4 +18,11 @@ const (
 	// translated back to the frontend; the least recently used entry goes
 	// first when it is full.
 	DefaultMaxRevNAT = 262144
+	// DefaultMaxFrontends holds a ClusterIP and three node addresses'
+	// NodePorts (or external IPs) for each of DefaultMaxServices ports.
+	DefaultMaxFrontends = 4 * DefaultMaxServices
+	// DefaultMaxAffinity bounds the (client network namespace, Service
+	// port) pairs whose session affinity is remembered, as Cilium's
+	// default does; the least recently used is forgotten first.
+	DefaultMaxAffinity = 65536
 )

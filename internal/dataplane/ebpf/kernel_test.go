@@ -279,7 +279,7 @@ func TestKernelCapacityChangeResizesPinnedMaps(t *testing.T) {
 	if counting.ops != 0 {
 		t.Errorf("resized maps needed %d writes, want 0 (entries must be carried over)", counting.ops)
 	}
-	for name, want := range map[string]uint32{lbMapKbpServices: s.cfg.MaxServices, lbMapKbpBackends: s.cfg.MaxBackends, lbMapKbpRevnat: s.cfg.MaxSockets} {
+	for name, want := range map[string]uint32{lbMapKbpServices: s.cfg.withDefaults().MaxFrontends, lbMapKbpBackends: s.cfg.MaxBackends, lbMapKbpRevnat: s.cfg.MaxSockets} {
 		if got := pinnedCapacity(t, s.cfg.BPFFSPath, name); got != want {
 			t.Errorf("pinned %s holds %d entries, want %d", name, got, want)
 		}
@@ -505,7 +505,7 @@ func TestKernelOverwritesNeverMissALookup(t *testing.T) {
 	web := servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...)
 	s.sync(t, snapshot(true, web))
 	fe := web.ClusterIP
-	svc := s.dp.rec.services[fe]
+	svc := s.dp.rec.frontends[fe].group
 	ids := slices.Clone(svc.slots)
 	// Fillers under ids no service uses, so that buckets hold chains
 	// (the maps hold 4096 slots and 1024 services here).

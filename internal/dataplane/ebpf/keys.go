@@ -60,3 +60,47 @@ func backendKeyFromValue(v lbBackendValue) backendKey {
 		Protocol: model.Protocol(v.Proto),
 	}
 }
+
+// The high bits of a frontend's id word, as enum svc_flag in bpf/lb.c
+// defines them (TestSvcFlagsMatchLbC keeps the two in step): the service
+// id's flags, then the frontend's kind.
+const (
+	svcIDMask              uint32 = 0x00ffffff
+	svcFlagAffinity        uint32 = 1 << 24
+	svcFlagNoLocalEndpoint uint32 = 1 << 25
+	svcFlagNodePort        uint32 = 1 << 26
+	svcFlagExternal        uint32 = 1 << 27
+	svcFlagNodeNetNSOnly   uint32 = 1 << 28
+
+	// groupFlags are the flags a service id's frontends share.
+	groupFlags = svcFlagAffinity | svcFlagNoLocalEndpoint
+	// kindFlags say what kind of frontend an entry is.
+	kindFlags = svcFlagNodePort | svcFlagExternal | svcFlagNodeNetNSOnly
+)
+
+// maxServiceIDs is the most service ids the id word holds.
+const maxServiceIDs = svcIDMask
+
+// Kinds of a Service range entry, enum range_kind in bpf/lb.c.
+const (
+	rangeEnd         uint8 = 0
+	rangeServiceCIDR uint8 = 1
+	rangeClusterIPs  uint8 = 2
+)
+
+func svcValue(id uint32, count int, flags uint32) lbSvcValue {
+	return lbSvcValue{Id: id&svcIDMask | flags&^svcIDMask, Count: uint32(count)}
+}
+
+// idOf and flagsOf split a frontend entry's id word; countOf is its count.
+func idOf(v lbSvcValue) uint32    { return v.Id & svcIDMask }
+func flagsOf(v lbSvcValue) uint32 { return v.Id &^ svcIDMask }
+func countOf(v lbSvcValue) int    { return int(v.Count) }
+
+func matchKey(svcID, backendID uint32) lbMatchKey {
+	return lbMatchKey{SvcId: svcID, BackendId: backendID}
+}
+
+func rangeValue(p netip.Prefix, kind uint8) lbSvcRange {
+	return lbSvcRange{Net: addrToBPF(p.Masked().Addr()), Bits: uint8(p.Bits()), Kind: kind}
+}

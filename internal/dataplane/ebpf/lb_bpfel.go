@@ -13,12 +13,36 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type lbAffinityKey struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	SvcId       uint32
+	Pad         uint32
+}
+
+type lbAffinityValue struct {
+	_         structs.HostLayout
+	BackendId uint32
+	LastUsed  uint32
+}
+
 type lbBackendValue struct {
 	_     structs.HostLayout
 	Addr  uint32
 	Port  uint16
 	Proto uint8
 	Pad   uint8
+}
+
+type lbMatchKey struct {
+	_         structs.HostLayout
+	SvcId     uint32
+	BackendId uint32
+}
+
+type lbNodeConfig struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
 }
 
 type lbRevnatKey struct {
@@ -45,15 +69,21 @@ type lbSlotKey struct {
 type lbStatIndex uint32
 
 const (
-	lbStatIndexSTAT_CONNECT_TRANSLATED      lbStatIndex = 0
-	lbStatIndexSTAT_SENDMSG_TRANSLATED      lbStatIndex = 1
-	lbStatIndexSTAT_REFUSED_NO_BACKEND      lbStatIndex = 2
-	lbStatIndexSTAT_REFUSED_MISSING_SLOT    lbStatIndex = 3
-	lbStatIndexSTAT_REVNAT_TRANSLATED       lbStatIndex = 4
-	lbStatIndexSTAT_REVNAT_UPDATE_FAILED    lbStatIndex = 5
-	lbStatIndexSTAT_LOOKUP_RACED            lbStatIndex = 6
-	lbStatIndexSTAT_REFUSED_MISSING_BACKEND lbStatIndex = 7
-	lbStatIndexSTAT_MAX                     lbStatIndex = 8
+	lbStatIndexSTAT_CONNECT_TRANSLATED        lbStatIndex = 0
+	lbStatIndexSTAT_SENDMSG_TRANSLATED        lbStatIndex = 1
+	lbStatIndexSTAT_REFUSED_NO_BACKEND        lbStatIndex = 2
+	lbStatIndexSTAT_REFUSED_MISSING_SLOT      lbStatIndex = 3
+	lbStatIndexSTAT_REVNAT_TRANSLATED         lbStatIndex = 4
+	lbStatIndexSTAT_REVNAT_UPDATE_FAILED      lbStatIndex = 5
+	lbStatIndexSTAT_LOOKUP_RACED              lbStatIndex = 6
+	lbStatIndexSTAT_REFUSED_MISSING_BACKEND   lbStatIndex = 7
+	lbStatIndexSTAT_NODEPORT_TRANSLATED       lbStatIndex = 8
+	lbStatIndexSTAT_EXTERNAL_TRANSLATED       lbStatIndex = 9
+	lbStatIndexSTAT_AFFINITY_HIT              lbStatIndex = 10
+	lbStatIndexSTAT_REFUSED_UNKNOWN_PORT      lbStatIndex = 11
+	lbStatIndexSTAT_REFUSED_UNALLOCATED       lbStatIndex = 12
+	lbStatIndexSTAT_REFUSED_NO_LOCAL_ENDPOINT lbStatIndex = 13
+	lbStatIndexSTAT_MAX                       lbStatIndex = 14
 )
 
 type lbSvcKey struct {
@@ -62,6 +92,14 @@ type lbSvcKey struct {
 	Port  uint16
 	Proto uint8
 	Pad   uint8
+}
+
+type lbSvcRange struct {
+	_    structs.HostLayout
+	Net  uint32
+	Bits uint8
+	Kind uint8
+	Pad  uint16
 }
 
 type lbSvcStats struct {
@@ -82,11 +120,16 @@ type lbSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	lbMapKbpAffMatch      = "kbp_aff_match"
+	lbMapKbpAffinity      = "kbp_affinity"
 	lbMapKbpBackends      = "kbp_backends"
+	lbMapKbpClusterIps    = "kbp_cluster_ips"
+	lbMapKbpNode          = "kbp_node"
 	lbMapKbpRevnat        = "kbp_revnat"
 	lbMapKbpServices      = "kbp_services"
 	lbMapKbpSlots         = "kbp_slots"
 	lbMapKbpStats         = "kbp_stats"
+	lbMapKbpSvcRanges     = "kbp_svc_ranges"
 	lbMapKbpSvcStats      = "kbp_svc_stats"
 	lbProgKbpConnect4     = "kbp_connect4"
 	lbProgKbpConnect6     = "kbp_connect6"
@@ -154,12 +197,17 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
-	KbpBackends *ebpf.MapSpec `ebpf:"kbp_backends"`
-	KbpRevnat   *ebpf.MapSpec `ebpf:"kbp_revnat"`
-	KbpServices *ebpf.MapSpec `ebpf:"kbp_services"`
-	KbpSlots    *ebpf.MapSpec `ebpf:"kbp_slots"`
-	KbpStats    *ebpf.MapSpec `ebpf:"kbp_stats"`
-	KbpSvcStats *ebpf.MapSpec `ebpf:"kbp_svc_stats"`
+	KbpAffMatch   *ebpf.MapSpec `ebpf:"kbp_aff_match"`
+	KbpAffinity   *ebpf.MapSpec `ebpf:"kbp_affinity"`
+	KbpBackends   *ebpf.MapSpec `ebpf:"kbp_backends"`
+	KbpClusterIps *ebpf.MapSpec `ebpf:"kbp_cluster_ips"`
+	KbpNode       *ebpf.MapSpec `ebpf:"kbp_node"`
+	KbpRevnat     *ebpf.MapSpec `ebpf:"kbp_revnat"`
+	KbpServices   *ebpf.MapSpec `ebpf:"kbp_services"`
+	KbpSlots      *ebpf.MapSpec `ebpf:"kbp_slots"`
+	KbpStats      *ebpf.MapSpec `ebpf:"kbp_stats"`
+	KbpSvcRanges  *ebpf.MapSpec `ebpf:"kbp_svc_ranges"`
+	KbpSvcStats   *ebpf.MapSpec `ebpf:"kbp_svc_stats"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -188,21 +236,31 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
-	KbpBackends *ebpf.Map `ebpf:"kbp_backends"`
-	KbpRevnat   *ebpf.Map `ebpf:"kbp_revnat"`
-	KbpServices *ebpf.Map `ebpf:"kbp_services"`
-	KbpSlots    *ebpf.Map `ebpf:"kbp_slots"`
-	KbpStats    *ebpf.Map `ebpf:"kbp_stats"`
-	KbpSvcStats *ebpf.Map `ebpf:"kbp_svc_stats"`
+	KbpAffMatch   *ebpf.Map `ebpf:"kbp_aff_match"`
+	KbpAffinity   *ebpf.Map `ebpf:"kbp_affinity"`
+	KbpBackends   *ebpf.Map `ebpf:"kbp_backends"`
+	KbpClusterIps *ebpf.Map `ebpf:"kbp_cluster_ips"`
+	KbpNode       *ebpf.Map `ebpf:"kbp_node"`
+	KbpRevnat     *ebpf.Map `ebpf:"kbp_revnat"`
+	KbpServices   *ebpf.Map `ebpf:"kbp_services"`
+	KbpSlots      *ebpf.Map `ebpf:"kbp_slots"`
+	KbpStats      *ebpf.Map `ebpf:"kbp_stats"`
+	KbpSvcRanges  *ebpf.Map `ebpf:"kbp_svc_ranges"`
+	KbpSvcStats   *ebpf.Map `ebpf:"kbp_svc_stats"`
 }
 
 func (m *lbMaps) Close() error {
 	return _LbClose(
+		m.KbpAffMatch,
+		m.KbpAffinity,
 		m.KbpBackends,
+		m.KbpClusterIps,
+		m.KbpNode,
 		m.KbpRevnat,
 		m.KbpServices,
 		m.KbpSlots,
 		m.KbpStats,
+		m.KbpSvcRanges,
 		m.KbpSvcStats,
 	)
 }

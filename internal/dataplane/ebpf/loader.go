@@ -24,6 +24,14 @@ type Config struct {
 	MaxServices uint32
 	MaxBackends uint32
 	MaxSockets  uint32
+	// MaxFrontends sizes the frontend map: ClusterIPs, and NodePorts on
+	// each node address, external IPs and LoadBalancer IPs; 0 is four per
+	// service port (--bpf-max-frontends).
+	MaxFrontends uint32
+	// MaxAffinity sizes the session affinity map: (client network
+	// namespace, Service port) pairs; 0 is DefaultMaxAffinity
+	// (--bpf-max-affinity).
+	MaxAffinity uint32
 	// NodeNetNS is the node's network namespace, as a path to its nsfs
 	// file, where connected UDP sockets of removed backends are destroyed
 	// (see sockets.go); empty means this process's own, which is the
@@ -37,6 +45,17 @@ type Config struct {
 	// ops does the steps of the program swap; nil is the kernel. Tests
 	// set it to fail a step.
 	ops swapOps
+}
+
+// withDefaults fills the capacities a caller may leave at 0.
+func (c Config) withDefaults() Config {
+	if c.MaxFrontends == 0 {
+		c.MaxFrontends = 4 * c.MaxServices
+	}
+	if c.MaxAffinity == 0 {
+		c.MaxAffinity = DefaultMaxAffinity
+	}
+	return c
 }
 
 // program is one of our socket programs and where it hooks.
@@ -58,20 +77,28 @@ var programs = []program{
 }
 
 // pinnedMaps are the maps we pin, with the flag that sizes each and the
-// capacity it gives. The stats map has a fixed size set in lb.c.
+// capacity it gives; those without have the size lb.c gives them. A map a
+// datapath pinned by an earlier version lacks is created at start.
 var pinnedMaps = []struct {
 	name     string
 	flag     string
 	capacity func(Config) uint32
 }{
-	{lbMapKbpServices, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }},
+	{lbMapKbpServices, FlagMaxFrontends, func(c Config) uint32 { return c.MaxFrontends }},
 	{lbMapKbpSlots, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
 	{lbMapKbpBackends, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
 	{lbMapKbpRevnat, FlagMaxRevNAT, func(c Config) uint32 { return c.MaxSockets }},
+	// One entry per event; it grows when a version adds events.
 	{lbMapKbpStats, "", nil},
-	// One entry per service id, and ids go up to --bpf-max-services. A
-	// datapath pinned by a version without it gets it created at start.
+	// One entry per service id, and ids go up to --bpf-max-services.
 	{lbMapKbpSvcStats, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }},
+	{lbMapKbpAffinity, FlagMaxAffinity, func(c Config) uint32 { return c.MaxAffinity }},
+	// At most one entry per slot.
+	{lbMapKbpAffMatch, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
+	// At most one ClusterIP per service port.
+	{lbMapKbpClusterIps, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }},
+	{lbMapKbpSvcRanges, "", nil},
+	{lbMapKbpNode, "", nil},
 }
 
 // capacityFlag names the flag that sizes a map.
@@ -165,13 +192,16 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 }
 
 // resized1 returns nil if pinned fits want as it is, else a resized copy.
+// A map sized by a flag is resized either way; one whose size lb.c fixes
+// only grows (a version that adds events), as it is never smaller in a
+// later version.
 func resized1(want *ebpf.MapSpec, pinned *ebpf.Map, flag string) (*ebpf.Map, error) {
 	if want.Compatible(pinned) == nil {
 		return nil, nil
 	}
 	sameButSize := want.Copy()
 	sameButSize.MaxEntries = pinned.MaxEntries()
-	if err := sameButSize.Compatible(pinned); err != nil || flag == "" {
+	if err := sameButSize.Compatible(pinned); err != nil || (flag == "" && want.MaxEntries < pinned.MaxEntries()) {
 		return nil, fmt.Errorf("pinned map %s was made by an incompatible version (%v): run --cleanup, then start again", want.Name, err)
 	}
 	fresh := want.Copy()
@@ -181,9 +211,12 @@ func resized1(want *ebpf.MapSpec, pinned *ebpf.Map, flag string) (*ebpf.Map, err
 		return nil, fmt.Errorf("creating %s with %d entries (--%s): %w", want.Name, want.MaxEntries, flag, err)
 	}
 	var copied int
-	if want.Type == ebpf.PerCPUHash {
+	switch want.Type {
+	case ebpf.PerCPUHash:
 		copied, err = copyEntries[[]lbSvcStats](m, pinned)
-	} else {
+	case ebpf.PerCPUArray:
+		copied, err = copyEntries[[]uint64](m, pinned)
+	default:
 		copied, err = copyEntries[[]byte](m, pinned)
 	}
 	if err != nil {
@@ -201,7 +234,7 @@ func resized1(want *ebpf.MapSpec, pinned *ebpf.Map, flag string) (*ebpf.Map, err
 // copyEntries copies every entry of from into to. V is how a value is read
 // and written: raw bytes, except for a per-CPU map, whose value cilium/ebpf
 // reads and writes as a slice of one value per possible CPU (kbp_svc_stats
-// is the only per-CPU map that is resized).
+// and kbp_stats are the per-CPU maps that are resized).
 func copyEntries[V any](to, from *ebpf.Map) (int, error) {
 	var (
 		key    []byte

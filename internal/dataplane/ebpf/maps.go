@@ -29,6 +29,16 @@ type Maps struct {
 	// over CPUs (see perCPUMap). The reconciler only creates entries at
 	// zero and deletes them.
 	Stats Map[uint32, lbSvcStats]
+	// Matches holds, for each service id with session affinity, an entry
+	// per backend in its live slots, valued its affinity timeout in
+	// seconds: what the programs check an affinity entry against.
+	Matches Map[lbMatchKey, uint32]
+	// ClusterIPs is the set of ClusterIPs (the value is unused), and
+	// Ranges the Service address ranges, an array indexed from 0: what
+	// refuses a connect to a ClusterIP port no Service has, or to an
+	// unallocated Service address.
+	ClusterIPs Map[uint32, uint32]
+	Ranges     Map[uint32, lbSvcRange]
 }
 
 // ErrMapFull is wrapped by updates that failed because a map is at capacity.

@@ -12,25 +12,90 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
-// appliedService is what the kernel holds under one service id: the count
-// in its frontend's entry, and every slot entry of the id.
-type appliedService struct {
+// appliedFrontend is what the kernel holds for one frontend: the service id
+// its entry names, and the count and flags in the entry's count word.
+type appliedFrontend struct {
+	fe    model.Frontend
+	group *appliedGroup
+	count int
+	flags uint32
+}
+
+// appliedGroup is what the kernel holds under one service id: the
+// frontends whose entries name it (the ClusterIP and the external
+// frontends of a service port that share one backend list, see
+// groupsOf), every slot entry of the id, and its match entries.
+type appliedGroup struct {
 	id uint32
-	// name is the service port last applied under this id, for errors; it
-	// is unknown for what a restart found.
+	// name is the service port last applied under this id, for errors and
+	// counters; it is unknown for what a restart found.
 	name model.ServicePortName
-	// slots[i] is the backend id slot i holds; len(slots) is the count the
-	// programs read. 0 marks a slot missing from the kernel (found so at
-	// restore), which the next sync fills.
+	// frontends are those whose entries name the id, in no order: a
+	// ClusterIP and a few node addresses' or external IPs' at most.
+	frontends []*appliedFrontend
+	// slots[i] is the backend id slot i holds; len(slots) is the highest
+	// count in the frontends' entries, so every slot a program may pick.
+	// 0 marks a slot missing from the kernel (found so at restore), which
+	// the next sync fills.
 	slots []uint32
-	// hidden are slot entries no new program run can reach: at or past the
-	// count, or every slot once the frontend's entry is gone (slot number ->
-	// backend id). They are deleted one grace period after they were hidden.
+	// hidden are slot entries no new program run can reach: at or past
+	// every frontend's count, or every slot once the id has no frontend
+	// (slot number -> backend id). They are deleted one grace period after
+	// they were hidden.
 	hidden map[uint32]uint32
+	// matches are the id's entries in the match map (backend id ->
+	// affinity timeout in seconds): one per backend of its live slots
+	// while its frontends have session affinity.
+	matches map[uint32]uint32
 	// stats records that the id's entry in the counters map exists. It is
-	// created, at zero, before the frontend's entry, and deleted when the
-	// id is released, so that an id handed out again counts from zero.
+	// created, at zero, before the first frontend's entry, and deleted
+	// when the id is released, so that an id handed out again counts from
+	// zero.
 	stats bool
+}
+
+// liveCount is the number of slots programs may pick from: the highest
+// count of the frontends. They all have the same but for a moment within
+// a sync, or after one that failed half-way.
+func (g *appliedGroup) liveCount() int {
+	n := 0
+	for _, f := range g.frontends {
+		n = max(n, f.count)
+	}
+	return n
+}
+
+// affinity reports whether a frontend of the group has session affinity.
+func (g *appliedGroup) affinity() bool {
+	for _, f := range g.frontends {
+		if f.flags&svcFlagAffinity != 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// staleMatches returns the backend ids whose match entries are to go: all
+// when the group has no affinity, else those that left its live slots.
+func (g *appliedGroup) staleMatches() []uint32 {
+	if len(g.matches) == 0 {
+		return nil
+	}
+	var live map[uint32]bool
+	if g.affinity() {
+		live = make(map[uint32]bool, len(g.slots))
+		for _, id := range g.slots {
+			live[id] = true
+		}
+	}
+	var out []uint32
+	for id := range g.matches {
+		if !live[id] {
+			out = append(out, id)
+		}
+	}
+	slices.Sort(out)
+	return out
 }
 
 // reconciler owns the contents of the load-balancing maps. It keeps a copy
@@ -38,33 +103,44 @@ type appliedService struct {
 // snapshot against it and writes only the difference, in an order that never
 // lets a program find a hole:
 //
-//  1. backends are written before any slot points at them;
-//  2. a service's slots are written before its count grows to cover them;
-//  3. each service port changes all or nothing: writes that can fail for
-//     capacity (new keys) come first, while still invisible; overwrites of
-//     live entries come last and are undone if one fails;
+//  1. backends are written before any slot or match entry points at them;
+//  2. a service id's slots are written before a frontend's count grows to
+//     cover them;
+//  3. each service port changes all or nothing, over all of its service
+//     ids and frontends: writes that can fail for capacity (new keys) come
+//     first, while still invisible; overwrites of live entries, and new
+//     frontend entries, come last and are undone if one fails;
 //  4. nothing a program could have read is deleted until an RCU grace period
 //     has passed since the write that hid it (a lower count, a deleted
-//     frontend, an overwritten slot): a connect that read the old count or
-//     the old backend id a moment before still finds what it read. One
-//     sync hides everything first, waits once, then deletes.
+//     frontend, an overwritten slot, a deleted match entry): a connect that
+//     read the old count or the old backend id a moment before still finds
+//     what it read. One sync hides everything first, waits once, then
+//     deletes.
 //
 // Retained backends keep their slot, so one endpoint change costs a couple of
-// map writes whatever the size of the service.
+// map writes whatever the size of the service; a change of the count costs
+// one write per frontend of the id.
 type reconciler struct {
-	maps        Maps
-	grace       gracePeriod
-	maxServices uint32
-	maxBackends uint32
+	maps         Maps
+	grace        gracePeriod
+	maxServices  uint32
+	maxBackends  uint32
+	maxFrontends uint32
 
-	// services are the frontends in the kernel's service map.
-	services map[model.Frontend]*appliedService
-	// detached are service ids with slot entries but no frontend entry: a
-	// removed service whose slots await their grace period, a creation that
-	// failed before its entry was written, or what a restart found so.
-	detached map[uint32]*appliedService
-	// withHidden indexes the services and detached ids that have hidden slots.
-	withHidden map[uint32]*appliedService
+	// frontends are the entries of the kernel's service map.
+	frontends map[model.Frontend]*appliedFrontend
+	// groups holds every service id in use: those frontends name, and
+	// detached ones with slot or match entries but no frontend (a removed
+	// port whose slots await their grace period, a creation that failed
+	// before a frontend was written, or what a restart found so).
+	groups map[uint32]*appliedGroup
+	// detached indexes the groups no frontend names: what the garbage
+	// collection looks at, without walking every id.
+	detached map[uint32]*appliedGroup
+	// withHidden indexes the groups that have hidden slots.
+	withHidden map[uint32]*appliedGroup
+	// staleMatches indexes the groups with match entries to delete.
+	staleMatches map[uint32]*appliedGroup
 
 	// backends maps each backend to the id slots are pointed at. A restart
 	// may find more ids holding one backend (debris of another process, two
@@ -74,15 +150,17 @@ type reconciler struct {
 	dupIDs      map[backendKey][]uint32
 	backendKeys map[uint32]backendKey
 	// refs counts, per backend id, the slot entries in the kernel, live or
-	// hidden, that hold it. An id is deleted only at zero.
+	// hidden, and the match entries that hold it. An id is deleted only at
+	// zero.
 	refs map[uint32]int
 	// unreferenced holds backend ids whose count reached zero, or that were
 	// written or found without one: candidates for deletion.
 	unreferenced map[uint32]struct{}
-	// slotEntries counts the slot entries recorded above, live (non-zero)
-	// or hidden: what the slot map holds, for admitting a port before it
+	// slotEntries and matchEntries count the slot and match entries
+	// recorded above: what the maps hold, for admitting a port before it
 	// writes anything.
-	slotEntries int
+	slotEntries  int
+	matchEntries int
 
 	svcIDs     *idAllocator
 	backendIDs *idAllocator
@@ -95,21 +173,49 @@ type reconciler struct {
 	// owners records the frontends each Service had at the last sync, so
 	// that a partial snapshot can remove frontends its services dropped.
 	owners map[model.ServiceName][]model.Frontend
+	// assigned are the groups given to a port by the sync under way: a
+	// group serves one port.
+	assigned map[uint32]bool
+
+	// vips is what the ClusterIP set and the Service ranges hold and
+	// need (rejects.go).
+	vips clusterIPState
+
+	// node is the node as of the last sync, if nodeKnown: what the
+	// external frontends were computed from.
+	node      model.NodeInfo
+	nodeKnown bool
 
 	// reload asks the next sync to read the maps first: on start, and after
 	// reading them failed half-way.
 	reload bool
 }
 
+// maxRanges is the size of the Service range array in bpf/lb.c.
+const maxRanges = 16
+
 func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32) *reconciler {
 	return &reconciler{
-		maps:        maps,
-		grace:       grace,
-		maxServices: maxServices,
-		maxBackends: maxBackends,
-		owners:      make(map[model.ServiceName][]model.Frontend),
-		reload:      true,
+		maps:         maps,
+		grace:        grace,
+		maxServices:  maxServices,
+		maxBackends:  maxBackends,
+		maxFrontends: 4 * maxServices,
+		owners:       make(map[model.ServiceName][]model.Frontend),
+		reload:       true,
 	}
+}
+
+// group returns the group of service id id, recorded as in use if new.
+func (r *reconciler) group(id uint32) *appliedGroup {
+	g := r.groups[id]
+	if g == nil {
+		g = &appliedGroup{id: id}
+		r.groups[id] = g
+		r.detached[id] = g
+		r.svcIDs.reserve(id)
+	}
+	return g
 }
 
 // restore rebuilds the reconciler's copy from the maps, as a restarted proxy
@@ -117,18 +223,23 @@ func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32
 // every entry is recorded as what it is, and whatever no program can reach
 // is hidden already, to be deleted after the next grace period.
 func (r *reconciler) restore() error {
-	r.services = make(map[model.Frontend]*appliedService)
-	r.detached = make(map[uint32]*appliedService)
-	r.withHidden = make(map[uint32]*appliedService)
+	r.frontends = make(map[model.Frontend]*appliedFrontend)
+	r.groups = make(map[uint32]*appliedGroup)
+	r.detached = make(map[uint32]*appliedGroup)
+	r.vips = newClusterIPState()
+	r.withHidden = make(map[uint32]*appliedGroup)
+	r.staleMatches = make(map[uint32]*appliedGroup)
 	r.backends = make(map[backendKey]uint32)
 	r.dupIDs = make(map[backendKey][]uint32)
 	r.backendKeys = make(map[uint32]backendKey)
 	r.refs = make(map[uint32]int)
 	r.unreferenced = make(map[uint32]struct{})
-	r.slotEntries = 0
+	r.slotEntries, r.matchEntries = 0, 0
 	r.statsOrphans = make(map[uint32]struct{})
 	r.svcIDs = newIDAllocator(r.maxServices)
 	r.backendIDs = newIDAllocator(r.maxBackends)
+	r.assigned = make(map[uint32]bool)
+	r.nodeKnown = false
 
 	err := r.maps.Backends.Iterate(func(id uint32, v lbBackendValue) error {
 		key := backendKeyFromValue(v)
@@ -155,42 +266,45 @@ func (r *reconciler) restore() error {
 		slices.Sort(ids)
 	}
 
-	byID := make(map[uint32]*appliedService)
 	err = r.maps.Services.Iterate(func(k lbSvcKey, v lbSvcValue) error {
-		svc := &appliedService{id: v.Id, slots: make([]uint32, v.Count)}
-		r.services[frontendFromKey(k)] = svc
-		byID[v.Id] = svc
-		r.svcIDs.reserve(v.Id)
+		g := r.group(idOf(v))
+		r.attach(&appliedFrontend{fe: frontendFromKey(k), group: g, count: countOf(v), flags: flagsOf(v)})
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, g := range r.groups {
+		g.slots = make([]uint32, g.liveCount())
+	}
+
+	err = r.maps.Slots.Iterate(func(k lbSlotKey, backendID uint32) error {
+		// Slots without a frontend: an interrupted removal or creation.
+		g := r.group(k.SvcId)
+		if k.Slot < uint32(len(g.slots)) {
+			g.slots[k.Slot] = backendID
+			if backendID != 0 {
+				r.slotEntries++
+			}
+		} else {
+			r.hide(g, k.Slot, backendID)
+			r.slotEntries++
+		}
+		r.holdRestored(backendID)
 		return nil
 	})
 	if err != nil {
 		return err
 	}
 
-	err = r.maps.Slots.Iterate(func(k lbSlotKey, backendID uint32) error {
-		svc := byID[k.SvcId]
-		if svc == nil {
-			// Slots without a frontend: an interrupted removal or creation.
-			svc = &appliedService{id: k.SvcId}
-			byID[k.SvcId] = svc
-			r.detached[k.SvcId] = svc
-			r.svcIDs.reserve(k.SvcId)
+	err = r.maps.Matches.Iterate(func(k lbMatchKey, timeout uint32) error {
+		g := r.group(k.SvcId)
+		if g.matches == nil {
+			g.matches = make(map[uint32]uint32)
 		}
-		if k.Slot < uint32(len(svc.slots)) {
-			svc.slots[k.Slot] = backendID
-			if backendID != 0 {
-				r.slotEntries++
-			}
-		} else {
-			r.hide(svc, k.Slot, backendID)
-			r.slotEntries++
-		}
-		if backendID != 0 {
-			r.refs[backendID]++
-			// A slot naming a missing backend keeps the id from reuse
-			// until it is rewritten.
-			r.backendIDs.reserve(backendID)
-		}
+		g.matches[k.BackendId] = timeout
+		r.matchEntries++
+		r.holdRestored(k.BackendId)
 		return nil
 	})
 	if err != nil {
@@ -202,25 +316,42 @@ func (r *reconciler) restore() error {
 			r.unreferenced[id] = struct{}{}
 		}
 	}
-	if err := r.restoreStats(byID); err != nil {
+	for _, g := range r.groups {
+		r.checkMatches(g)
+	}
+	if err := r.restoreStats(); err != nil {
+		return err
+	}
+	if err := r.restoreRejects(); err != nil {
 		return err
 	}
 	r.reload = false
-	klog.V(2).InfoS("Read BPF load-balancing maps", "services", len(r.services),
-		"backends", len(r.backendKeys), "detachedServiceIDs", len(r.detached), "withHiddenSlots", len(r.withHidden))
+	klog.V(2).InfoS("Read BPF load-balancing maps", "frontends", len(r.frontends), "serviceIDs", len(r.groups),
+		"backends", len(r.backendKeys), "withHiddenSlots", len(r.withHidden), "matchEntries", r.matchEntries)
 	return nil
 }
 
-// restoreStats matches the counter entries to the ids restored in byID:
-// kept where they exist, so that counters survive a restart; created at
-// zero for each frontend's id that has none (a datapath pinned by a
-// version without counters); and entries of ids nothing holds are left for
-// the garbage collection. An entry that cannot be created is created by
-// the sync that next applies its port.
-func (r *reconciler) restoreStats(byID map[uint32]*appliedService) error {
+// holdRestored records a slot or match entry found naming backend id.
+func (r *reconciler) holdRestored(id uint32) {
+	if id == 0 {
+		return
+	}
+	r.refs[id]++
+	// An entry naming a missing backend keeps the id from reuse until it
+	// is rewritten.
+	r.backendIDs.reserve(id)
+}
+
+// restoreStats matches the counter entries to the ids restored: kept where
+// they exist, so that counters survive a restart; created at zero for each
+// id frontends name that has none (a datapath pinned by a version without
+// counters); and entries of ids nothing holds are left for the garbage
+// collection. An entry that cannot be created is created by the sync that
+// next applies its port.
+func (r *reconciler) restoreStats() error {
 	err := r.maps.Stats.Iterate(func(id uint32, _ lbSvcStats) error {
-		if svc := byID[id]; svc != nil {
-			svc.stats = true
+		if g := r.groups[id]; g != nil {
+			g.stats = true
 		} else {
 			r.statsOrphans[id] = struct{}{}
 		}
@@ -230,21 +361,29 @@ func (r *reconciler) restoreStats(byID map[uint32]*appliedService) error {
 		return err
 	}
 	created := 0
-	for _, svc := range r.services {
-		if svc.stats {
+	for _, g := range r.groups {
+		if g.stats || len(g.frontends) == 0 {
 			continue
 		}
-		if err := r.maps.Stats.Update(svc.id, lbSvcStats{}); err != nil {
-			klog.ErrorS(err, "Creating the counters of a restored service id; retried at the next sync", "id", svc.id)
+		if err := r.maps.Stats.Update(g.id, lbSvcStats{}); err != nil {
+			klog.ErrorS(err, "Creating the counters of a restored service id; retried at the next sync", "id", g.id)
 			continue
 		}
-		svc.stats = true
+		g.stats = true
 		created++
 	}
 	if created > 0 {
-		klog.InfoS("Created the counters of restored service ports that had none", "servicePorts", created)
+		klog.InfoS("Created the counters of restored service ports that had none", "serviceIDs", created)
 	}
 	return nil
+}
+
+// portToApply is a service port of a snapshot and the frontends it claims.
+type portToApply struct {
+	port      *model.ServicePort
+	frontends []socketFrontend
+	// drop are the frontends the port held and no longer claims.
+	drop []model.Frontend
 }
 
 // sync applies a snapshot. Service ports that fail are left as they were in
@@ -256,44 +395,104 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 			return &dataplane.SyncError{Err: fmt.Errorf("reading BPF maps: %w", err)}
 		}
 	}
+	if !snap.Full && r.nodeKnown && !snap.Node.Equal(r.node) {
+		// The external frontends of every Service depend on the node's
+		// addresses, and a partial snapshot has only some Services: the
+		// model sends a full one when the node changes.
+		return &dataplane.SyncError{Err: errors.New("the node's addresses changed in a partial snapshot: a full sync is needed")}
+	}
 
-	desired := claimFrontends(snap, true)
-
+	claims := claimFrontends(snap, true)
+	var ports []portToApply
+	byClusterIP := make(map[model.Frontend]portToApply)
+	owned := make(map[model.ServiceName][]model.Frontend)
+	for _, name := range sortedServiceNames(snap.Services) {
+		for i := range snap.Services[name] {
+			p := &snap.Services[name][i]
+			fes := slices.DeleteFunc(claimedFrontends(p, &snap.Node, claims), func(f socketFrontend) bool {
+				return r.heldElsewhere(snap, p, f)
+			})
+			for _, f := range fes {
+				owned[name] = append(owned[name], f.Frontend)
+			}
+			if len(fes) > 0 {
+				ports = append(ports, portToApply{port: p, frontends: fes})
+			}
+		}
+	}
+	// By ClusterIP, so that what fits when maps fill up does not depend
+	// on names; the sort is stable, a ClusterIP claimed twice keeps name
+	// order.
+	slices.SortStableFunc(ports, func(a, b portToApply) int { return compareFrontends(a.port.ClusterIP, b.port.ClusterIP) })
 	var remove []model.Frontend
 	if snap.Full {
-		for fe := range r.services {
-			if desired[fe] == nil {
+		for fe := range r.frontends {
+			if _, ok := claims[fe]; !ok {
 				remove = append(remove, fe)
 			}
 		}
 	} else {
 		for name := range snap.Services {
 			for _, fe := range r.owners[name] {
-				if desired[fe] == nil && r.services[fe] != nil {
+				f := r.frontends[fe]
+				if _, ok := claims[fe]; ok || f == nil {
+					continue
+				}
+				// Not if another Service took it over meanwhile.
+				if owner := f.group.name; owner == (model.ServicePortName{}) || owner.ServiceName == name {
 					remove = append(remove, fe)
 				}
 			}
 		}
 	}
+	// A frontend goes with the port that held it: in that port's update
+	// if it is still there, else with the rest of the port's frontends
+	// (by id when the port is unknown, after a restart).
 	slices.SortFunc(remove, compareFrontends)
-
-	var failed []*dataplane.ServiceError
+	index := make(map[model.ServicePortName]int)
+	for i, p := range ports {
+		index[p.port.Name] = i
+	}
+	type gone struct {
+		name model.ServicePortName
+		id   uint32
+	}
+	var goneOrder []gone
+	goneFrontends := make(map[gone][]model.Frontend)
 	for _, fe := range remove {
-		name := r.services[fe].name
-		if err := r.removeService(fe); err != nil {
-			failed = append(failed, serviceError(name, fe, fmt.Errorf("removing: %w", err)))
+		g := r.frontends[fe].group
+		if i, ok := index[g.name]; ok && g.name != (model.ServicePortName{}) {
+			ports[i].drop = append(ports[i].drop, fe)
+			continue
+		}
+		key := gone{name: g.name}
+		if g.name == (model.ServicePortName{}) {
+			key.id = g.id
+		}
+		if _, seen := goneFrontends[key]; !seen {
+			goneOrder = append(goneOrder, key)
+		}
+		goneFrontends[key] = append(goneFrontends[key], fe)
+	}
+	for _, p := range ports {
+		if _, dup := byClusterIP[p.port.ClusterIP]; !dup {
+			byClusterIP[p.port.ClusterIP] = p
 		}
 	}
-	frontends := make([]model.Frontend, 0, len(desired))
-	for fe := range desired {
-		frontends = append(frontends, fe)
+
+	var failed []*dataplane.ServiceError
+	for _, key := range goneOrder {
+		fes := goneFrontends[key]
+		if err := r.removePort(fes); err != nil {
+			failed = append(failed, serviceError(key.name, fes[0], fmt.Errorf("removing: %w", err)))
+		}
 	}
-	slices.SortFunc(frontends, compareFrontends)
+	// A new map: clearing one sized by the last full sync costs as much.
+	r.assigned = make(map[uint32]bool)
 	var full []*dataplane.ServiceError
-	for _, fe := range frontends {
-		p := desired[fe]
-		if err := r.applyService(p); err != nil {
-			se := serviceError(p.Name, fe, err)
+	for _, p := range ports {
+		if err := r.applyPort(p.port, p.frontends, p.drop); err != nil {
+			se := serviceError(p.port.Name, p.port.ClusterIP, err)
 			if se.Reason == dataplane.ReasonMapFull {
 				full = append(full, se)
 			} else {
@@ -308,7 +507,8 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		retried := full
 		full = nil
 		for _, se := range retried {
-			if err := r.applyService(desired[se.Frontend]); err != nil {
+			p := byClusterIP[se.Frontend]
+			if err := r.applyPort(p.port, p.frontends, p.drop); err != nil {
 				full = append(full, serviceError(se.Service, se.Frontend, err))
 			}
 		}
@@ -320,49 +520,50 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 	if snap.Full {
 		clear(r.owners)
 	}
-	for name, ports := range snap.Services {
-		if len(ports) == 0 {
+	for name := range snap.Services {
+		if fes := owned[name]; len(fes) > 0 {
+			r.owners[name] = fes
+		} else {
 			delete(r.owners, name)
-			continue
 		}
-		fes := make([]model.Frontend, len(ports))
-		for i := range ports {
-			fes[i] = ports[i].ClusterIP
-		}
-		r.owners[name] = fes
 	}
+	r.node, r.nodeKnown = snap.Node, true
+	rejectErr := r.syncRejects(&snap.Node)
 
-	if len(failed) == 0 && gcErr == nil {
+	if len(failed) == 0 && gcErr == nil && rejectErr == nil {
 		return nil
 	}
 	slices.SortFunc(failed, func(a, b *dataplane.ServiceError) int { return compareFrontends(a.Frontend, b.Frontend) })
+	var errs []error
 	if gcErr != nil {
-		gcErr = fmt.Errorf("collecting garbage: %w", gcErr)
+		errs = append(errs, fmt.Errorf("collecting garbage: %w", gcErr))
 	}
-	return &dataplane.SyncError{Services: failed, Err: gcErr}
+	if rejectErr != nil {
+		errs = append(errs, fmt.Errorf("writing the ClusterIPs and Service ranges: %w", rejectErr))
+	}
+	return &dataplane.SyncError{Services: failed, Err: errors.Join(errs...)}
 }
 
-// claimFrontends maps each frontend of snap to the service port that serves
-// it: two ports claiming one frontend (a Service whose ClusterIP was reused
-// before the old one's deletion arrived) are resolved the same way by
-// everything that reads a snapshot, the first in name order keeping it.
-func claimFrontends(snap *model.Snapshot, logDuplicates bool) map[model.Frontend]*model.ServicePort {
-	claimed := make(map[model.Frontend]*model.ServicePort)
-	for _, name := range sortedServiceNames(snap.Services) {
-		ports := snap.Services[name]
-		for i := range ports {
-			p := &ports[i]
-			if other, dup := claimed[p.ClusterIP]; dup {
-				if logDuplicates {
-					klog.InfoS("Frontend claimed twice, keeping the first", "frontend", p.ClusterIP,
-						"servicePort", p.Name, "kept", other.Name)
-				}
-				continue
-			}
-			claimed[p.ClusterIP] = p
-		}
+// heldElsewhere reports whether external frontend f, which a partial snap
+// gives to p, stays with the port of another Service that holds it: two
+// Services may name one external IP and port, and which serves it must not
+// depend on which changed last. A full sync gives it to the first in name
+// order. A ClusterIP is always taken over: the API gives each to one
+// Service, so its holder is one whose deletion has not arrived yet.
+func (r *reconciler) heldElsewhere(snap *model.Snapshot, p *model.ServicePort, f socketFrontend) bool {
+	if snap.Full || f.kind == 0 {
+		return false
 	}
-	return claimed
+	cur := r.frontends[f.Frontend]
+	if cur == nil || cur.group.name == (model.ServicePortName{}) {
+		return false
+	}
+	holder := cur.group.name.ServiceName
+	if holder == p.Name.ServiceName {
+		return false
+	}
+	_, inSnapshot := snap.Services[holder]
+	return !inSnapshot
 }
 
 func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dataplane.ServiceError {
@@ -372,40 +573,271 @@ func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dat
 	}
 	return &dataplane.ServiceError{Service: name, Frontend: fe, Reason: reason, Err: err}
 }
-func (r *reconciler) applyService(p *model.ServicePort) error {
-	fe := p.ClusterIP
-	svc := r.services[fe]
-	ids, missing := r.knownBackends(p.Backends, fe.Protocol)
-	if err := r.admit(svc, len(ids), missing); err != nil {
+
+// applyPort brings a service port's service ids, and the frontends it
+// claims, to what p wants, all or nothing (see reconciler); drop are
+// frontends the port served and no longer claims, deleted with it.
+func (r *reconciler) applyPort(p *model.ServicePort, fes []socketFrontend, drop []model.Frontend) error {
+	plans := groupsOf(p, fes)
+	proto := p.ClusterIP.Protocol
+	// Each plan keeps the id one of its frontends has, the ClusterIP's
+	// first, unless the port's other plan took it: a port that splits in
+	// two (internalTrafficPolicy Local) keeps its id for the ClusterIP,
+	// one that merges keeps the ClusterIP's id for all.
+	groups := make([]*appliedGroup, len(plans))
+	for i, plan := range plans {
+		for _, f := range plan.frontends {
+			if cur := r.frontends[f.Frontend]; cur != nil && !r.assigned[cur.group.id] && !slices.Contains(groups, cur.group) {
+				groups[i] = cur.group
+				break
+			}
+		}
+	}
+	ids := make([][]uint32, len(plans))
+	for i, plan := range plans {
+		ids[i], _ = r.knownBackends(plan.backends, proto)
+	}
+	if err := r.admit(plans, groups, ids, proto); err != nil {
 		return err
 	}
-	if err := r.writeBackends(p.Backends, fe.Protocol, ids); err != nil {
-		return err
+	// Whatever happens below, the copy records which slots programs see
+	// and which match entries are to go, for every id the port touched.
+	touched := make(map[*appliedGroup]bool)
+	defer func() {
+		for _, g := range groups {
+			if g != nil {
+				touched[g] = true
+			}
+		}
+		for g := range touched {
+			r.recount(g)
+			r.checkMatches(g)
+		}
+	}()
+
+	// Invisible writes, each kept whatever fails after it: backends, new
+	// ids with their counters, slots past the count, match entries of
+	// backends not yet live.
+	for i, plan := range plans {
+		if err := r.writeBackends(plan.backends, proto, ids[i]); err != nil {
+			return err
+		}
 	}
-	if svc == nil {
-		return r.createService(p, uniqueIDs(ids))
+	wants := make([][]uint32, len(plans))
+	for i := range plans {
+		g := groups[i]
+		if g == nil {
+			var err error
+			if g, err = r.newGroup(p.Name); err != nil {
+				return err
+			}
+			groups[i] = g
+		} else {
+			r.resetStatsIfNew(g, p.Name)
+			g.name = p.Name
+		}
+		r.assigned[g.id] = true
+		wants[i] = layoutSlots(g.slots, ids[i])
 	}
-	r.resetStatsIfNew(svc, p.Name)
-	svc.name = p.Name
-	return r.updateService(fe, svc, layoutSlots(svc.slots, ids))
+	for i, plan := range plans {
+		g := groups[i]
+		if err := r.prepareSlots(g, wants[i]); err != nil {
+			return err
+		}
+		if plan.flags&svcFlagAffinity == 0 {
+			continue
+		}
+		for _, b := range wants[i] {
+			if _, ok := g.matches[b]; !ok {
+				if err := r.setMatch(g, b, plan.timeout); err != nil {
+					return err
+				}
+			}
+		}
+	}
+
+	// Visible writes, undone if one fails.
+	var log undoLog
+	err := r.showPort(plans, groups, wants, &log, touched)
+	if err == nil {
+		err = r.dropFrontends(drop, &log, touched)
+	}
+	if err != nil {
+		err = r.undo(log, err)
+	}
+	return err
 }
 
-// resetStatsIfNew zeroes the counters of svc when the frontend now belongs
-// to another service port (a ClusterIP reused at once), so that the new
-// port does not inherit the old one's counts, and creates them if svc has
-// none. A name unknown since a restart is no change: counters survive
-// restarts. Counters are not worth failing a port for: a write that fails
-// is logged, and retried by the next sync if the entry is missing.
-func (r *reconciler) resetStatsIfNew(svc *appliedService, name model.ServicePortName) {
-	renamed := svc.name != (model.ServicePortName{}) && svc.name != name
-	if svc.stats && !renamed {
+// dropFrontends deletes the entries of frontends a port no longer has,
+// logging each for undo; their groups are added to touched.
+func (r *reconciler) dropFrontends(drop []model.Frontend, log *undoLog, touched map[*appliedGroup]bool) error {
+	for _, fe := range drop {
+		cur := r.frontends[fe]
+		if cur == nil {
+			continue
+		}
+		prev := *cur
+		touched[cur.group] = true
+		if err := r.deleteFrontend(fe); err != nil {
+			return err
+		}
+		*log = append(*log, portUndo{"restoring frontend " + fe.String(),
+			func() error { return r.setFrontend(fe, prev.group, prev.count, prev.flags) }})
+	}
+	return nil
+}
+
+// removePort deletes the frontends of a service port that is gone, all or
+// nothing: the writes that hide its ids' slots, which go with the ids
+// after the grace period.
+func (r *reconciler) removePort(fes []model.Frontend) error {
+	touched := make(map[*appliedGroup]bool)
+	var log undoLog
+	err := r.dropFrontends(fes, &log, touched)
+	if err != nil {
+		err = r.undo(log, err)
+	}
+	for g := range touched {
+		r.recount(g)
+		r.checkMatches(g)
+	}
+	return err
+}
+
+// undoLog holds how to put back each visible write of a port, in order.
+type undoLog []portUndo
+
+type portUndo struct {
+	what string
+	fn   func() error
+}
+
+// showPort makes the new state of a port visible: live slots overwritten,
+// match timeouts changed, then each frontend's entry written. Every write
+// is logged for undo; the groups whose frontends changed are added to
+// touched.
+func (r *reconciler) showPort(plans []groupPlan, groups []*appliedGroup, wants [][]uint32, log *undoLog, touched map[*appliedGroup]bool) error {
+	// Live slots, each write swapping one valid backend for another. A
+	// full hash map still takes the overwrite of an existing key
+	// (hashtab.c's alloc_htab_elem skips the max_entries check when it
+	// replaces an element), but our maps allocate on update
+	// (BPF_F_NO_PREALLOC), which can fail: then the writes made so far
+	// are undone.
+	for i, g := range groups {
+		for slot := range min(len(g.slots), len(wants[i])) {
+			old := g.slots[slot]
+			if old == wants[i][slot] {
+				continue
+			}
+			if err := r.setSlot(g, uint32(slot), wants[i][slot]); err != nil {
+				return err
+			}
+			*log = append(*log, portUndo{fmt.Sprintf("restoring slot %d of service id %d", slot, g.id),
+				func() error { return r.setSlot(g, uint32(slot), old) }})
+		}
+	}
+	for i, plan := range plans {
+		g := groups[i]
+		if plan.flags&svcFlagAffinity == 0 {
+			continue
+		}
+		for _, b := range wants[i] {
+			old := g.matches[b]
+			if old == plan.timeout {
+				continue
+			}
+			if err := r.setMatch(g, b, plan.timeout); err != nil {
+				return err
+			}
+			*log = append(*log, portUndo{fmt.Sprintf("restoring the affinity timeout of service id %d", g.id),
+				func() error { return r.setMatch(g, b, old) }})
+		}
+	}
+	// The frontends last: each shows its id's new slots, or hides the
+	// surplus, at once.
+	for i, plan := range plans {
+		g, n := groups[i], len(wants[i])
+		for _, f := range plan.frontends {
+			flags := plan.flags | f.kind
+			cur := r.frontends[f.Frontend]
+			if cur != nil && cur.group == g && cur.count == n && cur.flags == flags {
+				continue
+			}
+			var prev appliedFrontend
+			if cur != nil {
+				prev = *cur
+				touched[cur.group] = true
+			}
+			if err := r.setFrontend(f.Frontend, g, n, flags); err != nil {
+				return err
+			}
+			fe := f.Frontend
+			if cur == nil {
+				*log = append(*log, portUndo{"deleting the new frontend " + fe.String(),
+					func() error { return r.deleteFrontend(fe) }})
+			} else {
+				*log = append(*log, portUndo{"restoring frontend " + fe.String(),
+					func() error { return r.setFrontend(fe, prev.group, prev.count, prev.flags) }})
+			}
+		}
+	}
+	return nil
+}
+
+// undo puts back what a failed port wrote visibly, newest first. A write
+// that fails here too leaves its entry as written, valid and recorded as
+// such: the port then serves a mix of its old and new state until a later
+// sync completes it.
+func (r *reconciler) undo(log undoLog, cause error) error {
+	var errs []error
+	for _, step := range slices.Backward(log) {
+		if err := step.fn(); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", step.what, err))
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%w; undoing the entries already written failed too, the port serves a mix of its old and new state: %w",
+			cause, errors.Join(errs...))
+	}
+	return cause
+}
+
+// newGroup allocates a service id for port name and creates its counters
+// at zero, before anything can count on them. Until a frontend names it,
+// the id is detached: collected if the port fails.
+func (r *reconciler) newGroup(name model.ServicePortName) (*appliedGroup, error) {
+	id, err := r.svcIDs.allocate()
+	if err != nil {
+		return nil, fmt.Errorf("%w: no free service id (%v); raise --%s", ErrMapFull, err, FlagMaxServices)
+	}
+	g := &appliedGroup{id: id, name: name}
+	r.groups[id] = g
+	r.detached[id] = g
+	// The write replaces an entry an earlier holder of the id left.
+	delete(r.statsOrphans, id)
+	if err := r.maps.Stats.Update(id, lbSvcStats{}); err != nil {
+		return nil, err
+	}
+	g.stats = true
+	return g, nil
+}
+
+// resetStatsIfNew zeroes the counters of g when it now serves another
+// service port (a ClusterIP reused at once), so that the new port does not
+// inherit the old one's counts, and creates them if g has none. A name
+// unknown since a restart is no change: counters survive restarts.
+// Counters are not worth failing a port for: a write that fails is logged,
+// and retried by the next sync if the entry is missing.
+func (r *reconciler) resetStatsIfNew(g *appliedGroup, name model.ServicePortName) {
+	renamed := g.name != (model.ServicePortName{}) && g.name != name
+	if g.stats && !renamed {
 		return
 	}
-	if err := r.maps.Stats.Update(svc.id, lbSvcStats{}); err != nil {
-		klog.ErrorS(err, "Resetting the counters of a service port", "servicePort", name, "id", svc.id)
+	if err := r.maps.Stats.Update(g.id, lbSvcStats{}); err != nil {
+		klog.ErrorS(err, "Resetting the counters of a service port", "servicePort", name, "id", g.id)
 		return
 	}
-	svc.stats = true
+	g.stats = true
 }
 
 // knownBackends returns the ids the kernel has for the given backends, 0
@@ -426,43 +858,84 @@ func (r *reconciler) knownBackends(backends []model.Backend, proto model.Protoco
 // have free, before it writes any: entries written by a port that then
 // fails stay until a grace period has passed, and would be taken from the
 // ports after it, whose ClusterIPs happen to sort later, on every retry.
-// svc is what the kernel holds for the port's frontend, nil if nothing; the
-// port wants n backends, of which newBackends the kernel has not. The model
-// merges duplicate backends; were one listed twice, the counts would only
-// err on the safe side.
-func (r *reconciler) admit(svc *appliedService, n, newBackends int) error {
-	if free := r.backendIDs.free(); newBackends > free {
+// groups[i] is what the kernel holds for plans[i], nil if nothing, and
+// ids[i] the backend ids the kernel has for its backends (0 if none). The
+// model merges duplicate backends; were one listed twice, the counts would
+// only err on the safe side.
+func (r *reconciler) admit(plans []groupPlan, groups []*appliedGroup, ids [][]uint32, proto model.Protocol) error {
+	newBackends := make(map[model.Backend]bool)
+	newGroups, newSlots, newFrontends, newMatches := 0, 0, 0, 0
+	for i, plan := range plans {
+		g := groups[i]
+		for j, id := range ids[i] {
+			if id == 0 {
+				newBackends[plan.backends[j]] = true
+			}
+			if plan.flags&svcFlagAffinity == 0 {
+				continue
+			}
+			if _, ok := g.matchOf(id); !ok {
+				newMatches++
+			}
+		}
+		for _, f := range plan.frontends {
+			if r.frontends[f.Frontend] == nil {
+				newFrontends++
+			}
+		}
+		n := len(ids[i])
+		// Slots: every backend for a new id; for an existing one, the keys
+		// its update creates: slots past the count not held hidden
+		// already, and live slots found missing.
+		if g == nil {
+			newGroups++
+			newSlots += n
+			continue
+		}
+		n0 := len(g.slots)
+		for s := range min(n0, n) {
+			if g.slots[s] == 0 {
+				newSlots++
+			}
+		}
+		for s := n0; s < n; s++ {
+			if _, ok := g.hidden[uint32(s)]; !ok {
+				newSlots++
+			}
+		}
+	}
+	if free := r.backendIDs.free(); len(newBackends) > free {
 		return fmt.Errorf("%w: the port needs %d new backend entries, %d of %d are free; raise --%s",
-			ErrMapFull, newBackends, free, r.maxBackends, FlagMaxBackends)
+			ErrMapFull, len(newBackends), free, r.maxBackends, FlagMaxBackends)
 	}
-	// Slots: every backend for a new port; for an existing one, the keys
-	// its update creates (see updateService): slots past the count not
-	// held hidden already, and live slots found missing.
-	newSlots := 0
-	if svc == nil {
-		if r.svcIDs.free() == 0 {
-			return fmt.Errorf("%w: all %d service ids are in use; raise --%s", ErrMapFull, r.maxServices, FlagMaxServices)
-		}
-		newSlots = n
-	} else {
-		n0 := len(svc.slots)
-		for i := range min(n0, n) {
-			if svc.slots[i] == 0 {
-				newSlots++
-			}
-		}
-		for i := n0; i < n; i++ {
-			if _, ok := svc.hidden[uint32(i)]; !ok {
-				newSlots++
-			}
-		}
+	if free := r.svcIDs.free(); newGroups > free {
+		return fmt.Errorf("%w: all %d service ids are in use; raise --%s", ErrMapFull, r.maxServices, FlagMaxServices)
 	}
-	// The slot map has --bpf-max-backends entries too (loader.go).
+	// The slot and match maps have --bpf-max-backends entries too
+	// (loader.go).
 	if free := int(r.maxBackends) - r.slotEntries; newSlots > free {
 		return fmt.Errorf("%w: the port needs %d new slot entries, %d of %d are free; raise --%s",
 			ErrMapFull, newSlots, max(free, 0), r.maxBackends, FlagMaxBackends)
 	}
+	if free := int(r.maxBackends) - r.matchEntries; newMatches > free {
+		return fmt.Errorf("%w: the port needs %d new session affinity entries, %d of %d are free; raise --%s",
+			ErrMapFull, newMatches, max(free, 0), r.maxBackends, FlagMaxBackends)
+	}
+	if free := int(r.maxFrontends) - len(r.frontends); newFrontends > free {
+		return fmt.Errorf("%w: the port needs %d new frontend entries, %d of %d are free; raise --%s",
+			ErrMapFull, newFrontends, max(free, 0), r.maxFrontends, FlagMaxFrontends)
+	}
 	return nil
+}
+
+// matchOf returns the match entry of backend id in g; none when g or id is
+// nil or 0.
+func (g *appliedGroup) matchOf(id uint32) (uint32, bool) {
+	if g == nil || id == 0 {
+		return 0, false
+	}
+	t, ok := g.matches[id]
+	return t, ok
 }
 
 // writeBackends writes an entry for each backend whose id is 0 in ids, and
@@ -475,7 +948,7 @@ func (r *reconciler) writeBackends(backends []model.Backend, proto model.Protoco
 		}
 		key := backendKey{Backend: b, Protocol: proto}
 		if id, ok := r.backends[key]; ok {
-			// Listed twice, and written for the first.
+			// Listed twice, or written for another list of the port.
 			ids[i] = id
 			continue
 		}
@@ -496,124 +969,46 @@ func (r *reconciler) writeBackends(backends []model.Backend, proto model.Protoco
 	return nil
 }
 
-// createService writes a new service port: its slots under a fresh id, then
-// the frontend's entry, the one write that makes it visible.
-func (r *reconciler) createService(p *model.ServicePort, ids []uint32) error {
-	id, err := r.svcIDs.allocate()
-	if err != nil {
-		return fmt.Errorf("%w: no free service id (%v); raise --%s", ErrMapFull, err, FlagMaxServices)
-	}
-	// Until the frontend's entry exists the id's slots are detached, and
-	// collected if the entry cannot be written.
-	svc := &appliedService{id: id, name: p.Name}
-	r.detached[id] = svc
-	// Counters at zero before anything can count on them; the write
-	// replaces an entry an earlier holder of the id left.
-	delete(r.statsOrphans, id)
-	if err := r.maps.Stats.Update(id, lbSvcStats{}); err != nil {
-		return err
-	}
-	svc.stats = true
-	for i, b := range ids {
-		if err := r.setSlot(svc, uint32(i), b); err != nil {
-			return err
-		}
-	}
-	if err := r.setCount(p.ClusterIP, svc, len(ids)); err != nil {
-		return err
-	}
-	delete(r.detached, id)
-	r.services[p.ClusterIP] = svc
-	return nil
-}
-
-// slotWrite is an overwrite of a live slot, kept to undo it.
-type slotWrite struct {
-	slot uint32
-	old  uint32
-}
-
-// updateService moves a service port from its slots to want, all or
-// nothing as far as the kernel allows.
-func (r *reconciler) updateService(fe model.Frontend, svc *appliedService, want []uint32) error {
-	n0, n1 := len(svc.slots), len(want)
-	live := min(n0, n1)
-	// A live slot that is missing or names no backend is a hole already
-	// (found so at restore): filling it only helps, and is never undone.
-	for i := range live {
-		if want[i] != svc.slots[i] && !r.isBackend(svc.slots[i]) {
-			if err := r.setSlot(svc, uint32(i), want[i]); err != nil {
+// prepareSlots writes what g's frontends cannot show yet: slots past the
+// live count, where want needs them (new keys, the writes that fail when
+// the map is full), and live slots that are missing or name no backend
+// (found so at restore), which are holes already: filling them only helps,
+// and is never undone.
+func (r *reconciler) prepareSlots(g *appliedGroup, want []uint32) error {
+	n0 := len(g.slots)
+	for i := range min(n0, len(want)) {
+		if want[i] != g.slots[i] && !r.isBackend(g.slots[i]) {
+			if err := r.setSlot(g, uint32(i), want[i]); err != nil {
 				return err
 			}
 		}
 	}
-	// Slots past the count are invisible: these writes, of new keys and
-	// so the ones that fail when the map is full, go first.
-	for i := n0; i < n1; i++ {
-		if id, ok := svc.hidden[uint32(i)]; ok && id == want[i] {
+	for i := n0; i < len(want); i++ {
+		if id, ok := g.hidden[uint32(i)]; ok && id == want[i] {
 			continue
 		}
-		if err := r.setSlot(svc, uint32(i), want[i]); err != nil {
+		if err := r.setSlot(g, uint32(i), want[i]); err != nil {
 			return err
-		}
-	}
-	// Live slots, each write swapping one valid backend for another. A full
-	// hash map still takes the overwrite of an existing key (hashtab.c's
-	// alloc_htab_elem skips the max_entries check when it replaces an
-	// element), but our maps allocate on update (BPF_F_NO_PREALLOC), which
-	// can fail: then the overwrites made so far are undone.
-	var done []slotWrite
-	for i := range live {
-		old := svc.slots[i]
-		if old == want[i] {
-			continue
-		}
-		if err := r.setSlot(svc, uint32(i), want[i]); err != nil {
-			return r.undo(svc, done, err)
-		}
-		done = append(done, slotWrite{slot: uint32(i), old: old})
-	}
-	// The count last: it shows the new slots, or hides the surplus.
-	if n1 != n0 {
-		if err := r.setCount(fe, svc, n1); err != nil {
-			return r.undo(svc, done, err)
 		}
 	}
 	return nil
 }
 
-// undo puts back the live slots a failed update overwrote. A write that
-// fails here too leaves its slot on the new backend, valid and recorded as
-// such: the port then serves a mix of its old and new backends until a
-// later sync completes it.
-func (r *reconciler) undo(svc *appliedService, done []slotWrite, cause error) error {
-	var errs []error
-	for _, w := range slices.Backward(done) {
-		if err := r.setSlot(svc, w.slot, w.old); err != nil {
-			errs = append(errs, fmt.Errorf("restoring slot %d: %w", w.slot, err))
-		}
-	}
-	if len(errs) > 0 {
-		return fmt.Errorf("%w; undoing the slots already written failed too, the port serves a mix of old and new backends: %w",
-			cause, errors.Join(errs...))
-	}
-	return cause
-}
-
-// setSlot points a slot of svc at a backend id, and records it once the
-// kernel has taken it: the copy stays the kernel's whatever fails.
-func (r *reconciler) setSlot(svc *appliedService, slot, id uint32) error {
-	if err := r.maps.Slots.Update(lbSlotKey{SvcId: svc.id, Slot: slot}, id); err != nil {
+// setSlot points a slot of g at a backend id, and records it once the
+// kernel has taken it: the copy stays the kernel's whatever fails. A slot
+// past the live count is recorded hidden; recount shows it.
+func (r *reconciler) setSlot(g *appliedGroup, slot, id uint32) error {
+	if err := r.maps.Slots.Update(lbSlotKey{SvcId: g.id, Slot: slot}, id); err != nil {
 		return err
 	}
 	var old uint32
 	existed := false
-	if slot < uint32(len(svc.slots)) {
-		old, svc.slots[slot] = svc.slots[slot], id
+	if slot < uint32(len(g.slots)) {
+		old, g.slots[slot] = g.slots[slot], id
 		existed = old != 0
 	} else {
-		old, existed = svc.hidden[slot]
-		r.hide(svc, slot, id)
+		old, existed = g.hidden[slot]
+		r.hide(g, slot, id)
 	}
 	if !existed {
 		r.slotEntries++
@@ -623,42 +1018,121 @@ func (r *reconciler) setSlot(svc *appliedService, slot, id uint32) error {
 	return nil
 }
 
-// setCount writes the frontend's entry of svc with count n: the write that
-// shows the slots below n to programs, and hides those past it.
-func (r *reconciler) setCount(fe model.Frontend, svc *appliedService, n int) error {
-	if err := r.maps.Services.Update(frontendKey(fe), lbSvcValue{Id: svc.id, Count: uint32(n)}); err != nil {
+// setMatch writes g's match entry for backend id with an affinity timeout.
+func (r *reconciler) setMatch(g *appliedGroup, id, timeout uint32) error {
+	if err := r.maps.Matches.Update(matchKey(g.id, id), timeout); err != nil {
 		return err
 	}
-	r.recount(svc, n)
+	if g.matches == nil {
+		g.matches = make(map[uint32]uint32)
+	}
+	if _, existed := g.matches[id]; !existed {
+		r.matchEntries++
+		r.ref(id)
+	}
+	g.matches[id] = timeout
 	return nil
 }
 
-// recount records that programs now read n slots of svc.
-func (r *reconciler) recount(svc *appliedService, n int) {
-	for i := n; i < len(svc.slots); i++ {
-		if id := svc.slots[i]; id != 0 {
-			r.hide(svc, uint32(i), id)
-		}
-	}
-	if n < len(svc.slots) {
-		svc.slots = svc.slots[:n:n]
-	}
-	for i := uint32(len(svc.slots)); i < uint32(n); i++ {
-		id := svc.hidden[i] // written before the count, by the callers' order
-		delete(svc.hidden, i)
-		svc.slots = append(svc.slots, id)
-	}
-	if len(svc.hidden) == 0 {
-		delete(r.withHidden, svc.id)
+// checkMatches indexes g if it has match entries to delete.
+func (r *reconciler) checkMatches(g *appliedGroup) {
+	if len(g.staleMatches()) > 0 {
+		r.staleMatches[g.id] = g
+	} else {
+		delete(r.staleMatches, g.id)
 	}
 }
 
-func (r *reconciler) hide(svc *appliedService, slot, id uint32) {
-	if svc.hidden == nil {
-		svc.hidden = make(map[uint32]uint32)
+// dropStaleMatches deletes the match entries of g that are to go.
+func (r *reconciler) dropStaleMatches(g *appliedGroup) error {
+	for _, id := range g.staleMatches() {
+		if err := r.maps.Matches.Delete(matchKey(g.id, id)); err != nil {
+			return fmt.Errorf("deleting the affinity entry of backend %d of service id %d: %w", id, g.id, err)
+		}
+		delete(g.matches, id)
+		r.matchEntries--
+		r.unref(id)
 	}
-	svc.hidden[slot] = id
-	r.withHidden[svc.id] = svc
+	return nil
+}
+
+// setFrontend writes the entry of fe: service id g, count n, flags. The
+// slots below n must exist: a write of a higher count shows them, of a
+// lower one hides those past it, which recount records.
+func (r *reconciler) setFrontend(fe model.Frontend, g *appliedGroup, n int, flags uint32) error {
+	if err := r.maps.Services.Update(frontendKey(fe), svcValue(g.id, n, flags)); err != nil {
+		return err
+	}
+	r.forget(fe)
+	r.attach(&appliedFrontend{fe: fe, group: g, count: n, flags: flags})
+	return nil
+}
+
+// attach records f as its frontend's entry.
+func (r *reconciler) attach(f *appliedFrontend) {
+	r.frontends[f.fe] = f
+	f.group.frontends = append(f.group.frontends, f)
+	delete(r.detached, f.group.id)
+	if f.flags&kindFlags == 0 {
+		r.vipRef(f.fe.IP, 1)
+	}
+}
+
+// forget records that fe has no entry (any more).
+func (r *reconciler) forget(fe model.Frontend) {
+	cur := r.frontends[fe]
+	if cur == nil {
+		return
+	}
+	delete(r.frontends, fe)
+	g := cur.group
+	g.frontends = slices.DeleteFunc(g.frontends, func(f *appliedFrontend) bool { return f == cur })
+	if cur.group.detached() {
+		r.detached[cur.group.id] = cur.group
+	}
+	if cur.flags&kindFlags == 0 {
+		r.vipRef(fe.IP, -1)
+	}
+}
+
+// deleteFrontend deletes the entry of fe, the write that hides it from new
+// program runs. The caller recounts its group.
+func (r *reconciler) deleteFrontend(fe model.Frontend) error {
+	if err := r.maps.Services.Delete(frontendKey(fe)); err != nil {
+		return err
+	}
+	r.forget(fe)
+	return nil
+}
+
+// recount records what programs can read of g's slots now: below the
+// highest count of its frontends.
+func (r *reconciler) recount(g *appliedGroup) {
+	n := g.liveCount()
+	for i := n; i < len(g.slots); i++ {
+		if id := g.slots[i]; id != 0 {
+			r.hide(g, uint32(i), id)
+		}
+	}
+	if n < len(g.slots) {
+		g.slots = g.slots[:n:n]
+	}
+	for i := uint32(len(g.slots)); i < uint32(n); i++ {
+		id := g.hidden[i] // written before the count, by the callers' order
+		delete(g.hidden, i)
+		g.slots = append(g.slots, id)
+	}
+	if len(g.hidden) == 0 {
+		delete(r.withHidden, g.id)
+	}
+}
+
+func (r *reconciler) hide(g *appliedGroup, slot, id uint32) {
+	if g.hidden == nil {
+		g.hidden = make(map[uint32]uint32)
+	}
+	g.hidden[slot] = id
+	r.withHidden[g.id] = g
 }
 
 func (r *reconciler) ref(id uint32) {
@@ -682,21 +1156,11 @@ func (r *reconciler) isBackend(id uint32) bool {
 	return ok
 }
 
-// removeService deletes a frontend's entry, the write that hides its slots
-// from new program runs; they, and the id, go after the grace period.
-func (r *reconciler) removeService(fe model.Frontend) error {
-	svc := r.services[fe]
-	if err := r.maps.Services.Delete(frontendKey(fe)); err != nil {
-		return err
-	}
-	delete(r.services, fe)
-	r.recount(svc, 0)
-	r.detached[svc.id] = svc
-	return nil
-}
+// detached reports whether no frontend names g.
+func (g *appliedGroup) detached() bool { return len(g.frontends) == 0 }
 
 // needsGrace reports whether collecting garbage will delete anything from
-// the kernel.
+// the kernel that a program may have read.
 func (r *reconciler) needsGrace() bool {
 	if len(r.withHidden) > 0 || len(r.statsOrphans) > 0 {
 		return true
@@ -704,8 +1168,8 @@ func (r *reconciler) needsGrace() bool {
 	// A program that read a removed frontend's id may still add to the
 	// id's counters: deleting them under it could make the add land in
 	// whatever entry reuses the memory.
-	for _, svc := range r.detached {
-		if svc.stats && len(svc.hidden) == 0 {
+	for _, g := range r.detached {
+		if g.stats && len(g.hidden) == 0 && len(g.matches) == 0 {
 			return true
 		}
 	}
@@ -717,46 +1181,57 @@ func (r *reconciler) needsGrace() bool {
 	return false
 }
 
-// collectGarbage deletes what no program can reach any more, after one grace
-// period that began once all of it was hidden: hidden slots, then the
-// backends no slot holds. Entries it fails to delete stay recorded, and are
-// retried by the next sync. It reports whether it freed entries or ids.
+// collectGarbage deletes what no program can reach any more. Match entries
+// to go are deleted first: a program may have read one a moment ago, and
+// the wait that follows covers it. Then, after one grace period that began
+// once all of it was hidden: hidden slots, the ids no frontend names, then
+// the backends nothing holds. Entries it fails to delete stay recorded, and
+// are retried by the next sync. It reports whether it freed entries or ids.
 func (r *reconciler) collectGarbage() (freed bool, err error) {
+	var errs []error
+	for _, id := range slices.Sorted(maps.Keys(r.staleMatches)) {
+		if err := r.dropStaleMatches(r.staleMatches[id]); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		delete(r.staleMatches, id)
+		freed = true
+	}
 	if r.needsGrace() {
 		if err := r.grace.wait(); err != nil {
-			return false, fmt.Errorf("waiting for running BPF programs before deleting: %w", err)
+			return freed, errors.Join(append(errs, fmt.Errorf("waiting for running BPF programs before deleting: %w", err))...)
 		}
 	}
-	var errs []error
 	for _, svcID := range slices.Sorted(maps.Keys(r.withHidden)) {
-		svc := r.withHidden[svcID]
-		for _, slot := range slices.Sorted(maps.Keys(svc.hidden)) {
+		g := r.withHidden[svcID]
+		for _, slot := range slices.Sorted(maps.Keys(g.hidden)) {
 			if err := r.maps.Slots.Delete(lbSlotKey{SvcId: svcID, Slot: slot}); err != nil {
 				errs = append(errs, fmt.Errorf("deleting slot %d of service id %d: %w", slot, svcID, err))
 				continue
 			}
-			id := svc.hidden[slot]
-			delete(svc.hidden, slot)
+			id := g.hidden[slot]
+			delete(g.hidden, slot)
 			r.slotEntries--
 			r.unref(id)
 			freed = true
 		}
-		if len(svc.hidden) == 0 {
+		if len(g.hidden) == 0 {
 			delete(r.withHidden, svcID)
 		}
 	}
 	for _, id := range slices.Sorted(maps.Keys(r.detached)) {
-		svc := r.detached[id]
-		if len(svc.hidden) > 0 {
+		g := r.detached[id]
+		if len(g.hidden) > 0 || len(g.matches) > 0 {
 			continue
 		}
-		if svc.stats {
+		if g.stats {
 			if err := r.maps.Stats.Delete(id); err != nil {
 				errs = append(errs, fmt.Errorf("deleting the counters of service id %d: %w", id, err))
 				continue
 			}
-			svc.stats = false
+			g.stats = false
 		}
+		delete(r.groups, id)
 		delete(r.detached, id)
 		r.svcIDs.release(id)
 		freed = true
@@ -775,7 +1250,7 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 		}
 		key, ok := r.backendKeys[id]
 		if !ok {
-			// A missing backend a restored slot named, held by none now.
+			// A missing backend a restored entry named, held by none now.
 			delete(r.unreferenced, id)
 			r.backendIDs.release(id)
 			continue
@@ -788,7 +1263,22 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 		delete(r.unreferenced, id)
 		freed = true
 	}
+	r.unreferenced = emptied(r.unreferenced)
+	r.detached = emptied(r.detached)
+	r.withHidden = emptied(r.withHidden)
+	r.staleMatches = emptied(r.staleMatches)
+	r.statsOrphans = emptied(r.statsOrphans)
 	return freed, errors.Join(errs...)
+}
+
+// emptied returns m, or a new map if m is empty: the indexes above are
+// walked by every sync, and walking a map costs what it once held (a
+// full sync puts every id and backend in some), not what it holds.
+func emptied[K comparable, V any](m map[K]V) map[K]V {
+	if len(m) == 0 {
+		return make(map[K]V)
+	}
+	return m
 }
 
 // forgetBackend records the deletion of a backend id.
@@ -812,36 +1302,50 @@ func (r *reconciler) forgetBackend(id uint32, key backendKey) {
 	}
 }
 
-// counts reports what the maps hold, for metrics.
+// counts reports the service ports (ClusterIP frontends) and backends the
+// maps hold, for metrics.
 func (r *reconciler) counts() (services, backends int) {
-	return len(r.services), len(r.backendKeys)
+	for _, f := range r.frontends {
+		if f.flags&kindFlags == 0 {
+			services++
+		}
+	}
+	return services, len(r.backendKeys)
+}
+
+// mapEntries is how many entries each map the reconciler writes holds.
+type mapEntries struct {
+	frontends, slots, backends, stats, matches, clusterIPs int
 }
 
 // entries reports how many entries each map the reconciler writes holds, as
 // recorded in its copy, which is exactly what the kernel holds.
-func (r *reconciler) entries() (services, slots, backends, stats int) {
-	stats = len(r.statsOrphans)
-	for _, svc := range r.services {
-		if svc.stats {
-			stats++
+func (r *reconciler) entries() mapEntries {
+	e := mapEntries{
+		frontends:  len(r.frontends),
+		slots:      r.slotEntries,
+		backends:   len(r.backendKeys),
+		stats:      len(r.statsOrphans),
+		matches:    r.matchEntries,
+		clusterIPs: len(r.vips.set),
+	}
+	for _, g := range r.groups {
+		if g.stats {
+			e.stats++
 		}
 	}
-	for _, svc := range r.detached {
-		if svc.stats {
-			stats++
-		}
-	}
-	return len(r.services), r.slotEntries, len(r.backendKeys), stats
+	return e
 }
 
-// namedIDs maps the id of each service port held, whose name is known, to
-// its name: all of them once a sync has applied the ports, none of those a
-// restart found before that.
+// namedIDs maps the id of each service id held whose port is known to the
+// port's name: all of them once a sync has applied the ports, none of
+// those a restart found before that. A port has two ids under
+// internalTrafficPolicy Local with external frontends.
 func (r *reconciler) namedIDs() map[uint32]model.ServicePortName {
-	out := make(map[uint32]model.ServicePortName, len(r.services))
-	for _, svc := range r.services {
-		if svc.name != (model.ServicePortName{}) {
-			out[svc.id] = svc.name
+	out := make(map[uint32]model.ServicePortName, len(r.groups))
+	for id, g := range r.groups {
+		if !g.detached() && g.name != (model.ServicePortName{}) {
+			out[id] = g.name
 		}
 	}
 	return out

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
@@ -34,42 +35,95 @@ func faultScenarios() []faultScenario {
 	other := servicePort("default", "other", "http", model.TCP, "10.96.0.12:80", "10.244.0.1:8080", "10.244.9.9:8080")
 	a, b, c, d, e, f, g := "10.244.0.1:8080", "10.244.0.2:8080", "10.244.0.3:8080", "10.244.0.4:8080",
 		"10.244.0.5:8080", "10.244.0.6:8080", "10.244.0.7:8080"
+	// web with a NodePort on each of testNode's addresses, a local
+	// external IP and a LoadBalancer IP: six frontends.
+	webExt := func(backends ...string) model.ServicePort {
+		return withExternal(withNodePort(web(backends...), 30080), []string{"10.0.0.1"}, []string{"192.0.2.10"})
+	}
+	webLocal := func(local []string, cluster ...string) model.ServicePort {
+		sp := internalLocal(web(), local, cluster...)
+		sp.External = webExt().External
+		return sp
+	}
 	return []faultScenario{
 		{
 			name:   "replace and grow",
 			before: []model.ServicePort{web(a, b, c), other},
-			snap:   func() *model.Snapshot { return snapshot(false, web(a, d, e, f, g)) },
+			snap:   func() *model.Snapshot { return nodeSnap(false, web(a, d, e, f, g)) },
 			after:  []model.ServicePort{web(a, d, e, f, g), other},
 		},
 		{
 			name:   "shrink and replace",
 			before: []model.ServicePort{web(a, b, c, d, e), other},
-			snap:   func() *model.Snapshot { return snapshot(false, web(a, f)) },
+			snap:   func() *model.Snapshot { return nodeSnap(false, web(a, f)) },
 			after:  []model.ServicePort{web(a, f), other},
 		},
 		{
 			name:   "delete a service",
 			before: []model.ServicePort{web(a, b, c), other},
 			snap: func() *model.Snapshot {
-				return withDeleted(snapshot(false), web().Name.ServiceName)
+				return withDeleted(nodeSnap(false), web().Name.ServiceName)
 			},
 			after: []model.ServicePort{other},
 		},
 		{
 			name:   "create a service",
 			before: []model.ServicePort{other},
-			snap:   func() *model.Snapshot { return snapshot(false, api(a, b, c)) },
+			snap:   func() *model.Snapshot { return nodeSnap(false, api(a, b, c)) },
 			after:  []model.ServicePort{other, api(a, b, c)},
 		},
 		{
 			name:   "replace and grow one, create one, delete one",
 			before: []model.ServicePort{web(a, b, c), dns, other},
 			snap: func() *model.Snapshot {
-				return withDeleted(snapshot(false, web(a, c, d, e), api(d, f)), dns.Name.ServiceName)
+				return withDeleted(nodeSnap(false, web(a, c, d, e), api(d, f)), dns.Name.ServiceName)
 			},
 			after: []model.ServicePort{web(a, c, d, e), api(d, f), other},
 		},
+		{
+			name:   "add a NodePort, a local external IP and a LoadBalancer IP",
+			before: []model.ServicePort{web(a, b, c), other},
+			snap:   func() *model.Snapshot { return nodeSnap(false, webExt(a, b, d)) },
+			after:  []model.ServicePort{webExt(a, b, d), other},
+		},
+		{
+			name:   "internalTrafficPolicy Local: one id becomes two",
+			before: []model.ServicePort{webExt(a, b, c), other},
+			snap:   func() *model.Snapshot { return nodeSnap(false, webLocal([]string{a}, a, b, c, d)) },
+			after:  []model.ServicePort{webLocal([]string{a}, a, b, c, d), other},
+		},
+		{
+			name:   "internalTrafficPolicy Cluster: two ids become one",
+			before: []model.ServicePort{webLocal([]string{a, b}, a, b, c), other},
+			snap:   func() *model.Snapshot { return nodeSnap(false, webExt(a, d)) },
+			after:  []model.ServicePort{webExt(a, d), other},
+		},
+		{
+			name:   "affinity on, a backend replaced",
+			before: []model.ServicePort{webExt(a, b, c), other},
+			snap:   func() *model.Snapshot { return nodeSnap(false, withAffinity(webExt(a, d, c), time.Hour)) },
+			after:  []model.ServicePort{withAffinity(webExt(a, d, c), time.Hour), other},
+		},
+		{
+			name:   "an affinity port shrinks, replaces a backend and changes its timeout",
+			before: []model.ServicePort{withAffinity(webExt(a, b, c, d, e), time.Hour), other},
+			snap:   func() *model.Snapshot { return nodeSnap(false, withAffinity(webExt(a, f), time.Minute)) },
+			after:  []model.ServicePort{withAffinity(webExt(a, f), time.Minute), other},
+		},
+		{
+			name:   "delete a Service with external frontends and affinity",
+			before: []model.ServicePort{withAffinity(webLocal([]string{a}, a, b), time.Hour), other},
+			snap: func() *model.Snapshot {
+				return withDeleted(nodeSnap(false), web().Name.ServiceName)
+			},
+			after: []model.ServicePort{other},
+		},
 	}
+}
+
+// nodeSnap is a snapshot on testNode.
+func nodeSnap(full bool, ports ...model.ServicePort) *model.Snapshot {
+	return onNode(testNode, full, ports...)
 }
 
 // faultRun is a scenario's starting state, with every operation watched.
@@ -82,7 +136,7 @@ func startFaultRun(t *testing.T, sc faultScenario) faultRun {
 	t.Helper()
 	f := newFakeMaps(64, 256)
 	r := newReconciler(f.maps(), f.grace(), 64, 256)
-	if err := r.sync(snapshot(true, sc.before...)); err != nil {
+	if err := r.sync(nodeSnap(true, sc.before...)); err != nil {
 		t.Fatalf("initial state: %v", err)
 	}
 	f.takeLog()
@@ -92,38 +146,43 @@ func startFaultRun(t *testing.T, sc faultScenario) faultRun {
 	return faultRun{f: f, r: r}
 }
 
-// portsOf lists the service ports of a scenario by frontend.
+// portsOf lists the service ports of a scenario by frontend, every
+// frontend the programs serve for them on testNode.
 func portsOf(sc faultScenario) map[model.Frontend]model.ServicePortName {
 	out := make(map[model.Frontend]model.ServicePortName)
 	for _, p := range append(slices.Clone(sc.before), sc.after...) {
-		out[p.ClusterIP] = p.Name
+		for _, f := range socketFrontends(&p, &testNode) {
+			out[f.Frontend] = p.Name
+		}
 	}
 	return out
 }
 
 type liveState struct {
 	backends []string
-	exists   bool
+	// flags are the entry's flags, as the programs read them.
+	flags  uint32
+	exists bool
 }
 
 func (s liveState) String() string {
 	if !s.exists {
 		return "<not a service>"
 	}
-	return fmt.Sprint(s.backends)
+	return fmt.Sprintf("%v flags=%#x", s.backends, s.flags)
 }
 
 func liveStates(f *fakeMaps, ports map[model.Frontend]model.ServicePortName) map[model.Frontend]liveState {
 	out := make(map[model.Frontend]liveState)
 	for fe := range ports {
 		set, ok := liveSet(f, fe)
-		out[fe] = liveState{backends: set, exists: ok}
+		out[fe] = liveState{backends: set, flags: flagsOf(f.services.entries[frontendKey(fe)]), exists: ok}
 	}
 	return out
 }
 
 func (s liveState) equal(o liveState) bool {
-	return s.exists == o.exists && slices.Equal(s.backends, o.backends)
+	return s.exists == o.exists && s.flags == o.flags && slices.Equal(s.backends, o.backends)
 }
 
 // A sync that fails at any one operation leaves each service port in its
@@ -146,7 +205,7 @@ func TestReconcilerFailedSyncLeavesEachPortOldOrNew(t *testing.T) {
 			want := served(clean.f)
 			updated := liveStates(clean.f, ports)
 			clean.f.takeLog()
-			if err := clean.r.sync(snapshot(true, sc.after...)); err != nil {
+			if err := clean.r.sync(nodeSnap(true, sc.after...)); err != nil {
 				t.Fatal(err)
 			}
 			if ops := clean.f.takeLog(); len(ops) != 0 {
@@ -163,9 +222,9 @@ func TestReconcilerFailedSyncLeavesEachPortOldOrNew(t *testing.T) {
 					t.Fatalf("operation %d failed: sync returned %v, want a *dataplane.SyncError", n, err)
 				}
 				checkCopy(t, run.r, run.f)
-				failed := make(map[model.Frontend]bool)
+				failed := make(map[model.ServicePortName]bool)
 				for _, s := range se.Services {
-					failed[s.Frontend] = true
+					failed[s.Service] = true
 					if s.Service != ports[s.Frontend] || s.Reason != dataplane.ReasonWriteFailed {
 						t.Errorf("operation %d failed: error names %v (%s), want %v (%s)",
 							n, s.Service, s.Reason, ports[s.Frontend], dataplane.ReasonWriteFailed)
@@ -181,7 +240,7 @@ func TestReconcilerFailedSyncLeavesEachPortOldOrNew(t *testing.T) {
 				}
 				for fe, now := range liveStates(run.f, ports) {
 					want, state := updated[fe], "new"
-					if failed[fe] {
+					if failed[ports[fe]] {
 						want, state = old[fe], "old"
 					}
 					if !now.equal(want) {
@@ -190,7 +249,7 @@ func TestReconcilerFailedSyncLeavesEachPortOldOrNew(t *testing.T) {
 				}
 
 				run.f.fail = nil
-				if err := run.r.sync(snapshot(true, sc.after...)); err != nil {
+				if err := run.r.sync(nodeSnap(true, sc.after...)); err != nil {
 					t.Fatalf("operation %d failed, then the next sync: %v", n, err)
 				}
 				checkCopy(t, run.r, run.f)
@@ -223,7 +282,7 @@ func TestReconcilerFailedUndoKeepsCopyExact(t *testing.T) {
 				}
 				checkCopy(t, run.r, run.f)
 				run.f.fail = nil
-				if err := run.r.sync(snapshot(true, sc.after...)); err != nil {
+				if err := run.r.sync(nodeSnap(true, sc.after...)); err != nil {
 					t.Fatalf("operations %d.. failed, then the next sync: %v", n, err)
 				}
 				if got := served(run.f); got != want {

@@ -15,7 +15,7 @@ func statsOf(t *testing.T, f *fakeMaps, fe model.Frontend) (lbSvcStats, bool) {
 	if !ok {
 		t.Fatalf("%s is not a service", fe)
 	}
-	s, ok := f.stats.entries[v.Id]
+	s, ok := f.stats.entries[idOf(v)]
 	return s, ok
 }
 
@@ -41,7 +41,7 @@ func TestReconcilerStatsFollowServiceIDs(t *testing.T) {
 		}
 	}
 	// The programs count.
-	emptyID := f.services.entries[frontendKey(empty.ClusterIP)].Id
+	emptyID := idOf(f.services.entries[frontendKey(empty.ClusterIP)])
 	f.stats.entries[emptyID] = lbSvcStats{Refused: 7}
 	f.takeLog()
 
@@ -63,7 +63,7 @@ func TestReconcilerStatsFollowServiceIDs(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkCopy(t, r, f)
-	if id := f.services.entries[frontendKey(other.ClusterIP)].Id; id != emptyID {
+	if id := idOf(f.services.entries[frontendKey(other.ClusterIP)]); id != emptyID {
 		t.Fatalf("other has id %d, want the released id %d reused", id, emptyID)
 	}
 	if s, ok := statsOf(t, f, other.ClusterIP); !ok || s != (lbSvcStats{}) {
@@ -81,8 +81,8 @@ func TestReconcilerRestoreKeepsOrCreatesStats(t *testing.T) {
 	if err := r.sync(snapshot(true, web, dns)); err != nil {
 		t.Fatal(err)
 	}
-	webID := f.services.entries[frontendKey(web.ClusterIP)].Id
-	dnsID := f.services.entries[frontendKey(dns.ClusterIP)].Id
+	webID := idOf(f.services.entries[frontendKey(web.ClusterIP)])
+	dnsID := idOf(f.services.entries[frontendKey(dns.ClusterIP)])
 	f.stats.entries[webID] = lbSvcStats{Connections: 10, Reverse: 4}
 	delete(f.stats.entries, dnsID) // as the previous version left it
 	f.takeLog()
@@ -156,7 +156,7 @@ func TestReconcilerStatsResetWhenFrontendChangesOwner(t *testing.T) {
 	if err := r.sync(snapshot(true, old)); err != nil {
 		t.Fatal(err)
 	}
-	id := f.services.entries[frontendKey(old.ClusterIP)].Id
+	id := idOf(f.services.entries[frontendKey(old.ClusterIP)])
 	f.stats.entries[id] = lbSvcStats{Connections: 3}
 	// The same name keeps counting.
 	if err := r.sync(snapshot(true, servicePort("default", "old", "http", model.TCP, "10.96.0.10:80", "10.244.0.2:8080"))); err != nil {
@@ -170,7 +170,7 @@ func TestReconcilerStatsResetWhenFrontendChangesOwner(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkCopy(t, r, f)
-	if f.services.entries[frontendKey(taken.ClusterIP)].Id != id {
+	if idOf(f.services.entries[frontendKey(taken.ClusterIP)]) != id {
 		t.Fatal("the frontend changed id; this test wants it kept")
 	}
 	if s := f.stats.entries[id]; s != (lbSvcStats{}) {
@@ -191,9 +191,10 @@ func TestReconcilerEntriesMatchMaps(t *testing.T) {
 		servicePort("default", "empty", "http", model.TCP, "10.96.0.12:80"))); err != nil {
 		t.Fatal(err)
 	}
-	services, slots, backends, stats := r.entries()
-	want := [4]int{len(f.services.entries), len(f.slots.entries), len(f.backends.entries), len(f.stats.entries)}
-	if got := [4]int{services, slots, backends, stats}; got != want || got != [4]int{3, 4, 3, 3} {
-		t.Errorf("entries (services, slots, backends, stats) %v, the maps hold %v, want [3 4 3 3]", got, want)
+	e := r.entries()
+	want := [6]int{len(f.services.entries), len(f.slots.entries), len(f.backends.entries), len(f.stats.entries),
+		len(f.matches.entries), len(f.clusterIPs.entries)}
+	if got := [6]int{e.frontends, e.slots, e.backends, e.stats, e.matches, e.clusterIPs}; got != want || got != [6]int{3, 4, 3, 3, 0, 3} {
+		t.Errorf("entries (frontends, slots, backends, stats, matches, ClusterIPs) %v, the maps hold %v, want [3 4 3 3 0 3]", got, want)
 	}
 }

@@ -277,7 +277,7 @@ func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
 	if err := r.sync(snapshot(true, web)); err != nil {
 		t.Fatal(err)
 	}
-	svcID := f.services.entries[frontendKey(web.ClusterIP)].Id
+	svcID := idOf(f.services.entries[frontendKey(web.ClusterIP)])
 	// Debris: a slot past the count (interrupted shrink), slots of a service
 	// whose entry was never written (interrupted create) and its counters,
 	// a backend nothing references (interrupted delete), counters of an id

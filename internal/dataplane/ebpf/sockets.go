@@ -93,17 +93,19 @@ func (c *udpSocketCleaner) forget() {
 }
 
 // plan records the UDP frontends of a sync that was applied, except those
-// that failed, and returns those to check. As kube-proxy's conntrack cleanup
-// (pkg/proxy/conntrack, v1.36): a frontend is checked when its serving
-// endpoints changed or it is new (a socket may have connected to its VIP
-// before it existed), every one on a full sync; one without a serving
-// endpoint is left alone, and so are the sockets of a deleted Service.
+// of the ports that failed (named by their ClusterIP), and returns those to
+// check. As kube-proxy's conntrack cleanup (pkg/proxy/conntrack, v1.36): a
+// frontend is checked when its serving endpoints changed or it is new (a
+// socket may have connected to its address before it existed), every one
+// on a full sync; one without a serving endpoint is left alone, and so are
+// the sockets of a deleted Service. Every frontend the programs serve
+// counts: the ClusterIP, NodePorts, local external IPs, LoadBalancer IPs.
 func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]bool) udpCheck {
 	check := make(udpCheck)
 	if snap.Full || c.serving == nil {
 		c.serving = make(map[model.ServiceName]map[model.Frontend][]model.Backend)
 	}
-	claimed := claimFrontends(snap, false)
+	claims := claimFrontends(snap, false)
 	for name, ports := range snap.Services {
 		// What a partial snapshot's Service had; a full sync checks every
 		// frontend anyway.
@@ -111,21 +113,23 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 		now := make(map[model.Frontend][]model.Backend)
 		for i := range ports {
 			sp := &ports[i]
-			fe := sp.ClusterIP
-			if fe.Protocol != model.UDP || claimed[fe] != sp {
-				continue // not UDP, or served by another Service
+			if sp.ClusterIP.Protocol != model.UDP {
+				continue
 			}
-			if failed[fe] {
+			if failed[sp.ClusterIP] {
 				// Left as it was in the kernel, and unknown here: the
 				// sync that applies it checks it as new.
 				continue
 			}
-			now[fe] = sp.Serving
-			if len(sp.Serving) == 0 {
-				continue
-			}
-			if old, had := before[fe]; snap.Full || !had || !slices.Equal(old, sp.Serving) {
-				check.add(fe, sp.Serving)
+			for _, f := range claimedFrontends(sp, &snap.Node, claims) {
+				fe := f.Frontend
+				now[fe] = sp.Serving
+				if len(sp.Serving) == 0 {
+					continue
+				}
+				if old, had := before[fe]; snap.Full || !had || !slices.Equal(old, sp.Serving) {
+					check.add(fe, sp.Serving)
+				}
 			}
 		}
 		if len(now) == 0 {

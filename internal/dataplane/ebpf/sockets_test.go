@@ -180,6 +180,25 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 			snap:   withDeleted(snapshot(false), model.ServiceName{Namespace: "kube-system", Name: "dns"}),
 		},
 		{
+			name:   "a node port's frontends are checked with the ClusterIP",
+			before: onNode(testNode, true, dnsPort("10.244.1.1:53", "10.244.1.2:53")),
+			snap:   onNode(testNode, false, withNodePort(dnsPort("10.244.1.2:53"), 30053)),
+			want: []string{"10.0.0.1:30053 [10.244.1.2:53]", "10.0.0.2:30053 [10.244.1.2:53]",
+				"10.96.0.10:53 [10.244.1.2:53]", "127.0.0.1:30053 [10.244.1.2:53]"},
+		},
+		{
+			name:   "an unchanged node port is not checked again",
+			before: onNode(testNode, true, withNodePort(dnsPort("10.244.1.1:53"), 30053)),
+			snap:   onNode(testNode, false, withNodePort(dnsPort("10.244.1.1:53"), 30053), tcp),
+		},
+		{
+			name:   "a port that failed is skipped, with its node port",
+			before: onNode(testNode, true, withNodePort(dnsPort("10.244.1.1:53", "10.244.1.2:53"), 30053), other),
+			snap:   onNode(testNode, true, withNodePort(dnsPort("10.244.1.2:53"), 30053), other),
+			failed: []model.Frontend{dnsPort().ClusterIP},
+			want:   []string{"10.96.0.11:53 [10.244.3.1:8125]"},
+		},
+		{
 			name:   "a port that failed is skipped",
 			before: snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other),
 			snap:   snapshot(true, dnsPort("10.244.1.2:53"), other),

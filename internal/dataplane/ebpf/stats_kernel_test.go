@@ -167,7 +167,10 @@ kube_bpf_proxy_service_refused_total{namespace="default",port="http",protocol="T
 kube_bpf_proxy_service_refused_total{namespace="kube-system",port="dns",protocol="UDP",service="dns"} 0
 # HELP kube_bpf_proxy_bpf_map_entries Entries in use in each eBPF map; compare with kube_bpf_proxy_bpf_map_capacity.
 # TYPE kube_bpf_proxy_bpf_map_entries gauge
+kube_bpf_proxy_bpf_map_entries{map="affinity"} 0
+kube_bpf_proxy_bpf_map_entries{map="affinity_match"} 0
 kube_bpf_proxy_bpf_map_entries{map="backends"} 4
+kube_bpf_proxy_bpf_map_entries{map="cluster_ips"} 4
 kube_bpf_proxy_bpf_map_entries{map="revnat"} %d
 kube_bpf_proxy_bpf_map_entries{map="service_stats"} 5
 kube_bpf_proxy_bpf_map_entries{map="services"} 5
@@ -191,7 +194,7 @@ func TestKernelReverseTranslationOfRemovedServiceCountsNoPort(t *testing.T) {
 	defer loop.Stop()
 	testnet.AssertAllOK(t, "resolving", loop.Take(3), "pod-0")
 	stats := openPinned(t, s.cfg.BPFFSPath, lbMapKbpSvcStats)
-	id := s.dp.rec.services[dns.ClusterIP].id
+	id := s.dp.rec.frontends[dns.ClusterIP].group.id
 
 	// The Service goes; its counters go with its id. A reply still comes
 	// back from the backend to the socket (the socket is not ours to
@@ -225,7 +228,7 @@ func TestKernelReusedServiceIDCountsFromZero(t *testing.T) {
 	first := servicePort("default", "first", "http", model.TCP, "10.96.0.11:80", s.backends(8080, s.pods...)...)
 	s.sync(t, snapshot(true, web, first))
 	s.run(t, "tcp", "10.96.0.11:80", "4")
-	id := s.dp.rec.services[first.ClusterIP].id
+	id := s.dp.rec.frontends[first.ClusterIP].group.id
 	if c := portCounters(t, s.dp)[first.Name]; c.Connections != 4 {
 		t.Fatalf("first counted %+v, want 4 connections", c)
 	}
@@ -233,7 +236,7 @@ func TestKernelReusedServiceIDCountsFromZero(t *testing.T) {
 	s.sync(t, snapshot(true, web))
 	second := servicePort("default", "second", "http", model.TCP, "10.96.0.12:80", s.backends(8080, s.pods...)...)
 	s.sync(t, snapshot(true, web, second))
-	if got := s.dp.rec.services[second.ClusterIP].id; got != id {
+	if got := s.dp.rec.frontends[second.ClusterIP].group.id; got != id {
 		t.Fatalf("second has id %d, want the released id %d", got, id)
 	}
 	counters := portCounters(t, s.dp)
@@ -334,7 +337,8 @@ func TestKernelMapUsageMatchesMaps(t *testing.T) {
 		o := &s.dp.kernel.objs
 		want := map[string][2]int{}
 		for name, m := range map[string]*ebpf.Map{"services": o.KbpServices, "slots": o.KbpSlots,
-			"backends": o.KbpBackends, "revnat": o.KbpRevnat, "service_stats": o.KbpSvcStats} {
+			"backends": o.KbpBackends, "revnat": o.KbpRevnat, "service_stats": o.KbpSvcStats,
+			"affinity": o.KbpAffinity, "affinity_match": o.KbpAffMatch, "cluster_ips": o.KbpClusterIps} {
 			n := 0
 			var k, v []byte
 			if m == o.KbpSvcStats {

@@ -316,7 +316,7 @@ func TestKernelSwapIsAllOrNothing(t *testing.T) {
 						}
 					}
 					s.checkOneMapSet(t, st)
-					for name, want := range map[string]uint32{lbMapKbpServices: cfg.MaxServices, lbMapKbpBackends: cfg.MaxBackends, lbMapKbpRevnat: cfg.MaxSockets} {
+					for name, want := range map[string]uint32{lbMapKbpServices: cfg.withDefaults().MaxFrontends, lbMapKbpBackends: cfg.MaxBackends, lbMapKbpRevnat: cfg.MaxSockets} {
 						if got := pinnedCapacity(t, cfg.BPFFSPath, name); got != want {
 							t.Errorf("pinned %s holds %d entries, want %d", name, got, want)
 						}

@@ -1,0 +1,191 @@
+package ebpf
+
+import (
+	"math"
+	"net/netip"
+	"slices"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+// socketFrontend is one address a socket on the node reaches a service port
+// by, as the programs serve it.
+type socketFrontend struct {
+	model.Frontend
+	// kind holds the entry's kind flags: svcFlagNodePort or
+	// svcFlagExternal (none for a ClusterIP), and svcFlagNodeNetNSOnly
+	// for a loopback address.
+	kind uint32
+}
+
+// socketFrontends lists the frontends of p that the socket programs serve
+// on this node, its ClusterIP first:
+//
+//   - the ClusterIP;
+//   - the NodePort on each of node.NodePortAddresses, which holds a
+//     loopback address only when --nodeport-addresses named it. A loopback
+//     frontend is the node's own: served to sockets in the node's network
+//     namespace only, since 127.0.0.1 in a pod is the pod's;
+//   - the port on each external IP that is the node's own address (the
+//     CVE-2020-8554 guard: an external IP elsewhere is the network's to
+//     route, and leaves through the node's stack, where the iptables rules
+//     serve it as kube-proxy does);
+//   - the port on each LoadBalancer IP, unless loadBalancerSourceRanges
+//     restrict it: the source address decides then, and a socket has none
+//     at connect(), so the iptables rules serve it.
+func socketFrontends(p *model.ServicePort, node *model.NodeInfo) []socketFrontend {
+	out := []socketFrontend{{Frontend: p.ClusterIP}}
+	ext := &p.External
+	proto := p.ClusterIP.Protocol
+	if ext.NodePort != 0 {
+		for _, ip := range node.NodePortAddresses {
+			kind := svcFlagNodePort
+			if ip.IsLoopback() {
+				kind |= svcFlagNodeNetNSOnly
+			}
+			out = append(out, socketFrontend{model.Frontend{IP: ip, Port: ext.NodePort, Protocol: proto}, kind})
+		}
+	}
+	for _, ip := range ext.ExternalIPs {
+		if _, local := slices.BinarySearchFunc(node.LocalAddresses, ip, netip.Addr.Compare); !local {
+			continue
+		}
+		kind := svcFlagExternal
+		if ip.IsLoopback() {
+			kind |= svcFlagNodeNetNSOnly
+		}
+		out = append(out, socketFrontend{model.Frontend{IP: ip, Port: p.ClusterIP.Port, Protocol: proto}, kind})
+	}
+	if len(ext.SourceRanges) == 0 {
+		for _, ip := range ext.LoadBalancerIPs {
+			out = append(out, socketFrontend{model.Frontend{IP: ip, Port: p.ClusterIP.Port, Protocol: proto}, svcFlagExternal})
+		}
+	}
+	return out
+}
+
+// frontendClaim is the service port a frontend of a snapshot is served for.
+type frontendClaim struct {
+	port *model.ServicePort
+	kind uint32
+}
+
+// claimFrontends maps each frontend of snap to the service port that serves
+// it. Two ports claiming one frontend are resolved the same way by
+// everything that reads a snapshot: ClusterIPs first, each to the first
+// port in name order (a Service whose ClusterIP was reused before the old
+// one's deletion arrived), then the external frontends likewise (two
+// Services may name one external IP and port).
+func claimFrontends(snap *model.Snapshot, logDuplicates bool) map[model.Frontend]frontendClaim {
+	claimed := make(map[model.Frontend]frontendClaim)
+	names := sortedServiceNames(snap.Services)
+	claim := func(p *model.ServicePort, f socketFrontend) {
+		if other, dup := claimed[f.Frontend]; dup {
+			if logDuplicates {
+				klog.InfoS("Frontend claimed twice, keeping the first", "frontend", f.Frontend,
+					"servicePort", p.Name, "kept", other.port.Name)
+			}
+			return
+		}
+		claimed[f.Frontend] = frontendClaim{port: p, kind: f.kind}
+	}
+	for _, name := range names {
+		ports := snap.Services[name]
+		for i := range ports {
+			claim(&ports[i], socketFrontend{Frontend: ports[i].ClusterIP})
+		}
+	}
+	for _, name := range names {
+		ports := snap.Services[name]
+		for i := range ports {
+			for _, f := range socketFrontends(&ports[i], &snap.Node)[1:] {
+				claim(&ports[i], f)
+			}
+		}
+	}
+	return claimed
+}
+
+// claimedFrontends lists the frontends of p that claims gives it, in
+// socketFrontends order.
+func claimedFrontends(p *model.ServicePort, node *model.NodeInfo, claims map[model.Frontend]frontendClaim) []socketFrontend {
+	var out []socketFrontend
+	for _, f := range socketFrontends(p, node) {
+		if claims[f.Frontend].port == p {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// groupPlan is what one service id is to hold: frontends that share a
+// backend list.
+type groupPlan struct {
+	// frontends are in socketFrontends order: the ClusterIP, if any,
+	// first.
+	frontends []socketFrontend
+	backends  []model.Backend
+	// flags are the group flags of each frontend's entry.
+	flags uint32
+	// timeout is the session affinity timeout in seconds, when flags
+	// has svcFlagAffinity.
+	timeout uint32
+}
+
+// groupsOf splits the frontends of p into service ids by backend list.
+// The ClusterIP's connections go to p.Backends (its internal traffic
+// policy's endpoints); those to external frontends from sockets on the
+// node go to the Cluster endpoints whatever the external traffic policy
+// (kube-proxy's short circuit of traffic from the node and its pods). The
+// two lists differ only under internalTrafficPolicy Local, which then takes
+// two ids; otherwise every frontend of the port shares one.
+func groupsOf(p *model.ServicePort, frontends []socketFrontend) []groupPlan {
+	var flags, timeout uint32
+	if p.Affinity > 0 {
+		flags = svcFlagAffinity
+		timeout = affinitySeconds(p.Affinity)
+	}
+	internal := groupPlan{backends: p.Backends, flags: flags, timeout: timeout}
+	if len(p.Backends) == 0 && p.HasEndpoints && p.InternalLocal {
+		internal.flags |= svcFlagNoLocalEndpoint
+	}
+	external := groupPlan{backends: clusterBackends(p), flags: flags, timeout: timeout}
+	for _, f := range frontends {
+		if f.Frontend == p.ClusterIP {
+			internal.frontends = append(internal.frontends, f)
+		} else {
+			external.frontends = append(external.frontends, f)
+		}
+	}
+	if internal.flags == external.flags && slices.Equal(internal.backends, external.backends) {
+		internal.frontends = append(internal.frontends, external.frontends...)
+		external.frontends = nil
+	}
+	var out []groupPlan
+	for _, g := range []groupPlan{internal, external} {
+		if len(g.frontends) > 0 {
+			out = append(out, g)
+		}
+	}
+	return out
+}
+
+// clusterBackends are the endpoints of p's Cluster traffic policy. The
+// model fills Cluster whenever a policy uses it, aliasing Backends when
+// equal; under internalTrafficPolicy Cluster the two are the same list.
+func clusterBackends(p *model.ServicePort) []model.Backend {
+	if !p.InternalLocal {
+		return p.Backends
+	}
+	return p.Cluster
+}
+
+// affinitySeconds is a session affinity timeout as the programs compare it:
+// whole seconds, at least one.
+func affinitySeconds(d time.Duration) uint32 {
+	s := (d + time.Second - 1) / time.Second
+	return uint32(min(max(s, 1), math.MaxUint32))
+}

@@ -1,0 +1,186 @@
+package ebpf
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+
+	"k8s.io/klog/v2"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+)
+
+// What kube-proxy refuses, the programs refuse at connect() (see
+// refusal_of in bpf/lb.c): a ClusterIP on a port its Service does not
+// have, and, when the Service CIDRs are known, an address in them that is
+// no ClusterIP. The programs look the ClusterIP set up only for an address
+// in one of the ranges; a ClusterIP outside every Service CIDR known (or
+// with none known) gets a range that holds it, the last, which refuses
+// only the ClusterIPs themselves.
+//
+// The set follows the ClusterIP frontends as they are written and deleted
+// (vipRefs), so that a sync touches only the addresses it changed.
+
+// clusterIPState is what the reconciler knows of the ClusterIP set and the
+// Service ranges.
+type clusterIPState struct {
+	// vipRefs counts the ClusterIP frontends in the frontend map by
+	// address: the set must hold each address counted.
+	vipRefs map[netip.Addr]int
+	// dirty are the addresses whose count changed since the set was last
+	// written; all, after a restore.
+	dirty map[netip.Addr]struct{}
+	// set is what the ClusterIP set holds.
+	set map[netip.Addr]struct{}
+	// kept are the Service CIDRs in the range array, and outside counts
+	// the addresses of the set none of them holds.
+	kept    []netip.Prefix
+	outside int
+	// ranges is what the range array holds.
+	ranges [maxRanges]lbSvcRange
+	// dropped is set once the Service CIDRs were too many for the
+	// array, which is logged once.
+	dropped bool
+}
+
+// vipRef records that a ClusterIP frontend on ip was written (delta 1) or
+// deleted (-1).
+func (r *reconciler) vipRef(ip netip.Addr, delta int) {
+	if r.vips.vipRefs[ip] += delta; r.vips.vipRefs[ip] <= 0 {
+		delete(r.vips.vipRefs, ip)
+	}
+	r.vips.dirty[ip] = struct{}{}
+}
+
+// newClusterIPState is the state before restoreRejects, which follows the
+// restore of the frontends, each of which counted its ClusterIP.
+func newClusterIPState() clusterIPState {
+	return clusterIPState{vipRefs: make(map[netip.Addr]int), dirty: make(map[netip.Addr]struct{}), set: make(map[netip.Addr]struct{})}
+}
+
+// restoreRejects reads the ClusterIP set and the Service ranges. Every
+// address the frontends or the set has is checked by the next sync.
+func (r *reconciler) restoreRejects() error {
+	v := &r.vips
+	err := r.maps.ClusterIPs.Iterate(func(ip uint32, _ uint32) error {
+		addr := addrFromBPF(ip)
+		v.set[addr] = struct{}{}
+		v.dirty[addr] = struct{}{}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	// Unknown until the first sync says which CIDRs the ranges are to
+	// hold: it compares them with none and counts outside afresh.
+	v.kept = nil
+	return r.maps.Ranges.Iterate(func(i uint32, rg lbSvcRange) error {
+		if i < maxRanges {
+			v.ranges[i] = rg
+		}
+		return nil
+	})
+}
+
+// syncRejects writes the ClusterIP set and the Service ranges that the
+// applied frontends and the node's Service CIDRs need. Nothing in them is a
+// reference to another entry: their order does not matter, and a change is
+// seen by a racing connect either way. Addresses that fail stay to be
+// written by the next sync.
+func (r *reconciler) syncRejects(node *model.NodeInfo) error {
+	v := &r.vips
+	kept := r.keptCIDRs(node.ServiceCIDRs)
+	recount := v.kept == nil || !slices.Equal(kept, v.kept)
+	covered := func(ip netip.Addr) bool {
+		return slices.ContainsFunc(kept, func(p netip.Prefix) bool { return p.Contains(ip) })
+	}
+	var errs []error
+	dirty := slices.SortedFunc(maps.Keys(v.dirty), netip.Addr.Compare)
+	// Deletes first: a set at capacity makes room for a new Service's
+	// ClusterIP in the sync that removes an old one.
+	for _, ip := range dirty {
+		if _, have := v.set[ip]; !have || v.vipRefs[ip] > 0 {
+			continue
+		}
+		if err := r.maps.ClusterIPs.Delete(addrToBPF(ip)); err != nil {
+			errs = append(errs, fmt.Errorf("deleting ClusterIP %s: %w", ip, err))
+			continue
+		}
+		delete(v.set, ip)
+		if !covered(ip) {
+			v.outside--
+		}
+	}
+	for _, ip := range dirty {
+		_, have := v.set[ip]
+		if need := v.vipRefs[ip] > 0; have == need {
+			delete(v.dirty, ip)
+			continue
+		}
+		if have {
+			continue // its delete failed above
+		}
+		if err := r.maps.ClusterIPs.Update(addrToBPF(ip), 0); err != nil {
+			errs = append(errs, fmt.Errorf("adding ClusterIP %s: %w", ip, err))
+			continue
+		}
+		v.set[ip] = struct{}{}
+		delete(v.dirty, ip)
+		if !covered(ip) {
+			v.outside++
+		}
+	}
+	v.dirty = emptied(v.dirty)
+	if recount {
+		v.kept = kept
+		v.outside = 0
+		for ip := range v.set {
+			if !covered(ip) {
+				v.outside++
+			}
+		}
+	}
+	var want [maxRanges]lbSvcRange
+	for i, p := range kept {
+		want[i] = rangeValue(p, rangeServiceCIDR)
+	}
+	if v.outside > 0 {
+		want[len(kept)] = rangeValue(netip.PrefixFrom(netip.IPv4Unspecified(), 0), rangeClusterIPs)
+	}
+	for i := range want {
+		if want[i] == v.ranges[i] {
+			continue
+		}
+		if err := r.maps.Ranges.Update(uint32(i), want[i]); err != nil {
+			errs = append(errs, fmt.Errorf("writing Service range %d: %w", i, err))
+			continue
+		}
+		v.ranges[i] = want[i]
+	}
+	return errors.Join(errs...)
+}
+
+// keptCIDRs are the IPv4 Service CIDRs the range array holds, in order,
+// leaving room for the range of ClusterIPs outside them. CIDRs past what
+// the array holds are left out (said once in the log): their addresses
+// are then refused only if they are ClusterIPs.
+func (r *reconciler) keptCIDRs(cidrs []netip.Prefix) []netip.Prefix {
+	kept := []netip.Prefix{}
+	for _, p := range cidrs {
+		if !p.Addr().Is4() {
+			continue
+		}
+		if len(kept) == maxRanges-1 {
+			if !r.vips.dropped {
+				r.vips.dropped = true
+				klog.InfoS("More Service CIDRs than the datapath holds: unallocated addresses of the others are not refused",
+					"held", kept, "cidrs", cidrs)
+			}
+			break
+		}
+		kept = append(kept, p.Masked())
+	}
+	return kept
+}
