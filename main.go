@@ -52,6 +52,8 @@ type options struct {
 	maxServices        uint
 	maxBackends        uint
 	maxSockets         uint
+	maxFrontends       uint
+	maxAffinity        uint
 	netnsDirs          string
 	minSyncPeriod      time.Duration
 	syncPeriod         time.Duration
@@ -93,6 +95,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.UintVar(&o.maxServices, ebpf.FlagMaxServices, ebpf.DefaultMaxServices, "capacity of the eBPF service map, in service ports (one per Service port and protocol)")
 	fs.UintVar(&o.maxBackends, ebpf.FlagMaxBackends, ebpf.DefaultMaxBackends, "capacity of the eBPF backend and slot maps, in backend references summed over all service ports")
 	fs.UintVar(&o.maxSockets, ebpf.FlagMaxRevNAT, ebpf.DefaultMaxRevNAT, "sockets whose replies and peer name are shown as the Service address; the least recently used is forgotten first")
+	fs.UintVar(&o.maxFrontends, ebpf.FlagMaxFrontends, ebpf.DefaultMaxFrontends, "capacity of the eBPF frontend map: ClusterIPs, plus node ports on each node port address, and the external and load balancer IPs the socket layer serves")
+	fs.UintVar(&o.maxAffinity, ebpf.FlagMaxAffinity, ebpf.DefaultMaxAffinity, "(client network namespace, service port) pairs whose ClientIP session affinity is remembered; the least recently used is forgotten first")
 	fs.StringVar(&o.netnsDirs, "netns-dir", strings.Join(ebpf.DefaultNetNSDirs, ","), "ebpf mode: comma-separated directories where the container runtime pins pods' network namespaces; connected UDP sockets there whose backend stopped serving are destroyed (entering them needs CAP_SYS_ADMIN); empty: the node's namespace only")
 	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 0, "least time between two datapath syncs; changes arriving faster are batched (default 100ms in ebpf mode, where map updates are cheap; 1s in iptables mode, as kube-proxy)")
 	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
@@ -261,12 +265,14 @@ func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, string, 
 		}
 	}
 	dp, err := ebpf.New(ebpf.Config{
-		BPFFSPath:   o.bpffsPath,
-		CgroupPath:  cgroupPath,
-		MaxServices: uint32(o.maxServices),
-		MaxBackends: uint32(o.maxBackends),
-		MaxSockets:  uint32(o.maxSockets),
-		NetNSDirs:   splitList(o.netnsDirs),
+		BPFFSPath:    o.bpffsPath,
+		CgroupPath:   cgroupPath,
+		MaxServices:  uint32(o.maxServices),
+		MaxBackends:  uint32(o.maxBackends),
+		MaxSockets:   uint32(o.maxSockets),
+		MaxFrontends: uint32(o.maxFrontends),
+		MaxAffinity:  uint32(o.maxAffinity),
+		NetNSDirs:    splitList(o.netnsDirs),
 	})
 	if err != nil {
 		return nil, "", fmt.Errorf("starting the eBPF datapath: %w", err)
