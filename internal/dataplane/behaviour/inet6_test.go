@@ -27,7 +27,7 @@ func TestInet6RealIPv6IsLeftAlone(t *testing.T) {
 	const lookalike = "fd00::a60:a" // ends in 10.96.0.10
 	s.client.AddLoopbackAddress(lookalike + "/128")
 	s.client.Start(false, testnet.Helper("serve", "ipv6-server", "tcp6:80", "udp6:53")...)
-	dp := s.dp.(*ebpf.Dataplane)
+	dp := socketLayer(s.dp).(*ebpf.Dataplane)
 	before, err := dp.Events()
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
@@ -182,7 +183,7 @@ func TestUDPConnectedClientFollowsRollout(t *testing.T) {
 
 func datapathEvents(t *testing.T, s *setup) map[string]uint64 {
 	t.Helper()
-	dp, ok := s.dp.(interface {
+	dp, ok := socketLayer(s.dp).(interface {
 		Events() (map[string]uint64, error)
 	})
 	if !ok {
@@ -272,4 +273,16 @@ func TestUDPUnconnectedSocketKeepsItsPortAcrossBackendRemoval(t *testing.T) {
 			}
 		}
 	})
+}
+
+// socketLayer unwraps a datapath to its innermost layer (the eBPF mode's
+// socket layer, under its packet layer), whose counters the tests read.
+func socketLayer(dp dataplane.Dataplane) dataplane.Dataplane {
+	for {
+		u, ok := dp.(interface{ Unwrap() dataplane.Dataplane })
+		if !ok {
+			return dp
+		}
+		dp = u.Unwrap()
+	}
 }
