@@ -92,7 +92,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.bpffsPath, "bpffs-path", "/sys/fs/bpf/kube-bpf-proxy", "directory on a bpffs for pinned maps and links; bpffs is mounted on its parent if missing")
 	fs.BoolVar(&o.cleanup, "cleanup", false, "remove every map, link, program and pin this binary owns, and this node's kube-bpf-proxy.io/mode label if the API server is configured and reachable, then exit")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
-	fs.UintVar(&o.maxServices, ebpf.FlagMaxServices, ebpf.DefaultMaxServices, "capacity of the eBPF service map, in service ports (one per Service port and protocol)")
+	fs.UintVar(&o.maxServices, ebpf.FlagMaxServices, ebpf.DefaultMaxServices, "capacity in service ports (one per Service port and protocol; two under internalTrafficPolicy Local with external frontends): service ids, their counters and the ClusterIP set")
 	fs.UintVar(&o.maxBackends, ebpf.FlagMaxBackends, ebpf.DefaultMaxBackends, "capacity of the eBPF backend and slot maps, in backend references summed over all service ports")
 	fs.UintVar(&o.maxSockets, ebpf.FlagMaxRevNAT, ebpf.DefaultMaxRevNAT, "sockets whose replies and peer name are shown as the Service address; the least recently used is forgotten first")
 	fs.UintVar(&o.maxFrontends, ebpf.FlagMaxFrontends, ebpf.DefaultMaxFrontends, "capacity of the eBPF frontend map: ClusterIPs, plus node ports on each node port address, and the external and load balancer IPs the socket layer serves")

@@ -401,7 +401,7 @@ func NewDatapathEventsCollector(read func() (map[string]uint64, error)) promethe
 		read: read,
 		desc: prometheus.NewDesc(
 			"kube_bpf_proxy_datapath_events_total",
-			"Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.",
+			"Events counted by the datapath, by event: in ebpf mode connections translated (ClusterIPs, node ports, external IPs, affinity hits) or refused (no backend, no local endpoint, unknown port, unallocated address); in iptables mode failed restores and conntrack entries deleted.",
 			[]string{"event"}, nil,
 		),
 	}

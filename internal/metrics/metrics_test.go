@@ -312,7 +312,7 @@ func TestDatapathEventsCollector(t *testing.T) {
 			name:   "counters",
 			events: map[string]uint64{"connect_translated": 42, "connect_refused": 3, "sendmsg_translated": 1 << 40},
 			want: `
-# HELP kube_bpf_proxy_datapath_events_total Events counted by the datapath, by event: in ebpf mode connections translated or refused for lack of a backend; in iptables mode failed restores and conntrack entries deleted.
+# HELP kube_bpf_proxy_datapath_events_total Events counted by the datapath, by event: in ebpf mode connections translated (ClusterIPs, node ports, external IPs, affinity hits) or refused (no backend, no local endpoint, unknown port, unallocated address); in iptables mode failed restores and conntrack entries deleted.
 # TYPE kube_bpf_proxy_datapath_events_total counter
 kube_bpf_proxy_datapath_events_total{event="connect_refused"} 3
 kube_bpf_proxy_datapath_events_total{event="connect_translated"} 42
