@@ -22,14 +22,18 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
-// Load balancer IPs the tests write into Service status, as a cloud
-// controller would, and route from the outside network to a node, as a
-// load balancer in VIP mode (or a BGP/ARP announcer) would.
-const (
-	lbViaNode1 = "203.0.113.51"
-	lbViaNode2 = "203.0.113.52"
-	lbLocal    = "203.0.113.53"
-)
+// loadBalancerIP is a load balancer IP the tests write into Service
+// status, as a cloud controller would, and route from the outside network
+// to a node, as a load balancer in VIP mode (or a BGP/ARP announcer) would.
+// Each mode's namespace gets its own: the other mode's Services stay, and
+// two Services with one load balancer IP would take each other's traffic.
+func loadBalancerIP(ns string, i int) string {
+	base := 50
+	if ns == "iptables" {
+		base = 60
+	}
+	return fmt.Sprintf("203.0.113.%d", base+i)
+}
 
 // outside prepares a helper client on the machine outside the cluster.
 func (e *env) outside(ctx context.Context, args ...string) *exec.Cmd {
@@ -139,6 +143,7 @@ func (e *env) createExposed(t *testing.T, ns, name, app string, typ corev1.Servi
 // endpoints churn.
 func (e *env) externalUnderChurn(t *testing.T, ns string) {
 	ctx := context.Background()
+	lbViaNode1, lbViaNode2 := loadBalancerIP(ns, 1), loadBalancerIP(ns, 2)
 	for i, node := range []string{"node1", "node2", "node1"} {
 		e.addWeb(t, ns, fmt.Sprintf("x-%d", i+1), node, "x")
 	}
@@ -255,6 +260,7 @@ func (e *env) expectHealth(t *testing.T, port int32, want map[string]int) {
 // seen by the pod with its own address.
 func (e *env) externalTrafficLocal(t *testing.T, ns string) {
 	ctx := context.Background()
+	lbLocal := loadBalancerIP(ns, 3)
 	add := func(name, node string) {
 		t.Helper()
 		if _, err := e.c.AddPod(ctx, localcluster.PodSpec{

@@ -208,6 +208,15 @@ func TestExternalTrafficPolicy(t *testing.T) {
 				t.Errorf("eTP Cluster: the client's address reached the backend unmasqueraded: %q", l)
 			}
 		}
+		// From a pod: the socket layer translates before any packet, so the
+		// backend sees the pod; kube-proxy's KUBE-EXT masquerades it.
+		lines = s.run(t, "tcp", fmt.Sprintf("%s:30082", testnet.NodeIP), "4")
+		expectOK(t, "eTP Cluster from a pod", lines, names(pods)...)
+		for _, l := range lines {
+			if seen := strings.Contains(l, "src="+s.client.IP.String()+" "); seen != m.socketLevel {
+				t.Errorf("eTP Cluster from a pod: the pod's own address seen by the backend: %v, want %v: %q", seen, m.socketLevel, l)
+			}
+		}
 		expectFail(t, "eTP Local without a local endpoint, from outside", outside.Results("tcp", fmt.Sprintf("%s:30083", testnet.NodeIP), "2"))
 		expectOK(t, "eTP Local without a local endpoint, from a pod", s.run(t, "tcp", fmt.Sprintf("%s:30083", testnet.NodeIP), "4"), names(pods)...)
 		expectOK(t, "eTP Local from the node", s.net.HostNetwork().Results("tcp", fmt.Sprintf("%s:30081", testnet.NodeIP), "6"), names(pods)...)
