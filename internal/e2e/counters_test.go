@@ -25,14 +25,29 @@ func (e *env) datapathCounters(t *testing.T, ns string) {
 	e.expectBackends(t, vip+":80", "m-1") // 20 connects from each node's client
 	e.createService(t, ns, "m-idle", 80)  // selects no pod, and nobody connects
 	empty := e.createService(t, ns, "m-empty", 80)
-	for _, client := range e.clients {
+	// Until a node programs the new Service its ClusterIP is an address of
+	// the Service range that no Service holds, refused as well, but
+	// counted as that (refused_unallocated_address), not on the Service:
+	// wait for the node to serve the port before the counted refusals.
+	for i, client := range e.clients {
+		node := e.c.Nodes[i].Name
 		var last string
 		if !eventually(30*time.Second, func() bool {
-			lines, err := connects(ctx, client, empty+":80", 3)
-			last = fmt.Sprint(lines, err)
-			return err == nil && len(lines) == 3 && strings.Count(strings.Join(lines, "\n"), "err connection refused") == 3
+			events, err := e.datapathEvent(ctx, node, "refused_no_backend")
+			if err != nil {
+				last = err.Error()
+				return false
+			}
+			lines, err := connects(ctx, client, empty+":80", 1)
+			after, err2 := e.datapathEvent(ctx, node, "refused_no_backend")
+			last = fmt.Sprint(lines, err, err2)
+			return err == nil && err2 == nil && after > events
 		}) {
-			t.Fatalf("from %s to the Service without endpoints: want 3 refusals, last seen %s", client.Name, last)
+			t.Fatalf("from %s: the Service without endpoints never refused as a Service, last seen %s", client.Name, last)
+		}
+		lines, err := connects(ctx, client, empty+":80", 3)
+		if err != nil || strings.Count(strings.Join(lines, "\n"), "err connection refused") != 3 {
+			t.Fatalf("from %s to the Service without endpoints: want 3 refusals, got %v %v", client.Name, lines, err)
 		}
 	}
 
@@ -97,4 +112,20 @@ func (e *env) expectMetricWhere(t *testing.T, series, want string, ok func(float
 			t.Errorf("on %s: want %s %s, last seen %s", n.Name, series, want, last)
 		}
 	}
+}
+
+// datapathEvent reads one kube_bpf_proxy_datapath_events_total counter of
+// a node's proxy.
+func (e *env) datapathEvent(ctx context.Context, node, event string) (float64, error) {
+	_, body, err := e.c.ProxyGet(ctx, node, localcluster.ProxyMetricsAddr, "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	series := fmt.Sprintf("kube_bpf_proxy_datapath_events_total{event=%q} ", event)
+	for _, line := range strings.Split(body, "\n") {
+		if v, found := strings.CutPrefix(line, series); found {
+			return strconv.ParseFloat(v, 64)
+		}
+	}
+	return 0, fmt.Errorf("%s absent", series)
 }
