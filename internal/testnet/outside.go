@@ -5,26 +5,21 @@ import (
 	"net/netip"
 )
 
-// NodeIP is the node's address on the network outside the cluster that
-// AddOutside builds: the address node ports, external IPs and load balancer
-// traffic arrive at.
-const NodeIP = "192.168.50.1"
-
-// outsidePrefixLen is the length of the outside network's prefix.
-const outsidePrefixLen = 24
-
-// AddOutside creates a "client machine": a namespace on a network of its
-// own with the node (NodeIP), whose traffic to anything else goes to the
-// node as its default route, like a machine on the node's LAN or a load
-// balancer forwarding to it. Its processes never run in the test's cgroup:
-// no socket program sees them, so what reaches a Service from there is
-// served per packet, as traffic from another machine is. ip must be in
-// NodeIP's /24. Its name must be unique in the test.
-func (n *Net) AddOutside(name, ip string) *Pod {
+// AddMachine creates a "client machine" outside the cluster: a namespace on
+// a network of its own with the node, which gets nodeIP/24 on its end (an
+// address node ports answer on), the machine ip/24 and a default route
+// through the node, so that external IPs and load balancer IPs lead to the
+// node too, as from a machine on the node's LAN or a load balancer
+// forwarding to it. Its processes never run in the test's cgroup: no
+// socket program sees them, so what reaches a Service from there is served
+// per packet, as traffic from another machine is. Give each machine a /24
+// of its own: two links with one prefix would leave the node's replies to
+// one of them on the other.
+func (n *Net) AddMachine(name, ip, nodeIP string) *Pod {
 	n.t.Helper()
-	addr := netip.MustParseAddr(ip)
-	if !netip.PrefixFrom(netip.MustParseAddr(NodeIP), outsidePrefixLen).Masked().Contains(addr) {
-		n.t.Fatalf("outside client address %s is not on %s/%d", ip, NodeIP, outsidePrefixLen)
+	addr, node := netip.MustParseAddr(ip), netip.MustParseAddr(nodeIP)
+	if !netip.PrefixFrom(node, 24).Masked().Contains(addr) {
+		n.t.Fatalf("machine address %s is not on %s/24", ip, nodeIP)
 	}
 	n.mu.Lock()
 	idx := len(n.pods)
@@ -36,12 +31,12 @@ func (n *Net) AddOutside(name, ip string) *Pod {
 	n.pods = append(n.pods, p)
 	n.mu.Unlock()
 	n.mustRun("ip", "-n", n.Node, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", p.NS)
-	n.mustRun("ip", "-n", n.Node, "addr", "add", fmt.Sprintf("%s/%d", NodeIP, outsidePrefixLen), "dev", hostIf)
+	n.mustRun("ip", "-n", n.Node, "addr", "add", nodeIP+"/24", "dev", hostIf)
 	n.mustRun("ip", "-n", n.Node, "link", "set", hostIf, "up")
 	n.mustRun("ip", "-n", p.NS, "link", "set", "lo", "up")
-	n.mustRun("ip", "-n", p.NS, "addr", "add", fmt.Sprintf("%s/%d", ip, outsidePrefixLen), "dev", "eth0")
+	n.mustRun("ip", "-n", p.NS, "addr", "add", ip+"/24", "dev", "eth0")
 	n.mustRun("ip", "-n", p.NS, "link", "set", "eth0", "up")
-	n.mustRun("ip", "-n", p.NS, "route", "add", "default", "via", NodeIP, "dev", "eth0")
+	n.mustRun("ip", "-n", p.NS, "route", "add", "default", "via", nodeIP, "dev", "eth0")
 	return p
 }
 

@@ -70,7 +70,7 @@ type Pod struct {
 	IP   netip.Addr
 	// HostIf is the node's end of the pod's veth.
 	HostIf string
-	// outside: a client machine outside the cluster (AddOutside), whose
+	// outside: a client machine outside the cluster (AddMachine), whose
 	// processes never run in the test's cgroup.
 	outside bool
 }

@@ -21,8 +21,12 @@ const (
 	nodePort     = 30080
 	externalIP   = "198.51.100.10"
 	loadBalancer = "203.0.113.10"
-	outsideIP    = "192.168.50.2"
-	strangerIP   = "192.168.50.3"
+	// nodeIP is the node's address on the outside client's network.
+	nodeIP    = "192.168.50.1"
+	outsideIP = "192.168.50.2"
+	// The stranger is on a network of its own with the node.
+	strangerNodeIP = "192.168.51.1"
+	strangerIP     = "192.168.51.2"
 )
 
 func addrs(ss ...string) []netip.Addr {
@@ -36,12 +40,13 @@ func addrs(ss ...string) []netip.Addr {
 
 // node is what the proxy tells the datapath of the test's node, as
 // --nodeport-addresses left unset does: node ports on every address but
-// loopback ones; extra names addresses added with AddNodeAddress.
+// loopback ones; extra names addresses added with AddNodeAddress or on the
+// link of a further machine.
 func node(extra ...string) model.NodeInfo {
 	return model.NodeInfo{
-		NodePortAddresses: addrs(append([]string{testnet.NodeIP, testnet.PodGateway}, extra...)...),
+		NodePortAddresses: addrs(append([]string{nodeIP, testnet.PodGateway}, extra...)...),
 		AllLocalAddresses: true,
-		LocalAddresses:    addrs(append([]string{"127.0.0.1", testnet.NodeIP, testnet.PodGateway}, extra...)...),
+		LocalAddresses:    addrs(append([]string{"127.0.0.1", nodeIP, testnet.PodGateway}, extra...)...),
 		ServiceCIDRs:      []netip.Prefix{netip.MustParsePrefix(serviceCIDR)},
 	}
 }
@@ -111,15 +116,15 @@ func names(pods []*testnet.Pod) []string {
 func TestNodePortFromPodNodeAndOutside(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
-		outside := s.net.AddOutside("outside", outsideIP)
+		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
 		sp := exposed(web(s.backends(8080, s.pods...)...), model.External{NodePort: nodePort})
 		s.sync(t, snapshotOn(node(), sp))
 		all := names(s.pods)
-		target := fmt.Sprintf("%s:%d", testnet.NodeIP, nodePort)
+		target := fmt.Sprintf("%s:%d", nodeIP, nodePort)
 		forEachFamily(t, func(t *testing.T, f socketFamily) {
 			addr := target
 			if f.name == "AF_INET6" {
-				addr = fmt.Sprintf("[::ffff:%s]:%d", testnet.NodeIP, nodePort)
+				addr = fmt.Sprintf("[::ffff:%s]:%d", nodeIP, nodePort)
 			}
 			expectOK(t, "pod to node port", s.run(t, f.tcp, addr, "6"), all...)
 		})
@@ -137,22 +142,25 @@ func TestNodePortFromPodNodeAndOutside(t *testing.T) {
 func TestExternalAndLoadBalancerIPs(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
-		outside := s.net.AddOutside("outside", outsideIP)
-		stranger := s.net.AddOutside("stranger", strangerIP)
+		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
+		stranger := s.net.AddMachine("stranger", strangerIP, strangerNodeIP)
 		all := names(s.pods)
 		ext := exposed(web(s.backends(8080, s.pods...)...), model.External{
 			ExternalIPs: addrs(externalIP), LoadBalancerIPs: addrs(loadBalancer)})
 		guarded := exposed(apitest.ServicePort("default", "guarded", "http", model.TCP, "10.96.0.11:80", s.backends(8080, s.pods...)...),
 			model.External{LoadBalancerIPs: addrs("203.0.113.11"), SourceRanges: []netip.Prefix{netip.MustParsePrefix(outsideIP + "/32")}})
-		s.sync(t, snapshotOn(node(), ext, guarded))
+		s.sync(t, snapshotOn(node(strangerNodeIP), ext, guarded))
 
 		for _, a := range []string{externalIP + ":80", loadBalancer + ":80"} {
 			expectOK(t, "outside to "+a, outside.Results("tcp", a, "4"), all...)
 			expectOK(t, "pod to "+a, s.run(t, "tcp", a, "4"), all...)
 		}
 		expectOK(t, "allowed source to a guarded load balancer IP", outside.Results("tcp", "203.0.113.11:80", "4"), all...)
-		// kube-proxy drops what comes from outside the ranges: the
-		// client times out.
+		// The stranger's network works: only the ranges keep it out.
+		expectOK(t, "stranger to an unguarded load balancer IP", stranger.Results("tcp", loadBalancer+":80", "2"), all...)
+		// What comes from outside the ranges is not translated (kube-proxy
+		// then drops it in KUBE-PROXY-FIREWALL; this node, having no route
+		// for the load balancer IP, answers network unreachable first).
 		expectFail(t, "source outside the ranges", stranger.Results("tcp", "203.0.113.11:80", "2"))
 	})
 }
@@ -164,7 +172,7 @@ func TestExternalIPOnTheNode(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
 		s.net.AddNodeAddress(onNode)
-		outside := s.net.AddOutside("outside", outsideIP)
+		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
 		sp := exposed(web(s.backends(8080, s.pods...)...), model.External{ExternalIPs: addrs(onNode)})
 		s.sync(t, snapshotOn(node(onNode), sp))
 		all := names(s.pods)
@@ -181,7 +189,7 @@ func TestExternalIPOnTheNode(t *testing.T) {
 func TestExternalTrafficPolicy(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 0)
-		outside := s.net.AddOutside("outside", outsideIP)
+		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
 		pods := s.srcServers(t, 2)
 		backends := s.backends(8081, pods...)
 		local := exposed(apitest.ServicePort("default", "local", "http", model.TCP, "10.96.0.21:80", backends...),
@@ -192,7 +200,7 @@ func TestExternalTrafficPolicy(t *testing.T) {
 			model.External{NodePort: 30083, PolicyLocal: true, HealthCheckNodePort: 31083})
 		s.sync(t, snapshotOn(node(), local, cluster, nowhere))
 
-		for _, a := range []string{fmt.Sprintf("%s:30081", testnet.NodeIP), "203.0.113.21:80"} {
+		for _, a := range []string{fmt.Sprintf("%s:30081", nodeIP), "203.0.113.21:80"} {
 			lines := outside.Results("tcp", a, "6")
 			expectOK(t, "eTP Local from outside to "+a, lines, pods[0].Name)
 			for _, l := range lines {
@@ -201,7 +209,7 @@ func TestExternalTrafficPolicy(t *testing.T) {
 				}
 			}
 		}
-		lines := outside.Results("tcp", fmt.Sprintf("%s:30082", testnet.NodeIP), "6")
+		lines := outside.Results("tcp", fmt.Sprintf("%s:30082", nodeIP), "6")
 		expectOK(t, "eTP Cluster from outside", lines, names(pods)...)
 		for _, l := range lines {
 			if strings.Contains(l, "src="+outsideIP+" ") {
@@ -210,16 +218,16 @@ func TestExternalTrafficPolicy(t *testing.T) {
 		}
 		// From a pod: the socket layer translates before any packet, so the
 		// backend sees the pod; kube-proxy's KUBE-EXT masquerades it.
-		lines = s.run(t, "tcp", fmt.Sprintf("%s:30082", testnet.NodeIP), "4")
+		lines = s.run(t, "tcp", fmt.Sprintf("%s:30082", nodeIP), "4")
 		expectOK(t, "eTP Cluster from a pod", lines, names(pods)...)
 		for _, l := range lines {
 			if seen := strings.Contains(l, "src="+s.client.IP.String()+" "); seen != m.socketLevel {
 				t.Errorf("eTP Cluster from a pod: the pod's own address seen by the backend: %v, want %v: %q", seen, m.socketLevel, l)
 			}
 		}
-		expectFail(t, "eTP Local without a local endpoint, from outside", outside.Results("tcp", fmt.Sprintf("%s:30083", testnet.NodeIP), "2"))
-		expectOK(t, "eTP Local without a local endpoint, from a pod", s.run(t, "tcp", fmt.Sprintf("%s:30083", testnet.NodeIP), "4"), names(pods)...)
-		expectOK(t, "eTP Local from the node", s.net.HostNetwork().Results("tcp", fmt.Sprintf("%s:30081", testnet.NodeIP), "6"), names(pods)...)
+		expectFail(t, "eTP Local without a local endpoint, from outside", outside.Results("tcp", fmt.Sprintf("%s:30083", nodeIP), "2"))
+		expectOK(t, "eTP Local without a local endpoint, from a pod", s.run(t, "tcp", fmt.Sprintf("%s:30083", nodeIP), "4"), names(pods)...)
+		expectOK(t, "eTP Local from the node", s.net.HostNetwork().Results("tcp", fmt.Sprintf("%s:30081", nodeIP), "6"), names(pods)...)
 	})
 }
 
@@ -268,7 +276,7 @@ func sticky(sp model.ServicePort, timeout time.Duration) model.ServicePort {
 func TestSessionAffinity(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 3)
-		outside := s.net.AddOutside("outside", outsideIP)
+		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
 		all := s.backends(8080, s.pods...)
 		long := exposed(sticky(web(all...), time.Hour), model.External{NodePort: nodePort})
 		short := sticky(apitest.ServicePort("default", "short", "http", model.TCP, "10.96.0.13:80", all...), 2*time.Second)
@@ -276,8 +284,8 @@ func TestSessionAffinity(t *testing.T) {
 
 		for what, lines := range map[string][]string{
 			"pod to ClusterIP":      s.run(t, "tcp", vip+":80", "20"),
-			"outside to node port":  outside.Results("tcp", fmt.Sprintf("%s:%d", testnet.NodeIP, nodePort), "20"),
-			"node to its node port": s.net.HostNetwork().Results("tcp", fmt.Sprintf("%s:%d", testnet.NodeIP, nodePort), "20"),
+			"outside to node port":  outside.Results("tcp", fmt.Sprintf("%s:%d", nodeIP, nodePort), "20"),
+			"node to its node port": s.net.HostNetwork().Results("tcp", fmt.Sprintf("%s:%d", nodeIP, nodePort), "20"),
 		} {
 			if got := testnet.Tally(lines); len(got) != 1 {
 				t.Errorf("%s: a sticky client reached %v, want one backend", what, got)
@@ -356,7 +364,7 @@ func TestUnknownPortAndUnallocatedAddress(t *testing.T) {
 func TestClusterIPRoutedFromOutside(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
-		outside := s.net.AddOutside("outside", outsideIP)
+		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
 		s.sync(t, snapshotOn(node(), web(s.backends(8080, s.pods...)...)))
 		lines := outside.Results("tcp", vip+":80", "2")
 		if m.socketLevel {
