@@ -364,7 +364,6 @@ func (e *env) deletedService(t *testing.T, ns string) {
 // endpoints churn: readiness flips, pods deleted (after a drain, as a pod
 // with a pre-stop delay) and added.
 func (e *env) churnUnderLoad(t *testing.T, ns string) {
-	ctx := context.Background()
 	for i, node := range []string{"node1", "node2", "node1"} {
 		e.addWeb(t, ns, fmt.Sprintf("c-%d", i+1), node, "c")
 	}
@@ -379,31 +378,39 @@ func (e *env) churnUnderLoad(t *testing.T, ns string) {
 		}
 	}
 
-	for round := range 3 {
-		for _, p := range []string{"c-1", "c-2"} {
-			if err := e.c.SetPodReady(ctx, ns, p, false); err != nil {
-				t.Fatal(err)
-			}
-		}
-		time.Sleep(1500 * time.Millisecond)
-		for _, p := range []string{"c-1", "c-2"} {
-			if err := e.c.SetPodReady(ctx, ns, p, true); err != nil {
-				t.Fatal(err)
-			}
-		}
-		// Replace c-3 by a new pod on the other node.
-		old, next := "c-3", fmt.Sprintf("c-3r%d", round)
-		if round > 0 {
-			old = fmt.Sprintf("c-3r%d", round-1)
-		}
-		e.addWeb(t, ns, next, []string{"node2", "node1"}[round%2], "c")
-		if err := e.c.DeletePod(ctx, ns, old, 3*time.Second); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e.churn(t, ns, "c", "c-1", "c-2")
 	e.expectBackends(t, vip+":80", "c-1", "c-2", "c-3r2")
 	for _, l := range loops {
 		l.assertAllOK(t, "churn")
+	}
+}
+
+// churn runs three rounds of endpoint changes on app's pods: the pods
+// flipping are made unready for 1.5 s and ready again, and APP-3 (then its
+// replacement) is replaced by a new pod on the other node, deleted after a
+// drain as a pre-stop delay gives it.
+func (e *env) churn(t *testing.T, ns, app string, flipping ...string) {
+	t.Helper()
+	ctx := context.Background()
+	setReady := func(ready bool) {
+		for _, p := range flipping {
+			if err := e.c.SetPodReady(ctx, ns, p, ready); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for round := range 3 {
+		setReady(false)
+		time.Sleep(1500 * time.Millisecond)
+		setReady(true)
+		old, next := app+"-3", fmt.Sprintf("%s-3r%d", app, round)
+		if round > 0 {
+			old = fmt.Sprintf("%s-3r%d", app, round-1)
+		}
+		e.addWeb(t, ns, next, []string{"node2", "node1"}[round%2], app)
+		if err := e.c.DeletePod(ctx, ns, old, 3*time.Second); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
 

@@ -142,7 +142,6 @@ func (e *env) createExposed(t *testing.T, ns, name, app string, typ corev1.Servi
 // the cluster through each node, with no failed connect while their
 // endpoints churn.
 func (e *env) externalUnderChurn(t *testing.T, ns string) {
-	ctx := context.Background()
 	lbViaNode1, lbViaNode2 := loadBalancerIP(ns, 1), loadBalancerIP(ns, 2)
 	for i, node := range []string{"node1", "node2", "node1"} {
 		e.addWeb(t, ns, fmt.Sprintf("x-%d", i+1), node, "x")
@@ -176,23 +175,7 @@ func (e *env) externalUnderChurn(t *testing.T, ns string) {
 		// (see clientLoop.timeoutsPer1000).
 		loops = append(loops, &clientLoop{Loop: l, client: "outside->" + a, timeoutsPer1000: 1})
 	}
-	for round := range 3 {
-		if err := e.c.SetPodReady(ctx, ns, "x-1", false); err != nil {
-			t.Fatal(err)
-		}
-		time.Sleep(1500 * time.Millisecond)
-		if err := e.c.SetPodReady(ctx, ns, "x-1", true); err != nil {
-			t.Fatal(err)
-		}
-		old, next := "x-3", fmt.Sprintf("x-3r%d", round)
-		if round > 0 {
-			old = fmt.Sprintf("x-3r%d", round-1)
-		}
-		e.addWeb(t, ns, next, []string{"node2", "node1"}[round%2], "x")
-		if err := e.c.DeletePod(ctx, ns, old, 3*time.Second); err != nil {
-			t.Fatal(err)
-		}
-	}
+	e.churn(t, ns, "x", "x-1")
 	for _, l := range loops {
 		l.assertAllOK(t, "external churn")
 	}
