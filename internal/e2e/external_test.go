@@ -86,20 +86,11 @@ func answeredBy(lines []string, pods ...string) bool {
 		return false
 	}
 	for _, n := range names {
-		if !contains(pods, n) {
+		if !slices.Contains(pods, n) {
 			return false
 		}
 	}
 	return len(names) > 0
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // setLoadBalancerIPs writes a Service's status as a cloud controller does.
