@@ -27,16 +27,10 @@ type localPolicy struct {
 // localPolicyOf derives a Service's entry from its ports; ok is false when
 // it has nothing to record.
 func localPolicyOf(ports []model.ServicePort) (lp localPolicy, ok bool) {
-	ready := make(map[netip.Addr]struct{})
 	for i := range ports {
 		sp := &ports[i]
 		if sp.External.PolicyLocal && sp.External.HealthCheckNodePort != 0 {
 			lp.healthCheckNodePort = sp.External.HealthCheckNodePort
-		}
-		if !sp.LocalTerminating {
-			for _, b := range sp.Local {
-				ready[b.IP] = struct{}{}
-			}
 		}
 		if !sp.HasEndpoints {
 			continue // no endpoints at all: rejected, not a Local policy's drop
@@ -48,7 +42,19 @@ func localPolicyOf(ports []model.ServicePort) (lp localPolicy, ok bool) {
 			lp.noLocalExternal++
 		}
 	}
-	lp.localReady = len(ready)
+	if lp.healthCheckNodePort != 0 {
+		// Counted only for a health check: a full sync walks every
+		// Service, and most have none.
+		ready := make(map[netip.Addr]struct{})
+		for i := range ports {
+			if !ports[i].LocalTerminating {
+				for _, b := range ports[i].Local {
+					ready[b.IP] = struct{}{}
+				}
+			}
+		}
+		lp.localReady = len(ready)
+	}
 	return lp, lp != localPolicy{}
 }
 
