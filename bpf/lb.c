@@ -548,9 +548,16 @@ static __always_inline enum stat_index refusal_of(__be32 addr)
 	__u32 host = kbp_htonl(addr);
 	__u32 i;
 
+	/*
+	 * Unrolled: verifiers before 6.x lose the counter's value once its
+	 * stack slot is passed to a helper as the key, and refuse the loop
+	 * as infinite (seen on 5.10); unrolled, each key is a constant.
+	 */
+#pragma unroll
 	for (i = 0; i < MAX_SVC_RANGES; i++) {
 		union range_word r;
-		__u64 *word = bpf_map_lookup_elem(&kbp_svc_ranges, &i);
+		__u32 index = i;
+		__u64 *word = bpf_map_lookup_elem(&kbp_svc_ranges, &index);
 		__u32 mask;
 
 		if (!word)

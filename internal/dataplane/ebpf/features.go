@@ -29,6 +29,11 @@ type Kernel struct {
 	// KtimeCoarse: bpf_ktime_get_coarse_ns (Linux 5.11). Without it,
 	// session affinity reads the exact clock, which costs a little more.
 	KtimeCoarse bool
+	// NetnsCookie: user space can read a network namespace's cookie
+	// (SO_NETNS_COOKIE, Linux 5.14), which tells the programs which
+	// sockets are the node's. Without it, node ports on loopback
+	// addresses are not served at socket level.
+	NetnsCookie bool
 }
 
 // Degraded names what works differently on this kernel than on the newest,
@@ -37,6 +42,9 @@ func (k Kernel) Degraded() []string {
 	var out []string
 	if !k.SetRetval {
 		out = append(out, "refusals fail with EPERM, not ECONNREFUSED (bpf_set_retval: Linux 5.18)")
+	}
+	if !k.NetnsCookie {
+		out = append(out, "node ports on loopback addresses are not served at socket level (SO_NETNS_COOKIE: Linux 5.14)")
 	}
 	return out
 }
@@ -146,7 +154,20 @@ func Preflight(cgroupPath string) (Kernel, error) {
 	if k.KtimeCoarse, err = optional(features.HaveProgramHelper(ebpf.CGroupSockAddr, asm.FnKtimeGetCoarseNs)); err != nil {
 		return fail(fmt.Sprintf("probing for bpf_ktime_get_coarse_ns failed: %v", err), "check the proxy's capabilities")
 	}
+	k.NetnsCookie = haveNetnsCookie()
 	return k, nil
+}
+
+// haveNetnsCookie reports whether a socket tells its network namespace's
+// cookie (SO_NETNS_COOKIE, Linux 5.14).
+func haveNetnsCookie() bool {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	_, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+	return err == nil
 }
 
 // optional turns a probe's answer into whether the feature is there; only

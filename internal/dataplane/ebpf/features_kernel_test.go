@@ -26,7 +26,7 @@ func TestKernelFeatures(t *testing.T) {
 		servicePort("default", "empty", "http", model.TCP, emptyVIP+":80"),
 		withAffinity(servicePort("default", "sticky", "http", model.TCP, affinityVIP+":80", s.backends(8080, s.pods...)...), time.Hour)))
 	kernel := s.dp.kernel.kernel
-	t.Logf("kernel %s: bpf_set_retval %v, bpf_ktime_get_coarse_ns %v", kernel.Release, kernel.SetRetval, kernel.KtimeCoarse)
+	t.Logf("kernel %s: bpf_set_retval %v, bpf_ktime_get_coarse_ns %v, SO_NETNS_COOKIE %v", kernel.Release, kernel.SetRetval, kernel.KtimeCoarse, kernel.NetnsCookie)
 
 	// expect runs a client and checks that every line is an answer from a
 	// backend that ends in suffix.
@@ -54,6 +54,20 @@ func TestKernelFeatures(t *testing.T) {
 				continue
 			}
 			t.Logf("%s: %s", p.name, info.Name)
+		}
+	})
+	t.Run("node-netns", func(t *testing.T) {
+		var node lbNodeConfig
+		if err := s.dp.kernel.objs.KbpNode.Lookup(uint32(0), &node); err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case kernel.NetnsCookie && node.NetnsCookie == 0:
+			t.Error("the kernel tells network namespace cookies, but the programs were not told the node's")
+		case !kernel.NetnsCookie && node.NetnsCookie != 0:
+			t.Errorf("node cookie %d written on a kernel without SO_NETNS_COOKIE", node.NetnsCookie)
+		case !kernel.NetnsCookie:
+			t.Logf("KBP-FEATURE node-netns degraded: the node's sockets are not told apart, loopback node ports not served at socket level (SO_NETNS_COOKIE, Linux 5.14)")
 		}
 	})
 	t.Run("connect4", func(t *testing.T) {

@@ -197,7 +197,7 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 		return nil, err
 	}
 	klog.InfoS("Programs in place", "cgroup", cfg.CgroupPath, "programs", len(k.links), "replaced", len(sw.replaced),
-		"kernel", kernel.Release, "setRetval", kernel.SetRetval, "ktimeCoarse", kernel.KtimeCoarse)
+		"kernel", kernel.Release, "setRetval", kernel.SetRetval, "ktimeCoarse", kernel.KtimeCoarse, "netnsCookie", kernel.NetnsCookie)
 	for _, d := range kernel.Degraded() {
 		klog.InfoS("Degraded on this kernel", "kernel", kernel.Release, "feature", d)
 	}
