@@ -164,6 +164,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 	if err := runProxy(ctx, o); err != nil {
+		// A node that cannot run the mode gets one line saying why and
+		// what to do, and keeps what serves it now.
+		if pe := (*ebpf.PreflightError)(nil); errors.As(err, &pe) {
+			fmt.Fprintln(stderr, "kube-bpf-proxy:", pe)
+			return 1
+		}
 		klog.ErrorS(err, "kube-bpf-proxy failed")
 		return 1
 	}

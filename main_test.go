@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -399,5 +400,78 @@ func TestCleanupOfLegacyRulesNeedsNetRaw(t *testing.T) {
 	}
 	if left := legacy("-t", "nat", "-S"); strings.Contains(left, "KUBE-") {
 		t.Errorf("legacy rules left after --cleanup with NET_RAW:\n%s", left)
+	}
+}
+
+// A node that cannot run the eBPF mode gets one line that names the kernel,
+// what is missing and what to do, and keeps the datapath that serves it:
+// here a restart without the capabilities to load programs, and one given a
+// cgroup v1 (or any non-cgroup2) directory.
+func TestBinaryPreflightKeepsRunningDatapath(t *testing.T) {
+	n := testnet.New(t)
+	bpffs := testnet.BPFFS(t)
+	args := []string{
+		"--kubeconfig=" + unreachableKubeconfig(t), "--hostname-override=test-node",
+		"--cgroup-path=" + n.Cgroup, "--bpffs-path=" + bpffs,
+		"--bpf-max-services=64", "--bpf-max-backends=256", "--bpf-max-sockets=256",
+	}
+	linkPin := filepath.Join(bpffs, "links", "connect4")
+	first := startBinary(t, args...)
+	eventually(t, "programs pinned", func() (bool, string) {
+		_, err := os.Stat(linkPin)
+		return err == nil, fmt.Sprint(err)
+	})
+	if err := first.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	first.wait(t, 10*time.Second)
+
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name    string
+		wrap    []string
+		args    []string
+		missing string
+	}{{
+		name:    "no CAP_BPF or CAP_SYS_ADMIN",
+		wrap:    []string{"setpriv", "--inh-caps=-all,+net_admin,+net_raw", "--ambient-caps=-all,+net_admin,+net_raw", "--bounding-set=-all,+net_admin,+net_raw", "--"},
+		args:    args,
+		missing: "this process lacks CAP_BPF (or CAP_SYS_ADMIN)",
+	}, {
+		name:    "not a cgroup v2 directory",
+		args:    append(slices.Clone(args), "--cgroup-path="+t.TempDir()),
+		missing: "no cgroup v2 hierarchy at",
+	}} {
+		t.Run(c.name, func(t *testing.T) {
+			b := &binary{healthz: testnet.FreeAddr(t), metrics: testnet.FreeAddr(t)}
+			cmdline := append(slices.Clone(c.wrap), exe)
+			cmdline = append(cmdline, c.args...)
+			cmdline = append(cmdline, "--healthz-bind-address="+b.healthz, "--metrics-bind-address="+b.metrics)
+			b.cmd = exec.Command(cmdline[0], cmdline[1:]...)
+			b.cmd.Env = append(os.Environ(), runMainEnv+"=1")
+			b.cmd.Stderr = &b.stderr
+			if err := b.cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { testnet.Stop(b.cmd) })
+			if code := b.wait(t, 30*time.Second); code != 1 {
+				t.Errorf("exit status %d, want 1; log:\n%s", code, b.stderr.String())
+			}
+			lines := strings.Split(strings.TrimSpace(b.stderr.String()), "\n")
+			last := lines[len(lines)-1]
+			if !strings.HasPrefix(last, "kube-bpf-proxy: the eBPF mode cannot run on this node (Linux ") ||
+				!strings.Contains(last, c.missing) || !strings.Contains(last, "; ") {
+				t.Errorf("last line %q, want the preflight's one line naming %q and what to do", last, c.missing)
+			}
+			if got := testnet.AttachedPrograms(t, n.Cgroup); got != attachedPrograms {
+				t.Errorf("%d programs attached after the refused start, want %d", got, attachedPrograms)
+			}
+			if _, err := os.Stat(linkPin); err != nil {
+				t.Errorf("pins gone after the refused start: %v", err)
+			}
+		})
 	}
 }

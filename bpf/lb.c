@@ -25,13 +25,24 @@
  * So connect6, recvmsg6 and getpeername6 handle v4-mapped addresses (the
  * backend stays v4-mapped) and there is no sendmsg6 program: the kernel never
  * shows it a v4-mapped destination, and refuses one it writes (ENOTSUPP).
- * This holds on every kernel these programs load on (bpf_set_retval needs
- * 5.18): udpv6_sendmsg sent v4-mapped destinations to udp_sendmsg before the
- * sendmsg hooks came (4.18), and the *6 hooks we use exist since 4.17
- * (connect6), 5.2 (recvmsg6) and 5.8 (getpeername6). Anything that is not
- * v4-mapped is real IPv6 and passes untouched. The other helpers used came
- * before 5.18 too: bpf_get_netns_cookie for these programs in 5.7,
- * bpf_ktime_get_coarse_ns in 5.11.
+ * This holds on every kernel these programs load on (5.10 and later, see
+ * "Kernels" below): udpv6_sendmsg sent v4-mapped destinations to
+ * udp_sendmsg before the sendmsg hooks came (4.18), and the *6 hooks we use
+ * exist since 4.17 (connect6), 5.2 (recvmsg6) and 5.8 (getpeername6).
+ * Anything that is not v4-mapped is real IPv6 and passes untouched.
+ *
+ * Kernels. The floor is Linux 5.10: getpeername hooks (5.8), sock_release
+ * (5.9), bpf_get_netns_cookie for these programs (5.7). Two helpers are
+ * newer and used only where the kernel has them, as the loader's probes
+ * find at start (internal/dataplane/ebpf/features.go), through the
+ * read-only constants kbp_have_*: the verifier knows a frozen read-only
+ * global's value (5.2) and never walks the branch it rules out, so a call
+ * to a helper the kernel lacks is dead code it does not check.
+ *   bpf_set_retval (5.18)    refusals fail with ECONNREFUSED; without it
+ *                            with EPERM, the error a cgroup program's
+ *                            denial gives (counted: refused_with_eperm)
+ *   bpf_ktime_get_coarse_ns  affinity's clock; without it
+ *   (5.11)                   bpf_ktime_get_ns, the same clock read exactly
  *
  * Map layout (written by internal/dataplane/ebpf, make-before-break):
  *   kbp_services  frontend -> {id word, backend count}. A frontend is a
@@ -86,6 +97,13 @@
 #include "include/kbp.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
+
+/*
+ * What the running kernel offers, set by the loader before the programs
+ * load (see "Kernels" above). The defaults are the newest kernel's.
+ */
+volatile const __u8 kbp_have_set_retval = 1;
+volatile const __u8 kbp_have_ktime_coarse = 1;
 
 struct svc_key {
 	__be32 addr;
@@ -234,7 +252,12 @@ enum stat_index {
 	STAT_REFUSED_UNKNOWN_PORT = 11,
 	STAT_REFUSED_UNALLOCATED = 12,
 	STAT_REFUSED_NO_LOCAL_ENDPOINT = 13,
-	STAT_MAX = 14,
+	/*
+	 * Refusals that failed with EPERM instead of ECONNREFUSED: the kernel
+	 * has no bpf_set_retval (before 5.18). Also counted by reason.
+	 */
+	STAT_REFUSED_EPERM = 14,
+	STAT_MAX = 15,
 };
 
 struct {
@@ -416,7 +439,8 @@ static __always_inline struct svc_stats *svc_stats_of(__u32 svc_id)
 /*
  * Refuse the call with ECONNREFUSED instead of the EPERM a plain 0 gives,
  * counted globally by reason and on the service, if there is one (svc_id
- * 0 is none).
+ * 0 is none). Before Linux 5.18 a program cannot choose the errno: the
+ * call fails with EPERM, at once all the same, and is counted as such.
  */
 static __always_inline int refuse(enum stat_index reason, __u32 svc_id)
 {
@@ -427,7 +451,10 @@ static __always_inline int refuse(enum stat_index reason, __u32 svc_id)
 	if (stats)
 		stats->refused += 1;
 	count_event(reason);
-	bpf_set_retval(-ECONNREFUSED);
+	if (kbp_have_set_retval)
+		bpf_set_retval(-ECONNREFUSED);
+	else
+		count_event(STAT_REFUSED_EPERM);
 	return 0;
 }
 
@@ -521,9 +548,16 @@ static __always_inline enum stat_index refusal_of(__be32 addr)
 	__u32 host = kbp_htonl(addr);
 	__u32 i;
 
+	/*
+	 * Unrolled: verifiers before 6.x lose the counter's value once its
+	 * stack slot is passed to a helper as the key, and refuse the loop
+	 * as infinite (seen on 5.10); unrolled, each key is a constant.
+	 */
+#pragma unroll
 	for (i = 0; i < MAX_SVC_RANGES; i++) {
 		union range_word r;
-		__u64 *word = bpf_map_lookup_elem(&kbp_svc_ranges, &i);
+		__u32 index = i;
+		__u64 *word = bpf_map_lookup_elem(&kbp_svc_ranges, &index);
 		__u32 mask;
 
 		if (!word)
@@ -565,13 +599,19 @@ static __always_inline int in_node_netns(struct bpf_sock_addr *ctx)
 }
 
 /*
- * Seconds of CLOCK_MONOTONIC, from the clock the kernel reads at each tick
- * (Linux 5.11): affinity timeouts are whole seconds, which a 32-bit count
- * holds for 136 years.
+ * Seconds of CLOCK_MONOTONIC: affinity timeouts are whole seconds, which a
+ * 32-bit count holds for 136 years. The coarse clock, as of the last tick,
+ * costs no clock read (Linux 5.11); older kernels read the clock itself.
  */
 static __always_inline __u32 now_seconds(void)
 {
-	return (__u32)(bpf_ktime_get_coarse_ns() / 1000000000ULL);
+	__u64 ns;
+
+	if (kbp_have_ktime_coarse)
+		ns = bpf_ktime_get_coarse_ns();
+	else
+		ns = bpf_ktime_get_ns();
+	return (__u32)(ns / 1000000000ULL);
 }
 
 static __always_inline void remember_affinity(const struct affinity_key *key,

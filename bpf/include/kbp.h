@@ -89,13 +89,21 @@ static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value,
 				   __u64 flags) = (void *)2;
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
+/* Since Linux 4.1. */
+static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
 static __u32 (*bpf_get_prandom_u32)(void) = (void *)7;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;
 /* Since Linux 5.7 for these programs; NULL would be the initial namespace's. */
 static __u64 (*bpf_get_netns_cookie)(void *ctx) = (void *)122;
-/* Since Linux 5.11: CLOCK_MONOTONIC as of the last tick, without reading a clock. */
+/*
+ * Since Linux 5.11: CLOCK_MONOTONIC as of the last tick, without reading a
+ * clock. Called only where kbp_have_ktime_coarse says the kernel has it.
+ */
 static __u64 (*bpf_ktime_get_coarse_ns)(void) = (void *)160;
-/* Since Linux 5.18: lets a cgroup program that denies a call choose the errno. */
+/*
+ * Since Linux 5.18: lets a cgroup program that denies a call choose the
+ * errno. Called only where kbp_have_set_retval says the kernel has it.
+ */
 static int (*bpf_set_retval)(int retval) = (void *)187;
 
 #endif /* KBP_H */

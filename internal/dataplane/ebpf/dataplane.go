@@ -208,6 +208,9 @@ var eventNames = map[lbStatIndex]string{
 	lbStatIndexSTAT_REFUSED_UNKNOWN_PORT:      "refused_unknown_port",
 	lbStatIndexSTAT_REFUSED_UNALLOCATED:       "refused_unallocated_address",
 	lbStatIndexSTAT_REFUSED_NO_LOCAL_ENDPOINT: "refused_no_local_endpoint",
+	// Refusals (of any reason above) that failed with EPERM: the kernel
+	// has no bpf_set_retval (before Linux 5.18) to choose ECONNREFUSED.
+	lbStatIndexSTAT_REFUSED_EPERM: "refused_with_eperm",
 }
 
 // Events sums the datapath's per-CPU event counters.

@@ -83,7 +83,8 @@ const (
 	lbStatIndexSTAT_REFUSED_UNKNOWN_PORT      lbStatIndex = 11
 	lbStatIndexSTAT_REFUSED_UNALLOCATED       lbStatIndex = 12
 	lbStatIndexSTAT_REFUSED_NO_LOCAL_ENDPOINT lbStatIndex = 13
-	lbStatIndexSTAT_MAX                       lbStatIndex = 14
+	lbStatIndexSTAT_REFUSED_EPERM             lbStatIndex = 14
+	lbStatIndexSTAT_MAX                       lbStatIndex = 15
 )
 
 type lbSvcKey struct {
@@ -120,25 +121,27 @@ type lbSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	lbMapKbpAffMatch      = "kbp_aff_match"
-	lbMapKbpAffinity      = "kbp_affinity"
-	lbMapKbpBackends      = "kbp_backends"
-	lbMapKbpClusterIps    = "kbp_cluster_ips"
-	lbMapKbpNode          = "kbp_node"
-	lbMapKbpRevnat        = "kbp_revnat"
-	lbMapKbpServices      = "kbp_services"
-	lbMapKbpSlots         = "kbp_slots"
-	lbMapKbpStats         = "kbp_stats"
-	lbMapKbpSvcRanges     = "kbp_svc_ranges"
-	lbMapKbpSvcStats      = "kbp_svc_stats"
-	lbProgKbpConnect4     = "kbp_connect4"
-	lbProgKbpConnect6     = "kbp_connect6"
-	lbProgKbpGetpeername4 = "kbp_getpeername4"
-	lbProgKbpGetpeername6 = "kbp_getpeername6"
-	lbProgKbpRecvmsg4     = "kbp_recvmsg4"
-	lbProgKbpRecvmsg6     = "kbp_recvmsg6"
-	lbProgKbpSendmsg4     = "kbp_sendmsg4"
-	lbProgKbpSockRelease  = "kbp_sock_release"
+	lbMapKbpAffMatch        = "kbp_aff_match"
+	lbMapKbpAffinity        = "kbp_affinity"
+	lbMapKbpBackends        = "kbp_backends"
+	lbMapKbpClusterIps      = "kbp_cluster_ips"
+	lbMapKbpNode            = "kbp_node"
+	lbMapKbpRevnat          = "kbp_revnat"
+	lbMapKbpServices        = "kbp_services"
+	lbMapKbpSlots           = "kbp_slots"
+	lbMapKbpStats           = "kbp_stats"
+	lbMapKbpSvcRanges       = "kbp_svc_ranges"
+	lbMapKbpSvcStats        = "kbp_svc_stats"
+	lbProgKbpConnect4       = "kbp_connect4"
+	lbProgKbpConnect6       = "kbp_connect6"
+	lbProgKbpGetpeername4   = "kbp_getpeername4"
+	lbProgKbpGetpeername6   = "kbp_getpeername6"
+	lbProgKbpRecvmsg4       = "kbp_recvmsg4"
+	lbProgKbpRecvmsg6       = "kbp_recvmsg6"
+	lbProgKbpSendmsg4       = "kbp_sendmsg4"
+	lbProgKbpSockRelease    = "kbp_sock_release"
+	lbVarKbpHaveKtimeCoarse = "kbp_have_ktime_coarse"
+	lbVarKbpHaveSetRetval   = "kbp_have_set_retval"
 )
 
 // loadLb returns the embedded CollectionSpec for lb.
@@ -214,6 +217,8 @@ type lbMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbVariableSpecs struct {
+	KbpHaveKtimeCoarse *ebpf.VariableSpec `ebpf:"kbp_have_ktime_coarse"`
+	KbpHaveSetRetval   *ebpf.VariableSpec `ebpf:"kbp_have_set_retval"`
 }
 
 // lbObjects contains all objects after they have been loaded into the kernel.
@@ -269,6 +274,8 @@ func (m *lbMaps) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbVariables struct {
+	KbpHaveKtimeCoarse *ebpf.Variable `ebpf:"kbp_have_ktime_coarse"`
+	KbpHaveSetRetval   *ebpf.Variable `ebpf:"kbp_have_set_retval"`
 }
 
 // lbPrograms contains all programs after they have been loaded into the kernel.

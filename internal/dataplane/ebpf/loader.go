@@ -8,7 +8,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
@@ -45,6 +44,9 @@ type Config struct {
 	// ops does the steps of the program swap; nil is the kernel. Tests
 	// set it to fail a step.
 	ops swapOps
+	// withoutFeatures, in tests, loads the programs as for a kernel that
+	// lacks what it clears of the probes' answer.
+	withoutFeatures func(*Kernel)
 }
 
 // withDefaults fills the capacities a caller may leave at 0.
@@ -117,6 +119,8 @@ const linksDir = "links"
 type kernelObjects struct {
 	objs  lbObjects
 	links []link.Link
+	// kernel is what the programs were loaded for.
+	kernel Kernel
 }
 
 func (k *kernelObjects) Close() error {
@@ -133,9 +137,11 @@ func (k *kernelObjects) Close() error {
 // swap is all or nothing, and at no moment is a hook without a program (see
 // swap).
 func load(cfg Config) (_ *kernelObjects, err error) {
-	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-	if err := rlimit.RemoveMemlock(); err != nil {
-		return nil, fmt.Errorf("lifting the memlock limit for BPF maps: %w", err)
+	// Before anything on the node changes: a kernel or a pod that cannot
+	// run the programs leaves a running datapath's pins serving.
+	kernel, err := Preflight(cfg.CgroupPath)
+	if err != nil {
+		return nil, err
 	}
 	if err := ensureBPFFS(cfg.BPFFSPath); err != nil {
 		return nil, err
@@ -144,19 +150,22 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.withoutFeatures != nil {
+		cfg.withoutFeatures(&kernel)
+	}
+	if err := setKernelConstants(spec, kernel); err != nil {
+		return nil, err
+	}
 	for _, m := range pinnedMaps {
 		if m.capacity != nil {
 			spec.Maps[m.name].MaxEntries = m.capacity(cfg)
 		}
 	}
-	if err := checkCgroup2(cfg.CgroupPath); err != nil {
-		return nil, err
-	}
 	if err := os.MkdirAll(filepath.Join(cfg.BPFFSPath, linksDir), 0o700); err != nil {
 		return nil, fmt.Errorf("creating links directory: %w", err)
 	}
 
-	k := &kernelObjects{}
+	k := &kernelObjects{kernel: kernel}
 	sw := newSwap(cfg.ops)
 	defer func() {
 		if err != nil {
@@ -187,7 +196,11 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 	if err := sw.commit(); err != nil {
 		return nil, err
 	}
-	klog.InfoS("Programs in place", "cgroup", cfg.CgroupPath, "programs", len(k.links), "replaced", len(sw.replaced))
+	klog.InfoS("Programs in place", "cgroup", cfg.CgroupPath, "programs", len(k.links), "replaced", len(sw.replaced),
+		"kernel", kernel.Release, "setRetval", kernel.SetRetval, "ktimeCoarse", kernel.KtimeCoarse, "netnsCookie", kernel.NetnsCookie)
+	for _, d := range kernel.Degraded() {
+		klog.InfoS("Degraded on this kernel", "kernel", kernel.Release, "feature", d)
+	}
 	return k, nil
 }
 
