@@ -39,6 +39,7 @@ type TestResult struct {
 
 var (
 	resultLine   = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+) \(`)
+	switchLine   = regexp.MustCompile(`^=== (?:RUN|NAME|CONT|PAUSE)\s+(\S+)$`)
 	degradedLine = regexp.MustCompile(regexp.QuoteMeta(DegradedMarker) + `(\S+) degraded: (.*)$`)
 )
 
@@ -99,24 +100,34 @@ func Leaves(results []TestResult) []TestResult {
 	return out
 }
 
-// FailureOutput returns the lines a failed test printed in -v output:
-// from its "=== RUN" line to its "--- FAIL" line.
-func FailureOutput(out, name string) string {
-	var b strings.Builder
+// FailureOutput returns the lines a test printed in -v output: from its
+// "=== RUN" (or NAME, CONT) line to its "--- FAIL" (or SKIP) line, or until
+// another test's output starts; at most max of them: the first and the last,
+// which hold a failed load's error and the verifier's verdict.
+func FailureOutput(out, name string, max int) string {
+	var lines []string
+	ours := func(test string) bool { return test == name || strings.HasPrefix(test, name+"/") }
 	in := false
 	for line := range strings.Lines(out) {
 		trimmed := strings.TrimSpace(line)
-		if trimmed == "=== RUN   "+name {
-			in = true
+		if m := switchLine.FindStringSubmatch(trimmed); m != nil {
+			in = ours(m[1])
+		} else if m := resultLine.FindStringSubmatch(line); m != nil && !ours(m[2]) {
+			in = false
 		}
 		if in {
-			b.WriteString(line)
+			lines = append(lines, strings.TrimRight(line, "\n"))
 		}
-		if in && strings.HasPrefix(trimmed, "--- FAIL: "+name+" (") {
+		if m := resultLine.FindStringSubmatch(line); m != nil && m[2] == name {
 			in = false
 		}
 	}
-	return b.String()
+	if len(lines) > max {
+		head := max / 4
+		omitted := len(lines) - max
+		lines = slices.Concat(lines[:head], []string{fmt.Sprintf("\t... (%d lines omitted)", omitted)}, lines[head+omitted:])
+	}
+	return strings.Join(lines, "\n")
 }
 
 // Row is one kernel's line in the matrix table.
