@@ -128,21 +128,37 @@ const (
 	cpus   = "2"
 )
 
-// Run boots kernel k with this machine's root filesystem, runs args there as
-// root and returns its output and exit status. dir, an absolute path, is
-// shared read-write at the same path in the VM (a directory under /tmp works
-// too: the VM's /tmp is a tmpfs the share is mounted into); it is the
-// command's working directory, and where the command's files go (a test
-// binary built into it runs from there). Run keeps its own files in
-// dir/.kernelvm. The VM is killed when ctx ends; the error then says so, with
-// the console's last lines. A command that ran and failed is not an error:
-// its ExitCode says so.
-func Run(ctx context.Context, k Kernel, dir string, args ...string) (*Result, error) {
+// Command is what Run runs in a VM.
+type Command struct {
+	// Args is the command line; it runs as root, in a chroot into this
+	// machine's root filesystem.
+	Args []string
+	// Shared, an absolute path, is shared read-write at the same path in
+	// the VM (a directory under /tmp works too: the VM's /tmp is a tmpfs the
+	// share is mounted into). It is where the command's own files go (a
+	// test binary built into it runs from there); Run keeps its files in
+	// Shared/.kernelvm.
+	Shared string
+	// Dir is the working directory, Shared if empty. Anywhere else the
+	// filesystem is read-only, as on this machine at the time.
+	Dir string
+}
+
+// Run boots kernel k with this machine's root filesystem, runs c there and
+// returns its output and exit status. The VM is killed when ctx ends; the
+// error then says so, with the console's last lines. A command that ran and
+// failed is not an error: its ExitCode says so.
+func Run(ctx context.Context, k Kernel, c Command) (*Result, error) {
+	dir := c.Shared
 	if !filepath.IsAbs(dir) || strings.ContainsAny(dir, " \t\n") {
 		return nil, fmt.Errorf("shared directory %q: want an absolute path without spaces", dir)
 	}
-	if len(args) == 0 {
+	if len(c.Args) == 0 {
 		return nil, errors.New("no command")
+	}
+	workDir := c.Dir
+	if workDir == "" {
+		workDir = dir
 	}
 	state := filepath.Join(dir, ".kernelvm")
 	if err := os.RemoveAll(state); err != nil {
@@ -151,8 +167,8 @@ func Run(ctx context.Context, k Kernel, dir string, args ...string) (*Result, er
 	if err := os.MkdirAll(state, 0o755); err != nil {
 		return nil, err
 	}
-	script := "cd " + shellQuote(dir) + " || exit 125\nexec"
-	for _, a := range args {
+	script := "cd " + shellQuote(workDir) + " || exit 125\nexec"
+	for _, a := range c.Args {
 		script += " " + shellQuote(a)
 	}
 	if err := os.WriteFile(filepath.Join(state, "cmd"), []byte(script+"\n"), 0o644); err != nil {

@@ -76,6 +76,10 @@ func TestKernelMatrix(t *testing.T) {
 		t.Fatalf("building the eBPF package's tests: %v\n%s", err, out)
 	}
 
+	pkgDir, err := filepath.Abs("../dataplane/ebpf")
+	if err != nil {
+		t.Fatal(err)
+	}
 	report := os.Getenv("KBP_KERNELS_REPORT")
 	var rows []Row
 	for _, k := range kernels {
@@ -83,8 +87,10 @@ func TestKernelMatrix(t *testing.T) {
 		t.Run(k.Name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), perKernel)
 			defer cancel()
-			res, err := Run(ctx, k, dir, bin, "-test.v", "-test.count=1",
-				"-test.timeout="+(perKernel-time.Minute).String(), "-test.run", selection)
+			// In the package's directory, as go test runs it: tests read
+			// testdata and sources relative to it.
+			res, err := Run(ctx, k, Command{Shared: dir, Dir: pkgDir, Args: []string{bin, "-test.v", "-test.count=1",
+				"-test.timeout=" + (perKernel - time.Minute).String(), "-test.run", selection}})
 			if res != nil {
 				row.Release, row.Boot, row.Test = res.Release, res.Boot, res.Command
 				t.Logf("%s (%s, %s): boot %.1f s, tests %.1f s, qemu %.1f s in all",
