@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -194,6 +195,9 @@ func Run(ctx context.Context, k Kernel, c Command) (*Result, error) {
 	qemu.Stdout = &console
 	qemu.Stderr = &console
 	qemu.WaitDelay = 5 * time.Second
+	// A test binary killed by go test's timeout cannot cancel ctx: the VM
+	// then dies with it instead of running on.
+	qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	start := time.Now()
 	err := qemu.Run()
 	res := &Result{Wall: time.Since(start), Console: console.Bytes(), ExitCode: -1}
