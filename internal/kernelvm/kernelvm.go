@@ -196,7 +196,9 @@ func Run(ctx context.Context, k Kernel, c Command) (*Result, error) {
 	qemu.Stderr = &console
 	qemu.WaitDelay = 5 * time.Second
 	// A test binary killed by go test's timeout cannot cancel ctx: the VM
-	// then dies with it instead of running on.
+	// then dies with it instead of running on. (Strictly, with the thread
+	// that started it: nothing here locks goroutines to threads, whose
+	// exit would end the VM early.)
 	qemu.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	start := time.Now()
 	err := qemu.Run()
