@@ -1,5 +1,5 @@
 # Every target delegates to a script in hack/; see README.md.
-.PHONY: all build test unit verify generate bench microbench demo demo-up demo-down deps clean
+.PHONY: all build test unit verify generate kernels bench microbench demo demo-up demo-down deps clean
 
 all: build
 
@@ -16,6 +16,11 @@ unit:
 
 verify:
 	hack/verify.sh
+
+# The eBPF kernel tests on Debian's 5.10, 6.1 and 6.12 in qemu (fetched once
+# into the cache); a table of kernels by test, also in _output/kernels.md.
+kernels:
+	hack/kernels.sh
 
 generate:
 	hack/generate.sh

@@ -16,6 +16,9 @@ packages=(
   curl
   etcd-server         # the local cluster's etcd (make demo, end-to-end tests)
   prometheus          # Prometheus and promtool: the monitoring checks, make demo-up
+  qemu-system-x86     # make kernels: the eBPF tests on Debian's 5.10, 6.1, 6.12 (TCG, no KVM needed)
+  busybox-static      # make kernels: the VMs' init, modprobe and depmod
+  cpio                # make kernels: the VMs' initramfs
 )
 
 missing=()

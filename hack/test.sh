@@ -18,6 +18,11 @@ echo "--- upstream promtool, with Kubernetes discovery (built once, cached)"
 PROMTOOL_UPSTREAM="$(hack/promtool-build.sh 2> _output/promtool-build.log)" || { cat _output/promtool-build.log; echo "building promtool failed" >&2; exit 1; }
 export PROMTOOL_UPSTREAM
 echo "$PROMTOOL_UPSTREAM"
+echo "--- kernels for TestKernelMatrix, the eBPF tests on 5.10, 6.1, 6.12 (fetched once, cached)"
+hack/kernels.sh --fetch
+# Missing kernels fail the matrix instead of skipping it; the table and
+# each kernel's output go to _output.
+export KBP_REQUIRE_KERNELS=1 KBP_KERNELS_REPORT="$PWD/_output/kernels.md"
 echo "--- go test"
 # -p 1: the kernel tests of several packages would otherwise share 2 cores
 # with dozens of helper processes; they are correct in parallel, just slow.
