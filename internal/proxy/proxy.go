@@ -182,12 +182,18 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		p.events = noEvents{}
 	}
 	m.InitServicePortReasons(portFailureReasons)
-	p.tracker = model.NewTracker(
+	trackerOpts := []model.TrackerOption{
 		model.WithOnSkipped(m.RecordSkipped),
 		// Changes triggered before the proxy started are not its latency.
 		model.WithStartTime(p.clock.Now()),
 		model.WithNodeName(cfg.NodeName),
-	)
+	}
+	if _, ok := p.inner.(iptablesStats); !ok {
+		// The socket-level datapath leaves host-scoped external addresses
+		// out; the iptables rules keep them, as kube-proxy's.
+		trackerOpts = append(trackerOpts, model.WithHostScopedReports())
+	}
+	p.tracker = model.NewTracker(trackerOpts...)
 	m.SetChangeSource(p.tracker.ChangeCounts)
 	if _, ok := p.inner.(iptablesStats); ok {
 		m.InitIptables()

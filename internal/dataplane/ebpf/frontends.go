@@ -29,13 +29,23 @@ type socketFrontend struct {
 //     loopback address only when --nodeport-addresses named it. A loopback
 //     frontend is the node's own: served to sockets in the node's network
 //     namespace only, since 127.0.0.1 in a pod is the pod's;
-//   - the port on each external IP that is the node's own address (the
-//     CVE-2020-8554 guard: an external IP elsewhere is the network's to
-//     route, and leaves through the node's stack, where the iptables rules
-//     serve it as kube-proxy does);
+//   - the port on each external IP that is the node's own address. An
+//     external IP elsewhere is the network's to route: a socket's connect()
+//     to it is left alone, and its packets leave through the node's stack,
+//     where the packet layer's iptables rules serve it as kube-proxy does
+//     (so pods' traffic to it is still captured, as by kube-proxy: the
+//     CVE-2020-8554 risk remains for it, as with kube-proxy);
 //   - the port on each LoadBalancer IP, unless loadBalancerSourceRanges
 //     restrict it: the source address decides then, and a socket has none
 //     at connect(), so the iptables rules serve it.
+//
+// An external IP or LoadBalancer IP that is host-scoped (model.HostScoped:
+// loopback, link-local, multicast, broadcast) is never served: the programs
+// run in every pod's namespace, where it names the pod's own loopback, its
+// link's peers or groups (127.0.0.53:53, a sidecar on 127.0.0.1), which no
+// Service may take over. kube-proxy's rules cannot take them either: a
+// pod's loopback traffic never reaches the node's. The model reports such
+// Services (model.ReasonHostScopedExternalIP).
 func socketFrontends(p *model.ServicePort, node *model.NodeInfo) []socketFrontend {
 	out := []socketFrontend{{Frontend: p.ClusterIP}}
 	ext := &p.External
@@ -50,17 +60,19 @@ func socketFrontends(p *model.ServicePort, node *model.NodeInfo) []socketFronten
 		}
 	}
 	for _, ip := range ext.ExternalIPs {
+		if model.HostScoped(ip) {
+			continue
+		}
 		if _, local := slices.BinarySearchFunc(node.LocalAddresses, ip, netip.Addr.Compare); !local {
 			continue
 		}
-		kind := svcFlagExternal
-		if ip.IsLoopback() {
-			kind |= svcFlagNodeNetNSOnly
-		}
-		out = append(out, socketFrontend{model.Frontend{IP: ip, Port: p.ClusterIP.Port, Protocol: proto}, kind})
+		out = append(out, socketFrontend{model.Frontend{IP: ip, Port: p.ClusterIP.Port, Protocol: proto}, svcFlagExternal})
 	}
 	if len(ext.SourceRanges) == 0 {
 		for _, ip := range ext.LoadBalancerIPs {
+			if model.HostScoped(ip) {
+				continue
+			}
 			out = append(out, socketFrontend{model.Frontend{IP: ip, Port: p.ClusterIP.Port, Protocol: proto}, svcFlagExternal})
 		}
 	}

@@ -395,3 +395,31 @@ func TestKernelEventsMapGrows(t *testing.T) {
 		t.Errorf("events %v, want 2 connects through the node port", got)
 	}
 }
+
+// A Service naming 127.0.0.1 as an external IP (a local address of the
+// node's) and 127.0.0.53 as a load balancer IP takes nothing from a pod's
+// loopback: the pod's own listener answers, untranslated, as with
+// kube-proxy, whose rules a pod's loopback traffic never reaches.
+func TestKernelHostScopedExternalAddressesStayThePods(t *testing.T) {
+	s := newKernelSetup(t, 1)
+	hostile := withExternal(servicePort("default", "hostile", "http", model.TCP, "10.96.0.12:9091", s.backends(8080, s.pods...)...),
+		[]string{"127.0.0.1", "169.254.1.1"}, []string{"127.0.0.53"})
+	s.sync(t, onNode(kernelNode, true, hostile))
+	s.client.Start(false, testnet.Helper("serve", "client-self", "tcp:9091")...)
+	for _, addr := range []string{"127.0.0.1:9091", "127.0.0.53:9091"} {
+		t.Run(addr, func(t *testing.T) {
+			var lines []string
+			got := eventDelta(t, s.dp, func() { lines = s.client.Results("tcp", addr, "2") })
+			for _, l := range lines {
+				if !strings.HasPrefix(l, "ok client-self ") {
+					t.Errorf("%s: %q, want the pod's own listener", addr, l)
+				}
+			}
+			if got["connect_translated"] != 0 || got["external_translated"] != 0 {
+				t.Errorf("%s: events %v, want it left alone", addr, got)
+			}
+		})
+	}
+	// The ClusterIP still serves.
+	assertAnswered(t, "ClusterIP", s.client.Results("tcp", "10.96.0.12:9091", "1"), "10.96.0.12:9091")
+}

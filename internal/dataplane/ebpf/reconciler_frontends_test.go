@@ -341,3 +341,42 @@ func TestAffinitySeconds(t *testing.T) {
 		}
 	}
 }
+
+// A host-scoped address named as an external IP or a LoadBalancer IP is
+// never served: in a pod it is the pod's own (127.0.0.53, a sidecar on
+// 127.0.0.1) or its link's. Loopback node ports, named by
+// --nodeport-addresses, stay, for the node's own sockets only.
+func TestReconcilerHostScopedExternalAddressesNotServed(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	hostile := withNodePort(withExternal(servicePort("a", "hostile", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80"),
+		[]string{"127.0.0.1", "10.0.0.1", "169.254.169.254"},
+		[]string{"127.0.0.53", "169.254.0.1", "224.0.0.251", "255.255.255.255", "0.0.0.0", "192.0.2.10"}), 30080)
+	if err := r.sync(onNode(testNode, true, hostile)); err != nil {
+		t.Fatal(err)
+	}
+	checkCopy(t, r, f)
+	var got []string
+	for k, v := range f.services.entries {
+		got = append(got, fmt.Sprintf("%s %s", frontendFromKey(k), svcValueText(v)))
+	}
+	slices.Sort(got)
+	for _, line := range got {
+		fe := strings.Fields(line)[0]
+		if ap := netip.MustParseAddrPort(strings.TrimSuffix(fe, "/TCP")); model.HostScoped(ap.Addr()) && ap.Port() != 30080 {
+			t.Errorf("serves %s, a host-scoped external address", line)
+		}
+	}
+	want := []string{"10.0.0.1:30080", "10.0.0.1:80", "10.0.0.2:30080", "10.96.0.1:80", "127.0.0.1:30080", "192.0.2.10:80"}
+	if len(got) != len(want) {
+		t.Fatalf("frontends:\n%s\nwant exactly %v", strings.Join(got, "\n"), want)
+	}
+	for i, w := range want {
+		if !strings.HasPrefix(got[i], w+"/") {
+			t.Errorf("frontend %d is %q, want %s", i, got[i], w)
+		}
+	}
+	if v := f.services.entries[frontendKey(model.Frontend{IP: netip.MustParseAddr("127.0.0.1"), Port: 30080, Protocol: model.TCP})]; flagsOf(v)&svcFlagNodeNetNSOnly == 0 {
+		t.Errorf("loopback node port %s, want it for the node's namespace only", svcValueText(v))
+	}
+}
