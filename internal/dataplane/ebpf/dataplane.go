@@ -124,13 +124,16 @@ func New(cfg Config) (*Dataplane, error) {
 		return nil, fmt.Errorf("reading pinned maps: %w", err)
 	}
 	events := newEventCounts(eventUDPSocketsDestroyed, eventUDPSocketDestroyFailed,
-		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip)
+		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict)
+	rec.events = events
 	host := kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs}
+	sockets := newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events)
+	sockets.holderOf = rec.holderOf
 	return &Dataplane{
 		kernel:  k,
 		grace:   grace,
 		rec:     rec,
-		sockets: newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events),
+		sockets: sockets,
 		events:  events,
 		revnat: lruCount{
 			count: func() (int, error) { return countEntries[lbRevnatKey, lbRevnatValue](k.objs.KbpRevnat) },

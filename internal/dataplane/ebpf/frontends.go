@@ -6,8 +6,6 @@ import (
 	"slices"
 	"time"
 
-	"k8s.io/klog/v2"
-
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
@@ -85,20 +83,33 @@ type frontendClaim struct {
 	kind uint32
 }
 
+// frontendConflict is a frontend two service ports name: kept serves it,
+// skipped does not.
+type frontendConflict struct {
+	fe            model.Frontend
+	kept, skipped model.ServicePortName
+}
+
 // claimFrontends maps each frontend of snap to the service port that serves
-// it. Two ports claiming one frontend are resolved the same way by
-// everything that reads a snapshot: ClusterIPs first, each to the first
-// port in name order (a Service whose ClusterIP was reused before the old
-// one's deletion arrived), then the external frontends likewise (two
-// Services may name one external IP and port).
-func claimFrontends(snap *model.Snapshot, logDuplicates bool) map[model.Frontend]frontendClaim {
+// it, and lists the ports left without a frontend they name. ClusterIPs
+// come first, each to the first port in name order (a Service whose
+// ClusterIP was reused before the old one's deletion arrived: the API gives
+// each to one Service). Then the external frontends, which two Services may
+// both name (an external IP or a LoadBalancer IP and port): nothing one
+// Service holds may change what another serves, so the port holderOf says
+// serves one now keeps it while it still names it, and when its Service is
+// not in a partial snapshot; a frontend no port holds goes to the first
+// port naming it in name order. holderOf returns the zero name for a
+// frontend nothing serves, or whose port is unknown (after a restart);
+// nil: none is held.
+func claimFrontends(snap *model.Snapshot, holderOf func(model.Frontend) model.ServicePortName) (map[model.Frontend]frontendClaim, []frontendConflict) {
 	claimed := make(map[model.Frontend]frontendClaim)
+	var conflicts []frontendConflict
 	names := sortedServiceNames(snap.Services)
 	claim := func(p *model.ServicePort, f socketFrontend) {
 		if other, dup := claimed[f.Frontend]; dup {
-			if logDuplicates {
-				klog.InfoS("Frontend claimed twice, keeping the first", "frontend", f.Frontend,
-					"servicePort", p.Name, "kept", other.port.Name)
+			if other.port != p {
+				conflicts = append(conflicts, frontendConflict{fe: f.Frontend, kept: other.port.Name, skipped: p.Name})
 			}
 			return
 		}
@@ -110,15 +121,42 @@ func claimFrontends(snap *model.Snapshot, logDuplicates bool) map[model.Frontend
 			claim(&ports[i], socketFrontend{Frontend: ports[i].ClusterIP})
 		}
 	}
+	type external struct {
+		port *model.ServicePort
+		f    socketFrontend
+	}
+	var rest []external
 	for _, name := range names {
 		ports := snap.Services[name]
 		for i := range ports {
-			for _, f := range socketFrontends(&ports[i], &snap.Node)[1:] {
-				claim(&ports[i], f)
+			p := &ports[i]
+			for _, f := range socketFrontends(p, &snap.Node)[1:] {
+				var holder model.ServicePortName
+				if holderOf != nil {
+					holder = holderOf(f.Frontend)
+				}
+				switch {
+				case holder == p.Name:
+					claim(p, f)
+				case holder == model.ServicePortName{}:
+					rest = append(rest, external{p, f})
+				default:
+					if _, in := snap.Services[holder.ServiceName]; !in && !snap.Full {
+						// Its holder's Service is not in this partial
+						// snapshot: it keeps it.
+						conflicts = append(conflicts, frontendConflict{fe: f.Frontend, kept: holder, skipped: p.Name})
+						continue
+					}
+					// Its holder claims it above if it still names it.
+					rest = append(rest, external{p, f})
+				}
 			}
 		}
 	}
-	return claimed
+	for _, e := range rest {
+		claim(e.port, e.f)
+	}
+	return claimed, conflicts
 }
 
 // claimedFrontends lists the frontends of p that claims gives it, in

@@ -177,6 +177,11 @@ type reconciler struct {
 	// group serves one port.
 	assigned map[uint32]bool
 
+	// reported are the frontend conflicts logged and counted already.
+	reported map[frontendConflict]bool
+	// events counts the conflicts; nil in tests that do not look.
+	events *eventCounts
+
 	// vips is what the ClusterIP set and the Service ranges hold and
 	// need (rejects.go).
 	vips clusterIPState
@@ -202,6 +207,7 @@ func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32
 		maxBackends:  maxBackends,
 		maxFrontends: 4 * maxServices,
 		owners:       make(map[model.ServiceName][]model.Frontend),
+		reported:     make(map[frontendConflict]bool),
 		reload:       true,
 	}
 }
@@ -402,16 +408,15 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		return &dataplane.SyncError{Err: errors.New("the node's addresses changed in a partial snapshot: a full sync is needed")}
 	}
 
-	claims := claimFrontends(snap, true)
+	claims, conflicts := claimFrontends(snap, r.holderOf)
+	r.reportConflicts(snap, conflicts)
 	var ports []portToApply
 	byClusterIP := make(map[model.Frontend]portToApply)
 	owned := make(map[model.ServiceName][]model.Frontend)
 	for _, name := range sortedServiceNames(snap.Services) {
 		for i := range snap.Services[name] {
 			p := &snap.Services[name][i]
-			fes := slices.DeleteFunc(claimedFrontends(p, &snap.Node, claims), func(f socketFrontend) bool {
-				return r.heldElsewhere(snap, p, f)
-			})
+			fes := claimedFrontends(p, &snap.Node, claims)
 			for _, f := range fes {
 				owned[name] = append(owned[name], f.Frontend)
 			}
@@ -544,26 +549,62 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 	return &dataplane.SyncError{Services: failed, Err: errors.Join(errs...)}
 }
 
-// heldElsewhere reports whether external frontend f, which a partial snap
-// gives to p, stays with the port of another Service that holds it: two
-// Services may name one external IP and port, and which serves it must not
-// depend on which changed last. A full sync gives it to the first in name
-// order. A ClusterIP is always taken over: the API gives each to one
-// Service, so its holder is one whose deletion has not arrived yet.
-func (r *reconciler) heldElsewhere(snap *model.Snapshot, p *model.ServicePort, f socketFrontend) bool {
-	if snap.Full || f.kind == 0 {
-		return false
+// holderOf is the service port whose id a frontend's entry names now: the
+// zero name if none, or if the port is unknown (after a restart).
+func (r *reconciler) holderOf(fe model.Frontend) model.ServicePortName {
+	if f := r.frontends[fe]; f != nil {
+		return f.group.name
 	}
-	cur := r.frontends[f.Frontend]
-	if cur == nil || cur.group.name == (model.ServicePortName{}) {
-		return false
+	return model.ServicePortName{}
+}
+
+// eventFrontendConflict counts the service ports left without a frontend
+// they name because another serves it, once per conflict.
+const eventFrontendConflict = "frontend_conflict_skipped"
+
+// reportConflicts logs and counts each service port left without a
+// frontend another holds, once: not again while the conflict lasts, which
+// every full sync would repeat.
+func (r *reconciler) reportConflicts(snap *model.Snapshot, conflicts []frontendConflict) {
+	next := make(map[frontendConflict]bool, len(conflicts))
+	if !snap.Full {
+		// A partial snapshot says nothing of its other Services' conflicts.
+		for c := range r.reported {
+			if _, in := snap.Services[c.skipped.ServiceName]; !in {
+				next[c] = true
+			}
+		}
 	}
-	holder := cur.group.name.ServiceName
-	if holder == p.Name.ServiceName {
-		return false
+	for _, c := range conflicts {
+		if !r.reported[c] {
+			klog.InfoS("Frontend named by two services, the one serving it keeps it", "frontend", c.fe,
+				"servicePort", c.skipped, "kept", c.kept)
+			if r.events != nil {
+				r.events.add(eventFrontendConflict, 1)
+			}
+		}
+		next[c] = true
 	}
-	_, inSnapshot := snap.Services[holder]
-	return !inSnapshot
+	r.reported = next
+}
+
+// mayReuse reports whether port p may take over group g, which the entry of
+// one of the frontends it claims names: g's own port may, and any port that
+// claims every frontend g has (a ClusterIP reused at once; what a restart
+// found, whose port is unknown). Taking a group that serves another port's
+// frontends too would serve that port's other frontends (its ClusterIP,
+// say) with p's backends until that port is applied, and forever if its
+// apply fails.
+func (r *reconciler) mayReuse(g *appliedGroup, p *model.ServicePort, fes []socketFrontend) bool {
+	if g.name == p.Name {
+		return true
+	}
+	for _, f := range g.frontends {
+		if !slices.ContainsFunc(fes, func(o socketFrontend) bool { return o.Frontend == f.fe }) {
+			return false
+		}
+	}
+	return true
 }
 
 func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dataplane.ServiceError {
@@ -583,11 +624,13 @@ func (r *reconciler) applyPort(p *model.ServicePort, fes []socketFrontend, drop 
 	// Each plan keeps the id one of its frontends has, the ClusterIP's
 	// first, unless the port's other plan took it: a port that splits in
 	// two (internalTrafficPolicy Local) keeps its id for the ClusterIP,
-	// one that merges keeps the ClusterIP's id for all.
+	// one that merges keeps the ClusterIP's id for all. An id another port
+	// holds is never taken (mayReuse): the frontend moves to a new one.
 	groups := make([]*appliedGroup, len(plans))
 	for i, plan := range plans {
 		for _, f := range plan.frontends {
-			if cur := r.frontends[f.Frontend]; cur != nil && !r.assigned[cur.group.id] && !slices.Contains(groups, cur.group) {
+			if cur := r.frontends[f.Frontend]; cur != nil && !r.assigned[cur.group.id] && !slices.Contains(groups, cur.group) &&
+				r.mayReuse(cur.group, p, fes) {
 				groups[i] = cur.group
 				break
 			}

@@ -380,3 +380,65 @@ func TestReconcilerHostScopedExternalAddressesNotServed(t *testing.T) {
 		t.Errorf("loopback node port %s, want it for the node's namespace only", svcValueText(v))
 	}
 }
+
+// A Service that names an external frontend another Service serves takes
+// nothing from it: the holder keeps the frontend and its id, so its
+// ClusterIP never serves the newcomer's backends, not even for one
+// operation, nor after the holder's own apply fails; the newcomer is
+// logged and counted once, not at every sync.
+func TestReconcilerExternalFrontendHolderKeepsIt(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	watchHoles(t, f)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	r.events = newEventCounts(eventFrontendConflict)
+	holder := withExternal(servicePort("b", "holder", "", model.TCP, "10.96.0.2:80", "10.244.0.2:80"), []string{"10.0.0.1"}, nil)
+	if err := r.sync(onNode(testNode, true, holder)); err != nil {
+		t.Fatal(err)
+	}
+	ext := model.Frontend{IP: netip.MustParseAddr("10.0.0.1"), Port: 80, Protocol: model.TCP}
+	mustServe := func(when string, fe model.Frontend, want string) {
+		t.Helper()
+		if set, _ := liveSet(f, fe); strings.Join(set, " ") != want {
+			t.Errorf("%s: %s serves %q, want %q", when, fe, strings.Join(set, " "), want)
+		}
+	}
+	f.onOp = append(f.onOp, func(op fakeOp) {
+		if set, _ := liveSet(f, holder.ClusterIP); strings.Join(set, " ") != "10.244.0.2:80" {
+			t.Errorf("after %q the holder's ClusterIP serves %v", op.text, set)
+		}
+	})
+	// A newcomer, first in name order and applied first (its ClusterIP
+	// sorts first), names the same external IP and port; the holder's
+	// writes fail.
+	newcomer := withExternal(servicePort("a", "newcomer", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80"), []string{"10.0.0.1"}, nil)
+	holder.Backends = backendList("10.244.0.3:80", "10.244.0.2:80")
+	holder.Cluster, holder.Serving = holder.Backends, holder.Backends
+	f.fail = func(op fakeOp) error {
+		if strings.Contains(op.text, "10.244.0.3") {
+			return errors.New("injected")
+		}
+		return nil
+	}
+	if err := r.sync(onNode(testNode, true, newcomer, holder)); err == nil {
+		t.Fatal("the holder's apply did not fail")
+	}
+	checkCopy(t, r, f)
+	mustServe("after the holder's apply failed", ext, "10.244.0.2:80")
+	mustServe("after the holder's apply failed", newcomer.ClusterIP, "10.244.0.1:80")
+	f.fail = nil
+	f.onOp = nil
+	for range 2 {
+		if err := r.sync(onNode(testNode, true, newcomer, holder)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkCopy(t, r, f)
+	mustServe("after the holder's apply", ext, "10.244.0.2:80 10.244.0.3:80")
+	mustServe("after the holder's apply", holder.ClusterIP, "10.244.0.2:80 10.244.0.3:80")
+	got := map[string]uint64{}
+	r.events.copyTo(got)
+	if got[eventFrontendConflict] != 1 {
+		t.Errorf("counted %d conflicts over three syncs, want 1", got[eventFrontendConflict])
+	}
+}

@@ -67,6 +67,10 @@ type udpSocketCleaner struct {
 	host   socketHost
 	revnat revnatLookup
 	events *eventCounts
+	// holderOf names the service port the kernel serves a frontend for
+	// (reconciler.holderOf); nil in tests, where the snapshot's claims
+	// decide.
+	holderOf func(model.Frontend) model.ServicePortName
 
 	// serving holds, for each Service, the serving endpoints of each of
 	// its applied UDP frontends as of the last sync; nil when unknown (at
@@ -105,7 +109,18 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 	if snap.Full || c.serving == nil {
 		c.serving = make(map[model.ServiceName]map[model.Frontend][]model.Backend)
 	}
-	claims := claimFrontends(snap, false)
+	// The frontends each port serves: the kernel's, as the sync left it
+	// (a frontend two Services name is served for one only, which a
+	// partial snapshot of the other cannot tell).
+	serves := func(sp *model.ServicePort) []socketFrontend {
+		return slices.DeleteFunc(socketFrontends(sp, &snap.Node), func(f socketFrontend) bool {
+			return c.holderOf(f.Frontend) != sp.Name
+		})
+	}
+	if c.holderOf == nil {
+		claims, _ := claimFrontends(snap, nil)
+		serves = func(sp *model.ServicePort) []socketFrontend { return claimedFrontends(sp, &snap.Node, claims) }
+	}
 	for name, ports := range snap.Services {
 		// What a partial snapshot's Service had; a full sync checks every
 		// frontend anyway.
@@ -121,7 +136,7 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 				// sync that applies it checks it as new.
 				continue
 			}
-			for _, f := range claimedFrontends(sp, &snap.Node, claims) {
+			for _, f := range serves(sp) {
 				fe := f.Frontend
 				now[fe] = sp.Serving
 				if len(sp.Serving) == 0 {

@@ -499,3 +499,30 @@ func TestKernelSocketHostListsEachNamespaceOnce(t *testing.T) {
 		t.Errorf("namespaces %v, want %v", got, want)
 	}
 }
+
+// A partial sync of a Service that names a UDP frontend another serves
+// checks nothing of that frontend: the holder's sockets, translated to the
+// holder's backends, are healthy.
+func TestPlanLeavesAnotherServicesFrontendAlone(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	c := newUDPSocketCleaner(nil, nil, newEventCounts())
+	c.holderOf = r.holderOf
+	holder := withExternal(servicePort("a", "holder", "", model.UDP, "10.96.0.1:53", "10.244.0.1:53"), []string{"10.0.0.1"}, nil)
+	other := withExternal(servicePort("b", "other", "", model.UDP, "10.96.0.2:53", "10.244.0.2:53"), []string{"10.0.0.1"}, nil)
+	full := onNode(testNode, true, holder, other)
+	if err := r.sync(full); err != nil {
+		t.Fatal(err)
+	}
+	c.plan(full, nil)
+	other.Backends = backendList("10.244.0.3:53")
+	other.Cluster, other.Serving = other.Backends, other.Backends
+	partial := onNode(testNode, false, other)
+	if err := r.sync(partial); err != nil {
+		t.Fatal(err)
+	}
+	got := checkKeys(c.plan(partial, nil))
+	if want := []string{"10.96.0.2:53 [10.244.0.3:53]"}; !slices.Equal(got, want) {
+		t.Errorf("checked %v, want %v: the external IP is the holder's", got, want)
+	}
+}
