@@ -60,7 +60,8 @@
  *   kbp_aff_match {service id, backend id} -> affinity timeout, for each
  *                 backend of a service id with affinity: what an affinity
  *                 entry may still be used for
- *   kbp_cluster_ips  the ClusterIPs (any port), and
+ *   kbp_cluster_ips  the ClusterIPs (any port), ours and other proxies',
+ *                 and
  *   kbp_svc_ranges   the Service CIDRs: a connect to a ClusterIP on a port
  *                 it does not serve, or to an address of the Service range
  *                 that is no ClusterIP, is refused (see refusal_of)
@@ -181,6 +182,17 @@ struct svc_range {
 	__u8 bits; /* prefix length */
 	__u8 kind; /* enum range_kind */
 	__u16 pad;
+};
+
+/*
+ * Values of kbp_cluster_ips: a ClusterIP of ours (its other ports are
+ * refused), or one of a Service another proxy serves (labelled
+ * service.kubernetes.io/service-proxy-name), left alone, as kube-proxy
+ * leaves it, for that proxy to serve.
+ */
+enum cluster_ip_kind {
+	CLUSTER_IP_OURS = 0,
+	CLUSTER_IP_FOREIGN = 1,
 };
 
 enum range_kind {
@@ -319,7 +331,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __be32);
-	__type(value, __u32); /* unused */
+	__type(value, __u32); /* enum cluster_ip_kind */
 	__uint(max_entries, 1);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -506,7 +518,8 @@ union range_word {
  * frontend, is refused, as kube-proxy refuses it: a ClusterIP on a port
  * its Service does not have (STAT_REFUSED_UNKNOWN_PORT), or an address of
  * a Service CIDR that is no ClusterIP (STAT_REFUSED_UNALLOCATED); STAT_MAX
- * lets it through. The ranges are walked in order: the Service CIDRs,
+ * lets it through, as for a ClusterIP of another proxy's Service
+ * (CLUSTER_IP_FOREIGN), whatever the port. The ranges are walked in order: the Service CIDRs,
  * then, if some ClusterIP lies outside them, a range that holds it. The
  * ClusterIP set is looked up only for an address in a range.
  *
@@ -519,6 +532,7 @@ union range_word {
 static __always_inline enum stat_index refusal_of(__be32 addr)
 {
 	__u32 host = kbp_htonl(addr);
+	__u32 *kind;
 	__u32 i;
 
 	for (i = 0; i < MAX_SVC_RANGES; i++) {
@@ -539,8 +553,9 @@ static __always_inline enum stat_index refusal_of(__be32 addr)
 			mask = ~0U << (32 - r.value.bits);
 		if ((host & mask) != (kbp_htonl(r.value.net) & mask))
 			continue;
-		if (bpf_map_lookup_elem(&kbp_cluster_ips, &addr))
-			return STAT_REFUSED_UNKNOWN_PORT;
+		kind = bpf_map_lookup_elem(&kbp_cluster_ips, &addr);
+		if (kind)
+			return *(volatile __u32 *)kind == CLUSTER_IP_FOREIGN ? STAT_MAX : STAT_REFUSED_UNKNOWN_PORT;
 		if (r.value.kind == RANGE_SERVICE_CIDR)
 			return STAT_REFUSED_UNALLOCATED;
 		return STAT_MAX;

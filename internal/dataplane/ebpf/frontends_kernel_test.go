@@ -423,3 +423,32 @@ func TestKernelHostScopedExternalAddressesStayThePods(t *testing.T) {
 	// The ClusterIP still serves.
 	assertAnswered(t, "ClusterIP", s.client.Results("tcp", "10.96.0.12:9091", "1"), "10.96.0.12:9091")
 }
+
+// The ClusterIP of a Service another proxy serves is left alone at
+// connect(), any port, as kube-proxy leaves it for that proxy: not
+// refused as an unallocated address of the Service CIDR, not translated.
+func TestKernelForeignClusterIPLeftAlone(t *testing.T) {
+	s := newKernelSetup(t, 1)
+	web := servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...)
+	node := kernelNode
+	node.ForeignClusterIPs = addrs("10.96.0.77")
+	s.sync(t, onNode(node, true, web))
+	for _, args := range [][]string{{"tcp", "10.96.0.77:80", "1"}, {"tcp", "10.96.0.77:81", "1"}, {"udp", "10.96.0.77:53", "1", "connected"}} {
+		var lines []string
+		got := eventDelta(t, s.dp, func() { lines = s.run(t, args...) })
+		for _, l := range lines {
+			if !strings.HasPrefix(l, "err ") || strings.Contains(l, "connection refused") {
+				t.Errorf("%v: %q, want it left alone (dying untranslated in the test network)", args, l)
+			}
+		}
+		if len(got) != 0 {
+			t.Errorf("%v: events %v, want none: neither refused nor translated", args, got)
+		}
+	}
+	// Once it is no other proxy's, it is an unallocated address again.
+	s.sync(t, onNode(kernelNode, true, web))
+	got := eventDelta(t, s.dp, func() { s.run(t, "tcp", "10.96.0.77:80", "1") })
+	if got["refused_unallocated_address"] != 1 {
+		t.Errorf("events %v, want one refused_unallocated_address", got)
+	}
+}

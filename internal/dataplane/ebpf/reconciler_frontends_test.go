@@ -3,6 +3,7 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -440,5 +441,53 @@ func TestReconcilerExternalFrontendHolderKeepsIt(t *testing.T) {
 	r.events.copyTo(got)
 	if got[eventFrontendConflict] != 1 {
 		t.Errorf("counted %d conflicts over three syncs, want 1", got[eventFrontendConflict])
+	}
+}
+
+// The ClusterIPs of Services another proxy serves are in the ClusterIP set,
+// marked foreign, so that the programs let them through instead of
+// refusing them as unallocated addresses of the Service CIDR; ours win
+// over foreign ones, and each goes when its Service does.
+func TestReconcilerForeignClusterIPs(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	web := servicePort("default", "web", "http", model.TCP, "10.96.0.10:80", "10.244.0.1:8080")
+	node := testNode
+	node.ForeignClusterIPs = addrs("10.96.0.10", "10.96.0.77", "172.30.0.7")
+	set := func() map[string]uint32 {
+		out := make(map[string]uint32)
+		for ip, kind := range f.clusterIPs.entries {
+			out[addrFromBPF(ip).String()] = kind
+		}
+		return out
+	}
+	for _, step := range []struct {
+		name    string
+		foreign []netip.Addr
+		want    map[string]uint32
+	}{
+		{"foreign ones, one also ours", addrs("10.96.0.10", "10.96.0.77", "172.30.0.7"),
+			map[string]uint32{"10.96.0.10": clusterIPOurs, "10.96.0.77": clusterIPForeign, "172.30.0.7": clusterIPForeign}},
+		{"one goes", addrs("10.96.0.10", "10.96.0.77"),
+			map[string]uint32{"10.96.0.10": clusterIPOurs, "10.96.0.77": clusterIPForeign}},
+		{"none", nil, map[string]uint32{"10.96.0.10": clusterIPOurs}},
+	} {
+		node.ForeignClusterIPs = step.foreign
+		if err := r.sync(onNode(node, true, web)); err != nil {
+			t.Fatal(err)
+		}
+		checkCopy(t, r, f)
+		if got := set(); !maps.Equal(got, step.want) {
+			t.Errorf("%s: ClusterIP set %v, want %v", step.name, got, step.want)
+		}
+	}
+	// Ours going leaves a foreign one of the same address.
+	node.ForeignClusterIPs = addrs("10.96.0.10")
+	if err := r.sync(onNode(node, true)); err != nil {
+		t.Fatal(err)
+	}
+	checkCopy(t, r, f)
+	if got := set(); !maps.Equal(got, map[string]uint32{"10.96.0.10": clusterIPForeign}) {
+		t.Errorf("after ours went: ClusterIP set %v, want it foreign", got)
 	}
 }
