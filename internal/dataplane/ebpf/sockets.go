@@ -156,12 +156,20 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 	return check
 }
 
-// match tells whether a connected UDP socket is stale for check, and why.
-func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket) (frontend netip.AddrPort, reason string, err error) {
+// match tells whether a connected UDP socket is stale for check, and why;
+// pod says the socket is in a pod's network namespace, not the node's.
+func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (frontend netip.AddrPort, reason string, err error) {
 	// An AF_INET6 socket talking IPv4 has a v4-mapped peer; our programs
 	// key it by the IPv4 address.
 	peer := netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port())
 	if !peer.Addr().Is4() || peer.Port() == 0 {
+		return netip.AddrPort{}, "", nil
+	}
+	if pod && peer.Addr().IsLoopback() {
+		// A pod's loopback is the pod's: the only loopback frontends,
+		// node ports on 127.0.0.1 (--nodeport-addresses), serve the
+		// node's namespace alone, and nothing in a pod was translated
+		// from one.
 		return netip.AddrPort{}, "", nil
 	}
 	if _, ok := check[peer]; ok {
@@ -244,7 +252,7 @@ func (c *udpSocketCleaner) clean(check udpCheck) {
 				return
 			}
 		}
-		d, f := c.cleanNamespace(ns, t, check)
+		d, f := c.cleanNamespace(ns, t, check, pod)
 		t.Close()
 		destroyed += d
 		failed += f
@@ -255,7 +263,7 @@ func (c *udpSocketCleaner) clean(check udpCheck) {
 }
 
 // cleanNamespace destroys the stale sockets of one namespace.
-func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpCheck) (destroyed, failed int) {
+func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpCheck, pod bool) (destroyed, failed int) {
 	socks, err := t.ConnectedUDP()
 	if err != nil {
 		if errors.Is(err, sockdiag.ErrNotSupported) {
@@ -269,7 +277,7 @@ func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpChe
 		return 0, 1
 	}
 	for _, s := range socks {
-		fe, reason, err := c.match(check, s)
+		fe, reason, err := c.match(check, s, pod)
 		if err != nil {
 			klog.ErrorS(err, "Looking up a socket's frontend", "netns", ns, "socket", s)
 			failed++

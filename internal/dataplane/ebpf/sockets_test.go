@@ -282,7 +282,7 @@ func TestMatch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newUDPSocketCleaner(nil, revnat.lookup, newEventCounts())
-			_, reason, err := c.match(check, tc.s)
+			_, reason, err := c.match(check, tc.s, false)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -524,5 +524,28 @@ func TestPlanLeavesAnotherServicesFrontendAlone(t *testing.T) {
 	got := checkKeys(c.plan(partial, nil))
 	if want := []string{"10.96.0.2:53 [10.244.0.3:53]"}; !slices.Equal(got, want) {
 		t.Errorf("checked %v, want %v: the external IP is the holder's", got, want)
+	}
+}
+
+// A loopback node port (--nodeport-addresses naming 127.0.0.0/8) is the
+// node's: a pod's socket connected to 127.0.0.1 and that port talks to the
+// pod's own loopback, and is never destroyed; the node's is checked.
+func TestMatchLoopbackNodePortIsTheNodesOnly(t *testing.T) {
+	check := make(udpCheck)
+	fe := model.Frontend{IP: netip.MustParseAddr("127.0.0.1"), Port: 30053, Protocol: model.UDP}
+	check.add(fe, dnsPort("10.244.1.2:53").Serving)
+	c := newUDPSocketCleaner(nil, fakeRevnat{}.lookup, newEventCounts())
+	s := udpSocket(9, "127.0.0.1:30053")
+	for _, tc := range []struct {
+		pod    bool
+		reason string
+	}{{true, ""}, {false, "connected to the frontend untranslated"}} {
+		_, reason, err := c.match(check, s, tc.pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if reason != tc.reason {
+			t.Errorf("in a pod: %v: reason %q, want %q", tc.pod, reason, tc.reason)
+		}
 	}
 }
