@@ -124,7 +124,7 @@ func New(cfg Config) (*Dataplane, error) {
 		return nil, fmt.Errorf("reading pinned maps: %w", err)
 	}
 	events := newEventCounts(eventUDPSocketsDestroyed, eventUDPSocketDestroyFailed,
-		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict)
+		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict, eventStatsFailed)
 	rec.events = events
 	host := kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs}
 	sockets := newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events)

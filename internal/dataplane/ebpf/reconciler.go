@@ -372,7 +372,7 @@ func (r *reconciler) restoreStats() error {
 			continue
 		}
 		if err := r.maps.Stats.Update(g.id, lbSvcStats{}); err != nil {
-			klog.ErrorS(err, "Creating the counters of a restored service id; retried at the next sync", "id", g.id)
+			r.statsFailed(err, g.name, g.id)
 			continue
 		}
 		g.stats = true
@@ -846,8 +846,9 @@ func (r *reconciler) undo(log undoLog, cause error) error {
 }
 
 // newGroup allocates a service id for port name and creates its counters
-// at zero, before anything can count on them. Until a frontend names it,
-// the id is detached: collected if the port fails.
+// at zero, before anything can count on them (if that fails, the port is
+// served without them until a later sync creates them). Until a frontend
+// names it, the id is detached: collected if the port fails.
 func (r *reconciler) newGroup(name model.ServicePortName) (*appliedGroup, error) {
 	id, err := r.svcIDs.allocate()
 	if err != nil {
@@ -859,10 +860,27 @@ func (r *reconciler) newGroup(name model.ServicePortName) (*appliedGroup, error)
 	// The write replaces an entry an earlier holder of the id left.
 	delete(r.statsOrphans, id)
 	if err := r.maps.Stats.Update(id, lbSvcStats{}); err != nil {
-		return nil, err
+		// Counters are not worth failing a port for: the programs count
+		// nothing for an id without them, and the sync that next applies
+		// the port creates them (resetStatsIfNew).
+		r.statsFailed(err, name, id)
+		return g, nil
 	}
 	g.stats = true
 	return g, nil
+}
+
+// eventStatsFailed counts the counters entries that could not be written,
+// each retried by the next sync of its port.
+const eventStatsFailed = "service_stats_write_failed"
+
+// statsFailed logs and counts a counters entry that could not be written.
+func (r *reconciler) statsFailed(err error, name model.ServicePortName, id uint32) {
+	klog.ErrorS(err, "Writing the counters of a service port; the port is served, its counters are retried at its next sync",
+		"servicePort", name, "id", id)
+	if r.events != nil {
+		r.events.add(eventStatsFailed, 1)
+	}
 }
 
 // resetStatsIfNew zeroes the counters of g when it now serves another
@@ -877,7 +895,7 @@ func (r *reconciler) resetStatsIfNew(g *appliedGroup, name model.ServicePortName
 		return
 	}
 	if err := r.maps.Stats.Update(g.id, lbSvcStats{}); err != nil {
-		klog.ErrorS(err, "Resetting the counters of a service port", "servicePort", name, "id", g.id)
+		r.statsFailed(err, name, g.id)
 		return
 	}
 	g.stats = true
