@@ -74,13 +74,17 @@
  * traffic from the node and its pods). Under internalTrafficPolicy Local
  * the two lists differ and the port has two ids. External frontends served
  * here are NodePorts on the node addresses chosen for them, external IPs
- * that are the node's own (an external IP elsewhere is the network's to
- * route, and the node's stack applies the iptables rules for it: the
- * CVE-2020-8554 guard) and LoadBalancer IPs without source ranges (with
- * ranges the source address decides, which a socket does not have at
- * connect(): the iptables rules serve those). A loopback NodePort frontend
- * is the node's loopback: it is served to the node's own sockets only, a
- * pod's 127.0.0.1 being the pod's.
+ * that are the node's own, and LoadBalancer IPs without source ranges
+ * (with ranges the source address decides, which a socket does not have
+ * at connect(): the iptables rules serve those). An external IP elsewhere
+ * is left alone here, but the packet layer's iptables rules, kube-proxy's,
+ * still capture the node's and pods' packets to it: as with kube-proxy,
+ * a Service naming another's address intercepts it (CVE-2020-8554), which
+ * only admission control prevents. Host-scoped external IPs and
+ * LoadBalancer IPs (loopback, link-local, multicast, broadcast) are never
+ * served here: in a pod they are the pod's own. A loopback NodePort
+ * frontend is the node's loopback: it is served to the node's own sockets
+ * only, a pod's 127.0.0.1 being the pod's.
  *
  * Map sizes below are placeholders: the loader sets them from its flags.
  */
@@ -387,12 +391,14 @@ static __always_inline void count_event(enum stat_index index)
  * the value is copied with one aligned load as soon as it is found, and the
  * key is looked up again: the second walk starts after any link of a new
  * element, and when the two copies differ the second, newer one is used.
- * When only the first lookup finds the key it was deleted meanwhile, which
- * the reconciler does only a grace period after hiding it: the first copy
- * is still the one the caller may use. One more lookup per call, tens of
- * nanoseconds.
+ * When only the first lookup finds the key it was deleted meanwhile. A
+ * slot is deleted only a grace period after it was hidden, so the first
+ * copy is still one the caller may use (trust_first). A service's entry is
+ * deleted at once, the delete being what hides it, and the first copy may
+ * be of memory already reused by another key: that counts as a miss. One
+ * more lookup per call, tens of nanoseconds.
  */
-#define DEFINE_READ_VALUE(name, type)						\
+#define DEFINE_READ_VALUE(name, type, trust_first)				\
 static __always_inline int name(void *map, const void *key, type *out)		\
 {										\
 	type *first = bpf_map_lookup_elem(map, key);				\
@@ -404,7 +410,7 @@ static __always_inline int name(void *map, const void *key, type *out)		\
 	again = bpf_map_lookup_elem(map, key);					\
 	if (!again) {								\
 		*out = copy;							\
-		return first != 0;						\
+		return (trust_first) && first != 0;				\
 	}									\
 	*out = *(volatile type *)again;						\
 	if (!first || *out != copy)						\
@@ -413,8 +419,8 @@ static __always_inline int name(void *map, const void *key, type *out)		\
 }
 
 /* For 8-byte values (a service's entry) and 4-byte ones (a slot's). */
-DEFINE_READ_VALUE(read_value64, __u64)
-DEFINE_READ_VALUE(read_value32, __u32)
+DEFINE_READ_VALUE(read_value64, __u64, 0)
+DEFINE_READ_VALUE(read_value32, __u32, 1)
 
 /*
  * The counters of service id svc_id; NULL if it has none, which happens only

@@ -26,8 +26,11 @@
 // alone. The owner of a destroyed socket gets ECONNABORTED from its
 // pending or next receive (EDESTADDRREQ from a send); resolvers then open a
 // new socket, which connect4 sends to a serving backend. Unconnected
-// sockets are never destroyed: they are re-balanced at each sendmsg()
-// anyway, and destroying one would silently change its source port.
+// sockets are never destroyed: sendmsg4 picks each datagram's backend
+// from the current backends (by the socket cookie: one backend per socket
+// while the backend set is unchanged), so a removed backend is never sent
+// to again anyway, and destroying one would silently change its source
+// port.
 // Sockets are looked for in the node's network namespace and in each pod
 // namespace pinned under Config.NetNSDirs.
 //

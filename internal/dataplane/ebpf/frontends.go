@@ -28,11 +28,13 @@ type socketFrontend struct {
 //     frontend is the node's own: served to sockets in the node's network
 //     namespace only, since 127.0.0.1 in a pod is the pod's;
 //   - the port on each external IP that is the node's own address. An
-//     external IP elsewhere is the network's to route: a socket's connect()
-//     to it is left alone, and its packets leave through the node's stack,
-//     where the packet layer's iptables rules serve it as kube-proxy does
-//     (so pods' traffic to it is still captured, as by kube-proxy: the
-//     CVE-2020-8554 risk remains for it, as with kube-proxy);
+//     external IP elsewhere is left alone at connect(); its packets go
+//     through the node's stack, where the packet layer's iptables rules
+//     (kube-proxy's, in nat PREROUTING and OUTPUT) serve it for the node
+//     and its pods as kube-proxy does. So a Service naming someone else's
+//     address still intercepts the node's and pods' traffic to it, as
+//     under kube-proxy (CVE-2020-8554): only admission control prevents
+//     that;
 //   - the port on each LoadBalancer IP, unless loadBalancerSourceRanges
 //     restrict it: the source address decides then, and a socket has none
 //     at connect(), so the iptables rules serve it.
