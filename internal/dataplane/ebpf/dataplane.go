@@ -157,6 +157,8 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	// A Service waiting for a frontend this snapshot frees takes it now.
+	snap = d.rec.withWaiters(snap)
 	err := d.rec.sync(snap)
 	d.afterSync(snap, err)
 	return err

@@ -179,6 +179,10 @@ type reconciler struct {
 
 	// reported are the frontend conflicts logged and counted already.
 	reported map[frontendConflict]bool
+	// waiting holds, as of their last snapshot, the ports of the Services
+	// left without a frontend another serves: a partial snapshot where
+	// the holder drops it gives it to them (withWaiters).
+	waiting map[model.ServiceName][]model.ServicePort
 	// events counts the conflicts; nil in tests that do not look.
 	events *eventCounts
 
@@ -208,6 +212,7 @@ func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32
 		maxFrontends: 4 * maxServices,
 		owners:       make(map[model.ServiceName][]model.Frontend),
 		reported:     make(map[frontendConflict]bool),
+		waiting:      make(map[model.ServiceName][]model.ServicePort),
 		reload:       true,
 	}
 }
@@ -586,6 +591,73 @@ func (r *reconciler) reportConflicts(snap *model.Snapshot, conflicts []frontendC
 		next[c] = true
 	}
 	r.reported = next
+	if snap.Full {
+		clear(r.waiting)
+	}
+	for name := range snap.Services {
+		delete(r.waiting, name)
+	}
+	for c := range next {
+		name := c.skipped.ServiceName
+		if ports, in := snap.Services[name]; in {
+			r.waiting[name] = ports
+		}
+	}
+}
+
+// withWaiters returns snap with, if it is partial, the Services waiting for
+// a frontend (r.waiting) that a Service of snap held and no longer names
+// (or that was deleted), as of their last snapshot: the frontend goes to
+// the next Service naming it in this sync, as a full sync would give it,
+// without waiting for that Service's next change or the periodic full
+// sync. snap itself is not changed.
+func (r *reconciler) withWaiters(snap *model.Snapshot) *model.Snapshot {
+	if snap.Full || len(r.waiting) == 0 {
+		return snap
+	}
+	var add []model.ServiceName
+	for name, ports := range r.waiting {
+		if _, in := snap.Services[name]; in {
+			continue
+		}
+		if r.freedIn(snap, ports) {
+			add = append(add, name)
+		}
+	}
+	if len(add) == 0 {
+		return snap
+	}
+	out := *snap
+	out.Services = maps.Clone(snap.Services)
+	for _, name := range add {
+		out.Services[name] = r.waiting[name]
+	}
+	return &out
+}
+
+// freedIn reports whether one of the external frontends of ports is held
+// by a Service of partial snap that no longer names it.
+func (r *reconciler) freedIn(snap *model.Snapshot, ports []model.ServicePort) bool {
+	for i := range ports {
+		for _, f := range socketFrontends(&ports[i], &snap.Node)[1:] {
+			holder := r.holderOf(f.Frontend)
+			hports, in := snap.Services[holder.ServiceName]
+			if holder == (model.ServicePortName{}) || !in {
+				continue
+			}
+			names := false
+			for j := range hports {
+				if hports[j].Name == holder && slices.ContainsFunc(socketFrontends(&hports[j], &snap.Node),
+					func(o socketFrontend) bool { return o.Frontend == f.Frontend }) {
+					names = true
+				}
+			}
+			if !names {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // mayReuse reports whether port p may take over group g, which the entry of

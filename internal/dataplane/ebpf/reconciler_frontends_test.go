@@ -310,15 +310,24 @@ func TestReconcilerExternalIPClaimedTwice(t *testing.T) {
 	if got := servedBy(); got != "10.244.0.1:80" {
 		t.Errorf("after a partial sync of second, %s serves %q, want first's backend", ext, got)
 	}
-	// first drops it: deleted, and not first's to keep.
+	// first drops it: second, which names it too, takes it at once, as
+	// the Dataplane syncs (withWaiters).
 	dropped := first
 	dropped.External.ExternalIPs = nil
-	if err := r.sync(onNode(testNode, false, dropped)); err != nil {
+	if err := r.sync(r.withWaiters(onNode(testNode, false, dropped))); err != nil {
+		t.Fatal(err)
+	}
+	checkCopy(t, r, f)
+	if got := servedBy(); got != "10.244.0.3:80" {
+		t.Errorf("after first dropped it, %s serves %q, want second's backend", ext, got)
+	}
+	// second goes: nothing waits, the frontend goes with it.
+	if err := r.sync(r.withWaiters(withDeleted(onNode(testNode, false), second.Name.ServiceName))); err != nil {
 		t.Fatal(err)
 	}
 	checkCopy(t, r, f)
 	if got := servedBy(); got != "" {
-		t.Errorf("after first dropped it, %s serves %q, want nothing until second's next sync", ext, got)
+		t.Errorf("after second went, %s serves %q, want nothing", ext, got)
 	}
 	if err := r.sync(onNode(testNode, true, dropped, second)); err != nil {
 		t.Fatal(err)
