@@ -71,7 +71,8 @@
  *   kbp_aff_match {service id, backend id} -> affinity timeout, for each
  *                 backend of a service id with affinity: what an affinity
  *                 entry may still be used for
- *   kbp_cluster_ips  the ClusterIPs (any port), and
+ *   kbp_cluster_ips  the ClusterIPs (any port), ours and other proxies',
+ *                 and
  *   kbp_svc_ranges   the Service CIDRs: a connect to a ClusterIP on a port
  *                 it does not serve, or to an address of the Service range
  *                 that is no ClusterIP, is refused (see refusal_of)
@@ -84,13 +85,17 @@
  * traffic from the node and its pods). Under internalTrafficPolicy Local
  * the two lists differ and the port has two ids. External frontends served
  * here are NodePorts on the node addresses chosen for them, external IPs
- * that are the node's own (an external IP elsewhere is the network's to
- * route, and the node's stack applies the iptables rules for it: the
- * CVE-2020-8554 guard) and LoadBalancer IPs without source ranges (with
- * ranges the source address decides, which a socket does not have at
- * connect(): the iptables rules serve those). A loopback NodePort frontend
- * is the node's loopback: it is served to the node's own sockets only, a
- * pod's 127.0.0.1 being the pod's.
+ * that are the node's own, and LoadBalancer IPs without source ranges
+ * (with ranges the source address decides, which a socket does not have
+ * at connect(): the iptables rules serve those). An external IP elsewhere
+ * is left alone here, but the packet layer's iptables rules, kube-proxy's,
+ * still capture the node's and pods' packets to it: as with kube-proxy,
+ * a Service naming another's address intercepts it (CVE-2020-8554), which
+ * only admission control prevents. Host-scoped external IPs and
+ * LoadBalancer IPs (loopback, link-local, multicast, broadcast) are never
+ * served here: in a pod they are the pod's own. A loopback NodePort
+ * frontend is the node's loopback: it is served to the node's own sockets
+ * only, a pod's 127.0.0.1 being the pod's.
  *
  * Map sizes below are placeholders: the loader sets them from its flags.
  */
@@ -199,6 +204,17 @@ struct svc_range {
 	__u8 bits; /* prefix length */
 	__u8 kind; /* enum range_kind */
 	__u16 pad;
+};
+
+/*
+ * Values of kbp_cluster_ips: a ClusterIP of ours (its other ports are
+ * refused), or one of a Service another proxy serves (labelled
+ * service.kubernetes.io/service-proxy-name), left alone, as kube-proxy
+ * leaves it, for that proxy to serve.
+ */
+enum cluster_ip_kind {
+	CLUSTER_IP_OURS = 0,
+	CLUSTER_IP_FOREIGN = 1,
 };
 
 enum range_kind {
@@ -342,7 +358,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __be32);
-	__type(value, __u32); /* unused */
+	__type(value, __u32); /* enum cluster_ip_kind */
 	__uint(max_entries, 1);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -398,12 +414,14 @@ static __always_inline void count_event(enum stat_index index)
  * the value is copied with one aligned load as soon as it is found, and the
  * key is looked up again: the second walk starts after any link of a new
  * element, and when the two copies differ the second, newer one is used.
- * When only the first lookup finds the key it was deleted meanwhile, which
- * the reconciler does only a grace period after hiding it: the first copy
- * is still the one the caller may use. One more lookup per call, tens of
- * nanoseconds.
+ * When only the first lookup finds the key it was deleted meanwhile. A
+ * slot is deleted only a grace period after it was hidden, so the first
+ * copy is still one the caller may use (trust_first). A service's entry is
+ * deleted at once, the delete being what hides it, and the first copy may
+ * be of memory already reused by another key: that counts as a miss. One
+ * more lookup per call, tens of nanoseconds.
  */
-#define DEFINE_READ_VALUE(name, type)						\
+#define DEFINE_READ_VALUE(name, type, trust_first)				\
 static __always_inline int name(void *map, const void *key, type *out)		\
 {										\
 	type *first = bpf_map_lookup_elem(map, key);				\
@@ -415,7 +433,7 @@ static __always_inline int name(void *map, const void *key, type *out)		\
 	again = bpf_map_lookup_elem(map, key);					\
 	if (!again) {								\
 		*out = copy;							\
-		return first != 0;						\
+		return (trust_first) && first != 0;				\
 	}									\
 	*out = *(volatile type *)again;						\
 	if (!first || *out != copy)						\
@@ -424,8 +442,8 @@ static __always_inline int name(void *map, const void *key, type *out)		\
 }
 
 /* For 8-byte values (a service's entry) and 4-byte ones (a slot's). */
-DEFINE_READ_VALUE(read_value64, __u64)
-DEFINE_READ_VALUE(read_value32, __u32)
+DEFINE_READ_VALUE(read_value64, __u64, 0)
+DEFINE_READ_VALUE(read_value32, __u32, 1)
 
 /*
  * The counters of service id svc_id; NULL if it has none, which happens only
@@ -533,7 +551,8 @@ union range_word {
  * frontend, is refused, as kube-proxy refuses it: a ClusterIP on a port
  * its Service does not have (STAT_REFUSED_UNKNOWN_PORT), or an address of
  * a Service CIDR that is no ClusterIP (STAT_REFUSED_UNALLOCATED); STAT_MAX
- * lets it through. The ranges are walked in order: the Service CIDRs,
+ * lets it through, as for a ClusterIP of another proxy's Service
+ * (CLUSTER_IP_FOREIGN), whatever the port. The ranges are walked in order: the Service CIDRs,
  * then, if some ClusterIP lies outside them, a range that holds it. The
  * ClusterIP set is looked up only for an address in a range.
  *
@@ -546,6 +565,7 @@ union range_word {
 static __always_inline enum stat_index refusal_of(__be32 addr)
 {
 	__u32 host = kbp_htonl(addr);
+	__u32 *kind;
 	__u32 i;
 
 	/*
@@ -573,8 +593,9 @@ static __always_inline enum stat_index refusal_of(__be32 addr)
 			mask = ~0U << (32 - r.value.bits);
 		if ((host & mask) != (kbp_htonl(r.value.net) & mask))
 			continue;
-		if (bpf_map_lookup_elem(&kbp_cluster_ips, &addr))
-			return STAT_REFUSED_UNKNOWN_PORT;
+		kind = bpf_map_lookup_elem(&kbp_cluster_ips, &addr);
+		if (kind)
+			return *(volatile __u32 *)kind == CLUSTER_IP_FOREIGN ? STAT_MAX : STAT_REFUSED_UNKNOWN_PORT;
 		if (r.value.kind == RANGE_SERVICE_CIDR)
 			return STAT_REFUSED_UNALLOCATED;
 		return STAT_MAX;

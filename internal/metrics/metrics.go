@@ -95,7 +95,9 @@ type Metrics struct {
 	// port, by reason: each retry that fails again counts.
 	ServicePortFailuresTotal *prometheus.CounterVec
 	// SkippedObjectsTotal counts Services and EndpointSlices (or parts of
-	// them) ignored as malformed, by resource and reason. Both labels must
+	// them) ignored as malformed, and in the eBPF mode the Services whose
+	// host-scoped external addresses its socket programs leave out
+	// (model.ReasonHostScopedExternalIP), by resource and reason. Both labels must
 	// come from small fixed sets, never from object names.
 	SkippedObjectsTotal *prometheus.CounterVec
 	// Services is the number of service ports programmed in the datapath.
@@ -205,7 +207,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"reason"}),
 		SkippedObjectsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_skipped_objects_total",
-			Help: "Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.",
+			Help: "Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, and in the eBPF mode Services naming host-scoped external addresses, which its socket programs leave out, by resource and reason.",
 		}, []string{"resource", "reason"}),
 		Services: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "kube_bpf_proxy_services",

@@ -214,7 +214,7 @@ kube_bpf_proxy_backends 7
 # HELP kube_bpf_proxy_services Service ports currently programmed in the datapath.
 # TYPE kube_bpf_proxy_services gauge
 kube_bpf_proxy_services 3
-# HELP kube_bpf_proxy_skipped_objects_total Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, by resource and reason.
+# HELP kube_bpf_proxy_skipped_objects_total Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, and in the eBPF mode Services naming host-scoped external addresses, which its socket programs leave out, by resource and reason.
 # TYPE kube_bpf_proxy_skipped_objects_total counter
 kube_bpf_proxy_skipped_objects_total{reason="InvalidClusterIP",resource="Service"} 2
 kube_bpf_proxy_skipped_objects_total{reason="MissingServiceName",resource="EndpointSlice"} 1

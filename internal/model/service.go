@@ -42,7 +42,48 @@ const (
 	// one outside 1..65535. That slice port is dropped, so the service port it
 	// names gets no backends from that slice.
 	ReasonInvalidEndpointPort = "invalid-endpoint-port"
+	// ReasonHostScopedExternalIP: a Service whose external IPs or load
+	// balancer ingress IPs name a host-scoped address (see HostScoped). It
+	// is reported, once per conversion of the Service, only by a Tracker
+	// made WithHostScopedReports, for a datapath that serves at socket
+	// level: there such an address would be every pod's own (127.0.0.53,
+	// a sidecar's 127.0.0.1), so that datapath never serves it. The
+	// address stays in the model: the iptables rules keep it as kube-proxy
+	// writes them, where a pod's own addresses never reach the node's
+	// rules.
+	ReasonHostScopedExternalIP = "host-scoped-external-ip"
 )
+
+// HostScoped reports whether ip is an address no Service may take over
+// from the sockets of a network namespace: loopback (127.0.0.0/8),
+// link-local (169.254.0.0/16), multicast (224.0.0.0/4), the limited
+// broadcast address or the unspecified address. Each names something of
+// the namespace or link the socket is in, never a Service of the cluster.
+func HostScoped(ip netip.Addr) bool {
+	ip = ip.Unmap()
+	return ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsMulticast() || ip.IsUnspecified() ||
+		ip == netip.AddrFrom4([4]byte{255, 255, 255, 255})
+}
+
+// reportHostScoped logs and reports a Service whose external IPs or load
+// balancer IPs name host-scoped addresses, once.
+func reportHostScoped(svc *v1.Service, e *External, report ReportFunc) {
+	var bad []string
+	for _, ips := range [][]netip.Addr{e.ExternalIPs, e.LoadBalancerIPs} {
+		for _, ip := range ips {
+			if HostScoped(ip) {
+				bad = append(bad, ip.String())
+			}
+		}
+	}
+	if len(bad) == 0 {
+		return
+	}
+	report(ResourceService, ReasonHostScopedExternalIP)
+	klog.Warningf("Service %s names host-scoped addresses %v as external IPs or load balancer IPs "+
+		"(loopback, link-local, multicast or broadcast): the socket-level datapath does not serve them, "+
+		"since every pod's own address would go to the Service; fix the Service or its status", klog.KObj(svc), bad)
+}
 
 // ReportFunc is told about every skipped piece of an API object: resource is
 // ResourceService or ResourceEndpointSlice, reason one of the Reason*

@@ -25,6 +25,9 @@ import (
 // changed services.
 type Tracker struct {
 	onSkipped ReportFunc
+	// hostScopedReports: report Services naming host-scoped external
+	// addresses (ReasonHostScopedExternalIP).
+	hostScopedReports bool
 	// nodeName is this node's: endpoints on it are local. Fixed for the
 	// Tracker's life, since slices are converted with it.
 	nodeName string
@@ -132,6 +135,15 @@ func WithOnSkipped(f func(resource, reason string)) TrackerOption {
 	return func(t *Tracker) { t.onSkipped = f }
 }
 
+// WithHostScopedReports makes the Tracker log and report, through
+// WithOnSkipped's function, each conversion of a Service whose external IPs
+// or load balancer IPs name a host-scoped address
+// (ReasonHostScopedExternalIP): for a datapath that serves at socket level,
+// which leaves such addresses out. The model keeps them either way.
+func WithHostScopedReports() TrackerOption {
+	return func(t *Tracker) { t.hostScopedReports = true }
+}
+
 // WithNodeName names the node the proxy runs on: endpoints whose nodeName
 // is this one are local, for the Local traffic policies and node hints.
 // Without it no endpoint is local.
@@ -199,6 +211,9 @@ func (t *Tracker) UpsertService(svc *v1.Service) bool {
 	// Convert before locking: it depends only on the object, and reports go
 	// out without the lock held.
 	info := convertService(svc, t.onSkipped)
+	if info != nil && t.hostScopedReports {
+		reportHostScoped(svc, &info.external, t.onSkipped)
+	}
 	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
 
 	t.mu.Lock()

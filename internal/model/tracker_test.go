@@ -618,3 +618,50 @@ func TestTrackerRequeue(t *testing.T) {
 	tr.Snapshot(true)
 	checkServices(t, "partial after a full", tr.Snapshot(false).Services, services{})
 }
+
+// A Service naming host-scoped addresses as external IPs or load balancer
+// IPs is reported once per conversion where the datapath asks for it (the
+// eBPF mode leaves them out), never otherwise; the model keeps the
+// addresses either way, for the iptables rules, as kube-proxy's.
+func TestTrackerReportsHostScopedExternalAddresses(t *testing.T) {
+	hostile := newSvc("hostile", "10.0.0.9", withPorts(svcPort("http", v1.ProtocolTCP, 80)))
+	hostile.Spec.ExternalIPs = []string{"127.0.0.1", "192.0.2.1"}
+	hostile.Status.LoadBalancer.Ingress = []v1.LoadBalancerIngress{{IP: "169.254.169.254"}, {IP: "224.0.0.251"}}
+	benign := newSvc("benign", "10.0.0.8", withPorts(svcPort("http", v1.ProtocolTCP, 80)))
+	benign.Spec.ExternalIPs = []string{"192.0.2.2"}
+	for _, c := range []struct {
+		name string
+		opts []TrackerOption
+		want []string
+	}{
+		{"socket level", []TrackerOption{WithHostScopedReports()}, []string{ResourceService + "/" + ReasonHostScopedExternalIP}},
+		{"iptables", nil, nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			rec := &recorder{}
+			tr := NewTracker(append(c.opts, WithOnSkipped(rec.report))...)
+			tr.UpsertService(hostile)
+			tr.UpsertService(benign)
+			checkReports(t, rec, c.want)
+			ports := tr.Snapshot(true).Services[svcName("hostile")]
+			if len(ports) != 1 || len(ports[0].External.ExternalIPs) != 2 || len(ports[0].External.LoadBalancerIPs) != 2 {
+				t.Errorf("ports %+v, want every external address kept in the model", ports)
+			}
+		})
+	}
+}
+
+func TestHostScoped(t *testing.T) {
+	for _, c := range []struct {
+		ip   string
+		want bool
+	}{
+		{"127.0.0.1", true}, {"127.0.0.53", true}, {"169.254.169.254", true}, {"224.0.0.251", true},
+		{"239.1.2.3", true}, {"255.255.255.255", true}, {"0.0.0.0", true}, {"::ffff:127.0.0.1", true},
+		{"10.0.0.1", false}, {"192.0.2.1", false}, {"100.64.0.1", false}, {"255.255.255.254", false},
+	} {
+		if got := HostScoped(netip.MustParseAddr(c.ip)); got != c.want {
+			t.Errorf("HostScoped(%s) = %v, want %v", c.ip, got, c.want)
+		}
+	}
+}

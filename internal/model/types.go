@@ -240,11 +240,17 @@ type NodeInfo struct {
 	// Traffic to an address in them that is no Service's is refused, as
 	// kube-proxy does; nil refuses nothing.
 	ServiceCIDRs []netip.Prefix
+	// ForeignClusterIPs are the ClusterIPs of the Services another proxy
+	// serves (labelled service.kubernetes.io/service-proxy-name), which
+	// are in no snapshot's Services, sorted and unique: a datapath that
+	// refuses unallocated Service addresses leaves them alone, as
+	// kube-proxy leaves them, for that proxy to serve.
+	ForeignClusterIPs []netip.Addr
 }
 
 // Equal reports whether two NodeInfo are the same.
 func (n NodeInfo) Equal(o NodeInfo) bool {
 	return n.AllLocalAddresses == o.AllLocalAddresses && slices.Equal(n.NodePortAddresses, o.NodePortAddresses) &&
 		slices.Equal(n.LocalAddresses, o.LocalAddresses) &&
-		slices.Equal(n.ServiceCIDRs, o.ServiceCIDRs)
+		slices.Equal(n.ServiceCIDRs, o.ServiceCIDRs) && slices.Equal(n.ForeignClusterIPs, o.ForeignClusterIPs)
 }

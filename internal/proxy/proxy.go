@@ -8,6 +8,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -126,6 +128,11 @@ type Proxier struct {
 	uidsMu sync.Mutex
 	uids   map[model.ServiceName]types.UID
 
+	// foreign holds the ClusterIP of each Service another proxy serves
+	// (watch.ForeignServiceHandler), told to the datapath with the node.
+	foreignMu sync.Mutex
+	foreign   map[model.ServiceName]netip.Addr
+
 	// Touched only from sync, which the runner never runs concurrently,
 	// and from Run once the runner has returned.
 	needFull bool
@@ -170,6 +177,7 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		events:   cfg.Recorder,
 		syncedCh: make(chan struct{}),
 		uids:     make(map[model.ServiceName]types.UID),
+		foreign:  make(map[model.ServiceName]netip.Addr),
 		needFull: true,
 		failures: make(map[model.ServicePortName]*portFailure),
 		triggers: make(map[model.ServiceName][]time.Time),
@@ -182,12 +190,18 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		p.events = noEvents{}
 	}
 	m.InitServicePortReasons(portFailureReasons)
-	p.tracker = model.NewTracker(
+	trackerOpts := []model.TrackerOption{
 		model.WithOnSkipped(m.RecordSkipped),
 		// Changes triggered before the proxy started are not its latency.
 		model.WithStartTime(p.clock.Now()),
 		model.WithNodeName(cfg.NodeName),
-	)
+	}
+	if _, ok := p.inner.(iptablesStats); !ok {
+		// The socket-level datapath leaves host-scoped external addresses
+		// out; the iptables rules keep them, as kube-proxy's.
+		trackerOpts = append(trackerOpts, model.WithHostScopedReports())
+	}
+	p.tracker = model.NewTracker(trackerOpts...)
 	m.SetChangeSource(p.tracker.ChangeCounts)
 	if _, ok := p.inner.(iptablesStats); ok {
 		m.InitIptables()
@@ -204,6 +218,61 @@ func (p *Proxier) OnServiceUpsert(svc *v1.Service) {
 func (p *Proxier) OnServiceDelete(svc *v1.Service) {
 	p.setUID(svc, "")
 	p.changed(p.tracker.DeleteService(svc))
+}
+
+// OnForeignServiceUpsert records the ClusterIP of a Service another proxy
+// serves (service.kubernetes.io/service-proxy-name), which the model leaves
+// out as kube-proxy does: the datapath is to leave it alone too, not
+// refuse it as an unallocated address of the Service range.
+func (p *Proxier) OnForeignServiceUpsert(svc *v1.Service) {
+	if svc == nil {
+		return
+	}
+	name := model.ServiceName{Namespace: svc.Namespace, Name: svc.Name}
+	ip, err := netip.ParseAddr(svc.Spec.ClusterIP)
+	if err != nil || !ip.Is4() || ip.IsUnspecified() {
+		p.setForeign(name, netip.Addr{})
+		return
+	}
+	p.setForeign(name, ip)
+}
+
+// OnForeignServiceDelete forgets a Service another proxy served.
+func (p *Proxier) OnForeignServiceDelete(svc *v1.Service) {
+	if svc == nil {
+		return
+	}
+	p.setForeign(model.ServiceName{Namespace: svc.Namespace, Name: svc.Name}, netip.Addr{})
+}
+
+// setForeign records name's foreign ClusterIP, or forgets it if ip is
+// invalid, and asks for a sync, which is full (the node info changed), if
+// that changed the set.
+func (p *Proxier) setForeign(name model.ServiceName, ip netip.Addr) {
+	p.foreignMu.Lock()
+	old, had := p.foreign[name]
+	if ip.IsValid() {
+		p.foreign[name] = ip
+	} else {
+		delete(p.foreign, name)
+	}
+	p.foreignMu.Unlock()
+	p.changed(had != ip.IsValid() || old != ip)
+}
+
+// foreignClusterIPs are the foreign Services' ClusterIPs, sorted, unique.
+func (p *Proxier) foreignClusterIPs() []netip.Addr {
+	p.foreignMu.Lock()
+	defer p.foreignMu.Unlock()
+	if len(p.foreign) == 0 {
+		return nil
+	}
+	out := make([]netip.Addr, 0, len(p.foreign))
+	for _, ip := range p.foreign {
+		out = append(out, ip)
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out)
 }
 
 // setUID records a Service's UID, or forgets it if uid is empty.
@@ -273,6 +342,7 @@ func (p *Proxier) sync(ctx context.Context) error {
 	if p.cfg.Node != nil {
 		node = p.cfg.Node.Info()
 	}
+	node.ForeignClusterIPs = p.foreignClusterIPs()
 	full := p.needFull || start.Sub(p.lastFull) >= p.cfg.SyncPeriod || !node.Equal(p.node)
 	kind := metrics.SyncKindPartial
 	if full {

@@ -291,3 +291,34 @@ func TestRunFailsWhenAddressIsTaken(t *testing.T) {
 	}
 	_ = fmt.Sprint()
 }
+
+// The ClusterIPs of Services another proxy serves reach the datapath with
+// the node, in a full sync when they change; the Services themselves stay
+// out of the model.
+func TestProxierToldForeignClusterIPs(t *testing.T) {
+	ctx := context.Background()
+	theirs := service("default", "theirs", "10.96.0.77", tcpPort("http", 80, 8080))
+	theirs.Labels = map[string]string{"service.kubernetes.io/service-proxy-name": "other"}
+	client := fake.NewClientset(service("default", "web", "10.96.0.10", tcpPort("http", 80, 8080)), theirs)
+	dp := newRecordingDataplane()
+	start(t, client, dp)
+	first := dp.next(t)
+	if got := first.Node.ForeignClusterIPs; len(got) != 1 || got[0].String() != "10.96.0.77" {
+		t.Errorf("first sync: foreign ClusterIPs %v, want [10.96.0.77]", got)
+	}
+	if _, ok := first.Services[model.ServiceName{Namespace: "default", Name: "theirs"}]; ok {
+		t.Error("another proxy's Service is in the snapshot")
+	}
+	if err := client.CoreV1().Services("default").Delete(ctx, "theirs", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		s := dp.next(t)
+		if len(s.Node.ForeignClusterIPs) == 0 {
+			if !s.Full {
+				t.Error("the change of foreign ClusterIPs came in a partial sync")
+			}
+			break
+		}
+	}
+}

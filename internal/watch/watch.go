@@ -50,6 +50,24 @@ type Handler interface {
 	OnSynced()
 }
 
+// ForeignServiceHandler is implemented by a Handler that wants to know the
+// Services another service proxy serves (labelled LabelServiceProxyName),
+// which Selector leaves out: their ClusterIPs are not ours to refuse. Run
+// watches them with a third informer, synced before OnSynced.
+type ForeignServiceHandler interface {
+	OnForeignServiceUpsert(svc *v1.Service)
+	OnForeignServiceDelete(svc *v1.Service)
+}
+
+// foreignSelector selects the Services another service proxy serves.
+func foreignSelector() labels.Selector {
+	proxyName, err := labels.NewRequirement(LabelServiceProxyName, selection.Exists, nil)
+	if err != nil {
+		panic(fmt.Sprintf("building %s requirement: %v", LabelServiceProxyName, err))
+	}
+	return labels.NewSelector().Add(*proxyName)
+}
+
 // Selector returns the label selector that both informers list and watch
 // with: objects owned by another service proxy and the EndpointSlices of
 // headless Services are none of our business. It matches kube-proxy's.
@@ -92,6 +110,11 @@ type watcher struct {
 	slices   cache.SharedIndexInformer
 	svcReg   cache.ResourceEventHandlerRegistration
 	sliceReg cache.ResourceEventHandlerRegistration
+	// foreign watches other proxies' Services, when h wants them
+	// (ForeignServiceHandler); nil otherwise.
+	foreignFactory informers.SharedInformerFactory
+	foreign        cache.SharedIndexInformer
+	foreignReg     cache.ResourceEventHandlerRegistration
 }
 
 func newWatcher(client kubernetes.Interface, h Handler, resync time.Duration) (*watcher, error) {
@@ -132,6 +155,24 @@ func newWatcher(client kubernetes.Interface, h Handler, resync time.Duration) (*
 	if err != nil {
 		return nil, fmt.Errorf("registering EndpointSlice event handler: %w", err)
 	}
+	if fh, ok := h.(ForeignServiceHandler); ok {
+		fsel := foreignSelector()
+		fselString := fsel.String()
+		w.foreignFactory = informers.NewSharedInformerFactoryWithOptions(client, resync,
+			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
+				o.LabelSelector = fselString
+			}))
+		w.foreign = w.foreignFactory.Core().V1().Services().Informer()
+		w.foreignReg, err = w.foreign.AddEventHandler(&eventHandler[*v1.Service]{
+			kind:     "Service",
+			selector: fsel,
+			upsert:   fh.OnForeignServiceUpsert,
+			remove:   fh.OnForeignServiceDelete,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("registering the other proxies' Service event handler: %w", err)
+		}
+	}
 	return w, nil
 }
 
@@ -141,6 +182,17 @@ func (w *watcher) run(ctx context.Context) error {
 	// goroutines, so no handler call outlives Run.
 	defer w.factory.Shutdown()
 	w.factory.Start(ctx.Done())
+	checkers := []cache.DoneChecker{
+		w.services.HasSyncedChecker(),
+		w.slices.HasSyncedChecker(),
+		w.svcReg.HasSyncedChecker(),
+		w.sliceReg.HasSyncedChecker(),
+	}
+	if w.foreignFactory != nil {
+		defer w.foreignFactory.Shutdown()
+		w.foreignFactory.Start(ctx.Done())
+		checkers = append(checkers, w.foreign.HasSyncedChecker(), w.foreignReg.HasSyncedChecker())
+	}
 
 	klog.InfoS("Waiting for informer caches to sync", "informers", "Service,EndpointSlice")
 	// The informers' own checkers say the caches hold the initial lists; the
@@ -148,12 +200,7 @@ func (w *watcher) run(ctx context.Context) error {
 	// event of those lists. Only the second pair matters for correctness (it
 	// implies the first), the first is kept to spell out the contract.
 	// WaitFor blocks on channels rather than polling like WaitForCacheSync.
-	if !cache.WaitFor(ctx, "",
-		w.services.HasSyncedChecker(),
-		w.slices.HasSyncedChecker(),
-		w.svcReg.HasSyncedChecker(),
-		w.sliceReg.HasSyncedChecker(),
-	) {
+	if !cache.WaitFor(ctx, "", checkers...) {
 		klog.InfoS("Stopped before informer caches synced",
 			"servicesSynced", w.svcReg.HasSynced(), "endpointSlicesSynced", w.sliceReg.HasSynced())
 		<-ctx.Done() // WaitFor only gives up when ctx is done.

@@ -681,3 +681,35 @@ func TestEndpointSliceEventHandlerTombstone(t *testing.T) {
 		t.Errorf("events = %q, want %q", got, want)
 	}
 }
+
+// foreignRecorder also wants the Services another proxy serves.
+type foreignRecorder struct{ recorder }
+
+func (r *foreignRecorder) OnForeignServiceUpsert(svc *v1.Service) { r.add("foreign+", svc) }
+func (r *foreignRecorder) OnForeignServiceDelete(svc *v1.Service) { r.add("foreign-", svc) }
+
+// A handler that wants them is told of the Services another proxy serves,
+// before OnSynced, and never of them as its own.
+func TestForeignServicesDeliveredApart(t *testing.T) {
+	other := map[string]string{LabelServiceProxyName: "other"}
+	client := fake.NewClientset(service("default", "ours", nil), service("default", "theirs", other))
+	rec := &foreignRecorder{}
+	startWatcher(t, mustWatcher(t, client, rec))
+	eventually(t, "OnSynced", func() bool { return rec.count("synced", "") > 0 })
+	got := rec.strings()
+	syncedAt := slices.Index(got, "synced ")
+	for _, w := range []string{"svc+ default/ours", "foreign+ default/theirs"} {
+		if i := slices.Index(got, w); i < 0 || i > syncedAt {
+			t.Errorf("%q not delivered before OnSynced; events: %q", w, got)
+		}
+	}
+	for _, no := range []string{"svc+ default/theirs", "foreign+ default/ours"} {
+		if slices.Contains(got, no) {
+			t.Errorf("%q delivered; events: %q", no, got)
+		}
+	}
+	if err := client.CoreV1().Services("default").Delete(context.Background(), "theirs", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "foreign delete", func() bool { return rec.count("foreign-", "default/theirs") > 0 })
+}

@@ -26,8 +26,11 @@
 // alone. The owner of a destroyed socket gets ECONNABORTED from its
 // pending or next receive (EDESTADDRREQ from a send); resolvers then open a
 // new socket, which connect4 sends to a serving backend. Unconnected
-// sockets are never destroyed: they are re-balanced at each sendmsg()
-// anyway, and destroying one would silently change its source port.
+// sockets are never destroyed: sendmsg4 picks each datagram's backend
+// from the current backends (by the socket cookie: one backend per socket
+// while the backend set is unchanged), so a removed backend is never sent
+// to again anyway, and destroying one would silently change its source
+// port.
 // Sockets are looked for in the node's network namespace and in each pod
 // namespace pinned under Config.NetNSDirs.
 //
@@ -124,13 +127,16 @@ func New(cfg Config) (*Dataplane, error) {
 		return nil, fmt.Errorf("reading pinned maps: %w", err)
 	}
 	events := newEventCounts(eventUDPSocketsDestroyed, eventUDPSocketDestroyFailed,
-		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip)
+		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict, eventStatsFailed)
+	rec.events = events
 	host := kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs}
+	sockets := newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events)
+	sockets.holderOf = rec.holderOf
 	return &Dataplane{
 		kernel:  k,
 		grace:   grace,
 		rec:     rec,
-		sockets: newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events),
+		sockets: sockets,
 		events:  events,
 		revnat: lruCount{
 			count: func() (int, error) { return countEntries[lbRevnatKey, lbRevnatValue](k.objs.KbpRevnat) },
@@ -151,6 +157,8 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
+	// A Service waiting for a frontend this snapshot frees takes it now.
+	snap = d.rec.withWaiters(snap)
 	err := d.rec.sync(snap)
 	d.afterSync(snap, err)
 	return err

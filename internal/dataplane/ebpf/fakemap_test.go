@@ -281,8 +281,12 @@ func dumpMaps(c fakeContents) string {
 	for k, timeout := range c.matches {
 		lines = append(lines, fmt.Sprintf("match   svc=%d backend=%d %s timeout=%d", k.SvcId, k.BackendId, addr(k.BackendId), timeout))
 	}
-	for ip := range c.clusterIPs {
-		lines = append(lines, fmt.Sprintf("clusterip %s", addrFromBPF(ip)))
+	for ip, kind := range c.clusterIPs {
+		line := fmt.Sprintf("clusterip %s", addrFromBPF(ip))
+		if kind == clusterIPForeign {
+			line += " foreign"
+		}
+		lines = append(lines, line)
 	}
 	for i, v := range c.ranges {
 		if v != (lbSvcRange{}) {
@@ -492,8 +496,8 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	for id := range refs {
 		backendIDs[id] = struct{}{}
 	}
-	for ip := range r.vips.set {
-		c.clusterIPs[addrToBPF(ip)] = 0
+	for ip, kind := range r.vips.set {
+		c.clusterIPs[addrToBPF(ip)] = kind
 	}
 	vipRefs := make(map[netip.Addr]int)
 	for fe, fr := range r.frontends {
@@ -513,8 +517,9 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 			}
 		}
 	}
-	for ip := range r.vips.set {
-		if _, ok := vipRefs[ip]; !ok {
+	for ip, kind := range r.vips.set {
+		_, foreign := r.vips.foreign[ip]
+		if _, ok := vipRefs[ip]; !ok && !(foreign && kind == clusterIPForeign) {
 			if _, dirty := r.vips.dirty[ip]; !dirty {
 				t.Errorf("%s is in the ClusterIP set, no ClusterIP, and not to be deleted", ip)
 			}

@@ -6,8 +6,6 @@ import (
 	"slices"
 	"time"
 
-	"k8s.io/klog/v2"
-
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
@@ -29,13 +27,25 @@ type socketFrontend struct {
 //     loopback address only when --nodeport-addresses named it. A loopback
 //     frontend is the node's own: served to sockets in the node's network
 //     namespace only, since 127.0.0.1 in a pod is the pod's;
-//   - the port on each external IP that is the node's own address (the
-//     CVE-2020-8554 guard: an external IP elsewhere is the network's to
-//     route, and leaves through the node's stack, where the iptables rules
-//     serve it as kube-proxy does);
+//   - the port on each external IP that is the node's own address. An
+//     external IP elsewhere is left alone at connect(); its packets go
+//     through the node's stack, where the packet layer's iptables rules
+//     (kube-proxy's, in nat PREROUTING and OUTPUT) serve it for the node
+//     and its pods as kube-proxy does. So a Service naming someone else's
+//     address still intercepts the node's and pods' traffic to it, as
+//     under kube-proxy (CVE-2020-8554): only admission control prevents
+//     that;
 //   - the port on each LoadBalancer IP, unless loadBalancerSourceRanges
 //     restrict it: the source address decides then, and a socket has none
 //     at connect(), so the iptables rules serve it.
+//
+// An external IP or LoadBalancer IP that is host-scoped (model.HostScoped:
+// loopback, link-local, multicast, broadcast) is never served: the programs
+// run in every pod's namespace, where it names the pod's own loopback, its
+// link's peers or groups (127.0.0.53:53, a sidecar on 127.0.0.1), which no
+// Service may take over. kube-proxy's rules cannot take them either: a
+// pod's loopback traffic never reaches the node's. The model reports such
+// Services (model.ReasonHostScopedExternalIP).
 func socketFrontends(p *model.ServicePort, node *model.NodeInfo) []socketFrontend {
 	out := []socketFrontend{{Frontend: p.ClusterIP}}
 	ext := &p.External
@@ -50,17 +60,19 @@ func socketFrontends(p *model.ServicePort, node *model.NodeInfo) []socketFronten
 		}
 	}
 	for _, ip := range ext.ExternalIPs {
+		if model.HostScoped(ip) {
+			continue
+		}
 		if _, local := slices.BinarySearchFunc(node.LocalAddresses, ip, netip.Addr.Compare); !local {
 			continue
 		}
-		kind := svcFlagExternal
-		if ip.IsLoopback() {
-			kind |= svcFlagNodeNetNSOnly
-		}
-		out = append(out, socketFrontend{model.Frontend{IP: ip, Port: p.ClusterIP.Port, Protocol: proto}, kind})
+		out = append(out, socketFrontend{model.Frontend{IP: ip, Port: p.ClusterIP.Port, Protocol: proto}, svcFlagExternal})
 	}
 	if len(ext.SourceRanges) == 0 {
 		for _, ip := range ext.LoadBalancerIPs {
+			if model.HostScoped(ip) {
+				continue
+			}
 			out = append(out, socketFrontend{model.Frontend{IP: ip, Port: p.ClusterIP.Port, Protocol: proto}, svcFlagExternal})
 		}
 	}
@@ -73,20 +85,33 @@ type frontendClaim struct {
 	kind uint32
 }
 
+// frontendConflict is a frontend two service ports name: kept serves it,
+// skipped does not.
+type frontendConflict struct {
+	fe            model.Frontend
+	kept, skipped model.ServicePortName
+}
+
 // claimFrontends maps each frontend of snap to the service port that serves
-// it. Two ports claiming one frontend are resolved the same way by
-// everything that reads a snapshot: ClusterIPs first, each to the first
-// port in name order (a Service whose ClusterIP was reused before the old
-// one's deletion arrived), then the external frontends likewise (two
-// Services may name one external IP and port).
-func claimFrontends(snap *model.Snapshot, logDuplicates bool) map[model.Frontend]frontendClaim {
+// it, and lists the ports left without a frontend they name. ClusterIPs
+// come first, each to the first port in name order (a Service whose
+// ClusterIP was reused before the old one's deletion arrived: the API gives
+// each to one Service). Then the external frontends, which two Services may
+// both name (an external IP or a LoadBalancer IP and port): nothing one
+// Service holds may change what another serves, so the port holderOf says
+// serves one now keeps it while it still names it, and when its Service is
+// not in a partial snapshot; a frontend no port holds goes to the first
+// port naming it in name order. holderOf returns the zero name for a
+// frontend nothing serves, or whose port is unknown (after a restart);
+// nil: none is held.
+func claimFrontends(snap *model.Snapshot, holderOf func(model.Frontend) model.ServicePortName) (map[model.Frontend]frontendClaim, []frontendConflict) {
 	claimed := make(map[model.Frontend]frontendClaim)
+	var conflicts []frontendConflict
 	names := sortedServiceNames(snap.Services)
 	claim := func(p *model.ServicePort, f socketFrontend) {
 		if other, dup := claimed[f.Frontend]; dup {
-			if logDuplicates {
-				klog.InfoS("Frontend claimed twice, keeping the first", "frontend", f.Frontend,
-					"servicePort", p.Name, "kept", other.port.Name)
+			if other.port != p {
+				conflicts = append(conflicts, frontendConflict{fe: f.Frontend, kept: other.port.Name, skipped: p.Name})
 			}
 			return
 		}
@@ -98,15 +123,42 @@ func claimFrontends(snap *model.Snapshot, logDuplicates bool) map[model.Frontend
 			claim(&ports[i], socketFrontend{Frontend: ports[i].ClusterIP})
 		}
 	}
+	type external struct {
+		port *model.ServicePort
+		f    socketFrontend
+	}
+	var rest []external
 	for _, name := range names {
 		ports := snap.Services[name]
 		for i := range ports {
-			for _, f := range socketFrontends(&ports[i], &snap.Node)[1:] {
-				claim(&ports[i], f)
+			p := &ports[i]
+			for _, f := range socketFrontends(p, &snap.Node)[1:] {
+				var holder model.ServicePortName
+				if holderOf != nil {
+					holder = holderOf(f.Frontend)
+				}
+				switch {
+				case holder == p.Name:
+					claim(p, f)
+				case holder == model.ServicePortName{}:
+					rest = append(rest, external{p, f})
+				default:
+					if _, in := snap.Services[holder.ServiceName]; !in && !snap.Full {
+						// Its holder's Service is not in this partial
+						// snapshot: it keeps it.
+						conflicts = append(conflicts, frontendConflict{fe: f.Frontend, kept: holder, skipped: p.Name})
+						continue
+					}
+					// Its holder claims it above if it still names it.
+					rest = append(rest, external{p, f})
+				}
 			}
 		}
 	}
-	return claimed
+	for _, e := range rest {
+		claim(e.port, e.f)
+	}
+	return claimed, conflicts
 }
 
 // claimedFrontends lists the frontends of p that claims gives it, in

@@ -395,3 +395,60 @@ func TestKernelEventsMapGrows(t *testing.T) {
 		t.Errorf("events %v, want 2 connects through the node port", got)
 	}
 }
+
+// A Service naming 127.0.0.1 as an external IP (a local address of the
+// node's) and 127.0.0.53 as a load balancer IP takes nothing from a pod's
+// loopback: the pod's own listener answers, untranslated, as with
+// kube-proxy, whose rules a pod's loopback traffic never reaches.
+func TestKernelHostScopedExternalAddressesStayThePods(t *testing.T) {
+	s := newKernelSetup(t, 1)
+	hostile := withExternal(servicePort("default", "hostile", "http", model.TCP, "10.96.0.12:9091", s.backends(8080, s.pods...)...),
+		[]string{"127.0.0.1", "169.254.1.1"}, []string{"127.0.0.53"})
+	s.sync(t, onNode(kernelNode, true, hostile))
+	s.client.Start(false, testnet.Helper("serve", "client-self", "tcp:9091")...)
+	for _, addr := range []string{"127.0.0.1:9091", "127.0.0.53:9091"} {
+		t.Run(addr, func(t *testing.T) {
+			var lines []string
+			got := eventDelta(t, s.dp, func() { lines = s.client.Results("tcp", addr, "2") })
+			for _, l := range lines {
+				if !strings.HasPrefix(l, "ok client-self ") {
+					t.Errorf("%s: %q, want the pod's own listener", addr, l)
+				}
+			}
+			if got["connect_translated"] != 0 || got["external_translated"] != 0 {
+				t.Errorf("%s: events %v, want it left alone", addr, got)
+			}
+		})
+	}
+	// The ClusterIP still serves.
+	assertAnswered(t, "ClusterIP", s.client.Results("tcp", "10.96.0.12:9091", "1"), "10.96.0.12:9091")
+}
+
+// The ClusterIP of a Service another proxy serves is left alone at
+// connect(), any port, as kube-proxy leaves it for that proxy: not
+// refused as an unallocated address of the Service CIDR, not translated.
+func TestKernelForeignClusterIPLeftAlone(t *testing.T) {
+	s := newKernelSetup(t, 1)
+	web := servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...)
+	node := kernelNode
+	node.ForeignClusterIPs = addrs("10.96.0.77")
+	s.sync(t, onNode(node, true, web))
+	for _, args := range [][]string{{"tcp", "10.96.0.77:80", "1"}, {"tcp", "10.96.0.77:81", "1"}, {"udp", "10.96.0.77:53", "1", "connected"}} {
+		var lines []string
+		got := eventDelta(t, s.dp, func() { lines = s.run(t, args...) })
+		for _, l := range lines {
+			if !strings.HasPrefix(l, "err ") || strings.Contains(l, "connection refused") {
+				t.Errorf("%v: %q, want it left alone (dying untranslated in the test network)", args, l)
+			}
+		}
+		if len(got) != 0 {
+			t.Errorf("%v: events %v, want none: neither refused nor translated", args, got)
+		}
+	}
+	// Once it is no other proxy's, it is an unallocated address again.
+	s.sync(t, onNode(kernelNode, true, web))
+	got := eventDelta(t, s.dp, func() { s.run(t, "tcp", "10.96.0.77:80", "1") })
+	if got["refused_unallocated_address"] != 1 {
+		t.Errorf("events %v, want one refused_unallocated_address", got)
+	}
+}

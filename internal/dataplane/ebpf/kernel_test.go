@@ -13,8 +13,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
@@ -577,5 +579,55 @@ func assertNothingMissing(t *testing.T, events map[string]uint64) {
 		if events[e] != 0 {
 			t.Errorf("%s = %d, want 0", e, events[e])
 		}
+	}
+}
+
+// beforeAttachOps runs fn once, before the first program of a swap is
+// attached: after the resized maps were copied, while the old programs
+// still serve alone.
+type beforeAttachOps struct {
+	kernelSwapOps
+	fn   func()
+	done bool
+}
+
+func (o *beforeAttachOps) attach(opts link.CgroupOptions) (link.Link, error) {
+	if !o.done {
+		o.done = true
+		o.fn()
+	}
+	return o.kernelSwapOps.attach(opts)
+}
+
+// What the old programs write into a map the programs write (the LRU maps:
+// reverse entries, affinity) after it was copied for a resize, until the
+// old links go, is in the resized map once the swap is done.
+func TestKernelResizeKeepsEntriesWrittenDuringTheSwap(t *testing.T) {
+	s := newKernelSetup(t, 2, func(c *Config) { c.MaxAffinity = 64 })
+	snap := snapshot(true, withAffinity(servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...), time.Hour))
+	s.sync(t, snap)
+	s.dp.Close()
+
+	s.cfg.MaxAffinity = 128
+	var first []string
+	s.cfg.ops = &beforeAttachOps{fn: func() { first = s.run(t, "tcp", vip+":80", "1") }}
+	resized := s.open(t)
+	if len(first) != 1 || !strings.HasPrefix(first[0], "ok pod-") {
+		t.Fatalf("the connect during the swap: %q", first)
+	}
+	if got := pinnedCapacity(t, s.cfg.BPFFSPath, lbMapKbpAffinity); got != 128 {
+		t.Fatalf("pinned affinity map holds %d entries, want 128", got)
+	}
+	m := openPinned(t, s.cfg.BPFFSPath, lbMapKbpAffinity)
+	if n, err := countEntries[lbAffinityKey, lbAffinityValue](m); err != nil || n != 1 {
+		t.Errorf("the resized affinity map holds %d entries (%v), want the one written during the swap", n, err)
+	}
+	// And it is used: the client keeps its backend.
+	if err := resized.Sync(context.Background(), snap); err != nil {
+		t.Fatal(err)
+	}
+	peer := strings.Fields(first[0])[1]
+	if got := testnet.Tally(s.run(t, "tcp", vip+":80", "5")); got["ok "+peer] != 5 {
+		t.Errorf("after the resize: %v, want every connection to %s, the backend remembered during the swap", got, peer)
 	}
 }

@@ -88,6 +88,14 @@ const (
 	rangeClusterIPs  uint8 = 2
 )
 
+// Values of the ClusterIP set, enum cluster_ip_kind in bpf/lb.c: a
+// ClusterIP of ours, whose other ports are refused, or one of a Service
+// another proxy serves, left alone whatever the port.
+const (
+	clusterIPOurs    uint32 = 0
+	clusterIPForeign uint32 = 1
+)
+
 func svcValue(id uint32, count int, flags uint32) lbSvcValue {
 	return lbSvcValue{Id: id&svcIDMask | flags&^svcIDMask, Count: uint32(count)}
 }

@@ -177,6 +177,15 @@ type reconciler struct {
 	// group serves one port.
 	assigned map[uint32]bool
 
+	// reported are the frontend conflicts logged and counted already.
+	reported map[frontendConflict]bool
+	// waiting holds, as of their last snapshot, the ports of the Services
+	// left without a frontend another serves: a partial snapshot where
+	// the holder drops it gives it to them (withWaiters).
+	waiting map[model.ServiceName][]model.ServicePort
+	// events counts the conflicts; nil in tests that do not look.
+	events *eventCounts
+
 	// vips is what the ClusterIP set and the Service ranges hold and
 	// need (rejects.go).
 	vips clusterIPState
@@ -202,6 +211,8 @@ func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32
 		maxBackends:  maxBackends,
 		maxFrontends: 4 * maxServices,
 		owners:       make(map[model.ServiceName][]model.Frontend),
+		reported:     make(map[frontendConflict]bool),
+		waiting:      make(map[model.ServiceName][]model.ServicePort),
 		reload:       true,
 	}
 }
@@ -366,7 +377,7 @@ func (r *reconciler) restoreStats() error {
 			continue
 		}
 		if err := r.maps.Stats.Update(g.id, lbSvcStats{}); err != nil {
-			klog.ErrorS(err, "Creating the counters of a restored service id; retried at the next sync", "id", g.id)
+			r.statsFailed(err, g.name, g.id)
 			continue
 		}
 		g.stats = true
@@ -402,16 +413,15 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		return &dataplane.SyncError{Err: errors.New("the node's addresses changed in a partial snapshot: a full sync is needed")}
 	}
 
-	claims := claimFrontends(snap, true)
+	claims, conflicts := claimFrontends(snap, r.holderOf)
+	r.reportConflicts(snap, conflicts)
 	var ports []portToApply
 	byClusterIP := make(map[model.Frontend]portToApply)
 	owned := make(map[model.ServiceName][]model.Frontend)
 	for _, name := range sortedServiceNames(snap.Services) {
 		for i := range snap.Services[name] {
 			p := &snap.Services[name][i]
-			fes := slices.DeleteFunc(claimedFrontends(p, &snap.Node, claims), func(f socketFrontend) bool {
-				return r.heldElsewhere(snap, p, f)
-			})
+			fes := claimedFrontends(p, &snap.Node, claims)
 			for _, f := range fes {
 				owned[name] = append(owned[name], f.Frontend)
 			}
@@ -544,26 +554,129 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 	return &dataplane.SyncError{Services: failed, Err: errors.Join(errs...)}
 }
 
-// heldElsewhere reports whether external frontend f, which a partial snap
-// gives to p, stays with the port of another Service that holds it: two
-// Services may name one external IP and port, and which serves it must not
-// depend on which changed last. A full sync gives it to the first in name
-// order. A ClusterIP is always taken over: the API gives each to one
-// Service, so its holder is one whose deletion has not arrived yet.
-func (r *reconciler) heldElsewhere(snap *model.Snapshot, p *model.ServicePort, f socketFrontend) bool {
-	if snap.Full || f.kind == 0 {
-		return false
+// holderOf is the service port whose id a frontend's entry names now: the
+// zero name if none, or if the port is unknown (after a restart).
+func (r *reconciler) holderOf(fe model.Frontend) model.ServicePortName {
+	if f := r.frontends[fe]; f != nil {
+		return f.group.name
 	}
-	cur := r.frontends[f.Frontend]
-	if cur == nil || cur.group.name == (model.ServicePortName{}) {
-		return false
+	return model.ServicePortName{}
+}
+
+// eventFrontendConflict counts the service ports left without a frontend
+// they name because another serves it, once per conflict.
+const eventFrontendConflict = "frontend_conflict_skipped"
+
+// reportConflicts logs and counts each service port left without a
+// frontend another holds, once: not again while the conflict lasts, which
+// every full sync would repeat.
+func (r *reconciler) reportConflicts(snap *model.Snapshot, conflicts []frontendConflict) {
+	next := make(map[frontendConflict]bool, len(conflicts))
+	if !snap.Full {
+		// A partial snapshot says nothing of its other Services' conflicts.
+		for c := range r.reported {
+			if _, in := snap.Services[c.skipped.ServiceName]; !in {
+				next[c] = true
+			}
+		}
 	}
-	holder := cur.group.name.ServiceName
-	if holder == p.Name.ServiceName {
-		return false
+	for _, c := range conflicts {
+		if !r.reported[c] {
+			klog.InfoS("Frontend named by two services, the one serving it keeps it", "frontend", c.fe,
+				"servicePort", c.skipped, "kept", c.kept)
+			if r.events != nil {
+				r.events.add(eventFrontendConflict, 1)
+			}
+		}
+		next[c] = true
 	}
-	_, inSnapshot := snap.Services[holder]
-	return !inSnapshot
+	r.reported = next
+	if snap.Full {
+		clear(r.waiting)
+	}
+	for name := range snap.Services {
+		delete(r.waiting, name)
+	}
+	for c := range next {
+		name := c.skipped.ServiceName
+		if ports, in := snap.Services[name]; in {
+			r.waiting[name] = ports
+		}
+	}
+}
+
+// withWaiters returns snap with, if it is partial, the Services waiting for
+// a frontend (r.waiting) that a Service of snap held and no longer names
+// (or that was deleted), as of their last snapshot: the frontend goes to
+// the next Service naming it in this sync, as a full sync would give it,
+// without waiting for that Service's next change or the periodic full
+// sync. snap itself is not changed.
+func (r *reconciler) withWaiters(snap *model.Snapshot) *model.Snapshot {
+	if snap.Full || len(r.waiting) == 0 {
+		return snap
+	}
+	var add []model.ServiceName
+	for name, ports := range r.waiting {
+		if _, in := snap.Services[name]; in {
+			continue
+		}
+		if r.freedIn(snap, ports) {
+			add = append(add, name)
+		}
+	}
+	if len(add) == 0 {
+		return snap
+	}
+	out := *snap
+	out.Services = maps.Clone(snap.Services)
+	for _, name := range add {
+		out.Services[name] = r.waiting[name]
+	}
+	return &out
+}
+
+// freedIn reports whether one of the external frontends of ports is held
+// by a Service of partial snap that no longer names it.
+func (r *reconciler) freedIn(snap *model.Snapshot, ports []model.ServicePort) bool {
+	for i := range ports {
+		for _, f := range socketFrontends(&ports[i], &snap.Node)[1:] {
+			holder := r.holderOf(f.Frontend)
+			hports, in := snap.Services[holder.ServiceName]
+			if holder == (model.ServicePortName{}) || !in {
+				continue
+			}
+			names := false
+			for j := range hports {
+				if hports[j].Name == holder && slices.ContainsFunc(socketFrontends(&hports[j], &snap.Node),
+					func(o socketFrontend) bool { return o.Frontend == f.Frontend }) {
+					names = true
+				}
+			}
+			if !names {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// mayReuse reports whether port p may take over group g, which the entry of
+// one of the frontends it claims names: g's own port may, and any port that
+// claims every frontend g has (a ClusterIP reused at once; what a restart
+// found, whose port is unknown). Taking a group that serves another port's
+// frontends too would serve that port's other frontends (its ClusterIP,
+// say) with p's backends until that port is applied, and forever if its
+// apply fails.
+func (r *reconciler) mayReuse(g *appliedGroup, p *model.ServicePort, fes []socketFrontend) bool {
+	if g.name == p.Name {
+		return true
+	}
+	for _, f := range g.frontends {
+		if !slices.ContainsFunc(fes, func(o socketFrontend) bool { return o.Frontend == f.fe }) {
+			return false
+		}
+	}
+	return true
 }
 
 func serviceError(name model.ServicePortName, fe model.Frontend, err error) *dataplane.ServiceError {
@@ -583,11 +696,13 @@ func (r *reconciler) applyPort(p *model.ServicePort, fes []socketFrontend, drop 
 	// Each plan keeps the id one of its frontends has, the ClusterIP's
 	// first, unless the port's other plan took it: a port that splits in
 	// two (internalTrafficPolicy Local) keeps its id for the ClusterIP,
-	// one that merges keeps the ClusterIP's id for all.
+	// one that merges keeps the ClusterIP's id for all. An id another port
+	// holds is never taken (mayReuse): the frontend moves to a new one.
 	groups := make([]*appliedGroup, len(plans))
 	for i, plan := range plans {
 		for _, f := range plan.frontends {
-			if cur := r.frontends[f.Frontend]; cur != nil && !r.assigned[cur.group.id] && !slices.Contains(groups, cur.group) {
+			if cur := r.frontends[f.Frontend]; cur != nil && !r.assigned[cur.group.id] && !slices.Contains(groups, cur.group) &&
+				r.mayReuse(cur.group, p, fes) {
 				groups[i] = cur.group
 				break
 			}
@@ -803,8 +918,9 @@ func (r *reconciler) undo(log undoLog, cause error) error {
 }
 
 // newGroup allocates a service id for port name and creates its counters
-// at zero, before anything can count on them. Until a frontend names it,
-// the id is detached: collected if the port fails.
+// at zero, before anything can count on them (if that fails, the port is
+// served without them until a later sync creates them). Until a frontend
+// names it, the id is detached: collected if the port fails.
 func (r *reconciler) newGroup(name model.ServicePortName) (*appliedGroup, error) {
 	id, err := r.svcIDs.allocate()
 	if err != nil {
@@ -816,10 +932,27 @@ func (r *reconciler) newGroup(name model.ServicePortName) (*appliedGroup, error)
 	// The write replaces an entry an earlier holder of the id left.
 	delete(r.statsOrphans, id)
 	if err := r.maps.Stats.Update(id, lbSvcStats{}); err != nil {
-		return nil, err
+		// Counters are not worth failing a port for: the programs count
+		// nothing for an id without them, and the sync that next applies
+		// the port creates them (resetStatsIfNew).
+		r.statsFailed(err, name, id)
+		return g, nil
 	}
 	g.stats = true
 	return g, nil
+}
+
+// eventStatsFailed counts the counters entries that could not be written,
+// each retried by the next sync of its port.
+const eventStatsFailed = "service_stats_write_failed"
+
+// statsFailed logs and counts a counters entry that could not be written.
+func (r *reconciler) statsFailed(err error, name model.ServicePortName, id uint32) {
+	klog.ErrorS(err, "Writing the counters of a service port; the port is served, its counters are retried at its next sync",
+		"servicePort", name, "id", id)
+	if r.events != nil {
+		r.events.add(eventStatsFailed, 1)
+	}
 }
 
 // resetStatsIfNew zeroes the counters of g when it now serves another
@@ -834,7 +967,7 @@ func (r *reconciler) resetStatsIfNew(g *appliedGroup, name model.ServicePortName
 		return
 	}
 	if err := r.maps.Stats.Update(g.id, lbSvcStats{}); err != nil {
-		klog.ErrorS(err, "Resetting the counters of a service port", "servicePort", name, "id", g.id)
+		r.statsFailed(err, name, g.id)
 		return
 	}
 	g.stats = true

@@ -3,6 +3,7 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -309,15 +310,24 @@ func TestReconcilerExternalIPClaimedTwice(t *testing.T) {
 	if got := servedBy(); got != "10.244.0.1:80" {
 		t.Errorf("after a partial sync of second, %s serves %q, want first's backend", ext, got)
 	}
-	// first drops it: deleted, and not first's to keep.
+	// first drops it: second, which names it too, takes it at once, as
+	// the Dataplane syncs (withWaiters).
 	dropped := first
 	dropped.External.ExternalIPs = nil
-	if err := r.sync(onNode(testNode, false, dropped)); err != nil {
+	if err := r.sync(r.withWaiters(onNode(testNode, false, dropped))); err != nil {
+		t.Fatal(err)
+	}
+	checkCopy(t, r, f)
+	if got := servedBy(); got != "10.244.0.3:80" {
+		t.Errorf("after first dropped it, %s serves %q, want second's backend", ext, got)
+	}
+	// second goes: nothing waits, the frontend goes with it.
+	if err := r.sync(r.withWaiters(withDeleted(onNode(testNode, false), second.Name.ServiceName))); err != nil {
 		t.Fatal(err)
 	}
 	checkCopy(t, r, f)
 	if got := servedBy(); got != "" {
-		t.Errorf("after first dropped it, %s serves %q, want nothing until second's next sync", ext, got)
+		t.Errorf("after second went, %s serves %q, want nothing", ext, got)
 	}
 	if err := r.sync(onNode(testNode, true, dropped, second)); err != nil {
 		t.Fatal(err)
@@ -339,5 +349,154 @@ func TestAffinitySeconds(t *testing.T) {
 		if got := affinitySeconds(c.d); got != c.want {
 			t.Errorf("affinitySeconds(%v) = %d, want %d", c.d, got, c.want)
 		}
+	}
+}
+
+// A host-scoped address named as an external IP or a LoadBalancer IP is
+// never served: in a pod it is the pod's own (127.0.0.53, a sidecar on
+// 127.0.0.1) or its link's. Loopback node ports, named by
+// --nodeport-addresses, stay, for the node's own sockets only.
+func TestReconcilerHostScopedExternalAddressesNotServed(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	hostile := withNodePort(withExternal(servicePort("a", "hostile", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80"),
+		[]string{"127.0.0.1", "10.0.0.1", "169.254.169.254"},
+		[]string{"127.0.0.53", "169.254.0.1", "224.0.0.251", "255.255.255.255", "0.0.0.0", "192.0.2.10"}), 30080)
+	if err := r.sync(onNode(testNode, true, hostile)); err != nil {
+		t.Fatal(err)
+	}
+	checkCopy(t, r, f)
+	var got []string
+	for k, v := range f.services.entries {
+		got = append(got, fmt.Sprintf("%s %s", frontendFromKey(k), svcValueText(v)))
+	}
+	slices.Sort(got)
+	for _, line := range got {
+		fe := strings.Fields(line)[0]
+		if ap := netip.MustParseAddrPort(strings.TrimSuffix(fe, "/TCP")); model.HostScoped(ap.Addr()) && ap.Port() != 30080 {
+			t.Errorf("serves %s, a host-scoped external address", line)
+		}
+	}
+	want := []string{"10.0.0.1:30080", "10.0.0.1:80", "10.0.0.2:30080", "10.96.0.1:80", "127.0.0.1:30080", "192.0.2.10:80"}
+	if len(got) != len(want) {
+		t.Fatalf("frontends:\n%s\nwant exactly %v", strings.Join(got, "\n"), want)
+	}
+	for i, w := range want {
+		if !strings.HasPrefix(got[i], w+"/") {
+			t.Errorf("frontend %d is %q, want %s", i, got[i], w)
+		}
+	}
+	if v := f.services.entries[frontendKey(model.Frontend{IP: netip.MustParseAddr("127.0.0.1"), Port: 30080, Protocol: model.TCP})]; flagsOf(v)&svcFlagNodeNetNSOnly == 0 {
+		t.Errorf("loopback node port %s, want it for the node's namespace only", svcValueText(v))
+	}
+}
+
+// A Service that names an external frontend another Service serves takes
+// nothing from it: the holder keeps the frontend and its id, so its
+// ClusterIP never serves the newcomer's backends, not even for one
+// operation, nor after the holder's own apply fails; the newcomer is
+// logged and counted once, not at every sync.
+func TestReconcilerExternalFrontendHolderKeepsIt(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	watchHoles(t, f)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	r.events = newEventCounts(eventFrontendConflict)
+	holder := withExternal(servicePort("b", "holder", "", model.TCP, "10.96.0.2:80", "10.244.0.2:80"), []string{"10.0.0.1"}, nil)
+	if err := r.sync(onNode(testNode, true, holder)); err != nil {
+		t.Fatal(err)
+	}
+	ext := model.Frontend{IP: netip.MustParseAddr("10.0.0.1"), Port: 80, Protocol: model.TCP}
+	mustServe := func(when string, fe model.Frontend, want string) {
+		t.Helper()
+		if set, _ := liveSet(f, fe); strings.Join(set, " ") != want {
+			t.Errorf("%s: %s serves %q, want %q", when, fe, strings.Join(set, " "), want)
+		}
+	}
+	f.onOp = append(f.onOp, func(op fakeOp) {
+		if set, _ := liveSet(f, holder.ClusterIP); strings.Join(set, " ") != "10.244.0.2:80" {
+			t.Errorf("after %q the holder's ClusterIP serves %v", op.text, set)
+		}
+	})
+	// A newcomer, first in name order and applied first (its ClusterIP
+	// sorts first), names the same external IP and port; the holder's
+	// writes fail.
+	newcomer := withExternal(servicePort("a", "newcomer", "", model.TCP, "10.96.0.1:80", "10.244.0.1:80"), []string{"10.0.0.1"}, nil)
+	holder.Backends = backendList("10.244.0.3:80", "10.244.0.2:80")
+	holder.Cluster, holder.Serving = holder.Backends, holder.Backends
+	f.fail = func(op fakeOp) error {
+		if strings.Contains(op.text, "10.244.0.3") {
+			return errors.New("injected")
+		}
+		return nil
+	}
+	if err := r.sync(onNode(testNode, true, newcomer, holder)); err == nil {
+		t.Fatal("the holder's apply did not fail")
+	}
+	checkCopy(t, r, f)
+	mustServe("after the holder's apply failed", ext, "10.244.0.2:80")
+	mustServe("after the holder's apply failed", newcomer.ClusterIP, "10.244.0.1:80")
+	f.fail = nil
+	f.onOp = nil
+	for range 2 {
+		if err := r.sync(onNode(testNode, true, newcomer, holder)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	checkCopy(t, r, f)
+	mustServe("after the holder's apply", ext, "10.244.0.2:80 10.244.0.3:80")
+	mustServe("after the holder's apply", holder.ClusterIP, "10.244.0.2:80 10.244.0.3:80")
+	got := map[string]uint64{}
+	r.events.copyTo(got)
+	if got[eventFrontendConflict] != 1 {
+		t.Errorf("counted %d conflicts over three syncs, want 1", got[eventFrontendConflict])
+	}
+}
+
+// The ClusterIPs of Services another proxy serves are in the ClusterIP set,
+// marked foreign, so that the programs let them through instead of
+// refusing them as unallocated addresses of the Service CIDR; ours win
+// over foreign ones, and each goes when its Service does.
+func TestReconcilerForeignClusterIPs(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	web := servicePort("default", "web", "http", model.TCP, "10.96.0.10:80", "10.244.0.1:8080")
+	node := testNode
+	node.ForeignClusterIPs = addrs("10.96.0.10", "10.96.0.77", "172.30.0.7")
+	set := func() map[string]uint32 {
+		out := make(map[string]uint32)
+		for ip, kind := range f.clusterIPs.entries {
+			out[addrFromBPF(ip).String()] = kind
+		}
+		return out
+	}
+	for _, step := range []struct {
+		name    string
+		foreign []netip.Addr
+		want    map[string]uint32
+	}{
+		{"foreign ones, one also ours", addrs("10.96.0.10", "10.96.0.77", "172.30.0.7"),
+			map[string]uint32{"10.96.0.10": clusterIPOurs, "10.96.0.77": clusterIPForeign, "172.30.0.7": clusterIPForeign}},
+		{"one goes", addrs("10.96.0.10", "10.96.0.77"),
+			map[string]uint32{"10.96.0.10": clusterIPOurs, "10.96.0.77": clusterIPForeign}},
+		{"none", nil, map[string]uint32{"10.96.0.10": clusterIPOurs}},
+	} {
+		node.ForeignClusterIPs = step.foreign
+		if err := r.sync(onNode(node, true, web)); err != nil {
+			t.Fatal(err)
+		}
+		checkCopy(t, r, f)
+		if got := set(); !maps.Equal(got, step.want) {
+			t.Errorf("%s: ClusterIP set %v, want %v", step.name, got, step.want)
+		}
+	}
+	// Ours going leaves a foreign one of the same address.
+	node.ForeignClusterIPs = addrs("10.96.0.10")
+	if err := r.sync(onNode(node, true)); err != nil {
+		t.Fatal(err)
+	}
+	checkCopy(t, r, f)
+	if got := set(); !maps.Equal(got, map[string]uint32{"10.96.0.10": clusterIPForeign}) {
+		t.Errorf("after ours went: ClusterIP set %v, want it foreign", got)
 	}
 }

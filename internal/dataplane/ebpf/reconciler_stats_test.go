@@ -198,3 +198,41 @@ func TestReconcilerEntriesMatchMaps(t *testing.T) {
 		t.Errorf("entries (frontends, slots, backends, stats, matches, ClusterIPs) %v, the maps hold %v, want [3 4 3 3 0 3]", got, want)
 	}
 }
+
+// A new service id whose counters entry cannot be created still serves its
+// port: the failure is logged and counted, and a later sync of the port
+// creates the entry.
+func TestReconcilerNewPortServedWithoutStats(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	watchHoles(t, f)
+	watchReaders(t, f)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	r.events = newEventCounts(eventStatsFailed)
+	web := servicePort("default", "web", "http", model.TCP, "10.96.0.10:80", "10.244.0.1:8080")
+	f.fail = func(op fakeOp) error {
+		if op.mapName == "stats" {
+			return errors.New("injected: cannot allocate memory")
+		}
+		return nil
+	}
+	if err := r.sync(snapshot(true, web)); err != nil {
+		t.Fatalf("the port failed for want of counters: %v", err)
+	}
+	checkCopy(t, r, f)
+	if set, ok := liveSet(f, web.ClusterIP); !ok || strings.Join(set, " ") != "10.244.0.1:8080" {
+		t.Fatalf("%s serves %v (%v), want its backend", web.ClusterIP, set, ok)
+	}
+	got := map[string]uint64{}
+	r.events.copyTo(got)
+	if got[eventStatsFailed] != 1 {
+		t.Errorf("counted %d failed counters entries, want 1", got[eventStatsFailed])
+	}
+	f.fail = nil
+	if err := r.sync(snapshot(false, web)); err != nil {
+		t.Fatal(err)
+	}
+	checkCopy(t, r, f)
+	if _, ok := statsOf(t, f, web.ClusterIP); !ok {
+		t.Error("the counters were not created by a later sync")
+	}
+}

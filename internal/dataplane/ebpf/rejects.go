@@ -21,7 +21,11 @@ import (
 // only the ClusterIPs themselves.
 //
 // The set follows the ClusterIP frontends as they are written and deleted
-// (vipRefs), so that a sync touches only the addresses it changed.
+// (vipRefs), so that a sync touches only the addresses it changed. It also
+// holds, marked foreign, the ClusterIPs of the Services another proxy
+// serves (service.kubernetes.io/service-proxy-name), which are in no
+// snapshot: the programs let those through whatever the port, as
+// kube-proxy leaves them alone, for that proxy to serve.
 
 // clusterIPState is what the reconciler knows of the ClusterIP set and the
 // Service ranges.
@@ -32,8 +36,12 @@ type clusterIPState struct {
 	// dirty are the addresses whose count changed since the set was last
 	// written; all, after a restore.
 	dirty map[netip.Addr]struct{}
-	// set is what the ClusterIP set holds.
-	set map[netip.Addr]struct{}
+	// foreign are the ClusterIPs of other proxies' Services, as of the
+	// last sync (model.NodeInfo.ForeignClusterIPs).
+	foreign map[netip.Addr]struct{}
+	// set is what the ClusterIP set holds: each address's kind
+	// (clusterIPOurs, clusterIPForeign).
+	set map[netip.Addr]uint32
 	// kept are the Service CIDRs in the range array, and outside counts
 	// the addresses of the set none of them holds.
 	kept    []netip.Prefix
@@ -57,16 +65,17 @@ func (r *reconciler) vipRef(ip netip.Addr, delta int) {
 // newClusterIPState is the state before restoreRejects, which follows the
 // restore of the frontends, each of which counted its ClusterIP.
 func newClusterIPState() clusterIPState {
-	return clusterIPState{vipRefs: make(map[netip.Addr]int), dirty: make(map[netip.Addr]struct{}), set: make(map[netip.Addr]struct{})}
+	return clusterIPState{vipRefs: make(map[netip.Addr]int), dirty: make(map[netip.Addr]struct{}),
+		foreign: make(map[netip.Addr]struct{}), set: make(map[netip.Addr]uint32)}
 }
 
 // restoreRejects reads the ClusterIP set and the Service ranges. Every
 // address the frontends or the set has is checked by the next sync.
 func (r *reconciler) restoreRejects() error {
 	v := &r.vips
-	err := r.maps.ClusterIPs.Iterate(func(ip uint32, _ uint32) error {
+	err := r.maps.ClusterIPs.Iterate(func(ip uint32, kind uint32) error {
 		addr := addrFromBPF(ip)
-		v.set[addr] = struct{}{}
+		v.set[addr] = kind
 		v.dirty[addr] = struct{}{}
 		return nil
 	})
@@ -97,11 +106,39 @@ func (r *reconciler) syncRejects(node *model.NodeInfo) error {
 		return slices.ContainsFunc(kept, func(p netip.Prefix) bool { return p.Contains(ip) })
 	}
 	var errs []error
+	foreign := make(map[netip.Addr]struct{}, len(node.ForeignClusterIPs))
+	for _, ip := range node.ForeignClusterIPs {
+		foreign[ip] = struct{}{}
+		if _, had := v.foreign[ip]; !had {
+			v.dirty[ip] = struct{}{}
+		}
+	}
+	for ip := range v.foreign {
+		if _, still := foreign[ip]; !still {
+			v.dirty[ip] = struct{}{}
+		}
+	}
+	v.foreign = foreign
+	// want is the kind the set is to hold for ip: ours wins over another
+	// proxy's (the API gives a ClusterIP to one Service; the other is a
+	// deletion not yet seen).
+	kindOf := func(ip netip.Addr) (uint32, bool) {
+		if v.vipRefs[ip] > 0 {
+			return clusterIPOurs, true
+		}
+		if _, ok := v.foreign[ip]; ok {
+			return clusterIPForeign, true
+		}
+		return 0, false
+	}
 	dirty := slices.SortedFunc(maps.Keys(v.dirty), netip.Addr.Compare)
 	// Deletes first: a set at capacity makes room for a new Service's
 	// ClusterIP in the sync that removes an old one.
 	for _, ip := range dirty {
-		if _, have := v.set[ip]; !have || v.vipRefs[ip] > 0 {
+		if _, have := v.set[ip]; !have {
+			continue
+		}
+		if _, need := kindOf(ip); need {
 			continue
 		}
 		if err := r.maps.ClusterIPs.Delete(addrToBPF(ip)); err != nil {
@@ -114,21 +151,25 @@ func (r *reconciler) syncRejects(node *model.NodeInfo) error {
 		}
 	}
 	for _, ip := range dirty {
-		_, have := v.set[ip]
-		if need := v.vipRefs[ip] > 0; have == need {
+		kind, have := v.set[ip]
+		wantKind, need := kindOf(ip)
+		if !need {
+			if !have {
+				delete(v.dirty, ip)
+			}
+			continue // else its delete failed above
+		}
+		if have && kind == wantKind {
 			delete(v.dirty, ip)
 			continue
 		}
-		if have {
-			continue // its delete failed above
-		}
-		if err := r.maps.ClusterIPs.Update(addrToBPF(ip), 0); err != nil {
+		if err := r.maps.ClusterIPs.Update(addrToBPF(ip), wantKind); err != nil {
 			errs = append(errs, fmt.Errorf("adding ClusterIP %s: %w", ip, err))
 			continue
 		}
-		v.set[ip] = struct{}{}
+		v.set[ip] = wantKind
 		delete(v.dirty, ip)
-		if !covered(ip) {
+		if !have && !covered(ip) {
 			v.outside++
 		}
 	}

@@ -67,6 +67,10 @@ type udpSocketCleaner struct {
 	host   socketHost
 	revnat revnatLookup
 	events *eventCounts
+	// holderOf names the service port the kernel serves a frontend for
+	// (reconciler.holderOf); nil in tests, where the snapshot's claims
+	// decide.
+	holderOf func(model.Frontend) model.ServicePortName
 
 	// serving holds, for each Service, the serving endpoints of each of
 	// its applied UDP frontends as of the last sync; nil when unknown (at
@@ -105,7 +109,18 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 	if snap.Full || c.serving == nil {
 		c.serving = make(map[model.ServiceName]map[model.Frontend][]model.Backend)
 	}
-	claims := claimFrontends(snap, false)
+	// The frontends each port serves: the kernel's, as the sync left it
+	// (a frontend two Services name is served for one only, which a
+	// partial snapshot of the other cannot tell).
+	serves := func(sp *model.ServicePort) []socketFrontend {
+		return slices.DeleteFunc(socketFrontends(sp, &snap.Node), func(f socketFrontend) bool {
+			return c.holderOf(f.Frontend) != sp.Name
+		})
+	}
+	if c.holderOf == nil {
+		claims, _ := claimFrontends(snap, nil)
+		serves = func(sp *model.ServicePort) []socketFrontend { return claimedFrontends(sp, &snap.Node, claims) }
+	}
 	for name, ports := range snap.Services {
 		// What a partial snapshot's Service had; a full sync checks every
 		// frontend anyway.
@@ -121,7 +136,7 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 				// sync that applies it checks it as new.
 				continue
 			}
-			for _, f := range claimedFrontends(sp, &snap.Node, claims) {
+			for _, f := range serves(sp) {
 				fe := f.Frontend
 				now[fe] = sp.Serving
 				if len(sp.Serving) == 0 {
@@ -141,12 +156,20 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 	return check
 }
 
-// match tells whether a connected UDP socket is stale for check, and why.
-func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket) (frontend netip.AddrPort, reason string, err error) {
+// match tells whether a connected UDP socket is stale for check, and why;
+// pod says the socket is in a pod's network namespace, not the node's.
+func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (frontend netip.AddrPort, reason string, err error) {
 	// An AF_INET6 socket talking IPv4 has a v4-mapped peer; our programs
 	// key it by the IPv4 address.
 	peer := netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port())
 	if !peer.Addr().Is4() || peer.Port() == 0 {
+		return netip.AddrPort{}, "", nil
+	}
+	if pod && peer.Addr().IsLoopback() {
+		// A pod's loopback is the pod's: the only loopback frontends,
+		// node ports on 127.0.0.1 (--nodeport-addresses), serve the
+		// node's namespace alone, and nothing in a pod was translated
+		// from one.
 		return netip.AddrPort{}, "", nil
 	}
 	if _, ok := check[peer]; ok {
@@ -229,7 +252,7 @@ func (c *udpSocketCleaner) clean(check udpCheck) {
 				return
 			}
 		}
-		d, f := c.cleanNamespace(ns, t, check)
+		d, f := c.cleanNamespace(ns, t, check, pod)
 		t.Close()
 		destroyed += d
 		failed += f
@@ -240,7 +263,7 @@ func (c *udpSocketCleaner) clean(check udpCheck) {
 }
 
 // cleanNamespace destroys the stale sockets of one namespace.
-func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpCheck) (destroyed, failed int) {
+func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpCheck, pod bool) (destroyed, failed int) {
 	socks, err := t.ConnectedUDP()
 	if err != nil {
 		if errors.Is(err, sockdiag.ErrNotSupported) {
@@ -254,7 +277,7 @@ func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpChe
 		return 0, 1
 	}
 	for _, s := range socks {
-		fe, reason, err := c.match(check, s)
+		fe, reason, err := c.match(check, s, pod)
 		if err != nil {
 			klog.ErrorS(err, "Looking up a socket's frontend", "netns", ns, "socket", s)
 			failed++

@@ -282,7 +282,7 @@ func TestMatch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newUDPSocketCleaner(nil, revnat.lookup, newEventCounts())
-			_, reason, err := c.match(check, tc.s)
+			_, reason, err := c.match(check, tc.s, false)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -497,5 +497,55 @@ func TestKernelSocketHostListsEachNamespaceOnce(t *testing.T) {
 	}
 	if want := []string{"/run/netns/" + n.Node, filepath.Join(dir, "1-pod")}; !slices.Equal(got, want) {
 		t.Errorf("namespaces %v, want %v", got, want)
+	}
+}
+
+// A partial sync of a Service that names a UDP frontend another serves
+// checks nothing of that frontend: the holder's sockets, translated to the
+// holder's backends, are healthy.
+func TestPlanLeavesAnotherServicesFrontendAlone(t *testing.T) {
+	f := newFakeMaps(16, 64)
+	r := newReconciler(f.maps(), f.grace(), 16, 64)
+	c := newUDPSocketCleaner(nil, nil, newEventCounts())
+	c.holderOf = r.holderOf
+	holder := withExternal(servicePort("a", "holder", "", model.UDP, "10.96.0.1:53", "10.244.0.1:53"), []string{"10.0.0.1"}, nil)
+	other := withExternal(servicePort("b", "other", "", model.UDP, "10.96.0.2:53", "10.244.0.2:53"), []string{"10.0.0.1"}, nil)
+	full := onNode(testNode, true, holder, other)
+	if err := r.sync(full); err != nil {
+		t.Fatal(err)
+	}
+	c.plan(full, nil)
+	other.Backends = backendList("10.244.0.3:53")
+	other.Cluster, other.Serving = other.Backends, other.Backends
+	partial := onNode(testNode, false, other)
+	if err := r.sync(partial); err != nil {
+		t.Fatal(err)
+	}
+	got := checkKeys(c.plan(partial, nil))
+	if want := []string{"10.96.0.2:53 [10.244.0.3:53]"}; !slices.Equal(got, want) {
+		t.Errorf("checked %v, want %v: the external IP is the holder's", got, want)
+	}
+}
+
+// A loopback node port (--nodeport-addresses naming 127.0.0.0/8) is the
+// node's: a pod's socket connected to 127.0.0.1 and that port talks to the
+// pod's own loopback, and is never destroyed; the node's is checked.
+func TestMatchLoopbackNodePortIsTheNodesOnly(t *testing.T) {
+	check := make(udpCheck)
+	fe := model.Frontend{IP: netip.MustParseAddr("127.0.0.1"), Port: 30053, Protocol: model.UDP}
+	check.add(fe, dnsPort("10.244.1.2:53").Serving)
+	c := newUDPSocketCleaner(nil, fakeRevnat{}.lookup, newEventCounts())
+	s := udpSocket(9, "127.0.0.1:30053")
+	for _, tc := range []struct {
+		pod    bool
+		reason string
+	}{{true, ""}, {false, "connected to the frontend untranslated"}} {
+		_, reason, err := c.match(check, s, tc.pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if reason != tc.reason {
+			t.Errorf("in a pod: %v: reason %q, want %q", tc.pod, reason, tc.reason)
+		}
 	}
 }

@@ -28,7 +28,9 @@ import (
 // manifests' base grants BPF and NET_ADMIN only, and an operator may drop
 // the SYS_ADMIN the ebpf overlay adds for another purpose. Until the commit,
 // each hook runs the old program and then the new one, both reading the
-// same entries (the resized maps are copies): the first to act translates,
+// same entries (the resized maps are copies, and what the old programs
+// write into the LRU maps meanwhile is copied again at the commit): the
+// first to act translates,
 // and the second finds a backend where it looks for a Service, or a VIP
 // where it looks for a backend, and leaves the call alone. So the old set
 // keeps serving, whole, until the commit; and a hook is never without a
@@ -95,6 +97,15 @@ type swap struct {
 	// held are handles the swap needs until it ends either way, such as
 	// the objects an undo pins back.
 	held []io.Closer
+	// recopy are the resized maps the programs write (the LRU maps),
+	// copied once more after the commit (see commit).
+	recopy []recopy
+}
+
+// recopy is a resized map the old programs kept writing after its copy.
+type recopy struct {
+	name     string
+	from, to *ebpf.Map
 }
 
 type undoStep struct {
@@ -192,6 +203,9 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 			return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
 		}
 		s.hold(previous)
+		if want.Type == ebpf.LRUHash {
+			s.recopy = append(s.recopy, recopy{name: m.name, from: pinned, to: resized})
+		}
 		maps[m.name] = resized
 		s.pins = append(s.pins, pendingPin{what: "resized map " + m.name, obj: resized, path: path, previous: previous})
 	}
@@ -251,7 +265,42 @@ func (s *swap) commit() error {
 			klog.ErrorS(err, "Detaching a replaced program link; it goes when released")
 		}
 	}
+	// Until the old links went, the old programs ran first on every hook
+	// and wrote what they translated (a socket's reverse entry, a
+	// client's affinity) into the old maps, after those were copied: copy
+	// what the new maps lack, so that those sockets' replies still show
+	// the VIP. An entry the new programs wrote meanwhile is newer and
+	// stays. A failure loses only those entries: the swap is done.
+	for _, rc := range s.recopy {
+		n, err := copyMissing(rc.to, rc.from)
+		if err != nil {
+			klog.ErrorS(err, "Copying the entries written during the swap into a resized map", "map", rc.name, "copied", n)
+			continue
+		}
+		klog.V(2).InfoS("Copied the entries written during the swap", "map", rc.name, "entries", n)
+	}
 	return nil
+}
+
+// copyMissing copies the entries of from whose keys to lacks, and returns
+// how many it copied. from and to are LRU maps of byte values.
+func copyMissing(to, from *ebpf.Map) (int, error) {
+	var (
+		key, value []byte
+		copied     int
+	)
+	it := from.Iterate()
+	for it.Next(&key, &value) {
+		err := to.Update(key, value, ebpf.UpdateNoExist)
+		switch {
+		case err == nil:
+			copied++
+		case errors.Is(err, ebpf.ErrKeyExist):
+		default:
+			return copied, err
+		}
+	}
+	return copied, it.Err()
 }
 
 // detach takes a link's program off its hook at once and closes the link.

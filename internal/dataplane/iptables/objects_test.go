@@ -151,6 +151,12 @@ func kindsOfServices() ([]*v1.Service, []*discoveryv1.EndpointSlice) {
 		// Only a terminating local endpoint beside a ready remote one:
 		// Local uses the terminating one, Cluster the ready one.
 		service("fid", "local-terminating", "10.96.10.14", tcpPort("http", 80, 8080), nodePorts(30014), externalLocal(0)),
+		// Host-scoped load balancer IPs, which anyone allowed to write
+		// services/status can name: kube-proxy writes their rules (a
+		// pod's loopback never reaches them); the eBPF mode's socket
+		// layer leaves them out.
+		service("fid", "lb-host-scoped", "10.96.10.15", tcpPort("http", 80, 8080), nodePorts(30015),
+			loadBalancer("127.0.0.53", "169.254.10.15")),
 	}
 	terminatingLocal := on(testNode, apitest.Terminating("10.244.1.14"))
 	slices := []*discoveryv1.EndpointSlice{
@@ -169,6 +175,7 @@ func kindsOfServices() ([]*v1.Service, []*discoveryv1.EndpointSlice) {
 		slice("fid", "external-ip", "http", tcp, 8080, remote("10.244.2.12")),
 		slice("fid", "lb-local-affinity", "http", tcp, 8080, local("10.244.1.13"), local("10.244.1.23"), remote("10.244.2.13")),
 		slice("fid", "local-terminating", "http", tcp, 8080, terminatingLocal, remote("10.244.2.14")),
+		slice("fid", "lb-host-scoped", "http", tcp, 8080, remote("10.244.2.16")),
 	}
 	return svcs, slices
 }
