@@ -105,7 +105,7 @@ func New(cfg Config) (*Dataplane, error) {
 	if err != nil {
 		return nil, err
 	}
-	writeNodeNetNS(k.objs.KbpNode, cfg.NodeNetNS)
+	writeNodeNetNS(k.objs.KbpNode, cfg.NodeNetNS, cfg.HostNetNSOnly)
 	maps := Maps{
 		Services:   newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices),
 		Slots:      newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
