@@ -45,20 +45,33 @@ type mode struct {
 	socketLevel bool
 }
 
-func ebpfMode() mode {
+func ebpfMode() mode { return ebpfModeWith(false) }
+
+// ebpfModeWith is the eBPF mode, with the socket layer confined to the
+// node's network namespace if hostNetNSOnly
+// (--bpf-socket-lb-host-netns-only): pods are then served per packet.
+func ebpfModeWith(hostNetNSOnly bool) mode {
+	name := "ebpf"
+	if hostNetNSOnly {
+		name = "ebpf-host-netns-only"
+	}
 	return mode{
-		name:        "ebpf",
-		socketLevel: true,
+		name:        name,
+		socketLevel: !hostNetNSOnly,
 		// As the proxy runs it: the socket layer, and iptables rules for
-		// packets from outside the node at external frontends.
+		// packets from outside the node at external frontends (and from
+		// pods to every frontend, if the socket layer leaves them).
 		open: func(t *testing.T, s *setup) dataplane.Dataplane {
 			t.Helper()
-			dp, err := ebpf.New(s.ebpfConfig())
+			ecfg := s.ebpfConfig()
+			ecfg.HostNetNSOnly = hostNetNSOnly
+			dp, err := ebpf.New(ecfg)
 			if err != nil {
 				t.Fatalf("loading the eBPF datapath: %v", err)
 			}
 			cfg := s.iptablesConfig()
 			cfg.ExternalOnly = true
+			cfg.ClusterIPs = hostNetNSOnly
 			packets, err := iptables.New(context.Background(), cfg)
 			if err != nil {
 				dp.Close()
