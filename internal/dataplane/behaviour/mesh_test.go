@@ -129,3 +129,30 @@ func connectTranslated(t *testing.T, s *setup) uint64 {
 	}
 	return events["connect_translated"]
 }
+
+// With the socket layer confined to the node's namespace, a pod's
+// connected UDP socket to a ClusterIP was never translated: it is served
+// per packet (conntrack), and is no stale socket. The socket cleanup,
+// which destroys sockets connected to the ClusterIP itself (they connected
+// before the Service existed, and the socket layer will never see them
+// again), must leave it alone: a resolver would otherwise lose its socket
+// at every full sync.
+func TestHostNetNSOnlyKeepsPodsConnectedUDPSockets(t *testing.T) {
+	s := newSetup(t, ebpfModeWith(true), 1)
+	snap := apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...))
+	s.sync(t, snap)
+	r := s.client.StartResolver(vip + ":53")
+	defer r.Stop()
+	before := parseResolverResults(t, r.Take(3))
+	allAnswered(t, "before the full syncs", before, s.pods...)
+	for range 3 {
+		s.sync(t, snap)
+	}
+	after := parseResolverResults(t, r.Take(3))
+	allAnswered(t, "after the full syncs", after, s.pods...)
+	for _, res := range after {
+		if res.Gen != 1 {
+			t.Fatalf("the resolver needed a new socket: %s", resultLines(after))
+		}
+	}
+}

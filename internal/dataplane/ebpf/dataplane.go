@@ -126,6 +126,12 @@ func New(cfg Config) (*Dataplane, error) {
 	events := newEventCounts(eventUDPSocketsDestroyed, eventUDPSocketDestroyFailed,
 		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip)
 	host := kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs}
+	if cfg.HostNetNSOnly {
+		// Pods' sockets are never translated then: a pod's socket
+		// connected to a ClusterIP is served per packet, and the packet
+		// layer cleans up its stale conntrack entries instead.
+		host.dirs = nil
+	}
 	return &Dataplane{
 		kernel:  k,
 		grace:   grace,

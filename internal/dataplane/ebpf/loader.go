@@ -40,6 +40,7 @@ type Config struct {
 	// NetNSDirs are directories of pinned pod network namespaces whose
 	// sockets are destroyed likewise (DefaultNetNSDirs on a node); none if
 	// empty. Tests name a directory of their own pods' namespaces only.
+	// Unused with HostNetNSOnly: pods' sockets are never translated then.
 	NetNSDirs []string
 	// HostNetNSOnly confines socket-level load balancing to the node's
 	// network namespace (NodeNetNS): sockets of every other namespace, the
