@@ -247,6 +247,20 @@ func (o options) iptablesConfig() iptables.Config {
 	}
 }
 
+// packetLayerConfig is the ebpf mode's packet layer. Packets no socket on
+// the node sent (from outside, to a node port, an external or load
+// balancer IP) are served per packet, by the iptables rules of those
+// frontends only; and, when the socket layer serves the node's own network
+// namespace only, pods' packets to every frontend, by the ClusterIP rules
+// too. The first full sync writes or removes those, so a restart with the
+// other value of the flag converges.
+func (o options) packetLayerConfig() iptables.Config {
+	cfg := o.iptablesConfig()
+	cfg.ExternalOnly = true
+	cfg.ClusterIPs = o.hostNetNSOnly
+	return cfg
+}
+
 // newDataplane starts the mode's datapath, wrapped so that the other mode's
 // leftovers go once it serves. It also returns the iptables backend in use
 // (in the ebpf mode, the packet layer's).
@@ -281,17 +295,7 @@ func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, string, 
 	if err != nil {
 		return nil, "", fmt.Errorf("starting the eBPF datapath: %w", err)
 	}
-	// Packets no socket on the node sent (from outside, to a node port,
-	// an external or load balancer IP) are served per packet, by the
-	// iptables rules of those frontends only; and, when the socket layer
-	// serves the node's own network namespace only, pods' packets to
-	// every frontend, by the ClusterIP rules too. The first full sync
-	// writes or removes those, so a restart with the other value of the
-	// flag converges.
-	packetsCfg := o.iptablesConfig()
-	packetsCfg.ExternalOnly = true
-	packetsCfg.ClusterIPs = o.hostNetNSOnly
-	packets, err := iptables.New(ctx, packetsCfg)
+	packets, err := iptables.New(ctx, o.packetLayerConfig())
 	if err != nil {
 		dp.Close()
 		return nil, "", fmt.Errorf("starting the packet layer (iptables rules for traffic from outside the node): %w", err)
