@@ -303,6 +303,11 @@ func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, string, 
 	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath,
 		"packetLayerBackend", packets.Backend(), "socketLBHostNetNSOnly", o.hostNetNSOnly, "version", version.Get())
 	layered := &dataplane.Layered{Primary: dp, Packets: packets}
+	if o.hostNetNSOnly {
+		// Pods leave the socket layer only once the packet layer has
+		// their ClusterIP rules (at once if the previous run had them).
+		layered.PacketsServe = dp.ConfineToNodeNetNS
+	}
 	return dataplane.WithHandover(layered, "iptables", func(ctx context.Context) error {
 		// The packet layer's full syncs take over its own backend.
 		return iptables.CleanupExcept(ctx, o.iptablesConfig(), packets.Backend())

@@ -20,6 +20,13 @@ import (
 type Layered struct {
 	Primary Dataplane
 	Packets Dataplane
+	// PacketsServe, if set, is called after each sync the packet layer
+	// applied in full, until it succeeds: what must wait until the rules
+	// serve this snapshot. The eBPF mode confines its socket layer to the
+	// node's network namespace there (--bpf-socket-lb-host-netns-only),
+	// once the rules serve pods' ClusterIP traffic.
+	PacketsServe  func() error
+	packetsServed bool
 }
 
 var _ Dataplane = (*Layered)(nil)
@@ -31,6 +38,14 @@ var _ Dataplane = (*Layered)(nil)
 func (l *Layered) Sync(ctx context.Context, snap *model.Snapshot) error {
 	errPrimary := l.Primary.Sync(ctx, snap)
 	errPackets := l.Packets.Sync(ctx, snap)
+	if errPackets == nil && l.PacketsServe != nil && !l.packetsServed {
+		if err := l.PacketsServe(); err != nil {
+			// Retried after the next sync, which the error brings soon.
+			errPackets = fmt.Errorf("after the packet layer's sync: %w", err)
+		} else {
+			l.packetsServed = true
+		}
+	}
 	if errPrimary == nil && errPackets == nil {
 		return nil
 	}

@@ -40,8 +40,11 @@ type mode struct {
 	// takeover removes what the other mode left, as main's handover does
 	// once this mode serves.
 	takeover func(s *setup) error
-	// socketLevel is true for the eBPF mode, which decides at connect()
-	// and sendmsg() rather than per packet.
+	// socketLevel is true when the client pod's sockets are load-balanced
+	// at connect() and sendmsg() rather than per packet: the eBPF mode,
+	// unless its socket layer serves the node's namespace only (its pods
+	// then get the iptables modes' behaviour, which every scenario asserts
+	// for them).
 	socketLevel bool
 }
 
@@ -79,6 +82,9 @@ func ebpfModeWith(hostNetNSOnly bool) mode {
 			}
 			s.packetsBackend = packets.Backend()
 			l := &dataplane.Layered{Primary: dp, Packets: packets}
+			if hostNetNSOnly {
+				l.PacketsServe = dp.ConfineToNodeNetNS
+			}
 			t.Cleanup(func() { l.Close() })
 			return l
 		},
@@ -159,7 +165,7 @@ func iptablesLeftovers(t *testing.T, s *setup) []string {
 	return left
 }
 
-var modes = []mode{ebpfMode(), iptablesMode(iptables.BackendNFT), iptablesMode(iptables.BackendLegacy)}
+var modes = []mode{ebpfMode(), ebpfModeWith(true), iptablesMode(iptables.BackendNFT), iptablesMode(iptables.BackendLegacy)}
 
 // forEachMode runs a scenario once per mode, each in a topology of its own.
 func forEachMode(t *testing.T, scenario func(t *testing.T, m mode)) {

@@ -26,7 +26,9 @@ const sidecarPort = 15001
 // sidecar sees the ClusterIP, and its own connection to it is served per
 // packet by the packet layer's ClusterIP rules. The node's own sockets are
 // still translated at connect(). Each restart with the other value
-// converges at its first full sync, as the proxy's would.
+// converges at its first full sync, as the proxy's would, with no gap
+// before it: a restart into the confined mode leaves pods translated at
+// connect() until the packet layer has the ClusterIP rules.
 func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 	s := newSetup(t, ebpfModeWith(false), 2)
 	snap := apitest.Snapshot(true, web(s.backends(8080, s.pods...)...))
@@ -68,10 +70,18 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 		}
 		return false
 	}
-	restart := func(t *testing.T, m mode) {
+	// restart starts m as a new proxy process would; before its first
+	// sync, the client still reaches a backend through the sidecar, and
+	// the sidecar sees the original destination wantBefore ("" for any
+	// backend's pod IP).
+	restart := func(t *testing.T, m mode, wantBefore string) {
 		t.Helper()
 		s.dp.Close()
 		s.dp = m.open(t, s)
+		orig := connect(t)
+		if (wantBefore == "" && !podIPs[orig]) || (wantBefore != "" && orig != wantBefore) {
+			t.Errorf("before the first sync, the sidecar saw %s as the original destination, want %q (\"\": a pod IP)", orig, wantBefore)
+		}
 		s.sync(t, snap)
 	}
 
@@ -85,7 +95,9 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 	})
 
 	t.Run("host netns only", func(t *testing.T) {
-		restart(t, ebpfModeWith(true))
+		// Pods stay translated at socket level until the packet layer
+		// has the ClusterIP rules.
+		restart(t, ebpfModeWith(true), "")
 		if !clusterIPRules(t) {
 			t.Fatal("the packet layer has no rule for the ClusterIP")
 		}
@@ -105,8 +117,16 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 		}
 	})
 
+	t.Run("host netns only again", func(t *testing.T) {
+		// Confined from the start: the previous run's rules serve.
+		restart(t, ebpfModeWith(true), vip+":80")
+		if orig := connect(t); orig != vip+":80" {
+			t.Errorf("the sidecar saw %s as the original destination, want the ClusterIP %s:80", orig, vip)
+		}
+	})
+
 	t.Run("back to default", func(t *testing.T) {
-		restart(t, ebpfModeWith(false))
+		restart(t, ebpfModeWith(false), "")
 		if clusterIPRules(t) {
 			t.Error("the ClusterIP rules outlived the first full sync without --bpf-socket-lb-host-netns-only")
 		}

@@ -28,36 +28,50 @@ func nodeWord(cookie uint64, hostNetNSOnly bool) uint64 {
 	return w
 }
 
-// writeNodeNetNS tells the programs which network namespace is the node's
-// (Config.NodeNetNS, or this process's): only sockets in it reach loopback
-// frontends, since 127.0.0.1 in a pod is the pod's own, and with
-// hostNetNSOnly only they are load-balanced at all. Without the cookie, no
-// socket is in it, which is said once in the log: a loopback node port
-// address is then not served at socket level, and with hostNetNSOnly the
-// node's own sockets go to the packet layer's rules as pods' do. The word
-// is written at every start, so a restart with the other
-// --bpf-socket-lb-host-netns-only takes effect at once.
-func writeNodeNetNS(m *ebpf.Map, path string, hostNetNSOnly bool) {
+// nodeCookie is the cookie of the node's network namespace (path, or this
+// process's), which the programs compare sockets' with: only sockets there
+// reach loopback frontends, since 127.0.0.1 in a pod is the pod's own, and
+// with HostNetNSOnly only they are load-balanced at all. 0 if it cannot be
+// read, which is said in the log: no socket is then in the node's
+// namespace, a loopback node port address is not served at socket level,
+// and with HostNetNSOnly the node's own sockets go to the packet layer's
+// rules as pods' do.
+func nodeCookie(path string) uint64 {
 	cookie, err := netnsCookie(path)
 	if err != nil {
 		klog.ErrorS(err, "Cannot tell the node's network namespace to the BPF programs: "+
 			"node ports on loopback addresses are not served to sockets")
-		cookie = 0
-	} else if cookie&^nodeCookieMask != 0 {
+		return 0
+	}
+	if cookie&^nodeCookieMask != 0 {
 		// Never seen: the kernel counts namespaces from 1.
 		klog.ErrorS(nil, "The node's network namespace cookie does not fit in 56 bits: "+
 			"node ports on loopback addresses are not served to sockets", "cookie", cookie)
-		cookie = 0
+		return 0
 	}
-	if err := m.Put(uint32(0), lbNodeConfig{NetnsCookie: nodeWord(cookie, hostNetNSOnly)}); err != nil {
-		klog.ErrorS(err, "Writing the node's network namespace for the BPF programs: "+
-			"node ports on loopback addresses are not served to sockets")
-		return
+	return cookie
+}
+
+// pinnedConfined reports whether the programs already serve the node's
+// namespace only: the previous run had HostNetNSOnly, and its packet
+// layer's ClusterIP rules are in place.
+func pinnedConfined(m *ebpf.Map) bool {
+	var v lbNodeConfig
+	if err := m.Lookup(uint32(0), &v); err != nil {
+		return false
 	}
-	if hostNetNSOnly {
-		klog.InfoS("Socket-level load balancing is confined to the node's network namespace: "+
-			"pods' Service traffic is served by the packet layer's iptables rules", "flag", "--"+FlagHostNetNSOnly)
+	return v.NetnsCookie&nodeHostNetNSOnly != 0
+}
+
+// writeNodeWord writes kbp_node's word. It is written at every start, so
+// a restart with the other --bpf-socket-lb-host-netns-only takes effect
+// there, or, for confining, once the packet layer serves pods' ClusterIPs
+// (Dataplane.ConfineToNodeNetNS).
+func writeNodeWord(m *ebpf.Map, cookie uint64, confined bool) error {
+	if err := m.Put(uint32(0), lbNodeConfig{NetnsCookie: nodeWord(cookie, confined)}); err != nil {
+		return fmt.Errorf("writing the node's network namespace for the BPF programs: %w", err)
 	}
+	return nil
 }
 
 // netnsCookie is the cookie of the network namespace at path (this
