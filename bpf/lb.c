@@ -592,6 +592,15 @@ static __always_inline int in_node_netns(struct bpf_sock_addr *ctx, __u64 node)
 }
 
 /*
+ * Whether the socket layer serves the socket: every socket, or with
+ * NODE_F_HOST_NETNS_ONLY those in the node's network namespace only.
+ */
+static __always_inline int socket_lb_applies(struct bpf_sock_addr *ctx, __u64 node)
+{
+	return !(node & NODE_F_HOST_NETNS_ONLY) || in_node_netns(ctx, node);
+}
+
+/*
  * Seconds of CLOCK_MONOTONIC, from the clock the kernel reads at each tick
  * (Linux 5.11): affinity timeouts are whole seconds, which a 32-bit count
  * holds for 136 years.
@@ -684,18 +693,22 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	*verdict = 1;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 0;
-	node = node_word();
-	if ((node & NODE_F_HOST_NETNS_ONLY) && !in_node_netns(ctx, node))
-		return 0; /* a pod's socket: the packet layer serves it */
 	frontend.addr = addr;
 	frontend.port = (__be16)ctx->user_port;
 	frontend.proto = proto;
+	/*
+	 * The node's word is read only where it decides: a connect to no
+	 * Service that is not refused, the most common, pays nothing for it.
+	 */
 	if (!read_value64(&kbp_services, &frontend, &svc.word)) {
 		reason = refusal_of(addr);
-		if (reason != STAT_MAX)
+		if (reason != STAT_MAX && socket_lb_applies(ctx, node_word()))
 			*verdict = refuse(reason, 0);
 		return 0; /* not a Service: leave the call alone */
 	}
+	node = node_word();
+	if (!socket_lb_applies(ctx, node))
+		return 0; /* a pod's socket: the packet layer serves it */
 	svc_id = svc.value.id & SVC_ID_MASK;
 	flags = svc.value.id & ~SVC_ID_MASK;
 	if ((flags & SVC_F_NODE_NETNS_ONLY) && !in_node_netns(ctx, node))
