@@ -3,6 +3,7 @@ package behaviour
 import (
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -35,7 +36,7 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 	s.sync(t, snap)
 	s.client.RedirectToSidecar(sidecarPort)
 	log := filepath.Join(t.TempDir(), "sidecar.log")
-	s.client.Start(true, testnet.Helper("sidecar", "15001", log)...)
+	s.client.Start(true, testnet.Helper("sidecar", strconv.Itoa(sidecarPort), log)...)
 
 	podIPs := map[string]bool{}
 	for _, p := range s.pods {
