@@ -12,7 +12,9 @@ import (
 // every socket on the node (Primary), and per-packet rules (Packets) for
 // what no socket on the node sent: packets arriving from outside at a node
 // port, an external IP or a load balancer IP, which the socket hooks never
-// see. Both are given every snapshot; each writes only its part.
+// see; and, with the socket layer confined to the node's network
+// namespace, pods' packets to every frontend, ClusterIPs included. Both
+// are given every snapshot; each writes only its part.
 //
 // Their writes do not overlap and neither reads the other, so their order
 // matters only for make-before-break: the socket layer first, since a
