@@ -55,6 +55,7 @@ type options struct {
 	maxFrontends       uint
 	maxAffinity        uint
 	netnsDirs          string
+	hostNetNSOnly      bool
 	minSyncPeriod      time.Duration
 	syncPeriod         time.Duration
 	healthzBindAddress string
@@ -98,6 +99,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.UintVar(&o.maxFrontends, ebpf.FlagMaxFrontends, ebpf.DefaultMaxFrontends, "capacity of the eBPF frontend map: ClusterIPs, plus node ports on each node port address, and the external and load balancer IPs the socket layer serves")
 	fs.UintVar(&o.maxAffinity, ebpf.FlagMaxAffinity, ebpf.DefaultMaxAffinity, "(client network namespace, service port) pairs whose ClientIP session affinity is remembered; the least recently used is forgotten first")
 	fs.StringVar(&o.netnsDirs, "netns-dir", strings.Join(ebpf.DefaultNetNSDirs, ","), "ebpf mode: comma-separated directories where the container runtime pins pods' network namespaces; connected UDP sockets there whose backend stopped serving are destroyed (entering them needs CAP_SYS_ADMIN); empty: the node's namespace only")
+	fs.BoolVar(&o.hostNetNSOnly, ebpf.FlagHostNetNSOnly, false, "ebpf mode: load-balance at socket level only the node's own network namespace (its processes, hostNetwork pods); pods' Service traffic, ClusterIPs included, is served by iptables rules per packet, so that a service mesh sidecar redirecting it with iptables (Istio, Linkerd) sees the Service address as the original destination")
 	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 0, "least time between two datapath syncs; changes arriving faster are batched (default 100ms in ebpf mode, where map updates are cheap; 1s in iptables mode, as kube-proxy)")
 	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
 	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of /healthz and /livez")
@@ -109,8 +111,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.nodePortAddresses, "nodeport-addresses", "", "comma-separated CIDRs of the node addresses node ports are served on, or \"primary\" for the node's primary address (its first InternalIP); default every address of the node, loopback excepted in ebpf mode (name 127.0.0.0/8 to serve node ports on 127.0.0.1 there)")
 	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated IPv4 Service ranges, used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
-	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode: the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
-	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode: masquerade all ClusterIP traffic")
+	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode, and ebpf mode with --"+ebpf.FlagHostNetNSOnly+": the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
+	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode, and ebpf mode with --"+ebpf.FlagHostNetNSOnly+": masquerade all ClusterIP traffic")
 	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", iptables.DefaultMasqueradeBit, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
 	fs.BoolVar(&o.localhostNPs, "iptables-localhost-nodeports", true, "iptables mode: also serve node ports on 127.0.0.0/8 when the node port addresses include it (all do without --nodeport-addresses), as kube-proxy: sets net.ipv4.conf.all.route_localnet=1, guarded by KUBE-FIREWALL (needs a writable /proc/sys)")
 	fs.DurationVar(&o.xtablesLockWait, "iptables-lock-wait", 5*time.Second, "iptables mode: how long to wait for the xtables lock that serialises iptables users on the node")
@@ -251,6 +253,20 @@ func (o options) iptablesConfig() iptables.Config {
 	}
 }
 
+// packetLayerConfig is the ebpf mode's packet layer. Packets no socket on
+// the node sent (from outside, to a node port, an external or load
+// balancer IP) are served per packet, by the iptables rules of those
+// frontends only; and, when the socket layer serves the node's own network
+// namespace only, pods' packets to every frontend, by the ClusterIP rules
+// too. The first full sync writes or removes those, so a restart with the
+// other value of the flag converges.
+func (o options) packetLayerConfig() iptables.Config {
+	cfg := o.iptablesConfig()
+	cfg.ExternalOnly = true
+	cfg.ClusterIPs = o.hostNetNSOnly
+	return cfg
+}
+
 // newDataplane starts the mode's datapath, wrapped so that the other mode's
 // leftovers go once it serves. It also returns the iptables backend in use
 // (in the ebpf mode, the packet layer's).
@@ -279,23 +295,25 @@ func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, string, 
 		MaxFrontends: uint32(o.maxFrontends),
 		MaxAffinity:  uint32(o.maxAffinity),
 		NetNSDirs:    splitList(o.netnsDirs),
+		// The packet layer below serves what it leaves alone.
+		HostNetNSOnly: o.hostNetNSOnly,
 	})
 	if err != nil {
 		return nil, "", fmt.Errorf("starting the eBPF datapath: %w", err)
 	}
-	// Packets no socket on the node sent (from outside, to a node port,
-	// an external or load balancer IP) are served per packet, by the
-	// iptables rules of those frontends only.
-	packetsCfg := o.iptablesConfig()
-	packetsCfg.ExternalOnly = true
-	packets, err := iptables.New(ctx, packetsCfg)
+	packets, err := iptables.New(ctx, o.packetLayerConfig())
 	if err != nil {
 		dp.Close()
 		return nil, "", fmt.Errorf("starting the packet layer (iptables rules for traffic from outside the node): %w", err)
 	}
 	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath,
-		"packetLayerBackend", packets.Backend(), "version", version.Get())
+		"packetLayerBackend", packets.Backend(), "socketLBHostNetNSOnly", o.hostNetNSOnly, "version", version.Get())
 	layered := &dataplane.Layered{Primary: dp, Packets: packets}
+	if o.hostNetNSOnly {
+		// Pods leave the socket layer only once the packet layer has
+		// their ClusterIP rules (at once if the previous run had them).
+		layered.PacketsServe = dp.ConfineToNodeNetNS
+	}
 	return dataplane.WithHandover(layered, "iptables", func(ctx context.Context) error {
 		// The packet layer's full syncs take over its own backend.
 		return iptables.CleanupExcept(ctx, o.iptablesConfig(), packets.Backend())

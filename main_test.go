@@ -66,6 +66,32 @@ func TestUsageErrors(t *testing.T) {
 	}
 }
 
+// --bpf-socket-lb-host-netns-only confines the socket layer and gives the
+// packet layer the ClusterIPs; without it the packet layer has none.
+func TestPacketLayerServesClusterIPsWhenConfined(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want bool
+	}{
+		{nil, false},
+		{[]string{"--bpf-socket-lb-host-netns-only"}, true},
+		{[]string{"--bpf-socket-lb-host-netns-only=false"}, false},
+	} {
+		var o options
+		if err := newFlagSet(&o, io.Discard).Parse(tc.args); err != nil {
+			t.Fatalf("%q: %v", tc.args, err)
+		}
+		if err := o.validate(); err != nil {
+			t.Fatalf("%q: %v", tc.args, err)
+		}
+		cfg := o.packetLayerConfig()
+		if !cfg.ExternalOnly || cfg.ClusterIPs != tc.want || o.hostNetNSOnly != tc.want {
+			t.Errorf("%q: packet layer ExternalOnly %v ClusterIPs %v, socket layer confined %v; want true, %v, %v",
+				tc.args, cfg.ExternalOnly, cfg.ClusterIPs, o.hostNetNSOnly, tc.want, tc.want)
+		}
+	}
+}
+
 func TestVersion(t *testing.T) {
 	var stdout, stderr bytes.Buffer
 	if code := run(context.Background(), []string{"--version"}, &stdout, &stderr); code != 0 {

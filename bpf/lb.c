@@ -76,7 +76,8 @@
  *   kbp_svc_ranges   the Service CIDRs: a connect to a ClusterIP on a port
  *                 it does not serve, or to an address of the Service range
  *                 that is no ClusterIP, is refused (see refusal_of)
- *   kbp_node      the node's network namespace cookie
+ *   kbp_node      the node's network namespace cookie, and node-wide
+ *                 flags (struct node_config)
  *
  * Frontends. A service id stands for a set of frontends that share one
  * backend list: a service port's ClusterIP, and its external frontends as
@@ -231,9 +232,28 @@ enum range_kind {
 /* Entries of kbp_svc_ranges. */
 #define MAX_SVC_RANGES 16
 
+/*
+ * kbp_node's one entry: the node's network namespace cookie in the bits of
+ * NODE_COOKIE_MASK, and flags (NODE_F_*) in the high byte, so that one load
+ * reads both and the value keeps the size it had before the flags (a map
+ * pinned by an earlier version stays usable; its flags are 0). The kernel
+ * counts network namespaces from 1 (net_cookie, Linux 5.7): a cookie never
+ * comes near 2^56.
+ */
 struct node_config {
 	__u64 netns_cookie;
 };
+
+#define NODE_COOKIE_MASK 0x00ffffffffffffffULL
+/*
+ * Socket-level load balancing for the node's own network namespace only
+ * (--bpf-socket-lb-host-netns-only): a socket in any other (a pod's) is
+ * neither translated nor refused, and its packets meet the packet layer's
+ * iptables rules, ClusterIPs included. A service mesh sidecar that
+ * redirects the pod's traffic with iptables then reads the Service address
+ * as the original destination, not a backend's.
+ */
+#define NODE_F_HOST_NETNS_ONLY (1ULL << 63)
 
 /*
  * What happened to one service port, per CPU. User space sums the CPUs.
@@ -604,19 +624,35 @@ static __always_inline enum stat_index refusal_of(__be32 addr)
 }
 
 /*
- * Whether the socket is in the node's own network namespace, where its
- * loopback is the node's. The cookie is written once, at start.
+ * The word of struct node_config, read in one load; 0 (no cookie, no
+ * flags) if absent. It is written once, at start.
  */
-static __always_inline int in_node_netns(struct bpf_sock_addr *ctx)
+static __always_inline __u64 node_word(void)
 {
 	__u32 zero = 0;
-	struct node_config *node = bpf_map_lookup_elem(&kbp_node, &zero);
-	__u64 cookie;
+	__u64 *word = bpf_map_lookup_elem(&kbp_node, &zero);
 
-	if (!node)
-		return 0;
-	cookie = *(volatile __u64 *)&node->netns_cookie;
+	return word ? *(volatile __u64 *)word : 0;
+}
+
+/*
+ * Whether the socket is in the node's own network namespace, where its
+ * loopback is the node's; node is node_word().
+ */
+static __always_inline int in_node_netns(struct bpf_sock_addr *ctx, __u64 node)
+{
+	__u64 cookie = node & NODE_COOKIE_MASK;
+
 	return cookie != 0 && cookie == bpf_get_netns_cookie(ctx);
+}
+
+/*
+ * Whether the socket layer serves the socket: every socket, or with
+ * NODE_F_HOST_NETNS_ONLY those in the node's network namespace only.
+ */
+static __always_inline int socket_lb_applies(struct bpf_sock_addr *ctx, __u64 node)
+{
+	return !(node & NODE_F_HOST_NETNS_ONLY) || in_node_netns(ctx, node);
 }
 
 /*
@@ -713,6 +749,7 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	__u64 *word;
 	__u32 svc_id, backend_id, flags, now = 0;
 	__u8 proto = ctx->protocol;
+	__u64 node;
 
 	*verdict = 1;
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
@@ -720,15 +757,22 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	frontend.addr = addr;
 	frontend.port = (__be16)ctx->user_port;
 	frontend.proto = proto;
+	/*
+	 * The node's word is read only where it decides: a connect to no
+	 * Service that is not refused, the most common, pays nothing for it.
+	 */
 	if (!read_value64(&kbp_services, &frontend, &svc.word)) {
 		reason = refusal_of(addr);
-		if (reason != STAT_MAX)
+		if (reason != STAT_MAX && socket_lb_applies(ctx, node_word()))
 			*verdict = refuse(reason, 0);
 		return 0; /* not a Service: leave the call alone */
 	}
+	node = node_word();
+	if (!socket_lb_applies(ctx, node))
+		return 0; /* a pod's socket: the packet layer serves it */
 	svc_id = svc.value.id & SVC_ID_MASK;
 	flags = svc.value.id & ~SVC_ID_MASK;
-	if ((flags & SVC_F_NODE_NETNS_ONLY) && !in_node_netns(ctx))
+	if ((flags & SVC_F_NODE_NETNS_ONLY) && !in_node_netns(ctx, node))
 		return 0; /* a pod's own loopback */
 	if (svc.value.count == 0) {
 		/*

@@ -12,7 +12,9 @@ import (
 // every socket on the node (Primary), and per-packet rules (Packets) for
 // what no socket on the node sent: packets arriving from outside at a node
 // port, an external IP or a load balancer IP, which the socket hooks never
-// see. Both are given every snapshot; each writes only its part.
+// see; and, with the socket layer confined to the node's network
+// namespace, pods' packets to every frontend, ClusterIPs included. Both
+// are given every snapshot; each writes only its part.
 //
 // Their writes do not overlap and neither reads the other, so their order
 // matters only for make-before-break: the socket layer first, since a
@@ -20,6 +22,13 @@ import (
 type Layered struct {
 	Primary Dataplane
 	Packets Dataplane
+	// PacketsServe, if set, is called after each sync the packet layer
+	// applied in full, until it succeeds: what must wait until the rules
+	// serve this snapshot. The eBPF mode confines its socket layer to the
+	// node's network namespace there (--bpf-socket-lb-host-netns-only),
+	// once the rules serve pods' ClusterIP traffic.
+	PacketsServe  func() error
+	packetsServed bool
 }
 
 var _ Dataplane = (*Layered)(nil)
@@ -31,6 +40,14 @@ var _ Dataplane = (*Layered)(nil)
 func (l *Layered) Sync(ctx context.Context, snap *model.Snapshot) error {
 	errPrimary := l.Primary.Sync(ctx, snap)
 	errPackets := l.Packets.Sync(ctx, snap)
+	if errPackets == nil && l.PacketsServe != nil && !l.packetsServed {
+		if err := l.PacketsServe(); err != nil {
+			// Retried after the next sync, which the error brings soon.
+			errPackets = fmt.Errorf("after the packet layer's sync: %w", err)
+		} else {
+			l.packetsServed = true
+		}
+	}
 	if errPrimary == nil && errPackets == nil {
 		return nil
 	}

@@ -81,3 +81,34 @@ func failedPortsOf(err error) []*ServiceError {
 	}
 	return nil
 }
+
+// PacketsServe runs after a sync the packet layer applied in full, never
+// before, and once it has succeeded, never again; its failure fails the
+// sync, so that the next one retries it.
+func TestLayeredPacketsServe(t *testing.T) {
+	p, k := &fakeLayer{}, &fakeLayer{err: errors.New("iptables-restore failed")}
+	calls := 0
+	var fail error
+	l := &Layered{Primary: p, Packets: k, PacketsServe: func() error { calls++; return fail }}
+	sync := func() error { return l.Sync(context.Background(), &model.Snapshot{Full: true}) }
+	if err := sync(); err == nil || calls != 0 {
+		t.Fatalf("packet layer failed: err %v, PacketsServe called %d times, want an error and 0", err, calls)
+	}
+	k.err = &SyncError{Services: []*ServiceError{{Reason: ReasonMapFull, Err: errors.New("one port")}}}
+	if err := sync(); err == nil || calls != 0 {
+		t.Fatalf("packet layer failed a port: err %v, PacketsServe called %d times, want an error and 0", err, calls)
+	}
+	k.err, fail = nil, errors.New("map write failed")
+	if err := sync(); err == nil || calls != 1 {
+		t.Fatalf("PacketsServe failed: err %v, called %d times, want an error and 1", err, calls)
+	}
+	fail = nil
+	for range 2 {
+		if err := sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if calls != 2 {
+		t.Errorf("PacketsServe called %d times, want 2 (once failing, once succeeding)", calls)
+	}
+}

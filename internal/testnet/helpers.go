@@ -44,6 +44,7 @@ func RunHelperIfRequested(extra map[string]func(args []string) error) {
 //	resolve ADDR [OPTION...]          query over one long-lived UDP socket until killed (see resolve)
 //	tcp6 ADDR N [inet4addr]           tcp from AF_INET6 sockets with IPV6_V6ONLY=0, as Java's are
 //	udp6 ADDR N [connected] [inet4addr]  udp from one such socket
+//	sidecar PORT LOG                  a mesh sidecar's outbound listener (see RedirectToSidecar)
 //
 // Result lines are "ok NAME peer=ADDR" or "err MESSAGE"; UDP ones add
 // from=ADDR, where the answer came from. The AF_INET6 clients take ADDR
@@ -98,6 +99,8 @@ func builtinHelper(args []string) error {
 		err = tcp6Requests(args[1], args[2:])
 	case "udp6":
 		err = udp6Requests(args[1], args[2:])
+	case "sidecar":
+		err = sidecar(args[1:])
 	default:
 		err = fmt.Errorf("unknown helper %q", args[0])
 	}

@@ -40,25 +40,41 @@ type mode struct {
 	// takeover removes what the other mode left, as main's handover does
 	// once this mode serves.
 	takeover func(s *setup) error
-	// socketLevel is true for the eBPF mode, which decides at connect()
-	// and sendmsg() rather than per packet.
+	// socketLevel is true when the client pod's sockets are load-balanced
+	// at connect() and sendmsg() rather than per packet: the eBPF mode,
+	// unless its socket layer serves the node's namespace only (its pods
+	// then get the iptables modes' behaviour, which every scenario asserts
+	// for them).
 	socketLevel bool
 }
 
-func ebpfMode() mode {
+func ebpfMode() mode { return ebpfModeWith(false) }
+
+// ebpfModeWith is the eBPF mode, with the socket layer confined to the
+// node's network namespace if hostNetNSOnly
+// (--bpf-socket-lb-host-netns-only): pods are then served per packet.
+func ebpfModeWith(hostNetNSOnly bool) mode {
+	name := "ebpf"
+	if hostNetNSOnly {
+		name = "ebpf-host-netns-only"
+	}
 	return mode{
-		name:        "ebpf",
-		socketLevel: true,
+		name:        name,
+		socketLevel: !hostNetNSOnly,
 		// As the proxy runs it: the socket layer, and iptables rules for
-		// packets from outside the node at external frontends.
+		// packets from outside the node at external frontends (and from
+		// pods to every frontend, if the socket layer leaves them).
 		open: func(t *testing.T, s *setup) dataplane.Dataplane {
 			t.Helper()
-			dp, err := ebpf.New(s.ebpfConfig())
+			ecfg := s.ebpfConfig()
+			ecfg.HostNetNSOnly = hostNetNSOnly
+			dp, err := ebpf.New(ecfg)
 			if err != nil {
 				t.Fatalf("loading the eBPF datapath: %v", err)
 			}
 			cfg := s.iptablesConfig()
 			cfg.ExternalOnly = true
+			cfg.ClusterIPs = hostNetNSOnly
 			packets, err := iptables.New(context.Background(), cfg)
 			if err != nil {
 				dp.Close()
@@ -66,6 +82,9 @@ func ebpfMode() mode {
 			}
 			s.packetsBackend = packets.Backend()
 			l := &dataplane.Layered{Primary: dp, Packets: packets}
+			if hostNetNSOnly {
+				l.PacketsServe = dp.ConfineToNodeNetNS
+			}
 			t.Cleanup(func() { l.Close() })
 			return l
 		},
@@ -146,7 +165,7 @@ func iptablesLeftovers(t *testing.T, s *setup) []string {
 	return left
 }
 
-var modes = []mode{ebpfMode(), iptablesMode(iptables.BackendNFT), iptablesMode(iptables.BackendLegacy)}
+var modes = []mode{ebpfMode(), ebpfModeWith(true), iptablesMode(iptables.BackendNFT), iptablesMode(iptables.BackendLegacy)}
 
 // forEachMode runs a scenario once per mode, each in a topology of its own.
 func forEachMode(t *testing.T, scenario func(t *testing.T, m mode)) {

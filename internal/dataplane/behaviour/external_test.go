@@ -361,6 +361,8 @@ func TestUnknownPortAndUnallocatedAddress(t *testing.T) {
 // cluster CIDR. The eBPF mode decides at connect() on the node's sockets
 // only; its packet layer serves external frontends, not ClusterIPs, so
 // such a packet is not translated and dies where the Service range leads.
+// With the socket layer confined to the node's namespace, the packet layer
+// has the ClusterIP rules, which serve it as kube-proxy's do.
 func TestClusterIPRoutedFromOutside(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
@@ -371,6 +373,6 @@ func TestClusterIPRoutedFromOutside(t *testing.T) {
 			expectFail(t, "eBPF mode: ClusterIP from outside", lines)
 			return
 		}
-		expectOK(t, "iptables mode: ClusterIP from outside", lines, names(s.pods)...)
+		expectOK(t, m.name+": ClusterIP from outside", lines, names(s.pods)...)
 	})
 }

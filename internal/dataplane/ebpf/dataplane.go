@@ -74,6 +74,8 @@ import (
 	"sync"
 	"time"
 
+	"k8s.io/klog/v2"
+
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
@@ -90,6 +92,33 @@ type Dataplane struct {
 	// revnat and affinity cache how many entries the reverse map and the
 	// affinity map hold.
 	revnat, affinity lruCount
+	node             nodeState
+}
+
+// nodeState is what kbp_node holds.
+type nodeState struct {
+	cookie   uint64
+	confined bool
+}
+
+// ConfineToNodeNetNS makes the programs leave every socket outside the
+// node's network namespace alone (Config.HostNetNSOnly): they are then
+// served by the packet layer, whose ClusterIP rules must be in place
+// first, or pods' connections to ClusterIPs would meet nothing. The proxy
+// calls it after the packet layer's first sync.
+func (d *Dataplane) ConfineToNodeNetNS() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.node.confined {
+		return nil
+	}
+	if err := writeNodeWord(d.kernel.objs.KbpNode, d.node.cookie, true); err != nil {
+		return err
+	}
+	d.node.confined = true
+	klog.InfoS("Socket-level load balancing is confined to the node's network namespace: "+
+		"pods' Service traffic is served by the packet layer's iptables rules", "flag", "--"+FlagHostNetNSOnly)
+	return nil
 }
 
 var _ dataplane.Dataplane = (*Dataplane)(nil)
@@ -108,7 +137,15 @@ func New(cfg Config) (*Dataplane, error) {
 	if err != nil {
 		return nil, err
 	}
-	writeNodeNetNS(k.objs.KbpNode, cfg.NodeNetNS)
+	// Confined at once only if the previous run was: otherwise pods'
+	// sockets stay translated until the packet layer has the ClusterIP
+	// rules (ConfineToNodeNetNS), and without the flag they are
+	// translated again from now on.
+	cookie := nodeCookie(cfg.NodeNetNS)
+	confined := cfg.HostNetNSOnly && pinnedConfined(k.objs.KbpNode)
+	if err := writeNodeWord(k.objs.KbpNode, cookie, confined); err != nil {
+		klog.ErrorS(err, "Node ports on loopback addresses are not served to sockets")
+	}
 	maps := Maps{
 		Services:   newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices),
 		Slots:      newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
@@ -130,9 +167,16 @@ func New(cfg Config) (*Dataplane, error) {
 		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict, eventStatsFailed)
 	rec.events = events
 	host := kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs}
+	if cfg.HostNetNSOnly {
+		// Pods' sockets are never translated then: a pod's socket
+		// connected to a ClusterIP is served per packet, and the packet
+		// layer cleans up its stale conntrack entries instead.
+		host.dirs = nil
+	}
 	sockets := newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events)
 	sockets.holderOf = rec.holderOf
 	return &Dataplane{
+		node:    nodeState{cookie: cookie, confined: confined},
 		kernel:  k,
 		grace:   grace,
 		rec:     rec,

@@ -10,6 +10,10 @@ const (
 	FlagMaxAffinity  = "bpf-max-affinity"
 )
 
+// FlagHostNetNSOnly names the flag that confines socket-level load
+// balancing to the node's own network namespace (Config.HostNetNSOnly).
+const FlagHostNetNSOnly = "bpf-socket-lb-host-netns-only"
+
 // Defaults hold 64k service ports and 256k backends.
 const (
 	DefaultMaxServices = 65536

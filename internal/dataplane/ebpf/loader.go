@@ -39,7 +39,16 @@ type Config struct {
 	// NetNSDirs are directories of pinned pod network namespaces whose
 	// sockets are destroyed likewise (DefaultNetNSDirs on a node); none if
 	// empty. Tests name a directory of their own pods' namespaces only.
+	// Unused with HostNetNSOnly: pods' sockets are never translated then.
 	NetNSDirs []string
+	// HostNetNSOnly confines socket-level load balancing to the node's
+	// network namespace (NodeNetNS): sockets of every other namespace, the
+	// pods', are neither translated nor refused, and their packets meet
+	// the packet layer's rules, which must then serve the ClusterIPs too
+	// (iptables.Config.ClusterIPs). For service meshes whose sidecars
+	// redirect a pod's traffic with iptables and read the original
+	// destination: they must see the Service address.
+	HostNetNSOnly bool
 
 	// ops does the steps of the program swap; nil is the kernel. Tests
 	// set it to fail a step.

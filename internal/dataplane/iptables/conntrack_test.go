@@ -106,7 +106,8 @@ func udpExternal(nodePort uint16, backends ...string) model.ServicePort {
 // ClusterIP: external IPs and load balancer IPs by address, the node port
 // by port. A new frontend is checked even if the endpoints did not change
 // (flows sent to it before were never translated). The external-only mode
-// does not translate ClusterIPs, so it leaves their flows alone.
+// does not translate ClusterIPs, so it leaves their flows alone, unless it
+// serves them for pods.
 func TestStaleUDPExternalFrontends(t *testing.T) {
 	all := []string{"10.96.0.9:53", "192.0.2.1:53", "198.51.100.1:53", "nodeport 30053"}
 	for _, tc := range []struct {
@@ -114,18 +115,22 @@ func TestStaleUDPExternalFrontends(t *testing.T) {
 		applied      model.ServicePort
 		next         model.ServicePort
 		externalOnly bool
+		noClusterIPs bool
 		want         []string
 	}{
-		{"endpoints arrive", udpExternal(30053), udpExternal(30053, "10.244.1.1:53"), false, all},
-		{"unchanged", udpExternal(30053, "10.244.1.1:53"), udpExternal(30053, "10.244.1.1:53"), false, nil},
-		{"new node port", udpExternal(30053, "10.244.1.1:53"), udpExternal(30054, "10.244.1.1:53"), false, []string{"nodeport 30054"}},
-		{"external only", udpExternal(30053), udpExternal(30053, "10.244.1.1:53"), true, all[1:]},
+		{"endpoints arrive", udpExternal(30053), udpExternal(30053, "10.244.1.1:53"), false, false, all},
+		{"unchanged", udpExternal(30053, "10.244.1.1:53"), udpExternal(30053, "10.244.1.1:53"), false, false, nil},
+		{"new node port", udpExternal(30053, "10.244.1.1:53"), udpExternal(30054, "10.244.1.1:53"), false, false, []string{"nodeport 30054"}},
+		{"external only", udpExternal(30053), udpExternal(30053, "10.244.1.1:53"), true, true, all[1:]},
+		// The packet layer serving pods' ClusterIP traffic translates
+		// it per packet too: its flows are checked.
+		{"external only with ClusterIPs", udpExternal(30053), udpExternal(30053, "10.244.1.1:53"), true, false, all},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			d := &Dataplane{applied: snap(true, tc.applied).Services}
-			d.opts.externalOnly = tc.externalOnly
+			d.opts.externalOnly, d.opts.noClusterIPs = tc.externalOnly, tc.noClusterIPs
 			s := snap(false, tc.next)
-			got := d.staleUDP(s, nextState(d.applied, s, tc.externalOnly)).frontends()
+			got := d.staleUDP(s, nextState(d.applied, s, tc.noClusterIPs)).frontends()
 			slices.Sort(got)
 			if !slices.Equal(got, tc.want) {
 				t.Errorf("checked %v, want %v", got, tc.want)

@@ -61,6 +61,16 @@ type Config struct {
 	// the eBPF mode runs it for packets from outside the node, which its
 	// socket hooks never see.
 	ExternalOnly bool
+	// ClusterIPs, with ExternalOnly, serves the ClusterIPs too, with the
+	// rules the iptables mode writes for them (the ClusterIP jumps in
+	// KUBE-SERVICES, the KUBE-SVC/KUBE-SVL and KUBE-SEP chains and their
+	// masquerade marks, the REJECT and DROP of ports without endpoints):
+	// the eBPF mode's packet layer when its socket layer serves the node's
+	// own network namespace only (--bpf-socket-lb-host-netns-only), so
+	// that pods' ClusterIP traffic is served per packet. The node's own
+	// sockets are translated at connect(), so their packets never match
+	// these rules.
+	ClusterIPs bool
 }
 
 func (c Config) withDefaults() Config {
@@ -161,6 +171,7 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 			clusterCIDR:   cfg.ClusterCIDR,
 			masqueradeAll: cfg.MasqueradeAll,
 			externalOnly:  cfg.ExternalOnly,
+			noClusterIPs:  cfg.ExternalOnly && !cfg.ClusterIPs,
 		},
 		localhostNodePorts: *cfg.LocalhostNodePorts && !cfg.ExternalOnly,
 		events:             make(map[string]uint64),
@@ -207,7 +218,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		// Only a full snapshot says what else must be served.
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
 	}
-	next := nextState(d.applied, snap, d.opts.externalOnly)
+	next := nextState(d.applied, snap, d.opts.noClusterIPs)
 	services := flatten(next)
 	// The node shapes rules of every port (the firewall chains' view of
 	// the node's addresses): if it changed, everything is rewritten.
@@ -217,7 +228,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		opts.localhostNodePorts = d.localhostFor(snap.Node)
 	}
 	in := renderInput{services: services, node: snap.Node, canary: snap.Full && !opts.externalOnly,
-		chains: chainsToWrite(services, opts.externalOnly, func(n model.ServiceName) bool {
+		chains: chainsToWrite(services, opts.noClusterIPs, func(n model.ServiceName) bool {
 			if rewriteAll {
 				return true
 			}
@@ -261,7 +272,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		// Only the changed services' chains can have gone stale.
 		for name := range snap.Services {
 			for i := range d.applied[name] {
-				for _, c := range chainsOf(&d.applied[name][i], opts.externalOnly).names() {
+				for _, c := range chainsOf(&d.applied[name][i], opts.noClusterIPs).names() {
 					if !written[c] {
 						in.stale = append(in.stale, c)
 					}
@@ -342,15 +353,15 @@ func (d *Dataplane) ensureCounter(name string) bool {
 }
 
 // nextState is what the kernel holds once snap is applied over applied.
-// In the external-only mode, ports without an external frontend are not
-// served.
-func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Snapshot, externalOnly bool) map[model.ServiceName][]model.ServicePort {
+// Without the ClusterIPs (the external-only mode), ports without an
+// external frontend are not served.
+func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Snapshot, noClusterIPs bool) map[model.ServiceName][]model.ServicePort {
 	next := make(map[model.ServiceName][]model.ServicePort, len(applied))
 	if !snap.Full {
 		maps.Copy(next, applied)
 	}
 	for name, ports := range snap.Services {
-		if externalOnly && slices.ContainsFunc(ports, notExternal) {
+		if noClusterIPs && slices.ContainsFunc(ports, notExternal) {
 			ports = slices.DeleteFunc(slices.Clone(ports), notExternal)
 		}
 		if len(ports) == 0 {
@@ -375,7 +386,8 @@ func notExternal(sp model.ServicePort) bool { return !sp.External.Accessible() }
 // serving endpoints changed, or a frontend is new (flows sent before it
 // existed were never translated: a Service gaining its first endpoints, or
 // a new node port); a full sync checks every one. The external-only mode
-// does not translate ClusterIPs, so it leaves their flows alone.
+// does not translate ClusterIPs (unless told to: Config.ClusterIPs), so it
+// leaves their flows alone.
 func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]model.ServicePort) *staleUDP {
 	full := snap.Full
 	var names []model.ServiceName
@@ -415,7 +427,7 @@ func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]
 				}
 				return true
 			}
-			if !d.opts.externalOnly && check(prev == nil || prev.ClusterIP != sp.ClusterIP) {
+			if !d.opts.noClusterIPs && check(prev == nil || prev.ClusterIP != sp.ClusterIP) {
 				out.add(sp.ClusterIP, serving)
 			}
 			for _, ips := range [][]netip.Addr{sp.External.ExternalIPs, sp.External.LoadBalancerIPs} {

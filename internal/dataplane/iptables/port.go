@@ -29,10 +29,9 @@ type portView struct {
 	usesCluster, usesLocal, usesExt, usesFW bool
 }
 
-// viewOf reads a service port. In the external-only mode the ClusterIP is
-// not served, so a Local chain that only ClusterIP traffic would use is
-// left out.
-func viewOf(sp *model.ServicePort, externalOnly bool) portView {
+// viewOf reads a service port. Without the ClusterIPs (the external-only
+// mode) a Local chain that only ClusterIP traffic would use is left out.
+func viewOf(sp *model.ServicePort, noClusterIPs bool) portView {
 	v := portView{sp: sp}
 	// Backends are the internal policy's endpoints: read them as such,
 	// which also serves producers that fill only Backends for ports
@@ -47,7 +46,7 @@ func viewOf(sp *model.ServicePort, externalOnly bool) portView {
 	v.hasInternal = v.hasEndpoints && (!sp.InternalLocal || len(v.local) > 0)
 	v.hasExternal = v.hasEndpoints && (!sp.External.PolicyLocal || len(v.local) > 0)
 	v.usesCluster = len(v.cluster) > 0
-	v.usesLocal = len(v.local) > 0 && (!externalOnly || sp.External.PolicyLocal)
+	v.usesLocal = len(v.local) > 0 && (!noClusterIPs || sp.External.PolicyLocal)
 	if !v.usesLocal {
 		v.local = nil
 	}
@@ -119,8 +118,8 @@ type portChains struct {
 }
 
 // chainsOf names the chains of a service port.
-func chainsOf(sp *model.ServicePort, externalOnly bool) *portChains {
-	v := viewOf(sp, externalOnly)
+func chainsOf(sp *model.ServicePort, noClusterIPs bool) *portChains {
+	v := viewOf(sp, noClusterIPs)
 	return v.chains()
 }
 

@@ -36,10 +36,15 @@ type ruleOptions struct {
 	clusterCIDR netip.Prefix
 	// masqueradeAll masquerades every ClusterIP connection.
 	masqueradeAll bool
-	// externalOnly renders only the service ports with an external
-	// frontend, and nothing that matches a ClusterIP: the eBPF mode's
-	// socket hooks serve those, and run this for packets from outside.
+	// externalOnly leaves out what only the iptables mode has (localhost
+	// node ports and their KUBE-FIREWALL, the canary chains, kube-proxy's
+	// counters): the eBPF mode's packet layer, for packets no socket on
+	// the node sent.
 	externalOnly bool
+	// noClusterIPs (with externalOnly, unless Config.ClusterIPs) renders
+	// only the service ports with an external frontend, and nothing that
+	// matches a ClusterIP: the eBPF mode's socket hooks serve those.
+	noClusterIPs bool
 	// localhostNodePorts: node ports answer on 127.0.0.0/8 too, which
 	// needs route_localnet, which KUBE-FIREWALL guards (kube-proxy's
 	// --iptables-localhost-nodeports, effective for this node).
@@ -263,10 +268,10 @@ func (r *renderer) probability(n int) string {
 // of both tables always, its own chains when pc says so.
 func (r *renderer) port(sp *model.ServicePort, pc *portChains) {
 	opts := r.opts
-	if opts.externalOnly && !sp.External.Accessible() {
+	if opts.noClusterIPs && !sp.External.Accessible() {
 		return
 	}
-	v := viewOf(sp, opts.externalOnly)
+	v := viewOf(sp, opts.noClusterIPs)
 	name := portName(sp.Name)
 	proto := protocol(sp.Name.Protocol)
 	port := strconv.Itoa(int(sp.ClusterIP.Port))
@@ -313,7 +318,7 @@ func (r *renderer) port(sp *model.ServicePort, pc *portChains) {
 	}
 
 	// The ClusterIP.
-	if !opts.externalOnly {
+	if !opts.noClusterIPs {
 		if v.hasInternal {
 			r.nat.write("-A", chainServices, "-m", "comment", "--comment", quote(name+" cluster IP"),
 				"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", port, "-j", internalChain)
@@ -406,7 +411,7 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 	// ClusterIP traffic from outside the pods' range (the node, or a
 	// client routed to the service range) is masqueraded so that replies
 	// come back through this node.
-	if v.hasInternal && !opts.externalOnly && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
+	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
 		internalChain := pc.svc
 		if sp.InternalLocal {
 			internalChain = pc.svl
@@ -550,7 +555,7 @@ func (v *portView) chainRules(opts ruleOptions, node *model.NodeInfo) int {
 	}
 	sp := v.sp
 	n := 0
-	if v.hasInternal && !opts.externalOnly && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
+	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
 		n++
 	}
 	if v.usesExt {
@@ -605,11 +610,11 @@ func writeJumps(buf *bytes.Buffer, table string, missing []jump, stale []savedRu
 // writes (those rewrite selects), index-aligned with services; the others
 // get nil. Each name is a SHA-256, so a sync computes them once, for both
 // rendering and finding the chains no longer needed.
-func chainsToWrite(services []model.ServicePort, externalOnly bool, rewrite func(model.ServiceName) bool) []*portChains {
+func chainsToWrite(services []model.ServicePort, noClusterIPs bool, rewrite func(model.ServiceName) bool) []*portChains {
 	out := make([]*portChains, len(services))
 	for i := range services {
 		if rewrite(services[i].Name.ServiceName) {
-			out[i] = chainsOf(&services[i], externalOnly)
+			out[i] = chainsOf(&services[i], noClusterIPs)
 		}
 	}
 	return out

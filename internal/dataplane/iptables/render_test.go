@@ -60,7 +60,9 @@ func goldenCases() []goldenCase {
 	withLoopback := listed
 	withLoopback.NodePortAddresses = []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("172.29.0.2")}
 	externalOnly := defaultOpts
-	externalOnly.externalOnly, externalOnly.localhostNodePorts, externalOnly.nfacctInvalid, externalOnly.nfacctLocalhost = true, false, false, false
+	externalOnly.externalOnly, externalOnly.noClusterIPs, externalOnly.localhostNodePorts, externalOnly.nfacctInvalid, externalOnly.nfacctLocalhost = true, true, false, false, false
+	withClusterIPs := externalOnly
+	withClusterIPs.noClusterIPs = false
 	plain := ruleOptions{masqMark: "0x00004000", conntrackLiberal: true}
 	return []goldenCase{
 		{
@@ -130,6 +132,13 @@ func goldenCases() []goldenCase {
 			// external frontend, nothing matching a ClusterIP.
 			name: "external-only", services: kinds, slices: kindSlices, opts: externalOnly, firstSync: true,
 		},
+		{
+			// The eBPF mode's packet layer with a socket layer for the
+			// node's network namespace only: the ClusterIPs as
+			// every-kind has them (pods' traffic), and the external
+			// frontends as external-only has them.
+			name: "external-only-cluster-ips", services: kinds, slices: kindSlices, opts: withClusterIPs, firstSync: true,
+		},
 	}
 }
 
@@ -154,9 +163,9 @@ func renderCase(t testing.TB, c goldenCase) []byte {
 	if c.node != nil {
 		node = *c.node
 	}
-	next := nextState(nil, snap, c.opts.externalOnly)
+	next := nextState(nil, snap, c.opts.noClusterIPs)
 	services := flatten(next)
-	in := renderInput{services: services, node: node, chains: chainsToWrite(services, c.opts.externalOnly, all)}
+	in := renderInput{services: services, node: node, chains: chainsToWrite(services, c.opts.noClusterIPs, all)}
 	if c.firstSync {
 		in.missingJumps = jumpsFor(c.opts.externalOnly)
 		in.canary = !c.opts.externalOnly
