@@ -153,9 +153,11 @@ func (s *swap) rollback(cause error) error {
 // openMaps returns, for each pinned map, the map the new programs are to
 // read. A map pinned as the spec wants it is used as it is. One that
 // differs in capacity only (a --bpf-max-* flag changed) gets a copy of the
-// new size holding its entries, and a map not pinned yet a new one: both
-// are pinned when the swap commits, so that until then the old pins (and
-// the programs reading them) keep serving.
+// new size holding its entries, one of an earlier version's layout that
+// its pinnedMaps entry replaces gets an empty map of the new layout, and a
+// map not pinned yet a new one: all are pinned when the swap commits, so
+// that until then the old pins (and the programs reading them) keep
+// serving.
 func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf.Map, error) {
 	maps := make(map[string]*ebpf.Map, len(pinnedMaps))
 	for _, m := range pinnedMaps {
@@ -178,6 +180,24 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 			return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
 		}
 		s.hold(pinned)
+		if m.replaces != nil && want.Compatible(pinned) != nil && m.replaces(pinned) {
+			unpinned := want.Copy()
+			unpinned.Pinning = ebpf.PinNone
+			fresh, err := ebpf.NewMap(unpinned)
+			if err != nil {
+				return nil, fmt.Errorf("creating map %s: %w", m.name, err)
+			}
+			s.hold(fresh)
+			previous, err := pinned.Clone()
+			if err != nil {
+				return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
+			}
+			s.hold(previous)
+			klog.InfoS("Replacing a pinned map an earlier version made", "map", m.name)
+			maps[m.name] = fresh
+			s.pins = append(s.pins, pendingPin{what: "replaced map " + m.name, obj: fresh, path: path, previous: previous})
+			continue
+		}
 		resized, err := resized1(want, pinned, m.flag)
 		if err != nil {
 			return nil, err

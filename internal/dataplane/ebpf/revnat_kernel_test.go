@@ -1,0 +1,272 @@
+package ebpf
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+)
+
+// A resolver that opens a socket per query (musl's) churns through far
+// more sockets than kbp_revnat holds. Every one of those sockets' entries
+// goes with it, so an idle connected UDP socket opened before them keeps
+// its entry: its replies still show the VIP, and it is still destroyed
+// when its backend leaves.
+func TestKernelPerQuerySocketsKeepIdleSocketsTranslated(t *testing.T) {
+	const maxSockets = 64
+	for _, tc := range []struct {
+		name, addr string
+		inet6      bool
+	}{
+		{"inet", vip + ":53", false},
+		{"inet6", mappedVIP + ":53", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newKernelSetup(t, 2, func(c *Config) { c.MaxSockets = maxSockets })
+			dns := func(pods ...*testnet.Pod) *model.Snapshot {
+				return snapshot(true, servicePort("kube-system", "dns", "dns", model.UDP, vip+":53", s.backends(5353, pods...)...))
+			}
+			s.sync(t, dns(s.pods[0]))
+			wantFrom := netip.MustParseAddrPort(tc.addr).String()
+
+			idle := startIdleUDP(t, s, tc.addr, tc.inet6)
+			if got := idle.do(t, "query"); got != "ok pod-0 from="+wantFrom {
+				t.Fatalf("first query on the idle socket: %q, want an answer from %s", got, wantFrom)
+			}
+			// Ten times the map's size in per-query sockets of each kind,
+			// each closed after its answer.
+			n := 10 * maxSockets
+			if got, want := idle.do(t, fmt.Sprintf("churn %d", n)), fmt.Sprintf("churned %d %d", n, n); got != want {
+				t.Fatalf("per-query sockets: %q, want %q (answers from the VIP, unconnected and connected)", got, want)
+			}
+			if got := idle.do(t, "query"); got != "ok pod-0 from="+wantFrom {
+				t.Errorf("idle socket after %d per-query sockets: %q, want an answer from %s", 2*n, got, wantFrom)
+			}
+
+			// pod-0 leaves the Service: the socket cleanup must find the
+			// idle socket by its cookie and destroy it.
+			before, err := s.dp.Events()
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.sync(t, dns(s.pods[1]))
+			after, err := s.dp.Events()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := after[eventUDPSocketsDestroyed] - before[eventUDPSocketsDestroyed]; d != 1 {
+				t.Errorf("%d sockets destroyed when pod-0 left, want the idle one", d)
+			}
+			if got := idle.do(t, "query"); !strings.HasPrefix(got, "err ") {
+				t.Errorf("idle socket after its backend left: %q, want an error (destroyed)", got)
+			}
+			if n := countRevnat(t, s); n != 1 {
+				t.Errorf("%d reverse entries with one socket open, want 1", n)
+			}
+		})
+	}
+}
+
+func countRevnat(t *testing.T, s *kernelSetup) int {
+	t.Helper()
+	n, err := countEntries[uint64, lbSockRevnat](s.dp.kernel.objs.KbpRevnat)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// idleUDPClient drives the "idle-udp" helper.
+type idleUDPClient struct {
+	in    io.WriteCloser
+	lines chan string
+}
+
+func startIdleUDP(t *testing.T, s *kernelSetup, addr string, inet6 bool) *idleUDPClient {
+	t.Helper()
+	args := []string{"idle-udp", addr}
+	if inet6 {
+		args = append(args, "inet6")
+	}
+	cmd := s.client.Command(context.Background(), true, testnet.Helper(args...)...)
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { testnet.Stop(cmd) })
+	c := &idleUDPClient{in: in, lines: make(chan string)}
+	go func() {
+		defer close(c.lines)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			c.lines <- sc.Text()
+		}
+	}()
+	return c
+}
+
+// do sends one command and returns the helper's answer.
+func (c *idleUDPClient) do(t *testing.T, command string) string {
+	t.Helper()
+	if _, err := fmt.Fprintln(c.in, command); err != nil {
+		t.Fatalf("idle-udp %s: %v", command, err)
+	}
+	select {
+	case line, ok := <-c.lines:
+		if !ok {
+			t.Fatalf("idle-udp exited at %q", command)
+		}
+		return line
+	case <-time.After(2 * time.Minute):
+		t.Fatalf("idle-udp: no answer to %q", command)
+	}
+	return ""
+}
+
+// idleUDP is the "idle-udp" helper: idle-udp ADDR [inet6]. It connects one
+// UDP socket to ADDR (AF_INET6 with a v4-mapped ADDR for inet6) and then
+// does what each line on stdin says, answering with one line:
+//
+//	query    queries on that socket: "ok NAME from=ADDR" or "err MESSAGE"
+//	churn N  opens N unconnected sockets, each sending a query with
+//	         sendto, reading the answer with recvfrom and closing, then N
+//	         connected ones likewise: "churned U C", the answers that
+//	         came from ADDR of each kind
+func idleUDP(args []string) error {
+	if len(args) < 1 {
+		return fmt.Errorf("usage: idle-udp ADDR [inet6]")
+	}
+	to, err := netip.ParseAddrPort(args[0])
+	if err != nil {
+		return err
+	}
+	inet6 := len(args) > 1 && args[1] == "inet6"
+	idle, err := idleUDPSocket(inet6)
+	if err != nil {
+		return err
+	}
+	sa := sockaddrOf(to, inet6)
+	if err := unix.Connect(idle, sa); err != nil {
+		return err
+	}
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		cmd, arg, _ := strings.Cut(in.Text(), " ")
+		switch cmd {
+		case "query":
+			name, from, err := udpQuery(idle, nil)
+			if err != nil {
+				fmt.Println("err " + err.Error())
+				continue
+			}
+			fmt.Printf("ok %s from=%s\n", name, from)
+		case "churn":
+			n, err := strconv.Atoi(arg)
+			if err != nil {
+				return err
+			}
+			var fromVIP [2]int
+			for i, connected := range []bool{false, true} {
+				for range n {
+					fd, err := idleUDPSocket(inet6)
+					if err != nil {
+						return err
+					}
+					dest := sa
+					if connected {
+						err = unix.Connect(fd, sa)
+						dest = nil
+					}
+					var from netip.AddrPort
+					if err == nil {
+						_, from, err = udpQuery(fd, dest)
+					}
+					unix.Close(fd)
+					if err == nil && from == to {
+						fromVIP[i]++
+					}
+				}
+			}
+			fmt.Printf("churned %d %d\n", fromVIP[0], fromVIP[1])
+		default:
+			return fmt.Errorf("unknown command %q", cmd)
+		}
+	}
+	return in.Err()
+}
+
+// idleUDPSocket is a UDP socket with a receive timeout; an AF_INET6 one with
+// IPV6_V6ONLY off for inet6.
+func idleUDPSocket(inet6 bool) (int, error) {
+	family := unix.AF_INET
+	if inet6 {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return -1, err
+	}
+	tv := unix.Timeval{Sec: 2}
+	err = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	if err == nil && inet6 {
+		err = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0)
+	}
+	if err != nil {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+func sockaddrOf(ap netip.AddrPort, inet6 bool) unix.Sockaddr {
+	if inet6 {
+		return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	}
+	return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+}
+
+// udpQuery sends a query (with sendto to dest, unless nil) and returns the
+// answer and where recvfrom says it came from.
+func udpQuery(fd int, dest unix.Sockaddr) (string, netip.AddrPort, error) {
+	var err error
+	if dest == nil {
+		_, err = unix.Write(fd, []byte("query"))
+	} else {
+		err = unix.Sendto(fd, []byte("query"), 0, dest)
+	}
+	if err != nil {
+		return "", netip.AddrPort{}, err
+	}
+	buf := make([]byte, 512)
+	n, from, err := unix.Recvfrom(fd, buf, 0)
+	if err != nil {
+		return "", netip.AddrPort{}, err
+	}
+	var ap netip.AddrPort
+	switch sa := from.(type) {
+	case *unix.SockaddrInet4:
+		ap = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
+	case *unix.SockaddrInet6:
+		ap = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr), uint16(sa.Port))
+	}
+	return string(buf[:n]), ap, nil
+}
