@@ -3,15 +3,18 @@ package ebpf
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
@@ -75,6 +78,89 @@ func TestKernelPerQuerySocketsKeepIdleSocketsTranslated(t *testing.T) {
 				t.Errorf("%d reverse entries with one socket open, want 1", n)
 			}
 		})
+	}
+}
+
+// With as many open translated sockets as --bpf-max-sockets, the next
+// socket is still translated, only its replies show the backend, and the
+// failure is counted; closing sockets makes room again.
+func TestKernelFullRevnatIsCounted(t *testing.T) {
+	const maxSockets = 4
+	s := newKernelSetup(t, 1, func(c *Config) { c.MaxSockets = maxSockets })
+	s.sync(t, snapshot(true, servicePort("kube-system", "dns", "dns", model.UDP, vip+":53", s.backends(5353, s.pods...)...)))
+	before, err := s.dp.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := startIdleUDP(t, s, vip+":53", false)
+	// The helper's own connected socket takes one entry, 3 of these the
+	// rest.
+	if got := c.do(t, "hold 6"); got != "held 6 3" {
+		t.Fatalf("6 more open connected sockets: %q, want all 6 answered, 3 from the VIP", got)
+	}
+	after, err := s.dp.Events()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const failed = "reverse_entry_update_failed"
+	if d := after[failed] - before[failed]; d != 3 {
+		t.Errorf("%s rose by %d, want 3", failed, d)
+	}
+	usage, err := s.dp.MapUsage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range usage {
+		if u.Map == "revnat" && (u.Entries != maxSockets || u.Capacity != maxSockets) {
+			t.Errorf("revnat usage %d of %d, want %d of %d", u.Entries, u.Capacity, maxSockets, maxSockets)
+		}
+	}
+	c.do(t, "release")
+	if got := c.do(t, "hold 1"); got != "held 1 1" {
+		t.Errorf("a socket after the others closed: %q, want an answer from the VIP", got)
+	}
+}
+
+// A node upgraded from a version whose kbp_revnat was an LRU of {cookie,
+// backend} keys: the start replaces the pinned map with one of the new
+// layout, sockets are translated both ways, and --cleanup removes it.
+func TestKernelRestartReplacesLRURevnat(t *testing.T) {
+	s := newKernelSetup(t, 1)
+	snap := snapshot(true, servicePort("kube-system", "dns", "dns", model.UDP, vip+":53", s.backends(5353, s.pods...)...))
+	s.sync(t, snap)
+	s.dp.Close()
+	path := filepath.Join(s.cfg.BPFFSPath, lbMapKbpRevnat)
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 16, ValueSize: 8, MaxEntries: s.cfg.MaxSockets})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := old.Pin(path); err != nil {
+		t.Fatal(err)
+	}
+	old.Close()
+
+	s.dp = s.open(t)
+	s.sync(t, snap)
+	pinned, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pinned.Type() != ebpf.Hash || pinned.KeySize() != 8 {
+		t.Errorf("pinned kbp_revnat is a %v with %d-byte keys, want the per-socket hash", pinned.Type(), pinned.KeySize())
+	}
+	pinned.Close()
+	c := startIdleUDP(t, s, vip+":53", false)
+	if got := c.do(t, "query"); got != "ok pod-0 from="+vip+":53" {
+		t.Errorf("query after the upgrade: %q, want an answer from the VIP", got)
+	}
+	if err := Cleanup(s.cfg.BPFFSPath); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("kbp_revnat after --cleanup: %v, want it gone", err)
 	}
 }
 
@@ -147,6 +233,10 @@ func (c *idleUDPClient) do(t *testing.T, command string) string {
 // does what each line on stdin says, answering with one line:
 //
 //	query    queries on that socket: "ok NAME from=ADDR" or "err MESSAGE"
+//	hold N   opens N connected sockets, each sending a query and
+//	         reading the answer, and keeps them: "held A V", the answers
+//	         and those of them from ADDR
+//	release  closes the sockets held: "released"
 //	churn N  opens N unconnected sockets, each sending a query with
 //	         sendto, reading the answer with recvfrom and closing, then N
 //	         connected ones likewise: "churned U C", the answers that
@@ -168,6 +258,7 @@ func idleUDP(args []string) error {
 	if err := unix.Connect(idle, sa); err != nil {
 		return err
 	}
+	var held []int
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 		cmd, arg, _ := strings.Cut(in.Text(), " ")
@@ -179,6 +270,36 @@ func idleUDP(args []string) error {
 				continue
 			}
 			fmt.Printf("ok %s from=%s\n", name, from)
+		case "hold":
+			n, err := strconv.Atoi(arg)
+			if err != nil {
+				return err
+			}
+			answered, fromVIP := 0, 0
+			for range n {
+				fd, err := idleUDPSocket(inet6)
+				if err != nil {
+					return err
+				}
+				held = append(held, fd)
+				var from netip.AddrPort
+				if err = unix.Connect(fd, sa); err == nil {
+					_, from, err = udpQuery(fd, nil)
+				}
+				if err == nil {
+					answered++
+				}
+				if err == nil && from == to {
+					fromVIP++
+				}
+			}
+			fmt.Printf("held %d %d\n", answered, fromVIP)
+		case "release":
+			for _, fd := range held {
+				unix.Close(fd)
+			}
+			held = nil
+			fmt.Println("released")
 		case "churn":
 			n, err := strconv.Atoi(arg)
 			if err != nil {
