@@ -483,6 +483,14 @@ static __always_inline __u32 pick_slot(struct bpf_sock_addr *ctx, __u8 proto, __
 	return h % count;
 }
 
+/*
+ * Makes clang compute p here, in a register, rather than from the loop
+ * index where paths join: a pointer computed from an index that differs by
+ * path is refused by the verifier without CAP_PERFMON ("pointer arithmetic
+ * with it prohibited for !root"), as the DaemonSet runs.
+ */
+#define kbp_keep_pointer(p) asm volatile("" : "+r"(p))
+
 /* An address and port as a revnat_value's 8 bytes, for one-store writes. */
 static __always_inline __u64 revnat_word_of(__be32 addr, __be16 port)
 {
@@ -540,6 +548,7 @@ static __always_inline void remember_frontend(struct bpf_sock_addr *ctx,
 		__u64 *b = (__u64 *)&entry->pairs[i].backend;
 		__u64 *f = (__u64 *)&entry->pairs[i].frontend;
 
+		kbp_keep_pointer(f);
 		if (*(volatile __u64 *)b != be)
 			continue;
 		if (*(volatile __u64 *)f != fe)
@@ -860,6 +869,7 @@ static __always_inline int frontend_of(struct bpf_sock_addr *ctx, __be32 addr,
 	for (i = 0; i < REVNAT_PAIRS; i++) {
 		__u64 *b = (__u64 *)&entry->pairs[i].backend;
 
+		kbp_keep_pointer(b);
 		if (*(volatile __u64 *)b != want.word)
 			continue;
 		found.word = *(volatile __u64 *)&entry->pairs[i].frontend;
