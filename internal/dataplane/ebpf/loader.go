@@ -107,12 +107,11 @@ var pinnedMaps = []struct {
 
 // isLRURevnat tells whether m is kbp_revnat as versions before the
 // per-socket entries made it: an LRU hash of {cookie, backend address,
-// port} -> frontend, whose entries could outlive their sockets. Its
-// entries are not carried over: nothing tells which of them are live
-// sockets', and an entry copied for a closed socket would never be
-// deleted. A socket translated before the upgrade shows its backend's
-// address to recvmsg and getpeername from then on, and the UDP socket
-// cleanup no longer finds it.
+// port} -> frontend, whose entries could outlive their sockets. Only the
+// entries of open connected UDP sockets are carried over
+// (migrateLegacyRevnat): an entry copied for a closed socket would never
+// be deleted. Other sockets translated before the upgrade show their
+// backend's address to recvmsg and getpeername from then on.
 func isLRURevnat(m *ebpf.Map) bool {
 	return m.Type() == ebpf.LRUHash && m.KeySize() == 16 && m.ValueSize() == 8
 }
@@ -199,6 +198,9 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 			return nil, err
 		}
 		k.links = append(k.links, l)
+	}
+	if legacy := sw.legacy[lbMapKbpRevnat]; legacy != nil {
+		migrateLegacyRevnat(legacy, k.objs.KbpRevnat, kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs})
 	}
 	if err := sw.commit(); err != nil {
 		return nil, err

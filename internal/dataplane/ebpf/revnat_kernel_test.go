@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/sockdiag"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
@@ -123,12 +124,22 @@ func TestKernelFullRevnatIsCounted(t *testing.T) {
 
 // A node upgraded from a version whose kbp_revnat was an LRU of {cookie,
 // backend} keys: the start replaces the pinned map with one of the new
-// layout, sockets are translated both ways, and --cleanup removes it.
+// layout, carrying over the entries of open connected UDP sockets only,
+// sockets are translated both ways, and --cleanup removes the map.
 func TestKernelRestartReplacesLRURevnat(t *testing.T) {
 	s := newKernelSetup(t, 1)
 	snap := snapshot(true, servicePort("kube-system", "dns", "dns", model.UDP, vip+":53", s.backends(5353, s.pods...)...))
 	s.sync(t, snap)
+	// A resolver's connected socket, open across the upgrade.
+	idle := startIdleUDP(t, s, vip+":53", false)
+	if got := idle.do(t, "query"); got != "ok pod-0 from="+vip+":53" {
+		t.Fatalf("query before the upgrade: %q", got)
+	}
+	cookie := connectedUDPCookie(t, s.client, s.pods[0].IP.String()+":5353")
 	s.dp.Close()
+
+	// What the earlier version pinned: the idle socket's entry, and one
+	// of a socket long closed.
 	path := filepath.Join(s.cfg.BPFFSPath, lbMapKbpRevnat)
 	if err := os.Remove(path); err != nil {
 		t.Fatal(err)
@@ -136,6 +147,13 @@ func TestKernelRestartReplacesLRURevnat(t *testing.T) {
 	old, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.LRUHash, KeySize: 16, ValueSize: 8, MaxEntries: s.cfg.MaxSockets})
 	if err != nil {
 		t.Fatal(err)
+	}
+	fe := lbRevnatValue{Addr: addrToBPF(netip.MustParseAddr(vip)), Port: portToBPF(53)}
+	for _, c := range []uint64{cookie, 1 << 60} {
+		k := legacyRevnatKey{Cookie: c, Addr: addrToBPF(s.pods[0].IP), Port: portToBPF(5353)}
+		if err := old.Update(&k, &fe, ebpf.UpdateAny); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := old.Pin(path); err != nil {
 		t.Fatal(err)
@@ -152,9 +170,15 @@ func TestKernelRestartReplacesLRURevnat(t *testing.T) {
 		t.Errorf("pinned kbp_revnat is a %v with %d-byte keys, want the per-socket hash", pinned.Type(), pinned.KeySize())
 	}
 	pinned.Close()
-	c := startIdleUDP(t, s, vip+":53", false)
-	if got := c.do(t, "query"); got != "ok pod-0 from="+vip+":53" {
-		t.Errorf("query after the upgrade: %q, want an answer from the VIP", got)
+	if n := countRevnat(t, s); n != 1 {
+		t.Errorf("%d reverse entries carried over, want the open socket's only", n)
+	}
+	if got := idle.do(t, "query"); got != "ok pod-0 from="+vip+":53" {
+		t.Errorf("the open socket's query after the upgrade: %q, want an answer from the VIP", got)
+	}
+	fresh := startIdleUDP(t, s, vip+":53", false)
+	if got := fresh.do(t, "query"); got != "ok pod-0 from="+vip+":53" {
+		t.Errorf("a new socket's query after the upgrade: %q, want an answer from the VIP", got)
 	}
 	if err := Cleanup(s.cfg.BPFFSPath); err != nil {
 		t.Fatal(err)
@@ -162,6 +186,27 @@ func TestKernelRestartReplacesLRURevnat(t *testing.T) {
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("kbp_revnat after --cleanup: %v, want it gone", err)
 	}
+}
+
+// connectedUDPCookie is the cookie of pod's connected UDP socket to peer.
+func connectedUDPCookie(t *testing.T, pod *testnet.Pod, peer string) uint64 {
+	t.Helper()
+	c, err := sockdiag.OpenIn("/run/netns/" + pod.NS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	socks, err := c.ConnectedUDP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sk := range socks {
+		if sk.Remote.String() == peer {
+			return sk.Cookie
+		}
+	}
+	t.Fatalf("no connected UDP socket to %s in %s: %v", peer, pod.Name, socks)
+	return 0
 }
 
 func countRevnat(t *testing.T, s *kernelSetup) int {

@@ -95,6 +95,9 @@ type swap struct {
 	// held are handles the swap needs until it ends either way, such as
 	// the objects an undo pins back.
 	held []io.Closer
+	// legacy are the pinned maps of an earlier version's layout that the
+	// swap replaces, by name, for their entries to be carried over.
+	legacy map[string]*ebpf.Map
 }
 
 type undoStep struct {
@@ -194,6 +197,10 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 			}
 			s.hold(previous)
 			klog.InfoS("Replacing a pinned map an earlier version made", "map", m.name)
+			if s.legacy == nil {
+				s.legacy = make(map[string]*ebpf.Map)
+			}
+			s.legacy[m.name] = pinned
 			maps[m.name] = fresh
 			s.pins = append(s.pins, pendingPin{what: "replaced map " + m.name, obj: fresh, path: path, previous: previous})
 			continue
