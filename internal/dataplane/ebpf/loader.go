@@ -199,6 +199,9 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 		}
 		k.links = append(k.links, l)
 	}
+	if pinned := sw.resizedFrom[lbMapKbpRevnat]; pinned != nil {
+		resyncRevnat(pinned, k.objs.KbpRevnat)
+	}
 	if legacy := sw.legacy[lbMapKbpRevnat]; legacy != nil {
 		migrateLegacyRevnat(legacy, k.objs.KbpRevnat, kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs})
 	}

@@ -436,3 +436,59 @@ func udpQuery(fd int, dest unix.Sockaddr) (string, netip.AddrPort, error) {
 	}
 	return string(buf[:n]), ap, nil
 }
+
+// A resized kbp_revnat copy made before the new programs came is brought
+// up to date: entries of sockets closed since the copy go, entries of
+// sockets translated since come.
+func TestKernelResyncRevnat(t *testing.T) {
+	testnet.Require(t)
+	spec, err := loadLb()
+	if err != nil {
+		t.Fatal(err)
+	}
+	newMap := func() *ebpf.Map {
+		ms := spec.Maps[lbMapKbpRevnat].Copy()
+		ms.Pinning = ebpf.PinNone
+		ms.MaxEntries = 16
+		m, err := ebpf.NewMap(ms)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	from, to := newMap(), newMap()
+	entry := func(port uint16) lbSockRevnat {
+		e := lbSockRevnat{Next: 1}
+		e.Pairs[0].Backend.Port = port
+		return e
+	}
+	put := func(m *ebpf.Map, cookie uint64, port uint16) {
+		e := entry(port)
+		if err := m.Update(&cookie, &e, ebpf.UpdateAny); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 1 open throughout, 2 closed since the copy, 3 translated since;
+	// 1 has a pair more in from, which stays as copied.
+	put(from, 1, 11)
+	put(from, 3, 33)
+	put(to, 1, 10)
+	put(to, 2, 20)
+	resyncRevnat(from, to)
+	got := map[uint64]uint16{}
+	var (
+		cookie uint64
+		e      lbSockRevnat
+	)
+	it := to.Iterate()
+	for it.Next(&cookie, &e) {
+		got[cookie] = e.Pairs[0].Backend.Port
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if want := map[uint64]uint16{1: 10, 3: 33}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("resynced entries %v, want %v", got, want)
+	}
+}

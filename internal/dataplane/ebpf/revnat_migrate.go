@@ -90,3 +90,56 @@ func openConnectedUDP(host socketHost) map[uint64]netip.AddrPort {
 	}
 	return out
 }
+
+// resyncRevnat brings to, a resized copy of kbp_revnat made before the new
+// programs were attached, up to date with from, the pinned map the old
+// programs still write, once the new sock_release is attached. A socket
+// that closed after the copy had its entry deleted from from only: left
+// in to, it would never go. One translated after the copy has its entry
+// in from only. Sockets closing from now on are deleted from both maps,
+// and the old programs go at the commit; an entry added for a socket that
+// closed meanwhile is taken out again. An entry that is in both is
+// left as it is: rewriting it would replace the element under a program
+// that may be reading it.
+func resyncRevnat(from, to *ebpf.Map) {
+	var (
+		cookie uint64
+		entry  lbSockRevnat
+		stale  []uint64
+	)
+	it := to.Iterate()
+	for it.Next(&cookie, &entry) {
+		var v lbSockRevnat
+		if from.Lookup(&cookie, &v) != nil {
+			stale = append(stale, cookie)
+		}
+	}
+	if err := it.Err(); err != nil {
+		klog.ErrorS(err, "Reading the resized kbp_revnat; some closed sockets' entries may stay")
+	}
+	for _, c := range stale {
+		_ = to.Delete(&c)
+	}
+	var added []uint64
+	it = from.Iterate()
+	for it.Next(&cookie, &entry) {
+		if to.Update(&cookie, &entry, ebpf.UpdateNoExist) == nil {
+			added = append(added, cookie)
+		}
+	}
+	if err := it.Err(); err != nil {
+		klog.ErrorS(err, "Reading the pinned kbp_revnat; sockets translated during the resize may show their backend")
+	}
+	// A socket that closed between being read and being added was
+	// released before its entry came: it is gone from from.
+	kept := 0
+	for _, c := range added {
+		var v lbSockRevnat
+		if from.Lookup(&c, &v) != nil {
+			_ = to.Delete(&c)
+			continue
+		}
+		kept++
+	}
+	klog.V(2).InfoS("Brought the resized kbp_revnat up to date", "removed", len(stale), "added", kept)
+}

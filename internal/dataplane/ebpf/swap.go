@@ -98,6 +98,9 @@ type swap struct {
 	// legacy are the pinned maps of an earlier version's layout that the
 	// swap replaces, by name, for their entries to be carried over.
 	legacy map[string]*ebpf.Map
+	// resizedFrom are the pinned maps that resized copies replace, by
+	// name, for the copies to be brought up to date.
+	resizedFrom map[string]*ebpf.Map
 }
 
 type undoStep struct {
@@ -219,6 +222,10 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 			return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
 		}
 		s.hold(previous)
+		if s.resizedFrom == nil {
+			s.resizedFrom = make(map[string]*ebpf.Map)
+		}
+		s.resizedFrom[m.name] = pinned
 		maps[m.name] = resized
 		s.pins = append(s.pins, pendingPin{what: "resized map " + m.name, obj: resized, path: path, previous: previous})
 	}
