@@ -294,8 +294,10 @@ struct {
  * would drop live sockets' entries (an idle connected UDP socket's replies
  * would then show the pod address, and the socket cleanup could no longer
  * find it); with every entry deleted at close, a full map means that many
- * live translated sockets, and is counted. Not preallocated: memory
- * follows the live sockets, not --bpf-max-sockets.
+ * live translated sockets, and is counted. Not preallocated (hash maps
+ * without preallocation since Linux 4.6): memory follows the live
+ * sockets (about 130 bytes each before allocator rounding), not
+ * --bpf-max-sockets.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
