@@ -367,7 +367,12 @@ func idleUDP(args []string) error {
 						_, from, err = udpQuery(fd, dest)
 					}
 					unix.Close(fd)
-					if err == nil && from == to {
+					switch {
+					case err != nil:
+						fmt.Fprintf(os.Stderr, "idle-udp: per-query socket (connected %v): %v\n", connected, err)
+					case from != to:
+						fmt.Fprintf(os.Stderr, "idle-udp: per-query socket (connected %v): answer from %s\n", connected, from)
+					default:
 						fromVIP[i]++
 					}
 				}
@@ -391,7 +396,8 @@ func idleUDPSocket(inet6 bool) (int, error) {
 	if err != nil {
 		return -1, err
 	}
-	tv := unix.Timeval{Sec: 2}
+	// Generous: the kernel matrix runs this under emulation.
+	tv := unix.Timeval{Sec: 10}
 	err = unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
 	if err == nil && inet6 {
 		err = unix.SetsockoptInt(fd, unix.IPPROTO_IPV6, unix.IPV6_V6ONLY, 0)
