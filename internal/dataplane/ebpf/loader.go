@@ -84,8 +84,9 @@ var pinnedMaps = []struct {
 	flag     string
 	capacity func(Config) uint32
 	// replaces tells whether a pinned map of another layout is an
-	// earlier version's that a start replaces with an empty map of its
-	// own (pinned when the swap commits); nil: such a map is an error.
+	// earlier version's that a start replaces with a new map of its own
+	// (pinned when the swap commits; load carries over what entries it
+	// can); nil: such a map is an error.
 	replaces func(*ebpf.Map) bool
 }{
 	{lbMapKbpServices, FlagMaxFrontends, func(c Config) uint32 { return c.MaxFrontends }, nil},

@@ -160,7 +160,8 @@ func (s *swap) rollback(cause error) error {
 // read. A map pinned as the spec wants it is used as it is. One that
 // differs in capacity only (a --bpf-max-* flag changed) gets a copy of the
 // new size holding its entries, one of an earlier version's layout that
-// its pinnedMaps entry replaces gets an empty map of the new layout, and a
+// its pinnedMaps entry replaces gets a new map of the new layout (load
+// carries over what entries it can), and a
 // map not pinned yet a new one: all are pinned when the swap commits, so
 // that until then the old pins (and the programs reading them) keep
 // serving.
