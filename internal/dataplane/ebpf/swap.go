@@ -161,10 +161,9 @@ func (s *swap) rollback(cause error) error {
 // differs in capacity only (a --bpf-max-* flag changed) gets a copy of the
 // new size holding its entries, one of an earlier version's layout that
 // its pinnedMaps entry replaces gets a new map of the new layout (load
-// carries over what entries it can), and a
-// map not pinned yet a new one: all are pinned when the swap commits, so
-// that until then the old pins (and the programs reading them) keep
-// serving.
+// carries over what entries it can), and a map not pinned yet a new one:
+// all are pinned when the swap commits, so that until then the old pins
+// (and the programs reading them) keep serving.
 func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf.Map, error) {
 	maps := make(map[string]*ebpf.Map, len(pinnedMaps))
 	for _, m := range pinnedMaps {
