@@ -95,7 +95,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	fs.UintVar(&o.maxServices, ebpf.FlagMaxServices, ebpf.DefaultMaxServices, "capacity in service ports (one per Service port and protocol; two under internalTrafficPolicy Local with external frontends): service ids, their counters and the ClusterIP set")
 	fs.UintVar(&o.maxBackends, ebpf.FlagMaxBackends, ebpf.DefaultMaxBackends, "capacity of the eBPF backend and slot maps, in backend references summed over all service ports")
-	fs.UintVar(&o.maxSockets, ebpf.FlagMaxRevNAT, ebpf.DefaultMaxRevNAT, "sockets whose replies and peer name are shown as the Service address; the least recently used is forgotten first")
+	fs.UintVar(&o.maxSockets, ebpf.FlagMaxRevNAT, ebpf.DefaultMaxRevNAT, "open sockets whose replies and peer name are shown as the Service address (each entry goes when its socket closes); sockets translated beyond it show the backend's address")
 	fs.UintVar(&o.maxFrontends, ebpf.FlagMaxFrontends, ebpf.DefaultMaxFrontends, "capacity of the eBPF frontend map: ClusterIPs, plus node ports on each node port address, and the external and load balancer IPs the socket layer serves")
 	fs.UintVar(&o.maxAffinity, ebpf.FlagMaxAffinity, ebpf.DefaultMaxAffinity, "(client network namespace, service port) pairs whose ClientIP session affinity is remembered; the least recently used is forgotten first")
 	fs.StringVar(&o.netnsDirs, "netns-dir", strings.Join(ebpf.DefaultNetNSDirs, ","), "ebpf mode: comma-separated directories where the container runtime pins pods' network namespaces; connected UDP sockets there whose backend stopped serving are destroyed (entering them needs CAP_SYS_ADMIN); empty: the node's namespace only")

@@ -57,10 +57,18 @@
  *                 count it reads must be one.)
  *   kbp_slots     {service id, slot 0..count-1} -> backend id
  *   kbp_backends  backend id -> {address, port, protocol}
- *   kbp_revnat    {socket cookie, backend address, port} -> frontend,
- *                 deleted by sock_release when a connected socket closes;
- *                 one entry format for AF_INET and AF_INET6 sockets, keyed
- *                 by the IPv4 address
+ *   kbp_revnat    socket cookie -> the socket's last REVNAT_PAIRS
+ *                 {backend, frontend} pairs, written at connect/sendmsg,
+ *                 read at recvmsg/getpeername and by user space's UDP
+ *                 socket cleanup, deleted by sock_release whenever a
+ *                 socket closes (connected or not, its peer cleared or
+ *                 not): no entry outlives its socket, so the map holds
+ *                 live sockets only (--bpf-max-sockets sizes it; a full
+ *                 map is counted, STAT_REVNAT_UPDATE_FAILED). One format
+ *                 for AF_INET and AF_INET6 sockets: IPv4 addresses.
+ *                 bpf_get_socket_cookie came to sock_addr programs in
+ *                 4.19 and to sock_release's (CGROUP_SOCK) in 5.7, the
+ *                 sock_release hook in 5.9.
  *   kbp_stats     per-CPU event counters (nothing here logs)
  *   kbp_svc_stats service id -> per-CPU counters of that service port;
  *                 user space creates a zeroed entry before the id's
@@ -157,17 +165,37 @@ struct backend_value {
 	__u8 pad;
 };
 
-struct revnat_key {
-	__u64 cookie;
+/* An IPv4 address and port: a frontend, or in a pair the backend. */
+struct revnat_value {
 	__be32 addr;
 	__be16 port;
 	__u16 pad;
 };
 
-struct revnat_value {
-	__be32 addr;
-	__be16 port;
-	__u16 pad;
+/*
+ * A backend a socket was sent to, and the frontend it asked for. Aligned
+ * to 8 so that clang reads and writes each half in one 8-byte access (it
+ * splits an access it cannot prove aligned into 4-byte ones).
+ */
+struct revnat_pair {
+	struct revnat_value backend;
+	struct revnat_value frontend;
+} __attribute__((aligned(8)));
+
+/*
+ * Pairs kept per socket: a connected socket needs one, an unconnected one
+ * one per Service it sends to, and a resolver sends to a few nameservers
+ * (glibc and musl read at most 3) from one socket. The newest replaces
+ * the oldest.
+ */
+#define REVNAT_PAIRS 4
+_Static_assert((REVNAT_PAIRS & (REVNAT_PAIRS - 1)) == 0, "REVNAT_PAIRS is a power of two");
+
+/* kbp_revnat's value: one socket's pairs; an unused one is all zero. */
+struct sock_revnat {
+	struct revnat_pair pairs[REVNAT_PAIRS];
+	__u32 next; /* the pair a new backend replaces, modulo REVNAT_PAIRS */
+	__u32 pad;
 };
 
 /*
@@ -323,12 +351,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kbp_backends SEC(".maps");
 
-/* LRU: entries of closed sockets age out instead of needing a delete. */
+/*
+ * Keyed by socket cookie alone, so that sock_release can delete a socket's
+ * entry whatever became of its peer. A plain hash, not an LRU: eviction
+ * would drop live sockets' entries (an idle connected UDP socket's replies
+ * would then show the pod address, and the socket cleanup could no longer
+ * find it); with every entry deleted at close, a full map means that many
+ * live translated sockets, and is counted. Not preallocated (hash maps
+ * without preallocation since Linux 4.6): memory follows the live
+ * sockets (about 130 bytes each before allocator rounding), not
+ * --bpf-max-sockets.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct revnat_key);
-	__type(value, struct revnat_value);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, struct sock_revnat);
 	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kbp_revnat SEC(".maps");
 
@@ -515,26 +554,84 @@ static __always_inline __u32 pick_slot(struct bpf_sock_addr *ctx, __u8 proto, __
 	return h % count;
 }
 
+/*
+ * Makes clang compute p here, in a register, rather than from the loop
+ * index where paths join: a pointer computed from an index that differs by
+ * path is refused by the verifier without CAP_PERFMON ("pointer arithmetic
+ * with it prohibited for !root"), as the DaemonSet runs.
+ */
+#define kbp_keep_pointer(p) asm volatile("" : "+r"(p))
+
+/* An address and port as a revnat_value's 8 bytes, for one-store writes. */
+static __always_inline __u64 revnat_word_of(__be32 addr, __be16 port)
+{
+	struct revnat_value v = {.addr = addr, .port = port};
+	__u64 word;
+
+	__builtin_memcpy(&word, &v, sizeof(word));
+	return word;
+}
+
+/*
+ * A socket's entry is created once and then written in place, never
+ * replaced, so it stays at one address until sock_release deletes it, and
+ * no program can run on a socket being released: a pointer to it is never
+ * another socket's memory. A pair is two 8-byte words, each written in one
+ * store. Replacing a pair clears its backend word first and writes it last,
+ * so that a reader, which reads the backend, the frontend and the backend
+ * again (frontend_of), never takes one pair's frontend for another's
+ * backend on x86, whose stores are seen in order; elsewhere a torn read
+ * needs another thread of the socket reading a reply from the pair being
+ * replaced, in a window of a few instructions.
+ */
 static __always_inline void remember_frontend(struct bpf_sock_addr *ctx,
 					      const struct backend_value *backend,
 					      const struct svc_key *frontend)
 {
-	struct revnat_key key = {
-		.cookie = bpf_get_socket_cookie(ctx),
-		.addr = backend->addr,
-		.port = backend->port,
-	};
-	struct revnat_value value = {
-		.addr = frontend->addr,
-		.port = frontend->port,
-	};
-	struct revnat_value *old = bpf_map_lookup_elem(&kbp_revnat, &key);
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u64 be = revnat_word_of(backend->addr, backend->port);
+	__u64 fe = revnat_word_of(frontend->addr, frontend->port);
+	struct sock_revnat *entry;
+	__u32 i;
+	long err;
 
+	entry = bpf_map_lookup_elem(&kbp_revnat, &cookie);
+	if (!entry) {
+		struct sock_revnat fresh = {};
+
+		__builtin_memcpy(&fresh.pairs[0].backend, &be, sizeof(be));
+		__builtin_memcpy(&fresh.pairs[0].frontend, &fe, sizeof(fe));
+		fresh.next = 1;
+		err = bpf_map_update_elem(&kbp_revnat, &cookie, &fresh, BPF_NOEXIST);
+		if (err == 0)
+			return;
+		/* Another thread of the socket made it meanwhile: add to it. */
+		if (err == -EEXIST)
+			entry = bpf_map_lookup_elem(&kbp_revnat, &cookie);
+		if (!entry) {
+			count_event(STAT_REVNAT_UPDATE_FAILED);
+			return;
+		}
+	}
 	/* A UDP socket calls sendmsg per datagram: write only on change. */
-	if (old && old->addr == value.addr && old->port == value.port)
+#pragma unroll
+	for (i = 0; i < REVNAT_PAIRS; i++) {
+		__u64 *b = (__u64 *)&entry->pairs[i].backend;
+		__u64 *f = (__u64 *)&entry->pairs[i].frontend;
+
+		kbp_keep_pointer(f);
+		if (*(volatile __u64 *)b != be)
+			continue;
+		if (*(volatile __u64 *)f != fe)
+			*(volatile __u64 *)f = fe;
 		return;
-	if (bpf_map_update_elem(&kbp_revnat, &key, &value, BPF_ANY) < 0)
-		count_event(STAT_REVNAT_UPDATE_FAILED);
+	}
+	/* Two threads racing here may pick one pair: one backend is lost. */
+	i = *(volatile __u32 *)&entry->next & (REVNAT_PAIRS - 1);
+	*(volatile __u32 *)&entry->next = i + 1;
+	*(volatile __u64 *)&entry->pairs[i].backend = 0;
+	*(volatile __u64 *)&entry->pairs[i].frontend = fe;
+	*(volatile __u64 *)&entry->pairs[i].backend = be;
 }
 
 /*
@@ -861,27 +958,40 @@ static __always_inline void count_reverse(struct bpf_sock_addr *ctx,
 /*
  * The frontend a socket asked for, given the IPv4 backend address (and the
  * port in ctx) it was rewritten to, copied into *frontend; 0 if it was not
- * rewritten.
+ * rewritten. A pair's backend is read before and after its frontend, and
+ * the pair used only if both reads agree (see remember_frontend).
  */
 static __always_inline int frontend_of(struct bpf_sock_addr *ctx, __be32 addr,
 				       struct revnat_value *frontend)
 {
-	struct revnat_key key = {
-		.cookie = bpf_get_socket_cookie(ctx),
-		.addr = addr,
-		.port = (__be16)ctx->user_port,
-	};
-	/* One copy: an LRU element may be recycled under us. */
-	union revnat_word found;
-	__u64 *word = bpf_map_lookup_elem(&kbp_revnat, &key);
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	union revnat_word want = {}, found;
+	struct sock_revnat *entry;
+	__u32 i;
 
-	if (!word)
+	if (addr == 0)
 		return 0;
-	found.word = *(volatile __u64 *)word;
-	*frontend = found.value;
-	count_event(STAT_REVNAT_TRANSLATED);
-	count_reverse(ctx, frontend);
-	return 1;
+	entry = bpf_map_lookup_elem(&kbp_revnat, &cookie);
+	if (!entry)
+		return 0;
+	want.value.addr = addr;
+	want.value.port = (__be16)ctx->user_port;
+#pragma unroll
+	for (i = 0; i < REVNAT_PAIRS; i++) {
+		__u64 *b = (__u64 *)&entry->pairs[i].backend;
+
+		kbp_keep_pointer(b);
+		if (*(volatile __u64 *)b != want.word)
+			continue;
+		found.word = *(volatile __u64 *)&entry->pairs[i].frontend;
+		if (*(volatile __u64 *)b != want.word)
+			continue;
+		*frontend = found.value;
+		count_event(STAT_REVNAT_TRANSLATED);
+		count_reverse(ctx, frontend);
+		return 1;
+	}
+	return 0;
 }
 
 static __always_inline int translate4(struct bpf_sock_addr *ctx, enum stat_index translated_event)
@@ -994,40 +1104,22 @@ int kbp_getpeername6(struct bpf_sock_addr *ctx)
 }
 
 /*
- * A connected socket's reverse entry is keyed by its peer, so it can be
- * deleted when the socket goes: the LRU then holds live sockets (and the
- * peers of unconnected UDP sockets) instead of letting a busy node's closed
- * connections push out the entries of long-lived ones. An AF_INET6 socket
- * connected to an IPv4 peer has it v4-mapped.
+ * Every TCP and UDP socket's entry goes when the socket does, keyed by its
+ * cookie alone: unconnected sockets, sockets the UDP cleanup destroyed
+ * (udp_abort clears the peer before release) and sockets that reconnected
+ * leave nothing behind. Other protocols are never translated. The hook
+ * runs for AF_INET and AF_INET6 sockets (inet_release) since Linux 5.9;
+ * bpf_get_socket_cookie is allowed in it since 5.7.
  */
 SEC("cgroup/sock_release")
 int kbp_sock_release(struct bpf_sock *sk)
 {
-	struct revnat_key key = {};
-	/*
-	 * Volatile loads, each where it is written: clang otherwise merges the
-	 * loads of the two branches into one load through a computed pointer,
-	 * which the verifier refuses for the context.
-	 */
-	__u32 family = sk->family;
-	__be32 peer = *(volatile __u32 *)&sk->dst_ip4;
-	__u32 w0 = *(volatile __u32 *)&sk->dst_ip6[0];
-	__u32 w1 = *(volatile __u32 *)&sk->dst_ip6[1];
-	__u32 w2 = *(volatile __u32 *)&sk->dst_ip6[2];
-	__u32 w3 = *(volatile __u32 *)&sk->dst_ip6[3];
+	__u32 proto = sk->protocol;
+	__u64 cookie;
 
-	if (family == AF_INET6) {
-		if (!is_v4_mapped(w0, w1, w2))
-			return 1;
-		peer = w3;
-	} else if (family != AF_INET) {
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return 1;
-	}
-	if (peer == 0)
-		return 1;
-	key.cookie = bpf_get_socket_cookie(sk);
-	key.addr = peer;
-	key.port = sk->dst_port;
-	bpf_map_delete_elem(&kbp_revnat, &key);
+	cookie = bpf_get_socket_cookie(sk);
+	bpf_map_delete_elem(&kbp_revnat, &cookie);
 	return 1;
 }

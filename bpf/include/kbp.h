@@ -21,6 +21,7 @@ typedef __u32 __be32;
 #define AF_INET6 10
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
+#define EEXIST 17
 #define ECONNREFUSED 111
 
 /* Byte order: the programs compare addresses, which are big-endian, with constants. */
@@ -38,6 +39,7 @@ typedef __u32 __be32;
 #define BPF_MAP_TYPE_LRU_HASH 9
 #define BPF_F_NO_PREALLOC (1U << 0)
 #define BPF_ANY 0
+#define BPF_NOEXIST 1
 
 /* libbpf's pinning convention: the loader pins the map under its name. */
 #define LIBBPF_PIN_BY_NAME 1

@@ -27,8 +27,9 @@ type ServicePortCounters struct {
 type MapUsage struct {
 	// Map names the map as the metrics label it: services (every
 	// frontend: ClusterIPs, NodePorts, external and LoadBalancer IPs),
-	// slots, backends, revnat, service_stats, affinity (session affinity
-	// of client namespaces), affinity_match, cluster_ips.
+	// slots, backends, revnat (open translated sockets), service_stats,
+	// affinity (session affinity of client namespaces), affinity_match,
+	// cluster_ips.
 	Map      string
 	Entries  int
 	Capacity int

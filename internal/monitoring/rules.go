@@ -86,20 +86,27 @@ func Alerts() []Alert {
 			FedIn: bothModes,
 		},
 		{
-			// revnat is left out: an LRU map, full in normal operation
-			// (the least recently used socket is forgotten first).
+			// Every map: revnat holds open sockets only (each entry goes
+			// with its socket), so a full one means that many open
+			// translated sockets, and the next show the pod address.
 			Name: "KubeBpfProxyBPFMapNearlyFull",
-			Signal: `max by (instance, map) (kube_bpf_proxy_bpf_map_entries{` + proxy + `, map!="revnat"}` +
-				` / kube_bpf_proxy_bpf_map_capacity{` + proxy + `, map!="revnat"})`,
+			Signal: `max by (instance, map) (kube_bpf_proxy_bpf_map_entries{` + proxy + `}` +
+				` / kube_bpf_proxy_bpf_map_capacity{` + proxy + `})`,
 			Condition: "> 0.9",
 			For:       "15m",
 			Severity:  "warning",
 			Summary:   "A BPF map of kube-bpf-proxy is more than 90 % full.",
 			Description: "The {{ $labels.map }} map of kube-bpf-proxy on {{ $labels.instance }} is {{ $value | humanizePercentage }} full. " +
+				`{{ if eq $labels.map "revnat" }}` +
+				"It holds an entry per open socket the programs translated, each gone with its socket; once it is full, replies to newly translated sockets and their peer names show the pod address " +
+				"(kube_bpf_proxy_datapath_events_total{event=\"reverse_entry_update_failed\"} rises). Raise --bpf-max-sockets" +
+				`{{ else }}` +
 				"Once it is full, new Service ports or backends are not programmed (kube_bpf_proxy_service_ports_not_programmed{reason=\"map-full\"} rises and the Service gets a Warning Event) " +
 				"while everything already programmed keeps serving. Raise " +
 				`{{ if or (eq $labels.map "services") (eq $labels.map "service_stats") }}--bpf-max-services{{ else }}--bpf-max-backends{{ end }}` +
-				" in the DaemonSet's args (on restart the proxy copies its maps into ones of the new size while the old ones keep serving), or remove unused Services.",
+				`{{ end }}` +
+				" in the DaemonSet's args (on restart the proxy copies its maps into ones of the new size while the old ones keep serving)" +
+				`{{ if ne $labels.map "revnat" }}, or remove unused Services{{ end }}.`,
 			FedIn: ebpfOnly,
 		},
 		{

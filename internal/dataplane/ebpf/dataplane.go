@@ -14,9 +14,9 @@
 // connected UDP sockets, AF_INET and AF_INET6 (v4-mapped peers), that
 //
 //   - our programs translated from that frontend to a backend that no
-//     longer serves: kbp_revnat, keyed by socket cookie and backend, names
-//     the frontend; a socket connected to a pod IP directly has no entry
-//     and is not ours to touch; or
+//     longer serves: kbp_revnat, keyed by socket cookie, names the frontend
+//     of each backend the socket was sent to; a socket connected to a pod
+//     IP directly has no entry and is not ours to touch; or
 //   - are connected to the frontend's VIP:port itself, untranslated
 //     (connected before the Service existed).
 //
@@ -91,7 +91,7 @@ type Dataplane struct {
 	events *eventCounts
 	// revnat and affinity cache how many entries the reverse map and the
 	// affinity map hold.
-	revnat, affinity lruCount
+	revnat, affinity programCount
 	node             nodeState
 }
 
@@ -182,11 +182,11 @@ func New(cfg Config) (*Dataplane, error) {
 		rec:     rec,
 		sockets: sockets,
 		events:  events,
-		revnat: lruCount{
-			count: func() (int, error) { return countEntries[lbRevnatKey, lbRevnatValue](k.objs.KbpRevnat) },
+		revnat: programCount{
+			count: func() (int, error) { return countEntries[uint64, lbSockRevnat](k.objs.KbpRevnat) },
 			now:   time.Now,
 		},
-		affinity: lruCount{
+		affinity: programCount{
 			count: func() (int, error) { return countEntries[lbAffinityKey, lbAffinityValue](k.objs.KbpAffinity) },
 			now:   time.Now,
 		},
@@ -327,7 +327,7 @@ func (d *Dataplane) ServicePortCounters() ([]dataplane.ServicePortCounters, erro
 
 // MapUsage reports the entries in use and the capacity of each map: the
 // reconciler's exact counts for the maps it writes, and a count of the
-// keys of the maps the programs write (see lruCount).
+// keys of the maps the programs write (see programCount).
 func (d *Dataplane) MapUsage() ([]dataplane.MapUsage, error) {
 	revnat, err := d.revnat.get()
 	if err != nil {
@@ -357,14 +357,14 @@ func (d *Dataplane) MapUsage() ([]dataplane.MapUsage, error) {
 }
 
 // revnatCountTTL is how long a count of the reverse map (or the affinity
-// map) is reused. The map is an LRU the programs write: no one holds an
-// exact count, and counting walks every key (256k by default, a few
+// map) is reused. The programs write these maps: no one holds an exact
+// count, and counting walks every key (up to 256k by default, a few
 // milliseconds), which a scrape every few seconds by several Prometheus
 // servers should not repeat.
 const revnatCountTTL = 5 * time.Second
 
-// lruCount caches the count of an LRU map's entries.
-type lruCount struct {
+// programCount caches the count of the entries of a map the programs write.
+type programCount struct {
 	count func() (int, error)
 	now   func() time.Time
 
@@ -374,7 +374,7 @@ type lruCount struct {
 	ok   bool
 }
 
-func (c *lruCount) get() (int, error) {
+func (c *programCount) get() (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	now := c.now()

@@ -18,9 +18,10 @@ const FlagHostNetNSOnly = "bpf-socket-lb-host-netns-only"
 const (
 	DefaultMaxServices = 65536
 	DefaultMaxBackends = 262144
-	// DefaultMaxRevNAT bounds the sockets whose replies and peer names are
-	// translated back to the frontend; the least recently used entry goes
-	// first when it is full.
+	// DefaultMaxRevNAT bounds the open sockets whose replies and peer names
+	// are translated back to the frontend. Each entry goes when its socket
+	// closes; a socket translated while the map is full shows the backend's
+	// address (counted as reverse_entry_update_failed).
 	DefaultMaxRevNAT = 262144
 	// DefaultMaxFrontends holds a ClusterIP and three node addresses'
 	// NodePorts (or external IPs) for each of DefaultMaxServices ports.

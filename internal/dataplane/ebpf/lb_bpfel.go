@@ -45,12 +45,10 @@ type lbNodeConfig struct {
 	NetnsCookie uint64
 }
 
-type lbRevnatKey struct {
-	_      structs.HostLayout
-	Cookie uint64
-	Addr   uint32
-	Port   uint16
-	Pad    uint16
+type lbRevnatPair struct {
+	_        structs.HostLayout
+	Backend  lbRevnatValue
+	Frontend lbRevnatValue
 }
 
 type lbRevnatValue struct {
@@ -64,6 +62,13 @@ type lbSlotKey struct {
 	_     structs.HostLayout
 	SvcId uint32
 	Slot  uint32
+}
+
+type lbSockRevnat struct {
+	_     structs.HostLayout
+	Pairs [4]lbRevnatPair
+	Next  uint32
+	Pad   uint32
 }
 
 type lbStatIndex uint32

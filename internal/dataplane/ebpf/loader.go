@@ -94,22 +94,38 @@ var pinnedMaps = []struct {
 	name     string
 	flag     string
 	capacity func(Config) uint32
+	// replaces tells whether a pinned map of another layout is an
+	// earlier version's that a start replaces with a new map of its own
+	// (pinned when the swap commits; load carries over what entries it
+	// can); nil: such a map is an error.
+	replaces func(*ebpf.Map) bool
 }{
-	{lbMapKbpServices, FlagMaxFrontends, func(c Config) uint32 { return c.MaxFrontends }},
-	{lbMapKbpSlots, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
-	{lbMapKbpBackends, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
-	{lbMapKbpRevnat, FlagMaxRevNAT, func(c Config) uint32 { return c.MaxSockets }},
+	{lbMapKbpServices, FlagMaxFrontends, func(c Config) uint32 { return c.MaxFrontends }, nil},
+	{lbMapKbpSlots, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }, nil},
+	{lbMapKbpBackends, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }, nil},
+	{lbMapKbpRevnat, FlagMaxRevNAT, func(c Config) uint32 { return c.MaxSockets }, isLRURevnat},
 	// One entry per event; it grows when a version adds events.
-	{lbMapKbpStats, "", nil},
+	{lbMapKbpStats, "", nil, nil},
 	// One entry per service id, and ids go up to --bpf-max-services.
-	{lbMapKbpSvcStats, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }},
-	{lbMapKbpAffinity, FlagMaxAffinity, func(c Config) uint32 { return c.MaxAffinity }},
+	{lbMapKbpSvcStats, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
+	{lbMapKbpAffinity, FlagMaxAffinity, func(c Config) uint32 { return c.MaxAffinity }, nil},
 	// At most one entry per slot.
-	{lbMapKbpAffMatch, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }},
+	{lbMapKbpAffMatch, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }, nil},
 	// At most one ClusterIP per service port.
-	{lbMapKbpClusterIps, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }},
-	{lbMapKbpSvcRanges, "", nil},
-	{lbMapKbpNode, "", nil},
+	{lbMapKbpClusterIps, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
+	{lbMapKbpSvcRanges, "", nil, nil},
+	{lbMapKbpNode, "", nil, nil},
+}
+
+// isLRURevnat tells whether m is kbp_revnat as versions before the
+// per-socket entries made it: an LRU hash of {cookie, backend address,
+// port} -> frontend, whose entries could outlive their sockets. Only the
+// entries of open connected UDP sockets are carried over
+// (migrateLegacyRevnat): an entry copied for a closed socket would never
+// be deleted. Other sockets translated before the upgrade show their
+// backend's address to recvmsg and getpeername from then on.
+func isLRURevnat(m *ebpf.Map) bool {
+	return m.Type() == ebpf.LRUHash && m.KeySize() == 16 && m.ValueSize() == 8
 }
 
 // capacityFlag names the flag that sizes a map.
@@ -201,6 +217,12 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 			return nil, err
 		}
 		k.links = append(k.links, l)
+	}
+	if pinned := sw.resizedFrom[lbMapKbpRevnat]; pinned != nil {
+		resyncRevnat(pinned, k.objs.KbpRevnat)
+	}
+	if legacy := sw.legacy[lbMapKbpRevnat]; legacy != nil {
+		migrateLegacyRevnat(legacy, k.objs.KbpRevnat, kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs})
 	}
 	if err := sw.commit(); err != nil {
 		return nil, err

@@ -56,8 +56,9 @@ type socketHost interface {
 }
 
 // revnatLookup tells which frontend our programs translated a socket's
-// connect() from, as kbp_revnat records it: ok is false for a socket we
-// did not translate (connected to a pod IP directly, say).
+// connect() from, as kbp_revnat records it under the socket's cookie: ok
+// is false for a socket we did not translate (connected to a pod IP
+// directly, say).
 type revnatLookup func(cookie uint64, backend netip.AddrPort) (frontend netip.AddrPort, ok bool, err error)
 
 // udpSocketCleaner destroys connected UDP sockets left pointing at a backend
@@ -362,20 +363,32 @@ func (h kernelSocketHost) open(ns string) (socketTable, error) {
 	return sockdiag.OpenIn(ns)
 }
 
-// kernelRevnat looks sockets up in the kbp_revnat map.
+// kernelRevnat looks sockets up in the kbp_revnat map: the socket's entry
+// by cookie, then the pair of its backend (see sock_revnat in lb.c).
 func kernelRevnat(m *ebpf.Map) revnatLookup {
 	return func(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
-		key := lbRevnatKey{Cookie: cookie, Addr: addrToBPF(backend.Addr()), Port: portToBPF(backend.Port())}
-		var v lbRevnatValue
-		err := m.Lookup(&key, &v)
+		var v lbSockRevnat
+		err := m.Lookup(&cookie, &v)
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			return netip.AddrPort{}, false, nil
 		}
 		if err != nil {
-			return netip.AddrPort{}, false, fmt.Errorf("looking up %s in kbp_revnat: %w", backend, err)
+			return netip.AddrPort{}, false, fmt.Errorf("looking up socket %d in kbp_revnat: %w", cookie, err)
 		}
-		return netip.AddrPortFrom(addrFromBPF(v.Addr), portFromBPF(v.Port)), true, nil
+		fe, ok := frontendOfPair(&v, backend)
+		return fe, ok, nil
 	}
+}
+
+// frontendOfPair is the frontend of backend among a socket's pairs.
+func frontendOfPair(v *lbSockRevnat, backend netip.AddrPort) (netip.AddrPort, bool) {
+	addr, port := addrToBPF(backend.Addr()), portToBPF(backend.Port())
+	for _, p := range v.Pairs {
+		if p.Backend.Addr == addr && p.Backend.Port == port && addr != 0 {
+			return netip.AddrPortFrom(addrFromBPF(p.Frontend.Addr), portFromBPF(p.Frontend.Port)), true
+		}
+	}
+	return netip.AddrPort{}, false
 }
 
 // eventCounts are events counted in user space, for Events.

@@ -324,9 +324,12 @@ func TestKernelMapUsageMatchesMaps(t *testing.T) {
 		servicePort("default", "web", "http", model.TCP, vip+":80", s.backends(8080, s.pods...)...),
 		servicePort("kube-system", "dns", "dns", model.UDP, "10.96.0.53:53", s.backends(5353, s.pods...)...),
 		servicePort("default", "empty", "http", model.TCP, "10.96.0.11:80")))
-	// Unconnected UDP sockets leave a reverse entry each.
-	s.run(t, "udp", "10.96.0.53:53", "1")
-	s.run(t, "udp", "10.96.0.53:53", "1")
+	// Open translated sockets hold a reverse entry each: the helper's
+	// connected socket and one more.
+	c := startIdleUDP(t, s, "10.96.0.53:53", false)
+	if got := c.do(t, "hold 1"); got != "held 1 1" {
+		t.Fatalf("one more socket: %q", got)
+	}
 
 	check := func(phase string) {
 		t.Helper()
@@ -395,7 +398,9 @@ func TestKernelMapUsageMatchesMaps(t *testing.T) {
 		return 0
 	}
 	cached := usage()
-	s.run(t, "udp", "10.96.0.53:53", "1")
+	if got := c.do(t, "hold 1"); got != "held 1 1" {
+		t.Fatalf("one more socket: %q", got)
+	}
 	if got := usage(); got != cached {
 		t.Errorf("revnat count within its cache period: %d, want the cached %d", got, cached)
 	}

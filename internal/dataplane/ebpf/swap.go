@@ -97,6 +97,12 @@ type swap struct {
 	// held are handles the swap needs until it ends either way, such as
 	// the objects an undo pins back.
 	held []io.Closer
+	// legacy are the pinned maps of an earlier version's layout that the
+	// swap replaces, by name, for their entries to be carried over.
+	legacy map[string]*ebpf.Map
+	// resizedFrom are the pinned maps that resized copies replace, by
+	// name, for the copies to be brought up to date.
+	resizedFrom map[string]*ebpf.Map
 	// recopy are the resized maps the programs write (the LRU maps),
 	// copied once more after the commit (see commit).
 	recopy []recopy
@@ -164,9 +170,11 @@ func (s *swap) rollback(cause error) error {
 // openMaps returns, for each pinned map, the map the new programs are to
 // read. A map pinned as the spec wants it is used as it is. One that
 // differs in capacity only (a --bpf-max-* flag changed) gets a copy of the
-// new size holding its entries, and a map not pinned yet a new one: both
-// are pinned when the swap commits, so that until then the old pins (and
-// the programs reading them) keep serving.
+// new size holding its entries, one of an earlier version's layout that
+// its pinnedMaps entry replaces gets a new map of the new layout (load
+// carries over what entries it can), and a map not pinned yet a new one:
+// all are pinned when the swap commits, so that until then the old pins
+// (and the programs reading them) keep serving.
 func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf.Map, error) {
 	maps := make(map[string]*ebpf.Map, len(pinnedMaps))
 	for _, m := range pinnedMaps {
@@ -189,6 +197,28 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 			return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
 		}
 		s.hold(pinned)
+		if m.replaces != nil && want.Compatible(pinned) != nil && m.replaces(pinned) {
+			unpinned := want.Copy()
+			unpinned.Pinning = ebpf.PinNone
+			fresh, err := ebpf.NewMap(unpinned)
+			if err != nil {
+				return nil, fmt.Errorf("creating map %s: %w", m.name, err)
+			}
+			s.hold(fresh)
+			previous, err := pinned.Clone()
+			if err != nil {
+				return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
+			}
+			s.hold(previous)
+			klog.InfoS("Replacing a pinned map an earlier version made", "map", m.name)
+			if s.legacy == nil {
+				s.legacy = make(map[string]*ebpf.Map)
+			}
+			s.legacy[m.name] = pinned
+			maps[m.name] = fresh
+			s.pins = append(s.pins, pendingPin{what: "replaced map " + m.name, obj: fresh, path: path, previous: previous})
+			continue
+		}
 		resized, err := resized1(want, pinned, m.flag)
 		if err != nil {
 			return nil, err
@@ -206,6 +236,10 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 		if want.Type == ebpf.LRUHash {
 			s.recopy = append(s.recopy, recopy{name: m.name, from: pinned, to: resized})
 		}
+		if s.resizedFrom == nil {
+			s.resizedFrom = make(map[string]*ebpf.Map)
+		}
+		s.resizedFrom[m.name] = pinned
 		maps[m.name] = resized
 		s.pins = append(s.pins, pendingPin{what: "resized map " + m.name, obj: resized, path: path, previous: previous})
 	}
