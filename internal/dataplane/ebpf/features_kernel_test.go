@@ -123,7 +123,7 @@ func TestKernelFeatures(t *testing.T) {
 	t.Run("sock_release", func(t *testing.T) {
 		count := func() int {
 			t.Helper()
-			n, err := countEntries[uint64, lbRevnatValue](s.dp.kernel.objs.KbpRevnat)
+			n, err := countEntries[uint64, lbSockRevnat](s.dp.kernel.objs.KbpRevnat)
 			if err != nil {
 				t.Fatal(err)
 			}
