@@ -150,6 +150,7 @@ while read -r name suite meta; do
     pkg="$(apt-cache "${apt_opts[@]}" show "$meta/$suite" | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -n1)"
     [ -n "$pkg" ] || { echo "no kernel image behind $meta in $suite" >&2; exit 1; }
     echo "--- fetching $pkg ($suite) into $dir" >&2
+    started=$SECONDS
     rm -rf "$dir"
     mkdir -p "$dir/deb"
     (cd "$dir/deb" && apt-get "${apt_opts[@]}" -qq download "$pkg/$suite" >&2)
@@ -175,6 +176,7 @@ while read -r name suite meta; do
     ln -sf "root/boot/vmlinuz-$release" "$dir/vmlinuz"
     rm -rf "$dir/deb"
     touch "$dir/.complete"
+    echo "    fetched and unpacked in $((SECONDS - started)) s" >&2
   fi
   # The initramfs is rebuilt when the init script changes.
   if [ ! -f "$dir/initrd.img" ] || [ internal/kernelvm/init.sh -nt "$dir/initrd.img" ]; then
