@@ -50,7 +50,7 @@ kernels="$cache/kernels"
 mkdir -p "$kernels"
 # One fetch at a time: a second caller waits and then finds the kernels.
 exec 9>"$kernels/.lock"
-flock 9
+flock -n 9 || { echo "waiting for another hack/kernels.sh to finish fetching" >&2; flock 9; }
 
 mirror="${KBP_KERNEL_MIRROR:-}"
 if [ -z "$mirror" ]; then
@@ -178,13 +178,16 @@ while read -r name suite meta; do
     touch "$dir/.complete"
     echo "    fetched and unpacked in $((SECONDS - started)) s" >&2
   fi
-  # The initramfs is rebuilt when the init script changes.
-  if [ ! -f "$dir/initrd.img" ] || [ internal/kernelvm/init.sh -nt "$dir/initrd.img" ]; then
+  # The initramfs is rebuilt when the init script differs from the one in it.
+  if [ ! -f "$dir/initrd.img" ] || ! cmp -s internal/kernelvm/init.sh "$dir/init.sh"; then
     build_initramfs "$dir" "$(cat "$dir/release")"
+    cp internal/kernelvm/init.sh "$dir/init.sh"
   fi
   echo "$name: $(cat "$dir/package") ($(cat "$dir/release"))" >&2
 done < hack/kernels.list
 
+# The VMs only read the cache: the lock is for fetching.
+exec 9>&-
 $fetch_only && exit 0
 
 mkdir -p _output
