@@ -54,10 +54,10 @@ flock -n 9 || { echo "waiting for another hack/kernels.sh to finish fetching" >&
 
 mirror="${KBP_KERNEL_MIRROR:-}"
 if [ -z "$mirror" ]; then
-  mirror="$(sed -n 's#^URIs: *\(https\?://[^ ]*/debian\)/\?$#\1#p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)"
+  mirror="$(sed -n 's#^URIs: *\(https\?://[^ ]*/debian\)/\?$#\1#;T;p;q' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)"
 fi
 if [ -z "$mirror" ]; then
-  mirror="$(sed -n 's#^deb \(\[[^]]*\] \)\?\(https\?://[^ ]*/debian\)/\? .*#\2#p' /etc/apt/sources.list 2>/dev/null | head -n1)"
+  mirror="$(sed -n 's#^deb \(\[[^]]*\] \)\?\(https\?://[^ ]*/debian\)/\? .*#\2#;T;p;q' /etc/apt/sources.list 2>/dev/null || true)"
 fi
 mirror="${mirror:-http://deb.debian.org/debian}"
 
@@ -96,7 +96,7 @@ modules_in_order() {
     local m="$1" line deps d
     [ -n "${seen[$m]:-}" ] && return
     seen[$m]=1
-    line="$(grep -E "(^|/)$m\.ko(\.[gx]z|\.zst)?:" "$dir/modules.dep" | head -n1)"
+    line="$(grep -m1 -E "(^|/)$m\.ko(\.[gx]z|\.zst)?:" "$dir/modules.dep" || true)"
     if [ -z "$line" ]; then
       grep -qE "/$m\.ko" "$dir/modules.builtin" && return
       echo "module $m not found in $dir" >&2
@@ -147,7 +147,8 @@ while read -r name suite meta; do
   dir="$kernels/$name"
   if [ ! -f "$dir/.complete" ]; then
     apt_update
-    pkg="$(apt-cache "${apt_opts[@]}" show "$meta/$suite" | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -n1)"
+    info="$(apt-cache "${apt_opts[@]}" show "$meta/$suite")"
+    pkg="$(sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/;T;p;q' <<< "$info")"
     [ -n "$pkg" ] || { echo "no kernel image behind $meta in $suite" >&2; exit 1; }
     echo "--- fetching $pkg ($suite) into $dir" >&2
     started=$SECONDS
@@ -167,7 +168,8 @@ while read -r name suite meta; do
       '*/kernel/drivers/char/*'
     # Merged-/usr packages (trixie) put the modules under usr/lib only.
     [ -e "$dir/root/lib" ] || ln -s usr/lib "$dir/root/lib"
-    release="$(basename "$(ls -d "$dir"/root/lib/modules/*/ | head -n1)")"
+    releases=("$dir"/root/lib/modules/*/)
+    release="$(basename "${releases[0]}")"
     # The package leaves modules.dep and modules.alias to depmod at
     # install time; busybox's depmod writes them (it reads .ko.xz too).
     "$busybox" depmod -b "$dir/root" "$release"
@@ -191,6 +193,7 @@ exec 9>&-
 $fetch_only && exit 0
 
 mkdir -p _output
+rm -f _output/kernels.md
 KBP_CACHE="$cache" KBP_REQUIRE_KERNELS=1 KBP_KERNELS_REPORT="$PWD/_output/kernels.md" \
   go test -count=1 -v -timeout 30m -run '^TestKernelMatrix$' ./internal/kernelvm | grep -v '^=== ' || status=$?
 echo
