@@ -50,14 +50,14 @@ kernels="$cache/kernels"
 mkdir -p "$kernels"
 # One fetch at a time: a second caller waits and then finds the kernels.
 exec 9>"$kernels/.lock"
-flock 9
+flock -n 9 || { echo "waiting for another hack/kernels.sh to finish fetching" >&2; flock 9; }
 
 mirror="${KBP_KERNEL_MIRROR:-}"
 if [ -z "$mirror" ]; then
-  mirror="$(sed -n 's#^URIs: *\(https\?://[^ ]*/debian\)/\?$#\1#p' /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n1)"
+  mirror="$(sed -n 's#^URIs: *\(https\?://[^ ]*/debian\)/\?$#\1#;T;p;q' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)"
 fi
 if [ -z "$mirror" ]; then
-  mirror="$(sed -n 's#^deb \(\[[^]]*\] \)\?\(https\?://[^ ]*/debian\)/\? .*#\2#p' /etc/apt/sources.list 2>/dev/null | head -n1)"
+  mirror="$(sed -n 's#^deb \(\[[^]]*\] \)\?\(https\?://[^ ]*/debian\)/\? .*#\2#;T;p;q' /etc/apt/sources.list 2>/dev/null || true)"
 fi
 mirror="${mirror:-http://deb.debian.org/debian}"
 
@@ -96,7 +96,7 @@ modules_in_order() {
     local m="$1" line deps d
     [ -n "${seen[$m]:-}" ] && return
     seen[$m]=1
-    line="$(grep -E "(^|/)$m\.ko(\.[gx]z|\.zst)?:" "$dir/modules.dep" | head -n1)"
+    line="$(grep -m1 -E "(^|/)$m\.ko(\.[gx]z|\.zst)?:" "$dir/modules.dep" || true)"
     if [ -z "$line" ]; then
       grep -qE "/$m\.ko" "$dir/modules.builtin" && return
       echo "module $m not found in $dir" >&2
@@ -147,9 +147,11 @@ while read -r name suite meta; do
   dir="$kernels/$name"
   if [ ! -f "$dir/.complete" ]; then
     apt_update
-    pkg="$(apt-cache "${apt_opts[@]}" show "$meta/$suite" | sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/p' | head -n1)"
+    info="$(apt-cache "${apt_opts[@]}" show "$meta/$suite")"
+    pkg="$(sed -n 's/^Depends: \(linux-image-[^ ,]*\).*/\1/;T;p;q' <<< "$info")"
     [ -n "$pkg" ] || { echo "no kernel image behind $meta in $suite" >&2; exit 1; }
     echo "--- fetching $pkg ($suite) into $dir" >&2
+    started=$SECONDS
     rm -rf "$dir"
     mkdir -p "$dir/deb"
     (cd "$dir/deb" && apt-get "${apt_opts[@]}" -qq download "$pkg/$suite" >&2)
@@ -166,7 +168,8 @@ while read -r name suite meta; do
       '*/kernel/drivers/char/*'
     # Merged-/usr packages (trixie) put the modules under usr/lib only.
     [ -e "$dir/root/lib" ] || ln -s usr/lib "$dir/root/lib"
-    release="$(basename "$(ls -d "$dir"/root/lib/modules/*/ | head -n1)")"
+    releases=("$dir"/root/lib/modules/*/)
+    release="$(basename "${releases[0]}")"
     # The package leaves modules.dep and modules.alias to depmod at
     # install time; busybox's depmod writes them (it reads .ko.xz too).
     "$busybox" depmod -b "$dir/root" "$release"
@@ -175,17 +178,22 @@ while read -r name suite meta; do
     ln -sf "root/boot/vmlinuz-$release" "$dir/vmlinuz"
     rm -rf "$dir/deb"
     touch "$dir/.complete"
+    echo "    fetched and unpacked in $((SECONDS - started)) s" >&2
   fi
-  # The initramfs is rebuilt when the init script changes.
-  if [ ! -f "$dir/initrd.img" ] || [ internal/kernelvm/init.sh -nt "$dir/initrd.img" ]; then
+  # The initramfs is rebuilt when the init script differs from the one in it.
+  if [ ! -f "$dir/initrd.img" ] || ! cmp -s internal/kernelvm/init.sh "$dir/init.sh"; then
     build_initramfs "$dir" "$(cat "$dir/release")"
+    cp internal/kernelvm/init.sh "$dir/init.sh"
   fi
   echo "$name: $(cat "$dir/package") ($(cat "$dir/release"))" >&2
 done < hack/kernels.list
 
+# The VMs only read the cache: the lock is for fetching.
+exec 9>&-
 $fetch_only && exit 0
 
 mkdir -p _output
+rm -f _output/kernels.md
 KBP_CACHE="$cache" KBP_REQUIRE_KERNELS=1 KBP_KERNELS_REPORT="$PWD/_output/kernels.md" \
   go test -count=1 -v -timeout 30m -run '^TestKernelMatrix$' ./internal/kernelvm | grep -v '^=== ' || status=$?
 echo
