@@ -462,10 +462,10 @@ func TestBinaryPreflightKeepsRunningDatapath(t *testing.T) {
 		args    []string
 		missing string
 	}{{
-		name:    "no CAP_BPF or CAP_SYS_ADMIN",
+		name:    "no CAP_BPF, CAP_PERFMON or CAP_SYS_ADMIN",
 		wrap:    []string{"setpriv", "--inh-caps=-all,+net_admin,+net_raw", "--ambient-caps=-all,+net_admin,+net_raw", "--bounding-set=-all,+net_admin,+net_raw", "--"},
 		args:    args,
-		missing: "this process lacks CAP_BPF (or CAP_SYS_ADMIN)",
+		missing: "this process lacks CAP_BPF and CAP_PERFMON",
 	}, {
 		name:    "not a cgroup v2 directory",
 		args:    append(slices.Clone(args), "--cgroup-path="+t.TempDir()),

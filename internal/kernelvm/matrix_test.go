@@ -16,10 +16,12 @@ import (
 
 // kernelTests selects the eBPF package's tests that run on every kernel of
 // the matrix (a -test.run pattern); KBP_KERNEL_TESTS overrides it:
-// TestKernelFeatures, one subtest per feature on one datapath, and
+// TestKernelFeatures, one subtest per feature on one datapath;
 // TestKernelHooksPerPath, which proves the hook each AF_INET6 path runs
-// (the claims of bpf/lb.c's header) by the programs' run counts.
-const kernelTests = `^(TestKernelFeatures|TestKernelHooksPerPath)$`
+// (the claims of bpf/lb.c's header) by the programs' run counts; and
+// TestKernelRestartWithDaemonSetCapabilities, a restart with only the
+// DaemonSet's capabilities, which older verifiers judge more strictly.
+const kernelTests = `^(TestKernelFeatures|TestKernelHooksPerPath|TestKernelRestartWithDaemonSetCapabilities)$`
 
 // perKernel bounds one VM: boot, the selected tests under TCG, power off.
 // A kernel takes one to two minutes; three of them must fit in go test's

@@ -122,7 +122,7 @@ func Preflight(cgroupPath string) (Kernel, error) {
 	}
 	if missing := missingCapabilities(); missing != "" {
 		return fail("this process lacks "+missing,
-			"grant it in the DaemonSet's securityContext (manifests/base/daemonset.yaml adds BPF and NET_ADMIN), or run as root")
+			"grant it in the DaemonSet's securityContext (manifests/base/daemonset.yaml adds BPF, PERFMON and NET_ADMIN), or run as root")
 	}
 	if err := checkCgroup2(cgroupPath); err != nil {
 		return fail(fmt.Sprintf("no cgroup v2 hierarchy at %s (%v)", cgroupPath, err),
@@ -234,12 +234,16 @@ func kernelHasFilesystem(name string) bool {
 const (
 	capNetAdmin = 12
 	capSysAdmin = 21
+	capPerfmon  = 38 // Linux 5.8
 	capBPF      = 39 // Linux 5.8; before it, CAP_SYS_ADMIN loads programs
 )
 
 // missingCapabilities names the capabilities the eBPF mode needs that this
 // process lacks in its effective set, or "" when it has them: loading
-// cgroup programs needs CAP_BPF (or CAP_SYS_ADMIN) and CAP_NET_ADMIN.
+// cgroup programs needs CAP_BPF and CAP_NET_ADMIN, and the verifiers of
+// Linux 5.10 to 6.1 refuse our programs without CAP_PERFMON too ("attempt
+// to corrupt spilled pointer on stack": pointer spills are checked as for
+// unprivileged programs). CAP_SYS_ADMIN stands for both BPF and PERFMON.
 func missingCapabilities() string {
 	eff, err := effectiveCapabilities(filepath.Join("/proc", "self", "status"))
 	if err != nil {
@@ -247,8 +251,13 @@ func missingCapabilities() string {
 	}
 	has := func(c uint) bool { return eff&(1<<c) != 0 }
 	var missing []string
-	if !has(capBPF) && !has(capSysAdmin) {
-		missing = append(missing, "CAP_BPF (or CAP_SYS_ADMIN)")
+	if !has(capSysAdmin) {
+		if !has(capBPF) {
+			missing = append(missing, "CAP_BPF")
+		}
+		if !has(capPerfmon) {
+			missing = append(missing, "CAP_PERFMON")
+		}
 	}
 	if !has(capNetAdmin) {
 		missing = append(missing, "CAP_NET_ADMIN")

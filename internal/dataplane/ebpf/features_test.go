@@ -14,7 +14,7 @@ func TestEffectiveCapabilities(t *testing.T) {
 		want   uint64
 		err    bool
 	}{
-		{name: "DaemonSet's BPF, NET_ADMIN, NET_RAW", status: "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t0000008000003000\n", want: 1<<capBPF | 1<<capNetAdmin | 1<<13},
+		{name: "DaemonSet's BPF, PERFMON, NET_ADMIN, NET_RAW", status: "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000000c000003000\n", want: 1<<capBPF | 1<<capPerfmon | 1<<capNetAdmin | 1<<13},
 		{name: "root", status: "CapEff:\t000001ffffffffff\n", want: 0x1ffffffffff},
 		{name: "none", status: "CapEff:\t0000000000000000\n", want: 0},
 		{name: "no CapEff line", status: "Name:\tx\n", err: true},

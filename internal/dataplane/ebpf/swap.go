@@ -25,7 +25,7 @@ import (
 // only when the swap commits. Updating in place would need the previous
 // program to undo with, and a restarted process can open a program it did
 // not load only by id, which takes CAP_SYS_ADMIN (BPF_PROG_GET_FD_BY_ID): the
-// manifests' base grants BPF and NET_ADMIN only, and an operator may drop
+// manifests' base grants BPF, PERFMON and NET_ADMIN only, and an operator may drop
 // the SYS_ADMIN the ebpf overlay adds for another purpose. Until the commit,
 // each hook runs the old program and then the new one, both reading the
 // same entries (the resized maps are copies, and what the old programs
