@@ -72,7 +72,7 @@ var requirements = []requirement{
 	{"cgroup/sock_release programs", "5.9", hookProbe(ebpf.CGroupSock, ebpf.AttachCgroupInetSockRelease)},
 	{"bpf_get_socket_cookie in cgroup/connect4", "4.19", helperProbe(ebpf.CGroupSockAddr, asm.FnGetSocketCookie)},
 	{"bpf_get_netns_cookie in cgroup/connect4", "5.7", helperProbe(ebpf.CGroupSockAddr, asm.FnGetNetnsCookie)},
-	{"bpf_get_socket_cookie in cgroup/sock_release", "5.10", helperProbe(ebpf.CGroupSock, asm.FnGetSocketCookie)},
+	{"bpf_get_socket_cookie in cgroup/sock_release", "5.7", helperProbe(ebpf.CGroupSock, asm.FnGetSocketCookie)},
 	{"read-only global data (frozen .rodata maps)", "5.2", func() error { return features.HaveMapFlag(features.BPF_F_RDONLY_PROG) }},
 }
 
