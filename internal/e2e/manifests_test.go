@@ -295,8 +295,8 @@ func checkOverlaysDiffer(t *testing.T, rendered map[string][]string, ds map[stri
 		}
 	}
 	caps := map[string][]corev1.Capability{
-		"ebpf":     {"BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_ADMIN"},
-		"iptables": {"BPF", "PERFMON", "NET_ADMIN", "NET_RAW"},
+		"ebpf":     {"BPF", "NET_ADMIN", "NET_RAW", "PERFMON", "SYS_ADMIN"},
+		"iptables": {"BPF", "NET_ADMIN", "NET_RAW", "PERFMON"},
 	}
 	normal := map[string]*appsv1.DaemonSet{}
 	for mode, d := range ds {
