@@ -44,7 +44,8 @@ func (k Kernel) Degraded() []string {
 		out = append(out, "refusals fail with EPERM, not ECONNREFUSED (bpf_set_retval: Linux 5.18)")
 	}
 	if !k.NetnsCookie {
-		out = append(out, "node ports on loopback addresses are not served at socket level (SO_NETNS_COOKIE: Linux 5.14)")
+		out = append(out, "node ports on loopback addresses are not served at socket level, and with --"+FlagHostNetNSOnly+
+			" the node's own sockets are served per packet (SO_NETNS_COOKIE: Linux 5.14)")
 	}
 	return out
 }

@@ -138,6 +138,48 @@ func TestKernelFeatures(t *testing.T) {
 			t.Errorf("%d reverse entries after every socket closed, want 0", n)
 		}
 	})
+
+	// Last: the datapath stays confined.
+	t.Run("host-netns-only", func(t *testing.T) {
+		if err := s.dp.ConfineToNodeNetNS(); err != nil {
+			t.Fatal(err)
+		}
+		before, err := s.dp.Events()
+		if err != nil {
+			t.Fatal(err)
+		}
+		// A pod's connects are neither translated nor refused: the
+		// packet layer's (absent here) rules would serve them, and the
+		// test pod has no route for a VIP.
+		for _, l := range append(s.run(t, "tcp", vip+":80", "2"), s.run(t, "tcp", emptyVIP+":80", "1")...) {
+			if strings.HasPrefix(l, "ok pod-") || strings.Contains(l, "refused") || strings.Contains(l, "not permitted") {
+				t.Errorf("a pod's connect with the socket layer confined: %q, want it left alone", l)
+			}
+		}
+		node := s.net.HostNetwork().Results("tcp", vip+":80", "2")
+		after, err := s.dp.Events()
+		if err != nil {
+			t.Fatal(err)
+		}
+		translated := after["connect_translated"] - before["connect_translated"]
+		if kernel.NetnsCookie {
+			for _, l := range node {
+				if !strings.HasPrefix(l, "ok pod-") {
+					t.Errorf("the node's connect with the socket layer confined: %q, want a backend", l)
+				}
+			}
+			if translated != 2 {
+				t.Errorf("connect_translated rose by %d, want 2: the node's connects only", translated)
+			}
+			return
+		}
+		// The node's namespace is unknown to the programs: its sockets
+		// go to the packet layer too (fail-safe, at its cost).
+		if translated != 0 {
+			t.Errorf("connect_translated rose by %d, want 0 without the node's cookie", translated)
+		}
+		t.Logf("KBP-FEATURE host-netns-only degraded: the node's sockets too are left to the packet layer (SO_NETNS_COOKIE, Linux 5.14)")
+	})
 }
 
 // The variant older kernels get, loaded here: the same features, a refusal
