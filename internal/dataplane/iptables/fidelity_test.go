@@ -59,7 +59,8 @@ var allowedDifferences = []struct {
 	{
 		"the order of Services in the top-level chains (KUBE-SERVICES, KUBE-NODEPORTS, KUBE-EXTERNAL-SERVICES, KUBE-PROXY-FIREWALL)",
 		"kube-proxy writes them in Go map order, different at every sync; the order of one Service's rules is kept and compared, " +
-			"and so is the last rule of KUBE-SERVICES, the jump to KUBE-NODEPORTS",
+			"and so is the place of the jumps to KUBE-NODEPORTS, last in KUBE-SERVICES; among those jumps, one per node port " +
+			"address, the order is kube-proxy's set of node addresses, also a Go map (seen both ways in runs of this test)",
 		func(d *saveDump) { d.sortServices() },
 	},
 	{
@@ -116,12 +117,13 @@ func (d *saveDump) sortChains() {
 
 // serviceKey is the service port a top-level rule is for: the first word
 // of its comment ("ns/name:port cluster IP", "ns/name:port"). The jumps to
-// KUBE-NODEPORTS sort last.
+// KUBE-NODEPORTS sort last, among themselves by their text (their node
+// port address).
 var commentWord = regexp.MustCompile(`--comment "?([^" ]+)`)
 
 func serviceKey(rule string) string {
 	if strings.Contains(rule, "kubernetes service nodeports") {
-		return "\xff"
+		return "\xff" + rule
 	}
 	if m := commentWord.FindStringSubmatch(rule); m != nil {
 		return m[1]
