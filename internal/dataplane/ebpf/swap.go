@@ -183,13 +183,10 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 		pinned, err := ebpf.LoadPinnedMap(path, nil)
 		switch {
 		case errors.Is(err, os.ErrNotExist):
-			unpinned := want.Copy()
-			unpinned.Pinning = ebpf.PinNone
-			fresh, err := ebpf.NewMap(unpinned)
+			fresh, err := s.newUnpinned(want, m.name)
 			if err != nil {
-				return nil, fmt.Errorf("creating map %s: %w", m.name, err)
+				return nil, err
 			}
-			s.hold(fresh)
 			maps[m.name] = fresh
 			s.pins = append(s.pins, pendingPin{what: "map " + m.name, obj: fresh, path: path})
 			continue
@@ -198,18 +195,14 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 		}
 		s.hold(pinned)
 		if m.replaces != nil && want.Compatible(pinned) != nil && m.replaces(pinned) {
-			unpinned := want.Copy()
-			unpinned.Pinning = ebpf.PinNone
-			fresh, err := ebpf.NewMap(unpinned)
+			fresh, err := s.newUnpinned(want, m.name)
 			if err != nil {
-				return nil, fmt.Errorf("creating map %s: %w", m.name, err)
+				return nil, err
 			}
-			s.hold(fresh)
-			previous, err := pinned.Clone()
+			previous, err := s.previousOf(pinned, m.name)
 			if err != nil {
-				return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
+				return nil, err
 			}
-			s.hold(previous)
 			klog.InfoS("Replacing a pinned map an earlier version made", "map", m.name)
 			if s.legacy == nil {
 				s.legacy = make(map[string]*ebpf.Map)
@@ -228,11 +221,10 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 			continue
 		}
 		s.hold(resized)
-		previous, err := pinned.Clone() // a handle without the pin's path
+		previous, err := s.previousOf(pinned, m.name)
 		if err != nil {
-			return nil, fmt.Errorf("opening pinned map %s: %w", m.name, err)
+			return nil, err
 		}
-		s.hold(previous)
 		if want.Type == ebpf.LRUHash {
 			s.recopy = append(s.recopy, recopy{name: m.name, from: pinned, to: resized})
 		}
@@ -244,6 +236,30 @@ func (s *swap) openMaps(spec *ebpf.CollectionSpec, dir string) (map[string]*ebpf
 		s.pins = append(s.pins, pendingPin{what: "resized map " + m.name, obj: resized, path: path, previous: previous})
 	}
 	return maps, nil
+}
+
+// newUnpinned creates a map as want describes it, held by the swap and
+// pinned by none yet: the commit pins it, as name.
+func (s *swap) newUnpinned(want *ebpf.MapSpec, name string) (*ebpf.Map, error) {
+	unpinned := want.Copy()
+	unpinned.Pinning = ebpf.PinNone
+	m, err := ebpf.NewMap(unpinned)
+	if err != nil {
+		return nil, fmt.Errorf("creating map %s: %w", name, err)
+	}
+	s.hold(m)
+	return m, nil
+}
+
+// previousOf is a handle of the pinned map name without the pin's path,
+// held by the swap, for an undo to pin back.
+func (s *swap) previousOf(pinned *ebpf.Map, name string) (*ebpf.Map, error) {
+	previous, err := pinned.Clone()
+	if err != nil {
+		return nil, fmt.Errorf("opening pinned map %s: %w", name, err)
+	}
+	s.hold(previous)
+	return previous, nil
 }
 
 // attachProgram attaches prog to its hook in the cgroup through a new link
