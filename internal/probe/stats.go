@@ -91,19 +91,8 @@ func Summarize(before, after []Scrape) ([]Summary, error) {
 				if o := old[metricRoundTrip+labelKey(m)]; o != nil {
 					prev = o.GetHistogram()
 				}
-				if h.GetSampleCount() < prev.GetSampleCount() {
-					return nil, fmt.Errorf("round trip count of %s went down from %d to %d: a client restarted between the scrapes",
-						labelKey(m), prev.GetSampleCount(), h.GetSampleCount())
-				}
-				a := get(summaryKey{label(m, "mode"), label(m, "protocol")})
-				a.count += h.GetSampleCount() - prev.GetSampleCount()
-				a.sum += h.GetSampleSum() - prev.GetSampleSum()
-				prevBuckets := map[float64]uint64{}
-				for _, b := range prev.GetBucket() {
-					prevBuckets[b.GetUpperBound()] = b.GetCumulativeCount()
-				}
-				for _, b := range h.GetBucket() {
-					a.buckets[b.GetUpperBound()] += b.GetCumulativeCount() - prevBuckets[b.GetUpperBound()]
+				if err := get(summaryKey{label(m, "mode"), label(m, "protocol")}).addDelta(prev, h); err != nil {
+					return nil, fmt.Errorf("round trip of %s: %w", labelKey(m), err)
 				}
 			}
 		}
@@ -223,4 +212,105 @@ func WriteTable(w io.Writer, summaries []Summary) error {
 			ms(s.Mean), ms(s.CI99), ms(s.StdDev), ms(s.P50), ms(s.P99))
 	}
 	return tw.Flush()
+}
+
+// Measures of NodeSummary.
+const (
+	MeasureTCPConnect   = "tcp connect"
+	MeasureTCPRoundTrip = "tcp round trip"
+	MeasureUDPRoundTrip = "udp round trip"
+)
+
+// NodeSummary is what the client on one node measured between two scrapes
+// in one mode: a crossover A/B's value for one node and window.
+type NodeSummary struct {
+	Node, Mode string
+	// Measure is MeasureTCPConnect (the connect histogram), or
+	// MeasureTCPRoundTrip or MeasureUDPRoundTrip (the round trip's).
+	Measure  string
+	Requests uint64
+	// Mean is exact (the histogram's sum over its count); P50 is
+	// interpolated in the buckets, as in Summary.
+	Mean, P50 time.Duration
+}
+
+type nodeKey struct{ node, mode, measure string }
+
+// SummarizeByNode computes, per client node, mode and measure, what the
+// clients measured between the scrapes before and after (matched by their
+// labels, as in Summarize; every server node added up). Series at zero are
+// left out.
+func SummarizeByNode(before, after []Scrape) ([]NodeSummary, error) {
+	acc := map[nodeKey]*accumulator{}
+	old := map[string]*dto.Metric{}
+	for _, s := range before {
+		for _, name := range []string{metricRoundTrip, metricConnect} {
+			if f := s[name]; f != nil {
+				for _, m := range f.GetMetric() {
+					old[name+labelKey(m)] = m
+				}
+			}
+		}
+	}
+	for _, s := range after {
+		for _, name := range []string{metricRoundTrip, metricConnect} {
+			f := s[name]
+			if f == nil {
+				continue
+			}
+			for _, m := range f.GetMetric() {
+				measure := MeasureTCPConnect
+				if name == metricRoundTrip {
+					measure = label(m, "protocol") + " round trip"
+				}
+				k := nodeKey{label(m, "client_node"), label(m, "mode"), measure}
+				if acc[k] == nil {
+					acc[k] = &accumulator{buckets: map[float64]uint64{}}
+				}
+				var prev *dto.Histogram
+				if o := old[name+labelKey(m)]; o != nil {
+					prev = o.GetHistogram()
+				}
+				if err := acc[k].addDelta(prev, m.GetHistogram()); err != nil {
+					return nil, fmt.Errorf("%s of %s: %w", name, labelKey(m), err)
+				}
+			}
+		}
+	}
+	var out []NodeSummary
+	for k, a := range acc {
+		if a.count == 0 {
+			continue
+		}
+		out = append(out, NodeSummary{Node: k.node, Mode: k.mode, Measure: k.measure, Requests: a.count,
+			Mean: seconds(a.sum / float64(a.count)), P50: seconds(a.quantile(0.5))})
+	}
+	sort.Slice(out, func(i, j int) bool {
+		a, b := out[i], out[j]
+		if a.Measure != b.Measure {
+			return a.Measure < b.Measure
+		}
+		if a.Node != b.Node {
+			return a.Node < b.Node
+		}
+		return a.Mode < b.Mode
+	})
+	return out, nil
+}
+
+// addDelta adds what histogram h counted since prev (nil: since zero).
+func (a *accumulator) addDelta(prev, h *dto.Histogram) error {
+	if h.GetSampleCount() < prev.GetSampleCount() {
+		return fmt.Errorf("count went down from %d to %d: a client restarted between the scrapes", prev.GetSampleCount(), h.GetSampleCount())
+	}
+	a.count += h.GetSampleCount() - prev.GetSampleCount()
+	a.sum += h.GetSampleSum() - prev.GetSampleSum()
+	prevBuckets := map[float64]uint64{}
+	for _, b := range prev.GetBucket() {
+		prevBuckets[b.GetUpperBound()] = b.GetCumulativeCount()
+	}
+	for _, b := range h.GetBucket() {
+		a.buckets[b.GetUpperBound()] += b.GetCumulativeCount() - prevBuckets[b.GetUpperBound()]
+	}
+	return nil
 }

@@ -186,3 +186,51 @@ func TestParseScrapeRejectsGarbage(t *testing.T) {
 		t.Error("ParseScrape accepted garbage")
 	}
 }
+
+// SummarizeByNode keeps each client node and mode apart (a crossover's
+// cells), adds up the server nodes, and reads the connect histogram too.
+func TestSummarizeByNode(t *testing.T) {
+	a, b := newFakeClient(), newFakeClient()
+	a.observe("node1", "node1", "ebpf", "tcp", 10*time.Millisecond, 10)
+	before := []Scrape{a.scrape(t), b.scrape(t)}
+	// node1 (ebpf): tcp 40 µs x 3 to node1 and 40 µs x 1 to node2, udp 1 ms.
+	a.observe("node1", "node1", "ebpf", "tcp", 40*time.Microsecond, 3)
+	a.observe("node1", "node2", "ebpf", "tcp", 40*time.Microsecond, 1)
+	a.observe("node1", "node2", "ebpf", "udp", time.Millisecond, 2)
+	a.m.connect.WithLabelValues("node1", "node2", "ebpf").Observe(20e-6)
+	a.m.connect.WithLabelValues("node1", "node1", "ebpf").Observe(30e-6)
+	// node2 measured in two modes in the window (its proxy was swapped):
+	// one row per mode.
+	b.observe("node2", "node1", "iptables", "tcp", 2*time.Millisecond, 2)
+	b.observe("node2", "node1", "ebpf", "tcp", 4*time.Millisecond, 1)
+	after := []Scrape{b.scrape(t), a.scrape(t)}
+
+	got, err := SummarizeByNode(before, after)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []NodeSummary{
+		{Node: "node1", Mode: "ebpf", Measure: MeasureTCPConnect, Requests: 2, Mean: 25 * time.Microsecond},
+		{Node: "node1", Mode: "ebpf", Measure: MeasureTCPRoundTrip, Requests: 4, Mean: 40 * time.Microsecond},
+		{Node: "node2", Mode: "ebpf", Measure: MeasureTCPRoundTrip, Requests: 1, Mean: 4 * time.Millisecond},
+		{Node: "node2", Mode: "iptables", Measure: MeasureTCPRoundTrip, Requests: 2, Mean: 2 * time.Millisecond},
+		{Node: "node1", Mode: "ebpf", Measure: MeasureUDPRoundTrip, Requests: 2, Mean: time.Millisecond},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("got %+v, want %+v", got, want)
+	}
+	for i, w := range want {
+		g := got[i]
+		if g.Node != w.Node || g.Mode != w.Mode || g.Measure != w.Measure || g.Requests != w.Requests || !near(g.Mean, w.Mean) {
+			t.Errorf("row %d: %+v, want %+v", i, g, w)
+		}
+	}
+	// 4 samples at 40 µs, in bucket 25-50 µs: the median interpolated at
+	// rank 2 of 4 is 37.5 µs.
+	if p50 := got[1].P50; !near(p50, 37500*time.Nanosecond) {
+		t.Errorf("tcp p50 of node1 %v, want 37.5µs", p50)
+	}
+	if _, err := SummarizeByNode(after, before); err == nil || !strings.Contains(err.Error(), "restarted") {
+		t.Errorf("counts going down: err %v, want one saying a client restarted", err)
+	}
+}
