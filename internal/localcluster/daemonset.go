@@ -37,10 +37,11 @@ const imagePath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 // in mode on this cluster (README, "Pointing the proxy at the API server"):
 // manifests' overlay (base is that overlay's path relative to the file's
 // directory) with the API server's address merged into the manifests'
-// ConfigMap, and, for the iptables mode, the pods' range.
+// ConfigMap, and, for the iptables mode, the pods' range. mode is an
+// overlay's name: ebpf, iptables or ab (both, see ABDaemonSets).
 func (c *Cluster) Overlay(base, mode string) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, `# kube-bpf-proxy (%s mode) for the local cluster %s: the project's overlay,
+	fmt.Fprintf(&b, `# kube-bpf-proxy (overlay %s) for the local cluster %s: the project's overlay,
 # pointed at this cluster's API server.
 apiVersion: kustomize.config.k8s.io/v1beta1
 kind: Kustomization
@@ -53,16 +54,17 @@ configMapGenerator:
   - KUBERNETES_SERVICE_HOST=%s
   - KUBERNETES_SERVICE_PORT=%s
 `, mode, c.Name, base, APIServerConfigMap, c.Nodes[0].IP, apiServerPort)
-	if mode == "iptables" {
+	// The iptables mode's DaemonSet: overlays/ab renames it.
+	if ds := map[string]string{"iptables": "kube-bpf-proxy", "ab": ABDaemonSets["iptables"]}[mode]; ds != "" {
 		fmt.Fprintf(&b, `patches:
 - target:
     kind: DaemonSet
-    name: kube-bpf-proxy
+    name: %s
   patch: |-
     - op: add
       path: /spec/template/spec/containers/0/args/-
       value: --cluster-cidr=%s
-`, ClusterCIDR)
+`, ds, ClusterCIDR)
 	}
 	return b.String()
 }

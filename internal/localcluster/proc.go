@@ -25,6 +25,9 @@ type proc struct {
 	// Env is the process's whole environment; nil inherits this one's.
 	Env []string `json:"env,omitempty"`
 	Log string   `json:"log"`
+	// Owner names the workload the process is a pod of (a proxy's
+	// DaemonSet), if any.
+	Owner string `json:"owner,omitempty"`
 }
 
 // start runs p.Args in network namespace p.NetNS (if set) and cgroup p.Cgroup,

@@ -79,6 +79,7 @@ func (c *Cluster) proxyProc(ctx context.Context, node string, o ProxyOptions) (*
 		Args:   cmd,
 		Env:    env,
 		Log:    c.ProxyLog(node),
+		Owner:  o.DaemonSet.Name,
 	}, nil
 }
 
