@@ -15,10 +15,12 @@
 //	cluster forward [--listen 127.0.0.1:9090] [--to 127.0.0.1:9090] [--node node1]
 //	                                             forward connections to --listen on this machine's loopback
 //	                                             to --to inside the node's namespace, until interrupted
-//	cluster proxy start|stop|cleanup --node N [--mode ebpf|iptables]
+//	cluster proxy start|sync|stop|cleanup --node N [--mode ebpf|iptables]
 //	                                             start applies an overlay of manifests/overlays/MODE that
 //	                                             sets the API server's address (in DIR/overlays/MODE), then
-//	                                             runs the proxy as that DaemonSet's pod on node N
+//	                                             runs the proxy as that DaemonSet's pod on node N; sync runs
+//	                                             the pod of the DaemonSet the Node's labels select (overlays/ab:
+//	                                             label kube-bpf-proxy.io/desired-mode), swapping the running one
 //
 // --dir DIR, before the command, picks the cluster directory (default
 // $KBP_CLUSTER_DIR, then _output/cluster).
@@ -197,13 +199,24 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 				return err
 			}
 			return c.StartProxy(ctx, *node, o)
+		case "sync":
+			// As the DaemonSet controller and the kubelet do after the
+			// Node's labels changed (overlays/ab's desired-mode label):
+			// the pod of the DaemonSet that selects the node, swapped in
+			// if another one runs there.
+			ds, changed, err := c.SyncProxy(ctx, *node, bin)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%s runs %s (changed: %v)\n", *node, ds, changed)
+			return nil
 		case "stop":
 			_, err := c.SignalProxy(*node, syscall.SIGTERM, 10*time.Second)
 			return err
 		case "cleanup":
 			return c.CleanupProxy(ctx, *node, bin)
 		}
-		return fmt.Errorf("proxy %s: want start, stop or cleanup", pos[0])
+		return fmt.Errorf("proxy %s: want start, sync, stop or cleanup", pos[0])
 	}
 	return fmt.Errorf("unknown command %q", name)
 }

@@ -1,14 +1,21 @@
 // Command demo shows kube-bpf-proxy on a real, local Kubernetes control
 // plane (internal/localcluster): kube-apiserver, etcd and
 // kube-controller-manager with two simulated nodes in network namespaces of
-// their own. The proxy runs on both nodes as the DaemonSet would run it,
-// with the manifests' ServiceAccount and capabilities; the real EndpointSlice
-// controller builds the slices it serves. Nothing leaves the namespaces the
-// cluster makes.
+// their own. The proxy runs on both nodes as the DaemonSets of
+// manifests/overlays/ab would run it, with the manifests' ServiceAccount and
+// capabilities: one node in each mode, chosen by the Node label
+// kube-bpf-proxy.io/desired-mode. The real EndpointSlice controller builds
+// the slices it serves. Nothing leaves the namespaces the cluster makes.
+//
+// The latency probe compares the modes as a crossover A/B
+// (docs/ab-testing.md): both nodes measure at the same time, one per mode,
+// and swap modes halfway; the difference ebpf − iptables is paired by
+// window and node (internal/crossover), so neither the nodes' own
+// differences nor the order in which the modes ran pass for the datapath's.
 //
 //	demo            the whole tour, then everything is removed
-//	demo --keep     set up (cluster, proxies in ebpf mode, the web Service, the latency probe,
-//	                Prometheus with a forwarder on 127.0.0.1:9090) and leave it running
+//	demo --keep     set up (cluster, node1 in ebpf and node2 in iptables mode, the web Service,
+//	                the latency probe, Prometheus with a forwarder on 127.0.0.1:9090) and leave it running
 //	demo --down     remove what --keep left
 package main
 
@@ -24,10 +31,12 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"text/tabwriter"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/crossover"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
@@ -50,9 +59,25 @@ spec:
     targetPort: 8080
 `
 
-// probeWindow is how long the probe measures each mode: at the manifests'
-// 5 probes a second per client, about 150 requests per node and protocol.
-const probeWindow = 30 * time.Second
+// period is how long the probe measures in each half of the crossover: at
+// the manifests' 5 probes a second per client, about 150 requests per node
+// and protocol. window is the crossover's unit: both nodes' means over one
+// window make one paired difference (10 per period).
+const (
+	period = 30 * time.Second
+	window = 3 * time.Second
+)
+
+// firstModes is each node's mode in the first period; they swap for the
+// second.
+var firstModes = map[string]string{"node1": "ebpf", "node2": "iptables"}
+
+func otherMode(mode string) string {
+	if mode == "ebpf" {
+		return "iptables"
+	}
+	return "ebpf"
+}
 
 type demo struct {
 	ctx    context.Context
@@ -65,10 +90,17 @@ type demo struct {
 	clients map[string]*localcluster.Pod
 	// promURL is Prometheus's address from this machine (--keep).
 	promURL string
-	// probeClients and probeServers are the latency probe's pods;
-	// measured holds its results per mode, for the closing table.
+	// probeClients and probeServers are the latency probe's pods.
 	probeClients, probeServers []*localcluster.Pod
-	measured                   []probe.Summary
+	// modes is each node's current mode.
+	modes map[string]string
+	// obs are the crossover's values per measure: one per node and
+	// window; periods holds each period's summary per mode, for the
+	// secondary table.
+	obs     map[string][]crossover.Obs
+	periods [][]probe.Summary
+	// windows counts the windows measured, to number them.
+	windows int
 }
 
 func main() {
@@ -85,7 +117,7 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	bin, _ := filepath.Abs(*binary)
-	d := &demo{ctx: ctx, dir: *dir, binary: bin}
+	d := &demo{ctx: ctx, dir: *dir, binary: bin, obs: map[string][]crossover.Obs{}}
 	if *down {
 		d.teardown()
 		fmt.Println("Done: the demo cluster is gone.")
@@ -138,7 +170,7 @@ func (d *demo) up(kubeBin string) {
 	d.check(err)
 	d.kubectl("get", "nodes", "-o", "wide")
 
-	d.startProxies("ebpf")
+	d.startProxies()
 
 	d.begin("Creating Service default/web (port 80 -> 8080) and 3 web pods over both nodes, plus a client pod on each node")
 	cmd := d.c.KubectlCommand(d.ctx, d.c.AdminKubeconfig, "apply", "-f", "-")
@@ -204,121 +236,266 @@ func (d *demo) scrapeProbeClients() []probe.Scrape {
 	return scrapes
 }
 
-// measure lets the probe run for window with the proxies in mode, and keeps
-// what it measured in that mode for the closing table.
-func (d *demo) measure(mode string, window time.Duration) {
-	d.begin("Measuring for %s with the latency probe: ClusterIP round trips from both nodes, %s mode", window, mode)
-	// The clients label each request with their node's mode label, which
-	// the proxies write after their first sync: requests made before it
-	// changed count for the other mode, and are left out of this one's row.
+// waitModes waits until each node's proxy has recorded its mode on its
+// Node (it does after its first sync), which the probe clients read to
+// label their requests, and then for the clients' watch of their Node.
+func (d *demo) waitModes() {
 	for _, n := range d.c.Nodes {
+		mode := d.modes[n.Name]
 		d.waitFor(n.Name+"'s label "+nodelabel.Label+"="+mode, func() bool {
 			node, err := d.c.Client.CoreV1().Nodes().Get(d.ctx, n.Name, metav1.GetOptions{})
 			return err == nil && node.Labels[nodelabel.Label] == mode
 		})
 	}
-	time.Sleep(2 * time.Second) // the clients' watch of their Node
-	before := d.scrapeProbeClients()
-	select {
-	case <-d.ctx.Done():
-		d.fail(d.ctx.Err())
-	case <-time.After(window):
+	time.Sleep(2 * time.Second)
+}
+
+// measure is one period of the crossover: the probe runs for period with
+// the nodes in their current modes, scraped every window. Each window
+// gives each node's mean and median per measure, labelled with the mode
+// its client recorded; the period's whole summary per mode is kept for
+// the secondary table.
+func (d *demo) measure(p int) {
+	var split []string
+	for _, n := range d.c.Nodes {
+		split = append(split, n.Name+" "+d.modes[n.Name])
 	}
-	sums, err := probe.Summarize(before, d.scrapeProbeClients())
+	d.begin("Period %d of the A/B: measuring for %s with the latency probe, %s at the same time (a %s window at a time)",
+		p+1, period, strings.Join(split, ", "), window)
+	d.waitModes()
+	first := d.scrapeProbeClients()
+	prev := first
+	start := time.Now()
+	for i := 1; time.Duration(i)*window <= period; i++ {
+		select {
+		case <-d.ctx.Done():
+			d.fail(d.ctx.Err())
+		case <-time.After(time.Until(start.Add(time.Duration(i) * window))):
+		}
+		cur := d.scrapeProbeClients()
+		rows, err := probe.SummarizeByNode(prev, cur)
+		d.check(err)
+		d.addWindow(p, rows)
+		prev = cur
+	}
+	sums, err := probe.Summarize(first, prev)
 	d.check(err)
+	d.periods = append(d.periods, sums)
 	for _, s := range sums {
-		if s.Mode == mode {
-			d.measured = append(d.measured, s)
-			d.logf("%s %s: %d requests, %d errors, mean %s", s.Mode, s.Protocol, s.Requests, s.Errors, s.Mean.Round(time.Microsecond))
+		d.logf("%s %s: %d requests, %d errors, mean %s", s.Mode, s.Protocol, s.Requests, s.Errors, s.Mean.Round(time.Microsecond))
+	}
+}
+
+// addWindow keeps one window's values per node and measure. A node whose
+// requests in the window carry two modes (its label changed within it) is
+// left out of that window.
+func (d *demo) addWindow(p int, rows []probe.NodeSummary) {
+	d.windows++
+	modes := map[[2]string]int{} // node, measure -> modes seen
+	for _, r := range rows {
+		modes[[2]string{r.Node, r.Measure}]++
+	}
+	for _, r := range rows {
+		if modes[[2]string{r.Node, r.Measure}] > 1 {
+			continue
+		}
+		for stat, v := range map[string]time.Duration{"mean": r.Mean, "p50": r.P50} {
+			key := r.Measure + " " + stat
+			d.obs[key] = append(d.obs[key], crossover.Obs{Period: p, Window: d.windows, Node: r.Node, Mode: r.Mode, Value: v.Seconds()})
 		}
 	}
 }
 
-// printMeasurements is the closing table: the probe's round trips through
-// the ClusterIP in each mode.
+// measures are the crossover's rows, in order.
+var measures = []string{
+	probe.MeasureTCPConnect + " mean", probe.MeasureTCPConnect + " p50",
+	probe.MeasureTCPRoundTrip + " mean", probe.MeasureTCPRoundTrip + " p50",
+	probe.MeasureUDPRoundTrip + " mean", probe.MeasureUDPRoundTrip + " p50",
+}
+
+// printMeasurements is the closing report: first the crossover's
+// difference ebpf − iptables with its interval, then what each node
+// measured in each period, then (secondary) each period's table per mode.
 func (d *demo) printMeasurements() {
-	d.begin("Round trips through the ClusterIP measured by the latency probe, per mode (new TCP connection + HTTP GET; UDP request/reply)")
+	d.begin("A/B result: ebpf − iptables through the ClusterIP, paired by %s window and node (95%% confidence interval)", window)
+	ms := func(v float64) string { return fmt.Sprintf("%+.3f ms", v*1e3) }
 	var b strings.Builder
-	d.check(probe.WriteTable(&b, d.measured))
-	for _, l := range strings.Split(strings.TrimRight(b.String(), "\n"), "\n") {
-		d.logf("%s", l)
+	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "measure\tebpf − iptables\t95% CI\tperiod 1\tperiod 2\twindows\t\tverdict")
+	type named struct {
+		measure string
+		r       crossover.Result
+	}
+	var results []named
+	for _, m := range measures {
+		r, err := crossover.Estimate(d.obs[m], "ebpf", "iptables", 0.95)
+		if err != nil {
+			fmt.Fprintf(tw, "%s\t\t\t\t\t\t\t%v\n", m, err)
+			continue
+		}
+		results = append(results, named{m, r})
+		var per []string
+		n := 0
+		for _, p := range r.Periods {
+			per = append(per, ms(p.Mean))
+			n += p.Windows
+		}
+		for len(per) < 2 {
+			per = append(per, "-")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t[%s, %s]\t%s\t%s\t%d\t\t%s\n", m, ms(r.Diff), ms(r.Low), ms(r.High), per[0], per[1], n, verdict(r))
+	}
+	d.check(tw.Flush())
+	d.printBlock(b.String())
+	d.logf("period 1, 2: the mean of the windows' differences in each period; the node effect enters them with opposite signs")
+	d.logf("and cancels in their average, while the two nodes' shared load cancels within each window (docs/ab-testing.md).")
+
+	d.begin("What each node measured in each period (mean over its windows, ms)")
+	b.Reset()
+	tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
+	if len(results) > 0 {
+		fmt.Fprint(tw, "measure\t")
+		for _, c := range results[0].r.Cells {
+			fmt.Fprintf(tw, "P%d %s %s\t", c.Period+1, c.Node, c.Mode)
+		}
+		fmt.Fprintln(tw)
+		for _, x := range results {
+			fmt.Fprintf(tw, "%s\t", x.measure)
+			for _, c := range x.r.Cells {
+				fmt.Fprintf(tw, "%.3f\t", c.Mean*1e3)
+			}
+			fmt.Fprintln(tw)
+		}
+	}
+	d.check(tw.Flush())
+	d.printBlock(b.String())
+
+	d.begin("Secondary view: each period's round trips per mode (one node each; compare with care: nodes differ)")
+	for i, sums := range d.periods {
+		d.logf("period %d:", i+1)
+		b.Reset()
+		d.check(probe.WriteTable(&b, sums))
+		d.printBlock(b.String())
 	}
 	d.logf("99%% CI: the mean's 99%% confidence interval (mean ± 2.576·σ/√n); p50/p99 interpolated in the histogram's buckets.")
-	d.logf("Both nodes and all servers share this machine's CPUs: compare the modes' ratios, not absolute numbers.")
+	d.logf("Both nodes and all servers share this machine's CPUs: the A/B result above is the comparison to read.")
+}
+
+// verdict says what the interval allows one to conclude.
+func verdict(r crossover.Result) string {
+	v := "no difference measured: 0 is within the interval"
+	switch {
+	case r.High < 0:
+		v = fmt.Sprintf("ebpf faster, by %.3f to %.3f ms", -r.High*1e3, -r.Low*1e3)
+	case r.Low > 0:
+		v = fmt.Sprintf("ebpf slower, by %.3f to %.3f ms", r.Low*1e3, r.High*1e3)
+	}
+	if !r.Balanced {
+		v += " (unbalanced: a node missed a mode, node effects may remain)"
+	}
+	return v
+}
+
+func (d *demo) printBlock(s string) {
+	for _, l := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
+		d.logf("%s", l)
+	}
 }
 
 func (d *demo) tour() {
-	d.begin("curl http://web/ (the ClusterIP) from a pod on each node: each connect() picks a backend in the kernel")
+	d.begin("curl http://web/ (the ClusterIP) from a pod on each node: on node1 connect() picks a backend in the kernel (ebpf), on node2 iptables DNATs it")
 	d.curlFromEachNode(4)
-	d.measure("ebpf", probeWindow)
+	d.showDatapaths()
+	d.measure(0)
 
-	d.begin("Zero endpoints (every web pod unready): connect() is refused at once, not a timeout")
-	d.setWebReady(false)
-	d.waitRefused()
-	d.showRefusal()
-
-	d.begin("Restarting the proxies with --mode=iptables (SIGTERM: the eBPF datapath keeps serving until the rules do)")
-	d.setWebReady(true)
-	d.waitServed("web-")
+	d.begin("Swapping the nodes' modes: relabel each node, one at a time; the DaemonSet controller moves it to the other DaemonSet")
 	for _, n := range d.c.Nodes {
-		took, err := d.c.SignalProxy(n.Name, syscall.SIGTERM, 5*time.Second)
+		mode := otherMode(d.modes[n.Name])
+		d.kubectl("label", "node", n.Name, localcluster.DesiredModeLabel+"="+mode, "--overwrite")
+		old := d.c.ProxyDaemonSet(n.Name)
+		start := time.Now()
+		ds, _, err := d.c.SyncProxy(d.ctx, n.Name, d.binary)
 		d.check(err)
-		d.logf("%s: kube-bpf-proxy (ebpf) exited %s after SIGTERM", n.Name, took.Round(time.Millisecond))
+		d.modes[n.Name] = mode
+		d.logf("%s: %s's pod deleted (SIGTERM: its datapath keeps serving until the new one does), %s's pod synced, %s after the label",
+			n.Name, old, ds, time.Since(start).Round(time.Millisecond))
 	}
-	d.startProxies("iptables")
 	d.waitServed("web-")
-	for _, n := range d.c.Nodes {
-		var count int
-		d.waitFor("the eBPF programs to go from "+n.Name, func() bool {
-			var err error
-			count, err = testnet.CountAttachedPrograms(n.Cgroup)
-			d.check(err)
-			return count == 0
-		})
-		d.logf("%s: eBPF programs attached now: %d", n.Name, count)
-	}
-	n1 := d.c.Nodes[0]
-	save, err := exec.Command("ip", "netns", "exec", n1.NetNS, "iptables-nft-save", "-t", "nat").Output()
-	d.check(err)
-	d.logf("kube-proxy's rules for default/web in node1's nat table:")
-	for _, l := range strings.Split(string(save), "\n") {
-		if strings.Contains(l, "default/web") && (strings.HasPrefix(l, "-A KUBE-SERVICES") || strings.HasPrefix(l, "-A KUBE-SVC")) {
-			d.logf("  %s", l)
-		}
-	}
+	d.kubectl("get", "nodes", "-L", localcluster.DesiredModeLabel, "-L", nodelabel.Label)
+	d.curlFromEachNode(2)
+	d.showDatapaths()
+	d.measure(1)
 
-	d.begin("curl http://web/ again, now through iptables DNAT")
-	d.curlFromEachNode(4)
-	d.measure("iptables", probeWindow)
-
-	d.begin("iptables mode, zero endpoints: a REJECT rule answers, so connect() is refused too")
+	d.begin("Zero endpoints (every web pod unready): connect() is refused at once in both modes, not a timeout")
 	d.setWebReady(false)
 	d.waitRefused()
 	d.showRefusal()
 }
 
-func (d *demo) startProxies(mode string) {
-	d.begin("Installing manifests/overlays/%s as a user does: an overlay of your own that sets the API server's address", mode)
-	overlay, err := d.c.ApplyOverlay(d.ctx, "manifests", mode)
+// showDatapaths shows each node's datapath: the eBPF programs attached in
+// its cgroup (none once a node has left the ebpf mode: it waits for that),
+// and on the iptables node kube-proxy's rules for default/web.
+func (d *demo) showDatapaths() {
+	for _, n := range d.c.Nodes {
+		mode := d.modes[n.Name]
+		var count int
+		d.waitFor("the eBPF programs of "+n.Name+" to match its mode", func() bool {
+			var err error
+			count, err = testnet.CountAttachedPrograms(n.Cgroup)
+			d.check(err)
+			return (count > 0) == (mode == "ebpf")
+		})
+		d.logf("%s (%s): eBPF programs attached: %d", n.Name, mode, count)
+		if mode != "iptables" {
+			continue
+		}
+		save, err := exec.Command("ip", "netns", "exec", n.NetNS, "iptables-nft-save", "-t", "nat").Output()
+		d.check(err)
+		var rules []string
+		for _, l := range strings.Split(string(save), "\n") {
+			if strings.Contains(l, "default/web") && (strings.HasPrefix(l, "-A KUBE-SERVICES") || strings.HasPrefix(l, "-A KUBE-SVC")) {
+				rules = append(rules, l)
+			}
+		}
+		d.logf("%s (%s): kube-proxy's rules for default/web in its nat table:", n.Name, mode)
+		for _, l := range rules {
+			d.logf("  %s", l)
+		}
+	}
+}
+
+// startProxies installs manifests/overlays/ab and runs, on each node, the
+// pod of the DaemonSet its desired-mode label selects.
+func (d *demo) startProxies() {
+	d.begin("Labelling the nodes for an A/B: node1 %s=%s, node2 %s=%s", localcluster.DesiredModeLabel, firstModes["node1"],
+		localcluster.DesiredModeLabel, firstModes["node2"])
+	d.modes = map[string]string{}
+	for _, n := range d.c.Nodes {
+		d.modes[n.Name] = firstModes[n.Name]
+		d.kubectl("label", "node", n.Name, localcluster.DesiredModeLabel+"="+d.modes[n.Name], "--overwrite")
+	}
+
+	d.begin("Installing manifests/overlays/ab as a user does: one DaemonSet per mode, selected by that label, in an overlay of your own that sets the API server's address")
+	overlay, err := d.c.ApplyOverlay(d.ctx, "manifests", "ab")
 	d.check(err)
 	file := filepath.Join(overlay, "kustomization.yaml")
 	b, err := os.ReadFile(file)
 	d.check(err)
 	d.logf("$ cat %s", file)
-	for _, l := range strings.Split(strings.TrimRight(string(b), "\n"), "\n") {
-		d.logf("%s", l)
-	}
-	d.logf("$ kubectl apply -k %s   (ServiceAccount, ClusterRole, the address's ConfigMap, DaemonSet)", overlay)
+	d.printBlock(string(b))
+	d.logf("$ kubectl apply -k %s   (ServiceAccount, ClusterRole, the address's ConfigMap, DaemonSets %s and %s)", overlay,
+		localcluster.ABDaemonSets["ebpf"], localcluster.ABDaemonSets["iptables"])
 
-	d.begin("Running kube-bpf-proxy --mode=%s on node1 and node2 as the DaemonSet's pod would run", mode)
-	d.logf("(no kubelet runs here, so the DaemonSet makes no pods: the demo runs the same binary on each node as a kubelet would,")
+	d.begin("Running on each node the pod of the DaemonSet that selects it, as the DaemonSet controller and a kubelet would")
+	d.logf("(no kubelet runs here, so the DaemonSets make no pods: the demo runs the same binary on each node as a kubelet would,")
 	d.logf(" with the ServiceAccount's token, the container's environment, args, mounts and capabilities, in the node's cgroup)")
-	o, err := d.c.DaemonSetProxyOptions(d.ctx, d.binary)
-	d.check(err)
 	for _, n := range d.c.Nodes {
-		d.check(d.c.StartProxy(d.ctx, n.Name, o))
-		d.logf("%s: synced (log %s)", n.Name, d.c.ProxyLog(n.Name))
+		ds, _, err := d.c.SyncProxy(d.ctx, n.Name, d.binary)
+		d.check(err)
+		d.logf("%s: %s synced (log %s)", n.Name, ds, d.c.ProxyLog(n.Name))
 	}
+	d.waitModes()
+	d.kubectl("get", "nodes", "-L", localcluster.DesiredModeLabel, "-L", nodelabel.Label)
 }
 
 func (d *demo) addPod(name, node string, labels map[string]string) *localcluster.Pod {
@@ -343,7 +520,7 @@ func (d *demo) curl(node string) (string, error) {
 
 func (d *demo) curlFromEachNode(n int) {
 	for _, node := range []string{"node1", "node2"} {
-		d.logf("from client-%s: curl http://%s/", node, d.vip)
+		d.logf("from client-%s (%s mode): curl http://%s/", node, d.modes[node], d.vip)
 		for range n {
 			out, err := d.curl(node)
 			if err != nil {
@@ -386,7 +563,7 @@ func (d *demo) showRefusal() {
 	for _, node := range []string{"node1", "node2"} {
 		start := time.Now()
 		_, err := d.curl(node)
-		d.logf("from client-%s: %v (after %v)", node, err, time.Since(start).Round(time.Millisecond))
+		d.logf("from client-%s (%s mode): %v (after %v)", node, d.modes[node], err, time.Since(start).Round(time.Millisecond))
 	}
 }
 
@@ -439,7 +616,7 @@ func (d *demo) startPrometheus(clusterBinary, listen string) {
 }
 
 func (d *demo) printAccess() {
-	fmt.Printf("\nThe demo cluster is up, kube-bpf-proxy (ebpf) serves on both nodes.\n")
+	fmt.Printf("\nThe demo cluster is up: kube-bpf-proxy serves node1 in ebpf mode and node2 in iptables mode (manifests/overlays/ab).\n")
 	fmt.Printf("  kubeconfig: %s\n", d.c.AdminKubeconfig)
 	fmt.Printf("  the API server (%s) lives in network namespace %s, so run kubectl there:\n", d.c.Server, d.c.Nodes[0].NetNS)
 	fmt.Printf("    sudo ip netns exec %s %s --kubeconfig %s get endpointslices\n", d.c.Nodes[0].NetNS,
@@ -448,6 +625,10 @@ func (d *demo) printAccess() {
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh kubectl get pods -o wide\n", d.dir)
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh exec client-node1 -- curl -s http://%s/\n", d.dir, d.vip)
 	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh add-pod web-4 --node node1 --labels app=web\n", d.dir)
+	fmt.Printf("  swap a node's mode, as the A/B does halfway (docs/ab-testing.md):\n")
+	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh kubectl label node node1 %s=iptables --overwrite\n", d.dir, localcluster.DesiredModeLabel)
+	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh proxy sync --node node1   (what the DaemonSet controller and kubelet would do)\n", d.dir)
+	fmt.Printf("    sudo KBP_CLUSTER_DIR=%s hack/cluster.sh kubectl get nodes -L %s -L %s\n", d.dir, localcluster.DesiredModeLabel, nodelabel.Label)
 	if d.promURL != "" {
 		fmt.Printf("  Prometheus: %s (in %s, forwarded to this machine's loopback; jobs kube-proxy and kube-bpf-proxy-probe, the shipped alerting rules)\n",
 			d.promURL, d.c.Nodes[0].NetNS)
