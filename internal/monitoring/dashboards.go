@@ -156,8 +156,14 @@ func legend() *common.VizLegendOptionsBuilder {
 }
 
 func (b *board) timeseries(title, desc, unit string, span uint32, ts ...target) *timeseries.PanelBuilder {
+	return b.signedTimeseries(title, desc, unit, span, ts...).Min(0)
+}
+
+// signedTimeseries is a time series panel whose axis goes below 0, for
+// differences.
+func (b *board) signedTimeseries(title, desc, unit string, span uint32, ts ...target) *timeseries.PanelBuilder {
 	return timeseries.NewPanelBuilder().Title(title).Description(desc).Datasource(datasource).
-		Unit(unit).Span(span).Height(8).Min(0).Legend(legend()).Targets(b.targets(title, ts))
+		Unit(unit).Span(span).Height(8).Legend(legend()).Targets(b.targets(title, ts))
 }
 
 func (b *board) stat(title, desc, unit string, span uint32, ts ...target) *stat.PanelBuilder {
@@ -281,6 +287,11 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 	return b, d
 }
 
+// abWindow is the A/B panels' window: their rates and the steps of their
+// subqueries, so that two steps share no sample (four scrapes at the
+// manifests' 15 s).
+const abWindow = "1m"
+
 // probeSel selects the probe's series of the selected modes and protocols;
 // tcpPhaseSel the connect and first-byte histograms, which are TCP's only
 // and carry no protocol label.
@@ -334,6 +345,56 @@ func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 			t(quantile("0.99", rt, "mode"), "p99 {{mode}}", bothModes))).
 		WithPanel(b.timeseries("Requests", "Probe requests per second, by mode and protocol.", "reqps", 12,
 			t(fmt.Sprintf(`sum by (mode, protocol) (%s)`, rate(rt+"_count", probeSel)), "{{mode}} {{protocol}}", bothModes)))
+
+	// The A/B (docs/ab-testing.md): half the nodes in each mode at the
+	// same time, swapped halfway. At each moment the difference holds no
+	// time effect; the node groups' own difference enters it with one
+	// sign before the swap and the other after, and cancels over a range
+	// covering both halves equally.
+	abMean := func(h, mode, by string) string {
+		hsel := fmt.Sprintf(`job="kube-bpf-proxy-probe", mode=%q`, mode)
+		if h == rt {
+			hsel += `, protocol=~"$protocol"`
+		}
+		sum := "sum"
+		if by != "" {
+			sum = "sum by (" + by + ")"
+		}
+		return fmt.Sprintf(`%s (rate(%s_sum{%s}[%s])) / %s (rate(%s_count{%s}[%s]))`,
+			sum, h, hsel, abWindow, sum, h, hsel, abWindow)
+	}
+	abDiff := func(h, by string) string {
+		on := ""
+		if by != "" {
+			on = " on(" + by + ")"
+		}
+		return fmt.Sprintf(`(%s) -%s (%s)`, abMean(h, "ebpf", by), on, abMean(h, "iptables", by))
+	}
+	const conn = "kube_bpf_proxy_probe_connect_seconds"
+	// Over the range: the mean of the differences at abWindow steps (no
+	// overlap between two steps' rates), and the half-width of its 95 %
+	// interval, 1.96·sd/√n.
+	overRange := func(diff string) (mean, half string) {
+		sub := fmt.Sprintf(`(%s)[%s:%s]`, diff, Range, abWindow)
+		return fmt.Sprintf(`avg_over_time(%s)`, sub),
+			fmt.Sprintf(`1.96 * stddev_over_time(%s) / sqrt(count_over_time(%s))`, sub, sub)
+	}
+	rtMean, rtHalf := overRange(abDiff(rt, "protocol"))
+	connMean, connHalf := overRange(abDiff(conn, ""))
+	d = d.WithRow(dashboard.NewRowBuilder("A/B: ebpf − iptables, nodes in both modes at once")).
+		WithPanel(b.timeseries("Mean round trip by client node and mode", "Each client node's mean round trip, labelled with its node's mode: during an A/B half the nodes run each mode, and the lines change mode when the nodes swap (docs/ab-testing.md).", "s", 12,
+			t(mean(rt, "client_node, mode, protocol"), "{{client_node}} {{mode}} {{protocol}}", bothModes))).
+		WithPanel(b.signedTimeseries("Difference ebpf − iptables, mean", "Mean over the ebpf nodes minus mean over the iptables nodes, measured at the same time ("+abWindow+" windows). Below 0: ebpf faster. Before the swap this holds the node groups' own difference with one sign, after it with the other: read the average over both halves (next panel).", "s", 12,
+			t(abDiff(rt, "protocol"), "{{protocol}} round trip", nil),
+			t(abDiff(conn, ""), "tcp connect", nil))).
+		WithPanel(b.stat("Round trip ebpf − iptables over the range", "Mean of the "+abWindow+" differences over the dashboard's range. Set the range to cover both halves of the A/B equally, so that the node groups' difference cancels.", "s", 6,
+			t(rtMean, "{{protocol}}", nil))).
+		WithPanel(b.stat("± 95 % interval, round trip", "Half-width of the 95 % interval of the mean difference: 1.96·sd/√n over the "+abWindow+" differences in the range. 0 within mean ± this: no difference measured. Conservative with both halves pooled (the node effect adds to the spread); docs/ab-testing.md computes it per half.", "s", 6,
+			t(rtHalf, "{{protocol}}", nil))).
+		WithPanel(b.stat("Connect ebpf − iptables over the range", "As the round trip's, for the TCP connect() through the ClusterIP.", "s", 6,
+			t(connMean, "tcp connect", nil))).
+		WithPanel(b.stat("± 95 % interval, connect", "Half-width of the 95 % interval of the connect's mean difference.", "s", 6,
+			t(connHalf, "tcp connect", nil)))
 
 	d = d.WithRow(dashboard.NewRowBuilder("Connect and first byte")).
 		WithPanel(b.timeseries("Connect", "Time of connect() through the ClusterIP, mean and 99th percentile by mode: in ebpf mode the backend is chosen in this call.", "s", 12,
