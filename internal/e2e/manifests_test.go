@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"maps"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -12,6 +13,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/yaml"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
@@ -55,6 +57,7 @@ func TestManifests(t *testing.T) {
 		checkAPIServerConfigMap(t, mode, out, "")
 	}
 	checkOverlaysDiffer(t, rendered, daemonSets)
+	checkABOverlay(t, c, ctx, rendered, daemonSets)
 
 	// A user's overlay (the README's) merges the address into the same
 	// ConfigMap; its new name (a hash of the data) rolls the DaemonSet.
@@ -351,5 +354,88 @@ func checkOverlaysDiffer(t *testing.T, rendered map[string][]string, ds map[stri
 	if !reflect.DeepEqual(normal["ebpf"], normal["iptables"]) {
 		t.Errorf("the overlays' DaemonSets differ in more than mode, capabilities and mounts:\nebpf:     %+v\niptables: %+v",
 			normal["ebpf"].Spec.Template.Spec, normal["iptables"].Spec.Template.Spec)
+	}
+}
+
+// checkABOverlay checks overlays/ab: the API server accepts it; it renders
+// the ebpf overlay's objects once, with its DaemonSet renamed, plus the
+// iptables overlay's DaemonSet renamed; each DaemonSet is its overlay's
+// but for the name, a selector and pod label of its own, and a required
+// node affinity on the desired-mode label that gives every node exactly
+// one of them (unlabelled nodes ebpf); both read the one API server
+// ConfigMap.
+func checkABOverlay(t *testing.T, c *localcluster.Cluster, ctx context.Context, rendered map[string][]string, single map[string]*appsv1.DaemonSet) {
+	t.Helper()
+	out, err := c.Kubectl(ctx, "kustomize", filepath.Join(manifestsDir, "overlays", "ab"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := c.KubectlCommand(ctx, c.AdminKubeconfig, "apply", "--dry-run=server", "-f", "-")
+	cmd.Stdin = strings.NewReader(out)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("overlay ab rejected by the API server: %v\n%s", err, b)
+	}
+	docs := strings.Split(out, "\n---\n")
+	if len(docs) != len(rendered["ebpf"])+1 {
+		t.Fatalf("overlay ab renders %d objects, want overlay ebpf's %d and one DaemonSet", len(docs), len(rendered["ebpf"]))
+	}
+	cm := apiServerConfigMapName(t, rendered["ebpf"])
+	var nonDS []string
+	got := map[string]*appsv1.DaemonSet{}
+	for _, doc := range docs {
+		if !strings.Contains(doc, "kind: DaemonSet") {
+			nonDS = append(nonDS, doc)
+			continue
+		}
+		ds := daemonSetIn(t, doc)
+		got[ds.Name] = ds
+	}
+	var want []string
+	for _, doc := range rendered["ebpf"] {
+		if !strings.Contains(doc, "kind: DaemonSet") {
+			want = append(want, doc)
+		}
+	}
+	if !slices.Equal(nonDS, want) {
+		t.Errorf("overlay ab's objects besides the DaemonSets differ from overlay ebpf's:\n%s", strings.Join(nonDS, "\n---\n"))
+	}
+	node := func(l map[string]string) *corev1.Node {
+		return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n", Labels: l}}
+	}
+	for mode, name := range localcluster.ABDaemonSets {
+		ds := got[name]
+		if ds == nil {
+			t.Errorf("overlay ab has no DaemonSet %s among %v", name, slices.Sorted(maps.Keys(got)))
+			continue
+		}
+		if ds.Spec.Selector.MatchLabels["kube-bpf-proxy.io/mode"] != mode || ds.Spec.Template.Labels["kube-bpf-proxy.io/mode"] != mode ||
+			ds.Spec.Template.Labels["k8s-app"] != "kube-bpf-proxy" {
+			t.Errorf("DaemonSet %s: selector %v, pod labels %v; want kube-bpf-proxy.io/mode=%s in both, and k8s-app for the PodMonitor",
+				name, ds.Spec.Selector.MatchLabels, ds.Spec.Template.Labels, mode)
+		}
+		if ref := ds.Spec.Template.Spec.Containers[0].EnvFrom[0].ConfigMapRef.Name; ref != cm {
+			t.Errorf("DaemonSet %s reads ConfigMap %s, want the one rendered, %s", name, ref, cm)
+		}
+		for _, n := range []struct {
+			desired, runs string // "": no desired-mode label
+		}{{"", "ebpf"}, {"ebpf", "ebpf"}, {"iptables", "iptables"}} {
+			l := map[string]string{"kubernetes.io/os": "linux"}
+			if n.desired != "" {
+				l[localcluster.DesiredModeLabel] = n.desired
+			}
+			ok, err := localcluster.NodeMatches(&ds.Spec.Template.Spec, node(l))
+			if err != nil || ok != (mode == n.runs) {
+				t.Errorf("DaemonSet %s on a node labelled %v: runs %v (err %v), want %v", name, l, ok, err, mode == n.runs)
+			}
+		}
+		// The rest is the single overlay's DaemonSet.
+		norm := ds.DeepCopy()
+		norm.Name = single[mode].Name
+		norm.Spec.Selector = single[mode].Spec.Selector
+		norm.Spec.Template.Labels = single[mode].Spec.Template.Labels
+		norm.Spec.Template.Spec.Affinity = nil
+		if !reflect.DeepEqual(norm, single[mode]) {
+			t.Errorf("DaemonSet %s differs from overlay %s's in more than its name, selector, pod labels and node affinity", name, mode)
+		}
 	}
 }

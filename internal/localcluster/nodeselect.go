@@ -166,3 +166,9 @@ func termMatches(term corev1.NodeSelectorTerm, node *corev1.Node) (bool, error) 
 	}
 	return true, nil
 }
+
+// NodeMatches reports whether a pod of spec may run on node, as the
+// DaemonSet controller decides (nodeSelector and required node affinity).
+func NodeMatches(spec *corev1.PodSpec, node *corev1.Node) (bool, error) {
+	return nodeMatches(spec, node)
+}
