@@ -231,6 +231,13 @@ func TestClientAndServer(t *testing.T) {
 	}
 	waitFor(t, "round trips with mode ebpf", seen("ebpf", "tcp"))
 	waitFor(t, "UDP round trips with mode ebpf", seen("ebpf", "udp"))
+	// An A/B's swap: the node's proxy changes mode, and the requests
+	// follow the label.
+	node.Labels = map[string]string{ModeLabel: "iptables"}
+	if _, err := cs.CoreV1().Nodes().Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "round trips with mode iptables after the swap", seen("iptables", "tcp"))
 
 	srvGet := func() (Scrape, error) { return getMetrics(fmt.Sprintf("127.0.0.1:%d", srvMetrics)) }
 	ss, err := srvGet()
@@ -251,7 +258,7 @@ func TestClientAndServer(t *testing.T) {
 		waitFor(t, p+" refusals", func() bool {
 			s, err := getMetrics(addr)
 			return err == nil && count(s, metricErrors, map[string]string{
-				"client_node": "node-a", "mode": "ebpf", "protocol": p, "kind": KindRefused}) > 0
+				"client_node": "node-a", "mode": "iptables", "protocol": p, "kind": KindRefused}) > 0
 		})
 	}
 	cancel()
