@@ -119,3 +119,24 @@ func TestNodeMatches(t *testing.T) {
 		}
 	}
 }
+
+// The user's overlay of overlays/ab gives the iptables DaemonSet, by its
+// new name, the pods' range (kube-proxy's clusterCIDR); the single-mode
+// overlays keep theirs.
+func TestOverlayTargets(t *testing.T) {
+	c := &Cluster{Name: "kbptest", Nodes: []NodeInfo{{Name: "node1", IP: "172.30.0.11"}}}
+	for mode, want := range map[string]string{
+		"ebpf":     "",
+		"iptables": "name: kube-bpf-proxy\n",
+		"ab":       "name: " + ABDaemonSets["iptables"] + "\n",
+	} {
+		got := c.Overlay("../../manifests/overlays/"+mode, mode)
+		if !strings.Contains(got, "KUBERNETES_SERVICE_HOST=172.30.0.11") {
+			t.Errorf("overlay %s does not set the API server's address:\n%s", mode, got)
+		}
+		hasCIDR := strings.Contains(got, "--cluster-cidr="+ClusterCIDR)
+		if hasCIDR != (want != "") || (want != "" && !strings.Contains(got, want)) {
+			t.Errorf("overlay %s: --cluster-cidr patch %v, want one targeting %q:\n%s", mode, hasCIDR, want, got)
+		}
+	}
+}
