@@ -413,6 +413,14 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		return &dataplane.SyncError{Err: errors.New("the node's addresses changed in a partial snapshot: a full sync is needed")}
 	}
 
+	var cold *coldFill
+	if snap.Full && len(r.frontends) == 0 && len(r.groups) == 0 && len(r.backendKeys) == 0 {
+		// Empty maps: the writes of every port are queued and applied in
+		// batches (coldfill.go).
+		cold = r.deferWrites()
+		r.sizeFor(snap)
+	}
+
 	claims, conflicts := claimFrontends(snap, r.holderOf)
 	r.reportConflicts(snap, conflicts)
 	var ports []portToApply
@@ -508,6 +516,11 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 			} else {
 				failed = append(failed, se)
 			}
+		}
+	}
+	if cold != nil {
+		if err := cold.finish(r); err != nil {
+			return &dataplane.SyncError{Err: err}
 		}
 	}
 	freed, gcErr := r.collectGarbage()
