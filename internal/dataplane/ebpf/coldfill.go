@@ -104,7 +104,7 @@ type coldFill struct {
 
 // deferWrites makes r's per-port maps queue their updates until finish.
 // The ClusterIP set and the Service ranges are written after the ports
-// (syncRejects), once finish has applied them.
+// (syncRejects), once finish has applied them; deferRejects batches those.
 func (r *reconciler) deferWrites() *coldFill {
 	f := &coldFill{real: r.maps}
 	backends := &deferredMap[uint32, lbBackendValue]{inner: r.maps.Backends, fill: f}
@@ -121,6 +121,18 @@ func (r *reconciler) deferWrites() *coldFill {
 	services := &deferredMap[lbSvcKey, lbSvcValue]{inner: r.maps.Services, fill: f}
 	f.flushers = []func() error{backends.flush, slots.flush, matches.flush, stats.flush, services.flush}
 	r.maps.Backends, r.maps.Slots, r.maps.Matches, r.maps.Stats, r.maps.Services = backends, slots, matches, stats, services
+	return f
+}
+
+// deferRejects queues the ClusterIP set's and the Service ranges' updates
+// until finish, then writes the set before the ranges, as syncRejects does
+// one entry at a time: no range refuses an address before the set has it.
+func (r *reconciler) deferRejects() *coldFill {
+	f := &coldFill{real: r.maps}
+	vips := &deferredMap[uint32, uint32]{inner: r.maps.ClusterIPs, fill: f}
+	ranges := &deferredMap[uint32, lbSvcRange]{inner: r.maps.Ranges, fill: f}
+	f.flushers = []func() error{vips.flush, ranges.flush}
+	r.maps.ClusterIPs, r.maps.Ranges = vips, ranges
 	return f
 }
 

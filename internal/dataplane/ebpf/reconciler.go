@@ -551,7 +551,14 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		}
 	}
 	r.node, r.nodeKnown = snap.Node, true
+	var coldRejects *coldFill
+	if cold != nil {
+		coldRejects = r.deferRejects()
+	}
 	rejectErr := r.syncRejects(&snap.Node)
+	if coldRejects != nil {
+		rejectErr = errors.Join(rejectErr, coldRejects.finish(r))
+	}
 
 	if len(failed) == 0 && gcErr == nil && rejectErr == nil {
 		return nil
