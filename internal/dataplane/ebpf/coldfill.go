@@ -5,8 +5,6 @@ import (
 	"fmt"
 
 	"github.com/cilium/ebpf"
-
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // A cold node's first full sync writes every entry of every Service into
@@ -134,26 +132,6 @@ func (r *reconciler) deferRejects() *coldFill {
 	f.flushers = []func() error{vips.flush, ranges.flush}
 	r.maps.ClusterIPs, r.maps.Ranges = vips, ranges
 	return f
-}
-
-// sizeFor makes r's empty indexes as large as snap needs: grown one entry
-// at a time, they cost the first sync of 10k Services a fifth of its time
-// in rehashing.
-func (r *reconciler) sizeFor(snap *model.Snapshot) {
-	ports, backends := 0, 0
-	for _, ps := range snap.Services {
-		ports += len(ps)
-		for i := range ps {
-			backends += len(ps[i].Backends)
-		}
-	}
-	r.frontends = make(map[model.Frontend]*appliedFrontend, ports)
-	r.groups = make(map[uint32]*appliedGroup, ports)
-	r.detached = make(map[uint32]*appliedGroup, ports)
-	r.backends = make(map[backendKey]uint32, backends)
-	r.backendKeys = make(map[uint32]backendKey, backends)
-	r.refs = make(map[uint32]int, backends)
-	r.unreferenced = make(map[uint32]struct{}, backends)
 }
 
 // flush applies every queue, in order, stopping at the first failure.

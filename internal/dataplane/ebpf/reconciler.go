@@ -418,7 +418,6 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		// Empty maps: the writes of every port are queued and applied in
 		// batches (coldfill.go).
 		cold = r.deferWrites()
-		r.sizeFor(snap)
 	}
 
 	claims, conflicts := claimFrontends(snap, r.holderOf)
