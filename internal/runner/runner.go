@@ -20,7 +20,7 @@
 //     ends: Triggers that arrive during a run are still served together by
 //     the next one.
 //   - A Trigger that arrives while fn is running causes exactly one more run
-//     after it (subject to minInterval), because fn may have read the state
+//     after it (subject to the rate limit), because fn may have read the state
 //     before the change the Trigger announced.
 //   - Periodic resync: fn runs at least once every maxInterval, measured from
 //     the start of the previous run, even without Triggers. This repairs any
@@ -33,8 +33,8 @@
 //     caller.
 //
 // Intervals <= 0 are treated as follows: minInterval <= 0 means no rate limit;
-// maxInterval <= 0 disables the periodic resync; retryInterval <= 0 retries at
-// the minInterval boundary (so with both <= 0 a failing fn is retried at
+// maxInterval <= 0 disables the periodic resync; retryInterval <= 0 retries as
+// soon as the rate limit allows (so with both <= 0 a failing fn is retried at
 // once, in a tight loop). A maxInterval smaller than minInterval is raised to
 // minInterval.
 //
@@ -158,7 +158,7 @@ func (r *Runner) Run(ctx context.Context) {
 	defer r.runMu.Unlock()
 
 	klog.V(2).InfoS("Starting sync runner", "runner", r.name,
-		"minInterval", r.minInterval, "maxInterval", r.maxInterval, "retryInterval", r.retryInterval)
+		"minInterval", r.minInterval, "burst", r.burst, "maxInterval", r.maxInterval, "retryInterval", r.retryInterval)
 	defer klog.V(2).InfoS("Stopped sync runner", "runner", r.name)
 
 	for ctx.Err() == nil {
