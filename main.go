@@ -57,6 +57,7 @@ type options struct {
 	netnsDirs          string
 	hostNetNSOnly      bool
 	minSyncPeriod      time.Duration
+	syncBurst          int
 	syncPeriod         time.Duration
 	healthzBindAddress string
 	metricsBindAddress string
@@ -100,7 +101,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.UintVar(&o.maxAffinity, ebpf.FlagMaxAffinity, ebpf.DefaultMaxAffinity, "(client network namespace, service port) pairs whose ClientIP session affinity is remembered; the least recently used is forgotten first")
 	fs.StringVar(&o.netnsDirs, "netns-dir", strings.Join(ebpf.DefaultNetNSDirs, ","), "ebpf mode: comma-separated directories where the container runtime pins pods' network namespaces; connected UDP sockets there whose backend stopped serving are destroyed (entering them needs CAP_SYS_ADMIN); empty: the node's namespace only")
 	fs.BoolVar(&o.hostNetNSOnly, ebpf.FlagHostNetNSOnly, false, "ebpf mode: load-balance at socket level only the node's own network namespace (its processes, hostNetwork pods); pods' Service traffic, ClusterIPs included, is served by iptables rules per packet, so that a service mesh sidecar redirecting it with iptables (Istio, Linkerd) sees the Service address as the original destination")
-	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 0, "least time between two datapath syncs; changes arriving faster are batched (default 100ms in ebpf mode, where map updates are cheap; 1s in iptables mode, as kube-proxy)")
+	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 0, "least time between two datapath syncs, on average once --sync-burst syncs have run back to back; changes arriving faster are batched (default 100ms in ebpf mode, where map updates are cheap; 1s in iptables mode, as kube-proxy)")
+	fs.IntVar(&o.syncBurst, "sync-burst", 0, "how many datapath syncs may start back to back, each as soon as the previous one ends, before --min-sync-period holds them apart (default 10 in ebpf mode, so that a change never waits behind an idle interval; 1 in iptables mode, as kube-proxy)")
 	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
 	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of /healthz and /livez")
 	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of /metrics")
@@ -184,9 +186,15 @@ func (o *options) validate() error {
 		if o.minSyncPeriod == 0 {
 			o.minSyncPeriod = 100 * time.Millisecond
 		}
+		if o.syncBurst == 0 {
+			o.syncBurst = 10
+		}
 	case "iptables":
 		if o.minSyncPeriod == 0 {
 			o.minSyncPeriod = time.Second
+		}
+		if o.syncBurst == 0 {
+			o.syncBurst = 1
 		}
 	default:
 		return fmt.Errorf("unknown --mode %q: want ebpf or iptables", o.mode)
@@ -217,6 +225,9 @@ func (o *options) validate() error {
 		if p.Addr().Is4() {
 			o.serviceRanges = append(o.serviceRanges, p.Masked())
 		}
+	}
+	if o.syncBurst < 1 {
+		return fmt.Errorf("--sync-burst %d: want at least 1", o.syncBurst)
 	}
 	if o.masqueradeBit < 0 || o.masqueradeBit > 31 {
 		return fmt.Errorf("--iptables-masquerade-bit %d: want 0 to 31", o.masqueradeBit)
@@ -362,6 +373,7 @@ func runProxy(ctx context.Context, o options) error {
 	defer stopEvents()
 	return proxy.Run(ctx, client, dp, proxy.Config{
 		MinSyncPeriod:      o.minSyncPeriod,
+		SyncBurst:          o.syncBurst,
 		SyncPeriod:         o.syncPeriod,
 		RetryPeriod:        time.Second,
 		HealthzBindAddress: o.healthzBindAddress,

@@ -54,6 +54,7 @@ func TestUsageErrors(t *testing.T) {
 		{"negative burst", []string{"--kube-api-burst=-1"}, 2, "--kube-api-burst -1: want 0 or more"},
 		{"no burst with a rate limit", []string{"--kube-api-burst=0"}, 2, "--kube-api-burst 0: want at least 1 while --kube-api-qps is above 0"},
 		{"QPS not a number", []string{"--kube-api-qps=fast"}, 2, "usage: kube-bpf-proxy"},
+		{"negative sync burst", []string{"--sync-burst=-1"}, 2, "--sync-burst -1: want at least 1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -88,6 +89,32 @@ func TestPacketLayerServesClusterIPsWhenConfined(t *testing.T) {
 		if !cfg.ExternalOnly || cfg.ClusterIPs != tc.want || o.hostNetNSOnly != tc.want {
 			t.Errorf("%q: packet layer ExternalOnly %v ClusterIPs %v, socket layer confined %v; want true, %v, %v",
 				tc.args, cfg.ExternalOnly, cfg.ClusterIPs, o.hostNetNSOnly, tc.want, tc.want)
+		}
+	}
+}
+
+// Each mode's sync defaults: the ebpf mode lets syncs run back to back,
+// the iptables mode keeps kube-proxy's one per period; flags win.
+func TestSyncDefaults(t *testing.T) {
+	for _, tc := range []struct {
+		args      []string
+		wantMin   time.Duration
+		wantBurst int
+	}{
+		{nil, 100 * time.Millisecond, 10},
+		{[]string{"--mode=iptables"}, time.Second, 1},
+		{[]string{"--sync-burst=3", "--min-sync-period=50ms"}, 50 * time.Millisecond, 3},
+		{[]string{"--mode=iptables", "--sync-burst=2"}, time.Second, 2},
+	} {
+		var o options
+		if err := newFlagSet(&o, io.Discard).Parse(tc.args); err != nil {
+			t.Fatalf("%q: %v", tc.args, err)
+		}
+		if err := o.validate(); err != nil {
+			t.Fatalf("%q: %v", tc.args, err)
+		}
+		if o.minSyncPeriod != tc.wantMin || o.syncBurst != tc.wantBurst {
+			t.Errorf("%q: min sync period %v, burst %d; want %v, %d", tc.args, o.minSyncPeriod, o.syncBurst, tc.wantMin, tc.wantBurst)
 		}
 	}
 }

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 hack/deps.sh
 export KBP_BENCH_SERVICES_NFT="${KBP_BENCH_SERVICES_NFT:-1000}"
 go test -run '^$' -bench . -benchtime "${BENCHTIME:-5x}" -timeout 60m \
-  ./internal/dataplane/ebpf/ ./internal/model/
+  ./internal/dataplane/ebpf/ ./internal/model/ ./internal/watch/
 # An iptables sync at this size takes seconds: fewer rounds.
 go test -run '^$' -bench . -benchtime "${IPTABLES_BENCHTIME:-2x}" -timeout 60m \
   ./internal/dataplane/iptables/

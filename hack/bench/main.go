@@ -81,6 +81,8 @@ func measure(ctx context.Context, args []string) error {
 	contenders := fs.String("contenders", "", "comma-separated contenders (default all: "+strings.Join(results.AllContenders, ",")+")")
 	sizes := fs.String("sizes", "", "comma-separated background Service counts, ascending (default 0,1000,10000; quick 0,500; 50000 takes about an hour more here, creating the Services)")
 	endpoints := fs.Int("endpoints", 0, "endpoints of each background Service (default 10)")
+	controlPlane := fs.Bool("control-plane-only", false, "skip the latency and rate workloads: time only the cold start, endpoint changes under churn and the batch of new Services")
+	changes := fs.Int("endpoint-changes", 0, "timed endpoint changes per cell (default 20, quick 4); more give a steadier p99")
 	keep := fs.Bool("keep", false, "leave the cluster running afterwards (remove it with: bench down)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -108,6 +110,13 @@ func measure(ctx context.Context, args []string) error {
 	if *endpoints > 0 {
 		cfg.EndpointsPerService = *endpoints
 	}
+	if *changes > 0 {
+		cfg.EndpointChanges = *changes
+		// Each change takes at least its 200 ms pause: the budget grows
+		// with the count asked for.
+		cfg.EndpointChangeBudget = max(cfg.EndpointChangeBudget, time.Duration(*changes)*time.Second)
+	}
+	cfg.ControlPlaneOnly = *controlPlane
 	if *out == "" {
 		*out = "_output/bench-report"
 		if *quick {

@@ -46,6 +46,9 @@ type Config struct {
 	Command string
 	Quick   bool
 	Keep    bool
+	// ControlPlaneOnly skips the latency and rate workloads: each cell
+	// times the cold start and the control plane only.
+	ControlPlaneOnly bool
 
 	Contenders []string
 	Sizes      []int

@@ -92,17 +92,21 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 	r.prog.done(1)
 
 	var errs []error
-	r.prog.begin(name, size, "latency: tcp connect/crr/rr, udp (direct and ClusterIP interleaved)")
-	lat, err := r.latency(ctx, viaService)
-	cell.Latency = lat
-	errs = append(errs, err)
-	r.prog.done(1)
+	if r.cfg.ControlPlaneOnly {
+		r.prog.done(2)
+	} else {
+		r.prog.begin(name, size, "latency: tcp connect/crr/rr, udp (direct and ClusterIP interleaved)")
+		lat, err := r.latency(ctx, viaService)
+		cell.Latency = lat
+		errs = append(errs, err)
+		r.prog.done(1)
 
-	r.prog.begin(name, size, "rates: connections per second and stream throughput, with CPU")
-	rates, err := r.rates(ctx, viaService, ct.PIDs())
-	cell.Rates = rates
-	errs = append(errs, err)
-	r.prog.done(1)
+		r.prog.begin(name, size, "rates: connections per second and stream throughput, with CPU")
+		rates, err := r.rates(ctx, viaService, ct.PIDs())
+		cell.Rates = rates
+		errs = append(errs, err)
+		r.prog.done(1)
+	}
 
 	if viaService {
 		r.prog.begin(name, size, "control plane: endpoint changes under churn, a batch of new Services")

@@ -517,7 +517,7 @@ func TestTrackerConcurrent(t *testing.T) {
 
 // BenchmarkTracker measures a full load and one endpoint change at scale.
 func BenchmarkTracker(b *testing.B) {
-	for _, n := range []int{10_000, 50_000} {
+	for _, n := range []int{10_000, 20_000, 50_000} {
 		svcs, slices := benchObjects(n, 10)
 
 		b.Run(fmt.Sprintf("load-full-snapshot/services=%d", n), func(b *testing.B) {

@@ -35,9 +35,13 @@ import (
 
 // Config holds the settings of a running proxy, independent of the mode.
 type Config struct {
-	// MinSyncPeriod is the least time between two syncs: changes arriving
-	// faster are batched.
+	// MinSyncPeriod is the least time between two syncs on average:
+	// changes arriving faster are batched.
 	MinSyncPeriod time.Duration
+	// SyncBurst is how many syncs may start back to back, each as soon as
+	// the one before ends, before MinSyncPeriod holds them apart; below 1
+	// counts as 1.
+	SyncBurst int
 	// SyncPeriod is the most time between two syncs; each periodic sync is a
 	// full one. Health turns bad when a change waits twice this long.
 	SyncPeriod time.Duration
@@ -206,7 +210,7 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 	if _, ok := p.inner.(iptablesStats); ok {
 		m.InitIptables()
 	}
-	p.runner = runner.New("sync", p.sync, cfg.MinSyncPeriod, cfg.SyncPeriod, cfg.RetryPeriod, runner.WithClock(p.clock))
+	p.runner = runner.New("sync", p.sync, cfg.MinSyncPeriod, cfg.SyncPeriod, cfg.RetryPeriod, runner.WithClock(p.clock), runner.WithBurst(cfg.SyncBurst))
 	return p
 }
 

@@ -9,38 +9,45 @@
 //   - Run calls fn once as soon as it starts. Nothing runs before Run is
 //     called, so the caller starts Run only once its informer caches have
 //     synced; Triggers that arrive earlier are folded into that first run.
-//   - Rate limit: a run starts at least minInterval after the start of the
-//     previous run. A Trigger that arrives sooner is deferred to the end of
-//     that interval, and every Trigger that arrives before the deferred run
-//     starts is served by that single run (coalescing).
+//   - Rate limit: runs start at most once per minInterval on average, and
+//     at most burst of them back to back (a token bucket of burst tokens,
+//     one added per minInterval, one taken per run). With the default burst
+//     of 1, a run starts at least minInterval after the start of the
+//     previous run. A Trigger that arrives when no token is left is deferred
+//     until there is one, and every Trigger that arrives before the deferred
+//     run starts is served by that single run (coalescing). With a token
+//     left, a Trigger runs fn at once, or as soon as the run in progress
+//     ends: Triggers that arrive during a run are still served together by
+//     the next one.
 //   - A Trigger that arrives while fn is running causes exactly one more run
-//     after it (subject to minInterval), because fn may have read the state
+//     after it (subject to the rate limit), because fn may have read the state
 //     before the change the Trigger announced.
 //   - Periodic resync: fn runs at least once every maxInterval, measured from
 //     the start of the previous run, even without Triggers. This repairs any
 //     drift between the desired and the programmed state.
 //   - Retry: when fn returns an error, the error is logged and fn runs again
-//     retryInterval after the failed run ended, but never sooner than
-//     minInterval after it started and never later than maxInterval after it
-//     started. A Trigger can bring the retry forward to the minInterval
-//     boundary. There is no exponential backoff: a sync that keeps failing is
+//     retryInterval after the failed run ended, but never sooner than the
+//     rate limit allows and never later than maxInterval after it started.
+//     A Trigger can bring the retry forward to when the rate limit allows. There is no exponential backoff: a sync that keeps failing is
 //     retried at a steady rate, and a failure is expected to be counted by fn's
 //     caller.
 //
 // Intervals <= 0 are treated as follows: minInterval <= 0 means no rate limit;
-// maxInterval <= 0 disables the periodic resync; retryInterval <= 0 retries at
-// the minInterval boundary (so with both <= 0 a failing fn is retried at
+// maxInterval <= 0 disables the periodic resync; retryInterval <= 0 retries as
+// soon as the rate limit allows (so with both <= 0 a failing fn is retried at
 // once, in a tight loop). A maxInterval smaller than minInterval is raised to
 // minInterval.
 //
 // Run is meant to be called once. A second Run on the same Runner waits for
 // the first to return, so fn still never runs concurrently.
 //
-// Typical values for the proxy are minInterval 100ms (map updates are cheap,
-// so this only exists to coalesce bursts of informer events such as a
-// rollout), maxInterval 30s and retryInterval 1s. A minInterval of zero makes
-// every Trigger that arrives while waiting cause its own run, which defeats
-// coalescing.
+// Typical values for the proxy are maxInterval 30s and retryInterval 1s;
+// minInterval 1s with a burst of 1 where a sync is expensive (iptables), and
+// minInterval 100ms with a burst of 10 where it is cheap (the eBPF maps): a
+// change then starts its sync as soon as the previous one ends, and only a
+// long run of changes, such as a rollout, is held to 10 syncs a second, each
+// serving every change that arrived meanwhile. A minInterval of zero makes
+// every Trigger that arrives while waiting cause its own run.
 package runner
 
 import (
@@ -54,6 +61,12 @@ import (
 
 // Option configures a Runner.
 type Option func(*Runner)
+
+// WithBurst lets up to n runs start back to back before the rate limit of
+// one per minInterval applies (n < 1 counts as 1, the default).
+func WithBurst(n int) Option {
+	return func(r *Runner) { r.burst = max(n, 1) }
+}
 
 // WithClock makes the Runner read time and create timers through c instead of
 // the real clock. Tests pass a k8s.io/utils/clock/testing.FakeClock.
@@ -69,7 +82,14 @@ type Runner struct {
 	minInterval   time.Duration
 	maxInterval   time.Duration
 	retryInterval time.Duration
+	burst         int
 	clock         clock.Clock
+
+	// tat is the rate limit's state (the theoretical arrival time of the
+	// generic cell rate algorithm): a run may start at tat minus burst-1
+	// intervals; each run moves it one interval past the later of itself
+	// and the run's start. Touched only by Run's goroutine.
+	tat time.Time
 
 	// notify wakes Run after a Trigger. It holds at most one token, so
 	// Trigger never blocks; a token may be stale (pending already cleared by
@@ -108,6 +128,7 @@ func New(name string, fn func(ctx context.Context) error, minInterval, maxInterv
 		minInterval:   minInterval,
 		maxInterval:   maxInterval,
 		retryInterval: retryInterval,
+		burst:         1,
 		clock:         clock.RealClock{},
 		notify:        make(chan struct{}, 1),
 	}
@@ -137,27 +158,30 @@ func (r *Runner) Run(ctx context.Context) {
 	defer r.runMu.Unlock()
 
 	klog.V(2).InfoS("Starting sync runner", "runner", r.name,
-		"minInterval", r.minInterval, "maxInterval", r.maxInterval, "retryInterval", r.retryInterval)
+		"minInterval", r.minInterval, "burst", r.burst, "maxInterval", r.maxInterval, "retryInterval", r.retryInterval)
 	defer klog.V(2).InfoS("Stopped sync runner", "runner", r.name)
 
 	for ctx.Err() == nil {
-		start, next := r.runOnce(ctx)
-		if !r.wait(ctx, start, next) {
+		if !r.wait(ctx, r.runOnce(ctx)) {
 			return
 		}
 	}
 }
 
-// runOnce calls fn and returns when it started and when the next run is due
-// without a Trigger (the zero time if never).
-func (r *Runner) runOnce(ctx context.Context) (start, next time.Time) {
+// runOnce calls fn and returns when the next run is due without a Trigger
+// (the zero time if never).
+func (r *Runner) runOnce(ctx context.Context) (next time.Time) {
 	// Any Trigger received so far is served by this run, because fn reads
 	// the state after this point. Only Triggers from now on need another run.
 	r.mu.Lock()
 	r.pending = false
 	r.mu.Unlock()
 
-	start = r.clock.Now()
+	start := r.clock.Now()
+	if r.tat.Before(start) {
+		r.tat = start
+	}
+	r.tat = r.tat.Add(r.minInterval)
 	err := r.fn(ctx)
 	end := r.clock.Now()
 
@@ -166,28 +190,34 @@ func (r *Runner) runOnce(ctx context.Context) (start, next time.Time) {
 	}
 	if err == nil {
 		klog.V(4).InfoS("Sync done", "runner", r.name, "elapsed", end.Sub(start))
-		return start, next
+		return next
 	}
 	if ctx.Err() != nil {
 		// Errors caused by shutdown are not worth a retry or an error log.
 		klog.V(2).InfoS("Sync interrupted by shutdown", "runner", r.name, "err", err)
-		return start, next
+		return next
 	}
 
 	retry := end.Add(r.retryInterval)
-	if earliest := start.Add(r.minInterval); retry.Before(earliest) {
+	if earliest := r.earliest(); retry.Before(earliest) {
 		retry = earliest
 	}
 	if next.IsZero() || retry.Before(next) {
 		next = retry
 	}
 	klog.ErrorS(err, "Sync failed, will retry", "runner", r.name, "retryAfter", next.Sub(end))
-	return start, next
+	return next
 }
 
-// wait blocks until the next run is due: at next, or at start+minInterval if
-// a Trigger arrives earlier. It returns false if ctx is done first.
-func (r *Runner) wait(ctx context.Context, start, next time.Time) bool {
+// earliest is when the rate limit lets the next run start.
+func (r *Runner) earliest() time.Time {
+	return r.tat.Add(-time.Duration(r.burst-1) * r.minInterval)
+}
+
+// wait blocks until the next run is due: at next, or as soon as the rate
+// limit allows if a Trigger arrives earlier. It returns false if ctx is
+// done first.
+func (r *Runner) wait(ctx context.Context, next time.Time) bool {
 	due := next
 	for {
 		// A zero due means only a Trigger (or ctx) ends the wait.
@@ -202,7 +232,7 @@ func (r *Runner) wait(ctx context.Context, start, next time.Time) bool {
 			timerC = timer.C()
 		}
 
-		earliest := start.Add(r.minInterval)
+		earliest := r.earliest()
 		res := r.waitFor(ctx, timerC, due, earliest)
 		if timer != nil {
 			timer.Stop()

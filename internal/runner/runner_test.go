@@ -51,6 +51,7 @@ type harness struct {
 
 type config struct {
 	min, max, retry time.Duration
+	burst           int
 	results         []error
 }
 
@@ -63,7 +64,7 @@ func newHarness(t *testing.T, c config) *harness {
 		release: make(chan struct{}),
 		done:    make(chan struct{}),
 	}
-	h.r = New("test", h.fn, c.min, c.max, c.retry, WithClock(h.clk))
+	h.r = New("test", h.fn, c.min, c.max, c.retry, WithClock(h.clk), WithBurst(c.burst))
 	t.Cleanup(func() {
 		if h.cancel != nil {
 			h.cancel()
@@ -412,6 +413,80 @@ func TestRunner(t *testing.T) {
 				h.trigger(1)
 				h.idle(defMax)
 				h.expectRuns(0, 0, 0)
+			},
+		},
+		{
+			name:   "with a burst, triggers run at once until the tokens run out",
+			config: config{min: defMin, max: defMax, retry: defRetry, burst: 3},
+			script: func(h *harness) {
+				h.start()
+				h.idle(defMax)
+				h.step(ms(10))
+				h.trigger(1)
+				h.idle(ms(10) + defMax)
+				h.step(ms(10))
+				h.trigger(1)
+				h.idle(ms(20) + defMax)
+				h.expectRuns(0, ms(10), ms(20))
+				// Three runs took the three tokens; the next is one
+				// minInterval after the first.
+				h.step(ms(10))
+				h.trigger(5)
+				h.idle(ms(100))
+				h.step(ms(70))
+				h.idle(ms(100) + defMax)
+				h.expectRuns(0, ms(10), ms(20), ms(100))
+			},
+		},
+		{
+			name:   "a burst refills one token per minInterval, up to the burst",
+			config: config{min: defMin, max: defMax, retry: defRetry, burst: 2},
+			script: func(h *harness) {
+				h.start()
+				h.idle(defMax)
+				h.trigger(1)
+				h.idle(defMax)
+				h.trigger(1)
+				h.idle(ms(100))
+				h.expectRuns(0, 0)
+				h.step(ms(100))
+				h.idle(ms(100) + defMax)
+				h.expectRuns(0, 0, ms(100))
+				// A second idle holds two tokens, not ten.
+				h.step(time.Second)
+				h.trigger(1)
+				h.idle(ms(1100) + defMax)
+				h.trigger(1)
+				h.idle(ms(1100) + defMax)
+				h.trigger(1)
+				h.idle(ms(1200))
+				h.expectRuns(0, 0, ms(100), ms(1100), ms(1100))
+			},
+		},
+		{
+			name:   "with a burst, a trigger during a run runs as soon as it ends",
+			config: config{min: defMin, max: defMax, retry: defRetry, burst: 2},
+			script: func(h *harness) {
+				h.setHold(true)
+				h.start()
+				h.running()
+				h.trigger(3)
+				h.step(ms(10))
+				h.setHold(false)
+				h.release <- struct{}{}
+				h.idle(ms(10) + defMax)
+				h.expectRuns(0, ms(10))
+			},
+		},
+		{
+			name:   "with a burst, a failed run is still retried after retryInterval",
+			config: config{min: defMin, max: defMax, retry: defRetry, burst: 10, results: []error{errSync}},
+			script: func(h *harness) {
+				h.start()
+				h.idle(defRetry)
+				h.step(defRetry)
+				h.idle(defRetry + defMax)
+				h.expectRuns(0, defRetry)
 			},
 		},
 		{

@@ -40,30 +40,35 @@ func maxRSSMiB() float64 {
 	return float64(ru.Maxrss) / 1024 // Linux reports KiB
 }
 
-// BenchmarkKernelFullSync programs 10k services x 10 endpoints into empty
-// kernel maps (at the default capacities) per iteration.
+// BenchmarkKernelFullSync programs 10k and 20k services x 10 endpoints into
+// empty kernel maps (at the default capacities) per iteration: a cold
+// node's first sync.
 func BenchmarkKernelFullSync(b *testing.B) {
-	cfg := benchConfig(b)
-	snap := scaleSnapshot(10000, 10)
-	ctx := context.Background()
-	for b.Loop() {
-		b.StopTimer()
-		dp, err := New(cfg)
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.StartTimer()
-		if err := dp.Sync(ctx, snap); err != nil {
-			b.Fatal(err)
-		}
-		b.StopTimer()
-		dp.Close()
-		if err := Cleanup(cfg.BPFFSPath); err != nil {
-			b.Fatal(err)
-		}
-		b.StartTimer()
+	for _, n := range []int{10000, 20000} {
+		b.Run(fmt.Sprintf("services=%d", n), func(b *testing.B) {
+			cfg := benchConfig(b)
+			snap := scaleSnapshot(n, 10)
+			ctx := context.Background()
+			for b.Loop() {
+				b.StopTimer()
+				dp, err := New(cfg)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+				if err := dp.Sync(ctx, snap); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				dp.Close()
+				if err := Cleanup(cfg.BPFFSPath); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+			b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
+		})
 	}
-	b.ReportMetric(maxRSSMiB(), "peak-RSS-MiB")
 }
 
 // BenchmarkKernelOneEndpointChange replaces one endpoint of one service at

@@ -61,6 +61,11 @@ func (k *kernelMap[K, V]) Update(key K, value V) error {
 	if err == nil {
 		return nil
 	}
+	return k.updateError(err)
+}
+
+// updateError says what a failed update means for the user.
+func (k *kernelMap[K, V]) updateError(err error) error {
 	// Hash maps answer E2BIG when max_entries is reached. ENOMEM is another
 	// matter: our maps allocate entries on demand (BPF_F_NO_PREALLOC), and
 	// the kernel could not, which a bigger capacity would not fix.

@@ -413,6 +413,13 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		return &dataplane.SyncError{Err: errors.New("the node's addresses changed in a partial snapshot: a full sync is needed")}
 	}
 
+	var cold *coldFill
+	if snap.Full && len(r.frontends) == 0 && len(r.groups) == 0 && len(r.backendKeys) == 0 {
+		// Empty maps: the writes of every port are queued and applied in
+		// batches (coldfill.go).
+		cold = r.deferWrites()
+	}
+
 	claims, conflicts := claimFrontends(snap, r.holderOf)
 	r.reportConflicts(snap, conflicts)
 	var ports []portToApply
@@ -510,6 +517,11 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 			}
 		}
 	}
+	if cold != nil {
+		if err := cold.finish(r); err != nil {
+			return &dataplane.SyncError{Err: err}
+		}
+	}
 	freed, gcErr := r.collectGarbage()
 	if len(full) > 0 && freed {
 		// Removals and shrinks free entries and ids only after their grace
@@ -538,7 +550,14 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 		}
 	}
 	r.node, r.nodeKnown = snap.Node, true
+	var coldRejects *coldFill
+	if cold != nil {
+		coldRejects = r.deferRejects()
+	}
 	rejectErr := r.syncRejects(&snap.Node)
+	if coldRejects != nil {
+		rejectErr = errors.Join(rejectErr, coldRejects.finish(r))
+	}
 
 	if len(failed) == 0 && gcErr == nil && rejectErr == nil {
 		return nil

@@ -155,3 +155,59 @@ func BenchmarkKernelOneEndpointChange(b *testing.B) {
 // benchNode serves node ports on every local address, as kube-proxy by
 // default.
 var benchNode = model.NodeInfo{AllLocalAddresses: true}
+
+// BenchmarkKernelPacketLayerOneEndpointChange is the eBPF mode's packet
+// layer (ExternalOnly, ClusterIPs left to the socket layer) given a partial
+// snapshot that replaces one endpoint of a ClusterIP-only Service at 10k x
+// 10: every eBPF-mode sync of such a change pays it.
+func BenchmarkKernelPacketLayerOneEndpointChange(b *testing.B) {
+	eachBackend(b, func(b *testing.B, backend string, services int) {
+		cfg := Config{Backend: backend, NetNS: "/run/netns/" + testnet.New(b).Node, ClusterCIDR: netip.MustParsePrefix("10.128.0.0/10"), ExternalOnly: true}
+		d, err := New(context.Background(), cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { d.Close() })
+		snap := apitest.ScaleSnapshot(services, benchEndpoints)
+		ctx := context.Background()
+		if err := d.Sync(ctx, snap); err != nil {
+			b.Fatal(err)
+		}
+		variants := apitest.EndpointChange(snap, model.ServiceName{Namespace: "bench", Name: fmt.Sprintf("svc-%d", services/2)})
+		i := 0
+		for b.Loop() {
+			if err := d.Sync(ctx, variants[i%2]); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
+}
+
+// BenchmarkKernelPacketLayerFirstSync is the eBPF mode's packet layer's
+// part of a cold node's first sync at 10k x 10 ClusterIP Services: it reads
+// the tables back and writes its few rules, and serves none of them.
+func BenchmarkKernelPacketLayerFirstSync(b *testing.B) {
+	eachBackend(b, func(b *testing.B, backend string, services int) {
+		cfg := Config{Backend: backend, NetNS: "/run/netns/" + testnet.New(b).Node, ClusterCIDR: netip.MustParsePrefix("10.128.0.0/10"), ExternalOnly: true}
+		snap := apitest.ScaleSnapshot(services, benchEndpoints)
+		ctx := context.Background()
+		for b.Loop() {
+			b.StopTimer()
+			d, err := New(ctx, cfg)
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.StartTimer()
+			if err := d.Sync(ctx, snap); err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+			if err := Cleanup(ctx, cfg); err != nil {
+				b.Fatal(err)
+			}
+			d.Close()
+			b.StartTimer()
+		}
+	})
+}
