@@ -123,7 +123,7 @@ func (c *Cluster) kubeProxyProc(ctx context.Context, node string, o KubeProxyOpt
 		NetNS:  n.NetNS,
 		Cgroup: cgroup,
 		Args:   args,
-		Env:    []string{"PATH=" + path, "HOME=/root", "HOSTNAME=" + n.Name, xtablesLockEnv(c, n)},
+		Env:    []string{"PATH=" + path, "HOME=/root", "HOSTNAME=" + n.Name, xtablesLockEnv(n)},
 		Log:    c.KubeProxyLog(node),
 	}, nil
 }
@@ -250,7 +250,7 @@ func (c *Cluster) CleanupKubeProxy(ctx context.Context, node, binary, mode strin
 			return err
 		}
 		cmd := exec.CommandContext(ctx, "nsenter", "--net="+netnsPath(n.NetNS), "--", binary, "--cleanup")
-		cmd.Env = []string{"PATH=" + path, "HOME=/root", xtablesLockEnv(c, n)}
+		cmd.Env = []string{"PATH=" + path, "HOME=/root", xtablesLockEnv(n)}
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("kube-proxy --cleanup (PATH of %s mode) on %s: %w: %s", m, node, err, lastLines(string(out), 10)))
@@ -342,7 +342,11 @@ func lastLines(s string, n int) string {
 // /run/xtables.lock, and at 10k Services one node's restore held it past
 // the other's 5 s wait, so that node's every sync failed ("Can't lock
 // /run/xtables.lock") and it never served. iptables reads the path from
-// XTABLES_LOCKFILE.
-func xtablesLockEnv(c *Cluster, n NodeInfo) string {
-	return "XTABLES_LOCKFILE=" + filepath.Join(c.Dir, n.Name, "xtables.lock")
+// XTABLES_LOCKFILE. It is the file kube-bpf-proxy's DaemonSet mounts at
+// /run/xtables.lock on that node (nodePath).
+func xtablesLockEnv(n NodeInfo) string {
+	return "XTABLES_LOCKFILE=" + n.XtablesLock
 }
+
+// xtablesLockPath is the xtables lock's path on a real node.
+const xtablesLockPath = "/run/xtables.lock"
