@@ -3,6 +3,7 @@ package localcluster
 import (
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -318,5 +319,30 @@ func TestXtablesLockPerNode(t *testing.T) {
 	}
 	if lockOf["node1"] == lockOf["node2"] {
 		t.Errorf("both nodes lock %s", lockOf["node1"])
+	}
+}
+
+// Upstream kube-proxy's iptables mode runs the backend asked for: its PATH
+// starts with a directory whose iptables commands are that backend's.
+func TestKubeProxyPathBackend(t *testing.T) {
+	c := &Cluster{Dir: t.TempDir()}
+	for backend, multi := range map[string]string{"": "xtables-legacy-multi", IptablesLegacy: "xtables-legacy-multi", IptablesNFT: "xtables-nft-multi"} {
+		want, err := exec.LookPath(multi)
+		if err != nil {
+			t.Skipf("%s: %v", multi, err)
+		}
+		path, err := c.kubeProxyPath(KubeProxyIptables, backend)
+		if err != nil {
+			t.Fatal(err)
+		}
+		first, _, _ := strings.Cut(path, ":")
+		for _, cmd := range []string{"iptables", "iptables-restore", "ip6tables-save"} {
+			if got, err := os.Readlink(filepath.Join(first, cmd)); err != nil || got != want {
+				t.Errorf("backend %q: %s in %s is %q (%v), want %s", backend, cmd, first, got, err, want)
+			}
+		}
+	}
+	if path, err := c.kubeProxyPath(KubeProxyNFTables, ""); err != nil || path != imagePath {
+		t.Errorf("nftables mode's PATH %q (%v), want the image's", path, err)
 	}
 }

@@ -25,15 +25,18 @@ const (
 	// with --iptables-backend=nft and legacy.
 	IptablesNFT    = "iptables-nft"
 	IptablesLegacy = "iptables-legacy"
-	// KubeProxyIptables and KubeProxyNFTables are upstream kube-proxy at
-	// the pinned Kubernetes version, --proxy-mode=iptables (legacy
-	// backend, see the report) and --proxy-mode=nftables.
-	KubeProxyIptables = "kube-proxy-iptables"
-	KubeProxyNFTables = "kube-proxy-nftables"
+	// KubeProxyIptables, KubeProxyIptablesNFT and KubeProxyNFTables are
+	// upstream kube-proxy at the pinned Kubernetes version,
+	// --proxy-mode=iptables on the legacy backend and on the nft backend,
+	// and --proxy-mode=nftables: each of our iptables backends has
+	// upstream's on the same backend to be judged against.
+	KubeProxyIptables    = "kube-proxy-iptables"
+	KubeProxyIptablesNFT = "kube-proxy-iptables-nft"
+	KubeProxyNFTables    = "kube-proxy-nftables"
 )
 
 // AllContenders is every contender in measuring order.
-var AllContenders = []string{Direct, EBPF, IptablesNFT, IptablesLegacy, KubeProxyIptables, KubeProxyNFTables}
+var AllContenders = []string{Direct, EBPF, IptablesNFT, IptablesLegacy, KubeProxyIptables, KubeProxyIptablesNFT, KubeProxyNFTables}
 
 // Latency workloads (Paired.Workload).
 const (
