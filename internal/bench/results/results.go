@@ -208,11 +208,18 @@ type ControlPlane struct {
 	// returning until a client reached the last of them.
 	BatchServices int           `json:"batchServices,omitempty"`
 	BatchServed   time.Duration `json:"batchServed,omitempty"`
+	// BatchTimedOut says the batch was not served (or not created):
+	// BatchServed is then how long was waited.
+	BatchTimedOut bool `json:"batchTimedOut,omitempty"`
 	// EndpointChange holds, for each change of a Service's only endpoint
 	// made while other Services' endpoints churn, the time from the API's
 	// answer to the update until a client's connection reached the new
 	// endpoint.
 	EndpointChange []time.Duration `json:"endpointChange,omitempty"`
+	// EndpointChangeTimedOut says a change was never seen by the client
+	// (the timing stops at the first such change): EndpointChange holds
+	// only the ones seen before it.
+	EndpointChangeTimedOut bool `json:"endpointChangeTimedOut,omitempty"`
 	// NetworkProgramming is the proxies' own
 	// kubeproxy_network_programming_duration_seconds at the end of the
 	// cell (both nodes merged); nil when the contender exports none.
