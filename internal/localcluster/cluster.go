@@ -306,7 +306,9 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 		"--service-account-key-file=" + f("sa.pub"),
 		"--service-account-signing-key-file=" + f("sa.key"),
 		"--cert-dir=" + f("apiserver-certs"),
-		"--profiling=false",
+		// /debug/pprof for cluster-admin: how the benchmark finds where
+		// the API server spends its time (BENCHMARKS.md, "Method").
+		"--profiling=true",
 	})
 	if err := c.startProc("kube-apiserver", api); err != nil {
 		return err
