@@ -358,10 +358,16 @@ func writeControlPlane(m *mdWriter, ix *index, plots plotFiles) {
 			batch := "n/a"
 			if cp.BatchServices > 0 {
 				batch = fmt.Sprintf("%s (%d Services)", secs(cp.BatchServed), cp.BatchServices)
+				if cp.BatchTimedOut {
+					batch = "not served after " + batch
+				}
 			}
 			ec := "n/a"
 			if s := Summarize(seconds(cp.EndpointChange)); s.N > 0 {
 				ec = fmt.Sprintf("%s / %s (n=%d)", ms(s.P50), ms(s.P99), s.N)
+			}
+			if cp.EndpointChangeTimedOut {
+				ec += "; then a change never seen"
 			}
 			np := "not exported"
 			if h := cp.NetworkProgramming; h != nil {

@@ -207,3 +207,18 @@ func TestScaleTableAt10k(t *testing.T) {
 		t.Error("the direct contender has no control plane to show")
 	}
 }
+
+// A batch not served and an endpoint change never seen say so in the
+// per-size control-plane table, not as times.
+func TestControlPlaneTimeOutsShown(t *testing.T) {
+	r := syntheticRun(t)
+	c := cellOf(t, r, results.IptablesLegacy, 10000)
+	setControlPlane(c, 10*time.Second, 20*time.Millisecond, time.Minute)
+	c.ControlPlane.BatchTimedOut, c.ControlPlane.EndpointChangeTimedOut = true, true
+	var b strings.Builder
+	writeControlPlane(&mdWriter{w: &b}, newIndex(r), plotFiles{})
+	want := "| iptables-legacy | 10.00 s | not served after 60.00 s (200 Services) | 30.0 ms / 39.8 ms (n=20); then a change never seen |"
+	if !strings.Contains(b.String(), want) {
+		t.Errorf("the 10k control-plane table lacks %q:\n%s", want, b.String())
+	}
+}
