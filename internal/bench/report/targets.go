@@ -406,12 +406,12 @@ func (ix *index) reach(contender string) reach {
 	return r
 }
 
-// text is the reach in words: "stopped at 10k (served up to 1k): did
-// not serve …", or "served every size up to 50k".
+// text is the reach in words: "stopped at 10k (served up to 1k
+// Services): did not serve …", or "served every size up to 50k Services".
 func (r reach) text() string {
-	upTo := "nothing"
+	upTo := "no size"
 	if r.served >= 0 {
-		upTo = "up to " + sizeLabel(r.served)
+		upTo = "up to " + sizeLabel(r.served) + " Services"
 	}
 	if r.stoppedAt < 0 {
 		if r.served < 0 {

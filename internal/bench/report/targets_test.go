@@ -106,7 +106,7 @@ func TestNoSlowerThanUpstream(t *testing.T) {
 			setControlPlane(cellOf(t, r, results.KubeProxyIptablesNFT, 10000), 100*s, 25*time.Millisecond, 3*s)
 		},
 		met:      metNo,
-		measured: []string{"iptables-nft: stopped at 10k (served up to 0): did not serve 10000 Services within 3m0s, while kube-proxy-iptables-nft served 10k"},
+		measured: []string{"iptables-nft: stopped at 10k (served up to 0 Services): did not serve 10000 Services within 3m0s, while kube-proxy-iptables-nft served 10k"},
 	}, {
 		name: "upstream stopped at 10k, ours got there",
 		goal: nft,
@@ -124,8 +124,8 @@ func TestNoSlowerThanUpstream(t *testing.T) {
 			stop(cellOf(t, r, results.KubeProxyIptablesNFT, 10000), "did not serve 10000 Services within 2m0s")
 		},
 		met: metNotMeasured,
-		measured: []string{"iptables-nft stopped at 10k (served up to 0): did not serve 10000 Services within 3m0s",
-			"kube-proxy-iptables-nft stopped at 10k (served up to 0): did not serve 10000 Services within 2m0s"},
+		measured: []string{"iptables-nft stopped at 10k (served up to 0 Services): did not serve 10000 Services within 3m0s",
+			"kube-proxy-iptables-nft stopped at 10k (served up to 0 Services): did not serve 10000 Services within 2m0s"},
 	}, {
 		name: "upstream not in the run",
 		goal: nft,
@@ -195,8 +195,8 @@ func TestScaleTableAt10k(t *testing.T) {
 	writeScale(m, newIndex(r))
 	md := b.String()
 	for _, want := range []string{
-		"| iptables-legacy | 10.00 s | 30.0 ms / 39.8 ms (n=20) | 200 in 2.00 s | 50.0 MiB | served every size up to 10k |",
-		"| iptables-nft | not served after 180.00 s | did not reach 10k: " + skipReason + " |  |  | stopped at 10k (served up to 0): " + skipReason + " |",
+		"| iptables-legacy | 10.00 s | 30.0 ms / 39.8 ms (n=20) | 200 in 2.00 s | 50.0 MiB | served every size up to 10k Services |",
+		"| iptables-nft | not served after 180.00 s | did not reach 10k: " + skipReason + " |  |  | stopped at 10k (served up to 0 Services): " + skipReason + " |",
 		"### Issue 18's targets",
 	} {
 		if !strings.Contains(md, want) {
