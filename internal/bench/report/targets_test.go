@@ -222,3 +222,20 @@ func TestControlPlaneTimeOutsShown(t *testing.T) {
 		t.Errorf("the 10k control-plane table lacks %q:\n%s", want, b.String())
 	}
 }
+
+// A run without the size says so rather than judging anyone.
+func TestNoSlowerThanWithoutTheSize(t *testing.T) {
+	r := syntheticRun(t)
+	r.Sizes = []int{0}
+	var cells []results.Cell
+	for _, c := range r.Cells {
+		if c.Size == 0 {
+			cells = append(cells, c)
+		}
+	}
+	r.Cells = cells
+	got := scaleTarget(t, r, "at 10k Services: iptables-legacy no slower than kube-proxy-iptables ")
+	if got.Met != metNotMeasured || got.Measured != "10k: the run has no 10k size" {
+		t.Errorf("%+v", got)
+	}
+}
