@@ -26,9 +26,10 @@ generate:
 	hack/generate.sh
 
 # Every datapath side by side on a local cluster, report in _output/bench-report
-# (about 30 minutes); QUICK=1 for the reduced run the tests make (5 minutes).
+# (about 40 minutes); QUICK=1 for the reduced run the tests make (5 minutes),
+# LARGE=1 for 20k and 50k Services too (about 3 hours).
 bench:
-	QUICK="$(QUICK)" hack/bench.sh
+	QUICK="$(QUICK)" LARGE="$(LARGE)" hack/bench.sh
 
 # The Go micro-benchmarks of the reconcilers and the change tracker.
 microbench:

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # make bench: every datapath side by side on a local cluster (see
 # internal/bench and BENCHMARKS.md): direct pod IPs, kube-bpf-proxy's ebpf
-# and iptables (nft, legacy) modes and upstream kube-proxy's iptables and
-# nftables modes, at 0, 1k and 10k background Services (--sizes adds 50k).
-# About 30 minutes on 2 cores; QUICK=1 runs the reduced matrix the tests run
-# (about 5 minutes). Needs root: network namespaces, cgroups, BPF, iptables in the
-# nodes' namespaces. Extra arguments go to the benchmark (`--help`).
+# and iptables (nft, legacy) modes and upstream kube-proxy's iptables (legacy,
+# nft) and nftables modes, at 0, 1k and 10k background Services. About 40
+# minutes on 2 cores; QUICK=1 runs the reduced matrix the tests run (about 5
+# minutes); LARGE=1 adds 20k and 50k (about 3 hours, most of it the API server
+# creating Services). Needs root: network namespaces, cgroups, BPF, iptables in
+# the nodes' namespaces. Extra arguments go to the benchmark (`--help`).
 #
 #   hack/bench.sh                       the full run, report in _output/bench-report
 #   QUICK=1 hack/bench.sh               the quick run, report in _output/bench-quick
+#   LARGE=1 hack/bench.sh               the full run at 0, 1k, 10k, 20k and 50k
 #   hack/bench.sh --sizes=0,10000 --contenders=direct,ebpf
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
@@ -30,5 +32,8 @@ go build -o _output/bench ./hack/bench
 args=(--kube-bin "$KUBE_BIN")
 if [ -n "${QUICK:-}" ] && [ "${QUICK}" != 0 ]; then
   args+=(--quick)
+fi
+if [ -n "${LARGE:-}" ] && [ "${LARGE}" != 0 ]; then
+  args+=(--large)
 fi
 exec _output/bench "${args[@]}" "$@"

@@ -73,13 +73,14 @@ func run(ctx context.Context, args []string) error {
 func measure(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	quick := fs.Bool("quick", false, "the reduced run the tests make (make bench QUICK=1): every contender and workload at 0 and 500 Services, few samples, about 5 minutes")
+	large := fs.Bool("large", false, "the full run at 0, 1k, 10k, 20k and 50k Services (make bench LARGE=1): about 3 hours here, most of it the API server creating Services")
 	out := fs.String("out", "", "report directory (default _output/bench-report, or _output/bench-quick with --quick)")
 	clusterDir := fs.String("cluster-dir", "_output/bench-cluster", "the local cluster's directory")
 	kubeBin := fs.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries and upstream kube-proxy (hack/kube-build.sh prints it)")
 	binary := fs.String("binary", "_output/kube-bpf-proxy", "the kube-bpf-proxy binary")
 	manifests := fs.String("manifests", "manifests", "the repository's manifests directory")
 	contenders := fs.String("contenders", "", "comma-separated contenders (default all: "+strings.Join(results.AllContenders, ",")+")")
-	sizes := fs.String("sizes", "", "comma-separated background Service counts, ascending (default 0,1000,10000; quick 0,500; 50000 takes about an hour more here, creating the Services)")
+	sizes := fs.String("sizes", "", "comma-separated background Service counts, ascending (default 0,1000,10000; quick 0,500; large 0,1000,10000,20000,50000)")
 	endpoints := fs.Int("endpoints", 0, "endpoints of each background Service (default 10)")
 	controlPlane := fs.Bool("control-plane-only", false, "skip the latency and rate workloads: time only the cold start, endpoint changes under churn and the batch of new Services")
 	changes := fs.Int("endpoint-changes", 0, "timed endpoint changes per cell (default 20, quick 4); more give a steadier p99")
@@ -90,9 +91,15 @@ func measure(ctx context.Context, args []string) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
+	if *quick && *large {
+		return errors.New("--quick and --large: pick one")
+	}
 	cfg := bench.FullConfig()
-	if *quick {
+	switch {
+	case *quick:
 		cfg = bench.QuickConfig()
+	case *large:
+		cfg = bench.LargeConfig()
 	}
 	if *contenders != "" {
 		cfg.Contenders = strings.Split(*contenders, ",")
@@ -138,7 +145,7 @@ func measure(ctx context.Context, args []string) error {
 	cfg.Binary, cfg.Self, cfg.ManifestsDir = abs(*binary), self, abs(*manifests)
 	cfg.Keep = *keep
 	cfg.Progress = os.Stderr
-	cfg.Command = commandLine(*quick, args)
+	cfg.Command = commandLine(*quick, *large, args)
 
 	start := time.Now()
 	_, err = bench.Run(ctx, cfg)
@@ -148,12 +155,12 @@ func measure(ctx context.Context, args []string) error {
 
 // commandLine is the command a reader runs to measure the same: make's,
 // with the flags given.
-func commandLine(quick bool, args []string) string {
+func commandLine(quick, large bool, args []string) string {
 	var extra []string
 	for i := 0; i < len(args); i++ {
 		a := strings.TrimLeft(args[i], "-")
 		switch {
-		case a == "quick" || strings.HasPrefix(a, "kube-bin="):
+		case a == "quick" || a == "large" || strings.HasPrefix(a, "kube-bin="):
 			continue
 		case a == "kube-bin":
 			i++ // and its value
@@ -161,14 +168,21 @@ func commandLine(quick bool, args []string) string {
 		}
 		extra = append(extra, args[i])
 	}
+	env := ""
+	switch {
+	case quick:
+		env = "QUICK=1"
+	case large:
+		env = "LARGE=1"
+	}
 	cmd := "make bench"
-	if quick {
-		cmd += " QUICK=1"
+	if env != "" {
+		cmd += " " + env
 	}
 	if len(extra) > 0 {
 		cmd = "hack/bench.sh " + strings.Join(extra, " ")
-		if quick {
-			cmd = "QUICK=1 " + cmd
+		if env != "" {
+			cmd = env + " " + cmd
 		}
 	}
 	return cmd

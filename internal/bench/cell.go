@@ -247,6 +247,7 @@ func (r *runner) controlPlane(ctx context.Context, size int, ct Contender) (resu
 	<-churned
 	cp.EndpointChange = changes
 	if err != nil {
+		cp.EndpointChangeTimedOut = true
 		errs = append(errs, fmt.Errorf("endpoint changes: %w", err))
 	}
 
@@ -255,6 +256,7 @@ func (r *runner) controlPlane(ctx context.Context, size int, ct Contender) (resu
 		cp.BatchServices = r.cfg.BatchServices
 		cp.BatchServed = served
 		if err != nil {
+			cp.BatchTimedOut = true
 			errs = append(errs, fmt.Errorf("a batch of %d Services: %w", r.cfg.BatchServices, err))
 		}
 	}

@@ -97,16 +97,19 @@ func NewContender(c *localcluster.Cluster, name string, o ContenderOptions) (Con
 		}
 		p.args = append(p.args, o.ExtraArgs...)
 		return p, nil
-	case results.KubeProxyIptables, results.KubeProxyNFTables:
+	case results.KubeProxyIptables, results.KubeProxyIptablesNFT, results.KubeProxyNFTables:
 		bin, err := abs("kube-proxy binary", o.KubeProxy)
 		if err != nil {
 			return nil, err
 		}
-		mode := localcluster.KubeProxyIptables
-		if name == results.KubeProxyNFTables {
-			mode = localcluster.KubeProxyNFTables
+		k := &kubeProxyContender{contenderBase: base, binary: bin, mode: localcluster.KubeProxyIptables, backend: localcluster.IptablesLegacy}
+		switch name {
+		case results.KubeProxyIptablesNFT:
+			k.backend = localcluster.IptablesNFT
+		case results.KubeProxyNFTables:
+			k.mode, k.backend = localcluster.KubeProxyNFTables, ""
 		}
-		return &kubeProxyContender{contenderBase: base, binary: bin, mode: mode}, nil
+		return k, nil
 	}
 	return nil, fmt.Errorf("unknown contender %q (want one of %s)", name, strings.Join(results.AllContenders, ", "))
 }
@@ -307,13 +310,15 @@ func (p *oursContender) MetricsAddr() string { return localcluster.ProxyMetricsA
 type kubeProxyContender struct {
 	contenderBase
 	binary, mode string
+	// backend is the iptables mode's backend ("" for nftables).
+	backend string
 }
 
 func (k *kubeProxyContender) Start(ctx context.Context) error {
 	k.launched = time.Now()
 	var started []string
 	for _, n := range k.c.Nodes {
-		if err := k.c.StartKubeProxy(ctx, n.Name, localcluster.KubeProxyOptions{Binary: k.binary, Mode: k.mode}); err != nil {
+		if err := k.c.StartKubeProxy(ctx, n.Name, localcluster.KubeProxyOptions{Binary: k.binary, Mode: k.mode, Backend: k.backend}); err != nil {
 			for _, s := range started {
 				_ = k.c.StopKubeProxy(s, stopGrace)
 			}

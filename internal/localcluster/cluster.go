@@ -171,6 +171,8 @@ func create(st *state, dir, name string) error {
 		if err := unix.Mount("", n.NetNSDir, "", unix.MS_SHARED, ""); err != nil {
 			return fmt.Errorf("sharing %s: %w", n.NetNSDir, err)
 		}
+		// The node's xtables lock, created (as iptables would) on first use.
+		n.XtablesLock = filepath.Join(dir, n.Name, "xtables.lock")
 		if err := os.Mkdir(n.Cgroup, 0o755); err != nil {
 			return fmt.Errorf("creating node cgroup: %w", err)
 		}
@@ -196,6 +198,11 @@ func Open(dir string) (*Cluster, error) {
 	}
 	if st.Name == "" {
 		return nil, fmt.Errorf("no cluster in %s", dir)
+	}
+	for i := range st.Nodes {
+		if st.Nodes[i].XtablesLock == "" { // recorded before nodes had their own
+			st.Nodes[i].XtablesLock = filepath.Join(dir, st.Nodes[i].Name, "xtables.lock")
+		}
 	}
 	c := &Cluster{
 		Dir:             dir,
@@ -299,7 +306,9 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 		"--service-account-key-file=" + f("sa.pub"),
 		"--service-account-signing-key-file=" + f("sa.key"),
 		"--cert-dir=" + f("apiserver-certs"),
-		"--profiling=false",
+		// /debug/pprof for cluster-admin: how the benchmark finds where
+		// the API server spends its time (BENCHMARKS.md, "Method").
+		"--profiling=true",
 	})
 	if err := c.startProc("kube-apiserver", api); err != nil {
 		return err

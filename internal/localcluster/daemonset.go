@@ -421,10 +421,17 @@ type mount struct {
 }
 
 // nodePath maps a hostPath on a real node onto the simulated node: its
-// cgroup2 root, its bpffs and its /run/netns (its own pods' namespaces)
-// are the node's own; everything else is the machine's (its xtables lock
-// and kernel modules).
+// cgroup2 root, its bpffs, its /run/netns (its own pods' namespaces) and
+// its /run/xtables.lock are the node's own; everything else is the
+// machine's (its kernel modules). The manifests keep mounting
+// /run/xtables.lock, which on a real node is that node's lock, shared with
+// its kubelet and CNI plugins; here the simulated nodes share one machine,
+// and one lock file would make one node's restore hold every other node's
+// off, as upstream kube-proxy's would (xtablesLockEnv).
 func (n NodeInfo) nodePath(p string) string {
+	if p == xtablesLockPath && n.XtablesLock != "" {
+		return n.XtablesLock
+	}
 	for root, node := range map[string]string{"/sys/fs/cgroup": n.Cgroup, "/sys/fs/bpf": n.BPFFS, "/run/netns": n.NetNSDir} {
 		if rest, ok := strings.CutPrefix(p, root); ok && (rest == "" || rest[0] == '/') {
 			return node + rest

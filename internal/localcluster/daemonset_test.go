@@ -2,6 +2,9 @@ package localcluster
 
 import (
 	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -12,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes/fake"
 	"k8s.io/utils/ptr"
+	"sigs.k8s.io/yaml"
 )
 
 var kubernetesService = &corev1.Service{
@@ -176,13 +180,14 @@ func TestRewriteArgs(t *testing.T) {
 }
 
 func TestNodePath(t *testing.T) {
-	n := NodeInfo{Cgroup: "/cg/kbp/node1", BPFFS: "/c/node1/bpffs", NetNSDir: "/c/node1/netns"}
+	n := NodeInfo{Cgroup: "/cg/kbp/node1", BPFFS: "/c/node1/bpffs", NetNSDir: "/c/node1/netns", XtablesLock: "/c/node1/xtables.lock"}
 	for in, want := range map[string]string{
 		"/sys/fs/cgroup":      "/cg/kbp/node1",
 		"/sys/fs/bpf":         "/c/node1/bpffs",
 		"/sys/fs/bpf/kbp":     "/c/node1/bpffs/kbp",
 		"/sys/fs/bpfx":        "/sys/fs/bpfx",
-		"/run/xtables.lock":   "/run/xtables.lock",
+		"/run/xtables.lock":   "/c/node1/xtables.lock",
+		"/run/xtables.lockx":  "/run/xtables.lockx",
 		"/run/netns":          "/c/node1/netns",
 		"/run/netns/x":        "/c/node1/netns/x",
 		"/lib/modules":        "/lib/modules",
@@ -246,5 +251,98 @@ func TestPodEnvWorkloadPod(t *testing.T) {
 	spec.Containers[0].Env = append(spec.Containers[0].Env, field("IP", "status.podIP"))
 	if _, err := c.podEnv(context.Background(), pr); err == nil || !strings.Contains(err.Error(), "status.podIP") {
 		t.Errorf("status.podIP of a pod-network pod: err %v, want one naming the field", err)
+	}
+}
+
+// Each simulated node has an xtables lock of its own, as each real node
+// does: kube-bpf-proxy's DaemonSet mounts its /run/xtables.lock from the
+// node's file, the same file the node's upstream kube-proxy is given, while
+// the manifest itself still mounts the real node's /run/xtables.lock.
+func TestXtablesLockPerNode(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join("..", "..", "manifests", "base", "daemonset.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ds appsv1.DaemonSet
+	if err := yaml.Unmarshal(raw, &ds); err != nil {
+		t.Fatal(err)
+	}
+	ctr, err := container(&ds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var volume string
+	for _, vm := range ctr.VolumeMounts {
+		if vm.MountPath == xtablesLockPath {
+			volume = vm.Name
+		}
+	}
+	if volume == "" {
+		t.Fatalf("the DaemonSet's container mounts nothing at %s: %+v", xtablesLockPath, ctr.VolumeMounts)
+	}
+	for _, v := range ds.Spec.Template.Spec.Volumes {
+		if v.Name == volume && (v.HostPath == nil || v.HostPath.Path != xtablesLockPath) {
+			t.Errorf("volume %s = %+v, want the node's hostPath %s", volume, v.VolumeSource, xtablesLockPath)
+		}
+	}
+
+	dir := t.TempDir()
+	lockOf := map[string]string{}
+	for _, name := range []string{"node1", "node2"} {
+		n := NodeInfo{Name: name,
+			Cgroup:      filepath.Join(dir, name, "cgroup"),
+			BPFFS:       filepath.Join(dir, name, "bpffs"),
+			NetNSDir:    filepath.Join(dir, name, "netns"),
+			XtablesLock: filepath.Join(dir, name, "xtables.lock"),
+		}
+		if err := os.MkdirAll(n.Cgroup, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		mounts, _, err := podMounts(daemonSetPod(&ds, ctr, n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range mounts {
+			if m.target == xtablesLockPath {
+				lockOf[name] = m.source
+			}
+		}
+		if lockOf[name] != n.XtablesLock {
+			t.Errorf("%s: %s is mounted from %q, want the node's own %s", name, xtablesLockPath, lockOf[name], n.XtablesLock)
+		}
+		if _, err := os.Stat(n.XtablesLock); err != nil {
+			t.Errorf("%s: the lock file was not created as FileOrCreate creates it: %v", name, err)
+		}
+		if got, want := xtablesLockEnv(n), "XTABLES_LOCKFILE="+n.XtablesLock; got != want {
+			t.Errorf("%s: kube-proxy's %s, want %s", name, got, want)
+		}
+	}
+	if lockOf["node1"] == lockOf["node2"] {
+		t.Errorf("both nodes lock %s", lockOf["node1"])
+	}
+}
+
+// Upstream kube-proxy's iptables mode runs the backend asked for: its PATH
+// starts with a directory whose iptables commands are that backend's.
+func TestKubeProxyPathBackend(t *testing.T) {
+	c := &Cluster{Dir: t.TempDir()}
+	for backend, multi := range map[string]string{"": "xtables-legacy-multi", IptablesLegacy: "xtables-legacy-multi", IptablesNFT: "xtables-nft-multi"} {
+		want, err := exec.LookPath(multi)
+		if err != nil {
+			t.Skipf("%s: %v", multi, err)
+		}
+		path, err := c.kubeProxyPath(KubeProxyIptables, backend)
+		if err != nil {
+			t.Fatal(err)
+		}
+		first, _, _ := strings.Cut(path, ":")
+		for _, cmd := range []string{"iptables", "iptables-restore", "ip6tables-save"} {
+			if got, err := os.Readlink(filepath.Join(first, cmd)); err != nil || got != want {
+				t.Errorf("backend %q: %s in %s is %q (%v), want %s", backend, cmd, first, got, err, want)
+			}
+		}
+	}
+	if path, err := c.kubeProxyPath(KubeProxyNFTables, ""); err != nil || path != imagePath {
+		t.Errorf("nftables mode's PATH %q (%v), want the image's", path, err)
 	}
 }

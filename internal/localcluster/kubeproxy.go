@@ -30,6 +30,9 @@ type KubeProxyOptions struct {
 	Binary string
 	// Mode is --proxy-mode: "iptables" or "nftables".
 	Mode string
+	// Backend is the iptables mode's backend: IptablesLegacy (the
+	// default) or IptablesNFT. The nftables mode takes none.
+	Backend string
 	// ExtraArgs are added after the flags StartKubeProxy sets.
 	ExtraArgs []string
 }
@@ -38,6 +41,12 @@ type KubeProxyOptions struct {
 const (
 	KubeProxyIptables = "iptables"
 	KubeProxyNFTables = "nftables"
+)
+
+// Backend values: which iptables the iptables mode runs.
+const (
+	IptablesLegacy = "legacy"
+	IptablesNFT    = "nft"
 )
 
 const (
@@ -57,12 +66,14 @@ func (c *Cluster) KubeProxyLog(node string) string {
 // once (not synced). The ServiceAccount and its binding are created on
 // first use.
 //
-// The iptables mode runs the legacy backend: a directory whose iptables,
-// iptables-save, iptables-restore and ip6tables* are xtables-legacy-multi
-// comes first on its PATH (iptables-nft-restore 1.8.9 takes time growing
-// faster than linearly with the number of chains: a first sync of 10k
-// Services would take many minutes). The nftables mode runs nft; its PATH
-// is the image's, so what it runs of iptables (clearing the other mode's
+// The iptables mode runs the backend o.Backend names, legacy by default: a
+// directory whose iptables, iptables-save, iptables-restore and ip6tables*
+// are xtables-legacy-multi (or xtables-nft-multi) comes first on its PATH,
+// as kube-proxy's image picks one backend for the node
+// (iptables-nft-restore 1.8.9 takes time growing faster than linearly with
+// the number of chains: a first sync of 10k Services on the nft backend
+// takes many minutes). The nftables mode runs nft; its PATH is the
+// image's, so what it runs of iptables (clearing the other mode's
 // leftovers) is the machine's default backend.
 //
 // --conntrack-max-per-core=0 keeps it from writing nf_conntrack_max, which
@@ -102,7 +113,13 @@ func (c *Cluster) kubeProxyProc(ctx context.Context, node string, o KubeProxyOpt
 	if err != nil {
 		return nil, err
 	}
-	path, err := c.kubeProxyPath(o.Mode)
+	if o.Backend != "" && o.Backend != IptablesLegacy && o.Backend != IptablesNFT {
+		return nil, fmt.Errorf("iptables backend %q: want %s or %s", o.Backend, IptablesLegacy, IptablesNFT)
+	}
+	if o.Backend != "" && o.Mode != KubeProxyIptables {
+		return nil, fmt.Errorf("an iptables backend (%s) is for the iptables mode, not %s", o.Backend, o.Mode)
+	}
+	path, err := c.kubeProxyPath(o.Mode, o.Backend)
 	if err != nil {
 		return nil, err
 	}
@@ -123,32 +140,36 @@ func (c *Cluster) kubeProxyProc(ctx context.Context, node string, o KubeProxyOpt
 		NetNS:  n.NetNS,
 		Cgroup: cgroup,
 		Args:   args,
-		Env:    []string{"PATH=" + path, "HOME=/root", "HOSTNAME=" + n.Name, xtablesLockEnv(c, n)},
+		Env:    []string{"PATH=" + path, "HOME=/root", "HOSTNAME=" + n.Name, xtablesLockEnv(n)},
 		Log:    c.KubeProxyLog(node),
 	}, nil
 }
 
-// kubeProxyPath is kube-proxy's PATH in mode: the legacy iptables first for
-// the iptables mode (see StartKubeProxy).
-func (c *Cluster) kubeProxyPath(mode string) (string, error) {
+// kubeProxyPath is kube-proxy's PATH in mode: the backend's iptables first
+// for the iptables mode, legacy unless backend says nft (see
+// StartKubeProxy).
+func (c *Cluster) kubeProxyPath(mode, backend string) (string, error) {
 	if mode != KubeProxyIptables {
 		return imagePath, nil
 	}
-	dir, err := c.legacyIptablesDir()
+	dir, err := c.iptablesDir(backend)
 	if err != nil {
 		return "", err
 	}
 	return dir + ":" + imagePath, nil
 }
 
-// legacyIptablesDir makes (once) the directory of iptables commands that
-// are the legacy backend.
-func (c *Cluster) legacyIptablesDir() (string, error) {
-	multi, err := exec.LookPath("xtables-legacy-multi")
-	if err != nil {
-		return "", fmt.Errorf("finding iptables' legacy backend (Debian's iptables package has it): %w", err)
+// iptablesDir makes (once) the directory of iptables commands that are
+// backend ("" is legacy).
+func (c *Cluster) iptablesDir(backend string) (string, error) {
+	if backend == "" {
+		backend = IptablesLegacy
 	}
-	dir := filepath.Join(c.Dir, "iptables-legacy")
+	multi, err := exec.LookPath("xtables-" + backend + "-multi")
+	if err != nil {
+		return "", fmt.Errorf("finding iptables' %s backend (Debian's iptables package has it): %w", backend, err)
+	}
+	dir := filepath.Join(c.Dir, "iptables-"+backend)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
 	}
@@ -231,29 +252,28 @@ func (c *Cluster) stopNamed(name string, grace time.Duration) error {
 	return nil
 }
 
-// CleanupKubeProxy runs `kube-proxy --cleanup` in the node's namespace with
-// the PATH of mode (so the iptables mode's cleanup reaches the legacy
-// tables it wrote). kube-proxy's cleanup removes what every mode of it
-// makes (iptables chains of both address families, its nftables tables,
-// IPVS state); the rules of the other iptables backend are then removed with
-// that backend's cleanup too, so that a node is left clean whichever
-// backend was used.
+// CleanupKubeProxy runs `kube-proxy --cleanup` in the node's namespace
+// once with each iptables backend first on its PATH (so the iptables
+// mode's cleanup reaches the tables it wrote, whichever backend wrote
+// them). kube-proxy's cleanup removes what every mode of it makes
+// (iptables chains of both address families, its nftables tables, IPVS
+// state), so that a node is left clean whichever mode and backend ran.
 func (c *Cluster) CleanupKubeProxy(ctx context.Context, node, binary, mode string) error {
 	n, err := c.Node(node)
 	if err != nil {
 		return err
 	}
 	var errs []error
-	for _, m := range []string{mode, otherMode(mode)} {
-		path, err := c.kubeProxyPath(m)
+	for _, backend := range []string{IptablesLegacy, IptablesNFT} {
+		path, err := c.kubeProxyPath(KubeProxyIptables, backend)
 		if err != nil {
 			return err
 		}
 		cmd := exec.CommandContext(ctx, "nsenter", "--net="+netnsPath(n.NetNS), "--", binary, "--cleanup")
-		cmd.Env = []string{"PATH=" + path, "HOME=/root", xtablesLockEnv(c, n)}
+		cmd.Env = []string{"PATH=" + path, "HOME=/root", xtablesLockEnv(n)}
 		out, err := cmd.CombinedOutput()
 		if err != nil {
-			errs = append(errs, fmt.Errorf("kube-proxy --cleanup (PATH of %s mode) on %s: %w: %s", m, node, err, lastLines(string(out), 10)))
+			errs = append(errs, fmt.Errorf("kube-proxy --cleanup (iptables %s first on PATH) on %s: %w: %s", backend, node, err, lastLines(string(out), 10)))
 		}
 	}
 	if mode == KubeProxyIptables {
@@ -279,40 +299,44 @@ func (c *Cluster) CleanupKubeProxy(ctx context.Context, node, binary, mode strin
 }
 
 // removeKubeFirewall removes what the iptables mode makes and its
-// --cleanup leaves (v1.36): the filter table's KUBE-FIREWALL chain, which
-// drops packets to 127.0.0.0/8 from elsewhere, and the jumps to it from
-// INPUT and OUTPUT (it guards route_localnet=1, which it sets for NodePorts
-// on localhost); and route_localnet itself, back to the kernel's default.
-// Both are the node namespace's own.
+// --cleanup leaves (v1.36), on both iptables backends: the filter table's
+// KUBE-FIREWALL chain, which drops packets to 127.0.0.0/8 from elsewhere,
+// and the jumps to it from INPUT and OUTPUT (it guards route_localnet=1,
+// which it sets for NodePorts on localhost); and route_localnet itself,
+// back to the kernel's default. Both are the node namespace's own.
 func (c *Cluster) removeKubeFirewall(ctx context.Context, n NodeInfo) error {
-	dir, err := c.legacyIptablesDir()
-	if err != nil {
-		return err
-	}
 	in := func(args ...string) error {
-		out, err := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + netnsPath(n.NetNS), "--"}, args...)...).CombinedOutput()
+		cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + netnsPath(n.NetNS), "--"}, args...)...)
+		cmd.Env = []string{"PATH=" + imagePath, xtablesLockEnv(n)}
+		out, err := cmd.CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("%s on %s: %w: %s", strings.Join(args, " "), n.Name, err, strings.TrimSpace(string(out)))
 		}
 		return nil
 	}
 	var errs []error
-	for _, cmd := range []string{"iptables", "ip6tables"} {
-		ipt := filepath.Join(dir, cmd)
-		if in(ipt, "-w", "-t", "filter", "-S", "KUBE-FIREWALL") != nil {
-			continue // no such chain
+	for _, backend := range []string{IptablesLegacy, IptablesNFT} {
+		dir, err := c.iptablesDir(backend)
+		if err != nil {
+			return err
 		}
-		for _, from := range []string{"INPUT", "OUTPUT"} {
-			// Once per jump; a bounded loop in case of duplicates.
-			for range 10 {
-				if in(ipt, "-w", "-t", "filter", "-D", from, "-j", "KUBE-FIREWALL") != nil {
-					break
+		for _, cmd := range []string{"iptables", "ip6tables"} {
+			ipt := filepath.Join(dir, cmd)
+			if in(ipt, "-w", "-t", "filter", "-S", "KUBE-FIREWALL") != nil {
+				continue // no such chain
+			}
+			for _, from := range []string{"INPUT", "OUTPUT"} {
+				// Once per jump; a bounded loop in case of duplicates.
+				for range 10 {
+					if in(ipt, "-w", "-t", "filter", "-D", from, "-j", "KUBE-FIREWALL") != nil {
+						break
+					}
 				}
 			}
-		}
-		for _, op := range []string{"-F", "-X"} {
-			if err := in(ipt, "-w", "-t", "filter", op, "KUBE-FIREWALL"); err != nil {
-				errs = append(errs, err)
+			for _, op := range []string{"-F", "-X"} {
+				if err := in(ipt, "-w", "-t", "filter", op, "KUBE-FIREWALL"); err != nil {
+					errs = append(errs, err)
+				}
 			}
 		}
 	}
@@ -320,13 +344,6 @@ func (c *Cluster) removeKubeFirewall(ctx context.Context, n NodeInfo) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
-}
-
-func otherMode(mode string) string {
-	if mode == KubeProxyIptables {
-		return KubeProxyNFTables
-	}
-	return KubeProxyIptables
 }
 
 func lastLines(s string, n int) string {
@@ -342,7 +359,11 @@ func lastLines(s string, n int) string {
 // /run/xtables.lock, and at 10k Services one node's restore held it past
 // the other's 5 s wait, so that node's every sync failed ("Can't lock
 // /run/xtables.lock") and it never served. iptables reads the path from
-// XTABLES_LOCKFILE.
-func xtablesLockEnv(c *Cluster, n NodeInfo) string {
-	return "XTABLES_LOCKFILE=" + filepath.Join(c.Dir, n.Name, "xtables.lock")
+// XTABLES_LOCKFILE. It is the file kube-bpf-proxy's DaemonSet mounts at
+// /run/xtables.lock on that node (nodePath).
+func xtablesLockEnv(n NodeInfo) string {
+	return "XTABLES_LOCKFILE=" + n.XtablesLock
 }
+
+// xtablesLockPath is the xtables lock's path on a real node.
+const xtablesLockPath = "/run/xtables.lock"

@@ -43,6 +43,11 @@ type NodeInfo struct {
 	// each of its pods' network namespaces, and no one else's, as a
 	// container runtime pins them on a real node.
 	NetNSDir string `json:"netnsDir"`
+	// XtablesLock is the node's /run/xtables.lock: a file of its own, as
+	// every real node has, so that one node's long iptables restore does
+	// not hold the other nodes' off (they would all share this machine's
+	// /run/xtables.lock).
+	XtablesLock string `json:"xtablesLock,omitempty"`
 	// NextHost is the host part of the next pod address.
 	NextHost int `json:"nextHost"`
 }

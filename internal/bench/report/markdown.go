@@ -85,6 +85,7 @@ func writeMarkdown(w io.Writer, ix *index, plots plotFiles) error {
 	}
 	m.table([]string{"goal", "measured", "met"}, rows)
 
+	writeScale(m, ix)
 	writeLatency(m, ix, plots)
 	writeRates(m, ix, plots)
 	writeControlPlane(m, ix, plots)
@@ -118,6 +119,71 @@ func writeHeader(m *mdWriter, r *results.Run, ix *index) {
 		"and carry that run-to-run noise (~±5% here). Lower is better for latency and CPU, higher for rates. Latencies are in microseconds; "+
 		"percentiles interpolate linearly between order statistics; ± is the half-width of the 99% confidence interval of the mean "+
 		"(normal approximation, z=2.576); stddev uses n-1.\n\n")
+}
+
+// writeScale is issue 18's view of the run: at 10k Services, each
+// contender's cold node, endpoint change under churn, batch of new
+// Services and memory, how far each got, and the issue's targets judged.
+func writeScale(m *mdWriter, ix *index) {
+	m.f("## At %s Services: the control plane\n\n", sizeLabel(goalSize))
+	if _, ok := slicesIndex(ix.sizes, goalSize); !ok {
+		m.f("The run has no %s size.\n\n", sizeLabel(goalSize))
+	} else {
+		m.f("Each contender on nodes with nothing programmed, %s background Services of %d endpoints: the cold node (until a client reached the last Service), an endpoint move while other Services' endpoints churn (API answer until a client reached the new endpoint), a batch of new Services created with the proxies running (until a client reached the last), and the larger of the two proxies' resident set. \"How far it got\" is over the whole run: a contender that did not serve a size within the run's time-out stops there and is not tried at larger ones.\n\n",
+			sizeLabel(goalSize), ix.run.Topology.EndpointsPerService)
+		var rows [][]string
+		for _, ct := range ix.contenders {
+			if ct == results.Direct {
+				continue
+			}
+			reach := ix.reach(ct).text()
+			c, why := ix.cell(ct, goalSize)
+			if c == nil {
+				cold := ""
+				if sc, ok := ix.cells[cellKey{ct, goalSize}]; ok && sc.ControlPlane.ColdStartTimedOut {
+					cold = "not served after " + secs(sc.ControlPlane.ColdStart)
+				}
+				rows = append(rows, []string{ct, cold, why, "", "", reach})
+				continue
+			}
+			cp := c.ControlPlane
+			ec := "n/a"
+			if s := Summarize(seconds(cp.EndpointChange)); s.N > 0 {
+				ec = fmt.Sprintf("%s / %s (n=%d)", ms(s.P50), ms(s.P99), s.N)
+			}
+			if cp.EndpointChangeTimedOut {
+				ec += "; then a change never seen"
+			}
+			batch := "n/a"
+			if cp.BatchServices > 0 {
+				batch = fmt.Sprintf("%d in %s", cp.BatchServices, secs(cp.BatchServed))
+				if cp.BatchTimedOut {
+					batch = fmt.Sprintf("%d not served after %s", cp.BatchServices, secs(cp.BatchServed))
+				}
+			}
+			rss := "n/a"
+			if c.Proxy.RSSBytes > 0 {
+				rss = mib(c.Proxy.RSSBytes)
+			}
+			rows = append(rows, []string{ct, secs(cp.ColdStart), ec, batch, rss, reach})
+		}
+		m.table([]string{"contender", "cold node", "endpoint change p50 / p99 (churn)", "new Services served", "proxy RSS", "how far it got"}, rows)
+	}
+	m.f("### Issue 18's targets\n\n")
+	var rows [][]string
+	for _, t := range scaleTargets(ix) {
+		rows = append(rows, []string{t.Goal, t.Measured, t.Met})
+	}
+	m.table([]string{"goal", "measured", "met"}, rows)
+}
+
+func slicesIndex(s []int, v int) (int, bool) {
+	for i, x := range s {
+		if x == v {
+			return i, true
+		}
+	}
+	return -1, false
 }
 
 func writeLatency(m *mdWriter, ix *index, plots plotFiles) {
@@ -292,10 +358,16 @@ func writeControlPlane(m *mdWriter, ix *index, plots plotFiles) {
 			batch := "n/a"
 			if cp.BatchServices > 0 {
 				batch = fmt.Sprintf("%s (%d Services)", secs(cp.BatchServed), cp.BatchServices)
+				if cp.BatchTimedOut {
+					batch = "not served after " + batch
+				}
 			}
 			ec := "n/a"
 			if s := Summarize(seconds(cp.EndpointChange)); s.N > 0 {
 				ec = fmt.Sprintf("%s / %s (n=%d)", ms(s.P50), ms(s.P99), s.N)
+			}
+			if cp.EndpointChangeTimedOut {
+				ec += "; then a change never seen"
 			}
 			np := "not exported"
 			if h := cp.NetworkProgramming; h != nil {

@@ -37,12 +37,13 @@ type sizedFile struct {
 // common colour-vision deficiencies), one fixed colour per contender so
 // every plot uses the same one.
 var contenderColors = map[string]color.RGBA{
-	results.Direct:            {0, 0, 0, 255},
-	results.EBPF:              {0, 114, 178, 255},
-	results.IptablesNFT:       {230, 159, 0, 255},
-	results.IptablesLegacy:    {204, 121, 167, 255},
-	results.KubeProxyIptables: {213, 94, 0, 255},
-	results.KubeProxyNFTables: {0, 158, 115, 255},
+	results.Direct:               {0, 0, 0, 255},
+	results.EBPF:                 {0, 114, 178, 255},
+	results.IptablesNFT:          {230, 159, 0, 255},
+	results.IptablesLegacy:       {204, 121, 167, 255},
+	results.KubeProxyIptables:    {213, 94, 0, 255},
+	results.KubeProxyIptablesNFT: {86, 180, 233, 255},
+	results.KubeProxyNFTables:    {0, 158, 115, 255},
 }
 
 // labelOf is a contender's legend label: the direct contender's figures

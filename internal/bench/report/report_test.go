@@ -39,7 +39,7 @@ func syntheticRun(t *testing.T) *results.Run {
 	}
 	slowdown := map[string]float64{
 		results.Direct: 1, results.EBPF: 1, results.IptablesNFT: 1.2, results.IptablesLegacy: 1.3,
-		results.KubeProxyIptables: 1.4, results.KubeProxyNFTables: 1.1,
+		results.KubeProxyIptables: 1.4, results.KubeProxyIptablesNFT: 1.25, results.KubeProxyNFTables: 1.1,
 	}
 	samples := func(n int, base float64) []float64 {
 		s := make([]float64, n)

@@ -225,6 +225,22 @@ func targets(ix *index) []target {
 		}
 		out = append(out, j.row("ebpf: Services served within 2 s of their creation finishing (the issue: 10k; growths of the background Services made with ebpf running, and each cell's batch)"))
 	}
+	return out
+}
+
+// scaleTargets are issue 18's goals for the control plane at 10k to 50k
+// Services: our iptables mode on each backend no slower than upstream's
+// iptables mode on the same backend, and the eBPF mode's memory,
+// endpoint-change and cold-start targets.
+func scaleTargets(ix *index) []target {
+	var out []target
+	ebpf := results.EBPF
+	for _, pair := range [][2]string{
+		{results.IptablesLegacy, results.KubeProxyIptables},
+		{results.IptablesNFT, results.KubeProxyIptablesNFT},
+	} {
+		out = append(out, noSlowerThan(ix, pair[0], pair[1], goalSize))
+	}
 	{
 		var j judge
 		judged := false
@@ -254,6 +270,7 @@ func targets(ix *index) []target {
 			if nearest != "" {
 				msg += ", nearest " + nearest
 			}
+			msg += " (the run has no size of 20k or more: " + coldGoalOption + ")"
 			j.parts = append([]string{msg}, j.parts...)
 		}
 		out = append(out, j.row("ebpf cold node serves every Service within 2 s of the proxy's start with 20k Services (judged at the smallest size ≥ 20k)"))
@@ -281,6 +298,132 @@ func targets(ix *index) []target {
 		out = append(out, j.row("ebpf proxy RSS at 10k Services below 100 MiB"))
 	}
 	return out
+}
+
+// coldGoalOption says how a run gets the 20k size the cold-start goal is
+// judged at.
+const coldGoalOption = "run with --sizes=0,1000,10000,20000 or add 20000 to --sizes"
+
+// crossCellTolerance is how much slower than upstream ours may measure and
+// still count as no slower: the two are different cells, minutes apart,
+// whose noise here is about ±5%.
+const crossCellTolerance = 1.05
+
+// noSlowerThan judges ours against upstream at size on the three control
+// plane measures: the cold node, an endpoint change under churn (p50 and
+// p99) and a batch of new Services. A contender that did not reach the
+// size loses to one that did; where neither did, the row says where each
+// stopped.
+func noSlowerThan(ix *index, ours, upstream string, size int) target {
+	goal := fmt.Sprintf("at %s Services: %s no slower than %s on the cold node, an endpoint change under churn (p50 and p99) and a batch of new Services (each ≤ %.2fx: different cells)",
+		sizeLabel(size), ours, upstream, crossCellTolerance)
+	var j judge
+	if _, ok := slicesIndex(ix.sizes, size); !ok {
+		j.missing(sizeLabel(size), "the run has no "+sizeLabel(size)+" size")
+		return j.row(goal)
+	}
+	co, whyO := ix.cell(ours, size)
+	cu, whyU := ix.cell(upstream, size)
+	_, triedU := ix.cells[cellKey{upstream, size}]
+	switch {
+	case co == nil && cu == nil:
+		j.missing("neither served "+sizeLabel(size), ours+" "+ix.reach(ours).text()+"; "+upstream+" "+ix.reach(upstream).text())
+		return j.row(goal)
+	case co == nil:
+		if _, tried := ix.cells[cellKey{ours, size}]; !tried {
+			j.missing(ours, whyO)
+			return j.row(goal)
+		}
+		j.fail(ours, ix.reach(ours).text()+", while "+upstream+" served "+sizeLabel(size))
+		return j.row(goal)
+	case cu == nil && !triedU:
+		j.missing(upstream, whyU)
+		return j.row(goal)
+	case cu == nil:
+		j.check(ours, true, "served %s Services (cold node %s), while %s %s", sizeLabel(size), secs(co.ControlPlane.ColdStart), upstream, ix.reach(upstream).text())
+		return j.row(goal)
+	}
+	o, u := co.ControlPlane, cu.ControlPlane
+	within := func(a, b float64) (float64, bool) {
+		r, ok := ratio(a, b)
+		return r, ok && r <= crossCellTolerance
+	}
+	if r, ok := within(o.ColdStart.Seconds(), u.ColdStart.Seconds()); r > 0 {
+		j.check("cold node", ok, "%s / %s = %s", secs(o.ColdStart), secs(u.ColdStart), fx(r))
+	} else {
+		j.missing("cold node", "not timed")
+	}
+	so, su := Summarize(seconds(o.EndpointChange)), Summarize(seconds(u.EndpointChange))
+	switch {
+	case o.EndpointChangeTimedOut:
+		j.check("endpoint change", false, "a change %s made was never seen", ours)
+	case u.EndpointChangeTimedOut && so.N > 0:
+		j.check("endpoint change", true, "p99 %s, while a change %s made was never seen", ms(so.P99), upstream)
+	case so.N == 0 || su.N == 0:
+		j.missing("endpoint change", "no changes timed")
+	default:
+		r50, ok50 := within(so.P50, su.P50)
+		r99, ok99 := within(so.P99, su.P99)
+		j.check("endpoint change", ok50 && ok99, "p50 %s / %s = %s, p99 %s / %s = %s",
+			ms(so.P50), ms(su.P50), fx(r50), ms(so.P99), ms(su.P99), fx(r99))
+	}
+	switch {
+	case o.BatchServices == 0 || u.BatchServices == 0:
+		j.missing("batch", "no batch")
+	case o.BatchTimedOut:
+		j.check("batch", false, "%d Services not served after %s", o.BatchServices, secs(o.BatchServed))
+	case u.BatchTimedOut:
+		j.check("batch", true, "%d Services in %s, while %s's were not served after %s", o.BatchServices, secs(o.BatchServed), upstream, secs(u.BatchServed))
+	default:
+		r, ok := within(o.BatchServed.Seconds(), u.BatchServed.Seconds())
+		if r == 0 {
+			// Served at once: a zero is no slower than anything.
+			ok = o.BatchServed <= u.BatchServed
+		}
+		j.check("batch", ok, "%d Services %s / %s = %s", o.BatchServices, secs(o.BatchServed), secs(u.BatchServed), fx(r))
+	}
+	return j.row(goal)
+}
+
+// reach is how far a contender got in the run: the largest size it
+// served, and the size it stopped at and why.
+type reach struct {
+	served    int // -1: none
+	stoppedAt int // -1: never stopped
+	why       string
+}
+
+func (ix *index) reach(contender string) reach {
+	r := reach{served: -1, stoppedAt: -1}
+	for _, size := range ix.sizes {
+		c, ok := ix.cells[cellKey{contender, size}]
+		if !ok {
+			continue
+		}
+		if c.Skipped == "" {
+			r.served = size
+			continue
+		}
+		r.stoppedAt, r.why = size, c.Skipped
+		break
+	}
+	return r
+}
+
+// text is the reach in words: "stopped at 10k (served up to 1k
+// Services): did not serve …", or "served every size up to 50k Services".
+func (r reach) text() string {
+	upTo := "no size"
+	if r.served >= 0 {
+		upTo = "up to " + sizeLabel(r.served) + " Services"
+	}
+	if r.stoppedAt < 0 {
+		if r.served < 0 {
+			return "was not run"
+		}
+		return "served every size " + upTo
+	}
+	return fmt.Sprintf("stopped at %s (served %s): %s", sizeLabel(r.stoppedAt), upTo, r.why)
 }
 
 // connectP50 is a contender's tcp-connect service p50 at a size, 0 if not

@@ -25,15 +25,18 @@ const (
 	// with --iptables-backend=nft and legacy.
 	IptablesNFT    = "iptables-nft"
 	IptablesLegacy = "iptables-legacy"
-	// KubeProxyIptables and KubeProxyNFTables are upstream kube-proxy at
-	// the pinned Kubernetes version, --proxy-mode=iptables (legacy
-	// backend, see the report) and --proxy-mode=nftables.
-	KubeProxyIptables = "kube-proxy-iptables"
-	KubeProxyNFTables = "kube-proxy-nftables"
+	// KubeProxyIptables, KubeProxyIptablesNFT and KubeProxyNFTables are
+	// upstream kube-proxy at the pinned Kubernetes version,
+	// --proxy-mode=iptables on the legacy backend and on the nft backend,
+	// and --proxy-mode=nftables: each of our iptables backends has
+	// upstream's on the same backend to be judged against.
+	KubeProxyIptables    = "kube-proxy-iptables"
+	KubeProxyIptablesNFT = "kube-proxy-iptables-nft"
+	KubeProxyNFTables    = "kube-proxy-nftables"
 )
 
 // AllContenders is every contender in measuring order.
-var AllContenders = []string{Direct, EBPF, IptablesNFT, IptablesLegacy, KubeProxyIptables, KubeProxyNFTables}
+var AllContenders = []string{Direct, EBPF, IptablesNFT, IptablesLegacy, KubeProxyIptables, KubeProxyIptablesNFT, KubeProxyNFTables}
 
 // Latency workloads (Paired.Workload).
 const (
@@ -205,11 +208,18 @@ type ControlPlane struct {
 	// returning until a client reached the last of them.
 	BatchServices int           `json:"batchServices,omitempty"`
 	BatchServed   time.Duration `json:"batchServed,omitempty"`
+	// BatchTimedOut says the batch was not served (or not created):
+	// BatchServed is then how long was waited.
+	BatchTimedOut bool `json:"batchTimedOut,omitempty"`
 	// EndpointChange holds, for each change of a Service's only endpoint
 	// made while other Services' endpoints churn, the time from the API's
 	// answer to the update until a client's connection reached the new
 	// endpoint.
 	EndpointChange []time.Duration `json:"endpointChange,omitempty"`
+	// EndpointChangeTimedOut says a change was never seen by the client
+	// (the timing stops at the first such change): EndpointChange holds
+	// only the ones seen before it.
+	EndpointChangeTimedOut bool `json:"endpointChangeTimedOut,omitempty"`
 	// NetworkProgramming is the proxies' own
 	// kubeproxy_network_programming_duration_seconds at the end of the
 	// cell (both nodes merged); nil when the contender exports none.
