@@ -9,8 +9,10 @@
 // re-balances such a flow when kube-proxy deletes its conntrack entries;
 // here the socket itself must go. After each sync that applied (the new
 // backends are in the maps first: make-before-break), for every UDP
-// frontend that is new or whose serving endpoints changed (every one on a
-// full sync) and that has a serving endpoint, the Dataplane destroys the
+// frontend that is new or whose serving endpoints changed since the last
+// cleanup (every one at start and after a failed sync; a full sync of an
+// unchanged cluster checks none) and that has a serving endpoint, the
+// Dataplane destroys the
 // connected UDP sockets, AF_INET and AF_INET6 (v4-mapped peers), that
 //
 //   - our programs translated from that frontend to a backend that no

@@ -101,13 +101,21 @@ func (c *udpSocketCleaner) forget() {
 // of the ports that failed (named by their ClusterIP), and returns those to
 // check. As kube-proxy's conntrack cleanup (pkg/proxy/conntrack, v1.36): a
 // frontend is checked when its serving endpoints changed or it is new (a
-// socket may have connected to its address before it existed), every one
-// on a full sync; one without a serving endpoint is left alone, and so are
-// the sockets of a deleted Service. Every frontend the programs serve
-// counts: the ClusterIP, NodePorts, local external IPs, LoadBalancer IPs.
+// socket may have connected to its address before it existed); one
+// without a serving endpoint is left alone, and so are the sockets of a
+// deleted Service. A full sync is compared with what the cleaner knows
+// like a partial one, so the periodic full sync of an unchanged cluster
+// checks nothing; everything is checked only when nothing is known (at
+// start, after a failed sync). Every frontend the programs serve counts:
+// the ClusterIP, NodePorts, local external IPs, LoadBalancer IPs.
 func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]bool) udpCheck {
 	check := make(udpCheck)
+	// What the last cleanup knew; nil at start and after a failed sync,
+	// when every frontend is checked.
+	known := c.serving
 	if snap.Full || c.serving == nil {
+		// A full snapshot names every Service: those it leaves out are
+		// gone.
 		c.serving = make(map[model.ServiceName]map[model.Frontend][]model.Backend)
 	}
 	// The frontends each port serves: the kernel's, as the sync left it
@@ -123,9 +131,7 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 		serves = func(sp *model.ServicePort) []socketFrontend { return claimedFrontends(sp, &snap.Node, claims) }
 	}
 	for name, ports := range snap.Services {
-		// What a partial snapshot's Service had; a full sync checks every
-		// frontend anyway.
-		before := c.serving[name]
+		before := known[name]
 		now := make(map[model.Frontend][]model.Backend)
 		for i := range ports {
 			sp := &ports[i]
@@ -143,7 +149,7 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 				if len(sp.Serving) == 0 {
 					continue
 				}
-				if old, had := before[fe]; snap.Full || !had || !slices.Equal(old, sp.Serving) {
+				if old, had := before[fe]; known == nil || !had || !slices.Equal(old, sp.Serving) {
 					check.add(fe, sp.Serving)
 				}
 			}

@@ -136,11 +136,28 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 		want   []string
 	}{
 		{
-			name:   "full sync checks every UDP frontend with a serving endpoint",
-			before: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp),
+			name: "the first sync checks every UDP frontend with a serving endpoint",
 			snap: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp,
 				servicePort("default", "empty", "udp", model.UDP, "10.96.0.13:53")),
 			want: []string{"10.96.0.10:53 [10.244.1.1:53]", "10.96.0.11:53 [10.244.3.1:8125]"},
+		},
+		{
+			name:   "a full sync of an unchanged cluster checks nothing",
+			before: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp),
+			snap: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp,
+				servicePort("default", "empty", "udp", model.UDP, "10.96.0.13:53")),
+		},
+		{
+			name:   "a full sync checks what changed",
+			before: snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other),
+			snap:   snapshot(true, dnsPort("10.244.1.2:53"), other),
+			want:   []string{"10.96.0.10:53 [10.244.1.2:53]"},
+		},
+		{
+			name:   "a full sync checks a Service that came back as new",
+			before: snapshot(true, other),
+			snap:   snapshot(true, dnsPort("10.244.1.1:53"), other),
+			want:   []string{"10.96.0.10:53 [10.244.1.1:53]"},
 		},
 		{
 			name:   "partial sync without a UDP change checks nothing",
@@ -194,16 +211,17 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 		{
 			name:   "a port that failed is skipped, with its node port",
 			before: onNode(testNode, true, withNodePort(dnsPort("10.244.1.1:53", "10.244.1.2:53"), 30053), other),
-			snap:   onNode(testNode, true, withNodePort(dnsPort("10.244.1.2:53"), 30053), other),
+			snap: onNode(testNode, true, withNodePort(dnsPort("10.244.1.2:53"), 30053),
+				servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.2:8125")),
 			failed: []model.Frontend{dnsPort().ClusterIP},
-			want:   []string{"10.96.0.11:53 [10.244.3.1:8125]"},
+			want:   []string{"10.96.0.11:53 [10.244.3.2:8125]"},
 		},
 		{
 			name:   "a port that failed is skipped",
 			before: snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other),
-			snap:   snapshot(true, dnsPort("10.244.1.2:53"), other),
+			snap:   snapshot(true, dnsPort("10.244.1.2:53"), servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.2:8125")),
 			failed: []model.Frontend{dnsPort().ClusterIP},
-			want:   []string{"10.96.0.11:53 [10.244.3.1:8125]"},
+			want:   []string{"10.96.0.11:53 [10.244.3.2:8125]"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
