@@ -60,7 +60,15 @@
 // node's own namespace (hostNetwork pods). On a kernel that can destroy no
 // socket the proxy says so once and counts each skipped cleanup; syncs
 // succeed regardless. Failures are logged and counted, never fail the sync:
-// the next full sync checks every frontend again.
+// the frontends of a cleanup that failed are checked again with the next
+// full sync.
+//
+// The cleanup runs off the sync's path: the sync plans which frontends to
+// check, under its lock, and hands them to a worker goroutine, which visits
+// the namespaces after the sync has returned (so the packet layer's sync
+// and the next sync's map writes never wait for it). One cleanup runs at a
+// time; frontends handed over meanwhile are merged, each with its newest
+// serving endpoints, into the next. Closing the Dataplane stops it.
 //
 // One race remains with sock_diag, harmless: a socket that disconnects
 // (connect(AF_UNSPEC)) between the dump and the destroy request is either
@@ -89,6 +97,9 @@ type Dataplane struct {
 	grace   *rcuGracePeriod
 	rec     *reconciler
 	sockets *udpSocketCleaner
+	// cleanup runs the sockets' cleanup that each sync plans, off the
+	// sync's path.
+	cleanup *cleanupWorker
 	// events are what user space counts, next to the programs' counters.
 	events *eventCounts
 	// revnat and affinity cache how many entries the reverse map and the
@@ -183,6 +194,7 @@ func New(cfg Config) (*Dataplane, error) {
 		grace:   grace,
 		rec:     rec,
 		sockets: sockets,
+		cleanup: newCleanupWorker(sockets.clean),
 		events:  events,
 		revnat: programCount{
 			count: func() (int, error) { return countEntries[uint64, lbSockRevnat](k.objs.KbpRevnat) },
@@ -210,11 +222,12 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	return err
 }
 
-// afterSync destroys the connected UDP sockets the sync left stale, once
-// the maps hold the new backends. After a sync that failed only for some
-// service ports, those keep their old state in the kernel and are skipped;
-// after one that failed as a whole nothing is done, and the next, full,
-// sync checks everything.
+// afterSync hands the cleanup worker the UDP frontends whose connected
+// sockets the sync may have left stale, once the maps hold the new
+// backends; the worker destroys them after the sync returns. After a sync
+// that failed only for some service ports, those keep their old state in
+// the kernel and are skipped; after one that failed as a whole nothing is
+// done, and the next, full, sync checks everything.
 func (d *Dataplane) afterSync(snap *model.Snapshot, err error) {
 	var failed map[model.Frontend]bool
 	if err != nil {
@@ -228,8 +241,12 @@ func (d *Dataplane) afterSync(snap *model.Snapshot, err error) {
 			failed[s.Frontend] = true
 		}
 	}
-	d.sockets.clean(d.sockets.plan(snap, failed))
+	d.cleanup.submit(d.sockets.plan(snap, failed), snap.Full)
 }
+
+// waitSocketCleanup returns once the socket cleanup of every sync so far
+// is done.
+func (d *Dataplane) waitSocketCleanup() { d.cleanup.wait() }
 
 // Counts reports the service ports and backends the maps hold.
 func (d *Dataplane) Counts() (services, backends int) {
@@ -395,5 +412,6 @@ func (c *programCount) get() (int, error) {
 func (d *Dataplane) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.cleanup.close()
 	return errors.Join(d.kernel.Close(), d.grace.Close())
 }

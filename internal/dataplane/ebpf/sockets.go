@@ -196,15 +196,16 @@ func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (f
 
 // clean destroys the connected UDP sockets that check finds stale, in the
 // node's network namespace and every pod's. Failures are logged and
-// counted, never returned: the datapath is in place, and the next full
-// sync checks again.
-func (c *udpSocketCleaner) clean(check udpCheck) {
+// counted, and reported as failed so that the cleanup worker checks these
+// frontends again with the next full sync: the datapath is in place
+// regardless. Once stop is closed it returns before the next namespace.
+func (c *udpSocketCleaner) clean(check udpCheck, stop <-chan struct{}) (anyFailed bool) {
 	if len(check) == 0 {
-		return
+		return false
 	}
 	if c.unsupported {
 		c.events.add(eventUDPSocketsUnsupported, 1)
-		return
+		return false
 	}
 	namespaces, err := c.host.netNamespaces()
 	if err != nil {
@@ -213,15 +214,21 @@ func (c *udpSocketCleaner) clean(check udpCheck) {
 	}
 	var destroyed, failed, skipped int
 	defer func() {
-		c.events.add(eventUDPSocketsDestroyed, uint64(destroyed))
+		// Destroyed sockets are counted as they go.
 		c.events.add(eventUDPSocketDestroyFailed, uint64(failed))
 		c.events.add(eventUDPSocketsNamespaceSkip, uint64(skipped))
+		anyFailed = failed > 0 || err != nil
 		if destroyed > 0 || failed > 0 {
 			klog.V(2).InfoS("Destroyed connected UDP sockets of backends no longer serving", "sockets", destroyed,
 				"failed", failed, "frontends", len(check), "netns", len(namespaces))
 		}
 	}()
 	for i, ns := range namespaces {
+		select {
+		case <-stop:
+			return
+		default:
+		}
 		pod := i > 0
 		if pod && c.noPodNamespaces {
 			skipped++
@@ -267,6 +274,7 @@ func (c *udpSocketCleaner) clean(check udpCheck) {
 			return
 		}
 	}
+	return
 }
 
 // cleanNamespace destroys the stale sockets of one namespace.
@@ -297,6 +305,9 @@ func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpChe
 		switch {
 		case err == nil:
 			destroyed++
+			// Counted at once: the owner may see ECONNABORTED before this
+			// cleanup ends.
+			c.events.add(eventUDPSocketsDestroyed, 1)
 			klog.V(3).InfoS("Destroyed connected UDP socket", "netns", ns, "socket", s, "frontend", fe, "reason", reason)
 		case sockdiag.IsGone(err):
 			// Closed meanwhile (or its addresses reused by another

@@ -348,7 +348,7 @@ func (s *cleanerSetup) counts() map[string]uint64 {
 
 func TestCleanDestroysStaleSocketsInEveryNamespace(t *testing.T) {
 	s := newCleanerSetup()
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
 	if want := []string{"node 1", "pod-a 2", "pod-b 3"}; !slices.Equal(s.host.destroyed, want) {
 		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
 	}
@@ -359,7 +359,7 @@ func TestCleanDestroysStaleSocketsInEveryNamespace(t *testing.T) {
 
 func TestCleanWithNothingToCheckOpensNothing(t *testing.T) {
 	s := newCleanerSetup()
-	s.c.clean(udpCheck{})
+	s.c.clean(udpCheck{}, nil)
 	if len(s.host.opened) != 0 {
 		t.Errorf("opened %v for nothing to check", s.host.opened)
 	}
@@ -372,8 +372,8 @@ func TestCleanWithoutSysAdminHandlesTheNode(t *testing.T) {
 	eperm := fmt.Errorf("entering network namespace (needs CAP_SYS_ADMIN): %w", unix.EPERM)
 	s.host.ns["pod-a"].openErr = eperm
 	s.host.ns["pod-b"].openErr = eperm
-	s.c.clean(s.check)
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
+	s.c.clean(s.check, nil)
 	if want := []string{"node 1"}; !slices.Equal(s.host.destroyed, want) {
 		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
 	}
@@ -388,8 +388,8 @@ func TestCleanWithoutSysAdminHandlesTheNode(t *testing.T) {
 func TestCleanOnAKernelThatCannotDestroy(t *testing.T) {
 	s := newCleanerSetup()
 	s.host.unsupported = true
-	s.c.clean(s.check)
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
+	s.c.clean(s.check, nil)
 	if len(s.host.destroyed) != 0 {
 		t.Errorf("destroyed %v", s.host.destroyed)
 	}
@@ -407,7 +407,7 @@ func TestCleanCountsFailuresAndGoesOn(t *testing.T) {
 	// Closed between the dump and the destroy: not a failure.
 	s.host.ns["pod-a"].destroyErr = map[uint64]error{2: fmt.Errorf("destroying: %w", unix.ENOENT)}
 	s.host.ns["pod-b"].listErr = errors.New("dump failed")
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
 	if len(s.host.destroyed) != 0 {
 		t.Errorf("destroyed %v", s.host.destroyed)
 	}
@@ -419,7 +419,7 @@ func TestCleanCountsFailuresAndGoesOn(t *testing.T) {
 func TestCleanWhenThePodsCannotBeListed(t *testing.T) {
 	s := newCleanerSetup()
 	s.host.listErr = errors.New("reading /run/netns: permission denied")
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
 	if want := []string{"node 1"}; !slices.Equal(s.host.destroyed, want) {
 		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
 	}
@@ -436,9 +436,13 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 		host.ns["node"].sockets = []sockdiag.Socket{udpSocket(1, "10.244.1.1:53"), udpSocket(2, "10.244.3.1:8125")}
 		events := newEventCounts()
 		f := newFakeMaps(64, 256)
+		sockets := newUDPSocketCleaner(host, revnat.lookup, events)
+		cleanup := newCleanupWorker(sockets.clean)
+		t.Cleanup(cleanup.close)
 		return &Dataplane{
 			rec:     newReconciler(f.maps(), f.grace(), 64, 256),
-			sockets: newUDPSocketCleaner(host, revnat.lookup, events),
+			sockets: sockets,
+			cleanup: cleanup,
 			events:  events,
 		}, host
 	}
@@ -452,19 +456,23 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 		if err := dp.Sync(context.Background(), initial); err != nil {
 			t.Fatal(err)
 		}
+		dp.waitSocketCleanup()
 		if len(host.destroyed) != 0 {
 			t.Fatalf("destroyed %v with every backend serving", host.destroyed)
 		}
+		dp.waitSocketCleanup()
 		host.opened = nil
 		if err := dp.Sync(context.Background(), snapshot(false, servicePort("default", "web", "http", model.TCP, "10.96.0.12:80", "10.244.1.1:8080"))); err != nil {
 			t.Fatal(err)
 		}
+		dp.waitSocketCleanup()
 		if len(host.opened) != 0 {
 			t.Errorf("a sync without a UDP change looked at sockets in %v", host.opened)
 		}
 		if err := dp.Sync(context.Background(), shrunk); err != nil {
 			t.Fatal(err)
 		}
+		dp.waitSocketCleanup()
 		if want := []string{"node 1", "node 2"}; !slices.Equal(host.destroyed, want) {
 			t.Errorf("destroyed %v, want %v", host.destroyed, want)
 		}
@@ -474,6 +482,7 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 		dp.afterSync(initial, nil)
 		dp.afterSync(shrunk, &dataplane.SyncError{Services: []*dataplane.ServiceError{
 			{Service: dnsPort().Name, Frontend: dnsPort().ClusterIP, Reason: dataplane.ReasonMapFull, Err: ErrMapFull}}})
+		dp.waitSocketCleanup()
 		if want := []string{"node 2"}; !slices.Equal(host.destroyed, want) {
 			t.Errorf("destroyed %v, want %v: the failed port keeps its old backends", host.destroyed, want)
 		}
@@ -481,8 +490,10 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 	t.Run("failed", func(t *testing.T) {
 		dp, host := newDP()
 		dp.afterSync(initial, nil)
+		dp.waitSocketCleanup()
 		host.opened = nil
 		dp.afterSync(shrunk, errors.New("reading BPF maps: boom"))
+		dp.waitSocketCleanup()
 		if len(host.opened) != 0 || len(host.destroyed) != 0 {
 			t.Errorf("after a failed sync: opened %v, destroyed %v", host.opened, host.destroyed)
 		}
