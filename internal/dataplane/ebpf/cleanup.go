@@ -10,9 +10,9 @@ import (
 // namespaces afterwards, so that neither the map writes of the next sync
 // nor the packet layer's sync, which follows the socket layer's, wait for
 // it. One cleanup runs at a time. What syncs hand over while one runs is
-// merged, the newest serving endpoints of a frontend replacing older ones,
-// and cleaned next: the kernel's maps already hold the newest, and a socket
-// is stale against them.
+// merged (udpCheck.merge), the newest serving endpoints of a frontend
+// replacing older ones, and cleaned next: the kernel's maps already hold
+// the newest, and a socket is stale against them.
 type cleanupWorker struct {
 	// clean checks the sockets against check and reports whether any of
 	// them could not be checked or destroyed; it gives up early, with
@@ -56,18 +56,13 @@ func (w *cleanupWorker) submit(check udpCheck, full bool) {
 	if w.pending == nil {
 		w.pending = make(udpCheck)
 	}
-	if full {
-		// Older than anything pending: fills only what is not.
-		for fe, serving := range w.retry {
-			if _, ok := w.pending[fe]; !ok {
-				w.pending[fe] = serving
-			}
-		}
-		w.retry = nil
+	if full && len(w.retry) > 0 {
+		// Older than anything pending.
+		retry := w.retry
+		retry.merge(w.pending)
+		w.pending, w.retry = retry, nil
 	}
-	for fe, serving := range check {
-		w.pending[fe] = serving
-	}
+	w.pending.merge(check)
 	if len(w.pending) == 0 {
 		return
 	}
@@ -84,6 +79,9 @@ func (w *cleanupWorker) run() {
 		case <-w.stop:
 			return
 		case <-w.kick:
+		}
+		if w.stopped() {
+			return // select picks at random when both are ready
 		}
 		w.mu.Lock()
 		check := w.pending
@@ -102,9 +100,7 @@ func (w *cleanupWorker) run() {
 				if w.retry == nil {
 					w.retry = make(udpCheck)
 				}
-				for fe, serving := range check {
-					w.retry[fe] = serving
-				}
+				w.retry.merge(check)
 			}
 			w.busy = false
 			w.mu.Unlock()

@@ -112,16 +112,14 @@ func (r *recordingClean) got() [][]string {
 func checkOf(fe string, serving ...string) udpCheck {
 	c := make(udpCheck)
 	a := netip.MustParseAddrPort(fe)
-	c.add(model.Frontend{IP: a.Addr(), Port: a.Port(), Protocol: model.UDP}, backendList(serving...))
+	c.add(model.Frontend{IP: a.Addr(), Port: a.Port(), Protocol: model.UDP}, backendList(serving...), false)
 	return c
 }
 
 func merged(checks ...udpCheck) udpCheck {
 	out := make(udpCheck)
 	for _, c := range checks {
-		for fe, s := range c {
-			out[fe] = s
-		}
+		out.merge(c)
 	}
 	return out
 }
@@ -189,5 +187,19 @@ func TestCleanupWorkerCloseStopsIt(t *testing.T) {
 	w.wait()
 	if got := r.got(); len(got) != 1 {
 		t.Errorf("cleanups %v, want only the one interrupted", got)
+	}
+}
+
+// A frontend merged stays fresh if either side was: the sockets connected
+// to it before it had a serving endpoint are there until a cleanup runs.
+func TestUDPCheckMergeKeepsFresh(t *testing.T) {
+	fe := dnsPort().ClusterIP
+	c := make(udpCheck)
+	c.add(fe, backendList("10.244.1.1:53"), true)
+	newer := make(udpCheck)
+	newer.add(fe, backendList("10.244.1.2:53"), false)
+	c.merge(newer)
+	if got, want := checkKeys(c), []string{"10.96.0.10:53 [10.244.1.2:53] fresh"}; !slices.Equal(got, want) {
+		t.Errorf("merged %v, want %v", got, want)
 	}
 }

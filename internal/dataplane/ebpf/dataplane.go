@@ -187,6 +187,7 @@ func New(cfg Config) (*Dataplane, error) {
 		host.dirs = nil
 	}
 	sockets := newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events)
+	sockets.scan = kernelRevnatScan(k.objs.KbpRevnat)
 	sockets.holderOf = rec.holderOf
 	return &Dataplane{
 		node:    nodeState{cookie: cookie, confined: confined},
