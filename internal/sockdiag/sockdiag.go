@@ -7,7 +7,10 @@
 //   - SOCK_DIAG_BY_FAMILY with NLM_F_DUMP lists the UDP sockets of one
 //     family whose state is in a bitmask. A connected UDP socket is in
 //     TCP_ESTABLISHED (ip4_datagram_connect sets it), an unconnected one in
-//     TCP_CLOSE, so the kernel itself leaves the unconnected ones out.
+//     TCP_CLOSE, so the kernel itself leaves the unconnected ones out. An
+//     INET_DIAG_REQ_BYTECODE attribute can narrow it to given peers
+//     (ConnectedUDPTo); the kernel has run such filters for UDP dumps
+//     since long before Linux 4.9.
 //   - SOCK_DESTROY (Linux 4.5; UDP since 4.9, CONFIG_INET_DIAG_DESTROY)
 //     finds one socket by its exact id, cookie included, and aborts it: the
 //     owner's pending or next receive fails with ECONNABORTED and the socket
