@@ -9,8 +9,8 @@
 //     TCP_ESTABLISHED (ip4_datagram_connect sets it), an unconnected one in
 //     TCP_CLOSE, so the kernel itself leaves the unconnected ones out. An
 //     INET_DIAG_REQ_BYTECODE attribute can narrow it to given peers
-//     (ConnectedUDPTo); the kernel has run such filters for UDP dumps
-//     since long before Linux 4.9.
+//     (ConnectedUDPTo); udp_diag has run such filters since it came
+//     (Linux 3.3).
 //   - SOCK_DESTROY (Linux 4.5; UDP since 4.9, CONFIG_INET_DIAG_DESTROY)
 //     finds one socket by its exact id, cookie included, and aborts it: the
 //     owner's pending or next receive fails with ECONNABORTED and the socket
