@@ -12,15 +12,17 @@
 // frontend that is new or whose serving endpoints changed since the last
 // cleanup (every one at start and after a failed sync; a full sync of an
 // unchanged cluster checks none) and that has a serving endpoint, the
-// Dataplane destroys the
-// connected UDP sockets, AF_INET and AF_INET6 (v4-mapped peers), that
+// Dataplane destroys the connected UDP sockets, AF_INET and AF_INET6
+// (v4-mapped peers), that
 //
 //   - our programs translated from that frontend to a backend that no
 //     longer serves: kbp_revnat, keyed by socket cookie, names the frontend
 //     of each backend the socket was sent to; a socket connected to a pod
 //     IP directly has no entry and is not ours to touch; or
-//   - are connected to the frontend's VIP:port itself, untranslated
-//     (connected before the Service existed).
+//   - are connected to the frontend's VIP:port itself, untranslated, if the
+//     frontend is fresh: new, or without a serving endpoint until now
+//     (connected before the Service existed; since it served, every
+//     connect to it was translated or refused).
 //
 // These are kube-proxy v1.36's rules for UDP conntrack entries
 // (pkg/proxy/conntrack): sockets to a terminating endpoint that still
@@ -33,8 +35,15 @@
 // while the backend set is unchanged), so a removed backend is never sent
 // to again anyway, and destroying one would silently change its source
 // port.
-// Sockets are looked for in the node's network namespace and in each pod
-// namespace pinned under Config.NetNSDirs.
+// Sockets are looked for in the node's network namespace (hostNetwork
+// pods' sockets too, in one dump) and in each pod namespace pinned under
+// Config.NetNSDirs, each namespace once (by nsfs inode). A cleanup first
+// reads kbp_revnat whole (batched): the sockets translated to a backend
+// that left are the candidates. With none, and no fresh frontend, it
+// visits no namespace; otherwise each namespace's dump is filtered in the
+// kernel on the candidates' backends and the fresh frontends' addresses,
+// and once every candidate is found (and no frontend is fresh) the
+// remaining namespaces are not visited.
 //
 // The sockets are found and destroyed with sock_diag netlink requests
 // (package sockdiag) rather than a BPF socket iterator calling the
@@ -46,7 +55,7 @@
 //     by family, protocol and state (TCP_ESTABLISHED is a connected UDP
 //     socket), and destroys by exact id and cookie, so a socket that closed
 //     and whose port was reused is never hit. The revnat lookup is one map
-//     read per connected UDP socket, in user space.
+//     read per socket the filtered dump returns, in user space.
 //   - An iterator (iter/udp calling bpf_sock_destroy, Linux 6.5+) could do
 //     the whole match in the kernel, kbp_revnat lookup included, under the
 //     socket lock. But it is a tracing program: it needs CAP_BPF and
