@@ -295,3 +295,70 @@ func TestKernelOpenInRefusesWhatIsNotANamespace(t *testing.T) {
 		t.Errorf("Namespace(plain file) = %v, %v; want not a namespace", ok, err)
 	}
 }
+
+// The kernel filters a dump on the peers asked for (INET_DIAG_REQ_BYTECODE):
+// an AF_INET6 socket talking IPv4 matches by its v4-mapped peer, the port
+// must match too, and more peers than the bytecode holds are filtered
+// here, with the same result.
+func TestKernelListsOnlySocketsConnectedToPeers(t *testing.T) {
+	n := testnet.New(t)
+	ns := "/run/netns/" + n.Node
+	var v4, v6, otherPort, other, ipv6 *testSocket
+	inNetNS(t, ns, func() {
+		v4 = newUDPSocket(t, unix.AF_INET, "127.0.0.2:53")
+		v6 = newUDPSocket(t, unix.AF_INET6, "[::ffff:127.0.0.2]:53")
+		otherPort = newUDPSocket(t, unix.AF_INET, "127.0.0.2:54")
+		other = newUDPSocket(t, unix.AF_INET, "127.0.0.3:53")
+		ipv6 = newUDPSocket(t, unix.AF_INET6, "[::1]:53")
+	})
+	c, err := OpenIn(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	many := func(extra ...string) []netip.AddrPort {
+		var out []netip.AddrPort
+		for i := range MaxPeerFilter + 1 {
+			out = append(out, netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 53))
+		}
+		for _, e := range extra {
+			out = append(out, netip.MustParseAddrPort(e))
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name  string
+		peers []netip.AddrPort
+		want  []*testSocket
+	}{
+		{"one IPv4 peer, both families", []netip.AddrPort{netip.MustParseAddrPort("127.0.0.2:53")}, []*testSocket{v4, v6}},
+		{"peers given v4-mapped", []netip.AddrPort{netip.MustParseAddrPort("[::ffff:127.0.0.3]:53"),
+			netip.MustParseAddrPort("10.9.9.9:53")}, []*testSocket{other}},
+		{"two peers, one port each", []netip.AddrPort{netip.MustParseAddrPort("127.0.0.2:54"),
+			netip.MustParseAddrPort("127.0.0.3:53")}, []*testSocket{otherPort, other}},
+		{"an IPv6 peer", []netip.AddrPort{netip.MustParseAddrPort("[::1]:53")}, []*testSocket{ipv6}},
+		{"no socket matches", []netip.AddrPort{netip.MustParseAddrPort("127.0.0.2:55")}, nil},
+		{"no peers", []netip.AddrPort{}, nil},
+		{"every connected socket", nil, []*testSocket{v4, v6, otherPort, other, ipv6}},
+		{"more peers than the bytecode holds", many("127.0.0.2:54", "127.0.0.3:53"), []*testSocket{otherPort, other}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			socks, err := c.ConnectedUDPTo(tc.peers)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := byCookie(socks)
+			for _, s := range tc.want {
+				if _, ok := got[s.cookie]; !ok {
+					t.Errorf("socket %s->? not listed", s.local)
+				}
+			}
+			if len(socks) != len(tc.want) {
+				t.Errorf("listed %v, want %d sockets", socks, len(tc.want))
+			}
+		})
+	}
+	if len(peerFilter(many()[:MaxPeerFilter])) > 0xffff-unix.NLA_HDRLEN {
+		t.Errorf("the largest filter does not fit an attribute")
+	}
+}

@@ -7,7 +7,10 @@
 //   - SOCK_DIAG_BY_FAMILY with NLM_F_DUMP lists the UDP sockets of one
 //     family whose state is in a bitmask. A connected UDP socket is in
 //     TCP_ESTABLISHED (ip4_datagram_connect sets it), an unconnected one in
-//     TCP_CLOSE, so the kernel itself leaves the unconnected ones out.
+//     TCP_CLOSE, so the kernel itself leaves the unconnected ones out. An
+//     INET_DIAG_REQ_BYTECODE attribute can narrow it to given peers
+//     (ConnectedUDPTo); udp_diag has run such filters since it came
+//     (Linux 3.3).
 //   - SOCK_DESTROY (Linux 4.5; UDP since 4.9, CONFIG_INET_DIAG_DESTROY)
 //     finds one socket by its exact id, cookie included, and aborts it: the
 //     owner's pending or next receive fails with ECONNABORTED and the socket
@@ -23,6 +26,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -98,15 +102,110 @@ func (c *Conn) Close() error { return unix.Close(c.fd) }
 
 // ConnectedUDP lists the connected UDP sockets of both families.
 func (c *Conn) ConnectedUDP() ([]Socket, error) {
+	return c.ConnectedUDPTo(nil)
+}
+
+// MaxPeerFilter is the most peers ConnectedUDPTo has the kernel filter
+// on; with more, it lists every connected socket and filters itself. The
+// bytecode holds 20 bytes per IPv4 peer (32 per IPv6 one), and its jumps
+// and attribute length are 16-bit.
+const MaxPeerFilter = 1024
+
+// ConnectedUDPTo lists the connected UDP sockets of both families whose
+// peer is one of peers; all of them if peers is nil. An AF_INET6 socket
+// talking IPv4 matches an IPv4 peer by its v4-mapped address. The kernel
+// filters (an INET_DIAG_REQ_BYTECODE condition per peer), so a dump
+// returns only what matched; it still walks the host's whole UDP table,
+// which all network namespaces share (unless udp_child_hash_entries gives
+// them their own, Linux 6.2+).
+func (c *Conn) ConnectedUDPTo(peers []netip.AddrPort) ([]Socket, error) {
+	if peers != nil && len(peers) == 0 {
+		return nil, nil
+	}
+	var bytecode []byte
+	if peers != nil && len(peers) <= MaxPeerFilter {
+		bytecode = peerFilter(peers)
+	}
 	var out []Socket
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
-		socks, err := c.dump(request{family: family, protocol: unix.IPPROTO_UDP, states: 1 << tcpEstablished})
+		socks, err := c.dump(request{family: family, protocol: unix.IPPROTO_UDP, states: 1 << tcpEstablished, bytecode: bytecode})
 		if err != nil {
 			return nil, err
 		}
 		out = append(out, socks...)
 	}
+	if peers != nil && bytecode == nil {
+		want := make(map[netip.AddrPort]bool, len(peers))
+		for _, p := range peers {
+			want[unmapped(p)] = true
+		}
+		out = slices.DeleteFunc(out, func(s Socket) bool { return !want[unmapped(s.Remote)] })
+	}
 	return out, nil
+}
+
+func unmapped(a netip.AddrPort) netip.AddrPort {
+	return netip.AddrPortFrom(a.Addr().Unmap(), a.Port())
+}
+
+// The bytecode of linux/inet_diag.h: each operation is a struct
+// inet_diag_bc_op, its arguments following it.
+const (
+	bcJump          = 1 // INET_DIAG_BC_JMP: always takes "no"
+	bcDestCondition = 8 // INET_DIAG_BC_D_COND: a struct inet_diag_hostcond
+	reqBytecode     = 1 // INET_DIAG_REQ_BYTECODE
+)
+
+// peerFilter is bytecode that accepts a socket whose peer is one of peers:
+// for each, a D_COND on its address (all bits) and port; a match jumps to
+// the end, which accepts, a miss to the next peer's condition, and a miss
+// of the last one past the end, which rejects. The kernel's audit follows
+// the "yes" offsets, so each condition but the last is followed by a JMP
+// whose "yes" is the next condition and whose "no", the offset it takes,
+// is the end.
+func peerFilter(peers []netip.AddrPort) []byte {
+	type cond struct {
+		family uint8
+		addr   []byte
+		port   uint16
+	}
+	conds := make([]cond, 0, len(peers))
+	size := 0
+	for _, p := range peers {
+		a := p.Addr().Unmap()
+		c := cond{family: unix.AF_INET, port: p.Port()}
+		if a.Is4() {
+			v4 := a.As4()
+			c.addr = v4[:]
+		} else {
+			c.family = unix.AF_INET6
+			v6 := a.As16()
+			c.addr = v6[:]
+		}
+		conds = append(conds, c)
+		size += 4 + 8 + len(c.addr) + 4
+	}
+	size -= 4 // no jump after the last
+	b := make([]byte, 0, size)
+	ne := binary.NativeEndian
+	for i, c := range conds {
+		condLen := 4 + 8 + len(c.addr)
+		no := condLen + 4 // the next condition, past the jump
+		if i == len(conds)-1 {
+			no = condLen + 4 // past the end: rejected
+		}
+		b = append(b, bcDestCondition, byte(condLen))
+		b = ne.AppendUint16(b, uint16(no))
+		b = append(b, c.family, byte(8*len(c.addr)), 0, 0)
+		b = ne.AppendUint32(b, uint32(c.port))
+		b = append(b, c.addr...)
+		if i < len(conds)-1 {
+			rest := size - len(b) // from the jump to the end
+			b = append(b, bcJump, 4)
+			b = ne.AppendUint16(b, uint16(rest))
+		}
+	}
+	return b
 }
 
 // DestroyUDP aborts the UDP socket with exactly s's id and cookie. IsGone
@@ -164,11 +263,17 @@ type request struct {
 	remote   netip.AddrPort
 	iface    uint32
 	cookie   [2]uint32
+	// bytecode, if any, filters a dump (INET_DIAG_REQ_BYTECODE).
+	bytecode []byte
 }
 
 // marshal appends the netlink message carrying req.
 func (r request) marshal(msgType, flags uint16, seq uint32) []byte {
-	b := make([]byte, unix.NLMSG_HDRLEN+sizeofReqV2)
+	n := unix.NLMSG_HDRLEN + sizeofReqV2
+	if r.bytecode != nil {
+		n += unix.NLA_HDRLEN + len(r.bytecode) // a multiple of 4
+	}
+	b := make([]byte, n)
 	ne := binary.NativeEndian
 	ne.PutUint32(b[0:], uint32(len(b)))
 	ne.PutUint16(b[4:], msgType)
@@ -189,6 +294,12 @@ func (r request) marshal(msgType, flags uint16, seq uint32) []byte {
 	ne.PutUint32(id[36:], r.iface)
 	ne.PutUint32(id[40:], r.cookie[0])
 	ne.PutUint32(id[44:], r.cookie[1])
+	if r.bytecode != nil {
+		attr := p[sizeofReqV2:]
+		ne.PutUint16(attr[0:], uint16(unix.NLA_HDRLEN+len(r.bytecode)))
+		ne.PutUint16(attr[2:], reqBytecode)
+		copy(attr[unix.NLA_HDRLEN:], r.bytecode)
+	}
 	return b
 }
 

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -312,5 +313,114 @@ func TestUDPDestroySupportedProbe(t *testing.T) {
 				t.Errorf("probe sent cookie %x, want 0", cookie)
 			}
 		})
+	}
+}
+
+// runFilter checks bytecode as the kernel's inet_diag_bc_audit does (each
+// "yes" walks to the next operation and ends exactly at the end; each "no"
+// lands on an operation or the end, or 4 past it) and runs it as
+// inet_diag_bc_run does, for a socket of family with peer.
+func runFilter(t *testing.T, bc []byte, family uint8, peer netip.AddrPort) bool {
+	t.Helper()
+	ne := binary.NativeEndian
+	starts := map[int]bool{}
+	for off := 0; off < len(bc); {
+		starts[off] = true
+		yes := int(bc[off+1])
+		if yes < 4 || yes&3 != 0 || off+yes > len(bc) {
+			t.Fatalf("operation at %d: yes %d", off, yes)
+		}
+		off += yes
+		if off == len(bc) {
+			break
+		}
+	}
+	for off := range starts {
+		no := int(ne.Uint16(bc[off+2:]))
+		rest := len(bc) - off
+		if no < 4 || no&3 != 0 || no > rest+4 || (no < rest && !starts[off+no]) {
+			t.Fatalf("operation at %d: no %d with %d left", off, no, rest)
+		}
+	}
+	off := 0
+	for off < len(bc) {
+		code, yes, no := bc[off], int(bc[off+1]), int(ne.Uint16(bc[off+2:]))
+		match := false
+		switch code {
+		case bcJump:
+		case bcDestCondition:
+			condFamily, bits := bc[off+4], int(bc[off+5])
+			port := int32(ne.Uint32(bc[off+8:]))
+			addr := bc[off+12 : off+12+bits/8]
+			a := peer.Addr()
+			switch {
+			case port != -1 && uint16(port) != peer.Port():
+			case condFamily == family && family == unix.AF_INET:
+				v4 := a.Unmap().As4()
+				match = string(v4[:]) == string(addr)
+			case condFamily == family:
+				v6 := a.As16()
+				match = string(v6[:]) == string(addr)
+			case condFamily == unix.AF_INET && family == unix.AF_INET6 && a.Is4In6():
+				v4 := a.Unmap().As4()
+				match = string(v4[:]) == string(addr)
+			}
+		default:
+			t.Fatalf("operation %d at %d", code, off)
+		}
+		if match {
+			off += yes
+		} else {
+			off += no
+		}
+	}
+	return off == len(bc)
+}
+
+func TestPeerFilter(t *testing.T) {
+	peers := []netip.AddrPort{netip.MustParseAddrPort("10.244.1.1:53"), netip.MustParseAddrPort("[::ffff:10.96.0.10]:53"),
+		netip.MustParseAddrPort("[fd00::1]:53")}
+	for _, tc := range []struct {
+		family uint8
+		peer   string
+		want   bool
+	}{
+		{unix.AF_INET, "10.244.1.1:53", true},
+		{unix.AF_INET, "10.96.0.10:53", true},
+		{unix.AF_INET6, "[::ffff:10.244.1.1]:53", true},
+		{unix.AF_INET6, "[::ffff:10.96.0.10]:53", true},
+		{unix.AF_INET6, "[fd00::1]:53", true},
+		{unix.AF_INET, "10.244.1.1:54", false},
+		{unix.AF_INET, "10.244.1.2:53", false},
+		{unix.AF_INET6, "[fd00::2]:53", false},
+		{unix.AF_INET6, "[::ffff:10.244.1.2]:53", false},
+	} {
+		for n := 1; n <= len(peers); n++ {
+			want := tc.want && slices.ContainsFunc(peers[:n], func(p netip.AddrPort) bool {
+				return netip.AddrPortFrom(p.Addr().Unmap(), p.Port()) ==
+					netip.AddrPortFrom(netip.MustParseAddrPort(tc.peer).Addr().Unmap(), netip.MustParseAddrPort(tc.peer).Port())
+			})
+			if got := runFilter(t, peerFilter(peers[:n]), tc.family, netip.MustParseAddrPort(tc.peer)); got != want {
+				t.Errorf("%d peers, family %d, peer %s: accepted %v, want %v", n, tc.family, tc.peer, got, want)
+			}
+		}
+	}
+}
+
+// A filtered dump carries the bytecode in an INET_DIAG_REQ_BYTECODE
+// attribute after the request, counted in the message's length.
+func TestRequestMarshalWithFilter(t *testing.T) {
+	bc := peerFilter([]netip.AddrPort{netip.MustParseAddrPort("10.244.1.1:53")})
+	b := request{family: unix.AF_INET, protocol: unix.IPPROTO_UDP, bytecode: bc}.marshal(unix.SOCK_DIAG_BY_FAMILY, 0, 1)
+	ne := binary.NativeEndian
+	attr := b[unix.NLMSG_HDRLEN+sizeofReqV2:]
+	if got, want := int(ne.Uint32(b)), unix.NLMSG_HDRLEN+sizeofReqV2+unix.NLA_HDRLEN+len(bc); got != want || len(b) != want {
+		t.Fatalf("message length %d (%d bytes), want %d", got, len(b), want)
+	}
+	if l, typ := int(ne.Uint16(attr)), ne.Uint16(attr[2:]); l != unix.NLA_HDRLEN+len(bc) || typ != reqBytecode {
+		t.Errorf("attribute length %d type %d, want %d type %d", l, typ, unix.NLA_HDRLEN+len(bc), reqBytecode)
+	}
+	if string(attr[unix.NLA_HDRLEN:]) != string(bc) {
+		t.Error("the attribute does not hold the bytecode")
 	}
 }

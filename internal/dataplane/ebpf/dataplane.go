@@ -9,16 +9,20 @@
 // re-balances such a flow when kube-proxy deletes its conntrack entries;
 // here the socket itself must go. After each sync that applied (the new
 // backends are in the maps first: make-before-break), for every UDP
-// frontend that is new or whose serving endpoints changed (every one on a
-// full sync) and that has a serving endpoint, the Dataplane destroys the
-// connected UDP sockets, AF_INET and AF_INET6 (v4-mapped peers), that
+// frontend that is new or whose serving endpoints changed since the last
+// cleanup (every one at start and after a failed sync; a full sync of an
+// unchanged cluster checks none) and that has a serving endpoint, the
+// Dataplane destroys the connected UDP sockets, AF_INET and AF_INET6
+// (v4-mapped peers), that
 //
 //   - our programs translated from that frontend to a backend that no
 //     longer serves: kbp_revnat, keyed by socket cookie, names the frontend
 //     of each backend the socket was sent to; a socket connected to a pod
 //     IP directly has no entry and is not ours to touch; or
-//   - are connected to the frontend's VIP:port itself, untranslated
-//     (connected before the Service existed).
+//   - are connected to the frontend's VIP:port itself, untranslated, if the
+//     frontend is fresh: new, or without a serving endpoint until now
+//     (connected before the Service existed; since it served, every
+//     connect to it was translated or refused).
 //
 // These are kube-proxy v1.36's rules for UDP conntrack entries
 // (pkg/proxy/conntrack): sockets to a terminating endpoint that still
@@ -31,8 +35,15 @@
 // while the backend set is unchanged), so a removed backend is never sent
 // to again anyway, and destroying one would silently change its source
 // port.
-// Sockets are looked for in the node's network namespace and in each pod
-// namespace pinned under Config.NetNSDirs.
+// Sockets are looked for in the node's network namespace (hostNetwork
+// pods' sockets too, in one dump) and in each pod namespace pinned under
+// Config.NetNSDirs, each namespace once (by nsfs inode). A cleanup first
+// reads kbp_revnat whole (batched): the sockets translated to a backend
+// that left are the candidates. With none, and no fresh frontend, it
+// visits no namespace; otherwise each namespace's dump is filtered in the
+// kernel on the candidates' backends and the fresh frontends' addresses,
+// and once every candidate is found (and no frontend is fresh) the
+// remaining namespaces are not visited.
 //
 // The sockets are found and destroyed with sock_diag netlink requests
 // (package sockdiag) rather than a BPF socket iterator calling the
@@ -44,7 +55,7 @@
 //     by family, protocol and state (TCP_ESTABLISHED is a connected UDP
 //     socket), and destroys by exact id and cookie, so a socket that closed
 //     and whose port was reused is never hit. The revnat lookup is one map
-//     read per connected UDP socket, in user space.
+//     read per socket the filtered dump returns, in user space.
 //   - An iterator (iter/udp calling bpf_sock_destroy, Linux 6.5+) could do
 //     the whole match in the kernel, kbp_revnat lookup included, under the
 //     socket lock. But it is a tracing program: it needs CAP_BPF and
@@ -58,7 +69,15 @@
 // node's own namespace (hostNetwork pods). On a kernel that can destroy no
 // socket the proxy says so once and counts each skipped cleanup; syncs
 // succeed regardless. Failures are logged and counted, never fail the sync:
-// the next full sync checks every frontend again.
+// the frontends of a cleanup that failed are checked again with the next
+// full sync.
+//
+// The cleanup runs off the sync's path: the sync plans which frontends to
+// check, under its lock, and hands them to a worker goroutine, which visits
+// the namespaces after the sync has returned (so the packet layer's sync
+// and the next sync's map writes never wait for it). One cleanup runs at a
+// time; frontends handed over meanwhile are merged, each with its newest
+// serving endpoints, into the next. Closing the Dataplane stops it.
 //
 // One race remains with sock_diag, harmless: a socket that disconnects
 // (connect(AF_UNSPEC)) between the dump and the destroy request is either
@@ -87,6 +106,9 @@ type Dataplane struct {
 	grace   *rcuGracePeriod
 	rec     *reconciler
 	sockets *udpSocketCleaner
+	// cleanup runs the sockets' cleanup that each sync plans, off the
+	// sync's path.
+	cleanup *cleanupWorker
 	// events are what user space counts, next to the programs' counters.
 	events *eventCounts
 	// revnat and affinity cache how many entries the reverse map and the
@@ -174,6 +196,7 @@ func New(cfg Config) (*Dataplane, error) {
 		host.dirs = nil
 	}
 	sockets := newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events)
+	sockets.scan = kernelRevnatScan(k.objs.KbpRevnat)
 	sockets.holderOf = rec.holderOf
 	return &Dataplane{
 		node:    nodeState{cookie: cookie, confined: confined},
@@ -181,6 +204,7 @@ func New(cfg Config) (*Dataplane, error) {
 		grace:   grace,
 		rec:     rec,
 		sockets: sockets,
+		cleanup: newCleanupWorker(sockets.clean),
 		events:  events,
 		revnat: programCount{
 			count: func() (int, error) { return countEntries[uint64, lbSockRevnat](k.objs.KbpRevnat) },
@@ -208,11 +232,12 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	return err
 }
 
-// afterSync destroys the connected UDP sockets the sync left stale, once
-// the maps hold the new backends. After a sync that failed only for some
-// service ports, those keep their old state in the kernel and are skipped;
-// after one that failed as a whole nothing is done, and the next, full,
-// sync checks everything.
+// afterSync hands the cleanup worker the UDP frontends whose connected
+// sockets the sync may have left stale, once the maps hold the new
+// backends; the worker destroys them after the sync returns. After a sync
+// that failed only for some service ports, those keep their old state in
+// the kernel and are skipped; after one that failed as a whole nothing is
+// done, and the next, full, sync checks everything.
 func (d *Dataplane) afterSync(snap *model.Snapshot, err error) {
 	var failed map[model.Frontend]bool
 	if err != nil {
@@ -226,8 +251,12 @@ func (d *Dataplane) afterSync(snap *model.Snapshot, err error) {
 			failed[s.Frontend] = true
 		}
 	}
-	d.sockets.clean(d.sockets.plan(snap, failed))
+	d.cleanup.submit(d.sockets.plan(snap, failed), snap.Full)
 }
+
+// waitSocketCleanup returns once the socket cleanup of every sync so far
+// is done.
+func (d *Dataplane) waitSocketCleanup() { d.cleanup.wait() }
 
 // Counts reports the service ports and backends the maps hold.
 func (d *Dataplane) Counts() (services, backends int) {
@@ -393,5 +422,6 @@ func (c *programCount) get() (int, error) {
 func (d *Dataplane) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	d.cleanup.close()
 	return errors.Join(d.kernel.Close(), d.grace.Close())
 }

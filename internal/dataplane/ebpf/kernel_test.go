@@ -84,6 +84,8 @@ func (s *kernelSetup) sync(t testing.TB, snap *model.Snapshot) {
 	if err := s.dp.Sync(context.Background(), snap); err != nil {
 		t.Fatalf("sync: %v", err)
 	}
+	// The socket cleanup the sync handed over runs after it returns.
+	s.dp.waitSocketCleanup()
 }
 
 // run runs a helper client in the client pod and returns its result lines.

@@ -75,7 +75,7 @@ func openConnectedUDP(host socketHost) map[uint64]netip.AddrPort {
 			klog.V(2).InfoS("Opening a network namespace for the reverse entry migration", "netns", ns, "err", err)
 			continue
 		}
-		socks, err := t.ConnectedUDP()
+		socks, err := t.ConnectedUDPTo(nil)
 		t.Close()
 		if err != nil {
 			klog.V(2).InfoS("Listing connected UDP sockets for the reverse entry migration", "netns", ns, "err", err)

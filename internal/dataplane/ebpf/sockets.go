@@ -30,18 +30,43 @@ const (
 )
 
 // udpCheck maps each UDP frontend (VIP:port) whose connected sockets must be
-// checked to its serving endpoints: a socket we translated from it to any
-// other backend, or connected to the frontend itself, is stale.
-type udpCheck map[netip.AddrPort]map[netip.AddrPort]bool
+// checked to what is checked: a socket we translated from it to a backend
+// not serving is stale, and so is one connected to a fresh frontend itself.
+type udpCheck map[netip.AddrPort]frontendCheck
 
-func (c udpCheck) add(fe model.Frontend, serving []model.Backend) {
-	c[netip.AddrPortFrom(fe.IP, fe.Port)] = model.AddrPortSet(serving)
+type frontendCheck struct {
+	serving map[netip.AddrPort]bool
+	// fresh is a frontend that had no serving endpoint when the cleaner
+	// last looked, or that it did not know: a socket may have connected to
+	// its address while nothing translated it (before the Service
+	// existed). Every other frontend's connects were translated (or
+	// refused, when it had no serving endpoint), so only kbp_revnat's
+	// entries can point at its stale sockets.
+	fresh bool
+}
+
+func (c udpCheck) add(fe model.Frontend, serving []model.Backend, fresh bool) {
+	c[netip.AddrPortFrom(fe.IP, fe.Port)] = frontendCheck{serving: model.AddrPortSet(serving), fresh: fresh}
+}
+
+// merge adds other's frontends to c, each replacing c's (other is the
+// newer), but fresh if either is: a socket connected to the frontend
+// untranslated is there until a cleanup finds it.
+func (c udpCheck) merge(other udpCheck) {
+	for fe, fc := range other {
+		if old, ok := c[fe]; ok && old.fresh {
+			fc.fresh = true
+		}
+		c[fe] = fc
+	}
 }
 
 // socketTable is one network namespace's UDP sockets, as sockdiag.Conn
 // gives them; tests use a fake.
 type socketTable interface {
-	ConnectedUDP() ([]sockdiag.Socket, error)
+	// ConnectedUDPTo lists the connected sockets whose peer is one of
+	// peers (all of them for nil), as sockdiag.Conn does.
+	ConnectedUDPTo(peers []netip.AddrPort) ([]sockdiag.Socket, error)
 	DestroyUDP(sockdiag.Socket) error
 	UDPDestroySupported() (bool, error)
 	Close() error
@@ -61,12 +86,20 @@ type socketHost interface {
 // directly, say).
 type revnatLookup func(cookie uint64, backend netip.AddrPort) (frontend netip.AddrPort, ok bool, err error)
 
+// revnatScan calls fn with each (backend, frontend) pair kbp_revnat holds,
+// and the cookie of the socket it is the pair of.
+type revnatScan func(fn func(cookie uint64, backend, frontend netip.AddrPort)) error
+
 // udpSocketCleaner destroys connected UDP sockets left pointing at a backend
 // that no longer serves, the socket-level counterpart of kube-proxy's UDP
 // conntrack cleanup (see the package documentation).
 type udpSocketCleaner struct {
 	host   socketHost
 	revnat revnatLookup
+	// scan reads kbp_revnat whole, to learn before visiting any namespace
+	// which sockets can be stale; nil in tests that visit every
+	// namespace and list every connected socket.
+	scan   revnatScan
 	events *eventCounts
 	// holderOf names the service port the kernel serves a frontend for
 	// (reconciler.holderOf); nil in tests, where the snapshot's claims
@@ -101,13 +134,21 @@ func (c *udpSocketCleaner) forget() {
 // of the ports that failed (named by their ClusterIP), and returns those to
 // check. As kube-proxy's conntrack cleanup (pkg/proxy/conntrack, v1.36): a
 // frontend is checked when its serving endpoints changed or it is new (a
-// socket may have connected to its address before it existed), every one
-// on a full sync; one without a serving endpoint is left alone, and so are
-// the sockets of a deleted Service. Every frontend the programs serve
-// counts: the ClusterIP, NodePorts, local external IPs, LoadBalancer IPs.
+// socket may have connected to its address before it existed); one
+// without a serving endpoint is left alone, and so are the sockets of a
+// deleted Service. A full sync is compared with what the cleaner knows
+// like a partial one, so the periodic full sync of an unchanged cluster
+// checks nothing; everything is checked only when nothing is known (at
+// start, after a failed sync). Every frontend the programs serve counts:
+// the ClusterIP, NodePorts, local external IPs, LoadBalancer IPs.
 func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]bool) udpCheck {
 	check := make(udpCheck)
+	// What the last cleanup knew; nil at start and after a failed sync,
+	// when every frontend is checked.
+	known := c.serving
 	if snap.Full || c.serving == nil {
+		// A full snapshot names every Service: those it leaves out are
+		// gone.
 		c.serving = make(map[model.ServiceName]map[model.Frontend][]model.Backend)
 	}
 	// The frontends each port serves: the kernel's, as the sync left it
@@ -123,9 +164,7 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 		serves = func(sp *model.ServicePort) []socketFrontend { return claimedFrontends(sp, &snap.Node, claims) }
 	}
 	for name, ports := range snap.Services {
-		// What a partial snapshot's Service had; a full sync checks every
-		// frontend anyway.
-		before := c.serving[name]
+		before := known[name]
 		now := make(map[model.Frontend][]model.Backend)
 		for i := range ports {
 			sp := &ports[i]
@@ -143,8 +182,8 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 				if len(sp.Serving) == 0 {
 					continue
 				}
-				if old, had := before[fe]; snap.Full || !had || !slices.Equal(old, sp.Serving) {
-					check.add(fe, sp.Serving)
+				if old, had := before[fe]; known == nil || !had || !slices.Equal(old, sp.Serving) {
+					check.add(fe, sp.Serving, known == nil || !had || len(old) == 0)
 				}
 			}
 		}
@@ -173,16 +212,16 @@ func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (f
 		// from one.
 		return netip.AddrPort{}, "", nil
 	}
-	if _, ok := check[peer]; ok {
+	if fc, ok := check[peer]; ok && fc.fresh {
 		// Connected to the VIP itself: it connected before the Service
-		// existed (or outside our cgroup) and was never translated.
+		// existed and was never translated.
 		return peer, "connected to the frontend untranslated", nil
 	}
 	fe, ok, err := c.revnat(s.Cookie, peer)
 	if err != nil || !ok {
 		return netip.AddrPort{}, "", err
 	}
-	if serving, checked := check[fe]; checked && !serving[peer] {
+	if fc, checked := check[fe]; checked && !fc.serving[peer] {
 		return fe, "backend no longer serving", nil
 	}
 	return netip.AddrPort{}, "", nil
@@ -190,32 +229,55 @@ func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (f
 
 // clean destroys the connected UDP sockets that check finds stale, in the
 // node's network namespace and every pod's. Failures are logged and
-// counted, never returned: the datapath is in place, and the next full
-// sync checks again.
-func (c *udpSocketCleaner) clean(check udpCheck) {
+// counted, and reported as failed so that the cleanup worker checks these
+// frontends again with the next full sync: the datapath is in place
+// regardless. Once stop is closed it returns before the next namespace.
+func (c *udpSocketCleaner) clean(check udpCheck, stop <-chan struct{}) (anyFailed bool) {
 	if len(check) == 0 {
-		return
+		return false
 	}
 	if c.unsupported {
 		c.events.add(eventUDPSocketsUnsupported, 1)
-		return
+		return false
+	}
+	var destroyed, failed, skipped, visited int
+	cand, err := c.candidates(check)
+	if err != nil {
+		klog.ErrorS(err, "Reading kbp_revnat for the UDP socket cleanup; looking at every connected UDP socket")
+		failed++
+	} else if len(cand.cookies) == 0 && !cand.fresh {
+		// No socket was translated to a backend that left, and none can
+		// be connected to a frontend untranslated: no namespace can hold
+		// a stale socket.
+		return false
 	}
 	namespaces, err := c.host.netNamespaces()
 	if err != nil {
 		klog.ErrorS(err, "Listing network namespaces for the UDP socket cleanup; checking the node's only")
-		c.events.add(eventUDPSocketDestroyFailed, 1)
+		failed++
 	}
-	var destroyed, failed, skipped int
 	defer func() {
-		c.events.add(eventUDPSocketsDestroyed, uint64(destroyed))
+		// Destroyed sockets are counted as they go.
 		c.events.add(eventUDPSocketDestroyFailed, uint64(failed))
 		c.events.add(eventUDPSocketsNamespaceSkip, uint64(skipped))
+		anyFailed = failed > 0
 		if destroyed > 0 || failed > 0 {
 			klog.V(2).InfoS("Destroyed connected UDP sockets of backends no longer serving", "sockets", destroyed,
-				"failed", failed, "frontends", len(check), "netns", len(namespaces))
+				"failed", failed, "frontends", len(check), "netns", visited, "of", len(namespaces))
 		}
 	}()
 	for i, ns := range namespaces {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		if i > 0 && cand.cookies != nil && len(cand.cookies) == 0 && !cand.fresh {
+			// Every socket kbp_revnat named as stale is found: the other
+			// namespaces hold none.
+			return
+		}
+		visited++
 		pod := i > 0
 		if pod && c.noPodNamespaces {
 			skipped++
@@ -253,7 +315,7 @@ func (c *udpSocketCleaner) clean(check udpCheck) {
 				return
 			}
 		}
-		d, f := c.cleanNamespace(ns, t, check, pod)
+		d, f := c.cleanNamespace(ns, t, check, cand, pod)
 		t.Close()
 		destroyed += d
 		failed += f
@@ -261,11 +323,61 @@ func (c *udpSocketCleaner) clean(check udpCheck) {
 			return
 		}
 	}
+	return
+}
+
+// candidates is where a cleanup looks: the peers a stale socket can have,
+// and the cookies of the sockets kbp_revnat says were translated to a
+// backend no longer serving, not found yet.
+type candidates struct {
+	// peers are those backends and the fresh frontends; nil for every
+	// peer, when kbp_revnat could not be read.
+	peers []netip.AddrPort
+	// cookies is nil when kbp_revnat could not be read.
+	cookies map[uint64]bool
+	// fresh is set if a frontend checked is fresh: a socket connected to
+	// it untranslated has no kbp_revnat entry, and may be anywhere.
+	fresh bool
+}
+
+// candidates reads kbp_revnat once, so that each namespace's dump lists
+// only the sockets connected to a peer that can be stale (a filter the
+// kernel runs), and so that namespaces are not visited at all when no
+// socket can be stale, nor any more once every stale one is found.
+func (c *udpSocketCleaner) candidates(check udpCheck) (candidates, error) {
+	var cand candidates
+	peers := make(map[netip.AddrPort]bool)
+	for fe, fc := range check {
+		if fc.fresh {
+			cand.fresh = true
+			peers[fe] = true
+		}
+	}
+	if c.scan == nil {
+		cand.fresh = true
+		return cand, nil
+	}
+	cand.cookies = make(map[uint64]bool)
+	err := c.scan(func(cookie uint64, backend, frontend netip.AddrPort) {
+		if fc, ok := check[frontend]; ok && !fc.serving[backend] {
+			cand.cookies[cookie] = true
+			peers[backend] = true
+		}
+	})
+	if err != nil {
+		return candidates{fresh: true}, err
+	}
+	cand.peers = make([]netip.AddrPort, 0, len(peers))
+	for p := range peers {
+		cand.peers = append(cand.peers, p)
+	}
+	slices.SortFunc(cand.peers, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	return cand, nil
 }
 
 // cleanNamespace destroys the stale sockets of one namespace.
-func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpCheck, pod bool) (destroyed, failed int) {
-	socks, err := t.ConnectedUDP()
+func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpCheck, cand candidates, pod bool) (destroyed, failed int) {
+	socks, err := t.ConnectedUDPTo(cand.peers)
 	if err != nil {
 		if errors.Is(err, sockdiag.ErrNotSupported) {
 			c.unsupported = true
@@ -278,6 +390,7 @@ func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpChe
 		return 0, 1
 	}
 	for _, s := range socks {
+		delete(cand.cookies, s.Cookie)
 		fe, reason, err := c.match(check, s, pod)
 		if err != nil {
 			klog.ErrorS(err, "Looking up a socket's frontend", "netns", ns, "socket", s)
@@ -291,6 +404,9 @@ func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpChe
 		switch {
 		case err == nil:
 			destroyed++
+			// Counted at once: the owner may see ECONNABORTED before this
+			// cleanup ends.
+			c.events.add(eventUDPSocketsDestroyed, 1)
 			klog.V(3).InfoS("Destroyed connected UDP socket", "netns", ns, "socket", s, "frontend", fe, "reason", reason)
 		case sockdiag.IsGone(err):
 			// Closed meanwhile (or its addresses reused by another
@@ -377,6 +493,23 @@ func kernelRevnat(m *ebpf.Map) revnatLookup {
 		}
 		fe, ok := frontendOfPair(&v, backend)
 		return fe, ok, nil
+	}
+}
+
+// kernelRevnatScan reads kbp_revnat in batches (see kernelMap.Iterate).
+func kernelRevnatScan(m *ebpf.Map) revnatScan {
+	km := newKernelMap[uint64, lbSockRevnat](m, lbMapKbpRevnat)
+	return func(fn func(cookie uint64, backend, frontend netip.AddrPort)) error {
+		return km.Iterate(func(cookie uint64, v lbSockRevnat) error {
+			for _, p := range v.Pairs {
+				if p.Backend.Addr == 0 {
+					continue // unused
+				}
+				fn(cookie, netip.AddrPortFrom(addrFromBPF(p.Backend.Addr), portFromBPF(p.Backend.Port)),
+					netip.AddrPortFrom(addrFromBPF(p.Frontend.Addr), portFromBPF(p.Frontend.Port)))
+			}
+			return nil
+		})
 	}
 }
 

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -37,6 +39,9 @@ type fakeSocketHost struct {
 
 	opened    []string
 	destroyed []string // "ns cookie"
+	// filters are the peers each dump asked for, "ns [peers]"; "ns all"
+	// for every connected socket.
+	filters []string
 }
 
 func newFakeSocketHost(names ...string) *fakeSocketHost {
@@ -67,9 +72,20 @@ type fakeTable struct {
 	name string
 }
 
-func (t *fakeTable) ConnectedUDP() ([]sockdiag.Socket, error) {
+func (t *fakeTable) ConnectedUDPTo(peers []netip.AddrPort) ([]sockdiag.Socket, error) {
 	ns := t.host.ns[t.name]
-	return slices.Clone(ns.sockets), ns.listErr
+	if peers == nil {
+		t.host.filters = append(t.host.filters, t.name+" all")
+		return slices.Clone(ns.sockets), ns.listErr
+	}
+	t.host.filters = append(t.host.filters, fmt.Sprintf("%s %v", t.name, peers))
+	var out []sockdiag.Socket
+	for _, s := range ns.sockets {
+		if slices.Contains(peers, netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port())) {
+			out = append(out, s)
+		}
+	}
+	return out, ns.listErr
 }
 
 func (t *fakeTable) DestroyUDP(s sockdiag.Socket) error {
@@ -97,6 +113,18 @@ func (f fakeRevnat) lookup(cookie uint64, backend netip.AddrPort) (netip.AddrPor
 	return fe, ok, nil
 }
 
+func (f fakeRevnat) scan(fn func(cookie uint64, backend, frontend netip.AddrPort)) error {
+	for k, fe := range f {
+		c, b, _ := strings.Cut(k, " ")
+		cookie, err := strconv.ParseUint(c, 10, 64)
+		if err != nil {
+			return err
+		}
+		fn(cookie, netip.MustParseAddrPort(b), fe)
+	}
+	return nil
+}
+
 func udpSocket(cookie uint64, remote string) sockdiag.Socket {
 	return sockdiag.Socket{Family: unix.AF_INET, Local: netip.MustParseAddrPort("10.244.0.100:40000"),
 		Remote: netip.MustParseAddrPort(remote), Cookie: cookie}
@@ -113,13 +141,17 @@ func dnsPort(backends ...string) model.ServicePort {
 
 func checkKeys(c udpCheck) []string {
 	var out []string
-	for fe, serving := range c {
+	for fe, fc := range c {
 		var s []string
-		for b := range serving {
+		for b := range fc.serving {
 			s = append(s, b.String())
 		}
 		slices.Sort(s)
-		out = append(out, fmt.Sprintf("%s %v", fe, s))
+		line := fmt.Sprintf("%s %v", fe, s)
+		if fc.fresh {
+			line += " fresh"
+		}
+		out = append(out, line)
 	}
 	slices.Sort(out)
 	return out
@@ -136,11 +168,28 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 		want   []string
 	}{
 		{
-			name:   "full sync checks every UDP frontend with a serving endpoint",
+			name: "the first sync checks every UDP frontend with a serving endpoint",
+			snap: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp,
+				servicePort("default", "empty", "udp", model.UDP, "10.96.0.13:53")),
+			want: []string{"10.96.0.10:53 [10.244.1.1:53] fresh", "10.96.0.11:53 [10.244.3.1:8125] fresh"},
+		},
+		{
+			name:   "a full sync of an unchanged cluster checks nothing",
 			before: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp),
 			snap: snapshot(true, dnsPort("10.244.1.1:53"), other, tcp,
 				servicePort("default", "empty", "udp", model.UDP, "10.96.0.13:53")),
-			want: []string{"10.96.0.10:53 [10.244.1.1:53]", "10.96.0.11:53 [10.244.3.1:8125]"},
+		},
+		{
+			name:   "a full sync checks what changed",
+			before: snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other),
+			snap:   snapshot(true, dnsPort("10.244.1.2:53"), other),
+			want:   []string{"10.96.0.10:53 [10.244.1.2:53]"},
+		},
+		{
+			name:   "a full sync checks a Service that came back as new",
+			before: snapshot(true, other),
+			snap:   snapshot(true, dnsPort("10.244.1.1:53"), other),
+			want:   []string{"10.96.0.10:53 [10.244.1.1:53] fresh"},
 		},
 		{
 			name:   "partial sync without a UDP change checks nothing",
@@ -167,7 +216,13 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 		{
 			name: "a new frontend: sockets may have connected to its VIP before",
 			snap: snapshot(false, dnsPort("10.244.1.1:53")),
-			want: []string{"10.96.0.10:53 [10.244.1.1:53]"},
+			want: []string{"10.96.0.10:53 [10.244.1.1:53] fresh"},
+		},
+		{
+			name:   "a frontend given its first serving endpoint: sockets may have connected to its VIP before",
+			before: snapshot(true, dnsPort()),
+			snap:   snapshot(false, dnsPort("10.244.1.1:53")),
+			want:   []string{"10.96.0.10:53 [10.244.1.1:53] fresh"},
 		},
 		{
 			name:   "a frontend losing its last serving endpoint is left alone",
@@ -183,8 +238,8 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 			name:   "a node port's frontends are checked with the ClusterIP",
 			before: onNode(testNode, true, dnsPort("10.244.1.1:53", "10.244.1.2:53")),
 			snap:   onNode(testNode, false, withNodePort(dnsPort("10.244.1.2:53"), 30053)),
-			want: []string{"10.0.0.1:30053 [10.244.1.2:53]", "10.0.0.2:30053 [10.244.1.2:53]",
-				"10.96.0.10:53 [10.244.1.2:53]", "127.0.0.1:30053 [10.244.1.2:53]"},
+			want: []string{"10.0.0.1:30053 [10.244.1.2:53] fresh", "10.0.0.2:30053 [10.244.1.2:53] fresh",
+				"10.96.0.10:53 [10.244.1.2:53]", "127.0.0.1:30053 [10.244.1.2:53] fresh"},
 		},
 		{
 			name:   "an unchanged node port is not checked again",
@@ -194,16 +249,17 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 		{
 			name:   "a port that failed is skipped, with its node port",
 			before: onNode(testNode, true, withNodePort(dnsPort("10.244.1.1:53", "10.244.1.2:53"), 30053), other),
-			snap:   onNode(testNode, true, withNodePort(dnsPort("10.244.1.2:53"), 30053), other),
+			snap: onNode(testNode, true, withNodePort(dnsPort("10.244.1.2:53"), 30053),
+				servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.2:8125")),
 			failed: []model.Frontend{dnsPort().ClusterIP},
-			want:   []string{"10.96.0.11:53 [10.244.3.1:8125]"},
+			want:   []string{"10.96.0.11:53 [10.244.3.2:8125]"},
 		},
 		{
 			name:   "a port that failed is skipped",
 			before: snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other),
-			snap:   snapshot(true, dnsPort("10.244.1.2:53"), other),
+			snap:   snapshot(true, dnsPort("10.244.1.2:53"), servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.2:8125")),
 			failed: []model.Frontend{dnsPort().ClusterIP},
-			want:   []string{"10.96.0.11:53 [10.244.3.1:8125]"},
+			want:   []string{"10.96.0.11:53 [10.244.3.2:8125]"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -231,7 +287,8 @@ func TestPlanChecksAFailedPortOnceApplied(t *testing.T) {
 	if got := c.plan(shrunk, map[model.Frontend]bool{dnsPort().ClusterIP: true}); len(got) != 0 {
 		t.Fatalf("checked a failed port: %v", checkKeys(got))
 	}
-	if got := checkKeys(c.plan(shrunk, nil)); !slices.Equal(got, []string{"10.96.0.10:53 [10.244.1.2:53]"}) {
+	// Unknown since it failed: fresh.
+	if got := checkKeys(c.plan(shrunk, nil)); !slices.Equal(got, []string{"10.96.0.10:53 [10.244.1.2:53] fresh"}) {
 		t.Errorf("the retry checked %v", got)
 	}
 	if got := c.plan(shrunk, nil); len(got) != 0 {
@@ -252,7 +309,9 @@ func TestPlanAfterForgetChecksEverything(t *testing.T) {
 
 func TestMatch(t *testing.T) {
 	check := make(udpCheck)
-	check.add(dnsPort().ClusterIP, dnsPort("10.244.1.2:53", "10.244.1.3:53").Serving)
+	check.add(dnsPort().ClusterIP, dnsPort("10.244.1.2:53", "10.244.1.3:53").Serving, true)
+	check.add(servicePort("default", "stats", "udp", model.UDP, "10.96.0.12:53").ClusterIP,
+		dnsPort("10.244.1.2:53").Serving, false)
 	revnat := fakeRevnat{}
 	revnat.record(1, "10.244.1.1:53", dnsVIP)   // translated to a removed backend
 	revnat.record(2, "10.244.1.2:53", dnsVIP)   // translated to a serving one
@@ -268,6 +327,7 @@ func TestMatch(t *testing.T) {
 		{"translated from a frontend not checked", udpSocket(3, "10.244.1.1:53"), ""},
 		{"connected to the VIP", udpSocket(5, dnsVIP), "connected to the frontend untranslated"},
 		{"connected to the VIP on another port", udpSocket(5, "10.96.0.10:54"), ""},
+		{"connected to a frontend that is not fresh", udpSocket(5, "10.96.0.12:53"), ""},
 		{"connected to the removed pod directly", udpSocket(6, "10.244.1.1:53"), ""},
 		{"IPv6 socket translated, v4-mapped", sockdiag.Socket{Family: unix.AF_INET6, Cookie: 4,
 			Local: netip.MustParseAddrPort("[::ffff:10.244.0.100]:40000"), Remote: netip.MustParseAddrPort("[::ffff:10.244.1.1]:53")},
@@ -297,6 +357,7 @@ func TestMatch(t *testing.T) {
 // translated to 10.244.1.1:53, which is removed.
 type cleanerSetup struct {
 	host   *fakeSocketHost
+	revnat fakeRevnat
 	events *eventCounts
 	c      *udpSocketCleaner
 	check  udpCheck
@@ -311,9 +372,14 @@ func newCleanerSetup() *cleanerSetup {
 	s.host.ns["node"].sockets = []sockdiag.Socket{udpSocket(1, "10.244.1.1:53")}
 	s.host.ns["pod-a"].sockets = []sockdiag.Socket{udpSocket(2, "10.244.1.1:53"), udpSocket(9, "10.244.1.2:53")}
 	s.host.ns["pod-b"].sockets = []sockdiag.Socket{udpSocket(3, "10.244.1.1:53")}
-	s.c = newUDPSocketCleaner(s.host, revnat.lookup, s.events)
+	s.revnat = revnat
+	// Through s, so that a test may replace the map.
+	s.c = newUDPSocketCleaner(s.host, func(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
+		return s.revnat.lookup(cookie, backend)
+	}, s.events)
+	s.c.scan = func(fn func(uint64, netip.AddrPort, netip.AddrPort)) error { return s.revnat.scan(fn) }
 	s.check = make(udpCheck)
-	s.check.add(dnsPort().ClusterIP, dnsPort("10.244.1.2:53").Serving)
+	s.check.add(dnsPort().ClusterIP, dnsPort("10.244.1.2:53").Serving, false)
 	return s
 }
 
@@ -330,7 +396,7 @@ func (s *cleanerSetup) counts() map[string]uint64 {
 
 func TestCleanDestroysStaleSocketsInEveryNamespace(t *testing.T) {
 	s := newCleanerSetup()
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
 	if want := []string{"node 1", "pod-a 2", "pod-b 3"}; !slices.Equal(s.host.destroyed, want) {
 		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
 	}
@@ -341,7 +407,7 @@ func TestCleanDestroysStaleSocketsInEveryNamespace(t *testing.T) {
 
 func TestCleanWithNothingToCheckOpensNothing(t *testing.T) {
 	s := newCleanerSetup()
-	s.c.clean(udpCheck{})
+	s.c.clean(udpCheck{}, nil)
 	if len(s.host.opened) != 0 {
 		t.Errorf("opened %v for nothing to check", s.host.opened)
 	}
@@ -354,8 +420,8 @@ func TestCleanWithoutSysAdminHandlesTheNode(t *testing.T) {
 	eperm := fmt.Errorf("entering network namespace (needs CAP_SYS_ADMIN): %w", unix.EPERM)
 	s.host.ns["pod-a"].openErr = eperm
 	s.host.ns["pod-b"].openErr = eperm
-	s.c.clean(s.check)
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
+	s.c.clean(s.check, nil)
 	if want := []string{"node 1"}; !slices.Equal(s.host.destroyed, want) {
 		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
 	}
@@ -370,8 +436,8 @@ func TestCleanWithoutSysAdminHandlesTheNode(t *testing.T) {
 func TestCleanOnAKernelThatCannotDestroy(t *testing.T) {
 	s := newCleanerSetup()
 	s.host.unsupported = true
-	s.c.clean(s.check)
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
+	s.c.clean(s.check, nil)
 	if len(s.host.destroyed) != 0 {
 		t.Errorf("destroyed %v", s.host.destroyed)
 	}
@@ -389,7 +455,7 @@ func TestCleanCountsFailuresAndGoesOn(t *testing.T) {
 	// Closed between the dump and the destroy: not a failure.
 	s.host.ns["pod-a"].destroyErr = map[uint64]error{2: fmt.Errorf("destroying: %w", unix.ENOENT)}
 	s.host.ns["pod-b"].listErr = errors.New("dump failed")
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
 	if len(s.host.destroyed) != 0 {
 		t.Errorf("destroyed %v", s.host.destroyed)
 	}
@@ -401,7 +467,7 @@ func TestCleanCountsFailuresAndGoesOn(t *testing.T) {
 func TestCleanWhenThePodsCannotBeListed(t *testing.T) {
 	s := newCleanerSetup()
 	s.host.listErr = errors.New("reading /run/netns: permission denied")
-	s.c.clean(s.check)
+	s.c.clean(s.check, nil)
 	if want := []string{"node 1"}; !slices.Equal(s.host.destroyed, want) {
 		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
 	}
@@ -418,9 +484,13 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 		host.ns["node"].sockets = []sockdiag.Socket{udpSocket(1, "10.244.1.1:53"), udpSocket(2, "10.244.3.1:8125")}
 		events := newEventCounts()
 		f := newFakeMaps(64, 256)
+		sockets := newUDPSocketCleaner(host, revnat.lookup, events)
+		cleanup := newCleanupWorker(sockets.clean)
+		t.Cleanup(cleanup.close)
 		return &Dataplane{
 			rec:     newReconciler(f.maps(), f.grace(), 64, 256),
-			sockets: newUDPSocketCleaner(host, revnat.lookup, events),
+			sockets: sockets,
+			cleanup: cleanup,
 			events:  events,
 		}, host
 	}
@@ -434,19 +504,23 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 		if err := dp.Sync(context.Background(), initial); err != nil {
 			t.Fatal(err)
 		}
+		dp.waitSocketCleanup()
 		if len(host.destroyed) != 0 {
 			t.Fatalf("destroyed %v with every backend serving", host.destroyed)
 		}
+		dp.waitSocketCleanup()
 		host.opened = nil
 		if err := dp.Sync(context.Background(), snapshot(false, servicePort("default", "web", "http", model.TCP, "10.96.0.12:80", "10.244.1.1:8080"))); err != nil {
 			t.Fatal(err)
 		}
+		dp.waitSocketCleanup()
 		if len(host.opened) != 0 {
 			t.Errorf("a sync without a UDP change looked at sockets in %v", host.opened)
 		}
 		if err := dp.Sync(context.Background(), shrunk); err != nil {
 			t.Fatal(err)
 		}
+		dp.waitSocketCleanup()
 		if want := []string{"node 1", "node 2"}; !slices.Equal(host.destroyed, want) {
 			t.Errorf("destroyed %v, want %v", host.destroyed, want)
 		}
@@ -456,6 +530,7 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 		dp.afterSync(initial, nil)
 		dp.afterSync(shrunk, &dataplane.SyncError{Services: []*dataplane.ServiceError{
 			{Service: dnsPort().Name, Frontend: dnsPort().ClusterIP, Reason: dataplane.ReasonMapFull, Err: ErrMapFull}}})
+		dp.waitSocketCleanup()
 		if want := []string{"node 2"}; !slices.Equal(host.destroyed, want) {
 			t.Errorf("destroyed %v, want %v: the failed port keeps its old backends", host.destroyed, want)
 		}
@@ -463,8 +538,10 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 	t.Run("failed", func(t *testing.T) {
 		dp, host := newDP()
 		dp.afterSync(initial, nil)
+		dp.waitSocketCleanup()
 		host.opened = nil
 		dp.afterSync(shrunk, errors.New("reading BPF maps: boom"))
+		dp.waitSocketCleanup()
 		if len(host.opened) != 0 || len(host.destroyed) != 0 {
 			t.Errorf("after a failed sync: opened %v, destroyed %v", host.opened, host.destroyed)
 		}
@@ -533,7 +610,7 @@ func TestPlanLeavesAnotherServicesFrontendAlone(t *testing.T) {
 func TestMatchLoopbackNodePortIsTheNodesOnly(t *testing.T) {
 	check := make(udpCheck)
 	fe := model.Frontend{IP: netip.MustParseAddr("127.0.0.1"), Port: 30053, Protocol: model.UDP}
-	check.add(fe, dnsPort("10.244.1.2:53").Serving)
+	check.add(fe, dnsPort("10.244.1.2:53").Serving, true)
 	c := newUDPSocketCleaner(nil, fakeRevnat{}.lookup, newEventCounts())
 	s := udpSocket(9, "127.0.0.1:30053")
 	for _, tc := range []struct {
@@ -547,5 +624,101 @@ func TestMatchLoopbackNodePortIsTheNodesOnly(t *testing.T) {
 		if reason != tc.reason {
 			t.Errorf("in a pod: %v: reason %q, want %q", tc.pod, reason, tc.reason)
 		}
+	}
+}
+
+// Where the cleanup looks follows kbp_revnat: no namespace when no socket
+// was translated to a backend that left and no frontend is fresh; the
+// namespaces up to the last stale socket's; and in each, a dump of the
+// sockets connected to a stale backend or a fresh frontend only.
+func TestCleanLooksOnlyWhereStaleSocketsCanBe(t *testing.T) {
+	fresh := func(s *cleanerSetup) {
+		s.check.add(model.Frontend{IP: netip.MustParseAddr("10.96.0.11"), Port: 53, Protocol: model.UDP},
+			dnsPort("10.244.3.1:53").Serving, true)
+	}
+	for _, tc := range []struct {
+		name      string
+		setup     func(s *cleanerSetup)
+		opened    []string
+		filters   []string
+		destroyed []string
+		failed    uint64
+	}{
+		{
+			name:      "stale sockets in every namespace",
+			opened:    []string{"node", "pod-a", "pod-b"},
+			filters:   []string{"node [10.244.1.1:53]", "pod-a [10.244.1.1:53]", "pod-b [10.244.1.1:53]"},
+			destroyed: []string{"node 1", "pod-a 2", "pod-b 3"},
+		},
+		{
+			name: "no socket translated to a backend that left",
+			setup: func(s *cleanerSetup) {
+				s.revnat = fakeRevnat{}
+				s.revnat.record(9, "10.244.1.2:53", dnsVIP)
+			},
+		},
+		{
+			name: "the last stale socket is in the first pod",
+			setup: func(s *cleanerSetup) {
+				delete(s.revnat, "3 10.244.1.1:53")
+			},
+			opened:    []string{"node", "pod-a"},
+			filters:   []string{"node [10.244.1.1:53]", "pod-a [10.244.1.1:53]"},
+			destroyed: []string{"node 1", "pod-a 2"},
+		},
+		{
+			name: "a fresh frontend's untranslated sockets may be anywhere",
+			setup: func(s *cleanerSetup) {
+				s.revnat = fakeRevnat{}
+				s.host.ns["pod-b"].sockets = append(s.host.ns["pod-b"].sockets, udpSocket(4, otherVIP))
+				fresh(s)
+			},
+			opened:    []string{"node", "pod-a", "pod-b"},
+			filters:   []string{"node [10.96.0.11:53]", "pod-a [10.96.0.11:53]", "pod-b [10.96.0.11:53]"},
+			destroyed: []string{"pod-b 4"},
+		},
+		{
+			name: "stale backends and fresh frontends in one dump",
+			setup: func(s *cleanerSetup) {
+				delete(s.revnat, "3 10.244.1.1:53")
+				fresh(s)
+			},
+			opened: []string{"node", "pod-a", "pod-b"},
+			filters: []string{"node [10.96.0.11:53 10.244.1.1:53]", "pod-a [10.96.0.11:53 10.244.1.1:53]",
+				"pod-b [10.96.0.11:53 10.244.1.1:53]"},
+			destroyed: []string{"node 1", "pod-a 2"},
+		},
+		{
+			name: "kbp_revnat unreadable: every socket everywhere",
+			setup: func(s *cleanerSetup) {
+				s.c.scan = func(func(uint64, netip.AddrPort, netip.AddrPort)) error { return errors.New("boom") }
+			},
+			opened:    []string{"node", "pod-a", "pod-b"},
+			filters:   []string{"node all", "pod-a all", "pod-b all"},
+			destroyed: []string{"node 1", "pod-a 2", "pod-b 3"},
+			failed:    1,
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newCleanerSetup()
+			if tc.setup != nil {
+				tc.setup(s)
+			}
+			if failed := s.c.clean(s.check, nil); failed != (tc.failed > 0) {
+				t.Errorf("clean reported failed=%v", failed)
+			}
+			if !slices.Equal(s.host.opened, tc.opened) {
+				t.Errorf("opened %v, want %v", s.host.opened, tc.opened)
+			}
+			if !slices.Equal(s.host.filters, tc.filters) {
+				t.Errorf("dumps %v, want %v", s.host.filters, tc.filters)
+			}
+			if !slices.Equal(s.host.destroyed, tc.destroyed) {
+				t.Errorf("destroyed %v, want %v", s.host.destroyed, tc.destroyed)
+			}
+			if got := s.counts()[eventUDPSocketDestroyFailed]; got != tc.failed {
+				t.Errorf("%d failures counted, want %d", got, tc.failed)
+			}
+		})
 	}
 }
