@@ -1186,6 +1186,9 @@ func (r *reconciler) dropStaleMatches(g *appliedGroup) error {
 		r.matchEntries--
 		r.unref(id)
 	}
+	if len(g.matches) == 0 {
+		g.matches = nil // as hidden: an emptied map keeps its buckets
+	}
 	return nil
 }
 
@@ -1256,6 +1259,9 @@ func (r *reconciler) recount(g *appliedGroup) {
 		g.slots = append(g.slots, id)
 	}
 	if len(g.hidden) == 0 {
+		// An emptied map keeps its buckets: drop it, or every service
+		// id keeps one for the slots its first sync wrote.
+		g.hidden = nil
 		delete(r.withHidden, g.id)
 	}
 }
@@ -1349,6 +1355,7 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 			freed = true
 		}
 		if len(g.hidden) == 0 {
+			g.hidden = nil
 			delete(r.withHidden, svcID)
 		}
 	}
