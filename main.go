@@ -165,6 +165,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		klog.InfoS("Removed both datapaths", "bpffs", o.bpffsPath)
 		return 0
 	}
+	applyMemoryDefaults(os.Getenv)
 	if err := runProxy(ctx, o); err != nil {
 		// A node that cannot run the mode gets one line saying why and
 		// what to do, and keeps what serves it now.
