@@ -1,14 +1,20 @@
 package watch
 
 import (
+	"fmt"
 	"reflect"
+	"runtime"
+	"strconv"
 	"testing"
 	"time"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/tools/cache"
 	"sigs.k8s.io/randfill"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
@@ -216,5 +222,92 @@ func TestTransformKeepsOtherProxiesLabel(t *testing.T) {
 	}
 	if other, _ := Transform("not an API object"); other != "not an API object" {
 		t.Errorf("an unknown object was changed: %v", other)
+	}
+}
+
+// apiServerShaped returns Service i and its EndpointSlice of eps endpoints
+// as the API server returns those `bench memory` creates (internal/bench
+// scale.go): with a UID, a creation time, a resourceVersion and the
+// managedFields entry of the create.
+func apiServerShaped(i, eps int) (*v1.Service, *discoveryv1.EndpointSlice) {
+	name := fmt.Sprintf("bg-%05d", i)
+	created := metav1.NewTime(time.Date(2026, 12, 5, 6, 0, 0, 0, time.UTC))
+	meta := func(kind string, fields string) metav1.ObjectMeta {
+		return metav1.ObjectMeta{
+			Name: name, Namespace: "bench-bg", UID: types.UID(fmt.Sprintf("6b1f3c2e-%s-4a5b-9c8d-%012d", kind, i)),
+			ResourceVersion: strconv.Itoa(100000 + 2*i), CreationTimestamp: created,
+			ManagedFields: []metav1.ManagedFieldsEntry{{
+				Manager: "bench", Operation: metav1.ManagedFieldsOperationUpdate, APIVersion: "v1",
+				Time: &created, FieldsType: "FieldsV1", FieldsV1: &metav1.FieldsV1{Raw: []byte(fields)},
+			}},
+		}
+	}
+	svc := &v1.Service{
+		ObjectMeta: meta("svc", `{"f:metadata":{"f:labels":{".":{},"f:bench.kube-bpf-proxy.io/set":{}}},"f:spec":{"f:clusterIP":{},"f:internalTrafficPolicy":{},"f:ports":{".":{},"k:{\"port\":80,\"protocol\":\"TCP\"}":{".":{},"f:name":{},"f:port":{},"f:protocol":{},"f:targetPort":{}}},"f:sessionAffinity":{},"f:type":{}}}`),
+		Spec: v1.ServiceSpec{
+			Type: v1.ServiceTypeClusterIP, ClusterIP: fmt.Sprintf("10.96.%d.%d", 4+i/256, i%256),
+			Ports:           []v1.ServicePort{{Name: "tcp", Protocol: v1.ProtocolTCP, Port: 80, TargetPort: intstr.FromInt32(80)}},
+			SessionAffinity: v1.ServiceAffinityNone, IPFamilies: []v1.IPFamily{v1.IPv4Protocol},
+		},
+	}
+	svc.Spec.ClusterIPs = []string{svc.Spec.ClusterIP}
+	single, cluster := v1.IPFamilyPolicySingleStack, v1.ServiceInternalTrafficPolicyCluster
+	svc.Spec.IPFamilyPolicy, svc.Spec.InternalTrafficPolicy = &single, &cluster
+	svc.Labels = map[string]string{"bench.kube-bpf-proxy.io/set": "background"}
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  meta("eps", `{"f:addressType":{},"f:endpoints":{},"f:metadata":{"f:labels":{".":{},"f:bench.kube-bpf-proxy.io/set":{},"f:endpointslice.kubernetes.io/managed-by":{},"f:kubernetes.io/service-name":{}}},"f:ports":{}}`),
+		AddressType: discoveryv1.AddressTypeIPv4,
+	}
+	slice.Labels = map[string]string{discoveryv1.LabelServiceName: name, discoveryv1.LabelManagedBy: "bench.kube-bpf-proxy.io", "bench.kube-bpf-proxy.io/set": "background"}
+	portName, proto, port := "tcp", v1.ProtocolTCP, int32(80)
+	slice.Ports = []discoveryv1.EndpointPort{{Name: &portName, Protocol: &proto, Port: &port}}
+	for j := range eps {
+		k := i*eps + j
+		ready, serving, terminating := true, true, false
+		slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{
+			Addresses:  []string{fmt.Sprintf("10.%d.%d.%d", 128+k>>16, k>>8&255, k&255)},
+			Conditions: discoveryv1.EndpointConditions{Ready: &ready, Serving: &serving, Terminating: &terminating},
+		})
+	}
+	return svc, slice
+}
+
+// BenchmarkInformerCacheHeap reports the heap the informers' stores hold
+// at 10k Services × 10 endpoints, shaped as the API server returns them,
+// without and with Transform (cache-MiB).
+func BenchmarkInformerCacheHeap(b *testing.B) {
+	for _, tc := range []struct {
+		name      string
+		transform cache.TransformFunc
+	}{{"whole objects", nil}, {"transformed", Transform}} {
+		b.Run(tc.name, func(b *testing.B) {
+			var heap float64
+			for b.Loop() {
+				runtime.GC()
+				var before, after runtime.MemStats
+				runtime.ReadMemStats(&before)
+				opts := []cache.StoreOption{}
+				if tc.transform != nil {
+					opts = append(opts, cache.WithTransformer(tc.transform))
+				}
+				svcs := cache.NewStore(cache.MetaNamespaceKeyFunc, opts...)
+				slices := cache.NewStore(cache.MetaNamespaceKeyFunc, opts...)
+				for i := range 10000 {
+					svc, slice := apiServerShaped(i, 10)
+					if err := svcs.Add(svc); err != nil {
+						b.Fatal(err)
+					}
+					if err := slices.Add(slice); err != nil {
+						b.Fatal(err)
+					}
+				}
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				heap = float64(after.HeapAlloc-before.HeapAlloc) / (1 << 20)
+				runtime.KeepAlive(svcs)
+				runtime.KeepAlive(slices)
+			}
+			b.ReportMetric(heap, "cache-MiB")
+		})
 	}
 }
