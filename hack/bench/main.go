@@ -180,8 +180,9 @@ func memory(ctx context.Context, args []string) error {
 	endpoints := fs.Int("endpoints", 10, "endpoints of each Service, all distinct addresses")
 	settle := fs.Duration("settle", 40*time.Second, "how long each proxy runs after it serves every Service before it is measured (past one periodic full sync)")
 	keep := fs.Bool("keep", false, "leave the cluster and its Services running afterwards (remove it with: bench down DIR)")
+	profiles := fs.String("profiles", "", "directory for the heap profile of each variant run with --profiling (NAME.heap)")
 	var variants []bench.MemoryVariant
-	fs.Func("variant", "NAME=BINARY[,VAR=VALUE...]: a proxy to measure, with extra environment (GOGC=50,GOMEMLIMIT=80MiB); repeat for more (default: default=_output/kube-bpf-proxy)", func(s string) error {
+	fs.Func("variant", "NAME=BINARY[,VAR=VALUE|--flag...]: a proxy to measure, with extra environment (GOGC=50,GOMEMLIMIT=80MiB) and flags (--profiling); repeat for more (default: default=_output/kube-bpf-proxy)", func(s string) error {
 		v, err := bench.ParseMemoryVariant(s)
 		if err == nil {
 			variants = append(variants, v)
@@ -207,7 +208,7 @@ func memory(ctx context.Context, args []string) error {
 	res, err := bench.MeasureMemory(ctx, bench.MemoryConfig{
 		ClusterDir: abs(*clusterDir), KubeBin: *kubeBin, ManifestsDir: abs(*manifests),
 		Services: *services, Endpoints: *endpoints, Variants: variants, Settle: *settle,
-		Keep: *keep, Progress: os.Stderr,
+		Keep: *keep, Progress: os.Stderr, ProfileDir: *profiles,
 	})
 	fmt.Printf("%d Services × %d endpoints, ebpf mode on one node, measured %s after serving every Service\n\n", *services, *endpoints, *settle)
 	fmt.Print(bench.MemoryTable(res))

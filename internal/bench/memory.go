@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -33,9 +35,12 @@ type MemoryVariant struct {
 	// Env is added to the DaemonSet container's environment
 	// (GOGC=50, GOMEMLIMIT=80MiB).
 	Env []corev1.EnvVar
+	// Args are added to its flags. With --profiling, the heap profile is
+	// saved beside the results (MemoryConfig.ProfileDir).
+	Args []string
 }
 
-// ParseMemoryVariant parses NAME=BINARY[,VAR=VALUE...].
+// ParseMemoryVariant parses NAME=BINARY[,VAR=VALUE|--flag...].
 func ParseMemoryVariant(s string) (MemoryVariant, error) {
 	parts := strings.Split(s, ",")
 	name, bin, ok := strings.Cut(parts[0], "=")
@@ -44,9 +49,13 @@ func ParseMemoryVariant(s string) (MemoryVariant, error) {
 	}
 	v := MemoryVariant{Name: name, Binary: bin}
 	for _, kv := range parts[1:] {
+		if strings.HasPrefix(kv, "--") {
+			v.Args = append(v.Args, kv)
+			continue
+		}
 		k, val, ok := strings.Cut(kv, "=")
 		if !ok || k == "" {
-			return MemoryVariant{}, fmt.Errorf("variant %q: %q is not VAR=VALUE", s, kv)
+			return MemoryVariant{}, fmt.Errorf("variant %q: %q is not VAR=VALUE or --flag", s, kv)
 		}
 		v.Env = append(v.Env, corev1.EnvVar{Name: k, Value: val})
 	}
@@ -67,6 +76,9 @@ type MemoryConfig struct {
 	// Settle is how long a proxy runs after it first serves every Service
 	// before it is measured: long enough for a periodic full sync.
 	Settle time.Duration
+	// ProfileDir, if set, receives NAME.heap, the heap profile of each
+	// variant run with --profiling, taken with the measurement.
+	ProfileDir string
 	// Keep leaves the cluster running.
 	Keep     bool
 	Progress io.Writer
@@ -87,6 +99,10 @@ type MemoryResult struct {
 	// RSS is the process's resident set after Settle (VmRSS), Peak its
 	// largest (VmHWM).
 	RSS, Peak int64
+	// Live is the heap's live bytes (go_memstats_heap_alloc_bytes right
+	// after a collection), read once the heap profile has been taken;
+	// 0 for a variant without --profiling.
+	Live int64
 }
 
 // memoryNode runs the measured proxy.
@@ -158,7 +174,7 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 	}
 	ctr := &o.DaemonSet.Spec.Template.Spec.Containers[0]
 	ctr.Env = append(ctr.Env, v.Env...)
-	o.Args = ourArgsFor(results.EBPF, cfg.Services, cfg.Endpoints)
+	o.Args = append(ourArgsFor(results.EBPF, cfg.Services, cfg.Endpoints), v.Args...)
 	launched := time.Now()
 	if err := c.LaunchProxy(ctx, memoryNode, o); err != nil {
 		return r, err
@@ -215,8 +231,26 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 	if !ok {
 		return r, fmt.Errorf("the proxy exited (log: %s)", c.ProxyLog(memoryNode))
 	}
-	r.RSS, r.Peak, err = residentSet(pid)
-	return r, err
+	if r.RSS, r.Peak, err = residentSet(pid); err != nil {
+		return r, err
+	}
+	if cfg.ProfileDir != "" && slices.Contains(v.Args, "--profiling") {
+		// After the reading above: the profile's own work must not count.
+		code, body, err := c.ProxyGet(ctx, memoryNode, localcluster.ProxyMetricsAddr, "/debug/pprof/heap?gc=1")
+		if err == nil && code != http.StatusOK {
+			err = fmt.Errorf("status %d", code)
+		}
+		if err == nil {
+			err = os.WriteFile(filepath.Join(cfg.ProfileDir, v.Name+".heap"), []byte(body), 0o644)
+		}
+		if err != nil {
+			return r, fmt.Errorf("saving the heap profile: %w", err)
+		}
+		if m, err := proxyMetrics(ctx, c); err == nil {
+			r.Live = int64(m["go_memstats_heap_alloc_bytes"])
+		}
+	}
+	return r, nil
 }
 
 // proxyMetrics reads the node's proxy's unlabelled samples.
@@ -228,14 +262,24 @@ func proxyMetrics(ctx context.Context, c *localcluster.Cluster) (map[string]floa
 	if code != http.StatusOK {
 		return nil, fmt.Errorf("/metrics: status %d", code)
 	}
+	// Each name's first sample: the ones read here have no labels, or
+	// only constant ones (ip_family).
 	m := map[string]float64{}
 	for _, l := range strings.Split(body, "\n") {
-		f := strings.Fields(l)
-		if len(f) != 2 || strings.HasPrefix(l, "#") || strings.Contains(f[0], "{") {
+		if strings.HasPrefix(l, "#") {
 			continue
 		}
-		if v, err := strconv.ParseFloat(f[1], 64); err == nil {
-			m[f[0]] = v
+		name, rest, labelled := strings.Cut(l, "{")
+		if labelled {
+			_, rest, _ = strings.Cut(rest, "}")
+		} else {
+			name, rest, _ = strings.Cut(l, " ")
+		}
+		if _, seen := m[name]; seen {
+			continue
+		}
+		if v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64); err == nil {
+			m[name] = v
 		}
 	}
 	return m, nil
@@ -268,20 +312,25 @@ func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 // MemoryTable renders results as a markdown table.
 func MemoryTable(res []MemoryResult) string {
 	var b strings.Builder
-	b.WriteString("| variant | environment | all served after | mean full sync | heap in use | Go runtime total | RSS | peak RSS |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| variant | environment, flags | all served after | mean full sync | heap in use | live heap | Go runtime total | RSS | peak RSS |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range res {
 		var env []string
 		for _, e := range r.Variant.Env {
 			env = append(env, e.Name+"="+e.Value)
 		}
+		env = append(env, r.Variant.Args...)
 		e := strings.Join(env, " ")
 		if e == "" {
 			e = "(none)"
 		}
-		fmt.Fprintf(&b, "| %s | %s | %.2f s | %.0f ms | %s | %s | %s | %s |\n", r.Variant.Name, e,
+		live := "n/a"
+		if r.Live > 0 {
+			live = mib(r.Live)
+		}
+		fmt.Fprintf(&b, "| %s | %s | %.2f s | %.0f ms | %s | %s | %s | %s | %s |\n", r.Variant.Name, e,
 			r.Served.Seconds(), float64(r.FullSync)/float64(time.Millisecond),
-			mib(r.HeapInuse), mib(r.GoSys), mib(r.RSS), mib(r.Peak))
+			mib(r.HeapInuse), live, mib(r.GoSys), mib(r.RSS), mib(r.Peak))
 	}
 	return b.String()
 }
