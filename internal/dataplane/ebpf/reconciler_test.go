@@ -427,6 +427,17 @@ func TestIDAllocator(t *testing.T) {
 	if id, err := a.allocate(); err != nil || id != 3 {
 		t.Errorf("after release: got %d, %v; want 3", id, err)
 	}
+	// An id past the maximum, found in maps a larger capacity pinned,
+	// holds an entry until released, and is never handed out.
+	b := newIDAllocator(64)
+	b.reserve(1000)
+	if b.free() != 63 || !b.isUsed(1000) {
+		t.Errorf("after reserving 1000 of 64: free %d, used %t", b.free(), b.isUsed(1000))
+	}
+	b.release(1000)
+	if b.free() != 64 || b.isUsed(1000) {
+		t.Errorf("after releasing it: free %d, used %t", b.free(), b.isUsed(1000))
+	}
 }
 
 // BenchmarkReconcilerOneChangeLargeService replaces one endpoint of a
