@@ -490,7 +490,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	}
 	backendIDs := make(map[uint32]struct{})
 	for id, key := range r.backendKeys {
-		c.backends[id] = key.value()
+		c.backends[id] = key
 		backendIDs[id] = struct{}{}
 	}
 	for id := range refs {
@@ -551,7 +551,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	}
 	for key, id := range r.backends {
 		if r.backendKeys[id] != key {
-			t.Errorf("backend %s is pointed at id %d, which holds %s", key.Backend, id, r.backendKeys[id].Backend)
+			t.Errorf("backend %s is pointed at id %d, which holds %s", backendKeyFromValue(key).Backend, id, backendKeyFromValue(r.backendKeys[id]).Backend)
 		}
 	}
 }
