@@ -61,6 +61,9 @@ type options struct {
 	healthzBindAddress string
 	metricsBindAddress string
 	profiling          bool
+	// afterFirstSync, if set, runs once the first sync has programmed the
+	// node (applyMemoryDefaults).
+	afterFirstSync func()
 
 	kubeAPIContentType string
 	kubeAPIQPS         float64 // the flag package has no float32
@@ -167,7 +170,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		klog.InfoS("Removed both datapaths", "bpffs", o.bpffsPath)
 		return 0
 	}
-	applyMemoryDefaults(os.Getenv)
+	o.afterFirstSync = applyMemoryDefaults(os.Getenv)
 	if err := runProxy(ctx, o); err != nil {
 		// A node that cannot run the mode gets one line saying why and
 		// what to do, and keeps what serves it now.
@@ -382,6 +385,9 @@ func runProxy(ctx context.Context, o options) error {
 		// this mode does; in the background, as the datapath never
 		// waits for the API server.
 		AfterFirstSync: func() {
+			if o.afterFirstSync != nil {
+				o.afterFirstSync()
+			}
 			_ = nodelabel.Record(ctx, client, nodeName, o.mode, nodelabel.DefaultBackoff)
 		},
 	})

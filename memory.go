@@ -8,12 +8,14 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/cgroups"
 )
 
-// defaultGCPercent is the proxy's GOGC when the environment sets none. The
-// proxy's heap is mostly long-lived (informer caches, the model, the
-// reconciler's copy of the maps) and allocates little between syncs, so
-// collecting at 50 % growth rather than Go's 100 % costs little CPU and
-// keeps the resident set near the live heap: see docs/memory.md for the
-// measurements behind it.
+// defaultGCPercent is the proxy's GOGC, once its first sync has programmed
+// the node, when the environment sets none. The heap is then mostly
+// long-lived (informer caches, the model, the reconciler's copy of the
+// maps) and allocates little between syncs, so collecting at 50 % growth
+// rather than Go's 100 % costs little CPU and keeps the resident set nearer
+// the live heap. The cold start, which allocates most, runs with Go's
+// default, so that it is not slowed: see docs/memory.md for the
+// measurements.
 const defaultGCPercent = 50
 
 // memoryLimitShare is the part of the cgroup's memory limit given to the Go
@@ -25,7 +27,7 @@ const memoryLimitShare = 0.9
 
 // memorySettings are the runtime settings applyMemoryDefaults chose.
 type memorySettings struct {
-	gcPercent   int   // 0: left to GOGC
+	gcPercent   int   // after the first sync; 0: left to GOGC
 	memoryLimit int64 // 0: left to GOMEMLIMIT, or none
 }
 
@@ -49,16 +51,22 @@ func chooseMemorySettings(getenv func(string) string, cgroupLimit func() (int64,
 	return s
 }
 
-// applyMemoryDefaults sets the Go runtime's GC percentage and soft memory
-// limit where the environment does not (GOGC, GOMEMLIMIT win).
-func applyMemoryDefaults(getenv func(string) string) {
+// applyMemoryDefaults sets the Go runtime's soft memory limit where the
+// environment does not (GOMEMLIMIT wins), and returns what to run once the
+// first sync has programmed the node: the steady-state GC percentage (GOGC
+// wins), then a collection that returns the cold start's garbage to the
+// kernel, which the runtime would otherwise hand back only slowly.
+func applyMemoryDefaults(getenv func(string) string) (afterFirstSync func()) {
 	s := chooseMemorySettings(getenv, cgroups.MemoryLimit)
-	if s.gcPercent > 0 {
-		debug.SetGCPercent(s.gcPercent)
-	}
 	if s.memoryLimit > 0 {
 		debug.SetMemoryLimit(s.memoryLimit)
 	}
-	klog.V(1).InfoS("Go runtime memory settings", "gcPercent", s.gcPercent, "memoryLimitBytes", s.memoryLimit,
+	klog.V(1).InfoS("Go runtime memory settings", "gcPercentAfterFirstSync", s.gcPercent, "memoryLimitBytes", s.memoryLimit,
 		"GOGC", getenv("GOGC"), "GOMEMLIMIT", getenv("GOMEMLIMIT"))
+	return func() {
+		if s.gcPercent > 0 {
+			debug.SetGCPercent(s.gcPercent)
+		}
+		debug.FreeOSMemory()
+	}
 }
