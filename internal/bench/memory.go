@@ -262,8 +262,13 @@ func proxyMetrics(ctx context.Context, c *localcluster.Cluster) (map[string]floa
 	if code != http.StatusOK {
 		return nil, fmt.Errorf("/metrics: status %d", code)
 	}
-	// Each name's first sample: the ones read here have no labels, or
-	// only constant ones (ip_family).
+	return parseSamples(body), nil
+}
+
+// parseSamples reads each metric name's first sample from the text
+// exposition format: the ones read here have no labels, or only constant
+// ones (ip_family).
+func parseSamples(body string) map[string]float64 {
 	m := map[string]float64{}
 	for _, l := range strings.Split(body, "\n") {
 		if strings.HasPrefix(l, "#") {
@@ -282,7 +287,7 @@ func proxyMetrics(ctx context.Context, c *localcluster.Cluster) (map[string]floa
 			m[name] = v
 		}
 	}
-	return m, nil
+	return m
 }
 
 // residentSet reads a process's VmRSS and VmHWM.
