@@ -33,6 +33,7 @@ import (
 
 func main() {
 	testnet.RunHelperIfRequested(nil)
+	closeInheritedOnExec()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:]); err != nil {
@@ -213,4 +214,21 @@ func memory(ctx context.Context, args []string) error {
 	fmt.Printf("%d Services × %d endpoints, ebpf mode on one node, measured %s after serving every Service\n\n", *services, *endpoints, *settle)
 	fmt.Print(bench.MemoryTable(res))
 	return err
+}
+
+// closeInheritedOnExec marks every descriptor this process inherited beyond
+// the standard three close-on-exec. Run as `flock LOCK bench ...`, the lock's
+// descriptor is one of them: the control plane and pods it starts, which
+// --keep leaves running, would otherwise hold the lock long after the
+// benchmark ended.
+func closeInheritedOnExec() {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			syscall.CloseOnExec(fd)
+		}
+	}
 }
