@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -556,4 +557,29 @@ func TestReconcilerDropsEmptiedMaps(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("after hiding and deleting slots and match entries")
+}
+
+// BenchmarkReconcilerHeap reports the heap the reconciler holds after a
+// full sync of 10k Services x 10 endpoints into fake maps at the default
+// capacities, the fake maps' own entries included (heap-MiB;
+// docs/memory.md).
+func BenchmarkReconcilerHeap(b *testing.B) {
+	snap := apitest.ScaleSnapshot(10000, 10)
+	var heap float64
+	for b.Loop() {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		f := newFakeMaps(DefaultMaxServices, DefaultMaxBackends)
+		r := newReconciler(f.maps(), f.grace(), DefaultMaxServices, DefaultMaxBackends)
+		if err := r.sync(snap); err != nil {
+			b.Fatal(err)
+		}
+		f.takeLog()
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		heap = float64(after.HeapAlloc-before.HeapAlloc) / (1 << 20)
+		runtime.KeepAlive(r)
+	}
+	b.ReportMetric(heap, "heap-MiB")
 }
