@@ -61,6 +61,10 @@ type options struct {
 	syncPeriod         time.Duration
 	healthzBindAddress string
 	metricsBindAddress string
+	profiling          bool
+	// afterFirstSync, if set, runs once the first sync has programmed the
+	// node (applyMemoryDefaults).
+	afterFirstSync func()
 
 	kubeAPIContentType string
 	kubeAPIQPS         float64 // the flag package has no float32
@@ -106,6 +110,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
 	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of /healthz and /livez")
 	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of /metrics")
+	fs.BoolVar(&o.profiling, "profiling", false, "serve Go's profiles at /debug/pprof/ on the metrics address, as kube-proxy's flag")
 	conn := apiserver.DefaultConnection()
 	fs.StringVar(&o.kubeAPIContentType, apiserver.FlagContentType, conn.ContentType, "encoding of the API requests and answers: "+apiserver.ContentTypeProtobuf+" (as kube-proxy; much cheaper to decode, which matters when a node starts with many Services) or "+apiserver.ContentTypeJSON+"; JSON stays accepted in answers either way")
 	fs.Float64Var(&o.kubeAPIQPS, apiserver.FlagQPS, float64(conn.QPS), "sustained API requests per second the proxy allows itself (its informers' lists and watches, Events, the Node label); 0: client-go's default, negative: no limit")
@@ -167,6 +172,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		klog.InfoS("Removed both datapaths", "bpffs", o.bpffsPath)
 		return 0
 	}
+	o.afterFirstSync = applyMemoryDefaults(os.Getenv)
 	if err := runProxy(ctx, o); err != nil {
 		// A node that cannot run the mode gets one line saying why and
 		// what to do, and keeps what serves it now.
@@ -378,6 +384,7 @@ func runProxy(ctx context.Context, o options) error {
 		RetryPeriod:        time.Second,
 		HealthzBindAddress: o.healthzBindAddress,
 		MetricsBindAddress: o.metricsBindAddress,
+		Profiling:          o.profiling,
 		Recorder:           recorder,
 		NodeName:           nodeName,
 		Node: nodeinfo.New(nodeinfo.Config{
@@ -390,6 +397,9 @@ func runProxy(ctx context.Context, o options) error {
 		// this mode does; in the background, as the datapath never
 		// waits for the API server.
 		AfterFirstSync: func() {
+			if o.afterFirstSync != nil {
+				o.afterFirstSync()
+			}
 			_ = nodelabel.Record(ctx, client, nodeName, o.mode, nodelabel.DefaultBackoff)
 		},
 	})

@@ -5,6 +5,7 @@
 //	bench [flags]                 measure and write the report
 //	bench report DIR              rebuild DIR's report from its results.json
 //	bench down [DIR]              remove the cluster --keep left running
+//	bench memory [flags]          the eBPF mode's memory at N Services, per variant
 //	bench server [flags]          the server every server pod runs
 //	bench client WORKLOAD [flags] a client workload, run in a client pod
 package main
@@ -32,6 +33,7 @@ import (
 
 func main() {
 	testnet.RunHelperIfRequested(nil)
+	closeInheritedOnExec()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := run(ctx, os.Args[1:]); err != nil {
@@ -56,6 +58,8 @@ func run(ctx context.Context, args []string) error {
 				dir = args[1]
 			}
 			return localcluster.Down(dir)
+		case "memory":
+			return memory(ctx, args[1:])
 		case "report":
 			if len(args) != 2 {
 				return errors.New("usage: bench report DIR")
@@ -186,4 +190,68 @@ func commandLine(quick, large bool, args []string) string {
 		}
 	}
 	return cmd
+}
+
+// memory is `bench memory`: the eBPF mode's heap, Go runtime total and RSS
+// with --services Services of --endpoints endpoints, for each --variant,
+// all against one loaded API server.
+func memory(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("bench memory", flag.ContinueOnError)
+	clusterDir := fs.String("cluster-dir", "_output/memory-cluster", "the local cluster's directory; a cluster left there by --keep is reused")
+	kubeBin := fs.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries (hack/kube-build.sh prints it)")
+	manifests := fs.String("manifests", "manifests", "the repository's manifests directory")
+	services := fs.Int("services", 10000, "background Services")
+	endpoints := fs.Int("endpoints", 10, "endpoints of each Service, all distinct addresses")
+	settle := fs.Duration("settle", 40*time.Second, "how long each proxy runs after it serves every Service before it is measured (past one periodic full sync)")
+	keep := fs.Bool("keep", false, "leave the cluster and its Services running afterwards (remove it with: bench down DIR)")
+	profiles := fs.String("profiles", "", "directory for the heap profile of each variant run with --profiling (NAME.heap)")
+	var variants []bench.MemoryVariant
+	fs.Func("variant", "NAME=BINARY[,VAR=VALUE|--flag...]: a proxy to measure, with extra environment (GOGC=50,GOMEMLIMIT=80MiB) and flags (--profiling); repeat for more (default: default=_output/kube-bpf-proxy)", func(s string) error {
+		v, err := bench.ParseMemoryVariant(s)
+		if err == nil {
+			variants = append(variants, v)
+		}
+		return err
+	})
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if len(variants) == 0 {
+		variants = []bench.MemoryVariant{{Name: "default", Binary: "_output/kube-bpf-proxy"}}
+	}
+	abs := func(p string) string {
+		a, err := filepath.Abs(p)
+		if err != nil {
+			return p
+		}
+		return a
+	}
+	for i := range variants {
+		variants[i].Binary = abs(variants[i].Binary)
+	}
+	res, err := bench.MeasureMemory(ctx, bench.MemoryConfig{
+		ClusterDir: abs(*clusterDir), KubeBin: *kubeBin, ManifestsDir: abs(*manifests),
+		Services: *services, Endpoints: *endpoints, Variants: variants, Settle: *settle,
+		Keep: *keep, Progress: os.Stderr, ProfileDir: *profiles,
+	})
+	fmt.Printf("%d Services × %d endpoints, ebpf mode on one node, measured %s after serving every Service\n\n", *services, *endpoints, *settle)
+	fmt.Print(bench.MemoryTable(res))
+	return err
+}
+
+// closeInheritedOnExec marks every descriptor this process inherited beyond
+// the standard three close-on-exec. Run as `flock LOCK bench ...`, the lock's
+// descriptor is one of them: the control plane and pods it starts, which
+// --keep leaves running, would otherwise hold the lock long after the
+// benchmark ended.
+func closeInheritedOnExec() {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if fd, err := strconv.Atoi(e.Name()); err == nil && fd > 2 {
+			syscall.CloseOnExec(fd)
+		}
+	}
 }

@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/http/pprof"
 	"slices"
 	"strings"
 	"time"
@@ -450,18 +451,30 @@ func NewRegistry() *prometheus.Registry {
 // 404. A collector that fails is logged and left out of the scrape, while the
 // other metrics are still served.
 func Handler(g prometheus.Gatherer) http.Handler {
+	return handler(g, false)
+}
+
+func handler(g prometheus.Gatherer, profiling bool) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(g, promhttp.HandlerOpts{
 		ErrorHandling: promhttp.ContinueOnError,
 		ErrorLog:      promLogger{},
 	}))
+	if profiling {
+		// kube-proxy's --profiling: Go's profiles on the metrics server.
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 
-// ListenAndServe serves Handler(g) on addr until ctx is cancelled; see
-// httpserve.ListenAndServe.
-func ListenAndServe(ctx context.Context, addr string, g prometheus.Gatherer) error {
-	return httpserve.ListenAndServe(ctx, "metrics", addr, Handler(g))
+// ListenAndServe serves Handler(g) on addr until ctx is cancelled, with
+// /debug/pprof/ too if profiling; see httpserve.ListenAndServe.
+func ListenAndServe(ctx context.Context, addr string, g prometheus.Gatherer, profiling bool) error {
+	return httpserve.ListenAndServe(ctx, "metrics", addr, handler(g, profiling))
 }
 
 // promLogger sends promhttp's error log to klog.

@@ -474,7 +474,7 @@ func TestServedUntilCancel(t *testing.T) {
 func TestListenAndServeStopsOnCancel(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	errc := make(chan error, 1)
-	go func() { errc <- ListenAndServe(ctx, "127.0.0.1:0", prometheus.NewRegistry()) }()
+	go func() { errc <- ListenAndServe(ctx, "127.0.0.1:0", prometheus.NewRegistry(), false) }()
 	cancel()
 	select {
 	case err := <-errc:
@@ -483,5 +483,16 @@ func TestListenAndServeStopsOnCancel(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("ListenAndServe did not return after its context was cancelled")
+	}
+}
+
+// Profiles are served only when asked for (--profiling), as kube-proxy.
+func TestHandlerProfiling(t *testing.T) {
+	for _, profiling := range []bool{false, true} {
+		rec := httptest.NewRecorder()
+		handler(prometheus.NewRegistry(), profiling).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/debug/pprof/heap", nil))
+		if got, want := rec.Code == http.StatusOK, profiling; got != want {
+			t.Errorf("profiling %t: GET /debug/pprof/heap answered %d", profiling, rec.Code)
+		}
 	}
 }

@@ -43,9 +43,9 @@ type Tracker struct {
 	unservedServices map[ServiceName]struct{}
 	// slices holds the usable EndpointSlices, by namespace/name.
 	slices map[sliceKey]*sliceInfo
-	// byService indexes slices by the Service they belong to, then by
-	// slice name. A slice may be here before its Service exists.
-	byService map[ServiceName]map[string]*sliceInfo
+	// byService indexes slices by the Service they belong to, each with
+	// its name. A slice may be here before its Service exists.
+	byService map[ServiceName][]namedSlice
 	// ports holds every service's current ports ("after"); services with
 	// no proxyable port are absent. The slices stored here are never
 	// mutated, only replaced.
@@ -183,7 +183,7 @@ func NewTracker(opts ...TrackerOption) *Tracker {
 		services:         make(map[ServiceName]*serviceInfo),
 		unservedServices: make(map[ServiceName]struct{}),
 		slices:           make(map[sliceKey]*sliceInfo),
-		byService:        make(map[ServiceName]map[string]*sliceInfo),
+		byService:        make(map[ServiceName][]namedSlice),
 		ports:            make(map[ServiceName][]ServicePort),
 		pending:          make(map[ServiceName][]ServicePort),
 		requeued:         make(map[ServiceName]struct{}),
@@ -286,11 +286,11 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 	}
 	t.slices[key] = info
 	idx := t.byService[info.service]
-	if idx == nil {
-		idx = make(map[string]*sliceInfo)
-		t.byService[info.service] = idx
+	if i := slices.IndexFunc(idx, func(n namedSlice) bool { return n.name == key.name }); i >= 0 {
+		idx[i].info = info
+	} else {
+		t.byService[info.service] = append(idx, namedSlice{name: key.name, info: info})
 	}
-	idx[key.name] = info
 	if t.recompute(info.service) {
 		// Only a change that alters what is served is measured: one that
 		// does not (a hostname, a zone) triggers no sync, and the next
@@ -447,13 +447,23 @@ func (t *Tracker) ChangeCounts() ChangeCounts {
 	return c
 }
 
+// namedSlice is a stored slice in its Service's index. A Service has one
+// or a few slices: a short list costs a tenth of a map per Service.
+type namedSlice struct {
+	name string
+	info *sliceInfo
+}
+
 // unindex forgets a stored slice. Callers hold t.mu.
 func (t *Tracker) unindex(key sliceKey, svc ServiceName) {
 	delete(t.slices, key)
-	if idx := t.byService[svc]; idx != nil {
-		delete(idx, key.name)
+	idx := t.byService[svc]
+	if i := slices.IndexFunc(idx, func(n namedSlice) bool { return n.name == key.name }); i >= 0 {
+		idx = slices.Delete(idx, i, i+1)
 		if len(idx) == 0 {
 			delete(t.byService, svc)
+		} else {
+			t.byService[svc] = idx
 		}
 	}
 }
@@ -464,7 +474,7 @@ func (t *Tracker) recompute(name ServiceName) bool {
 	idx := t.byService[name]
 	ports := computePorts(t.services[name], func(f func(*sliceInfo)) {
 		for _, s := range idx {
-			f(s)
+			f(s.info)
 		}
 	}, Topology{NodeName: t.nodeName, Zone: t.zone}, &t.scratch)
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"runtime"
 	"sync"
 	"testing"
 
@@ -664,4 +665,30 @@ func TestHostScoped(t *testing.T) {
 			t.Errorf("HostScoped(%s) = %v, want %v", c.ip, got, c.want)
 		}
 	}
+}
+
+// BenchmarkTrackerHeap reports the heap a Tracker holds at 10k Services x
+// 10 endpoints with one full snapshot taken (heap-MiB; docs/memory.md).
+func BenchmarkTrackerHeap(b *testing.B) {
+	svcs, slices := benchObjects(10_000, 10)
+	var heap float64
+	for b.Loop() {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		tr := NewTracker()
+		for _, s := range svcs {
+			tr.UpsertService(s)
+		}
+		for _, s := range slices {
+			tr.UpsertEndpointSlice(s)
+		}
+		snap := tr.Snapshot(true)
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		heap = float64(after.HeapAlloc-before.HeapAlloc) / (1 << 20)
+		runtime.KeepAlive(tr)
+		runtime.KeepAlive(snap)
+	}
+	b.ReportMetric(heap, "heap-MiB")
 }

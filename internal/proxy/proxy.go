@@ -51,6 +51,9 @@ type Config struct {
 	RetryPeriod        time.Duration
 	HealthzBindAddress string
 	MetricsBindAddress string
+	// Profiling serves Go's profiles at /debug/pprof/ on the metrics
+	// address (kube-proxy's --profiling).
+	Profiling bool
 	// Recorder records Events on the Services whose ports the datapath
 	// cannot program; nil records none.
 	Recorder events.EventRecorder
@@ -513,7 +516,7 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	spawn("healthz server", func() error {
 		return healthz.ListenAndServe(ctx, cfg.HealthzBindAddress, health, healthz.WithCounts(m.HealthCounts()))
 	})
-	spawn("metrics server", func() error { return metrics.ListenAndServe(ctx, cfg.MetricsBindAddress, reg) })
+	spawn("metrics server", func() error { return metrics.ListenAndServe(ctx, cfg.MetricsBindAddress, reg, cfg.Profiling) })
 	spawn("watch", func() error { return watch.Run(ctx, client, p, 0) })
 	if cfg.Node != nil {
 		spawn("node watch", func() error {

@@ -38,8 +38,8 @@ import (
 const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
 
 // Handler receives typed events. See the package documentation for the
-// concurrency contract. Objects come from the informers' caches and must be
-// treated as read-only.
+// concurrency contract. Objects come from the informers' caches, trimmed by
+// Transform to what the handlers read, and must be treated as read-only.
 type Handler interface {
 	OnServiceUpsert(svc *v1.Service)
 	OnServiceDelete(svc *v1.Service)
@@ -129,7 +129,8 @@ func newWatcher(client kubernetes.Interface, h Handler, resync time.Duration) (*
 	factory := informers.NewSharedInformerFactoryWithOptions(client, resync,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.LabelSelector = selString
-		}))
+		}),
+		informers.WithTransform(Transform))
 	w := &watcher{
 		h:        h,
 		factory:  factory,
@@ -161,7 +162,8 @@ func newWatcher(client kubernetes.Interface, h Handler, resync time.Duration) (*
 		w.foreignFactory = informers.NewSharedInformerFactoryWithOptions(client, resync,
 			informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 				o.LabelSelector = fselString
-			}))
+			}),
+			informers.WithTransform(Transform))
 		w.foreign = w.foreignFactory.Core().V1().Services().Informer()
 		w.foreignReg, err = w.foreign.AddEventHandler(&eventHandler[*v1.Service]{
 			kind:     "Service",

@@ -435,7 +435,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	// which programs change: the fake's values are taken as they are.
 	for id := range r.statsOrphans {
 		c.stats[id] = f.stats.entries[id]
-		if _, used := r.svcIDs.used[id]; used {
+		if r.svcIDs.isUsed(id) {
 			t.Errorf("service id %d is in use and its counters are to be deleted as an orphan", id)
 		}
 	}
@@ -490,7 +490,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	}
 	backendIDs := make(map[uint32]struct{})
 	for id, key := range r.backendKeys {
-		c.backends[id] = key.value()
+		c.backends[id] = key
 		backendIDs[id] = struct{}{}
 	}
 	for id := range refs {
@@ -543,15 +543,15 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	if !maps.Equal(refs, r.refs) {
 		t.Errorf("reference counts %v, the slots and match entries hold %v", r.refs, refs)
 	}
-	if !maps.Equal(svcIDs, r.svcIDs.used) {
-		t.Errorf("service ids in use %v, want %v", slices.Sorted(maps.Keys(r.svcIDs.used)), slices.Sorted(maps.Keys(svcIDs)))
+	if used := r.svcIDs.inUse(); !maps.Equal(svcIDs, used) {
+		t.Errorf("service ids in use %v, want %v", slices.Sorted(maps.Keys(used)), slices.Sorted(maps.Keys(svcIDs)))
 	}
-	if !maps.Equal(backendIDs, r.backendIDs.used) {
-		t.Errorf("backend ids in use %v, want %v", slices.Sorted(maps.Keys(r.backendIDs.used)), slices.Sorted(maps.Keys(backendIDs)))
+	if used := r.backendIDs.inUse(); !maps.Equal(backendIDs, used) {
+		t.Errorf("backend ids in use %v, want %v", slices.Sorted(maps.Keys(used)), slices.Sorted(maps.Keys(backendIDs)))
 	}
 	for key, id := range r.backends {
 		if r.backendKeys[id] != key {
-			t.Errorf("backend %s is pointed at id %d, which holds %s", key.Backend, id, r.backendKeys[id].Backend)
+			t.Errorf("backend %s is pointed at id %d, which holds %s", backendKeyFromValue(key).Backend, id, backendKeyFromValue(r.backendKeys[id]).Backend)
 		}
 	}
 }

@@ -145,10 +145,13 @@ type reconciler struct {
 	// backends maps each backend to the id slots are pointed at. A restart
 	// may find more ids holding one backend (debris of another process, two
 	// proxies overlapping in an upgrade for one): dupIDs keeps the others,
-	// which stay as long as a slot holds them.
-	backends    map[backendKey]uint32
-	dupIDs      map[backendKey][]uint32
-	backendKeys map[uint32]backendKey
+	// which stay as long as a slot holds them. All three hold backends as
+	// the backend map's values (backendKey.value, which keeps all of a
+	// backendKey): a quarter of a backendKey's size and nothing for the
+	// collector to scan, at 100k backends for 10k Services x 10 endpoints.
+	backends    map[lbBackendValue]uint32
+	dupIDs      map[lbBackendValue][]uint32
+	backendKeys map[uint32]lbBackendValue
 	// refs counts, per backend id, the slot entries in the kernel, live or
 	// hidden, and the match entries that hold it. An id is deleted only at
 	// zero.
@@ -240,9 +243,9 @@ func (r *reconciler) restore() error {
 	r.vips = newClusterIPState()
 	r.withHidden = make(map[uint32]*appliedGroup)
 	r.staleMatches = make(map[uint32]*appliedGroup)
-	r.backends = make(map[backendKey]uint32)
-	r.dupIDs = make(map[backendKey][]uint32)
-	r.backendKeys = make(map[uint32]backendKey)
+	r.backends = make(map[lbBackendValue]uint32)
+	r.dupIDs = make(map[lbBackendValue][]uint32)
+	r.backendKeys = make(map[uint32]lbBackendValue)
 	r.refs = make(map[uint32]int)
 	r.unreferenced = make(map[uint32]struct{})
 	r.slotEntries, r.matchEntries = 0, 0
@@ -253,7 +256,7 @@ func (r *reconciler) restore() error {
 	r.nodeKnown = false
 
 	err := r.maps.Backends.Iterate(func(id uint32, v lbBackendValue) error {
-		key := backendKeyFromValue(v)
+		key := backendKeyFromValue(v).value() // Pad cleared
 		r.backendIDs.reserve(id)
 		r.backendKeys[id] = key
 		kept, dup := r.backends[key]
@@ -997,7 +1000,7 @@ func (r *reconciler) resetStatsIfNew(g *appliedGroup, name model.ServicePortName
 func (r *reconciler) knownBackends(backends []model.Backend, proto model.Protocol) (ids []uint32, missing int) {
 	ids = make([]uint32, len(backends))
 	for i, b := range backends {
-		id, ok := r.backends[backendKey{Backend: b, Protocol: proto}]
+		id, ok := r.backends[backendKey{Backend: b, Protocol: proto}.value()]
 		if !ok {
 			missing++
 		}
@@ -1098,7 +1101,7 @@ func (r *reconciler) writeBackends(backends []model.Backend, proto model.Protoco
 		if ids[i] != 0 {
 			continue
 		}
-		key := backendKey{Backend: b, Protocol: proto}
+		key := backendKey{Backend: b, Protocol: proto}.value()
 		if id, ok := r.backends[key]; ok {
 			// Listed twice, or written for another list of the port.
 			ids[i] = id
@@ -1108,7 +1111,7 @@ func (r *reconciler) writeBackends(backends []model.Backend, proto model.Protoco
 		if err != nil {
 			return fmt.Errorf("%w: no free backend id (%v); raise --%s", ErrMapFull, err, FlagMaxBackends)
 		}
-		if err := r.maps.Backends.Update(id, key.value()); err != nil {
+		if err := r.maps.Backends.Update(id, key); err != nil {
 			r.backendIDs.release(id)
 			return err
 		}
@@ -1205,6 +1208,9 @@ func (r *reconciler) dropStaleMatches(g *appliedGroup) error {
 		r.matchEntries--
 		r.unref(id)
 	}
+	if len(g.matches) == 0 {
+		g.matches = nil // as hidden: an emptied map keeps its buckets
+	}
 	return nil
 }
 
@@ -1275,6 +1281,9 @@ func (r *reconciler) recount(g *appliedGroup) {
 		g.slots = append(g.slots, id)
 	}
 	if len(g.hidden) == 0 {
+		// An emptied map keeps its buckets: drop it, or every service
+		// id keeps one for the slots its first sync wrote.
+		g.hidden = nil
 		delete(r.withHidden, g.id)
 	}
 }
@@ -1368,6 +1377,7 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 			freed = true
 		}
 		if len(g.hidden) == 0 {
+			g.hidden = nil
 			delete(r.withHidden, svcID)
 		}
 	}
@@ -1408,7 +1418,7 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 			continue
 		}
 		if err := r.maps.Backends.Delete(id); err != nil {
-			errs = append(errs, fmt.Errorf("deleting unused backend %s: %w", key.Backend, err))
+			errs = append(errs, fmt.Errorf("deleting unused backend %s: %w", backendKeyFromValue(key).Backend, err))
 			continue
 		}
 		r.forgetBackend(id, key)
@@ -1434,7 +1444,7 @@ func emptied[K comparable, V any](m map[K]V) map[K]V {
 }
 
 // forgetBackend records the deletion of a backend id.
-func (r *reconciler) forgetBackend(id uint32, key backendKey) {
+func (r *reconciler) forgetBackend(id uint32, key lbBackendValue) {
 	delete(r.backendKeys, id)
 	r.backendIDs.release(id)
 	others := r.dupIDs[key]

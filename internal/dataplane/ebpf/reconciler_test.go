@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"testing"
@@ -427,6 +428,17 @@ func TestIDAllocator(t *testing.T) {
 	if id, err := a.allocate(); err != nil || id != 3 {
 		t.Errorf("after release: got %d, %v; want 3", id, err)
 	}
+	// An id past the maximum, found in maps a larger capacity pinned,
+	// holds an entry until released, and is never handed out.
+	b := newIDAllocator(64)
+	b.reserve(1000)
+	if b.free() != 63 || !b.isUsed(1000) {
+		t.Errorf("after reserving 1000 of 64: free %d, used %t", b.free(), b.isUsed(1000))
+	}
+	b.release(1000)
+	if b.free() != 64 || b.isUsed(1000) {
+		t.Errorf("after releasing it: free %d, used %t", b.free(), b.isUsed(1000))
+	}
 }
 
 // BenchmarkReconcilerOneChangeLargeService replaces one endpoint of a
@@ -512,4 +524,62 @@ func TestReconcilerTooBigPortTakesNothingFromOthers(t *testing.T) {
 			t.Logf("the error a user sees: %v", r.sync(snapshot(true, append(base, tc.big, tc.small)...)))
 		})
 	}
+}
+
+// Once a sync has deleted what it hid, no group keeps an empty map of
+// hidden slots or match entries: at 10k Services one per service id is
+// megabytes held for nothing (an emptied Go map keeps its buckets).
+func TestReconcilerDropsEmptiedMaps(t *testing.T) {
+	f := newFakeMaps(16, 256)
+	r := newReconciler(f.maps(), f.grace(), 16, 256)
+	web := servicePort("ns", "web", "http", model.TCP, "10.96.0.1:80", "10.1.0.1:80", "10.1.0.2:80", "10.1.0.3:80")
+	sticky := web
+	sticky.Name.ServiceName.Name, sticky.ClusterIP.IP = "sticky", netip.MustParseAddr("10.96.0.2")
+	sticky.Affinity = model.DefaultAffinityTimeout
+	check := func(when string) {
+		t.Helper()
+		for id, g := range r.groups {
+			if g.hidden != nil || (g.matches != nil && len(g.matches) == 0) {
+				t.Errorf("%s: service id %d keeps hidden %v (nil: %t), matches %v (nil: %t)", when, id,
+					g.hidden, g.hidden == nil, g.matches, g.matches == nil)
+			}
+		}
+	}
+	if err := r.sync(snapshot(true, web, sticky)); err != nil {
+		t.Fatal(err)
+	}
+	check("first sync")
+	shrunk, unstuck := web, sticky
+	shrunk.Backends = web.Backends[:1]
+	shrunk.Serving, shrunk.Cluster = shrunk.Backends, shrunk.Backends
+	unstuck.Affinity = 0
+	if err := r.sync(snapshot(false, shrunk, unstuck)); err != nil {
+		t.Fatal(err)
+	}
+	check("after hiding and deleting slots and match entries")
+}
+
+// BenchmarkReconcilerHeap reports the heap the reconciler holds after a
+// full sync of 10k Services x 10 endpoints into fake maps at the default
+// capacities, the fake maps' own entries included (heap-MiB;
+// docs/memory.md).
+func BenchmarkReconcilerHeap(b *testing.B) {
+	snap := apitest.ScaleSnapshot(10000, 10)
+	var heap float64
+	for b.Loop() {
+		runtime.GC()
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		f := newFakeMaps(DefaultMaxServices, DefaultMaxBackends)
+		r := newReconciler(f.maps(), f.grace(), DefaultMaxServices, DefaultMaxBackends)
+		if err := r.sync(snap); err != nil {
+			b.Fatal(err)
+		}
+		f.takeLog()
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		heap = float64(after.HeapAlloc-before.HeapAlloc) / (1 << 20)
+		runtime.KeepAlive(r)
+	}
+	b.ReportMetric(heap, "heap-MiB")
 }
