@@ -70,7 +70,7 @@ func BenchmarkRender(b *testing.B) {
 func BenchmarkRenderPartial(b *testing.B) {
 	changed := model.ServiceName{Namespace: "bench", Name: "svc-4242"}
 	services := flatten(apitest.ScaleSnapshot(benchServices, benchEndpoints).Services)
-	in := renderInput{services: services, node: benchNode, chains: chainsToWrite(services, false, func(n model.ServiceName) bool { return n == changed })}
+	in := renderInput{services: services, node: benchNode, chains: chainsToWrite(services, false, func(sp *model.ServicePort) bool { return sp.Name.ServiceName == changed })}
 	var buf bytes.Buffer
 	for b.Loop() {
 		buf.Reset()

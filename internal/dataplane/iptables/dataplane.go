@@ -218,22 +218,32 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		// Only a full snapshot says what else must be served.
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
 	}
+	nodeChanged := !snap.Node.Equal(d.node)
+	if !snap.Full && len(snap.Services) == 0 && !nodeChanged {
+		// Nothing changed: the rules in place are this snapshot's.
+		return nil
+	}
 	next := nextState(d.applied, snap, d.opts.noClusterIPs)
 	services := flatten(next)
-	// The node shapes rules of every port (the firewall chains' view of
-	// the node's addresses): if it changed, everything is rewritten.
-	rewriteAll := snap.Full || !snap.Node.Equal(d.node)
 	opts := d.opts
-	if rewriteAll {
+	if snap.Full || nodeChanged {
 		opts.localhostNodePorts = d.localhostFor(snap.Node)
 	}
-	in := renderInput{services: services, node: snap.Node, canary: snap.Full && !opts.externalOnly,
-		chains: chainsToWrite(services, opts.noClusterIPs, func(n model.ServiceName) bool {
-			if rewriteAll {
+	// A partial sync rewrites the chains of the Services it lists, and,
+	// when the node changed, of the ports whose own chains read the node:
+	// the firewall chains of source ranges, which admit the load balancer
+	// IPs when a range holds a node address. The rest of what reads the
+	// node (the jumps to KUBE-NODEPORTS, localhost node ports) is in the
+	// top-level chains, rewritten by every sync.
+	in := renderInput{services: services, node: snap.Node, canary: snap.Full,
+		chains: chainsToWrite(services, opts.noClusterIPs, func(sp *model.ServicePort) bool {
+			if snap.Full {
 				return true
 			}
-			_, changed := snap.Services[n]
-			return changed
+			if _, changed := snap.Services[sp.Name.ServiceName]; changed {
+				return true
+			}
+			return nodeChanged && readsNode(sp, opts.noClusterIPs)
 		})}
 	written := make(map[string]bool)
 	for _, pc := range in.chains {
@@ -250,7 +260,9 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		}
 		// Read the tables back: chains left by a previous process or a
 		// failed sync are deleted, and jumps someone removed come back.
-		save, err := d.tool.save(ctx, "")
+		// Only what the sync reads: nat for the stale chains and the nat
+		// jumps, filter for the filter jumps and KUBE-FIREWALL.
+		save, err := d.tool.save(ctx, "nat", "filter")
 		if err != nil {
 			return d.failed("reading the current rules", err)
 		}
@@ -286,7 +298,14 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	st := render(&d.buf, opts, in)
 	if err := d.tool.restore(ctx, d.buf.Bytes()); err != nil {
 		d.count("iptables_restore_failed", 1)
-		return d.failed(fmt.Sprintf("applying %d nat and %d filter rules", st.natRulesWritten, st.filterRules), err)
+		doing := fmt.Sprintf("applying %d nat and %d filter rules", st.natRulesWritten, st.filterRules)
+		if errors.Is(err, errLockHeld) {
+			// Nothing was changed: the kernel holds exactly what
+			// d.applied says, and the same changes can go again.
+			d.count(eventLockTimeout, 1)
+			return fmt.Errorf("%s with iptables-%s: %w", doing, d.tool.backend, err)
+		}
+		return d.failed(doing, err)
 	}
 	klog.V(3).InfoS("Applied iptables rules", "full", snap.Full, "natChainsWritten", st.natChainsWritten,
 		"natRulesWritten", st.natRulesWritten, "natRules", st.natRules, "filterRules", st.filterRules, "staleChains", len(in.stale))
@@ -313,6 +332,54 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		}
 	}
 	return nil
+}
+
+// eventLockTimeout counts the syncs whose restore found the xtables lock
+// held past the wait, and so changed nothing.
+const eventLockTimeout = "iptables_lock_timeout"
+
+var (
+	_ dataplane.Monitored         = (*Dataplane)(nil)
+	_ dataplane.NodeChangeApplier = (*Dataplane)(nil)
+)
+
+// Intact checks kube-proxy's canary: an empty chain each full sync
+// creates, in mangle, nat and filter (in nat and filter for the eBPF
+// mode's packet layer, under its own name), whose absence means someone
+// deleted the tables' chains (a firewall manager's reload, iptables -X),
+// ours with them. One `iptables -t TABLE -S CHAIN` per table, with the
+// same lock wait as the restores, as kube-proxy's Monitor: a few
+// milliseconds on the legacy backend (it reads the table it lists) and on
+// nft, against seconds for a full sync at 10k Services.
+func (d *Dataplane) Intact(ctx context.Context) (bool, error) {
+	if d.applied == nil {
+		return false, nil
+	}
+	for _, table := range canaryTables(d.opts.externalOnly) {
+		ok, err := d.tool.chainExists(ctx, table, canaryChain(d.opts.externalOnly))
+		if err != nil {
+			if errors.Is(err, errLockHeld) {
+				d.count(eventLockTimeout, 1)
+			}
+			return false, fmt.Errorf("checking the canary chain: %w", err)
+		}
+		if !ok {
+			klog.InfoS("Canary chain gone: the iptables rules were flushed", "table", table, "chain", canaryChain(d.opts.externalOnly))
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// AppliesNodeChanges: a partial sync rewrites what reads the node.
+func (d *Dataplane) AppliesNodeChanges() bool { return true }
+
+// readsNode reports whether a service port's own chains read the node's
+// addresses: the firewall chain of a port with source ranges admits its
+// load balancer IPs as sources when a range holds a node address.
+func readsNode(sp *model.ServicePort, noClusterIPs bool) bool {
+	v := viewOf(sp, noClusterIPs)
+	return v.usesFW
 }
 
 // localhostFor decides whether node ports answer on 127.0.0.0/8 on this
