@@ -94,7 +94,7 @@ func (t *tool) restore(ctx context.Context, input []byte) error {
 			}
 		}
 		if lockTimedOut(err, msg) {
-			return fmt.Errorf("iptables-%s-restore: %w for longer than the wait (%s): %v: %s",
+			return fmt.Errorf("iptables-%s-restore changed nothing: %w, past the wait (%s): %v: %s",
 				t.backend, errLockHeld, strings.Join(t.waitArgs(), " "), err, msg)
 		}
 		return fmt.Errorf("iptables-%s-restore: %w: %s", t.backend, err, msg)
@@ -105,7 +105,7 @@ func (t *tool) restore(ctx context.Context, input []byte) error {
 // errLockHeld is a command's failure to get the xtables lock within the
 // wait: it changed nothing (iptables-restore applies a table at its COMMIT,
 // in one transaction, and takes the lock before reading its input).
-var errLockHeld = fmt.Errorf("another program held the xtables lock: %w", dataplane.ErrBusy)
+var errLockHeld = fmt.Errorf("%w: the xtables lock", dataplane.ErrBusy)
 
 // lockTimedOut recognises the legacy backend's lock time-out: exit status
 // 4 (RESOURCE_PROBLEM) and "Another app is currently holding the xtables
