@@ -14,8 +14,10 @@ type Dataplane interface {
 	// serving whatever it applied successfully. A *SyncError whose Err is
 	// nil means only the service ports it lists failed, each left as it
 	// was, and everything else was applied: the caller retries those ports.
-	// Any other error leaves the datapath behind anywhere, and the caller
-	// must make its next sync a full one.
+	// An error wrapping ErrBusy (OnlyBusy) changed nothing: the caller
+	// hands the same changes again later. Any other error leaves the
+	// datapath behind anywhere, and the caller must make its next sync a
+	// full one.
 	Sync(ctx context.Context, snap *model.Snapshot) error
 	// Close releases what this process holds. The datapath itself stays in
 	// place and keeps serving; removing it is Cleanup's job.
