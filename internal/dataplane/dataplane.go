@@ -37,6 +37,11 @@ type Monitored interface {
 	// An error (ErrBusy among them) says nothing either way: the proxy
 	// logs it and checks again at the next period.
 	Intact(ctx context.Context) (bool, error)
+	// LargeCluster reports kube-proxy's large cluster mode (more than 1000
+	// endpoints in all): a full sync takes seconds there, so it runs only
+	// at start, after a failure and when Intact says the state is gone,
+	// never merely because FullSyncPeriod has passed.
+	LargeCluster() bool
 }
 
 // NodeChangeApplier is implemented by datapaths that apply a change of

@@ -102,6 +102,13 @@ func (l *Layered) Intact(ctx context.Context) (bool, error) {
 	return m.Intact(ctx)
 }
 
+// LargeCluster is the packet layer's: its rules are what a full sync
+// would make costly.
+func (l *Layered) LargeCluster() bool {
+	m, ok := l.Packets.(Monitored)
+	return ok && m.LargeCluster()
+}
+
 // AppliesNodeChanges reports whether both layers take a node change in a
 // partial snapshot.
 func (l *Layered) AppliesNodeChanges() bool {

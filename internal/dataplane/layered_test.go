@@ -122,6 +122,7 @@ type monitoredLayer struct {
 
 func (m *monitoredLayer) Intact(context.Context) (bool, error) { return m.intact, nil }
 func (m *monitoredLayer) AppliesNodeChanges() bool             { return true }
+func (m *monitoredLayer) LargeCluster() bool                   { return false }
 
 // The layered datapath checks its packet layer's canary, and takes node
 // changes in partial syncs only if both layers do (the eBPF maps do not:

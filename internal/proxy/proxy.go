@@ -373,8 +373,9 @@ func (p *Proxier) changed(changed bool) {
 // their retry is due. Periodically means each SyncPeriod for a datapath of
 // maps alone, and once per FullSyncPeriod for iptables rules
 // (dataplane.Monitored), as kube-proxy: each SyncPeriod in between only
-// checks that the rules are in place (its canary chains), and a sync finds
-// them gone is full.
+// checks that the rules are in place (its canary chains), and a sync that
+// finds them gone is full. In kube-proxy's large cluster mode (more than
+// 1000 endpoints) there is no periodic full sync of iptables rules at all.
 //
 // A sync that applied everything but such ports is progress: health says
 // the datapath is kept up to date, and the failed ports are reported and
@@ -401,7 +402,10 @@ func (p *Proxier) sync(ctx context.Context) error {
 	if monitored {
 		fullPeriod = cmp.Or(p.cfg.FullSyncPeriod, DefaultFullSyncPeriod)
 	}
-	full := p.needFull || start.Sub(p.lastFull) >= fullPeriod
+	// As kube-proxy, no periodic full sync of iptables rules in a large
+	// cluster: there the canary alone brings one.
+	periodic := !monitored || !monitor.LargeCluster()
+	full := p.needFull || (periodic && start.Sub(p.lastFull) >= fullPeriod)
 	if !node.Equal(p.node) {
 		if a, ok := find[dataplane.NodeChangeApplier](p.dp); !ok || !a.AppliesNodeChanges() {
 			full = true

@@ -26,7 +26,11 @@ type monitoredDataplane struct {
 	checks   int
 	// nodeChanges is what AppliesNodeChanges reports.
 	nodeChanges bool
+	// large is what LargeCluster reports.
+	large bool
 }
+
+func (d *monitoredDataplane) LargeCluster() bool { return d.large }
 
 func (d *monitoredDataplane) Intact(context.Context) (bool, error) {
 	d.checks++
@@ -118,6 +122,20 @@ func TestProxierFullSyncsOncePerFullSyncPeriod(t *testing.T) {
 	if snap := h.syncOK(); !snap.Full {
 		t.Error("sync an hour after the last full one is not full")
 	}
+
+	// In kube-proxy's large cluster mode an hour brings no full sync
+	// (TestSyncProxyRulesLargeClusterMode), a flush still does.
+	md.large = true
+	h.clk.Step(DefaultFullSyncPeriod)
+	if snap := h.syncOK(); snap.Full {
+		t.Error("sync an hour later in large cluster mode is full")
+	}
+	md.flushed = true
+	h.clk.Step(harnessSyncPeriod)
+	if snap := h.syncOK(); !snap.Full {
+		t.Error("sync after a flush in large cluster mode is not full")
+	}
+	md.flushed, md.large = false, false
 
 	// A failure that lost state: the next sync is full.
 	h.dp.failWhole(errors.New("restore failed"))

@@ -124,6 +124,9 @@ type Dataplane struct {
 	// rules counts the rules per table after the last successful sync,
 	// and written those that sync wrote.
 	rules, written map[string]int
+	// large: the last sync's rules were for more than
+	// largeClusterEndpoints endpoints (kube-proxy's large cluster mode).
+	large bool
 	// cleanup is the last sync's conntrack cleanup, if it ran one.
 	cleanup conntrackCleanup
 
@@ -311,6 +314,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		"natRulesWritten", st.natRulesWritten, "natRules", st.natRules, "filterRules", st.filterRules, "staleChains", len(in.stale))
 
 	d.opts = opts
+	d.large = st.largeCluster
 	d.rules = map[string]int{"nat": st.natRules, "filter": st.filterRules}
 	// The filter table is rewritten whole at every sync, as kube-proxy's.
 	d.written = map[string]int{"nat": st.natRulesWritten, "filter": st.filterRules}
@@ -370,6 +374,11 @@ func (d *Dataplane) Intact(ctx context.Context) (bool, error) {
 	}
 	return true, nil
 }
+
+// LargeCluster reports kube-proxy's large cluster mode: more than 1000
+// endpoints in the rules, where kube-proxy leaves out per-endpoint
+// comments and runs no periodic full sync.
+func (d *Dataplane) LargeCluster() bool { return d.large }
 
 // AppliesNodeChanges: a partial sync rewrites what reads the node.
 func (d *Dataplane) AppliesNodeChanges() bool { return true }

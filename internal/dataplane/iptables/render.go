@@ -94,6 +94,8 @@ type savedRule struct{ table, rule string }
 // renderStats counts what a sync's rules add up to, skipped ones included,
 // as kube-proxy's iptables_total metrics do.
 type renderStats struct {
+	// largeCluster: more than largeClusterEndpoints endpoints in all.
+	largeCluster          bool
 	natRules, filterRules int
 	natChainsWritten      int
 	natRulesWritten       int
@@ -162,7 +164,7 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 		}
 	}
 	r := &renderer{opts: opts, in: &in, comments: endpoints <= largeClusterEndpoints, args: make([]string, 0, 64)}
-	var st renderStats
+	st := renderStats{largeCluster: endpoints > largeClusterEndpoints}
 
 	canary := canaryChain(opts.externalOnly)
 	if in.canary && !opts.externalOnly {

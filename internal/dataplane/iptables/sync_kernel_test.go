@@ -63,6 +63,9 @@ func TestKernelSyncsRunOnlyWhatTheyNeed(t *testing.T) {
 			if got := trace(); !slices.Equal(got, want[2:]) {
 				t.Errorf("partial sync ran %q, want %q", got, want[2:])
 			}
+			if d.LargeCluster() {
+				t.Error("two endpoints make a large cluster")
+			}
 			mustSync(t, d, snap(false))
 			if got := trace(); len(got) != 0 {
 				t.Errorf("sync without changes ran %q, want nothing", got)
