@@ -168,12 +168,15 @@ func canaryChain(externalOnly bool) string {
 	return chainCanary
 }
 
-// canaryTables are the tables holding it, in the order they are checked:
-// kube-proxy's Monitor order (mangle, nat, filter); the packet layer
-// writes nothing in mangle.
+// canaryTables are the tables holding it; the first is the one checked,
+// as kube-proxy's Monitor polls mangle only: a table of a few rules, where
+// listing the canary costs milliseconds, while the legacy backend reads a
+// whole table to list a chain of it (at 10k Services, a second for nat).
+// A firewall reload deletes every table's chains. The packet layer writes
+// nothing in mangle: filter, small too, is its first.
 func canaryTables(externalOnly bool) []string {
 	if externalOnly {
-		return []string{"nat", "filter"}
+		return []string{"filter", "nat"}
 	}
 	return []string{"mangle", "nat", "filter"}
 }

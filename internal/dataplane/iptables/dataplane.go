@@ -348,18 +348,18 @@ var (
 )
 
 // Intact checks kube-proxy's canary: an empty chain each full sync
-// creates, in mangle, nat and filter (in nat and filter for the eBPF
+// creates, in mangle, nat and filter (in filter and nat for the eBPF
 // mode's packet layer, under its own name), whose absence means someone
 // deleted the tables' chains (a firewall manager's reload, iptables -X),
-// ours with them. One `iptables -w 5 -t TABLE -S CHAIN` per table, as
-// kube-proxy's Monitor, stopping at the first table without it: the
-// legacy backend reads each table it lists from the kernel, nft only the
-// chain, both far less than the save and restore of a full sync.
+// ours with them. As kube-proxy's Monitor, one `iptables -w 5 -t mangle
+// -S KUBE-PROXY-CANARY` (filter for the packet layer): the legacy backend
+// reads the whole table it lists a chain of, and mangle is small where
+// nat holds every Service.
 func (d *Dataplane) Intact(ctx context.Context) (bool, error) {
 	if d.applied == nil {
 		return false, nil
 	}
-	for _, table := range canaryTables(d.opts.externalOnly) {
+	for _, table := range canaryTables(d.opts.externalOnly)[:1] {
 		ok, err := d.tool.chainExists(ctx, table, canaryChain(d.opts.externalOnly))
 		if err != nil {
 			if errors.Is(err, errLockHeld) {
