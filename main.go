@@ -107,7 +107,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.BoolVar(&o.hostNetNSOnly, ebpf.FlagHostNetNSOnly, false, "ebpf mode: load-balance at socket level only the node's own network namespace (its processes, hostNetwork pods); pods' Service traffic, ClusterIPs included, is served by iptables rules per packet, so that a service mesh sidecar redirecting it with iptables (Istio, Linkerd) sees the Service address as the original destination")
 	fs.DurationVar(&o.minSyncPeriod, "min-sync-period", 0, "least time between two datapath syncs, on average once --sync-burst syncs have run back to back; changes arriving faster are batched (default 100ms in ebpf mode, where map updates are cheap; 1s in iptables mode, as kube-proxy)")
 	fs.IntVar(&o.syncBurst, "sync-burst", 0, "how many datapath syncs may start back to back, each as soon as the previous one ends, before --min-sync-period holds them apart (default 10 in ebpf mode, so that a change never waits behind an idle interval; 1 in iptables mode, as kube-proxy)")
-	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; each periodic sync is a full one")
+	fs.DurationVar(&o.syncPeriod, "sync-period", 30*time.Second, "most time between two syncs; a period without changes only checks that the iptables rules are in place (kube-proxy's canary chains), and full syncs (every rule and map entry rewritten) run once an hour (not above 1000 endpoints), after a failure, and when the rules were flushed, as kube-proxy's")
 	fs.StringVar(&o.healthzBindAddress, "healthz-bind-address", "0.0.0.0:10256", "address of /healthz and /livez")
 	fs.StringVar(&o.metricsBindAddress, "metrics-bind-address", "127.0.0.1:10249", "address of /metrics")
 	fs.BoolVar(&o.profiling, "profiling", false, "serve Go's profiles at /debug/pprof/ on the metrics address, as kube-proxy's flag")
@@ -122,7 +122,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode, and ebpf mode with --"+ebpf.FlagHostNetNSOnly+": masquerade all ClusterIP traffic")
 	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", iptables.DefaultMasqueradeBit, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
 	fs.BoolVar(&o.localhostNPs, "iptables-localhost-nodeports", true, "iptables mode: also serve node ports on 127.0.0.0/8 when the node port addresses include it (all do without --nodeport-addresses), as kube-proxy: sets net.ipv4.conf.all.route_localnet=1, guarded by KUBE-FIREWALL (needs a writable /proc/sys)")
-	fs.DurationVar(&o.xtablesLockWait, "iptables-lock-wait", 5*time.Second, "iptables mode: how long to wait for the xtables lock that serialises iptables users on the node")
+	fs.DurationVar(&o.xtablesLockWait, "iptables-lock-wait", 5*time.Second, "how long iptables commands (the iptables mode's, the ebpf mode's packet layer's) wait for the xtables lock that serialises iptables users on the node (iptables -w, whole seconds; 5s as kube-proxy); a sync that finds it held longer changes nothing and is retried with a backoff from 1s up to --sync-period")
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	for _, name := range []string{"v", "vmodule", "logtostderr"} {

@@ -80,3 +80,54 @@ func OnlyServicesFailed(err error) ([]*ServiceError, bool) {
 	}
 	return se.Services, true
 }
+
+// ErrBusy is wrapped by errors of syncs that changed nothing because
+// another program held what the datapath must hold to write (the xtables
+// lock, past the wait): what was applied before stays in force, exactly,
+// so the same changes can be applied later by a partial sync. The caller
+// keeps its state, hands the changes again, and backs off rather than
+// retrying at once or in full, which would hold the lock longer still.
+var ErrBusy = errors.New("another program holds a lock the datapath needs")
+
+// OnlyBusy reports whether err is a sync failing as a whole only because
+// of ErrBusy: every error it joins (a layered datapath's layers, say) is
+// one, or names single service ports (SyncError.Services).
+func OnlyBusy(err error) bool {
+	var se *SyncError
+	if errors.As(err, &se) {
+		err = se.Err
+	}
+	return err != nil && allBusy(err)
+}
+
+func allBusy(err error) bool {
+	for {
+		if err == ErrBusy {
+			return true
+		}
+		switch u := err.(type) {
+		case *SyncError:
+			// Its ports failed one by one; what matters is the rest.
+			if err = u.Err; err == nil {
+				return false
+			}
+		case interface{ Unwrap() []error }:
+			errs := u.Unwrap()
+			if len(errs) == 0 {
+				return false
+			}
+			for _, e := range errs {
+				if !allBusy(e) {
+					return false
+				}
+			}
+			return true
+		case interface{ Unwrap() error }:
+			if err = u.Unwrap(); err == nil {
+				return false
+			}
+		default:
+			return false
+		}
+	}
+}

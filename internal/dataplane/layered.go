@@ -81,3 +81,41 @@ func (l *Layered) Close() error {
 
 // Unwrap returns the socket layer, whose counters the proxy exports.
 func (l *Layered) Unwrap() Dataplane { return l.Primary }
+
+var (
+	_ Monitored         = (*Layered)(nil)
+	_ NodeChangeApplier = (*Layered)(nil)
+)
+
+// Intact is the packet layer's check (its canary chains), if it has one.
+// The socket layer's maps are not checked: nobody else writes them, and a
+// partial sync keeps them exact; they are reconciled in full with the
+// packet layer's full syncs (at start, after a failure, once per
+// FullSyncPeriod, and when the packet layer's rules were flushed). A
+// packet layer without a check reports false, which keeps the full
+// snapshot of every SyncPeriod.
+func (l *Layered) Intact(ctx context.Context) (bool, error) {
+	m, ok := l.Packets.(Monitored)
+	if !ok {
+		return false, nil
+	}
+	return m.Intact(ctx)
+}
+
+// LargeCluster is the packet layer's: its rules are what a full sync
+// would make costly.
+func (l *Layered) LargeCluster() bool {
+	m, ok := l.Packets.(Monitored)
+	return ok && m.LargeCluster()
+}
+
+// AppliesNodeChanges reports whether both layers take a node change in a
+// partial snapshot.
+func (l *Layered) AppliesNodeChanges() bool {
+	return appliesNodeChanges(l.Primary) && appliesNodeChanges(l.Packets)
+}
+
+func appliesNodeChanges(dp Dataplane) bool {
+	a, ok := dp.(NodeChangeApplier)
+	return ok && a.AppliesNodeChanges()
+}

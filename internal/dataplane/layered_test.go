@@ -112,3 +112,40 @@ func TestLayeredPacketsServe(t *testing.T) {
 		t.Errorf("PacketsServe called %d times, want 2 (once failing, once succeeding)", calls)
 	}
 }
+
+// monitoredLayer is a packet layer with a canary and node changes in
+// partial syncs, as the iptables datapath.
+type monitoredLayer struct {
+	fakeLayer
+	intact bool
+}
+
+func (m *monitoredLayer) Intact(context.Context) (bool, error) { return m.intact, nil }
+func (m *monitoredLayer) AppliesNodeChanges() bool             { return true }
+func (m *monitoredLayer) LargeCluster() bool                   { return false }
+
+// The layered datapath checks its packet layer's canary, and takes node
+// changes in partial syncs only if both layers do (the eBPF maps do not:
+// their node port frontends are per node address).
+func TestLayeredDelegatesToPacketLayer(t *testing.T) {
+	packets := &monitoredLayer{intact: true}
+	l := &Layered{Primary: &fakeLayer{}, Packets: packets}
+	if ok, err := l.Intact(context.Background()); !ok || err != nil {
+		t.Errorf("Intact with an intact packet layer: %v, %v", ok, err)
+	}
+	packets.intact = false
+	if ok, _ := l.Intact(context.Background()); ok {
+		t.Error("Intact with a flushed packet layer reports true")
+	}
+	if l.AppliesNodeChanges() {
+		t.Error("node changes in partial syncs with a socket layer that needs full ones")
+	}
+	both := &Layered{Primary: &monitoredLayer{}, Packets: packets}
+	if !both.AppliesNodeChanges() {
+		t.Error("node changes not in partial syncs with two layers that take them")
+	}
+	// A packet layer without a canary keeps the full sync of each period.
+	if ok, _ := (&Layered{Primary: &fakeLayer{}, Packets: &fakeLayer{}}).Intact(context.Background()); ok {
+		t.Error("Intact without a packet layer check reports true")
+	}
+}

@@ -25,11 +25,21 @@ import (
 
 // Values of the kind label of the sync metrics.
 const (
-	// SyncKindFull is a sync that rewrites the whole datapath state (the
-	// first one, and the one after a failed apply).
+	// SyncKindFull is a sync that rewrites the whole datapath state: the
+	// first one, the one after a failed apply or a flush of the rules, and
+	// the periodic ones (each --sync-period for the eBPF maps alone, once
+	// an hour, kube-proxy's FullSyncPeriod, where iptables rules are in
+	// play).
 	SyncKindFull = "full"
 	// SyncKindPartial is a sync that writes only what changed.
 	SyncKindPartial = "partial"
+)
+
+// Results of a periodic check of the datapath (DatapathChecksTotal).
+const (
+	CheckIntact  = "intact"
+	CheckFlushed = "flushed"
+	CheckError   = "error"
 )
 
 // IPFamily is the value of kube-proxy's ip_family label: this proxy serves
@@ -89,6 +99,15 @@ type Metrics struct {
 	// applied everything but some service ports that failed one by one is
 	// not a failed sync: those ports are counted by ServicePortFailuresTotal.
 	SyncFailuresTotal *prometheus.CounterVec
+	// SyncLockTimeoutsTotal counts syncs that changed nothing because
+	// another program held the xtables lock past --iptables-lock-wait
+	// (dataplane.ErrBusy); their changes are retried with a backoff, not
+	// in full. They count in SyncFailuresTotal too.
+	SyncLockTimeoutsTotal prometheus.Counter
+	// DatapathChecksTotal counts the periodic checks that a datapath's
+	// state is still in place (the iptables rules' canary chains), by
+	// result: CheckIntact, CheckFlushed (the next sync is full), CheckError.
+	DatapathChecksTotal *prometheus.CounterVec
 	// ServicePortsNotProgrammed is the number of service ports the datapath
 	// could not program and is retrying, by reason (dataplane.Reason*).
 	ServicePortsNotProgrammed *prometheus.GaugeVec
@@ -123,7 +142,7 @@ func New(reg prometheus.Registerer) *Metrics {
 	syncDuration := syncHistogram("kubeproxy_sync_proxy_rules_duration_seconds",
 		"Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds.")
 	syncFullDuration := syncHistogram("kubeproxy_sync_full_proxy_rules_duration_seconds",
-		"Time taken by each full sync of the datapath (the first, the periodic ones and those after a failure), in seconds.")
+		"Time taken by each full sync of the datapath (the first, the periodic ones and those after a failure or a flush of the rules), in seconds.")
 	syncPartialDuration := syncHistogram("kubeproxy_sync_partial_proxy_rules_duration_seconds",
 		"Time taken by each partial sync of the datapath (changed Services only), in seconds.")
 	lastTimestamp := prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -196,8 +215,16 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"kind"}),
 		SyncFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_sync_failures_total",
-			Help: "Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.",
+			Help: "Datapath sync attempts that failed, by kind. A failure makes the next sync a full one, unless the sync only found the xtables lock held (kube_bpf_proxy_sync_lock_timeouts_total).",
 		}, []string{"kind"}),
+		SyncLockTimeoutsTotal: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kube_bpf_proxy_sync_lock_timeouts_total",
+			Help: "Datapath syncs that changed nothing because another program held the xtables lock past --iptables-lock-wait; their changes are retried with a backoff, up to --sync-period.",
+		}),
+		DatapathChecksTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kube_bpf_proxy_datapath_checks_total",
+			Help: "Periodic checks (each --sync-period) that the iptables rules are still in place (kube-proxy's canary chains), by result: intact, flushed (the next sync is a full one) or error.",
+		}, []string{"result"}),
 		ServicePortsNotProgrammed: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kube_bpf_proxy_service_ports_not_programmed",
 			Help: "Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.",
@@ -227,6 +254,9 @@ func New(reg prometheus.Registerer) *Metrics {
 		m.SyncsTotal.WithLabelValues(kind)
 		m.SyncFailuresTotal.WithLabelValues(kind)
 	}
+	for _, result := range []string{CheckIntact, CheckFlushed, CheckError} {
+		m.DatapathChecksTotal.WithLabelValues(result)
+	}
 	for _, policy := range []string{"internal", "external"} {
 		m.NoLocalEndpoints.WithLabelValues(policy, IPFamily)
 	}
@@ -254,6 +284,8 @@ func New(reg prometheus.Registerer) *Metrics {
 			m.changes,
 			m.SyncsTotal,
 			m.SyncFailuresTotal,
+			m.SyncLockTimeoutsTotal,
+			m.DatapathChecksTotal,
 			m.ServicePortsNotProgrammed,
 			m.ServicePortFailuresTotal,
 			m.SkippedObjectsTotal,
@@ -483,3 +515,10 @@ type promLogger struct{}
 func (promLogger) Println(v ...any) {
 	klog.ErrorS(nil, "Serving metrics", "detail", strings.TrimSpace(fmt.Sprintln(v...)))
 }
+
+// RecordLockTimeout counts a sync that changed nothing because another
+// program held the xtables lock.
+func (m *Metrics) RecordLockTimeout() { m.SyncLockTimeoutsTotal.Inc() }
+
+// RecordCheck counts a periodic check of the datapath by its result.
+func (m *Metrics) RecordCheck(result string) { m.DatapathChecksTotal.WithLabelValues(result).Inc() }

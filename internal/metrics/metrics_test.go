@@ -65,6 +65,8 @@ func TestNewRegistersFamilies(t *testing.T) {
 		{"kubeproxy_proxy_livez_total", dto.MetricType_COUNTER, []string{"code"}},
 		{"kube_bpf_proxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
 		{"kube_bpf_proxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
+		{"kube_bpf_proxy_sync_lock_timeouts_total", dto.MetricType_COUNTER, nil},
+		{"kube_bpf_proxy_datapath_checks_total", dto.MetricType_COUNTER, []string{"result"}},
 		{"kube_bpf_proxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
 		{"kube_bpf_proxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"reason"}},
 		{"kube_bpf_proxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"reason"}},
@@ -153,7 +155,7 @@ func TestRecord(t *testing.T) {
 			record: func(*Metrics) {},
 			names:  []string{"kube_bpf_proxy_syncs_total", "kube_bpf_proxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
 			want: `
-# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
+# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one, unless the sync only found the xtables lock held (kube_bpf_proxy_sync_lock_timeouts_total).
 # TYPE kube_bpf_proxy_sync_failures_total counter
 kube_bpf_proxy_sync_failures_total{kind="full"} 0
 kube_bpf_proxy_sync_failures_total{kind="partial"} 0
@@ -175,7 +177,7 @@ kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 0
 			},
 			names: []string{"kube_bpf_proxy_syncs_total", "kube_bpf_proxy_sync_failures_total", "kubeproxy_sync_proxy_rules_last_timestamp_seconds"},
 			want: `
-# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one.
+# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one, unless the sync only found the xtables lock held (kube_bpf_proxy_sync_lock_timeouts_total).
 # TYPE kube_bpf_proxy_sync_failures_total counter
 kube_bpf_proxy_sync_failures_total{kind="full"} 1
 kube_bpf_proxy_sync_failures_total{kind="partial"} 1

@@ -217,7 +217,8 @@ type Snapshot struct {
 	TriggerTimes map[ServiceName][]time.Time
 	// Node is what the datapath needs to know of this node, in every
 	// snapshot, full or partial. When it changes the next snapshot is a
-	// full one.
+	// full one, unless the datapath takes node changes in partial ones
+	// (the iptables rules rewrite only what reads the node).
 	Node NodeInfo
 }
 

@@ -123,6 +123,13 @@ const (
 
 func newProxierHarness(t *testing.T) *proxierHarness {
 	t.Helper()
+	return newProxierHarnessFor(t, nil)
+}
+
+// newProxierHarnessFor is newProxierHarness with the scripted datapath
+// wrapped by wrap (nil: as it is), for datapaths with optional methods.
+func newProxierHarnessFor(t *testing.T, wrap func(*scriptedDataplane) dataplane.Dataplane) *proxierHarness {
+	t.Helper()
 	h := &proxierHarness{
 		t:   t,
 		dp:  newScriptedDataplane(),
@@ -133,13 +140,18 @@ func newProxierHarness(t *testing.T) *proxierHarness {
 	h.m = metrics.New(h.reg)
 	h.health = healthz.NewProxyHealth(2*harnessSyncPeriod, h.clk)
 	h.health.QueuedUpdate()
-	h.p = NewProxier(h.dp, h.m, h.health, Config{
+	var dp dataplane.Dataplane = h.dp
+	if wrap != nil {
+		dp = wrap(h.dp)
+	}
+	h.p = NewProxier(dp, h.m, h.health, Config{
 		MinSyncPeriod: 0, SyncPeriod: harnessSyncPeriod, RetryPeriod: harnessRetryPeriod,
 		Recorder: h.rec, NodeName: "node1",
 	}, WithClock(h.clk))
 	h.p.OnSynced()
 	h.health.SyncLoopStarted()
 	t.Cleanup(h.p.retry.stop)
+	t.Cleanup(h.p.busy.stop)
 	return h
 }
 

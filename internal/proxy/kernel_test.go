@@ -2,16 +2,25 @@ package proxy
 
 import (
 	"context"
+	"errors"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
+	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/healthz"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
 )
 
@@ -104,5 +113,112 @@ func testPipelineConvergesAcrossRestart(t *testing.T, mode string) {
 	eventually("deleted Service gone after restart", "10.96.0.11:80", func(s string) bool { return !served(s) })
 	if got := connect("10.96.0.10:80"); !served(got) {
 		t.Errorf("web after restart: %q", got)
+	}
+}
+
+// recordingErrors keeps the error of each sync of the datapath it wraps.
+type recordingErrors struct {
+	dataplane.Dataplane
+	snaps []*model.Snapshot
+	errs  []error
+}
+
+func (r *recordingErrors) Sync(ctx context.Context, snap *model.Snapshot) error {
+	err := r.Dataplane.Sync(ctx, snap)
+	r.snaps = append(r.snaps, snap)
+	r.errs = append(r.errs, err)
+	return err
+}
+
+func (r *recordingErrors) Unwrap() dataplane.Dataplane { return r.Dataplane }
+
+// A sync that finds the xtables lock held (iptables-legacy, with a lock
+// file of the test's own that the test holds) changes nothing and is not
+// a failure that loses state: the rules applied before keep serving, and
+// once the lock is free the next sync applies the same changes, partially.
+func TestKernelLockTimeoutKeepsServing(t *testing.T) {
+	n := testnet.New(t)
+	client := n.AddPod("client", "10.244.0.100")
+	servers := n.AddServers(2)
+	lock := filepath.Join(t.TempDir(), "xtables.lock")
+	ipt, err := iptables.New(context.Background(), iptables.Config{Backend: iptables.BackendLegacy,
+		NetNS: "/run/netns/" + n.Node, LockFile: lock, LockWait: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ipt.Close() })
+	dp := &recordingErrors{Dataplane: ipt}
+	m := metrics.New(prometheus.NewRegistry())
+	clk := clocktesting.NewFakeClock(t0)
+	health := healthz.NewProxyHealth(time.Minute, clk)
+	p := NewProxier(dp, m, health, Config{SyncPeriod: 30 * time.Second, RetryPeriod: time.Second}, WithClock(clk))
+	t.Cleanup(p.busy.stop)
+	t.Cleanup(p.retry.stop)
+	p.OnServiceUpsert(service("default", "web", "10.96.0.10", tcpPort("http", 80, 8080)))
+	p.OnEndpointSliceUpsert(slice("default", "web-1", "web", "http", 8080, servers[0].IP.String()))
+	p.OnSynced()
+	connect := func() string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, err := client.Output(ctx, testnet.Helper("tcp", "10.96.0.10:80", "1")...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(out)
+	}
+	syncs := func(kind string) float64 { return testutil.ToFloat64(m.SyncsTotal.WithLabelValues(kind)) }
+	if err := p.sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := connect(); !strings.HasPrefix(got, "ok pod-0") {
+		t.Fatalf("before the lock is taken: %q, want pod-0", got)
+	}
+
+	fd, err := unix.Open(lock, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
+		t.Fatal(err)
+	}
+	p.OnEndpointSliceUpsert(slice("default", "web-1", "web", "http", 8080, servers[1].IP.String()))
+	clk.Step(time.Second)
+	if err := p.sync(context.Background()); err != nil {
+		t.Fatalf("sync under the held lock returned %v to the runner, want nil: it backs off itself", err)
+	}
+	last := dp.errs[len(dp.errs)-1]
+	if !errors.Is(last, dataplane.ErrBusy) || !strings.Contains(last.Error(), "xtables lock") {
+		t.Fatalf("the datapath's error under the held lock: %v, want the lock named, as dataplane.ErrBusy", last)
+	}
+	t.Logf("the error a user sees: %v", last)
+	if got := testutil.ToFloat64(m.SyncLockTimeoutsTotal); got != 1 {
+		t.Errorf("lock time-outs counted %v, want 1", got)
+	}
+	if ev, _ := ipt.Events(); ev["iptables_lock_timeout"] != 1 {
+		t.Errorf("datapath events %v, want iptables_lock_timeout 1", ev)
+	}
+	if got := connect(); !strings.HasPrefix(got, "ok pod-0") {
+		t.Errorf("while the lock is held: %q, want the earlier rules serving pod-0", got)
+	}
+
+	if err := unix.Flock(fd, unix.LOCK_UN); err != nil {
+		t.Fatal(err)
+	}
+	full := syncs(metrics.SyncKindFull)
+	clk.Step(time.Second) // the first backoff
+	if err := p.sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if snap := dp.snaps[len(dp.snaps)-1]; snap.Full || len(snap.Services) != 1 || dp.errs[len(dp.errs)-1] != nil {
+		t.Fatalf("sync after the release: full=%v services %d err %v, want the requeued change applied by a partial sync",
+			snap.Full, len(snap.Services), dp.errs[len(dp.errs)-1])
+	}
+	if syncs(metrics.SyncKindFull) != full {
+		t.Error("a full sync ran after the lock time-out")
+	}
+	if got := connect(); !strings.HasPrefix(got, "ok pod-1") {
+		t.Errorf("after the release: %q, want the new endpoint pod-1", got)
 	}
 }

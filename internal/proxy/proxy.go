@@ -5,9 +5,11 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sync"
@@ -42,12 +44,21 @@ type Config struct {
 	// the one before ends, before MinSyncPeriod holds them apart; below 1
 	// counts as 1.
 	SyncBurst int
-	// SyncPeriod is the most time between two syncs; each periodic sync is a
-	// full one. Health turns bad when a change waits twice this long.
+	// SyncPeriod is the most time between two syncs. Each periodic sync is
+	// a full one for a datapath of maps alone; with iptables rules
+	// (dataplane.Monitored) it checks that the rules are still in place,
+	// and syncs in full only once per FullSyncPeriod or when they are
+	// gone. Health turns bad when a change waits twice this long.
 	SyncPeriod time.Duration
-	// RetryPeriod is how soon a failed sync is retried (as a full sync), and
+	// FullSyncPeriod is the most time between two full syncs of a
+	// dataplane.Monitored datapath; zero means kube-proxy's
+	// DefaultFullSyncPeriod, an hour.
+	FullSyncPeriod time.Duration
+	// RetryPeriod is how soon a failed sync is retried (as a full sync),
 	// the first delay before service ports that failed on their own are
-	// retried (doubling at each retry that fails again, up to SyncPeriod).
+	// retried, and the first backoff after a sync that found the xtables
+	// lock held (each doubling at each retry that fails again, up to
+	// SyncPeriod).
 	RetryPeriod        time.Duration
 	HealthzBindAddress string
 	MetricsBindAddress string
@@ -72,6 +83,10 @@ type Config struct {
 	// first sync that programmed the datapath.
 	AfterFirstSync func()
 }
+
+// DefaultFullSyncPeriod is kube-proxy's FullSyncPeriod
+// (pkg/proxy/util): the most time between two full syncs of iptables rules.
+const DefaultFullSyncPeriod = time.Hour
 
 // Option configures a Proxier.
 type Option func(*Proxier)
@@ -98,6 +113,22 @@ type iptablesStats interface {
 // eventSource is implemented by datapaths that count what they do.
 type eventSource interface {
 	Events() (map[string]uint64, error)
+}
+
+// find returns the first datapath of dp's wrapping chain (dp, then what
+// each Unwrap returns) that implements T.
+func find[T any](dp dataplane.Dataplane) (T, bool) {
+	for {
+		if t, ok := dp.(T); ok {
+			return t, true
+		}
+		u, ok := dp.(interface{ Unwrap() dataplane.Dataplane })
+		if !ok {
+			var zero T
+			return zero, false
+		}
+		dp = u.Unwrap()
+	}
 }
 
 // innermost unwraps datapaths wrapped by others (dataplane.Handover), whose
@@ -144,13 +175,19 @@ type Proxier struct {
 	// and from Run once the runner has returned.
 	needFull bool
 	lastFull time.Time
+	// lastCheck is when the datapath's state was last known to be in
+	// place: its last full sync or its last Intact check.
+	lastCheck time.Time
+	// busy is the backoff after syncs that found the xtables lock held.
+	busy backoff
 	// local follows every Service's Local traffic policies.
 	local localPolicies
 	// healthChecks serves the health check node ports of
 	// externalTrafficPolicy Local; nil serves none (tests).
 	healthChecks *healthcheck.Server
 	// node is what the last applied sync was told of the node; a change
-	// makes the next sync a full one.
+	// makes the next sync a full one, unless the datapath applies node
+	// changes in partial syncs (dataplane.NodeChangeApplier).
 	node model.NodeInfo
 	// failures holds the service ports the datapath could not program.
 	failures map[model.ServicePortName]*portFailure
@@ -253,8 +290,8 @@ func (p *Proxier) OnForeignServiceDelete(svc *v1.Service) {
 }
 
 // setForeign records name's foreign ClusterIP, or forgets it if ip is
-// invalid, and asks for a sync, which is full (the node info changed), if
-// that changed the set.
+// invalid, and asks for a sync, which sees the node info changed (see
+// nodeChanged), if that changed the set.
 func (p *Proxier) setForeign(name model.ServiceName, ip netip.Addr) {
 	p.foreignMu.Lock()
 	old, had := p.foreign[name]
@@ -311,8 +348,10 @@ func (p *Proxier) OnEndpointSliceDelete(s *discoveryv1.EndpointSlice) {
 }
 
 // nodeChanged follows a change of the node's zone, primary address or the
-// Service ranges: the zone changes which endpoints topology hints select,
-// the rest is read by the next sync, which it makes a full one.
+// Service ranges: the zone changes which endpoints topology hints select
+// (the tracker hands the Services it changes to the next sync), the rest
+// is read by the next sync, which it makes a full one unless the datapath
+// applies node changes in partial syncs (dataplane.NodeChangeApplier).
 func (p *Proxier) nodeChanged() {
 	p.tracker.SetZone(p.cfg.Node.Zone())
 	p.changed(true)
@@ -335,22 +374,53 @@ func (p *Proxier) changed(changed bool) {
 	p.runner.Trigger()
 }
 
-// sync hands the datapath a snapshot: full the first time, after a failure,
-// and once per SyncPeriod; otherwise only what changed, plus the services
-// whose ports failed on their own once their retry is due.
+// sync hands the datapath a snapshot: full the first time, after a failure
+// that lost track of the datapath's state, and periodically; otherwise only
+// what changed, plus the services whose ports failed on their own once
+// their retry is due. Periodically means each SyncPeriod for a datapath of
+// maps alone, and once per FullSyncPeriod for iptables rules
+// (dataplane.Monitored), as kube-proxy: each SyncPeriod in between only
+// checks that the rules are in place (its canary chains), and a sync that
+// finds them gone is full. In kube-proxy's large cluster mode (more than
+// 1000 endpoints) there is no periodic full sync of iptables rules at all.
 //
 // A sync that applied everything but such ports is progress: health says
 // the datapath is kept up to date, and the failed ports are reported and
-// retried with a backoff without resyncing everything. Any other error
-// fails the sync as a whole, and the next one is full.
+// retried with a backoff without resyncing everything. A sync that changed
+// nothing because another program held the xtables lock
+// (dataplane.ErrBusy) keeps what was applied: its changes are handed again
+// to the next sync, after a backoff, and a partial sync stays partial. Any
+// other error fails the sync as a whole, and the next one is full.
 func (p *Proxier) sync(ctx context.Context) error {
 	start := p.clock.Now()
+	if p.busy.waiting(start) {
+		// Backing off from a held lock: the changes wait in the tracker
+		// for the retry the backoff's timer triggers.
+		klog.V(2).InfoS("Sync deferred: backing off after the xtables lock was held", "retryAt", p.busy.at)
+		return nil
+	}
 	var node model.NodeInfo
 	if p.cfg.Node != nil {
 		node = p.cfg.Node.Info()
 	}
 	node.ForeignClusterIPs = p.foreignClusterIPs()
-	full := p.needFull || start.Sub(p.lastFull) >= p.cfg.SyncPeriod || !node.Equal(p.node)
+	monitor, monitored := find[dataplane.Monitored](p.dp)
+	fullPeriod := p.cfg.SyncPeriod
+	if monitored {
+		fullPeriod = cmp.Or(p.cfg.FullSyncPeriod, DefaultFullSyncPeriod)
+	}
+	// As kube-proxy, no periodic full sync of iptables rules in a large
+	// cluster: there the canary alone brings one.
+	periodic := !monitored || !monitor.LargeCluster()
+	full := p.needFull || (periodic && start.Sub(p.lastFull) >= fullPeriod)
+	if !node.Equal(p.node) {
+		if a, ok := find[dataplane.NodeChangeApplier](p.dp); !ok || !a.AppliesNodeChanges() {
+			full = true
+		}
+	}
+	if !full && monitored && start.Sub(p.lastCheck) >= p.cfg.SyncPeriod {
+		full = !p.intact(ctx, monitor, start)
+	}
 	kind := metrics.SyncKindPartial
 	if full {
 		kind = metrics.SyncKindFull
@@ -390,6 +460,29 @@ func (p *Proxier) sync(ctx context.Context) error {
 	p.recordProgramming(end, snap, portErrs, applied)
 	p.recordPortResults(snap, portErrs, applied)
 	p.scheduleRetry(end, retrying || full)
+	if !applied && dataplane.OnlyBusy(err) {
+		// Nothing changed in the kernel: what was applied is still
+		// exactly what the datapath knows. The same changes go again,
+		// later; a full sync stays due.
+		p.metrics.RecordLockTimeout()
+		if full {
+			// Whatever made it full (a flush the canary saw, say) still
+			// holds.
+			p.needFull = true
+		} else {
+			p.tracker.Requeue(slices.Collect(maps.Keys(snap.Services))...)
+		}
+		delay := p.busy.next(p.firstRetryDelay(), max(p.cfg.SyncPeriod, p.firstRetryDelay()))
+		p.busy.at = end.Add(delay)
+		p.busy.stop()
+		p.busy.timer = p.clock.AfterFunc(delay, p.runner.Trigger)
+		p.health.SyncFailed()
+		klog.ErrorS(err, "Another program held the xtables lock past the wait; nothing was changed, the changes are retried later. "+
+			"If this repeats, find what holds /run/xtables.lock for long (another proxy, a CNI plugin, a firewall manager) "+
+			"or raise --iptables-lock-wait", "kind", kind, "services", len(snap.Services), "retryAfter", delay)
+		return nil
+	}
+	p.busy.reset()
 	if !applied {
 		// What changed is no longer in the tracker: only a full sync
 		// brings it back.
@@ -413,6 +506,7 @@ func (p *Proxier) sync(ctx context.Context) error {
 	}
 	if full {
 		p.lastFull = start
+		p.lastCheck = start
 	}
 	p.health.Updated()
 	if p.cfg.AfterFirstSync != nil {
@@ -421,6 +515,64 @@ func (p *Proxier) sync(ctx context.Context) error {
 	klog.V(2).InfoS("Synced datapath", "kind", kind, "services", len(snap.Services),
 		"failedServicePorts", len(portErrs), "elapsed", end.Sub(start))
 	return nil
+}
+
+// intact checks that the datapath's state is still in place, and counts
+// the result. A check that cannot tell (the xtables lock held, say) counts
+// as intact: the rules were there at the last check, and the next period
+// checks again.
+func (p *Proxier) intact(ctx context.Context, m dataplane.Monitored, now time.Time) bool {
+	p.lastCheck = now
+	ok, err := m.Intact(ctx)
+	switch {
+	case err != nil:
+		p.metrics.RecordCheck(metrics.CheckError)
+		klog.ErrorS(err, "Cannot check that the iptables rules are in place; checking again next period")
+		return true
+	case !ok:
+		p.metrics.RecordCheck(metrics.CheckFlushed)
+		klog.InfoS("The iptables canary chains are gone (someone flushed the tables): syncing in full")
+		return false
+	}
+	p.metrics.RecordCheck(metrics.CheckIntact)
+	return true
+}
+
+// backoff spaces out the retries of syncs that found the xtables lock
+// held: RetryPeriod, doubling at each one that finds it held again, up
+// to SyncPeriod. Touched only from sync and, once the runner has
+// returned, from Run.
+type backoff struct {
+	// at is when the next attempt is due; zero when not backing off.
+	at    time.Time
+	delay time.Duration
+	timer clock.Timer
+}
+
+// waiting reports whether now is before the next attempt is due.
+func (b *backoff) waiting(now time.Time) bool { return !b.at.IsZero() && now.Before(b.at) }
+
+// next is the delay before the next attempt after one more found the
+// lock held.
+func (b *backoff) next(first, most time.Duration) time.Duration {
+	if b.delay == 0 {
+		b.delay = first
+	} else {
+		b.delay = min(2*b.delay, most)
+	}
+	return b.delay
+}
+
+func (b *backoff) stop() {
+	if b.timer != nil {
+		b.timer.Stop()
+		b.timer = nil
+	}
+}
+
+func (b *backoff) reset() {
+	b.stop()
+	*b = backoff{}
 }
 
 // recordProgramming observes kube-proxy's network programming latency for
@@ -530,6 +682,7 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 			p.health.SyncLoopStarted()
 			p.runner.Run(ctx)
 			p.retry.stop()
+			p.busy.stop()
 		case <-ctx.Done():
 		}
 		return nil

@@ -19,10 +19,15 @@ const (
 	chainForward          = "KUBE-FORWARD"
 	chainProxyFirewall    = "KUBE-PROXY-FIREWALL"
 	// chainCanary is kube-proxy's canary: an empty chain in mangle, nat
-	// and filter whose disappearance tells that someone flushed the
-	// tables (our periodic full syncs repair that; the chain is there so
-	// that tools which look for it find kube-proxy's structure).
+	// and filter whose disappearance tells that someone deleted the
+	// tables' chains, ours with them. Each --sync-period checks it
+	// (Dataplane.Intact), and a missing one makes the next sync a full
+	// one, which restores everything.
 	chainCanary = "KUBE-PROXY-CANARY"
+	// chainPacketsCanary is the eBPF mode's packet layer's canary, in nat
+	// and filter: that layer is no kube-proxy, and tools reading
+	// KUBE-PROXY-CANARY as a sign of kube-proxy should not find one.
+	chainPacketsCanary = "KUBE-BPF-PROXY-CANARY"
 	// chainFirewall is kubelet's chain, which kube-proxy writes too: it
 	// guards route_localnet (needed for node ports on 127.0.0.1) by
 	// dropping packets to 127.0.0.0/8 that come from elsewhere.
@@ -149,8 +154,29 @@ func isPerServiceChain(name string) bool {
 // is empty, see cleanupInput).
 func ownedChain(name string) bool {
 	switch name {
-	case chainServices, chainExternalServices, chainNodePorts, chainPostrouting, chainMarkMasq, chainForward, chainProxyFirewall, chainCanary:
+	case chainServices, chainExternalServices, chainNodePorts, chainPostrouting, chainMarkMasq, chainForward, chainProxyFirewall, chainCanary, chainPacketsCanary:
 		return true
 	}
 	return isPerServiceChain(name)
+}
+
+// canaryChain is the canary chain a mode writes at each full sync.
+func canaryChain(externalOnly bool) string {
+	if externalOnly {
+		return chainPacketsCanary
+	}
+	return chainCanary
+}
+
+// canaryTables are the tables holding it; the first is the one checked,
+// as kube-proxy's Monitor polls mangle only: a table of a few rules, where
+// listing the canary costs milliseconds, while the legacy backend reads a
+// whole table to list a chain of it (at 10k Services, a second for nat).
+// A firewall reload deletes every table's chains. The packet layer writes
+// nothing in mangle: filter, small too, is its first.
+func canaryTables(externalOnly bool) []string {
+	if externalOnly {
+		return []string{"filter", "nat"}
+	}
+	return []string{"mangle", "nat", "filter"}
 }

@@ -124,6 +124,9 @@ type Dataplane struct {
 	// rules counts the rules per table after the last successful sync,
 	// and written those that sync wrote.
 	rules, written map[string]int
+	// large: the last sync's rules were for more than
+	// largeClusterEndpoints endpoints (kube-proxy's large cluster mode).
+	large bool
 	// cleanup is the last sync's conntrack cleanup, if it ran one.
 	cleanup conntrackCleanup
 	// restores counts the iptables-restore runs of the syncs, for tests.
@@ -220,6 +223,12 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		// Only a full snapshot says what else must be served.
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
 	}
+	nodeChanged := !snap.Node.Equal(d.node)
+	if !snap.Full && len(snap.Services) == 0 && !nodeChanged {
+		// Nothing changed: the rules in place are this snapshot's.
+		d.written = map[string]int{"nat": 0, "filter": 0}
+		return nil
+	}
 	if d.untouched(snap) {
 		// Nothing these rules serve changed: the eBPF mode's packet layer
 		// is handed every change to a ClusterIP-only Service, whose
@@ -231,20 +240,25 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	}
 	next := nextState(d.applied, snap, d.opts.noClusterIPs)
 	services := flatten(next)
-	// The node shapes rules of every port (the firewall chains' view of
-	// the node's addresses): if it changed, everything is rewritten.
-	rewriteAll := snap.Full || !snap.Node.Equal(d.node)
 	opts := d.opts
-	if rewriteAll {
+	if snap.Full || nodeChanged {
 		opts.localhostNodePorts = d.localhostFor(snap.Node)
 	}
-	in := renderInput{services: services, node: snap.Node, canary: snap.Full && !opts.externalOnly,
-		chains: chainsToWrite(services, opts.noClusterIPs, func(n model.ServiceName) bool {
-			if rewriteAll {
+	// A partial sync rewrites the chains of the Services it lists, and,
+	// when the node changed, of the ports whose own chains read the node:
+	// the firewall chains of source ranges, which admit the load balancer
+	// IPs when a range holds a node address. The rest of what reads the
+	// node (the jumps to KUBE-NODEPORTS, localhost node ports) is in the
+	// top-level chains, rewritten by every sync.
+	in := renderInput{services: services, node: snap.Node, canary: snap.Full,
+		chains: chainsToWrite(services, opts.noClusterIPs, func(sp *model.ServicePort) bool {
+			if snap.Full {
 				return true
 			}
-			_, changed := snap.Services[n]
-			return changed
+			if _, changed := snap.Services[sp.Name.ServiceName]; changed {
+				return true
+			}
+			return nodeChanged && readsNode(sp, opts.noClusterIPs)
 		})}
 	written := make(map[string]bool)
 	for _, pc := range in.chains {
@@ -261,7 +275,9 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		}
 		// Read the tables back: chains left by a previous process or a
 		// failed sync are deleted, and jumps someone removed come back.
-		save, err := d.tool.save(ctx, "")
+		// Only what the sync reads: nat for the stale chains and the nat
+		// jumps, filter for the filter jumps and KUBE-FIREWALL.
+		save, err := d.tool.save(ctx, "nat", "filter")
 		if err != nil {
 			return d.failed("reading the current rules", err)
 		}
@@ -298,12 +314,20 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	d.restores++
 	if err := d.tool.restore(ctx, d.buf.Bytes()); err != nil {
 		d.count("iptables_restore_failed", 1)
-		return d.failed(fmt.Sprintf("applying %d nat and %d filter rules", st.natRulesWritten, st.filterRules), err)
+		doing := fmt.Sprintf("applying %d nat and %d filter rules", st.natRulesWritten, st.filterRules)
+		if errors.Is(err, errLockHeld) {
+			// Nothing was changed: the kernel holds exactly what
+			// d.applied says, and the same changes can go again.
+			d.count(eventLockTimeout, 1)
+			return fmt.Errorf("%s with iptables-%s: %w", doing, d.tool.backend, err)
+		}
+		return d.failed(doing, err)
 	}
 	klog.V(3).InfoS("Applied iptables rules", "full", snap.Full, "natChainsWritten", st.natChainsWritten,
 		"natRulesWritten", st.natRulesWritten, "natRules", st.natRules, "filterRules", st.filterRules, "staleChains", len(in.stale))
 
 	d.opts = opts
+	d.large = st.largeCluster
 	d.rules = map[string]int{"nat": st.natRules, "filter": st.filterRules}
 	// The filter table is rewritten whole at every sync, as kube-proxy's.
 	d.written = map[string]int{"nat": st.natRulesWritten, "filter": st.filterRules}
@@ -325,6 +349,59 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		}
 	}
 	return nil
+}
+
+// eventLockTimeout counts the syncs whose restore found the xtables lock
+// held past the wait, and so changed nothing.
+const eventLockTimeout = "iptables_lock_timeout"
+
+var (
+	_ dataplane.Monitored         = (*Dataplane)(nil)
+	_ dataplane.NodeChangeApplier = (*Dataplane)(nil)
+)
+
+// Intact checks kube-proxy's canary: an empty chain each full sync
+// creates, in mangle, nat and filter (in filter and nat for the eBPF
+// mode's packet layer, under its own name), whose absence means someone
+// deleted the tables' chains (a firewall manager's reload, iptables -X),
+// ours with them. As kube-proxy's Monitor, one `iptables -w 5 -t mangle
+// -S KUBE-PROXY-CANARY` (filter for the packet layer): the legacy backend
+// reads the whole table it lists a chain of, and mangle is small where
+// nat holds every Service.
+func (d *Dataplane) Intact(ctx context.Context) (bool, error) {
+	if d.applied == nil {
+		return false, nil
+	}
+	for _, table := range canaryTables(d.opts.externalOnly)[:1] {
+		ok, err := d.tool.chainExists(ctx, table, canaryChain(d.opts.externalOnly))
+		if err != nil {
+			if errors.Is(err, errLockHeld) {
+				d.count(eventLockTimeout, 1)
+			}
+			return false, fmt.Errorf("checking the canary chain: %w", err)
+		}
+		if !ok {
+			klog.InfoS("Canary chain gone: the iptables rules were flushed", "table", table, "chain", canaryChain(d.opts.externalOnly))
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// LargeCluster reports kube-proxy's large cluster mode: more than 1000
+// endpoints in the rules, where kube-proxy leaves out per-endpoint
+// comments and runs no periodic full sync.
+func (d *Dataplane) LargeCluster() bool { return d.large }
+
+// AppliesNodeChanges: a partial sync rewrites what reads the node.
+func (d *Dataplane) AppliesNodeChanges() bool { return true }
+
+// readsNode reports whether a service port's own chains read the node's
+// addresses: the firewall chain of a port with source ranges admits its
+// load balancer IPs as sources when a range holds a node address.
+func readsNode(sp *model.ServicePort, noClusterIPs bool) bool {
+	v := viewOf(sp, noClusterIPs)
+	return v.usesFW
 }
 
 // localhostFor decides whether node ports answer on 127.0.0.0/8 on this

@@ -78,9 +78,10 @@ type renderInput struct {
 	// iptables-save prints them): both fixed in the same transaction.
 	missingJumps []jump
 	staleJumps   []savedRule
-	// canary: make sure the canary chains exist (a full sync of the
-	// iptables mode; the external-only mode is no kube-proxy and makes
-	// none, nor the mangle table they would need).
+	// canary: make sure the canary chains exist (a full sync): in mangle,
+	// nat and filter for the iptables mode, as kube-proxy; in nat and
+	// filter, under another name, for the external-only mode, which is no
+	// kube-proxy.
 	canary bool
 	// createFirewall: KUBE-FIREWALL does not exist and is not written
 	// (localhost node ports are off), but jumps to it are inserted.
@@ -93,6 +94,8 @@ type savedRule struct{ table, rule string }
 // renderStats counts what a sync's rules add up to, skipped ones included,
 // as kube-proxy's iptables_total metrics do.
 type renderStats struct {
+	// largeCluster: more than largeClusterEndpoints endpoints in all.
+	largeCluster          bool
 	natRules, filterRules int
 	natChainsWritten      int
 	natRulesWritten       int
@@ -149,17 +152,24 @@ type renderer struct {
 // the mangle table's canary). Chains named in the input are flushed and
 // rewritten; with --noflush nothing else is touched.
 func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
-	endpoints := 0
+	// endpoints decides the comments (kube-proxy counts every endpoint);
+	// written sizes the buffer for the chains this sync writes.
+	endpoints, written := 0, 0
 	for i := range in.services {
 		sp := &in.services[i]
-		endpoints += max(len(sp.Serving), len(sp.Backends), len(sp.Cluster), len(sp.Local))
+		n := max(len(sp.Serving), len(sp.Backends), len(sp.Cluster), len(sp.Local))
+		endpoints += n
+		if in.chains[i] != nil {
+			written += n
+		}
 	}
 	r := &renderer{opts: opts, in: &in, comments: endpoints <= largeClusterEndpoints, args: make([]string, 0, 64)}
-	var st renderStats
+	st := renderStats{largeCluster: endpoints > largeClusterEndpoints}
 
-	if in.canary {
+	canary := canaryChain(opts.externalOnly)
+	if in.canary && !opts.externalOnly {
 		// Only the canary lives in mangle.
-		buf.WriteString("*mangle\n" + chainLine(chainCanary) + "\nCOMMIT\n")
+		buf.WriteString("*mangle\n" + chainLine(canary) + "\nCOMMIT\n")
 	}
 
 	// filter: connections to a ClusterIP without endpoints are rejected with
@@ -171,7 +181,7 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 		buf.WriteString(chainLine(c) + "\n")
 	}
 	if in.canary {
-		buf.WriteString(chainLine(chainCanary) + "\n")
+		buf.WriteString(chainLine(canary) + "\n")
 	}
 	if opts.localhostNodePorts {
 		// route_localnet lets packets to 127.0.0.0/8 arrive from outside
@@ -193,11 +203,13 @@ func render(buf *bytes.Buffer, opts ruleOptions, in renderInput) renderStats {
 		natDecls.WriteString(chainLine(c) + "\n")
 	}
 	if in.canary {
-		natDecls.WriteString(chainLine(chainCanary) + "\n")
+		natDecls.WriteString(chainLine(canary) + "\n")
 	}
-	// Roughly what each service and endpoint takes, so that the buffer
-	// does not regrow (and re-copy) tens of MiB at 10k Services.
-	natRules.Grow(300*len(in.services) + 400*endpoints)
+	// Roughly what the top-level lines of each service and the chains of
+	// each endpoint written take, so that the buffer does not regrow (and
+	// re-copy) tens of MiB in a full sync at 10k Services, nor take that
+	// much for a partial sync, which writes a few of the chains.
+	natRules.Grow(160*len(in.services) + 400*written)
 	r.chainDecls = &natDecls
 	r.nat = lines{buf: &natRules}
 	r.nat.write("-A", chainPostrouting, "-m", "mark", "!", "--mark", opts.masqMark+"/"+opts.masqMark, "-j", "RETURN")
@@ -610,10 +622,10 @@ func writeJumps(buf *bytes.Buffer, table string, missing []jump, stale []savedRu
 // writes (those rewrite selects), index-aligned with services; the others
 // get nil. Each name is a SHA-256, so a sync computes them once, for both
 // rendering and finding the chains no longer needed.
-func chainsToWrite(services []model.ServicePort, noClusterIPs bool, rewrite func(model.ServiceName) bool) []*portChains {
+func chainsToWrite(services []model.ServicePort, noClusterIPs bool, rewrite func(*model.ServicePort) bool) []*portChains {
 	out := make([]*portChains, len(services))
 	for i := range services {
-		if rewrite(services[i].Name.ServiceName) {
+		if rewrite(&services[i]) {
 			out[i] = chainsOf(&services[i], noClusterIPs)
 		}
 	}

@@ -18,7 +18,7 @@ import (
 )
 
 // all selects every service for rewriting, as a full sync does.
-func all(model.ServiceName) bool { return true }
+func all(*model.ServicePort) bool { return true }
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 
@@ -302,7 +302,7 @@ func TestPartialRenderWritesOnlyChangedChains(t *testing.T) {
 	var buf bytes.Buffer
 	st := render(&buf, defaultOpts, renderInput{
 		services: services,
-		chains:   chainsToWrite(services, false, func(n model.ServiceName) bool { return n.Name == "b" }),
+		chains:   chainsToWrite(services, false, func(sp *model.ServicePort) bool { return sp.Name.Name == "b" }),
 		stale:    []string{"KUBE-SEP-OLDOLDOLDOLDOLDO"},
 	})
 	out := buf.String()

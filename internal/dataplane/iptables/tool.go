@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"regexp"
@@ -12,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 )
 
 // The two iptables backends of iptables 1.8: the same rules and commands,
@@ -36,8 +39,13 @@ type tool struct {
 	lockWait time.Duration
 }
 
+// command runs iptables-<backend>-<name> (iptables-nft-restore, ...), or
+// iptables-<backend> for an empty name.
 func (t *tool) command(ctx context.Context, name string, args ...string) *exec.Cmd {
-	bin := "iptables-" + t.backend + "-" + name // iptables-nft-restore, ...
+	bin := "iptables-" + t.backend
+	if name != "" {
+		bin += "-" + name
+	}
 	if t.netns != "" {
 		args = append([]string{"--net=" + t.netns, "--", bin}, args...)
 		bin = "nsenter"
@@ -85,16 +93,47 @@ func (t *tool) restore(ctx context.Context, input []byte) error {
 				}
 			}
 		}
-		if strings.Contains(msg, "xtables lock") {
-			msg += "; another program held the xtables lock for longer than the wait"
+		if lockTimedOut(err, msg) {
+			return fmt.Errorf("iptables-%s-restore changed nothing: %w, past the wait (%s): %v: %s",
+				t.backend, errLockHeld, strings.Join(t.waitArgs(), " "), err, msg)
 		}
 		return fmt.Errorf("iptables-%s-restore: %w: %s", t.backend, err, msg)
 	}
 	return nil
 }
 
-// save dumps the tables (all of them if none is named).
-func (t *tool) save(ctx context.Context, table string) ([]byte, error) {
+// errLockHeld is a command's failure to get the xtables lock within the
+// wait: it changed nothing (iptables-restore applies a table at its COMMIT,
+// in one transaction, and takes the lock before reading its input).
+var errLockHeld = fmt.Errorf("%w: the xtables lock", dataplane.ErrBusy)
+
+// lockTimedOut recognises the legacy backend's lock time-out: exit status
+// 4 (RESOURCE_PROBLEM) and "Another app is currently holding the xtables
+// lock" (iptables 1.8's xtables_lock_or_exit). The nft backend takes no
+// lock: nf_tables serialises its own transactions.
+func lockTimedOut(err error, stderr string) bool {
+	var exit *exec.ExitError
+	return errors.As(err, &exit) && exit.ExitCode() == 4 && strings.Contains(stderr, "xtables lock")
+}
+
+// save dumps the named tables, each with its own -t (a save without one
+// reads every table, mangle, raw and security included).
+func (t *tool) save(ctx context.Context, tables ...string) ([]byte, error) {
+	if len(tables) == 0 {
+		return t.saveTable(ctx, "")
+	}
+	var all []byte
+	for _, table := range tables {
+		out, err := t.saveTable(ctx, table)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, out...)
+	}
+	return all, nil
+}
+
+func (t *tool) saveTable(ctx context.Context, table string) ([]byte, error) {
 	var args []string
 	if table != "" {
 		args = []string{"-t", table}
@@ -107,6 +146,29 @@ func (t *tool) save(ctx context.Context, table string) ([]byte, error) {
 		return nil, fmt.Errorf("iptables-%s-save: %w: %s", t.backend, err, strings.TrimSpace(stderr.String()))
 	}
 	return out, nil
+}
+
+// chainExists lists a chain (iptables -S), as kube-proxy's canary check
+// does: exit status 1 means the table has no such chain.
+func (t *tool) chainExists(ctx context.Context, table, chain string) (bool, error) {
+	args := append(t.waitArgs(), "-t", table, "-S", chain)
+	cmd := t.command(ctx, "", args...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	cmd.Stdout = io.Discard
+	err := cmd.Run()
+	if err == nil {
+		return true, nil
+	}
+	msg := strings.TrimSpace(stderr.String())
+	var exit *exec.ExitError
+	switch {
+	case lockTimedOut(err, msg):
+		return false, fmt.Errorf("iptables-%s -t %s -S %s: %w: %s", t.backend, table, chain, errLockHeld, msg)
+	case errors.As(err, &exit) && exit.ExitCode() == 1:
+		return false, nil
+	}
+	return false, fmt.Errorf("iptables-%s -t %s -S %s: %w: %s", t.backend, table, chain, err, msg)
 }
 
 // savedTable is one table of an iptables-save dump.
