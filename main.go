@@ -364,12 +364,15 @@ func runProxy(ctx context.Context, o options) error {
 		config = target.Kubeconfig
 	}
 	klog.InfoS("Connecting to the API server", "server", target.Server, "config", config)
-	go apiserver.Probe(ctx, client.Discovery().RESTClient(), target, apiserver.ProbeTimeout, 5*time.Second)
 
 	dp, backend, err := newDataplane(ctx, o)
 	if err != nil {
 		return err
 	}
+	// After the datapath's preflight: a node that cannot run the mode
+	// ends with the preflight's line, never with a probe's report racing
+	// it out.
+	go apiserver.Probe(ctx, client.Discovery().RESTClient(), target, apiserver.ProbeTimeout, 5*time.Second)
 	metrics.RegisterInfo(reg, o.mode, backend, version.Get())
 	// Closing releases our handles only; the datapath (pinned programs or
 	// rules) keeps serving until the next start takes it over.
