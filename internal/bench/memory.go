@@ -195,6 +195,16 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 		}
 		err = errors.Join(err, serr)
 	}()
+	// CPU profiles, where the proxy serves them (--profiling): the cold
+	// start's first 10 s and most of the settle (a periodic full sync).
+	profiled := make(chan struct{})
+	defer func() { <-profiled }()
+	go func() {
+		defer close(profiled)
+		if cfg.ProfileDir != "" {
+			saveCPUProfile(ctx, c, cfg.ProfileDir, v.Name+".start.cpu", 10*time.Second, 3*time.Second)
+		}
+	}()
 	deadline := time.Now().Add(5 * time.Minute)
 	for {
 		if m, err := proxyMetrics(ctx, c); err == nil && m["kube_bpf_proxy_services"] >= float64(cfg.Services) {
@@ -213,10 +223,14 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+	settled := time.After(cfg.Settle)
+	if cfg.ProfileDir != "" && cfg.Settle > 10*time.Second {
+		saveCPUProfile(ctx, c, cfg.ProfileDir, v.Name+".settle.cpu", cfg.Settle-5*time.Second, 0)
+	}
 	select {
 	case <-ctx.Done():
 		return r, ctx.Err()
-	case <-time.After(cfg.Settle):
+	case <-settled:
 	}
 	m, err := proxyMetrics(ctx, c)
 	if err != nil {
@@ -251,6 +265,25 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 		}
 	}
 	return r, nil
+}
+
+// saveCPUProfile saves the proxy's CPU profile over d as dir/name, trying
+// to start it for up to wait (the proxy may not listen yet). A proxy
+// without /debug/pprof (no --profiling) leaves no file.
+func saveCPUProfile(ctx context.Context, c *localcluster.Cluster, dir, name string, d, wait time.Duration) {
+	until := time.Now().Add(wait)
+	for {
+		code, body, err := c.NodeGetTimeout(ctx, memoryNode, localcluster.ProxyMetricsAddr,
+			fmt.Sprintf("/debug/pprof/profile?seconds=%d", int(d/time.Second)), d+10*time.Second)
+		if err == nil && code == http.StatusOK {
+			_ = os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644)
+			return
+		}
+		if err == nil || time.Now().After(until) || ctx.Err() != nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // proxyMetrics reads the node's proxy's unlabelled samples.
