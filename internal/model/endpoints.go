@@ -364,8 +364,24 @@ func selectBackends(sp *ServicePort, cands []candidate, topo Topology) {
 	if len(cands) == 0 {
 		return
 	}
-	pick := func(use func(candidate) bool) []Backend {
-		var out []Backend
+	// pick returns the backends of the candidates use accepts, in order:
+	// same, if they are exactly its elements (no allocation), else a list
+	// of exactly their number, as it is kept until the port changes.
+	pickOr := func(same []Backend, use func(candidate) bool) []Backend {
+		n, isSame := 0, true
+		for _, c := range cands {
+			if use(c) {
+				isSame = isSame && n < len(same) && same[n] == c.b
+				n++
+			}
+		}
+		if n == 0 {
+			return nil
+		}
+		if isSame && n == len(same) {
+			return same
+		}
+		out := make([]Backend, 0, n)
 		for _, c := range cands {
 			if use(c) {
 				out = append(out, c.b)
@@ -373,6 +389,7 @@ func selectBackends(sp *ServicePort, cands []candidate, topo Topology) {
 		}
 		return out
 	}
+	pick := func(use func(candidate) bool) []Backend { return pickOr(nil, use) }
 	anyReady, anyFallback, localReady, localFallback := false, false, false, false
 	for _, c := range cands {
 		anyReady = anyReady || c.ready
@@ -414,10 +431,7 @@ func selectBackends(sp *ServicePort, cands []candidate, topo Topology) {
 	// A ready endpoint whose serving condition says false is one the API
 	// should never show; it counts as serving for established flows since
 	// it takes new ones.
-	sp.Serving = pick(func(c candidate) bool { return c.serving || c.ready })
-	if slices.Equal(sp.Serving, sp.Backends) {
-		sp.Serving = sp.Backends
-	}
+	sp.Serving = pickOr(sp.Backends, func(c candidate) bool { return c.serving || c.ready })
 }
 
 // equalPorts reports whether two computed port lists are the same.
