@@ -92,6 +92,10 @@ type MemoryResult struct {
 	Served time.Duration
 	// FullSync is the mean duration of its full syncs (metrics).
 	FullSync time.Duration
+	// FirstSync is the mean duration of the full syncs up to serving
+	// every Service (the cold node's first, normally), LaterSync that of
+	// the periodic ones during Settle; 0 if there was none.
+	FirstSync, LaterSync time.Duration
 	// HeapInuse is the Go heap's in-use spans (go_memstats_heap_inuse_bytes)
 	// and GoSys all the memory the Go runtime obtained from the kernel
 	// (go_memstats_sys_bytes), read after Settle.
@@ -195,10 +199,25 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 		}
 		err = errors.Join(err, serr)
 	}()
+	// CPU profiles, where the proxy serves them (--profiling): the cold
+	// start's first 10 s and most of the settle (a periodic full sync).
+	profiled := make(chan struct{})
+	defer func() { <-profiled }()
+	go func() {
+		defer close(profiled)
+		if cfg.ProfileDir != "" {
+			saveCPUProfile(ctx, c, cfg.ProfileDir, v.Name+".start.cpu", 10*time.Second, 3*time.Second)
+		}
+	}()
+	var firstSum, firstN float64
 	deadline := time.Now().Add(5 * time.Minute)
 	for {
 		if m, err := proxyMetrics(ctx, c); err == nil && m["kube_bpf_proxy_services"] >= float64(cfg.Services) {
 			r.Served = time.Since(launched)
+			firstSum, firstN = m[fullSyncSum], m[fullSyncCount]
+			if firstN > 0 {
+				r.FirstSync = time.Duration(firstSum / firstN * float64(time.Second))
+			}
 			break
 		}
 		if time.Now().After(deadline) {
@@ -213,10 +232,22 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+	settled := time.After(cfg.Settle)
+	if cfg.ProfileDir != "" {
+		// One CPU profile at a time: after the cold start's.
+		select {
+		case <-profiled:
+		case <-settled:
+			return r, errors.New("the cold start's CPU profile outlasted the settle")
+		}
+		if d := cfg.Settle - time.Since(launched.Add(r.Served)) - 3*time.Second; d >= time.Second {
+			saveCPUProfile(ctx, c, cfg.ProfileDir, v.Name+".settle.cpu", d, 0)
+		}
+	}
 	select {
 	case <-ctx.Done():
 		return r, ctx.Err()
-	case <-time.After(cfg.Settle):
+	case <-settled:
 	}
 	m, err := proxyMetrics(ctx, c)
 	if err != nil {
@@ -224,8 +255,11 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 	}
 	r.HeapInuse = int64(m["go_memstats_heap_inuse_bytes"])
 	r.GoSys = int64(m["go_memstats_sys_bytes"])
-	if n := m["kubeproxy_sync_full_proxy_rules_duration_seconds_count"]; n > 0 {
-		r.FullSync = time.Duration(m["kubeproxy_sync_full_proxy_rules_duration_seconds_sum"] / n * float64(time.Second))
+	if n := m[fullSyncCount]; n > 0 {
+		r.FullSync = time.Duration(m[fullSyncSum] / n * float64(time.Second))
+	}
+	if n := m[fullSyncCount] - firstN; n > 0 {
+		r.LaterSync = time.Duration((m[fullSyncSum] - firstSum) / n * float64(time.Second))
 	}
 	pid, ok := c.ProxyPID(memoryNode)
 	if !ok {
@@ -251,6 +285,30 @@ func measureVariant(ctx context.Context, c *localcluster.Cluster, cfg MemoryConf
 		}
 	}
 	return r, nil
+}
+
+const (
+	fullSyncSum   = "kubeproxy_sync_full_proxy_rules_duration_seconds_sum"
+	fullSyncCount = "kubeproxy_sync_full_proxy_rules_duration_seconds_count"
+)
+
+// saveCPUProfile saves the proxy's CPU profile over d as dir/name, trying
+// to start it for up to wait (the proxy may not listen yet). A proxy
+// without /debug/pprof (no --profiling) leaves no file.
+func saveCPUProfile(ctx context.Context, c *localcluster.Cluster, dir, name string, d, wait time.Duration) {
+	until := time.Now().Add(wait)
+	for {
+		code, body, err := c.NodeGetTimeout(ctx, memoryNode, localcluster.ProxyMetricsAddr,
+			fmt.Sprintf("/debug/pprof/profile?seconds=%d", int(d/time.Second)), d+10*time.Second)
+		if err == nil && code == http.StatusOK {
+			_ = os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644)
+			return
+		}
+		if err == nil || time.Now().After(until) || ctx.Err() != nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // proxyMetrics reads the node's proxy's unlabelled samples.
@@ -312,13 +370,20 @@ func residentSet(pid int) (rss, peak int64, err error) {
 	return rss, peak, nil
 }
 
+func ms(d time.Duration) string {
+	if d == 0 {
+		return "n/a"
+	}
+	return fmt.Sprintf("%.0f ms", float64(d)/float64(time.Millisecond))
+}
+
 func mib(b int64) string { return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20)) }
 
 // MemoryTable renders results as a markdown table.
 func MemoryTable(res []MemoryResult) string {
 	var b strings.Builder
-	b.WriteString("| variant | environment, flags | all served after | mean full sync | heap in use | live heap | Go runtime total | RSS | peak RSS |\n")
-	b.WriteString("|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("| variant | environment, flags | all served after | mean full sync | first full sync | later full syncs | heap in use | live heap | Go runtime total | RSS | peak RSS |\n")
+	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, r := range res {
 		var env []string
 		for _, e := range r.Variant.Env {
@@ -333,8 +398,8 @@ func MemoryTable(res []MemoryResult) string {
 		if r.Live > 0 {
 			live = mib(r.Live)
 		}
-		fmt.Fprintf(&b, "| %s | %s | %.2f s | %.0f ms | %s | %s | %s | %s | %s |\n", r.Variant.Name, e,
-			r.Served.Seconds(), float64(r.FullSync)/float64(time.Millisecond),
+		fmt.Fprintf(&b, "| %s | %s | %.2f s | %s | %s | %s | %s | %s | %s | %s | %s |\n", r.Variant.Name, e,
+			r.Served.Seconds(), ms(r.FullSync), ms(r.FirstSync), ms(r.LaterSync),
 			mib(r.HeapInuse), live, mib(r.GoSys), mib(r.RSS), mib(r.Peak))
 	}
 	return b.String()

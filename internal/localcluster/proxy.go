@@ -132,13 +132,18 @@ func (c *Cluster) ProxyGet(ctx context.Context, node, addr, path string) (int, s
 // pod's address, as Prometheus or a kubelet probe reaches it; the node's
 // loopback) over a new connection and returns the status code and body.
 func (c *Cluster) NodeGet(ctx context.Context, node, addr, path string) (int, string, error) {
+	return c.NodeGetTimeout(ctx, node, addr, path, 2*time.Second)
+}
+
+// NodeGetTimeout is NodeGet with the whole request limited to timeout.
+func (c *Cluster) NodeGetTimeout(ctx context.Context, node, addr, path string, timeout time.Duration) (int, string, error) {
 	n, err := c.Node(node)
 	if err != nil {
 		return 0, "", err
 	}
 	client := &http.Client{
 		Transport: &http.Transport{DialContext: dialIn(n.NetNS), DisableKeepAlives: true},
-		Timeout:   2 * time.Second,
+		Timeout:   timeout,
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
 	if err != nil {

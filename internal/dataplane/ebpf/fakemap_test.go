@@ -429,7 +429,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 		clusterIPs: make(map[uint32]uint32),
 		ranges:     make(map[uint32]lbSvcRange),
 	}
-	refs := make(map[uint32]int)
+	refs := make(map[uint32]int32)
 	svcIDs := make(map[uint32]struct{})
 	// The copy records which counter entries exist, not their values,
 	// which programs change: the fake's values are taken as they are.

@@ -155,7 +155,7 @@ type reconciler struct {
 	// refs counts, per backend id, the slot entries in the kernel, live or
 	// hidden, and the match entries that hold it. An id is deleted only at
 	// zero.
-	refs map[uint32]int
+	refs map[uint32]int32
 	// unreferenced holds backend ids whose count reached zero, or that were
 	// written or found without one: candidates for deletion.
 	unreferenced map[uint32]struct{}
@@ -246,7 +246,7 @@ func (r *reconciler) restore() error {
 	r.backends = make(map[lbBackendValue]uint32)
 	r.dupIDs = make(map[lbBackendValue][]uint32)
 	r.backendKeys = make(map[uint32]lbBackendValue)
-	r.refs = make(map[uint32]int)
+	r.refs = make(map[uint32]int32)
 	r.unreferenced = make(map[uint32]struct{})
 	r.slotEntries, r.matchEntries = 0, 0
 	r.statsOrphans = make(map[uint32]struct{})
