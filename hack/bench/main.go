@@ -82,6 +82,7 @@ func measure(ctx context.Context, args []string) error {
 	contenders := fs.String("contenders", "", "comma-separated contenders (default all: "+strings.Join(results.AllContenders, ",")+")")
 	sizes := fs.String("sizes", "", "comma-separated background Service counts, ascending (default 0,1000,10000; quick 0,500; large 0,1000,10000,20000,50000)")
 	endpoints := fs.Int("endpoints", 0, "endpoints of each background Service (default 10)")
+	load := fs.String("load", bench.LoadEtcd, "how the background Services are created: etcd (written into the API server's etcd, minutes for 50k) or api (created through the API: about 3 hours for 50k, the API server's ClusterIP allocator being the limit)")
 	keep := fs.Bool("keep", false, "leave the cluster running afterwards (remove it with: bench down)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -112,6 +113,10 @@ func measure(ctx context.Context, args []string) error {
 			cfg.Sizes = append(cfg.Sizes, n)
 		}
 	}
+	if *load != bench.LoadEtcd && *load != bench.LoadAPI {
+		return fmt.Errorf("--load %q: want %s or %s", *load, bench.LoadEtcd, bench.LoadAPI)
+	}
+	cfg.Load = *load
 	if *endpoints > 0 {
 		cfg.EndpointsPerService = *endpoints
 	}

@@ -51,6 +51,12 @@ type Config struct {
 	Sizes      []int
 	// EndpointsPerService is each background Service's endpoint count.
 	EndpointsPerService int
+	// Load is how the background Services are created: LoadEtcd (the
+	// default, "") writes them into the API server's etcd, LoadAPI
+	// creates them through the API, which takes hours for 50k
+	// (BENCHMARKS.md, "Method"). Batches are always created through the
+	// API.
+	Load string
 	// Repetitions of each workload in a cell.
 	Repetitions int
 	// LatencyPairs is the number of (direct, service) sample pairs per
@@ -78,6 +84,12 @@ type Config struct {
 	// Progress receives the progress line; nil for none.
 	Progress io.Writer
 }
+
+// The background loaders (Config.Load).
+const (
+	LoadEtcd = "etcd"
+	LoadAPI  = "api"
+)
 
 // FullConfig is `make bench`: the issue's matrix at 0, 1k and 10k
 // Services, about 40 minutes on 2 cores.
