@@ -73,7 +73,7 @@ func run(ctx context.Context, args []string) error {
 func measure(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	quick := fs.Bool("quick", false, "the reduced run the tests make (make bench QUICK=1): every contender and workload at 0 and 500 Services, few samples, about 5 minutes")
-	large := fs.Bool("large", false, "the full run at 0, 1k, 10k, 20k and 50k Services (make bench LARGE=1): about 3 hours here, most of it the API server creating Services")
+	large := fs.Bool("large", false, "the full run at 0, 1k, 10k, 20k and 50k Services (make bench LARGE=1)")
 	out := fs.String("out", "", "report directory (default _output/bench-report, or _output/bench-quick with --quick)")
 	clusterDir := fs.String("cluster-dir", "_output/bench-cluster", "the local cluster's directory")
 	kubeBin := fs.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries and upstream kube-proxy (hack/kube-build.sh prints it)")
@@ -82,7 +82,7 @@ func measure(ctx context.Context, args []string) error {
 	contenders := fs.String("contenders", "", "comma-separated contenders (default all: "+strings.Join(results.AllContenders, ",")+")")
 	sizes := fs.String("sizes", "", "comma-separated background Service counts, ascending (default 0,1000,10000; quick 0,500; large 0,1000,10000,20000,50000)")
 	endpoints := fs.Int("endpoints", 0, "endpoints of each background Service (default 10)")
-	load := fs.String("load", bench.LoadEtcd, "how the background Services are created: etcd (written into the API server's etcd, minutes for 50k) or api (created through the API: about 3 hours for 50k, the API server's ClusterIP allocator being the limit)")
+	load := fs.String("load", bench.LoadEtcd, "how the background Services are created: etcd (written into the API server's etcd, minutes for 50k) or api (created through the API: about 3 hours for 50k, the API server's ClusterIP allocator being the limit; BENCHMARKS.md, \"Method\")")
 	keep := fs.Bool("keep", false, "leave the cluster running afterwards (remove it with: bench down)")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -96,10 +96,8 @@ const (
 func FullConfig() Config {
 	return Config{
 		Contenders: results.AllContenders,
-		// 20k and 50k are LargeConfig's: the API server creates Services
-		// ever slower as they accumulate (BENCHMARKS.md, "Method": each
-		// creation lists every allocated ClusterIP), so 50k alone takes
-		// about an hour on 2 cores.
+		// 20k and 50k are LargeConfig's: each contender's cells there
+		// take as long again as all of these.
 		Sizes:                []int{0, 1000, 10000},
 		EndpointsPerService:  10,
 		Repetitions:          3,
@@ -129,10 +127,10 @@ func syncTimeout(size int) time.Duration {
 // size issue 18 sets the eBPF cold-node goal at, and 50k.
 var LargeSizes = []int{0, 1000, 10000, 20000, 50000}
 
-// LargeConfig is `make bench LARGE=1`: FullConfig at LargeSizes. Creating
-// the Services from 10k to 50k takes the local API server about an hour
-// here, and each contender's cells at 20k and 50k as long again: about 3
-// hours on 2 cores.
+// LargeConfig is `make bench LARGE=1`: FullConfig at LargeSizes. The
+// direct loader (Load) makes the background Services from 10k to 50k in
+// minutes; through the API (LoadAPI) they take the local API server hours
+// on 2 cores.
 func LargeConfig() Config {
 	c := FullConfig()
 	c.Sizes = LargeSizes

@@ -54,6 +54,14 @@ type EtcdStore struct {
 	url    string
 	// prefix is the API server's --etcd-prefix.
 	prefix string
+	// Logf, if set, is told how long each phase of a load took.
+	Logf func(format string, args ...any)
+}
+
+func (e *EtcdStore) logf(format string, args ...any) {
+	if e.Logf != nil {
+		e.Logf(format, args...)
+	}
 }
 
 // NewEtcdStore returns a store for the etcd at url (its client URL,
@@ -165,6 +173,11 @@ func (e *EtcdStore) create(ctx context.Context, kvs []kv) error {
 		return err
 	}
 	if !resp.Succeeded {
+		for _, x := range kvs {
+			if v, err := e.get(ctx, x.key); err == nil && v != nil {
+				return fmt.Errorf("etcd: %s exists already", x.key)
+			}
+		}
 		return fmt.Errorf("etcd: one of %s … %s exists already", kvs[0].key, kvs[len(kvs)-1].key)
 	}
 	return nil
@@ -276,9 +289,9 @@ func stamp(m *metav1.ObjectMeta, name string, now metav1.Time) {
 	}
 }
 
-// objects returns background Service i's three keys and values, copied
-// from the templates.
-func (t *etcdTemplates) objects(e *EtcdStore, s serviceShape, i int, now metav1.Time) ([]kv, error) {
+// objects returns background Service i's IPAddress, and its Service and
+// slice, as keys and values, copied from the templates.
+func (t *etcdTemplates) objects(e *EtcdStore, s serviceShape, i int, now metav1.Time) (ipKV kv, svcKVs []kv, err error) {
 	name := backgroundName(i)
 	ip := backgroundClusterIP(i).String()
 
@@ -295,47 +308,71 @@ func (t *etcdTemplates) objects(e *EtcdStore, s serviceShape, i int, now metav1.
 	stamp(&addr.ObjectMeta, ip, now)
 	addr.Spec.ParentRef.Namespace, addr.Spec.ParentRef.Name = s.ns, name
 
-	out := make([]kv, 0, 3)
+	var out []kv
 	for _, o := range []struct {
 		key string
 		obj runtime.Object
 		gvk schema.GroupVersionKind
 	}{
-		{e.serviceKey(s.ns, name), svc, t.svcGVK},
 		{e.ipAddressKey(ip), addr, t.ipGVK},
+		{e.serviceKey(s.ns, name), svc, t.svcGVK},
 		{e.sliceKey(s.ns, name), slice, t.sliceGVK},
 	} {
 		b, err := encodeStored(o.obj, o.gvk)
 		if err != nil {
-			return nil, fmt.Errorf("encoding %s: %w", o.key, err)
+			return kv{}, nil, fmt.Errorf("encoding %s: %w", o.key, err)
 		}
 		out = append(out, kv{o.key, b})
 	}
-	return out, nil
+	return out[0], out[1:], nil
 }
 
 // loadDirect writes background Services idx (none of which exists, nor
-// its slice) into etcd, with workers transactions in flight, after
-// bg-00000 (the template) was created through the API. Each transaction
-// creates whole Services: their Service, IPAddress and slice appear
-// together.
-func (e *EtcdStore) loadDirect(ctx context.Context, s serviceShape, idx []int, workers int, report func()) error {
+// its slice, nor an IPAddress for its ClusterIP) into etcd, with workers
+// transactions in flight, once bg-00000 (the template) exists. As the API
+// server's allocator does, it writes the IPAddresses first and the
+// Services after, once the API server lists the addresses: the ClusterIP
+// repair loop, which checks each Service as its informer adds it, then
+// finds its address taken, by it.
+func (e *EtcdStore) loadDirect(ctx context.Context, c kubernetes.Interface, s serviceShape, idx []int, workers int, report func()) error {
 	t, err := e.readTemplates(ctx, s.ns, backgroundName(0))
 	if err != nil {
 		return fmt.Errorf("reading the template Service: %w", err)
 	}
 	now := metav1.Now().Rfc3339Copy()
-	const perTxn = maxTxnOps / 3
+	ips := make([]kv, len(idx))
+	svcs := make([][]kv, len(idx))
+	for k, i := range idx {
+		if ips[k], svcs[k], err = t.objects(e, s, i, now); err != nil {
+			return err
+		}
+	}
+	phase := time.Now()
 	var jobs []func(context.Context) error
-	for start := 0; start < len(idx); start += perTxn {
-		chunk := idx[start:min(start+perTxn, len(idx))]
+	for start := 0; start < len(ips); start += maxTxnOps {
+		chunk := ips[start:min(start+maxTxnOps, len(ips))]
+		jobs = append(jobs, func(ctx context.Context) error { return e.create(ctx, chunk) })
+	}
+	if err := runParallel(ctx, workers, jobs); err != nil {
+		return err
+	}
+	e.logf("%d IPAddresses written to etcd in %s", len(ips), time.Since(phase).Round(time.Millisecond))
+	phase = time.Now()
+	if err := waitAddresses(ctx, c, idx); err != nil {
+		return err
+	}
+	e.logf("listed by the API server %s later", time.Since(phase).Round(time.Millisecond))
+	phase = time.Now()
+	defer func() {
+		e.logf("%d Services and slices written to etcd in %s", len(svcs), time.Since(phase).Round(time.Millisecond))
+	}()
+	const perTxn = maxTxnOps / 2
+	jobs = nil
+	for start := 0; start < len(svcs); start += perTxn {
+		chunk := svcs[start:min(start+perTxn, len(svcs))]
 		jobs = append(jobs, func(ctx context.Context) error {
 			var kvs []kv
-			for _, i := range chunk {
-				o, err := t.objects(e, s, i, now)
-				if err != nil {
-					return err
-				}
+			for _, o := range chunk {
 				kvs = append(kvs, o...)
 			}
 			if err := e.create(ctx, kvs); err != nil {
@@ -350,11 +387,43 @@ func (e *EtcdStore) loadDirect(ctx context.Context, s serviceShape, idx []int, w
 	return runParallel(ctx, workers, jobs)
 }
 
+// waitAddresses waits until the API server lists background Services
+// idx's IPAddresses. A list without resourceVersion is served once the
+// API server's watch cache has caught up with etcd (or from etcd), so one
+// list normally does.
+func waitAddresses(ctx context.Context, c kubernetes.Interface, idx []int) error {
+	for {
+		taken, err := listAddresses(ctx, c, "")
+		if err != nil {
+			return err
+		}
+		missing := 0
+		for _, i := range idx {
+			if !taken[backgroundClusterIP(i).String()] {
+				missing++
+			}
+		}
+		if missing == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the API server to list %d IPAddresses written to etcd (%d missing): %w", len(idx), missing, ctx.Err())
+		case <-time.After(time.Second):
+		}
+	}
+}
+
 // takenAddresses returns the IPAddress objects' names (the ClusterIPs in
 // use), listed from the API server.
 func takenAddresses(ctx context.Context, c kubernetes.Interface) (map[string]bool, error) {
+	return listAddresses(ctx, c, "")
+}
+
+// listAddresses lists the IPAddress objects' names at resourceVersion rv.
+func listAddresses(ctx context.Context, c kubernetes.Interface, rv string) (map[string]bool, error) {
 	taken := map[string]bool{}
-	opts := metav1.ListOptions{Limit: 5000}
+	opts := metav1.ListOptions{Limit: 5000, ResourceVersion: rv}
 	for {
 		l, err := c.NetworkingV1().IPAddresses().List(ctx, opts)
 		if err != nil {
@@ -372,10 +441,10 @@ func takenAddresses(ctx context.Context, c kubernetes.Interface) (map[string]boo
 
 // waitServed waits until the API server lists n background Services and
 // n slices in ns, both from its watch cache (resourceVersion 0, what an
-// informer's first list reads) and from etcd (a quorum list), and has
-// lastIP's IPAddress: written directly, objects reach the watch cache
-// through its etcd watch, shortly after.
-func waitServed(ctx context.Context, c kubernetes.Interface, ns string, n int, lastIP string) error {
+// informer's first list reads) and from etcd (a quorum list): written
+// directly, objects reach the watch cache through its etcd watch, shortly
+// after.
+func waitServed(ctx context.Context, c kubernetes.Interface, ns string, n int) error {
 	count := func(rv string) (int, int, error) {
 		svcs, err := listSetAt(ctx, c, ns, setBackground, false, rv)
 		if err != nil {
@@ -390,7 +459,10 @@ func waitServed(ctx context.Context, c kubernetes.Interface, ns string, n int, l
 	var last string
 	for {
 		ok := true
-		for _, rv := range []string{"0", ""} {
+		// The consistent list first: it waits for the watch cache to
+		// catch up with etcd, after which the cache (resourceVersion 0)
+		// has them too.
+		for _, rv := range []string{"", "0"} {
 			s, sl, err := count(rv)
 			if err != nil {
 				return err
@@ -400,18 +472,13 @@ func waitServed(ctx context.Context, c kubernetes.Interface, ns string, n int, l
 				break
 			}
 		}
-		if ok && lastIP != "" {
-			if _, err := c.NetworkingV1().IPAddresses().Get(ctx, lastIP, metav1.GetOptions{ResourceVersion: "0"}); err != nil {
-				ok, last = false, err.Error()
-			}
-		}
 		if ok {
 			return nil
 		}
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for the API server to list %d background Services (last: %s): %w", n, last, ctx.Err())
-		case <-time.After(500 * time.Millisecond):
+		case <-time.After(time.Second):
 		}
 	}
 }

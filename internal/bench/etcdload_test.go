@@ -220,6 +220,11 @@ func TestDirectLoad(t *testing.T) {
 	}
 
 	if sizes := os.Getenv("KBP_BENCH_SCALE"); sizes != "" {
+		// Free the addresses the scale run's Services ask for.
+		if _, err := Populate(ctx, bulk, nil, ns, 0, 2, addrs, 9000, 4, nil); err != nil {
+			t.Fatal(err)
+		}
+		direct.Logf = t.Logf
 		scaleDirect(t, bulk, direct, sizes)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -137,23 +138,15 @@ func Populate(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, ns
 	}
 	total := len(create) + len(createSlice) + len(remove)
 	report := progressCounter(total, progress)
+	// The direct loader takes the Services to create but bg-00000, its
+	// template, created through the API with the rest of the API's work
+	// first.
 	var viaEtcd []int
 	if direct != nil && len(create) > 0 {
-		taken, err := takenAddresses(ctx, c)
-		if err != nil {
-			return "", fmt.Errorf("populating %s: %w", ns, err)
-		}
-		viaAPI := create[:0:0]
-		for _, i := range create {
-			if i == 0 || taken[backgroundClusterIP(i).String()] {
-				viaAPI = append(viaAPI, i)
-			} else {
-				viaEtcd = append(viaEtcd, i)
-			}
-		}
-		create = viaAPI
-		if len(viaEtcd) > 0 && !services[backgroundName(0)] && (len(create) == 0 || create[0] != 0) {
-			return "", fmt.Errorf("populating %s: bg-00000, the direct loader's template, is neither there nor to be created", ns)
+		if create[0] == 0 {
+			viaEtcd, create = create[1:], create[:1]
+		} else {
+			viaEtcd, create = create, nil
 		}
 	}
 	jobs := make([]func(context.Context) error, 0, total)
@@ -182,10 +175,10 @@ func Populate(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, ns
 		return "", fmt.Errorf("populating %s with %d Services: %w", ns, n, err)
 	}
 	if len(viaEtcd) > 0 {
-		if err := direct.loadDirect(ctx, shape, viaEtcd, workers, report); err != nil {
-			return "", fmt.Errorf("populating %s with %d Services through etcd: %w", ns, n, err)
+		if err := populateDirect(ctx, c, direct, shape, n, viaEtcd, workers, report); err != nil {
+			return "", fmt.Errorf("populating %s with %d Services: %w", ns, n, err)
 		}
-		if err := waitServed(ctx, c, ns, n, backgroundClusterIP(viaEtcd[len(viaEtcd)-1]).String()); err != nil {
+		if err := waitServed(ctx, c, ns, n); err != nil {
 			return "", err
 		}
 	}
@@ -197,6 +190,45 @@ func Populate(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, ns
 		return "", fmt.Errorf("reading the last background Service: %w", err)
 	}
 	return net.JoinHostPort(svc.Spec.ClusterIP, strconv.Itoa(int(port))), nil
+}
+
+// populateDirect creates background Services idx (none of which exists;
+// the others of the n are there) through direct, but those whose fixed ClusterIP something else holds:
+// these it creates through the API afterwards, when the API server's
+// allocator knows every address written directly and picks another.
+func populateDirect(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, s serviceShape, n int, idx []int, workers int, report func()) error {
+	taken, err := takenAddresses(ctx, c)
+	if err != nil {
+		return err
+	}
+	var viaEtcd, viaAPI []int
+	for _, i := range idx {
+		if taken[backgroundClusterIP(i).String()] {
+			viaAPI = append(viaAPI, i)
+		} else {
+			viaEtcd = append(viaEtcd, i)
+		}
+	}
+	if len(viaEtcd) > 0 {
+		if err := direct.loadDirect(ctx, c, s, viaEtcd, workers, report); err != nil {
+			return fmt.Errorf("through etcd: %w", err)
+		}
+		// Before the API's creations: the API server has caught up.
+		start := time.Now()
+		if err := waitServed(ctx, c, s.ns, n-len(viaAPI)); err != nil {
+			return err
+		}
+		direct.logf("listed by the API server %s later", time.Since(start).Round(time.Millisecond))
+	}
+	jobs := make([]func(context.Context) error, len(viaAPI))
+	for k, i := range viaAPI {
+		jobs[k] = func(ctx context.Context) error {
+			_, err := s.create(ctx, c, backgroundName(i), i)
+			report()
+			return err
+		}
+	}
+	return runParallel(ctx, workers, jobs)
 }
 
 // CreateBatch creates k more Services shaped as Populate's, named
