@@ -113,10 +113,7 @@ func measure(ctx context.Context, args []string) error {
 			cfg.Sizes = append(cfg.Sizes, n)
 		}
 	}
-	if *load != bench.LoadEtcd && *load != bench.LoadAPI {
-		return fmt.Errorf("--load %q: want %s or %s", *load, bench.LoadEtcd, bench.LoadAPI)
-	}
-	cfg.Load = *load
+	cfg.Load = *load // checked with the rest of cfg
 	if *endpoints > 0 {
 		cfg.EndpointsPerService = *endpoints
 	}

@@ -176,6 +176,9 @@ func (c *Config) validate() error {
 			errs = append(errs, fmt.Errorf("Service count %d: the local cluster's service range (/16) holds at most 60000 besides the benchmark's own", s))
 		}
 	}
+	if c.Load != "" && c.Load != LoadEtcd && c.Load != LoadAPI {
+		errs = append(errs, fmt.Errorf("background loader %q: want %s or %s", c.Load, LoadEtcd, LoadAPI))
+	}
 	if !sort.IntsAreSorted(c.Sizes) {
 		errs = append(errs, errors.New("Service counts must ascend: each size adds Services to the one before"))
 	}

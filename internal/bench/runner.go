@@ -154,12 +154,8 @@ func (r *runner) setUp(ctx context.Context) error {
 	if r.api, err = BulkClient(c.Config); err != nil {
 		return err
 	}
-	switch r.cfg.Load {
-	case "", LoadEtcd:
+	if r.cfg.Load != LoadAPI { // validated: LoadEtcd or ""
 		r.etcd = NewEtcdStore(c.EtcdHTTPClient(), localcluster.EtcdURL, localcluster.EtcdPrefix)
-	case LoadAPI:
-	default:
-		return fmt.Errorf("background loader %q: want %s or %s", r.cfg.Load, LoadEtcd, LoadAPI)
 	}
 	for _, ns := range []string{benchNamespace, backgroundNamespace} {
 		if _, err := r.api.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
