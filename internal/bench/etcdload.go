@@ -277,12 +277,18 @@ func (e *EtcdStore) readTemplates(ctx context.Context, ns, name string) (*etcdTe
 // stamp gives a copied object its own identity, as the API server's
 // create does: a new uid, this creation time (at the second, as the API
 // server's clock is shown), the same time on its managedFields entries,
-// and no resourceVersion (etcd's revision becomes it).
+// generation 1 where it has one, and no resourceVersion (etcd's revision
+// becomes it).
 func stamp(m *metav1.ObjectMeta, name string, now metav1.Time) {
 	m.Name = name
 	m.UID = uuid.NewUUID()
 	m.ResourceVersion = ""
 	m.CreationTimestamp = now
+	if m.Generation > 0 {
+		// The template may have been updated since (churn); a create
+		// starts at 1.
+		m.Generation = 1
+	}
 	for i := range m.ManagedFields {
 		t := now
 		m.ManagedFields[i].Time = &t

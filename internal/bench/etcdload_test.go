@@ -94,6 +94,18 @@ func upCluster(t *testing.T) *localcluster.Cluster {
 		t.Fatalf("starting the local cluster: %v", err)
 	}
 	t.Cleanup(func() {
+		if t.Failed() {
+			// Why the API server's informers lagged, if they did.
+			b, _ := os.ReadFile(filepath.Join(dir, "logs", "kube-apiserver.log"))
+			n := 0
+			for _, l := range strings.Split(string(b), "\n") {
+				if strings.Contains(l, "unresponsive") || strings.Contains(l, "too old") || strings.Contains(l, "repairip") || strings.Contains(l, "Timeout") {
+					if n++; n <= 10 {
+						t.Logf("kube-apiserver: %.300s", l)
+					}
+				}
+			}
+		}
 		if err := localcluster.Down(dir); err != nil {
 			t.Errorf("taking the cluster down: %v", err)
 		}
