@@ -43,9 +43,9 @@ import (
 // storage version with the API server's protobuf encoding. Its IPAddress
 // carries the labels and parentRef the allocator's repair loop checks
 // (managed-by ipallocator.k8s.io, the address family, the Service), so
-// the repair loop neither recreates nor reports it, and the allocator's
-// informer sees the address as taken: a later Service created through the
-// API gets another one.
+// the repair loop neither deletes nor replaces it (but see loadDirect),
+// and the allocator's informer sees the address as taken: a later Service
+// created through the API gets another one.
 
 // EtcdStore writes objects into the API server's etcd through etcd's
 // HTTP/JSON gateway (/v3/kv/...).
@@ -337,10 +337,12 @@ func (t *etcdTemplates) objects(e *EtcdStore, s serviceShape, i int, now metav1.
 // its slice, nor an IPAddress for its ClusterIP) into etcd, with workers
 // transactions in flight, once bg-00000 (the template) exists. As the API
 // server's allocator does, it writes the IPAddresses first and the
-// Services after, once the API server lists the addresses and a pause has
-// let its informers take them in: the ClusterIP repair loop, which checks
-// each Service as its informer adds it, then finds its address taken, by
-// it.
+// Services after, once the API server lists the addresses. Even so, the
+// API server's ClusterIP repair loop, which checks each Service as its
+// informer adds it, reports a few percent of them at 10k and more as
+// having no address (ClusterIPNotAllocated) and tries in vain to create
+// it (the address exists): a pause of seconds between the two phases did
+// not change that, and why its informer lags is not known yet.
 func (e *EtcdStore) loadDirect(ctx context.Context, c kubernetes.Interface, s serviceShape, idx []int, workers int, report func()) error {
 	t, err := e.readTemplates(ctx, s.ns, backgroundName(0))
 	if err != nil {
@@ -368,18 +370,7 @@ func (e *EtcdStore) loadDirect(ctx context.Context, c kubernetes.Interface, s se
 	if err := waitAddresses(ctx, c, idx); err != nil {
 		return err
 	}
-	// The API server's own informers (the repair loop's among them)
-	// follow its watch cache a little later, longer the more events
-	// they have to take in: a Service they see before its address is
-	// reported and "repaired" (in vain: the address exists). Measured
-	// here, 10k addresses listed gave 452 such reports without a pause.
-	settle := time.Second + time.Duration(len(ips))*time.Second/5000
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(settle):
-	}
-	e.logf("listed by the API server %s later (with a %s pause for its informers)", time.Since(phase).Round(time.Millisecond), settle)
+	e.logf("listed by the API server %s later", time.Since(phase).Round(time.Millisecond))
 	phase = time.Now()
 	defer func() {
 		e.logf("%d Services and slices written to etcd in %s", len(svcs), time.Since(phase).Round(time.Millisecond))

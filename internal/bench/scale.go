@@ -178,9 +178,11 @@ func Populate(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, ns
 		if err := populateDirect(ctx, c, direct, shape, n, viaEtcd, workers, report); err != nil {
 			return "", fmt.Errorf("populating %s with %d Services: %w", ns, n, err)
 		}
+		start := time.Now()
 		if err := waitServed(ctx, c, ns, n); err != nil {
 			return "", err
 		}
+		direct.logf("listed by the API server %s later", time.Since(start).Round(time.Millisecond))
 	}
 	if n == 0 {
 		return "", nil
@@ -193,9 +195,10 @@ func Populate(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, ns
 }
 
 // populateDirect creates background Services idx (none of which exists;
-// the others of the n are there) through direct, but those whose fixed ClusterIP something else holds:
-// these it creates through the API afterwards, when the API server's
-// allocator knows every address written directly and picks another.
+// the others of the n are there) through direct, but those whose fixed
+// ClusterIP something else holds: these it creates through the API
+// afterwards, once the API server lists those written directly, so that
+// its allocator picks another address.
 func populateDirect(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, s serviceShape, n int, idx []int, workers int, report func()) error {
 	taken, err := takenAddresses(ctx, c)
 	if err != nil {
@@ -213,12 +216,12 @@ func populateDirect(ctx context.Context, c kubernetes.Interface, direct *EtcdSto
 		if err := direct.loadDirect(ctx, c, s, viaEtcd, workers, report); err != nil {
 			return fmt.Errorf("through etcd: %w", err)
 		}
+	}
+	if len(viaEtcd) > 0 && len(viaAPI) > 0 {
 		// Before the API's creations: the API server has caught up.
-		start := time.Now()
 		if err := waitServed(ctx, c, s.ns, n-len(viaAPI)); err != nil {
 			return err
 		}
-		direct.logf("listed by the API server %s later", time.Since(start).Round(time.Millisecond))
 	}
 	jobs := make([]func(context.Context) error, len(viaAPI))
 	for k, i := range viaAPI {
