@@ -27,7 +27,7 @@ generate:
 
 # Every datapath side by side on a local cluster, report in _output/bench-report
 # (about 40 minutes); QUICK=1 for the reduced run the tests make (5 minutes),
-# LARGE=1 for 20k and 50k Services too (about 3 hours).
+# LARGE=1 for 20k and 50k Services too.
 bench:
 	QUICK="$(QUICK)" LARGE="$(LARGE)" hack/bench.sh
 

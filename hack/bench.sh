@@ -4,8 +4,9 @@
 # and iptables (nft, legacy) modes and upstream kube-proxy's iptables (legacy,
 # nft) and nftables modes, at 0, 1k and 10k background Services. About 40
 # minutes on 2 cores; QUICK=1 runs the reduced matrix the tests run (about 5
-# minutes); LARGE=1 adds 20k and 50k (about 3 hours, most of it the API server
-# creating Services). Needs root: network namespaces, cgroups, BPF, iptables in
+# minutes); LARGE=1 adds 20k and 50k (the background Services are written
+# into etcd: --load=etcd, LARGE's default; through the API, the default
+# of the other runs (--load=api), 50k take hours). Needs root: network namespaces, cgroups, BPF, iptables in
 # the nodes' namespaces. Extra arguments go to the benchmark (`--help`).
 #
 #   hack/bench.sh                       the full run, report in _output/bench-report

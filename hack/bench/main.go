@@ -77,7 +77,7 @@ func run(ctx context.Context, args []string) error {
 func measure(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	quick := fs.Bool("quick", false, "the reduced run the tests make (make bench QUICK=1): every contender and workload at 0 and 500 Services, few samples, about 5 minutes")
-	large := fs.Bool("large", false, "the full run at 0, 1k, 10k, 20k and 50k Services (make bench LARGE=1): about 3 hours here, most of it the API server creating Services")
+	large := fs.Bool("large", false, "the full run at 0, 1k, 10k, 20k and 50k Services (make bench LARGE=1)")
 	out := fs.String("out", "", "report directory (default _output/bench-report, or _output/bench-quick with --quick)")
 	clusterDir := fs.String("cluster-dir", "_output/bench-cluster", "the local cluster's directory")
 	kubeBin := fs.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries and upstream kube-proxy (hack/kube-build.sh prints it)")
@@ -88,6 +88,7 @@ func measure(ctx context.Context, args []string) error {
 	endpoints := fs.Int("endpoints", 0, "endpoints of each background Service (default 10)")
 	controlPlane := fs.Bool("control-plane-only", false, "skip the latency and rate workloads: time only the cold start, endpoint changes under churn and the batch of new Services")
 	changes := fs.Int("endpoint-changes", 0, "timed endpoint changes per cell (default 20, quick 4); more give a steadier p99")
+	load := fs.String("load", "", "how the background Services are created: api (through the API, the default; about 3 hours for 50k, the API server's ClusterIP allocator being the limit) or etcd (written into the API server's etcd: minutes for 50k; the default with --large; BENCHMARKS.md, \"Method\")")
 	keep := fs.Bool("keep", false, "leave the cluster running afterwards (remove it with: bench down)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -117,6 +118,9 @@ func measure(ctx context.Context, args []string) error {
 			}
 			cfg.Sizes = append(cfg.Sizes, n)
 		}
+	}
+	if *load != "" {
+		cfg.Load = *load // checked with the rest of cfg
 	}
 	if *endpoints > 0 {
 		cfg.EndpointsPerService = *endpoints

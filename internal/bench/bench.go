@@ -54,6 +54,12 @@ type Config struct {
 	Sizes      []int
 	// EndpointsPerService is each background Service's endpoint count.
 	EndpointsPerService int
+	// Load is how the background Services are created: LoadAPI (the
+	// default, "") creates them through the API, which takes hours for
+	// 50k (BENCHMARKS.md, "Method"); LoadEtcd (LargeConfig's) writes them
+	// into the API server's etcd. Batches are always created through the
+	// API.
+	Load string
 	// Repetitions of each workload in a cell.
 	Repetitions int
 	// LatencyPairs is the number of (direct, service) sample pairs per
@@ -82,15 +88,19 @@ type Config struct {
 	Progress io.Writer
 }
 
+// The background loaders (Config.Load).
+const (
+	LoadEtcd = "etcd"
+	LoadAPI  = "api"
+)
+
 // FullConfig is `make bench`: the issue's matrix at 0, 1k and 10k
 // Services, about 40 minutes on 2 cores.
 func FullConfig() Config {
 	return Config{
 		Contenders: results.AllContenders,
-		// 20k and 50k are LargeConfig's: the API server creates Services
-		// ever slower as they accumulate (BENCHMARKS.md, "Method": each
-		// creation lists every allocated ClusterIP), so 50k alone takes
-		// about an hour on 2 cores.
+		// 20k and 50k are LargeConfig's: each contender's cells there
+		// take as long again as all of these.
 		Sizes:                []int{0, 1000, 10000},
 		EndpointsPerService:  10,
 		Repetitions:          3,
@@ -120,13 +130,15 @@ func syncTimeout(size int) time.Duration {
 // size issue 18 sets the eBPF cold-node goal at, and 50k.
 var LargeSizes = []int{0, 1000, 10000, 20000, 50000}
 
-// LargeConfig is `make bench LARGE=1`: FullConfig at LargeSizes. Creating
-// the Services from 10k to 50k takes the local API server about an hour
-// here, and each contender's cells at 20k and 50k as long again: about 3
-// hours on 2 cores.
+// LargeConfig is `make bench LARGE=1`: FullConfig at LargeSizes. The
+// direct loader (Load) makes the background Services from 10k to 50k in
+// minutes; through the API (LoadAPI) they take the local API server hours
+// on 2 cores.
 func LargeConfig() Config {
 	c := FullConfig()
 	c.Sizes = LargeSizes
+	// 20k and 50k Services through the API take hours here.
+	c.Load = LoadEtcd
 	return c
 }
 
@@ -168,6 +180,9 @@ func (c *Config) validate() error {
 		if s < 0 || s > 60000 {
 			errs = append(errs, fmt.Errorf("Service count %d: the local cluster's service range (/16) holds at most 60000 besides the benchmark's own", s))
 		}
+	}
+	if c.Load != "" && c.Load != LoadEtcd && c.Load != LoadAPI {
+		errs = append(errs, fmt.Errorf("background loader %q: want %s or %s", c.Load, LoadEtcd, LoadAPI))
 	}
 	if !sort.IntsAreSorted(c.Sizes) {
 		errs = append(errs, errors.New("Service counts must ascend: each size adds Services to the one before"))

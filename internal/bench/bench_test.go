@@ -39,6 +39,7 @@ func TestConfigValidate(t *testing.T) {
 		"sizes descending":  {func(c *Config) { c.Sizes = []int{1000, 0} }, "must ascend"},
 		"too many Services": {func(c *Config) { c.Sizes = []int{70000} }, "at most 60000"},
 		"odd rate phases":   {func(c *Config) { c.RatePhases = 3 }, "must be even"},
+		"unknown loader":    {func(c *Config) { c.Load = "kubectl" }, `background loader "kubectl"`},
 		"no binary":         {func(c *Config) { c.Binary = "" }, "no kube-bpf-proxy binary"},
 		"missing binary":    {func(c *Config) { c.Binary = "/nonexistent/kube-bpf-proxy" }, "kube-bpf-proxy binary: stat"},
 	} {

@@ -109,7 +109,7 @@ func TestContenders(t *testing.T) {
 		t.Fatal(err)
 	}
 	addrs := []netip.Addr{e.server.IP}
-	last, err := Populate(ctx, bulk, bgNS, 50, 1, addrs, serverPort, 8, nil)
+	last, err := Populate(ctx, bulk, nil, bgNS, 50, 1, addrs, serverPort, 8, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -253,7 +253,7 @@ func TestPopulate(t *testing.T) {
 	}{{"create", 30}, {"shrink", 20}, {"grow", 25}, {"same", 25}} {
 		t.Run(tc.name, func(t *testing.T) {
 			calls := 0
-			last, err := Populate(ctx, bulk, bgNS, tc.n, 2, addrs, 9000, 4, func(done, total int) { calls++ })
+			last, err := Populate(ctx, bulk, nil, bgNS, tc.n, 2, addrs, 9000, 4, func(done, total int) { calls++ })
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -311,7 +311,7 @@ func TestPopulate(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 40*time.Minute)
 		defer cancel()
 		start := time.Now()
-		if _, err := Populate(ctx, bulk, "bench-scale", size, 10, []netip.Addr{
+		if _, err := Populate(ctx, bulk, nil, "bench-scale", size, 10, []netip.Addr{
 			netip.MustParseAddr("10.244.2.1"), netip.MustParseAddr("10.244.2.2"), netip.MustParseAddr("10.244.2.3"),
 			netip.MustParseAddr("10.244.2.4"), netip.MustParseAddr("10.244.2.5"), netip.MustParseAddr("10.244.2.6"),
 			netip.MustParseAddr("10.244.2.7"), netip.MustParseAddr("10.244.2.8"), netip.MustParseAddr("10.244.2.9"),

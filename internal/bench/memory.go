@@ -150,7 +150,7 @@ func MeasureMemory(ctx context.Context, cfg MemoryConfig) (res []MemoryResult, e
 	}
 	start := time.Now()
 	logf("populating %d Services × %d endpoints", cfg.Services, cfg.Endpoints)
-	if _, err := Populate(ctx, api, backgroundNamespace, cfg.Services, cfg.Endpoints, addrs, 80, populateWorkers, nil); err != nil {
+	if _, err := Populate(ctx, api, nil, backgroundNamespace, cfg.Services, cfg.Endpoints, addrs, 80, populateWorkers, nil); err != nil {
 		return nil, err
 	}
 	logf("populated in %s", time.Since(start).Round(time.Second))

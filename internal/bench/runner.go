@@ -68,9 +68,11 @@ func (p path) targets(port int, viaService bool) []string {
 }
 
 type runner struct {
-	cfg  Config
-	c    *localcluster.Cluster
-	api  kubernetes.Interface
+	cfg Config
+	c   *localcluster.Cluster
+	api kubernetes.Interface
+	// etcd is the background's direct loader; nil unless Config.Load is "etcd".
+	etcd *EtcdStore
 	prog *progress
 	out  *results.Run
 
@@ -151,6 +153,9 @@ func (r *runner) setUp(ctx context.Context) error {
 	r.c = c
 	if r.api, err = BulkClient(c.Config); err != nil {
 		return err
+	}
+	if r.cfg.Load == LoadEtcd {
+		r.etcd = NewEtcdStore(c.EtcdHTTPClient(), localcluster.EtcdURL, localcluster.EtcdPrefix)
 	}
 	for _, ns := range []string{benchNamespace, backgroundNamespace} {
 		if _, err := r.api.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
@@ -361,7 +366,7 @@ func (r *runner) grow(ctx context.Context, size int) error {
 }
 
 func (r *runner) populate(ctx context.Context, size int) error {
-	last, err := Populate(ctx, r.api, backgroundNamespace, size, r.cfg.EndpointsPerService, r.serverAddrs(), load.EchoPort, populateWorkers, nil)
+	last, err := Populate(ctx, r.api, r.etcd, backgroundNamespace, size, r.cfg.EndpointsPerService, r.serverAddrs(), load.EchoPort, populateWorkers, nil)
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -87,7 +88,13 @@ func (s serviceShape) check() error {
 // progress, if set, is called after each Service created or deleted (from
 // one goroutine at a time). It returns the ClusterIP:port of the last one
 // by name ("" for n = 0).
-func Populate(ctx context.Context, c kubernetes.Interface, ns string, n, endpoints int, addrs []netip.Addr, port int32, workers int, progress func(done, total int)) (last string, err error) {
+//
+// With direct set, the Services to create are written into etcd
+// (etcdload.go) rather than created through the API, except bg-00000 (the
+// template) and any whose fixed ClusterIP something else holds; Populate
+// then waits until the API server lists them all. Deletions always go
+// through the API.
+func Populate(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, ns string, n, endpoints int, addrs []netip.Addr, port int32, workers int, progress func(done, total int)) (last string, err error) {
 	shape := serviceShape{ns: ns, set: setBackground, endpoints: endpoints, addrs: addrs, port: port}
 	if err := shape.check(); err != nil {
 		return "", fmt.Errorf("populating %s: %w", ns, err)
@@ -131,6 +138,17 @@ func Populate(ctx context.Context, c kubernetes.Interface, ns string, n, endpoin
 	}
 	total := len(create) + len(createSlice) + len(remove)
 	report := progressCounter(total, progress)
+	// The direct loader takes the Services to create but bg-00000, its
+	// template, created through the API with the rest of the API's work
+	// first.
+	var viaEtcd []int
+	if direct != nil && len(create) > 0 {
+		if create[0] == 0 {
+			viaEtcd, create = create[1:], create[:1]
+		} else {
+			viaEtcd, create = create, nil
+		}
+	}
 	jobs := make([]func(context.Context) error, 0, total)
 	for _, i := range create {
 		jobs = append(jobs, func(ctx context.Context) error {
@@ -156,6 +174,16 @@ func Populate(ctx context.Context, c kubernetes.Interface, ns string, n, endpoin
 	if err := runParallel(ctx, workers, jobs); err != nil {
 		return "", fmt.Errorf("populating %s with %d Services: %w", ns, n, err)
 	}
+	if len(viaEtcd) > 0 {
+		if err := populateDirect(ctx, c, direct, shape, n, viaEtcd, workers, report); err != nil {
+			return "", fmt.Errorf("populating %s with %d Services: %w", ns, n, err)
+		}
+		start := time.Now()
+		if err := waitServed(ctx, c, ns, n); err != nil {
+			return "", err
+		}
+		direct.logf("listed by the API server %s later", time.Since(start).Round(time.Millisecond))
+	}
 	if n == 0 {
 		return "", nil
 	}
@@ -164,6 +192,46 @@ func Populate(ctx context.Context, c kubernetes.Interface, ns string, n, endpoin
 		return "", fmt.Errorf("reading the last background Service: %w", err)
 	}
 	return net.JoinHostPort(svc.Spec.ClusterIP, strconv.Itoa(int(port))), nil
+}
+
+// populateDirect creates background Services idx (none of which exists;
+// the others of the n are there) through direct, but those whose fixed
+// ClusterIP something else holds: these it creates through the API
+// afterwards, once the API server lists those written directly, so that
+// its allocator picks another address.
+func populateDirect(ctx context.Context, c kubernetes.Interface, direct *EtcdStore, s serviceShape, n int, idx []int, workers int, report func()) error {
+	taken, err := takenAddresses(ctx, c)
+	if err != nil {
+		return err
+	}
+	var viaEtcd, viaAPI []int
+	for _, i := range idx {
+		if taken[backgroundClusterIP(i).String()] {
+			viaAPI = append(viaAPI, i)
+		} else {
+			viaEtcd = append(viaEtcd, i)
+		}
+	}
+	if len(viaEtcd) > 0 {
+		if err := direct.loadDirect(ctx, c, s, viaEtcd, workers, report); err != nil {
+			return fmt.Errorf("through etcd: %w", err)
+		}
+	}
+	if len(viaEtcd) > 0 && len(viaAPI) > 0 {
+		// Before the API's creations: the API server has caught up.
+		if err := waitServed(ctx, c, s.ns, n-len(viaAPI)); err != nil {
+			return err
+		}
+	}
+	jobs := make([]func(context.Context) error, len(viaAPI))
+	for k, i := range viaAPI {
+		jobs[k] = func(ctx context.Context) error {
+			_, err := s.create(ctx, c, backgroundName(i), i)
+			report()
+			return err
+		}
+	}
+	return runParallel(ctx, workers, jobs)
 }
 
 // CreateBatch creates k more Services shaped as Populate's, named
@@ -272,17 +340,24 @@ func backgroundClusterIP(i int) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
 }
 
-// createSlice creates Service name's EndpointSlice, named as the Service.
-func (s serviceShape) createSlice(ctx context.Context, c kubernetes.Interface, name string, i int) error {
-	ready, serving, terminating := true, true, false
+// sliceEndpoints are Service i's endpoints: the next s.endpoints
+// addresses of the round robin, ready.
+func (s serviceShape) sliceEndpoints(i int) []discoveryv1.Endpoint {
 	eps := make([]discoveryv1.Endpoint, s.endpoints)
 	for j := range eps {
+		ready, serving, terminating := true, true, false
 		addr := s.addrs[(i*s.endpoints+j)%len(s.addrs)]
 		eps[j] = discoveryv1.Endpoint{
 			Addresses:  []string{addr.String()},
 			Conditions: discoveryv1.EndpointConditions{Ready: &ready, Serving: &serving, Terminating: &terminating},
 		}
 	}
+	return eps
+}
+
+// createSlice creates Service name's EndpointSlice, named as the Service.
+func (s serviceShape) createSlice(ctx context.Context, c kubernetes.Interface, name string, i int) error {
+	eps := s.sliceEndpoints(i)
 	portName, proto, port := "tcp", corev1.ProtocolTCP, s.port
 	_, err := c.DiscoveryV1().EndpointSlices(s.ns).Create(ctx, &discoveryv1.EndpointSlice{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{
@@ -323,8 +398,14 @@ func ensureNamespace(ctx context.Context, c kubernetes.Interface, ns string) err
 // listSet returns the names of the set's Services (or EndpointSlices) in
 // ns, listed in pages so that 50k objects never make one huge response.
 func listSet(ctx context.Context, c kubernetes.Interface, ns, set string, slices bool) (map[string]bool, error) {
+	return listSetAt(ctx, c, ns, set, slices, "")
+}
+
+// listSetAt is listSet at resourceVersion rv ("0": from the API server's
+// watch cache, "": from etcd).
+func listSetAt(ctx context.Context, c kubernetes.Interface, ns, set string, slices bool, rv string) (map[string]bool, error) {
 	names := map[string]bool{}
-	opts := metav1.ListOptions{LabelSelector: scaleSetLabel + "=" + set, Limit: 5000}
+	opts := metav1.ListOptions{LabelSelector: scaleSetLabel + "=" + set, Limit: 5000, ResourceVersion: rv}
 	for {
 		var cont string
 		if slices {

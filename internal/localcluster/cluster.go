@@ -22,6 +22,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -249,6 +250,21 @@ func (c *Cluster) RESTConfigFrom(path string) (*rest.Config, error) {
 	return cfg, nil
 }
 
+// EtcdURL is etcd's client URL, inside the first node's namespace.
+const EtcdURL = "http://127.0.0.1:2379"
+
+// EtcdPrefix is the API server's --etcd-prefix: its objects' keys start
+// with it.
+const EtcdPrefix = "/registry"
+
+// EtcdHTTPClient returns a client for etcd's HTTP/JSON gateway at EtcdURL
+// (/v3/kv/...) whose connections are made inside the first node's
+// namespace. Writing objects there bypasses the API server: only the
+// benchmark's bulk loader does (internal/bench, Populate).
+func (c *Cluster) EtcdHTTPClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{DialContext: dialIn(c.Nodes[0].NetNS), MaxIdleConnsPerHost: 64}}
+}
+
 // Node returns the node called name.
 func (c *Cluster) Node(name string) (NodeInfo, error) {
 	for _, n := range c.Nodes {
@@ -278,10 +294,10 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 		return err
 	}
 
-	progress("etcd (Debian etcd-server) on 127.0.0.1:2379 in %s", n1.NetNS)
+	progress("etcd (Debian etcd-server) on %s in %s", EtcdURL, n1.NetNS)
 	etcd := c.controlPlaneProc("etcd", []string{"etcd",
 		"--name=local", "--data-dir=" + filepath.Join(c.Dir, "etcd"),
-		"--listen-client-urls=http://127.0.0.1:2379", "--advertise-client-urls=http://127.0.0.1:2379",
+		"--listen-client-urls=" + EtcdURL, "--advertise-client-urls=" + EtcdURL,
 		"--listen-peer-urls=http://127.0.0.1:2380", "--initial-advertise-peer-urls=http://127.0.0.1:2380",
 		"--initial-cluster=local=http://127.0.0.1:2380",
 	})
@@ -295,7 +311,7 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 	progress("kube-apiserver on %s (service CIDR %s)", c.Server, ServiceCIDR)
 	f := func(name string) string { return filepath.Join(c.Dir, name) }
 	api := c.controlPlaneProc("kube-apiserver", []string{filepath.Join(c.KubeBin, "kube-apiserver"),
-		"--etcd-servers=http://127.0.0.1:2379",
+		"--etcd-servers=" + EtcdURL, "--etcd-prefix=" + EtcdPrefix,
 		"--advertise-address=" + n1.IP, "--bind-address=0.0.0.0", "--secure-port=" + apiServerPort,
 		"--tls-cert-file=" + f("apiserver.crt"), "--tls-private-key-file=" + f("apiserver.key"),
 		"--client-ca-file=" + f("ca.crt"),
