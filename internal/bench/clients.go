@@ -91,26 +91,35 @@ func (r *runner) rate(ctx context.Context, workload string, rep int, viaService 
 	for _, pid := range pids {
 		pidList = append(pidList, strconv.Itoa(pid))
 	}
+	res := make([]load.RateResult, len(r.paths))
 	// Time for every client process to start before the first phase (the
 	// client fails, rather than measure a short phase, if it starts late).
-	startAt := time.Now().Add(time.Second)
-	res := make([]load.RateResult, len(r.paths))
-	var fns []func() error
-	for i, p := range r.paths {
-		fns = append(fns, func() error {
-			args := []string{"rate", "--workload", kind,
-				"--targets", strings.Join(p.targets(port, viaService), ","),
-				"--workers", strconv.Itoa(workers),
-				"--phase", r.cfg.RatePhase.String(), "--phases", strconv.Itoa(phases),
-				"--start-at", strconv.FormatInt(startAt.UnixNano(), 10)}
-			if len(pidList) > 0 {
-				args = append(args, "--proxy-pids", strings.Join(pidList, ","))
-			}
-			return r.client(ctx, p.client, &res[i], args...)
-		})
-	}
-	if err := parallel(fns...); err != nil {
-		return nil, err
+	// A machine busy enough to start a client later than that gets the
+	// measurement again with a longer lead, rather than a failed cell.
+	for lead := time.Second; ; lead *= 3 {
+		startAt := time.Now().Add(lead)
+		var fns []func() error
+		for i, p := range r.paths {
+			fns = append(fns, func() error {
+				args := []string{"rate", "--workload", kind,
+					"--targets", strings.Join(p.targets(port, viaService), ","),
+					"--workers", strconv.Itoa(workers),
+					"--phase", r.cfg.RatePhase.String(), "--phases", strconv.Itoa(phases),
+					"--start-at", strconv.FormatInt(startAt.UnixNano(), 10)}
+				if len(pidList) > 0 {
+					args = append(args, "--proxy-pids", strings.Join(pidList, ","))
+				}
+				return r.client(ctx, p.client, &res[i], args...)
+			})
+		}
+		err := parallel(fns...)
+		if err == nil {
+			break
+		}
+		if !strings.Contains(err.Error(), load.ErrStartedLate) || lead >= 9*time.Second {
+			return nil, err
+		}
+		r.prog.note("a client started after its first phase ended (lead %s): measuring again with a longer lead", lead)
 	}
 	// Sum the clients' work phase by phase. The phase's length and the
 	// machine's CPU time are the same window seen by each client: they

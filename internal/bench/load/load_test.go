@@ -207,3 +207,18 @@ func TestRateMissedPhase(t *testing.T) {
 		t.Errorf("phases %+v: want a later one missed after phase 0's 250 ms transaction", res.Phases)
 	}
 }
+
+// A client started after its first phase ended says so in words the
+// benchmark recognises, so that it measures again with a longer lead
+// instead of failing the cell.
+func TestRateStartedLate(t *testing.T) {
+	addr := netip.MustParseAddrPort("127.0.0.1:9")
+	_, err := runRate(context.Background(), rateConfig{
+		workload: RateConnect, targets: []target{{name: results.TargetDirect, addr: addr}},
+		workers: 1, phase: 100 * time.Millisecond, phases: 2, timeout: 250 * time.Millisecond,
+		startAt: time.Now().Add(-time.Second), procRoot: "/proc",
+	})
+	if err == nil || !strings.Contains(err.Error(), ErrStartedLate) {
+		t.Fatalf("a start a second in the past gave %v, want an error containing %q", err, ErrStartedLate)
+	}
+}

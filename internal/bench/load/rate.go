@@ -27,6 +27,11 @@ const (
 	RateStream = "stream"
 )
 
+// ErrStartedLate is in the error of a rate client that started after its
+// first phase had ended: the machine was too busy for the lead the
+// caller gave, which can measure again with a longer one.
+const ErrStartedLate = "--start-at is in the past"
+
 // streamBuffer is the size of each write of the stream workload.
 const streamBuffer = 64 << 10
 
@@ -198,7 +203,7 @@ func runRate(ctx context.Context, c rateConfig) (*RateResult, error) {
 		}
 		if !time.Now().Before(end) {
 			if k == 0 {
-				return nil, fmt.Errorf("phase 0 ended at %s before it could start: --start-at is in the past", end.Format(time.RFC3339Nano))
+				return nil, fmt.Errorf("phase 0 ended at %s before it could start: %s", end.Format(time.RFC3339Nano), ErrStartedLate)
 			}
 			res.Phases = append(res.Phases, PhaseResult{Index: k, Target: t.name, Address: t.addr.String(), Missed: true,
 				FirstError: "missed: the phase before overran it"})
