@@ -38,7 +38,9 @@ type Monitored interface {
 	// logs it and checks again at the next period.
 	Intact(ctx context.Context) (bool, error)
 	// LargeCluster reports kube-proxy's large cluster mode (more than 1000
-	// endpoints in all): a full sync takes seconds there, so it runs only
+	// endpoints in the rules: every Service's in the iptables mode, only
+	// those of Services with an external frontend in the eBPF mode's
+	// packet layer): a full sync takes seconds there, so it runs only
 	// at start, after a failure and when Intact says the state is gone,
 	// never merely because FullSyncPeriod has passed.
 	LargeCluster() bool

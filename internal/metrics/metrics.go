@@ -27,7 +27,8 @@ import (
 const (
 	// SyncKindFull is a sync that rewrites the whole datapath state: the
 	// first one, the one after a failed apply or a flush of the rules, and
-	// the periodic ones (each --sync-period for the eBPF maps alone, once
+	// the periodic ones (each --sync-period for a datapath of maps alone,
+	// which no mode is: the eBPF mode has its packet layer; once
 	// an hour, kube-proxy's FullSyncPeriod, where iptables rules are in
 	// play).
 	SyncKindFull = "full"

@@ -131,6 +131,12 @@ func find[T any](dp dataplane.Dataplane) (T, bool) {
 	}
 }
 
+// findMonitor is find for dataplane.Monitored, nil when none implements it.
+func findMonitor(dp dataplane.Dataplane) dataplane.Monitored {
+	m, _ := find[dataplane.Monitored](dp)
+	return m
+}
+
 // innermost unwraps datapaths wrapped by others (dataplane.Handover), whose
 // optional methods the wrapper does not carry.
 func innermost(dp dataplane.Dataplane) dataplane.Dataplane {
@@ -149,13 +155,19 @@ type Proxier struct {
 	tracker *model.Tracker
 	dp      dataplane.Dataplane
 	// inner is dp unwrapped, for the optional counters it may implement.
-	inner   dataplane.Dataplane
-	health  *healthz.ProxyHealth
-	metrics *metrics.Metrics
-	runner  *runner.Runner
-	cfg     Config
-	clock   clock.WithDelayedExecution
-	events  events.EventRecorder
+	inner dataplane.Dataplane
+	// monitor is the first datapath of dp's wrapping chain that can check
+	// its rules are in place (dataplane.Monitored), nil if none can;
+	// appliesNodeChanges whether that chain takes node changes in partial
+	// syncs (dataplane.NodeChangeApplier). Both are fixed with dp.
+	monitor            dataplane.Monitored
+	appliesNodeChanges bool
+	health             *healthz.ProxyHealth
+	metrics            *metrics.Metrics
+	runner             *runner.Runner
+	cfg                Config
+	clock              clock.WithDelayedExecution
+	events             events.EventRecorder
 
 	synced    atomic.Bool
 	syncedCh  chan struct{}
@@ -214,6 +226,7 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 	p := &Proxier{
 		dp:       dp,
 		inner:    innermost(dp),
+		monitor:  findMonitor(dp),
 		health:   health,
 		metrics:  m,
 		cfg:      cfg,
@@ -226,6 +239,9 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		failures: make(map[model.ServicePortName]*portFailure),
 		triggers: make(map[model.ServiceName][]time.Time),
 		local:    make(localPolicies),
+	}
+	if a, ok := find[dataplane.NodeChangeApplier](dp); ok {
+		p.appliesNodeChanges = a.AppliesNodeChanges()
 	}
 	for _, o := range opts {
 		o(p)
@@ -404,22 +420,20 @@ func (p *Proxier) sync(ctx context.Context) error {
 		node = p.cfg.Node.Info()
 	}
 	node.ForeignClusterIPs = p.foreignClusterIPs()
-	monitor, monitored := find[dataplane.Monitored](p.dp)
+	monitored := p.monitor != nil
 	fullPeriod := p.cfg.SyncPeriod
 	if monitored {
 		fullPeriod = cmp.Or(p.cfg.FullSyncPeriod, DefaultFullSyncPeriod)
 	}
 	// As kube-proxy, no periodic full sync of iptables rules in a large
 	// cluster: there the canary alone brings one.
-	periodic := !monitored || !monitor.LargeCluster()
+	periodic := !monitored || !p.monitor.LargeCluster()
 	full := p.needFull || (periodic && start.Sub(p.lastFull) >= fullPeriod)
-	if !node.Equal(p.node) {
-		if a, ok := find[dataplane.NodeChangeApplier](p.dp); !ok || !a.AppliesNodeChanges() {
-			full = true
-		}
+	if !node.Equal(p.node) && !p.appliesNodeChanges {
+		full = true
 	}
 	if !full && monitored && start.Sub(p.lastCheck) >= p.cfg.SyncPeriod {
-		full = !p.intact(ctx, monitor, start)
+		full = !p.intact(ctx, p.monitor, start)
 	}
 	kind := metrics.SyncKindPartial
 	if full {

@@ -224,17 +224,13 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
 	}
 	nodeChanged := !snap.Node.Equal(d.node)
-	if !snap.Full && len(snap.Services) == 0 && !nodeChanged {
-		// Nothing changed: the rules in place are this snapshot's.
-		d.written = map[string]int{"nat": 0, "filter": 0}
-		return nil
-	}
-	if d.untouched(snap) {
-		// Nothing these rules serve changed: the eBPF mode's packet layer
-		// is handed every change to a ClusterIP-only Service, whose
-		// iptables-restore (tens of milliseconds at 10k Services, for a
-		// process and the xtables lock) would rewrite what is there
-		// already, and hold up the socket layer's next sync.
+	if !snap.Full && !nodeChanged && d.untouched(snap) {
+		// Nothing these rules serve changed, so nothing is written: a
+		// period without changes, or, in the eBPF mode's packet layer, a
+		// change to a ClusterIP-only Service, whose iptables-restore (tens
+		// of milliseconds at 10k Services, for a process and the xtables
+		// lock) would rewrite what is there already, and hold up the
+		// socket layer's next sync.
 		d.written = map[string]int{"nat": 0, "filter": 0}
 		return nil
 	}
@@ -351,8 +347,10 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	return nil
 }
 
-// eventLockTimeout counts the syncs whose restore found the xtables lock
-// held past the wait, and so changed nothing.
+// eventLockTimeout counts the restores and the canary checks that found
+// the xtables lock held past the wait, and so changed or learnt nothing
+// (the proxy's kube_bpf_proxy_sync_lock_timeouts_total counts the syncs
+// whose restore did).
 const eventLockTimeout = "iptables_lock_timeout"
 
 var (
@@ -372,20 +370,19 @@ func (d *Dataplane) Intact(ctx context.Context) (bool, error) {
 	if d.applied == nil {
 		return false, nil
 	}
-	for _, table := range canaryTables(d.opts.externalOnly)[:1] {
-		ok, err := d.tool.chainExists(ctx, table, canaryChain(d.opts.externalOnly))
-		if err != nil {
-			if errors.Is(err, errLockHeld) {
-				d.count(eventLockTimeout, 1)
-			}
-			return false, fmt.Errorf("checking the canary chain: %w", err)
+	// The first table's canary alone, as kube-proxy's Monitor polls.
+	table, chain := canaryTables(d.opts.externalOnly)[0], canaryChain(d.opts.externalOnly)
+	ok, err := d.tool.chainExists(ctx, table, chain)
+	if err != nil {
+		if errors.Is(err, errLockHeld) {
+			d.count(eventLockTimeout, 1)
 		}
-		if !ok {
-			klog.InfoS("Canary chain gone: the iptables rules were flushed", "table", table, "chain", canaryChain(d.opts.externalOnly))
-			return false, nil
-		}
+		return false, fmt.Errorf("checking the canary chain: %w", err)
 	}
-	return true, nil
+	if !ok {
+		klog.InfoS("Canary chain gone: the iptables rules were flushed", "table", table, "chain", chain)
+	}
+	return ok, nil
 }
 
 // LargeCluster reports kube-proxy's large cluster mode: more than 1000
@@ -441,15 +438,18 @@ func (d *Dataplane) ensureCounter(name string) bool {
 	return true
 }
 
-// untouched reports whether applying snap would leave the rules as they
-// are: a partial snapshot, for the node the rules were rendered for, whose
-// Services this datapath served none of before and serves none of after.
-// Only the external-only mode leaves Services out (those without an
-// external frontend); it then also leaves their UDP flows alone, so no
-// conntrack cleanup is skipped either. It costs what the snapshot lists,
-// not what the rules hold.
+// untouched reports whether applying a partial snapshot for the node the
+// rules were rendered for would leave the rules as they are: it lists no
+// Service, or (only the external-only mode leaves Services out: those
+// without an external frontend) only Services this datapath served none of
+// before and serves none of after; their UDP flows are left alone then too,
+// so no conntrack cleanup is skipped either. It costs what the snapshot
+// lists, not what the rules hold.
 func (d *Dataplane) untouched(snap *model.Snapshot) bool {
-	if snap.Full || !d.opts.noClusterIPs || d.applied == nil || !snap.Node.Equal(d.node) {
+	if len(snap.Services) == 0 {
+		return true
+	}
+	if !d.opts.noClusterIPs {
 		return false
 	}
 	for name, ports := range snap.Services {
@@ -481,9 +481,9 @@ func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Sn
 	return next
 }
 
-func notExternal(sp model.ServicePort) bool { return !sp.External.Accessible() }
-
 func isExternal(sp model.ServicePort) bool { return sp.External.Accessible() }
+
+func notExternal(sp model.ServicePort) bool { return !isExternal(sp) }
 
 // staleUDP collects the UDP frontends that may have stale flows after this
 // sync, each with the endpoints whose flows are kept. It follows upstream
