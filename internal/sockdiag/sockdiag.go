@@ -162,12 +162,15 @@ const (
 // of the last one past the end, which rejects. The kernel's audit follows
 // the "yes" offsets, so each condition but the last is followed by a JMP
 // whose "yes" is the next condition and whose "no", the offset it takes,
-// is the end.
+// is the end. No peers, no bytecode.
 func peerFilter(peers []netip.AddrPort) []byte {
 	type cond struct {
 		family uint8
 		addr   []byte
 		port   uint16
+	}
+	if len(peers) == 0 {
+		return nil
 	}
 	conds := make([]cond, 0, len(peers))
 	size := 0
@@ -190,10 +193,9 @@ func peerFilter(peers []netip.AddrPort) []byte {
 	ne := binary.NativeEndian
 	for i, c := range conds {
 		condLen := 4 + 8 + len(c.addr)
-		no := condLen + 4 // the next condition, past the jump
-		if i == len(conds)-1 {
-			no = condLen + 4 // past the end: rejected
-		}
+		// The next condition, past the jump; for the last one, past the
+		// end: rejected.
+		no := condLen + 4
 		b = append(b, bcDestCondition, byte(condLen))
 		b = ne.AppendUint16(b, uint16(no))
 		b = append(b, c.family, byte(8*len(c.addr)), 0, 0)

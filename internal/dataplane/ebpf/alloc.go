@@ -92,17 +92,3 @@ func (a *idAllocator) release(id uint32) {
 
 // free reports how many ids allocate can still hand out.
 func (a *idAllocator) free() int { return max(int(a.max)-int(a.count), 0) }
-
-// inUse returns the ids in use, for tests and checks.
-func (a *idAllocator) inUse() map[uint32]struct{} {
-	out := make(map[uint32]struct{}, a.count)
-	for id := uint32(1); id <= a.max && id != 0; id++ {
-		if a.isUsed(id) {
-			out[id] = struct{}{}
-		}
-	}
-	for id := range a.above {
-		out[id] = struct{}{}
-	}
-	return out
-}

@@ -161,54 +161,62 @@ func (f *coldFill) finish(r *reconciler) error {
 	return nil
 }
 
-// UpdateBatch writes entries writeBatch at a time, or one at a time where
-// the kernel has no batch operations.
-func (k *kernelMap[K, V]) UpdateBatch(keys []K, values []V) error {
-	for len(keys) > 0 {
-		n := min(len(keys), writeBatch)
-		_, err := k.m.BatchUpdate(keys[:n], values[:n], nil)
+// inChunks writes n entries chunk at a time with batch(lo, hi), or, where
+// the kernel has no batch operations, every entry from the first unwritten
+// one on with one(i).
+func inChunks(n, chunk int, batch func(lo, hi int) error, one func(i int) error) error {
+	for lo := 0; lo < n; lo += chunk {
+		err := batch(lo, min(n, lo+chunk))
 		if errors.Is(err, ebpf.ErrNotSupported) {
-			for i := range keys {
-				if err := k.Update(keys[i], values[i]); err != nil {
+			for i := lo; i < n; i++ {
+				if err := one(i); err != nil {
 					return err
 				}
 			}
 			return nil
 		}
 		if err != nil {
-			return k.updateError(err)
+			return err
 		}
-		keys, values = keys[n:], values[n:]
 	}
 	return nil
 }
 
+// UpdateBatch writes entries writeBatch at a time, or one at a time where
+// the kernel has no batch operations.
+func (k *kernelMap[K, V]) UpdateBatch(keys []K, values []V) error {
+	return inChunks(len(keys), writeBatch, func(lo, hi int) error {
+		if _, err := k.m.BatchUpdate(keys[lo:hi], values[lo:hi], nil); err != nil {
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				return err
+			}
+			return k.updateError(err)
+		}
+		return nil
+	}, func(i int) error { return k.Update(keys[i], values[i]) })
+}
+
 // UpdateBatch writes each value on the first CPU and zero on the others,
-// as Update does.
+// as Update does. A chunk holds every possible CPU's value of each key, so
+// it is bounded in values, writeBatch in all (512 KiB), not in keys: on a
+// node of hundreds of CPUs, a chunk of writeBatch keys would allocate tens
+// of MiB at start.
 func (p *perCPUMap) UpdateBatch(keys []uint32, values []lbSvcStats) error {
 	cpus, err := ebpf.PossibleCPU()
 	if err != nil {
 		return fmt.Errorf("updating %s: %w", p.name, err)
 	}
-	for len(keys) > 0 {
-		n := min(len(keys), writeBatch)
-		flat := make([]lbSvcStats, n*cpus)
-		for i := range n {
-			flat[i*cpus] = values[i]
+	return inChunks(len(keys), max(1, writeBatch/cpus), func(lo, hi int) error {
+		flat := make([]lbSvcStats, (hi-lo)*cpus)
+		for i := range hi - lo {
+			flat[i*cpus] = values[lo+i]
 		}
-		_, err := p.m.BatchUpdate(keys[:n], flat, nil)
-		if errors.Is(err, ebpf.ErrNotSupported) {
-			for i := range keys {
-				if err := p.Update(keys[i], values[i]); err != nil {
-					return err
-				}
+		if _, err := p.m.BatchUpdate(keys[lo:hi], flat, nil); err != nil {
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				return err
 			}
-			return nil
-		}
-		if err != nil {
 			return p.updateError(err)
 		}
-		keys, values = keys[n:], values[n:]
-	}
-	return nil
+		return nil
+	}, func(i int) error { return p.Update(keys[i], values[i]) })
 }

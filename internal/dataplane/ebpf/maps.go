@@ -147,15 +147,10 @@ func newPerCPUMap(m *ebpf.Map, name string) *perCPUMap {
 
 func (p *perCPUMap) Update(key uint32, value lbSvcStats) error {
 	// cilium/ebpf zeroes the CPUs past the slice's length.
-	err := p.m.Update(&key, []lbSvcStats{value}, ebpf.UpdateAny)
-	if err == nil {
-		return nil
+	if err := p.m.Update(&key, []lbSvcStats{value}, ebpf.UpdateAny); err != nil {
+		return p.updateError(err)
 	}
-	if errors.Is(err, unix.E2BIG) {
-		return fmt.Errorf("updating %s: %w: all %d entries are in use; raise --%s",
-			p.name, ErrMapFull, p.m.MaxEntries(), p.capacityFlag)
-	}
-	return fmt.Errorf("updating %s: %w", p.name, err)
+	return nil
 }
 
 // Iterate reads the map in batches, as kernelMap.Iterate does: a per-CPU
