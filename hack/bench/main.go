@@ -208,7 +208,7 @@ func memory(ctx context.Context, args []string) error {
 	endpoints := fs.Int("endpoints", 10, "endpoints of each Service, all distinct addresses")
 	settle := fs.Duration("settle", 40*time.Second, "how long each proxy runs after it serves every Service before it is measured (past one periodic full sync)")
 	keep := fs.Bool("keep", false, "leave the cluster and its Services running afterwards (remove it with: bench down DIR)")
-	profiles := fs.String("profiles", "", "directory for the heap profile of each variant run with --profiling (NAME.heap)")
+	profiles := fs.String("profiles", "", "directory for the profiles of each variant run with --profiling: its heap (NAME.heap) and its CPU during the start (NAME.start.cpu) and the settle (NAME.settle.cpu)")
 	var variants []bench.MemoryVariant
 	fs.Func("variant", "NAME=BINARY[,VAR=VALUE|--flag...]: a proxy to measure, with extra environment (GOGC=50,GOMEMLIMIT=80MiB) and flags (--profiling); repeat for more (default: default=_output/kube-bpf-proxy)", func(s string) error {
 		v, err := bench.ParseMemoryVariant(s)

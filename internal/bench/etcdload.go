@@ -402,7 +402,7 @@ func (e *EtcdStore) loadDirect(ctx context.Context, c kubernetes.Interface, s se
 // list normally does.
 func waitAddresses(ctx context.Context, c kubernetes.Interface, idx []int) error {
 	for {
-		taken, err := listAddresses(ctx, c, "")
+		taken, err := takenAddresses(ctx, c)
 		if err != nil {
 			return err
 		}
@@ -426,13 +426,8 @@ func waitAddresses(ctx context.Context, c kubernetes.Interface, idx []int) error
 // takenAddresses returns the IPAddress objects' names (the ClusterIPs in
 // use), listed from the API server.
 func takenAddresses(ctx context.Context, c kubernetes.Interface) (map[string]bool, error) {
-	return listAddresses(ctx, c, "")
-}
-
-// listAddresses lists the IPAddress objects' names at resourceVersion rv.
-func listAddresses(ctx context.Context, c kubernetes.Interface, rv string) (map[string]bool, error) {
 	taken := map[string]bool{}
-	opts := metav1.ListOptions{Limit: 5000, ResourceVersion: rv}
+	opts := metav1.ListOptions{Limit: 5000}
 	for {
 		l, err := c.NetworkingV1().IPAddresses().List(ctx, opts)
 		if err != nil {

@@ -173,7 +173,7 @@ func create(st *state, dir, name string) error {
 			return fmt.Errorf("sharing %s: %w", n.NetNSDir, err)
 		}
 		// The node's xtables lock, created (as iptables would) on first use.
-		n.XtablesLock = filepath.Join(dir, n.Name, "xtables.lock")
+		n.XtablesLock = xtablesLockFile(dir, n.Name)
 		if err := os.Mkdir(n.Cgroup, 0o755); err != nil {
 			return fmt.Errorf("creating node cgroup: %w", err)
 		}
@@ -202,7 +202,7 @@ func Open(dir string) (*Cluster, error) {
 	}
 	for i := range st.Nodes {
 		if st.Nodes[i].XtablesLock == "" { // recorded before nodes had their own
-			st.Nodes[i].XtablesLock = filepath.Join(dir, st.Nodes[i].Name, "xtables.lock")
+			st.Nodes[i].XtablesLock = xtablesLockFile(dir, st.Nodes[i].Name)
 		}
 	}
 	c := &Cluster{
@@ -592,3 +592,9 @@ func unmountAll(path string) error {
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+
+// xtablesLockFile is the xtables lock of the cluster's node name: a file of
+// its own, as a real node has /run/xtables.lock to itself.
+func xtablesLockFile(dir, name string) string {
+	return filepath.Join(dir, name, "xtables.lock")
+}

@@ -46,7 +46,7 @@ func (c *Cluster) NodeProxyOptions(ctx context.Context, node, binary string) (Pr
 	var found []*appsv1.DaemonSet
 	for i := range list.Items {
 		ds := &list.Items[i]
-		ok, err := nodeMatches(&ds.Spec.Template.Spec, n)
+		ok, err := NodeMatches(&ds.Spec.Template.Spec, n)
 		if err != nil {
 			return ProxyOptions{}, fmt.Errorf("DaemonSet %s: %w", ds.Name, err)
 		}
@@ -101,11 +101,11 @@ func (c *Cluster) ProxyDaemonSet(node string) string {
 	return p.Owner
 }
 
-// nodeMatches reports whether a pod of spec may run on node, as the
+// NodeMatches reports whether a pod of spec may run on node, as the
 // DaemonSet controller decides: its nodeSelector, and its required node
 // affinity (terms ORed, the expressions and fields of a term ANDed).
 // Taints are left out: the proxy tolerates every one.
-func nodeMatches(spec *corev1.PodSpec, node *corev1.Node) (bool, error) {
+func NodeMatches(spec *corev1.PodSpec, node *corev1.Node) (bool, error) {
 	if !labels.SelectorFromSet(spec.NodeSelector).Matches(labels.Set(node.Labels)) {
 		return false, nil
 	}
@@ -165,10 +165,4 @@ func termMatches(term corev1.NodeSelectorTerm, node *corev1.Node) (bool, error) 
 		}
 	}
 	return true, nil
-}
-
-// NodeMatches reports whether a pod of spec may run on node, as the
-// DaemonSet controller decides (nodeSelector and required node affinity).
-func NodeMatches(spec *corev1.PodSpec, node *corev1.Node) (bool, error) {
-	return nodeMatches(spec, node)
 }

@@ -113,7 +113,7 @@ func TestNodeMatches(t *testing.T) {
 			spec.Affinity = &corev1.Affinity{NodeAffinity: &corev1.NodeAffinity{
 				RequiredDuringSchedulingIgnoredDuringExecution: &corev1.NodeSelector{NodeSelectorTerms: c.terms}}}
 		}
-		got, err := nodeMatches(spec, node)
+		got, err := NodeMatches(spec, node)
 		if err != nil || got != c.want {
 			t.Errorf("%s: %v, %v; want %v", c.name, got, err, c.want)
 		}

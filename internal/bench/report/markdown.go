@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"strings"
 	"time"
 
@@ -126,7 +127,7 @@ func writeHeader(m *mdWriter, r *results.Run, ix *index) {
 // Services and memory, how far each got, and the targets judged.
 func writeScale(m *mdWriter, ix *index) {
 	m.f("## At %s Services: the control plane\n\n", sizeLabel(goalSize))
-	if _, ok := slicesIndex(ix.sizes, goalSize); !ok {
+	if !slices.Contains(ix.sizes, goalSize) {
 		m.f("The run has no %s size.\n\n", sizeLabel(goalSize))
 	} else {
 		m.f("Each contender on nodes with nothing programmed, %s background Services of %d endpoints: the cold node (until a client reached the last Service), an endpoint move while other Services' endpoints churn (API answer until a client reached the new endpoint), a batch of new Services created with the proxies running (until a client reached the last), and the larger of the two proxies' resident set. \"How far it got\" is over the whole run: a contender that did not serve a size within the run's time-out stops there and is not tried at larger ones.\n\n",
@@ -175,15 +176,6 @@ func writeScale(m *mdWriter, ix *index) {
 		rows = append(rows, []string{t.Goal, t.Measured, t.Met})
 	}
 	m.table([]string{"goal", "measured", "met"}, rows)
-}
-
-func slicesIndex(s []int, v int) (int, bool) {
-	for i, x := range s {
-		if x == v {
-			return i, true
-		}
-	}
-	return -1, false
 }
 
 func writeLatency(m *mdWriter, ix *index, plots plotFiles) {

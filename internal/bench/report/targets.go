@@ -2,6 +2,7 @@ package report
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -318,7 +319,7 @@ func noSlowerThan(ix *index, ours, upstream string, size int) target {
 	goal := fmt.Sprintf("at %s Services: %s no slower than %s on the cold node, an endpoint change under churn (p50 and p99) and a batch of new Services (each ≤ %.2fx: different cells)",
 		sizeLabel(size), ours, upstream, crossCellTolerance)
 	var j judge
-	if _, ok := slicesIndex(ix.sizes, size); !ok {
+	if !slices.Contains(ix.sizes, size) {
 		j.missing(sizeLabel(size), "the run has no "+sizeLabel(size)+" size")
 		return j.row(goal)
 	}
