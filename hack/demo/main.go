@@ -10,8 +10,9 @@
 // The latency probe compares the modes as a crossover A/B
 // (docs/ab-testing.md): both nodes measure at the same time, one per mode,
 // and swap modes halfway; the difference ebpf − iptables is paired by
-// window and node (internal/crossover), so neither the nodes' own
-// differences nor the order in which the modes ran pass for the datapath's.
+// window and averaged over the two periods (internal/crossover), so neither
+// the nodes' own differences nor the order in which the modes ran pass for
+// the datapath's.
 //
 //	demo            the whole tour, then everything is removed
 //	demo --keep     set up (cluster, node1 in ebpf and node2 in iptables mode, the web Service,
@@ -317,7 +318,7 @@ var measures = []string{
 // difference ebpf − iptables with its interval, then what each node
 // measured in each period, then (secondary) each period's table per mode.
 func (d *demo) printMeasurements() {
-	d.begin("A/B result: ebpf − iptables through the ClusterIP, paired by %s window and node (95%% confidence interval)", window)
+	d.begin("A/B result: ebpf − iptables through the ClusterIP, paired by %s window over both periods (95%% confidence interval)", window)
 	ms := func(v float64) string { return fmt.Sprintf("%+.3f ms", v*1e3) }
 	var b strings.Builder
 	tw := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)

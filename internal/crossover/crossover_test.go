@@ -229,7 +229,7 @@ func TestStudentTQuantile(t *testing.T) {
 		{0.975, 10, 2.228138852},
 		{0.995, 10, 3.169272673},
 		{0.975, 30, 2.042272456},
-		{0.975, 2.5, 3.574654842}, // fractional, as Welch's are (Simpson on the density)
+		{0.975, 2.5, 3.574654842}, // fractional, as Welch's are (the incomplete beta function)
 		{0.025, 10, -2.228138852},
 		{0.975, math.Inf(1), 1.959963985},
 		{0.5, 7, 0},
