@@ -419,17 +419,32 @@ func sockaddrOf(ap netip.AddrPort, inet6 bool) unix.Sockaddr {
 // udpQuery sends a query (with sendto to dest, unless nil) and returns the
 // answer and where recvfrom says it came from.
 func udpQuery(fd int, dest unix.Sockaddr) (string, netip.AddrPort, error) {
+	// The raw calls block this thread, where the Go runtime's preemption
+	// signal interrupts them (EINTR): an interrupted call did nothing, and
+	// is made again.
 	var err error
-	if dest == nil {
-		_, err = unix.Write(fd, []byte("query"))
-	} else {
-		err = unix.Sendto(fd, []byte("query"), 0, dest)
+	for {
+		if dest == nil {
+			_, err = unix.Write(fd, []byte("query"))
+		} else {
+			err = unix.Sendto(fd, []byte("query"), 0, dest)
+		}
+		if err != unix.EINTR {
+			break
+		}
 	}
 	if err != nil {
 		return "", netip.AddrPort{}, err
 	}
 	buf := make([]byte, 512)
-	n, from, err := unix.Recvfrom(fd, buf, 0)
+	var n int
+	var from unix.Sockaddr
+	for {
+		n, from, err = unix.Recvfrom(fd, buf, 0)
+		if err != unix.EINTR {
+			break
+		}
+	}
 	if err != nil {
 		return "", netip.AddrPort{}, err
 	}
