@@ -198,7 +198,8 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 
 // match tells whether a connected UDP socket is stale for check, and why;
 // pod says the socket is in a pod's network namespace, not the node's.
-func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (frontend netip.AddrPort, reason string, err error) {
+// revnat finds the frontend the socket was translated from.
+func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool, revnat revnatLookup) (frontend netip.AddrPort, reason string, err error) {
 	// An AF_INET6 socket talking IPv4 has a v4-mapped peer; our programs
 	// key it by the IPv4 address.
 	peer := netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port())
@@ -217,7 +218,7 @@ func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (f
 		// existed and was never translated.
 		return peer, "connected to the frontend untranslated", nil
 	}
-	fe, ok, err := c.revnat(s.Cookie, peer)
+	fe, ok, err := revnat(s.Cookie, peer)
 	if err != nil || !ok {
 		return netip.AddrPort{}, "", err
 	}
@@ -333,8 +334,9 @@ type candidates struct {
 	// peers are those backends and the fresh frontends; nil for every
 	// peer, when kbp_revnat could not be read.
 	peers []netip.AddrPort
-	// cookies is nil when kbp_revnat could not be read.
-	cookies map[uint64]bool
+	// cookies are those sockets' kbp_revnat entries, as read; nil when
+	// kbp_revnat could not be read.
+	cookies map[uint64]revnatPair
 	// fresh is set if a frontend checked is fresh: a socket connected to
 	// it untranslated has no kbp_revnat entry, and may be anywhere.
 	fresh bool
@@ -357,10 +359,10 @@ func (c *udpSocketCleaner) candidates(check udpCheck) (candidates, error) {
 		cand.fresh = true
 		return cand, nil
 	}
-	cand.cookies = make(map[uint64]bool)
+	cand.cookies = make(map[uint64]revnatPair)
 	err := c.scan(func(cookie uint64, backend, frontend netip.AddrPort) {
 		if fc, ok := check[frontend]; ok && !fc.serving[backend] {
-			cand.cookies[cookie] = true
+			cand.cookies[cookie] = revnatPair{backend: backend, frontend: frontend}
 			peers[backend] = true
 		}
 	})
@@ -373,6 +375,21 @@ func (c *udpSocketCleaner) candidates(check udpCheck) (candidates, error) {
 	}
 	slices.SortFunc(cand.peers, func(a, b netip.AddrPort) int { return a.Compare(b) })
 	return cand, nil
+}
+
+// revnatPair is a kbp_revnat entry: the backend a socket was translated to,
+// from frontend.
+type revnatPair struct{ backend, frontend netip.AddrPort }
+
+// lookup answers from what candidates read of kbp_revnat, as c.revnat
+// would from the map: a socket not among the candidates was not
+// translated to a backend that left, when kbp_revnat was read.
+func (cand *candidates) lookup(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
+	p, ok := cand.cookies[cookie]
+	if !ok || p.backend != backend {
+		return netip.AddrPort{}, false, nil
+	}
+	return p.frontend, true, nil
 }
 
 // cleanNamespace destroys the stale sockets of one namespace.
@@ -389,9 +406,15 @@ func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpChe
 		klog.ErrorS(err, "Listing connected UDP sockets", "netns", ns)
 		return 0, 1
 	}
+	// What candidates read of kbp_revnat, not the map again for each
+	// socket; the map itself when it could not be read.
+	revnat := c.revnat
+	if cand.cookies != nil {
+		revnat = cand.lookup
+	}
 	for _, s := range socks {
+		fe, reason, err := c.match(check, s, pod, revnat)
 		delete(cand.cookies, s.Cookie)
-		fe, reason, err := c.match(check, s, pod)
 		if err != nil {
 			klog.ErrorS(err, "Looking up a socket's frontend", "netns", ns, "socket", s)
 			failed++

@@ -342,7 +342,7 @@ func TestMatch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newUDPSocketCleaner(nil, revnat.lookup, newEventCounts())
-			_, reason, err := c.match(check, tc.s, false)
+			_, reason, err := c.match(check, tc.s, false, c.revnat)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -402,6 +402,24 @@ func TestCleanDestroysStaleSocketsInEveryNamespace(t *testing.T) {
 	}
 	if got := s.counts(); got[eventUDPSocketsDestroyed] != 3 || len(got) != 1 {
 		t.Errorf("events %v, want 3 sockets destroyed and nothing else", got)
+	}
+}
+
+// The cleanup reads kbp_revnat whole once and matches the sockets it lists
+// against what it read: no lookup per socket.
+func TestCleanLooksUpNoSocketAfterTheScan(t *testing.T) {
+	s := newCleanerSetup()
+	lookups := 0
+	s.c.revnat = func(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
+		lookups++
+		return s.revnat.lookup(cookie, backend)
+	}
+	s.c.clean(s.check, nil)
+	if want := []string{"node 1", "pod-a 2", "pod-b 3"}; !slices.Equal(s.host.destroyed, want) {
+		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
+	}
+	if lookups != 0 {
+		t.Errorf("%d kbp_revnat lookups after reading it whole, want 0", lookups)
 	}
 }
 
@@ -617,7 +635,7 @@ func TestMatchLoopbackNodePortIsTheNodesOnly(t *testing.T) {
 		pod    bool
 		reason string
 	}{{true, ""}, {false, "connected to the frontend untranslated"}} {
-		_, reason, err := c.match(check, s, tc.pod)
+		_, reason, err := c.match(check, s, tc.pod, c.revnat)
 		if err != nil {
 			t.Fatal(err)
 		}
