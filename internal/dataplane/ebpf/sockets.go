@@ -110,6 +110,11 @@ type udpSocketCleaner struct {
 	// its applied UDP frontends as of the last sync; nil when unknown (at
 	// start, after a failed sync).
 	serving map[model.ServiceName]map[model.Frontend][]model.Backend
+	// checked are the frontends planned for a check since the last full
+	// sync, and their Services: the next full sync checks them once
+	// more, for a socket whose kbp_revnat entry landed after the
+	// cleanup read it (its connect() raced with the sync).
+	checked map[model.Frontend]model.ServiceName
 
 	// probed is set once the kernel has been asked whether it can destroy
 	// UDP sockets; unsupported is its answer.
@@ -141,8 +146,18 @@ func (c *udpSocketCleaner) forget() {
 // checks nothing; everything is checked only when nothing is known (at
 // start, after a failed sync). Every frontend the programs serve counts:
 // the ClusterIP, NodePorts, local external IPs, LoadBalancer IPs.
+//
+// A full sync also checks once more the frontends checked since the last
+// one, still serving: a socket translated while a sync changed its
+// frontend may get its kbp_revnat entry after that cleanup read the map.
+// That costs a read of kbp_revnat, in the worker; namespaces are visited
+// only if it names a stale socket.
 func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]bool) udpCheck {
 	check := make(udpCheck)
+	recheck := c.checked
+	if snap.Full || c.checked == nil {
+		c.checked = make(map[model.Frontend]model.ServiceName)
+	}
 	// What the last cleanup knew; nil at start and after a failed sync,
 	// when every frontend is checked.
 	known := c.serving
@@ -184,6 +199,7 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 				}
 				if old, had := before[fe]; known == nil || !had || !slices.Equal(old, sp.Serving) {
 					check.add(fe, sp.Serving, known == nil || !had || len(old) == 0)
+					c.checked[fe] = name
 				}
 			}
 		}
@@ -191,6 +207,16 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 			delete(c.serving, name)
 		} else {
 			c.serving[name] = now
+		}
+	}
+	if snap.Full {
+		for fe, name := range recheck {
+			if _, planned := check[netip.AddrPortFrom(fe.IP, fe.Port)]; planned {
+				continue
+			}
+			if serving := c.serving[name][fe]; len(serving) > 0 {
+				check.add(fe, serving, false)
+			}
 		}
 	}
 	return check

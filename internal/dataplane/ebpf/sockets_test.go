@@ -265,6 +265,9 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newUDPSocketCleaner(nil, nil, newEventCounts())
 			if tc.before != nil {
+				// Twice: the second full sync rechecks what the first
+				// checked, and leaves nothing to recheck.
+				c.plan(tc.before, nil)
 				c.plan(tc.before, nil)
 			}
 			failed := make(map[model.Frontend]bool)
@@ -275,6 +278,27 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 				t.Errorf("checked %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+// A full sync checks once more, not fresh, the frontends checked since the
+// last one: a socket whose kbp_revnat entry landed after that cleanup read
+// the map is found then, though the frontend did not change again.
+func TestPlanRechecksAtTheNextFullSync(t *testing.T) {
+	c := newUDPSocketCleaner(nil, nil, newEventCounts())
+	other := servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.1:8125")
+	c.plan(snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other), nil)
+	c.plan(snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other), nil)
+	shrunk := snapshot(false, dnsPort("10.244.1.2:53"))
+	if got := checkKeys(c.plan(shrunk, nil)); !slices.Equal(got, []string{"10.96.0.10:53 [10.244.1.2:53]"}) {
+		t.Fatalf("the partial sync checked %v", got)
+	}
+	full := snapshot(true, dnsPort("10.244.1.2:53"), other)
+	if got := checkKeys(c.plan(full, nil)); !slices.Equal(got, []string{"10.96.0.10:53 [10.244.1.2:53]"}) {
+		t.Errorf("the next full sync checked %v, want the frontend the partial one checked, again", got)
+	}
+	if got := c.plan(full, nil); len(got) != 0 {
+		t.Errorf("the full sync after checked %v, want nothing: once more is enough", checkKeys(got))
 	}
 }
 
