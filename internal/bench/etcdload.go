@@ -70,6 +70,11 @@ func NewEtcdStore(client *http.Client, url, prefix string) *EtcdStore {
 	return &EtcdStore{client: client, url: strings.TrimSuffix(url, "/"), prefix: strings.TrimSuffix(prefix, "/")}
 }
 
+// Close closes the client's idle connections to etcd: they are kept for
+// the loads (the gateway is slow to accept), and nothing else would close
+// them before the process exits.
+func (e *EtcdStore) Close() { e.client.CloseIdleConnections() }
+
 // The keys kube-apiserver stores these objects under (its resource
 // prefixes, pkg/registry/.../storage): Services under services/specs,
 // cluster-scoped IPAddresses by name, which is the address.

@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -132,6 +133,7 @@ func TestDirectLoad(t *testing.T) {
 		t.Fatal(err)
 	}
 	direct := NewEtcdStore(c.EtcdHTTPClient(), localcluster.EtcdURL, localcluster.EtcdPrefix)
+	defer direct.Close()
 	const ns, n = "load", 50
 	addrs := []netip.Addr{netip.MustParseAddr("10.244.2.50"), netip.MustParseAddr("10.244.2.51"), netip.MustParseAddr("10.244.2.52")}
 	if err := ensureNamespace(ctx, bulk, ns); err != nil {
@@ -279,5 +281,23 @@ func repairEvents(t *testing.T, ctx context.Context, c kubernetes.Interface, ns 
 	}
 	if n > 5 {
 		t.Errorf("... %d repair loop events in all", n)
+	}
+}
+
+// idleCloser is a transport that counts the calls to close its idle
+// connections.
+type idleCloser struct {
+	http.RoundTripper
+	closed int
+}
+
+func (t *idleCloser) CloseIdleConnections() { t.closed++ }
+
+// Closing the store closes its client's idle connections to etcd.
+func TestEtcdStoreCloseClosesIdleConnections(t *testing.T) {
+	tr := &idleCloser{RoundTripper: http.DefaultTransport}
+	NewEtcdStore(&http.Client{Transport: tr}, "http://127.0.0.1:2379", "/registry").Close()
+	if tr.closed != 1 {
+		t.Errorf("idle connections closed %d times, want 1", tr.closed)
 	}
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/results"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
 )
 
 // The memory measurement (`bench memory`): the eBPF mode's proxy, run as
@@ -311,7 +312,7 @@ func saveCPUProfile(ctx context.Context, c *localcluster.Cluster, dir, name stri
 	}
 }
 
-// proxyMetrics reads the node's proxy's unlabelled samples.
+// proxyMetrics reads the node's proxy's samples (samples).
 func proxyMetrics(ctx context.Context, c *localcluster.Cluster) (map[string]float64, error) {
 	code, body, err := c.ProxyGet(ctx, memoryNode, localcluster.ProxyMetricsAddr, "/metrics")
 	if err != nil {
@@ -320,29 +321,34 @@ func proxyMetrics(ctx context.Context, c *localcluster.Cluster) (map[string]floa
 	if code != http.StatusOK {
 		return nil, fmt.Errorf("/metrics: status %d", code)
 	}
-	return parseSamples(body), nil
+	scrape, err := probe.ParseScrape(strings.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	return samples(scrape), nil
 }
 
-// parseSamples reads each metric name's first sample from the text
-// exposition format: the ones read here have no labels, or only constant
-// ones (ip_family).
-func parseSamples(body string) map[string]float64 {
+// samples gives each family's first series's value, a histogram's or a
+// summary's as its NAME_sum and NAME_count: the ones read here have no
+// labels, or only constant ones (ip_family).
+func samples(s probe.Scrape) map[string]float64 {
 	m := map[string]float64{}
-	for _, l := range strings.Split(body, "\n") {
-		if strings.HasPrefix(l, "#") {
+	for name, f := range s {
+		if len(f.GetMetric()) == 0 {
 			continue
 		}
-		name, rest, labelled := strings.Cut(l, "{")
-		if labelled {
-			_, rest, _ = strings.Cut(rest, "}")
-		} else {
-			name, rest, _ = strings.Cut(l, " ")
-		}
-		if _, seen := m[name]; seen {
-			continue
-		}
-		if v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64); err == nil {
-			m[name] = v
+		x := f.GetMetric()[0]
+		switch {
+		case x.Histogram != nil:
+			m[name+"_sum"], m[name+"_count"] = x.GetHistogram().GetSampleSum(), float64(x.GetHistogram().GetSampleCount())
+		case x.Summary != nil:
+			m[name+"_sum"], m[name+"_count"] = x.GetSummary().GetSampleSum(), float64(x.GetSummary().GetSampleCount())
+		case x.Counter != nil:
+			m[name] = x.GetCounter().GetValue()
+		case x.Gauge != nil:
+			m[name] = x.GetGauge().GetValue()
+		case x.Untyped != nil:
+			m[name] = x.GetUntyped().GetValue()
 		}
 	}
 	return m

@@ -400,6 +400,9 @@ func (r *runner) churn(ctx context.Context, size int) {
 }
 
 func (r *runner) teardown() error {
+	if r.etcd != nil {
+		r.etcd.Close()
+	}
 	if r.c == nil {
 		return nil
 	}
@@ -427,15 +430,9 @@ func proxyUsage(pids map[string]int) (results.ProxyUsage, error) {
 const clockTicks = 100
 
 func processUsage(pid int) (rssBytes int64, cpuSeconds float64, err error) {
-	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	rssBytes, _, err = residentSet(pid)
 	if err != nil {
 		return 0, 0, err
-	}
-	for _, l := range strings.Split(string(status), "\n") {
-		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmRSS:" {
-			kb, _ := strconv.ParseInt(f[1], 10, 64)
-			rssBytes = kb * 1024
-		}
 	}
 	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {

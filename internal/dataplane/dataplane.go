@@ -34,8 +34,10 @@ type Dataplane interface {
 // implement it get a full snapshot every SyncPeriod.
 type Monitored interface {
 	// Intact reports whether what the datapath applied is still in place.
-	// An error (ErrBusy among them) says nothing either way: the proxy
-	// logs it and checks again at the next period.
+	// An error says nothing either way: the proxy logs it and checks
+	// again at the next period, or, for one wrapping ErrBusy (the lock
+	// held), backs off as for a sync that found it held, and checks
+	// again at the retry.
 	Intact(ctx context.Context) (bool, error)
 	// LargeCluster reports kube-proxy's large cluster mode (more than 1000
 	// endpoints in the rules: every Service's in the iptables mode, only

@@ -102,7 +102,8 @@ type Metrics struct {
 	SyncFailuresTotal *prometheus.CounterVec
 	// SyncLockTimeoutsTotal counts syncs that changed nothing because
 	// another program held the xtables lock past --iptables-lock-wait
-	// (dataplane.ErrBusy); their changes are retried with a backoff, not
+	// (dataplane.ErrBusy), in their restore or in the canary check before
+	// it; each counts once. Their changes are retried with a backoff, not
 	// in full. They count in SyncFailuresTotal too.
 	SyncLockTimeoutsTotal prometheus.Counter
 	// DatapathChecksTotal counts the periodic checks that a datapath's

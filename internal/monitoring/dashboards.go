@@ -292,6 +292,32 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 // manifests' 15 s).
 const abWindow = "1m"
 
+// abDifference is the A/B's difference ebpf − iptables of histogram h's
+// mean (docs/ab-testing.md), per by (a label, or "" for none): the mean
+// over the nodes in each mode of each node's mean, so that every node
+// weighs the same, however many requests it sent. withProtocol selects the
+// dashboard's $protocol.
+func abDifference(h, by string, withProtocol bool) string {
+	mean := func(mode string) string {
+		hsel := fmt.Sprintf(`job="kube-bpf-proxy-probe", mode=%q`, mode)
+		if withProtocol {
+			hsel += `, protocol=~"$protocol"`
+		}
+		perNode, avg := "client_node", "avg"
+		if by != "" {
+			perNode += ", " + by
+			avg = "avg by (" + by + ")"
+		}
+		return fmt.Sprintf(`%s (sum by (%s) (rate(%s_sum{%s}[%s])) / sum by (%s) (rate(%s_count{%s}[%s])))`,
+			avg, perNode, h, hsel, abWindow, perNode, h, hsel, abWindow)
+	}
+	on := ""
+	if by != "" {
+		on = " on(" + by + ")"
+	}
+	return fmt.Sprintf(`(%s) -%s (%s)`, mean("ebpf"), on, mean("iptables"))
+}
+
 // probeSel selects the probe's series of the selected modes and protocols;
 // tcpPhaseSel the connect and first-byte histograms, which are TCP's only
 // and carry no protocol label.
@@ -351,25 +377,7 @@ func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 	// time effect; the node groups' own difference enters it with one
 	// sign before the swap and the other after, and cancels over a range
 	// covering both halves equally.
-	abMean := func(h, mode, by string) string {
-		hsel := fmt.Sprintf(`job="kube-bpf-proxy-probe", mode=%q`, mode)
-		if h == rt {
-			hsel += `, protocol=~"$protocol"`
-		}
-		sum := "sum"
-		if by != "" {
-			sum = "sum by (" + by + ")"
-		}
-		return fmt.Sprintf(`%s (rate(%s_sum{%s}[%s])) / %s (rate(%s_count{%s}[%s]))`,
-			sum, h, hsel, abWindow, sum, h, hsel, abWindow)
-	}
-	abDiff := func(h, by string) string {
-		on := ""
-		if by != "" {
-			on = " on(" + by + ")"
-		}
-		return fmt.Sprintf(`(%s) -%s (%s)`, abMean(h, "ebpf", by), on, abMean(h, "iptables", by))
-	}
+	abDiff := func(h, by string) string { return abDifference(h, by, h == rt) }
 	const conn = "kube_bpf_proxy_probe_connect_seconds"
 	// Over the range: the mean of the differences at abWindow steps (no
 	// overlap between two steps' rates), and the half-width of its 95 %

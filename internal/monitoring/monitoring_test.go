@@ -2,6 +2,7 @@ package monitoring
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -343,5 +344,30 @@ func TestScrapeConfig(t *testing.T) {
 	}
 	if !slices.Equal(jobs, []string{ProxyJob, ProbeJob}) {
 		t.Errorf("jobs %v, want %s and %s", jobs, ProxyJob, ProbeJob)
+	}
+}
+
+// The A/B's difference is a mean over the nodes, as its description and
+// docs/ab-testing.md say: with two ebpf nodes of 1 ms and 3 ms, the first
+// sending ten times as many requests, and an iptables node of 1 ms, it is
+// 2 ms − 1 ms, in µs (a request-weighted mean would make it 182 µs).
+func TestABDifferenceIsAMeanOverNodes(t *testing.T) {
+	bin := promtool(t)
+	const conn = "kube_bpf_proxy_probe_connect_seconds"
+	series := func(node, mode string, perStep, sumPerStep float64) string {
+		sel := fmt.Sprintf(`{job="kube-bpf-proxy-probe",mode=%q,client_node=%q}`, mode, node)
+		return fmt.Sprintf("  - series: '%s_count%s'\n    values: '0+%gx20'\n  - series: '%s_sum%s'\n    values: '0+%gx20'\n",
+			conn, sel, perStep, conn, sel, sumPerStep)
+	}
+	test := "rule_files: []\nevaluation_interval: 15s\ntests:\n- interval: 15s\n  input_series:\n" +
+		series("n1", "ebpf", 150, 0.15) + series("n2", "ebpf", 15, 0.045) + series("n3", "iptables", 75, 0.075) +
+		"  promql_expr_test:\n  - expr: 'round(1e6 * (" + strings.ReplaceAll(abDifference(conn, "", false), "'", "''") + "))'\n" +
+		"    eval_time: 4m\n    exp_samples:\n    - labels: '{}'\n      value: 1000\n"
+	file := filepath.Join(t.TempDir(), "ab-test.yaml")
+	if err := os.WriteFile(file, []byte(test), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(bin, "test", "rules", file).CombinedOutput(); err != nil {
+		t.Errorf("promtool test rules: %v\n%s\n%s", err, out, test)
 	}
 }

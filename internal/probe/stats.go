@@ -73,16 +73,7 @@ func Summarize(before, after []Scrape) ([]Summary, error) {
 		}
 		return acc[k]
 	}
-	old := map[string]*dto.Metric{}
-	for _, s := range before {
-		for _, name := range []string{metricRoundTrip, metricSquared, metricErrors} {
-			if f := s[name]; f != nil {
-				for _, m := range f.GetMetric() {
-					old[name+labelKey(m)] = m
-				}
-			}
-		}
-	}
+	old := byLabels(before, metricRoundTrip, metricSquared, metricErrors)
 	for _, s := range after {
 		if f := s[metricRoundTrip]; f != nil {
 			for _, m := range f.GetMetric() {
@@ -192,6 +183,20 @@ func label(m *dto.Metric, name string) string {
 	return ""
 }
 
+// byLabels indexes the series of the named families in scrapes by name and
+// labels (labelKey), to match each series of a later scrape with its own.
+func byLabels(scrapes []Scrape, names ...string) map[string]*dto.Metric {
+	out := map[string]*dto.Metric{}
+	for _, s := range scrapes {
+		for _, name := range names {
+			for _, m := range s[name].GetMetric() {
+				out[name+labelKey(m)] = m
+			}
+		}
+	}
+	return out
+}
+
 // labelKey identifies a series within its family.
 func labelKey(m *dto.Metric) string {
 	pairs := make([]string, 0, len(m.GetLabel()))
@@ -242,16 +247,7 @@ type nodeKey struct{ node, mode, measure string }
 // left out.
 func SummarizeByNode(before, after []Scrape) ([]NodeSummary, error) {
 	acc := map[nodeKey]*accumulator{}
-	old := map[string]*dto.Metric{}
-	for _, s := range before {
-		for _, name := range []string{metricRoundTrip, metricConnect} {
-			if f := s[name]; f != nil {
-				for _, m := range f.GetMetric() {
-					old[name+labelKey(m)] = m
-				}
-			}
-		}
-	}
+	old := byLabels(before, metricRoundTrip, metricConnect)
 	for _, s := range after {
 		for _, name := range []string{metricRoundTrip, metricConnect} {
 			f := s[name]

@@ -590,3 +590,39 @@ func TestProxierEventsReachTheAPI(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// A sync that found the xtables lock held tried none of the ports whose
+// retry was due: their backoff does not grow, and their retry comes in
+// the next sync that gets the lock, the doubled delay counted from it.
+func TestProxierLockTimeoutKeepsPortBackoff(t *testing.T) {
+	h := newProxierHarness(t)
+	h.p.OnServiceUpsert(service("default", "big", "10.96.0.11", tcpPort("http", 80, 8080)))
+	bigHTTP := portOf("big", "http", model.TCP)
+	h.dp.fail(bigHTTP, mapFullMsg)
+	h.syncOK() // fails big's port: retry due in 1s
+
+	// The retry finds the lock held: nothing tried.
+	h.clk.SetTime(t0.Add(harnessRetryPeriod))
+	h.dp.fail(bigHTTP, "")
+	h.dp.failWhole(fmt.Errorf("restore: %w", dataplane.ErrBusy))
+	if _, err := h.sync(); err != nil {
+		t.Fatal(err)
+	}
+	// The lock free a backoff later: big is tried, and fails again.
+	h.dp.fail(bigHTTP, mapFullMsg)
+	h.dp.failWhole(nil)
+	h.clk.SetTime(t0.Add(2 * harnessRetryPeriod))
+	if snap := h.syncOK(); !slices.Contains(names(snap), "big") {
+		t.Fatalf("sync after the lock was free lists %v, want big", names(snap))
+	}
+	// That was its first real retry: the next comes 2 RetryPeriods after
+	// it, not 2 after the busy sync (which tried nothing).
+	h.clk.SetTime(t0.Add(3 * harnessRetryPeriod))
+	if snap := h.syncOK(); len(names(snap)) != 0 {
+		t.Errorf("sync 1 RetryPeriod after the retry lists %v, want nothing: the busy sync was counted as a retry", names(snap))
+	}
+	h.clk.SetTime(t0.Add(4 * harnessRetryPeriod))
+	if snap := h.syncOK(); !slices.Equal(names(snap), []string{"big"}) {
+		t.Errorf("sync when the second retry is due lists %v, want [big]: the lock time-out grew the port's backoff", names(snap))
+	}
+}

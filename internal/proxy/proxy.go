@@ -433,7 +433,18 @@ func (p *Proxier) sync(ctx context.Context) error {
 		full = true
 	}
 	if !full && monitored && start.Sub(p.lastCheck) >= p.cfg.SyncPeriod {
-		full = !p.intact(ctx, p.monitor, start)
+		ok, err := p.intact(ctx, p.monitor, start)
+		if dataplane.OnlyBusy(err) {
+			// The check waited for the xtables lock in vain; a restore
+			// would wait as long again. Nothing was taken from the
+			// tracker: its changes wait for the retry, which checks
+			// again.
+			end := p.clock.Now()
+			p.metrics.RecordSync(metrics.SyncKindPartial, end.Sub(start), end, err)
+			p.backOff(end, err, "kind", "check")
+			return nil
+		}
+		full = !ok
 	}
 	kind := metrics.SyncKindPartial
 	if full {
@@ -473,12 +484,12 @@ func (p *Proxier) sync(ctx context.Context) error {
 	}
 	p.recordProgramming(end, snap, portErrs, applied)
 	p.recordPortResults(snap, portErrs, applied)
-	p.scheduleRetry(end, retrying || full)
 	if !applied && dataplane.OnlyBusy(err) {
 		// Nothing changed in the kernel: what was applied is still
 		// exactly what the datapath knows. The same changes go again,
-		// later; a full sync stays due.
-		p.metrics.RecordLockTimeout()
+		// later; a full sync stays due. The ports whose retry was due
+		// were not tried: their backoff stays as it was, and the
+		// retry still due.
 		if full {
 			// Whatever made it full (a flush the canary saw, say) still
 			// holds.
@@ -486,16 +497,10 @@ func (p *Proxier) sync(ctx context.Context) error {
 		} else {
 			p.tracker.Requeue(slices.Collect(maps.Keys(snap.Services))...)
 		}
-		delay := p.busy.next(p.firstRetryDelay(), max(p.cfg.SyncPeriod, p.firstRetryDelay()))
-		p.busy.at = end.Add(delay)
-		p.busy.stop()
-		p.busy.timer = p.clock.AfterFunc(delay, p.runner.Trigger)
-		p.health.SyncFailed()
-		klog.ErrorS(err, "Another program held the xtables lock past the wait; nothing was changed, the changes are retried later. "+
-			"If this repeats, find what holds /run/xtables.lock for long (another proxy, a CNI plugin, a firewall manager) "+
-			"or raise --iptables-lock-wait", "kind", kind, "services", len(snap.Services), "retryAfter", delay)
+		p.backOff(end, err, "kind", kind, "services", len(snap.Services))
 		return nil
 	}
+	p.scheduleRetry(end, retrying || full)
 	p.busy.reset()
 	if !applied {
 		// What changed is no longer in the tracker: only a full sync
@@ -531,25 +536,46 @@ func (p *Proxier) sync(ctx context.Context) error {
 	return nil
 }
 
+// backOff ends a sync that found the xtables lock held (in its restore or
+// in the canary check before it) and so changed nothing: it counts the
+// time-out, once, and has the runner try again after a backoff.
+func (p *Proxier) backOff(end time.Time, err error, logValues ...any) {
+	p.metrics.RecordLockTimeout()
+	delay := p.busy.next(p.firstRetryDelay(), max(p.cfg.SyncPeriod, p.firstRetryDelay()))
+	p.busy.at = end.Add(delay)
+	p.busy.stop()
+	p.busy.timer = p.clock.AfterFunc(delay, p.runner.Trigger)
+	p.health.SyncFailed()
+	klog.ErrorS(err, "Another program held the xtables lock past the wait; nothing was changed, the changes are retried later. "+
+		"If this repeats, find what holds /run/xtables.lock for long (another proxy, a CNI plugin, a firewall manager) "+
+		"or raise --iptables-lock-wait", append(logValues, "retryAfter", delay)...)
+}
+
 // intact checks that the datapath's state is still in place, and counts
-// the result. A check that cannot tell (the xtables lock held, say) counts
-// as intact: the rules were there at the last check, and the next period
-// checks again.
-func (p *Proxier) intact(ctx context.Context, m dataplane.Monitored, now time.Time) bool {
-	p.lastCheck = now
+// the result. A check that cannot tell counts as intact: the rules were
+// there at the last check, and the next period checks again. A check that
+// found the xtables lock held (dataplane.ErrBusy) returns its error, for
+// the sync to back off; the retry checks again.
+func (p *Proxier) intact(ctx context.Context, m dataplane.Monitored, now time.Time) (bool, error) {
 	ok, err := m.Intact(ctx)
 	switch {
+	case dataplane.OnlyBusy(err):
+		p.metrics.RecordCheck(metrics.CheckError)
+		return false, err
 	case err != nil:
+		p.lastCheck = now
 		p.metrics.RecordCheck(metrics.CheckError)
 		klog.ErrorS(err, "Cannot check that the iptables rules are in place; checking again next period")
-		return true
+		return true, nil
 	case !ok:
+		p.lastCheck = now
 		p.metrics.RecordCheck(metrics.CheckFlushed)
 		klog.InfoS("The iptables canary chains are gone (someone flushed the tables): syncing in full")
-		return false
+		return false, nil
 	}
+	p.lastCheck = now
 	p.metrics.RecordCheck(metrics.CheckIntact)
-	return true
+	return true, nil
 }
 
 // backoff spaces out the retries of syncs that found the xtables lock

@@ -91,8 +91,8 @@ func TestProxierFullSyncsOncePerFullSyncPeriod(t *testing.T) {
 		t.Errorf("%d checks (%v counted intact), want one per period: 4", md.checks, checks(metrics.CheckIntact))
 	}
 
-	// A check that cannot tell (the lock held) keeps partial syncs.
-	md.checkErr = fmt.Errorf("listing the canary: %w", dataplane.ErrBusy)
+	// A check that cannot tell (iptables failed) keeps partial syncs.
+	md.checkErr = errors.New("listing the canary: exit status 2")
 	h.clk.Step(harnessSyncPeriod)
 	if snap := h.syncOK(); snap.Full {
 		t.Error("a check that failed made the sync full")
@@ -296,5 +296,48 @@ func TestOnlyBusyThroughLayers(t *testing.T) {
 		if got := dataplane.OnlyBusy(c.err); got != c.want {
 			t.Errorf("%s: OnlyBusy = %v, want %v", c.name, got, c.want)
 		}
+	}
+}
+
+// A canary check that found the xtables lock held takes the busy path: no
+// restore waits for the lock a second time in the same sync, the lock
+// time-out is counted once, and the changes go in the retry after the
+// backoff, which checks again.
+func TestProxierBusyCheckBacksOff(t *testing.T) {
+	h, md := newMonitoredHarness(t, true)
+	h.p.OnServiceUpsert(service("default", "web", "10.96.0.10", tcpPort("http", 80, 8080)))
+	h.syncOK()
+	n := h.dp.count()
+
+	md.checkErr = fmt.Errorf("listing the canary: %w", dataplane.ErrBusy)
+	h.clk.Step(harnessSyncPeriod)
+	h.p.OnEndpointSliceUpsert(slice("default", "web-1", "web", "http", 8080, "10.244.0.2"))
+	if err := h.p.sync(context.Background()); err != nil {
+		t.Fatalf("sync whose check found the lock held returned %v, want nil (the proxy backs off itself)", err)
+	}
+	if h.dp.count() != n {
+		t.Fatal("the datapath was synced after the check found the lock held: a second wait for the lock")
+	}
+	if got := testutil.ToFloat64(h.m.SyncLockTimeoutsTotal); got != 1 {
+		t.Errorf("lock time-outs counted %v, want 1", got)
+	}
+	if ok, _, _ := h.health.Healthy(); ok {
+		t.Log("healthy while backing off (the health grace period)")
+	}
+
+	// The lock is free: the retry, a backoff later, checks again and
+	// applies the change.
+	md.checkErr = nil
+	checks := md.checks
+	h.clk.Step(harnessRetryPeriod)
+	snap := h.syncOK()
+	if md.checks != checks+1 {
+		t.Errorf("the retry ran %d checks, want 1", md.checks-checks)
+	}
+	if snap.Full || !slices.Equal(names(snap), []string{"web"}) {
+		t.Errorf("retry: full=%v services %v, want a partial [web]", snap.Full, names(snap))
+	}
+	if got := testutil.ToFloat64(h.m.SyncLockTimeoutsTotal); got != 1 {
+		t.Errorf("lock time-outs counted %v after the retry, want 1", got)
 	}
 }

@@ -148,13 +148,7 @@ func writeScale(m *mdWriter, ix *index) {
 				continue
 			}
 			cp := c.ControlPlane
-			ec := "n/a"
-			if s := Summarize(seconds(cp.EndpointChange)); s.N > 0 {
-				ec = fmt.Sprintf("%s / %s (n=%d)", ms(s.P50), ms(s.P99), s.N)
-			}
-			if cp.EndpointChangeTimedOut {
-				ec += "; then a change never seen"
-			}
+			ec := endpointChangeText(cp)
 			batch := "n/a"
 			if cp.BatchServices > 0 {
 				batch = fmt.Sprintf("%d in %s", cp.BatchServices, secs(cp.BatchServed))
@@ -162,11 +156,7 @@ func writeScale(m *mdWriter, ix *index) {
 					batch = fmt.Sprintf("%d not served after %s", cp.BatchServices, secs(cp.BatchServed))
 				}
 			}
-			rss := "n/a"
-			if c.Proxy.RSSBytes > 0 {
-				rss = mib(c.Proxy.RSSBytes)
-			}
-			rows = append(rows, []string{ct, secs(cp.ColdStart), ec, batch, rss, reach})
+			rows = append(rows, []string{ct, secs(cp.ColdStart), ec, batch, rssText(c.Proxy), reach})
 		}
 		m.table([]string{"contender", "cold node", "endpoint change p50 / p99 (churn)", "new Services served", "proxy RSS", "how far it got"}, rows)
 	}
@@ -354,13 +344,7 @@ func writeControlPlane(m *mdWriter, ix *index, plots plotFiles) {
 					batch = "not served after " + batch
 				}
 			}
-			ec := "n/a"
-			if s := Summarize(seconds(cp.EndpointChange)); s.N > 0 {
-				ec = fmt.Sprintf("%s / %s (n=%d)", ms(s.P50), ms(s.P99), s.N)
-			}
-			if cp.EndpointChangeTimedOut {
-				ec += "; then a change never seen"
-			}
+			ec := endpointChangeText(cp)
 			np := "not exported"
 			if h := cp.NetworkProgramming; h != nil {
 				p50, ok50 := histogramQuantile(0.5, h.Bounds, h.Buckets)
@@ -371,11 +355,7 @@ func writeControlPlane(m *mdWriter, ix *index, plots plotFiles) {
 					np = fmt.Sprintf("no observations (count %d)", h.Count)
 				}
 			}
-			rss := "n/a"
-			if c.Proxy.RSSBytes > 0 {
-				rss = mib(c.Proxy.RSSBytes)
-			}
-			rows = append(rows, []string{ct, cold, batch, ec, np, rss, fmt.Sprintf("%.2f", c.Proxy.CPUSeconds)})
+			rows = append(rows, []string{ct, cold, batch, ec, np, rssText(c.Proxy), fmt.Sprintf("%.2f", c.Proxy.CPUSeconds)})
 		}
 		m.table([]string{"contender", "cold start", "batch served", "endpoint change p50 / p99", "network programming p50 / p99", "proxy RSS", "proxy CPU s"}, rows)
 	}
@@ -414,3 +394,24 @@ func writeFiles(m *mdWriter, plots plotFiles) {
 }
 
 func finite(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
+
+// endpointChangeText is a cell's endpoint change p50 / p99, and whether a
+// change was never seen.
+func endpointChangeText(cp results.ControlPlane) string {
+	ec := "n/a"
+	if s := Summarize(seconds(cp.EndpointChange)); s.N > 0 {
+		ec = fmt.Sprintf("%s / %s (n=%d)", ms(s.P50), ms(s.P99), s.N)
+	}
+	if cp.EndpointChangeTimedOut {
+		ec += "; then a change never seen"
+	}
+	return ec
+}
+
+// rssText is the proxy's resident set, n/a where not measured.
+func rssText(p results.ProxyUsage) string {
+	if p.RSSBytes > 0 {
+		return mib(p.RSSBytes)
+	}
+	return "n/a"
+}

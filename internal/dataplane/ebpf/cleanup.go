@@ -20,16 +20,17 @@ type cleanupWorker struct {
 	clean func(check udpCheck, stop <-chan struct{}) (failed bool)
 
 	mu sync.Mutex
-	// idle is signalled whenever the worker has nothing left to do.
-	idle *sync.Cond
+	// idle is closed while the worker has nothing left to do; a submit
+	// that hands work over replaces it with an open one.
+	idle chan struct{}
 	// pending is what syncs handed over since the running cleanup
 	// started.
 	pending udpCheck
 	// retry is the frontends of a cleanup that failed somewhere, checked
 	// again with the next full sync (which used to check every frontend).
 	retry udpCheck
-	busy  bool
 
+	// kick tells the worker there is work pending.
 	kick chan struct{}
 	stop chan struct{}
 	done chan struct{}
@@ -37,8 +38,9 @@ type cleanupWorker struct {
 }
 
 func newCleanupWorker(clean func(udpCheck, <-chan struct{}) bool) *cleanupWorker {
-	w := &cleanupWorker{clean: clean, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
-	w.idle = sync.NewCond(&w.mu)
+	w := &cleanupWorker{clean: clean, idle: make(chan struct{}), kick: make(chan struct{}, 1),
+		stop: make(chan struct{}), done: make(chan struct{})}
+	close(w.idle)
 	go w.run()
 	return w
 }
@@ -66,6 +68,9 @@ func (w *cleanupWorker) submit(check udpCheck, full bool) {
 	if len(w.pending) == 0 {
 		return
 	}
+	if isClosed(w.idle) {
+		w.idle = make(chan struct{})
+	}
 	select {
 	case w.kick <- struct{}{}:
 	default: // already kicked
@@ -86,7 +91,6 @@ func (w *cleanupWorker) run() {
 		w.mu.Lock()
 		check := w.pending
 		w.pending = nil
-		w.busy = len(check) > 0
 		w.mu.Unlock()
 		if len(check) > 0 {
 			failed := w.clean(check, w.stop)
@@ -102,12 +106,12 @@ func (w *cleanupWorker) run() {
 				}
 				w.retry.merge(check)
 			}
-			w.busy = false
 			w.mu.Unlock()
 		}
 		w.mu.Lock()
-		if !w.busy && len(w.pending) == 0 {
-			w.idle.Broadcast()
+		if len(w.pending) == 0 && !isClosed(w.idle) {
+			// Else a submit came meanwhile, and kicked.
+			close(w.idle)
 		}
 		w.mu.Unlock()
 	}
@@ -117,9 +121,20 @@ func (w *cleanupWorker) run() {
 // the worker stopped).
 func (w *cleanupWorker) wait() {
 	w.mu.Lock()
-	defer w.mu.Unlock()
-	for (w.busy || len(w.pending) > 0) && !w.stopped() {
-		w.idle.Wait()
+	idle := w.idle
+	w.mu.Unlock()
+	select {
+	case <-idle:
+	case <-w.stop:
+	}
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -137,10 +152,7 @@ func (w *cleanupWorker) stopped() bool {
 // kbp_revnat, whose handle the Dataplane closes next.
 func (w *cleanupWorker) close() {
 	w.once.Do(func() {
-		w.mu.Lock()
 		close(w.stop)
-		w.idle.Broadcast()
-		w.mu.Unlock()
 		<-w.done
 	})
 }

@@ -148,15 +148,19 @@ func (f *coldFill) flush() error {
 	return nil
 }
 
+// errColdFill marks a failure to apply the queued writes: the sync then
+// writes entry by entry (reconciler.sync).
+var errColdFill = errors.New("writing the first full sync's entries in batches")
+
 // finish applies what is queued and gives r its maps back. On failure the
-// maps hold only part of what r recorded: r reads them back at its next
-// sync.
+// maps hold only part of what r recorded: r reads them back first at its
+// next sync, which sync runs at once, writing entry by entry.
 func (f *coldFill) finish(r *reconciler) error {
 	err := f.flush()
 	r.maps = f.real
 	if err != nil {
 		r.reload = true
-		return fmt.Errorf("writing the first full sync's entries: %w", err)
+		return fmt.Errorf("%w: %w", errColdFill, err)
 	}
 	return nil
 }

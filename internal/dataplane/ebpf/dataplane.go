@@ -11,7 +11,8 @@
 // backends are in the maps first: make-before-break), for every UDP
 // frontend that is new or whose serving endpoints changed since the last
 // cleanup (every one at start and after a failed sync; a full sync of an
-// unchanged cluster checks none) and that has a serving endpoint, the
+// unchanged cluster checks only, once more, those checked since the last
+// full sync) and that has a serving endpoint, the
 // Dataplane destroys the connected UDP sockets, AF_INET and AF_INET6
 // (v4-mapped peers), that
 //

@@ -1,6 +1,7 @@
 package ebpf
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -9,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
@@ -34,6 +36,26 @@ func (f *fakeMap[K, V]) Update(k K, v V) error {
 	f.entries[k] = v
 	f.parent.done(op)
 	return nil
+}
+
+// UpdateBatch writes as the kernel map's UpdateBatch: chunk by chunk,
+// each entry in order, stopping at the first that fails (the kernel's
+// batch call leaves the entries before it written); or, where the maps
+// have no batch operations (noBatch, the kernel before 5.6), through the
+// same fallback to one write at a time.
+func (f *fakeMap[K, V]) UpdateBatch(keys []K, values []V) error {
+	return inChunks(len(keys), cmp.Or(f.parent.batchChunk, writeBatch), func(lo, hi int) error {
+		if f.parent.noBatch {
+			return fmt.Errorf("batch update of %s: %w", f.name, ebpf.ErrNotSupported)
+		}
+		f.parent.batches++
+		for i := lo; i < hi; i++ {
+			if err := f.Update(keys[i], values[i]); err != nil {
+				return err
+			}
+		}
+		return nil
+	}, func(i int) error { return f.Update(keys[i], values[i]) })
 }
 
 func (f *fakeMap[K, V]) Delete(k K) error {
@@ -85,6 +107,12 @@ type fakeMaps struct {
 	// onOp runs after every operation that changed the maps, and after
 	// every grace period.
 	onOp []func(fakeOp)
+	// batches counts the batch calls that wrote; noBatch makes them
+	// fail with ebpf.ErrNotSupported; batchChunk, if set, is the most
+	// entries one writes (writeBatch otherwise).
+	batches    int
+	noBatch    bool
+	batchChunk int
 }
 
 // newFakeMaps sizes the maps as the loader does for a reconciler made

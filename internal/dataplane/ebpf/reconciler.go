@@ -403,7 +403,22 @@ type portToApply struct {
 // sync applies a snapshot. Service ports that fail are left as they were in
 // the kernel and reported in the returned *dataplane.SyncError; the others
 // are applied.
+//
+// A cold node's first sync writes in batches (coldfill.go); where a batch
+// fails (a map full, say), the same sync reads back what landed and
+// writes the rest entry by entry, so that only the ports that do not fit
+// fail, as in any other sync.
 func (r *reconciler) sync(snap *model.Snapshot) error {
+	err := r.syncWith(snap, true)
+	if errors.Is(err, errColdFill) {
+		klog.ErrorS(err, "Writing the first full sync in batches failed; writing it entry by entry")
+		err = r.syncWith(snap, false)
+	}
+	return err
+}
+
+// syncWith is sync, writing in batches into empty maps if batch is set.
+func (r *reconciler) syncWith(snap *model.Snapshot, batch bool) error {
 	if r.reload {
 		if err := r.restore(); err != nil {
 			return &dataplane.SyncError{Err: fmt.Errorf("reading BPF maps: %w", err)}
@@ -417,7 +432,7 @@ func (r *reconciler) sync(snap *model.Snapshot) error {
 	}
 
 	var cold *coldFill
-	if snap.Full && len(r.frontends) == 0 && len(r.groups) == 0 && len(r.backendKeys) == 0 {
+	if batch && snap.Full && len(r.frontends) == 0 && len(r.groups) == 0 && len(r.backendKeys) == 0 {
 		// Empty maps: the writes of every port are queued and applied in
 		// batches (coldfill.go).
 		cold = r.deferWrites()

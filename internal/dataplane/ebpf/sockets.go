@@ -110,6 +110,11 @@ type udpSocketCleaner struct {
 	// its applied UDP frontends as of the last sync; nil when unknown (at
 	// start, after a failed sync).
 	serving map[model.ServiceName]map[model.Frontend][]model.Backend
+	// checked are the frontends planned for a check since the last full
+	// sync, and their Services: the next full sync checks them once
+	// more, for a socket whose kbp_revnat entry landed after the
+	// cleanup read it (its connect() raced with the sync).
+	checked map[model.Frontend]model.ServiceName
 
 	// probed is set once the kernel has been asked whether it can destroy
 	// UDP sockets; unsupported is its answer.
@@ -141,8 +146,18 @@ func (c *udpSocketCleaner) forget() {
 // checks nothing; everything is checked only when nothing is known (at
 // start, after a failed sync). Every frontend the programs serve counts:
 // the ClusterIP, NodePorts, local external IPs, LoadBalancer IPs.
+//
+// A full sync also checks once more the frontends checked since the last
+// one, still serving: a socket translated while a sync changed its
+// frontend may get its kbp_revnat entry after that cleanup read the map.
+// That costs a read of kbp_revnat, in the worker; namespaces are visited
+// only if it names a stale socket.
 func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]bool) udpCheck {
 	check := make(udpCheck)
+	recheck := c.checked
+	if snap.Full || c.checked == nil {
+		c.checked = make(map[model.Frontend]model.ServiceName)
+	}
 	// What the last cleanup knew; nil at start and after a failed sync,
 	// when every frontend is checked.
 	known := c.serving
@@ -184,6 +199,7 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 				}
 				if old, had := before[fe]; known == nil || !had || !slices.Equal(old, sp.Serving) {
 					check.add(fe, sp.Serving, known == nil || !had || len(old) == 0)
+					c.checked[fe] = name
 				}
 			}
 		}
@@ -193,12 +209,23 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 			c.serving[name] = now
 		}
 	}
+	if snap.Full {
+		for fe, name := range recheck {
+			if _, planned := check[netip.AddrPortFrom(fe.IP, fe.Port)]; planned {
+				continue
+			}
+			if serving := c.serving[name][fe]; len(serving) > 0 {
+				check.add(fe, serving, false)
+			}
+		}
+	}
 	return check
 }
 
 // match tells whether a connected UDP socket is stale for check, and why;
 // pod says the socket is in a pod's network namespace, not the node's.
-func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (frontend netip.AddrPort, reason string, err error) {
+// revnat finds the frontend the socket was translated from.
+func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool, revnat revnatLookup) (frontend netip.AddrPort, reason string, err error) {
 	// An AF_INET6 socket talking IPv4 has a v4-mapped peer; our programs
 	// key it by the IPv4 address.
 	peer := netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port())
@@ -217,7 +244,7 @@ func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool) (f
 		// existed and was never translated.
 		return peer, "connected to the frontend untranslated", nil
 	}
-	fe, ok, err := c.revnat(s.Cookie, peer)
+	fe, ok, err := revnat(s.Cookie, peer)
 	if err != nil || !ok {
 		return netip.AddrPort{}, "", err
 	}
@@ -333,8 +360,9 @@ type candidates struct {
 	// peers are those backends and the fresh frontends; nil for every
 	// peer, when kbp_revnat could not be read.
 	peers []netip.AddrPort
-	// cookies is nil when kbp_revnat could not be read.
-	cookies map[uint64]bool
+	// cookies are those sockets' kbp_revnat entries, as read; nil when
+	// kbp_revnat could not be read.
+	cookies map[uint64]revnatPair
 	// fresh is set if a frontend checked is fresh: a socket connected to
 	// it untranslated has no kbp_revnat entry, and may be anywhere.
 	fresh bool
@@ -357,10 +385,10 @@ func (c *udpSocketCleaner) candidates(check udpCheck) (candidates, error) {
 		cand.fresh = true
 		return cand, nil
 	}
-	cand.cookies = make(map[uint64]bool)
+	cand.cookies = make(map[uint64]revnatPair)
 	err := c.scan(func(cookie uint64, backend, frontend netip.AddrPort) {
 		if fc, ok := check[frontend]; ok && !fc.serving[backend] {
-			cand.cookies[cookie] = true
+			cand.cookies[cookie] = revnatPair{backend: backend, frontend: frontend}
 			peers[backend] = true
 		}
 	})
@@ -373,6 +401,21 @@ func (c *udpSocketCleaner) candidates(check udpCheck) (candidates, error) {
 	}
 	slices.SortFunc(cand.peers, func(a, b netip.AddrPort) int { return a.Compare(b) })
 	return cand, nil
+}
+
+// revnatPair is a kbp_revnat entry: the backend a socket was translated to,
+// from frontend.
+type revnatPair struct{ backend, frontend netip.AddrPort }
+
+// lookup answers from what candidates read of kbp_revnat, as c.revnat
+// would from the map: a socket not among the candidates was not
+// translated to a backend that left, when kbp_revnat was read.
+func (cand *candidates) lookup(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
+	p, ok := cand.cookies[cookie]
+	if !ok || p.backend != backend {
+		return netip.AddrPort{}, false, nil
+	}
+	return p.frontend, true, nil
 }
 
 // cleanNamespace destroys the stale sockets of one namespace.
@@ -389,9 +432,15 @@ func (c *udpSocketCleaner) cleanNamespace(ns string, t socketTable, check udpChe
 		klog.ErrorS(err, "Listing connected UDP sockets", "netns", ns)
 		return 0, 1
 	}
+	// What candidates read of kbp_revnat, not the map again for each
+	// socket; the map itself when it could not be read.
+	revnat := c.revnat
+	if cand.cookies != nil {
+		revnat = cand.lookup
+	}
 	for _, s := range socks {
+		fe, reason, err := c.match(check, s, pod, revnat)
 		delete(cand.cookies, s.Cookie)
-		fe, reason, err := c.match(check, s, pod)
 		if err != nil {
 			klog.ErrorS(err, "Looking up a socket's frontend", "netns", ns, "socket", s)
 			failed++

@@ -265,6 +265,9 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newUDPSocketCleaner(nil, nil, newEventCounts())
 			if tc.before != nil {
+				// Twice: the second full sync rechecks what the first
+				// checked, and leaves nothing to recheck.
+				c.plan(tc.before, nil)
 				c.plan(tc.before, nil)
 			}
 			failed := make(map[model.Frontend]bool)
@@ -275,6 +278,27 @@ func TestPlanChecksNewAndChangedUDPFrontends(t *testing.T) {
 				t.Errorf("checked %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+// A full sync checks once more, not fresh, the frontends checked since the
+// last one: a socket whose kbp_revnat entry landed after that cleanup read
+// the map is found then, though the frontend did not change again.
+func TestPlanRechecksAtTheNextFullSync(t *testing.T) {
+	c := newUDPSocketCleaner(nil, nil, newEventCounts())
+	other := servicePort("default", "stats", "udp", model.UDP, otherVIP, "10.244.3.1:8125")
+	c.plan(snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other), nil)
+	c.plan(snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"), other), nil)
+	shrunk := snapshot(false, dnsPort("10.244.1.2:53"))
+	if got := checkKeys(c.plan(shrunk, nil)); !slices.Equal(got, []string{"10.96.0.10:53 [10.244.1.2:53]"}) {
+		t.Fatalf("the partial sync checked %v", got)
+	}
+	full := snapshot(true, dnsPort("10.244.1.2:53"), other)
+	if got := checkKeys(c.plan(full, nil)); !slices.Equal(got, []string{"10.96.0.10:53 [10.244.1.2:53]"}) {
+		t.Errorf("the next full sync checked %v, want the frontend the partial one checked, again", got)
+	}
+	if got := c.plan(full, nil); len(got) != 0 {
+		t.Errorf("the full sync after checked %v, want nothing: once more is enough", checkKeys(got))
 	}
 }
 
@@ -342,7 +366,7 @@ func TestMatch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newUDPSocketCleaner(nil, revnat.lookup, newEventCounts())
-			_, reason, err := c.match(check, tc.s, false)
+			_, reason, err := c.match(check, tc.s, false, c.revnat)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -402,6 +426,24 @@ func TestCleanDestroysStaleSocketsInEveryNamespace(t *testing.T) {
 	}
 	if got := s.counts(); got[eventUDPSocketsDestroyed] != 3 || len(got) != 1 {
 		t.Errorf("events %v, want 3 sockets destroyed and nothing else", got)
+	}
+}
+
+// The cleanup reads kbp_revnat whole once and matches the sockets it lists
+// against what it read: no lookup per socket.
+func TestCleanLooksUpNoSocketAfterTheScan(t *testing.T) {
+	s := newCleanerSetup()
+	lookups := 0
+	s.c.revnat = func(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
+		lookups++
+		return s.revnat.lookup(cookie, backend)
+	}
+	s.c.clean(s.check, nil)
+	if want := []string{"node 1", "pod-a 2", "pod-b 3"}; !slices.Equal(s.host.destroyed, want) {
+		t.Errorf("destroyed %v, want %v", s.host.destroyed, want)
+	}
+	if lookups != 0 {
+		t.Errorf("%d kbp_revnat lookups after reading it whole, want 0", lookups)
 	}
 }
 
@@ -617,7 +659,7 @@ func TestMatchLoopbackNodePortIsTheNodesOnly(t *testing.T) {
 		pod    bool
 		reason string
 	}{{true, ""}, {false, "connected to the frontend untranslated"}} {
-		_, reason, err := c.match(check, s, tc.pod)
+		_, reason, err := c.match(check, s, tc.pod, c.revnat)
 		if err != nil {
 			t.Fatal(err)
 		}

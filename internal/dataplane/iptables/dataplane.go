@@ -131,6 +131,11 @@ type Dataplane struct {
 	cleanup conntrackCleanup
 	// restores counts the iptables-restore runs of the syncs, for tests.
 	restores uint64
+	// flushWait bounds how long Intact, having found the first table's
+	// canary gone, waits for the other tables' to go too, polling each
+	// flushPoll (kube-proxy's iptablesFlushTimeout and
+	// iptablesFlushPollTime); zero means the defaults.
+	flushWait, flushPoll time.Duration
 
 	mu     sync.Mutex
 	events map[string]uint64
@@ -313,8 +318,8 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		doing := fmt.Sprintf("applying %d nat and %d filter rules", st.natRulesWritten, st.filterRules)
 		if errors.Is(err, errLockHeld) {
 			// Nothing was changed: the kernel holds exactly what
-			// d.applied says, and the same changes can go again.
-			d.count(eventLockTimeout, 1)
+			// d.applied says, and the same changes can go again. The
+			// proxy counts the time-out (kube_bpf_proxy_sync_lock_timeouts_total).
 			return fmt.Errorf("%s with iptables-%s: %w", doing, d.tool.backend, err)
 		}
 		return d.failed(doing, err)
@@ -347,11 +352,15 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	return nil
 }
 
-// eventLockTimeout counts the restores and the canary checks that found
-// the xtables lock held past the wait, and so changed or learnt nothing
-// (the proxy's kube_bpf_proxy_sync_lock_timeouts_total counts the syncs
-// whose restore did).
-const eventLockTimeout = "iptables_lock_timeout"
+// As kube-proxy's Monitor, once the first table's canary is gone Intact
+// waits up to defaultFlushWait, polling each defaultFlushPoll, for the
+// other tables' to go too: a firewall manager deletes the tables one by
+// one, and a full sync halfway through its reload would be undone by the
+// rest of it.
+const (
+	defaultFlushWait = 5 * time.Second
+	defaultFlushPoll = 100 * time.Millisecond
+)
 
 var (
 	_ dataplane.Monitored         = (*Dataplane)(nil)
@@ -365,24 +374,58 @@ var (
 // ours with them. As kube-proxy's Monitor, one `iptables -w 5 -t mangle
 // -S KUBE-PROXY-CANARY` (filter for the packet layer): the legacy backend
 // reads the whole table it lists a chain of, and mangle is small where
-// nat holds every Service.
+// nat holds every Service. Only when that canary is gone does it list the
+// others, until they are gone too or defaultFlushWait has passed (then
+// the reload is taken as done, however inconsistent the tables).
+//
+// A check that found the xtables lock held returns an error wrapping
+// dataplane.ErrBusy: the proxy backs off, as for a restore that did.
 func (d *Dataplane) Intact(ctx context.Context) (bool, error) {
 	if d.applied == nil {
 		return false, nil
 	}
 	// The first table's canary alone, as kube-proxy's Monitor polls.
-	table, chain := canaryTables(d.opts.externalOnly)[0], canaryChain(d.opts.externalOnly)
-	ok, err := d.tool.chainExists(ctx, table, chain)
+	tables, chain := canaryTables(d.opts.externalOnly), canaryChain(d.opts.externalOnly)
+	ok, err := d.tool.chainExists(ctx, tables[0], chain)
 	if err != nil {
-		if errors.Is(err, errLockHeld) {
-			d.count(eventLockTimeout, 1)
-		}
 		return false, fmt.Errorf("checking the canary chain: %w", err)
 	}
-	if !ok {
-		klog.InfoS("Canary chain gone: the iptables rules were flushed", "table", table, "chain", chain)
+	if ok {
+		return true, nil
 	}
-	return ok, nil
+	klog.InfoS("Canary chain gone: the iptables rules were flushed", "table", tables[0], "chain", chain)
+	if !d.othersGone(ctx, tables[1:], chain) {
+		klog.InfoS("Inconsistent iptables state: the canary chain is gone from one table and still in another past the wait; syncing in full",
+			"chain", chain, "waited", cmp.Or(d.flushWait, defaultFlushWait))
+	}
+	return false, nil
+}
+
+// othersGone polls the canary in the other tables until none has it, and
+// reports whether that came within the wait. A listing that fails (the
+// lock held, the wait's end) counts as the canary still there.
+func (d *Dataplane) othersGone(ctx context.Context, tables []string, chain string) bool {
+	ctx, cancel := context.WithTimeout(ctx, cmp.Or(d.flushWait, defaultFlushWait))
+	defer cancel()
+	tick := time.NewTicker(cmp.Or(d.flushPoll, defaultFlushPoll))
+	defer tick.Stop()
+	for {
+		gone := true
+		for _, table := range tables {
+			if ok, err := d.tool.chainExists(ctx, table, chain); ok || err != nil {
+				gone = false
+				break
+			}
+		}
+		if gone {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-tick.C:
+		}
+	}
 }
 
 // LargeCluster reports kube-proxy's large cluster mode: more than 1000

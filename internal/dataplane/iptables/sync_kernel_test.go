@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
@@ -143,6 +144,57 @@ func TestKernelCanaryDetectsFlush(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// As kube-proxy's Monitor: a check that finds mangle's canary gone while
+// nat's and filter's are still there (a firewall manager's reload halfway)
+// waits for them to go too before it reports the flush, so the full sync
+// it leads to does not run before the reload has deleted everything.
+func TestKernelCanaryWaitsForTheWholeReload(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b, func(t *testing.T) {
+			ns := nodeNS(t)
+			trace := traceCommands(t)
+			d := open(t, Config{Backend: b, NetNS: ns})
+			// Long enough that the test, not the wait's end, finishes
+			// the reload.
+			d.flushWait = time.Minute
+			mustSync(t, d, snap(true, sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.1:8080")))
+			deleteCanary := func(table string) {
+				t.Helper()
+				if out, err := inNS(ns, "iptables-"+b, "-t", table, "-X", chainCanary).CombinedOutput(); err != nil {
+					t.Fatalf("iptables -t %s -X: %v\n%s", table, err, out)
+				}
+			}
+			deleteCanary("mangle")
+			trace()
+			type result struct {
+				ok  bool
+				err error
+			}
+			done := make(chan result, 1)
+			go func() {
+				ok, err := d.Intact(context.Background())
+				done <- result{ok, err}
+			}()
+			// The check lists nat's canary, still there, before the
+			// reload deletes it.
+			listedNat := false
+			for !listedNat {
+				select {
+				case r := <-done:
+					t.Fatalf("Intact returned %v, %v with nat's and filter's canaries still there, want it to wait for them", r.ok, r.err)
+				case <-time.After(20 * time.Millisecond):
+				}
+				listedNat = slices.ContainsFunc(trace(), func(c string) bool { return strings.Contains(c, "-t_nat_-S_"+chainCanary) })
+			}
+			deleteCanary("nat")
+			deleteCanary("filter")
+			if r := <-done; r.ok || r.err != nil {
+				t.Errorf("Intact after the reload deleted every canary: %v, %v, want false", r.ok, r.err)
+			}
+		})
 	}
 }
 
