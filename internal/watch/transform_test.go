@@ -333,3 +333,23 @@ func BenchmarkInformerCacheHeap(b *testing.B) {
 		})
 	}
 }
+
+// TestCompactSliceAddresses: an endpoint's first address comes back from
+// the cached form exactly as it was, whatever its form.
+func TestCompactSliceAddresses(t *testing.T) {
+	for _, addrs := range [][]string{
+		nil, {}, {"10.1.2.3"}, {"10.1.2.3", "10.1.2.4"}, {"010.1.2.3"}, {"10.1.2.3 "}, {"::ffff:10.1.2.3"},
+		{"fd00::1"}, {"FD00::1"}, {""}, {"not-an-ip"}, {"0.0.0.0"}, {"255.255.255.255"},
+	} {
+		node := "node-a"
+		s := &discoveryv1.EndpointSlice{
+			ObjectMeta:  metav1.ObjectMeta{Name: "s", Namespace: "ns"},
+			AddressType: discoveryv1.AddressTypeIPv4,
+			Endpoints:   []discoveryv1.Endpoint{{Addresses: addrs, NodeName: &node}, {Addresses: addrs}},
+		}
+		got, _ := expandSlice(compactSlice(s))
+		if want := slimSlice(s); !reflect.DeepEqual(got, want) {
+			t.Errorf("addresses %q: expanded %+v, want %+v", addrs, got.Endpoints, want.Endpoints)
+		}
+	}
+}
