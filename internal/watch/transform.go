@@ -9,12 +9,14 @@ import (
 )
 
 // Transform is the informers' cache.TransformFunc: each Service and
-// EndpointSlice enters the cache as a copy holding only what the handlers
-// read, so that the caches of a large cluster do not keep managedFields,
-// selectors, target references and the rest for nothing. At 10k Services
-// of 10 endpoints that is most of the informers' memory.
+// EndpointSlice enters the cache in a compact form of our own (compact.go)
+// holding only what the handlers read, so that the caches of a large
+// cluster keep neither managedFields, selectors, target references and the
+// rest, nor the API structs' many empty fields. The event handlers hand
+// each event's object on as the trimmed API object that slimService or
+// slimSlice makes from the original.
 //
-// What a copy keeps (the model's conversion, internal/model service.go and
+// What the trimmed object keeps (the model's conversion, internal/model service.go and
 // endpoints.go, and the Proxier are the readers; a new field read there must
 // be added here, and TestTransformKeepsWhatTheModelReads fails until it is):
 //
@@ -34,14 +36,18 @@ import (
 // Strings repeated across objects (namespaces, port names, node names,
 // hint zones) are interned, and the condition and protocol pointers point
 // at shared values: the copies are read-only, like every cached object.
-// Anything else passes through unchanged. Transform is idempotent, as
-// client-go asks.
+// Anything else, the compact forms included, passes through unchanged:
+// Transform is idempotent, as client-go asks.
 func Transform(obj any) (any, error) {
 	switch o := obj.(type) {
 	case *v1.Service:
-		return slimService(o), nil
+		if o != nil {
+			return compactService(o), nil
+		}
 	case *discoveryv1.EndpointSlice:
-		return slimSlice(o), nil
+		if o != nil {
+			return compactSlice(o), nil
+		}
 	}
 	return obj, nil
 }

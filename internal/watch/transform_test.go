@@ -150,7 +150,28 @@ func TestTransformKeepsWhatTheModelReads(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			gotSvc, gotSlice := gotSvcObj.(*v1.Service), gotSliceObj.(*discoveryv1.EndpointSlice)
+			// The caches hold the compact forms; the handlers get them
+			// expanded, which must give the trimmed objects.
+			if _, ok := gotSvcObj.(*cachedService); !ok {
+				t.Fatalf("Service cached as %T", gotSvcObj)
+			}
+			if _, ok := gotSliceObj.(*cachedSlice); !ok {
+				t.Fatalf("EndpointSlice cached as %T", gotSliceObj)
+			}
+			gotSvc, _ := expandService(gotSvcObj)
+			gotSlice, _ := expandSlice(gotSliceObj)
+			if want := slimService(svc); !reflect.DeepEqual(gotSvc, want) {
+				t.Errorf("cached Service expands to\n%+v\nwant the trimmed\n%+v", gotSvc, want)
+			}
+			if want := slimSlice(slice); !reflect.DeepEqual(gotSlice, want) {
+				t.Errorf("cached EndpointSlice expands to\n%+v\nwant the trimmed\n%+v", gotSlice, want)
+			}
+			// client-go keys and indexes them by their metadata.
+			for obj, want := range map[any]string{gotSvcObj: svc.Namespace + "/" + svc.Name, gotSliceObj: slice.Namespace + "/" + slice.Name} {
+				if key, err := cache.MetaNamespaceKeyFunc(obj); err != nil || key != want {
+					t.Errorf("key of %T: %q, %v; want %q", obj, key, err, want)
+				}
+			}
 			gotSnap, gotReports, gotCounts := modelOf(t, start, gotSvc, gotSlice)
 			if !reflect.DeepEqual(gotSnap, wantSnap) {
 				t.Errorf("model of the transformed objects:\n%+v\nwant (of the originals):\n%+v", gotSnap, wantSnap)
@@ -195,9 +216,9 @@ func TestTransformKeepsWhatTheModelReads(t *testing.T) {
 			}
 
 			// Idempotent, as client-go asks of a transform.
-			again, _ := Transform(gotSvc)
-			againSlice, _ := Transform(gotSlice)
-			if !reflect.DeepEqual(again, gotSvcObj) || !reflect.DeepEqual(againSlice, gotSliceObj) {
+			again, _ := Transform(gotSvcObj)
+			againSlice, _ := Transform(gotSliceObj)
+			if again != gotSvcObj || againSlice != gotSliceObj {
 				t.Error("transforming twice changed the objects")
 			}
 		})
@@ -210,14 +231,15 @@ func TestTransformKeepsOtherProxiesLabel(t *testing.T) {
 	svc := fullService(t)
 	svc.Labels[LabelServiceProxyName] = "other"
 	got, _ := Transform(svc)
-	g := got.(*v1.Service)
+	g, _ := expandService(got)
 	if !foreignSelector().Matches(labels.Set(g.Labels)) || g.Spec.ClusterIP != "10.96.0.10" {
 		t.Errorf("foreign Service lost its label or ClusterIP: %v %q", g.Labels, g.Spec.ClusterIP)
 	}
 	headless := fullSlice(t, time.Now())
 	headless.Labels[v1.IsHeadlessService] = ""
 	h, _ := Transform(headless)
-	if Selector().Matches(labels.Set(h.(*discoveryv1.EndpointSlice).Labels)) {
+	hs, _ := expandSlice(h)
+	if Selector().Matches(labels.Set(hs.Labels)) {
 		t.Error("a headless Service's slice matches the selector once transformed")
 	}
 	if other, _ := Transform("not an API object"); other != "not an API object" {
@@ -309,5 +331,25 @@ func BenchmarkInformerCacheHeap(b *testing.B) {
 			}
 			b.ReportMetric(heap, "cache-MiB")
 		})
+	}
+}
+
+// TestCompactSliceAddresses: an endpoint's first address comes back from
+// the cached form exactly as it was, whatever its form.
+func TestCompactSliceAddresses(t *testing.T) {
+	for _, addrs := range [][]string{
+		nil, {}, {"10.1.2.3"}, {"10.1.2.3", "10.1.2.4"}, {"010.1.2.3"}, {"10.1.2.3 "}, {"::ffff:10.1.2.3"},
+		{"fd00::1"}, {"FD00::1"}, {""}, {"not-an-ip"}, {"0.0.0.0"}, {"255.255.255.255"},
+	} {
+		node := "node-a"
+		s := &discoveryv1.EndpointSlice{
+			ObjectMeta:  metav1.ObjectMeta{Name: "s", Namespace: "ns"},
+			AddressType: discoveryv1.AddressTypeIPv4,
+			Endpoints:   []discoveryv1.Endpoint{{Addresses: addrs, NodeName: &node}, {Addresses: addrs}},
+		}
+		got, _ := expandSlice(compactSlice(s))
+		if want := slimSlice(s); !reflect.DeepEqual(got, want) {
+			t.Errorf("addresses %q: expanded %+v, want %+v", addrs, got.Endpoints, want.Endpoints)
+		}
 	}
 }

@@ -38,8 +38,10 @@ import (
 const LabelServiceProxyName = "service.kubernetes.io/service-proxy-name"
 
 // Handler receives typed events. See the package documentation for the
-// concurrency contract. Objects come from the informers' caches, trimmed by
-// Transform to what the handlers read, and must be treated as read-only.
+// concurrency contract. Each object is made for the call from what the
+// informers' caches keep (Transform), so it holds only what the handlers
+// read; its strings and pointers are shared with the cache, so it must be
+// treated as read-only.
 type Handler interface {
 	OnServiceUpsert(svc *v1.Service)
 	OnServiceDelete(svc *v1.Service)
@@ -141,6 +143,7 @@ func newWatcher(client kubernetes.Interface, h Handler, resync time.Duration) (*
 	w.svcReg, err = w.services.AddEventHandler(&eventHandler[*v1.Service]{
 		kind:     "Service",
 		selector: sel,
+		expand:   expandService,
 		upsert:   h.OnServiceUpsert,
 		remove:   h.OnServiceDelete,
 	})
@@ -150,6 +153,7 @@ func newWatcher(client kubernetes.Interface, h Handler, resync time.Duration) (*
 	w.sliceReg, err = w.slices.AddEventHandler(&eventHandler[*discoveryv1.EndpointSlice]{
 		kind:     "EndpointSlice",
 		selector: sel,
+		expand:   expandSlice,
 		upsert:   h.OnEndpointSliceUpsert,
 		remove:   h.OnEndpointSliceDelete,
 	})
@@ -168,6 +172,7 @@ func newWatcher(client kubernetes.Interface, h Handler, resync time.Duration) (*
 		w.foreignReg, err = w.foreign.AddEventHandler(&eventHandler[*v1.Service]{
 			kind:     "Service",
 			selector: fsel,
+			expand:   expandService,
 			upsert:   fh.OnForeignServiceUpsert,
 			remove:   fh.OnForeignServiceDelete,
 		})
@@ -229,19 +234,21 @@ type eventHandler[T interface {
 }] struct {
 	kind     string
 	selector labels.Selector
-	upsert   func(T)
-	remove   func(T)
+	// expand turns what the informer hands over (the cached form, see
+	// compact.go, or the API object itself) into T.
+	expand func(any) (T, bool)
+	upsert func(T)
+	remove func(T)
 }
 
 var _ cache.ResourceEventHandler = (*eventHandler[*v1.Service])(nil)
 
 func (e *eventHandler[T]) cast(obj any, event string) (T, bool) {
-	var zero T
-	t, ok := obj.(T)
-	if !ok || t == zero {
+	t, ok := e.expand(obj)
+	if !ok {
 		klog.ErrorS(nil, "Ignoring informer event with unexpected object type",
 			"kind", e.kind, "event", event, "type", fmt.Sprintf("%T", obj))
-		return zero, false
+		return t, false
 	}
 	return t, true
 }
@@ -269,7 +276,7 @@ func (e *eventHandler[T]) OnUpdate(oldObj, newObj any) {
 	}
 	// The object gained a label that excludes it. Server-side filtering turns
 	// that into a delete; do the same, unless it was already excluded before.
-	if old, ok := oldObj.(T); ok && old != *new(T) && !e.wanted(old) {
+	if old, ok := e.expand(oldObj); ok && !e.wanted(old) {
 		return
 	}
 	e.remove(t)
@@ -279,13 +286,16 @@ func (e *eventHandler[T]) OnDelete(obj any) {
 	if tomb, ok := obj.(cache.DeletedFinalStateUnknown); ok {
 		// The watch missed the delete; the relist noticed the object is gone.
 		// Obj is the last state the cache had.
-		t, ok := tomb.Obj.(T)
-		if !ok || t == *new(T) {
+		t, ok := e.expand(tomb.Obj)
+		if !ok {
 			klog.ErrorS(nil, "Ignoring tombstone with unexpected object type",
 				"kind", e.kind, "key", tomb.Key, "type", fmt.Sprintf("%T", tomb.Obj))
 			return
 		}
-		obj = t
+		if e.wanted(t) {
+			e.remove(t)
+		}
+		return
 	}
 	t, ok := e.cast(obj, "delete")
 	if !ok || !e.wanted(t) {

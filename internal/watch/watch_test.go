@@ -3,6 +3,7 @@ package watch
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"testing"
@@ -605,64 +606,79 @@ func TestEventHandler(t *testing.T) {
 	headless := service("ns", "headless", map[string]string{v1.IsHeadlessService: ""})
 	slice := endpointSlice("ns", "s", "plain", nil)
 
-	cases := []struct {
-		name string
-		call func(h cache.ResourceEventHandler)
-		want []string
-	}{
-		{"add", func(h cache.ResourceEventHandler) { h.OnAdd(plain, false) }, []string{"svc+ ns/plain"}},
-		{"add in initial list", func(h cache.ResourceEventHandler) { h.OnAdd(plain, true) }, []string{"svc+ ns/plain"}},
-		{"add other proxy", func(h cache.ResourceEventHandler) { h.OnAdd(other, false) }, nil},
-		{"add headless label", func(h cache.ResourceEventHandler) { h.OnAdd(headless, false) }, nil},
-		{"add wrong type", func(h cache.ResourceEventHandler) { h.OnAdd(slice, false) }, nil},
-		{"add nil", func(h cache.ResourceEventHandler) { h.OnAdd(nil, false) }, nil},
-		{"add typed nil", func(h cache.ResourceEventHandler) { h.OnAdd((*v1.Service)(nil), false) }, nil},
-		{"add string", func(h cache.ResourceEventHandler) { h.OnAdd("ns/plain", false) }, nil},
-		{"update", func(h cache.ResourceEventHandler) { h.OnUpdate(plain, plain) }, []string{"svc+ ns/plain"}},
-		{"update wrong new type", func(h cache.ResourceEventHandler) { h.OnUpdate(plain, slice) }, nil},
-		{"update wrong old type", func(h cache.ResourceEventHandler) { h.OnUpdate(slice, plain) }, []string{"svc+ ns/plain"}},
-		{"update becomes excluded", func(h cache.ResourceEventHandler) {
-			h.OnUpdate(service("ns", "other", nil), other)
-		}, []string{"svc- ns/other"}},
-		{"update stays excluded", func(h cache.ResourceEventHandler) { h.OnUpdate(other, other) }, nil},
-		{"update becomes included", func(h cache.ResourceEventHandler) {
-			h.OnUpdate(other, service("ns", "other", nil))
-		}, []string{"svc+ ns/other"}},
-		{"update excluded, unknown old", func(h cache.ResourceEventHandler) { h.OnUpdate(nil, other) }, []string{"svc- ns/other"}},
-		{"delete", func(h cache.ResourceEventHandler) { h.OnDelete(plain) }, []string{"svc- ns/plain"}},
-		{"delete excluded", func(h cache.ResourceEventHandler) { h.OnDelete(other) }, nil},
-		{"delete wrong type", func(h cache.ResourceEventHandler) { h.OnDelete(slice) }, nil},
-		{"delete nil", func(h cache.ResourceEventHandler) { h.OnDelete(nil) }, nil},
-		{"tombstone", func(h cache.ResourceEventHandler) {
-			h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/plain", Obj: plain})
-		}, []string{"svc- ns/plain"}},
-		{"tombstone of excluded", func(h cache.ResourceEventHandler) {
-			h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/other", Obj: other})
-		}, nil},
-		{"tombstone wrong type", func(h cache.ResourceEventHandler) {
-			h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/s", Obj: slice})
-		}, nil},
-		{"tombstone nil", func(h cache.ResourceEventHandler) {
-			h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/x"})
-		}, nil},
-		{"tombstone typed nil", func(h cache.ResourceEventHandler) {
-			h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/x", Obj: (*v1.Service)(nil)})
-		}, nil},
-	}
-	for _, tc := range cases {
-		t.Run(tc.name, func(t *testing.T) {
-			rec := &recorder{}
-			h := &eventHandler[*v1.Service]{
-				kind:     "Service",
-				selector: Selector(),
-				upsert:   rec.OnServiceUpsert,
-				remove:   rec.OnServiceDelete,
+	// Each case runs with the objects as the API returns them and in the
+	// form the informers cache (Transform).
+	for _, cached := range []bool{false, true} {
+		c := func(o any) any {
+			if !cached {
+				return o
 			}
-			tc.call(h)
-			if got := rec.strings(); !slices.Equal(got, tc.want) {
-				t.Errorf("events = %q, want %q", got, tc.want)
+			out, err := Transform(o)
+			if err != nil {
+				t.Fatal(err)
 			}
-		})
+			return out
+		}
+		cases := []struct {
+			name string
+			call func(h cache.ResourceEventHandler)
+			want []string
+		}{
+			{"add", func(h cache.ResourceEventHandler) { h.OnAdd(c(plain), false) }, []string{"svc+ ns/plain"}},
+			{"add in initial list", func(h cache.ResourceEventHandler) { h.OnAdd(c(plain), true) }, []string{"svc+ ns/plain"}},
+			{"add other proxy", func(h cache.ResourceEventHandler) { h.OnAdd(c(other), false) }, nil},
+			{"add headless label", func(h cache.ResourceEventHandler) { h.OnAdd(c(headless), false) }, nil},
+			{"add wrong type", func(h cache.ResourceEventHandler) { h.OnAdd(c(slice), false) }, nil},
+			{"add nil", func(h cache.ResourceEventHandler) { h.OnAdd(nil, false) }, nil},
+			{"add typed nil", func(h cache.ResourceEventHandler) { h.OnAdd((*v1.Service)(nil), false) }, nil},
+			{"add string", func(h cache.ResourceEventHandler) { h.OnAdd("ns/plain", false) }, nil},
+			{"update", func(h cache.ResourceEventHandler) { h.OnUpdate(c(plain), c(plain)) }, []string{"svc+ ns/plain"}},
+			{"update wrong new type", func(h cache.ResourceEventHandler) { h.OnUpdate(c(plain), c(slice)) }, nil},
+			{"update wrong old type", func(h cache.ResourceEventHandler) { h.OnUpdate(c(slice), c(plain)) }, []string{"svc+ ns/plain"}},
+			{"update becomes excluded", func(h cache.ResourceEventHandler) {
+				h.OnUpdate(c(service("ns", "other", nil)), c(other))
+			}, []string{"svc- ns/other"}},
+			{"update stays excluded", func(h cache.ResourceEventHandler) { h.OnUpdate(c(other), c(other)) }, nil},
+			{"update becomes included", func(h cache.ResourceEventHandler) {
+				h.OnUpdate(c(other), c(service("ns", "other", nil)))
+			}, []string{"svc+ ns/other"}},
+			{"update excluded, unknown old", func(h cache.ResourceEventHandler) { h.OnUpdate(nil, c(other)) }, []string{"svc- ns/other"}},
+			{"delete", func(h cache.ResourceEventHandler) { h.OnDelete(c(plain)) }, []string{"svc- ns/plain"}},
+			{"delete excluded", func(h cache.ResourceEventHandler) { h.OnDelete(c(other)) }, nil},
+			{"delete wrong type", func(h cache.ResourceEventHandler) { h.OnDelete(c(slice)) }, nil},
+			{"delete nil", func(h cache.ResourceEventHandler) { h.OnDelete(nil) }, nil},
+			{"tombstone", func(h cache.ResourceEventHandler) {
+				h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/plain", Obj: plain})
+			}, []string{"svc- ns/plain"}},
+			{"tombstone of excluded", func(h cache.ResourceEventHandler) {
+				h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/other", Obj: other})
+			}, nil},
+			{"tombstone wrong type", func(h cache.ResourceEventHandler) {
+				h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/s", Obj: slice})
+			}, nil},
+			{"tombstone nil", func(h cache.ResourceEventHandler) {
+				h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/x"})
+			}, nil},
+			{"tombstone typed nil", func(h cache.ResourceEventHandler) {
+				h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/x", Obj: c((*v1.Service)(nil))})
+			}, nil},
+		}
+		for _, tc := range cases {
+			t.Run(fmt.Sprintf("%s cached=%v", tc.name, cached), func(t *testing.T) {
+				rec := &recorder{}
+				h := &eventHandler[*v1.Service]{
+					kind:     "Service",
+					selector: Selector(),
+					expand:   expandService,
+					upsert:   rec.OnServiceUpsert,
+					remove:   rec.OnServiceDelete,
+				}
+				tc.call(h)
+				if got := rec.strings(); !slices.Equal(got, tc.want) {
+					t.Errorf("events = %q, want %q", got, tc.want)
+				}
+			})
+		}
 	}
 }
 
@@ -671,12 +687,15 @@ func TestEndpointSliceEventHandlerTombstone(t *testing.T) {
 	h := &eventHandler[*discoveryv1.EndpointSlice]{
 		kind:     "EndpointSlice",
 		selector: Selector(),
+		expand:   expandSlice,
 		upsert:   rec.OnEndpointSliceUpsert,
 		remove:   rec.OnEndpointSliceDelete,
 	}
 	h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/s", Obj: endpointSlice("ns", "s", "svc", nil)})
 	h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/svc", Obj: service("ns", "svc", nil)})
-	want := []string{"eps- ns/s"}
+	cached, _ := Transform(endpointSlice("ns", "s2", "svc", nil))
+	h.OnDelete(cache.DeletedFinalStateUnknown{Key: "ns/s2", Obj: cached})
+	want := []string{"eps- ns/s", "eps- ns/s2"}
 	if got := rec.strings(); !slices.Equal(got, want) {
 		t.Errorf("events = %q, want %q", got, want)
 	}
