@@ -365,22 +365,45 @@ func runProxy(ctx context.Context, o options) error {
 	}
 	klog.InfoS("Connecting to the API server", "server", target.Server, "config", config)
 
-	dp, backend, err := newDataplane(ctx, o)
-	if err != nil {
-		return err
+	if o.mode == "ebpf" {
+		// Before anything starts: a node that cannot run the mode ends
+		// with the preflight's line, never with a probe's or an
+		// informer's report racing it out; and nothing on the node has
+		// changed.
+		if o.cgroupPath == "" {
+			if o.cgroupPath, err = cgroups.Cgroup2Mount(); err != nil {
+				return err
+			}
+		}
+		if _, err := ebpf.Preflight(o.cgroupPath); err != nil {
+			return err
+		}
 	}
-	// After the datapath's preflight: a node that cannot run the mode
-	// ends with the preflight's line, never with a probe's report racing
-	// it out.
 	go apiserver.Probe(ctx, client.Discovery().RESTClient(), target, apiserver.ProbeTimeout, 5*time.Second)
-	metrics.RegisterInfo(reg, o.mode, backend, version.Get())
+	// The datapath starts (loads, verifies and attaches the programs,
+	// opens the pins) while the informers list the Services and
+	// EndpointSlices; proxy.RunOpening waits for both before it syncs.
 	// Closing releases our handles only; the datapath (pinned programs or
 	// rules) keeps serving until the next start takes it over.
-	defer dp.Close()
+	var dp dataplane.Dataplane
+	defer func() {
+		if dp != nil {
+			dp.Close()
+		}
+	}()
+	open := func(ctx context.Context) (dataplane.Dataplane, error) {
+		d, backend, err := newDataplane(ctx, o)
+		if err != nil {
+			return nil, err
+		}
+		dp = d
+		metrics.RegisterInfo(reg, o.mode, backend, version.Get())
+		return d, nil
+	}
 	klog.InfoS("Proxying for node", "node", nodeName)
 	recorder, stopEvents := announce(ctx, client, nodeName, o.mode)
 	defer stopEvents()
-	return proxy.Run(ctx, client, dp, proxy.Config{
+	return proxy.RunOpening(ctx, client, open, o.mode == "ebpf", proxy.Config{
 		MinSyncPeriod:      o.minSyncPeriod,
 		SyncBurst:          o.syncBurst,
 		SyncPeriod:         o.syncPeriod,

@@ -208,6 +208,7 @@ func memory(ctx context.Context, args []string) error {
 	endpoints := fs.Int("endpoints", 10, "endpoints of each Service, all distinct addresses")
 	settle := fs.Duration("settle", 40*time.Second, "how long each proxy runs after it serves every Service before it is measured (past one periodic full sync)")
 	keep := fs.Bool("keep", false, "leave the cluster and its Services running afterwards (remove it with: bench down DIR)")
+	loadWith := fs.String("load", bench.LoadAPI, "how the Services are created: api (through the API) or etcd (written into the API server's etcd: 20k in under a minute)")
 	profiles := fs.String("profiles", "", "directory for the profiles of each variant run with --profiling: its heap (NAME.heap) and its CPU during the start (NAME.start.cpu) and the settle (NAME.settle.cpu)")
 	var variants []bench.MemoryVariant
 	fs.Func("variant", "NAME=BINARY[,VAR=VALUE|--flag...]: a proxy to measure, with extra environment (GOGC=50,GOMEMLIMIT=80MiB) and flags (--profiling); repeat for more (default: default=_output/kube-bpf-proxy)", func(s string) error {
@@ -219,6 +220,9 @@ func memory(ctx context.Context, args []string) error {
 	})
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *loadWith != bench.LoadAPI && *loadWith != bench.LoadEtcd {
+		return fmt.Errorf("--load %q: want %s or %s", *loadWith, bench.LoadAPI, bench.LoadEtcd)
 	}
 	if len(variants) == 0 {
 		variants = []bench.MemoryVariant{{Name: "default", Binary: "_output/kube-bpf-proxy"}}
@@ -236,7 +240,7 @@ func memory(ctx context.Context, args []string) error {
 	res, err := bench.MeasureMemory(ctx, bench.MemoryConfig{
 		ClusterDir: abs(*clusterDir), KubeBin: *kubeBin, ManifestsDir: abs(*manifests),
 		Services: *services, Endpoints: *endpoints, Variants: variants, Settle: *settle,
-		Keep: *keep, Progress: os.Stderr, ProfileDir: *profiles,
+		Keep: *keep, Progress: os.Stderr, ProfileDir: *profiles, Load: *loadWith,
 	})
 	fmt.Printf("%d Services × %d endpoints, ebpf mode on one node, measured %s after serving every Service\n\n", *services, *endpoints, *settle)
 	fmt.Print(bench.MemoryTable(res))

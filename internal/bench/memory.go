@@ -80,6 +80,9 @@ type MemoryConfig struct {
 	// ProfileDir, if set, receives NAME.heap, the heap profile of each
 	// variant run with --profiling, taken with the measurement.
 	ProfileDir string
+	// Load is how the Services are created: LoadAPI (the default) or
+	// LoadEtcd (written into etcd directly, for 20k and more).
+	Load string
 	// Keep leaves the cluster running.
 	Keep     bool
 	Progress io.Writer
@@ -149,9 +152,13 @@ func MeasureMemory(ctx context.Context, cfg MemoryConfig) (res []MemoryResult, e
 	for i := range addrs {
 		addrs[i] = netip.AddrFrom4([4]byte{10, byte(128 + i>>16), byte(i >> 8), byte(i)})
 	}
+	var direct *EtcdStore
+	if cfg.Load == LoadEtcd {
+		direct = NewEtcdStore(c.EtcdHTTPClient(), localcluster.EtcdURL, localcluster.EtcdPrefix)
+	}
 	start := time.Now()
 	logf("populating %d Services × %d endpoints", cfg.Services, cfg.Endpoints)
-	if _, err := Populate(ctx, api, nil, backgroundNamespace, cfg.Services, cfg.Endpoints, addrs, 80, populateWorkers, nil); err != nil {
+	if _, err := Populate(ctx, api, direct, backgroundNamespace, cfg.Services, cfg.Endpoints, addrs, 80, populateWorkers, nil); err != nil {
 		return nil, err
 	}
 	logf("populated in %s", time.Since(start).Round(time.Second))

@@ -223,10 +223,18 @@ var _ watch.Handler = (*Proxier)(nil)
 
 // NewProxier builds a proxier syncing into dp.
 func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config, opts ...Option) *Proxier {
+	_, keepsHostScoped := innermost(dp).(iptablesStats)
+	p := newProxier(m, health, cfg, !keepsHostScoped, opts...)
+	p.attach(dp)
+	return p
+}
+
+// newProxier builds a proxier whose datapath comes later (attach): its
+// tracker takes the informers' events meanwhile. socketLevel says whether
+// that datapath serves at socket level, which leaves host-scoped external
+// addresses out.
+func newProxier(m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config, socketLevel bool, opts ...Option) *Proxier {
 	p := &Proxier{
-		dp:       dp,
-		inner:    innermost(dp),
-		monitor:  findMonitor(dp),
 		health:   health,
 		metrics:  m,
 		cfg:      cfg,
@@ -239,9 +247,6 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		failures: make(map[model.ServicePortName]*portFailure),
 		triggers: make(map[model.ServiceName][]time.Time),
 		local:    make(localPolicies),
-	}
-	if a, ok := find[dataplane.NodeChangeApplier](dp); ok {
-		p.appliesNodeChanges = a.AppliesNodeChanges()
 	}
 	for _, o := range opts {
 		o(p)
@@ -256,18 +261,28 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 		model.WithStartTime(p.clock.Now()),
 		model.WithNodeName(cfg.NodeName),
 	}
-	if _, ok := p.inner.(iptablesStats); !ok {
+	if socketLevel {
 		// The socket-level datapath leaves host-scoped external addresses
 		// out; the iptables rules keep them, as kube-proxy's.
 		trackerOpts = append(trackerOpts, model.WithHostScopedReports())
 	}
 	p.tracker = model.NewTracker(trackerOpts...)
 	m.SetChangeSource(p.tracker.ChangeCounts)
-	if _, ok := p.inner.(iptablesStats); ok {
-		m.InitIptables()
-	}
 	p.runner = runner.New("sync", p.sync, cfg.MinSyncPeriod, cfg.SyncPeriod, cfg.RetryPeriod, runner.WithClock(p.clock), runner.WithBurst(cfg.SyncBurst))
 	return p
+}
+
+// attach gives p its datapath, before its first sync.
+func (p *Proxier) attach(dp dataplane.Dataplane) {
+	p.dp = dp
+	p.inner = innermost(dp)
+	p.monitor = findMonitor(dp)
+	if a, ok := find[dataplane.NodeChangeApplier](dp); ok {
+		p.appliesNodeChanges = a.AppliesNodeChanges()
+	}
+	if _, ok := p.inner.(iptablesStats); ok {
+		p.metrics.InitIptables()
+	}
 }
 
 func (p *Proxier) OnServiceUpsert(svc *v1.Service) {
@@ -654,6 +669,17 @@ func (p *Proxier) recordProgramming(now time.Time, snap *model.Snapshot, portErr
 // informers, and, once they have synced, the sync runner. It returns early
 // with an error if a server cannot listen or the informers cannot start.
 func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplane, cfg Config) error {
+	_, keepsHostScoped := innermost(dp).(iptablesStats)
+	return RunOpening(ctx, client, func(context.Context) (dataplane.Dataplane, error) { return dp, nil }, !keepsHostScoped, cfg)
+}
+
+// RunOpening is Run with a datapath that open starts while the informers
+// list the Services and EndpointSlices: a cold start pays the longer of
+// the two rather than their sum. Nothing is synced before both are done.
+// socketLevel says whether that datapath serves at socket level (the ebpf
+// mode). An error from open ends the proxy with it; Run returns only after
+// open has.
+func RunOpening(ctx context.Context, client kubernetes.Interface, open func(context.Context) (dataplane.Dataplane, error), socketLevel bool, cfg Config) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
@@ -662,24 +688,11 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 		reg = metrics.NewRegistry()
 	}
 	m := metrics.New(reg)
-	if src, ok := innermost(dp).(eventSource); ok {
-		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
-	}
-	// kube-proxy's nfacct counters (iptables mode).
-	if src, ok := innermost(dp).(interface {
-		NFAcctPackets() (uint64, uint64, bool)
-	}); ok {
-		reg.MustRegister(metrics.NewNFAcctCollector(src.NFAcctPackets))
-	}
-	// The eBPF datapath's per Service port counters and map fill.
-	if src, ok := innermost(dp).(metrics.DatapathCounters); ok {
-		reg.MustRegister(metrics.NewDatapathCountersCollector(src))
-	}
 	health := healthz.NewProxyHealth(2*cfg.SyncPeriod, nil)
 	// Queued from the start: a proxy that never completes its first sync
 	// turns unhealthy.
 	health.QueuedUpdate()
-	p := NewProxier(dp, m, health, cfg)
+	p := newProxier(m, health, cfg, socketLevel)
 	p.healthChecks = healthcheck.New(healthcheck.Config{
 		NodeName:   cfg.NodeName,
 		Recorder:   cfg.Recorder,
@@ -691,7 +704,7 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	})
 	defer p.healthChecks.Close()
 
-	errs := make(chan error, 4)
+	errs := make(chan error, 6)
 	running := 0
 	spawn := func(name string, fn func() error) {
 		running++
@@ -705,6 +718,31 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 			errs <- err
 		}()
 	}
+	opened := make(chan struct{})
+	openErr := make(chan error, 1)
+	go func() {
+		dp, err := open(ctx)
+		if err != nil {
+			openErr <- err
+			cancel()
+			return
+		}
+		p.attach(dp)
+		if src, ok := innermost(dp).(eventSource); ok {
+			reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
+		}
+		// kube-proxy's nfacct counters (iptables mode).
+		if src, ok := innermost(dp).(interface {
+			NFAcctPackets() (uint64, uint64, bool)
+		}); ok {
+			reg.MustRegister(metrics.NewNFAcctCollector(src.NFAcctPackets))
+		}
+		// The eBPF datapath's per Service port counters and map fill.
+		if src, ok := innermost(dp).(metrics.DatapathCounters); ok {
+			reg.MustRegister(metrics.NewDatapathCountersCollector(src))
+		}
+		close(opened)
+	}()
 	spawn("healthz server", func() error {
 		return healthz.ListenAndServe(ctx, cfg.HealthzBindAddress, health, healthz.WithCounts(m.HealthCounts()))
 	})
@@ -717,6 +755,13 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 		})
 	}
 	spawn("sync runner", func() error {
+		// Both the datapath and the complete caches: before the lists
+		// are complete, a sync would remove what simply had not arrived.
+		select {
+		case <-opened:
+		case <-ctx.Done():
+			return nil
+		}
 		select {
 		case <-p.syncedCh:
 			p.health.SyncLoopStarted()
@@ -734,6 +779,13 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 			firstErr = err
 			cancel() // one part failing stops the others
 		}
+	}
+	// The datapath's start, which nothing else waits for, ends too: its
+	// error comes first, since the others' follow from it.
+	select {
+	case err := <-openErr:
+		return err
+	case <-opened:
 	}
 	if firstErr != nil {
 		return firstErr

@@ -333,3 +333,22 @@ func benchDatapath(b *testing.B, services, backends int) *Dataplane {
 	}
 	return dp
 }
+
+// BenchmarkKernelNew loads and attaches the datapath on a node with nothing
+// pinned, the part of a cold start before the first sync that does not
+// need the API server.
+func BenchmarkKernelNew(b *testing.B) {
+	cfg := benchConfig(b)
+	for b.Loop() {
+		dp, err := New(cfg)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		dp.Close()
+		if err := Cleanup(cfg.BPFFSPath); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+}

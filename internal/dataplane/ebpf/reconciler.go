@@ -220,6 +220,30 @@ func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32
 	}
 }
 
+// presize makes the empty copy's largest maps as large as snap needs at
+// most, at once: grown one doubling at a time, they cost a cold node's
+// first sync a rehash of everything at each step (a tenth of its CPU at
+// 20k Services). Backends shared by ports are counted once per port: an
+// upper bound.
+func (r *reconciler) presize(snap *model.Snapshot) {
+	ports, backends := 0, 0
+	for _, ps := range snap.Services {
+		ports += len(ps)
+		for i := range ps {
+			backends += len(ps[i].Backends)
+		}
+	}
+	backends = min(backends, int(r.maxBackends))
+	if len(r.frontends)+len(r.groups)+len(r.backends)+len(r.backendKeys)+len(r.refs) > 0 {
+		return
+	}
+	r.frontends = make(map[model.Frontend]*appliedFrontend, ports)
+	r.groups = make(map[uint32]*appliedGroup, ports)
+	r.backends = make(map[lbBackendValue]uint32, backends)
+	r.backendKeys = make(map[uint32]lbBackendValue, backends)
+	r.refs = make(map[uint32]int32, backends)
+}
+
 // group returns the group of service id id, recorded as in use if new.
 func (r *reconciler) group(id uint32) *appliedGroup {
 	g := r.groups[id]
@@ -436,6 +460,7 @@ func (r *reconciler) syncWith(snap *model.Snapshot, batch bool) error {
 		// Empty maps: the writes of every port are queued and applied in
 		// batches (coldfill.go).
 		cold = r.deferWrites()
+		r.presize(snap)
 	}
 
 	claims, conflicts := claimFrontends(snap, r.holderOf)
