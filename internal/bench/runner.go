@@ -156,6 +156,7 @@ func (r *runner) setUp(ctx context.Context) error {
 	}
 	if r.cfg.Load == LoadEtcd {
 		r.etcd = NewEtcdStore(c.EtcdHTTPClient(), localcluster.EtcdURL, localcluster.EtcdPrefix)
+		r.etcd.Logf = r.prog.note
 	}
 	for _, ns := range []string{benchNamespace, backgroundNamespace} {
 		if _, err := r.api.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
