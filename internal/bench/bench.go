@@ -49,6 +49,13 @@ type Config struct {
 	// ControlPlaneOnly skips the latency and rate workloads: each cell
 	// times the cold start and the control plane only.
 	ControlPlaneOnly bool
+	// WorkloadsUpTo, if above 0, is the largest size at which the
+	// contenders that program rules per Service (iptables, nftables) run
+	// the latency and rate workloads; above it they time the cold start
+	// and the control plane only, and direct and ebpf run everything.
+	// None of the issues' targets reads those workloads above 10k, and
+	// there they cost minutes a cell.
+	WorkloadsUpTo int
 
 	Contenders []string
 	Sizes      []int
@@ -139,6 +146,10 @@ func LargeConfig() Config {
 	c.Sizes = LargeSizes
 	// 20k and 50k Services through the API take hours here.
 	c.Load = LoadEtcd
+	// Past 10k, the size the issues judge them at, the rule-based
+	// contenders' latency and rates serve no target: they time their
+	// control plane only (BENCHMARKS.md, "Method").
+	c.WorkloadsUpTo = 10000
 	return c
 }
 
@@ -157,6 +168,18 @@ func QuickConfig() Config {
 	c.EndpointChanges = 4
 	c.EndpointChangeBudget = 20 * time.Second
 	return c
+}
+
+// workloads reports whether contender runs the latency and rate
+// workloads at size.
+func (c *Config) workloads(contender string, size int) bool {
+	if c.ControlPlaneOnly {
+		return false
+	}
+	if c.WorkloadsUpTo > 0 && size > c.WorkloadsUpTo {
+		return contender == results.Direct || contender == results.EBPF
+	}
+	return true
 }
 
 func (c *Config) validate() error {

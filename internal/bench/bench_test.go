@@ -132,3 +132,30 @@ func TestProcessUsage(t *testing.T) {
 		t.Error("a process that does not exist has usage")
 	}
 }
+
+func TestLargeWorkloadsUpTo10k(t *testing.T) {
+	large := LargeConfig()
+	for _, c := range []struct {
+		contender string
+		size      int
+		want      bool
+	}{
+		{results.IptablesLegacy, 10000, true},
+		{results.IptablesLegacy, 20000, false},
+		{results.KubeProxyNFTables, 50000, false},
+		{results.EBPF, 50000, true},
+		{results.Direct, 50000, true},
+	} {
+		if got := large.workloads(c.contender, c.size); got != c.want {
+			t.Errorf("LargeConfig: %s at %d runs the workloads: %v, want %v", c.contender, c.size, got, c.want)
+		}
+	}
+	full := FullConfig()
+	if !full.workloads(results.IptablesLegacy, 50000) {
+		t.Error("FullConfig skips the workloads at 50k")
+	}
+	full.ControlPlaneOnly = true
+	if full.workloads(results.EBPF, 0) {
+		t.Error("ControlPlaneOnly runs the workloads")
+	}
+}

@@ -92,7 +92,7 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 	r.prog.done(1)
 
 	var errs []error
-	if r.cfg.ControlPlaneOnly {
+	if !r.cfg.workloads(name, size) {
 		r.prog.done(2)
 	} else {
 		r.prog.begin(name, size, "latency: tcp connect/crr/rr, udp (direct and ClusterIP interleaved)")
