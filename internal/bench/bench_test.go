@@ -159,3 +159,12 @@ func TestLargeWorkloadsUpTo10k(t *testing.T) {
 		t.Error("ControlPlaneOnly runs the workloads")
 	}
 }
+
+func TestLargeSyncTimeoutCapped(t *testing.T) {
+	if got := LargeConfig().SyncTimeout(50000); got != 5*time.Minute {
+		t.Errorf("LargeConfig waits %s for 50k, want 5m", got)
+	}
+	if got, want := LargeConfig().SyncTimeout(10000), FullConfig().SyncTimeout(10000); got != want {
+		t.Errorf("LargeConfig waits %s for 10k, FullConfig %s", got, want)
+	}
+}
