@@ -91,6 +91,17 @@ type Config struct {
 	// served every Service by then is reported as not reaching the size
 	// and is not tried at larger ones.
 	SyncTimeout func(size int) time.Duration
+	// SkipProjected skips a contender at a size its cold start at the
+	// size before, scaled by the ratio of the counts, would not reach
+	// within SyncTimeout: it is reported as stopping there, with the
+	// projection, without the wait. Programming rules costs at least
+	// linear time in the Service count, so the projection is a lower
+	// bound.
+	SkipProjected bool
+	// LargeEndpointChanges, if above 0, replaces EndpointChanges for the
+	// contenders that skip the workloads above WorkloadsUpTo: their syncs
+	// take seconds to minutes there, and the changes are not judged.
+	LargeEndpointChanges int
 	// Progress receives the progress line; nil for none.
 	Progress io.Writer
 }
@@ -155,6 +166,10 @@ func LargeConfig() Config {
 	// faster than the count): the contender is reported as stopping at
 	// that size 5 minutes sooner.
 	c.SyncTimeout = func(size int) time.Duration { return min(syncTimeout(size), largeSyncTimeoutMax) }
+	// And one whose cold start at 20k, scaled to 50k, already exceeds
+	// that wait is not started at 50k.
+	c.SkipProjected = true
+	c.LargeEndpointChanges = 5
 	return c
 }
 
@@ -188,6 +203,14 @@ func (c *Config) workloads(contender string, size int) bool {
 		return contender == results.Direct || contender == results.EBPF
 	}
 	return true
+}
+
+// endpointChanges is how many endpoint changes contender times at size.
+func (c *Config) endpointChanges(contender string, size int) int {
+	if c.LargeEndpointChanges > 0 && !c.ControlPlaneOnly && !c.workloads(contender, size) {
+		return min(c.LargeEndpointChanges, c.EndpointChanges)
+	}
+	return c.EndpointChanges
 }
 
 func (c *Config) validate() error {

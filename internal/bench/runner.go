@@ -88,11 +88,20 @@ type runner struct {
 	backgroundCount int
 	// failedAt holds, per contender, the size it could not serve.
 	failedAt map[string]int
+	// served holds, per contender, the last size it served and its cold
+	// start there (Config.SkipProjected).
+	served map[string]servedAt
+}
+
+type servedAt struct {
+	size int
+	cold time.Duration
 }
 
 func (r *runner) run(ctx context.Context) (*results.Run, error) {
 	cfg := r.cfg
 	r.failedAt = map[string]int{}
+	r.served = map[string]servedAt{}
 	r.out = &results.Run{
 		Started: time.Now(), Command: cfg.Command, Quick: cfg.Quick,
 		Machine:    describeMachine(cfg),
