@@ -148,7 +148,8 @@ func syncTimeout(size int) time.Duration {
 // size issue 18 sets the eBPF cold-node goal at, and 50k.
 var LargeSizes = []int{0, 1000, 10000, 20000, 50000}
 
-// LargeConfig is `make bench LARGE=1`: FullConfig at LargeSizes. The
+// LargeConfig is `make bench LARGE=1`: FullConfig at LargeSizes, cut
+// past 10k to stay near an hour on 2 cores (BENCHMARKS.md, "Method"). The
 // direct loader (Load) makes the background Services from 10k to 50k in
 // minutes; through the API (LoadAPI) they take the local API server hours
 // on 2 cores.
