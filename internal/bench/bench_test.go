@@ -132,3 +132,73 @@ func TestProcessUsage(t *testing.T) {
 		t.Error("a process that does not exist has usage")
 	}
 }
+
+func TestLargeWorkloadsUpTo10k(t *testing.T) {
+	large := LargeConfig()
+	for _, c := range []struct {
+		contender string
+		size      int
+		want      bool
+	}{
+		{results.IptablesLegacy, 10000, true},
+		{results.IptablesLegacy, 20000, false},
+		{results.KubeProxyNFTables, 50000, false},
+		{results.EBPF, 50000, true},
+		{results.Direct, 50000, true},
+	} {
+		if got := large.workloads(c.contender, c.size); got != c.want {
+			t.Errorf("LargeConfig: %s at %d runs the workloads: %v, want %v", c.contender, c.size, got, c.want)
+		}
+	}
+	full := FullConfig()
+	if !full.workloads(results.IptablesLegacy, 50000) {
+		t.Error("FullConfig skips the workloads at 50k")
+	}
+	full.ControlPlaneOnly = true
+	if full.workloads(results.EBPF, 0) {
+		t.Error("ControlPlaneOnly runs the workloads")
+	}
+}
+
+func TestLargeSyncTimeoutCapped(t *testing.T) {
+	if got := LargeConfig().SyncTimeout(50000); got != 5*time.Minute {
+		t.Errorf("LargeConfig waits %s for 50k, want 5m", got)
+	}
+	if got, want := LargeConfig().SyncTimeout(10000), FullConfig().SyncTimeout(10000); got != want {
+		t.Errorf("LargeConfig waits %s for 10k, FullConfig %s", got, want)
+	}
+}
+
+func TestProjectedMiss(t *testing.T) {
+	r := &runner{cfg: LargeConfig(), served: map[string]servedAt{
+		results.IptablesLegacy:    {20000, 211 * time.Second},
+		results.KubeProxyNFTables: {20000, 40 * time.Second},
+	}}
+	if why := r.projectedMiss(results.IptablesLegacy, 50000); !strings.Contains(why, "not tried: its cold start at 20000 Services (3m31s), scaled to 50000, is 8m48s, more than the 5m0s wait") {
+		t.Errorf("iptables-legacy at 50k: %q", why)
+	}
+	for _, name := range []string{results.KubeProxyNFTables, results.EBPF} {
+		if why := r.projectedMiss(name, 50000); why != "" {
+			t.Errorf("%s at 50k: %q, want tried", name, why)
+		}
+	}
+	r.cfg = FullConfig()
+	if why := r.projectedMiss(results.IptablesLegacy, 50000); why != "" {
+		t.Errorf("FullConfig: %q, want tried", why)
+	}
+}
+
+func TestLargeEndpointChanges(t *testing.T) {
+	c := LargeConfig()
+	if got := c.endpointChanges(results.IptablesLegacy, 20000); got != 5 {
+		t.Errorf("iptables-legacy at 20k: %d changes, want 5", got)
+	}
+	for _, tc := range []struct {
+		name string
+		size int
+	}{{results.IptablesLegacy, 10000}, {results.EBPF, 50000}} {
+		if got := c.endpointChanges(tc.name, tc.size); got != c.EndpointChanges {
+			t.Errorf("%s at %d: %d changes, want %d", tc.name, tc.size, got, c.EndpointChanges)
+		}
+	}
+}

@@ -29,6 +29,13 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 		return cell
 	}
 	viaService := name != results.Direct
+	if why := r.projectedMiss(name, size); why != "" {
+		cell.Skipped = why
+		r.failedAt[name] = size
+		r.prog.note("%s: %s", name, why)
+		r.prog.done(stepsPerCell)
+		return cell
+	}
 
 	r.prog.begin(name, size, "start on clean nodes, until every Service is served")
 	ct, err := NewContender(r.c, name, ContenderOptions{
@@ -87,12 +94,13 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 			r.prog.done(stepsPerCell)
 			return cell
 		}
+		r.served[name] = servedAt{size, served}
 		r.prog.note("%s served %d Services %s after its start", name, size, served.Round(time.Millisecond))
 	}
 	r.prog.done(1)
 
 	var errs []error
-	if r.cfg.ControlPlaneOnly {
+	if !r.cfg.workloads(name, size) {
 		r.prog.done(2)
 	} else {
 		r.prog.begin(name, size, "latency: tcp connect/crr/rr, udp (direct and ClusterIP interleaved)")
@@ -110,7 +118,7 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 
 	if viaService {
 		r.prog.begin(name, size, "control plane: endpoint changes under churn, a batch of new Services")
-		cp, err := r.controlPlane(ctx, size, ct)
+		cp, err := r.controlPlane(ctx, size, r.cfg.endpointChanges(name, size), ct)
 		cp.ColdStart = cell.ControlPlane.ColdStart
 		cell.ControlPlane = cp
 		errs = append(errs, err)
@@ -131,6 +139,22 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 		r.prog.note("%s at %d: %v", name, size, err)
 	}
 	return cell
+}
+
+// projectedMiss says why name is not tried at size (Config.SkipProjected):
+// its cold start at the last size it served, scaled to size, exceeds the
+// wait at size; "" to try it.
+func (r *runner) projectedMiss(name string, size int) string {
+	last, ok := r.served[name]
+	if !r.cfg.SkipProjected || !ok || last.size <= 0 || size <= last.size {
+		return ""
+	}
+	projected := time.Duration(float64(last.cold) * float64(size) / float64(last.size))
+	if wait := r.cfg.SyncTimeout(size); projected > wait {
+		return fmt.Sprintf("not tried: its cold start at %d Services (%s), scaled to %d, is %s, more than the %s wait",
+			last.size, last.cold.Round(100*time.Millisecond), size, projected.Round(time.Second), wait)
+	}
+	return ""
 }
 
 // ourArgsFor sizes the eBPF mode's maps for services Services: the
@@ -235,17 +259,17 @@ func (r *runner) rates(ctx context.Context, viaService bool, pids map[string]int
 // controlPlane times endpoint changes (while background Services churn)
 // and a batch of new Services, and reads the proxies' own network
 // programming histogram.
-func (r *runner) controlPlane(ctx context.Context, size int, ct Contender) (results.ControlPlane, error) {
+func (r *runner) controlPlane(ctx context.Context, size, changes int, ct Contender) (results.ControlPlane, error) {
 	var cp results.ControlPlane
 	var errs []error
 
 	churnCtx, stopChurn := context.WithCancel(ctx)
 	churned := make(chan struct{})
 	go func() { defer close(churned); r.churn(churnCtx, size) }()
-	changes, err := r.endpointChanges(ctx)
+	moves, err := r.endpointChanges(ctx, changes)
 	stopChurn()
 	<-churned
-	cp.EndpointChange = changes
+	cp.EndpointChange = moves
 	if err != nil {
 		cp.EndpointChangeTimedOut = true
 		errs = append(errs, fmt.Errorf("endpoint changes: %w", err))
@@ -272,8 +296,8 @@ func (r *runner) controlPlane(ctx context.Context, size int, ct Contender) (resu
 }
 
 // endpointChanges moves the churned Service's only endpoint between two
-// pods EndpointChanges times and times each until client-1 sees it.
-func (r *runner) endpointChanges(ctx context.Context) ([]time.Duration, error) {
+// pods n times and times each until client-1 sees it.
+func (r *runner) endpointChanges(ctx context.Context, n int) ([]time.Duration, error) {
 	w, err := r.startWatch(ctx, r.paths[0], r.churnVIP)
 	if err != nil {
 		return nil, err
@@ -288,7 +312,7 @@ func (r *runner) endpointChanges(ctx context.Context) ([]time.Duration, error) {
 	}
 	var out []time.Duration
 	begin := time.Now()
-	for range r.cfg.EndpointChanges {
+	for range n {
 		if time.Since(begin) > r.cfg.EndpointChangeBudget && len(out) > 0 {
 			break
 		}

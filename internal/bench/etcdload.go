@@ -42,9 +42,10 @@ import (
 // uid, creation time, ClusterIP and endpoints, encoded in the templates'
 // storage version with the API server's protobuf encoding. Its IPAddress
 // carries the labels and parentRef the allocator's repair loop checks
-// (managed-by ipallocator.k8s.io, the address family, the Service), so
-// the repair loop neither deletes nor replaces it (but see loadDirect),
-// and the allocator's informer sees the address as taken: a later Service
+// (managed-by ipallocator.k8s.io, the address family, the Service), and
+// its Service follows it within seconds (loadDirect), so the repair loop
+// neither deletes nor replaces it, and the allocator's informer sees the
+// address as taken: a later Service
 // created through the API gets another one.
 
 // EtcdStore writes objects into the API server's etcd through etcd's
@@ -300,11 +301,24 @@ func stamp(m *metav1.ObjectMeta, name string, now metav1.Time) {
 	}
 }
 
-// objects returns background Service i's IPAddress, and its Service and
-// slice, as keys and values, copied from the templates.
-func (t *etcdTemplates) objects(e *EtcdStore, s serviceShape, i int, now metav1.Time) (ipKV kv, svcKVs []kv, err error) {
-	name := backgroundName(i)
-	ip := backgroundClusterIP(i).String()
+// address returns background Service i's IPAddress as key and value,
+// copied from the template and created at now.
+func (t *etcdTemplates) address(e *EtcdStore, s serviceShape, i int, now metav1.Time) (kv, error) {
+	name, ip := backgroundName(i), backgroundClusterIP(i).String()
+	addr := t.ip.DeepCopy()
+	stamp(&addr.ObjectMeta, ip, now)
+	addr.Spec.ParentRef.Namespace, addr.Spec.ParentRef.Name = s.ns, name
+	b, err := encodeStored(addr, t.ipGVK)
+	if err != nil {
+		return kv{}, fmt.Errorf("encoding IPAddress %s: %w", ip, err)
+	}
+	return kv{e.ipAddressKey(ip), b}, nil
+}
+
+// service returns background Service i and its slice as keys and values,
+// copied from the templates and created at now.
+func (t *etcdTemplates) service(e *EtcdStore, s serviceShape, i int, now metav1.Time) ([]kv, error) {
+	name, ip := backgroundName(i), backgroundClusterIP(i).String()
 
 	svc := t.svc.DeepCopy()
 	stamp(&svc.ObjectMeta, name, now)
@@ -315,73 +329,106 @@ func (t *etcdTemplates) objects(e *EtcdStore, s serviceShape, i int, now metav1.
 	slice.Labels[discoveryv1.LabelServiceName] = name
 	slice.Endpoints = s.sliceEndpoints(i)
 
-	addr := t.ip.DeepCopy()
-	stamp(&addr.ObjectMeta, ip, now)
-	addr.Spec.ParentRef.Namespace, addr.Spec.ParentRef.Name = s.ns, name
-
 	var out []kv
 	for _, o := range []struct {
 		key string
 		obj runtime.Object
 		gvk schema.GroupVersionKind
 	}{
-		{e.ipAddressKey(ip), addr, t.ipGVK},
 		{e.serviceKey(s.ns, name), svc, t.svcGVK},
 		{e.sliceKey(s.ns, name), slice, t.sliceGVK},
 	} {
 		b, err := encodeStored(o.obj, o.gvk)
 		if err != nil {
-			return kv{}, nil, fmt.Errorf("encoding %s: %w", o.key, err)
+			return nil, fmt.Errorf("encoding %s: %w", o.key, err)
 		}
 		out = append(out, kv{o.key, b})
 	}
-	return out[0], out[1:], nil
+	return out, nil
 }
+
+// directRound is how many Services loadDirect writes at a time, each
+// round's IPAddresses first and then its Services. The API server's
+// ClusterIP repair loop deletes, as leaked, an IPAddress whose Service it
+// has not seen 60 s after the address's creationTimestamp (repairip.go,
+// syncIPAddress), and then finds that Service's address missing
+// (ClusterIPNotAllocated) and creates it again: the allocator would in
+// between give the address to a new Service. Written in one round, 20k
+// addresses were over 60 s old before their Services arrived, and the
+// repair loop deleted 1,285 of them. A round of 2,000 takes seconds
+// (about 240 Services a second here, addresses included).
+const directRound = 2000
 
 // loadDirect writes background Services idx (none of which exists, nor
 // its slice, nor an IPAddress for its ClusterIP) into etcd, with workers
-// transactions in flight, once bg-00000 (the template) exists. As the API
-// server's allocator does, it writes the IPAddresses first and the
-// Services after, once the API server lists the addresses. Even so, the
-// API server's ClusterIP repair loop, which checks each Service as its
-// informer adds it, reports a few percent of them at 10k and more as
-// having no address (ClusterIPNotAllocated) and tries in vain to create
-// it (the address exists): a pause of seconds between the two phases did
-// not change that, and why its informer lags is not known yet.
+// transactions in flight, once bg-00000 (the template) exists. It goes
+// in rounds of directRound Services; in each, as the API server's
+// allocator does, it writes the IPAddresses first, created at that
+// moment, and the Services and slices after, created when they are
+// written, once the API server lists the addresses: the repair loop then
+// finds each Service's address in its informer, and each address's
+// Service well within its 60 s grace.
 func (e *EtcdStore) loadDirect(ctx context.Context, c kubernetes.Interface, s serviceShape, idx []int, workers int, report func()) error {
 	t, err := e.readTemplates(ctx, s.ns, backgroundName(0))
 	if err != nil {
 		return fmt.Errorf("reading the template Service: %w", err)
 	}
+	var wrote, listed, loaded time.Duration
+	defer func() {
+		e.logf("%d Services written to etcd in rounds of %d: IPAddresses %s, listed by the API server %s later, Services and slices %s",
+			len(idx), directRound, wrote.Round(time.Millisecond), listed.Round(time.Millisecond), loaded.Round(time.Millisecond))
+	}()
+	for start := 0; start < len(idx); start += directRound {
+		round := idx[start:min(start+directRound, len(idx))]
+		phase := time.Now()
+		if err := e.writeAddresses(ctx, t, s, round, workers); err != nil {
+			return err
+		}
+		wrote += time.Since(phase)
+		phase = time.Now()
+		if err := waitAddresses(ctx, c, round); err != nil {
+			return err
+		}
+		listed += time.Since(phase)
+		phase = time.Now()
+		if err := e.writeServices(ctx, t, s, round, workers, report); err != nil {
+			return err
+		}
+		loaded += time.Since(phase)
+	}
+	return nil
+}
+
+// writeAddresses writes Services idx's IPAddresses, created now.
+func (e *EtcdStore) writeAddresses(ctx context.Context, t *etcdTemplates, s serviceShape, idx []int, workers int) error {
 	now := metav1.Now().Rfc3339Copy()
 	ips := make([]kv, len(idx))
-	svcs := make([][]kv, len(idx))
 	for k, i := range idx {
-		if ips[k], svcs[k], err = t.objects(e, s, i, now); err != nil {
+		var err error
+		if ips[k], err = t.address(e, s, i, now); err != nil {
 			return err
 		}
 	}
-	phase := time.Now()
 	var jobs []func(context.Context) error
 	for start := 0; start < len(ips); start += maxTxnOps {
 		chunk := ips[start:min(start+maxTxnOps, len(ips))]
 		jobs = append(jobs, func(ctx context.Context) error { return e.create(ctx, chunk) })
 	}
-	if err := runParallel(ctx, workers, jobs); err != nil {
-		return err
+	return runParallel(ctx, workers, jobs)
+}
+
+// writeServices writes Services idx and their slices, created now.
+func (e *EtcdStore) writeServices(ctx context.Context, t *etcdTemplates, s serviceShape, idx []int, workers int, report func()) error {
+	now := metav1.Now().Rfc3339Copy()
+	svcs := make([][]kv, len(idx))
+	for k, i := range idx {
+		var err error
+		if svcs[k], err = t.service(e, s, i, now); err != nil {
+			return err
+		}
 	}
-	e.logf("%d IPAddresses written to etcd in %s", len(ips), time.Since(phase).Round(time.Millisecond))
-	phase = time.Now()
-	if err := waitAddresses(ctx, c, idx); err != nil {
-		return err
-	}
-	e.logf("listed by the API server %s later", time.Since(phase).Round(time.Millisecond))
-	phase = time.Now()
-	defer func() {
-		e.logf("%d Services and slices written to etcd in %s", len(svcs), time.Since(phase).Round(time.Millisecond))
-	}()
 	const perTxn = maxTxnOps / 2
-	jobs = nil
+	var jobs []func(context.Context) error
 	for start := 0; start < len(svcs); start += perTxn {
 		chunk := svcs[start:min(start+perTxn, len(svcs))]
 		jobs = append(jobs, func(ctx context.Context) error {

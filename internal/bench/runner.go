@@ -88,11 +88,20 @@ type runner struct {
 	backgroundCount int
 	// failedAt holds, per contender, the size it could not serve.
 	failedAt map[string]int
+	// served holds, per contender, the last size it served and its cold
+	// start there (Config.SkipProjected).
+	served map[string]servedAt
+}
+
+type servedAt struct {
+	size int
+	cold time.Duration
 }
 
 func (r *runner) run(ctx context.Context) (*results.Run, error) {
 	cfg := r.cfg
 	r.failedAt = map[string]int{}
+	r.served = map[string]servedAt{}
 	r.out = &results.Run{
 		Started: time.Now(), Command: cfg.Command, Quick: cfg.Quick,
 		Machine:    describeMachine(cfg),
@@ -156,6 +165,7 @@ func (r *runner) setUp(ctx context.Context) error {
 	}
 	if r.cfg.Load == LoadEtcd {
 		r.etcd = NewEtcdStore(c.EtcdHTTPClient(), localcluster.EtcdURL, localcluster.EtcdPrefix)
+		r.etcd.Logf = r.prog.note
 	}
 	for _, ns := range []string{benchNamespace, backgroundNamespace} {
 		if _, err := r.api.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {

@@ -56,6 +56,17 @@ func (j *judge) fail(label, why string) {
 	j.missing(label, why)
 }
 
+// notReached records why contender has no measured cell at size: a
+// failed check if it was tried there and did not get there (the goal is
+// missed), "not measured" if the run has no such cell.
+func (j *judge) notReached(ix *index, contender string, size int, why string) {
+	if _, tried := ix.cells[cellKey{contender, size}]; tried {
+		j.fail(sizeLabel(size), why)
+		return
+	}
+	j.missing(sizeLabel(size), why)
+}
+
 func (j *judge) row(goal string) target {
 	t := target{Goal: goal, Measured: strings.Join(j.parts, "; ")}
 	switch {
@@ -256,6 +267,11 @@ func scaleTargets(ix *index) []target {
 			if cp.ColdStartTimedOut {
 				text = "not served after " + text
 			} else if cp.ColdStart == 0 {
+				if c.Skipped != "" && size >= coldGoalSize && !judged {
+					// Stopped at a smaller size: not tried here.
+					judged = true
+					j.fail(sizeLabel(size), "did not reach "+sizeLabel(size)+": "+c.Skipped)
+				}
 				continue
 			}
 			if size >= coldGoalSize && !judged {
@@ -271,7 +287,11 @@ func scaleTargets(ix *index) []target {
 			if nearest != "" {
 				msg += ", nearest " + nearest
 			}
-			msg += " (the run has no size of 20k or more: " + coldGoalOption + ")"
+			if ix.largestSize() >= coldGoalSize {
+				msg += " (no ebpf cell at 20k or more)"
+			} else {
+				msg += " (the run has no size of 20k or more: " + coldGoalOption + ")"
+			}
 			j.parts = append([]string{msg}, j.parts...)
 		}
 		out = append(out, j.row("ebpf cold node serves every Service within 2 s of the proxy's start with 20k Services (judged at the smallest size ≥ 20k)"))
@@ -279,7 +299,7 @@ func scaleTargets(ix *index) []target {
 	{
 		var j judge
 		if c, why := ix.cell(ebpf, goalSize); c == nil {
-			j.missing(sizeLabel(goalSize), why)
+			j.notReached(ix, ebpf, goalSize, why)
 		} else if s := Summarize(seconds(c.ControlPlane.EndpointChange)); s.N == 0 {
 			j.missing(sizeLabel(goalSize), "no endpoint changes")
 		} else {
@@ -290,7 +310,7 @@ func scaleTargets(ix *index) []target {
 	{
 		var j judge
 		if c, why := ix.cell(ebpf, goalSize); c == nil {
-			j.missing(sizeLabel(goalSize), why)
+			j.notReached(ix, ebpf, goalSize, why)
 		} else if c.Proxy.RSSBytes == 0 {
 			j.missing(sizeLabel(goalSize), "RSS not recorded")
 		} else {

@@ -239,3 +239,30 @@ func TestNoSlowerThanWithoutTheSize(t *testing.T) {
 		t.Errorf("%+v", got)
 	}
 }
+
+// An ebpf that stopped short of 20k in a run that has 20k fails the
+// cold-node goal and says where it stopped, not that the run lacks the
+// size.
+func TestColdNodeGoalEBPFStoppedShort(t *testing.T) {
+	const goal = "ebpf cold node serves every Service within 2 s"
+	r := syntheticRun(t)
+	r.Sizes = append(r.Sizes, 20000)
+	stop(cellOf(t, r, results.EBPF, 10000), "did not serve 10000 Services within 3m0s")
+	r.Cells = append(r.Cells, results.Cell{Contender: results.EBPF, Size: 20000, Skipped: "not tried: did not serve 10000 Services before"})
+	got := scaleTarget(t, r, goal)
+	if got.Met != metNo || strings.Contains(got.Measured, "the run has no size") || !strings.Contains(got.Measured, "20k: did not reach 20k: not tried: did not serve 10000 Services before") {
+		t.Errorf("ebpf stopped at 10k: %+v", got)
+	}
+}
+
+// An ebpf that did not reach 10k misses its 10k goals (RSS, endpoint
+// change p99) and says why; a run without 10k leaves them not measured.
+func TestEBPFGoalsAt10kNotReached(t *testing.T) {
+	for _, goal := range []string{"ebpf proxy RSS at 10k", "ebpf: an endpoint change observed"} {
+		r := syntheticRun(t)
+		stop(cellOf(t, r, results.EBPF, 10000), "did not serve 10000 Services within 3m0s")
+		if got := scaleTarget(t, r, goal); got.Met != metNo || !strings.Contains(got.Measured, "did not reach 10k: did not serve 10000 Services within 3m0s") {
+			t.Errorf("%s, ebpf stopped at 10k: %+v", goal, got)
+		}
+	}
+}
