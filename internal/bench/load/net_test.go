@@ -453,10 +453,18 @@ func TestPoll(t *testing.T) {
 		t.Fatalf("poll result %+v, want 3 targets, not all reached", r)
 	}
 	early, lt, never := r.Targets[0], r.Targets[1], r.Targets[2]
-	if early.FirstSuccessNanos < r.StartNanos || early.FirstSuccessNanos >= lateStart {
-		t.Errorf("listening target reached at %d, want between the start %d and %d", early.FirstSuccessNanos, r.StartNanos, lateStart)
+	// The poller may start after the sleep on a loaded machine, so the early
+	// target is judged by its attempts, not by the late server's start.
+	if early.FirstSuccessNanos < r.StartNanos || early.Attempts != 1 {
+		t.Errorf("listening target reached at %d after %d attempts, want at the first attempt, after the start %d", early.FirstSuccessNanos, early.Attempts, r.StartNanos)
 	}
-	if lt.FirstSuccessNanos < lateStart || lt.Attempts < 2 {
+	if r.StartNanos >= lateStart {
+		// The late server was up before polling began: only its success can be checked.
+		t.Logf("the poller started %v after the late server", time.Duration(r.StartNanos-lateStart))
+		if lt.FirstSuccessNanos == 0 {
+			t.Errorf("late target never reached: %+v", lt)
+		}
+	} else if lt.FirstSuccessNanos < lateStart || lt.Attempts < 2 {
 		t.Errorf("late target reached at %d after %d attempts, want after its server started at %d and retries", lt.FirstSuccessNanos, lt.Attempts, lateStart)
 	}
 	if never.FirstSuccessNanos != 0 || never.LastError == "" {
