@@ -372,6 +372,9 @@ func (r *runner) grow(ctx context.Context, size int) error {
 		r.out.Bulk = append(r.out.Bulk, b)
 		r.prog.note("ebpf served the last of them %s after the creation finished", b.Served.Round(time.Millisecond))
 	}
+	// Before the contenders: the first one's cold start must not share
+	// the CPU with the control plane digesting the new objects.
+	r.settle(ctx)
 	return nil
 }
 

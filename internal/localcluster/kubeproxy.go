@@ -219,6 +219,18 @@ func (c *Cluster) ProxyPID(node string) (int, bool) {
 	return c.runningPID(proxyName(node))
 }
 
+// ControlPlanePIDs returns the process IDs of the running control plane:
+// etcd, kube-apiserver and kube-controller-manager.
+func (c *Cluster) ControlPlanePIDs() []int {
+	var pids []int
+	for _, name := range []string{"etcd", "kube-apiserver", "kube-controller-manager"} {
+		if pid, ok := c.runningPID(name); ok {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
 func (c *Cluster) runningPID(name string) (int, bool) {
 	p, err := c.proc(name)
 	if err != nil || !p.alive() {
