@@ -15,9 +15,9 @@ import (
 // rather than Go's 100 % costs little CPU and keeps the resident set nearer
 // the live heap: Go's background scavenger keeps about 10 % over the heap
 // goal (the live heap times 1 + GOGC/100) mapped and returns the rest of the
-// freed pages to the kernel. The cold start,
-// which allocates most, runs with Go's default, so that it is not slowed:
-// see docs/memory.md for the measurements.
+// freed pages to the kernel. The cold start, which allocates most, runs
+// with Go's default, so that it is not slowed: see docs/memory.md for the
+// measurements.
 const defaultGCPercent = 25
 
 // memoryLimitShare is the part of the cgroup's memory limit given to the Go
