@@ -11,12 +11,15 @@ import (
 // defaultGCPercent is the proxy's GOGC, once its first sync has programmed
 // the node, when the environment sets none. The heap is then mostly
 // long-lived (informer caches, the model, the reconciler's copy of the
-// maps) and allocates little between syncs, so collecting at 50 % growth
-// rather than Go's 100 % costs little CPU and keeps the resident set nearer
-// the live heap. The cold start, which allocates most, runs with Go's
-// default, so that it is not slowed: see docs/memory.md for the
+// maps) and allocates little between syncs, so collecting at 10 % growth
+// rather than Go's 100 % costs little CPU when idle and keeps the resident
+// set near the live heap: Go's background scavenger keeps about 10 % over
+// the heap goal (the live heap times 1 + GOGC/100) mapped and returns the
+// rest of the freed pages to the kernel. A sync that allocates much runs
+// more collections for it. The cold start, which allocates most, runs with
+// Go's default, so that it is not slowed: see docs/memory.md for the
 // measurements.
-const defaultGCPercent = 50
+const defaultGCPercent = 10
 
 // memoryLimitShare is the part of the cgroup's memory limit given to the Go
 // runtime as its soft limit when GOMEMLIMIT is unset: the rest is headroom
