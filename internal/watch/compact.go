@@ -295,15 +295,7 @@ func compactSlice(s *discoveryv1.EndpointSlice) *cachedSlice {
 			if ep.NodeName != nil {
 				e.nodeName, e.flags = unique.Make(*ep.NodeName), e.flags|endpointHasNode
 			}
-			if h := ep.Hints; h != nil {
-				e.hints = &discoveryv1.EndpointHints{}
-				for _, z := range h.ForZones {
-					e.hints.ForZones = append(e.hints.ForZones, discoveryv1.ForZone{Name: intern(z.Name)})
-				}
-				for _, n := range h.ForNodes {
-					e.hints.ForNodes = append(e.hints.ForNodes, discoveryv1.ForNode{Name: intern(n.Name)})
-				}
-			}
+			e.hints = internHints(ep.Hints)
 			out.endpoints[i] = e
 		}
 	}

@@ -193,17 +193,25 @@ func slimSlice(s *discoveryv1.EndpointSlice) *discoveryv1.EndpointSlice {
 			if len(ep.Addresses) > 0 {
 				e.Addresses = ep.Addresses[:1:1]
 			}
-			if h := ep.Hints; h != nil {
-				e.Hints = &discoveryv1.EndpointHints{}
-				for _, z := range h.ForZones {
-					e.Hints.ForZones = append(e.Hints.ForZones, discoveryv1.ForZone{Name: intern(z.Name)})
-				}
-				for _, n := range h.ForNodes {
-					e.Hints.ForNodes = append(e.Hints.ForNodes, discoveryv1.ForNode{Name: intern(n.Name)})
-				}
-			}
+			e.Hints = internHints(ep.Hints)
 			out.Endpoints[i] = e
 		}
+	}
+	return out
+}
+
+// internHints copies an endpoint's topology hints with their zone and node
+// names interned: every endpoint of a zone repeats the same few names.
+func internHints(h *discoveryv1.EndpointHints) *discoveryv1.EndpointHints {
+	if h == nil {
+		return nil
+	}
+	out := &discoveryv1.EndpointHints{}
+	for _, z := range h.ForZones {
+		out.ForZones = append(out.ForZones, discoveryv1.ForZone{Name: intern(z.Name)})
+	}
+	for _, n := range h.ForNodes {
+		out.ForNodes = append(out.ForNodes, discoveryv1.ForNode{Name: intern(n.Name)})
 	}
 	return out
 }
