@@ -226,6 +226,9 @@ func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32
 // 20k Services). Backends shared by ports are counted once per port: an
 // upper bound.
 func (r *reconciler) presize(snap *model.Snapshot) {
+	if len(r.frontends)+len(r.groups)+len(r.backends)+len(r.backendKeys)+len(r.refs) > 0 {
+		return
+	}
 	ports, backends := 0, 0
 	for _, ps := range snap.Services {
 		ports += len(ps)
@@ -234,9 +237,6 @@ func (r *reconciler) presize(snap *model.Snapshot) {
 		}
 	}
 	backends = min(backends, int(r.maxBackends))
-	if len(r.frontends)+len(r.groups)+len(r.backends)+len(r.backendKeys)+len(r.refs) > 0 {
-		return
-	}
 	r.frontends = make(map[model.Frontend]*appliedFrontend, ports)
 	r.groups = make(map[uint32]*appliedGroup, ports)
 	r.backends = make(map[lbBackendValue]uint32, backends)
