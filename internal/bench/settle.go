@@ -31,7 +31,7 @@ type cpuSampler func() (float64, error)
 
 // waitIdle samples cpu at each tick until one interval's use stays below
 // idleShare of one CPU for interval, and reports whether it did before
-// ticks stopped (the caller's bound) or ctx ended.
+// ctx ended (the caller bounds the wait with it) or ticks stopped.
 func waitIdle(ctx context.Context, cpu cpuSampler, ticks <-chan time.Time, interval time.Duration, idleShare float64) bool {
 	prev, err := cpu()
 	if err != nil {
@@ -81,28 +81,9 @@ func (r *runner) settle(ctx context.Context) {
 	start := time.Now()
 	ticker := time.NewTicker(settleInterval)
 	defer ticker.Stop()
-	ticks := make(chan time.Time)
-	done := make(chan struct{})
-	defer close(done)
-	go func() {
-		defer close(ticks)
-		deadline := time.After(settleMax)
-		for {
-			select {
-			case t := <-ticker.C:
-				select {
-				case ticks <- t:
-				case <-done:
-					return
-				}
-			case <-deadline:
-				return
-			case <-done:
-				return
-			}
-		}
-	}()
-	if waitIdle(ctx, cpu, ticks, settleInterval, settleIdleShare) {
+	wctx, cancel := context.WithTimeout(ctx, settleMax)
+	defer cancel()
+	if waitIdle(wctx, cpu, ticker.C, settleInterval, settleIdleShare) {
 		r.prog.note("control plane idle %s after the background Services were written", time.Since(start).Round(time.Second))
 	} else if ctx.Err() == nil {
 		r.prog.note("control plane still busy %s after the background Services were written; measuring anyway", settleMax)
