@@ -174,6 +174,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	o.afterFirstSync = applyMemoryDefaults(os.Getenv)
 	if err := runProxy(ctx, o); err != nil {
+		if ctx.Err() != nil {
+			// Asked to stop while starting: whatever the stop cut short
+			// (an iptables-save killed half way) is not a failure of the
+			// node, and a DaemonSet rollout must not count it as one.
+			klog.InfoS("Stopped while starting", "interrupted", err)
+			return 0
+		}
 		// A node that cannot run the mode gets one line saying why and
 		// what to do, and keeps what serves it now.
 		if pe := (*ebpf.PreflightError)(nil); errors.As(err, &pe) {

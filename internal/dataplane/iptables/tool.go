@@ -313,6 +313,11 @@ func detectBackend(ctx context.Context, base tool) (string, error) {
 		}
 		out, err := t.save(ctx, "")
 		if err != nil {
+			if ctx.Err() != nil {
+				// A stop, not a backend that does not work: the killed
+				// iptables-save says nothing about the node.
+				return "", fmt.Errorf("detecting the node's iptables backend: %w", context.Cause(ctx))
+			}
 			// Legacy tables may be unsupported by the kernel; that
 			// backend is not in use then.
 			counts[b] = -1
