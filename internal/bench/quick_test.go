@@ -133,6 +133,7 @@ func checkCell(t *testing.T, run *results.Run, c results.Cell) {
 		t.Errorf("%s: incomplete: %s", id, c.Incomplete)
 	}
 	direct := c.Contender == results.Direct
+	upstream := strings.HasPrefix(c.Contender, "kube-proxy-")
 	workloads := map[string]bool{}
 	for _, p := range c.Latency {
 		workloads[p.Workload] = true
@@ -149,9 +150,18 @@ func checkCell(t *testing.T, run *results.Run, c results.Cell) {
 			case !direct && len(r.Service) == 0:
 				t.Errorf("%s: %s rep %d: no sample through the ClusterIP", id, p.Workload, i)
 			}
-			// A datapath that loses more than 1 % of its requests is
-			// broken, not slow.
-			if n := len(r.Service) + r.ServiceErrors; r.ServiceErrors*100 > n {
+			// One of our datapaths that loses more than 1 % of its
+			// requests is broken, not slow. Upstream's losses are a
+			// measurement the report shows (CI once saw upstream
+			// iptables-nft lose 4 of 200 connects at 500 Services);
+			// only losing most of them says the harness set it up wrong.
+			n := len(r.Service) + r.ServiceErrors
+			switch {
+			case upstream && r.ServiceErrors*2 > n:
+				t.Errorf("%s: %s rep %d: %d of %d requests through the ClusterIP failed: upstream never served it", id, p.Workload, i, r.ServiceErrors, n)
+			case upstream && r.ServiceErrors > 0:
+				t.Logf("%s: %s rep %d: %d of %d requests through the ClusterIP failed (upstream's, reported)", id, p.Workload, i, r.ServiceErrors, n)
+			case r.ServiceErrors*100 > n:
 				t.Errorf("%s: %s rep %d: %d of %d requests through the ClusterIP failed", id, p.Workload, i, r.ServiceErrors, n)
 			}
 		}
