@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The local cluster (internal/localcluster): a real kube-apiserver, etcd and
+# The local cluster (test/utils/localcluster): a real kube-apiserver, etcd and
 # kube-controller-manager, and two simulated nodes, in network namespaces of
 # their own. Builds what it needs first. Commands: see hack/cluster/main.go.
 #

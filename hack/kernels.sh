@@ -11,13 +11,13 @@
 # already uses, through a sources list and apt state of our own (the machine's
 # apt setup is left as it is), unpacked with dpkg-deb into
 # $KBP_CACHE/kernels/NAME, next to an initramfs built here: busybox-static, the
-# 9p modules and internal/kernelvm's init script. No KVM is needed (qemu falls
+# 9p modules and test/utils/kernelvm's init script. No KVM is needed (qemu falls
 # back to TCG): booting takes a few seconds, the tests a minute or two each.
 #
 #   KBP_CACHE         the cache root (default /var/cache/kube-bpf-proxy for
 #                     root, ~/.cache/kube-bpf-proxy otherwise)
 #   KBP_KERNEL_TESTS  the tests run in each VM (a -test.run pattern; the
-#                     default is in internal/kernelvm)
+#                     default is in test/utils/kernelvm)
 #   KBP_KERNEL_MIRROR the Debian mirror (default: the one in /etc/apt)
 set -o errexit -o nounset -o pipefail
 shopt -s inherit_errexit
@@ -120,7 +120,7 @@ build_initramfs() {
   tmp="$(mktemp -d)"
   mkdir -p "$tmp"/{bin,sbin,proc,sys,dev,host,lib/modules}
   cp "$busybox" "$tmp/bin/busybox"
-  cp internal/kernelvm/init.sh "$tmp/init"
+  cp test/utils/kernelvm/init.sh "$tmp/init"
   chmod 755 "$tmp/init"
   local moddir="$dir/root/lib/modules/$release"
   # 9p, its virtio transport and the PCI device they sit on; whatever of
@@ -181,9 +181,9 @@ while read -r name suite meta; do
     echo "    fetched and unpacked in $((SECONDS - started)) s" >&2
   fi
   # The initramfs is rebuilt when the init script differs from the one in it.
-  if [ ! -f "$dir/initrd.img" ] || ! cmp -s internal/kernelvm/init.sh "$dir/init.sh"; then
+  if [ ! -f "$dir/initrd.img" ] || ! cmp -s test/utils/kernelvm/init.sh "$dir/init.sh"; then
     build_initramfs "$dir" "$(cat "$dir/release")"
-    cp internal/kernelvm/init.sh "$dir/init.sh"
+    cp test/utils/kernelvm/init.sh "$dir/init.sh"
   fi
   echo "$name: $(cat "$dir/package") ($(cat "$dir/release"))" >&2
 done < hack/kernels.list
@@ -195,7 +195,7 @@ $fetch_only && exit 0
 mkdir -p _output
 rm -f _output/kernels.md
 KBP_CACHE="$cache" KBP_REQUIRE_KERNELS=1 KBP_KERNELS_REPORT="$PWD/_output/kernels.md" \
-  go test -count=1 -v -timeout 30m -run '^TestKernelMatrix$' ./internal/kernelvm | grep -v '^=== ' || status=$?
+  go test -count=1 -v -timeout 30m -run '^TestKernelMatrix$' ./test/utils/kernelvm | grep -v '^=== ' || status=$?
 echo
 cat _output/kernels.md 2>/dev/null || true
 exit "${status:-0}"

@@ -1,6 +1,6 @@
 // Command apilist measures what the content type of the proxy's API client
 // costs a cold node: the time to list N Services and N EndpointSlices from a
-// real kube-apiserver (internal/localcluster), as a plain list and as the
+// real kube-apiserver (test/utils/localcluster), as a plain list and as the
 // proxy's informers do it, in protobuf, in JSON, and with no content type
 // configured (client-go's own default). The configurations are built with
 // apiserver.Connection, as the proxy builds its own. Rounds alternate the
@@ -41,8 +41,8 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apiserver"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 const namespace = "apilist"

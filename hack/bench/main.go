@@ -1,4 +1,4 @@
-// Command bench is `make bench` (see internal/bench): every datapath side
+// Command bench is `make bench` (see test/bench): every datapath side
 // by side on a local cluster, with a markdown report, CSV samples and SVG
 // plots.
 //
@@ -23,12 +23,12 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/load"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/report"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/bench/results"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/load"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/report"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/results"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 func main() {

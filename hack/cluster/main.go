@@ -1,4 +1,4 @@
-// Command cluster drives the local cluster of internal/localcluster: a real
+// Command cluster drives the local cluster of test/utils/localcluster: a real
 // kube-apiserver, etcd and kube-controller-manager with two simulated nodes
 // in network namespaces of their own (hack/cluster.sh builds and runs it).
 //
@@ -39,8 +39,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 func main() {

@@ -1,7 +1,7 @@
 // Command dashboards writes the Grafana dashboards and the alerting rules
-// defined in internal/monitoring into manifests/monitoring (run from the
+// defined in hack/monitoring into manifests/monitoring (run from the
 // repository's root: `go run ./hack/dashboards`). The files are committed
-// for users to import; internal/monitoring's tests fail when they differ
+// for users to import; hack/monitoring's tests fail when they differ
 // from what this writes.
 package main
 
@@ -12,7 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/monitoring"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/hack/monitoring"
 )
 
 func main() {

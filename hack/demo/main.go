@@ -1,5 +1,5 @@
 // Command demo shows kube-bpf-proxy on a real, local Kubernetes control
-// plane (internal/localcluster): kube-apiserver, etcd and
+// plane (test/utils/localcluster): kube-apiserver, etcd and
 // kube-controller-manager with two simulated nodes in network namespaces of
 // their own. The proxy runs on both nodes as the DaemonSets of
 // manifests/overlays/ab would run it, with the manifests' ServiceAccount and
@@ -10,7 +10,7 @@
 // The latency probe compares the modes as a crossover A/B
 // (docs/ab-testing.md): both nodes measure at the same time, one per mode,
 // and swap modes halfway; the difference ebpf − iptables is paired by
-// window and averaged over the two periods (internal/crossover), so neither
+// window and averaged over the two periods (test/bench/crossover), so neither
 // the nodes' own differences nor the order in which the modes ran pass for
 // the datapath's.
 //
@@ -37,11 +37,11 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/crossover"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/crossover"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 // webService is what a user would apply: a Service in front of pods

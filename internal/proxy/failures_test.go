@@ -25,7 +25,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/healthz"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 var t0 = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)

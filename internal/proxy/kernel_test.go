@@ -21,7 +21,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/healthz"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 // TestKernelPipelineConvergesAcrossRestart runs the whole pipeline (informers,

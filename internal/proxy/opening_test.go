@@ -12,7 +12,7 @@ import (
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 // The datapath opens while the informers list: open sees both lists

@@ -16,7 +16,7 @@ import (
 
 // BenchmarkDecodeList decodes, as the informers' lists do, the protobuf of
 // n Services and n EndpointSlices of 10 endpoints shaped as the benchmark's
-// bulk loader makes them (internal/bench/scale.go), with the metadata an API
+// bulk loader makes them (test/bench/scale.go), with the metadata an API
 // server adds: the client's share of a cold node's list, without the API
 // server's or the network's.
 func BenchmarkDecodeList(b *testing.B) {

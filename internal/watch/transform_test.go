@@ -248,7 +248,7 @@ func TestTransformKeepsOtherProxiesLabel(t *testing.T) {
 }
 
 // apiServerShaped returns Service i and its EndpointSlice of eps endpoints
-// as the API server returns those `bench memory` creates (internal/bench
+// as the API server returns those `bench memory` creates (test/bench
 // scale.go): with a UID, a creation time, a resourceVersion and the
 // managedFields entry of the create.
 func apiServerShaped(i, eps int) (*v1.Service, *discoveryv1.EndpointSlice) {

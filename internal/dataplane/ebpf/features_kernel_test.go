@@ -6,12 +6,12 @@ import (
 	"time"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 // TestKernelFeatures is the eBPF mode's feature list, one subtest each, on
 // one datapath: the subset `make kernels` and TestKernelMatrix run on every
-// kernel of the matrix (internal/kernelvm), so each subtest stays short.
+// kernel of the matrix (test/utils/kernelvm), so each subtest stays short.
 // A subtest that works differently on this kernel than on the newest logs
 // "KBP-FEATURE <name> degraded: <why>", which the matrix shows as degraded.
 func TestKernelFeatures(t *testing.T) {

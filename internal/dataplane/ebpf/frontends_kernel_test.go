@@ -12,7 +12,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 // nodeIP is the node's address in the test topology, on its end of every

@@ -19,7 +19,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 func TestMain(m *testing.M) {
@@ -97,7 +97,7 @@ func (s *kernelSetup) run(t testing.TB, args ...string) []string {
 const vip = "10.96.0.10"
 
 // The scenarios both modes share (TCP spread, UDP, dig, refusals, churn,
-// restart, cleanup) are in the behaviour suite, internal/dataplane/behaviour.
+// restart, cleanup) are in the behaviour suite, test/behaviour.
 // These are the eBPF datapath's own: its counters, pins, maps and programs.
 
 func TestKernelCountsTranslationsAndRefusals(t *testing.T) {

@@ -12,9 +12,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
 )
 
 var update = flag.Bool("update", false, "rewrite golden files in testdata/")

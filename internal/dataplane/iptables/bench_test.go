@@ -11,9 +11,9 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 // The benchmarks' cluster is the eBPF benchmarks' (apitest.ScaleSnapshot):

@@ -11,9 +11,9 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 // Traffic through the external frontends, on the real kernel: a node

@@ -20,8 +20,8 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/localcluster"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
 )
 
 // The iptables fidelity test: upstream kube-proxy v1.36.3 and this mode,

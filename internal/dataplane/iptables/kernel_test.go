@@ -12,9 +12,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/testnet"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 func TestMain(m *testing.M) { testnet.Main(m, nil) }

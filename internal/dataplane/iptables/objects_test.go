@@ -4,7 +4,7 @@ import (
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
 )
 
 // The Services of the renderer's golden cases and of the fidelity test

@@ -1,0 +1,650 @@
+package behaviour
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
+)
+
+func TestMain(m *testing.M) { testnet.Main(m, nil) }
+
+// mode is one datapath under test.
+type mode struct {
+	name string
+	// open starts a new instance of the datapath for the node of n, as a
+	// new proxy process would; instances of one test share state in the
+	// kernel (pins, rules).
+	open func(t *testing.T, s *setup) dataplane.Dataplane
+	// cleanup removes the datapath, as --cleanup does.
+	cleanup func(s *setup) error
+	// leftovers describes what of the datapath is left on the node, ""
+	// if nothing.
+	leftovers func(t *testing.T, s *setup) string
+	// distinct describes what only this mode leaves on the node (both
+	// write iptables rules: the eBPF mode for traffic from outside), ""
+	// if nothing: programs and pins, or ClusterIP rules.
+	distinct func(t *testing.T, s *setup) string
+	// takeover removes what the other mode left, as main's handover does
+	// once this mode serves.
+	takeover func(s *setup) error
+	// socketLevel is true when the client pod's sockets are load-balanced
+	// at connect() and sendmsg() rather than per packet: the eBPF mode,
+	// unless its socket layer serves the node's namespace only (its pods
+	// then get the iptables modes' behaviour, which every scenario asserts
+	// for them).
+	socketLevel bool
+}
+
+func ebpfMode() mode { return ebpfModeWith(false) }
+
+// ebpfModeWith is the eBPF mode, with the socket layer confined to the
+// node's network namespace if hostNetNSOnly
+// (--bpf-socket-lb-host-netns-only): pods are then served per packet.
+func ebpfModeWith(hostNetNSOnly bool) mode {
+	name := "ebpf"
+	if hostNetNSOnly {
+		name = "ebpf-host-netns-only"
+	}
+	return mode{
+		name:        name,
+		socketLevel: !hostNetNSOnly,
+		// As the proxy runs it: the socket layer, and iptables rules for
+		// packets from outside the node at external frontends (and from
+		// pods to every frontend, if the socket layer leaves them).
+		open: func(t *testing.T, s *setup) dataplane.Dataplane {
+			t.Helper()
+			ecfg := s.ebpfConfig()
+			ecfg.HostNetNSOnly = hostNetNSOnly
+			dp, err := ebpf.New(ecfg)
+			if err != nil {
+				t.Fatalf("loading the eBPF datapath: %v", err)
+			}
+			cfg := s.iptablesConfig()
+			cfg.ExternalOnly = true
+			cfg.ClusterIPs = hostNetNSOnly
+			packets, err := iptables.New(context.Background(), cfg)
+			if err != nil {
+				dp.Close()
+				t.Fatalf("starting the packet layer: %v", err)
+			}
+			s.packetsBackend = packets.Backend()
+			l := &dataplane.Layered{Primary: dp, Packets: packets}
+			if hostNetNSOnly {
+				l.PacketsServe = dp.ConfineToNodeNetNS
+			}
+			t.Cleanup(func() { l.Close() })
+			return l
+		},
+		takeover: func(s *setup) error {
+			return iptables.CleanupExcept(context.Background(), s.iptablesConfig(), s.packetsBackend)
+		},
+		cleanup: func(s *setup) error {
+			return errors.Join(ebpf.Cleanup(s.bpffs), iptables.Cleanup(context.Background(), s.iptablesConfig()))
+		},
+		distinct: func(t *testing.T, s *setup) string { return bpfLeftovers(t, s) },
+		leftovers: func(t *testing.T, s *setup) string {
+			left := iptablesLeftovers(t, s)
+			if b := bpfLeftovers(t, s); b != "" {
+				left = append(left, b)
+			}
+			return strings.Join(left, ", ")
+		},
+	}
+}
+
+// bpfLeftovers describes the eBPF mode's programs and pins left, "" if none.
+func bpfLeftovers(t *testing.T, s *setup) string {
+	var left []string
+	if n := testnet.AttachedPrograms(t, s.net.Cgroup); n > 0 {
+		left = append(left, fmt.Sprintf("%d programs attached", n))
+	}
+	if _, err := os.Stat(s.bpffs); err == nil {
+		left = append(left, "pin directory "+s.bpffs)
+	}
+	return strings.Join(left, ", ")
+}
+
+func iptablesMode(backend string) mode {
+	return mode{
+		name: "iptables-" + backend,
+		open: func(t *testing.T, s *setup) dataplane.Dataplane {
+			t.Helper()
+			cfg := s.iptablesConfig()
+			cfg.Backend = backend
+			dp, err := iptables.New(context.Background(), cfg)
+			if err != nil {
+				t.Fatalf("starting the iptables datapath: %v", err)
+			}
+			t.Cleanup(func() { dp.Close() })
+			return dp
+		},
+		cleanup: func(s *setup) error { return iptables.Cleanup(context.Background(), s.iptablesConfig()) },
+		leftovers: func(t *testing.T, s *setup) string {
+			return strings.Join(iptablesLeftovers(t, s), "\n")
+		},
+		distinct: func(t *testing.T, s *setup) string {
+			var left []string
+			for _, l := range iptablesLeftovers(t, s) {
+				// The ClusterIP rules: the eBPF mode's packet layer
+				// writes none.
+				if strings.Contains(l, " cluster IP\"") {
+					left = append(left, l)
+				}
+			}
+			return strings.Join(left, "\n")
+		},
+		takeover: func(s *setup) error { return ebpf.Cleanup(s.bpffs) },
+	}
+}
+
+// iptablesLeftovers lists the KUBE- rules of either backend in the node.
+func iptablesLeftovers(t *testing.T, s *setup) []string {
+	var left []string
+	for _, b := range []string{iptables.BackendNFT, iptables.BackendLegacy} {
+		out, err := s.net.NodeCommand(context.Background(), "iptables-"+b+"-save").Output()
+		if err != nil {
+			t.Fatalf("iptables-%s-save: %v", b, err)
+		}
+		if strings.Contains(string(out), "KUBE-") {
+			left = append(left, b+" rules:\n"+string(out))
+		}
+	}
+	return left
+}
+
+var modes = []mode{ebpfMode(), ebpfModeWith(true), iptablesMode(iptables.BackendNFT), iptablesMode(iptables.BackendLegacy)}
+
+// forEachMode runs a scenario once per mode, each in a topology of its own.
+func forEachMode(t *testing.T, scenario func(t *testing.T, m mode)) {
+	for _, m := range modes {
+		t.Run(m.name, func(t *testing.T) { scenario(t, m) })
+	}
+}
+
+// setup is one scenario's topology: a node, a client pod, n server pods
+// named pod-0.. serving their name on TCP 8080 and 9090 and UDP 5353.
+type setup struct {
+	// packetsBackend is the eBPF mode's packet layer's iptables backend.
+	packetsBackend string
+	net            *testnet.Net
+	bpffs          string
+	client         *testnet.Pod
+	pods           []*testnet.Pod
+	dp             dataplane.Dataplane
+}
+
+func newSetup(t *testing.T, m mode, servers int) *setup {
+	t.Helper()
+	n := testnet.New(t)
+	s := &setup{net: n, bpffs: testnet.BPFFS(t)}
+	s.client = n.AddPod("client", "10.244.0.100")
+	// The service range leads on to "the network", as a node's default
+	// route does: a namespace that drops what it gets. A packet must be
+	// routable to reach the FORWARD chain, where iptables REJECTs
+	// Services without endpoints; an untranslated VIP times out there.
+	s.net.RouteToPod(serviceCIDR, n.AddPod("world", "10.244.254.1"))
+	s.pods = n.AddServers(servers)
+	// Whatever a scenario leaves, nothing of either mode outlives it.
+	t.Cleanup(func() {
+		if err := ebpf.Cleanup(s.bpffs); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	s.dp = m.open(t, s)
+	return s
+}
+
+func (s *setup) ebpfConfig() ebpf.Config {
+	return ebpf.Config{BPFFSPath: s.bpffs, CgroupPath: s.net.Cgroup, MaxServices: 1024, MaxBackends: 4096, MaxSockets: 4096,
+		NodeNetNS: "/run/netns/" + s.net.Node, NetNSDirs: []string{s.net.PodNetNSDir}}
+}
+
+func (s *setup) iptablesConfig() iptables.Config {
+	return iptables.Config{NetNS: "/run/netns/" + s.net.Node, ClusterCIDR: podCIDR}
+}
+
+func (s *setup) backends(port int, pods ...*testnet.Pod) []string {
+	return testnet.Backends(port, pods...)
+}
+
+func (s *setup) sync(t *testing.T, snap *model.Snapshot) {
+	t.Helper()
+	if err := s.dp.Sync(context.Background(), snap); err != nil {
+		t.Fatalf("sync: %v", err)
+	}
+}
+
+// run runs a helper client in the client pod and returns its result lines.
+func (s *setup) run(t *testing.T, args ...string) []string {
+	t.Helper()
+	return s.client.Results(args...)
+}
+
+const (
+	vip         = "10.96.0.10"
+	serviceCIDR = "10.96.0.0/16"
+)
+
+var (
+	webName = model.ServiceName{Namespace: "default", Name: "web"}
+	podCIDR = mustPrefix("10.244.0.0/16")
+)
+
+func web(backends ...string) model.ServicePort {
+	return apitest.ServicePort("default", "web", "http", model.TCP, vip+":80", backends...)
+}
+
+func dns(backends ...string) model.ServicePort {
+	return apitest.ServicePort("kube-system", "dns", "dns", model.UDP, vip+":53", backends...)
+}
+
+// socketFamily is how a client reaches the VIP: an AF_INET socket by its
+// address, an AF_INET6 one (IPV6_V6ONLY off, as Java's by default) as
+// ::ffff:VIP, which runs the kernel's *6 socket hooks. The iptables modes see
+// IPv4 packets either way; the eBPF mode must translate in both.
+type socketFamily struct {
+	name     string
+	tcp, udp string // the testnet client helpers
+	vip      string // the VIP as the socket names it, and as replies show it
+}
+
+var families = []socketFamily{
+	{"AF_INET", "tcp", "udp", vip},
+	{"AF_INET6", "tcp6", "udp6", mappedVIP},
+}
+
+// forEachFamily runs a check once per socket family.
+func forEachFamily(t *testing.T, check func(t *testing.T, f socketFamily)) {
+	for _, f := range families {
+		t.Run(f.name, func(t *testing.T) { check(t, f) })
+	}
+}
+
+func TestTCPSpreadsOverBackendsAndPeerIsTheVIP(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 3)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...)))
+		forEachFamily(t, func(t *testing.T, f socketFamily) {
+			lines := s.run(t, f.tcp, f.vip+":80", "60")
+			got := testnet.Tally(lines)
+			for _, p := range s.pods {
+				if got["ok "+p.Name] == 0 {
+					t.Errorf("no connection reached %s in 60: %v", p.Name, got)
+				}
+			}
+			if len(got) != 3 {
+				t.Errorf("results other than the three backends: %v", got)
+			}
+			// getpeername() answers the VIP: the eBPF mode translates it
+			// back in getpeername4/6, the iptables mode never changes the
+			// socket.
+			for _, l := range lines {
+				if !strings.HasSuffix(l, "peer="+f.vip+":80") {
+					t.Fatalf("getpeername did not return the VIP: %q", l)
+				}
+			}
+		})
+	})
+}
+
+func TestUDPOneBackendPerSocketRepliesFromTheVIP(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 3)
+		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...)))
+		forEachFamily(t, func(t *testing.T, f socketFamily) {
+			for _, kind := range []string{"unconnected", "connected"} {
+				args := []string{f.udp, f.vip + ":53", "10"}
+				if kind == "connected" {
+					args = append(args, "connected")
+				}
+				lines := s.run(t, args...)
+				// One backend per socket: conntrack keeps the flow's
+				// translation; the eBPF mode hashes the socket.
+				if got := testnet.Tally(lines); len(got) != 1 {
+					t.Errorf("%s: answers of one socket came from %d places, want 1: %v", kind, len(got), got)
+				}
+				for _, l := range lines {
+					if !strings.HasPrefix(l, "ok pod-") || !strings.HasSuffix(l, "peer="+f.vip+":53 from="+f.vip+":53") {
+						t.Errorf("%s: reply does not come from the VIP: %q", kind, l)
+					}
+				}
+			}
+			seen := map[string]bool{}
+			for range 20 {
+				for k := range testnet.Tally(s.run(t, f.udp, f.vip+":53", "1")) {
+					seen[k] = true
+				}
+			}
+			if len(seen) < 2 {
+				t.Errorf("20 sockets all used one backend: %v", seen)
+			}
+		})
+	})
+}
+
+func TestDigThroughClusterIP(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 0)
+		var dnsPods []*testnet.Pod
+		for i := range 2 {
+			p := s.net.AddPod(fmt.Sprintf("dns-%d", i), fmt.Sprintf("10.244.2.%d", i+1))
+			p.StartDNS("web.kbp.test", "10.96.7.7")
+			dnsPods = append(dnsPods, p)
+		}
+		s.sync(t, apitest.Snapshot(true,
+			apitest.ServicePort("kube-system", "dns", "dns", model.UDP, vip+":53", s.backends(53, dnsPods...)...),
+			apitest.ServicePort("kube-system", "dns", "dns-tcp", model.TCP, vip+":53", s.backends(53, dnsPods...)...)))
+		for _, transport := range []string{"+notcp", "+tcp"} {
+			for range 5 {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				out, err := s.client.Output(ctx, "dig", "@"+vip, "web.kbp.test", "A", transport, "+tries=1", "+timeout=2")
+				cancel()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if strings.Contains(out, "unexpected source") {
+					t.Fatalf("dig %s saw the backend's address:\n%s", transport, out)
+				}
+				if !strings.Contains(out, "status: NOERROR") || !strings.Contains(out, "10.96.7.7") || !strings.Contains(out, "SERVER: "+vip+"#53") {
+					t.Fatalf("dig %s did not get the answer from the VIP:\n%s", transport, out)
+				}
+			}
+		}
+	})
+}
+
+func TestSamePortTCPAndUDPAreDifferentServices(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 2)
+		s.sync(t, apitest.Snapshot(true,
+			apitest.ServicePort("default", "mixed", "tcp", model.TCP, vip+":53", s.backends(9090, s.pods[0])...),
+			apitest.ServicePort("default", "mixed", "udp", model.UDP, vip+":53", s.backends(5353, s.pods[1])...)))
+		if got := testnet.Tally(s.run(t, "tcp", vip+":53", "5")); got["ok pod-0"] != 5 {
+			t.Errorf("TCP to :53 went elsewhere than pod-0:9090: %v", got)
+		}
+		if got := testnet.Tally(s.run(t, "udp", vip+":53", "5")); got["ok pod-1"] != 5 {
+			t.Errorf("UDP to :53 went elsewhere than pod-1:5353: %v", got)
+		}
+	})
+}
+
+// A Service without endpoints refuses at once instead of timing out.
+func TestNoEndpointsRefusesAtOnce(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 0)
+		s.sync(t, apitest.Snapshot(true,
+			apitest.ServicePort("default", "empty", "http", model.TCP, vip+":80"),
+			apitest.ServicePort("default", "empty", "dns", model.UDP, vip+":53")))
+		forEachFamily(t, func(t *testing.T, f socketFamily) {
+			expect := func(args []string, want string, n int) {
+				t.Helper()
+				lines := s.run(t, args...)
+				if len(lines) != n {
+					t.Errorf("%v: %d results %q, want %d", args, len(lines), lines, n)
+				}
+				for _, l := range lines {
+					if l != want {
+						t.Errorf("%v: got %q, want %q", args, l, want)
+					}
+				}
+			}
+			// TCP: connect() fails with ECONNREFUSED in both modes (the eBPF
+			// program sets it; iptables REJECTs with icmp-port-unreachable).
+			expect([]string{f.tcp, f.vip + ":80", "3"}, "err connection refused", 3)
+			if m.socketLevel {
+				// connect() of a UDP socket is refused, which ends the
+				// client; so is every sendmsg() of an unconnected one.
+				expect([]string{f.udp, f.vip + ":53", "3", "connected"}, "err connection refused", 1)
+				expect([]string{f.udp, f.vip + ":53", "3"}, "err connection refused", 3)
+				return
+			}
+			// Differs by nature: iptables acts on packets. A UDP connect()
+			// sends nothing and succeeds; the REJECT's ICMP error then fails
+			// each read of the connected socket. Linux reports ICMP errors
+			// only to connected UDP sockets (or with IP_RECVERR), so an
+			// unconnected one waits out its own timeout, as with kube-proxy.
+			expect([]string{f.udp, f.vip + ":53", "3", "connected"}, "err connection refused", 3)
+			t.Log("iptables: an unconnected UDP socket is not told of the REJECT and times out (Linux reports ICMP errors only to connected sockets)")
+			expect([]string{f.udp, f.vip + ":53", "1"}, "err timeout", 1)
+		})
+	})
+}
+
+// Endpoints change while a client connects in a loop: no connect fails.
+func TestChurnLosesNoConnect(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 3)
+		all := s.backends(8080, s.pods...)
+		s.sync(t, apitest.Snapshot(true, web(all...)))
+		loop := s.client.StartLoop(vip + ":80")
+		defer loop.Stop()
+
+		for round := range 3 {
+			testnet.AssertAllOK(t, fmt.Sprintf("round %d with 3", round), loop.Take(20), "pod-0", "pod-1", "pod-2")
+			s.sync(t, apitest.Snapshot(false, web(all[1])))
+			// Connects under way during the sync may still reach a
+			// removed backend; none may fail. Then only pod-1 answers.
+			testnet.AssertAllOK(t, fmt.Sprintf("round %d, scaling to 1", round), loop.Settle(), "pod-0", "pod-1", "pod-2")
+			testnet.AssertAllOK(t, fmt.Sprintf("round %d with 1", round), loop.Take(20), "pod-1")
+			s.sync(t, apitest.Snapshot(false, web(all...)))
+			testnet.AssertAllOK(t, fmt.Sprintf("round %d, scaling to 3", round), loop.Settle(), "pod-0", "pod-1", "pod-2")
+		}
+
+		// A deleted Service is no longer known: the VIP dies in the
+		// namespaces. Re-creating it serves again.
+		s.sync(t, apitest.Deleted(apitest.Snapshot(false), webName))
+		loop.Settle()
+		if l := loop.Take(1); strings.HasPrefix(l[0], "ok ") {
+			t.Errorf("deleted Service still served: %q", l[0])
+		}
+		s.sync(t, apitest.Snapshot(false, web(all...)))
+		loop.Settle()
+		testnet.AssertAllOK(t, "re-created", loop.Take(20), "pod-0", "pod-1", "pod-2")
+	})
+}
+
+// The datapath keeps serving while the proxy is down, and a new process
+// converges on what changed meanwhile.
+func TestRestartKeepsServingAndConverges(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 2)
+		other := apitest.ServicePort("default", "other", "http", model.TCP, "10.96.0.11:80", s.backends(9090, s.pods[0])...)
+		gone := apitest.ServicePort("default", "gone", "http", model.TCP, "10.96.0.12:80", s.backends(9090, s.pods[1])...)
+		udp := dns(s.backends(5353, s.pods...)...)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...), gone, udp))
+		loop := s.client.StartLoop(vip + ":80")
+		// A socket that lives across the restart, as a resolver's does: it
+		// keeps its backend and its replies keep showing the VIP.
+		resolver := s.client.StartResolver(vip + ":53")
+		defer resolver.Stop()
+		s.dp.Close()
+		testnet.AssertAllOK(t, "while down", loop.Take(30), "pod-0", "pod-1")
+
+		s.dp = m.open(t, s)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods[1])...), other, udp))
+		loop.Settle()
+		testnet.AssertAllOK(t, "after restart", loop.Take(20), "pod-1")
+		loop.Stop()
+		resolver.Settle()
+		for _, l := range resolver.Take(10) {
+			r, err := testnet.ParseResolverResult(l)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Backend == "" || r.Gen != 1 || r.From != vip+":53" {
+				t.Errorf("a resolver's socket across the restart: %q, want answers from the VIP on its first socket", l)
+			}
+		}
+		if got := testnet.Tally(s.run(t, "tcp", "10.96.0.11:80", "3")); got["ok pod-0"] != 3 {
+			t.Errorf("service created while down: %v", got)
+		}
+		if l := s.run(t, "tcp", "10.96.0.12:80", "1")[0]; strings.HasPrefix(l, "ok ") {
+			t.Errorf("service deleted while down still served: %q", l)
+		}
+	})
+}
+
+func TestCleanupRemovesEverything(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 1)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.pods...)...), dns()))
+		if left := m.leftovers(t, s); left == "" {
+			t.Fatal("nothing of the datapath found before cleanup: the check cannot fail")
+		}
+		s.dp.Close()
+		if err := m.cleanup(s); err != nil {
+			t.Fatal(err)
+		}
+		if left := m.leftovers(t, s); left != "" {
+			t.Errorf("left after cleanup: %s", left)
+		}
+		if l := s.run(t, "tcp", vip+":80", "1")[0]; strings.HasPrefix(l, "ok ") {
+			t.Errorf("VIP still served after cleanup: %q", l)
+		}
+	})
+}
+
+// A pod reaching itself through its own Service.
+func TestHairpin(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 0)
+		s.client.Start(false, testnet.Helper("serve", "client", "tcp:8080")...)
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8080, s.client)...)))
+		// iptables DNATs the packet back out to the pod it came from, so it
+		// must also masquerade it (KUBE-SEP's -s rule), or the pod would
+		// see its own address as the source and drop the packet. The eBPF
+		// mode connects the socket to the pod's own address directly.
+		if got := testnet.Tally(s.run(t, "tcp", vip+":80", "5")); got["ok client"] != 5 {
+			t.Errorf("pod through its own Service: %v", got)
+		}
+	})
+}
+
+// ClusterIP traffic from outside the cluster CIDR is masqueraded in the
+// iptables mode, so that the reply comes back through the node that
+// translated it; pod-to-pod traffic keeps its source. The eBPF mode
+// connects the socket to the pod directly: nothing is translated on the
+// way, so nothing needs masquerading and every pod sees the real client.
+func TestMasqueradeFromOutsideClusterCIDR(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 1)
+		s.pods[0].Start(false, testnet.Helper("serve", "pod-0", "tcp-src:8081")...)
+		outside := s.net.AddPod("outside", "192.168.77.1")
+		s.sync(t, apitest.Snapshot(true, web(s.backends(8081, s.pods[0])...)))
+		seen := func(client *testnet.Pod) string {
+			t.Helper()
+			out := client.Results("tcp", vip+":80", "1")[0]
+			f := strings.Fields(out)
+			if len(f) < 3 || f[0] != "ok" || !strings.HasPrefix(f[2], "src=") {
+				t.Fatalf("from %s: %q", client.Name, out)
+			}
+			return strings.TrimPrefix(f[2], "src=")
+		}
+		if got := seen(s.client); got != s.client.IP.String() {
+			t.Errorf("a pod in the cluster CIDR was seen as %s, want its own address %s", got, s.client.IP)
+		}
+		want := testnet.PodGateway // the node's address towards the backend
+		if m.socketLevel {
+			want = outside.IP.String()
+		}
+		if got := seen(outside); got != want {
+			t.Errorf("a client outside the cluster CIDR was seen as %s, want %s", got, want)
+		}
+	})
+}
+
+// A UDP client that keeps its source port (as resolvers retrying do) must
+// follow endpoint changes: in iptables mode that needs the conntrack
+// entries of removed backends deleted; the eBPF mode picks a backend at
+// every sendmsg() of an unconnected socket.
+func TestUDPFlowFollowsRemovedBackend(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 2)
+		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...)))
+		const lport = "lport=40053"
+		first := testnet.Tally(s.run(t, "udp", vip+":53", "3", lport))
+		var used, other *testnet.Pod
+		switch {
+		case first["ok pod-0"] == 3:
+			used, other = s.pods[0], s.pods[1]
+		case first["ok pod-1"] == 3:
+			used, other = s.pods[1], s.pods[0]
+		default:
+			t.Fatalf("first requests: %v, want all three from one pod", first)
+		}
+		s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, other)...)))
+		if got := testnet.Tally(s.run(t, "udp", vip+":53", "3", lport)); got["ok "+other.Name] != 3 {
+			t.Errorf("after %s was removed, the same flow got %v, want %s only", used.Name, got, other.Name)
+		}
+	})
+}
+
+// A UDP client whose first packets left before its Service had endpoints
+// (here: before it existed, routed on to the network, which drops them) must reach
+// the first endpoint once there is one: in iptables mode the untranslated
+// conntrack entry would otherwise keep the flow off the DNAT rules for as
+// long as the client keeps sending.
+func TestUDPFlowReachesFirstEndpoint(t *testing.T) {
+	forEachMode(t, func(t *testing.T, m mode) {
+		s := newSetup(t, m, 1)
+		s.sync(t, apitest.Snapshot(true))
+		const lport = "lport=40054"
+		if got := s.run(t, "udp", vip+":53", "1", lport); got[0] != "err timeout" {
+			t.Fatalf("before the Service exists: %q, want a timeout", got)
+		}
+		s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, s.pods[0])...)))
+		if got := testnet.Tally(s.run(t, "udp", vip+":53", "3", lport)); got["ok pod-0"] != 3 {
+			t.Errorf("the flow that started before the first endpoint: %v, want pod-0 only", got)
+		}
+	})
+}
+
+// Switching modes is make-before-break: the new mode serves before the old
+// one is removed, a client connecting in a loop sees no failure, and
+// nothing of the old mode is left.
+func TestModeSwitchBothWays(t *testing.T) {
+	for _, c := range []struct{ from, to mode }{
+		{ebpfMode(), iptablesMode(iptables.BackendNFT)},
+		{ebpfMode(), iptablesMode(iptables.BackendLegacy)},
+		{iptablesMode(iptables.BackendNFT), ebpfMode()},
+		{iptablesMode(iptables.BackendLegacy), ebpfMode()},
+	} {
+		t.Run(c.from.name+"-to-"+c.to.name, func(t *testing.T) {
+			s := newSetup(t, c.from, 2)
+			snap := apitest.Snapshot(true, web(s.backends(8080, s.pods...)...))
+			s.sync(t, snap)
+			loop := s.client.StartLoop(vip + ":80")
+			defer loop.Stop()
+			testnet.AssertAllOK(t, "before", loop.Take(20), "pod-0", "pod-1")
+			s.dp.Close()
+
+			// What main does: the new mode, wrapped to remove the old one
+			// once it serves.
+			s.dp = dataplane.WithHandover(c.to.open(t, s), c.from.name, func(context.Context) error { return c.to.takeover(s) })
+			s.sync(t, snap)
+			testnet.AssertAllOK(t, "across the switch", loop.Settle(), "pod-0", "pod-1")
+			testnet.AssertAllOK(t, "after", loop.Take(20), "pod-0", "pod-1")
+			if left := c.from.distinct(t, s); left != "" {
+				t.Errorf("left of %s after switching to %s: %s", c.from.name, c.to.name, left)
+			}
+			if left := c.to.distinct(t, s); left == "" {
+				t.Errorf("nothing of %s found after switching to it", c.to.name)
+			}
+		})
+	}
+}
+
+func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }
