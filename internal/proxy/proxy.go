@@ -673,6 +673,27 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	return RunOpening(ctx, client, func(context.Context) (dataplane.Dataplane, error) { return dp, nil }, !keepsHostScoped, cfg)
 }
 
+// registerDatapathMetrics registers on reg the collectors dp's innermost
+// datapath feeds at scrape time: its event counters (both modes),
+// kube-proxy's nfacct counters (iptables mode), and the per Service port
+// counters and map fill (ebpf mode). docs/metrics.md lists what they export
+// (TestMetricsTables).
+func registerDatapathMetrics(reg prometheus.Registerer, dp dataplane.Dataplane) {
+	if src, ok := innermost(dp).(eventSource); ok {
+		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
+	}
+	// kube-proxy's nfacct counters (iptables mode).
+	if src, ok := innermost(dp).(interface {
+		NFAcctPackets() (uint64, uint64, bool)
+	}); ok {
+		reg.MustRegister(metrics.NewNFAcctCollector(src.NFAcctPackets))
+	}
+	// The eBPF datapath's per Service port counters and map fill.
+	if src, ok := innermost(dp).(metrics.DatapathCounters); ok {
+		reg.MustRegister(metrics.NewDatapathCountersCollector(src))
+	}
+}
+
 // RunOpening is Run with a datapath that open starts while the informers
 // list the Services and EndpointSlices: a cold start pays the longer of
 // the two rather than their sum. Nothing is synced before both are done.
@@ -728,19 +749,7 @@ func RunOpening(ctx context.Context, client kubernetes.Interface, open func(cont
 			return
 		}
 		p.attach(dp)
-		if src, ok := innermost(dp).(eventSource); ok {
-			reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
-		}
-		// kube-proxy's nfacct counters (iptables mode).
-		if src, ok := innermost(dp).(interface {
-			NFAcctPackets() (uint64, uint64, bool)
-		}); ok {
-			reg.MustRegister(metrics.NewNFAcctCollector(src.NFAcctPackets))
-		}
-		// The eBPF datapath's per Service port counters and map fill.
-		if src, ok := innermost(dp).(metrics.DatapathCounters); ok {
-			reg.MustRegister(metrics.NewDatapathCountersCollector(src))
-		}
+		registerDatapathMetrics(reg, dp)
 		close(opened)
 	}()
 	spawn("healthz server", func() error {
