@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # make bench: every datapath side by side on a local cluster (see
-# test/bench and BENCHMARKS.md): direct pod IPs, kube-bpf-proxy's ebpf
+# test/bench and docs/benchmarks.md): direct pod IPs, kube-bpf-proxy's ebpf
 # and iptables (nft, legacy) modes and upstream kube-proxy's iptables (legacy,
 # nft) and nftables modes, at 0, 1k and 10k background Services. About 40
 # minutes on 2 cores; QUICK=1 runs the reduced matrix the tests run (about 5

@@ -89,7 +89,7 @@ func measure(ctx context.Context, args []string) error {
 	controlPlane := fs.Bool("control-plane-only", false, "skip the latency and rate workloads: time only the cold start, endpoint changes under churn and the batch of new Services")
 	workloadsUpTo := fs.Int("workloads-up-to", -1, "the largest Service count at which the iptables and nftables contenders run the latency and rate workloads; above it they time the control plane only (default: every size; 10000 with --large; 0: every size)")
 	changes := fs.Int("endpoint-changes", 0, "timed endpoint changes per cell (default 20, quick 4); more give a steadier p99")
-	load := fs.String("load", "", "how the background Services are created: api (through the API, the default; about 3 hours for 50k, the API server's ClusterIP allocator being the limit) or etcd (written into the API server's etcd: minutes for 50k; the default with --large; BENCHMARKS.md, \"Method\")")
+	load := fs.String("load", "", "how the background Services are created: api (through the API, the default; about 3 hours for 50k, the API server's ClusterIP allocator being the limit) or etcd (written into the API server's etcd: minutes for 50k; the default with --large; docs/benchmarks.md, \"Method\")")
 	keep := fs.Bool("keep", false, "leave the cluster running afterwards (remove it with: bench down)")
 	if err := fs.Parse(args); err != nil {
 		return err

@@ -63,7 +63,7 @@ type Config struct {
 	EndpointsPerService int
 	// Load is how the background Services are created: LoadAPI (the
 	// default, "") creates them through the API, which takes hours for
-	// 50k (BENCHMARKS.md, "Method"); LoadEtcd (LargeConfig's) writes them
+	// 50k (docs/benchmarks.md, "Method"); LoadEtcd (LargeConfig's) writes them
 	// into the API server's etcd. Batches are always created through the
 	// API.
 	Load string
@@ -149,7 +149,7 @@ func syncTimeout(size int) time.Duration {
 var LargeSizes = []int{0, 1000, 10000, 20000, 50000}
 
 // LargeConfig is `make bench LARGE=1`: FullConfig at LargeSizes, cut
-// past 10k to stay near an hour on 2 cores (BENCHMARKS.md, "Method"). The
+// past 10k to stay near an hour on 2 cores (docs/benchmarks.md, "Method"). The
 // direct loader (Load) makes the background Services from 10k to 50k in
 // minutes; through the API (LoadAPI) they take the local API server hours
 // on 2 cores.
@@ -160,7 +160,7 @@ func LargeConfig() Config {
 	c.Load = LoadEtcd
 	// Past 10k, the size the issues judge them at, the rule-based
 	// contenders' latency and rates serve no target: they time their
-	// control plane only (BENCHMARKS.md, "Method").
+	// control plane only (docs/benchmarks.md, "Method").
 	c.WorkloadsUpTo = 10000
 	// A cold start that has not served 50k Services in 5 minutes will
 	// not in 10 (our iptables-legacy took 3.5 minutes at 20k, growing

@@ -29,7 +29,7 @@ import (
 //
 // Why: each ClusterIP allocation in kube-apiserver 1.34+ lists every
 // IPAddress object to refresh its gauges, so creating Services through
-// the API slows from 94 a second to under 20 past 10k (BENCHMARKS.md,
+// the API slows from 94 a second to under 20 past 10k (docs/benchmarks.md,
 // "Method") and 50k take about 3 hours. The benchmark measures the
 // proxies, not that allocator: written directly, the objects reach the
 // API server through its etcd watch like any others, and the proxies'

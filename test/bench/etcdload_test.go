@@ -123,7 +123,7 @@ func upCluster(t *testing.T) *localcluster.Cluster {
 // them through the API releases their addresses.
 //
 // KBP_BENCH_SCALE=10000,20000,50000 then loads those sizes in turn and
-// logs the rate of each step (the numbers in BENCHMARKS.md, "Method").
+// logs the rate of each step (the numbers in docs/benchmarks.md, "Method").
 func TestDirectLoad(t *testing.T) {
 	c := upCluster(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)

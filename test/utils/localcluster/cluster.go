@@ -323,7 +323,7 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 		"--service-account-signing-key-file=" + f("sa.key"),
 		"--cert-dir=" + f("apiserver-certs"),
 		// /debug/pprof for cluster-admin: how the benchmark finds where
-		// the API server spends its time (BENCHMARKS.md, "Method").
+		// the API server spends its time (docs/benchmarks.md, "Method").
 		"--profiling=true",
 	})
 	if err := c.startProc("kube-apiserver", api); err != nil {
