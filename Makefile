@@ -1,4 +1,4 @@
-# Every target delegates to a script in hack/; see README.md.
+# Every target delegates to a script in hack/; see docs/development.md.
 .PHONY: all build test unit verify generate kernels bench microbench demo demo-up demo-down deps clean
 
 all: build
