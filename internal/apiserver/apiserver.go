@@ -46,7 +46,7 @@ const ConfigMap = "kube-system/kube-bpf-proxy-apiserver"
 // setAddress is the advice every message about the address ends with.
 const setAddress = "set " + EnvHost + " and " + EnvPort + " to the control plane's own address " +
 	"(not the kubernetes Service's ClusterIP) in ConfigMap " + ConfigMap +
-	", from a kustomize overlay of the manifests (README: \"Pointing the proxy at the API server\"), or pass --kubeconfig"
+	", from a kustomize overlay of the manifests (docs/install.md, \"Pointing the proxy at the API server\"), or pass --kubeconfig"
 
 // Target is where the proxy's API requests go, and how that was decided.
 type Target struct {

@@ -159,7 +159,8 @@ func (r *runner) projectedMiss(name string, size int) string {
 
 // ourArgsFor sizes the eBPF mode's maps for services Services: the
 // defaults hold 262144 endpoint slots, which 50k Services of 10 endpoints
-// outgrow. An operator sets the same flag (the README says when).
+// outgrow. An operator sets the same flag (docs/configuration.md, "Full
+// maps", says when).
 func ourArgsFor(contender string, services, endpoints int) []string {
 	need := (services + 100) * endpoints * 5 / 4
 	if contender != results.EBPF || need <= 262144 {

@@ -467,7 +467,7 @@ func (e *env) apiServerDown(t *testing.T, ns string) {
 	vip := e.createService(t, ns, "s", 80)
 	e.expectBackends(t, vip+":80", "s-1", "s-2")
 	// Slower than the other loops: this one runs for 80 s or more (see the
-	// note on iptables mode in the README's end-to-end tests).
+	// note on iptables mode under "End to end" in docs/development.md).
 	loops := e.startLoops(t, vip+":80", 20*time.Millisecond)
 	if ns == "iptables" {
 		// See loop.timeoutsPer1000.

@@ -21,7 +21,7 @@ import (
 
 // TestManifests renders each overlay with kubectl kustomize, has the real
 // API server validate it (--dry-run=server, with admission), checks the
-// DaemonSet is what the README promises, that the overlays differ exactly in
+// DaemonSet is what docs/install.md promises, that the overlays differ exactly in
 // mode, capabilities and mounts, that the API server's address comes from
 // the ConfigMap a user's overlay sets, and checks the RBAC as the
 // ServiceAccount itself, with a token of its own.
@@ -211,7 +211,8 @@ func checkDaemonSet(t *testing.T, mode string, ds *appsv1.DaemonSet) {
 			fail("does not mount the node's " + host + " at " + inside)
 		}
 	}
-	// /metrics where a kube-proxy scrape job looks (README, "Metrics").
+	// /metrics where a kube-proxy scrape job looks (docs/metrics.md, "Who can
+	// read the metrics").
 	metricsPort := false
 	for _, p := range ctr.Ports {
 		metricsPort = metricsPort || (p.Name == "metrics" && p.ContainerPort == 10249)

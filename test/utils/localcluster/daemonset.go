@@ -34,7 +34,8 @@ const proxyContainer = "kube-bpf-proxy"
 const imagePath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Overlay returns the kustomization.yaml a user writes to install the proxy
-// in mode on this cluster (README, "Pointing the proxy at the API server"):
+// in mode on this cluster (docs/install.md, "Pointing the proxy at the API
+// server"):
 // manifests' overlay (base is that overlay's path relative to the file's
 // directory) with the API server's address merged into the manifests'
 // ConfigMap, and, for the iptables mode, the pods' range. mode is an
