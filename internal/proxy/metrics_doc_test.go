@@ -142,7 +142,7 @@ func (fakeCounters) MapUsage() ([]dataplane.MapUsage, error) {
 // family starting with prefix (client-go's exec plugin and transport
 // metrics, Go's and the process's) and must match at least one.
 func TestMetricsTables(t *testing.T) {
-	registered := registeredNames(t, "ebpf", &dataplane.Layered{Primary: new(ebpf.Dataplane), Packets: new(iptables.Dataplane)})
+	registered := registeredNames(t, "ebpf", dataplane.WithHandover(&dataplane.Layered{Primary: new(ebpf.Dataplane), Packets: new(iptables.Dataplane)}, "iptables", nil))
 	for name := range registeredNames(t, "iptables", dataplane.WithHandover(new(iptables.Dataplane), "ebpf", nil)) {
 		registered[name] = true
 	}
