@@ -9,7 +9,12 @@
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
-  echo "the demo needs root (network namespaces, cgroups, BPF): run it with sudo" >&2
+  # Root shells run it as is; elsewhere sudo, where there is one, with the
+  # caller's PATH (Go may be installed outside sudo's secure_path).
+  if command -v sudo >/dev/null; then
+    exec sudo env "PATH=$PATH" "$0" "$@"
+  fi
+  echo "the demo needs root (network namespaces, cgroups, BPF): run it as root" >&2
   exit 1
 fi
 mkdir -p _output

@@ -3,6 +3,11 @@
 # network namespaces) need root; CI runs this as root.
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then
+  # The kernel tests need root: sudo where there is one, with the caller's
+  # PATH (Go may be installed outside sudo's secure_path).
+  exec sudo env "PATH=$PATH" "$0" "$@"
+fi
 hack/deps.sh
 hack/verify.sh
 mkdir -p _output
