@@ -4,7 +4,8 @@
 set -o errexit -o nounset -o pipefail
 
 packages=(
-  clang llvm          # regenerating the BPF objects (make verify)
+  clang-14 llvm-14    # the BPF objects, pinned to clang 14 (hack/generate.sh, make verify)
+  shellcheck          # make verify: the lint of every shell script
   bpftool             # inspecting attached programs in tests and the demo
   iproute2            # network namespaces and veth pairs for test pods
   util-linux          # nsenter, flock

@@ -38,8 +38,10 @@ for c in qemu-system-x86_64 cpio dpkg-deb apt-get; do
   command -v "$c" >/dev/null || { echo "$c is missing: run hack/deps.sh" >&2; exit 1; }
 done
 busybox=/bin/busybox
-[ -x "$busybox" ] && "$busybox" --list | grep -x modprobe >/dev/null \
-  || { echo "busybox-static is missing: run hack/deps.sh" >&2; exit 1; }
+if ! { [ -x "$busybox" ] && "$busybox" --list | grep -x modprobe >/dev/null; }; then
+  echo "busybox-static is missing: run hack/deps.sh" >&2
+  exit 1
+fi
 
 if [ "$(id -u)" = 0 ]; then
   cache="${KBP_CACHE:-/var/cache/kube-bpf-proxy}"
@@ -81,7 +83,7 @@ apt_update() {
   for s in $suites; do
     echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror $s main" >> "$apt_dir/sources.list"
   done
-  echo "--- apt-get update ($mirror: $(echo $suites))" >&2
+  echo "--- apt-get update ($mirror: ${suites//$'\n'/ })" >&2
   apt-get "${apt_opts[@]}" -qq update >&2
   apt_updated=true
 }

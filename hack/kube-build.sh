@@ -49,7 +49,7 @@ echo "building Kubernetes $version (${commands[*]}) into $dir/bin; this takes a 
 kube_mod="$(go mod download -json "k8s.io/kubernetes@$version" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')"
 [ -f "$kube_mod" ] || { echo "could not download k8s.io/kubernetes@$version" >&2; exit 1; }
 go_directive="$(sed -n 's/^go \(.*\)$/\1/p' "$kube_mod")"
-staging=($(sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => \./staging/.*#\1#p' "$kube_mod"))
+mapfile -t staging < <(sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => \./staging/.*#\1#p' "$kube_mod")
 [ "${#staging[@]}" -gt 0 ] || { echo "no staging replacements found in $kube_mod" >&2; exit 1; }
 
 {

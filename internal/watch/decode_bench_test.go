@@ -52,7 +52,7 @@ func listObjects(n, eps int) (*v1.ServiceList, *discoveryv1.EndpointSliceList) {
 			ResourceVersion: fmt.Sprint(1000 + i), CreationTimestamp: now, Labels: labels,
 			ManagedFields: []metav1.ManagedFieldsEntry{{
 				Manager: "bench", Operation: metav1.ManagedFieldsOperationUpdate, APIVersion: "v1", Time: &now,
-				FieldsType: "FieldsV1", FieldsV1: &metav1.FieldsV1{Raw: []byte(`{"f:spec":{"f:ports":{".":{},"k:{\"port\":80,\"protocol\":\"TCP\"}":{".":{},"f:name":{},"f:port":{},"f:protocol":{},"f:targetPort":{}}},"f:selector":{},"f:type":{}}}`)},
+				FieldsType: "FieldsV1", FieldsV1: metav1.NewFieldsV1(`{"f:spec":{"f:ports":{".":{},"k:{\"port\":80,\"protocol\":\"TCP\"}":{".":{},"f:name":{},"f:port":{},"f:protocol":{},"f:targetPort":{}}},"f:selector":{},"f:type":{}}}`),
 			}},
 		}
 	}

@@ -260,7 +260,7 @@ func apiServerShaped(i, eps int) (*v1.Service, *discoveryv1.EndpointSlice) {
 			ResourceVersion: strconv.Itoa(100000 + 2*i), CreationTimestamp: created,
 			ManagedFields: []metav1.ManagedFieldsEntry{{
 				Manager: "bench", Operation: metav1.ManagedFieldsOperationUpdate, APIVersion: "v1",
-				Time: &created, FieldsType: "FieldsV1", FieldsV1: &metav1.FieldsV1{Raw: []byte(fields)},
+				Time: &created, FieldsType: "FieldsV1", FieldsV1: metav1.NewFieldsV1(fields),
 			}},
 		}
 	}

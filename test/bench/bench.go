@@ -233,14 +233,14 @@ func (c *Config) validate() error {
 	}
 	for _, s := range c.Sizes {
 		if s < 0 || s > 60000 {
-			errs = append(errs, fmt.Errorf("Service count %d: the local cluster's service range (/16) holds at most 60000 besides the benchmark's own", s))
+			errs = append(errs, fmt.Errorf("%d Services: the local cluster's service range (/16) holds at most 60000 besides the benchmark's own", s))
 		}
 	}
 	if c.Load != "" && c.Load != LoadEtcd && c.Load != LoadAPI {
 		errs = append(errs, fmt.Errorf("background loader %q: want %s or %s", c.Load, LoadEtcd, LoadAPI))
 	}
 	if !sort.IntsAreSorted(c.Sizes) {
-		errs = append(errs, errors.New("Service counts must ascend: each size adds Services to the one before"))
+		errs = append(errs, errors.New("the Service counts must ascend: each size adds Services to the one before"))
 	}
 	if c.Repetitions < 1 || c.LatencyPairs < 1 || c.RatePhases < 2 || c.RatePhase <= 0 {
 		errs = append(errs, errors.New("repetitions and latency pairs must be at least 1, rate phases at least 2 (one per target)"))

@@ -72,8 +72,6 @@ const (
 	svcFlagExternal        uint32 = 1 << 27
 	svcFlagNodeNetNSOnly   uint32 = 1 << 28
 
-	// groupFlags are the flags a service id's frontends share.
-	groupFlags = svcFlagAffinity | svcFlagNoLocalEndpoint
 	// kindFlags say what kind of frontend an entry is.
 	kindFlags = svcFlagNodePort | svcFlagExternal | svcFlagNodeNetNSOnly
 )

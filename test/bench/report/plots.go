@@ -22,7 +22,6 @@ type plotFiles struct {
 	cdf               []sizedFile
 	connectVsServices string
 	histogram         string
-	histogramSize     int
 	connectRate       string
 	cpuPerConnection  string
 	controlPlane      string

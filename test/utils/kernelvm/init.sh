@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # PID 1 of a kernel test VM (see kernelvm.go; hack/kernels.sh puts this file
 # into each kernel's initramfs as /init, with busybox-static and the 9p
 # modules). It mounts the host's root filesystem, shared read-only over
@@ -27,17 +28,20 @@ fail() {
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
-for arg in $(cat /proc/cmdline); do
+read -r cmdline < /proc/cmdline
+for arg in $cmdline; do
   case "$arg" in
     kbp_dir=*) dir="${arg#kbp_dir=}" ;;
     kbp_kernel=*) kernel="${arg#kbp_kernel=}" ;;
   esac
 done
-[ -n "${dir:-}" ] && [ -n "${kernel:-}" ] || fail "kbp_dir= and kbp_kernel= are needed on the kernel command line"
+if [ -z "${dir:-}" ] || [ -z "${kernel:-}" ]; then
+  fail "kbp_dir= and kbp_kernel= are needed on the kernel command line"
+fi
 
-for m in $(cat /lib/modules/load); do
+while read -r m; do
   insmod "/lib/modules/$m" || fail "insmod $m"
-done
+done < /lib/modules/load
 
 # The root, read-only; cache=loose spares a round trip to the host per
 # lookup (the files do not change while the VM runs).

@@ -296,13 +296,6 @@ func serviceLinks(services []corev1.Service) map[string]string {
 	return env
 }
 
-func joinHostPort(host, port string) string {
-	if strings.Contains(host, ":") {
-		return "[" + host + "]:" + port
-	}
-	return host + ":" + port
-}
-
 // fieldValue resolves a downward-API field of the pod.
 func fieldValue(path string, pr podRef) (string, error) {
 	switch path {
