@@ -16,9 +16,11 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 )
 
-const usageLine = "usage: kube-bpf-proxy [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [--version] [flags]\n       kube-bpf-proxy probe server|client [flags]"
+const usageLine = "usage: kube-bpf-proxy [--config=FILE] [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [--version] [flags]\n       kube-bpf-proxy probe server|client [flags]"
 
 type options struct {
+	// configFile is kube-proxy's KubeProxyConfiguration (config.go).
+	configFile         string
 	mode               string
 	kubeconfig         string
 	hostnameOverride   string
@@ -53,12 +55,17 @@ type options struct {
 	serviceRanges     []netip.Prefix // serviceCIDRs parsed by validate
 
 	iptablesBackend string
-	clusterCIDR     string
-	clusterPrefix   netip.Prefix // clusterCIDR parsed by validate
-	masqueradeAll   bool
-	masqueradeBit   int
-	xtablesLockWait time.Duration
-	localhostNPs    bool
+	// detectLocalMode and the two settings of its interface modes carry
+	// kube-proxy's flags and config fields; ClusterCIDR uses clusterCIDR.
+	detectLocalMode        string
+	podBridgeInterface     string
+	podInterfaceNamePrefix string
+	clusterCIDR            string
+	clusterPrefix          netip.Prefix // clusterCIDR parsed by validate
+	masqueradeAll          bool
+	masqueradeBit          int
+	xtablesLockWait        time.Duration
+	localhostNPs           bool
 }
 
 func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
@@ -68,6 +75,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 		fmt.Fprintln(stderr, usageLine)
 		fs.PrintDefaults()
 	}
+	fs.StringVar(&o.configFile, "config", "", "kube-proxy's configuration file (a KubeProxyConfiguration of kubeproxy.config.k8s.io/v1alpha1, as kubeadm writes it): its fields set the flags they map to (docs/configuration.md); flags given on the command line win over it")
 	fs.StringVar(&o.mode, "mode", "ebpf", "datapath: ebpf (socket-level load balancing) or iptables (kube-proxy's rules)")
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "kubeconfig file; empty means the in-cluster configuration, whose $KUBERNETES_SERVICE_HOST and $KUBERNETES_SERVICE_PORT must be the API server's own address, not the kubernetes Service's ClusterIP")
 	fs.StringVar(&o.hostnameOverride, "hostname-override", "", "this node's name; default $NODE_NAME, then the hostname")
@@ -96,6 +104,9 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated IPv4 Service ranges, used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
 	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode, and ebpf mode with --"+ebpf.FlagHostNetNSOnly+": the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
+	fs.StringVar(&o.detectLocalMode, "detect-local-mode", "", "how traffic from the node's pods is told from other traffic, as kube-proxy's flag: ClusterCIDR (with --cluster-cidr), NodeCIDR, BridgeInterface (with --pod-bridge-interface) or InterfaceNamePrefix (with --pod-interface-name-prefix); empty: ClusterCIDR when --cluster-cidr is set")
+	fs.StringVar(&o.podBridgeInterface, "pod-bridge-interface", "", "with --detect-local-mode=BridgeInterface: the bridge the node's pods are attached to")
+	fs.StringVar(&o.podInterfaceNamePrefix, "pod-interface-name-prefix", "", "with --detect-local-mode=InterfaceNamePrefix: the name prefix of the node's pods' interfaces")
 	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode, and ebpf mode with --"+ebpf.FlagHostNetNSOnly+": masquerade all ClusterIP traffic")
 	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", iptables.DefaultMasqueradeBit, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
 	fs.BoolVar(&o.localhostNPs, "iptables-localhost-nodeports", true, "iptables mode: also serve node ports on 127.0.0.0/8 when the node port addresses include it (all do without --nodeport-addresses), as kube-proxy: sets net.ipv4.conf.all.route_localnet=1, guarded by KUBE-FIREWALL (needs a writable /proc/sys)")
@@ -131,6 +142,11 @@ func (o *options) validate() error {
 	case iptables.BackendAuto, iptables.BackendNFT, iptables.BackendLegacy:
 	default:
 		return fmt.Errorf("unknown --iptables-backend %q: want auto, nft or legacy", o.iptablesBackend)
+	}
+	switch o.detectLocalMode {
+	case "", "ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix":
+	default:
+		return fmt.Errorf("unknown --detect-local-mode %q: want ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix", o.detectLocalMode)
 	}
 	if o.clusterCIDR != "" {
 		p, err := netip.ParsePrefix(o.clusterCIDR)
@@ -176,4 +192,11 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// flagsSet returns the flags the command line set, by name.
+func flagsSet(fs *flag.FlagSet) map[string]bool {
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	return set
 }

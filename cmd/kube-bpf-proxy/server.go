@@ -52,6 +52,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "unexpected argument %q\n%s\n", fs.Arg(0), usageLine)
 		return 2
 	}
+	var ignored []ignoredField
+	if o.configFile != "" {
+		var err error
+		if ignored, err = applyConfigFile(fs, o.configFile, flagsSet(fs)); err != nil {
+			fmt.Fprintf(stderr, "%v\n%s\n", err, usageLine)
+			return 2
+		}
+	}
 	if o.version {
 		fmt.Fprintln(stdout, "kube-bpf-proxy", version.Get())
 		return 0
@@ -60,6 +68,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "%v\n%s\n", err, usageLine)
 		return 2
 	}
+	logIgnoredFields(o.configFile, ignored)
 
 	if o.cleanup {
 		// Both modes, whichever was running: this is how a node goes back
