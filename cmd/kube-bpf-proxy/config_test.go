@@ -326,3 +326,74 @@ clusterCIDR: 10.244.0.0/16,fd00::/56
 		})
 	}
 }
+
+// kube-proxy's flag names and the capacity flags' old names set the flag
+// they stand for; the old names warn.
+func TestFlagAliases(t *testing.T) {
+	tests := []struct {
+		name     string
+		args     []string
+		check    func(o options) string
+		wantWarn string
+	}{
+		{"proxy-mode", []string{"--proxy-mode=iptables"}, func(o options) string { return want(o.mode, "iptables") }, ""},
+		{"iptables-sync-period", []string{"--iptables-sync-period=1m"}, func(o options) string { return want(o.syncPeriod, time.Minute) }, ""},
+		{"iptables-min-sync-period", []string{"--iptables-min-sync-period=2s"}, func(o options) string { return want(o.minSyncPeriod, 2*time.Second) }, ""},
+		{"new capacity names", []string{"--bpf-service-ports-max=10", "--bpf-backend-slots-max=20", "--bpf-sock-revnat-max=30", "--bpf-frontends-max=40", "--bpf-affinity-max=50"},
+			func(o options) string {
+				return want(o.maxServices, 10) + want(o.maxBackends, 20) + want(o.maxSockets, 30) + want(o.maxFrontends, 40) + want(o.maxAffinity, 50)
+			}, ""},
+		{"old capacity names", []string{"--bpf-max-services=10", "--bpf-max-backends=20", "--bpf-max-sockets=30", "--bpf-max-frontends=40", "--bpf-max-affinity=50"},
+			func(o options) string {
+				return want(o.maxServices, 10) + want(o.maxBackends, 20) + want(o.maxSockets, 30) + want(o.maxFrontends, 40) + want(o.maxAffinity, 50)
+			}, "Flag --bpf-max-backends has been deprecated, use --bpf-backend-slots-max instead"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var o options
+			var stderr bytes.Buffer
+			fs := newFlagSet(&o, &stderr)
+			if err := fs.Parse(tt.args); err != nil {
+				t.Fatal(err)
+			}
+			warnDeprecated(fs, &stderr)
+			if err := o.validate(); err != nil {
+				t.Fatal(err)
+			}
+			if diff := tt.check(o); diff != "" {
+				t.Error(diff)
+			}
+			if tt.wantWarn == "" && stderr.Len() > 0 || !strings.Contains(stderr.String(), tt.wantWarn) {
+				t.Errorf("stderr %q, want %q", stderr.String(), tt.wantWarn)
+			}
+		})
+	}
+}
+
+// An alias on the command line wins over the file as its flag does.
+func TestConfigFileAliasOnCommandLineWins(t *testing.T) {
+	o, _, err := parseWithConfig(t, configHeader+"mode: iptables\niptables:\n  syncPeriod: 1m\n", "--proxy-mode=ebpf", "--iptables-sync-period=2m")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := want(o.mode, "ebpf") + want(o.syncPeriod, 2*time.Minute); diff != "" {
+		t.Error(diff)
+	}
+}
+
+// --help marks each alias as one.
+func TestHelpMarksAliases(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := run(context.Background(), []string{"--help"}, io.Discard, &stderr); code != 0 {
+		t.Fatalf("--help: exit %d", code)
+	}
+	for _, line := range []string{
+		"-proxy-mode string\n    \talias of --mode: kube-proxy's name for it",
+		"-iptables-sync-period duration\n    \talias of --sync-period",
+		"-bpf-max-services uint\n    \tdeprecated alias of --bpf-service-ports-max",
+	} {
+		if !strings.Contains(stderr.String(), line) {
+			t.Errorf("--help lacks %q", line)
+		}
+	}
+}

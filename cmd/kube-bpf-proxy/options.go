@@ -111,6 +111,12 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", iptables.DefaultMasqueradeBit, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
 	fs.BoolVar(&o.localhostNPs, "iptables-localhost-nodeports", true, "iptables mode: also serve node ports on 127.0.0.0/8 when the node port addresses include it (all do without --nodeport-addresses), as kube-proxy: sets net.ipv4.conf.all.route_localnet=1, guarded by KUBE-FIREWALL (needs a writable /proc/sys)")
 	fs.DurationVar(&o.xtablesLockWait, "iptables-lock-wait", 5*time.Second, "how long iptables commands (the iptables mode's, the ebpf mode's packet layer's) wait for the xtables lock that serialises iptables users on the node (iptables -w, whole seconds; 5s as kube-proxy); a sync that finds it held longer changes nothing and is retried with a backoff from 1s up to --sync-period")
+	for alias, name := range kubeProxyAliases {
+		addAlias(fs, alias, name, "alias of --%s: kube-proxy's name for it")
+	}
+	for old, name := range ebpf.DeprecatedFlagNames {
+		addAlias(fs, old, name, "deprecated alias of --%s, its name before it was named after what it sizes")
+	}
 	klogFlags := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(klogFlags)
 	for _, name := range []string{"v", "vmodule", "logtostderr"} {
@@ -194,9 +200,49 @@ func splitList(s string) []string {
 	return out
 }
 
-// flagsSet returns the flags the command line set, by name.
+// kubeProxyAliases are kube-proxy's names (cmd/kube-proxy/app/options.go)
+// for flags this proxy serves under another name, so that a kube-proxy
+// command line runs unchanged. kube-proxy's other flags this proxy serves
+// have the same name here; docs/configuration.md lists the ones it does
+// not serve.
+var kubeProxyAliases = map[string]string{
+	"proxy-mode":               "mode",
+	"iptables-sync-period":     "sync-period",
+	"iptables-min-sync-period": "min-sync-period",
+}
+
+// addAlias registers alias as another name of the flag name: both set the
+// same value, and --help shows the alias with usage (a format naming the
+// flag).
+func addAlias(fs *flag.FlagSet, alias, name, usage string) {
+	f := fs.Lookup(name)
+	fs.Var(f.Value, alias, fmt.Sprintf(usage, name))
+}
+
+// canonicalFlag returns the name of the flag an alias stands for.
+func canonicalFlag(name string) string {
+	if n, ok := kubeProxyAliases[name]; ok {
+		return n
+	}
+	if n, ok := ebpf.DeprecatedFlagNames[name]; ok {
+		return n
+	}
+	return name
+}
+
+// flagsSet returns the flags the command line set, by canonical name.
 func flagsSet(fs *flag.FlagSet) map[string]bool {
 	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	fs.Visit(func(f *flag.Flag) { set[canonicalFlag(f.Name)] = true })
 	return set
+}
+
+// warnDeprecated says which deprecated flag names the command line used,
+// as kube-proxy's flag library does.
+func warnDeprecated(fs *flag.FlagSet, stderr io.Writer) {
+	fs.Visit(func(f *flag.Flag) {
+		if name, ok := ebpf.DeprecatedFlagNames[f.Name]; ok {
+			fmt.Fprintf(stderr, "Flag --%s has been deprecated, use --%s instead\n", f.Name, name)
+		}
+	})
 }

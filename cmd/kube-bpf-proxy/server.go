@@ -52,6 +52,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "unexpected argument %q\n%s\n", fs.Arg(0), usageLine)
 		return 2
 	}
+	warnDeprecated(fs, stderr)
 	var ignored []ignoredField
 	if o.configFile != "" {
 		var err error
