@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"k8s.io/klog/v2"
 )
 
 // writeConfig writes a config file for one test and returns its path.
@@ -394,6 +396,55 @@ func TestHelpMarksAliases(t *testing.T) {
 	} {
 		if !strings.Contains(stderr.String(), line) {
 			t.Errorf("--help lacks %q", line)
+		}
+	}
+}
+
+// kubeadm's config.conf (v1.36, testdata) with kubeadm's command line:
+// every field decodes, nothing is reported as ignored, and the proxy runs
+// kube-proxy's iptables mode with kubeadm's kubeconfig and pod range.
+func TestKubeadmConfig(t *testing.T) {
+	data, err := os.ReadFile("testdata/kubeadm-v1.36-config.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o, ignored, err := parseWithConfig(t, string(data), "--hostname-override=node-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ignored) != 0 {
+		t.Errorf("kubeadm's defaults reported as ignored: %v", ignored)
+	}
+	if diff := want(o.mode, "iptables") + want(o.kubeconfig, "/var/lib/kube-proxy/kubeconfig.conf") +
+		want(o.clusterCIDR, "10.244.0.0/16") + want(o.hostnameOverride, "node-1") +
+		want(o.healthzBindAddress, "0.0.0.0:10256") + want(o.metricsBindAddress, "127.0.0.1:10249") +
+		want(o.syncPeriod, 30*time.Second) + want(o.minSyncPeriod, time.Second) + want(o.syncBurst, 1) +
+		want(o.masqueradeBit, 14) + want(o.localhostNPs, true) + want(o.masqueradeAll, false) +
+		want(o.kubeAPIContentType, "application/vnd.kubernetes.protobuf") + want(o.nodePortAddresses, "") +
+		want(o.detectLocalMode, ""); diff != "" {
+		t.Error(diff)
+	}
+}
+
+// run logs each ignored field once, with its name, before it starts.
+func TestIgnoredFieldsLoggedOnce(t *testing.T) {
+	var logs bytes.Buffer
+	klog.LogToStderr(false)
+	klog.SetOutput(&logs)
+	t.Cleanup(func() {
+		klog.SetOutput(os.Stderr)
+		klog.LogToStderr(true)
+	})
+	path := writeConfig(t, configHeader+"ipvs:\n  scheduler: rr\nconntrack:\n  maxPerCore: 0\n")
+	// The missing kubeconfig ends the run before anything starts.
+	code := run(context.Background(), []string{"--config=" + path, "--kubeconfig=/nonexistent/kubeconfig"}, io.Discard, io.Discard)
+	klog.Flush()
+	if code != 1 {
+		t.Errorf("exit %d, want 1 (no kubeconfig)", code)
+	}
+	for _, field := range []string{`field="ipvs.scheduler" value="rr"`, `field="conntrack.maxPerCore" value="0"`} {
+		if n := strings.Count(logs.String(), field); n != 1 {
+			t.Errorf("%s logged %d times, want once; logs:\n%s", field, n, logs.String())
 		}
 	}
 }
