@@ -233,6 +233,16 @@ func runProxy(ctx context.Context, o options) error {
 			if o.cgroupPath, err = cgroups.Cgroup2Mount(); err != nil {
 				return err
 			}
+			// In a container with a cgroup namespace of its own, the
+			// mount shows the container's cgroup as its root: programs
+			// attached there would see the pod's sockets only, and the
+			// node would look served.
+			if root, err := cgroups.IsRoot(o.cgroupPath); err == nil && !root {
+				return fmt.Errorf("the cgroup2 mount %s is not the node's root cgroup but this container's cgroup namespace's: "+
+					"the eBPF mode would serve only its own sockets. Mount the node's /sys/fs/cgroup into the container "+
+					"(manifests/base/daemonset.yaml and manifests/kubeadm/ebpf-patch.json mount it at /host/sys/fs/cgroup) "+
+					"and pass --cgroup-path=/host/sys/fs/cgroup", o.cgroupPath)
+			}
 		}
 		if _, err := ebpf.Preflight(o.cgroupPath); err != nil {
 			return err
