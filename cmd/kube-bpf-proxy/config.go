@@ -39,7 +39,7 @@ import (
 // leaves the flag's default in place: ours where it differs from
 // kube-proxy's, such as the eBPF mode's shorter --min-sync-period.
 
-// configScheme knows only the v1alpha1 KubeProxyConfiguration, the one
+// configCodecs know only the v1alpha1 KubeProxyConfiguration, the one
 // version kube-proxy's file has ever had.
 var configCodecs = func() serializer.CodecFactory {
 	scheme := runtime.NewScheme()

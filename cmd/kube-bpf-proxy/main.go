@@ -4,7 +4,8 @@
 // iptables rules (--mode=iptables).
 //
 // The command is split as kube-proxy's is: options.go holds the flags and
-// their validation, server.go the wiring that runs the proxy.
+// their validation, config.go kube-proxy's config file (--config), server.go
+// the wiring that runs the proxy.
 package main
 
 import (
