@@ -63,7 +63,7 @@
  *                 socket cleanup, deleted by sock_release whenever a
  *                 socket closes (connected or not, its peer cleared or
  *                 not): no entry outlives its socket, so the map holds
- *                 live sockets only (--bpf-max-sockets sizes it; a full
+ *                 live sockets only (--bpf-sock-revnat-max sizes it; a full
  *                 map is counted, STAT_REVNAT_UPDATE_FAILED). One format
  *                 for AF_INET and AF_INET6 sockets: IPv4 addresses.
  *                 bpf_get_socket_cookie came to sock_addr programs in
@@ -360,7 +360,7 @@ struct {
  * live translated sockets, and is counted. Not preallocated (hash maps
  * without preallocation since Linux 4.6): memory follows the live
  * sockets (about 130 bytes each before allocator rounding), not
- * --bpf-max-sockets.
+ * --bpf-sock-revnat-max.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -381,7 +381,7 @@ struct {
 
 /*
  * Not preallocated: a per-CPU entry costs 32 bytes on every possible CPU,
- * so only the service ids in use take memory (--bpf-max-services sizes it).
+ * so only the service ids in use take memory (--bpf-service-ports-max sizes it).
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);

@@ -284,7 +284,7 @@ func TestBinaryLifecycle(t *testing.T) {
 	args := []string{
 		"--kubeconfig=" + unreachableKubeconfig(t), "--hostname-override=test-node",
 		"--cgroup-path=" + n.Cgroup, "--bpffs-path=" + bpffs,
-		"--sync-period=200ms", "--bpf-max-services=64", "--bpf-max-backends=256", "--bpf-max-sockets=256",
+		"--sync-period=200ms", "--bpf-service-ports-max=64", "--bpf-backend-slots-max=256", "--bpf-sock-revnat-max=256",
 	}
 	pinned := func() (bool, string) {
 		_, err := os.Stat(filepath.Join(bpffs, "links", "getpeername4"))
@@ -466,7 +466,7 @@ func TestBinaryPreflightKeepsRunningDatapath(t *testing.T) {
 	args := []string{
 		"--kubeconfig=" + unreachableKubeconfig(t), "--hostname-override=test-node",
 		"--cgroup-path=" + n.Cgroup, "--bpffs-path=" + bpffs,
-		"--bpf-max-services=64", "--bpf-max-backends=256", "--bpf-max-sockets=256",
+		"--bpf-service-ports-max=64", "--bpf-backend-slots-max=256", "--bpf-sock-revnat-max=256",
 	}
 	linkPin := filepath.Join(bpffs, "links", "connect4")
 	first := startBinary(t, args...)

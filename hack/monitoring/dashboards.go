@@ -258,7 +258,7 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 
 	mapSel := func(metric string) string { return fmt.Sprintf(`%s{%s}`, metric, proxySel) }
 	d = d.WithRow(dashboard.NewRowBuilder("BPF maps")).
-		WithPanel(b.timeseries("BPF map fill", "Entries in use over capacity, per map, on the fullest selected node. At 100 % new Service ports or backends are not programmed: raise --bpf-max-services (services, service_stats) or --bpf-max-backends (backends, slots). revnat holds the open translated sockets: at 100 % replies to new ones show the pod address (--bpf-max-sockets).", "percentunit", 12,
+		WithPanel(b.timeseries("BPF map fill", "Entries in use over capacity, per map, on the fullest selected node. At 100 % new Service ports or backends are not programmed: raise --bpf-service-ports-max (services, service_stats) or --bpf-backend-slots-max (backends, slots). revnat holds the open translated sockets: at 100 % replies to new ones show the pod address (--bpf-sock-revnat-max).", "percentunit", 12,
 			t(`max by (map) ((`+mapSel("kube_bpf_proxy_bpf_map_entries")+` / `+mapSel("kube_bpf_proxy_bpf_map_capacity")+`)`+byMode+`)`, "{{map}}", ebpfOnly)).
 			Max(1)).
 		WithPanel(b.timeseries("BPF map entries and capacity", "Entries in use and capacity per map and node.", "none", 12,
@@ -268,7 +268,7 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 	d = d.WithRow(dashboard.NewRowBuilder("Failures")).
 		WithPanel(b.timeseries("Sync failures", "Failed sync attempts per second, by node and kind. A failure makes the next sync a full one; each is logged with its cause.", "ops", 8,
 			t(rateBy("kube_bpf_proxy_sync_failures_total", "instance, mode, kind"), "{{instance}} {{mode}} {{kind}}", bothModes))).
-		WithPanel(b.timeseries("Service ports not programmed", "Service ports the datapath could not program and retries, by node and reason (map-full: raise the --bpf-max-* flag the Service's Warning Event names).", "none", 8,
+		WithPanel(b.timeseries("Service ports not programmed", "Service ports the datapath could not program and retries, by node and reason (map-full: raise the --bpf-*-max flag the Service's Warning Event names).", "none", 8,
 			t(gauge("kube_bpf_proxy_service_ports_not_programmed", "instance, reason"), "{{instance}} {{reason}}", bothModes))).
 		WithPanel(b.timeseries("Service port failures", "Failed attempts to program one Service port, per second, by reason; each failed retry counts.", "ops", 8,
 			t(rateBy("kube_bpf_proxy_service_port_failures_total", "instance, reason"), "{{instance}} {{reason}}", bothModes))).

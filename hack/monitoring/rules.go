@@ -81,7 +81,7 @@ func Alerts() []Alert {
 			Summary:   "Some Service ports are not programmed by kube-bpf-proxy.",
 			Description: "{{ $value }} Service ports are not programmed on {{ $labels.instance }} (reason {{ $labels.reason }}); every other Service is served and these are retried. " +
 				"The Services concerned carry a Warning Event (kubectl get events -A --field-selector reason=ServicePortNotProgrammed) that names them and the cause. " +
-				"reason=map-full: a BPF map is too small, raise --bpf-max-services or --bpf-max-backends as the Event says (see KubeBpfProxyBPFMapNearlyFull). " +
+				"reason=map-full: a BPF map is too small, raise --bpf-service-ports-max or --bpf-backend-slots-max as the Event says (see KubeBpfProxyBPFMapNearlyFull). " +
 				"reason=write-failed: the kernel refused a write; check the proxy's log and the node's memory.",
 			FedIn: bothModes,
 		},
@@ -99,11 +99,11 @@ func Alerts() []Alert {
 			Description: "The {{ $labels.map }} map of kube-bpf-proxy on {{ $labels.instance }} is {{ $value | humanizePercentage }} full. " +
 				`{{ if eq $labels.map "revnat" }}` +
 				"It holds an entry per open socket the programs translated, each gone with its socket; once it is full, replies to newly translated sockets and their peer names show the pod address " +
-				"(kube_bpf_proxy_datapath_events_total{event=\"reverse_entry_update_failed\"} rises). Raise --bpf-max-sockets" +
+				"(kube_bpf_proxy_datapath_events_total{event=\"reverse_entry_update_failed\"} rises). Raise --bpf-sock-revnat-max" +
 				`{{ else }}` +
 				"Once it is full, new Service ports or backends are not programmed (kube_bpf_proxy_service_ports_not_programmed{reason=\"map-full\"} rises and the Service gets a Warning Event) " +
 				"while everything already programmed keeps serving. Raise " +
-				`{{ if or (eq $labels.map "services") (eq $labels.map "service_stats") }}--bpf-max-services{{ else }}--bpf-max-backends{{ end }}` +
+				`{{ if or (eq $labels.map "services") (eq $labels.map "service_stats") }}--bpf-service-ports-max{{ else }}--bpf-backend-slots-max{{ end }}` +
 				`{{ end }}` +
 				" in the DaemonSet's args (on restart the proxy copies its maps into ones of the new size while the old ones keep serving)" +
 				`{{ if ne $labels.map "revnat" }}, or remove unused Services{{ end }}.`,

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 )
 
@@ -36,4 +37,23 @@ func cgroup2MountFrom(r io.Reader) (string, error) {
 		return "", err
 	}
 	return "", errors.New("no cgroup2 mount in /proc/self/mountinfo: mount cgroup v2 or pass --cgroup-path")
+}
+
+// IsRoot reports whether dir is the root cgroup of its cgroup v2 hierarchy.
+// The kernel gives every cgroup but the root a cgroup.events file
+// (CFTYPE_NOT_ON_ROOT, since cgroup v2 itself, Linux 4.5), so a cgroup
+// namespace's root, which is what a container's /sys/fs/cgroup shows when
+// the runtime gives it a namespace of its own, is told from the node's.
+func IsRoot(dir string) (bool, error) {
+	if _, err := os.Stat(filepath.Join(dir, "cgroup.procs")); err != nil {
+		return false, err
+	}
+	_, err := os.Stat(filepath.Join(dir, "cgroup.events"))
+	switch {
+	case err == nil:
+		return false, nil
+	case errors.Is(err, os.ErrNotExist):
+		return true, nil
+	}
+	return false, err
 }

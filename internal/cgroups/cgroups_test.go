@@ -1,6 +1,8 @@
 package cgroups
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -37,5 +39,31 @@ func TestCgroup2MountFrom(t *testing.T) {
 				t.Errorf("got %q, %v; want %q, error %v", got, err, tt.want, tt.wantErr)
 			}
 		})
+	}
+}
+
+// The hierarchy's root has no cgroup.events; every cgroup under it has.
+func TestIsRoot(t *testing.T) {
+	mount, err := Cgroup2Mount()
+	if err != nil {
+		t.Skip(err)
+	}
+	if _, err := os.Stat(filepath.Join(mount, "cgroup.events")); err == nil {
+		t.Skipf("this test runs in a cgroup namespace: %s is not the hierarchy's root", mount)
+	}
+	if root, err := IsRoot(mount); err != nil || !root {
+		t.Errorf("IsRoot(%s) = %v, %v; want true", mount, root, err)
+	}
+	// A cgroup of the test's own, as the test helpers make them.
+	child, err := os.MkdirTemp(mount, "kbp-isroot-")
+	if err != nil {
+		t.Skip(err)
+	}
+	t.Cleanup(func() { os.Remove(child) })
+	if root, err := IsRoot(child); err != nil || root {
+		t.Errorf("IsRoot(%s) = %v, %v; want false", child, root, err)
+	}
+	if _, err := IsRoot(t.TempDir()); err == nil {
+		t.Error("IsRoot of a directory that is no cgroup: no error")
 	}
 }

@@ -64,7 +64,7 @@ func NewDatapathCountersCollector(src DatapathCounters) prometheus.Collector {
 			"Entries in use in each eBPF map; compare with kube_bpf_proxy_bpf_map_capacity.",
 			perMap, nil),
 		mapCapacity: prometheus.NewDesc("kube_bpf_proxy_bpf_map_capacity",
-			"Capacity of each eBPF map in entries, set by the --bpf-max-* flags.",
+			"Capacity of each eBPF map in entries, set by the --bpf-*-max flags.",
 			perMap, nil),
 	}
 }

@@ -30,7 +30,7 @@ import (
 
 var t0 = time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
 
-const mapFullMsg = "service map full: all 64 entries are in use; raise --bpf-max-services"
+const mapFullMsg = "service map full: all 64 entries are in use; raise --bpf-service-ports-max"
 
 // scriptedDataplane records snapshots and fails the service ports it is
 // told to, one by one, as the eBPF reconciler does when a map is full; or
@@ -330,12 +330,12 @@ func TestProxierRetriesFailedServicePorts(t *testing.T) {
 	}
 
 	// A different error is a new failure: one more Warning.
-	h.dp.fail(bigHTTP, "backend map full: all 256 entries are in use; raise --bpf-max-backends")
+	h.dp.fail(bigHTTP, "backend map full: all 256 entries are in use; raise --bpf-backend-slots-max")
 	h.clk.SetTime(last.Add(8 * harnessRetryPeriod))
 	last = h.clk.Now()
 	h.syncOK()
-	if ev := h.events(); len(ev) != 1 || !strings.Contains(ev[0], "raise --bpf-max-backends") {
-		t.Errorf("events after the error changed: %q, want one naming --bpf-max-backends", ev)
+	if ev := h.events(); len(ev) != 1 || !strings.Contains(ev[0], "raise --bpf-backend-slots-max") {
+		t.Errorf("events after the error changed: %q, want one naming --bpf-backend-slots-max", ev)
 	}
 
 	// The backoff stops at SyncPeriod (the periodic full sync comes then
@@ -579,7 +579,7 @@ func TestProxierEventsReachTheAPI(t *testing.T) {
 			r := e.Regarding
 			if len(list.Items) != 1 || r.Kind != "Service" || r.Name != "big" || r.Namespace != "shop" || r.UID != "uid-big" ||
 				e.Type != v1.EventTypeWarning || e.Reason != eventReasonNotProgrammed || e.ReportingController != "kube-bpf-proxy" ||
-				!strings.Contains(e.Note, "raise --bpf-max-services") {
+				!strings.Contains(e.Note, "raise --bpf-service-ports-max") {
 				t.Errorf("events %+v", list.Items)
 			}
 			return

@@ -64,7 +64,7 @@ func TestOurArgsFor(t *testing.T) {
 		t.Errorf("iptables mode: %v, want no eBPF flag", got)
 	}
 	got := ourArgsFor(results.EBPF, 50200, 10)
-	if len(got) != 1 || got[0] != "--bpf-max-backends=628750" {
+	if len(got) != 1 || got[0] != "--bpf-backend-slots-max=628750" {
 		t.Errorf("50k Services: %v", got)
 	}
 }

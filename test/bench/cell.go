@@ -166,7 +166,7 @@ func ourArgsFor(contender string, services, endpoints int) []string {
 	if contender != results.EBPF || need <= 262144 {
 		return nil
 	}
-	return []string{"--bpf-max-backends=" + strconv.Itoa(need)}
+	return []string{"--bpf-backend-slots-max=" + strconv.Itoa(need)}
 }
 
 // coldStart waits until a client on each node reaches the last background

@@ -55,7 +55,7 @@ type ContenderOptions struct {
 	// kube-bpf-proxy.
 	ManifestsDir string
 	// ExtraArgs are added to kube-bpf-proxy's flags (for example
-	// --bpf-max-backends=N for 50k Services).
+	// --bpf-backend-slots-max=N for 50k Services).
 	ExtraArgs []string
 }
 

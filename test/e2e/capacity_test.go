@@ -26,12 +26,12 @@ import (
 func (e *env) oneServiceTooBig(t *testing.T, ns string) {
 	ctx := context.Background()
 	const (
-		capacity   = 48 // --bpf-max-backends: backend and slot entries
+		capacity   = 48 // --bpf-backend-slots-max: backend and slot entries
 		endpoints  = 60
 		syncPeriod = 2 * time.Second
 	)
 	e.stopProxies(t)
-	e.startProxiesWith(t, "ebpf", fmt.Sprintf("--bpf-max-backends=%d", capacity), "--sync-period="+syncPeriod.String())
+	e.startProxiesWith(t, "ebpf", fmt.Sprintf("--bpf-backend-slots-max=%d", capacity), "--sync-period="+syncPeriod.String())
 	t.Cleanup(func() {
 		// The next scenarios run with the manifests' capacities.
 		e.stopProxies(t)
@@ -82,13 +82,13 @@ func (e *env) oneServiceTooBig(t *testing.T, ns string) {
 		for _, ev := range list.Items {
 			last = fmt.Sprintf("%s %s %q", ev.Type, ev.Reason, ev.Note)
 			if ev.Type == corev1.EventTypeWarning && ev.Reason == "ServicePortNotProgrammed" &&
-				strings.Contains(ev.Note, "--bpf-max-backends") && ev.Regarding.UID == big.UID {
+				strings.Contains(ev.Note, "--bpf-backend-slots-max") && ev.Regarding.UID == big.UID {
 				return true
 			}
 		}
 		return false
 	}) {
-		t.Errorf("no Warning Event on Service big naming --bpf-max-backends; last seen: %s", last)
+		t.Errorf("no Warning Event on Service big naming --bpf-backend-slots-max; last seen: %s", last)
 	}
 	const gauge = `kube_bpf_proxy_service_ports_not_programmed{reason="map-full"}`
 	e.expectMetric(t, gauge, 1)

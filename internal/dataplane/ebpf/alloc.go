@@ -11,7 +11,7 @@ type idAllocator struct {
 	max  uint32
 	next uint32
 	// used has bit id set for each id in use: a bitmap of max bits costs
-	// 32 KiB at the default --bpf-max-backends, where a set of the 100k
+	// 32 KiB at the default --bpf-backend-slots-max, where a set of the 100k
 	// backends of 10k Services x 10 endpoints cost 2 MiB.
 	used []uint64
 	// above holds ids past max found in the maps (pinned by a proxy

@@ -141,7 +141,7 @@ func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 		k := backendKeyFromValue(*v)
 		return fmt.Sprintf("%d %s/%s", id, k.Backend, k.Protocol)
 	}
-	// The kernel's counters map has --bpf-max-services entries.
+	// The kernel's counters map has --bpf-service-ports-max entries.
 	f.stats = &fakeMap[uint32, lbSvcStats]{name: "stats", capacity: maxServices, entries: make(map[uint32]lbSvcStats), parent: f}
 	f.stats.describe = func(id uint32, v *lbSvcStats) string {
 		if v == nil {

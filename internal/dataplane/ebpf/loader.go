@@ -25,11 +25,11 @@ type Config struct {
 	MaxSockets  uint32
 	// MaxFrontends sizes the frontend map: ClusterIPs, and NodePorts on
 	// each node address, external IPs and LoadBalancer IPs; 0 is four per
-	// service port (--bpf-max-frontends).
+	// service port (--bpf-frontends-max).
 	MaxFrontends uint32
 	// MaxAffinity sizes the session affinity map: (client network
 	// namespace, Service port) pairs; 0 is DefaultMaxAffinity
-	// (--bpf-max-affinity).
+	// (--bpf-affinity-max).
 	MaxAffinity uint32
 	// NodeNetNS is the node's network namespace, as a path to its nsfs
 	// file, where connected UDP sockets of removed backends are destroyed
@@ -106,7 +106,7 @@ var pinnedMaps = []struct {
 	{lbMapKbpRevnat, FlagMaxRevNAT, func(c Config) uint32 { return c.MaxSockets }, isLRURevnat},
 	// One entry per event; it grows when a version adds events.
 	{lbMapKbpStats, "", nil, nil},
-	// One entry per service id, and ids go up to --bpf-max-services.
+	// One entry per service id, and ids go up to --bpf-service-ports-max.
 	{lbMapKbpSvcStats, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
 	{lbMapKbpAffinity, FlagMaxAffinity, func(c Config) uint32 { return c.MaxAffinity }, nil},
 	// At most one entry per slot.

@@ -315,7 +315,7 @@ func (r *reconciler) admit(plans []groupPlan, groups []*appliedGroup, ids [][]ui
 	if free := r.svcIDs.free(); newGroups > free {
 		return fmt.Errorf("%w: all %d service ids are in use; raise --%s", ErrMapFull, r.maxServices, FlagMaxServices)
 	}
-	// The slot and match maps have --bpf-max-backends entries too
+	// The slot and match maps have --bpf-backend-slots-max entries too
 	// (loader.go).
 	if free := int(r.maxBackends) - r.slotEntries; newSlots > free {
 		return fmt.Errorf("%w: the port needs %d new slot entries, %d of %d are free; raise --%s",

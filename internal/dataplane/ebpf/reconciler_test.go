@@ -469,7 +469,7 @@ func BenchmarkReconcilerOneChangeLargeService(b *testing.B) {
 
 // A port too big for the maps is refused before it writes anything: it
 // takes no capacity from the ports after it, in this sync or the next. One
-// Service with more endpoints than --bpf-max-backends must not starve a
+// Service with more endpoints than --bpf-backend-slots-max must not starve a
 // Service created beside it (seen in the e2e when its ClusterIP sorted
 // first: each retry filled the backend ids, and the small Service, already
 // created with no endpoints, refused connections for good).

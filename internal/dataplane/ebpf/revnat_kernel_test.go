@@ -82,7 +82,7 @@ func TestKernelPerQuerySocketsKeepIdleSocketsTranslated(t *testing.T) {
 	}
 }
 
-// With as many open translated sockets as --bpf-max-sockets, the next
+// With as many open translated sockets as --bpf-sock-revnat-max, the next
 // socket is still translated, only its replies show the backend, and the
 // failure is counted; closing sockets makes room again.
 func TestKernelFullRevnatIsCounted(t *testing.T) {

@@ -169,7 +169,7 @@ func (s *swap) rollback(cause error) error {
 
 // openMaps returns, for each pinned map, the map the new programs are to
 // read. A map pinned as the spec wants it is used as it is. One that
-// differs in capacity only (a --bpf-max-* flag changed) gets a copy of the
+// differs in capacity only (a --bpf-*-max flag changed) gets a copy of the
 // new size holding its entries, one of an earlier version's layout that
 // its pinnedMaps entry replaces gets a new map of the new layout (load
 // carries over what entries it can), and a map not pinned yet a new one:

@@ -317,6 +317,9 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 		"--client-ca-file=" + f("ca.crt"),
 		"--token-auth-file=" + f("tokens.csv"),
 		"--authorization-mode=RBAC",
+		// As kubeadm's, kind's and minikube's API servers: their
+		// kube-proxy DaemonSet runs privileged.
+		"--allow-privileged=true",
 		"--service-cluster-ip-range=" + ServiceCIDR,
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file=" + f("sa.pub"),

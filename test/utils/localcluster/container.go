@@ -3,10 +3,24 @@ package localcluster
 import (
 	"context"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
+
+// imageBinaries are the paths of the proxy's binary in its image, which a
+// container's command may name: its own, and kube-proxy's, which the image
+// links to it so that kube-proxy's DaemonSets run it with only the image
+// changed.
+var imageBinaries = map[string]bool{
+	"/usr/local/bin/kube-bpf-proxy": true,
+	"/usr/local/bin/kube-proxy":     true,
+}
 
 // containerRun is one container of a pod about to be started, and where
 // the pod's kubelet-made files go.
@@ -42,8 +56,15 @@ const imageMount = "/run/kube-bpf-proxy.local-image"
 // with the environment the kubelet gives the container.
 func (c *Cluster) containerCommand(ctx context.Context, r containerRun) (cmd, env []string, err error) {
 	ctr := r.pod.ctr
+	// A command replaces the image's entrypoint (kubeadm's kube-proxy
+	// DaemonSet names /usr/local/bin/kube-proxy, which the image links to
+	// the binary): only the binary's own paths in the image are known here.
+	var commandArgs []string
 	if len(ctr.Command) > 0 {
-		return nil, nil, fmt.Errorf("container %s: its command %q replaces the image's entrypoint, which is not simulated", ctr.Name, ctr.Command)
+		if !imageBinaries[ctr.Command[0]] {
+			return nil, nil, fmt.Errorf("container %s: its command %q runs %s, which is not simulated (the image's %v are)", ctr.Name, ctr.Command, ctr.Command[0], slices.Sorted(maps.Keys(imageBinaries)))
+		}
+		commandArgs = ctr.Command[1:]
 	}
 	if real, err := filepath.EvalSymlinks("/var/run"); err != nil || real != "/run" {
 		return nil, nil, fmt.Errorf("this machine's /var/run is not a link to /run, where the ServiceAccount volume is mounted (%q, %v)", real, err)
@@ -65,7 +86,11 @@ func (c *Cluster) containerCommand(ctx context.Context, r containerRun) (cmd, en
 		}
 		saDir = r.saDir
 	}
-	mounts, rewrite, err := podMounts(r.pod)
+	volumeDirs, err := c.configMapVolumes(ctx, r.pod, filepath.Join(r.staging+"-volumes"))
+	if err != nil {
+		return nil, nil, err
+	}
+	mounts, rewrite, err := podMounts(r.pod, volumeDirs)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -78,8 +103,8 @@ func (c *Cluster) containerCommand(ctx context.Context, r containerRun) (cmd, en
 		mounts = append(mounts, mount{source: r.binary, target: entrypoint, readOnly: true})
 	}
 	vars := envMap(env)
-	args := make([]string, 0, len(ctr.Args)+len(r.extraArgs))
-	for _, a := range ctr.Args {
+	args := make([]string, 0, len(commandArgs)+len(ctr.Args)+len(r.extraArgs))
+	for _, a := range slices.Concat(commandArgs, ctr.Args) {
 		args = append(args, expand(a, vars))
 	}
 	args = append(rewriteArgs(args, rewrite), r.extraArgs...)
@@ -90,4 +115,51 @@ func (c *Cluster) containerCommand(ctx context.Context, r containerRun) (cmd, en
 	cmd = append(cmd, entrypoint)
 	cmd = append(cmd, args...)
 	return cmd, env, nil
+}
+
+// configMapVolumes writes, as the kubelet does, each configMap volume the
+// container mounts into a directory of its own under dir (one file per
+// key), and returns the directories by volume name.
+func (c *Cluster) configMapVolumes(ctx context.Context, pr podRef, dir string) (map[string]string, error) {
+	dirs := map[string]string{}
+	for _, v := range pr.spec.Volumes {
+		if v.ConfigMap == nil || !mountsVolume(pr.ctr, v.Name) {
+			continue
+		}
+		cm, err := c.Client.CoreV1().ConfigMaps(pr.namespace).Get(ctx, v.ConfigMap.Name, metav1.GetOptions{})
+		if err != nil {
+			if v.ConfigMap.Optional != nil && *v.ConfigMap.Optional {
+				cm = &corev1.ConfigMap{}
+			} else {
+				// The kubelet does not start the pod: FailedMount.
+				return nil, fmt.Errorf("volume %q: ConfigMap %s/%s: %w", v.Name, pr.namespace, v.ConfigMap.Name, err)
+			}
+		}
+		if len(v.ConfigMap.Items) > 0 {
+			return nil, fmt.Errorf("volume %q: items of a configMap volume are not simulated", v.Name)
+		}
+		d := filepath.Join(dir, v.Name)
+		if err := os.RemoveAll(d); err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, err
+		}
+		for k, val := range cm.Data {
+			if err := os.WriteFile(filepath.Join(d, k), []byte(val), 0o644); err != nil {
+				return nil, err
+			}
+		}
+		for k, val := range cm.BinaryData {
+			if err := os.WriteFile(filepath.Join(d, k), val, 0o644); err != nil {
+				return nil, err
+			}
+		}
+		dirs[v.Name] = d
+	}
+	return dirs, nil
+}
+
+func mountsVolume(ctr *corev1.Container, name string) bool {
+	return slices.ContainsFunc(ctr.VolumeMounts, func(vm corev1.VolumeMount) bool { return vm.Name == name })
 }

@@ -106,8 +106,13 @@ func (c *Cluster) DaemonSetProxyOptions(ctx context.Context, binary string) (Pro
 	return ProxyOptions{Binary: binary, DaemonSet: ds}, nil
 }
 
-// container returns the DaemonSet's proxy container.
+// container returns the DaemonSet's proxy container: the one named as
+// ours, or the only one (kubeadm's kube-proxy DaemonSet names it
+// kube-proxy).
 func container(ds *appsv1.DaemonSet) (*corev1.Container, error) {
+	if ctrs := ds.Spec.Template.Spec.Containers; len(ctrs) == 1 {
+		return &ctrs[0], nil
+	}
 	for i, ctr := range ds.Spec.Template.Spec.Containers {
 		if ctr.Name == proxyContainer {
 			return &ds.Spec.Template.Spec.Containers[i], nil
@@ -412,6 +417,9 @@ type mount struct {
 	readOnly       bool
 	// hostToContainer: mounts made later on the node show inside.
 	hostToContainer bool
+	// createTarget: a target missing on this machine is made in an
+	// overlay of its nearest existing parent (podMounts).
+	createTarget bool
 }
 
 // nodePath maps a hostPath on a real node onto the simulated node: its
@@ -440,7 +448,14 @@ func (n NodeInfo) nodePath(p string) string {
 // machine outside /run (the DaemonSet's /host/sys/fs/cgroup) would have to
 // be created in the machine's own file system, so the args name the node's
 // path instead.
-func podMounts(pr podRef) (mounts []mount, rewrite map[string]string, err error) {
+//
+// configMaps holds the directories configMapVolumes wrote, by volume name:
+// they are mounted read-only, as the kubelet mounts them, and a target
+// missing on this machine (kubeadm's /var/lib/kube-proxy) is made in an
+// overlay of its nearest existing parent, private to the container's mount
+// namespace: files the proxy reads name their paths there (the config
+// file's kubeconfig), so no argument rewrite would do.
+func podMounts(pr podRef, configMaps map[string]string) (mounts []mount, rewrite map[string]string, err error) {
 	ctr, n := pr.ctr, pr.node
 	volumes := map[string]corev1.Volume{}
 	for _, v := range pr.spec.Volumes {
@@ -449,8 +464,12 @@ func podMounts(pr podRef) (mounts []mount, rewrite map[string]string, err error)
 	rewrite = map[string]string{}
 	for _, vm := range ctr.VolumeMounts {
 		v, ok := volumes[vm.Name]
+		if dir, isConfigMap := configMaps[vm.Name]; ok && isConfigMap {
+			mounts = append(mounts, mount{source: dir, target: vm.MountPath, readOnly: true, createTarget: true})
+			continue
+		}
 		if !ok || v.HostPath == nil {
-			return nil, nil, fmt.Errorf("volume %q: only hostPath volumes are simulated", vm.Name)
+			return nil, nil, fmt.Errorf("volume %q: only hostPath and configMap volumes are simulated", vm.Name)
 		}
 		m := mount{
 			source:          n.nodePath(v.HostPath.Path),
@@ -559,8 +578,26 @@ func mountScript(staging, saDir string, mounts []mount) string {
 		lines = append(lines, "mkdir -p "+q(target))
 		bind(saDir, target, mount{readOnly: true})
 	}
+	overlays := 0
 	for _, m := range mounts {
 		target := m.target
+		if _, err := os.Stat(target); m.createTarget && err != nil && !underRun(target) {
+			// The overlay's upper and work directories live on the
+			// staging tmpfs, under a name /run never shows.
+			parent := filepath.Dir(target)
+			for {
+				if _, err := os.Stat(parent); err == nil {
+					break
+				}
+				parent = filepath.Dir(parent)
+			}
+			layer := filepath.Join(staging, fmt.Sprintf(".overlay-%d", overlays))
+			overlays++
+			lines = append(lines,
+				"mkdir -p "+q(layer+"/upper")+" "+q(layer+"/work"),
+				"mount -n -t overlay overlay -o "+q("lowerdir="+parent+",upperdir="+layer+"/upper,workdir="+layer+"/work")+" "+q(parent),
+				"mkdir -p "+q(target))
+		}
 		if underRun(target) {
 			target = filepath.Join(staging, strings.TrimPrefix(strings.TrimPrefix(target, "/run"), "/"))
 			if st, err := os.Stat(m.source); err == nil && !st.IsDir() {

@@ -298,7 +298,7 @@ func TestXtablesLockPerNode(t *testing.T) {
 		if err := os.MkdirAll(n.Cgroup, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		mounts, _, err := podMounts(daemonSetPod(&ds, ctr, n))
+		mounts, _, err := podMounts(daemonSetPod(&ds, ctr, n), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
