@@ -1,0 +1,127 @@
+package inspect
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+)
+
+// WriteJSON writes the report as indented JSON (the -o json schema).
+func WriteJSON(w io.Writer, r *Report) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// WriteTable writes the report for people: a header saying what was read
+// and compared, then per service port a line with its policies, affinity,
+// counters and status, a line per frontend and per backend, and its
+// differences.
+func WriteTable(w io.Writer, r *Report) error {
+	fmt.Fprintf(w, "Node %s, %s mode, read from %s.\n", r.Node, r.Mode, r.Source)
+	switch {
+	case r.API.Compared:
+		server := ""
+		if r.API.Server != "" {
+			server = " (" + r.API.Server + ")"
+		}
+		fmt.Fprintf(w, "Compared with the API server%s: %s.\n", server, differencesText(r.Differences))
+	default:
+		fmt.Fprintf(w, "Not compared with the API server (%s): the datapath alone is shown.\n", r.API.Error)
+		if r.Differences > 0 {
+			fmt.Fprintf(w, "The datapath is inconsistent in itself: %s.\n", differencesText(r.Differences))
+		}
+	}
+	for _, warning := range r.Warnings {
+		fmt.Fprintf(w, "Warning: %s.\n", warning)
+	}
+	fmt.Fprintln(w)
+
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE PORT\tFRONTEND / BACKEND\tKIND / STATE\tPOLICIES\tDETAILS")
+	for _, sp := range r.ServicePorts {
+		name := sp.Service
+		if name == "" {
+			name = "(unnamed)"
+		}
+		if sp.Port != "" {
+			name += ":" + sp.Port
+		}
+		name += "/" + sp.Protocol
+		var details []string
+		if sp.InternalTrafficPolicy != "" {
+			details = append(details, "internal="+sp.InternalTrafficPolicy)
+		}
+		if sp.ExternalTrafficPolicy != "" {
+			details = append(details, "external="+sp.ExternalTrafficPolicy)
+		}
+		if sp.AffinitySeconds > 0 {
+			details = append(details, "affinity=ClientIP/"+strconv.Itoa(int(sp.AffinitySeconds))+"s")
+		}
+		if c := sp.Counters; c != nil {
+			details = append(details, fmt.Sprintf("connections=%d datagrams=%d refused=%d reverse=%d", c.Connections, c.Datagrams, c.Refused, c.Reverse))
+		}
+		fmt.Fprintf(tw, "%s\t\t%s\t\t%s\n", name, strings.ToUpper(sp.Status), strings.Join(details, " "))
+		for _, fe := range sp.Frontends {
+			note := ""
+			if !fe.InDatapath {
+				note = "MISSING"
+			}
+			fmt.Fprintf(tw, "\t%s\t%s\t\t%s\n", fe.Address, fe.Kind, note)
+		}
+		if len(sp.Backends) == 0 {
+			fmt.Fprintf(tw, "\t-> (no endpoints)\t\t\t\n")
+		}
+		for _, b := range sp.Backends {
+			pol := strings.Join(b.Policies, ",")
+			if pol == "" {
+				pol = "-"
+			}
+			var notes []string
+			if b.Local != nil && *b.Local {
+				notes = append(notes, "on this node")
+			}
+			if b.Weight > 1 {
+				notes = append(notes, "weight="+strconv.Itoa(b.Weight))
+			}
+			fmt.Fprintf(tw, "\t-> %s\t%s\t%s\t%s\n", b.Address, b.State, pol, strings.Join(notes, " "))
+		}
+		for _, d := range sp.Differences {
+			fmt.Fprintf(tw, "\t! %s\t\t\t\n", d)
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if len(r.Events) > 0 {
+		names := make([]string, 0, len(r.Events))
+		for n := range r.Events {
+			names = append(names, n)
+		}
+		slices.Sort(names)
+		var parts []string
+		for _, n := range names {
+			if r.Events[n] > 0 {
+				parts = append(parts, fmt.Sprintf("%s=%d", n, r.Events[n]))
+			}
+		}
+		if len(parts) > 0 {
+			fmt.Fprintf(w, "\nNode-wide eBPF events: %s\n", strings.Join(parts, " "))
+		}
+	}
+	return nil
+}
+
+func differencesText(n int) string {
+	switch n {
+	case 0:
+		return "no differences"
+	case 1:
+		return "1 difference"
+	}
+	return fmt.Sprintf("%d differences", n)
+}
