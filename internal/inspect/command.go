@@ -134,12 +134,18 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, lookupEn
 
 	ctx, cancel := context.WithTimeout(ctx, timeout+30*time.Second)
 	defer cancel()
+	return Run(ctx, o, output, stdout, stderr)
+}
+
+// Run inspects with o and writes the report in format ("table" or
+// "json"); it returns the command's exit status.
+func Run(ctx context.Context, o Options, format string, stdout, stderr io.Writer) int {
 	r, err := Inspect(ctx, o)
 	if err != nil {
 		fmt.Fprintln(stderr, "kube-bpf-proxy inspect:", err)
 		return ExitFailed
 	}
-	if output == "json" {
+	if format == "json" {
 		err = WriteJSON(stdout, r)
 	} else {
 		err = WriteTable(stdout, r)

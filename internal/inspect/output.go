@@ -74,7 +74,9 @@ func WriteTable(w io.Writer, r *Report) error {
 			fmt.Fprintf(tw, "\t%s\t%s\t\t%s\n", fe.Address, fe.Kind, note)
 		}
 		if len(sp.Backends) == 0 {
-			fmt.Fprintf(tw, "\t-> (no endpoints)\t\t\t\n")
+			// A line's last cell is no column's: long text there
+			// widens nothing.
+			fmt.Fprintf(tw, "\t-> (no endpoints)\n")
 		}
 		for _, b := range sp.Backends {
 			pol := strings.Join(b.Policies, ",")
@@ -91,7 +93,7 @@ func WriteTable(w io.Writer, r *Report) error {
 			fmt.Fprintf(tw, "\t-> %s\t%s\t%s\t%s\n", b.Address, b.State, pol, strings.Join(notes, " "))
 		}
 		for _, d := range sp.Differences {
-			fmt.Fprintf(tw, "\t! %s\t\t\t\n", d)
+			fmt.Fprintf(tw, "\t! %s\n", d)
 		}
 	}
 	if err := tw.Flush(); err != nil {
