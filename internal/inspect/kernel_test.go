@@ -21,6 +21,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/proxy"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
@@ -30,11 +31,16 @@ func TestMain(m *testing.M) { testnet.Main(m, nil) }
 
 const testNode = "test-node"
 
+// nodeAddress is the node's address as the proxy under test sees it.
+const nodeAddress = "192.0.2.1"
+
 // kernelAPI is the API the kernel tests' proxy and inspect read: a
 // Service with session affinity and two endpoints, one of them
 // terminating; one with internalTrafficPolicy Local, an endpoint on this
-// node and one elsewhere; one without endpoints; and "victim", whose
-// program the tests remove behind the proxy's back.
+// node and one elsewhere; one without endpoints; a LoadBalancer with a node
+// port, external IPs (one the node's, one not) and externalTrafficPolicy
+// Local; and "victim", whose program the tests remove behind the proxy's
+// back.
 func kernelAPI(servers []string) *fake.Clientset {
 	web := apitest.Service("default", "web", "10.96.0.10", apitest.Port("http", v1.ProtocolTCP, 80, 8080))
 	web.Spec.SessionAffinity = v1.ServiceAffinityClientIP
@@ -49,8 +55,17 @@ func kernelAPI(servers []string) *fake.Clientset {
 	elsewhere := apitest.Ready(servers[1])
 	other := "other-node"
 	elsewhere.NodeName = &other
+	edge := apitest.Service("shop", "edge", "10.96.0.14", apitest.Port("https", v1.ProtocolTCP, 443, 8080))
+	edge.Spec.Type = v1.ServiceTypeLoadBalancer
+	edge.Spec.Ports[0].NodePort = 30443
+	edge.Spec.ExternalIPs = []string{nodeAddress, "198.51.100.7"}
+	edge.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+	edge.Spec.HealthCheckNodePort = 32000
+	edge.Status.LoadBalancer.Ingress = []v1.LoadBalancerIngress{{IP: "203.0.113.5"}}
 	return fake.NewClientset(
 		web,
+		edge,
+		apitest.Slice("shop", "edge", "edge-1", []discoveryv1.EndpointPort{apitest.SlicePort("https", v1.ProtocolTCP, 8080)}, onNode, elsewhere),
 		apitest.Slice("default", "web", "web-1", []discoveryv1.EndpointPort{apitest.SlicePort("http", v1.ProtocolTCP, 8080)},
 			apitest.Ready(servers[0]), apitest.Terminating(servers[1])),
 		local,
@@ -70,6 +85,9 @@ func runProxy(t *testing.T, api *fake.Clientset, dp dataplane.Dataplane) {
 	go func() {
 		done <- proxy.Run(ctx, api, dp, proxy.Config{
 			SyncPeriod: time.Hour, NodeName: testNode,
+			Node: nodeinfo.New(nodeinfo.Config{NodeName: testNode, LocalAddresses: func() ([]netip.Addr, error) {
+				return []netip.Addr{netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr(nodeAddress)}, nil
+			}}),
 			HealthzBindAddress: testnet.FreeAddr(t), MetricsBindAddress: testnet.FreeAddr(t),
 		})
 	}()
@@ -178,8 +196,8 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			}
 			runProxy(t, api, dp)
 
-			r := inspectUntil(t, o, "all four Services programmed", func(r *Report) bool {
-				return r.Differences == 0 && len(r.ServicePorts) == 4
+			r := inspectUntil(t, o, "all five Services programmed", func(r *Report) bool {
+				return r.Differences == 0 && len(r.ServicePorts) == 5
 			})
 			if r.Mode != mode || !r.API.Compared {
 				t.Errorf("mode %q, compared %v; want %q, true", r.Mode, r.API.Compared, mode)
@@ -211,6 +229,35 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			}
 			if empty := port(r, "default/empty", "dns"); empty == nil || empty.Status != StatusOK || len(empty.Backends) != 0 {
 				t.Errorf("default/empty:dns = %+v, want ok without backends", empty)
+			}
+			edge := port(r, "shop/edge", "https")
+			if edge == nil || edge.ExternalTrafficPolicy != "Local" {
+				t.Fatalf("shop/edge = %+v, want externalTrafficPolicy Local", edge)
+			}
+			var fes []string
+			for _, f := range edge.Frontends {
+				fes = append(fes, f.Kind+" "+f.Address)
+			}
+			// The socket layer serves the node port on the node's
+			// address, the external IP that is the node's own and the
+			// load balancer IP; the packet layer the other external IP.
+			// The rules serve them all.
+			want := []string{"ClusterIP 10.96.0.14:443", "NodePort " + nodeAddress + ":30443", "ExternalIP " + nodeAddress + ":443", "LoadBalancerIP 203.0.113.5:443"}
+			if mode == ModeIPTables {
+				want = []string{"ClusterIP 10.96.0.14:443", "NodePort *:30443", "ExternalIP " + nodeAddress + ":443", "ExternalIP 198.51.100.7:443", "LoadBalancerIP 203.0.113.5:443"}
+			}
+			if !slices.Equal(fes, want) {
+				t.Errorf("shop/edge frontends %q, want %q", fes, want)
+			}
+			// From sockets on the node, every endpoint (kube-proxy's short
+			// circuit); the rules for traffic from outside hold the local
+			// one only.
+			wantBackends := []string{servers[0] + ":8080 ready cluster", servers[1] + ":8080 ready cluster"}
+			if mode == ModeIPTables {
+				wantBackends[0] = servers[0] + ":8080 ready cluster,local"
+			}
+			if got := backendSummary(edge); !slices.Equal(got, wantBackends) {
+				t.Errorf("shop/edge backends %q, want %q", got, wantBackends)
 			}
 			if code, _ := runInspect(t, o); code != ExitConsistent {
 				t.Errorf("exit status %d on a consistent node, want %d", code, ExitConsistent)
@@ -256,8 +303,8 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			if code != ExitConsistent || r.API.Compared || r.API.Error == "" {
 				t.Errorf("without the API: exit %d, api %+v; want 0, not compared, with the reason", code, r.API)
 			}
-			if len(r.ServicePorts) != 3 {
-				t.Errorf("without the API: %d ports shown, want the 3 programmed", len(r.ServicePorts))
+			if len(r.ServicePorts) != 4 {
+				t.Errorf("without the API: %d ports shown, want the 4 programmed", len(r.ServicePorts))
 			}
 		})
 	}

@@ -44,14 +44,7 @@ func WriteTable(w io.Writer, r *Report) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "SERVICE PORT\tFRONTEND / BACKEND\tKIND / STATE\tPOLICIES\tDETAILS")
 	for _, sp := range r.ServicePorts {
-		name := sp.Service
-		if name == "" {
-			name = "(unnamed)"
-		}
-		if sp.Port != "" {
-			name += ":" + sp.Port
-		}
-		name += "/" + sp.Protocol
+		name := portLabel(sp)
 		var details []string
 		if sp.InternalTrafficPolicy != "" {
 			details = append(details, "internal="+sp.InternalTrafficPolicy)
@@ -74,9 +67,7 @@ func WriteTable(w io.Writer, r *Report) error {
 			fmt.Fprintf(tw, "\t%s\t%s\t\t%s\n", fe.Address, fe.Kind, note)
 		}
 		if len(sp.Backends) == 0 {
-			// A line's last cell is no column's: long text there
-			// widens nothing.
-			fmt.Fprintf(tw, "\t-> (no endpoints)\n")
+			fmt.Fprintf(tw, "\t-> (no endpoints)\t\t\t\n")
 		}
 		for _, b := range sp.Backends {
 			pol := strings.Join(b.Policies, ",")
@@ -92,12 +83,21 @@ func WriteTable(w io.Writer, r *Report) error {
 			}
 			fmt.Fprintf(tw, "\t-> %s\t%s\t%s\t%s\n", b.Address, b.State, pol, strings.Join(notes, " "))
 		}
-		for _, d := range sp.Differences {
-			fmt.Fprintf(tw, "\t! %s\n", d)
-		}
 	}
 	if err := tw.Flush(); err != nil {
 		return err
+	}
+	// Differences after the table: long sentences in it would widen
+	// their column for every line.
+	header := false
+	for _, sp := range r.ServicePorts {
+		for _, d := range sp.Differences {
+			if !header {
+				fmt.Fprintln(w, "\nDifferences:")
+				header = true
+			}
+			fmt.Fprintf(w, "  %s: %s\n", portLabel(sp), d)
+		}
 	}
 	if len(r.Events) > 0 {
 		names := make([]string, 0, len(r.Events))
@@ -126,4 +126,20 @@ func differencesText(n int) string {
 		return "1 difference"
 	}
 	return fmt.Sprintf("%d differences", n)
+}
+
+// portLabel names a service port as "namespace/name:port/PROTOCOL", or by
+// its first frontend when the datapath does not name it.
+func portLabel(sp ServicePort) string {
+	name := sp.Service
+	if name == "" {
+		name = "(unnamed)"
+		if len(sp.Frontends) > 0 {
+			name = "(" + sp.Frontends[0].Address + ")"
+		}
+	}
+	if sp.Port != "" {
+		name += ":" + sp.Port
+	}
+	return name + "/" + sp.Protocol
 }
