@@ -171,6 +171,7 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 	for _, mode := range []string{ModeEBPF, ModeIPTables} {
 		t.Run(mode, func(t *testing.T) {
 			n := testnet.New(t)
+			client := n.AddPod("client", "10.244.0.100")
 			var servers []string
 			for _, p := range n.AddServers(2) {
 				servers = append(servers, p.IP.String())
@@ -202,6 +203,17 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			if r.Mode != mode || !r.API.Compared {
 				t.Errorf("mode %q, compared %v; want %q, true", r.Mode, r.API.Compared, mode)
 			}
+			// Three connections to web: the eBPF counters count them.
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			out, err := client.Output(ctx, testnet.Helper("tcp", "10.96.0.10:80", "3")...)
+			cancel()
+			if err != nil || strings.Count(out, "ok pod-") != 3 {
+				t.Fatalf("connecting to default/web: %v: %s", err, out)
+			}
+			r, err = Inspect(context.Background(), o)
+			if err != nil {
+				t.Fatal(err)
+			}
 			web := port(r, "default/web", "http")
 			if web == nil || web.Status != StatusOK || web.AffinitySeconds != 600 {
 				t.Fatalf("default/web:http = %+v, want status ok with a 600s affinity", web)
@@ -214,8 +226,8 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			if len(web.Frontends) != 1 || web.Frontends[0].Address != "10.96.0.10:80" || web.Frontends[0].Kind != kindClusterIP {
 				t.Errorf("default/web frontends %+v, want the ClusterIP", web.Frontends)
 			}
-			if mode == ModeEBPF && web.Counters == nil {
-				t.Error("default/web has no counters in ebpf mode")
+			if mode == ModeEBPF && (web.Counters == nil || web.Counters.Connections != 3) {
+				t.Errorf("default/web counters %+v in ebpf mode, want 3 connections", web.Counters)
 			}
 			db := port(r, "shop/db", "")
 			if db == nil || db.InternalTrafficPolicy != "Local" {
