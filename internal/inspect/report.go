@@ -26,10 +26,12 @@ type Report struct {
 	// API) come last, by frontend.
 	ServicePorts []ServicePort `json:"servicePorts"`
 	// Differences counts the differences over all ports: 0 means the
-	// datapath holds what the API server says (or it was not compared).
+	// datapath holds what the API server says (or, not compared, is
+	// consistent in itself).
 	Differences int `json:"differences"`
-	// Events are the eBPF datapath's node-wide event counters (the
-	// kube_bpf_proxy_events_total metric's), summed over CPUs.
+	// Events are the eBPF programs' node-wide event counters, summed
+	// over CPUs: those of the kube_bpf_proxy_datapath_events_total
+	// metric that the programs count, by the same names.
 	Events map[string]uint64 `json:"events,omitempty"`
 	// Warnings are what limited the comparison (a filter that cannot
 	// apply, say).
