@@ -286,3 +286,27 @@ func TestUsage(t *testing.T) {
 		}
 	}
 }
+
+// A service id whose live slots lack an entry, or name a backend the
+// backend map does not hold, refuses some connections: inspect reports it
+// even without the API server.
+func TestPinnedInconsistencies(t *testing.T) {
+	vip := netip.MustParseAddr("10.96.0.10")
+	pinned := &ebpf.Pinned{Groups: []ebpf.PinnedGroup{{
+		ID:           7,
+		Frontends:    []ebpf.PinnedFrontend{{Frontend: model.Frontend{IP: vip, Port: 80, Protocol: model.TCP}, Kind: ebpf.KindClusterIP, Count: 3}},
+		Backends:     []ebpf.PinnedBackend{{ID: 1, Backend: backend("10.244.0.1:80"), Protocol: model.TCP, Slots: 1}, {ID: 9, Missing: true, Slots: 1}},
+		MissingSlots: 1,
+	}}}
+	ports, _ := datapathOnly(ModeEBPF, fromPinned(pinned), filter{})
+	want := []string{
+		"service id 7: a slot names backend id 9, which the backend map does not hold",
+		"service id 7: 1 of its live slots have no entry",
+	}
+	if len(ports) != 1 || ports[0].Status != StatusUnchecked || !slices.Equal(ports[0].Differences, want) {
+		t.Fatalf("ports %+v, want one unchecked with differences %q", ports, want)
+	}
+	if got := ports[0].Backends; len(got) != 1 || got[0].Address != "10.244.0.1:80" || got[0].State != "active" || got[0].Weight != 1 {
+		t.Errorf("backends %+v, want 10.244.0.1:80 active with weight 1", got)
+	}
+}
