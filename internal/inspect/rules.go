@@ -21,11 +21,11 @@ type rule struct {
 	// toDest is DNAT's --to-destination.
 	toDest netip.AddrPort
 	// rcheck is "-m recent --rcheck --seconds N" (session affinity).
-	rcheck        uint32
-	dstTypeLocal  bool
-	srcTypeLocal  bool
-	negatedSource bool
-	source        bool
+	rcheck       uint32
+	dstTypeLocal bool
+	srcTypeLocal bool
+	// source: the rule matches a source address or range (-s).
+	source bool
 }
 
 // splitRule splits a line into words, a double-quoted word (a comment)
@@ -105,7 +105,6 @@ func parseRule(line string) (rule, bool) {
 		case "-s":
 			arg()
 			r.source = true
-			r.negatedSource = negate
 		case "--dport":
 			if n, err := strconv.ParseUint(arg(), 10, 16); err == nil {
 				r.dport = uint16(n)
@@ -146,20 +145,19 @@ func rulesOf(dump []byte) []rule {
 // Comment suffixes of the top-level rules, as internal/dataplane/iptables
 // (and kube-proxy) write them after the port's name.
 const (
-	suffixClusterIP         = " cluster IP"
-	suffixExternalIP        = " external IP"
-	suffixLoadBalancerIP    = " loadbalancer IP"
-	suffixNoEndpoints       = " has no endpoints"
-	suffixNoLocalEndpoints  = " has no local endpoints"
-	chainServices           = "KUBE-SERVICES"
-	chainExternalServices   = "KUBE-EXTERNAL-SERVICES"
-	chainNodePorts          = "KUBE-NODEPORTS"
-	prefixServiceChain      = "KUBE-SVC-"
-	prefixLocalChain        = "KUBE-SVL-"
-	prefixExternalChain     = "KUBE-EXT-"
-	prefixFirewallChain     = "KUBE-FW-"
-	prefixEndpointChain     = "KUBE-SEP-"
-	nodePortsLoopbackPrefix = "127.0.0.0/8"
+	suffixClusterIP        = " cluster IP"
+	suffixExternalIP       = " external IP"
+	suffixLoadBalancerIP   = " loadbalancer IP"
+	suffixNoEndpoints      = " has no endpoints"
+	suffixNoLocalEndpoints = " has no local endpoints"
+	chainServices          = "KUBE-SERVICES"
+	chainExternalServices  = "KUBE-EXTERNAL-SERVICES"
+	chainNodePorts         = "KUBE-NODEPORTS"
+	prefixServiceChain     = "KUBE-SVC-"
+	prefixLocalChain       = "KUBE-SVL-"
+	prefixExternalChain    = "KUBE-EXT-"
+	prefixFirewallChain    = "KUBE-FW-"
+	prefixEndpointChain    = "KUBE-SEP-"
 )
 
 // fromRules reads the service ports the nat and filter tables serve: the
