@@ -165,11 +165,17 @@ func runInspect(t *testing.T, o Options) (int, *Report) {
 // same API, checks that inspect shows what it programmed and finds it
 // consistent (exit 0), then removes one Service's program behind the
 // proxy's back and checks that inspect reports that port missing (exit
-// 1), and that both modes show the same Services.
+// 1), and that both modes show the same Services. The iptables mode runs
+// on each backend, which inspect detects.
 func TestKernelInspectRunningProxy(t *testing.T) {
 	seen := map[string][]string{}
-	for _, mode := range []string{ModeEBPF, ModeIPTables} {
-		t.Run(mode, func(t *testing.T) {
+	for _, tc := range []struct{ name, mode, backend string }{
+		{ModeEBPF, ModeEBPF, ""},
+		{"iptables-nft", ModeIPTables, iptables.BackendNFT},
+		{"iptables-legacy", ModeIPTables, iptables.BackendLegacy},
+	} {
+		mode := tc.mode
+		t.Run(tc.name, func(t *testing.T) {
 			n := testnet.New(t)
 			client := n.AddPod("client", "10.244.0.100")
 			var servers []string
@@ -178,7 +184,7 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			}
 			api := kernelAPI(servers)
 			o := Options{Mode: ModeAuto, Node: testNode, Client: api,
-				IPTables: iptables.Config{Backend: iptables.BackendNFT, NetNS: "/run/netns/" + n.Node}}
+				IPTables: iptables.Config{Backend: iptables.BackendAuto, NetNS: "/run/netns/" + n.Node}}
 			var dp dataplane.Dataplane
 			var err error
 			if mode == ModeEBPF {
@@ -188,9 +194,11 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 				o.BPFFSPath = cfg.BPFFSPath
 				dp, err = ebpf.New(cfg)
 			} else {
-				// No pins there: auto-detection must find the rules.
+				// No pins there: auto-detection must find the rules,
+				// and the backend holding them.
 				o.BPFFSPath = filepath.Join(t.TempDir(), "no-pins")
-				dp, err = iptables.New(context.Background(), o.IPTables)
+				dp, err = iptables.New(context.Background(), iptables.Config{Backend: tc.backend, NetNS: o.IPTables.NetNS,
+					LockFile: filepath.Join(t.TempDir(), "xtables.lock")})
 			}
 			if err != nil {
 				t.Fatal(err)
@@ -202,6 +210,9 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			})
 			if r.Mode != mode || !r.API.Compared {
 				t.Errorf("mode %q, compared %v; want %q, true", r.Mode, r.API.Compared, mode)
+			}
+			if mode == ModeIPTables && r.Source != "iptables-"+tc.backend {
+				t.Errorf("read %s, want iptables-%s", r.Source, tc.backend)
 			}
 			// Three connections to web: the eBPF counters count them.
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -278,13 +289,13 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			for _, sp := range r.ServicePorts {
 				names = append(names, sp.Service+":"+sp.Port+"/"+sp.Protocol)
 			}
-			seen[mode] = names
+			seen[tc.name] = names
 
 			// The victim's program goes, behind the proxy's back.
 			if mode == ModeEBPF {
 				unprogramFrontend(t, o.BPFFSPath, "10.96.0.13", 80)
 			} else {
-				unprogramRules(t, n, "default/victim:http")
+				unprogramRules(t, n, tc.backend, "default/victim:http")
 			}
 			code, r := runInspect(t, o)
 			if code != ExitDifferences {
@@ -320,8 +331,10 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			}
 		})
 	}
-	if !slices.Equal(seen[ModeEBPF], seen[ModeIPTables]) {
-		t.Errorf("the modes show other Services: ebpf %q, iptables %q", seen[ModeEBPF], seen[ModeIPTables])
+	for _, name := range []string{"iptables-nft", "iptables-legacy"} {
+		if !slices.Equal(seen[ModeEBPF], seen[name]) {
+			t.Errorf("the modes show other Services: ebpf %q, %s %q", seen[ModeEBPF], name, seen[name])
+		}
 	}
 }
 
@@ -347,10 +360,10 @@ func unprogramFrontend(t *testing.T, dir, ip string, p uint16) {
 
 // unprogramRules deletes every nat rule of KUBE-SERVICES naming a service
 // port, in the test's node namespace.
-func unprogramRules(t *testing.T, n *testnet.Net, name string) {
+func unprogramRules(t *testing.T, n *testnet.Net, backend, name string) {
 	t.Helper()
 	ctx := context.Background()
-	out, err := n.NodeCommand(ctx, "iptables-nft", "-t", "nat", "-S", "KUBE-SERVICES").Output()
+	out, err := n.NodeCommand(ctx, "iptables-"+backend, "-t", "nat", "-S", "KUBE-SERVICES").Output()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,7 +372,7 @@ func unprogramRules(t *testing.T, n *testnet.Net, name string) {
 		if !strings.Contains(line, `"`+name+` `) {
 			continue
 		}
-		args := append([]string{"iptables-nft", "-t", "nat", "-D"}, splitRule(strings.TrimPrefix(line, "-A "))...)
+		args := append([]string{"iptables-" + backend, "-t", "nat", "-D"}, splitRule(strings.TrimPrefix(line, "-A "))...)
 		if out, err := n.NodeCommand(ctx, args...).CombinedOutput(); err != nil {
 			t.Fatalf("%s: %v: %s", strings.Join(args, " "), err, out)
 		}
