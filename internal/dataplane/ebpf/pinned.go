@@ -15,9 +15,10 @@ import (
 // This file reads what a running (or stopped) datapath left pinned, for
 // `kube-bpf-proxy inspect`: read-only, without loading programs or taking
 // the datapath over. The maps are read one after the other while the proxy
-// may be writing them, so a read taken during a sync can show that sync
-// half done (the make-before-break order keeps every state it shows one
-// the programs can serve).
+// may be writing them: a read taken during a sync can mix what the maps
+// held before it (the frontends, say) with what they hold after (the
+// slots), a state they never held at one instant. Reading again after the
+// sync settles it.
 
 // FrontendKind is what kind of address a frontend entry is, from its flags.
 type FrontendKind string
