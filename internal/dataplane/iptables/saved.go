@@ -19,7 +19,7 @@ const ChainServices = chainServices
 
 // ReadRules dumps the nat and filter tables of the backend cfg names (with
 // BackendAuto, the one the node uses, as the iptables mode picks it), in
-// cfg.NetNS if set. It only reads: iptables-save takes no lock.
+// cfg.NetNS if set. It only reads.
 func ReadRules(ctx context.Context, cfg Config) (*SavedRules, error) {
 	cfg = cfg.withDefaults()
 	backend := cfg.Backend
