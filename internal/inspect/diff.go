@@ -20,17 +20,27 @@ func (f filter) matches(n model.ServiceName) bool {
 	return (f.namespace == "" || n.Namespace == f.namespace) && (f.name == "" || n.Name == f.name)
 }
 
-// datapathOnly reports what the datapath holds, not compared.
-func datapathOnly(mode string, dps []*dpPort, f filter) ([]ServicePort, []string) {
+// datapathOnly reports what the datapath holds, not compared. In ebpf
+// mode, packets are the packet layer's ports, which the maps' unnamed ones
+// cannot be joined with: each is shown on its own.
+func datapathOnly(mode string, dps, packets []*dpPort, f filter) ([]ServicePort, []string) {
 	var out []ServicePort
 	var warnings []string
 	for _, dp := range dps {
 		if f.active() && (!dp.named || !f.matches(dp.name.ServiceName)) {
 			continue
 		}
-		sp := portView(mode, dp, nil, nil)
+		sp := portView(mode, dp, nil, nil, nil)
 		sp.Status = StatusUnchecked
 		sp.Differences = append(sp.Differences, dp.problems...)
+		out = append(out, sp)
+	}
+	for _, pk := range packets {
+		if f.active() && !f.matches(pk.name.ServiceName) {
+			continue
+		}
+		sp := portView(mode, nil, pk, nil, nil)
+		sp.Status = StatusUnchecked
 		out = append(out, sp)
 	}
 	if f.active() && mode == ModeEBPF {
@@ -40,11 +50,13 @@ func datapathOnly(mode string, dps []*dpPort, f filter) ([]ServicePort, []string
 }
 
 // compare matches the datapath's ports with the expected ones and says
-// where they differ.
-func compare(mode string, dps []*dpPort, exp *expected, f filter) []ServicePort {
+// where they differ; packets are the ebpf mode's packet layer's ports
+// (nil when not read).
+func compare(mode string, dps, packets []*dpPort, exp *expected, f filter) []ServicePort {
 	type want struct {
-		p  *model.ServicePort
-		dp *dpPort
+		p      *model.ServicePort
+		dp     *dpPort
+		packet *dpPort
 	}
 	wants := make([]*want, 0, len(exp.ports))
 	byName := map[model.ServicePortName]*want{}
@@ -83,17 +95,30 @@ func compare(mode string, dps []*dpPort, exp *expected, f filter) []ServicePort 
 		}
 	}
 
+	var extraPackets []*dpPort
+	for _, pk := range packets {
+		if w := byName[pk.name]; w != nil {
+			w.packet = pk
+		} else {
+			extraPackets = append(extraPackets, pk)
+		}
+	}
+
 	var out []ServicePort
 	for _, w := range wants {
 		if f.active() && !f.matches(w.p.Name.ServiceName) {
 			continue
 		}
-		sp := portView(mode, w.dp, w.p, exp.states)
+		sp := portView(mode, w.dp, w.packet, w.p, exp.states)
+		var packetDiffs []string
+		if packets != nil {
+			packetDiffs = packetDifferences(w.packet, w.p, exp.states)
+		}
 		if w.dp == nil {
 			sp.Status = StatusMissing
-			sp.Differences = []string{"the datapath holds nothing of this port: it is not programmed"}
+			sp.Differences = append([]string{"the datapath holds nothing of this port: it is not programmed"}, packetDiffs...)
 		} else {
-			sp.Differences = append(differences(mode, w.dp, w.p, exp.states), w.dp.problems...)
+			sp.Differences = append(append(differences(mode, w.dp, w.p, exp.states), packetDiffs...), w.dp.problems...)
 			sp.Status = StatusOK
 			if len(sp.Differences) > 0 {
 				sp.Status = StatusDiffers
@@ -105,10 +130,76 @@ func compare(mode string, dps []*dpPort, exp *expected, f filter) []ServicePort 
 		if f.active() && (!dp.named || !f.matches(dp.name.ServiceName)) {
 			continue
 		}
-		sp := portView(mode, dp, nil, nil)
+		sp := portView(mode, dp, nil, nil, nil)
 		sp.Status = StatusExtra
 		sp.Differences = append([]string{"the API server has no such port: the datapath serves it still"}, dp.problems...)
 		out = append(out, sp)
+	}
+	for _, pk := range extraPackets {
+		if f.active() && !f.matches(pk.name.ServiceName) {
+			continue
+		}
+		sp := portView(mode, nil, pk, nil, nil)
+		sp.Status = StatusExtra
+		sp.Differences = []string{"the API server has no such port: the packet layer serves it still"}
+		out = append(out, sp)
+	}
+	return out
+}
+
+// packetDifferences compares the ebpf mode's packet layer's rules for a
+// port (nil: none) with what they should be: as the iptables mode's, for
+// the ports with an external frontend only, without the ClusterIP (unless
+// the rules hold it: --bpf-socket-lb-host-netns-only serves pods' ClusterIP
+// traffic there too), and with the Local list only for
+// externalTrafficPolicy Local (iptables.viewOf with noClusterIPs).
+func packetDifferences(pk *dpPort, p *model.ServicePort, states map[endpointKey]endpointState) []string {
+	clusterIPs := pk != nil && slices.ContainsFunc(pk.frontends, func(f dpFrontend) bool { return f.kind == kindClusterIP })
+	if !p.External.Accessible() && !clusterIPs {
+		if pk != nil {
+			return []string{"the packet layer holds rules for a port without external frontends"}
+		}
+		return nil
+	}
+	if pk == nil {
+		return []string{"the packet layer holds nothing of this port: packets from outside the node are not served"}
+	}
+	var out []string
+	have := map[feKey]bool{}
+	for _, fe := range pk.frontends {
+		have[fe.key()] = true
+	}
+	want := map[feKey]bool{}
+	for _, fe := range frontendsFor(ModeIPTables, p) {
+		want[fe.key()] = true
+		if fe.kind == kindClusterIP && !clusterIPs {
+			continue
+		}
+		if !have[fe.key()] {
+			out = append(out, fmt.Sprintf("frontend %s %s is missing from the packet layer", fe.kind, fe.address()))
+		}
+	}
+	for _, fe := range pk.frontends {
+		if !want[fe.key()] {
+			out = append(out, fmt.Sprintf("frontend %s %s should not be in the packet layer", fe.kind, fe.address()))
+		}
+	}
+	wantLists := listsFor(ModeIPTables, p, pk)
+	if !clusterIPs && !p.External.PolicyLocal {
+		delete(wantLists, listLocal)
+	}
+	for _, list := range []string{listCluster, listLocal} {
+		wl, hl := wantLists[list], pk.lists[list]
+		for _, b := range wl {
+			if !slices.Contains(hl, b) {
+				out = append(out, fmt.Sprintf("backend %s (%s) is missing from the packet layer's %s endpoints", b, stateOf(p.Name, b, states), list))
+			}
+		}
+		for _, b := range hl {
+			if !slices.Contains(wl, b) {
+				out = append(out, fmt.Sprintf("backend %s (%s) should not be among the packet layer's %s endpoints", b, stateOf(p.Name, b, states), list))
+			}
+		}
 	}
 	return out
 }
@@ -210,12 +301,18 @@ func listLabel(mode, list string, internalLocal bool) string {
 	return list
 }
 
-// portView is the report of one port: what dp holds, and what p says
-// when compared (either may be nil, not both).
-func portView(mode string, dp *dpPort, p *model.ServicePort, states map[endpointKey]endpointState) ServicePort {
+// portView is the report of one port: what dp (the maps, or the rules)
+// and pk (the ebpf mode's packet layer) hold, and what p says when
+// compared (any may be nil, not all).
+func portView(mode string, dp, pk *dpPort, p *model.ServicePort, states map[endpointKey]endpointState) ServicePort {
 	var sp ServicePort
 	internalLocal := dp != nil && dp.internalLocal
 	switch {
+	case dp == nil && p == nil:
+		sp.Service, sp.Port, sp.Protocol = pk.name.ServiceName.String(), pk.name.Port, pk.proto.String()
+		if pk.externalLocal {
+			sp.ExternalTrafficPolicy = policy(true)
+		}
 	case p != nil:
 		sp.Service, sp.Port, sp.Protocol = p.Name.ServiceName.String(), p.Name.Port, p.Name.Protocol.String()
 		internalLocal = p.InternalLocal
@@ -237,6 +334,10 @@ func portView(mode string, dp *dpPort, p *model.ServicePort, states map[endpoint
 		}
 	}
 
+	layer := ""
+	if mode == ModeEBPF {
+		layer = "socket"
+	}
 	// Frontends: the datapath's, then those missing from it.
 	have := map[feKey]bool{}
 	if dp != nil {
@@ -251,7 +352,7 @@ func portView(mode string, dp *dpPort, p *model.ServicePort, states map[endpoint
 			if k, ok := kinds[fe.key()]; ok && kind == kindExternal {
 				kind = k
 			}
-			sp.Frontends = append(sp.Frontends, Frontend{Kind: kind, Address: fe.address(), InDatapath: true})
+			sp.Frontends = append(sp.Frontends, Frontend{Kind: kind, Address: fe.address(), InDatapath: true, Layer: layer})
 			have[fe.key()] = true
 		}
 		sp.AffinitySeconds = dp.affinity
@@ -260,14 +361,29 @@ func portView(mode string, dp *dpPort, p *model.ServicePort, states map[endpoint
 	if p != nil {
 		for _, fe := range frontendsFor(mode, p) {
 			if !have[fe.key()] && !fe.optional {
-				sp.Frontends = append(sp.Frontends, Frontend{Kind: fe.kind, Address: fe.address()})
+				sp.Frontends = append(sp.Frontends, Frontend{Kind: fe.kind, Address: fe.address(), Layer: layer})
 			}
 		}
+	}
+	if pk != nil {
+		for _, fe := range pk.frontends {
+			sp.Frontends = append(sp.Frontends, Frontend{Kind: fe.kind, Address: fe.address(), InDatapath: true, Layer: "packet"})
+		}
+		if dp == nil && pk.affinity > 0 {
+			sp.AffinitySeconds = pk.affinity
+		}
+	}
+	if p != nil {
 		if dp == nil && p.Affinity > 0 {
 			sp.AffinitySeconds = affinitySeconds(mode, p)
 		}
 	}
-	slices.SortStableFunc(sp.Frontends, func(a, b Frontend) int { return cmp.Compare(frontendRank(a.Kind), frontendRank(b.Kind)) })
+	slices.SortStableFunc(sp.Frontends, func(a, b Frontend) int {
+		if c := strings.Compare(b.Layer, a.Layer); c != 0 {
+			return c // socket before packet
+		}
+		return cmp.Compare(frontendRank(a.Kind), frontendRank(b.Kind))
+	})
 
 	// Backends: every one the datapath holds or the API lists.
 	policies := map[model.Backend][]string{}
@@ -279,6 +395,15 @@ func portView(mode string, dp *dpPort, p *model.ServicePort, states map[endpoint
 				if !slices.Contains(policies[b], label) {
 					policies[b] = append(policies[b], label)
 				}
+				all = append(all, b)
+			}
+		}
+	}
+	if pk != nil {
+		for list, bs := range pk.lists {
+			label := "packet-" + list
+			for _, b := range bs {
+				policies[b] = append(policies[b], label)
 				all = append(all, b)
 			}
 		}

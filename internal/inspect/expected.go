@@ -137,9 +137,9 @@ type expFrontend struct {
 // maps hold what the socket programs serve (see ebpf.socketFrontends):
 // the ClusterIP; the node port on each node port address; external IPs
 // that are the node's own; LoadBalancer IPs without source ranges; never
-// a host-scoped address. The rest of a port's external frontends are the
-// packet layer's iptables rules, which inspect does not read in ebpf
-// mode. The iptables rules hold every frontend.
+// a host-scoped address. Packets from outside the node meet the packet
+// layer's iptables rules instead, which hold every external frontend (see
+// packetDifferences), as the iptables mode's rules hold every frontend.
 func frontendsFor(mode string, p *model.ServicePort) []expFrontend {
 	proto := p.ClusterIP.Protocol
 	port := p.ClusterIP.Port

@@ -26,8 +26,9 @@ type Options struct {
 	Mode string
 	// BPFFSPath is the proxy's --bpffs-path.
 	BPFFSPath string
-	// IPTables says which backend to read, and in which network
-	// namespace (tests read their own).
+	// IPTables says which backend's rules to read (the iptables mode's,
+	// or the ebpf mode's packet layer's), and in which network namespace
+	// (tests read their own).
 	IPTables iptables.Config
 	// Node is this node's name, for the Local policies.
 	Node string
@@ -49,8 +50,8 @@ var ErrNoDatapath = errors.New("no datapath found on this node")
 func Inspect(ctx context.Context, o Options) (*Report, error) {
 	r := &Report{Node: o.Node, Mode: o.Mode, API: APIStatus{Server: o.Server}}
 	var (
-		dps   []*dpPort
-		rules *iptables.SavedRules
+		dps, packets []*dpPort
+		rules        *iptables.SavedRules
 	)
 	if o.Mode == ModeAuto || o.Mode == "" {
 		switch {
@@ -77,6 +78,21 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 		dps = fromPinned(pinned)
 		r.Source = o.BPFFSPath
 		r.Events = pinned.Events
+		// The packet layer: the rules that serve packets from outside
+		// the node (node ports, external and load balancer IPs).
+		pr, err := iptables.ReadRules(ctx, o.IPTables)
+		switch {
+		case err != nil:
+			r.Warnings = append(r.Warnings, "the packet layer's iptables rules could not be read: "+err.Error())
+		case !bytes.Contains(pr.NAT, []byte(":"+iptables.ChainServices+" ")):
+			r.Warnings = append(r.Warnings, "the packet layer has no "+iptables.ChainServices+" chain in the iptables-"+pr.Backend+" nat table")
+			packets = []*dpPort{}
+		default:
+			packets = fromRules(pr.NAT, pr.Filter)
+			if packets == nil {
+				packets = []*dpPort{}
+			}
+		}
 	case ModeIPTables:
 		if rules == nil {
 			var err error
@@ -96,15 +112,19 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 		if o.ClientError != nil {
 			r.API.Error = o.ClientError.Error()
 		}
-		r.ServicePorts, r.Warnings = datapathOnly(r.Mode, dps, f)
+		var warnings []string
+		r.ServicePorts, warnings = datapathOnly(r.Mode, dps, packets, f)
+		r.Warnings = append(r.Warnings, warnings...)
 	} else {
 		exp, err := listExpected(ctx, o.Client, o.Node)
 		if err != nil {
 			r.API.Error = err.Error()
-			r.ServicePorts, r.Warnings = datapathOnly(r.Mode, dps, f)
+			var warnings []string
+			r.ServicePorts, warnings = datapathOnly(r.Mode, dps, packets, f)
+			r.Warnings = append(r.Warnings, warnings...)
 		} else {
 			r.API.Compared = true
-			r.ServicePorts = compare(r.Mode, dps, exp, f)
+			r.ServicePorts = compare(r.Mode, dps, packets, exp, f)
 		}
 	}
 	sortPorts(r.ServicePorts)

@@ -166,7 +166,7 @@ func TestCompareBackendStates(t *testing.T) {
 			}
 			dp.lists[list] = []model.Backend{ready, terminating}
 			dp.frontends = []dpFrontend{{kind: kindClusterIP, addr: netip.MustParseAddr("10.96.0.10"), port: 80, proto: model.TCP}}
-			ports := compare(mode, []*dpPort{dp}, exp, filter{})
+			ports := compare(mode, []*dpPort{dp}, nil, exp, filter{})
 			if len(ports) != 1 {
 				t.Fatalf("ports %+v", ports)
 			}
@@ -217,7 +217,7 @@ func TestCompareJoinsServiceIDs(t *testing.T) {
 			Backends: []ebpf.PinnedBackend{{ID: 1, Backend: local, Protocol: model.TCP, Slots: 1}, {ID: 2, Backend: remote, Protocol: model.TCP, Slots: 1}},
 			Counters: &ebpf.PinnedCounters{Connections: 4, Refused: 1}},
 	}}
-	ports := compare(ModeEBPF, fromPinned(pinned), exp, filter{})
+	ports := compare(ModeEBPF, fromPinned(pinned), nil, exp, filter{})
 	if len(ports) != 1 {
 		t.Fatalf("%d ports, want the two ids joined in one: %+v", len(ports), ports)
 	}
@@ -251,7 +251,7 @@ func TestFilter(t *testing.T) {
 		{filter{namespace: "default"}, []string{"default/web", "default/db"}},
 		{filter{namespace: "shop", name: "web"}, []string{"shop/web"}},
 	} {
-		ports, _ := datapathOnly(ModeIPTables, dps, tt.f)
+		ports, _ := datapathOnly(ModeIPTables, dps, nil, tt.f)
 		var got []string
 		for _, p := range ports {
 			got = append(got, p.Service)
@@ -298,7 +298,7 @@ func TestPinnedInconsistencies(t *testing.T) {
 		Backends:     []ebpf.PinnedBackend{{ID: 1, Backend: backend("10.244.0.1:80"), Protocol: model.TCP, Slots: 1}, {ID: 9, Missing: true, Slots: 1}},
 		MissingSlots: 1,
 	}}}
-	ports, _ := datapathOnly(ModeEBPF, fromPinned(pinned), filter{})
+	ports, _ := datapathOnly(ModeEBPF, fromPinned(pinned), nil, filter{})
 	want := []string{
 		"service id 7: a slot names backend id 9, which the backend map does not hold",
 		"service id 7: 1 of its live slots have no entry",

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -77,8 +78,9 @@ func kernelAPI(servers []string) *fake.Clientset {
 	)
 }
 
-// runProxy runs the proxy with dp against api until the test ends.
-func runProxy(t *testing.T, api *fake.Clientset, dp dataplane.Dataplane) {
+// runProxy runs the proxy with dp against api until the test ends. The
+// returned function reports the error the proxy stopped with, if it did.
+func runProxy(t *testing.T, api *fake.Clientset, dp dataplane.Dataplane) func() error {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -91,8 +93,13 @@ func runProxy(t *testing.T, api *fake.Clientset, dp dataplane.Dataplane) {
 			HealthzBindAddress: testnet.FreeAddr(t), MetricsBindAddress: testnet.FreeAddr(t),
 		})
 	}()
+	var stopped error
 	t.Cleanup(func() {
 		cancel()
+		if stopped != nil {
+			dp.Close()
+			return
+		}
 		select {
 		case err := <-done:
 			if err != nil {
@@ -103,14 +110,28 @@ func runProxy(t *testing.T, api *fake.Clientset, dp dataplane.Dataplane) {
 		}
 		dp.Close()
 	})
+	return func() error {
+		if stopped != nil {
+			return stopped
+		}
+		select {
+		case err := <-done:
+			stopped = fmt.Errorf("the proxy stopped: %v", err)
+		default:
+		}
+		return stopped
+	}
 }
 
 // inspectUntil runs inspect until done accepts its report (the proxy syncs
 // when it will), and returns that report; it fails the test after 30s.
-func inspectUntil(t *testing.T, o Options, what string, done func(*Report) bool) *Report {
+func inspectUntil(t *testing.T, o Options, proxyFailed func() error, what string, done func(*Report) bool) *Report {
 	t.Helper()
 	var last bytes.Buffer
 	for range 300 {
+		if err := proxyFailed(); err != nil {
+			t.Fatal(err)
+		}
 		r, err := Inspect(context.Background(), o)
 		if errors.Is(err, ErrNoDatapath) {
 			// Nothing programmed yet.
@@ -192,7 +213,20 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 					MaxSockets: 256, NodeNetNS: "/run/netns/" + n.Node}
 				t.Cleanup(func() { _ = ebpf.Cleanup(cfg.BPFFSPath) })
 				o.BPFFSPath = cfg.BPFFSPath
-				dp, err = ebpf.New(cfg)
+				// As the binary runs it: the socket layer, and the
+				// packet layer's rules for packets from outside.
+				var sockets *ebpf.Dataplane
+				if sockets, err = ebpf.New(cfg); err != nil {
+					t.Fatal(err)
+				}
+				var packets *iptables.Dataplane
+				packets, err = iptables.New(context.Background(), iptables.Config{Backend: iptables.BackendNFT, NetNS: o.IPTables.NetNS,
+					ExternalOnly: true, LockFile: filepath.Join(t.TempDir(), "xtables.lock")})
+				if err != nil {
+					sockets.Close()
+					t.Fatal(err)
+				}
+				dp = &dataplane.Layered{Primary: sockets, Packets: packets}
 			} else {
 				// No pins there: auto-detection must find the rules,
 				// and the backend holding them.
@@ -203,9 +237,9 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			runProxy(t, api, dp)
+			proxyFailed := runProxy(t, api, dp)
 
-			r := inspectUntil(t, o, "all five Services programmed", func(r *Report) bool {
+			r := inspectUntil(t, o, proxyFailed, "all five Services programmed", func(r *Report) bool {
 				return r.Differences == 0 && len(r.ServicePorts) == 5
 			})
 			if r.Mode != mode || !r.API.Compared {
@@ -259,13 +293,16 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			}
 			var fes []string
 			for _, f := range edge.Frontends {
-				fes = append(fes, f.Kind+" "+f.Address)
+				fes = append(fes, strings.TrimSpace(f.Kind+" "+f.Address+" "+f.Layer))
 			}
 			// The socket layer serves the node port on the node's
 			// address, the external IP that is the node's own and the
-			// load balancer IP; the packet layer the other external IP.
-			// The rules serve them all.
-			want := []string{"ClusterIP 10.96.0.14:443", "NodePort " + nodeAddress + ":30443", "ExternalIP " + nodeAddress + ":443", "LoadBalancerIP 203.0.113.5:443"}
+			// load balancer IP; the packet layer every external
+			// frontend, for packets from outside. The iptables mode's
+			// rules serve them all.
+			want := []string{"ClusterIP 10.96.0.14:443 socket", "NodePort " + nodeAddress + ":30443 socket", "ExternalIP " + nodeAddress + ":443 socket",
+				"LoadBalancerIP 203.0.113.5:443 socket", "NodePort *:30443 packet", "ExternalIP " + nodeAddress + ":443 packet",
+				"ExternalIP 198.51.100.7:443 packet", "LoadBalancerIP 203.0.113.5:443 packet"}
 			if mode == ModeIPTables {
 				want = []string{"ClusterIP 10.96.0.14:443", "NodePort *:30443", "ExternalIP " + nodeAddress + ":443", "ExternalIP 198.51.100.7:443", "LoadBalancerIP 203.0.113.5:443"}
 			}
@@ -275,8 +312,9 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			// From sockets on the node, every endpoint (kube-proxy's short
 			// circuit); the rules for traffic from outside hold the local
 			// one only.
-			wantBackends := []string{servers[0] + ":8080 ready cluster", servers[1] + ":8080 ready cluster"}
+			wantBackends := []string{servers[0] + ":8080 ready cluster,packet-cluster,packet-local", servers[1] + ":8080 ready cluster,packet-cluster"}
 			if mode == ModeIPTables {
+				wantBackends[1] = servers[1] + ":8080 ready cluster"
 				wantBackends[0] = servers[0] + ":8080 ready cluster,local"
 			}
 			if got := backendSummary(edge); !slices.Equal(got, wantBackends) {
@@ -320,14 +358,32 @@ func TestKernelInspectRunningProxy(t *testing.T) {
 			}
 			t.Logf("%s mode:\n%s", mode, table.String())
 
+			if mode == ModeEBPF {
+				// The packet layer loses the edge's external IP and
+				// load balancer IP rules.
+				unprogramRules(t, n, iptables.BackendNFT, "shop/edge:https")
+				code, r := runInspect(t, o)
+				edge := port(r, "shop/edge", "https")
+				want := []string{
+					"frontend ExternalIP 192.0.2.1:443 is missing from the packet layer",
+					"frontend ExternalIP 198.51.100.7:443 is missing from the packet layer",
+					"frontend LoadBalancerIP 203.0.113.5:443 is missing from the packet layer",
+				}
+				if code != ExitDifferences || edge == nil || edge.Status != StatusDiffers || !slices.Equal(edge.Differences, want) {
+					t.Errorf("the packet layer without shop/edge's rules: exit %d, %+v; want 1, differences %q", code, edge, want)
+				}
+			}
+
 			// Without the API: the datapath alone, consistent in itself.
 			o.Client, o.ClientError = nil, context.DeadlineExceeded
 			code, r = runInspect(t, o)
 			if code != ExitConsistent || r.API.Compared || r.API.Error == "" {
 				t.Errorf("without the API: exit %d, api %+v; want 0, not compared, with the reason", code, r.API)
 			}
-			if len(r.ServicePorts) != 4 {
-				t.Errorf("without the API: %d ports shown, want the 4 programmed", len(r.ServicePorts))
+			// ebpf: the four service ids left, which the maps do not
+			// name, and the packet layer's shop/edge.
+			if want := map[string]int{ModeEBPF: 5, ModeIPTables: 4}[mode]; len(r.ServicePorts) != want {
+				t.Errorf("without the API: %d ports shown, want %d", len(r.ServicePorts), want)
 			}
 		})
 	}

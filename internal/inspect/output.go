@@ -44,7 +44,7 @@ func WriteTable(w io.Writer, r *Report) error {
 
 	var table bytes.Buffer
 	tw := tabwriter.NewWriter(&table, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "SERVICE PORT\tFRONTEND / BACKEND\tKIND / STATE\tPOLICIES\tDETAILS")
+	fmt.Fprintln(tw, "SERVICE PORT\tFRONTEND / BACKEND\tKIND / STATE\tLAYER / POLICIES\tDETAILS")
 	for _, sp := range r.ServicePorts {
 		name := portLabel(sp)
 		var details []string
@@ -66,7 +66,7 @@ func WriteTable(w io.Writer, r *Report) error {
 			if !fe.InDatapath {
 				note = "MISSING"
 			}
-			fmt.Fprintf(tw, "\t%s\t%s\t\t%s\n", fe.Address, fe.Kind, note)
+			fmt.Fprintf(tw, "\t%s\t%s\t%s\t%s\n", fe.Address, fe.Kind, fe.Layer, note)
 		}
 		if len(sp.Backends) == 0 {
 			fmt.Fprintf(tw, "\t-> (no endpoints)\t\t\t\n")

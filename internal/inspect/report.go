@@ -105,6 +105,10 @@ type Frontend struct {
 	Address string `json:"address"`
 	// InDatapath: the datapath holds it (false: expected, missing).
 	InDatapath bool `json:"inDatapath"`
+	// Layer, in ebpf mode: "socket" (the BPF maps: what sockets on the
+	// node reach) or "packet" (the packet layer's iptables rules: what
+	// packets from outside the node reach). Empty in iptables mode.
+	Layer string `json:"layer,omitempty"`
 }
 
 // Backend is an endpoint of a service port.
@@ -119,8 +123,9 @@ type Backend struct {
 	State string `json:"state"`
 	// Policies are the traffic policies' backend lists the datapath
 	// holds it in: "cluster" (every endpoint) and "local" (this node's,
-	// for internalTrafficPolicy or externalTrafficPolicy Local). Empty:
-	// the datapath does not send new connections to it.
+	// for internalTrafficPolicy or externalTrafficPolicy Local); in ebpf
+	// mode also "packet-cluster" and "packet-local", the packet layer's
+	// lists. Empty: the datapath does not send new connections to it.
 	Policies []string `json:"policies"`
 	// Local: the endpoint is on this node (known when compared).
 	Local *bool `json:"local,omitempty"`
