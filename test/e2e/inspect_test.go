@@ -13,7 +13,9 @@ import (
 	"time"
 
 	cebpf "github.com/cilium/ebpf"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/inspect"
 )
@@ -56,14 +58,27 @@ func inspectedPort(r *inspect.Report, service string) *inspect.ServicePort {
 
 // inspectNode runs inspect on a node the proxy serves: the node is
 // consistent (exit 0) and its Services are shown with their endpoints;
-// then a Service's program is removed behind the proxy's back (its
-// frontend map entry, or its KUBE-SERVICES rule), and inspect reports it
-// missing with exit status 1.
+// then a Service's ClusterIP is removed behind the proxy's back (its
+// frontend map entry, or its KUBE-SERVICES rule), and inspect reports that
+// frontend missing with exit status 1.
 func (e *env) inspectNode(t *testing.T, ns, mode string) {
 	ctx := context.Background()
 	e.addWeb(t, ns, "inspected-1", "node1", "inspected")
 	e.addWeb(t, ns, "inspected-2", "node2", "inspected")
-	vip := e.createService(t, ns, "inspected", 80)
+	// A NodePort Service: in ebpf mode its node port is in the maps and
+	// in the packet layer's rules.
+	svc, err := e.c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "inspected"},
+		Spec: corev1.ServiceSpec{
+			Type:     corev1.ServiceTypeNodePort,
+			Selector: map[string]string{"app": "inspected"},
+			Ports:    []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(80), Protocol: corev1.ProtocolTCP}},
+		},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	vip := svc.Spec.ClusterIP
 	e.expectBackends(t, vip+":80", "inspected-1", "inspected-2")
 	service := ns + "/inspected"
 
@@ -82,9 +97,26 @@ func (e *env) inspectNode(t *testing.T, ns, mode string) {
 	if p == nil || p.Status != inspect.StatusOK || len(p.Backends) != 2 {
 		t.Fatalf("%s: %+v, want ok with two backends", service, p)
 	}
+	nodePorts := map[string]bool{}
+	for _, f := range p.Frontends {
+		if f.Kind == "NodePort" {
+			nodePorts[f.Layer] = true
+		}
+	}
+	wantLists := "cluster"
+	if mode == "ebpf" {
+		// Sockets on the node reach it in the maps; packets from
+		// outside in the packet layer's rules.
+		wantLists = "cluster,packet-cluster"
+		if !nodePorts["socket"] || !nodePorts["packet"] {
+			t.Errorf("%s frontends %+v, want its node port in both layers", service, p.Frontends)
+		}
+	} else if !nodePorts[""] {
+		t.Errorf("%s frontends %+v, want its node port", service, p.Frontends)
+	}
 	for _, b := range p.Backends {
-		if b.State != "ready" || len(b.Policies) != 1 || b.Policies[0] != "cluster" {
-			t.Errorf("%s backend %+v, want ready, in the cluster list", service, b)
+		if b.State != "ready" || strings.Join(b.Policies, ",") != wantLists {
+			t.Errorf("%s backend %+v, want ready, in lists %s", service, b, wantLists)
 		}
 		if local := b.Local != nil && *b.Local; local != strings.HasPrefix(b.Address, "10.244.1.") {
 			t.Errorf("%s backend %s: local %v, want it local to node1 exactly when in node1's pod range", service, b.Address, local)
@@ -140,8 +172,10 @@ func (e *env) inspectNode(t *testing.T, ns, mode string) {
 	if code != inspect.ExitDifferences {
 		t.Errorf("inspect with %s unprogrammed: exit %d, want %d", service, code, inspect.ExitDifferences)
 	}
-	if p := inspectedPort(r, service); p == nil || p.Status != inspect.StatusMissing {
-		t.Errorf("%s unprogrammed: %+v, want status missing", service, p)
+	// Its node port still serves: the port differs, by its ClusterIP.
+	want := "frontend ClusterIP " + vip + ":80 is missing"
+	if p := inspectedPort(r, service); p == nil || p.Status != inspect.StatusDiffers || len(p.Differences) != 1 || p.Differences[0] != want {
+		t.Errorf("%s with its ClusterIP unprogrammed: %+v, want status differs: %s", service, p, want)
 	}
 	// Only that Service's port, and the other node is untouched.
 	if r.Differences != 1 {
