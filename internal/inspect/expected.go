@@ -175,10 +175,12 @@ func listsFor(mode string, p *model.ServicePort, dp *dpPort) map[string][]model.
 		// See ebpf.groupsOf: the ClusterIP's connections go to the
 		// internal policy's endpoints; those to external frontends
 		// from sockets on the node to the Cluster endpoints, whatever
-		// the external traffic policy. The external list is compared
-		// where the datapath holds an external frontend: a missing
-		// one is reported as such.
-		out[listInternal] = p.Backends
+		// the external traffic policy. Each list is compared where the
+		// datapath holds a frontend using it: a missing frontend is
+		// reported as such, not again by its backends.
+		if _, ok := dp.lists[listInternal]; ok {
+			out[listInternal] = p.Backends
+		}
 		if _, ok := dp.lists[listExternal]; ok {
 			cluster := p.Backends
 			if p.InternalLocal {

@@ -310,3 +310,28 @@ func TestPinnedInconsistencies(t *testing.T) {
 		t.Errorf("backends %+v, want 10.244.0.1:80 active with weight 1", got)
 	}
 }
+
+// A port whose ClusterIP entry is gone while its node port's remains
+// differs by that frontend alone: the ClusterIP's backend list goes with
+// its entry, and is not reported again backend by backend.
+func TestCompareMissingClusterIPOnly(t *testing.T) {
+	b1, b2 := backend("10.244.1.11:80"), backend("10.244.2.11:80")
+	name := spn("ebpf/inspected", "http")
+	vip := netip.MustParseAddr("10.96.101.195")
+	exp := &expected{ports: []model.ServicePort{{
+		Name: name, ClusterIP: model.Frontend{IP: vip, Port: 80, Protocol: model.TCP},
+		Backends: []model.Backend{b1, b2}, Serving: []model.Backend{b1, b2}, HasEndpoints: true,
+		External: model.External{NodePort: 32177},
+	}}}
+	pinned := &ebpf.Pinned{Groups: []ebpf.PinnedGroup{{
+		ID: 1,
+		Frontends: []ebpf.PinnedFrontend{{Frontend: model.Frontend{IP: netip.MustParseAddr("172.30.0.11"), Port: 32177, Protocol: model.TCP},
+			Kind: ebpf.KindNodePort, Count: 2}},
+		Backends: []ebpf.PinnedBackend{{ID: 1, Backend: b1, Protocol: model.TCP, Slots: 1}, {ID: 2, Backend: b2, Protocol: model.TCP, Slots: 1}},
+	}}}
+	ports := compare(ModeEBPF, fromPinned(pinned), nil, exp, filter{})
+	want := []string{"frontend ClusterIP 10.96.101.195:80 is missing"}
+	if len(ports) != 1 || ports[0].Status != StatusDiffers || !slices.Equal(ports[0].Differences, want) {
+		t.Fatalf("ports %+v, want one differing by %q", ports, want)
+	}
+}
