@@ -16,7 +16,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 )
 
-const usageLine = "usage: kube-bpf-proxy [--config=FILE] [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [--version] [flags]\n       kube-bpf-proxy probe server|client [flags]"
+const usageLine = "usage: kube-bpf-proxy [--config=FILE] [--mode=ebpf|iptables] [--kubeconfig=PATH] [--hostname-override=NODE] [--cleanup] [--version] [flags]\n       kube-bpf-proxy probe server|client [flags]\n       kube-bpf-proxy inspect [[namespace/]name] [-o json] [flags]"
 
 type options struct {
 	// configFile is kube-proxy's KubeProxyConfiguration (config.go).

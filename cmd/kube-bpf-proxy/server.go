@@ -24,6 +24,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/inspect"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
@@ -39,6 +40,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		// The latency probe ships in the proxy's image as a subcommand
 		// with flags of its own.
 		return probe.Main(ctx, args[1:], stderr, os.LookupEnv)
+	}
+	if len(args) > 0 && args[0] == "inspect" {
+		// What this node's datapath serves, against what the API server
+		// says it should (docs/operations.md).
+		return inspect.Main(ctx, args[1:], stdout, stderr, os.LookupEnv)
 	}
 	var o options
 	fs := newFlagSet(&o, stderr)
