@@ -107,16 +107,6 @@ type dpPort struct {
 	problems []string
 }
 
-func (p *dpPort) label() string {
-	if p.named {
-		return p.name.String()
-	}
-	if len(p.frontends) > 0 {
-		return p.frontends[0].address() + "/" + p.proto.String()
-	}
-	return "?"
-}
-
 // fromPinned turns the maps' service ids into datapath ports, one per id.
 func fromPinned(pinned *ebpf.Pinned) []*dpPort {
 	var out []*dpPort
