@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path"
 	"path/filepath"
 	"strings"
@@ -430,3 +431,31 @@ func checkParents(root, target string) error {
 }
 
 func mkfifo(p string) error { return syscall.Mkfifo(p, 0o600) }
+
+// Build runs hack/image.sh in the repository at repo (the root filesystem
+// cached, the binary rebuilt) and returns the archive's path.
+func Build(repo string) (string, error) {
+	cmd := exec.Command(filepath.Join(repo, "hack/image.sh"))
+	cmd.Dir = repo
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("hack/image.sh: %w\n%s", err, out)
+	}
+	return filepath.Abs(filepath.Join(repo, "_output/kube-bpf-proxy-image.tar"))
+}
+
+// Unpacked checks the archive (Open) and unpacks it into dir, which must
+// not exist yet; it returns the image's entrypoint.
+func Unpacked(archive, dir string) (entrypoint []string, err error) {
+	img, err := Open(archive)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", archive, err)
+	}
+	if _, err := os.Stat(dir); err == nil {
+		return nil, fmt.Errorf("%s exists already", dir)
+	}
+	if err := img.Unpack(dir); err != nil {
+		return nil, err
+	}
+	return img.Config.Config.Entrypoint, nil
+}
