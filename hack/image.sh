@@ -36,7 +36,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 cache="${KBP_CACHE:-/var/cache/kube-bpf-proxy}"
 suite=bookworm
-packages=($(grep -v '^\s*\(#\|$\)' hack/image/packages))
+mapfile -t packages < <(grep -v '^\s*\(#\|$\)' hack/image/packages)
 
 if [ -n "${DEBIAN_SNAPSHOT:-}" ]; then
   mirror="http://snapshot.debian.org/archive/debian/$DEBIAN_SNAPSHOT"

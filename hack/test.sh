@@ -23,6 +23,15 @@ hack/kernels.sh --fetch
 # Missing kernels fail the matrix instead of skipping it; the table and
 # each kernel's output go to _output.
 export KBP_REQUIRE_KERNELS=1 KBP_KERNELS_REPORT="$PWD/_output/kernels.md"
+echo "--- the image (make image; its Debian root filesystem built once with debootstrap, cached)"
+# The end-to-end tests run the proxy from it, unpacked; skopeo checks it
+# in TestImage.
+if [ "$(id -u)" = 0 ]; then
+  command -v skopeo >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends skopeo
+  hack/image.sh > _output/image-build.log 2>&1 || { cat _output/image-build.log; echo "building the image failed" >&2; exit 1; }
+  tail -n 5 _output/image-build.log
+  export KBP_IMAGE="$PWD/_output/kube-bpf-proxy-image.tar"
+fi
 echo "--- go test"
 # -p 1: the kernel tests of several packages would otherwise share 2 cores
 # with dozens of helper processes; they are correct in parallel, just slow.
