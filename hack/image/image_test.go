@@ -127,6 +127,7 @@ func TestWriteLayout(t *testing.T) {
 	if os.Geteuid() == 0 && byName["etc/shadow"].Gid != 42 {
 		t.Errorf("etc/shadow: gid %d, want the root filesystem's 42", byName["etc/shadow"].Gid)
 	}
+	skopeoCheck(t, out, "test")
 }
 
 // TestWriteReproducible writes the same inputs twice, with the files'
@@ -256,12 +257,25 @@ func TestImage(t *testing.T) {
 		}
 	}
 
+	skopeoCheck(t, archive, "test")
+	if dir := os.Getenv("KBP_CONTAINERD_DIR"); dir != "" {
+		if out := containerdImport(t, dir, archive); !strings.Contains(out, "docker.io/library/kube-bpf-proxy:test") {
+			t.Errorf("ctr images ls after the import:\n%s", out)
+		}
+	}
+}
+
+// skopeoCheck reads the archive with skopeo (the library podman load uses)
+// as an OCI archive and as a docker archive, and copies it each way, which
+// checks every blob's digest again.
+func skopeoCheck(t *testing.T, archive, tag string) {
+	t.Helper()
 	skopeo, err := exec.LookPath("skopeo")
 	if err != nil {
 		t.Log("skopeo is not installed (apt-get install skopeo): not checked with it")
 		return
 	}
-	for _, ref := range []string{"oci-archive:" + archive + ":test", "docker-archive:" + archive} {
+	for _, ref := range []string{"oci-archive:" + archive + ":" + tag, "docker-archive:" + archive} {
 		out, err := exec.Command(skopeo, "inspect", "--raw", ref).CombinedOutput()
 		if err != nil {
 			t.Errorf("skopeo inspect %s: %v\n%s", ref, err, out)
@@ -275,5 +289,89 @@ func TestImage(t *testing.T) {
 		if out, err := exec.Command(skopeo, "copy", "--quiet", ref, "dir:"+dest).CombinedOutput(); err != nil {
 			t.Errorf("skopeo copy %s: %v\n%s", ref, err, out)
 		}
+	}
+}
+
+// containerdImport imports the archive with `ctr images import` into a
+// containerd started for the test (its own root, state and socket under a
+// temporary directory, no CRI plugin), as kind load image-archive and a
+// node's operator do, unpacking it with the overlayfs snapshotter, and
+// returns what `ctr images ls` lists. dir holds the containerd and ctr
+// binaries (KBP_CONTAINERD_DIR; Debian's containerd package has them).
+func containerdImport(t *testing.T, dir, archive string) string {
+	t.Helper()
+	tmp, err := os.MkdirTemp("", "kbp-containerd-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(tmp)
+	sock := filepath.Join(tmp, "containerd.sock")
+	config := `version = 2
+root = "` + tmp + `/root"
+state = "` + tmp + `/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "` + sock + `"
+[ttrpc]
+  address = "` + sock + `.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "` + tmp + `/opt"
+`
+	if err := os.WriteFile(filepath.Join(tmp, "config.toml"), []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var log bytes.Buffer
+	daemon := exec.Command(filepath.Join(dir, "containerd"), "--config", filepath.Join(tmp, "config.toml"))
+	daemon.Stdout, daemon.Stderr = &log, &log
+	if err := daemon.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = daemon.Process.Kill()
+		_ = daemon.Wait()
+		// Snapshots are mounted only while in use; none is left.
+	}()
+	ctr := func(args ...string) (string, error) {
+		out, err := exec.Command(filepath.Join(dir, "ctr"), append([]string{"--address", sock, "--namespace", "kbp-test"}, args...)...).CombinedOutput()
+		return string(out), err
+	}
+	for i := 0; ; i++ {
+		if _, err := ctr("version"); err == nil {
+			break
+		} else if i == 100 {
+			t.Fatalf("containerd did not start: %v\n%s", err, log.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if out, err := ctr("images", "import", archive); err != nil {
+		t.Fatalf("ctr images import: %v\n%s", err, out)
+	} else {
+		t.Logf("ctr images import:\n%s", out)
+	}
+	out, err := ctr("images", "ls")
+	if err != nil {
+		t.Fatalf("ctr images ls: %v\n%s", err, out)
+	}
+	if check, err := ctr("images", "check"); err != nil || !strings.Contains(check, "complete") {
+		t.Errorf("ctr images check: %v\n%s", err, check)
+	}
+	return out
+}
+
+// TestContainerdImport imports a small image with ctr (when
+// KBP_CONTAINERD_DIR names containerd's binaries): containerd names it
+// after the index's annotation.
+func TestContainerdImport(t *testing.T) {
+	dir := os.Getenv("KBP_CONTAINERD_DIR")
+	if dir == "" || os.Geteuid() != 0 {
+		t.Skip("KBP_CONTAINERD_DIR (containerd and ctr) not set, or not root")
+	}
+	archive := filepath.Join(t.TempDir(), "image.tar")
+	if _, err := Write(archive, Options{Rootfs: fakeRootfs(t), Binary: fakeBinary(t), Name: "kube-bpf-proxy:test",
+		Version: "test", Revision: "abc", Created: epoch}); err != nil {
+		t.Fatal(err)
+	}
+	if out := containerdImport(t, dir, archive); !strings.Contains(out, "docker.io/library/kube-bpf-proxy:test") {
+		t.Errorf("ctr images ls after the import:\n%s", out)
 	}
 }
