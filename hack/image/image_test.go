@@ -375,3 +375,87 @@ func TestContainerdImport(t *testing.T) {
 		t.Errorf("ctr images ls after the import:\n%s", out)
 	}
 }
+
+// rewrite copies the archive with one entry changed by edit.
+func rewrite(t *testing.T, src, dst string, edit func(name string, data []byte) []byte) {
+	t.Helper()
+	in, err := os.Open(src)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	out, err := os.Create(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer out.Close()
+	tr, tw := tar.NewReader(in), tar.NewWriter(out)
+	for {
+		hdr, err := tr.Next()
+		if err != nil {
+			break
+		}
+		var buf bytes.Buffer
+		if _, err := buf.ReadFrom(tr); err != nil {
+			t.Fatal(err)
+		}
+		data := edit(hdr.Name, buf.Bytes())
+		hdr.Size = int64(len(data))
+		if err := tw.WriteHeader(hdr); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tw.Write(data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The check the tests rely on refuses an archive whose parts do not match.
+func TestOpenRejects(t *testing.T) {
+	good := filepath.Join(t.TempDir(), "image.tar")
+	res, err := Write(good, Options{Rootfs: fakeRootfs(t), Binary: fakeBinary(t), Name: "kube-bpf-proxy:test", Created: epoch})
+	if err != nil {
+		t.Fatal(err)
+	}
+	layer := blobPath(res.Layer)
+	for name, edit := range map[string]func(string, []byte) []byte{
+		"a layer byte changed": func(n string, b []byte) []byte {
+			if n == layer {
+				b = append([]byte{}, b...)
+				b[len(b)/2] ^= 0xff
+			}
+			return b
+		},
+		"the config changed": func(n string, b []byte) []byte {
+			if n == blobPath(res.Config) {
+				b = bytes.Replace(b, []byte(`"diff_ids":["sha256:`), []byte(`"diff_ids":["sha256:0`), 1)
+			}
+			return b
+		},
+		"manifest.json names another config": func(n string, b []byte) []byte {
+			if n == "manifest.json" {
+				b = bytes.Replace(b, []byte(strings.TrimPrefix(res.Config, "sha256:")), []byte(strings.TrimPrefix(res.Manifest, "sha256:")), 1)
+			}
+			return b
+		},
+		"the index names another blob": func(n string, b []byte) []byte {
+			if n == "index.json" {
+				b = bytes.Replace(b, []byte(strings.TrimPrefix(res.Manifest, "sha256:")), []byte(strings.TrimPrefix(res.Layer, "sha256:")), 1)
+			}
+			return b
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			bad := filepath.Join(t.TempDir(), "bad.tar")
+			rewrite(t, good, bad, edit)
+			if _, err := ociimage.Open(bad); err == nil {
+				t.Error("accepted")
+			} else {
+				t.Log(err)
+			}
+		})
+	}
+}
