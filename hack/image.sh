@@ -128,9 +128,9 @@ EOF
   mkdir -p "$r/var/lib/apt/lists/partial" "$r/var/cache/apt/archives/partial"
   find "$r/var/log" -type f -delete
   rm -f "$r/etc/machine-id" "$r/var/lib/dbus/machine-id" "$r/etc/hostname" "$r/etc/resolv.conf"
-  # The runtime provides /dev, /proc, /sys and /run; debootstrap left device
+  # The runtime provides /dev, /proc and /sys; debootstrap left device
   # nodes in /dev.
-  find "$r/dev" "$r/proc" "$r/sys" "$r/run" "$r/tmp" -mindepth 1 -delete
+  find "$r/dev" "$r/proc" "$r/sys" "$r/tmp" -mindepth 1 -delete
   # What went in, for docs/image.md and the curious.
   chroot "$r" dpkg-query -W -f '${Package} ${Version}\n' > "$tmp/packages.txt"
   mv "$tmp" "$rootfs_dir"

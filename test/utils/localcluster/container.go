@@ -116,7 +116,7 @@ type Image struct {
 //	unshare --mount --propagation slave   the container's mount namespace
 //	sh -c MOUNTS                          overlay of Image.Root; /proc (its /sys
 //	                                      read-only), a read-only /sys, a minimal
-//	                                      /dev, a tmpfs /run, the ServiceAccount
+//	                                      /dev, the ServiceAccount
 //	                                      volume, the node's /etc/hosts and
 //	                                      resolv.conf, the hostPath mounts
 //	chroot ROOT setpriv ... ENTRYPOINT    the image's entrypoint (or the
@@ -169,7 +169,7 @@ func imageMountScript(image, base, saDir string, mounts []mount, privileged bool
 		// -n: the machine's /run/mount/utab is none of this namespace's
 		// business.
 		"mount -n -t overlay overlay -o lowerdir=" + q(image) + `,upperdir="$d/upper",workdir="$d/work" "$r"`,
-		`mkdir -p "$r/proc" "$r/sys" "$r/dev" "$r/run" "$r/tmp"`,
+		`mkdir -p "$r/proc" "$r/sys" "$r/dev"`,
 		`mount -n -t proc -o nosuid,nodev,noexec proc "$r/proc"`,
 	}
 	if privileged {
@@ -187,7 +187,6 @@ func imageMountScript(image, base, saDir string, mounts []mount, privileged bool
 		`mkdir "$r/dev/shm" "$r/dev/pts"`,
 		`mount -n -t tmpfs -o nosuid,nodev,mode=1777 tmpfs "$r/dev/shm"`,
 		`ln -s /proc/self/fd "$r/dev/fd"`,
-		`mount -n -t tmpfs -o nosuid,nodev,mode=0755 tmpfs "$r/run"`,
 		// The kubelet gives a hostNetwork pod the node's hosts file, and
 		// dnsPolicy Default the node's resolver.
 		`for f in /etc/hosts /etc/resolv.conf; do if [ -f "$f" ]; then rm -f "$r$f"; touch "$r$f"; mount -n --bind "$f" "$r$f"; mount -n -o remount,bind,ro "$r$f"; fi; done`,
