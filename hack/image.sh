@@ -26,7 +26,8 @@
 #                    the root filesystem from that day's archive instead
 #   KBP_CACHE        the cache root (default /var/cache/kube-bpf-proxy)
 #   KBP_IMAGE_ROOTFS print the cached root filesystem's directory and stop
-#                    (used by the tests: KBP_IMAGE_ROOTFS=1 hack/image.sh)
+#                    (used by the tests): 1 builds it if missing, "cached"
+#                    exits 3 instead
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
 
@@ -136,6 +137,10 @@ EOF
   mv "$tmp" "$rootfs_dir"
 }
 
+if [ "${KBP_IMAGE_ROOTFS:-}" = cached ] && [ ! -d "$rootfs_dir/rootfs" ]; then
+  echo "no cached root filesystem in $rootfs_dir: make image builds it" >&2
+  exit 3
+fi
 mkdir -p "$cache"
 exec 9>"$rootfs_dir.lock"
 flock 9
