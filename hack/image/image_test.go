@@ -248,7 +248,8 @@ func TestImage(t *testing.T) {
 		"usr/sbin/iptables-nft-restore", "usr/sbin/iptables-nft-save",
 		"usr/sbin/iptables-legacy-restore", "usr/sbin/iptables-legacy-save",
 		"usr/sbin/conntrack", "usr/sbin/nft",
-		// --iptables-netns runs the commands through nsenter (util-linux)
+		// the iptables code runs them through nsenter (util-linux) in
+		// another network namespace
 		"usr/bin/nsenter",
 	} {
 		if _, ok := byName[want]; !ok {
