@@ -114,14 +114,15 @@ type Image struct {
 // filesystem, with what a runtime and the kubelet put there:
 //
 //	unshare --mount --propagation slave   the container's mount namespace
-//	sh -c MOUNTS                          overlay of Image.Root; /proc (its /sys
-//	                                      read-only), a read-only /sys, a minimal
-//	                                      /dev, the ServiceAccount
-//	                                      volume, the node's /etc/hosts and
-//	                                      resolv.conf, the hostPath mounts
+//	sh -c MOUNTS                          a fresh overlay of Image.Root; /proc
+//	                                      (/proc/sys read-only), a read-only
+//	                                      /sys, a minimal /dev, the
+//	                                      ServiceAccount volume, the node's
+//	                                      /etc/hosts and resolv.conf, the
+//	                                      hostPath mounts where the pod says
 //	chroot ROOT setpriv ... ENTRYPOINT    the image's entrypoint (or the
-//	                                      container's command) with its args,
-//	                                      the image's own setpriv dropping the
+//	                                      container's command) and args; the
+//	                                      image's own setpriv drops the
 //	                                      capabilities (chroot needs one)
 func (c *Cluster) imageCommand(r containerRun, env []string, saDir string, mounts []mount) (cmd, _ []string, err error) {
 	ctr := r.pod.ctr
