@@ -242,6 +242,11 @@ func (e *env) startProxies(t *testing.T, mode string) {
 			t.Fatalf("starting the proxy on %s: %v", n.Name, err)
 		}
 	}
+	// Each runs in the image's root filesystem, from its entrypoint, not
+	// from this machine's (which has no /usr/local/bin/kube-proxy).
+	for _, n := range e.c.Nodes {
+		e.expectRunsFromImage(t, n.Name)
+	}
 	// Each start is announced on its Node, with the ServiceAccount's
 	// Events permission.
 	for _, n := range e.c.Nodes {
@@ -267,6 +272,28 @@ func (e *env) startProxies(t *testing.T, mode string) {
 		}
 	}
 	e.expectModeShown(t, mode)
+}
+
+// expectRunsFromImage checks the node's proxy runs in the image: its root
+// holds the image's /usr/local/bin/kube-proxy link, and it was started as
+// the image's entrypoint.
+func (e *env) expectRunsFromImage(t *testing.T, node string) {
+	t.Helper()
+	root, err := e.c.ProxyRoot(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if target, err := os.Readlink(filepath.Join(root, "usr/local/bin/kube-proxy")); err != nil || target != "kube-bpf-proxy" {
+		t.Errorf("%s: the proxy's root is not the image's: /usr/local/bin/kube-proxy -> %q (%v)", node, target, err)
+	}
+	pid, _ := e.c.ProxyPID(node)
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if argv0, _, _ := strings.Cut(string(cmdline), "\x00"); argv0 != testImage.img.Entrypoint[0] {
+		t.Errorf("%s: the proxy runs %q, not the image's entrypoint %q", node, argv0, testImage.img.Entrypoint[0])
+	}
 }
 
 // proxyOptions applies the user's overlay for mode and returns options
