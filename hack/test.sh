@@ -31,6 +31,21 @@ if [ "$(id -u)" = 0 ]; then
   hack/image.sh > _output/image-build.log 2>&1 || { cat _output/image-build.log; echo "building the image failed" >&2; exit 1; }
   tail -n 5 _output/image-build.log
   export KBP_IMAGE="$PWD/_output/kube-bpf-proxy-image.tar"
+  # containerd's binaries from Debian's package, unpacked, not installed
+  # (that would start a daemon on this machine): TestImage starts one of its
+  # own to ctr images import the archive, as kind load does.
+  if [ ! -x _output/containerd/usr/bin/ctr ]; then
+    rm -rf _output/containerd-deb && mkdir -p _output/containerd-deb
+    if (cd _output/containerd-deb && apt-get download containerd >/dev/null 2>&1); then
+      dpkg-deb -x _output/containerd-deb/containerd_*.deb _output/containerd
+    else
+      echo "warning: apt-get download containerd failed: TestImage will not import the image with ctr" >&2
+    fi
+    rm -rf _output/containerd-deb
+  fi
+  if [ -x _output/containerd/usr/bin/ctr ]; then
+    export KBP_CONTAINERD_DIR="$PWD/_output/containerd/usr/bin"
+  fi
 fi
 echo "--- go test"
 # -p 1: the kernel tests of several packages would otherwise share 2 cores
