@@ -110,7 +110,8 @@ EOF
     mount -t proc proc "$r/proc"
     mount --rbind /dev "$r/dev"
     export DEBIAN_FRONTEND=noninteractive LC_ALL=C
-    chroot "$r" apt-get update
+    # A snapshot'"'"'s Release files are past their Valid-Until.
+    chroot "$r" apt-get ${DEBIAN_SNAPSHOT:+-o Acquire::Check-Valid-Until=false} update
     chroot "$r" apt-get -y upgrade
     chroot "$r" apt-get install -y --no-install-recommends "$@"
     chroot "$r" apt-get clean
