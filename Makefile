@@ -1,10 +1,16 @@
 # Every target delegates to a script in hack/; see docs/development.md.
-.PHONY: all build test unit verify generate kernels bench microbench demo demo-up demo-down deps clean
+.PHONY: all build image test unit verify generate kernels bench microbench demo demo-up demo-down deps clean
 
 all: build
 
 build:
 	hack/build.sh
+
+# The image as an archive, without a registry (docs/image.md):
+# _output/kube-bpf-proxy-image.tar, for docker/podman load, ctr images import
+# and kind load image-archive. Needs root (debootstrap, cached).
+image:
+	hack/image.sh
 
 # Every test, kernel tests included (they need root). Installs what it needs.
 test:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The newcomer's first command: installs what it needs, builds the proxy and
-# (once, cached outside the repo) the Kubernetes control plane, then shows
-# kube-bpf-proxy on a local two-node cluster in both modes.
+# The newcomer's first command: installs what it needs, builds the proxy's
+# image and (once, cached outside the repo) the Kubernetes control plane,
+# then shows kube-bpf-proxy, run from the image, on a local two-node cluster
+# in both modes.
 #
 #   hack/demo.sh           the tour, then everything is removed   (make demo)
 #   hack/demo.sh --keep    leave the cluster running               (make demo-up)
@@ -25,8 +26,8 @@ if [ "${1:-}" != --down ]; then
   KUBE_BIN="$(hack/kube-build.sh 2> _output/kube-build.log)" || { cat _output/kube-build.log; echo "building Kubernetes failed (log: _output/kube-build.log)" >&2; exit 1; }
   export KUBE_BIN
   echo "    $KUBE_BIN"
-  echo "==> Building kube-bpf-proxy"
-  hack/build.sh
+  echo "==> Building the kube-bpf-proxy image (its Debian root filesystem once with debootstrap, cached; docs/image.md)"
+  hack/image.sh
 fi
 go build -o _output/demo ./hack/demo
 # --keep runs hack/cluster's forwarder to Prometheus.

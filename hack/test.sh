@@ -28,6 +28,30 @@ hack/kernels.sh --fetch
 # Missing kernels fail the matrix instead of skipping it; the table and
 # each kernel's output go to _output.
 export KBP_REQUIRE_KERNELS=1 KBP_KERNELS_REPORT="$PWD/_output/kernels.md"
+echo "--- the image (make image; its Debian root filesystem built once with debootstrap, cached)"
+# The end-to-end tests run the proxy from it, unpacked; skopeo checks it
+# in TestImage.
+if [ "$(id -u)" = 0 ]; then
+  command -v skopeo >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends skopeo
+  hack/image.sh > _output/image-build.log 2>&1 || { cat _output/image-build.log; echo "building the image failed" >&2; exit 1; }
+  tail -n 5 _output/image-build.log
+  export KBP_IMAGE="$PWD/_output/kube-bpf-proxy-image.tar"
+  # containerd's binaries from Debian's package, unpacked, not installed
+  # (that would start a daemon on this machine): TestImage starts one of its
+  # own to ctr images import the archive, as kind load does.
+  if [ ! -x _output/containerd/usr/bin/ctr ]; then
+    rm -rf _output/containerd-deb && mkdir -p _output/containerd-deb
+    if (cd _output/containerd-deb && apt-get download containerd >/dev/null 2>&1); then
+      dpkg-deb -x _output/containerd-deb/containerd_*.deb _output/containerd
+    else
+      echo "warning: apt-get download containerd failed: TestImage will not import the image with ctr" >&2
+    fi
+    rm -rf _output/containerd-deb
+  fi
+  if [ -x _output/containerd/usr/bin/ctr ]; then
+    export KBP_CONTAINERD_DIR="$PWD/_output/containerd/usr/bin"
+  fi
+fi
 echo "--- go test"
 # -p 1: the kernel tests of several packages would otherwise share 2 cores
 # with dozens of helper processes; they are correct in parallel, just slow.

@@ -3,7 +3,9 @@
 // kube-controller-manager with two simulated nodes in network namespaces of
 // their own. The proxy runs on both nodes as the DaemonSets of
 // manifests/overlays/ab would run it, with the manifests' ServiceAccount and
-// capabilities: one node in each mode, chosen by the Node label
+// capabilities, from the image hack/image.sh builds (its root filesystem
+// unpacked and entered as a runtime would, its entrypoint run: see
+// localcluster.Image): one node in each mode, chosen by the Node label
 // kube-bpf-proxy.io/desired-mode. The real EndpointSlice controller builds
 // the slices it serves. Nothing leaves the namespaces the cluster makes.
 //
@@ -41,6 +43,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/crossover"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/ociimage"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
@@ -81,11 +84,15 @@ func otherMode(mode string) string {
 }
 
 type demo struct {
-	ctx    context.Context
-	c      *localcluster.Cluster
-	dir    string
+	ctx context.Context
+	c   *localcluster.Cluster
+	dir string
+	// binary is empty: every container runs from image, which takes its
+	// place.
 	binary string
-	step   string
+	// image is the image archive (hack/image.sh).
+	image string
+	step  string
 	// vip is web's ClusterIP; clients holds the client pod of each node.
 	vip     string
 	clients map[string]*localcluster.Pod
@@ -110,15 +117,14 @@ func main() {
 	down := flag.Bool("down", false, "remove the cluster --keep left (make demo-down)")
 	dir := flag.String("dir", "_output/demo-cluster", "cluster directory")
 	kubeBin := flag.String("kube-bin", os.Getenv("KUBE_BIN"), "directory of the Kubernetes binaries (hack/kube-build.sh)")
-	binary := flag.String("binary", "_output/kube-bpf-proxy", "the kube-bpf-proxy binary")
+	image := flag.String("image", "_output/kube-bpf-proxy-image.tar", "the image archive the proxies and the probe run from (hack/image.sh)")
 	clusterBinary := flag.String("cluster-binary", "_output/cluster", "hack/cluster's binary, whose forward command --keep runs")
 	promListen := flag.String("prometheus-listen", envOr("KBP_PROMETHEUS_LISTEN", "127.0.0.1:9090"), "--keep: where Prometheus is reachable from this machine (a forwarder into node1's namespace)")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	bin, _ := filepath.Abs(*binary)
-	d := &demo{ctx: ctx, dir: *dir, binary: bin, obs: map[string][]crossover.Obs{}}
+	d := &demo{ctx: ctx, dir: *dir, image: *image, obs: map[string][]crossover.Obs{}}
 	if *down {
 		d.teardown()
 		fmt.Println("Done: the demo cluster is gone.")
@@ -165,7 +171,8 @@ func (d *demo) check(err error) {
 
 func (d *demo) up(kubeBin string) {
 	d.begin("Starting a local Kubernetes cluster: etcd, kube-apiserver and kube-controller-manager %s, two nodes", kubeVersion(kubeBin))
-	c, err := localcluster.Up(d.ctx, localcluster.Options{Dir: d.dir, KubeBin: kubeBin,
+	img := d.unpackImage()
+	c, err := localcluster.Up(d.ctx, localcluster.Options{Dir: d.dir, KubeBin: kubeBin, Image: img,
 		Progress: func(f string, a ...any) { d.logf(f, a...) }})
 	d.c = c
 	d.check(err)
@@ -488,8 +495,9 @@ func (d *demo) startProxies() {
 		localcluster.ABDaemonSets["ebpf"], localcluster.ABDaemonSets["iptables"])
 
 	d.begin("Running on each node the pod of the DaemonSet that selects it, as the DaemonSet controller and a kubelet would")
-	d.logf("(no kubelet runs here, so the DaemonSets make no pods: the demo runs the same binary on each node as a kubelet would,")
-	d.logf(" with the ServiceAccount's token, the container's environment, args, mounts and capabilities, in the node's cgroup)")
+	d.logf("(no kubelet runs here, so the DaemonSets make no pods: the demo runs the image on each node as a kubelet and a runtime would,")
+	d.logf(" chrooted into its root filesystem, from its entrypoint, with the ServiceAccount's token, the container's environment,")
+	d.logf(" args, mounts and capabilities, in the node's cgroup)")
 	for _, n := range d.c.Nodes {
 		ds, _, err := d.c.SyncProxy(d.ctx, n.Name, d.binary)
 		d.check(err)
@@ -665,7 +673,31 @@ func (d *demo) teardown() {
 	}
 	if err := localcluster.Down(c.Dir); err != nil {
 		fmt.Fprintln(os.Stderr, "demo: teardown:", err)
+		return
 	}
+	if c.Image != nil {
+		_ = os.RemoveAll(filepath.Dir(c.Image.Root))
+	}
+}
+
+// unpackImage checks the image archive and unpacks it into a new directory
+// of the cluster's, which teardown removes.
+func (d *demo) unpackImage() *localcluster.Image {
+	d.logf("image %s, unpacked as a runtime would", d.image)
+	if err := os.MkdirAll(d.dir, 0o755); err != nil {
+		d.fail(err)
+	}
+	dir, err := os.MkdirTemp(d.dir, "image-")
+	if err != nil {
+		d.fail(err)
+	}
+	root := filepath.Join(dir, "rootfs")
+	entrypoint, err := ociimage.Unpacked(d.image, root)
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		d.fail(fmt.Errorf("unpacking the image (make image builds it): %w", err))
+	}
+	return &localcluster.Image{Root: root, Entrypoint: entrypoint}
 }
 
 func kubeVersion(kubeBin string) string {

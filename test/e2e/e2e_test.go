@@ -1,4 +1,4 @@
-// Package e2e runs the kube-bpf-proxy binary against a real control plane
+// Package e2e runs the kube-bpf-proxy image against a real control plane
 // (test/utils/localcluster: etcd, kube-apiserver and kube-controller-manager
 // at the pinned Kubernetes version, two simulated nodes), in both modes. The
 // manifests are installed as a user installs them (an overlay of their own
@@ -6,7 +6,9 @@
 // would run the applied DaemonSet's pod: the ServiceAccount's token and CA
 // mounted where the kubelet mounts them, the kubelet's environment, the
 // container's args, hostPath mounts and capabilities, in a cgroup under the
-// node's. A pass proves the manifests, their RBAC and their capability list
+// node's, chrooted into the root filesystem of the image hack/image.sh
+// builds, from its entrypoint (localcluster.Image): the host's binary is not
+// used. A pass proves the manifests, their RBAC and their capability list
 // are sufficient. Every assertion is about what a client in a pod on each
 // node sees.
 package e2e
@@ -20,6 +22,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -30,10 +33,55 @@ import (
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/ociimage"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
-func TestMain(m *testing.M) { testnet.Main(m, nil) }
+func TestMain(m *testing.M) {
+	testnet.RunHelperIfRequested(nil)
+	code := m.Run()
+	if testImage.dir != "" {
+		_ = os.RemoveAll(testImage.dir)
+	}
+	os.Exit(code)
+}
+
+// testImage is the image every proxy and probe workload of this run starts
+// from: $KBP_IMAGE (an archive hack/image.sh wrote; hack/test.sh sets it),
+// or what hack/image.sh builds now (its root filesystem cached; minutes
+// the first time); checked and unpacked once per run.
+var testImage struct {
+	once sync.Once
+	dir  string
+	img  *localcluster.Image
+	err  error
+}
+
+func image(t *testing.T) *localcluster.Image {
+	t.Helper()
+	testImage.once.Do(func() {
+		archive := os.Getenv("KBP_IMAGE")
+		if archive == "" {
+			if archive, testImage.err = ociimage.Build(repoRoot); testImage.err != nil {
+				return
+			}
+		}
+		if testImage.dir, testImage.err = os.MkdirTemp("", "kbp-e2e-image-"); testImage.err != nil {
+			return
+		}
+		root := filepath.Join(testImage.dir, "rootfs")
+		entrypoint, err := ociimage.Unpacked(archive, root)
+		if err != nil {
+			testImage.err = err
+			return
+		}
+		testImage.img = &localcluster.Image{Root: root, Entrypoint: entrypoint}
+	})
+	if testImage.err != nil {
+		t.Fatalf("the image under test: %v", testImage.err)
+	}
+	return testImage.img
+}
 
 // repoRoot is where the manifests and hack/ are, from this package's
 // directory (go test's working directory).
@@ -45,7 +93,8 @@ var manifestsDir = filepath.Join(repoRoot, "manifests")
 // env is one cluster shared by every scenario of both modes.
 type env struct {
 	c *localcluster.Cluster
-	// binary is the kube-bpf-proxy under test.
+	// binary is empty: the cluster runs every container from the image
+	// under test (Cluster.Image), which takes the binary's place.
 	binary  string
 	clients []*localcluster.Pod // one per node
 }
@@ -55,11 +104,7 @@ func newEnv(t *testing.T) *env {
 	c := newCluster(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	binary := filepath.Join(c.Dir, "kube-bpf-proxy")
-	if out, err := exec.Command("go", "build", "-o", binary, repoRoot+"/cmd/kube-bpf-proxy").CombinedOutput(); err != nil {
-		t.Fatalf("building kube-bpf-proxy: %v\n%s", err, out)
-	}
-	e := &env{c: c, binary: binary}
+	e := &env{c: c}
 	for _, node := range []string{"node1", "node2"} {
 		p, err := c.AddPod(ctx, localcluster.PodSpec{Name: "client-" + node, Node: node,
 			Command: testnet.Helper("serve", "client-"+node, "tcp:80"), ReadyLine: "ready"})
@@ -80,6 +125,7 @@ func newCluster(t *testing.T) *localcluster.Cluster {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	kubeBin := kubeBinaries(t)
+	img := image(t)
 	dir := filepath.Join(t.TempDir(), "cluster")
 	if keepOnFailure() {
 		// Outside the test's temporary directory, which goes in any case.
@@ -88,7 +134,7 @@ func newCluster(t *testing.T) *localcluster.Cluster {
 			t.Fatal(err)
 		}
 	}
-	c, err := localcluster.Up(ctx, localcluster.Options{Dir: dir, KubeBin: kubeBin, Progress: t.Logf})
+	c, err := localcluster.Up(ctx, localcluster.Options{Dir: dir, KubeBin: kubeBin, Progress: t.Logf, Image: img})
 	if err != nil {
 		t.Fatalf("starting the local cluster: %v", err)
 	}
@@ -197,6 +243,11 @@ func (e *env) startProxies(t *testing.T, mode string) {
 			t.Fatalf("starting the proxy on %s: %v", n.Name, err)
 		}
 	}
+	// Each runs in the image's root filesystem, from its entrypoint, not
+	// from this machine's (which has no /usr/local/bin/kube-proxy).
+	for _, n := range e.c.Nodes {
+		e.expectRunsFromImage(t, n.Name)
+	}
 	// Each start is announced on its Node, with the ServiceAccount's
 	// Events permission.
 	for _, n := range e.c.Nodes {
@@ -222,6 +273,28 @@ func (e *env) startProxies(t *testing.T, mode string) {
 		}
 	}
 	e.expectModeShown(t, mode)
+}
+
+// expectRunsFromImage checks the node's proxy runs in the image: its root
+// holds the image's /usr/local/bin/kube-proxy link, and it was started as
+// the image's entrypoint.
+func (e *env) expectRunsFromImage(t *testing.T, node string) {
+	t.Helper()
+	root, err := e.c.ProxyRoot(node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if target, err := os.Readlink(filepath.Join(root, "usr/local/bin/kube-proxy")); err != nil || target != "kube-bpf-proxy" {
+		t.Errorf("%s: the proxy's root is not the image's: /usr/local/bin/kube-proxy -> %q (%v)", node, target, err)
+	}
+	pid, _ := e.c.ProxyPID(node)
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if argv0, _, _ := strings.Cut(string(cmdline), "\x00"); argv0 != testImage.img.Entrypoint[0] {
+		t.Errorf("%s: the proxy runs %q, not the image's entrypoint %q", node, argv0, testImage.img.Entrypoint[0])
+	}
 }
 
 // proxyOptions applies the user's overlay for mode and returns options

@@ -53,6 +53,9 @@ type Options struct {
 	Name string
 	// Progress, if set, is told each step as it starts.
 	Progress func(format string, args ...any)
+	// Image, if set, is the unpacked image every container runs from
+	// (the proxies, the probe's workloads): see Image.
+	Image *Image
 }
 
 // Cluster is a running local cluster.
@@ -75,6 +78,9 @@ type Cluster struct {
 	Client kubernetes.Interface
 	// Config is Client's configuration, for clients with other credentials.
 	Config *rest.Config
+	// Image is what the containers run from (Options.Image); nil runs
+	// the binaries the callers name on the host's file system.
+	Image *Image
 }
 
 // Up starts a cluster and returns once the API server is ready, the
@@ -114,7 +120,7 @@ func Up(ctx context.Context, o Options) (c *Cluster, err error) {
 	}()
 
 	o.Progress("network: namespaces %s-{node1,node2,wan}, node link %s, no route out", o.Name, nodeSubnet)
-	if err := withState(dir, func(st *state) error { return create(st, dir, o.Name) }); err != nil {
+	if err := withState(dir, func(st *state) error { st.Image = o.Image; return create(st, dir, o.Name) }); err != nil {
 		return nil, fmt.Errorf("creating the network: %w", err)
 	}
 	c, err = Open(dir)
@@ -212,6 +218,7 @@ func Open(dir string) (*Cluster, error) {
 		Cgroup:          st.Cgroup,
 		Server:          "https://" + st.Nodes[0].IP + ":" + apiServerPort,
 		AdminKubeconfig: filepath.Join(dir, "admin.kubeconfig"),
+		Image:           st.Image,
 	}
 	if p := st.Procs["kube-apiserver"]; p != nil {
 		c.KubeBin = filepath.Dir(p.Args[0])

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -53,14 +54,15 @@ const imageMount = "/run/kube-bpf-proxy.local-image"
 //	setpriv --bounding-set=... --reuid=…  its capabilities, no_new_privs and user
 //	ENTRYPOINT ARGS                       the container's args ($(VAR) expanded)
 //
-// with the environment the kubelet gives the container.
+// with the environment the kubelet gives the container. With Cluster.Image
+// set, imageCommand runs it in the image's root filesystem instead.
 func (c *Cluster) containerCommand(ctx context.Context, r containerRun) (cmd, env []string, err error) {
 	ctr := r.pod.ctr
 	// A command replaces the image's entrypoint (kubeadm's kube-proxy
 	// DaemonSet names /usr/local/bin/kube-proxy, which the image links to
 	// the binary): only the binary's own paths in the image are known here.
 	var commandArgs []string
-	if len(ctr.Command) > 0 {
+	if len(ctr.Command) > 0 && c.Image == nil {
 		if !imageBinaries[ctr.Command[0]] {
 			return nil, nil, fmt.Errorf("container %s: its command %q runs %s, which is not simulated (the image's %v are)", ctr.Name, ctr.Command, ctr.Command[0], slices.Sorted(maps.Keys(imageBinaries)))
 		}
@@ -90,9 +92,12 @@ func (c *Cluster) containerCommand(ctx context.Context, r containerRun) (cmd, en
 	if err != nil {
 		return nil, nil, err
 	}
-	mounts, rewrite, err := podMounts(r.pod, volumeDirs)
+	mounts, rewrite, err := podMountsIn(r.pod, volumeDirs, c.Image != nil)
 	if err != nil {
 		return nil, nil, err
+	}
+	if c.Image != nil {
+		return c.imageCommand(r, env, saDir, mounts)
 	}
 	if err := os.MkdirAll(r.staging, 0o755); err != nil {
 		return nil, nil, err
@@ -162,4 +167,122 @@ func (c *Cluster) configMapVolumes(ctx context.Context, pr podRef, dir string) (
 
 func mountsVolume(ctr *corev1.Container, name string) bool {
 	return slices.ContainsFunc(ctr.VolumeMounts, func(vm corev1.VolumeMount) bool { return vm.Name == name })
+}
+
+// Image is an unpacked image every container of the cluster runs from, as
+// a runtime runs it (imageCommand): the tests and the demo run the proxy
+// from the image hack/image.sh builds, not from the host's binary.
+type Image struct {
+	// Root is the unpacked root filesystem (ociimage.Unpack); it stays
+	// as it is: each container gets an overlay of its own on top.
+	Root string `json:"root"`
+	// Entrypoint is the image config's.
+	Entrypoint []string `json:"entrypoint"`
+}
+
+// imageCommand is containerCommand for a cluster with an Image: the
+// container runs chrooted into a fresh overlay of the image's root
+// filesystem, with what a runtime and the kubelet put there:
+//
+//	unshare --mount --propagation slave   the container's mount namespace
+//	sh -c MOUNTS                          a fresh overlay of Image.Root; /proc
+//	                                      (/proc/sys read-only), a read-only
+//	                                      /sys, a minimal /dev, the
+//	                                      ServiceAccount volume, the node's
+//	                                      /etc/hosts and resolv.conf, the
+//	                                      hostPath mounts where the pod says
+//	chroot ROOT setpriv ... ENTRYPOINT    the image's entrypoint (or the
+//	                                      container's command) and args; the
+//	                                      image's own setpriv drops the
+//	                                      capabilities (chroot needs one)
+func (c *Cluster) imageCommand(r containerRun, env []string, saDir string, mounts []mount) (cmd, _ []string, err error) {
+	ctr := r.pod.ctr
+	vars := envMap(env)
+	entrypoint := c.Image.Entrypoint
+	if len(ctr.Command) > 0 {
+		entrypoint = nil
+		for _, a := range ctr.Command {
+			entrypoint = append(entrypoint, expand(a, vars))
+		}
+	}
+	if len(entrypoint) == 0 {
+		return nil, nil, fmt.Errorf("container %s: the image has no entrypoint and the container no command", ctr.Name)
+	}
+	args := make([]string, 0, len(ctr.Args)+len(r.extraArgs))
+	for _, a := range ctr.Args {
+		args = append(args, expand(a, vars))
+	}
+	args = append(args, r.extraArgs...)
+	// A fresh root filesystem for each start, as a runtime gives a
+	// restarted container: made next to the staging directory, under the
+	// cluster's directory.
+	if err := os.MkdirAll(filepath.Dir(r.staging), 0o755); err != nil {
+		return nil, nil, err
+	}
+	sc := ctr.SecurityContext
+	privileged := sc != nil && sc.Privileged != nil && *sc.Privileged
+	cmd = []string{"unshare", "--mount", "--propagation", "slave", "--",
+		"sh", "-c", imageMountScript(c.Image.Root, r.staging+"-rootfs", saDir, mounts, privileged), "sh"}
+	cmd = append(cmd, capabilityPrefix(ctr)...)
+	cmd = append(cmd, entrypoint...)
+	cmd = append(cmd, args...)
+	return cmd, env, nil
+}
+
+// imageMountScript assembles the container's root filesystem in its mount
+// namespace and chroots into it to run "$@".
+func imageMountScript(image, base, saDir string, mounts []mount, privileged bool) string {
+	q := shellQuote
+	lines := []string{
+		"set -e",
+		"d=$(mktemp -d " + q(base+".XXXXXX") + ")",
+		`mkdir "$d/upper" "$d/work" "$d/root"`,
+		`r="$d/root"`,
+		// -n: the machine's /run/mount/utab is none of this namespace's
+		// business.
+		"mount -n -t overlay overlay -o lowerdir=" + q(image) + `,upperdir="$d/upper",workdir="$d/work" "$r"`,
+		`mkdir -p "$r/proc" "$r/sys" "$r/dev"`,
+		`mount -n -t proc -o nosuid,nodev,noexec proc "$r/proc"`,
+	}
+	if privileged {
+		lines = append(lines, `mount -n -t sysfs -o nosuid,nodev,noexec sysfs "$r/sys"`)
+	} else {
+		// As runc mounts them for a container that is not privileged.
+		lines = append(lines,
+			`mount -n -t sysfs -o ro,nosuid,nodev,noexec sysfs "$r/sys"`,
+			`mount -n --bind "$r/proc/sys" "$r/proc/sys"`,
+			`mount -n -o remount,bind,ro "$r/proc/sys"`)
+	}
+	lines = append(lines,
+		`mount -n -t tmpfs -o nosuid,mode=0755 tmpfs "$r/dev"`,
+		`for n in null zero full random urandom tty; do touch "$r/dev/$n"; mount -n --bind "/dev/$n" "$r/dev/$n"; done`,
+		`mkdir "$r/dev/shm" "$r/dev/pts"`,
+		`mount -n -t tmpfs -o nosuid,nodev,mode=1777 tmpfs "$r/dev/shm"`,
+		`ln -s /proc/self/fd "$r/dev/fd"`,
+		// The kubelet gives a hostNetwork pod the node's hosts file, and
+		// dnsPolicy Default the node's resolver.
+		`for f in /etc/hosts /etc/resolv.conf; do if [ -f "$f" ]; then rm -f "$r$f"; touch "$r$f"; mount -n --bind "$f" "$r$f"; mount -n -o remount,bind,ro "$r$f"; fi; done`,
+	)
+	bind := func(source, target string, m mount) {
+		if st, err := os.Stat(source); err == nil && !st.IsDir() {
+			lines = append(lines, `mkdir -p "$r"`+q(filepath.Dir(target)), `[ -e "$r"`+q(target)+` ] || touch "$r"`+q(target))
+		} else {
+			lines = append(lines, `mkdir -p "$r"`+q(target))
+		}
+		lines = append(lines, "mount -n --rbind "+q(source)+` "$r"`+q(target))
+		if m.readOnly {
+			lines = append(lines, `mount -n -o remount,bind,ro "$r"`+q(target))
+		}
+		if m.hostToContainer {
+			lines = append(lines, `mount -n --make-rslave "$r"`+q(target))
+		}
+	}
+	if saDir != "" {
+		bind(saDir, serviceAccountMount, mount{readOnly: true})
+	}
+	for _, m := range mounts {
+		bind(m.source, m.target, m)
+	}
+	lines = append(lines, `cd /`, `exec env -u PWD -u OLDPWD chroot "$r" "$@"`)
+	return strings.Join(lines, "\n")
 }

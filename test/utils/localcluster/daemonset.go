@@ -456,6 +456,13 @@ func (n NodeInfo) nodePath(p string) string {
 // namespace: files the proxy reads name their paths there (the config
 // file's kubeconfig), so no argument rewrite would do.
 func podMounts(pr podRef, configMaps map[string]string) (mounts []mount, rewrite map[string]string, err error) {
+	return podMountsIn(pr, configMaps, false)
+}
+
+// podMountsIn is podMounts; inImage says the container runs in an image's
+// root filesystem (Cluster.Image), where every mount point can be made, so
+// nothing is rewritten.
+func podMountsIn(pr podRef, configMaps map[string]string, inImage bool) (mounts []mount, rewrite map[string]string, err error) {
 	ctr, n := pr.ctr, pr.node
 	volumes := map[string]corev1.Volume{}
 	for _, v := range pr.spec.Volumes {
@@ -478,7 +485,12 @@ func podMounts(pr podRef, configMaps map[string]string) (mounts []mount, rewrite
 			hostToContainer: vm.MountPropagation != nil && *vm.MountPropagation == corev1.MountPropagationHostToContainer,
 		}
 		if _, err := os.Stat(m.source); os.IsNotExist(err) {
-			if _, terr := os.Stat(m.target); os.IsNotExist(terr) && !underRun(m.target) {
+			if inImage && !orCreate(v.HostPath.Type) {
+				// Missing on this machine (/lib/modules in a VM
+				// without modules): the proxy sees nothing there.
+				continue
+			}
+			if _, terr := os.Stat(m.target); !inImage && os.IsNotExist(terr) && !underRun(m.target) {
 				// Missing on this machine at both ends (/lib/modules in
 				// a container): the proxy sees the same nothing there.
 				continue
@@ -489,7 +501,7 @@ func podMounts(pr podRef, configMaps map[string]string) (mounts []mount, rewrite
 		} else if err != nil {
 			return nil, nil, fmt.Errorf("volume %q: %w", vm.Name, err)
 		}
-		if !underRun(m.target) {
+		if !inImage && !underRun(m.target) {
 			if _, err := os.Stat(m.target); err != nil {
 				rewrite[m.target] = m.source
 				continue
@@ -515,6 +527,10 @@ func createHostPath(path string, t *corev1.HostPathType) error {
 		return f.Close()
 	}
 	return fmt.Errorf("hostPath %s does not exist", path)
+}
+
+func orCreate(t *corev1.HostPathType) bool {
+	return t != nil && (*t == corev1.HostPathDirectoryOrCreate || *t == corev1.HostPathFileOrCreate)
 }
 
 func underRun(p string) bool { return p == "/run" || strings.HasPrefix(p, "/run/") }

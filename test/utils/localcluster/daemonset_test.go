@@ -346,3 +346,69 @@ func TestKubeProxyPathBackend(t *testing.T) {
 		t.Errorf("nftables mode's PATH %q (%v), want the image's", path, err)
 	}
 }
+
+// In an image's root filesystem every mount point can be made, so the
+// DaemonSet's mounts are made where it says, /host/sys/fs/cgroup
+// included, and no argument is rewritten to name the node's path; and the
+// container runs chrooted into the image, from its entrypoint.
+func TestImageMounts(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join("..", "..", "..", "manifests", "base", "daemonset.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ds appsv1.DaemonSet
+	if err := yaml.Unmarshal(raw, &ds); err != nil {
+		t.Fatal(err)
+	}
+	ctr, err := container(&ds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	n := NodeInfo{Name: "node1",
+		Cgroup:      filepath.Join(dir, "cgroup"),
+		BPFFS:       filepath.Join(dir, "bpffs"),
+		NetNSDir:    filepath.Join(dir, "netns"),
+		XtablesLock: filepath.Join(dir, "xtables.lock"),
+	}
+	if err := os.MkdirAll(n.Cgroup, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	pr := daemonSetPod(&ds, ctr, n)
+	mounts, rewrite, err := podMountsIn(pr, nil, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rewrite) != 0 {
+		t.Errorf("rewrites %v in an image", rewrite)
+	}
+	targets := map[string]string{}
+	for _, m := range mounts {
+		targets[m.target] = m.source
+	}
+	if targets["/host/sys/fs/cgroup"] != n.Cgroup {
+		t.Errorf("/host/sys/fs/cgroup mounted from %q, want the node's cgroup %s (mounts %v)", targets["/host/sys/fs/cgroup"], n.Cgroup, targets)
+	}
+
+	c := &Cluster{Dir: dir, Image: &Image{Root: "/images/kbp", Entrypoint: []string{"/usr/local/bin/kube-bpf-proxy"}}}
+	cmd, _, err := c.imageCommand(containerRun{pod: pr, extraArgs: []string{"--v=2"}, staging: filepath.Join(dir, "run")},
+		[]string{"PATH=" + imagePath}, filepath.Join(dir, "sa"), mounts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := cmd[7]
+	for _, want := range []string{
+		"lowerdir='/images/kbp'",
+		`mount -n --rbind '` + n.Cgroup + `' "$r"'/host/sys/fs/cgroup'`,
+		`mount -n --rbind '` + filepath.Join(dir, "sa") + `' "$r"'` + serviceAccountMount + `'`,
+		`exec env -u PWD -u OLDPWD chroot "$r" "$@"`,
+	} {
+		if !strings.Contains(script, want) {
+			t.Errorf("the container's script lacks %q:\n%s", want, script)
+		}
+	}
+	rest := strings.Join(cmd[9:], " ")
+	if !strings.HasPrefix(rest, "setpriv ") || !strings.Contains(rest, " -- /usr/local/bin/kube-bpf-proxy --mode=ebpf") || !strings.HasSuffix(rest, " --v=2") {
+		t.Errorf("runs %q, want setpriv, the image's entrypoint, the container's args and the extra ones", rest)
+	}
+}

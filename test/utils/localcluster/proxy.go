@@ -19,7 +19,8 @@ import (
 // ProxyOptions say how to run kube-bpf-proxy on a node: as a pod of a
 // DaemonSet (DaemonSetProxyOptions reads the applied one).
 type ProxyOptions struct {
-	// Binary is the kube-bpf-proxy binary: the image's entrypoint.
+	// Binary is the kube-bpf-proxy binary, the image's entrypoint, when
+	// the cluster runs no image (Cluster.Image, which replaces it).
 	Binary string
 	// DaemonSet is the DaemonSet whose pod the proxy runs as: its
 	// container's args, env and envFrom, capabilities, ServiceAccount and
@@ -225,6 +226,11 @@ func (c *Cluster) CleanupProxy(ctx context.Context, node, binary string, extra .
 	n, err := c.Node(node)
 	if err != nil {
 		return err
+	}
+	if c.Image != nil && len(c.Image.Entrypoint) > 0 {
+		// The image's binary (static), run on the host as an operator's
+		// one-off: the teardown, not what is under test.
+		binary = filepath.Join(c.Image.Root, c.Image.Entrypoint[0])
 	}
 	args := append([]string{"--net=" + netnsPath(n.NetNS), "--", binary, "--cleanup",
 		"--cgroup-path=" + n.Cgroup, "--bpffs-path=" + filepath.Join(n.BPFFS, "kube-bpf-proxy")}, extra...)

@@ -23,6 +23,8 @@ type state struct {
 	Nodes      []NodeInfo       `json:"nodes"`
 	Pods       map[string]*pod  `json:"pods"`
 	Procs      map[string]*proc `json:"procs"`
+	// Image is the image the cluster's containers run from, if any.
+	Image *Image `json:"image,omitempty"`
 }
 
 // NodeInfo describes one simulated node.
