@@ -550,12 +550,6 @@ func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]
 		names = slices.Collect(maps.Keys(snap.Services))
 	}
 	out := newStaleUDP()
-	if snap.Node.LocalAddresses != nil {
-		out.local = make(map[netip.Addr]bool, len(snap.Node.LocalAddresses))
-		for _, a := range snap.Node.LocalAddresses {
-			out.local[a] = true
-		}
-	}
 	for _, name := range names {
 		before := make(map[model.ServicePortName]*model.ServicePort)
 		for i, sp := range d.applied[name] {
