@@ -6,7 +6,8 @@
 //
 // Addresses are read from the kernel at each sync, as kube-proxy reads them:
 // interfaces come and go without any API event. The zone, the node's primary
-// address and the Service ranges come from the API server.
+// address, whether it is eligible for load balancer traffic (/healthz) and
+// the Service ranges come from the API server.
 package nodeinfo
 
 import (
@@ -115,7 +116,10 @@ type Config struct {
 type Source struct {
 	cfg Config
 
-	mu           sync.Mutex
+	mu sync.Mutex
+	// eligible: the Node was seen and is neither being deleted nor
+	// tainted for deletion (kube-proxy's NodeEligible).
+	eligible     bool
 	zone         string
 	primary      netip.Addr
 	serviceCIDRs []netip.Prefix
@@ -163,6 +167,52 @@ func (s *Source) Zone() string {
 	return s.zone
 }
 
+// ToBeDeletedTaint is the taint the cluster autoscaler puts on a node it
+// is about to delete.
+const ToBeDeletedTaint = "ToBeDeletedByClusterAutoscaler"
+
+// NodeEligible reports whether the node is to take traffic from load
+// balancers, as kube-proxy v1.36's /healthz decides it: its Node object
+// has been seen, and is neither being deleted (deletionTimestamp, or gone)
+// nor tainted ToBeDeletedByClusterAutoscaler.
+func (s *Source) NodeEligible() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.eligible
+}
+
+// eligibleNode is NodeEligible's rule, with the reason a node is not.
+func eligibleNode(node *v1.Node) (bool, string) {
+	if node == nil {
+		return false, "no Node object"
+	}
+	if node.DeletionTimestamp != nil {
+		return false, "being deleted"
+	}
+	for _, t := range node.Spec.Taints {
+		if t.Key == ToBeDeletedTaint {
+			return false, "tainted " + ToBeDeletedTaint
+		}
+	}
+	return true, ""
+}
+
+// setEligible records the node's eligibility, logging a change.
+func (s *Source) setEligible(node *v1.Node) {
+	ok, reason := eligibleNode(node)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ok == s.eligible {
+		return
+	}
+	s.eligible = ok
+	if ok {
+		klog.InfoS("Node eligible for load balancer traffic: /healthz follows the datapath again", "node", s.cfg.NodeName)
+	} else {
+		klog.InfoS("Node not eligible for load balancer traffic: /healthz answers 503 so that load balancers drain it", "node", s.cfg.NodeName, "reason", reason)
+	}
+}
+
 // Info reads the node's addresses now and returns what the datapaths need.
 // An error reading the addresses is logged and leaves them empty: node
 // ports are then served nowhere until the next sync reads them.
@@ -182,7 +232,8 @@ func (s *Source) Info() model.NodeInfo {
 	}
 }
 
-// Run watches this node's Node object (zone label, primary address) and the
+// Run watches this node's Node object (zone label, primary address,
+// eligibility for load balancer traffic) and the
 // ServiceCIDR objects until ctx ends, calling changed after each change of
 // what Info or Zone returns. ServiceCIDRs that cannot be listed (RBAC, an
 // older API server) are reported once and the configured ranges kept.
@@ -197,6 +248,7 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 		if !ok {
 			return
 		}
+		s.setEligible(node)
 		if s.setNode(node) {
 			changed()
 		}
@@ -204,6 +256,9 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 	if _, err := nodeInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    onNode,
 		UpdateFunc: func(_, obj any) { onNode(obj) },
+		// A Node without finalizers goes at once, with no update showing
+		// its deletionTimestamp: the node is on its way out all the same.
+		DeleteFunc: func(any) { s.setEligible(nil) },
 	}); err != nil {
 		klog.ErrorS(err, "Not watching the Node: topology hints and --nodeport-addresses=primary are not followed")
 		return

@@ -1,13 +1,17 @@
 package nodeinfo
 
 import (
+	"context"
 	"net/netip"
 	"slices"
 	"testing"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes/fake"
 )
 
 func addrs(ss ...string) []netip.Addr {
@@ -99,4 +103,60 @@ func TestSourceFollowsNodeAndServiceCIDRs(t *testing.T) {
 	if !s.setServiceCIDRs(nil) || s.Info().ServiceCIDRs != nil {
 		t.Error("every ServiceCIDR gone: ranges not emptied")
 	}
+}
+
+// As kube-proxy v1.36's NodeEligible: the node takes load balancer traffic
+// once its Node is seen, and not while it is being deleted or tainted by
+// the cluster autoscaler for deletion, nor once it is gone.
+func TestNodeEligibleFollowsTheNode(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	client := fake.NewClientset()
+	s := New(Config{NodeName: "n1", LocalAddresses: func() ([]netip.Addr, error) { return nil, nil }})
+	done := make(chan struct{})
+	go func() { defer close(done); s.Run(ctx, client, func() {}) }()
+	t.Cleanup(func() { cancel(); <-done })
+	waitFor := func(what string, want bool) {
+		t.Helper()
+		if err := wait.PollUntilContextTimeout(ctx, 10*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+			return s.NodeEligible() == want, nil
+		}); err != nil {
+			t.Fatalf("%s: NodeEligible() = %v, want %v", what, !want, want)
+		}
+	}
+	if s.NodeEligible() {
+		t.Error("eligible before the Node was seen")
+	}
+	nodes := client.CoreV1().Nodes()
+	node := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"}}
+	node, err := nodes.Create(ctx, node, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor("node seen", true)
+	node.Spec.Taints = []v1.Taint{{Key: "other", Effect: v1.TaintEffectNoSchedule}, {Key: ToBeDeletedTaint, Value: "1733400000", Effect: v1.TaintEffectNoSchedule}}
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("tainted "+ToBeDeletedTaint, false)
+	node.Spec.Taints = node.Spec.Taints[:1]
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("taint removed", true)
+	now := metav1.Now()
+	node.DeletionTimestamp = &now
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("being deleted", false)
+	node.DeletionTimestamp = nil
+	if _, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("deletion cleared (test only)", true)
+	if err := nodes.Delete(ctx, "n1", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("deleted", false)
 }
