@@ -33,8 +33,13 @@ type Config struct {
 	// Backend is BackendNFT, BackendLegacy or BackendAuto (the one the
 	// node already uses).
 	Backend string
-	// ClusterCIDR is the pods' range; ClusterIP traffic from outside it is
-	// masqueraded. The zero value masquerades nothing by source.
+	// LocalTraffic tells this node's pods' traffic (kube-proxy's
+	// --detect-local-mode); ClusterIP traffic that is not theirs is
+	// masqueraded. The zero value masquerades nothing by source, unless
+	// ClusterCIDR is set.
+	LocalTraffic LocalTraffic
+	// ClusterCIDR, when LocalTraffic is the zero value, is the pods'
+	// range: LocalByCIDR(ClusterCIDR), the ClusterCIDR mode.
 	ClusterCIDR netip.Prefix
 	// MasqueradeAll masquerades all ClusterIP traffic.
 	MasqueradeAll bool
@@ -87,6 +92,9 @@ func (c Config) withDefaults() Config {
 	if c.LocalhostNodePorts == nil {
 		on := true
 		c.LocalhostNodePorts = &on
+	}
+	if !c.LocalTraffic.detects() && c.ClusterCIDR.IsValid() {
+		c.LocalTraffic = LocalByCIDR(c.ClusterCIDR)
 	}
 	return c
 }
@@ -181,7 +189,7 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 		opts: ruleOptions{
 			// kube-proxy formats the mark with %#08x.
 			masqMark:      fmt.Sprintf("%#08x", 1<<bit),
-			clusterCIDR:   cfg.ClusterCIDR,
+			local:         cfg.LocalTraffic,
 			masqueradeAll: cfg.MasqueradeAll,
 			externalOnly:  cfg.ExternalOnly,
 			noClusterIPs:  cfg.ExternalOnly && !cfg.ClusterIPs,

@@ -3,7 +3,6 @@ package iptables
 import (
 	"bytes"
 	"fmt"
-	"net/netip"
 	"strconv"
 	"strings"
 
@@ -28,12 +27,13 @@ type ruleOptions struct {
 	// masqMark is the fwmark bit that asks KUBE-POSTROUTING to masquerade,
 	// formatted as kube-proxy does (0x4000 for bit 14).
 	masqMark string
-	// clusterCIDR, when valid, is the pods' range: traffic to a ClusterIP
-	// from outside it is masqueraded so replies come back through this
-	// node, and pods' traffic to an external frontend of an
-	// externalTrafficPolicy Local service goes to every endpoint, as if it
-	// had gone out to the load balancer and come back.
-	clusterCIDR netip.Prefix
+	// local, when it detects anything, tells this node's pods' traffic
+	// (--detect-local-mode): traffic to a ClusterIP that is not theirs is
+	// masqueraded so replies come back through this node, and theirs to an
+	// external frontend of an externalTrafficPolicy Local service goes to
+	// every endpoint, as if it had gone out to the load balancer and come
+	// back.
+	local LocalTraffic
 	// masqueradeAll masquerades every ClusterIP connection.
 	masqueradeAll bool
 	// externalOnly leaves out what only the iptables mode has (localhost
@@ -423,7 +423,7 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 	// ClusterIP traffic from outside the pods' range (the node, or a
 	// client routed to the service range) is masqueraded so that replies
 	// come back through this node.
-	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
+	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.local.detects()) {
 		internalChain := pc.svc
 		if sp.InternalLocal {
 			internalChain = pc.svl
@@ -431,7 +431,7 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 		args := r.rule("-A", internalChain, "-m", "comment", "--comment", quote(name+" cluster IP"),
 			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", port)
 		if !opts.masqueradeAll {
-			args = append(args, "!", "-s", opts.clusterCIDR.String())
+			args = append(args, opts.local.ifNotLocal()...)
 		}
 		r.nat.write(append(args, "-j", chainMarkMasq)...)
 	}
@@ -448,9 +448,10 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 			// out to the load balancer and come back; so does the node
 			// itself, masqueraded, as its source would be the external
 			// address, which is local.
-			if opts.clusterCIDR.IsValid() {
-				r.nat.write("-A", pc.ext, "-m", "comment", "--comment", quote("pod traffic for "+name+" external destinations"),
-					"-s", opts.clusterCIDR.String(), "-j", pc.svc)
+			if opts.local.detects() {
+				args := r.rule("-A", pc.ext, "-m", "comment", "--comment", quote("pod traffic for "+name+" external destinations"))
+				args = append(args, opts.local.ifLocal()...)
+				r.nat.write(append(args, "-j", pc.svc)...)
 			}
 			r.nat.write("-A", pc.ext, "-m", "comment", "--comment", quote("masquerade LOCAL traffic for "+name+" external destinations"),
 				"-m", "addrtype", "--src-type", "LOCAL", "-j", chainMarkMasq)
@@ -567,13 +568,13 @@ func (v *portView) chainRules(opts ruleOptions, node *model.NodeInfo) int {
 	}
 	sp := v.sp
 	n := 0
-	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
+	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.local.detects()) {
 		n++
 	}
 	if v.usesExt {
 		if sp.External.PolicyLocal {
 			n += 2
-			if opts.clusterCIDR.IsValid() {
+			if opts.local.detects() {
 				n++
 			}
 		} else {

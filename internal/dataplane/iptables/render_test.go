@@ -38,7 +38,7 @@ type goldenCase struct {
 
 // defaultOpts are kube-proxy's defaults with --cluster-cidr set, on a
 // kernel with nfacct: localhost node ports, the nfacct counters.
-var defaultOpts = ruleOptions{masqMark: "0x00004000", clusterCIDR: netip.MustParsePrefix("10.244.0.0/16"),
+var defaultOpts = ruleOptions{masqMark: "0x00004000", local: LocalByCIDR(netip.MustParsePrefix("10.244.0.0/16")),
 	localhostNodePorts: true, nfacctInvalid: true, nfacctLocalhost: true}
 
 // defaultNode is a node with one address, without --nodeport-addresses.
@@ -64,6 +64,8 @@ func goldenCases() []goldenCase {
 	withClusterIPs := externalOnly
 	withClusterIPs.noClusterIPs = false
 	plain := ruleOptions{masqMark: "0x00004000", conntrackLiberal: true}
+	byBridge, byPrefix := defaultOpts, defaultOpts
+	byBridge.local, byPrefix.local = LocalByBridge("cbr0"), LocalByInterfacePrefix("veth")
 	return []goldenCase{
 		{
 			name: "multi-port",
@@ -118,6 +120,17 @@ func goldenCases() []goldenCase {
 			// pods are not short-circuited; conntrack liberal: no
 			// INVALID drop; no nfacct; no localhost node ports.
 			name: "every-kind-plain", services: kinds, slices: kindSlices, opts: plain,
+		},
+		{
+			// --detect-local-mode=BridgeInterface and
+			// InterfaceNamePrefix: pods' traffic is told by the
+			// interface it comes in on, where every-kind tells it by
+			// source (the ClusterIP masquerade and the pod short
+			// circuit of externalTrafficPolicy Local).
+			name: "detect-local-bridge", services: kinds, slices: kindSlices, opts: byBridge,
+		},
+		{
+			name: "detect-local-interface-prefix", services: kinds, slices: kindSlices, opts: byPrefix,
 		},
 		{
 			// --nodeport-addresses: one jump per listed address.
