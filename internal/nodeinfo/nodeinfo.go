@@ -12,6 +12,7 @@ package nodeinfo
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -25,6 +26,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -110,11 +112,66 @@ type Config struct {
 	// ServiceCIDRs are used when the ServiceCIDR objects cannot be read
 	// (no RBAC, an API server before 1.33); nil refuses nothing then.
 	ServiceCIDRs []netip.Prefix
+	// PodCIDR, when valid, is the Node's pod range the datapath tells
+	// local traffic by (--detect-local-mode=NodeCIDR, WaitForPodCIDR):
+	// Run ends with ErrPodCIDRChanged when the Node's changes, for the
+	// process to restart with the new one, as kube-proxy exits then.
+	PodCIDR netip.Prefix
+}
+
+// ErrPodCIDRChanged ends Run when the Node's pod range is no longer
+// Config.PodCIDR.
+var ErrPodCIDRChanged = errors.New("the Node's spec.podCIDRs changed, and local traffic is told by the old range (--detect-local-mode=NodeCIDR): exiting for the restart to read the new one")
+
+// PodCIDR returns the Node's first IPv4 pod range (spec.podCIDRs, else
+// spec.podCIDR), invalid if it has none.
+func PodCIDR(node *v1.Node) netip.Prefix {
+	cidrs := node.Spec.PodCIDRs
+	if len(cidrs) == 0 && node.Spec.PodCIDR != "" {
+		cidrs = []string{node.Spec.PodCIDR}
+	}
+	for _, c := range cidrs {
+		if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is4() {
+			return p.Masked()
+		}
+	}
+	return netip.Prefix{}
+}
+
+// WaitForPodCIDR returns the pod range of Node name, waiting up to
+// timeout, polling each poll, for the Node to exist and have one, as
+// kube-proxy waits for it in its NodeCIDR mode (5 minutes).
+func WaitForPodCIDR(ctx context.Context, client kubernetes.Interface, name string, poll, timeout time.Duration) (netip.Prefix, error) {
+	var cidr netip.Prefix
+	var lastErr error
+	seen := false
+	err := wait.PollUntilContextTimeout(ctx, poll, timeout, true, func(ctx context.Context) (bool, error) {
+		node, err := client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			lastErr = err
+			return false, nil
+		}
+		seen = true
+		cidr = PodCIDR(node)
+		return cidr.IsValid(), nil
+	})
+	switch {
+	case err == nil:
+		return cidr, nil
+	case ctx.Err() != nil:
+		return netip.Prefix{}, ctx.Err()
+	case !seen:
+		return netip.Prefix{}, fmt.Errorf("timed out after %v waiting for Node %q, whose spec.podCIDRs --detect-local-mode=NodeCIDR needs: %v", timeout, name, lastErr)
+	}
+	return netip.Prefix{}, fmt.Errorf("timed out after %v waiting for an IPv4 pod range in Node %q's spec.podCIDRs, which --detect-local-mode=NodeCIDR needs (is kube-controller-manager allocating node CIDRs, --allocate-node-cidrs?)", timeout, name)
 }
 
 // Source is the node's current information. It is safe for concurrent use.
 type Source struct {
 	cfg Config
+
+	// podCIDRChanged receives ErrPodCIDRChanged, once.
+	podCIDRChanged chan error
 
 	mu sync.Mutex
 	// eligible: the Node was seen and is neither being deleted nor
@@ -131,7 +188,7 @@ func New(cfg Config) *Source {
 	if cfg.LocalAddresses == nil {
 		cfg.LocalAddresses = InterfaceAddresses
 	}
-	return &Source{cfg: cfg, serviceCIDRs: cfg.ServiceCIDRs}
+	return &Source{cfg: cfg, serviceCIDRs: cfg.ServiceCIDRs, podCIDRChanged: make(chan error, 1)}
 }
 
 // InterfaceAddresses lists the IPv4 addresses of this network namespace's
@@ -237,7 +294,11 @@ func (s *Source) Info() model.NodeInfo {
 // ServiceCIDR objects until ctx ends, calling changed after each change of
 // what Info or Zone returns. ServiceCIDRs that cannot be listed (RBAC, an
 // older API server) are reported once and the configured ranges kept.
-func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed func()) {
+// It returns nil when ctx ends, or ErrPodCIDRChanged (see Config.PodCIDR).
+func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed func()) error {
+	// The informers stop with ctx, which ends early on a pod range change.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	nodes := informers.NewSharedInformerFactoryWithOptions(client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", s.cfg.NodeName).String()
@@ -249,6 +310,15 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 			return
 		}
 		s.setEligible(node)
+		if want := s.cfg.PodCIDR; want.IsValid() {
+			if got := PodCIDR(node); got != want {
+				klog.InfoS("The Node's pod range changed", "node", s.cfg.NodeName, "podCIDR", got, "inUse", want)
+				select {
+				case s.podCIDRChanged <- ErrPodCIDRChanged:
+				default:
+				}
+			}
+		}
 		if s.setNode(node) {
 			changed()
 		}
@@ -261,7 +331,7 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 		DeleteFunc: func(any) { s.setEligible(nil) },
 	}); err != nil {
 		klog.ErrorS(err, "Not watching the Node: topology hints and --nodeport-addresses=primary are not followed")
-		return
+		return nil
 	}
 	nodes.Start(ctx.Done())
 
@@ -282,8 +352,14 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 			cidrs.Start(ctx.Done())
 		}
 	}
-	<-ctx.Done()
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-s.podCIDRChanged:
+	}
+	cancel()
 	nodes.Shutdown()
+	return err
 }
 
 func (s *Source) canListServiceCIDRs(ctx context.Context, client kubernetes.Interface) bool {

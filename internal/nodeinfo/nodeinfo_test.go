@@ -2,8 +2,10 @@ package nodeinfo
 
 import (
 	"context"
+	"errors"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -114,7 +116,7 @@ func TestNodeEligibleFollowsTheNode(t *testing.T) {
 	client := fake.NewClientset()
 	s := New(Config{NodeName: "n1", LocalAddresses: func() ([]netip.Addr, error) { return nil, nil }})
 	done := make(chan struct{})
-	go func() { defer close(done); s.Run(ctx, client, func() {}) }()
+	go func() { defer close(done); _ = s.Run(ctx, client, func() {}) }()
 	t.Cleanup(func() { cancel(); <-done })
 	waitFor := func(what string, want bool) {
 		t.Helper()
@@ -159,4 +161,58 @@ func TestNodeEligibleFollowsTheNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor("deleted", false)
+}
+
+// --detect-local-mode=NodeCIDR, as kube-proxy: the proxy waits for the
+// Node to have a pod range, and exits (Run returns) when it changes.
+func TestPodCIDRWaitAndChange(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	client := fake.NewClientset()
+	nodes := client.CoreV1().Nodes()
+	got := make(chan netip.Prefix, 1)
+	errs := make(chan error, 1)
+	go func() {
+		p, err := WaitForPodCIDR(ctx, client, "n1", 10*time.Millisecond, time.Minute)
+		got <- p
+		errs <- err
+	}()
+	node, err := nodes.Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Dual-stack, IPv6 first: the IPv4 range is the one used.
+	node.Spec.PodCIDR = "fd00:1::/64"
+	node.Spec.PodCIDRs = []string{"fd00:1::/64", "10.244.3.0/24"}
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := <-got, <-errs; err != nil || p != netip.MustParsePrefix("10.244.3.0/24") {
+		t.Fatalf("WaitForPodCIDR = %v, %v; want 10.244.3.0/24", p, err)
+	}
+
+	s := New(Config{NodeName: "n1", PodCIDR: netip.MustParsePrefix("10.244.3.0/24"),
+		LocalAddresses: func() ([]netip.Addr, error) { return nil, nil }})
+	ran := make(chan error, 1)
+	go func() { ran <- s.Run(ctx, client, func() {}) }()
+	node.Labels = map[string]string{"unrelated": "change"}
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	node.Spec.PodCIDRs = []string{"10.244.4.0/24"}
+	if _, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-ran; !errors.Is(err, ErrPodCIDRChanged) {
+		t.Errorf("Run after the pod range changed: %v, want ErrPodCIDRChanged", err)
+	}
+
+	// A Node that never gets a range: the wait ends with an error
+	// saying what is missing.
+	if _, err := nodes.Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n2"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := WaitForPodCIDR(ctx, client, "n2", time.Millisecond, 20*time.Millisecond); err == nil || !strings.Contains(err.Error(), "spec.podCIDRs") {
+		t.Errorf("no pod range: %v", err)
+	}
 }

@@ -757,10 +757,7 @@ func RunOpening(ctx context.Context, client kubernetes.Interface, open func(cont
 	spawn("metrics server", func() error { return metrics.ListenAndServe(ctx, cfg.MetricsBindAddress, reg, cfg.Profiling) })
 	spawn("watch", func() error { return watch.Run(ctx, client, p, 0) })
 	if cfg.Node != nil {
-		spawn("node watch", func() error {
-			cfg.Node.Run(ctx, client, p.nodeChanged)
-			return nil
-		})
+		spawn("node watch", func() error { return cfg.Node.Run(ctx, client, p.nodeChanged) })
 	}
 	spawn("sync runner", func() error {
 		// Both the datapath and the complete caches: before the lists
