@@ -337,3 +337,21 @@ func TestPartialRenderWritesOnlyChangedChains(t *testing.T) {
 		t.Errorf("natRules %d, written %d: the skipped service's rules are not counted", st.natRules, st.natRulesWritten)
 	}
 }
+
+// As kube-proxy, the health check node port of a LoadBalancer Service of
+// externalTrafficPolicy Local is accepted even when no port of the Service
+// is reachable from outside yet (no node ports allocated, no address in
+// its status).
+func TestHealthCheckNodePortWithoutExternalFrontends(t *testing.T) {
+	svc := apitest.Service("default", "lb", "10.96.0.60", apitest.Port("http", tcp, 80, 8080))
+	svc.Spec.Type = v1.ServiceTypeLoadBalancer
+	svc.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+	svc.Spec.HealthCheckNodePort = 31060
+	no := false
+	svc.Spec.AllocateLoadBalancerNodePorts = &no
+	got := string(renderCase(t, goldenCase{services: []*v1.Service{svc}, opts: defaultOpts}))
+	want := `-A KUBE-NODEPORTS -m comment --comment "default/lb:http health check node port" -m tcp -p tcp --dport 31060 -j ACCEPT`
+	if !strings.Contains(got, want) {
+		t.Errorf("rules lack %q:\n%s", want, got)
+	}
+}
