@@ -160,6 +160,7 @@ func TestEndToEnd(t *testing.T) {
 				t.Run("Measurements", func(t *testing.T) { e.probeScenario(t, mode, d) })
 			})
 			t.Run("KubernetesService", e.kubernetesService)
+			t.Run("NodeEligible", e.nodeEligible)
 			if mode == "ebpf" {
 				t.Run("OneServiceTooBig", func(t *testing.T) { e.oneServiceTooBig(t, ns) })
 				t.Run("DatapathCounters", func(t *testing.T) { e.datapathCounters(t, ns) })
