@@ -553,7 +553,13 @@ func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Sn
 	return next
 }
 
-func isExternal(sp model.ServicePort) bool { return sp.External.Accessible() }
+// isExternal: the external-only mode serves the port, for its external
+// frontends, or only for its health check node port's ACCEPT rule (a
+// Local LoadBalancer Service not yet reachable from outside, whose load
+// balancer probes the node all the same).
+func isExternal(sp model.ServicePort) bool {
+	return sp.External.Accessible() || sp.External.HealthCheckNodePort != 0
+}
 
 func notExternal(sp model.ServicePort) bool { return !isExternal(sp) }
 

@@ -281,6 +281,9 @@ func (r *renderer) probability(n int) string {
 func (r *renderer) port(sp *model.ServicePort, pc *portChains) {
 	opts := r.opts
 	if opts.noClusterIPs && !sp.External.Accessible() {
+		// Only a health check node port (see isExternal): its ACCEPT,
+		// and no chain (chainsOf names none).
+		r.healthCheck(sp)
 		return
 	}
 	v := viewOf(sp, opts.noClusterIPs)
@@ -395,12 +398,7 @@ func (r *renderer) port(sp *model.ServicePort, pc *portChains) {
 				"-m", "addrtype", "--dst-type", "LOCAL", "-m", proto, "-p", proto, "--dport", nodePort, "-j", externalTarget)
 		}
 	}
-	// The health check node port answers whether or not this node has
-	// endpoints: that is what it is asked.
-	if ext.HealthCheckNodePort != 0 {
-		r.filter.write("-A", chainNodePorts, "-m", "comment", "--comment", quote(name+" health check node port"),
-			"-m", "tcp", "-p", "tcp", "--dport", strconv.Itoa(int(ext.HealthCheckNodePort)), "-j", "ACCEPT")
-	}
+	r.healthCheck(sp)
 
 	if pc == nil {
 		// A partial sync leaves this port's chains as they are; count
@@ -505,6 +503,15 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 			args = append(args, "-m", "recent", "--name", sep, "--set")
 		}
 		r.nat.write(append(args, "-m", proto, "-p", proto, "-j", "DNAT", "--to-destination", pc.text[i])...)
+	}
+}
+
+// healthCheck accepts the port's health check node port, if it has one,
+// whether or not this node has endpoints: that is what it is asked.
+func (r *renderer) healthCheck(sp *model.ServicePort) {
+	if hc := sp.External.HealthCheckNodePort; hc != 0 {
+		r.filter.write("-A", chainNodePorts, "-m", "comment", "--comment", quote(portName(sp.Name)+" health check node port"),
+			"-m", "tcp", "-p", "tcp", "--dport", strconv.Itoa(int(hc)), "-j", "ACCEPT")
 	}
 }
 

@@ -349,9 +349,17 @@ func TestHealthCheckNodePortWithoutExternalFrontends(t *testing.T) {
 	svc.Spec.HealthCheckNodePort = 31060
 	no := false
 	svc.Spec.AllocateLoadBalancerNodePorts = &no
-	got := string(renderCase(t, goldenCase{services: []*v1.Service{svc}, opts: defaultOpts}))
-	want := `-A KUBE-NODEPORTS -m comment --comment "default/lb:http health check node port" -m tcp -p tcp --dport 31060 -j ACCEPT`
-	if !strings.Contains(got, want) {
-		t.Errorf("rules lack %q:\n%s", want, got)
+	// The eBPF mode's packet layer too, with no chain for the port.
+	externalOnly := defaultOpts
+	externalOnly.externalOnly, externalOnly.noClusterIPs = true, true
+	for _, opts := range []ruleOptions{defaultOpts, externalOnly} {
+		got := string(renderCase(t, goldenCase{services: []*v1.Service{svc}, opts: opts}))
+		want := `-A KUBE-NODEPORTS -m comment --comment "default/lb:http health check node port" -m tcp -p tcp --dport 31060 -j ACCEPT`
+		if !strings.Contains(got, want) {
+			t.Errorf("externalOnly %v: rules lack %q:\n%s", opts.externalOnly, want, got)
+		}
+		if opts.externalOnly && strings.Contains(got, "KUBE-SVC-") {
+			t.Errorf("the packet layer wrote chains for a port it serves no frontend of:\n%s", got)
+		}
 	}
 }
