@@ -62,10 +62,14 @@ type options struct {
 	podInterfaceNamePrefix string
 	clusterCIDR            string
 	clusterPrefix          netip.Prefix // clusterCIDR parsed by validate
-	masqueradeAll          bool
-	masqueradeBit          int
-	xtablesLockWait        time.Duration
-	localhostNPs           bool
+	// localTraffic is what validate makes of detectLocalMode and the flag
+	// it reads; for NodeCIDR, runProxy fills it once the Node has a pod
+	// range.
+	localTraffic    iptables.LocalTraffic
+	masqueradeAll   bool
+	masqueradeBit   int
+	xtablesLockWait time.Duration
+	localhostNPs    bool
 }
 
 func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
@@ -103,10 +107,10 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.nodePortAddresses, "nodeport-addresses", "", "comma-separated CIDRs of the node addresses node ports are served on, or \"primary\" for the node's primary address (its first InternalIP); default every address of the node, loopback excepted in ebpf mode (name 127.0.0.0/8 to serve node ports on 127.0.0.1 there)")
 	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated IPv4 Service ranges, used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
-	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode, and ebpf mode with --"+ebpf.FlagHostNetNSOnly+": the pods' IPv4 range; ClusterIP traffic from outside it is masqueraded")
-	fs.StringVar(&o.detectLocalMode, "detect-local-mode", "", "how traffic from the node's pods is told from other traffic, as kube-proxy's flag: ClusterCIDR (with --cluster-cidr), NodeCIDR, BridgeInterface (with --pod-bridge-interface) or InterfaceNamePrefix (with --pod-interface-name-prefix); empty: ClusterCIDR when --cluster-cidr is set")
-	fs.StringVar(&o.podBridgeInterface, "pod-bridge-interface", "", "with --detect-local-mode=BridgeInterface: the bridge the node's pods are attached to")
-	fs.StringVar(&o.podInterfaceNamePrefix, "pod-interface-name-prefix", "", "with --detect-local-mode=InterfaceNamePrefix: the name prefix of the node's pods' interfaces")
+	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode, and ebpf mode's packet layer: the pods' IPv4 range; with --detect-local-mode="+localModeClusterCIDR+" (the default), ClusterIP traffic from outside it is masqueraded (ebpf mode: with --"+ebpf.FlagHostNetNSOnly+"), and pods' traffic to an external frontend of an externalTrafficPolicy Local Service goes to every endpoint")
+	fs.StringVar(&o.detectLocalMode, "detect-local-mode", "", "iptables mode, and ebpf mode's packet layer: how traffic from this node's pods is told from other traffic (which is masqueraded to ClusterIPs): "+localModeClusterCIDR+" (source in --cluster-cidr; the default), "+localModeNodeCIDR+" (source in the Node's spec.podCIDRs, waited for at start; the proxy exits when they change), "+localModeBridge+" (in on --pod-bridge-interface) or "+localModePrefix+" (in on an interface named --pod-interface-name-prefix*)")
+	fs.StringVar(&o.podBridgeInterface, "pod-bridge-interface", "", "with --detect-local-mode="+localModeBridge+": the bridge pods' traffic comes in on")
+	fs.StringVar(&o.podInterfaceNamePrefix, "pod-interface-name-prefix", "", "with --detect-local-mode="+localModePrefix+": the prefix of the name of each pod's interface on the node (veth, cali, ...)")
 	fs.BoolVar(&o.masqueradeAll, "masquerade-all", false, "iptables mode, and ebpf mode with --"+ebpf.FlagHostNetNSOnly+": masquerade all ClusterIP traffic")
 	fs.IntVar(&o.masqueradeBit, "iptables-masquerade-bit", iptables.DefaultMasqueradeBit, "iptables mode: the fwmark bit (0-31) marking packets to masquerade; must match kubelet's")
 	fs.BoolVar(&o.localhostNPs, "iptables-localhost-nodeports", true, "iptables mode: also serve node ports on 127.0.0.0/8 when the node port addresses include it (all do without --nodeport-addresses), as kube-proxy: sets net.ipv4.conf.all.route_localnet=1, guarded by KUBE-FIREWALL (needs a writable /proc/sys)")
@@ -149,17 +153,15 @@ func (o *options) validate() error {
 	default:
 		return fmt.Errorf("unknown --iptables-backend %q: want auto, nft or legacy", o.iptablesBackend)
 	}
-	switch o.detectLocalMode {
-	case "", "ClusterCIDR", "NodeCIDR", "BridgeInterface", "InterfaceNamePrefix":
-	default:
-		return fmt.Errorf("unknown --detect-local-mode %q: want ClusterCIDR, NodeCIDR, BridgeInterface or InterfaceNamePrefix", o.detectLocalMode)
-	}
 	if o.clusterCIDR != "" {
 		p, err := netip.ParsePrefix(o.clusterCIDR)
 		if err != nil || !p.Addr().Is4() {
 			return fmt.Errorf("--cluster-cidr %q: want an IPv4 CIDR such as 10.244.0.0/16", o.clusterCIDR)
 		}
 		o.clusterPrefix = p.Masked()
+	}
+	if err := o.validateLocalMode(); err != nil {
+		return err
 	}
 	sel, err := nodeinfo.ParseSelector(splitList(o.nodePortAddresses))
 	if err != nil {
@@ -183,6 +185,42 @@ func (o *options) validate() error {
 		return fmt.Errorf("--iptables-masquerade-bit %d: want 0 to 31", o.masqueradeBit)
 	}
 	return o.connection().Validate()
+}
+
+// kube-proxy's --detect-local-mode values.
+const (
+	localModeClusterCIDR = "ClusterCIDR"
+	localModeNodeCIDR    = "NodeCIDR"
+	localModeBridge      = "BridgeInterface"
+	localModePrefix      = "InterfaceNamePrefix"
+)
+
+// validateLocalMode checks --detect-local-mode and the flag it reads, and
+// sets localTraffic, as kube-proxy picks its detector (cmd/kube-proxy
+// getLocalDetectors): ClusterCIDR without --cluster-cidr detects nothing.
+func (o *options) validateLocalMode() error {
+	o.localTraffic = iptables.LocalTraffic{}
+	switch o.detectLocalMode {
+	case "", localModeClusterCIDR:
+		if o.clusterPrefix.IsValid() {
+			o.localTraffic = iptables.LocalByCIDR(o.clusterPrefix)
+		}
+	case localModeNodeCIDR:
+	case localModeBridge:
+		if err := iptables.ValidateInterfaceName(o.podBridgeInterface); err != nil {
+			return fmt.Errorf("--pod-bridge-interface (with --detect-local-mode=%s): %w", localModeBridge, err)
+		}
+		o.localTraffic = iptables.LocalByBridge(o.podBridgeInterface)
+	case localModePrefix:
+		if err := iptables.ValidateInterfaceName(o.podInterfaceNamePrefix); err != nil {
+			return fmt.Errorf("--pod-interface-name-prefix (with --detect-local-mode=%s): %w", localModePrefix, err)
+		}
+		o.localTraffic = iptables.LocalByInterfacePrefix(o.podInterfaceNamePrefix)
+	default:
+		return fmt.Errorf("unknown --detect-local-mode %q: want %s, %s, %s or %s", o.detectLocalMode,
+			localModeClusterCIDR, localModeNodeCIDR, localModeBridge, localModePrefix)
+	}
+	return nil
 }
 
 func (o options) connection() apiserver.Connection {

@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"strings"
 	"time"
@@ -125,7 +126,7 @@ func clientConfig(o options, lookupEnv func(string) (string, bool)) (*rest.Confi
 func (o options) iptablesConfig() iptables.Config {
 	return iptables.Config{
 		Backend:       o.iptablesBackend,
-		ClusterCIDR:   o.clusterPrefix,
+		LocalTraffic:  o.localTraffic,
 		MasqueradeAll: o.masqueradeAll,
 		MasqueradeBit: &o.masqueradeBit,
 		LockWait:      o.xtablesLockWait,
@@ -255,6 +256,17 @@ func runProxy(ctx context.Context, o options) error {
 		}
 	}
 	go apiserver.Probe(ctx, client.Discovery().RESTClient(), target, apiserver.ProbeTimeout, 5*time.Second)
+	var podCIDR netip.Prefix
+	if o.detectLocalMode == localModeNodeCIDR {
+		// As kube-proxy: the rules need the Node's pod range, so nothing
+		// starts before it is allocated (5 minutes at most).
+		klog.InfoS("Waiting for the Node's pod range (--detect-local-mode=NodeCIDR)", "node", nodeName)
+		if podCIDR, err = nodeinfo.WaitForPodCIDR(ctx, client, nodeName, time.Second, 5*time.Minute); err != nil {
+			return err
+		}
+		klog.InfoS("Telling local traffic by the Node's pod range", "podCIDR", podCIDR)
+		o.localTraffic = iptables.LocalByCIDR(podCIDR)
+	}
 	// The datapath starts (loads, verifies and attaches the programs,
 	// opens the pins) while the informers list the Services and
 	// EndpointSlices; proxy.RunOpening waits for both before it syncs.
@@ -292,6 +304,7 @@ func runProxy(ctx context.Context, o options) error {
 			NodeName:     nodeName,
 			NodePorts:    o.nodePorts,
 			ServiceCIDRs: o.serviceRanges,
+			PodCIDR:      podCIDR,
 		}),
 		Registry: reg,
 		// The label says what serves the node, so it is written once

@@ -20,6 +20,11 @@
 // SyncFailed after each failed attempt. Before the loop starts (while the
 // informers wait for the API server) the proxy is live.
 //
+// /healthz also answers 503 while the node is not eligible for traffic, as
+// kube-proxy v1.36's: its Node is being deleted or carries the cluster
+// autoscaler's ToBeDeletedByClusterAutoscaler taint (WithNodeEligible), so
+// that cloud load balancers, which probe it, drain the node first.
+//
 // Both answer 200 or 503 with the same JSON body as kube-proxy, so existing
 // probes and dashboards keep working.
 package healthz
@@ -134,10 +139,26 @@ func (h *ProxyHealth) Live() (ok bool, lastUpdated, currentTime time.Time) {
 	return ok, h.lastUpdated, currentTime
 }
 
-// status is the response body, field for field kube-proxy's.
+// status is the response body, field for field kube-proxy's (v1.36
+// pkg/proxy/healthcheck ProxyHealth), for the one IP family served.
 type status struct {
+	// LastUpdated is, as kube-proxy's, the current time in a 200 answer
+	// (older releases reported the last sync loop run, even without
+	// changes) and the last successful sync in a 503 one.
 	LastUpdated string `json:"lastUpdated"`
 	CurrentTime string `json:"currentTime"`
+	// NodeEligible is in /healthz answers only.
+	NodeEligible *bool `json:"nodeEligible,omitempty"`
+	// Healthy is the datapath's state (/healthz: kept up to date;
+	// /livez: the sync loop not stuck), whatever NodeEligible says.
+	Healthy bool `json:"healthy"`
+	// Status holds it per IP family, once a sync has succeeded.
+	Status map[string]familyStatus `json:"status,omitempty"`
+}
+
+type familyStatus struct {
+	LastUpdated string `json:"lastUpdated"`
+	Healthy     bool   `json:"healthy"`
 }
 
 // HandlerOption configures Handler.
@@ -145,6 +166,7 @@ type HandlerOption func(*handlerConfig)
 
 type handlerConfig struct {
 	healthz, livez func(code int)
+	nodeEligible   func() bool
 }
 
 // WithCounts makes the handler tell healthz and livez the status code of
@@ -154,8 +176,19 @@ func WithCounts(healthz, livez func(code int)) HandlerOption {
 	return func(c *handlerConfig) { c.healthz, c.livez = healthz, livez }
 }
 
-// Handler serves GET (and HEAD) /healthz from h.Healthy and /livez from
-// h.Live. Other paths are 404, other methods 405.
+// WithNodeEligible makes /healthz answer 503 while eligible says the node
+// is not to take traffic (kube-proxy's NodeEligible: its Node is being
+// deleted or tainted ToBeDeletedByClusterAutoscaler), so that cloud load
+// balancers probing it drain the node before it goes. Without it the node
+// is always eligible. /livez does not read it: a node being drained is no
+// reason to restart the proxy.
+func WithNodeEligible(eligible func() bool) HandlerOption {
+	return func(c *handlerConfig) { c.nodeEligible = eligible }
+}
+
+// Handler serves GET (and HEAD) /healthz from h.Healthy and the node's
+// eligibility, and /livez from h.Live. Other paths are 404, other methods
+// 405.
 func Handler(h *ProxyHealth, opts ...HandlerOption) http.Handler {
 	c := handlerConfig{healthz: func(int) {}, livez: func(int) {}}
 	for _, o := range opts {
@@ -163,29 +196,41 @@ func Handler(h *ProxyHealth, opts ...HandlerOption) http.Handler {
 	}
 	mux := http.NewServeMux()
 	// A GET pattern also matches HEAD.
-	mux.HandleFunc("GET /healthz", serveStatus(h.Healthy, c.healthz))
-	mux.HandleFunc("GET /livez", serveStatus(h.Live, c.livez))
+	mux.HandleFunc("GET /healthz", serveStatus(h.Healthy, c.nodeEligible, c.healthz))
+	mux.HandleFunc("GET /livez", serveStatus(h.Live, nil, c.livez))
 	return mux
 }
 
-// serveStatus answers 200 or 503 as check says, with kube-proxy's body,
-// and tells count the code.
-func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time), count func(code int)) http.HandlerFunc {
+// serveStatus answers 200 or 503 as check (and eligible, if set) says,
+// with kube-proxy's body, and tells count the code.
+func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time), eligible func() bool, count func(code int)) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) {
 		ok, lastUpdated, currentTime := check()
-		body, err := json.Marshal(status{
-			LastUpdated: lastUpdated.Format(time.RFC3339Nano),
-			CurrentTime: currentTime.Format(time.RFC3339Nano),
-		})
+		st := status{CurrentTime: currentTime.Format(time.RFC3339Nano), Healthy: ok}
+		serving := ok
+		if eligible != nil {
+			e := eligible()
+			st.NodeEligible = &e
+			serving = ok && e
+		}
+		if !lastUpdated.IsZero() {
+			st.Status = map[string]familyStatus{"IPv4": {LastUpdated: lastUpdated.Format(time.RFC3339Nano), Healthy: ok}}
+		}
+		st.LastUpdated = lastUpdated.Format(time.RFC3339Nano)
+		if serving {
+			st.LastUpdated = st.CurrentTime
+		}
+		body, err := json.Marshal(st)
 		if err != nil {
-			// Two strings cannot fail to marshal; keep the probe honest anyway.
+			// Strings and booleans cannot fail to marshal; keep the
+			// probe honest anyway.
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("X-Content-Type-Options", "nosniff")
 		code := http.StatusOK
-		if !ok {
+		if !serving {
 			code = http.StatusServiceUnavailable
 		}
 		count(code)

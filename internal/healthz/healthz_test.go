@@ -8,7 +8,9 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -200,7 +202,9 @@ func TestHandler(t *testing.T) {
 			counted[fmt.Sprintf("%s %d", path, code)]++
 		}
 	}
-	srv := httptest.NewServer(Handler(h, WithCounts(counter("/healthz"), counter("/livez"))))
+	var eligible atomic.Bool
+	eligible.Store(true)
+	srv := httptest.NewServer(Handler(h, WithCounts(counter("/healthz"), counter("/livez")), WithNodeEligible(eligible.Load)))
 	t.Cleanup(srv.Close)
 
 	type check struct {
@@ -221,6 +225,8 @@ func TestHandler(t *testing.T) {
 		before          func()
 		checks          []check
 		wantLastUpdated time.Time
+		// ineligible: the node is not eligible, the datapath healthy.
+		ineligible bool
 	}{
 		{
 			name:   "healthy at start",
@@ -260,6 +266,22 @@ func TestHandler(t *testing.T) {
 			wantLastUpdated: t0.Add(2*timeout + time.Second),
 		},
 		{
+			// kube-proxy v1.36: a Node being deleted, or tainted by the
+			// cluster autoscaler, fails /healthz for load balancers to
+			// drain it; /livez does not care.
+			name:            "node not eligible",
+			before:          func() { h.Updated(); eligible.Store(false) },
+			checks:          probes(unavailable, ok),
+			wantLastUpdated: t0.Add(3*timeout + time.Second),
+			ineligible:      true,
+		},
+		{
+			name:            "eligible again",
+			before:          func() { eligible.Store(true) },
+			checks:          probes(ok, ok),
+			wantLastUpdated: t0.Add(3*timeout + time.Second),
+		},
+		{
 			name:   "unknown paths and methods",
 			before: func() {},
 			checks: []check{
@@ -286,7 +308,7 @@ func TestHandler(t *testing.T) {
 				if err != nil {
 					t.Fatalf("%s %s: %v", c.method, c.path, err)
 				}
-				var body map[string]string
+				var body map[string]any
 				decodeErr := json.NewDecoder(resp.Body).Decode(&body)
 				_ = resp.Body.Close()
 				if resp.StatusCode != c.wantCode {
@@ -307,11 +329,27 @@ func TestHandler(t *testing.T) {
 				if decodeErr != nil {
 					t.Fatalf("%s %s: decoding body: %v", c.method, c.path, decodeErr)
 				}
-				want := map[string]string{
+				// kube-proxy's body: lastUpdated is the current time in a
+				// 200 answer; healthy is the datapath's state, whatever
+				// nodeEligible says; status is per IP family, once synced.
+				now := clk.Now().Format(time.RFC3339Nano)
+				healthy := c.wantCode == http.StatusOK || (tc.ineligible && c.path == "/healthz")
+				want := map[string]any{
 					"lastUpdated": tc.wantLastUpdated.Format(time.RFC3339Nano),
-					"currentTime": clk.Now().Format(time.RFC3339Nano),
+					"currentTime": now,
+					"healthy":     healthy,
 				}
-				if len(body) != len(want) || body["lastUpdated"] != want["lastUpdated"] || body["currentTime"] != want["currentTime"] {
+				if c.wantCode == http.StatusOK {
+					want["lastUpdated"] = now
+				}
+				if c.path == "/healthz" {
+					want["nodeEligible"] = !tc.ineligible
+				}
+				if !tc.wantLastUpdated.IsZero() {
+					want["status"] = map[string]any{"IPv4": map[string]any{
+						"lastUpdated": tc.wantLastUpdated.Format(time.RFC3339Nano), "healthy": healthy}}
+				}
+				if !reflect.DeepEqual(body, want) {
 					t.Errorf("%s %s: body %v, want %v", c.method, c.path, body, want)
 				}
 			}

@@ -259,13 +259,15 @@ func computePorts(svc *serviceInfo, visit func(func(*sliceInfo)), topo Topology,
 		sp := ServicePort{Name: spec.name, ClusterIP: spec.frontend, InternalLocal: svc.internalLocal,
 			Affinity: svc.affinity, External: svc.external}
 		sp.External.NodePort = spec.nodePort
-		if sp.External.HealthCheckNodePort != 0 && !sp.External.Accessible() {
-			sp.External.HealthCheckNodePort = 0
-		}
 		if !sp.External.Accessible() {
 			// kube-proxy's external policy applies only to a port
-			// reachable from outside.
-			sp.External = External{}
+			// reachable from outside. The health check node port stays,
+			// as kube-proxy serves it for every LoadBalancer Service of
+			// externalTrafficPolicy Local: its load balancer probes the
+			// node before the Service has a node port or an address in
+			// its status (allocateLoadBalancerNodePorts false, an
+			// ingress given as a hostname or of ipMode Proxy).
+			sp.External = External{HealthCheckNodePort: sp.External.HealthCheckNodePort}
 		}
 		selectBackends(&sp, mergeCandidates(cands), topo)
 		out[i] = sp
@@ -361,6 +363,7 @@ func availableForTopology(c candidate, mode string, topo Topology) bool {
 //   - Serving: every endpoint that is serving or ready.
 func selectBackends(sp *ServicePort, cands []candidate, topo Topology) {
 	sp.Backends, sp.Serving, sp.Cluster, sp.Local, sp.HasEndpoints, sp.LocalTerminating = nil, nil, nil, nil, false, false
+	sp.HealthCheckLocal = nil
 	if len(cands) == 0 {
 		return
 	}
@@ -415,6 +418,9 @@ func selectBackends(sp *ServicePort, cands []candidate, topo Topology) {
 			sp.LocalTerminating = true
 		}
 	}
+	if sp.External.HealthCheckNodePort != 0 && !sp.UsesLocal() && localReady {
+		sp.HealthCheckLocal = pick(func(c candidate) bool { return c.local && c.ready })
+	}
 	if sp.InternalLocal {
 		sp.Backends = sp.Local
 	} else {
@@ -444,6 +450,7 @@ func EqualServicePort(x, y ServicePort) bool {
 	return x.Name == y.Name && x.ClusterIP == y.ClusterIP &&
 		slices.Equal(x.Backends, y.Backends) && slices.Equal(x.Serving, y.Serving) &&
 		slices.Equal(x.Cluster, y.Cluster) && slices.Equal(x.Local, y.Local) && x.LocalTerminating == y.LocalTerminating &&
+		slices.Equal(x.HealthCheckLocal, y.HealthCheckLocal) &&
 		x.HasEndpoints == y.HasEndpoints && x.InternalLocal == y.InternalLocal &&
 		x.Affinity == y.Affinity && x.External.Equal(y.External)
 }

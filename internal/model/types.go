@@ -121,6 +121,11 @@ type ServicePort struct {
 	// endpoints, as none of its endpoints is ready. The health check node
 	// port counts only ready ones.
 	LocalTerminating bool
+	// HealthCheckLocal holds this node's ready endpoints for the health
+	// check node port of a port whose policies leave Local empty: one not
+	// reachable from outside (kube-proxy serves its health check all the
+	// same). Nil otherwise: Local serves the count.
+	HealthCheckLocal []Backend
 	// HasEndpoints: the service port has a usable endpoint somewhere in
 	// the cluster. kube-proxy rejects traffic to a port without one, and
 	// drops traffic a Local policy cannot serve on this node when there is
@@ -155,7 +160,8 @@ type External struct {
 	// from the node or its pods still goes to the cluster's endpoints.
 	PolicyLocal bool
 	// HealthCheckNodePort is served with this node's local endpoint count
-	// when PolicyLocal; 0 for none.
+	// for a LoadBalancer Service of externalTrafficPolicy Local, even on a
+	// port that is not Accessible (PolicyLocal is false there); 0 for none.
 	HealthCheckNodePort uint16
 }
 

@@ -6,11 +6,13 @@
 //
 // Addresses are read from the kernel at each sync, as kube-proxy reads them:
 // interfaces come and go without any API event. The zone, the node's primary
-// address and the Service ranges come from the API server.
+// address, whether it is eligible for load balancer traffic (/healthz) and
+// the Service ranges come from the API server.
 package nodeinfo
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -24,6 +26,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
@@ -109,13 +112,71 @@ type Config struct {
 	// ServiceCIDRs are used when the ServiceCIDR objects cannot be read
 	// (no RBAC, an API server before 1.33); nil refuses nothing then.
 	ServiceCIDRs []netip.Prefix
+	// PodCIDR, when valid, is the Node's pod range the datapath tells
+	// local traffic by (--detect-local-mode=NodeCIDR, WaitForPodCIDR):
+	// Run ends with ErrPodCIDRChanged when the Node's changes, for the
+	// process to restart with the new one, as kube-proxy exits then.
+	PodCIDR netip.Prefix
+}
+
+// ErrPodCIDRChanged ends Run when the Node's pod range is no longer
+// Config.PodCIDR.
+var ErrPodCIDRChanged = errors.New("the Node's spec.podCIDRs changed, and local traffic is told by the old range (--detect-local-mode=NodeCIDR): exiting for the restart to read the new one")
+
+// PodCIDR returns the Node's first IPv4 pod range (spec.podCIDRs, else
+// spec.podCIDR), invalid if it has none.
+func PodCIDR(node *v1.Node) netip.Prefix {
+	cidrs := node.Spec.PodCIDRs
+	if len(cidrs) == 0 && node.Spec.PodCIDR != "" {
+		cidrs = []string{node.Spec.PodCIDR}
+	}
+	for _, c := range cidrs {
+		if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is4() {
+			return p.Masked()
+		}
+	}
+	return netip.Prefix{}
+}
+
+// WaitForPodCIDR returns the pod range of Node name, waiting up to
+// timeout, polling each poll, for the Node to exist and have one, as
+// kube-proxy waits for it in its NodeCIDR mode (5 minutes).
+func WaitForPodCIDR(ctx context.Context, client kubernetes.Interface, name string, poll, timeout time.Duration) (netip.Prefix, error) {
+	var cidr netip.Prefix
+	var lastErr error
+	seen := false
+	err := wait.PollUntilContextTimeout(ctx, poll, timeout, true, func(ctx context.Context) (bool, error) {
+		node, err := client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			lastErr = err
+			return false, nil
+		}
+		seen = true
+		cidr = PodCIDR(node)
+		return cidr.IsValid(), nil
+	})
+	switch {
+	case err == nil:
+		return cidr, nil
+	case ctx.Err() != nil:
+		return netip.Prefix{}, ctx.Err()
+	case !seen:
+		return netip.Prefix{}, fmt.Errorf("timed out after %v waiting for Node %q, whose spec.podCIDRs --detect-local-mode=NodeCIDR needs: %v", timeout, name, lastErr)
+	}
+	return netip.Prefix{}, fmt.Errorf("timed out after %v waiting for an IPv4 pod range in Node %q's spec.podCIDRs, which --detect-local-mode=NodeCIDR needs (is kube-controller-manager allocating node CIDRs, --allocate-node-cidrs?)", timeout, name)
 }
 
 // Source is the node's current information. It is safe for concurrent use.
 type Source struct {
 	cfg Config
 
-	mu           sync.Mutex
+	// podCIDRChanged receives ErrPodCIDRChanged, once.
+	podCIDRChanged chan error
+
+	mu sync.Mutex
+	// eligible: the Node was seen and is neither being deleted nor
+	// tainted for deletion (kube-proxy's NodeEligible).
+	eligible     bool
 	zone         string
 	primary      netip.Addr
 	serviceCIDRs []netip.Prefix
@@ -127,7 +188,7 @@ func New(cfg Config) *Source {
 	if cfg.LocalAddresses == nil {
 		cfg.LocalAddresses = InterfaceAddresses
 	}
-	return &Source{cfg: cfg, serviceCIDRs: cfg.ServiceCIDRs}
+	return &Source{cfg: cfg, serviceCIDRs: cfg.ServiceCIDRs, podCIDRChanged: make(chan error, 1)}
 }
 
 // InterfaceAddresses lists the IPv4 addresses of this network namespace's
@@ -163,6 +224,52 @@ func (s *Source) Zone() string {
 	return s.zone
 }
 
+// ToBeDeletedTaint is the taint the cluster autoscaler puts on a node it
+// is about to delete.
+const ToBeDeletedTaint = "ToBeDeletedByClusterAutoscaler"
+
+// NodeEligible reports whether the node is to take traffic from load
+// balancers, as kube-proxy v1.36's /healthz decides it: its Node object
+// has been seen, and is neither being deleted (deletionTimestamp, or gone)
+// nor tainted ToBeDeletedByClusterAutoscaler.
+func (s *Source) NodeEligible() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.eligible
+}
+
+// eligibleNode is NodeEligible's rule, with the reason a node is not.
+func eligibleNode(node *v1.Node) (bool, string) {
+	if node == nil {
+		return false, "no Node object"
+	}
+	if node.DeletionTimestamp != nil {
+		return false, "being deleted"
+	}
+	for _, t := range node.Spec.Taints {
+		if t.Key == ToBeDeletedTaint {
+			return false, "tainted " + ToBeDeletedTaint
+		}
+	}
+	return true, ""
+}
+
+// setEligible records the node's eligibility, logging a change.
+func (s *Source) setEligible(node *v1.Node) {
+	ok, reason := eligibleNode(node)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ok == s.eligible {
+		return
+	}
+	s.eligible = ok
+	if ok {
+		klog.InfoS("Node eligible for load balancer traffic: /healthz follows the datapath again", "node", s.cfg.NodeName)
+	} else {
+		klog.InfoS("Node not eligible for load balancer traffic: /healthz answers 503 so that load balancers drain it", "node", s.cfg.NodeName, "reason", reason)
+	}
+}
+
 // Info reads the node's addresses now and returns what the datapaths need.
 // An error reading the addresses is logged and leaves them empty: node
 // ports are then served nowhere until the next sync reads them.
@@ -182,11 +289,16 @@ func (s *Source) Info() model.NodeInfo {
 	}
 }
 
-// Run watches this node's Node object (zone label, primary address) and the
+// Run watches this node's Node object (zone label, primary address,
+// eligibility for load balancer traffic) and the
 // ServiceCIDR objects until ctx ends, calling changed after each change of
 // what Info or Zone returns. ServiceCIDRs that cannot be listed (RBAC, an
 // older API server) are reported once and the configured ranges kept.
-func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed func()) {
+// It returns nil when ctx ends, or ErrPodCIDRChanged (see Config.PodCIDR).
+func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed func()) error {
+	// The informers stop with ctx, which ends early on a pod range change.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	nodes := informers.NewSharedInformerFactoryWithOptions(client, 0,
 		informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 			o.FieldSelector = fields.OneTermEqualSelector("metadata.name", s.cfg.NodeName).String()
@@ -197,6 +309,16 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 		if !ok {
 			return
 		}
+		s.setEligible(node)
+		if want := s.cfg.PodCIDR; want.IsValid() {
+			if got := PodCIDR(node); got != want {
+				klog.InfoS("The Node's pod range changed", "node", s.cfg.NodeName, "podCIDR", got, "inUse", want)
+				select {
+				case s.podCIDRChanged <- ErrPodCIDRChanged:
+				default:
+				}
+			}
+		}
 		if s.setNode(node) {
 			changed()
 		}
@@ -204,9 +326,12 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 	if _, err := nodeInformer.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    onNode,
 		UpdateFunc: func(_, obj any) { onNode(obj) },
+		// A Node without finalizers goes at once, with no update showing
+		// its deletionTimestamp: the node is on its way out all the same.
+		DeleteFunc: func(any) { s.setEligible(nil) },
 	}); err != nil {
 		klog.ErrorS(err, "Not watching the Node: topology hints and --nodeport-addresses=primary are not followed")
-		return
+		return nil
 	}
 	nodes.Start(ctx.Done())
 
@@ -227,8 +352,14 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 			cidrs.Start(ctx.Done())
 		}
 	}
-	<-ctx.Done()
+	var err error
+	select {
+	case <-ctx.Done():
+	case err = <-s.podCIDRChanged:
+	}
+	cancel()
 	nodes.Shutdown()
+	return err
 }
 
 func (s *Source) canListServiceCIDRs(ctx context.Context, client kubernetes.Interface) bool {

@@ -1,13 +1,19 @@
 package nodeinfo
 
 import (
+	"context"
+	"errors"
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
+	"time"
 
 	v1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes/fake"
 )
 
 func addrs(ss ...string) []netip.Addr {
@@ -98,5 +104,115 @@ func TestSourceFollowsNodeAndServiceCIDRs(t *testing.T) {
 	}
 	if !s.setServiceCIDRs(nil) || s.Info().ServiceCIDRs != nil {
 		t.Error("every ServiceCIDR gone: ranges not emptied")
+	}
+}
+
+// As kube-proxy v1.36's NodeEligible: the node takes load balancer traffic
+// once its Node is seen, and not while it is being deleted or tainted by
+// the cluster autoscaler for deletion, nor once it is gone.
+func TestNodeEligibleFollowsTheNode(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	client := fake.NewClientset()
+	s := New(Config{NodeName: "n1", LocalAddresses: func() ([]netip.Addr, error) { return nil, nil }})
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Run(ctx, client, func() {}) }()
+	t.Cleanup(func() { cancel(); <-done })
+	waitFor := func(what string, want bool) {
+		t.Helper()
+		if err := wait.PollUntilContextTimeout(ctx, 10*time.Millisecond, time.Minute, true, func(context.Context) (bool, error) {
+			return s.NodeEligible() == want, nil
+		}); err != nil {
+			t.Fatalf("%s: NodeEligible() = %v, want %v", what, !want, want)
+		}
+	}
+	if s.NodeEligible() {
+		t.Error("eligible before the Node was seen")
+	}
+	nodes := client.CoreV1().Nodes()
+	node := &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"}}
+	node, err := nodes.Create(ctx, node, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor("node seen", true)
+	node.Spec.Taints = []v1.Taint{{Key: "other", Effect: v1.TaintEffectNoSchedule}, {Key: ToBeDeletedTaint, Value: "1733400000", Effect: v1.TaintEffectNoSchedule}}
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("tainted "+ToBeDeletedTaint, false)
+	node.Spec.Taints = node.Spec.Taints[:1]
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("taint removed", true)
+	now := metav1.Now()
+	node.DeletionTimestamp = &now
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("being deleted", false)
+	node.DeletionTimestamp = nil
+	if _, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("deletion cleared (test only)", true)
+	if err := nodes.Delete(ctx, "n1", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("deleted", false)
+}
+
+// --detect-local-mode=NodeCIDR, as kube-proxy: the proxy waits for the
+// Node to have a pod range, and exits (Run returns) when it changes.
+func TestPodCIDRWaitAndChange(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	client := fake.NewClientset()
+	nodes := client.CoreV1().Nodes()
+	got := make(chan netip.Prefix, 1)
+	errs := make(chan error, 1)
+	go func() {
+		p, err := WaitForPodCIDR(ctx, client, "n1", 10*time.Millisecond, time.Minute)
+		got <- p
+		errs <- err
+	}()
+	node, err := nodes.Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Dual-stack, IPv6 first: the IPv4 range is the one used.
+	node.Spec.PodCIDR = "fd00:1::/64"
+	node.Spec.PodCIDRs = []string{"fd00:1::/64", "10.244.3.0/24"}
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if p, err := <-got, <-errs; err != nil || p != netip.MustParsePrefix("10.244.3.0/24") {
+		t.Fatalf("WaitForPodCIDR = %v, %v; want 10.244.3.0/24", p, err)
+	}
+
+	s := New(Config{NodeName: "n1", PodCIDR: netip.MustParsePrefix("10.244.3.0/24"),
+		LocalAddresses: func() ([]netip.Addr, error) { return nil, nil }})
+	ran := make(chan error, 1)
+	go func() { ran <- s.Run(ctx, client, func() {}) }()
+	node.Labels = map[string]string{"unrelated": "change"}
+	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	node.Spec.PodCIDRs = []string{"10.244.4.0/24"}
+	if _, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-ran; !errors.Is(err, ErrPodCIDRChanged) {
+		t.Errorf("Run after the pod range changed: %v, want ErrPodCIDRChanged", err)
+	}
+
+	// A Node that never gets a range: the wait ends with an error
+	// saying what is missing.
+	if _, err := nodes.Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n2"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := WaitForPodCIDR(ctx, client, "n2", time.Millisecond, 20*time.Millisecond); err == nil || !strings.Contains(err.Error(), "spec.podCIDRs") {
+		t.Errorf("no pod range: %v", err)
 	}
 }

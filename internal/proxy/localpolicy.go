@@ -11,8 +11,9 @@ import (
 // the health check node port are about every Service, while a partial
 // snapshot names only those that changed.
 type localPolicy struct {
-	// healthCheckNodePort is served when externalTrafficPolicy is Local;
-	// 0 for none.
+	// healthCheckNodePort is served for a LoadBalancer Service of
+	// externalTrafficPolicy Local, whether or not any of its ports is
+	// reachable from outside yet, as kube-proxy serves it; 0 for none.
 	healthCheckNodePort uint16
 	// localReady is the number of distinct addresses of this node's ready
 	// endpoints, over all the Service's ports, as kube-proxy counts them
@@ -29,7 +30,7 @@ type localPolicy struct {
 func localPolicyOf(ports []model.ServicePort) (lp localPolicy, ok bool) {
 	for i := range ports {
 		sp := &ports[i]
-		if sp.External.PolicyLocal && sp.External.HealthCheckNodePort != 0 {
+		if sp.External.HealthCheckNodePort != 0 {
 			lp.healthCheckNodePort = sp.External.HealthCheckNodePort
 		}
 		if !sp.HasEndpoints {
@@ -51,6 +52,9 @@ func localPolicyOf(ports []model.ServicePort) (lp localPolicy, ok bool) {
 				for _, b := range ports[i].Local {
 					ready[b.IP] = struct{}{}
 				}
+			}
+			for _, b := range ports[i].HealthCheckLocal {
+				ready[b.IP] = struct{}{}
 			}
 		}
 		lp.localReady = len(ready)

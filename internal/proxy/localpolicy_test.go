@@ -4,7 +4,12 @@ import (
 	"net/netip"
 	"testing"
 
+	v1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/utils/ptr"
+
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
 )
 
 func TestLocalPoliciesFollowPartialSnapshots(t *testing.T) {
@@ -51,5 +56,36 @@ func TestLocalPoliciesFollowPartialSnapshots(t *testing.T) {
 	m.apply(&model.Snapshot{Full: true})
 	if len(m) != 0 {
 		t.Errorf("full empty snapshot left %v", m)
+	}
+}
+
+// As kube-proxy (its ServicePortMap.HealthCheckNodePorts): a LoadBalancer
+// Service of externalTrafficPolicy Local gets its health check node port
+// served even when none of its ports is reachable from outside yet (no
+// node ports allocated, the load balancer's address not yet in its status,
+// or given as a hostname only): the load balancer probes the node for it.
+func TestHealthCheckNodePortWithoutExternalFrontends(t *testing.T) {
+	svc := apitest.Service("ns", "lb", "10.96.0.9", apitest.Port("http", v1.ProtocolTCP, 80, 8080))
+	svc.Spec.Type = v1.ServiceTypeLoadBalancer
+	svc.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+	svc.Spec.HealthCheckNodePort = 31000
+	svc.Spec.AllocateLoadBalancerNodePorts = ptr.To(false)
+	svc.Status.LoadBalancer.Ingress = []v1.LoadBalancerIngress{{Hostname: "lb.example.com"}}
+	ep := apitest.Ready("10.244.1.1")
+	ep.NodeName = ptr.To("node-a")
+	sl := apitest.Slice("ns", "lb", "lb-1", []discoveryv1.EndpointPort{apitest.SlicePort("http", v1.ProtocolTCP, 8080)}, ep)
+	tr := model.NewTracker(model.WithNodeName("node-a"))
+	tr.UpsertService(svc)
+	tr.UpsertEndpointSlice(sl)
+	m := make(localPolicies)
+	m.apply(tr.Snapshot(true))
+	ports, local := m.healthChecks()
+	name := model.ServiceName{Namespace: "ns", Name: "lb"}
+	if ports[name] != 31000 || local[name] != 1 {
+		t.Errorf("health checks %v, local endpoints %v; want port 31000 with 1 local endpoint", ports, local)
+	}
+	// Nothing external: no Local policy drops its traffic.
+	if in, ex := m.totals(); in != 0 || ex != 0 {
+		t.Errorf("ports without local endpoints %d %d, want 0 0", in, ex)
 	}
 }

@@ -76,8 +76,10 @@ type Config struct {
 	// Go and process collectors.
 	Registry *prometheus.Registry
 	// Node tells every sync what the datapath needs to know of this node
-	// (addresses, zone, Service ranges); nil means nothing: no node port
-	// is served on any address and no endpoint is local.
+	// (addresses, zone, Service ranges), and /healthz whether the node is
+	// eligible for load balancer traffic; nil means nothing: no node port
+	// is served on any address, no endpoint is local, and the node is
+	// always eligible.
 	Node *nodeinfo.Source
 	// AfterFirstSync, if set, runs once in its own goroutine after the
 	// first sync that programmed the datapath.
@@ -752,16 +754,19 @@ func RunOpening(ctx context.Context, client kubernetes.Interface, open func(cont
 		registerDatapathMetrics(reg, dp)
 		close(opened)
 	}()
+	healthOpts := []healthz.HandlerOption{healthz.WithCounts(m.HealthCounts())}
+	if cfg.Node != nil {
+		// As kube-proxy: 503 while the Node is being deleted or tainted
+		// for deletion, and until it has been seen.
+		healthOpts = append(healthOpts, healthz.WithNodeEligible(cfg.Node.NodeEligible))
+	}
 	spawn("healthz server", func() error {
-		return healthz.ListenAndServe(ctx, cfg.HealthzBindAddress, health, healthz.WithCounts(m.HealthCounts()))
+		return healthz.ListenAndServe(ctx, cfg.HealthzBindAddress, health, healthOpts...)
 	})
 	spawn("metrics server", func() error { return metrics.ListenAndServe(ctx, cfg.MetricsBindAddress, reg, cfg.Profiling) })
 	spawn("watch", func() error { return watch.Run(ctx, client, p, 0) })
 	if cfg.Node != nil {
-		spawn("node watch", func() error {
-			cfg.Node.Run(ctx, client, p.nodeChanged)
-			return nil
-		})
+		spawn("node watch", func() error { return cfg.Node.Run(ctx, client, p.nodeChanged) })
 	}
 	spawn("sync runner", func() error {
 		// Both the datapath and the complete caches: before the lists

@@ -207,6 +207,7 @@ func TestEndToEnd(t *testing.T) {
 			})
 			t.Run("KubernetesService", e.kubernetesService)
 			t.Run("Inspect", func(t *testing.T) { e.inspectNode(t, ns, mode) })
+			t.Run("NodeEligible", e.nodeEligible)
 			if mode == "ebpf" {
 				t.Run("OneServiceTooBig", func(t *testing.T) { e.oneServiceTooBig(t, ns) })
 				t.Run("DatapathCounters", func(t *testing.T) { e.datapathCounters(t, ns) })

@@ -24,11 +24,14 @@ import (
 type staleUDP struct {
 	// byAddr holds ClusterIPs, external IPs and load balancer IPs.
 	byAddr map[netip.AddrPort]map[netip.AddrPort]bool
-	// byNodePort holds node ports, which answer on any of local.
+	// byNodePort holds node ports. As kube-proxy's (pkg/proxy/conntrack,
+	// v1.36), a node port flow is matched by protocol and destination port
+	// alone, whatever its destination address: KUBE-NODEPORTS serves the
+	// port on every address the kernel deems local (--dst-type LOCAL),
+	// which includes VIPs a cloud installs as local routes without putting
+	// them on an interface (GCP's load balancer IPs), so the node's
+	// interface addresses would miss flows the rules translated.
 	byNodePort map[uint16]map[netip.AddrPort]bool
-	// local are the node's addresses; nil means any destination counts as
-	// one, as kube-proxy matches node port flows by port alone.
-	local map[netip.Addr]bool
 }
 
 func newStaleUDP() *staleUDP {
@@ -62,8 +65,7 @@ func (s *staleUDP) MatchConntrackFlow(flow *netlink.ConntrackFlow) bool {
 	dst := addrPort(flow.Forward.DstIP, flow.Forward.DstPort)
 	backends, ok := s.byAddr[dst]
 	if !ok {
-		backends, ok = s.byNodePort[dst.Port()]
-		if !ok || (s.local != nil && !s.local[dst.Addr()]) {
+		if backends, ok = s.byNodePort[dst.Port()]; !ok {
 			return false
 		}
 	}

@@ -139,12 +139,15 @@ func TestStaleUDPExternalFrontends(t *testing.T) {
 	}
 }
 
-// A node port flow is one sent to the port on one of the node's addresses;
-// the same port on another address is someone else's flow.
+// As kube-proxy, a node port flow is matched by its destination port alone:
+// the rules serve the port on every address the kernel deems local, VIPs a
+// cloud installs as local routes (GCP) included, which are on no interface.
 func TestStaleUDPNodePortFlows(t *testing.T) {
-	s := newStaleUDP()
-	s.addNodePort(30053, model.AddrPortSet([]model.Backend{{IP: netip.MustParseAddr("10.244.1.1"), Port: 53}}))
-	s.local = map[netip.Addr]bool{netip.MustParseAddr("192.168.77.1"): true}
+	// What a sync of a node with one interface address checks.
+	d := &Dataplane{applied: snap(true, udpExternal(30053, "10.244.1.9:53")).Services}
+	next := snap(false, udpExternal(30053, "10.244.1.1:53"))
+	next.Node.LocalAddresses = []netip.Addr{netip.MustParseAddr("192.168.77.1")}
+	s := d.staleUDP(next, nextState(d.applied, next, false))
 	for _, c := range []struct {
 		name string
 		flow *netlink.ConntrackFlow
@@ -153,15 +156,13 @@ func TestStaleUDPNodePortFlows(t *testing.T) {
 		{"to the endpoint", flow(unix.IPPROTO_UDP, "192.168.77.1", 30053, "10.244.1.1", 53), false},
 		{"never translated", flow(unix.IPPROTO_UDP, "192.168.77.1", 30053, "192.168.77.1", 30053), true},
 		{"to a gone endpoint", flow(unix.IPPROTO_UDP, "192.168.77.1", 30053, "10.244.1.9", 53), true},
-		{"the same port elsewhere", flow(unix.IPPROTO_UDP, "8.8.8.8", 30053, "8.8.8.8", 30053), false},
+		{"via a VIP on a local route, to a gone endpoint", flow(unix.IPPROTO_UDP, "203.0.113.7", 30053, "10.244.1.9", 53), true},
+		{"via a VIP on a local route, to the endpoint", flow(unix.IPPROTO_UDP, "203.0.113.7", 30053, "10.244.1.1", 53), false},
+		{"another port", flow(unix.IPPROTO_UDP, "192.168.77.1", 30054, "10.244.1.9", 53), false},
+		{"TCP to the node port", flow(unix.IPPROTO_TCP, "192.168.77.1", 30053, "10.244.1.9", 53), false},
 	} {
 		if got := s.MatchConntrackFlow(c.flow); got != c.want {
 			t.Errorf("%s: stale = %v, want %v", c.name, got, c.want)
 		}
-	}
-	// Without the node's addresses, as kube-proxy: by port alone.
-	s.local = nil
-	if !s.MatchConntrackFlow(flow(unix.IPPROTO_UDP, "8.8.8.8", 30053, "8.8.8.8", 30053)) {
-		t.Errorf("without the node's addresses, a flow to the node port elsewhere is kept")
 	}
 }

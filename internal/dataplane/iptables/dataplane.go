@@ -33,8 +33,13 @@ type Config struct {
 	// Backend is BackendNFT, BackendLegacy or BackendAuto (the one the
 	// node already uses).
 	Backend string
-	// ClusterCIDR is the pods' range; ClusterIP traffic from outside it is
-	// masqueraded. The zero value masquerades nothing by source.
+	// LocalTraffic tells this node's pods' traffic (kube-proxy's
+	// --detect-local-mode); ClusterIP traffic that is not theirs is
+	// masqueraded. The zero value masquerades nothing by source, unless
+	// ClusterCIDR is set.
+	LocalTraffic LocalTraffic
+	// ClusterCIDR, when LocalTraffic is the zero value, is the pods'
+	// range: LocalByCIDR(ClusterCIDR), the ClusterCIDR mode.
 	ClusterCIDR netip.Prefix
 	// MasqueradeAll masquerades all ClusterIP traffic.
 	MasqueradeAll bool
@@ -88,6 +93,9 @@ func (c Config) withDefaults() Config {
 		on := true
 		c.LocalhostNodePorts = &on
 	}
+	if !c.LocalTraffic.detects() && c.ClusterCIDR.IsValid() {
+		c.LocalTraffic = LocalByCIDR(c.ClusterCIDR)
+	}
 	return c
 }
 
@@ -129,6 +137,9 @@ type Dataplane struct {
 	large bool
 	// cleanup is the last sync's conntrack cleanup, if it ran one.
 	cleanup conntrackCleanup
+	// conntrackRetry: the last cleanup failed, so the next sync checks
+	// every UDP frontend, even one that writes no rule.
+	conntrackRetry bool
 	// restores counts the iptables-restore runs of the syncs, for tests.
 	restores uint64
 	// flushWait bounds how long Intact, having found the first table's
@@ -178,7 +189,7 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 		opts: ruleOptions{
 			// kube-proxy formats the mark with %#08x.
 			masqMark:      fmt.Sprintf("%#08x", 1<<bit),
-			clusterCIDR:   cfg.ClusterCIDR,
+			local:         cfg.LocalTraffic,
 			masqueradeAll: cfg.MasqueradeAll,
 			externalOnly:  cfg.ExternalOnly,
 			noClusterIPs:  cfg.ExternalOnly && !cfg.ClusterIPs,
@@ -237,6 +248,9 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 		// lock) would rewrite what is there already, and hold up the
 		// socket layer's next sync.
 		d.written = map[string]int{"nat": 0, "filter": 0}
+		if d.conntrackRetry {
+			d.deleteStale(d.staleUDP(snap, d.applied))
+		}
 		return nil
 	}
 	next := nextState(d.applied, snap, d.opts.noClusterIPs)
@@ -335,21 +349,36 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	stale := d.staleUDP(snap, next)
 	d.applied = next
 	d.node = snap.Node
-	if !stale.empty() {
-		start := time.Now()
-		n, err := d.ct.deleteStale(stale)
-		d.cleanup = conntrackCleanup{ran: true, took: time.Since(start), deleted: n}
-		d.count("conntrack_entries_deleted", uint64(n))
-		if err != nil {
-			d.count("conntrack_cleanup_failed", 1)
-			// The rules are in place; a full sync retries the cleanup.
-			return err
-		}
-		if n > 0 {
-			klog.V(2).InfoS("Deleted stale UDP conntrack entries", "entries", n)
-		}
-	}
+	d.deleteStale(stale)
 	return nil
+}
+
+// deleteStale deletes the stale UDP flows. As kube-proxy's
+// (pkg/proxy/conntrack, v1.36), a failure is logged and counted
+// (kube_bpf_proxy_datapath_events_total{event="conntrack_cleanup_failed"})
+// and does not fail the sync: the rules are in place, and a failed sync
+// would turn /healthz and every health check node port to 503 for want of
+// a cleanup. The next sync checks every UDP frontend again, as kube-proxy's
+// next sync does.
+func (d *Dataplane) deleteStale(stale *staleUDP) {
+	if stale.empty() {
+		d.conntrackRetry = false
+		return
+	}
+	start := time.Now()
+	n, err := d.ct.deleteStale(stale)
+	d.cleanup = conntrackCleanup{ran: true, took: time.Since(start), deleted: n}
+	d.count("conntrack_entries_deleted", uint64(n))
+	d.conntrackRetry = err != nil
+	if err != nil {
+		d.count("conntrack_cleanup_failed", 1)
+		klog.ErrorS(err, "Failed to delete stale UDP conntrack entries; the rules are in place, the next sync tries again",
+			"entriesDeleted", n)
+		return
+	}
+	if n > 0 {
+		klog.V(2).InfoS("Deleted stale UDP conntrack entries", "entries", n)
+	}
 }
 
 // As kube-proxy's Monitor, once the first table's canary is gone Intact
@@ -524,7 +553,13 @@ func nextState(applied map[model.ServiceName][]model.ServicePort, snap *model.Sn
 	return next
 }
 
-func isExternal(sp model.ServicePort) bool { return sp.External.Accessible() }
+// isExternal: the external-only mode serves the port, for its external
+// frontends, or only for its health check node port's ACCEPT rule (a
+// Local LoadBalancer Service not yet reachable from outside, whose load
+// balancer probes the node all the same).
+func isExternal(sp model.ServicePort) bool {
+	return sp.External.Accessible() || sp.External.HealthCheckNodePort != 0
+}
 
 func notExternal(sp model.ServicePort) bool { return !isExternal(sp) }
 
@@ -538,11 +573,12 @@ func notExternal(sp model.ServicePort) bool { return !isExternal(sp) }
 // deleted Service, which age out. A port's frontends are checked when its
 // serving endpoints changed, or a frontend is new (flows sent before it
 // existed were never translated: a Service gaining its first endpoints, or
-// a new node port); a full sync checks every one. The external-only mode
+// a new node port); a full sync, or the one after a cleanup that failed, checks every one. The external-only mode
 // does not translate ClusterIPs (unless told to: Config.ClusterIPs), so it
 // leaves their flows alone.
 func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]model.ServicePort) *staleUDP {
-	full := snap.Full
+	// After a cleanup that failed, every frontend is checked again.
+	full := snap.Full || d.conntrackRetry
 	var names []model.ServiceName
 	if full {
 		names = slices.Collect(maps.Keys(next))
@@ -550,12 +586,6 @@ func (d *Dataplane) staleUDP(snap *model.Snapshot, next map[model.ServiceName][]
 		names = slices.Collect(maps.Keys(snap.Services))
 	}
 	out := newStaleUDP()
-	if snap.Node.LocalAddresses != nil {
-		out.local = make(map[netip.Addr]bool, len(snap.Node.LocalAddresses))
-		for _, a := range snap.Node.LocalAddresses {
-			out.local[a] = true
-		}
-	}
 	for _, name := range names {
 		before := make(map[model.ServicePortName]*model.ServicePort)
 		for i, sp := range d.applied[name] {

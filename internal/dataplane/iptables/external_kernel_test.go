@@ -2,6 +2,7 @@ package iptables
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"os/exec"
 	"strconv"
@@ -10,6 +11,7 @@ import (
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/utils/ptr"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
@@ -456,6 +458,44 @@ func TestKernelPartialSyncExternalChains(t *testing.T) {
 			if got := tally(answers(t, e.client, "198.51.100.2:80", 2)); got["pod-b src="+extClientIP] != 2 {
 				t.Errorf("untouched b's load balancer IP: %v", got)
 			}
+		})
+	}
+}
+
+// A Local LoadBalancer Service without any external frontend yet (its
+// load balancer has no address in the status) has its health check node
+// port accepted in both modes, the eBPF mode's packet layer included,
+// which writes no chain for it; the Service gaining a load balancer IP,
+// then losing it, goes through partial syncs that the real restore takes.
+func TestKernelHealthCheckNodePortWithoutFrontends(t *testing.T) {
+	for _, externalOnly := range []bool{false, true} {
+		t.Run(fmt.Sprintf("externalOnly=%v", externalOnly), func(t *testing.T) {
+			e := newExtEnv(t, BackendNFT, Config{ExternalOnly: externalOnly})
+			noNodePorts := func(s *v1.Service) { s.Spec.AllocateLoadBalancerNodePorts = ptr.To(false) }
+			pending := web(loadBalancer(), externalLocal(32080), noNodePorts)
+			eps := webSlice(local(e.podA.IP.String()))
+			accept := `-A KUBE-NODEPORTS -p tcp -m comment --comment "default/web health check node port" -m tcp --dport 32080 -j ACCEPT`
+			check := func(what string, wantLB bool) {
+				t.Helper()
+				save := saveTables(t, e.ns, BackendNFT)
+				if !strings.Contains(save, accept) {
+					t.Errorf("%s: no ACCEPT of the health check node port:\n%s", what, save)
+				}
+				if got := strings.Contains(save, "198.51.100.10"); got != wantLB {
+					t.Errorf("%s: load balancer IP in the rules %v, want %v:\n%s", what, got, wantLB, save)
+				}
+			}
+			e.sync(t, true, []*v1.Service{pending}, eps)
+			check("no frontend", false)
+			e.sync(t, false, []*v1.Service{web(loadBalancer("198.51.100.10"), externalLocal(32080), noNodePorts)})
+			check("load balancer IP given", true)
+			if got := answers(t, e.client, "198.51.100.10:80", 2); tally(got)["pod-a src="+extClientIP] != 2 {
+				t.Errorf("load balancer IP from outside: %v", got)
+			}
+			e.sync(t, false, []*v1.Service{pending})
+			check("load balancer IP gone", false)
+			e.sync(t, true, nil)
+			check("full sync", false)
 		})
 	}
 }

@@ -223,6 +223,8 @@ type fidelityVariant struct {
 const (
 	fidNodeIP  = "172.29.0.2"
 	fidGateway = "172.29.0.1"
+	// fidPodCIDR is the node's pod range, in the cluster's.
+	fidPodCIDR = "10.244.7.0/24"
 )
 
 func fidelityVariants() []fidelityVariant {
@@ -258,6 +260,31 @@ func fidelityVariants() []fidelityVariant {
 			backend: BackendNFT,
 			args:    []string{"--cluster-cidr=" + localcluster.ClusterCIDR, "--iptables-localhost-nodeports=false"},
 			cfg:     Config{ClusterCIDR: clusterCIDR, LocalhostNodePorts: &off},
+			node:    all,
+		},
+		{
+			// --detect-local-mode by interface: pods' traffic told by
+			// the bridge, or the name prefix of the interface, it comes
+			// in on (-i cbr0, -i veth+), not by its source.
+			name:    "detect-local-bridge",
+			backend: BackendNFT,
+			args:    []string{"--detect-local-mode=BridgeInterface", "--pod-bridge-interface=cbr0"},
+			cfg:     Config{LocalTraffic: LocalByBridge("cbr0")},
+			node:    all,
+		},
+		{
+			// The Node's spec.podCIDRs, which kube-proxy reads at start.
+			name:    "detect-local-node-cidr",
+			backend: BackendNFT,
+			args:    []string{"--detect-local-mode=NodeCIDR"},
+			cfg:     Config{LocalTraffic: LocalByCIDR(netip.MustParsePrefix(fidPodCIDR))},
+			node:    all,
+		},
+		{
+			name:    "detect-local-interface-prefix",
+			backend: BackendNFT,
+			args:    []string{"--detect-local-mode=InterfaceNamePrefix", "--pod-interface-name-prefix=veth"},
+			cfg:     Config{LocalTraffic: LocalByInterfacePrefix("veth")},
 			node:    all,
 		},
 		{
@@ -340,7 +367,9 @@ func createFidelityObjects(ctx context.Context, t *testing.T, c *localcluster.Cl
 	t.Helper()
 	cs := c.Client
 	node, err := cs.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: testNode,
-		Labels: map[string]string{"kubernetes.io/hostname": testNode, "kubernetes.io/os": "linux"}}}, metav1.CreateOptions{})
+		Labels: map[string]string{"kubernetes.io/hostname": testNode, "kubernetes.io/os": "linux"}},
+		// Read by --detect-local-mode=NodeCIDR only.
+		Spec: corev1.NodeSpec{PodCIDR: fidPodCIDR, PodCIDRs: []string{fidPodCIDR}}}, metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -119,6 +119,10 @@ type portChains struct {
 
 // chainsOf names the chains of a service port.
 func chainsOf(sp *model.ServicePort, noClusterIPs bool) *portChains {
+	if noClusterIPs && !sp.External.Accessible() {
+		// Served for its health check node port alone: no chain.
+		return &portChains{}
+	}
 	v := viewOf(sp, noClusterIPs)
 	return v.chains()
 }

@@ -3,7 +3,6 @@ package iptables
 import (
 	"bytes"
 	"fmt"
-	"net/netip"
 	"strconv"
 	"strings"
 
@@ -28,12 +27,13 @@ type ruleOptions struct {
 	// masqMark is the fwmark bit that asks KUBE-POSTROUTING to masquerade,
 	// formatted as kube-proxy does (0x4000 for bit 14).
 	masqMark string
-	// clusterCIDR, when valid, is the pods' range: traffic to a ClusterIP
-	// from outside it is masqueraded so replies come back through this
-	// node, and pods' traffic to an external frontend of an
-	// externalTrafficPolicy Local service goes to every endpoint, as if it
-	// had gone out to the load balancer and come back.
-	clusterCIDR netip.Prefix
+	// local, when it detects anything, tells this node's pods' traffic
+	// (--detect-local-mode): traffic to a ClusterIP that is not theirs is
+	// masqueraded so replies come back through this node, and theirs to an
+	// external frontend of an externalTrafficPolicy Local service goes to
+	// every endpoint, as if it had gone out to the load balancer and come
+	// back.
+	local LocalTraffic
 	// masqueradeAll masquerades every ClusterIP connection.
 	masqueradeAll bool
 	// externalOnly leaves out what only the iptables mode has (localhost
@@ -281,6 +281,9 @@ func (r *renderer) probability(n int) string {
 func (r *renderer) port(sp *model.ServicePort, pc *portChains) {
 	opts := r.opts
 	if opts.noClusterIPs && !sp.External.Accessible() {
+		// Only a health check node port (see isExternal): its ACCEPT,
+		// and no chain (chainsOf names none).
+		r.healthCheck(sp)
 		return
 	}
 	v := viewOf(sp, opts.noClusterIPs)
@@ -395,12 +398,7 @@ func (r *renderer) port(sp *model.ServicePort, pc *portChains) {
 				"-m", "addrtype", "--dst-type", "LOCAL", "-m", proto, "-p", proto, "--dport", nodePort, "-j", externalTarget)
 		}
 	}
-	// The health check node port answers whether or not this node has
-	// endpoints: that is what it is asked.
-	if ext.HealthCheckNodePort != 0 {
-		r.filter.write("-A", chainNodePorts, "-m", "comment", "--comment", quote(name+" health check node port"),
-			"-m", "tcp", "-p", "tcp", "--dport", strconv.Itoa(int(ext.HealthCheckNodePort)), "-j", "ACCEPT")
-	}
+	r.healthCheck(sp)
 
 	if pc == nil {
 		// A partial sync leaves this port's chains as they are; count
@@ -423,7 +421,7 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 	// ClusterIP traffic from outside the pods' range (the node, or a
 	// client routed to the service range) is masqueraded so that replies
 	// come back through this node.
-	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
+	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.local.detects()) {
 		internalChain := pc.svc
 		if sp.InternalLocal {
 			internalChain = pc.svl
@@ -431,7 +429,7 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 		args := r.rule("-A", internalChain, "-m", "comment", "--comment", quote(name+" cluster IP"),
 			"-m", proto, "-p", proto, "-d", sp.ClusterIP.IP.String(), "--dport", port)
 		if !opts.masqueradeAll {
-			args = append(args, "!", "-s", opts.clusterCIDR.String())
+			args = append(args, opts.local.ifNotLocal()...)
 		}
 		r.nat.write(append(args, "-j", chainMarkMasq)...)
 	}
@@ -448,9 +446,10 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 			// out to the load balancer and come back; so does the node
 			// itself, masqueraded, as its source would be the external
 			// address, which is local.
-			if opts.clusterCIDR.IsValid() {
-				r.nat.write("-A", pc.ext, "-m", "comment", "--comment", quote("pod traffic for "+name+" external destinations"),
-					"-s", opts.clusterCIDR.String(), "-j", pc.svc)
+			if opts.local.detects() {
+				args := r.rule("-A", pc.ext, "-m", "comment", "--comment", quote("pod traffic for "+name+" external destinations"))
+				args = append(args, opts.local.ifLocal()...)
+				r.nat.write(append(args, "-j", pc.svc)...)
 			}
 			r.nat.write("-A", pc.ext, "-m", "comment", "--comment", quote("masquerade LOCAL traffic for "+name+" external destinations"),
 				"-m", "addrtype", "--src-type", "LOCAL", "-j", chainMarkMasq)
@@ -504,6 +503,15 @@ func (r *renderer) portChains(v *portView, pc *portChains, name, proto, port str
 			args = append(args, "-m", "recent", "--name", sep, "--set")
 		}
 		r.nat.write(append(args, "-m", proto, "-p", proto, "-j", "DNAT", "--to-destination", pc.text[i])...)
+	}
+}
+
+// healthCheck accepts the port's health check node port, if it has one,
+// whether or not this node has endpoints: that is what it is asked.
+func (r *renderer) healthCheck(sp *model.ServicePort) {
+	if hc := sp.External.HealthCheckNodePort; hc != 0 {
+		r.filter.write("-A", chainNodePorts, "-m", "comment", "--comment", quote(portName(sp.Name)+" health check node port"),
+			"-m", "tcp", "-p", "tcp", "--dport", strconv.Itoa(int(hc)), "-j", "ACCEPT")
 	}
 }
 
@@ -567,13 +575,13 @@ func (v *portView) chainRules(opts ruleOptions, node *model.NodeInfo) int {
 	}
 	sp := v.sp
 	n := 0
-	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.clusterCIDR.IsValid()) {
+	if v.hasInternal && !opts.noClusterIPs && (opts.masqueradeAll || opts.local.detects()) {
 		n++
 	}
 	if v.usesExt {
 		if sp.External.PolicyLocal {
 			n += 2
-			if opts.clusterCIDR.IsValid() {
+			if opts.local.detects() {
 				n++
 			}
 		} else {

@@ -38,7 +38,7 @@ type goldenCase struct {
 
 // defaultOpts are kube-proxy's defaults with --cluster-cidr set, on a
 // kernel with nfacct: localhost node ports, the nfacct counters.
-var defaultOpts = ruleOptions{masqMark: "0x00004000", clusterCIDR: netip.MustParsePrefix("10.244.0.0/16"),
+var defaultOpts = ruleOptions{masqMark: "0x00004000", local: LocalByCIDR(netip.MustParsePrefix("10.244.0.0/16")),
 	localhostNodePorts: true, nfacctInvalid: true, nfacctLocalhost: true}
 
 // defaultNode is a node with one address, without --nodeport-addresses.
@@ -64,6 +64,8 @@ func goldenCases() []goldenCase {
 	withClusterIPs := externalOnly
 	withClusterIPs.noClusterIPs = false
 	plain := ruleOptions{masqMark: "0x00004000", conntrackLiberal: true}
+	byBridge, byPrefix := defaultOpts, defaultOpts
+	byBridge.local, byPrefix.local = LocalByBridge("cbr0"), LocalByInterfacePrefix("veth")
 	return []goldenCase{
 		{
 			name: "multi-port",
@@ -118,6 +120,17 @@ func goldenCases() []goldenCase {
 			// pods are not short-circuited; conntrack liberal: no
 			// INVALID drop; no nfacct; no localhost node ports.
 			name: "every-kind-plain", services: kinds, slices: kindSlices, opts: plain,
+		},
+		{
+			// --detect-local-mode=BridgeInterface and
+			// InterfaceNamePrefix: pods' traffic is told by the
+			// interface it comes in on, where every-kind tells it by
+			// source (the ClusterIP masquerade and the pod short
+			// circuit of externalTrafficPolicy Local).
+			name: "detect-local-bridge", services: kinds, slices: kindSlices, opts: byBridge,
+		},
+		{
+			name: "detect-local-interface-prefix", services: kinds, slices: kindSlices, opts: byPrefix,
 		},
 		{
 			// --nodeport-addresses: one jump per listed address.
@@ -322,5 +335,31 @@ func TestPartialRenderWritesOnlyChangedChains(t *testing.T) {
 	// Rules counted as kube-proxy's metrics count them: skipped ones too.
 	if st.natRules <= st.natRulesWritten {
 		t.Errorf("natRules %d, written %d: the skipped service's rules are not counted", st.natRules, st.natRulesWritten)
+	}
+}
+
+// As kube-proxy, the health check node port of a LoadBalancer Service of
+// externalTrafficPolicy Local is accepted even when no port of the Service
+// is reachable from outside yet (no node ports allocated, no address in
+// its status).
+func TestHealthCheckNodePortWithoutExternalFrontends(t *testing.T) {
+	svc := apitest.Service("default", "lb", "10.96.0.60", apitest.Port("http", tcp, 80, 8080))
+	svc.Spec.Type = v1.ServiceTypeLoadBalancer
+	svc.Spec.ExternalTrafficPolicy = v1.ServiceExternalTrafficPolicyLocal
+	svc.Spec.HealthCheckNodePort = 31060
+	no := false
+	svc.Spec.AllocateLoadBalancerNodePorts = &no
+	// The eBPF mode's packet layer too, with no chain for the port.
+	externalOnly := defaultOpts
+	externalOnly.externalOnly, externalOnly.noClusterIPs = true, true
+	for _, opts := range []ruleOptions{defaultOpts, externalOnly} {
+		got := string(renderCase(t, goldenCase{services: []*v1.Service{svc}, opts: opts}))
+		want := `-A KUBE-NODEPORTS -m comment --comment "default/lb:http health check node port" -m tcp -p tcp --dport 31060 -j ACCEPT`
+		if !strings.Contains(got, want) {
+			t.Errorf("externalOnly %v: rules lack %q:\n%s", opts.externalOnly, want, got)
+		}
+		if opts.externalOnly && strings.Contains(got, "KUBE-SVC-") {
+			t.Errorf("the packet layer wrote chains for a port it serves no frontend of:\n%s", got)
+		}
 	}
 }

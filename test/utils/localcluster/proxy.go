@@ -110,17 +110,29 @@ func (c *Cluster) StartProxy(ctx context.Context, node string, o ProxyOptions) e
 }
 
 // ProxySynced reports whether the node's proxy has completed a sync: its
-// /healthz names a last update. (Its status code is no sign: /healthz is
-// 200 until a change has waited twice --sync-period, first sync or not.)
+// /healthz names a last update per IP family, as kube-proxy's does once a
+// sync succeeded. (Its status code is no sign: /healthz is 200 until a
+// change has waited twice --sync-period, first sync or not; nor is the
+// top-level lastUpdated, the current time in any 200 answer.)
 func (c *Cluster) ProxySynced(ctx context.Context, node string) bool {
 	code, body, err := c.ProxyGet(ctx, node, ProxyHealthzAddr, "/healthz")
 	if err != nil || code != http.StatusOK {
 		return false
 	}
 	var status struct {
-		LastUpdated time.Time `json:"lastUpdated"`
+		Status map[string]struct {
+			LastUpdated time.Time `json:"lastUpdated"`
+		} `json:"status"`
 	}
-	return json.Unmarshal([]byte(body), &status) == nil && !status.LastUpdated.IsZero()
+	if json.Unmarshal([]byte(body), &status) != nil {
+		return false
+	}
+	for _, family := range status.Status {
+		if !family.LastUpdated.IsZero() {
+			return true
+		}
+	}
+	return false
 }
 
 // ProxyGet fetches path from one of the node's proxy endpoints and returns
