@@ -104,7 +104,9 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
   rm -f "$r/etc/apt/sources.list"
   # apt in the root filesystem, as the Dockerfile's RUN does, in a mount
-  # namespace of its own so /proc and /dev are gone when it ends.
+  # namespace of its own so /proc and /dev are gone when it ends. The
+  # script is single-quoted on purpose: the inner sh expands it.
+  # shellcheck disable=SC2016
   unshare --mount --propagation private -- sh -ec '
     r="$1"; shift
     mount -t proc proc "$r/proc"
@@ -134,6 +136,8 @@ EOF
   # nodes in /dev.
   find "$r/dev" "$r/proc" "$r/sys" "$r/tmp" -mindepth 1 -delete
   # What went in, for docs/image.md and the curious.
+  # dpkg-query's format, not the shell's.
+  # shellcheck disable=SC2016
   chroot "$r" dpkg-query -W -f '${Package} ${Version}\n' > "$tmp/packages.txt"
   mv "$tmp" "$rootfs_dir"
 }
