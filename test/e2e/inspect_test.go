@@ -31,7 +31,7 @@ func (e *env) runInspect(t *testing.T, node string, args ...string) (int, *inspe
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	args = append([]string{e.binary, "inspect", "-o", "json", "--kubeconfig=" + e.c.AdminKubeconfig,
+	args = append([]string{e.c.OneOffBinary(e.binary), "inspect", "-o", "json", "--kubeconfig=" + e.c.AdminKubeconfig,
 		"--hostname-override=" + node, "--bpffs-path=" + filepath.Join(n.BPFFS, "kube-bpf-proxy")}, args...)
 	out, err := e.c.NodeOutput(ctx, node, args...)
 	code := 0

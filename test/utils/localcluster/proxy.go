@@ -231,6 +231,16 @@ func (c *Cluster) ProxyLog(node string) string {
 	return filepath.Join(c.Dir, "logs", proxyName(node)+".log")
 }
 
+// OneOffBinary is the binary an operator's one-off command runs (--cleanup,
+// inspect): with an Image, the image's own (static, so it runs on the host
+// too); otherwise binary.
+func (c *Cluster) OneOffBinary(binary string) string {
+	if c.Image != nil && len(c.Image.Entrypoint) > 0 {
+		return filepath.Join(c.Image.Root, c.Image.Entrypoint[0])
+	}
+	return binary
+}
+
 // CleanupProxy runs `kube-bpf-proxy --cleanup` in the node's namespace, as
 // an operator does on a node the proxy leaves, with extra flags if given
 // (a --kubeconfig lets it remove the Node's mode label too).
@@ -239,11 +249,8 @@ func (c *Cluster) CleanupProxy(ctx context.Context, node, binary string, extra .
 	if err != nil {
 		return err
 	}
-	if c.Image != nil && len(c.Image.Entrypoint) > 0 {
-		// The image's binary (static), run on the host as an operator's
-		// one-off: the teardown, not what is under test.
-		binary = filepath.Join(c.Image.Root, c.Image.Entrypoint[0])
-	}
+	// The teardown, not what is under test.
+	binary = c.OneOffBinary(binary)
 	args := append([]string{"--net=" + netnsPath(n.NetNS), "--", binary, "--cleanup",
 		"--cgroup-path=" + n.Cgroup, "--bpffs-path=" + filepath.Join(n.BPFFS, "kube-bpf-proxy")}, extra...)
 	out, err := exec.CommandContext(ctx, "nsenter", args...).CombinedOutput()
