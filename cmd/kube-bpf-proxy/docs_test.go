@@ -3,12 +3,11 @@ package main
 import (
 	"flag"
 	"io"
-	"os"
-	"path/filepath"
-	"regexp"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/doctable"
 )
 
 // The user docs hold tables the code must match: the flags in
@@ -19,50 +18,6 @@ import (
 // The parsing is deliberately plain, so that a row is easy to add or
 // rename by hand: a table is found by its header line, each row is split
 // on "|", and the names in its first cell are its `code` spans.
-
-// docTable returns the rows of the first table in the file at path (from
-// the repository root) whose header is exactly header, each row as its
-// trimmed cells. It fails the test if there is none.
-func docTable(t *testing.T, path, header string) [][]string {
-	t.Helper()
-	data, err := os.ReadFile(filepath.Join("..", "..", path))
-	if err != nil {
-		t.Fatalf("reading the doc: %v", err)
-	}
-	var rows [][]string
-	in := false
-	for _, line := range strings.Split(string(data), "\n") {
-		line = strings.TrimSpace(line)
-		switch {
-		case !in && line == header:
-			in = true
-		case in && strings.HasPrefix(line, "|---") || in && strings.HasPrefix(line, "| ---"):
-		case in && strings.HasPrefix(line, "|"):
-			cells := strings.Split(strings.Trim(line, "|"), "|")
-			for i := range cells {
-				cells[i] = strings.TrimSpace(cells[i])
-			}
-			rows = append(rows, cells)
-		case in:
-			return rows
-		}
-	}
-	if !in {
-		t.Fatalf("%s has no table with the header %q", path, header)
-	}
-	return rows
-}
-
-var codeSpan = regexp.MustCompile("`([^`]*)`")
-
-// codeSpans returns the contents of the `code` spans of a cell, in order.
-func codeSpans(cell string) []string {
-	var out []string
-	for _, m := range codeSpan.FindAllStringSubmatch(cell, -1) {
-		out = append(out, m[1])
-	}
-	return out
-}
 
 const flagsDoc = "docs/configuration.md"
 
@@ -77,13 +32,13 @@ func TestFlagsTable(t *testing.T) {
 	var o options
 	fs := newFlagSet(&o, io.Discard)
 	documented := map[string]bool{}
-	for _, row := range docTable(t, flagsDoc, "| flag | default | meaning |") {
+	for _, row := range doctable.Rows(t, flagsDoc, "| flag | default | meaning |") {
 		if len(row) != 3 {
 			t.Errorf("%s: row %q has %d cells, want 3", flagsDoc, row, len(row))
 			continue
 		}
 		var names []string
-		for _, span := range codeSpans(row[0]) {
+		for _, span := range doctable.CodeSpans(row[0]) {
 			if name, ok := strings.CutPrefix(span, "--"); ok {
 				names = append(names, name)
 			}
@@ -104,7 +59,7 @@ func TestFlagsTable(t *testing.T) {
 			if isZeroDefault(f) {
 				continue
 			}
-			spans := codeSpans(row[1])
+			spans := doctable.CodeSpans(row[1])
 			if len(spans) == 0 || spans[0] != f.DefValue {
 				t.Errorf("%s: the default of --%s is %q; its default cell %q must start with `%s`", flagsDoc, name, f.DefValue, row[1], f.DefValue)
 			}

@@ -1,8 +1,6 @@
 package proxy
 
 import (
-	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -16,6 +14,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/doctable"
 )
 
 const metricsDoc = "docs/metrics.md"
@@ -159,12 +158,12 @@ func TestMetricsTables(t *testing.T) {
 	documented := map[string]bool{}
 	var patterns []string
 	header := "| metric | type | labels | meaning |"
-	for _, row := range metricTables(t, header) {
+	for _, row := range doctable.Rows(t, metricsDoc, header) {
 		if len(row) != 4 {
 			t.Errorf("%s: row %q has %d cells, want 4", metricsDoc, row, len(row))
 			continue
 		}
-		names := codeSpans(row[0])
+		names := doctable.CodeSpans(row[0])
 		if len(names) == 0 {
 			t.Errorf("%s: row %q names no `metric`", metricsDoc, row)
 		}
@@ -206,47 +205,4 @@ func mapKeys(m map[string]bool) func(func(string) bool) {
 			}
 		}
 	}
-}
-
-// metricTables returns the rows of every table of docs/metrics.md whose
-// header is header, each row as its trimmed cells.
-func metricTables(t *testing.T, header string) [][]string {
-	t.Helper()
-	data, err := os.ReadFile(filepath.Join("..", "..", metricsDoc))
-	if err != nil {
-		t.Fatalf("reading the doc: %v", err)
-	}
-	var rows [][]string
-	in, found := false, false
-	for _, line := range strings.Split(string(data), "\n") {
-		line = strings.TrimSpace(line)
-		switch {
-		case line == header:
-			in, found = true, true
-		case in && (strings.HasPrefix(line, "|---") || strings.HasPrefix(line, "| ---")):
-		case in && strings.HasPrefix(line, "|"):
-			cells := strings.Split(strings.Trim(line, "|"), "|")
-			for i := range cells {
-				cells[i] = strings.TrimSpace(cells[i])
-			}
-			rows = append(rows, cells)
-		default:
-			in = false
-		}
-	}
-	if !found {
-		t.Fatalf("%s has no table with the header %q", metricsDoc, header)
-	}
-	return rows
-}
-
-var codeSpan = regexp.MustCompile("`([^`]*)`")
-
-// codeSpans returns the contents of the `code` spans of a cell, in order.
-func codeSpans(cell string) []string {
-	var out []string
-	for _, m := range codeSpan.FindAllStringSubmatch(cell, -1) {
-		out = append(out, m[1])
-	}
-	return out
 }
