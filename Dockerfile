@@ -28,7 +28,7 @@ COPY cmd ./cmd
 COPY bpf ./bpf
 COPY internal ./internal
 RUN CGO_ENABLED=0 go build -trimpath \
-    -ldflags="-X github.com/kube-bpf-proxy/kube-bpf-proxy/internal/version.stamp=${VERSION}" \
+    -ldflags="-s -w -X github.com/kube-bpf-proxy/kube-bpf-proxy/internal/version.stamp=${VERSION}" \
     -o /out/kube-bpf-proxy ./cmd/kube-bpf-proxy
 
 FROM debian:bookworm-slim
