@@ -31,6 +31,8 @@ type Tracker struct {
 	// nodeName is this node's: endpoints on it are local. Fixed for the
 	// Tracker's life, since slices are converted with it.
 	nodeName string
+	// family is the address family this Tracker serves (WithFamily).
+	family IPFamily
 
 	mu sync.Mutex
 	// zone is this node's zone label, for topology hints (SetZone).
@@ -151,6 +153,15 @@ func WithNodeName(name string) TrackerOption {
 	return func(t *Tracker) { t.nodeName = name }
 }
 
+// WithFamily makes the Tracker serve one address family, as each of
+// kube-proxy's per-family proxiers does; the default is IPv4.
+func WithFamily(f IPFamily) TrackerOption {
+	return func(t *Tracker) { t.family = f }
+}
+
+// Family is the address family the Tracker serves.
+func (t *Tracker) Family() IPFamily { return t.family }
+
 // SetZone records this node's topology.kubernetes.io/zone label ("" for
 // none), for zone hints, and recomputes every service when it changed. It
 // returns whether the desired state changed.
@@ -192,6 +203,7 @@ func NewTracker(opts ...TrackerOption) *Tracker {
 		sliceVersions:    make(map[sliceKey]string),
 		triggers:         make(map[ServiceName][]time.Time),
 		awaiting:         make(map[ServiceName][]time.Time),
+		family:           IPv4,
 	}
 	for _, o := range opts {
 		o(t)

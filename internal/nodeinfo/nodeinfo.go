@@ -289,6 +289,14 @@ func (s *Source) Info() model.NodeInfo {
 	}
 }
 
+// InfoFor is Info for one address family's proxier.
+func (s *Source) InfoFor(f model.IPFamily) model.NodeInfo {
+	if f != model.IPv4 {
+		return model.NodeInfo{}
+	}
+	return s.Info()
+}
+
 // Run watches this node's Node object (zone label, primary address,
 // eligibility for load balancer traffic) and the
 // ServiceCIDR objects until ctx ends, calling changed after each change of

@@ -146,6 +146,13 @@ func (d *Dataplane) ConfineToNodeNetNS() error {
 
 var _ dataplane.Dataplane = (*Dataplane)(nil)
 
+// IPv6 returns the datapath of the IPv6 Services, sharing d's programs: it
+// syncs the IPv6 maps from the snapshots of an IPv6 proxier, as d syncs the
+// IPv4 ones.
+func (d *Dataplane) IPv6() (dataplane.Dataplane, error) {
+	return nil, errors.New("the eBPF datapath does not serve IPv6 yet")
+}
+
 // New loads and attaches the datapath, adopting whatever an earlier run left
 // pinned. Until the first Sync, the adopted state keeps serving.
 func New(cfg Config) (*Dataplane, error) {

@@ -30,6 +30,9 @@ const DefaultMasqueradeBit = 14
 
 // Config is how the iptables datapath is set up.
 type Config struct {
+	// Family is the address family programmed: IPv4 (the zero value)
+	// with iptables, IPv6 with ip6tables.
+	Family model.IPFamily
 	// Backend is BackendNFT, BackendLegacy or BackendAuto (the one the
 	// node already uses).
 	Backend string
@@ -158,6 +161,12 @@ var _ dataplane.Dataplane = (*Dataplane)(nil)
 // the first Sync writes the rules.
 func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 	cfg = cfg.withDefaults()
+	if cfg.Family == 0 {
+		cfg.Family = model.IPv4
+	}
+	if cfg.Family != model.IPv4 {
+		return nil, fmt.Errorf("the iptables datapath does not program %v yet", cfg.Family)
+	}
 	bit := *cfg.MasqueradeBit
 	if bit < 0 || bit > 31 {
 		return nil, fmt.Errorf("masquerade bit %d out of range 0..31", bit)
