@@ -22,7 +22,7 @@ func TestConvertedSlicesCompareByHints(t *testing.T) {
 	port := withSlicePorts(slicePortOf("http", v1.ProtocolTCP, 8080))
 	mk := func(zones string) *sliceInfo {
 		s := newSlice("s1", "svc", port, withEndpoints(ep("10.0.0.1 zones="+zones+" nodes=n1"), ep("10.0.0.2")))
-		return convertSlice(s, testNode, func(string, string) {})
+		return convertSlice(s, testNode, IPv4, func(string, string) {})
 	}
 	a, b, c := mk("za,zb"), mk("za,zb"), mk("zc")
 	if !equalSliceInfo(a, b) {

@@ -22,9 +22,11 @@ type slicePort struct {
 // sliceEndpoint is one endpoint of an EndpointSlice, reduced to what endpoint
 // selection needs. It is kept for every endpoint the proxy knows (100k at
 // 10k Services of 10 endpoints), so it is compact: 16 bytes, where a
-// netip.Addr and the hints as two strings took 64.
+// netip.Addr and the hints as two strings took 64. An IPv6 endpoint keeps
+// its address in its slice's ip6 instead, at the same index.
 type sliceEndpoint struct {
-	// ip is the IPv4 address: only IPv4 slices are kept.
+	// ip is the address of an endpoint of an IPv4 slice; zero in an IPv6
+	// one.
 	ip [4]byte
 	// ready: the endpoint takes new connections.
 	ready bool
@@ -88,6 +90,26 @@ type sliceInfo struct {
 	service   ServiceName
 	ports     []slicePort
 	endpoints []sliceEndpoint
+	// ip6 holds the addresses of an IPv6 slice's endpoints, one per
+	// endpoint; nil for an IPv4 slice.
+	ip6 [][16]byte
+}
+
+// addr returns the address of endpoint i.
+func (s *sliceInfo) addr(i int) netip.Addr {
+	if s.ip6 != nil {
+		return netip.AddrFrom16(s.ip6[i])
+	}
+	return netip.AddrFrom4(s.endpoints[i].ip)
+}
+
+// addressTypeOf is the EndpointSlice address type holding family f's
+// endpoints.
+func addressTypeOf(f IPFamily) discoveryv1.AddressType {
+	if f == IPv6 {
+		return discoveryv1.AddressTypeIPv6
+	}
+	return discoveryv1.AddressTypeIPv4
 }
 
 // serviceOfSlice names the Service an EndpointSlice belongs to, from its
@@ -100,11 +122,13 @@ func serviceOfSlice(s *discoveryv1.EndpointSlice) (ServiceName, bool) {
 	return ServiceName{Namespace: s.Namespace, Name: name}, true
 }
 
-// convertSlice turns an EndpointSlice into what the model keeps of it. It
-// returns nil for a slice the proxy does not use: without a service-name
-// label, or not of address type IPv4. Malformed pieces are reported and
-// logged, and only they are skipped.
-func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, report ReportFunc) *sliceInfo {
+// convertSlice turns an EndpointSlice into what the Tracker of family f
+// keeps of it. It returns nil for a slice that Tracker does not use:
+// without a service-name label, or not of f's address type (an IPv6 slice
+// is the IPv6 Tracker's, an IPv4 one the IPv4 Tracker's, and FQDN slices
+// nobody's, as kube-proxy's per-family trackers split them). Malformed
+// pieces are reported and logged, and only they are skipped.
+func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, f IPFamily, report ReportFunc) *sliceInfo {
 	if s == nil {
 		return nil
 	}
@@ -112,13 +136,10 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, report ReportFu
 	if !ok {
 		return nil
 	}
-	switch s.AddressType {
-	case discoveryv1.AddressTypeIPv4:
-	case discoveryv1.AddressTypeIPv6:
-		klog.V(2).InfoS("Ignoring IPv6 EndpointSlice: only IPv4 is served", "endpointSlice", klog.KObj(s), "service", svc)
-		return nil
-	default: // FQDN slices are not proxied by kube-proxy either.
-		klog.V(4).InfoS("Ignoring EndpointSlice", "endpointSlice", klog.KObj(s), "addressType", s.AddressType)
+	if s.AddressType != addressTypeOf(f) {
+		// The other family's Tracker takes it; FQDN slices are not
+		// proxied by kube-proxy either.
+		klog.V(4).InfoS("Ignoring EndpointSlice of another address type", "endpointSlice", klog.KObj(s), "addressType", s.AddressType, "ipFamily", f)
 		return nil
 	}
 
@@ -126,6 +147,9 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, report ReportFu
 		service:   svc,
 		ports:     make([]slicePort, 0, len(s.Ports)),
 		endpoints: make([]sliceEndpoint, 0, len(s.Endpoints)),
+	}
+	if f == IPv6 {
+		info.ip6 = make([][16]byte, 0, len(s.Endpoints))
 	}
 	for i := range s.Ports {
 		p := &s.Ports[i]
@@ -165,11 +189,16 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, report ReportFu
 			continue
 		}
 		// Consumers use the first address; the API says the others may be
-		// ignored.
+		// ignored. An IPv4-mapped IPv6 address is refused in either type
+		// of slice: validation refuses it in an IPv6 slice, where
+		// kube-proxy would write the IPv4 address it carries into its
+		// ip6tables rules, and this model has always refused it in an
+		// IPv4 one.
 		ip, err := netip.ParseAddr(ep.Addresses[0])
-		if err != nil || !ip.Is4() || ip.IsUnspecified() {
+		if err != nil || !f.Has(ip) || ip.Is4In6() || ip.IsUnspecified() || ip.Zone() != "" {
 			report(ResourceEndpointSlice, ReasonInvalidEndpointIP)
-			klog.ErrorS(err, "Skipping endpoint with invalid IPv4 address", "endpointSlice", klog.KObj(s), "address", ep.Addresses[0])
+			klog.ErrorS(err, "Skipping endpoint with an address invalid for its slice's address type", "endpointSlice", klog.KObj(s),
+				"addressType", s.AddressType, "address", ep.Addresses[0])
 			continue
 		}
 		// Unknown readiness or serving means true, unknown terminating
@@ -178,7 +207,7 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, report ReportFu
 		ready := ep.Conditions.Ready == nil || *ep.Conditions.Ready
 		serving := ep.Conditions.Serving == nil || *ep.Conditions.Serving
 		terminating := ep.Conditions.Terminating != nil && *ep.Conditions.Terminating
-		e := sliceEndpoint{ip: ip.As4(), ready: ready, serving: serving, fallback: serving && terminating,
+		e := sliceEndpoint{ready: ready, serving: serving, fallback: serving && terminating,
 			local: nodeName != "" && ep.NodeName != nil && *ep.NodeName == nodeName}
 		if ep.Hints != nil {
 			zones := make([]string, 0, len(ep.Hints.ForZones))
@@ -190,6 +219,11 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, report ReportFu
 				nodes = append(nodes, n.Name)
 			}
 			e.hints = internHints(endpointHints{zones: hintSet(zones), nodes: hintSet(nodes)})
+		}
+		if f == IPv6 {
+			info.ip6 = append(info.ip6, ip.As16())
+		} else {
+			e.ip = ip.As4()
 		}
 		info.endpoints = append(info.endpoints, e)
 	}
@@ -246,7 +280,7 @@ func computePorts(svc *serviceInfo, visit func(func(*sliceInfo)), topo Topology,
 			for i := range s.endpoints {
 				ep := &s.endpoints[i]
 				h := ep.hintsOf()
-				cands = append(cands, candidate{b: Backend{IP: netip.AddrFrom4(ep.ip), Port: port}, ready: ep.ready, serving: ep.serving,
+				cands = append(cands, candidate{b: Backend{IP: s.addr(i), Port: port}, ready: ep.ready, serving: ep.serving,
 					fallback: ep.fallback, local: ep.local, zoneHints: h.zones, nodeHints: h.nodes})
 			}
 		})

@@ -262,17 +262,22 @@ func deepEqualPorts(a, b []ServicePort) bool {
 // the conversion tests' entry point. Slices that name another Service are
 // ignored. report may be nil.
 func servicePorts(svc *v1.Service, endpointSlices []*discoveryv1.EndpointSlice, report ReportFunc) []ServicePort {
+	return servicePortsOf(IPv4, svc, endpointSlices, report)
+}
+
+// servicePortsOf is servicePorts for the Tracker of family f.
+func servicePortsOf(f IPFamily, svc *v1.Service, endpointSlices []*discoveryv1.EndpointSlice, report ReportFunc) []ServicePort {
 	if report == nil {
 		report = func(string, string) {}
 	}
-	info := convertService(svc, report)
+	info := convertService(svc, f, report)
 	if info == nil {
 		return nil
 	}
 	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
 	infos := make([]*sliceInfo, 0, len(endpointSlices))
 	for _, s := range endpointSlices {
-		if si := convertSlice(s, testNode, report); si != nil && si.service == name {
+		if si := convertSlice(s, testNode, f, report); si != nil && si.service == name {
 			infos = append(infos, si)
 		}
 	}

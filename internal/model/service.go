@@ -22,8 +22,11 @@ const (
 // object is still used.
 const (
 	// ReasonInvalidClusterIP: a Service ClusterIP that does not parse, or is
-	// the unspecified address. The Service is dropped if no usable IPv4
-	// ClusterIP remains.
+	// the unspecified address (or zoned, or IPv4-mapped IPv6). The Service
+	// is dropped by a Tracker if no usable ClusterIP of its family remains.
+	// Each bad address is reported by the Tracker of the family it was
+	// allocated for only (see clusterIPOf), so a dual-stack proxy counts
+	// it once.
 	ReasonInvalidClusterIP = "invalid-cluster-ip"
 	// ReasonInvalidPort: a Service port outside 1..65535. That port is dropped.
 	ReasonInvalidPort = "invalid-port"
@@ -36,7 +39,9 @@ const (
 	// validation forbids both; the later one is dropped.
 	ReasonDuplicatePort = "duplicate-port"
 	// ReasonInvalidEndpointIP: an endpoint with no address, or whose first
-	// address is not a valid IPv4 address. That endpoint is dropped.
+	// address is not a valid address of its slice's address type (IPv4 in
+	// an IPv4 slice, IPv6 but not IPv4-mapped in an IPv6 one). That
+	// endpoint is dropped. Only the Tracker of the slice's family sees it.
 	ReasonInvalidEndpointIP = "invalid-endpoint-ip"
 	// ReasonInvalidEndpointPort: an EndpointSlice port with no port number or
 	// one outside 1..65535. That slice port is dropped, so the service port it
@@ -55,10 +60,12 @@ const (
 )
 
 // HostScoped reports whether ip is an address no Service may take over
-// from the sockets of a network namespace: loopback (127.0.0.0/8),
-// link-local (169.254.0.0/16), multicast (224.0.0.0/4), the limited
-// broadcast address or the unspecified address. Each names something of
-// the namespace or link the socket is in, never a Service of the cluster.
+// from the sockets of a network namespace: loopback (127.0.0.0/8, ::1),
+// link-local (169.254.0.0/16, fe80::/10), multicast (224.0.0.0/4,
+// ff00::/8), the limited broadcast address or the unspecified address
+// (0.0.0.0, ::). An IPv4-mapped IPv6 address (::ffff:127.0.0.1) is judged
+// by the IPv4 address it carries. Each names something of the namespace or
+// link the socket is in, never a Service of the cluster.
 func HostScoped(ip netip.Addr) bool {
 	ip = ip.Unmap()
 	return ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip.IsMulticast() || ip.IsUnspecified() ||
@@ -113,11 +120,13 @@ type serviceInfo struct {
 // used if a Service somehow lacks one.
 const DefaultAffinityTimeout = 10800 * time.Second
 
-// convertService turns a Service into its proxyable ports. It returns nil for
-// a Service the proxy does not serve: headless, ExternalName, without a
-// ClusterIP, IPv6-only, or without a usable port. Malformed pieces are
-// reported and logged, and only they are skipped.
-func convertService(svc *v1.Service, report ReportFunc) *serviceInfo {
+// convertService turns a Service into the proxyable ports of family f. It
+// returns nil for a Service the proxier of f does not serve: headless,
+// ExternalName, without a ClusterIP of f (a single-stack Service of the other
+// family, or one whose second ClusterIP is not allocated yet), or without a
+// usable port. Malformed pieces are reported and logged, and only they are
+// skipped.
+func convertService(svc *v1.Service, f IPFamily, report ReportFunc) *serviceInfo {
 	if svc == nil {
 		return nil
 	}
@@ -126,39 +135,10 @@ func convertService(svc *v1.Service, report ReportFunc) *serviceInfo {
 	}
 	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
 
-	ips := svc.Spec.ClusterIPs
-	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
-		ips = []string{svc.Spec.ClusterIP}
-	}
-	var vip netip.Addr
-	sawIPv6 := false
-	for _, s := range ips {
-		if s == v1.ClusterIPNone {
-			return nil // headless: clients resolve endpoints through DNS
-		}
-		ip, err := netip.ParseAddr(s)
-		if err != nil || ip.IsUnspecified() || ip.Zone() != "" {
-			report(ResourceService, ReasonInvalidClusterIP)
-			klog.ErrorS(err, "Ignoring malformed ClusterIP", "service", klog.KObj(svc), "clusterIP", s)
-			continue
-		}
-		if !ip.Is4() {
-			sawIPv6 = true
-			continue
-		}
-		if !vip.IsValid() {
-			vip = ip
-		}
-	}
-	if !vip.IsValid() {
-		if sawIPv6 {
-			// Only IPv4 is served for now; a dual-stack Service is served
-			// on its IPv4 ClusterIP.
-			klog.V(2).InfoS("Ignoring Service without an IPv4 ClusterIP", "service", klog.KObj(svc), "clusterIPs", ips)
-		}
+	vip, ok := clusterIPOf(svc, f, report)
+	if !ok {
 		return nil
 	}
-
 	info := &serviceInfo{ports: make([]servicePortSpec, 0, len(svc.Spec.Ports))}
 	for i := range svc.Spec.Ports {
 		p := &svc.Spec.Ports[i]
@@ -209,17 +189,93 @@ func convertService(svc *v1.Service, report ReportFunc) *serviceInfo {
 			info.affinity = time.Duration(*c.ClientIP.TimeoutSeconds) * time.Second
 		}
 	}
-	info.external = externalOf(svc)
+	info.external = externalOf(svc, f)
 	return info
 }
 
-// externalOf reads what makes a Service reachable from outside, for IPv4,
-// as kube-proxy's service port info does: addresses of the other family and
-// ones that do not parse are ignored (validation rejects the latter).
-func externalOf(svc *v1.Service) External {
+// clusterIPOf returns the Service's ClusterIP of family f, the frontend of
+// its ports in the proxier of f; false when it has none (or is headless).
+//
+// ipFamilies and ipFamilyPolicy need no reading of their own: the API server
+// allocates one ClusterIP per entry of ipFamilies, in its order, and
+// ipFamilyPolicy only decides how many entries there are (SingleStack one,
+// RequireDualStack two, PreferDualStack two on a dual-stack cluster), so the
+// ClusterIPs say it all, as kube-proxy's GetClusterIPByFamily reads them. A
+// Service changed from SingleStack to dual-stack gains its second ClusterIP
+// and appears in that family's Tracker; changed back, it loses it and
+// disappears. We take an address's family from the address itself, which
+// validation makes agree with ipFamilies.
+//
+// A ClusterIP that does not parse (or is the unspecified address, zoned, or
+// IPv4-mapped IPv6, which validation rejects and neither family could serve
+// as written) is reported with ReasonInvalidClusterIP by one Tracker only,
+// so that a dual-stack proxy, which runs one Tracker per family, counts each
+// bad address once, and a single-stack proxy of either family still counts
+// the bad addresses of its own family: the Tracker of the family it was
+// allocated for (its ipFamilies entry), else of IPv4, as kube-proxy hands a
+// Service without ipFamilies (an object older than dual-stack) to its IPv4
+// proxier alone.
+func clusterIPOf(svc *v1.Service, f IPFamily, report ReportFunc) (netip.Addr, bool) {
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
+		ips = []string{svc.Spec.ClusterIP}
+	}
+	var vip netip.Addr
+	for i, s := range ips {
+		if s == v1.ClusterIPNone {
+			return netip.Addr{}, false // headless: clients resolve endpoints through DNS
+		}
+		ip, err := netip.ParseAddr(s)
+		if err != nil || ip.IsUnspecified() || ip.Zone() != "" || ip.Is4In6() {
+			if owner := clusterIPFamily(svc, i, ip); owner == f {
+				report(ResourceService, ReasonInvalidClusterIP)
+				klog.ErrorS(err, "Ignoring malformed ClusterIP", "service", klog.KObj(svc), "clusterIP", s, "ipFamily", owner)
+			}
+			continue
+		}
+		if f.Has(ip) && !vip.IsValid() {
+			vip = ip
+		}
+	}
+	if !vip.IsValid() {
+		if len(ips) > 0 && klog.V(2).Enabled() {
+			klog.V(2).InfoS("Service has no ClusterIP of this proxier's family: served by the other family's proxier, if any",
+				"service", klog.KObj(svc), "ipFamily", f, "clusterIPs", ips)
+		}
+		return netip.Addr{}, false
+	}
+	return vip, true
+}
+
+// clusterIPFamily is the family a malformed ClusterIP (clusterIPs[i]) was
+// allocated for: its ipFamilies entry, else the family of the address it
+// carries if it has one (an IPv4-mapped address is IPv4, as net.IP reads
+// it), else IPv4.
+func clusterIPFamily(svc *v1.Service, i int, ip netip.Addr) IPFamily {
+	if i < len(svc.Spec.IPFamilies) {
+		switch svc.Spec.IPFamilies[i] {
+		case v1.IPv4Protocol:
+			return IPv4
+		case v1.IPv6Protocol:
+			return IPv6
+		}
+	}
+	if ip.IsValid() {
+		return FamilyOf(ip.Unmap())
+	}
+	return IPv4
+}
+
+// externalOf reads what makes a Service reachable from outside, for family
+// f, as kube-proxy's service port info does for its proxier of f: external
+// IPs, load balancer ingress IPs and source ranges of the other family are
+// left to that family's proxier, and ones that do not parse are ignored
+// (validation rejects them). As kube-proxy reads addresses with net.IP, an
+// IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address it carries.
+func externalOf(svc *v1.Service, f IPFamily) External {
 	var e External
 	for _, s := range svc.Spec.ExternalIPs {
-		if ip, err := netip.ParseAddr(s); err == nil && ip.Is4() && !ip.IsUnspecified() {
+		if ip, ok := parseOfFamily(s, f); ok {
 			e.ExternalIPs = append(e.ExternalIPs, ip)
 		}
 	}
@@ -230,13 +286,13 @@ func externalOf(svc *v1.Service) External {
 		if ing.IP == "" || (ing.IPMode != nil && *ing.IPMode != v1.LoadBalancerIPModeVIP) {
 			continue
 		}
-		if ip, err := netip.ParseAddr(ing.IP); err == nil && ip.Is4() && !ip.IsUnspecified() {
+		if ip, ok := parseOfFamily(ing.IP, f); ok {
 			e.LoadBalancerIPs = append(e.LoadBalancerIPs, ip)
 		}
 	}
 	e.ExternalIPs = sortedUnique(e.ExternalIPs)
 	e.LoadBalancerIPs = sortedUnique(e.LoadBalancerIPs)
-	e.SourceRanges = sourceRanges(svc.Spec.LoadBalancerSourceRanges)
+	e.SourceRanges = sourceRanges(svc.Spec.LoadBalancerSourceRanges, f)
 	// kube-proxy's ExternalPolicyLocal: only a Service reachable from
 	// outside has an external policy.
 	reachable := svc.Spec.Type == v1.ServiceTypeNodePort || svc.Spec.Type == v1.ServiceTypeLoadBalancer || len(svc.Spec.ExternalIPs) > 0
@@ -256,16 +312,42 @@ func sortedUnique(ips []netip.Addr) []netip.Addr {
 	return slices.Compact(ips)
 }
 
-// sourceRanges returns the IPv4 loadBalancerSourceRanges, masked, sorted and
-// unique; nil when they allow every source. As in kube-proxy, ranges of the
-// other family and ranges that do not parse are ignored, and a zero-length
-// prefix (0.0.0.0/0) allows every source, as no range does. Validation lets
-// whitespace around a range through; kube-proxy trims it.
-func sourceRanges(ranges []string) []netip.Prefix {
+// parseOfFamily parses an external or load balancer address, unmapping an
+// IPv4-mapped one, and reports whether it is a usable address of family f.
+func parseOfFamily(s string, f IPFamily) (netip.Addr, bool) {
+	ip, err := netip.ParseAddr(s)
+	if err != nil || ip.Zone() != "" {
+		return netip.Addr{}, false
+	}
+	ip = ip.Unmap()
+	return ip, f.Has(ip) && !ip.IsUnspecified()
+}
+
+// sourceRanges returns the loadBalancerSourceRanges of family f, masked,
+// sorted and unique; nil when they allow every source of f. As in
+// kube-proxy (MapCIDRsByIPFamily, then IsZeroCIDR), ranges of the other
+// family and ranges that do not parse are ignored, so:
+//   - a zero-length prefix of f (0.0.0.0/0, ::/0) allows every source of f,
+//     as no range does; one of the other family (::/0 for IPv4) is that
+//     family's business and changes nothing for f;
+//   - a Service whose ranges are all of the other family has none of f,
+//     and its load balancer IPs of f allow every source, as kube-proxy's
+//     proxier of f writes no firewall for them.
+//
+// An IPv4-mapped range (::ffff:10.0.0.0/104) is the IPv4 range it carries,
+// as net.ParseCIDR reads it. Validation lets whitespace around a range
+// through; kube-proxy trims it.
+func sourceRanges(ranges []string, f IPFamily) []netip.Prefix {
 	var out []netip.Prefix
 	for _, r := range ranges {
 		p, err := netip.ParsePrefix(strings.TrimSpace(r))
-		if err != nil || !p.Addr().Is4() {
+		if err != nil {
+			continue
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		if !f.Has(p.Addr()) {
 			continue
 		}
 		if p.Bits() == 0 {

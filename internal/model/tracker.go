@@ -40,7 +40,8 @@ type Tracker struct {
 	// services holds the proxyable Services, by name.
 	services map[ServiceName]*serviceInfo
 	// unservedServices holds the Services that exist but are not served
-	// (headless, ExternalName, no IPv4 ClusterIP): with services, it tells
+	// (headless, ExternalName, no ClusterIP of the Tracker's family): with
+	// services, it tells
 	// a slice's Service that is not known yet from one never served.
 	unservedServices map[ServiceName]struct{}
 	// slices holds the usable EndpointSlices, by namespace/name.
@@ -106,8 +107,9 @@ type ChangeCounts struct {
 	// ServiceChanges counts every Service event (add, update, delete),
 	// changed or not.
 	ServiceChanges uint64
-	// EndpointChanges counts every event of an IPv4 EndpointSlice that
-	// names its Service, changed or not.
+	// EndpointChanges counts every event of an EndpointSlice of the
+	// Tracker's family (address type IPv4 or IPv6) that names its Service,
+	// changed or not.
 	EndpointChanges uint64
 	// PendingServices is the number of Services whose own object changed
 	// what the proxy serves from it (ports and node ports, ClusterIP,
@@ -154,7 +156,11 @@ func WithNodeName(name string) TrackerOption {
 }
 
 // WithFamily makes the Tracker serve one address family, as each of
-// kube-proxy's per-family proxiers does; the default is IPv4.
+// kube-proxy's per-family proxiers does; the default is IPv4. It serves the
+// Services with a ClusterIP of that family, on that ClusterIP, with their
+// external IPs, load balancer IPs and source ranges of that family, and
+// the EndpointSlices of that address type; a dual-stack proxy runs one
+// Tracker per family and feeds both every event.
 func WithFamily(f IPFamily) TrackerOption {
 	return func(t *Tracker) { t.family = f }
 }
@@ -222,7 +228,7 @@ func (t *Tracker) UpsertService(svc *v1.Service) bool {
 	}
 	// Convert before locking: it depends only on the object, and reports go
 	// out without the lock held.
-	info := convertService(svc, t.onSkipped)
+	info := convertService(svc, t.family, t.onSkipped)
 	if info != nil && t.hostScopedReports {
 		reportHostScoped(svc, &info.external, t.onSkipped)
 	}
@@ -279,7 +285,7 @@ func (t *Tracker) UpsertEndpointSlice(s *discoveryv1.EndpointSlice) bool {
 	if s == nil {
 		return false
 	}
-	info := convertSlice(s, t.nodeName, t.onSkipped)
+	info := convertSlice(s, t.nodeName, t.family, t.onSkipped)
 	key := sliceKey{namespace: s.Namespace, name: s.Name}
 
 	t.mu.Lock()
@@ -381,18 +387,20 @@ func equalServiceInfo(a, b *serviceInfo) bool {
 		a.external.Equal(b.external) && slices.Equal(a.ports, b.ports)
 }
 
-// countedSlice reports whether kube-proxy would count an event of s: an IPv4
-// slice that names its Service (kube-proxy ignores the others outright).
-func countedSlice(s *discoveryv1.EndpointSlice) (ServiceName, bool) {
+// countedSlice reports whether kube-proxy's tracker of the Tracker's family
+// would count an event of s: a slice of that family's address type that
+// names its Service (kube-proxy ignores the others outright, so each
+// family's counts hold its own slices only).
+func (t *Tracker) countedSlice(s *discoveryv1.EndpointSlice) (ServiceName, bool) {
 	svc, ok := serviceOfSlice(s)
-	return svc, ok && s.AddressType == discoveryv1.AddressTypeIPv4
+	return svc, ok && s.AddressType == addressTypeOf(t.family)
 }
 
 // sliceEvent counts an added or updated EndpointSlice, and returns its
 // trigger time if this event changed the slice and the change was
 // triggered after the Tracker started. Callers hold t.mu.
 func (t *Tracker) sliceEvent(key sliceKey, s *discoveryv1.EndpointSlice) (time.Time, bool) {
-	if _, ok := countedSlice(s); !ok {
+	if _, ok := t.countedSlice(s); !ok {
 		// Not ours (any more): a later delete is no change.
 		delete(t.sliceVersions, key)
 		return time.Time{}, false
@@ -416,7 +424,7 @@ func (t *Tracker) sliceEvent(key sliceKey, s *discoveryv1.EndpointSlice) (time.T
 // sliceDeleted counts a deleted EndpointSlice. Callers hold t.mu.
 func (t *Tracker) sliceDeleted(key sliceKey, s *discoveryv1.EndpointSlice) {
 	if _, known := t.sliceVersions[key]; !known {
-		if _, ok := countedSlice(s); ok {
+		if _, ok := t.countedSlice(s); ok {
 			t.counts.EndpointChanges++
 		}
 		return

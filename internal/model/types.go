@@ -228,24 +228,29 @@ type Snapshot struct {
 	Node NodeInfo
 }
 
-// NodeInfo is what the datapaths need to know of the node they run on.
+// NodeInfo is what the datapaths need to know of the node they run on, for
+// one address family: a proxier of each family gets its own.
 type NodeInfo struct {
-	// NodePortAddresses are the node's IPv4 addresses node ports are
-	// served on: those matching --nodeport-addresses, or with none given
-	// every address of the node but loopback ones, sorted. A loopback
-	// address is here only when --nodeport-addresses names it.
+	// NodePortAddresses are the node's addresses of the proxier's family
+	// node ports are served on: those matching --nodeport-addresses, or
+	// with none given (or none of this family) every address of the node
+	// of this family but loopback ones, sorted. An IPv4 loopback address
+	// is here only when --nodeport-addresses names it; an IPv6 one never
+	// is, as kube-proxy never serves node ports on ::1.
 	NodePortAddresses []netip.Addr
-	// AllLocalAddresses: --nodeport-addresses was not given, so node
-	// ports are served on whatever address is local when a packet
-	// arrives (iptables: -m addrtype --dst-type LOCAL, as kube-proxy).
+	// AllLocalAddresses: --nodeport-addresses names no CIDR of the
+	// proxier's family (or a zero-length one), so node ports are served on
+	// whatever address of the family is local when a packet arrives
+	// (iptables: -m addrtype --dst-type LOCAL, as kube-proxy).
 	AllLocalAddresses bool
-	// LocalAddresses are every IPv4 address of the node, loopback
-	// included, sorted: an external IP is local when it is one of them.
+	// LocalAddresses are every address of the node of the proxier's
+	// family, loopback and link-local included, sorted: an external IP is
+	// local when it is one of them.
 	LocalAddresses []netip.Addr
-	// ServiceCIDRs are the cluster's Service IP ranges (IPv4), from the
-	// ServiceCIDR objects, or the flag when they cannot be read; sorted.
-	// Traffic to an address in them that is no Service's is refused, as
-	// kube-proxy does; nil refuses nothing.
+	// ServiceCIDRs are the cluster's Service IP ranges of the proxier's
+	// family, from the ServiceCIDR objects, or the flag when they cannot
+	// be read; sorted. Traffic to an address in them that is no Service's
+	// is refused, as kube-proxy does; nil refuses nothing.
 	ServiceCIDRs []netip.Prefix
 	// ForeignClusterIPs are the ClusterIPs of the Services another proxy
 	// serves (labelled service.kubernetes.io/service-proxy-name), which
