@@ -19,7 +19,12 @@ const (
 
 // Reasons a piece of an API object is skipped. They are stable: metrics use
 // them as label values. Each names the piece that was dropped; the rest of the
-// object is still used.
+// object is still used. A dual-stack proxy runs one Tracker per family and
+// feeds both every object, yet each problem is reported by one of them only:
+// an EndpointSlice's by the Tracker of its address type, a ClusterIP's by
+// the Tracker of its family, a Service port's by the Tracker of the
+// Service's first usable ClusterIP, a host-scoped external address by the
+// Tracker of its family.
 const (
 	// ReasonInvalidClusterIP: a Service ClusterIP that does not parse, or is
 	// the unspecified address (or zoned, or IPv4-mapped IPv6). The Service
@@ -135,26 +140,37 @@ func convertService(svc *v1.Service, f IPFamily, report ReportFunc) *serviceInfo
 	}
 	name := ServiceName{Namespace: svc.Namespace, Name: svc.Name}
 
-	vip, ok := clusterIPOf(svc, f, report)
+	vip, first, ok := clusterIPOf(svc, f, report)
 	if !ok {
 		return nil
+	}
+	// A port's problems are the same in every family: only the Tracker
+	// of the Service's first usable ClusterIP reports and logs them, so
+	// that a dual-stack proxy counts each once.
+	reportPort := func(reason string) bool {
+		if first {
+			report(ResourceService, reason)
+		}
+		return first
 	}
 	info := &serviceInfo{ports: make([]servicePortSpec, 0, len(svc.Spec.Ports))}
 	for i := range svc.Spec.Ports {
 		p := &svc.Spec.Ports[i]
 		proto, ok := protocolFrom(p.Protocol)
 		if !ok {
-			report(ResourceService, ReasonUnsupportedProtocol)
-			msg := "Skipping service port: unsupported protocol, only TCP and UDP are served"
-			if p.Protocol == v1.ProtocolSCTP {
-				msg = "Skipping service port: SCTP is not supported"
+			if reportPort(ReasonUnsupportedProtocol) {
+				msg := "Skipping service port: unsupported protocol, only TCP and UDP are served"
+				if p.Protocol == v1.ProtocolSCTP {
+					msg = "Skipping service port: SCTP is not supported"
+				}
+				klog.InfoS(msg, "service", klog.KObj(svc), "port", p.Name, "protocol", p.Protocol)
 			}
-			klog.InfoS(msg, "service", klog.KObj(svc), "port", p.Name, "protocol", p.Protocol)
 			continue
 		}
 		if p.Port < 1 || p.Port > 65535 {
-			report(ResourceService, ReasonInvalidPort)
-			klog.ErrorS(nil, "Skipping service port with invalid port number", "service", klog.KObj(svc), "port", p.Name, "number", p.Port)
+			if reportPort(ReasonInvalidPort) {
+				klog.ErrorS(nil, "Skipping service port with invalid port number", "service", klog.KObj(svc), "port", p.Name, "number", p.Port)
+			}
 			continue
 		}
 		sp := servicePortSpec{
@@ -164,14 +180,16 @@ func convertService(svc *v1.Service, f IPFamily, report ReportFunc) *serviceInfo
 		if p.NodePort > 0 && p.NodePort <= 65535 {
 			sp.nodePort = uint16(p.NodePort)
 		} else if p.NodePort != 0 {
-			report(ResourceService, ReasonInvalidPort)
-			klog.ErrorS(nil, "Ignoring invalid node port", "service", klog.KObj(svc), "port", p.Name, "nodePort", p.NodePort)
+			if reportPort(ReasonInvalidPort) {
+				klog.ErrorS(nil, "Ignoring invalid node port", "service", klog.KObj(svc), "port", p.Name, "nodePort", p.NodePort)
+			}
 		}
 		if slices.ContainsFunc(info.ports, func(o servicePortSpec) bool {
 			return o.name == sp.name || o.frontend == sp.frontend
 		}) {
-			report(ResourceService, ReasonDuplicatePort)
-			klog.ErrorS(nil, "Skipping duplicate service port", "service", klog.KObj(svc), "port", p.Name, "number", p.Port, "protocol", proto)
+			if reportPort(ReasonDuplicatePort) {
+				klog.ErrorS(nil, "Skipping duplicate service port", "service", klog.KObj(svc), "port", p.Name, "number", p.Port, "protocol", proto)
+			}
 			continue
 		}
 		info.ports = append(info.ports, sp)
@@ -195,6 +213,8 @@ func convertService(svc *v1.Service, f IPFamily, report ReportFunc) *serviceInfo
 
 // clusterIPOf returns the Service's ClusterIP of family f, the frontend of
 // its ports in the proxier of f; false when it has none (or is headless).
+// first reports whether it is the Service's first usable ClusterIP (that of
+// its primary family, ipFamilies[0], unless that one is malformed).
 //
 // ipFamilies and ipFamilyPolicy need no reading of their own: the API server
 // allocates one ClusterIP per entry of ipFamilies, in its order, and
@@ -215,15 +235,15 @@ func convertService(svc *v1.Service, f IPFamily, report ReportFunc) *serviceInfo
 // allocated for (its ipFamilies entry), else of IPv4, as kube-proxy hands a
 // Service without ipFamilies (an object older than dual-stack) to its IPv4
 // proxier alone.
-func clusterIPOf(svc *v1.Service, f IPFamily, report ReportFunc) (netip.Addr, bool) {
+func clusterIPOf(svc *v1.Service, f IPFamily, report ReportFunc) (vip netip.Addr, first, ok bool) {
 	ips := svc.Spec.ClusterIPs
 	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
 		ips = []string{svc.Spec.ClusterIP}
 	}
-	var vip netip.Addr
+	var firstFamily IPFamily
 	for i, s := range ips {
 		if s == v1.ClusterIPNone {
-			return netip.Addr{}, false // headless: clients resolve endpoints through DNS
+			return netip.Addr{}, false, false // headless: clients resolve endpoints through DNS
 		}
 		ip, err := netip.ParseAddr(s)
 		if err != nil || ip.IsUnspecified() || ip.Zone() != "" || ip.Is4In6() {
@@ -232,6 +252,9 @@ func clusterIPOf(svc *v1.Service, f IPFamily, report ReportFunc) (netip.Addr, bo
 				klog.ErrorS(err, "Ignoring malformed ClusterIP", "service", klog.KObj(svc), "clusterIP", s, "ipFamily", owner)
 			}
 			continue
+		}
+		if firstFamily == 0 {
+			firstFamily = FamilyOf(ip)
 		}
 		if f.Has(ip) && !vip.IsValid() {
 			vip = ip
@@ -242,9 +265,9 @@ func clusterIPOf(svc *v1.Service, f IPFamily, report ReportFunc) (netip.Addr, bo
 			klog.V(2).InfoS("Service has no ClusterIP of this proxier's family: served by the other family's proxier, if any",
 				"service", klog.KObj(svc), "ipFamily", f, "clusterIPs", ips)
 		}
-		return netip.Addr{}, false
+		return netip.Addr{}, false, false
 	}
-	return vip, true
+	return vip, firstFamily == f, true
 }
 
 // clusterIPFamily is the family a malformed ClusterIP (clusterIPs[i]) was
