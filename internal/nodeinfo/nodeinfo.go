@@ -2,7 +2,9 @@
 // proxy runs on: which of its addresses serve node ports
 // (--nodeport-addresses, with kube-proxy's semantics), every address it has
 // (an external IP is local when it is one), its zone label (for topology
-// hints) and the cluster's Service IP ranges (ServiceCIDR objects).
+// hints) and the cluster's Service IP ranges (ServiceCIDR objects). All of
+// it but the zone is per address family: a proxier of each family reads
+// its own (InfoFor), as kube-proxy runs one proxier per family.
 //
 // Addresses are read from the kernel at each sync, as kube-proxy reads them:
 // interfaces come and go without any API event. The zone, the node's primary
@@ -14,6 +16,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"slices"
@@ -36,20 +39,21 @@ import (
 )
 
 // Primary is the --nodeport-addresses keyword for the node's primary
-// address (its first IPv4 InternalIP, as kube-proxy's "primary").
+// addresses: per family, the Node's first InternalIP of that family, else
+// its first ExternalIP of it (kube-proxy's detectNodeIPs and "primary").
 const Primary = "primary"
 
 // Selector is a parsed --nodeport-addresses: the node ports are served on
-// the node's addresses inside Prefixes, or on its primary address; with
-// neither, on every local address.
+// the node's addresses inside Prefixes, or on its primary addresses; with
+// neither, on every local address. It holds both families; ChooseFor reads
+// one.
 type Selector struct {
 	Prefixes []netip.Prefix
 	Primary  bool
 }
 
 // ParseSelector parses --nodeport-addresses: empty, "primary", or IPv4
-// and IPv6 CIDRs (the IPv6 ones are accepted and, as only IPv4 Services
-// are served, unused).
+// and IPv6 CIDRs, mixed as the user likes.
 func ParseSelector(values []string) (Selector, error) {
 	var s Selector
 	for _, v := range values {
@@ -63,7 +67,7 @@ func ParseSelector(values []string) (Selector, error) {
 		}
 		p, err := netip.ParsePrefix(v)
 		if err != nil {
-			return Selector{}, fmt.Errorf("--nodeport-addresses %q: want %q or CIDRs such as 10.0.0.0/8,127.0.0.0/8", v, Primary)
+			return Selector{}, fmt.Errorf("--nodeport-addresses %q: want %q or CIDRs such as 10.0.0.0/8,127.0.0.0/8,fd00::/64", v, Primary)
 		}
 		s.Prefixes = append(s.Prefixes, p.Masked())
 	}
@@ -73,49 +77,99 @@ func ParseSelector(values []string) (Selector, error) {
 	return s, nil
 }
 
-// All reports whether the selector leaves every local address serving.
+// All reports whether the selector leaves every local address of every
+// family serving.
 func (s Selector) All() bool { return !s.Primary && len(s.Prefixes) == 0 }
 
-// Choose returns the addresses of local that serve node ports, given the
-// node's primary address (invalid if unknown). With no selector, loopback
-// addresses are left out: a node port on 127.0.0.1 opens the Service to
-// every process on the node through an address that bypasses host
-// firewalls, so it is served only when a CIDR names it deliberately.
-func (s Selector) Choose(local []netip.Addr, primary netip.Addr) []netip.Addr {
-	var out []netip.Addr
+// ChooseFor returns the addresses of family f among local that serve node
+// ports, sorted as local is, and whether node ports of f are served on
+// every local address of f (NodeInfo.AllLocalAddresses). primary is the
+// Node's primary address of f (invalid if it has none or is not known),
+// nodeSeen whether the Node's addresses are known at all. As kube-proxy's
+// NewNodePortAddresses for the proxier of f:
+//
+//   - with no selector, with CIDRs none of which is of f, or with a
+//     zero-length CIDR of f (0.0.0.0/0, ::/0), every local address of f
+//     serves (kube-proxy adds 0.0.0.0/0 or ::/0 when the flag names no CIDR
+//     of the family): all is true;
+//   - "primary" serves the primary address of f; a Node seen without one
+//     (an IPv4 InternalIP only, on a dual-stack node) leaves the flag with
+//     no address of f, and so every local address of f serves, as in
+//     kube-proxy, which turns "primary" into the node IPs' /32 and /128
+//     and then finds no CIDR of the other family; before the Node is seen,
+//     no address serves;
+//   - CIDRs of f serve the addresses of f inside them.
+//
+// Loopback addresses are left out of the list unless a CIDR names them
+// deliberately (a node port on 127.0.0.1 opens the Service to every
+// process on the node through an address that bypasses host firewalls),
+// and an IPv6 loopback address always, as kube-proxy never serves node
+// ports on ::1 ("localhost NodePorts are not supported on IPv6"). IPv6
+// link-local addresses (fe80::/10) serve when every address does, as
+// kube-proxy's "--dst-type LOCAL" match includes them.
+func (s Selector) ChooseFor(f model.IPFamily, local []netip.Addr, primary netip.Addr, nodeSeen bool) (addrs []netip.Addr, all bool) {
+	var prefixes []netip.Prefix
+	for _, p := range s.Prefixes {
+		if f.Has(p.Addr()) {
+			prefixes = append(prefixes, p)
+		}
+	}
+	all = !s.Primary && (len(prefixes) == 0 || slices.ContainsFunc(prefixes, func(p netip.Prefix) bool { return p.Bits() == 0 }))
+	if s.Primary {
+		if !primary.IsValid() || !f.Has(primary) || primary.IsLoopback() {
+			all = nodeSeen
+		}
+	}
 	for _, a := range local {
 		switch {
+		case !f.Has(a):
+		case all:
+			if !a.IsLoopback() {
+				addrs = append(addrs, a)
+			}
 		case s.Primary:
 			if a == primary {
-				out = append(out, a)
+				addrs = append(addrs, a)
 			}
-		case len(s.Prefixes) == 0:
-			if !a.IsLoopback() {
-				out = append(out, a)
-			}
+		case a.IsLoopback() && f == model.IPv6:
 		default:
-			if slices.ContainsFunc(s.Prefixes, func(p netip.Prefix) bool { return p.Contains(a) }) {
-				out = append(out, a)
+			if slices.ContainsFunc(prefixes, func(p netip.Prefix) bool { return p.Contains(a) }) {
+				addrs = append(addrs, a)
 			}
 		}
 	}
-	return out
+	return addrs, all
+}
+
+// Choose is ChooseFor for IPv4, the Node seen.
+func (s Selector) Choose(local []netip.Addr, primary netip.Addr) []netip.Addr {
+	addrs, _ := s.ChooseFor(model.IPv4, local, primary, true)
+	return addrs
 }
 
 // Config is how a Source is set up.
 type Config struct {
 	NodeName  string
 	NodePorts Selector
-	// LocalAddresses lists the node's addresses; nil reads this network
-	// namespace's interfaces.
+	// LocalAddresses lists the node's addresses, of both families; nil
+	// reads this network namespace's interfaces (InterfaceAddresses).
+	// InfoFor keeps those of the family asked for.
 	LocalAddresses func() ([]netip.Addr, error)
 	// ServiceCIDRs are used when the ServiceCIDR objects cannot be read
 	// (no RBAC, an API server before 1.33); nil refuses nothing then.
+	// They may hold ranges of both families (--service-cluster-ip-range
+	// takes one per family); InfoFor keeps those of its family.
 	ServiceCIDRs []netip.Prefix
-	// PodCIDR, when valid, is the Node's pod range the datapath tells
-	// local traffic by (--detect-local-mode=NodeCIDR, WaitForPodCIDR):
-	// Run ends with ErrPodCIDRChanged when the Node's changes, for the
-	// process to restart with the new one, as kube-proxy exits then.
+	// PodCIDRs, when not empty, are the Node's pod ranges by family that
+	// the datapaths tell local traffic by (--detect-local-mode=NodeCIDR,
+	// WaitForPodCIDRs): Run ends with ErrPodCIDRChanged when the Node's
+	// ranges are no longer these (one changed, or a family gained or lost
+	// one), for the process to restart with the new ones, as kube-proxy
+	// exits when spec.podCIDRs changes.
+	PodCIDRs map[model.IPFamily]netip.Prefix
+	// PodCIDR is the IPv4-only form of PodCIDRs, kept for callers that
+	// have not moved to it: when valid and PodCIDRs is empty, Run ends
+	// with ErrPodCIDRChanged when the Node's IPv4 pod range changes.
 	PodCIDR netip.Prefix
 }
 
@@ -123,26 +177,51 @@ type Config struct {
 // Config.PodCIDR.
 var ErrPodCIDRChanged = errors.New("the Node's spec.podCIDRs changed, and local traffic is told by the old range (--detect-local-mode=NodeCIDR): exiting for the restart to read the new one")
 
-// PodCIDR returns the Node's first IPv4 pod range (spec.podCIDRs, else
-// spec.podCIDR), invalid if it has none.
-func PodCIDR(node *v1.Node) netip.Prefix {
+// PodCIDRs returns the Node's pod ranges by family (spec.podCIDRs, else
+// spec.podCIDR): the first of each family, as kube-proxy's NodeCIDR
+// detector takes them; empty if it has none.
+func PodCIDRs(node *v1.Node) map[model.IPFamily]netip.Prefix {
 	cidrs := node.Spec.PodCIDRs
 	if len(cidrs) == 0 && node.Spec.PodCIDR != "" {
 		cidrs = []string{node.Spec.PodCIDR}
 	}
+	out := make(map[model.IPFamily]netip.Prefix, 2)
 	for _, c := range cidrs {
-		if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is4() {
-			return p.Masked()
+		p, err := netip.ParsePrefix(strings.TrimSpace(c))
+		if err != nil {
+			continue
+		}
+		if f := model.FamilyOf(p.Addr()); !out[f].IsValid() {
+			out[f] = p.Masked()
 		}
 	}
-	return netip.Prefix{}
+	return out
 }
 
-// WaitForPodCIDR returns the pod range of Node name, waiting up to
-// timeout, polling each poll, for the Node to exist and have one, as
-// kube-proxy waits for it in its NodeCIDR mode (5 minutes).
+// PodCIDR returns the Node's first IPv4 pod range, invalid if it has none.
+func PodCIDR(node *v1.Node) netip.Prefix {
+	return PodCIDRs(node)[model.IPv4]
+}
+
+// WaitForPodCIDRs returns the pod ranges of Node name by family, waiting up
+// to timeout, polling each poll, for the Node to exist and have at least
+// one, as kube-proxy waits for spec.podCIDRs in its NodeCIDR mode (5
+// minutes). A family without a range has no entry: kube-proxy then detects
+// no local traffic in that family.
+func WaitForPodCIDRs(ctx context.Context, client kubernetes.Interface, name string, poll, timeout time.Duration) (map[model.IPFamily]netip.Prefix, error) {
+	return waitForPodCIDRs(ctx, client, name, poll, timeout, func(m map[model.IPFamily]netip.Prefix) bool { return len(m) > 0 }, "a pod range")
+}
+
+// WaitForPodCIDR is WaitForPodCIDRs for the IPv4 range alone: it waits for
+// the Node to have one.
 func WaitForPodCIDR(ctx context.Context, client kubernetes.Interface, name string, poll, timeout time.Duration) (netip.Prefix, error) {
-	var cidr netip.Prefix
+	m, err := waitForPodCIDRs(ctx, client, name, poll, timeout, func(m map[model.IPFamily]netip.Prefix) bool { return m[model.IPv4].IsValid() }, "an IPv4 pod range")
+	return m[model.IPv4], err
+}
+
+func waitForPodCIDRs(ctx context.Context, client kubernetes.Interface, name string, poll, timeout time.Duration,
+	done func(map[model.IPFamily]netip.Prefix) bool, what string) (map[model.IPFamily]netip.Prefix, error) {
+	var cidrs map[model.IPFamily]netip.Prefix
 	var lastErr error
 	seen := false
 	err := wait.PollUntilContextTimeout(ctx, poll, timeout, true, func(ctx context.Context) (bool, error) {
@@ -152,18 +231,18 @@ func WaitForPodCIDR(ctx context.Context, client kubernetes.Interface, name strin
 			return false, nil
 		}
 		seen = true
-		cidr = PodCIDR(node)
-		return cidr.IsValid(), nil
+		cidrs = PodCIDRs(node)
+		return done(cidrs), nil
 	})
 	switch {
 	case err == nil:
-		return cidr, nil
+		return cidrs, nil
 	case ctx.Err() != nil:
-		return netip.Prefix{}, ctx.Err()
+		return nil, ctx.Err()
 	case !seen:
-		return netip.Prefix{}, fmt.Errorf("timed out after %v waiting for Node %q, whose spec.podCIDRs --detect-local-mode=NodeCIDR needs: %v", timeout, name, lastErr)
+		return nil, fmt.Errorf("timed out after %v waiting for Node %q, whose spec.podCIDRs --detect-local-mode=NodeCIDR needs: %v", timeout, name, lastErr)
 	}
-	return netip.Prefix{}, fmt.Errorf("timed out after %v waiting for an IPv4 pod range in Node %q's spec.podCIDRs, which --detect-local-mode=NodeCIDR needs (is kube-controller-manager allocating node CIDRs, --allocate-node-cidrs?)", timeout, name)
+	return nil, fmt.Errorf("timed out after %v waiting for %s in Node %q's spec.podCIDRs, which --detect-local-mode=NodeCIDR needs (is kube-controller-manager allocating node CIDRs, --allocate-node-cidrs?)", timeout, what, name)
 }
 
 // Source is the node's current information. It is safe for concurrent use.
@@ -176,9 +255,13 @@ type Source struct {
 	mu sync.Mutex
 	// eligible: the Node was seen and is neither being deleted nor
 	// tainted for deletion (kube-proxy's NodeEligible).
-	eligible     bool
-	zone         string
-	primary      netip.Addr
+	eligible bool
+	zone     string
+	// nodeSeen: setNode has run, so primary is known (even if empty).
+	nodeSeen bool
+	// primary holds the Node's primary address of each family, if any.
+	primary map[model.IPFamily]netip.Addr
+	// serviceCIDRs holds the ranges of both families, sorted.
 	serviceCIDRs []netip.Prefix
 	cidrsFromAPI bool
 }
@@ -188,32 +271,54 @@ func New(cfg Config) *Source {
 	if cfg.LocalAddresses == nil {
 		cfg.LocalAddresses = InterfaceAddresses
 	}
-	return &Source{cfg: cfg, serviceCIDRs: cfg.ServiceCIDRs, podCIDRChanged: make(chan error, 1)}
+	return &Source{cfg: cfg, serviceCIDRs: sortedPrefixes(slices.Clone(cfg.ServiceCIDRs)), podCIDRChanged: make(chan error, 1)}
 }
 
-// InterfaceAddresses lists the IPv4 addresses of this network namespace's
-// interfaces, sorted and unique.
+// InterfaceAddresses lists the addresses of this network namespace's
+// interfaces, of both families, sorted (IPv4 first) and unique: loopback
+// ones (127.0.0.1, ::1) and IPv6 link-local ones (fe80::/10, without
+// their zone; one address may be on several links) included.
 func InterfaceAddresses() ([]netip.Addr, error) {
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {
 		return nil, fmt.Errorf("listing the node's addresses: %w", err)
 	}
+	return addressesOf(addrs), nil
+}
+
+// addressesOf is InterfaceAddresses' reading of net.InterfaceAddrs.
+func addressesOf(addrs []net.Addr) []netip.Addr {
 	var out []netip.Addr
 	for _, a := range addrs {
-		n, ok := a.(*net.IPNet)
+		var raw net.IP
+		switch a := a.(type) {
+		case *net.IPNet:
+			raw = a.IP
+		case *net.IPAddr:
+			raw = a.IP
+		default:
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(raw)
 		if !ok {
 			continue
 		}
-		ip, ok := netip.AddrFromSlice(n.IP)
-		if !ok {
-			continue
-		}
-		if ip = ip.Unmap(); ip.Is4() {
-			out = append(out, ip)
-		}
+		// net.IP holds an IPv4 address in 16 bytes at times.
+		out = append(out, ip.Unmap())
 	}
 	slices.SortFunc(out, netip.Addr.Compare)
-	return slices.Compact(out), nil
+	return slices.Compact(out)
+}
+
+// ofFamily returns the addresses of family f, in order.
+func ofFamily[T any](f model.IPFamily, all []T, addr func(T) netip.Addr) []T {
+	var out []T
+	for _, a := range all {
+		if f.Has(addr(a)) {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 // Zone is the node's topology.kubernetes.io/zone label, "" if none or not
@@ -270,31 +375,41 @@ func (s *Source) setEligible(node *v1.Node) {
 	}
 }
 
-// Info reads the node's addresses now and returns what the datapaths need.
-// An error reading the addresses is logged and leaves them empty: node
-// ports are then served nowhere until the next sync reads them.
-func (s *Source) Info() model.NodeInfo {
-	local, err := s.cfg.LocalAddresses()
+// Info is InfoFor(model.IPv4), for the single-stack callers.
+func (s *Source) Info() model.NodeInfo { return s.InfoFor(model.IPv4) }
+
+// InfoFor reads the node's addresses now and returns what the proxier of
+// family f needs: the node's addresses of f, those of them serving node
+// ports (ChooseFor), and the Service ranges of f. An error reading the
+// addresses is logged and leaves them empty: node ports are then served
+// nowhere until the next sync reads them. ForeignClusterIPs is left for
+// the caller to fill.
+func (s *Source) InfoFor(f model.IPFamily) model.NodeInfo {
+	all, err := s.cfg.LocalAddresses()
 	if err != nil {
-		klog.ErrorS(err, "Could not read the node's addresses; node ports are not served on any until they can be read")
+		klog.ErrorS(err, "Could not read the node's addresses; node ports are not served on any until they can be read", "ipFamily", f)
 	}
+	local := ofFamily(f, all, func(a netip.Addr) netip.Addr { return a })
 	s.mu.Lock()
-	primary, cidrs := s.primary, s.serviceCIDRs
+	primary, seen := s.primary[f], s.nodeSeen
+	cidrs := ofFamily(f, s.serviceCIDRs, netip.Prefix.Addr)
 	s.mu.Unlock()
+	nodePorts, allLocal := s.cfg.NodePorts.ChooseFor(f, local, primary, seen)
 	return model.NodeInfo{
-		NodePortAddresses: s.cfg.NodePorts.Choose(local, primary),
-		AllLocalAddresses: s.cfg.NodePorts.All(),
+		NodePortAddresses: nodePorts,
+		AllLocalAddresses: allLocal,
 		LocalAddresses:    local,
-		ServiceCIDRs:      slices.Clone(cidrs),
+		ServiceCIDRs:      cidrs,
 	}
 }
 
-// InfoFor is Info for one address family's proxier.
-func (s *Source) InfoFor(f model.IPFamily) model.NodeInfo {
-	if f != model.IPv4 {
-		return model.NodeInfo{}
-	}
-	return s.Info()
+// PrimaryAddress is the Node's primary address of family f (its first
+// InternalIP of f, else its first ExternalIP of f, as kube-proxy's node
+// IPs), invalid if it has none or the Node is not known yet.
+func (s *Source) PrimaryAddress(f model.IPFamily) netip.Addr {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.primary[f]
 }
 
 // Run watches this node's Node object (zone label, primary address,
@@ -318,13 +433,10 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 			return
 		}
 		s.setEligible(node)
-		if want := s.cfg.PodCIDR; want.IsValid() {
-			if got := PodCIDR(node); got != want {
-				klog.InfoS("The Node's pod range changed", "node", s.cfg.NodeName, "podCIDR", got, "inUse", want)
-				select {
-				case s.podCIDRChanged <- ErrPodCIDRChanged:
-				default:
-				}
+		if s.podCIDRsChanged(node) {
+			select {
+			case s.podCIDRChanged <- ErrPodCIDRChanged:
+			default:
 			}
 		}
 		if s.setNode(node) {
@@ -370,6 +482,24 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 	return err
 }
 
+// podCIDRsChanged reports whether the Node's pod ranges are no longer
+// those in use (Config.PodCIDRs, else Config.PodCIDR), logging it.
+func (s *Source) podCIDRsChanged(node *v1.Node) bool {
+	got := PodCIDRs(node)
+	if want := s.cfg.PodCIDRs; len(want) > 0 {
+		if maps.Equal(got, want) {
+			return false
+		}
+		klog.InfoS("The Node's pod ranges changed", "node", s.cfg.NodeName, "podCIDRs", node.Spec.PodCIDRs, "inUse", want)
+		return true
+	}
+	if want := s.cfg.PodCIDR; want.IsValid() && got[model.IPv4] != want {
+		klog.InfoS("The Node's pod range changed", "node", s.cfg.NodeName, "podCIDR", got[model.IPv4], "inUse", want)
+		return true
+	}
+	return false
+}
+
 func (s *Source) canListServiceCIDRs(ctx context.Context, client kubernetes.Interface) bool {
 	for {
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -391,35 +521,51 @@ func (s *Source) canListServiceCIDRs(ctx context.Context, client kubernetes.Inte
 	}
 }
 
-// setNode records the node's zone and primary address; it reports whether
-// either changed.
-func (s *Source) setNode(node *v1.Node) bool {
-	zone := node.Labels[v1.LabelTopologyZone]
-	var primary netip.Addr
+// PrimaryAddresses returns the Node's primary address of each family: its
+// first InternalIP of the family, else its first ExternalIP of it, as
+// kube-proxy's GetNodeHostIPs orders them. A family without one has no
+// entry.
+func PrimaryAddresses(node *v1.Node) map[model.IPFamily]netip.Addr {
+	out := make(map[model.IPFamily]netip.Addr, 2)
 	for _, kind := range []v1.NodeAddressType{v1.NodeInternalIP, v1.NodeExternalIP} {
 		for _, a := range node.Status.Addresses {
-			if a.Type != kind || primary.IsValid() {
+			if a.Type != kind {
 				continue
 			}
-			if ip, err := netip.ParseAddr(a.Address); err == nil && ip.Is4() {
-				primary = ip
+			ip, err := netip.ParseAddr(a.Address)
+			if err != nil || ip.Zone() != "" {
+				continue
+			}
+			// net.IP reads an IPv4-mapped address as IPv4.
+			ip = ip.Unmap()
+			if f := model.FamilyOf(ip); !out[f].IsValid() {
+				out[f] = ip
 			}
 		}
 	}
+	return out
+}
+
+// setNode records the node's zone and primary addresses; it reports
+// whether any changed.
+func (s *Source) setNode(node *v1.Node) bool {
+	zone := node.Labels[v1.LabelTopologyZone]
+	primary := PrimaryAddresses(node)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if zone == s.zone && primary == s.primary {
+	if s.nodeSeen && zone == s.zone && maps.Equal(primary, s.primary) {
 		return false
 	}
 	if zone != s.zone {
 		klog.InfoS("Node zone", "node", s.cfg.NodeName, "zone", zone)
 	}
-	s.zone, s.primary = zone, primary
+	s.zone, s.primary, s.nodeSeen = zone, primary, true
 	return true
 }
 
-// setServiceCIDRs records the IPv4 ranges of the ServiceCIDR objects; it
-// reports whether they changed.
+// setServiceCIDRs records the ranges of the ServiceCIDR objects, of both
+// families (a dual-stack ServiceCIDR holds one of each); it reports whether
+// they changed.
 func (s *Source) setServiceCIDRs(objs []any) bool {
 	var out []netip.Prefix
 	for _, o := range objs {
@@ -430,18 +576,12 @@ func (s *Source) setServiceCIDRs(objs []any) bool {
 		// A range being deleted still holds the addresses of its
 		// Services until they go: it stays.
 		for _, c := range sc.Spec.CIDRs {
-			if p, err := netip.ParsePrefix(c); err == nil && p.Addr().Is4() {
+			if p, err := netip.ParsePrefix(c); err == nil {
 				out = append(out, p.Masked())
 			}
 		}
 	}
-	slices.SortFunc(out, func(a, b netip.Prefix) int {
-		if c := a.Addr().Compare(b.Addr()); c != 0 {
-			return c
-		}
-		return a.Bits() - b.Bits()
-	})
-	out = slices.Compact(out)
+	out = sortedPrefixes(out)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.cidrsFromAPI && slices.Equal(out, s.serviceCIDRs) {
@@ -450,4 +590,16 @@ func (s *Source) setServiceCIDRs(objs []any) bool {
 	s.cidrsFromAPI = true
 	s.serviceCIDRs = out
 	return true
+}
+
+// sortedPrefixes sorts prefixes by address (IPv4 first), then length, and
+// drops duplicates.
+func sortedPrefixes(out []netip.Prefix) []netip.Prefix {
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return slices.Compact(out)
 }

@@ -36,7 +36,9 @@ func TestSelectorChoose(t *testing.T) {
 		{[]string{"127.0.0.0/8"}, addrs("127.0.0.1"), false},
 		{[]string{"10.0.0.0/8", " 127.0.0.1/32 "}, addrs("10.0.0.5", "127.0.0.1"), false},
 		{[]string{"primary"}, addrs("192.168.1.2"), false},
-		{[]string{"fd00::/8"}, nil, false},
+		// No CIDR of IPv4: every IPv4 address but loopback, as
+		// kube-proxy adds 0.0.0.0/0 for a family the flag names none of.
+		{[]string{"fd00::/8"}, addrs("10.0.0.5", "192.168.1.2"), false},
 	} {
 		sel, err := ParseSelector(tc.flag)
 		if err != nil {
@@ -99,7 +101,7 @@ func TestSourceFollowsNodeAndServiceCIDRs(t *testing.T) {
 	if got := s.Info().ServiceCIDRs; len(got) != 2 || got[0].String() != "10.96.0.0/12" || got[1].String() != "10.100.0.0/16" {
 		t.Errorf("service ranges %v", got)
 	}
-	if s.setServiceCIDRs([]any{cidr("a", "10.96.0.0/12"), cidr("b", "10.100.0.0/16")}) {
+	if s.setServiceCIDRs([]any{cidr("a", "10.96.0.0/12"), cidr("b", "fd00:10::/108", "10.100.0.0/16")}) {
 		t.Error("same ranges reported as a change")
 	}
 	if !s.setServiceCIDRs(nil) || s.Info().ServiceCIDRs != nil {
