@@ -173,8 +173,8 @@ type Config struct {
 	PodCIDR netip.Prefix
 }
 
-// ErrPodCIDRChanged ends Run when the Node's pod range is no longer
-// Config.PodCIDR.
+// ErrPodCIDRChanged ends Run when the Node's pod ranges are no longer
+// Config.PodCIDRs (or its IPv4 range no longer Config.PodCIDR).
 var ErrPodCIDRChanged = errors.New("the Node's spec.podCIDRs changed, and local traffic is told by the old range (--detect-local-mode=NodeCIDR): exiting for the restart to read the new one")
 
 // PodCIDRs returns the Node's pod ranges by family (spec.podCIDRs, else
@@ -412,12 +412,13 @@ func (s *Source) PrimaryAddress(f model.IPFamily) netip.Addr {
 	return s.primary[f]
 }
 
-// Run watches this node's Node object (zone label, primary address,
-// eligibility for load balancer traffic) and the
-// ServiceCIDR objects until ctx ends, calling changed after each change of
-// what Info or Zone returns. ServiceCIDRs that cannot be listed (RBAC, an
-// older API server) are reported once and the configured ranges kept.
-// It returns nil when ctx ends, or ErrPodCIDRChanged (see Config.PodCIDR).
+// Run watches this node's Node object (zone label, primary addresses,
+// eligibility for load balancer traffic) and the ServiceCIDR objects until
+// ctx ends, calling changed after each change of what InfoFor (of either
+// family), PrimaryAddress or Zone returns. ServiceCIDRs that cannot be
+// listed (RBAC, an older API server) are reported once and the configured
+// ranges kept.
+// It returns nil when ctx ends, or ErrPodCIDRChanged (see Config.PodCIDRs).
 func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed func()) error {
 	// The informers stop with ctx, which ends early on a pod range change.
 	ctx, cancel := context.WithCancel(ctx)
