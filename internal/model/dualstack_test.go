@@ -345,3 +345,19 @@ func TestHostScopedIPv6(t *testing.T) {
 		checkReports(t, rec, c.want)
 	}
 }
+
+// Two conversions of an IPv6 slice compare equal, and differ when only an
+// endpoint's address differs (the Tracker keeps a slice change that comes
+// before its Service only if what it keeps of the slice changed).
+func TestConvertedIPv6SlicesCompareByAddress(t *testing.T) {
+	port := withSlicePorts(slicePortOf("http", v1.ProtocolTCP, 8080))
+	mk := func(addr string) *sliceInfo {
+		return convertSlice(v6Slice("s1", "svc", port, withEndpoints(readyEP(addr))), testNode, IPv6, func(string, string) {})
+	}
+	if a, b := mk("fd01::1"), mk("fd01::1"); !equalSliceInfo(a, b) {
+		t.Error("the same IPv6 slice converted twice compares unequal")
+	}
+	if a, b := mk("fd01::1"), mk("fd01::2"); equalSliceInfo(a, b) {
+		t.Error("IPv6 slices whose endpoint addresses differ compare equal")
+	}
+}

@@ -341,7 +341,7 @@ func (t *Tracker) serviceUnknown(name ServiceName) bool {
 }
 
 func equalSliceInfo(a, b *sliceInfo) bool {
-	return a.service == b.service && slices.Equal(a.ports, b.ports) && slices.Equal(a.endpoints, b.endpoints)
+	return a.service == b.service && slices.Equal(a.ports, b.ports) && slices.Equal(a.endpoints, b.endpoints) && slices.Equal(a.ip6, b.ip6)
 }
 
 // DeleteEndpointSlice records a deleted EndpointSlice. The watch handler
