@@ -232,9 +232,10 @@ func convertService(svc *v1.Service, f IPFamily, report ReportFunc) *serviceInfo
 // so that a dual-stack proxy, which runs one Tracker per family, counts each
 // bad address once, and a single-stack proxy of either family still counts
 // the bad addresses of its own family: the Tracker of the family it was
-// allocated for (its ipFamilies entry), else of IPv4, as kube-proxy hands a
-// Service without ipFamilies (an object older than dual-stack) to its IPv4
-// proxier alone.
+// allocated for (its ipFamilies entry; without one, the family of the
+// address if it parses, else IPv4, as kube-proxy hands a ClusterIP that is
+// not IPv6 of a Service without ipFamilies, an object older than
+// dual-stack, to its IPv4 proxier).
 func clusterIPOf(svc *v1.Service, f IPFamily, report ReportFunc) (vip netip.Addr, first, ok bool) {
 	ips := svc.Spec.ClusterIPs
 	if len(ips) == 0 && svc.Spec.ClusterIP != "" {
