@@ -124,8 +124,8 @@ func (c Config) tool(backend string) tool {
 type Dataplane struct {
 	family model.IPFamily
 	tool   tool
-	opts ruleOptions
-	ct   conntrack
+	opts   ruleOptions
+	ct     conntrack
 	// nfacct is nil where the kernel has no nfnetlink_acct.
 	nfacct *nfacct
 	netns  string
@@ -210,8 +210,8 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 	d := &Dataplane{
 		family: cfg.Family,
 		tool:   t,
-		ct:    ct,
-		netns: cfg.NetNS,
+		ct:     ct,
+		netns:  cfg.NetNS,
 		opts: ruleOptions{
 			// kube-proxy formats the mark with %#08x.
 			masqMark:      fmt.Sprintf("%#08x", 1<<bit),
