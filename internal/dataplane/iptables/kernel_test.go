@@ -56,10 +56,14 @@ func TestKernelRestoreAcceptsGoldens(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				cmd := inNS(ns, "iptables-"+b+"-restore", "--test", "--noflush")
+				restore := "iptables-" + b + "-restore"
+				if strings.HasPrefix(filepath.Base(g), "ipv6-") {
+					restore = "ip6tables-" + b + "-restore"
+				}
+				cmd := inNS(ns, restore, "--test", "--noflush")
 				cmd.Stdin = bytes.NewReader(data)
 				if out, err := cmd.CombinedOutput(); err != nil {
-					t.Fatalf("iptables-%s-restore --test rejected %s: %v\n%s", b, g, err, out)
+					t.Fatalf("%s --test rejected %s: %v\n%s", restore, g, err, out)
 				}
 			})
 		}
