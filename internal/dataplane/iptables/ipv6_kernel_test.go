@@ -58,6 +58,13 @@ func addIPv6(t *testing.T, n *testnet.Net, p *testnet.Pod, ip string) {
 
 func newV6Env(t *testing.T, backend string) *v6Env {
 	t.Helper()
+	return newV6EnvWith(t, Config{Backend: backend})
+}
+
+// newV6EnvWith is newV6Env with the datapath's configuration (its family,
+// namespace, pods' range and lock file are the environment's).
+func newV6EnvWith(t *testing.T, cfg Config) *v6Env {
+	t.Helper()
 	n := testnet.New(t)
 	e := &v6Env{n: n, ns: "/run/netns/" + n.Node, ip6: map[string]string{}}
 	nsRun(t, "ip", "netns", "exec", n.Node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
@@ -80,8 +87,8 @@ func newV6Env(t *testing.T, backend string) *v6Env {
 		p.Start(false, testnet.Helper("serve", p.Name, "tcp6:8080", "udp6:5353")...)
 		e.servers = append(e.servers, p)
 	}
-	e.d = open(t, Config{Family: model.IPv6, Backend: backend, NetNS: e.ns, ClusterCIDR: netip.MustParsePrefix(v6PodsRange),
-		LockFile: t.TempDir() + "/xtables.lock"})
+	cfg.Family, cfg.NetNS, cfg.ClusterCIDR, cfg.LockFile = model.IPv6, e.ns, netip.MustParsePrefix(v6PodsRange), t.TempDir()+"/xtables.lock"
+	e.d = open(t, cfg)
 	return e
 }
 
@@ -299,5 +306,39 @@ func TestKernelIPv6UDPStaleFlows(t *testing.T) {
 		if got := send(c, to); got != "pod-b" {
 			t.Errorf("to %s after the endpoint moved: %q, want pod-b", to, got)
 		}
+	}
+}
+
+// The eBPF mode's IPv6 packet layer (the iptables datapath, external
+// only): the node port over IPv6, no ClusterIP rule, and its canary, which
+// the check lists with ip6tables.
+func TestKernelIPv6PacketLayer(t *testing.T) {
+	for _, b := range backends {
+		t.Run(b, func(t *testing.T) {
+			e := newV6EnvWith(t, Config{Backend: b, ExternalOnly: true})
+			web := e.v6Port("web", "fd00:10:96::80", 30080, "pod-a")
+			internal := e.v6Port("internal", "fd00:10:96::81", 0, "pod-b")
+			if err := e.sync(t, web, internal); err != nil {
+				t.Fatal(err)
+			}
+			if got := e.ask6(t, "["+v6Gateway+"]:30080", 3); !only(got, "pod-a") {
+				t.Errorf("node port over IPv6: %v, want pod-a", got)
+			}
+			save := saveTables6(t, e.ns, b)
+			if strings.Contains(save, "cluster IP") || strings.Contains(save, "default/internal") {
+				t.Errorf("the packet layer has ClusterIP rules:\n%s", save)
+			}
+			ctx := context.Background()
+			if ok, err := e.d.Intact(ctx); err != nil || !ok {
+				t.Fatalf("Intact = %v, %v; want true", ok, err)
+			}
+			e.d.flushWait, e.d.flushPoll = time.Second, 10*time.Millisecond
+			for _, table := range canaryTables(true) {
+				nsRun(t, "nsenter", "--net="+e.ns, "--", "ip6tables-"+b, "-t", table, "-X", chainPacketsCanary)
+			}
+			if ok, err := e.d.Intact(ctx); err != nil || ok {
+				t.Errorf("Intact after the canary went = %v, %v; want false", ok, err)
+			}
+		})
 	}
 }
