@@ -1,8 +1,10 @@
 // Package iptables is the --mode=iptables datapath: the model rendered into
 // the rule structure upstream kube-proxy (v1.36) builds in its iptables mode,
-// applied with iptables-restore --noflush, plus the conntrack cleanup UDP
-// needs. Running the same chains, names and comments as kube-proxy makes the
-// A/B against the eBPF datapath an honest one.
+// applied with iptables-restore --noflush (ip6tables-restore for the IPv6
+// family: one Dataplane per family, as kube-proxy runs one proxier per
+// family), plus the conntrack cleanup UDP needs. Running the same chains,
+// names and comments as kube-proxy makes the A/B against the eBPF datapath
+// an honest one.
 package iptables
 
 import (
@@ -508,7 +510,8 @@ func readsNode(sp *model.ServicePort, noClusterIPs bool) bool {
 }
 
 // localhostFor decides whether node ports answer on 127.0.0.0/8 on this
-// node, as kube-proxy does: when configured, and when the node port
+// node, as kube-proxy does: for IPv4 only (d.localhostNodePorts is false
+// for IPv6), when configured, and when the node port
 // addresses include loopback (all of them do without
 // --nodeport-addresses). That needs route_localnet; where it cannot be set
 // (a read-only /proc/sys), node ports stay off localhost and the log says
