@@ -26,18 +26,23 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
-// The IPv6 fidelity test: upstream kube-proxy v1.36.3's IPv6 proxier and
-// this mode's IPv6 datapath render every kind of Service (kindsOfServices,
-// their addresses mapped into IPv6 by to6) and their ip6tables-save
-// outputs must be the same but for allowedDifferences. kube-proxy reads
-// the objects from a minimal read-only API server this test serves inside
-// kube-proxy's namespace (list and watch of the node, Services,
-// EndpointSlices and ServiceCIDRs; Events accepted and dropped), since the
-// local control plane has no IPv6 Service range: every address and port in
-// the objects is set by the test, so no allocation is needed. This mode is
-// fed the IPv4 model's snapshot of the same objects mapped by snapshotTo6,
-// as the model on this branch makes IPv4 snapshots alone; with an IPv6
-// Tracker it can be fed the objects themselves.
+// The IPv6 and dual-stack fidelity test: upstream kube-proxy v1.36.3 and
+// this mode render every kind of Service (kindsOfServices), once as
+// single-stack IPv6 Services (their addresses mapped into IPv6 by to6)
+// and once as dual-stack ones (both families' addresses, an EndpointSlice
+// per family); their ip6tables-save outputs, and in dual-stack their
+// iptables-save outputs too, must be the same but for allowedDifferences.
+// kube-proxy runs dual-stack (one proxier per family, as wherever ip6tables
+// works) and reads the objects from a minimal read-only API server this
+// test serves inside kube-proxy's namespace (list and watch of the node,
+// Services, EndpointSlices and ServiceCIDRs; Events accepted and dropped),
+// since the local control plane has no IPv6 Service range: every address
+// and port in the objects is set by the test, so no allocation is needed.
+// This mode runs a datapath per family in one namespace, as kube-proxy's
+// proxiers: the IPv4 one fed the model's snapshot of the IPv4 objects, the
+// IPv6 one that snapshot mapped by snapshotTo6, as the model on this
+// branch makes IPv4 snapshots alone (with an IPv6 Tracker it can be fed
+// the objects themselves).
 func TestKernelFidelityIPv6(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs upstream kube-proxy")
@@ -46,35 +51,92 @@ func TestKernelFidelityIPv6(t *testing.T) {
 	kubeProxy := upstreamKubeProxy(t)
 	svcs, eps := kindsOfServices()
 	svcs6, eps6 := objectsTo6(svcs, eps)
+	svcsDual, epsDual := dualStack(svcs, eps, svcs6, eps6)
 	clusterCIDR6 := prefixTo6(netip.MustParsePrefix("10.244.0.0/16"))
 	node6 := netip.MustParseAddr("fd00:172:29::2")
 
-	for _, b := range backends {
-		t.Run(b, func(t *testing.T) {
-			upstream := upstreamRules6(t, kubeProxy, b, svcs6, eps6, clusterCIDR6, node6)
+	for _, c := range []struct {
+		name string
+		svcs []corev1.Service
+		eps  []discoveryv1.EndpointSlice
+		dual bool
+	}{{"ipv6", svcs6, eps6, false}, {"dual-stack", svcsDual, epsDual, true}} {
+		for _, b := range backends {
+			t.Run(c.name+"/"+b, func(t *testing.T) {
+				upstream, upstream6 := upstreamRules6(t, kubeProxy, b, c.svcs, c.eps, clusterCIDR6, node6, c.dual)
 
-			ns := fidelityNetNS(t, "kbp"+randomHex()+"-ours6", "")
-			snap := snapshotTo6(snapshotOf(t, svcs, eps))
-			snap.Node = model.NodeInfo{AllLocalAddresses: true, NodePortAddresses: []netip.Addr{node6},
-				LocalAddresses: []netip.Addr{netip.IPv6Loopback(), node6}}
-			d, err := New(context.Background(), Config{Family: model.IPv6, Backend: b, NetNS: ns, ClusterCIDR: clusterCIDR6,
-				LockFile: filepath.Join(t.TempDir(), "xtables.lock")})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer d.Close()
-			for range 2 {
-				if err := d.Sync(context.Background(), snap); err != nil {
-					t.Fatal(err)
+				ns := fidelityNetNS(t, "kbp"+randomHex()+"-ours6", "")
+				snap4 := snapshotOf(t, svcs, eps)
+				snap6 := snapshotTo6(snap4)
+				snap4.Node = fidelityVariants()[0].node
+				snap6.Node = model.NodeInfo{AllLocalAddresses: true, NodePortAddresses: []netip.Addr{node6},
+					LocalAddresses: []netip.Addr{netip.IPv6Loopback(), node6}}
+				lock := filepath.Join(t.TempDir(), "xtables.lock")
+				for _, fam := range []struct {
+					cfg  Config
+					snap *model.Snapshot
+				}{
+					{Config{Family: model.IPv4, ClusterCIDR: netip.MustParsePrefix("10.244.0.0/16")}, snap4},
+					{Config{Family: model.IPv6, ClusterCIDR: clusterCIDR6}, snap6},
+				} {
+					if fam.cfg.Family == model.IPv4 && !c.dual {
+						// kube-proxy's IPv4 proxier has no Service then.
+						fam.snap = &model.Snapshot{Full: true, Node: snap4.Node}
+					}
+					fam.cfg.Backend, fam.cfg.NetNS, fam.cfg.LockFile = b, ns, lock
+					d, err := New(context.Background(), fam.cfg)
+					if err != nil {
+						t.Fatal(err)
+					}
+					for range 2 {
+						if err := d.Sync(context.Background(), fam.snap); err != nil {
+							t.Fatal(err)
+						}
+					}
+					d.Close()
 				}
-			}
-			ours := ip6tablesSave(t, ns, b)
-			if diff := lineDiff(normalised(upstream), normalised(ours)); diff != "" {
-				t.Errorf("our IPv6 rules differ from kube-proxy's beyond the allowed differences (- kube-proxy, + ours):\n%s", diff)
-				t.Logf("kube-proxy's ip6tables-save:\n%s\nours:\n%s", upstream, ours)
-			}
-		})
+				ours, ours6 := iptablesSave(t, ns, b), ip6tablesSave(t, ns, b)
+				if diff := lineDiff(normalised(upstream6), normalised(ours6)); diff != "" {
+					t.Errorf("our IPv6 rules differ from kube-proxy's beyond the allowed differences (- kube-proxy, + ours):\n%s", diff)
+					t.Logf("kube-proxy's ip6tables-save:\n%s\nours:\n%s", upstream6, ours6)
+				}
+				if diff := lineDiff(normalised(upstream), normalised(ours)); diff != "" {
+					t.Errorf("our IPv4 rules differ from kube-proxy's beyond the allowed differences (- kube-proxy, + ours):\n%s", diff)
+					t.Logf("kube-proxy's iptables-save:\n%s\nours:\n%s", upstream, ours)
+				}
+			})
+		}
 	}
+}
+
+// dualStack merges each IPv4 Service with its IPv6 twin (ClusterIPs,
+// external IPs, source ranges and load balancer ingress of both families,
+// IPv4 first, RequireDualStack) and lists both families' EndpointSlices,
+// the IPv6 ones renamed, as the EndpointSlice controller makes a slice per
+// family.
+func dualStack(svcs4 []*corev1.Service, eps4 []*discoveryv1.EndpointSlice, svcs6 []corev1.Service, eps6 []discoveryv1.EndpointSlice) ([]corev1.Service, []discoveryv1.EndpointSlice) {
+	var outS []corev1.Service
+	for i, s4 := range svcs4 {
+		c := *s4.DeepCopy()
+		s6 := svcs6[i]
+		c.Spec.ClusterIPs = []string{c.Spec.ClusterIP, s6.Spec.ClusterIP}
+		c.Spec.IPFamilies = []corev1.IPFamily{corev1.IPv4Protocol, corev1.IPv6Protocol}
+		policy := corev1.IPFamilyPolicyRequireDualStack
+		c.Spec.IPFamilyPolicy = &policy
+		c.Spec.ExternalIPs = append(c.Spec.ExternalIPs, s6.Spec.ExternalIPs...)
+		c.Spec.LoadBalancerSourceRanges = append(c.Spec.LoadBalancerSourceRanges, s6.Spec.LoadBalancerSourceRanges...)
+		c.Status.LoadBalancer.Ingress = append(c.Status.LoadBalancer.Ingress, s6.Status.LoadBalancer.Ingress...)
+		outS = append(outS, c)
+	}
+	var outE []discoveryv1.EndpointSlice
+	for _, e := range eps4 {
+		outE = append(outE, *e.DeepCopy())
+	}
+	for _, e := range eps6 {
+		e.Name += "-v6"
+		outE = append(outE, e)
+	}
+	return outS, outE
 }
 
 func randomHex() string {
@@ -224,10 +286,11 @@ func typed(kind, apiVersion string, obj any) any {
 }
 
 // upstreamRules6 runs kube-proxy in a namespace of its own, reading svcs
-// and eps from a fake API server there, until its IPv6 proxier has synced
-// every Service, and returns its ip6tables-save.
+// and eps from a fake API server there, until its IPv6 proxier (and with
+// dual, its IPv4 one) has synced every Service, and returns its
+// iptables-save and ip6tables-save.
 func upstreamRules6(t *testing.T, kubeProxy, backend string, svcs []corev1.Service, eps []discoveryv1.EndpointSlice,
-	clusterCIDR6 netip.Prefix, node6 netip.Addr) string {
+	clusterCIDR6 netip.Prefix, node6 netip.Addr, dual bool) (string, string) {
 	t.Helper()
 	ns := fidelityNetNS(t, "kbp"+randomHex()+"-kp6", "")
 	node := corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: testNode, Labels: map[string]string{"kubernetes.io/hostname": testNode}},
@@ -308,14 +371,17 @@ current-context: fake
 			names = append(names, name)
 		}
 	}
-	var save, last string
+	var save, save6, last string
 	deadline := time.Now().Add(90 * time.Second)
 	for time.Now().Before(deadline) {
 		time.Sleep(2 * time.Second)
-		save = ip6tablesSave(t, ns, backend)
-		stable := strings.Join(normalised(save), "\n")
-		if stable == last && !slices.ContainsFunc(names, func(n string) bool { return !strings.Contains(save, n) }) {
-			return save
+		save, save6 = iptablesSave(t, ns, backend), ip6tablesSave(t, ns, backend)
+		stable := strings.Join(normalised(save), "\n") + strings.Join(normalised(save6), "\n")
+		synced := func(dump string) bool {
+			return !slices.ContainsFunc(names, func(n string) bool { return !strings.Contains(dump, n) })
+		}
+		if stable == last && synced(save6) && (!dual || synced(save)) && strings.Contains(save, chainNodePorts) {
+			return save, save6
 		}
 		last = stable
 		if cmd.ProcessState != nil || syscall.Kill(cmd.Process.Pid, 0) != nil {
@@ -329,6 +395,6 @@ current-context: fake
 	f.mu.Lock()
 	unknown := f.unknown
 	f.mu.Unlock()
-	t.Fatalf("kube-proxy did not sync every IPv6 Service; its rules:\n%s\nrequests not served: %v\nthe end of its log:\n%s", save, unknown, log)
-	return ""
+	t.Fatalf("kube-proxy did not sync every Service; its rules:\n%s\n%s\nrequests not served: %v\nthe end of its log:\n%s", save, save6, unknown, log)
+	return "", ""
 }
