@@ -342,3 +342,16 @@ func TestKernelIPv6PacketLayer(t *testing.T) {
 		})
 	}
 }
+
+// A pods' range of the other family (a single-stack --cluster-cidr given
+// to both families' datapaths) detects nothing in this one, as kube-proxy's
+// per-family detectors: an IPv4 range in ip6tables' input would fail every
+// restore.
+func TestKernelIPv6IgnoresAnIPv4PodRange(t *testing.T) {
+	ns := nodeNS(t)
+	d := open(t, Config{Family: model.IPv6, Backend: BackendNFT, NetNS: ns, ClusterCIDR: netip.MustParsePrefix("10.244.0.0/16")})
+	mustSync(t, d, snap(true, sp("a", "http", model.TCP, "[fd00::1]:80", "[fd00:1::1]:8080")))
+	if save := saveTables6(t, ns, BackendNFT); strings.Contains(save, "10.244.0.0") || strings.Contains(save, "! -s") {
+		t.Errorf("the IPv6 rules detect local traffic by an IPv4 range:\n%s", save)
+	}
+}
