@@ -24,7 +24,14 @@ func (d *Dataplane) ofFamily(snap *model.Snapshot) *model.Snapshot {
 	var first model.ServicePortName
 	skipped := 0
 	for name, ports := range snap.Services {
-		if !slices.ContainsFunc(ports, func(sp model.ServicePort) bool { return !portOfFamily(&sp, f) }) {
+		clean := true
+		for i := range ports {
+			if !portOfFamily(&ports[i], f) {
+				clean = false
+				break
+			}
+		}
+		if clean {
 			continue
 		}
 		if services == nil {
