@@ -91,17 +91,27 @@ type conntrack interface {
 	Close()
 }
 
-type netlinkConntrack struct{ h *netlink.Handle }
+// netlinkConntrack deletes one family's flows: each proxy cleans up its
+// own family's table (AF_INET or AF_INET6), as kube-proxy's per-family
+// proxiers do (pkg/proxy/conntrack, v1.36).
+type netlinkConntrack struct {
+	h      *netlink.Handle
+	family netlink.InetFamily
+}
 
 // openConntrack opens a netfilter netlink socket in the network namespace
-// at nsPath, or in this process's if it is empty.
-func openConntrack(nsPath string) (*netlinkConntrack, error) {
+// at nsPath, or in this process's if it is empty, for family's flows.
+func openConntrack(nsPath string, family model.IPFamily) (*netlinkConntrack, error) {
+	af := netlink.InetFamily(unix.AF_INET)
+	if family == model.IPv6 {
+		af = unix.AF_INET6
+	}
 	if nsPath == "" {
 		h, err := netlink.NewHandle(unix.NETLINK_NETFILTER)
 		if err != nil {
 			return nil, fmt.Errorf("opening conntrack netlink socket: %w", err)
 		}
-		return &netlinkConntrack{h}, nil
+		return &netlinkConntrack{h, af}, nil
 	}
 	ns, err := netns.GetFromPath(nsPath)
 	if err != nil {
@@ -112,11 +122,11 @@ func openConntrack(nsPath string) (*netlinkConntrack, error) {
 	if err != nil {
 		return nil, fmt.Errorf("opening conntrack netlink socket in %s: %w", nsPath, err)
 	}
-	return &netlinkConntrack{h}, nil
+	return &netlinkConntrack{h, af}, nil
 }
 
 func (c *netlinkConntrack) deleteStale(s *staleUDP) (uint, error) {
-	n, err := c.h.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, s)
+	n, err := c.h.ConntrackDeleteFilters(netlink.ConntrackTable, c.family, s)
 	if err != nil {
 		return n, fmt.Errorf("deleting stale UDP conntrack entries: %w", err)
 	}

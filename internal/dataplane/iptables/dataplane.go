@@ -1,8 +1,10 @@
 // Package iptables is the --mode=iptables datapath: the model rendered into
 // the rule structure upstream kube-proxy (v1.36) builds in its iptables mode,
-// applied with iptables-restore --noflush, plus the conntrack cleanup UDP
-// needs. Running the same chains, names and comments as kube-proxy makes the
-// A/B against the eBPF datapath an honest one.
+// applied with iptables-restore --noflush (ip6tables-restore for the IPv6
+// family: one Dataplane per family, as kube-proxy runs one proxier per
+// family), plus the conntrack cleanup UDP needs. Running the same chains,
+// names and comments as kube-proxy makes the A/B against the eBPF datapath
+// an honest one.
 package iptables
 
 import (
@@ -31,7 +33,13 @@ const DefaultMasqueradeBit = 14
 // Config is how the iptables datapath is set up.
 type Config struct {
 	// Family is the address family programmed: IPv4 (the zero value)
-	// with iptables, IPv6 with ip6tables.
+	// with iptables, IPv6 with ip6tables, as kube-proxy runs one proxier
+	// per family. Every address in the snapshots a Dataplane is given is
+	// of its family (an address of the other one is left out of the
+	// rules, with a warning: it would fail the whole restore). The IPv6
+	// rules are the IPv4 ones but for what upstream leaves out there:
+	// node ports are never served on localhost (::1), so there is no
+	// route_localnet and no KUBE-FIREWALL rule of ours.
 	Family model.IPFamily
 	// Backend is BackendNFT, BackendLegacy or BackendAuto (the one the
 	// node already uses).
@@ -61,7 +69,8 @@ type Config struct {
 	// node port addresses include loopback (always, without
 	// --nodeport-addresses), as kube-proxy's --iptables-localhost-nodeports:
 	// it sets route_localnet in the namespace and guards it with
-	// KUBE-FIREWALL. nil means true, kube-proxy's default.
+	// KUBE-FIREWALL. nil means true, kube-proxy's default. IPv4 only:
+	// kube-proxy serves no node port on ::1, whatever the flag.
 	LocalhostNodePorts *bool
 	// ExternalOnly renders only what serves the external frontends of the
 	// service ports that have one (node ports, external IPs, load balancer
@@ -82,6 +91,9 @@ type Config struct {
 }
 
 func (c Config) withDefaults() Config {
+	if c.Family == 0 {
+		c.Family = model.IPv4
+	}
 	if c.Backend == "" {
 		c.Backend = BackendAuto
 	}
@@ -103,7 +115,7 @@ func (c Config) withDefaults() Config {
 }
 
 func (c Config) tool(backend string) tool {
-	t := tool{backend: backend, netns: c.NetNS, lockWait: c.LockWait}
+	t := tool{backend: backend, ipv6: c.Family == model.IPv6, netns: c.NetNS, lockWait: c.LockWait}
 	if c.LockFile != "" {
 		t.env = []string{"XTABLES_LOCKFILE=" + c.LockFile}
 	}
@@ -112,9 +124,10 @@ func (c Config) tool(backend string) tool {
 
 // Dataplane programs kube-proxy-style rules from model snapshots.
 type Dataplane struct {
-	tool tool
-	opts ruleOptions
-	ct   conntrack
+	family model.IPFamily
+	tool   tool
+	opts   ruleOptions
+	ct     conntrack
 	// nfacct is nil where the kernel has no nfnetlink_acct.
 	nfacct *nfacct
 	netns  string
@@ -161,11 +174,16 @@ var _ dataplane.Dataplane = (*Dataplane)(nil)
 // the first Sync writes the rules.
 func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 	cfg = cfg.withDefaults()
-	if cfg.Family == 0 {
-		cfg.Family = model.IPv4
+	if cfg.Family != model.IPv4 && cfg.Family != model.IPv6 {
+		return nil, fmt.Errorf("unknown IP family %d", cfg.Family)
 	}
-	if cfg.Family != model.IPv4 {
-		return nil, fmt.Errorf("the iptables datapath does not program %v yet", cfg.Family)
+	if cidr := cfg.LocalTraffic.cidr; cidr.IsValid() && !cfg.Family.Has(cidr.Addr()) {
+		// As kube-proxy, which splits --cluster-cidr by family and gives
+		// a proxier without a range of its family no detector: this
+		// family's pods are told by nothing (an address of the other
+		// family would fail every restore).
+		klog.InfoS("The pods' range is of the other family: not detecting local traffic", "ipFamily", cfg.Family, "cidr", cidr)
+		cfg.LocalTraffic = LocalTraffic{}
 	}
 	bit := *cfg.MasqueradeBit
 	if bit < 0 || bit > 31 {
@@ -178,23 +196,24 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 		if backend, err = detectBackend(ctx, cfg.tool("")); err != nil {
 			return nil, err
 		}
-		klog.InfoS("Detected the node's iptables backend", "backend", backend)
+		klog.InfoS("Detected the node's iptables backend", "backend", backend, "ipFamily", cfg.Family)
 	case BackendNFT, BackendLegacy:
 	default:
 		return nil, fmt.Errorf("unknown iptables backend %q: want auto, nft or legacy", backend)
 	}
 	t := cfg.tool(backend)
 	if !t.available() {
-		return nil, fmt.Errorf("iptables-%s-restore not found: install iptables 1.8 or later (Debian: apt-get install iptables)", backend)
+		return nil, fmt.Errorf("%s not found: install iptables 1.8 or later (Debian: apt-get install iptables)", t.bin("restore"))
 	}
-	ct, err := openConntrack(cfg.NetNS)
+	ct, err := openConntrack(cfg.NetNS, cfg.Family)
 	if err != nil {
 		return nil, err
 	}
 	d := &Dataplane{
-		tool:  t,
-		ct:    ct,
-		netns: cfg.NetNS,
+		family: cfg.Family,
+		tool:   t,
+		ct:     ct,
+		netns:  cfg.NetNS,
 		opts: ruleOptions{
 			// kube-proxy formats the mark with %#08x.
 			masqMark:      fmt.Sprintf("%#08x", 1<<bit),
@@ -202,8 +221,12 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 			masqueradeAll: cfg.MasqueradeAll,
 			externalOnly:  cfg.ExternalOnly,
 			noClusterIPs:  cfg.ExternalOnly && !cfg.ClusterIPs,
+			ipv6:          cfg.Family == model.IPv6,
 		},
-		localhostNodePorts: *cfg.LocalhostNodePorts && !cfg.ExternalOnly,
+		// kube-proxy's IPv6 proxier never serves node ports on ::1: the
+		// kernel has no route_localnet for IPv6, and a packet to ::1 is
+		// never routed anywhere else.
+		localhostNodePorts: *cfg.LocalhostNodePorts && !cfg.ExternalOnly && cfg.Family == model.IPv4,
 		events:             make(map[string]uint64),
 	}
 	// As kube-proxy: with conntrack told to be liberal, only
@@ -226,6 +249,9 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 // Backend is the iptables backend in use, "nft" or "legacy".
 func (d *Dataplane) Backend() string { return d.tool.backend }
 
+// Family is the address family this datapath programs.
+func (d *Dataplane) Family() model.IPFamily { return d.family }
+
 // conntrackCleanup describes the stale UDP conntrack cleanup of one sync.
 type conntrackCleanup struct {
 	ran     bool
@@ -244,6 +270,7 @@ func (d *Dataplane) LastConntrackCleanup() (ran bool, took time.Duration, delete
 // Sync implements dataplane.Dataplane.
 func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 	d.cleanup = conntrackCleanup{}
+	snap = d.ofFamily(snap)
 	if !snap.Full && d.applied == nil {
 		// Only a full snapshot says what else must be served.
 		return errors.New("a partial sync needs a full one first: the rules in the kernel are unknown")
@@ -343,7 +370,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 			// Nothing was changed: the kernel holds exactly what
 			// d.applied says, and the same changes can go again. The
 			// proxy counts the time-out (kube_bpf_proxy_sync_lock_timeouts_total).
-			return fmt.Errorf("%s with iptables-%s: %w", doing, d.tool.backend, err)
+			return fmt.Errorf("%s with %s: %w", doing, d.tool.bin("restore"), err)
 		}
 		return d.failed(doing, err)
 	}
@@ -483,7 +510,8 @@ func readsNode(sp *model.ServicePort, noClusterIPs bool) bool {
 }
 
 // localhostFor decides whether node ports answer on 127.0.0.0/8 on this
-// node, as kube-proxy does: when configured, and when the node port
+// node, as kube-proxy does: for IPv4 only (d.localhostNodePorts is false
+// for IPv6), when configured, and when the node port
 // addresses include loopback (all of them do without
 // --nodeport-addresses). That needs route_localnet; where it cannot be set
 // (a read-only /proc/sys), node ports stay off localhost and the log says
@@ -649,7 +677,7 @@ func hasFrontend(sp *model.ServicePort, fe model.Frontend) bool {
 // nothing in the table it failed in.
 func (d *Dataplane) failed(doing string, err error) error {
 	d.applied = nil
-	return fmt.Errorf("%s with iptables-%s: %w", doing, d.tool.backend, err)
+	return fmt.Errorf("%s with %s: %w", doing, d.tool.bin("restore"), err)
 }
 
 func (d *Dataplane) count(event string, n uint64) {
@@ -735,22 +763,40 @@ func flatten(services map[model.ServiceName][]model.ServicePort) []model.Service
 	return out
 }
 
-// Cleanup removes every rule and chain of this mode, from both backends,
-// in the network namespace cfg names, and the nfacct counters the iptables
-// mode makes (unless cfg.ExternalOnly: that mode makes none). Having
-// nothing to remove is not an error. As kube-proxy's cleanup, it leaves
-// KUBE-FIREWALL when it holds its rule, and route_localnet as it is: the
-// rule guards the sysctl, and kubelet keeps the same chain.
+// Cleanup removes every rule and chain of this mode, from both backends and
+// both families (iptables and ip6tables, whatever cfg.Family says, as
+// kube-proxy's --cleanup), in the network namespace cfg names, and the
+// nfacct counters the iptables mode makes (unless cfg.ExternalOnly: that
+// mode makes none). Having nothing to remove is not an error. As
+// kube-proxy's cleanup, it leaves KUBE-FIREWALL when it holds its rule,
+// and route_localnet as it is: the rule guards the sysctl, and kubelet
+// keeps the same chain.
 func Cleanup(ctx context.Context, cfg Config) error {
-	return CleanupExcept(ctx, cfg, "")
+	cfg = cfg.withDefaults()
+	var errs []error
+	for _, f := range model.Families {
+		c := cfg
+		c.Family = f
+		errs = append(errs, cleanupRules(ctx, c, ""))
+	}
+	errs = append(errs, cleanupCounters(cfg))
+	return errors.Join(errs...)
 }
 
-// CleanupExcept is Cleanup leaving backend keep alone: the eBPF mode's
-// packet layer takes over the backend it writes with its first full sync,
-// which deletes every chain it does not need (what the iptables mode or
-// kube-proxy left there), so removing them first would only open a gap.
+// CleanupExcept is Cleanup of cfg.Family alone, leaving backend keep
+// alone: the eBPF mode's packet layer of that family takes over the
+// backend it writes with its first full sync, which deletes every chain it
+// does not need (what the iptables mode or kube-proxy left there), so
+// removing them first would only open a gap. The other family's rules are
+// its own proxy's to take over.
 func CleanupExcept(ctx context.Context, cfg Config, keep string) error {
 	cfg = cfg.withDefaults()
+	return errors.Join(cleanupRules(ctx, cfg, keep), cleanupCounters(cfg))
+}
+
+// cleanupRules removes this mode's rules and chains of cfg.Family from
+// both backends but keep.
+func cleanupRules(ctx context.Context, cfg Config, keep string) error {
 	var errs []error
 	for _, b := range []string{BackendNFT, BackendLegacy} {
 		if b == keep {
@@ -765,13 +811,13 @@ func CleanupExcept(ctx context.Context, cfg Config, keep string) error {
 		case err != nil && b == BackendLegacy && strings.Contains(err.Error(), "Permission denied"):
 			// iptables-legacy reads a namespace without legacy tables
 			// from /proc alone; tables it must open a raw socket for.
-			errs = append(errs, fmt.Errorf("this node has iptables-legacy tables, which cannot be read "+
+			errs = append(errs, fmt.Errorf("this node has %s tables, which cannot be read "+
 				"without CAP_NET_RAW, so rules kube-proxy or this proxy's iptables mode may have left there stay. "+
-				"Run `kube-bpf-proxy --cleanup` once with NET_RAW (as the iptables overlay grants it): %w", err))
+				"Run `kube-bpf-proxy --cleanup` once with NET_RAW (as the iptables overlay grants it): %w", t.bin(""), err))
 			continue
 		case err != nil:
 			// No legacy tables in this kernel: nothing of ours there.
-			klog.V(2).InfoS("Skipping iptables backend in cleanup", "backend", b, "err", err)
+			klog.V(2).InfoS("Skipping iptables backend in cleanup", "backend", b, "ipFamily", cfg.Family, "err", err)
 			continue
 		}
 		input := cleanupInput(parseSave(save))
@@ -779,21 +825,31 @@ func CleanupExcept(ctx context.Context, cfg Config, keep string) error {
 			continue
 		}
 		if err := t.restore(ctx, input); err != nil {
-			errs = append(errs, fmt.Errorf("removing the iptables rules: %w", err))
+			errs = append(errs, fmt.Errorf("removing the %v iptables rules: %w", cfg.Family, err))
 			continue
 		}
-		klog.InfoS("Removed the iptables rules", "backend", b)
+		klog.InfoS("Removed the iptables rules", "backend", b, "ipFamily", cfg.Family)
 	}
-	if !cfg.ExternalOnly {
-		// Once no rule counts in them (kube-proxy's own, if it runs, keep
-		// theirs: a counter in use is not deleted).
-		if n, err := openNFAcct(cfg.NetNS); err == nil {
-			for _, c := range []string{nfacctInvalidDropped, nfacctLocalhostNodePorts} {
-				if err := n.remove(c); err != nil {
-					errs = append(errs, err)
-				}
-			}
-			n.Close()
+	return errors.Join(errs...)
+}
+
+// cleanupCounters removes the iptables mode's nfacct counters, which both
+// families' rules count in (a counter is the network namespace's, not a
+// family's), once no rule counts in them: kube-proxy's own, if it runs,
+// keep theirs, as a counter in use is not deleted.
+func cleanupCounters(cfg Config) error {
+	if cfg.ExternalOnly {
+		return nil
+	}
+	n, err := openNFAcct(cfg.NetNS)
+	if err != nil {
+		return nil
+	}
+	defer n.Close()
+	var errs []error
+	for _, c := range []string{nfacctInvalidDropped, nfacctLocalhostNodePorts} {
+		if err := n.remove(c); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)

@@ -38,7 +38,18 @@ import (
 // KUBE-FIREWALL's localnet guard with its jumps, and the KUBE-PROXY-CANARY
 // chains. Not compared, for want of a setup: kube-proxy's large-cluster
 // mode (above 1000 endpoints both leave the per-endpoint comments out, see
-// TestLargeClusterDropsEndpointComments) and IPv6.
+// TestLargeClusterDropsEndpointComments).
+//
+// IPv6: kube-proxy runs dual-stack wherever ip6tables and the kernel's
+// IPv6 work, whatever the cluster, so its IPv6 proxier writes its rules
+// into ip6tables beside the IPv4 ones; each variant also compares its
+// ip6tables-save with that of this mode's IPv6 datapath (Config.Family),
+// fed by an IPv6 Tracker from the same objects, in the same namespace.
+// The control plane is single-stack IPv4, so the IPv6 rules hold no
+// Service: what is compared is every chain, jump, canary, the
+// KUBE-FORWARD, KUBE-POSTROUTING and KUBE-NODEPORTS rules (the jump that
+// leaves ::1/128 out) and KUBE-FIREWALL without its IPv4 localnet guard.
+// On a dual-stack control plane the same comparison covers IPv6 Services.
 
 // allowedDifferences are the only ways the two dumps may differ. Each is
 // applied to both dumps before they are compared.
@@ -318,11 +329,15 @@ func TestKernelFidelity(t *testing.T) {
 
 	for _, v := range fidelityVariants() {
 		t.Run(v.name, func(t *testing.T) {
-			upstream := upstreamRules(t, c, kubeProxy, v, services)
-			ours := ourRules(ctx, t, c, v, services, slices)
+			upstream, upstream6 := upstreamRules(t, c, kubeProxy, v, services)
+			ours, ours6 := ourRules(ctx, t, c, v, services, slices)
 			if diff := lineDiff(normalised(upstream), normalised(ours)); diff != "" {
 				t.Errorf("our rules differ from kube-proxy's beyond the allowed differences (- kube-proxy, + ours):\n%s", diff)
 				t.Logf("kube-proxy's iptables-save:\n%s\nours:\n%s", upstream, ours)
+			}
+			if diff := lineDiff(normalised(upstream6), normalised(ours6)); diff != "" {
+				t.Errorf("our IPv6 rules differ from kube-proxy's beyond the allowed differences (- kube-proxy, + ours):\n%s", diff)
+				t.Logf("kube-proxy's ip6tables-save:\n%s\nours:\n%s", upstream6, ours6)
 			}
 		})
 	}
@@ -464,8 +479,8 @@ func fidelityNetNS(t *testing.T, name, peer string) string {
 }
 
 // upstreamRules runs kube-proxy in a namespace of its own until it has
-// synced every Service, and returns its iptables-save.
-func upstreamRules(t *testing.T, c *localcluster.Cluster, kubeProxy string, v fidelityVariant, services []corev1.Service) string {
+// synced every Service, and returns its iptables-save and ip6tables-save.
+func upstreamRules(t *testing.T, c *localcluster.Cluster, kubeProxy string, v fidelityVariant, services []corev1.Service) (string, string) {
 	t.Helper()
 	ns := fidelityNetNS(t, c.Name+"-kp", c.Nodes[0].NetNS)
 	dir := t.TempDir()
@@ -518,15 +533,18 @@ func upstreamRules(t *testing.T, c *localcluster.Cluster, kubeProxy string, v fi
 			names = append(names, name)
 		}
 	}
-	var save, last string
+	var save, save6, last string
 	deadline := time.Now().Add(time.Minute)
 	for time.Now().Before(deadline) {
 		time.Sleep(2 * time.Second)
 		save = iptablesSave(t, ns, v.backend)
+		// Its IPv6 proxier syncs with the IPv4 one (the same events).
+		save6 = ip6tablesSave(t, ns, v.backend)
 		// Timestamps and counters change without a sync.
-		stable := strings.Join(normalised(save), "\n")
-		if stable == last && !slices.ContainsFunc(names, func(n string) bool { return !strings.Contains(save, n) }) {
-			return save
+		stable := strings.Join(normalised(save), "\n") + strings.Join(normalised(save6), "\n")
+		if stable == last && !slices.ContainsFunc(names, func(n string) bool { return !strings.Contains(save, n) }) &&
+			strings.Contains(save6, chainNodePorts) {
+			return save, save6
 		}
 		last = stable
 		if cmd.ProcessState != nil || syscall.Kill(cmd.Process.Pid, 0) != nil {
@@ -537,41 +555,64 @@ func upstreamRules(t *testing.T, c *localcluster.Cluster, kubeProxy string, v fi
 	if len(log) > 8000 {
 		log = log[len(log)-8000:]
 	}
-	t.Fatalf("kube-proxy did not sync every Service; its rules:\n%s\nthe end of its log:\n%s", save, log)
-	return ""
+	t.Fatalf("kube-proxy did not sync every Service; its rules:\n%s\n%s\nthe end of its log:\n%s", save, save6, log)
+	return "", ""
 }
 
-// ourRules syncs this mode, fed what the model makes of the same objects,
-// into a namespace of its own, and returns its iptables-save.
-func ourRules(ctx context.Context, t *testing.T, c *localcluster.Cluster, v fidelityVariant, services []corev1.Service, eps []discoveryv1.EndpointSlice) string {
+// ourRules syncs this mode's IPv4 and IPv6 datapaths, fed what the model
+// makes of the same objects, into a namespace of their own, as kube-proxy's
+// two proxiers, and returns their iptables-save and ip6tables-save.
+func ourRules(ctx context.Context, t *testing.T, c *localcluster.Cluster, v fidelityVariant, services []corev1.Service, eps []discoveryv1.EndpointSlice) (string, string) {
 	t.Helper()
 	ns := fidelityNetNS(t, c.Name+"-ours", "")
-	tr := model.NewTracker(model.WithNodeName(testNode), model.WithOnSkipped(func(resource, reason string) {
-		t.Errorf("the model skipped a %s: %s", resource, reason)
-	}))
-	for i := range services {
-		tr.UpsertService(&services[i])
-	}
-	for i := range eps {
-		tr.UpsertEndpointSlice(&eps[i])
-	}
-	snap := tr.Snapshot(true)
-	snap.Node = v.node
-	cfg := v.cfg
-	cfg.Backend, cfg.NetNS, cfg.LockFile = v.backend, ns, filepath.Join(t.TempDir(), "xtables.lock")
-	d, err := New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	// Twice: the second full sync finds everything in place and must
-	// leave it as it is (no jump inserted twice, no chain lost).
-	for range 2 {
-		if err := d.Sync(ctx, snap); err != nil {
+	lock := filepath.Join(t.TempDir(), "xtables.lock")
+	for _, f := range model.Families {
+		tr := model.NewTracker(model.WithNodeName(testNode), model.WithFamily(f), model.WithOnSkipped(func(resource, reason string) {
+			t.Errorf("the %v model skipped a %s: %s", f, resource, reason)
+		}))
+		for i := range services {
+			tr.UpsertService(&services[i])
+		}
+		for i := range eps {
+			tr.UpsertEndpointSlice(&eps[i])
+		}
+		snap := tr.Snapshot(true)
+		snap.Node = v.node
+		cfg := v.cfg
+		cfg.Family, cfg.Backend, cfg.NetNS, cfg.LockFile = f, v.backend, ns, lock
+		if f == model.IPv6 {
+			// No variant names an IPv6 range in --nodeport-addresses:
+			// kube-proxy's IPv6 proxier serves node ports on every
+			// local IPv6 address then (::/0), as the node information
+			// of the IPv6 family says.
+			snap.Node = model.NodeInfo{AllLocalAddresses: true, LocalAddresses: []netip.Addr{netip.IPv6Loopback()}}
+		}
+		d, err := New(ctx, cfg)
+		if err != nil {
 			t.Fatal(err)
 		}
+		// Twice: the second full sync finds everything in place and must
+		// leave it as it is (no jump inserted twice, no chain lost).
+		for range 2 {
+			if err := d.Sync(ctx, snap); err != nil {
+				t.Fatal(err)
+			}
+		}
+		d.Close()
 	}
-	return iptablesSave(t, ns, v.backend)
+	return iptablesSave(t, ns, v.backend), ip6tablesSave(t, ns, v.backend)
+}
+
+func ip6tablesSave(t *testing.T, ns, backend string) string {
+	t.Helper()
+	var stderr bytes.Buffer
+	cmd := exec.Command("nsenter", "--net="+ns, "--", "ip6tables-"+backend+"-save")
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("ip6tables-%s-save in %s: %v: %s", backend, ns, err, stderr.String())
+	}
+	return string(out)
 }
 
 func iptablesSave(t *testing.T, ns, backend string) string {

@@ -56,10 +56,14 @@ func TestKernelRestoreAcceptsGoldens(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
-				cmd := inNS(ns, "iptables-"+b+"-restore", "--test", "--noflush")
+				restore := "iptables-" + b + "-restore"
+				if strings.HasPrefix(filepath.Base(g), "ipv6-") {
+					restore = "ip6tables-" + b + "-restore"
+				}
+				cmd := inNS(ns, restore, "--test", "--noflush")
 				cmd.Stdin = bytes.NewReader(data)
 				if out, err := cmd.CombinedOutput(); err != nil {
-					t.Fatalf("iptables-%s-restore --test rejected %s: %v\n%s", b, g, err, out)
+					t.Fatalf("%s --test rejected %s: %v\n%s", restore, g, err, out)
 				}
 			})
 		}
@@ -231,18 +235,42 @@ func TestKernelAutoPicksTheBackendInUse(t *testing.T) {
 		{"kubelet hint in legacy", []string{"iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"}, BackendLegacy},
 		{"kubelet hint in nft", []string{"iptables-nft", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"}, BackendNFT},
 		{"only legacy rules", []string{"iptables-legacy", "-A", "FORWARD", "-s", "192.0.2.1", "-j", "ACCEPT"}, BackendLegacy},
+		// As kube-proxy's image wrapper, both families' tables count,
+		// so that the IPv4 and IPv6 datapaths pick one backend.
+		{"kubelet hint in ip6tables legacy", []string{"ip6tables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"}, BackendLegacy},
+		{"only ip6tables legacy rules", []string{"ip6tables-legacy", "-A", "FORWARD", "-s", "2001:db8::1", "-j", "ACCEPT"}, BackendLegacy},
 	} {
-		t.Run(c.name, func(t *testing.T) {
-			ns := nodeNS(t)
-			if c.setup != nil {
-				if out, err := inNS(ns, c.setup...).CombinedOutput(); err != nil {
-					t.Fatalf("%v: %v: %s", c.setup, err, out)
+		for _, f := range model.Families {
+			t.Run(c.name+"/"+f.String(), func(t *testing.T) {
+				ns := nodeNS(t)
+				if c.setup != nil {
+					if out, err := inNS(ns, c.setup...).CombinedOutput(); err != nil {
+						t.Fatalf("%v: %v: %s", c.setup, err, out)
+					}
 				}
-			}
-			if got := open(t, Config{Backend: BackendAuto, NetNS: ns}).Backend(); got != c.want {
-				t.Errorf("auto picked %s, want %s", got, c.want)
-			}
-		})
+				if got := open(t, Config{Family: f, Backend: BackendAuto, NetNS: ns}).Backend(); got != c.want {
+					t.Errorf("auto picked %s, want %s", got, c.want)
+				}
+			})
+		}
+	}
+}
+
+// CleanupExcept (the ebpf mode's handover) stays within its family: the
+// other family's rules are its own proxy's to take over.
+func TestKernelCleanupExceptStaysInItsFamily(t *testing.T) {
+	ns := nodeNS(t)
+	mustSync(t, open(t, Config{Backend: BackendNFT, NetNS: ns}), snap(true, sp("a", "http", model.TCP, "10.96.0.1:80", "10.244.1.1:8080")))
+	mustSync(t, open(t, Config{Family: model.IPv6, Backend: BackendNFT, NetNS: ns}),
+		snap(true, sp("a", "http", model.TCP, "[fd00::1]:80", "[fd00:1::1]:8080")))
+	if err := CleanupExcept(context.Background(), Config{Family: model.IPv6, NetNS: ns}, BackendLegacy); err != nil {
+		t.Fatal(err)
+	}
+	if save := saveTables6(t, ns, BackendNFT); strings.Contains(save, "KUBE-SERVICES") {
+		t.Errorf("the IPv6 rules stayed:\n%s", save)
+	}
+	if save := saveTables(t, ns, BackendNFT); !strings.Contains(save, "KUBE-SERVICES") {
+		t.Errorf("the IPv6 handover removed the IPv4 rules:\n%s", save)
 	}
 }
 

@@ -47,8 +47,14 @@ type ruleOptions struct {
 	noClusterIPs bool
 	// localhostNodePorts: node ports answer on 127.0.0.0/8 too, which
 	// needs route_localnet, which KUBE-FIREWALL guards (kube-proxy's
-	// --iptables-localhost-nodeports, effective for this node).
+	// --iptables-localhost-nodeports, effective for this node). Never
+	// with ipv6.
 	localhostNodePorts bool
+	// ipv6: the rules are ip6tables'. They differ from the IPv4 ones in
+	// the jump to KUBE-NODEPORTS alone, which never takes ::1 (kube-proxy
+	// serves no IPv6 node port on localhost); ip6tables itself fills in
+	// the rest (REJECT's icmp6-port-unreachable, /128 host masks).
+	ipv6 bool
 	// conntrackLiberal: nf_conntrack_tcp_be_liberal is set, so only
 	// out-of-window RSTs are INVALID, and kube-proxy does not drop INVALID
 	// packets.
@@ -546,20 +552,25 @@ func (r *renderer) policyChain(v *portView, pc *portChains, chain string, idx []
 // nodePortsJumps ends KUBE-SERVICES with the jump to KUBE-NODEPORTS for
 // packets to the node's own addresses: any local address, or each of the
 // listed ones (--nodeport-addresses). 127.0.0.0/8 only with localhost node
-// ports.
+// ports; ::1 never, as kube-proxy's IPv6 proxier (a --nodeport-addresses
+// naming it is ignored there, with an error in kube-proxy's log at every
+// sync).
 func (r *renderer) nodePortsJumps() {
 	const comment = `"kubernetes service nodeports; NOTE: this must be the last rule in this chain"`
 	node := &r.in.node
 	if node.AllLocalAddresses {
 		args := r.rule("-A", chainServices, "-m", "comment", "--comment", comment, "-m", "addrtype", "--dst-type", "LOCAL")
-		if !r.opts.localhostNodePorts {
+		switch {
+		case r.opts.ipv6:
+			args = append(args, "!", "-d", "::1/128")
+		case !r.opts.localhostNodePorts:
 			args = append(args, "!", "-d", "127.0.0.0/8")
 		}
 		r.nat.write(append(args, "-j", chainNodePorts)...)
 		return
 	}
 	for _, ip := range node.NodePortAddresses {
-		if isLoopback4(ip) && !r.opts.localhostNodePorts {
+		if ip.IsLoopback() && !r.opts.localhostNodePorts {
 			continue
 		}
 		r.nat.write("-A", chainServices, "-m", "comment", "--comment", comment, "-d", ip.String(), "-j", chainNodePorts)

@@ -34,6 +34,11 @@ type goldenCase struct {
 	// firstSync renders what a first sync on a clean node writes: the
 	// jumps from the built-in chains and the canary chains too.
 	firstSync bool
+	// ipv6 renders the ip6tables rules of the same Services, their
+	// addresses and the node's mapped into IPv6 (snapshotTo6); opts
+	// should be IPv6 options (ipv6 set, no localhost node ports). Their
+	// golden files are named ipv6-*.
+	ipv6 bool
 }
 
 // defaultOpts are kube-proxy's defaults with --cluster-cidr set, on a
@@ -66,6 +71,13 @@ func goldenCases() []goldenCase {
 	plain := ruleOptions{masqMark: "0x00004000", conntrackLiberal: true}
 	byBridge, byPrefix := defaultOpts, defaultOpts
 	byBridge.local, byPrefix.local = LocalByBridge("cbr0"), LocalByInterfacePrefix("veth")
+	// kube-proxy's IPv6 proxier: the same defaults, the pods' IPv6 range,
+	// never localhost node ports.
+	opts6 := defaultOpts
+	opts6.ipv6, opts6.localhostNodePorts = true, false
+	opts6.local = LocalByCIDR(prefixTo6(netip.MustParsePrefix("10.244.0.0/16")))
+	externalOnly6 := withClusterIPs
+	externalOnly6.ipv6, externalOnly6.local = true, opts6.local
 	return []goldenCase{
 		{
 			name: "multi-port",
@@ -152,6 +164,21 @@ func goldenCases() []goldenCase {
 			// frontends as external-only has them.
 			name: "external-only-cluster-ips", services: kinds, slices: kindSlices, opts: withClusterIPs, firstSync: true,
 		},
+		{
+			// Every kind of Service in IPv6, as kube-proxy's IPv6
+			// proxier renders them by default: the same rules, but for
+			// the jump to KUBE-NODEPORTS, which leaves out ::1/128, and
+			// no KUBE-FIREWALL rule (an empty chain for kubelet's jumps).
+			name: "ipv6-every-kind", services: kinds, slices: kindSlices, opts: opts6, firstSync: true, ipv6: true,
+		},
+		{
+			// --nodeport-addresses naming ::1: no jump for it.
+			name: "ipv6-nodeport-addresses-loopback", services: kinds[2:3], slices: kindSlices[1:2], opts: opts6, node: &withLoopback, ipv6: true,
+		},
+		{
+			// The eBPF mode's IPv6 packet layer, ClusterIPs included.
+			name: "ipv6-external-only-cluster-ips", services: kinds, slices: kindSlices, opts: externalOnly6, firstSync: true, ipv6: true,
+		},
 	}
 }
 
@@ -176,12 +203,18 @@ func renderCase(t testing.TB, c goldenCase) []byte {
 	if c.node != nil {
 		node = *c.node
 	}
+	if c.ipv6 {
+		snap, node = snapshotTo6(snap), nodeTo6(node)
+	}
 	next := nextState(nil, snap, c.opts.noClusterIPs)
 	services := flatten(next)
 	in := renderInput{services: services, node: node, chains: chainsToWrite(services, c.opts.noClusterIPs, all)}
 	if c.firstSync {
 		in.missingJumps = jumpsFor(c.opts.externalOnly)
 		in.canary = !c.opts.externalOnly
+		// As Sync on a clean node: KUBE-FIREWALL is made for kubelet's
+		// jumps when the localnet guard is not written.
+		in.createFirewall = !c.opts.externalOnly && !c.opts.localhostNodePorts
 	}
 	var buf bytes.Buffer
 	st := render(&buf, c.opts, in)

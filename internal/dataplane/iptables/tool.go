@@ -25,10 +25,14 @@ const (
 	BackendAuto   = "auto"
 )
 
-// tool runs one backend's iptables commands, optionally in another network
-// namespace.
+// tool runs one backend's iptables commands for one address family
+// (iptables or ip6tables), optionally in another network namespace.
 type tool struct {
 	backend string
+	// ipv6 selects ip6tables, ip6tables-save and ip6tables-restore. Both
+	// families take the same xtables lock (/run/xtables.lock), as
+	// kube-proxy's two proxiers do.
+	ipv6 bool
 	// netns, if set, is the path of the network namespace the commands
 	// run in (through nsenter, which switches only that namespace).
 	netns string
@@ -39,13 +43,23 @@ type tool struct {
 	lockWait time.Duration
 }
 
-// command runs iptables-<backend>-<name> (iptables-nft-restore, ...), or
-// iptables-<backend> for an empty name.
-func (t *tool) command(ctx context.Context, name string, args ...string) *exec.Cmd {
+// bin names a command of this backend and family: iptables-nft-restore,
+// ip6tables-legacy-save, ..., or iptables-<backend> (ip6tables-<backend>)
+// for an empty name.
+func (t *tool) bin(name string) string {
 	bin := "iptables-" + t.backend
+	if t.ipv6 {
+		bin = "ip6tables-" + t.backend
+	}
 	if name != "" {
 		bin += "-" + name
 	}
+	return bin
+}
+
+// command runs t.bin(name).
+func (t *tool) command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	bin := t.bin(name)
 	if t.netns != "" {
 		args = append([]string{"--net=" + t.netns, "--", bin}, args...)
 		bin = "nsenter"
@@ -67,7 +81,7 @@ func (t *tool) waitArgs() []string {
 
 // available reports whether this backend's commands are installed.
 func (t *tool) available() bool {
-	_, err := exec.LookPath("iptables-" + t.backend + "-restore")
+	_, err := exec.LookPath(t.bin("restore"))
 	return err == nil
 }
 
@@ -94,10 +108,10 @@ func (t *tool) restore(ctx context.Context, input []byte) error {
 			}
 		}
 		if lockTimedOut(err, msg) {
-			return fmt.Errorf("iptables-%s-restore changed nothing: %w, past the wait (%s): %v: %s",
-				t.backend, errLockHeld, strings.Join(t.waitArgs(), " "), err, msg)
+			return fmt.Errorf("%s changed nothing: %w, past the wait (%s): %v: %s",
+				t.bin("restore"), errLockHeld, strings.Join(t.waitArgs(), " "), err, msg)
 		}
-		return fmt.Errorf("iptables-%s-restore: %w: %s", t.backend, err, msg)
+		return fmt.Errorf("%s: %w: %s", t.bin("restore"), err, msg)
 	}
 	return nil
 }
@@ -143,7 +157,7 @@ func (t *tool) saveTable(ctx context.Context, table string) ([]byte, error) {
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		return nil, fmt.Errorf("iptables-%s-save: %w: %s", t.backend, err, strings.TrimSpace(stderr.String()))
+		return nil, fmt.Errorf("%s: %w: %s", t.bin("save"), err, strings.TrimSpace(stderr.String()))
 	}
 	return out, nil
 }
@@ -164,11 +178,11 @@ func (t *tool) chainExists(ctx context.Context, table, chain string) (bool, erro
 	var exit *exec.ExitError
 	switch {
 	case lockTimedOut(err, msg):
-		return false, fmt.Errorf("iptables-%s -t %s -S %s: %w: %s", t.backend, table, chain, errLockHeld, msg)
+		return false, fmt.Errorf("%s -t %s -S %s: %w: %s", t.bin(""), table, chain, errLockHeld, msg)
 	case errors.As(err, &exit) && exit.ExitCode() == 1:
 		return false, nil
 	}
-	return false, fmt.Errorf("iptables-%s -t %s -S %s: %w: %s", t.backend, table, chain, err, msg)
+	return false, fmt.Errorf("%s -t %s -S %s: %w: %s", t.bin(""), table, chain, err, msg)
 }
 
 // savedTable is one table of an iptables-save dump.
@@ -301,42 +315,54 @@ var hints = []string{"KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY"}
 // detectBackend picks the backend the node already uses, as kube-proxy's
 // image does with its iptables wrapper: the one holding kubelet's hint
 // chains; failing that, the one holding more rules; nft when both are
-// empty, as on any recent distribution.
+// empty, as on any recent distribution. Like the wrapper, it reads both
+// families' tables (iptables and ip6tables), so the proxies of a
+// dual-stack node pick the same backend. A backend is usable only if the
+// base tool's family works with it; the other family's tables only help
+// to decide.
 func detectBackend(ctx context.Context, base tool) (string, error) {
 	counts := map[string]int{}
 	for _, b := range []string{BackendNFT, BackendLegacy} {
-		t := base
-		t.backend = b
-		if !t.available() {
-			counts[b] = -1
-			continue
-		}
-		out, err := t.save(ctx, "")
-		if err != nil {
-			if ctx.Err() != nil {
-				// A stop, not a backend that does not work: the killed
-				// iptables-save says nothing about the node.
-				return "", fmt.Errorf("detecting the node's iptables backend: %w", context.Cause(ctx))
+		for _, ipv6 := range []bool{base.ipv6, !base.ipv6} {
+			own := ipv6 == base.ipv6
+			t := base
+			t.backend, t.ipv6 = b, ipv6
+			if !t.available() {
+				if own {
+					counts[b] = -1
+					break
+				}
+				continue
 			}
-			// Legacy tables may be unsupported by the kernel; that
-			// backend is not in use then.
-			counts[b] = -1
-			continue
-		}
-		for _, st := range parseSave(out) {
-			for _, c := range st.chains {
-				for _, h := range hints {
-					if c == h {
+			out, err := t.save(ctx, "")
+			if err != nil {
+				if ctx.Err() != nil {
+					// A stop, not a backend that does not work: the killed
+					// iptables-save says nothing about the node.
+					return "", fmt.Errorf("detecting the node's iptables backend: %w", context.Cause(ctx))
+				}
+				// Legacy tables may be unsupported by the kernel; that
+				// backend is not in use then.
+				if own {
+					counts[b] = -1
+					break
+				}
+				continue
+			}
+			for _, st := range parseSave(out) {
+				for _, c := range st.chains {
+					if slices.Contains(hints, c) {
 						return b, nil
 					}
 				}
+				counts[b] += len(st.rules)
 			}
-			counts[b] += len(st.rules)
 		}
 	}
 	switch {
 	case counts[BackendNFT] < 0 && counts[BackendLegacy] < 0:
-		return "", errors.New("neither iptables-nft-restore nor iptables-legacy-restore works here: install iptables 1.8 or later")
+		return "", fmt.Errorf("neither %s nor %s works here: install iptables 1.8 or later",
+			(&tool{backend: BackendNFT, ipv6: base.ipv6}).bin("restore"), (&tool{backend: BackendLegacy, ipv6: base.ipv6}).bin("restore"))
 	case counts[BackendLegacy] > counts[BackendNFT]:
 		return BackendLegacy, nil
 	default:
