@@ -54,6 +54,31 @@ func addIPv6(t *testing.T, n *testnet.Net, p *testnet.Pod, ip string) {
 	nsRun(t, "ip", "-n", p.NS, "-6", "addr", "add", ip+"/128", "dev", "eth0", "nodad")
 	nsRun(t, "ip", "-n", p.NS, "-6", "route", "add", v6Gateway+"/128", "dev", "eth0")
 	nsRun(t, "ip", "-n", p.NS, "-6", "route", "add", "default", "via", v6Gateway, "dev", "eth0")
+	// The links' own link-local addresses still go through duplicate
+	// address detection, and until it ends neighbour discovery on the
+	// link stalls: the first connection would time out.
+	for _, ns := range []string{n.Node, p.NS} {
+		waitNoTentative(t, ns)
+	}
+}
+
+// waitNoTentative waits until no IPv6 address of namespace ns is tentative.
+func waitNoTentative(t *testing.T, ns string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, err := exec.Command("ip", "-n", ns, "-6", "addr", "show", "tentative").CombinedOutput()
+		if err != nil {
+			t.Fatalf("ip -n %s -6 addr show tentative: %v: %s", ns, err, out)
+		}
+		if len(strings.TrimSpace(string(out))) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("addresses of %s still tentative after 10s:\n%s", ns, out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 func newV6Env(t *testing.T, backend string) *v6Env {
