@@ -27,6 +27,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/inspect"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
@@ -278,7 +279,7 @@ func runProxy(ctx context.Context, o options) error {
 			dp.Close()
 		}
 	}()
-	open := func(ctx context.Context) (dataplane.Dataplane, error) {
+	open := func(ctx context.Context, _ model.IPFamily) (dataplane.Dataplane, error) {
 		d, backend, err := newDataplane(ctx, o)
 		if err != nil {
 			return nil, err

@@ -149,7 +149,12 @@ type Metrics struct {
 // already holds collectors with the same names (calling New twice on one
 // registry is a programming error). A nil reg registers nothing, which suits
 // tests of other packages.
-func New(reg prometheus.Registerer) *Metrics {
+func New(reg prometheus.Registerer) *Metrics { return NewForFamily(reg, model.IPv4) }
+
+// NewForFamily is New for a proxy whose first (or only) family is f: the
+// Metrics it returns records under f, and only f's series are exported
+// before anything is recorded.
+func NewForFamily(reg prometheus.Registerer, f model.IPFamily) *Metrics {
 	syncDuration := syncHistogram("kubeproxy_sync_proxy_rules_duration_seconds",
 		"Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds.")
 	syncFullDuration := syncHistogram("kubeproxy_sync_full_proxy_rules_duration_seconds",
@@ -262,7 +267,7 @@ func New(reg prometheus.Registerer) *Metrics {
 		}, []string{"ip_family"}),
 		changes: newChangesCollector(),
 	}
-	m.bind(IPFamily)
+	m.bind(f.String())
 	for _, code := range []string{"200", "503"} {
 		m.ProxyHealthzTotal.WithLabelValues(code)
 		m.ProxyLivezTotal.WithLabelValues(code)
