@@ -85,7 +85,7 @@ func TestPacketLayerServesClusterIPsWhenConfined(t *testing.T) {
 		if err := o.validate(); err != nil {
 			t.Fatalf("%q: %v", tc.args, err)
 		}
-		cfg := o.packetLayerConfig()
+		cfg := o.packetLayerConfig(model.IPv4)
 		if !cfg.ExternalOnly || cfg.ClusterIPs != tc.want || o.hostNetNSOnly != tc.want {
 			t.Errorf("%q: packet layer ExternalOnly %v ClusterIPs %v, socket layer confined %v; want true, %v, %v",
 				tc.args, cfg.ExternalOnly, cfg.ClusterIPs, o.hostNetNSOnly, tc.want, tc.want)
