@@ -68,7 +68,7 @@ type options struct {
 	// localTraffic is what validate makes of detectLocalMode and the flag
 	// it reads, per family; for NodeCIDR, runProxy fills it once the Node
 	// has a pod range. A family without an entry detects nothing.
-	localTraffic    map[model.IPFamily]iptables.LocalTraffic
+	localTraffic map[model.IPFamily]iptables.LocalTraffic
 	// bindAddress is kube-proxy's --bind-address: a specific address
 	// makes its family the node's primary one (detectPrimaryFamily).
 	bindAddress     string
