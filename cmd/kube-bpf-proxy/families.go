@@ -202,11 +202,20 @@ func servedFamilies(ctx context.Context, o options, client kubernetes.Interface,
 	}
 	if len(families) > 1 {
 		klog.InfoS("kube-bpf-proxy running in dual-stack mode", "primary ipFamily", families[0])
-		klog.InfoS("Creating dualStackProxier", "ipFamilies", families)
+		klog.InfoS("Creating dualStackProxier", "ipFamilies", familyNames(families))
 	} else {
 		klog.InfoS("kube-bpf-proxy running in single-stack mode", "ipFamily", families[0])
 	}
 	return families, nil
+}
+
+// familyNames spells families as the API does, for the log.
+func familyNames(families []model.IPFamily) []string {
+	out := make([]string, len(families))
+	for i, f := range families {
+		out[i] = f.String()
+	}
+	return out
 }
 
 // afterAll returns, for each of n callers, a function that does nothing
