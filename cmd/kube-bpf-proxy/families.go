@@ -197,14 +197,17 @@ func servedFamilies(ctx context.Context, o options, client kubernetes.Interface,
 	if err != nil {
 		return nil, err
 	}
+	// kube-proxy's lines, in its order.
+	if len(families) > 1 {
+		klog.InfoS("kube-bpf-proxy running in dual-stack mode", "primary ipFamily", families[0])
+	} else {
+		klog.InfoS("kube-bpf-proxy running in single-stack mode", "ipFamily", families[0])
+	}
 	if o.mode == "iptables" {
 		klog.InfoS("Using iptables Proxier")
 	}
 	if len(families) > 1 {
-		klog.InfoS("kube-bpf-proxy running in dual-stack mode", "primary ipFamily", families[0])
 		klog.InfoS("Creating dualStackProxier", "ipFamilies", familyNames(families))
-	} else {
-		klog.InfoS("kube-bpf-proxy running in single-stack mode", "ipFamily", families[0])
 	}
 	return families, nil
 }
