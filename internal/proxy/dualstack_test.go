@@ -15,6 +15,8 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/healthz"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
@@ -252,5 +254,21 @@ func TestDualStackForeignClusterIPs(t *testing.T) {
 	}
 	if got := clusterIPOf(single, model.IPv6); got.IsValid() {
 		t.Errorf("IPv6 of an IPv4 Service: %v", got)
+	}
+}
+
+// Each family's Proxier has a tracker of its family, and records its
+// metrics under it.
+func TestProxierFamily(t *testing.T) {
+	m := metrics.New(nil)
+	health := healthz.NewProxyHealth(time.Minute, nil)
+	for _, f := range model.Families {
+		p := newProxier(f, m.ForFamily(f), health, Config{}, true)
+		if p.family != f || p.tracker.Family() != f || p.metrics.Family() != f.String() {
+			t.Errorf("%v proxier: family %v, tracker's %v, metrics' %q", f, p.family, p.tracker.Family(), p.metrics.Family())
+		}
+	}
+	if p := NewProxier(newRecordingDataplane(), m, health, Config{}); p.family != model.IPv4 {
+		t.Errorf("NewProxier serves %v by default, want IPv4", p.family)
 	}
 }
