@@ -3,12 +3,15 @@ package proxy
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -270,5 +273,59 @@ func TestProxierFamily(t *testing.T) {
 	}
 	if p := NewProxier(newRecordingDataplane(), m, health, Config{}); p.family != model.IPv4 {
 		t.Errorf("NewProxier serves %v by default, want IPv4", p.family)
+	}
+}
+
+// eventful is a datapath with event counters; iptables says whether it is
+// an iptables datapath (per family) or not (the eBPF one, whose IPv6 view
+// shares the IPv4 one's counters).
+type eventful struct {
+	*recordingDataplane
+	events map[string]uint64
+}
+
+func (e eventful) Events() (map[string]uint64, error) { return e.events, nil }
+
+type iptablesEventful struct {
+	eventful
+	*iptablesLike
+}
+
+func (e iptablesEventful) Events() (map[string]uint64, error) { return e.eventful.Events() }
+func (e iptablesEventful) Sync(ctx context.Context, s *model.Snapshot) error {
+	return e.eventful.Sync(ctx, s)
+}
+func (e iptablesEventful) Close() error { return nil }
+
+// kube_bpf_proxy_datapath_events_total is registered once: the two
+// families' iptables datapaths count their own events, which it sums; a
+// datapath that is not per family (the eBPF one) is read once.
+func TestDatapathEventsOfBothFamilies(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		v4, v6   dataplane.Dataplane
+		wantSync float64
+	}{
+		{"iptables",
+			iptablesEventful{eventful{newRecordingDataplane(), map[string]uint64{"restore_failed": 2}}, &iptablesLike{}},
+			iptablesEventful{eventful{newRecordingDataplane(), map[string]uint64{"restore_failed": 3}}, &iptablesLike{}}, 5},
+		{"ebpf",
+			eventful{newRecordingDataplane(), map[string]uint64{"restore_failed": 2}},
+			eventful{newRecordingDataplane(), map[string]uint64{"restore_failed": 2}}, 2},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			reg := prometheus.NewRegistry()
+			var dc datapathCollectors
+			dc.register(reg, c.v4)
+			dc.register(reg, c.v6)
+			want := fmt.Sprintf(`
+# HELP kube_bpf_proxy_datapath_events_total Events counted by the datapath, by event: in ebpf mode connections translated (ClusterIPs, node ports, external IPs, affinity hits) or refused (no backend, no local endpoint, unknown port, unallocated address); in iptables mode failed restores and conntrack entries deleted.
+# TYPE kube_bpf_proxy_datapath_events_total counter
+kube_bpf_proxy_datapath_events_total{event="restore_failed"} %v
+`, c.wantSync)
+			if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "kube_bpf_proxy_datapath_events_total"); err != nil {
+				t.Error(err)
+			}
+		})
 	}
 }

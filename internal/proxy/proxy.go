@@ -719,23 +719,41 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 	return RunOpening(ctx, client, func(context.Context, model.IPFamily) (dataplane.Dataplane, error) { return dp, nil }, !keepsHostScoped, cfg)
 }
 
-// datapathCollectors registers on reg the collectors a datapath feeds at
-// scrape time: its event counters (both modes), kube-proxy's nfacct
+// datapathCollectors registers on reg the collectors the datapaths feed at
+// scrape time: their event counters (both modes), kube-proxy's nfacct
 // counters (iptables mode), and the per Service port counters and map
 // fill (ebpf mode). docs/metrics.md lists what they export
 // (TestMetricsTables). None has an ip_family label (kube-proxy's nfacct
-// counters have none either), so each kind is registered once, from the
-// first family's datapath that feeds it: the nfacct objects are shared by
-// the families' rules, and the eBPF datapath's IPv6 view shares the
-// programs, and so the counters, of the IPv4 one.
+// counters have none either), so each is registered once. The iptables
+// datapaths of the two families count their own events, which the one
+// collector sums; every other kind is read from the first family's
+// datapath that feeds it: the nfacct objects are shared by the families'
+// rules, and the eBPF datapath's IPv6 view shares the programs, and so
+// the counters, of the IPv4 one.
 type datapathCollectors struct {
-	events, nfacct, counters bool
+	mu     sync.Mutex
+	events []func() (map[string]uint64, error)
+	// perFamilyEvents is set once the first event source is known: it
+	// says whether later families' sources add to it (iptables).
+	perFamilyEvents  bool
+	nfacct, counters bool
 }
 
 func (c *datapathCollectors) register(reg prometheus.Registerer, dp dataplane.Dataplane) {
-	if src, ok := innermost(dp).(eventSource); ok && !c.events {
-		c.events = true
-		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
+	if src, ok := innermost(dp).(eventSource); ok {
+		_, perFamily := innermost(dp).(iptablesStats)
+		c.mu.Lock()
+		first := len(c.events) == 0
+		if first {
+			c.perFamilyEvents = perFamily
+		}
+		if first || (perFamily && c.perFamilyEvents) {
+			c.events = append(c.events, src.Events)
+		}
+		c.mu.Unlock()
+		if first {
+			reg.MustRegister(metrics.NewDatapathEventsCollector(c.readEvents))
+		}
 	}
 	// kube-proxy's nfacct counters (iptables mode).
 	if src, ok := innermost(dp).(interface {
@@ -749,6 +767,27 @@ func (c *datapathCollectors) register(reg prometheus.Registerer, dp dataplane.Da
 		c.counters = true
 		reg.MustRegister(metrics.NewDatapathCountersCollector(src))
 	}
+}
+
+// readEvents sums the event counters of the sources registered.
+func (c *datapathCollectors) readEvents() (map[string]uint64, error) {
+	c.mu.Lock()
+	sources := slices.Clone(c.events)
+	c.mu.Unlock()
+	if len(sources) == 1 {
+		return sources[0]()
+	}
+	sum := map[string]uint64{}
+	for _, read := range sources {
+		events, err := read()
+		if err != nil {
+			return nil, err
+		}
+		for k, v := range events {
+			sum[k] += v
+		}
+	}
+	return sum, nil
 }
 
 // fanOut hands every informer event to each family's Proxier, as
