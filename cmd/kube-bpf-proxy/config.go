@@ -181,10 +181,9 @@ func mapConfig(c *kubeproxyconfig.KubeProxyConfiguration) (configMapping, error)
 	}
 
 	str("hostnameOverride", "hostname-override", c.HostnameOverride)
-	// kube-proxy's bindAddress overrides the node's primary IP, which
-	// this proxy takes from the Node object only; 0.0.0.0 and :: are
-	// kubeadm's "none" (and kube-proxy's default).
-	notServed("bindAddress", c.BindAddress, "0.0.0.0", "::")
+	// kube-proxy's bindAddress overrides the node's primary IP family;
+	// 0.0.0.0 and :: are kubeadm's "none" (and kube-proxy's default).
+	str("bindAddress", "bind-address", c.BindAddress)
 	if c.HealthzBindAddress != "" {
 		m.set("healthzBindAddress", "healthz-bind-address", appendPortIfNeeded(c.HealthzBindAddress, kubeProxyHealthzPort))
 	}
@@ -245,23 +244,8 @@ func mapConfig(c *kubeproxyconfig.KubeProxyConfiguration) (configMapping, error)
 	str("detectLocalMode", "detect-local-mode", string(c.DetectLocalMode))
 	str("detectLocal.bridgeInterface", "pod-bridge-interface", c.DetectLocal.BridgeInterface)
 	str("detectLocal.interfaceNamePrefix", "pod-interface-name-prefix", c.DetectLocal.InterfaceNamePrefix)
-	if c.ClusterCIDR != "" {
-		// kube-proxy's is a dual-stack pair; this proxy serves IPv4.
-		var v4, v6 []string
-		for _, s := range splitList(c.ClusterCIDR) {
-			if p, err := netip.ParsePrefix(s); err == nil && p.Addr().Is6() {
-				v6 = append(v6, s)
-			} else {
-				v4 = append(v4, s)
-			}
-		}
-		if len(v4) > 0 {
-			m.set("clusterCIDR", "cluster-cidr", strings.Join(v4, ","))
-		}
-		if len(v6) > 0 {
-			m.ignore("clusterCIDR (IPv6)", strings.Join(v6, ","))
-		}
-	}
+	// A range, or a dual-stack pair, validated as the flag's value.
+	str("clusterCIDR", "cluster-cidr", c.ClusterCIDR)
 	if len(c.NodePortAddresses) > 0 {
 		m.set("nodePortAddresses", "nodeport-addresses", strings.Join(c.NodePortAddresses, ","))
 	}

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // writeConfig writes a config file for one test and returns its path.
@@ -141,9 +143,17 @@ iptables:
 			check:  func(o options) string { return want(o.hostnameOverride, "from-file") },
 		},
 		{
-			name:   "cluster CIDR, IPv6 half dropped",
+			name:   "dual-stack cluster CIDR",
 			config: "clusterCIDR: 10.244.0.0/16,fd00:10:244::/56\n",
-			check:  func(o options) string { return want(o.clusterCIDR, "10.244.0.0/16") },
+			check: func(o options) string {
+				return want(o.clusterCIDR, "10.244.0.0/16,fd00:10:244::/56") +
+					want(o.clusterPrefixes[model.IPv6].String(), "fd00:10:244::/56") + want(o.clusterPrefixes[model.IPv4].String(), "10.244.0.0/16")
+			},
+		},
+		{
+			name:   "bind address",
+			config: "bindAddress: 10.0.0.5\n",
+			check:  func(o options) string { return want(o.bindAddress, "10.0.0.5") },
 		},
 		{
 			name:   "detect-local settings",
@@ -216,6 +226,7 @@ func TestConfigFileErrors(t *testing.T) {
 		{"ipvs mode", configHeader + "mode: ipvs\n", nil, `mode "ipvs"`},
 		{"bad value", configHeader + "iptables:\n  masqueradeBit: 40\n", nil, "--iptables-masquerade-bit 40: want 0 to 31"},
 		{"bad CIDR", configHeader + "clusterCIDR: 10.244.0.0\n", nil, "--cluster-cidr"},
+		{"two CIDRs of one family", configHeader + "clusterCIDR: 10.244.0.0/16,10.245.0.0/16\n", nil, "at most one CIDR per IP family"},
 		{"bad detect-local mode", configHeader + "detectLocalMode: Magic\n", nil, `unknown --detect-local-mode "Magic"`},
 		{"wrong type", configHeader + "clientConnection:\n  burst: many\n", nil, "--config"},
 		{"missing file", "", []string{"--config=/nonexistent/config.conf"}, "--config: open /nonexistent/config.conf"},
@@ -302,12 +313,10 @@ logging:
 clusterCIDR: 10.244.0.0/16,fd00::/56
 `, []ignoredField{
 			{"logging.format", "json"},
-			{"bindAddress", "10.0.0.5"},
 			{"featureGates", "A=false,B=true"},
 			{"ipvs.scheduler", "rr"},
 			{"ipvs.excludeCIDRs", "10.0.0.0/8"},
 			{"nftables.masqueradeAll", "true"},
-			{"clusterCIDR (IPv6)", "fd00::/56"},
 			{"oomScoreAdj", "-500"},
 			{"conntrack.maxPerCore", "0"},
 			{"conntrack.tcpBeLiberal", "true"},

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/netnsenter"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
@@ -85,7 +87,7 @@ func TestPacketLayerServesClusterIPsWhenConfined(t *testing.T) {
 		if err := o.validate(); err != nil {
 			t.Fatalf("%q: %v", tc.args, err)
 		}
-		cfg := o.packetLayerConfig()
+		cfg := o.packetLayerConfig(model.IPv4)
 		if !cfg.ExternalOnly || cfg.ClusterIPs != tc.want || o.hostNetNSOnly != tc.want {
 			t.Errorf("%q: packet layer ExternalOnly %v ClusterIPs %v, socket layer confined %v; want true, %v, %v",
 				tc.args, cfg.ExternalOnly, cfg.ClusterIPs, o.hostNetNSOnly, tc.want, tc.want)
@@ -205,6 +207,47 @@ type binary struct {
 	healthz string
 	metrics string
 	stderr  bytes.Buffer
+	// netns is the network namespace it runs in ("": the test's own).
+	netns string
+}
+
+// get is httpGet of path on addr (b.healthz or b.metrics), from inside
+// b's network namespace.
+func (b *binary) get(addr, path string) (int, string) {
+	if b.netns == "" {
+		return httpGet("http://" + addr + path)
+	}
+	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, address string) (net.Conn, error) {
+			var conn net.Conn
+			err := netnsenter.Do("/run/netns/"+b.netns, func() error {
+				var err error
+				conn, err = (&net.Dialer{}).DialContext(ctx, network, address)
+				return err
+			})
+			return conn, err
+		},
+	}}
+	defer c.CloseIdleConnections()
+	resp, err := c.Get("http://" + addr + path)
+	if err != nil {
+		return 0, err.Error()
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// singleStack turns IPv6 off in the network namespace netns, which makes
+// the proxy serve IPv4 alone there (kube-proxy's rule: both families
+// whenever the node can). The tests that run the binary on this machine's
+// kernel, whose IPv6 works, use it for what is not about IP families.
+func singleStack(t *testing.T, netns string) {
+	t.Helper()
+	out, err := exec.Command("nsenter", "--net=/run/netns/"+netns, "--", "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1").CombinedOutput()
+	if err != nil {
+		t.Fatalf("turning IPv6 off in %s: %v: %s", netns, err, out)
+	}
 }
 
 func startBinary(t *testing.T, args ...string) *binary {
@@ -220,7 +263,7 @@ func startBinaryIn(t *testing.T, netns string, args ...string) *binary {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &binary{healthz: testnet.FreeAddr(t), metrics: testnet.FreeAddr(t)}
+	b := &binary{healthz: testnet.FreeAddr(t), metrics: testnet.FreeAddr(t), netns: netns}
 	args = append(args, "--healthz-bind-address="+b.healthz, "--metrics-bind-address="+b.metrics)
 	if netns != "" {
 		args = append([]string{"--net=/run/netns/" + netns, "--", exe}, args...)
@@ -291,7 +334,10 @@ func TestBinaryLifecycle(t *testing.T) {
 		return err == nil, fmt.Sprint(err)
 	}
 
-	first := startBinary(t, args...)
+	// In the node namespace, IPv4 alone: this is about the process's
+	// life, not its families.
+	singleStack(t, n.Node)
+	first := startBinaryIn(t, n.Node, args...)
 	eventually(t, "programs pinned", pinned)
 	if got := testnet.AttachedPrograms(t, n.Cgroup); got != attachedPrograms {
 		t.Errorf("%d programs attached to the test cgroup, want %d", got, attachedPrograms)
@@ -299,16 +345,16 @@ func TestBinaryLifecycle(t *testing.T) {
 	// The API never answers, so the first sync never happens: once a queued
 	// sync is overdue (2 x --sync-period), health says so.
 	eventually(t, "healthz 503 while never synced", func() (bool, string) {
-		code, body := httpGet("http://" + first.healthz + "/healthz")
+		code, body := first.get(first.healthz, "/healthz")
 		return code == http.StatusServiceUnavailable && strings.Contains(body, "lastUpdated"), fmt.Sprint(code, body)
 	})
 	// The liveness probe's endpoint stays good: a restart cannot bring the
 	// API server back, and the pinned datapath serves meanwhile.
-	if code, body := httpGet("http://" + first.healthz + "/livez"); code != http.StatusOK {
+	if code, body := first.get(first.healthz, "/livez"); code != http.StatusOK {
 		t.Errorf("/livez = %d %s while the API server is unreachable, want 200", code, body)
 	}
 	eventually(t, "metrics served", func() (bool, string) {
-		code, body := httpGet("http://" + first.metrics + "/metrics")
+		code, body := first.get(first.metrics, "/metrics")
 		return code == http.StatusOK && strings.Contains(body, "kubeproxy_sync_proxy_rules_duration_seconds"), fmt.Sprint(code)
 	})
 
@@ -323,9 +369,9 @@ func TestBinaryLifecycle(t *testing.T) {
 
 	// A restart takes the pinned links over (updating them in place), and
 	// SIGTERM ends it cleanly, leaving the datapath serving.
-	second := startBinary(t, args...)
+	second := startBinaryIn(t, n.Node, args...)
 	eventually(t, "restarted proxy serves metrics", func() (bool, string) {
-		code, _ := httpGet("http://" + second.metrics + "/metrics")
+		code, _ := second.get(second.metrics, "/metrics")
 		return code == http.StatusOK, fmt.Sprint(code)
 	})
 	if err := second.cmd.Process.Signal(syscall.SIGTERM); err != nil {
@@ -391,6 +437,7 @@ func iptablesSave(t *testing.T, netns string) string {
 // it writes no rule before the first sync, which never comes here.
 func TestBinaryIptablesMode(t *testing.T) {
 	n := testnet.New(t)
+	singleStack(t, n.Node)
 	b := startBinaryIn(t, n.Node, "--mode=iptables", "--kubeconfig="+unreachableKubeconfig(t),
 		"--hostname-override=test-node", "--cluster-cidr=10.244.0.0/16")
 	eventually(t, "iptables mode started", func() (bool, string) {
@@ -524,6 +571,41 @@ func TestBinaryPreflightKeepsRunningDatapath(t *testing.T) {
 			}
 			if _, err := os.Stat(linkPin); err != nil {
 				t.Errorf("pins gone after the refused start: %v", err)
+			}
+		})
+	}
+}
+
+// In a namespace whose IPv6 works, the binary serves both families, as
+// kube-proxy does, and says so as kube-proxy does; with IPv6 off, IPv4
+// alone.
+func TestBinaryChoosesFamilies(t *testing.T) {
+	for _, c := range []struct {
+		name   string
+		ipv6   bool
+		want   []string
+		absent string
+	}{
+		{"IPv6 usable", true, []string{"Using iptables Proxier", `"kube-bpf-proxy running in dual-stack mode" primary ipFamily="IPv4"`, `"Creating dualStackProxier" ipFamilies=["IPv4","IPv6"]`}, "single-stack"},
+		{"IPv6 off", false, []string{"Using iptables Proxier", `"kube-bpf-proxy running in single-stack mode" ipFamily="IPv4"`}, "dual-stack"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			n := testnet.New(t)
+			if !c.ipv6 {
+				singleStack(t, n.Node)
+			}
+			b := startBinaryIn(t, n.Node, "--mode=iptables", "--kubeconfig="+unreachableKubeconfig(t), "--hostname-override=test-node")
+			eventually(t, "families logged", func() (bool, string) {
+				return strings.Contains(b.stderr.String(), "Proxying for node"), b.stderr.String()
+			})
+			log := b.stderr.String()
+			for _, w := range c.want {
+				if !strings.Contains(log, w) {
+					t.Errorf("log lacks %s:\n%s", w, log)
+				}
+			}
+			if strings.Contains(log, c.absent) {
+				t.Errorf("log says %s:\n%s", c.absent, log)
 			}
 		})
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/apiserver"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 )
 
@@ -61,11 +62,16 @@ type options struct {
 	podBridgeInterface     string
 	podInterfaceNamePrefix string
 	clusterCIDR            string
-	clusterPrefix          netip.Prefix // clusterCIDR parsed by validate
+	// clusterPrefixes is clusterCIDR parsed by validate: at most one
+	// range per family, as kube-proxy takes it.
+	clusterPrefixes map[model.IPFamily]netip.Prefix
 	// localTraffic is what validate makes of detectLocalMode and the flag
-	// it reads; for NodeCIDR, runProxy fills it once the Node has a pod
-	// range.
-	localTraffic    iptables.LocalTraffic
+	// it reads, per family; for NodeCIDR, runProxy fills it once the Node
+	// has a pod range. A family without an entry detects nothing.
+	localTraffic map[model.IPFamily]iptables.LocalTraffic
+	// bindAddress is kube-proxy's --bind-address: a specific address
+	// makes its family the node's primary one (detectPrimaryFamily).
+	bindAddress     string
 	masqueradeAll   bool
 	masqueradeBit   int
 	xtablesLockWait time.Duration
@@ -105,9 +111,10 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.Float64Var(&o.kubeAPIQPS, apiserver.FlagQPS, float64(conn.QPS), "sustained API requests per second the proxy allows itself (its informers' lists and watches, Events, the Node label); 0: client-go's default, negative: no limit")
 	fs.IntVar(&o.kubeAPIBurst, apiserver.FlagBurst, conn.Burst, "API requests the proxy may send at once above --"+apiserver.FlagQPS+"; at least 1 while that is above 0")
 	fs.StringVar(&o.nodePortAddresses, "nodeport-addresses", "", "comma-separated CIDRs of the node addresses node ports are served on, or \"primary\" for the node's primary address (its first InternalIP); default every address of the node, loopback excepted in ebpf mode (name 127.0.0.0/8 to serve node ports on 127.0.0.1 there)")
-	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated IPv4 Service ranges, used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
+	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated Service ranges, IPv4 or IPv6 (as kube-apiserver's flag, at most one per family), used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
+	fs.StringVar(&o.bindAddress, "bind-address", "0.0.0.0", "as kube-proxy's: a specific address (not 0.0.0.0 or ::) makes its family the node's primary one; otherwise the Node's first InternalIP decides, then the hostname's address. The proxy serves both families whenever the node can (docs/configuration.md), the primary one alone otherwise")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
-	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode, and ebpf mode's packet layer: the pods' IPv4 range; with --detect-local-mode="+localModeClusterCIDR+" (the default), ClusterIP traffic from outside it is masqueraded (ebpf mode: with --"+ebpf.FlagHostNetNSOnly+"), and pods' traffic to an external frontend of an externalTrafficPolicy Local Service goes to every endpoint")
+	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode, and ebpf mode's packet layer: the pods' range, or a comma-separated pair of one IPv4 and one IPv6 range on a dual-stack cluster (as kube-proxy's); with --detect-local-mode="+localModeClusterCIDR+" (the default), ClusterIP traffic from outside it is masqueraded (ebpf mode: with --"+ebpf.FlagHostNetNSOnly+"), and pods' traffic to an external frontend of an externalTrafficPolicy Local Service goes to every endpoint")
 	fs.StringVar(&o.detectLocalMode, "detect-local-mode", "", "iptables mode, and ebpf mode's packet layer: how traffic from this node's pods is told from other traffic (which is masqueraded to ClusterIPs): "+localModeClusterCIDR+" (source in --cluster-cidr; the default), "+localModeNodeCIDR+" (source in the Node's spec.podCIDRs, waited for at start; the proxy exits when they change), "+localModeBridge+" (in on --pod-bridge-interface) or "+localModePrefix+" (in on an interface named --pod-interface-name-prefix*)")
 	fs.StringVar(&o.podBridgeInterface, "pod-bridge-interface", "", "with --detect-local-mode="+localModeBridge+": the bridge pods' traffic comes in on")
 	fs.StringVar(&o.podInterfaceNamePrefix, "pod-interface-name-prefix", "", "with --detect-local-mode="+localModePrefix+": the prefix of the name of each pod's interface on the node (veth, cali, ...)")
@@ -153,12 +160,15 @@ func (o *options) validate() error {
 	default:
 		return fmt.Errorf("unknown --iptables-backend %q: want auto, nft or legacy", o.iptablesBackend)
 	}
-	if o.clusterCIDR != "" {
-		p, err := netip.ParsePrefix(o.clusterCIDR)
-		if err != nil || !p.Addr().Is4() {
-			return fmt.Errorf("--cluster-cidr %q: want an IPv4 CIDR such as 10.244.0.0/16", o.clusterCIDR)
+	prefixes, err := onePerFamily("--cluster-cidr", o.clusterCIDR, "10.244.0.0/16,fd00:10:244::/56")
+	if err != nil {
+		return err
+	}
+	o.clusterPrefixes = prefixes
+	if o.bindAddress != "" {
+		if _, err := netip.ParseAddr(o.bindAddress); err != nil {
+			return fmt.Errorf("--bind-address %q: want an IP address such as 0.0.0.0 or 10.0.0.5", o.bindAddress)
 		}
-		o.clusterPrefix = p.Masked()
 	}
 	if err := o.validateLocalMode(); err != nil {
 		return err
@@ -168,14 +178,14 @@ func (o *options) validate() error {
 		return err
 	}
 	o.nodePorts = sel
+	ranges, err := onePerFamily("--service-cluster-ip-range", o.serviceCIDRs, "10.96.0.0/12,fd00:10:96::/112")
+	if err != nil {
+		return err
+	}
 	o.serviceRanges = nil
-	for _, c := range splitList(o.serviceCIDRs) {
-		p, err := netip.ParsePrefix(c)
-		if err != nil {
-			return fmt.Errorf("--service-cluster-ip-range %q: want CIDRs such as 10.96.0.0/12", c)
-		}
-		if p.Addr().Is4() {
-			o.serviceRanges = append(o.serviceRanges, p.Masked())
+	for _, f := range model.Families {
+		if p, ok := ranges[f]; ok {
+			o.serviceRanges = append(o.serviceRanges, p)
 		}
 	}
 	if o.syncBurst < 1 {
@@ -199,23 +209,30 @@ const (
 // sets localTraffic, as kube-proxy picks its detector (cmd/kube-proxy
 // getLocalDetectors): ClusterCIDR without --cluster-cidr detects nothing.
 func (o *options) validateLocalMode() error {
-	o.localTraffic = iptables.LocalTraffic{}
+	o.localTraffic = map[model.IPFamily]iptables.LocalTraffic{}
+	both := func(l iptables.LocalTraffic) {
+		for _, f := range model.Families {
+			o.localTraffic[f] = l
+		}
+	}
 	switch o.detectLocalMode {
 	case "", localModeClusterCIDR:
-		if o.clusterPrefix.IsValid() {
-			o.localTraffic = iptables.LocalByCIDR(o.clusterPrefix)
+		// Each family by its own range; a family without one detects
+		// nothing, as kube-proxy's.
+		for f, p := range o.clusterPrefixes {
+			o.localTraffic[f] = iptables.LocalByCIDR(p)
 		}
 	case localModeNodeCIDR:
 	case localModeBridge:
 		if err := iptables.ValidateInterfaceName(o.podBridgeInterface); err != nil {
 			return fmt.Errorf("--pod-bridge-interface (with --detect-local-mode=%s): %w", localModeBridge, err)
 		}
-		o.localTraffic = iptables.LocalByBridge(o.podBridgeInterface)
+		both(iptables.LocalByBridge(o.podBridgeInterface))
 	case localModePrefix:
 		if err := iptables.ValidateInterfaceName(o.podInterfaceNamePrefix); err != nil {
 			return fmt.Errorf("--pod-interface-name-prefix (with --detect-local-mode=%s): %w", localModePrefix, err)
 		}
-		o.localTraffic = iptables.LocalByInterfacePrefix(o.podInterfaceNamePrefix)
+		both(iptables.LocalByInterfacePrefix(o.podInterfaceNamePrefix))
 	default:
 		return fmt.Errorf("unknown --detect-local-mode %q: want %s, %s, %s or %s", o.detectLocalMode,
 			localModeClusterCIDR, localModeNodeCIDR, localModeBridge, localModePrefix)
@@ -225,6 +242,25 @@ func (o *options) validateLocalMode() error {
 
 func (o options) connection() apiserver.Connection {
 	return apiserver.Connection{ContentType: o.kubeAPIContentType, QPS: float32(o.kubeAPIQPS), Burst: o.kubeAPIBurst}
+}
+
+// onePerFamily parses a comma-separated list of CIDRs with at most one per
+// IP family, as kube-proxy validates its clusterCIDR (and kube-apiserver
+// its Service ranges): a single range, or a dual-stack pair.
+func onePerFamily(flag, value, example string) (map[model.IPFamily]netip.Prefix, error) {
+	out := map[model.IPFamily]netip.Prefix{}
+	for _, c := range splitList(value) {
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return nil, fmt.Errorf("%s %q: want a CIDR, or one IPv4 and one IPv6 CIDR such as %s", flag, c, example)
+		}
+		f := model.FamilyOf(p.Addr())
+		if old, ok := out[f]; ok {
+			return nil, fmt.Errorf("%s %q: %s and %s are both %v; want at most one CIDR per IP family, such as %s", flag, value, old, p.Masked(), f, example)
+		}
+		out[f] = p.Masked()
+	}
+	return out, nil
 }
 
 // splitList splits a comma-separated flag value, dropping empty items.

@@ -27,6 +27,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/inspect"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/metrics"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodeinfo"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/nodelabel"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
@@ -81,7 +82,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.cleanup {
 		// Both modes, whichever was running: this is how a node goes back
 		// to kube-proxy or to nothing.
-		err := errors.Join(ebpf.Cleanup(o.bpffsPath), iptables.Cleanup(ctx, o.iptablesConfig()))
+		// Both families' rules too (the eBPF cleanup covers both
+		// families' maps): a node may have served either.
+		err := errors.Join(ebpf.Cleanup(o.bpffsPath),
+			iptables.Cleanup(ctx, o.iptablesConfig(model.IPv4)), iptables.Cleanup(ctx, o.iptablesConfig(model.IPv6)))
 		removeModeLabel(ctx, o)
 		if err != nil {
 			klog.ErrorS(err, "Cleanup failed")
@@ -123,10 +127,13 @@ func clientConfig(o options, lookupEnv func(string) (string, bool)) (*rest.Confi
 	return cfg, target, nil
 }
 
-func (o options) iptablesConfig() iptables.Config {
+// iptablesConfig is the iptables datapath of family f: iptables for IPv4,
+// ip6tables for IPv6.
+func (o options) iptablesConfig(f model.IPFamily) iptables.Config {
 	return iptables.Config{
+		Family:        f,
 		Backend:       o.iptablesBackend,
-		LocalTraffic:  o.localTraffic,
+		LocalTraffic:  o.localTraffic[f],
 		MasqueradeAll: o.masqueradeAll,
 		MasqueradeBit: &o.masqueradeBit,
 		LockWait:      o.xtablesLockWait,
@@ -136,71 +143,142 @@ func (o options) iptablesConfig() iptables.Config {
 	}
 }
 
-// packetLayerConfig is the ebpf mode's packet layer. Packets no socket on
-// the node sent (from outside, to a node port, an external or load
-// balancer IP) are served per packet, by the iptables rules of those
+// packetLayerConfig is the ebpf mode's packet layer of family f. Packets
+// no socket on the node sent (from outside, to a node port, an external or
+// load balancer IP) are served per packet, by the iptables rules of those
 // frontends only; and, when the socket layer serves the node's own network
 // namespace only, pods' packets to every frontend, by the ClusterIP rules
 // too. The first full sync writes or removes those, so a restart with the
 // other value of the flag converges.
-func (o options) packetLayerConfig() iptables.Config {
-	cfg := o.iptablesConfig()
+func (o options) packetLayerConfig(f model.IPFamily) iptables.Config {
+	cfg := o.iptablesConfig(f)
 	cfg.ExternalOnly = true
 	cfg.ClusterIPs = o.hostNetNSOnly
 	return cfg
 }
 
-// newDataplane starts the mode's datapath, wrapped so that the other mode's
-// leftovers go once it serves. It also returns the iptables backend in use
-// (in the ebpf mode, the packet layer's).
-func newDataplane(ctx context.Context, o options) (dataplane.Dataplane, string, error) {
+// datapaths opens the mode's datapath of each family, wrapped so that the
+// other mode's leftovers go once every family's serves. It is used from
+// one goroutine (proxy.RunOpening opens the families one after the
+// other); Close closes what it opened.
+type datapaths struct {
+	o        options
+	families []model.IPFamily
+	// handover and confine are afterAll's functions, one per family.
+	handover, confine []func(context.Context) error
+	// base is the eBPF datapath whose IPv6 view the IPv6 family serves
+	// through; opened by the first family that needs it.
+	base *ebpf.Dataplane
+	// backends are the packet layers' or iptables datapaths' backends.
+	backends map[model.IPFamily]string
+	opened   []dataplane.Dataplane
+}
+
+func newDatapaths(o options, families []model.IPFamily) *datapaths {
+	d := &datapaths{o: o, families: families, backends: map[model.IPFamily]string{}}
 	if o.mode == "iptables" {
-		dp, err := iptables.New(ctx, o.iptablesConfig())
-		if err != nil {
-			return nil, "", fmt.Errorf("starting the iptables datapath: %w", err)
-		}
-		klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "backend", dp.Backend(), "version", version.Get())
-		return dataplane.WithHandover(dp, "ebpf", func(context.Context) error { return ebpf.Cleanup(o.bpffsPath) }), dp.Backend(), nil
+		d.handover = afterAll(len(families), func(context.Context) error { return ebpf.Cleanup(o.bpffsPath) })
+		return d
 	}
-	cgroupPath := o.cgroupPath
-	if cgroupPath == "" {
-		var err error
-		if cgroupPath, err = cgroups.Cgroup2Mount(); err != nil {
-			return nil, "", err
+	d.handover = afterAll(len(families), func(ctx context.Context) error {
+		// The packet layers' full syncs take over their own backend.
+		var errs []error
+		for _, f := range families {
+			errs = append(errs, iptables.CleanupExcept(ctx, o.iptablesConfig(f), d.backends[f]))
 		}
-	}
-	dp, err := ebpf.New(ebpf.Config{
-		BPFFSPath:    o.bpffsPath,
-		CgroupPath:   cgroupPath,
-		MaxServices:  uint32(o.maxServices),
-		MaxBackends:  uint32(o.maxBackends),
-		MaxSockets:   uint32(o.maxSockets),
-		MaxFrontends: uint32(o.maxFrontends),
-		MaxAffinity:  uint32(o.maxAffinity),
-		NetNSDirs:    splitList(o.netnsDirs),
-		// The packet layer below serves what it leaves alone.
-		HostNetNSOnly: o.hostNetNSOnly,
+		return errors.Join(errs...)
 	})
-	if err != nil {
-		return nil, "", fmt.Errorf("starting the eBPF datapath: %w", err)
+	d.confine = afterAll(len(families), func(context.Context) error {
+		// One socket layer serves both families: pods leave it once
+		// every family's packet layer has their ClusterIP rules.
+		return d.base.ConfineToNodeNetNS()
+	})
+	return d
+}
+
+func (d *datapaths) index(f model.IPFamily) int {
+	for i, g := range d.families {
+		if g == f {
+			return i
+		}
 	}
-	packets, err := iptables.New(ctx, o.packetLayerConfig())
-	if err != nil {
-		dp.Close()
-		return nil, "", fmt.Errorf("starting the packet layer (iptables rules for traffic from outside the node): %w", err)
+	return 0
+}
+
+// open starts family f's datapath. It also returns its iptables backend
+// (in the ebpf mode, its packet layer's).
+func (d *datapaths) open(ctx context.Context, f model.IPFamily) (dataplane.Dataplane, string, error) {
+	o, i := d.o, d.index(f)
+	if o.mode == "iptables" {
+		dp, err := iptables.New(ctx, o.iptablesConfig(f))
+		if err != nil {
+			return nil, "", fmt.Errorf("starting the %v iptables datapath: %w", f, err)
+		}
+		d.opened = append(d.opened, dp)
+		d.backends[f] = dp.Backend()
+		klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "ipFamily", f, "backend", dp.Backend(), "version", version.Get())
+		return dataplane.WithHandover(dp, "ebpf", d.handover[i]), dp.Backend(), nil
 	}
-	klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath,
-		"packetLayerBackend", packets.Backend(), "socketLBHostNetNSOnly", o.hostNetNSOnly, "version", version.Get())
-	layered := &dataplane.Layered{Primary: dp, Packets: packets}
+	if d.base == nil {
+		cgroupPath := o.cgroupPath
+		if cgroupPath == "" {
+			var err error
+			if cgroupPath, err = cgroups.Cgroup2Mount(); err != nil {
+				return nil, "", err
+			}
+		}
+		base, err := ebpf.New(ebpf.Config{
+			BPFFSPath:    o.bpffsPath,
+			CgroupPath:   cgroupPath,
+			MaxServices:  uint32(o.maxServices),
+			MaxBackends:  uint32(o.maxBackends),
+			MaxSockets:   uint32(o.maxSockets),
+			MaxFrontends: uint32(o.maxFrontends),
+			MaxAffinity:  uint32(o.maxAffinity),
+			NetNSDirs:    splitList(o.netnsDirs),
+			// The packet layer below serves what it leaves alone.
+			HostNetNSOnly: o.hostNetNSOnly,
+		})
+		if err != nil {
+			return nil, "", fmt.Errorf("starting the eBPF datapath: %w", err)
+		}
+		d.base = base
+		d.opened = append(d.opened, base)
+		klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "cgroup", cgroupPath, "bpffs", o.bpffsPath,
+			"socketLBHostNetNSOnly", o.hostNetNSOnly, "version", version.Get())
+	}
+	var sockets dataplane.Dataplane = d.base
+	if f == model.IPv6 {
+		v6, err := d.base.IPv6()
+		if err != nil {
+			return nil, "", fmt.Errorf("starting the eBPF datapath's IPv6 view: %w", err)
+		}
+		sockets = v6
+		d.opened = append(d.opened, v6)
+	}
+	packets, err := iptables.New(ctx, o.packetLayerConfig(f))
+	if err != nil {
+		return nil, "", fmt.Errorf("starting the %v packet layer (ip%stables rules for traffic from outside the node): %w", f, map[model.IPFamily]string{model.IPv6: "6"}[f], err)
+	}
+	d.opened = append(d.opened, packets)
+	d.backends[f] = packets.Backend()
+	klog.InfoS("Starting the packet layer", "ipFamily", f, "backend", packets.Backend())
+	layered := &dataplane.Layered{Primary: sockets, Packets: packets}
 	if o.hostNetNSOnly {
-		// Pods leave the socket layer only once the packet layer has
+		// Pods leave the socket layer only once the packet layers have
 		// their ClusterIP rules (at once if the previous run had them).
-		layered.PacketsServe = dp.ConfineToNodeNetNS
+		confine := d.confine[i]
+		layered.PacketsServe = func() error { return confine(context.Background()) }
 	}
-	return dataplane.WithHandover(layered, "iptables", func(ctx context.Context) error {
-		// The packet layer's full syncs take over its own backend.
-		return iptables.CleanupExcept(ctx, o.iptablesConfig(), packets.Backend())
-	}), packets.Backend(), nil
+	return dataplane.WithHandover(layered, "iptables", d.handover[i]), packets.Backend(), nil
+}
+
+// Close releases our handles, the last opened first; the datapath (pinned
+// programs or rules) keeps serving until the next start takes it over.
+func (d *datapaths) Close() {
+	for i := len(d.opened) - 1; i >= 0; i-- {
+		d.opened[i].Close()
+	}
 }
 
 func runProxy(ctx context.Context, o options) error {
@@ -256,6 +334,10 @@ func runProxy(ctx context.Context, o options) error {
 		}
 	}
 	go apiserver.Probe(ctx, client.Discovery().RESTClient(), target, apiserver.ProbeTimeout, 5*time.Second)
+	families, err := servedFamilies(ctx, o, client, nodeName, realProbes())
+	if err != nil {
+		return err
+	}
 	var podCIDR netip.Prefix
 	if o.detectLocalMode == localModeNodeCIDR {
 		// As kube-proxy: the rules need the Node's pod range, so nothing
@@ -265,26 +347,28 @@ func runProxy(ctx context.Context, o options) error {
 			return err
 		}
 		klog.InfoS("Telling local traffic by the Node's pod range", "podCIDR", podCIDR)
-		o.localTraffic = iptables.LocalByCIDR(podCIDR)
+		// TODO(issue 20): the IPv6 family's pod range, once nodeinfo
+		// reads spec.podCIDRs per family (WaitForPodCIDR and PodCIDR
+		// return the first IPv4 range today); until then the IPv6
+		// family detects no local traffic, as kube-proxy's does for a
+		// family the Node has no pod range of.
+		o.localTraffic[model.FamilyOf(podCIDR.Addr())] = iptables.LocalByCIDR(podCIDR)
 	}
 	// The datapath starts (loads, verifies and attaches the programs,
 	// opens the pins) while the informers list the Services and
 	// EndpointSlices; proxy.RunOpening waits for both before it syncs.
 	// Closing releases our handles only; the datapath (pinned programs or
 	// rules) keeps serving until the next start takes it over.
-	var dp dataplane.Dataplane
-	defer func() {
-		if dp != nil {
-			dp.Close()
-		}
-	}()
-	open := func(ctx context.Context) (dataplane.Dataplane, error) {
-		d, backend, err := newDataplane(ctx, o)
+	dps := newDatapaths(o, families)
+	defer dps.Close()
+	open := func(ctx context.Context, f model.IPFamily) (dataplane.Dataplane, error) {
+		d, backend, err := dps.open(ctx, f)
 		if err != nil {
 			return nil, err
 		}
-		dp = d
-		metrics.RegisterInfo(reg, o.mode, backend, version.Get())
+		if f == families[0] {
+			metrics.RegisterInfo(reg, o.mode, backend, version.Get())
+		}
 		return d, nil
 	}
 	klog.InfoS("Proxying for node", "node", nodeName)
@@ -307,6 +391,7 @@ func runProxy(ctx context.Context, o options) error {
 			PodCIDR:      podCIDR,
 		}),
 		Registry: reg,
+		Families: families,
 		// The label says what serves the node, so it is written once
 		// this mode does; in the background, as the datapath never
 		// waits for the API server.

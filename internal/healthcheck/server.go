@@ -23,6 +23,18 @@
 // Content-Type: application/json, X-Content-Type-Options: nosniff and
 // X-Load-Balancing-Endpoint-Weight: N, which some load balancers use to
 // weigh nodes by their number of endpoints.
+//
+// On a dual-stack node each IP family's proxier tells the Server its own
+// Services, addresses and local endpoint counts (the *For methods), as
+// each of kube-proxy's per-family proxiers has a health check server of
+// its own. The two families of one Service share its port, and are not
+// combined: a port listens on each family that serves the Service (tcp4
+// on that family's addresses, tcp6 on the other's, IPV6_V6ONLY so the two
+// sockets coexist), and a probe is answered with the local endpoints of
+// the family of the address it arrived on. That is kube-proxy's answer: a
+// load balancer probing a node's IPv4 address learns whether IPv4 traffic
+// has a local endpoint there, whatever the IPv6 endpoints are, and an
+// IPv4-only Service listens on IPv4 alone.
 package healthcheck
 
 import (
@@ -93,24 +105,41 @@ type Server struct {
 
 	// mu guards everything below. Syncs hold it while they open and close
 	// listeners, which is quick; handlers hold it only to read a count.
-	mu sync.RWMutex
-	// all and ips are where ports listen (see SetAddresses).
-	all bool
-	ips []netip.Addr
-	// open holds the Services whose port is open, at the addresses and
-	// port they were opened with.
-	open map[model.ServiceName]*instance
-	// counts are the local endpoint counts of the last SyncEndpoints.
-	// They are kept for every Service given, open or not, so the order of
-	// SyncServices and SyncEndpoints does not matter.
-	counts map[model.ServiceName]int
-	closed bool
+	mu       sync.RWMutex
+	families map[model.IPFamily]*family
+	closed   bool
 
 	// serving counts the Serve goroutines, for Close to wait for.
 	serving sync.WaitGroup
 }
 
-// instance is one Service's open port: one HTTP server per address.
+// family is what one IP family's proxier told the Server.
+type family struct {
+	// all and ips are where ports listen (see SetAddresses).
+	all bool
+	ips []netip.Addr
+	// open holds the Services whose port is open in this family, at the
+	// addresses and port they were opened with.
+	open map[model.ServiceName]*instance
+	// counts are the local endpoint counts of the last SyncEndpoints.
+	// They are kept for every Service given, open or not, so the order of
+	// SyncServices and SyncEndpoints does not matter.
+	counts map[model.ServiceName]int
+}
+
+// family returns f's state, creating it (listening everywhere). Call with
+// mu held.
+func (s *Server) family(f model.IPFamily) *family {
+	fam := s.families[f]
+	if fam == nil {
+		fam = &family{all: true, open: map[model.ServiceName]*instance{}, counts: map[model.ServiceName]int{}}
+		s.families[f] = fam
+	}
+	return fam
+}
+
+// instance is one Service's open port in one family: one HTTP server per
+// address.
 type instance struct {
 	port    uint16
 	all     bool
@@ -130,43 +159,62 @@ func New(cfg Config) *Server {
 		var lc net.ListenConfig
 		cfg.Listen = lc.Listen
 	}
-	return &Server{cfg: cfg, all: true, open: map[model.ServiceName]*instance{}, counts: map[model.ServiceName]int{}}
+	return &Server{cfg: cfg, families: map[model.IPFamily]*family{}}
 }
 
-// SetAddresses sets where ports listen, from the next SyncServices on,
-// which reopens the ports that listen elsewhere. With all, a port listens
-// on 0.0.0.0, as kube-proxy's do without --nodeport-addresses; otherwise
-// it listens on each of ips (IPv4 ones; others are ignored), which are
-// the node's addresses that match --nodeport-addresses, and on none if
-// none matches, as kube-proxy does. Pass model.NodeInfo's
-// AllLocalAddresses and NodePortAddresses.
+// SetAddresses is SetAddressesFor of IPv4, the family of a single-stack
+// IPv4 proxy.
+func (s *Server) SetAddresses(all bool, ips []netip.Addr) { s.SetAddressesFor(model.IPv4, all, ips) }
+
+// SyncServices is SyncServicesFor of IPv4.
+func (s *Server) SyncServices(ports map[model.ServiceName]uint16) error {
+	return s.SyncServicesFor(model.IPv4, ports)
+}
+
+// SyncEndpoints is SyncEndpointsFor of IPv4.
+func (s *Server) SyncEndpoints(local map[model.ServiceName]int) {
+	s.SyncEndpointsFor(model.IPv4, local)
+}
+
+// SetAddressesFor sets where family f's ports listen, from its next
+// SyncServicesFor on, which reopens the ports that listen elsewhere. With
+// all, a port listens on 0.0.0.0 (IPv4) or :: (IPv6), as kube-proxy's do
+// without --nodeport-addresses; otherwise it listens on each of ips (those
+// of family f; others are ignored), which are the node's addresses that
+// match --nodeport-addresses, and on none if none matches, as kube-proxy
+// does. Pass the family's model.NodeInfo's AllLocalAddresses and
+// NodePortAddresses.
 //
 // kube-proxy looks the addresses up once at start; following them lets a
 // node that gains or loses an address serve its health checks where its
 // node ports are.
-func (s *Server) SetAddresses(all bool, ips []netip.Addr) {
-	var v4 []netip.Addr
+func (s *Server) SetAddressesFor(f model.IPFamily, all bool, ips []netip.Addr) {
+	var mine []netip.Addr
 	if !all {
 		for _, ip := range ips {
-			if ip = ip.Unmap(); ip.Is4() {
-				v4 = append(v4, ip)
+			if f == model.IPv4 {
+				ip = ip.Unmap()
+			}
+			if f.Has(ip) {
+				mine = append(mine, ip)
 			}
 		}
-		slices.SortFunc(v4, netip.Addr.Compare)
-		v4 = slices.Compact(v4)
+		slices.SortFunc(mine, netip.Addr.Compare)
+		mine = slices.Compact(mine)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.all == all && slices.Equal(s.ips, v4) {
+	fam := s.family(f)
+	if fam.all == all && slices.Equal(fam.ips, mine) {
 		return
 	}
-	s.all, s.ips = all, v4
-	if !all && len(v4) == 0 {
-		klog.InfoS("No node address matches --nodeport-addresses: health check node ports listen nowhere")
+	fam.all, fam.ips = all, mine
+	if !all && len(mine) == 0 {
+		klog.InfoS("No node address matches --nodeport-addresses: health check node ports listen nowhere", "ipFamily", f)
 	}
 }
 
-// SyncServices makes the open ports exactly ports: it closes the ports of
+// SyncServicesFor makes family f's open ports exactly ports: it closes the ports of
 // Services not in it (or whose port or addresses changed), then opens the
 // missing ones (a zero port is no port). A port that cannot be opened
 // (another process holds it, an address is gone) leaves that Service
@@ -175,43 +223,44 @@ func (s *Server) SetAddresses(all bool, ips []netip.Addr) {
 // does at each sync. The returned error names every such Service; it is
 // for the log: the datapath is not affected, and the next call retries
 // anyway.
-func (s *Server) SyncServices(ports map[model.ServiceName]uint16) error {
+func (s *Server) SyncServicesFor(f model.IPFamily, ports map[model.ServiceName]uint16) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
 		return errors.New("health check server closed")
 	}
+	fam := s.family(f)
 	// Close first, so that a port moving from one Service to another,
 	// or a Service moving to other addresses, is free to open.
-	for name, inst := range s.open {
-		if port, ok := ports[name]; ok && port == inst.port && inst.all == s.all && slices.Equal(inst.ips, s.ips) {
+	for name, inst := range fam.open {
+		if port, ok := ports[name]; ok && port == inst.port && inst.all == fam.all && slices.Equal(inst.ips, fam.ips) {
 			continue
 		}
-		klog.V(2).InfoS("Closing health check node port", "service", name, "port", inst.port)
+		klog.V(2).InfoS("Closing health check node port", "service", name, "port", inst.port, "ipFamily", f)
 		inst.close()
-		delete(s.open, name)
+		delete(fam.open, name)
 	}
 	var errs []error
 	for _, name := range sortedNames(ports) {
 		port := ports[name]
-		if s.open[name] != nil || port == 0 {
+		if fam.open[name] != nil || port == 0 {
 			continue
 		}
-		klog.V(2).InfoS("Opening health check node port", "service", name, "port", port)
-		inst, err := s.listen(name, port)
+		klog.V(2).InfoS("Opening health check node port", "service", name, "port", port, "ipFamily", f)
+		inst, err := s.listen(f, fam, name, port)
 		if err != nil {
 			s.reportFailure(name, port, err)
-			errs = append(errs, fmt.Errorf("opening health check node port %d of Service %s: %w", port, name, err))
+			errs = append(errs, fmt.Errorf("opening health check node port %d of Service %s (%v): %w", port, name, f, err))
 			continue
 		}
-		s.open[name] = inst
+		fam.open[name] = inst
 	}
 	return errors.Join(errs...)
 }
 
-// SyncEndpoints sets the number of this node's ready endpoints of each
-// Service; a Service not in local has none.
-func (s *Server) SyncEndpoints(local map[model.ServiceName]int) {
+// SyncEndpointsFor sets the number of this node's ready endpoints of
+// family f of each Service; a Service not in local has none.
+func (s *Server) SyncEndpointsFor(f model.IPFamily, local map[model.ServiceName]int) {
 	counts := make(map[model.ServiceName]int, len(local))
 	for name, n := range local {
 		if n > 0 {
@@ -220,17 +269,19 @@ func (s *Server) SyncEndpoints(local map[model.ServiceName]int) {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.counts = counts
+	s.family(f).counts = counts
 }
 
 // Close closes every port and waits for their servers to stop. The Server
 // cannot be used afterwards.
 func (s *Server) Close() error {
 	s.mu.Lock()
-	for _, inst := range s.open {
-		inst.close()
+	for _, fam := range s.families {
+		for _, inst := range fam.open {
+			inst.close()
+		}
+		fam.open = map[model.ServiceName]*instance{}
 	}
-	s.open = map[model.ServiceName]*instance{}
 	s.closed = true
 	s.mu.Unlock()
 	s.serving.Wait()
@@ -240,21 +291,25 @@ func (s *Server) Close() error {
 // listen opens name's port on the current addresses and serves it. It
 // opens either every listener or none, so a failure leaves nothing to
 // close and the next attempt starts afresh.
-func (s *Server) listen(name model.ServiceName, port uint16) (*instance, error) {
-	inst := &instance{port: port, all: s.all, ips: s.ips}
+func (s *Server) listen(f model.IPFamily, fam *family, name model.ServiceName, port uint16) (*instance, error) {
+	inst := &instance{port: port, all: fam.all, ips: fam.ips}
+	// As kube-proxy's per-family servers: tcp4 for IPv4, tcp6 for IPv6,
+	// whose wildcard socket Go makes IPV6_V6ONLY, so both bind the port.
+	network, wildcard := "tcp4", "0.0.0.0"
+	if f == model.IPv6 {
+		network, wildcard = "tcp6", "::"
+	}
 	var addrs []string
-	if s.all {
-		addrs = []string{net.JoinHostPort("0.0.0.0", strconv.Itoa(int(port)))}
+	if fam.all {
+		addrs = []string{net.JoinHostPort(wildcard, strconv.Itoa(int(port)))}
 	} else {
-		for _, ip := range s.ips {
+		for _, ip := range fam.ips {
 			addrs = append(addrs, netip.AddrPortFrom(ip, port).String())
 		}
 	}
 	lns := make([]net.Listener, 0, len(addrs))
 	for _, addr := range addrs {
-		// tcp4: kube-proxy listens on the IPv4 family only for its
-		// IPv4 Services, as we serve IPv4 only.
-		ln, err := s.cfg.Listen(context.Background(), "tcp4", addr)
+		ln, err := s.cfg.Listen(context.Background(), network, addr)
 		if err != nil {
 			for _, l := range lns {
 				_ = l.Close()
@@ -264,7 +319,7 @@ func (s *Server) listen(name model.ServiceName, port uint16) (*instance, error) 
 		lns = append(lns, ln)
 	}
 	inst.listeners = lns
-	handler := s.handler(name)
+	handler := s.handler(f, name)
 	for _, ln := range lns {
 		srv := &http.Server{Handler: handler, ReadHeaderTimeout: readHeaderTimeout}
 		inst.servers = append(inst.servers, srv)
@@ -308,13 +363,14 @@ func (s *Server) reportFailure(name model.ServiceName, port uint16, err error) {
 		"node %s failed to start healthcheck %q on port %d: %v", s.cfg.NodeName, name.String(), port, err)
 }
 
-// handler answers every request on name's port with its local endpoint
-// count.
-func (s *Server) handler(name model.ServiceName) http.Handler {
+// handler answers every request on name's port in family f with its local
+// endpoint count in f.
+func (s *Server) handler(f model.IPFamily, name model.ServiceName) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
 		s.mu.RLock()
-		_, open := s.open[name]
-		count := s.counts[name]
+		fam := s.families[f]
+		_, open := fam.open[name]
+		count := fam.counts[name]
 		s.mu.RUnlock()
 		if !open {
 			// A request that raced the port's closing: the Service

@@ -464,3 +464,37 @@ func TestConcurrentSyncs(t *testing.T) {
 	cancel()
 	wg.Wait()
 }
+
+// On a dual-stack node each family's proxier syncs its own Services and
+// counts: a dual-stack Service's port listens in both families (tcp4 and
+// tcp6 side by side, on the wildcard addresses here) and a probe is
+// answered with the local endpoints of the family it arrived in, as by
+// kube-proxy's two per-family servers; an IPv6-only Service's port
+// listens on IPv6 alone.
+func TestPerFamily(t *testing.T) {
+	s := New(Config{})
+	t.Cleanup(func() { s.Close() })
+	loop6 := netip.MustParseAddr("::1")
+	s.SetAddressesFor(model.IPv4, true, nil)
+	s.SetAddressesFor(model.IPv6, true, nil)
+	port, port6 := freePort(t), freePort(t)
+	if err := s.SyncServicesFor(model.IPv4, map[model.ServiceName]uint16{web: port}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SyncServicesFor(model.IPv6, map[model.ServiceName]uint16{web: port, api: port6}); err != nil {
+		t.Fatal(err)
+	}
+	s.SyncEndpointsFor(model.IPv4, map[model.ServiceName]int{web: 2})
+	s.SyncEndpointsFor(model.IPv6, map[model.ServiceName]int{api: 1})
+	checkAnswer(t, get(t, netip.AddrPortFrom(loopback, port)), web, 200, 2, true)
+	checkAnswer(t, get(t, netip.AddrPortFrom(loop6, port)), web, 503, 0, true)
+	checkAnswer(t, get(t, netip.AddrPortFrom(loop6, port6)), api, 200, 1, true)
+	refused(t, netip.AddrPortFrom(loopback, port6))
+
+	// IPv4's proxier drops the Service: its IPv6 port stays.
+	if err := s.SyncServicesFor(model.IPv4, nil); err != nil {
+		t.Fatal(err)
+	}
+	refused(t, netip.AddrPortFrom(loopback, port))
+	checkAnswer(t, get(t, netip.AddrPortFrom(loop6, port)), web, 503, 0, true)
+}

@@ -3,7 +3,9 @@
 // /healthz says whether the datapath is being kept up to date, as
 // kube-proxy's does: the proxy is healthy unless a change has been waiting
 // for longer than a timeout without a sync that brought the datapath up to
-// date since. The sync loop calls QueuedUpdate whenever a Service or
+// date since. Each IP family's proxier reports on its own (a dual-stack
+// node runs two, as kube-proxy does), and one family's stale change is
+// enough to fail /healthz. The sync loop calls QueuedUpdate whenever a Service or
 // EndpointSlice change is recorded (and once at start, so that a proxy that
 // never completes its first sync turns unhealthy), and Updated after every
 // sync that applied the desired state (one that left out only service ports
@@ -40,20 +42,29 @@ import (
 	"k8s.io/utils/clock"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
-// ProxyHealth tracks whether queued changes reach the datapath in time. It is
-// safe for concurrent use.
+// ProxyHealth tracks whether queued changes reach the datapath in time, per
+// IP family, as kube-proxy's ProxyHealthServer does: each family's proxier
+// reports its own queued changes and syncs, and the proxy is unhealthy as
+// soon as one family's oldest pending change has waited for the timeout.
+// It is safe for concurrent use.
 type ProxyHealth struct {
 	timeout time.Duration
 	clock   clock.PassiveClock
 
-	mu sync.Mutex
-	// oldestQueued is when the oldest change not yet synced was queued; zero
-	// when nothing is pending.
+	mu       sync.Mutex
+	families map[model.IPFamily]*familyHealth
+}
+
+// familyHealth is one family's proxier's state.
+type familyHealth struct {
+	// oldestQueued is when the oldest change not yet synced was queued;
+	// zero when nothing is pending.
 	oldestQueued time.Time
-	// lastUpdated is when the last successful sync finished; zero before the
-	// first one.
+	// lastUpdated is when the last successful sync finished; zero before
+	// the first one.
 	lastUpdated time.Time
 	// loopStarted is set once the sync loop runs; lastAttempt is when it
 	// started or last ended a sync attempt, whatever its outcome.
@@ -67,80 +78,141 @@ func NewProxyHealth(timeout time.Duration, clk clock.PassiveClock) *ProxyHealth 
 	if clk == nil {
 		clk = clock.RealClock{}
 	}
-	return &ProxyHealth{timeout: timeout, clock: clk}
+	return &ProxyHealth{timeout: timeout, clock: clk, families: map[model.IPFamily]*familyHealth{}}
 }
 
-// QueuedUpdate records that a change is waiting to be synced. Only the oldest
-// pending change counts: later calls before the next Updated do not move the
-// time.
-func (h *ProxyHealth) QueuedUpdate() {
+// family returns f's state, creating it. Call with mu held.
+func (h *ProxyHealth) family(f model.IPFamily) *familyHealth {
+	fh := h.families[f]
+	if fh == nil {
+		fh = &familyHealth{}
+		h.families[f] = fh
+	}
+	return fh
+}
+
+// QueuedUpdate records that a change is waiting to be synced by f's
+// proxier. Only the oldest pending change counts: later calls before the
+// next Updated do not move the time.
+func (h *ProxyHealth) QueuedUpdate(f model.IPFamily) {
 	now := h.clock.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.oldestQueued.IsZero() {
-		h.oldestQueued = now
+	if fh := h.family(f); fh.oldestQueued.IsZero() {
+		fh.oldestQueued = now
 	}
 }
 
-// Updated records a successful sync: every change queued so far is now in the
-// datapath.
-func (h *ProxyHealth) Updated() {
+// Updated records a successful sync of f's proxier: every change it had
+// queued so far is now in its datapath.
+func (h *ProxyHealth) Updated(f model.IPFamily) {
 	now := h.clock.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.oldestQueued = time.Time{}
-	h.lastUpdated = now
-	h.lastAttempt = now
+	fh := h.family(f)
+	fh.oldestQueued = time.Time{}
+	fh.lastUpdated = now
+	fh.lastAttempt = now
 }
 
-// SyncFailed records a sync attempt that ended without bringing the
-// datapath up to date: the queued changes still wait (for /healthz), but the
-// sync loop is alive (for /livez).
-func (h *ProxyHealth) SyncFailed() {
+// SyncFailed records a sync attempt of f's proxier that ended without
+// bringing its datapath up to date: the queued changes still wait (for
+// /healthz), but the sync loop is alive (for /livez).
+func (h *ProxyHealth) SyncFailed(f model.IPFamily) {
 	now := h.clock.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.lastAttempt = now
+	h.family(f).lastAttempt = now
 }
 
-// SyncLoopStarted records that the sync loop runs: from now on /livez
+// SyncLoopStarted records that f's sync loop runs: from now on /livez
 // expects its attempts to end.
-func (h *ProxyHealth) SyncLoopStarted() {
+func (h *ProxyHealth) SyncLoopStarted(f model.IPFamily) {
 	now := h.clock.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.loopStarted = true
-	h.lastAttempt = now
+	fh := h.family(f)
+	fh.loopStarted = true
+	fh.lastAttempt = now
 }
 
-// Healthy reports whether no change has been pending for timeout or longer,
-// when the last successful sync happened (zero if never) and the current time.
-func (h *ProxyHealth) Healthy() (ok bool, lastUpdated, currentTime time.Time) {
-	currentTime = h.clock.Now()
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	ok = h.oldestQueued.IsZero() || currentTime.Sub(h.oldestQueued) < h.timeout
-	return ok, h.lastUpdated, currentTime
+// Health is what /healthz and /livez report, as kube-proxy's ProxyHealth.
+type Health struct {
+	// Healthy holds when every family is.
+	Healthy bool
+	// LastUpdated is the latest successful sync of any family (zero if
+	// none).
+	LastUpdated time.Time
+	CurrentTime time.Time
+	// Families holds each family that has synced.
+	Families map[model.IPFamily]FamilyHealth
 }
 
-// Live reports whether the sync loop is not stuck: it has not started yet,
-// nothing waits for it, or it has ended an attempt (or started) less than
-// timeout ago, or the change waiting was queued less than timeout ago. It
-// returns lastUpdated and currentTime as Healthy does.
-func (h *ProxyHealth) Live() (ok bool, lastUpdated, currentTime time.Time) {
-	currentTime = h.clock.Now()
+// FamilyHealth is one family's part of Health.
+type FamilyHealth struct {
+	LastUpdated time.Time
+	Healthy     bool
+}
+
+// Health reports, per family and overall, whether no change has been
+// pending for timeout or longer.
+func (h *ProxyHealth) Health() Health {
+	return h.report(func(fh *familyHealth, now time.Time) bool {
+		return fh.oldestQueued.IsZero() || now.Sub(fh.oldestQueued) < h.timeout
+	})
+}
+
+// Liveness reports, per family and overall, whether the sync loop is not
+// stuck: it has not started yet, nothing waits for it, or it has ended an
+// attempt (or started) less than timeout ago, or the change waiting was
+// queued less than timeout ago.
+func (h *ProxyHealth) Liveness() Health {
+	return h.report(func(fh *familyHealth, now time.Time) bool {
+		since := fh.oldestQueued
+		if fh.lastAttempt.After(since) {
+			since = fh.lastAttempt
+		}
+		return !fh.loopStarted || fh.oldestQueued.IsZero() || now.Sub(since) < h.timeout
+	})
+}
+
+func (h *ProxyHealth) report(ok func(*familyHealth, time.Time) bool) Health {
+	now := h.clock.Now()
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	since := h.oldestQueued
-	if h.lastAttempt.After(since) {
-		since = h.lastAttempt
+	r := Health{Healthy: true, CurrentTime: now, Families: map[model.IPFamily]FamilyHealth{}}
+	for f, fh := range h.families {
+		good := ok(fh, now)
+		r.Healthy = r.Healthy && good
+		if fh.lastUpdated.After(r.LastUpdated) {
+			r.LastUpdated = fh.lastUpdated
+		}
+		// As kube-proxy, a family is listed once it has synced. Unlike
+		// kube-proxy's, a family that never has still counts: one
+		// whose first sync never succeeds makes the proxy unhealthy.
+		if !fh.lastUpdated.IsZero() {
+			r.Families[f] = FamilyHealth{LastUpdated: fh.lastUpdated, Healthy: good}
+		}
 	}
-	ok = !h.loopStarted || h.oldestQueued.IsZero() || currentTime.Sub(since) < h.timeout
-	return ok, h.lastUpdated, currentTime
+	return r
+}
+
+// Healthy reports whether no family has had a change pending for timeout
+// or longer, when the last successful sync of any family happened (zero if
+// never) and the current time.
+func (h *ProxyHealth) Healthy() (ok bool, lastUpdated, currentTime time.Time) {
+	r := h.Health()
+	return r.Healthy, r.LastUpdated, r.CurrentTime
+}
+
+// Live is Liveness's verdict, with lastUpdated and currentTime as Healthy.
+func (h *ProxyHealth) Live() (ok bool, lastUpdated, currentTime time.Time) {
+	r := h.Liveness()
+	return r.Healthy, r.LastUpdated, r.CurrentTime
 }
 
 // status is the response body, field for field kube-proxy's (v1.36
-// pkg/proxy/healthcheck ProxyHealth), for the one IP family served.
+// pkg/proxy/healthcheck ProxyHealth).
 type status struct {
 	// LastUpdated is, as kube-proxy's, the current time in a 200 answer
 	// (older releases reported the last sync loop run, even without
@@ -152,7 +224,8 @@ type status struct {
 	// Healthy is the datapath's state (/healthz: kept up to date;
 	// /livez: the sync loop not stuck), whatever NodeEligible says.
 	Healthy bool `json:"healthy"`
-	// Status holds it per IP family, once a sync has succeeded.
+	// Status holds it per IP family ("IPv4", "IPv6"), once that family
+	// has synced.
 	Status map[string]familyStatus `json:"status,omitempty"`
 }
 
@@ -196,16 +269,17 @@ func Handler(h *ProxyHealth, opts ...HandlerOption) http.Handler {
 	}
 	mux := http.NewServeMux()
 	// A GET pattern also matches HEAD.
-	mux.HandleFunc("GET /healthz", serveStatus(h.Healthy, c.nodeEligible, c.healthz))
-	mux.HandleFunc("GET /livez", serveStatus(h.Live, nil, c.livez))
+	mux.HandleFunc("GET /healthz", serveStatus(h.Health, c.nodeEligible, c.healthz))
+	mux.HandleFunc("GET /livez", serveStatus(h.Liveness, nil, c.livez))
 	return mux
 }
 
 // serveStatus answers 200 or 503 as check (and eligible, if set) says,
 // with kube-proxy's body, and tells count the code.
-func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time), eligible func() bool, count func(code int)) http.HandlerFunc {
+func serveStatus(check func() Health, eligible func() bool, count func(code int)) http.HandlerFunc {
 	return func(w http.ResponseWriter, _ *http.Request) {
-		ok, lastUpdated, currentTime := check()
+		r := check()
+		ok, lastUpdated, currentTime := r.Healthy, r.LastUpdated, r.CurrentTime
 		st := status{CurrentTime: currentTime.Format(time.RFC3339Nano), Healthy: ok}
 		serving := ok
 		if eligible != nil {
@@ -213,8 +287,11 @@ func serveStatus(check func() (ok bool, lastUpdated, currentTime time.Time), eli
 			st.NodeEligible = &e
 			serving = ok && e
 		}
-		if !lastUpdated.IsZero() {
-			st.Status = map[string]familyStatus{"IPv4": {LastUpdated: lastUpdated.Format(time.RFC3339Nano), Healthy: ok}}
+		if len(r.Families) > 0 {
+			st.Status = make(map[string]familyStatus, len(r.Families))
+			for f, fh := range r.Families {
+				st.Status[f.String()] = familyStatus{LastUpdated: fh.LastUpdated.Format(time.RFC3339Nano), Healthy: fh.Healthy}
+			}
 		}
 		st.LastUpdated = lastUpdated.Format(time.RFC3339Nano)
 		if serving {

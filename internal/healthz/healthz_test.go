@@ -17,6 +17,7 @@ import (
 	clocktesting "k8s.io/utils/clock/testing"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 var t0 = time.Date(2026, 1, 2, 3, 4, 5, 123456789, time.UTC)
@@ -152,13 +153,13 @@ func TestProxyHealth(t *testing.T) {
 			for _, o := range tc.ops {
 				switch o.action {
 				case queue:
-					h.QueuedUpdate()
+					h.QueuedUpdate(model.IPv4)
 				case update:
-					h.Updated()
+					h.Updated(model.IPv4)
 				case fail:
-					h.SyncFailed()
+					h.SyncFailed(model.IPv4)
 				case loopStart:
-					h.SyncLoopStarted()
+					h.SyncLoopStarted(model.IPv4)
 				case step:
 					clk.SetTime(clk.Now().Add(o.d))
 				}
@@ -235,7 +236,7 @@ func TestHandler(t *testing.T) {
 		},
 		{
 			name:   "first sync pending, within timeout",
-			before: func() { h.QueuedUpdate(); clk.SetTime(t0.Add(time.Minute)) },
+			before: func() { h.QueuedUpdate(model.IPv4); clk.SetTime(t0.Add(time.Minute)) },
 			checks: probes(ok, ok),
 		},
 		{
@@ -245,23 +246,23 @@ func TestHandler(t *testing.T) {
 		},
 		{
 			name:   "sync loop started, its first attempt stuck",
-			before: func() { h.SyncLoopStarted(); clk.SetTime(clk.Now().Add(timeout)) },
+			before: func() { h.SyncLoopStarted(model.IPv4); clk.SetTime(clk.Now().Add(timeout)) },
 			checks: probes(unavailable, unavailable),
 		},
 		{
 			name:   "a failed attempt: unhealthy, live",
-			before: func() { h.SyncFailed() },
+			before: func() { h.SyncFailed(model.IPv4) },
 			checks: probes(unavailable, ok),
 		},
 		{
 			name:            "synced",
-			before:          func() { clk.SetTime(clk.Now().Add(time.Second)); h.Updated() },
+			before:          func() { clk.SetTime(clk.Now().Add(time.Second)); h.Updated(model.IPv4) },
 			checks:          probes(ok, ok),
 			wantLastUpdated: t0.Add(2*timeout + time.Second),
 		},
 		{
 			name:            "stuck again",
-			before:          func() { h.QueuedUpdate(); clk.SetTime(clk.Now().Add(timeout)) },
+			before:          func() { h.QueuedUpdate(model.IPv4); clk.SetTime(clk.Now().Add(timeout)) },
 			checks:          probes(unavailable, unavailable),
 			wantLastUpdated: t0.Add(2*timeout + time.Second),
 		},
@@ -270,7 +271,7 @@ func TestHandler(t *testing.T) {
 			// cluster autoscaler, fails /healthz for load balancers to
 			// drain it; /livez does not care.
 			name:            "node not eligible",
-			before:          func() { h.Updated(); eligible.Store(false) },
+			before:          func() { h.Updated(model.IPv4); eligible.Store(false) },
 			checks:          probes(unavailable, ok),
 			wantLastUpdated: t0.Add(3*timeout + time.Second),
 			ineligible:      true,
@@ -405,5 +406,64 @@ func TestListenAndServeStopsOnCancel(t *testing.T) {
 		}
 	case <-time.After(30 * time.Second):
 		t.Fatal("ListenAndServe did not return after its context was cancelled")
+	}
+}
+
+// On a dual-stack node each family's proxier reports on its own, as in
+// kube-proxy's ProxyHealthServer: one family's stale change is enough to
+// make /healthz fail, the body lists each family that has synced, and the
+// top-level lastUpdated of a 503 is the latest sync of any family.
+func TestHandlerPerFamily(t *testing.T) {
+	clk := clocktesting.NewFakePassiveClock(t0)
+	h := NewProxyHealth(timeout, clk)
+	srv := httptest.NewServer(Handler(h))
+	t.Cleanup(srv.Close)
+	get := func() (int, status) {
+		t.Helper()
+		resp, err := http.Get(srv.URL + "/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var st status
+		if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, st
+	}
+	for _, f := range model.Families {
+		h.QueuedUpdate(f)
+		h.SyncLoopStarted(f)
+	}
+	clk.SetTime(t0.Add(time.Second))
+	h.Updated(model.IPv4)
+	// IPv6's first sync has not succeeded within the timeout.
+	clk.SetTime(t0.Add(timeout))
+	code, st := get()
+	if code != http.StatusServiceUnavailable || st.Healthy {
+		t.Errorf("IPv6 stale: %d healthy=%v, want 503 unhealthy", code, st.Healthy)
+	}
+	if want := t0.Add(time.Second).Format(time.RFC3339Nano); st.LastUpdated != want {
+		t.Errorf("lastUpdated %q, want IPv4's sync %q", st.LastUpdated, want)
+	}
+	if got := st.Status["IPv4"]; !got.Healthy || len(st.Status) != 1 {
+		t.Errorf("status %+v, want IPv4 alone (IPv6 never synced), healthy", st.Status)
+	}
+
+	clk.SetTime(t0.Add(timeout + time.Second))
+	h.Updated(model.IPv6)
+	h.QueuedUpdate(model.IPv4)
+	clk.SetTime(t0.Add(3 * timeout))
+	code, st = get()
+	if code != http.StatusServiceUnavailable || st.Status["IPv4"].Healthy || !st.Status["IPv6"].Healthy {
+		t.Errorf("IPv4 stale: %d %+v, want 503, IPv4 unhealthy, IPv6 healthy", code, st.Status)
+	}
+	if want := t0.Add(timeout + time.Second).Format(time.RFC3339Nano); st.LastUpdated != want || st.Status["IPv6"].LastUpdated != want {
+		t.Errorf("lastUpdated %q (IPv6 %q), want IPv6's sync %q", st.LastUpdated, st.Status["IPv6"].LastUpdated, want)
+	}
+
+	h.Updated(model.IPv4)
+	if code, st = get(); code != http.StatusOK || !st.Healthy || len(st.Status) != 2 {
+		t.Errorf("both synced: %d %+v, want 200 and both families", code, st)
 	}
 }

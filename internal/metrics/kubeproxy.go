@@ -1,7 +1,9 @@
 package metrics
 
 import (
-	"sync/atomic"
+	"maps"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -10,16 +12,21 @@ import (
 )
 
 // changesCollector exports kube-proxy's change counters from the change
-// tracker, read at scrape time: the tracker keeps them under its own lock,
-// so a scrape never sees a pending count out of step with its total.
+// trackers, read at scrape time: each tracker keeps them under its own
+// lock, so a scrape never sees a pending count out of step with its total.
+// They have no ip_family label, as kube-proxy's: on a dual-stack node they
+// sum the two families' trackers, which is what kube-proxy's counters hold
+// too (each of its per-family trackers counts every event).
 type changesCollector struct {
-	source atomic.Pointer[func() model.ChangeCounts]
+	mu      sync.Mutex
+	sources map[string]func() model.ChangeCounts
 
 	endpointPending, endpointTotal, servicePending, serviceTotal *prometheus.Desc
 }
 
 func newChangesCollector() *changesCollector {
 	return &changesCollector{
+		sources: make(map[string]func() model.ChangeCounts),
 		endpointPending: prometheus.NewDesc("kubeproxy_sync_proxy_rules_endpoint_changes_pending",
 			"EndpointSlice events that changed a slice since the last sync.", nil, nil),
 		endpointTotal: prometheus.NewDesc("kubeproxy_sync_proxy_rules_endpoint_changes_total",
@@ -40,8 +47,15 @@ func (c *changesCollector) Describe(ch chan<- *prometheus.Desc) {
 
 func (c *changesCollector) Collect(ch chan<- prometheus.Metric) {
 	var counts model.ChangeCounts
-	if f := c.source.Load(); f != nil {
-		counts = (*f)()
+	c.mu.Lock()
+	sources := slices.Collect(maps.Values(c.sources))
+	c.mu.Unlock()
+	for _, f := range sources {
+		n := f()
+		counts.PendingEndpointChanges += n.PendingEndpointChanges
+		counts.EndpointChanges += n.EndpointChanges
+		counts.PendingServices += n.PendingServices
+		counts.ServiceChanges += n.ServiceChanges
 	}
 	ch <- prometheus.MustNewConstMetric(c.endpointPending, prometheus.GaugeValue, float64(counts.PendingEndpointChanges))
 	ch <- prometheus.MustNewConstMetric(c.endpointTotal, prometheus.CounterValue, float64(counts.EndpointChanges))
@@ -49,10 +63,13 @@ func (c *changesCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.serviceTotal, prometheus.CounterValue, float64(counts.ServiceChanges))
 }
 
-// SetChangeSource makes the change counters read f at each scrape; until
-// it is called they are 0.
+// SetChangeSource makes the change counters read f, the tracker of m's
+// family, at each scrape, adding the other families'; until it is called
+// they are 0.
 func (m *Metrics) SetChangeSource(f func() model.ChangeCounts) {
-	m.changes.source.Store(&f)
+	m.changes.mu.Lock()
+	defer m.changes.mu.Unlock()
+	m.changes.sources[m.family] = f
 }
 
 // ObserveNetworkProgramming records, for each trigger time, the time from it

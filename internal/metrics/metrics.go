@@ -21,6 +21,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // Values of the kind label of the sync metrics.
@@ -43,14 +44,17 @@ const (
 	CheckError   = "error"
 )
 
-// IPFamily is the value of kube-proxy's ip_family label: this proxy serves
-// IPv4 only, so every series carries it, as a single-stack IPv4 kube-proxy's
-// do.
+// IPFamily is the value of kube-proxy's ip_family label of the Metrics New
+// returns; ForFamily gives the other family's. Each family's proxier
+// records into its own, as each of kube-proxy's per-family proxiers does.
 const IPFamily = "IPv4"
 
 // Metrics holds the proxy's collectors. The fields may be used directly; the
 // Record methods cover the common cases.
 type Metrics struct {
+	// family is the ip_family label value of every family-labelled series
+	// this Metrics records (ForFamily).
+	family string
 	// SyncProxyRulesDuration observes how long each sync took, failed or
 	// not.
 	SyncProxyRulesDuration prometheus.Observer
@@ -128,6 +132,12 @@ type Metrics struct {
 	Backends prometheus.Gauge
 
 	changes *changesCollector
+	// The vectors of the family-labelled series, for ForFamily.
+	syncDurationVec, syncFullDurationVec, syncPartialDurationVec *prometheus.HistogramVec
+	lastTimestampVec, lastQueuedVec                              *prometheus.GaugeVec
+	programmingVec                                               *prometheus.HistogramVec
+	lockTimeoutsVec                                              *prometheus.CounterVec
+	servicesVec, backendsVec                                     *prometheus.GaugeVec
 	// Vectors whose children appear only in the iptables mode, as kube-proxy
 	// registers these only there.
 	iptablesRestoreFailuresVec, iptablesPartialRestoreFailuresVec *prometheus.CounterVec
@@ -139,8 +149,12 @@ type Metrics struct {
 // already holds collectors with the same names (calling New twice on one
 // registry is a programming error). A nil reg registers nothing, which suits
 // tests of other packages.
-func New(reg prometheus.Registerer) *Metrics {
-	family := prometheus.Labels{"ip_family": IPFamily}
+func New(reg prometheus.Registerer) *Metrics { return NewForFamily(reg, model.IPv4) }
+
+// NewForFamily is New for a proxy whose first (or only) family is f: the
+// Metrics it returns records under f, and only f's series are exported
+// before anything is recorded.
+func NewForFamily(reg prometheus.Registerer, f model.IPFamily) *Metrics {
 	syncDuration := syncHistogram("kubeproxy_sync_proxy_rules_duration_seconds",
 		"Time taken by each attempt to bring the datapath in line with the Services and EndpointSlices, in seconds.")
 	syncFullDuration := syncHistogram("kubeproxy_sync_full_proxy_rules_duration_seconds",
@@ -180,10 +194,11 @@ func New(reg prometheus.Registerer) *Metrics {
 		Name: "kubeproxy_conntrack_reconciler_deleted_entries_total",
 		Help: "Stale UDP conntrack entries deleted after syncs.",
 	}, []string{"ip_family"})
+	// This proxy's own series that are per family in nature (each
+	// family's proxier syncs, checks, fails ports, skips objects and
+	// holds a datapath of its own) carry ip_family too, as kube-proxy's
+	// per-sync series do.
 	m := &Metrics{
-		SyncProxyRulesDuration:        syncDuration.With(family),
-		SyncFullProxyRulesDuration:    syncFullDuration.With(family),
-		SyncPartialProxyRulesDuration: syncPartialDuration.With(family),
 		IptablesRules: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kubeproxy_sync_proxy_rules_iptables_total",
 			Help: "Rules of the iptables mode per table after the last sync, those a partial sync left unchanged included.",
@@ -196,9 +211,12 @@ func New(reg prometheus.Registerer) *Metrics {
 		conntrackDurationVec:              conntrackDuration,
 		conntrackDeletedVec:               conntrackDeleted,
 		iptablesPartialRestoreFailuresVec: partialRestoreFailures,
-		SyncProxyRulesLastTimestamp:       lastTimestamp.With(family),
-		SyncProxyRulesLastQueuedTimestamp: lastQueued.With(family),
-		NetworkProgrammingDuration:        programming.With(family),
+		syncDurationVec:                   syncDuration,
+		syncFullDurationVec:               syncFullDuration,
+		syncPartialDurationVec:            syncPartialDuration,
+		lastTimestampVec:                  lastTimestamp,
+		lastQueuedVec:                     lastQueued,
+		programmingVec:                    programming,
 		NoLocalEndpoints: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kubeproxy_sync_proxy_rules_no_local_endpoints_total",
 			Help: "Service ports with a Local traffic policy and no endpoint on this node while the Service has some elsewhere, by traffic policy: their traffic from outside the node (external), or to the ClusterIP (internal), is dropped.",
@@ -214,54 +232,42 @@ func New(reg prometheus.Registerer) *Metrics {
 		SyncsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_syncs_total",
 			Help: "Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).",
-		}, []string{"kind"}),
+		}, []string{"kind", "ip_family"}),
 		SyncFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_sync_failures_total",
 			Help: "Datapath sync attempts that failed, by kind. A failure makes the next sync a full one, unless the sync only found the xtables lock held (kube_bpf_proxy_sync_lock_timeouts_total).",
-		}, []string{"kind"}),
-		SyncLockTimeoutsTotal: prometheus.NewCounter(prometheus.CounterOpts{
+		}, []string{"kind", "ip_family"}),
+		lockTimeoutsVec: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_sync_lock_timeouts_total",
 			Help: "Datapath syncs that changed nothing because another program held the xtables lock past --iptables-lock-wait; their changes are retried with a backoff, up to --sync-period.",
-		}),
+		}, []string{"ip_family"}),
 		DatapathChecksTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_datapath_checks_total",
 			Help: "Periodic checks (each --sync-period) that the iptables rules are still in place (kube-proxy's canary chains), by result: intact, flushed (the next sync is a full one) or error.",
-		}, []string{"result"}),
+		}, []string{"result", "ip_family"}),
 		ServicePortsNotProgrammed: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kube_bpf_proxy_service_ports_not_programmed",
 			Help: "Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.",
-		}, []string{"reason"}),
+		}, []string{"reason", "ip_family"}),
 		ServicePortFailuresTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_service_port_failures_total",
 			Help: "Failed attempts to program a single service port, by reason; each failed retry counts.",
-		}, []string{"reason"}),
+		}, []string{"reason", "ip_family"}),
 		SkippedObjectsTotal: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "kube_bpf_proxy_skipped_objects_total",
 			Help: "Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, and in the eBPF mode Services naming host-scoped external addresses, which its socket programs leave out, by resource and reason.",
-		}, []string{"resource", "reason"}),
-		Services: prometheus.NewGauge(prometheus.GaugeOpts{
+		}, []string{"resource", "reason", "ip_family"}),
+		servicesVec: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kube_bpf_proxy_services",
 			Help: "Service ports currently programmed in the datapath.",
-		}),
-		Backends: prometheus.NewGauge(prometheus.GaugeOpts{
+		}, []string{"ip_family"}),
+		backendsVec: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "kube_bpf_proxy_backends",
 			Help: "Backends currently programmed in the datapath.",
-		}),
+		}, []string{"ip_family"}),
 		changes: newChangesCollector(),
 	}
-	// Export every label value from the start, so that rate() and absence
-	// alerts see a zero rather than no series. (kube-proxy creates its
-	// children on first use; a zero is what a query over them means.)
-	for _, kind := range []string{SyncKindFull, SyncKindPartial} {
-		m.SyncsTotal.WithLabelValues(kind)
-		m.SyncFailuresTotal.WithLabelValues(kind)
-	}
-	for _, result := range []string{CheckIntact, CheckFlushed, CheckError} {
-		m.DatapathChecksTotal.WithLabelValues(result)
-	}
-	for _, policy := range []string{"internal", "external"} {
-		m.NoLocalEndpoints.WithLabelValues(policy, IPFamily)
-	}
+	m.bind(f.String())
 	for _, code := range []string{"200", "503"} {
 		m.ProxyHealthzTotal.WithLabelValues(code)
 		m.ProxyLivezTotal.WithLabelValues(code)
@@ -286,16 +292,59 @@ func New(reg prometheus.Registerer) *Metrics {
 			m.changes,
 			m.SyncsTotal,
 			m.SyncFailuresTotal,
-			m.SyncLockTimeoutsTotal,
+			m.lockTimeoutsVec,
 			m.DatapathChecksTotal,
 			m.ServicePortsNotProgrammed,
 			m.ServicePortFailuresTotal,
 			m.SkippedObjectsTotal,
-			m.Services,
-			m.Backends,
+			m.servicesVec,
+			m.backendsVec,
 		)
 	}
 	return m
+}
+
+// ForFamily returns the Metrics of another IP family's proxier: the same
+// collectors, recording under ip_family="IPv4" or "IPv6". The series
+// without that label (the /healthz and /livez answers, kube-proxy's change
+// counters, summed over the families' trackers) are shared.
+func (m *Metrics) ForFamily(f model.IPFamily) *Metrics {
+	c := *m
+	c.IptablesRestoreFailures, c.IptablesPartialRestoreFailures = nil, nil
+	c.ConntrackCleanupDuration, c.ConntrackCleanupDeleted = nil, nil
+	c.bind(f.String())
+	return &c
+}
+
+// Family is the ip_family label value m records under.
+func (m *Metrics) Family() string { return m.family }
+
+// bind points m's family-labelled fields at family's series, and exports
+// the series of every label value at zero, so that rate() and absence
+// alerts see a zero rather than no series. (kube-proxy creates its
+// children on first use; a zero is what a query over them means.)
+func (m *Metrics) bind(family string) {
+	m.family = family
+	labels := prometheus.Labels{"ip_family": family}
+	m.SyncProxyRulesDuration = m.syncDurationVec.With(labels)
+	m.SyncFullProxyRulesDuration = m.syncFullDurationVec.With(labels)
+	m.SyncPartialProxyRulesDuration = m.syncPartialDurationVec.With(labels)
+	m.SyncProxyRulesLastTimestamp = m.lastTimestampVec.With(labels)
+	m.SyncProxyRulesLastQueuedTimestamp = m.lastQueuedVec.With(labels)
+	m.NetworkProgrammingDuration = m.programmingVec.With(labels)
+	m.SyncLockTimeoutsTotal = m.lockTimeoutsVec.With(labels)
+	m.Services = m.servicesVec.With(labels)
+	m.Backends = m.backendsVec.With(labels)
+	for _, kind := range []string{SyncKindFull, SyncKindPartial} {
+		m.SyncsTotal.WithLabelValues(kind, family)
+		m.SyncFailuresTotal.WithLabelValues(kind, family)
+	}
+	for _, result := range []string{CheckIntact, CheckFlushed, CheckError} {
+		m.DatapathChecksTotal.WithLabelValues(result, family)
+	}
+	for _, policy := range []string{"internal", "external"} {
+		m.NoLocalEndpoints.WithLabelValues(policy, family)
+	}
 }
 
 // syncHistogram is a sync-duration histogram with kube-proxy's buckets:
@@ -312,10 +361,10 @@ func syncHistogram(name, help string) *prometheus.HistogramVec {
 // at zero. Call it once, before the first sync, when the datapath is
 // iptables.
 func (m *Metrics) InitIptables() {
-	m.IptablesRestoreFailures = m.iptablesRestoreFailuresVec.WithLabelValues(IPFamily)
-	m.IptablesPartialRestoreFailures = m.iptablesPartialRestoreFailuresVec.WithLabelValues(IPFamily)
-	m.ConntrackCleanupDuration = m.conntrackDurationVec.WithLabelValues(IPFamily)
-	m.ConntrackCleanupDeleted = m.conntrackDeletedVec.WithLabelValues(IPFamily)
+	m.IptablesRestoreFailures = m.iptablesRestoreFailuresVec.WithLabelValues(m.family)
+	m.IptablesPartialRestoreFailures = m.iptablesPartialRestoreFailuresVec.WithLabelValues(m.family)
+	m.ConntrackCleanupDuration = m.conntrackDurationVec.WithLabelValues(m.family)
+	m.ConntrackCleanupDeleted = m.conntrackDeletedVec.WithLabelValues(m.family)
 }
 
 // RecordConntrackCleanup records one stale UDP conntrack cleanup of the
@@ -344,9 +393,9 @@ func (m *Metrics) RecordSync(kind string, elapsed time.Duration, end time.Time, 
 	} else {
 		m.SyncPartialProxyRulesDuration.Observe(elapsed.Seconds())
 	}
-	m.SyncsTotal.WithLabelValues(kind).Inc()
+	m.SyncsTotal.WithLabelValues(kind, m.family).Inc()
 	if err != nil {
-		m.SyncFailuresTotal.WithLabelValues(kind).Inc()
+		m.SyncFailuresTotal.WithLabelValues(kind, m.family).Inc()
 		// kube-proxy's iptables mode counts every failed partial sync
 		// here, whatever failed in it: each one falls back to a full sync.
 		if kind == SyncKindPartial && m.IptablesPartialRestoreFailures != nil {
@@ -361,10 +410,10 @@ func (m *Metrics) RecordSync(kind string, elapsed time.Duration, end time.Time, 
 // iptables sync: all of them, and those the sync wrote.
 func (m *Metrics) SetIptablesRules(total, written map[string]int) {
 	for table, n := range total {
-		m.IptablesRules.WithLabelValues(table, IPFamily).Set(float64(n))
+		m.IptablesRules.WithLabelValues(table, m.family).Set(float64(n))
 	}
 	for table, n := range written {
-		m.IptablesRulesLast.WithLabelValues(table, IPFamily).Set(float64(n))
+		m.IptablesRulesLast.WithLabelValues(table, m.family).Set(float64(n))
 	}
 }
 
@@ -375,22 +424,22 @@ func (m *Metrics) RecordQueued(t time.Time) {
 
 // RecordSkipped counts one object of resource left out for reason.
 func (m *Metrics) RecordSkipped(resource, reason string) {
-	m.SkippedObjectsTotal.WithLabelValues(resource, reason).Inc()
+	m.SkippedObjectsTotal.WithLabelValues(resource, reason, m.family).Inc()
 }
 
 // InitServicePortReasons exports the service port failure metrics at zero
 // for each reason, so that alerts see a zero rather than no series.
 func (m *Metrics) InitServicePortReasons(reasons []string) {
 	for _, r := range reasons {
-		m.ServicePortsNotProgrammed.WithLabelValues(r)
-		m.ServicePortFailuresTotal.WithLabelValues(r)
+		m.ServicePortsNotProgrammed.WithLabelValues(r, m.family)
+		m.ServicePortFailuresTotal.WithLabelValues(r, m.family)
 	}
 }
 
 // RecordServicePortFailure counts one failed attempt to program a service
 // port.
 func (m *Metrics) RecordServicePortFailure(reason string) {
-	m.ServicePortFailuresTotal.WithLabelValues(reason).Inc()
+	m.ServicePortFailuresTotal.WithLabelValues(reason, m.family).Inc()
 }
 
 // SetServicePortsNotProgrammed records how many service ports wait for a
@@ -398,14 +447,14 @@ func (m *Metrics) RecordServicePortFailure(reason string) {
 // every reason, with its zeros.
 func (m *Metrics) SetServicePortsNotProgrammed(byReason map[string]int) {
 	for r, n := range byReason {
-		m.ServicePortsNotProgrammed.WithLabelValues(r).Set(float64(n))
+		m.ServicePortsNotProgrammed.WithLabelValues(r, m.family).Set(float64(n))
 	}
 }
 
 // SetNoLocalEndpoints sets kube-proxy's no-local-endpoints gauges.
 func (m *Metrics) SetNoLocalEndpoints(internal, external int) {
-	m.NoLocalEndpoints.WithLabelValues("internal", IPFamily).Set(float64(internal))
-	m.NoLocalEndpoints.WithLabelValues("external", IPFamily).Set(float64(external))
+	m.NoLocalEndpoints.WithLabelValues("internal", m.family).Set(float64(internal))
+	m.NoLocalEndpoints.WithLabelValues("external", m.family).Set(float64(external))
 }
 
 // SetProgrammed records how many service ports and backends the datapath
@@ -523,4 +572,6 @@ func (promLogger) Println(v ...any) {
 func (m *Metrics) RecordLockTimeout() { m.SyncLockTimeoutsTotal.Inc() }
 
 // RecordCheck counts a periodic check of the datapath by its result.
-func (m *Metrics) RecordCheck(result string) { m.DatapathChecksTotal.WithLabelValues(result).Inc() }
+func (m *Metrics) RecordCheck(result string) {
+	m.DatapathChecksTotal.WithLabelValues(result, m.family).Inc()
+}

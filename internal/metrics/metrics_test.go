@@ -17,6 +17,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 func TestNewRegistersFamilies(t *testing.T) {
@@ -63,15 +64,15 @@ func TestNewRegistersFamilies(t *testing.T) {
 		{"kubeproxy_sync_proxy_rules_service_changes_total", dto.MetricType_COUNTER, nil},
 		{"kubeproxy_proxy_healthz_total", dto.MetricType_COUNTER, []string{"code"}},
 		{"kubeproxy_proxy_livez_total", dto.MetricType_COUNTER, []string{"code"}},
-		{"kube_bpf_proxy_syncs_total", dto.MetricType_COUNTER, []string{"kind"}},
-		{"kube_bpf_proxy_sync_failures_total", dto.MetricType_COUNTER, []string{"kind"}},
-		{"kube_bpf_proxy_sync_lock_timeouts_total", dto.MetricType_COUNTER, nil},
-		{"kube_bpf_proxy_datapath_checks_total", dto.MetricType_COUNTER, []string{"result"}},
-		{"kube_bpf_proxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"reason", "resource"}},
-		{"kube_bpf_proxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"reason"}},
-		{"kube_bpf_proxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"reason"}},
-		{"kube_bpf_proxy_services", dto.MetricType_GAUGE, nil},
-		{"kube_bpf_proxy_backends", dto.MetricType_GAUGE, nil},
+		{"kube_bpf_proxy_syncs_total", dto.MetricType_COUNTER, []string{"ip_family", "kind"}},
+		{"kube_bpf_proxy_sync_failures_total", dto.MetricType_COUNTER, []string{"ip_family", "kind"}},
+		{"kube_bpf_proxy_sync_lock_timeouts_total", dto.MetricType_COUNTER, []string{"ip_family"}},
+		{"kube_bpf_proxy_datapath_checks_total", dto.MetricType_COUNTER, []string{"ip_family", "result"}},
+		{"kube_bpf_proxy_skipped_objects_total", dto.MetricType_COUNTER, []string{"ip_family", "reason", "resource"}},
+		{"kube_bpf_proxy_service_ports_not_programmed", dto.MetricType_GAUGE, []string{"ip_family", "reason"}},
+		{"kube_bpf_proxy_service_port_failures_total", dto.MetricType_COUNTER, []string{"ip_family", "reason"}},
+		{"kube_bpf_proxy_services", dto.MetricType_GAUGE, []string{"ip_family"}},
+		{"kube_bpf_proxy_backends", dto.MetricType_GAUGE, []string{"ip_family"}},
 	}
 	if len(got) != len(tests) {
 		t.Errorf("gathered %d families, want %d", len(got), len(tests))
@@ -157,12 +158,12 @@ func TestRecord(t *testing.T) {
 			want: `
 # HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one, unless the sync only found the xtables lock held (kube_bpf_proxy_sync_lock_timeouts_total).
 # TYPE kube_bpf_proxy_sync_failures_total counter
-kube_bpf_proxy_sync_failures_total{kind="full"} 0
-kube_bpf_proxy_sync_failures_total{kind="partial"} 0
+kube_bpf_proxy_sync_failures_total{ip_family="IPv4",kind="full"} 0
+kube_bpf_proxy_sync_failures_total{ip_family="IPv4",kind="partial"} 0
 # HELP kube_bpf_proxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
 # TYPE kube_bpf_proxy_syncs_total counter
-kube_bpf_proxy_syncs_total{kind="full"} 0
-kube_bpf_proxy_syncs_total{kind="partial"} 0
+kube_bpf_proxy_syncs_total{ip_family="IPv4",kind="full"} 0
+kube_bpf_proxy_syncs_total{ip_family="IPv4",kind="partial"} 0
 # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
 # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
 kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 0
@@ -179,12 +180,12 @@ kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 0
 			want: `
 # HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one, unless the sync only found the xtables lock held (kube_bpf_proxy_sync_lock_timeouts_total).
 # TYPE kube_bpf_proxy_sync_failures_total counter
-kube_bpf_proxy_sync_failures_total{kind="full"} 1
-kube_bpf_proxy_sync_failures_total{kind="partial"} 1
+kube_bpf_proxy_sync_failures_total{ip_family="IPv4",kind="full"} 1
+kube_bpf_proxy_sync_failures_total{ip_family="IPv4",kind="partial"} 1
 # HELP kube_bpf_proxy_syncs_total Datapath sync attempts, by kind: full (rewrite everything) or partial (changes only).
 # TYPE kube_bpf_proxy_syncs_total counter
-kube_bpf_proxy_syncs_total{kind="full"} 2
-kube_bpf_proxy_syncs_total{kind="partial"} 1
+kube_bpf_proxy_syncs_total{ip_family="IPv4",kind="full"} 2
+kube_bpf_proxy_syncs_total{ip_family="IPv4",kind="partial"} 1
 # HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
 # TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
 kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} ` + endSeconds + `
@@ -212,14 +213,14 @@ kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds{ip_family="IPv4"} ` + e
 			want: `
 # HELP kube_bpf_proxy_backends Backends currently programmed in the datapath.
 # TYPE kube_bpf_proxy_backends gauge
-kube_bpf_proxy_backends 7
+kube_bpf_proxy_backends{ip_family="IPv4"} 7
 # HELP kube_bpf_proxy_services Service ports currently programmed in the datapath.
 # TYPE kube_bpf_proxy_services gauge
-kube_bpf_proxy_services 3
+kube_bpf_proxy_services{ip_family="IPv4"} 3
 # HELP kube_bpf_proxy_skipped_objects_total Malformed Service or EndpointSlice objects, or parts of them, left out of the datapath, and in the eBPF mode Services naming host-scoped external addresses, which its socket programs leave out, by resource and reason.
 # TYPE kube_bpf_proxy_skipped_objects_total counter
-kube_bpf_proxy_skipped_objects_total{reason="InvalidClusterIP",resource="Service"} 2
-kube_bpf_proxy_skipped_objects_total{reason="MissingServiceName",resource="EndpointSlice"} 1
+kube_bpf_proxy_skipped_objects_total{ip_family="IPv4",reason="InvalidClusterIP",resource="Service"} 2
+kube_bpf_proxy_skipped_objects_total{ip_family="IPv4",reason="MissingServiceName",resource="EndpointSlice"} 1
 `,
 		},
 		{
@@ -235,12 +236,12 @@ kube_bpf_proxy_skipped_objects_total{reason="MissingServiceName",resource="Endpo
 			want: `
 # HELP kube_bpf_proxy_service_port_failures_total Failed attempts to program a single service port, by reason; each failed retry counts.
 # TYPE kube_bpf_proxy_service_port_failures_total counter
-kube_bpf_proxy_service_port_failures_total{reason="map-full"} 2
-kube_bpf_proxy_service_port_failures_total{reason="write-failed"} 0
+kube_bpf_proxy_service_port_failures_total{ip_family="IPv4",reason="map-full"} 2
+kube_bpf_proxy_service_port_failures_total{ip_family="IPv4",reason="write-failed"} 0
 # HELP kube_bpf_proxy_service_ports_not_programmed Service ports the datapath could not program and is retrying, by reason; every other port is kept up to date.
 # TYPE kube_bpf_proxy_service_ports_not_programmed gauge
-kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 1
-kube_bpf_proxy_service_ports_not_programmed{reason="write-failed"} 0
+kube_bpf_proxy_service_ports_not_programmed{ip_family="IPv4",reason="map-full"} 1
+kube_bpf_proxy_service_ports_not_programmed{ip_family="IPv4",reason="write-failed"} 0
 `,
 		},
 	}
@@ -377,7 +378,7 @@ func TestHandler(t *testing.T) {
 			path:     "/metrics",
 			wantCode: http.StatusOK,
 			wantLines: []string{
-				"kube_bpf_proxy_services 2",
+				`kube_bpf_proxy_services{ip_family="IPv4"} 2`,
 				`kube_bpf_proxy_datapath_events_total{event="connect_translated"} 5`,
 				"# TYPE kubeproxy_sync_proxy_rules_duration_seconds histogram",
 			},
@@ -387,7 +388,7 @@ func TestHandler(t *testing.T) {
 			readErr:     errors.New("map gone"),
 			path:        "/metrics",
 			wantCode:    http.StatusOK,
-			wantLines:   []string{"kube_bpf_proxy_services 2"},
+			wantLines:   []string{`kube_bpf_proxy_services{ip_family="IPv4"} 2`},
 			absentLines: []string{"kube_bpf_proxy_datapath_events_total{"},
 		},
 		{
@@ -458,7 +459,7 @@ func TestServedUntilCancel(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	_ = resp.Body.Close()
-	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "kube_bpf_proxy_services 1") {
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), `kube_bpf_proxy_services{ip_family="IPv4"} 1`) {
 		t.Errorf("GET /metrics: status %d, body:\n%s", resp.StatusCode, body)
 	}
 
@@ -496,5 +497,45 @@ func TestHandlerProfiling(t *testing.T) {
 		if got, want := rec.Code == http.StatusOK, profiling; got != want {
 			t.Errorf("profiling %t: GET /debug/pprof/heap answered %d", profiling, rec.Code)
 		}
+	}
+}
+
+// Each family's proxier records under its own ip_family; the series without
+// the label are shared, and the change counters sum the families' trackers.
+func TestForFamily(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	v4 := New(reg)
+	v6 := v4.ForFamily(model.IPv6)
+	v4.RecordSync(SyncKindFull, time.Millisecond, time.Unix(10, 0), nil)
+	v6.RecordSync(SyncKindFull, time.Millisecond, time.Unix(20, 0), errors.New("failed"))
+	v6.SetProgrammed(2, 3)
+	v4.SetChangeSource(func() model.ChangeCounts { return model.ChangeCounts{ServiceChanges: 1} })
+	v6.SetChangeSource(func() model.ChangeCounts { return model.ChangeCounts{ServiceChanges: 2} })
+	want := `
+# HELP kube_bpf_proxy_sync_failures_total Datapath sync attempts that failed, by kind. A failure makes the next sync a full one, unless the sync only found the xtables lock held (kube_bpf_proxy_sync_lock_timeouts_total).
+# TYPE kube_bpf_proxy_sync_failures_total counter
+kube_bpf_proxy_sync_failures_total{ip_family="IPv4",kind="full"} 0
+kube_bpf_proxy_sync_failures_total{ip_family="IPv4",kind="partial"} 0
+kube_bpf_proxy_sync_failures_total{ip_family="IPv6",kind="full"} 1
+kube_bpf_proxy_sync_failures_total{ip_family="IPv6",kind="partial"} 0
+# HELP kube_bpf_proxy_services Service ports currently programmed in the datapath.
+# TYPE kube_bpf_proxy_services gauge
+kube_bpf_proxy_services{ip_family="IPv4"} 0
+kube_bpf_proxy_services{ip_family="IPv6"} 2
+# HELP kubeproxy_sync_proxy_rules_last_timestamp_seconds Unix time at which the datapath was last synced successfully.
+# TYPE kubeproxy_sync_proxy_rules_last_timestamp_seconds gauge
+kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv4"} 10
+kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family="IPv6"} 0
+# HELP kubeproxy_sync_proxy_rules_service_changes_total Service events seen, changed or not.
+# TYPE kubeproxy_sync_proxy_rules_service_changes_total counter
+kubeproxy_sync_proxy_rules_service_changes_total 3
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
+		"kube_bpf_proxy_sync_failures_total", "kube_bpf_proxy_services", "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+		"kubeproxy_sync_proxy_rules_service_changes_total"); err != nil {
+		t.Error(err)
+	}
+	if v4.Family() != "IPv4" || v6.Family() != "IPv6" {
+		t.Errorf("families %q %q", v4.Family(), v6.Family())
 	}
 }

@@ -139,7 +139,7 @@ func newProxierHarnessFor(t *testing.T, wrap func(*scriptedDataplane) dataplane.
 	}
 	h.m = metrics.New(h.reg)
 	h.health = healthz.NewProxyHealth(2*harnessSyncPeriod, h.clk)
-	h.health.QueuedUpdate()
+	h.health.QueuedUpdate(model.IPv4)
 	var dp dataplane.Dataplane = h.dp
 	if wrap != nil {
 		dp = wrap(h.dp)
@@ -149,7 +149,7 @@ func newProxierHarnessFor(t *testing.T, wrap func(*scriptedDataplane) dataplane.
 		Recorder: h.rec, NodeName: "node1",
 	}, WithClock(h.clk))
 	h.p.OnSynced()
-	h.health.SyncLoopStarted()
+	h.health.SyncLoopStarted(model.IPv4)
 	t.Cleanup(h.p.retry.stop)
 	t.Cleanup(h.p.busy.stop)
 	return h
@@ -186,11 +186,11 @@ func (h *proxierHarness) events() []string {
 }
 
 func (h *proxierHarness) gauge(reason string) float64 {
-	return testutil.ToFloat64(h.m.ServicePortsNotProgrammed.WithLabelValues(reason))
+	return testutil.ToFloat64(h.m.ServicePortsNotProgrammed.WithLabelValues(reason, metrics.IPFamily))
 }
 
 func (h *proxierHarness) failures(reason string) float64 {
-	return testutil.ToFloat64(h.m.ServicePortFailuresTotal.WithLabelValues(reason))
+	return testutil.ToFloat64(h.m.ServicePortFailuresTotal.WithLabelValues(reason, metrics.IPFamily))
 }
 
 func (h *proxierHarness) checkHealth(what string, wantHealthy, wantLive bool) {
@@ -246,8 +246,8 @@ func TestProxierPartialFailureIsProgress(t *testing.T) {
 	if got := testutil.ToFloat64(h.m.SyncProxyRulesLastTimestamp); got != float64(h.clk.Now().Unix()) {
 		t.Errorf("last sync timestamp %v, want %v: a partial failure is a sync", got, h.clk.Now().Unix())
 	}
-	if got := testutil.ToFloat64(h.m.SyncFailuresTotal.WithLabelValues(metrics.SyncKindPartial)) +
-		testutil.ToFloat64(h.m.SyncFailuresTotal.WithLabelValues(metrics.SyncKindFull)); got != 0 {
+	if got := testutil.ToFloat64(h.m.SyncFailuresTotal.WithLabelValues(metrics.SyncKindPartial, metrics.IPFamily)) +
+		testutil.ToFloat64(h.m.SyncFailuresTotal.WithLabelValues(metrics.SyncKindFull, metrics.IPFamily)); got != 0 {
 		t.Errorf("%v failed syncs counted, want 0", got)
 	}
 
@@ -508,15 +508,15 @@ func TestProxierHealthzThroughPartialFailures(t *testing.T) {
 	}
 	_, text := get(t, "http://"+metricsAddr+"/metrics")
 	for _, want := range []string{
-		`kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 1`,
-		`kube_bpf_proxy_sync_failures_total{kind="full"} 0`,
-		`kube_bpf_proxy_sync_failures_total{kind="partial"} 0`,
+		`kube_bpf_proxy_service_ports_not_programmed{ip_family="IPv4",reason="map-full"} 1`,
+		`kube_bpf_proxy_sync_failures_total{ip_family="IPv4",kind="full"} 0`,
+		`kube_bpf_proxy_sync_failures_total{ip_family="IPv4",kind="partial"} 0`,
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
-	if !strings.Contains(text, `kube_bpf_proxy_service_port_failures_total{reason="map-full"} `) {
+	if !strings.Contains(text, `kube_bpf_proxy_service_port_failures_total{ip_family="IPv4",reason="map-full"} `) {
 		t.Error("/metrics lacks the failure counter")
 	}
 
@@ -525,7 +525,7 @@ func TestProxierHealthzThroughPartialFailures(t *testing.T) {
 	deadline := time.After(30 * time.Second)
 	for {
 		_, text = get(t, "http://"+metricsAddr+"/metrics")
-		if strings.Contains(text, `kube_bpf_proxy_service_ports_not_programmed{reason="map-full"} 0`) {
+		if strings.Contains(text, `kube_bpf_proxy_service_ports_not_programmed{ip_family="IPv4",reason="map-full"} 0`) {
 			break
 		}
 		select {

@@ -167,7 +167,9 @@ func TestKernelLockTimeoutKeepsServing(t *testing.T) {
 		}
 		return strings.TrimSpace(out)
 	}
-	syncs := func(kind string) float64 { return testutil.ToFloat64(m.SyncsTotal.WithLabelValues(kind)) }
+	syncs := func(kind string) float64 {
+		return testutil.ToFloat64(m.SyncsTotal.WithLabelValues(kind, metrics.IPFamily))
+	}
 	if err := p.sync(context.Background()); err != nil {
 		t.Fatal(err)
 	}

@@ -56,7 +56,7 @@ var descName = regexp.MustCompile(`fqName: "([^"]+)"`)
 // process collectors of metrics.NewRegistry, client-go's request metrics and
 // kube_bpf_proxy_info (registered by cmd/kube-bpf-proxy's runProxy, the two
 // calls repeated here), metrics.New (RunOpening), and the collectors
-// registerDatapathMetrics registers for the mode's real datapath type,
+// datapathCollectors registers for the mode's real datapath type,
 // wrapped as newDataplane wraps it. Registering reads nothing from a
 // datapath, so zero values of the real types stand in for loaded ones.
 func registeredNames(t *testing.T, mode string, dp dataplane.Dataplane) map[string]bool {
@@ -74,7 +74,7 @@ func registeredNames(t *testing.T, mode string, dp dataplane.Dataplane) map[stri
 	metrics.NewRESTClient(rec)
 	metrics.RegisterInfo(rec, mode, "nft", "test")
 	metrics.New(rec)
-	registerDatapathMetrics(rec, dp)
+	new(datapathCollectors).register(rec, dp)
 	for _, c := range rec.collectors {
 		ch := make(chan *prometheus.Desc)
 		go func() {

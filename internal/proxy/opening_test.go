@@ -39,7 +39,7 @@ func TestRunOpeningListsWhileTheDatapathOpens(t *testing.T) {
 	defer cancel()
 	done := make(chan error, 1)
 	go func() {
-		done <- RunOpening(ctx, client, func(ctx context.Context) (dataplane.Dataplane, error) {
+		done <- RunOpening(ctx, client, func(ctx context.Context, _ model.IPFamily) (dataplane.Dataplane, error) {
 			for res, ch := range listed {
 				select {
 				case <-ch:
@@ -74,7 +74,7 @@ func TestRunOpeningFailsWithTheDatapathsError(t *testing.T) {
 	want := errors.New("no programs")
 	errc := make(chan error, 1)
 	go func() {
-		errc <- RunOpening(context.Background(), client, func(context.Context) (dataplane.Dataplane, error) {
+		errc <- RunOpening(context.Background(), client, func(context.Context, model.IPFamily) (dataplane.Dataplane, error) {
 			return nil, want
 		}, true, Config{SyncPeriod: time.Hour, HealthzBindAddress: testnet.FreeAddr(t), MetricsBindAddress: testnet.FreeAddr(t)})
 	}()

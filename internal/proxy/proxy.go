@@ -2,6 +2,12 @@
 // feed the model's change tracker, the bounded-frequency runner decides when
 // to sync, and each sync hands a snapshot to the datapath. Data flows one
 // way; the only thing coming back is the sync's result.
+//
+// As kube-proxy, a dual-stack node runs one Proxier per IP family, each
+// with its own tracker, runner, datapath, failed ports and trigger times,
+// fed by one set of informers whose events go to both (kube-proxy's
+// metaproxier). They share the metrics registry, /healthz and /metrics,
+// the node watch and the health check node ports.
 package proxy
 
 import (
@@ -82,8 +88,21 @@ type Config struct {
 	// always eligible.
 	Node *nodeinfo.Source
 	// AfterFirstSync, if set, runs once in its own goroutine after the
-	// first sync that programmed the datapath.
+	// first sync that programmed the datapath: of every family, on a
+	// dual-stack node.
 	AfterFirstSync func()
+	// Families are the IP families served, one Proxier each (RunOpening);
+	// nil means IPv4 alone. kube-proxy runs dual-stack whenever the node
+	// can (cmd/kube-bpf-proxy decides).
+	Families []model.IPFamily
+}
+
+// families is cfg.Families, IPv4 when empty.
+func (cfg Config) families() []model.IPFamily {
+	if len(cfg.Families) == 0 {
+		return []model.IPFamily{model.IPv4}
+	}
+	return cfg.Families
 }
 
 // DefaultFullSyncPeriod is kube-proxy's FullSyncPeriod
@@ -154,6 +173,8 @@ func innermost(dp dataplane.Dataplane) dataplane.Dataplane {
 // Proxier turns informer events into datapath syncs. It implements
 // watch.Handler.
 type Proxier struct {
+	// family is the IP family this Proxier serves.
+	family  model.IPFamily
 	tracker *model.Tracker
 	dp      dataplane.Dataplane
 	// inner is dp unwrapped, for the optional counters it may implement.
@@ -174,6 +195,10 @@ type Proxier struct {
 	synced    atomic.Bool
 	syncedCh  chan struct{}
 	firstSync sync.Once
+	// afterFirstSync runs in its own goroutine after the first sync that
+	// programmed the datapath (Config.AfterFirstSync, or on a dual-stack
+	// node a countdown of the families' first syncs).
+	afterFirstSync func()
 
 	// uids holds each Service's UID, for Events to point at the object
 	// (kubectl describe matches them by UID).
@@ -223,10 +248,11 @@ const maxRetainedTriggers = 1 << 16
 
 var _ watch.Handler = (*Proxier)(nil)
 
-// NewProxier builds a proxier syncing into dp.
+// NewProxier builds a proxier syncing into dp, serving the first of
+// cfg's families (IPv4 by default).
 func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config, opts ...Option) *Proxier {
 	_, keepsHostScoped := innermost(dp).(iptablesStats)
-	p := newProxier(m, health, cfg, !keepsHostScoped, opts...)
+	p := newProxier(cfg.families()[0], m, health, cfg, !keepsHostScoped, opts...)
 	p.attach(dp)
 	return p
 }
@@ -235,20 +261,22 @@ func NewProxier(dp dataplane.Dataplane, m *metrics.Metrics, health *healthz.Prox
 // tracker takes the informers' events meanwhile. socketLevel says whether
 // that datapath serves at socket level, which leaves host-scoped external
 // addresses out.
-func newProxier(m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config, socketLevel bool, opts ...Option) *Proxier {
+func newProxier(family model.IPFamily, m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config, socketLevel bool, opts ...Option) *Proxier {
 	p := &Proxier{
-		health:   health,
-		metrics:  m,
-		cfg:      cfg,
-		clock:    clock.RealClock{},
-		events:   cfg.Recorder,
-		syncedCh: make(chan struct{}),
-		uids:     make(map[model.ServiceName]types.UID),
-		foreign:  make(map[model.ServiceName]netip.Addr),
-		needFull: true,
-		failures: make(map[model.ServicePortName]*portFailure),
-		triggers: make(map[model.ServiceName][]time.Time),
-		local:    make(localPolicies),
+		family:         family,
+		afterFirstSync: cfg.AfterFirstSync,
+		health:         health,
+		metrics:        m,
+		cfg:            cfg,
+		clock:          clock.RealClock{},
+		events:         cfg.Recorder,
+		syncedCh:       make(chan struct{}),
+		uids:           make(map[model.ServiceName]types.UID),
+		foreign:        make(map[model.ServiceName]netip.Addr),
+		needFull:       true,
+		failures:       make(map[model.ServicePortName]*portFailure),
+		triggers:       make(map[model.ServiceName][]time.Time),
+		local:          make(localPolicies),
 	}
 	for _, o := range opts {
 		o(p)
@@ -262,6 +290,7 @@ func newProxier(m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config, soc
 		// Changes triggered before the proxy started are not its latency.
 		model.WithStartTime(p.clock.Now()),
 		model.WithNodeName(cfg.NodeName),
+		model.WithFamily(family),
 	}
 	if socketLevel {
 		// The socket-level datapath leaves host-scoped external addresses
@@ -270,7 +299,7 @@ func newProxier(m *metrics.Metrics, health *healthz.ProxyHealth, cfg Config, soc
 	}
 	p.tracker = model.NewTracker(trackerOpts...)
 	m.SetChangeSource(p.tracker.ChangeCounts)
-	p.runner = runner.New("sync", p.sync, cfg.MinSyncPeriod, cfg.SyncPeriod, cfg.RetryPeriod, runner.WithClock(p.clock), runner.WithBurst(cfg.SyncBurst))
+	p.runner = runner.New("sync "+family.String(), p.sync, cfg.MinSyncPeriod, cfg.SyncPeriod, cfg.RetryPeriod, runner.WithClock(p.clock), runner.WithBurst(cfg.SyncBurst))
 	return p
 }
 
@@ -306,12 +335,23 @@ func (p *Proxier) OnForeignServiceUpsert(svc *v1.Service) {
 		return
 	}
 	name := model.ServiceName{Namespace: svc.Namespace, Name: svc.Name}
-	ip, err := netip.ParseAddr(svc.Spec.ClusterIP)
-	if err != nil || !ip.Is4() || ip.IsUnspecified() {
-		p.setForeign(name, netip.Addr{})
-		return
+	p.setForeign(name, clusterIPOf(svc, p.family))
+}
+
+// clusterIPOf is svc's ClusterIP of family f (its spec.clusterIPs, or
+// spec.clusterIP for an object without them), invalid if it has none.
+func clusterIPOf(svc *v1.Service, f model.IPFamily) netip.Addr {
+	ips := svc.Spec.ClusterIPs
+	if len(ips) == 0 {
+		ips = []string{svc.Spec.ClusterIP}
 	}
-	p.setForeign(name, ip)
+	for _, s := range ips {
+		ip, err := netip.ParseAddr(s)
+		if err == nil && f.Has(ip) && !ip.IsUnspecified() {
+			return ip
+		}
+	}
+	return netip.Addr{}
 }
 
 // OnForeignServiceDelete forgets a Service another proxy served.
@@ -393,7 +433,7 @@ func (p *Proxier) nodeChanged() {
 // OnSynced lets syncs begin: before both caches are complete, a sync could
 // remove Services whose objects simply had not arrived yet.
 func (p *Proxier) OnSynced() {
-	klog.InfoS("Services and EndpointSlices synced, programming the datapath")
+	klog.InfoS("Services and EndpointSlices synced, programming the datapath", "ipFamily", p.family)
 	p.synced.Store(true)
 	close(p.syncedCh)
 }
@@ -402,7 +442,7 @@ func (p *Proxier) changed(changed bool) {
 	if !changed || !p.synced.Load() {
 		return
 	}
-	p.health.QueuedUpdate()
+	p.health.QueuedUpdate(p.family)
 	p.metrics.RecordQueued(p.clock.Now())
 	p.runner.Trigger()
 }
@@ -434,7 +474,7 @@ func (p *Proxier) sync(ctx context.Context) error {
 	}
 	var node model.NodeInfo
 	if p.cfg.Node != nil {
-		node = p.cfg.Node.Info()
+		node = p.cfg.Node.InfoFor(p.family)
 	}
 	node.ForeignClusterIPs = p.foreignClusterIPs()
 	monitored := p.monitor != nil
@@ -523,7 +563,7 @@ func (p *Proxier) sync(ctx context.Context) error {
 		// What changed is no longer in the tracker: only a full sync
 		// brings it back.
 		p.needFull = true
-		p.health.SyncFailed()
+		p.health.SyncFailed(p.family)
 		return fmt.Errorf("%s sync: %w", kind, err)
 	}
 	p.needFull = false
@@ -534,21 +574,21 @@ func (p *Proxier) sync(ctx context.Context) error {
 		// As kube-proxy, after a sync that applied: a load balancer is
 		// told a node serves once its datapath does.
 		ports, local := p.local.healthChecks()
-		p.healthChecks.SetAddresses(node.AllLocalAddresses, node.NodePortAddresses)
-		if err := p.healthChecks.SyncServices(ports); err != nil {
-			klog.ErrorS(err, "Some health check node ports are not served; retrying after each sync")
+		p.healthChecks.SetAddressesFor(p.family, node.AllLocalAddresses, node.NodePortAddresses)
+		if err := p.healthChecks.SyncServicesFor(p.family, ports); err != nil {
+			klog.ErrorS(err, "Some health check node ports are not served; retrying after each sync", "ipFamily", p.family)
 		}
-		p.healthChecks.SyncEndpoints(local)
+		p.healthChecks.SyncEndpointsFor(p.family, local)
 	}
 	if full {
 		p.lastFull = start
 		p.lastCheck = start
 	}
-	p.health.Updated()
-	if p.cfg.AfterFirstSync != nil {
-		p.firstSync.Do(func() { go p.cfg.AfterFirstSync() })
+	p.health.Updated(p.family)
+	if p.afterFirstSync != nil {
+		p.firstSync.Do(func() { go p.afterFirstSync() })
 	}
-	klog.V(2).InfoS("Synced datapath", "kind", kind, "services", len(snap.Services),
+	klog.V(2).InfoS("Synced datapath", "ipFamily", p.family, "kind", kind, "services", len(snap.Services),
 		"failedServicePorts", len(portErrs), "elapsed", end.Sub(start))
 	return nil
 }
@@ -562,10 +602,10 @@ func (p *Proxier) backOff(end time.Time, err error, logValues ...any) {
 	p.busy.at = end.Add(delay)
 	p.busy.stop()
 	p.busy.timer = p.clock.AfterFunc(delay, p.runner.Trigger)
-	p.health.SyncFailed()
+	p.health.SyncFailed(p.family)
 	klog.ErrorS(err, "Another program held the xtables lock past the wait; nothing was changed, the changes are retried later. "+
 		"If this repeats, find what holds /run/xtables.lock for long (another proxy, a CNI plugin, a firewall manager) "+
-		"or raise --iptables-lock-wait", append(logValues, "retryAfter", delay)...)
+		"or raise --iptables-lock-wait", append(logValues, "ipFamily", p.family, "retryAfter", delay)...)
 }
 
 // intact checks that the datapath's state is still in place, and counts
@@ -670,64 +710,215 @@ func (p *Proxier) recordProgramming(now time.Time, snap *model.Snapshot, portErr
 // Run runs the proxy until ctx ends: the health and metrics servers, the
 // informers, and, once they have synced, the sync runner. It returns early
 // with an error if a server cannot listen or the informers cannot start.
+// dp serves the one family of cfg (IPv4 by default).
 func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplane, cfg Config) error {
+	if len(cfg.Families) > 1 {
+		return fmt.Errorf("one datapath for %d families: use RunOpening", len(cfg.Families))
+	}
 	_, keepsHostScoped := innermost(dp).(iptablesStats)
-	return RunOpening(ctx, client, func(context.Context) (dataplane.Dataplane, error) { return dp, nil }, !keepsHostScoped, cfg)
+	return RunOpening(ctx, client, func(context.Context, model.IPFamily) (dataplane.Dataplane, error) { return dp, nil }, !keepsHostScoped, cfg)
 }
 
-// registerDatapathMetrics registers on reg the collectors dp's innermost
-// datapath feeds at scrape time: its event counters (both modes),
-// kube-proxy's nfacct counters (iptables mode), and the per Service port
-// counters and map fill (ebpf mode). docs/metrics.md lists what they export
-// (TestMetricsTables).
-func registerDatapathMetrics(reg prometheus.Registerer, dp dataplane.Dataplane) {
+// datapathCollectors registers on reg the collectors the datapaths feed at
+// scrape time: their event counters (both modes), kube-proxy's nfacct
+// counters (iptables mode), and the per Service port counters and map
+// fill (ebpf mode). docs/metrics.md lists what they export
+// (TestMetricsTables). None has an ip_family label (kube-proxy's nfacct
+// counters have none either), so each is registered once. The iptables
+// datapaths of the two families count their own events, which the one
+// collector sums; every other kind is read from the first family's
+// datapath that feeds it: the nfacct objects are shared by the families'
+// rules, and the eBPF datapath's IPv6 view shares the programs, and so
+// the counters, of the IPv4 one.
+type datapathCollectors struct {
+	mu     sync.Mutex
+	events []func() (map[string]uint64, error)
+	// perFamilyEvents is set once the first event source is known: it
+	// says whether later families' sources add to it (iptables).
+	perFamilyEvents  bool
+	nfacct, counters bool
+}
+
+func (c *datapathCollectors) register(reg prometheus.Registerer, dp dataplane.Dataplane) {
 	if src, ok := innermost(dp).(eventSource); ok {
-		reg.MustRegister(metrics.NewDatapathEventsCollector(src.Events))
+		_, perFamily := innermost(dp).(iptablesStats)
+		c.mu.Lock()
+		first := len(c.events) == 0
+		if first {
+			c.perFamilyEvents = perFamily
+		}
+		if first || (perFamily && c.perFamilyEvents) {
+			c.events = append(c.events, src.Events)
+		}
+		c.mu.Unlock()
+		if first {
+			reg.MustRegister(metrics.NewDatapathEventsCollector(c.readEvents))
+		}
 	}
 	// kube-proxy's nfacct counters (iptables mode).
 	if src, ok := innermost(dp).(interface {
 		NFAcctPackets() (uint64, uint64, bool)
-	}); ok {
+	}); ok && !c.nfacct {
+		c.nfacct = true
 		reg.MustRegister(metrics.NewNFAcctCollector(src.NFAcctPackets))
 	}
 	// The eBPF datapath's per Service port counters and map fill.
-	if src, ok := innermost(dp).(metrics.DatapathCounters); ok {
+	if src, ok := innermost(dp).(metrics.DatapathCounters); ok && !c.counters {
+		c.counters = true
 		reg.MustRegister(metrics.NewDatapathCountersCollector(src))
 	}
 }
 
-// RunOpening is Run with a datapath that open starts while the informers
-// list the Services and EndpointSlices: a cold start pays the longer of
-// the two rather than their sum. Nothing is synced before both are done.
-// socketLevel says whether that datapath serves at socket level (the ebpf
-// mode). An error from open ends the proxy with it; Run returns only after
-// open has.
-func RunOpening(ctx context.Context, client kubernetes.Interface, open func(context.Context) (dataplane.Dataplane, error), socketLevel bool, cfg Config) error {
+// readEvents sums the event counters of the sources registered.
+func (c *datapathCollectors) readEvents() (map[string]uint64, error) {
+	c.mu.Lock()
+	sources := slices.Clone(c.events)
+	c.mu.Unlock()
+	if len(sources) == 1 {
+		return sources[0]()
+	}
+	sum := map[string]uint64{}
+	for _, read := range sources {
+		events, err := read()
+		if err != nil {
+			return nil, err
+		}
+		for k, v := range events {
+			sum[k] += v
+		}
+	}
+	return sum, nil
+}
+
+// fanOut hands every informer event to each family's Proxier, as
+// kube-proxy's metaproxier does: each tracker takes what is of its
+// family.
+type fanOut []*Proxier
+
+var (
+	_ watch.Handler               = fanOut(nil)
+	_ watch.ForeignServiceHandler = fanOut(nil)
+)
+
+func (f fanOut) OnServiceUpsert(svc *v1.Service) {
+	for _, p := range f {
+		p.OnServiceUpsert(svc)
+	}
+}
+
+func (f fanOut) OnServiceDelete(svc *v1.Service) {
+	for _, p := range f {
+		p.OnServiceDelete(svc)
+	}
+}
+
+func (f fanOut) OnEndpointSliceUpsert(s *discoveryv1.EndpointSlice) {
+	for _, p := range f {
+		p.OnEndpointSliceUpsert(s)
+	}
+}
+
+func (f fanOut) OnEndpointSliceDelete(s *discoveryv1.EndpointSlice) {
+	for _, p := range f {
+		p.OnEndpointSliceDelete(s)
+	}
+}
+
+func (f fanOut) OnForeignServiceUpsert(svc *v1.Service) {
+	for _, p := range f {
+		p.OnForeignServiceUpsert(svc)
+	}
+}
+
+func (f fanOut) OnForeignServiceDelete(svc *v1.Service) {
+	for _, p := range f {
+		p.OnForeignServiceDelete(svc)
+	}
+}
+
+func (f fanOut) OnSynced() {
+	for _, p := range f {
+		p.OnSynced()
+	}
+}
+
+// nodeChanged follows a change of the node (nodeinfo.Source.Run): each
+// family's Proxier reads its own part of it.
+func (f fanOut) nodeChanged() {
+	for _, p := range f {
+		p.nodeChanged()
+	}
+}
+
+// countdown returns a function that runs fn in its own goroutine once it
+// has been called n times.
+func countdown(n int, fn func()) func() {
+	var left atomic.Int32
+	left.Store(int32(n))
+	return func() {
+		if left.Add(-1) == 0 {
+			go fn()
+		}
+	}
+}
+
+// RunOpening is Run with one datapath per family of cfg.Families, which
+// open starts (in the order of cfg.Families, one after the other) while
+// the informers list the Services and EndpointSlices: a cold start pays
+// the longer of the two rather than their sum. Nothing is synced before
+// all are done. socketLevel says whether those datapaths serve at socket
+// level (the ebpf mode). An error from open ends the proxy with it; Run
+// returns only after open has.
+//
+// Each family gets a Proxier of its own, fed by the one set of informers
+// (fanOut). They share the registry (each recording under its ip_family),
+// /healthz (unhealthy when either family's change waits too long), the
+// node watch (each reading its family's part of the node), the health
+// check node ports (each family answering for its own endpoints) and the
+// Event recorder: a service port that fails in both families gets an
+// Event from each, whose note names the frontend, and so the family, that
+// failed.
+func RunOpening(ctx context.Context, client kubernetes.Interface, open func(context.Context, model.IPFamily) (dataplane.Dataplane, error), socketLevel bool, cfg Config) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
+	families := cfg.families()
 	reg := cfg.Registry
 	if reg == nil {
 		reg = metrics.NewRegistry()
 	}
-	m := metrics.New(reg)
+	m := metrics.NewForFamily(reg, families[0])
 	health := healthz.NewProxyHealth(2*cfg.SyncPeriod, nil)
-	// Queued from the start: a proxy that never completes its first sync
-	// turns unhealthy.
-	health.QueuedUpdate()
-	p := newProxier(m, health, cfg, socketLevel)
-	p.healthChecks = healthcheck.New(healthcheck.Config{
+	if len(families) > 1 && cfg.AfterFirstSync != nil {
+		cfg.AfterFirstSync = countdown(len(families), cfg.AfterFirstSync)
+	}
+	proxiers := make(fanOut, 0, len(families))
+	for _, f := range families {
+		// Queued from the start: a proxy that never completes its
+		// first sync turns unhealthy.
+		health.QueuedUpdate(f)
+		proxiers = append(proxiers, newProxier(f, m.ForFamily(f), health, cfg, socketLevel))
+	}
+	uid := func(name model.ServiceName) types.UID {
+		// Every Proxier sees every Service; the first knows them all.
+		return proxiers[0].uid(name)
+	}
+	checks := healthcheck.New(healthcheck.Config{
 		NodeName:   cfg.NodeName,
 		Recorder:   cfg.Recorder,
-		ServiceUID: p.uid,
+		ServiceUID: uid,
 		Healthy: func() bool {
+			// As kube-proxy: the proxy's health, all families.
 			ok, _, _ := health.Healthy()
 			return ok
 		},
 	})
-	defer p.healthChecks.Close()
+	defer checks.Close()
+	for _, p := range proxiers {
+		p.healthChecks = checks
+	}
 
-	errs := make(chan error, 6)
+	errs := make(chan error, 4+len(proxiers))
 	running := 0
 	spawn := func(name string, fn func() error) {
 		running++
@@ -744,14 +935,20 @@ func RunOpening(ctx context.Context, client kubernetes.Interface, open func(cont
 	opened := make(chan struct{})
 	openErr := make(chan error, 1)
 	go func() {
-		dp, err := open(ctx)
-		if err != nil {
-			openErr <- err
-			cancel()
-			return
+		var collectors datapathCollectors
+		for _, p := range proxiers {
+			dp, err := open(ctx, p.family)
+			if err != nil {
+				if len(proxiers) > 1 {
+					err = fmt.Errorf("opening the %v datapath: %w", p.family, err)
+				}
+				openErr <- err
+				cancel()
+				return
+			}
+			p.attach(dp)
+			collectors.register(reg, dp)
 		}
-		p.attach(dp)
-		registerDatapathMetrics(reg, dp)
 		close(opened)
 	}()
 	healthOpts := []healthz.HandlerOption{healthz.WithCounts(m.HealthCounts())}
@@ -764,28 +961,39 @@ func RunOpening(ctx context.Context, client kubernetes.Interface, open func(cont
 		return healthz.ListenAndServe(ctx, cfg.HealthzBindAddress, health, healthOpts...)
 	})
 	spawn("metrics server", func() error { return metrics.ListenAndServe(ctx, cfg.MetricsBindAddress, reg, cfg.Profiling) })
-	spawn("watch", func() error { return watch.Run(ctx, client, p, 0) })
-	if cfg.Node != nil {
-		spawn("node watch", func() error { return cfg.Node.Run(ctx, client, p.nodeChanged) })
+	var handler watch.Handler = proxiers
+	if len(proxiers) == 1 {
+		handler = proxiers[0]
 	}
-	spawn("sync runner", func() error {
-		// Both the datapath and the complete caches: before the lists
-		// are complete, a sync would remove what simply had not arrived.
-		select {
-		case <-opened:
-		case <-ctx.Done():
+	spawn("watch", func() error { return watch.Run(ctx, client, handler, 0) })
+	if cfg.Node != nil {
+		spawn("node watch", func() error { return cfg.Node.Run(ctx, client, proxiers.nodeChanged) })
+	}
+	for _, p := range proxiers {
+		name := "sync runner"
+		if len(proxiers) > 1 {
+			name = p.family.String() + " sync runner"
+		}
+		spawn(name, func() error {
+			// Both the datapaths and the complete caches: before the
+			// lists are complete, a sync would remove what simply had
+			// not arrived.
+			select {
+			case <-opened:
+			case <-ctx.Done():
+				return nil
+			}
+			select {
+			case <-p.syncedCh:
+				p.health.SyncLoopStarted(p.family)
+				p.runner.Run(ctx)
+				p.retry.stop()
+				p.busy.stop()
+			case <-ctx.Done():
+			}
 			return nil
-		}
-		select {
-		case <-p.syncedCh:
-			p.health.SyncLoopStarted()
-			p.runner.Run(ctx)
-			p.retry.stop()
-			p.busy.stop()
-		case <-ctx.Done():
-		}
-		return nil
-	})
+		})
+	}
 
 	var firstErr error
 	for range running {
@@ -794,7 +1002,7 @@ func RunOpening(ctx context.Context, client kubernetes.Interface, open func(cont
 			cancel() // one part failing stops the others
 		}
 	}
-	// The datapath's start, which nothing else waits for, ends too: its
+	// The datapaths' start, which nothing else waits for, ends too: its
 	// error comes first, since the others' follow from it.
 	select {
 	case err := <-openErr:

@@ -200,10 +200,10 @@ func TestProxierSyncs(t *testing.T) {
 	}
 	_, metrics := get(t, "http://"+r.metrics+"/metrics")
 	for _, want := range []string{
-		`kube_bpf_proxy_skipped_objects_total{reason="invalid-cluster-ip",resource="Service"} 1`,
+		`kube_bpf_proxy_skipped_objects_total{ip_family="IPv4",reason="invalid-cluster-ip",resource="Service"} 1`,
 		"kubeproxy_sync_proxy_rules_duration_seconds_bucket",
 		"kubeproxy_sync_proxy_rules_last_timestamp_seconds ",
-		`kube_bpf_proxy_syncs_total{kind="full"} 1`,
+		`kube_bpf_proxy_syncs_total{ip_family="IPv4",kind="full"} 1`,
 	} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("/metrics lacks %q", want)

@@ -72,7 +72,7 @@ func TestProxierFullSyncsOncePerFullSyncPeriod(t *testing.T) {
 		t.Fatal("first sync is not full")
 	}
 	checks := func(result string) float64 {
-		return testutil.ToFloat64(h.m.DatapathChecksTotal.WithLabelValues(result))
+		return testutil.ToFloat64(h.m.DatapathChecksTotal.WithLabelValues(result, metrics.IPFamily))
 	}
 
 	// Periodic syncs without changes: partial and empty, one check each

@@ -90,7 +90,7 @@ func (e *env) oneServiceTooBig(t *testing.T, ns string) {
 	}) {
 		t.Errorf("no Warning Event on Service big naming --bpf-backend-slots-max; last seen: %s", last)
 	}
-	const gauge = `kube_bpf_proxy_service_ports_not_programmed{reason="map-full"}`
+	const gauge = `kube_bpf_proxy_service_ports_not_programmed{ip_family="IPv4",reason="map-full"}`
 	e.expectMetric(t, gauge, 1)
 
 	// Longer than a health timeout (2 x --sync-period) with the Service
