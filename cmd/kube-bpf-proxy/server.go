@@ -338,21 +338,25 @@ func runProxy(ctx context.Context, o options) error {
 	if err != nil {
 		return err
 	}
-	var podCIDR netip.Prefix
+	var podCIDRs map[model.IPFamily]netip.Prefix
 	if o.detectLocalMode == localModeNodeCIDR {
-		// As kube-proxy: the rules need the Node's pod range, so nothing
-		// starts before it is allocated (5 minutes at most).
+		// As kube-proxy: the rules need the Node's pod ranges, so nothing
+		// starts before one is allocated (5 minutes at most). Each
+		// family tells local traffic by its own range; a family the Node
+		// has no range of tells it by nothing, as kube-proxy's per-family
+		// detectors.
 		klog.InfoS("Waiting for the Node's pod range (--detect-local-mode=NodeCIDR)", "node", nodeName)
-		if podCIDR, err = nodeinfo.WaitForPodCIDR(ctx, client, nodeName, time.Second, 5*time.Minute); err != nil {
+		if podCIDRs, err = nodeinfo.WaitForPodCIDRs(ctx, client, nodeName, time.Second, 5*time.Minute); err != nil {
 			return err
 		}
-		klog.InfoS("Telling local traffic by the Node's pod range", "podCIDR", podCIDR)
-		// TODO(issue 20): the IPv6 family's pod range, once nodeinfo
-		// reads spec.podCIDRs per family (WaitForPodCIDR and PodCIDR
-		// return the first IPv4 range today); until then the IPv6
-		// family detects no local traffic, as kube-proxy's does for a
-		// family the Node has no pod range of.
-		o.localTraffic[model.FamilyOf(podCIDR.Addr())] = iptables.LocalByCIDR(podCIDR)
+		for _, f := range families {
+			if cidr, ok := podCIDRs[f]; ok {
+				klog.InfoS("Telling local traffic by the Node's pod range", "ipFamily", f, "podCIDR", cidr)
+				o.localTraffic[f] = iptables.LocalByCIDR(cidr)
+			} else {
+				klog.InfoS("The Node has no pod range of this family: its local traffic is told by nothing", "ipFamily", f)
+			}
+		}
 	}
 	// The datapath starts (loads, verifies and attaches the programs,
 	// opens the pins) while the informers list the Services and
@@ -388,7 +392,7 @@ func runProxy(ctx context.Context, o options) error {
 			NodeName:     nodeName,
 			NodePorts:    o.nodePorts,
 			ServiceCIDRs: o.serviceRanges,
-			PodCIDR:      podCIDR,
+			PodCIDRs:     podCIDRs,
 		}),
 		Registry: reg,
 		Families: families,
