@@ -2,7 +2,8 @@
 // kube-apiserver, etcd and kube-controller-manager with two simulated nodes
 // in network namespaces of their own (hack/cluster.sh builds and runs it).
 //
-//	cluster up                                   start it; print the kubeconfig
+//	cluster up [--stack ipv4|dual-stack|ipv6]   start it (IPv4 unless --stack says otherwise); print
+//	                                             the kubeconfig
 //	cluster down                                 remove everything it made
 //	cluster add-pod NAME --node N [--labels k=v,..] [--namespace NS]
 //	                                             a pod serving its name on tcp:80, tcp:8080, udp:5353
@@ -83,6 +84,7 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 	binary := fs.String("binary", "_output/kube-bpf-proxy", "kube-bpf-proxy binary")
 	listen := fs.String("listen", "127.0.0.1:9090", "forward: address to listen on, in this machine's network namespace")
 	to := fs.String("to", localcluster.PrometheusAddr, "forward: address to connect to, inside the node's namespace")
+	stack := fs.String("stack", "ipv4", "up: the cluster's IP families: ipv4, dual-stack or ipv6")
 	// kubectl and exec pass everything on.
 	if name == "kubectl" {
 		c, err := localcluster.Open(*dir)
@@ -103,7 +105,11 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 	pos := fs.Args()
 
 	if name == "up" {
-		c, err := localcluster.Up(ctx, localcluster.Options{Dir: *dir, KubeBin: *kubeBin,
+		st, err := localcluster.ParseStack(*stack)
+		if err != nil {
+			return err
+		}
+		c, err := localcluster.Up(ctx, localcluster.Options{Dir: *dir, KubeBin: *kubeBin, Stack: st,
 			Progress: func(f string, a ...any) { fmt.Printf("==> "+f+"\n", a...) }})
 		if err != nil {
 			return err
