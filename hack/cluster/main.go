@@ -139,7 +139,7 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		}
 		p, err := c.AddPod(ctx, localcluster.PodSpec{
 			Namespace: *namespace, Name: pos[0], Node: *node, Labels: parseLabels(*labels),
-			Command:   serveCommand(pos[0]),
+			Command:   c.Stack.ServeArgs(pos[0], "tcp:80", "tcp:8080", "udp:5353"),
 			ReadyLine: "ready",
 		})
 		if err != nil {
@@ -225,12 +225,6 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		return fmt.Errorf("proxy %s: want start, sync, stop or cleanup", pos[0])
 	}
 	return fmt.Errorf("unknown command %q", name)
-}
-
-// serveCommand is a pod process answering each TCP connection (HTTP, for
-// curl) and UDP datagram with name.
-func serveCommand(name string) []string {
-	return testnet.Helper("serve", name, "tcp:80", "tcp:8080", "udp:5353")
 }
 
 func parseLabels(s string) map[string]string {

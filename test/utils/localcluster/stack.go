@@ -3,6 +3,7 @@ package localcluster
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -299,4 +300,20 @@ func ConnectArgs(addr netip.Addr, port uint16, n int) []string {
 		helper = "tcp6"
 	}
 	return testnet.Helper(helper, netip.AddrPortFrom(addr, port).String(), fmt.Sprint(n))
+}
+
+// ServeArgs is the command of a pod that answers each TCP connection (HTTP,
+// for curl) and UDP datagram with name (testnet's "serve" helper; see
+// ConnectArgs) on listens ("tcp:80", "udp:5353": IPv4), and, on a stack
+// with IPv6, on each one's IPv6 twin ("tcp6:80", "udp6:5353") too.
+func (s Stack) ServeArgs(name string, listens ...string) []string {
+	all := slices.Clone(listens)
+	if s.Has(model.IPv6) {
+		for _, l := range listens {
+			if proto, port, ok := strings.Cut(l, ":"); ok && (proto == "tcp" || proto == "udp") {
+				all = append(all, proto+"6:"+port)
+			}
+		}
+	}
+	return testnet.Helper(append([]string{"serve", name}, all...)...)
 }
