@@ -85,7 +85,7 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 
 	// A backend on each node, and a client on each node, all serving both
 	// families.
-	var backends, clients []*localcluster.Pod
+	var webs, clients []*localcluster.Pod
 	for _, n := range c.Nodes {
 		for _, role := range []string{"web", "client"} {
 			name := role + "-" + n.Name
@@ -95,7 +95,7 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 				t.Fatal(err)
 			}
 			if role == "web" {
-				backends = append(backends, p)
+				webs = append(webs, p)
 			} else {
 				clients = append(clients, p)
 			}
@@ -103,7 +103,7 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 	}
 
 	t.Run("PodIPs", func(t *testing.T) {
-		for _, p := range append(slices.Clone(backends), clients...) {
+		for _, p := range append(slices.Clone(webs), clients...) {
 			if got := addrFamilies(t, addrStrings(p.IPs)); !slices.Equal(got, families) {
 				t.Errorf("pod %s: addresses %v, want one per family of %v", p.Name, p.IPs, families)
 			}
@@ -147,7 +147,7 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 	t.Run("EndpointSlices", func(t *testing.T) {
 		for _, f := range families {
 			var want []string
-			for _, p := range backends {
+			for _, p := range webs {
 				want = append(want, p.IPOf(f).String())
 			}
 			waitSlices(ctx, t, c, "default", "web", f, want)
@@ -158,15 +158,15 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 	// to a backend on the same node and on the other one, per family.
 	t.Run("Connectivity", func(t *testing.T) {
 		for _, f := range families {
-			for _, b := range backends {
-				addr := b.IPOf(f)
+			for _, b := range webs {
+				addr := netip.AddrPortFrom(b.IPOf(f), 80)
 				for _, cl := range clients {
-					out, err := cl.Output(ctx, localcluster.ConnectArgs(addr, 80, 1)...)
-					expectAnswer(t, fmt.Sprintf("%s: pod %s to pod %s at %s", f, cl.Name, b.Name, addr), out, err, b.Name)
+					lines, err := cl.Connect(ctx, addr, 1)
+					expectAnswer(t, fmt.Sprintf("%s: pod %s to pod %s at %s", f, cl.Name, b.Name, addr), lines, err, b.Name)
 				}
 				for _, n := range c.Nodes {
-					out, err := c.NodeOutput(ctx, n.Name, localcluster.ConnectArgs(addr, 80, 1)...)
-					expectAnswer(t, fmt.Sprintf("%s: node %s to pod %s at %s", f, n.Name, b.Name, addr), out, err, b.Name)
+					lines, err := c.NodeConnect(ctx, n.Name, addr, 1)
+					expectAnswer(t, fmt.Sprintf("%s: node %s to pod %s at %s", f, n.Name, b.Name, addr), lines, err, b.Name)
 				}
 			}
 		}
@@ -177,9 +177,10 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 
 	e := &env{c: c, clients: clients}
 	var want []string
-	for _, b := range backends {
+	for _, b := range webs {
 		want = append(want, b.Name)
 	}
+	slices.Sort(want)
 	for _, mode := range []string{"ebpf", "iptables"} {
 		t.Run(mode, func(t *testing.T) {
 			// Starts the proxies and waits for their first sync (the mode
@@ -189,8 +190,25 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 				if f == model.IPv6 && !localcluster.ProxyServesIPv6 {
 					continue
 				}
-				addr := netip.AddrPortFrom(clusterIPs[f], 80).String()
-				e.expectBackends(t, addr, want...)
+				addr, _ := localcluster.ServiceAddr(svc, f)
+				e.expectBackends(t, addr.String(), want...)
+				// And from each node's own namespace, as a hostNetwork
+				// client.
+				for _, n := range c.Nodes {
+					var last string
+					if !eventually(30*time.Second, func() bool {
+						lines, err := c.NodeConnect(ctx, n.Name, addr, 10)
+						if err != nil {
+							last = err.Error()
+							return false
+						}
+						names, errs := backends(lines)
+						last = fmt.Sprintf("backends %v, failures %v", names, errs)
+						return slices.Equal(names, want) && len(errs) == 0
+					}) {
+						t.Errorf("%s: from node %s to %s: want backends %v, last seen %s", f, n.Name, addr, want, last)
+					}
+				}
 			}
 			for _, n := range c.Nodes {
 				if !c.ProxyRunning(n.Name) {
@@ -231,15 +249,19 @@ func waitSlices(ctx context.Context, t *testing.T, c *localcluster.Cluster, ns, 
 	}
 }
 
-// expectAnswer checks a ConnectArgs run of one connection reached name.
-func expectAnswer(t *testing.T, what, out string, err error, name string) {
+// expectAnswer checks one connection's result line says name answered.
+func expectAnswer(t *testing.T, what string, lines []string, err error, name string) {
 	t.Helper()
 	if err != nil {
 		t.Errorf("%s: %v", what, err)
 		return
 	}
-	if f := strings.Fields(out); len(f) < 2 || f[0] != "ok" || f[1] != name {
-		t.Errorf("%s: got %q, want an answer from %s", what, strings.TrimSpace(out), name)
+	if len(lines) != 1 {
+		t.Errorf("%s: got %q, want one answer from %s", what, lines, name)
+		return
+	}
+	if f := strings.Fields(lines[0]); len(f) < 2 || f[0] != "ok" || f[1] != name {
+		t.Errorf("%s: got %q, want an answer from %s", what, lines[0], name)
 	}
 }
 

@@ -1,6 +1,7 @@
 package localcluster
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -316,4 +317,37 @@ func (s Stack) ServeArgs(name string, listens ...string) []string {
 		}
 	}
 	return testnet.Helper(append([]string{"serve", name}, all...)...)
+}
+
+// ServiceAddr is the Service's ClusterIP of family f with its first port:
+// what ConnectFrom and Pod.Connect take.
+func ServiceAddr(svc *corev1.Service, f model.IPFamily) (netip.AddrPort, bool) {
+	ip, ok := ClusterIPOf(svc, f)
+	if !ok || len(svc.Spec.Ports) == 0 {
+		return netip.AddrPort{}, false
+	}
+	return netip.AddrPortFrom(ip, uint16(svc.Spec.Ports[0].Port)), true
+}
+
+// Connect makes n TCP connections to addr from the pod (ConnectArgs) and
+// returns one result line each.
+func (p *Pod) Connect(ctx context.Context, addr netip.AddrPort, n int) ([]string, error) {
+	out, err := p.Output(ctx, ConnectArgs(addr.Addr(), addr.Port(), n)...)
+	if err != nil {
+		return nil, err
+	}
+	return strings.Split(strings.TrimSpace(out), "\n"), nil
+}
+
+// NodeConnect makes n TCP connections to addr from the node's network
+// namespace, as a hostNetwork client does, in the node's cgroup (so the
+// node's socket programs see it, as they see every process of a real
+// node), and returns one result line each.
+func (c *Cluster) NodeConnect(ctx context.Context, node string, addr netip.AddrPort, n int) ([]string, error) {
+	nd, err := c.Node(node)
+	if err != nil {
+		return nil, err
+	}
+	p := &Pod{Name: "hostNetwork client on " + node, Node: node, NetNS: nd.NetNS, cgroup: nd.Cgroup}
+	return p.Connect(ctx, addr, n)
 }
