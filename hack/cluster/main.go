@@ -7,6 +7,7 @@
 //	cluster down                                 remove everything it made
 //	cluster add-pod NAME --node N [--labels k=v,..] [--namespace NS]
 //	                                             a pod serving its name on tcp:80, tcp:8080, udp:5353
+//	                                             (and over IPv6 too on a dual-stack or IPv6 cluster)
 //	cluster ready NAME true|false [--namespace NS]
 //	cluster delete-pod NAME [--namespace NS] [--drain 2s]
 //	cluster exec POD [--namespace NS] -- CMD...  a client command in the pod (in its node's cgroup)
