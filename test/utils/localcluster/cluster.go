@@ -8,6 +8,9 @@
 // the kubelet would run its DaemonSet's pod (daemonset.go, proxy.go), and so
 // do the pods of other workloads, on the pod network, with their
 // ServiceAccount's in-cluster credentials (container.go, workload.go).
+// The cluster is IPv4 unless Options.Stack makes it dual-stack or IPv6-only
+// (stack.go): then its Service ranges, cluster CIDRs, node and pod addresses
+// are per family.
 //
 // Everything it creates (namespaces, cgroups, processes, bpffs mounts) is
 // recorded in the cluster directory as it is made, so Down removes all of it,
