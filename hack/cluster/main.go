@@ -2,10 +2,12 @@
 // kube-apiserver, etcd and kube-controller-manager with two simulated nodes
 // in network namespaces of their own (hack/cluster.sh builds and runs it).
 //
-//	cluster up                                   start it; print the kubeconfig
+//	cluster up [--stack ipv4|dual-stack|ipv6]   start it (IPv4 unless --stack says otherwise); print
+//	                                             the kubeconfig
 //	cluster down                                 remove everything it made
 //	cluster add-pod NAME --node N [--labels k=v,..] [--namespace NS]
 //	                                             a pod serving its name on tcp:80, tcp:8080, udp:5353
+//	                                             (and over IPv6 too on a dual-stack or IPv6 cluster)
 //	cluster ready NAME true|false [--namespace NS]
 //	cluster delete-pod NAME [--namespace NS] [--drain 2s]
 //	cluster exec POD [--namespace NS] -- CMD...  a client command in the pod (in its node's cgroup)
@@ -83,6 +85,7 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 	binary := fs.String("binary", "_output/kube-bpf-proxy", "kube-bpf-proxy binary")
 	listen := fs.String("listen", "127.0.0.1:9090", "forward: address to listen on, in this machine's network namespace")
 	to := fs.String("to", localcluster.PrometheusAddr, "forward: address to connect to, inside the node's namespace")
+	stack := fs.String("stack", "ipv4", "up: the cluster's IP families: ipv4, dual-stack or ipv6")
 	// kubectl and exec pass everything on.
 	if name == "kubectl" {
 		c, err := localcluster.Open(*dir)
@@ -103,7 +106,11 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 	pos := fs.Args()
 
 	if name == "up" {
-		c, err := localcluster.Up(ctx, localcluster.Options{Dir: *dir, KubeBin: *kubeBin,
+		st, err := localcluster.ParseStack(*stack)
+		if err != nil {
+			return err
+		}
+		c, err := localcluster.Up(ctx, localcluster.Options{Dir: *dir, KubeBin: *kubeBin, Stack: st,
 			Progress: func(f string, a ...any) { fmt.Printf("==> "+f+"\n", a...) }})
 		if err != nil {
 			return err
@@ -133,7 +140,7 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		}
 		p, err := c.AddPod(ctx, localcluster.PodSpec{
 			Namespace: *namespace, Name: pos[0], Node: *node, Labels: parseLabels(*labels),
-			Command:   serveCommand(pos[0]),
+			Command:   c.Stack.ServeArgs(pos[0], "tcp:80", "tcp:8080", "udp:5353"),
 			ReadyLine: "ready",
 		})
 		if err != nil {
@@ -219,12 +226,6 @@ func runCommand(ctx context.Context, dirFlag, name string, args []string) error 
 		return fmt.Errorf("proxy %s: want start, sync, stop or cleanup", pos[0])
 	}
 	return fmt.Errorf("unknown command %q", name)
-}
-
-// serveCommand is a pod process answering each TCP connection (HTTP, for
-// curl) and UDP datagram with name.
-func serveCommand(name string) []string {
-	return testnet.Helper("serve", name, "tcp:80", "tcp:8080", "udp:5353")
 }
 
 func parseLabels(s string) map[string]string {

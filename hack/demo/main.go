@@ -93,6 +93,8 @@ type demo struct {
 	// image is the image archive (hack/image.sh).
 	image string
 	step  string
+	// stack is the cluster's IP families (--stack).
+	stack localcluster.Stack
 	// vip is web's ClusterIP; clients holds the client pod of each node.
 	vip     string
 	clients map[string]*localcluster.Pod
@@ -120,11 +122,20 @@ func main() {
 	image := flag.String("image", "_output/kube-bpf-proxy-image.tar", "the image archive the proxies and the probe run from (hack/image.sh)")
 	clusterBinary := flag.String("cluster-binary", "_output/cluster", "hack/cluster's binary, whose forward command --keep runs")
 	promListen := flag.String("prometheus-listen", envOr("KBP_PROMETHEUS_LISTEN", "127.0.0.1:9090"), "--keep: where Prometheus is reachable from this machine (a forwarder into node1's namespace)")
+	stackFlag := flag.String("stack", envOr("KBP_DEMO_STACK", "ipv4"), "the cluster's IP families: ipv4, or dual-stack (every node and pod gets an IPv6 address too; the tour's Service stays IPv4)")
 	flag.Parse()
+	stack, err := localcluster.ParseStack(*stackFlag)
+	if err == nil && stack == localcluster.IPv6Only {
+		err = fmt.Errorf("--stack=ipv6: the tour's Service is IPv4; start an IPv6-only cluster with hack/cluster.sh up --stack ipv6")
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "demo:", err)
+		os.Exit(2)
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	d := &demo{ctx: ctx, dir: *dir, image: *image, obs: map[string][]crossover.Obs{}}
+	d := &demo{ctx: ctx, dir: *dir, image: *image, stack: stack, obs: map[string][]crossover.Obs{}}
 	if *down {
 		d.teardown()
 		fmt.Println("Done: the demo cluster is gone.")
@@ -172,7 +183,7 @@ func (d *demo) check(err error) {
 func (d *demo) up(kubeBin string) {
 	d.begin("Starting a local Kubernetes cluster: etcd, kube-apiserver and kube-controller-manager %s, two nodes", kubeVersion(kubeBin))
 	img := d.unpackImage()
-	c, err := localcluster.Up(d.ctx, localcluster.Options{Dir: d.dir, KubeBin: kubeBin, Image: img,
+	c, err := localcluster.Up(d.ctx, localcluster.Options{Dir: d.dir, KubeBin: kubeBin, Image: img, Stack: d.stack,
 		Progress: func(f string, a ...any) { d.logf(f, a...) }})
 	d.c = c
 	d.check(err)
@@ -509,7 +520,7 @@ func (d *demo) startProxies() {
 
 func (d *demo) addPod(name, node string, labels map[string]string) *localcluster.Pod {
 	p, err := d.c.AddPod(d.ctx, localcluster.PodSpec{Name: name, Node: node, Labels: labels,
-		Command:   testnet.Helper("serve", name+" on "+node, "tcp:8080"),
+		Command:   d.c.Stack.ServeArgs(name+" on "+node, "tcp:8080"),
 		ReadyLine: "ready"})
 	d.check(err)
 	d.logf("pod %s on %s at %s", p.Name, p.Node, p.IP)

@@ -121,6 +121,12 @@ func newEnv(t *testing.T) *env {
 // failed).
 func newCluster(t *testing.T) *localcluster.Cluster {
 	t.Helper()
+	return newStackCluster(t, localcluster.IPv4Only)
+}
+
+// newStackCluster is newCluster with the IP families of stack.
+func newStackCluster(t *testing.T, stack localcluster.Stack) *localcluster.Cluster {
+	t.Helper()
 	testnet.Require(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
@@ -134,7 +140,7 @@ func newCluster(t *testing.T) *localcluster.Cluster {
 			t.Fatal(err)
 		}
 	}
-	c, err := localcluster.Up(ctx, localcluster.Options{Dir: dir, KubeBin: kubeBin, Progress: t.Logf, Image: img})
+	c, err := localcluster.Up(ctx, localcluster.Options{Dir: dir, KubeBin: kubeBin, Progress: t.Logf, Image: img, Stack: stack})
 	if err != nil {
 		t.Fatalf("starting the local cluster: %v", err)
 	}

@@ -8,6 +8,9 @@
 // the kubelet would run its DaemonSet's pod (daemonset.go, proxy.go), and so
 // do the pods of other workloads, on the pod network, with their
 // ServiceAccount's in-cluster credentials (container.go, workload.go).
+// The cluster is IPv4 unless Options.Stack makes it dual-stack or IPv6-only
+// (stack.go): then its Service ranges, cluster CIDRs, node and pod addresses
+// are per family.
 //
 // Everything it creates (namespaces, cgroups, processes, bpffs mounts) is
 // recorded in the cluster directory as it is made, so Down removes all of it,
@@ -22,6 +25,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -39,6 +43,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/cgroups"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // Options configure Up.
@@ -56,6 +61,9 @@ type Options struct {
 	// Image, if set, is the unpacked image every container runs from
 	// (the proxies, the probe's workloads): see Image.
 	Image *Image
+	// Stack is the cluster's IP families: IPv4Only (the default),
+	// DualStack or IPv6Only (see Stack).
+	Stack Stack
 }
 
 // Cluster is a running local cluster.
@@ -81,6 +89,8 @@ type Cluster struct {
 	// Image is what the containers run from (Options.Image); nil runs
 	// the binaries the callers name on the host's file system.
 	Image *Image
+	// Stack is the cluster's IP families (Options.Stack).
+	Stack Stack
 }
 
 // Up starts a cluster and returns once the API server is ready, the
@@ -119,8 +129,18 @@ func Up(ctx context.Context, o Options) (c *Cluster, err error) {
 		}
 	}()
 
-	o.Progress("network: namespaces %s-{node1,node2,wan}, node link %s, no route out", o.Name, nodeSubnet)
-	if err := withState(dir, func(st *state) error { st.Image = o.Image; return create(st, dir, o.Name) }); err != nil {
+	links := nodeSubnet
+	switch o.Stack {
+	case DualStack:
+		links += " and " + nodeSubnet6
+	case IPv6Only:
+		links = nodeSubnet6
+	}
+	o.Progress("network (%s): namespaces %s-{node1,node2,wan}, node link %s, no route out", o.Stack, o.Name, links)
+	if err := withState(dir, func(st *state) error {
+		st.Image, st.Stack = o.Image, o.Stack
+		return create(st, dir, o.Name)
+	}); err != nil {
 		return nil, fmt.Errorf("creating the network: %w", err)
 	}
 	c, err = Open(dir)
@@ -149,12 +169,15 @@ func create(st *state, dir, name string) error {
 		n := NodeInfo{
 			Name:     fmt.Sprintf("node%d", i+1),
 			NetNS:    fmt.Sprintf("%s-node%d", name, i+1),
-			IP:       fmt.Sprintf("172.30.0.%d", 11+i),
-			PodCIDR:  fmt.Sprintf("10.244.%d.0/24", i+1),
 			Zone:     zone,
 			Cgroup:   filepath.Join(st.Cgroup, fmt.Sprintf("node%d", i+1)),
 			NextHost: 10,
 		}
+		for _, f := range st.Stack.Families() {
+			n.IPs = append(n.IPs, nodeAddr(f, i))
+			n.PodCIDRs = append(n.PodCIDRs, podCIDR(f, i))
+		}
+		n.IP, n.PodCIDR = n.IPs[0], n.PodCIDRs[0]
 		// The node's bpffs, mounted as systemd mounts /sys/fs/bpf on a real
 		// node: the DaemonSet's proxy has no capability to mount one.
 		n.BPFFS = filepath.Join(dir, n.Name, "bpffs")
@@ -216,9 +239,10 @@ func Open(dir string) (*Cluster, error) {
 		Name:            st.Name,
 		Nodes:           st.Nodes,
 		Cgroup:          st.Cgroup,
-		Server:          "https://" + st.Nodes[0].IP + ":" + apiServerPort,
+		Server:          "https://" + net.JoinHostPort(st.Nodes[0].IP, apiServerPort),
 		AdminKubeconfig: filepath.Join(dir, "admin.kubeconfig"),
 		Image:           st.Image,
+		Stack:           st.Stack,
 	}
 	if p := st.Procs["kube-apiserver"]; p != nil {
 		c.KubeBin = filepath.Dir(p.Args[0])
@@ -284,7 +308,11 @@ func (c *Cluster) Node(name string) (NodeInfo, error) {
 
 func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, ...any)) error {
 	n1 := c.Nodes[0]
-	creds, err := writeCredentials(c.Dir, []string{n1.IP})
+	apiIPs := n1.AllIPs()
+	if c.Stack != IPv4Only { // 10.96.0.1 is always in
+		apiIPs = append(apiIPs, c.Stack.KubernetesServiceIP())
+	}
+	creds, err := writeCredentials(c.Dir, apiIPs)
 	if err != nil {
 		return fmt.Errorf("generating credentials: %w", err)
 	}
@@ -315,11 +343,18 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 		return fmt.Errorf("etcd: %w", err)
 	}
 
-	progress("kube-apiserver on %s (service CIDR %s)", c.Server, ServiceCIDR)
+	serviceCIDRs := strings.Join(c.Stack.ServiceCIDRs(), ",")
+	progress("kube-apiserver on %s (service CIDR %s)", c.Server, serviceCIDRs)
 	f := func(name string) string { return filepath.Join(c.Dir, name) }
+	bind := "0.0.0.0"
+	if c.Stack.Has(model.IPv6) {
+		bind = "::" // both families, or IPv6 only
+	}
 	api := c.controlPlaneProc("kube-apiserver", []string{filepath.Join(c.KubeBin, "kube-apiserver"),
 		"--etcd-servers=" + EtcdURL, "--etcd-prefix=" + EtcdPrefix,
-		"--advertise-address=" + n1.IP, "--bind-address=0.0.0.0", "--secure-port=" + apiServerPort,
+		// The primary family's address: the default/kubernetes Service's
+		// endpoints are of its ClusterIP's family.
+		"--advertise-address=" + n1.IP, "--bind-address=" + bind, "--secure-port=" + apiServerPort,
 		"--tls-cert-file=" + f("apiserver.crt"), "--tls-private-key-file=" + f("apiserver.key"),
 		"--client-ca-file=" + f("ca.crt"),
 		"--token-auth-file=" + f("tokens.csv"),
@@ -327,7 +362,10 @@ func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, .
 		// As kubeadm's, kind's and minikube's API servers: their
 		// kube-proxy DaemonSet runs privileged.
 		"--allow-privileged=true",
-		"--service-cluster-ip-range=" + ServiceCIDR,
+		// One range per family, the primary first; the API server makes
+		// the "kubernetes" ServiceCIDR object of both (MultiCIDRServiceAllocator,
+		// GA and on since 1.33).
+		"--service-cluster-ip-range=" + serviceCIDRs,
 		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file=" + f("sa.pub"),
 		"--service-account-signing-key-file=" + f("sa.key"),
@@ -450,18 +488,21 @@ func (c *Cluster) createNode(ctx context.Context, n NodeInfo) error {
 				"topology.kubernetes.io/zone": n.Zone,
 			},
 		},
-		Spec: corev1.NodeSpec{PodCIDR: n.PodCIDR, PodCIDRs: []string{n.PodCIDR}},
+		// Written as node IPAM would (it does not run: nothing here needs
+		// a range handed out), one per family, spec.podCIDR the first.
+		Spec: corev1.NodeSpec{PodCIDR: n.PodCIDR, PodCIDRs: n.AllPodCIDRs()},
 	}
 	created, err := c.Client.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
 	if err != nil {
 		return err
 	}
 	now := metav1.Now()
+	var addrs []corev1.NodeAddress
+	for _, ip := range n.AllIPs() { // as a kubelet with --node-ip=v4,v6 lists them
+		addrs = append(addrs, corev1.NodeAddress{Type: corev1.NodeInternalIP, Address: ip})
+	}
 	created.Status = corev1.NodeStatus{
-		Addresses: []corev1.NodeAddress{
-			{Type: corev1.NodeInternalIP, Address: n.IP},
-			{Type: corev1.NodeHostName, Address: n.Name},
-		},
+		Addresses: append(addrs, corev1.NodeAddress{Type: corev1.NodeHostName, Address: n.Name}),
 		Conditions: []corev1.NodeCondition{{
 			Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady",
 			Message: "simulated node", LastHeartbeatTime: now, LastTransitionTime: now,

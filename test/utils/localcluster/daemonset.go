@@ -15,6 +15,8 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // What a user does to install the proxy, and what a kubelet does to run its
@@ -56,7 +58,7 @@ configMapGenerator:
   - KUBERNETES_SERVICE_PORT=%s
 `, mode, c.Name, base, APIServerConfigMap, c.Nodes[0].IP, apiServerPort)
 	// The iptables mode's DaemonSet: overlays/ab renames it.
-	if ds := map[string]string{"iptables": "kube-bpf-proxy", "ab": ABDaemonSets["iptables"]}[mode]; ds != "" {
+	if ds := map[string]string{"iptables": "kube-bpf-proxy", "ab": ABDaemonSets["iptables"]}[mode]; ds != "" && c.ProxyClusterCIDR() != "" {
 		fmt.Fprintf(&b, `patches:
 - target:
     kind: DaemonSet
@@ -65,9 +67,20 @@ configMapGenerator:
     - op: add
       path: /spec/template/spec/containers/0/args/-
       value: --cluster-cidr=%s
-`, ds, ClusterCIDR)
+`, ds, c.ProxyClusterCIDR())
 	}
 	return b.String()
+}
+
+// ProxyClusterCIDR is the --cluster-cidr Overlay gives the iptables mode:
+// the cluster CIDR of each family, the primary first, or, until the proxy
+// serves IPv6 (ProxyServesIPv6), the IPv4 one alone (none on an IPv6-only
+// cluster), since a proxy that serves IPv4 only refuses an IPv6 range.
+func (c *Cluster) ProxyClusterCIDR() string {
+	if ProxyServesIPv6 {
+		return strings.Join(c.Stack.ClusterCIDRs(), ",")
+	}
+	return ofFamily(c.Stack.ClusterCIDRs(), model.IPv4)
 }
 
 // ApplyOverlay writes Overlay for manifestsDir/overlays/mode into the

@@ -131,7 +131,9 @@ func (c *Cluster) kubeProxyProc(ctx context.Context, node string, o KubeProxyOpt
 		"--kubeconfig=" + kubeconfig,
 		"--hostname-override=" + n.Name,
 		"--proxy-mode=" + o.Mode,
-		"--cluster-cidr=" + ClusterCIDR,
+		// One per family: upstream's kube-proxy runs a proxier per family
+		// of the node.
+		"--cluster-cidr=" + strings.Join(c.Stack.ClusterCIDRs(), ","),
 		"--conntrack-max-per-core=0",
 		"--metrics-bind-address=" + ProxyMetricsAddr,
 		"--healthz-bind-address=0.0.0.0:10256",

@@ -21,6 +21,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // PodSpec describes a pod to add.
@@ -49,8 +51,11 @@ type Pod struct {
 	Name      string
 	Node      string
 	NetNS     string
-	IP        netip.Addr
-	cgroup    string
+	// IP is the pod's address of the cluster's primary family (its
+	// status.podIP), IPs one per family (its status.podIPs; IPOf).
+	IP     netip.Addr
+	IPs    []netip.Addr
+	cgroup string
 }
 
 func podKey(namespace, name string) string { return namespace + "/" + name }
@@ -74,20 +79,21 @@ func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		if st.Pods[key] != nil {
 			return fmt.Errorf("pod %s exists", key)
 		}
-		prefix := netip.MustParsePrefix(node.PodCIDR)
 		host := node.NextHost
 		node.NextHost++
-		ip := prefix.Addr().As4()
-		ip[3] = byte(host)
 		if host > 250 {
 			return fmt.Errorf("node %s has no pod address left", node.Name)
 		}
 		p = &pod{
 			Namespace: spec.Namespace, Name: spec.Name, Node: node.Name,
 			NetNS:  fmt.Sprintf("%s-%s-%d", st.Name, node.Name, host),
-			IP:     netip.AddrFrom4(ip).String(),
 			HostIf: fmt.Sprintf("pod%d", host),
 		}
+		// The same host part in each of the node's pod CIDRs.
+		for _, cidr := range node.AllPodCIDRs() {
+			p.IPs = append(p.IPs, podAddr(cidr, host))
+		}
+		p.IP = p.IPs[0]
 		st.Pods[key] = p
 		if err := addNetNS(st, p.NetNS); err != nil {
 			return err
@@ -97,16 +103,7 @@ func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		if err := bindNetNS(node, p.NetNS); err != nil {
 			return err
 		}
-		if err := runAll(
-			[]string{"ip", "-n", node.NetNS, "link", "add", p.HostIf, "type", "veth", "peer", "name", "eth0", "netns", p.NetNS},
-			[]string{"ip", "-n", node.NetNS, "addr", "add", podGateway + "/32", "dev", p.HostIf},
-			[]string{"ip", "-n", node.NetNS, "link", "set", p.HostIf, "up"},
-			[]string{"ip", "-n", node.NetNS, "route", "add", p.IP + "/32", "dev", p.HostIf},
-			[]string{"ip", "-n", p.NetNS, "addr", "add", p.IP + "/32", "dev", "eth0"},
-			[]string{"ip", "-n", p.NetNS, "link", "set", "eth0", "up"},
-			[]string{"ip", "-n", p.NetNS, "route", "add", podGateway, "dev", "eth0", "scope", "link"},
-			[]string{"ip", "-n", p.NetNS, "route", "add", "default", "via", podGateway, "dev", "eth0"},
-		); err != nil {
+		if err := runAll(podLinkCommands(node.NetNS, p)...); err != nil {
 			return err
 		}
 		if len(spec.Command) > 0 {
@@ -136,6 +133,47 @@ func (c *Cluster) AddPod(ctx context.Context, spec PodSpec) (*Pod, error) {
 		return nil, fmt.Errorf("pod %s/%s: %w", spec.Namespace, spec.Name, err)
 	}
 	return c.podFrom(p, node), nil
+}
+
+// podLinkCommands link pod p to its node: a veth, the pod's addresses on
+// its end, the node's gateway address on the other (IPv4: podGateway, as
+// CNI plugins that route per pod do it; IPv6: the link-local podGateway6),
+// a host route to each pod address on the node, a default route per family
+// in the pod. IPv6 addresses are added with nodad: usable at once.
+func podLinkCommands(nodeNS string, p *pod) [][]string {
+	ips := p.IPs
+	if len(ips) == 0 {
+		ips = []string{p.IP}
+	}
+	cmds := [][]string{{"ip", "-n", nodeNS, "link", "add", p.HostIf, "type", "veth", "peer", "name", "eth0", "netns", p.NetNS}}
+	for _, ip := range ips {
+		if familyOf(ip) == model.IPv4 {
+			cmds = append(cmds, []string{"ip", "-n", nodeNS, "addr", "add", podGateway + "/32", "dev", p.HostIf})
+		} else {
+			cmds = append(cmds, []string{"ip", "-n", nodeNS, "addr", "add", podGateway6 + "/64", "dev", p.HostIf, "nodad"})
+		}
+	}
+	cmds = append(cmds, []string{"ip", "-n", nodeNS, "link", "set", p.HostIf, "up"})
+	for _, ip := range ips {
+		f := familyOf(ip)
+		cmds = append(cmds, []string{"ip", "-n", nodeNS, "route", "add", ip + hostBits(f), "dev", p.HostIf})
+	}
+	for _, ip := range ips {
+		f := familyOf(ip)
+		cmds = append(cmds, addrAdd(p.NetNS, f, ip+hostBits(f), "eth0"))
+	}
+	cmds = append(cmds, []string{"ip", "-n", p.NetNS, "link", "set", "eth0", "up"})
+	for _, ip := range ips {
+		if familyOf(ip) == model.IPv4 {
+			cmds = append(cmds,
+				[]string{"ip", "-n", p.NetNS, "route", "add", podGateway, "dev", "eth0", "scope", "link"},
+				[]string{"ip", "-n", p.NetNS, "route", "add", "default", "via", podGateway, "dev", "eth0"})
+		} else {
+			// A link-local gateway needs no route to it.
+			cmds = append(cmds, []string{"ip", "-n", p.NetNS, "route", "add", "default", "via", podGateway6, "dev", "eth0"})
+		}
+	}
+	return cmds
 }
 
 // removePod stops the pod's process and removes its namespace and record.
@@ -194,8 +232,15 @@ func unbindNetNS(node *NodeInfo, netns string) error {
 }
 
 func (c *Cluster) podFrom(p *pod, node *NodeInfo) *Pod {
-	return &Pod{Namespace: p.Namespace, Name: p.Name, Node: p.Node, NetNS: p.NetNS,
+	pp := &Pod{Namespace: p.Namespace, Name: p.Name, Node: p.Node, NetNS: p.NetNS,
 		IP: netip.MustParseAddr(p.IP), cgroup: node.Cgroup}
+	for _, ip := range p.IPs {
+		pp.IPs = append(pp.IPs, netip.MustParseAddr(ip))
+	}
+	if len(pp.IPs) == 0 {
+		pp.IPs = []netip.Addr{pp.IP}
+	}
+	return pp
 }
 
 func (c *Cluster) createPodObject(ctx context.Context, spec PodSpec, p *pod, node *NodeInfo) error {
@@ -226,12 +271,26 @@ func (c *Cluster) createPodObject(ctx context.Context, spec PodSpec, p *pod, nod
 		time.Sleep(200 * time.Millisecond)
 	}
 	now := metav1.Now()
+	// One address per family, the primary first, as a kubelet reports a
+	// dual-stack pod's: the EndpointSlice controller takes each Service
+	// family's address from status.podIPs.
+	var hostIPs []corev1.HostIP
+	for _, ip := range node.AllIPs() {
+		hostIPs = append(hostIPs, corev1.HostIP{IP: ip})
+	}
+	var podIPs []corev1.PodIP
+	for _, ip := range p.IPs {
+		podIPs = append(podIPs, corev1.PodIP{IP: ip})
+	}
+	if len(podIPs) == 0 {
+		podIPs = []corev1.PodIP{{IP: p.IP}}
+	}
 	created.Status = corev1.PodStatus{
 		Phase:     corev1.PodRunning,
 		HostIP:    node.IP,
-		HostIPs:   []corev1.HostIP{{IP: node.IP}},
+		HostIPs:   hostIPs,
 		PodIP:     p.IP,
-		PodIPs:    []corev1.PodIP{{IP: p.IP}},
+		PodIPs:    podIPs,
 		StartTime: &now,
 		Conditions: []corev1.PodCondition{
 			{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},

@@ -25,6 +25,8 @@ type state struct {
 	Procs      map[string]*proc `json:"procs"`
 	// Image is the image the cluster's containers run from, if any.
 	Image *Image `json:"image,omitempty"`
+	// Stack is the cluster's IP families (Options.Stack).
+	Stack Stack `json:"stack,omitempty"`
 }
 
 // NodeInfo describes one simulated node.
@@ -32,10 +34,17 @@ type NodeInfo struct {
 	Name string `json:"name"`
 	// NetNS is the node's network namespace (under /run/netns).
 	NetNS string `json:"netns"`
-	// IP is the node's InternalIP, on its link to the other nodes.
-	IP      string `json:"ip"`
-	PodCIDR string `json:"podCIDR"`
-	Zone    string `json:"zone"`
+	// IP is the node's InternalIP, on its link to the other nodes: of
+	// the cluster's primary family.
+	IP string `json:"ip"`
+	// IPs are its InternalIPs, one per family of the cluster's stack, IP
+	// first (AllIPs, IPOf).
+	IPs []string `json:"ips,omitempty"`
+	// PodCIDR is its spec.podCIDR, PodCIDRs its spec.podCIDRs: one per
+	// family, PodCIDR first (AllPodCIDRs).
+	PodCIDR  string   `json:"podCIDR"`
+	PodCIDRs []string `json:"podCIDRs,omitempty"`
+	Zone     string   `json:"zone"`
 	// Cgroup holds the node's pod processes: the proxy's eBPF programs
 	// attach here, as they attach to the cgroup root on a real node.
 	Cgroup string `json:"cgroup"`
@@ -60,9 +69,12 @@ type pod struct {
 	Name      string `json:"name"`
 	Node      string `json:"node"`
 	NetNS     string `json:"netns"`
-	IP        string `json:"ip"`
-	HostIf    string `json:"hostIf"`
-	Proc      *proc  `json:"proc,omitempty"`
+	// IP is the pod's address of the primary family, IPs one per family
+	// (IP first).
+	IP     string   `json:"ip"`
+	IPs    []string `json:"ips,omitempty"`
+	HostIf string   `json:"hostIf"`
+	Proc   *proc    `json:"proc,omitempty"`
 }
 
 const stateFile = "state.json"

@@ -435,7 +435,9 @@ func mkfifo(p string) error { return syscall.Mkfifo(p, 0o600) }
 // Build runs hack/image.sh in the repository at repo (the root filesystem
 // cached, the binary rebuilt) and returns the archive's path.
 func Build(repo string) (string, error) {
-	cmd := exec.Command(filepath.Join(repo, "hack/image.sh"))
+	// A relative path is resolved in Dir, where the child starts: run
+	// the script from there ("../.." from test/e2e is the repository).
+	cmd := exec.Command("./hack/image.sh")
 	cmd.Dir = repo
 	out, err := cmd.CombinedOutput()
 	if err != nil {

@@ -60,14 +60,20 @@ type Net struct {
 	mu    sync.Mutex
 	pods  []*Pod
 	procs []*exec.Cmd
+	// ipv6: the node routes IPv6 (enableIPv6 ran).
+	ipv6 bool
 }
 
-// Pod is a network namespace with one address, reachable from every other pod.
+// Pod is a network namespace with one address, reachable from every other
+// pod, or one per family (AddAddress; see dualstack.go).
 type Pod struct {
 	net  *Net
 	Name string
 	NS   string
-	IP   netip.Addr
+	// IP is the address the pod was made with; IPs are all of its
+	// addresses, IP first (IPOf picks one by family).
+	IP  netip.Addr
+	IPs []netip.Addr
 	// HostIf is the node's end of the pod's veth.
 	HostIf string
 	// outside: a client machine outside the cluster (AddMachine), whose
@@ -119,10 +125,15 @@ func New(t T) *Net {
 
 // RouteToPod sends the node's traffic for prefix to pod p, which owns no
 // address in it: such packets are dropped there without an answer, as on a
-// network where the address leads nowhere.
+// network where the address leads nowhere. p needs an address of prefix's
+// family.
 func (n *Net) RouteToPod(prefix string, p *Pod) {
 	n.t.Helper()
-	n.mustRun("ip", "-n", n.Node, "route", "add", prefix, "via", p.IP.String(), "dev", p.HostIf, "onlink")
+	via := p.IPOf(netip.MustParsePrefix(prefix).Addr().Is4())
+	if !via.IsValid() {
+		n.t.Fatalf("RouteToPod %s: pod %s has no address of its family", prefix, p.Name)
+	}
+	n.mustRun("ip", "-n", n.Node, "route", "add", prefix, "via", via.String(), "dev", p.HostIf, "onlink")
 }
 
 // NodeCommand prepares a command in the node's network namespace.
@@ -130,14 +141,16 @@ func (n *Net) NodeCommand(ctx context.Context, args ...string) *exec.Cmd {
 	return exec.CommandContext(ctx, "nsenter", append([]string{"--net=/run/netns/" + n.Node, "--"}, args...)...)
 }
 
-// AddPod creates a pod namespace with address ip, linked to the node.
+// AddPod creates a pod namespace with address ip (IPv4, or IPv6 for an
+// IPv6-only pod), linked to the node.
 func (n *Net) AddPod(name, ip string) *Pod {
 	n.t.Helper()
 	n.mu.Lock()
 	idx := len(n.pods)
 	n.mu.Unlock()
 	hostIf := fmt.Sprintf("veth%d", idx)
-	p := &Pod{net: n, Name: name, NS: n.Prefix + "-" + name, IP: netip.MustParseAddr(ip), HostIf: hostIf}
+	addr := netip.MustParseAddr(ip)
+	p := &Pod{net: n, Name: name, NS: n.Prefix + "-" + name, IP: addr, IPs: []netip.Addr{addr}, HostIf: hostIf}
 	n.mustRun("ip", "netns", "add", p.NS)
 	n.mu.Lock()
 	n.pods = append(n.pods, p)
@@ -146,24 +159,26 @@ func (n *Net) AddPod(name, ip string) *Pod {
 		n.t.Fatalf("%v", err)
 	}
 	n.mustRun("ip", "-n", n.Node, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", p.NS)
-	n.mustRun("ip", "-n", n.Node, "addr", "add", PodGateway+"/32", "dev", hostIf)
 	n.mustRun("ip", "-n", n.Node, "link", "set", hostIf, "up")
-	n.mustRun("ip", "-n", n.Node, "route", "add", ip+"/32", "dev", hostIf)
 	n.mustRun("ip", "-n", p.NS, "link", "set", "lo", "up")
-	n.mustRun("ip", "-n", p.NS, "addr", "add", ip+"/32", "dev", "eth0")
 	n.mustRun("ip", "-n", p.NS, "link", "set", "eth0", "up")
-	n.mustRun("ip", "-n", p.NS, "route", "add", PodGateway, "dev", "eth0", "scope", "link")
-	// Everything, the service range included, goes to the node, which has
-	// routes to pods only: an untranslated VIP dies there.
-	n.mustRun("ip", "-n", p.NS, "route", "add", "default", "via", PodGateway, "dev", "eth0")
+	n.addPodAddress(p, addr)
 	return p
 }
 
 // HostNetwork is a pod with hostNetwork: its processes run in the node's
 // network namespace, with the node's address towards pods as their own.
 // Its clients go in the test's cgroup like any other.
+// Over IPv6 (once a pod has an IPv6 address) its address is NodeAddress6.
 func (n *Net) HostNetwork() *Pod {
-	return &Pod{net: n, Name: "host", NS: n.Node, IP: netip.MustParseAddr(PodGateway)}
+	p := &Pod{net: n, Name: "host", NS: n.Node, IP: netip.MustParseAddr(PodGateway)}
+	p.IPs = []netip.Addr{p.IP}
+	n.mu.Lock()
+	if n.ipv6 {
+		p.IPs = append(p.IPs, netip.MustParseAddr(NodeAddress6))
+	}
+	n.mu.Unlock()
+	return p
 }
 
 // Command prepares a command in the pod's network namespace. Clients (the
