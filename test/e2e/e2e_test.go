@@ -617,11 +617,13 @@ func (e *env) sigterm(t *testing.T, ns string) {
 
 // --- helpers
 
+// addWeb adds a pod labelled app=APP that answers TCP on 80 and 8080 and
+// UDP on 53, in each family of the cluster's stack.
 func (e *env) addWeb(t *testing.T, ns, name, node, app string) {
 	t.Helper()
 	_, err := e.c.AddPod(context.Background(), localcluster.PodSpec{
 		Namespace: ns, Name: name, Node: node, Labels: map[string]string{"app": app},
-		Command:   testnet.Helper("serve", name, "tcp:80", "tcp:8080"),
+		Command:   e.c.Stack.ServeArgs(name, "tcp:80", "tcp:8080", "udp:53"),
 		ReadyLine: "ready",
 	})
 	if err != nil {

@@ -24,8 +24,12 @@ import (
 // of that family (made by the real EndpointSlice controller from the pods'
 // status.podIPs), and raw connectivity, no proxy involved, pod to pod and
 // node to pod over both families, on a node and across nodes. Then, in each
-// mode, the IPv4 ClusterIP of the dual-stack Service answers through the
-// proxy; the IPv6 one too once the proxy serves IPv6
+// mode, each ClusterIP of the dual-stack Service answers through the proxy
+// from pods and from the nodes' own namespaces, and the core of
+// TestEndToEnd's scenarios runs per family (familyScenarios): TCP, UDP,
+// node ports, zero failures under endpoint churn and across a proxy
+// rollout, and a Service changed from SingleStack to RequireDualStack and
+// back. The eBPF mode's IPv6 is checked once it serves IPv6
 // (localcluster.ProxyServesIPv6).
 func TestLocalClusterDualStack(t *testing.T) {
 	testStack(t, localcluster.DualStack)
@@ -33,8 +37,8 @@ func TestLocalClusterDualStack(t *testing.T) {
 
 // TestLocalClusterIPv6Only checks the same on an IPv6-only cluster: every
 // address is IPv6 (the default/kubernetes Service's ClusterIP and endpoint
-// too), and the proxy starts and syncs in each mode without crashing; that
-// it serves the IPv6 ClusterIP is checked once ProxyServesIPv6 says so.
+// too), the Service is PreferDualStack and gets the one family there is,
+// and the proxy starts and syncs in each mode without crashing.
 func TestLocalClusterIPv6Only(t *testing.T) {
 	testStack(t, localcluster.IPv6Only)
 }
@@ -186,10 +190,7 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 			// Starts the proxies and waits for their first sync (the mode
 			// label they set on their Node after it).
 			e.startProxies(t, mode)
-			for _, f := range families {
-				if f == model.IPv6 && !localcluster.ProxyServesIPv6 {
-					continue
-				}
+			for _, f := range servedFamilies(stack, mode) {
 				addr, _ := localcluster.ServiceAddr(svc, f)
 				e.expectBackends(t, addr.String(), want...)
 				// And from each node's own namespace, as a hostNetwork
@@ -210,10 +211,16 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 					}
 				}
 			}
+			if !t.Failed() {
+				e.familyScenarios(t, e.namespace(t, mode), mode, stack)
+			}
 			for _, n := range c.Nodes {
 				if !c.ProxyRunning(n.Name) {
 					t.Errorf("the proxy on %s exited; see %s", n.Name, c.ProxyLog(n.Name))
 				}
+			}
+			if t.Failed() && keepOnFailure() {
+				return
 			}
 			e.cleanupProxies(t, mode)
 		})

@@ -15,8 +15,6 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // What a user does to install the proxy, and what a kubelet does to run its
@@ -73,14 +71,10 @@ configMapGenerator:
 }
 
 // ProxyClusterCIDR is the --cluster-cidr Overlay gives the iptables mode:
-// the cluster CIDR of each family, the primary first, or, until the proxy
-// serves IPv6 (ProxyServesIPv6), the IPv4 one alone (none on an IPv6-only
-// cluster), since a proxy that serves IPv4 only refuses an IPv6 range.
+// the cluster CIDR of each family, the primary first (that mode serves
+// both families).
 func (c *Cluster) ProxyClusterCIDR() string {
-	if ProxyServesIPv6 {
-		return strings.Join(c.Stack.ClusterCIDRs(), ",")
-	}
-	return ofFamily(c.Stack.ClusterCIDRs(), model.IPv4)
+	return strings.Join(c.Stack.ClusterCIDRs(), ",")
 }
 
 // ApplyOverlay writes Overlay for manifestsDir/overlays/mode into the

@@ -75,13 +75,19 @@ func (s Stack) Has(f model.IPFamily) bool {
 	return false
 }
 
-// ProxyServesIPv6 says whether the kube-bpf-proxy under test serves IPv6:
-// whether Overlay passes it an IPv6 --cluster-cidr (a proxy that serves
-// IPv4 only refuses one) and whether the dual-stack and IPv6-only tests
-// (test/e2e TestLocalClusterDualStack, TestLocalClusterIPv6Only) assert
-// that IPv6 ClusterIPs answer through it. It turns true when the proxy's
-// IPv6 datapaths land (issue 20).
+// ProxyServesIPv6 says whether the kube-bpf-proxy under test serves IPv6
+// in every mode: whether the dual-stack and IPv6-only tests (test/e2e
+// TestLocalClusterDualStack, TestLocalClusterIPv6Only) assert that IPv6
+// Services answer through the eBPF mode too (the iptables mode serves
+// IPv6 in any case: ModeServesIPv6). It turns true when the eBPF mode's
+// IPv6 datapath lands (issue 20).
 var ProxyServesIPv6 = false
+
+// ModeServesIPv6 says whether the proxy in mode (an overlay's name:
+// ebpf, iptables or ab) serves IPv6 Services.
+func ModeServesIPv6(mode string) bool {
+	return mode == "iptables" || ProxyServesIPv6
+}
 
 // The IPv6 twins of the IPv4 ranges in network.go, all in the unique local
 // range fd00::/8 and only ever inside the cluster's namespaces (nothing of

@@ -89,36 +89,24 @@ ip -n kbp-node1-10 route add default via fe80::1 dev eth0`
 	}
 }
 
-// The iptables mode's --cluster-cidr: the IPv4 range until the proxy
-// serves IPv6, then one per family; none on an IPv6-only cluster until
-// then.
+// The iptables mode's --cluster-cidr: one per family of the stack, the
+// primary first.
 func TestOverlayClusterCIDRPerStack(t *testing.T) {
 	for _, tc := range []struct {
-		stack  Stack
-		served bool
-		want   string
+		stack Stack
+		want  string
 	}{
-		{IPv4Only, false, ClusterCIDR},
-		{IPv4Only, true, ClusterCIDR},
-		{DualStack, false, ClusterCIDR},
-		{DualStack, true, ClusterCIDR + "," + ClusterCIDR6},
-		{IPv6Only, false, ""},
-		{IPv6Only, true, ClusterCIDR6},
+		{IPv4Only, ClusterCIDR},
+		{DualStack, ClusterCIDR + "," + ClusterCIDR6},
+		{IPv6Only, ClusterCIDR6},
 	} {
-		old := ProxyServesIPv6
-		ProxyServesIPv6 = tc.served
 		c := &Cluster{Name: "kbptest", Stack: tc.stack, Nodes: []NodeInfo{{Name: "node1", IP: nodeAddr(tc.stack.Families()[0], 0)}}}
 		got := c.Overlay("../../../manifests/overlays/iptables", "iptables")
-		ProxyServesIPv6 = old
 		if !strings.Contains(got, "KUBERNETES_SERVICE_HOST="+c.Nodes[0].IP+"\n") {
 			t.Errorf("%s: the overlay does not set the API server's address %s:\n%s", tc.stack, c.Nodes[0].IP, got)
 		}
-		if tc.want == "" {
-			if strings.Contains(got, "--cluster-cidr") {
-				t.Errorf("%s (IPv6 served: %v): a --cluster-cidr patch:\n%s", tc.stack, tc.served, got)
-			}
-		} else if !strings.Contains(got, "value: --cluster-cidr="+tc.want+"\n") {
-			t.Errorf("%s (IPv6 served: %v): want --cluster-cidr=%s:\n%s", tc.stack, tc.served, tc.want, got)
+		if !strings.Contains(got, "value: --cluster-cidr="+tc.want+"\n") {
+			t.Errorf("%s: want --cluster-cidr=%s:\n%s", tc.stack, tc.want, got)
 		}
 	}
 }

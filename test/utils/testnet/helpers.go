@@ -40,7 +40,7 @@ func RunHelperIfRequested(extra map[string]func(args []string) error) {
 //	serve NAME tcp:PORT|udp:PORT...   answer each request with NAME (tcp6:, udp6: on IPv6)
 //	tcp ADDR N                        N connects, one result line each
 //	udp ADDR N [connected]            N requests on one socket
-//	loop ADDR [PAUSE]                 connect until killed, a line each, PAUSE between connects
+//	loop ADDR [PAUSE]                 connect until killed, a line each, PAUSE between connects ([ADDR]: as tcp6)
 //	resolve ADDR [OPTION...]          query over one long-lived UDP socket until killed (see resolve)
 //	tcp6 ADDR N [inet4addr]           tcp from AF_INET6 sockets with IPV6_V6ONLY=0, as Java's are
 //	udp6 ADDR N [connected] [inet4addr]  udp from one such socket
@@ -277,8 +277,9 @@ func udpRequests(addr string, args []string) error {
 	})
 }
 
-// loop connects over and over until SIGTERM, then exits 0. Each result
-// ends with " start=" and the Unix nanosecond time its connect began, so
+// loop connects over and over until SIGTERM, then exits 0: from AF_INET
+// sockets, or, for an address in brackets, from AF_INET6 ones (as tcp6).
+// Each result ends with " start=" and the Unix nanosecond time its connect began, so
 // that a test can tell results of connects begun before a change from
 // those begun after it.
 func loop(addr string, args []string) error {
@@ -289,9 +290,19 @@ func loop(addr string, args []string) error {
 			return err
 		}
 	}
+	request := func() string { return tcpRequest(addr) }
+	if strings.HasPrefix(addr, "[") {
+		// An address in brackets: from AF_INET6 sockets, as tcp6 makes
+		// them ([fd00:96::a]:80, or [::ffff:10.96.0.10]:80 for IPv4).
+		sa, err := inet6Sockaddr(addr, false)
+		if err != nil {
+			return err
+		}
+		request = func() string { return tcp6Request(sa) }
+	}
 	untilStopped(pause, func() {
 		start := time.Now()
-		fmt.Printf("%s start=%d\n", tcpRequest(addr), start.UnixNano())
+		fmt.Printf("%s start=%d\n", request(), start.UnixNano())
 	})
 	return nil
 }
