@@ -116,6 +116,10 @@ func TestDashboards(t *testing.T) {
 // selector matches a series selector, metric{matchers}.
 var selector = regexp.MustCompile(`([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}`)
 
+// bareSeries matches a series of ours or kube-proxy's named outside a
+// selector.
+var bareSeries = regexp.MustCompile(`[a-z_:]*(kube_bpf_proxy|kubeproxy|rest_client)_[a-z_:]+`)
+
 // familyless are the series that never carry ip_family: the scrape's
 // health and the proxy's info, one of each per node.
 var familyless = []string{"up", "kube_bpf_proxy_info"}
@@ -132,10 +136,7 @@ func unfiltered(expr string) []string {
 	}
 	// A bare metric name (no braces) would escape the check above.
 	rest := selector.ReplaceAllString(expr, "")
-	for _, w := range regexp.MustCompile(`[a-z_:]*(kube_bpf_proxy|kubeproxy|rest_client)_[a-z_:]+`).FindAllString(rest, -1) {
-		out = append(out, w)
-	}
-	return out
+	return append(out, bareSeries.FindAllString(rest, -1)...)
 }
 
 // The family check catches a selector without the matcher, and a bare
