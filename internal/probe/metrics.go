@@ -70,7 +70,7 @@ func newClientMetrics(reg prometheus.Registerer) *clientMetrics {
 		}, pair),
 		roundTrip: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    metricRoundTrip,
-			Help:    "Whole round trip of one probe request through the Service's ClusterIP: protocol tcp is a new connection, an HTTP request and its full response; udp is a new socket, a datagram and its reply.",
+			Help:    "Whole round trip of one probe request through the Service's ClusterIP of family ip_family: protocol tcp is a new connection, an HTTP request and its full response; udp is a new socket, a datagram and its reply.",
 			Buckets: Buckets(),
 		}, []string{"client_node", "server_node", "mode", "protocol", "ip_family"}),
 		squared: prometheus.NewCounterVec(prometheus.CounterOpts{
