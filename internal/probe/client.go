@@ -352,8 +352,25 @@ func (c *client) zeroErrors(mode string, family model.IPFamily) {
 	}
 }
 
-// loop probes until ctx ends.
+// loop probes until ctx ends: each family on its own, so that one
+// family's timeouts (a broken IPv6 path) do not thin out the other's
+// samples, and a dual-stack Service gets as many probes per family as a
+// single-stack one.
 func (c *client) loop(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, f := range model.Families {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.loopFamily(ctx, f)
+		}()
+	}
+	wg.Wait()
+}
+
+// loopFamily probes the Service's ClusterIP of family f every interval,
+// while it has one.
+func (c *client) loopFamily(ctx context.Context, f model.IPFamily) {
 	for {
 		wait := time.Duration(float64(c.o.interval) * (1 + c.o.jitter*(2*rand.Float64()-1)))
 		select {
@@ -365,13 +382,13 @@ func (c *client) loop(ctx context.Context) {
 		if t == nil {
 			continue
 		}
-		mode := *c.mode.Load()
-		// Each family's ClusterIP in turn, every interval: a dual-stack
-		// Service gets as many probes per family as a single-stack one.
-		for _, x := range t.ips {
-			c.probeHTTP(ctx, x, t.httpPort, mode)
-			c.probeUDP(ctx, x, t.udpPort, mode)
+		i := slices.IndexFunc(t.ips, func(x familyIP) bool { return x.family == f })
+		if i < 0 {
+			continue
 		}
+		mode := *c.mode.Load()
+		c.probeHTTP(ctx, t.ips[i], t.httpPort, mode)
+		c.probeUDP(ctx, t.ips[i], t.udpPort, mode)
 	}
 }
 

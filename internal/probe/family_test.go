@@ -334,3 +334,39 @@ func TestTargetOf(t *testing.T) {
 		})
 	}
 }
+
+// Each family is probed on its own: an IPv6 ClusterIP whose every probe
+// hangs (a listener that never answers, a UDP socket that never replies)
+// does not hold up the IPv4 one.
+func TestFamilyHangDoesNotStallTheOther(t *testing.T) {
+	httpPort, _, udpPort, _ := probeServer(t, "127.0.0.1")
+	silentTCP, err := net.Listen("tcp", net.JoinHostPort("::1", fmt.Sprint(httpPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silentTCP.Close()
+	go func() {
+		for {
+			c, err := silentTCP.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+	silentUDP, err := net.ListenPacket("udp", net.JoinHostPort("::1", fmt.Sprint(udpPort)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer silentUDP.Close()
+	addr := probeClient(t, &corev1.Service{Spec: corev1.ServiceSpec{
+		ClusterIP: "::1", ClusterIPs: []string{"::1", "127.0.0.1"}, Ports: probePorts(httpPort, udpPort)}})
+	// The IPv6 probes wait for their 10 s limit; meanwhile IPv4 keeps
+	// going.
+	for _, protocol := range []string{"tcp", "udp"} {
+		waitFor(t, protocol+" IPv4 round trips while IPv6 hangs", func() bool {
+			s, err := getMetrics(addr)
+			return err == nil && count(s, metricRoundTrip, map[string]string{"protocol": protocol, "ip_family": "IPv4"}) >= 5
+		})
+	}
+}
