@@ -196,7 +196,11 @@ func (b *board) modeVariable(selector string) *dashboard.QueryVariableBuilder {
 func (b *board) familyVariable(selector string) *dashboard.QueryVariableBuilder {
 	return b.labelValues("ip_family", "ip_family", selector).Label("IP family").
 		Description("The IP family: IPv4, IPv6 (a dual-stack cluster has both). All adds them up; pick one to see it alone.").
-		AllValue(".*")
+		AllValue(".*").
+		// All until the user picks: the panels add the families up.
+		Current(dashboard.VariableOption{Selected: ptr(true),
+			Text:  dashboard.StringOrArrayOfString{ArrayOfString: []string{"All"}},
+			Value: dashboard.StringOrArrayOfString{ArrayOfString: []string{"$__all"}}})
 }
 
 func datasourceVariable() *dashboard.DatasourceVariableBuilder {

@@ -55,7 +55,13 @@ func TestDashboards(t *testing.T) {
 	for _, d := range ds {
 		var board struct {
 			Templating struct {
-				List []struct{ Name, Type string } `json:"list"`
+				List []struct {
+					Name, Type string
+					AllValue   string `json:"allValue"`
+					Current    struct {
+						Value []string `json:"value"`
+					} `json:"current"`
+				} `json:"list"`
 			} `json:"templating"`
 			Panels []struct {
 				Type       string `json:"type"`
@@ -74,6 +80,10 @@ func TestDashboards(t *testing.T) {
 		var vars []string
 		for _, v := range board.Templating.List {
 			vars = append(vars, v.Type+":"+v.Name)
+			// The families added up until the user picks one.
+			if v.Name == "ip_family" && (v.AllValue != ".*" || !slices.Equal(v.Current.Value, []string{"$__all"})) {
+				t.Errorf("%s: ip_family variable: all value %q, current %v; want .* and All", d.File, v.AllValue, v.Current.Value)
+			}
 		}
 		for _, want := range []string{"datasource:datasource", "query:mode", "query:ip_family"} {
 			if !slices.Contains(vars, want) {
