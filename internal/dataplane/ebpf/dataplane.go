@@ -176,15 +176,7 @@ func New(cfg Config) (*Dataplane, error) {
 	if err := writeNodeWord(k.objs.KbpNode, cookie, confined); err != nil {
 		klog.ErrorS(err, "Node ports on loopback addresses are not served to sockets")
 	}
-	maps := Maps{
-		Services:   newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices),
-		Slots:      newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
-		Backends:   newKernelMap[uint32, lbBackendValue](k.objs.KbpBackends, lbMapKbpBackends),
-		Stats:      newPerCPUMap(k.objs.KbpSvcStats, lbMapKbpSvcStats),
-		Matches:    newKernelMap[lbMatchKey, uint32](k.objs.KbpAffMatch, lbMapKbpAffMatch),
-		ClusterIPs: newKernelMap[uint32, uint32](k.objs.KbpClusterIps, lbMapKbpClusterIps),
-		Ranges:     newKernelMap[uint32, lbSvcRange](k.objs.KbpSvcRanges, lbMapKbpSvcRanges),
-	}
+	maps := kernelMaps(mapsOf(&k.objs, model.IPv4), model.IPv4)
 	grace := newRCUGracePeriod()
 	rec := newReconciler(maps, grace, cfg.MaxServices, cfg.MaxBackends)
 	rec.maxFrontends = cfg.MaxFrontends
