@@ -1,0 +1,184 @@
+package ebpf
+
+import (
+	"context"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
+)
+
+// The IPv6 Services' datapath (Dataplane.IPv6), against the kernel. The
+// backends are servers in the client pod itself, on an IPv6 address of its
+// loopback (backendIP6) and a port each: the programs translate at
+// connect() and sendmsg(), wherever the backend is, and a local address
+// needs no IPv6 routes in the test topology. Not ::1: the socket cleanup
+// rightly leaves a pod's sockets to its own loopback alone.
+
+const (
+	vip6       = "fd00:96::10"
+	backendIP6 = "fd00:244::1"
+)
+
+var kernelNode6 = model.NodeInfo{
+	NodePortAddresses: addrs("fd00:ffff::1"),
+	LocalAddresses:    addrs("fd00:ffff::1", "::1"),
+	ServiceCIDRs:      []netip.Prefix{netip.MustParsePrefix("fd00:96::/112")},
+}
+
+type ipv6Setup struct {
+	*kernelSetup
+	v6 dataplane.Dataplane
+	// tcp and udp are the backends, "[backendIP6]:port", of pod-0 and pod-1.
+	tcp, udp []string
+}
+
+func newIPv6Setup(t *testing.T) *ipv6Setup {
+	t.Helper()
+	s := &ipv6Setup{kernelSetup: newKernelSetup(t, 0)}
+	v6, err := s.dp.IPv6()
+	if err != nil {
+		t.Fatalf("opening the IPv6 view: %v", err)
+	}
+	t.Cleanup(func() { v6.Close() })
+	s.v6 = v6
+	s.client.AddLoopbackAddress(backendIP6 + "/128")
+	for i, ports := range [][2]string{{"18080", "15353"}, {"18081", "15354"}} {
+		name := []string{"pod-0", "pod-1"}[i]
+		s.client.Start(false, testnet.Helper("serve", name, "tcp6:"+ports[0], "udp6:"+ports[1])...)
+		s.tcp = append(s.tcp, "["+backendIP6+"]:"+ports[0])
+		s.udp = append(s.udp, "["+backendIP6+"]:"+ports[1])
+	}
+	return s
+}
+
+func (s *ipv6Setup) sync6(t *testing.T, snap *model.Snapshot) {
+	t.Helper()
+	if snap.Node.ServiceCIDRs == nil {
+		snap.Node = kernelNode6
+	}
+	if err := s.v6.Sync(context.Background(), snap); err != nil {
+		t.Fatalf("IPv6 sync: %v", err)
+	}
+	s.v6.(*ipv6View).waitSocketCleanup()
+}
+
+func TestKernelIPv6ClusterIP(t *testing.T) {
+	s := newIPv6Setup(t)
+	web := servicePort("default", "web", "http", model.TCP, "["+vip6+"]:80", s.tcp...)
+	dns := servicePort("kube-system", "dns", "dns", model.UDP, "["+vip6+"]:53", s.udp...)
+	s.sync6(t, snapshot(true, web, dns))
+	front := "[" + vip6 + "]"
+
+	lines := s.run(t, "tcp6", front+":80", "20")
+	assertAnswered(t, "tcp6", lines, front+":80")
+	if got := testnet.Tally(lines); got["ok pod-0"] == 0 || got["ok pod-1"] == 0 {
+		t.Errorf("20 connects went to %v, want both backends", got)
+	}
+	for _, l := range s.run(t, "udp6", front+":53", "3") {
+		if !strings.HasPrefix(l, "ok pod-") || !strings.HasSuffix(l, "from="+front+":53") {
+			t.Errorf("unconnected udp6 (sendmsg6): %q, want an answer from %s", l, front+":53")
+		}
+	}
+	for _, l := range s.run(t, "udp6", front+":53", "3", "connected") {
+		if !strings.HasPrefix(l, "ok pod-") || !strings.HasSuffix(l, "peer="+front+":53 from="+front+":53") {
+			t.Errorf("connected udp6: %q, want peer and source %s", l, front+":53")
+		}
+	}
+
+	// The counters of both families come from the IPv4 Dataplane.
+	got := map[string]dataplane.ServicePortCounters{}
+	counters, err := s.dp.ServicePortCounters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range counters {
+		got[c.Name.Name] = c
+	}
+	if c := got["web"]; c.Connections != 20 || c.ReverseTranslations != 20 {
+		t.Errorf("web counters %+v, want 20 connections and 20 reverse translations", c)
+	}
+	if c := got["dns"]; c.Datagrams != 3 || c.Connections != 1 {
+		t.Errorf("dns counters %+v, want 3 datagrams and 1 connection", c)
+	}
+	usage, err := s.dp.MapUsage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := map[string]int{}
+	for _, u := range usage {
+		found[u.Map] = u.Entries
+	}
+	if found["ipv6_services"] != 2 || found["ipv6_backends"] != 4 || found["services"] != 0 {
+		t.Errorf("map usage %v, want 2 IPv6 frontends, 4 IPv6 backends and no IPv4 frontend", found)
+	}
+}
+
+func TestKernelIPv6AffinityNodePortAndRefusals(t *testing.T) {
+	s := newIPv6Setup(t)
+	front := "[" + vip6 + "]"
+	web := withNodePort(withAffinity(servicePort("default", "web", "http", model.TCP, front+":80", s.tcp...), time.Hour), 30080)
+	empty := servicePort("default", "empty", "http", model.TCP, "[fd00:96::11]:80")
+	s.sync6(t, snapshot(true, web, empty))
+
+	lines := s.run(t, "tcp6", front+":80", "10")
+	assertAnswered(t, "affinity", lines, front+":80")
+	if got := testnet.Tally(lines); len(got) != 1 {
+		t.Errorf("10 connects with affinity went to %v, want one backend", got)
+	}
+	np := "[fd00:ffff::1]:30080"
+	assertAnswered(t, "node port", s.run(t, "tcp6", np, "4"), np)
+
+	for _, c := range []struct{ name, addr, reason string }{
+		{"no backend", "[fd00:96::11]:80", "refused_no_backend"},
+		{"unknown port of a ClusterIP", front + ":81", "refused_unknown_port"},
+		{"unallocated Service address", "[fd00:96::99]:80", "refused_unallocated_address"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			var lines []string
+			delta := eventDelta(t, s.dp, func() { lines = s.run(t, "tcp6", c.addr, "1") })
+			if len(lines) != 1 || lines[0] != "err connection refused" {
+				t.Errorf("connect to %s: %q, want ECONNREFUSED", c.addr, lines)
+			}
+			if delta[c.reason] != 1 {
+				t.Errorf("events %v, want one %s", delta, c.reason)
+			}
+		})
+	}
+	// An address outside the Service CIDRs is no Service's: left alone
+	// (and, with no IPv6 route out of the pod, unreachable).
+	delta := eventDelta(t, s.dp, func() { s.run(t, "tcp6", "[fd00:97::1]:80", "1") })
+	for name := range delta {
+		if strings.HasPrefix(name, "refused") {
+			t.Errorf("a connect outside the Service CIDRs was refused: %v", delta)
+		}
+	}
+}
+
+// A connected IPv6 UDP socket translated to a backend that leaves is found
+// in the IPv6 reverse map and destroyed (sock_diag, AF_INET6).
+func TestKernelIPv6StaleUDPSocketDestroyed(t *testing.T) {
+	s := newIPv6Setup(t)
+	addr := "[" + vip6 + "]:53"
+	dns := func(backends ...string) *model.Snapshot {
+		return snapshot(true, servicePort("kube-system", "dns", "dns", model.UDP, addr, backends...))
+	}
+	s.sync6(t, dns(s.udp[0]))
+	idle := startIdleUDP(t, s.kernelSetup, addr, true)
+	if got := idle.do(t, "query"); got != "ok pod-0 from="+addr {
+		t.Fatalf("query: %q, want an answer from pod-0 shown as %s", got, addr)
+	}
+	before := events(t, s.dp)
+	s.sync6(t, dns(s.udp[1]))
+	after := events(t, s.dp)
+	if d := after[eventUDPSocketsDestroyed] - before[eventUDPSocketsDestroyed]; d != 1 {
+		t.Errorf("%d sockets destroyed when pod-0 left, want the idle one", d)
+	}
+	if got := idle.do(t, "query"); !strings.HasPrefix(got, "err ") {
+		t.Errorf("idle socket after its backend left: %q, want an error (destroyed)", got)
+	}
+}
