@@ -133,14 +133,14 @@ func fromPinned(pinned *ebpf.Pinned) []*dpPort {
 		var list []model.Backend
 		for _, b := range g.Backends {
 			if b.Missing {
-				p.problems = append(p.problems, fmt.Sprintf("service id %d: a slot names backend id %d, which the backend map does not hold", g.ID, b.ID))
+				p.problems = append(p.problems, fmt.Sprintf("%s service id %d: a slot names backend id %d, which the backend map does not hold", g.Family, g.ID, b.ID))
 				continue
 			}
 			list = append(list, b.Backend)
 			p.weights[b.Backend] += b.Slots
 		}
 		if g.MissingSlots > 0 {
-			p.problems = append(p.problems, fmt.Sprintf("service id %d: %d of its live slots have no entry", g.ID, g.MissingSlots))
+			p.problems = append(p.problems, fmt.Sprintf("%s service id %d: %d of its live slots have no entry", g.Family, g.ID, g.MissingSlots))
 		}
 		slices.SortFunc(list, model.Backend.Compare)
 		list = slices.Compact(list)

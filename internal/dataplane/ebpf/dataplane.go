@@ -120,6 +120,9 @@ type Dataplane struct {
 	// users counts the open datapaths over kernel: this one and the IPv6
 	// view, until each is closed; the last Close releases kernel.
 	users int
+	// closed is set by d's own Close, which a second call makes again
+	// for nothing.
+	closed bool
 }
 
 // familyPath is the datapath of one family's Services: its reconciler over
@@ -179,7 +182,7 @@ var _ dataplane.Dataplane = (*Dataplane)(nil)
 func (d *Dataplane) IPv6() (dataplane.Dataplane, error) {
 	d.views.Lock()
 	defer d.views.Unlock()
-	if d.users == 0 {
+	if d.closed {
 		return nil, errors.New("the eBPF datapath is closed")
 	}
 	if d.v6 != nil {
@@ -564,6 +567,13 @@ func (c *programCount) get() (int, error) {
 // handles once the IPv6 view, if one was opened, is closed too; pins keep
 // the datapath serving.
 func (d *Dataplane) Close() error {
+	d.views.Lock()
+	if d.closed {
+		d.views.Unlock()
+		return nil
+	}
+	d.closed = true
+	d.views.Unlock()
 	d.mu.Lock()
 	d.cleanup.close()
 	d.mu.Unlock()

@@ -133,26 +133,35 @@ type familyMaps struct {
 	servicesName, slotsName, backendsName, revnatName, statsName, affinityName, matchesName, clusterIPsName, rangesName string
 }
 
-// mapsOf returns family f's maps in o.
-func mapsOf(o *lbObjects, f model.IPFamily) familyMaps {
+// mapNamesOf returns the names of family f's maps.
+func mapNamesOf(f model.IPFamily) familyMaps {
 	if f == model.IPv6 {
 		return familyMaps{
-			services: o.Kbp6Services, slots: o.Kbp6Slots, backends: o.Kbp6Backends, revnat: o.Kbp6Revnat,
-			stats: o.Kbp6SvcStats, affinity: o.Kbp6Affinity, matches: o.Kbp6AffMatch,
-			clusterIPs: o.Kbp6ClusterIps, ranges: o.Kbp6SvcRanges,
 			servicesName: lbMapKbp6Services, slotsName: lbMapKbp6Slots, backendsName: lbMapKbp6Backends,
 			revnatName: lbMapKbp6Revnat, statsName: lbMapKbp6SvcStats, affinityName: lbMapKbp6Affinity,
 			matchesName: lbMapKbp6AffMatch, clusterIPsName: lbMapKbp6ClusterIps, rangesName: lbMapKbp6SvcRanges,
 		}
 	}
 	return familyMaps{
-		services: o.KbpServices, slots: o.KbpSlots, backends: o.KbpBackends, revnat: o.KbpRevnat,
-		stats: o.KbpSvcStats, affinity: o.KbpAffinity, matches: o.KbpAffMatch,
-		clusterIPs: o.KbpClusterIps, ranges: o.KbpSvcRanges,
 		servicesName: lbMapKbpServices, slotsName: lbMapKbpSlots, backendsName: lbMapKbpBackends,
 		revnatName: lbMapKbpRevnat, statsName: lbMapKbpSvcStats, affinityName: lbMapKbpAffinity,
 		matchesName: lbMapKbpAffMatch, clusterIPsName: lbMapKbpClusterIps, rangesName: lbMapKbpSvcRanges,
 	}
+}
+
+// mapsOf returns family f's maps in o.
+func mapsOf(o *lbObjects, f model.IPFamily) familyMaps {
+	fm := mapNamesOf(f)
+	if f == model.IPv6 {
+		fm.services, fm.slots, fm.backends, fm.revnat = o.Kbp6Services, o.Kbp6Slots, o.Kbp6Backends, o.Kbp6Revnat
+		fm.stats, fm.affinity, fm.matches = o.Kbp6SvcStats, o.Kbp6Affinity, o.Kbp6AffMatch
+		fm.clusterIPs, fm.ranges = o.Kbp6ClusterIps, o.Kbp6SvcRanges
+		return fm
+	}
+	fm.services, fm.slots, fm.backends, fm.revnat = o.KbpServices, o.KbpSlots, o.KbpBackends, o.KbpRevnat
+	fm.stats, fm.affinity, fm.matches = o.KbpSvcStats, o.KbpAffinity, o.KbpAffMatch
+	fm.clusterIPs, fm.ranges = o.KbpClusterIps, o.KbpSvcRanges
+	return fm
 }
 
 // kernelMaps returns the reconciler's view of family f's maps.

@@ -3,6 +3,8 @@ package ebpf
 import (
 	"context"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -181,4 +183,51 @@ func TestKernelIPv6StaleUDPSocketDestroyed(t *testing.T) {
 	if got := idle.do(t, "query"); !strings.HasPrefix(got, "err ") {
 		t.Errorf("idle socket after its backend left: %q, want an error (destroyed)", got)
 	}
+}
+
+// kube-bpf-proxy inspect reads the IPv6 frontends from the pins; a
+// datapath pinned by a version without IPv6 maps is read (IPv4 alone) and
+// adopted, its IPv6 maps created at start.
+func TestKernelIPv6PinsReadAndUpgradeFromIPv4Only(t *testing.T) {
+	s := newIPv6Setup(t)
+	front := "[" + vip6 + "]"
+	s.sync6(t, snapshot(true, servicePort("default", "web", "http", model.TCP, front+":80", s.tcp...)))
+	pinned, err := ReadPinned(s.cfg.BPFFSPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pinned.Groups) != 1 || pinned.Groups[0].Family != model.IPv6 ||
+		pinned.Groups[0].Frontends[0].Frontend.String() != front+":80/TCP" || len(pinned.Groups[0].Backends) != 2 {
+		t.Errorf("pinned groups %+v, want the IPv6 ClusterIP with its 2 backends", pinned.Groups)
+	}
+
+	// As an earlier version leaves the pins: no kbp6_* map.
+	s.v6.Close()
+	s.dp.Close()
+	for _, m := range pinnedMaps {
+		if strings.HasPrefix(m.name, "kbp6_") {
+			if err := os.Remove(filepath.Join(s.cfg.BPFFSPath, m.name)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if pinned, err := ReadPinned(s.cfg.BPFFSPath); err != nil || len(pinned.Groups) != 0 {
+		t.Fatalf("reading IPv4-only pins: %v, %+v; want no group and no error", err, pinned)
+	}
+	dp, err := New(s.cfg)
+	if err != nil {
+		t.Fatalf("adopting IPv4-only pins: %v", err)
+	}
+	defer dp.Close()
+	v6, err := dp.IPv6()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v6.Close()
+	snap := snapshot(true, servicePort("default", "web", "http", model.TCP, front+":80", s.tcp...))
+	snap.Node = kernelNode6
+	if err := v6.Sync(context.Background(), snap); err != nil {
+		t.Fatal(err)
+	}
+	assertAnswered(t, "after the upgrade", s.run(t, "tcp6", front+":80", "2"), front+":80")
 }
