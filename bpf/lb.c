@@ -449,7 +449,7 @@ struct {
 /*
  * IPv6. Each family has its own set of maps, as Cilium's lb4_* and lb6_*:
  * kbp6_* hold what kbp_* hold, with 16-byte addresses where those have 4
- * (kbp6_services, kbp6_backends, kbp6_revnat, kbp6_cluster_ips,
+ * (kbp6_services, kbp6_backends, kbp6_revnat, kbp6_clusterips,
  * kbp6_svc_ranges), and with ids of their own in those keyed by id
  * (kbp6_slots, kbp6_svc_stats, kbp6_affinity, kbp6_aff_match), their
  * layout that of the IPv4 ones. Shared id-keyed maps would save four maps,
@@ -458,7 +458,9 @@ struct {
  * collection; separate, each reconciler owns its maps whole and is the
  * same code over another address encoding, and the IPv4 programs touch
  * exactly the maps they touched before. kbp_stats and kbp_node are shared.
- * The same flags size both families' maps.
+ * The same flags size both families' maps. (kbp6_clusterips, not
+ * kbp6_cluster_ips: the kernel keeps 15 characters of a map's name, and
+ * the pin and the kernel's name are to be the same.)
  */
 struct in6_words {
 	__be32 addr[4];
@@ -579,7 +581,7 @@ struct {
 	__uint(max_entries, 1);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} kbp6_cluster_ips SEC(".maps");
+} kbp6_clusterips SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -1262,7 +1264,7 @@ static __always_inline __u32 prefix_mask6(__u8 bits, int w)
 
 /*
  * refusal_of for an IPv6 address, over kbp6_svc_ranges and
- * kbp6_cluster_ips. An entry is 20 bytes, copied word by word: a read
+ * kbp6_clusterips. An entry is 20 bytes, copied word by word: a read
  * racing the reconciler's in-place rewrite of an entry (a ServiceCIDR
  * added or removed) may mix two ranges, and decide that one connect by a
  * range that never was; as with IPv4, it is a connect let through or
@@ -1294,7 +1296,7 @@ static __always_inline enum stat_index refusal_of6(const struct in6_words *addr)
 		}
 		if (!match)
 			continue;
-		kind = bpf_map_lookup_elem(&kbp6_cluster_ips, addr);
+		kind = bpf_map_lookup_elem(&kbp6_clusterips, addr);
 		if (kind)
 			return *(volatile __u32 *)kind == CLUSTER_IP_FOREIGN ? STAT_MAX : STAT_REFUSED_UNKNOWN_PORT;
 		if (r.kind == RANGE_SERVICE_CIDR)

@@ -139,7 +139,7 @@ func mapNamesOf(f model.IPFamily) familyMaps {
 		return familyMaps{
 			servicesName: lbMapKbp6Services, slotsName: lbMapKbp6Slots, backendsName: lbMapKbp6Backends,
 			revnatName: lbMapKbp6Revnat, statsName: lbMapKbp6SvcStats, affinityName: lbMapKbp6Affinity,
-			matchesName: lbMapKbp6AffMatch, clusterIPsName: lbMapKbp6ClusterIps, rangesName: lbMapKbp6SvcRanges,
+			matchesName: lbMapKbp6AffMatch, clusterIPsName: lbMapKbp6Clusterips, rangesName: lbMapKbp6SvcRanges,
 		}
 	}
 	return familyMaps{
@@ -155,7 +155,7 @@ func mapsOf(o *lbObjects, f model.IPFamily) familyMaps {
 	if f == model.IPv6 {
 		fm.services, fm.slots, fm.backends, fm.revnat = o.Kbp6Services, o.Kbp6Slots, o.Kbp6Backends, o.Kbp6Revnat
 		fm.stats, fm.affinity, fm.matches = o.Kbp6SvcStats, o.Kbp6Affinity, o.Kbp6AffMatch
-		fm.clusterIPs, fm.ranges = o.Kbp6ClusterIps, o.Kbp6SvcRanges
+		fm.clusterIPs, fm.ranges = o.Kbp6Clusterips, o.Kbp6SvcRanges
 		return fm
 	}
 	fm.services, fm.slots, fm.backends, fm.revnat = o.KbpServices, o.KbpSlots, o.KbpBackends, o.KbpRevnat

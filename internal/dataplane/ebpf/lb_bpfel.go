@@ -179,7 +179,7 @@ const (
 	lbMapKbp6AffMatch       = "kbp6_aff_match"
 	lbMapKbp6Affinity       = "kbp6_affinity"
 	lbMapKbp6Backends       = "kbp6_backends"
-	lbMapKbp6ClusterIps     = "kbp6_cluster_ips"
+	lbMapKbp6Clusterips     = "kbp6_clusterips"
 	lbMapKbp6Revnat         = "kbp6_revnat"
 	lbMapKbp6Services       = "kbp6_services"
 	lbMapKbp6Slots          = "kbp6_slots"
@@ -269,7 +269,7 @@ type lbMapSpecs struct {
 	Kbp6AffMatch   *ebpf.MapSpec `ebpf:"kbp6_aff_match"`
 	Kbp6Affinity   *ebpf.MapSpec `ebpf:"kbp6_affinity"`
 	Kbp6Backends   *ebpf.MapSpec `ebpf:"kbp6_backends"`
-	Kbp6ClusterIps *ebpf.MapSpec `ebpf:"kbp6_cluster_ips"`
+	Kbp6Clusterips *ebpf.MapSpec `ebpf:"kbp6_clusterips"`
 	Kbp6Revnat     *ebpf.MapSpec `ebpf:"kbp6_revnat"`
 	Kbp6Services   *ebpf.MapSpec `ebpf:"kbp6_services"`
 	Kbp6Slots      *ebpf.MapSpec `ebpf:"kbp6_slots"`
@@ -319,7 +319,7 @@ type lbMaps struct {
 	Kbp6AffMatch   *ebpf.Map `ebpf:"kbp6_aff_match"`
 	Kbp6Affinity   *ebpf.Map `ebpf:"kbp6_affinity"`
 	Kbp6Backends   *ebpf.Map `ebpf:"kbp6_backends"`
-	Kbp6ClusterIps *ebpf.Map `ebpf:"kbp6_cluster_ips"`
+	Kbp6Clusterips *ebpf.Map `ebpf:"kbp6_clusterips"`
 	Kbp6Revnat     *ebpf.Map `ebpf:"kbp6_revnat"`
 	Kbp6Services   *ebpf.Map `ebpf:"kbp6_services"`
 	Kbp6Slots      *ebpf.Map `ebpf:"kbp6_slots"`
@@ -343,7 +343,7 @@ func (m *lbMaps) Close() error {
 		m.Kbp6AffMatch,
 		m.Kbp6Affinity,
 		m.Kbp6Backends,
-		m.Kbp6ClusterIps,
+		m.Kbp6Clusterips,
 		m.Kbp6Revnat,
 		m.Kbp6Services,
 		m.Kbp6Slots,

@@ -126,7 +126,7 @@ var pinnedMaps = []struct {
 	{lbMapKbp6SvcStats, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
 	{lbMapKbp6Affinity, FlagMaxAffinity, func(c Config) uint32 { return c.MaxAffinity }, nil},
 	{lbMapKbp6AffMatch, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }, nil},
-	{lbMapKbp6ClusterIps, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
+	{lbMapKbp6Clusterips, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
 	{lbMapKbp6SvcRanges, "", nil, nil},
 }
 
