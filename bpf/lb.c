@@ -22,14 +22,16 @@
  *                                   and no Service address: let through
  *   recvfrom(), getpeername()       recvmsg6, getpeername6, showing ::ffff:
  *   connect/sendto(sockaddr_in)     connect4, sendmsg4: the IPv4 path
- * So connect6, recvmsg6 and getpeername6 handle v4-mapped addresses (the
- * backend stays v4-mapped) and there is no sendmsg6 program: the kernel never
- * shows it a v4-mapped destination, and refuses one it writes (ENOTSUPP).
- * This holds on every kernel these programs load on (5.10 and later, see
- * "Kernels" below): udpv6_sendmsg sent v4-mapped destinations to
- * udp_sendmsg before the sendmsg hooks came (4.18), and the *6 hooks we use
- * exist since 4.17 (connect6), 5.2 (recvmsg6) and 5.8 (getpeername6).
- * Anything that is not v4-mapped is real IPv6 and passes untouched.
+ * So connect6, recvmsg6 and getpeername6 handle v4-mapped addresses through
+ * the IPv4 maps (the backend stays v4-mapped), and sendmsg6 never sees one:
+ * the kernel never shows it a v4-mapped destination, and refuses one it
+ * writes (ENOTSUPP). This holds on every kernel these programs load on
+ * (5.10 and later, see "Kernels" below): udpv6_sendmsg sent v4-mapped
+ * destinations to udp_sendmsg before the sendmsg hooks came (4.18), and the
+ * *6 hooks we use exist since 4.17 (connect6), 4.18 (sendmsg6), 5.2
+ * (recvmsg6) and 5.8 (getpeername6). Anything that is not v4-mapped is real
+ * IPv6: connect6, sendmsg6, recvmsg6 and getpeername6 serve it through the
+ * kbp6_* maps, exactly as the *4 programs serve IPv4 (see "IPv6" below).
  *
  * Kernels. The floor is Linux 5.10: getpeername hooks (5.8), sock_release
  * (5.9), bpf_get_netns_cookie for these programs (5.7). Two helpers are
@@ -65,7 +67,9 @@
  *                 not): no entry outlives its socket, so the map holds
  *                 live sockets only (--bpf-sock-revnat-max sizes it; a full
  *                 map is counted, STAT_REVNAT_UPDATE_FAILED). One format
- *                 for AF_INET and AF_INET6 sockets: IPv4 addresses.
+ *                 for AF_INET and AF_INET6 sockets: IPv4 addresses (an
+ *                 AF_INET6 socket sent to a real IPv6 backend has its
+ *                 pairs in kbp6_revnat).
  *                 bpf_get_socket_cookie came to sock_addr programs in
  *                 4.19 and to sock_release's (CGROUP_SOCK) in 5.7, the
  *                 sock_release hook in 5.9.
@@ -105,6 +109,9 @@
  * served here: in a pod they are the pod's own. A loopback NodePort
  * frontend is the node's loopback: it is served to the node's own sockets
  * only, a pod's 127.0.0.1 being the pod's.
+ *
+ * IPv6 Services have maps of their own, kbp6_* (see "IPv6" at their
+ * definitions); kbp_stats and kbp_node serve both families.
  *
  * Map sizes below are placeholders: the loader sets them from its flags.
  */
