@@ -26,8 +26,11 @@ const (
 	backendIP6 = "fd00:244::1"
 )
 
+// kernelNode6 serves node ports on an IPv6 address of the node's (fd00:ffff::1,
+// which only the programs need to know) and on [::1], named for node ports
+// too, as a user may.
 var kernelNode6 = model.NodeInfo{
-	NodePortAddresses: addrs("fd00:ffff::1"),
+	NodePortAddresses: addrs("fd00:ffff::1", "::1"),
 	LocalAddresses:    addrs("fd00:ffff::1", "::1"),
 	ServiceCIDRs:      []netip.Prefix{netip.MustParsePrefix("fd00:96::/112")},
 }
@@ -235,4 +238,47 @@ func TestKernelIPv6PinsReadAndUpgradeFromIPv4Only(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertAnswered(t, "after the upgrade", s.run(t, "tcp6", front+":80", "2"), front+":80")
+}
+
+// A node port on [::1] serves the node's own sockets only, a pod's ::1
+// being the pod's; --bpf-socket-lb-host-netns-only leaves a pod's IPv6
+// connects alone, neither translated nor refused, and still serves the
+// node's.
+func TestKernelIPv6NodeNetNS(t *testing.T) {
+	s := newIPv6Setup(t)
+	if !s.dp.kernel.kernel.NetnsCookie {
+		t.Skip("the node's sockets are told apart by SO_NETNS_COOKIE (Linux 5.14)")
+	}
+	host := s.net.HostNetwork()
+	const nodeBackend = "fd00:245::1"
+	host.AddLoopbackAddress(nodeBackend + "/128")
+	host.Start(false, testnet.Helper("serve", "pod-node", "tcp6:18090")...)
+	s.client.Start(false, testnet.Helper("serve", "client-self", "tcp6:30080")...)
+	front := "[" + vip6 + "]"
+	web := withNodePort(servicePort("default", "web", "http", model.TCP, front+":80", "["+nodeBackend+"]:18090"), 30080)
+	s.sync6(t, snapshot(true, web))
+
+	assertAnswered(t, "node to [::1] node port", host.Results("tcp6", "[::1]:30080", "2"), "[::1]:30080")
+	for _, l := range s.run(t, "tcp6", "[::1]:30080", "2") {
+		if !strings.HasPrefix(l, "ok client-self ") {
+			t.Errorf("pod to its own [::1]:30080: %q, want its own server", l)
+		}
+	}
+
+	if err := s.dp.ConfineToNodeNetNS(); err != nil {
+		t.Fatal(err)
+	}
+	delta := eventDelta(t, s.dp, func() {
+		for _, l := range append(s.run(t, "tcp6", front+":80", "1"), s.run(t, "tcp6", "[fd00:96::99]:80", "1")...) {
+			if strings.HasPrefix(l, "ok ") || strings.Contains(l, "refused") || strings.Contains(l, "not permitted") {
+				t.Errorf("a pod's IPv6 connect with the socket layer confined: %q, want it left alone", l)
+			}
+		}
+	})
+	for name := range delta {
+		if strings.HasPrefix(name, "refused") || name == "connect_translated" {
+			t.Errorf("a pod's IPv6 connects with the socket layer confined counted %v", delta)
+		}
+	}
+	assertAnswered(t, "node with the socket layer confined", host.Results("tcp6", front+":80", "2"), front+":80")
 }
