@@ -256,7 +256,7 @@ func New(cfg Config) (*Dataplane, error) {
 	}
 	grace := newRCUGracePeriod()
 	events := newEventCounts(eventUDPSocketsDestroyed, eventUDPSocketDestroyFailed,
-		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict, eventStatsFailed)
+		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict, eventStatsFailed, eventFamilySkipped)
 	p, err := newFamilyPath(k, model.IPv4, cfg, grace, events)
 	if err != nil {
 		k.Close()
@@ -327,6 +327,11 @@ func (d *familyPath) Sync(ctx context.Context, snap *model.Snapshot) error {
 	defer d.mu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if only, skipped := onlyFamily(snap, d.rec.family); skipped > 0 {
+		klog.InfoS("Skipped addresses of another family than the datapath's", "family", d.rec.family, "addresses", skipped)
+		d.rec.events.add(eventFamilySkipped, uint64(skipped))
+		snap = only
 	}
 	// A Service waiting for a frontend this snapshot frees takes it now.
 	snap = d.rec.withWaiters(snap)

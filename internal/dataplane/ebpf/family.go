@@ -3,6 +3,7 @@ package ebpf
 import (
 	"encoding/binary"
 	"net/netip"
+	"slices"
 
 	"github.com/cilium/ebpf"
 
@@ -227,4 +228,104 @@ func (c *codecMap[K, KK, V, VV]) UpdateBatch(keys []K, values []V) error {
 		}
 	}
 	return nil
+}
+
+// eventFamilySkipped counts the addresses of the other family that a
+// snapshot handed to one family's datapath held, and that were skipped:
+// each distinct address once per sync.
+const eventFamilySkipped = "other_family_address_skipped"
+
+// onlyFamily returns snap with every address of a family other than f
+// left out: a service port whose ClusterIP is of the other family, and
+// any other address (a backend, an external IP, a node address) that
+// is. A proxier of one family hands over addresses of that family only;
+// one that did not must not make the datapath write an IPv6 address into
+// an IPv4 map or the reverse. snap itself is returned, not copied, when it
+// holds nothing to leave out (every sync but a buggy one's); skipped is
+// how many distinct addresses were left out (a port of the other family
+// counts as its ClusterIP).
+func onlyFamily(snap *model.Snapshot, f model.IPFamily) (_ *model.Snapshot, skipped int) {
+	if !hasOtherFamily(snap, f) {
+		return snap, 0
+	}
+	seen := map[netip.Addr]bool{}
+	skip := func(a netip.Addr) {
+		if !seen[a] {
+			seen[a] = true
+			skipped++
+		}
+	}
+	keepAddrs := func(in []netip.Addr) []netip.Addr {
+		var out []netip.Addr
+		for _, a := range in {
+			if f.Has(a) {
+				out = append(out, a)
+			} else {
+				skip(a)
+			}
+		}
+		return out
+	}
+	keepBackends := func(in []model.Backend) []model.Backend {
+		var out []model.Backend
+		for _, b := range in {
+			if f.Has(b.IP) {
+				out = append(out, b)
+			} else {
+				skip(b.IP)
+			}
+		}
+		return out
+	}
+	out := *snap
+	out.Services = make(map[model.ServiceName][]model.ServicePort, len(snap.Services))
+	for name, ports := range snap.Services {
+		if ports == nil {
+			out.Services[name] = nil // deleted, in a partial snapshot
+			continue
+		}
+		kept := make([]model.ServicePort, 0, len(ports))
+		for _, sp := range ports {
+			if !f.Has(sp.ClusterIP.IP) {
+				skip(sp.ClusterIP.IP)
+				continue
+			}
+			sp.Backends = keepBackends(sp.Backends)
+			sp.Serving = keepBackends(sp.Serving)
+			sp.Cluster = keepBackends(sp.Cluster)
+			sp.Local = keepBackends(sp.Local)
+			sp.HealthCheckLocal = keepBackends(sp.HealthCheckLocal)
+			sp.External.ExternalIPs = keepAddrs(sp.External.ExternalIPs)
+			sp.External.LoadBalancerIPs = keepAddrs(sp.External.LoadBalancerIPs)
+			kept = append(kept, sp)
+		}
+		out.Services[name] = kept
+	}
+	out.Node.NodePortAddresses = keepAddrs(snap.Node.NodePortAddresses)
+	out.Node.LocalAddresses = keepAddrs(snap.Node.LocalAddresses)
+	out.Node.ForeignClusterIPs = keepAddrs(snap.Node.ForeignClusterIPs)
+	return &out, skipped
+}
+
+func hasOtherFamily(snap *model.Snapshot, f model.IPFamily) bool {
+	other := func(addrs []netip.Addr) bool {
+		return slices.ContainsFunc(addrs, func(a netip.Addr) bool { return !f.Has(a) })
+	}
+	otherBackend := func(bs []model.Backend) bool {
+		return slices.ContainsFunc(bs, func(b model.Backend) bool { return !f.Has(b.IP) })
+	}
+	if other(snap.Node.NodePortAddresses) || other(snap.Node.LocalAddresses) || other(snap.Node.ForeignClusterIPs) {
+		return true
+	}
+	for _, ports := range snap.Services {
+		for i := range ports {
+			sp := &ports[i]
+			if !f.Has(sp.ClusterIP.IP) || otherBackend(sp.Backends) || otherBackend(sp.Serving) ||
+				otherBackend(sp.Cluster) || otherBackend(sp.Local) || otherBackend(sp.HealthCheckLocal) ||
+				other(sp.External.ExternalIPs) || other(sp.External.LoadBalancerIPs) {
+				return true
+			}
+		}
+	}
+	return false
 }

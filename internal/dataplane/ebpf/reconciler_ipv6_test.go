@@ -1,7 +1,10 @@
 package ebpf
 
 import (
+	"fmt"
 	"net/netip"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -76,4 +79,65 @@ func TestReconcilerIPv6Rejects(t *testing.T) {
 		{"IPv4 CIDRs left out; a foreign ClusterIP", onNode(mixed, true, web), false},
 	})
 	checkGolden(t, "rejects6.golden", got)
+}
+
+// A snapshot handed to one family's datapath with addresses of the other
+// (a proxier's bug) has them skipped and counted: nothing of the other
+// family reaches the maps, and everything of the family is served.
+func TestSyncSkipsAddressesOfTheOtherFamily(t *testing.T) {
+	for _, tc := range []struct {
+		family model.IPFamily
+		mixed  model.ServicePort // of the family, with backends of both
+		other  model.ServicePort // of the other family
+		node   model.NodeInfo
+		want   string
+	}{
+		{model.IPv4,
+			withExternal(servicePort("default", "web", "http", model.TCP, "10.96.0.10:80", "10.244.0.1:8080", "[fd00:244::1]:8080"),
+				[]string{"10.0.0.1", "fd00::1"}, nil),
+			servicePort("default", "web6", "http", model.TCP, "[fd00:96::10]:80", "[fd00:244::1]:8080"),
+			model.NodeInfo{NodePortAddresses: addrs("10.0.0.1", "fd00::1"), LocalAddresses: addrs("10.0.0.1", "fd00::1")},
+			"10.0.0.1:80/TCP -> 10.244.0.1:8080\n10.96.0.10:80/TCP -> 10.244.0.1:8080\n"},
+		{model.IPv6,
+			withExternal(servicePort("default", "web", "http", model.TCP, "[fd00:96::10]:80", "10.244.0.1:8080", "[fd00:244::1]:8080"),
+				[]string{"10.0.0.1", "fd00::1"}, nil),
+			servicePort("default", "web4", "http", model.TCP, "10.96.0.10:80", "10.244.0.1:8080"),
+			model.NodeInfo{NodePortAddresses: addrs("10.0.0.1", "fd00::1"), LocalAddresses: addrs("10.0.0.1", "fd00::1")},
+			"[fd00:96::10]:80/TCP -> [fd00:244::1]:8080\n[fd00::1]:80/TCP -> [fd00:244::1]:8080\n"},
+	} {
+		t.Run(tc.family.String(), func(t *testing.T) {
+			f := newFakeMaps(16, 64)
+			r := newReconciler(f.maps(), f.grace(), 16, 64)
+			r.family = tc.family
+			events := newEventCounts(eventFamilySkipped)
+			r.events = events
+			sockets := newUDPSocketCleaner(newFakeSocketHost("node"), fakeRevnat{}.lookup, events)
+			cleanup := newCleanupWorker(sockets.clean)
+			t.Cleanup(cleanup.close)
+			p := &familyPath{family: tc.family, rec: r, sockets: sockets, cleanup: cleanup}
+			if err := p.Sync(t.Context(), onNode(tc.node, true, tc.mixed, tc.other)); err != nil {
+				t.Fatal(err)
+			}
+			var got strings.Builder
+			lines := []string{}
+			for fe := range f.services.entries {
+				set, _ := liveSet(f, fe)
+				lines = append(lines, fmt.Sprintf("%s -> %s\n", fe, strings.Join(set, " ")))
+			}
+			slices.Sort(lines)
+			for _, l := range lines {
+				got.WriteString(l)
+			}
+			if got.String() != tc.want {
+				t.Errorf("served\n%s, want\n%s", got.String(), tc.want)
+			}
+			counts := map[string]uint64{}
+			events.copyTo(counts)
+			// The mixed port's backend, its external IP (also the
+			// node address), and the other port's ClusterIP.
+			if counts[eventFamilySkipped] != 3 {
+				t.Errorf("skipped %d addresses, want 3", counts[eventFamilySkipped])
+			}
+		})
+	}
 }
