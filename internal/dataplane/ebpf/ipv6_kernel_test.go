@@ -209,7 +209,8 @@ func TestKernelIPv6PinsReadAndUpgradeFromIPv4Only(t *testing.T) {
 		t.Errorf("pinned groups %+v, want the IPv6 ClusterIP with its 2 backends", pinned.Groups)
 	}
 
-	// As an earlier version leaves the pins: no kbp6_* map.
+	// As an earlier version leaves the pins: no kbp6_* map, no sendmsg6
+	// link.
 	s.v6.Close()
 	s.dp.Close()
 	for _, m := range pinnedMaps {
@@ -218,6 +219,9 @@ func TestKernelIPv6PinsReadAndUpgradeFromIPv4Only(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
+	}
+	if err := os.Remove(filepath.Join(s.cfg.BPFFSPath, linksDir, "sendmsg6")); err != nil {
+		t.Fatal(err)
 	}
 	if pinned, err := ReadPinned(s.cfg.BPFFSPath); err != nil || len(pinned.Groups) != 0 {
 		t.Fatalf("reading IPv4-only pins: %v, %+v; want no group and no error", err, pinned)
@@ -232,12 +236,19 @@ func TestKernelIPv6PinsReadAndUpgradeFromIPv4Only(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer v6.Close()
-	snap := snapshot(true, servicePort("default", "web", "http", model.TCP, front+":80", s.tcp...))
+	snap := snapshot(true, servicePort("default", "web", "http", model.TCP, front+":80", s.tcp...),
+		servicePort("kube-system", "dns", "dns", model.UDP, front+":53", s.udp...))
 	snap.Node = kernelNode6
 	if err := v6.Sync(context.Background(), snap); err != nil {
 		t.Fatal(err)
 	}
 	assertAnswered(t, "after the upgrade", s.run(t, "tcp6", front+":80", "2"), front+":80")
+	// sendmsg6, which the earlier version did not attach, is.
+	for _, l := range s.run(t, "udp6", front+":53", "2") {
+		if !strings.HasPrefix(l, "ok pod-") || !strings.HasSuffix(l, "from="+front+":53") {
+			t.Errorf("unconnected udp6 after the upgrade: %q, want an answer from %s", l, front+":53")
+		}
+	}
 }
 
 // A node port on [::1] serves the node's own sockets only, a pod's ::1
