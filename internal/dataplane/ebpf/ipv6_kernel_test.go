@@ -293,3 +293,50 @@ func TestKernelIPv6NodeNetNS(t *testing.T) {
 	}
 	assertAnswered(t, "node with the socket layer confined", host.Results("tcp6", front+":80", "2"), front+":80")
 }
+
+// A capacity change resizes the IPv6 maps too, carrying their entries
+// over: nothing is rewritten, and a connected IPv6 UDP socket's replies
+// still show the frontend (its kbp6_revnat entry came along).
+func TestKernelIPv6CapacityChangeResizesPinnedMaps(t *testing.T) {
+	s := newIPv6Setup(t)
+	front := "[" + vip6 + "]"
+	snap := snapshot(true, servicePort("default", "web", "http", model.TCP, front+":80", s.tcp...),
+		servicePort("kube-system", "dns", "dns", model.UDP, front+":53", s.udp[0]))
+	s.sync6(t, snap)
+	idle := startIdleUDP(t, s.kernelSetup, front+":53", true)
+	if got := idle.do(t, "query"); got != "ok pod-0 from="+front+":53" {
+		t.Fatalf("query: %q", got)
+	}
+	s.v6.Close()
+	s.dp.Close()
+
+	s.cfg.MaxServices *= 2
+	s.cfg.MaxBackends *= 2
+	s.cfg.MaxSockets *= 2
+	resized := s.open(t)
+	v6, err := resized.IPv6()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer v6.Close()
+	counting := &countingMaps{}
+	view := v6.(*ipv6View)
+	view.rec.maps = counting.wrap(view.rec.maps)
+	snap.Node = kernelNode6
+	if err := v6.Sync(context.Background(), snap); err != nil {
+		t.Fatal(err)
+	}
+	if counting.ops != 0 {
+		t.Errorf("resized IPv6 maps needed %d writes, want 0 (entries must be carried over)", counting.ops)
+	}
+	for name, want := range map[string]uint32{lbMapKbp6Services: s.cfg.withDefaults().MaxFrontends,
+		lbMapKbp6Backends: s.cfg.MaxBackends, lbMapKbp6Revnat: s.cfg.MaxSockets} {
+		if got := pinnedCapacity(t, s.cfg.BPFFSPath, name); got != want {
+			t.Errorf("pinned %s holds %d entries, want %d", name, got, want)
+		}
+	}
+	if got := idle.do(t, "query"); got != "ok pod-0 from="+front+":53" {
+		t.Errorf("query on the socket connected before the resize: %q, want an answer shown from %s", got, front+":53")
+	}
+	assertAnswered(t, "after the resize", s.run(t, "tcp6", front+":80", "4"), front+":80")
+}

@@ -232,7 +232,10 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 		k.links = append(k.links, l)
 	}
 	if pinned := sw.resizedFrom[lbMapKbpRevnat]; pinned != nil {
-		resyncRevnat(pinned, k.objs.KbpRevnat)
+		resyncRevnat[lbSockRevnat](pinned, k.objs.KbpRevnat, lbMapKbpRevnat)
+	}
+	if pinned := sw.resizedFrom[lbMapKbp6Revnat]; pinned != nil {
+		resyncRevnat[lbSockRevnat6](pinned, k.objs.Kbp6Revnat, lbMapKbp6Revnat)
 	}
 	if legacy := sw.legacy[lbMapKbpRevnat]; legacy != nil {
 		migrateLegacyRevnat(legacy, k.objs.KbpRevnat, kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs})
