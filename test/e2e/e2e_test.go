@@ -221,6 +221,7 @@ func TestEndToEnd(t *testing.T) {
 			t.Run("ServiceFollowsPods", func(t *testing.T) { e.serviceFollowsPods(t, ns) })
 			t.Run("PortChange", func(t *testing.T) { e.portChange(t, ns) })
 			t.Run("DeletedService", func(t *testing.T) { e.deletedService(t, ns) })
+			t.Run("PreferDualStack", func(t *testing.T) { e.preferDualStack(t, ns) })
 			t.Run("ChurnUnderLoad", func(t *testing.T) { e.churnUnderLoad(t, ns) })
 			t.Run("ExternalUnderChurn", func(t *testing.T) { e.externalUnderChurn(t, ns) })
 			t.Run("ExternalTrafficLocal", func(t *testing.T) { e.externalTrafficLocal(t, ns) })

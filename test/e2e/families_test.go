@@ -279,14 +279,16 @@ func (e *env) startResolvers(t *testing.T, addr string) []*clientLoop {
 	return loops
 }
 
-// expectUDPBackends waits until, from a client on each node, 20 datagrams
-// to addr (from one socket, connected or not) are answered by exactly the
-// pods want and none fails: from an AF_INET socket, or an AF_INET6 one for
-// an address in brackets.
+// expectUDPBackends waits until, from a client on each node, datagrams to
+// addr (5 from each socket, connected or not; from an AF_INET socket, or
+// an AF_INET6 one for an address in brackets) have been answered by every
+// pod of want and by no other, and none failed. Each socket is one flow,
+// which the iptables mode's conntrack keeps on one backend: the backends
+// are collected over sockets.
 func (e *env) expectUDPBackends(t *testing.T, addr string, connected bool, want ...string) {
 	t.Helper()
 	slices.Sort(want)
-	args := []string{"udp", addr, "20"}
+	args := []string{"udp", addr, "5"}
 	if strings.HasPrefix(addr, "[") {
 		args[0] = "udp6"
 	}
@@ -295,6 +297,7 @@ func (e *env) expectUDPBackends(t *testing.T, addr string, connected bool, want 
 	}
 	for _, client := range e.clients {
 		var last string
+		seen := map[string]bool{}
 		if !eventually(30*time.Second, func() bool {
 			out, err := client.Output(context.Background(), testnet.Helper(args...)...)
 			if err != nil {
@@ -303,9 +306,37 @@ func (e *env) expectUDPBackends(t *testing.T, addr string, connected bool, want 
 			}
 			names, errs := backends(strings.Split(strings.TrimSpace(out), "\n"))
 			last = fmt.Sprintf("backends %v, failures %v", names, errs)
-			return slices.Equal(names, want) && len(errs) == 0
+			for _, n := range names {
+				if !slices.Contains(want, n) {
+					errs = append(errs, "answered by "+n)
+				}
+			}
+			if len(errs) > 0 {
+				clear(seen) // not programmed yet, or wrong: start over
+				return false
+			}
+			for _, n := range names {
+				seen[n] = true
+			}
+			return len(seen) == len(want)
 		}) {
-			t.Fatalf("UDP (connected: %v) from %s to %s: want backends %v, last seen %s", connected, client.Name, addr, want, last)
+			t.Fatalf("UDP (connected: %v) from %s to %s: want backends %v, saw %v, last seen %s", connected, client.Name, addr, want, seen, last)
 		}
 	}
+}
+
+// preferDualStack is the mixed case of a single-stack IPv4 cluster: a
+// PreferDualStack Service gets the one ClusterIP there is, IPv4, and is
+// served, from AF_INET sockets and from AF_INET6 ones as ::ffff:a.b.c.d.
+func (e *env) preferDualStack(t *testing.T, ns string) {
+	e.addWeb(t, ns, "pd-1", "node1", "pd")
+	e.addWeb(t, ns, "pd-2", "node2", "pd")
+	svc := e.createFamilyService(t, ns, "pd", "pd", corev1.IPFamilyPolicyPreferDualStack, corev1.ServiceTypeClusterIP)
+	if len(svc.Spec.ClusterIPs) != 1 || len(svc.Spec.IPFamilies) != 1 || svc.Spec.IPFamilies[0] != corev1.IPv4Protocol {
+		t.Fatalf("PreferDualStack Service on an IPv4 cluster: clusterIPs %v, ipFamilies %v; want one IPv4", svc.Spec.ClusterIPs, svc.Spec.IPFamilies)
+	}
+	vip := svc.Spec.ClusterIP
+	e.expectBackends(t, vip+":80", "pd-1", "pd-2")
+	e.expectBackends(t, "[::ffff:"+vip+"]:80", "pd-1", "pd-2")
+	e.expectUDPBackends(t, vip+":53", false, "pd-1", "pd-2")
 }

@@ -79,9 +79,9 @@ func (s Stack) Has(f model.IPFamily) bool {
 // in every mode: whether the dual-stack and IPv6-only tests (test/e2e
 // TestLocalClusterDualStack, TestLocalClusterIPv6Only) assert that IPv6
 // Services answer through the eBPF mode too (the iptables mode serves
-// IPv6 in any case: ModeServesIPv6). It turns true when the eBPF mode's
-// IPv6 datapath lands (issue 20).
-var ProxyServesIPv6 = false
+// IPv6 in any case: ModeServesIPv6). Both modes serve IPv6 (issue 20); set
+// it false to check a build whose eBPF mode does not.
+var ProxyServesIPv6 = true
 
 // ModeServesIPv6 says whether the proxy in mode (an overlay's name:
 // ebpf, iptables or ab) serves IPv6 Services.
