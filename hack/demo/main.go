@@ -8,6 +8,8 @@
 // localcluster.Image): one node in each mode, chosen by the Node label
 // kube-bpf-proxy.io/desired-mode. The real EndpointSlice controller builds
 // the slices it serves. Nothing leaves the namespaces the cluster makes.
+// The cluster is dual-stack unless --stack (or KBP_DEMO_STACK) says ipv4:
+// the web Service then answers on its IPv6 ClusterIP too, in both modes.
 //
 // The latency probe compares the modes as a crossover A/B
 // (docs/ab-testing.md): both nodes measure at the same time, one per mode,
@@ -48,13 +50,15 @@ import (
 )
 
 // webService is what a user would apply: a Service in front of pods
-// labelled app=web serving HTTP on 8080.
+// labelled app=web serving HTTP on 8080, with a ClusterIP per family on a
+// dual-stack cluster (one on a single-stack one).
 const webService = `apiVersion: v1
 kind: Service
 metadata:
   name: web
   namespace: default
 spec:
+  ipFamilyPolicy: PreferDualStack
   selector:
     app: web
   ports:
@@ -95,9 +99,10 @@ type demo struct {
 	step  string
 	// stack is the cluster's IP families (--stack).
 	stack localcluster.Stack
-	// vip is web's ClusterIP; clients holds the client pod of each node.
-	vip     string
-	clients map[string]*localcluster.Pod
+	// vip is web's ClusterIP, vip6 its IPv6 one on a dual-stack cluster;
+	// clients holds the client pod of each node.
+	vip, vip6 string
+	clients   map[string]*localcluster.Pod
 	// promURL is Prometheus's address from this machine (--keep).
 	promURL string
 	// probeClients and probeServers are the latency probe's pods.
@@ -122,7 +127,7 @@ func main() {
 	image := flag.String("image", "_output/kube-bpf-proxy-image.tar", "the image archive the proxies and the probe run from (hack/image.sh)")
 	clusterBinary := flag.String("cluster-binary", "_output/cluster", "hack/cluster's binary, whose forward command --keep runs")
 	promListen := flag.String("prometheus-listen", envOr("KBP_PROMETHEUS_LISTEN", "127.0.0.1:9090"), "--keep: where Prometheus is reachable from this machine (a forwarder into node1's namespace)")
-	stackFlag := flag.String("stack", envOr("KBP_DEMO_STACK", "ipv4"), "the cluster's IP families: ipv4, or dual-stack (every node and pod gets an IPv6 address too; the tour's Service stays IPv4)")
+	stackFlag := flag.String("stack", envOr("KBP_DEMO_STACK", "dual-stack"), "the cluster's IP families: dual-stack (every node and pod has an IPv4 and an IPv6 address, the tour's Service a ClusterIP of each), or ipv4")
 	flag.Parse()
 	stack, err := localcluster.ParseStack(*stackFlag)
 	if err == nil && stack == localcluster.IPv6Only {
@@ -197,9 +202,17 @@ func (d *demo) up(kubeBin string) {
 	out, err := cmd.CombinedOutput()
 	d.check(errWith(err, out))
 	d.logf("%s", strings.TrimSpace(string(out)))
-	vip, err := d.c.Kubectl(d.ctx, "get", "service", "web", "-o", "jsonpath={.spec.clusterIP}")
+	vips, err := d.c.Kubectl(d.ctx, "get", "service", "web", "-o", "jsonpath={.spec.clusterIPs}")
 	d.check(err)
-	d.vip = strings.TrimSpace(vip)
+	var ips []string
+	d.check(json.Unmarshal([]byte(vips), &ips))
+	for _, ip := range ips {
+		if strings.Contains(ip, ":") {
+			d.vip6 = ip
+		} else {
+			d.vip = ip
+		}
+	}
 	for i, node := range []string{"node1", "node2", "node2"} {
 		name := fmt.Sprintf("web-%d", i+1)
 		d.addPod(name, node, map[string]string{"app": "web"})
@@ -424,6 +437,10 @@ func (d *demo) printBlock(s string) {
 func (d *demo) tour() {
 	d.begin("curl http://web/ (the ClusterIP) from a pod on each node: on node1 connect() picks a backend in the kernel (ebpf), on node2 iptables DNATs it")
 	d.curlFromEachNode(4)
+	if d.vip6 != "" {
+		d.begin("The same Service at its IPv6 ClusterIP (dual-stack: web has one per family), from a pod on each node, in both modes")
+		d.curlEachNode(d.url(true), 2)
+	}
 	d.showDatapaths()
 	d.measure(0)
 
@@ -527,8 +544,18 @@ func (d *demo) addPod(name, node string, labels map[string]string) *localcluster
 	return p
 }
 
-func (d *demo) curl(node string) (string, error) {
-	out, err := d.clients[node].Output(d.ctx, "curl", "-sS", "--max-time", "2", "http://"+d.vip+"/")
+func (d *demo) curl(node string) (string, error) { return d.curlURL(node, d.url()) }
+
+// url is web's URL at its IPv4 ClusterIP, or, with v6, at its IPv6 one.
+func (d *demo) url(v6 ...bool) string {
+	if len(v6) > 0 && v6[0] {
+		return "http://[" + d.vip6 + "]/"
+	}
+	return "http://" + d.vip + "/"
+}
+
+func (d *demo) curlURL(node, url string) (string, error) {
+	out, err := d.clients[node].Output(d.ctx, "curl", "-sS", "-g", "--max-time", "2", url)
 	if err != nil {
 		if i := strings.Index(err.Error(), "curl:"); i >= 0 {
 			return "", fmt.Errorf("%s", strings.TrimSpace(err.Error()[i:]))
@@ -538,11 +565,13 @@ func (d *demo) curl(node string) (string, error) {
 	return strings.TrimSpace(out), nil
 }
 
-func (d *demo) curlFromEachNode(n int) {
+func (d *demo) curlFromEachNode(n int) { d.curlEachNode(d.url(), n) }
+
+func (d *demo) curlEachNode(url string, n int) {
 	for _, node := range []string{"node1", "node2"} {
-		d.logf("from client-%s (%s mode): curl http://%s/", node, d.modes[node], d.vip)
+		d.logf("from client-%s (%s mode): curl %s", node, d.modes[node], url)
 		for range n {
-			out, err := d.curl(node)
+			out, err := d.curlURL(node, url)
 			if err != nil {
 				d.logf("  %v", err)
 				continue
