@@ -122,15 +122,9 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 		}
 		r.Source = o.BPFFSPath
 		r.Events = pinned.Events
-		dps := fromPinned(pinned)
-		for _, f := range model.Families {
-			st := &familyState{family: f}
-			for _, dp := range dps {
-				if dp.family == f {
-					st.dps = append(st.dps, dp)
-				}
-			}
-			st.serves = len(st.dps) > 0
+		states = pinnedStates(pinned)
+		for _, st := range states {
+			f := st.family
 			// The packet layer: the rules that serve packets from
 			// outside the node (node ports, external and load
 			// balancer IPs), one per family.
@@ -149,28 +143,18 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 					st.packets = []*dpPort{}
 				}
 			}
-			states = append(states, st)
 		}
 	case ModeIPTables:
 		var ipv4Err error
 		for _, f := range model.Families {
-			st := &familyState{family: f}
 			pr, err := rules[f], ruleErrs[f]
 			if pr == nil && err == nil {
 				pr, err = readRules(ctx, o, f)
 			}
-			switch {
-			case err != nil:
-				if f == model.IPv4 {
-					ipv4Err = err
-				}
-				st.why = err.Error()
-			default:
-				st.serves = hasServices(pr.NAT)
-				st.source = tools(f, pr.Backend)
-				st.dps = fromRules(pr.NAT, pr.Filter)
+			if err != nil && f == model.IPv4 {
+				ipv4Err = err
 			}
-			states = append(states, st)
+			states = append(states, rulesState(f, pr, err))
 		}
 		// An IPv6-only node's rules are ip6tables' alone.
 		if ipv4Err != nil && !states[len(states)-1].serves {
@@ -178,14 +162,6 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 		}
 	default:
 		return nil, fmt.Errorf("unknown mode %q: want ebpf, iptables or auto", r.Mode)
-	}
-	for _, st := range states {
-		for _, p := range st.dps {
-			p.family = st.family
-		}
-		for _, p := range st.packets {
-			p.family = st.family
-		}
 	}
 
 	var exp map[model.IPFamily]*expected
@@ -205,6 +181,38 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 	}
 	report(r, states, exp, filter{namespace: o.Namespace, name: o.Name})
 	return r, nil
+}
+
+// pinnedStates splits the maps' service ids by family: the IPv4 maps'
+// and the IPv6 maps' (kbp6_*), each with its own ids.
+func pinnedStates(pinned *ebpf.Pinned) []*familyState {
+	dps := fromPinned(pinned)
+	var out []*familyState
+	for _, f := range model.Families {
+		st := &familyState{family: f}
+		for _, dp := range dps {
+			if dp.family == f {
+				st.dps = append(st.dps, dp)
+			}
+		}
+		st.serves = len(st.dps) > 0
+		out = append(out, st)
+	}
+	return out
+}
+
+// rulesState is what family f's iptables rules (the iptables mode's)
+// hold; err is why they could not be read.
+func rulesState(f model.IPFamily, pr *iptables.SavedRules, err error) *familyState {
+	st := &familyState{family: f}
+	if err != nil {
+		st.why = err.Error()
+		return st
+	}
+	st.serves = hasServices(pr.NAT)
+	st.source = tools(f, pr.Backend)
+	st.dps = fromRules(pr.NAT, pr.Filter)
+	return st
 }
 
 // report fills r with the ports of the families checked: those the
@@ -249,6 +257,12 @@ func report(r *Report, states []*familyState, exp map[model.IPFamily]*expected, 
 	var sources []string
 	filterWarned := false
 	for _, st := range checked {
+		for _, p := range st.dps {
+			p.family = st.family
+		}
+		for _, p := range st.packets {
+			p.family = st.family
+		}
 		r.Families = append(r.Families, st.family.String())
 		if st.source != "" {
 			sources = append(sources, st.source)
