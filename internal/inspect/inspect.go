@@ -24,13 +24,15 @@ const (
 // Options say what to read and what to compare it with.
 type Options struct {
 	// Mode is ModeEBPF, ModeIPTables, or ModeAuto: ebpf if the pins are
-	// there, else iptables if the nat table has KUBE-SERVICES.
+	// there, else iptables if the nat table of iptables or ip6tables has
+	// KUBE-SERVICES.
 	Mode string
 	// BPFFSPath is the proxy's --bpffs-path.
 	BPFFSPath string
 	// IPTables says which backend's rules to read (the iptables mode's,
 	// or the ebpf mode's packet layer's), and in which network namespace
-	// (tests read their own).
+	// (tests read their own); its Family is ignored: each family's
+	// rules are read with that family's tools.
 	IPTables iptables.Config
 	// Node is this node's name, for the Local policies.
 	Node string
