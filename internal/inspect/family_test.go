@@ -21,6 +21,7 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden reports in testdata/dualstack")
@@ -265,4 +266,71 @@ func familyOfPort(sp ServicePort) string {
 		}
 	}
 	return sp.Family
+}
+
+// syncRules writes family f's iptables rules for api's Services in the
+// node namespace netns, as that family's proxier would: the real
+// ip6tables-nft-restore (iptables-nft-restore for IPv4).
+func syncRules(t *testing.T, netns string, f model.IPFamily, objs []runtime.Object) {
+	t.Helper()
+	ctx := context.Background()
+	dp, err := iptables.New(ctx, iptables.Config{Backend: iptables.BackendNFT, NetNS: netns, Family: f,
+		LockFile: filepath.Join(t.TempDir(), "xtables.lock")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dp.Close() })
+	tracker := model.NewTracker(model.WithNodeName(familyNode), model.WithFamily(f))
+	for _, o := range objs {
+		switch o := o.(type) {
+		case *v1.Service:
+			tracker.UpsertService(o)
+		case *discoveryv1.EndpointSlice:
+			tracker.UpsertEndpointSlice(o)
+		}
+	}
+	if err := dp.Sync(ctx, tracker.Snapshot(true)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// On a real node namespace: the IPv6 proxier's ip6tables rules alone (an
+// IPv6-only node's; auto-detection finds the iptables mode there), then
+// with the IPv4 proxier's (a dual-stack node's), read back with
+// ip6tables-nft-save and compared with a dual-stack API.
+func TestKernelInspectIPv6Rules(t *testing.T) {
+	n := testnet.New(t)
+	netns := "/run/netns/" + n.Node
+	api := dualStackAPI()
+	o := Options{Mode: ModeAuto, Node: familyNode, Client: fake.NewClientset(api...),
+		BPFFSPath: filepath.Join(t.TempDir(), "no-pins"), IPTables: iptables.Config{Backend: iptables.BackendAuto, NetNS: netns}}
+
+	syncRules(t, netns, model.IPv6, api)
+	r, err := Inspect(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	_ = WriteTable(&out, r)
+	if r.Mode != ModeIPTables || r.Source != "ip6tables-nft" || strings.Join(r.Families, ",") != "IPv6" || r.Differences != 0 ||
+		len(r.ServicePorts) != 2 || len(r.Warnings) != 1 || !strings.Contains(r.Warnings[0], "1 IPv4 service port, but this node's datapath holds no IPv4") {
+		t.Errorf("IPv6 rules alone: want iptables mode from ip6tables-nft, IPv6 only, 2 ports in sync and a warning for the IPv4 one:\n%s", out.String())
+	}
+
+	syncRules(t, netns, model.IPv4, api)
+	if r, err = Inspect(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	_ = WriteTable(&out, r)
+	if r.Source != "iptables-nft and ip6tables-nft" || strings.Join(r.Families, ",") != "IPv4,IPv6" || r.Differences != 0 ||
+		len(r.ServicePorts) != 3 || len(r.Warnings) != 0 {
+		t.Errorf("dual-stack rules: want both families' 3 ports in sync, no warning:\n%s", out.String())
+	}
+	for _, sp := range r.ServicePorts {
+		if sp.Family == "IPv6" && (len(sp.Backends) != 1 || !strings.HasPrefix(sp.Backends[0].Address, "[fd00:10:244:1::")) {
+			t.Errorf("%s: backends %+v, want its IPv6 endpoint", portLabel(sp), sp.Backends)
+		}
+	}
+	t.Logf("\n%s", out.String())
 }
