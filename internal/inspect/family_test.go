@@ -334,3 +334,69 @@ func TestKernelInspectIPv6Rules(t *testing.T) {
 	}
 	t.Logf("\n%s", out.String())
 }
+
+// The eBPF datapath of a dual-stack node, written by both families'
+// proxiers (the IPv4 Dataplane and its IPv6 view, kbp6_* maps) and read
+// back from the pins: in sync, then with the IPv6 ClusterIP of web gone,
+// which inspect names as IPv6.
+func TestKernelInspectIPv6Pins(t *testing.T) {
+	n := testnet.New(t)
+	cfg := ebpf.Config{BPFFSPath: testnet.BPFFS(t), CgroupPath: n.Cgroup, MaxServices: 64, MaxBackends: 256,
+		MaxSockets: 256, NodeNetNS: "/run/netns/" + n.Node}
+	t.Cleanup(func() { _ = ebpf.Cleanup(cfg.BPFFSPath) })
+	sockets, err := ebpf.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sockets.Close() })
+	v6, err := sockets.IPv6()
+	if err != nil {
+		t.Fatal(err)
+	}
+	api := dualStackAPI()
+	sync := func(dp interface {
+		Sync(context.Context, *model.Snapshot) error
+	}, f model.IPFamily, objs []runtime.Object) {
+		t.Helper()
+		tracker := model.NewTracker(model.WithNodeName(familyNode), model.WithFamily(f))
+		for _, o := range objs {
+			switch o := o.(type) {
+			case *v1.Service:
+				tracker.UpsertService(o)
+			case *discoveryv1.EndpointSlice:
+				tracker.UpsertEndpointSlice(o)
+			}
+		}
+		if err := dp.Sync(context.Background(), tracker.Snapshot(true)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sync(sockets, model.IPv4, api)
+	sync(v6, model.IPv6, api)
+	o := Options{Mode: ModeAuto, Node: familyNode, Client: fake.NewClientset(api...), BPFFSPath: cfg.BPFFSPath,
+		IPTables: iptables.Config{Backend: iptables.BackendNFT, NetNS: "/run/netns/" + n.Node}}
+	r, err := Inspect(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	_ = WriteTable(&out, r)
+	if r.Mode != ModeEBPF || strings.Join(r.Families, ",") != "IPv4,IPv6" || r.Differences != 0 || len(r.ServicePorts) != 3 {
+		t.Fatalf("dual-stack pins: want both families' 3 ports in sync:\n%s", out.String())
+	}
+
+	// web's IPv6 ClusterIP is gone from the IPv6 proxier's view.
+	sync(v6, model.IPv6, append(familyService("web", "http", 80, 8080,
+		map[v1.IPFamily]string{v1.IPv4Protocol: "10.96.0.10"}, map[v1.IPFamily]string{v1.IPv4Protocol: "10.244.1.1"}),
+		familyService("v6only", "dns", 53, 5353,
+			map[v1.IPFamily]string{v1.IPv6Protocol: "fd00:10:96::53"}, map[v1.IPFamily]string{v1.IPv6Protocol: "fd00:10:244:1::2"})...))
+	if r, err = Inspect(context.Background(), o); err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	_ = WriteTable(&out, r)
+	if r.Differences != 1 || !strings.Contains(out.String(), "default/web:http/TCP IPv6: the datapath holds nothing of this port") {
+		t.Errorf("web's IPv6 port unprogrammed: want one difference naming it IPv6:\n%s", out.String())
+	}
+	t.Logf("\n%s", out.String())
+}
