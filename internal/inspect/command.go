@@ -34,7 +34,9 @@ mode) counters. It reads the pinned BPF maps (ebpf mode) or the iptables
 rules (iptables mode), whichever the node has, and compares them with the
 Services and EndpointSlices of the API server when one is configured
 (--kubeconfig, --master, or the in-cluster configuration); without one it
-shows the datapath alone and says so.
+shows the datapath alone and says so. Each address family is checked
+with its own maps (kbp_*, kbp6_*) or rules (iptables, ip6tables), as the
+proxy runs one proxier per family; IPv6 ports are labelled IPv6.
 
 A name shows that Service only ("name" is in --namespace, or "default").
 
@@ -58,7 +60,7 @@ func Main(ctx context.Context, args []string, stdout, stderr io.Writer, lookupEn
 		mode, bpffs, backend, output, kubeconfig, master, hostname, namespace string
 		timeout                                                               time.Duration
 	)
-	fs.StringVar(&mode, "mode", ModeAuto, "datapath to read: ebpf, iptables, or auto (ebpf if the pins are under --bpffs-path, else iptables if the nat table has KUBE-SERVICES)")
+	fs.StringVar(&mode, "mode", ModeAuto, "datapath to read: ebpf, iptables, or auto (ebpf if the pins are under --bpffs-path, else iptables if the nat table of iptables or ip6tables has KUBE-SERVICES)")
 	fs.StringVar(&bpffs, "bpffs-path", "/sys/fs/bpf/kube-bpf-proxy", "the proxy's --bpffs-path: where its maps are pinned")
 	fs.StringVar(&backend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node uses)")
 	fs.StringVar(&output, "o", "table", "output format: table or json")

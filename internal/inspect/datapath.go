@@ -84,6 +84,8 @@ type dpPort struct {
 	name  model.ServicePortName
 	named bool
 	proto model.Protocol
+	// family is the address family of the maps or rules read.
+	family model.IPFamily
 	// frontends in the datapath's order.
 	frontends []dpFrontend
 	// lists are the backend lists by listCluster/listLocal (iptables),
@@ -122,7 +124,7 @@ func fromPinned(pinned *ebpf.Pinned) []*dpPort {
 		if len(g.Frontends) == 0 {
 			continue
 		}
-		p := &dpPort{proto: g.Frontends[0].Protocol, lists: map[string][]model.Backend{}, weights: map[model.Backend]int{}}
+		p := &dpPort{proto: g.Frontends[0].Protocol, family: g.Family, lists: map[string][]model.Backend{}, weights: map[model.Backend]int{}}
 		var roles []string
 		for _, f := range g.Frontends {
 			kind := kindExternal

@@ -486,6 +486,9 @@ func sortPorts(ports []ServicePort) {
 		if c := strings.Compare(a.Protocol, b.Protocol); c != 0 {
 			return c
 		}
+		if c := strings.Compare(a.Family, b.Family); c != 0 {
+			return c // IPv4 before IPv6
+		}
 		fa, fb := "", ""
 		if len(a.Frontends) > 0 {
 			fa = a.Frontends[0].Address

@@ -45,9 +45,11 @@ type expected struct {
 }
 
 // listExpected lists the Services and EndpointSlices the proxy watches (the
-// same label selector) and computes the model the proxy would sync for
-// node, with the same conversion (model.Tracker).
-func listExpected(ctx context.Context, client kubernetes.Interface, node string) (*expected, error) {
+// same label selector) and computes, for each address family, the model
+// the proxy's proxier of that family would sync for node, with the same
+// conversion (model.Tracker with model.WithFamily). A family without
+// service ports is absent.
+func listExpected(ctx context.Context, client kubernetes.Interface, node string) (map[model.IPFamily]*expected, error) {
 	sel := metav1.ListOptions{LabelSelector: watch.Selector().String()}
 	svcs, err := client.CoreV1().Services(metav1.NamespaceAll).List(ctx, sel)
 	if err != nil {
@@ -57,35 +59,47 @@ func listExpected(ctx context.Context, client kubernetes.Interface, node string)
 	if err != nil {
 		return nil, fmt.Errorf("listing EndpointSlices: %w", err)
 	}
-	tracker := model.NewTracker(model.WithNodeName(node))
 	// Topology hints need the node's zone; a Node that cannot be read
 	// leaves hints unused, as the proxy does until it reads it.
+	zone := ""
 	if n, err := client.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{}); err == nil {
-		tracker.SetZone(n.Labels[v1.LabelTopologyZone])
+		zone = n.Labels[v1.LabelTopologyZone]
 	}
-	for i := range svcs.Items {
-		tracker.UpsertService(&svcs.Items[i])
-	}
-	for i := range eps.Items {
-		tracker.UpsertEndpointSlice(&eps.Items[i])
-	}
-	snap := tracker.Snapshot(true)
-	out := &expected{states: endpointStates(eps.Items, node)}
-	for _, ports := range snap.Services {
-		out.ports = append(out.ports, ports...)
+	out := map[model.IPFamily]*expected{}
+	for _, f := range model.Families {
+		tracker := model.NewTracker(model.WithNodeName(node), model.WithFamily(f))
+		tracker.SetZone(zone)
+		for i := range svcs.Items {
+			tracker.UpsertService(&svcs.Items[i])
+		}
+		for i := range eps.Items {
+			tracker.UpsertEndpointSlice(&eps.Items[i])
+		}
+		snap := tracker.Snapshot(true)
+		e := &expected{states: endpointStates(eps.Items, node, f)}
+		for _, ports := range snap.Services {
+			e.ports = append(e.ports, ports...)
+		}
+		if len(e.ports) > 0 {
+			out[f] = e
+		}
 	}
 	return out, nil
 }
 
-// endpointStates reads each endpoint's conditions, as the model reads
-// them: unknown ready or serving is true, unknown terminating false; an
+// endpointStates reads the conditions of each endpoint of family f (the
+// EndpointSlices of its address type), as the model reads them: unknown ready or serving is true, unknown terminating false; an
 // endpoint in two slices has the union of their reasons to be used.
-func endpointStates(slices []discoveryv1.EndpointSlice, node string) map[endpointKey]endpointState {
+func endpointStates(slices []discoveryv1.EndpointSlice, node string, f model.IPFamily) map[endpointKey]endpointState {
+	addrType := discoveryv1.AddressTypeIPv4
+	if f == model.IPv6 {
+		addrType = discoveryv1.AddressTypeIPv6
+	}
 	out := map[endpointKey]endpointState{}
 	for i := range slices {
 		s := &slices[i]
 		svc := s.Labels[discoveryv1.LabelServiceName]
-		if svc == "" || s.AddressType != discoveryv1.AddressTypeIPv4 {
+		if svc == "" || s.AddressType != addrType {
 			continue
 		}
 		for _, p := range s.Ports {
@@ -108,7 +122,7 @@ func endpointStates(slices []discoveryv1.EndpointSlice, node string) map[endpoin
 					continue
 				}
 				ip, err := netip.ParseAddr(ep.Addresses[0])
-				if err != nil || !ip.Is4() {
+				if err != nil || !f.Has(ip) {
 					continue
 				}
 				k := endpointKey{spn, model.Backend{IP: ip, Port: uint16(*p.Port)}}

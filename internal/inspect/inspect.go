@@ -5,11 +5,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"k8s.io/client-go/kubernetes"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/iptables"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // Modes inspect reads.
@@ -22,13 +24,15 @@ const (
 // Options say what to read and what to compare it with.
 type Options struct {
 	// Mode is ModeEBPF, ModeIPTables, or ModeAuto: ebpf if the pins are
-	// there, else iptables if the nat table has KUBE-SERVICES.
+	// there, else iptables if the nat table of iptables or ip6tables has
+	// KUBE-SERVICES.
 	Mode string
 	// BPFFSPath is the proxy's --bpffs-path.
 	BPFFSPath string
 	// IPTables says which backend's rules to read (the iptables mode's,
 	// or the ebpf mode's packet layer's), and in which network namespace
-	// (tests read their own).
+	// (tests read their own); its Family is ignored: each family's
+	// rules are read with that family's tools.
 	IPTables iptables.Config
 	// Node is this node's name, for the Local policies.
 	Node string
@@ -45,87 +49,249 @@ type Options struct {
 // ErrNoDatapath is returned when auto-detection finds neither datapath.
 var ErrNoDatapath = errors.New("no datapath found on this node")
 
+// familyState is what the datapath holds of one address family: each
+// family has its own maps (kbp_*, kbp6_*) and its own rules (iptables,
+// ip6tables), as the proxy runs one proxier per family.
+type familyState struct {
+	family model.IPFamily
+	// serves: the datapath holds this family (eBPF: service ids in its
+	// maps, or a packet layer; iptables: the KUBE-SERVICES chain).
+	serves bool
+	// source is where the iptables mode read it ("iptables-nft").
+	source string
+	// dps are the maps' or the rules' ports; packets the ebpf mode's
+	// packet layer's (nil when not read).
+	dps, packets []*dpPort
+	// warnings limit the comparison of this family, shown when it is
+	// checked; why says why it is not served (a read error), if known.
+	warnings []string
+	why      string
+}
+
+// tools names the iptables commands of family f, for messages.
+func tools(f model.IPFamily, backend string) string {
+	if f == model.IPv6 {
+		return "ip6tables-" + backend
+	}
+	return "iptables-" + backend
+}
+
+// readRules reads family f's iptables rules: o.IPTables with f's tools.
+func readRules(ctx context.Context, o Options, f model.IPFamily) (*iptables.SavedRules, error) {
+	cfg := o.IPTables
+	cfg.Family = f
+	return iptables.ReadRules(ctx, cfg)
+}
+
+func hasServices(nat []byte) bool {
+	return bytes.Contains(nat, []byte(":"+iptables.ChainServices+" "))
+}
+
 // Inspect reads the node's datapath and, with a client, compares it with
-// the API server's Services and EndpointSlices.
+// the API server's Services and EndpointSlices, family by family.
 func Inspect(ctx context.Context, o Options) (*Report, error) {
 	r := &Report{Node: o.Node, Mode: o.Mode, API: APIStatus{Server: o.Server}}
-	var (
-		dps, packets []*dpPort
-		rules        *iptables.SavedRules
-	)
+	rules := map[model.IPFamily]*iptables.SavedRules{}
+	ruleErrs := map[model.IPFamily]error{}
 	if o.Mode == ModeAuto || o.Mode == "" {
 		switch {
 		case ebpf.PinsPresent(o.BPFFSPath):
 			r.Mode = ModeEBPF
 		default:
-			var err error
-			if rules, err = iptables.ReadRules(ctx, o.IPTables); err != nil {
-				return nil, fmt.Errorf("%w: no pins under %s, and reading the iptables rules failed (pass --mode): %v", ErrNoDatapath, o.BPFFSPath, err)
+			// The iptables mode of an IPv6-only node writes
+			// ip6tables rules only.
+			for _, f := range model.Families {
+				rules[f], ruleErrs[f] = readRules(ctx, o, f)
+				if ruleErrs[f] == nil && hasServices(rules[f].NAT) {
+					r.Mode = ModeIPTables
+				}
 			}
-			if !bytes.Contains(rules.NAT, []byte(":"+iptables.ChainServices+" ")) {
+			if r.Mode != ModeIPTables {
+				if err := ruleErrs[model.IPv4]; err != nil {
+					return nil, fmt.Errorf("%w: no pins under %s, and reading the iptables rules failed (pass --mode): %v", ErrNoDatapath, o.BPFFSPath, err)
+				}
 				return nil, fmt.Errorf("%w: no pins under %s (--bpffs-path) and no %s chain in the iptables-%s nat table",
-					ErrNoDatapath, o.BPFFSPath, iptables.ChainServices, rules.Backend)
+					ErrNoDatapath, o.BPFFSPath, iptables.ChainServices, rules[model.IPv4].Backend)
 			}
-			r.Mode = ModeIPTables
 		}
 	}
+	var states []*familyState
 	switch r.Mode {
 	case ModeEBPF:
 		pinned, err := ebpf.ReadPinned(o.BPFFSPath)
 		if err != nil {
 			return nil, fmt.Errorf("reading the eBPF datapath (is --bpffs-path the proxy's?): %w", err)
 		}
-		dps = fromPinned(pinned)
 		r.Source = o.BPFFSPath
 		r.Events = pinned.Events
-		// The packet layer: the rules that serve packets from outside
-		// the node (node ports, external and load balancer IPs).
-		pr, err := iptables.ReadRules(ctx, o.IPTables)
-		switch {
-		case err != nil:
-			r.Warnings = append(r.Warnings, "the packet layer's iptables rules could not be read: "+err.Error())
-		case !bytes.Contains(pr.NAT, []byte(":"+iptables.ChainServices+" ")):
-			r.Warnings = append(r.Warnings, "the packet layer has no "+iptables.ChainServices+" chain in the iptables-"+pr.Backend+" nat table")
-			packets = []*dpPort{}
-		default:
-			packets = fromRules(pr.NAT, pr.Filter)
-			if packets == nil {
-				packets = []*dpPort{}
+		states = pinnedStates(pinned)
+		for _, st := range states {
+			f := st.family
+			// The packet layer: the rules that serve packets from
+			// outside the node (node ports, external and load
+			// balancer IPs), one per family.
+			pr, err := readRules(ctx, o, f)
+			switch {
+			case err != nil:
+				st.warnings = append(st.warnings, "the packet layer's "+map[model.IPFamily]string{model.IPv4: "iptables", model.IPv6: "ip6tables"}[f]+" rules could not be read: "+err.Error())
+				st.why = err.Error()
+			case !hasServices(pr.NAT):
+				st.warnings = append(st.warnings, "the packet layer has no "+iptables.ChainServices+" chain in the "+tools(f, pr.Backend)+" nat table")
+				st.packets = []*dpPort{}
+			default:
+				st.serves = true
+				st.packets = fromRules(pr.NAT, pr.Filter)
+				if st.packets == nil {
+					st.packets = []*dpPort{}
+				}
 			}
 		}
 	case ModeIPTables:
-		if rules == nil {
-			var err error
-			if rules, err = iptables.ReadRules(ctx, o.IPTables); err != nil {
-				return nil, fmt.Errorf("reading the iptables rules: %w", err)
+		var ipv4Err error
+		for _, f := range model.Families {
+			pr, err := rules[f], ruleErrs[f]
+			if pr == nil && err == nil {
+				pr, err = readRules(ctx, o, f)
 			}
+			if err != nil && f == model.IPv4 {
+				ipv4Err = err
+			}
+			states = append(states, rulesState(f, pr, err))
 		}
-		dps = fromRules(rules.NAT, rules.Filter)
-		r.Source = "iptables-" + rules.Backend
+		// An IPv6-only node's rules are ip6tables' alone.
+		if ipv4Err != nil && !states[len(states)-1].serves {
+			return nil, fmt.Errorf("reading the iptables rules: %w", ipv4Err)
+		}
 	default:
 		return nil, fmt.Errorf("unknown mode %q: want ebpf, iptables or auto", r.Mode)
 	}
 
-	f := filter{namespace: o.Namespace, name: o.Name}
+	var exp map[model.IPFamily]*expected
 	if o.Client == nil {
 		r.API.Error = "no API server configured"
 		if o.ClientError != nil {
 			r.API.Error = o.ClientError.Error()
 		}
-		var warnings []string
-		r.ServicePorts, warnings = datapathOnly(r.Mode, dps, packets, f)
-		r.Warnings = append(r.Warnings, warnings...)
 	} else {
-		exp, err := listExpected(ctx, o.Client, o.Node)
-		if err != nil {
+		var err error
+		if exp, err = listExpected(ctx, o.Client, o.Node); err != nil {
 			r.API.Error = err.Error()
-			var warnings []string
-			r.ServicePorts, warnings = datapathOnly(r.Mode, dps, packets, f)
-			r.Warnings = append(r.Warnings, warnings...)
+			exp = nil
 		} else {
 			r.API.Compared = true
-			r.ServicePorts = compare(r.Mode, dps, packets, exp, f)
 		}
+	}
+	report(r, states, exp, filter{namespace: o.Namespace, name: o.Name})
+	return r, nil
+}
+
+// pinnedStates splits the maps' service ids by family: the IPv4 maps'
+// and the IPv6 maps' (kbp6_*), each with its own ids.
+func pinnedStates(pinned *ebpf.Pinned) []*familyState {
+	dps := fromPinned(pinned)
+	var out []*familyState
+	for _, f := range model.Families {
+		st := &familyState{family: f}
+		for _, dp := range dps {
+			if dp.family == f {
+				st.dps = append(st.dps, dp)
+			}
+		}
+		st.serves = len(st.dps) > 0
+		out = append(out, st)
+	}
+	return out
+}
+
+// rulesState is what family f's iptables rules (the iptables mode's)
+// hold; err is why they could not be read.
+func rulesState(f model.IPFamily, pr *iptables.SavedRules, err error) *familyState {
+	st := &familyState{family: f}
+	if err != nil {
+		st.why = err.Error()
+		return st
+	}
+	st.serves = hasServices(pr.NAT)
+	st.source = tools(f, pr.Backend)
+	st.dps = fromRules(pr.NAT, pr.Filter)
+	return st
+}
+
+// report fills r with the ports of the families checked: those the
+// datapath serves, and those the API server's Services have (exp; nil when
+// not compared). A family the Services have and the datapath does not
+// serve (a dual-stack Service on a node whose proxy serves one family)
+// is said in one warning, not compared port by port; with neither, the
+// IPv4 family is shown, as on a node that serves nothing yet.
+func report(r *Report, states []*familyState, exp map[model.IPFamily]*expected, f filter) {
+	var checked []*familyState
+	for _, st := range states {
+		e := exp[st.family]
+		wanted := e != nil && len(e.ports) > 0
+		switch {
+		case st.serves:
+			checked = append(checked, st)
+		case wanted:
+			n := 0
+			for i := range e.ports {
+				if f.matches(e.ports[i].Name.ServiceName) {
+					n++
+				}
+			}
+			if n == 0 {
+				continue
+			}
+			why := ""
+			if st.why != "" {
+				why = " (" + st.why + ")"
+			}
+			r.Warnings = append(r.Warnings, fmt.Sprintf("the API server's Services have %d %v service %s, but this node's datapath holds no %v%s: not compared (the proxy here does not serve %v)",
+				n, st.family, plural(n, "port", "ports"), st.family, why, st.family))
+		}
+	}
+	if len(checked) == 0 {
+		for _, st := range states {
+			if st.family == model.IPv4 {
+				checked = append(checked, st)
+			}
+		}
+	}
+	var sources []string
+	filterWarned := false
+	for _, st := range checked {
+		for _, p := range st.dps {
+			p.family = st.family
+		}
+		for _, p := range st.packets {
+			p.family = st.family
+		}
+		r.Families = append(r.Families, st.family.String())
+		if st.source != "" {
+			sources = append(sources, st.source)
+		}
+		r.Warnings = append(r.Warnings, st.warnings...)
+		var ports []ServicePort
+		if exp == nil {
+			var warnings []string
+			ports, warnings = datapathOnly(r.Mode, st.dps, st.packets, f)
+			if !filterWarned {
+				r.Warnings = append(r.Warnings, warnings...)
+				filterWarned = len(warnings) > 0
+			}
+		} else {
+			e := exp[st.family]
+			if e == nil {
+				e = &expected{}
+			}
+			ports = compare(r.Mode, st.dps, st.packets, e, f)
+		}
+		for i := range ports {
+			ports[i].Family = st.family.String()
+		}
+		r.ServicePorts = append(r.ServicePorts, ports...)
+	}
+	if r.Mode == ModeIPTables {
+		r.Source = strings.Join(sources, " and ")
 	}
 	sortPorts(r.ServicePorts)
 	for _, sp := range r.ServicePorts {
@@ -135,5 +301,11 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 	if r.ServicePorts == nil {
 		r.ServicePorts = []ServicePort{}
 	}
-	return r, nil
+}
+
+func plural(n int, one, many string) string {
+	if n == 1 {
+		return one
+	}
+	return many
 }

@@ -9,6 +9,8 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // WriteJSON writes the report as indented JSON (the -o json schema).
@@ -23,7 +25,12 @@ func WriteJSON(w io.Writer, r *Report) error {
 // counters and status, a line per frontend and per backend, and its
 // differences.
 func WriteTable(w io.Writer, r *Report) error {
-	fmt.Fprintf(w, "Node %s, %s mode, read from %s.\n", r.Node, r.Mode, r.Source)
+	families := ""
+	if !slices.Equal(r.Families, []string{model.IPv4.String()}) && len(r.Families) > 0 {
+		// An IPv4-only node's header is as it was before IPv6.
+		families = " (" + strings.Join(r.Families, ", ") + ")"
+	}
+	fmt.Fprintf(w, "Node %s, %s mode%s, read from %s.\n", r.Node, r.Mode, families, r.Source)
 	switch {
 	case r.API.Compared:
 		server := ""
@@ -137,7 +144,9 @@ func differencesText(n int) string {
 }
 
 // portLabel names a service port as "namespace/name:port/PROTOCOL", or by
-// its first frontend when the datapath does not name it.
+// its first frontend when the datapath does not name it; an IPv6 port's
+// label ends in " IPv6" (the IPv4 one of a dual-stack Service has none,
+// as on an IPv4-only node).
 func portLabel(sp ServicePort) string {
 	name := sp.Service
 	if name == "" {
@@ -149,5 +158,9 @@ func portLabel(sp ServicePort) string {
 	if sp.Port != "" {
 		name += ":" + sp.Port
 	}
-	return name + "/" + sp.Protocol
+	name += "/" + sp.Protocol
+	if sp.Family == model.IPv6.String() {
+		name += " IPv6"
+	}
+	return name
 }

@@ -17,8 +17,14 @@ type Report struct {
 	// Mode is the datapath read: "ebpf" or "iptables".
 	Mode string `json:"mode"`
 	// Source is where it was read: the pin directory, or
-	// "iptables-nft" / "iptables-legacy".
+	// "iptables-nft" / "iptables-legacy" (with "ip6tables-nft" /
+	// "ip6tables-legacy" for IPv6, joined by " and " when both).
 	Source string `json:"source"`
+	// Families are the address families checked, "IPv4" and/or "IPv6":
+	// those the datapath holds, and those the API server's Services
+	// have where the datapath serves them (a family it does not serve
+	// is a warning); IPv4 when neither says.
+	Families []string `json:"families"`
 	// API says whether the datapath was compared with the API server.
 	API APIStatus `json:"api"`
 	// ServicePorts are sorted by Service, port name and protocol; ports
@@ -60,6 +66,10 @@ type ServicePort struct {
 	Port string `json:"port,omitempty"`
 	// Protocol is TCP or UDP.
 	Protocol string `json:"protocol"`
+	// Family is the address family, "IPv4" or "IPv6": a dual-stack
+	// Service has a port of each, compared with that family's maps or
+	// rules (kbp_* or kbp6_*; iptables or ip6tables).
+	Family string `json:"ipFamily"`
 	// Frontends are the addresses clients reach the port by.
 	Frontends []Frontend `json:"frontends"`
 	// Backends are the endpoints: those the datapath holds, and when
