@@ -237,11 +237,12 @@ func (c *Config) runsWorkload(w string) bool {
 	return c.family() == model.IPv4 || slices.Contains(ipv6Workloads, w)
 }
 
-// ebpfServesIPv6 says whether our eBPF mode serves IPv6: false until the
-// eBPF mode's IPv6 datapath (issue 20, branch ebpf6) is on main; until
-// then the binary exits on a node with usable IPv6, and an IPv6 run
-// reports the ebpf contender as not available (unavailable).
-var ebpfServesIPv6 = false
+// ebpfServesIPv6 says whether our eBPF mode serves IPv6 (issue 20: its
+// IPv6 datapath, connect6/sendmsg6/recvmsg6/getpeername6). A binary whose
+// eBPF mode does not exits on a node with usable IPv6: an IPv6 run then
+// reports the ebpf contender as not available (unavailable) instead of
+// waiting out its cold start.
+var ebpfServesIPv6 = true
 
 // unavailable says why contender cannot be measured in the run's family,
 // "" if it can.
