@@ -411,6 +411,9 @@ func TestIPv6RunRows(t *testing.T) {
 	if !strings.Contains(md, "| ebpf | IPv6 | "+why) {
 		t.Error("ebpf's rows do not give the reason it is not available")
 	}
+	if !strings.Contains(md, "Stream (tcp-stream):\n\n") {
+		t.Error("the synthetic run's stream table is missing")
+	}
 	if strings.Contains(md, "did not reach 0: not available") {
 		t.Error("a contender that does not serve the family is reported as not reaching a size")
 	}
