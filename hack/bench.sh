@@ -13,6 +13,7 @@
 #   QUICK=1 hack/bench.sh               the quick run, report in _output/bench-quick
 #   LARGE=1 hack/bench.sh               the full run at 0, 1k, 10k, 20k and 50k
 #   hack/bench.sh --sizes=0,10000 --contenders=direct,ebpf
+#   hack/bench.sh --family=ipv6 --sizes=0,1000   the IPv6 rows (docs/benchmarks.md, "IPv6 rows")
 set -o errexit -o nounset -o pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then

@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/load"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/report"
@@ -91,6 +92,7 @@ func measure(ctx context.Context, args []string) error {
 	changes := fs.Int("endpoint-changes", 0, "timed endpoint changes per cell (default 20, quick 4); more give a steadier p99")
 	load := fs.String("load", "", "how the background Services are created: api (through the API, the default; about 3 hours for 50k, the API server's ClusterIP allocator being the limit) or etcd (written into the API server's etcd: minutes for 50k; the default with --large; docs/benchmarks.md, \"Method\")")
 	keep := fs.Bool("keep", false, "leave the cluster running afterwards (remove it with: bench down)")
+	family := fs.String("family", "ipv4", "the IP family measured: ipv4, or ipv6 (the IPv6 rows: a dual-stack cluster, IPv6 Services and pod addresses, the tcp-connect, UDP and connection-rate workloads only; with --load=api)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -131,6 +133,17 @@ func measure(ctx context.Context, args []string) error {
 		// Each change takes at least its 200 ms pause: the budget grows
 		// with the count asked for.
 		cfg.EndpointChangeBudget = max(cfg.EndpointChangeBudget, time.Duration(*changes)*time.Second)
+	}
+	switch strings.ToLower(*family) {
+	case "ipv4", "4":
+		cfg.Family = model.IPv4
+	case "ipv6", "6":
+		cfg.Family = model.IPv6
+		if *load == "" {
+			cfg.Load = bench.LoadAPI // the etcd loader writes IPv4 Services only
+		}
+	default:
+		return fmt.Errorf("--family: %q: want ipv4 or ipv6", *family)
 	}
 	cfg.ControlPlaneOnly = *controlPlane
 	if *workloadsUpTo >= 0 {

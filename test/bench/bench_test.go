@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/results"
 )
 
@@ -42,6 +43,8 @@ func TestConfigValidate(t *testing.T) {
 		"unknown loader":    {func(c *Config) { c.Load = "kubectl" }, `background loader "kubectl"`},
 		"no binary":         {func(c *Config) { c.Binary = "" }, "no kube-bpf-proxy binary"},
 		"missing binary":    {func(c *Config) { c.Binary = "/nonexistent/kube-bpf-proxy" }, "kube-bpf-proxy binary: stat"},
+		"IPv6 through etcd": {func(c *Config) { c.Family, c.Load = model.IPv6, LoadEtcd }, "IPv4 Services only"},
+		"unknown family":    {func(c *Config) { c.Family = 5 }, "IP family 5"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			c := valid()
@@ -51,6 +54,32 @@ func TestConfigValidate(t *testing.T) {
 				t.Errorf("error %v, want one saying %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// TestIPv6Rows: an IPv6 run measures tcp-connect, UDP and the connection
+// rate only, and reports our eBPF mode as not available until it serves
+// IPv6; an IPv4 run measures every workload and every contender.
+func TestIPv6Rows(t *testing.T) {
+	v4, v6 := QuickConfig(), QuickConfig()
+	v6.Family = model.IPv6
+	for _, w := range []string{results.TCPConnect, results.TCPCRR, results.TCPRR, results.UDPConnected, results.UDPUnconnected, results.ConnectRate, results.Stream} {
+		if !v4.runsWorkload(w) {
+			t.Errorf("the IPv4 run skips %s", w)
+		}
+		want := w != results.TCPRR && w != results.Stream
+		if got := v6.runsWorkload(w); got != want {
+			t.Errorf("the IPv6 run measures %s: %v, want %v", w, got, want)
+		}
+	}
+	for _, ct := range results.AllContenders {
+		if why := v4.unavailable(ct); why != "" {
+			t.Errorf("%s unavailable over IPv4: %s", ct, why)
+		}
+		want := ct == results.EBPF && !ebpfServesIPv6
+		if why := v6.unavailable(ct); (why != "") != want {
+			t.Errorf("%s unavailable over IPv6: %q, want unavailable %v", ct, why, want)
+		}
 	}
 }
 

@@ -21,8 +21,13 @@ import (
 // comparison.
 func (r *runner) cell(ctx context.Context, name string, size int) (cell results.Cell) {
 	start := time.Now()
-	cell = results.Cell{Contender: name, Size: size}
+	cell = results.Cell{Contender: name, Size: size, Family: r.cfg.family().String()}
 	defer func() { cell.Elapsed = time.Since(start) }()
+	if why := r.cfg.unavailable(name); why != "" {
+		cell.Skipped = why
+		r.prog.done(stepsPerCell)
+		return cell
+	}
 	if at, failed := r.failedAt[name]; failed {
 		cell.Skipped = fmt.Sprintf("not tried: did not serve %d Services before", at)
 		r.prog.done(stepsPerCell)
@@ -223,6 +228,9 @@ func (r *runner) latency(ctx context.Context, viaService bool) ([]results.Paired
 			add(w, rep)
 		}
 		for _, w := range []string{results.TCPRR, results.UDPConnected, results.UDPUnconnected} {
+			if !r.cfg.runsWorkload(w) {
+				continue
+			}
 			rep, err := r.simpleLatency(ctx, p, w, viaService)
 			if err != nil {
 				errs = append(errs, err)
@@ -247,6 +255,9 @@ func (r *runner) rates(ctx context.Context, viaService bool, pids map[string]int
 	var errs []error
 	for rep := range r.cfg.Repetitions {
 		for _, w := range []string{results.ConnectRate, results.Stream} {
+			if !r.cfg.runsWorkload(w) {
+				continue
+			}
 			phases, err := r.rate(ctx, w, rep, viaService, pids)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", w, err))

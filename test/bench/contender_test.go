@@ -13,6 +13,7 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/results"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
@@ -356,16 +357,23 @@ func TestBackgroundClusterIP(t *testing.T) {
 	cidr := netip.MustParsePrefix(localcluster.ServiceCIDR)
 	seen := map[netip.Addr]bool{}
 	for _, i := range []int{0, 1, 255, 256, 59999} {
-		a := backgroundClusterIP(i)
+		a := backgroundClusterIP(model.IPv4, i)
 		if !cidr.Contains(a) || seen[a] {
 			t.Errorf("Service %d: %s (in %s: %v, repeated: %v)", i, a, cidr, cidr.Contains(a), seen[a])
 		}
 		seen[a] = true
 	}
-	if got := backgroundClusterIP(0).String(); got != "10.96.4.0" {
+	if got := backgroundClusterIP(model.IPv4, 0).String(); got != "10.96.4.0" {
 		t.Errorf("first address %s, want 10.96.4.0 (above the static band)", got)
 	}
-	if got := backgroundClusterIP(59999).String(); got != "10.96.238.95" {
+	if got := backgroundClusterIP(model.IPv4, 59999).String(); got != "10.96.238.95" {
 		t.Errorf("last address %s, want 10.96.238.95", got)
+	}
+	// The IPv6 rows' twins, in the IPv6 Service range.
+	cidr6 := netip.MustParsePrefix(localcluster.ServiceCIDR6)
+	for i, want := range map[int]string{0: "fd00:96::400", 59999: "fd00:96::ee5f"} {
+		if got := backgroundClusterIP(model.IPv6, i); got.String() != want || !cidr6.Contains(got) {
+			t.Errorf("IPv6 Service %d: %s, want %s in %s", i, got, want, cidr6)
+		}
 	}
 }

@@ -21,6 +21,8 @@ import (
 	"k8s.io/apimachinery/pkg/util/uuid"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // The direct loader: the background Services, their IPAddress objects and
@@ -304,7 +306,7 @@ func stamp(m *metav1.ObjectMeta, name string, now metav1.Time) {
 // address returns background Service i's IPAddress as key and value,
 // copied from the template and created at now.
 func (t *etcdTemplates) address(e *EtcdStore, s serviceShape, i int, now metav1.Time) (kv, error) {
-	name, ip := backgroundName(i), backgroundClusterIP(i).String()
+	name, ip := backgroundName(i), backgroundClusterIP(model.IPv4, i).String()
 	addr := t.ip.DeepCopy()
 	stamp(&addr.ObjectMeta, ip, now)
 	addr.Spec.ParentRef.Namespace, addr.Spec.ParentRef.Name = s.ns, name
@@ -318,7 +320,7 @@ func (t *etcdTemplates) address(e *EtcdStore, s serviceShape, i int, now metav1.
 // service returns background Service i and its slice as keys and values,
 // copied from the templates and created at now.
 func (t *etcdTemplates) service(e *EtcdStore, s serviceShape, i int, now metav1.Time) ([]kv, error) {
-	name, ip := backgroundName(i), backgroundClusterIP(i).String()
+	name, ip := backgroundName(i), backgroundClusterIP(model.IPv4, i).String()
 
 	svc := t.svc.DeepCopy()
 	stamp(&svc.ObjectMeta, name, now)
@@ -460,7 +462,7 @@ func waitAddresses(ctx context.Context, c kubernetes.Interface, idx []int) error
 		}
 		missing := 0
 		for _, i := range idx {
-			if !taken[backgroundClusterIP(i).String()] {
+			if !taken[backgroundClusterIP(model.IPv4, i).String()] {
 				missing++
 			}
 		}

@@ -23,6 +23,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
@@ -159,7 +160,7 @@ func TestDirectLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := backgroundClusterIP(n-1).String() + ":9000"; last != want {
+	if want := backgroundClusterIP(model.IPv4, n-1).String() + ":9000"; last != want {
 		t.Errorf("last = %q, want %q", last, want)
 	}
 	viaEtcd := readLoaded(t, ctx, bulk, ns)

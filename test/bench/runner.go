@@ -24,6 +24,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/load"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/report"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/results"
@@ -55,12 +56,13 @@ var clientNodes = []string{"node1", "node2", "node1"}
 type path struct {
 	client *localcluster.Pod
 	server *localcluster.Pod
-	// vip is the path Service's ClusterIP.
-	vip netip.Addr
+	// direct is the server's pod IP and vip the path Service's ClusterIP,
+	// both of the run's family (Config.Family).
+	direct, vip netip.Addr
 }
 
 func (p path) targets(port int, viaService bool) []string {
-	t := []string{net.JoinHostPort(p.server.IP.String(), strconv.Itoa(port))}
+	t := []string{net.JoinHostPort(p.direct.String(), strconv.Itoa(port))}
 	if viaService {
 		t = append(t, net.JoinHostPort(p.vip.String(), strconv.Itoa(port)))
 	}
@@ -105,7 +107,7 @@ func (r *runner) run(ctx context.Context) (*results.Run, error) {
 	r.out = &results.Run{
 		Started: time.Now(), Command: cfg.Command, Quick: cfg.Quick,
 		Machine:    describeMachine(cfg),
-		Contenders: cfg.Contenders, Sizes: cfg.Sizes,
+		Contenders: cfg.Contenders, Sizes: cfg.Sizes, Family: cfg.family().String(),
 		Topology: results.Topology{Nodes: 2, ClientPods: len(clientNodes), ServerPods: serverPods,
 			EndpointsPerService: cfg.EndpointsPerService, Repetitions: cfg.Repetitions},
 	}
@@ -155,7 +157,14 @@ func (r *runner) measure(ctx context.Context) error {
 // setUp starts the cluster, the server and client pods and the
 // benchmark's own Services.
 func (r *runner) setUp(ctx context.Context) error {
-	c, err := localcluster.Up(ctx, localcluster.Options{Dir: r.cfg.ClusterDir, KubeBin: r.cfg.KubeBin})
+	o := localcluster.Options{Dir: r.cfg.ClusterDir, KubeBin: r.cfg.KubeBin}
+	if r.cfg.family() == model.IPv6 {
+		// An IPv6 Service range for the API server and IPv6 pod
+		// addresses; IPv4 stays the primary family, so the control
+		// plane and the node objects are as in the IPv4 runs.
+		o.Stack = localcluster.DualStack
+	}
+	c, err := localcluster.Up(ctx, o)
 	if err != nil {
 		return err
 	}
@@ -208,7 +217,7 @@ func (r *runner) setUp(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		r.paths = append(r.paths, path{client: p, server: srv, vip: vip})
+		r.paths = append(r.paths, path{client: p, server: srv, direct: srv.IPOf(r.cfg.family()), vip: vip})
 	}
 	// The churned Service moves between two servers on node2, seen from
 	// client-1 on node1.
@@ -255,27 +264,33 @@ var benchPorts = []corev1.ServicePort{
 
 // createSingleEndpointService makes a selectorless Service with the
 // benchmark's ports whose slice (written here, as a controller would)
-// holds one endpoint: pod.
+// holds one endpoint: pod. In an IPv6 run it is SingleStack IPv6.
 func (r *runner) createSingleEndpointService(ctx context.Context, name string, pod *localcluster.Pod) (netip.Addr, error) {
 	ports := make([]corev1.ServicePort, len(benchPorts))
 	for i, p := range benchPorts {
 		p.TargetPort = intstr.FromInt32(p.Port)
 		ports[i] = p
 	}
+	spec := corev1.ServiceSpec{Ports: ports}
+	if f := r.cfg.family(); f == model.IPv6 {
+		spec.IPFamilyPolicy = ptr.To(corev1.IPFamilyPolicySingleStack)
+		spec.IPFamilies = []corev1.IPFamily{corev1.IPFamily(f.String())}
+	}
 	svc, err := r.api.CoreV1().Services(benchNamespace).Create(ctx, &corev1.Service{
 		ObjectMeta: metav1.ObjectMeta{Name: name},
-		Spec:       corev1.ServiceSpec{Ports: ports},
+		Spec:       spec,
 	}, metav1.CreateOptions{})
 	if err != nil {
 		return netip.Addr{}, fmt.Errorf("creating Service %s: %w", name, err)
 	}
-	if _, err := r.api.DiscoveryV1().EndpointSlices(benchNamespace).Create(ctx, singleEndpointSlice(name, pod), metav1.CreateOptions{}); err != nil {
+	if _, err := r.api.DiscoveryV1().EndpointSlices(benchNamespace).Create(ctx, singleEndpointSlice(name, pod, r.cfg.family()), metav1.CreateOptions{}); err != nil {
 		return netip.Addr{}, fmt.Errorf("creating Service %s's EndpointSlice: %w", name, err)
 	}
 	return netip.ParseAddr(svc.Spec.ClusterIP)
 }
 
-func singleEndpointSlice(service string, pod *localcluster.Pod) *discoveryv1.EndpointSlice {
+// singleEndpointSlice is the slice of family f whose one endpoint is pod.
+func singleEndpointSlice(service string, pod *localcluster.Pod, f model.IPFamily) *discoveryv1.EndpointSlice {
 	var ports []discoveryv1.EndpointPort
 	for _, p := range benchPorts {
 		ports = append(ports, discoveryv1.EndpointPort{Name: ptr.To(p.Name), Port: ptr.To(p.Port), Protocol: ptr.To(p.Protocol)})
@@ -285,9 +300,9 @@ func singleEndpointSlice(service string, pod *localcluster.Pod) *discoveryv1.End
 			Name:   service,
 			Labels: map[string]string{discoveryv1.LabelServiceName: service, discoveryv1.LabelManagedBy: "bench.kube-bpf-proxy.io"},
 		},
-		AddressType: discoveryv1.AddressTypeIPv4,
+		AddressType: addressType(f),
 		Endpoints: []discoveryv1.Endpoint{{
-			Addresses:  []string{pod.IP.String()},
+			Addresses:  []string{pod.IPOf(f).String()},
 			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true), Serving: ptr.To(true), Terminating: ptr.To(false)},
 			NodeName:   ptr.To(pod.Node),
 			TargetRef:  &corev1.ObjectReference{Kind: "Pod", Namespace: pod.Namespace, Name: pod.Name},
@@ -299,7 +314,7 @@ func singleEndpointSlice(service string, pod *localcluster.Pod) *discoveryv1.End
 // moveChurned points the churned Service's slice at pod; it returns when
 // the API server has answered.
 func (r *runner) moveChurned(ctx context.Context, pod *localcluster.Pod) error {
-	s := singleEndpointSlice("churn", pod)
+	s := singleEndpointSlice("churn", pod, r.cfg.family())
 	cur, err := r.api.DiscoveryV1().EndpointSlices(benchNamespace).Get(ctx, "churn", metav1.GetOptions{})
 	if err != nil {
 		return err
@@ -315,7 +330,7 @@ func (r *runner) moveChurned(ctx context.Context, pod *localcluster.Pod) error {
 func (r *runner) serverAddrs() []netip.Addr {
 	var a []netip.Addr
 	for _, s := range r.servers {
-		a = append(a, s.IP)
+		a = append(a, s.IPOf(r.cfg.family()))
 	}
 	return a
 }
@@ -327,7 +342,7 @@ func (r *runner) serverAddrs() []netip.Addr {
 // and so cannot be repeated for every contender.
 func (r *runner) grow(ctx context.Context, size int) error {
 	from := r.backgroundCount
-	withEBPF := size > from && slices.Contains(r.cfg.Contenders, results.EBPF)
+	withEBPF := size > from && slices.Contains(r.cfg.Contenders, results.EBPF) && r.cfg.unavailable(results.EBPF) == ""
 	var ct Contender
 	if withEBPF {
 		var err error

@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
 )
 
@@ -75,7 +76,24 @@ func (s serviceShape) check() error {
 	if s.port < 1 || s.port > 65535 {
 		return fmt.Errorf("port %d out of range", s.port)
 	}
+	for _, a := range s.addrs {
+		if a.Is6() != s.addrs[0].Is6() {
+			return fmt.Errorf("endpoint addresses %s and %s: want one family", s.addrs[0], a)
+		}
+	}
 	return nil
+}
+
+// family is the Services' IP family: their endpoints'. IPv6 endpoints
+// make SingleStack IPv6 Services with IPv6 slices (the bench's IPv6
+// rows, Config.Family); IPv4 ones leave the family to the API server's
+// default, the cluster's primary family (IPv4 on every stack the bench
+// runs).
+func (s serviceShape) family() model.IPFamily {
+	if len(s.addrs) > 0 && s.addrs[0].Is6() {
+		return model.IPv6
+	}
+	return model.IPv4
 }
 
 // Populate makes the cluster hold exactly n background Services in
@@ -206,7 +224,7 @@ func populateDirect(ctx context.Context, c kubernetes.Interface, direct *EtcdSto
 	}
 	var viaEtcd, viaAPI []int
 	for _, i := range idx {
-		if taken[backgroundClusterIP(i).String()] {
+		if taken[backgroundClusterIP(s.family(), i).String()] {
 			viaAPI = append(viaAPI, i)
 		} else {
 			viaEtcd = append(viaEtcd, i)
@@ -313,8 +331,13 @@ func (s serviceShape) create(ctx context.Context, c kubernetes.Interface, name s
 	// second here), the difference between 50k Services in 7 minutes and
 	// in 3.5. An address something else took meanwhile falls back to the
 	// API server's choice.
+	if s.family() == model.IPv6 {
+		policy := corev1.IPFamilyPolicySingleStack
+		svc.Spec.IPFamilyPolicy = &policy
+		svc.Spec.IPFamilies = []corev1.IPFamily{corev1.IPv6Protocol}
+	}
 	if s.set == setBackground {
-		svc.Spec.ClusterIP = backgroundClusterIP(i).String()
+		svc.Spec.ClusterIP = backgroundClusterIP(s.family(), i).String()
 	}
 	created, err := c.CoreV1().Services(s.ns).Create(ctx, svc, metav1.CreateOptions{})
 	if err != nil && svc.Spec.ClusterIP != "" && apierrors.IsInvalid(err) && strings.Contains(err.Error(), "already allocated") {
@@ -330,14 +353,21 @@ func (s serviceShape) create(ctx context.Context, c kubernetes.Interface, name s
 	return net.JoinHostPort(created.Spec.ClusterIP, strconv.Itoa(int(s.port))), nil
 }
 
-// backgroundClusterIP is background Service i's address: 10.96.4.0 on,
-// above the static band the API server keeps for addresses asked for
-// (the lowest 256 of a /16) and below the top of the range, 60000 of them.
-func backgroundClusterIP(i int) netip.Addr {
-	base := netip.MustParsePrefix(localcluster.ServiceCIDR).Addr().As4()
-	n := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
-	n += 4*256 + uint32(i)
-	return netip.AddrFrom4([4]byte{byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)})
+// backgroundClusterIP is background Service i's address of family f:
+// 10.96.4.0 (fd00:96::400) on, above the static band the API server keeps
+// for addresses asked for (the lowest 256 of a /16, of a /112 alike) and
+// below the top of the range, 60000 of them.
+func backgroundClusterIP(f model.IPFamily, i int) netip.Addr {
+	cidr := localcluster.ServiceCIDR
+	if f == model.IPv6 {
+		cidr = localcluster.ServiceCIDR6
+	}
+	b := netip.MustParsePrefix(cidr).Addr().As16()
+	// Both ranges start at a multiple of 2^16: the offset fits the last
+	// two bytes.
+	n := uint32(b[14])<<8 | uint32(b[15]) + 4*256 + uint32(i)
+	b[14], b[15] = byte(n>>8), byte(n)
+	return netip.AddrFrom16(b).Unmap()
 }
 
 // sliceEndpoints are Service i's endpoints: the next s.endpoints
@@ -365,7 +395,7 @@ func (s serviceShape) createSlice(ctx context.Context, c kubernetes.Interface, n
 			discoveryv1.LabelManagedBy:   sliceManager,
 			scaleSetLabel:                s.set,
 		}},
-		AddressType: discoveryv1.AddressTypeIPv4,
+		AddressType: addressType(s.family()),
 		Endpoints:   eps,
 		Ports:       []discoveryv1.EndpointPort{{Name: &portName, Protocol: &proto, Port: &port}},
 	}, metav1.CreateOptions{})
@@ -373,6 +403,14 @@ func (s serviceShape) createSlice(ctx context.Context, c kubernetes.Interface, n
 		return fmt.Errorf("creating EndpointSlice %s/%s: %w", s.ns, name, err)
 	}
 	return nil
+}
+
+// addressType is the EndpointSlice address type of family f.
+func addressType(f model.IPFamily) discoveryv1.AddressType {
+	if f == model.IPv6 {
+		return discoveryv1.AddressTypeIPv6
+	}
+	return discoveryv1.AddressTypeIPv4
 }
 
 // deleteService deletes the Service called name and its slice; either may

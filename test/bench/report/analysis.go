@@ -3,6 +3,7 @@ package report
 import (
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/bench/results"
@@ -96,9 +97,19 @@ func (ix *index) cell(contender string, size int) (*results.Cell, string) {
 		return nil, "no cell recorded"
 	}
 	if c.Skipped != "" {
-		return nil, fmt.Sprintf("did not reach %s: %s", sizeLabel(size), c.Skipped)
+		return nil, skippedText(c, size)
 	}
 	return c, ""
+}
+
+// skippedText says why a skipped cell has no data: a contender that does
+// not serve the run's IP family (its reason starts "not available") was
+// never tried, any other did not reach the size.
+func skippedText(c *results.Cell, size int) string {
+	if strings.HasPrefix(c.Skipped, "not available") {
+		return c.Skipped
+	}
+	return fmt.Sprintf("did not reach %s: %s", sizeLabel(size), c.Skipped)
 }
 
 // largestSize is the largest size in the run, -1 without sizes.

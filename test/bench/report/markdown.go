@@ -112,7 +112,12 @@ func writeHeader(m *mdWriter, r *results.Run, ix *index) {
 	for i, s := range ix.sizes {
 		sizes[i] = sizeLabel(s)
 	}
-	m.f("- Contenders: %s; background Services: %s\n\n", strings.Join(ix.contenders, ", "), strings.Join(sizes, ", "))
+	m.f("- Contenders: %s; background Services: %s\n", strings.Join(ix.contenders, ", "), strings.Join(sizes, ", "))
+	fam := results.FamilyOf(r.Family)
+	if fam == "IPv6" {
+		fam += ": a dual-stack cluster; the benchmark's and the background Services are SingleStack IPv6 with IPv6 slices, clients reach the pods' IPv6 addresses and the IPv6 ClusterIPs; tcp-connect (and tcp-crr), UDP and the connection rate only"
+	}
+	m.f("- IP family: %s\n\n", fam)
 	m.f("%s", "**How to read.** Every ratio is service/direct measured in the same cell (one contender at one number of background Services): "+
 		"latency samples alternate the pod IP (direct) and the ClusterIP (service) sample by sample, rate phases alternate target phase by phase, "+
 		"so both sides of a ratio saw the same machine at the same time. The ratio shown is of the pooled samples; \"spread\" is the min–max of the "+
@@ -179,8 +184,9 @@ func writeLatency(m *mdWriter, ix *index, plots plotFiles) {
 	if plots.histogram != "" {
 		m.f("![tcp-crr round-trip histogram](%s)\n\n", plots.histogram)
 	}
-	header := []string{"contender", "path", "p50", "p90", "p99", "p99.9", "mean ± CI99", "stddev", "N", "errors",
+	header := []string{"contender", "family", "path", "p50", "p90", "p99", "p99.9", "mean ± CI99", "stddev", "N", "errors",
 		"p50 service/direct (spread)", "p99 service/direct (spread)", "p50 / kube-proxy-iptables", "p50 / kube-proxy-nftables", "direct under rules"}
+	fam := results.FamilyOf(ix.run.Family)
 	for _, w := range latencyWorkloads {
 		for _, size := range ix.sizes {
 			var rows [][]string
@@ -190,19 +196,19 @@ func writeLatency(m *mdWriter, ix *index, plots plotFiles) {
 			for _, ct := range ix.contenders {
 				c, why := ix.cell(ct, size)
 				if c == nil {
-					rows = append(rows, []string{ct, why, "", "", "", "", "", "", "", "", "", "", "", "", ""})
+					rows = append(rows, []string{ct, fam, why, "", "", "", "", "", "", "", "", "", "", "", "", ""})
 					continue
 				}
 				l, ok := ix.latency(c, w)
 				if !ok {
-					rows = append(rows, []string{ct, "not measured", "", "", "", "", "", "", "", "", "", "", "", "", ""})
+					rows = append(rows, []string{ct, fam, "not measured", "", "", "", "", "", "", "", "", "", "", "", "", ""})
 					continue
 				}
 				have = true
 				if l.Service.N > 0 {
 					vi, oki := ratio(l.Service.P50, kpi)
 					vn, okn := ratio(l.Service.P50, kpn)
-					row := append([]string{ct, "service"}, summaryCells(l.Service, l.ServiceErrors)...)
+					row := append([]string{ct, fam, "service"}, summaryCells(l.Service, l.ServiceErrors)...)
 					row = append(row,
 						ratioText(l.P50, l.P50OK)+" ("+spreadText(l.P50Spread)+")",
 						ratioText(l.P99, l.P99OK)+" ("+spreadText(l.P99Spread)+")",
@@ -210,7 +216,7 @@ func writeLatency(m *mdWriter, ix *index, plots plotFiles) {
 					rows = append(rows, row)
 				}
 				dur, okd := directUnderRules(ix, ct, size, w)
-				row := append([]string{ct, "direct"}, summaryCells(l.Direct, l.DirectErrors)...)
+				row := append([]string{ct, fam, "direct"}, summaryCells(l.Direct, l.DirectErrors)...)
 				rows = append(rows, append(row, "", "", "", "", ratioText(dur, okd)))
 			}
 			if !have {
@@ -256,14 +262,16 @@ func writeRates(m *mdWriter, ix *index, plots plotFiles) {
 		}
 		return fmt.Sprintf(format, v)
 	}
+	fam := results.FamilyOf(ix.run.Family)
 	for _, size := range ix.sizes {
 		m.f("### %s Services\n\n", sizeLabel(size))
 		var conn, stream [][]string
+		streamMeasured := false
 		for _, ct := range ix.contenders {
 			c, why := ix.cell(ct, size)
 			if c == nil {
-				conn = append(conn, []string{ct, why, "", "", "", "", "", "", "", ""})
-				stream = append(stream, []string{ct, why, "", "", "", "", ""})
+				conn = append(conn, []string{ct, fam, why, "", "", "", "", "", "", "", ""})
+				stream = append(stream, []string{ct, fam, why, "", "", "", "", "", ""})
 				continue
 			}
 			if r, ok := rateOf(c, results.ConnectRate); ok {
@@ -271,30 +279,36 @@ func writeRates(m *mdWriter, ix *index, plots plotFiles) {
 				nd, okd := per(r.Direct.NodeCPU, r.Direct.Ops, 1e4)
 				ps, okps := per(r.Service.ProxyCPU, r.Service.Ops, 1e4)
 				pd, okpd := per(r.Direct.ProxyCPU, r.Direct.Ops, 1e4)
-				conn = append(conn, []string{ct,
+				conn = append(conn, []string{ct, fam,
 					f(r.Service.rate(), r.Service.Seconds > 0, "%.0f"), f(r.Direct.rate(), r.Direct.Seconds > 0, "%.0f"),
 					ratioText(r.Ratio, r.RatioOK), spreadText(r.Spread),
 					f(ns, oks, "%.3f"), f(nd, okd, "%.3f"), f(ps, okps, "%.3f"), f(pd, okpd, "%.3f"),
 					fmt.Sprint(r.Service.Errors + r.Direct.Errors)})
 			} else {
-				conn = append(conn, []string{ct, "not measured", "", "", "", "", "", "", "", ""})
+				conn = append(conn, []string{ct, fam, "not measured", "", "", "", "", "", "", "", ""})
 			}
 			if r, ok := rateOf(c, results.Stream); ok {
+				streamMeasured = true
 				gs, gd := r.Service.rate()*8/1e9, r.Direct.rate()*8/1e9
 				ns, oks := per(r.Service.NodeCPU, r.Service.Ops, 1e9)
 				nd, okd := per(r.Direct.NodeCPU, r.Direct.Ops, 1e9)
-				stream = append(stream, []string{ct,
+				stream = append(stream, []string{ct, fam,
 					f(gs, r.Service.Seconds > 0, "%.2f"), f(gd, r.Direct.Seconds > 0, "%.2f"),
 					ratioText(r.Ratio, r.RatioOK) + " (" + spreadText(r.Spread) + ")",
 					f(ns, oks, "%.3f"), f(nd, okd, "%.3f"), fmt.Sprint(r.Service.Errors + r.Direct.Errors)})
 			} else {
-				stream = append(stream, []string{ct, "not measured", "", "", "", "", ""})
+				stream = append(stream, []string{ct, fam, "not measured", "", "", "", "", ""})
 			}
 		}
 		m.f("Connect rate (%s):\n\n", results.ConnectRate)
-		m.table([]string{"contender", "service conn/s", "direct conn/s", "ratio", "spread", "node CPU s/10k conn service", "node CPU s/10k conn direct", "proxy CPU s/10k conn service", "proxy CPU s/10k conn direct", "errors"}, conn)
+		m.table([]string{"contender", "family", "service conn/s", "direct conn/s", "ratio", "spread", "node CPU s/10k conn service", "node CPU s/10k conn direct", "proxy CPU s/10k conn service", "proxy CPU s/10k conn direct", "errors"}, conn)
+		if !streamMeasured {
+			// An IPv6 run measures the connection rate only.
+			m.f("Stream (%s): not measured in this run.\n\n", results.Stream)
+			continue
+		}
 		m.f("Stream (%s):\n\n", results.Stream)
-		m.table([]string{"contender", "service Gbit/s", "direct Gbit/s", "ratio (spread)", "node CPU s/GB service", "node CPU s/GB direct", "errors"}, stream)
+		m.table([]string{"contender", "family", "service Gbit/s", "direct Gbit/s", "ratio (spread)", "node CPU s/GB service", "node CPU s/GB direct", "errors"}, stream)
 	}
 }
 
@@ -334,7 +348,7 @@ func writeControlPlane(m *mdWriter, ix *index, plots plotFiles) {
 				cold = secs(cp.ColdStart)
 			}
 			if c.Skipped != "" {
-				rows = append(rows, []string{ct, cold, fmt.Sprintf("did not reach %s: %s", sizeLabel(size), c.Skipped), "", "", "", ""})
+				rows = append(rows, []string{ct, cold, skippedText(c, size), "", "", "", ""})
 				continue
 			}
 			batch := "n/a"
@@ -371,7 +385,7 @@ func writeSkipped(m *mdWriter, ix *index) {
 			case !ok:
 				rows = append(rows, []string{ct, sizeLabel(size), "no cell recorded", ""})
 			case c.Skipped != "":
-				rows = append(rows, []string{ct, sizeLabel(size), "did not reach " + sizeLabel(size) + ": " + c.Skipped, secs(c.Elapsed)})
+				rows = append(rows, []string{ct, sizeLabel(size), skippedText(c, size), secs(c.Elapsed)})
 			case c.Incomplete != "":
 				rows = append(rows, []string{ct, sizeLabel(size), "measured, but incomplete: " + c.Incomplete, secs(c.Elapsed)})
 			}

@@ -98,12 +98,13 @@ func Load(dir string) (*results.Run, error) {
 	return &r, nil
 }
 
-// CSV headers.
+// CSV headers. family (IPv4, IPv6) is last, so that readers of the
+// columns before it are unchanged.
 var (
-	latencyHeader      = []string{"contender", "size", "workload", "rep", "target", "index", "microseconds"}
-	ratesHeader        = []string{"contender", "size", "workload", "rep", "target", "seconds", "ops", "errors", "node_cpu_seconds", "proxy_cpu_seconds"}
-	controlPlaneHeader = []string{"contender", "size", "metric", "index", "seconds"}
-	cellsHeader        = []string{"contender", "size", "skipped", "elapsed_seconds", "rss_bytes", "cpu_seconds"}
+	latencyHeader      = []string{"contender", "size", "workload", "rep", "target", "index", "microseconds", "family"}
+	ratesHeader        = []string{"contender", "size", "workload", "rep", "target", "seconds", "ops", "errors", "node_cpu_seconds", "proxy_cpu_seconds", "family"}
+	controlPlaneHeader = []string{"contender", "size", "metric", "index", "seconds", "family"}
+	cellsHeader        = []string{"contender", "size", "skipped", "elapsed_seconds", "rss_bytes", "cpu_seconds", "family"}
 )
 
 // Control-plane metrics in control-plane.csv.
@@ -139,7 +140,7 @@ func latencyRows(ix *index) [][]string {
 					s    []float64
 				}{{results.TargetDirect, rep.Direct}, {results.TargetService, rep.Service}} {
 					for i, v := range t.s {
-						rows = append(rows, []string{c.Contender, size, p.Workload, strconv.Itoa(ri), t.name, strconv.Itoa(i), ff(v)})
+						rows = append(rows, []string{c.Contender, size, p.Workload, strconv.Itoa(ri), t.name, strconv.Itoa(i), ff(v), results.FamilyOf(c.Family)})
 					}
 				}
 			}
@@ -153,7 +154,7 @@ func rateRows(ix *index) [][]string {
 	for _, c := range ix.csvCells() {
 		for _, ph := range c.Rates {
 			rows = append(rows, []string{c.Contender, strconv.Itoa(c.Size), ph.Workload, strconv.Itoa(ph.Rep), ph.Target,
-				ff(ph.Seconds), strconv.FormatInt(ph.Ops, 10), strconv.FormatInt(ph.Errors, 10), ff(ph.NodeCPUSeconds), ff(ph.ProxyCPUSeconds)})
+				ff(ph.Seconds), strconv.FormatInt(ph.Ops, 10), strconv.FormatInt(ph.Errors, 10), ff(ph.NodeCPUSeconds), ff(ph.ProxyCPUSeconds), results.FamilyOf(c.Family)})
 		}
 	}
 	return rows
@@ -163,7 +164,7 @@ func controlPlaneRows(ix *index) [][]string {
 	rows := [][]string{controlPlaneHeader}
 	for _, c := range ix.csvCells() {
 		row := func(metric string, i int, sec float64) {
-			rows = append(rows, []string{c.Contender, strconv.Itoa(c.Size), metric, strconv.Itoa(i), ff(sec)})
+			rows = append(rows, []string{c.Contender, strconv.Itoa(c.Size), metric, strconv.Itoa(i), ff(sec), results.FamilyOf(c.Family)})
 		}
 		cp := c.ControlPlane
 		switch {
@@ -194,7 +195,7 @@ func cellRows(ix *index) [][]string {
 	rows := [][]string{cellsHeader}
 	for _, c := range ix.csvCells() {
 		rows = append(rows, []string{c.Contender, strconv.Itoa(c.Size), c.Skipped, ff(c.Elapsed.Seconds()),
-			strconv.FormatInt(c.Proxy.RSSBytes, 10), ff(c.Proxy.CPUSeconds)})
+			strconv.FormatInt(c.Proxy.RSSBytes, 10), ff(c.Proxy.CPUSeconds), results.FamilyOf(c.Family)})
 	}
 	return rows
 }

@@ -373,9 +373,55 @@ func TestIncompleteCellKeepsItsData(t *testing.T) {
 		t.Error("the incomplete cell is not listed with its reason")
 	}
 	for _, line := range strings.Split(md, "\n") {
-		if strings.HasPrefix(line, "| iptables-legacy | service |") {
+		if strings.HasPrefix(line, "| iptables-legacy | IPv4 | service |") {
 			return // its latency rows are shown
 		}
 	}
 	t.Error("the incomplete cell's measurements are not shown")
+}
+
+// An IPv6 run's rows say IPv6 in their family column, the header says
+// which family the run measured, and a contender that does not serve
+// IPv6 is listed with its reason, not as failing to reach a size.
+func TestIPv6RunRows(t *testing.T) {
+	r := syntheticRun(t)
+	r.Family = "IPv6"
+	why := "not available over IPv6: the eBPF mode's IPv6 datapath is not built yet (issue 20)"
+	for i := range r.Cells {
+		r.Cells[i].Family = "IPv6"
+		if r.Cells[i].Contender == results.EBPF {
+			r.Cells[i] = results.Cell{Contender: results.EBPF, Family: "IPv6", Size: r.Cells[i].Size, Skipped: why}
+		}
+	}
+	dir := t.TempDir()
+	if err := Write(dir, r); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, ReportFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	md := string(b)
+	if !strings.Contains(md, "- IP family: IPv6") {
+		t.Error("the header does not name the IP family")
+	}
+	if !strings.Contains(md, "| iptables-legacy | IPv6 | service |") {
+		t.Error("no latency row of iptables-legacy with the family IPv6")
+	}
+	if !strings.Contains(md, "| ebpf | IPv6 | "+why) {
+		t.Error("ebpf's rows do not give the reason it is not available")
+	}
+	if !strings.Contains(md, "Stream (tcp-stream):\n\n") {
+		t.Error("the synthetic run's stream table is missing")
+	}
+	if strings.Contains(md, "did not reach 0: not available") {
+		t.Error("a contender that does not serve the family is reported as not reaching a size")
+	}
+	csv, err := os.ReadFile(filepath.Join(dir, CellsCSV))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lines := strings.Split(strings.TrimSpace(string(csv)), "\n"); !strings.HasSuffix(lines[0], ",family") || !strings.HasSuffix(lines[1], ",IPv6") {
+		t.Errorf("cells.csv has no family column: %q, %q", lines[0], lines[1])
+	}
 }

@@ -77,7 +77,10 @@ type Run struct {
 	// one entry per pair tried or skipped.
 	Contenders []string `json:"contenders"`
 	Sizes      []int    `json:"sizes"`
-	Cells      []Cell   `json:"cells"`
+	// Family is the IP family every cell measured: "IPv4" (also when
+	// empty, in runs recorded before IPv6 rows) or "IPv6".
+	Family string `json:"family,omitempty"`
+	Cells  []Cell `json:"cells"`
 	// Bulk holds each growth of the background Services that was made
 	// with a contender's proxies running (ebpf's, when it is in the run).
 	Bulk []BulkCreate `json:"bulk,omitempty"`
@@ -127,6 +130,9 @@ type Topology struct {
 // Cell is one contender at one number of background Services.
 type Cell struct {
 	Contender string `json:"contender"`
+	// Family is the IP family of the cell's Services and pod addresses:
+	// "IPv4" (also when empty) or "IPv6".
+	Family string `json:"family,omitempty"`
 	// Size is the number of background Services (each with endpoints)
 	// that existed in the API while the cell was measured.
 	Size int `json:"size"`
@@ -150,6 +156,14 @@ type Cell struct {
 	Rates        []RatePhase  `json:"rates,omitempty"`
 	ControlPlane ControlPlane `json:"controlPlane"`
 	Proxy        ProxyUsage   `json:"proxy"`
+}
+
+// FamilyOf is a cell's or run's Family as shown: "IPv4" when empty.
+func FamilyOf(f string) string {
+	if f == "" {
+		return "IPv4"
+	}
+	return f
 }
 
 // Paired is one latency workload of a cell.
