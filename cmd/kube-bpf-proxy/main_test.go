@@ -318,8 +318,9 @@ func httpGet(url string) (int, string) {
 }
 
 // attachedPrograms is how many programs the eBPF datapath attaches: the
-// four IPv4 socket hooks, connect6, recvmsg6, getpeername6 and sock_release.
-const attachedPrograms = 8
+// four socket hooks of each family (connect, sendmsg, recvmsg,
+// getpeername) and sock_release.
+const attachedPrograms = 9
 
 func TestBinaryLifecycle(t *testing.T) {
 	n := testnet.New(t)
