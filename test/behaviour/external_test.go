@@ -117,11 +117,11 @@ func TestNodePortFromPodNodeAndOutside(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
 		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
-		sp := exposed(web(s.backends(8080, s.pods...)...), model.External{NodePort: nodePort})
+		sp := exposed(s.web(s.backends(8080, s.pods...)...), model.External{NodePort: nodePort})
 		s.sync(t, snapshotOn(node(), sp))
 		all := names(s.pods)
 		target := fmt.Sprintf("%s:%d", nodeIP, nodePort)
-		forEachFamily(t, func(t *testing.T, f socketFamily) {
+		s.forEachSocketFamily(t, func(t *testing.T, f socketFamily) {
 			addr := target
 			if f.name == "AF_INET6" {
 				addr = fmt.Sprintf("[::ffff:%s]:%d", nodeIP, nodePort)
@@ -132,7 +132,7 @@ func TestNodePortFromPodNodeAndOutside(t *testing.T) {
 		expectOK(t, "node to its node port", s.net.HostNetwork().Results("tcp", target, "4"), all...)
 		expectOK(t, "outside to node port", outside.Results("tcp", target, "6"), all...)
 		// The ClusterIP is served as before.
-		expectOK(t, "ClusterIP", s.run(t, "tcp", vip+":80", "4"), all...)
+		expectOK(t, "ClusterIP", s.run(t, "tcp", s.at(vip, 80), "4"), all...)
 	})
 }
 
@@ -145,7 +145,7 @@ func TestExternalAndLoadBalancerIPs(t *testing.T) {
 		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
 		stranger := s.net.AddMachine("stranger", strangerIP, strangerNodeIP)
 		all := names(s.pods)
-		ext := exposed(web(s.backends(8080, s.pods...)...), model.External{
+		ext := exposed(s.web(s.backends(8080, s.pods...)...), model.External{
 			ExternalIPs: addrs(externalIP), LoadBalancerIPs: addrs(loadBalancer)})
 		guarded := exposed(apitest.ServicePort("default", "guarded", "http", model.TCP, "10.96.0.11:80", s.backends(8080, s.pods...)...),
 			model.External{LoadBalancerIPs: addrs("203.0.113.11"), SourceRanges: []netip.Prefix{netip.MustParsePrefix(outsideIP + "/32")}})
@@ -173,7 +173,7 @@ func TestExternalIPOnTheNode(t *testing.T) {
 		s := newSetup(t, m, 2)
 		s.net.AddNodeAddress(onNode)
 		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
-		sp := exposed(web(s.backends(8080, s.pods...)...), model.External{ExternalIPs: addrs(onNode)})
+		sp := exposed(s.web(s.backends(8080, s.pods...)...), model.External{ExternalIPs: addrs(onNode)})
 		s.sync(t, snapshotOn(node(onNode), sp))
 		all := names(s.pods)
 		expectOK(t, "pod to the node's external IP", s.run(t, "tcp", onNode+":80", "4"), all...)
@@ -239,7 +239,7 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
 		all := s.backends(8080, s.pods...)
-		withLocal := web(all...)
+		withLocal := s.web(all...)
 		withLocal.InternalLocal = true
 		withLocal.Local = withLocal.Backends[:1]
 		withLocal.Backends = withLocal.Local
@@ -249,7 +249,7 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 		noneHere.Backends, noneHere.Cluster, noneHere.Local = nil, nil, nil
 		s.sync(t, snapshotOn(node(), withLocal, noneHere))
 
-		expectOK(t, "ITP Local", s.run(t, "tcp", vip+":80", "8"), s.pods[0].Name)
+		expectOK(t, "ITP Local", s.run(t, "tcp", s.at(vip, 80), "8"), s.pods[0].Name)
 		lines := s.run(t, "tcp", "10.96.0.12:80", "2")
 		if m.socketLevel {
 			for _, l := range lines {
@@ -278,12 +278,12 @@ func TestSessionAffinity(t *testing.T) {
 		s := newSetup(t, m, 3)
 		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
 		all := s.backends(8080, s.pods...)
-		long := exposed(sticky(web(all...), time.Hour), model.External{NodePort: nodePort})
+		long := exposed(sticky(s.web(all...), time.Hour), model.External{NodePort: nodePort})
 		short := sticky(apitest.ServicePort("default", "short", "http", model.TCP, "10.96.0.13:80", all...), 2*time.Second)
 		s.sync(t, snapshotOn(node(), long, short))
 
 		for what, lines := range map[string][]string{
-			"pod to ClusterIP":      s.run(t, "tcp", vip+":80", "20"),
+			"pod to ClusterIP":      s.run(t, "tcp", s.at(vip, 80), "20"),
 			"outside to node port":  outside.Results("tcp", fmt.Sprintf("%s:%d", nodeIP, nodePort), "20"),
 			"node to its node port": s.net.HostNetwork().Results("tcp", fmt.Sprintf("%s:%d", nodeIP, nodePort), "20"),
 		} {
@@ -293,15 +293,15 @@ func TestSessionAffinity(t *testing.T) {
 		}
 
 		// The sticky backend goes: the client moves to another, and stays.
-		first := testnet.Tally(s.run(t, "tcp", vip+":80", "1"))
+		first := testnet.Tally(s.run(t, "tcp", s.at(vip, 80), "1"))
 		var rest []string
 		for _, p := range s.pods {
 			if first["ok "+p.Name] == 0 {
 				rest = append(rest, fmt.Sprintf("%s:8080", p.IP))
 			}
 		}
-		s.sync(t, snapshotOn(node(), exposed(sticky(web(rest...), time.Hour), model.External{NodePort: nodePort}), short))
-		if got := testnet.Tally(s.run(t, "tcp", vip+":80", "10")); len(got) != 1 || first[firstKey(got)] != 0 {
+		s.sync(t, snapshotOn(node(), exposed(sticky(s.web(rest...), time.Hour), model.External{NodePort: nodePort}), short))
+		if got := testnet.Tally(s.run(t, "tcp", s.at(vip, 80), "10")); len(got) != 1 || first[firstKey(got)] != 0 {
 			t.Errorf("after its backend left, the client reached %v (it was on %v)", got, first)
 		}
 
@@ -339,8 +339,8 @@ func firstKey(m map[string]int) string {
 func TestUnknownPortAndUnallocatedAddress(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 1)
-		s.sync(t, snapshotOn(node(), web(s.backends(8080, s.pods...)...)))
-		for _, a := range []string{vip + ":81", "10.96.0.99:80"} {
+		s.sync(t, snapshotOn(node(), s.web(s.backends(8080, s.pods...)...)))
+		for _, a := range []string{s.at(vip, 81), "10.96.0.99:80"} {
 			lines := s.run(t, "tcp", a, "2")
 			if m.socketLevel {
 				for _, l := range lines {
@@ -367,8 +367,8 @@ func TestClusterIPRoutedFromOutside(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
 		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
-		s.sync(t, snapshotOn(node(), web(s.backends(8080, s.pods...)...)))
-		lines := outside.Results("tcp", vip+":80", "2")
+		s.sync(t, snapshotOn(node(), s.web(s.backends(8080, s.pods...)...)))
+		lines := outside.Results("tcp", s.at(vip, 80), "2")
 		if m.socketLevel {
 			expectFail(t, "eBPF mode: ClusterIP from outside", lines)
 			return

@@ -22,8 +22,8 @@ const mappedVIP = "[::ffff:" + vip + "]"
 func TestInet6RealIPv6IsLeftAlone(t *testing.T) {
 	s := newSetup(t, ebpfMode(), 2)
 	s.sync(t, apitest.Snapshot(true,
-		web(s.backends(8080, s.pods...)...),
-		dns(s.backends(5353, s.pods...)...)))
+		s.web(s.backends(8080, s.pods...)...),
+		s.dns(s.backends(5353, s.pods...)...)))
 	const lookalike = "fd00::a60:a" // ends in 10.96.0.10
 	s.client.AddLoopbackAddress(lookalike + "/128")
 	s.client.Start(false, testnet.Helper("serve", "ipv6-server", "tcp6:80", "udp6:53")...)

@@ -32,7 +32,7 @@ const sidecarPort = 15001
 // connect() until the packet layer has the ClusterIP rules.
 func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 	s := newSetup(t, ebpfModeWith(false), 2)
-	snap := apitest.Snapshot(true, web(s.backends(8080, s.pods...)...))
+	snap := apitest.Snapshot(true, s.web(s.backends(8080, s.pods...)...))
 	s.sync(t, snap)
 	s.client.RedirectToSidecar(sidecarPort)
 	log := filepath.Join(t.TempDir(), "sidecar.log")
@@ -47,7 +47,7 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 	seen := 0
 	connect := func(t *testing.T) string {
 		t.Helper()
-		lines := s.run(t, "tcp", vip+":80", "1")
+		lines := s.run(t, "tcp", s.at(vip, 80), "1")
 		if len(lines) != 1 || !strings.HasPrefix(lines[0], "ok pod-") {
 			t.Fatalf("the connection through the sidecar did not reach a backend: %q", lines)
 		}
@@ -104,12 +104,12 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 		}
 		// The sidecar forwards to the ClusterIP it read: the packet
 		// layer serves its connection, which reached a backend above.
-		if orig := connect(t); orig != vip+":80" {
+		if orig := connect(t); orig != s.at(vip, 80) {
 			t.Errorf("the sidecar saw %s as the original destination, want the ClusterIP %s:80", orig, vip)
 		}
 		// The node's own sockets are still translated at connect().
 		before := connectTranslated(t, s)
-		lines := s.net.HostNetwork().Results("tcp", vip+":80", "3")
+		lines := s.net.HostNetwork().Results("tcp", s.at(vip, 80), "3")
 		if got := testnet.Tally(lines); got["ok pod-0"]+got["ok pod-1"] != 3 {
 			t.Errorf("connections from the node's namespace: %v", got)
 		}
@@ -120,8 +120,8 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 
 	t.Run("host netns only again", func(t *testing.T) {
 		// Confined from the start: the previous run's rules serve.
-		restart(t, ebpfModeWith(true), vip+":80")
-		if orig := connect(t); orig != vip+":80" {
+		restart(t, ebpfModeWith(true), s.at(vip, 80))
+		if orig := connect(t); orig != s.at(vip, 80) {
 			t.Errorf("the sidecar saw %s as the original destination, want the ClusterIP %s:80", orig, vip)
 		}
 	})
@@ -160,9 +160,9 @@ func connectTranslated(t *testing.T, s *setup) uint64 {
 // at every full sync.
 func TestHostNetNSOnlyKeepsPodsConnectedUDPSockets(t *testing.T) {
 	s := newSetup(t, ebpfModeWith(true), 1)
-	snap := apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...))
+	snap := apitest.Snapshot(true, s.dns(s.backends(5353, s.pods...)...))
 	s.sync(t, snap)
-	r := s.client.StartResolver(vip + ":53")
+	r := s.client.StartResolver(s.at(vip, 53))
 	defer r.Stop()
 	before := parseResolverResults(t, r.Take(3))
 	allAnswered(t, "before the full syncs", before, s.pods...)
