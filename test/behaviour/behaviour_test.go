@@ -426,7 +426,7 @@ func TestUDPOneBackendPerSocketRepliesFromTheVIP(t *testing.T) {
 		s.sync(t, apitest.Snapshot(true, s.dns(s.backends(5353, s.pods...)...)))
 		s.forEachSocketFamily(t, func(t *testing.T, f socketFamily) {
 			for _, kind := range []string{"unconnected", "connected"} {
-				args := []string{f.udp, f.vip+":53", "10"}
+				args := []string{f.udp, f.vip + ":53", "10"}
 				if kind == "connected" {
 					args = append(args, "connected")
 				}
@@ -523,12 +523,12 @@ func TestNoEndpointsRefusesAtOnce(t *testing.T) {
 			}
 			// TCP: connect() fails with ECONNREFUSED in both modes (the eBPF
 			// program sets it; iptables REJECTs with icmp-port-unreachable).
-			expect([]string{f.tcp, f.vip+":80", "3"}, "err connection refused", 3)
+			expect([]string{f.tcp, f.vip + ":80", "3"}, "err connection refused", 3)
 			if m.socketLevel {
 				// connect() of a UDP socket is refused, which ends the
 				// client; so is every sendmsg() of an unconnected one.
-				expect([]string{f.udp, f.vip+":53", "3", "connected"}, "err connection refused", 1)
-				expect([]string{f.udp, f.vip+":53", "3"}, "err connection refused", 3)
+				expect([]string{f.udp, f.vip + ":53", "3", "connected"}, "err connection refused", 1)
+				expect([]string{f.udp, f.vip + ":53", "3"}, "err connection refused", 3)
 				return
 			}
 			// Differs by nature: iptables acts on packets. A UDP connect()
@@ -536,9 +536,9 @@ func TestNoEndpointsRefusesAtOnce(t *testing.T) {
 			// each read of the connected socket. Linux reports ICMP errors
 			// only to connected UDP sockets (or with IP_RECVERR), so an
 			// unconnected one waits out its own timeout, as with kube-proxy.
-			expect([]string{f.udp, f.vip+":53", "3", "connected"}, "err connection refused", 3)
+			expect([]string{f.udp, f.vip + ":53", "3", "connected"}, "err connection refused", 3)
 			t.Log("iptables: an unconnected UDP socket is not told of the REJECT and times out (Linux reports ICMP errors only to connected sockets)")
-			expect([]string{f.udp, f.vip+":53", "1"}, "err timeout", 1)
+			expect([]string{f.udp, f.vip + ":53", "1"}, "err timeout", 1)
 		})
 	})
 }
