@@ -22,14 +22,16 @@
  *                                   and no Service address: let through
  *   recvfrom(), getpeername()       recvmsg6, getpeername6, showing ::ffff:
  *   connect/sendto(sockaddr_in)     connect4, sendmsg4: the IPv4 path
- * So connect6, recvmsg6 and getpeername6 handle v4-mapped addresses (the
- * backend stays v4-mapped) and there is no sendmsg6 program: the kernel never
- * shows it a v4-mapped destination, and refuses one it writes (ENOTSUPP).
- * This holds on every kernel these programs load on (5.10 and later, see
- * "Kernels" below): udpv6_sendmsg sent v4-mapped destinations to
- * udp_sendmsg before the sendmsg hooks came (4.18), and the *6 hooks we use
- * exist since 4.17 (connect6), 5.2 (recvmsg6) and 5.8 (getpeername6).
- * Anything that is not v4-mapped is real IPv6 and passes untouched.
+ * So connect6, recvmsg6 and getpeername6 handle v4-mapped addresses through
+ * the IPv4 maps (the backend stays v4-mapped), and sendmsg6 never sees one:
+ * the kernel never shows it a v4-mapped destination, and refuses one it
+ * writes (ENOTSUPP). This holds on every kernel these programs load on
+ * (5.10 and later, see "Kernels" below): udpv6_sendmsg sent v4-mapped
+ * destinations to udp_sendmsg before the sendmsg hooks came (4.18), and the
+ * *6 hooks we use exist since 4.17 (connect6), 4.18 (sendmsg6), 5.2
+ * (recvmsg6) and 5.8 (getpeername6). Anything that is not v4-mapped is real
+ * IPv6: connect6, sendmsg6, recvmsg6 and getpeername6 serve it through the
+ * kbp6_* maps, exactly as the *4 programs serve IPv4 (see "IPv6" below).
  *
  * Kernels. The floor is Linux 5.10: getpeername hooks (5.8), sock_release
  * (5.9), bpf_get_netns_cookie for these programs (5.7). Two helpers are
@@ -65,7 +67,9 @@
  *                 not): no entry outlives its socket, so the map holds
  *                 live sockets only (--bpf-sock-revnat-max sizes it; a full
  *                 map is counted, STAT_REVNAT_UPDATE_FAILED). One format
- *                 for AF_INET and AF_INET6 sockets: IPv4 addresses.
+ *                 for AF_INET and AF_INET6 sockets: IPv4 addresses (an
+ *                 AF_INET6 socket sent to a real IPv6 backend has its
+ *                 pairs in kbp6_revnat).
  *                 bpf_get_socket_cookie came to sock_addr programs in
  *                 4.19 and to sock_release's (CGROUP_SOCK) in 5.7, the
  *                 sock_release hook in 5.9.
@@ -105,6 +109,9 @@
  * served here: in a pod they are the pod's own. A loopback NodePort
  * frontend is the node's loopback: it is served to the node's own sockets
  * only, a pod's 127.0.0.1 being the pod's.
+ *
+ * IPv6 Services have maps of their own, kbp6_* (see "IPv6" at their
+ * definitions); kbp_stats and kbp_node serve both families.
  *
  * Map sizes below are placeholders: the loader sets them from its flags.
  */
@@ -446,6 +453,151 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } kbp_node SEC(".maps");
 
+/*
+ * IPv6. Each family has its own set of maps, as Cilium's lb4_* and lb6_*:
+ * kbp6_* hold what kbp_* hold, with 16-byte addresses where those have 4
+ * (kbp6_services, kbp6_backends, kbp6_revnat, kbp6_clusterips,
+ * kbp6_svc_ranges), and with ids of their own in those keyed by id
+ * (kbp6_slots, kbp6_svc_stats, kbp6_affinity, kbp6_aff_match), their
+ * layout that of the IPv4 ones. Shared id-keyed maps would save four maps,
+ * but then the two families' reconcilers would share one id space and
+ * each would have to tell the other's entries apart at restore and
+ * collection; separate, each reconciler owns its maps whole and is the
+ * same code over another address encoding, and the IPv4 programs touch
+ * exactly the maps they touched before. kbp_stats and kbp_node are shared.
+ * The same flags size both families' maps. (kbp6_clusterips, not
+ * kbp6_cluster_ips: the kernel keeps 15 characters of a map's name, and
+ * the pin and the kernel's name are to be the same.)
+ */
+struct in6_words {
+	__be32 addr[4];
+};
+
+struct svc6_key {
+	__be32 addr[4];
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+struct backend6_value {
+	__be32 addr[4];
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+};
+
+/* An IPv6 address and port: a frontend, or in a pair the backend. */
+struct revnat6_value {
+	__be32 addr[4];
+	__be16 port;
+	__u16 pad;
+};
+
+/*
+ * A pair is too wide to be written in one store: seq, written 0 before
+ * and a new nonzero value after the pair changes, tells a reader whether
+ * what it read between two reads of seq is one pair (see frontend6_of).
+ */
+struct revnat6_pair {
+	__u64 seq;
+	struct revnat6_value backend;
+	struct revnat6_value frontend;
+};
+
+struct sock_revnat6 {
+	struct revnat6_pair pairs[REVNAT_PAIRS];
+	__u32 next; /* the pair a new backend replaces, modulo REVNAT_PAIRS */
+	__u32 seq;  /* the last seq written to a pair */
+};
+
+struct svc_range6 {
+	__be32 net[4];
+	__u8 bits;
+	__u8 kind; /* enum range_kind */
+	__u16 pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct svc6_key);
+	__type(value, struct svc_value);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct slot_key);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct backend6_value);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_backends SEC(".maps");
+
+/* As kbp_revnat, for AF_INET6 sockets sent to real IPv6 backends. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, struct sock_revnat6);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_revnat SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__type(key, __u32);
+	__type(value, struct svc_stats);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct match_key);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_aff_match SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct in6_words);
+	__type(value, __u32); /* enum cluster_ip_kind */
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_clusterips SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct svc_range6);
+	__uint(max_entries, MAX_SVC_RANGES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} kbp6_svc_ranges SEC(".maps");
+
 static __always_inline void count_event(enum stat_index index)
 {
 	__u64 *counter = bpf_map_lookup_elem(&kbp_stats, &index);
@@ -508,9 +660,9 @@ DEFINE_READ_VALUE(read_value32, __u32, 1)
  * The counters of service id svc_id; NULL if it has none, which happens only
  * when user space could not create them or a restarted proxy has not yet.
  */
-static __always_inline struct svc_stats *svc_stats_of(__u32 svc_id)
+static __always_inline struct svc_stats *svc_stats_of(void *stats_map, __u32 svc_id)
 {
-	return bpf_map_lookup_elem(&kbp_svc_stats, &svc_id);
+	return bpf_map_lookup_elem(stats_map, &svc_id);
 }
 
 /*
@@ -519,12 +671,12 @@ static __always_inline struct svc_stats *svc_stats_of(__u32 svc_id)
  * 0 is none). Before Linux 5.18 a program cannot choose the errno: the
  * call fails with EPERM, at once all the same, and is counted as such.
  */
-static __always_inline int refuse(enum stat_index reason, __u32 svc_id)
+static __always_inline int refuse(enum stat_index reason, void *stats_map, __u32 svc_id)
 {
 	struct svc_stats *stats = 0;
 
 	if (svc_id)
-		stats = svc_stats_of(svc_id);
+		stats = svc_stats_of(stats_map, svc_id);
 	if (stats)
 		stats->refused += 1;
 	count_event(reason);
@@ -768,7 +920,16 @@ static __always_inline __u32 now_seconds(void)
 	return (__u32)(ns / 1000000000ULL);
 }
 
-static __always_inline void remember_affinity(const struct affinity_key *key,
+/*
+ * The maps keyed by service id or backend id, one set per family: a
+ * family's reconciler hands out its own ids (see "IPv6" above). The
+ * functions below that take them are inlined into each program with the
+ * family's maps, so each program references its own family's maps only.
+ */
+#define KBP4_ID_MAPS &kbp_slots, &kbp_svc_stats, &kbp_affinity, &kbp_aff_match
+#define KBP6_ID_MAPS &kbp6_slots, &kbp6_svc_stats, &kbp6_affinity, &kbp6_aff_match
+
+static __always_inline void remember_affinity(void *affinity_map, const struct affinity_key *key,
 					      __u32 backend_id, __u32 now)
 {
 	struct affinity_value value = {
@@ -777,7 +938,7 @@ static __always_inline void remember_affinity(const struct affinity_key *key,
 	};
 
 	/* Failing leaves the client without affinity for this connect only. */
-	bpf_map_update_elem(&kbp_affinity, key, &value, BPF_ANY);
+	bpf_map_update_elem(affinity_map, key, &value, BPF_ANY);
 }
 
 /*
@@ -795,21 +956,22 @@ static __always_inline void remember_affinity(const struct affinity_key *key,
  * valid: the reconciler deletes a backend only a grace period after the
  * last match entry naming it went.
  */
-static __always_inline int affinity_backend(const struct affinity_key *key, __u32 now,
+static __always_inline int affinity_backend(void *affinity_map, void *match_map,
+					    const struct affinity_key *key, __u32 now,
 					    __u32 *backend_id)
 {
 	union affinity_word found;
 	struct match_key match = {};
 	__u32 *entry;
 	__u32 timeout;
-	__u64 *word = bpf_map_lookup_elem(&kbp_affinity, key);
+	__u64 *word = bpf_map_lookup_elem(affinity_map, key);
 
 	if (!word)
 		return 0;
 	found.word = *(volatile __u64 *)word;
 	match.svc_id = key->svc_id;
 	match.backend_id = found.value.backend_id;
-	entry = bpf_map_lookup_elem(&kbp_aff_match, &match);
+	entry = bpf_map_lookup_elem(match_map, &match);
 	if (!entry)
 		return 0;
 	timeout = *(volatile __u32 *)entry;
@@ -817,54 +979,28 @@ static __always_inline int affinity_backend(const struct affinity_key *key, __u3
 		return 0;
 	*backend_id = found.value.backend_id;
 	if (found.value.last_used != now)
-		remember_affinity(key, found.value.backend_id, now);
+		remember_affinity(affinity_map, key, found.value.backend_id, now);
 	count_event(STAT_AFFINITY_HIT);
 	return 1;
 }
 
 /*
- * The backend a socket headed for IPv4 frontend addr (and the port and
- * protocol in ctx) goes to instead, copied into *backend and remembered for
- * the reverse translation; 0 leaves the call alone. *verdict is the
- * program's return value: 0 when the call is refused. The caller
- * rewrites the address, because only it may touch the address field of its
- * family. A translation is counted as translated_event, by the kind of its
- * frontend, and on the service as a connection or, for sendmsg, a
- * datagram.
+ * The backend id a socket headed for the frontend whose entry is svc goes
+ * to, copied into *backend_id; 0 leaves the call alone. *verdict is the
+ * program's return value: 0 when the call is refused. Everything here is
+ * the same in both families but the maps.
  */
-static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr,
-					  struct backend_value *backend, int *verdict,
-					  enum stat_index translated_event)
+static __always_inline int pick_backend_id(struct bpf_sock_addr *ctx, __u8 proto, __u64 svc_word,
+					   __u32 *backend_id, int *verdict, void *slots_map,
+					   void *stats_map, void *affinity_map, void *match_map)
 {
-	struct svc_key frontend = {};
-	union svc_word svc;
+	union svc_word svc = {.word = svc_word};
 	struct slot_key slot = {};
 	struct affinity_key affinity = {};
-	union backend_word found;
-	struct svc_stats *stats;
 	enum stat_index reason;
-	__u64 *word;
-	__u32 svc_id, backend_id, flags, now = 0;
-	__u8 proto = ctx->protocol;
-	__u64 node;
+	__u32 svc_id, flags, now = 0;
+	__u64 node = node_word();
 
-	*verdict = 1;
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return 0;
-	frontend.addr = addr;
-	frontend.port = (__be16)ctx->user_port;
-	frontend.proto = proto;
-	/*
-	 * The node's word is read only where it decides: a connect to no
-	 * Service that is not refused, the most common, pays nothing for it.
-	 */
-	if (!read_value64(&kbp_services, &frontend, &svc.word)) {
-		reason = refusal_of(addr);
-		if (reason != STAT_MAX && socket_lb_applies(ctx, node_word()))
-			*verdict = refuse(reason, 0);
-		return 0; /* not a Service: leave the call alone */
-	}
-	node = node_word();
 	if (!socket_lb_applies(ctx, node))
 		return 0; /* a pod's socket: the packet layer serves it */
 	svc_id = svc.value.id & SVC_ID_MASK;
@@ -882,7 +1018,7 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 		reason = STAT_REFUSED_NO_BACKEND;
 		if (flags & SVC_F_NO_LOCAL_ENDPOINT)
 			reason = STAT_REFUSED_NO_LOCAL_ENDPOINT;
-		*verdict = refuse(reason, svc_id);
+		*verdict = refuse(reason, stats_map, svc_id);
 		return 0;
 	}
 	if (flags & SVC_F_AFFINITY) {
@@ -890,16 +1026,82 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 		affinity.svc_id = svc_id;
 		now = now_seconds();
 	}
-	if (!(flags & SVC_F_AFFINITY) || !affinity_backend(&affinity, now, &backend_id)) {
+	if (!(flags & SVC_F_AFFINITY) ||
+	    !affinity_backend(affinity_map, match_map, &affinity, now, backend_id)) {
 		slot.svc_id = svc_id;
 		slot.slot = pick_slot(ctx, proto, svc.value.count);
-		if (!read_value32(&kbp_slots, &slot, &backend_id)) {
-			*verdict = refuse(STAT_REFUSED_MISSING_SLOT, svc_id);
+		if (!read_value32(slots_map, &slot, backend_id)) {
+			*verdict = refuse(STAT_REFUSED_MISSING_SLOT, stats_map, svc_id);
 			return 0;
 		}
 		if (flags & SVC_F_AFFINITY)
-			remember_affinity(&affinity, backend_id, now);
+			remember_affinity(affinity_map, &affinity, *backend_id, now);
 	}
+	return 1;
+}
+
+/*
+ * Counts a translation to the frontend whose id word is id: as
+ * translated_event, by the kind of its frontend, and on the service as a
+ * connection or, for sendmsg, a datagram.
+ */
+static __always_inline void count_translated(__u32 id, void *stats_map,
+					     enum stat_index translated_event)
+{
+	struct svc_stats *stats;
+
+	count_event(translated_event);
+	if (id & SVC_F_NODEPORT)
+		count_event(STAT_NODEPORT_TRANSLATED);
+	else if (id & SVC_F_EXTERNAL)
+		count_event(STAT_EXTERNAL_TRANSLATED);
+	stats = svc_stats_of(stats_map, id & SVC_ID_MASK);
+	if (stats) {
+		if (translated_event == STAT_SENDMSG_TRANSLATED)
+			stats->datagrams += 1;
+		else
+			stats->connections += 1;
+	}
+}
+
+/*
+ * The backend a socket headed for IPv4 frontend addr (and the port and
+ * protocol in ctx) goes to instead, copied into *backend and remembered for
+ * the reverse translation; 0 leaves the call alone. *verdict is the
+ * program's return value: 0 when the call is refused. The caller
+ * rewrites the address, because only it may touch the address field of its
+ * family.
+ */
+static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr,
+					  struct backend_value *backend, int *verdict,
+					  enum stat_index translated_event)
+{
+	struct svc_key frontend = {};
+	union svc_word svc;
+	union backend_word found;
+	enum stat_index reason;
+	__u64 *word;
+	__u32 backend_id;
+	__u8 proto = ctx->protocol;
+
+	*verdict = 1;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	frontend.addr = addr;
+	frontend.port = (__be16)ctx->user_port;
+	frontend.proto = proto;
+	/*
+	 * The node's word is read only where it decides: a connect to no
+	 * Service that is not refused, the most common, pays nothing for it.
+	 */
+	if (!read_value64(&kbp_services, &frontend, &svc.word)) {
+		reason = refusal_of(addr);
+		if (reason != STAT_MAX && socket_lb_applies(ctx, node_word()))
+			*verdict = refuse(reason, &kbp_svc_stats, 0);
+		return 0; /* not a Service: leave the call alone */
+	}
+	if (!pick_backend_id(ctx, proto, svc.word, &backend_id, verdict, KBP4_ID_MAPS))
+		return 0;
 	/*
 	 * Backends are written once and deleted a grace period after the
 	 * last slot or match entry naming them went: one lookup, keyed by
@@ -907,24 +1109,14 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
 	 */
 	word = bpf_map_lookup_elem(&kbp_backends, &backend_id);
 	if (!word) {
-		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND, svc_id);
+		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND, &kbp_svc_stats,
+				  svc.value.id & SVC_ID_MASK);
 		return 0;
 	}
 	found.word = *(volatile __u64 *)word;
 	*backend = found.value;
 	remember_frontend(ctx, backend, &frontend);
-	count_event(translated_event);
-	if (flags & SVC_F_NODEPORT)
-		count_event(STAT_NODEPORT_TRANSLATED);
-	else if (flags & SVC_F_EXTERNAL)
-		count_event(STAT_EXTERNAL_TRANSLATED);
-	stats = svc_stats_of(svc_id);
-	if (stats) {
-		if (translated_event == STAT_SENDMSG_TRANSLATED)
-			stats->datagrams += 1;
-		else
-			stats->connections += 1;
-	}
+	count_translated(svc.value.id, &kbp_svc_stats, translated_event);
 	return 1;
 }
 
@@ -937,20 +1129,14 @@ static __always_inline int choose_backend(struct bpf_sock_addr *ctx, __be32 addr
  * rare lookup that races an overwrite of the entry (see read_value64) at
  * worst leaves one reverse translation uncounted per service.
  */
-static __always_inline void count_reverse(struct bpf_sock_addr *ctx,
-					  const struct revnat_value *frontend)
+static __always_inline void count_reverse(void *services_map, void *stats_map, const void *key)
 {
-	struct svc_key key = {
-		.addr = frontend->addr,
-		.port = frontend->port,
-		.proto = (__u8)ctx->protocol,
-	};
-	struct svc_value *svc = bpf_map_lookup_elem(&kbp_services, &key);
+	struct svc_value *svc = bpf_map_lookup_elem(services_map, key);
 	struct svc_stats *stats;
 
 	if (!svc)
 		return;
-	stats = svc_stats_of(*(volatile __u32 *)&svc->id & SVC_ID_MASK);
+	stats = svc_stats_of(stats_map, *(volatile __u32 *)&svc->id & SVC_ID_MASK);
 	if (stats)
 		stats->reverse += 1;
 }
@@ -988,7 +1174,15 @@ static __always_inline int frontend_of(struct bpf_sock_addr *ctx, __be32 addr,
 			continue;
 		*frontend = found.value;
 		count_event(STAT_REVNAT_TRANSLATED);
-		count_reverse(ctx, frontend);
+		{
+			struct svc_key key = {
+				.addr = frontend->addr,
+				.port = frontend->port,
+				.proto = (__u8)ctx->protocol,
+			};
+
+			count_reverse(&kbp_services, &kbp_svc_stats, &key);
+		}
 		return 1;
 	}
 	return 0;
@@ -1032,14 +1226,17 @@ static __always_inline int user_ip6_is_v4_mapped(struct bpf_sock_addr *ctx)
 	return is_v4_mapped(ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2]);
 }
 
-/* The backend stays v4-mapped: only the IPv4 part of the address changes. */
-static __always_inline int translate6(struct bpf_sock_addr *ctx, enum stat_index translated_event)
+/*
+ * A v4-mapped destination goes through the IPv4 maps (an IPv6 client of
+ * an IPv4 Service); the backend stays v4-mapped: only the IPv4 part of the
+ * address changes.
+ */
+static __always_inline int translate_v4_mapped(struct bpf_sock_addr *ctx,
+					       enum stat_index translated_event)
 {
 	int verdict;
 	struct backend_value backend;
 
-	if (!user_ip6_is_v4_mapped(ctx))
-		return 1;
 	if (choose_backend(ctx, ctx->user_ip6[3], &backend, &verdict, translated_event)) {
 		ctx->user_ip6[3] = backend.addr;
 		ctx->user_port = (__u32)backend.port;
@@ -1047,14 +1244,312 @@ static __always_inline int translate6(struct bpf_sock_addr *ctx, enum stat_index
 	return verdict;
 }
 
-static __always_inline int reverse_translate6(struct bpf_sock_addr *ctx)
+static __always_inline int reverse_translate_v4_mapped(struct bpf_sock_addr *ctx)
 {
 	struct revnat_value frontend;
 
-	if (!user_ip6_is_v4_mapped(ctx))
-		return 1;
 	if (frontend_of(ctx, ctx->user_ip6[3], &frontend)) {
 		ctx->user_ip6[3] = frontend.addr;
+		ctx->user_port = (__u32)frontend.port;
+	}
+	return 1;
+}
+
+/*
+ * The mask of word w (0..3, in host order) of a /bits IPv6 prefix.
+ */
+static __always_inline __u32 prefix_mask6(__u8 bits, int w)
+{
+	int left = (int)bits - 32 * w;
+
+	if (left <= 0)
+		return 0;
+	if (left >= 32)
+		return ~0U;
+	return ~0U << (32 - left);
+}
+
+/*
+ * refusal_of for an IPv6 address, over kbp6_svc_ranges and
+ * kbp6_clusterips. An entry is 20 bytes, copied word by word: a read
+ * racing the reconciler's in-place rewrite of an entry (a ServiceCIDR
+ * added or removed) may mix two ranges, and decide that one connect by a
+ * range that never was; as with IPv4, it is a connect let through or
+ * refused while the ranges change.
+ */
+static __always_inline enum stat_index refusal_of6(const struct in6_words *addr)
+{
+	__u32 *kind;
+	__u32 i;
+
+#pragma unroll
+	for (i = 0; i < MAX_SVC_RANGES; i++) {
+		__u32 index = i;
+		struct svc_range6 *entry = bpf_map_lookup_elem(&kbp6_svc_ranges, &index);
+		struct svc_range6 r;
+		int w, match = 1;
+
+		if (!entry)
+			break;
+		r = *entry;
+		if (r.kind == RANGE_END)
+			break;
+#pragma unroll
+		for (w = 0; w < 4; w++) {
+			__u32 mask = prefix_mask6(r.bits, w);
+
+			if ((kbp_htonl(addr->addr[w]) & mask) != (kbp_htonl(r.net[w]) & mask))
+				match = 0;
+		}
+		if (!match)
+			continue;
+		kind = bpf_map_lookup_elem(&kbp6_clusterips, addr);
+		if (kind)
+			return *(volatile __u32 *)kind == CLUSTER_IP_FOREIGN ? STAT_MAX : STAT_REFUSED_UNKNOWN_PORT;
+		if (r.kind == RANGE_SERVICE_CIDR)
+			return STAT_REFUSED_UNALLOCATED;
+		return STAT_MAX;
+	}
+	return STAT_MAX;
+}
+
+/* Reads v with one load per word, in order (see frontend6_of). */
+static __always_inline void read_revnat6(const struct revnat6_value *v, struct revnat6_value *out)
+{
+	out->addr[0] = *(volatile __be32 *)&v->addr[0];
+	out->addr[1] = *(volatile __be32 *)&v->addr[1];
+	out->addr[2] = *(volatile __be32 *)&v->addr[2];
+	out->addr[3] = *(volatile __be32 *)&v->addr[3];
+	out->port = *(volatile __be16 *)&v->port;
+	out->pad = 0;
+}
+
+static __always_inline void write_revnat6(struct revnat6_value *v, const struct revnat6_value *in)
+{
+	*(volatile __be32 *)&v->addr[0] = in->addr[0];
+	*(volatile __be32 *)&v->addr[1] = in->addr[1];
+	*(volatile __be32 *)&v->addr[2] = in->addr[2];
+	*(volatile __be32 *)&v->addr[3] = in->addr[3];
+	*(volatile __be16 *)&v->port = in->port;
+}
+
+static __always_inline int revnat6_equal(const struct revnat6_value *a, const struct revnat6_value *b)
+{
+	return a->addr[0] == b->addr[0] && a->addr[1] == b->addr[1] &&
+	       a->addr[2] == b->addr[2] && a->addr[3] == b->addr[3] && a->port == b->port;
+}
+
+/*
+ * remember_frontend for an IPv6 socket sent to an IPv6 backend: the same
+ * entry per socket cookie, created once and written in place, in
+ * kbp6_revnat. A pair being replaced has seq 0 while it is written, and
+ * the entry's next seq after; a reader uses a pair only if it read the
+ * same nonzero seq before and after it.
+ */
+static __always_inline void remember_frontend6(struct bpf_sock_addr *ctx,
+					       const struct revnat6_value *be,
+					       const struct revnat6_value *fe)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct sock_revnat6 *entry;
+	__u32 i, seq;
+	long err;
+
+	entry = bpf_map_lookup_elem(&kbp6_revnat, &cookie);
+	if (!entry) {
+		struct sock_revnat6 fresh = {};
+
+		fresh.pairs[0].seq = 1;
+		fresh.pairs[0].backend = *be;
+		fresh.pairs[0].frontend = *fe;
+		fresh.next = 1;
+		fresh.seq = 1;
+		err = bpf_map_update_elem(&kbp6_revnat, &cookie, &fresh, BPF_NOEXIST);
+		if (err == 0)
+			return;
+		if (err == -EEXIST)
+			entry = bpf_map_lookup_elem(&kbp6_revnat, &cookie);
+		if (!entry) {
+			count_event(STAT_REVNAT_UPDATE_FAILED);
+			return;
+		}
+	}
+	seq = *(volatile __u32 *)&entry->seq + 1;
+	if (seq == 0)
+		seq = 1;
+	/* A UDP socket calls sendmsg per datagram: write only on change. */
+#pragma unroll
+	for (i = 0; i < REVNAT_PAIRS; i++) {
+		struct revnat6_pair *p = &entry->pairs[i];
+		struct revnat6_value b, f;
+
+		kbp_keep_pointer(p);
+		if (*(volatile __u64 *)&p->seq == 0)
+			continue;
+		read_revnat6(&p->backend, &b);
+		if (!revnat6_equal(&b, be))
+			continue;
+		read_revnat6(&p->frontend, &f);
+		if (revnat6_equal(&f, fe))
+			return;
+		*(volatile __u32 *)&entry->seq = seq;
+		*(volatile __u64 *)&p->seq = 0;
+		write_revnat6(&p->frontend, fe);
+		*(volatile __u64 *)&p->seq = seq;
+		return;
+	}
+	/* Two threads racing here may pick one pair: one backend is lost. */
+	i = *(volatile __u32 *)&entry->next & (REVNAT_PAIRS - 1);
+	*(volatile __u32 *)&entry->next = i + 1;
+	*(volatile __u32 *)&entry->seq = seq;
+	{
+		struct revnat6_pair *p = &entry->pairs[i];
+
+		kbp_keep_pointer(p);
+		*(volatile __u64 *)&p->seq = 0;
+		write_revnat6(&p->backend, be);
+		write_revnat6(&p->frontend, fe);
+		*(volatile __u64 *)&p->seq = seq;
+	}
+}
+
+/* The IPv6 destination in ctx, for the *6 programs. */
+static __always_inline void user_ip6_of(struct bpf_sock_addr *ctx, __be32 *addr)
+{
+	addr[0] = ctx->user_ip6[0];
+	addr[1] = ctx->user_ip6[1];
+	addr[2] = ctx->user_ip6[2];
+	addr[3] = ctx->user_ip6[3];
+}
+
+/*
+ * choose_backend for a real IPv6 destination, over the kbp6_* maps; the
+ * caller rewrites ctx to *backend.
+ */
+static __always_inline int choose_backend6(struct bpf_sock_addr *ctx, struct revnat6_value *backend,
+					   int *verdict, enum stat_index translated_event)
+{
+	struct svc6_key frontend = {};
+	struct revnat6_value fe = {};
+	union svc_word svc;
+	struct backend6_value *found;
+	enum stat_index reason;
+	__u32 backend_id;
+	__u8 proto = ctx->protocol;
+
+	*verdict = 1;
+	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+		return 0;
+	user_ip6_of(ctx, frontend.addr);
+	frontend.port = (__be16)ctx->user_port;
+	frontend.proto = proto;
+	if (!read_value64(&kbp6_services, &frontend, &svc.word)) {
+		reason = refusal_of6((const struct in6_words *)frontend.addr);
+		if (reason != STAT_MAX && socket_lb_applies(ctx, node_word()))
+			*verdict = refuse(reason, &kbp6_svc_stats, 0);
+		return 0;
+	}
+	if (!pick_backend_id(ctx, proto, svc.word, &backend_id, verdict, KBP6_ID_MAPS))
+		return 0;
+	/*
+	 * Written once and deleted a grace period after the last slot or
+	 * match entry naming it went (as kbp_backends): the entry does not
+	 * change under us, and is copied at once.
+	 */
+	found = bpf_map_lookup_elem(&kbp6_backends, &backend_id);
+	if (!found) {
+		*verdict = refuse(STAT_REFUSED_MISSING_BACKEND, &kbp6_svc_stats,
+				  svc.value.id & SVC_ID_MASK);
+		return 0;
+	}
+	backend->addr[0] = found->addr[0];
+	backend->addr[1] = found->addr[1];
+	backend->addr[2] = found->addr[2];
+	backend->addr[3] = found->addr[3];
+	backend->port = found->port;
+	backend->pad = 0;
+	__builtin_memcpy(fe.addr, frontend.addr, sizeof(fe.addr));
+	fe.port = frontend.port;
+	remember_frontend6(ctx, backend, &fe);
+	count_translated(svc.value.id, &kbp6_svc_stats, translated_event);
+	return 1;
+}
+
+/*
+ * frontend_of for a socket whose peer (in ctx) is a real IPv6 address.
+ * A pair's seq is read before and after the pair, and the pair used only
+ * if both reads agree and are not 0 (see remember_frontend6).
+ */
+static __always_inline int frontend6_of(struct bpf_sock_addr *ctx, struct revnat6_value *frontend)
+{
+	__u64 cookie;
+	struct revnat6_value want = {};
+	struct sock_revnat6 *entry;
+	__u32 i;
+
+	user_ip6_of(ctx, want.addr);
+	if ((want.addr[0] | want.addr[1] | want.addr[2] | want.addr[3]) == 0)
+		return 0;
+	want.port = (__be16)ctx->user_port;
+	cookie = bpf_get_socket_cookie(ctx);
+	entry = bpf_map_lookup_elem(&kbp6_revnat, &cookie);
+	if (!entry)
+		return 0;
+#pragma unroll
+	for (i = 0; i < REVNAT_PAIRS; i++) {
+		struct revnat6_pair *p = &entry->pairs[i];
+		struct revnat6_value b;
+		__u64 seq;
+
+		kbp_keep_pointer(p);
+		seq = *(volatile __u64 *)&p->seq;
+		if (seq == 0)
+			continue;
+		read_revnat6(&p->backend, &b);
+		if (!revnat6_equal(&b, &want))
+			continue;
+		read_revnat6(&p->frontend, frontend);
+		if (*(volatile __u64 *)&p->seq != seq)
+			continue;
+		count_event(STAT_REVNAT_TRANSLATED);
+		{
+			struct svc6_key key = {
+				.port = frontend->port,
+				.proto = (__u8)ctx->protocol,
+			};
+
+			__builtin_memcpy(key.addr, frontend->addr, sizeof(key.addr));
+			count_reverse(&kbp6_services, &kbp6_svc_stats, &key);
+		}
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int translate6(struct bpf_sock_addr *ctx, enum stat_index translated_event)
+{
+	int verdict;
+	struct revnat6_value backend;
+
+	if (choose_backend6(ctx, &backend, &verdict, translated_event)) {
+		ctx->user_ip6[0] = backend.addr[0];
+		ctx->user_ip6[1] = backend.addr[1];
+		ctx->user_ip6[2] = backend.addr[2];
+		ctx->user_ip6[3] = backend.addr[3];
+		ctx->user_port = (__u32)backend.port;
+	}
+	return verdict;
+}
+
+static __always_inline int reverse_translate6(struct bpf_sock_addr *ctx)
+{
+	struct revnat6_value frontend;
+
+	if (frontend6_of(ctx, &frontend)) {
+		ctx->user_ip6[0] = frontend.addr[0];
+		ctx->user_ip6[1] = frontend.addr[1];
+		ctx->user_ip6[2] = frontend.addr[2];
+		ctx->user_ip6[3] = frontend.addr[3];
 		ctx->user_port = (__u32)frontend.port;
 	}
 	return 1;
@@ -1088,18 +1583,37 @@ int kbp_getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int kbp_connect6(struct bpf_sock_addr *ctx)
 {
+	if (user_ip6_is_v4_mapped(ctx))
+		return translate_v4_mapped(ctx, STAT_CONNECT_TRANSLATED);
 	return translate6(ctx, STAT_CONNECT_TRANSLATED);
+}
+
+/*
+ * Unconnected UDP to a real IPv6 address (since Linux 4.18). A v4-mapped
+ * destination never reaches it (sendmsg4 runs instead, see the top), and
+ * is left alone should it ever.
+ */
+SEC("cgroup/sendmsg6")
+int kbp_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	if (user_ip6_is_v4_mapped(ctx))
+		return 1;
+	return translate6(ctx, STAT_SENDMSG_TRANSLATED);
 }
 
 SEC("cgroup/recvmsg6")
 int kbp_recvmsg6(struct bpf_sock_addr *ctx)
 {
+	if (user_ip6_is_v4_mapped(ctx))
+		return reverse_translate_v4_mapped(ctx);
 	return reverse_translate6(ctx);
 }
 
 SEC("cgroup/getpeername6")
 int kbp_getpeername6(struct bpf_sock_addr *ctx)
 {
+	if (user_ip6_is_v4_mapped(ctx))
+		return reverse_translate_v4_mapped(ctx);
 	return reverse_translate6(ctx);
 }
 
@@ -1109,7 +1623,9 @@ int kbp_getpeername6(struct bpf_sock_addr *ctx)
  * (udp_abort clears the peer before release) and sockets that reconnected
  * leave nothing behind. Other protocols are never translated. The hook
  * runs for AF_INET and AF_INET6 sockets (inet_release) since Linux 5.9;
- * bpf_get_socket_cookie is allowed in it since 5.7.
+ * bpf_get_socket_cookie is allowed in it since 5.7. An AF_INET6 socket may
+ * have entries in both reverse maps (v4-mapped and IPv6 peers); an
+ * AF_INET socket has none in kbp6_revnat, and costs no second delete.
  */
 SEC("cgroup/sock_release")
 int kbp_sock_release(struct bpf_sock *sk)
@@ -1121,5 +1637,7 @@ int kbp_sock_release(struct bpf_sock *sk)
 		return 1;
 	cookie = bpf_get_socket_cookie(sk);
 	bpf_map_delete_elem(&kbp_revnat, &cookie);
+	if (sk->family == AF_INET6)
+		bpf_map_delete_elem(&kbp6_revnat, &cookie);
 	return 1;
 }

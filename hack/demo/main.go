@@ -301,7 +301,7 @@ func (d *demo) measure(p int) {
 	d.check(err)
 	d.periods = append(d.periods, sums)
 	for _, s := range sums {
-		d.logf("%s %s: %d requests, %d errors, mean %s", s.Mode, s.Protocol, s.Requests, s.Errors, s.Mean.Round(time.Microsecond))
+		d.logf("%s %s %s: %d requests, %d errors, mean %s", s.Mode, s.Family, s.Protocol, s.Requests, s.Errors, s.Mean.Round(time.Microsecond))
 	}
 }
 

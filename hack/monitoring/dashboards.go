@@ -58,11 +58,22 @@ const (
 	modeVar     = "$mode"
 	instanceVar = "$instance"
 	protocolVar = "$protocol"
+	familyVar   = "$ip_family"
 )
 
+// FamilyMatcher is in every selector of a series that carries (or may
+// carry) an ip_family label: the family of the probe's ClusterIP, the
+// family of one of the proxy's per-family proxiers. With the variable at
+// All (".*") the panels add both families up; with one family selected they
+// show it alone. The empty alternative keeps the series that have no
+// ip_family label (counted over both families, or from a probe older than
+// the label) whatever the selection: in PromQL a matcher that matches ""
+// also matches a series without the label.
+const FamilyMatcher = `ip_family=~"` + familyVar + `|"`
+
 // Substitute replaces the dashboards' variables in expr as Grafana would
-// with mode and every instance and protocol selected, and window as both
-// the rate interval and the dashboard's range.
+// with mode, every instance, protocol and IP family selected, and window as
+// both the rate interval and the dashboard's range.
 func Substitute(expr, mode, window string) string {
 	r := []struct{ old, new string }{
 		{RateInterval, window},
@@ -70,6 +81,7 @@ func Substitute(expr, mode, window string) string {
 		{modeVar, mode},
 		{instanceVar, ".+"},
 		{protocolVar, ".+"},
+		{familyVar, ".*"},
 	}
 	for _, x := range r {
 		expr = strings.ReplaceAll(expr, x.old, x.new)
@@ -179,6 +191,18 @@ func (b *board) modeVariable(selector string) *dashboard.QueryVariableBuilder {
 		AllValue(".*")
 }
 
+// familyVariable offers the IP families of selector's series. Its All is
+// ".*", so that with it the queries add both families up.
+func (b *board) familyVariable(selector string) *dashboard.QueryVariableBuilder {
+	return b.labelValues("ip_family", "ip_family", selector).Label("IP family").
+		Description("The IP family: IPv4, IPv6 (a dual-stack cluster has both). All adds them up; pick one to see it alone.").
+		AllValue(".*").
+		// All until the user picks: the panels add the families up.
+		Current(dashboard.VariableOption{Selected: ptr(true),
+			Text:  dashboard.StringOrArrayOfString{ArrayOfString: []string{"All"}},
+			Value: dashboard.StringOrArrayOfString{ArrayOfString: []string{"$__all"}}})
+}
+
 func datasourceVariable() *dashboard.DatasourceVariableBuilder {
 	return dashboard.NewDatasourceVariableBuilder("datasource").Label("Data source").Type("prometheus")
 }
@@ -187,8 +211,9 @@ func datasourceVariable() *dashboard.DatasourceVariableBuilder {
 // proxy's and keeps the selected modes.
 const byMode = ` * on(instance) group_left(mode) kube_bpf_proxy_info{job="kube-proxy", mode=~"$mode"}`
 
-// proxySel selects the proxy's series of the selected instances.
-const proxySel = `job="kube-proxy", instance=~"$instance"`
+// proxySel selects the proxy's series of the selected instances and IP
+// families.
+const proxySel = `job="kube-proxy", instance=~"$instance", ` + FamilyMatcher
 
 func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 	b := &board{file: "kube-bpf-proxy.json"}
@@ -210,13 +235,15 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 
 	d := dashboard.NewDashboardBuilder("kube-bpf-proxy").
 		Uid("kube-bpf-proxy").
-		Description("kube-bpf-proxy, the kube-proxy replacement: syncs, network programming latency, datapath counters, BPF map fill and failures, split by datapath mode.").
+		Description("kube-bpf-proxy, the kube-proxy replacement: syncs, network programming latency, datapath counters, BPF map fill and failures, split by datapath mode and IP family.").
 		Tags([]string{"kube-bpf-proxy", "kubernetes", "kube-proxy"}).
 		Refresh("30s").Time("now-1h", "now").Tooltip(dashboard.DashboardCursorSyncCrosshair).
 		WithVariable(datasourceVariable()).
 		WithVariable(b.modeVariable(`kube_bpf_proxy_info{job="kube-proxy"}`)).
 		WithVariable(b.labelValues("instance", "instance", `kube_bpf_proxy_info{job="kube-proxy", mode=~"$mode"}`).
-			Label("Node").AllValue(".+"))
+			Label("Node").AllValue(".+")).
+		// A series each proxier of a family exports from the start.
+		WithVariable(b.familyVariable(`kubeproxy_sync_proxy_rules_last_timestamp_seconds{job="kube-proxy"}`))
 
 	d = d.WithRow(dashboard.NewRowBuilder("Overview")).
 		WithPanel(b.stat("Proxies up", "Proxies scraped successfully, by mode (kube_bpf_proxy_info is 1 for each running proxy).", "none", 6,
@@ -299,7 +326,7 @@ const abWindow = "1m"
 // dashboard's $protocol.
 func abDifference(h, by string, withProtocol bool) string {
 	mean := func(mode string) string {
-		hsel := fmt.Sprintf(`job="kube-bpf-proxy-probe", mode=%q`, mode)
+		hsel := fmt.Sprintf(`job="kube-bpf-proxy-probe", mode=%q, %s`, mode, FamilyMatcher)
 		if withProtocol {
 			hsel += `, protocol=~"$protocol"`
 		}
@@ -318,12 +345,12 @@ func abDifference(h, by string, withProtocol bool) string {
 	return fmt.Sprintf(`(%s) -%s (%s)`, mean("ebpf"), on, mean("iptables"))
 }
 
-// probeSel selects the probe's series of the selected modes and protocols;
-// tcpPhaseSel the connect and first-byte histograms, which are TCP's only
-// and carry no protocol label.
+// probeSel selects the probe's series of the selected modes, protocols and
+// IP families; tcpPhaseSel the connect and first-byte histograms, which are
+// TCP's only and carry no protocol label.
 const (
-	probeSel    = `job="kube-bpf-proxy-probe", mode=~"$mode", protocol=~"$protocol"`
-	tcpPhaseSel = `job="kube-bpf-proxy-probe", mode=~"$mode"`
+	probeSel    = `job="kube-bpf-proxy-probe", mode=~"$mode", protocol=~"$protocol", ` + FamilyMatcher
+	tcpPhaseSel = `job="kube-bpf-proxy-probe", mode=~"$mode", ` + FamilyMatcher
 )
 
 func probeDashboard() (*board, *dashboard.DashboardBuilder) {
@@ -349,17 +376,18 @@ func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 	// is a counter of the probe's own), clamped at 0 against rounding.
 	stddev := fmt.Sprintf(`sqrt(clamp_min(sum by (mode) (%s) / sum by (mode) (%s) - (%s) ^ 2, 0))`,
 		rate("kube_bpf_proxy_probe_round_trip_squared_seconds_total", probeSel), rate(rt+"_count", probeSel), mean(rt, "mode"))
-	errSel := `job="kube-bpf-proxy-probe", mode=~"$mode", protocol=~"$protocol"`
+	errSel := probeSel
 
 	d := dashboard.NewDashboardBuilder("kube-bpf-proxy probe").
 		Uid("kube-bpf-proxy-probe").
-		Description("Round trips through a ClusterIP measured by the kube-bpf-proxy latency probe: a client pod on every node, server pods behind a Service; each request is a new connection through the Service datapath.").
+		Description("Round trips through a ClusterIP measured by the kube-bpf-proxy latency probe: a client pod on every node, server pods behind a Service; each request is a new connection through the Service datapath. A dual-stack Service is probed on both of its ClusterIPs: the IP family variable picks one, All adds them up.").
 		Tags([]string{"kube-bpf-proxy", "kubernetes", "latency"}).
 		Refresh("30s").Time("now-1h", "now").Tooltip(dashboard.DashboardCursorSyncCrosshair).
 		WithVariable(datasourceVariable()).
 		WithVariable(b.modeVariable(`kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe"}`)).
 		WithVariable(b.labelValues("protocol", "protocol", `kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe"}`).
-			Label("Protocol").AllValue(".+"))
+			Label("Protocol").AllValue(".+")).
+		WithVariable(b.familyVariable(`kube_bpf_proxy_probe_round_trip_seconds_count{job="kube-bpf-proxy-probe"}`))
 
 	d = d.WithRow(dashboard.NewRowBuilder("Round trip")).
 		WithPanel(b.timeseries("Round trip, mean", "Mean time of one request through the ClusterIP (new connection, request, whole answer), by mode: rate of the histogram's sum over rate of its count.", "s", 12,
@@ -369,8 +397,10 @@ func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 		WithPanel(b.timeseries("Round trip, percentiles", "50th and 99th percentiles of the round trip by mode, from the histogram's buckets.", "s", 12,
 			t(quantile("0.5", rt, "mode"), "p50 {{mode}}", bothModes),
 			t(quantile("0.99", rt, "mode"), "p99 {{mode}}", bothModes))).
-		WithPanel(b.timeseries("Requests", "Probe requests per second, by mode and protocol.", "reqps", 12,
-			t(fmt.Sprintf(`sum by (mode, protocol) (%s)`, rate(rt+"_count", probeSel)), "{{mode}} {{protocol}}", bothModes)))
+		WithPanel(b.timeseries("Requests", "Probe requests per second, by mode, protocol and IP family (of the ClusterIP: a dual-stack Service is probed on both).", "reqps", 12,
+			t(fmt.Sprintf(`sum by (mode, protocol, ip_family) (%s)`, rate(rt+"_count", probeSel)), "{{mode}} {{protocol}} {{ip_family}}", bothModes))).
+		WithPanel(b.timeseries("Round trip by IP family, mean", "Mean round trip by mode and IP family: IPv4 and IPv6 side by side on a dual-stack cluster.", "s", 24,
+			t(mean(rt, "mode, ip_family"), "{{mode}} {{ip_family}}", bothModes)))
 
 	// The A/B (docs/ab-testing.md): half the nodes in each mode at the
 	// same time, swapped halfway. At each moment the difference holds no
@@ -440,6 +470,6 @@ func probeDashboard() (*board, *dashboard.DashboardBuilder) {
 			t(fmt.Sprintf(`sum by (mode) (%s) / (sum by (mode) (%s) + sum by (mode) (%s))`,
 				rate("kube_bpf_proxy_probe_errors_total", errSel), rate(rt+"_count", probeSel), rate("kube_bpf_proxy_probe_errors_total", errSel)), "{{mode}}", nil))).
 		WithPanel(b.timeseries("Server requests", "Requests the probe servers answered per second, by server node and protocol.", "reqps", 24,
-			t(fmt.Sprintf(`sum by (node, protocol) (rate(kube_bpf_proxy_probe_server_requests_total{job="kube-bpf-proxy-probe"}[%s]))`, RateInterval), "{{node}} {{protocol}}", bothModes)))
+			t(fmt.Sprintf(`sum by (node, protocol) (rate(kube_bpf_proxy_probe_server_requests_total{job="kube-bpf-proxy-probe", %s}[%s]))`, FamilyMatcher, RateInterval), "{{node}} {{protocol}}", bothModes)))
 	return b, d
 }

@@ -7,6 +7,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -54,7 +55,13 @@ func TestDashboards(t *testing.T) {
 	for _, d := range ds {
 		var board struct {
 			Templating struct {
-				List []struct{ Name, Type string } `json:"list"`
+				List []struct {
+					Name, Type string
+					AllValue   string `json:"allValue"`
+					Current    struct {
+						Value []string `json:"value"`
+					} `json:"current"`
+				} `json:"list"`
 			} `json:"templating"`
 			Panels []struct {
 				Type       string `json:"type"`
@@ -73,8 +80,12 @@ func TestDashboards(t *testing.T) {
 		var vars []string
 		for _, v := range board.Templating.List {
 			vars = append(vars, v.Type+":"+v.Name)
+			// The families added up until the user picks one.
+			if v.Name == "ip_family" && (v.AllValue != ".*" || !slices.Equal(v.Current.Value, []string{"$__all"})) {
+				t.Errorf("%s: ip_family variable: all value %q, current %v; want .* and All", d.File, v.AllValue, v.Current.Value)
+			}
 		}
-		for _, want := range []string{"datasource:datasource", "query:mode"} {
+		for _, want := range []string{"datasource:datasource", "query:mode", "query:ip_family"} {
 			if !slices.Contains(vars, want) {
 				t.Errorf("%s: no %s variable among %v", d.File, want, vars)
 			}
@@ -101,6 +112,9 @@ func TestDashboards(t *testing.T) {
 					!strings.Contains(q.Expr, "probe_server_requests_total") && !ab {
 					t.Errorf("%s: panel %q: %s is not split by mode", d.File, p.Title, q.Expr)
 				}
+				for _, sel := range unfiltered(q.Expr) {
+					t.Errorf("%s: panel %q: %s cannot be split by IP family (no %s)", d.File, p.Title, sel, FamilyMatcher)
+				}
 			}
 		}
 		if exprs != len(d.Queries) {
@@ -109,10 +123,54 @@ func TestDashboards(t *testing.T) {
 	}
 }
 
+// selector matches a series selector, metric{matchers}.
+var selector = regexp.MustCompile(`([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}`)
+
+// bareSeries matches a series of ours or kube-proxy's named outside a
+// selector.
+var bareSeries = regexp.MustCompile(`[a-z_:]*(kube_bpf_proxy|kubeproxy|rest_client)_[a-z_:]+`)
+
+// familyless are the series that never carry ip_family: the scrape's
+// health and the proxy's info, one of each per node.
+var familyless = []string{"up", "kube_bpf_proxy_info"}
+
+// unfiltered returns the selectors of expr that lack the family matcher
+// (those of familyless series aside), and any series named without a
+// selector.
+func unfiltered(expr string) []string {
+	var out []string
+	for _, m := range selector.FindAllStringSubmatch(expr, -1) {
+		if !slices.Contains(familyless, m[1]) && !strings.Contains(m[2], FamilyMatcher) {
+			out = append(out, m[0])
+		}
+	}
+	// A bare metric name (no braces) would escape the check above.
+	rest := selector.ReplaceAllString(expr, "")
+	return append(out, bareSeries.FindAllString(rest, -1)...)
+}
+
+// The family check catches a selector without the matcher, and a bare
+// series name.
+func TestUnfiltered(t *testing.T) {
+	for _, tt := range []struct {
+		expr string
+		want int
+	}{
+		{`sum(rate(a_total{job="x", ` + FamilyMatcher + `}[1m])) * on(instance) group_left(mode) kube_bpf_proxy_info{job="kube-proxy"} + up{job="x"}`, 0},
+		{`sum(rate(a_total{job="x"}[1m]))`, 1},
+		{`rate(a_total{job="x", ` + FamilyMatcher + `}[1m]) / rate(b_total{job="x"}[1m])`, 1},
+		{`sum(kube_bpf_proxy_services)`, 1},
+	} {
+		if got := unfiltered(tt.expr); len(got) != tt.want {
+			t.Errorf("unfiltered(%s) = %q, want %d", tt.expr, got, tt.want)
+		}
+	}
+}
+
 // Substitute replaces every variable the expressions use.
 func TestSubstitute(t *testing.T) {
-	got := Substitute(`rate(x{mode=~"$mode", instance=~"$instance", protocol=~"$protocol"}[$__rate_interval]) / increase(y[$__range])`, "ebpf", "90s")
-	want := `rate(x{mode=~"ebpf", instance=~".+", protocol=~".+"}[90s]) / increase(y[90s])`
+	got := Substitute(`rate(x{mode=~"$mode", instance=~"$instance", protocol=~"$protocol", `+FamilyMatcher+`}[$__rate_interval]) / increase(y[$__range])`, "ebpf", "90s")
+	want := `rate(x{mode=~"ebpf", instance=~".+", protocol=~".+", ip_family=~".*|"}[90s]) / increase(y[90s])`
 	if got != want {
 		t.Errorf("got %s, want %s", got, want)
 	}
@@ -355,13 +413,13 @@ func TestABDifferenceIsAMeanOverNodes(t *testing.T) {
 	bin := promtool(t)
 	const conn = "kube_bpf_proxy_probe_connect_seconds"
 	series := func(node, mode string, perStep, sumPerStep float64) string {
-		sel := fmt.Sprintf(`{job="kube-bpf-proxy-probe",mode=%q,client_node=%q}`, mode, node)
+		sel := fmt.Sprintf(`{job="kube-bpf-proxy-probe",mode=%q,client_node=%q,ip_family="IPv4"}`, mode, node)
 		return fmt.Sprintf("  - series: '%s_count%s'\n    values: '0+%gx20'\n  - series: '%s_sum%s'\n    values: '0+%gx20'\n",
 			conn, sel, perStep, conn, sel, sumPerStep)
 	}
 	test := "rule_files: []\nevaluation_interval: 15s\ntests:\n- interval: 15s\n  input_series:\n" +
 		series("n1", "ebpf", 150, 0.15) + series("n2", "ebpf", 15, 0.045) + series("n3", "iptables", 75, 0.075) +
-		"  promql_expr_test:\n  - expr: 'round(1e6 * (" + strings.ReplaceAll(abDifference(conn, "", false), "'", "''") + "))'\n" +
+		"  promql_expr_test:\n  - expr: 'round(1e6 * (" + strings.ReplaceAll(Substitute(abDifference(conn, "", false), "", "1m"), "'", "''") + "))'\n" +
 		"    eval_time: 4m\n    exp_samples:\n    - labels: '{}'\n      value: 1000\n"
 	file := filepath.Join(t.TempDir(), "ab-test.yaml")
 	if err := os.WriteFile(file, []byte(test), 0o644); err != nil {

@@ -125,16 +125,20 @@ func Alerts() []Alert {
 		},
 		{
 			Name: "KubeBpfProxyProbeErrors",
-			Signal: `sum by (client_node, mode) (rate(kube_bpf_proxy_probe_errors_total{` + probe + `}[5m]))` +
-				` / (sum by (client_node, mode) (rate(kube_bpf_proxy_probe_round_trip_seconds_count{` + probe + `}[5m]))` +
-				` + sum by (client_node, mode) (rate(kube_bpf_proxy_probe_errors_total{` + probe + `}[5m])))`,
+			// Per IP family: on a dual-stack cluster one family failing
+			// alone is not diluted by the other's successes, and the
+			// alert names it.
+			Signal: `sum by (client_node, mode, ip_family) (rate(kube_bpf_proxy_probe_errors_total{` + probe + `}[5m]))` +
+				` / (sum by (client_node, mode, ip_family) (rate(kube_bpf_proxy_probe_round_trip_seconds_count{` + probe + `}[5m]))` +
+				` + sum by (client_node, mode, ip_family) (rate(kube_bpf_proxy_probe_errors_total{` + probe + `}[5m])))`,
 			Condition: "> 0.01",
 			For:       "10m",
 			Severity:  "warning",
 			Summary:   "Requests through a ClusterIP fail on a node.",
-			Description: "{{ $value | humanizePercentage }} of the latency probe's requests through the probe Service's ClusterIP fail on node {{ $labels.client_node }} ({{ $labels.mode }} mode). " +
+			Description: "{{ $value | humanizePercentage }} of the latency probe's requests through the probe Service's {{ $labels.ip_family }} ClusterIP fail on node {{ $labels.client_node }} ({{ $labels.mode }} mode). " +
 				"See the errors by kind (kube_bpf_proxy_probe_errors_total): refused means the node's proxy has no backend for the Service (check the probe server pods and kube-bpf-proxy on that node), " +
-				"timeout or reset point at the network between the nodes or an overloaded server.",
+				"timeout or reset point at the network between the nodes or an overloaded server. " +
+				"If one IP family fails alone, look at that family's datapath on the node (its proxier, its iptables or ip6tables rules) and at the pods' addresses of that family.",
 			// Errors are counted only when they happen.
 		},
 	}

@@ -107,6 +107,14 @@ type dpPort struct {
 	problems []string
 }
 
+// idSpace names the IPv6 maps' service ids apart: each family has its own.
+func idSpace(g ebpf.PinnedGroup) string {
+	if g.Family == model.IPv6 {
+		return "IPv6 "
+	}
+	return ""
+}
+
 // fromPinned turns the maps' service ids into datapath ports, one per id.
 func fromPinned(pinned *ebpf.Pinned) []*dpPort {
 	var out []*dpPort
@@ -133,14 +141,14 @@ func fromPinned(pinned *ebpf.Pinned) []*dpPort {
 		var list []model.Backend
 		for _, b := range g.Backends {
 			if b.Missing {
-				p.problems = append(p.problems, fmt.Sprintf("service id %d: a slot names backend id %d, which the backend map does not hold", g.ID, b.ID))
+				p.problems = append(p.problems, fmt.Sprintf("%sservice id %d: a slot names backend id %d, which the backend map does not hold", idSpace(g), g.ID, b.ID))
 				continue
 			}
 			list = append(list, b.Backend)
 			p.weights[b.Backend] += b.Slots
 		}
 		if g.MissingSlots > 0 {
-			p.problems = append(p.problems, fmt.Sprintf("service id %d: %d of its live slots have no entry", g.ID, g.MissingSlots))
+			p.problems = append(p.problems, fmt.Sprintf("%sservice id %d: %d of its live slots have no entry", idSpace(g), g.ID, g.MissingSlots))
 		}
 		slices.SortFunc(list, model.Backend.Compare)
 		list = slices.Compact(list)

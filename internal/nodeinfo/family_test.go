@@ -228,15 +228,12 @@ func TestPodCIDRsPerFamily(t *testing.T) {
 		if got := PodCIDRs(node); !maps.Equal(got, tc.want) {
 			t.Errorf("%v %q: %v, want %v", tc.cidrs, tc.cidr, got, tc.want)
 		}
-		if got := PodCIDR(node); got != tc.want[model.IPv4] {
-			t.Errorf("%v %q: PodCIDR %v", tc.cidrs, tc.cidr, got)
-		}
 	}
 }
 
 // WaitForPodCIDRs waits for any pod range, as kube-proxy: an IPv6-only
 // Node has one; Run exits when any family's range changes, or a family
-// gains one. The IPv4-only Config.PodCIDR keeps watching IPv4 alone.
+// gains one.
 func TestPodCIDRsWaitAndChange(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -250,9 +247,6 @@ func TestPodCIDRsWaitAndChange(t *testing.T) {
 	got, err := WaitForPodCIDRs(ctx, client, "n1", time.Millisecond, time.Minute)
 	if want := map[model.IPFamily]netip.Prefix{model.IPv6: netip.MustParsePrefix("fd00:1::/64")}; err != nil || !maps.Equal(got, want) {
 		t.Fatalf("WaitForPodCIDRs = %v, %v; want %v", got, err, want)
-	}
-	if _, err := WaitForPodCIDR(ctx, client, "n1", time.Millisecond, 20*time.Millisecond); err == nil || !strings.Contains(err.Error(), "IPv4") {
-		t.Errorf("WaitForPodCIDR on an IPv6-only Node: %v, want a timeout naming IPv4", err)
 	}
 	if _, err := nodes.Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n2"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -275,24 +269,25 @@ func TestPodCIDRsWaitAndChange(t *testing.T) {
 	// What each configuration calls a change.
 	withCIDRs := func(cidrs ...string) *v1.Node { return &v1.Node{Spec: v1.NodeSpec{PodCIDRs: cidrs}} }
 	dual := New(Config{PodCIDRs: PodCIDRs(withCIDRs("10.244.3.0/24", "fd00:1::/64"))})
-	legacy := New(Config{PodCIDR: netip.MustParsePrefix("10.244.3.0/24")})
 	for _, c := range []struct {
-		node           *v1.Node
-		dual, legacyCh bool
+		node *v1.Node
+		dual bool
 	}{
-		{withCIDRs("10.244.3.0/24", "fd00:1::/64"), false, false},
-		{withCIDRs("fd00:1::/64", "10.244.3.0/24"), false, false},
-		{withCIDRs("10.244.3.0/24", "fd00:2::/64"), true, false},
-		{withCIDRs("10.244.3.0/24"), true, false},
-		{withCIDRs("10.244.4.0/24", "fd00:1::/64"), true, true},
-		{withCIDRs("fd00:1::/64"), true, true},
+		{withCIDRs("10.244.3.0/24", "fd00:1::/64"), false},
+		{withCIDRs("fd00:1::/64", "10.244.3.0/24"), false},
+		{withCIDRs("10.244.3.0/24", "fd00:2::/64"), true},
+		{withCIDRs("10.244.3.0/24"), true},
+		{withCIDRs("10.244.4.0/24", "fd00:1::/64"), true},
+		{withCIDRs("fd00:1::/64"), true},
 	} {
 		if got := dual.podCIDRsChanged(c.node); got != c.dual {
 			t.Errorf("PodCIDRs, Node %v: changed %v", c.node.Spec.PodCIDRs, got)
 		}
-		if got := legacy.podCIDRsChanged(c.node); got != c.legacyCh {
-			t.Errorf("PodCIDR, Node %v: changed %v", c.node.Spec.PodCIDRs, got)
-		}
+	}
+	// Without pod ranges in use (another --detect-local-mode), no
+	// change of the Node's matters.
+	if New(Config{}).podCIDRsChanged(withCIDRs("10.244.4.0/24")) {
+		t.Error("no ranges in use: a change of the Node's ends Run")
 	}
 }
 

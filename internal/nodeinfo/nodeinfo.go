@@ -167,14 +167,10 @@ type Config struct {
 	// one), for the process to restart with the new ones, as kube-proxy
 	// exits when spec.podCIDRs changes.
 	PodCIDRs map[model.IPFamily]netip.Prefix
-	// PodCIDR is the IPv4-only form of PodCIDRs, kept for callers that
-	// have not moved to it: when valid and PodCIDRs is empty, Run ends
-	// with ErrPodCIDRChanged when the Node's IPv4 pod range changes.
-	PodCIDR netip.Prefix
 }
 
 // ErrPodCIDRChanged ends Run when the Node's pod ranges are no longer
-// Config.PodCIDRs (or its IPv4 range no longer Config.PodCIDR).
+// Config.PodCIDRs.
 var ErrPodCIDRChanged = errors.New("the Node's spec.podCIDRs changed, and local traffic is told by the old range (--detect-local-mode=NodeCIDR): exiting for the restart to read the new one")
 
 // PodCIDRs returns the Node's pod ranges by family (spec.podCIDRs, else
@@ -198,11 +194,6 @@ func PodCIDRs(node *v1.Node) map[model.IPFamily]netip.Prefix {
 	return out
 }
 
-// PodCIDR returns the Node's first IPv4 pod range, invalid if it has none.
-func PodCIDR(node *v1.Node) netip.Prefix {
-	return PodCIDRs(node)[model.IPv4]
-}
-
 // WaitForPodCIDRs returns the pod ranges of Node name by family, waiting up
 // to timeout, polling each poll, for the Node to exist and have at least
 // one, as kube-proxy waits for spec.podCIDRs in its NodeCIDR mode (5
@@ -210,13 +201,6 @@ func PodCIDR(node *v1.Node) netip.Prefix {
 // no local traffic in that family.
 func WaitForPodCIDRs(ctx context.Context, client kubernetes.Interface, name string, poll, timeout time.Duration) (map[model.IPFamily]netip.Prefix, error) {
 	return waitForPodCIDRs(ctx, client, name, poll, timeout, func(m map[model.IPFamily]netip.Prefix) bool { return len(m) > 0 }, "a pod range")
-}
-
-// WaitForPodCIDR is WaitForPodCIDRs for the IPv4 range alone: it waits for
-// the Node to have one.
-func WaitForPodCIDR(ctx context.Context, client kubernetes.Interface, name string, poll, timeout time.Duration) (netip.Prefix, error) {
-	m, err := waitForPodCIDRs(ctx, client, name, poll, timeout, func(m map[model.IPFamily]netip.Prefix) bool { return m[model.IPv4].IsValid() }, "an IPv4 pod range")
-	return m[model.IPv4], err
 }
 
 func waitForPodCIDRs(ctx context.Context, client kubernetes.Interface, name string, poll, timeout time.Duration,
@@ -484,7 +468,7 @@ func (s *Source) Run(ctx context.Context, client kubernetes.Interface, changed f
 }
 
 // podCIDRsChanged reports whether the Node's pod ranges are no longer
-// those in use (Config.PodCIDRs, else Config.PodCIDR), logging it.
+// those in use (Config.PodCIDRs, when set), logging it.
 func (s *Source) podCIDRsChanged(node *v1.Node) bool {
 	got := PodCIDRs(node)
 	if want := s.cfg.PodCIDRs; len(want) > 0 {
@@ -492,10 +476,6 @@ func (s *Source) podCIDRsChanged(node *v1.Node) bool {
 			return false
 		}
 		klog.InfoS("The Node's pod ranges changed", "node", s.cfg.NodeName, "podCIDRs", node.Spec.PodCIDRs, "inUse", want)
-		return true
-	}
-	if want := s.cfg.PodCIDR; want.IsValid() && got[model.IPv4] != want {
-		klog.InfoS("The Node's pod range changed", "node", s.cfg.NodeName, "podCIDR", got[model.IPv4], "inUse", want)
 		return true
 	}
 	return false

@@ -3,6 +3,7 @@ package nodeinfo
 import (
 	"context"
 	"errors"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 func addrs(ss ...string) []netip.Addr {
@@ -172,10 +175,10 @@ func TestPodCIDRWaitAndChange(t *testing.T) {
 	t.Cleanup(cancel)
 	client := fake.NewClientset()
 	nodes := client.CoreV1().Nodes()
-	got := make(chan netip.Prefix, 1)
+	got := make(chan map[model.IPFamily]netip.Prefix, 1)
 	errs := make(chan error, 1)
 	go func() {
-		p, err := WaitForPodCIDR(ctx, client, "n1", 10*time.Millisecond, time.Minute)
+		p, err := WaitForPodCIDRs(ctx, client, "n1", 10*time.Millisecond, time.Minute)
 		got <- p
 		errs <- err
 	}()
@@ -183,17 +186,19 @@ func TestPodCIDRWaitAndChange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Dual-stack, IPv6 first: the IPv4 range is the one used.
+	// Dual-stack, IPv6 first: each family has its range.
 	node.Spec.PodCIDR = "fd00:1::/64"
 	node.Spec.PodCIDRs = []string{"fd00:1::/64", "10.244.3.0/24"}
 	if node, err = nodes.Update(ctx, node, metav1.UpdateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if p, err := <-got, <-errs; err != nil || p != netip.MustParsePrefix("10.244.3.0/24") {
-		t.Fatalf("WaitForPodCIDR = %v, %v; want 10.244.3.0/24", p, err)
+	want := map[model.IPFamily]netip.Prefix{model.IPv4: netip.MustParsePrefix("10.244.3.0/24"), model.IPv6: netip.MustParsePrefix("fd00:1::/64")}
+	p, err := <-got, <-errs
+	if err != nil || !maps.Equal(p, want) {
+		t.Fatalf("WaitForPodCIDRs = %v, %v; want %v", p, err, want)
 	}
 
-	s := New(Config{NodeName: "n1", PodCIDR: netip.MustParsePrefix("10.244.3.0/24"),
+	s := New(Config{NodeName: "n1", PodCIDRs: p,
 		LocalAddresses: func() ([]netip.Addr, error) { return nil, nil }})
 	ran := make(chan error, 1)
 	go func() { ran <- s.Run(ctx, client, func() {}) }()
@@ -214,7 +219,7 @@ func TestPodCIDRWaitAndChange(t *testing.T) {
 	if _, err := nodes.Create(ctx, &v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n2"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := WaitForPodCIDR(ctx, client, "n2", time.Millisecond, 20*time.Millisecond); err == nil || !strings.Contains(err.Error(), "spec.podCIDRs") {
+	if _, err := WaitForPodCIDRs(ctx, client, "n2", time.Millisecond, 20*time.Millisecond); err == nil || !strings.Contains(err.Error(), "spec.podCIDRs") {
 		t.Errorf("no pod range: %v", err)
 	}
 }

@@ -54,11 +54,13 @@ type clientMetrics struct {
 }
 
 func newClientMetrics(reg prometheus.Registerer) *clientMetrics {
-	pair := []string{"client_node", "server_node", "mode"}
+	// ip_family is the family of the ClusterIP probed ("IPv4", "IPv6", as
+	// kube-proxy spells its label): a dual-stack Service is probed on both.
+	pair := []string{"client_node", "server_node", "mode", "ip_family"}
 	m := &clientMetrics{
 		connect: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    metricConnect,
-			Help:    "Time to establish the probe's TCP connection to the Service's ClusterIP (connect() until the handshake completed), by client node, server node and the proxy mode of the client's node.",
+			Help:    "Time to establish the probe's TCP connection to the Service's ClusterIP (connect() until the handshake completed), by client node, server node, the proxy mode of the client's node and the ClusterIP's family.",
 			Buckets: Buckets(),
 		}, pair),
 		firstByte: prometheus.NewHistogramVec(prometheus.HistogramOpts{
@@ -68,17 +70,17 @@ func newClientMetrics(reg prometheus.Registerer) *clientMetrics {
 		}, pair),
 		roundTrip: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    metricRoundTrip,
-			Help:    "Whole round trip of one probe request through the Service's ClusterIP: protocol tcp is a new connection, an HTTP request and its full response; udp is a new socket, a datagram and its reply.",
+			Help:    "Whole round trip of one probe request through the Service's ClusterIP of family ip_family: protocol tcp is a new connection, an HTTP request and its full response; udp is a new socket, a datagram and its reply.",
 			Buckets: Buckets(),
-		}, append(pair, "protocol")),
+		}, []string{"client_node", "server_node", "mode", "protocol", "ip_family"}),
 		squared: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricSquared,
 			Help: "Sum of the squares of the round trips in seconds, so that the standard deviation is exact: sqrt(rate(squared)/rate(count) - (rate(sum)/rate(count))^2).",
-		}, append(pair, "protocol")),
+		}, []string{"client_node", "server_node", "mode", "protocol", "ip_family"}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricErrors,
 			Help: "Probe requests that failed, by kind: refused (no endpoint: connection or datagram refused), timeout, reset (connection reset or closed early), other.",
-		}, []string{"client_node", "mode", "protocol", "kind"}),
+		}, []string{"client_node", "mode", "protocol", "kind", "ip_family"}),
 	}
 	reg.MustRegister(m.connect, m.firstByte, m.roundTrip, m.squared, m.errors)
 	return m

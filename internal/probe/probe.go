@@ -1,9 +1,10 @@
 // Package probe is the node-to-node latency probe: `kube-bpf-proxy probe
 // server` answers behind a Service, `kube-bpf-proxy probe client` (one per
-// node) measures round trips through the Service's ClusterIP, each over a
-// new connection so that each crosses the node's Service datapath, and
-// exports them as Prometheus histograms labelled with the client's node,
-// the server's node and the proxy mode of the client's node.
+// node) measures round trips through each of the Service's ClusterIPs (one
+// per IP family: both of a dual-stack Service), each over a new connection
+// so that each crosses the node's Service datapath, and exports them as
+// Prometheus histograms labelled with the client's node, the server's node,
+// the proxy mode of the client's node and the ClusterIP's family.
 package probe
 
 import (

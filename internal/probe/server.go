@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"sync"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/httpserve"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // ServerReply is the HTTP endpoint's answer.
@@ -34,11 +36,17 @@ type serverOptions struct {
 	httpAddr, tcpEchoAddr, udpEchoAddr, metricsAddr string
 }
 
+// bothFamilies is said of the bind addresses: Go listens on an empty or
+// unspecified host (":8080", "0.0.0.0:8080", "[::]:8080") with one IPv6
+// socket with IPV6_V6ONLY off where the system has IPv6, so one socket
+// answers the Service's ClusterIP of either family.
+const bothFamilies = "; an empty host (:PORT), 0.0.0.0 or [::] listens on both IP families, one socket for both (IPv4 alone where the pod has no IPv6)"
+
 func serverFlags(o *serverOptions, fs *flag.FlagSet) {
-	fs.StringVar(&o.httpAddr, "http-bind-address", "0.0.0.0:8080", "address of the HTTP endpoint that answers with the pod's and node's names and the time it received the request")
-	fs.StringVar(&o.tcpEchoAddr, "tcp-echo-bind-address", "0.0.0.0:8081", "address of the TCP echo port")
-	fs.StringVar(&o.udpEchoAddr, "udp-echo-bind-address", "0.0.0.0:8082", "address of the UDP echo port; each reply carries the server's pod and node names")
-	fs.StringVar(&o.metricsAddr, "metrics-bind-address", "0.0.0.0:9090", "address of /metrics and /healthz")
+	fs.StringVar(&o.httpAddr, "http-bind-address", ":8080", "address of the HTTP endpoint that answers with the pod's and node's names and the time it received the request"+bothFamilies)
+	fs.StringVar(&o.tcpEchoAddr, "tcp-echo-bind-address", ":8081", "address of the TCP echo port"+bothFamilies)
+	fs.StringVar(&o.udpEchoAddr, "udp-echo-bind-address", ":8082", "address of the UDP echo port; each reply carries the server's pod and node names"+bothFamilies)
+	fs.StringVar(&o.metricsAddr, "metrics-bind-address", ":9090", "address of /metrics and /healthz"+bothFamilies)
 }
 
 // server answers the client's probes.
@@ -57,11 +65,15 @@ func runServer(ctx context.Context, o serverOptions, id identity) error {
 	reg := newRegistry()
 	s := &server{id: id, requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: metricServerCount,
-		Help: "Probe requests the server answered, by its node and protocol (http, tcp echo connections, udp echo datagrams).",
-	}, []string{"node", "protocol"})}
+		Help: "Probe requests the server answered, by its node, protocol (http, tcp echo connections, udp echo datagrams) and the family of the client's address (ip_family, IPv4 or IPv6).",
+	}, []string{"node", "protocol", "ip_family"})}
 	reg.MustRegister(s.requests)
-	for _, p := range []string{"http", "tcp", "udp"} {
-		s.requests.WithLabelValues(id.node, p) // series exist from the start, at 0
+	// Series exist from the start, at 0, for the families the pod has an
+	// address of; others appear with their first request.
+	for _, f := range podFamilies() {
+		for _, p := range []string{"http", "tcp", "udp"} {
+			s.requests.WithLabelValues(id.node, p, f.String())
+		}
 	}
 
 	var lc net.ListenConfig
@@ -126,7 +138,7 @@ func collect(errc <-chan error) []error {
 
 func (s *server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	received := time.Now()
-	s.requests.WithLabelValues(s.id.node, "http").Inc()
+	s.requests.WithLabelValues(s.id.node, "http", familyOfAddr(r.RemoteAddr)).Inc()
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(ServerReply{Pod: s.id.pod, Node: s.id.node, Received: received.UTC()})
 }
@@ -154,7 +166,7 @@ func (s *server) serveTCPEcho(ctx context.Context, ln net.Listener) error {
 			}
 			return fmt.Errorf("accepting TCP echo connections: %w", err)
 		}
-		s.requests.WithLabelValues(s.id.node, "tcp").Inc()
+		s.requests.WithLabelValues(s.id.node, "tcp", familyOfAddr(c.RemoteAddr().String())).Inc()
 		conns.Add(1)
 		go func() {
 			defer conns.Done()
@@ -186,9 +198,49 @@ func (s *server) serveUDPEcho(ctx context.Context, pc net.PacketConn) error {
 		if len(payload)+len(suffix) > udpReplyLimit {
 			continue // not a probe's datagram
 		}
-		s.requests.WithLabelValues(s.id.node, "udp").Inc()
+		s.requests.WithLabelValues(s.id.node, "udp", familyOfAddr(addr.String())).Inc()
 		if _, err := pc.WriteTo([]byte(payload+suffix), addr); err != nil {
 			klog.V(2).InfoS("UDP echo reply failed", "client", addr.String(), "err", err)
 		}
 	}
+}
+
+// familyOfAddr is the family of a client's "host:port" as the ip_family
+// label spells it. A dual-stack socket shows an IPv4 client as
+// ::ffff:a.b.c.d: that is IPv4.
+func familyOfAddr(hostport string) string {
+	ap, err := netip.ParseAddrPort(hostport)
+	if err != nil {
+		return "unknown"
+	}
+	return model.FamilyOf(ap.Addr().Unmap()).String()
+}
+
+// podFamilies returns the families of the pod's global unicast addresses
+// (loopback and link-local left out: no ClusterIP leads there).
+func podFamilies() []model.IPFamily {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		klog.V(2).InfoS("Listing the pod's addresses failed", "err", err)
+		return nil
+	}
+	has := map[model.IPFamily]bool{}
+	for _, a := range addrs {
+		n, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(n.IP)
+		if !ok || !ip.Unmap().IsGlobalUnicast() {
+			continue
+		}
+		has[model.FamilyOf(ip.Unmap())] = true
+	}
+	var out []model.IPFamily
+	for _, f := range model.Families {
+		if has[f] {
+			out = append(out, f)
+		}
+	}
+	return out
 }

@@ -26,10 +26,13 @@ func ParseScrape(r io.Reader) (Scrape, error) {
 	return Scrape(fams), nil
 }
 
-// Summary is what the probe measured between two scrapes for one mode and
-// protocol, over every client and server node.
+// Summary is what the probe measured between two scrapes for one mode, IP
+// family and protocol, over every client and server node.
 type Summary struct {
-	Mode     string
+	Mode string
+	// Family is the ip_family label: the family of the ClusterIP probed
+	// ("IPv4", "IPv6"; "" for a client older than the label).
+	Family   string
 	Protocol string
 	// Requests is the number of round trips measured.
 	Requests uint64
@@ -50,7 +53,7 @@ type Summary struct {
 // z99 is the standard normal quantile for a two-sided 99 % interval.
 const z99 = 2.5758293035489004
 
-// accumulator sums the round-trip series of one mode and protocol.
+// accumulator sums the round-trip series of one mode, family and protocol.
 type accumulator struct {
 	count, errors uint64
 	sum, squares  float64
@@ -58,9 +61,13 @@ type accumulator struct {
 	buckets map[float64]uint64
 }
 
-type summaryKey struct{ mode, protocol string }
+type summaryKey struct{ mode, family, protocol string }
 
-// Summarize computes, per mode and protocol, what the clients measured
+func keyOf(m *dto.Metric) summaryKey {
+	return summaryKey{label(m, "mode"), label(m, "ip_family"), label(m, "protocol")}
+}
+
+// Summarize computes, per mode, IP family and protocol, what the clients measured
 // between the scrapes before and after (one of each per client, in any
 // order: series are matched by their labels, and those of all clients and
 // node pairs are added up). A series missing from before counts from zero;
@@ -82,7 +89,7 @@ func Summarize(before, after []Scrape) ([]Summary, error) {
 				if o := old[metricRoundTrip+labelKey(m)]; o != nil {
 					prev = o.GetHistogram()
 				}
-				if err := get(summaryKey{label(m, "mode"), label(m, "protocol")}).addDelta(prev, h); err != nil {
+				if err := get(keyOf(m)).addDelta(prev, h); err != nil {
 					return nil, fmt.Errorf("round trip of %s: %w", labelKey(m), err)
 				}
 			}
@@ -93,7 +100,7 @@ func Summarize(before, after []Scrape) ([]Summary, error) {
 				if o := old[metricSquared+labelKey(m)]; o != nil {
 					v -= o.GetCounter().GetValue()
 				}
-				get(summaryKey{label(m, "mode"), label(m, "protocol")}).squares += v
+				get(keyOf(m)).squares += v
 			}
 		}
 		if f := s[metricErrors]; f != nil {
@@ -102,7 +109,7 @@ func Summarize(before, after []Scrape) ([]Summary, error) {
 				if o := old[metricErrors+labelKey(m)]; o != nil {
 					v -= o.GetCounter().GetValue()
 				}
-				get(summaryKey{label(m, "mode"), label(m, "protocol")}).errors += uint64(math.Round(v))
+				get(keyOf(m)).errors += uint64(math.Round(v))
 			}
 		}
 	}
@@ -117,13 +124,16 @@ func Summarize(before, after []Scrape) ([]Summary, error) {
 		if out[i].Mode != out[j].Mode {
 			return out[i].Mode < out[j].Mode
 		}
+		if out[i].Family != out[j].Family {
+			return out[i].Family < out[j].Family
+		}
 		return out[i].Protocol < out[j].Protocol
 	})
 	return out, nil
 }
 
 func (a *accumulator) summary(k summaryKey) Summary {
-	s := Summary{Mode: k.mode, Protocol: k.protocol, Requests: a.count, Errors: a.errors}
+	s := Summary{Mode: k.mode, Family: k.family, Protocol: k.protocol, Requests: a.count, Errors: a.errors}
 	if a.count == 0 {
 		return s
 	}
@@ -210,10 +220,10 @@ func labelKey(m *dto.Metric) string {
 // WriteTable prints summaries as the demo's table.
 func WriteTable(w io.Writer, summaries []Summary) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "mode\tprotocol\trequests\terrors\tmean\t99% CI\tstd dev\tp50\tp99\t")
+	fmt.Fprintln(tw, "mode\tfamily\tprotocol\trequests\terrors\tmean\t99% CI\tstd dev\tp50\tp99\t")
 	ms := func(d time.Duration) string { return fmt.Sprintf("%.3f ms", float64(d)/float64(time.Millisecond)) }
 	for _, s := range summaries {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t± %s\t%s\t%s\t%s\t\n", s.Mode, s.Protocol, s.Requests, s.Errors,
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%d\t%s\t± %s\t%s\t%s\t%s\t\n", s.Mode, s.Family, s.Protocol, s.Requests, s.Errors,
 			ms(s.Mean), ms(s.CI99), ms(s.StdDev), ms(s.P50), ms(s.P99))
 	}
 	return tw.Flush()
@@ -243,8 +253,9 @@ type nodeKey struct{ node, mode, measure string }
 
 // SummarizeByNode computes, per client node, mode and measure, what the
 // clients measured between the scrapes before and after (matched by their
-// labels, as in Summarize; every server node added up). Series at zero are
-// left out.
+// labels, as in Summarize; every server node and both IP families of a
+// dual-stack Service added up: each node probes both in either mode, so
+// the crossover's comparison holds). Series at zero are left out.
 func SummarizeByNode(before, after []Scrape) ([]NodeSummary, error) {
 	acc := map[nodeKey]*accumulator{}
 	old := byLabels(before, metricRoundTrip, metricConnect)

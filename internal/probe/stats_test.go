@@ -9,6 +9,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // fakeClient is a client's metrics fed with chosen round trips.
@@ -23,9 +25,13 @@ func newFakeClient() *fakeClient {
 }
 
 func (f *fakeClient) observe(node, serverNode, mode, protocol string, rtt time.Duration, n int) {
+	f.observeFamily(node, serverNode, mode, protocol, "IPv4", rtt, n)
+}
+
+func (f *fakeClient) observeFamily(node, serverNode, mode, protocol, family string, rtt time.Duration, n int) {
 	c := &client{id: identity{node: node}, m: f.m}
 	for range n {
-		c.observe([]string{node, serverNode, mode}, protocol, rtt)
+		c.observe(serverNode, mode, protocol, family, rtt)
 	}
 }
 
@@ -72,35 +78,40 @@ func TestSummarize(t *testing.T) {
 	for _, ms := range []int{1, 2, 3, 4} {
 		b.observe("node2", "node1", "iptables", "tcp", time.Duration(ms)*time.Millisecond, 1)
 	}
-	a.m.errors.WithLabelValues("node1", "ebpf", "tcp", KindRefused).Add(3)
+	a.m.errors.WithLabelValues("node1", "ebpf", "tcp", KindRefused, "IPv4").Add(3)
 	// Zeroed series of a mode no probe ran in: no row.
-	(&client{id: identity{node: "node1"}, m: a.m}).zeroErrors(NoMode)
+	(&client{id: identity{node: "node1"}, m: a.m}).zeroErrors(NoMode, model.IPv4)
+	// The same client over the IPv6 ClusterIP of a dual-stack Service: a
+	// row of its own, with its own error.
+	a.observeFamily("node1", "node2", "ebpf", "tcp", "IPv6", 200*time.Microsecond, 2)
+	a.m.errors.WithLabelValues("node1", "ebpf", "tcp", KindTimeout, "IPv6").Add(1)
 	after := []Scrape{b.scrape(t), a.scrape(t)} // order does not matter
 
 	got, err := Summarize(before, after)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 3 {
-		t.Fatalf("got %d summaries, want 3: %+v", len(got), got)
+	if len(got) != 4 {
+		t.Fatalf("got %d summaries, want 4: %+v", len(got), got)
 	}
 	sd := time.Duration(25e3 * math.Sqrt(100.0/99.0))
 	want := []Summary{
-		{Mode: "ebpf", Protocol: "tcp", Requests: 100, Errors: 3, Mean: 55 * time.Microsecond,
+		{Mode: "ebpf", Family: "IPv4", Protocol: "tcp", Requests: 100, Errors: 3, Mean: 55 * time.Microsecond,
 			StdDev: sd, CI99: time.Duration(z99 * float64(sd) / 10),
 			// Rank 50 is the top of the 25-50 µs bucket; rank 99 is 49/50
 			// of the way through the 75-100 µs one.
 			P50: 50 * time.Microsecond, P99: 99500 * time.Nanosecond},
-		{Mode: "ebpf", Protocol: "udp", Requests: 1, Mean: time.Millisecond,
+		{Mode: "ebpf", Family: "IPv4", Protocol: "udp", Requests: 1, Mean: time.Millisecond,
 			// 1 ms lies in the bucket ending at the first bound ≥ 1 ms.
 			P50: bucketAt(time.Millisecond, 0.5), P99: bucketAt(time.Millisecond, 0.99)},
 		// Mean 2.5 ms; sample variance (2.25+0.25+0.25+2.25)/3 ms².
-		{Mode: "iptables", Protocol: "tcp", Requests: 4, Mean: 2500 * time.Microsecond,
+		{Mode: "ebpf", Family: "IPv6", Protocol: "tcp", Requests: 2, Errors: 1, Mean: 200 * time.Microsecond},
+		{Mode: "iptables", Family: "IPv4", Protocol: "tcp", Requests: 4, Mean: 2500 * time.Microsecond,
 			StdDev: time.Duration(math.Sqrt(5.0/3.0) * 1e6), CI99: time.Duration(z99 * math.Sqrt(5.0/3.0) * 1e6 / 2)},
 	}
 	for i, w := range want {
 		g := got[i]
-		if g.Mode != w.Mode || g.Protocol != w.Protocol || g.Requests != w.Requests || g.Errors != w.Errors ||
+		if g.Mode != w.Mode || g.Family != w.Family || g.Protocol != w.Protocol || g.Requests != w.Requests || g.Errors != w.Errors ||
 			!near(g.Mean, w.Mean) || !near(g.StdDev, w.StdDev) || !near(g.CI99, w.CI99) {
 			t.Errorf("summary %d = %+v\nwant %+v", i, g, w)
 		}
@@ -110,7 +121,7 @@ func TestSummarize(t *testing.T) {
 	}
 	// iptables: ranks 2 and 3.96 of 4 within the buckets holding 2 and
 	// 4 ms: within their bucket bounds.
-	ipt := got[2]
+	ipt := got[3]
 	if ipt.P50 <= 1500*time.Microsecond || ipt.P50 > 2*time.Millisecond*125/100 || ipt.P99 < 3*time.Millisecond || ipt.P99 > 5*time.Millisecond {
 		t.Errorf("iptables p50 %s p99 %s: outside the buckets of 2 ms and 4 ms", ipt.P50, ipt.P99)
 	}
@@ -119,7 +130,7 @@ func TestSummarize(t *testing.T) {
 	if err := WriteTable(&table, got); err != nil {
 		t.Fatal(err)
 	}
-	for _, s := range []string{"mode", "ebpf", "iptables", "0.055 ms", "± 0.006 ms", "0.050 ms", "0.100 ms"} {
+	for _, s := range []string{"mode", "family", "IPv6", "ebpf", "iptables", "0.055 ms", "± 0.006 ms", "0.050 ms", "0.100 ms"} {
 		if !strings.Contains(table.String(), s) {
 			t.Errorf("table lacks %q:\n%s", s, table.String())
 		}
@@ -188,17 +199,19 @@ func TestParseScrapeRejectsGarbage(t *testing.T) {
 }
 
 // SummarizeByNode keeps each client node and mode apart (a crossover's
-// cells), adds up the server nodes, and reads the connect histogram too.
+// cells), adds up the server nodes and the IP families, and reads the
+// connect histogram too.
 func TestSummarizeByNode(t *testing.T) {
 	a, b := newFakeClient(), newFakeClient()
 	a.observe("node1", "node1", "ebpf", "tcp", 10*time.Millisecond, 10)
 	before := []Scrape{a.scrape(t), b.scrape(t)}
 	// node1 (ebpf): tcp 40 µs x 3 to node1 and 40 µs x 1 to node2, udp 1 ms.
 	a.observe("node1", "node1", "ebpf", "tcp", 40*time.Microsecond, 3)
-	a.observe("node1", "node2", "ebpf", "tcp", 40*time.Microsecond, 1)
+	// A dual-stack Service's IPv6 ClusterIP: added up with the IPv4 one.
+	a.observeFamily("node1", "node2", "ebpf", "tcp", "IPv6", 40*time.Microsecond, 1)
 	a.observe("node1", "node2", "ebpf", "udp", time.Millisecond, 2)
-	a.m.connect.WithLabelValues("node1", "node2", "ebpf").Observe(20e-6)
-	a.m.connect.WithLabelValues("node1", "node1", "ebpf").Observe(30e-6)
+	a.m.connect.WithLabelValues("node1", "node2", "ebpf", "IPv4").Observe(20e-6)
+	a.m.connect.WithLabelValues("node1", "node1", "ebpf", "IPv6").Observe(30e-6)
 	// node2 measured in two modes in the window (its proxy was swapped):
 	// one row per mode.
 	b.observe("node2", "node1", "iptables", "tcp", 2*time.Millisecond, 2)

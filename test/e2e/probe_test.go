@@ -5,11 +5,13 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/probe"
@@ -26,6 +28,11 @@ const (
 // the Deployment spread over both nodes, a client of the DaemonSet on each.
 type probeDeployment struct {
 	servers, clients []*localcluster.Pod
+	// families are the probe Service's IP families, as the API server
+	// allocated its ClusterIPs (the manifest asks PreferDualStack): IPv4
+	// on an IPv4 cluster, both on a dual-stack one. The clients must
+	// measure each, with the family in ip_family, and no other.
+	families []string
 }
 
 // deployProbe installs the latency probe from manifests/probe as a user
@@ -54,7 +61,20 @@ func (e *env) deployProbe(t *testing.T, mode string) *probeDeployment {
 	e.checkProbeRBAC(t, ctx)
 	e.ensureModeLabel(t, ctx, mode)
 	var d probeDeployment
-	var err error
+	svc, err := e.c.Client.CoreV1().Services(probeNamespace).Get(ctx, "probe-server", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p := svc.Spec.IPFamilyPolicy; p == nil || *p != corev1.IPFamilyPolicyPreferDualStack {
+		t.Errorf("probe Service's ipFamilyPolicy %v, want PreferDualStack (dual-stack wherever the cluster is)", p)
+	}
+	if len(svc.Spec.IPFamilies) == 0 || len(svc.Spec.IPFamilies) != len(svc.Spec.ClusterIPs) {
+		t.Fatalf("probe Service: families %v for ClusterIPs %v", svc.Spec.IPFamilies, svc.Spec.ClusterIPs)
+	}
+	for _, f := range svc.Spec.IPFamilies {
+		d.families = append(d.families, string(f))
+	}
+	t.Logf("probe Service ClusterIPs %v, families %v", svc.Spec.ClusterIPs, d.families)
 	d.servers, err = e.c.StartDeployment(ctx, probeNamespace, "probe-server", e.binary, "Probe server ready")
 	t.Cleanup(func() { e.removePods(t, d.servers) })
 	if err != nil {
@@ -84,9 +104,10 @@ func (e *env) deployProbe(t *testing.T, mode string) *probeDeployment {
 }
 
 // probeScenario checks what the probe's clients export: round trips for
-// every client-node/server-node pair and both protocols with the proxies'
-// mode, no error, and refusals counted once the Service has no ready
-// endpoint (which it leaves so: the probe goes with the mode).
+// every client-node/server-node pair, both protocols and every IP family of
+// the Service with the proxies' mode, no series of another family, no
+// error, and refusals counted for each family once the Service has no
+// ready endpoint (which it leaves so: the probe goes with the mode).
 func (e *env) probeScenario(t *testing.T, mode string, d *probeDeployment) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -99,9 +120,16 @@ func (e *env) probeScenario(t *testing.T, mode string, d *probeDeployment) {
 	// Every pair and protocol measured with the mode; what came before
 	// (the first probes may race the proxies' sync of the new endpoints,
 	// or the mode label) is left out by the before/after difference.
-	before := e.waitForProbes(t, ctx, clients, nodes, mode, 1)
-	after := e.waitForProbes(t, ctx, clients, nodes, mode, 5)
+	before := e.waitForProbes(t, ctx, clients, nodes, mode, d.families, 1)
+	after := e.waitForProbes(t, ctx, clients, nodes, mode, d.families, 5)
 	for i := range clients {
+		for _, name := range []string{"kube_bpf_proxy_probe_round_trip_seconds", "kube_bpf_proxy_probe_connect_seconds", "kube_bpf_proxy_probe_errors_total"} {
+			for _, m := range after[i][name].GetMetric() {
+				if f := labelOf(m, "ip_family"); !slices.Contains(d.families, f) {
+					t.Errorf("client %s: %s series of ip_family %q, the Service has %v", clients[i].Name, name, f, d.families)
+				}
+			}
+		}
 		diff := diffScrapes(before[i], after[i])
 		for _, want := range []string{"refused", "timeout", "reset", "other"} {
 			if n := diff.errors[want]; n != 0 {
@@ -125,18 +153,20 @@ func (e *env) probeScenario(t *testing.T, mode string, d *probeDeployment) {
 		t.Fatal(err)
 	}
 	t.Logf("probe through the ClusterIP, %s mode:\n%s", mode, table.String())
-	for _, protocol := range []string{"tcp", "udp"} {
-		found := false
-		for _, s := range summaries {
-			if s.Mode == mode && s.Protocol == protocol {
-				found = true
-				if s.Requests == 0 || s.Errors != 0 || s.Mean <= 0 || s.P99 < s.P50 {
-					t.Errorf("%s/%s summary: %+v", mode, protocol, s)
+	for _, family := range d.families {
+		for _, protocol := range []string{"tcp", "udp"} {
+			found := false
+			for _, s := range summaries {
+				if s.Mode == mode && s.Family == family && s.Protocol == protocol {
+					found = true
+					if s.Requests == 0 || s.Errors != 0 || s.Mean <= 0 || s.P99 < s.P50 {
+						t.Errorf("%s/%s/%s summary: %+v", mode, family, protocol, s)
+					}
 				}
 			}
-		}
-		if !found {
-			t.Errorf("no %s/%s summary among %+v", mode, protocol, summaries)
+			if !found {
+				t.Errorf("no %s/%s/%s summary among %+v", mode, family, protocol, summaries)
+			}
 		}
 	}
 
@@ -148,18 +178,20 @@ func (e *env) probeScenario(t *testing.T, mode string, d *probeDeployment) {
 		}
 	}
 	for _, client := range clients {
-		for _, protocol := range []string{"tcp", "udp"} {
-			var last float64
-			if !eventually(60*time.Second, func() bool {
-				s, err := e.scrapeProbe(ctx, client)
-				if err != nil {
-					return false
+		for _, family := range d.families {
+			for _, protocol := range []string{"tcp", "udp"} {
+				var last float64
+				if !eventually(60*time.Second, func() bool {
+					s, err := e.scrapeProbe(ctx, client)
+					if err != nil {
+						return false
+					}
+					last = sumCounter(s, "kube_bpf_proxy_probe_errors_total", map[string]string{
+						"client_node": client.Node, "mode": mode, "protocol": protocol, "kind": probe.KindRefused, "ip_family": family})
+					return last >= 3
+				}) {
+					t.Errorf("client %s: %g refused %s %s probes counted with no ready server, want at least 3", client.Name, last, family, protocol)
 				}
-				last = sumCounter(s, "kube_bpf_proxy_probe_errors_total", map[string]string{
-					"client_node": client.Node, "mode": mode, "protocol": protocol, "kind": probe.KindRefused})
-				return last >= 3
-			}) {
-				t.Errorf("client %s: %g refused %s probes counted with no ready server, want at least 3", client.Name, last, protocol)
 			}
 		}
 	}
@@ -231,13 +263,14 @@ func (e *env) ensureModeLabel(t *testing.T, ctx context.Context, mode string) {
 }
 
 // waitForProbes waits until every client has counted at least n more
-// round trips with mode for every server node and protocol than it had on
-// entry (n from zero on the first call), and returns the last scrapes.
-func (e *env) waitForProbes(t *testing.T, ctx context.Context, clients []*localcluster.Pod, nodes []string, mode string, n float64) []probe.Scrape {
+// round trips with mode for every server node, protocol and IP family than
+// it had on entry (n from zero on the first call), and returns the last
+// scrapes.
+func (e *env) waitForProbes(t *testing.T, ctx context.Context, clients []*localcluster.Pod, nodes []string, mode string, families []string, n float64) []probe.Scrape {
 	t.Helper()
-	count := func(s probe.Scrape, client *localcluster.Pod, server, protocol string) float64 {
+	count := func(s probe.Scrape, client *localcluster.Pod, server, protocol, family string) float64 {
 		return sumHistogramCount(s, "kube_bpf_proxy_probe_round_trip_seconds", map[string]string{
-			"client_node": client.Node, "server_node": server, "mode": mode, "protocol": protocol})
+			"client_node": client.Node, "server_node": server, "mode": mode, "protocol": protocol, "ip_family": family})
 	}
 	scrapes := make([]probe.Scrape, len(clients))
 	for i, client := range clients {
@@ -256,8 +289,10 @@ func (e *env) waitForProbes(t *testing.T, ctx context.Context, clients []*localc
 			var missing []string
 			for _, server := range nodes {
 				for _, protocol := range []string{"tcp", "udp"} {
-					if count(s, client, server, protocol)-count(start, client, server, protocol) < n {
-						missing = append(missing, fmt.Sprintf("%s->%s/%s (%g)", client.Node, server, protocol, count(s, client, server, protocol)))
+					for _, family := range families {
+						if count(s, client, server, protocol, family)-count(start, client, server, protocol, family) < n {
+							missing = append(missing, fmt.Sprintf("%s->%s/%s/%s (%g)", client.Node, server, protocol, family, count(s, client, server, protocol, family)))
+						}
 					}
 				}
 			}

@@ -43,7 +43,7 @@ func TestSyncDoesNotWaitForTheSocketCleanup(t *testing.T) {
 	sockets := newUDPSocketCleaner(host, revnat.lookup, events)
 	cleanup := newCleanupWorker(sockets.clean)
 	t.Cleanup(cleanup.close)
-	dp := &Dataplane{rec: newReconciler(f.maps(), f.grace(), 64, 256), sockets: sockets, cleanup: cleanup, events: events}
+	dp := &Dataplane{familyPath: &familyPath{rec: newReconciler(f.maps(), f.grace(), 64, 256), sockets: sockets, cleanup: cleanup}, events: events}
 
 	synced := make(chan error, 2)
 	go func() {

@@ -3,8 +3,11 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 
 	"github.com/cilium/ebpf"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // A cold node's first full sync writes every entry of every Service into
@@ -105,7 +108,7 @@ type coldFill struct {
 // (syncRejects), once finish has applied them; deferRejects batches those.
 func (r *reconciler) deferWrites() *coldFill {
 	f := &coldFill{real: r.maps}
-	backends := &deferredMap[uint32, lbBackendValue]{inner: r.maps.Backends, fill: f}
+	backends := &deferredMap[uint32, backendKey]{inner: r.maps.Backends, fill: f}
 	slots := &deferredMap[lbSlotKey, uint32]{inner: r.maps.Slots, fill: f}
 	matches := &deferredMap[lbMatchKey, uint32]{inner: r.maps.Matches, fill: f}
 	stats := &deferredMap[uint32, lbSvcStats]{inner: r.maps.Stats, fill: f,
@@ -116,7 +119,7 @@ func (r *reconciler) deferWrites() *coldFill {
 				r.statsFailed(err, g.name, id)
 			}
 		}}
-	services := &deferredMap[lbSvcKey, lbSvcValue]{inner: r.maps.Services, fill: f}
+	services := &deferredMap[model.Frontend, lbSvcValue]{inner: r.maps.Services, fill: f}
 	f.flushers = []func() error{backends.flush, slots.flush, matches.flush, stats.flush, services.flush}
 	r.maps.Backends, r.maps.Slots, r.maps.Matches, r.maps.Stats, r.maps.Services = backends, slots, matches, stats, services
 	return f
@@ -127,8 +130,8 @@ func (r *reconciler) deferWrites() *coldFill {
 // one entry at a time: no range refuses an address before the set has it.
 func (r *reconciler) deferRejects() *coldFill {
 	f := &coldFill{real: r.maps}
-	vips := &deferredMap[uint32, uint32]{inner: r.maps.ClusterIPs, fill: f}
-	ranges := &deferredMap[uint32, lbSvcRange]{inner: r.maps.Ranges, fill: f}
+	vips := &deferredMap[netip.Addr, uint32]{inner: r.maps.ClusterIPs, fill: f}
+	ranges := &deferredMap[uint32, svcRange]{inner: r.maps.Ranges, fill: f}
 	f.flushers = []func() error{vips.flush, ranges.flush}
 	r.maps.ClusterIPs, r.maps.Ranges = vips, ranges
 	return f

@@ -123,7 +123,7 @@ func TestReconcilerColdFillMapFull(t *testing.T) {
 				t.Errorf("error %q is not ErrMapFull", err)
 			}
 			for _, fe := range []model.Frontend{a.ClusterIP, b.ClusterIP} {
-				if _, ok := f.services.entries[frontendKey(fe)]; !ok {
+				if _, ok := f.services.entries[fe]; !ok {
 					t.Errorf("%s fitted but is not served", fe)
 				}
 			}

@@ -100,22 +100,45 @@ import (
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
-// Dataplane is the eBPF implementation of dataplane.Dataplane.
+// Dataplane is the eBPF implementation of dataplane.Dataplane: the IPv4
+// Services' datapath, and the owner of the programs and maps both
+// families share. IPv6 hands out the IPv6 Services' datapath over the
+// same programs.
 type Dataplane struct {
+	// familyPath is the IPv4 path; its mu also guards node.
+	*familyPath
+	kernel *kernelObjects
+	grace  *rcuGracePeriod
+	// events are what user space counts, next to the programs' counters.
+	events *eventCounts
+	node   nodeState
+	cfg    Config
+
+	// views guards v6 and users.
+	views sync.Mutex
+	v6    *ipv6View
+	// users counts the open datapaths over kernel: this one and the IPv6
+	// view, until each is closed; the last Close releases kernel.
+	users int
+	// closed is set by d's own Close, which a second call makes again
+	// for nothing.
+	closed bool
+}
+
+// familyPath is the datapath of one family's Services: its reconciler over
+// the family's maps, and the cleanup of its connected UDP sockets.
+type familyPath struct {
+	family  model.IPFamily
+	maps    familyMaps
 	mu      sync.Mutex
-	kernel  *kernelObjects
-	grace   *rcuGracePeriod
 	rec     *reconciler
 	sockets *udpSocketCleaner
 	// cleanup runs the sockets' cleanup that each sync plans, off the
 	// sync's path.
 	cleanup *cleanupWorker
-	// events are what user space counts, next to the programs' counters.
-	events *eventCounts
 	// revnat and affinity cache how many entries the reverse map and the
 	// affinity map hold.
 	revnat, affinity programCount
-	node             nodeState
 }
 
 // nodeState is what kbp_node holds.
@@ -147,10 +170,78 @@ func (d *Dataplane) ConfineToNodeNetNS() error {
 var _ dataplane.Dataplane = (*Dataplane)(nil)
 
 // IPv6 returns the datapath of the IPv6 Services, sharing d's programs: it
-// syncs the IPv6 maps from the snapshots of an IPv6 proxier, as d syncs the
-// IPv4 ones.
+// syncs the IPv6 maps (kbp6_*) from the snapshots of an IPv6 proxier, whose
+// addresses are all IPv6 and whose NodeInfo lists the node's IPv6
+// addresses, as d syncs the IPv4 ones. Each call returns the same view
+// until it is closed. d and the view are closed separately; the programs
+// and maps are released (this process's handles; the pins keep serving)
+// when both are. Its counters and map fill are reported by d's
+// ServicePortCounters and MapUsage, and its events are d's Events: the
+// view itself serves no metrics, so that one collector over d covers both
+// families.
 func (d *Dataplane) IPv6() (dataplane.Dataplane, error) {
-	return nil, errors.New("the eBPF datapath does not serve IPv6 yet")
+	d.views.Lock()
+	defer d.views.Unlock()
+	if d.closed {
+		return nil, errors.New("the eBPF datapath is closed")
+	}
+	if d.v6 != nil {
+		return d.v6, nil
+	}
+	p, err := newFamilyPath(d.kernel, model.IPv6, d.cfg, d.grace, d.events)
+	if err != nil {
+		return nil, err
+	}
+	d.v6 = &ipv6View{familyPath: p, owner: d}
+	d.users++
+	return d.v6, nil
+}
+
+// ipv6View is the IPv6 Services' datapath over a Dataplane's programs.
+type ipv6View struct {
+	*familyPath
+	owner *Dataplane
+}
+
+var _ dataplane.Dataplane = (*ipv6View)(nil)
+
+// Events, ServicePortCounters and MapUsage are the Dataplane's, which
+// count both families: the programs and kbp_stats are shared. The view
+// answers them too, so that a node serving IPv6 alone, whose proxy has no
+// IPv4 datapath to ask, still exports them; a dual-stack proxy registers
+// one family's collector, not both (internal/proxy).
+func (v *ipv6View) Events() (map[string]uint64, error) { return v.owner.Events() }
+
+func (v *ipv6View) ServicePortCounters() ([]dataplane.ServicePortCounters, error) {
+	return v.owner.ServicePortCounters()
+}
+
+func (v *ipv6View) MapUsage() ([]dataplane.MapUsage, error) { return v.owner.MapUsage() }
+
+// Close stops the view's socket cleanup and releases its share of the
+// programs and maps.
+func (v *ipv6View) Close() error {
+	d := v.owner
+	d.views.Lock()
+	if d.v6 != v {
+		d.views.Unlock()
+		return nil // closed already
+	}
+	d.v6 = nil
+	d.views.Unlock()
+	v.cleanup.close()
+	return d.release()
+}
+
+// release drops one user of the programs and maps; the last releases them.
+func (d *Dataplane) release() error {
+	d.views.Lock()
+	defer d.views.Unlock()
+	d.users--
+	if d.users > 0 {
+		return nil
+	}
+	return errors.Join(d.kernel.Close(), d.grace.Close())
 }
 
 // New loads and attaches the datapath, adopting whatever an earlier run left
@@ -176,25 +267,36 @@ func New(cfg Config) (*Dataplane, error) {
 	if err := writeNodeWord(k.objs.KbpNode, cookie, confined); err != nil {
 		klog.ErrorS(err, "Node ports on loopback addresses are not served to sockets")
 	}
-	maps := Maps{
-		Services:   newKernelMap[lbSvcKey, lbSvcValue](k.objs.KbpServices, lbMapKbpServices),
-		Slots:      newKernelMap[lbSlotKey, uint32](k.objs.KbpSlots, lbMapKbpSlots),
-		Backends:   newKernelMap[uint32, lbBackendValue](k.objs.KbpBackends, lbMapKbpBackends),
-		Stats:      newPerCPUMap(k.objs.KbpSvcStats, lbMapKbpSvcStats),
-		Matches:    newKernelMap[lbMatchKey, uint32](k.objs.KbpAffMatch, lbMapKbpAffMatch),
-		ClusterIPs: newKernelMap[uint32, uint32](k.objs.KbpClusterIps, lbMapKbpClusterIps),
-		Ranges:     newKernelMap[uint32, lbSvcRange](k.objs.KbpSvcRanges, lbMapKbpSvcRanges),
-	}
 	grace := newRCUGracePeriod()
-	rec := newReconciler(maps, grace, cfg.MaxServices, cfg.MaxBackends)
-	rec.maxFrontends = cfg.MaxFrontends
-	if err := rec.restore(); err != nil {
+	events := newEventCounts(eventUDPSocketsDestroyed, eventUDPSocketDestroyFailed,
+		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict, eventStatsFailed, eventFamilySkipped)
+	p, err := newFamilyPath(k, model.IPv4, cfg, grace, events)
+	if err != nil {
 		k.Close()
 		grace.Close()
-		return nil, fmt.Errorf("reading pinned maps: %w", err)
+		return nil, err
 	}
-	events := newEventCounts(eventUDPSocketsDestroyed, eventUDPSocketDestroyFailed,
-		eventUDPSocketsUnsupported, eventUDPSocketsNamespaceSkip, eventFrontendConflict, eventStatsFailed)
+	return &Dataplane{
+		familyPath: p,
+		node:       nodeState{cookie: cookie, confined: confined},
+		kernel:     k,
+		grace:      grace,
+		events:     events,
+		cfg:        cfg,
+		users:      1,
+	}, nil
+}
+
+// newFamilyPath makes family f's path over k's maps, its state restored
+// from what they hold.
+func newFamilyPath(k *kernelObjects, f model.IPFamily, cfg Config, grace gracePeriod, events *eventCounts) (*familyPath, error) {
+	fm := mapsOf(&k.objs, f)
+	rec := newReconciler(kernelMaps(fm, f), grace, cfg.MaxServices, cfg.MaxBackends)
+	rec.family = f
+	rec.maxFrontends = cfg.MaxFrontends
+	if err := rec.restore(); err != nil {
+		return nil, fmt.Errorf("reading pinned %s maps: %w", f, err)
+	}
 	rec.events = events
 	host := kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs}
 	if cfg.HostNetNSOnly {
@@ -203,23 +305,29 @@ func New(cfg Config) (*Dataplane, error) {
 		// layer cleans up its stale conntrack entries instead.
 		host.dirs = nil
 	}
-	sockets := newUDPSocketCleaner(host, kernelRevnat(k.objs.KbpRevnat), events)
-	sockets.scan = kernelRevnatScan(k.objs.KbpRevnat)
+	var sockets *udpSocketCleaner
+	if f == model.IPv6 {
+		sockets = newUDPSocketCleaner(host, kernelRevnat6(fm.revnat), events)
+		sockets.scan = kernelRevnatScan6(fm.revnat)
+	} else {
+		sockets = newUDPSocketCleaner(host, kernelRevnat(fm.revnat), events)
+		sockets.scan = kernelRevnatScan(fm.revnat)
+	}
+	sockets.family = f
 	sockets.holderOf = rec.holderOf
-	return &Dataplane{
-		node:    nodeState{cookie: cookie, confined: confined},
-		kernel:  k,
-		grace:   grace,
+	revnatCount := func() (int, error) { return countEntries[uint64, lbSockRevnat](fm.revnat) }
+	if f == model.IPv6 {
+		revnatCount = func() (int, error) { return countEntries[uint64, lbSockRevnat6](fm.revnat) }
+	}
+	return &familyPath{
+		family:  f,
+		maps:    fm,
 		rec:     rec,
 		sockets: sockets,
 		cleanup: newCleanupWorker(sockets.clean),
-		events:  events,
-		revnat: programCount{
-			count: func() (int, error) { return countEntries[uint64, lbSockRevnat](k.objs.KbpRevnat) },
-			now:   time.Now,
-		},
+		revnat:  programCount{count: revnatCount, now: time.Now},
 		affinity: programCount{
-			count: func() (int, error) { return countEntries[lbAffinityKey, lbAffinityValue](k.objs.KbpAffinity) },
+			count: func() (int, error) { return countEntries[lbAffinityKey, lbAffinityValue](fm.affinity) },
 			now:   time.Now,
 		},
 	}, nil
@@ -227,11 +335,16 @@ func New(cfg Config) (*Dataplane, error) {
 
 // Sync applies snap. When it applies it only in part it returns a
 // *dataplane.SyncError: each port in its Services was left as it was.
-func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
+func (d *familyPath) Sync(ctx context.Context, snap *model.Snapshot) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if only, skipped := onlyFamily(snap, d.rec.family); skipped > 0 {
+		klog.InfoS("Skipped addresses of another family than the datapath's", "family", d.rec.family, "addresses", skipped)
+		d.rec.events.add(eventFamilySkipped, uint64(skipped))
+		snap = only
 	}
 	// A Service waiting for a frontend this snapshot frees takes it now.
 	snap = d.rec.withWaiters(snap)
@@ -246,7 +359,7 @@ func (d *Dataplane) Sync(ctx context.Context, snap *model.Snapshot) error {
 // that failed only for some service ports, those keep their old state in
 // the kernel and are skipped; after one that failed as a whole nothing is
 // done, and the next, full, sync checks everything.
-func (d *Dataplane) afterSync(snap *model.Snapshot, err error) {
+func (d *familyPath) afterSync(snap *model.Snapshot, err error) {
 	var failed map[model.Frontend]bool
 	if err != nil {
 		services, only := dataplane.OnlyServicesFailed(err)
@@ -264,10 +377,10 @@ func (d *Dataplane) afterSync(snap *model.Snapshot, err error) {
 
 // waitSocketCleanup returns once the socket cleanup of every sync so far
 // is done.
-func (d *Dataplane) waitSocketCleanup() { d.cleanup.wait() }
+func (d *familyPath) waitSocketCleanup() { d.cleanup.wait() }
 
 // Counts reports the service ports and backends the maps hold.
-func (d *Dataplane) Counts() (services, backends int) {
+func (d *familyPath) Counts() (services, backends int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.rec.counts()
@@ -324,8 +437,32 @@ func (d *Dataplane) Events() (map[string]uint64, error) {
 // hold whose name is known (after a restart, names come with the first
 // sync), summed over CPUs and over the port's service ids (a port has two
 // under internalTrafficPolicy Local with external frontends). One batched
-// walk of the counters map, whatever the number of ports.
+// walk of the counters map, whatever the number of ports. The IPv6
+// view's ports come after the IPv4 ones: a dual-stack Service's port is
+// listed once per family, and the metrics collector sums them by name.
 func (d *Dataplane) ServicePortCounters() ([]dataplane.ServicePortCounters, error) {
+	out, err := d.servicePortCounters()
+	if err != nil {
+		return nil, err
+	}
+	if v6 := d.ipv6(); v6 != nil {
+		more, err := v6.servicePortCounters()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, more...)
+	}
+	return out, nil
+}
+
+// ipv6 is the open IPv6 view, or nil.
+func (d *Dataplane) ipv6() *ipv6View {
+	d.views.Lock()
+	defer d.views.Unlock()
+	return d.v6
+}
+
+func (d *familyPath) servicePortCounters() ([]dataplane.ServicePortCounters, error) {
 	d.mu.Lock()
 	names := d.rec.namedIDs()
 	stats := d.rec.maps.Stats
@@ -364,32 +501,50 @@ func (d *Dataplane) ServicePortCounters() ([]dataplane.ServicePortCounters, erro
 
 // MapUsage reports the entries in use and the capacity of each map: the
 // reconciler's exact counts for the maps it writes, and a count of the
-// keys of the maps the programs write (see programCount).
+// keys of the maps the programs write (see programCount). The IPv4 maps
+// are labelled as before the IPv6 ones came (services, slots, ...), the
+// IPv6 view's, once it is open, with an ipv6_ prefix (ipv6_services, ...):
+// each family has its own maps, of the sizes the same flags give.
 func (d *Dataplane) MapUsage() ([]dataplane.MapUsage, error) {
+	out, err := d.mapUsage("")
+	if err != nil {
+		return nil, err
+	}
+	if v6 := d.ipv6(); v6 != nil {
+		more, err := v6.mapUsage("ipv6_")
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, more...)
+	}
+	return out, nil
+}
+
+func (d *familyPath) mapUsage(prefix string) ([]dataplane.MapUsage, error) {
 	revnat, err := d.revnat.get()
 	if err != nil {
-		return nil, fmt.Errorf("counting %s entries: %w", lbMapKbpRevnat, err)
+		return nil, fmt.Errorf("counting %s entries: %w", d.maps.revnatName, err)
 	}
 	affinity, err := d.affinity.get()
 	if err != nil {
-		return nil, fmt.Errorf("counting %s entries: %w", lbMapKbpAffinity, err)
+		return nil, fmt.Errorf("counting %s entries: %w", d.maps.affinityName, err)
 	}
 	d.mu.Lock()
 	e := d.rec.entries()
 	d.mu.Unlock()
-	o := &d.kernel.objs
+	o := &d.maps
 	usage := func(name string, entries int, m interface{ MaxEntries() uint32 }) dataplane.MapUsage {
-		return dataplane.MapUsage{Map: name, Entries: entries, Capacity: int(m.MaxEntries())}
+		return dataplane.MapUsage{Map: prefix + name, Entries: entries, Capacity: int(m.MaxEntries())}
 	}
 	return []dataplane.MapUsage{
-		usage("services", e.frontends, o.KbpServices),
-		usage("slots", e.slots, o.KbpSlots),
-		usage("backends", e.backends, o.KbpBackends),
-		usage("revnat", revnat, o.KbpRevnat),
-		usage("service_stats", e.stats, o.KbpSvcStats),
-		usage("affinity", affinity, o.KbpAffinity),
-		usage("affinity_match", e.matches, o.KbpAffMatch),
-		usage("cluster_ips", e.clusterIPs, o.KbpClusterIps),
+		usage("services", e.frontends, o.services),
+		usage("slots", e.slots, o.slots),
+		usage("backends", e.backends, o.backends),
+		usage("revnat", revnat, o.revnat),
+		usage("service_stats", e.stats, o.stats),
+		usage("affinity", affinity, o.affinity),
+		usage("affinity_match", e.matches, o.matches),
+		usage("cluster_ips", e.clusterIPs, o.clusterIPs),
 	}, nil
 }
 
@@ -426,10 +581,19 @@ func (c *programCount) get() (int, error) {
 	return n, nil
 }
 
-// Close releases this process's handles; pins keep the datapath serving.
+// Close stops the IPv4 path's socket cleanup and releases this process's
+// handles once the IPv6 view, if one was opened, is closed too; pins keep
+// the datapath serving.
 func (d *Dataplane) Close() error {
+	d.views.Lock()
+	if d.closed {
+		d.views.Unlock()
+		return nil
+	}
+	d.closed = true
+	d.views.Unlock()
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	d.cleanup.close()
-	return errors.Join(d.kernel.Close(), d.grace.Close())
+	d.mu.Unlock()
+	return d.release()
 }

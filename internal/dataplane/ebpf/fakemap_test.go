@@ -91,14 +91,14 @@ type fakeOp struct {
 }
 
 type fakeMaps struct {
-	services   *fakeMap[lbSvcKey, lbSvcValue]
+	services   *fakeMap[model.Frontend, lbSvcValue]
 	slots      *fakeMap[lbSlotKey, uint32]
-	backends   *fakeMap[uint32, lbBackendValue]
+	backends   *fakeMap[uint32, backendKey]
 	stats      *fakeMap[uint32, lbSvcStats]
 	matches    *fakeMap[lbMatchKey, uint32]
-	clusterIPs *fakeMap[uint32, uint32]
+	clusterIPs *fakeMap[netip.Addr, uint32]
 	// ranges is an array: every index exists, zero until written.
-	ranges *fakeMap[uint32, lbSvcRange]
+	ranges *fakeMap[uint32, svcRange]
 	log    []string
 	ops    int
 	// fail, when set, is asked before each operation; a non-nil error is
@@ -119,12 +119,12 @@ type fakeMaps struct {
 // with these capacities (the frontend map holds four per service port).
 func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 	f := &fakeMaps{}
-	f.services = &fakeMap[lbSvcKey, lbSvcValue]{name: "services", capacity: 4 * maxServices, entries: make(map[lbSvcKey]lbSvcValue), parent: f}
-	f.services.describe = func(k lbSvcKey, v *lbSvcValue) string {
+	f.services = &fakeMap[model.Frontend, lbSvcValue]{name: "services", capacity: 4 * maxServices, entries: make(map[model.Frontend]lbSvcValue), parent: f}
+	f.services.describe = func(k model.Frontend, v *lbSvcValue) string {
 		if v == nil {
-			return frontendFromKey(k).String()
+			return k.String()
 		}
-		return fmt.Sprintf("%s %s", frontendFromKey(k), svcValueText(*v))
+		return fmt.Sprintf("%s %s", k, svcValueText(*v))
 	}
 	f.slots = &fakeMap[lbSlotKey, uint32]{name: "slots", capacity: maxBackends, entries: make(map[lbSlotKey]uint32), parent: f}
 	f.slots.describe = func(k lbSlotKey, v *uint32) string {
@@ -133,12 +133,12 @@ func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 		}
 		return fmt.Sprintf("svc=%d slot=%d backend=%d", k.SvcId, k.Slot, *v)
 	}
-	f.backends = &fakeMap[uint32, lbBackendValue]{name: "backends", capacity: maxBackends, entries: make(map[uint32]lbBackendValue), parent: f}
-	f.backends.describe = func(id uint32, v *lbBackendValue) string {
+	f.backends = &fakeMap[uint32, backendKey]{name: "backends", capacity: maxBackends, entries: make(map[uint32]backendKey), parent: f}
+	f.backends.describe = func(id uint32, v *backendKey) string {
 		if v == nil {
 			return fmt.Sprint(id)
 		}
-		k := backendKeyFromValue(*v)
+		k := *v
 		return fmt.Sprintf("%d %s/%s", id, k.Backend, k.Protocol)
 	}
 	// The kernel's counters map has --bpf-service-ports-max entries.
@@ -156,17 +156,17 @@ func newFakeMaps(maxServices, maxBackends int) *fakeMaps {
 		}
 		return fmt.Sprintf("svc=%d backend=%d timeout=%d", k.SvcId, k.BackendId, *v)
 	}
-	f.clusterIPs = &fakeMap[uint32, uint32]{name: "cluster_ips", capacity: maxServices, entries: make(map[uint32]uint32), parent: f}
-	f.clusterIPs.describe = func(ip uint32, _ *uint32) string { return addrFromBPF(ip).String() }
-	f.ranges = &fakeMap[uint32, lbSvcRange]{name: "ranges", capacity: maxRanges, entries: make(map[uint32]lbSvcRange), parent: f}
-	f.ranges.describe = func(i uint32, v *lbSvcRange) string {
+	f.clusterIPs = &fakeMap[netip.Addr, uint32]{name: "cluster_ips", capacity: maxServices, entries: make(map[netip.Addr]uint32), parent: f}
+	f.clusterIPs.describe = func(ip netip.Addr, _ *uint32) string { return ip.String() }
+	f.ranges = &fakeMap[uint32, svcRange]{name: "ranges", capacity: maxRanges, entries: make(map[uint32]svcRange), parent: f}
+	f.ranges.describe = func(i uint32, v *svcRange) string {
 		if v == nil {
 			return fmt.Sprint(i)
 		}
 		return fmt.Sprintf("%d %s", i, rangeText(*v))
 	}
 	for i := range uint32(maxRanges) {
-		f.ranges.entries[i] = lbSvcRange{}
+		f.ranges.entries[i] = svcRange{}
 	}
 	return f
 }
@@ -188,9 +188,13 @@ func svcValueText(v lbSvcValue) string {
 	return text
 }
 
-func rangeText(v lbSvcRange) string {
+func rangeText(v svcRange) string {
 	kind := map[uint8]string{rangeEnd: "end", rangeServiceCIDR: "service-cidr", rangeClusterIPs: "cluster-ips"}[v.Kind]
-	return fmt.Sprintf("%s %s", netip.PrefixFrom(addrFromBPF(v.Net), int(v.Bits)), kind)
+	p := v.Prefix
+	if !p.IsValid() {
+		p = netip.PrefixFrom(netip.IPv4Unspecified(), 0) // an unused entry, all zero in the kernel
+	}
+	return fmt.Sprintf("%s %s", p, kind)
 }
 
 func statsText(v lbSvcStats) string {
@@ -276,31 +280,30 @@ func (f *fakeMaps) dump() string {
 
 // fakeContents are the entries of each map.
 type fakeContents struct {
-	services   map[lbSvcKey]lbSvcValue
+	services   map[model.Frontend]lbSvcValue
 	slots      map[lbSlotKey]uint32
-	backends   map[uint32]lbBackendValue
+	backends   map[uint32]backendKey
 	stats      map[uint32]lbSvcStats
 	matches    map[lbMatchKey]uint32
-	clusterIPs map[uint32]uint32
-	ranges     map[uint32]lbSvcRange
+	clusterIPs map[netip.Addr]uint32
+	ranges     map[uint32]svcRange
 }
 
 func dumpMaps(c fakeContents) string {
 	var lines []string
 	for k, v := range c.services {
-		lines = append(lines, fmt.Sprintf("service %s %s", frontendFromKey(k), svcValueText(v)))
+		lines = append(lines, fmt.Sprintf("service %s %s", k, svcValueText(v)))
 	}
 	addr := func(id uint32) string {
 		if b, ok := c.backends[id]; ok {
-			return backendKeyFromValue(b).Backend.String()
+			return b.Backend.String()
 		}
 		return "<missing backend>"
 	}
 	for k, id := range c.slots {
 		lines = append(lines, fmt.Sprintf("slot    svc=%d slot=%d backend=%d %s", k.SvcId, k.Slot, id, addr(id)))
 	}
-	for id, b := range c.backends {
-		k := backendKeyFromValue(b)
+	for id, k := range c.backends {
 		lines = append(lines, fmt.Sprintf("backend %d %s/%s", id, k.Backend, k.Protocol))
 	}
 	for id, v := range c.stats {
@@ -310,14 +313,14 @@ func dumpMaps(c fakeContents) string {
 		lines = append(lines, fmt.Sprintf("match   svc=%d backend=%d %s timeout=%d", k.SvcId, k.BackendId, addr(k.BackendId), timeout))
 	}
 	for ip, kind := range c.clusterIPs {
-		line := fmt.Sprintf("clusterip %s", addrFromBPF(ip))
+		line := fmt.Sprintf("clusterip %s", ip)
 		if kind == clusterIPForeign {
 			line += " foreign"
 		}
 		lines = append(lines, line)
 	}
 	for i, v := range c.ranges {
-		if v != (lbSvcRange{}) {
+		if v != (svcRange{}) {
 			lines = append(lines, fmt.Sprintf("range   %d %s", i, rangeText(v)))
 		}
 	}
@@ -333,14 +336,14 @@ func checkNoHoles(f *fakeMaps) error {
 		for slot := range uint32(countOf(v)) {
 			id, ok := f.slots.entries[lbSlotKey{SvcId: idOf(v), Slot: slot}]
 			if !ok {
-				return fmt.Errorf("service %s: slot %d of %d missing", frontendFromKey(k), slot, countOf(v))
+				return fmt.Errorf("service %s: slot %d of %d missing", k, slot, countOf(v))
 			}
 			b, ok := f.backends.entries[id]
 			if !ok {
-				return fmt.Errorf("service %s: slot %d names missing backend %d", frontendFromKey(k), slot, id)
+				return fmt.Errorf("service %s: slot %d names missing backend %d", k, slot, id)
 			}
-			if b.Proto != k.Proto {
-				return fmt.Errorf("service %s: slot %d names backend of protocol %d", frontendFromKey(k), slot, b.Proto)
+			if b.Protocol != k.Protocol {
+				return fmt.Errorf("service %s: slot %d names backend of protocol %s", k, slot, b.Protocol)
 			}
 		}
 		if flagsOf(v)&svcFlagAffinity == 0 {
@@ -354,10 +357,10 @@ func checkNoHoles(f *fakeMaps) error {
 			}
 			b, ok := f.backends.entries[m.BackendId]
 			if !ok {
-				return fmt.Errorf("service %s: match entry names missing backend %d", frontendFromKey(k), m.BackendId)
+				return fmt.Errorf("service %s: match entry names missing backend %d", k, m.BackendId)
 			}
-			if b.Proto != k.Proto {
-				return fmt.Errorf("service %s: match entry names backend of protocol %d", frontendFromKey(k), b.Proto)
+			if b.Protocol != k.Protocol {
+				return fmt.Errorf("service %s: match entry names backend of protocol %s", k, b.Protocol)
 			}
 		}
 	}
@@ -449,13 +452,13 @@ func watchReaders(t *testing.T, f *fakeMaps) {
 func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	t.Helper()
 	c := fakeContents{
-		services:   make(map[lbSvcKey]lbSvcValue),
+		services:   make(map[model.Frontend]lbSvcValue),
 		slots:      make(map[lbSlotKey]uint32),
-		backends:   make(map[uint32]lbBackendValue),
+		backends:   make(map[uint32]backendKey),
 		stats:      make(map[uint32]lbSvcStats),
 		matches:    make(map[lbMatchKey]uint32),
-		clusterIPs: make(map[uint32]uint32),
-		ranges:     make(map[uint32]lbSvcRange),
+		clusterIPs: make(map[netip.Addr]uint32),
+		ranges:     make(map[uint32]svcRange),
 	}
 	refs := make(map[uint32]int32)
 	svcIDs := make(map[uint32]struct{})
@@ -468,7 +471,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 		}
 	}
 	for fe, fr := range r.frontends {
-		c.services[frontendKey(fe)] = svcValue(fr.group.id, fr.count, fr.flags)
+		c.services[fe] = svcValue(fr.group.id, fr.count, fr.flags)
 		if g := r.groups[fr.group.id]; g != fr.group || fr.fe != fe || !slices.Contains(g.frontends, fr) {
 			t.Errorf("frontend %s names service id %d, which does not list it", fe, fr.group.id)
 		}
@@ -525,7 +528,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 		backendIDs[id] = struct{}{}
 	}
 	for ip, kind := range r.vips.set {
-		c.clusterIPs[addrToBPF(ip)] = kind
+		c.clusterIPs[ip] = kind
 	}
 	vipRefs := make(map[netip.Addr]int)
 	for fe, fr := range r.frontends {
@@ -579,7 +582,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 	}
 	for key, id := range r.backends {
 		if r.backendKeys[id] != key {
-			t.Errorf("backend %s is pointed at id %d, which holds %s", backendKeyFromValue(key).Backend, id, backendKeyFromValue(r.backendKeys[id]).Backend)
+			t.Errorf("backend %s is pointed at id %d, which holds %s", key.Backend, id, r.backendKeys[id].Backend)
 		}
 	}
 }
@@ -587,7 +590,7 @@ func checkCopy(t *testing.T, r *reconciler, f *fakeMaps) {
 // liveSet lists the backends programs pick from for fe, sorted; ok is
 // false when fe is not a service.
 func liveSet(f *fakeMaps, fe model.Frontend) (backends []string, ok bool) {
-	v, ok := f.services.entries[frontendKey(fe)]
+	v, ok := f.services.entries[fe]
 	if !ok {
 		return nil, false
 	}
@@ -598,7 +601,7 @@ func liveSet(f *fakeMaps, fe model.Frontend) (backends []string, ok bool) {
 			backends = append(backends, fmt.Sprintf("<hole at slot %d>", slot))
 			continue
 		}
-		backends = append(backends, backendKeyFromValue(b).Backend.String())
+		backends = append(backends, b.Backend.String())
 	}
 	slices.Sort(backends)
 	return backends, true
@@ -609,8 +612,7 @@ func liveSet(f *fakeMaps, fe model.Frontend) (backends []string, ok bool) {
 // is more than that when garbage is left.
 func served(f *fakeMaps) string {
 	var lines []string
-	for k := range f.services.entries {
-		fe := frontendFromKey(k)
+	for fe := range f.services.entries {
 		set, _ := liveSet(f, fe)
 		lines = append(lines, fmt.Sprintf("%s -> %s", fe, strings.Join(set, " ")))
 	}

@@ -161,9 +161,9 @@ func (c countingMap[K, V]) Delete(k K) error      { *c.ops++; return c.Map.Delet
 
 func (c *countingMaps) wrap(m Maps) Maps {
 	return Maps{
-		Services: countingMap[lbSvcKey, lbSvcValue]{m.Services, &c.ops},
+		Services: countingMap[model.Frontend, lbSvcValue]{m.Services, &c.ops},
 		Slots:    countingMap[lbSlotKey, uint32]{m.Slots, &c.ops},
-		Backends: countingMap[uint32, lbBackendValue]{m.Backends, &c.ops},
+		Backends: countingMap[uint32, backendKey]{m.Backends, &c.ops},
 		Stats:    countingMap[uint32, lbSvcStats]{m.Stats, &c.ops},
 	}
 }
@@ -520,7 +520,7 @@ func TestKernelOverwritesNeverMissALookup(t *testing.T) {
 	}
 	for i := range uint32(900) {
 		other := model.Frontend{IP: netip.AddrFrom4([4]byte{10, 97, byte(i >> 8), byte(i)}), Port: 80, Protocol: model.TCP}
-		if err := s.dp.rec.maps.Services.Update(frontendKey(other), lbSvcValue{Id: 1 << 20, Count: 0}); err != nil {
+		if err := s.dp.rec.maps.Services.Update(other, lbSvcValue{Id: 1 << 20, Count: 0}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -534,7 +534,7 @@ func TestKernelOverwritesNeverMissALookup(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if err := s.dp.rec.maps.Services.Update(frontendKey(fe), lbSvcValue{Id: svc.id, Count: uint32(len(ids))}); err != nil {
+			if err := s.dp.rec.maps.Services.Update(fe, lbSvcValue{Id: svc.id, Count: uint32(len(ids))}); err != nil {
 				t.Fatal(err)
 			}
 		}

@@ -36,7 +36,7 @@ func portFromBPF(v uint16) uint16 {
 }
 
 func frontendKey(f model.Frontend) lbSvcKey {
-	return lbSvcKey{Addr: addrToBPF(f.IP), Port: portToBPF(f.Port), Proto: uint8(f.Protocol)}
+	return lbSvcKey{Addr: addr4ToBPF(f.IP), Port: portToBPF(f.Port), Proto: uint8(f.Protocol)}
 }
 
 func frontendFromKey(k lbSvcKey) model.Frontend {
@@ -51,7 +51,7 @@ type backendKey struct {
 }
 
 func (b backendKey) value() lbBackendValue {
-	return lbBackendValue{Addr: addrToBPF(b.IP), Port: portToBPF(b.Port), Proto: uint8(b.Protocol)}
+	return lbBackendValue{Addr: addr4ToBPF(b.IP), Port: portToBPF(b.Port), Proto: uint8(b.Protocol)}
 }
 
 func backendKeyFromValue(v lbBackendValue) backendKey {
@@ -107,6 +107,6 @@ func matchKey(svcID, backendID uint32) lbMatchKey {
 	return lbMatchKey{SvcId: svcID, BackendId: backendID}
 }
 
-func rangeValue(p netip.Prefix, kind uint8) lbSvcRange {
-	return lbSvcRange{Net: addrToBPF(p.Masked().Addr()), Bits: uint8(p.Bits()), Kind: kind}
+func rangeValue(p netip.Prefix, kind uint8) svcRange {
+	return svcRange{Prefix: p.Masked(), Kind: kind}
 }

@@ -26,12 +26,25 @@ type lbAffinityValue struct {
 	LastUsed  uint32
 }
 
+type lbBackend6Value struct {
+	_     structs.HostLayout
+	Addr  [4]uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type lbBackendValue struct {
 	_     structs.HostLayout
 	Addr  uint32
 	Port  uint16
 	Proto uint8
 	Pad   uint8
+}
+
+type lbIn6Words struct {
+	_    structs.HostLayout
+	Addr [4]uint32
 }
 
 type lbMatchKey struct {
@@ -43,6 +56,20 @@ type lbMatchKey struct {
 type lbNodeConfig struct {
 	_           structs.HostLayout
 	NetnsCookie uint64
+}
+
+type lbRevnat6Pair struct {
+	_        structs.HostLayout
+	Seq      uint64
+	Backend  lbRevnat6Value
+	Frontend lbRevnat6Value
+}
+
+type lbRevnat6Value struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Port uint16
+	Pad  uint16
 }
 
 type lbRevnatPair struct {
@@ -71,6 +98,13 @@ type lbSockRevnat struct {
 	Pad   uint32
 }
 
+type lbSockRevnat6 struct {
+	_     structs.HostLayout
+	Pairs [4]lbRevnat6Pair
+	Next  uint32
+	Seq   uint32
+}
+
 type lbStatIndex uint32
 
 const (
@@ -92,6 +126,14 @@ const (
 	lbStatIndexSTAT_MAX                       lbStatIndex = 15
 )
 
+type lbSvc6Key struct {
+	_     structs.HostLayout
+	Addr  [4]uint32
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
 type lbSvcKey struct {
 	_     structs.HostLayout
 	Addr  uint32
@@ -103,6 +145,14 @@ type lbSvcKey struct {
 type lbSvcRange struct {
 	_    structs.HostLayout
 	Net  uint32
+	Bits uint8
+	Kind uint8
+	Pad  uint16
+}
+
+type lbSvcRange6 struct {
+	_    structs.HostLayout
+	Net  [4]uint32
 	Bits uint8
 	Kind uint8
 	Pad  uint16
@@ -126,6 +176,15 @@ type lbSvcValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	lbMapKbp6AffMatch       = "kbp6_aff_match"
+	lbMapKbp6Affinity       = "kbp6_affinity"
+	lbMapKbp6Backends       = "kbp6_backends"
+	lbMapKbp6Clusterips     = "kbp6_clusterips"
+	lbMapKbp6Revnat         = "kbp6_revnat"
+	lbMapKbp6Services       = "kbp6_services"
+	lbMapKbp6Slots          = "kbp6_slots"
+	lbMapKbp6SvcRanges      = "kbp6_svc_ranges"
+	lbMapKbp6SvcStats       = "kbp6_svc_stats"
 	lbMapKbpAffMatch        = "kbp_aff_match"
 	lbMapKbpAffinity        = "kbp_affinity"
 	lbMapKbpBackends        = "kbp_backends"
@@ -144,6 +203,7 @@ const (
 	lbProgKbpRecvmsg4       = "kbp_recvmsg4"
 	lbProgKbpRecvmsg6       = "kbp_recvmsg6"
 	lbProgKbpSendmsg4       = "kbp_sendmsg4"
+	lbProgKbpSendmsg6       = "kbp_sendmsg6"
 	lbProgKbpSockRelease    = "kbp_sock_release"
 	lbVarKbpHaveKtimeCoarse = "kbp_have_ktime_coarse"
 	lbVarKbpHaveSetRetval   = "kbp_have_set_retval"
@@ -198,6 +258,7 @@ type lbProgramSpecs struct {
 	KbpRecvmsg4     *ebpf.ProgramSpec `ebpf:"kbp_recvmsg4"`
 	KbpRecvmsg6     *ebpf.ProgramSpec `ebpf:"kbp_recvmsg6"`
 	KbpSendmsg4     *ebpf.ProgramSpec `ebpf:"kbp_sendmsg4"`
+	KbpSendmsg6     *ebpf.ProgramSpec `ebpf:"kbp_sendmsg6"`
 	KbpSockRelease  *ebpf.ProgramSpec `ebpf:"kbp_sock_release"`
 }
 
@@ -205,17 +266,26 @@ type lbProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type lbMapSpecs struct {
-	KbpAffMatch   *ebpf.MapSpec `ebpf:"kbp_aff_match"`
-	KbpAffinity   *ebpf.MapSpec `ebpf:"kbp_affinity"`
-	KbpBackends   *ebpf.MapSpec `ebpf:"kbp_backends"`
-	KbpClusterIps *ebpf.MapSpec `ebpf:"kbp_cluster_ips"`
-	KbpNode       *ebpf.MapSpec `ebpf:"kbp_node"`
-	KbpRevnat     *ebpf.MapSpec `ebpf:"kbp_revnat"`
-	KbpServices   *ebpf.MapSpec `ebpf:"kbp_services"`
-	KbpSlots      *ebpf.MapSpec `ebpf:"kbp_slots"`
-	KbpStats      *ebpf.MapSpec `ebpf:"kbp_stats"`
-	KbpSvcRanges  *ebpf.MapSpec `ebpf:"kbp_svc_ranges"`
-	KbpSvcStats   *ebpf.MapSpec `ebpf:"kbp_svc_stats"`
+	Kbp6AffMatch   *ebpf.MapSpec `ebpf:"kbp6_aff_match"`
+	Kbp6Affinity   *ebpf.MapSpec `ebpf:"kbp6_affinity"`
+	Kbp6Backends   *ebpf.MapSpec `ebpf:"kbp6_backends"`
+	Kbp6Clusterips *ebpf.MapSpec `ebpf:"kbp6_clusterips"`
+	Kbp6Revnat     *ebpf.MapSpec `ebpf:"kbp6_revnat"`
+	Kbp6Services   *ebpf.MapSpec `ebpf:"kbp6_services"`
+	Kbp6Slots      *ebpf.MapSpec `ebpf:"kbp6_slots"`
+	Kbp6SvcRanges  *ebpf.MapSpec `ebpf:"kbp6_svc_ranges"`
+	Kbp6SvcStats   *ebpf.MapSpec `ebpf:"kbp6_svc_stats"`
+	KbpAffMatch    *ebpf.MapSpec `ebpf:"kbp_aff_match"`
+	KbpAffinity    *ebpf.MapSpec `ebpf:"kbp_affinity"`
+	KbpBackends    *ebpf.MapSpec `ebpf:"kbp_backends"`
+	KbpClusterIps  *ebpf.MapSpec `ebpf:"kbp_cluster_ips"`
+	KbpNode        *ebpf.MapSpec `ebpf:"kbp_node"`
+	KbpRevnat      *ebpf.MapSpec `ebpf:"kbp_revnat"`
+	KbpServices    *ebpf.MapSpec `ebpf:"kbp_services"`
+	KbpSlots       *ebpf.MapSpec `ebpf:"kbp_slots"`
+	KbpStats       *ebpf.MapSpec `ebpf:"kbp_stats"`
+	KbpSvcRanges   *ebpf.MapSpec `ebpf:"kbp_svc_ranges"`
+	KbpSvcStats    *ebpf.MapSpec `ebpf:"kbp_svc_stats"`
 }
 
 // lbVariableSpecs contains global variables before they are loaded into the kernel.
@@ -246,21 +316,39 @@ func (o *lbObjects) Close() error {
 //
 // It can be passed to loadLbObjects or ebpf.CollectionSpec.LoadAndAssign.
 type lbMaps struct {
-	KbpAffMatch   *ebpf.Map `ebpf:"kbp_aff_match"`
-	KbpAffinity   *ebpf.Map `ebpf:"kbp_affinity"`
-	KbpBackends   *ebpf.Map `ebpf:"kbp_backends"`
-	KbpClusterIps *ebpf.Map `ebpf:"kbp_cluster_ips"`
-	KbpNode       *ebpf.Map `ebpf:"kbp_node"`
-	KbpRevnat     *ebpf.Map `ebpf:"kbp_revnat"`
-	KbpServices   *ebpf.Map `ebpf:"kbp_services"`
-	KbpSlots      *ebpf.Map `ebpf:"kbp_slots"`
-	KbpStats      *ebpf.Map `ebpf:"kbp_stats"`
-	KbpSvcRanges  *ebpf.Map `ebpf:"kbp_svc_ranges"`
-	KbpSvcStats   *ebpf.Map `ebpf:"kbp_svc_stats"`
+	Kbp6AffMatch   *ebpf.Map `ebpf:"kbp6_aff_match"`
+	Kbp6Affinity   *ebpf.Map `ebpf:"kbp6_affinity"`
+	Kbp6Backends   *ebpf.Map `ebpf:"kbp6_backends"`
+	Kbp6Clusterips *ebpf.Map `ebpf:"kbp6_clusterips"`
+	Kbp6Revnat     *ebpf.Map `ebpf:"kbp6_revnat"`
+	Kbp6Services   *ebpf.Map `ebpf:"kbp6_services"`
+	Kbp6Slots      *ebpf.Map `ebpf:"kbp6_slots"`
+	Kbp6SvcRanges  *ebpf.Map `ebpf:"kbp6_svc_ranges"`
+	Kbp6SvcStats   *ebpf.Map `ebpf:"kbp6_svc_stats"`
+	KbpAffMatch    *ebpf.Map `ebpf:"kbp_aff_match"`
+	KbpAffinity    *ebpf.Map `ebpf:"kbp_affinity"`
+	KbpBackends    *ebpf.Map `ebpf:"kbp_backends"`
+	KbpClusterIps  *ebpf.Map `ebpf:"kbp_cluster_ips"`
+	KbpNode        *ebpf.Map `ebpf:"kbp_node"`
+	KbpRevnat      *ebpf.Map `ebpf:"kbp_revnat"`
+	KbpServices    *ebpf.Map `ebpf:"kbp_services"`
+	KbpSlots       *ebpf.Map `ebpf:"kbp_slots"`
+	KbpStats       *ebpf.Map `ebpf:"kbp_stats"`
+	KbpSvcRanges   *ebpf.Map `ebpf:"kbp_svc_ranges"`
+	KbpSvcStats    *ebpf.Map `ebpf:"kbp_svc_stats"`
 }
 
 func (m *lbMaps) Close() error {
 	return _LbClose(
+		m.Kbp6AffMatch,
+		m.Kbp6Affinity,
+		m.Kbp6Backends,
+		m.Kbp6Clusterips,
+		m.Kbp6Revnat,
+		m.Kbp6Services,
+		m.Kbp6Slots,
+		m.Kbp6SvcRanges,
+		m.Kbp6SvcStats,
 		m.KbpAffMatch,
 		m.KbpAffinity,
 		m.KbpBackends,
@@ -294,6 +382,7 @@ type lbPrograms struct {
 	KbpRecvmsg4     *ebpf.Program `ebpf:"kbp_recvmsg4"`
 	KbpRecvmsg6     *ebpf.Program `ebpf:"kbp_recvmsg6"`
 	KbpSendmsg4     *ebpf.Program `ebpf:"kbp_sendmsg4"`
+	KbpSendmsg6     *ebpf.Program `ebpf:"kbp_sendmsg6"`
 	KbpSockRelease  *ebpf.Program `ebpf:"kbp_sock_release"`
 }
 
@@ -306,6 +395,7 @@ func (p *lbPrograms) Close() error {
 		p.KbpRecvmsg4,
 		p.KbpRecvmsg6,
 		p.KbpSendmsg4,
+		p.KbpSendmsg6,
 		p.KbpSockRelease,
 	)
 }

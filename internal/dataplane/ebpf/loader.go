@@ -82,6 +82,7 @@ var programs = []program{
 	{"recvmsg4", ebpf.AttachCGroupUDP4Recvmsg, func(o *lbObjects) *ebpf.Program { return o.KbpRecvmsg4 }},
 	{"getpeername4", ebpf.AttachCgroupInet4GetPeername, func(o *lbObjects) *ebpf.Program { return o.KbpGetpeername4 }},
 	{"connect6", ebpf.AttachCGroupInet6Connect, func(o *lbObjects) *ebpf.Program { return o.KbpConnect6 }},
+	{"sendmsg6", ebpf.AttachCGroupUDP6Sendmsg, func(o *lbObjects) *ebpf.Program { return o.KbpSendmsg6 }},
 	{"recvmsg6", ebpf.AttachCGroupUDP6Recvmsg, func(o *lbObjects) *ebpf.Program { return o.KbpRecvmsg6 }},
 	{"getpeername6", ebpf.AttachCgroupInet6GetPeername, func(o *lbObjects) *ebpf.Program { return o.KbpGetpeername6 }},
 	{"sock_release", ebpf.AttachCgroupInetSockRelease, func(o *lbObjects) *ebpf.Program { return o.KbpSockRelease }},
@@ -115,6 +116,18 @@ var pinnedMaps = []struct {
 	{lbMapKbpClusterIps, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
 	{lbMapKbpSvcRanges, "", nil, nil},
 	{lbMapKbpNode, "", nil, nil},
+	// The IPv6 maps, sized by the same flags as the IPv4 ones: each
+	// family has its own maps of those sizes. A datapath pinned by a
+	// version without them gets them created at start, empty.
+	{lbMapKbp6Services, FlagMaxFrontends, func(c Config) uint32 { return c.MaxFrontends }, nil},
+	{lbMapKbp6Slots, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }, nil},
+	{lbMapKbp6Backends, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }, nil},
+	{lbMapKbp6Revnat, FlagMaxRevNAT, func(c Config) uint32 { return c.MaxSockets }, nil},
+	{lbMapKbp6SvcStats, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
+	{lbMapKbp6Affinity, FlagMaxAffinity, func(c Config) uint32 { return c.MaxAffinity }, nil},
+	{lbMapKbp6AffMatch, FlagMaxBackends, func(c Config) uint32 { return c.MaxBackends }, nil},
+	{lbMapKbp6Clusterips, FlagMaxServices, func(c Config) uint32 { return c.MaxServices }, nil},
+	{lbMapKbp6SvcRanges, "", nil, nil},
 }
 
 // isLRURevnat tells whether m is kbp_revnat as versions before the
@@ -219,7 +232,10 @@ func load(cfg Config) (_ *kernelObjects, err error) {
 		k.links = append(k.links, l)
 	}
 	if pinned := sw.resizedFrom[lbMapKbpRevnat]; pinned != nil {
-		resyncRevnat(pinned, k.objs.KbpRevnat)
+		resyncRevnat[lbSockRevnat](pinned, k.objs.KbpRevnat, lbMapKbpRevnat)
+	}
+	if pinned := sw.resizedFrom[lbMapKbp6Revnat]; pinned != nil {
+		resyncRevnat[lbSockRevnat6](pinned, k.objs.Kbp6Revnat, lbMapKbp6Revnat)
 	}
 	if legacy := sw.legacy[lbMapKbpRevnat]; legacy != nil {
 		migrateLegacyRevnat(legacy, k.objs.KbpRevnat, kernelSocketHost{nodeNetNS: cfg.NodeNetNS, dirs: cfg.NetNSDirs})

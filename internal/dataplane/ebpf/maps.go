@@ -3,9 +3,12 @@ package ebpf
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
 )
 
 // Map is the access the reconciler needs to one BPF map. The kernel
@@ -22,9 +25,9 @@ type Map[K comparable, V any] interface {
 
 // Maps are the load-balancing maps the reconciler writes.
 type Maps struct {
-	Services Map[lbSvcKey, lbSvcValue]
+	Services Map[model.Frontend, lbSvcValue]
 	Slots    Map[lbSlotKey, uint32]
-	Backends Map[uint32, lbBackendValue]
+	Backends Map[uint32, backendKey]
 	// Stats holds one entry of counters per service id in use, summed
 	// over CPUs (see perCPUMap). The reconciler only creates entries at
 	// zero and deletes them.
@@ -37,8 +40,8 @@ type Maps struct {
 	// Ranges the Service address ranges, an array indexed from 0: what
 	// refuses a connect to a ClusterIP port no Service has, or to an
 	// unallocated Service address.
-	ClusterIPs Map[uint32, uint32]
-	Ranges     Map[uint32, lbSvcRange]
+	ClusterIPs Map[netip.Addr, uint32]
+	Ranges     Map[uint32, svcRange]
 }
 
 // ErrMapFull is wrapped by updates that failed because a map is at capacity.

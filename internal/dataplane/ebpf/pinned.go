@@ -68,6 +68,9 @@ type PinnedCounters struct {
 // share a backend list (a service port's, or under internalTrafficPolicy
 // Local its ClusterIP's and its external frontends' apart).
 type PinnedGroup struct {
+	// Family is the family of the maps the group is in: each family has
+	// its own maps, and its own service ids.
+	Family    model.IPFamily
 	ID        uint32
 	Frontends []PinnedFrontend
 	// Backends are those of the live slots (0 to the frontends' highest
@@ -88,7 +91,8 @@ type PinnedGroup struct {
 
 // Pinned is what the load-balancing maps pinned in a directory hold.
 type Pinned struct {
-	// Groups are sorted by the lowest frontend (ClusterIPs first).
+	// Groups are the IPv4 maps', then the IPv6 maps' (kbp6_*), each
+	// family's sorted by the lowest frontend (ClusterIPs first).
 	Groups []PinnedGroup
 	// Events are the node-wide event counters, by their metric names.
 	Events map[string]uint64
@@ -111,149 +115,27 @@ func openPinnedReadOnly(dir, name string) (*ebpf.Map, error) {
 }
 
 // ReadPinned reads the load-balancing maps a datapath pinned in dir
-// (--bpffs-path). It fails if the frontend, slot or backend map is
-// missing; the counters and affinity maps are optional (an older
-// version's pins).
+// (--bpffs-path), both families'. It fails if the IPv4 frontend, slot or
+// backend map is missing; the counters and affinity maps are optional,
+// and so are the IPv6 maps (an older version's pins).
 func ReadPinned(dir string) (*Pinned, error) {
-	open := map[string]*ebpf.Map{}
-	defer func() {
-		for _, m := range open {
-			m.Close()
-		}
-	}()
-	for _, name := range []string{lbMapKbpServices, lbMapKbpSlots, lbMapKbpBackends, lbMapKbpSvcStats, lbMapKbpAffMatch, lbMapKbpStats} {
-		m, err := openPinnedReadOnly(dir, name)
-		if err != nil {
-			switch name {
-			case lbMapKbpServices, lbMapKbpSlots, lbMapKbpBackends:
-				return nil, err
-			}
-			if errors.Is(err, os.ErrNotExist) {
-				continue
-			}
-			return nil, err
-		}
-		open[name] = m
-	}
-
-	groups := map[uint32]*PinnedGroup{}
-	group := func(id uint32) *PinnedGroup {
-		g := groups[id]
-		if g == nil {
-			g = &PinnedGroup{ID: id}
-			groups[id] = g
-		}
-		return g
-	}
-	services := newKernelMap[lbSvcKey, lbSvcValue](open[lbMapKbpServices], lbMapKbpServices)
-	err := services.Iterate(func(k lbSvcKey, v lbSvcValue) error {
-		g := group(idOf(v))
-		flags := flagsOf(v)
-		f := PinnedFrontend{Frontend: frontendFromKey(k), Kind: KindClusterIP, Count: countOf(v),
-			NodeNetNSOnly: flags&svcFlagNodeNetNSOnly != 0}
-		switch {
-		case flags&svcFlagNodePort != 0:
-			f.Kind = KindNodePort
-		case flags&svcFlagExternal != 0:
-			f.Kind = KindExternal
-		}
-		g.Frontends = append(g.Frontends, f)
-		g.Affinity = g.Affinity || flags&svcFlagAffinity != 0
-		g.NoLocalEndpoint = g.NoLocalEndpoint || flags&svcFlagNoLocalEndpoint != 0
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-
-	backends := map[uint32]lbBackendValue{}
-	err = newKernelMap[uint32, lbBackendValue](open[lbMapKbpBackends], lbMapKbpBackends).Iterate(func(id uint32, v lbBackendValue) error {
-		backends[id] = v
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-
-	slots := map[uint32]map[uint32]uint32{} // id -> slot -> backend id
-	err = newKernelMap[lbSlotKey, uint32](open[lbMapKbpSlots], lbMapKbpSlots).Iterate(func(k lbSlotKey, backendID uint32) error {
-		if groups[k.SvcId] == nil {
-			return nil // no frontend names the id: hidden, awaiting deletion
-		}
-		if slots[k.SvcId] == nil {
-			slots[k.SvcId] = map[uint32]uint32{}
-		}
-		slots[k.SvcId][k.Slot] = backendID
-		return nil
-	})
-	if err != nil {
-		return nil, err
-	}
-
-	if m := open[lbMapKbpAffMatch]; m != nil {
-		err = newKernelMap[lbMatchKey, uint32](m, lbMapKbpAffMatch).Iterate(func(k lbMatchKey, timeout uint32) error {
-			if g := groups[k.SvcId]; g != nil {
-				g.AffinitySeconds = max(g.AffinitySeconds, timeout)
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
-		}
-	}
-	if m := open[lbMapKbpSvcStats]; m != nil {
-		err = newPerCPUMap(m, lbMapKbpSvcStats).Iterate(func(id uint32, v lbSvcStats) error {
-			if g := groups[id]; g != nil {
-				g.Counters = &PinnedCounters{Connections: v.Connections, Datagrams: v.Datagrams, Refused: v.Refused, Reverse: v.Reverse}
-			}
-			return nil
-		})
-		if err != nil {
-			return nil, err
-		}
-	}
-
 	out := &Pinned{}
-	for id, g := range groups {
-		live := 0
-		for _, f := range g.Frontends {
-			live = max(live, f.Count)
+	for _, f := range model.Families {
+		groups, err := readPinnedFamily(dir, f)
+		if f == model.IPv6 && errors.Is(err, os.ErrNotExist) {
+			break // pinned by a version without IPv6 maps
 		}
-		index := map[uint32]int{}
-		for slot := range uint32(live) {
-			bid, ok := slots[id][slot]
-			if !ok || bid == 0 {
-				g.MissingSlots++
-				continue
-			}
-			if i, seen := index[bid]; seen {
-				g.Backends[i].Slots++
-				continue
-			}
-			b := PinnedBackend{ID: bid, Slots: 1}
-			if v, ok := backends[bid]; ok {
-				k := backendKeyFromValue(v)
-				b.Backend, b.Protocol = k.Backend, k.Protocol
-			} else {
-				b.Missing = true
-			}
-			index[bid] = len(g.Backends)
-			g.Backends = append(g.Backends, b)
+		if err != nil {
+			return nil, err
 		}
-		slices.SortFunc(g.Frontends, comparePinnedFrontends)
-		if !g.Affinity {
-			g.AffinitySeconds = 0
-		}
-		out.Groups = append(out.Groups, *g)
+		out.Groups = append(out.Groups, groups...)
 	}
-	slices.SortFunc(out.Groups, func(a, b PinnedGroup) int {
-		if len(a.Frontends) == 0 || len(b.Frontends) == 0 {
-			return len(b.Frontends) - len(a.Frontends)
-		}
-		return comparePinnedFrontends(a.Frontends[0], b.Frontends[0])
-	})
-
-	if m := open[lbMapKbpStats]; m != nil {
+	m, err := openPinnedReadOnly(dir, lbMapKbpStats)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	if m != nil {
+		defer m.Close()
 		out.Events = make(map[string]uint64, len(eventNames))
 		for idx, name := range eventNames {
 			var perCPU []uint64
@@ -292,4 +174,149 @@ func comparePinnedFrontends(a, b PinnedFrontend) int {
 		return c
 	}
 	return int(a.Protocol) - int(b.Protocol)
+}
+
+// readPinnedFamily reads the groups of family f's maps. An error wrapping
+// os.ErrNotExist says its frontend, slot or backend map is not pinned.
+func readPinnedFamily(dir string, f model.IPFamily) ([]PinnedGroup, error) {
+	fm := mapNamesOf(f)
+	open := map[string]*ebpf.Map{}
+	defer func() {
+		for _, m := range open {
+			m.Close()
+		}
+	}()
+	for _, name := range []string{fm.servicesName, fm.slotsName, fm.backendsName, fm.statsName, fm.matchesName} {
+		m, err := openPinnedReadOnly(dir, name)
+		if err != nil {
+			switch name {
+			case fm.servicesName, fm.slotsName, fm.backendsName:
+				return nil, err
+			}
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			return nil, err
+		}
+		open[name] = m
+	}
+	fm.services, fm.slots, fm.backends = open[fm.servicesName], open[fm.slotsName], open[fm.backendsName]
+	fm.stats, fm.matches = open[fm.statsName], open[fm.matchesName]
+	maps := kernelMaps(fm, f)
+
+	groups := map[uint32]*PinnedGroup{}
+	group := func(id uint32) *PinnedGroup {
+		g := groups[id]
+		if g == nil {
+			g = &PinnedGroup{Family: f, ID: id}
+			groups[id] = g
+		}
+		return g
+	}
+	err := maps.Services.Iterate(func(fe model.Frontend, v lbSvcValue) error {
+		g := group(idOf(v))
+		flags := flagsOf(v)
+		pf := PinnedFrontend{Frontend: fe, Kind: KindClusterIP, Count: countOf(v),
+			NodeNetNSOnly: flags&svcFlagNodeNetNSOnly != 0}
+		switch {
+		case flags&svcFlagNodePort != 0:
+			pf.Kind = KindNodePort
+		case flags&svcFlagExternal != 0:
+			pf.Kind = KindExternal
+		}
+		g.Frontends = append(g.Frontends, pf)
+		g.Affinity = g.Affinity || flags&svcFlagAffinity != 0
+		g.NoLocalEndpoint = g.NoLocalEndpoint || flags&svcFlagNoLocalEndpoint != 0
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	backends := map[uint32]backendKey{}
+	err = maps.Backends.Iterate(func(id uint32, k backendKey) error {
+		backends[id] = k
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	slots := map[uint32]map[uint32]uint32{} // id -> slot -> backend id
+	err = maps.Slots.Iterate(func(k lbSlotKey, backendID uint32) error {
+		if groups[k.SvcId] == nil {
+			return nil // no frontend names the id: hidden, awaiting deletion
+		}
+		if slots[k.SvcId] == nil {
+			slots[k.SvcId] = map[uint32]uint32{}
+		}
+		slots[k.SvcId][k.Slot] = backendID
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	if fm.matches != nil {
+		err = maps.Matches.Iterate(func(k lbMatchKey, timeout uint32) error {
+			if g := groups[k.SvcId]; g != nil {
+				g.AffinitySeconds = max(g.AffinitySeconds, timeout)
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	if fm.stats != nil {
+		err = maps.Stats.Iterate(func(id uint32, v lbSvcStats) error {
+			if g := groups[id]; g != nil {
+				g.Counters = &PinnedCounters{Connections: v.Connections, Datagrams: v.Datagrams, Refused: v.Refused, Reverse: v.Reverse}
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+
+	var out []PinnedGroup
+	for id, g := range groups {
+		live := 0
+		for _, f := range g.Frontends {
+			live = max(live, f.Count)
+		}
+		index := map[uint32]int{}
+		for slot := range uint32(live) {
+			bid, ok := slots[id][slot]
+			if !ok || bid == 0 {
+				g.MissingSlots++
+				continue
+			}
+			if i, seen := index[bid]; seen {
+				g.Backends[i].Slots++
+				continue
+			}
+			b := PinnedBackend{ID: bid, Slots: 1}
+			if k, ok := backends[bid]; ok {
+				b.Backend, b.Protocol = k.Backend, k.Protocol
+			} else {
+				b.Missing = true
+			}
+			index[bid] = len(g.Backends)
+			g.Backends = append(g.Backends, b)
+		}
+		slices.SortFunc(g.Frontends, comparePinnedFrontends)
+		if !g.Affinity {
+			g.AffinitySeconds = 0
+		}
+		out = append(out, *g)
+	}
+	slices.SortFunc(out, func(a, b PinnedGroup) int {
+		if len(a.Frontends) == 0 || len(b.Frontends) == 0 {
+			return len(b.Frontends) - len(a.Frontends)
+		}
+		return comparePinnedFrontends(a.Frontends[0], b.Frontends[0])
+	})
+	return out, nil
 }

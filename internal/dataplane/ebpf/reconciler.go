@@ -125,6 +125,9 @@ func (g *appliedGroup) staleMatches() []uint32 {
 // map writes whatever the size of the service; a change of the count costs
 // one write per frontend of the id.
 type reconciler struct {
+	// family is the family of every address in the maps (IPv4 unless
+	// set otherwise after newReconciler).
+	family       model.IPFamily
 	maps         Maps
 	grace        gracePeriod
 	maxServices  uint32
@@ -153,9 +156,9 @@ type reconciler struct {
 	// the backend map's values (backendKey.value, which keeps all of a
 	// backendKey): a quarter of a backendKey's size and nothing for the
 	// collector to scan, at 100k backends for 10k Services x 10 endpoints.
-	backends    map[lbBackendValue]uint32
-	dupIDs      map[lbBackendValue][]uint32
-	backendKeys map[uint32]lbBackendValue
+	backends    map[backendKey]uint32
+	dupIDs      map[backendKey][]uint32
+	backendKeys map[uint32]backendKey
 	// refs counts, per backend id, the slot entries in the kernel, live or
 	// hidden, and the match entries that hold it. An id is deleted only at
 	// zero.
@@ -212,6 +215,7 @@ const maxRanges = 16
 
 func newReconciler(maps Maps, grace gracePeriod, maxServices, maxBackends uint32) *reconciler {
 	return &reconciler{
+		family:       model.IPv4,
 		maps:         maps,
 		grace:        grace,
 		maxServices:  maxServices,
@@ -243,8 +247,8 @@ func (r *reconciler) presize(snap *model.Snapshot) {
 	backends = min(backends, int(r.maxBackends))
 	r.frontends = make(map[model.Frontend]*appliedFrontend, ports)
 	r.groups = make(map[uint32]*appliedGroup, ports)
-	r.backends = make(map[lbBackendValue]uint32, backends)
-	r.backendKeys = make(map[uint32]lbBackendValue, backends)
+	r.backends = make(map[backendKey]uint32, backends)
+	r.backendKeys = make(map[uint32]backendKey, backends)
 	r.refs = make(map[uint32]int32, backends)
 }
 

@@ -249,7 +249,7 @@ func (r *reconciler) undo(log undoLog, cause error) error {
 func (r *reconciler) knownBackends(backends []model.Backend, proto model.Protocol) (ids []uint32, missing int) {
 	ids = make([]uint32, len(backends))
 	for i, b := range backends {
-		id, ok := r.backends[backendKey{Backend: b, Protocol: proto}.value()]
+		id, ok := r.backends[backendKey{Backend: b, Protocol: proto}]
 		if !ok {
 			missing++
 		}

@@ -177,7 +177,7 @@ func liveStates(f *fakeMaps, ports map[model.Frontend]model.ServicePortName) map
 	out := make(map[model.Frontend]liveState)
 	for fe := range ports {
 		set, ok := liveSet(f, fe)
-		out[fe] = liveState{backends: set, flags: flagsOf(f.services.entries[frontendKey(fe)]), exists: ok}
+		out[fe] = liveState{backends: set, flags: flagsOf(f.services.entries[fe]), exists: ok}
 	}
 	return out
 }

@@ -368,7 +368,7 @@ func TestReconcilerHostScopedExternalAddressesNotServed(t *testing.T) {
 	checkCopy(t, r, f)
 	var got []string
 	for k, v := range f.services.entries {
-		got = append(got, fmt.Sprintf("%s %s", frontendFromKey(k), svcValueText(v)))
+		got = append(got, fmt.Sprintf("%s %s", k, svcValueText(v)))
 	}
 	slices.Sort(got)
 	for _, line := range got {
@@ -386,7 +386,7 @@ func TestReconcilerHostScopedExternalAddressesNotServed(t *testing.T) {
 			t.Errorf("frontend %d is %q, want %s", i, got[i], w)
 		}
 	}
-	if v := f.services.entries[frontendKey(model.Frontend{IP: netip.MustParseAddr("127.0.0.1"), Port: 30080, Protocol: model.TCP})]; flagsOf(v)&svcFlagNodeNetNSOnly == 0 {
+	if v := f.services.entries[model.Frontend{IP: netip.MustParseAddr("127.0.0.1"), Port: 30080, Protocol: model.TCP}]; flagsOf(v)&svcFlagNodeNetNSOnly == 0 {
 		t.Errorf("loopback node port %s, want it for the node's namespace only", svcValueText(v))
 	}
 }
@@ -466,7 +466,7 @@ func TestReconcilerForeignClusterIPs(t *testing.T) {
 	set := func() map[string]uint32 {
 		out := make(map[string]uint32)
 		for ip, kind := range f.clusterIPs.entries {
-			out[addrFromBPF(ip).String()] = kind
+			out[ip.String()] = kind
 		}
 		return out
 	}

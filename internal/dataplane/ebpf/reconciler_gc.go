@@ -135,7 +135,7 @@ func (r *reconciler) collectGarbage() (freed bool, err error) {
 			continue
 		}
 		if err := r.maps.Backends.Delete(id); err != nil {
-			errs = append(errs, fmt.Errorf("deleting unused backend %s: %w", backendKeyFromValue(key).Backend, err))
+			errs = append(errs, fmt.Errorf("deleting unused backend %s: %w", key.Backend, err))
 			continue
 		}
 		r.forgetBackend(id, key)
@@ -161,7 +161,7 @@ func emptied[K comparable, V any](m map[K]V) map[K]V {
 }
 
 // forgetBackend records the deletion of a backend id.
-func (r *reconciler) forgetBackend(id uint32, key lbBackendValue) {
+func (r *reconciler) forgetBackend(id uint32, key backendKey) {
 	delete(r.backendKeys, id)
 	r.backendIDs.release(id)
 	others := r.dupIDs[key]

@@ -35,9 +35,9 @@ func (r *reconciler) restore() error {
 	r.vips = newClusterIPState()
 	r.withHidden = make(map[uint32]*appliedGroup)
 	r.staleMatches = make(map[uint32]*appliedGroup)
-	r.backends = make(map[lbBackendValue]uint32)
-	r.dupIDs = make(map[lbBackendValue][]uint32)
-	r.backendKeys = make(map[uint32]lbBackendValue)
+	r.backends = make(map[backendKey]uint32)
+	r.dupIDs = make(map[backendKey][]uint32)
+	r.backendKeys = make(map[uint32]backendKey)
 	r.refs = make(map[uint32]int32)
 	r.unreferenced = make(map[uint32]struct{})
 	r.slotEntries, r.matchEntries = 0, 0
@@ -47,8 +47,7 @@ func (r *reconciler) restore() error {
 	r.assigned = make(map[uint32]bool)
 	r.nodeKnown = false
 
-	err := r.maps.Backends.Iterate(func(id uint32, v lbBackendValue) error {
-		key := backendKeyFromValue(v).value() // Pad cleared
+	err := r.maps.Backends.Iterate(func(id uint32, key backendKey) error {
 		r.backendIDs.reserve(id)
 		r.backendKeys[id] = key
 		kept, dup := r.backends[key]
@@ -72,9 +71,9 @@ func (r *reconciler) restore() error {
 		slices.Sort(ids)
 	}
 
-	err = r.maps.Services.Iterate(func(k lbSvcKey, v lbSvcValue) error {
+	err = r.maps.Services.Iterate(func(fe model.Frontend, v lbSvcValue) error {
 		g := r.group(idOf(v))
-		r.attach(&appliedFrontend{fe: frontendFromKey(k), group: g, count: countOf(v), flags: flagsOf(v)})
+		r.attach(&appliedFrontend{fe: fe, group: g, count: countOf(v), flags: flagsOf(v)})
 		return nil
 	})
 	if err != nil {

@@ -11,7 +11,7 @@ import (
 // statsOf is the counters entry of the service id serving fe.
 func statsOf(t *testing.T, f *fakeMaps, fe model.Frontend) (lbSvcStats, bool) {
 	t.Helper()
-	v, ok := f.services.entries[frontendKey(fe)]
+	v, ok := f.services.entries[fe]
 	if !ok {
 		t.Fatalf("%s is not a service", fe)
 	}
@@ -41,7 +41,7 @@ func TestReconcilerStatsFollowServiceIDs(t *testing.T) {
 		}
 	}
 	// The programs count.
-	emptyID := idOf(f.services.entries[frontendKey(empty.ClusterIP)])
+	emptyID := idOf(f.services.entries[empty.ClusterIP])
 	f.stats.entries[emptyID] = lbSvcStats{Refused: 7}
 	f.takeLog()
 
@@ -63,7 +63,7 @@ func TestReconcilerStatsFollowServiceIDs(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkCopy(t, r, f)
-	if id := idOf(f.services.entries[frontendKey(other.ClusterIP)]); id != emptyID {
+	if id := idOf(f.services.entries[other.ClusterIP]); id != emptyID {
 		t.Fatalf("other has id %d, want the released id %d reused", id, emptyID)
 	}
 	if s, ok := statsOf(t, f, other.ClusterIP); !ok || s != (lbSvcStats{}) {
@@ -81,8 +81,8 @@ func TestReconcilerRestoreKeepsOrCreatesStats(t *testing.T) {
 	if err := r.sync(snapshot(true, web, dns)); err != nil {
 		t.Fatal(err)
 	}
-	webID := idOf(f.services.entries[frontendKey(web.ClusterIP)])
-	dnsID := idOf(f.services.entries[frontendKey(dns.ClusterIP)])
+	webID := idOf(f.services.entries[web.ClusterIP])
+	dnsID := idOf(f.services.entries[dns.ClusterIP])
 	f.stats.entries[webID] = lbSvcStats{Connections: 10, Reverse: 4}
 	delete(f.stats.entries, dnsID) // as the previous version left it
 	f.takeLog()
@@ -156,7 +156,7 @@ func TestReconcilerStatsResetWhenFrontendChangesOwner(t *testing.T) {
 	if err := r.sync(snapshot(true, old)); err != nil {
 		t.Fatal(err)
 	}
-	id := idOf(f.services.entries[frontendKey(old.ClusterIP)])
+	id := idOf(f.services.entries[old.ClusterIP])
 	f.stats.entries[id] = lbSvcStats{Connections: 3}
 	// The same name keeps counting.
 	if err := r.sync(snapshot(true, servicePort("default", "old", "http", model.TCP, "10.96.0.10:80", "10.244.0.2:8080"))); err != nil {
@@ -170,7 +170,7 @@ func TestReconcilerStatsResetWhenFrontendChangesOwner(t *testing.T) {
 		t.Fatal(err)
 	}
 	checkCopy(t, r, f)
-	if idOf(f.services.entries[frontendKey(taken.ClusterIP)]) != id {
+	if idOf(f.services.entries[taken.ClusterIP]) != id {
 		t.Fatal("the frontend changed id; this test wants it kept")
 	}
 	if s := f.stats.entries[id]; s != (lbSvcStats{}) {

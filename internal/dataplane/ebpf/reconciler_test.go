@@ -156,7 +156,7 @@ func TestReconcilerFullMapKeepsServingWhatFits(t *testing.T) {
 	}
 	t.Logf("the error a user sees: %v", err)
 	for _, fe := range []model.Frontend{a.ClusterIP, b.ClusterIP} {
-		if _, ok := f.services.entries[frontendKey(fe)]; !ok {
+		if _, ok := f.services.entries[fe]; !ok {
 			t.Errorf("%s fitted but is not served", fe)
 		}
 	}
@@ -252,7 +252,7 @@ func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 	if err := r.sync(snapshot(false, five)); !errors.Is(err, injected) {
 		t.Fatalf("got %v, want the injected failure", err)
 	}
-	if got := f.services.entries[frontendKey(three.ClusterIP)].Count; got != 3 {
+	if got := f.services.entries[three.ClusterIP].Count; got != 3 {
 		t.Errorf("count after failed scale-up = %d, want 3 (unchanged)", got)
 	}
 
@@ -260,7 +260,7 @@ func TestReconcilerRecoversFromFailedWrite(t *testing.T) {
 	if err := r.sync(snapshot(true, five)); err != nil {
 		t.Fatalf("retry: %v", err)
 	}
-	if got := f.services.entries[frontendKey(three.ClusterIP)].Count; got != 5 {
+	if got := f.services.entries[three.ClusterIP].Count; got != 5 {
 		t.Errorf("count after retry = %d, want 5", got)
 	}
 	if len(f.backends.entries) != 5 || len(f.slots.entries) != 5 {
@@ -278,7 +278,7 @@ func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
 	if err := r.sync(snapshot(true, web)); err != nil {
 		t.Fatal(err)
 	}
-	svcID := idOf(f.services.entries[frontendKey(web.ClusterIP)])
+	svcID := idOf(f.services.entries[web.ClusterIP])
 	// Debris: a slot past the count (interrupted shrink), slots of a service
 	// whose entry was never written (interrupted create) and its counters,
 	// a backend nothing references (interrupted delete), counters of an id
@@ -286,7 +286,7 @@ func TestReconcilerRestoreCleansLeftovers(t *testing.T) {
 	// kept as they are.
 	f.slots.entries[lbSlotKey{SvcId: svcID, Slot: 7}] = 1
 	f.slots.entries[lbSlotKey{SvcId: 99, Slot: 0}] = 1
-	f.backends.entries[42] = backendKey{Backend: model.Backend{IP: netip.MustParseAddr("10.244.9.9"), Port: 80}, Protocol: model.TCP}.value()
+	f.backends.entries[42] = backendKey{Backend: model.Backend{IP: netip.MustParseAddr("10.244.9.9"), Port: 80}, Protocol: model.TCP}
 	f.stats.entries[99] = lbSvcStats{Refused: 1}
 	f.stats.entries[77] = lbSvcStats{Connections: 2}
 	f.stats.entries[svcID] = lbSvcStats{Connections: 5, Reverse: 3}
@@ -517,7 +517,7 @@ func TestReconcilerTooBigPortTakesNothingFromOthers(t *testing.T) {
 				if got, _ := liveSet(f, tc.small.ClusterIP); !slices.Equal(got, []string{"10.244.0.1:80"}) {
 					t.Fatalf("full=%v: %s serves %v, want its one backend\n%s", full, tc.small.ClusterIP, got, served(f))
 				}
-				if _, ok := f.services.entries[frontendKey(tc.big.ClusterIP)]; ok {
+				if _, ok := f.services.entries[tc.big.ClusterIP]; ok {
 					t.Errorf("full=%v: %s is in the services map", full, tc.big.ClusterIP)
 				}
 			}

@@ -79,7 +79,7 @@ func (r *reconciler) writeBackends(backends []model.Backend, proto model.Protoco
 		if ids[i] != 0 {
 			continue
 		}
-		key := backendKey{Backend: b, Protocol: proto}.value()
+		key := backendKey{Backend: b, Protocol: proto}
 		if id, ok := r.backends[key]; ok {
 			// Listed twice, or written for another list of the port.
 			ids[i] = id
@@ -171,7 +171,7 @@ func (r *reconciler) setMatch(g *appliedGroup, id, timeout uint32) error {
 // slots below n must exist: a write of a higher count shows them, of a
 // lower one hides those past it, which recount records.
 func (r *reconciler) setFrontend(fe model.Frontend, g *appliedGroup, n int, flags uint32) error {
-	if err := r.maps.Services.Update(frontendKey(fe), svcValue(g.id, n, flags)); err != nil {
+	if err := r.maps.Services.Update(fe, svcValue(g.id, n, flags)); err != nil {
 		return err
 	}
 	r.forget(fe)
@@ -209,7 +209,7 @@ func (r *reconciler) forget(fe model.Frontend) {
 // deleteFrontend deletes the entry of fe, the write that hides it from new
 // program runs. The caller recounts its group.
 func (r *reconciler) deleteFrontend(fe model.Frontend) error {
-	if err := r.maps.Services.Delete(frontendKey(fe)); err != nil {
+	if err := r.maps.Services.Delete(fe); err != nil {
 		return err
 	}
 	r.forget(fe)

@@ -47,7 +47,7 @@ type clusterIPState struct {
 	kept    []netip.Prefix
 	outside int
 	// ranges is what the range array holds.
-	ranges [maxRanges]lbSvcRange
+	ranges [maxRanges]svcRange
 	// dropped is set once the Service CIDRs were too many for the
 	// array, which is logged once.
 	dropped bool
@@ -73,8 +73,7 @@ func newClusterIPState() clusterIPState {
 // address the frontends or the set has is checked by the next sync.
 func (r *reconciler) restoreRejects() error {
 	v := &r.vips
-	err := r.maps.ClusterIPs.Iterate(func(ip uint32, kind uint32) error {
-		addr := addrFromBPF(ip)
+	err := r.maps.ClusterIPs.Iterate(func(addr netip.Addr, kind uint32) error {
 		v.set[addr] = kind
 		v.dirty[addr] = struct{}{}
 		return nil
@@ -85,7 +84,7 @@ func (r *reconciler) restoreRejects() error {
 	// Unknown until the first sync says which CIDRs the ranges are to
 	// hold: it compares them with none and counts outside afresh.
 	v.kept = nil
-	return r.maps.Ranges.Iterate(func(i uint32, rg lbSvcRange) error {
+	return r.maps.Ranges.Iterate(func(i uint32, rg svcRange) error {
 		if i < maxRanges {
 			v.ranges[i] = rg
 		}
@@ -141,7 +140,7 @@ func (r *reconciler) syncRejects(node *model.NodeInfo) error {
 		if _, need := kindOf(ip); need {
 			continue
 		}
-		if err := r.maps.ClusterIPs.Delete(addrToBPF(ip)); err != nil {
+		if err := r.maps.ClusterIPs.Delete(ip); err != nil {
 			errs = append(errs, fmt.Errorf("deleting ClusterIP %s: %w", ip, err))
 			continue
 		}
@@ -163,7 +162,7 @@ func (r *reconciler) syncRejects(node *model.NodeInfo) error {
 			delete(v.dirty, ip)
 			continue
 		}
-		if err := r.maps.ClusterIPs.Update(addrToBPF(ip), wantKind); err != nil {
+		if err := r.maps.ClusterIPs.Update(ip, wantKind); err != nil {
 			errs = append(errs, fmt.Errorf("adding ClusterIP %s: %w", ip, err))
 			continue
 		}
@@ -183,12 +182,12 @@ func (r *reconciler) syncRejects(node *model.NodeInfo) error {
 			}
 		}
 	}
-	var want [maxRanges]lbSvcRange
+	var want [maxRanges]svcRange
 	for i, p := range kept {
 		want[i] = rangeValue(p, rangeServiceCIDR)
 	}
 	if v.outside > 0 {
-		want[len(kept)] = rangeValue(netip.PrefixFrom(netip.IPv4Unspecified(), 0), rangeClusterIPs)
+		want[len(kept)] = rangeValue(netip.PrefixFrom(r.unspecified(), 0), rangeClusterIPs)
 	}
 	for i := range want {
 		if want[i] == v.ranges[i] {
@@ -203,14 +202,22 @@ func (r *reconciler) syncRejects(node *model.NodeInfo) error {
 	return errors.Join(errs...)
 }
 
-// keptCIDRs are the IPv4 Service CIDRs the range array holds, in order,
+// unspecified is the family's any-address, whose /0 is every address.
+func (r *reconciler) unspecified() netip.Addr {
+	if r.family == model.IPv6 {
+		return netip.IPv6Unspecified()
+	}
+	return netip.IPv4Unspecified()
+}
+
+// keptCIDRs are the Service CIDRs of the reconciler's family the range array holds, in order,
 // leaving room for the range of ClusterIPs outside them. CIDRs past what
 // the array holds are left out (said once in the log): their addresses
 // are then refused only if they are ClusterIPs.
 func (r *reconciler) keptCIDRs(cidrs []netip.Prefix) []netip.Prefix {
 	kept := []netip.Prefix{}
 	for _, p := range cidrs {
-		if !p.Addr().Is4() {
+		if !r.family.Has(p.Addr()) {
 			continue
 		}
 		if len(kept) == maxRanges-1 {

@@ -496,7 +496,7 @@ func TestKernelResyncRevnat(t *testing.T) {
 	put(from, 3, 33)
 	put(to, 1, 10)
 	put(to, 2, 20)
-	resyncRevnat(from, to)
+	resyncRevnat[lbSockRevnat](from, to, lbMapKbpRevnat)
 	got := map[uint64]uint16{}
 	var (
 		cookie uint64

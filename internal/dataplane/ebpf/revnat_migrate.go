@@ -91,7 +91,8 @@ func openConnectedUDP(host socketHost) map[uint64]netip.AddrPort {
 	return out
 }
 
-// resyncRevnat brings to, a resized copy of kbp_revnat made before the new
+// resyncRevnat brings to, a resized copy of a reverse map (kbp_revnat,
+// kbp6_revnat, whose values V are) made before the new
 // programs were attached, up to date with from, the pinned map the old
 // programs still write, once the new sock_release is attached. A socket
 // that closed after the copy had its entry deleted from from only: left
@@ -101,21 +102,21 @@ func openConnectedUDP(host socketHost) map[uint64]netip.AddrPort {
 // closed meanwhile is taken out again. An entry that is in both is
 // left as it is: rewriting it would replace the element under a program
 // that may be reading it.
-func resyncRevnat(from, to *ebpf.Map) {
+func resyncRevnat[V any](from, to *ebpf.Map, name string) {
 	var (
 		cookie uint64
-		entry  lbSockRevnat
+		entry  V
 		stale  []uint64
 	)
 	it := to.Iterate()
 	for it.Next(&cookie, &entry) {
-		var v lbSockRevnat
+		var v V
 		if from.Lookup(&cookie, &v) != nil {
 			stale = append(stale, cookie)
 		}
 	}
 	if err := it.Err(); err != nil {
-		klog.ErrorS(err, "Reading the resized kbp_revnat; some closed sockets' entries may stay")
+		klog.ErrorS(err, "Reading the resized reverse map; some closed sockets' entries may stay", "map", name)
 	}
 	for _, c := range stale {
 		_ = to.Delete(&c)
@@ -128,18 +129,18 @@ func resyncRevnat(from, to *ebpf.Map) {
 		}
 	}
 	if err := it.Err(); err != nil {
-		klog.ErrorS(err, "Reading the pinned kbp_revnat; sockets translated during the resize may show their backend")
+		klog.ErrorS(err, "Reading the pinned reverse map; sockets translated during the resize may show their backend", "map", name)
 	}
 	// A socket that closed between being read and being added was
 	// released before its entry came: it is gone from from.
 	kept := 0
 	for _, c := range added {
-		var v lbSockRevnat
+		var v V
 		if from.Lookup(&c, &v) != nil {
 			_ = to.Delete(&c)
 			continue
 		}
 		kept++
 	}
-	klog.V(2).InfoS("Brought the resized kbp_revnat up to date", "removed", len(stale), "added", kept)
+	klog.V(2).InfoS("Brought the resized reverse map up to date", "map", name, "removed", len(stale), "added", kept)
 }

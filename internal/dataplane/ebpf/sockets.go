@@ -94,6 +94,10 @@ type revnatScan func(fn func(cookie uint64, backend, frontend netip.AddrPort)) e
 // that no longer serves, the socket-level counterpart of kube-proxy's UDP
 // conntrack cleanup (see the package documentation).
 type udpSocketCleaner struct {
+	// family is the family of the sockets' peers it looks at: IPv4
+	// (AF_INET sockets, and AF_INET6 ones with a v4-mapped peer) or IPv6
+	// (AF_INET6 sockets with a real IPv6 peer).
+	family model.IPFamily
 	host   socketHost
 	revnat revnatLookup
 	// scan reads kbp_revnat whole, to learn before visiting any namespace
@@ -126,7 +130,7 @@ type udpSocketCleaner struct {
 }
 
 func newUDPSocketCleaner(host socketHost, revnat revnatLookup, events *eventCounts) *udpSocketCleaner {
-	return &udpSocketCleaner{host: host, revnat: revnat, events: events}
+	return &udpSocketCleaner{family: model.IPv4, host: host, revnat: revnat, events: events}
 }
 
 // forget drops what the cleaner knows of the applied state, after a sync
@@ -227,9 +231,10 @@ func (c *udpSocketCleaner) plan(snap *model.Snapshot, failed map[model.Frontend]
 // revnat finds the frontend the socket was translated from.
 func (c *udpSocketCleaner) match(check udpCheck, s sockdiag.Socket, pod bool, revnat revnatLookup) (frontend netip.AddrPort, reason string, err error) {
 	// An AF_INET6 socket talking IPv4 has a v4-mapped peer; our programs
-	// key it by the IPv4 address.
+	// key it by the IPv4 address, in the IPv4 maps. A real IPv6 peer is
+	// the IPv6 path's.
 	peer := netip.AddrPortFrom(s.Remote.Addr().Unmap(), s.Remote.Port())
-	if !peer.Addr().Is4() || peer.Port() == 0 {
+	if !c.family.Has(peer.Addr()) || peer.Port() == 0 {
 		return netip.AddrPort{}, "", nil
 	}
 	if pod && peer.Addr().IsLoopback() {
@@ -599,4 +604,49 @@ func (e *eventCounts) copyTo(out map[string]uint64) {
 	for k, v := range e.m {
 		out[k] = v
 	}
+}
+
+// kernelRevnat6 is kernelRevnat over kbp6_revnat, the IPv6 sockets' pairs
+// (sock_revnat6 in lb.c).
+func kernelRevnat6(m *ebpf.Map) revnatLookup {
+	return func(cookie uint64, backend netip.AddrPort) (netip.AddrPort, bool, error) {
+		var v lbSockRevnat6
+		err := m.Lookup(&cookie, &v)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return netip.AddrPort{}, false, nil
+		}
+		if err != nil {
+			return netip.AddrPort{}, false, fmt.Errorf("looking up socket %d in %s: %w", cookie, lbMapKbp6Revnat, err)
+		}
+		fe, ok := frontendOfPair6(&v, backend)
+		return fe, ok, nil
+	}
+}
+
+// kernelRevnatScan6 is kernelRevnatScan over kbp6_revnat.
+func kernelRevnatScan6(m *ebpf.Map) revnatScan {
+	km := newKernelMap[uint64, lbSockRevnat6](m, lbMapKbp6Revnat)
+	return func(fn func(cookie uint64, backend, frontend netip.AddrPort)) error {
+		return km.Iterate(func(cookie uint64, v lbSockRevnat6) error {
+			for _, p := range v.Pairs {
+				if p.Seq == 0 {
+					continue // unused, or being written
+				}
+				fn(cookie, netip.AddrPortFrom(addr6FromBPF(p.Backend.Addr), portFromBPF(p.Backend.Port)),
+					netip.AddrPortFrom(addr6FromBPF(p.Frontend.Addr), portFromBPF(p.Frontend.Port)))
+			}
+			return nil
+		})
+	}
+}
+
+// frontendOfPair6 is frontendOfPair for an IPv6 socket's pairs.
+func frontendOfPair6(v *lbSockRevnat6, backend netip.AddrPort) (netip.AddrPort, bool) {
+	addr, port := addr6ToBPF(backend.Addr()), portToBPF(backend.Port())
+	for _, p := range v.Pairs {
+		if p.Seq != 0 && p.Backend.Addr == addr && p.Backend.Port == port {
+			return netip.AddrPortFrom(addr6FromBPF(p.Frontend.Addr), portFromBPF(p.Frontend.Port)), true
+		}
+	}
+	return netip.AddrPort{}, false
 }

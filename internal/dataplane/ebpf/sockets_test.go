@@ -530,10 +530,12 @@ func TestDataplaneCleansAfterSync(t *testing.T) {
 		cleanup := newCleanupWorker(sockets.clean)
 		t.Cleanup(cleanup.close)
 		return &Dataplane{
-			rec:     newReconciler(f.maps(), f.grace(), 64, 256),
-			sockets: sockets,
-			cleanup: cleanup,
-			events:  events,
+			familyPath: &familyPath{
+				rec:     newReconciler(f.maps(), f.grace(), 64, 256),
+				sockets: sockets,
+				cleanup: cleanup,
+			},
+			events: events,
 		}, host
 	}
 	initial := snapshot(true, dnsPort("10.244.1.1:53", "10.244.1.2:53"),

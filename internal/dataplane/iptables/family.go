@@ -16,7 +16,7 @@ import (
 // other family in ip6tables-restore's input (or an IPv6 one in
 // iptables-restore's) fails the whole restore, so that no Service would be
 // served any more: it is dropped with a warning and counted
-// (address_of_other_family_skipped), as bad input is. A service port whose
+// (other_family_address_skipped), as bad input is. A service port whose
 // ClusterIP is of the other family is left out whole.
 func (d *Dataplane) ofFamily(snap *model.Snapshot) *model.Snapshot {
 	f := d.family
@@ -57,12 +57,12 @@ func (d *Dataplane) ofFamily(snap *model.Snapshot) *model.Snapshot {
 	if skipped > 0 {
 		// One line per sync, however many ports.
 		klog.InfoS("Leaving addresses of the other family out of the rules", "ipFamily", f, "servicePorts", skipped, "first", first)
-		d.count("address_of_other_family_skipped", uint64(skipped))
+		d.count("other_family_address_skipped", uint64(skipped))
 	}
 	node, nodeOK := snap.Node, nodeOfFamily(&snap.Node, f)
 	if !nodeOK {
 		klog.InfoS("Leaving node addresses of the other family out of the rules", "ipFamily", f)
-		d.count("address_of_other_family_skipped", 1)
+		d.count("other_family_address_skipped", 1)
 		node.NodePortAddresses = addrsOf(node.NodePortAddresses, f)
 		node.LocalAddresses = addrsOf(node.LocalAddresses, f)
 	}

@@ -151,8 +151,8 @@ func TestOtherFamilyAddressesAreLeftOut(t *testing.T) {
 	if len(in.Services[mixed.Name.ServiceName][0].Backends) != 2 {
 		t.Error("the caller's snapshot was changed")
 	}
-	if got := d.events["address_of_other_family_skipped"]; got != 4 {
-		t.Errorf("address_of_other_family_skipped = %d, want 4 (three ports, the node)", got)
+	if got := d.events["other_family_address_skipped"]; got != 4 {
+		t.Errorf("other_family_address_skipped = %d, want 4 (three ports, the node)", got)
 	}
 	// A snapshot of the family alone is handed on as it is.
 	clean := snap(true, good)

@@ -18,8 +18,10 @@ import (
 // TestKernelHooksPerPath, which proves the hook each AF_INET6 path runs
 // (the claims of bpf/lb.c's header) by the programs' run counts; and
 // TestKernelRestartWithDaemonSetCapabilities, a restart with only the
-// DaemonSet's capabilities, which older verifiers judge more strictly.
-const kernelTests = `^(TestKernelFeatures|TestKernelHooksPerPath|TestKernelRestartWithDaemonSetCapabilities)$`
+// DaemonSet's capabilities, which older verifiers judge more strictly;
+// and the IPv6 Services' tests (TestKernelIPv6*: ClusterIP over connect6,
+// sendmsg6, recvmsg6 and getpeername6, affinity, a node port, refusals).
+const kernelTests = `^(TestKernelFeatures|TestKernelHooksPerPath|TestKernelRestartWithDaemonSetCapabilities|TestKernelIPv6ClusterIP|TestKernelIPv6AffinityNodePortAndRefusals)$`
 
 // perKernel bounds one VM: boot, the selected tests under TCG, power off.
 // A kernel takes one to two minutes; three of them must fit in go test's
