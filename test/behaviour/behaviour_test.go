@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 
@@ -42,8 +43,6 @@ type mode struct {
 	takeover func(s *setup) error
 	// fam is the IP family of the scenario's run: forEachMode sets it.
 	fam ipFamily
-	// ebpf is true for the eBPF modes.
-	ebpf bool
 	// socketLevel is true when the client pod's sockets are load-balanced
 	// at connect() and sendmsg() rather than per packet: the eBPF mode,
 	// unless its socket layer serves the node's namespace only (its pods
@@ -64,7 +63,6 @@ func ebpfModeWith(hostNetNSOnly bool) mode {
 	}
 	return mode{
 		name:        name,
-		ebpf:        true,
 		socketLevel: !hostNetNSOnly,
 		// As the proxy runs it: the socket layer, and iptables rules for
 		// packets from outside the node at external frontends (and from
@@ -77,21 +75,35 @@ func ebpfModeWith(hostNetNSOnly bool) mode {
 			if err != nil {
 				t.Fatalf("loading the eBPF datapath: %v", err)
 			}
+			// An IPv6 run serves through the IPv6 view of the programs,
+			// as the proxy's IPv6 proxier does.
+			var sockets dataplane.Dataplane = dp
+			if s.fam.v6() {
+				if sockets, err = dp.IPv6(); err != nil {
+					dp.Close()
+					t.Fatalf("opening the eBPF datapath's IPv6 view: %v", err)
+				}
+			}
 			cfg := s.iptablesConfig()
 			cfg.ExternalOnly = true
 			cfg.ClusterIPs = hostNetNSOnly
 			packets, err := iptables.New(context.Background(), cfg)
 			if err != nil {
+				sockets.Close()
 				dp.Close()
 				t.Fatalf("starting the packet layer: %v", err)
 			}
 			s.packetsBackend = packets.Backend()
-			l := &dataplane.Layered{Primary: dp, Packets: packets}
+			l := &dataplane.Layered{Primary: sockets, Packets: packets}
 			if hostNetNSOnly {
 				l.PacketsServe = dp.ConfineToNodeNetNS
 			}
-			t.Cleanup(func() { l.Close() })
-			return l
+			var opened dataplane.Dataplane = l
+			if sockets != dataplane.Dataplane(dp) {
+				opened = closingAlso{l, dp}
+			}
+			t.Cleanup(func() { opened.Close() })
+			return opened
 		},
 		takeover: func(s *setup) error {
 			return iptables.CleanupExcept(context.Background(), s.iptablesConfig(), s.packetsBackend)
@@ -110,6 +122,19 @@ func ebpfModeWith(hostNetNSOnly bool) mode {
 	}
 }
 
+// closingAlso is a datapath that also closes base when closed: the IPv6
+// view's Layered and the programs' Dataplane under it, which a restart
+// closes as a proxy process ending would.
+type closingAlso struct {
+	dataplane.Dataplane
+	base io.Closer
+}
+
+func (c closingAlso) Close() error { return errors.Join(c.Dataplane.Close(), c.base.Close()) }
+
+// Unwrap is the datapath under it, for socketLayer.
+func (c closingAlso) Unwrap() dataplane.Dataplane { return c.Dataplane }
+
 // bpfLeftovers describes the eBPF mode's programs and pins left, "" if none.
 func bpfLeftovers(t *testing.T, s *setup) string {
 	var left []string
@@ -121,9 +146,6 @@ func bpfLeftovers(t *testing.T, s *setup) string {
 	}
 	return strings.Join(left, ", ")
 }
-
-// ebpfIPv6Missing is why the eBPF modes' IPv6 runs are skipped.
-const ebpfIPv6Missing = "the eBPF mode's IPv6 datapath ((*ebpf.Dataplane).IPv6, branch ebpf6) is not on this branch yet"
 
 func iptablesMode(backend string) mode {
 	return mode{
@@ -189,9 +211,6 @@ func forEachMode(t *testing.T, scenario func(t *testing.T, m mode)) {
 			forEachIPFamily(t, func(t *testing.T, f ipFamily) {
 				m := m
 				m.fam = f
-				if m.ebpf && f.v6() {
-					t.Skip(ebpfIPv6Missing)
-				}
 				scenario(t, m)
 			})
 		})
@@ -744,10 +763,6 @@ func TestModeSwitchBothWays(t *testing.T) {
 	} {
 		t.Run(c.from.name+"-to-"+c.to.name, func(t *testing.T) {
 			forEachIPFamily(t, func(t *testing.T, f ipFamily) {
-				// Every switch has the eBPF mode on one side.
-				if f.v6() {
-					t.Skip(ebpfIPv6Missing)
-				}
 				c.from.fam, c.to.fam = f, f
 				modeSwitch(t, c.from, c.to)
 			})
