@@ -29,6 +29,10 @@ type mode struct {
 	// new proxy process would; instances of one test share state in the
 	// kernel (pins, rules).
 	open func(t *testing.T, s *setup) dataplane.Dataplane
+	// openBoth starts the datapaths of both families for the node of
+	// s4 and s6 (one setup per family on one topology), as a dual-stack
+	// proxy does.
+	openBoth func(t *testing.T, s4, s6 *setup) (dp4, dp6 dataplane.Dataplane)
 	// cleanup removes the datapath, as --cleanup does.
 	cleanup func(s *setup) error
 	// leftovers describes what of the datapath is left on the node, ""
@@ -64,46 +68,33 @@ func ebpfModeWith(hostNetNSOnly bool) mode {
 	return mode{
 		name:        name,
 		socketLevel: !hostNetNSOnly,
-		// As the proxy runs it: the socket layer, and iptables rules for
-		// packets from outside the node at external frontends (and from
-		// pods to every frontend, if the socket layer leaves them).
+		// As the proxy runs it (see layerEBPF).
 		open: func(t *testing.T, s *setup) dataplane.Dataplane {
 			t.Helper()
-			ecfg := s.ebpfConfig()
-			ecfg.HostNetNSOnly = hostNetNSOnly
-			dp, err := ebpf.New(ecfg)
-			if err != nil {
-				t.Fatalf("loading the eBPF datapath: %v", err)
+			dp := loadEBPF(t, s, hostNetNSOnly)
+			if !s.fam.v6() {
+				return layerEBPF(t, s, dp, dp, hostNetNSOnly)
 			}
 			// An IPv6 run serves through the IPv6 view of the programs,
 			// as the proxy's IPv6 proxier does.
-			var sockets dataplane.Dataplane = dp
-			if s.fam.v6() {
-				if sockets, err = dp.IPv6(); err != nil {
-					dp.Close()
-					t.Fatalf("opening the eBPF datapath's IPv6 view: %v", err)
-				}
-			}
-			cfg := s.iptablesConfig()
-			cfg.ExternalOnly = true
-			cfg.ClusterIPs = hostNetNSOnly
-			packets, err := iptables.New(context.Background(), cfg)
+			v6, err := dp.IPv6()
 			if err != nil {
-				sockets.Close()
 				dp.Close()
-				t.Fatalf("starting the packet layer: %v", err)
+				t.Fatalf("opening the eBPF datapath's IPv6 view: %v", err)
 			}
-			s.packetsBackend = packets.Backend()
-			l := &dataplane.Layered{Primary: sockets, Packets: packets}
-			if hostNetNSOnly {
-				l.PacketsServe = dp.ConfineToNodeNetNS
+			return closingAlso{layerEBPF(t, s, dp, v6, hostNetNSOnly), dp}
+		},
+		openBoth: func(t *testing.T, s4, s6 *setup) (dataplane.Dataplane, dataplane.Dataplane) {
+			t.Helper()
+			dp := loadEBPF(t, s4, hostNetNSOnly)
+			v6, err := dp.IPv6()
+			if err != nil {
+				dp.Close()
+				t.Fatalf("opening the eBPF datapath's IPv6 view: %v", err)
 			}
-			var opened dataplane.Dataplane = l
-			if sockets != dataplane.Dataplane(dp) {
-				opened = closingAlso{l, dp}
-			}
-			t.Cleanup(func() { opened.Close() })
-			return opened
+			// As a dual-stack proxy: one set of programs, a view of them
+			// and a packet layer per family.
+			return layerEBPF(t, s4, dp, dp, hostNetNSOnly), layerEBPF(t, s6, dp, v6, hostNetNSOnly)
 		},
 		takeover: func(s *setup) error {
 			return iptables.CleanupExcept(context.Background(), s.iptablesConfig(), s.packetsBackend)
@@ -120,6 +111,42 @@ func ebpfModeWith(hostNetNSOnly bool) mode {
 			return strings.Join(left, ", ")
 		},
 	}
+}
+
+// loadEBPF loads the eBPF mode's programs for the node of s.
+func loadEBPF(t *testing.T, s *setup, hostNetNSOnly bool) *ebpf.Dataplane {
+	t.Helper()
+	ecfg := s.ebpfConfig()
+	ecfg.HostNetNSOnly = hostNetNSOnly
+	dp, err := ebpf.New(ecfg)
+	if err != nil {
+		t.Fatalf("loading the eBPF datapath: %v", err)
+	}
+	return dp
+}
+
+// layerEBPF is the eBPF mode as the proxy runs it for the family of s:
+// the socket layer (dp, or its IPv6 view), and iptables rules of that
+// family for packets from outside the node at external frontends (and
+// from pods to every frontend, if the socket layer leaves them). Closing
+// it closes sockets.
+func layerEBPF(t *testing.T, s *setup, dp *ebpf.Dataplane, sockets dataplane.Dataplane, hostNetNSOnly bool) *dataplane.Layered {
+	t.Helper()
+	cfg := s.iptablesConfig()
+	cfg.ExternalOnly = true
+	cfg.ClusterIPs = hostNetNSOnly
+	packets, err := iptables.New(context.Background(), cfg)
+	if err != nil {
+		sockets.Close()
+		t.Fatalf("starting the packet layer: %v", err)
+	}
+	s.packetsBackend = packets.Backend()
+	l := &dataplane.Layered{Primary: sockets, Packets: packets}
+	if hostNetNSOnly {
+		l.PacketsServe = dp.ConfineToNodeNetNS
+	}
+	t.Cleanup(func() { l.Close() })
+	return l
 }
 
 // closingAlso is a datapath that also closes base when closed: the IPv6
@@ -148,7 +175,7 @@ func bpfLeftovers(t *testing.T, s *setup) string {
 }
 
 func iptablesMode(backend string) mode {
-	return mode{
+	m := mode{
 		name: "iptables-" + backend,
 		open: func(t *testing.T, s *setup) dataplane.Dataplane {
 			t.Helper()
@@ -178,6 +205,11 @@ func iptablesMode(backend string) mode {
 		},
 		takeover: func(s *setup) error { return ebpf.Cleanup(s.bpffs) },
 	}
+	// A dual-stack kube-proxy runs an iptables proxier per family.
+	m.openBoth = func(t *testing.T, s4, s6 *setup) (dataplane.Dataplane, dataplane.Dataplane) {
+		return m.open(t, s4), m.open(t, s6)
+	}
+	return m
 }
 
 // iptablesLeftovers lists the KUBE- rules of either backend in the node,
@@ -301,8 +333,15 @@ type setup struct {
 
 func newSetup(t *testing.T, m mode, servers int) *setup {
 	t.Helper()
+	s := newTopology(t, m.fam, servers)
+	s.dp = m.open(t, s)
+	return s
+}
+
+// newTopology is newSetup's topology of family f, with no datapath.
+func newTopology(t *testing.T, f ipFamily, servers int) *setup {
+	t.Helper()
 	n := testnet.New(t)
-	f := m.fam
 	s := &setup{net: n, bpffs: testnet.BPFFS(t), fam: f, vip: f.ip(vip)}
 	s.client = n.AddPod("client", f.ip("10.244.0.100"))
 	// The service range leads on to "the network", as a node's default
@@ -317,7 +356,6 @@ func newSetup(t *testing.T, m mode, servers int) *setup {
 			t.Errorf("cleanup: %v", err)
 		}
 	})
-	s.dp = m.open(t, s)
 	return s
 }
 
