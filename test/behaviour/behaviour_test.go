@@ -258,10 +258,17 @@ type ipFamily struct {
 
 var ipFamilies = []ipFamily{{"IPv4", model.IPv4}, {"IPv6", model.IPv6}}
 
-// forEachIPFamily runs a check once per IP family, as subtests IPv4 and IPv6.
+// forEachIPFamily runs a check once per IP family, as subtests IPv4 and
+// IPv6. The two run in parallel: each has a topology of its own (network
+// namespaces, cgroup and pins with random suffixes), and the suite's time
+// is spent waiting far more than computing, so running both families
+// costs little more time than running one did.
 func forEachIPFamily(t *testing.T, check func(t *testing.T, f ipFamily)) {
 	for _, f := range ipFamilies {
-		t.Run(f.name, func(t *testing.T) { check(t, f) })
+		t.Run(f.name, func(t *testing.T) {
+			t.Parallel()
+			check(t, f)
+		})
 	}
 }
 
