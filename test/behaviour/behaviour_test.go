@@ -25,9 +25,9 @@ func TestMain(m *testing.M) { testnet.Main(m, nil) }
 // mode is one datapath under test.
 type mode struct {
 	name string
-	// open starts a new instance of the datapath for the node of n, as a
-	// new proxy process would; instances of one test share state in the
-	// kernel (pins, rules).
+	// open starts a new instance of the datapath of s's family for the
+	// node of s, as a new proxy process would; instances of one test share
+	// state in the kernel (pins, rules).
 	open func(t *testing.T, s *setup) dataplane.Dataplane
 	// openBoth starts the datapaths of both families for the node of
 	// s4 and s6 (one setup per family on one topology), as a dual-stack
