@@ -29,26 +29,52 @@ const (
 	strangerIP     = "192.168.51.2"
 )
 
-func addrs(ss ...string) []netip.Addr {
+// addrs are the setup's family's addresses for IPv4 addresses ss (see
+// ipFamily.ip), sorted.
+func (s *setup) addrs(ss ...string) []netip.Addr {
 	var out []netip.Addr
-	for _, s := range ss {
-		out = append(out, netip.MustParseAddr(s))
+	for _, a := range ss {
+		out = append(out, netip.MustParseAddr(s.fam.ip(a)))
 	}
 	slices.SortFunc(out, netip.Addr.Compare)
 	return out
 }
 
 // node is what the proxy tells the datapath of the test's node, as
-// --nodeport-addresses left unset does: node ports on every address but
-// loopback ones; extra names addresses added with AddNodeAddress or on the
-// link of a further machine.
-func node(extra ...string) model.NodeInfo {
-	return model.NodeInfo{
-		NodePortAddresses: addrs(append([]string{nodeIP, testnet.PodGateway}, extra...)...),
-		AllLocalAddresses: true,
-		LocalAddresses:    addrs(append([]string{"127.0.0.1", nodeIP, testnet.PodGateway}, extra...)...),
-		ServiceCIDRs:      []netip.Prefix{netip.MustParsePrefix(serviceCIDR)},
+// --nodeport-addresses left unset does: node ports on every address of the
+// family but loopback ones (127.0.0.1, ::1); extra names addresses (as
+// IPv4 ones, see ipFamily.ip) added with AddNodeAddress or on the link of a
+// further machine. The node's address towards pods is testnet's pod
+// gateway over IPv4, its global NodeAddress6 over IPv6 (the pod links'
+// fe80::1 is link-local: no node port answers there without a zone).
+func (s *setup) node(extra ...string) model.NodeInfo {
+	own := s.addrs(append([]string{nodeIP}, extra...)...)
+	own = append(own, netip.MustParseAddr(s.fam.nodeAddr()))
+	slices.SortFunc(own, netip.Addr.Compare)
+	loopback := netip.MustParseAddr("127.0.0.1")
+	if s.fam.v6() {
+		loopback = netip.IPv6Loopback()
 	}
+	local := append([]netip.Addr{loopback}, own...)
+	slices.SortFunc(local, netip.Addr.Compare)
+	return model.NodeInfo{
+		NodePortAddresses: own,
+		AllLocalAddresses: true,
+		LocalAddresses:    local,
+		ServiceCIDRs:      []netip.Prefix{s.fam.prefix(serviceCIDR)},
+	}
+}
+
+// addMachine adds a client machine outside the cluster (testnet's
+// AddMachine) at the family's addresses for ip and nodeIP.
+func (s *setup) addMachine(name, ip, nodeIP string) *testnet.Pod {
+	return s.net.AddMachine(name, s.fam.ip(ip), s.fam.ip(nodeIP))
+}
+
+// host is the single-address prefix of the family's address for ip.
+func (s *setup) host(ip string) netip.Prefix {
+	a := netip.MustParseAddr(s.fam.ip(ip))
+	return netip.PrefixFrom(a, a.BitLen())
 }
 
 // snapshotOn is a full snapshot of ports on the test's node.
@@ -77,8 +103,8 @@ func (s *setup) srcServers(t *testing.T, n int) []*testnet.Pod {
 	t.Helper()
 	var pods []*testnet.Pod
 	for i := range n {
-		p := s.net.AddPod(fmt.Sprintf("src-%d", i), fmt.Sprintf("10.244.3.%d", i+1))
-		p.Start(false, testnet.Helper("serve", p.Name, "tcp-src:8081")...)
+		p := s.net.AddPod(fmt.Sprintf("src-%d", i), s.fam.ip(fmt.Sprintf("10.244.3.%d", i+1)))
+		p.Start(false, testnet.Helper("serve", p.Name, s.fam.listen("tcp-src", 8081))...)
 		pods = append(pods, p)
 	}
 	return pods
@@ -116,23 +142,23 @@ func names(pods []*testnet.Pod) []string {
 func TestNodePortFromPodNodeAndOutside(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
-		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
-		sp := exposed(web(s.backends(8080, s.pods...)...), model.External{NodePort: nodePort})
-		s.sync(t, snapshotOn(node(), sp))
+		outside := s.addMachine("outside", outsideIP, nodeIP)
+		sp := exposed(s.web(s.backends(8080, s.pods...)...), model.External{NodePort: nodePort})
+		s.sync(t, snapshotOn(s.node(), sp))
 		all := names(s.pods)
-		target := fmt.Sprintf("%s:%d", nodeIP, nodePort)
-		forEachFamily(t, func(t *testing.T, f socketFamily) {
+		target := s.at(nodeIP, nodePort)
+		s.forEachSocketFamily(t, func(t *testing.T, f socketFamily) {
 			addr := target
-			if f.name == "AF_INET6" {
+			if f.tcp == "tcp6" { // an AF_INET6 socket to an IPv4 node port
 				addr = fmt.Sprintf("[::ffff:%s]:%d", nodeIP, nodePort)
 			}
 			expectOK(t, "pod to node port", s.run(t, f.tcp, addr, "6"), all...)
 		})
-		expectOK(t, "pod to node port on the pod gateway", s.run(t, "tcp", fmt.Sprintf("%s:%d", testnet.PodGateway, nodePort), "4"), all...)
+		expectOK(t, "pod to node port on the pod gateway", s.run(t, "tcp", netip.AddrPortFrom(netip.MustParseAddr(s.fam.nodeAddr()), nodePort).String(), "4"), all...)
 		expectOK(t, "node to its node port", s.net.HostNetwork().Results("tcp", target, "4"), all...)
 		expectOK(t, "outside to node port", outside.Results("tcp", target, "6"), all...)
 		// The ClusterIP is served as before.
-		expectOK(t, "ClusterIP", s.run(t, "tcp", vip+":80", "4"), all...)
+		expectOK(t, "ClusterIP", s.run(t, "tcp", s.at(vip, 80), "4"), all...)
 	})
 }
 
@@ -142,26 +168,26 @@ func TestNodePortFromPodNodeAndOutside(t *testing.T) {
 func TestExternalAndLoadBalancerIPs(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
-		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
-		stranger := s.net.AddMachine("stranger", strangerIP, strangerNodeIP)
+		outside := s.addMachine("outside", outsideIP, nodeIP)
+		stranger := s.addMachine("stranger", strangerIP, strangerNodeIP)
 		all := names(s.pods)
-		ext := exposed(web(s.backends(8080, s.pods...)...), model.External{
-			ExternalIPs: addrs(externalIP), LoadBalancerIPs: addrs(loadBalancer)})
-		guarded := exposed(apitest.ServicePort("default", "guarded", "http", model.TCP, "10.96.0.11:80", s.backends(8080, s.pods...)...),
-			model.External{LoadBalancerIPs: addrs("203.0.113.11"), SourceRanges: []netip.Prefix{netip.MustParsePrefix(outsideIP + "/32")}})
-		s.sync(t, snapshotOn(node(strangerNodeIP), ext, guarded))
+		ext := exposed(s.web(s.backends(8080, s.pods...)...), model.External{
+			ExternalIPs: s.addrs(externalIP), LoadBalancerIPs: s.addrs(loadBalancer)})
+		guarded := exposed(apitest.ServicePort("default", "guarded", "http", model.TCP, s.at("10.96.0.11", 80), s.backends(8080, s.pods...)...),
+			model.External{LoadBalancerIPs: s.addrs("203.0.113.11"), SourceRanges: []netip.Prefix{s.host(outsideIP)}})
+		s.sync(t, snapshotOn(s.node(strangerNodeIP), ext, guarded))
 
-		for _, a := range []string{externalIP + ":80", loadBalancer + ":80"} {
+		for _, a := range []string{s.at(externalIP, 80), s.at(loadBalancer, 80)} {
 			expectOK(t, "outside to "+a, outside.Results("tcp", a, "4"), all...)
 			expectOK(t, "pod to "+a, s.run(t, "tcp", a, "4"), all...)
 		}
-		expectOK(t, "allowed source to a guarded load balancer IP", outside.Results("tcp", "203.0.113.11:80", "4"), all...)
+		expectOK(t, "allowed source to a guarded load balancer IP", outside.Results("tcp", s.at("203.0.113.11", 80), "4"), all...)
 		// The stranger's network works: only the ranges keep it out.
-		expectOK(t, "stranger to an unguarded load balancer IP", stranger.Results("tcp", loadBalancer+":80", "2"), all...)
+		expectOK(t, "stranger to an unguarded load balancer IP", stranger.Results("tcp", s.at(loadBalancer, 80), "2"), all...)
 		// What comes from outside the ranges is not translated (kube-proxy
 		// then drops it in KUBE-PROXY-FIREWALL; this node, having no route
 		// for the load balancer IP, answers network unreachable first).
-		expectFail(t, "source outside the ranges", stranger.Results("tcp", "203.0.113.11:80", "2"))
+		expectFail(t, "source outside the ranges", stranger.Results("tcp", s.at("203.0.113.11", 80), "2"))
 	})
 }
 
@@ -171,14 +197,14 @@ func TestExternalIPOnTheNode(t *testing.T) {
 	const onNode = "198.51.100.20"
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
-		s.net.AddNodeAddress(onNode)
-		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
-		sp := exposed(web(s.backends(8080, s.pods...)...), model.External{ExternalIPs: addrs(onNode)})
-		s.sync(t, snapshotOn(node(onNode), sp))
+		s.net.AddNodeAddress(s.fam.ip(onNode))
+		outside := s.addMachine("outside", outsideIP, nodeIP)
+		sp := exposed(s.web(s.backends(8080, s.pods...)...), model.External{ExternalIPs: s.addrs(onNode)})
+		s.sync(t, snapshotOn(s.node(onNode), sp))
 		all := names(s.pods)
-		expectOK(t, "pod to the node's external IP", s.run(t, "tcp", onNode+":80", "4"), all...)
-		expectOK(t, "node to its external IP", s.net.HostNetwork().Results("tcp", onNode+":80", "4"), all...)
-		expectOK(t, "outside to the node's external IP", outside.Results("tcp", onNode+":80", "4"), all...)
+		expectOK(t, "pod to the node's external IP", s.run(t, "tcp", s.at(onNode, 80), "4"), all...)
+		expectOK(t, "node to its external IP", s.net.HostNetwork().Results("tcp", s.at(onNode, 80), "4"), all...)
+		expectOK(t, "outside to the node's external IP", outside.Results("tcp", s.at(onNode, 80), "4"), all...)
 	})
 }
 
@@ -189,45 +215,45 @@ func TestExternalIPOnTheNode(t *testing.T) {
 func TestExternalTrafficPolicy(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 0)
-		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
+		outside := s.addMachine("outside", outsideIP, nodeIP)
 		pods := s.srcServers(t, 2)
 		backends := s.backends(8081, pods...)
-		local := exposed(apitest.ServicePort("default", "local", "http", model.TCP, "10.96.0.21:80", backends...),
-			model.External{NodePort: 30081, LoadBalancerIPs: addrs("203.0.113.21"), PolicyLocal: true, HealthCheckNodePort: 31081}, backends[0])
-		cluster := exposed(apitest.ServicePort("default", "cluster", "http", model.TCP, "10.96.0.22:80", backends...),
+		local := exposed(apitest.ServicePort("default", "local", "http", model.TCP, s.at("10.96.0.21", 80), backends...),
+			model.External{NodePort: 30081, LoadBalancerIPs: s.addrs("203.0.113.21"), PolicyLocal: true, HealthCheckNodePort: 31081}, backends[0])
+		cluster := exposed(apitest.ServicePort("default", "cluster", "http", model.TCP, s.at("10.96.0.22", 80), backends...),
 			model.External{NodePort: 30082})
-		nowhere := exposed(apitest.ServicePort("default", "nowhere", "http", model.TCP, "10.96.0.23:80", backends...),
+		nowhere := exposed(apitest.ServicePort("default", "nowhere", "http", model.TCP, s.at("10.96.0.23", 80), backends...),
 			model.External{NodePort: 30083, PolicyLocal: true, HealthCheckNodePort: 31083})
-		s.sync(t, snapshotOn(node(), local, cluster, nowhere))
+		s.sync(t, snapshotOn(s.node(), local, cluster, nowhere))
 
-		for _, a := range []string{fmt.Sprintf("%s:30081", nodeIP), "203.0.113.21:80"} {
+		for _, a := range []string{s.at(nodeIP, 30081), s.at("203.0.113.21", 80)} {
 			lines := outside.Results("tcp", a, "6")
 			expectOK(t, "eTP Local from outside to "+a, lines, pods[0].Name)
 			for _, l := range lines {
-				if !strings.Contains(l, "src="+outsideIP+" ") {
-					t.Errorf("eTP Local: the backend did not see the client's address %s: %q", outsideIP, l)
+				if !strings.Contains(l, "src="+s.fam.ip(outsideIP)+" ") {
+					t.Errorf("eTP Local: the backend did not see the client's address %s: %q", s.fam.ip(outsideIP), l)
 				}
 			}
 		}
-		lines := outside.Results("tcp", fmt.Sprintf("%s:30082", nodeIP), "6")
+		lines := outside.Results("tcp", s.at(nodeIP, 30082), "6")
 		expectOK(t, "eTP Cluster from outside", lines, names(pods)...)
 		for _, l := range lines {
-			if strings.Contains(l, "src="+outsideIP+" ") {
+			if strings.Contains(l, "src="+s.fam.ip(outsideIP)+" ") {
 				t.Errorf("eTP Cluster: the client's address reached the backend unmasqueraded: %q", l)
 			}
 		}
 		// From a pod: the socket layer translates before any packet, so the
 		// backend sees the pod; kube-proxy's KUBE-EXT masquerades it.
-		lines = s.run(t, "tcp", fmt.Sprintf("%s:30082", nodeIP), "4")
+		lines = s.run(t, "tcp", s.at(nodeIP, 30082), "4")
 		expectOK(t, "eTP Cluster from a pod", lines, names(pods)...)
 		for _, l := range lines {
 			if seen := strings.Contains(l, "src="+s.client.IP.String()+" "); seen != m.socketLevel {
 				t.Errorf("eTP Cluster from a pod: the pod's own address seen by the backend: %v, want %v: %q", seen, m.socketLevel, l)
 			}
 		}
-		expectFail(t, "eTP Local without a local endpoint, from outside", outside.Results("tcp", fmt.Sprintf("%s:30083", nodeIP), "2"))
-		expectOK(t, "eTP Local without a local endpoint, from a pod", s.run(t, "tcp", fmt.Sprintf("%s:30083", nodeIP), "4"), names(pods)...)
-		expectOK(t, "eTP Local from the node", s.net.HostNetwork().Results("tcp", fmt.Sprintf("%s:30081", nodeIP), "6"), names(pods)...)
+		expectFail(t, "eTP Local without a local endpoint, from outside", outside.Results("tcp", s.at(nodeIP, 30083), "2"))
+		expectOK(t, "eTP Local without a local endpoint, from a pod", s.run(t, "tcp", s.at(nodeIP, 30083), "4"), names(pods)...)
+		expectOK(t, "eTP Local from the node", s.net.HostNetwork().Results("tcp", s.at(nodeIP, 30081), "6"), names(pods)...)
 	})
 }
 
@@ -239,18 +265,18 @@ func TestInternalTrafficPolicyLocal(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
 		all := s.backends(8080, s.pods...)
-		withLocal := web(all...)
+		withLocal := s.web(all...)
 		withLocal.InternalLocal = true
 		withLocal.Local = withLocal.Backends[:1]
 		withLocal.Backends = withLocal.Local
 		withLocal.Cluster = nil
-		noneHere := apitest.ServicePort("default", "elsewhere", "http", model.TCP, "10.96.0.12:80", all...)
+		noneHere := apitest.ServicePort("default", "elsewhere", "http", model.TCP, s.at("10.96.0.12", 80), all...)
 		noneHere.InternalLocal = true
 		noneHere.Backends, noneHere.Cluster, noneHere.Local = nil, nil, nil
-		s.sync(t, snapshotOn(node(), withLocal, noneHere))
+		s.sync(t, snapshotOn(s.node(), withLocal, noneHere))
 
-		expectOK(t, "ITP Local", s.run(t, "tcp", vip+":80", "8"), s.pods[0].Name)
-		lines := s.run(t, "tcp", "10.96.0.12:80", "2")
+		expectOK(t, "ITP Local", s.run(t, "tcp", s.at(vip, 80), "8"), s.pods[0].Name)
+		lines := s.run(t, "tcp", s.at("10.96.0.12", 80), "2")
 		if m.socketLevel {
 			for _, l := range lines {
 				if l != "err connection refused" {
@@ -276,16 +302,16 @@ func sticky(sp model.ServicePort, timeout time.Duration) model.ServicePort {
 func TestSessionAffinity(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 3)
-		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
+		outside := s.addMachine("outside", outsideIP, nodeIP)
 		all := s.backends(8080, s.pods...)
-		long := exposed(sticky(web(all...), time.Hour), model.External{NodePort: nodePort})
-		short := sticky(apitest.ServicePort("default", "short", "http", model.TCP, "10.96.0.13:80", all...), 2*time.Second)
-		s.sync(t, snapshotOn(node(), long, short))
+		long := exposed(sticky(s.web(all...), time.Hour), model.External{NodePort: nodePort})
+		short := sticky(apitest.ServicePort("default", "short", "http", model.TCP, s.at("10.96.0.13", 80), all...), 2*time.Second)
+		s.sync(t, snapshotOn(s.node(), long, short))
 
 		for what, lines := range map[string][]string{
-			"pod to ClusterIP":      s.run(t, "tcp", vip+":80", "20"),
-			"outside to node port":  outside.Results("tcp", fmt.Sprintf("%s:%d", nodeIP, nodePort), "20"),
-			"node to its node port": s.net.HostNetwork().Results("tcp", fmt.Sprintf("%s:%d", nodeIP, nodePort), "20"),
+			"pod to ClusterIP":      s.run(t, "tcp", s.at(vip, 80), "20"),
+			"outside to node port":  outside.Results("tcp", s.at(nodeIP, nodePort), "20"),
+			"node to its node port": s.net.HostNetwork().Results("tcp", s.at(nodeIP, nodePort), "20"),
 		} {
 			if got := testnet.Tally(lines); len(got) != 1 {
 				t.Errorf("%s: a sticky client reached %v, want one backend", what, got)
@@ -293,15 +319,15 @@ func TestSessionAffinity(t *testing.T) {
 		}
 
 		// The sticky backend goes: the client moves to another, and stays.
-		first := testnet.Tally(s.run(t, "tcp", vip+":80", "1"))
+		first := testnet.Tally(s.run(t, "tcp", s.at(vip, 80), "1"))
 		var rest []string
 		for _, p := range s.pods {
 			if first["ok "+p.Name] == 0 {
-				rest = append(rest, fmt.Sprintf("%s:8080", p.IP))
+				rest = append(rest, netip.AddrPortFrom(p.IP, 8080).String())
 			}
 		}
-		s.sync(t, snapshotOn(node(), exposed(sticky(web(rest...), time.Hour), model.External{NodePort: nodePort}), short))
-		if got := testnet.Tally(s.run(t, "tcp", vip+":80", "10")); len(got) != 1 || first[firstKey(got)] != 0 {
+		s.sync(t, snapshotOn(s.node(), exposed(sticky(s.web(rest...), time.Hour), model.External{NodePort: nodePort}), short))
+		if got := testnet.Tally(s.run(t, "tcp", s.at(vip, 80), "10")); len(got) != 1 || first[firstKey(got)] != 0 {
 			t.Errorf("after its backend left, the client reached %v (it was on %v)", got, first)
 		}
 
@@ -310,7 +336,7 @@ func TestSessionAffinity(t *testing.T) {
 		// with three backends, ten rounds all on one is a 1 in 20k chance.
 		seen := map[string]bool{}
 		for range 10 {
-			for k := range testnet.Tally(s.run(t, "tcp", "10.96.0.13:80", "1")) {
+			for k := range testnet.Tally(s.run(t, "tcp", s.at("10.96.0.13", 80), "1")) {
 				seen[k] = true
 			}
 			if len(seen) > 1 {
@@ -339,8 +365,8 @@ func firstKey(m map[string]int) string {
 func TestUnknownPortAndUnallocatedAddress(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 1)
-		s.sync(t, snapshotOn(node(), web(s.backends(8080, s.pods...)...)))
-		for _, a := range []string{vip + ":81", "10.96.0.99:80"} {
+		s.sync(t, snapshotOn(s.node(), s.web(s.backends(8080, s.pods...)...)))
+		for _, a := range []string{s.at(vip, 81), s.at("10.96.0.99", 80)} {
 			lines := s.run(t, "tcp", a, "2")
 			if m.socketLevel {
 				for _, l := range lines {
@@ -366,9 +392,9 @@ func TestUnknownPortAndUnallocatedAddress(t *testing.T) {
 func TestClusterIPRoutedFromOutside(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
-		outside := s.net.AddMachine("outside", outsideIP, nodeIP)
-		s.sync(t, snapshotOn(node(), web(s.backends(8080, s.pods...)...)))
-		lines := outside.Results("tcp", vip+":80", "2")
+		outside := s.addMachine("outside", outsideIP, nodeIP)
+		s.sync(t, snapshotOn(s.node(), s.web(s.backends(8080, s.pods...)...)))
+		lines := outside.Results("tcp", s.at(vip, 80), "2")
 		if m.socketLevel {
 			expectFail(t, "eBPF mode: ClusterIP from outside", lines)
 			return

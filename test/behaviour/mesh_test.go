@@ -1,14 +1,13 @@
 package behaviour
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane"
-	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/apitest"
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
@@ -31,8 +30,16 @@ const sidecarPort = 15001
 // before it: a restart into the confined mode leaves pods translated at
 // connect() until the packet layer has the ClusterIP rules.
 func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
-	s := newSetup(t, ebpfModeWith(false), 2)
-	snap := apitest.Snapshot(true, web(s.backends(8080, s.pods...)...))
+	forEachIPFamily(t, meshSidecarSeesTheServiceAddress)
+}
+
+func meshSidecarSeesTheServiceAddress(t *testing.T, f ipFamily) {
+	withFamily := func(m mode) mode {
+		m.fam = f
+		return m
+	}
+	s := newSetup(t, withFamily(ebpfModeWith(false)), 2)
+	snap := apitest.Snapshot(true, s.web(s.backends(8080, s.pods...)...))
 	s.sync(t, snap)
 	s.client.RedirectToSidecar(sidecarPort)
 	log := filepath.Join(t.TempDir(), "sidecar.log")
@@ -40,14 +47,14 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 
 	podIPs := map[string]bool{}
 	for _, p := range s.pods {
-		podIPs[p.IP.String()+":8080"] = true
+		podIPs[netip.AddrPortFrom(p.IP, 8080).String()] = true
 	}
 	// connect runs one client connection through the sidecar and returns
 	// the original destination the sidecar read for it.
 	seen := 0
 	connect := func(t *testing.T) string {
 		t.Helper()
-		lines := s.run(t, "tcp", vip+":80", "1")
+		lines := s.run(t, "tcp", s.at(vip, 80), "1")
 		if len(lines) != 1 || !strings.HasPrefix(lines[0], "ok pod-") {
 			t.Fatalf("the connection through the sidecar did not reach a backend: %q", lines)
 		}
@@ -65,7 +72,7 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 	clusterIPRules := func(t *testing.T) bool {
 		t.Helper()
 		for _, l := range iptablesLeftovers(t, s) {
-			if strings.Contains(l, "-d "+vip+"/32") && strings.Contains(l, " cluster IP\"") {
+			if strings.Contains(l, "-d "+s.host(vip).String()) && strings.Contains(l, " cluster IP\"") {
 				return true
 			}
 		}
@@ -98,18 +105,18 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 	t.Run("host netns only", func(t *testing.T) {
 		// Pods stay translated at socket level until the packet layer
 		// has the ClusterIP rules.
-		restart(t, ebpfModeWith(true), "")
+		restart(t, withFamily(ebpfModeWith(true)), "")
 		if !clusterIPRules(t) {
 			t.Fatal("the packet layer has no rule for the ClusterIP")
 		}
 		// The sidecar forwards to the ClusterIP it read: the packet
 		// layer serves its connection, which reached a backend above.
-		if orig := connect(t); orig != vip+":80" {
-			t.Errorf("the sidecar saw %s as the original destination, want the ClusterIP %s:80", orig, vip)
+		if orig := connect(t); orig != s.at(vip, 80) {
+			t.Errorf("the sidecar saw %s as the original destination, want the ClusterIP %s", orig, s.at(vip, 80))
 		}
 		// The node's own sockets are still translated at connect().
 		before := connectTranslated(t, s)
-		lines := s.net.HostNetwork().Results("tcp", vip+":80", "3")
+		lines := s.net.HostNetwork().Results("tcp", s.at(vip, 80), "3")
 		if got := testnet.Tally(lines); got["ok pod-0"]+got["ok pod-1"] != 3 {
 			t.Errorf("connections from the node's namespace: %v", got)
 		}
@@ -120,14 +127,14 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 
 	t.Run("host netns only again", func(t *testing.T) {
 		// Confined from the start: the previous run's rules serve.
-		restart(t, ebpfModeWith(true), vip+":80")
-		if orig := connect(t); orig != vip+":80" {
-			t.Errorf("the sidecar saw %s as the original destination, want the ClusterIP %s:80", orig, vip)
+		restart(t, withFamily(ebpfModeWith(true)), s.at(vip, 80))
+		if orig := connect(t); orig != s.at(vip, 80) {
+			t.Errorf("the sidecar saw %s as the original destination, want the ClusterIP %s", orig, s.at(vip, 80))
 		}
 	})
 
 	t.Run("back to default", func(t *testing.T) {
-		restart(t, ebpfModeWith(false), "")
+		restart(t, withFamily(ebpfModeWith(false)), "")
 		if clusterIPRules(t) {
 			t.Error("the ClusterIP rules outlived the first full sync without --bpf-socket-lb-host-netns-only")
 		}
@@ -140,15 +147,7 @@ func TestMeshSidecarSeesTheServiceAddress(t *testing.T) {
 // connectTranslated reads the socket layer's connect_translated counter.
 func connectTranslated(t *testing.T, s *setup) uint64 {
 	t.Helper()
-	l, ok := s.dp.(*dataplane.Layered)
-	if !ok {
-		t.Fatalf("not the eBPF mode's datapath: %T", s.dp)
-	}
-	events, err := l.Primary.(*ebpf.Dataplane).Events()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return events["connect_translated"]
+	return datapathEvents(t, s)["connect_translated"]
 }
 
 // With the socket layer confined to the node's namespace, a pod's
@@ -159,10 +158,16 @@ func connectTranslated(t *testing.T, s *setup) uint64 {
 // again), must leave it alone: a resolver would otherwise lose its socket
 // at every full sync.
 func TestHostNetNSOnlyKeepsPodsConnectedUDPSockets(t *testing.T) {
-	s := newSetup(t, ebpfModeWith(true), 1)
-	snap := apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...))
+	forEachIPFamily(t, hostNetNSOnlyKeepsPodsConnectedUDPSockets)
+}
+
+func hostNetNSOnlyKeepsPodsConnectedUDPSockets(t *testing.T, f ipFamily) {
+	m := ebpfModeWith(true)
+	m.fam = f
+	s := newSetup(t, m, 1)
+	snap := apitest.Snapshot(true, s.dns(s.backends(5353, s.pods...)...))
 	s.sync(t, snap)
-	r := s.client.StartResolver(vip + ":53")
+	r := s.client.StartResolver(s.at(vip, 53))
 	defer r.Stop()
 	before := parseResolverResults(t, r.Take(3))
 	allAnswered(t, "before the full syncs", before, s.pods...)

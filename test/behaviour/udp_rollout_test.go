@@ -3,6 +3,7 @@ package behaviour
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -25,7 +26,7 @@ import (
 func (s *setup) vanish(t *testing.T, void *testnet.Pod, pods ...*testnet.Pod) {
 	t.Helper()
 	for _, p := range pods {
-		cmd := s.net.NodeCommand(context.Background(), "ip", "route", "replace", p.IP.String()+"/32",
+		cmd := s.net.NodeCommand(context.Background(), "ip", "route", "replace", netip.PrefixFrom(p.IP, p.IP.BitLen()).String(),
 			"via", void.IP.String(), "dev", void.HostIf, "onlink")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			t.Fatalf("making %s vanish: %v: %s", p.Name, err, out)
@@ -117,17 +118,21 @@ func allAnswered(t *testing.T, phase string, rs []testnet.ResolverResult, by ...
 func TestUDPConnectedClientFollowsRollout(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 6)
-		void := s.net.AddPod("void", "10.244.253.1")
+		void := s.net.AddPod("void", s.fam.ip("10.244.253.1"))
 		waves := [][]*testnet.Pod{s.pods[0:2], s.pods[2:4], s.pods[4:6]}
-		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, waves[0]...)...)))
+		s.sync(t, apitest.Snapshot(true, s.dns(s.backends(5353, waves[0]...)...)))
 		clients := []struct {
 			name string
 			pod  *testnet.Pod
 			args []string
 		}{
-			{"client", s.client, []string{vip + ":53"}},
+			{"client", s.client, []string{s.at(vip, 53)}},
 			{"client (AF_INET6)", s.client, []string{"[::ffff:" + vip + "]:53", "inet6"}},
-			{"host network", s.net.HostNetwork(), []string{vip + ":53"}},
+			{"host network", s.net.HostNetwork(), []string{s.at(vip, 53)}},
+		}
+		if s.fam.v6() {
+			// An IPv6 VIP has one way in, an AF_INET6 socket: "client" is it.
+			clients = slices.Delete(clients, 1, 2)
 		}
 		resolvers := make([]*testnet.Loop, len(clients))
 		for i, c := range clients {
@@ -148,19 +153,19 @@ func TestUDPConnectedClientFollowsRollout(t *testing.T) {
 			both := append(slices.Clone(old), next...)
 			phase := func(client, what string) string { return fmt.Sprintf("%s, wave %d, %s", client, wave, what) }
 
-			s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, both...)...)))
+			s.sync(t, apitest.Snapshot(false, s.dns(s.backends(5353, both...)...)))
 			each(func(client string, r *testnet.Loop) {
 				allAnswered(t, phase(client, "surge"), parseResolverResults(t, append(r.Settle(), r.Take(10)...)), both...)
 			})
 
 			// Terminating but serving: new sockets go to the new pods,
 			// the established ones drain where they are.
-			s.sync(t, apitest.Snapshot(false, apitest.WithServing(dns(s.backends(5353, next...)...), s.backends(5353, both...)...)))
+			s.sync(t, apitest.Snapshot(false, apitest.WithServing(s.dns(s.backends(5353, next...)...), s.backends(5353, both...)...)))
 			each(func(client string, r *testnet.Loop) {
 				allAnswered(t, phase(client, "drain"), parseResolverResults(t, append(r.Settle(), r.Take(10)...)), both...)
 			})
 
-			s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, next...)...)))
+			s.sync(t, apitest.Snapshot(false, s.dns(s.backends(5353, next...)...)))
 			s.vanish(t, void, old...)
 			each(func(client string, r *testnet.Loop) {
 				results := parseResolverResults(t, r.Settle())
@@ -203,7 +208,7 @@ func TestUDPSocketConnectedBeforeServiceGetsThrough(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 1)
 		s.sync(t, apitest.Snapshot(true))
-		r := s.client.StartResolver(vip+":53", "timeout=1s")
+		r := s.client.StartResolver(s.at(vip, 53), "timeout=1s")
 		defer r.Stop()
 		for _, res := range parseResolverResults(t, r.Take(2)) {
 			if res.Err != "timeout" {
@@ -211,7 +216,7 @@ func TestUDPSocketConnectedBeforeServiceGetsThrough(t *testing.T) {
 			}
 		}
 
-		s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, s.pods[0])...)))
+		s.sync(t, apitest.Snapshot(false, s.dns(s.backends(5353, s.pods[0])...)))
 		before := parseResolverResults(t, r.Settle())
 		after := untilServed(t, "once the Service exists", r, s.pods[:1], 5, 20)
 		// Queries sent before the sync time out; one more may fail as the
@@ -228,7 +233,7 @@ func TestUDPSocketConnectedBeforeServiceGetsThrough(t *testing.T) {
 				len(failed), resultLines(append(before, after...)))
 		}
 		for _, res := range after {
-			if res.Backend != "" && res.From != vip+":53" {
+			if res.Backend != "" && res.From != s.at(vip, 53) {
 				t.Errorf("answer not from the VIP: %q", res.Line)
 			}
 		}
@@ -242,9 +247,9 @@ func TestUDPSocketConnectedBeforeServiceGetsThrough(t *testing.T) {
 func TestUDPUnconnectedSocketKeepsItsPortAcrossBackendRemoval(t *testing.T) {
 	forEachMode(t, func(t *testing.T, m mode) {
 		s := newSetup(t, m, 2)
-		void := s.net.AddPod("void", "10.244.253.1")
-		s.sync(t, apitest.Snapshot(true, dns(s.backends(5353, s.pods...)...)))
-		r := s.client.StartResolver(vip+":53", "unconnected")
+		void := s.net.AddPod("void", s.fam.ip("10.244.253.1"))
+		s.sync(t, apitest.Snapshot(true, s.dns(s.backends(5353, s.pods...)...)))
+		r := s.client.StartResolver(s.at(vip, 53), "unconnected")
 		defer r.Stop()
 		results := parseResolverResults(t, r.Take(5))
 		allAnswered(t, "before", results, s.pods...)
@@ -259,7 +264,7 @@ func TestUDPUnconnectedSocketKeepsItsPortAcrossBackendRemoval(t *testing.T) {
 			stays = s.pods[1]
 		}
 
-		s.sync(t, apitest.Snapshot(false, dns(s.backends(5353, stays)...)))
+		s.sync(t, apitest.Snapshot(false, s.dns(s.backends(5353, stays)...)))
 		s.vanish(t, void, gone)
 		results = append(results, parseResolverResults(t, r.Settle())...)
 		results = append(results, untilServed(t, "after "+gone.Name+" left", r, []*testnet.Pod{stays}, 5, 20)...)

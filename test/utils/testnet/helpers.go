@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strconv"
@@ -38,9 +39,9 @@ func RunHelperIfRequested(extra map[string]func(args []string) error) {
 // Helper returns the command line that runs this test binary as a helper:
 //
 //	serve NAME tcp:PORT|udp:PORT...   answer each request with NAME (tcp6:, udp6: on IPv6)
-//	tcp ADDR N                        N connects, one result line each
-//	udp ADDR N [connected]            N requests on one socket
-//	loop ADDR [PAUSE]                 connect until killed, a line each, PAUSE between connects ([ADDR]: as tcp6)
+//	tcp ADDR N                        N connects, one result line each (IPv6 sockets to an IPv6 ADDR)
+//	udp ADDR N [connected]            N requests on one socket (IPv6 to an IPv6 ADDR)
+//	loop ADDR [PAUSE]                 connect until killed, a line each, PAUSE between connects (IPv6 to an IPv6 ADDR; [ADDR]: as tcp6)
 //	resolve ADDR [OPTION...]          query over one long-lived UDP socket until killed (see resolve)
 //	tcp6 ADDR N [inet4addr]           tcp from AF_INET6 sockets with IPV6_V6ONLY=0, as Java's are
 //	udp6 ADDR N [connected] [inet4addr]  udp from one such socket
@@ -109,7 +110,7 @@ func builtinHelper(args []string) error {
 
 // serve answers TCP connections with a minimal HTTP response (so curl works)
 // and UDP datagrams with a datagram, each carrying name. A "tcp-src"
-// listener adds the client address it sees ("NAME src=IP"), to show where
+// listener (tcp6-src on IPv6) adds the client address it sees ("NAME src=IP"), to show where
 // a connection was masqueraded.
 func serve(name string, listens []string) error {
 	for _, l := range listens {
@@ -117,15 +118,15 @@ func serve(name string, listens []string) error {
 		if !ok {
 			return fmt.Errorf("bad listen spec %q", l)
 		}
-		// tcp6 and udp6 listen on IPv6 only, the others on IPv4.
-		network := map[string]string{"tcp": "tcp4", "tcp-src": "tcp4", "tcp6": "tcp6", "udp": "udp4", "udp6": "udp6"}[proto]
+		// tcp6, tcp6-src and udp6 listen on IPv6 only, the others on IPv4.
+		network := map[string]string{"tcp": "tcp4", "tcp-src": "tcp4", "tcp6": "tcp6", "tcp6-src": "tcp6", "udp": "udp4", "udp6": "udp6"}[proto]
 		switch network {
 		case "tcp4", "tcp6":
 			ln, err := net.Listen(network, ":"+port)
 			if err != nil {
 				return err
 			}
-			go serveTCP(ln, name, proto == "tcp-src")
+			go serveTCP(ln, name, strings.HasSuffix(proto, "-src"))
 		case "udp4", "udp6":
 			pc, err := net.ListenPacket(network, ":"+port)
 			if err != nil {
@@ -196,8 +197,18 @@ func repeat(args []string, once func() string) error {
 	return nil
 }
 
+// networkFor is the Go network ("tcp4", "udp6", ...) of a tcp or udp client
+// of addr: an IPv6 address ([fd00::a]:80) is reached from an IPv6 socket,
+// everything else from an IPv4 one, as the tcp and udp helpers always did.
+func networkFor(proto, addr string) string {
+	if ap, err := netip.ParseAddrPort(addr); err == nil && ap.Addr().Is6() && !ap.Addr().Is4In6() {
+		return proto + "6"
+	}
+	return proto + "4"
+}
+
 func tcpRequest(addr string) string {
-	c, err := net.DialTimeout("tcp4", addr, ioTimeout)
+	c, err := net.DialTimeout(networkFor("tcp", addr), addr, ioTimeout)
 	if err != nil {
 		return "err " + errText(err)
 	}
@@ -220,7 +231,8 @@ func tcpRequest(addr string) string {
 }
 
 func udpRequests(addr string, args []string) error {
-	raddr, err := net.ResolveUDPAddr("udp4", addr)
+	network := networkFor("udp", addr)
+	raddr, err := net.ResolveUDPAddr(network, addr)
 	if err != nil {
 		return err
 	}
@@ -245,9 +257,9 @@ func udpRequests(addr string, args []string) error {
 	}
 	var conn *net.UDPConn
 	if connected {
-		conn, err = net.DialUDP("udp4", laddr, raddr)
+		conn, err = net.DialUDP(network, laddr, raddr)
 	} else {
-		conn, err = net.ListenUDP("udp4", laddr)
+		conn, err = net.ListenUDP(network, laddr)
 	}
 	if err != nil {
 		fmt.Println("err " + errText(err))

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strconv"
@@ -147,11 +148,12 @@ func (n *Net) AddServers(count int) []*Pod {
 	return pods
 }
 
-// Backends lists the pods' addresses with port, as "ip:port".
+// Backends lists the pods' addresses with port, as "ip:port" ("[ip]:port"
+// for IPv6).
 func Backends(port int, pods ...*Pod) []string {
 	var out []string
 	for _, p := range pods {
-		out = append(out, fmt.Sprintf("%s:%d", p.IP, port))
+		out = append(out, netip.AddrPortFrom(p.IP, uint16(port)).String())
 	}
 	return out
 }

@@ -80,9 +80,9 @@ func resolve(addr string, args []string) error {
 			case inet6:
 				conn, err = inet6UDPConn(addr, connected)
 			case connected:
-				conn, err = net.DialUDP("udp4", nil, raddr)
+				conn, err = net.DialUDP(networkFor("udp", addr), nil, raddr)
 			default:
-				conn, err = net.ListenUDP("udp4", nil)
+				conn, err = net.ListenUDP(networkFor("udp", addr), nil)
 			}
 			if err != nil {
 				conn = nil
