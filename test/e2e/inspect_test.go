@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/inspect"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/localcluster"
 )
 
 // runInspect runs `kube-bpf-proxy inspect -o json` on node as an operator
@@ -194,5 +196,65 @@ func (e *env) inspectNode(t *testing.T, ns, mode string) {
 		return code == inspect.ExitConsistent
 	}) {
 		t.Errorf("after deleting %s: exit %d, %+v", service, code, r.ServicePorts)
+	}
+}
+
+// TestInspectDualStack runs inspect on a dual-stack local cluster in each
+// mode: a RequireDualStack Service has a port per family, and inspect
+// compares each with its own family's maps or rules (exit 0). A node whose
+// proxy serves IPv4 only says so in one warning for the IPv6 port, and
+// still exits 0.
+func TestInspectDualStack(t *testing.T) {
+	e := &env{c: newStackCluster(t, localcluster.DualStack)}
+	ctx := context.Background()
+	ns := e.namespace(t, "dual")
+	e.addWeb(t, ns, "dual-1", "node1", "dual")
+	policy := corev1.IPFamilyPolicyRequireDualStack
+	if _, err := e.c.Client.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: "dual"},
+		Spec: corev1.ServiceSpec{
+			Selector:       map[string]string{"app": "dual"},
+			IPFamilyPolicy: &policy,
+			Ports:          []corev1.ServicePort{{Name: "http", Port: 80, TargetPort: intstr.FromInt32(80), Protocol: corev1.ProtocolTCP}},
+		},
+	}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	service := ns + "/dual"
+	for _, mode := range []string{"ebpf", "iptables"} {
+		t.Run(mode, func(t *testing.T) {
+			e.startProxiesWith(t, mode)
+			defer e.stopProxies(t)
+			var code int
+			var r *inspect.Report
+			if !eventually(60*time.Second, func() bool {
+				code, r = e.runInspect(t, "node1")
+				p := inspectedPort(r, service)
+				return code == inspect.ExitConsistent && p != nil && p.Status == inspect.StatusOK
+			}) {
+				t.Fatalf("inspect on a dual-stack node: exit %d, families %v, warnings %q, ports %+v", code, r.Families, r.Warnings, r.ServicePorts)
+			}
+			if r.Mode != mode {
+				t.Errorf("mode %q, want %q", r.Mode, mode)
+			}
+			byFamily := map[string]*inspect.ServicePort{}
+			for i := range r.ServicePorts {
+				if p := &r.ServicePorts[i]; p.Service == service {
+					byFamily[p.Family] = p
+				}
+			}
+			servesIPv6 := slices.Contains(r.Families, "IPv6")
+			switch {
+			case byFamily["IPv4"] == nil || byFamily["IPv4"].Status != inspect.StatusOK:
+				t.Errorf("%s IPv4: %+v, want ok", service, byFamily["IPv4"])
+			case servesIPv6 && (byFamily["IPv6"] == nil || byFamily["IPv6"].Status != inspect.StatusOK):
+				t.Errorf("%s IPv6: %+v, want ok", service, byFamily["IPv6"])
+			case !servesIPv6 && localcluster.ProxyServesIPv6:
+				t.Errorf("families %v: the proxy serves IPv6, want it checked", r.Families)
+			case !servesIPv6 && !slices.ContainsFunc(r.Warnings, func(w string) bool { return strings.Contains(w, "holds no IPv6") }):
+				t.Errorf("IPv4-only node, dual-stack Service: warnings %q, want one for its IPv6 port", r.Warnings)
+			}
+			t.Logf("families %v, warnings %q", r.Families, r.Warnings)
+		})
 	}
 }
