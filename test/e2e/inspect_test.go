@@ -150,8 +150,14 @@ func (e *env) inspectNode(t *testing.T, ns, mode string) {
 			t.Fatal(err)
 		}
 	} else {
-		save := strings.TrimPrefix(r.Source, "iptables-")
-		rules, err := e.c.NodeOutput(ctx, "node1", "iptables-"+save, "-t", "nat", "-S", "KUBE-SERVICES")
+		// The source names each family's tool ("iptables-nft and
+		// ip6tables-nft" on a node serving both): the IPv4 one is
+		// first, and the Service is IPv4.
+		tool := strings.Fields(r.Source)[0]
+		if !strings.HasPrefix(tool, "iptables-") {
+			t.Fatalf("inspect read the rules from %q, want iptables-<backend> first", r.Source)
+		}
+		rules, err := e.c.NodeOutput(ctx, "node1", tool, "-t", "nat", "-S", "KUBE-SERVICES")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -163,7 +169,7 @@ func (e *env) inspectNode(t *testing.T, ns, mode string) {
 			// as -S prints it.
 			before, rest, _ := strings.Cut(strings.TrimPrefix(line, "-A "), `"`)
 			comment, after, _ := strings.Cut(rest, `"`)
-			args := append([]string{"iptables-" + save, "-t", "nat", "-D"}, strings.Fields(before)...)
+			args := append([]string{tool, "-t", "nat", "-D"}, strings.Fields(before)...)
 			args = append(append(args, comment), strings.Fields(after)...)
 			if _, err := e.c.NodeOutput(ctx, "node1", args...); err != nil {
 				t.Fatal(err)
