@@ -22,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 
 	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/model"
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 var (
@@ -138,12 +139,7 @@ func refused(t *testing.T, addr netip.AddrPort) {
 // freePort is a port nobody listens on now on loopback.
 func freePort(t *testing.T) uint16 {
 	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return uint16(ln.Addr().(*net.TCPAddr).Port)
+	return uint16(testnet.FreePort(t))
 }
 
 // newServer is a Server on 127.0.0.1 whose health the test sets, closed

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -170,18 +169,6 @@ func (p *Pod) Results(args ...string) []string {
 		p.net.t.Fatalf("%v", err)
 	}
 	return strings.Split(strings.TrimSpace(out), "\n")
-}
-
-// FreeAddr is a loopback address with a port nobody listens on now, for a
-// server a test starts.
-func FreeAddr(t T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("%v", err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // Tally counts result lines by their first two words ("ok pod-1"); other
