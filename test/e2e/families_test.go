@@ -27,19 +27,6 @@ import (
 // (stopped and started again) under live sockets. On a dual-stack cluster
 // a Service also goes from SingleStack to RequireDualStack and back.
 
-// servedFamilies are the families of stack that the proxy in mode serves
-// (localcluster.ModeServesIPv6), the primary first.
-func servedFamilies(stack localcluster.Stack, mode string) []model.IPFamily {
-	var out []model.IPFamily
-	for _, f := range stack.Families() {
-		if f == model.IPv6 && !localcluster.ModeServesIPv6(mode) {
-			continue
-		}
-		out = append(out, f)
-	}
-	return out
-}
-
 // familyAddr is ip:port as the clients take it: [ip]:port for IPv6, which
 // they dial from AF_INET6 sockets (see connects).
 func familyAddr(ip netip.Addr, port int32) string {
@@ -49,11 +36,7 @@ func familyAddr(ip netip.Addr, port int32) string {
 // familyScenarios runs the scenarios in mode, whose proxies run, in
 // namespace ns of a cluster of stack.
 func (e *env) familyScenarios(t *testing.T, ns, mode string, stack localcluster.Stack) {
-	families := servedFamilies(stack, mode)
-	if len(families) == 0 {
-		t.Logf("%s mode does not serve IPv6 yet (localcluster.ProxyServesIPv6): no Service scenarios on this cluster", mode)
-		return
-	}
+	families := stack.Families()
 	// Pods answering TCP on 80 and 8080 and UDP on 53, in each family of
 	// the stack; a Service with a TCP and a UDP port and a node port,
 	// RequireDualStack on a dual-stack cluster and PreferDualStack on a

@@ -29,8 +29,7 @@ import (
 // TestEndToEnd's scenarios runs per family (familyScenarios): TCP, UDP,
 // node ports, zero failures under endpoint churn and across a proxy
 // rollout, and a Service changed from SingleStack to RequireDualStack and
-// back. The eBPF mode's IPv6 is checked once it serves IPv6
-// (localcluster.ProxyServesIPv6).
+// back.
 func TestLocalClusterDualStack(t *testing.T) {
 	testStack(t, localcluster.DualStack)
 }
@@ -190,7 +189,7 @@ func testStack(t *testing.T, stack localcluster.Stack) {
 			// Starts the proxies and waits for their first sync (the mode
 			// label they set on their Node after it).
 			e.startProxies(t, mode)
-			for _, f := range servedFamilies(stack, mode) {
+			for _, f := range stack.Families() {
 				addr, _ := localcluster.ServiceAddr(svc, f)
 				e.expectBackends(t, addr.String(), want...)
 				// And from each node's own namespace, as a hostNetwork

@@ -75,20 +75,6 @@ func (s Stack) Has(f model.IPFamily) bool {
 	return false
 }
 
-// ProxyServesIPv6 says whether the kube-bpf-proxy under test serves IPv6
-// in every mode: whether the dual-stack and IPv6-only tests (test/e2e
-// TestLocalClusterDualStack, TestLocalClusterIPv6Only) assert that IPv6
-// Services answer through the eBPF mode too (the iptables mode serves
-// IPv6 in any case: ModeServesIPv6). Both modes serve IPv6 (issue 20); set
-// it false to check a build whose eBPF mode does not.
-var ProxyServesIPv6 = true
-
-// ModeServesIPv6 says whether the proxy in mode (an overlay's name:
-// ebpf, iptables or ab) serves IPv6 Services.
-func ModeServesIPv6(mode string) bool {
-	return mode == "iptables" || ProxyServesIPv6
-}
-
 // The IPv6 twins of the IPv4 ranges in network.go, all in the unique local
 // range fd00::/8 and only ever inside the cluster's namespaces (nothing of
 // them is routed out).
