@@ -767,9 +767,16 @@ type clientLoop struct {
 // minute, which no real client does.
 func (e *env) startLoops(t *testing.T, addr string, pause time.Duration) []*clientLoop {
 	t.Helper()
+	return e.startHelperLoops(t, "loop", addr, pause.String())
+}
+
+// startHelperLoops runs testnet's helper with args in the client pod of
+// each node, its result lines collected as they come.
+func (e *env) startHelperLoops(t *testing.T, args ...string) []*clientLoop {
+	t.Helper()
 	var loops []*clientLoop
 	for _, client := range e.clients {
-		cmd, done, err := client.Command(context.Background(), testnet.Helper("loop", addr, pause.String())...)
+		cmd, done, err := client.Command(context.Background(), testnet.Helper(args...)...)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -249,17 +249,7 @@ func (e *env) startResolvers(t *testing.T, addr string) []*clientLoop {
 	if strings.HasPrefix(addr, "[") {
 		args = append(args, "inet6")
 	}
-	var loops []*clientLoop
-	for _, client := range e.clients {
-		cmd, done, err := client.Command(context.Background(), testnet.Helper(args...)...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		l := testnet.StartLoopCommand(t, cmd)
-		done()
-		loops = append(loops, &clientLoop{Loop: l, client: client.Name})
-	}
-	return loops
+	return e.startHelperLoops(t, args...)
 }
 
 // expectUDPBackends waits until, from a client on each node, datagrams to

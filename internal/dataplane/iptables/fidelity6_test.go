@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -353,48 +352,12 @@ current-context: fake
 	cmd.Env = []string{"PATH=" + backendPath(t, backend), "HOME=/root", "XTABLES_LOCKFILE=" + filepath.Join(dir, "xtables.lock")}
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting kube-proxy: %v", err)
-	}
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+	names := servicePortNames(svcs)
+	return awaitUpstream(t, cmd, ns, backend, logPath, 90*time.Second, func(save, save6 string) bool {
+		return containsAll(save6, names) && (!dual || containsAll(save, names)) && strings.Contains(save, chainNodePorts)
+	}, func() string {
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		return fmt.Sprintf("requests not served: %v", f.unknown)
 	})
-
-	var names []string
-	for _, s := range svcs {
-		for _, p := range s.Spec.Ports {
-			name := s.Namespace + "/" + s.Name
-			if p.Name != "" {
-				name += ":" + p.Name
-			}
-			names = append(names, name)
-		}
-	}
-	var save, save6, last string
-	deadline := time.Now().Add(90 * time.Second)
-	for time.Now().Before(deadline) {
-		time.Sleep(2 * time.Second)
-		save, save6 = iptablesSave(t, ns, backend), ip6tablesSave(t, ns, backend)
-		stable := strings.Join(normalised(save), "\n") + strings.Join(normalised(save6), "\n")
-		synced := func(dump string) bool {
-			return !slices.ContainsFunc(names, func(n string) bool { return !strings.Contains(dump, n) })
-		}
-		if stable == last && synced(save6) && (!dual || synced(save)) && strings.Contains(save, chainNodePorts) {
-			return save, save6
-		}
-		last = stable
-		if cmd.ProcessState != nil || syscall.Kill(cmd.Process.Pid, 0) != nil {
-			break
-		}
-	}
-	log, _ := os.ReadFile(logPath)
-	if len(log) > 8000 {
-		log = log[len(log)-8000:]
-	}
-	f.mu.Lock()
-	unknown := f.unknown
-	f.mu.Unlock()
-	t.Fatalf("kube-proxy did not sync every Service; its rules:\n%s\n%s\nrequests not served: %v\nthe end of its log:\n%s", save, save6, unknown, log)
-	return "", ""
 }

@@ -512,6 +512,22 @@ func upstreamRules(t *testing.T, c *localcluster.Cluster, kubeProxy string, v fi
 	}
 	defer unix.Close(cg)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cg, Pdeathsig: syscall.SIGKILL}
+	// Its IPv6 proxier syncs with the IPv4 one (the same events).
+	names := servicePortNames(services)
+	return awaitUpstream(t, cmd, ns, v.backend, logPath, time.Minute, func(save, save6 string) bool {
+		return containsAll(save, names) && strings.Contains(save6, chainNodePorts)
+	}, nil)
+}
+
+// awaitUpstream starts kube-proxy (cmd, logging to logPath) and returns the
+// iptables-save and ip6tables-save of its namespace ns once synced accepts
+// them and they stayed the same for one more poll (2 s: kube-proxy's
+// --iptables-min-sync-period is 1 s). If kube-proxy exits, or timeout
+// passes, it fails the test with both dumps, what more says (if not nil)
+// and the end of kube-proxy's log. kube-proxy is killed when the test ends.
+func awaitUpstream(t *testing.T, cmd *exec.Cmd, ns, backend, logPath string, timeout time.Duration,
+	synced func(save, save6 string) bool, more func() string) (string, string) {
+	t.Helper()
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("starting kube-proxy: %v", err)
 	}
@@ -520,30 +536,14 @@ func upstreamRules(t *testing.T, c *localcluster.Cluster, kubeProxy string, v fi
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	})
-
-	// Synced: every service port's name in the rules, and the rules stable
-	// for two seconds (kube-proxy's --iptables-min-sync-period is 1 s).
-	var names []string
-	for _, s := range services {
-		for _, p := range s.Spec.Ports {
-			name := s.Namespace + "/" + s.Name
-			if p.Name != "" {
-				name += ":" + p.Name
-			}
-			names = append(names, name)
-		}
-	}
 	var save, save6, last string
-	deadline := time.Now().Add(time.Minute)
+	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		time.Sleep(2 * time.Second)
-		save = iptablesSave(t, ns, v.backend)
-		// Its IPv6 proxier syncs with the IPv4 one (the same events).
-		save6 = ip6tablesSave(t, ns, v.backend)
+		save, save6 = iptablesSave(t, ns, backend), ip6tablesSave(t, ns, backend)
 		// Timestamps and counters change without a sync.
 		stable := strings.Join(normalised(save), "\n") + strings.Join(normalised(save6), "\n")
-		if stable == last && !slices.ContainsFunc(names, func(n string) bool { return !strings.Contains(save, n) }) &&
-			strings.Contains(save6, chainNodePorts) {
+		if stable == last && synced(save, save6) {
 			return save, save6
 		}
 		last = stable
@@ -555,8 +555,33 @@ func upstreamRules(t *testing.T, c *localcluster.Cluster, kubeProxy string, v fi
 	if len(log) > 8000 {
 		log = log[len(log)-8000:]
 	}
-	t.Fatalf("kube-proxy did not sync every Service; its rules:\n%s\n%s\nthe end of its log:\n%s", save, save6, log)
+	extra := ""
+	if more != nil {
+		extra = more() + "\n"
+	}
+	t.Fatalf("kube-proxy did not sync every Service; its rules:\n%s\n%s\n%sthe end of its log:\n%s", save, save6, extra, log)
 	return "", ""
+}
+
+// servicePortNames are the service ports' names as kube-proxy's rule
+// comments write them ("ns/name:port", "ns/name" for an unnamed port).
+func servicePortNames(services []corev1.Service) []string {
+	var names []string
+	for _, s := range services {
+		for _, p := range s.Spec.Ports {
+			name := s.Namespace + "/" + s.Name
+			if p.Name != "" {
+				name += ":" + p.Name
+			}
+			names = append(names, name)
+		}
+	}
+	return names
+}
+
+// containsAll says whether dump names every one of names.
+func containsAll(dump string, names []string) bool {
+	return !slices.ContainsFunc(names, func(n string) bool { return !strings.Contains(dump, n) })
 }
 
 // ourRules syncs this mode's IPv4 and IPv6 datapaths, fed what the model
