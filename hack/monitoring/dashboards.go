@@ -285,7 +285,7 @@ func proxyDashboard() (*board, *dashboard.DashboardBuilder) {
 
 	mapSel := func(metric string) string { return fmt.Sprintf(`%s{%s}`, metric, proxySel) }
 	d = d.WithRow(dashboard.NewRowBuilder("BPF maps")).
-		WithPanel(b.timeseries("BPF map fill", "Entries in use over capacity, per map, on the fullest selected node. At 100 % new Service ports or backends are not programmed: raise --bpf-service-ports-max (services, service_stats) or --bpf-backend-slots-max (backends, slots). revnat holds the open translated sockets: at 100 % replies to new ones show the pod address (--bpf-sock-revnat-max).", "percentunit", 12,
+		WithPanel(b.timeseries("BPF map fill", "Entries in use over capacity, per map, on the fullest selected node; the IPv6 maps are ipv6_services, ..., sized by the same flags. At 100 % new Service ports or backends are not programmed: raise --bpf-frontends-max (services), --bpf-service-ports-max (service_stats, cluster_ips) or --bpf-backend-slots-max (backends, slots, affinity_match). revnat holds the open translated sockets: at 100 % replies to new ones show the pod address (--bpf-sock-revnat-max). affinity evicts its least recently used entries (--bpf-affinity-max).", "percentunit", 12,
 			t(`max by (map) ((`+mapSel("kube_bpf_proxy_bpf_map_entries")+` / `+mapSel("kube_bpf_proxy_bpf_map_capacity")+`)`+byMode+`)`, "{{map}}", ebpfOnly)).
 			Max(1)).
 		WithPanel(b.timeseries("BPF map entries and capacity", "Entries in use and capacity per map and node.", "none", 12,

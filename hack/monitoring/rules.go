@@ -2,6 +2,8 @@ package monitoring
 
 import (
 	"sigs.k8s.io/yaml"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/internal/dataplane/ebpf"
 )
 
 // Job names of the scrape configurations: the proxy keeps kube-proxy's, so
@@ -81,14 +83,18 @@ func Alerts() []Alert {
 			Summary:   "Some Service ports are not programmed by kube-bpf-proxy.",
 			Description: "{{ $value }} Service ports are not programmed on {{ $labels.instance }} (reason {{ $labels.reason }}); every other Service is served and these are retried. " +
 				"The Services concerned carry a Warning Event (kubectl get events -A --field-selector reason=ServicePortNotProgrammed) that names them and the cause. " +
-				"reason=map-full: a BPF map is too small, raise --bpf-service-ports-max or --bpf-backend-slots-max as the Event says (see KubeBpfProxyBPFMapNearlyFull). " +
+				"reason=map-full: a BPF map is too small, raise the flag the Event names (--" + ebpf.FlagMaxFrontends + ", --" + ebpf.FlagMaxServices + " or --" + ebpf.FlagMaxBackends + ") (see KubeBpfProxyBPFMapNearlyFull). " +
 				"reason=write-failed: the kernel refused a write; check the proxy's log and the node's memory.",
 			FedIn: bothModes,
 		},
 		{
-			// Every map: revnat holds open sockets only (each entry goes
-			// with its socket), so a full one means that many open
-			// translated sockets, and the next show the pod address.
+			// Every map, of both families (the IPv6 ones are
+			// labelled ipv6_services, ...: $map is the name without
+			// the prefix, the same flag sizes both). revnat holds
+			// open sockets only (each entry goes with its socket),
+			// so a full one means that many open translated
+			// sockets, and the next show the pod address; affinity
+			// is an LRU map, which evicts instead of refusing.
 			Name: "KubeBpfProxyBPFMapNearlyFull",
 			Signal: `max by (instance, map) (kube_bpf_proxy_bpf_map_entries{` + proxy + `}` +
 				` / kube_bpf_proxy_bpf_map_capacity{` + proxy + `})`,
@@ -96,17 +102,23 @@ func Alerts() []Alert {
 			For:       "15m",
 			Severity:  "warning",
 			Summary:   "A BPF map of kube-bpf-proxy is more than 90 % full.",
-			Description: "The {{ $labels.map }} map of kube-bpf-proxy on {{ $labels.instance }} is {{ $value | humanizePercentage }} full. " +
-				`{{ if eq $labels.map "revnat" }}` +
+			Description: `{{ $map := reReplaceAll "^ipv6_" "" $labels.map }}` +
+				"The {{ $labels.map }} map of kube-bpf-proxy on {{ $labels.instance }} is {{ $value | humanizePercentage }} full. " +
+				`{{ if eq $map "revnat" }}` +
 				"It holds an entry per open socket the programs translated, each gone with its socket; once it is full, replies to newly translated sockets and their peer names show the pod address " +
-				"(kube_bpf_proxy_datapath_events_total{event=\"reverse_entry_update_failed\"} rises). Raise --bpf-sock-revnat-max" +
+				"(kube_bpf_proxy_datapath_events_total{event=\"reverse_entry_update_failed\"} rises). Raise --" + ebpf.FlagMaxRevNAT +
+				`{{ else if eq $map "affinity" }}` +
+				"It holds the backend chosen for each client of a Service with sessionAffinity: ClientIP; once it is full, the least recently used choices are evicted, " +
+				"and those clients may move to another backend before their affinity timeout. Raise --" + ebpf.FlagMaxAffinity +
 				`{{ else }}` +
 				"Once it is full, new Service ports or backends are not programmed (kube_bpf_proxy_service_ports_not_programmed{reason=\"map-full\"} rises and the Service gets a Warning Event) " +
-				"while everything already programmed keeps serving. Raise " +
-				`{{ if or (eq $labels.map "services") (eq $labels.map "service_stats") }}--bpf-service-ports-max{{ else }}--bpf-backend-slots-max{{ end }}` +
+				"while everything already programmed keeps serving. Raise --" +
+				`{{ if eq $map "services" }}` + ebpf.FlagMaxFrontends +
+				`{{ else if or (eq $map "service_stats") (eq $map "cluster_ips") }}` + ebpf.FlagMaxServices +
+				`{{ else }}` + ebpf.FlagMaxBackends + `{{ end }}` +
 				`{{ end }}` +
 				" in the DaemonSet's args (on restart the proxy copies its maps into ones of the new size while the old ones keep serving)" +
-				`{{ if ne $labels.map "revnat" }}, or remove unused Services{{ end }}.`,
+				`{{ if and (ne $map "revnat") (ne $map "affinity") }}, or remove unused Services{{ end }}.`,
 			FedIn: ebpfOnly,
 		},
 		{
