@@ -495,9 +495,9 @@ struct revnat6_value {
 };
 
 /*
- * A pair is too wide to be written in one store: seq, written 0 before
- * and a new nonzero value after the pair changes, tells a reader whether
- * what it read between two reads of seq is one pair (see frontend6_of).
+ * A pair is too wide to be written in one store: seq, 0 while it changes
+ * and nonzero after, tells a reader on x86 (stores seen in order; as for
+ * IPv4, see remember_frontend) whether it read one pair (frontend6_of).
  */
 struct revnat6_pair {
 	__u64 seq;

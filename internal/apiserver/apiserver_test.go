@@ -15,6 +15,8 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/klog/v2"
 	"k8s.io/klog/v2/textlogger"
+
+	"github.com/kube-bpf-proxy/kube-bpf-proxy/test/utils/testnet"
 )
 
 // env is a fake environment: a variable absent from the map is unset.
@@ -163,19 +165,6 @@ func restClient(t *testing.T, host string) rest.Interface {
 	return cs.Discovery().RESTClient()
 }
 
-// freeAddr returns a loopback address nobody listens on (until someone
-// does).
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
 func TestProbeAnswered(t *testing.T) {
 	tests := []struct {
 		name      string
@@ -248,7 +237,7 @@ func TestProbeUnreachable(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			addr := freeAddr(t)
+			addr := testnet.FreeAddr(t)
 			tt.target.Server = "http://" + addr
 			ctx, log := loggingContext(t)
 			done := make(chan struct{})

@@ -57,12 +57,7 @@ func TestMainErrors(t *testing.T) {
 func TestErrorKind(t *testing.T) {
 	// A port nobody listens on, on loopback: refused for TCP and for UDP
 	// (an ICMP port unreachable on a connected socket).
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := testnet.FreeAddr(t)
 	_, tcpErr := net.Dial("tcp", addr)
 	udp, err := net.Dial("udp", addr)
 	if err != nil {

@@ -808,8 +808,10 @@ func TestModeSwitchBothWays(t *testing.T) {
 	} {
 		t.Run(c.from.name+"-to-"+c.to.name, func(t *testing.T) {
 			forEachIPFamily(t, func(t *testing.T, f ipFamily) {
-				c.from.fam, c.to.fam = f, f
-				modeSwitch(t, c.from, c.to)
+				// A copy each: the families run in parallel.
+				from, to := c.from, c.to
+				from.fam, to.fam = f, f
+				modeSwitch(t, from, to)
 			})
 		})
 	}

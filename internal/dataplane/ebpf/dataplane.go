@@ -14,11 +14,11 @@
 // unchanged cluster checks only, once more, those checked since the last
 // full sync) and that has a serving endpoint, the
 // Dataplane destroys the connected UDP sockets, AF_INET and AF_INET6
-// (v4-mapped peers), that
+// (v4-mapped peers; through the IPv6 view, AF_INET6 with IPv6 peers), that
 //
 //   - our programs translated from that frontend to a backend that no
-//     longer serves: kbp_revnat, keyed by socket cookie, names the frontend
-//     of each backend the socket was sent to; a socket connected to a pod
+//     longer serves: kbp_revnat (kbp6_revnat for the view), keyed by socket
+//     cookie, names the frontend of each backend the socket was sent to; a socket connected to a pod
 //     IP directly has no entry and is not ours to touch; or
 //   - are connected to the frontend's VIP:port itself, untranslated, if the
 //     frontend is fresh: new, or without a serving endpoint until now
@@ -128,7 +128,6 @@ type Dataplane struct {
 // familyPath is the datapath of one family's Services: its reconciler over
 // the family's maps, and the cleanup of its connected UDP sockets.
 type familyPath struct {
-	family  model.IPFamily
 	maps    familyMaps
 	mu      sync.Mutex
 	rec     *reconciler
@@ -229,6 +228,11 @@ func (v *ipv6View) Close() error {
 	}
 	d.v6 = nil
 	d.views.Unlock()
+	// Under the path's lock, as the Dataplane's Close: a Sync of the
+	// view still in flight finishes before the last release closes the
+	// maps it writes.
+	v.mu.Lock()
+	defer v.mu.Unlock()
 	v.cleanup.close()
 	return d.release()
 }
@@ -320,7 +324,6 @@ func newFamilyPath(k *kernelObjects, f model.IPFamily, cfg Config, grace gracePe
 		revnatCount = func() (int, error) { return countEntries[uint64, lbSockRevnat6](fm.revnat) }
 	}
 	return &familyPath{
-		family:  f,
 		maps:    fm,
 		rec:     rec,
 		sockets: sockets,
@@ -592,8 +595,10 @@ func (d *Dataplane) Close() error {
 	}
 	d.closed = true
 	d.views.Unlock()
+	// A Sync in flight finishes first, and none starts before the
+	// release (which closes the maps if the view is closed too).
 	d.mu.Lock()
+	defer d.mu.Unlock()
 	d.cleanup.close()
-	d.mu.Unlock()
 	return d.release()
 }

@@ -114,7 +114,7 @@ func TestSyncSkipsAddressesOfTheOtherFamily(t *testing.T) {
 			sockets := newUDPSocketCleaner(newFakeSocketHost("node"), fakeRevnat{}.lookup, events)
 			cleanup := newCleanupWorker(sockets.clean)
 			t.Cleanup(cleanup.close)
-			p := &familyPath{family: tc.family, rec: r, sockets: sockets, cleanup: cleanup}
+			p := &familyPath{rec: r, sockets: sockets, cleanup: cleanup}
 			if err := p.Sync(t.Context(), onNode(tc.node, true, tc.mixed, tc.other)); err != nil {
 				t.Fatal(err)
 			}

@@ -21,8 +21,8 @@ func FreeAddr(t T) string {
 	return net.JoinHostPort("127.0.0.1", strconv.Itoa(FreePort(t)))
 }
 
-// FreePort is a port free for TCP and UDP on loopback now, for a server a
-// test starts after this returns.
+// FreePort is a port free for TCP and UDP on every address now, for a
+// server a test starts after this returns.
 //
 // The port is chosen outside the kernel's ephemeral range
 // (net.ipv4.ip_local_port_range). A port the kernel picked for a ":0"
@@ -59,9 +59,11 @@ func FreePort(t T) int {
 	return 0
 }
 
-// free reports whether port can be bound on loopback for TCP and UDP.
+// free reports whether port can be bound on every address, of both
+// families, for TCP and UDP: a port held on any one address (::1, a node
+// address) would fail a server that listens on the wildcard.
 func free(port int) bool {
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	addr := ":" + strconv.Itoa(port)
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return false
