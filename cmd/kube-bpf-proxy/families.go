@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -125,16 +124,14 @@ func chooseFamilies(primary model.IPFamily, s familySupport) ([]model.IPFamily, 
 
 // detectPrimaryFamily is kube-proxy's detectNodeIPs, for the family: a
 // specific --bind-address decides, then the Node's first address
-// (InternalIP, else ExternalIP), then the hostname's; IPv4 when none is
-// known (kube-proxy then assumes 127.0.0.1).
-func detectPrimaryFamily(bindAddress string, nodeIPs, hostIPs []netip.Addr) model.IPFamily {
+// (InternalIP, else ExternalIP); IPv4 when none is known (kube-proxy then
+// assumes 127.0.0.1).
+func detectPrimaryFamily(bindAddress string, nodeIPs []netip.Addr) model.IPFamily {
 	if ip, err := netip.ParseAddr(bindAddress); err == nil && !ip.IsUnspecified() {
 		return model.FamilyOf(ip.Unmap())
 	}
-	for _, ips := range [][]netip.Addr{nodeIPs, hostIPs} {
-		if len(ips) > 0 {
-			return model.FamilyOf(ips[0].Unmap())
-		}
+	if len(nodeIPs) > 0 {
+		return model.FamilyOf(nodeIPs[0].Unmap())
 	}
 	return model.IPv4
 }
@@ -146,7 +143,7 @@ func nodeAddresses(ctx context.Context, client kubernetes.Interface, name string
 	defer cancel()
 	node, err := client.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
 	if err != nil {
-		klog.InfoS("Cannot read the Node for its primary IP family; trying the hostname's address", "node", name, "err", err)
+		klog.InfoS("Cannot read the Node for its primary IP family; assuming IPv4, as kube-proxy does", "node", name, "err", err)
 		return nil
 	}
 	for _, t := range []v1.NodeAddressType{v1.NodeInternalIP, v1.NodeExternalIP} {
@@ -163,36 +160,24 @@ func nodeAddresses(ctx context.Context, client kubernetes.Interface, name string
 	return nil
 }
 
-// hostnameAddresses resolves the node's name, kube-proxy's last resort.
-func hostnameAddresses(ctx context.Context, name string) []netip.Addr {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", name)
-	if err != nil {
-		return nil
-	}
-	return addrs
-}
-
 // servedFamilies decides the families this node serves, and logs it as
 // kube-proxy does. The Node is read only when the node cannot serve both
-// families: then the primary one decides.
+// families and --bind-address does not name the primary one: then the
+// primary family decides. On a node that serves both, without a specific
+// --bind-address, IPv4 is listed first (kube-proxy reads the Node there
+// too; only its log and order follow).
 func servedFamilies(ctx context.Context, o options, client kubernetes.Interface, nodeName string, probe nodeProbes) ([]model.IPFamily, error) {
 	support := supportedFamilies(ctx, o.mode, o.iptablesBackend, probe)
 	for f, why := range support.why {
 		klog.InfoS("No support for IP family", "ipFamily", f, "reason", why)
 	}
-	primary := model.IPv4
-	if ip, err := netip.ParseAddr(o.bindAddress); err == nil && !ip.IsUnspecified() {
-		primary = detectPrimaryFamily(o.bindAddress, nil, nil)
-	} else if !support.ipv4 || !support.ipv6 {
-		nodeIPs := nodeAddresses(ctx, client, nodeName)
-		var hostIPs []netip.Addr
-		if len(nodeIPs) == 0 {
-			hostIPs = hostnameAddresses(ctx, nodeName)
-		}
-		primary = detectPrimaryFamily(o.bindAddress, nodeIPs, hostIPs)
+	var nodeIPs []netip.Addr
+	if ip, err := netip.ParseAddr(o.bindAddress); (err != nil || ip.IsUnspecified()) && !support.ipv6 {
+		// Only then does the primary family choose what is served:
+		// IPv4 is always supported.
+		nodeIPs = nodeAddresses(ctx, client, nodeName)
 	}
+	primary := detectPrimaryFamily(o.bindAddress, nodeIPs)
 	families, err := chooseFamilies(primary, support)
 	if err != nil {
 		return nil, err

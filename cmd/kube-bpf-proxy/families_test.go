@@ -41,14 +41,14 @@ func TestServedFamilies(t *testing.T) {
 	noIPv6 := map[string]string{}
 	v4, v6 := netip.MustParseAddr("10.0.0.5"), netip.MustParseAddr("fd00::5")
 	for _, tc := range []struct {
-		name             string
-		mode, backend    string
-		files            map[string]string
-		working          []string
-		bind             string
-		nodeIPs, hostIPs []netip.Addr
-		want             []model.IPFamily
-		wantErr          string
+		name          string
+		mode, backend string
+		files         map[string]string
+		working       []string
+		bind          string
+		nodeIPs       []netip.Addr
+		want          []model.IPFamily
+		wantErr       string
 	}{
 		{name: "dual-stack node", files: ipv6On, working: []string{"nft"}, nodeIPs: []netip.Addr{v4, v6},
 			want: []model.IPFamily{model.IPv4, model.IPv6}},
@@ -71,8 +71,6 @@ func TestServedFamilies(t *testing.T) {
 			wantErr: "no support for the node's primary IP family IPv6"},
 		{name: "bind address of an unsupported family", files: ipv6Disabled, bind: "fd00::5", nodeIPs: []netip.Addr{v4},
 			wantErr: "IPv6 disabled"},
-		{name: "no node addresses: the hostname's", files: noIPv6, hostIPs: []netip.Addr{v6},
-			wantErr: "primary IP family IPv6"},
 		{name: "nothing known: IPv4", files: noIPv6,
 			want: []model.IPFamily{model.IPv4}},
 		{name: "unspecified bind address is no bind address", files: noIPv6, bind: "::", nodeIPs: []netip.Addr{v4},
@@ -89,7 +87,7 @@ func TestServedFamilies(t *testing.T) {
 				backend = iptables.BackendAuto
 			}
 			support := supportedFamilies(context.Background(), mode, backend, fakeProbes(tc.files, tc.working...))
-			got, err := chooseFamilies(detectPrimaryFamily(tc.bind, tc.nodeIPs, tc.hostIPs), support)
+			got, err := chooseFamilies(detectPrimaryFamily(tc.bind, tc.nodeIPs), support)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("got %v, %v; want an error naming %q", got, err, tc.wantErr)

@@ -82,10 +82,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if o.cleanup {
 		// Both modes, whichever was running: this is how a node goes back
 		// to kube-proxy or to nothing.
-		// Both families' rules too (the eBPF cleanup covers both
-		// families' maps): a node may have served either.
-		err := errors.Join(ebpf.Cleanup(o.bpffsPath),
-			iptables.Cleanup(ctx, o.iptablesConfig(model.IPv4)), iptables.Cleanup(ctx, o.iptablesConfig(model.IPv6)))
+		// Both families' rules and maps: a node may have served
+		// either (iptables.Cleanup and ebpf.Cleanup each cover both).
+		err := errors.Join(ebpf.Cleanup(o.bpffsPath), iptables.Cleanup(ctx, o.iptablesConfig(model.IPv4)))
 		removeModeLabel(ctx, o)
 		if err != nil {
 			klog.ErrorS(err, "Cleanup failed")
@@ -158,36 +157,28 @@ func (o options) packetLayerConfig(f model.IPFamily) iptables.Config {
 }
 
 // datapaths opens the mode's datapath of each family, wrapped so that the
-// other mode's leftovers go once every family's serves. It is used from
-// one goroutine (proxy.RunOpening opens the families one after the
-// other); Close closes what it opened.
+// other mode's leftovers go once it serves. It is used from one goroutine
+// (proxy.RunOpening opens the families one after the other); Close closes
+// what it opened.
 type datapaths struct {
 	o        options
 	families []model.IPFamily
-	// handover and confine are afterAll's functions, one per family.
-	handover, confine []func(context.Context) error
+	// removeEBPF (the iptables mode's handover) and confine (the ebpf
+	// mode's) wait for every family: one socket layer serves both
+	// families. afterAll's functions, one per family.
+	removeEBPF, confine []func(context.Context) error
 	// base is the eBPF datapath whose IPv6 view the IPv6 family serves
 	// through; opened by the first family that needs it.
-	base *ebpf.Dataplane
-	// backends are the packet layers' or iptables datapaths' backends.
-	backends map[model.IPFamily]string
-	opened   []dataplane.Dataplane
+	base   *ebpf.Dataplane
+	opened []dataplane.Dataplane
 }
 
 func newDatapaths(o options, families []model.IPFamily) *datapaths {
-	d := &datapaths{o: o, families: families, backends: map[model.IPFamily]string{}}
+	d := &datapaths{o: o, families: families}
 	if o.mode == "iptables" {
-		d.handover = afterAll(len(families), func(context.Context) error { return ebpf.Cleanup(o.bpffsPath) })
+		d.removeEBPF = afterAll(len(families), func(context.Context) error { return ebpf.Cleanup(o.bpffsPath) })
 		return d
 	}
-	d.handover = afterAll(len(families), func(ctx context.Context) error {
-		// The packet layers' full syncs take over their own backend.
-		var errs []error
-		for _, f := range families {
-			errs = append(errs, iptables.CleanupExcept(ctx, o.iptablesConfig(f), d.backends[f]))
-		}
-		return errors.Join(errs...)
-	})
 	d.confine = afterAll(len(families), func(context.Context) error {
 		// One socket layer serves both families: pods leave it once
 		// every family's packet layer has their ClusterIP rules.
@@ -215,9 +206,8 @@ func (d *datapaths) open(ctx context.Context, f model.IPFamily) (dataplane.Datap
 			return nil, "", fmt.Errorf("starting the %v iptables datapath: %w", f, err)
 		}
 		d.opened = append(d.opened, dp)
-		d.backends[f] = dp.Backend()
 		klog.InfoS("Starting kube-bpf-proxy", "mode", o.mode, "ipFamily", f, "backend", dp.Backend(), "version", version.Get())
-		return dataplane.WithHandover(dp, "ebpf", d.handover[i]), dp.Backend(), nil
+		return dataplane.WithHandover(dp, "ebpf", d.removeEBPF[i]), dp.Backend(), nil
 	}
 	if d.base == nil {
 		cgroupPath := o.cgroupPath
@@ -261,7 +251,6 @@ func (d *datapaths) open(ctx context.Context, f model.IPFamily) (dataplane.Datap
 		return nil, "", fmt.Errorf("starting the %v packet layer (ip%stables rules for traffic from outside the node): %w", f, map[model.IPFamily]string{model.IPv6: "6"}[f], err)
 	}
 	d.opened = append(d.opened, packets)
-	d.backends[f] = packets.Backend()
 	klog.InfoS("Starting the packet layer", "ipFamily", f, "backend", packets.Backend())
 	layered := &dataplane.Layered{Primary: sockets, Packets: packets}
 	if o.hostNetNSOnly {
@@ -270,7 +259,14 @@ func (d *datapaths) open(ctx context.Context, f model.IPFamily) (dataplane.Datap
 		confine := d.confine[i]
 		layered.PacketsServe = func() error { return confine(context.Background()) }
 	}
-	return dataplane.WithHandover(layered, "iptables", d.handover[i]), packets.Backend(), nil
+	// The iptables mode's (or kube-proxy's) rules of this family in the
+	// other backend go once this family serves: they touch no other
+	// family's. The packet layer's full syncs take over their own backend.
+	backend := packets.Backend()
+	removeIPTables := func(ctx context.Context) error {
+		return iptables.CleanupExcept(ctx, o.iptablesConfig(f), backend)
+	}
+	return dataplane.WithHandover(layered, "iptables", removeIPTables), backend, nil
 }
 
 // Close releases our handles, the last opened first; the datapath (pinned
