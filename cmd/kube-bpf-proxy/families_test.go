@@ -125,7 +125,8 @@ func TestAfterAll(t *testing.T) {
 }
 
 // --nodeport-addresses takes IPv6 CIDRs, and --service-cluster-ip-range
-// one range per family.
+// ranges of either family, several of one too (as the ServiceCIDR objects
+// it stands in for; versions before IPv6 took several IPv4 ones).
 func TestIPv6Ranges(t *testing.T) {
 	for _, tc := range []struct {
 		args    []string
@@ -135,7 +136,10 @@ func TestIPv6Ranges(t *testing.T) {
 		{args: []string{"--nodeport-addresses=fd00::/64"}},
 		{args: []string{"--nodeport-addresses=fd00::"}, wantErr: "--nodeport-addresses"},
 		{args: []string{"--service-cluster-ip-range=10.96.0.0/12,fd00:10:96::/112"}},
-		{args: []string{"--service-cluster-ip-range=10.96.0.0/12,10.97.0.0/16"}, wantErr: "at most one CIDR per IP family"},
+		{args: []string{"--service-cluster-ip-range=10.96.0.0/12,10.97.0.0/16,fd00:10:96::/112"}},
+		{args: []string{"--service-cluster-ip-range=10.96.0.0/12,fd00:10:96::"}, wantErr: "--service-cluster-ip-range"},
+		{args: []string{"--service-cluster-ip-range=::ffff:10.96.0.0/108"}, wantErr: "--service-cluster-ip-range"},
+		{args: []string{"--cluster-cidr=10.244.0.0/16,::ffff:10.245.0.0/112"}, wantErr: "--cluster-cidr"},
 		{args: []string{"--bind-address=fd00::5"}},
 		{args: []string{"--bind-address=node-1"}, wantErr: "--bind-address"},
 	} {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -111,7 +112,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.Float64Var(&o.kubeAPIQPS, apiserver.FlagQPS, float64(conn.QPS), "sustained API requests per second the proxy allows itself (its informers' lists and watches, Events, the Node label); 0: client-go's default, negative: no limit")
 	fs.IntVar(&o.kubeAPIBurst, apiserver.FlagBurst, conn.Burst, "API requests the proxy may send at once above --"+apiserver.FlagQPS+"; at least 1 while that is above 0")
 	fs.StringVar(&o.nodePortAddresses, "nodeport-addresses", "", "comma-separated CIDRs of the node addresses node ports are served on, or \"primary\" for the node's primary address (its first InternalIP); default every address of the node, loopback excepted in ebpf mode (name 127.0.0.0/8 to serve node ports on 127.0.0.1 there)")
-	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated Service ranges, IPv4 or IPv6 (as kube-apiserver's flag, at most one per family), used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
+	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated Service ranges, IPv4 or IPv6, any number of each (as the ServiceCIDR objects they stand in for), used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
 	fs.StringVar(&o.bindAddress, "bind-address", "0.0.0.0", "as kube-proxy's: a specific address (not 0.0.0.0 or ::) makes its family the node's primary one; otherwise the Node's first InternalIP decides, else IPv4. The proxy serves both families whenever the node can (docs/configuration.md), the primary one alone otherwise")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
 	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode, and ebpf mode's packet layer: the pods' range, or a comma-separated pair of one IPv4 and one IPv6 range on a dual-stack cluster (as kube-proxy's); with --detect-local-mode="+localModeClusterCIDR+" (the default), ClusterIP traffic from outside it is masqueraded (ebpf mode: with --"+ebpf.FlagHostNetNSOnly+"), and pods' traffic to an external frontend of an externalTrafficPolicy Local Service goes to every endpoint")
@@ -178,15 +179,15 @@ func (o *options) validate() error {
 		return err
 	}
 	o.nodePorts = sel
-	ranges, err := onePerFamily("--service-cluster-ip-range", o.serviceCIDRs, "10.96.0.0/12,fd00:10:96::/112")
-	if err != nil {
-		return err
-	}
+	// Any number of either family: the flag stands in for the
+	// ServiceCIDR objects, of which a cluster may have several.
 	o.serviceRanges = nil
-	for _, f := range model.Families {
-		if p, ok := ranges[f]; ok {
-			o.serviceRanges = append(o.serviceRanges, p)
+	for _, c := range splitList(o.serviceCIDRs) {
+		p, err := netip.ParsePrefix(c)
+		if err != nil || p.Addr().Is4In6() {
+			return fmt.Errorf("--service-cluster-ip-range %q: want CIDRs such as 10.96.0.0/12,fd00:10:96::/112", c)
 		}
+		o.serviceRanges = append(o.serviceRanges, p.Masked())
 	}
 	if o.syncBurst < 1 {
 		return fmt.Errorf("--sync-burst %d: want at least 1", o.syncBurst)
@@ -251,6 +252,11 @@ func onePerFamily(flag, value, example string) (map[model.IPFamily]netip.Prefix,
 	out := map[model.IPFamily]netip.Prefix{}
 	for _, c := range splitList(value) {
 		p, err := netip.ParsePrefix(c)
+		if err == nil && p.Addr().Is4In6() {
+			// kube-proxy takes it as the IPv4 range it maps; as
+			// an IPv6 range it would match no packet.
+			err = errors.New("an IPv4-mapped IPv6 CIDR")
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%s %q: want a CIDR, or one IPv4 and one IPv6 CIDR such as %s", flag, c, example)
 		}
