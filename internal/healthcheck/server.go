@@ -29,8 +29,8 @@
 // each of kube-proxy's per-family proxiers has a health check server of
 // its own. The two families of one Service share its port, and are not
 // combined: a port listens on each family that serves the Service (tcp4
-// on that family's addresses, tcp6 on the other's, IPV6_V6ONLY so the two
-// sockets coexist), and a probe is answered with the local endpoints of
+// on the IPv4 family's addresses, tcp6 on the IPv6 family's, IPV6_V6ONLY
+// so the two sockets coexist), and a probe is answered with the local endpoints of
 // the family of the address it arrived on. That is kube-proxy's answer: a
 // load balancer probing a node's IPv4 address learns whether IPv4 traffic
 // has a local endpoint there, whatever the IPv6 endpoints are, and an

@@ -88,9 +88,10 @@ func (c *datapathCountersCollector) collectServicePorts(ch chan<- prometheus.Met
 		}
 		return
 	}
-	// A port is held under one id, except for a moment when its frontend
-	// changed and the old one's removal failed: its ids are summed, so that
-	// the scrape never has two series with one label set.
+	// A port is held under one id per family (a dual-stack port has one in
+	// each), and for a moment under two when its frontend changed and the
+	// old one's removal failed: its ids are summed, so that the scrape
+	// never has two series with one label set.
 	byName := make(map[model.ServicePortName]dataplane.ServicePortCounters, len(counters))
 	for _, p := range counters {
 		sum := byName[p.Name]

@@ -262,8 +262,8 @@ func clusterIPOf(svc *v1.Service, f IPFamily, report ReportFunc) (vip netip.Addr
 		}
 	}
 	if !vip.IsValid() {
-		if len(ips) > 0 && klog.V(2).Enabled() {
-			klog.V(2).InfoS("Service has no ClusterIP of this proxier's family: served by the other family's proxier, if any",
+		if len(ips) > 0 && klog.V(4).Enabled() {
+			klog.V(4).InfoS("Service has no ClusterIP of this proxier's family: served by the other family's proxier, if any",
 				"service", klog.KObj(svc), "ipFamily", f, "clusterIPs", ips)
 		}
 		return netip.Addr{}, false, false
