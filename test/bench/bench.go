@@ -237,22 +237,6 @@ func (c *Config) runsWorkload(w string) bool {
 	return c.family() == model.IPv4 || slices.Contains(ipv6Workloads, w)
 }
 
-// ebpfServesIPv6 says whether our eBPF mode serves IPv6 (issue 20: its
-// IPv6 datapath, connect6/sendmsg6/recvmsg6/getpeername6). A binary whose
-// eBPF mode does not exits on a node with usable IPv6: an IPv6 run then
-// reports the ebpf contender as not available (unavailable) instead of
-// waiting out its cold start.
-var ebpfServesIPv6 = true
-
-// unavailable says why contender cannot be measured in the run's family,
-// "" if it can.
-func (c *Config) unavailable(contender string) string {
-	if c.family() == model.IPv6 && contender == results.EBPF && !ebpfServesIPv6 {
-		return "not available over IPv6: the eBPF mode's IPv6 datapath is not built yet (issue 20)"
-	}
-	return ""
-}
-
 // endpointChanges is how many endpoint changes contender times at size.
 func (c *Config) endpointChanges(contender string, size int) int {
 	if c.LargeEndpointChanges > 0 && !c.ControlPlaneOnly && !c.workloads(contender, size) {

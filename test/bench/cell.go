@@ -23,11 +23,6 @@ func (r *runner) cell(ctx context.Context, name string, size int) (cell results.
 	start := time.Now()
 	cell = results.Cell{Contender: name, Size: size, Family: r.cfg.family().String()}
 	defer func() { cell.Elapsed = time.Since(start) }()
-	if why := r.cfg.unavailable(name); why != "" {
-		cell.Skipped = why
-		r.prog.done(stepsPerCell)
-		return cell
-	}
 	if at, failed := r.failedAt[name]; failed {
 		cell.Skipped = fmt.Sprintf("not tried: did not serve %d Services before", at)
 		r.prog.done(stepsPerCell)

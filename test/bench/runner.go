@@ -342,7 +342,7 @@ func (r *runner) serverAddrs() []netip.Addr {
 // and so cannot be repeated for every contender.
 func (r *runner) grow(ctx context.Context, size int) error {
 	from := r.backgroundCount
-	withEBPF := size > from && slices.Contains(r.cfg.Contenders, results.EBPF) && r.cfg.unavailable(results.EBPF) == ""
+	withEBPF := size > from && slices.Contains(r.cfg.Contenders, results.EBPF)
 	var ct Contender
 	if withEBPF {
 		var err error

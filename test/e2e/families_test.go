@@ -166,7 +166,11 @@ func (e *env) familyRollout(t *testing.T, mode string, svc *corev1.Service, fami
 		l.assertAllOK(t, "after the rollout")
 	}
 	for _, r := range resolvers {
-		for _, line := range r.Settle() {
+		lines := r.Settle()
+		if len(lines) == 0 {
+			t.Errorf("resolver in %s: no answer since the proxy stopped, want its first socket still answered", r.client)
+		}
+		for _, line := range lines {
 			if !strings.HasPrefix(line, "ok ") || !strings.Contains(line, " gen=1 ") {
 				t.Errorf("resolver in %s: %q, want every answer on its first socket", r.client, line)
 				break

@@ -309,7 +309,7 @@ func (c *Cluster) Node(name string) (NodeInfo, error) {
 func (c *Cluster) startControlPlane(ctx context.Context, progress func(string, ...any)) error {
 	n1 := c.Nodes[0]
 	apiIPs := n1.AllIPs()
-	if c.Stack != IPv4Only { // 10.96.0.1 is always in
+	if c.Stack == IPv6Only { // 10.96.0.1 is always in (certs.go)
 		apiIPs = append(apiIPs, c.Stack.KubernetesServiceIP())
 	}
 	creds, err := writeCredentials(c.Dir, apiIPs)

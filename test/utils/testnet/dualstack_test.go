@@ -13,7 +13,7 @@ func TestMain(m *testing.M) { Main(m, nil) }
 // TestDualStackPods checks the topology the IPv6 and dual-stack tests
 // stand on: an IPv4 pod made dual-stack, an IPv6-only pod and a
 // dual-stack one reach each other over each family they share, and so does
-// a hostNetwork client, from NodeAddress6 over IPv6.
+// a hostNetwork client, whose IPv6 connections come from NodeAddress6.
 func TestDualStackPods(t *testing.T) {
 	n := New(t)
 	a := n.AddPod("a", "10.244.0.2")
@@ -28,7 +28,7 @@ func TestDualStackPods(t *testing.T) {
 		t.Errorf("IPv6-only b has an IPv4 address %v", got)
 	}
 	for _, p := range []*Pod{a, b, c} {
-		p.Start(false, Helper("serve", p.Name, "tcp:80", "tcp6:80")...)
+		p.Start(false, Helper("serve", p.Name, "tcp:80", "tcp6:80", "tcp6-src:81")...)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -59,4 +59,9 @@ func TestDualStackPods(t *testing.T) {
 	}
 	connect(host, b, false)
 	connect(host, a, true)
+	// From NodeAddress6 itself: b sees it as the client's address.
+	out, err := host.Output(ctx, Helper("tcp6", netip.AddrPortFrom(b.IPOf(false), 81).String(), "1")...)
+	if f := strings.Fields(out); err != nil || len(f) < 3 || f[1] != b.Name || f[2] != "src="+NodeAddress6 {
+		t.Errorf("hostNetwork to b over IPv6: %v: %q, want b to see src=%s", err, strings.TrimSpace(out), NodeAddress6)
+	}
 }
