@@ -1,7 +1,6 @@
 package main
 
 import (
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -179,15 +178,21 @@ func (o *options) validate() error {
 		return err
 	}
 	o.nodePorts = sel
+	for _, p := range sel.Prefixes {
+		if p.Bits() > 0 && p.Contains(netip.IPv6Loopback()) {
+			// kube-proxy says it on every sync; once is enough.
+			klog.InfoS("--nodeport-addresses includes ::1, but node ports are never served on IPv6 localhost, as in kube-proxy", "cidr", p)
+		}
+	}
 	// Any number of either family: the flag stands in for the
 	// ServiceCIDR objects, of which a cluster may have several.
 	o.serviceRanges = nil
 	for _, c := range splitList(o.serviceCIDRs) {
 		p, err := netip.ParsePrefix(c)
-		if err != nil || p.Addr().Is4In6() {
+		if err != nil {
 			return fmt.Errorf("--service-cluster-ip-range %q: want CIDRs such as 10.96.0.0/12,fd00:10:96::/112", c)
 		}
-		o.serviceRanges = append(o.serviceRanges, p.Masked())
+		o.serviceRanges = append(o.serviceRanges, model.UnmapPrefix(p).Masked())
 	}
 	if o.syncBurst < 1 {
 		return fmt.Errorf("--sync-burst %d: want at least 1", o.syncBurst)
@@ -252,11 +257,8 @@ func onePerFamily(flag, value, example string) (map[model.IPFamily]netip.Prefix,
 	out := map[model.IPFamily]netip.Prefix{}
 	for _, c := range splitList(value) {
 		p, err := netip.ParsePrefix(c)
-		if err == nil && p.Addr().Is4In6() {
-			// kube-proxy takes it as the IPv4 range it maps; as
-			// an IPv6 range it would match no packet.
-			err = errors.New("an IPv4-mapped IPv6 CIDR")
-		}
+		// ::ffff:10.244.0.0/112 is 10.244.0.0/16, as kube-proxy reads it.
+		p = model.UnmapPrefix(p)
 		if err != nil {
 			return nil, fmt.Errorf("%s %q: want a CIDR, or one IPv4 and one IPv6 CIDR such as %s", flag, c, example)
 		}

@@ -39,6 +39,17 @@ func FamilyOf(ip netip.Addr) IPFamily {
 	return IPv6
 }
 
+// UnmapPrefix returns an IPv4-mapped prefix (::ffff:10.0.0.0/104: an
+// IPv4-mapped address and at least 96 bits) as the IPv4 prefix it carries,
+// as net.ParseCIDR and so kube-proxy read a range the user wrote; any other
+// prefix as it is.
+func UnmapPrefix(p netip.Prefix) netip.Prefix {
+	if p.Addr().Is4In6() && p.Bits() >= 96 {
+		return netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+	}
+	return p
+}
+
 // Has reports whether ip is a valid address of family f.
 func (f IPFamily) Has(ip netip.Addr) bool {
 	return ip.IsValid() && FamilyOf(ip) == f

@@ -368,9 +368,7 @@ func sourceRanges(ranges []string, f IPFamily) []netip.Prefix {
 		if err != nil {
 			continue
 		}
-		if p.Addr().Is4In6() && p.Bits() >= 96 {
-			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
-		}
+		p = UnmapPrefix(p)
 		if !f.Has(p.Addr()) {
 			continue
 		}

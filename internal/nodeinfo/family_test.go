@@ -61,6 +61,8 @@ func TestChooseForFamilies(t *testing.T) {
 			v4: fam{addrs("127.0.0.1"), false}, v6: fam{nil, false}},
 		{name: "::/0 is every IPv6 address, loopback left out", flag: []string{"::/0", "10.0.0.0/8"},
 			v4: fam{addrs("10.0.0.5"), false}, v6: fam{allV6, true}},
+		{name: "an IPv4-mapped CIDR is the IPv4 one it carries, as kube-proxy reads it", flag: []string{"::ffff:10.0.0.0/104"},
+			v4: fam{addrs("10.0.0.5"), false}, v6: fam{allV6, true}},
 		{name: "0.0.0.0/0 is every IPv4 address", flag: []string{"0.0.0.0/0", "fd00::/64"},
 			v4: fam{allV4, true}, v6: fam{addrs("fd00::5"), false}},
 		{name: "primary of both families", flag: []string{"primary"}, primary: primaries, nodeSeen: true,

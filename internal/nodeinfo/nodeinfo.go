@@ -69,7 +69,10 @@ func ParseSelector(values []string) (Selector, error) {
 		if err != nil {
 			return Selector{}, fmt.Errorf("--nodeport-addresses %q: want %q or CIDRs such as 10.0.0.0/8,127.0.0.0/8,fd00::/64", v, Primary)
 		}
-		s.Prefixes = append(s.Prefixes, p.Masked())
+		// ::ffff:10.0.0.0/104 is 10.0.0.0/8, as kube-proxy reads it:
+		// as an IPv6 range it would leave the IPv4 family with no
+		// CIDR, which serves every IPv4 address.
+		s.Prefixes = append(s.Prefixes, model.UnmapPrefix(p).Masked())
 	}
 	if s.Primary && len(s.Prefixes) > 0 {
 		return Selector{}, fmt.Errorf("--nodeport-addresses: %q cannot be combined with CIDRs", Primary)
