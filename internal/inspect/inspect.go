@@ -107,11 +107,15 @@ func Inspect(ctx context.Context, o Options) (*Report, error) {
 				}
 			}
 			if r.Mode != ModeIPTables {
-				if err := ruleErrs[model.IPv4]; err != nil {
+				if err := errors.Join(ruleErrs[model.IPv4], ruleErrs[model.IPv6]); ruleErrs[model.IPv4] != nil {
 					return nil, fmt.Errorf("%w: no pins under %s, and reading the iptables rules failed (pass --mode): %v", ErrNoDatapath, o.BPFFSPath, err)
 				}
-				return nil, fmt.Errorf("%w: no pins under %s (--bpffs-path) and no %s chain in the iptables-%s nat table",
-					ErrNoDatapath, o.BPFFSPath, iptables.ChainServices, rules[model.IPv4].Backend)
+				ip6 := "nor in the ip6tables one"
+				if err := ruleErrs[model.IPv6]; err != nil {
+					ip6 = "and ip6tables could not be read: " + err.Error()
+				}
+				return nil, fmt.Errorf("%w: no pins under %s (--bpffs-path) and no %s chain in the iptables-%s nat table, %s",
+					ErrNoDatapath, o.BPFFSPath, iptables.ChainServices, rules[model.IPv4].Backend, ip6)
 			}
 		}
 	}
@@ -241,12 +245,13 @@ func report(r *Report, states []*familyState, exp map[model.IPFamily]*expected, 
 			if n == 0 {
 				continue
 			}
-			why := ""
+			// Why, when a read failed; else the usual cause.
+			why := fmt.Sprintf(" (the proxy here does not serve %v)", st.family)
 			if st.why != "" {
 				why = " (" + st.why + ")"
 			}
-			r.Warnings = append(r.Warnings, fmt.Sprintf("the API server's Services have %d %v service %s, but this node's datapath holds no %v%s: not compared (the proxy here does not serve %v)",
-				n, st.family, plural(n, "port", "ports"), st.family, why, st.family))
+			r.Warnings = append(r.Warnings, fmt.Sprintf("the API server's Services have %d %v service %s, but this node's datapath holds no %v: not compared%s",
+				n, st.family, plural(n, "port", "ports"), st.family, why))
 		}
 	}
 	if len(checked) == 0 {
