@@ -731,23 +731,19 @@ func Run(ctx context.Context, client kubernetes.Interface, dp dataplane.Dataplan
 // rules, and the eBPF datapath's IPv6 view shares the programs, and so
 // the counters, of the IPv4 one.
 type datapathCollectors struct {
-	mu     sync.Mutex
-	events []func() (map[string]uint64, error)
-	// perFamilyEvents is set once the first event source is known: it
-	// says whether later families' sources add to it (iptables).
-	perFamilyEvents  bool
+	mu               sync.Mutex
+	events           []func() (map[string]uint64, error)
 	nfacct, counters bool
 }
 
 func (c *datapathCollectors) register(reg prometheus.Registerer, dp dataplane.Dataplane) {
 	if src, ok := innermost(dp).(eventSource); ok {
+		// Every family's datapath is of the one mode: the iptables
+		// ones count their own events, the eBPF ones share theirs.
 		_, perFamily := innermost(dp).(iptablesStats)
 		c.mu.Lock()
 		first := len(c.events) == 0
-		if first {
-			c.perFamilyEvents = perFamily
-		}
-		if first || (perFamily && c.perFamilyEvents) {
+		if first || perFamily {
 			c.events = append(c.events, src.Events)
 		}
 		c.mu.Unlock()

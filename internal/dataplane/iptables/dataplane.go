@@ -249,9 +249,6 @@ func New(ctx context.Context, cfg Config) (*Dataplane, error) {
 // Backend is the iptables backend in use, "nft" or "legacy".
 func (d *Dataplane) Backend() string { return d.tool.backend }
 
-// Family is the address family this datapath programs.
-func (d *Dataplane) Family() model.IPFamily { return d.family }
-
 // conntrackCleanup describes the stale UDP conntrack cleanup of one sync.
 type conntrackCleanup struct {
 	ran     bool
