@@ -361,3 +361,25 @@ func TestConvertedIPv6SlicesCompareByAddress(t *testing.T) {
 		t.Error("IPv6 slices whose endpoint addresses differ compare equal")
 	}
 }
+
+// A single-stack proxy runs one Tracker: it reports the port problems of a
+// dual-stack Service whose first family is the other one, which a
+// dual-stack proxy leaves to that family's Tracker.
+func TestSoleFamilyReportsPortProblems(t *testing.T) {
+	svc := newSvc("a", "", withPorts(svcPort("http", v1.ProtocolTCP, 80), svcPort("sctp", v1.ProtocolSCTP, 90)),
+		withClusterIPs("fd00::1", "10.0.0.1"), withFamilies(v1.IPFamilyPolicyRequireDualStack, v1.IPv6Protocol, v1.IPv4Protocol))
+	for _, tc := range []struct {
+		sole bool
+		want []string
+	}{{false, nil}, {true, []string{svcRep + ReasonUnsupportedProtocol}}} {
+		rec := &recorder{}
+		opts := []TrackerOption{WithFamily(IPv4), WithOnSkipped(rec.report)}
+		if tc.sole {
+			opts = append(opts, WithSoleFamily())
+		}
+		NewTracker(opts...).UpsertService(svc)
+		if got := rec.take(); !slices.Equal(got, tc.want) {
+			t.Errorf("sole %v: IPv4 Tracker reports %q, want %q", tc.sole, got, tc.want)
+		}
+	}
+}

@@ -270,7 +270,7 @@ func servicePortsOf(f IPFamily, svc *v1.Service, endpointSlices []*discoveryv1.E
 	if report == nil {
 		report = func(string, string) {}
 	}
-	info := convertService(svc, f, report)
+	info := convertService(svc, f, false, report)
 	if info == nil {
 		return nil
 	}

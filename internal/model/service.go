@@ -131,7 +131,7 @@ const DefaultAffinityTimeout = 10800 * time.Second
 // family, or one whose second ClusterIP is not allocated yet), or without a
 // usable port. Malformed pieces are reported and logged, and only they are
 // skipped.
-func convertService(svc *v1.Service, f IPFamily, report ReportFunc) *serviceInfo {
+func convertService(svc *v1.Service, f IPFamily, sole bool, report ReportFunc) *serviceInfo {
 	if svc == nil {
 		return nil
 	}
@@ -146,12 +146,13 @@ func convertService(svc *v1.Service, f IPFamily, report ReportFunc) *serviceInfo
 	}
 	// A port's problems are the same in every family: only the Tracker
 	// of the Service's first usable ClusterIP reports and logs them, so
-	// that a dual-stack proxy counts each once.
+	// that a dual-stack proxy counts each once; a single-stack proxy's
+	// (sole) reports them whichever family is first.
 	reportPort := func(reason string) bool {
-		if first {
+		if first || sole {
 			report(ResourceService, reason)
 		}
-		return first
+		return first || sole
 	}
 	info := &serviceInfo{ports: make([]servicePortSpec, 0, len(svc.Spec.Ports))}
 	for i := range svc.Spec.Ports {

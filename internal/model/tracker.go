@@ -28,6 +28,8 @@ type Tracker struct {
 	// hostScopedReports: report Services naming host-scoped external
 	// addresses (ReasonHostScopedExternalIP).
 	hostScopedReports bool
+	// soleFamily: WithSoleFamily.
+	soleFamily bool
 	// nodeName is this node's: endpoints on it are local. Fixed for the
 	// Tracker's life, since slices are converted with it.
 	nodeName string
@@ -165,6 +167,14 @@ func WithFamily(f IPFamily) TrackerOption {
 	return func(t *Tracker) { t.family = f }
 }
 
+// WithSoleFamily says that the proxy runs no Tracker of the other family
+// (a single-stack node): this one then reports every port problem of the
+// Services it serves, which a dual-stack proxy leaves to the Tracker of
+// each Service's first family, so that it counts each once.
+func WithSoleFamily() TrackerOption {
+	return func(t *Tracker) { t.soleFamily = true }
+}
+
 // Family is the address family the Tracker serves.
 func (t *Tracker) Family() IPFamily { return t.family }
 
@@ -228,7 +238,7 @@ func (t *Tracker) UpsertService(svc *v1.Service) bool {
 	}
 	// Convert before locking: it depends only on the object, and reports go
 	// out without the lock held.
-	info := convertService(svc, t.family, t.onSkipped)
+	info := convertService(svc, t.family, t.soleFamily, t.onSkipped)
 	if info != nil && t.hostScopedReports {
 		reportHostScoped(svc, &info.external, t.onSkipped)
 	}

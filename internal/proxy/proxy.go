@@ -292,6 +292,9 @@ func newProxier(family model.IPFamily, m *metrics.Metrics, health *healthz.Proxy
 		model.WithNodeName(cfg.NodeName),
 		model.WithFamily(family),
 	}
+	if len(cfg.families()) == 1 {
+		trackerOpts = append(trackerOpts, model.WithSoleFamily())
+	}
 	if socketLevel {
 		// The socket-level datapath leaves host-scoped external addresses
 		// out; the iptables rules keep them, as kube-proxy's.
