@@ -112,7 +112,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.IntVar(&o.kubeAPIBurst, apiserver.FlagBurst, conn.Burst, "API requests the proxy may send at once above --"+apiserver.FlagQPS+"; at least 1 while that is above 0")
 	fs.StringVar(&o.nodePortAddresses, "nodeport-addresses", "", "comma-separated CIDRs of the node addresses node ports are served on, or \"primary\" for the node's primary address of each family (its first InternalIP of that family, else its first ExternalIP); default every address of the node, loopback excepted in ebpf mode (name 127.0.0.0/8 to serve node ports on 127.0.0.1 there)")
 	fs.StringVar(&o.serviceCIDRs, "service-cluster-ip-range", "", "comma-separated Service ranges, IPv4 or IPv6, any number of each (as the ServiceCIDR objects they stand in for), used when the ServiceCIDR objects cannot be read; connections to an address in them that is no Service's are refused at once (ebpf mode)")
-	fs.StringVar(&o.bindAddress, "bind-address", "0.0.0.0", "as kube-proxy's: a specific address (not 0.0.0.0 or ::) makes its family the node's primary one; otherwise the Node's first InternalIP decides, else IPv4. The proxy serves both families whenever the node can (docs/configuration.md), the primary one alone otherwise")
+	fs.StringVar(&o.bindAddress, "bind-address", "0.0.0.0", "as kube-proxy's: a specific address (not 0.0.0.0 or ::) makes its family the node's primary one, and is that family's address for --nodeport-addresses=primary; otherwise the Node's first InternalIP decides, else IPv4. The proxy serves both families whenever the node can (docs/configuration.md), the primary one alone otherwise")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", iptables.BackendAuto, "iptables mode: nft, legacy, or auto (the one the node already uses, as kube-proxy's image picks it)")
 	fs.StringVar(&o.clusterCIDR, "cluster-cidr", "", "iptables mode, and ebpf mode's packet layer: the pods' range, or a comma-separated pair of one IPv4 and one IPv6 range on a dual-stack cluster (as kube-proxy's); with --detect-local-mode="+localModeClusterCIDR+" (the default), ClusterIP traffic from outside it is masqueraded (ebpf mode: with --"+ebpf.FlagHostNetNSOnly+"), and pods' traffic to an external frontend of an externalTrafficPolicy Local Service goes to every endpoint")
 	fs.StringVar(&o.detectLocalMode, "detect-local-mode", "", "iptables mode, and ebpf mode's packet layer: how traffic from this node's pods is told from other traffic (which is masqueraded to ClusterIPs): "+localModeClusterCIDR+" (source in --cluster-cidr; the default), "+localModeNodeCIDR+" (source in the Node's spec.podCIDRs, waited for at start; the proxy exits when they change), "+localModeBridge+" (in on --pod-bridge-interface) or "+localModePrefix+" (in on an interface named --pod-interface-name-prefix*)")
@@ -201,6 +201,13 @@ func (o *options) validate() error {
 		return fmt.Errorf("--iptables-masquerade-bit %d: want 0 to 31", o.masqueradeBit)
 	}
 	return o.connection().Validate()
+}
+
+// bindAddr is --bind-address parsed (validate checked it), invalid when
+// it is unset.
+func (o options) bindAddr() netip.Addr {
+	ip, _ := netip.ParseAddr(o.bindAddress)
+	return ip
 }
 
 // kube-proxy's --detect-local-mode values.

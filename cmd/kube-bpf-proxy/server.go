@@ -389,6 +389,7 @@ func runProxy(ctx context.Context, o options) error {
 			NodePorts:    o.nodePorts,
 			ServiceCIDRs: o.serviceRanges,
 			PodCIDRs:     podCIDRs,
+			BindAddress:  o.bindAddr(),
 		}),
 		Registry: reg,
 		Families: families,

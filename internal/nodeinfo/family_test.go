@@ -315,3 +315,20 @@ func TestAddressesOf(t *testing.T) {
 		t.Errorf("got %v, want %v", got, want)
 	}
 }
+
+// A specific --bind-address is the primary address of its family for
+// --nodeport-addresses=primary, as kube-proxy's detectNodeIPs makes it; the
+// other family keeps the Node's.
+func TestBindAddressIsPrimary(t *testing.T) {
+	s := New(Config{NodeName: "n1", NodePorts: Selector{Primary: true},
+		LocalAddresses: func() ([]netip.Addr, error) { return dualLocal, nil },
+		BindAddress:    netip.MustParseAddr("10.0.0.5")})
+	s.setNode(&v1.Node{ObjectMeta: metav1.ObjectMeta{Name: "n1"}, Status: v1.NodeStatus{Addresses: []v1.NodeAddress{
+		{Type: v1.NodeInternalIP, Address: "192.168.1.2"}, {Type: v1.NodeInternalIP, Address: "fd00::5"}}}})
+	if got := s.InfoFor(model.IPv4).NodePortAddresses; !slices.Equal(got, addrs("10.0.0.5")) {
+		t.Errorf("IPv4 node port addresses %v, want the bind address", got)
+	}
+	if got := s.InfoFor(model.IPv6).NodePortAddresses; !slices.Equal(got, addrs("fd00::5")) {
+		t.Errorf("IPv6 node port addresses %v, want the Node's", got)
+	}
+}

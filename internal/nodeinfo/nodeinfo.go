@@ -40,7 +40,8 @@ import (
 
 // Primary is the --nodeport-addresses keyword for the node's primary
 // addresses: per family, the Node's first InternalIP of that family, else
-// its first ExternalIP of it (kube-proxy's detectNodeIPs and "primary").
+// its first ExternalIP of it, or a specific --bind-address for its own
+// family (Config.BindAddress; kube-proxy's detectNodeIPs and "primary").
 const Primary = "primary"
 
 // Selector is a parsed --nodeport-addresses: the node ports are served on
@@ -170,6 +171,10 @@ type Config struct {
 	// one), for the process to restart with the new ones, as kube-proxy
 	// exits when spec.podCIDRs changes.
 	PodCIDRs map[model.IPFamily]netip.Prefix
+	// BindAddress is --bind-address when it names a specific address
+	// (invalid otherwise): as in kube-proxy's detectNodeIPs, it stands
+	// in for the Node's primary address of its family, for "primary".
+	BindAddress netip.Addr
 }
 
 // ErrPodCIDRChanged ends Run when the Node's pod ranges are no longer
@@ -535,6 +540,9 @@ func PrimaryAddresses(node *v1.Node) map[model.IPFamily]netip.Addr {
 func (s *Source) setNode(node *v1.Node) bool {
 	zone := node.Labels[v1.LabelTopologyZone]
 	primary := PrimaryAddresses(node)
+	if b := s.cfg.BindAddress; b.IsValid() && !b.IsUnspecified() {
+		primary[model.FamilyOf(b.Unmap())] = b.Unmap()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.nodeSeen && zone == s.zone && maps.Equal(primary, s.primary) {
