@@ -3,7 +3,6 @@ package inspect
 import (
 	"context"
 	"fmt"
-	"net/netip"
 
 	v1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -91,10 +90,7 @@ func listExpected(ctx context.Context, client kubernetes.Interface, node string)
 // EndpointSlices of its address type), as the model reads them: unknown ready or serving is true, unknown terminating false; an
 // endpoint in two slices has the union of their reasons to be used.
 func endpointStates(slices []discoveryv1.EndpointSlice, node string, f model.IPFamily) map[endpointKey]endpointState {
-	addrType := discoveryv1.AddressTypeIPv4
-	if f == model.IPv6 {
-		addrType = discoveryv1.AddressTypeIPv6
-	}
+	addrType := f.AddressType()
 	out := map[endpointKey]endpointState{}
 	for i := range slices {
 		s := &slices[i]
@@ -121,8 +117,8 @@ func endpointStates(slices []discoveryv1.EndpointSlice, node string, f model.IPF
 				if len(ep.Addresses) == 0 {
 					continue
 				}
-				ip, err := netip.ParseAddr(ep.Addresses[0])
-				if err != nil || !f.Has(ip) {
+				ip, err := model.EndpointAddress(ep.Addresses[0], f)
+				if err != nil {
 					continue
 				}
 				k := endpointKey{spn, model.Backend{IP: ip, Port: uint16(*p.Port)}}

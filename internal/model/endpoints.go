@@ -1,6 +1,7 @@
 package model
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -103,13 +104,26 @@ func (s *sliceInfo) addr(i int) netip.Addr {
 	return netip.AddrFrom4(s.endpoints[i].ip)
 }
 
-// addressTypeOf is the EndpointSlice address type holding family f's
+// AddressType is the EndpointSlice address type holding family f's
 // endpoints.
-func addressTypeOf(f IPFamily) discoveryv1.AddressType {
+func (f IPFamily) AddressType() discoveryv1.AddressType {
 	if f == IPv6 {
 		return discoveryv1.AddressTypeIPv6
 	}
 	return discoveryv1.AddressTypeIPv4
+}
+
+// EndpointAddress parses an endpoint's address as the model reads it for
+// a slice of family f: an address of f, not IPv4-mapped (validation
+// refuses one in an IPv6 slice, where kube-proxy would write the IPv4
+// address it carries into its ip6tables rules, and this model has always
+// refused it in an IPv4 one), unspecified or zoned.
+func EndpointAddress(s string, f IPFamily) (netip.Addr, error) {
+	ip, err := netip.ParseAddr(s)
+	if err == nil && (!f.Has(ip) || ip.Is4In6() || ip.IsUnspecified() || ip.Zone() != "") {
+		err = fmt.Errorf("%q is not an endpoint address of an %v slice", s, f)
+	}
+	return ip, err
 }
 
 // serviceOfSlice names the Service an EndpointSlice belongs to, from its
@@ -136,7 +150,7 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, f IPFamily, rep
 	if !ok {
 		return nil
 	}
-	if s.AddressType != addressTypeOf(f) {
+	if s.AddressType != f.AddressType() {
 		// The other family's Tracker takes it; FQDN slices are not
 		// proxied by kube-proxy either.
 		klog.V(4).InfoS("Ignoring EndpointSlice of another address type", "endpointSlice", klog.KObj(s), "addressType", s.AddressType, "ipFamily", f)
@@ -189,13 +203,9 @@ func convertSlice(s *discoveryv1.EndpointSlice, nodeName string, f IPFamily, rep
 			continue
 		}
 		// Consumers use the first address; the API says the others may be
-		// ignored. An IPv4-mapped IPv6 address is refused in either type
-		// of slice: validation refuses it in an IPv6 slice, where
-		// kube-proxy would write the IPv4 address it carries into its
-		// ip6tables rules, and this model has always refused it in an
-		// IPv4 one.
-		ip, err := netip.ParseAddr(ep.Addresses[0])
-		if err != nil || !f.Has(ip) || ip.Is4In6() || ip.IsUnspecified() || ip.Zone() != "" {
+		// ignored.
+		ip, err := EndpointAddress(ep.Addresses[0], f)
+		if err != nil {
 			report(ResourceEndpointSlice, ReasonInvalidEndpointIP)
 			klog.ErrorS(err, "Skipping endpoint with an address invalid for its slice's address type", "endpointSlice", klog.KObj(s),
 				"addressType", s.AddressType, "address", ep.Addresses[0])

@@ -403,7 +403,7 @@ func equalServiceInfo(a, b *serviceInfo) bool {
 // family's counts hold its own slices only).
 func (t *Tracker) countedSlice(s *discoveryv1.EndpointSlice) (ServiceName, bool) {
 	svc, ok := serviceOfSlice(s)
-	return svc, ok && s.AddressType == addressTypeOf(t.family)
+	return svc, ok && s.AddressType == t.family.AddressType()
 }
 
 // sliceEvent counts an added or updated EndpointSlice, and returns its

@@ -300,7 +300,7 @@ func singleEndpointSlice(service string, pod *localcluster.Pod, f model.IPFamily
 			Name:   service,
 			Labels: map[string]string{discoveryv1.LabelServiceName: service, discoveryv1.LabelManagedBy: "bench.kube-bpf-proxy.io"},
 		},
-		AddressType: addressType(f),
+		AddressType: f.AddressType(),
 		Endpoints: []discoveryv1.Endpoint{{
 			Addresses:  []string{pod.IPOf(f).String()},
 			Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true), Serving: ptr.To(true), Terminating: ptr.To(false)},

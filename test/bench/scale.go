@@ -395,7 +395,7 @@ func (s serviceShape) createSlice(ctx context.Context, c kubernetes.Interface, n
 			discoveryv1.LabelManagedBy:   sliceManager,
 			scaleSetLabel:                s.set,
 		}},
-		AddressType: addressType(s.family()),
+		AddressType: s.family().AddressType(),
 		Endpoints:   eps,
 		Ports:       []discoveryv1.EndpointPort{{Name: &portName, Protocol: &proto, Port: &port}},
 	}, metav1.CreateOptions{})
@@ -403,14 +403,6 @@ func (s serviceShape) createSlice(ctx context.Context, c kubernetes.Interface, n
 		return fmt.Errorf("creating EndpointSlice %s/%s: %w", s.ns, name, err)
 	}
 	return nil
-}
-
-// addressType is the EndpointSlice address type of family f.
-func addressType(f model.IPFamily) discoveryv1.AddressType {
-	if f == model.IPv6 {
-		return discoveryv1.AddressTypeIPv6
-	}
-	return discoveryv1.AddressTypeIPv4
 }
 
 // deleteService deletes the Service called name and its slice; either may
